@@ -1,0 +1,1 @@
+"""The vmgrid client library (zeep) and command line."""

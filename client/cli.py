@@ -1,0 +1,47 @@
+"""The `vmgrid` command line: one sub-command family per module, each registering itself."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Each module exposes register(subparsers) and gives its parsers a `func(args) -> int`.
+COMMAND_MODULES = [
+    "client.commands_repo",      # vmgrid repo ..., vmgrid demo
+    "services.container.cli",    # vmgrid serve ...
+    "security.cli",              # vmgrid ca ..., proxy-init, proxy-info
+    "gridftp.cli",               # vmgrid transfer, vmgrid gridftp-server
+]
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as `vmgrid: <message>`, exit status 1."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vmgrid", description="Virtual machines on grid resources.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(func(args) or 0)
+    except CLIError as exc:
+        print(f"vmgrid: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("vmgrid: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

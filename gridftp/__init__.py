@@ -1,0 +1,1 @@
+"""GridFTP-compatible transfer: parallel MODE E streams, restart markers, checksums, secured channels."""

@@ -1,0 +1,1 @@
+"""guestd: the daemon inside a vmgrid VM (standard library only)."""

@@ -1,0 +1,1 @@
+"""Grid security: PKI with proxy certificates, WS-Security signing and verification, hardened XML."""

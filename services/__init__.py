@@ -1,0 +1,1 @@
+"""vmgrid grid services: the container, the resource framework and the three services."""

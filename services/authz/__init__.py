@@ -1,0 +1,1 @@
+"""The Authorization service: policy decisions for every operation of the other services."""

@@ -1,0 +1,1 @@
+"""WS-Resource framework subset shared by services: resource keys, properties, lifetimes, notification."""
