@@ -180,6 +180,19 @@ class TrustStore:
         return [c for certs in self.anchors().by_name.values() for c in certs]
 
     # -- validation ---------------------------------------------------------------------------
+    def lookup(self, cache_key: bytes) -> Caller | None:
+        """The caller of a chain validated recently under this key, if still valid; else None."""
+        anchors = self.anchors()
+        with self._lock:
+            hit = self._cache.get(cache_key)
+            if hit is None:
+                return None
+            if hit[1] > time.monotonic() and hit[2] == anchors.generation and hit[0].not_after > _utcnow():
+                self._cache.move_to_end(cache_key)
+                return hit[0]
+            del self._cache[cache_key]
+            return None
+
     def validate(self, chain: Sequence[x509.Certificate], at: _dt.datetime | None = None, *,
                  cache_key: bytes | None = None) -> Caller:
         """Validate a chain (leaf first; order of the issuers is repaired by name) and return the caller.
@@ -191,14 +204,11 @@ class TrustStore:
             if cache_key is None:
                 cache_key = hashlib.sha256(b"".join(c.public_bytes(serialization.Encoding.DER)
                                                     for c in chain)).digest()
-            now = time.monotonic()
-            with self._lock:
-                hit = self._cache.get(cache_key)
-                if hit is not None and hit[1] > now and hit[2] == anchors.generation \
-                        and hit[0].not_after > _utcnow():
-                    self._cache.move_to_end(cache_key)
-                    return hit[0]
+            hit = self.lookup(cache_key)
+            if hit is not None:
+                return hit
             caller = self._validate(list(chain), _utcnow(), anchors)
+            now = time.monotonic()
             with self._lock:
                 self._cache[cache_key] = (caller, now + self.cache_seconds, anchors.generation)
                 while len(self._cache) > self.cache_size:

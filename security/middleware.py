@@ -1,0 +1,208 @@
+"""WSGI middleware that verifies WS-Security on every SOAP request before the service sees it and signs every SOAP
+response with the host credential.
+
+Stable API:
+
+    app = WSSecurityMiddleware(service_app, host_credential, TrustStore(cert_dir), state_dir=state_dir)
+
+On a verified POST the service finds in its environ:
+    environ["vmgrid.caller"]    a trust.Caller (dn, subject, chain, limited, is_proxy, not_after)
+    environ["vmgrid.envelope"]  the verified lxml Envelope root: dispatch from THIS tree (its Body and header blocks
+                                are exactly the signed ones); wsgi.input replays the same bytes.
+The service may put its response Envelope root in environ["vmgrid.response_envelope"] to spare a re-parse.
+GET (WSDL) passes through unsigned. A refused request gets a SOAP 1.1 Fault (HTTP 500, text/xml) whose faultcode is
+wsse:InvalidSecurity, wsse:FailedCheck, wsse:MessageExpired, wsse:SecurityTokenUnavailable or
+wsse:FailedAuthentication (or soap:MustUnderstand), signed like every response.
+"""
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+from typing import Callable, Iterable
+
+from lxml import etree
+
+from . import safexml
+from .pki import Credential
+from .replay import MemoryReplayCache, ReplayCache, SQLiteReplayCache
+from .trust import TrustStore
+from .wssec import (DEFAULT_POLICY, Q_BODY, Q_ENVELOPE, SOAP11, WSSE, InvalidSecurity, SecurityPolicy,
+                    WSSecurityError, must_understand_violations, sign_in_place, verify_envelope)
+
+log = logging.getLogger(__name__)
+
+WSA = "http://www.w3.org/2005/08/addressing"
+WSA_2004 = "http://schemas.xmlsoap.org/ws/2004/08/addressing"
+# Header blocks vmgrid's container understands, in addition to wsse:Security (SOAP 1.1 mustUnderstand).
+DEFAULT_UNDERSTOOD = frozenset(f"{{{ns}}}{name}" for ns in (WSA, WSA_2004) for name in
+                               ("To", "Action", "MessageID", "ReplyTo", "FaultTo", "From", "RelatesTo"))
+
+CHUNK = 64 * 1024
+DRAIN_LIMIT = 64 * 1024 * 1024
+
+StartResponse = Callable[..., Callable[[bytes], object]]
+
+
+def fault_envelope(faultcode: etree.QName | str, faultstring: str, *, detail: etree._Element | None = None
+                   ) -> etree._Element:
+    """A SOAP 1.1 Fault envelope. `faultcode` is a QName in the wsse or soap namespace."""
+    qname = etree.QName(faultcode)
+    nsmap = {"soap": SOAP11}
+    prefix = "soap"
+    if qname.namespace == WSSE:
+        nsmap["wsse"], prefix = WSSE, "wsse"
+    elif qname.namespace != SOAP11:
+        nsmap["f"], prefix = qname.namespace, "f"
+    env = etree.Element(Q_ENVELOPE, nsmap=nsmap)
+    body = etree.SubElement(env, Q_BODY)
+    fault = etree.SubElement(body, f"{{{SOAP11}}}Fault")
+    etree.SubElement(fault, "faultcode").text = f"{prefix}:{qname.localname}"
+    etree.SubElement(fault, "faultstring").text = faultstring
+    if detail is not None:
+        etree.SubElement(fault, "detail").append(detail)
+    return env
+
+
+class WSSecurityMiddleware:
+    """Verify signed SOAP requests, sign SOAP responses (see the module docstring).
+
+    state_dir: where the replay cache lives (SQLite WAL, shared by all worker processes of a container); without it,
+    an in-process cache (one worker only). understood_headers: QNames ('{ns}local') of header blocks the service
+    processes; a mustUnderstand="1" block outside them (and wsse:Security) is refused with soap:MustUnderstand.
+    """
+
+    def __init__(self, app: Callable, host_credential: Credential, trust: TrustStore, *,
+                 state_dir: Path | str | None = None, replay: ReplayCache | None = None,
+                 policy: SecurityPolicy = DEFAULT_POLICY,
+                 understood_headers: Iterable[str] = DEFAULT_UNDERSTOOD,
+                 sign_responses: bool = True, drain_limit: int = DRAIN_LIMIT):
+        self.app = app
+        self.credential = host_credential
+        self.trust = trust
+        self.policy = policy
+        if replay is None:
+            replay = SQLiteReplayCache(state_dir) if state_dir is not None else MemoryReplayCache()
+        self.replay = replay
+        self.understood = frozenset(understood_headers)
+        self.sign_responses = sign_responses
+        self.drain_limit = drain_limit
+
+    # -- request ----------------------------------------------------------------------------------
+    def __call__(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
+        if environ.get("REQUEST_METHOD", "GET").upper() != "POST":
+            return self.app(environ, start_response)
+        try:
+            body = self._read_body(environ)
+            caller, root = verify_envelope(body, self.trust, replay=self.replay, policy=self.policy)
+        except WSSecurityError as exc:
+            log.info("refused a request from %s: %s", environ.get("REMOTE_ADDR", "?"), exc)
+            return self._fault(start_response, exc.qname, exc.reason)
+        not_understood = must_understand_violations(root, self.understood)
+        if not_understood:
+            names = ", ".join(str(etree.QName(q).localname) for q in not_understood)
+            return self._fault(start_response, etree.QName(SOAP11, "MustUnderstand"),
+                               f"header blocks marked mustUnderstand are not understood: {names}")
+        environ["vmgrid.caller"] = caller
+        environ["vmgrid.envelope"] = root
+        environ["wsgi.input"] = io.BytesIO(body)
+        environ["CONTENT_LENGTH"] = str(len(body))
+        return self._call_and_sign(environ, start_response)
+
+    def _read_body(self, environ: dict) -> bytes:
+        stream = environ["wsgi.input"]
+        limit = self.policy.limits.max_bytes
+        raw_length = environ.get("CONTENT_LENGTH") or ""
+        if raw_length.strip():
+            try:
+                length = int(raw_length)
+            except ValueError:
+                raise InvalidSecurity(f"bad Content-Length {raw_length!r}") from None
+            if length < 0:
+                raise InvalidSecurity("bad Content-Length")
+            if length > limit:
+                self._drain(stream, length)
+                raise InvalidSecurity(f"message of {length} bytes exceeds the limit of {limit} bytes")
+            chunks, left = [], length
+            while left > 0:
+                chunk = stream.read(min(left, 1 << 20))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                left -= len(chunk)
+            return b"".join(chunks)
+        # No Content-Length (chunked transfer): read up to the limit.
+        chunks, size = [], 0
+        while True:
+            chunk = stream.read(CHUNK)
+            if not chunk:
+                return b"".join(chunks)
+            size += len(chunk)
+            if size > limit:
+                self._drain(stream, None)
+                raise InvalidSecurity(f"message exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+
+    def _drain(self, stream, length: int | None) -> None:
+        """Read and discard an oversized body in small chunks, so the client can read the fault."""
+        left = min(length, self.drain_limit) if length is not None else self.drain_limit
+        while left > 0:
+            chunk = stream.read(min(CHUNK, left))
+            if not chunk:
+                return
+            left -= len(chunk)
+
+    # -- response ---------------------------------------------------------------------------------
+    def _fault(self, start_response: StartResponse, code: etree.QName, reason: str) -> list[bytes]:
+        env = fault_envelope(code, reason)
+        data = self._sign(env)
+        start_response("500 Internal Server Error", [("Content-Type", "text/xml; charset=utf-8"),
+                                                     ("Content-Length", str(len(data)))])
+        return [data]
+
+    def _sign(self, env: etree._Element) -> bytes:
+        if self.sign_responses:
+            sign_in_place(env, self.credential)
+        return etree.tostring(env, encoding="utf-8", xml_declaration=True)
+
+    def _call_and_sign(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
+        captured: dict = {}
+        buffer: list[bytes] = []
+
+        def capture(status: str, headers: list[tuple[str, str]], exc_info=None):
+            if exc_info is not None and captured.get("sent"):
+                raise exc_info[1].with_traceback(exc_info[2])
+            captured["status"], captured["headers"] = status, headers
+            return buffer.append
+
+        result = self.app(environ, capture)
+        try:
+            for chunk in result:
+                if chunk:
+                    buffer.append(chunk)
+        finally:
+            close = getattr(result, "close", None)
+            if close is not None:
+                close()
+        status, headers = captured["status"], captured["headers"]
+        data = b"".join(buffer)
+        content_type = next((v for k, v in headers if k.lower() == "content-type"), "")
+        if self.sign_responses and "xml" in content_type.lower():
+            env = environ.get("vmgrid.response_envelope")
+            if env is None and data.strip():
+                try:
+                    env = safexml.parse(data, safexml.Limits(max_bytes=max(len(data), 1)))
+                except safexml.UnsafeXML:
+                    env = None
+            if env is not None and env.tag == Q_ENVELOPE:
+                data = self._sign(env)
+                headers = [(k, v) for k, v in headers if k.lower() not in ("content-length", "content-type")]
+                headers += [("Content-Type", "text/xml; charset=utf-8"), ("Content-Length", str(len(data)))]
+            else:
+                log.warning("response to %s is not a SOAP envelope: sent unsigned", environ.get("PATH_INFO"))
+        else:
+            headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
+            headers.append(("Content-Length", str(len(data))))
+        captured["sent"] = True
+        start_response(status, headers)
+        return [data]

@@ -1,0 +1,574 @@
+"""WS-Security (OASIS WSS 1.1, X.509 token profile) signing and verification of SOAP 1.1 envelopes with signxml.
+
+Stable API (usable without zeep, e.g. for node-to-node calls and WS-BaseNotification):
+
+    data: bytes = sign_envelope(envelope_root, credential)             # signs in place, returns the bytes to send
+    caller, root = verify_envelope(data_or_root, trust, replay=cache)   # raises WSSecurityError subclasses
+
+A signed message carries in `wsse:Security` (mustUnderstand) a BinarySecurityToken (X509v3 for a certificate,
+X509PKIPathv1 for a proxy chain), a `wsu:Timestamp`, and a `ds:Signature` (exclusive c14n, RSA-SHA256, SHA-256) whose
+references cover the Body, the Timestamp and every other header block. The verifier refuses signature wrapping:
+every reference must resolve, by a unique `wsu:Id`, to exactly the Body, Timestamp and headers that are dispatched.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as _dt
+import hashlib
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar, Iterable
+
+import cryptography.exceptions
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from lxml import etree
+from signxml import SignatureReference, XMLSigner, XMLVerifier
+from signxml.algorithms import CanonicalizationMethod, DigestAlgorithm, SignatureConstructionMethod, SignatureMethod
+from signxml.exceptions import SignXMLException
+
+from . import safexml
+from .pki import Credential, der_items
+from .replay import ReplayCache
+from .trust import Caller, ChainError, TrustStore
+
+SOAP11 = "http://schemas.xmlsoap.org/soap/envelope/"
+WSSE = "http://docs.oasis-open.org/wss/2004/01/oasis-200401-wss-wssecurity-secext-1.0.xsd"
+WSU = "http://docs.oasis-open.org/wss/2004/01/oasis-200401-wss-wssecurity-utility-1.0.xsd"
+DS = "http://www.w3.org/2000/09/xmldsig#"
+EXC_C14N = "http://www.w3.org/2001/10/xml-exc-c14n#"
+X509V3 = "http://docs.oasis-open.org/wss/2004/01/oasis-200401-wss-x509-token-profile-1.0#X509v3"
+X509PKIPATH = "http://docs.oasis-open.org/wss/2004/01/oasis-200401-wss-x509-token-profile-1.0#X509PKIPathv1"
+BASE64 = "http://docs.oasis-open.org/wss/2004/01/oasis-200401-wss-soap-message-security-1.0#Base64Binary"
+ACTOR_NEXT = "http://schemas.xmlsoap.org/soap/actor/next"
+
+Q_ENVELOPE, Q_HEADER, Q_BODY = (f"{{{SOAP11}}}{n}" for n in ("Envelope", "Header", "Body"))
+Q_MUST_UNDERSTAND, Q_ACTOR = f"{{{SOAP11}}}mustUnderstand", f"{{{SOAP11}}}actor"
+Q_SECURITY, Q_BST, Q_STR, Q_REFERENCE = (f"{{{WSSE}}}{n}" for n in
+                                         ("Security", "BinarySecurityToken", "SecurityTokenReference", "Reference"))
+Q_TIMESTAMP, Q_CREATED, Q_EXPIRES, Q_ID = (f"{{{WSU}}}{n}" for n in ("Timestamp", "Created", "Expires", "Id"))
+Q_SIGNATURE, Q_SIGNED_INFO, Q_SIGNATURE_VALUE, Q_KEY_INFO = (f"{{{DS}}}{n}" for n in
+                                                             ("Signature", "SignedInfo", "SignatureValue", "KeyInfo"))
+Q_X509DATA, Q_X509CERT = f"{{{DS}}}X509Data", f"{{{DS}}}X509Certificate"
+NSMAP = {"soap": SOAP11, "wsse": WSSE, "wsu": WSU, "ds": DS}
+
+_EXC = CanonicalizationMethod.EXCLUSIVE_XML_CANONICALIZATION_1_0
+_SIGNATURE_METHODS = {m.value: m for m in (SignatureMethod.RSA_SHA256, SignatureMethod.RSA_SHA384,
+                                           SignatureMethod.RSA_SHA512)}
+_DIGESTS = {d.value: d for d in (DigestAlgorithm.SHA256, DigestAlgorithm.SHA384, DigestAlgorithm.SHA512)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors: each is one WSS fault code
+
+class WSSecurityError(Exception):
+    """A message failed WS-Security processing. `faultcode` is the local name of the WSS fault QName (in the
+    wsse namespace); `reason` is the faultstring."""
+    faultcode: ClassVar[str] = "InvalidSecurity"
+
+    def __init__(self, reason: str):
+        super().__init__(f"wsse:{self.faultcode}: {reason}")
+        self.reason = reason
+
+    @property
+    def qname(self) -> etree.QName:
+        return etree.QName(WSSE, self.faultcode)
+
+
+class InvalidSecurity(WSSecurityError):
+    """Unsigned, malformed, wrapped, replayed, or using an unsupported algorithm."""
+    faultcode = "InvalidSecurity"
+
+
+class FailedCheck(WSSecurityError):
+    """The signature or a reference digest does not verify: the message was changed."""
+    faultcode = "FailedCheck"
+
+
+class MessageExpired(WSSecurityError):
+    """The Timestamp is expired, older than the freshness window, or dated in the future beyond the clock skew."""
+    faultcode = "MessageExpired"
+
+
+class SecurityTokenUnavailable(WSSecurityError):
+    """The signing certificate is missing, or the key reference cannot be resolved."""
+    faultcode = "SecurityTokenUnavailable"
+
+
+class FailedAuthentication(WSSecurityError):
+    """The signer's certificate chain is not trusted: unknown CA, revoked, expired, bad proxy, or unexpected signer."""
+    faultcode = "FailedAuthentication"
+
+
+FAULTS: dict[str, type[WSSecurityError]] = {c.faultcode: c for c in (
+    InvalidSecurity, FailedCheck, MessageExpired, SecurityTokenUnavailable, FailedAuthentication)}
+
+
+@dataclass(frozen=True)
+class SecurityPolicy:
+    """Verification settings. `clock_skew`: how far a Created may lie in the future and an Expires in the past;
+    `max_age`: the freshness window (older messages are refused even if their Expires is later; the replay cache
+    keeps entries this long); `limits`: the hardened parser's limits."""
+    clock_skew: _dt.timedelta = _dt.timedelta(seconds=60)
+    max_age: _dt.timedelta = _dt.timedelta(seconds=300)
+    max_references: int = 32
+    limits: safexml.Limits = field(default_factory=safexml.Limits)
+
+
+DEFAULT_POLICY = SecurityPolicy()
+
+
+# ---------------------------------------------------------------------------------------------
+# Signing
+
+class _InPlaceSigner(XMLSigner):
+    """signxml's signer, computing digests on the live tree instead of re-parsed copies (exclusive c14n makes that
+    equivalent) so signing does not serialise the envelope once per reference."""
+
+    def get_root(self, data):
+        if isinstance(data, etree._Element):
+            return data
+        return super().get_root(data)
+
+
+_signer_kwargs = dict(method=SignatureConstructionMethod.detached, signature_algorithm=SignatureMethod.RSA_SHA256,
+                      digest_algorithm=DigestAlgorithm.SHA256, c14n_algorithm=_EXC)
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def _ensure_id(el: etree._Element, prefix: str) -> str:
+    value = el.get(Q_ID)
+    if not value:
+        value = _new_id(prefix)
+        el.set(Q_ID, value)
+    return value
+
+
+def _utc(dt: _dt.datetime) -> str:
+    return dt.astimezone(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def _der(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+def pkipath(certs_root_first: Iterable[x509.Certificate]) -> bytes:
+    """DER of an X509PKIPathv1: SEQUENCE OF Certificate, the certificate nearest the trust anchor first."""
+    body = b"".join(_der(c) for c in certs_root_first)
+    n = len(body)
+    length = bytes([n]) if n < 0x80 else bytes([0x80 | ((n.bit_length() + 7) // 8)]) + n.to_bytes(
+        (n.bit_length() + 7) // 8, "big")
+    return b"\x30" + length + body
+
+
+def _security_header(envelope: etree._Element) -> etree._Element:
+    header = envelope.find(Q_HEADER)
+    if header is None:
+        header = etree.Element(Q_HEADER)
+        envelope.insert(0, header)
+    for sec in header.findall(Q_SECURITY):
+        if sec.get(Q_ACTOR) in (None, ACTOR_NEXT):
+            if sec.find(Q_SIGNATURE) is not None:
+                raise InvalidSecurity("the envelope is already signed")
+            return sec
+    sec = etree.Element(Q_SECURITY, nsmap={"wsse": WSSE, "wsu": WSU})
+    sec.set(Q_MUST_UNDERSTAND, "1")
+    header.insert(0, sec)
+    return sec
+
+
+def sign_in_place(envelope: etree._Element, credential: Credential, *, ttl: float = 300.0,
+                  now: _dt.datetime | None = None, token: str = "auto") -> etree._Element:
+    """Add wsse:Security (BinarySecurityToken, Timestamp, Signature) to a SOAP 1.1 envelope, in place.
+
+    token: "auto" (X509v3 for a lone certificate, X509PKIPathv1 when there is a chain), "X509v3" or "X509PKIPathv1".
+    Never pretty-print the envelope afterwards: whitespace inside signed elements is signed."""
+    if envelope.tag != Q_ENVELOPE:
+        raise InvalidSecurity(f"not a SOAP 1.1 envelope: {envelope.tag}")
+    body = envelope.find(Q_BODY)
+    if body is None:
+        raise InvalidSecurity("the envelope has no Body")
+    security = _security_header(envelope)
+    now = now or _dt.datetime.now(_dt.timezone.utc)
+
+    timestamp = security.find(Q_TIMESTAMP)
+    if timestamp is None:
+        timestamp = etree.Element(Q_TIMESTAMP, nsmap={"wsu": WSU})
+        etree.SubElement(timestamp, Q_CREATED).text = _utc(now)
+        etree.SubElement(timestamp, Q_EXPIRES).text = _utc(now + _dt.timedelta(seconds=ttl))
+        security.insert(0, timestamp)
+    _ensure_id(timestamp, "TS")
+
+    use_path = token == "X509PKIPathv1" or (token == "auto" and credential.chain)
+    bst = etree.Element(Q_BST, nsmap={"wsse": WSSE, "wsu": WSU})
+    bst.set("EncodingType", BASE64)
+    if use_path:
+        bst.set("ValueType", X509PKIPATH)
+        bst.text = base64.b64encode(pkipath(reversed(credential.certificates))).decode()
+    else:
+        bst.set("ValueType", X509V3)
+        bst.text = base64.b64encode(_der(credential.certificate)).decode()
+    bst_id = _ensure_id(bst, "X509")
+    security.insert(security.index(timestamp) + 1, bst)
+
+    targets = [el for el in envelope.find(Q_HEADER) if isinstance(el.tag, str) and el is not security]
+    targets += [timestamp, body]
+    references = [SignatureReference(URI="#" + _ensure_id(el, "id")) for el in targets]
+
+    key_info = etree.Element(Q_KEY_INFO, nsmap={"ds": DS})
+    str_el = etree.SubElement(key_info, Q_STR, nsmap={"wsse": WSSE})
+    ref = etree.SubElement(str_el, Q_REFERENCE)
+    ref.set("URI", "#" + bst_id)
+    ref.set("ValueType", bst.get("ValueType"))
+
+    signer = _InPlaceSigner(**_signer_kwargs)
+    signer.id_attributes = ("Id",)
+    try:
+        signature = signer.sign(envelope, key=credential.private_key, reference_uri=references, key_info=key_info)
+    except SignXMLException as exc:
+        raise InvalidSecurity(f"cannot sign: {exc}") from exc
+    security.append(signature)
+    return envelope
+
+
+def sign_envelope(envelope: etree._Element, credential: Credential, *, ttl: float = 300.0,
+                  now: _dt.datetime | None = None, token: str = "auto") -> bytes:
+    """Sign a SOAP 1.1 envelope (lxml root) in place and return the bytes to send (UTF-8, no pretty-printing)."""
+    sign_in_place(envelope, credential, ttl=ttl, now=now, token=token)
+    return etree.tostring(envelope, encoding="utf-8", xml_declaration=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Verification
+
+_verifier = XMLVerifier()
+_FRACTION = re.compile(r"(\.\d{1,6})\d*")
+
+
+def _parse_time(text: str | None, what: str) -> _dt.datetime:
+    if not text:
+        raise InvalidSecurity(f"the Timestamp has an empty {what}")
+    value = _FRACTION.sub(r"\1", text.strip())
+    if value.endswith("Z"):
+        value = value[:-1] + "+00:00"
+    try:
+        dt = _dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise InvalidSecurity(f"the Timestamp's {what} is not an xsd:dateTime: {text!r}") from None
+    return dt.replace(tzinfo=_dt.timezone.utc) if dt.tzinfo is None else dt.astimezone(_dt.timezone.utc)
+
+
+def _only_elements(parent: etree._Element) -> list[etree._Element]:
+    return [c for c in parent if isinstance(c.tag, str)]
+
+
+@dataclass
+class _Parts:
+    header: etree._Element | None
+    body: etree._Element
+    security: etree._Element
+    timestamp: etree._Element
+    signature: etree._Element
+    dispatched: list[etree._Element]     # the elements that must be signed: header blocks, Timestamp, Body
+
+
+def _structure(root: etree._Element) -> _Parts:
+    if root.tag != Q_ENVELOPE:
+        raise InvalidSecurity(f"not a SOAP 1.1 Envelope: {etree.QName(root).localname!r} in "
+                              f"{etree.QName(root).namespace!r}")
+    for _ in root.iter(etree.Comment):
+        raise InvalidSecurity("comments are not allowed in a signed message")
+    children = _only_elements(root)
+    if [c.tag for c in children] == [Q_HEADER, Q_BODY]:
+        header, body = children
+    elif [c.tag for c in children] == [Q_BODY]:
+        raise InvalidSecurity("unsigned message: there is no SOAP Header with wsse:Security")
+    else:
+        raise InvalidSecurity("the Envelope must hold exactly one Header then one Body")
+    if (root.text or "").strip() or any((c.tail or "").strip() for c in children):
+        raise InvalidSecurity("text outside the Header and Body")
+    blocks = _only_elements(header)
+    ours = [b for b in blocks if b.tag == Q_SECURITY and b.get(Q_ACTOR) in (None, "", ACTOR_NEXT)]
+    if not ours:
+        raise InvalidSecurity("unsigned message: no wsse:Security header")
+    if len(ours) > 1:
+        raise InvalidSecurity("more than one wsse:Security header for this recipient")
+    security = ours[0]
+    sec_children = _only_elements(security)
+    timestamps = [c for c in sec_children if c.tag == Q_TIMESTAMP]
+    signatures = [c for c in sec_children if c.tag == Q_SIGNATURE]
+    if not signatures:
+        raise InvalidSecurity("unsigned message: no ds:Signature in wsse:Security")
+    if len(signatures) > 1:
+        raise InvalidSecurity("more than one ds:Signature in wsse:Security")
+    if len(timestamps) != 1:
+        raise InvalidSecurity("wsse:Security must hold exactly one wsu:Timestamp")
+    dispatched = [b for b in blocks if b is not security] + [timestamps[0], body]
+    return _Parts(header, body, security, timestamps[0], signatures[0], dispatched)
+
+
+def _ids(root: etree._Element) -> dict[str, etree._Element]:
+    """Every Id-like attribute value in the document (any namespace, Id/ID/id and xml:id); duplicates refused."""
+    found: dict[str, etree._Element] = {}
+    for attr in root.xpath("//@*[local-name()='Id' or local-name()='ID' or local-name()='id']"):
+        el = attr.getparent()
+        value = str(attr)
+        if value in found:
+            raise InvalidSecurity(f"duplicate Id {value!r}: ambiguous references are refused")
+        found[value] = el
+    return found
+
+
+def _check_timestamp(ts: etree._Element, policy: SecurityPolicy, now: _dt.datetime) -> _dt.datetime:
+    """Check freshness; return the time until which the message could be accepted (the replay cache horizon)."""
+    created_els = ts.findall(Q_CREATED)
+    expires_els = ts.findall(Q_EXPIRES)
+    if len(created_els) != 1 or len(expires_els) > 1:
+        raise InvalidSecurity("the Timestamp needs exactly one Created and at most one Expires")
+    created = _parse_time(created_els[0].text, "Created")
+    if created > now + policy.clock_skew:
+        raise MessageExpired(f"the message is dated in the future (Created {created.isoformat()}, beyond the "
+                             f"allowed clock skew of {policy.clock_skew.total_seconds():g} s)")
+    horizon = created + policy.max_age + policy.clock_skew
+    if expires_els:
+        expires = _parse_time(expires_els[0].text, "Expires")
+        if expires < created:
+            raise InvalidSecurity("the Timestamp expires before it was created")
+        if expires + policy.clock_skew <= now:
+            raise MessageExpired(f"the message expired at {expires.isoformat()}")
+        horizon = min(horizon, expires + policy.clock_skew)
+    if horizon <= now:
+        raise MessageExpired(f"the message is older than the freshness window of "
+                             f"{policy.max_age.total_seconds():g} s (Created {created.isoformat()})")
+    return horizon
+
+
+def _token_chain(parts: _Parts, ids: dict[str, etree._Element]) -> tuple[list[x509.Certificate] | None, bytes]:
+    """The signer's certificates (leaf first) and a cache key, from the KeyInfo. The chain is parsed lazily
+    (None) when the trust store already knows the token."""
+    key_info = parts.signature.find(Q_KEY_INFO)
+    if key_info is None:
+        raise SecurityTokenUnavailable("the Signature has no KeyInfo")
+    str_el = key_info.find(Q_STR)
+    holder = key_info
+    if str_el is not None:
+        ref = str_el.find(Q_REFERENCE)
+        if ref is not None:
+            uri = ref.get("URI") or ""
+            if not uri.startswith("#"):
+                raise SecurityTokenUnavailable(f"security token reference {uri!r} is not a local #Id")
+            bst = ids.get(uri[1:])
+            if bst is None or bst.tag != Q_BST or bst.getparent() is not parts.security or bst.get(Q_ID) != uri[1:]:
+                raise SecurityTokenUnavailable(f"security token {uri} is not a BinarySecurityToken of wsse:Security")
+            encoding = bst.get("EncodingType")
+            if encoding not in (None, BASE64):
+                raise SecurityTokenUnavailable(f"unsupported token encoding {encoding}")
+            value_type = bst.get("ValueType")
+            text = "".join((bst.text or "").split())
+            try:
+                der = base64.b64decode(text, validate=True)
+            except (binascii.Error, ValueError):
+                raise SecurityTokenUnavailable("the BinarySecurityToken is not base64") from None
+            key = hashlib.sha256((value_type or "").encode() + b"\0" + der).digest()
+            return _LazyChain(value_type, der), key
+        holder = str_el
+    data = holder.find(Q_X509DATA)
+    certs_text = [c.text or "" for c in data.findall(Q_X509CERT)] if data is not None else []
+    if not certs_text:
+        raise SecurityTokenUnavailable("no X.509 certificate: KeyInfo must reference a BinarySecurityToken "
+                                       "or carry X509Data/X509Certificate")
+    try:
+        ders = [base64.b64decode("".join(t.split()), validate=True) for t in certs_text]
+    except (binascii.Error, ValueError):
+        raise SecurityTokenUnavailable("an X509Certificate is not base64") from None
+    return _LazyChain(X509V3, b"", ders), hashlib.sha256(b"\0".join(ders)).digest()
+
+
+class _LazyChain:
+    """Certificates decoded only on a trust cache miss."""
+
+    def __init__(self, value_type: str | None, der: bytes, ders: list[bytes] | None = None):
+        self.value_type, self.der, self.ders = value_type, der, ders
+
+    def certificates(self) -> list[x509.Certificate]:
+        try:
+            if self.ders is not None:
+                certs = [x509.load_der_x509_certificate(d) for d in self.ders]
+                return _leaf_first(certs)
+            if self.value_type == X509V3:
+                return [x509.load_der_x509_certificate(self.der)]
+            if self.value_type == X509PKIPATH:
+                (tag, body), = list(der_items(self.der))
+                if tag != 0x30:
+                    raise ValueError("PKIPath is not a SEQUENCE")
+                certs = [x509.load_der_x509_certificate(bytes([t]) + _len(len(v)) + v) for t, v in der_items(body)]
+                if not certs:
+                    raise ValueError("empty PKIPath")
+                return list(reversed(certs))
+        except ValueError as exc:
+            raise SecurityTokenUnavailable(f"unreadable certificate token: {exc}") from None
+        raise SecurityTokenUnavailable(f"unsupported token type {self.value_type!r} (X509v3 and X509PKIPathv1 are)")
+
+
+def _len(n: int) -> bytes:
+    if n < 0x80:
+        return bytes([n])
+    b = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([0x80 | len(b)]) + b
+
+
+def _leaf_first(certs: list[x509.Certificate]) -> list[x509.Certificate]:
+    """Order X509Data certificates: the one that issued no other first."""
+    issuers = {c.issuer.public_bytes() for c in certs}
+    leaves = [c for c in certs if c.subject.public_bytes() not in issuers]
+    leaf = leaves[0] if leaves else certs[0]
+    return [leaf] + [c for c in certs if c is not leaf]
+
+
+def _references(parts: _Parts, ids: dict[str, etree._Element], policy: SecurityPolicy
+                ) -> tuple[etree._Element, list[tuple[etree._Element, etree._Element, list[str] | None]]]:
+    signed_info = parts.signature.find(Q_SIGNED_INFO)
+    if signed_info is None:
+        raise InvalidSecurity("the Signature has no SignedInfo")
+    c14n = signed_info.find(f"{{{DS}}}CanonicalizationMethod")
+    if c14n is None or c14n.get("Algorithm") != EXC_C14N:
+        raise InvalidSecurity("SignedInfo must use exclusive c14n (http://www.w3.org/2001/10/xml-exc-c14n#)")
+    refs = signed_info.findall(f"{{{DS}}}Reference")
+    if not refs:
+        raise InvalidSecurity("the Signature has no Reference")
+    if len(refs) > policy.max_references:
+        raise InvalidSecurity(f"more than {policy.max_references} signature references")
+    resolved = []
+    seen: set[int] = set()
+    for ref in refs:
+        uri = ref.get("URI") or ""
+        if not uri.startswith("#") or uri.startswith("#xpointer("):
+            raise InvalidSecurity(f"reference {uri!r}: only same-document #Id references are accepted")
+        target = ids.get(uri[1:])
+        if target is None:
+            raise InvalidSecurity(f"reference {uri} resolves to no element")
+        if target.get(Q_ID) != uri[1:]:
+            raise InvalidSecurity(f"reference {uri} resolves through an Id outside the wsu namespace")
+        if id(target) in seen:
+            raise InvalidSecurity(f"two references to the same element ({uri})")
+        seen.add(id(target))
+        transforms = ref.findall(f"{{{DS}}}Transforms/{{{DS}}}Transform")
+        if len(transforms) != 1 or transforms[0].get("Algorithm") != EXC_C14N:
+            raise InvalidSecurity(f"reference {uri}: exactly one exclusive c14n transform is accepted")
+        prefixes = _inclusive_prefixes(transforms[0])
+        resolved.append((ref, target, prefixes))
+    return signed_info, resolved
+
+
+def _inclusive_prefixes(node: etree._Element) -> list[str] | None:
+    incl = node.find(f"{{{EXC_C14N}}}InclusiveNamespaces")
+    if incl is None or not incl.get("PrefixList"):
+        return None
+    return incl.get("PrefixList").split()
+
+
+def verify_envelope(message: bytes | etree._Element, trust: TrustStore, *, replay: ReplayCache | None = None,
+                    policy: SecurityPolicy = DEFAULT_POLICY, now: _dt.datetime | None = None,
+                    expected_signer: str | Callable[[Caller], bool] | None = None
+                    ) -> tuple[Caller, etree._Element]:
+    """Verify a signed SOAP 1.1 message (raw bytes, parsed here with safexml; or a root parsed with safexml) and
+    return the verified caller and the envelope root to dispatch from.
+
+    `expected_signer`: a DN the signer's identity must equal, or a predicate (clients check the host this way).
+    Raises InvalidSecurity, FailedCheck, MessageExpired, SecurityTokenUnavailable or FailedAuthentication."""
+    if isinstance(message, (bytes, bytearray, memoryview)):
+        try:
+            root = safexml.parse(bytes(message), policy.limits)
+        except safexml.UnsafeXML as exc:
+            raise InvalidSecurity(f"refused by the XML parser: {exc}") from None
+    else:
+        root = message
+    now = now or _dt.datetime.now(_dt.timezone.utc)
+    parts = _structure(root)
+    ids = _ids(root)
+    signed_info, references = _references(parts, ids, policy)
+
+    # Anti-wrapping: the references must cover exactly what is dispatched (Body, Timestamp, each header block).
+    covered = {id(target) for _, target, _ in references}
+    for el in parts.dispatched:
+        if id(el) not in covered:
+            name = etree.QName(el)
+            raise InvalidSecurity(f"{name.localname} ({name.namespace}) is not covered by the signature")
+    allowed = {id(el) for el in parts.dispatched}
+    allowed |= {id(el) for el in parts.security if el.tag == Q_BST}
+    for _, target, _ in references:
+        if id(target) not in allowed:
+            raise InvalidSecurity(f"the signature covers {etree.QName(target).localname}, which is not a header "
+                                  f"block, the Timestamp or the Body: refused as a wrapping attempt")
+
+    horizon = _check_timestamp(parts.timestamp, policy, now)
+
+    # The signer: its chain, validated against the trusted CAs (cached by token bytes).
+    lazy, cache_key = _token_chain(parts, ids)
+    caller = trust.lookup(cache_key)
+    if caller is None:
+        try:
+            caller = trust.validate(lazy.certificates(), cache_key=cache_key)
+        except ChainError as exc:
+            raise FailedAuthentication(exc.reason) from None
+    if expected_signer is not None:
+        ok = expected_signer(caller) if callable(expected_signer) else caller.dn == expected_signer
+        if not ok:
+            raise FailedAuthentication(f"signed by {caller.dn}, not by the expected party")
+
+    # The signature over SignedInfo, then each reference's digest.
+    method = signed_info.find(f"{{{DS}}}SignatureMethod")
+    algorithm = _SIGNATURE_METHODS.get(method.get("Algorithm") if method is not None else None)
+    if algorithm is None:
+        raise InvalidSecurity("unsupported SignatureMethod (RSA-SHA256/384/512 are accepted)")
+    value_el = parts.signature.find(Q_SIGNATURE_VALUE)
+    try:
+        raw = base64.b64decode("".join((value_el.text or "").split()), validate=True)
+    except (AttributeError, binascii.Error, ValueError):
+        raise InvalidSecurity("the SignatureValue is missing or not base64") from None
+    signed_info_c14n = _verifier._c14n(signed_info, algorithm=_EXC,
+                                       inclusive_ns_prefixes=_inclusive_prefixes(signed_info[0]))
+    try:
+        _verifier._verify_signature_with_pubkey(signed_info_c14n=signed_info_c14n, raw_signature=raw,
+                                                signature_alg=algorithm, signing_certificate=caller.certificate)
+    except (cryptography.exceptions.InvalidSignature, SignXMLException, ValueError, TypeError):
+        raise FailedCheck(f"the signature does not verify with the key of {caller.subject}") from None
+    for ref, target, prefixes in references:
+        digest_method = ref.find(f"{{{DS}}}DigestMethod")
+        digest_alg = _DIGESTS.get(digest_method.get("Algorithm") if digest_method is not None else None)
+        if digest_alg is None:
+            raise InvalidSecurity("unsupported DigestMethod (SHA-256/384/512 are accepted)")
+        digest_value = ref.find(f"{{{DS}}}DigestValue")
+        try:
+            expected = base64.b64decode("".join((digest_value.text or "").split()), validate=True)
+        except (AttributeError, binascii.Error, ValueError):
+            raise InvalidSecurity("a DigestValue is missing or not base64") from None
+        actual = _verifier._get_digest(_verifier._c14n(target, algorithm=_EXC, inclusive_ns_prefixes=prefixes),
+                                       digest_alg)
+        if actual != expected:
+            raise FailedCheck(f"the digest of {etree.QName(target).localname} does not match: the message was "
+                              f"changed after signing")
+
+    if replay is not None:
+        if not replay.first_seen(hashlib.sha256(raw).digest(), horizon.timestamp()):
+            raise InvalidSecurity("replayed message: this signature was already accepted")
+    return caller, root
+
+
+def must_understand_violations(root: etree._Element, understood: Iterable[str]) -> list[str]:
+    """Header blocks addressed to us with soap:mustUnderstand="1" whose QName ('{ns}local') is not understood."""
+    header = root.find(Q_HEADER)
+    if header is None:
+        return []
+    understood = set(understood) | {Q_SECURITY}
+    bad = []
+    for block in _only_elements(header):
+        if block.get(Q_MUST_UNDERSTAND, "0").strip() in ("1", "true") and block.get(Q_ACTOR) in (None, "", ACTOR_NEXT):
+            if block.tag not in understood:
+                bad.append(block.tag)
+    return bad
