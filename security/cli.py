@@ -1,6 +1,275 @@
-"""Command-line sub-commands (placeholder until implemented)."""
+"""`vmgrid ca init|host|user|revoke|crl|list`, `vmgrid proxy-init` and `vmgrid proxy-info`: the grid PKI on the
+command line, with grid-proxy-init's flags (-valid HH:MM, -hours, -limited, -rfc, -cert, -key, -out)."""
 from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import getpass
+import os
+import sys
+from pathlib import Path
+
+from .pki import (DEFAULT_CA_DN, DEFAULT_OU, DEFAULT_PROXY_HOURS, CAError, CredentialError, GridCA,
+                  default_proxy_path, dn_string, load_credential, load_user_credential, make_proxy, proxy_cert_info, save_proxy)
+
+
+def _error(message: str):
+    from client.cli import CLIError
+    return CLIError(message)
+
+
+def _ca_dir(args) -> Path:
+    value = args.dir or os.environ.get("VMGRID_CA_DIR")
+    if not value:
+        raise _error("no CA directory: give --dir DIR or set VMGRID_CA_DIR")
+    return Path(value)
+
+
+def _load_ca(args) -> GridCA:
+    try:
+        return GridCA.load(_ca_dir(args))
+    except CAError as exc:
+        raise _error(str(exc)) from None
+
+
+def _passphrase(args, prompt: str) -> bytes | None:
+    if getattr(args, "passphrase_file", None):
+        return Path(args.passphrase_file).read_text().rstrip("\n").encode()
+    if getattr(args, "pwstdin", False):
+        return sys.stdin.readline().rstrip("\n").encode()
+    if getattr(args, "prompt", False):
+        return getpass.getpass(prompt).encode()
+    return None
+
+
+# -- vmgrid ca ... ------------------------------------------------------------------------------
+
+def cmd_ca_init(args) -> int:
+    try:
+        ca = GridCA.create(_ca_dir(args), args.dn, days=args.days, publish_to=args.cert_dir)
+    except (CAError, ValueError) as exc:
+        raise _error(str(exc)) from None
+    print(f"created grid CA {ca.dn} in {ca.directory}")
+    print(f"trusted CA directory (X509_CERT_DIR): {ca.cert_dir}")
+    if args.cert_dir:
+        print(f"also published to {args.cert_dir}")
+    return 0
+
+
+def cmd_ca_host(args) -> int:
+    ca = _load_ca(args)
+    out = Path(args.out) if args.out else ca.directory / "hosts" / args.name
+    if (out / "hostcert.pem").exists() and not args.force:
+        raise _error(f"{out / 'hostcert.pem'} exists (use --force to replace it)")
+    cred = ca.issue_host(args.name, ou=args.ou, days=args.days, alt_names=args.alt or (), out_dir=out)
+    print(f"issued {cred.subject} (serial {cred.certificate.serial_number:x})")
+    print(f"certificate: {cred.cert_path}\nprivate key: {cred.key_path}")
+    return 0
+
+
+def cmd_ca_user(args) -> int:
+    ca = _load_ca(args)
+    out = Path(args.out) if args.out else Path.home() / ".globus"
+    if (out / "usercert.pem").exists() and not args.force:
+        raise _error(f"{out / 'usercert.pem'} exists (use --force to replace it)")
+    cred = ca.issue_user(args.name, ou=args.ou, days=args.days, out_dir=out,
+                         passphrase=_passphrase(args, "Passphrase for the new key: "))
+    print(f"issued {cred.subject} (serial {cred.certificate.serial_number:x})")
+    print(f"certificate: {cred.cert_path}\nprivate key: {cred.key_path}")
+    return 0
+
+
+def cmd_ca_revoke(args) -> int:
+    ca = _load_ca(args)
+    target = args.certificate
+    if Path(target).is_file():
+        from cryptography import x509
+        serial = x509.load_pem_x509_certificate(Path(target).read_bytes()).serial_number
+    else:
+        try:
+            serial = int(target, 16)
+        except ValueError:
+            raise _error(f"{target!r} is neither a certificate file nor a hexadecimal serial number") from None
+    try:
+        record = ca.revoke(serial)
+    except CAError as exc:
+        raise _error(str(exc)) from None
+    print(f"revoked {record.subject} (serial {serial:x}); CRL published to {ca.cert_dir}")
+    return 0
+
+
+def cmd_ca_crl(args) -> int:
+    ca = _load_ca(args)
+    targets = ca.republish(args.days)
+    revoked = sum(1 for r in ca.issued if r.revoked_at)
+    for t in targets:
+        print(f"published a CRL ({revoked} revoked) to {t}")
+    return 0
+
+
+def cmd_ca_list(args) -> int:
+    ca = _load_ca(args)
+    for r in sorted(ca.issued, key=lambda r: r.subject):
+        state = f"revoked {r.revoked_at}" if r.revoked_at else f"valid until {r.not_after}"
+        print(f"{r.serial:x}  {r.subject}  {state}")
+    return 0
+
+
+# -- vmgrid proxy-init / proxy-info --------------------------------------------------------------
+
+def _hours(args) -> float:
+    if args.valid:
+        try:
+            h, _, m = args.valid.partition(":")
+            hours = int(h) + int(m or 0) / 60
+        except ValueError:
+            raise _error(f"-valid takes HH:MM, not {args.valid!r}") from None
+        return hours
+    return args.hours
+
+
+def cmd_proxy_init(args) -> int:
+    if args.old:
+        raise _error("legacy (pre-RFC) Globus proxies are not supported; vmgrid makes RFC 3820 proxies")
+    passphrase = _passphrase(args, "Enter GRID pass phrase for this identity: ")
+    try:
+        if args.proxy_of:
+            issuer = load_credential(proxy=args.proxy_of)
+        elif args.cert:
+            issuer = load_credential(args.cert, args.key or args.cert, passphrase=passphrase)
+        else:
+            try:
+                issuer = load_user_credential(allow_proxy=False, passphrase=passphrase)
+            except CredentialError as exc:
+                if "encrypted" in str(exc) and passphrase is None and sys.stdin.isatty():
+                    issuer = load_user_credential(allow_proxy=False,
+                                                  passphrase=getpass.getpass("Enter GRID pass phrase: ").encode())
+                else:
+                    raise
+        proxy = make_proxy(issuer, hours=_hours(args), limited=args.limited, path_length=args.path_length,
+                           bits=args.bits)
+    except CredentialError as exc:
+        raise _error(str(exc)) from None
+    path = save_proxy(proxy, args.out)
+    if not args.quiet:
+        print(f"Your identity: {proxy.identity}")
+        print(f"Proxy {'(limited) ' if proxy.limited else ''}written to {path}")
+        print(f"Your proxy is valid until: {proxy.not_after.astimezone().strftime('%a %b %d %H:%M:%S %Y')}")
+    return 0
+
+
+def _proxy_type(cred) -> str:
+    info = proxy_cert_info(cred.certificate)
+    if info is None:
+        return "end entity credential"
+    return "RFC 3820 compliant " + ("limited" if info[0].limited else
+                                    "independent" if info[0].independent else "impersonation") + " proxy"
+
+
+def cmd_proxy_info(args) -> int:
+    path = Path(args.file) if args.file else default_proxy_path()
+    try:
+        cred = load_credential(proxy=path)
+    except CredentialError as exc:
+        if args.exists:
+            return 1
+        raise _error(str(exc)) from None
+    left = cred.time_left()
+    if args.exists:
+        needed = _dt.timedelta(hours=_hours(args)) if (args.valid or args.hours) else _dt.timedelta(0)
+        return 0 if left > needed else 1
+    seconds = int(left.total_seconds())
+    timeleft = f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+    if args.subject:
+        print(cred.subject)
+    elif args.identity:
+        print(cred.identity)
+    elif args.type:
+        print(_proxy_type(cred))
+    elif args.timeleft:
+        print(seconds)
+    else:
+        print(f"subject  : {cred.subject}")
+        print(f"issuer   : {dn_string(cred.certificate.issuer)}")
+        print(f"identity : {cred.identity}")
+        print(f"type     : {_proxy_type(cred)}")
+        print(f"strength : {cred.certificate.public_key().key_size} bits")
+        print(f"path     : {path}")
+        print(f"timeleft : {timeleft}")
+    return 0
 
 
 def register(subparsers) -> None:
-    """Add this module's sub-commands to the `vmgrid` parser."""
+    """Add `ca`, `proxy-init` and `proxy-info` to the `vmgrid` parser."""
+    ca = subparsers.add_parser("ca", help="a small grid CA: certificates, revocation, CRLs")
+    ca_sub = ca.add_subparsers(dest="ca_command", metavar="ACTION", required=True)
+
+    def with_dir(p):
+        p.add_argument("--dir", help="the CA directory (default: $VMGRID_CA_DIR)")
+        return p
+
+    p = with_dir(ca_sub.add_parser("init", help="create a CA and its trusted CA directory"))
+    p.add_argument("--dn", default=DEFAULT_CA_DN, help=f"the CA's DN (default {DEFAULT_CA_DN!r})")
+    p.add_argument("--days", type=int, default=3650)
+    p.add_argument("--cert-dir", help="also publish into this X509_CERT_DIR")
+    p.set_defaults(func=cmd_ca_init)
+
+    p = with_dir(ca_sub.add_parser("host", help="issue a host certificate /O=Grid/OU=<ou>/CN=host/<name>"))
+    p.add_argument("name")
+    p.add_argument("--ou", default=DEFAULT_OU)
+    p.add_argument("--days", type=float, default=365)
+    p.add_argument("--alt", action="append", help="another DNS name or IP address for TLS (repeatable)")
+    p.add_argument("--out", help="directory for hostcert.pem/hostkey.pem (default <ca dir>/hosts/<name>)")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_ca_host)
+
+    p = with_dir(ca_sub.add_parser("user", help="issue a user certificate /O=Grid/OU=<ou>/CN=<name>"))
+    p.add_argument("name")
+    p.add_argument("--ou", default=DEFAULT_OU)
+    p.add_argument("--days", type=float, default=365)
+    p.add_argument("--out", help="directory for usercert.pem/userkey.pem (default ~/.globus)")
+    p.add_argument("--passphrase-file", help="encrypt the key with the passphrase in this file")
+    p.add_argument("--prompt", action="store_true", help="encrypt the key with a passphrase asked for")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_ca_user)
+
+    p = with_dir(ca_sub.add_parser("revoke", help="revoke a certificate and publish the CRL"))
+    p.add_argument("certificate", help="a PEM certificate file or a hexadecimal serial number")
+    p.set_defaults(func=cmd_ca_revoke)
+
+    p = with_dir(ca_sub.add_parser("crl", help="issue and publish a fresh CRL"))
+    p.add_argument("--days", type=int, default=None, help="CRL validity (default 30)")
+    p.set_defaults(func=cmd_ca_crl)
+
+    p = with_dir(ca_sub.add_parser("list", help="list the certificates this CA issued"))
+    p.set_defaults(func=cmd_ca_list)
+
+    p = subparsers.add_parser("proxy-init", help="make an RFC 3820 proxy certificate (like grid-proxy-init)")
+    p.add_argument("-valid", "--valid", metavar="HH:MM", help="lifetime as hours:minutes")
+    p.add_argument("-hours", "--hours", type=float, default=DEFAULT_PROXY_HOURS, help="lifetime in hours (12)")
+    p.add_argument("-limited", "--limited", action="store_true", help="a limited proxy")
+    p.add_argument("-rfc", "--rfc", action="store_true", help="RFC 3820 proxy (the default and only kind)")
+    p.add_argument("-old", "--old", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("-cert", "--cert", help="user certificate (default: X509_USER_CERT or ~/.globus/usercert.pem)")
+    p.add_argument("-key", "--key", help="user key (default: X509_USER_KEY or ~/.globus/userkey.pem)")
+    p.add_argument("-proxy-of", "--proxy-of", metavar="FILE", help="make a proxy of this proxy file instead")
+    p.add_argument("-out", "--out", help="proxy file (default: X509_USER_PROXY or /tmp/x509up_u<uid>)")
+    p.add_argument("-bits", "--bits", type=int, default=2048)
+    p.add_argument("-path-length", "--path-length", type=int, default=None,
+                   help="how many further proxies this proxy may sign")
+    p.add_argument("-pwstdin", "--pwstdin", action="store_true", help="read the key's passphrase from stdin")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_proxy_init)
+
+    p = subparsers.add_parser("proxy-info", help="show a proxy: subject, identity, type, time left")
+    p.add_argument("-file", "--file", help="proxy file (default: X509_USER_PROXY or /tmp/x509up_u<uid>)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("-subject", "--subject", action="store_true")
+    group.add_argument("-identity", "--identity", action="store_true")
+    group.add_argument("-type", "--type", action="store_true")
+    group.add_argument("-timeleft", "--timeleft", action="store_true", help="seconds left")
+    group.add_argument("-exists", "-e", "--exists", action="store_true",
+                       help="exit 0 if a proxy exists (and is valid for -valid/-hours more), else 1")
+    p.add_argument("-valid", "--valid", metavar="HH:MM")
+    p.add_argument("-hours", "--hours", type=float, default=None)
+    p.set_defaults(func=cmd_proxy_info)
