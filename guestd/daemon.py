@@ -1,0 +1,136 @@
+"""guestd's main loop: find the context, run the steps, report, then serve the host's requests."""
+from __future__ import annotations
+
+import argparse
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from .context import DEFAULT_CHANNEL, ContextError, InstanceContext
+from .port import GuestPort, find_port
+from .sources.cdrom import CdromSource
+from .sources.channel import ChannelSource
+from .sources.cmdline import CmdlineSource
+from .sources.directory import DirectorySource
+from .steps import Environment, StepResult, clock, power, report, run_all
+from .system import Roots, System
+
+log = logging.getLogger("guestd")
+SOURCES = ("cdrom", "cmdline", "channel")
+
+
+class Guestd:
+    """One guestd: its environment, its port to the host, its context sources and its results."""
+
+    def __init__(self, env: Environment, port: GuestPort | None, sources: list[Any]) -> None:
+        self.env, self.port, self.sources = env, port, sources
+        self.context: InstanceContext | None = None
+        self.context_source: str | None = None
+        self.results: dict[str, StepResult] = {}
+        self.ready = False
+        self.error: str | None = None
+        self.started = time.monotonic()
+        self.env.state["on_container_change"] = self._container_changed
+        if port is not None:
+            port.handle("ping", lambda m: {"pong": True, "time": self.env.system.now()})
+            port.handle("status", lambda m: self.status())
+            port.handle("set-time", lambda m: clock.set_time(self.env, m["time"]))
+
+    def find_context(self) -> InstanceContext | None:
+        """The first context a source has, in the configured order; a broken one stops the search."""
+        for source in self.sources:
+            try:
+                ctx = source.read()
+            except ContextError as exc:
+                self.error = f"{source.name}: {exc}"
+                log.error("context from %s is invalid: %s", source.name, exc)
+                return None
+            if ctx is not None:
+                self.context, self.context_source = ctx, source.name
+                return ctx
+        self.error = "no context source has a context"
+        return None
+
+    def boot(self) -> bool:
+        """Find the context and run every step; report; True when guestd is ready."""
+        ctx = self.find_context()
+        if ctx is None:
+            return False
+        self.error = None
+        if self.port is not None:
+            self.port.set_token(ctx.token)
+        self.results = run_all(ctx, self.env)
+        self.results["power"] = StepResult("power", True, power.watch(self.env, self._power_pressed))
+        self.ready = True
+        if self.port is not None:
+            report.handle(ctx, self.results, self.port)
+        return True
+
+    def status(self) -> dict[str, Any]:
+        sup = self.env.state.get("container")
+        return {
+            "ready": self.ready, "error": self.error,
+            "instance": self.context.instance if self.context else None,
+            "context_source": self.context_source,
+            "steps": {n: r.as_report() for n, r in self.results.items()},
+            "container": sup.status() if sup is not None else None,
+            "time": self.env.system.now(), "uptime": time.monotonic() - self.started,
+        }
+
+    def _container_changed(self, status: dict[str, Any]) -> None:
+        if self.port is not None:
+            self.port.send({"op": "report", "step": "container", "ok": status.get("running", False)
+                            or status.get("event") == "exited", "detail": status, "error": None,
+                            "at": self.env.system.now()})
+
+    def _power_pressed(self) -> None:
+        log.info("power button pressed: powering off")
+        sup = self.env.state.get("container")
+        if sup is not None:
+            sup.stop()
+        if self.port is not None:
+            self.port.send({"op": "report", "step": "power", "ok": True, "detail": {"event": "power-off"},
+                            "error": None, "at": self.env.system.now()})
+            time.sleep(0.3)
+        self.env.system.power_off()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """guestd [--context-dir DIR] [--sources cdrom,cmdline,channel] [--channel NAME]"""
+    ap = argparse.ArgumentParser(prog="guestd", description="vmgrid's daemon inside the VM")
+    ap.add_argument("--context-dir", type=Path, help="read context.json from this directory first")
+    ap.add_argument("--sources", default=",".join(SOURCES), help="context sources to try, in order")
+    ap.add_argument("--channel", default=DEFAULT_CHANNEL, help="virtio-serial port name")
+    ap.add_argument("--channel-wait", type=float, default=30.0, help="seconds to wait for a pushed context")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="guestd: %(levelname)s %(message)s")
+    roots = Roots()
+    env = Environment(System(roots), roots)
+    device = None
+    for _ in range(50):                      # the port appears as soon as virtio_console is loaded
+        device = find_port(roots, args.channel)
+        if device is not None:
+            break
+        time.sleep(0.1)
+    port = GuestPort(device).start() if device is not None else None
+    if port is None:
+        log.warning("no virtio-serial port named %s: running without a channel", args.channel)
+    sources: list[Any] = []
+    if args.context_dir:
+        sources.append(DirectorySource(args.context_dir))
+    for name in filter(None, args.sources.split(",")):
+        if name == "cdrom":
+            sources.append(CdromSource(roots))
+        elif name == "cmdline":
+            sources.append(CmdlineSource(roots))
+        elif name == "channel" and port is not None:
+            sources.append(ChannelSource(port, args.channel_wait))
+    daemon = Guestd(env, port, sources)
+    while not daemon.boot():
+        log.error("not ready: %s; trying again in 5 s", daemon.error)
+        time.sleep(5)
+    log.info("ready: %s", {n: r.ok for n, r in daemon.results.items()})
+    threading.Event().wait()
+    return 0

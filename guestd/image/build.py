@@ -1,0 +1,298 @@
+"""Build vmgrid's real guest image: a Debian cloud kernel, a busybox initramfs, a debootstrap minbase
+root filesystem with python3 and guestd (PID 1 helper), as qcow2. Cached under var/guest-image/.
+
+    python -m guestd.image.build [--force] [--cache DIR]
+
+The image directory is keyed by a hash of this builder and guestd's sources, so a rerun is instant and
+a change to either rebuilds. The debootstrap root filesystem (the slow part) is cached apart, keyed by
+the suite and package list only. Needs root, debootstrap, busybox-static, cpio, e2fsprogs, qemu-utils,
+apt-get and a reachable Debian mirror (the one apt uses here).
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import gzip
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import guestd
+
+SUITE = "bookworm"
+KERNEL_META = "linux-image-cloud-amd64"
+INCLUDE = ("python3",)
+ROOTFS_SIZE = "1G"
+# Kernel modules the initramfs loads (with their dependencies): disks, NIC, guest channel, CD-ROM, power button.
+MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "virtio_console", "ata_piix", "sr_mod", "isofs",
+           "evdev", "button")
+TRIM = ("usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale", "var/cache/apt",
+        "var/lib/apt/lists", "var/log")
+DEFAULT_MIRROR = "http://deb.debian.org/debian"
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_CACHE = REPO / "var" / "guest-image"
+CMDLINE = "console=ttyS0 root=/dev/vda rw quiet panic=1"
+
+
+class ImageBuildError(RuntimeError):
+    """The guest image could not be built; the message says which step and why."""
+
+
+@dataclass(frozen=True)
+class GuestImage:
+    """A built guest image: boot it with direct kernel boot (kernel, initrd, cmdline) and rootfs as vda."""
+
+    directory: Path
+    kernel: Path
+    initrd: Path
+    rootfs: Path
+    cmdline: str
+    kernel_version: str
+    key: str
+
+    @classmethod
+    def load(cls, directory: Path) -> "GuestImage":
+        m = json.loads((directory / "manifest.json").read_text())
+        return cls(directory, directory / "vmlinuz", directory / "initrd.img", directory / "rootfs.qcow2",
+                   m["cmdline"], m["kernel_version"], m["key"])
+
+
+def _run(step: str, cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    if proc.returncode != 0:
+        raise ImageBuildError(f"{step}: {' '.join(cmd[:3])} ... exited {proc.returncode}: "
+                              f"{(proc.stderr or proc.stdout).strip()[-2000:]}")
+    return proc
+
+
+def source_key() -> str:
+    """Hash of everything that goes into the image: this builder and guestd's sources."""
+    h = hashlib.sha256(f"{SUITE} {KERNEL_META} {INCLUDE} {MODULES} {CMDLINE}".encode())
+    root = Path(guestd.__file__).resolve().parent
+    for f in sorted(root.rglob("*")):
+        if f.is_file() and f.suffix in (".py", ".sh") and "__pycache__" not in f.parts:
+            h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def debian_mirror() -> str:
+    """The Debian mirror apt uses on this machine (sources.list or deb822 .sources), else deb.debian.org."""
+    if os.environ.get("VMGRID_DEBIAN_MIRROR"):
+        return os.environ["VMGRID_DEBIAN_MIRROR"]
+    files = [Path("/etc/apt/sources.list")] + sorted(Path("/etc/apt/sources.list.d").glob("*"))
+    for f in files:
+        try:
+            text = f.read_text()
+        except OSError:
+            continue
+        if f.suffix == ".sources":
+            for stanza in re.split(r"\n\s*\n", text):
+                fields = dict(re.findall(r"^(\w[\w-]*):\s*(.*)$", stanza, re.M))
+                suites = fields.get("Suites", "").split()
+                if "deb" in fields.get("Types", "").split() and SUITE in suites:
+                    for uri in fields.get("URIs", "").split():
+                        if "security" not in uri:
+                            return uri.rstrip("/")
+        else:
+            for line in text.splitlines():
+                parts = line.split("#")[0].split()
+                if len(parts) >= 3 and parts[0] == "deb" and parts[2] == SUITE:
+                    uri = next(p for p in parts[1:] if not p.startswith("["))
+                    return uri.rstrip("/")
+    return DEFAULT_MIRROR
+
+
+def _kernel_package() -> str:
+    for attempt in range(2):
+        proc = subprocess.run(["apt-cache", "depends", "--important", KERNEL_META], capture_output=True, text=True)
+        found = re.findall(r"Depends:\s*(linux-image-\S+)", proc.stdout)
+        if found:
+            return found[0]
+        if attempt == 0:
+            _run("apt-get update", ["apt-get", "update", "-q"])
+    raise ImageBuildError(f"apt knows no {KERNEL_META}")
+
+
+def fetch_kernel(work: Path) -> tuple[Path, str]:
+    """Download and unpack the Debian cloud kernel package; return its tree and version."""
+    package = _kernel_package()
+    work.mkdir(parents=True, exist_ok=True)
+    _run("download the kernel", ["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root", package], cwd=work)
+    deb = next(work.glob(f"{package}_*.deb"))
+    tree = work / "kernel"
+    _run("unpack the kernel", ["dpkg-deb", "-x", str(deb), str(tree)])
+    version = package.removeprefix("linux-image-")
+    return tree, version
+
+
+def module_load_order(tree: Path, version: str, wanted: tuple[str, ...]) -> list[str]:
+    """Module paths (relative to lib/modules/VERSION) in an order insmod can load them."""
+    moddir = tree / "lib" / "modules" / version
+    by_name: dict[str, str] = {}
+    for ko in moddir.rglob("*.ko"):
+        by_name[ko.name.removesuffix(".ko").replace("-", "_")] = str(ko.relative_to(moddir))
+    deps: dict[str, list[str]] = {}
+
+    def depends(path: str) -> list[str]:
+        # the module's own .modinfo says what it needs: "depends=a,b" (no depmod needed)
+        if path not in deps:
+            found = re.search(rb"\0depends=([^\0]*)\0", (moddir / path).read_bytes())
+            names = found.group(1).decode().split(",") if found and found.group(1) else []
+            deps[path] = [by_name[n.replace("-", "_")] for n in names if n]
+        return deps[path]
+
+    order: list[str] = []
+
+    def visit(path: str) -> None:
+        if path in order:
+            return
+        for dep in depends(path):
+            visit(dep)
+        order.append(path)
+
+    builtin = (moddir / "modules.builtin").read_text() if (moddir / "modules.builtin").exists() else ""
+    for name in wanted:
+        if name in by_name:
+            visit(by_name[name])
+        elif f"/{name}.ko" not in builtin:
+            raise ImageBuildError(f"kernel {version} has no module {name}")
+    return order
+
+
+def build_initramfs(tree: Path, version: str, out: Path, work: Path) -> None:
+    root = work / "initramfs"
+    shutil.rmtree(root, ignore_errors=True)
+    (root / "bin").mkdir(parents=True)
+    busybox = shutil.which("busybox")
+    if busybox is None:
+        raise ImageBuildError("busybox is not installed (Debian package busybox-static)")
+    shutil.copy2(busybox, root / "bin" / "busybox")
+    order = module_load_order(tree, version, MODULES)
+    moddir = tree / "lib" / "modules" / version
+    for rel in order:
+        dest = root / "lib" / "modules" / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(moddir / rel, dest)
+    (root / "modules.load").write_text("".join(f"{rel}\n" for rel in order))
+    init = root / "init"
+    shutil.copy2(Path(__file__).with_name("initramfs-init.sh"), init)
+    init.chmod(0o755)
+    files = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+    proc = subprocess.run(["cpio", "-o", "-H", "newc", "--quiet", "-R", "0:0"], cwd=root,
+                          input="\n".join(files).encode(), capture_output=True)
+    if proc.returncode != 0:
+        raise ImageBuildError(f"cpio: {proc.stderr.decode().strip()}")
+    out.write_bytes(gzip.compress(proc.stdout, compresslevel=6))
+
+
+def base_rootfs(cache: Path, mirror: str) -> Path:
+    """The trimmed debootstrap minbase tree with python3, cached by suite and package list."""
+    key = hashlib.sha256(f"{SUITE} minbase {INCLUDE} {TRIM}".encode()).hexdigest()[:12]
+    base = cache / f"base-{SUITE}-{key}"
+    if (base / ".complete").exists():
+        return base
+    shutil.rmtree(base, ignore_errors=True)
+    tmp = cache / f"base-tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    debs = cache / "debs"
+    debs.mkdir(parents=True, exist_ok=True)
+    _run("debootstrap", ["debootstrap", "--variant=minbase", f"--include={','.join(INCLUDE)}",
+                         f"--cache-dir={debs}", SUITE, str(tmp), mirror])
+    for rel in TRIM:
+        shutil.rmtree(tmp / rel, ignore_errors=True)
+        (tmp / rel).mkdir(parents=True, exist_ok=True)
+    (tmp / ".complete").write_text(mirror + "\n")
+    tmp.rename(base)
+    return base
+
+
+def install_guestd(rootfs: Path) -> None:
+    """Copy guestd (without this image builder) into the guest's dist-packages."""
+    src = Path(guestd.__file__).resolve().parent
+    dest = rootfs / "usr" / "lib" / "python3" / "dist-packages" / "guestd"
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(src, dest, ignore=shutil.ignore_patterns("__pycache__", "image", "*.pyc"))
+    (rootfs / "etc" / "hostname").write_text("vmgrid-guest\n")
+    (rootfs / "var" / "log").mkdir(parents=True, exist_ok=True)
+
+
+def build(cache: Path = DEFAULT_CACHE, force: bool = False, log=print) -> GuestImage:
+    """Return the cached image for the current sources, building it first if needed."""
+    if os.geteuid() != 0:
+        raise ImageBuildError("building the guest image needs root (debootstrap)")
+    cache = Path(cache).resolve()
+    cache.mkdir(parents=True, exist_ok=True)
+    key = source_key()
+    final = cache / key
+    with open(cache / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)         # one builder at a time (pytest-xdist workers)
+        if (final / "manifest.json").exists() and not force:
+            return GuestImage.load(final)
+        timings: dict[str, float] = {}
+        t0 = time.monotonic()
+        work = cache / f"work-{key}-{os.getpid()}"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir()
+        try:
+            mirror = debian_mirror()
+            log(f"guest image {key}: kernel from apt, rootfs from {mirror}")
+            t = time.monotonic()
+            tree, version = fetch_kernel(work / "kernel-deb")
+            timings["kernel"] = time.monotonic() - t
+            t = time.monotonic()
+            base = base_rootfs(cache, mirror)
+            timings["debootstrap"] = time.monotonic() - t
+            t = time.monotonic()
+            out = work / "image"
+            out.mkdir()
+            shutil.copy2(next((tree / "boot").glob("vmlinuz-*")), out / "vmlinuz")
+            build_initramfs(tree, version, out / "initrd.img", work)
+            timings["initramfs"] = time.monotonic() - t
+            t = time.monotonic()
+            staging = work / "rootfs"
+            _run("copy the base rootfs", ["cp", "-a", str(base), str(staging)])
+            (staging / ".complete").unlink(missing_ok=True)
+            install_guestd(staging)
+            raw = work / "rootfs.raw"
+            _run("mkfs.ext4", ["mkfs.ext4", "-q", "-F", "-L", "vmgrid-root", "-d", str(staging), str(raw), ROOTFS_SIZE])
+            _run("qemu-img convert", ["qemu-img", "convert", "-O", "qcow2", str(raw), str(out / "rootfs.qcow2")])
+            timings["rootfs"] = time.monotonic() - t
+            manifest = {"key": key, "suite": SUITE, "mirror": mirror, "kernel_version": version,
+                        "cmdline": CMDLINE, "modules": list(MODULES), "timings": timings,
+                        "total_seconds": time.monotonic() - t0,
+                        "rootfs_bytes": (out / "rootfs.qcow2").stat().st_size}
+            (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+            shutil.rmtree(final, ignore_errors=True)
+            out.rename(final)
+            for old in cache.iterdir():          # drop stale images (other keys); keep the base and debs
+                if old.is_dir() and re.fullmatch(r"[0-9a-f]{16}", old.name) and old.name != key:
+                    shutil.rmtree(old, ignore_errors=True)
+            log(f"guest image {key} built in {manifest['total_seconds']:.1f} s: {final}")
+            return GuestImage.load(final)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--force", action="store_true", help="rebuild even if the cached image is current")
+    ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"cache directory (default {DEFAULT_CACHE})")
+    args = ap.parse_args(argv)
+    try:
+        image = build(args.cache, args.force)
+    except ImageBuildError as exc:
+        print(f"guest image: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps({k: str(v) for k, v in asdict(image).items()}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""``python3 -m guestd.init``: PID 1 of a vmgrid guest image: mount the basics, run guestd, reap orphans.
+
+The guest image's initramfs switches root to this; no other init system is needed.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+import time
+
+MOUNTS = (("proc", "/proc", "proc"), ("sysfs", "/sys", "sysfs"), ("devtmpfs", "/dev", "devtmpfs"),
+          ("tmpfs", "/run", "tmpfs"), ("tmpfs", "/tmp", "tmpfs"), ("devpts", "/dev/pts", "devpts"))
+
+
+def mount_basics() -> None:
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    for source, target, fstype in MOUNTS:
+        if os.path.ismount(target):
+            continue
+        os.makedirs(target, exist_ok=True)
+        if libc.mount(source.encode(), target.encode(), fstype.encode(), 0, None) != 0:
+            print(f"guestd-init: mount {target}: {os.strerror(ctypes.get_errno())}", file=sys.stderr)
+
+
+def main() -> int:
+    if os.getpid() != 1:
+        from .daemon import main as daemon_main
+        return daemon_main(sys.argv[1:])
+    mount_basics()
+    os.environ.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    while True:
+        pid = os.fork()
+        if pid == 0:
+            from .daemon import main as daemon_main
+            os._exit(daemon_main(sys.argv[1:]))
+        while True:                        # reap every child; restart guestd if it is the one
+            try:
+                done, status = os.wait()
+            except ChildProcessError:
+                break
+            if done == pid:
+                print(f"guestd-init: guestd exited ({status}); restarting", file=sys.stderr)
+                break
+        time.sleep(1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""The guestd channel protocol: JSON lines over virtio-serial, shared by guestd and the VMManager.
+
+One UTF-8 JSON object per line, at most MAX_LINE bytes. Every message has ``v`` (the protocol
+version) and ``op``. Host to guest: ``ping``, ``status``, ``set-time``, ``context``. Guest to host:
+``ready``, ``report``, ``reply``; each carries the instance's ``token``. docs/guestd.md is the reference.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+VERSION = 1
+MAX_LINE = 64 * 1024
+
+HOST_OPS = frozenset({"ping", "status", "set-time", "context"})
+GUEST_OPS = frozenset({"ready", "report", "reply"})
+
+
+class ProtocolError(ValueError):
+    """A line on the channel is not a valid guestd protocol message."""
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    """One message as one line, with the protocol version filled in."""
+    body = dict(message)
+    body.setdefault("v", VERSION)
+    line = json.dumps(body, separators=(",", ":"), sort_keys=True).encode() + b"\n"
+    if len(line) > MAX_LINE:
+        raise ProtocolError(f"message of {len(line)} bytes exceeds the {MAX_LINE}-byte line limit")
+    return line
+
+
+def decode(line: bytes, allowed_ops: frozenset[str]) -> dict[str, Any]:
+    """Parse and check one line; raise ProtocolError for anything else than an allowed message."""
+    if len(line) > MAX_LINE:
+        raise ProtocolError(f"line of {len(line)} bytes exceeds the {MAX_LINE}-byte limit")
+    try:
+        message = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(f"not a JSON line: {exc}") from None
+    if not isinstance(message, dict):
+        raise ProtocolError("a message must be a JSON object")
+    if message.get("v") != VERSION:
+        raise ProtocolError(f"unsupported protocol version {message.get('v')!r} (want {VERSION})")
+    op = message.get("op")
+    if op not in allowed_ops:
+        raise ProtocolError(f"unknown or misdirected op {op!r}")
+    if "id" in message and not isinstance(message["id"], int):
+        raise ProtocolError("id must be an integer")
+    if op == "set-time" and not isinstance(message.get("time"), (int, float)):
+        raise ProtocolError("set-time needs a numeric 'time' (seconds since the epoch)")
+    if op == "context" and not isinstance(message.get("context"), dict):
+        raise ProtocolError("context needs a 'context' object")
+    if op in GUEST_OPS and not isinstance(message.get("token"), str):
+        raise ProtocolError(f"{op} needs the instance token")
+    if op == "report" and not isinstance(message.get("step"), str):
+        raise ProtocolError("report needs a 'step'")
+    return message
+
+
+class LineBuffer:
+    """Splits a byte stream into lines, refusing lines over MAX_LINE (they are dropped whole)."""
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._discarding = False
+
+    def feed(self, data: bytes) -> list[bytes]:
+        self._buf += data
+        lines: list[bytes] = []
+        while True:
+            cut = self._buf.find(b"\n")
+            if cut < 0:
+                if len(self._buf) > MAX_LINE:
+                    self._buf = b""
+                    self._discarding = True
+                return lines
+            line, self._buf = self._buf[:cut], self._buf[cut + 1:]
+            if self._discarding:
+                self._discarding = False
+                continue
+            if line.strip():
+                lines.append(line)
