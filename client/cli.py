@@ -7,7 +7,8 @@ import sys
 
 # Each module exposes register(subparsers) and gives its parsers a `func(args) -> int`.
 COMMAND_MODULES = [
-    "client.commands_repo",      # vmgrid repo ..., vmgrid demo
+    "client.demo",               # vmgrid demo (the main job)
+    "client.commands_repo",      # vmgrid repo ...
     "services.container.cli",    # vmgrid serve ...
     "security.cli",              # vmgrid ca ..., proxy-init, proxy-info
     "gridftp.cli",               # vmgrid transfer, vmgrid gridftp-server

@@ -1,6 +1,211 @@
-"""Command-line sub-commands (placeholder until implemented)."""
+"""`vmgrid repo …`: the VMRepository from the command line."""
 from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from client.cli import CLIError
+from client.output import emit_descriptors, show_descriptor, table
+
+DEFAULT_REPOSITORY = "https://localhost:8443/wsrf/services/VMRepositoryService"
+
+
+def add_grid_options(p, env_var: str, default: str, what: str) -> None:
+    p.add_argument("--url", default=os.environ.get(env_var, default),
+                   help=f"the {what} service URL (default ${env_var} or {default})")
+    p.add_argument("--cert-dir", help="trusted CA directory (default $X509_CERT_DIR or /etc/grid-security/certificates)")
+    p.add_argument("--proxy", help="credential file (default $X509_USER_PROXY, /tmp/x509up_u<uid>, ~/.globus)")
+
+
+def add_format(p) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--json", dest="format", action="store_const", const="json", help="JSON output")
+    g.add_argument("--xml", dest="format", action="store_const", const="xml", help="the descriptors as XML")
+    p.set_defaults(format="table")
 
 
 def register(subparsers) -> None:
-    """Add this module's sub-commands to the `vmgrid` parser."""
+    repo = subparsers.add_parser("repo", help="the VO's VM image repository",
+                                 description="Query and manage the VMRepository.")
+    sub = repo.add_subparsers(dest="repo_command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("register", help="register an image with its descriptor")
+    p.add_argument("descriptor", type=Path, help="the descriptor XML file (wsdl/workspace.xsd)")
+    p.add_argument("image", help="the image file")
+    p.add_argument("--on-host", action="store_true",
+                   help="IMAGE is a path on the repository host, inside an ingest directory (admins)")
+    add_format(p)
+    p.set_defaults(func=cmd_register)
+
+    p = sub.add_parser("query", help="find images by criteria",
+                       description="Criteria are FIELD OP VALUE, e.g. 'ram >= 512' 'distribution = debian' "
+                                   "'library emboss >= 6.6'; all must hold; a lone 'or' starts another group. "
+                                   "Operators: = != < <= > >= contains matches. No criteria lists every image.")
+    p.add_argument("criteria", nargs="*", help="criteria (quote each one)")
+    p.add_argument("--xpath", help="an XPath 1.0 expression on each descriptor instead (prefix ws:)")
+    p.add_argument("--order-by", default=None, help="name (default), vo, owner, created, updated, memory, vcpus, size")
+    p.add_argument("--desc", action="store_true", help="descending order")
+    p.add_argument("--offset", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None, help="at most this many (default 20, max 1000)")
+    add_format(p)
+    p.set_defaults(func=cmd_query)
+
+    p = sub.add_parser("show", help="one image's descriptor")
+    p.add_argument("image", help="image id (img-…) or VO/name")
+    add_format(p)
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("duplicate", help="a new descriptor sharing the image bytes, with changes")
+    p.add_argument("image")
+    p.add_argument("name", help="the new image name")
+    p.add_argument("--memory", type=int, help="RAM in MiB")
+    p.add_argument("--vcpus", type=int)
+    p.add_argument("--container", dest="container_command", help="the grid container command")
+    p.add_argument("--description")
+    p.add_argument("--version")
+    add_format(p)
+    p.set_defaults(func=cmd_duplicate)
+
+    p = sub.add_parser("update", help="replace an image's descriptor (the bytes stay)")
+    p.add_argument("image")
+    p.add_argument("descriptor", type=Path)
+    add_format(p)
+    p.set_defaults(func=cmd_update)
+
+    p = sub.add_parser("remove", help="remove an image (its bytes go when nothing else uses them)")
+    p.add_argument("image")
+    p.set_defaults(func=cmd_remove)
+
+    p = sub.add_parser("vos", help="your VOs and their image counts")
+    add_format(p)
+    p.set_defaults(func=cmd_vos)
+
+    for name, action in sub.choices.items():
+        add_grid_options(action, "VMGRID_REPOSITORY", DEFAULT_REPOSITORY, "VMRepository")
+
+
+def connect(args):
+    """A RepositoryClient for the command's --url as the user's credential."""
+    from client.repository import RepositoryClient
+
+    return RepositoryClient(grid_client(args))
+
+
+def grid_client(args):
+    from client.soap import ClientError, GridServiceClient, default_trust
+    from security.pki import PKIError, load_credential
+
+    try:
+        credential = load_credential(proxy=args.proxy) if args.proxy else load_credential()
+        trust = default_trust(args.cert_dir)
+    except (PKIError, OSError) as exc:
+        raise CLIError(str(exc)) from None
+    try:
+        return GridServiceClient(args.url, credential, trust)
+    except ClientError as exc:
+        raise CLIError(str(exc)) from None
+
+
+def _read_descriptor(path: Path):
+    from services.descriptor import parse_descriptor
+
+    try:
+        return parse_descriptor(path.read_bytes())
+    except OSError as exc:
+        raise CLIError(f"{path}: {exc.strerror}") from None
+
+
+def _call(func, *args, **kwargs):
+    """Run a client call; typed faults and transport failures become one-line CLI errors."""
+    from client.soap import ClientError
+    from services.faults import InvalidDescriptor, VMGridFault
+
+    try:
+        return func(*args, **kwargs)
+    except InvalidDescriptor as exc:
+        raise CLIError(f"invalid descriptor: {exc.description}") from None
+    except VMGridFault as exc:
+        raise CLIError(f"{type(exc).__name__}: {exc.description}") from None
+    except ClientError as exc:
+        raise CLIError(str(exc)) from None
+
+
+def cmd_register(args) -> int:
+    from services.faults import VMGridFault
+
+    try:
+        descriptor = _read_descriptor(args.descriptor)
+    except VMGridFault as exc:
+        raise CLIError(f"{args.descriptor}: {exc.description}") from None
+    repo = connect(args)
+    if args.on_host:
+        ws = _call(repo.register, descriptor, local_path=args.image)
+    else:
+        ws = _call(upload_and_register, repo, args, descriptor)
+    emit_descriptors([ws], args.format)
+    return 0
+
+
+def upload_and_register(repo, args, descriptor):
+    """Upload the image into the repository's upload area, then register it (needs the GridFTP service)."""
+    raise CLIError("uploading from this machine needs the repository's GridFTP service; "
+                   "use --on-host with a path on the repository host")
+
+
+def cmd_query(args) -> int:
+    from services.faults import BadQuery
+
+    repo = connect(args)
+    try:
+        result = _call(repo.query, args.criteria, xpath=args.xpath, order_by=args.order_by,
+                       descending=args.desc, offset=args.offset, limit=args.limit)
+    except BadQuery as exc:  # raised locally while reading the criteria
+        raise CLIError(f"bad query: {exc.description}") from None
+    emit_descriptors(result.descriptors, args.format, total=result.total, offset=result.offset)
+    return 0
+
+
+def cmd_show(args) -> int:
+    ws = _call(connect(args).show, args.image)
+    if args.format == "table":
+        show_descriptor(ws)
+    else:
+        emit_descriptors([ws], args.format)
+    return 0
+
+
+def cmd_duplicate(args) -> int:
+    ws = _call(connect(args).duplicate, args.image, args.name, memory=args.memory, vcpus=args.vcpus,
+               container_command=args.container_command, description=args.description, version=args.version)
+    emit_descriptors([ws], args.format)
+    return 0
+
+
+def cmd_update(args) -> int:
+    from services.faults import VMGridFault
+
+    try:
+        descriptor = _read_descriptor(args.descriptor)
+    except VMGridFault as exc:
+        raise CLIError(f"{args.descriptor}: {exc.description}") from None
+    emit_descriptors([_call(connect(args).update, args.image, descriptor)], args.format)
+    return 0
+
+
+def cmd_remove(args) -> int:
+    deleted = _call(connect(args).remove, args.image)
+    print(f"removed {args.image}" + ("; its image bytes were deleted" if deleted else
+                                     "; its image bytes stay (other descriptors use them)"))
+    return 0
+
+
+def cmd_vos(args) -> int:
+    vos = _call(connect(args).vos)
+    if args.format == "json":
+        json.dump([{"vo": v, "images": n} for v, n in vos], sys.stdout, indent=2)
+        print()
+    else:
+        table(["vo", "images"], vos)
+    return 0

@@ -1,0 +1,185 @@
+"""A local grid on loopback: a fresh grid PKI, a configuration, and vmgrid services started as their
+own processes (`vmgrid serve …`), as a site would run them. The main job and the subprocess
+tests use it."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+from security.pki import Credential, GridCA, make_proxy, save_proxy
+from security.tls import grid_session
+
+OU = "vmgrid"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return str(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def write_toml(path: Path, data: dict) -> None:
+    """Write nested dicts as TOML tables (enough for vmgrid's configuration)."""
+    lines: list[str] = []
+
+    def table(prefix: str, d: dict) -> None:
+        scalars = {k: v for k, v in d.items() if not isinstance(v, dict)}
+        tables = {k: v for k, v in d.items() if isinstance(v, dict)}
+        if prefix and (scalars or not tables):
+            lines.append(f"[{prefix}]")
+        for k, v in scalars.items():
+            lines.append(f"{k} = {toml_value(v)}")
+        if scalars:
+            lines.append("")
+        for k, v in tables.items():
+            key = k if all(c.isalnum() or c in "-_" for c in k) else toml_value(k)
+            table(f"{prefix}.{key}" if prefix else key, v)
+
+    table("", data)
+    path.write_text("\n".join(lines) + "\n")
+
+
+@dataclass
+class User:
+    name: str
+    dn: str
+    credential: Credential   # a proxy
+    proxy_path: Path
+
+
+@dataclass
+class ServiceProcess:
+    name: str
+    port: int
+    config: Path
+    process: subprocess.Popen
+    log: Path
+
+    @property
+    def base_url(self) -> str:
+        return f"https://localhost:{self.port}"
+
+
+@dataclass
+class LocalGrid:
+    """A grid in ``root``: ``ca/`` (the CA and its certificates/ dir), ``host/``, ``users/<name>/``,
+    one state directory and configuration per service process."""
+
+    root: Path
+    ca: GridCA = field(init=False)
+    users: dict[str, User] = field(default_factory=dict)
+    processes: dict[str, ServiceProcess] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.root = Path(self.root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        ca_dir = self.root / "ca"
+        self.ca = GridCA.load(ca_dir) if (ca_dir / "ca.pem").exists() else GridCA.create(ca_dir)
+        self.host_dir = self.root / "host"
+        if not (self.host_dir / "hostcert.pem").exists():
+            self.ca.issue_host("localhost", ou=OU, out_dir=self.host_dir)
+
+    @property
+    def cert_dir(self) -> Path:
+        return self.ca.cert_dir
+
+    def user(self, name: str) -> User:
+        if name not in self.users:
+            d = self.root / "users" / name
+            cred = self.ca.issue_user(name, ou=OU, out_dir=d)
+            proxy = make_proxy(cred, hours=12)
+            path = save_proxy(proxy, d / "proxy.pem")
+            self.users[name] = User(name, f"/O=Grid/OU={OU}/CN={name}", proxy, path)
+        return self.users[name]
+
+    def env(self, user: str | None = None) -> dict[str, str]:
+        """Environment for a `vmgrid` command run as ``user`` against this grid."""
+        env = {**os.environ, "X509_CERT_DIR": str(self.cert_dir)}
+        if user:
+            env["X509_USER_PROXY"] = str(self.user(user).proxy_path)
+        return env
+
+    def start(self, name: str, services: list[str], config: dict, *, extra_env: dict | None = None,
+              timeout: float = 30) -> ServiceProcess:
+        """Start `vmgrid serve SERVICES` with ``config`` (merged over the grid's defaults)."""
+        port = free_port()
+        state = self.root / name
+        state.mkdir(parents=True, exist_ok=True)
+        base = {
+            "container": {"host": "127.0.0.1", "port": port, "state_dir": str(state), "tls": True},
+            "security": {"cert_dir": str(self.cert_dir), "host_cert": str(self.host_dir / "hostcert.pem"),
+                         "host_key": str(self.host_dir / "hostkey.pem")},
+        }
+        merged = _merge(base, config)
+        cfg = self.root / f"{name}.toml"
+        write_toml(cfg, merged)
+        log = self.root / f"{name}.log"
+        proc = subprocess.Popen([sys.executable, "-m", "client.cli", "serve", *services, "-c", str(cfg)],
+                                stdout=open(log, "ab"), stderr=subprocess.STDOUT,
+                                env={**os.environ, **(extra_env or {})}, start_new_session=True)
+        sp = ServiceProcess(name, port, cfg, proc, log)
+        self.processes[name] = sp
+        self.wait_ready(sp, timeout)
+        return sp
+
+    def wait_ready(self, sp: ServiceProcess, timeout: float = 30) -> None:
+        session = grid_session(self.cert_dir)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if sp.process.poll() is not None:
+                raise RuntimeError(f"{sp.name} exited with {sp.process.returncode}:\n{sp.log.read_text()[-3000:]}")
+            try:
+                if session.get(sp.base_url + "/", timeout=2).status_code == 200:
+                    return
+            except requests.exceptions.RequestException:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"{sp.name} did not start within {timeout} s:\n{sp.log.read_text()[-3000:]}")
+
+    def stop(self, name: str, sig: int = signal.SIGTERM) -> int | None:
+        sp = self.processes.pop(name, None)
+        if sp is None:
+            return None
+        if sp.process.poll() is None:
+            sp.process.send_signal(sig)
+            try:
+                sp.process.wait(10)
+            except subprocess.TimeoutExpired:
+                sp.process.kill()
+                sp.process.wait()
+        return sp.process.returncode
+
+    def stop_all(self) -> None:
+        for name in list(self.processes):
+            self.stop(name)
+
+    def __enter__(self) -> "LocalGrid":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop_all()
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out

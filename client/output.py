@@ -1,0 +1,110 @@
+"""How the command line shows results: aligned tables for people, JSON and XML for scripts."""
+from __future__ import annotations
+
+import json
+import sys
+from typing import Iterable, Sequence
+
+from lxml import etree
+
+from services.descriptor import Descriptor
+
+REPEATED = {"disk", "cdrom", "serialPort", "parallelPort", "nic", "library"}
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[object]], out=sys.stdout) -> None:
+    rows = [["" if v is None else str(v) for v in r] for r in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+    line = "  ".join(h.upper().ljust(w) for h, w in zip(headers, widths)).rstrip()
+    print(line, file=out)
+    for r in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip(), file=out)
+
+
+def element_to_dict(el: etree._Element):
+    """A descriptor (or any simple XML) as JSON-ready data; repeated elements become lists."""
+    children = [c for c in el if isinstance(c.tag, str)]
+    if not children:
+        return el.text.strip() if el.text and el.text.strip() else (None if len(el) == 0 else "")
+    out: dict = {}
+    for c in children:
+        local = etree.QName(c).localname
+        value = element_to_dict(c)
+        if local in REPEATED:
+            out.setdefault(local, []).append(value)
+        elif local in out:
+            prev = out[local]
+            out[local] = (prev if isinstance(prev, list) else [prev]) + [value]
+        else:
+            out[local] = value
+    return out
+
+
+def human_size(n: int | None) -> str:
+    if n is None:
+        return ""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def summary_row(el: etree._Element) -> list[object]:
+    d = Descriptor(el)
+    libs = " ".join(f"{k}-{v}" for k, v in d.libraries.items())
+    return [d.image_id, f"{d.vo}/{d.name}", d.version, f"{d.memory} MiB", d.vcpus,
+            f"{d.distribution} {d.element.findtext('{*}software/{*}distribution/{*}version')}",
+            d.kernel_version, human_size(d.size), libs]
+
+
+SUMMARY_HEADERS = ["id", "image", "version", "ram", "vcpus", "distribution", "kernel", "size", "libraries"]
+
+
+def emit_descriptors(descriptors: list[etree._Element], fmt: str, *, total: int | None = None,
+                     offset: int = 0, out=sys.stdout) -> None:
+    if fmt == "json":
+        data = {"descriptors": [element_to_dict(d) for d in descriptors]}
+        if total is not None:
+            data = {"total": total, "offset": offset, **data}
+        json.dump(data, out, indent=2)
+        print(file=out)
+    elif fmt == "xml":
+        if total is not None:
+            print(f'<!-- {total} matching, from {offset} -->', file=out)
+        for d in descriptors:
+            print(etree.tostring(d, pretty_print=True, encoding="unicode"), end="", file=out)
+    else:
+        table(SUMMARY_HEADERS, [summary_row(d) for d in descriptors], out=out)
+        if total is not None:
+            shown = f"{offset + 1}-{offset + len(descriptors)}" if descriptors else "none"
+            print(f"{total} matching; showing {shown}", file=out)
+
+
+def show_descriptor(el: etree._Element, out=sys.stdout) -> None:
+    """A descriptor in full, readable."""
+    d = Descriptor(el)
+    rows = [
+        ("image", f"{d.vo}/{d.name} (version {d.version})"), ("id", d.image_id), ("owner", d.owner),
+        ("created", d.created), ("description", d.description),
+        ("hardware", f"{d.architecture}, {d.vcpus} vCPU, {d.memory} MiB RAM"),
+    ]
+    for disk in d.disks:
+        rows.append(("disk", f"{disk.role}: {human_size(disk.size)} {disk.format} on {disk.bus}"
+                     + (f" as {disk.target}" if disk.target else "")))
+    for tag, label in (("cdrom", "cd-rom"), ("serialPort", "serial port"), ("parallelPort", "parallel port"),
+                       ("nic", "nic")):
+        for dev in el.iterfind(f"{{*}}hardware/{{*}}{tag}"):
+            rows.append((label, ", ".join(c.text for c in dev if isinstance(c.tag, str) and c.text)))
+    rows += [
+        ("os", f"{d.os}, {d.distribution} {el.findtext('{*}software/{*}distribution/{*}version')}, "
+               f"kernel {d.kernel_version}, boot from {el.findtext('{*}software/{*}boot/{*}method')}"),
+    ]
+    for name, version in d.libraries.items():
+        rows.append(("library", f"{name} {version}"))
+    rows += [("image bytes", f"{d.image_format}, {human_size(d.size)}, sha256 {d.sha256}"),
+             ("container", d.container_command)]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        if v is not None:
+            print(f"{k.rjust(width)}  {v}", file=out)

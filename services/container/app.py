@@ -1,0 +1,157 @@
+"""The container's WSGI application: serves the published WSDL and schemas, and dispatches signed
+SOAP requests (verified by the WS-Security middleware in front of it) to the services' handlers."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+import traceback
+import uuid
+from typing import Iterable
+from urllib.parse import parse_qs
+
+from lxml import etree
+
+from services.container import soap
+from services.container.contract import SCHEMA_PATH, SERVICES_PATH, served_schema
+from services.container.service import CallContext, SoapService
+from services.faults import InternalFault, InvalidArgument, InvalidDescriptor, VMGridFault
+
+call_log = logging.getLogger("vmgrid.calls")
+WORKSPACE_TAG = "{http://vmgrid.org/ns/workspace/1}workspace"
+
+CALLER_KEY = "vmgrid.caller"
+ENVELOPE_KEY = "vmgrid.envelope"
+RESPONSE_KEY = "vmgrid.response_envelope"
+
+
+class SoapApplication:
+    """Hosts services at /wsrf/services/<Name> (POST: SOAP; GET ?wsdl: the contract) and the schemas
+    at /wsrf/share/schema/<file>. Needs the WS-Security middleware in front: a request without a
+    verified caller is refused."""
+
+    def __init__(self, services: Iterable[SoapService], *, public_url: str | None = None,
+                 validate_responses: bool = False):
+        self.services = {s.name: s for s in services}
+        self.public_url = public_url.rstrip("/") if public_url else None
+        self.validate_responses = validate_responses
+
+    # -- WSGI ------------------------------------------------------------------------------
+    def __call__(self, environ, start_response):
+        method = environ.get("REQUEST_METHOD", "GET")
+        path = environ.get("PATH_INFO", "/")
+        base = self.base_url(environ)
+        if path.startswith(SERVICES_PATH):
+            service = self.services.get(path[len(SERVICES_PATH):])
+            if service is None:
+                return _plain(start_response, "404 Not Found", f"no service at {path}\n")
+            if method == "POST":
+                return self._dispatch(service, environ, start_response, base)
+            if method in ("GET", "HEAD"):
+                query = parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True)
+                if "wsdl" in query or "WSDL" in query:
+                    return _xml(start_response, "200 OK", service.contract.served_wsdl(base, service.name))
+                return _plain(start_response, "200 OK", f"{service.name}: WSDL at {base}{path}?wsdl\n")
+            return _plain(start_response, "405 Method Not Allowed", "POST SOAP, or GET ?wsdl\n",
+                          [("Allow", "GET, HEAD, POST")])
+        if path.startswith(SCHEMA_PATH) and method in ("GET", "HEAD"):
+            data = served_schema(path[len(SCHEMA_PATH):], base)
+            if data is None:
+                return _plain(start_response, "404 Not Found", "no such schema\n")
+            return _xml(start_response, "200 OK", data)
+        if path in ("/", "/wsrf/services", "/wsrf/services/") and method in ("GET", "HEAD"):
+            lines = [f"{name}\t{base}{SERVICES_PATH}{name}?wsdl" for name in sorted(self.services)]
+            return _plain(start_response, "200 OK", "\n".join(lines) + "\n")
+        return _plain(start_response, "404 Not Found", "not found\n")
+
+    def base_url(self, environ) -> str:
+        if self.public_url:
+            return self.public_url
+        host = environ.get("HTTP_HOST") or f"{environ.get('SERVER_NAME')}:{environ.get('SERVER_PORT')}"
+        return f"{environ.get('wsgi.url_scheme', 'http')}://{host}"
+
+    # -- SOAP dispatch -----------------------------------------------------------------------
+    def _dispatch(self, service: SoapService, environ, start_response, base: str):
+        started = time.perf_counter()
+        caller = environ.get(CALLER_KEY)
+        root = environ.get(ENVELOPE_KEY)
+        op_name = "?"
+        outcome = "ok"
+        dn = getattr(caller, "dn", None)
+        try:
+            if caller is None or root is None:
+                # Defence in depth: the container never dispatches a message security did not verify.
+                raise soap.EnvelopeError("the message was not verified by WS-Security", "Client")
+            headers, payload = soap.split_envelope(root)
+            soap.check_must_understand(headers, service.understood_headers)
+            op = service.contract.by_input.get(payload.tag)
+            if op is None:
+                raise soap.EnvelopeError(f"{service.name} has no operation for {payload.tag}")
+            op_name = op.name
+            self._validate_request(service, payload)
+            wsa = soap.wsa_headers(headers)
+            ctx = CallContext(service, op.name, caller, headers, wsa, base)
+            result = service.handlers[op.name](ctx, payload)
+            if self.validate_responses:
+                service.contract.validator.assertValid(result)
+            env = soap.envelope(result, soap.response_headers(wsa, op.soap_action + "Response"))
+            status = "200 OK"
+        except VMGridFault as exc:
+            outcome = f"fault:{exc.element}"
+            env, status = soap.typed_fault_envelope(exc), "500 Internal Server Error"
+        except soap.EnvelopeError as exc:
+            outcome = f"fault:soap-{exc.code}"
+            env, status = soap.fault_envelope(exc.code, str(exc)), "500 Internal Server Error"
+        except Exception:  # noqa: BLE001 - the one place an unexpected error becomes a fault
+            incident = uuid.uuid4().hex[:12]
+            service.log.error("incident %s in %s.%s\n%s", incident, service.name, op_name, traceback.format_exc())
+            outcome = "fault:InternalFault"
+            env = soap.typed_fault_envelope(InternalFault(
+                f"internal error in {service.name}.{op_name}; incident {incident} is in the service log",
+                incident=incident))
+            status = "500 Internal Server Error"
+        environ[RESPONSE_KEY] = env
+        body = soap.serialize(env)
+        call_log.info(json.dumps({
+            "service": service.name, "operation": op_name, "caller": dn,
+            "ms": round((time.perf_counter() - started) * 1000, 2), "outcome": outcome,
+        }, separators=(",", ":")))
+        return _xml(start_response, status, body)
+
+    def _validate_request(self, service: SoapService, payload: etree._Element) -> None:
+        validator = service.contract.validator
+        if validator.validate(payload):
+            return
+        err = validator.error_log.last_error
+        if WORKSPACE_TAG in _path_tags(payload, err.path):
+            from services.descriptor import check_descriptor  # the descriptor's own, line-numbered error
+
+            for ws in payload.iter(WORKSPACE_TAG):
+                check_descriptor(ws)
+            raise InvalidDescriptor(f"invalid descriptor: {err.message}", schemaMessage=err.message)
+        raise InvalidArgument(f"invalid {etree.QName(payload).localname} request: {err.message}",
+                              argument=err.path or "")
+
+
+def _path_tags(payload: etree._Element, path: str | None) -> set[str]:
+    """The tags of the elements on an lxml error path (best effort; the path uses prefixes)."""
+    if not path:
+        return set()
+    tags = set()
+    for step in path.split("/"):
+        local = step.split(":")[-1].split("[")[0]
+        if local == "workspace":
+            tags.add(WORKSPACE_TAG)
+    return tags
+
+
+def _xml(start_response, status: str, body: bytes):
+    start_response(status, [("Content-Type", "text/xml; charset=utf-8"), ("Content-Length", str(len(body)))])
+    return [body]
+
+
+def _plain(start_response, status: str, text: str, extra=()):
+    body = text.encode()
+    start_response(status, [("Content-Type", "text/plain; charset=utf-8"),
+                            ("Content-Length", str(len(body))), *extra])
+    return [body]

@@ -1,0 +1,63 @@
+"""Putting a container together from the configuration: the host credential, the trusted CAs,
+WS-Security in front of the services, TLS, and the services themselves."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from security.middleware import DEFAULT_UNDERSTOOD, WSSecurityMiddleware
+from security.pki import default_cert_dir, load_host_credential
+from security.tls import server_ssl_adapter
+from security.trust import TrustStore
+from services.container.config import Config
+from services.container.server import Container
+from services.container.service import SoapService
+
+log = logging.getLogger("vmgrid.container")
+
+SERVICE_NAMES = ("repository",)
+
+
+def trust_store(config: Config) -> TrustStore:
+    return TrustStore(Path(config.security.cert_dir) if config.security.cert_dir else default_cert_dir())
+
+
+def host_credential(config: Config):
+    s = config.security
+    cert = s.host_cert or os.environ.get("X509_HOST_CERT") or None
+    key = s.host_key or os.environ.get("X509_HOST_KEY") or None
+    return load_host_credential(cert, key)
+
+
+def build_service(name: str, config: Config) -> SoapService:
+    if name == "repository":
+        from services.authz.pep import StaticVOPolicy
+        from services.vmrepository.service import VMRepositoryService
+
+        policy = StaticVOPolicy(vos={vo: {"members": v.members, "admins": v.admins}
+                                     for vo, v in config.policy.vos.items()},
+                                admins=list(config.policy.admins))
+        return VMRepositoryService(config.state_dir("repository"), config.repository, policy)
+    raise ValueError(f"unknown service {name!r}; one of: {', '.join(SERVICE_NAMES)}")
+
+
+def build_container(config: Config, services: list[SoapService], *, port: int | None = None) -> Container:
+    """A container for ``services`` with WS-Security (always) and TLS (unless turned off)."""
+    c = config.container
+    credential = host_credential(config)
+    trust = trust_store(config)
+    understood = set(DEFAULT_UNDERSTOOD)
+    for s in services:
+        understood |= set(s.extra_understood_headers)
+    security_dir = Path(c.state_dir) / "security"
+
+    def middleware(app):
+        return WSSecurityMiddleware(app, credential, trust, state_dir=security_dir, understood_headers=understood)
+
+    adapter = server_ssl_adapter(credential) if c.tls else None
+    if not c.tls:
+        log.warning("TLS is off: messages are still signed, but not encrypted")
+    return Container(services, host=c.host, port=c.port if port is None else port, middleware=middleware,
+                     ssl_adapter=adapter, public_url=c.public_url or None, threads=c.threads,
+                     validate_responses=c.validate_responses)

@@ -1,0 +1,130 @@
+"""vmgrid's TOML configuration: one file, a section per part, every key with a documented default
+(docs/configuration.md). Unknown keys and wrong types are refused with the key's name."""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from services.vmrepository.service import RepositoryConfig
+
+
+class ConfigError(ValueError):
+    """The configuration file cannot be used; the message names the file and key."""
+
+
+@dataclass
+class ContainerConfig:
+    host: str = "127.0.0.1"          # address to listen on
+    port: int = 8443                 # 0 picks a free port
+    tls: bool = True                 # HTTPS with the host certificate; may be off, signing never is
+    public_url: str = ""             # advertised in served WSDL; "" = from the request's Host
+    state_dir: str = "var/vmgrid"    # each service keeps its state in <state_dir>/<service>
+    threads: int = 16                # request threads per worker
+    log_level: str = "info"
+    log_file: str = ""               # "" = standard error
+    validate_responses: bool = False # check every response against the published schema (tests)
+
+
+@dataclass
+class SecurityConfig:
+    cert_dir: str = ""        # trusted CAs; "" = $X509_CERT_DIR or /etc/grid-security/certificates
+    host_cert: str = ""       # "" = $X509_HOST_CERT or /etc/grid-security/hostcert.pem
+    host_key: str = ""        # "" = $X509_HOST_KEY or /etc/grid-security/hostkey.pem
+    clock_skew: int = 300     # seconds of clock difference accepted in message timestamps
+    message_lifetime: int = 300  # how long a signed request stays valid (and is remembered for replay)
+
+
+@dataclass
+class VOConfig:
+    members: list[str] = field(default_factory=list)
+    admins: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PolicyConfig:
+    """The built-in policy used while no Authorization service is configured."""
+
+    admins: list[str] = field(default_factory=list)   # repository admins (local-path ingest)
+    vos: dict[str, VOConfig] = field(default_factory=dict)
+
+
+@dataclass
+class Config:
+    container: ContainerConfig = field(default_factory=ContainerConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    repository: RepositoryConfig = field(default_factory=RepositoryConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    source: str = "(defaults)"
+
+    def state_dir(self, service: str) -> Path:
+        return Path(self.container.state_dir) / service
+
+
+def _convert(tp, value, where: str):
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table")
+        return from_dict(tp, value, where)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list")
+        return [_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        _, item = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table")
+        return {k: _convert(item, v, f"{where}.{k}") for k, v in value.items()}
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls, data: dict, where: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.name != "source"}
+    unknown = set(data) - names
+    if unknown:
+        raise ConfigError(f"{where or 'top level'}: unknown key(s) {', '.join(sorted(unknown))}; "
+                          f"known: {', '.join(sorted(names))}")
+    kwargs = {k: _convert(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def load_config(path: str | Path | None) -> Config:
+    if path is None:
+        return Config()
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such configuration file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    try:
+        cfg = from_dict(Config, data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    cfg.source = str(path)
+    return cfg

@@ -1,0 +1,82 @@
+"""The grid container process: a threaded cheroot WSGI server hosting services on one port, with
+WS-Security in front of the SOAP application and (by default) TLS from the host certificate."""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable, Iterable
+
+from cheroot import wsgi
+
+from services.container.app import SoapApplication
+from services.container.service import SoapService
+
+log = logging.getLogger("vmgrid.container")
+
+Middleware = Callable[[Callable], Callable]
+
+
+class Container:
+    """Serves ``services`` on ``host:port`` (0 = a free port). ``middleware`` wraps the SOAP
+    application (WS-Security verification and response signing); ``ssl_adapter`` turns on TLS."""
+
+    def __init__(self, services: Iterable[SoapService], *, host: str = "127.0.0.1", port: int = 0,
+                 middleware: Middleware, ssl_adapter=None, public_url: str | None = None,
+                 threads: int = 16, validate_responses: bool = False):
+        self.services = list(services)
+        self.app = SoapApplication(self.services, public_url=public_url, validate_responses=validate_responses)
+        self.wsgi_app = middleware(self.app)
+        self.server = wsgi.Server((host, port), self.wsgi_app, numthreads=threads,
+                                  server_name="vmgrid", shutdown_timeout=2)
+        if ssl_adapter is not None:
+            self.server.ssl_adapter = ssl_adapter
+        self.tls = ssl_adapter is not None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def host(self) -> str:
+        return self.server.bind_addr[0]
+
+    @property
+    def port(self) -> int:
+        return self.server.bind_addr[1]
+
+    @property
+    def base_url(self) -> str:
+        host = self.host if ":" not in self.host else f"[{self.host}]"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
+
+    def url(self, service: str) -> str:
+        return f"{self.base_url}/wsrf/services/{service}"
+
+    def start(self) -> "Container":
+        """Bind and serve in a background thread; returns once the port is bound."""
+        self.server.prepare()
+        self._thread = threading.Thread(target=self.server.serve, name="vmgrid-container", daemon=True)
+        self._thread.start()
+        for s in self.services:
+            s.start()
+        log.info("serving %s at %s", ", ".join(s.name for s in self.services), self.base_url)
+        return self
+
+    def serve_forever(self) -> None:
+        self.start()
+        try:
+            self._thread.join()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.stop()
+
+    def stop(self) -> None:
+        try:
+            self.server.stop()
+        finally:
+            for s in self.services:
+                s.close()
+
+    def __enter__(self) -> "Container":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,111 @@
+"""SOAP 1.1 envelopes: reading requests, writing responses and typed faults, WS-Addressing headers."""
+from __future__ import annotations
+
+import uuid
+
+from lxml import etree
+
+from services.faults import VMGridFault, to_detail
+
+SOAP_ENV = "http://schemas.xmlsoap.org/soap/envelope/"
+WSA = "http://www.w3.org/2005/08/addressing"
+WSSE = "http://docs.oasis-open.org/wss/2004/01/oasis-200401-wss-wssecurity-secext-1.0.xsd"
+WSU = "http://docs.oasis-open.org/wss/2004/01/oasis-200401-wss-wssecurity-utility-1.0.xsd"
+
+# Headers the container itself understands (mustUnderstand="1" is honoured for these).
+UNDERSTOOD = frozenset(
+    [f"{{{WSSE}}}Security"]
+    + [f"{{{WSA}}}{n}" for n in ("To", "Action", "MessageID", "ReplyTo", "From", "FaultTo", "RelatesTo")]
+)
+
+
+class EnvelopeError(Exception):
+    """The message is not a SOAP 1.1 envelope we can dispatch (answered as a soapenv:Client fault)."""
+
+    def __init__(self, message: str, code: str = "Client"):
+        super().__init__(message)
+        self.code = code
+
+
+def split_envelope(root: etree._Element) -> tuple[list[etree._Element], etree._Element]:
+    """The header blocks and the single Body child of an envelope, checked for SOAP 1.1 structure."""
+    if root.tag != f"{{{SOAP_ENV}}}Envelope":
+        if etree.QName(root).localname == "Envelope":
+            raise EnvelopeError(f"not a SOAP 1.1 envelope (namespace {etree.QName(root).namespace})", "VersionMismatch")
+        raise EnvelopeError("the request is not a SOAP envelope")
+    headers: list[etree._Element] = []
+    bodies = []
+    for child in root:
+        if not isinstance(child.tag, str):
+            continue
+        if child.tag == f"{{{SOAP_ENV}}}Header":
+            if headers or bodies:
+                raise EnvelopeError("more than one Header, or Header after Body")
+            headers = [h for h in child if isinstance(h.tag, str)]
+        elif child.tag == f"{{{SOAP_ENV}}}Body":
+            bodies.append(child)
+        else:
+            raise EnvelopeError(f"unexpected element {child.tag} in the envelope")
+    if len(bodies) != 1:
+        raise EnvelopeError("the envelope must have exactly one Body")
+    payload = [c for c in bodies[0] if isinstance(c.tag, str)]
+    if len(payload) != 1:
+        raise EnvelopeError("the Body must hold exactly one element (document/literal wrapped)")
+    return headers, payload[0]
+
+
+def check_must_understand(headers: list[etree._Element], understood: frozenset[str]) -> None:
+    for h in headers:
+        if h.get(f"{{{SOAP_ENV}}}mustUnderstand") in ("1", "true") and h.tag not in understood:
+            raise EnvelopeError(f"header {h.tag} is not understood", "MustUnderstand")
+
+
+def wsa_headers(headers: list[etree._Element]) -> dict[str, str]:
+    """The simple WS-Addressing values of a request (To, Action, MessageID)."""
+    out = {}
+    for h in headers:
+        q = etree.QName(h)
+        if q.namespace == WSA and q.localname in ("To", "Action", "MessageID"):
+            out[q.localname] = (h.text or "").strip()
+    return out
+
+
+def envelope(payload: etree._Element, headers: list[etree._Element] = ()) -> etree._Element:
+    env = etree.Element(f"{{{SOAP_ENV}}}Envelope", nsmap={"soapenv": SOAP_ENV})
+    if headers:
+        hdr = etree.SubElement(env, f"{{{SOAP_ENV}}}Header")
+        for h in headers:
+            hdr.append(h)
+    body = etree.SubElement(env, f"{{{SOAP_ENV}}}Body")
+    body.append(payload)
+    return env
+
+
+def response_headers(request_wsa: dict[str, str], action: str) -> list[etree._Element]:
+    """WS-Addressing headers for a response when the request used WS-Addressing."""
+    if "MessageID" not in request_wsa:
+        return []
+    out = []
+    for name, value in (("Action", action), ("MessageID", f"urn:uuid:{uuid.uuid4()}"),
+                        ("RelatesTo", request_wsa["MessageID"])):
+        el = etree.Element(f"{{{WSA}}}{name}", nsmap={"wsa": WSA})
+        el.text = value
+        out.append(el)
+    return out
+
+
+def fault_envelope(code: str, message: str, detail: etree._Element | None = None) -> etree._Element:
+    fault = etree.Element(f"{{{SOAP_ENV}}}Fault", nsmap={"soapenv": SOAP_ENV})
+    etree.SubElement(fault, "faultcode").text = f"soapenv:{code}"
+    etree.SubElement(fault, "faultstring").text = message
+    if detail is not None:
+        etree.SubElement(fault, "detail").append(detail)
+    return envelope(fault)
+
+
+def typed_fault_envelope(exc: VMGridFault) -> etree._Element:
+    return fault_envelope("Client" if exc.client_error else "Server", exc.description, to_detail(exc))
+
+
+def serialize(env: etree._Element) -> bytes:
+    return etree.tostring(env, xml_declaration=True, encoding="UTF-8")

@@ -1,0 +1,307 @@
+"""The catalogue: descriptors and their indexed facts in SQLite (WAL), the image bytes they refer
+to, and holds. Writes are serialised by SQLite's write lock (BEGIN IMMEDIATE), which also guards
+the store's renames and deletions, so the catalogue and the store stay consistent across crashes."""
+from __future__ import annotations
+
+import re
+import sqlite3
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from lxml import etree
+
+from services.descriptor import FIELDS, NUMBER, TIME, VERSION, Descriptor, facts, resolve_field, version_key
+from services.vmrepository.store import ImageStore, Ingested, crashpoint
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS blobs (
+    sha256   TEXT PRIMARY KEY,
+    size     INTEGER NOT NULL,
+    created  REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS images (
+    image_id   TEXT PRIMARY KEY,
+    vo         TEXT NOT NULL,
+    name       TEXT NOT NULL,
+    owner      TEXT NOT NULL,
+    sha256     TEXT NOT NULL REFERENCES blobs(sha256),
+    size       INTEGER NOT NULL,
+    memory     INTEGER NOT NULL,
+    vcpus      INTEGER NOT NULL,
+    created    TEXT NOT NULL,
+    updated    TEXT NOT NULL,
+    revision   INTEGER NOT NULL DEFAULT 1,
+    descriptor BLOB NOT NULL,
+    UNIQUE (vo, name)
+);
+CREATE INDEX IF NOT EXISTS images_sha ON images (sha256);
+CREATE INDEX IF NOT EXISTS images_vo_name ON images (vo, name);
+CREATE TABLE IF NOT EXISTS facts (
+    image_id TEXT NOT NULL,
+    field    TEXT NOT NULL,
+    txt      TEXT,
+    num      REAL,
+    ver      TEXT
+);
+CREATE INDEX IF NOT EXISTS facts_txt ON facts (field, txt, image_id);
+CREATE INDEX IF NOT EXISTS facts_num ON facts (field, num, image_id) WHERE num IS NOT NULL;
+CREATE INDEX IF NOT EXISTS facts_ver ON facts (field, ver, image_id) WHERE ver IS NOT NULL;
+CREATE INDEX IF NOT EXISTS facts_image ON facts (image_id);
+CREATE TABLE IF NOT EXISTS holds (
+    hold_id  TEXT PRIMARY KEY,
+    image_id TEXT NOT NULL,
+    holder   TEXT NOT NULL,
+    owner    TEXT NOT NULL,
+    expires  REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS holds_image ON holds (image_id, expires);
+"""
+
+
+@dataclass(frozen=True)
+class Record:
+    image_id: str
+    vo: str
+    name: str
+    owner: str
+    sha256: str
+    size: int
+    revision: int
+    descriptor: bytes
+
+    def element(self) -> etree._Element:
+        return etree.fromstring(self.descriptor, _TRUSTED)
+
+
+_TRUSTED = etree.XMLParser(resolve_entities=False, no_network=True)  # our own stored, validated XML
+
+
+def new_image_id() -> str:
+    return "img-" + uuid.uuid4().hex
+
+
+def _regexp(pattern: str, value: str | None) -> bool:
+    return value is not None and re.search(pattern, value) is not None
+
+
+def fact_rows(image_id: str, element: etree._Element) -> list[tuple]:
+    rows = []
+    for path, value in facts(element):
+        kind = resolve_field(path)[1]
+        num = ver = None
+        if kind == NUMBER:
+            num = float(value)
+        elif kind == VERSION:
+            ver = version_key(value)
+        rows.append((image_id, path, value, num, ver))
+    return rows
+
+
+class Catalogue:
+    def __init__(self, path: Path, store: ImageStore):
+        self.path = Path(path)
+        self.store = store
+        self._local = threading.local()
+        self._db().executescript(SCHEMA)
+
+    # -- connections ----------------------------------------------------------------------
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA foreign_keys=ON")
+            db.execute("PRAGMA cache_size=-65536")
+            db.create_function("REGEXP", 2, _regexp, deterministic=True)
+            self._local.db = db
+        return db
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        else:
+            crashpoint("catalogue.before-commit")
+            db.execute("COMMIT")
+
+    def close(self) -> None:
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
+
+    # -- recovery -----------------------------------------------------------------------------
+    def reconcile(self) -> dict[str, int]:
+        """At start: drop ingests in progress, orphan blob files, and blob rows nobody refers to.
+        Blob rows whose file is missing are reported (the images stay, marked by `missing`)."""
+        removed_tmp = self.store.clear_tmp()
+        with self._write() as db:
+            db.execute("DELETE FROM blobs WHERE sha256 NOT IN (SELECT sha256 FROM images)")
+            rows = {r[0] for r in db.execute("SELECT sha256 FROM blobs")}
+            orphans = self.store.all_blobs() - rows
+            for sha in orphans:
+                self.store.delete(sha)
+            missing = [sha for sha in rows if not self.store.exists(sha)]
+            db.execute("DELETE FROM holds WHERE expires < ?", (time.time(),))
+        return {"tmp_removed": removed_tmp, "orphan_blobs_removed": len(orphans), "missing_blobs": len(missing)}
+
+    # -- reads ------------------------------------------------------------------------------
+    def get(self, image_id: str) -> Record | None:
+        row = self._db().execute(
+            "SELECT image_id, vo, name, owner, sha256, size, revision, descriptor FROM images WHERE image_id = ?",
+            (image_id,)).fetchone()
+        return Record(*row) if row else None
+
+    def find(self, vo: str, name: str) -> Record | None:
+        row = self._db().execute(
+            "SELECT image_id, vo, name, owner, sha256, size, revision, descriptor FROM images WHERE vo = ? AND name = ?",
+            (vo, name)).fetchone()
+        return Record(*row) if row else None
+
+    def count(self) -> int:
+        return self._db().execute("SELECT count(*) FROM images").fetchone()[0]
+
+    def vo_counts(self, vos: list[str]) -> dict[str, int]:
+        marks = ",".join("?" * len(vos))
+        rows = self._db().execute(f"SELECT vo, count(*) FROM images WHERE vo IN ({marks}) GROUP BY vo", vos) if vos else []
+        counts = {vo: 0 for vo in vos}
+        counts.update(dict(rows))
+        return counts
+
+    def query(self, match_sql: str, params: list, vos: list[str], order: str, descending: bool,
+              offset: int, limit: int) -> tuple[int, list[Record]]:
+        """Page through the images whose id the match SELECT yields, within the given VOs."""
+        if not vos:
+            return 0, []
+        db = self._db()
+        marks = ",".join("?" * len(vos))
+        where = f"i.vo IN ({marks}) AND i.image_id IN ({match_sql})"
+        total = db.execute(f"SELECT count(*) FROM images i WHERE {where}", [*vos, *params]).fetchone()[0]
+        direction = "DESC" if descending else "ASC"
+        rows = db.execute(
+            f"SELECT i.image_id, i.vo, i.name, i.owner, i.sha256, i.size, i.revision, i.descriptor "
+            f"FROM images i WHERE {where} ORDER BY i.{order} {direction}, i.image_id {direction} LIMIT ? OFFSET ?",
+            [*vos, *params, limit, offset]).fetchall()
+        return total, [Record(*r) for r in rows]
+
+    def scan(self, vos: list[str], order: str, descending: bool) -> Iterator[Record]:
+        """Every image of the VOs in order (the XPath dialect evaluates on each)."""
+        if not vos:
+            return iter(())
+        marks = ",".join("?" * len(vos))
+        direction = "DESC" if descending else "ASC"
+        cur = self._db().execute(
+            f"SELECT image_id, vo, name, owner, sha256, size, revision, descriptor FROM images "
+            f"WHERE vo IN ({marks}) ORDER BY {order} {direction}, image_id {direction}", vos)
+        return (Record(*r) for r in cur)
+
+    def refs(self, sha256: str) -> int:
+        return self._db().execute("SELECT count(*) FROM images WHERE sha256 = ?", (sha256,)).fetchone()[0]
+
+    # -- writes -------------------------------------------------------------------------------
+    def add(self, element: etree._Element, ingested: Ingested | None = None) -> None:
+        """Insert a complete descriptor (imageId, owner, created, sha256 and size set). With
+        ``ingested``, its bytes become the blob in the same write transaction; without, the
+        descriptor must refer to a blob already present (a duplicate)."""
+        d = Descriptor(element)
+        now = d.created
+        data = etree.tostring(element, encoding="UTF-8")
+        from services.faults import DuplicateName, UnknownImage
+
+        with self._write() as db:
+            if db.execute("SELECT 1 FROM images WHERE vo = ? AND name = ?", (d.vo, d.name)).fetchone():
+                raise DuplicateName(f"an image named {d.name!r} already exists in VO {d.vo!r}", vo=d.vo, name=d.name)
+            have_blob = db.execute("SELECT 1 FROM blobs WHERE sha256 = ?", (d.sha256,)).fetchone()
+            if ingested is not None:
+                self.store.adopt(ingested)
+                crashpoint("ingest.renamed")
+                if not have_blob:
+                    db.execute("INSERT INTO blobs (sha256, size, created) VALUES (?, ?, ?)",
+                               (d.sha256, d.size, time.time()))
+            elif not have_blob or not self.store.exists(d.sha256):
+                raise UnknownImage(f"the image bytes {d.sha256} are not in the store", image=d.sha256)
+            db.execute(
+                "INSERT INTO images (image_id, vo, name, owner, sha256, size, memory, vcpus, created, updated, descriptor)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (d.image_id, d.vo, d.name, d.owner, d.sha256, d.size, d.memory, d.vcpus, now, now, data))
+            db.executemany("INSERT INTO facts (image_id, field, txt, num, ver) VALUES (?, ?, ?, ?, ?)",
+                           fact_rows(d.image_id, element))
+
+    def replace(self, element: etree._Element, updated: str) -> int:
+        """Replace a descriptor (same imageId and bytes); returns the new revision."""
+        d = Descriptor(element)
+        data = etree.tostring(element, encoding="UTF-8")
+        from services.faults import DuplicateName, UnknownImage
+
+        with self._write() as db:
+            row = db.execute("SELECT revision FROM images WHERE image_id = ?", (d.image_id,)).fetchone()
+            if row is None:
+                raise UnknownImage(f"no image {d.image_id}", image=d.image_id)
+            clash = db.execute("SELECT image_id FROM images WHERE vo = ? AND name = ? AND image_id != ?",
+                               (d.vo, d.name, d.image_id)).fetchone()
+            if clash:
+                raise DuplicateName(f"an image named {d.name!r} already exists in VO {d.vo!r}", vo=d.vo, name=d.name)
+            db.execute("UPDATE images SET vo=?, name=?, owner=?, memory=?, vcpus=?, updated=?, revision=revision+1,"
+                       " descriptor=? WHERE image_id=?",
+                       (d.vo, d.name, d.owner, d.memory, d.vcpus, updated, data, d.image_id))
+            db.execute("DELETE FROM facts WHERE image_id = ?", (d.image_id,))
+            db.executemany("INSERT INTO facts (image_id, field, txt, num, ver) VALUES (?, ?, ?, ?, ?)",
+                           fact_rows(d.image_id, element))
+            return row[0] + 1
+
+    def remove(self, image_id: str, now: float | None = None) -> tuple[bool, list[str]]:
+        """Remove an image unless held. Returns (bytes deleted, holders). When holders is not
+        empty, nothing was removed."""
+        now = time.time() if now is None else now
+        with self._write() as db:
+            holders = [r[0] for r in db.execute("SELECT holder FROM holds WHERE image_id = ? AND expires >= ?",
+                                                (image_id, now))]
+            if holders:
+                return False, holders
+            row = db.execute("SELECT sha256 FROM images WHERE image_id = ?", (image_id,)).fetchone()
+            if row is None:
+                return False, []
+            sha = row[0]
+            db.execute("DELETE FROM facts WHERE image_id = ?", (image_id,))
+            db.execute("DELETE FROM images WHERE image_id = ?", (image_id,))
+            db.execute("DELETE FROM holds WHERE image_id = ?", (image_id,))
+            last = db.execute("SELECT count(*) FROM images WHERE sha256 = ?", (sha,)).fetchone()[0] == 0
+            if last:
+                db.execute("DELETE FROM blobs WHERE sha256 = ?", (sha,))
+        if last:
+            # Unlink under the write lock, after the row is gone: an ingest of the same bytes
+            # (which adopts under the same lock) cannot interleave. A crash in between leaves an
+            # orphan file, which reconcile() removes.
+            with self._write() as db:
+                if not db.execute("SELECT 1 FROM blobs WHERE sha256 = ?", (sha,)).fetchone():
+                    self.store.delete(sha)
+                else:
+                    last = False
+        return last, []
+
+    def hold(self, image_id: str, holder: str, owner: str, seconds: int) -> tuple[str, float]:
+        hold_id = "hold-" + uuid.uuid4().hex
+        expires = time.time() + seconds
+        with self._write() as db:
+            db.execute("INSERT INTO holds (hold_id, image_id, holder, owner, expires) VALUES (?, ?, ?, ?, ?)",
+                       (hold_id, image_id, holder, owner, expires))
+        return hold_id, expires
+
+    def get_hold(self, hold_id: str) -> tuple[str, str, str, float] | None:
+        return self._db().execute("SELECT image_id, holder, owner, expires FROM holds WHERE hold_id = ?",
+                                  (hold_id,)).fetchone()
+
+    def release(self, hold_id: str) -> bool:
+        with self._write() as db:
+            return db.execute("DELETE FROM holds WHERE hold_id = ?", (hold_id,)).rowcount > 0

@@ -1,0 +1,171 @@
+"""Repository queries: structured criteria (AND within a group, OR between groups) compiled to SQL
+over the catalogue's indexed facts, and the WS-ResourceProperties XPath 1.0 dialect."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from lxml import etree
+
+from services.descriptor import NUMBER, TEXT, TIME, VERSION, number_value, resolve_field, version_key
+from services.faults import BadQuery
+
+OPERATORS = ("=", "!=", "<", "<=", ">", ">=", "contains", "matches")
+ORDERABLE = {"name": "name", "vo": "vo", "owner": "owner", "created": "created", "updated": "updated",
+             "memory": "memory", "ram": "memory", "vcpus": "vcpus", "size": "size", "id": "image_id"}
+XPATH_DIALECT = "http://www.w3.org/TR/1999/REC-xpath-19991116"
+MAX_XPATH = 4096
+MAX_REGEX = 256
+
+
+@dataclass(frozen=True)
+class Criterion:
+    field: str
+    op: str
+    value: str
+
+    def __str__(self) -> str:
+        return f"{self.field} {self.op} {self.value}"
+
+
+@dataclass
+class Query:
+    groups: list[list[Criterion]] = field(default_factory=list)  # OR of ANDs; [] matches all
+    xpath: str | None = None
+    namespaces: dict[str, str] = field(default_factory=dict)
+    order_by: str = "name"
+    descending: bool = False
+    offset: int = 0
+    limit: int = 20
+
+
+# -- the command-line form ------------------------------------------------------------------
+
+_CRITERION = re.compile(r"^\s*(?P<field>[A-Za-z][\w.+\-]*)(?:\s+(?P<lib>[A-Za-z0-9][\w.+\-]*))?\s*"
+                        r"(?P<op>!=|<=|>=|=|<|>|\bcontains\b|\bmatches\b)\s*(?P<value>.*?)\s*$")
+
+
+def parse_criterion(text: str) -> Criterion:
+    """``ram >= 512``, ``distribution = debian``, ``library emboss >= 6.6``, ``name matches ^deb``."""
+    m = _CRITERION.match(text)
+    if not m:
+        raise BadQuery(f"cannot read criterion {text!r}: expected FIELD OPERATOR VALUE "
+                       f"(operators: {' '.join(OPERATORS)})", reason="syntax", criterion=text)
+    fieldname, lib, op, value = m.group("field"), m.group("lib"), m.group("op"), m.group("value")
+    if lib:
+        if fieldname != "library":
+            raise BadQuery(f"cannot read criterion {text!r}: only 'library NAME OP VERSION' takes a name",
+                           reason="syntax", criterion=text)
+        fieldname = f"library.{lib}"
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        value = value[1:-1]
+    return Criterion(fieldname, op, value)
+
+
+def parse_cli(args: list[str]) -> list[list[Criterion]]:
+    """Positional criteria; a lone ``or`` starts a new group."""
+    groups: list[list[Criterion]] = [[]]
+    for a in args:
+        if a.strip().lower() == "or":
+            groups.append([])
+        else:
+            groups[-1].append(parse_criterion(a))
+    if any(not g for g in groups) and len(groups) > 1:
+        raise BadQuery("'or' needs criteria on both sides", reason="syntax")
+    return [g for g in groups if g]
+
+
+# -- SQL ------------------------------------------------------------------------------------
+
+def _time_value(text: str) -> str:
+    try:
+        dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"{text!r} is not an ISO 8601 date/time") from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _criterion_sql(c: Criterion) -> tuple[str, list]:
+    """A SELECT of the image ids the criterion holds for."""
+    resolved = resolve_field(c.field)
+    if resolved is None:
+        raise BadQuery(f"unknown field {c.field!r} (see docs/query.md for the fields)",
+                       reason="unknown field", criterion=str(c))
+    path, kind = resolved
+    if c.op not in OPERATORS:
+        raise BadQuery(f"unknown operator {c.op!r}", reason="unknown operator", criterion=str(c))
+    if c.op == "contains":
+        return ("SELECT image_id FROM facts WHERE field = ? AND instr(lower(txt), lower(?)) > 0", [path, c.value])
+    if c.op == "matches":
+        if len(c.value) > MAX_REGEX:
+            raise BadQuery(f"regular expression longer than {MAX_REGEX}", reason="bad regex", criterion=str(c))
+        try:
+            re.compile(c.value)
+        except re.error as exc:
+            raise BadQuery(f"bad regular expression {c.value!r}: {exc}", reason="bad regex", criterion=str(c)) from None
+        return ("SELECT image_id FROM facts WHERE field = ? AND txt REGEXP ?", [path, c.value])
+    try:
+        if kind == NUMBER:
+            column, value = "num", number_value(path, c.value)
+        elif kind == VERSION:
+            column, value = "ver", version_key(c.value)
+        elif kind == TIME:
+            column, value = "txt", _time_value(c.value)
+        else:
+            column, value = "txt", c.value
+    except ValueError as exc:
+        raise BadQuery(f"{c}: {exc}", reason="bad value", criterion=str(c)) from None
+    if c.op == "!=":
+        return (f"SELECT image_id FROM images EXCEPT SELECT image_id FROM facts WHERE field = ? AND {column} = ?",
+                [path, value])
+    return (f"SELECT image_id FROM facts WHERE field = ? AND {column} {c.op} ?", [path, value])
+
+
+def compile_match(groups: list[list[Criterion]]) -> tuple[str, list]:
+    """A SELECT of the image ids matching an OR of AND groups (all images for no group)."""
+    if not groups or any(not g for g in groups):
+        return "SELECT image_id FROM images", []
+    parts, params = [], []
+    for group in groups:
+        sqls = []
+        for c in group:
+            sql, p = _criterion_sql(c)
+            sqls.append(f"SELECT * FROM ({sql})")
+            params += p
+        parts.append(" INTERSECT ".join(sqls))
+    return " UNION ".join(f"SELECT * FROM ({p})" for p in parts), params
+
+
+def order_column(order_by: str) -> str:
+    col = ORDERABLE.get(order_by)
+    if col is None:
+        raise BadQuery(f"cannot order by {order_by!r}; one of: {', '.join(sorted(ORDERABLE))}",
+                       reason="bad order", criterion=order_by)
+    return col
+
+
+# -- XPath ------------------------------------------------------------------------------------
+
+def compile_xpath(expression: str, namespaces: dict[str, str]) -> etree.XPath:
+    if len(expression) > MAX_XPATH:
+        raise BadQuery(f"XPath expression longer than {MAX_XPATH} characters", reason="xpath too long")
+    ns = {"ws": "http://vmgrid.org/ns/workspace/1", **{k: v for k, v in namespaces.items() if k}}
+    try:
+        return etree.XPath(expression, namespaces=ns, smart_strings=False)
+    except etree.XPathSyntaxError as exc:
+        raise BadQuery(f"bad XPath expression {expression!r}: {exc}", reason="xpath syntax") from None
+
+
+def xpath_true(xp: etree.XPath, root: etree._Element) -> bool:
+    try:
+        result = xp(root)
+    except etree.XPathEvalError as exc:
+        raise BadQuery(f"XPath evaluation failed: {exc}", reason="xpath evaluation") from None
+    if isinstance(result, list):
+        return len(result) > 0
+    if isinstance(result, float):
+        return result != 0 and result == result
+    return bool(result)
