@@ -74,6 +74,8 @@ def parse(data: bytes | str, limits: Limits = DEFAULT_LIMITS) -> etree._Element:
         root = etree.fromstring(data, _thread_parser())
     except etree.XMLSyntaxError as exc:
         line = exc.lineno if exc.lineno else None
+        if "Excessive depth" in exc.msg:   # libxml2's own cap (256) met before ours
+            raise UnsafeXML(f"elements nested deeper than {min(limits.max_depth, 256)} levels", line) from None
         raise UnsafeXML(f"not well-formed XML: {exc.msg}", line) from None
     if root is None:
         raise UnsafeXML("empty document")
