@@ -82,11 +82,15 @@ def source_key() -> str:
     return h.hexdigest()[:16]
 
 
-def debian_mirror() -> str:
-    """The Debian mirror apt uses on this machine (sources.list or deb822 .sources), else deb.debian.org."""
+def debian_mirror(files: list[Path] | None = None) -> str:
+    """The Debian mirror apt uses on this machine (sources.list or deb822 .sources), else deb.debian.org.
+
+    VMGRID_DEBIAN_MIRROR overrides it.
+    """
     if os.environ.get("VMGRID_DEBIAN_MIRROR"):
         return os.environ["VMGRID_DEBIAN_MIRROR"]
-    files = [Path("/etc/apt/sources.list")] + sorted(Path("/etc/apt/sources.list.d").glob("*"))
+    if files is None:
+        files = [Path("/etc/apt/sources.list")] + sorted(Path("/etc/apt/sources.list.d").glob("*"))
     for f in files:
         try:
             text = f.read_text()

@@ -109,6 +109,8 @@ class GuestChannelClient:
             self.rejected.append(str(exc))
             log.warning("guest %s: refused a message: %s", self.instance, exc)
             return
+        if not message["token"] and message["op"] == "reply":
+            return   # an answer from before guestd had its context (a stale request): nothing to say
         if not hmac.compare_digest(message["token"].encode(), self._token.encode()):
             self.rejected.append(f"bad token in a {message['op']} message")
             log.warning("guest %s: refused a %s message with a bad token", self.instance, message["op"])

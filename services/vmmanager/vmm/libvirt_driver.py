@@ -71,6 +71,7 @@ class LibvirtDriver(VMM):
 
     domain_type: ClassVar[str]
     resume_sync_timeout: float = 5.0
+    clock_tolerance: float = 0.05     # seconds; sync_guest_time retries set-time above this
 
     def __init__(self, uri: str) -> None:
         self._uri = uri
@@ -139,6 +140,9 @@ class LibvirtDriver(VMM):
     def _request_shutdown(self, dom: libvirt.virDomain) -> None:
         dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
 
+    def _start(self, dom: libvirt.virDomain, paused: bool) -> None:
+        dom.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED if paused else 0)
+
     # -- the verbs --------------------------------------------------------------------------------
     def define(self, spec: InstanceSpec) -> None:
         spec.validate()
@@ -155,9 +159,8 @@ class LibvirtDriver(VMM):
     def start(self, instance: str, paused: bool = False) -> None:
         dom = self._domain(instance)
         self._expect(instance, dom, "start", InstanceState.SHUTOFF)
-        flags = libvirt.VIR_DOMAIN_START_PAUSED if paused else 0
         self._drop_channel(instance)
-        self._call(f"start {instance}", dom.createWithFlags, flags)
+        self._call(f"start {instance}", self._start, dom, paused)
 
     def pause(self, instance: str) -> None:
         dom = self._domain(instance)
@@ -274,7 +277,9 @@ class LibvirtDriver(VMM):
 
     def spec_of(self, instance: str) -> InstanceSpec:
         dom = self._domain(instance)
-        return config.spec_from_xml(self._call(f"read {instance}", dom.XMLDesc, 0))
+        # the persistent definition: after a restore on another node it holds this node's paths
+        flags = libvirt.VIR_DOMAIN_XML_INACTIVE if dom.isPersistent() else 0
+        return config.spec_from_xml(self._call(f"read {instance}", dom.XMLDesc, flags))
 
     def guest_channel(self, instance: str) -> GuestChannelClient:
         self.require("guest_channel")
@@ -294,11 +299,20 @@ class LibvirtDriver(VMM):
         state = self.state(instance)
         if state != InstanceState.RUNNING:
             raise IllegalState(instance, state.value, "set the guest clock of")
-        result = self.guest_channel(instance).set_time(timeout=timeout)
-        guest_after = result.get("time")
-        if not isinstance(guest_after, (int, float)):
-            raise GuestUnavailable(f"guestd in {instance} answered set-time without the clock")
-        return float(guest_after) - time.time()
+        channel = self.guest_channel(instance)
+        offset = 0.0
+        for _ in range(3):
+            channel.set_time(timeout=timeout)
+            # measure what is left, NTP-style: the guest's clock against the midpoint of the round trip
+            t1 = time.time()
+            guest = channel.request("ping", timeout).get("time")
+            t2 = time.time()
+            if not isinstance(guest, (int, float)):
+                raise GuestUnavailable(f"guestd in {instance} answered ping without its clock")
+            offset = float(guest) - (t1 + t2) / 2
+            if abs(offset) <= self.clock_tolerance:
+                break
+        return offset
 
     def subscribe(self, callback: EventCallback) -> int:
         handle = next(self._handles)
@@ -356,6 +370,11 @@ class LibvirtTestDriver(LibvirtDriver):
 
     def _request_shutdown(self, dom: libvirt.virDomain) -> None:
         dom.shutdown()  # no ACPI in the test driver: its guest powers off at once
+
+    def _start(self, dom: libvirt.virDomain, paused: bool) -> None:
+        dom.create()    # the test driver has no start-paused flag: start, then freeze at once
+        if paused:
+            dom.suspend()
 
 
 QEMU_CONF = """\
