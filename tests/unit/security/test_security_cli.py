@@ -1,0 +1,94 @@
+"""`vmgrid ca ...`, `vmgrid proxy-init` and `vmgrid proxy-info`, run through the real `vmgrid` entry point."""
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from security.pki import load_credential, proxy_cert_info
+from security.trust import RevokedCertificate, TrustStore
+
+
+VMGRID = Path(sys.executable).with_name("vmgrid")     # the installed entry point
+
+
+def vmgrid(*args: str, env: dict, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(VMGRID), *args], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=120)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+@pytest.fixture
+def ca_env(tmp_path) -> dict:
+    env = {"VMGRID_CA_DIR": str(tmp_path / "ca"), "HOME": str(tmp_path / "home"),
+           "X509_USER_PROXY": str(tmp_path / "x509up")}
+    for k in ("X509_USER_CERT", "X509_USER_KEY", "X509_CERT_DIR"):
+        env[k] = ""
+    vmgrid("ca", "init", "--dn", "/O=Grid/OU=cli/CN=CLI CA", env=env)
+    return env
+
+
+def test_ca_issues_host_and_user_certificates_in_globus_layout(ca_env, tmp_path):
+    out = vmgrid("ca", "host", "node1.example.org", "--ou", "site", env=ca_env).stdout
+    assert "/O=Grid/OU=site/CN=host/node1.example.org" in out
+    host_key = tmp_path / "ca" / "hosts" / "node1.example.org" / "hostkey.pem"
+    assert stat.S_IMODE(host_key.stat().st_mode) == 0o600
+    vmgrid("ca", "user", "carol", env=ca_env)
+    globus = tmp_path / "home" / ".globus"
+    assert load_credential(globus / "usercert.pem", globus / "userkey.pem").subject == "/O=Grid/OU=vmgrid/CN=carol"
+    again = vmgrid("ca", "user", "carol", env=ca_env, check=False)
+    assert again.returncode == 1 and "exists" in again.stderr
+    listing = vmgrid("ca", "list", env=ca_env).stdout
+    assert "CN=carol" in listing and "CN=host/node1.example.org" in listing
+
+
+def test_proxy_init_and_proxy_info(ca_env, tmp_path):
+    vmgrid("ca", "user", "dora", env=ca_env)
+    out = vmgrid("proxy-init", "-valid", "01:30", "-limited", "-rfc", env=ca_env).stdout
+    assert "Your identity: /O=Grid/OU=vmgrid/CN=dora" in out
+    proxy_path = Path(ca_env["X509_USER_PROXY"])
+    assert stat.S_IMODE(proxy_path.stat().st_mode) == 0o600
+    proxy = load_credential(proxy=proxy_path)
+    assert proxy.limited and proxy_cert_info(proxy.certificate)[1]
+    assert 5300 < proxy.time_left().total_seconds() <= 5400
+    info = vmgrid("proxy-info", env=ca_env).stdout
+    assert "identity : /O=Grid/OU=vmgrid/CN=dora" in info and "limited proxy" in info
+    assert vmgrid("proxy-info", "-identity", env=ca_env).stdout.strip() == "/O=Grid/OU=vmgrid/CN=dora"
+    assert vmgrid("proxy-info", "-exists", "-valid", "1:00", env=ca_env, check=False).returncode == 0
+    assert vmgrid("proxy-info", "-exists", "-hours", "2", env=ca_env, check=False).returncode == 1
+    # a proxy of the proxy
+    second = tmp_path / "second"
+    vmgrid("proxy-init", "-proxy-of", str(proxy_path), "-out", str(second), "-hours", "0.5", env=ca_env)
+    assert load_credential(proxy=second).chain[0] == proxy.certificate
+
+
+def test_revoke_and_crl(ca_env, tmp_path):
+    vmgrid("ca", "user", "ed", env=ca_env)
+    cert = tmp_path / "home" / ".globus" / "usercert.pem"
+    user = load_credential(cert, cert.with_name("userkey.pem"))
+    trust = TrustStore(tmp_path / "ca" / "certificates", recheck_seconds=0)
+    assert trust.validate(user.certificates).dn == user.subject
+    out = vmgrid("ca", "revoke", str(cert), env=ca_env).stdout
+    assert "revoked /O=Grid/OU=vmgrid/CN=ed" in out
+    with pytest.raises(RevokedCertificate):
+        trust.validate(user.certificates)
+    assert "1 revoked" in vmgrid("ca", "crl", "--days", "7", env=ca_env).stdout
+    bad = vmgrid("ca", "revoke", "not-a-serial", env=ca_env, check=False)
+    assert bad.returncode == 1 and "hexadecimal" in bad.stderr
+
+
+def test_errors_are_reported_without_tracebacks(tmp_path):
+    env = {"VMGRID_CA_DIR": str(tmp_path / "none"), "HOME": str(tmp_path), "X509_USER_PROXY": str(tmp_path / "p"),
+           "X509_USER_CERT": "", "X509_USER_KEY": ""}
+    proc = vmgrid("ca", "host", "x", env=env, check=False)
+    assert proc.returncode == 1 and "no grid CA" in proc.stderr and "Traceback" not in proc.stderr
+    proc = vmgrid("proxy-init", env=env, check=False)
+    assert proc.returncode == 1 and "no grid credential" in proc.stderr
+    proc = vmgrid("proxy-info", env=env, check=False)
+    assert proc.returncode == 1 and "does not exist" in proc.stderr
