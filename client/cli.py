@@ -45,4 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run through the imported module so CLIError is one class everywhere (python -m client.cli).
+    from client.cli import main as _main
+
+    sys.exit(_main())

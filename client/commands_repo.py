@@ -120,12 +120,14 @@ def _read_descriptor(path: Path):
 def _call(func, *args, **kwargs):
     """Run a client call; typed faults and transport failures become one-line CLI errors."""
     from client.soap import ClientError
-    from services.faults import InvalidDescriptor, VMGridFault
+    from services.faults import BadQuery, InvalidDescriptor, VMGridFault
 
     try:
         return func(*args, **kwargs)
     except InvalidDescriptor as exc:
         raise CLIError(f"invalid descriptor: {exc.description}") from None
+    except BadQuery as exc:
+        raise CLIError(f"bad query: {exc.description}") from None
     except VMGridFault as exc:
         raise CLIError(f"{type(exc).__name__}: {exc.description}") from None
     except ClientError as exc:
@@ -155,14 +157,9 @@ def upload_and_register(repo, args, descriptor):
 
 
 def cmd_query(args) -> int:
-    from services.faults import BadQuery
-
     repo = connect(args)
-    try:
-        result = _call(repo.query, args.criteria, xpath=args.xpath, order_by=args.order_by,
-                       descending=args.desc, offset=args.offset, limit=args.limit)
-    except BadQuery as exc:  # raised locally while reading the criteria
-        raise CLIError(f"bad query: {exc.description}") from None
+    result = _call(repo.query, args.criteria, xpath=args.xpath, order_by=args.order_by,
+                   descending=args.desc, offset=args.offset, limit=args.limit)
     emit_descriptors(result.descriptors, args.format, total=result.total, offset=result.offset)
     return 0
 

@@ -7,7 +7,7 @@ from typing import Iterable, Sequence
 
 from lxml import etree
 
-from services.descriptor import Descriptor
+from services.descriptor import WS, Descriptor
 
 REPEATED = {"disk", "cdrom", "serialPort", "parallelPort", "nic", "library"}
 
@@ -61,6 +61,24 @@ def summary_row(el: etree._Element) -> list[object]:
 SUMMARY_HEADERS = ["id", "image", "version", "ram", "vcpus", "distribution", "kernel", "size", "libraries"]
 
 
+def plain_descriptor(el: etree._Element) -> etree._Element:
+    """A copy of a descriptor with the workspace namespace as the default one (no ns0: prefixes),
+    as a scientist would write the file; extension elements keep their own namespaces."""
+
+    def copy(src: etree._Element, parent: etree._Element | None) -> etree._Element:
+        if parent is None:
+            dst = etree.Element(src.tag, nsmap={None: WS}, attrib=dict(src.attrib))
+        else:
+            dst = etree.SubElement(parent, src.tag, attrib=dict(src.attrib))
+        dst.text, dst.tail = src.text, src.tail
+        for child in src:
+            if isinstance(child.tag, str):
+                copy(child, dst)
+        return dst
+
+    return copy(el, None)
+
+
 def emit_descriptors(descriptors: list[etree._Element], fmt: str, *, total: int | None = None,
                      offset: int = 0, out=sys.stdout) -> None:
     if fmt == "json":
@@ -73,7 +91,12 @@ def emit_descriptors(descriptors: list[etree._Element], fmt: str, *, total: int 
         if total is not None:
             print(f'<!-- {total} matching, from {offset} -->', file=out)
         for d in descriptors:
-            print(etree.tostring(d, pretty_print=True, encoding="unicode"), end="", file=out)
+            clean = plain_descriptor(d)
+            for node in clean.iter():
+                if node.text is not None and not node.text.strip():
+                    node.text = None
+                node.tail = None
+            print(etree.tostring(clean, pretty_print=True, encoding="unicode"), end="", file=out)
     else:
         table(SUMMARY_HEADERS, [summary_row(d) for d in descriptors], out=out)
         if total is not None:

@@ -14,7 +14,7 @@ from services.faults import InvalidDescriptor
 
 WS = "http://vmgrid.org/ns/workspace/1"
 NSMAP = {"ws": WS}
-ROOT = f"{{{WS}}}workspace"
+ROOT = WORKSPACE_TAG = f"{{{WS}}}workspace"
 MAX_DESCRIPTOR_BYTES = 256 * 1024
 
 # Field kinds: how a query compares values of a field.
@@ -34,7 +34,7 @@ FIELDS: dict[str, str] = {
     "software.os": TEXT, "software.distribution.name": TEXT, "software.distribution.version": VERSION,
     "software.kernel.version": VERSION, "software.boot.method": TEXT, "software.boot.kernelSha256": TEXT,
     "software.boot.initrdSha256": TEXT, "software.boot.cmdline": TEXT,
-    "software.librarySignature.library.name": TEXT,
+    "software.librarySignature.library.name": TEXT, "software.librarySignature.library.version": VERSION,
     "image.format": TEXT, "image.sha256": TEXT, "image.size": NUMBER,
     "container.command": TEXT, "container.port": NUMBER,
 }

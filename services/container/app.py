@@ -15,10 +15,10 @@ from lxml import etree
 from services.container import soap
 from services.container.contract import SCHEMA_PATH, SERVICES_PATH, served_schema
 from services.container.service import CallContext, SoapService
-from services.faults import InternalFault, InvalidArgument, InvalidDescriptor, VMGridFault
+from services.descriptor import WORKSPACE_TAG, check_descriptor
+from services.faults import InternalFault, InvalidArgument, VMGridFault
 
 call_log = logging.getLogger("vmgrid.calls")
-WORKSPACE_TAG = "{http://vmgrid.org/ns/workspace/1}workspace"
 
 CALLER_KEY = "vmgrid.caller"
 ENVELOPE_KEY = "vmgrid.envelope"
@@ -123,26 +123,11 @@ class SoapApplication:
         if validator.validate(payload):
             return
         err = validator.error_log.last_error
-        if WORKSPACE_TAG in _path_tags(payload, err.path):
-            from services.descriptor import check_descriptor  # the descriptor's own, line-numbered error
-
-            for ws in payload.iter(WORKSPACE_TAG):
-                check_descriptor(ws)
-            raise InvalidDescriptor(f"invalid descriptor: {err.message}", schemaMessage=err.message)
+        # A descriptor inside the request gets its own, line-numbered InvalidDescriptor fault.
+        for ws in payload.iter(WORKSPACE_TAG):
+            check_descriptor(ws)
         raise InvalidArgument(f"invalid {etree.QName(payload).localname} request: {err.message}",
                               argument=err.path or "")
-
-
-def _path_tags(payload: etree._Element, path: str | None) -> set[str]:
-    """The tags of the elements on an lxml error path (best effort; the path uses prefixes)."""
-    if not path:
-        return set()
-    tags = set()
-    for step in path.split("/"):
-        local = step.split(":")[-1].split("[")[0]
-        if local == "workspace":
-            tags.add(WORKSPACE_TAG)
-    return tags
 
 
 def _xml(start_response, status: str, body: bytes):

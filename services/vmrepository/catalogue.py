@@ -123,7 +123,8 @@ class Catalogue:
         return db
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
+    def _write(self, name: str = "write") -> Iterator[sqlite3.Connection]:
+        """One write transaction (BEGIN IMMEDIATE: SQLite's write lock, across processes)."""
         db = self._db()
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -132,7 +133,7 @@ class Catalogue:
             db.execute("ROLLBACK")
             raise
         else:
-            crashpoint("catalogue.before-commit")
+            crashpoint(f"catalogue.{name}.before-commit")
             db.execute("COMMIT")
 
     def close(self) -> None:
@@ -219,7 +220,7 @@ class Catalogue:
         data = etree.tostring(element, encoding="UTF-8")
         from services.faults import DuplicateName, UnknownImage
 
-        with self._write() as db:
+        with self._write("add") as db:
             if db.execute("SELECT 1 FROM images WHERE vo = ? AND name = ?", (d.vo, d.name)).fetchone():
                 raise DuplicateName(f"an image named {d.name!r} already exists in VO {d.vo!r}", vo=d.vo, name=d.name)
             have_blob = db.execute("SELECT 1 FROM blobs WHERE sha256 = ?", (d.sha256,)).fetchone()

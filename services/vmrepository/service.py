@@ -18,7 +18,7 @@ from services.faults import (BadQuery, ChecksumMismatch, DuplicateName, ImageInU
 from services.vmrepository.catalogue import Catalogue, Record, new_image_id
 from services.vmrepository.query import (XPATH_DIALECT, Criterion, compile_match, compile_xpath, order_column,
                                          xpath_true)
-from services.vmrepository.store import ImageStore, image_format_of
+from services.vmrepository.store import ImageStore, crashpoint, image_format_of
 
 REPO = "http://vmgrid.org/ns/vmrepository/1"
 WSRF_RP = "http://docs.oasis-open.org/wsrf/rp-2"
@@ -155,6 +155,7 @@ class VMRepositoryService(SoapService):
             set_field(ws, "image", "size", ingested.size)
             check_descriptor(ws)
             self.catalogue.add(ws, ingested)
+            crashpoint("register.committed")
         except BaseException:
             self.store.discard(ingested)
             raise

@@ -1,0 +1,87 @@
+"""The grid container: serves the hand-written contract with its addresses rewritten, refuses what
+it cannot dispatch with SOAP faults, never a traceback, and logs one line per call."""
+from __future__ import annotations
+
+import json
+import logging
+
+from lxml import etree
+
+from security.tls import grid_session
+from tests.fixtures.repository import signed_call
+
+WSDL = "http://schemas.xmlsoap.org/wsdl/"
+XS = "http://www.w3.org/2001/XMLSchema"
+SOAP = "http://schemas.xmlsoap.org/soap/envelope/"
+
+
+def test_the_served_wsdl_is_the_hand_written_one_with_this_address(repo_server):
+    session = grid_session(repo_server.pki.cert_dir)
+    served = etree.fromstring(session.get(repo_server.url + "?wsdl").content)
+    original = etree.parse("wsdl/vmrepository.wsdl").getroot()
+    addr = served.find(f".//{{{WSDL}}}port/{{http://schemas.xmlsoap.org/wsdl/soap/}}address")
+    assert addr.get("location") == repo_server.url
+    assert [op.get("name") for op in served.iterfind(f"{{{WSDL}}}portType/{{{WSDL}}}operation")] == \
+           [op.get("name") for op in original.iterfind(f"{{{WSDL}}}portType/{{{WSDL}}}operation")]
+    base = repo_server.url.rsplit("/wsrf/", 1)[0]
+    locations = [i.get("schemaLocation") for i in served.iter(f"{{{XS}}}import")]
+    assert locations and all(loc.startswith(base + "/wsrf/share/schema/") for loc in locations)
+    for loc in locations:                       # each import resolves, and its own imports too
+        schema = etree.fromstring(session.get(loc).content)
+        for imp in schema.iter(f"{{{XS}}}import"):
+            assert session.get(imp.get("schemaLocation")).status_code == 200
+
+
+def test_unknown_paths_and_methods_are_refused_plainly(repo_server):
+    session = grid_session(repo_server.pki.cert_dir)
+    base = repo_server.url.rsplit("/wsrf/", 1)[0]
+    assert session.get(base + "/wsrf/services/NoSuchService?wsdl").status_code == 404
+    assert session.get(base + "/wsrf/share/schema/../../etc/passwd").status_code == 404
+    assert session.get(base + "/wsrf/share/schema/nothere.xsd").status_code == 404
+    assert session.put(repo_server.url, data=b"x").status_code == 405
+    assert "VMRepositoryService" in session.get(base + "/").text
+
+
+def test_an_unsigned_request_gets_a_wsse_fault(repo_server):
+    body = (b'<soapenv:Envelope xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/"><soapenv:Body>'
+            b'<ListVOs xmlns="http://vmgrid.org/ns/vmrepository/1"/></soapenv:Body></soapenv:Envelope>')
+    resp = grid_session(repo_server.pki.cert_dir).post(repo_server.url, data=body,
+                                                       headers={"Content-Type": "text/xml"})
+    assert resp.status_code == 500
+    fault = etree.fromstring(resp.content).find(f"{{{SOAP}}}Body/{{{SOAP}}}Fault")
+    assert fault.findtext("faultcode").endswith(":InvalidSecurity")
+
+
+def test_a_signed_request_for_no_operation_gets_a_client_fault(repo_server):
+    status, fault = signed_call(repo_server.url, etree.Element("{urn:nothing}Nothing"),
+                                repo_server.pki.alice.proxy, repo_server.pki.trust())
+    assert status == 500 and fault.findtext("faultcode") == "soapenv:Client"
+    assert "no operation" in fault.findtext("faultstring")
+
+
+def test_a_request_breaking_the_schema_is_an_invalid_argument_fault(repo_server):
+    req = etree.Element("{http://vmgrid.org/ns/vmrepository/1}QueryImages")
+    etree.SubElement(req, "{http://vmgrid.org/ns/vmrepository/1}limit").text = "5000"
+    status, fault = signed_call(repo_server.url, req, repo_server.pki.alice.proxy, repo_server.pki.trust())
+    detail = fault.find("detail")[0]
+    assert status == 500 and etree.QName(detail).localname == "InvalidArgumentFault"
+
+
+def test_an_unexpected_error_is_an_internal_fault_with_an_incident_not_a_traceback(repo_server, monkeypatch):
+    def broken(*a, **k):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(repo_server.service.catalogue, "vo_counts", broken)
+    status, fault = signed_call(repo_server.url, etree.Element("{http://vmgrid.org/ns/vmrepository/1}ListVOs"),
+                                repo_server.pki.alice.proxy, repo_server.pki.trust())
+    text = etree.tostring(fault).decode()
+    assert status == 500 and "InternalFault" in text and "incident" in text
+    assert "disk on fire" not in text and "Traceback" not in text
+
+
+def test_one_structured_log_line_per_call(repo_server, caplog):
+    with caplog.at_level(logging.INFO, logger="vmgrid.calls"):
+        repo_server.client(repo_server.pki.bob).vos()
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "vmgrid.calls"]
+    assert lines[-1]["operation"] == "ListVOs" and lines[-1]["caller"] == repo_server.pki.bob.dn
+    assert lines[-1]["outcome"] == "ok" and lines[-1]["ms"] >= 0
