@@ -73,29 +73,29 @@ def qemu_node(qemu_prerequisites, vm_dir):
     node.close()
 
 
+def new_guest_spec(image: GuestImage, vm_dir: Path, name: str, memory_mib: int = 192,
+                   container: list[str] | None = None, address: str = "10.0.2.15"):
+    """A real guest's InstanceSpec and context: its own overlay on the image, context ISO, console log,
+    guest channel socket (in a short directory: Unix socket paths stay under 108 bytes)."""
+    d = vm_dir / f"{name}-{uuid.uuid4().hex[:6]}"
+    d.mkdir()
+    mac = "52:54:00:%02x:%02x:%02x" % tuple(uuid.uuid4().bytes[:3])
+    ctx = build_context(instance=name, hostname=name, mac=mac, address=address, netmask="255.255.255.0",
+                        gateway="10.0.2.2", dns=["10.0.2.3"], container_command=container)
+    write_context_iso(ctx, d / "context.iso")
+    overlay = make_overlay(image.rootfs, d / "disk.qcow2")
+    spec = InstanceSpec(
+        name=name, memory_mib=memory_mib, vcpus=1, disks=(Disk(overlay),), cdroms=(d / "context.iso",),
+        nics=(Nic(mac),), serial_ports=(Port("file", d / "console.log"),),
+        boot=KernelBoot(image.kernel, image.initrd, image.cmdline),
+        channel=GuestChannel(d / "guestd.sock", ctx.token))
+    return spec, ctx
+
+
 @pytest.fixture
 def guest_spec_factory(guest_image, vm_dir):
     """make(name, memory_mib=..., container=...) -> (InstanceSpec, context) for a real guest."""
-    made = []
-
-    def make(name: str, memory_mib: int = 192, container: list[str] | None = None,
-             address: str = "10.0.2.15"):
-        d = vm_dir / f"{name}-{uuid.uuid4().hex[:6]}"
-        d.mkdir()
-        mac = "52:54:00:%02x:%02x:%02x" % tuple(uuid.uuid4().bytes[:3])
-        ctx = build_context(instance=name, hostname=name, mac=mac, address=address, netmask="255.255.255.0",
-                            gateway="10.0.2.2", dns=["10.0.2.3"], container_command=container)
-        write_context_iso(ctx, d / "context.iso")
-        overlay = make_overlay(guest_image.rootfs, d / "disk.qcow2")
-        spec = InstanceSpec(
-            name=name, memory_mib=memory_mib, vcpus=1, disks=(Disk(overlay),), cdroms=(d / "context.iso",),
-            nics=(Nic(mac),), serial_ports=(Port("file", d / "console.log"),),
-            boot=KernelBoot(guest_image.kernel, guest_image.initrd, guest_image.cmdline),
-            channel=GuestChannel(d / "guestd.sock", ctx.token))
-        made.append(spec)
-        return spec, ctx
-
-    return make
+    return lambda name, **kw: new_guest_spec(guest_image, vm_dir, name, **kw)
 
 
 @pytest.fixture(scope="session")
