@@ -1,0 +1,55 @@
+"""Interop with the Globus Toolkit (Debian globus-proxy-utils): `grid-proxy-init -rfc` makes a proxy from a
+vmgrid-issued user certificate (finding the CA through the Globus X509_CERT_DIR layout and signing policy), and the
+services accept calls signed with it; `grid-proxy-info` reads vmgrid's own proxies."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from security.client import grid_client
+from security.pki import load_credential
+from tests.fixtures.pki import grid_pki, secured_echo_server  # noqa: F401
+
+pytestmark = [pytest.mark.interop,
+              pytest.mark.skipif(shutil.which("grid-proxy-init") is None,
+                                 reason="Debian package globus-proxy-utils is not installed")]
+
+
+def globus_env(user, cert_dir) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("X509_")}
+    env.update(user.env(cert_dir, proxy=False))
+    return env
+
+
+@pytest.mark.parametrize("limited", [False, True], ids=["full", "limited"])
+def test_grid_proxy_init_proxy_is_accepted(limited, secured_echo_server, grid_pki, tmp_path):  # noqa: F811
+    out = tmp_path / "x509up_globus"
+    args = ["grid-proxy-init", "-rfc", "-hours", "1", "-out", str(out)] + (["-limited"] if limited else [])
+    proc = subprocess.run(args, env=globus_env(grid_pki.alice, grid_pki.cert_dir), stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proxy = load_credential(proxy=out)
+    assert proxy.is_proxy and proxy.identity == grid_pki.alice.dn and proxy.limited == limited
+
+    server = secured_echo_server()
+    result = grid_client(server.wsdl_url, proxy, grid_pki.trust()).service.Echo(text="globus proxy")
+    assert (result.caller, result.limited) == (grid_pki.alice.dn, limited)
+
+
+def test_grid_proxy_info_reads_vmgrid_proxies(grid_pki):  # noqa: F811
+    proc = subprocess.run(["grid-proxy-info", "-file", str(grid_pki.bob.proxy_path)],
+                          env=globus_env(grid_pki.bob, grid_pki.cert_dir), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert f"identity : {grid_pki.bob.dn}" in proc.stdout
+    assert "RFC 3820 compliant impersonation proxy" in proc.stdout
+
+
+def test_grid_proxy_init_refuses_a_revoked_user(grid_pki, tmp_path):  # noqa: F811
+    """The Globus tool reads the CRL vmgrid published in X509_CERT_DIR."""
+    proc = subprocess.run(["grid-proxy-init", "-rfc", "-verify", "-out", str(tmp_path / "p")],
+                          env=globus_env(grid_pki.revoked, grid_pki.cert_dir), stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
