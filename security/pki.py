@@ -18,7 +18,6 @@ import fcntl
 import json
 import os
 import re
-import secrets
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field

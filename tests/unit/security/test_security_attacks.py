@@ -19,7 +19,7 @@ from lxml import etree
 from security.pki import Credential, proxy_certificate
 from security.tls import grid_session
 from security.wssec import (DS, Q_BODY, Q_BST, Q_HEADER, Q_ID, Q_SECURITY, Q_SIGNATURE, Q_SIGNATURE_VALUE,
-                            Q_TIMESTAMP, SOAP11, WSSE, WSU, sign_envelope, verify_envelope)
+                            Q_TIMESTAMP, SOAP11, WSSE, sign_envelope, verify_envelope)
 from tests.fixtures.pki import ECHO_NS, echo_envelope
 
 WSA = "http://www.w3.org/2005/08/addressing"
