@@ -1,0 +1,143 @@
+"""File checksums for CKSM/SCKS (SHA256, SHA1, SHA512, MD5, ADLER32), computed with reused buffers.
+
+:class:`PrefixHasher` hashes a file while it is still being received out of order: it follows
+the contiguous prefix that has reached the disk, so the sha256 is ready moments after the last
+block lands instead of costing a second pass over the file.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import zlib
+from collections.abc import Callable
+
+from .errors import GridFTPError
+
+CHUNK = 4 << 20
+
+
+class _Adler32:
+    """hashlib-like wrapper around zlib.adler32 (GridFTP's ADLER32 is 8 lowercase hex digits)."""
+
+    def __init__(self) -> None:
+        self._value = 1
+
+    def update(self, data) -> None:
+        self._value = zlib.adler32(data, self._value)
+
+    def hexdigest(self) -> str:
+        return f"{self._value:08x}"
+
+
+ALGORITHMS: dict[str, Callable[[], object]] = {
+    "SHA256": hashlib.sha256,
+    "SHA1": hashlib.sha1,
+    "SHA512": hashlib.sha512,
+    "MD5": hashlib.md5,
+    "ADLER32": _Adler32,
+}
+
+
+class UnknownAlgorithm(GridFTPError):
+    """A checksum algorithm other than those in :data:`ALGORITHMS`."""
+
+
+def new_hash(algorithm: str):
+    try:
+        return ALGORITHMS[algorithm.upper()]()
+    except KeyError:
+        raise UnknownAlgorithm(f"unsupported checksum algorithm {algorithm!r}") from None
+
+
+def hash_fd(fd: int, algorithm: str, offset: int = 0, length: int = -1,
+            buffer: bytearray | None = None) -> str:
+    """Hex digest of ``length`` bytes of an open file from ``offset`` (-1: to end of file)."""
+    h = new_hash(algorithm)
+    if length < 0:
+        length = max(0, os.fstat(fd).st_size - offset)
+    buf = buffer if buffer is not None else bytearray(min(CHUNK, max(length, 1)))
+    view = memoryview(buf)
+    end = offset + length
+    pos = offset
+    while pos < end:
+        n = os.preadv(fd, [view[: min(len(buf), end - pos)]], pos)
+        if n == 0:
+            raise GridFTPError(f"file shorter than {end} bytes")
+        h.update(view[:n])
+        pos += n
+    return h.hexdigest()
+
+
+def hash_file(path: str | os.PathLike, algorithm: str = "SHA256", offset: int = 0, length: int = -1) -> str:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return hash_fd(fd, algorithm, offset, length)
+    finally:
+        os.close(fd)
+
+
+class PrefixHasher:
+    """sha256 of a file being written at random offsets, computed along its contiguous prefix.
+
+    The writer calls :meth:`advance` with the new end of the contiguous prefix from byte 0;
+    a thread reads and hashes up to it. :meth:`finish` waits for ``size`` bytes and returns the
+    hex digest. Reading back from the page cache costs a memory copy, not a disk read.
+    """
+
+    def __init__(self, fd: int, size: int):
+        self._fd = fd
+        self._size = size
+        self._hash = hashlib.sha256()
+        self._hashed = 0
+        self._ready = 0
+        self._cond = threading.Condition()
+        self._stopped = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="gridftp-hasher", daemon=True)
+        self._thread.start()
+
+    def advance(self, contiguous_end: int) -> None:
+        with self._cond:
+            if contiguous_end > self._ready:
+                self._ready = contiguous_end
+                self._cond.notify()
+
+    def _run(self) -> None:
+        buf = bytearray(CHUNK)
+        view = memoryview(buf)
+        try:
+            while True:
+                with self._cond:
+                    while self._ready <= self._hashed and not self._stopped:
+                        self._cond.wait()
+                    if self._stopped:
+                        return
+                    upto = self._ready
+                while self._hashed < upto:
+                    n = os.preadv(self._fd, [view[: min(CHUNK, upto - self._hashed)]], self._hashed)
+                    if n == 0:
+                        raise GridFTPError("file shorter than its received ranges")
+                    self._hash.update(view[:n])
+                    self._hashed += n
+                if self._hashed >= self._size:
+                    return
+        except BaseException as exc:  # reported by finish()
+            self._error = exc
+
+    def finish(self) -> str:
+        """Hash whatever is left up to the file's size and return the hex digest."""
+        self.advance(self._size)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        if self._hashed != self._size:
+            raise GridFTPError(f"hashed {self._hashed} of {self._size} bytes")
+        return self._hash.hexdigest()
+
+    def abandon(self) -> None:
+        """Stop the thread without a result (the transfer failed)."""
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        self._thread.join()

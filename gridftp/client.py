@@ -1,0 +1,271 @@
+"""A GridFTP client session: one control connection, login (anonymous or AUTH TLS), commands, data set-up.
+
+:class:`GridFTPClient` is the protocol layer the transfer functions of :mod:`gridftp.transfer`
+are built on; use those for whole-file transfers with restart and verification.
+"""
+from __future__ import annotations
+
+import ipaddress
+import socket
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import unquote, urlsplit
+
+from cryptography import x509
+
+from .control import ControlChannel
+from .errors import AuthenticationError, GridFTPError, ProtocolError, ReplyError, TransferError
+from .protocol import (DEFAULT_FTP_PORT, DEFAULT_GRIDFTP_PORT, Reply, find_host_ports, format_eprt,
+                       format_host_port, parse_epsv_reply)
+from .tls import Credential, DataTLS, TLSConfig, slash_dn
+
+CONTROL_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True)
+class GridFTPURL:
+    """``ftp://host[:port]/path`` (anonymous) or ``gsiftp://host[:port]/path`` (AUTH TLS)."""
+
+    scheme: str
+    host: str
+    port: int
+    path: str
+
+    @property
+    def secure(self) -> bool:
+        return self.scheme == "gsiftp"
+
+    @classmethod
+    def parse(cls, url: str) -> "GridFTPURL":
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        if scheme not in ("ftp", "gsiftp"):
+            raise GridFTPError(f"{url}: not an ftp:// or gsiftp:// URL")
+        if not parts.hostname:
+            raise GridFTPError(f"{url}: no host")
+        if parts.username or parts.password:
+            raise GridFTPError(f"{url}: user names in URLs are not supported (identity comes from the credential)")
+        path = unquote(parts.path) or "/"
+        if "\r" in path or "\n" in path or "\0" in path:
+            raise GridFTPError(f"{url}: control characters in the path")
+        try:
+            port = parts.port or (DEFAULT_GRIDFTP_PORT if scheme == "gsiftp" else DEFAULT_FTP_PORT)
+        except ValueError as exc:
+            raise GridFTPError(f"{url}: {exc}") from None
+        return cls(scheme, parts.hostname, port, path)
+
+    def with_path(self, path: str) -> "GridFTPURL":
+        return GridFTPURL(self.scheme, self.host, self.port, path)
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}{self.path}"
+
+
+def _host_matches(cert: x509.Certificate, host: str) -> bool:
+    """Does the server's certificate name ``host`` (SAN DNS/IP, or a CN of ``host`` or ``host/<host>``)?"""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        ip = None
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        if ip is not None and ip in san.get_values_for_type(x509.IPAddress):
+            return True
+        for name in san.get_values_for_type(x509.DNSName):
+            if name.lower() == host.lower() or (name.startswith("*.") and host.lower().endswith(name[1:].lower())
+                                                and host.count(".") == name.count(".")):
+                return True
+    except x509.ExtensionNotFound:
+        pass
+    for attr in cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME):
+        cn = str(attr.value).lower()
+        for prefix in ("host/", "ftp/", "gridftp/"):
+            if cn.startswith(prefix):
+                cn = cn[len(prefix):]
+        if cn == host.lower():
+            return True
+    return False
+
+
+class GridFTPClient:
+    """One control session. Use as a context manager; :meth:`connect` logs in.
+
+    ``credential``/``trust``: used for ``gsiftp://`` (AUTH TLS, then PBSZ 0 / PROT P).
+    ``server_dn``: the DN the server must present; by default its certificate must name the host.
+    """
+
+    def __init__(self, url: GridFTPURL | str, *, credential: Credential | None = None, trust=None,
+                 server_dn: str | None = None, timeout: float = CONTROL_TIMEOUT,
+                 identify: Callable[[ssl.SSLSocket], str] | None = None):
+        self.url = GridFTPURL.parse(url) if isinstance(url, str) else url
+        self.timeout = timeout
+        self.expected_server_dn = server_dn
+        self.tls: TLSConfig | None = None
+        if self.url.secure:
+            if credential is None:
+                credential = Credential.from_environment()
+            self.tls = TLSConfig(credential, trust, identify=identify)
+        self.server_dn: str | None = None
+        self.control: ControlChannel | None = None
+        self.features: dict[str, str] = {}
+        self.local_host = ""
+        self.mode = "S"
+
+    # -- connection -------------------------------------------------------------------------------
+    def connect(self) -> "GridFTPClient":
+        try:
+            sock = socket.create_connection((self.url.host, self.url.port), timeout=self.timeout)
+        except OSError as exc:
+            raise TransferError(f"cannot connect to {self.url.host}:{self.url.port}: {exc}") from exc
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.local_host = sock.getsockname()[0]
+        self.control = ControlChannel(sock)
+        try:
+            greeting = self.read_reply()
+            while greeting.code == 120:
+                greeting = self.read_reply()
+            if greeting.code != 220:
+                raise ReplyError("(greeting)", greeting.code, greeting.text)
+            if self.tls is not None:
+                self._auth_tls()
+                self.expect_ok(self.pipeline(["PBSZ 0", "PROT P", "USER :globus-mapping:"]),
+                               ["PBSZ 0", "PROT P", "USER"])
+            else:
+                replies = self.pipeline(["USER anonymous", "PASS vmgrid@"])
+                if replies[0].code not in (230, 331):
+                    raise ReplyError("USER anonymous", replies[0].code, replies[0].text)
+                if replies[0].code == 331 and replies[1].code != 230:
+                    raise ReplyError("PASS", replies[1].code, replies[1].text)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _auth_tls(self) -> None:
+        reply = self.command("AUTH TLS")
+        if reply.code != 234:
+            raise AuthenticationError(f"server refused AUTH TLS: {reply.code} {reply.text}")
+        try:
+            sock = self.control.start_tls(self.tls.client_context, server_side=False)
+        except (ssl.SSLError, OSError) as exc:
+            raise AuthenticationError(f"TLS handshake with {self.url.host} failed: {exc}") from exc
+        self.server_dn = self.tls.identify(sock)
+        if self.expected_server_dn is not None:
+            if self.server_dn != self.expected_server_dn:
+                raise AuthenticationError(f"server is {self.server_dn!r}, expected {self.expected_server_dn!r}")
+        else:
+            leaf = x509.load_der_x509_certificate(sock.getpeercert(binary_form=True))
+            if not _host_matches(leaf, self.url.host):
+                raise AuthenticationError(f"server certificate {slash_dn(leaf.subject)!r} does not name {self.url.host}")
+
+    def close(self) -> None:
+        if self.control is not None:
+            self.control.close()
+
+    def quit(self) -> None:
+        """Say goodbye politely, then close."""
+        if self.control is not None and not self.control.closed:
+            try:
+                self.control.sock.settimeout(5)
+                self.command("QUIT")
+            except (GridFTPError, OSError, EOFError):
+                pass
+        self.close()
+
+    def __enter__(self) -> "GridFTPClient":
+        if self.control is None:
+            self.connect()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.quit()
+
+    # -- commands ------------------------------------------------------------------------------------
+    def read_reply(self) -> Reply:
+        try:
+            return self.control.read_reply()
+        except EOFError as exc:
+            raise TransferError(f"{self.url.host}: control connection closed") from exc
+        except (OSError, ssl.SSLError) as exc:
+            raise TransferError(f"{self.url.host}: control connection failed: {exc}") from exc
+
+    def send(self, line: str) -> None:
+        try:
+            self.control.send_line(line)
+        except (OSError, ssl.SSLError) as exc:
+            raise TransferError(f"{self.url.host}: control connection failed: {exc}") from exc
+
+    def command(self, line: str) -> Reply:
+        """Send one command and return its reply (negative replies are returned, not raised)."""
+        self.send(line)
+        return self.read_reply()
+
+    def pipeline(self, lines: list[str]) -> list[Reply]:
+        """Send several commands in one write and read their replies in order (saves round trips)."""
+        try:
+            self.control.send_lines(lines)
+        except (OSError, ssl.SSLError) as exc:
+            raise TransferError(f"{self.url.host}: control connection failed: {exc}") from exc
+        return [self.read_reply() for _ in lines]
+
+    @staticmethod
+    def expect_ok(replies: list[Reply], commands: list[str]) -> None:
+        for reply, cmd in zip(replies, commands):
+            if not reply.ok:
+                raise ReplyError(cmd, reply.code, reply.text)
+
+    def ok(self, line: str) -> Reply:
+        """Send a command; raise :class:`ReplyError` unless the reply is positive (2xx/3xx)."""
+        reply = self.command(line)
+        if not reply.ok:
+            raise ReplyError(line, reply.code, reply.text)
+        return reply
+
+    def feat(self) -> dict[str, str]:
+        reply = self.command("FEAT")
+        self.features = {}
+        if reply.code == 211:
+            for line in reply.lines[1:-1]:
+                name, _, params = line.strip().partition(" ")
+                self.features[name.upper()] = params
+        return self.features
+
+    def size(self, path: str) -> int:
+        text = self.ok(f"SIZE {path}").text.strip()
+        if not text.isdigit():
+            raise ProtocolError(f"SIZE reply {text[:40]!r}")
+        return int(text)
+
+    def checksum(self, path: str, algorithm: str = "SHA256", offset: int = 0, length: int = -1) -> str:
+        text = self.ok(f"CKSM {algorithm.upper()} {offset} {length} {path}").text.strip().lower()
+        if not text or any(c not in "0123456789abcdef" for c in text):
+            raise ProtocolError(f"CKSM reply {text[:80]!r}")
+        return text
+
+    # -- data channel set-up ----------------------------------------------------------------------------
+    def port_command(self, host: str, port: int) -> str:
+        if ":" in host and not host.startswith("::ffff:"):
+            return f"EPRT {format_eprt(host, port)}"
+        return f"PORT {format_host_port(host, port)}"
+
+    def passive_command(self) -> str:
+        return "EPSV" if ":" in self.local_host and not self.local_host.startswith("::ffff:") else "PASV"
+
+    def passive_addresses(self, reply: Reply) -> list[tuple[str, int]]:
+        """Addresses from a 227 (PASV), 229 (EPSV) or 229 striped (SPAS) reply."""
+        if reply.code == 227 or (reply.code == 229 and "Striped" in reply.text):
+            found = find_host_ports(reply.text)
+            if not found:
+                raise ProtocolError(f"no address in {reply.text[:80]!r}")
+            return found
+        if reply.code == 229:
+            return [(self.control.sock.getpeername()[0], parse_epsv_reply(reply.text))]
+        raise ProtocolError(f"unexpected passive reply {reply.code}")
+
+    def data_protection(self, expect: str | None = None) -> DataTLS | None:
+        """PROT P data channel protection for this session (the server's DN is expected by default)."""
+        if self.tls is None:
+            return None
+        return DataTLS(self.tls, expect if expect is not None else self.server_dn)

@@ -1,0 +1,150 @@
+"""The control connection: CRLF lines over a socket that may switch to TLS (RFC 4217 AUTH TLS)."""
+from __future__ import annotations
+
+import select
+import socket
+import ssl
+
+from .errors import ProtocolError
+from .protocol import MAX_LINE, Reply, format_reply, parse_reply_first_line
+
+MAX_REPLY_LINES = 10_000
+_TELNET_STRIP = (b"\xff\xf4", b"\xff\xf2", b"\xff\xfd", b"\xff\xfb")   # IP, Synch, DO, WILL (RFC 959 ABOR)
+
+
+class LineTooLong(ProtocolError):
+    """A control line longer than :data:`~gridftp.protocol.MAX_LINE`."""
+
+
+class ControlChannel:
+    """Reads CRLF-terminated lines and writes replies or commands on one control connection."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self._buf = bytearray()
+        self.closed = False
+
+    # -- reading ------------------------------------------------------------------------------
+    def readline(self) -> str | None:
+        """The next line without its CRLF, or None at end of stream."""
+        while True:
+            nl = self._buf.find(b"\n")
+            if nl >= 0:
+                raw = bytes(self._buf[:nl])
+                del self._buf[: nl + 1]
+                if len(raw) > MAX_LINE:
+                    raise LineTooLong(f"control line of {len(raw)} bytes")
+                for seq in _TELNET_STRIP:
+                    raw = raw.replace(seq, b"")
+                return raw.rstrip(b"\r").decode("utf-8", "surrogateescape")
+            if len(self._buf) > MAX_LINE:
+                self._buf.clear()
+                self._drain_line()
+                raise LineTooLong("control line too long")
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                self.closed = True
+                return None
+            self._buf += chunk
+
+    def _drain_line(self) -> None:
+        while True:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                self.closed = True
+                return
+            nl = chunk.find(b"\n")
+            if nl >= 0:
+                self._buf += chunk[nl + 1:]
+                return
+
+    def line_waiting(self, timeout: float = 0.0) -> bool:
+        """True if a complete line (or end of stream) can be read without blocking long."""
+        if b"\n" in self._buf:
+            return True
+        if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
+            return True
+        try:
+            ready, _, _ = select.select([self.sock], [], [], timeout)
+        except (OSError, ValueError):
+            return True
+        return bool(ready)
+
+    def read_reply(self) -> Reply:
+        """One complete (possibly multi-line) reply; raises ProtocolError or EOFError.
+
+        Nothing is consumed until the whole reply has arrived, so a socket timeout can be
+        caught and the call repeated (the client polls this way during long transfers).
+        """
+        while True:
+            reply = self._buffered_reply()
+            if reply is not None:
+                return reply
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                self.closed = True
+                raise EOFError("control connection closed")
+            self._buf += chunk
+
+    def _buffered_reply(self) -> Reply | None:
+        pos = 0
+        code: int | None = None
+        lines: list[str] = []
+        while True:
+            nl = self._buf.find(b"\n", pos)
+            if nl < 0:
+                if len(self._buf) - pos > MAX_LINE:
+                    raise LineTooLong("reply line too long")
+                return None
+            line = bytes(self._buf[pos:nl]).rstrip(b"\r").decode("utf-8", "replace")
+            pos = nl + 1
+            if code is None:
+                code, continued = parse_reply_first_line(line)
+                lines.append(line)
+                if not continued:
+                    break
+                continue
+            lines.append(line)
+            if len(lines) > MAX_REPLY_LINES:
+                raise ProtocolError("reply too long")
+            if line.startswith(f"{code} ") or line == str(code):
+                break
+        del self._buf[:pos]
+        return Reply(code, tuple(lines))
+
+    @property
+    def buffered(self) -> bool:
+        return bool(self._buf)
+
+    # -- writing -----------------------------------------------------------------------------
+    def send_reply(self, code: int, text: str | list[str]) -> None:
+        self.sock.sendall(format_reply(code, text))
+
+    def send_line(self, line: str) -> None:
+        if "\r" in line or "\n" in line:
+            raise ProtocolError("line break inside a command")
+        self.sock.sendall(line.encode("utf-8", "surrogateescape") + b"\r\n")
+
+    def send_lines(self, lines: list[str]) -> None:
+        """Several commands in one write (pipelining saves round trips on a long path)."""
+        for line in lines:
+            if "\r" in line or "\n" in line:
+                raise ProtocolError("line break inside a command")
+        self.sock.sendall(b"".join(ln.encode("utf-8", "surrogateescape") + b"\r\n" for ln in lines))
+
+    # -- TLS --------------------------------------------------------------------------------------
+    def start_tls(self, context: ssl.SSLContext, *, server_side: bool,
+                  server_hostname: str | None = None) -> ssl.SSLSocket:
+        """Wrap the connection in TLS; refuses if plaintext was pipelined after AUTH."""
+        if self._buf:
+            raise ProtocolError("data pipelined after AUTH TLS")
+        self.sock = context.wrap_socket(self.sock, server_side=server_side,
+                                        server_hostname=server_hostname)
+        return self.sock
+
+    def close(self) -> None:
+        self.closed = True
+        try:
+            self.sock.close()
+        except OSError:
+            pass

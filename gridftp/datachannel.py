@@ -1,0 +1,540 @@
+"""Data channels: MODE E (extended block) and stream-mode senders and receivers.
+
+A sender hands out blocks of the byte ranges to send from one shared queue, so fast streams
+take more of them; each stream thread writes a 17-byte header and then the payload with
+``sendfile`` (or ``preadv`` into a reused buffer when the channel is TLS). A receiver thread
+per connection reads headers and payloads into a reused buffer and writes them at their
+offsets. End of file follows GFD.20: every stream ends with EOD, one stream announces the
+number of streams in an EOF block.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
+
+from .errors import AuthenticationError, ProtocolError, TransferError
+from .protocol import (BLOCK_HEADER, DESC_CLOSE, DESC_EOD, DESC_EOF, DESC_ERRORS, DESC_RESTART)
+from .ranges import split_blocks
+
+BLOCK_SIZE = 4 << 20            # payload bytes per MODE E block sent
+RECV_BUFFER = 1 << 20           # reused receive buffer per connection
+DATA_TIMEOUT = 60.0             # seconds a data connection may stay silent
+ACCEPT_TIMEOUT = 60.0           # seconds to wait for the first data connection
+
+
+class Sink(Protocol):
+    """Where received bytes go (a :class:`~gridftp.partial.PartialFile` or a buffer)."""
+
+    def write(self, offset: int, data: memoryview) -> None: ...
+
+
+class Protection(Protocol):
+    """Secures a data connection (PROT P): TLS handshake plus the DCAU identity check."""
+
+    def wrap(self, sock: socket.socket, *, server_side: bool) -> socket.socket: ...
+
+
+class BufferSink:
+    """An in-memory sink for listings and small transfers."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self._lock = threading.Lock()
+
+    def write(self, offset: int, data: memoryview) -> None:
+        with self._lock:
+            end = offset + len(data)
+            if len(self.data) < end:
+                self.data.extend(bytes(end - len(self.data)))
+            self.data[offset:end] = data
+
+
+class Throttle:
+    """A token bucket shared by the streams of one transfer (bytes per second; 0 = unlimited)."""
+
+    def __init__(self, rate: float):
+        self.rate = float(rate)
+        self._lock = threading.Lock()
+        self._next = time.monotonic()
+
+    def take(self, n: int) -> None:
+        if self.rate <= 0:
+            return
+        with self._lock:
+            now = time.monotonic()
+            start = max(now, self._next)
+            self._next = start + n / self.rate
+            delay = start - now
+        if delay > 0:
+            time.sleep(delay)
+
+
+class Counter:
+    """Bytes moved so far, one slot per stream (each slot written by one thread only)."""
+
+    def __init__(self) -> None:
+        self._slots: list[int] = []
+        self._lock = threading.Lock()
+
+    def slot(self) -> int:
+        with self._lock:
+            self._slots.append(0)
+            return len(self._slots) - 1
+
+    def add(self, slot: int, n: int) -> None:
+        self._slots[slot] += n
+
+    @property
+    def total(self) -> int:
+        return sum(self._slots)
+
+
+# -- connections ---------------------------------------------------------------------------------
+def set_idle_timeout(sock: socket.socket, seconds: float) -> None:
+    """Blocking socket whose sends and receives fail after ``seconds`` of no progress.
+
+    Kernel timeouts (SO_SNDTIMEO/SO_RCVTIMEO) rather than Python's, which put the socket in
+    non-blocking mode where ``os.sendfile`` would fail with EAGAIN on a full send buffer.
+    """
+    sock.settimeout(None)
+    whole = int(seconds)
+    tv = struct.pack("ll", whole, int((seconds - whole) * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+
+
+def set_buffers(sock: socket.socket, sbuf: int | None) -> None:
+    """Apply an SBUF size; None leaves the kernel's autotuning alone (usually better)."""
+    if sbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sbuf)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, sbuf)
+
+
+def open_listener(host: str, sbuf: int | None = None, backlog: int = 64) -> socket.socket:
+    """A listening socket on an ephemeral port of ``host`` (the control connection's local address)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    set_buffers(sock, sbuf)   # before listen, so accepted sockets inherit the window scale
+    sock.bind((host, 0))
+    sock.listen(backlog)
+    return sock
+
+
+def connect_streams(addresses: Sequence[tuple[str, int]], per_address: int, *,
+                    protection: Protection | None = None, sbuf: int | None = None,
+                    timeout: float = DATA_TIMEOUT) -> list[socket.socket]:
+    """Open ``per_address`` connections to each address (the active side of a data channel)."""
+    socks: list[socket.socket] = []
+    try:
+        for host, port in addresses:
+            for _ in range(per_address):
+                family = socket.AF_INET6 if ":" in host else socket.AF_INET
+                s = socket.socket(family, socket.SOCK_STREAM)
+                socks.append(s)
+                set_buffers(s, sbuf)
+                s.settimeout(timeout)
+                s.connect((host, port))
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                set_idle_timeout(s, timeout)
+        if protection is not None:
+            socks = [protection.wrap(s, server_side=False) for s in socks]
+        return socks
+    except OSError as exc:
+        close_all(socks)
+        raise TransferError(f"cannot open data connection to {addresses[0][0]}:{addresses[0][1]}: {exc}") from exc
+    except AuthenticationError:
+        close_all(socks)
+        raise
+
+
+def close_all(socks: Iterable[socket.socket]) -> None:
+    for s in socks:
+        try:
+            s.close()
+        except OSError:
+            pass
+
+
+def shutdown_listener(listener: socket.socket) -> None:
+    """Wake a thread blocked in accept() on ``listener`` and close it."""
+    try:
+        listener.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    listener.close()
+
+
+def _abort_all(socks: Iterable[socket.socket]) -> None:
+    """Unblock every thread using these sockets."""
+    for s in socks:
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+def recv_exact(sock: socket.socket, view: memoryview) -> int:
+    """Fill ``view``; returns the bytes read (less than asked only at end of stream)."""
+    got = 0
+    while got < len(view):
+        n = sock.recv_into(view[got:])
+        if n == 0:
+            break
+        got += n
+    return got
+
+
+# -- sending payloads --------------------------------------------------------------------------------
+def send_file_range(sock: socket.socket, fd: int, offset: int, length: int,
+                    add: Callable[[int], None]) -> None:
+    """``sendfile`` a range of a file to a plain socket: no copy through user space."""
+    out = sock.fileno()
+    end = offset + length
+    while offset < end:
+        n = os.sendfile(out, fd, offset, end - offset)
+        if n == 0:
+            raise TransferError("source file shrank while being sent")
+        offset += n
+        add(n)
+
+
+def send_copied_range(sock: socket.socket, source: int | bytes, offset: int, length: int,
+                      add: Callable[[int], None], buf: bytearray) -> None:
+    """Send a range through a reused buffer (TLS sockets, in-memory sources)."""
+    if not isinstance(source, int):
+        sock.sendall(memoryview(source)[offset:offset + length])
+        add(length)
+        return
+    view = memoryview(buf)
+    end = offset + length
+    while offset < end:
+        n = os.preadv(source, [view[: min(len(buf), end - offset)]], offset)
+        if n == 0:
+            raise TransferError("source file shrank while being sent")
+        sock.sendall(view[:n])
+        offset += n
+        add(n)
+
+
+# -- MODE E sender --------------------------------------------------------------------------------
+class ModeESender:
+    """Sends byte ranges of a file (or a bytes object) over parallel MODE E connections.
+
+    ``shift`` is subtracted from file offsets in block headers (ERET sends a section as if it
+    were a file starting at 0). ``corrupt`` is for tests: a callable that may alter a payload.
+    """
+
+    def __init__(self, source: int | bytes, ranges: Iterable[tuple[int, int]], *, shift: int = 0,
+                 block_size: int = BLOCK_SIZE, throttle: Throttle | None = None,
+                 counter: Counter | None = None):
+        self.source = source
+        self.shift = shift
+        self.throttle = throttle
+        self.counter = counter or Counter()
+        self._blocks = split_blocks(list(ranges), block_size)
+        self._lock = threading.Lock()
+        self._cancel = threading.Event()
+        self._socks: list[socket.socket] = []
+
+    def _next_block(self) -> tuple[int, int] | None:
+        with self._lock:
+            return next(self._blocks, None)
+
+    def cancel(self) -> None:
+        """Stop sending (ABOR, or another stream failed); the receiver sees no EOF."""
+        self._cancel.set()
+        _abort_all(self._socks)
+
+    def run(self, socks: Sequence[socket.socket]) -> int:
+        """Send everything over ``socks`` and close them; returns payload bytes sent."""
+        self._socks = list(socks)
+        errors: list[BaseException] = []
+        threads = [threading.Thread(target=self._stream, args=(s, i, len(socks), errors),
+                                    name=f"gridftp-send-{i}", daemon=True) for i, s in enumerate(socks)]
+        start_total = self.counter.total
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        close_all(socks)
+        if self._cancel.is_set() and not errors:
+            raise TransferError("transfer aborted")
+        if errors:
+            err = errors[0]
+            if isinstance(err, TransferError):
+                raise err
+            raise TransferError(f"data connection failed while sending: {err}") from err
+        return self.counter.total - start_total
+
+    def _adder(self, slot: int) -> Callable[[int], None]:
+        return lambda n: self.counter.add(slot, n)
+
+    def _stream(self, sock: socket.socket, index: int, count: int, errors: list) -> None:
+        slot = self.counter.slot()
+        plain = not isinstance(sock, ssl.SSLSocket) and isinstance(self.source, int)
+        buf = None if plain else bytearray(min(BLOCK_SIZE, 1 << 20))
+        try:
+            while not self._cancel.is_set():
+                block = self._next_block()
+                if block is None:
+                    break
+                offset, length = block
+                if self.throttle is not None:
+                    self.throttle.take(length)
+                header = BLOCK_HEADER.pack(0, length, offset - self.shift)
+                add = self._adder(slot)
+                if plain:
+                    sock.sendall(header, socket.MSG_MORE)
+                    send_file_range(sock, self.source, offset, length, add)
+                else:
+                    sock.sendall(header)
+                    send_copied_range(sock, self.source, offset, length, add, buf)
+            if self._cancel.is_set():
+                return
+            if index == 0:
+                sock.sendall(BLOCK_HEADER.pack(DESC_EOF, 0, count))
+            sock.sendall(BLOCK_HEADER.pack(DESC_EOD | DESC_CLOSE, 0, 0))
+        except (OSError, ValueError) as exc:
+            if not self._cancel.is_set():
+                errors.append(exc)
+                self.cancel()
+
+# -- MODE E receiver ----------------------------------------------------------------------------
+class ModeEReceiver:
+    """Receives one MODE E transfer over any number of connections into a sink.
+
+    Offsets in block headers get ``shift`` added (ESTO). ``limit``: no byte may land at or past
+    this offset (the announced size). Complete when the EOF block's count of EODs has arrived.
+    """
+
+    def __init__(self, sink: Sink, *, shift: int = 0, limit: int | None = None,
+                 counter: Counter | None = None, buffer_size: int = RECV_BUFFER):
+        self.sink = sink
+        self.shift = shift
+        self.limit = limit
+        self.counter = counter or Counter()
+        self.buffer_size = buffer_size
+        self.eod_expected: int | None = None
+        self.eods = 0
+        self.connections = 0
+        self.corrupt_blocks: list[tuple[int, int]] = []
+        self.error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._socks: list[socket.socket] = []
+        self._threads: list[threading.Thread] = []
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True once complete or failed (see :attr:`error`)."""
+        return self._done.wait(timeout)
+
+    def add_connection(self, sock: socket.socket) -> None:
+        """Start receiving on one more data connection."""
+        with self._lock:
+            self.connections += 1
+            self._socks.append(sock)
+        t = threading.Thread(target=self._serve, args=(sock,), name="gridftp-recv", daemon=True)
+        self._threads.append(t)
+        t.start()
+
+    def fail(self, exc: BaseException) -> None:
+        with self._lock:
+            if self.error is None and not self._done.is_set():
+                self.error = exc
+        self._done.set()
+        _abort_all(self._socks)
+
+    def close(self) -> None:
+        """Close every connection and wait for the receiving threads."""
+        _abort_all(self._socks)
+        for t in self._threads:
+            t.join(timeout=10)
+        close_all(self._socks)
+
+    def _eod(self) -> None:
+        with self._lock:
+            self.eods += 1
+            if self.eod_expected is not None and self.eods >= self.eod_expected:
+                self._done.set()
+
+    def _eof(self, expected: int) -> None:
+        with self._lock:
+            if self.eod_expected is not None and self.eod_expected != expected:
+                raise ProtocolError("two EOF blocks disagree on the stream count")
+            self.eod_expected = expected
+            if self.eods >= expected:
+                self._done.set()
+
+    def _serve(self, sock: socket.socket) -> None:
+        slot = self.counter.slot()
+        header = bytearray(BLOCK_HEADER.size)
+        hview = memoryview(header)
+        buf = bytearray(self.buffer_size)
+        view = memoryview(buf)
+        plain = not isinstance(sock, ssl.SSLSocket)
+        try:
+            while not self._done.is_set():
+                got = recv_exact(sock, hview)
+                if got == 0:
+                    raise TransferError("data connection closed before end of data")
+                if got < len(header):
+                    raise TransferError("data connection closed inside a block header")
+                desc, count, offset = BLOCK_HEADER.unpack(header)
+                if desc & DESC_EOF:
+                    if count:
+                        raise ProtocolError("EOF block carries data")
+                    self._eof(offset)
+                elif count:
+                    self._receive_block(sock, desc, count, offset, view, plain, slot)
+                if desc & DESC_EOD:
+                    self._eod()
+                    return
+        except (OSError, TransferError, ProtocolError, ValueError) as exc:
+            if not self._done.is_set():
+                self.fail(exc if isinstance(exc, (TransferError, ProtocolError))
+                          else TransferError(f"data connection failed: {exc}"))
+        except BaseException as exc:  # never lose an error in a thread
+            self.fail(exc)
+
+    def _receive_block(self, sock: socket.socket, desc: int, count: int, offset: int,
+                       view: memoryview, plain: bool, slot: int) -> None:
+        start = offset + self.shift
+        if self.limit is not None and start + count > self.limit:
+            raise ProtocolError(f"block {start}+{count} beyond the announced size {self.limit}")
+        discard = bool(desc & (DESC_ERRORS | DESC_RESTART))
+        if desc & DESC_ERRORS:
+            self.corrupt_blocks.append((start, start + count))
+        pos = start
+        end = start + count
+        size = len(view)
+        while pos < end:
+            want = min(size, end - pos)
+            if plain:
+                n = sock.recv_into(view, want, socket.MSG_WAITALL)
+            else:
+                n = sock.recv_into(view, want)
+            if n == 0:
+                raise TransferError("data connection closed inside a block")
+            if not discard:
+                self.sink.write(pos, view[:n])
+            pos += n
+            self.counter.add(slot, n)
+
+
+def accept_connections(listener: socket.socket, receiver: ModeEReceiver, *,
+                       protection: Protection | None = None, timeout: float = ACCEPT_TIMEOUT,
+                       on_first: Callable[[], None] | None = None) -> threading.Thread:
+    """Accept data connections for ``receiver`` in a thread until it completes or fails."""
+
+    def run() -> None:
+        deadline = time.monotonic() + timeout
+        listener.settimeout(0.2)
+        first = True
+        while not receiver.done:
+            try:
+                conn, _ = listener.accept()
+            except socket.timeout:
+                if receiver.connections == 0 and time.monotonic() > deadline:
+                    receiver.fail(TransferError("no data connection arrived"))
+                continue
+            except OSError as exc:
+                if not receiver.done:
+                    receiver.fail(TransferError(f"data listener failed: {exc}"))
+                return
+            try:
+                set_idle_timeout(conn, DATA_TIMEOUT)
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if protection is not None:
+                    conn = protection.wrap(conn, server_side=True)
+            except (OSError, AuthenticationError) as exc:
+                conn.close()
+                receiver.fail(exc if isinstance(exc, AuthenticationError)
+                              else TransferError(f"data connection handshake failed: {exc}"))
+                return
+            if first and on_first is not None:
+                on_first()
+            first = False
+            receiver.add_connection(conn)
+
+    t = threading.Thread(target=run, name="gridftp-accept", daemon=True)
+    t.start()
+    return t
+
+
+def accept_one(listener: socket.socket, *, protection: Protection | None = None,
+               timeout: float = ACCEPT_TIMEOUT) -> socket.socket:
+    """Accept a single data connection (stream mode, passive side)."""
+    listener.settimeout(timeout)
+    try:
+        conn, _ = listener.accept()
+    except OSError as exc:
+        raise TransferError(f"no data connection arrived: {exc}") from exc
+    set_idle_timeout(conn, DATA_TIMEOUT)
+    return protection.wrap(conn, server_side=True) if protection is not None else conn
+
+
+# -- stream mode -----------------------------------------------------------------------------------
+def send_stream(sock: socket.socket, source: int | bytes, start: int, end: int, *,
+                throttle: Throttle | None = None, counter: Counter | None = None) -> int:
+    """MODE S: send ``[start, end)`` and close (closing is the end of file)."""
+    counter = counter or Counter()
+    slot = counter.slot()
+
+    def add(n: int) -> None:
+        counter.add(slot, n)
+
+    plain = not isinstance(sock, ssl.SSLSocket) and isinstance(source, int)
+    buf = None if plain else bytearray(1 << 20)
+    try:
+        for offset, length in split_blocks([(start, end)], BLOCK_SIZE):
+            if throttle is not None:
+                throttle.take(length)
+            if plain:
+                send_file_range(sock, source, offset, length, add)
+            else:
+                send_copied_range(sock, source, offset, length, add, buf)
+        if isinstance(sock, ssl.SSLSocket):
+            try:
+                sock.unwrap()       # close_notify: in stream mode the close IS the end of file
+            except (OSError, ValueError):
+                pass
+    except (OSError, ValueError) as exc:
+        raise TransferError(f"data connection failed while sending: {exc}") from exc
+    finally:
+        sock.close()
+    return end - start
+
+
+def receive_stream(sock: socket.socket, sink: Sink, start: int, *, limit: int | None = None,
+                   counter: Counter | None = None) -> int:
+    """MODE S: receive until the sender closes; bytes land from ``start`` on."""
+    counter = counter or Counter()
+    slot = counter.slot()
+    buf = bytearray(RECV_BUFFER)
+    view = memoryview(buf)
+    pos = start
+    try:
+        while True:
+            n = sock.recv_into(view)
+            if n == 0:
+                break
+            if limit is not None and pos + n > limit:
+                raise ProtocolError(f"more data than the announced size {limit}")
+            sink.write(pos, view[:n])
+            pos += n
+            counter.add(slot, n)
+    except OSError as exc:
+        raise TransferError(f"data connection failed while receiving: {exc}") from exc
+    finally:
+        sock.close()
+    return pos - start

@@ -1,0 +1,56 @@
+"""Typed errors of the GridFTP server, client and transfer library."""
+from __future__ import annotations
+
+
+class GridFTPError(Exception):
+    """Base class of every error raised by :mod:`gridftp`."""
+
+
+class ProtocolError(GridFTPError):
+    """The peer broke the protocol: a malformed reply, block header or marker."""
+
+
+class ReplyError(GridFTPError):
+    """The server answered a command with a transient (4xx) or permanent (5xx) negative reply."""
+
+    def __init__(self, command: str, code: int, text: str):
+        shown = command.split(" ", 1)[0] if command.upper().startswith(("PASS", "ADAT")) else command
+        super().__init__(f"{shown!r} refused: {code} {text}")
+        self.command = command
+        self.code = code
+        self.text = text
+
+    @property
+    def transient(self) -> bool:
+        """4xx replies: the same command may succeed later."""
+        return 400 <= self.code < 500
+
+
+class AuthenticationError(GridFTPError):
+    """The control or a data channel could not be authenticated (TLS handshake, certificate, login)."""
+
+
+class AuthorizationDenied(GridFTPError):
+    """The authenticated identity may not perform this operation on this path."""
+
+
+class TransferError(GridFTPError):
+    """A data transfer broke (connection cut, peer gone, timeout); a restart can resume it."""
+
+
+class ChecksumMismatch(GridFTPError):
+    """The received bytes do not hash to the source's checksum."""
+
+    def __init__(self, path: str, expected: str, actual: str):
+        super().__init__(f"{path}: sha256 {actual} does not match the source's {expected}")
+        self.path = path
+        self.expected = expected
+        self.actual = actual
+
+
+class ChecksumUnavailable(GridFTPError):
+    """The source cannot give the checksum the verification needs (no CKSM SHA256)."""
+
+
+class PathError(GridFTPError):
+    """A path is malformed, escapes the served root, or names something of the wrong kind."""

@@ -1,0 +1,75 @@
+"""The file space a GridFTP server serves: virtual absolute paths mapped onto local files.
+
+:class:`LocalFileSpace` serves one directory tree and never lets a path (``..``, a symlink)
+leave it. Subclass :class:`FileSpace` to serve something else (the VMRepository maps image
+names onto its content-addressed store and knows every image's sha256 without hashing).
+"""
+from __future__ import annotations
+
+import os
+import posixpath
+from pathlib import Path
+
+from .errors import PathError
+
+PART_SUFFIX = ".vmgrid-part"            # a file being received
+SIDECAR_SUFFIX = ".vmgrid-part.ranges"  # the range markers persisted beside it
+
+
+def normalize(cwd: str, arg: str) -> str:
+    """The absolute virtual path ``arg`` names when the working directory is ``cwd``."""
+    if "\0" in arg or "\n" in arg or "\r" in arg:
+        raise PathError("control characters in path")
+    path = posixpath.normpath(posixpath.join(cwd, arg or "."))
+    if path.startswith("//"):
+        path = "/" + path.lstrip("/")
+    return path
+
+
+def is_internal(vpath: str) -> bool:
+    """True for the names the transfer machinery keeps beside files being received."""
+    return vpath.endswith(PART_SUFFIX) or vpath.endswith(SIDECAR_SUFFIX)
+
+
+class FileSpace:
+    """Maps absolute virtual paths (``/images/debian.qcow2``) to local paths.
+
+    The server normalises every path (no ``..`` survives) before asking; subclasses decide what
+    exists. :meth:`real_path` must raise :class:`PathError` for anything outside the space.
+    """
+
+    def real_path(self, vpath: str) -> Path:
+        """The local path of ``vpath``; it need not exist (STOR creates it)."""
+        raise NotImplementedError
+
+    def known_checksum(self, vpath: str, algorithm: str) -> str | None:
+        """A checksum of the whole file the space already knows (hex), or None to compute it."""
+        return None
+
+    def committed(self, vpath: str, real: Path, sha256: str) -> None:
+        """Called after a received file took its final name, verified with ``sha256``."""
+
+
+class LocalFileSpace(FileSpace):
+    """A directory tree served as ``/``; symlinks may not lead out of it."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).resolve(strict=True)
+        if not self.root.is_dir():
+            raise PathError(f"{root} is not a directory")
+
+    def real_path(self, vpath: str) -> Path:
+        if not vpath.startswith("/"):
+            raise PathError(f"{vpath!r} is not absolute")
+        candidate = self.root / vpath.lstrip("/")
+        # resolve the deepest existing ancestor; what does not exist yet cannot be a symlink
+        probe = candidate
+        while not os.path.lexists(probe) and probe != self.root:
+            probe = probe.parent
+        resolved = probe.resolve()
+        if resolved != self.root and self.root not in resolved.parents:
+            raise PathError(f"{vpath} leaves the served tree")
+        return resolved / candidate.relative_to(probe) if probe != candidate else resolved
+
+    def __repr__(self) -> str:
+        return f"LocalFileSpace({str(self.root)!r})"

@@ -1,0 +1,1234 @@
+"""The GridFTP server: RFC 959 control channel with the GridFTP extensions of GFD.20.
+
+One thread per control connection. Every path is authorized for the session's identity (the
+end-entity DN of its TLS client certificate, or None for an anonymous session) by a callback
+``authorize(dn, op, path)`` with ``op`` one of ``read``, ``list``, ``write``, ``delete``.
+Files being received are written beside their final name and take it only when complete and
+verified (:mod:`gridftp.partial`).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+import socket
+import ssl
+import stat
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import checksum as cks
+from .control import ControlChannel, LineTooLong
+from .datachannel import (BufferSink, Counter, ModeEReceiver, ModeESender, Throttle, accept_connections,
+                          accept_one, close_all, connect_streams, open_listener, receive_stream, send_stream,
+                          shutdown_listener)
+from .errors import (AuthenticationError, ChecksumMismatch, GridFTPError, PathError, ProtocolError,
+                     TransferError)
+from .filespace import FileSpace, LocalFileSpace, is_internal, normalize
+from .partial import PartialFile
+from .protocol import (MAX_PARALLELISM, RetrOptions, format_eprt, format_host_port, format_mdtm,
+                       format_perf_marker, parse_eprt, parse_host_port, parse_retr_options, split_command)
+from .ranges import RangeSet
+from .tls import Credential, DataTLS, TLSConfig
+
+log = logging.getLogger("gridftp.server")
+
+Authorize = Callable[[str | None, str, str], bool]
+OPS = ("read", "list", "write", "delete")
+ANONYMOUS_NAMES = ("anonymous", "ftp")
+PRE_LOGIN = {"USER", "PASS", "AUTH", "PBSZ", "PROT", "FEAT", "HELP", "SYST", "NOOP", "QUIT", "CCC",
+             "ADAT", "ACCT", "OPTS", "SITE", "DCAU"}
+FEATURES = [
+    "AUTH TLS", "PBSZ", "PROT", "DCAU", "PARALLEL", "SIZE", "MDTM", "REST STREAM", "ERET", "ESTO",
+    "SPAS", "SPOR", "SBUF", "EPSV", "EPRT", "UTF8",
+    "CKSM " + "".join(f"{a}:10;" for a in cks.ALGORITHMS),
+    "MLST type*;size*;modify*;perm*;",
+]
+
+
+class _Reply(Exception):
+    """Raised by a handler to answer with a negative (or any) reply and stop."""
+
+    def __init__(self, code: int, text: str):
+        super().__init__(f"{code} {text}")
+        self.code = code
+        self.text = text
+
+
+class _ChecksumCache:
+    """Checksums of unchanged files, keyed by inode, size and modification time."""
+
+    def __init__(self, capacity: int = 4096):
+        self._items: OrderedDict[tuple, str] = OrderedDict()
+        self._capacity = capacity
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple) -> str | None:
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def put(self, key: tuple, value: str) -> None:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self._capacity:
+                self._items.popitem(last=False)
+
+
+def _cache_key(st: os.stat_result, algorithm: str, offset: int, length: int) -> tuple:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, algorithm, offset, length)
+
+
+class GridFTPServer:
+    """A GridFTP server over a :class:`~gridftp.filespace.FileSpace`.
+
+    ``root_or_vfs``: a directory (served as ``/``) or a :class:`FileSpace`.
+    ``credential``/``trust``: the host credential and trusted CAs; with them the server offers
+    ``AUTH TLS`` and requires a client certificate (a user certificate or an RFC 3820 proxy).
+    ``authorize(dn, op, path) -> bool``: the path authorization callback (default: allow).
+    ``anonymous``: accept ``USER anonymous`` without TLS, read-only.
+    ``upload_area``: the virtual directory writes are confined to (None: read-only server).
+    ``insecure_anonymous_writes``: TEST ONLY; lets anonymous sessions write inside the upload
+    area (the interop tests upload with ``globus-url-copy ftp://``). Never enable it in service.
+    ``max_rate``: bytes/s per transfer (0 = unlimited). ``marker_interval``: seconds between
+    ``111``/``112`` markers. ``require_private_data``: TLS sessions must use ``PROT P``.
+    """
+
+    def __init__(self, root_or_vfs: str | os.PathLike | FileSpace, host: str = "127.0.0.1", port: int = 0,
+                 *, credential: Credential | None = None, trust=None, authorize: Authorize | None = None,
+                 anonymous: bool = False, upload_area: str | None = None,
+                 insecure_anonymous_writes: bool = False, max_rate: float = 0, marker_interval: float = 5.0,
+                 require_private_data: bool = True, durable: bool = True, max_sessions: int = 64,
+                 idle_timeout: float = 900.0, identify: Callable[[ssl.SSLSocket], str] | None = None,
+                 banner: str = "vmgrid GridFTP server ready."):
+        self.files = root_or_vfs if isinstance(root_or_vfs, FileSpace) else LocalFileSpace(root_or_vfs)
+        self.host = host
+        self._requested_port = port
+        self.tls = TLSConfig(credential, trust, identify=identify) if credential is not None else None
+        self.authorize_cb = authorize
+        self.anonymous = anonymous
+        self.upload_area = normalize("/", upload_area) if upload_area is not None else None
+        self.insecure_anonymous_writes = insecure_anonymous_writes
+        self.max_rate = max_rate
+        self.marker_interval = marker_interval
+        self.require_private_data = require_private_data
+        self.durable = durable
+        self.max_sessions = max_sessions
+        self.idle_timeout = idle_timeout
+        self.banner = banner
+        self.checksums = _ChecksumCache()
+        self._listener: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self._sessions: set[_Session] = set()
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    @property
+    def port(self) -> int:
+        if self._listener is None:
+            raise RuntimeError("server not started")
+        return self._listener.getsockname()[1]
+
+    def url(self, path: str = "/") -> str:
+        scheme = "gsiftp" if self.tls is not None else "ftp"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{scheme}://{host}:{self.port}{path}"
+
+    def bind(self) -> None:
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.host, self._requested_port))
+        sock.listen(64)
+        self._listener = sock
+
+    def start(self) -> "GridFTPServer":
+        """Listen and serve in a background thread; returns self."""
+        if self._listener is None:
+            self.bind()
+        self._thread = threading.Thread(target=self.serve_forever, name="gridftp-server", daemon=True)
+        self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        if self._listener is None:
+            self.bind()
+        listener = self._listener
+        listener.settimeout(0.5)
+        while not self._stopping.is_set():
+            try:
+                conn, peer = listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                if self._stopping.is_set():
+                    return
+                raise
+            with self._lock:
+                busy = len(self._sessions) >= self.max_sessions
+            if busy:
+                try:
+                    conn.sendall(b"421 Too many sessions; try again later.\r\n")
+                finally:
+                    conn.close()
+                continue
+            session = _Session(self, conn, peer)
+            with self._lock:
+                self._sessions.add(session)
+            threading.Thread(target=session.run, name=f"gridftp-session-{peer[1]}", daemon=True).start()
+
+    def stop(self) -> None:
+        """Stop accepting, close every session and its data connections."""
+        self._stopping.set()
+        if self._listener is not None:
+            try:
+                self._listener.close()
+            except OSError:
+                pass
+        with self._lock:
+            sessions = list(self._sessions)
+        for s in sessions:
+            s.kill()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _forget(self, session: "_Session") -> None:
+        with self._lock:
+            self._sessions.discard(session)
+
+    def __enter__(self) -> "GridFTPServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- policy ------------------------------------------------------------------------------------
+    def allowed(self, dn: str | None, op: str, vpath: str) -> bool:
+        if self.authorize_cb is None:
+            return True
+        try:
+            return bool(self.authorize_cb(dn, op, vpath))
+        except Exception:  # a broken policy denies
+            log.exception("authorization callback failed for %s %s %s", dn, op, vpath)
+            return False
+
+    def in_upload_area(self, vpath: str) -> bool:
+        area = self.upload_area
+        if area is None:
+            return False
+        return area == "/" or vpath == area or vpath.startswith(area + "/")
+
+
+@dataclass
+class _DataSetup:
+    passive: list[socket.socket] = field(default_factory=list)      # listeners (PASV/EPSV/SPAS)
+    active: list[tuple[str, int]] = field(default_factory=list)     # peers to connect (PORT/EPRT/SPOR)
+
+    def clear(self) -> None:
+        close_all(self.passive)
+        self.passive = []
+        self.active = []
+
+
+class _Session:
+    """One control connection: its state machine and command handlers."""
+
+    def __init__(self, server: GridFTPServer, conn: socket.socket, peer):
+        self.server = server
+        self.control = ControlChannel(conn)
+        self.peer = peer
+        self.local_host = conn.getsockname()[0]
+        self.user: str | None = None
+        self.logged_in = False
+        self.anonymous = False
+        self.dn: str | None = None          # TLS-authenticated identity
+        self.pending_user: str | None = None
+        self.cwd = "/"
+        self.type = "A"
+        self.mode = "S"
+        self.data = _DataSetup()
+        self.rest: RangeSet | int | None = None
+        self.retr_opts = RetrOptions()
+        self.sbuf: int | None = None
+        self.allo: int | None = None
+        self.scks: tuple[str, str] | None = None
+        self.rnfr: str | None = None
+        self.pbsz = False
+        self.prot = "C"
+        self.dcau: tuple[str, str | None] = ("A", None)
+        self.queued: list[str] = []
+        self._transfer_cancel: Callable[[], None] | None = None
+
+    # -- loop ----------------------------------------------------------------------------------------
+    def run(self) -> None:
+        ctl = self.control
+        try:
+            ctl.sock.settimeout(self.server.idle_timeout)
+            ctl.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            ctl.send_reply(220, self.server.banner)
+            while not ctl.closed:
+                if self.queued:
+                    line = self.queued.pop(0)
+                else:
+                    try:
+                        line = ctl.readline()
+                    except LineTooLong:
+                        ctl.send_reply(500, "Command line too long.")
+                        continue
+                    if line is None:
+                        break
+                if not self.handle(line):
+                    break
+        except (OSError, ssl.SSLError, EOFError):
+            pass
+        except Exception:
+            log.exception("session %s failed", self.peer)
+        finally:
+            self.data.clear()
+            ctl.close()
+            self.server._forget(self)
+
+    def kill(self) -> None:
+        if self._transfer_cancel is not None:
+            self._transfer_cancel()
+        try:
+            self.control.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.control.close()
+
+    def reply(self, code: int, text: str | list[str]) -> None:
+        self.control.send_reply(code, text)
+
+    def handle(self, line: str) -> bool:
+        """Run one command; False ends the session."""
+        verb, arg = split_command(line.strip())
+        if not verb or not verb.isalpha() or len(verb) > 8:
+            self.reply(500, "Syntax error, command unrecognized.")
+            return True
+        handler = getattr(self, f"cmd_{verb}", None)
+        if handler is None:
+            self.reply(500, f"'{verb}': command not understood.")
+            return True
+        if not self.logged_in and verb not in PRE_LOGIN:
+            self.reply(530, "Please log in first.")
+            return True
+        try:
+            result = handler(arg.strip() if verb not in ("PASS",) else arg)
+        except _Reply as r:
+            self.reply(r.code, r.text)
+            return True
+        except PathError as exc:
+            self.reply(550, str(exc))
+            return True
+        except ProtocolError as exc:
+            self.reply(501, str(exc))
+            return True
+        return result is not False
+
+    # -- helpers --------------------------------------------------------------------------------------
+    def _path(self, arg: str, *, required: bool = True) -> str:
+        if not arg and required:
+            raise _Reply(501, "A path is required.")
+        vpath = normalize(self.cwd, arg)
+        if is_internal(vpath):
+            raise _Reply(550, f"{vpath}: no such file.")
+        return vpath
+
+    def _authorize(self, op: str, vpath: str) -> None:
+        if op in ("write", "delete"):
+            if not self.server.in_upload_area(vpath):
+                raise _Reply(550, f"{vpath}: permission denied (outside the upload area).")
+            if self.anonymous and not self.server.insecure_anonymous_writes:
+                raise _Reply(550, f"{vpath}: permission denied (anonymous access is read-only).")
+        if not self.server.allowed(self.dn, op, vpath):
+            raise _Reply(550, f"{vpath}: permission denied.")
+
+    def _real(self, vpath: str) -> Path:
+        return self.server.files.real_path(vpath)
+
+    def _stat(self, vpath: str) -> tuple[Path, os.stat_result]:
+        real = self._real(vpath)
+        try:
+            return real, os.stat(real)
+        except FileNotFoundError:
+            raise _Reply(550, f"{vpath}: no such file or directory.") from None
+        except OSError as exc:
+            raise _Reply(550, f"{vpath}: {exc.strerror}.") from None
+
+    def _file(self, vpath: str) -> tuple[Path, os.stat_result]:
+        real, st = self._stat(vpath)
+        if not stat.S_ISREG(st.st_mode):
+            raise _Reply(550, f"{vpath}: not a plain file.")
+        return real, st
+
+    def _reset_transfer_state(self) -> None:
+        self.rest = None
+        self.allo = None
+        self.scks = None
+        self.data.clear()
+
+    @staticmethod
+    def _int(text: str, what: str) -> int:
+        text = text.strip()
+        if not text.isdigit() or len(text) > 19:
+            raise _Reply(501, f"Bad {what}: {text[:40]!r}.")
+        return int(text)
+
+    # -- login and security (RFC 959, RFC 4217, GFD.20 DCAU) ---------------------------------------
+    def cmd_USER(self, arg: str):
+        if not arg:
+            raise _Reply(501, "USER needs a name.")
+        if self.logged_in:
+            raise _Reply(503, "Already logged in.")
+        if self.dn is not None:
+            self.user, self.logged_in = arg, True
+            self.reply(232, f"User {self.dn} logged in, authorized by TLS client certificate.")
+            return
+        if arg.lower() in ANONYMOUS_NAMES:
+            if not self.server.anonymous:
+                raise _Reply(530, "Anonymous access is disabled; log in with AUTH TLS and a grid certificate.")
+            self.pending_user = arg
+            self.reply(331, "Anonymous login ok, send your e-mail address as password.")
+            return
+        raise _Reply(530, "Log in with AUTH TLS and a grid certificate.")
+
+    def cmd_PASS(self, arg: str):
+        if self.logged_in:
+            raise _Reply(503, "Already logged in.")
+        if self.pending_user is None:
+            raise _Reply(503, "Send USER first.")
+        self.user, self.anonymous, self.logged_in = self.pending_user, True, True
+        self.pending_user = None
+        self.reply(230, "Anonymous user logged in (read-only).")
+
+    def cmd_ACCT(self, arg: str):
+        self.reply(202, "ACCT not needed.")
+
+    def cmd_AUTH(self, arg: str):
+        mech = arg.upper()
+        if mech not in ("TLS", "TLS-C", "SSL"):
+            raise _Reply(504, f"AUTH {arg[:20]} not supported; use AUTH TLS.")
+        if isinstance(self.control.sock, ssl.SSLSocket):
+            raise _Reply(503, "TLS already active.")
+        if self.logged_in:
+            raise _Reply(503, "AUTH must come before login.")
+        if self.server.tls is None or self.server.tls.server_context is None:
+            raise _Reply(431, "TLS is not configured on this server.")
+        self.reply(234, "AUTH TLS successful.")
+        try:
+            sock = self.control.start_tls(self.server.tls.server_context, server_side=True)
+        except ProtocolError:
+            return False
+        except (ssl.SSLError, OSError) as exc:
+            log.info("TLS handshake with %s failed: %s", self.peer, exc)
+            return False
+        try:
+            self.dn = self.server.tls.identify(sock)
+        except AuthenticationError as exc:
+            self.reply(535, f"Failed security check: {exc}")
+            return False
+        log.info("session %s authenticated as %s", self.peer, self.dn)
+
+    def _tls(self) -> None:
+        if not isinstance(self.control.sock, ssl.SSLSocket):
+            raise _Reply(503, "Use AUTH TLS first.")
+
+    def cmd_PBSZ(self, arg: str):
+        self._tls()
+        self._int(arg, "buffer size")
+        self.pbsz = True
+        self.reply(200, "PBSZ=0")
+
+    def cmd_PROT(self, arg: str):
+        self._tls()
+        if not self.pbsz:
+            raise _Reply(503, "Send PBSZ first.")
+        level = arg.upper()
+        if level in ("S", "E"):
+            raise _Reply(536, f"PROT {level} is not supported; use C or P.")
+        if level not in ("C", "P"):
+            raise _Reply(504, "PROT takes C or P.")
+        self.prot = level
+        self.reply(200, f"Protection level set to {level}.")
+
+    def cmd_CCC(self, arg: str):
+        raise _Reply(533, "The control channel stays protected.")
+
+    def cmd_ADAT(self, arg: str):
+        raise _Reply(503, "ADAT is not used with AUTH TLS.")
+
+    def cmd_DCAU(self, arg: str):
+        self._tls()
+        mode, _, subject = arg.partition(" ")
+        mode = mode.upper()
+        if mode in ("N", "A") and not subject:
+            self.dcau = (mode, None)
+        elif mode == "S" and subject.strip():
+            self.dcau = ("S", subject.strip())
+        else:
+            raise _Reply(504, "DCAU takes N, A or S <subject>.")
+        self.reply(200, f"DCAU {mode}.")
+
+    def _protection(self) -> DataTLS | None:
+        if self.dn is None:
+            return None
+        if self.prot != "P":
+            if self.server.require_private_data:
+                raise _Reply(521, "Data connections must be protected: send PBSZ 0 and PROT P.")
+            return None
+        mode, subject = self.dcau
+        expect = self.dn if mode == "A" else subject if mode == "S" else None
+        return DataTLS(self.server.tls, expect)
+
+    # -- session state (RFC 959) -------------------------------------------------------------------------
+    def cmd_QUIT(self, arg: str):
+        self.reply(221, "Goodbye.")
+        return False
+
+    def cmd_NOOP(self, arg: str):
+        self.reply(200, "NOOP ok.")
+
+    def cmd_SYST(self, arg: str):
+        self.reply(215, "UNIX Type: L8")
+
+    def cmd_FEAT(self, arg: str):
+        self.reply(211, ["Extensions supported:", *FEATURES, "End."])
+
+    def cmd_HELP(self, arg: str):
+        verbs = sorted(n[4:] for n in dir(self) if n.startswith("cmd_"))
+        rows = [" ".join(f"{v:<5}" for v in verbs[i:i + 10]) for i in range(0, len(verbs), 10)]
+        self.reply(214, ["The following commands are recognized:", *rows, "End."])
+
+    def cmd_SITE(self, arg: str):
+        sub, _, rest = arg.partition(" ")
+        sub = sub.upper()
+        if sub == "HELP":
+            return self.cmd_HELP(rest)
+        if sub == "CLIENTINFO":
+            self.reply(250, "OK.")
+            return
+        if sub in ("BUFSIZE", "RBUFSIZE", "SBUFSIZE", "RETRBUFSIZE", "STORBUFSIZE", "RBUFSZ", "SBUFSZ"):
+            return self.cmd_SBUF(rest)
+        raise _Reply(504, f"SITE {sub[:20]} not supported.")
+
+    def cmd_OPTS(self, arg: str):
+        name, _, value = arg.partition(" ")
+        name = name.upper()
+        if name == "RETR":
+            self.retr_opts = parse_retr_options(value)
+            self.reply(200, "OPTS Command Successful.")
+        elif name == "UTF8" and value.strip().upper() in ("ON", ""):
+            self.reply(200, "UTF8 always on.")
+        else:
+            raise _Reply(501, f"OPTS {name[:20]} not understood.")
+
+    def cmd_TYPE(self, arg: str):
+        parts = arg.upper().split()
+        if not parts:
+            raise _Reply(501, "TYPE needs an argument.")
+        if parts[0] == "I" and len(parts) == 1:
+            self.type = "I"
+        elif parts[0] == "A" and parts[1:] in ([], ["N"]):
+            self.type = "A"     # files still travel unchanged (no end-of-line rewriting), as vsftpd does
+        elif parts == ["L", "8"]:
+            self.type = "I"
+        else:
+            raise _Reply(504, f"TYPE {arg[:20]} not supported.")
+        self.reply(200, f"Type set to {parts[0]}.")
+
+    def cmd_MODE(self, arg: str):
+        m = arg.upper()
+        if m not in ("S", "E", "B", "C"):
+            raise _Reply(501, "MODE takes S or E.")
+        if m not in ("S", "E"):
+            raise _Reply(504, f"MODE {m} not supported.")
+        self.mode = m
+        self.reply(200, f"Mode set to {m}.")
+
+    def cmd_STRU(self, arg: str):
+        s = arg.upper()
+        if s == "F":
+            self.reply(200, "Structure set to F.")
+        elif s in ("R", "P"):
+            raise _Reply(504, f"STRU {s} not supported.")
+        else:
+            raise _Reply(501, "STRU takes F.")
+
+    def cmd_ALLO(self, arg: str):
+        first = arg.split()[0] if arg.split() else ""
+        self.allo = self._int(first, "ALLO size")
+        self.reply(200, "ALLO command successful.")
+
+    def cmd_REST(self, arg: str):
+        if not arg:
+            raise _Reply(501, "REST needs an offset or ranges.")
+        if arg.isdigit():
+            offset = int(arg)
+            self.rest = RangeSet([(0, offset)]) if self.mode == "E" else offset
+        else:
+            try:
+                self.rest = RangeSet.parse(arg)
+            except ProtocolError as exc:
+                raise _Reply(501, f"Bad restart marker: {exc}.") from None
+        self.reply(350, "Restart Marker OK.")
+
+    def cmd_SBUF(self, arg: str):
+        size = self._int(arg, "buffer size")
+        if not 1024 <= size <= 1 << 30:
+            raise _Reply(501, "Buffer size must be between 1 KiB and 1 GiB.")
+        self.sbuf = size
+        self.reply(200, f"Buffer size set to {size}.")
+
+    def cmd_SCKS(self, arg: str):
+        parts = arg.split()
+        if len(parts) != 2:
+            raise _Reply(501, "SCKS takes an algorithm and a checksum.")
+        alg = parts[0].upper()
+        if alg not in cks.ALGORITHMS:
+            raise _Reply(504, f"Checksum algorithm {parts[0][:20]} not supported.")
+        self.scks = (alg, parts[1].lower())
+        self.reply(200, "Checksum set.")
+
+    def cmd_ABOR(self, arg: str):
+        self.data.clear()
+        self.reply(226, "No transfer to abort.")
+
+    def cmd_REIN(self, arg: str):
+        raise _Reply(502, "REIN not implemented.")
+
+    # -- navigation and metadata (RFC 959, RFC 3659) ------------------------------------------------------
+    def cmd_PWD(self, arg: str):
+        self.reply(257, '"' + self.cwd.replace('"', '""') + '" is the current directory.')
+
+    cmd_XPWD = cmd_PWD
+
+    def cmd_CWD(self, arg: str):
+        vpath = self._path(arg)
+        self._authorize("list", vpath)
+        _, st = self._stat(vpath)
+        if not stat.S_ISDIR(st.st_mode):
+            raise _Reply(550, f"{vpath}: not a directory.")
+        self.cwd = vpath
+        self.reply(250, f"CWD command successful: {vpath}.")
+
+    def cmd_CDUP(self, arg: str):
+        return self.cmd_CWD("..")
+
+    def cmd_SIZE(self, arg: str):
+        vpath = self._path(arg)
+        self._authorize("read", vpath)
+        _, st = self._file(vpath)
+        self.reply(213, str(st.st_size))
+
+    def cmd_MDTM(self, arg: str):
+        vpath = self._path(arg)
+        self._authorize("read", vpath)
+        _, st = self._stat(vpath)
+        self.reply(213, format_mdtm(st.st_mtime))
+
+    def cmd_CKSM(self, arg: str):
+        parts = arg.split(" ", 3)
+        if len(parts) != 4:
+            raise _Reply(501, "CKSM takes: algorithm offset length path.")
+        alg, off_s, len_s, path = parts
+        alg = alg.upper()
+        if alg not in cks.ALGORITHMS:
+            raise _Reply(504, f"Checksum algorithm {alg[:20]} not supported.")
+        offset = self._int(off_s, "offset")
+        length = -1 if len_s.strip() == "-1" else self._int(len_s, "length")
+        vpath = self._path(path)
+        self._authorize("read", vpath)
+        real, st = self._file(vpath)
+        if offset > st.st_size or (length >= 0 and offset + length > st.st_size):
+            raise _Reply(501, "Offset and length reach beyond the end of the file.")
+        whole = offset == 0 and (length < 0 or length == st.st_size)
+        known = self.server.files.known_checksum(vpath, alg) if whole else None
+        if known is None:
+            key = _cache_key(st, alg, offset, length if length >= 0 else st.st_size - offset)
+            known = self.server.checksums.get(key)
+            if known is None:
+                try:
+                    known = cks.hash_file(real, alg, offset, length)
+                except OSError as exc:
+                    raise _Reply(451, f"Cannot read {vpath}: {exc.strerror}.") from None
+                self.server.checksums.put(key, known)
+        self.reply(213, known)
+
+    def _listing_entries(self, vpath: str) -> list[tuple[str, os.stat_result]]:
+        real, st = self._stat(vpath)
+        if not stat.S_ISDIR(st.st_mode):
+            return [(posixpath.basename(vpath), st)]
+        out = []
+        try:
+            names = sorted(os.listdir(real))
+        except OSError as exc:
+            raise _Reply(550, f"{vpath}: {exc.strerror}.") from None
+        for name in names:
+            if is_internal(name) or name.endswith(".tmp") and is_internal(name[:-4]):
+                continue
+            try:
+                out.append((name, os.stat(real / name)))
+            except OSError:
+                continue
+        return out
+
+    @staticmethod
+    def _facts(name: str, st: os.stat_result) -> str:
+        kind = "dir" if stat.S_ISDIR(st.st_mode) else "file"
+        perm = "el" if kind == "dir" else "r"
+        return f"type={kind};size={st.st_size};modify={format_mdtm(st.st_mtime)};perm={perm}; {name}"
+
+    @staticmethod
+    def _ls_line(name: str, st: os.stat_result) -> str:
+        kind = "d" if stat.S_ISDIR(st.st_mode) else "-"
+        mode = stat.filemode(st.st_mode)[1:]
+        when = time.strftime("%b %d %H:%M", time.gmtime(st.st_mtime))
+        return f"{kind}{mode} 1 vmgrid vmgrid {st.st_size:>12} {when} {name}"
+
+    def cmd_MLST(self, arg: str):
+        vpath = self._path(arg, required=False)
+        self._authorize("list", vpath)
+        _, st = self._stat(vpath)
+        self.reply(250, [f"Listing {vpath}", " " + self._facts(vpath, st), "End."])
+
+    def cmd_STAT(self, arg: str):
+        if not arg:
+            lines = [f"vmgrid GridFTP status: connected from {self.peer[0]}",
+                     f"Logged in as {self.dn or self.user or 'nobody'}", f"TYPE {self.type}, MODE {self.mode}",
+                     "End of status."]
+            self.reply(211, lines)
+            return
+        vpath = self._path(arg)
+        self._authorize("list", vpath)
+        entries = self._listing_entries(vpath)
+        self.reply(213, [f"Status of {vpath}:", *[self._ls_line(n, st) for n, st in entries], "End of status."])
+
+    # -- namespace changes (upload area only) --------------------------------------------------------------
+    def cmd_MKD(self, arg: str):
+        vpath = self._path(arg)
+        self._authorize("write", vpath)
+        try:
+            os.mkdir(self._real(vpath))
+        except FileExistsError:
+            raise _Reply(550, f"{vpath}: already exists.") from None
+        except OSError as exc:
+            raise _Reply(550, f"{vpath}: {exc.strerror}.") from None
+        self.reply(257, '"' + vpath.replace('"', '""') + '" created.')
+
+    def cmd_RMD(self, arg: str):
+        vpath = self._path(arg)
+        self._authorize("delete", vpath)
+        try:
+            os.rmdir(self._real(vpath))
+        except OSError as exc:
+            raise _Reply(550, f"{vpath}: {exc.strerror}.") from None
+        self.reply(250, f"{vpath} removed.")
+
+    def cmd_DELE(self, arg: str):
+        vpath = self._path(arg)
+        self._authorize("delete", vpath)
+        real, _ = self._file(vpath)
+        try:
+            os.unlink(real)
+        except OSError as exc:
+            raise _Reply(550, f"{vpath}: {exc.strerror}.") from None
+        self.reply(250, f"{vpath} deleted.")
+
+    def cmd_RNFR(self, arg: str):
+        vpath = self._path(arg)
+        self._authorize("delete", vpath)
+        self._stat(vpath)
+        self.rnfr = vpath
+        self.reply(350, "Ready for RNTO.")
+
+    def cmd_RNTO(self, arg: str):
+        if self.rnfr is None:
+            raise _Reply(503, "Send RNFR first.")
+        source, self.rnfr = self.rnfr, None
+        vpath = self._path(arg)
+        self._authorize("write", vpath)
+        try:
+            os.rename(self._real(source), self._real(vpath))
+        except OSError as exc:
+            raise _Reply(550, f"{vpath}: {exc.strerror}.") from None
+        self.reply(250, f"Renamed to {vpath}.")
+
+    # -- data connection set-up (RFC 959, RFC 2428, GFD.20) -------------------------------------------------
+    def _listen(self) -> socket.socket:
+        self.data.clear()
+        try:
+            return open_listener(self.local_host, self.sbuf)
+        except OSError as exc:
+            raise _Reply(425, f"Cannot open a passive data port: {exc.strerror}.") from None
+
+    def cmd_PASV(self, arg: str):
+        if ":" in self.local_host and not self.local_host.startswith("::ffff:"):
+            raise _Reply(425, "Use EPSV on IPv6.")
+        listener = self._listen()
+        self.data.passive = [listener]
+        self.reply(227, f"Entering Passive Mode ({format_host_port(self.local_host, listener.getsockname()[1])})")
+
+    def cmd_EPSV(self, arg: str):
+        if arg.upper() == "ALL":
+            self.reply(200, "EPSV ALL ok.")
+            return
+        listener = self._listen()
+        self.data.passive = [listener]
+        self.reply(229, f"Entering Extended Passive Mode (|||{listener.getsockname()[1]}|)")
+
+    def cmd_SPAS(self, arg: str):
+        if self.mode != "E":
+            raise _Reply(503, "SPAS needs MODE E.")
+        listener = self._listen()
+        self.data.passive = [listener]
+        self.reply(229, ["Entering Striped Passive Mode",
+                         format_host_port(self.local_host, listener.getsockname()[1]), "End"])
+
+    def _check_port(self, host: str, port: int) -> None:
+        if port < 1024:
+            raise _Reply(501, "Refusing a privileged data port.")
+
+    def cmd_PORT(self, arg: str):
+        host, port = parse_host_port(arg)
+        self._check_port(host, port)
+        self.data.clear()
+        self.data.active = [(host, port)]
+        self.reply(200, "PORT Command successful.")
+
+    def cmd_EPRT(self, arg: str):
+        host, port = parse_eprt(arg)
+        self._check_port(host, port)
+        self.data.clear()
+        self.data.active = [(host, port)]
+        self.reply(200, "EPRT Command successful.")
+
+    def cmd_SPOR(self, arg: str):
+        if self.mode != "E":
+            raise _Reply(503, "SPOR needs MODE E.")
+        if not arg.split():
+            raise _Reply(501, "SPOR needs at least one host-port.")
+        addresses = [parse_host_port(hp) for hp in arg.split()]
+        for host, port in addresses:
+            self._check_port(host, port)
+        self.data.clear()
+        self.data.active = addresses
+        self.reply(200, "SPOR Command successful.")
+
+    # -- transfers ---------------------------------------------------------------------------------------------
+    def _need_data(self, sending: bool) -> None:
+        if self.mode == "E":
+            if sending and not self.data.active:
+                raise _Reply(503, "In MODE E the sender opens the data connections: send PORT or SPOR first.")
+            if not sending and not self.data.passive:
+                raise _Reply(503, "In MODE E the receiver listens: send PASV or SPAS first.")
+        elif not self.data.active and not self.data.passive:
+            raise _Reply(425, "Send PORT or PASV first.")
+
+    def _wait(self, done: Callable[[float], bool], on_tick: Callable[[], None], cancel: Callable[[], None]) -> bool:
+        """Wait for a transfer while answering markers and ABOR; False if aborted."""
+        interval = self.server.marker_interval
+        next_tick = time.monotonic() + interval
+        self._transfer_cancel = cancel
+        try:
+            while True:
+                if done(min(0.2, interval)):
+                    return True
+                if self.control.line_waiting(0):
+                    line = self.control.readline()
+                    if line is None:
+                        cancel()
+                        done(10)
+                        return False
+                    verb, _ = split_command(line.strip())
+                    if verb == "ABOR":
+                        cancel()
+                        done(10)
+                        return False
+                    if verb == "STAT":
+                        self.reply(213, "Transfer in progress.")
+                    else:
+                        self.queued.append(line)
+                if time.monotonic() >= next_tick:
+                    on_tick()
+                    next_tick = time.monotonic() + interval
+        finally:
+            self._transfer_cancel = None
+
+    def _aborted(self) -> None:
+        self.reply(426, "Connection closed; transfer aborted.")
+        self.reply(226, "Abort successful.")
+
+    def _throttle(self) -> Throttle | None:
+        return Throttle(self.server.max_rate) if self.server.max_rate else None
+
+    def cmd_RETR(self, arg: str):
+        vpath = self._path(arg)
+        self._send_file(vpath, 0, None)
+
+    def cmd_ERET(self, arg: str):
+        parts = arg.split(" ", 3)
+        if len(parts) != 4 or parts[0].upper() != "P":
+            raise _Reply(501, "ERET takes: P offset length path.")
+        offset = self._int(parts[1], "offset")
+        length = self._int(parts[2], "length")
+        vpath = self._path(parts[3])
+        self._send_file(vpath, offset, length)
+
+    def _send_file(self, vpath: str, section_start: int, section_length: int | None) -> None:
+        try:
+            self._authorize("read", vpath)
+            real, st = self._file(vpath)
+            self._need_data(sending=True)
+            protection = self._protection()
+            size = st.st_size
+            end = size if section_length is None else min(size, section_start + section_length)
+            if section_start > size:
+                raise _Reply(501, "ERET offset beyond the end of the file.")
+            view_size = end - section_start
+            rest = self.rest
+            if isinstance(rest, int):
+                if rest > view_size:
+                    raise _Reply(554, "Restart offset beyond the end of the file.")
+                todo = [(section_start + rest, end)]
+            elif isinstance(rest, RangeSet):
+                todo = [(a + section_start, b + section_start) for a, b in rest.missing(0, view_size)]
+            else:
+                todo = [(section_start, end)]
+            try:
+                fd = os.open(real, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except OSError as exc:
+                raise _Reply(550, f"{vpath}: {exc.strerror}.") from None
+        except _Reply:
+            self._reset_transfer_state()
+            raise
+        try:
+            self.reply(150, f"Opening BINARY mode data connection for {vpath} ({view_size} bytes).")
+            if self.mode == "E":
+                self._send_mode_e(fd, todo, section_start, protection)
+            else:
+                self._send_mode_s(fd, todo, protection)
+        finally:
+            os.close(fd)
+            self._reset_transfer_state()
+
+    def _open_active(self, per_address: int, protection) -> list[socket.socket]:
+        try:
+            return connect_streams(self.data.active, per_address, protection=protection, sbuf=self.sbuf)
+        except AuthenticationError as exc:
+            raise _Reply(432, f"Data channel authentication failed: {exc}") from None
+        except TransferError as exc:
+            raise _Reply(425, f"Cannot open data connection: {exc}") from None
+
+    def _send_mode_e(self, source: int | bytes, todo, shift: int, protection) -> None:
+        parallel = max(1, min(self.retr_opts.parallelism, MAX_PARALLELISM))
+        socks = self._open_active(parallel, protection)
+        counter = Counter()
+        sender = ModeESender(source, todo, shift=shift, throttle=self._throttle(), counter=counter)
+        outcome: list[BaseException | None] = []
+
+        def run() -> None:
+            try:
+                sender.run(socks)
+                outcome.append(None)
+            except BaseException as exc:
+                outcome.append(exc)
+
+        worker = threading.Thread(target=run, name="gridftp-retr", daemon=True)
+        worker.start()
+
+        def perf() -> None:
+            self.reply(112, format_perf_marker(counter.total))
+
+        finished = self._wait(lambda t: (worker.join(t), not worker.is_alive())[1], perf, sender.cancel)
+        worker.join()
+        if not finished:
+            self._aborted()
+            return
+        if outcome and outcome[0] is not None:
+            raise _Reply(426, f"Transfer aborted: {outcome[0]}")
+        self.reply(226, "Transfer Complete.")
+
+    def _send_mode_s(self, source: int | bytes, todo, protection) -> None:
+        start, end = todo[0] if todo else (0, 0)
+        if self.data.active:
+            sock = self._open_active(1, protection)[0]
+        else:
+            try:
+                sock = accept_one(self.data.passive[0], protection=protection)
+            except (TransferError, AuthenticationError) as exc:
+                raise _Reply(425, f"Cannot open data connection: {exc}") from None
+        outcome: list[BaseException | None] = []
+
+        def run() -> None:
+            try:
+                send_stream(sock, source, start, end, throttle=self._throttle())
+                outcome.append(None)
+            except BaseException as exc:
+                outcome.append(exc)
+
+        worker = threading.Thread(target=run, name="gridftp-retr-s", daemon=True)
+        worker.start()
+
+        def cancel() -> None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+        finished = self._wait(lambda t: (worker.join(t), not worker.is_alive())[1], lambda: None, cancel)
+        worker.join()
+        if not finished:
+            self._aborted()
+            return
+        if outcome and outcome[0] is not None:
+            raise _Reply(426, f"Transfer aborted: {outcome[0]}")
+        self.reply(226, "Transfer Complete.")
+
+    def _send_listing(self, text: str) -> None:
+        data = text.encode("utf-8", "surrogateescape")
+        protection = self._protection()
+        self.reply(150, "Opening data connection for the listing.")
+        if self.mode == "E":
+            self._send_mode_e(data, [(0, len(data))] if data else [], 0, protection)
+        else:
+            self._send_mode_s(data, [(0, len(data))], protection)
+
+    def _listing(self, arg: str, render: Callable[[str, os.stat_result], str]) -> None:
+        try:
+            args = [a for a in arg.split() if not a.startswith("-")]   # "LIST -la" is common
+            vpath = self._path(args[0] if args else "", required=False)
+            self._authorize("list", vpath)
+            entries = self._listing_entries(vpath)
+            self._need_data(sending=True)
+        except _Reply:
+            self._reset_transfer_state()
+            raise
+        try:
+            self._send_listing("".join(render(n, st) + "\r\n" for n, st in entries))
+        finally:
+            self._reset_transfer_state()
+
+    def cmd_LIST(self, arg: str):
+        self._listing(arg, self._ls_line)
+
+    def cmd_NLST(self, arg: str):
+        self._listing(arg, lambda n, st: n)
+
+    def cmd_MLSD(self, arg: str):
+        self._listing(arg, self._facts)
+
+    def cmd_STOR(self, arg: str):
+        vpath = self._path(arg)
+        self._receive_file(vpath)
+
+    def cmd_ESTO(self, arg: str):
+        parts = arg.split(" ", 2)
+        if len(parts) != 3 or parts[0].upper() != "A":
+            raise _Reply(501, "ESTO takes: A offset path.")
+        offset = self._int(parts[1], "offset")
+        vpath = self._path(parts[2])
+        self._receive_in_place(vpath, offset)
+
+    def cmd_APPE(self, arg: str):
+        raise _Reply(502, "APPE not implemented; use ESTO A <offset>.")
+
+    def cmd_STOU(self, arg: str):
+        raise _Reply(502, "STOU not implemented.")
+
+    def _writable_target(self, vpath: str) -> Path:
+        self._authorize("write", vpath)
+        real = self._real(vpath)
+        if not real.parent.is_dir():
+            raise _Reply(553, f"{posixpath.dirname(vpath)}: no such directory.")
+        if real.is_dir():
+            raise _Reply(553, f"{vpath} is a directory.")
+        return real
+
+    def _receive_file(self, vpath: str) -> None:
+        try:
+            real = self._writable_target(vpath)
+            self._need_data(sending=False)
+            protection = self._protection()
+            rest = self.rest
+            if isinstance(rest, int):
+                rest = RangeSet([(0, rest)]) if rest else None
+            try:
+                partial = PartialFile(real, {"path": vpath, "size": self.allo}, size=self.allo,
+                                      resume=False, restart=rest, durable=self.server.durable)
+            except TransferError as exc:
+                raise _Reply(554, f"Cannot restart: {exc}.") from None
+            except OSError as exc:
+                raise _Reply(553, f"{vpath}: {exc.strerror}.") from None
+        except _Reply:
+            self._reset_transfer_state()
+            raise
+        allo, scks = self.allo, self.scks
+        try:
+            self.reply(150, f"Opening BINARY mode data connection for {vpath}.")
+            if self.mode == "E":
+                ok = self._receive_mode_e(partial, 0, allo, protection)
+            else:
+                ok = self._receive_mode_s(partial, partial.held.contiguous_end(0), allo, protection)
+            if ok:
+                self._commit(vpath, real, partial, allo, scks)
+        finally:
+            partial.close()
+            self._reset_transfer_state()
+
+    def _receive_mode_e(self, sink, shift: int, limit: int | None, protection) -> bool:
+        """Receive into ``sink``; sends markers; returns True when all data arrived (else replied)."""
+        counter = Counter()
+        receiver = ModeEReceiver(sink, shift=shift, limit=None if limit is None else limit, counter=counter)
+        listener = self.data.passive[0]
+        acceptor = accept_connections(listener, receiver, protection=protection)
+        partial = sink if isinstance(sink, PartialFile) else None
+
+        def markers() -> None:
+            if partial is not None:
+                fresh = partial.checkpoint()
+                if fresh:
+                    self.reply(111, f"Range Marker {fresh.format()}")
+            self.reply(112, format_perf_marker(counter.total))
+
+        def cancel() -> None:
+            receiver.fail(TransferError("transfer aborted"))
+
+        finished = self._wait(receiver.wait, markers, cancel)
+        shutdown_listener(listener)
+        acceptor.join(timeout=5)
+        receiver.close()
+        if partial is not None:
+            fresh = partial.checkpoint()
+            if fresh:
+                self.reply(111, f"Range Marker {fresh.format()}")
+        if not finished:
+            self._aborted()
+            return False
+        if receiver.error is not None:
+            code = 432 if isinstance(receiver.error, AuthenticationError) else 426
+            self.reply(code, f"Transfer aborted: {receiver.error}")
+            return False
+        if receiver.corrupt_blocks:
+            self.reply(451, f"{len(receiver.corrupt_blocks)} blocks flagged as corrupt; restart to resend them.")
+            return False
+        return True
+
+    def _receive_mode_s(self, sink, start: int, limit: int | None, protection) -> bool:
+        try:
+            if self.data.active:
+                sock = self._open_active(1, protection)[0]
+            else:
+                sock = accept_one(self.data.passive[0], protection=protection)
+        except (TransferError, AuthenticationError) as exc:
+            self.reply(425, f"Cannot open data connection: {exc}")
+            return False
+        outcome: list[BaseException | None] = []
+
+        def run() -> None:
+            try:
+                receive_stream(sock, sink, start, limit=limit)
+                outcome.append(None)
+            except BaseException as exc:
+                outcome.append(exc)
+
+        worker = threading.Thread(target=run, name="gridftp-stor-s", daemon=True)
+        worker.start()
+
+        def cancel() -> None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+        finished = self._wait(lambda t: (worker.join(t), not worker.is_alive())[1], lambda: None, cancel)
+        worker.join()
+        if isinstance(sink, PartialFile):
+            sink.checkpoint()
+        if not finished:
+            self._aborted()
+            return False
+        if outcome and outcome[0] is not None:
+            self.reply(426, f"Transfer aborted: {outcome[0]}")
+            return False
+        return True
+
+    def _commit(self, vpath: str, real: Path, partial: PartialFile, allo: int | None,
+                scks: tuple[str, str] | None) -> None:
+        size = allo if allo is not None else partial.held.contiguous_end(0)
+        expected = scks[1] if scks and scks[0] == "SHA256" else None
+        if scks and scks[0] != "SHA256" and not partial.missing(size):
+            actual = cks.hash_fd(partial.fd, scks[0], 0, size)
+            if actual != scks[1]:
+                partial.discard()
+                self.reply(554, f"Checksum mismatch: {scks[0]} {actual} is not {scks[1]}; file discarded.")
+                return
+        try:
+            digest = partial.commit(size, expected)
+        except TransferError as exc:
+            self.reply(451, f"Transfer incomplete: {exc}")
+            return
+        except ChecksumMismatch as exc:
+            partial.discard()
+            self.reply(554, f"Checksum mismatch: received sha256 {exc.actual} is not {exc.expected}; file discarded.")
+            return
+        except OSError as exc:
+            self.reply(451, f"Cannot store {vpath}: {exc.strerror}.")
+            return
+        try:
+            st = os.stat(real)
+            self.server.checksums.put(_cache_key(st, "SHA256", 0, st.st_size), digest)
+            self.server.files.committed(vpath, real, digest)
+        except Exception:
+            log.exception("post-commit hook failed for %s", vpath)
+        self.reply(226, "Transfer Complete.")
+
+    def _receive_in_place(self, vpath: str, offset: int) -> None:
+        try:
+            real = self._writable_target(vpath)
+            self._need_data(sending=False)
+            protection = self._protection()
+            if self.rest is not None:
+                raise _Reply(503, "REST is not used with ESTO; the offset says where the data goes.")
+            try:
+                fd = os.open(real, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+            except OSError as exc:
+                raise _Reply(553, f"{vpath}: {exc.strerror}.") from None
+        except _Reply:
+            self._reset_transfer_state()
+            raise
+        sink = _FdSink(fd)
+        try:
+            self.reply(150, f"Opening BINARY mode data connection for {vpath} at offset {offset}.")
+            if self.mode == "E":
+                ok = self._receive_mode_e(sink, offset, None, protection)
+            else:
+                ok = self._receive_mode_s(sink, offset, None, protection)
+            if ok:
+                self.reply(226, "Transfer Complete.")
+        finally:
+            os.close(fd)
+            self._reset_transfer_state()
+
+
+class _FdSink:
+    """Writes received blocks straight into an open file (ESTO)."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def write(self, offset: int, data) -> None:
+        view = memoryview(data)
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self.fd, view[done:], offset + done)
+
+

@@ -1,0 +1,686 @@
+"""Whole-file transfers with parallel streams, restart and sha256 verification: the library API.
+
+``download`` (server to local file), ``upload`` (local file to server) and ``third_party``
+(server to server, orchestrated from here) all resume an interrupted transfer by asking only
+for the missing byte ranges, and all verify the result against the source's sha256 before it
+carries its final name. ``checksum`` asks a server for a file's checksum.
+
+Where the restart state lives: a download's receiver is this process, so the ranges sit in a
+sidecar beside the partial file (:mod:`gridftp.partial`). For uploads and third-party
+transfers the receiver is a server; it persists its own sidecar and reports what is safely on
+its disk in ``111 Range Marker`` replies, which this side records in ``state_dir`` to send
+back as ``REST`` when the transfer is run again.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .checksum import hash_fd, hash_file
+from .client import GridFTPClient, GridFTPURL
+from .datachannel import (Counter, ModeEReceiver, ModeESender, accept_connections, accept_one,
+                          connect_streams, open_listener, receive_stream, shutdown_listener)
+from .errors import (ChecksumMismatch, ChecksumUnavailable, GridFTPError, ProtocolError, ReplyError,
+                     TransferError)
+from .partial import PartialFile
+from .protocol import Reply, parse_perf_marker, parse_range_marker
+from .ranges import RangeSet
+from .tls import Credential
+
+Progress = Callable[[int, int], None]
+"""``progress(bytes_done, bytes_total)``: called from a helper thread about five times a second."""
+
+DEFAULT_PARALLEL = 4
+IDLE_TIMEOUT = 120.0        # seconds without a byte or a reply before a transfer is declared stuck
+POLL = 0.25
+
+
+@dataclass(frozen=True)
+class TransferResult:
+    """What one call moved and how it was verified.
+
+    ``bytes_transferred``: payload bytes that crossed data connections in this call (all
+    attempts). ``bytes_reused``: bytes the receiver already held from an interrupted run and
+    that were not sent again. ``fetched_ranges``: the byte ranges this call asked the source
+    for (``a-b,c-d``, half-open); on a clean first run ``0-size``. ``repaired_bytes``: bytes
+    fetched again because verification found them corrupt.
+    """
+
+    source: str
+    destination: str
+    size: int
+    sha256: str
+    seconds: float
+    bytes_transferred: int
+    bytes_reused: int
+    fetched_ranges: str
+    attempts: int
+    parallelism: int
+    repaired_bytes: int = 0
+
+    @property
+    def mbit_per_s(self) -> float:
+        return self.size * 8 / self.seconds / 1e6 if self.seconds > 0 else 0.0
+
+
+@dataclass
+class _Options:
+    credential: Credential | None
+    trust: object
+    timeout: float
+    identify: object
+
+    def client(self, url: GridFTPURL, server_dn: str | None = None) -> GridFTPClient:
+        return GridFTPClient(url, credential=self.credential, trust=self.trust, server_dn=server_dn,
+                             timeout=self.timeout, identify=self.identify)
+
+
+class _Ticker:
+    """Calls ``fn`` every ``interval`` seconds in a thread until stopped."""
+
+    def __init__(self, interval: float, fn: Callable[[], None]):
+        self._stop = threading.Event()
+        self._fn = fn
+        self._interval = interval
+        self._thread = threading.Thread(target=self._run, name="gridftp-ticker", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self._fn()
+            except Exception:
+                pass
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        try:
+            self._fn()
+        except Exception:
+            pass
+
+
+class _RemoteChecksum:
+    """Asks a server for a whole file's sha256 on its own control connection, in the background,
+    so the server hashes while the data flows."""
+
+    def __init__(self, opts: _Options, url: GridFTPURL, server_dn: str | None):
+        self.value: str | None = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(opts, url, server_dn),
+                                        name="gridftp-cksm", daemon=True)
+        self._thread.start()
+
+    def _run(self, opts: _Options, url: GridFTPURL, server_dn: str | None) -> None:
+        try:
+            with opts.client(url, server_dn) as session:
+                self.value = _source_sha256(session, url.path)
+        except BaseException as exc:
+            self.error = exc
+
+    def result(self) -> str:
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+def _source_sha256(session: GridFTPClient, path: str) -> str:
+    reply = session.command(f"CKSM SHA256 0 -1 {path}")
+    if reply.code in (500, 502, 504):
+        raise ChecksumUnavailable(f"{session.url.host} cannot compute SHA256 checksums: {reply.text}")
+    if not reply.ok:
+        raise ReplyError(f"CKSM SHA256 0 -1 {path}", reply.code, reply.text)
+    value = reply.text.strip().lower()
+    if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+        raise ProtocolError(f"CKSM reply {value[:80]!r} is not a sha256")
+    return value
+
+
+def _retryable(exc: BaseException) -> bool:
+    if isinstance(exc, ReplyError):
+        return exc.transient
+    return isinstance(exc, TransferError)
+
+
+def _await_final(session: GridFTPClient, *, on_marker: Callable[[Reply], None] | None = None,
+                 alive: Callable[[], bool] | None = None, idle_timeout: float = IDLE_TIMEOUT) -> Reply:
+    """Read replies until a final one, handing 1xx markers to ``on_marker``.
+
+    ``alive()`` says whether data is still moving; a transfer with neither replies nor data
+    for ``idle_timeout`` seconds is declared stuck.
+    """
+    sock = session.control.sock
+    previous = sock.gettimeout()
+    sock.settimeout(POLL)
+    last = time.monotonic()
+    try:
+        while True:
+            try:
+                reply = session.read_reply()
+            except TransferError as exc:
+                if isinstance(exc.__cause__, socket.timeout):
+                    if alive is not None and alive():
+                        last = time.monotonic()
+                    elif time.monotonic() - last > idle_timeout:
+                        raise TransferError(f"{session.url.host}: no progress for {idle_timeout:.0f} s") from None
+                    continue
+                raise
+            last = time.monotonic()
+            if reply.preliminary:
+                if on_marker is not None:
+                    on_marker(reply)
+                continue
+            return reply
+    finally:
+        sock.settimeout(previous)
+
+
+def _activity(counter: Counter) -> Callable[[], bool]:
+    seen = [counter.total]
+
+    def alive() -> bool:
+        now = counter.total
+        moved, seen[0] = now != seen[0], now
+        return moved
+
+    return alive
+
+
+def _start_transfer(session: GridFTPClient, setup: list[str], command: str) -> None:
+    """Pipeline the set-up commands and the transfer command; raise unless it started (1xx)."""
+    replies = session.pipeline(setup + [command])
+    session.expect_ok(replies[:-1], setup)
+    first = replies[-1]
+    if not first.preliminary:
+        raise ReplyError(command, first.code, first.text) if not first.ok else \
+            ProtocolError(f"{command}: no preliminary reply ({first.code})")
+
+
+def _prepare(session: GridFTPClient) -> bool:
+    """TYPE I and MODE E; False when the server only has stream mode."""
+    replies = session.pipeline(["TYPE I", "MODE E"])
+    session.expect_ok(replies[:1], ["TYPE I"])
+    session.mode = "E" if replies[1].ok else "S"
+    return session.mode == "E"
+
+
+# -- download -------------------------------------------------------------------------------------------
+def download(url: str, dest_path: str | os.PathLike, parallel: int = DEFAULT_PARALLEL, *,
+             credential: Credential | None = None, trust=None, server_dn: str | None = None,
+             sha256: str | None = None, progress: Progress | None = None, retries: int = 2,
+             retry_delay: float = 1.0, timeout: float = 60.0, durable: bool = False,
+             identify=None) -> TransferResult:
+    """Fetch ``url`` into ``dest_path`` over ``parallel`` MODE E streams; verified, restartable.
+
+    The file is received as ``dest_path.vmgrid-part`` with its ranges in
+    ``dest_path.vmgrid-part.ranges``; a later call (after a crash, a kill or a cut connection)
+    fetches only what is missing. ``sha256``: the expected digest if the caller knows it (the
+    VMManager does, from the image descriptor); otherwise the source is asked (``CKSM SHA256``)
+    on a second control connection while the data flows. A mismatch is located by per-chunk
+    checksums and only the corrupt chunks are fetched again; if that fails too,
+    :class:`ChecksumMismatch` is raised and the partial file removed.
+    """
+    src = GridFTPURL.parse(url)
+    dest = Path(dest_path)
+    opts = _Options(credential, trust, timeout, identify)
+    started = time.monotonic()
+    transferred = 0
+    reused: int | None = None
+    fetched = RangeSet()
+    repaired = 0
+    attempts = 0
+    remote: _RemoteChecksum | None = None
+    expected = sha256.lower() if sha256 else None
+    while True:
+        attempts += 1
+        partial: PartialFile | None = None
+        try:
+            with opts.client(src, server_dn) as session:
+                mode_e = _prepare(session)
+                replies = session.pipeline([f"SIZE {src.path}", f"MDTM {src.path}"])
+                session.expect_ok(replies[:1], [f"SIZE {src.path}"])
+                size = int(replies[0].text.strip())
+                modify = replies[1].text.strip() if replies[1].ok else None
+                origin = {"source": str(src), "size": size, "modify": modify, "sha256": expected}
+                partial = PartialFile(dest, origin, size=size, resume=True, durable=durable)
+                if reused is None:
+                    reused = partial.resumed_bytes
+                if expected is None and remote is None:
+                    remote = _RemoteChecksum(opts, src, session.server_dn)
+                missing = partial.missing(size)
+                fetched.update(missing)
+                if missing:
+                    mover = _retrieve_mode_e if mode_e else _retrieve_mode_s
+                    moved = Counter()
+                    try:
+                        mover(session, src.path, partial, size, parallel, moved, progress, timeout)
+                    finally:
+                        transferred += moved.total
+                if expected is None:
+                    expected = remote.result()
+                try:
+                    digest = partial.commit(size, expected)
+                except ChecksumMismatch:
+                    if repaired:
+                        partial.discard()
+                        raise
+                    bad = _locate_corruption(session, src.path, partial, size)
+                    if not bad:
+                        partial.discard()
+                        raise
+                    for a, b in bad:
+                        partial.forget(a, b)
+                        repaired += b - a
+                    partial.close()
+                    attempts -= 1          # a repair round is not a failed attempt
+                    continue
+            if progress is not None:
+                progress(size, size)
+            return TransferResult(str(src), str(dest), size, digest, time.monotonic() - started,
+                                  transferred, reused or 0, fetched.format(), attempts, parallel, repaired)
+        except (TransferError, ReplyError) as exc:
+            if partial is not None:
+                partial.close()
+            if not _retryable(exc) or attempts > retries:
+                raise
+            time.sleep(retry_delay)
+        finally:
+            if partial is not None:
+                partial.close()
+
+
+def _retrieve_mode_e(session: GridFTPClient, path: str, partial: PartialFile, size: int, parallel: int,
+                     counter: Counter, progress: Progress | None, timeout: float) -> None:
+    held = partial.snapshot()
+    listener = open_listener(session.local_host)
+    receiver = ModeEReceiver(partial, limit=size, counter=counter)
+    protection = session.data_protection()
+    base = held.total()
+    ticker = _Ticker(POLL, lambda: (partial.checkpoint(),
+                                    progress(min(size, base + counter.total), size) if progress else None))
+    acceptor = None
+    try:
+        setup = [f"OPTS RETR Parallelism={parallel},{parallel},{parallel};",
+                 session.port_command(*listener.getsockname()[:2])]
+        if held:
+            setup.append(f"REST {held.format()}")
+        _start_transfer(session, setup, f"RETR {path}")
+        acceptor = accept_connections(listener, receiver, protection=protection, timeout=timeout)
+        final = _await_final(session, alive=_activity(counter))
+        if not final.ok:
+            receiver.fail(TransferError(f"server ended the transfer: {final.code} {final.text}"))
+            raise ReplyError(f"RETR {path}", final.code, final.text)
+        if not receiver.wait(timeout):
+            raise TransferError("the server finished but the data did not all arrive")
+        if receiver.error is not None:
+            raise receiver.error if isinstance(receiver.error, GridFTPError) else \
+                TransferError(str(receiver.error))
+    finally:
+        if not receiver.done:
+            receiver.fail(TransferError("transfer abandoned"))
+        shutdown_listener(listener)
+        if acceptor is not None:
+            acceptor.join(timeout=5)
+        receiver.close()
+        ticker.stop()
+
+
+def _retrieve_mode_s(session: GridFTPClient, path: str, partial: PartialFile, size: int, parallel: int,
+                     counter: Counter, progress: Progress | None, timeout: float) -> None:
+    start = partial.snapshot().contiguous_end(0)
+    reply = session.command(session.passive_command())
+    if not reply.ok:
+        raise ReplyError("PASV", reply.code, reply.text)
+    host, port = session.passive_addresses(reply)[0]
+    setup = [f"REST {start}"] if start else []
+    ticker = _Ticker(POLL, lambda: (partial.checkpoint(),
+                                    progress(min(size, start + counter.total), size) if progress else None))
+    try:
+        _start_transfer(session, setup, f"RETR {path}")
+        sock = connect_streams([(host, port)], 1, protection=session.data_protection(), timeout=timeout)[0]
+        outcome: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                receive_stream(sock, partial, start, limit=size, counter=counter)
+            except BaseException as exc:
+                outcome.append(exc)
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        final = _await_final(session, alive=_activity(counter))
+        worker.join(timeout)
+        if not final.ok:
+            raise ReplyError(f"RETR {path}", final.code, final.text)
+        if outcome:
+            raise outcome[0]
+    finally:
+        ticker.stop()
+
+
+def _locate_corruption(session: GridFTPClient, path: str, partial: PartialFile, size: int) -> list[tuple[int, int]]:
+    """Compare per-chunk sha256 with the source's (``CKSM SHA256 offset length``); the bad chunks."""
+    chunk = max(1 << 20, -(-size // 64))
+    chunks = [(off, min(chunk, size - off)) for off in range(0, size, chunk)]
+    try:
+        replies = session.pipeline([f"CKSM SHA256 {off} {length} {path}" for off, length in chunks])
+    except GridFTPError:
+        return []
+    bad = []
+    for (off, length), reply in zip(chunks, replies):
+        if not reply.ok:
+            return []
+        if reply.text.strip().lower() != hash_fd(partial.fd, "SHA256", off, length):
+            bad.append((off, off + length))
+    return bad
+
+
+# -- restart log of transfers whose receiver is a server ------------------------------------------------------
+def default_state_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+    return Path(base) / "vmgrid" / "gridftp"
+
+
+class _RestartLog:
+    """The ``111`` range markers a receiving server confirmed, kept to resume with ``REST``."""
+
+    def __init__(self, state_dir: Path, key: dict):
+        self.key = key
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+        self.path = Path(state_dir) / f"{digest}.json"
+        self.ranges = RangeSet()
+        self.sha256: str | None = None
+        self._lock = threading.Lock()
+        try:
+            doc = json.loads(self.path.read_text())
+            if doc.get("key") == key:
+                self.ranges = RangeSet.parse(doc["ranges"]) if doc.get("ranges") else RangeSet()
+                self.sha256 = doc.get("sha256")
+        except (OSError, ValueError, KeyError, GridFTPError):
+            pass
+
+    def add_marker(self, reply: Reply) -> None:
+        text = parse_range_marker(reply)
+        if text is None:
+            return
+        try:
+            ranges = RangeSet.parse(text)
+        except ProtocolError:
+            return
+        with self._lock:
+            self.ranges.update(ranges)
+            self.save()
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"key": self.key, "ranges": self.ranges.format(), "sha256": self.sha256}))
+        os.replace(tmp, self.path)
+
+    def reset(self) -> None:
+        with self._lock:
+            self.ranges = RangeSet()
+            self.save()
+
+    def remove(self) -> None:
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _store_setup(size: int, sha256: str, held: RangeSet) -> list[str]:
+    setup = [f"ALLO {size}", f"SCKS SHA256 {sha256}"]
+    if held:
+        setup.append(f"REST {held.format()}")
+    return setup
+
+
+def _pipeline_tolerant(session: GridFTPClient, lines: list[str], optional: set[str]) -> list[Reply]:
+    replies = session.pipeline(lines)
+    for line, reply in zip(lines, replies):
+        if not reply.ok and line.split(" ", 1)[0] not in optional:
+            raise ReplyError(line, reply.code, reply.text)
+    return replies
+
+
+def _verify_remote(session: GridFTPClient, path: str, expected: str, scks_accepted: bool) -> None:
+    try:
+        actual = _source_sha256(session, path)
+    except ChecksumUnavailable:
+        if scks_accepted:
+            return          # the server verified against SCKS before the file took its name
+        raise
+    if actual != expected:
+        raise ChecksumMismatch(path, expected, actual)
+
+
+# -- upload -----------------------------------------------------------------------------------------------------
+def upload(src_path: str | os.PathLike, url: str, parallel: int = DEFAULT_PARALLEL, *,
+           credential: Credential | None = None, trust=None, server_dn: str | None = None,
+           sha256: str | None = None, progress: Progress | None = None, retries: int = 2,
+           retry_delay: float = 1.0, timeout: float = 60.0, state_dir: str | os.PathLike | None = None,
+           max_rate: float = 0, identify=None) -> TransferResult:
+    """Send a local file to ``url`` over ``parallel`` MODE E streams; verified, restartable.
+
+    The local sha256 (given, remembered for this unchanged file, or computed) is announced with
+    ``SCKS`` before ``STOR``, so a vmgrid server verifies before the file takes its name; the
+    server's ``CKSM SHA256`` is compared afterwards. A re-run after an interruption sends only
+    the ranges the server has not confirmed. ``max_rate`` limits bytes/s (0: unlimited).
+    """
+    from .datachannel import Throttle
+
+    src = Path(src_path)
+    dst = GridFTPURL.parse(url)
+    opts = _Options(credential, trust, timeout, identify)
+    st = src.stat()
+    size = st.st_size
+    log = _RestartLog(Path(state_dir) if state_dir else default_state_dir(),
+                      {"op": "upload", "source": str(src.resolve()), "size": size, "mtime_ns": st.st_mtime_ns,
+                       "destination": str(dst)})
+    started = time.monotonic()
+    digest = (sha256 or log.sha256 or hash_file(src, "SHA256")).lower()
+    if log.sha256 != digest:
+        log.sha256 = digest
+        log.save()
+    reused = log.ranges.total()
+    transferred = 0
+    fetched = RangeSet()
+    attempts = 0
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        while True:
+            attempts += 1
+            try:
+                with opts.client(dst, server_dn) as session:
+                    if not _prepare(session):
+                        raise GridFTPError(f"{dst.host} does not offer MODE E")
+                    held = log.ranges.copy()
+                    replies = _pipeline_tolerant(session, _store_setup(size, digest, held) +
+                                                 [session.passive_command()], {"SCKS", "ALLO", "REST"})
+                    scks_ok = replies[1].ok
+                    if held and not replies[2].ok:
+                        log.reset()
+                        raise TransferError("server refused the restart marker")
+                    addresses = session.passive_addresses(replies[-1])
+                    todo = held.missing(0, size)
+                    fetched.update(todo)
+                    counter = Counter()
+                    # Globus answers STOR only once data connections arrive: connect right away
+                    session.send(f"STOR {dst.path}")
+                    sender = ModeESender(fd, todo, counter=counter,
+                                         throttle=Throttle(max_rate) if max_rate else None)
+                    ticker = _Ticker(POLL, lambda: progress(min(size, size - sum(b - a for a, b in todo) +
+                                                                counter.total), size) if progress else None)
+                    outcome: list[BaseException] = []
+                    protection = session.data_protection()
+
+                    def run() -> None:
+                        try:
+                            sender.run(connect_streams(addresses, parallel, protection=protection,
+                                                       timeout=timeout))
+                        except BaseException as exc:
+                            outcome.append(exc)
+
+                    worker = threading.Thread(target=run, name="gridftp-stor", daemon=True)
+                    worker.start()
+                    final: Reply | None = None
+                    try:
+                        final = _await_final(session, on_marker=log.add_marker, alive=_activity(counter))
+                    finally:
+                        if final is None or not final.ok:
+                            sender.cancel()
+                        worker.join()
+                        ticker.stop()
+                        transferred += counter.total
+                    if final.code == 554 and held:
+                        log.reset()         # the server no longer holds what we recorded: start afresh
+                        raise TransferError(f"server cannot restart: {final.text}")
+                    if not final.ok:
+                        raise ReplyError(f"STOR {dst.path}", final.code, final.text)
+                    if outcome:
+                        raise outcome[0] if isinstance(outcome[0], GridFTPError) else TransferError(str(outcome[0]))
+                    _verify_remote(session, dst.path, digest, scks_ok)
+                log.remove()
+                if progress is not None:
+                    progress(size, size)
+                return TransferResult(str(src), str(dst), size, digest, time.monotonic() - started, transferred,
+                                      reused, fetched.format(), attempts, parallel)
+            except (TransferError, ReplyError) as exc:
+                if isinstance(exc, ReplyError) and exc.code == 554 and "checksum" in exc.text.lower():
+                    log.reset()
+                    raise ChecksumMismatch(dst.path, digest, "(refused by the server)") from exc
+                if not _retryable(exc) or attempts > retries:
+                    raise
+                time.sleep(retry_delay)
+    finally:
+        os.close(fd)
+
+
+# -- third party ------------------------------------------------------------------------------------------------
+def third_party(src_url: str, dst_url: str, parallel: int = DEFAULT_PARALLEL, *,
+                credential: Credential | None = None, trust=None, src_dn: str | None = None,
+                dst_dn: str | None = None, sha256: str | None = None, progress: Progress | None = None,
+                retries: int = 2, retry_delay: float = 1.0, timeout: float = 60.0,
+                state_dir: str | os.PathLike | None = None, identify=None) -> TransferResult:
+    """Have the source server send ``src_url`` straight to the destination server.
+
+    This process only drives both control connections: the destination listens (``PASV``),
+    the source connects ``parallel`` streams to it (``PORT``, ``OPTS RETR Parallelism``).
+    With ``gsiftp://`` on both sides each server must prove the other's host DN on the data
+    connections (``DCAU S``). Restart markers from the destination are kept in ``state_dir``.
+    """
+    src = GridFTPURL.parse(src_url)
+    dst = GridFTPURL.parse(dst_url)
+    if src.secure != dst.secure:
+        raise GridFTPError("third-party transfers need both URLs ftp:// or both gsiftp://")
+    opts = _Options(credential, trust, timeout, identify)
+    started = time.monotonic()
+    transferred = 0
+    fetched = RangeSet()
+    attempts = 0
+    reused: int | None = None
+    while True:
+        attempts += 1
+        try:
+            with opts.client(src, src_dn) as source, opts.client(dst, dst_dn) as target:
+                if not _prepare(source) or not _prepare(target):
+                    raise GridFTPError("third-party transfers need MODE E on both servers")
+                replies = source.pipeline([f"SIZE {src.path}", f"MDTM {src.path}"])
+                source.expect_ok(replies[:1], ["SIZE"])
+                size = int(replies[0].text.strip())
+                modify = replies[1].text.strip() if replies[1].ok else None
+                log = _RestartLog(Path(state_dir) if state_dir else default_state_dir(),
+                                  {"op": "third-party", "source": str(src), "size": size, "modify": modify,
+                                   "destination": str(dst)})
+                digest = (sha256 or log.sha256 or _source_sha256(source, src.path)).lower()
+                if log.sha256 != digest:
+                    log.sha256 = digest
+                    log.save()
+                if reused is None:
+                    reused = log.ranges.total()
+                held = log.ranges.copy()
+                todo = held.missing(0, size)
+                fetched.update(todo)
+                if src.secure:
+                    source.ok(f"DCAU S {target.server_dn}")
+                    target.ok(f"DCAU S {source.server_dn}")
+                replies = _pipeline_tolerant(target, _store_setup(size, digest, held) + [target.passive_command()],
+                                             {"SCKS", "ALLO", "REST"})
+                scks_ok = replies[1].ok
+                if held and not replies[2].ok:
+                    log.reset()
+                    raise TransferError("destination refused the restart marker")
+                addresses = target.passive_addresses(replies[-1])
+                target.send(f"STOR {dst.path}")
+                setup = [f"OPTS RETR Parallelism={parallel},{parallel},{parallel};",
+                         source.port_command(*addresses[0])]
+                if held:
+                    setup.append(f"REST {held.format()}")
+                to_send = sum(b - a for a, b in todo)
+                moved = [0]
+
+                def on_dst_marker(reply: Reply) -> None:
+                    log.add_marker(reply)
+                    n = parse_perf_marker(reply) if reply.code == 112 else None
+                    if n is not None:
+                        moved[0] = n
+                        if progress is not None:
+                            progress(min(size, size - to_send + n), size)
+
+                dst_final: list = []
+
+                def watch_target() -> None:
+                    try:
+                        dst_final.append(_await_final(target, on_marker=on_dst_marker, idle_timeout=timeout * 10))
+                    except BaseException as exc:
+                        dst_final.append(exc)
+
+                watcher = threading.Thread(target=watch_target, name="gridftp-3pt", daemon=True)
+                watcher.start()
+                try:
+                    _start_transfer(source, setup, f"RETR {src.path}")
+                    src_final = _await_final(source, idle_timeout=timeout * 10)
+                    watcher.join(timeout)
+                finally:
+                    if watcher.is_alive():
+                        target.close()      # unblocks the watcher; the destination aborts the STOR
+                        watcher.join()
+                if isinstance(dst_final[0], BaseException):
+                    raise dst_final[0]
+                transferred += moved[0] or (to_send if src_final.ok and dst_final[0].ok else 0)
+                if not src_final.ok:
+                    raise ReplyError(f"RETR {src.path}", src_final.code, src_final.text)
+                if not dst_final[0].ok:
+                    raise ReplyError(f"STOR {dst.path}", dst_final[0].code, dst_final[0].text)
+                _verify_remote(target, dst.path, digest, scks_ok)
+            log.remove()
+            if progress is not None:
+                progress(size, size)
+            return TransferResult(str(src), str(dst), size, digest, time.monotonic() - started, transferred,
+                                  reused or 0, fetched.format(), attempts, parallel)
+        except (TransferError, ReplyError) as exc:
+            if not _retryable(exc) or attempts > retries:
+                raise
+            time.sleep(retry_delay)
+
+
+def checksum(url: str, algorithm: str = "SHA256", *, offset: int = 0, length: int = -1,
+             credential: Credential | None = None, trust=None, server_dn: str | None = None,
+             timeout: float = 60.0) -> str:
+    """The server's checksum (``CKSM``) of a file or a byte range of it, lowercase hex."""
+    target = GridFTPURL.parse(url)
+    with GridFTPClient(target, credential=credential, trust=trust, server_dn=server_dn, timeout=timeout) as s:
+        return s.checksum(target.path, algorithm, offset, length)
+
+
+__all__ = ["TransferResult", "download", "upload", "third_party", "checksum", "default_state_dir", "Progress"]
