@@ -313,15 +313,32 @@ def _structure(root: etree._Element) -> _Parts:
 
 
 def _ids(root: etree._Element) -> dict[str, etree._Element]:
-    """Every Id-like attribute value in the document (any namespace, Id/ID/id and xml:id); duplicates refused."""
-    found: dict[str, etree._Element] = {}
+    """Map each Id-like attribute value in the document (Id, ID, id in any namespace, and xml:id) to the element
+    carrying it. A value carried twice maps to None (ambiguous: a reference to it is refused); two wsu:Id
+    attributes with one value are refused outright."""
+    found: dict[str, etree._Element | None] = {}
+    wsu_ids: set[str] = set()
     for attr in root.xpath("//@*[local-name()='Id' or local-name()='ID' or local-name()='id']"):
-        el = attr.getparent()
         value = str(attr)
-        if value in found:
-            raise InvalidSecurity(f"duplicate Id {value!r}: ambiguous references are refused")
-        found[value] = el
+        if attr.attrname == Q_ID:
+            if value in wsu_ids:
+                raise InvalidSecurity(f"duplicate wsu:Id {value!r}: ambiguous references are refused")
+            wsu_ids.add(value)
+        found[value] = None if value in found else attr.getparent()
     return found
+
+
+def _resolve(ids: dict[str, etree._Element | None], uri: str) -> etree._Element | None:
+    """The element a same-document reference `#value` names, or raise if it is ambiguous or not a wsu:Id."""
+    value = uri[1:]
+    if value not in ids:
+        return None
+    target = ids[value]
+    if target is None:
+        raise InvalidSecurity(f"duplicate Id {value!r}: ambiguous references are refused")
+    if target.get(Q_ID) != value:
+        raise InvalidSecurity(f"reference {uri} resolves through an Id outside the wsu namespace")
+    return target
 
 
 def _check_timestamp(ts: etree._Element, policy: SecurityPolicy, now: _dt.datetime) -> _dt.datetime:
@@ -348,7 +365,7 @@ def _check_timestamp(ts: etree._Element, policy: SecurityPolicy, now: _dt.dateti
     return horizon
 
 
-def _token_chain(parts: _Parts, ids: dict[str, etree._Element]) -> tuple[list[x509.Certificate] | None, bytes]:
+def _token_chain(parts: _Parts, ids: dict[str, etree._Element | None]) -> tuple[list[x509.Certificate] | None, bytes]:
     """The signer's certificates (leaf first) and a cache key, from the KeyInfo. The chain is parsed lazily
     (None) when the trust store already knows the token."""
     key_info = parts.signature.find(Q_KEY_INFO)
@@ -362,7 +379,7 @@ def _token_chain(parts: _Parts, ids: dict[str, etree._Element]) -> tuple[list[x5
             uri = ref.get("URI") or ""
             if not uri.startswith("#"):
                 raise SecurityTokenUnavailable(f"security token reference {uri!r} is not a local #Id")
-            bst = ids.get(uri[1:])
+            bst = _resolve(ids, uri)
             if bst is None or bst.tag != Q_BST or bst.getparent() is not parts.security or bst.get(Q_ID) != uri[1:]:
                 raise SecurityTokenUnavailable(f"security token {uri} is not a BinarySecurityToken of wsse:Security")
             encoding = bst.get("EncodingType")
@@ -430,7 +447,7 @@ def _leaf_first(certs: list[x509.Certificate]) -> list[x509.Certificate]:
     return [leaf] + [c for c in certs if c is not leaf]
 
 
-def _references(parts: _Parts, ids: dict[str, etree._Element], policy: SecurityPolicy
+def _references(parts: _Parts, ids: dict[str, etree._Element | None], policy: SecurityPolicy
                 ) -> tuple[etree._Element, list[tuple[etree._Element, etree._Element, list[str] | None]]]:
     signed_info = parts.signature.find(Q_SIGNED_INFO)
     if signed_info is None:
@@ -449,11 +466,9 @@ def _references(parts: _Parts, ids: dict[str, etree._Element], policy: SecurityP
         uri = ref.get("URI") or ""
         if not uri.startswith("#") or uri.startswith("#xpointer("):
             raise InvalidSecurity(f"reference {uri!r}: only same-document #Id references are accepted")
-        target = ids.get(uri[1:])
+        target = _resolve(ids, uri)
         if target is None:
             raise InvalidSecurity(f"reference {uri} resolves to no element")
-        if target.get(Q_ID) != uri[1:]:
-            raise InvalidSecurity(f"reference {uri} resolves through an Id outside the wsu namespace")
         if id(target) in seen:
             raise InvalidSecurity(f"two references to the same element ({uri})")
         seen.add(id(target))

@@ -139,3 +139,22 @@ def test_must_understand_violations():
     assert must_understand_violations(env, []) == ["{urn:o}Other"]
     assert must_understand_violations(env, ["{urn:o}Other"]) == []
     assert WSSE in Q_SECURITY
+
+
+def test_application_id_attributes_do_not_disturb_verification(grid_pki):
+    """Payloads may carry their own (even repeated) id attributes; only references must be unambiguous."""
+    env = echo_envelope("x")
+    echo = env.find(f".//{{{ECHO_NS}}}Echo")
+    for _ in range(2):
+        etree.SubElement(echo, "{urn:app}disk", id="1")
+    caller, _ = verify_envelope(sign_envelope(env, grid_pki.alice.proxy), grid_pki.trust())
+    assert caller.dn == grid_pki.alice.dn
+
+
+def test_a_referenced_value_carried_by_another_id_attribute_is_ambiguous(grid_pki):
+    root = sign_in_place(echo_envelope("x"), grid_pki.alice.proxy)
+    body_id = root.find("{http://schemas.xmlsoap.org/soap/envelope/}Body").get(
+        "{http://docs.oasis-open.org/wss/2004/01/oasis-200401-wss-wssecurity-utility-1.0.xsd}Id")
+    etree.SubElement(root.find(f".//{{{ECHO_NS}}}Echo"), "{urn:app}decoy", ID=body_id)
+    with pytest.raises(InvalidSecurity, match="duplicate Id"):
+        verify_envelope(etree.tostring(root), grid_pki.trust())
