@@ -51,6 +51,7 @@ class GuestPort:
         self._token = ""
         self._context: InstanceContext | None = None
         self._context_event = threading.Event()
+        self._settled = False          # guestd has its context (from any source): no pushes accepted
         self._stop = threading.Event()
         self.host_connected = False
         self._thread = threading.Thread(target=self._loop, name="guestd-port", daemon=True)
@@ -67,7 +68,9 @@ class GuestPort:
             self._fd = None
 
     def set_token(self, token: str) -> None:
+        """Sign every later message with ``token``; guestd has its context from now on."""
         self._token = token
+        self._settled = True
 
     def handle(self, op: str, handler: Handler) -> None:
         self._handlers[op] = handler
@@ -128,7 +131,6 @@ class GuestPort:
                     self._flush(fd)                # replies leave at once
                 elif data == b"":                  # host side not connected: EOF until it is
                     self._disconnected(buf)
-                    continue
             if ev & select.POLLOUT:
                 self.host_connected = True
                 self._flush(fd)
@@ -178,8 +180,8 @@ class GuestPort:
             self.send({"op": "reply", "id": rid, "ok": False, "error": f"{type(exc).__name__}: {exc}"})
 
     def _accept_context(self, message: dict[str, Any]) -> dict[str, Any]:
-        if self._context is not None:
-            raise ContextError("guestd already has its context")
+        if self._context is not None or self._settled:
+            raise ContextError("guestd already has its context (or takes it from another source)")
         ctx = validate(message["context"])
         self._token = ctx.token
         self._context = ctx

@@ -97,10 +97,12 @@ class GuestChannelClient:
             for line in buf.feed(data):
                 self._handle(line)
         with self._lock:
-            if self._sock is s:
+            current = self._sock is s
+            if current:
                 self._sock = None
-                s.close()
-        self._fail_waiters("the guest channel closed (instance stopped, saved or moved)")
+        if current:       # a connection closed by close() has already failed its waiters
+            s.close()
+            self._fail_waiters("the guest channel closed (instance stopped, saved or moved)")
 
     def _handle(self, line: bytes) -> None:
         try:
