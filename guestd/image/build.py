@@ -106,10 +106,10 @@ def debian_mirror(files: list[Path] | None = None) -> str:
                             return uri.rstrip("/")
         else:
             for line in text.splitlines():
-                parts = line.split("#")[0].split()
+                line = re.sub(r"\[[^\]]*\]", " ", line.split("#")[0])   # drop [options]
+                parts = line.split()
                 if len(parts) >= 3 and parts[0] == "deb" and parts[2] == SUITE:
-                    uri = next(p for p in parts[1:] if not p.startswith("["))
-                    return uri.rstrip("/")
+                    return parts[1].rstrip("/")
     return DEFAULT_MIRROR
 
 
