@@ -18,7 +18,9 @@ from .control import ControlChannel
 from .errors import AuthenticationError, GridFTPError, ProtocolError, ReplyError, TransferError
 from .protocol import (DEFAULT_FTP_PORT, DEFAULT_GRIDFTP_PORT, Reply, find_host_ports, format_eprt,
                        format_host_port, parse_epsv_reply)
-from .tls import Credential, DataTLS, TLSConfig, slash_dn
+from security.pki import CredentialError, load_user_credential
+
+from .tls import Credential, DataTLS, TLSConfig, subject_of
 
 CONTROL_TIMEOUT = 60.0
 
@@ -105,7 +107,10 @@ class GridFTPClient:
         self.tls: TLSConfig | None = None
         if self.url.secure:
             if credential is None:
-                credential = Credential.from_environment()
+                try:
+                    credential = load_user_credential()
+                except CredentialError as exc:
+                    raise AuthenticationError(str(exc)) from exc
             self.tls = TLSConfig(credential, trust, identify=identify)
         self.server_dn: str | None = None
         self.control: ControlChannel | None = None
@@ -130,8 +135,17 @@ class GridFTPClient:
                 raise ReplyError("(greeting)", greeting.code, greeting.text)
             if self.tls is not None:
                 self._auth_tls()
-                self.expect_ok(self.pipeline(["PBSZ 0", "PROT P", "USER :globus-mapping:"]),
-                               ["PBSZ 0", "PROT P", "USER"])
+                try:
+                    replies = self.pipeline(["PBSZ 0", "PROT P", "USER :globus-mapping:"])
+                except TransferError as exc:
+                    if isinstance(exc.__cause__, ssl.SSLError):   # TLS 1.3: a refused certificate shows here
+                        raise AuthenticationError(f"{self.url.host} refused the credential: {exc.__cause__}") from exc
+                    raise
+                for reply, cmd in zip(replies, ["PBSZ 0", "PROT P", "USER"]):
+                    if reply.code in (530, 535):
+                        raise AuthenticationError(f"{self.url.host} refused the credential: {reply.code} {reply.text}")
+                    if not reply.ok:
+                        raise ReplyError(cmd, reply.code, reply.text)
             else:
                 replies = self.pipeline(["USER anonymous", "PASS vmgrid@"])
                 if replies[0].code not in (230, 331):
@@ -158,7 +172,7 @@ class GridFTPClient:
         else:
             leaf = x509.load_der_x509_certificate(sock.getpeercert(binary_form=True))
             if not _host_matches(leaf, self.url.host):
-                raise AuthenticationError(f"server certificate {slash_dn(leaf.subject)!r} does not name {self.url.host}")
+                raise AuthenticationError(f"server certificate {subject_of(leaf)!r} does not name {self.url.host}")
 
     def close(self) -> None:
         if self.control is not None:
@@ -268,4 +282,4 @@ class GridFTPClient:
         """PROT P data channel protection for this session (the server's DN is expected by default)."""
         if self.tls is None:
             return None
-        return DataTLS(self.tls, expect if expect is not None else self.server_dn)
+        return DataTLS(self.tls, expect if expect is not None else self.server_dn, tls_server=False)

@@ -33,7 +33,7 @@ from .partial import PartialFile
 from .protocol import (MAX_PARALLELISM, RetrOptions, format_eprt, format_host_port, format_mdtm,
                        format_perf_marker, parse_eprt, parse_host_port, parse_retr_options, split_command)
 from .ranges import RangeSet
-from .tls import Credential, DataTLS, TLSConfig
+from .tls import Credential, DataTLS, TLSConfig, TrustStore
 
 log = logging.getLogger("gridftp.server")
 
@@ -102,7 +102,7 @@ class GridFTPServer:
     """
 
     def __init__(self, root_or_vfs: str | os.PathLike | FileSpace, host: str = "127.0.0.1", port: int = 0,
-                 *, credential: Credential | None = None, trust=None, authorize: Authorize | None = None,
+                 *, credential: Credential | None = None, trust: TrustStore | str | None = None, authorize: Authorize | None = None,
                  anonymous: bool = False, upload_area: str | None = None,
                  insecure_anonymous_writes: bool = False, max_rate: float = 0, marker_interval: float = 5.0,
                  require_private_data: bool = True, durable: bool = True, max_sessions: int = 64,
@@ -250,6 +250,7 @@ class _Session:
         self.logged_in = False
         self.anonymous = False
         self.dn: str | None = None          # TLS-authenticated identity
+        self.auth_failure: str | None = None
         self.pending_user: str | None = None
         self.cwd = "/"
         self.type = "A"
@@ -387,6 +388,8 @@ class _Session:
     def cmd_USER(self, arg: str):
         if not arg:
             raise _Reply(501, "USER needs a name.")
+        if self.auth_failure is not None:
+            raise _Reply(535, f"Failed security check: {self.auth_failure}")
         if self.logged_in:
             raise _Reply(503, "Already logged in.")
         if self.dn is not None:
@@ -434,8 +437,11 @@ class _Session:
         try:
             self.dn = self.server.tls.identify(sock)
         except AuthenticationError as exc:
-            self.reply(535, f"Failed security check: {exc}")
-            return False
+            # keep the session: closing now would reset the connection over commands already in
+            # flight, and the client would never learn why
+            self.auth_failure = str(exc)
+            log.info("session %s presented an unacceptable certificate: %s", self.peer, exc)
+            return
         log.info("session %s authenticated as %s", self.peer, self.dn)
 
     def _tls(self) -> None:
@@ -486,8 +492,9 @@ class _Session:
                 raise _Reply(521, "Data connections must be protected: send PBSZ 0 and PROT P.")
             return None
         mode, subject = self.dcau
-        expect = self.dn if mode == "A" else subject if mode == "S" else None
-        return DataTLS(self.server.tls, expect)
+        if mode == "S":     # server to server (third party): the connecting side is the TLS client
+            return DataTLS(self.server.tls, subject, tls_server=None)
+        return DataTLS(self.server.tls, self.dn if mode == "A" else None, tls_server=True)
 
     # -- session state (RFC 959) -------------------------------------------------------------------------
     def cmd_QUIT(self, arg: str):

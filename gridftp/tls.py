@@ -1,175 +1,107 @@
-"""TLS for control and data channels (RFC 4217): contexts from grid credentials, identity checks.
+"""TLS for control and data channels (RFC 4217 AUTH TLS) with grid credentials from :mod:`security`.
 
-The identity of a peer is the distinguished name of its end-entity certificate, in the
-OpenSSL/Globus slash form (``/O=Grid/OU=Example/CN=Jane Doe``); a peer presenting an
-RFC 3820 proxy certificate is identified by the end-entity certificate that signed the proxy
-chain. Chain validation is OpenSSL's, with proxy certificates allowed.
+A peer is identified by the end-entity DN of its certificate chain (``/O=Grid/OU=vmgrid/CN=Jane
+Doe``); a user presenting an RFC 3820 proxy is identified by the user certificate that signed the
+proxy. OpenSSL checks the chain during the handshake (proxy certificates allowed), then
+:class:`security.trust.TrustStore` applies the grid's policy (CRLs, proxy rules) and names the DN.
 """
 from __future__ import annotations
 
 import os
 import socket
 import ssl
+import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
+
+from security.pki import Credential, default_cert_dir, dn_string, load_credential
+from security.trust import ChainError, TrustStore
 
 from .errors import AuthenticationError
 
-PROXY_CERT_INFO_OIDS = ("1.3.6.1.5.5.7.1.14", "1.3.6.1.4.1.3536.1.222")   # RFC 3820, pre-RFC GT3 proxies
-
-_ATTR_NAMES = {
-    "2.5.4.3": "CN", "2.5.4.6": "C", "2.5.4.7": "L", "2.5.4.8": "ST", "2.5.4.10": "O", "2.5.4.11": "OU",
-    "0.9.2342.19200300.100.1.25": "DC", "0.9.2342.19200300.100.1.1": "UID", "1.2.840.113549.1.9.1": "emailAddress",
-}
+__all__ = ["Credential", "TLSConfig", "DataTLS", "TrustStore", "trust_store", "peer_chain", "load_credential"]
 
 
-def slash_dn(name: x509.Name) -> str:
-    """``/O=Grid/OU=Example/CN=Jane Doe``: the DN form of grid-mapfiles and Globus tools."""
-    parts = []
-    for rdn in name.rdns:
-        for attr in rdn:
-            key = _ATTR_NAMES.get(attr.oid.dotted_string, attr.oid.dotted_string)
-            parts.append(f"/{key}={attr.value}")
-    return "".join(parts)
+def trust_store(trust: TrustStore | str | os.PathLike | None) -> TrustStore:
+    """A :class:`TrustStore` from a store, a CA directory, or None (``X509_CERT_DIR`` and the Globus defaults)."""
+    if isinstance(trust, TrustStore):
+        return trust
+    path = Path(trust) if trust is not None else default_cert_dir()
+    if not path.is_dir():
+        raise AuthenticationError(f"trusted CA directory {path} does not exist (set X509_CERT_DIR)")
+    return TrustStore(path)
 
 
-def is_proxy(cert: x509.Certificate) -> bool:
-    return any(ext.oid.dotted_string in PROXY_CERT_INFO_OIDS for ext in cert.extensions)
-
-
-def end_entity_dn(chain: list[x509.Certificate]) -> str:
-    """The DN of the first certificate in a leaf-first chain that is not a proxy certificate."""
-    for cert in chain:
-        if not is_proxy(cert):
-            return slash_dn(cert.subject)
-    raise AuthenticationError("certificate chain holds only proxy certificates")
-
-
-def verified_chain(sock: ssl.SSLSocket) -> list[x509.Certificate]:
-    """The peer's chain as OpenSSL verified it, leaf first (Python 3.11 keeps the accessor private)."""
-    getter = getattr(sock, "get_verified_chain", None) or getattr(sock._sslobj, "get_verified_chain", None)
+def peer_chain(sock: ssl.SSLSocket) -> list[x509.Certificate]:
+    """The certificates the peer presented, leaf first (Python 3.11 keeps the accessor private)."""
+    sslobj = getattr(sock, "_sslobj", None)
+    getter = getattr(sock, "get_unverified_chain", None) or getattr(sslobj, "get_unverified_chain", None)
     if getter is None:
-        raise AuthenticationError("this Python cannot read the verified peer chain")
-    chain = getter() or []
-    certs = []
-    for c in chain:
-        der = c.public_bytes(ssl._ssl.ENCODING_DER) if hasattr(c, "public_bytes") else c
-        certs.append(x509.load_der_x509_certificate(der))
-    if not certs:
-        raise AuthenticationError("peer presented no certificate")
-    return certs
+        raise AuthenticationError("this Python cannot read the peer's certificate chain")
+    return [x509.load_der_x509_certificate(c.public_bytes(ssl._ssl.ENCODING_DER)) for c in (getter() or [])]
 
 
-def default_identify(sock: ssl.SSLSocket) -> str:
-    """End-entity DN of an OpenSSL-verified peer chain."""
-    return end_entity_dn(verified_chain(sock))
-
-
-@dataclass
-class Credential:
-    """A grid credential in PEM files: certificate (and chain, e.g. a proxy's signers) and key.
-
-    A proxy file from ``grid-proxy-init`` holds certificate, key and chain in one file: pass it
-    as ``certfile`` with ``keyfile=None``.
-    """
-
-    certfile: str
-    keyfile: str | None = None
-
-    @classmethod
-    def from_environment(cls) -> "Credential":
-        """``X509_USER_PROXY``, else ``X509_USER_CERT``/``X509_USER_KEY``, else ``/tmp/x509up_u<uid>``."""
-        proxy = os.environ.get("X509_USER_PROXY")
-        if proxy:
-            return cls(proxy)
-        cert, key = os.environ.get("X509_USER_CERT"), os.environ.get("X509_USER_KEY")
-        if cert and key:
-            return cls(cert, key)
-        default = f"/tmp/x509up_u{os.getuid()}"
-        if os.path.exists(default):
-            return cls(default)
-        home = Path.home() / ".globus"
-        if (home / "usercert.pem").exists():
-            return cls(str(home / "usercert.pem"), str(home / "userkey.pem"))
-        raise AuthenticationError("no grid credential: set X509_USER_PROXY or X509_USER_CERT/X509_USER_KEY")
-
-
-def trust_dir_from_environment() -> str:
-    """``X509_CERT_DIR``, else ``~/.globus/certificates``, else ``/etc/grid-security/certificates``."""
-    for cand in (os.environ.get("X509_CERT_DIR"), str(Path.home() / ".globus/certificates"),
-                 "/etc/grid-security/certificates"):
-        if cand and os.path.isdir(cand):
-            return cand
-    raise AuthenticationError("no trusted CA directory: set X509_CERT_DIR")
-
-
-def _load_trust(ctx: ssl.SSLContext, trust) -> None:
-    """Trust anchors: a directory of hashed CA certificates (X509_CERT_DIR), a PEM file, or a list."""
-    if trust is None:
-        trust = trust_dir_from_environment()
-    items = trust if isinstance(trust, (list, tuple)) else [trust]
-    for item in items:
-        path = os.fspath(getattr(item, "ca_dir", None) or getattr(item, "path", None) or item)
-        if os.path.isdir(path):
-            # load every CA file rather than relying on hash names (openssl rehash may not have run)
-            loaded = False
-            for name in sorted(os.listdir(path)):
-                if name.endswith((".0", ".1", ".2", ".pem", ".crt")) and not name.endswith(".r0"):
-                    try:
-                        ctx.load_verify_locations(cafile=os.path.join(path, name))
-                        loaded = True
-                    except ssl.SSLError:
-                        continue
-            if not loaded:
-                raise AuthenticationError(f"no CA certificate in {path}")
-        else:
-            ctx.load_verify_locations(cafile=path)
-
-
-def _context(purpose: ssl.Purpose, credential: Credential | None, trust) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(purpose)
+def _context(server_side: bool, credential: Credential | None, trust: TrustStore) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server_side else ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.check_hostname = False          # peers are identified by DN (DCAU), not by host name
+    ctx.check_hostname = False          # servers are checked by name in the client, peers by DN (DCAU)
     ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.verify_flags |= ssl.VERIFY_ALLOW_PROXY_CERTS | ssl.VERIFY_X509_STRICT
-    ctx.verify_flags &= ~ssl.VERIFY_X509_STRICT         # Globus-style proxies are not RFC 5280 strict
-    if hasattr(ssl, "VERIFY_X509_PARTIAL_CHAIN"):
-        ctx.verify_flags &= ~ssl.VERIFY_X509_PARTIAL_CHAIN
-    _load_trust(ctx, trust)
+    ctx.verify_flags |= ssl.VERIFY_ALLOW_PROXY_CERTS
+    ctx.load_verify_locations(capath=str(trust.cert_dir))
+    if server_side:
+        # no TLS 1.3 session tickets: a data sender never reads, and unread tickets in its receive
+        # buffer would turn its close into a reset that destroys the last blocks in flight
+        ctx.num_tickets = 0
     if credential is not None:
-        try:
-            ctx.load_cert_chain(credential.certfile, credential.keyfile)
-        except (OSError, ssl.SSLError) as exc:
-            raise AuthenticationError(f"cannot load credential {credential.certfile}: {exc}") from exc
+        # ssl loads credentials from files only: write the chain and key to a private temporary directory
+        with tempfile.TemporaryDirectory(prefix="vmgrid-gridftp-") as tmp:
+            cert, key = Path(tmp) / "cert.pem", Path(tmp) / "key.pem"
+            cert.write_bytes(credential.cert_pem(with_chain=True))
+            fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(credential.key_pem())
+            try:
+                ctx.load_cert_chain(str(cert), str(key))
+            except ssl.SSLError as exc:
+                raise AuthenticationError(f"cannot use the credential of {credential.subject}: {exc}") from exc
     return ctx
 
 
 class TLSConfig:
-    """Everything TLS for one side: contexts for both roles and how to name the peer.
+    """One side's TLS set-up: its credential, the trusted CAs, contexts for both roles, and the
+    identity check. ``identify(sock) -> dn`` may be injected (tests, other policies); by default it
+    validates the presented chain with the :class:`TrustStore`."""
 
-    ``identify`` maps a handshaken socket to the peer's DN; the default reads OpenSSL's
-    verified chain. A deployment can pass its own (e.g. one that also checks CRLs or a VO).
-    """
-
-    def __init__(self, credential: Credential | None, trust=None, *,
+    def __init__(self, credential: Credential | None, trust: TrustStore | str | os.PathLike | None = None, *,
                  identify: Callable[[ssl.SSLSocket], str] | None = None):
         self.credential = credential
-        self.trust = trust
-        self.server_context = _context(ssl.Purpose.CLIENT_AUTH, credential, trust) if credential else None
-        self.client_context = _context(ssl.Purpose.SERVER_AUTH, credential, trust)
-        self._identify = identify or default_identify
+        self.trust = trust_store(trust)
+        self.server_context = _context(True, credential, self.trust) if credential is not None else None
+        self.client_context = _context(False, credential, self.trust)
+        self._identify = identify
+
+    @property
+    def dn(self) -> str | None:
+        """This side's own grid identity."""
+        return self.credential.identity if self.credential is not None else None
 
     def identify(self, sock: ssl.SSLSocket) -> str:
-        try:
-            dn = self._identify(sock)
-        except AuthenticationError:
-            raise
-        except Exception as exc:
-            raise AuthenticationError(f"cannot establish the peer's identity: {exc}") from exc
+        """The verified end-entity DN of the peer of a handshaken socket."""
+        if self._identify is not None:
+            try:
+                dn = self._identify(sock)
+            except AuthenticationError:
+                raise
+            except Exception as exc:
+                raise AuthenticationError(f"cannot establish the peer's identity: {exc}") from exc
+        else:
+            chain = peer_chain(sock)
+            try:
+                dn = self.trust.validate(chain).dn
+            except ChainError as exc:
+                raise AuthenticationError(exc.reason) from exc
         if not dn:
             raise AuthenticationError("peer has no identity")
         return dn
@@ -178,35 +110,39 @@ class TLSConfig:
 class DataTLS:
     """PROT P protection of one transfer's data connections, with the DCAU identity check.
 
-    The active side of a data connection is the TLS client, the passive side the TLS server
-    (GFD.20, Appendix I). ``expect`` is the DN the peer must prove (DCAU A: the session's user;
-    DCAU S: the given subject); None accepts any peer whose chain verifies (DCAU N).
+    ``expect``: the DN the peer must prove (DCAU A: the session's user or the server; DCAU S: the
+    given subject; None: any trusted peer, DCAU N). ``tls_server``: which TLS role this side takes
+    whatever the TCP direction; between a user and a server the server is always the TLS server
+    (user certificates are client certificates). None: the side that accepted the TCP connection is
+    the TLS server (server to server, DCAU S), as the active side initiates in GFD.20 Appendix I.
     """
 
-    def __init__(self, tls: TLSConfig, expect: str | None):
+    def __init__(self, tls: TLSConfig, expect: str | None, tls_server: bool | None = None):
         self.tls = tls
         self.expect = expect
+        self.tls_server = tls_server
 
     def wrap(self, sock: socket.socket, *, server_side: bool) -> socket.socket:
-        ctx = self.tls.server_context if server_side else self.tls.client_context
+        as_server = server_side if self.tls_server is None else self.tls_server
+        ctx = self.tls.server_context if as_server else self.tls.client_context
         if ctx is None:
+            sock.close()
             raise AuthenticationError("no credential for the TLS server side of a data connection")
         try:
-            wrapped = ctx.wrap_socket(sock, server_side=server_side, suppress_ragged_eofs=False)
+            wrapped = ctx.wrap_socket(sock, server_side=as_server, suppress_ragged_eofs=False)
         except (ssl.SSLError, OSError) as exc:
             sock.close()
             raise AuthenticationError(f"data channel authentication failed: {exc}") from exc
-        dn = self.tls.identify(wrapped)
+        try:
+            dn = self.tls.identify(wrapped)
+        except AuthenticationError:
+            wrapped.close()
+            raise
         if self.expect is not None and dn != self.expect:
             wrapped.close()
             raise AuthenticationError(f"data channel peer is {dn!r}, expected {self.expect!r}")
         return wrapped
 
 
-def peer_dn_of(sock: ssl.SSLSocket, tls: TLSConfig) -> str:
-    """The DN of the TLS peer of a control connection."""
-    return tls.identify(sock)
-
-
-def certificate_pem(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(Encoding.PEM)
+def subject_of(cert: x509.Certificate) -> str:
+    return dn_string(cert.subject)
