@@ -30,6 +30,7 @@ def main() -> int:
     out: dict = {}
     name = spec.name
     try:
+        node._conn.getCapabilities()    # warm the QEMU capability probe so restore_seconds is the restore
         t0 = time.monotonic()
         name = node.restore(args.save_file, spec)
         out["restore_seconds"] = time.monotonic() - t0
