@@ -1,15 +1,17 @@
 """Policy enforcement: what the VMRepository and VMManager call before every operation.
 
 A :class:`PolicyDecisionPoint` answers (subject, action, resource, context) with a
-:class:`Decision`; :class:`Enforcer` turns a denial into an ``AccessDenied`` fault and gives the
-service the decision's obligations (limits) to apply. Deny is the default everywhere.
+:class:`Decision`; :class:`Enforcer` turns a denial into an ``AccessDenied`` fault, applies the
+decision's obligations to the request (too much RAM, too many vCPUs or too long a lifetime is a
+``LimitExceeded`` fault) and, for a deployment, claims the instance's slot against the
+concurrent-instance limits (:class:`SlotKeeper`). Deny is the default everywhere.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Protocol
+from typing import Mapping, Protocol, runtime_checkable
 
-from services.faults import AccessDenied
+from services.faults import AccessDenied, InvalidArgument, LimitExceeded
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,44 @@ class Decision:
     permit: bool
     rule: str
     obligations: Mapping[str, str] = field(default_factory=dict)
+    decision_id: str = ""      # the Authorization service's id of this decision (in its audit log)
+    policy: str = ""           # the version of the policy that decided
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One running instance counted against the concurrent-instance limits of its subject and group."""
+
+    instance: str
+    subject: str
+    group: str | None
+    claimant: str               # the enforcing service (host DN) that claimed it
+    claimed: float              # epoch seconds
+    expires: float | None       # when the slot frees itself if never released (lifetime + grace)
+    user_count: int             # the subject's slots, this one included
+    group_count: int | None     # the group's slots, this one included
+    counted: bool = True        # False: the policy point keeps no counts (the built-in policy)
+
+
+# Requested amounts in a request's context, and the obligation that limits each.
+REQUEST_LIMITS = (("memory", "max_memory", "MiB"), ("vcpus", "max_vcpus", "vCPUs"),
+                  ("lifetime", "max_lifetime", "s"))
+
+
+def enforce_obligations(decision: Decision, context: Mapping[str, str]) -> None:
+    """Refuse a permitted request that asks for more than the decision's limits allow."""
+    for key, limit, unit in REQUEST_LIMITS:
+        if key not in context or limit not in decision.obligations:
+            continue
+        try:
+            requested = int(str(context[key]).strip())
+        except ValueError:
+            raise InvalidArgument(f"{key} must be a whole number, not {context[key]!r}", argument=key) from None
+        allowed = int(decision.obligations[limit])
+        if requested > allowed:
+            raise LimitExceeded(f"{key} {requested} {unit} exceeds the limit of {allowed} {unit} "
+                                f"(rule {decision.rule})", limit=limit, allowed=str(allowed),
+                                requested=str(requested))
 
 
 class PolicyDecisionPoint(Protocol):
@@ -31,6 +71,25 @@ class PolicyDecisionPoint(Protocol):
 
     def groups(self, subject: Subject) -> list[str]:
         """The VO groups the subject belongs to."""
+        ...
+
+
+@runtime_checkable
+class SlotKeeper(Protocol):
+    """A policy point that also counts running instances (the Authorization service)."""
+
+    def claim_slot(self, subject: Subject, action: str, instance: str, resource: Mapping[str, str],
+                   context: Mapping[str, str]) -> tuple[Decision, Slot]:
+        """Authorize ``action`` and count ``instance`` against the limits, atomically; raises AccessDenied or
+        LimitExceeded. Claiming an instance that already has a slot renews it (same subject only)."""
+        ...
+
+    def release_slot(self, instance: str) -> bool:
+        """Free the instance's slot; False when it had none."""
+        ...
+
+    def reconcile_slots(self, instances: list[str]) -> list[str]:
+        """Free the caller's slots of instances not in ``instances`` (after a restart); the freed ones."""
         ...
 
 
@@ -46,16 +105,48 @@ class Enforcer:
 
     def check(self, caller, action: str, resource: Mapping[str, str] | None = None,
               context: Mapping[str, str] | None = None) -> Decision:
-        subject = Subject(caller.dn, bool(getattr(caller, "limited", False)))
-        decision = self.pdp.decide(subject, action, dict(resource or {}), dict(context or {}))
+        """Authorize, then apply the obligations to the requested amounts in ``context`` (memory in MiB,
+        vcpus, lifetime in seconds): raises AccessDenied, LimitExceeded or ServiceUnavailable."""
+        subject = _subject(caller)
+        context = dict(context or {})
+        decision = self.pdp.decide(subject, action, dict(resource or {}), context)
         if not decision.permit:
             raise AccessDenied(f"{subject.dn} may not {action} on {describe(resource or {})} (rule: {decision.rule})",
                                subject=subject.dn, action=action, resource=describe(resource or {}),
                                rule=decision.rule)
+        enforce_obligations(decision, context)
         return decision
 
     def groups(self, caller) -> list[str]:
-        return self.pdp.groups(Subject(caller.dn, bool(getattr(caller, "limited", False))))
+        return self.pdp.groups(_subject(caller))
+
+    def claim(self, caller, instance: str, resource: Mapping[str, str] | None = None,
+              context: Mapping[str, str] | None = None, action: str = "vm.deploy") -> tuple[Decision, Slot]:
+        """Authorize a deployment and count the new instance against the concurrent-instance limits in one
+        atomic step (20 concurrent deploys cannot overshoot). Release the slot when the instance is gone."""
+        subject = _subject(caller)
+        context = dict(context or {})
+        if isinstance(self.pdp, SlotKeeper):
+            decision, slot = self.pdp.claim_slot(subject, action, instance, dict(resource or {}), context)
+            enforce_obligations(decision, context)
+            return decision, slot
+        decision = self.check(caller, action, resource, context)
+        return decision, Slot(instance, subject.dn, (resource or {}).get("vo"), "", 0.0, None, 0, None,
+                              counted=False)
+
+    def release(self, instance: str) -> bool:
+        """Free an instance's slot (destroyed, expired, or its deployment failed)."""
+        return self.pdp.release_slot(instance) if isinstance(self.pdp, SlotKeeper) else False
+
+    def reconcile(self, instances: list[str]) -> list[str]:
+        """After a restart: free the slots this service claimed for instances it no longer has."""
+        return self.pdp.reconcile_slots(list(instances)) if isinstance(self.pdp, SlotKeeper) else []
+
+
+def _subject(caller) -> Subject:
+    if isinstance(caller, Subject):
+        return caller
+    return Subject(caller.dn, bool(getattr(caller, "limited", False)))
 
 
 @dataclass

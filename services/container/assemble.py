@@ -16,7 +16,7 @@ from services.container.service import SoapService
 
 log = logging.getLogger("vmgrid.container")
 
-SERVICE_NAMES = ("repository",)
+SERVICE_NAMES = ("repository", "authz")
 
 
 def trust_store(config: Config) -> TrustStore:
@@ -30,15 +30,30 @@ def host_credential(config: Config):
     return load_host_credential(cert, key)
 
 
+def policy_point(config: Config):
+    """The policy decision point of this container's enforcing services: the Authorization service named by
+    [enforcement] authz_url (over signed SOAP with the host credential), else the built-in [policy]."""
+    e = config.enforcement
+    if e.authz_url:
+        from services.authz.client import ServicePolicyPoint
+
+        return ServicePolicyPoint(e.authz_url, host_credential(config), trust_store(config), permit_ttl=e.permit_ttl,
+                                  timeout=e.timeout, expected_host_dn=e.expected_host_dn or None)
+    from services.authz.pep import StaticVOPolicy
+
+    return StaticVOPolicy(vos={vo: {"members": v.members, "admins": v.admins} for vo, v in config.policy.vos.items()},
+                          admins=list(config.policy.admins))
+
+
 def build_service(name: str, config: Config) -> SoapService:
     if name == "repository":
-        from services.authz.pep import StaticVOPolicy
         from services.vmrepository.service import VMRepositoryService
 
-        policy = StaticVOPolicy(vos={vo: {"members": v.members, "admins": v.admins}
-                                     for vo, v in config.policy.vos.items()},
-                                admins=list(config.policy.admins))
-        return VMRepositoryService(config.state_dir("repository"), config.repository, policy)
+        return VMRepositoryService(config.state_dir("repository"), config.repository, policy_point(config))
+    if name == "authz":
+        from services.authz.service import AuthorizationService
+
+        return AuthorizationService(config.state_dir("authz"), config.authz)
     raise ValueError(f"unknown service {name!r}; one of: {', '.join(SERVICE_NAMES)}")
 
 

@@ -9,6 +9,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.authz.config import AuthzConfig, EnforcementConfig
 from services.vmrepository.service import RepositoryConfig
 
 
@@ -58,6 +59,8 @@ class Config:
     security: SecurityConfig = field(default_factory=SecurityConfig)
     repository: RepositoryConfig = field(default_factory=RepositoryConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    authz: AuthzConfig = field(default_factory=AuthzConfig)                  # vmgrid serve authz (docs/authz.md)
+    enforcement: EnforcementConfig = field(default_factory=EnforcementConfig)  # where services ask for decisions
     source: str = "(defaults)"
 
     def state_dir(self, service: str) -> Path:

@@ -1,0 +1,134 @@
+"""The append-only audit log: one JSON line per decision, slot change, admin change and reload (who,
+what, on what, which rule, permit or deny, when), each line chained to the one before by its
+sha256, so a removed or altered line is detected (:func:`verify_chain`)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from collections import deque
+from datetime import datetime, timezone
+from pathlib import Path
+
+GENESIS = "0" * 64
+
+
+class AuditError(Exception):
+    """The audit log is broken: ``line`` is the first line that does not chain."""
+
+    def __init__(self, path: str, line: int, reason: str):
+        super().__init__(f"{path}:{line}: {reason}")
+        self.path, self.line, self.reason = path, line, reason
+
+
+def _utc() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _digest(line: bytes) -> str:
+    return hashlib.sha256(line).hexdigest()
+
+
+def _last_line(path: Path) -> bytes | None:
+    """The last complete or partial line of a file, read from its end."""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        if size == 0:
+            return None
+        chunk = 65536
+        pos = size
+        data = b""
+        while pos > 0:
+            step = min(chunk, pos)
+            pos -= step
+            f.seek(pos)
+            data = f.read(step) + data
+            body = data[:-1] if data.endswith(b"\n") else data
+            if b"\n" in body:
+                return body.rsplit(b"\n", 1)[1]
+        return data[:-1] if data.endswith(b"\n") else data
+
+
+class AuditLog:
+    """Appends records to ``path`` (opened O_APPEND; one write per record). Records get ``time``,
+    ``seq`` and ``prev`` (the sha256 of the previous line)."""
+
+    def __init__(self, path: Path, *, fsync: bool = False):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fsync = fsync
+        self._lock = threading.Lock()
+        self._fd = os.open(str(self.path), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        last = _last_line(self.path)
+        self._prev = GENESIS
+        self._seq = 0
+        if last is not None:
+            if not self.path.read_bytes().endswith(b"\n"):
+                os.write(self._fd, b"\n")  # a record cut short by a crash stays, and is chained over
+            self._prev = _digest(last)
+            try:
+                self._seq = int(json.loads(last).get("seq", 0))
+            except (ValueError, AttributeError):
+                self._seq = 0
+
+    def record(self, event: str, *, sync: bool = False, **fields) -> dict:
+        """Append one record; returns it (with time, seq and prev)."""
+        with self._lock:
+            self._seq += 1
+            rec = {"time": _utc(), "seq": self._seq, "event": event,
+                   **{k: v for k, v in fields.items() if v is not None}, "prev": self._prev}
+            line = json.dumps(rec, separators=(",", ":"), sort_keys=False, ensure_ascii=False).encode()
+            os.write(self._fd, line + b"\n")
+            if self.fsync or sync:
+                os.fsync(self._fd)
+            self._prev = _digest(line)
+            return rec
+
+    def read(self, *, subject: str | None = None, event: str | None = None, limit: int = 100) -> list[dict]:
+        """The newest ``limit`` records (oldest first), optionally only those about/by ``subject`` or of ``event``."""
+        out: deque[dict] = deque(maxlen=max(1, limit))
+        with open(self.path, "rb") as f:
+            for raw in f:
+                raw = raw.rstrip(b"\n")
+                if not raw:
+                    continue
+                try:
+                    rec = json.loads(raw)
+                except ValueError:
+                    continue
+                if subject and subject not in (rec.get("subject"), rec.get("by")):
+                    continue
+                if event and rec.get("event") != event:
+                    continue
+                out.append(rec)
+        return list(out)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+
+
+def verify_chain(path: Path) -> int:
+    """Check that every line of the log chains to the one before; returns the number of records.
+    Raises :class:`AuditError` at the first line that was altered, removed or inserted."""
+    prev = GENESIS
+    count = 0
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            line = raw.rstrip(b"\n")
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                raise AuditError(str(path), n, "not a JSON record (cut short or altered)") from None
+            if rec.get("prev") != prev:
+                raise AuditError(str(path), n, "does not chain to the line before (a line was altered, removed "
+                                 "or inserted)")
+            prev = _digest(line)
+            count += 1
+    return count
