@@ -1,6 +1,224 @@
-"""Command-line sub-commands (placeholder until implemented)."""
+"""`vmgrid transfer SRC DST` (with a progress bar) and `vmgrid gridftp-server`."""
 from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from client.cli import CLIError
+
+from .errors import GridFTPError
+
+SCHEMES = ("ftp://", "gsiftp://")
 
 
 def register(subparsers) -> None:
-    """Add this module's sub-commands to the `vmgrid` parser."""
+    """Add `transfer` and `gridftp-server` to the `vmgrid` parser."""
+    p = subparsers.add_parser(
+        "transfer", help="copy a file with GridFTP (parallel, restartable, verified)",
+        description="Copy SRC to DST. Each is a local path or an ftp:// (anonymous) or gsiftp:// (grid "
+                    "credential, AUTH TLS) URL; two URLs make a third-party transfer between the servers. "
+                    "An interrupted transfer resumes where it stopped when run again. The result is "
+                    "verified by sha256 against the source before it takes its name.")
+    p.add_argument("src")
+    p.add_argument("dst", help="a path, a directory, or a URL (ending in / to keep the source's name)")
+    p.add_argument("-p", "--parallel", type=int, default=4, metavar="N", help="parallel TCP streams (default 4)")
+    p.add_argument("--sha256", help="the expected sha256 of the file, when known (skips asking the source)")
+    p.add_argument("--retries", type=int, default=2, help="automatic resumes after a broken transfer (default 2)")
+    p.add_argument("--cert-dir", help="trusted CA directory (default $X509_CERT_DIR)")
+    p.add_argument("--proxy", help="credential file (default $X509_USER_PROXY, /tmp/x509up_u<uid>, ~/.globus)")
+    p.add_argument("--state-dir", help="where restart markers of uploads are kept (default ~/.cache/vmgrid/gridftp)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--progress", dest="progress", action="store_true", default=None,
+                   help="draw the progress bar even when stderr is not a terminal")
+    g.add_argument("-q", "--quiet", dest="progress", action="store_false", help="no progress bar")
+    p.set_defaults(func=cmd_transfer)
+
+    p = subparsers.add_parser(
+        "gridftp-server", help="run a standalone GridFTP server",
+        description="Serve a directory over GridFTP. With a host credential it offers AUTH TLS and "
+                    "requires grid certificates or proxies; --anonymous adds read-only anonymous access.")
+    p.add_argument("--root", required=True, type=Path, help="the directory served as /")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=2811, help="port (default 2811; 0 picks a free one)")
+    p.add_argument("--cert", help="host certificate (default /etc/grid-security/hostcert.pem if present)")
+    p.add_argument("--key", help="host key")
+    p.add_argument("--cert-dir", help="trusted CA directory (default $X509_CERT_DIR)")
+    p.add_argument("--no-tls", action="store_true", help="no AUTH TLS (anonymous only)")
+    p.add_argument("--anonymous", action="store_true", help="allow anonymous read-only access (ftp://)")
+    p.add_argument("--upload-area", help="the virtual directory writes are allowed in (default: none)")
+    p.add_argument("--allow-dn", action="append", default=[], metavar="DN",
+                   help="only these grid identities may log in (repeatable; default: any trusted identity)")
+    p.add_argument("--insecure-anonymous-writes", action="store_true",
+                   help="TESTING ONLY: let anonymous sessions write inside the upload area")
+    p.add_argument("--max-rate", type=float, default=0, help="bytes per second per transfer (0: unlimited)")
+    p.add_argument("--marker-interval", type=float, default=5.0, help="seconds between 111/112 markers")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=cmd_server)
+
+
+# -- vmgrid transfer --------------------------------------------------------------------------------------
+def _is_url(text: str) -> bool:
+    return text.lower().startswith(SCHEMES)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class ProgressBar:
+    """A one-line progress bar on a stream: percent, bytes, rate (over the last seconds) and ETA."""
+
+    WIDTH = 28
+
+    def __init__(self, stream, label: str):
+        self.stream = stream
+        self.label = label
+        self.started = time.monotonic()
+        self._samples: list[tuple[float, int]] = []
+        self._lock = threading.Lock()
+        self._last_draw = 0.0
+        self.drawn = False
+
+    def rate(self) -> float:
+        """Bytes per second over the last three seconds."""
+        if len(self._samples) < 2:
+            return 0.0
+        (t0, b0), (t1, b1) = self._samples[0], self._samples[-1]
+        return (b1 - b0) / (t1 - t0) if t1 > t0 else 0.0
+
+    def line(self, done: int, total: int) -> str:
+        frac = done / total if total else 1.0
+        filled = int(frac * self.WIDTH)
+        bar = "#" * filled + "." * (self.WIDTH - filled)
+        rate = self.rate()
+        eta = _duration((total - done) / rate) if rate > 0 and done < total else "--:--"
+        return (f"{self.label} [{bar}] {frac * 100:5.1f}% {_human(done)}/{_human(total)} "
+                f"{rate * 8 / 1e6:7.1f} Mbit/s ETA {eta}")
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._samples.append((now, done))
+            while len(self._samples) > 2 and now - self._samples[0][0] > 3.0:
+                self._samples.pop(0)
+            if now - self._last_draw < 0.2 and done < total:
+                return
+            self._last_draw = now
+            self.stream.write("\r" + self.line(done, total))
+            self.stream.flush()
+            self.drawn = True
+
+    def finish(self) -> None:
+        if self.drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _credential(args):
+    if not args.proxy:
+        return None
+    from security.pki import CredentialError, load_credential
+    try:
+        return load_credential(proxy=args.proxy)
+    except CredentialError as exc:
+        raise CLIError(str(exc)) from exc
+
+
+def cmd_transfer(args) -> int:
+    from . import transfer
+
+    src, dst = args.src, args.dst
+    if not _is_url(src) and not _is_url(dst):
+        raise CLIError("one of SRC and DST must be an ftp:// or gsiftp:// URL")
+    if args.parallel < 1 or args.parallel > 64:
+        raise CLIError("-p must be between 1 and 64")
+    name = os.path.basename(src.rstrip("/").split("?", 1)[0]) or "file"
+    if _is_url(dst) and dst.endswith("/"):
+        dst += name
+    elif not _is_url(dst) and Path(dst).is_dir():
+        dst = str(Path(dst) / name)
+    if not _is_url(src) and not Path(src).is_file():
+        raise CLIError(f"{src}: no such file")
+    show = sys.stderr.isatty() if args.progress is None else args.progress
+    bar = ProgressBar(sys.stderr, name[:24]) if show else None
+    common = dict(credential=_credential(args), trust=args.cert_dir, progress=bar, retries=args.retries)
+    try:
+        if _is_url(src) and _is_url(dst):
+            result = transfer.third_party(src, dst, args.parallel, sha256=args.sha256,
+                                          state_dir=args.state_dir, **common)
+        elif _is_url(src):
+            result = transfer.download(src, dst, args.parallel, sha256=args.sha256, **common)
+        else:
+            result = transfer.upload(src, dst, args.parallel, sha256=args.sha256, state_dir=args.state_dir,
+                                     **common)
+    except GridFTPError as exc:
+        if bar is not None:
+            bar.finish()
+        raise CLIError(str(exc)) from exc
+    except OSError as exc:
+        if bar is not None:
+            bar.finish()
+        raise CLIError(f"{exc.filename or ''}: {exc.strerror}") from exc
+    if bar is not None:
+        bar.finish()
+    reused = f", {_human(result.bytes_reused)} resumed from an earlier attempt" if result.bytes_reused else ""
+    repaired = f", {_human(result.repaired_bytes)} re-fetched after a checksum mismatch" if result.repaired_bytes else ""
+    print(f"{result.source} -> {result.destination}")
+    print(f"{_human(result.size)} in {result.seconds:.2f} s ({result.mbit_per_s:.1f} Mbit/s), "
+          f"{result.parallelism} streams, {result.attempts} attempt(s){reused}{repaired}")
+    print(f"sha256 {result.sha256} verified")
+    return 0
+
+
+# -- vmgrid gridftp-server --------------------------------------------------------------------------------
+def cmd_server(args) -> int:
+    from .server import GridFTPServer
+
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    credential = None
+    if not args.no_tls:
+        from security.pki import CredentialError, load_host_credential
+        if args.cert or os.path.exists("/etc/grid-security/hostcert.pem") or os.environ.get("X509_USER_CERT"):
+            try:
+                credential = load_host_credential(args.cert, args.key)
+            except CredentialError as exc:
+                raise CLIError(str(exc)) from exc
+    if credential is None and not args.anonymous:
+        raise CLIError("no host credential (--cert/--key) and no --anonymous: nobody could log in")
+    allowed = set(args.allow_dn)
+    authorize = (lambda dn, op, path: dn is None or dn in allowed) if allowed else None
+    try:
+        server = GridFTPServer(args.root, args.host, args.port, credential=credential, trust=args.cert_dir,
+                               authorize=authorize, anonymous=args.anonymous, upload_area=args.upload_area,
+                               insecure_anonymous_writes=args.insecure_anonymous_writes,
+                               max_rate=args.max_rate, marker_interval=args.marker_interval)
+        server.bind()
+    except (GridFTPError, OSError) as exc:
+        raise CLIError(f"cannot start the server: {exc}") from exc
+    print(f"{server.port}", flush=True)
+    print(f"gridftp-server serving {args.root} at {server.url('/')}", file=sys.stderr, flush=True)
+    signal.signal(signal.SIGTERM, lambda *a: server.stop())
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+    return 0

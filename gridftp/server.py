@@ -43,7 +43,7 @@ ANONYMOUS_NAMES = ("anonymous", "ftp")
 PRE_LOGIN = {"USER", "PASS", "AUTH", "PBSZ", "PROT", "FEAT", "HELP", "SYST", "NOOP", "QUIT", "CCC",
              "ADAT", "ACCT", "OPTS", "SITE", "DCAU"}
 FEATURES = [
-    "AUTH TLS", "PBSZ", "PROT", "DCAU", "PARALLEL", "SIZE", "MDTM", "REST STREAM", "ERET", "ESTO",
+    "PARALLEL", "SIZE", "MDTM", "REST STREAM", "ERET", "ESTO",
     "SPAS", "SPOR", "SBUF", "EPSV", "EPRT", "UTF8",
     "CKSM " + "".join(f"{a}:10;" for a in cks.ALGORITHMS),
     "MLST type*;size*;modify*;perm*;",
@@ -508,7 +508,8 @@ class _Session:
         self.reply(215, "UNIX Type: L8")
 
     def cmd_FEAT(self, arg: str):
-        self.reply(211, ["Extensions supported:", *FEATURES, "End."])
+        tls = ["AUTH TLS", "PBSZ", "PROT", "DCAU"] if self.server.tls is not None else []
+        self.reply(211, ["Extensions supported:", *tls, *FEATURES, "End."])
 
     def cmd_HELP(self, arg: str):
         verbs = sorted(n[4:] for n in dir(self) if n.startswith("cmd_"))

@@ -1,0 +1,605 @@
+"""Protocol conformance of the GridFTP server: every command's reply codes, bad sequences and arguments,
+denied paths, and the data each transfer command puts on the wire (real sockets on 127.0.0.1)."""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import socket
+import threading
+import time
+import zlib
+
+import pytest
+
+from gridftp.protocol import BLOCK_HEADER, DESC_EOD, DESC_EOF, find_host_ports, format_host_port
+from gridftp.ranges import RangeSet
+
+from tests.unit.gridftp.gridftp_helpers import (MiB, RawFTP, assemble, make_file, read_mode_e, read_stream,
+                                                 send_mode_e, sha256_of, wait_for)
+
+
+@pytest.fixture
+def ftp(start_server):
+    """A logged-in anonymous session on a read-only server."""
+    server = start_server()
+    session = RawFTP("127.0.0.1", server.port)
+    session.login_anonymous()
+    yield session
+    session.close()
+
+
+@pytest.fixture
+def writable(start_server):
+    """A logged-in anonymous session on a server whose upload area /up is writable (test-only flag)."""
+    server = start_server(upload_area="/up", insecure_anonymous_writes=True)
+    session = RawFTP("127.0.0.1", server.port)
+    session.login_anonymous()
+    session.server = server
+    yield session
+    session.close()
+
+
+def listen() -> socket.socket:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    sock.settimeout(10)
+    return sock
+
+
+def port_arg(listener: socket.socket) -> str:
+    return format_host_port(*listener.getsockname())
+
+
+def accept_n(listener: socket.socket, n: int) -> list[socket.socket]:
+    return [listener.accept()[0] for _ in range(n)]
+
+
+# -- login and session ---------------------------------------------------------------------------------
+def test_greeting_and_login_sequence(start_server):
+    server = start_server()
+    s = RawFTP("127.0.0.1", server.port)
+    assert s.greeting.code == 220
+    s.expect("PASS nobody@", 503)                 # PASS before USER
+    s.expect("SIZE /data/small", 530)             # not logged in
+    s.expect("RETR /data/small", 530)
+    s.expect("PASV", 530)
+    s.expect("PWD", 530)
+    s.expect("USER anonymous", 331)
+    s.expect("PASS someone@", 230)
+    s.expect("USER anonymous", 503)               # already logged in
+    s.expect("PASS again@", 503)
+    s.expect("QUIT", 221)
+    assert s.sock.recv(10) == b""                 # the server closed the connection
+
+
+def test_anonymous_is_refused_unless_enabled(start_server):
+    server = start_server(anonymous=False)
+    s = RawFTP("127.0.0.1", server.port)
+    reply = s.expect("USER anonymous", 530)
+    assert "disabled" in reply.text
+    s.expect("PASS x@", 503)
+
+
+def test_named_users_need_tls(ftp, start_server):
+    server = start_server()
+    s = RawFTP("127.0.0.1", server.port)
+    assert "AUTH TLS" in s.expect("USER alice", 530).text
+
+
+def test_unknown_and_malformed_commands(ftp):
+    ftp.expect("XYZZY", 500)
+    ftp.expect("123 456", 500)
+    ftp.expect("", 500)
+    ftp.ctl.sock.sendall(b"NOOP " + b"x" * 20000 + b"\r\n")   # longer than any legal line
+    assert ftp.reply().code == 500
+    ftp.expect("NOOP", 200)                        # the session survives
+
+
+def test_informational_commands(ftp):
+    ftp.expect("NOOP", 200)
+    assert "UNIX" in ftp.expect("SYST", 215).text
+    help_text = ftp.expect("HELP", 214).text
+    for verb in ("RETR", "STOR", "ERET", "ESTO", "SPAS", "SPOR", "CKSM", "SBUF"):
+        assert verb in help_text
+    assert ftp.expect("SITE HELP", 214).code == 214
+    ftp.expect("SITE CLIENTINFO appname=test;", 250)
+    ftp.expect("SITE FROBNICATE", 504)
+    status = ftp.expect("STAT", 211)
+    assert "anonymous" in status.text
+
+
+def test_feat_lists_the_gridftp_extensions(ftp):
+    reply = ftp.expect("FEAT", 211)
+    feats = {line.strip().split(" ")[0] for line in reply.lines[1:-1]}
+    for feat in ("PARALLEL", "ERET", "ESTO", "SPAS", "SPOR", "SBUF", "SIZE", "MDTM", "REST", "CKSM", "MLST"):
+        assert feat in feats
+    assert "AUTH" not in feats                     # no credential on this server: no AUTH TLS offered
+    cksm = next(line for line in reply.lines if line.strip().startswith("CKSM"))
+    for alg in ("SHA256", "MD5", "ADLER32"):
+        assert alg in cksm
+
+
+def test_type_mode_stru(ftp):
+    ftp.expect("TYPE I", 200)
+    ftp.expect("TYPE A", 200)
+    ftp.expect("TYPE L 8", 200)
+    ftp.expect("TYPE", 501)
+    ftp.expect("TYPE X", 504)
+    ftp.expect("MODE E", 200)
+    ftp.expect("MODE S", 200)
+    ftp.expect("MODE B", 504)
+    ftp.expect("MODE Z", 501)
+    ftp.expect("STRU F", 200)
+    ftp.expect("STRU R", 504)
+    ftp.expect("STRU Q", 501)
+
+
+def test_navigation_stays_inside_the_tree(ftp):
+    assert ftp.expect("PWD", 257).text.startswith('"/"')
+    ftp.expect("CWD /data", 250)
+    assert '"/data"' in ftp.expect("PWD", 257).text
+    ftp.expect("CWD small", 550)                  # a file, not a directory
+    ftp.expect("CWD /nope", 550)
+    ftp.expect("CDUP", 250)
+    ftp.expect("CWD ../../../..", 250)            # .. never climbs above /
+    assert ftp.expect("PWD", 257).text.startswith('"/"')
+    ftp.expect("SIZE data/small", 213)            # relative to the working directory
+    ftp.expect("CWD", 501)
+
+
+def test_size_and_mdtm(ftp, tree):
+    assert ftp.expect("SIZE /data/f3m", 213).text == str(3 * MiB + 17)
+    assert ftp.expect("SIZE /data/empty", 213).text == "0"
+    ftp.expect("SIZE /data", 550)
+    ftp.expect("SIZE /data/nope", 550)
+    ftp.expect("SIZE", 501)
+    mdtm = ftp.expect("MDTM /data/small", 213).text
+    expected = time.strftime("%Y%m%d%H%M%S", time.gmtime(os.stat(tree / "data" / "small").st_mtime))
+    assert mdtm == expected
+    ftp.expect("MDTM /nope", 550)
+
+
+@pytest.mark.parametrize("alg,fn", [
+    ("SHA256", lambda b: hashlib.sha256(b).hexdigest()),
+    ("MD5", lambda b: hashlib.md5(b).hexdigest()),
+    ("ADLER32", lambda b: f"{zlib.adler32(b):08x}"),
+    ("SHA1", lambda b: hashlib.sha1(b).hexdigest()),
+    ("SHA512", lambda b: hashlib.sha512(b).hexdigest()),
+])
+def test_cksm_algorithms_whole_and_ranges(ftp, tree, alg, fn):
+    data = (tree / "data" / "f3m").read_bytes()
+    assert ftp.expect(f"CKSM {alg} 0 -1 /data/f3m", 213).text == fn(data)
+    assert ftp.expect(f"CKSM {alg.lower()} 1000 5000 /data/f3m", 213).text == fn(data[1000:6000])
+    assert ftp.expect(f"CKSM {alg} {len(data)} 0 /data/f3m", 213).text == fn(b"")
+
+
+def test_cksm_bad_arguments(ftp):
+    ftp.expect("CKSM CRC99 0 -1 /data/small", 504)
+    ftp.expect("CKSM SHA256 x -1 /data/small", 501)
+    ftp.expect("CKSM SHA256 0 -5 /data/small", 501)
+    ftp.expect("CKSM SHA256 0 2000 /data/small", 501)   # beyond the end of a 1000-byte file
+    ftp.expect("CKSM SHA256 0 -1", 501)
+    ftp.expect("CKSM SHA256 0 -1 /data/nope", 550)
+    ftp.expect("CKSM SHA256 0 -1 /data", 550)
+
+
+def test_rest_opts_sbuf_allo_scks_arguments(ftp):
+    ftp.expect("REST 100", 350)
+    ftp.expect("REST 0-10,20-30", 350)
+    ftp.expect("REST", 501)
+    ftp.expect("REST abc", 501)
+    ftp.expect("REST 10-5", 501)
+    ftp.expect("REST 0-10,x", 501)
+    ftp.expect("OPTS RETR Parallelism=4,4,4;", 200)
+    ftp.expect("OPTS RETR Parallelism=2;", 200)
+    ftp.expect("OPTS RETR StripeLayout=Partitioned;Parallelism=3,1,8;", 200)
+    ftp.expect("OPTS RETR Parallelism=0,1,1;", 501)
+    ftp.expect("OPTS RETR Parallelism=a,b,c;", 501)
+    ftp.expect("OPTS RETR Parallelism=1000,1,1;", 501)
+    ftp.expect("OPTS RETR Colour=blue;", 501)
+    ftp.expect("OPTS UTF8 ON", 200)
+    ftp.expect("OPTS FROB", 501)
+    ftp.expect("SBUF 1048576", 200)
+    ftp.expect("SITE BUFSIZE 65536", 200)
+    ftp.expect("SBUF abc", 501)
+    ftp.expect("SBUF 10", 501)
+    ftp.expect("ALLO 12345", 200)
+    ftp.expect("ALLO lots", 501)
+    ftp.expect("SCKS SHA256 00ff", 200)
+    ftp.expect("SCKS CRC99 00ff", 504)
+    ftp.expect("SCKS SHA256", 501)
+
+
+def test_data_port_commands(ftp):
+    ftp.expect("PORT 127,0,0,1,4,1", 200)
+    ftp.expect("PORT 127,0,0,1,0,21", 501)         # privileged port: no FTP bounce
+    ftp.expect("PORT 127,0,0,1,300,1", 501)
+    ftp.expect("PORT 1,2,3", 501)
+    ftp.expect("EPRT |1|127.0.0.1|5000|", 200)
+    ftp.expect("EPRT |2|::1|5000|", 200)
+    ftp.expect("EPRT |1|::1|5000|", 501)
+    ftp.expect("EPRT |1|127.0.0.1|99999|", 501)
+    ftp.expect("EPRT nonsense", 501)
+    host, port = ftp.pasv()
+    assert host == "127.0.0.1" and port > 1024
+    assert re.search(r"\(\|\|\|\d+\|\)", ftp.expect("EPSV", 229).text)
+    ftp.expect("SPAS", 503)                        # striped modes need MODE E
+    ftp.expect("SPOR 127,0,0,1,4,1", 503)
+    ftp.expect("MODE E", 200)
+    spas = ftp.expect("SPAS", 229)
+    assert len(spas.lines) >= 3 and find_host_ports(spas.text)
+    ftp.expect("SPOR 127,0,0,1,4,1 127,0,0,1,4,2", 200)
+    ftp.expect("SPOR", 501)
+    ftp.expect("SPOR 127,0,0,1,0,80", 501)
+
+
+def test_transfer_needs_a_data_connection_set_up(ftp, writable):
+    ftp.expect("TYPE I", 200)
+    ftp.expect("RETR /data/small", 425)            # stream mode, neither PORT nor PASV
+    ftp.expect("MODE E", 200)
+    ftp.pasv()
+    ftp.expect("RETR /data/small", 503)            # MODE E: the sender connects, so RETR needs PORT/SPOR
+    writable.expect("MODE E", 200)
+    writable.expect("PORT 127,0,0,1,4,1", 200)
+    writable.expect("STOR /up/x", 503)             # MODE E: the receiver listens, so STOR needs PASV/SPAS
+    writable.expect("RETR /data/nope", 550)        # missing file is reported before any data set-up
+
+
+# -- transfers: stream mode ------------------------------------------------------------------------------
+def test_retr_stream_mode_passive_and_rest(ftp, tree):
+    data = (tree / "data" / "f3m").read_bytes()
+    ftp.expect("TYPE I", 200)
+    addr = ftp.pasv()
+    conn = socket.create_connection(addr)
+    assert ftp.cmd("RETR /data/f3m").code == 150
+    assert read_stream(conn) == data
+    assert ftp.reply().code == 226
+    addr = ftp.pasv()
+    ftp.expect("REST 3000000", 350)
+    conn = socket.create_connection(addr)
+    assert ftp.cmd("RETR /data/f3m").code == 150
+    assert read_stream(conn) == data[3000000:]
+    assert ftp.reply().code == 226
+    ftp.pasv()
+    ftp.expect(f"REST {len(data) + 1}", 350)
+    ftp.expect("RETR /data/f3m", 554)              # restart beyond the end
+
+
+def test_retr_stream_mode_active(ftp, tree):
+    listener = listen()
+    ftp.expect(f"PORT {port_arg(listener)}", 200)
+    assert ftp.cmd("RETR /data/small").code == 150
+    conn, _ = listener.accept()
+    assert read_stream(conn) == (tree / "data" / "small").read_bytes()
+    assert ftp.reply().code == 226
+
+
+# -- transfers: MODE E ---------------------------------------------------------------------------------------
+def test_retr_mode_e_parallel_streams(ftp, tree):
+    data = (tree / "data" / "f3m").read_bytes()
+    listener = listen()
+    for line in ("TYPE I", "MODE E", "OPTS RETR Parallelism=3,3,3;", f"PORT {port_arg(listener)}"):
+        assert ftp.cmd(line).ok
+    assert ftp.cmd("RETR /data/f3m").code == 150
+    conns = accept_n(listener, 3)                  # the sender opens the connections
+    blocks, descs = read_mode_e(conns)
+    assert ftp.reply().code == 226
+    assert assemble(blocks) == data
+    assert sum(1 for d in descs if d & DESC_EOD) == 3
+    eofs = [d for d in descs if d & DESC_EOF]
+    assert len(eofs) == 1
+
+
+def test_retr_mode_e_rest_ranges_sends_only_the_missing(ftp, tree):
+    data = (tree / "data" / "f3m").read_bytes()
+    held = RangeSet([(0, 1_000_000), (2_000_000, 2_500_000)])
+    listener = listen()
+    for line in ("TYPE I", "MODE E", "OPTS RETR Parallelism=2,2,2;", f"PORT {port_arg(listener)}",
+                 f"REST {held.format()}"):
+        assert ftp.cmd(line).ok
+    assert ftp.cmd("RETR /data/f3m").code == 150
+    blocks, _ = read_mode_e(accept_n(listener, 2))
+    assert ftp.reply().code == 226
+    got = RangeSet((off, off + len(b)) for off, b in blocks.items())
+    assert got == RangeSet(held.missing(0, len(data)))
+    for off, b in blocks.items():
+        assert data[off:off + len(b)] == b
+
+
+@pytest.mark.parametrize("mode", ["S", "E"])
+def test_eret_partial_retrieve(ftp, tree, mode):
+    data = (tree / "data" / "f3m").read_bytes()
+    listener = listen()
+    for line in ("TYPE I", f"MODE {mode}", f"PORT {port_arg(listener)}"):
+        assert ftp.cmd(line).ok
+    assert ftp.cmd("ERET P 1000000 123457 /data/f3m").code == 150
+    conn, _ = listener.accept()
+    if mode == "E":
+        blocks, _ = read_mode_e([conn])
+        assert min(blocks) == 0                    # offsets are relative to the section
+        payload = assemble(blocks)
+    else:
+        payload = read_stream(conn)
+    assert ftp.reply().code == 226
+    assert payload == data[1000000:1123457]
+    ftp.expect("ERET X 1 2 /data/f3m", 501)
+    ftp.expect("ERET P a 2 /data/f3m", 501)
+
+
+def test_listings(ftp, tree):
+    ftp.expect("TYPE A", 200)
+    names = {}
+    for verb in ("NLST", "LIST", "MLSD"):
+        addr = ftp.pasv()
+        conn = socket.create_connection(addr)
+        assert ftp.cmd(f"{verb} /data").code == 150
+        names[verb] = read_stream(conn).decode()
+        assert ftp.reply().code == 226
+    assert set(names["NLST"].split()) == {"empty", "f3m", "small"}
+    assert re.search(r"^-r.* 3145745 .* f3m\r$", names["LIST"], re.M)
+    assert "type=file;size=1000;" in names["MLSD"]
+    mlst = ftp.expect("MLST /data/small", 250)
+    assert "size=1000" in mlst.text and "type=file" in mlst.text
+    assert "small" in ftp.expect("STAT /data", 213).text
+    ftp.expect("MLST /nope", 550)
+
+
+def test_paths_cannot_escape_the_tree(ftp, tree, tmp_path):
+    outside = tmp_path / "secret"
+    outside.write_text("secret")
+    (tree / "data" / "link").symlink_to(outside)
+    (tree / "data" / "dirlink").symlink_to(tmp_path)
+    ftp.expect("SIZE /data/link", 550)
+    ftp.expect("SIZE /data/dirlink/secret", 550)
+    ftp.expect("SIZE /../secret", 550)
+    ftp.expect("CKSM MD5 0 -1 ../../secret", 550)
+    ftp.expect("CWD /data/dirlink", 550)
+
+
+def test_denied_paths_via_authorization_callback(start_server):
+    decisions = []
+
+    def authorize(dn, op, path):
+        decisions.append((dn, op, path))
+        return path != "/data/f3m" and not (op == "list" and path == "/data")
+
+    server = start_server(authorize=authorize)
+    s = RawFTP("127.0.0.1", server.port)
+    s.login_anonymous()
+    s.expect("SIZE /data/small", 213)
+    assert "permission denied" in s.expect("SIZE /data/f3m", 550).text
+    s.expect("CKSM SHA256 0 -1 /data/f3m", 550)
+    s.expect("MDTM /data/f3m", 550)
+    s.pasv()
+    s.expect("RETR /data/f3m", 550)
+    s.pasv()
+    s.expect("LIST /data", 550)
+    s.expect("CWD /data", 550)
+    assert (None, "read", "/data/small") in decisions          # anonymous sessions have no DN
+    assert (None, "read", "/data/f3m") in decisions
+
+
+def test_a_failing_authorization_callback_denies(start_server):
+    def authorize(dn, op, path):
+        raise RuntimeError("policy store unavailable")
+
+    server = start_server(authorize=authorize)
+    s = RawFTP("127.0.0.1", server.port)
+    s.login_anonymous()
+    s.expect("SIZE /data/small", 550)
+
+
+# -- uploads -------------------------------------------------------------------------------------------------------
+def test_anonymous_sessions_are_read_only(start_server, tree):
+    server = start_server(upload_area="/up")           # an upload area, but no test-only write flag
+    ftp = RawFTP("127.0.0.1", server.port)
+    ftp.login_anonymous()
+    ftp.pasv()
+    assert "read-only" in ftp.expect("STOR /up/new", 550).text
+    ftp.expect("MKD /up/dir", 550)
+    ftp.expect("DELE /data/small", 550)
+    ftp.expect("RNFR /data/small", 550)
+    ftp.expect("ESTO A 0 /up/new", 550)
+    assert not (tree / "up" / "new").exists()
+
+
+def test_writes_only_inside_the_upload_area(writable, tree):
+    writable.pasv()
+    assert "upload area" in writable.expect("STOR /data/new", 550).text
+    writable.expect("DELE /data/small", 550)
+    writable.expect("MKD /data/x", 550)
+    assert (tree / "data" / "small").exists()
+
+
+def test_stor_stream_mode(writable, tree):
+    payload = os.urandom(200_000)
+    addr = writable.pasv()
+    writable.expect(f"ALLO {len(payload)}", 200)
+    assert writable.cmd("STOR /up/s.bin").code == 150
+    conn = socket.create_connection(addr)
+    conn.sendall(payload)
+    conn.close()
+    assert writable.reply().code == 226
+    assert (tree / "up" / "s.bin").read_bytes() == payload
+    assert writable.expect("CKSM SHA256 0 -1 /up/s.bin", 213).text == hashlib.sha256(payload).hexdigest()
+
+
+def test_stor_mode_e_out_of_order_blocks_and_markers(writable, tree):
+    payload = os.urandom(3 * MiB)
+    writable.expect("MODE E", 200)
+    writable.expect(f"ALLO {len(payload)}", 200)
+    writable.expect(f"SCKS SHA256 {hashlib.sha256(payload).hexdigest()}", 200)
+    addr = find_host_ports(writable.expect("SPAS", 229).text)[0]
+    assert writable.cmd("STOR /up/e.bin").code == 150
+    a, b = socket.create_connection(addr), socket.create_connection(addr)
+    send_mode_e(a, [(2 * MiB, payload[2 * MiB:])], eod_count=None)
+    time.sleep(0.6)                                     # markers go out every 0.2 s on this server
+    send_mode_e(b, [(0, payload[:MiB]), (MiB, payload[MiB:2 * MiB])], eod_count=2)
+    replies = []
+    while True:
+        r = writable.reply()
+        replies.append(r)
+        if not r.preliminary:
+            break
+    assert replies[-1].code == 226
+    assert (tree / "up" / "e.bin").read_bytes() == payload
+    markers = RangeSet()
+    for r in replies:
+        if r.code == 111:
+            markers.update(RangeSet.parse(r.text.split()[-1]))
+    assert markers == RangeSet([(0, len(payload))])
+    first_111 = next(r for r in replies if r.code == 111)
+    assert RangeSet.parse(first_111.text.split()[-1]) == RangeSet([(2 * MiB, 3 * MiB)])
+    assert any(r.code == 112 and "Stripe Bytes Transferred" in r.text for r in replies)
+
+
+def test_stor_checksum_mismatch_is_refused_and_nothing_appears(writable, tree):
+    payload = os.urandom(100_000)
+    addr = writable.pasv()
+    writable.expect(f"SCKS SHA256 {'0' * 64}", 200)
+    assert writable.cmd("STOR /up/bad.bin").code == 150
+    conn = socket.create_connection(addr)
+    conn.sendall(payload)
+    conn.close()
+    assert writable.reply().code == 554
+    assert not (tree / "up" / "bad.bin").exists()
+    assert list((tree / "up").iterdir()) == []
+
+
+def test_stor_cut_then_restart_with_rest_ranges(writable, tree):
+    payload = os.urandom(3 * MiB)
+    writable.expect("MODE E", 200)
+    writable.expect(f"ALLO {len(payload)}", 200)
+    addr = writable.pasv()
+    assert writable.cmd("STOR /up/r.bin").code == 150
+    conn = socket.create_connection(addr)
+    conn.sendall(BLOCK_HEADER.pack(0, MiB, MiB) + payload[MiB:2 * MiB])
+    conn.close()                                    # cut: no EOD, no EOF
+    replies = [writable.reply()]
+    while replies[-1].preliminary:
+        replies.append(writable.reply())
+    assert replies[-1].code == 426
+    held = RangeSet()
+    for r in replies:
+        if r.code == 111:
+            held.update(RangeSet.parse(r.text.split()[-1]))
+    assert held == RangeSet([(MiB, 2 * MiB)])
+    assert not (tree / "up" / "r.bin").exists()         # not under its final name
+    writable.expect("SIZE /up/r.bin", 550)
+    writable.expect("SIZE /up/r.bin.vmgrid-part", 550)  # the machinery's files are not served
+    assert "r.bin" not in writable.expect("STAT /up", 213).text   # nor listed
+
+    # claiming more than the server holds is refused
+    writable.expect(f"ALLO {len(payload)}", 200)
+    addr = writable.pasv()
+    writable.expect(f"REST 0-{2 * MiB}", 350)
+    writable.expect("STOR /up/r.bin", 554)
+
+    writable.expect(f"ALLO {len(payload)}", 200)
+    writable.expect(f"SCKS SHA256 {hashlib.sha256(payload).hexdigest()}", 200)
+    addr = writable.pasv()
+    writable.expect(f"REST {held.format()}", 350)
+    assert writable.cmd("STOR /up/r.bin").code == 150
+    conn = socket.create_connection(addr)
+    send_mode_e(conn, [(0, payload[:MiB]), (2 * MiB, payload[2 * MiB:])])
+    final = writable.reply()
+    while final.preliminary:
+        final = writable.reply()
+    assert final.code == 226
+    assert sha256_of(tree / "up" / "r.bin") == hashlib.sha256(payload).hexdigest()
+    assert sorted(p.name for p in (tree / "up").iterdir()) == ["r.bin"]      # sidecar and part file gone
+
+
+def test_stor_with_corrupt_flagged_block_is_not_committed(writable, tree):
+    payload = os.urandom(100_000)
+    writable.expect("MODE E", 200)
+    writable.expect(f"ALLO {len(payload)}", 200)
+    addr = writable.pasv()
+    assert writable.cmd("STOR /up/c.bin").code == 150
+    conn = socket.create_connection(addr)
+    conn.sendall(BLOCK_HEADER.pack(32, len(payload), 0) + payload)   # 32: "suspected errors in data block"
+    conn.sendall(BLOCK_HEADER.pack(DESC_EOF, 0, 1) + BLOCK_HEADER.pack(DESC_EOD, 0, 0))
+    final = writable.reply()
+    while final.preliminary:
+        final = writable.reply()
+    assert final.code == 451
+    assert not (tree / "up" / "c.bin").exists()
+
+
+def test_esto_adjusted_store(writable, tree):
+    target = tree / "up" / "patch.bin"
+    target.write_bytes(b"A" * 1000)
+    writable.expect("MODE E", 200)
+    addr = writable.pasv()
+    assert writable.cmd("ESTO A 500 /up/patch.bin").code == 150
+    conn = socket.create_connection(addr)
+    send_mode_e(conn, [(0, b"B" * 100), (100, b"C" * 50)])
+    final = writable.reply()
+    while final.preliminary:
+        final = writable.reply()
+    assert final.code == 226
+    assert target.read_bytes() == b"A" * 500 + b"B" * 100 + b"C" * 50 + b"A" * 350
+    writable.expect("ESTO X 0 /up/patch.bin", 501)
+    writable.pasv()
+    writable.expect("ESTO A 0 /data/small", 550)
+
+
+def test_namespace_commands_in_the_upload_area(writable, tree):
+    assert writable.expect("MKD /up/dir", 257).text.startswith('"/up/dir"')
+    writable.expect("MKD /up/dir", 550)
+    (tree / "up" / "dir" / "f").write_bytes(b"x")
+    writable.expect("RNTO /up/g", 503)                 # RNTO without RNFR
+    writable.expect("RNFR /up/dir/f", 350)
+    writable.expect("RNTO /up/dir/g", 250)
+    assert (tree / "up" / "dir" / "g").exists()
+    writable.expect("RMD /up/dir", 550)                # not empty
+    writable.expect("DELE /up/dir/g", 250)
+    writable.expect("DELE /up/dir/g", 550)
+    writable.expect("RMD /up/dir", 250)
+    writable.expect("APPE /up/x", 502)
+    writable.expect("STOU", 502)
+
+
+# -- aborts, limits, TLS commands without TLS -----------------------------------------------------------------------
+def test_abor_stops_a_transfer_and_the_session_goes_on(start_server, tree):
+    make_file(tree / "data" / "big", 8 * MiB)
+    server = start_server(max_rate=2 * MiB)            # slow enough to be mid-transfer when ABOR comes
+    s = RawFTP("127.0.0.1", server.port)
+    s.login_anonymous()
+    addr = s.pasv()
+    conn = socket.create_connection(addr)
+    assert s.cmd("RETR /data/big").code == 150
+    received = []
+    reader = threading.Thread(target=lambda: received.append(read_stream(conn)))
+    reader.start()
+    time.sleep(0.5)
+    s.ctl.sock.sendall(b"\xff\xf4\xff\xf2ABOR\r\n")     # Telnet IP and Synch before ABOR (RFC 959)
+    assert s.reply().code == 426
+    assert s.reply().code == 226
+    reader.join(10)
+    assert 0 < len(received[0]) < 8 * MiB
+    s.expect("NOOP", 200)
+    s.expect("ABOR", 226)                              # nothing to abort
+
+
+def test_too_many_sessions_get_421(start_server):
+    server = start_server(max_sessions=1)
+    first = RawFTP("127.0.0.1", server.port)
+    second = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    assert second.recv(100).startswith(b"421")
+    first.close()
+
+
+def test_security_commands_without_tls(ftp, start_server):
+    server = start_server()
+    s = RawFTP("127.0.0.1", server.port)
+    s.expect("AUTH GSSAPI", 504)
+    s.expect("AUTH TLS", 431)                          # no host credential configured
+    s.expect("PBSZ 0", 503)
+    s.expect("PROT P", 503)
+    s.expect("DCAU A", 503)
+    s.expect("CCC", 533)
+    s.expect("ADAT abc", 503)
+    ftp.expect("AUTH TLS", 503)                        # after login
