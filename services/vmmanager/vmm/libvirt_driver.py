@@ -70,7 +70,7 @@ class LibvirtDriver(VMM):
     """The VMM interface over one libvirt connection (one node)."""
 
     domain_type: ClassVar[str]
-    resume_sync_timeout: float = 5.0
+    resume_sync_timeout: float = 2.0   # seconds guestd gets to confirm the clock after resume/restore
     clock_tolerance: float = 0.05     # seconds; sync_guest_time retries set-time above this
 
     def __init__(self, uri: str) -> None:
