@@ -109,7 +109,17 @@ def _span(lines: list[str], headers: list[tuple[int, str, bool]], k: int,
     while j < len(headers) and belongs(headers[j][1], headers[j][2]):
         j += 1
     end = _attached_start(lines, headers[j][0]) if j < len(headers) else len(lines)
+    # blank lines and comment paragraphs after the body belong to what follows
+    while end > headers[k][0] + 1 and (not lines[end - 1].strip() or lines[end - 1].strip().startswith("#")):
+        end -= 1
     return start, end
+
+
+def _cut(lines: list[str], start: int, end: int) -> list[str]:
+    """``lines`` without [start, end), and without a blank line left doubled by the cut."""
+    if 0 < start and end < len(lines) and not lines[start - 1].strip() and not lines[end].strip():
+        end += 1
+    return lines[:start] + lines[end:]
 
 
 def _rule_index(lines: list[str], headers, rule: Rule, policy: Policy) -> int:
@@ -148,8 +158,6 @@ def add_rule(text: str, policy: Policy, rule: Rule, before: str | None = None) -
         return _join(lines[:start] + block + [""] + lines[start:])
     if policy.rules:
         _, end = _span(lines, headers, _rule_index(lines, headers, policy.rules[-1], policy))
-        while end > 0 and not lines[end - 1].strip():
-            end -= 1
         return _join(lines[:end] + [""] + block + lines[end:])
     while lines and not lines[-1].strip():
         lines.pop()
@@ -163,7 +171,7 @@ def remove_rule(text: str, policy: Policy, rule_id: str) -> str:
     lines = text.splitlines()
     headers = _headers(lines)
     start, end = _span(lines, headers, _rule_index(lines, headers, rule, policy))
-    return _join(lines[:start] + lines[end:])
+    return _join(_cut(lines, start, end))
 
 
 def put_group(text: str, policy: Policy, group: Group) -> str:
@@ -176,14 +184,12 @@ def put_group(text: str, policy: Policy, group: Group) -> str:
         k = _group_index(headers, group.name, policy)
         start, end = _span(lines, headers, k, lambda name, arr: name.startswith(prefix))
         header = headers[k][0]  # comments above the table stay
-        return _join(lines[:header] + block + [""] + lines[end:])
+        return _join(lines[:header] + block + lines[end:])
     group_blocks = [k for k, (_, h, arr) in enumerate(headers) if h.startswith("groups.") and not arr]
     if group_blocks:
         k = group_blocks[-1]
         name = headers[k][1].split(".")[1]
         _, end = _span(lines, headers, k, lambda n, arr: n.startswith(f"groups.{name}."))
-        while end > 0 and not lines[end - 1].strip():
-            end -= 1
         return _join(lines[:end] + [""] + block + lines[end:])
     rule_blocks = [k for k, (_, h, arr) in enumerate(headers) if h == "rule" and arr]
     if rule_blocks:
@@ -208,7 +214,7 @@ def remove_group(text: str, policy: Policy, name: str) -> str:
     headers = _headers(lines)
     k = _group_index(headers, name, policy)
     start, end = _span(lines, headers, k, lambda n, arr: n.startswith(f"groups.{name}."))
-    return _join(lines[:start] + lines[end:])
+    return _join(_cut(lines, start, end))
 
 
 # -- checking and writing -------------------------------------------------------------------------

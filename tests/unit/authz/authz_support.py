@@ -1,0 +1,167 @@
+"""Helpers for the authorization tests: policies written from the default one, extra grid users, and a
+site on loopback: the Authorization service and a VMRepository enforcing through it, each in its own
+real container (cheroot, TLS, WS-Security), so either can be stopped and started again."""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from security.pki import Credential, make_proxy
+from services.authz.edit import render_group
+from services.authz.policy import Group, Limits
+from services.container.assemble import build_container, build_service
+from services.container.config import Config
+
+DEFAULT_POLICY = Path(__file__).resolve().parents[3] / "services" / "authz" / "default-policy.toml"
+_USERS: dict[str, object] = {}
+_LOCK = threading.Lock()
+
+
+def policy_text(*, admins: list[str] = (), groups: dict[str, dict] | None = None, limits: dict | None = None,
+                rules_first: str = "", enforcement_points: list[str] | None = None) -> str:
+    """The default policy with admins, groups (name -> members/admins/limits/gridmap), site limits,
+    extra rules tried before the default ones, and enforcement points filled in."""
+    text = DEFAULT_POLICY.read_text()
+    quoted = ", ".join(f'"{a}"' for a in admins)
+    text = text.replace("admins = []\n", f"admins = [{quoted}]\n", 1)
+    if enforcement_points is not None:
+        eps = ", ".join(f'"{e}"' for e in enforcement_points)
+        text = text.replace('enforcement_points = ["/O=Grid/*/CN=host/*"]', f"enforcement_points = [{eps}]", 1)
+    if limits is not None:
+        start = text.index("[limits]\n")
+        end = text.index("\n\n", start)
+        body = "\n".join(f"{k} = {v!r}" if isinstance(v, int) else f'{k} = "{v}"' for k, v in limits.items())
+        text = text[:start] + "[limits]\n" + body + text[end:]
+    blocks = []
+    for name, g in (groups or {}).items():
+        blocks.append(render_group(Group(name, tuple(g.get("members", ())), tuple(g.get("admins", ())),
+                                         g.get("gridmap"), tuple(g.get("gridmap_accounts", ())),
+                                         Limits(**g.get("limits", {})))))
+    marker = "# Rules, in order."
+    text = text.replace(marker, "\n".join(blocks) + "\n" + marker, 1)
+    if rules_first:
+        first = text.index("[[rule]]")
+        text = text[:first] + rules_first.strip() + "\n\n" + text[first:]
+    return text
+
+
+def grid_user(pki, name: str):
+    """A user of the session's PKI beyond alice, bob and admin (issued once per process)."""
+    with _LOCK:
+        if name not in _USERS:
+            _USERS[name] = pki.issue_user(name)
+        return _USERS[name]
+
+
+def limited_proxy(user) -> Credential:
+    return make_proxy(user.credential, limited=True, hours=1)
+
+
+class AuthzSite:
+    """The Authorization service (and, with ``repository=True``, a VMRepository whose every operation it
+    authorizes) in real containers bound to port 0 on loopback."""
+
+    def __init__(self, pki, root: Path, policy: str, *, repository: bool = False, permit_ttl: float = 5.0,
+                 timeout: float = 5.0, reload_interval: float = 0.2):
+        self.pki = pki
+        self.root = Path(root)
+        self.policy_path = self.root / "policy.toml"
+        self.policy_path.parent.mkdir(parents=True, exist_ok=True)
+        self.policy_path.write_text(policy)
+        self.permit_ttl, self.timeout, self.reload_interval = permit_ttl, timeout, reload_interval
+        self.authz = self.authz_service = None
+        self.repo = self.repo_service = None
+        self.authz_port = 0
+        self.start_authz()
+        if repository:
+            self.start_repository()
+
+    def config(self, name: str) -> Config:
+        cfg = Config()
+        cfg.container.port = 0
+        cfg.container.state_dir = str(self.root / f"state-{name}")
+        cfg.container.validate_responses = True
+        cfg.security.cert_dir = str(self.pki.cert_dir)
+        cfg.security.host_cert = str(self.pki.host.cert_path)
+        cfg.security.host_key = str(self.pki.host.key_path)
+        cfg.authz.policy = str(self.policy_path)
+        cfg.authz.reload_interval = self.reload_interval
+        cfg.enforcement.permit_ttl = self.permit_ttl
+        cfg.enforcement.timeout = self.timeout
+        return cfg
+
+    # -- the Authorization service ------------------------------------------------------------------
+    def start_authz(self) -> None:
+        """Start (or start again, on the same port) the Authorization service."""
+        cfg = self.config("authz")
+        self.authz_service = build_service("authz", cfg)
+        self.authz = build_container(cfg, [self.authz_service], port=self.authz_port).start()
+        self.authz_port = self.authz.port
+
+    def stop_authz(self) -> None:
+        if self.authz is not None:
+            self.authz.stop()
+            self.authz = None
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.authz_port}/wsrf/services/AuthorizationService"
+
+    @property
+    def authority(self):
+        return self.authz_service.authority
+
+    def client(self, credential: Credential):
+        from services.authz.client import AuthorizationClient
+
+        return AuthorizationClient.connect(self.url, credential, self.pki.trust())
+
+    def pep(self, **kwargs):
+        """A policy point as an enforcing service holds it (the host credential)."""
+        from services.authz.client import ServicePolicyPoint
+
+        kwargs.setdefault("permit_ttl", self.permit_ttl)
+        kwargs.setdefault("timeout", self.timeout)
+        return ServicePolicyPoint(self.url, self.pki.host, self.pki.trust(), **kwargs)
+
+    # -- the VMRepository ---------------------------------------------------------------------------
+    def start_repository(self) -> None:
+        cfg = self.config("repository")
+        cfg.enforcement.authz_url = self.url
+        self.repo_service = build_service("repository", cfg)
+        self.repo = build_container(cfg, [self.repo_service]).start()
+
+    @property
+    def repo_url(self) -> str:
+        return self.repo.url("VMRepositoryService")
+
+    def repository(self, credential: Credential):
+        from client.repository import RepositoryClient
+        from client.soap import GridServiceClient
+
+        return RepositoryClient(GridServiceClient(self.repo_url, credential, self.pki.trust()))
+
+    def upload(self, name: str, data: bytes = b"\xeb\x3cvmgrid-test-raw-image" * 512) -> str:
+        """Put an image file in the repository's upload area (where a GridFTP upload lands)."""
+        path = self.repo_service.upload_dir / name
+        path.write_bytes(data)
+        return name
+
+    def close(self) -> None:
+        for container in (self.repo, self.authz):
+            if container is not None:
+                container.stop()
+        self.repo = self.authz = None
+
+
+def descriptor(name: str, vo: str, *, memory: int = 256, vcpus: int = 1):
+    """A valid raw-image descriptor (from wsdl/examples/sl4-blast.xml) with a new name and VO."""
+    from services.container.contract import WSDL_DIR
+    from services.descriptor import parse_descriptor, set_field
+
+    ws = parse_descriptor((WSDL_DIR / "examples" / "sl4-blast.xml").read_bytes())
+    set_field(ws, "identity", "name", name)
+    set_field(ws, "identity", "vo", vo)
+    set_field(ws, "hardware", "memory", str(memory))
+    set_field(ws, "hardware", "vcpus", str(vcpus))
+    return ws

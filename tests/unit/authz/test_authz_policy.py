@@ -1,0 +1,174 @@
+"""The policy model: how rules match (subjects, action patterns, resource and context patterns with
+$subject / $groups / $admin-groups and negation, limited proxies), first match wins, deny by default,
+and which limits a permit carries."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from services.authz.pep import Subject
+from services.authz.policy import DEFAULT_DENY, Limits, load_policy, parse_policy
+from tests.unit.authz.authz_support import DEFAULT_POLICY, policy_text
+
+ALICE, BOB, CAROL, ADMIN = (f"/O=Grid/OU=vmgrid/CN={n}" for n in ("alice", "bob", "carol", "admin"))
+
+
+@pytest.fixture(scope="module")
+def site():
+    text = policy_text(admins=[ADMIN], groups={
+        "bio": {"members": [ALICE], "admins": [CAROL], "limits": {"max_memory": 4096, "max_instances_per_group": 3}},
+        "hep": {"members": [BOB]},
+    })
+    return parse_policy(text, "site.toml")
+
+
+def image(vo: str, owner: str, name: str = "img") -> dict:
+    return {"type": "image", "vo": vo, "owner": owner, "name": name, "id": "img-1"}
+
+
+def instance(vo: str, owner: str) -> dict:
+    return {"type": "instance", "vo": vo, "owner": owner, "node": "node1", "id": "i-1"}
+
+
+def test_the_shipped_default_policy_loads_and_denies_by_default():
+    policy = load_policy(DEFAULT_POLICY)
+    assert policy.groups == {} and policy.admins == ()
+    d = policy.decide(Subject(ALICE), "vm.inspect", instance("bio", BOB), {})
+    assert (d.permit, d.rule) == (False, DEFAULT_DENY)
+    assert policy.defaults == Limits(86400, 8192, 8, 10, 50)
+
+
+@pytest.mark.parametrize("who, action, resource, context, permit, rule", [
+    # a VO's members see its images; others do not
+    (ALICE, "image.read", image("bio", BOB), {}, True, "vo-members-use-images"),
+    (BOB, "image.read", image("bio", ALICE), {}, False, DEFAULT_DENY),
+    (ALICE, "image.query", {"type": "catalogue"}, {}, True, "catalogue"),
+    # an image's owner edits it; another member does not; the VO admin does
+    (ALICE, "image.update", image("bio", ALICE), {}, True, "owner-edits-image"),
+    (ALICE, "image.remove", image("bio", CAROL), {}, False, DEFAULT_DENY),
+    (CAROL, "image.remove", image("bio", ALICE), {}, True, "vo-admins"),
+    (CAROL, "image.remove", image("hep", BOB), {}, False, DEFAULT_DENY),
+    # ingest from the repository host is for site admins only
+    (ALICE, "image.register", image("bio", ALICE), {"source": "local"}, False, "local-ingest-admins-only"),
+    (ALICE, "image.register", image("bio", ALICE), {"source": "upload"}, True, "vo-members-use-images"),
+    (ADMIN, "image.register", image("bio", ALICE), {"source": "local"}, True, "site-admins"),
+    (CAROL, "image.register-for-other", image("bio", ALICE), {}, True, "vo-admins-register-for-others"),
+    (ALICE, "image.register-for-other", image("bio", BOB), {}, False, DEFAULT_DENY),
+    # only an instance's owner or a VO admin acts on it
+    (ALICE, "vm.pause", instance("bio", ALICE), {}, True, "owner-acts-on-instance"),
+    (BOB, "vm.destroy", instance("bio", ALICE), {}, False, DEFAULT_DENY),
+    (CAROL, "vm.destroy", instance("bio", ALICE), {}, True, "vo-admins"),
+    (CAROL, "vm.destroy", instance("hep", BOB), {}, False, DEFAULT_DENY),
+    # members deploy their VO's images
+    (ALICE, "vm.deploy", image("bio", CAROL), {}, True, "vo-members-use-images"),
+    (BOB, "vm.deploy", image("bio", CAROL), {}, False, DEFAULT_DENY),
+    (ADMIN, "admin.node", {"type": "node", "node": "node1"}, {}, True, "site-admins"),
+    (CAROL, "admin.node", {"type": "node", "node": "node1"}, {}, False, DEFAULT_DENY),
+])
+def test_site_expectations(site, who, action, resource, context, permit, rule):
+    d = site.decide(Subject(who), action, resource, context)
+    assert (d.permit, d.rule) == (permit, rule)
+    assert bool(d.obligations) == permit
+
+
+@pytest.mark.parametrize("action", ["vm.deploy", "vm.migrate"])
+def test_limited_proxies_cannot_deploy_or_migrate_even_as_site_admin(site, action):
+    for who, resource in ((ALICE, image("bio", ALICE) if action == "vm.deploy" else instance("bio", ALICE)),
+                          (ADMIN, instance("bio", ALICE))):
+        d = site.decide(Subject(who, limited=True), action, resource, {})
+        assert (d.permit, d.rule) == (False, "limited-proxy-no-deploy")
+    # other operations stay possible with a limited proxy
+    assert site.decide(Subject(ALICE, limited=True), "vm.inspect", instance("bio", ALICE), {}).permit
+
+
+def test_a_permit_carries_the_tightest_of_site_group_and_rule_limits():
+    text = policy_text(groups={"bio": {"members": [ALICE], "limits": {"max_memory": 4096, "max_vcpus": 16}}},
+                       rules_first="""
+[[rule]]
+id = "short-lived-big"
+effect = "permit"
+subjects = ["group:bio"]
+actions = ["vm.deploy"]
+resource = { name = "bigmem*", vo = "$groups" }
+limits = { max_lifetime = "2h", max_memory = 6000 }
+""")
+    policy = parse_policy(text, "p.toml")
+    big = policy.decide(Subject(ALICE), "vm.deploy", image("bio", ALICE, "bigmem-emboss"), {})
+    assert big.rule == "short-lived-big"
+    assert big.obligations == {"max_lifetime": "7200", "max_memory": "4096", "max_vcpus": "8",
+                               "max_instances_per_user": "10", "max_instances_per_group": "50", "group": "bio"}
+    small = policy.decide(Subject(ALICE), "vm.deploy", image("bio", ALICE, "emboss"), {})
+    assert small.rule == "vo-members-use-images" and small.obligations["max_lifetime"] == "86400"
+
+
+def test_first_matching_rule_wins_over_a_later_permit():
+    text = policy_text(groups={"bio": {"members": [ALICE, BOB]}}, rules_first=f"""
+[[rule]]
+id = "bob-suspended"
+effect = "deny"
+subjects = ["{BOB}"]
+actions = ["vm.*", "image.*"]
+""")
+    policy = parse_policy(text, "p.toml")
+    assert not policy.decide(Subject(BOB), "image.read", image("bio", ALICE), {}).permit
+    assert policy.decide(Subject(ALICE), "image.read", image("bio", BOB), {}).permit
+
+
+def test_patterns_globs_negation_and_dn_globs():
+    text = policy_text(rules_first="""
+[[rule]]
+id = "not-on-node9"
+effect = "deny"
+subjects = ["/O=Grid/OU=vmgrid/*"]
+actions = ["vm.dep*", "vm.migrate"]
+context = { node = ["node9", "node9.*"] }
+
+[[rule]]
+id = "others-instances"
+effect = "deny"
+subjects = ["*"]
+actions = ["vm.inspect"]
+resource = { owner = "!$subject" }
+
+[[rule]]
+id = "literal-bang"
+effect = "permit"
+subjects = ["*"]
+actions = ["vm.inspect"]
+resource = { tag = "\\\\!odd" }
+""")
+    policy = parse_policy(text, "p.toml")
+    assert policy.decide(Subject(ALICE), "vm.migrate", instance("bio", ALICE), {"node": "node9.example.org"}).rule \
+        == "not-on-node9"
+    assert policy.decide(Subject("/O=Other/CN=x"), "vm.migrate", instance("bio", "/O=Other/CN=x"),
+                         {"node": "node9"}).rule == "owner-acts-on-instance"
+    assert policy.decide(Subject(ALICE), "vm.inspect", instance("bio", BOB), {}).rule == "others-instances"
+    # a missing attribute matches only a negated pattern
+    assert policy.decide(Subject(ALICE), "vm.inspect", {"type": "instance"}, {}).rule == "others-instances"
+    d = policy.decide(Subject(ALICE), "vm.inspect", {"type": "instance", "owner": ALICE, "tag": "!odd"}, {})
+    assert d.rule == "literal-bang"
+
+
+def test_groups_admins_are_members_and_lookups_are_sorted(site):
+    assert site.groups_of(CAROL) == ["bio"] and site.admin_groups_of(CAROL) == ["bio"]
+    assert site.groups_of(ALICE) == ["bio"] and site.admin_groups_of(ALICE) == []
+    assert site.groups_of("/O=Grid/CN=nobody") == []
+    assert site.is_admin(ADMIN) and not site.is_admin(ALICE)
+    assert site.is_enforcement_point("/O=Grid/OU=vmgrid/CN=host/node1.example.org")
+    assert not site.is_enforcement_point(ALICE)
+
+
+def test_version_changes_with_the_text(tmp_path: Path):
+    a = parse_policy(policy_text(), "p.toml")
+    b = parse_policy(policy_text(admins=[ADMIN]), "p.toml")
+    assert a.version != b.version and len(a.version) == 12
+    assert parse_policy(policy_text(), "p.toml").version == a.version
+
+
+def test_limits_tighten_and_durations():
+    a = Limits(max_lifetime=100, max_memory=None)
+    assert a.tighten(Limits(max_lifetime=50, max_memory=10)) == Limits(max_lifetime=50, max_memory=10)
+    assert a.tighten(None) == a
+    text = policy_text(limits={"max_lifetime": "7d", "max_memory": 1})
+    assert parse_policy(text, "p.toml").defaults == Limits(max_lifetime=7 * 86400, max_memory=1)

@@ -1,0 +1,174 @@
+"""Concurrent-instance limits: the slot ledger counts atomically (threads and processes racing cannot
+overshoot), claims are idempotent per instance, slots expire, and a restarted service reconciles."""
+from __future__ import annotations
+
+import multiprocessing
+import threading
+from pathlib import Path
+
+import pytest
+
+from services.authz.audit import AuditLog
+from services.authz.authority import LocalPolicyPoint, PolicyAuthority
+from services.authz.pep import Enforcer, Subject
+from services.authz.slots import SlotLedger
+from services.authz.store import PolicyFile
+from services.faults import AccessDenied, InvalidArgument, LimitExceeded
+from tests.unit.authz.authz_support import policy_text
+
+ALICE, BOB, CAROL = (f"/O=Grid/OU=vmgrid/CN={n}" for n in ("alice", "bob", "carol"))
+HOST = "/O=Grid/OU=vmgrid/CN=host/node1"
+
+
+def race(n: int, func) -> tuple[list, list]:
+    """Run func(i) in n threads released at once; (results, errors)."""
+    barrier = threading.Barrier(n)
+    results, errors, lock = [], [], threading.Lock()
+
+    def run(i):
+        barrier.wait()
+        try:
+            r = func(i)
+            with lock:
+                results.append(r)
+        except Exception as exc:  # noqa: BLE001
+            with lock:
+                errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results, errors
+
+
+def test_twenty_concurrent_claims_cannot_pass_the_per_user_limit(tmp_path: Path):
+    ledger = SlotLedger(tmp_path / "slots.sqlite")
+    ok, errors = race(20, lambda i: ledger.claim(f"i-{i}", ALICE, "bio", HOST, max_per_user=5, max_per_group=None))
+    assert len(ok) == 5 and len(errors) == 15
+    assert all(isinstance(e, LimitExceeded) and e.limit == "max_instances_per_user" and e.allowed == "5"
+               for e in errors)
+    assert ledger.counts(ALICE, "bio") == (5, 5)
+    assert sorted(s.user_count for s, _ in ok) == [1, 2, 3, 4, 5]
+
+
+def test_the_group_limit_holds_across_users(tmp_path: Path):
+    ledger = SlotLedger(tmp_path / "slots.sqlite")
+    users = [f"/O=Grid/OU=vmgrid/CN=u{i}" for i in range(10)]
+    ok, errors = race(20, lambda i: ledger.claim(f"i-{i}", users[i % 10], "bio", HOST, max_per_user=2,
+                                                 max_per_group=7))
+    assert len(ok) == 7 and all(e.limit == "max_instances_per_group" for e in errors)
+    assert ledger.counts(users[0], "bio")[1] == 7
+
+
+def _claim_in_process(path: str, start: int, n: int, out) -> None:
+    ledger = SlotLedger(Path(path))
+    won = 0
+    for i in range(start, start + n):
+        try:
+            ledger.claim(f"i-{i}", ALICE, "bio", HOST, max_per_user=None, max_per_group=9)
+            won += 1
+        except LimitExceeded:
+            pass
+    out.put(won)
+
+
+def test_two_processes_sharing_the_ledger_cannot_overshoot(tmp_path: Path):
+    path = str(tmp_path / "slots.sqlite")
+    SlotLedger(Path(path)).close()
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_claim_in_process, args=(path, k * 20, 20, out)) for k in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(30)
+    assert sum(out.get(timeout=5) for _ in procs) == 9
+    assert SlotLedger(Path(path)).counts(ALICE, "bio") == (9, 9)
+
+
+def test_claims_are_idempotent_per_instance(tmp_path: Path):
+    ledger = SlotLedger(tmp_path / "slots.sqlite")
+    slot, new = ledger.claim("i-1", ALICE, "bio", HOST, max_per_user=1, max_per_group=None, lifetime=60, now=1000)
+    assert new and slot.expires == 1000 + 60 + 600
+    again, new = ledger.claim("i-1", ALICE, "bio", "/O=Grid/OU=vmgrid/CN=host/node2", max_per_user=1,
+                              max_per_group=None, lifetime=120, now=1010)
+    assert not new and again.user_count == 1 and again.claimant.endswith("node2") and again.expires == 1010 + 720
+    with pytest.raises(InvalidArgument, match="another subject"):
+        ledger.claim("i-1", BOB, "bio", HOST, max_per_user=None, max_per_group=None, now=1020)
+
+
+def test_slots_expire_after_their_lifetime_and_grace(tmp_path: Path):
+    ledger = SlotLedger(tmp_path / "slots.sqlite")
+    ledger.claim("i-1", ALICE, "bio", HOST, max_per_user=1, max_per_group=None, lifetime=10, grace=5, now=0)
+    with pytest.raises(LimitExceeded):
+        ledger.claim("i-2", ALICE, "bio", HOST, max_per_user=1, max_per_group=None, now=14)
+    slot, new = ledger.claim("i-2", ALICE, "bio", HOST, max_per_user=1, max_per_group=None, now=16)
+    assert new and slot.user_count == 1 and [s.instance for s in ledger.list(now=16)] == ["i-2"]
+
+
+def test_release_and_reconcile(tmp_path: Path):
+    ledger = SlotLedger(tmp_path / "slots.sqlite")
+    for i in range(4):
+        ledger.claim(f"i-{i}", ALICE, "bio", HOST if i < 3 else "/O=Grid/OU=vmgrid/CN=host/other",
+                     max_per_user=None, max_per_group=None)
+    released = ledger.release("i-0")
+    assert released.instance == "i-0" and released.user_count == 3
+    assert ledger.release("i-0") is None
+    assert ledger.reconcile(HOST, ["i-1"]) == ["i-2"]          # node1 lost i-2; the other host's i-3 stays
+    assert sorted(s.instance for s in ledger.list()) == ["i-1", "i-3"]
+
+
+@pytest.fixture
+def authority(tmp_path: Path):
+    path = tmp_path / "policy.toml"
+    path.write_text(policy_text(groups={"bio": {"members": [ALICE, BOB], "admins": [CAROL],
+                                                "limits": {"max_instances_per_group": 4}}},
+                                limits={"max_lifetime": "1h", "max_memory": 1024, "max_vcpus": 2,
+                                        "max_instances_per_user": 3, "max_instances_per_group": 50}))
+    audit = AuditLog(tmp_path / "audit.log")
+    a = PolicyAuthority(PolicyFile(path, audit=audit), SlotLedger(tmp_path / "slots.sqlite"), audit)
+    yield a
+    a.close()
+
+
+IMAGE = {"type": "image", "vo": "bio", "owner": CAROL, "name": "emboss", "id": "img-1"}
+
+
+def test_an_enforcer_claims_deployments_within_every_limit(authority):
+    enforcer = Enforcer(LocalPolicyPoint(authority, HOST))
+    ok, errors = race(20, lambda i: enforcer.claim(Subject(ALICE), f"a-{i}", IMAGE,
+                                                   {"memory": "512", "vcpus": "1", "lifetime": "600"}))
+    assert len(ok) == 3 and {e.limit for e in errors} == {"max_instances_per_user"}
+    decision, slot = ok[0]
+    assert decision.rule == "vo-members-use-images" and slot.group == "bio" and slot.counted
+    enforcer.claim(Subject(BOB), "b-0", IMAGE, {"memory": "512"})
+    with pytest.raises(LimitExceeded) as info:       # bio: 4 instances at most
+        enforcer.claim(Subject(BOB), "b-1", IMAGE, {"memory": "512"})
+    assert info.value.limit == "max_instances_per_group"
+    assert enforcer.release("a-0" if any(s.instance == "a-0" for _, s in ok) else ok[0][1].instance)
+    enforcer.claim(Subject(BOB), "b-1", IMAGE, {"memory": "512"})
+
+
+@pytest.mark.parametrize("context, limit", [({"memory": "2048"}, "max_memory"), ({"vcpus": "4"}, "max_vcpus"),
+                                            ({"lifetime": "7200"}, "max_lifetime")])
+def test_requests_over_the_limits_take_no_slot(authority, context, limit):
+    enforcer = Enforcer(LocalPolicyPoint(authority, HOST))
+    with pytest.raises(LimitExceeded) as info:
+        enforcer.claim(Subject(ALICE), "i-big", IMAGE, context)
+    assert info.value.limit == limit and info.value.requested == next(iter(context.values()))
+    assert authority.slots() == []
+    refused = authority.audit.read(event="slot")[-1]
+    assert refused["result"] == "refused" and refused["limit"] == limit
+
+
+def test_denied_and_limited_deployments_take_no_slot(authority):
+    enforcer = Enforcer(LocalPolicyPoint(authority, HOST))
+    with pytest.raises(AccessDenied) as info:
+        enforcer.claim(Subject("/O=Grid/OU=vmgrid/CN=stranger"), "i-x", IMAGE, {})
+    assert info.value.rule == "default-deny"
+    with pytest.raises(AccessDenied) as info:
+        enforcer.claim(Subject(ALICE, limited=True), "i-y", IMAGE, {})
+    assert info.value.rule == "limited-proxy-no-deploy"
+    assert authority.slots() == []
