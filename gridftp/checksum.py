@@ -107,7 +107,7 @@ class PrefixHasher:
         buf = bytearray(CHUNK)
         view = memoryview(buf)
         try:
-            while True:
+            while self._hashed < self._size:
                 with self._cond:
                     while self._ready <= self._hashed and not self._stopped:
                         self._cond.wait()
@@ -120,8 +120,6 @@ class PrefixHasher:
                         raise GridFTPError("file shorter than its received ranges")
                     self._hash.update(view[:n])
                     self._hashed += n
-                if self._hashed >= self._size:
-                    return
         except BaseException as exc:  # reported by finish()
             self._error = exc
 

@@ -58,12 +58,16 @@ class BufferSink:
 class Throttle:
     """A token bucket shared by the streams of one transfer (bytes per second; 0 = unlimited)."""
 
+    CHUNK = 256 << 10           # bytes sent between two waits when throttled
+
     def __init__(self, rate: float):
         self.rate = float(rate)
         self._lock = threading.Lock()
         self._next = time.monotonic()
+        self._cancel = threading.Event()
 
     def take(self, n: int) -> None:
+        """Wait until ``n`` more bytes may go (returns at once after :meth:`cancel`)."""
         if self.rate <= 0:
             return
         with self._lock:
@@ -72,7 +76,10 @@ class Throttle:
             self._next = start + n / self.rate
             delay = start - now
         if delay > 0:
-            time.sleep(delay)
+            self._cancel.wait(delay)
+
+    def cancel(self) -> None:
+        self._cancel.set()
 
 
 class Counter:
@@ -192,12 +199,15 @@ def recv_exact(sock: socket.socket, view: memoryview) -> int:
 
 # -- sending payloads --------------------------------------------------------------------------------
 def send_file_range(sock: socket.socket, fd: int, offset: int, length: int,
-                    add: Callable[[int], None]) -> None:
+                    add: Callable[[int], None], throttle: Throttle | None = None) -> None:
     """``sendfile`` a range of a file to a plain socket: no copy through user space."""
     out = sock.fileno()
     end = offset + length
+    step = Throttle.CHUNK if throttle is not None else length
     while offset < end:
-        n = os.sendfile(out, fd, offset, end - offset)
+        if throttle is not None:
+            throttle.take(min(step, end - offset))
+        n = os.sendfile(out, fd, offset, min(step, end - offset))
         if n == 0:
             raise TransferError("source file shrank while being sent")
         offset += n
@@ -205,16 +215,23 @@ def send_file_range(sock: socket.socket, fd: int, offset: int, length: int,
 
 
 def send_copied_range(sock: socket.socket, source: int | bytes, offset: int, length: int,
-                      add: Callable[[int], None], buf: bytearray) -> None:
+                      add: Callable[[int], None], buf: bytearray, throttle: Throttle | None = None) -> None:
     """Send a range through a reused buffer (TLS sockets, in-memory sources)."""
+    step = min(len(buf), Throttle.CHUNK) if throttle is not None else len(buf)
     if not isinstance(source, int):
-        sock.sendall(memoryview(source)[offset:offset + length])
-        add(length)
+        for pos in range(offset, offset + length, step):
+            n = min(step, offset + length - pos)
+            if throttle is not None:
+                throttle.take(n)
+            sock.sendall(memoryview(source)[pos:pos + n])
+            add(n)
         return
     view = memoryview(buf)
     end = offset + length
     while offset < end:
-        n = os.preadv(source, [view[: min(len(buf), end - offset)]], offset)
+        if throttle is not None:
+            throttle.take(min(step, end - offset))
+        n = os.preadv(source, [view[: min(step, end - offset)]], offset)
         if n == 0:
             raise TransferError("source file shrank while being sent")
         sock.sendall(view[:n])
@@ -249,6 +266,8 @@ class ModeESender:
     def cancel(self) -> None:
         """Stop sending (ABOR, or another stream failed); the receiver sees no EOF."""
         self._cancel.set()
+        if self.throttle is not None:
+            self.throttle.cancel()
         _abort_all(self._socks)
 
     def run(self, socks: Sequence[socket.socket]) -> int:
@@ -279,22 +298,20 @@ class ModeESender:
         slot = self.counter.slot()
         plain = not isinstance(sock, ssl.SSLSocket) and isinstance(self.source, int)
         buf = None if plain else bytearray(min(BLOCK_SIZE, 1 << 20))
+        add = self._adder(slot)
         try:
             while not self._cancel.is_set():
                 block = self._next_block()
                 if block is None:
                     break
                 offset, length = block
-                if self.throttle is not None:
-                    self.throttle.take(length)
                 header = BLOCK_HEADER.pack(0, length, offset - self.shift)
-                add = self._adder(slot)
                 if plain:
                     sock.sendall(header, socket.MSG_MORE)
-                    send_file_range(sock, self.source, offset, length, add)
+                    send_file_range(sock, self.source, offset, length, add, self.throttle)
                 else:
                     sock.sendall(header)
-                    send_copied_range(sock, self.source, offset, length, add, buf)
+                    send_copied_range(sock, self.source, offset, length, add, buf, self.throttle)
             if self._cancel.is_set():
                 return
             if index == 0:
@@ -497,12 +514,10 @@ def send_stream(sock: socket.socket, source: int | bytes, start: int, end: int, 
     buf = None if plain else bytearray(1 << 20)
     try:
         for offset, length in split_blocks([(start, end)], BLOCK_SIZE):
-            if throttle is not None:
-                throttle.take(length)
             if plain:
-                send_file_range(sock, source, offset, length, add)
+                send_file_range(sock, source, offset, length, add, throttle)
             else:
-                send_copied_range(sock, source, offset, length, add, buf)
+                send_copied_range(sock, source, offset, length, add, buf, throttle)
         if isinstance(sock, ssl.SSLSocket):
             try:
                 sock.unwrap()       # close_notify: in stream mode the close IS the end of file

@@ -162,12 +162,9 @@ class GridFTPServer:
         if self._listener is None:
             self.bind()
         listener = self._listener
-        listener.settimeout(0.5)
         while not self._stopping.is_set():
             try:
                 conn, peer = listener.accept()
-            except socket.timeout:
-                continue
             except OSError:
                 if self._stopping.is_set():
                     return
@@ -189,10 +186,7 @@ class GridFTPServer:
         """Stop accepting, close every session and its data connections."""
         self._stopping.set()
         if self._listener is not None:
-            try:
-                self._listener.close()
-            except OSError:
-                pass
+            shutdown_listener(self._listener)
         with self._lock:
             sessions = list(self._sessions)
         for s in sessions:

@@ -250,7 +250,7 @@ def download(url: str, dest_path: str | os.PathLike, parallel: int = DEFAULT_PAR
                 session.expect_ok(replies[:1], [f"SIZE {src.path}"])
                 size = int(replies[0].text.strip())
                 modify = replies[1].text.strip() if replies[1].ok else None
-                origin = {"source": str(src), "size": size, "modify": modify, "sha256": expected}
+                origin = {"source": str(src), "size": size, "modify": modify, "sha256": sha256 and sha256.lower()}
                 partial = PartialFile(dest, origin, size=size, resume=True, durable=durable)
                 if reused is None:
                     reused = partial.resumed_bytes
