@@ -58,7 +58,14 @@ ensure_venv() {
   echo "$want" > "$stamp"
 }
 
-setup() { ensure_apt; ensure_venv; }
+ensure_system() {
+  # libvirt's QEMU driver wants this account even when QEMU runs as root (Debian creates it only in
+  # libvirt-daemon-system, which vmgrid does not need: it embeds the driver, qemu:///embed).
+  getent passwd libvirt-qemu >/dev/null ||
+    useradd --system --user-group --no-create-home --home-dir /var/lib/libvirt --shell /usr/sbin/nologin libvirt-qemu
+}
+
+setup() { ensure_apt; ensure_system; ensure_venv; }
 
 cmd=${1:-}; [ $# -gt 0 ] && shift
 case "$cmd" in

@@ -8,6 +8,7 @@ from typing import Callable, Iterable
 
 from cheroot import wsgi
 
+from security.tls import MAX_REQUEST_BODY
 from services.container.app import SoapApplication
 from services.container.service import SoapService
 
@@ -28,6 +29,8 @@ class Container:
         self.wsgi_app = middleware(self.app)
         self.server = wsgi.Server((host, port), self.wsgi_app, numthreads=threads,
                                   server_name="vmgrid", shutdown_timeout=2)
+        # cheroot would otherwise read any body whole; WS-Security refuses far smaller messages itself.
+        self.server.max_request_body_size = MAX_REQUEST_BODY
         if ssl_adapter is not None:
             self.server.ssl_adapter = ssl_adapter
         self.tls = ssl_adapter is not None

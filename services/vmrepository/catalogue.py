@@ -3,7 +3,6 @@ to, and holds. Writes are serialised by SQLite's write lock (BEGIN IMMEDIATE), w
 the store's renames and deletions, so the catalogue and the store stay consistent across crashes."""
 from __future__ import annotations
 
-import re
 import sqlite3
 import threading
 import time
@@ -15,7 +14,9 @@ from typing import Iterator
 
 from lxml import etree
 
-from services.descriptor import FIELDS, NUMBER, TIME, VERSION, Descriptor, facts, resolve_field, version_key
+from services.descriptor import NUMBER, VERSION, Descriptor, facts, resolve_field, version_key
+from services.vmrepository.index import QueryIndex
+from services.vmrepository.query import Prepared
 from services.vmrepository.store import ImageStore, Ingested, crashpoint
 
 SCHEMA = """
@@ -60,6 +61,10 @@ CREATE TABLE IF NOT EXISTS holds (
     expires  REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS holds_image ON holds (image_id, expires);
+CREATE TABLE IF NOT EXISTS changes (
+    seq      INTEGER PRIMARY KEY AUTOINCREMENT,
+    image_id TEXT NOT NULL
+);
 """
 
 
@@ -85,10 +90,6 @@ def new_image_id() -> str:
     return "img-" + uuid.uuid4().hex
 
 
-def _regexp(pattern: str, value: str | None) -> bool:
-    return value is not None and re.search(pattern, value) is not None
-
-
 def fact_rows(image_id: str, element: etree._Element) -> list[tuple]:
     rows = []
     for path, value in facts(element):
@@ -106,6 +107,7 @@ class Catalogue:
     def __init__(self, path: Path, store: ImageStore):
         self.path = Path(path)
         self.store = store
+        self.index = QueryIndex()
         self._local = threading.local()
         self._db().executescript(SCHEMA)
 
@@ -118,7 +120,6 @@ class Catalogue:
             db.execute("PRAGMA synchronous=FULL")
             db.execute("PRAGMA foreign_keys=ON")
             db.execute("PRAGMA cache_size=-65536")
-            db.create_function("REGEXP", 2, _regexp, deterministic=True)
             self._local.db = db
         return db
 
@@ -180,21 +181,28 @@ class Catalogue:
         counts.update(dict(rows))
         return counts
 
-    def query(self, match_sql: str, params: list, vos: list[str], order: str, descending: bool,
+    def query(self, groups: list[list[Prepared]], vos: list[str], order: str, descending: bool,
               offset: int, limit: int) -> tuple[int, list[Record]]:
-        """Page through the images whose id the match SELECT yields, within the given VOs."""
+        """The images matching an OR of AND groups of criteria, within the VOs: the total and one page."""
         if not vos:
             return 0, []
         db = self._db()
-        marks = ",".join("?" * len(vos))
-        where = f"i.vo IN ({marks}) AND i.image_id IN ({match_sql})"
-        total = db.execute(f"SELECT count(*) FROM images i WHERE {where}", [*vos, *params]).fetchone()[0]
-        direction = "DESC" if descending else "ASC"
-        rows = db.execute(
-            f"SELECT i.image_id, i.vo, i.name, i.owner, i.sha256, i.size, i.revision, i.descriptor "
-            f"FROM images i WHERE {where} ORDER BY i.{order} {direction}, i.image_id {direction} LIMIT ? OFFSET ?",
-            [*vos, *params, limit, offset]).fetchall()
-        return total, [Record(*r) for r in rows]
+        with self.index.lock:
+            self.index.catch_up(db)
+            mask = self.index.match(groups, vos)
+            total = int(mask.sum())
+            ids = self.index.page(mask, order, descending, offset, limit)
+        return total, self.records(ids)
+
+    def records(self, image_ids: list[str]) -> list[Record]:
+        """The records of these images, in this order (those removed meanwhile are left out)."""
+        if not image_ids:
+            return []
+        rows = self._db().execute(
+            f"SELECT image_id, vo, name, owner, sha256, size, revision, descriptor FROM images "
+            f"WHERE image_id IN ({','.join('?' * len(image_ids))})", image_ids).fetchall()
+        by_id = {r[0]: Record(*r) for r in rows}
+        return [by_id[i] for i in image_ids if i in by_id]
 
     def scan(self, vos: list[str], order: str, descending: bool) -> Iterator[Record]:
         """Every image of the VOs in order (the XPath dialect evaluates on each)."""
@@ -238,6 +246,22 @@ class Catalogue:
                 (d.image_id, d.vo, d.name, d.owner, d.sha256, d.size, d.memory, d.vcpus, now, now, data))
             db.executemany("INSERT INTO facts (image_id, field, txt, num, ver) VALUES (?, ?, ?, ?, ?)",
                            fact_rows(d.image_id, element))
+            db.execute("INSERT INTO changes (image_id) VALUES (?)", (d.image_id,))
+
+    def add_many(self, elements: list[etree._Element]) -> None:
+        """Bulk-load complete descriptors whose bytes are already in the store, in one transaction
+        (imports and benchmarks)."""
+        with self._write("add-many") as db:
+            for element in elements:
+                d = Descriptor(element)
+                db.execute(
+                    "INSERT INTO images (image_id, vo, name, owner, sha256, size, memory, vcpus, created, updated,"
+                    " descriptor) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (d.image_id, d.vo, d.name, d.owner, d.sha256, d.size, d.memory, d.vcpus, d.created, d.created,
+                     etree.tostring(element, encoding="UTF-8")))
+                db.executemany("INSERT INTO facts (image_id, field, txt, num, ver) VALUES (?, ?, ?, ?, ?)",
+                               fact_rows(d.image_id, element))
+                db.execute("INSERT INTO changes (image_id) VALUES (?)", (d.image_id,))
 
     def replace(self, element: etree._Element, updated: str) -> int:
         """Replace a descriptor (same imageId and bytes); returns the new revision."""
@@ -259,6 +283,7 @@ class Catalogue:
             db.execute("DELETE FROM facts WHERE image_id = ?", (d.image_id,))
             db.executemany("INSERT INTO facts (image_id, field, txt, num, ver) VALUES (?, ?, ?, ?, ?)",
                            fact_rows(d.image_id, element))
+            db.execute("INSERT INTO changes (image_id) VALUES (?)", (d.image_id,))
             return row[0] + 1
 
     def remove(self, image_id: str, now: float | None = None) -> tuple[bool, list[str]]:
@@ -277,6 +302,7 @@ class Catalogue:
             db.execute("DELETE FROM facts WHERE image_id = ?", (image_id,))
             db.execute("DELETE FROM images WHERE image_id = ?", (image_id,))
             db.execute("DELETE FROM holds WHERE image_id = ?", (image_id,))
+            db.execute("INSERT INTO changes (image_id) VALUES (?)", (image_id,))
             last = db.execute("SELECT count(*) FROM images WHERE sha256 = ?", (sha,)).fetchone()[0] == 0
             if last:
                 db.execute("DELETE FROM blobs WHERE sha256 = ?", (sha,))

@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 
 from lxml import etree
 
-from services.descriptor import NUMBER, TEXT, TIME, VERSION, number_value, resolve_field, version_key
+from services.descriptor import NUMBER, TIME, VERSION, number_value, resolve_field, version_key
 from services.faults import BadQuery
 
 OPERATORS = ("=", "!=", "<", "<=", ">", ">=", "contains", "matches")
@@ -76,7 +76,7 @@ def parse_cli(args: list[str]) -> list[list[Criterion]]:
     return [g for g in groups if g]
 
 
-# -- SQL ------------------------------------------------------------------------------------
+# -- checking criteria -----------------------------------------------------------------------
 
 def _time_value(text: str) -> str:
     try:
@@ -88,8 +88,20 @@ def _time_value(text: str) -> str:
     return dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _criterion_sql(c: Criterion) -> tuple[str, list]:
-    """A SELECT of the image ids the criterion holds for."""
+@dataclass(frozen=True)
+class Prepared:
+    """A checked criterion: canonical field path, kind, operator and comparison key."""
+
+    path: str
+    kind: str
+    op: str
+    key: object
+    text: str
+    regex: re.Pattern | None = None
+
+
+def prepare(c: Criterion) -> Prepared:
+    """Check a criterion (field, operator, value) and compute its comparison key, or raise BadQuery."""
     resolved = resolve_field(c.field)
     if resolved is None:
         raise BadQuery(f"unknown field {c.field!r} (see docs/query.md for the fields)",
@@ -98,45 +110,32 @@ def _criterion_sql(c: Criterion) -> tuple[str, list]:
     if c.op not in OPERATORS:
         raise BadQuery(f"unknown operator {c.op!r}", reason="unknown operator", criterion=str(c))
     if c.op == "contains":
-        return ("SELECT image_id FROM facts WHERE field = ? AND instr(lower(txt), lower(?)) > 0", [path, c.value])
+        return Prepared(path, kind, c.op, c.value.lower(), c.value)
     if c.op == "matches":
         if len(c.value) > MAX_REGEX:
             raise BadQuery(f"regular expression longer than {MAX_REGEX}", reason="bad regex", criterion=str(c))
         try:
-            re.compile(c.value)
+            rx = re.compile(c.value)
         except re.error as exc:
-            raise BadQuery(f"bad regular expression {c.value!r}: {exc}", reason="bad regex", criterion=str(c)) from None
-        return ("SELECT image_id FROM facts WHERE field = ? AND txt REGEXP ?", [path, c.value])
+            raise BadQuery(f"bad regular expression {c.value!r}: {exc}", reason="bad regex",
+                           criterion=str(c)) from None
+        return Prepared(path, kind, c.op, None, c.value, rx)
     try:
         if kind == NUMBER:
-            column, value = "num", number_value(path, c.value)
+            key: object = number_value(path, c.value)
         elif kind == VERSION:
-            column, value = "ver", version_key(c.value)
+            key = version_key(c.value)
         elif kind == TIME:
-            column, value = "txt", _time_value(c.value)
+            key = _time_value(c.value)
         else:
-            column, value = "txt", c.value
+            key = c.value
     except ValueError as exc:
         raise BadQuery(f"{c}: {exc}", reason="bad value", criterion=str(c)) from None
-    if c.op == "!=":
-        return (f"SELECT image_id FROM images EXCEPT SELECT image_id FROM facts WHERE field = ? AND {column} = ?",
-                [path, value])
-    return (f"SELECT image_id FROM facts WHERE field = ? AND {column} {c.op} ?", [path, value])
+    return Prepared(path, kind, c.op, key, c.value)
 
 
-def compile_match(groups: list[list[Criterion]]) -> tuple[str, list]:
-    """A SELECT of the image ids matching an OR of AND groups (all images for no group)."""
-    if not groups or any(not g for g in groups):
-        return "SELECT image_id FROM images", []
-    parts, params = [], []
-    for group in groups:
-        sqls = []
-        for c in group:
-            sql, p = _criterion_sql(c)
-            sqls.append(f"SELECT * FROM ({sql})")
-            params += p
-        parts.append(" INTERSECT ".join(sqls))
-    return " UNION ".join(f"SELECT * FROM ({p})" for p in parts), params
+def prepare_groups(groups: list[list[Criterion]]) -> list[list[Prepared]]:
+    return [[prepare(c) for c in g] for g in groups]
 
 
 def order_column(order_by: str) -> str:

@@ -16,7 +16,7 @@ from services.descriptor import WS, Descriptor, check_descriptor, set_field, utc
 from services.faults import (BadQuery, ChecksumMismatch, DuplicateName, ImageInUse, InvalidArgument,
                              InvalidDescriptor, InvalidSource, UnknownImage)
 from services.vmrepository.catalogue import Catalogue, Record, new_image_id
-from services.vmrepository.query import (XPATH_DIALECT, Criterion, compile_match, compile_xpath, order_column,
+from services.vmrepository.query import (XPATH_DIALECT, Criterion, compile_xpath, order_column, prepare_groups,
                                          xpath_true)
 from services.vmrepository.store import ImageStore, crashpoint, image_format_of
 
@@ -195,8 +195,7 @@ class VMRepositoryService(SoapService):
                                          c.findtext("repo:operator", namespaces=NS).strip(),
                                          c.findtext("repo:value", namespaces=NS) or "")
                                for c in g.iterfind("repo:criterion", NS)])
-            sql, params = compile_match(groups)
-            total, page = self.catalogue.query(sql, params, vos, order, descending, offset, limit)
+            total, page = self.catalogue.query(prepare_groups(groups), vos, order, descending, offset, limit)
         resp = _el("QueryImagesResponse")
         _sub(resp, "total", total)
         _sub(resp, "offset", offset)

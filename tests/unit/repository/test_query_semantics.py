@@ -13,7 +13,7 @@ from lxml import etree
 from services.descriptor import WS, facts, parse_descriptor, set_field, version_key
 from services.faults import BadQuery
 from services.vmrepository.catalogue import Catalogue, new_image_id
-from services.vmrepository.query import Criterion, compile_match, compile_xpath, parse_cli, xpath_true
+from services.vmrepository.query import Criterion, compile_xpath, parse_cli, prepare_groups, xpath_true
 from services.vmrepository.store import ImageStore
 from tests.fixtures.repository import EXAMPLES
 
@@ -113,8 +113,7 @@ def population(tmp_path_factory):
 
 
 def indexed(cat: Catalogue, groups) -> tuple[int, set[str]]:
-    sql, params = compile_match(groups)
-    total, page = cat.query(sql, params, ["bio", "hep"], "name", False, 0, 1000)
+    total, page = cat.query(prepare_groups(groups), ["bio", "hep"], "name", False, 0, 1000)
     return total, {r.image_id for r in page}
 
 
@@ -187,7 +186,7 @@ def test_the_command_line_form_maps_onto_criteria():
 ])
 def test_bad_queries_say_why(groups, reason):
     with pytest.raises(BadQuery) as exc:
-        compile_match(groups)
+        prepare_groups(groups)
     assert exc.value.reason == reason
 
 
@@ -204,3 +203,47 @@ def test_xpath_dialect_agrees_with_criteria(population):
         compile_xpath("/ws:workspace[", {})
     with pytest.raises(BadQuery):
         xpath_true(compile_xpath("/nope:x", {}), next(cat.scan(["bio"], "name", False)).element())
+
+
+@pytest.mark.parametrize("merge_at", [4096, 50])
+def test_the_index_follows_adds_removes_and_replacements(tmp_path, monkeypatch, merge_at):
+    """After the index is built, later writes reach it through the change log (delta, then merge)."""
+    import services.vmrepository.index as index_module
+
+    monkeypatch.setattr(index_module, "MERGE_AT", merge_at)
+    store = ImageStore(tmp_path / "images")
+    cat = Catalogue(tmp_path / "catalogue.sqlite", store)
+    src = tmp_path / "bytes"
+    src.write_bytes(b"y")
+    ingested = store.ingest(src)
+    rng = random.Random(7)
+    pop: dict[str, list] = {}
+    elements = {}
+
+    def add(i):
+        ws = random_descriptor(rng, f"img-{i:03d}")
+        set_field(ws, "image", "sha256", ingested.sha256)
+        cat.add(ws, ingested if not pop else None)
+        image_id = ws.findtext(f"{{{WS}}}identity/{{{WS}}}imageId")
+        pop[image_id], elements[image_id] = facts(ws), ws
+
+    queries = [[[Criterion("ram", ">=", "1024")]], [[Criterion("library.emboss", ">=", "6.6")]],
+               [[Criterion("distribution", "!=", "debian"), Criterion("vcpus", "<", "4")]], []]
+    for i in range(20):
+        add(i)
+    for q in queries:                                  # builds the index
+        assert indexed(cat, q)[1] == bf_query(pop, q)
+    for round_ in range(3):
+        for i in range(20):
+            add(100 * (round_ + 1) + i)
+        for image_id in rng.sample(sorted(pop), 5):
+            cat.remove(image_id)
+            del pop[image_id]
+        for image_id in rng.sample(sorted(pop), 5):
+            ws = elements[image_id]
+            set_field(ws, "hardware", "memory", rng.choice([128, 8192]))
+            cat.replace(ws, "2026-11-26T00:00:00Z")
+            pop[image_id] = facts(ws)
+        for q in queries:
+            total, ids = indexed(cat, q)
+            assert ids == bf_query(pop, q) and total == len(ids)

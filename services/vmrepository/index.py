@@ -1,0 +1,260 @@
+"""The catalogue's query index: the descriptors' facts held column-wise in memory (numpy), so a
+criteria query over 100,000 descriptors is a handful of vectorised range scans and bitmap ANDs.
+
+SQLite stays the source of truth. Every catalogue write appends to its ``changes`` log; before
+answering, the index catches up on that log (also what other worker processes wrote). New facts
+go to a small delta evaluated directly and are merged into the sorted base columns once the delta
+grows; removed or replaced images are dropped by clearing their slot in the ``alive`` bitmap.
+"""
+from __future__ import annotations
+
+import sqlite3
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from services.descriptor import NUMBER, VERSION, resolve_field
+from services.vmrepository.query import Prepared
+
+MERGE_AT = 4096        # delta facts before they are merged into the base columns
+ORDER_COLUMNS = ("name", "vo", "owner", "created", "updated", "memory", "vcpus", "size", "image_id")
+
+
+def fact_key(kind: str, text: str, num, ver):
+    return num if kind == NUMBER else ver if kind == VERSION else text
+
+
+@dataclass
+class _Column:
+    """One field's facts: sorted unique keys, and per fact its slot, key code and text code."""
+
+    numeric: bool
+    ukeys: np.ndarray = None
+    utexts: list[str] = field(default_factory=list)
+    slots: np.ndarray = None
+    kcodes: np.ndarray = None
+    tcodes: np.ndarray = None
+    delta: list[tuple[int, object, str]] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, numeric: bool, entries: list[tuple[int, object, str]]) -> "_Column":
+        col = cls(numeric)
+        if not entries:
+            col.ukeys = np.array([], dtype=np.float64 if numeric else np.str_)
+            col.slots = col.kcodes = col.tcodes = np.array([], dtype=np.int32)
+            return col
+        slots, keys, texts = zip(*entries)
+        col.slots = np.asarray(slots, dtype=np.int32)
+        col.ukeys, kcodes = np.unique(np.asarray(keys, dtype=np.float64 if numeric else np.str_),
+                                      return_inverse=True)
+        col.kcodes = kcodes.astype(np.int32)
+        utexts, tcodes = np.unique(np.asarray(texts, dtype=np.str_), return_inverse=True)
+        col.utexts = utexts.tolist()
+        col.tcodes = tcodes.astype(np.int32)
+        return col
+
+    def entries(self) -> list[tuple[int, object, str]]:
+        keys = self.ukeys.tolist()
+        return [(int(s), keys[k], self.utexts[t])
+                for s, k, t in zip(self.slots.tolist(), self.kcodes.tolist(), self.tcodes.tolist())] + self.delta
+
+    def select(self, p: Prepared, mask: np.ndarray) -> None:
+        """Set mask[slot] for every slot with a fact satisfying p (existentially)."""
+        if p.op in ("contains", "matches"):
+            if p.op == "contains":
+                ok = [p.key in t.lower() for t in self.utexts]
+                test = lambda t: p.key in t.lower()  # noqa: E731
+            else:
+                ok = [p.regex.search(t) is not None for t in self.utexts]
+                test = lambda t: p.regex.search(t) is not None  # noqa: E731
+            if self.utexts:
+                mask[self.slots[np.asarray(ok, dtype=bool)[self.tcodes]]] = True
+            for slot, _, text in self.delta:
+                if test(text):
+                    mask[slot] = True
+            return
+        op = "=" if p.op == "!=" else p.op
+        key = p.key
+        n = len(self.ukeys)
+        lo, hi = {
+            "=": (np.searchsorted(self.ukeys, key, "left"), np.searchsorted(self.ukeys, key, "right")),
+            "<": (0, np.searchsorted(self.ukeys, key, "left")),
+            "<=": (0, np.searchsorted(self.ukeys, key, "right")),
+            ">": (np.searchsorted(self.ukeys, key, "right"), n),
+            ">=": (np.searchsorted(self.ukeys, key, "left"), n),
+        }[op]
+        if hi > lo:
+            if lo == 0 and hi == n:
+                mask[self.slots] = True
+            else:
+                mask[self.slots[(self.kcodes >= lo) & (self.kcodes < hi)]] = True
+        compare = {"=": key.__eq__, "<": key.__gt__, "<=": key.__ge__, ">": key.__lt__, ">=": key.__le__}[op]
+        for slot, k, _ in self.delta:
+            if compare(k) is True:
+                mask[slot] = True
+
+
+class QueryIndex:
+    """Column-wise facts of the live descriptors, kept in step with the catalogue's change log."""
+
+    def __init__(self):
+        self.lock = threading.RLock()
+        self.last_seq = -1
+        self.columns: dict[str, _Column] = {}
+        self.slot_of: dict[str, int] = {}
+        self.alive = np.zeros(0, dtype=bool)
+        self.order_values: dict[str, list] = {c: [] for c in ORDER_COLUMNS}
+        self._perm: dict[str, np.ndarray] = {}
+        self.delta_size = 0
+
+    # -- keeping up with the catalogue -----------------------------------------------------------
+    def _new_slot(self, row: tuple) -> int:
+        slot = len(self.order_values["image_id"])
+        for name, value in zip(ORDER_COLUMNS, row):
+            self.order_values[name].append(value)
+        self.slot_of[row[-1]] = slot
+        return slot
+
+    def _grow_alive(self) -> None:
+        n = len(self.order_values["image_id"])
+        if n > len(self.alive):
+            grown = np.zeros(max(n, 2 * len(self.alive), 1024), dtype=bool)
+            grown[:len(self.alive)] = self.alive
+            self.alive = grown
+
+    def catch_up(self, db: sqlite3.Connection) -> None:
+        with self.lock:
+            top = db.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()[0]
+            if top == self.last_seq:
+                return
+            if self.last_seq < 0:
+                self._load_all(db)
+                return
+            rows = db.execute("SELECT seq, image_id FROM changes WHERE seq > ? ORDER BY seq",
+                              (self.last_seq,)).fetchall()
+            changed = list(dict.fromkeys(image_id for _, image_id in rows))
+            for image_id in changed:
+                old = self.slot_of.pop(image_id, None)
+                if old is not None:
+                    self.alive[old] = False
+            self._load(db, changed, into_delta=True)
+            self.last_seq = max(seq for seq, _ in rows) if rows else top
+            self._perm.clear()
+            if self.delta_size >= MERGE_AT:
+                self._merge()
+
+    def _select_images(self, db, image_ids: list[str] | None):
+        cols = ", ".join(ORDER_COLUMNS)
+        if image_ids is None:
+            return db.execute(f"SELECT {cols} FROM images").fetchall()
+        out = []
+        for i in range(0, len(image_ids), 500):
+            chunk = image_ids[i:i + 500]
+            out += db.execute(f"SELECT {cols} FROM images WHERE image_id IN ({','.join('?' * len(chunk))})",
+                              chunk).fetchall()
+        return out
+
+    def _select_facts(self, db, image_ids: list[str] | None):
+        if image_ids is None:
+            return db.execute("SELECT image_id, field, txt, num, ver FROM facts")
+        out = []
+        for i in range(0, len(image_ids), 500):
+            chunk = image_ids[i:i + 500]
+            out += db.execute(f"SELECT image_id, field, txt, num, ver FROM facts WHERE image_id IN "
+                              f"({','.join('?' * len(chunk))})", chunk).fetchall()
+        return out
+
+    def _load(self, db, image_ids: list[str], into_delta: bool) -> None:
+        for row in self._select_images(db, image_ids):
+            self._new_slot(row)
+        self._grow_alive()
+        for image_id, path, txt, num, ver in self._select_facts(db, image_ids):
+            slot = self.slot_of.get(image_id)
+            if slot is None:
+                continue
+            kind = resolve_field(path)[1]
+            col = self.columns.get(path)
+            if col is None:
+                col = self.columns[path] = _Column.build(kind == NUMBER, [])
+            col.delta.append((slot, fact_key(kind, txt, num, ver), txt))
+            self.delta_size += 1
+        for image_id in image_ids:
+            slot = self.slot_of.get(image_id)
+            if slot is not None:
+                self.alive[slot] = True
+
+    def _load_all(self, db) -> None:
+        db.execute("BEGIN")
+        try:
+            top = db.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()[0]
+            for row in self._select_images(db, None):
+                self._new_slot(row)
+            self._grow_alive()
+            self.alive[:len(self.slot_of)] = True
+            per_field: dict[str, list] = {}
+            for image_id, path, txt, num, ver in self._select_facts(db, None):
+                kind = resolve_field(path)[1]
+                per_field.setdefault(path, []).append((self.slot_of[image_id], fact_key(kind, txt, num, ver), txt))
+        finally:
+            db.execute("COMMIT")
+        for path, entries in per_field.items():
+            self.columns[path] = _Column.build(resolve_field(path)[1] == NUMBER, entries)
+        self.last_seq = top
+
+    def _merge(self) -> None:
+        """Fold the delta into the base columns, dropping facts of dead slots."""
+        alive = self.alive
+        for path, col in list(self.columns.items()):
+            if not col.delta and alive[col.slots].all():
+                continue
+            entries = [e for e in col.entries() if alive[e[0]]]
+            self.columns[path] = _Column.build(col.numeric, entries)
+        self.delta_size = 0
+
+    # -- answering ---------------------------------------------------------------------------------
+    def _criterion_mask(self, p: Prepared) -> np.ndarray:
+        mask = np.zeros(len(self.alive), dtype=bool)
+        col = self.columns.get(p.path)
+        if col is not None:
+            col.select(p, mask)
+        if p.op == "!=":
+            mask = ~mask
+        return mask & self.alive
+
+    def match(self, groups: list[list[Prepared]], vos: list[str]) -> np.ndarray:
+        """The bitmap of live slots matching an OR of AND groups, within the VOs."""
+        if not groups or any(not g for g in groups):
+            mask = self.alive.copy()
+        else:
+            mask = np.zeros(len(self.alive), dtype=bool)
+            for group in groups:
+                g = self._criterion_mask(group[0])
+                for p in group[1:]:
+                    g &= self._criterion_mask(p)
+                mask |= g
+        vo_mask = np.zeros(len(self.alive), dtype=bool)
+        col = self.columns.get("identity.vo")
+        if col is not None:
+            for vo in vos:
+                col.select(Prepared("identity.vo", "text", "=", vo, vo), vo_mask)
+        return mask & vo_mask & self.alive
+
+    def _permutation(self, order: str) -> np.ndarray:
+        """Slots sorted by (order column, image id); cached until the index changes."""
+        perm = self._perm.get(order)
+        if perm is None:
+            ids = np.asarray(self.order_values["image_id"], dtype=np.str_)
+            values = self.order_values[order]
+            values = np.asarray(values, dtype=np.float64 if order in ("memory", "vcpus", "size") else np.str_)
+            perm = self._perm[order] = np.lexsort((ids, values)) if len(ids) else np.zeros(0, dtype=np.int64)
+        return perm
+
+    def page(self, mask: np.ndarray, order: str, descending: bool, offset: int, limit: int) -> list[str]:
+        """Image ids of the matching slots, ordered, from offset, at most limit."""
+        perm = self._permutation(order)
+        hits = perm[mask[:len(perm)][perm]]
+        if descending:
+            hits = hits[::-1]
+        ids = self.order_values["image_id"]
+        return [ids[i] for i in hits[offset:offset + limit].tolist()]
