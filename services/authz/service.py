@@ -81,7 +81,8 @@ class AuthorizationService(SoapService):
         p = self.policy
         if p.is_enforcement_point(ctx.dn) or (or_admin and p.is_admin(ctx.dn) and not ctx.caller.limited):
             return
-        raise self._refuse(ctx, "not an enforcement point of this policy" + (" nor a policy admin" if or_admin else ""))
+        raise self._refuse(ctx, "not an enforcement point of this policy ([policy] enforcement_points)"
+                           + (" nor a policy admin" if or_admin else ""))
 
     def _admin(self, ctx: CallContext) -> None:
         if not self.policy.is_admin(ctx.dn):
@@ -97,7 +98,8 @@ class AuthorizationService(SoapService):
         if p.is_enforcement_point(ctx.dn) or p.is_admin(ctx.dn):
             return subject
         if subject.dn != ctx.dn:
-            raise self._refuse(ctx, "only enforcement points and policy admins ask about other subjects")
+            raise self._refuse(ctx, "only enforcement points ([policy] enforcement_points) and policy admins ask "
+                                    "about other subjects")
         if ctx.caller.limited and not subject.limited:
             subject = type(subject)(subject.dn, True)
         return subject
@@ -125,7 +127,8 @@ class AuthorizationService(SoapService):
         dn = text(req, "dn").strip()
         p = self.policy
         if dn != ctx.dn and not (p.is_enforcement_point(ctx.dn) or p.is_admin(ctx.dn)):
-            raise self._refuse(ctx, "only enforcement points and policy admins ask about other subjects")
+            raise self._refuse(ctx, "only enforcement points ([policy] enforcement_points) and policy admins ask "
+                                    "about other subjects")
         member, admin = self.authority.groups(dn)
         resp = el("GetGroupsResponse")
         for g in member:

@@ -3,6 +3,7 @@ site on loopback: the Authorization service and a VMRepository enforcing through
 real container (cheroot, TLS, WS-Security), so either can be stopped and started again."""
 from __future__ import annotations
 
+import socket
 import threading
 from pathlib import Path
 
@@ -15,6 +16,13 @@ from services.container.config import Config
 DEFAULT_POLICY = Path(__file__).resolve().parents[3] / "services" / "authz" / "default-policy.toml"
 _USERS: dict[str, object] = {}
 _LOCK = threading.Lock()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def policy_text(*, admins: list[str] = (), groups: dict[str, dict] | None = None, limits: dict | None = None,
@@ -62,7 +70,7 @@ class AuthzSite:
     authorizes) in real containers bound to port 0 on loopback."""
 
     def __init__(self, pki, root: Path, policy: str, *, repository: bool = False, permit_ttl: float = 5.0,
-                 timeout: float = 5.0, reload_interval: float = 0.2):
+                 timeout: float = 5.0, reload_interval: float = 0.2, restartable: bool = False):
         self.pki = pki
         self.root = Path(root)
         self.policy_path = self.root / "policy.toml"
@@ -71,7 +79,9 @@ class AuthzSite:
         self.permit_ttl, self.timeout, self.reload_interval = permit_ttl, timeout, reload_interval
         self.authz = self.authz_service = None
         self.repo = self.repo_service = None
-        self.authz_port = 0
+        # cheroot sets SO_REUSEADDR only on a non-zero port; a service that must come back on its address
+        # (after connections to it sit in TIME_WAIT) starts on a free port picked here, not on port 0
+        self.authz_port = free_port() if restartable else 0
         self.start_authz()
         if repository:
             self.start_repository()
@@ -128,6 +138,9 @@ class AuthzSite:
     def start_repository(self) -> None:
         cfg = self.config("repository")
         cfg.enforcement.authz_url = self.url
+        self.ingest_dir = self.root / "ingest"
+        self.ingest_dir.mkdir(exist_ok=True)
+        cfg.repository.ingest_dirs = [str(self.ingest_dir)]
         self.repo_service = build_service("repository", cfg)
         self.repo = build_container(cfg, [self.repo_service]).start()
 
