@@ -168,3 +168,29 @@ def wait_for(predicate, timeout: float = 20, interval: float = 0.02, what: str =
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+CLIENT_SCRIPT = """
+import sys
+from gridftp import download, upload
+op, src, dst, parallel, state, rate = sys.argv[1:7]
+if op == "download":
+    download(src, dst, int(parallel), retries=0)
+else:
+    upload(src, dst, int(parallel), retries=0, state_dir=state, max_rate=float(rate))
+print("done", flush=True)
+"""
+
+
+def client_process(op: str, src: str, dst: str, *, parallel: int = 4, state_dir: Path | None = None,
+                   max_rate: float = 0) -> subprocess.Popen:
+    """A download or upload in a child process (so a test can SIGKILL the client)."""
+    return subprocess.Popen([sys.executable, "-c", CLIENT_SCRIPT, op, src, str(dst), str(parallel),
+                             str(state_dir or ""), str(max_rate)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def cut_connections_to(port: int) -> None:
+    """Destroy every TCP connection to 127.0.0.1:port in the kernel (`ss -K`): both ends see it break."""
+    subprocess.run(["ss", "-K", "dst", "127.0.0.1", "dport", "=", f":{port}"], check=True,
+                   capture_output=True)
