@@ -1,0 +1,208 @@
+"""Secured GridFTP: AUTH TLS (RFC 4217) with mutual authentication by grid certificates and RFC 3820 proxies,
+PROT P data channels with the DCAU identity check, DN-based path authorization, refused credentials.
+Certificates come from the test grid PKI (tests/fixtures/pki.py, built with security/)."""
+from __future__ import annotations
+
+import datetime as dt
+import socket
+import ssl
+
+import pytest
+
+from gridftp import AuthenticationError, GridFTPClient, ReplyError, download, third_party, upload
+from gridftp.protocol import BLOCK_HEADER, DESC_EOD, DESC_EOF, find_host_ports
+from gridftp.tls import TLSConfig
+from security.pki import OID_INDEPENDENT, Credential, make_proxy, proxy_certificate
+
+from tests.unit.gridftp.gridftp_helpers import RawFTP, sha256_of
+
+ALICE_ONLY = "/data/f3m"
+
+
+@pytest.fixture
+def decisions():
+    return []
+
+
+@pytest.fixture
+def secure_server(start_server, grid_pki, decisions):
+    """A TLS server: alice may read everything, bob everything but /data/f3m; writes go to /up."""
+
+    def authorize(dn, op, path):
+        decisions.append((dn, op, path))
+        return not (path == ALICE_ONLY and dn == grid_pki.bob.dn)
+
+    return start_server(credential=grid_pki.host, trust=grid_pki.cert_dir, authorize=authorize,
+                        upload_area="/up", anonymous=False)
+
+
+def url(server, path):
+    return f"gsiftp://localhost:{server.port}{path}"
+
+
+@pytest.mark.parametrize("which", ["certificate", "proxy", "proxy of a proxy", "limited proxy"])
+def test_download_and_upload_with_grid_credentials(secure_server, grid_pki, tree, tmp_path, decisions, which):
+    alice = grid_pki.alice
+    cred = {"certificate": alice.credential, "proxy": alice.proxy,
+            "proxy of a proxy": make_proxy(alice.proxy, hours=1, key=grid_pki.keys.take()),
+            "limited proxy": make_proxy(alice.credential, hours=1, limited=True, key=grid_pki.keys.take()),
+            }[which]
+    result = download(url(secure_server, "/data/f3m"), tmp_path / "f", parallel=3, credential=cred,
+                      trust=grid_pki.cert_dir)
+    assert result.sha256 == sha256_of(tree / "data" / "f3m")
+    up = upload(tmp_path / "f", url(secure_server, "/up/f"), parallel=2, credential=cred,
+                trust=grid_pki.cert_dir, state_dir=tmp_path / "state")
+    assert sha256_of(tree / "up" / "f") == up.sha256 == result.sha256
+    # the identity is the end-entity DN, whatever proxy carried it
+    assert {dn for dn, _, _ in decisions} == {alice.dn}
+    assert (alice.dn, "write", "/up/f") in decisions
+
+
+def test_path_authorization_by_dn(secure_server, grid_pki, tmp_path):
+    bob = grid_pki.bob
+    with pytest.raises(ReplyError) as info:
+        download(url(secure_server, ALICE_ONLY), tmp_path / "f", credential=bob.proxy, trust=grid_pki.cert_dir)
+    assert info.value.code == 550
+    assert download(url(secure_server, "/data/small"), tmp_path / "s", credential=bob.proxy,
+                    trust=grid_pki.cert_dir).size == 1000
+
+
+@pytest.mark.parametrize("who", ["stranger", "revoked", "expired proxy", "independent proxy"])
+def test_bad_credentials_are_refused(secure_server, grid_pki, tmp_path, who):
+    alice = grid_pki.alice
+    key = grid_pki.keys.take()
+    if who == "expired proxy":
+        now = dt.datetime.now(dt.timezone.utc)
+        cert = proxy_certificate(alice.credential, key.public_key(), lifetime=dt.timedelta(hours=-1),
+                                 not_before=now - dt.timedelta(hours=3))
+        cred = Credential(cert, key, alice.credential.certificates)
+    elif who == "independent proxy":
+        cert = proxy_certificate(alice.credential, key.public_key(), lifetime=dt.timedelta(hours=1),
+                                 policy_language=OID_INDEPENDENT)
+        cred = Credential(cert, key, alice.credential.certificates)
+    else:
+        cred = getattr(grid_pki, who).credential
+    with pytest.raises(AuthenticationError):
+        download(url(secure_server, "/data/small"), tmp_path / "x", credential=cred, trust=grid_pki.cert_dir,
+                 retries=0)
+    assert not (tmp_path / "x").exists()
+
+
+def test_tls_without_a_client_certificate_is_refused(secure_server, grid_pki):
+    ctx = ssl.create_default_context(capath=str(grid_pki.cert_dir))
+    ctx.check_hostname = False
+    s = RawFTP("127.0.0.1", secure_server.port)
+    s.expect("AUTH TLS", 234)
+    with pytest.raises((ssl.SSLError, OSError, EOFError)):
+        s.ctl.start_tls(ctx, server_side=False)
+        s.cmd("USER x")
+
+
+def test_the_client_checks_the_server(start_server, grid_pki, tmp_path):
+    other = grid_pki.issue_host("elsewhere.example.org")
+    server = start_server(credential=other, trust=grid_pki.cert_dir, anonymous=False)
+    with pytest.raises(AuthenticationError, match="does not name"):
+        download(url(server, "/data/small"), tmp_path / "x", credential=grid_pki.alice.proxy,
+                 trust=grid_pki.cert_dir, retries=0)
+    # pinning the server's DN instead of its name works, and a wrong pin is refused
+    download(url(server, "/data/small"), tmp_path / "x", credential=grid_pki.alice.proxy,
+             trust=grid_pki.cert_dir, server_dn=other.subject)
+    with pytest.raises(AuthenticationError):
+        download(url(server, "/data/small"), tmp_path / "y", credential=grid_pki.alice.proxy,
+                 trust=grid_pki.cert_dir, server_dn=grid_pki.host.subject, retries=0)
+
+
+def _tls_session(server, grid_pki, user) -> tuple[RawFTP, TLSConfig]:
+    tls = TLSConfig(user, grid_pki.cert_dir)
+    s = RawFTP("127.0.0.1", server.port)
+    s.starttls(tls.client_context)
+    return s, tls
+
+
+def test_secured_session_protocol(secure_server, grid_pki):
+    s, _ = _tls_session(secure_server, grid_pki, grid_pki.alice.proxy)
+    s.expect("AUTH TLS", 503)                          # once is enough
+    s.expect("PROT P", 503)                            # PBSZ first
+    s.expect("PBSZ 0", 200)
+    s.expect("PROT S", 536)
+    s.expect("PROT X", 504)
+    reply = s.expect("USER :globus-mapping:", 232)
+    assert grid_pki.alice.dn in reply.text
+    s.expect("DCAU X", 504)
+    s.expect("DCAU S", 504)
+    s.expect("DCAU A", 200)
+    s.expect("CCC", 533)
+    feats = s.expect("FEAT", 211).text
+    assert "AUTH TLS" in feats and "DCAU" in feats
+    s.pasv()
+    s.expect("RETR /data/small", 521)                  # PROT C (the RFC 4217 default) is refused
+    s.expect("PROT C", 200)
+    s.pasv()
+    s.expect("STOR /up/x", 521)
+
+
+def test_anonymous_and_named_logins_on_a_tls_server(secure_server, start_server, grid_pki, tree, tmp_path):
+    s = RawFTP("127.0.0.1", secure_server.port)
+    s.expect("USER anonymous", 530)                    # anonymous only when enabled
+    s.expect("USER alice", 530)                        # no passwords: certificates only
+    both = start_server(credential=grid_pki.host, trust=grid_pki.cert_dir, anonymous=True, upload_area="/up")
+    assert download(f"ftp://127.0.0.1:{both.port}/data/small", tmp_path / "a").size == 1000
+    with pytest.raises(ReplyError):
+        upload(tmp_path / "a", f"ftp://127.0.0.1:{both.port}/up/a", state_dir=tmp_path / "st", retries=0)
+    upload(tmp_path / "a", url(both, "/up/a"), credential=grid_pki.alice.proxy, trust=grid_pki.cert_dir,
+           state_dir=tmp_path / "st")
+    assert (tree / "up" / "a").read_bytes() == (tree / "data" / "small").read_bytes()
+
+
+def test_data_channel_must_prove_the_sessions_identity(secure_server, grid_pki, tree):
+    """DCAU A: only alice's credential may connect to alice's data port; bob's TLS connection and a
+    clear-text connection both fail, and nothing is stored."""
+    for intruder in ("bob", "plain"):
+        s, _ = _tls_session(secure_server, grid_pki, grid_pki.alice.proxy)
+        for line in ("PBSZ 0", "PROT P", "USER :globus-mapping:", "MODE E", "ALLO 5"):
+            assert s.cmd(line).ok
+        addr = find_host_ports(s.expect("PASV", 227).text)[0]
+        assert s.cmd("STOR /up/stolen").code == 150
+        raw = socket.create_connection(addr, timeout=10)
+        if intruder == "bob":
+            ctx = TLSConfig(grid_pki.bob.proxy, grid_pki.cert_dir).client_context
+            try:
+                conn = ctx.wrap_socket(raw)
+                conn.sendall(BLOCK_HEADER.pack(0, 5, 0) + b"evil!" + BLOCK_HEADER.pack(DESC_EOF, 0, 1)
+                             + BLOCK_HEADER.pack(DESC_EOD, 0, 0))
+            except (ssl.SSLError, OSError):
+                pass
+        else:
+            raw.sendall(BLOCK_HEADER.pack(0, 5, 0) + b"evil!" + BLOCK_HEADER.pack(DESC_EOF, 0, 1)
+                        + BLOCK_HEADER.pack(DESC_EOD, 0, 0))
+        final = s.reply()
+        while final.preliminary:
+            final = s.reply()
+        assert final.code == 432, final
+        assert not (tree / "up" / "stolen").exists()
+        s.close()
+
+
+def test_third_party_between_secured_servers(start_server, grid_pki, tree, tmp_path):
+    """Each server proves its host DN to the other on the data connections (DCAU S)."""
+    source = start_server(credential=grid_pki.host, trust=grid_pki.cert_dir, anonymous=False)
+    target_root = tmp_path / "target"
+    (target_root / "up").mkdir(parents=True)
+    target_host = grid_pki.issue_host("localhost", ou="second")
+    target = start_server(root=target_root, credential=target_host, trust=grid_pki.cert_dir, anonymous=False,
+                          upload_area="/up")
+    result = third_party(url(source, "/data/f3m"), url(target, "/up/f3m"), parallel=2,
+                         credential=grid_pki.alice.proxy, trust=grid_pki.cert_dir, state_dir=tmp_path / "s")
+    assert sha256_of(target_root / "up" / "f3m") == result.sha256 == sha256_of(tree / "data" / "f3m")
+
+
+def test_injected_identity_check(start_server, grid_pki, tmp_path):
+    """`identify` replaces the TrustStore decision (e.g. a deployment's own policy): here it maps every peer
+    to a fixed name, which the authorization callback then sees."""
+    seen = []
+    server = start_server(credential=grid_pki.host, trust=grid_pki.cert_dir, anonymous=False,
+                          identify=lambda sock: "/O=Test/CN=mapped",
+                          authorize=lambda dn, op, path: seen.append(dn) or True)
+    with GridFTPClient(url(server, "/"), credential=grid_pki.alice.proxy, trust=grid_pki.cert_dir) as c:
+        assert c.size("/data/small") == 1000
+    assert seen == ["/O=Test/CN=mapped"]
