@@ -957,6 +957,7 @@ class _Session:
             return
         if outcome and outcome[0] is not None:
             raise _Reply(426, f"Transfer aborted: {outcome[0]}")
+        log.info("session %s: sent %d bytes over %d MODE E streams", self.peer, counter.total, len(socks))
         self.reply(226, "Transfer Complete.")
 
     def _send_mode_s(self, source: int | bytes, todo, protection) -> None:
@@ -1122,6 +1123,8 @@ class _Session:
         if receiver.corrupt_blocks:
             self.reply(451, f"{len(receiver.corrupt_blocks)} blocks flagged as corrupt; restart to resend them.")
             return False
+        log.info("session %s: received %d bytes over %d MODE E streams", self.peer, counter.total,
+                 receiver.connections)
         return True
 
     def _receive_mode_s(self, sink, start: int, limit: int | None, protection) -> bool:

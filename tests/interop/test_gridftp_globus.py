@@ -1,0 +1,240 @@
+"""vmgrid's GridFTP against the real Globus tools (Debian globus-gass-copy-progs, globus-gridftp-server-progs):
+globus-url-copy -p 4 against vmgrid's server, vmgrid's client against globus-gridftp-server in MODE E with parallel
+streams, third-party transfers between the two servers, restart with REST ranges, and CKSM.
+
+The Globus tools need this machine's host name to resolve; when it does not, each Globus process runs in a private
+mount namespace with a hosts file that names it (`unshare --mount`, as root), so no hand edit of /etc/hosts is
+needed. Anonymous `ftp://` on both sides (vmgrid's server with its test-only anonymous-writes flag for uploads)."""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from gridftp import GridFTPClient, GridFTPServer, GridFTPURL, download, third_party, upload
+from gridftp.partial import PartialFile
+from gridftp.ranges import RangeSet
+
+from tests.unit.gridftp.gridftp_helpers import MiB, make_file, sha256_of, wait_for
+
+pytestmark = [
+    pytest.mark.interop,
+    pytest.mark.skipif(not shutil.which("globus-url-copy") or not shutil.which("globus-gridftp-server"),
+                       reason="Globus tools not installed (run.sh setup installs them)"),
+]
+
+SIZE = 21 * MiB + 777          # several 4 MiB blocks, so that four streams all carry data
+
+
+def _hostname_resolves() -> bool:
+    try:
+        socket.gethostbyname(socket.gethostname())
+        return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def globus_argv(tmp_path_factory):
+    """A function wrapping a Globus command so that the host name resolves (see module docstring)."""
+    if _hostname_resolves():
+        return lambda argv: list(argv)
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("the host name does not resolve and no private mount namespace can fix that")
+    hosts = tmp_path_factory.mktemp("hosts") / "hosts"
+    hosts.write_text(f"127.0.0.1 localhost\n127.0.0.1 {socket.gethostname()}\n")
+    return lambda argv: ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                         'mount --bind "$0" /etc/hosts && exec "$@"', str(hosts), *argv]
+
+
+@pytest.fixture
+def world(tmp_path):
+    """A directory the Globus server (running as nobody) can read and write: /tmp/vmgrid-gx-*/{src,dst}."""
+    base = Path(tempfile.mkdtemp(prefix="vmgrid-gx-", dir="/tmp"))
+    os.chmod(base, 0o755)
+    (base / "src").mkdir(mode=0o755)
+    (base / "dst").mkdir()
+    os.chmod(base / "dst", 0o777)
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class GlobusServer:
+    def __init__(self, argv_wrapper, log: Path):
+        self.port = _free_port()
+        self.log = log
+        argv = ["globus-gridftp-server", "-aa", "-p", str(self.port), "-d", "ALL", "-l", str(log), "-daemon",
+                "-control-interface", "127.0.0.1"]
+        if os.geteuid() == 0:
+            argv += ["-anonymous-user", "nobody"]      # as root, -aa needs an unprivileged anonymous user
+        self.proc = subprocess.Popen(argv_wrapper(argv), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     start_new_session=True)
+        wait_for(self._ready, timeout=20, what="globus-gridftp-server to listen")
+
+    def _ready(self) -> bool:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"globus-gridftp-server exited: {self.proc.stderr.read()!r}")
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                return s.recv(3) == b"220"
+        except OSError:
+            return False
+
+    def url(self, path: Path | str) -> str:
+        return f"ftp://127.0.0.1:{self.port}{path}"
+
+    def transfer_stats(self) -> list[str]:
+        return [line for line in self.log.read_text(errors="replace").splitlines() if "Transfer stats" in line]
+
+    def stop(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)   # the daemon and the children it forked per connection
+        except ProcessLookupError:
+            pass
+        self.proc.wait(10)
+        self.proc.stderr.close()
+
+
+@pytest.fixture
+def globus_server(globus_argv, world):
+    server = GlobusServer(globus_argv, world / "globus.log")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def vmgrid_server(tmp_path):
+    """vmgrid's server, anonymous, with /up writable through the test-only flag."""
+    root = tmp_path / "vmgrid"
+    (root / "up").mkdir(parents=True)
+    server = GridFTPServer(root, "127.0.0.1", 0, anonymous=True, upload_area="/up",
+                           insecure_anonymous_writes=True).start()
+    yield server
+    server.stop()
+
+
+def globus_url_copy(globus_argv, *args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run(globus_argv(["globus-url-copy", *args]), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    return proc
+
+
+def streams_logged(caplog, verb: str) -> list[int]:
+    return [int(m.group(1)) for r in caplog.records
+            if (m := re.search(rf"{verb} \d+ bytes over (\d+) MODE E streams", r.getMessage()))]
+
+
+# -- globus-url-copy against vmgrid's server --------------------------------------------------------------------
+def test_globus_url_copy_downloads_from_vmgrid(globus_argv, vmgrid_server, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="gridftp.server")
+    src = make_file(Path(vmgrid_server.files.root) / "image", SIZE)
+    dest = tmp_path / "got"
+    globus_url_copy(globus_argv, "-p", "4", vmgrid_server.url("/image"), f"file://{dest}")
+    assert sha256_of(dest) == sha256_of(src)
+    assert streams_logged(caplog, "sent") == [4]
+
+
+def test_globus_url_copy_uploads_to_vmgrid(globus_argv, vmgrid_server, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="gridftp.server")
+    src = make_file(tmp_path / "image", SIZE)
+    globus_url_copy(globus_argv, "-p", "4", f"file://{src}", vmgrid_server.url("/up/image"))
+    stored = Path(vmgrid_server.files.root) / "up" / "image"
+    assert sha256_of(stored) == sha256_of(src)
+    assert streams_logged(caplog, "received") == [4]
+    assert sorted(p.name for p in stored.parent.iterdir()) == ["image"]
+
+
+@pytest.mark.parametrize("alg", ["SHA256", "MD5"])
+def test_globus_url_copy_verifies_checksums_with_vmgrid(globus_argv, vmgrid_server, tmp_path, alg):
+    src = make_file(Path(vmgrid_server.files.root) / "image", 3 * MiB + 5)
+    globus_url_copy(globus_argv, "-p", "2", "-verify-checksum", "-checksum-alg", alg,
+                    vmgrid_server.url("/image"), f"file://{tmp_path / 'got'}")
+    assert sha256_of(tmp_path / "got") == sha256_of(src)
+
+
+# -- vmgrid's client against globus-gridftp-server ---------------------------------------------------------------
+def test_vmgrid_downloads_from_globus_server(globus_server, world, tmp_path):
+    src = make_file(world / "src" / "image", SIZE)
+    os.chmod(src, 0o644)
+    result = download(globus_server.url(src), tmp_path / "image", parallel=4)
+    assert result.sha256 == sha256_of(src) and result.bytes_transferred == SIZE
+    stats = globus_server.transfer_stats()
+    assert any("TYPE=RETR" in s and "STREAMS=4" in s for s in stats), stats
+
+
+def test_vmgrid_uploads_to_globus_server(globus_server, world, tmp_path):
+    src = make_file(tmp_path / "image", SIZE)
+    result = upload(src, globus_server.url(world / "dst" / "image"), parallel=4, state_dir=tmp_path / "state")
+    assert sha256_of(world / "dst" / "image") == result.sha256 == sha256_of(src)
+    stats = globus_server.transfer_stats()
+    assert any("TYPE=STOR" in s and "STREAMS=4" in s for s in stats), stats
+
+
+def test_globus_server_honours_rest_ranges_from_vmgrid(globus_server, world, tmp_path):
+    """A download interrupted earlier (its partial file and sidecar made here from the real bytes) resumes from
+    globus-gridftp-server: the server sends only the missing ranges (REST a-b,c-d in MODE E)."""
+    src = make_file(world / "src" / "image", SIZE)
+    os.chmod(src, 0o644)
+    data = src.read_bytes()
+    url = globus_server.url(src)
+    with GridFTPClient(url) as session:
+        size = session.size(str(src))
+        modify = session.command(f"MDTM {src}").text.strip()
+    dest = tmp_path / "image"
+    held = RangeSet([(0, 5 * MiB), (9 * MiB, 12 * MiB + 3)])
+    partial = PartialFile(dest, {"source": str(GridFTPURL.parse(url)), "size": size, "modify": modify,
+                                 "sha256": None}, size=size)
+    for a, b in held:
+        partial.write(a, data[a:b])
+    partial.checkpoint()
+    partial.close()
+    result = download(url, dest, parallel=4)
+    assert result.bytes_reused == held.total()
+    assert result.bytes_transferred == size - held.total()
+    assert result.sha256 == sha256_of(src)
+
+
+# -- third-party transfers orchestrated by vmgrid's client ---------------------------------------------------------------
+def test_third_party_globus_to_vmgrid(globus_server, vmgrid_server, world, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="gridftp.server")
+    src = make_file(world / "src" / "image", SIZE)
+    os.chmod(src, 0o644)
+    result = third_party(globus_server.url(src), vmgrid_server.url("/up/image"), parallel=4,
+                         state_dir=tmp_path / "state")
+    assert sha256_of(Path(vmgrid_server.files.root) / "up" / "image") == result.sha256 == sha256_of(src)
+    assert streams_logged(caplog, "received") == [4]
+
+
+def test_third_party_vmgrid_to_globus(globus_server, vmgrid_server, world, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="gridftp.server")
+    src = make_file(Path(vmgrid_server.files.root) / "image", SIZE)
+    result = third_party(vmgrid_server.url("/image"), globus_server.url(world / "dst" / "image"), parallel=4,
+                         state_dir=tmp_path / "state")
+    assert sha256_of(world / "dst" / "image") == result.sha256 == sha256_of(src)
+    assert streams_logged(caplog, "sent") == [4]
+
+
+@pytest.mark.parametrize("alg", ["SHA256", "ADLER32"])
+def test_globus_url_copy_third_party_between_vmgrid_and_globus(globus_argv, globus_server, vmgrid_server, world,
+                                                               alg):
+    """The other orchestrator: globus-url-copy drives vmgrid's server as the source of a third-party transfer and
+    compares the two servers' CKSM answers (vmgrid's and Globus' implementations must agree)."""
+    src = make_file(Path(vmgrid_server.files.root) / "image", SIZE)
+    globus_url_copy(globus_argv, "-p", "4", "-verify-checksum", "-checksum-alg", alg,
+                    vmgrid_server.url("/image"), globus_server.url(world / "dst" / "copy"))
+    assert sha256_of(world / "dst" / "copy") == sha256_of(src)
