@@ -52,7 +52,9 @@ class PolicyAuthority:
     # -- instance slots ----------------------------------------------------------------------------
     def claim(self, subject: Subject, action: str, instance: str, resource: Mapping[str, str],
               context: Mapping[str, str], *, requester: str) -> tuple[Decision, Slot, bool]:
-        """Authorize, apply the obligations to the request, and count the instance, as one step."""
+        """Authorize, apply the obligations to the request, and count the instance, as one step. For
+        ``vm.deploy`` the slot is the subject's; for another action on an existing instance (``vm.set-lifetime``,
+        ``vm.migrate``) the instance's slot is renewed whoever is authorized, or counted for its ``owner``."""
         decision, _ = self.authorize(subject, action, resource, context, requester=requester)
         if not decision.permit:
             raise AccessDenied(f"{subject.dn} may not {action} on {describe(resource)} (rule: {decision.rule})",
@@ -61,8 +63,10 @@ class PolicyAuthority:
         try:
             enforce_obligations(decision, context)
             lifetime = int(context["lifetime"]) if context.get("lifetime") else None
+            deploy = action == "vm.deploy"
+            owner = subject.dn if deploy else resource.get("owner") or subject.dn
             slot, new = self.ledger.claim(
-                instance, subject.dn, ob.get("group"), requester,
+                instance, owner, ob.get("group"), requester, renew_any=not deploy,
                 max_per_user=int(ob["max_instances_per_user"]) if "max_instances_per_user" in ob else None,
                 max_per_group=int(ob["max_instances_per_group"]) if "max_instances_per_group" in ob else None,
                 lifetime=lifetime, grace=self.slot_grace)

@@ -56,23 +56,25 @@ class SlotLedger:
 
     def claim(self, instance: str, subject: str, group: str | None, claimant: str, *,
               max_per_user: int | None, max_per_group: int | None, lifetime: int | None = None,
-              grace: int = 600, now: float | None = None) -> tuple[Slot, bool]:
+              grace: int = 600, now: float | None = None, renew_any: bool = False) -> tuple[Slot, bool]:
         """Count ``instance`` for ``subject`` (and ``group``) unless that would pass a limit (LimitExceeded).
-        Returns the slot and whether it is new; an instance that has a slot already is renewed (new expiry,
-        new claimant: a migration's target node) when the subject is the same."""
+        Returns the slot and whether it is new. An instance that has a slot already is renewed (new expiry,
+        new claimant: a migration's target node) when the subject is the same, or with ``renew_any`` (an
+        authorized operation on an existing instance, e.g. a VO admin extending its lifetime); its subject
+        and group stay."""
         now = time.time() if now is None else now
         expires = now + lifetime + grace if lifetime else None
         with self._tx() as db:
             db.execute("DELETE FROM slots WHERE expires IS NOT NULL AND expires < ?", (now,))
             row = db.execute("SELECT subject, grp, claimed FROM slots WHERE instance = ?", (instance,)).fetchone()
             if row is not None:
-                if row[0] != subject:
+                if row[0] != subject and not renew_any:
                     raise InvalidArgument(f"instance {instance} already holds a slot for another subject",
                                           argument="instance")
                 db.execute("UPDATE slots SET claimant = ?, expires = ? WHERE instance = ?",
                            (claimant, expires, instance))
-                users, groups = self._counts(db, subject, row[1])
-                return Slot(instance, subject, row[1], claimant, row[2], expires, users, groups), False
+                users, groups = self._counts(db, row[0], row[1])
+                return Slot(instance, row[0], row[1], claimant, row[2], expires, users, groups), False
             users, groups = self._counts(db, subject, group)
             if max_per_user is not None and users + 1 > max_per_user:
                 raise LimitExceeded(f"{subject} already runs {users} instance(s); the limit is {max_per_user}",

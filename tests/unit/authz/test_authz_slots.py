@@ -172,3 +172,18 @@ def test_denied_and_limited_deployments_take_no_slot(authority):
         enforcer.claim(Subject(ALICE, limited=True), "i-y", IMAGE, {})
     assert info.value.rule == "limited-proxy-no-deploy"
     assert authority.slots() == []
+
+
+def test_a_vo_admin_extending_an_instances_lifetime_renews_the_owners_slot(authority):
+    enforcer = Enforcer(LocalPolicyPoint(authority, HOST))
+    _, slot = enforcer.claim(Subject(ALICE), "i-1", IMAGE, {"lifetime": "600"})
+    instance = {"type": "instance", "id": "i-1", "owner": ALICE, "vo": "bio", "node": "node1"}
+    _, renewed = enforcer.claim(Subject(CAROL), "i-1", instance, {"lifetime": "3000"}, action="vm.set-lifetime")
+    assert (renewed.subject, renewed.group, renewed.user_count) == (ALICE, "bio", 1)
+    assert renewed.expires > slot.expires
+    with pytest.raises(AccessDenied):                       # bob is neither the owner nor a VO admin
+        enforcer.claim(Subject(BOB), "i-1", instance, {"lifetime": "3000"}, action="vm.set-lifetime")
+    with pytest.raises(LimitExceeded):
+        enforcer.claim(Subject(ALICE), "i-1", instance, {"lifetime": "7200"}, action="vm.set-lifetime")
+    with pytest.raises(InvalidArgument, match="another subject"):   # a deploy reusing a live instance id
+        enforcer.claim(Subject(BOB), "i-1", IMAGE, {})
