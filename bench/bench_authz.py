@@ -57,7 +57,7 @@ def main() -> int:
                                                                                    {"memory": "256"}))))
 
         repo = site.repository(pki.alice.proxy)
-        repo.register(descriptor("bench", "bio"), upload=site.upload("bench.img"))
+        repo.register(descriptor("bench", "bio"), upload=site.upload("bench.img", pki.alice.dn))
         repo.show("bio/bench")
         through_service = timed(n, lambda i: repo.show("bio/bench"))
         site.repo_service.authz.pdp = cached

@@ -10,6 +10,7 @@ IMAGE_ACTIONS = (
     "image.query",             # search the catalogue (results are scoped to the caller's VOs)
     "image.list-vos",          # the caller's VOs and their image counts
     "image.read",              # one image's descriptor
+    "image.upload",            # get an upload location in the repository's GridFTP area
     "image.register",          # register an image (context source = upload | local)
     "image.register-for-other",  # register an image owned by someone else
     "image.duplicate",         # a new descriptor sharing the image bytes

@@ -9,9 +9,9 @@ from dataclasses import replace
 from typing import Mapping
 
 from services.authz.audit import AuditLog
-from services.authz.edit import add_rule, put_group, remove_group, remove_rule
+from services.authz.edit import add_rule, put_group, remove_group, remove_rule, render_group
 from services.authz.pep import Decision, Slot, Subject, describe, enforce_obligations
-from services.authz.policy import Group, Policy, PolicyError, Rule
+from services.authz.policy import Group, Policy, PolicyError, Rule, parse_policy
 from services.authz.slots import SlotLedger
 from services.authz.store import PolicyFile
 from services.faults import AccessDenied, InvalidArgument, LimitExceeded
@@ -170,9 +170,6 @@ def _expected(group: Group, policy: Policy) -> Group:
     """How a new group reads back: the grid-mapfile import is filled in by the parser."""
     if not group.gridmap:
         return group
-    from services.authz.policy import parse_policy
-    from services.authz.edit import render_group
-
     probe = parse_policy(render_group(group), policy.source)
     return probe.groups[group.name]
 

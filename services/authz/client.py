@@ -179,7 +179,6 @@ class ServicePolicyPoint:
         self._groups: dict[str, tuple[float, list[str]]] = {}
         self._version: str | None = None
         self._down: str | None = None
-        self.calls = 0                      # calls that went to the service (for tests and benchmarks)
 
     # -- the connection ----------------------------------------------------------------------------
     def _unavailable(self, reason: str) -> ServiceUnavailable:
@@ -196,7 +195,6 @@ class ServicePolicyPoint:
                     self._client = AuthorizationClient.connect(self.url, self.credential, self.trust,
                                                                timeout=self.timeout,
                                                                expected_host_dn=self.expected_host_dn)
-            self.calls += 1
             result = getattr(self._client, operation)(*args, **kwargs)
         except AccessDenied as exc:
             if exc.rule == "authz-service":

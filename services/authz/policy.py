@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 import tomllib
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Mapping
@@ -516,7 +516,3 @@ def load_policy(path: str | Path) -> Policy:
     except OSError as exc:
         raise PolicyError(str(path), f"cannot read the policy file: {exc.strerror}") from None
     return parse_policy(text, str(path), base_dir=path.resolve().parent)
-
-
-def with_rules(policy: Policy, rules: tuple[Rule, ...]) -> Policy:
-    return replace(policy, rules=rules)

@@ -30,8 +30,8 @@ def site(grid_pki, tmp_path):
 
 def test_service_down_every_operation_refused_then_recovery(site, grid_pki):
     alice = site.repository(grid_pki.alice.proxy)
-    alice.register(descriptor("emboss", "bio"), upload=site.upload("e.img"))
-    upload = site.upload("f.img")
+    alice.register(descriptor("emboss", "bio"), upload=site.upload("e.img", grid_pki.alice.dn))
+    upload = site.upload("f.img", grid_pki.alice.dn)
 
     site.stop_authz()
     attempts = {
@@ -53,7 +53,7 @@ def test_service_down_every_operation_refused_then_recovery(site, grid_pki):
     site.start_authz()                       # back on the same address
     [ws] = alice.query().descriptors         # nothing changed while it was down
     assert ws.findtext("{*}identity/{*}name") == "emboss" and ws.findtext("{*}hardware/{*}memory") == "256"
-    assert (site.repo_service.upload_dir / upload).exists()
+    assert site.uploaded(upload, grid_pki.alice.dn).exists()
     alice.duplicate("bio/emboss", "copy")
     assert sorted(d.findtext("{*}identity/{*}name") for d in alice.query().descriptors) == ["copy", "emboss"]
 

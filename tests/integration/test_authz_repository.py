@@ -32,7 +32,7 @@ def decisions(site, subject: str, action: str) -> list[dict]:
 
 def test_another_users_image_every_operation_denied_and_the_vo_admin_allowed(site, grid_pki):
     alice = site.repository(grid_pki.alice.proxy)
-    ws = alice.register(descriptor("blast-alice", "bio"), upload=site.upload("blast.img"))
+    ws = alice.register(descriptor("blast-alice", "bio"), upload=site.upload("blast.img", grid_pki.alice.dn))
     image_id = ws.findtext("{*}identity/{*}imageId")
     ref = "bio/blast-alice"
 
@@ -76,7 +76,7 @@ def test_owner_but_not_other_members_edit_and_remove(site, grid_pki):
     admin = site.client(grid_pki.admin.proxy)
     admin.add_member("bio", dave.dn)
     alice = site.repository(grid_pki.alice.proxy)
-    alice.register(descriptor("emboss", "bio"), upload=site.upload("e.img"))
+    alice.register(descriptor("emboss", "bio"), upload=site.upload("e.img", grid_pki.alice.dn))
     other = site.repository(dave.proxy)
     assert other.show("bio/emboss") is not None                 # a VO's members see its images
     with pytest.raises(AccessDenied):
@@ -91,8 +91,8 @@ def test_owner_but_not_other_members_edit_and_remove(site, grid_pki):
 
 
 def test_queries_are_scoped_by_the_groups_the_service_gives(site, grid_pki):
-    site.repository(grid_pki.alice.proxy).register(descriptor("bio-1", "bio"), upload=site.upload("a.img"))
-    site.repository(grid_pki.bob.proxy).register(descriptor("hep-1", "hep"), upload=site.upload("b.img"))
+    site.repository(grid_pki.alice.proxy).register(descriptor("bio-1", "bio"), upload=site.upload("a.img", grid_pki.alice.dn))
+    site.repository(grid_pki.bob.proxy).register(descriptor("hep-1", "hep"), upload=site.upload("b.img", grid_pki.bob.dn))
     names = lambda repo: sorted(d.findtext("{*}identity/{*}name") for d in repo.query().descriptors)  # noqa: E731
     alice, bob = site.repository(grid_pki.alice.proxy), site.repository(grid_pki.bob.proxy)
     assert names(alice) == ["bio-1"] and names(bob) == ["hep-1"]
@@ -105,7 +105,7 @@ def test_queries_are_scoped_by_the_groups_the_service_gives(site, grid_pki):
 
 def test_permits_are_cached_and_denials_are_not(site, grid_pki):
     alice = site.repository(grid_pki.alice.proxy)
-    alice.register(descriptor("cached", "bio"), upload=site.upload("c.img"))
+    alice.register(descriptor("cached", "bio"), upload=site.upload("c.img", grid_pki.alice.dn))
     for _ in range(5):
         alice.show("bio/cached")
     assert len(decisions(site, grid_pki.alice.dn, "image.read")) == 1

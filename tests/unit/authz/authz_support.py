@@ -7,7 +7,7 @@ import socket
 import threading
 from pathlib import Path
 
-from security.pki import Credential, make_proxy
+from security.pki import Credential, make_proxy, write_private, write_public
 from services.authz.edit import render_group
 from services.authz.policy import Group, Limits
 from services.container.assemble import build_container, build_service
@@ -92,13 +92,20 @@ class AuthzSite:
         cfg.container.state_dir = str(self.root / f"state-{name}")
         cfg.container.validate_responses = True
         cfg.security.cert_dir = str(self.pki.cert_dir)
-        cfg.security.host_cert = str(self.pki.host.cert_path)
-        cfg.security.host_key = str(self.pki.host.key_path)
+        cfg.security.host_cert, cfg.security.host_key = self.host_files()
         cfg.authz.policy = str(self.policy_path)
         cfg.authz.reload_interval = self.reload_interval
         cfg.enforcement.permit_ttl = self.permit_ttl
         cfg.enforcement.timeout = self.timeout
         return cfg
+
+    def host_files(self) -> tuple[str, str]:
+        """This site's own copy of the session's host credential (other tests may reissue the shared files)."""
+        cert, key = self.root / "host" / "hostcert.pem", self.root / "host" / "hostkey.pem"
+        if not cert.exists():
+            write_public(cert, self.pki.host.cert_pem())
+            write_private(key, self.pki.host.key_pem())
+        return str(cert), str(key)
 
     # -- the Authorization service ------------------------------------------------------------------
     def start_authz(self) -> None:
@@ -141,6 +148,7 @@ class AuthzSite:
         self.ingest_dir = self.root / "ingest"
         self.ingest_dir.mkdir(exist_ok=True)
         cfg.repository.ingest_dirs = [str(self.ingest_dir)]
+        cfg.repository.gridftp_port = -1          # no GridFTP server: files are put in the upload area directly
         self.repo_service = build_service("repository", cfg)
         self.repo = build_container(cfg, [self.repo_service]).start()
 
@@ -154,11 +162,19 @@ class AuthzSite:
 
         return RepositoryClient(GridServiceClient(self.repo_url, credential, self.pki.trust()))
 
-    def upload(self, name: str, data: bytes = b"\xeb\x3cvmgrid-test-raw-image" * 512) -> str:
-        """Put an image file in the repository's upload area (where a GridFTP upload lands)."""
-        path = self.repo_service.upload_dir / name
+    def upload(self, name: str, dn: str, data: bytes = b"\xeb\x3cvmgrid-test-raw-image" * 512) -> str:
+        """Put an image file in ``dn``'s part of the repository's upload area (where its GridFTP upload lands)."""
+        path = self.uploaded(name, dn)
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
         return name
+
+    def uploaded(self, name: str, dn: str) -> Path:
+        try:
+            from services.vmrepository.transfer import upload_area
+            return self.repo_service.upload_dir / upload_area(dn) / name
+        except ImportError:              # a repository without per-user upload areas
+            return self.repo_service.upload_dir / name
 
     def close(self) -> None:
         for container in (self.repo, self.authz):

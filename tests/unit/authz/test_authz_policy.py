@@ -44,6 +44,8 @@ def test_the_shipped_default_policy_loads_and_denies_by_default():
     (ALICE, "image.read", image("bio", BOB), {}, True, "vo-members-use-images"),
     (BOB, "image.read", image("bio", ALICE), {}, False, DEFAULT_DENY),
     (ALICE, "image.query", {"type": "catalogue"}, {}, True, "catalogue"),
+    (ALICE, "image.upload", {"type": "catalogue"}, {}, True, "vo-members-upload"),
+    ("/O=Grid/CN=nobody", "image.upload", {"type": "catalogue"}, {}, False, DEFAULT_DENY),
     # an image's owner edits it; another member does not; the VO admin does
     (ALICE, "image.update", image("bio", ALICE), {}, True, "owner-edits-image"),
     (ALICE, "image.remove", image("bio", CAROL), {}, False, DEFAULT_DENY),
