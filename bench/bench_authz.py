@@ -65,6 +65,7 @@ def main() -> int:
         # the peer: the same repository state served with the built-in [policy] section
         cfg = site.config("repository")
         cfg.enforcement.authz_url = ""
+        cfg.repository.gridftp_port = -1
         cfg.policy.vos = {"bio": VOConfig(members=[pki.alice.dn])}
         site.repo.stop()
         static_service = build_service("repository", cfg)
