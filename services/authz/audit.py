@@ -65,7 +65,10 @@ class AuditLog:
         self._prev = GENESIS
         self._seq = 0
         if last is not None:
-            if not self.path.read_bytes().endswith(b"\n"):
+            with open(self.path, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                cut_short = f.read(1) != b"\n"
+            if cut_short:
                 os.write(self._fd, b"\n")  # a record cut short by a crash stays, and is chained over
             self._prev = _digest(last)
             try:
