@@ -283,9 +283,13 @@ def test_twenty_concurrent_deployments_over_soap_cannot_overshoot(site, people, 
     with pytest.raises(LimitExceeded) as info:          # bio's group limit is 4
         enforcer.claim(carol, "c-2", image, {})
     assert info.value.limit == "max_instances_per_group"
-    with pytest.raises(LimitExceeded) as info:
-        enforcer.claim(carol, "c-3", image, {"memory": "4096"})
-    assert info.value.limit == "max_memory"
+    for context, limit in (({"memory": "4096"}, "max_memory"), ({"lifetime": "7201"}, "max_lifetime"),
+                           ({"vcpus": "3"}, "max_vcpus")):
+        with pytest.raises(LimitExceeded) as info:          # too much: refused before any count
+            enforcer.claim(Subject(people["alice"].dn), "c-3", image, context)
+        assert info.value.limit == limit
+        with pytest.raises(LimitExceeded):                  # and by check, for the other operations
+            enforcer.check(Subject(people["alice"].dn), "vm.deploy", image, context)
     assert enforcer.release(won[0].instance) and not enforcer.release(won[0].instance)
     enforcer.claim(carol, "c-2", image, {})
     assert enforcer.reconcile(["c-1", "c-2"]) == sorted(s.instance for s in won[1:])
