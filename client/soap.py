@@ -109,12 +109,12 @@ class GridServiceClient:
         """An lxml element (e.g. a descriptor) as the zeep value of its global element."""
         return self.zeep.get_element(element.tag).parse(element, self.zeep.wsdl.types)
 
-    def call(self, operation: str, *, text_fill: dict[str, str] | None = None, **kwargs) -> etree._Element:
+    def call(self, operation: str, *args, text_fill: dict[str, str] | None = None, **kwargs) -> etree._Element:
         """Call ``operation``; returns the verified response payload element, or raises the typed fault.
         ``text_fill`` sets the text of elements (by tag) zeep cannot render itself."""
         self._capture.local.text_fill = text_fill
         try:
-            getattr(self.service, operation)(**kwargs)
+            getattr(self.service, operation)(*args, **kwargs)
         except zeep.exceptions.Fault as fault:
             detail = fault.detail
             if detail is not None:

@@ -102,6 +102,34 @@ class ServiceUnavailable(VMGridFault):
     client_error = False
 
 
+class ResourceUnknown(VMGridFault):
+    element = "ResourceUnknownFault"
+    fields = ("resource",)
+
+
+class IllegalTransition(VMGridFault):
+    element = "IllegalTransitionFault"
+    fields = ("state", "operation")
+
+
+class NoCapacity(VMGridFault):
+    element = "NoCapacityFault"
+    fields = ("resource",)
+    client_error = False
+
+
+class VMMFault(VMGridFault):
+    element = "VMMFault"
+    fields = ("operation",)
+    client_error = False
+
+
+class TransferFault(VMGridFault):
+    element = "TransferFault"
+    fields = ("source",)
+    client_error = False
+
+
 class InternalFault(VMGridFault):
     element = "InternalFault"
     fields = ("incident",)
@@ -118,7 +146,8 @@ def register(cls: type[VMGridFault]) -> type[VMGridFault]:
 
 
 for _cls in (InvalidDescriptor, UnknownImage, DuplicateName, BadQuery, ImageInUse, ChecksumMismatch,
-             InvalidSource, InvalidArgument, AccessDenied, LimitExceeded, ServiceUnavailable, InternalFault):
+             InvalidSource, InvalidArgument, AccessDenied, LimitExceeded, ServiceUnavailable, InternalFault,
+             ResourceUnknown, IllegalTransition, NoCapacity, VMMFault, TransferFault):
     register(_cls)
 
 

@@ -22,7 +22,7 @@ IMAGE_ACTIONS = (
 
 # The VMManager's actions (the poster's deployment, freeze and migration flows).
 VM_ACTIONS = (
-    "vm.deploy", "vm.inspect", "vm.pause", "vm.resume", "vm.save", "vm.restore",
+    "vm.deploy", "vm.list", "vm.inspect", "vm.start", "vm.pause", "vm.resume", "vm.save", "vm.restore",
     "vm.shutdown", "vm.destroy", "vm.set-lifetime", "vm.migrate",
 )
 

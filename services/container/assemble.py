@@ -16,7 +16,7 @@ from services.container.service import SoapService
 
 log = logging.getLogger("vmgrid.container")
 
-SERVICE_NAMES = ("repository", "authz")
+SERVICE_NAMES = ("repository", "authz", "vmmanager")
 
 
 def trust_store(config: Config) -> TrustStore:
@@ -49,12 +49,38 @@ def build_service(name: str, config: Config) -> SoapService:
     if name == "repository":
         from services.vmrepository.service import VMRepositoryService
 
-        return VMRepositoryService(config.state_dir("repository"), config.repository, policy_point(config))
+        service = VMRepositoryService(config.state_dir("repository"), config.repository, policy_point(config))
+        if config.repository.gridftp_port >= 0:
+            service.attach_transfers(config.container.host, host_credential(config), trust_store(config))
+        return service
     if name == "authz":
         from services.authz.service import AuthorizationService
 
         return AuthorizationService(config.state_dir("authz"), config.authz)
+    if name == "vmmanager":
+        return build_vmmanager(config)
     raise ValueError(f"unknown service {name!r}; one of: {', '.join(SERVICE_NAMES)}")
+
+
+def build_vmmanager(config: Config, vmm=None) -> SoapService:
+    """A node: its VMM (libvirt's test driver, or QEMU through qemu:///embed), the repository it stages
+    from, its notifier, all with the host credential."""
+    from services.vmmanager.notify import Notifier
+    from services.vmmanager.repository import RepositoryAccess
+    from services.vmmanager.service import VMManagerService
+    from services.vmmanager.vmm import open_vmm
+
+    v = config.vmmanager
+    state = config.state_dir("vmmanager")
+    credential, trust = host_credential(config), trust_store(config)
+    if vmm is None:
+        if v.vmm == "qemu":
+            vmm = open_vmm("qemu", root=Path(v.vmm_root) if v.vmm_root else state / "qemu")
+        else:
+            vmm = open_vmm(v.vmm)
+    repository = RepositoryAccess(v.repository, credential, trust, parallel=v.staging_parallel)
+    return VMManagerService(state, v, policy_point(config), vmm=vmm, repository=repository,
+                            notifier=Notifier(credential, trust))
 
 
 def build_container(config: Config, services: list[SoapService], *, port: int | None = None) -> Container:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.authz.config import AuthzConfig, EnforcementConfig
+from services.vmmanager.service import VMManagerConfig
 from services.vmrepository.service import RepositoryConfig
 
 
@@ -61,6 +62,7 @@ class Config:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     authz: AuthzConfig = field(default_factory=AuthzConfig)                  # vmgrid serve authz (docs/authz.md)
     enforcement: EnforcementConfig = field(default_factory=EnforcementConfig)  # where services ask for decisions
+    vmmanager: VMManagerConfig = field(default_factory=VMManagerConfig)      # vmgrid serve vmmanager
     source: str = "(defaults)"
 
     def state_dir(self, service: str) -> Path:

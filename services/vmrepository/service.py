@@ -34,6 +34,9 @@ class RepositoryConfig:
     max_image_bytes: int = 64 * 1024**3
     default_limit: int = 20
     max_hold_seconds: int = 7 * 24 * 3600
+    gridftp_port: int = 2811          # the image store's GridFTP server (0: any free port; -1: none)
+    gridftp_host: str = ""            # "" = the container's host
+    gridftp_public_host: str = ""     # the host name put in gsiftp:// URLs ("" = derived)
 
 
 def _el(name: str, text: object | None = None) -> etree._Element:
@@ -73,9 +76,29 @@ class VMRepositoryService(SoapService):
         self.upload_dir.mkdir(parents=True, exist_ok=True)
         report = self.catalogue.reconcile()
         self.log.info("catalogue reconciled: %s", report)
+        self.transfers = None  # set by attach_transfers: the GridFTP server of the store
+
+    def attach_transfers(self, host: str, credential, trust) -> None:
+        """Serve the image store and the upload area over GridFTP (started with the container)."""
+        from services.vmrepository.transfer import RepositoryTransfers
+
+        c = self.config
+        self.transfers = RepositoryTransfers(self, c.gridftp_host or host, max(c.gridftp_port, 0), credential, trust,
+                                             c.gridftp_public_host)
+
+    def start(self) -> None:
+        if self.transfers is not None:
+            self.transfers.start()
 
     def close(self) -> None:
+        if self.transfers is not None:
+            self.transfers.stop()
         self.catalogue.close()
+
+    def _transfers(self):
+        if self.transfers is None:
+            raise InvalidArgument("this repository serves no GridFTP (its gridftp_port is -1)", argument="gridftp")
+        return self.transfers
 
     # -- helpers ------------------------------------------------------------------------------
     def _lookup(self, ref: str) -> Record:
@@ -106,10 +129,12 @@ class VMRepositoryService(SoapService):
             if not any(path == d or d in path.parents for d in allowed):
                 raise InvalidSource(f"{value} is not inside an ingest directory of this repository "
                                     f"({', '.join(map(str, allowed)) or 'none configured'})", source=value)
-        else:  # upload: a file name in the caller's part of the upload area
-            if not value or "/" in value or value.startswith("."):
+        else:  # upload: a file name in the caller's own directory of the upload area
+            from services.vmrepository.transfer import NAME, upload_area
+
+            if not NAME.fullmatch(value):
                 raise InvalidSource(f"bad upload name {value!r}", source=value)
-            path = self.upload_dir / value
+            path = self.upload_dir / upload_area(ctx.dn) / value
         if not path.is_file():
             raise InvalidSource(f"{value}: no such file", source=value)
         return path, kind
@@ -287,6 +312,25 @@ class VMRepositoryService(SoapService):
             v = _sub(resp, "vo")
             _sub(v, "name", vo)
             _sub(v, "images", n)
+        return resp
+
+    @operation("GetImageLocation")
+    def get_image_location(self, ctx: CallContext, req: etree._Element) -> etree._Element:
+        rec = self._visible(ctx, _text(req, "repo:image"))
+        resp = _el("GetImageLocationResponse")
+        _sub(resp, "url", f"{self._transfers().base_url}/images/{rec.sha256}")
+        _sub(resp, "sha256", rec.sha256)
+        _sub(resp, "size", rec.size)
+        _sub(resp, "format", Descriptor(rec.element()).image_format)
+        return resp
+
+    @operation("GetUploadLocation")
+    def get_upload_location(self, ctx: CallContext, req: etree._Element) -> etree._Element:
+        from services.vmrepository.transfer import upload_area
+
+        self.authz.check(ctx.caller, "image.upload", {"type": "catalogue"})
+        resp = _el("GetUploadLocationResponse")
+        _sub(resp, "url", f"{self._transfers().base_url}/uploads/{upload_area(ctx.dn)}/")
         return resp
 
     @operation("HoldImage")

@@ -1,0 +1,213 @@
+"""A VMManager from a scientist's side: deploy a descriptor for a lifetime, then control and inspect
+the instance through its EndpointReference (the InstanceKey travels as a signed SOAP header)."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Callable
+
+from lxml import etree
+
+from client.soap import GridServiceClient
+from services.descriptor import WS
+
+VMM = "http://vmgrid.org/ns/vmmanager/1"
+WSA = "http://www.w3.org/2005/08/addressing"
+RP = "http://docs.oasis-open.org/wsrf/rp-2"
+RL = "http://docs.oasis-open.org/wsrf/rl-2"
+WSNT = "http://docs.oasis-open.org/wsn/b-2"
+NS = {"vmm": VMM, "wsa": WSA, "wsrf-rp": RP, "wsrf-rl": RL, "wsnt": WSNT, "ws": WS}
+FINAL_STATES = ("Destroyed", "Failed")
+ALL_PROPERTIES = ("Identifier", "State", "Node", "Owner", "Image", "Hardware", "Address", "Mac", "Created",
+                  "TerminationTime", "CurrentTime", "PhaseTimings", "StagingProgress", "GuestStatus", "Failure",
+                  "Lifetime")
+
+
+@dataclass(frozen=True)
+class InstanceRef:
+    """An instance's EndpointReference: the VMManager's address and the InstanceKey."""
+
+    address: str
+    key: str
+
+    @classmethod
+    def from_epr(cls, epr: etree._Element) -> "InstanceRef":
+        return cls(epr.findtext("wsa:Address", namespaces=NS).strip(),
+                   epr.findtext("wsa:ReferenceParameters/vmm:InstanceKey", namespaces=NS).strip())
+
+    def header(self) -> etree._Element:
+        el = etree.Element(f"{{{VMM}}}InstanceKey", nsmap={"vmm": VMM, "wsa": WSA})
+        el.set(f"{{{WSA}}}IsReferenceParameter", "true")
+        el.text = self.key
+        return el
+
+
+def _time(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    return datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+
+
+@dataclass
+class InstanceInfo:
+    """An instance as its resource properties describe it."""
+
+    ref: InstanceRef | None
+    identifier: str = ""
+    state: str = ""
+    node: str = ""
+    owner: str = ""
+    image_id: str = ""
+    image_name: str = ""
+    vo: str = ""
+    sha256: str = ""
+    size: int = 0
+    memory: int = 0
+    vcpus: int = 0
+    address: str | None = None
+    mac: str | None = None
+    created: datetime | None = None
+    termination: datetime | None = None
+    current: datetime | None = None
+    phases: list[tuple[str, float]] = field(default_factory=list)
+    staged: tuple[int, int, bool] = (0, 0, False)
+    guest_status: str = ""
+    failure: str | None = None
+
+    @classmethod
+    def from_properties(cls, ref: InstanceRef | None, props: etree._Element) -> "InstanceInfo":
+        def t(name: str) -> str | None:
+            el = props.find(name, NS)
+            return el.text if el is not None else None
+
+        info = cls(ref)
+        info.identifier = t("vmm:Identifier") or ""
+        info.state = t("vmm:State") or ""
+        info.node = t("vmm:Node") or ""
+        info.owner = t("vmm:Owner") or ""
+        info.image_id = t("vmm:Image/vmm:imageId") or ""
+        info.image_name = t("vmm:Image/vmm:name") or ""
+        info.vo = t("vmm:Image/vmm:vo") or ""
+        info.sha256 = t("vmm:Image/vmm:sha256") or ""
+        info.size = int(t("vmm:Image/vmm:size") or 0)
+        info.memory = int(t("vmm:Hardware/vmm:memory") or 0)
+        info.vcpus = int(t("vmm:Hardware/vmm:vcpus") or 0)
+        info.address, info.mac = t("vmm:Address"), t("vmm:Mac")
+        info.created = _time(t("vmm:Created"))
+        info.termination = _time(t("wsrf-rl:TerminationTime"))
+        info.current = _time(t("wsrf-rl:CurrentTime"))
+        info.phases = [(p.findtext("vmm:name", namespaces=NS), float(p.findtext("vmm:seconds", namespaces=NS)))
+                       for p in props.iterfind("vmm:PhaseTimings/vmm:phase", NS)]
+        if props.find("vmm:StagingProgress", NS) is not None:
+            info.staged = (int(t("vmm:StagingProgress/vmm:bytesDone")), int(t("vmm:StagingProgress/vmm:bytesTotal")),
+                           t("vmm:StagingProgress/vmm:cached") == "true")
+        info.guest_status = t("vmm:GuestStatus") or ""
+        info.failure = t("vmm:Failure")
+        return info
+
+    @classmethod
+    def from_instance(cls, el: etree._Element) -> "InstanceInfo":
+        return cls.from_properties(InstanceRef.from_epr(el.find("wsa:EndpointReference", NS)), el)
+
+    @property
+    def lifetime_left(self) -> float | None:
+        if self.termination is None or self.current is None:
+            return None
+        return (self.termination - self.current).total_seconds()
+
+
+class VMManagerClient:
+    def __init__(self, service: GridServiceClient):
+        self.service = service
+
+    # -- the factory ----------------------------------------------------------------------------------
+    def deploy(self, descriptor: etree._Element, identifier: str, lifetime: int, *, paused: bool = False,
+               wait: bool = False) -> InstanceInfo:
+        """Deploy a descriptor (as the repository gave it) for ``lifetime`` seconds. Without ``wait`` the
+        answer comes once the instance is registered (then watch it); with it, once it runs."""
+        kwargs = {"workspace": self.service.to_zeep(descriptor), "identifier": identifier, "lifetime": lifetime}
+        if paused:
+            kwargs["initialState"] = "Paused"
+        if wait:
+            kwargs["wait"] = True
+        resp = self.service.call("Deploy", **kwargs)
+        return InstanceInfo.from_instance(resp.find("vmm:Instance", NS))
+
+    def list(self, include_ended: bool = False) -> list[InstanceInfo]:
+        resp = self.service.call("ListInstances", includeEnded=True) if include_ended else \
+            self.service.call("ListInstances")
+        return [InstanceInfo.from_instance(el) for el in resp.iterfind("vmm:Instance", NS)]
+
+    # -- an instance --------------------------------------------------------------------------------------
+    def _on(self, ref: InstanceRef, operation: str, *args, **kwargs) -> etree._Element:
+        return self.service.call(operation, *args, _soapheaders=[ref.header()], **kwargs)
+
+    def _state(self, ref: InstanceRef, operation: str, **kwargs) -> str:
+        return self._on(ref, operation, **kwargs).findtext("vmm:State", namespaces=NS)
+
+    def start(self, ref: InstanceRef) -> str:
+        return self._state(ref, "Start")
+
+    def pause(self, ref: InstanceRef) -> str:
+        return self._state(ref, "Pause")
+
+    def resume(self, ref: InstanceRef) -> str:
+        return self._state(ref, "Resume")
+
+    def save(self, ref: InstanceRef) -> str:
+        return self._state(ref, "Save")
+
+    def restore(self, ref: InstanceRef, paused: bool = False) -> str:
+        return self._state(ref, "Restore", **({"paused": True} if paused else {}))
+
+    def shutdown(self, ref: InstanceRef, mode: str = "Normal", timeout: int | None = None) -> str:
+        return self._state(ref, "Shutdown", mode=mode, **({"timeout": timeout} if timeout else {}))
+
+    def destroy(self, ref: InstanceRef) -> None:
+        self._on(ref, "Destroy")
+
+    def set_termination_time(self, ref: InstanceRef, when: datetime | None = None,
+                             seconds: float | None = None) -> tuple[datetime, datetime]:
+        """Move the termination time to ``when``, or to ``seconds`` from now; returns (new, current time)."""
+        if when is not None:
+            kwargs = {"RequestedTerminationTime": when.astimezone(timezone.utc)}
+        else:
+            kwargs = {"RequestedLifetimeDuration": f"PT{int(seconds)}S"}
+        resp = self._on(ref, "SetTerminationTime", **kwargs)
+        return (_time(resp.findtext("wsrf-rl:NewTerminationTime", namespaces=NS)),
+                _time(resp.findtext("wsrf-rl:CurrentTime", namespaces=NS)))
+
+    def properties(self, ref: InstanceRef, *names: str) -> etree._Element:
+        """GetMultipleResourceProperties: the response element holding the asked properties."""
+        qnames = [etree.QName(RL if n in ("TerminationTime", "CurrentTime") else VMM, n) for n in names]
+        return self._on(ref, "GetMultipleResourceProperties", ResourceProperty=qnames)
+
+    def property(self, ref: InstanceRef, name: str) -> list[etree._Element]:
+        """GetResourceProperty: the elements of one property."""
+        qname = etree.QName(RL if name in ("TerminationTime", "CurrentTime") else VMM, name)
+        return list(self._on(ref, "GetResourceProperty", qname))
+
+    def status(self, ref: InstanceRef) -> InstanceInfo:
+        """Every resource property of the instance, read at once."""
+        return InstanceInfo.from_properties(ref, self.properties(ref, *ALL_PROPERTIES))
+
+    def subscribe(self, ref: InstanceRef, consumer_url: str) -> str:
+        resp = self._on(ref, "Subscribe", ConsumerReference={"Address": consumer_url})
+        return resp.findtext("wsnt:SubscriptionReference/wsa:ReferenceParameters/vmm:SubscriptionKey",
+                             namespaces=NS)
+
+    def wait_for(self, ref: InstanceRef, states: tuple[str, ...], timeout: float = 600,
+                 on_update: Callable[[InstanceInfo], None] | None = None, interval: float = 0.2) -> InstanceInfo:
+        """Poll the instance until it reaches one of ``states`` (or a final state)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            props = self.properties(ref, "State", "StagingProgress", "PhaseTimings")
+            info = InstanceInfo.from_properties(ref, props)
+            if on_update:
+                on_update(info)
+            if info.state in states or info.state in FINAL_STATES:
+                return self.status(ref) if info.state != "Destroyed" else info
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"instance {ref.key} still {info.state} after {timeout:.0f} s")
+            time.sleep(interval)

@@ -1,0 +1,94 @@
+"""What a node needs from the VMRepository, asked with the node's host credential: the
+authoritative descriptor of an image, a hold while instances run from it, and its bytes (GridFTP)."""
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+import gridftp
+from services.descriptor import Descriptor
+from services.faults import (ChecksumMismatch, InvalidDescriptor, ServiceUnavailable, TransferFault, VMGridFault)
+
+log = logging.getLogger("vmgrid.vmmanager.repository")
+
+
+class RepositoryAccess:
+    def __init__(self, url: str, credential, trust, *, parallel: int = 4):
+        self.url = url
+        self.credential = credential
+        self.trust = trust
+        self.parallel = parallel
+        self._local = threading.local()
+
+    def _client(self):
+        """One client per thread (zeep's transport session is not shared across threads)."""
+        from client.repository import RepositoryClient
+        from client.soap import ClientError, GridServiceClient
+
+        repo = getattr(self._local, "repo", None)
+        if repo is None:
+            if not self.url:
+                raise ServiceUnavailable("this node has no VMRepository configured ([vmmanager] repository)",
+                                         service="VMRepository")
+            try:
+                repo = self._local.repo = RepositoryClient(GridServiceClient(self.url, self.credential, self.trust))
+            except ClientError as exc:
+                raise ServiceUnavailable(f"the VMRepository cannot be reached: {exc}", service=self.url) from None
+        return repo
+
+    def _call(self, method: str, *args, **kwargs):
+        from client.soap import ClientError
+
+        try:
+            return getattr(self._client(), method)(*args, **kwargs)
+        except VMGridFault:
+            raise
+        except ClientError as exc:
+            self._local.repo = None
+            raise ServiceUnavailable(f"the VMRepository failed: {exc}", service=self.url) from None
+
+    def verify(self, d: Descriptor) -> None:
+        """The deployed descriptor's identity and image must be the repository's (hardware may differ)."""
+        theirs = Descriptor(self._call("show", d.image_id))
+        for what in ("image_id", "name", "vo", "owner", "sha256", "size", "image_format"):
+            mine, repo = getattr(d, what), getattr(theirs, what)
+            if mine != repo:
+                raise InvalidDescriptor(f"the descriptor's {what} {mine!r} is not the repository's {repo!r} "
+                                        f"for image {d.image_id}", schemaMessage="descriptor differs from repository")
+
+    def hold(self, image_id: str, holder: str, seconds: int) -> str:
+        return self._call("hold", image_id, holder, seconds)[0]
+
+    def release(self, hold_id: str) -> None:
+        try:
+            self._call("release", hold_id)
+        except VMGridFault as exc:   # the hold expires by itself anyway
+            log.warning("could not release hold %s: %s", hold_id, exc.description)
+
+    def fetch(self, image_id: str, sha256: str, size: int, dest: Path, progress) -> None:
+        location = self._location(image_id)
+        try:
+            gridftp.download(location, dest, self.parallel, credential=self.credential, trust=self.trust,
+                             sha256=sha256, progress=progress)
+        except gridftp.ChecksumMismatch as exc:
+            raise ChecksumMismatch(f"staging {image_id}: {exc}", expected=sha256, actual="(different)") from None
+        except gridftp.GridFTPError as exc:
+            raise TransferFault(f"staging {image_id} from {location} failed: {exc}", source=location) from None
+
+    def _location(self, image_id: str) -> str:
+        from client.repository import NS
+
+        resp = self._call_raw("GetImageLocation", image=image_id)
+        return resp.findtext("repo:url", namespaces=NS)
+
+    def _call_raw(self, operation: str, **kwargs):
+        from client.soap import ClientError
+
+        try:
+            return self._client().service.call(operation, **kwargs)
+        except VMGridFault:
+            raise
+        except ClientError as exc:
+            self._local.repo = None
+            raise ServiceUnavailable(f"the VMRepository failed: {exc}", service=self.url) from None

@@ -1,0 +1,47 @@
+"""The life of a VM instance: its states and which operation is allowed in which state."""
+from __future__ import annotations
+
+import enum
+
+from services.faults import IllegalTransition
+
+
+class State(str, enum.Enum):
+    REGISTERED = "Registered"      # authorized, recorded, address leased
+    STAGING = "Staging"            # the image is coming into the node cache
+    STARTING = "Starting"          # overlay, context, define and power on
+    RUNNING = "Running"
+    PAUSED = "Paused"
+    SAVED = "Saved"                # frozen to a state file on the node
+    SHUTTING_DOWN = "ShuttingDown"
+    SHUTOFF = "Shutoff"
+    DESTROYED = "Destroyed"        # final: everything released
+    FAILED = "Failed"              # final: everything released, Failure says why
+
+
+TRANSIENT = frozenset({State.REGISTERED, State.STAGING, State.STARTING, State.SHUTTING_DOWN})
+FINAL = frozenset({State.DESTROYED, State.FAILED})
+LIVE = frozenset(State) - FINAL
+
+# operation -> the states it may start from
+ALLOWED: dict[str, frozenset[State]] = {
+    "start": frozenset({State.SHUTOFF}),
+    "pause": frozenset({State.RUNNING}),
+    "resume": frozenset({State.PAUSED}),
+    "save": frozenset({State.RUNNING, State.PAUSED}),
+    "restore": frozenset({State.SAVED}),
+    "shutdown-normal": frozenset({State.RUNNING}),
+    "shutdown-trash": frozenset({State.RUNNING, State.PAUSED, State.SHUTTING_DOWN, State.SHUTOFF}),
+    "destroy": LIVE,
+    "set-lifetime": LIVE,
+    "inspect": frozenset(State),
+    "subscribe": LIVE,
+}
+
+
+def check(state: State, operation: str) -> None:
+    """Raise IllegalTransition unless ``operation`` may run in ``state``."""
+    if state not in ALLOWED[operation]:
+        allowed = ", ".join(sorted(s.value for s in ALLOWED[operation]))
+        raise IllegalTransition(f"cannot {operation} an instance that is {state.value} (allowed from: {allowed})",
+                                state=state.value, operation=operation)

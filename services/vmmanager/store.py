@@ -1,0 +1,321 @@
+"""The node's records in SQLite (WAL): instances, address leases, the image cache and
+notification subscriptions. Everything the VMManager must know after a restart is here."""
+from __future__ import annotations
+
+import ipaddress
+import json
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Iterator
+
+from services.faults import InvalidArgument, NoCapacity
+from services.vmmanager.states import FINAL, State
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS instances (
+    key            TEXT PRIMARY KEY,
+    identifier     TEXT NOT NULL,
+    owner          TEXT NOT NULL,
+    vo             TEXT NOT NULL,
+    image_id       TEXT NOT NULL,
+    image_name     TEXT NOT NULL,
+    sha256         TEXT NOT NULL,
+    size           INTEGER NOT NULL,
+    format         TEXT NOT NULL,
+    memory         INTEGER NOT NULL,
+    vcpus          INTEGER NOT NULL,
+    descriptor     BLOB NOT NULL,
+    state          TEXT NOT NULL,
+    initial_state  TEXT NOT NULL,
+    address        TEXT,
+    mac            TEXT,
+    created        REAL NOT NULL,
+    termination    REAL NOT NULL,
+    max_lifetime   INTEGER,
+    phases         TEXT NOT NULL DEFAULT '[]',
+    staged_bytes   INTEGER NOT NULL DEFAULT 0,
+    cached         INTEGER NOT NULL DEFAULT 0,
+    guest_status   TEXT NOT NULL DEFAULT 'none',
+    failure        TEXT,
+    token          TEXT NOT NULL,
+    hold_id        TEXT,
+    ended          REAL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS instances_live_identifier ON instances (owner, identifier)
+    WHERE state NOT IN ('Destroyed', 'Failed');
+CREATE INDEX IF NOT EXISTS instances_owner ON instances (owner);
+CREATE INDEX IF NOT EXISTS instances_termination ON instances (termination) WHERE ended IS NULL;
+CREATE TABLE IF NOT EXISTS leases (
+    address      TEXT PRIMARY KEY,
+    mac          TEXT NOT NULL UNIQUE,
+    instance_key TEXT NOT NULL UNIQUE
+);
+CREATE TABLE IF NOT EXISTS cache (
+    sha256    TEXT PRIMARY KEY,
+    size      INTEGER NOT NULL,
+    format    TEXT NOT NULL,
+    fetched   REAL NOT NULL,
+    last_used REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS subscriptions (
+    key          TEXT PRIMARY KEY,
+    instance_key TEXT NOT NULL,
+    consumer     TEXT NOT NULL,
+    subscriber   TEXT NOT NULL,
+    expires      REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS subscriptions_instance ON subscriptions (instance_key);
+"""
+
+
+@dataclass
+class Instance:
+    """One instance's record (a row of ``instances``)."""
+
+    key: str
+    identifier: str
+    owner: str
+    vo: str
+    image_id: str
+    image_name: str
+    sha256: str
+    size: int
+    format: str
+    memory: int
+    vcpus: int
+    descriptor: bytes
+    state: str
+    initial_state: str
+    address: str | None
+    mac: str | None
+    created: float
+    termination: float
+    max_lifetime: int | None
+    phases: str = "[]"
+    staged_bytes: int = 0
+    cached: int = 0
+    guest_status: str = "none"
+    failure: str | None = None
+    token: str = ""
+    hold_id: str | None = None
+    ended: float | None = None
+
+    @property
+    def state_enum(self) -> State:
+        return State(self.state)
+
+    def phase_list(self) -> list[tuple[str, float]]:
+        return [(n, s) for n, s in json.loads(self.phases)]
+
+
+COLUMNS = [f.name for f in fields(Instance)]
+
+
+@dataclass(frozen=True)
+class Lease:
+    address: str
+    mac: str
+    netmask: str
+    gateway: str | None
+    prefix: int
+
+
+@dataclass
+class LeaseRange:
+    """[vmmanager] lease range: first-last address of this node (nodes sharing a subnet get disjoint ranges)."""
+
+    first: ipaddress.IPv4Address
+    last: ipaddress.IPv4Address
+    network: ipaddress.IPv4Network
+    gateway: str | None
+    mac_prefix: str = "52:54:00"
+
+    @classmethod
+    def parse(cls, text: str, network: str, gateway: str | None, mac_prefix: str = "52:54:00") -> "LeaseRange":
+        try:
+            first_s, _, last_s = text.partition("-")
+            first, last = ipaddress.IPv4Address(first_s.strip()), ipaddress.IPv4Address(last_s.strip())
+            net = ipaddress.IPv4Network(network, strict=False)
+        except ValueError as exc:
+            raise ValueError(f"bad lease range {text!r} / network {network!r}: {exc}") from None
+        if not (first in net and last in net and first <= last):
+            raise ValueError(f"lease range {text} is not an ordered range inside {net}")
+        if first == net.network_address or last == net.broadcast_address:
+            raise ValueError(f"lease range {text} includes the network or broadcast address of {net}")
+        return cls(first, last, net, gateway, mac_prefix)
+
+    def mac_for(self, address: ipaddress.IPv4Address) -> str:
+        """The MAC of an address: the prefix and the address's last three octets, so distinct addresses
+        (even on other nodes of the subnet) never share a MAC."""
+        b = address.packed
+        return f"{self.mac_prefix}:{b[1]:02x}:{b[2]:02x}:{b[3]:02x}"
+
+    def __len__(self) -> int:
+        return int(self.last) - int(self.first) + 1
+
+
+class NodeStore:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._local = threading.local()
+        self._db().executescript(SCHEMA)
+
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            self._local.db = db
+        return db
+
+    @contextmanager
+    def write(self) -> Iterator[sqlite3.Connection]:
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        else:
+            db.execute("COMMIT")
+
+    def close(self) -> None:
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
+
+    # -- instances ------------------------------------------------------------------------------
+    def insert(self, inst: Instance) -> None:
+        try:
+            with self.write() as db:
+                db.execute(f"INSERT INTO instances ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
+                           [getattr(inst, c) for c in COLUMNS])
+        except sqlite3.IntegrityError:
+            raise InvalidArgument(f"you already have a live instance named {inst.identifier!r} on this node",
+                                  argument="identifier") from None
+
+    def get(self, key: str) -> Instance | None:
+        row = self._db().execute(f"SELECT {', '.join(COLUMNS)} FROM instances WHERE key = ?", (key,)).fetchone()
+        return Instance(*row) if row else None
+
+    def update(self, key: str, **values) -> None:
+        sets = ", ".join(f"{k} = ?" for k in values)
+        with self.write() as db:
+            db.execute(f"UPDATE instances SET {sets} WHERE key = ?", [*values.values(), key])
+
+    def set_state(self, key: str, new: State, *, expect: set[State] | None = None, **values) -> State | None:
+        """Move an instance to ``new`` (only from ``expect`` when given); returns the old state, or None when the
+        instance was not in an expected state (nothing changed)."""
+        with self.write() as db:
+            row = db.execute("SELECT state FROM instances WHERE key = ?", (key,)).fetchone()
+            if row is None:
+                return None
+            old = State(row[0])
+            if expect is not None and old not in expect:
+                return None
+            extra = dict(values)
+            if new in FINAL:
+                extra.setdefault("ended", time.time())
+            sets = ", ".join(["state = ?"] + [f"{k} = ?" for k in extra])
+            db.execute(f"UPDATE instances SET {sets} WHERE key = ?", [new.value, *extra.values(), key])
+            return old
+
+    def add_phase(self, key: str, name: str, seconds: float) -> None:
+        with self.write() as db:
+            row = db.execute("SELECT phases FROM instances WHERE key = ?", (key,)).fetchone()
+            if row is None:
+                return
+            phases = json.loads(row[0]) + [[name, round(seconds, 6)]]
+            db.execute("UPDATE instances SET phases = ? WHERE key = ?", (json.dumps(phases), key))
+
+    def list(self, owner: str | None = None, *, live_only: bool = True) -> list[Instance]:
+        sql = f"SELECT {', '.join(COLUMNS)} FROM instances"
+        where, params = [], []
+        if owner is not None:
+            where.append("owner = ?")
+            params.append(owner)
+        if live_only:
+            where.append("state NOT IN ('Destroyed', 'Failed')")
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        return [Instance(*r) for r in self._db().execute(sql + " ORDER BY created", params)]
+
+    def expired(self, now: float) -> list[str]:
+        return [r[0] for r in self._db().execute(
+            "SELECT key FROM instances WHERE ended IS NULL AND termination <= ? AND state NOT IN ('Destroyed', 'Failed')",
+            (now,))]
+
+    def count_live(self, owner: str) -> int:
+        return self._db().execute("SELECT count(*) FROM instances WHERE owner = ? AND state NOT IN "
+                                  "('Destroyed', 'Failed')", (owner,)).fetchone()[0]
+
+    # -- leases ---------------------------------------------------------------------------------------
+    def lease(self, key: str, pool: LeaseRange) -> Lease:
+        """Lease the lowest free address of the range (and its MAC) to an instance, atomically."""
+        with self.write() as db:
+            row = db.execute("SELECT address, mac FROM leases WHERE instance_key = ?", (key,)).fetchone()
+            if row:
+                return self._lease(row[0], row[1], pool)
+            taken = {r[0] for r in db.execute("SELECT address FROM leases")}
+            for n in range(int(pool.first), int(pool.last) + 1):
+                addr = ipaddress.IPv4Address(n)
+                if str(addr) not in taken:
+                    mac = pool.mac_for(addr)
+                    db.execute("INSERT INTO leases (address, mac, instance_key) VALUES (?, ?, ?)", (str(addr), mac, key))
+                    db.execute("UPDATE instances SET address = ?, mac = ? WHERE key = ?", (str(addr), mac, key))
+                    return self._lease(str(addr), mac, pool)
+        raise NoCapacity(f"all {len(pool)} addresses of this node's lease range {pool.first}-{pool.last} are held",
+                         resource="addresses")
+
+    @staticmethod
+    def _lease(address: str, mac: str, pool: LeaseRange) -> Lease:
+        return Lease(address, mac, str(pool.network.netmask), pool.gateway, pool.network.prefixlen)
+
+    def release_lease(self, key: str) -> bool:
+        with self.write() as db:
+            return db.execute("DELETE FROM leases WHERE instance_key = ?", (key,)).rowcount > 0
+
+    def leases(self) -> dict[str, tuple[str, str]]:
+        return {r[2]: (r[0], r[1]) for r in self._db().execute("SELECT address, mac, instance_key FROM leases")}
+
+    # -- image cache ----------------------------------------------------------------------------------
+    def cached(self, sha256: str) -> bool:
+        return self._db().execute("SELECT 1 FROM cache WHERE sha256 = ?", (sha256,)).fetchone() is not None
+
+    def add_cached(self, sha256: str, size: int, fmt: str) -> None:
+        now = time.time()
+        with self.write() as db:
+            db.execute("INSERT OR REPLACE INTO cache (sha256, size, format, fetched, last_used) VALUES (?, ?, ?, ?, ?)",
+                       (sha256, size, fmt, now, now))
+
+    def touch_cached(self, sha256: str) -> None:
+        with self.write() as db:
+            db.execute("UPDATE cache SET last_used = ? WHERE sha256 = ?", (time.time(), sha256))
+
+    def cache_entries(self) -> dict[str, int]:
+        return {r[0]: r[1] for r in self._db().execute("SELECT sha256, size FROM cache")}
+
+    def drop_cached(self, sha256: str) -> None:
+        with self.write() as db:
+            db.execute("DELETE FROM cache WHERE sha256 = ?", (sha256,))
+
+    # -- subscriptions ----------------------------------------------------------------------------------
+    def subscribe(self, key: str, instance_key: str, consumer: str, subscriber: str, expires: float) -> None:
+        with self.write() as db:
+            db.execute("INSERT INTO subscriptions (key, instance_key, consumer, subscriber, expires) "
+                       "VALUES (?, ?, ?, ?, ?)", (key, instance_key, consumer, subscriber, expires))
+
+    def subscriptions(self, instance_key: str, now: float) -> list[tuple[str, str]]:
+        return [(r[0], r[1]) for r in self._db().execute(
+            "SELECT key, consumer FROM subscriptions WHERE instance_key = ? AND expires > ?", (instance_key, now))]
+
+    def drop_subscriptions(self, instance_key: str) -> None:
+        with self.write() as db:
+            db.execute("DELETE FROM subscriptions WHERE instance_key = ?", (instance_key,))

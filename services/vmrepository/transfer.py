@@ -1,0 +1,99 @@
+"""The VMRepository's GridFTP face: its content-addressed store served read-only as
+``/images/<sha256>`` to whoever may read an image with those bytes, and an upload area
+``/uploads/<area>/<name>`` where each user writes only into their own area."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from pathlib import Path
+
+from gridftp import GridFTPServer
+from gridftp.errors import PathError
+from gridftp.filespace import FileSpace
+from services.authz.pep import Subject
+from services.vmrepository.catalogue import Catalogue
+
+log = logging.getLogger("vmgrid.VMRepositoryService.gridftp")
+SHA = re.compile(r"[0-9a-f]{64}")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+\-]{0,127}")
+
+
+def upload_area(dn: str) -> str:
+    """A user's directory in the upload area: a stable name derived from the DN."""
+    return hashlib.sha256(dn.encode()).hexdigest()[:24]
+
+
+class RepositoryFileSpace(FileSpace):
+    def __init__(self, catalogue: Catalogue, upload_dir: Path):
+        self.catalogue = catalogue
+        self.upload_dir = Path(upload_dir)
+
+    def real_path(self, vpath: str) -> Path:
+        parts = [p for p in vpath.split("/") if p]
+        if not parts:
+            return self.upload_dir  # "/" lists as an empty directory for the tools that look
+        if parts[0] == "images" and len(parts) == 2 and SHA.fullmatch(parts[1]):
+            return self.catalogue.store.path(parts[1])
+        if parts[0] == "images" and len(parts) == 1:
+            return self.catalogue.store.blobs
+        if parts[0] == "uploads" and 2 <= len(parts) <= 3 and all(NAME.fullmatch(p) or p.endswith(
+                (".vmgrid-part", ".vmgrid-part.ranges")) for p in parts[1:]):
+            area = self.upload_dir / parts[1]
+            area.mkdir(exist_ok=True)
+            return area if len(parts) == 2 else area / parts[2]
+        raise PathError(f"{vpath}: no such path on this repository (/images/<sha256>, /uploads/<area>/<name>)")
+
+    def known_checksum(self, vpath: str, algorithm: str) -> str | None:
+        parts = [p for p in vpath.split("/") if p]
+        if algorithm.upper() == "SHA256" and len(parts) == 2 and parts[0] == "images" and SHA.fullmatch(parts[1]):
+            return parts[1]
+        return None
+
+
+class RepositoryTransfers:
+    """Runs the GridFTP server of a repository service (same host credential and trusted CAs)."""
+
+    def __init__(self, service, host: str, port: int, credential, trust, public_host: str = ""):
+        self.service = service
+        self.server = GridFTPServer(RepositoryFileSpace(service.catalogue, service.upload_dir), host, port,
+                                    credential=credential, trust=trust, authorize=self.authorize,
+                                    upload_area="/uploads")
+        self.public_host = public_host or ("localhost" if host in ("127.0.0.1", "::1", "0.0.0.0") else host)
+
+    def start(self) -> None:
+        self.server.start()
+        log.info("GridFTP server for the image store at %s", self.base_url)
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    @property
+    def base_url(self) -> str:
+        return f"gsiftp://{self.public_host}:{self.server.port}"
+
+    def authorize(self, dn: str | None, op: str, vpath: str) -> bool:
+        if dn is None:
+            return False
+        parts = [p for p in vpath.split("/") if p]
+        if parts[:1] == ["uploads"]:
+            # only inside one's own area: write, list, delete (a failed upload); never read others'
+            return len(parts) >= 2 and parts[1] == upload_area(dn) and op in ("write", "list", "delete", "read")
+        if parts[:1] == ["images"] and len(parts) == 2 and op == "read":
+            return self._may_read(dn, parts[1])
+        return False
+
+    def _may_read(self, dn: str, sha256: str) -> bool:
+        """May ``dn`` read the bytes: is it authorized to read (or stage) some image made of them?"""
+        db = self.service.catalogue._db()
+        rows = db.execute("SELECT image_id, vo, owner, name FROM images WHERE sha256 = ?", (sha256,)).fetchall()
+        subject = Subject(dn)
+        for image_id, vo, owner, name in rows:
+            resource = {"type": "image", "vo": vo, "owner": owner, "name": name, "id": image_id}
+            try:
+                if self.service.authz.pdp.decide(subject, "image.read", resource, {"via": "gridftp"}).permit:
+                    return True
+            except Exception:  # the policy point is down: fail closed
+                log.warning("cannot authorize %s to read %s: policy point unavailable", dn, sha256)
+                return False
+        return False
