@@ -9,6 +9,7 @@ number of streams in an EOF block.
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 import ssl
@@ -29,9 +30,41 @@ ACCEPT_TIMEOUT = 60.0           # seconds to wait for the first data connection
 
 
 class Sink(Protocol):
-    """Where received bytes go (a :class:`~gridftp.partial.PartialFile` or a buffer)."""
+    """Where received bytes go (a :class:`~gridftp.partial.PartialFile` or a buffer).
+
+    A sink backed by a file may also have ``fd`` and ``record(start, end)``: plain TCP data is
+    then spliced from the socket into the file at its offset without passing through user space,
+    and ``record`` is told what landed.
+    """
 
     def write(self, offset: int, data: memoryview) -> None: ...
+
+
+PIPE_SIZE = 1 << 20
+_F_SETPIPE_SZ = 1031
+
+
+class Splicer:
+    """Moves bytes from a socket into a file at an offset through a pipe (``splice``: no user-space copy)."""
+
+    def __init__(self) -> None:
+        self.read_end, self.write_end = os.pipe()
+        try:
+            fcntl.fcntl(self.write_end, _F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:
+            pass
+
+    def move(self, sock: socket.socket, fd: int, pos: int, want: int) -> int:
+        """Up to ``want`` bytes from ``sock`` into ``fd`` at ``pos``; 0 at end of stream."""
+        n = os.splice(sock.fileno(), self.write_end, min(want, PIPE_SIZE), flags=os.SPLICE_F_MOVE)
+        done = 0
+        while done < n:
+            done += os.splice(self.read_end, fd, n - done, offset_dst=pos + done, flags=os.SPLICE_F_MOVE)
+        return n
+
+    def close(self) -> None:
+        os.close(self.read_end)
+        os.close(self.write_end)
 
 
 class Protection(Protocol):
@@ -346,6 +379,7 @@ class ModeEReceiver:
         self._done = threading.Event()
         self._socks: list[socket.socket] = []
         self._threads: list[threading.Thread] = []
+        self._local = threading.local()
 
     @property
     def done(self) -> bool:
@@ -422,6 +456,17 @@ class ModeEReceiver:
                           else TransferError(f"data connection failed: {exc}"))
         except BaseException as exc:  # never lose an error in a thread
             self.fail(exc)
+        finally:
+            splicer = getattr(self._local, "splicer", None)
+            if splicer is not None:
+                splicer.close()
+                self._local.splicer = None
+
+    def _splicer(self) -> Splicer:
+        local = self._local
+        if getattr(local, "splicer", None) is None:
+            local.splicer = Splicer()
+        return local.splicer
 
     def _receive_block(self, sock: socket.socket, desc: int, count: int, offset: int,
                        view: memoryview, plain: bool, slot: int) -> None:
@@ -434,6 +479,17 @@ class ModeEReceiver:
         pos = start
         end = start + count
         size = len(view)
+        fd = getattr(self.sink, "fd", None)
+        if plain and not discard and fd is not None and hasattr(self.sink, "record"):
+            splicer = self._splicer()
+            while pos < end:
+                n = splicer.move(sock, fd, pos, end - pos)
+                if n == 0:
+                    raise TransferError("data connection closed inside a block")
+                self.sink.record(pos, pos + n)
+                pos += n
+                self.counter.add(slot, n)
+            return
         while pos < end:
             want = min(size, end - pos)
             if plain:
