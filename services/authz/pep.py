@@ -172,6 +172,8 @@ class StaticVOPolicy:
         vo_admin = vo is not None and subject.dn in self.vos.get(vo, {}).get("admins", ())
         if action in ("image.query", "image.list-vos"):
             return Decision(True, "any authenticated subject; results limited to its VOs")
+        if action == "image.upload" and self.groups(subject):
+            return Decision(True, "a member of a VO uploads into its own area")
         if action == "image.register" and context.get("source") == "local" and subject.dn not in self.admins:
             return Decision(False, "local-path ingest is for repository admins")
         if action in ("image.read", "image.register", "image.duplicate", "image.hold") and member:

@@ -315,8 +315,11 @@ class VMManagerService(SoapService):
             self.store.lease(key, self.pool)
             self.store.add_phase(key, "lease", time.perf_counter() - t)
             crashpoint("deploy.leased")
-        except BaseException:
+        except BaseException as exc:
             self._release(key, quiet=True)
+            if self.store.get(key) is not None:
+                reason = f"{type(exc).__name__}: {getattr(exc, 'description', exc)}"
+                self.store.set_state(key, State.FAILED, failure=reason)
             self.authz.release(key)
             raise
         self.log.info("instance %s (%s) of %s registered for %s, lifetime %d s", key, identifier, d.image_id,

@@ -151,7 +151,8 @@ class VMRepositoryService(SoapService):
         source, kind = self._source_path(ctx, req.find("repo:source", NS)[0])
         self.authz.check(ctx.caller, "image.register",
                          {"type": "image", "vo": d.vo, "owner": owner, "name": d.name},
-                         {"source": "local" if kind == "localPath" else "upload"})
+                         {"source": "local" if kind == "localPath" else "upload", "memory": str(d.memory),
+                          "vcpus": str(d.vcpus)})
         if owner != ctx.dn:
             self.authz.check(ctx.caller, "image.register-for-other", {"type": "image", "vo": d.vo, "owner": owner})
         if self.catalogue.find(d.vo, d.name):
@@ -239,7 +240,6 @@ class VMRepositoryService(SoapService):
     def duplicate_image(self, ctx: CallContext, req: etree._Element) -> etree._Element:
         rec = self._visible(ctx, _text(req, "repo:image"))
         name = _text(req, "repo:name").strip()
-        self.authz.check(ctx.caller, "image.duplicate", {**_resource(rec), "name": name})
         ws = rec.element()
         set_field(ws, "identity", "name", name)
         set_field(ws, "identity", "imageId", new_image_id())
@@ -257,6 +257,9 @@ class VMRepositoryService(SoapService):
                     set_field(ws, "hardware", local, value)
                 elif local == "containerCommand":
                     set_field(ws, "container", "command", value)
+        new = Descriptor(ws)
+        self.authz.check(ctx.caller, "image.duplicate", {**_resource(rec), "name": name},
+                         {"memory": str(new.memory), "vcpus": str(new.vcpus)})
         check_descriptor(ws)
         self.catalogue.add(ws)
         resp = _el("DuplicateImageResponse")
@@ -336,8 +339,8 @@ class VMRepositoryService(SoapService):
     @operation("HoldImage")
     def hold_image(self, ctx: CallContext, req: etree._Element) -> etree._Element:
         rec = self._lookup(_text(req, "repo:image"))
-        self.authz.check(ctx.caller, "image.hold", _resource(rec))
         seconds = int(_text(req, "repo:seconds"))
+        self.authz.check(ctx.caller, "image.hold", _resource(rec), {"lifetime": str(seconds)})
         if seconds > self.config.max_hold_seconds:
             raise InvalidArgument(f"a hold lasts at most {self.config.max_hold_seconds} s", argument="seconds")
         hold_id, expires = self.catalogue.hold(rec.image_id, _text(req, "repo:holder"), ctx.dn, seconds)

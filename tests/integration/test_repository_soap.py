@@ -68,6 +68,11 @@ def test_every_operation_through_zeep_validates_against_the_published_schema(rep
     assert updated.description == "EMBOSS with more memory" and updated.image_id == dup.image_id
 
     assert alice.vos() == [("bio", 2)]
+    location = alice.service.call("GetImageLocation", image=d.image_id)
+    assert location.findtext(f"{{{REPO}}}url").endswith(f"/images/{d.sha256}")
+    assert location.findtext(f"{{{REPO}}}url").startswith("gsiftp://")
+    upload = alice.service.call("GetUploadLocation").findtext(f"{{{REPO}}}url")
+    assert upload.startswith("gsiftp://") and "/uploads/" in upload
     hold_id, expires = alice.hold(dup.image_id, "https://node1/wsrf/services/VMManagerService#inst-1", 60)
     with pytest.raises(ImageInUse) as held:
         alice.remove(dup.image_id)

@@ -1,0 +1,102 @@
+"""A WS-BaseNotification consumer for the client side: a small HTTPS-less endpoint on the client's
+machine that accepts Notify messages only when they are signed by a trusted grid host."""
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+
+from cheroot import wsgi
+
+from security.trust import TrustStore
+from security.wssec import WSSecurityError, verify_envelope
+
+WSNT = "http://docs.oasis-open.org/wsn/b-2"
+VMM = "http://vmgrid.org/ns/vmmanager/1"
+SOAP = "http://schemas.xmlsoap.org/soap/envelope/"
+MAX_NOTIFY = 256 * 1024
+
+
+@dataclass(frozen=True)
+class StateChange:
+    key: str
+    identifier: str
+    old: str
+    new: str
+    time: str
+    producer: str      # the VMManager's address
+    signer: str        # the verified host DN that signed the Notify
+
+
+class NotificationConsumer:
+    """Listens on ``host:port`` (0 = any free port) for Notify; ``changes`` is a queue of StateChange."""
+
+    def __init__(self, trust: TrustStore, host: str = "127.0.0.1", port: int = 0):
+        self.trust = trust
+        self.changes: queue.Queue[StateChange] = queue.Queue()
+        self.refused = 0
+        self.server = wsgi.Server((host, port), self._app, numthreads=4, server_name="vmgrid-consumer")
+        self.server.max_request_body_size = MAX_NOTIFY
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host, port = self.server.bind_addr[:2]
+        return f"http://{host}:{port}/notify"
+
+    def start(self) -> "NotificationConsumer":
+        self.server.prepare()
+        self._thread = threading.Thread(target=self.server.serve, daemon=True, name="vmgrid-consumer")
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    def __enter__(self) -> "NotificationConsumer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _app(self, environ, start_response):
+        if environ.get("REQUEST_METHOD") != "POST":
+            start_response("405 Method Not Allowed", [("Content-Type", "text/plain")])
+            return [b"POST Notify\n"]
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+        body = environ["wsgi.input"].read(min(length, MAX_NOTIFY))
+        try:
+            caller, root = verify_envelope(body, self.trust,
+                                           expected_signer=lambda c: "/CN=host/" in c.dn)
+        except WSSecurityError as exc:
+            self.refused += 1
+            start_response("500 Internal Server Error", [("Content-Type", "text/plain")])
+            return [f"refused: {exc}\n".encode()]
+        for holder in root.iterfind(f"{{{SOAP}}}Body/{{{WSNT}}}Notify/{{{WSNT}}}NotificationMessage"):
+            change = holder.find(f"{{{WSNT}}}Message/{{{VMM}}}StateChangeNotification")
+            if change is None:
+                continue
+            text = lambda n: change.findtext(f"{{{VMM}}}{n}") or ""  # noqa: E731
+            self.changes.put(StateChange(text("InstanceKey"), text("Identifier"), text("oldState"),
+                                         text("newState"), text("time"),
+                                         holder.findtext(f"{{{WSNT}}}ProducerReference/"
+                                                         "{http://www.w3.org/2005/08/addressing}Address") or "",
+                                         caller.dn))
+        start_response("200 OK", [("Content-Type", "text/xml")])
+        return [b""]
+
+    def wait(self, predicate, timeout: float = 10.0) -> StateChange:
+        """The first received change for which ``predicate`` holds (others are dropped), or TimeoutError."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("no matching notification")
+            try:
+                change = self.changes.get(timeout=left)
+            except queue.Empty:
+                raise TimeoutError("no matching notification") from None
+            if predicate(change):
+                return change
