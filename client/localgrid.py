@@ -118,9 +118,10 @@ class LocalGrid:
         return env
 
     def start(self, name: str, services: list[str], config: dict, *, extra_env: dict | None = None,
-              timeout: float = 30) -> ServiceProcess:
-        """Start `vmgrid serve SERVICES` with ``config`` (merged over the grid's defaults)."""
-        port = free_port()
+              timeout: float = 30, port: int | None = None) -> ServiceProcess:
+        """Start `vmgrid serve SERVICES` with ``config`` (merged over the grid's defaults), on ``port``
+        (a free one by default; give it when the configuration must name the service's own URL)."""
+        port = port or free_port()
         state = self.root / name
         state.mkdir(parents=True, exist_ok=True)
         base = {

@@ -1,0 +1,136 @@
+"""A VMManager process killed (SIGKILL) at each phase of a deployment, then restarted on the same
+state: no instance stuck in a transient state, no leaked lease, overlay, image hold or instance
+slot, no partial image in the cache, and the node deploys again."""
+from __future__ import annotations
+
+import signal
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from client.localgrid import LocalGrid, free_port
+from client.repository import RepositoryClient
+from client.soap import ClientError, GridServiceClient
+from client.vmmanager import VMManagerClient
+from security.trust import TrustStore
+from tests.fixtures.grid import DEFAULT_POLICY
+from tests.fixtures.repository import EXAMPLES, make_image
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    """The Authorization service and the VMRepository in one process, an image registered."""
+    root = tmp_path_factory.mktemp("crashsite")
+    with LocalGrid(root) as grid:
+        admin, alice = grid.user("admin"), grid.user("alice")
+        policy = DEFAULT_POLICY.read_text().replace("admins = []\n", f'admins = ["{admin.dn}"]\n', 1)
+        policy = policy.replace("# Rules, in order.",
+                                f'[groups.bio]\nmembers = ["{alice.dn}"]\n\n# Rules, in order.', 1)
+        (root / "policy.toml").write_text(policy)
+        ingest = root / "ingest"
+        ingest.mkdir()
+        port = free_port()
+        services = f"https://localhost:{port}/wsrf/services"
+        grid.start("central", ["authz", "repository"], {
+            "authz": {"policy": str(root / "policy.toml")},
+            "enforcement": {"authz_url": f"{services}/AuthorizationService", "permit_ttl": 0.0},
+            "repository": {"ingest_dirs": [str(ingest)], "gridftp_port": 0},
+        }, port=port)
+        repo = RepositoryClient(GridServiceClient(f"{services}/VMRepositoryService", admin.credential,
+                                                  TrustStore(grid.cert_dir)))
+        image = make_image(ingest / "emboss.qcow2", "qcow2", "256M", fill=b"crash" * 100000)
+        grid.descriptor = repo.register((EXAMPLES / "debian12-emboss.xml").read_bytes(), local_path=str(image))
+        grid.services_url = services
+        yield grid
+
+
+def start_node(grid: LocalGrid, crashpoint: str | None = None):
+    env = {"VMGRID_CRASHPOINT": crashpoint} if crashpoint else {}
+    return grid.start("node1", ["vmmanager"], {
+        "enforcement": {"authz_url": f"{grid.services_url}/AuthorizationService", "permit_ttl": 0.0},
+        "vmmanager": {"node": "node1", "repository": f"{grid.services_url}/VMRepositoryService",
+                      "lease_range": "10.99.0.10-10.99.0.40", "sweep_interval": 0.5},
+    }, extra_env=env)
+
+
+def node_client(grid: LocalGrid, proc) -> VMManagerClient:
+    return VMManagerClient(GridServiceClient(proc.base_url + "/wsrf/services/VMManagerService",
+                                             grid.user("alice").credential, TrustStore(grid.cert_dir)))
+
+
+def held(grid: LocalGrid) -> dict:
+    """What anything still holds for instances: node leases and files, repository holds, authz slots."""
+    node = grid.root / "node1" / "vmmanager"
+    db = sqlite3.connect(node / "node.sqlite")
+    try:
+        leases = db.execute("SELECT count(*) FROM leases").fetchone()[0]
+        live = db.execute("SELECT count(*) FROM instances WHERE state NOT IN ('Destroyed', 'Failed')").fetchone()[0]
+        transient = db.execute("SELECT count(*) FROM instances WHERE state IN "
+                               "('Registered', 'Staging', 'Starting', 'ShuttingDown')").fetchone()[0]
+    finally:
+        db.close()
+    repo = sqlite3.connect(grid.root / "central" / "repository" / "catalogue.sqlite")
+    try:
+        holds = repo.execute("SELECT count(*) FROM holds").fetchone()[0]
+    finally:
+        repo.close()
+    slots_db = next((grid.root / "central" / "authz").glob("*.sqlite"), None)
+    slots = 0
+    if slots_db is not None:
+        s = sqlite3.connect(slots_db)
+        try:
+            slots = s.execute("SELECT count(*) FROM slots").fetchone()[0]
+        finally:
+            s.close()
+    instances = node / "instances"
+    partial = [p.name for p in (node / "cache" / "incoming").iterdir()] if (node / "cache" / "incoming").exists() else []
+    return {"leases": leases, "live": live, "transient": transient, "holds": holds, "slots": slots,
+            "dirs": sorted(p.name for p in instances.iterdir()) if instances.exists() else [],
+            "partial": partial}
+
+
+NOTHING = {"leases": 0, "live": 0, "transient": 0, "holds": 0, "slots": 0, "dirs": [], "partial": []}
+
+
+@pytest.mark.parametrize("point", ["deploy.registered", "deploy.leased", "deploy.staged", "deploy.overlay",
+                                   "deploy.context", "deploy.powered-on"])
+def test_sigkill_at_each_phase_then_restart_is_consistent(site, point):
+    proc = start_node(site, point)
+    with pytest.raises(ClientError):
+        node_client(site, proc).deploy(site.descriptor, f"crash-{point.split('.')[1]}", 600, wait=True)
+    proc.process.wait(10)
+    assert proc.process.returncode == -signal.SIGKILL
+    site.processes.pop("node1")
+
+    proc = start_node(site)
+    try:
+        assert held(site) == NOTHING
+        vm = node_client(site, proc)
+        ended = [i for i in vm.list(include_ended=True) if i.identifier == f"crash-{point.split('.')[1]}"]
+        assert ended and ended[-1].state == "Failed" and "Interrupted" in ended[-1].failure
+        info = vm.deploy(site.descriptor, f"after-{point.split('.')[1]}", 600, wait=True)   # the node works
+        assert info.state == "Running"
+        vm.destroy(info.ref)
+        assert held(site) == NOTHING
+    finally:
+        site.stop("node1")
+
+
+def test_a_killed_node_loses_its_test_driver_vms_and_says_so(site):
+    """libvirt's test driver keeps VMs in the VMManager's process; after a SIGKILL they are gone,
+    and the restarted node records them Failed (Lost) and releases what they held."""
+    proc = start_node(site)
+    vm = node_client(site, proc)
+    info = vm.deploy(site.descriptor, "doomed", 600, wait=True)
+    assert held(site)["leases"] == 1
+    site.stop("node1", signal.SIGKILL)
+    proc = start_node(site)
+    try:
+        assert held(site) == NOTHING
+        lost = [i for i in node_client(site, proc).list(include_ended=True) if i.ref.key == info.ref.key]
+        assert lost[0].state == "Failed" and "Lost" in lost[0].failure
+    finally:
+        site.stop("node1")
