@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 from client.cli import CLIError
 from client.output import emit_descriptors, table
 from services.container.contract import WSDL_DIR
+
+DEFAULT_POLICY = Path(__file__).resolve().parents[1] / "services" / "authz" / "default-policy.toml"
 
 EXAMPLES = WSDL_DIR / "examples"
 SAMPLE_IMAGES = [  # descriptor, image format, virtual size
@@ -43,11 +46,28 @@ def make_image(path: Path, fmt: str, size: str) -> None:
             f.truncate(8 * 1024 * 1024)
 
 
+POLICY_GROUPS = """
+[groups.bio]
+description = "bioinformatics VO"
+members = ["{alice}"]
+admins = ["{admin}"]
+
+[groups.hep]
+description = "high-energy physics VO"
+members = ["{bob}"]
+admins = ["{admin}"]
+
+"""
+
+
 def run(args) -> int:
-    from client.localgrid import LocalGrid
+    from client.localgrid import LocalGrid, free_port
     from client.repository import RepositoryClient
+    from client.report import Deployment, draw, print_report
     from client.soap import GridServiceClient
+    from client.vmmanager import VMManagerClient
     from security.trust import TrustStore
+    from services.faults import AccessDenied
 
     if shutil.which("qemu-img") is None:
         raise CLIError("qemu-img is missing (Debian package qemu-utils; ./run.sh setup installs it)")
@@ -64,16 +84,32 @@ def run(args) -> int:
     table(["user", "dn", "proxy"], [(u.name, u.dn, u.proxy_path) for u in (admin, alice, bob)])
 
     try:
-        say("starting the VMRepository (its own process; HTTPS, WS-Security signed messages)")
-        repo_proc = grid.start("repository", ["repository"], {
-            "repository": {"ingest_dirs": [str(images)]},
-            "policy": {"admins": [admin.dn], "vos": {
-                "bio": {"members": [alice.dn], "admins": [admin.dn]},
-                "hep": {"members": [bob.dn], "admins": [admin.dn]},
-            }},
-        })
-        url = repo_proc.base_url + "/wsrf/services/VMRepositoryService"
-        print(f"VMRepositoryService at {url}  (WSDL: {url}?wsdl)")
+        say("starting the grid: the Authorization service and the VMRepository (one process), "
+            "two VMManager nodes on libvirt's test driver (one process each); HTTPS, signed messages")
+        policy = (work / "grid" / "policy.toml")
+        text = DEFAULT_POLICY.read_text().replace("admins = []\n", f'admins = ["{admin.dn}"]\n', 1)
+        text = text.replace("# Rules, in order.", POLICY_GROUPS.format(alice=alice.dn, bob=bob.dn, admin=admin.dn)
+                            + "# Rules, in order.", 1)
+        policy.write_text(text)
+        port = free_port()
+        base = f"https://localhost:{port}/wsrf/services"
+        enforcement = {"authz_url": f"{base}/AuthorizationService", "permit_ttl": 2.0}
+        grid.start("central", ["authz", "repository"], {
+            "authz": {"policy": str(policy)}, "enforcement": enforcement,
+            "repository": {"ingest_dirs": [str(images)], "gridftp_port": 0},
+        }, port=port)
+        nodes = []
+        for n, lease_range in ((1, "10.99.0.10-10.99.0.99"), (2, "10.99.0.100-10.99.0.189")):
+            proc = grid.start(f"node{n}", ["vmmanager"], {
+                "enforcement": enforcement,
+                "vmmanager": {"node": f"node{n}", "repository": f"{base}/VMRepositoryService",
+                              "network": "10.99.0.0/24", "lease_range": lease_range, "sweep_interval": 0.5},
+            })
+            nodes.append(proc.base_url + "/wsrf/services/VMManagerService")
+        url = f"{base}/VMRepositoryService"
+        table(["service", "url"], [("AuthorizationService", f"{base}/AuthorizationService"),
+                                   ("VMRepositoryService", url), ("VMManagerService (node1)", nodes[0]),
+                                   ("VMManagerService (node2)", nodes[1])])
         trust = TrustStore(grid.cert_dir)
 
         def client(user):
@@ -114,6 +150,60 @@ def run(args) -> int:
         original = as_alice.show("bio/debian12-emboss")
         same = original.findtext("{*}image/{*}sha256") == dup.findtext("{*}image/{*}sha256")
         print(f"the duplicate shares the original's image bytes: {same}")
+
+        say("alice deploys five copies of debian12-emboss: three on node1, two on node2 "
+            "(staged over GridFTP into each node's cache once, a qcow2 overlay and a context CD-ROM each)")
+        vms = [VMManagerClient(GridServiceClient(u, alice.credential, trust)) for u in nodes]
+        deployed = []
+        for i, (node, lifetime) in enumerate([(0, 600), (0, 600), (0, 4), (1, 600), (1, 600)]):
+            info = vms[node].deploy(original, f"emboss-{i + 1}", lifetime, wait=True)
+            deployed.append((node, info))
+        table(["identifier", "node", "state", "address", "mac", "lifetime", "phases (s)"],
+              [(i.identifier, i.node, i.state, i.address, i.mac,
+                f"{(i.termination - i.created).total_seconds():.0f} s",
+                " ".join(f"{n}={s:.3f}" for n, s in i.phases)) for _, i in deployed])
+        addresses = {i.address for _, i in deployed}
+        macs = {i.mac for _, i in deployed}
+        print(f"distinct addresses: {len(addresses)} of {len(deployed)}; distinct MACs: {len(macs)} of {len(deployed)}")
+
+        say("authorization: bob tries to pause alice's instance")
+        bob_vm = VMManagerClient(GridServiceClient(nodes[0], bob.credential, trust))
+        try:
+            bob_vm.pause(deployed[0][1].ref)
+            print("unexpected: permitted")
+        except AccessDenied as exc:
+            print(f"refused: {exc.description}")
+
+        node, first = deployed[0]
+        say(f"alice pauses and resumes {first.identifier}")
+        print(f"pause  -> {vms[node].pause(first.ref)}")
+        print(f"resume -> {vms[node].resume(first.ref)}")
+
+        node, short = deployed[2]
+        say(f"{short.identifier} was deployed for 4 s: waiting for its termination time")
+        final = None
+        for _ in range(100):
+            final = [i for i in vms[node].list(include_ended=True) if i.ref.key == short.ref.key][0]
+            if final.state == "Destroyed":
+                break
+            time.sleep(0.2)
+        print(f"{short.identifier}: {final.state} (its lease {short.address} and overlay released)")
+
+        say("alice destroys the others")
+        for node, info in deployed:
+            if info.ref.key != short.ref.key:
+                vms[node].destroy(info.ref)
+                print(f"{info.identifier}: destroyed")
+
+        say("the deployment phases (the poster's figure)")
+        history = []
+        for vm in vms:
+            for i in vm.list(include_ended=True):
+                if i.phases:
+                    history.append(Deployment(f"{i.identifier}@{i.node}", tuple(i.phases)))
+        print_report(history, sys.stdout)
+        figure = draw(history, work / "phases.png", "vmgrid demo: share of each deployment phase")
+        print(f"figure written to {figure}")
 
         say("alice's VOs")
         table(["vo", "images"], as_alice.vos())

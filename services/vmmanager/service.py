@@ -215,7 +215,8 @@ class VMManagerService(SoapService):
             return
         inst = self.store.get(key)
         now = time.time()
-        for _, consumer in self.store.subscriptions(key, now):
+        # the end of an instance reaches every subscriber, even one whose subscription ran out with it
+        for _, consumer in self.store.subscriptions(key, 0.0 if new in FINAL else now):
             self.notifier.send(consumer, notify_envelope(consumer, self.service_url, key, inst.identifier,
                                                          old.value, new.value, now))
         if new in FINAL:

@@ -1,0 +1,298 @@
+"""`vmgrid vm …` and `vmgrid report`: deploy and control VMs on a node, and the phase report."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from client.cli import CLIError
+from client.commands_repo import DEFAULT_REPOSITORY, _call, add_format, add_grid_options
+from client.output import table
+
+DEFAULT_NODE = "https://localhost:8443/wsrf/services/VMManagerService"
+FINAL = ("Destroyed", "Failed")
+
+
+def register(subparsers) -> None:
+    vm = subparsers.add_parser("vm", help="deploy and control virtual machines on a node",
+                               description="Deploy images from the repository on a VMManager node and control them.")
+    sub = vm.add_subparsers(dest="vm_command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("deploy", help="deploy an image for a lifetime")
+    p.add_argument("image", help="image id (img-…) or VO/name in the repository")
+    p.add_argument("identifier", help="your name for the instance")
+    p.add_argument("--lifetime", default="1h", help="how long it may live: seconds or e.g. 90m, 2h, 1d (default 1h)")
+    p.add_argument("--paused", action="store_true", help="leave it paused once deployed")
+    p.add_argument("--memory", type=int, help="RAM in MiB instead of the descriptor's")
+    p.add_argument("--vcpus", type=int, help="vCPUs instead of the descriptor's")
+    p.add_argument("--repository", default=os.environ.get("VMGRID_REPOSITORY", DEFAULT_REPOSITORY),
+                   help="the VMRepository URL (default $VMGRID_REPOSITORY)")
+    p.add_argument("--no-wait", action="store_true", help="return once registered; do not follow the deployment")
+    add_format(p)
+    p.set_defaults(func=cmd_deploy)
+
+    p = sub.add_parser("list", help="your instances on the node")
+    p.add_argument("--all", action="store_true", help="also destroyed and failed ones")
+    add_format(p)
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("status", help="an instance's resource properties")
+    p.add_argument("instance", help="instance key (inst-…) or your identifier")
+    add_format(p)
+    p.set_defaults(func=cmd_status)
+
+    for name, helptext in (("pause", "pause a running instance"), ("resume", "resume a paused instance"),
+                           ("save", "freeze an instance to disk"), ("restore", "bring a saved instance back"),
+                           ("start", "power on a shut-off instance"), ("destroy", "destroy an instance now")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("instance")
+        p.set_defaults(func=cmd_control, verb=name)
+
+    p = sub.add_parser("shutdown", help="shut an instance down (ACPI, then forced)")
+    p.add_argument("instance")
+    p.add_argument("--trash", action="store_true", help="power off at once")
+    p.add_argument("--timeout", type=int, help="seconds to wait for the guest before forcing it off")
+    p.set_defaults(func=cmd_shutdown)
+
+    p = sub.add_parser("lifetime", help="move an instance's termination time")
+    p.add_argument("instance")
+    p.add_argument("when", help="from now: seconds or 90m, 2h, 1d; or an ISO 8601 time")
+    p.set_defaults(func=cmd_lifetime)
+
+    p = sub.add_parser("watch", help="follow an instance's state changes (signed notifications)")
+    p.add_argument("instance")
+    p.add_argument("--listen", default="127.0.0.1:0", help="where the notification consumer listens (host:port)")
+    p.add_argument("--timeout", type=float, default=0, help="stop after this many seconds (0: until it ends)")
+    p.set_defaults(func=cmd_watch)
+
+    for action in sub.choices.values():
+        add_grid_options(action, "VMGRID_NODE", DEFAULT_NODE, "VMManager")
+
+    p = subparsers.add_parser("report", help="the deployment phase report (table and figure)",
+                              description="Collect your deployments' phase timings from nodes and draw the "
+                                          "poster's figure: the share of each deployment phase.")
+    p.add_argument("--nodes", nargs="+", default=[os.environ.get("VMGRID_NODE", DEFAULT_NODE)],
+                   help="VMManager URLs (default $VMGRID_NODE)")
+    p.add_argument("--out", type=Path, default=Path("phases.png"), help="the PNG to write (default phases.png)")
+    p.add_argument("--json", action="store_true", help="print the deployments' phases as JSON")
+    p.add_argument("--cert-dir")
+    p.add_argument("--proxy")
+    p.set_defaults(func=cmd_report)
+
+
+# -- helpers ------------------------------------------------------------------------------------------
+def parse_seconds(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+)\s*([smhd]?)\s*", text)
+    if not m:
+        raise CLIError(f"{text!r} is not a duration (seconds, or a number with s, m, h or d)")
+    return int(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+
+
+def vmm_client(args, url: str | None = None):
+    from client.commands_repo import grid_client
+    from client.vmmanager import VMManagerClient
+
+    if url:
+        args.url = url
+    return VMManagerClient(grid_client(args))
+
+
+def resolve(vm, text: str):
+    """An instance by key (inst-…) or by the caller's identifier."""
+    from client.vmmanager import InstanceRef
+
+    if text.startswith("inst-"):
+        return InstanceRef(vm.service.url, text)
+    matches = [i for i in _call(vm.list) if i.identifier == text]
+    if not matches:
+        raise CLIError(f"you have no live instance named {text!r} on {vm.service.url}")
+    return matches[0].ref
+
+
+def instance_rows(infos) -> list[list]:
+    rows = []
+    for i in infos:
+        left = i.lifetime_left
+        rows.append([i.ref.key if i.ref else "", i.identifier, i.state, f"{i.vo}/{i.image_name}", i.address or "",
+                     i.mac or "", f"{i.memory} MiB", "" if left is None else f"{max(0, int(left))} s"])
+    return rows
+
+
+INSTANCE_HEADERS = ["key", "identifier", "state", "image", "address", "mac", "ram", "lifetime left"]
+
+
+def info_json(i) -> dict:
+    return {"key": i.ref.key if i.ref else None, "address_epr": i.ref.address if i.ref else None,
+            "identifier": i.identifier, "state": i.state, "node": i.node, "owner": i.owner,
+            "image": {"id": i.image_id, "name": i.image_name, "vo": i.vo, "sha256": i.sha256, "size": i.size},
+            "memory": i.memory, "vcpus": i.vcpus, "address": i.address, "mac": i.mac,
+            "created": i.created.isoformat() if i.created else None,
+            "termination": i.termination.isoformat() if i.termination else None,
+            "phases": [{"name": n, "seconds": s} for n, s in i.phases], "guest": i.guest_status,
+            "failure": i.failure}
+
+
+def show_info(i, fmt: str, out=sys.stdout) -> None:
+    if fmt == "json":
+        json.dump(info_json(i), out, indent=2)
+        print(file=out)
+        return
+    rows = [("instance", f"{i.identifier} ({i.ref.key})"), ("state", i.state), ("node", i.node),
+            ("owner", i.owner), ("image", f"{i.vo}/{i.image_name} {i.image_id}"),
+            ("hardware", f"{i.memory} MiB RAM, {i.vcpus} vCPU"), ("address", f"{i.address or '-'}  mac {i.mac or '-'}"),
+            ("termination", f"{i.termination:%Y-%m-%d %H:%M:%S} UTC" if i.termination else "-"),
+            ("guest", i.guest_status)]
+    if i.failure:
+        rows.append(("failure", i.failure))
+    if i.phases:
+        rows.append(("phases", "  ".join(f"{n} {s:.3f}s" for n, s in i.phases)))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k.rjust(width)}  {v}", file=out)
+
+
+# -- commands -------------------------------------------------------------------------------------------
+def cmd_deploy(args) -> int:
+    from client.repository import RepositoryClient
+    from client.commands_repo import grid_client
+    from gridftp.cli import ProgressBar
+    from services.descriptor import set_field
+
+    node_url = args.url
+    args.url = args.repository
+    descriptor = _call(RepositoryClient(grid_client(args)).show, args.image)
+    if args.memory:
+        set_field(descriptor, "hardware", "memory", args.memory)
+    if args.vcpus:
+        set_field(descriptor, "hardware", "vcpus", args.vcpus)
+    vm = vmm_client(args, node_url)
+    info = _call(vm.deploy, descriptor, args.identifier, parse_seconds(args.lifetime), paused=args.paused)
+    print(f"deploying {args.image} as {args.identifier} ({info.ref.key}) on {info.node}: "
+          f"address {info.address}, mac {info.mac}", file=sys.stderr)
+    if args.no_wait:
+        show_info(info, args.format)
+        return 0
+    bar = ProgressBar(sys.stderr, "staging") if sys.stderr.isatty() else None
+    last = [None]
+
+    def update(i) -> None:
+        done, total, _ = i.staged
+        if bar and i.state == "Staging" and total:
+            bar(done, total)
+        if i.state != last[0]:
+            if bar and last[0] == "Staging":
+                bar(total, total)
+                bar.finish()
+            print(f"  {i.state}", file=sys.stderr)
+            last[0] = i.state
+
+    final = _call(vm.wait_for, info.ref, ("Running", "Paused"), 3600, update)
+    show_info(final, args.format)
+    return 0 if final.state in ("Running", "Paused") else 1
+
+
+def cmd_list(args) -> int:
+    infos = _call(vmm_client(args).list, args.all)
+    if args.format == "json":
+        json.dump([info_json(i) for i in infos], sys.stdout, indent=2)
+        print()
+    else:
+        table(INSTANCE_HEADERS, instance_rows(infos))
+    return 0
+
+
+def cmd_status(args) -> int:
+    vm = vmm_client(args)
+    show_info(_call(vm.status, resolve(vm, args.instance)), args.format)
+    return 0
+
+
+def cmd_control(args) -> int:
+    vm = vmm_client(args)
+    ref = resolve(vm, args.instance)
+    if args.verb == "destroy":
+        _call(vm.destroy, ref)
+        print(f"{args.instance}: destroyed")
+    else:
+        print(f"{args.instance}: {_call(getattr(vm, args.verb), ref)}")
+    return 0
+
+
+def cmd_shutdown(args) -> int:
+    vm = vmm_client(args)
+    state = _call(vm.shutdown, resolve(vm, args.instance), "Trash" if args.trash else "Normal", args.timeout)
+    print(f"{args.instance}: {state}")
+    return 0
+
+
+def cmd_lifetime(args) -> int:
+    vm = vmm_client(args)
+    ref = resolve(vm, args.instance)
+    if re.fullmatch(r"\s*\d+\s*[smhd]?\s*", args.when):
+        new, now = _call(vm.set_termination_time, ref, seconds=parse_seconds(args.when))
+    else:
+        try:
+            when = datetime.fromisoformat(args.when.replace("Z", "+00:00"))
+        except ValueError:
+            raise CLIError(f"{args.when!r} is neither a duration nor an ISO 8601 time") from None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+        new, now = _call(vm.set_termination_time, ref, when=when)
+    print(f"{args.instance}: terminates at {new:%Y-%m-%d %H:%M:%S} UTC ({int((new - now).total_seconds())} s from now)")
+    return 0
+
+
+def cmd_watch(args) -> int:
+    from client.notifications import NotificationConsumer
+    from client.soap import default_trust
+
+    vm = vmm_client(args)
+    ref = resolve(vm, args.instance)
+    host, _, port = args.listen.rpartition(":")
+    consumer = NotificationConsumer(default_trust(args.cert_dir), host or "127.0.0.1", int(port or 0)).start()
+    try:
+        _call(vm.subscribe, ref, consumer.url)
+        state = _call(vm.status, ref).state
+        print(f"{time.strftime('%H:%M:%S')} {args.instance}: {state} (listening at {consumer.url})", flush=True)
+        deadline = time.monotonic() + args.timeout if args.timeout else None
+        while state not in FINAL:
+            left = deadline - time.monotonic() if deadline else 3600.0
+            if left <= 0:
+                break
+            try:
+                change = consumer.wait(lambda c: c.key == ref.key, timeout=min(left, 3600.0))
+            except TimeoutError:
+                continue
+            state = change.new
+            print(f"{change.time} {args.instance}: {change.old} -> {change.new} (signed by {change.signer})",
+                  flush=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        consumer.stop()
+    return 0
+
+
+def cmd_report(args) -> int:
+    from client.report import Deployment, draw, print_report
+
+    deployments = []
+    for url in args.nodes:
+        vm = vmm_client(args, url)
+        for i in _call(vm.list, True):
+            if i.phases:
+                deployments.append(Deployment(f"{i.identifier}@{i.node}", tuple(i.phases)))
+    if not deployments:
+        raise CLIError("no deployments with phase timings on " + ", ".join(args.nodes))
+    if args.json:
+        json.dump([{"deployment": d.label, "phases": dict(d.phases)} for d in deployments], sys.stdout, indent=2)
+        print()
+    else:
+        print_report(deployments, sys.stdout)
+    path = draw(deployments, args.out)
+    print(f"figure written to {path}", file=sys.stderr)
+    return 0

@@ -1,0 +1,27 @@
+"""The README's main job, `vmgrid demo`, run as a user runs it: it walks the poster's flows on a
+fresh local grid and says what it did."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def test_the_main_job_walks_the_poster_flows(tmp_path):
+    work = tmp_path / "demo"
+    r = subprocess.run([sys.executable, "-m", "client.cli", "demo", "--workdir", str(work)],
+                       capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out = r.stdout
+    assert "distinct addresses: 5 of 5; distinct MACs: 5 of 5" in out
+    assert "refused:" in out and "vm.pause" in out               # bob may not touch alice's VM
+    assert "pause  -> Paused" in out and "resume -> Running" in out
+    assert "emboss-3: Destroyed" in out                           # its termination time passed
+    assert "the duplicate shares the original's image bytes: True" in out
+    for phase in ("authorize", "register", "lease", "stage", "overlay", "context", "power-on"):
+        assert f"\n{phase} " in out
+    png = (work / "phases.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000

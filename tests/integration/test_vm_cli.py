@@ -1,0 +1,93 @@
+"""`vmgrid vm …` and `vmgrid report` as a scientist runs them against a local grid's processes."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from client.localgrid import LocalGrid, free_port
+from client.repository import RepositoryClient
+from client.soap import GridServiceClient
+from security.trust import TrustStore
+from tests.fixtures.grid import DEFAULT_POLICY
+from tests.fixtures.repository import EXAMPLES, make_image
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vmcli")
+    with LocalGrid(root) as g:
+        admin, alice = g.user("admin"), g.user("alice")
+        policy = DEFAULT_POLICY.read_text().replace("admins = []\n", f'admins = ["{admin.dn}"]\n', 1)
+        policy = policy.replace("# Rules, in order.", f'[groups.bio]\nmembers = ["{alice.dn}"]\nadmins = '
+                                f'["{admin.dn}"]\n\n# Rules, in order.', 1)
+        (root / "policy.toml").write_text(policy)
+        ingest = root / "ingest"
+        ingest.mkdir()
+        port = free_port()
+        base = f"https://localhost:{port}/wsrf/services"
+        enforcement = {"authz_url": f"{base}/AuthorizationService", "permit_ttl": 0.0}
+        g.start("central", ["authz", "repository"], {
+            "authz": {"policy": str(root / "policy.toml")}, "enforcement": enforcement,
+            "repository": {"ingest_dirs": [str(ingest)], "gridftp_port": 0}}, port=port)
+        node = g.start("node1", ["vmmanager"], {"enforcement": enforcement, "vmmanager": {
+            "node": "node1", "repository": f"{base}/VMRepositoryService", "sweep_interval": 0.3}})
+        repo = RepositoryClient(GridServiceClient(f"{base}/VMRepositoryService", admin.credential,
+                                                  TrustStore(g.cert_dir)))
+        repo.register((EXAMPLES / "debian12-emboss.xml").read_bytes(),
+                      local_path=str(make_image(ingest / "e.qcow2", fill=b"vmcli")))
+        g.env_extra = {"VMGRID_REPOSITORY": f"{base}/VMRepositoryService",
+                       "VMGRID_NODE": node.base_url + "/wsrf/services/VMManagerService"}
+        yield g
+
+
+def vmgrid(grid, *args, user="alice", check=True, cwd=None):
+    r = subprocess.run([sys.executable, "-m", "client.cli", *args], env={**grid.env(user), **grid.env_extra},
+                       capture_output=True, text=True, timeout=120, cwd=cwd)
+    if check and r.returncode != 0:
+        raise AssertionError(f"vmgrid {' '.join(args)}: {r.returncode}\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+def test_deploy_control_and_report_from_the_command_line(grid, tmp_path):
+    out = vmgrid(grid, "vm", "deploy", "bio/debian12-emboss", "cli-1", "--lifetime", "10m", "--json")
+    info = json.loads(out.stdout)
+    assert info["state"] == "Running" and info["address"].startswith("10.99.0.")
+    assert "Staging" in out.stderr or "Running" in out.stderr
+    listed = vmgrid(grid, "vm", "list").stdout
+    assert "cli-1" in listed and "Running" in listed
+    assert "Paused" in vmgrid(grid, "vm", "pause", "cli-1").stdout
+    assert "Running" in vmgrid(grid, "vm", "resume", "cli-1").stdout
+    assert "Saved" in vmgrid(grid, "vm", "save", "cli-1").stdout
+    assert "Running" in vmgrid(grid, "vm", "restore", "cli-1").stdout
+    assert "terminates at" in vmgrid(grid, "vm", "lifetime", "cli-1", "20m").stdout
+    status = json.loads(vmgrid(grid, "vm", "status", info["key"], "--json").stdout)
+    assert status["state"] == "Running" and [p["name"] for p in status["phases"]][:3] == ["authorize", "register",
+                                                                                        "lease"]
+    assert "Shutoff" in vmgrid(grid, "vm", "shutdown", "cli-1", "--trash").stdout
+    assert "destroyed" in vmgrid(grid, "vm", "destroy", "cli-1").stdout
+    report = vmgrid(grid, "report", "--out", str(tmp_path / "fig.png")).stdout
+    assert "stage" in report and "share" in report
+    assert (tmp_path / "fig.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_watch_follows_signed_state_changes(grid):
+    vmgrid(grid, "vm", "deploy", "bio/debian12-emboss", "watched", "--lifetime", "3")
+    r = vmgrid(grid, "vm", "watch", "watched", "--timeout", "30")
+    assert "-> Destroyed" in r.stdout and "signed by /O=Grid/OU=vmgrid/CN=host/localhost" in r.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["vm", "pause", "nobody"], "no live instance"),
+    (["vm", "deploy", "bio/none", "x"], "UnknownImage"),
+    (["vm", "deploy", "bio/debian12-emboss", "x", "--lifetime", "soon"], "not a duration"),
+    (["vm", "status", "inst-" + "0" * 32], "ResourceUnknown"),
+])
+def test_errors_are_one_clear_line(grid, args, message):
+    r = vmgrid(grid, *args, check=False)
+    assert r.returncode == 1 and r.stderr.startswith("vmgrid: ") and message in r.stderr
+    assert "Traceback" not in r.stderr
