@@ -35,7 +35,9 @@ def register(subparsers) -> None:
     p.add_argument("descriptor", type=Path, help="the descriptor XML file (wsdl/workspace.xsd)")
     p.add_argument("image", help="the image file")
     p.add_argument("--on-host", action="store_true",
-                   help="IMAGE is a path on the repository host, inside an ingest directory (admins)")
+                   help="IMAGE is a path on the repository host, inside an ingest directory (admins); "
+                        "otherwise it is uploaded from here over GridFTP")
+    p.add_argument("-p", "--parallel", type=int, default=4, help="GridFTP streams for the upload (default 4)")
     add_format(p)
     p.set_defaults(func=cmd_register)
 
@@ -151,9 +153,36 @@ def cmd_register(args) -> int:
 
 
 def upload_and_register(repo, args, descriptor):
-    """Upload the image into the repository's upload area, then register it (needs the GridFTP service)."""
-    raise CLIError("uploading from this machine needs the repository's GridFTP service; "
-                   "use --on-host with a path on the repository host")
+    """Upload the image from this machine into the caller's directory of the repository's upload
+    area (GridFTP, parallel, restartable, verified), then register it. The descriptor carries the
+    local sha256, so the repository refuses bytes that are not the ones sent."""
+    import hashlib
+    from pathlib import Path
+
+    import gridftp
+    from gridftp.cli import ProgressBar
+    from services.descriptor import set_field
+    from services.vmrepository.transfer import NAME
+
+    path = Path(args.image)
+    if not path.is_file():
+        raise CLIError(f"{path}: no such file")
+    name = path.name if NAME.fullmatch(path.name) else "image-" + hashlib.sha256(path.name.encode()).hexdigest()[:16]
+    location = repo.upload_location()
+    bar = ProgressBar(sys.stderr, "uploading") if sys.stderr.isatty() else None
+    service = repo.service
+    try:
+        result = gridftp.upload(path, location.rstrip("/") + "/" + name, args.parallel,
+                                credential=service.credential, trust=service.trust, progress=bar)
+    except gridftp.GridFTPError as exc:
+        raise CLIError(f"upload to {location} failed: {exc}") from None
+    finally:
+        if bar:
+            bar.finish()
+    print(f"uploaded {result.size} bytes in {result.seconds:.1f} s ({result.mbit_per_s:.0f} Mbit/s), "
+          f"sha256 {result.sha256}", file=sys.stderr)
+    set_field(descriptor, "image", "sha256", result.sha256)
+    return repo.register(descriptor, upload=name)
 
 
 def cmd_query(args) -> int:

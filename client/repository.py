@@ -104,6 +104,14 @@ class RepositoryClient:
         return [(v.findtext("repo:name", namespaces=NS), int(v.findtext("repo:images", namespaces=NS)))
                 for v in resp.iterfind("repo:vo", NS)]
 
+    def upload_location(self) -> str:
+        """gsiftp:// URL of the caller's own directory in the repository's upload area."""
+        return self.service.call("GetUploadLocation").findtext("repo:url", namespaces=NS)
+
+    def location(self, image: str) -> str:
+        """gsiftp:// URL of an image's bytes."""
+        return self.service.call("GetImageLocation", image=image).findtext("repo:url", namespaces=NS)
+
     def hold(self, image: str, holder: str, seconds: int) -> tuple[str, str]:
         resp = self.service.call("HoldImage", image=image, holder=holder, seconds=seconds)
         return resp.findtext("repo:holdId", namespaces=NS), resp.findtext("repo:expires", namespaces=NS)

@@ -87,6 +87,8 @@ class GridServiceClient:
     def __init__(self, url: str, credential: Credential, trust: TrustStore, *,
                  expected_host_dn: str | None = None):
         self.url = url.split("?")[0]
+        self.credential = credential
+        self.trust = trust
         self._capture = _Capture()
         wsse = GridWSSE(credential, trust, expected_host_dn=expected_host_dn)
         transport = SameOriginTransport(self.url, wsse)

@@ -71,6 +71,9 @@ def build_vmmanager(config: Config, vmm=None) -> SoapService:
     from services.vmmanager.vmm import open_vmm
 
     v = config.vmmanager
+    if not config.enforcement.authz_url:
+        raise ValueError("the VMManager authorizes every operation through the Authorization service: "
+                         "set [enforcement] authz_url")
     state = config.state_dir("vmmanager")
     credential, trust = host_credential(config), trust_store(config)
     if vmm is None:

@@ -77,18 +77,4 @@ class RepositoryAccess:
             raise TransferFault(f"staging {image_id} from {location} failed: {exc}", source=location) from None
 
     def _location(self, image_id: str) -> str:
-        from client.repository import NS
-
-        resp = self._call_raw("GetImageLocation", image=image_id)
-        return resp.findtext("repo:url", namespaces=NS)
-
-    def _call_raw(self, operation: str, **kwargs):
-        from client.soap import ClientError
-
-        try:
-            return self._client().service.call(operation, **kwargs)
-        except VMGridFault:
-            raise
-        except ClientError as exc:
-            self._local.repo = None
-            raise ServiceUnavailable(f"the VMRepository failed: {exc}", service=self.url) from None
+        return self._call("location", image_id)

@@ -21,8 +21,9 @@ def grid(tmp_path_factory):
         ingest.mkdir()
         make_image(ingest / "emboss.qcow2", fill=b"cli")
         proc = g.start("repository", ["repository"], {
-            "repository": {"ingest_dirs": [str(ingest)]},
-            "policy": {"admins": [admin.dn], "vos": {"bio": {"members": [alice.dn], "admins": [admin.dn]}}},
+            "repository": {"ingest_dirs": [str(ingest)], "gridftp_port": 0},
+            "policy": {"admins": [admin.dn], "vos": {"bio": {"members": [alice.dn], "admins": [admin.dn]},
+                                                     "hep": {"members": [admin.dn]}}},
         })
         g.url = proc.base_url + "/wsrf/services/VMRepositoryService"
         g.ingest = ingest
@@ -91,3 +92,19 @@ def test_no_credential_and_no_service_are_explained(grid, tmp_path):
     r = vmgrid(grid, "alice", "repo", "vos", "--url", "https://localhost:1/wsrf/services/VMRepositoryService",
                check=False)
     assert r.returncode == 1 and "cannot" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_register_uploads_from_the_users_machine_over_gridftp(grid, tmp_path):
+    """Without --on-host the image travels over GridFTP into the user's upload area, and the
+    repository checks the bytes against the sha256 computed on the user's side."""
+    import hashlib
+
+    image = make_image(tmp_path / "my-image.qcow2", fill=b"uploaded by the scientist" * 1000)
+    out = vmgrid(grid, "admin", "repo", "register", str(EXAMPLES / "debian12-hep.xml"), str(image), "--json",
+                 "-p", "2")
+    ws = json.loads(out.stdout)["descriptors"][0]
+    assert ws["image"]["sha256"] == hashlib.sha256(image.read_bytes()).hexdigest()
+    assert "uploaded" in out.stderr
+    uploads = grid.root / "repository" / "repository" / "uploads"
+    assert [p for p in uploads.rglob("*") if p.is_file()] == []      # ingested, not left behind
+    vmgrid(grid, "admin", "repo", "remove", ws["identity"]["imageId"])

@@ -50,7 +50,7 @@ def start_repository(grid: LocalGrid, ingest: Path, crashpoint: str | None = Non
     admin = grid.user("admin")
     env = {"VMGRID_CRASHPOINT": crashpoint} if crashpoint else {}
     return grid.start("repository", ["repository"], {
-        "repository": {"ingest_dirs": [str(ingest)]},
+        "repository": {"ingest_dirs": [str(ingest)], "gridftp_port": 0},
         "policy": {"admins": [admin.dn], "vos": {"bio": {"members": [admin.dn], "admins": [admin.dn]}}},
     }, extra_env=env)
 
