@@ -1,0 +1,75 @@
+"""The repository's image store over GridFTP: bytes for those who may read an image made of them
+(and the VMManager nodes), each user's upload area for that user only, nothing anonymous."""
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+import gridftp
+from services.descriptor import Descriptor
+from tests.fixtures.repository import EXAMPLES
+
+
+@pytest.fixture
+def stored(repo_server):
+    admin = repo_server.client(repo_server.pki.admin)
+    ws = Descriptor(admin.register((EXAMPLES / "debian12-emboss.xml").read_bytes(),
+                                   local_path=str(repo_server.image("bytes.qcow2", fill=b"gridftp" * 999))))
+    return repo_server, ws
+
+
+def test_a_vo_member_downloads_the_bytes_verified(stored, tmp_path):
+    server, ws = stored
+    alice = server.pki.alice
+    url = server.client(alice).location(ws.image_id)
+    result = gridftp.download(url, tmp_path / "img", 2, credential=alice.proxy, trust=server.pki.trust())
+    assert result.sha256 == ws.sha256 == hashlib.sha256((tmp_path / "img").read_bytes()).hexdigest()
+
+
+def denied(exc: Exception) -> bool:
+    """A refusal for lack of permission: 550 permission denied (or the client's typed error for it)."""
+    return isinstance(exc, gridftp.AuthorizationDenied) or (
+        isinstance(exc, gridftp.ReplyError) and exc.code == 550 and "permission denied" in exc.text)
+
+
+def test_another_vo_is_denied_the_bytes(stored, tmp_path):
+    server, ws = stored
+    url = server.client(server.pki.alice).location(ws.image_id)
+    with pytest.raises(gridftp.GridFTPError) as exc:
+        gridftp.download(url, tmp_path / "img", 2, credential=server.pki.bob.proxy, trust=server.pki.trust(),
+                         retries=0)
+    assert denied(exc.value)
+    assert not (tmp_path / "img").exists()
+
+
+def test_uploads_go_only_into_ones_own_area(stored, tmp_path):
+    server, _ = stored
+    pki = server.pki
+    src = tmp_path / "mine.raw"
+    src.write_bytes(b"raw!" * 5000)
+    alice_area = server.client(pki.alice).upload_location()
+    bob_area = server.client(pki.bob).upload_location()
+    assert alice_area != bob_area
+    gridftp.upload(src, alice_area + "mine.raw", 2, credential=pki.alice.proxy, trust=pki.trust(),
+                   state_dir=tmp_path / "state")
+    with pytest.raises(gridftp.GridFTPError) as exc:
+        gridftp.upload(src, bob_area + "intruder.raw", 2, credential=pki.alice.proxy, trust=pki.trust(),
+                       retries=0, state_dir=tmp_path / "state2")
+    assert denied(exc.value)
+    with pytest.raises(gridftp.GridFTPError) as exc:
+        gridftp.download(alice_area + "mine.raw", tmp_path / "x", 1, credential=pki.bob.proxy,
+                         trust=pki.trust(), retries=0)
+    assert denied(exc.value)
+    uploaded = [p for p in server.service.upload_dir.rglob("*") if p.is_file()]
+    assert [p.name for p in uploaded] == ["mine.raw"]
+
+
+def test_no_anonymous_access_and_no_untrusted_credentials(stored, tmp_path):
+    server, ws = stored
+    url = server.client(server.pki.alice).location(ws.image_id)
+    with pytest.raises(gridftp.GridFTPError):
+        gridftp.download(url.replace("gsiftp://", "ftp://"), tmp_path / "a", 1, retries=0)
+    with pytest.raises(gridftp.AuthenticationError):
+        gridftp.download(url, tmp_path / "b", 1, credential=server.pki.stranger.proxy, trust=server.pki.trust(),
+                         retries=0)
