@@ -107,6 +107,10 @@ class GridServiceClient:
                 return port.binding.name.text
         raise ClientError(f"{self.url}: the WSDL describes no service")
 
+    def close(self) -> None:
+        """Close the HTTP connections this client keeps open."""
+        self.zeep.transport.session.close()
+
     def to_zeep(self, element: etree._Element):
         """An lxml element (e.g. a descriptor) as the zeep value of its global element."""
         return self.zeep.get_element(element.tag).parse(element, self.zeep.wsdl.types)

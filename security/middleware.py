@@ -88,6 +88,12 @@ class WSSecurityMiddleware:
         self.sign_responses = sign_responses
         self.drain_limit = drain_limit
 
+    def close(self) -> None:
+        """Release the replay cache's connections (the container calls this when it stops)."""
+        close = getattr(self.replay, "close", None)
+        if close is not None:
+            close()
+
     # -- request ----------------------------------------------------------------------------------
     def __call__(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
         if environ.get("REQUEST_METHOD", "GET").upper() != "POST":

@@ -51,6 +51,8 @@ class SQLiteReplayCache:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         self._pid = os.getpid()
+        self._all: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
         conn = self._conn()
         conn.execute("CREATE TABLE IF NOT EXISTS seen (key BLOB PRIMARY KEY, expires REAL NOT NULL) WITHOUT ROWID")
         conn.execute("CREATE INDEX IF NOT EXISTS seen_expires ON seen (expires)")
@@ -62,7 +64,20 @@ class SQLiteReplayCache:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             self._local.conn, self._local.pid, self._local.count = conn, os.getpid(), 0
+            with self._lock:
+                self._all.append(conn)
         return conn
+
+    def close(self) -> None:
+        """Close every thread's connection (the container calls this when it stops)."""
+        with self._lock:
+            conns, self._all = self._all, []
+        for conn in conns:
+            try:
+                conn.close()
+            except sqlite3.Error:
+                pass
+        self._local = threading.local()
 
     def first_seen(self, key: bytes, expires_at: float) -> bool:
         conn = self._conn()

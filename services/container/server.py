@@ -77,6 +77,9 @@ class Container:
         finally:
             for s in self.services:
                 s.close()
+            close = getattr(self.wsgi_app, "close", None)   # the WS-Security middleware's replay cache
+            if close is not None:
+                close()
 
     def __enter__(self) -> "Container":
         return self.start()

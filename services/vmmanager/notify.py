@@ -75,6 +75,8 @@ class Notifier:
         while True:
             consumer, env = self.queue.get()
             if consumer is None:
+                https.close()
+                plain.close()
                 return
             try:
                 data = sign_envelope(env, self.credential)

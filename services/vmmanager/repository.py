@@ -20,6 +20,8 @@ class RepositoryAccess:
         self.trust = trust
         self.parallel = parallel
         self._local = threading.local()
+        self._clients: list = []
+        self._lock = threading.Lock()
 
     def _client(self):
         """One client per thread (zeep's transport session is not shared across threads)."""
@@ -33,6 +35,8 @@ class RepositoryAccess:
                                          service="VMRepository")
             try:
                 repo = self._local.repo = RepositoryClient(GridServiceClient(self.url, self.credential, self.trust))
+                with self._lock:
+                    self._clients.append(repo)
             except ClientError as exc:
                 raise ServiceUnavailable(f"the VMRepository cannot be reached: {exc}", service=self.url) from None
         return repo
@@ -47,6 +51,13 @@ class RepositoryAccess:
         except ClientError as exc:
             self._local.repo = None
             raise ServiceUnavailable(f"the VMRepository failed: {exc}", service=self.url) from None
+
+    def close(self) -> None:
+        with self._lock:
+            clients, self._clients = self._clients, []
+        for repo in clients:
+            repo.service.close()
+        self._local = threading.local()
 
     def verify(self, d: Descriptor) -> None:
         """The deployed descriptor's identity and image must be the repository's (hardware may differ)."""

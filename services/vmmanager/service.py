@@ -156,6 +156,8 @@ class VMManagerService(SoapService):
             self._sweeper.join(timeout=5)
         if self.notifier is not None:
             self.notifier.close()
+        self.repository.close()
+        self.vmm.close()
         self.store.close()
 
     @contextmanager
@@ -626,6 +628,11 @@ class VMManagerService(SoapService):
                                 f"authorized for", limit="max_lifetime", allowed=str(inst.max_lifetime),
                                 requested=str(lifetime))
         self.store.update(inst.key, termination=new)
+        if inst.hold_id:  # the image stays held as long as the instance may live
+            hold = self.repository.hold(inst.image_id, f"{self.service_url}#{inst.key}",
+                                        int(new - time.time()) + self.config.hold_grace)
+            self.store.update(inst.key, hold_id=hold)
+            self.repository.release(inst.hold_id)
         resp = etree.Element(f"{{{RL}}}SetTerminationTimeResponse", nsmap={"wsrf-rl": RL})
         etree.SubElement(resp, f"{{{RL}}}NewTerminationTime").text = utc(new)
         etree.SubElement(resp, f"{{{RL}}}CurrentTime").text = utc(time.time())

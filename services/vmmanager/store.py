@@ -5,14 +5,12 @@ from __future__ import annotations
 import ipaddress
 import json
 import sqlite3
-import threading
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Iterator
 
 from services.faults import InvalidArgument, NoCapacity
+from services.sqlite import Database
 from services.vmmanager.states import FINAL, State
 
 SCHEMA = """
@@ -161,35 +159,17 @@ class LeaseRange:
 class NodeStore:
     def __init__(self, path: Path):
         self.path = Path(path)
-        self._local = threading.local()
+        self.db = Database(self.path)
         self._db().executescript(SCHEMA)
 
     def _db(self) -> sqlite3.Connection:
-        db = getattr(self._local, "db", None)
-        if db is None:
-            db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
-            self._local.db = db
-        return db
+        return self.db.conn()
 
-    @contextmanager
-    def write(self) -> Iterator[sqlite3.Connection]:
-        db = self._db()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        else:
-            db.execute("COMMIT")
+    def write(self):
+        return self.db.write()
 
     def close(self) -> None:
-        db = getattr(self._local, "db", None)
-        if db is not None:
-            db.close()
-            self._local.db = None
+        self.db.close()
 
     # -- instances ------------------------------------------------------------------------------
     def insert(self, inst: Instance) -> None:

@@ -4,10 +4,8 @@ the store's renames and deletions, so the catalogue and the store stay consisten
 from __future__ import annotations
 
 import sqlite3
-import threading
 import time
 import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -15,6 +13,7 @@ from typing import Iterator
 from lxml import etree
 
 from services.descriptor import NUMBER, VERSION, Descriptor, facts, resolve_field, version_key
+from services.sqlite import Database
 from services.vmrepository.index import QueryIndex
 from services.vmrepository.query import Prepared
 from services.vmrepository.store import ImageStore, Ingested, crashpoint
@@ -108,40 +107,20 @@ class Catalogue:
         self.path = Path(path)
         self.store = store
         self.index = QueryIndex()
-        self._local = threading.local()
+        self.db = Database(self.path, on_connect=lambda c: c.execute("PRAGMA cache_size=-65536"),
+                           before_commit=lambda name: crashpoint(f"catalogue.{name}.before-commit"))
         self._db().executescript(SCHEMA)
 
     # -- connections ----------------------------------------------------------------------
     def _db(self) -> sqlite3.Connection:
-        db = getattr(self._local, "db", None)
-        if db is None:
-            db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
-            db.execute("PRAGMA foreign_keys=ON")
-            db.execute("PRAGMA cache_size=-65536")
-            self._local.db = db
-        return db
+        return self.db.conn()
 
-    @contextmanager
-    def _write(self, name: str = "write") -> Iterator[sqlite3.Connection]:
-        """One write transaction (BEGIN IMMEDIATE: SQLite's write lock, across processes)."""
-        db = self._db()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        else:
-            crashpoint(f"catalogue.{name}.before-commit")
-            db.execute("COMMIT")
+    def _write(self, name: str = "write"):
+        """One write transaction; the crash tests can kill the process just before its COMMIT."""
+        return self.db.write(name)
 
     def close(self) -> None:
-        db = getattr(self._local, "db", None)
-        if db is not None:
-            db.close()
-            self._local.db = None
+        self.db.close()
 
     # -- recovery -----------------------------------------------------------------------------
     def reconcile(self) -> dict[str, int]:

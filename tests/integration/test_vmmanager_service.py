@@ -325,6 +325,13 @@ def test_set_termination_time_refuses_the_past_and_nil(vm_grid, grid_pki):
         vm.set_termination_time(ref, when=datetime.now(timezone.utc) - timedelta(minutes=1))
     new, _ = vm.set_termination_time(ref, when=datetime.now(timezone.utc) + timedelta(hours=2))
     assert new > datetime.now(timezone.utc) + timedelta(minutes=119)
+    assert node_holdings(vm_grid)["holds"] == [ref.key]          # the image hold was renewed, not doubled
+    db = sqlite3.connect(vm_grid.repo_service.catalogue.path)
+    try:
+        (expires,) = db.execute("SELECT expires FROM holds").fetchone()
+    finally:
+        db.close()
+    assert expires >= new.timestamp()
 
 
 def test_subscribers_receive_signed_state_changes(vm_grid, grid_pki):

@@ -5,7 +5,7 @@ not change)."""
 from __future__ import annotations
 
 import os
-import select
+import selectors
 import socket
 import sys
 import tempfile
@@ -52,8 +52,17 @@ class ChardevRelay:
                     pass
 
     def _pump(self, conn: socket.socket) -> None:
+        sel = selectors.DefaultSelector()   # poll/epoll: no FD_SETSIZE limit, unlike select()
+        sel.register(conn, selectors.EVENT_READ)
+        sel.register(self.guest_end, selectors.EVENT_READ)
+        try:
+            self._pump_with(conn, sel)
+        finally:
+            sel.close()
+
+    def _pump_with(self, conn: socket.socket, sel: selectors.BaseSelector) -> None:
         while not self.stop:
-            r, _, _ = select.select([conn, self.guest_end], [], [], 0.2)
+            r = [key.fileobj for key, _ in sel.select(0.2)]
             if conn in r:
                 data = conn.recv(65536)
                 if not data:
