@@ -8,7 +8,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
@@ -96,12 +96,16 @@ class GridFTPClient:
 
     ``credential``/``trust``: used for ``gsiftp://`` (AUTH TLS, then PBSZ 0 / PROT P).
     ``server_dn``: the DN the server must present; by default its certificate must name the host.
+    ``prelude``: commands sent in the same write as the login (one round trip for all of them on a
+    long path); their replies are in :attr:`prelude_replies`.
     """
 
     def __init__(self, url: GridFTPURL | str, *, credential: Credential | None = None, trust=None,
                  server_dn: str | None = None, timeout: float = CONTROL_TIMEOUT,
-                 identify: Callable[[ssl.SSLSocket], str] | None = None):
+                 identify: Callable[[ssl.SSLSocket], str] | None = None, prelude: Sequence[str] = ()):
         self.url = GridFTPURL.parse(url) if isinstance(url, str) else url
+        self.prelude = list(prelude)
+        self.prelude_replies: list[Reply] = []
         self.timeout = timeout
         self.expected_server_dn = server_dn
         self.tls: TLSConfig | None = None
@@ -136,7 +140,7 @@ class GridFTPClient:
             if self.tls is not None:
                 self._auth_tls()
                 try:
-                    replies = self.pipeline(["PBSZ 0", "PROT P", "USER :globus-mapping:"])
+                    replies = self.pipeline(["PBSZ 0", "PROT P", "USER :globus-mapping:", *self.prelude])
                 except TransferError as exc:
                     if isinstance(exc.__cause__, ssl.SSLError):   # TLS 1.3: a refused certificate shows here
                         raise AuthenticationError(f"{self.url.host} refused the credential: {exc.__cause__}") from exc
@@ -146,12 +150,14 @@ class GridFTPClient:
                         raise AuthenticationError(f"{self.url.host} refused the credential: {reply.code} {reply.text}")
                     if not reply.ok:
                         raise ReplyError(cmd, reply.code, reply.text)
+                self.prelude_replies = replies[3:]
             else:
-                replies = self.pipeline(["USER anonymous", "PASS vmgrid@"])
+                replies = self.pipeline(["USER anonymous", "PASS vmgrid@", *self.prelude])
                 if replies[0].code not in (230, 331):
                     raise ReplyError("USER anonymous", replies[0].code, replies[0].text)
                 if replies[0].code == 331 and replies[1].code != 230:
                     raise ReplyError("PASS", replies[1].code, replies[1].text)
+                self.prelude_replies = replies[2:]
         except BaseException:
             self.close()
             raise

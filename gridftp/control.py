@@ -65,10 +65,11 @@ class ControlChannel:
         if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
             return True
         try:
-            ready, _, _ = select.select([self.sock], [], [], timeout)
+            poller = select.poll()      # not select(): descriptors above FD_SETSIZE are fine
+            poller.register(self.sock, select.POLLIN | select.POLLPRI)
+            return bool(poller.poll(max(0, int(timeout * 1000))))
         except (OSError, ValueError):
             return True
-        return bool(ready)
 
     def read_reply(self) -> Reply:
         """One complete (possibly multi-line) reply; raises ProtocolError or EOFError.

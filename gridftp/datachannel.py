@@ -169,28 +169,41 @@ def open_listener(host: str, sbuf: int | None = None, backlog: int = 64) -> sock
 def connect_streams(addresses: Sequence[tuple[str, int]], per_address: int, *,
                     protection: Protection | None = None, sbuf: int | None = None,
                     timeout: float = DATA_TIMEOUT) -> list[socket.socket]:
-    """Open ``per_address`` connections to each address (the active side of a data channel)."""
-    socks: list[socket.socket] = []
-    try:
-        for host, port in addresses:
-            for _ in range(per_address):
-                family = socket.AF_INET6 if ":" in host else socket.AF_INET
-                s = socket.socket(family, socket.SOCK_STREAM)
-                socks.append(s)
-                set_buffers(s, sbuf)
-                s.settimeout(timeout)
-                s.connect((host, port))
-                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                set_idle_timeout(s, timeout)
-        if protection is not None:
-            socks = [protection.wrap(s, server_side=False) for s in socks]
+    """Open ``per_address`` connections to each address (the active side of a data channel).
+
+    The connections (and their TLS handshakes) are made at the same time: one after the other
+    would cost a round trip each, 0.4 s for eight streams on a 50 ms path.
+    """
+    targets = [(host, port) for host, port in addresses for _ in range(per_address)]
+    results: list[socket.socket | BaseException | None] = [None] * len(targets)
+
+    def open_one(i: int) -> None:
+        host, port = targets[i]
+        s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            set_buffers(s, sbuf)
+            s.settimeout(timeout)
+            s.connect((host, port))
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            set_idle_timeout(s, timeout)
+            results[i] = protection.wrap(s, server_side=False) if protection is not None else s
+        except BaseException as exc:
+            s.close()
+            results[i] = exc
+
+    threads = [threading.Thread(target=open_one, args=(i,), daemon=True) for i in range(len(targets))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    socks = [r for r in results if isinstance(r, socket.socket)]
+    failure = next((r for r in results if not isinstance(r, socket.socket)), None)
+    if failure is None:
         return socks
-    except OSError as exc:
-        close_all(socks)
-        raise TransferError(f"cannot open data connection to {addresses[0][0]}:{addresses[0][1]}: {exc}") from exc
-    except AuthenticationError:
-        close_all(socks)
-        raise
+    close_all(socks)
+    if isinstance(failure, AuthenticationError):
+        raise failure
+    raise TransferError(f"cannot open data connection to {targets[0][0]}:{targets[0][1]}: {failure}") from failure
 
 
 def close_all(socks: Iterable[socket.socket]) -> None:
@@ -273,11 +286,16 @@ def send_copied_range(sock: socket.socket, source: int | bytes, offset: int, len
 
 
 # -- MODE E sender --------------------------------------------------------------------------------
+MIN_BLOCK = 256 << 10
+
+
 class ModeESender:
     """Sends byte ranges of a file (or a bytes object) over parallel MODE E connections.
 
-    ``shift`` is subtracted from file offsets in block headers (ERET sends a section as if it
-    were a file starting at 0). ``corrupt`` is for tests: a callable that may alter a payload.
+    Blocks are handed out in file order from one queue, so a faster stream takes more of them.
+    They are ``block_size`` long while much remains and shrink towards :data:`MIN_BLOCK` near the
+    end, so that no stream is left finishing a large block while the others idle. ``shift`` is
+    subtracted from file offsets in block headers (ERET sends a section as if it began at 0).
     """
 
     def __init__(self, source: int | bytes, ranges: Iterable[tuple[int, int]], *, shift: int = 0,
@@ -287,14 +305,27 @@ class ModeESender:
         self.shift = shift
         self.throttle = throttle
         self.counter = counter or Counter()
-        self._blocks = split_blocks(list(ranges), block_size)
+        self.block_size = block_size
+        self._ranges = [(a, b) for a, b in ranges if b > a]
+        self._remaining = sum(b - a for a, b in self._ranges)
+        self._streams = 1
         self._lock = threading.Lock()
         self._cancel = threading.Event()
         self._socks: list[socket.socket] = []
 
     def _next_block(self) -> tuple[int, int] | None:
         with self._lock:
-            return next(self._blocks, None)
+            if not self._ranges:
+                return None
+            start, end = self._ranges[0]
+            share = self._remaining // (4 * self._streams)
+            length = min(end - start, max(MIN_BLOCK, min(self.block_size, share)))
+            if start + length < end:
+                self._ranges[0] = (start + length, end)
+            else:
+                self._ranges.pop(0)
+            self._remaining -= length
+            return start, length
 
     def cancel(self) -> None:
         """Stop sending (ABOR, or another stream failed); the receiver sees no EOF."""
@@ -306,6 +337,7 @@ class ModeESender:
     def run(self, socks: Sequence[socket.socket]) -> int:
         """Send everything over ``socks`` and close them; returns payload bytes sent."""
         self._socks = list(socks)
+        self._streams = max(1, len(socks))
         errors: list[BaseException] = []
         threads = [threading.Thread(target=self._stream, args=(s, i, len(socks), errors),
                                     name=f"gridftp-send-{i}", daemon=True) for i, s in enumerate(socks)]

@@ -659,7 +659,7 @@ class _Session:
             known = self.server.checksums.get(key)
             if known is None:
                 try:
-                    known = cks.hash_file(real, alg, offset, length)
+                    known = cks.hash_file_in_background(real, alg, offset, length)
                 except OSError as exc:
                     raise _Reply(451, f"Cannot read {vpath}: {exc.strerror}.") from None
                 self.server.checksums.put(key, known)

@@ -77,9 +77,9 @@ class _Options:
     timeout: float
     identify: object
 
-    def client(self, url: GridFTPURL, server_dn: str | None = None) -> GridFTPClient:
+    def client(self, url: GridFTPURL, server_dn: str | None = None, prelude: list[str] = ()) -> GridFTPClient:
         return GridFTPClient(url, credential=self.credential, trust=self.trust, server_dn=server_dn,
-                             timeout=self.timeout, identify=self.identify)
+                             timeout=self.timeout, identify=self.identify, prelude=prelude)
 
 
 class _Ticker:
@@ -205,9 +205,12 @@ def _start_transfer(session: GridFTPClient, setup: list[str], command: str) -> N
             ProtocolError(f"{command}: no preliminary reply ({first.code})")
 
 
+PREPARE = ["TYPE I", "MODE E"]
+
+
 def _prepare(session: GridFTPClient) -> bool:
-    """TYPE I and MODE E; False when the server only has stream mode."""
-    replies = session.pipeline(["TYPE I", "MODE E"])
+    """Check the replies to :data:`PREPARE` (sent with the login); False when the server only has stream mode."""
+    replies = session.prelude_replies[:2]
     session.expect_ok(replies[:1], ["TYPE I"])
     session.mode = "E" if replies[1].ok else "S"
     return session.mode == "E"
@@ -244,9 +247,9 @@ def download(url: str, dest_path: str | os.PathLike, parallel: int = DEFAULT_PAR
         attempts += 1
         partial: PartialFile | None = None
         try:
-            with opts.client(src, server_dn) as session:
+            with opts.client(src, server_dn, PREPARE + [f"SIZE {src.path}", f"MDTM {src.path}"]) as session:
                 mode_e = _prepare(session)
-                replies = session.pipeline([f"SIZE {src.path}", f"MDTM {src.path}"])
+                replies = session.prelude_replies[2:]
                 session.expect_ok(replies[:1], [f"SIZE {src.path}"])
                 size = int(replies[0].text.strip())
                 modify = replies[1].text.strip() if replies[1].ok else None
@@ -445,11 +448,16 @@ def _store_setup(size: int, sha256: str, held: RangeSet) -> list[str]:
     return setup
 
 
-def _pipeline_tolerant(session: GridFTPClient, lines: list[str], optional: set[str]) -> list[Reply]:
-    replies = session.pipeline(lines)
+def _check_tolerant(lines: list[str], replies: list[Reply], optional: set[str]) -> None:
+    """Raise for the first refused command, except those in ``optional`` (a server may lack SCKS)."""
     for line, reply in zip(lines, replies):
         if not reply.ok and line.split(" ", 1)[0] not in optional:
             raise ReplyError(line, reply.code, reply.text)
+
+
+def _pipeline_tolerant(session: GridFTPClient, lines: list[str], optional: set[str]) -> list[Reply]:
+    replies = session.pipeline(lines)
+    _check_tolerant(lines, replies, optional)
     return replies
 
 
@@ -501,12 +509,13 @@ def upload(src_path: str | os.PathLike, url: str, parallel: int = DEFAULT_PARALL
         while True:
             attempts += 1
             try:
-                with opts.client(dst, server_dn) as session:
+                held = log.ranges.copy()
+                setup = _store_setup(size, digest, held) + ["EPSV" if ":" in dst.host else "PASV"]
+                with opts.client(dst, server_dn, PREPARE + setup) as session:
                     if not _prepare(session):
                         raise GridFTPError(f"{dst.host} does not offer MODE E")
-                    held = log.ranges.copy()
-                    replies = _pipeline_tolerant(session, _store_setup(size, digest, held) +
-                                                 [session.passive_command()], {"SCKS", "ALLO", "REST"})
+                    replies = session.prelude_replies[len(PREPARE):]
+                    _check_tolerant(setup, replies, {"SCKS", "ALLO", "REST"})
                     scks_ok = replies[1].ok
                     if held and not replies[2].ok:
                         log.reset()
@@ -592,10 +601,11 @@ def third_party(src_url: str, dst_url: str, parallel: int = DEFAULT_PARALLEL, *,
     while True:
         attempts += 1
         try:
-            with opts.client(src, src_dn) as source, opts.client(dst, dst_dn) as target:
+            with opts.client(src, src_dn, PREPARE + [f"SIZE {src.path}", f"MDTM {src.path}"]) as source, \
+                    opts.client(dst, dst_dn, PREPARE) as target:
                 if not _prepare(source) or not _prepare(target):
                     raise GridFTPError("third-party transfers need MODE E on both servers")
-                replies = source.pipeline([f"SIZE {src.path}", f"MDTM {src.path}"])
+                replies = source.prelude_replies[2:]
                 source.expect_ok(replies[:1], ["SIZE"])
                 size = int(replies[0].text.strip())
                 modify = replies[1].text.strip() if replies[1].ok else None

@@ -126,17 +126,17 @@ def test_checksum_api(start_server, tree):
 
 def test_corrupted_block_in_flight_is_detected_and_only_its_chunk_refetched(start_server, big, tmp_path,
                                                                                monkeypatch):
-    """Fault injection: the server's sendfile path is wrapped so that the first time the block at offset
-    4 MiB goes out, one byte of it is flipped (a corruption TCP's checksum missed). The receiver finds the
+    """Fault injection: the server's sendfile path is wrapped so that the first time the block holding
+    offset 4 MiB goes out, that byte is flipped (a corruption TCP's checksum missed). The receiver finds the
     sha256 mismatch, compares per-chunk CKSMs with the source and fetches only the bad chunk again."""
     real_send = datachannel.send_file_range
     corrupted = []
 
     def flaky(sock, fd, offset, length, add, throttle=None):
-        if offset == 4 * MiB and not corrupted:
+        if offset <= 4 * MiB < offset + length and not corrupted:
             corrupted.append(offset)
             data = bytearray(os.pread(fd, length, offset))
-            data[1000] ^= 0xFF
+            data[4 * MiB - offset] ^= 0xFF
             sock.sendall(data)
             add(length)
             return

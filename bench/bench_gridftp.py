@@ -1,0 +1,364 @@
+"""GridFTP benchmark: vmgrid against globus-url-copy and curl, in one run, on the same machine.
+
+1. WAN: a 1 GiB file over an emulated 1 Gbit/s link with 50 ms RTT (../shared/tools/wan.sh: server and client in
+   their own network namespaces, delay line and tbf in a router namespace) with Debian's default TCP buffers
+   (tcp_rmem 4096 131072 6291456, tcp_wmem 4096 16384 4194304). vmgrid -p 1/4/8, globus-url-copy -p 1/4/8 from
+   globus-gridftp-server, curl from a plain HTTP server (python3 -m http.server), plus the raw TCP ceiling of the
+   emulated link (8 plain TCP streams, no protocol). Wall clock of each client command, set-up included (process
+   start, connection, login, transfer, and for vmgrid the sha256 verification against the source's CKSM).
+2. Loopback disk to disk: the same file from a server on 127.0.0.1 to a file, vmgrid -p 1/4 against
+   globus-url-copy -p 1/4, and vmgrid -p 1 when the sha256 is known in advance (as the VMManager stages images).
+
+Every vmgrid run gets a freshly started server (no cached checksum). Needs root (namespaces). Prints a table of
+Mbit/s (WAN) and MiB/s (loopback) with ratios against globus-url-copy at the same parallelism.
+
+    sudo .venv/bin/python bench/bench_gridftp.py [--size-mib 1024] [--repeat 1] [--skip-wan] [--skip-loopback]
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+WAN = REPO.parent / "shared" / "tools" / "wan.sh"
+VMGRID = Path(sys.executable).parent / "vmgrid"
+PREFIX = "vgb"                     # our own namespaces: vgbsrv, vgbrtr, vgbcli
+SRV_IP = "10.99.1.1"
+LINK_MBIT = 1000.0
+DEBIAN_RMEM = "4096 131072 6291456"
+DEBIAN_WMEM = "4096 16384 4194304"
+
+BLAST = r"""
+import os, socket, sys, threading, time
+mode, n, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+if mode == "srv":
+    l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    l.bind((sys.argv[4], 5001)); l.listen(64); print("ready", flush=True)
+    fd = os.open(path, os.O_RDONLY); size = os.fstat(fd).st_size
+    conns = [l.accept()[0] for _ in range(n)]
+    per = -(-size // n)
+    def send(c, i):
+        off, end = i * per, min(size, (i + 1) * per)
+        while off < end:
+            off += os.sendfile(c.fileno(), fd, off, end - off)
+        c.close()
+    ts = [threading.Thread(target=send, args=(c, i)) for i, c in enumerate(conns)]
+    [t.start() for t in ts]; [t.join() for t in ts]
+else:
+    conns = [socket.create_connection((sys.argv[4], 5001)) for _ in range(n)]
+    def recv(c):
+        buf = bytearray(1 << 20)
+        while c.recv_into(buf):
+            pass
+    ts = [threading.Thread(target=recv, args=(c,)) for c in conns]
+    [t.start() for t in ts]; [t.join() for t in ts]
+"""
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run(argv, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, check=True, **kw)
+
+
+def wan(*args: str, env_extra: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "P": PREFIX, **(env_extra or {})}
+    return run(["bash", str(WAN), *args], env=env, **kw)
+
+
+def wan_popen(ns: str, argv: list[str], **kw) -> subprocess.Popen:
+    env = {**os.environ, "P": PREFIX}
+    return subprocess.Popen(["bash", str(WAN), "exec", ns, *argv], env=env, start_new_session=True, **kw)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """End a process this benchmark started, with the process group it leads (forked Globus children)."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(4 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def make_workdir(size: int) -> Path:
+    work = Path(tempfile.mkdtemp(prefix="vmgrid-bench-", dir="/tmp"))
+    os.chmod(work, 0o755)
+    (work / "src").mkdir(mode=0o755)
+    (work / "dst").mkdir()
+    os.chmod(work / "dst", 0o777)
+    src = work / "src" / "image"
+    log(f"writing a {size >> 20} MiB test file")
+    with open(src, "wb") as fh:
+        left = size
+        while left:
+            n = min(left, 4 << 20)
+            fh.write(os.urandom(n))
+            left -= n
+    os.chmod(src, 0o644)
+    return work
+
+
+def clean(dst: Path) -> None:
+    for p in dst.iterdir():
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    run(["sync"])
+
+
+def timed(argv: list[str], *, popen=None) -> float:
+    started = time.monotonic()
+    if popen is None:
+        run(argv, stdout=subprocess.DEVNULL)
+    else:
+        proc = popen(argv)
+        if proc.wait() != 0:
+            raise RuntimeError(f"{argv} failed")
+    return time.monotonic() - started
+
+
+def start_vmgrid_server(popen_ns, root: Path, host: str) -> tuple[subprocess.Popen, int]:
+    proc = popen_ns([str(VMGRID), "gridftp-server", "--root", str(root), "--host", host, "--port", "0",
+                     "--anonymous", "--no-tls"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    line = proc.stdout.readline()
+    if not line.strip().isdigit():
+        stop(proc)
+        raise RuntimeError(f"vmgrid gridftp-server did not start: {line!r}")
+    return proc, int(line)
+
+
+def wait_until(ready, what: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ready():
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"timed out waiting for {what}")
+
+
+class Results:
+    def __init__(self) -> None:
+        self.rows: dict[tuple[str, str, int], list[float]] = {}
+
+    def add(self, part: str, tool: str, streams: int, seconds: float) -> None:
+        self.rows.setdefault((part, tool, streams), []).append(seconds)
+        log(f"  {part:9s} {tool:28s} -p {streams}: {seconds:6.2f} s")
+
+    def seconds(self, key) -> float:
+        return statistics.median(self.rows[key])
+
+
+def bench_wan(work: Path, size: int, repeat: int, results: Results) -> None:
+    src, dst = work / "src" / "image", work / "dst"
+    log(f"WAN: {WAN} up (1 Gbit/s, 50 ms RTT), Debian default TCP buffers")
+    wan("up", env_extra={"DELAY_MS": "25", "RATE": "1gbit"}, stdout=subprocess.DEVNULL)
+    servers: list[subprocess.Popen] = []
+    try:
+        wan("tcpbuf", DEBIAN_RMEM, DEBIAN_WMEM, stdout=subprocess.DEVNULL)
+        cc = subprocess.run(["ip", "netns", "exec", f"{PREFIX}cli", "sysctl", "-n",
+                             "net.ipv4.tcp_congestion_control"], capture_output=True, text=True).stdout.strip()
+        log(f"congestion control in the namespaces: {cc}")
+        globus = ["globus-gridftp-server", "-aa", "-p", "2811", "-daemon", "-control-interface", SRV_IP,
+                  "-data-interface", SRV_IP]
+        if os.geteuid() == 0:
+            globus += ["-anonymous-user", "nobody"]
+        servers.append(wan_popen("srv", globus, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        servers.append(wan_popen("srv", [sys.executable, "-m", "http.server", "8080", "--bind", SRV_IP,
+                                         "--directory", str(work / "src")],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+
+        def listening(port):
+            out = subprocess.run(["ip", "netns", "exec", f"{PREFIX}srv", "ss", "-ltn", f"sport = :{port}"],
+                                 capture_output=True, text=True).stdout
+            return f":{port}" in out
+
+        for port in (2811, 8080):
+            wait_until(lambda p=port: listening(p), f"a server on {SRV_IP}:{port}")
+
+        def cli(argv):
+            return wan_popen("cli", argv, stdout=subprocess.DEVNULL)
+
+        # the raw ceiling of the emulated link: 8 plain TCP streams, sendfile to recv_into, no protocol
+        for _ in range(repeat):
+            blast = wan_popen("srv", [sys.executable, "-c", BLAST, "srv", "8", str(src), SRV_IP],
+                              stdout=subprocess.PIPE, text=True)
+            blast.stdout.readline()
+            results.add("wan", "raw TCP (link ceiling)", 8,
+                        timed([sys.executable, "-c", BLAST, "cli", "8", str(src), SRV_IP], popen=cli))
+            stop(blast)
+
+        for _ in range(repeat):
+            for p in (1, 4, 8):
+                clean(dst)
+                results.add("wan", "globus-url-copy", p, timed(
+                    ["globus-url-copy", "-p", str(p), f"ftp://{SRV_IP}:2811{src}", f"file://{dst}/g"], popen=cli))
+                assert (dst / "g").stat().st_size == size
+                clean(dst)
+                server, port = start_vmgrid_server(lambda a, **k: wan_popen("srv", a, **k), work / "src", SRV_IP)
+                try:
+                    results.add("wan", "vmgrid (sha256 verified)", p, timed(
+                        [str(VMGRID), "transfer", f"ftp://{SRV_IP}:{port}/image", str(dst / "v"), "-p", str(p),
+                         "-q"], popen=cli))
+                finally:
+                    stop(server)
+                assert (dst / "v").stat().st_size == size
+            clean(dst)
+            results.add("wan", "curl (HTTP)", 1, timed(
+                ["curl", "-sS", "-o", str(dst / "c"), f"http://{SRV_IP}:8080/image"], popen=cli))
+            assert (dst / "c").stat().st_size == size
+        log(f"checking the last outputs: sha256 {sha256_of(src)[:16]}...")
+    finally:
+        for s in servers:
+            stop(s)
+        wan("down", stdout=subprocess.DEVNULL)
+
+
+def _hostname_resolves() -> bool:
+    try:
+        socket.gethostbyname(socket.gethostname())
+        return True
+    except OSError:
+        return False
+
+
+def bench_loopback(work: Path, size: int, repeat: int, results: Results) -> None:
+    src, dst = work / "src" / "image", work / "dst"
+    digest = sha256_of(src)
+    wrap: list[str] = []
+    if not _hostname_resolves():       # Globus needs the host name to resolve: a private /etc/hosts
+        hosts = work / "hosts"
+        hosts.write_text(f"127.0.0.1 localhost\n127.0.0.1 {socket.gethostname()}\n")
+        wrap = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                'mount --bind "$0" /etc/hosts && exec "$@"', str(hosts)]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        gport = s.getsockname()[1]
+    globus = [*wrap, "globus-gridftp-server", "-aa", "-p", str(gport), "-daemon", "-control-interface", "127.0.0.1"]
+    if os.geteuid() == 0:
+        globus += ["-anonymous-user", "nobody"]
+    gsrv = subprocess.Popen(globus, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def local(argv, **kw):
+        return subprocess.Popen(argv, start_new_session=True, **kw)
+
+    try:
+        def up():
+            try:
+                with socket.create_connection(("127.0.0.1", gport), timeout=1):
+                    return True
+            except OSError:
+                return False
+
+        wait_until(up, f"globus-gridftp-server on 127.0.0.1:{gport}")
+        log("loopback: disk to disk on 127.0.0.1")
+        for _ in range(repeat):
+            for p in (1, 4):
+                clean(dst)
+                results.add("loopback", "globus-url-copy", p, timed(
+                    [*wrap, "globus-url-copy", "-p", str(p), f"ftp://127.0.0.1:{gport}{src}", f"file://{dst}/g"]))
+                variants = [("vmgrid (sha256 verified)", [])]
+                if p == 1:
+                    variants.append(("vmgrid (sha256 known)", ["--sha256", digest]))
+                for label, extra in variants:
+                    clean(dst)
+                    server, port = start_vmgrid_server(local, work / "src", "127.0.0.1")
+                    try:
+                        results.add("loopback", label, p, timed(
+                            [str(VMGRID), "transfer", f"ftp://127.0.0.1:{port}/image", str(dst / "v"), "-p", str(p),
+                             "-q", *extra]))
+                    finally:
+                        stop(server)
+    finally:
+        stop(gsrv)
+
+
+def report(results: Results, size: int) -> str:
+    lines = []
+    mbit = size * 8 / 1e6
+    mib = size / (1 << 20)
+    wan_rows = [k for k in results.rows if k[0] == "wan"]
+    if wan_rows:
+        lines += [f"WAN: {mib:.0f} MiB over an emulated 1 Gbit/s link, 50 ms RTT, Debian default TCP buffers",
+                  f"{'client':30s} {'-p':>3s} {'seconds':>8s} {'Mbit/s':>8s} {'% link':>7s} {'vs globus':>10s}"]
+        for key in sorted(wan_rows, key=lambda k: (k[1] != "raw TCP (link ceiling)", k[2], k[1])):
+            sec = results.seconds(key)
+            rate = mbit / sec
+            ref = ("wan", "globus-url-copy", key[2])
+            ratio = results.seconds(ref) / sec if ref in results.rows and key[1].startswith("vmgrid") else None
+            lines.append(f"{key[1]:30s} {key[2]:>3d} {sec:8.2f} {rate:8.1f} {rate / LINK_MBIT * 100:6.1f}% "
+                         f"{'' if ratio is None else f'{ratio:9.2f}x':>10s}")
+        lines.append("")
+    loop_rows = [k for k in results.rows if k[0] == "loopback"]
+    if loop_rows:
+        lines += [f"Loopback, disk to disk: {mib:.0f} MiB on 127.0.0.1",
+                  f"{'client':30s} {'-p':>3s} {'seconds':>8s} {'MiB/s':>8s} {'vs globus':>10s}"]
+        for key in sorted(loop_rows, key=lambda k: (k[2], k[1])):
+            sec = results.seconds(key)
+            ref = ("loopback", "globus-url-copy", key[2])
+            ratio = results.seconds(ref) / sec if ref in results.rows and key[1].startswith("vmgrid") else None
+            lines.append(f"{key[1]:30s} {key[2]:>3d} {sec:8.2f} {mib / sec:8.1f} "
+                         f"{'' if ratio is None else f'{ratio:9.2f}x':>10s}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size-mib", type=int, default=1024)
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each case (the table shows the median)")
+    parser.add_argument("--skip-wan", action="store_true")
+    parser.add_argument("--skip-loopback", action="store_true")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench_gridftp: needs root (network namespaces, the Globus server's anonymous user)", file=sys.stderr)
+        return 2
+    for tool in ("globus-url-copy", "globus-gridftp-server", "curl", "ip", "ss"):
+        if not shutil.which(tool):
+            print(f"bench_gridftp: {tool} is missing (./run.sh setup installs it)", file=sys.stderr)
+            return 2
+    size = args.size_mib << 20
+    work = make_workdir(size)
+    results = Results()
+    try:
+        if not args.skip_wan:
+            bench_wan(work, size, args.repeat, results)
+        if not args.skip_loopback:
+            bench_loopback(work, size, args.repeat, results)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    text = report(results, size)
+    print(text)
+    out = REPO / "bench" / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gridftp.txt").write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
