@@ -96,37 +96,6 @@ def hash_file(path: str | os.PathLike, algorithm: str = "SHA256", offset: int = 
         os.close(fd)
 
 
-BACKGROUND_NICE = 10
-
-
-def lower_thread_priority(nice: int = BACKGROUND_NICE) -> None:
-    """Make the calling thread yield the CPU to data movement (Linux: nice is per thread)."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
-    except (OSError, AttributeError):
-        pass
-
-
-def hash_file_in_background(path: str | os.PathLike, algorithm: str = "SHA256", offset: int = 0,
-                            length: int = -1) -> str:
-    """:func:`hash_file` in a lower-priority thread (a server hashing for CKSM while it also sends)."""
-    box: dict = {}
-
-    def run() -> None:
-        lower_thread_priority()
-        try:
-            box["value"] = hash_file(path, algorithm, offset, length)
-        except BaseException as exc:
-            box["error"] = exc
-
-    t = threading.Thread(target=run, name="gridftp-cksm", daemon=True)
-    t.start()
-    t.join()
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
-
-
 class PrefixHasher:
     """sha256 of a file being written at random offsets, computed along its contiguous prefix.
 
@@ -154,7 +123,6 @@ class PrefixHasher:
                 self._cond.notify()
 
     def _run(self) -> None:
-        lower_thread_priority()
         try:
             while self._hashed < self._size:
                 with self._cond:

@@ -23,14 +23,13 @@ from pathlib import Path
 
 from . import checksum as cks
 from .control import ControlChannel, LineTooLong
-from .datachannel import (BufferSink, Counter, ModeEReceiver, ModeESender, Throttle, accept_connections,
+from .datachannel import (Counter, ModeEReceiver, ModeESender, Throttle, accept_connections,
                           accept_one, close_all, connect_streams, open_listener, receive_stream, send_stream,
                           shutdown_listener)
-from .errors import (AuthenticationError, ChecksumMismatch, GridFTPError, PathError, ProtocolError,
-                     TransferError)
+from .errors import AuthenticationError, ChecksumMismatch, PathError, ProtocolError, TransferError
 from .filespace import FileSpace, LocalFileSpace, is_internal, normalize
 from .partial import PartialFile
-from .protocol import (MAX_PARALLELISM, RetrOptions, format_eprt, format_host_port, format_mdtm,
+from .protocol import (MAX_PARALLELISM, RetrOptions, format_host_port, format_mdtm,
                        format_perf_marker, parse_eprt, parse_host_port, parse_retr_options, split_command)
 from .ranges import RangeSet
 from .tls import Credential, DataTLS, TLSConfig, TrustStore
@@ -99,6 +98,7 @@ class GridFTPServer:
     area (the interop tests upload with ``globus-url-copy ftp://``). Never enable it in service.
     ``max_rate``: bytes/s per transfer (0 = unlimited). ``marker_interval``: seconds between
     ``111``/``112`` markers. ``require_private_data``: TLS sessions must use ``PROT P``.
+    ``max_file_size``: no received byte may land beyond it (ALLO above it gets 552).
     """
 
     def __init__(self, root_or_vfs: str | os.PathLike | FileSpace, host: str = "127.0.0.1", port: int = 0,
@@ -106,6 +106,7 @@ class GridFTPServer:
                  anonymous: bool = False, upload_area: str | None = None,
                  insecure_anonymous_writes: bool = False, max_rate: float = 0, marker_interval: float = 5.0,
                  require_private_data: bool = True, durable: bool = True, max_sessions: int = 64,
+                 max_file_size: int = 1 << 40,
                  idle_timeout: float = 900.0, identify: Callable[[ssl.SSLSocket], str] | None = None,
                  banner: str = "vmgrid GridFTP server ready."):
         self.files = root_or_vfs if isinstance(root_or_vfs, FileSpace) else LocalFileSpace(root_or_vfs)
@@ -121,6 +122,8 @@ class GridFTPServer:
         self.require_private_data = require_private_data
         self.durable = durable
         self.max_sessions = max_sessions
+        self.max_file_size = max_file_size
+        self._receiving: set[str] = set()      # virtual paths a session is storing right now
         self.idle_timeout = idle_timeout
         self.banner = banner
         self.checksums = _ChecksumCache()
@@ -193,6 +196,18 @@ class GridFTPServer:
             s.kill()
         if self._thread is not None:
             self._thread.join(timeout=5)
+
+    def claim(self, vpath: str) -> bool:
+        """Reserve a path for one receiving session; False if another session is storing it."""
+        with self._lock:
+            if vpath in self._receiving:
+                return False
+            self._receiving.add(vpath)
+            return True
+
+    def release(self, vpath: str) -> None:
+        with self._lock:
+            self._receiving.discard(vpath)
 
     def _forget(self, session: "_Session") -> None:
         with self._lock:
@@ -567,7 +582,10 @@ class _Session:
 
     def cmd_ALLO(self, arg: str):
         first = arg.split()[0] if arg.split() else ""
-        self.allo = self._int(first, "ALLO size")
+        size = self._int(first, "ALLO size")
+        if size > self.server.max_file_size:
+            raise _Reply(552, f"Files may not exceed {self.server.max_file_size} bytes here.")
+        self.allo = size
         self.reply(200, "ALLO command successful.")
 
     def cmd_REST(self, arg: str):
@@ -659,7 +677,7 @@ class _Session:
             known = self.server.checksums.get(key)
             if known is None:
                 try:
-                    known = cks.hash_file_in_background(real, alg, offset, length)
+                    known = cks.hash_file(real, alg, offset, length)
                 except OSError as exc:
                     raise _Reply(451, f"Cannot read {vpath}: {exc.strerror}.") from None
                 self.server.checksums.put(key, known)
@@ -960,41 +978,57 @@ class _Session:
         log.info("session %s: sent %d bytes over %d MODE E streams", self.peer, counter.total, len(socks))
         self.reply(226, "Transfer Complete.")
 
-    def _send_mode_s(self, source: int | bytes, todo, protection) -> None:
-        start, end = todo[0] if todo else (0, 0)
-        if self.data.active:
-            sock = self._open_active(1, protection)[0]
-        else:
-            try:
-                sock = accept_one(self.data.passive[0], protection=protection)
-            except (TransferError, AuthenticationError) as exc:
-                raise _Reply(425, f"Cannot open data connection: {exc}") from None
+    def _stream_mode(self, move: Callable[[socket.socket], object], protection) -> bool:
+        """Run one MODE S transfer: open the data connection and ``move`` in a worker while this
+        thread answers ABOR. True when done; otherwise the failure has been replied to."""
+        holder: list[socket.socket] = []
         outcome: list[BaseException | None] = []
 
         def run() -> None:
             try:
-                send_stream(sock, source, start, end, throttle=self._throttle())
+                if self.data.active:
+                    sock = connect_streams(self.data.active, 1, protection=protection, sbuf=self.sbuf)[0]
+                else:
+                    sock = accept_one(self.data.passive[0], protection=protection)
+                holder.append(sock)
+                move(sock)
                 outcome.append(None)
             except BaseException as exc:
                 outcome.append(exc)
 
-        worker = threading.Thread(target=run, name="gridftp-retr-s", daemon=True)
+        worker = threading.Thread(target=run, name="gridftp-stream", daemon=True)
         worker.start()
 
         def cancel() -> None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            for listener in self.data.passive:
+                shutdown_listener(listener)
+            for sock in holder:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
         finished = self._wait(lambda t: (worker.join(t), not worker.is_alive())[1], lambda: None, cancel)
         worker.join()
         if not finished:
             self._aborted()
-            return
-        if outcome and outcome[0] is not None:
-            raise _Reply(426, f"Transfer aborted: {outcome[0]}")
-        self.reply(226, "Transfer Complete.")
+            return False
+        error = outcome[0] if outcome else None
+        if error is None:
+            return True
+        if isinstance(error, AuthenticationError):
+            self.reply(432, f"Data channel authentication failed: {error}")
+        elif not holder:
+            self.reply(425, f"Cannot open data connection: {error}")
+        else:
+            self.reply(426, f"Transfer aborted: {error}")
+        return False
+
+    def _send_mode_s(self, source: int | bytes, todo, protection) -> None:
+        start, end = todo[0] if todo else (0, 0)
+        if self._stream_mode(lambda sock: send_stream(sock, source, start, end, throttle=self._throttle()),
+                             protection):
+            self.reply(226, "Transfer Complete.")
 
     def _send_listing(self, text: str) -> None:
         data = text.encode("utf-8", "surrogateescape")
@@ -1061,26 +1095,36 @@ class _Session:
             real = self._writable_target(vpath)
             self._need_data(sending=False)
             protection = self._protection()
-            rest = self.rest
-            if isinstance(rest, int):
-                rest = RangeSet([(0, rest)]) if rest else None
-            try:
-                partial = PartialFile(real, {"path": vpath, "size": self.allo}, size=self.allo,
-                                      resume=False, restart=rest, durable=self.server.durable)
-            except TransferError as exc:
-                raise _Reply(554, f"Cannot restart: {exc}.") from None
-            except OSError as exc:
-                raise _Reply(553, f"{vpath}: {exc.strerror}.") from None
+            if not self.server.claim(vpath):
+                raise _Reply(450, f"{vpath} is being stored by another session.")
         except _Reply:
             self._reset_transfer_state()
             raise
+        try:
+            self._store(vpath, real, protection)
+        finally:
+            self.server.release(vpath)
+
+    def _store(self, vpath: str, real: Path, protection) -> None:
+        rest = self.rest
+        if isinstance(rest, int):
+            rest = RangeSet([(0, rest)]) if rest else None
+        try:
+            partial = PartialFile(real, {"path": vpath, "size": self.allo}, size=self.allo,
+                                  resume=False, restart=rest, durable=self.server.durable)
+        except (TransferError, OSError) as exc:
+            self._reset_transfer_state()
+            if isinstance(exc, TransferError):
+                raise _Reply(554, f"Cannot restart: {exc}.") from None
+            raise _Reply(553, f"{vpath}: {exc.strerror}.") from None
         allo, scks = self.allo, self.scks
+        limit = allo if allo is not None else self.server.max_file_size
         try:
             self.reply(150, f"Opening BINARY mode data connection for {vpath}.")
             if self.mode == "E":
-                ok = self._receive_mode_e(partial, 0, allo, protection)
+                ok = self._receive_mode_e(partial, 0, limit, protection)
             else:
-                ok = self._receive_mode_s(partial, partial.held.contiguous_end(0), allo, protection)
+                ok = self._receive_mode_s(partial, partial.held.contiguous_end(0), limit, protection)
             if ok:
                 self._commit(vpath, real, partial, allo, scks)
         finally:
@@ -1090,7 +1134,7 @@ class _Session:
     def _receive_mode_e(self, sink, shift: int, limit: int | None, protection) -> bool:
         """Receive into ``sink``; sends markers; returns True when all data arrived (else replied)."""
         counter = Counter()
-        receiver = ModeEReceiver(sink, shift=shift, limit=None if limit is None else limit, counter=counter)
+        receiver = ModeEReceiver(sink, shift=shift, limit=limit, counter=counter)
         listener = self.data.passive[0]
         acceptor = accept_connections(listener, receiver, protection=protection)
         partial = sink if isinstance(sink, PartialFile) else None
@@ -1128,43 +1172,10 @@ class _Session:
         return True
 
     def _receive_mode_s(self, sink, start: int, limit: int | None, protection) -> bool:
-        try:
-            if self.data.active:
-                sock = self._open_active(1, protection)[0]
-            else:
-                sock = accept_one(self.data.passive[0], protection=protection)
-        except (TransferError, AuthenticationError) as exc:
-            self.reply(425, f"Cannot open data connection: {exc}")
-            return False
-        outcome: list[BaseException | None] = []
-
-        def run() -> None:
-            try:
-                receive_stream(sock, sink, start, limit=limit)
-                outcome.append(None)
-            except BaseException as exc:
-                outcome.append(exc)
-
-        worker = threading.Thread(target=run, name="gridftp-stor-s", daemon=True)
-        worker.start()
-
-        def cancel() -> None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-        finished = self._wait(lambda t: (worker.join(t), not worker.is_alive())[1], lambda: None, cancel)
-        worker.join()
+        done = self._stream_mode(lambda sock: receive_stream(sock, sink, start, limit=limit), protection)
         if isinstance(sink, PartialFile):
             sink.checkpoint()
-        if not finished:
-            self._aborted()
-            return False
-        if outcome and outcome[0] is not None:
-            self.reply(426, f"Transfer aborted: {outcome[0]}")
-            return False
-        return True
+        return done
 
     def _commit(self, vpath: str, real: Path, partial: PartialFile, allo: int | None,
                 scks: tuple[str, str] | None) -> None:
@@ -1214,9 +1225,9 @@ class _Session:
         try:
             self.reply(150, f"Opening BINARY mode data connection for {vpath} at offset {offset}.")
             if self.mode == "E":
-                ok = self._receive_mode_e(sink, offset, None, protection)
+                ok = self._receive_mode_e(sink, offset, self.server.max_file_size, protection)
             else:
-                ok = self._receive_mode_s(sink, offset, None, protection)
+                ok = self._receive_mode_s(sink, offset, self.server.max_file_size, protection)
             if ok:
                 self.reply(226, "Transfer Complete.")
         finally:

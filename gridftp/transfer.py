@@ -25,7 +25,7 @@ from pathlib import Path
 
 from .checksum import hash_fd, hash_file
 from .client import GridFTPClient, GridFTPURL
-from .datachannel import (Counter, ModeEReceiver, ModeESender, accept_connections, accept_one,
+from .datachannel import (Counter, ModeEReceiver, ModeESender, Throttle, accept_connections,
                           connect_streams, open_listener, receive_stream, shutdown_listener)
 from .errors import (ChecksumMismatch, ChecksumUnavailable, GridFTPError, ProtocolError, ReplyError,
                      TransferError)
@@ -485,8 +485,6 @@ def upload(src_path: str | os.PathLike, url: str, parallel: int = DEFAULT_PARALL
     server's ``CKSM SHA256`` is compared afterwards. A re-run after an interruption sends only
     the ranges the server has not confirmed. ``max_rate`` limits bytes/s (0: unlimited).
     """
-    from .datachannel import Throttle
-
     src = Path(src_path)
     dst = GridFTPURL.parse(url)
     opts = _Options(credential, trust, timeout, identify)

@@ -16,7 +16,7 @@ from gridftp.protocol import BLOCK_HEADER, DESC_EOD, DESC_EOF, find_host_ports, 
 from gridftp.ranges import RangeSet
 
 from tests.unit.gridftp.gridftp_helpers import (MiB, RawFTP, assemble, make_file, read_mode_e, read_stream,
-                                                 send_mode_e, sha256_of, wait_for)
+                                                 send_mode_e, sha256_of)
 
 
 @pytest.fixture
@@ -603,3 +603,34 @@ def test_security_commands_without_tls(ftp, start_server):
     s.expect("CCC", 533)
     s.expect("ADAT abc", 503)
     ftp.expect("AUTH TLS", 503)                        # after login
+
+
+def test_size_limits_without_and_with_allo(start_server, tree):
+    server = start_server(upload_area="/up", insecure_anonymous_writes=True, max_file_size=MiB)
+    s = RawFTP("127.0.0.1", server.port)
+    s.login_anonymous()
+    s.expect(f"ALLO {MiB + 1}", 552)
+    s.expect("MODE E", 200)
+    addr = s.pasv()
+    assert s.cmd("STOR /up/huge").code == 150
+    conn = socket.create_connection(addr)
+    conn.sendall(BLOCK_HEADER.pack(0, 10, 1 << 40) + b"x" * 10)     # a block far past the limit
+    final = s.reply()
+    while final.preliminary:
+        final = s.reply()
+    assert final.code == 426 and "beyond" in final.text
+    assert not (tree / "up" / "huge").exists()
+
+
+def test_one_path_is_stored_by_one_session_at_a_time(writable, start_server, tree):
+    other = RawFTP("127.0.0.1", writable.server.port)
+    other.login_anonymous()
+    writable.pasv()
+    assert writable.cmd("STOR /up/same").code == 150          # waits for its data connection
+    other.pasv()
+    other.expect("STOR /up/same", 450)
+    writable.ctl.sock.sendall(b"ABOR\r\n")
+    assert writable.reply().code == 426
+    assert writable.reply().code == 226
+    other.pasv()
+    assert other.cmd("STOR /up/same").code == 150             # free again

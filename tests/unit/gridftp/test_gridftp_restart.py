@@ -4,9 +4,7 @@ only the missing ranges and end with the source's sha256."""
 from __future__ import annotations
 
 import json
-import os
 import threading
-import time
 
 import pytest
 
