@@ -19,27 +19,25 @@ class RepositoryAccess:
         self.credential = credential
         self.trust = trust
         self.parallel = parallel
-        self._local = threading.local()
-        self._clients: list = []
+        self._repo = None
         self._lock = threading.Lock()
 
     def _client(self):
-        """One client per thread (zeep's transport session is not shared across threads)."""
+        """One client for all threads: the WSDL and its schemas are loaded once, not per thread
+        (zeep's calls, the WS-Security signer and the response capture are thread-safe)."""
         from client.repository import RepositoryClient
         from client.soap import ClientError, GridServiceClient
 
-        repo = getattr(self._local, "repo", None)
-        if repo is None:
-            if not self.url:
-                raise ServiceUnavailable("this node has no VMRepository configured ([vmmanager] repository)",
-                                         service="VMRepository")
-            try:
-                repo = self._local.repo = RepositoryClient(GridServiceClient(self.url, self.credential, self.trust))
-                with self._lock:
-                    self._clients.append(repo)
-            except ClientError as exc:
-                raise ServiceUnavailable(f"the VMRepository cannot be reached: {exc}", service=self.url) from None
-        return repo
+        with self._lock:
+            if self._repo is None:
+                if not self.url:
+                    raise ServiceUnavailable("this node has no VMRepository configured ([vmmanager] repository)",
+                                             service="VMRepository")
+                try:
+                    self._repo = RepositoryClient(GridServiceClient(self.url, self.credential, self.trust))
+                except ClientError as exc:
+                    raise ServiceUnavailable(f"the VMRepository cannot be reached: {exc}", service=self.url) from None
+            return self._repo
 
     def _call(self, method: str, *args, **kwargs):
         from client.soap import ClientError
@@ -49,15 +47,13 @@ class RepositoryAccess:
         except VMGridFault:
             raise
         except ClientError as exc:
-            self._local.repo = None
             raise ServiceUnavailable(f"the VMRepository failed: {exc}", service=self.url) from None
 
     def close(self) -> None:
         with self._lock:
-            clients, self._clients = self._clients, []
-        for repo in clients:
+            repo, self._repo = self._repo, None
+        if repo is not None:
             repo.service.close()
-        self._local = threading.local()
 
     def verify(self, d: Descriptor) -> None:
         """The deployed descriptor's identity and image must be the repository's (hardware may differ)."""

@@ -421,7 +421,8 @@ class VMManagerService(SoapService):
         if spec.channel is not None and not paused:
             t = time.perf_counter()
             try:
-                report = self.vmm.guest_channel(key).wait_ready(timeout=self.config.guest_ready_timeout)
+                # a short poll: a ready report is noticed within a quarter second, not a 2 s step
+                report = self.vmm.guest_channel(key).wait_ready(timeout=self.config.guest_ready_timeout, poll=0.25)
                 status = "ready" if report.get("ok", True) else f"not ready: {json.dumps(report)[:200]}"
             except VMMError as exc:
                 status = f"no report: {exc}"
