@@ -111,12 +111,16 @@ def grid_client(args):
 
 
 def _read_descriptor(path: Path):
+    """A descriptor file, validated here first so errors name the file's own lines."""
     from services.descriptor import parse_descriptor
+    from services.faults import VMGridFault
 
     try:
         return parse_descriptor(path.read_bytes())
     except OSError as exc:
         raise CLIError(f"{path}: {exc.strerror}") from None
+    except VMGridFault as exc:
+        raise CLIError(f"{path}: {exc.description}") from None
 
 
 def _call(func, *args, **kwargs):
@@ -137,12 +141,7 @@ def _call(func, *args, **kwargs):
 
 
 def cmd_register(args) -> int:
-    from services.faults import VMGridFault
-
-    try:
-        descriptor = _read_descriptor(args.descriptor)
-    except VMGridFault as exc:
-        raise CLIError(f"{args.descriptor}: {exc.description}") from None
+    descriptor = _read_descriptor(args.descriptor)
     repo = connect(args)
     if args.on_host:
         ws = _call(repo.register, descriptor, local_path=args.image)
@@ -210,12 +209,7 @@ def cmd_duplicate(args) -> int:
 
 
 def cmd_update(args) -> int:
-    from services.faults import VMGridFault
-
-    try:
-        descriptor = _read_descriptor(args.descriptor)
-    except VMGridFault as exc:
-        raise CLIError(f"{args.descriptor}: {exc.description}") from None
+    descriptor = _read_descriptor(args.descriptor)
     emit_descriptors([_call(connect(args).update, args.image, descriptor)], args.format)
     return 0
 
