@@ -3,8 +3,8 @@
 A sender hands out blocks of the byte ranges to send from one shared queue, so fast streams
 take more of them; each stream thread writes a 17-byte header and then the payload with
 ``sendfile`` (or ``preadv`` into a reused buffer when the channel is TLS). A receiver thread
-per connection reads headers and payloads into a reused buffer and writes them at their
-offsets. End of file follows GFD.20: every stream ends with EOD, one stream announces the
+per connection reads the headers and ``splice``s each payload from the socket into the file at
+its offset (TLS: ``recv_into`` a reused buffer, then ``pwrite``). End of file follows GFD.20: every stream ends with EOD, one stream announces the
 number of streams in an EOF block.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ ACCEPT_TIMEOUT = 60.0           # seconds to wait for the first data connection
 
 
 class Sink(Protocol):
-    """Where received bytes go (a :class:`~gridftp.partial.PartialFile` or a buffer).
+    """Where received bytes go (a :class:`~gridftp.partial.PartialFile`, or a plain file for ESTO).
 
     A sink backed by a file may also have ``fd`` and ``record(start, end)``: plain TCP data is
     then spliced from the socket into the file at its offset without passing through user space,
@@ -41,7 +41,6 @@ class Sink(Protocol):
 
 
 PIPE_SIZE = 1 << 20
-_F_SETPIPE_SZ = 1031
 
 
 class Splicer:
@@ -50,7 +49,7 @@ class Splicer:
     def __init__(self) -> None:
         self.read_end, self.write_end = os.pipe()
         try:
-            fcntl.fcntl(self.write_end, _F_SETPIPE_SZ, PIPE_SIZE)
+            fcntl.fcntl(self.write_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
         except OSError:
             pass
 
@@ -71,21 +70,6 @@ class Protection(Protocol):
     """Secures a data connection (PROT P): TLS handshake plus the DCAU identity check."""
 
     def wrap(self, sock: socket.socket, *, server_side: bool) -> socket.socket: ...
-
-
-class BufferSink:
-    """An in-memory sink for listings and small transfers."""
-
-    def __init__(self) -> None:
-        self.data = bytearray()
-        self._lock = threading.Lock()
-
-    def write(self, offset: int, data: memoryview) -> None:
-        with self._lock:
-            end = offset + len(data)
-            if len(self.data) < end:
-                self.data.extend(bytes(end - len(self.data)))
-            self.data[offset:end] = data
 
 
 class Throttle:

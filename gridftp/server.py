@@ -102,12 +102,12 @@ class GridFTPServer:
     """
 
     def __init__(self, root_or_vfs: str | os.PathLike | FileSpace, host: str = "127.0.0.1", port: int = 0,
-                 *, credential: Credential | None = None, trust: TrustStore | str | None = None, authorize: Authorize | None = None,
-                 anonymous: bool = False, upload_area: str | None = None,
+                 *, credential: Credential | None = None, trust: TrustStore | str | None = None,
+                 authorize: Authorize | None = None, anonymous: bool = False, upload_area: str | None = None,
                  insecure_anonymous_writes: bool = False, max_rate: float = 0, marker_interval: float = 5.0,
                  require_private_data: bool = True, durable: bool = True, max_sessions: int = 64,
-                 max_file_size: int = 1 << 40,
-                 idle_timeout: float = 900.0, identify: Callable[[ssl.SSLSocket], str] | None = None,
+                 max_file_size: int = 1 << 40, idle_timeout: float = 900.0,
+                 identify: Callable[[ssl.SSLSocket], str] | None = None,
                  banner: str = "vmgrid GridFTP server ready."):
         self.files = root_or_vfs if isinstance(root_or_vfs, FileSpace) else LocalFileSpace(root_or_vfs)
         self.host = host
@@ -123,13 +123,13 @@ class GridFTPServer:
         self.durable = durable
         self.max_sessions = max_sessions
         self.max_file_size = max_file_size
-        self._receiving: set[str] = set()      # virtual paths a session is storing right now
         self.idle_timeout = idle_timeout
         self.banner = banner
         self.checksums = _ChecksumCache()
         self._listener: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._sessions: set[_Session] = set()
+        self._receiving: set[str] = set()      # virtual paths a session is storing right now
         self._lock = threading.Lock()
         self._stopping = threading.Event()
 
@@ -168,10 +168,12 @@ class GridFTPServer:
         while not self._stopping.is_set():
             try:
                 conn, peer = listener.accept()
-            except OSError:
+            except OSError as exc:
                 if self._stopping.is_set():
                     return
-                raise
+                log.warning("accept failed: %s", exc)     # e.g. out of file descriptors: keep serving
+                time.sleep(0.1)
+                continue
             with self._lock:
                 busy = len(self._sessions) >= self.max_sessions
             if busy:

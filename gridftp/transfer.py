@@ -126,6 +126,10 @@ class _RemoteChecksum:
         except BaseException as exc:
             self.error = exc
 
+    @property
+    def failed(self) -> bool:
+        return not self._thread.is_alive() and self.error is not None
+
     def result(self) -> str:
         self._thread.join()
         if self.error is not None:
@@ -143,6 +147,16 @@ def _source_sha256(session: GridFTPClient, path: str) -> str:
     if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
         raise ProtocolError(f"CKSM reply {value[:80]!r} is not a sha256")
     return value
+
+
+def _size_of(reply: Reply, path: str) -> int:
+    """The size from a SIZE reply; raises ReplyError or ProtocolError."""
+    if not reply.ok:
+        raise ReplyError(f"SIZE {path}", reply.code, reply.text)
+    text = reply.text.strip()
+    if not text.isdigit():
+        raise ProtocolError(f"SIZE reply {text[:40]!r} is not a size")
+    return int(text)
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -250,8 +264,7 @@ def download(url: str, dest_path: str | os.PathLike, parallel: int = DEFAULT_PAR
             with opts.client(src, server_dn, PREPARE + [f"SIZE {src.path}", f"MDTM {src.path}"]) as session:
                 mode_e = _prepare(session)
                 replies = session.prelude_replies[2:]
-                session.expect_ok(replies[:1], [f"SIZE {src.path}"])
-                size = int(replies[0].text.strip())
+                size = _size_of(replies[0], src.path)
                 modify = replies[1].text.strip() if replies[1].ok else None
                 origin = {"source": str(src), "size": size, "modify": modify, "sha256": sha256 and sha256.lower()}
                 partial = PartialFile(dest, origin, size=size, resume=True, durable=durable)
@@ -291,8 +304,8 @@ def download(url: str, dest_path: str | os.PathLike, parallel: int = DEFAULT_PAR
             return TransferResult(str(src), str(dest), size, digest, time.monotonic() - started,
                                   transferred, reused or 0, fetched.format(), attempts, parallel, repaired)
         except (TransferError, ReplyError) as exc:
-            if partial is not None:
-                partial.close()
+            if remote is not None and remote.failed:
+                remote = None           # ask again on the next attempt
             if not _retryable(exc) or attempts > retries:
                 raise
             time.sleep(retry_delay)
@@ -549,7 +562,7 @@ def upload(src_path: str | os.PathLike, url: str, parallel: int = DEFAULT_PARALL
                         worker.join()
                         ticker.stop()
                         transferred += counter.total
-                    if final.code == 554 and held:
+                    if final.code == 554 and held and "restart" in final.text.lower():
                         log.reset()         # the server no longer holds what we recorded: start afresh
                         raise TransferError(f"server cannot restart: {final.text}")
                     if not final.ok:
@@ -604,8 +617,7 @@ def third_party(src_url: str, dst_url: str, parallel: int = DEFAULT_PARALLEL, *,
                 if not _prepare(source) or not _prepare(target):
                     raise GridFTPError("third-party transfers need MODE E on both servers")
                 replies = source.prelude_replies[2:]
-                source.expect_ok(replies[:1], ["SIZE"])
-                size = int(replies[0].text.strip())
+                size = _size_of(replies[0], src.path)
                 modify = replies[1].text.strip() if replies[1].ok else None
                 log = _RestartLog(Path(state_dir) if state_dir else default_state_dir(),
                                   {"op": "third-party", "source": str(src), "size": size, "modify": modify,

@@ -188,7 +188,8 @@ def test_third_party_between_secured_servers(start_server, grid_pki, tree, tmp_p
     source = start_server(credential=grid_pki.host, trust=grid_pki.cert_dir, anonymous=False)
     target_root = tmp_path / "target"
     (target_root / "up").mkdir(parents=True)
-    target_host = grid_pki.issue_host("localhost", ou="second")
+    target_host = grid_pki.ca.issue_host("gridftp-target", alt_names=["localhost"], key=grid_pki.keys.take(),
+                                         out_dir=tmp_path / "target-host")
     target = start_server(root=target_root, credential=target_host, trust=grid_pki.cert_dir, anonymous=False,
                           upload_area="/up")
     result = third_party(url(source, "/data/f3m"), url(target, "/up/f3m"), parallel=2,

@@ -1,0 +1,71 @@
+"""`vmgrid transfer` and `vmgrid gridftp-server` as a user runs them (child processes, real servers)."""
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+
+from gridftp.cli import ProgressBar
+
+from tests.unit.gridftp.gridftp_helpers import REPO, MiB, ServerProcess, make_file, sha256_of
+
+
+def vmgrid(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "client.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_transfer_download_upload_and_third_party(start_server, tree, tmp_path):
+    big = make_file(tree / "data" / "big", 5 * MiB + 1)
+    server = start_server(upload_area="/up", insecure_anonymous_writes=True)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    got = vmgrid("transfer", server.url("/data/big"), str(out_dir), "-p", "3", "--progress")
+    assert got.returncode == 0, got.stderr
+    assert sha256_of(out_dir / "big") == sha256_of(big)
+    assert f"sha256 {sha256_of(big)} verified" in got.stdout
+    assert "3 streams" in got.stdout and "Mbit/s" in got.stdout
+    assert "100.0%" in got.stderr and "[####" in got.stderr        # the progress bar
+    sent = vmgrid("transfer", str(out_dir / "big"), server.url("/up/"), "-q", "--state-dir", str(tmp_path / "s"))
+    assert sent.returncode == 0, sent.stderr
+    assert sha256_of(tree / "up" / "big") == sha256_of(big)
+    assert sent.stderr == ""                                        # -q: no bar
+    third = vmgrid("transfer", server.url("/data/big"), server.url("/up/copy"), "-p", "2",
+                   "--state-dir", str(tmp_path / "s"))
+    assert third.returncode == 0, third.stderr
+    assert sha256_of(tree / "up" / "copy") == sha256_of(big)
+
+
+def test_transfer_errors_are_one_line_messages(start_server, tmp_path):
+    server = start_server()
+    missing = vmgrid("transfer", server.url("/data/nope"), str(tmp_path / "x"))
+    assert missing.returncode == 1
+    assert missing.stderr.startswith("vmgrid: ") and "550" in missing.stderr and "Traceback" not in missing.stderr
+    local = vmgrid("transfer", str(tmp_path / "a"), str(tmp_path / "b"))
+    assert local.returncode == 1 and "URL" in local.stderr
+    wrong = vmgrid("transfer", server.url("/data/small"), str(tmp_path / "c"), "--sha256", "0" * 64)
+    assert wrong.returncode == 1 and "does not match" in wrong.stderr
+    assert not (tmp_path / "c").exists()
+    parallel = vmgrid("transfer", server.url("/data/small"), str(tmp_path / "d"), "-p", "0")
+    assert parallel.returncode == 1
+
+
+def test_gridftp_server_command(tree, tmp_path):
+    refused = vmgrid("gridftp-server", "--root", str(tree), "--port", "0", "--no-tls")
+    assert refused.returncode == 1 and "nobody could log in" in refused.stderr
+    server = ServerProcess(tree, "--anonymous", "--no-tls")
+    try:
+        got = vmgrid("transfer", f"ftp://127.0.0.1:{server.port}/data/f3m", str(tmp_path / "f"), "-q")
+        assert got.returncode == 0, got.stderr
+        assert sha256_of(tmp_path / "f") == sha256_of(tree / "data" / "f3m")
+    finally:
+        server.stop()
+    assert server.proc.returncode == 0                  # SIGTERM stops it cleanly
+
+
+def test_progress_bar_line():
+    bar = ProgressBar(io.StringIO(), "image")
+    bar._samples = [(0.0, 0), (2.0, 250_000_000)]       # 1 Gbit/s over the last two seconds
+    line = bar.line(250_000_000, 1_000_000_000)
+    assert "25.0%" in line and "1000.0 Mbit/s" in line and "ETA 0:06" in line
+    assert line.count("#") == 7
