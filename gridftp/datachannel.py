@@ -72,6 +72,32 @@ class Protection(Protocol):
     def wrap(self, sock: socket.socket, *, server_side: bool) -> socket.socket: ...
 
 
+class Worker:
+    """Runs ``fn()`` in a daemon thread and keeps its result or the exception it raised."""
+
+    def __init__(self, fn: Callable[[], object], name: str):
+        self.value: object = None
+        self.error: BaseException | None = None
+        self._fn = fn
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.value = self._fn()
+        except BaseException as exc:      # handed to whoever joins
+            self.error = exc
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait up to ``timeout`` seconds; True once the function has returned or raised."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+
 class Throttle:
     """A token bucket shared by the streams of one transfer (bytes per second; 0 = unlimited)."""
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from . import checksum as cks
 from .control import ControlChannel, LineTooLong
-from .datachannel import (Counter, ModeEReceiver, ModeESender, Throttle, accept_connections,
+from .datachannel import (Counter, ModeEReceiver, ModeESender, Throttle, Worker, accept_connections,
                           accept_one, close_all, connect_streams, open_listener, receive_stream, send_stream,
                           shutdown_listener)
 from .errors import AuthenticationError, ChecksumMismatch, PathError, ProtocolError, TransferError
@@ -955,28 +955,18 @@ class _Session:
         socks = self._open_active(parallel, protection)
         counter = Counter()
         sender = ModeESender(source, todo, shift=shift, throttle=self._throttle(), counter=counter)
-        outcome: list[BaseException | None] = []
-
-        def run() -> None:
-            try:
-                sender.run(socks)
-                outcome.append(None)
-            except BaseException as exc:
-                outcome.append(exc)
-
-        worker = threading.Thread(target=run, name="gridftp-retr", daemon=True)
-        worker.start()
+        worker = Worker(lambda: sender.run(socks), "gridftp-retr")
 
         def perf() -> None:
             self.reply(112, format_perf_marker(counter.total))
 
-        finished = self._wait(lambda t: (worker.join(t), not worker.is_alive())[1], perf, sender.cancel)
+        finished = self._wait(worker.join, perf, sender.cancel)
         worker.join()
         if not finished:
             self._aborted()
             return
-        if outcome and outcome[0] is not None:
-            raise _Reply(426, f"Transfer aborted: {outcome[0]}")
+        if worker.error is not None:
+            raise _Reply(426, f"Transfer aborted: {worker.error}")
         log.info("session %s: sent %d bytes over %d MODE E streams", self.peer, counter.total, len(socks))
         self.reply(226, "Transfer Complete.")
 
@@ -984,22 +974,16 @@ class _Session:
         """Run one MODE S transfer: open the data connection and ``move`` in a worker while this
         thread answers ABOR. True when done; otherwise the failure has been replied to."""
         holder: list[socket.socket] = []
-        outcome: list[BaseException | None] = []
 
         def run() -> None:
-            try:
-                if self.data.active:
-                    sock = connect_streams(self.data.active, 1, protection=protection, sbuf=self.sbuf)[0]
-                else:
-                    sock = accept_one(self.data.passive[0], protection=protection)
-                holder.append(sock)
-                move(sock)
-                outcome.append(None)
-            except BaseException as exc:
-                outcome.append(exc)
+            if self.data.active:
+                sock = connect_streams(self.data.active, 1, protection=protection, sbuf=self.sbuf)[0]
+            else:
+                sock = accept_one(self.data.passive[0], protection=protection)
+            holder.append(sock)
+            move(sock)
 
-        worker = threading.Thread(target=run, name="gridftp-stream", daemon=True)
-        worker.start()
+        worker = Worker(run, "gridftp-stream")
 
         def cancel() -> None:
             for listener in self.data.passive:
@@ -1010,12 +994,12 @@ class _Session:
                 except OSError:
                     pass
 
-        finished = self._wait(lambda t: (worker.join(t), not worker.is_alive())[1], lambda: None, cancel)
+        finished = self._wait(worker.join, lambda: None, cancel)
         worker.join()
         if not finished:
             self._aborted()
             return False
-        error = outcome[0] if outcome else None
+        error = worker.error
         if error is None:
             return True
         if isinstance(error, AuthenticationError):

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from .checksum import hash_fd, hash_file
 from .client import GridFTPClient, GridFTPURL
-from .datachannel import (Counter, ModeEReceiver, ModeESender, Throttle, accept_connections,
+from .datachannel import (Counter, ModeEReceiver, ModeESender, Throttle, Worker, accept_connections,
                           connect_streams, open_listener, receive_stream, shutdown_listener)
 from .errors import (ChecksumMismatch, ChecksumUnavailable, GridFTPError, ProtocolError, ReplyError,
                      TransferError)
@@ -108,33 +108,15 @@ class _Ticker:
             pass
 
 
-class _RemoteChecksum:
-    """Asks a server for a whole file's sha256 on its own control connection, in the background,
-    so the server hashes while the data flows."""
+def _remote_sha256(opts: _Options, url: GridFTPURL, server_dn: str | None) -> Worker:
+    """Ask a server for a whole file's sha256 on its own control connection, in the background, so
+    that the server hashes while the data flows (the worker's ``value`` is the hex digest)."""
 
-    def __init__(self, opts: _Options, url: GridFTPURL, server_dn: str | None):
-        self.value: str | None = None
-        self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(opts, url, server_dn),
-                                        name="gridftp-cksm", daemon=True)
-        self._thread.start()
+    def ask() -> str:
+        with opts.client(url, server_dn) as session:
+            return _source_sha256(session, url.path)
 
-    def _run(self, opts: _Options, url: GridFTPURL, server_dn: str | None) -> None:
-        try:
-            with opts.client(url, server_dn) as session:
-                self.value = _source_sha256(session, url.path)
-        except BaseException as exc:
-            self.error = exc
-
-    @property
-    def failed(self) -> bool:
-        return not self._thread.is_alive() and self.error is not None
-
-    def result(self) -> str:
-        self._thread.join()
-        if self.error is not None:
-            raise self.error
-        return self.value
+    return Worker(ask, "gridftp-cksm")
 
 
 def _source_sha256(session: GridFTPClient, path: str) -> str:
@@ -255,7 +237,7 @@ def download(url: str, dest_path: str | os.PathLike, parallel: int = DEFAULT_PAR
     fetched = RangeSet()
     repaired = 0
     attempts = 0
-    remote: _RemoteChecksum | None = None
+    remote: Worker | None = None
     expected = sha256.lower() if sha256 else None
     while True:
         attempts += 1
@@ -271,7 +253,7 @@ def download(url: str, dest_path: str | os.PathLike, parallel: int = DEFAULT_PAR
                 if reused is None:
                     reused = partial.resumed_bytes
                 if expected is None and remote is None:
-                    remote = _RemoteChecksum(opts, src, session.server_dn)
+                    remote = _remote_sha256(opts, src, session.server_dn)
                 missing = partial.missing(size)
                 fetched.update(missing)
                 if missing:
@@ -282,7 +264,10 @@ def download(url: str, dest_path: str | os.PathLike, parallel: int = DEFAULT_PAR
                     finally:
                         transferred += moved.total
                 if expected is None:
-                    expected = remote.result()
+                    remote.join()
+                    if remote.error is not None:
+                        raise remote.error
+                    expected = remote.value
                 try:
                     digest = partial.commit(size, expected)
                 except ChecksumMismatch:
@@ -304,7 +289,7 @@ def download(url: str, dest_path: str | os.PathLike, parallel: int = DEFAULT_PAR
             return TransferResult(str(src), str(dest), size, digest, time.monotonic() - started,
                                   transferred, reused or 0, fetched.format(), attempts, parallel, repaired)
         except (TransferError, ReplyError) as exc:
-            if remote is not None and remote.failed:
+            if remote is not None and not remote.alive and remote.error is not None:
                 remote = None           # ask again on the next attempt
             if not _retryable(exc) or attempts > retries:
                 raise
@@ -363,22 +348,13 @@ def _retrieve_mode_s(session: GridFTPClient, path: str, partial: PartialFile, si
     try:
         _start_transfer(session, setup, f"RETR {path}")
         sock = connect_streams([(host, port)], 1, protection=session.data_protection(), timeout=timeout)[0]
-        outcome: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                receive_stream(sock, partial, start, limit=size, counter=counter)
-            except BaseException as exc:
-                outcome.append(exc)
-
-        worker = threading.Thread(target=run, daemon=True)
-        worker.start()
+        worker = Worker(lambda: receive_stream(sock, partial, start, limit=size, counter=counter), "gridftp-retr-s")
         final = _await_final(session, alive=_activity(counter))
         worker.join(timeout)
         if not final.ok:
             raise ReplyError(f"RETR {path}", final.code, final.text)
-        if outcome:
-            raise outcome[0]
+        if worker.error is not None:
+            raise worker.error
     finally:
         ticker.stop()
 
@@ -541,18 +517,9 @@ def upload(src_path: str | os.PathLike, url: str, parallel: int = DEFAULT_PARALL
                                          throttle=Throttle(max_rate) if max_rate else None)
                     ticker = _Ticker(POLL, lambda: progress(min(size, size - sum(b - a for a, b in todo) +
                                                                 counter.total), size) if progress else None)
-                    outcome: list[BaseException] = []
                     protection = session.data_protection()
-
-                    def run() -> None:
-                        try:
-                            sender.run(connect_streams(addresses, parallel, protection=protection,
-                                                       timeout=timeout))
-                        except BaseException as exc:
-                            outcome.append(exc)
-
-                    worker = threading.Thread(target=run, name="gridftp-stor", daemon=True)
-                    worker.start()
+                    worker = Worker(lambda: sender.run(connect_streams(addresses, parallel, protection=protection,
+                                                                       timeout=timeout)), "gridftp-stor")
                     final: Reply | None = None
                     try:
                         final = _await_final(session, on_marker=log.add_marker, alive=_activity(counter))
@@ -567,8 +534,9 @@ def upload(src_path: str | os.PathLike, url: str, parallel: int = DEFAULT_PARALL
                         raise TransferError(f"server cannot restart: {final.text}")
                     if not final.ok:
                         raise ReplyError(f"STOR {dst.path}", final.code, final.text)
-                    if outcome:
-                        raise outcome[0] if isinstance(outcome[0], GridFTPError) else TransferError(str(outcome[0]))
+                    if worker.error is not None:
+                        error = worker.error
+                        raise error if isinstance(error, GridFTPError) else TransferError(str(error))
                     _verify_remote(session, dst.path, digest, scks_ok)
                 log.remove()
                 if progress is not None:
@@ -657,31 +625,24 @@ def third_party(src_url: str, dst_url: str, parallel: int = DEFAULT_PARALLEL, *,
                         if progress is not None:
                             progress(min(size, size - to_send + n), size)
 
-                dst_final: list = []
-
-                def watch_target() -> None:
-                    try:
-                        dst_final.append(_await_final(target, on_marker=on_dst_marker, idle_timeout=timeout * 10))
-                    except BaseException as exc:
-                        dst_final.append(exc)
-
-                watcher = threading.Thread(target=watch_target, name="gridftp-3pt", daemon=True)
-                watcher.start()
+                watcher = Worker(lambda: _await_final(target, on_marker=on_dst_marker, idle_timeout=timeout * 10),
+                                 "gridftp-3pt")
                 try:
                     _start_transfer(source, setup, f"RETR {src.path}")
                     src_final = _await_final(source, idle_timeout=timeout * 10)
                     watcher.join(timeout)
                 finally:
-                    if watcher.is_alive():
+                    if watcher.alive:
                         target.close()      # unblocks the watcher; the destination aborts the STOR
                         watcher.join()
-                if isinstance(dst_final[0], BaseException):
-                    raise dst_final[0]
-                transferred += moved[0] or (to_send if src_final.ok and dst_final[0].ok else 0)
+                if watcher.error is not None:
+                    raise watcher.error
+                dst_final: Reply = watcher.value
+                transferred += moved[0] or (to_send if src_final.ok and dst_final.ok else 0)
                 if not src_final.ok:
                     raise ReplyError(f"RETR {src.path}", src_final.code, src_final.text)
-                if not dst_final[0].ok:
-                    raise ReplyError(f"STOR {dst.path}", dst_final[0].code, dst_final[0].text)
+                if not dst_final.ok:
+                    raise ReplyError(f"STOR {dst.path}", dst_final.code, dst_final.text)
                 _verify_remote(target, dst.path, digest, scks_ok)
             log.remove()
             if progress is not None:
