@@ -15,7 +15,7 @@ from urllib.parse import unquote, urlsplit
 from cryptography import x509
 
 from .control import ControlChannel
-from .errors import AuthenticationError, GridFTPError, ProtocolError, ReplyError, TransferError
+from .errors import AuthenticationError, GridFTPError, ProtocolError, TransferError, reply_error
 from .protocol import (DEFAULT_FTP_PORT, DEFAULT_GRIDFTP_PORT, Reply, find_host_ports, format_eprt,
                        format_host_port, parse_epsv_reply)
 from security.pki import CredentialError, load_user_credential
@@ -136,7 +136,7 @@ class GridFTPClient:
             while greeting.code == 120:
                 greeting = self.read_reply()
             if greeting.code != 220:
-                raise ReplyError("(greeting)", greeting.code, greeting.text)
+                raise reply_error("(greeting)", greeting.code, greeting.text)
             if self.tls is not None:
                 self._auth_tls()
                 try:
@@ -149,14 +149,14 @@ class GridFTPClient:
                     if reply.code in (530, 535):
                         raise AuthenticationError(f"{self.url.host} refused the credential: {reply.code} {reply.text}")
                     if not reply.ok:
-                        raise ReplyError(cmd, reply.code, reply.text)
+                        raise reply_error(cmd, reply.code, reply.text)
                 self.prelude_replies = replies[3:]
             else:
                 replies = self.pipeline(["USER anonymous", "PASS vmgrid@", *self.prelude])
                 if replies[0].code not in (230, 331):
-                    raise ReplyError("USER anonymous", replies[0].code, replies[0].text)
+                    raise reply_error("USER anonymous", replies[0].code, replies[0].text)
                 if replies[0].code == 331 and replies[1].code != 230:
-                    raise ReplyError("PASS", replies[1].code, replies[1].text)
+                    raise reply_error("PASS", replies[1].code, replies[1].text)
                 self.prelude_replies = replies[2:]
         except BaseException:
             self.close()
@@ -234,13 +234,13 @@ class GridFTPClient:
     def expect_ok(replies: list[Reply], commands: list[str]) -> None:
         for reply, cmd in zip(replies, commands):
             if not reply.ok:
-                raise ReplyError(cmd, reply.code, reply.text)
+                raise reply_error(cmd, reply.code, reply.text)
 
     def ok(self, line: str) -> Reply:
         """Send a command; raise :class:`ReplyError` unless the reply is positive (2xx/3xx)."""
         reply = self.command(line)
         if not reply.ok:
-            raise ReplyError(line, reply.code, reply.text)
+            raise reply_error(line, reply.code, reply.text)
         return reply
 
     def feat(self) -> dict[str, str]:

@@ -30,8 +30,15 @@ class AuthenticationError(GridFTPError):
     """The control or a data channel could not be authenticated (TLS handshake, certificate, login)."""
 
 
-class AuthorizationDenied(GridFTPError):
-    """The authenticated identity may not perform this operation on this path."""
+class AuthorizationDenied(ReplyError):
+    """The server refused the path for this identity (550 ... permission denied); a ReplyError too."""
+
+
+def reply_error(command: str, code: int, text: str) -> ReplyError:
+    """The typed error for a negative reply: :class:`AuthorizationDenied` for a denied path."""
+    if code == 550 and "permission denied" in text.lower():
+        return AuthorizationDenied(command, code, text)
+    return ReplyError(command, code, text)
 
 
 class TransferError(GridFTPError):

@@ -28,7 +28,7 @@ from .client import GridFTPClient, GridFTPURL
 from .datachannel import (Counter, ModeEReceiver, ModeESender, Throttle, Worker, accept_connections,
                           connect_streams, open_listener, receive_stream, shutdown_listener)
 from .errors import (ChecksumMismatch, ChecksumUnavailable, GridFTPError, ProtocolError, ReplyError,
-                     TransferError)
+                     TransferError, reply_error)
 from .partial import PartialFile
 from .protocol import Reply, parse_perf_marker, parse_range_marker
 from .ranges import RangeSet
@@ -124,7 +124,7 @@ def _source_sha256(session: GridFTPClient, path: str) -> str:
     if reply.code in (500, 502, 504):
         raise ChecksumUnavailable(f"{session.url.host} cannot compute SHA256 checksums: {reply.text}")
     if not reply.ok:
-        raise ReplyError(f"CKSM SHA256 0 -1 {path}", reply.code, reply.text)
+        raise reply_error(f"CKSM SHA256 0 -1 {path}", reply.code, reply.text)
     value = reply.text.strip().lower()
     if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
         raise ProtocolError(f"CKSM reply {value[:80]!r} is not a sha256")
@@ -134,7 +134,7 @@ def _source_sha256(session: GridFTPClient, path: str) -> str:
 def _size_of(reply: Reply, path: str) -> int:
     """The size from a SIZE reply; raises ReplyError or ProtocolError."""
     if not reply.ok:
-        raise ReplyError(f"SIZE {path}", reply.code, reply.text)
+        raise reply_error(f"SIZE {path}", reply.code, reply.text)
     text = reply.text.strip()
     if not text.isdigit():
         raise ProtocolError(f"SIZE reply {text[:40]!r} is not a size")
@@ -197,7 +197,7 @@ def _start_transfer(session: GridFTPClient, setup: list[str], command: str) -> N
     session.expect_ok(replies[:-1], setup)
     first = replies[-1]
     if not first.preliminary:
-        raise ReplyError(command, first.code, first.text) if not first.ok else \
+        raise reply_error(command, first.code, first.text) if not first.ok else \
             ProtocolError(f"{command}: no preliminary reply ({first.code})")
 
 
@@ -319,7 +319,7 @@ def _retrieve_mode_e(session: GridFTPClient, path: str, partial: PartialFile, si
         final = _await_final(session, alive=_activity(counter))
         if not final.ok:
             receiver.fail(TransferError(f"server ended the transfer: {final.code} {final.text}"))
-            raise ReplyError(f"RETR {path}", final.code, final.text)
+            raise reply_error(f"RETR {path}", final.code, final.text)
         if not receiver.wait(timeout):
             raise TransferError("the server finished but the data did not all arrive")
         if receiver.error is not None:
@@ -340,7 +340,7 @@ def _retrieve_mode_s(session: GridFTPClient, path: str, partial: PartialFile, si
     start = partial.snapshot().contiguous_end(0)
     reply = session.command(session.passive_command())
     if not reply.ok:
-        raise ReplyError("PASV", reply.code, reply.text)
+        raise reply_error("PASV", reply.code, reply.text)
     host, port = session.passive_addresses(reply)[0]
     setup = [f"REST {start}"] if start else []
     ticker = _Ticker(POLL, lambda: (partial.checkpoint(),
@@ -352,7 +352,7 @@ def _retrieve_mode_s(session: GridFTPClient, path: str, partial: PartialFile, si
         final = _await_final(session, alive=_activity(counter))
         worker.join(timeout)
         if not final.ok:
-            raise ReplyError(f"RETR {path}", final.code, final.text)
+            raise reply_error(f"RETR {path}", final.code, final.text)
         if worker.error is not None:
             raise worker.error
     finally:
@@ -441,7 +441,7 @@ def _check_tolerant(lines: list[str], replies: list[Reply], optional: set[str]) 
     """Raise for the first refused command, except those in ``optional`` (a server may lack SCKS)."""
     for line, reply in zip(lines, replies):
         if not reply.ok and line.split(" ", 1)[0] not in optional:
-            raise ReplyError(line, reply.code, reply.text)
+            raise reply_error(line, reply.code, reply.text)
 
 
 def _pipeline_tolerant(session: GridFTPClient, lines: list[str], optional: set[str]) -> list[Reply]:
@@ -533,7 +533,7 @@ def upload(src_path: str | os.PathLike, url: str, parallel: int = DEFAULT_PARALL
                         log.reset()         # the server no longer holds what we recorded: start afresh
                         raise TransferError(f"server cannot restart: {final.text}")
                     if not final.ok:
-                        raise ReplyError(f"STOR {dst.path}", final.code, final.text)
+                        raise reply_error(f"STOR {dst.path}", final.code, final.text)
                     if worker.error is not None:
                         error = worker.error
                         raise error if isinstance(error, GridFTPError) else TransferError(str(error))
@@ -640,9 +640,9 @@ def third_party(src_url: str, dst_url: str, parallel: int = DEFAULT_PARALLEL, *,
                 dst_final: Reply = watcher.value
                 transferred += moved[0] or (to_send if src_final.ok and dst_final.ok else 0)
                 if not src_final.ok:
-                    raise ReplyError(f"RETR {src.path}", src_final.code, src_final.text)
+                    raise reply_error(f"RETR {src.path}", src_final.code, src_final.text)
                 if not dst_final.ok:
-                    raise ReplyError(f"STOR {dst.path}", dst_final.code, dst_final.text)
+                    raise reply_error(f"STOR {dst.path}", dst_final.code, dst_final.text)
                 _verify_remote(target, dst.path, digest, scks_ok)
             log.remove()
             if progress is not None:

@@ -198,3 +198,15 @@ def test_sidecar_is_json_with_the_origin(start_server, big, tmp_path, monkeypatc
     assert doc["origin"]["source"] == server.url("/data/big")
     assert doc["origin"]["size"] == big.stat().st_size
     RangeSet.parse(doc["ranges"]) if doc["ranges"] else None
+
+
+def test_denied_paths_raise_authorization_denied(start_server, big, tmp_path):
+    from gridftp import AuthorizationDenied
+
+    server = start_server(authorize=lambda dn, op, path: path != "/data/big")
+    with pytest.raises(AuthorizationDenied) as info:
+        download(server.url("/data/big"), tmp_path / "b")
+    assert isinstance(info.value, ReplyError) and info.value.code == 550
+    with pytest.raises(ReplyError) as missing:
+        download(server.url("/data/none"), tmp_path / "c")
+    assert not isinstance(missing.value, AuthorizationDenied)
