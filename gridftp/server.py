@@ -917,6 +917,10 @@ class _Session:
                 raise _Reply(501, "ERET offset beyond the end of the file.")
             view_size = end - section_start
             rest = self.rest
+            if isinstance(rest, RangeSet) and self.mode == "S":
+                if len(rest) > 1 or rest.contiguous_end(0) != rest.total():
+                    raise _Reply(554, "Restart ranges other than 0-N need MODE E.")
+                rest = rest.total()
             if isinstance(rest, int):
                 if rest > view_size:
                     raise _Reply(554, "Restart offset beyond the end of the file.")

@@ -265,6 +265,15 @@ def test_retr_stream_mode_passive_and_rest(ftp, tree):
     ftp.pasv()
     ftp.expect(f"REST {len(data) + 1}", 350)
     ftp.expect("RETR /data/f3m", 554)              # restart beyond the end
+    ftp.pasv()
+    ftp.expect("REST 0-10,20-30", 350)
+    ftp.expect("RETR /data/f3m", 554)              # scattered ranges need MODE E
+    addr = ftp.pasv()
+    ftp.expect("REST 0-3000000", 350)              # one range from 0 is an offset
+    conn = socket.create_connection(addr)
+    assert ftp.cmd("RETR /data/f3m").code == 150
+    assert read_stream(conn) == data[3000000:]
+    assert ftp.reply().code == 226
 
 
 def test_retr_stream_mode_active(ftp, tree):
