@@ -72,6 +72,7 @@ class PartialFile:
         self.final.parent.mkdir(parents=True, exist_ok=True)
         self.fd = os.open(self.part, flags, 0o644)
         self._persisted = self.held.copy()
+        self._ready = self.held.contiguous_end(0)
         self._hasher: PrefixHasher | None = None
         if size is not None:
             self._hasher = PrefixHasher(self.fd, size)
@@ -90,10 +91,18 @@ class PartialFile:
     def record(self, start: int, end: int) -> None:
         """Note that ``[start, end)`` has been written (after the write returned)."""
         with self._lock:
+            rewrote_prefix = start < self._ready        # bytes the hasher may already have read changed
             self.held.add(start, end)
             hasher = self._hasher
-            contiguous = self.held.contiguous_end(0)
-        if hasher is not None:
+            if rewrote_prefix and hasher is not None:
+                self._hasher = None
+            self._ready = self.held.contiguous_end(0)
+            contiguous = self._ready
+        if hasher is None:
+            return
+        if rewrote_prefix:
+            hasher.abandon()                             # commit() then hashes the whole file
+        else:
             hasher.advance(contiguous)
 
     def snapshot(self) -> RangeSet:

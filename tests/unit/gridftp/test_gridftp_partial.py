@@ -1,0 +1,77 @@
+"""PartialFile: the receiver's part file and sidecar, resume rules, verification before the final name."""
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest
+
+from gridftp import ChecksumMismatch, TransferError
+from gridftp.partial import PartialFile, part_path, read_sidecar, sidecar_path
+from gridftp.ranges import RangeSet
+
+from tests.unit.gridftp.gridftp_helpers import wait_for
+
+
+def test_out_of_order_writes_commit_verified(tmp_path):
+    data = os.urandom(300_000)
+    final = tmp_path / "f"
+    p = PartialFile(final, {"source": "x"}, size=len(data))
+    for a, b in [(200_000, 300_000), (0, 50_000), (50_000, 200_000)]:
+        p.write(a, data[a:b])
+    assert p.checkpoint() == RangeSet([(0, len(data))])
+    assert p.commit(len(data), hashlib.sha256(data).hexdigest()) == hashlib.sha256(data).hexdigest()
+    assert final.read_bytes() == data
+    assert not part_path(final).exists() and not sidecar_path(final).exists()
+
+
+def test_missing_ranges_or_wrong_hash_keep_the_partial(tmp_path):
+    final = tmp_path / "f"
+    p = PartialFile(final, {"source": "x"}, size=10)
+    p.write(0, b"01234")
+    with pytest.raises(TransferError, match="5 bytes missing"):
+        p.commit(10)
+    p.write(5, b"56789")
+    with pytest.raises(ChecksumMismatch):
+        p.commit(10, "0" * 64)
+    assert not final.exists() and part_path(final).exists()
+    p.close()
+
+
+def test_resume_only_for_the_same_origin(tmp_path):
+    final = tmp_path / "f"
+    p = PartialFile(final, {"source": "a", "size": 10}, size=10)
+    p.write(0, b"01234")
+    p.checkpoint()
+    p.close()
+    assert read_sidecar(final)[1] == RangeSet([(0, 5)])
+    same = PartialFile(final, {"source": "a", "size": 10}, size=10)
+    assert same.resumed_bytes == 5 and same.missing(10) == [(5, 10)]
+    same.close()
+    other = PartialFile(final, {"source": "b", "size": 10}, size=10)
+    assert other.resumed_bytes == 0 and os.path.getsize(part_path(final)) == 0
+    other.close()
+
+
+def test_restart_ranges_must_be_held(tmp_path):
+    final = tmp_path / "f"
+    p = PartialFile(final, {"path": "/f"})
+    p.write(0, b"x" * 100)
+    p.checkpoint()
+    p.close()
+    with pytest.raises(TransferError):
+        PartialFile(final, {"path": "/f"}, resume=False, restart=RangeSet([(0, 200)]))
+    q = PartialFile(final, {"path": "/f"}, resume=False, restart=RangeSet([(0, 50)]))
+    assert q.held == RangeSet([(0, 50)])
+    q.close()
+
+
+def test_a_rewritten_prefix_is_hashed_again(tmp_path):
+    """Bytes rewritten below what the background hasher may have read must not keep a stale digest."""
+    data = os.urandom(100_000)
+    final = tmp_path / "f"
+    p = PartialFile(final, {"source": "x"}, size=len(data))
+    p.write(0, b"\0" * len(data))           # wrong bytes first, hashed along the way
+    wait_for(lambda: p._hasher._hashed == len(data), what="the background hash of the first bytes")
+    p.write(0, data)                        # then the right ones over them
+    assert p.commit(len(data)) == hashlib.sha256(data).hexdigest()
