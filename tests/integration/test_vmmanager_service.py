@@ -389,3 +389,20 @@ def test_a_restarted_node_on_the_test_driver_fails_the_instances_it_lost(vm_grid
         assert again.reconcile_report["failed_lost"] == 1
     finally:
         again.close()
+
+
+def test_the_node_fails_closed_when_the_authorization_service_is_unreachable(vm_grid, grid_pki):
+    """A node whose Authorization service does not answer refuses every operation (ServiceUnavailable),
+    and holds nothing for the refused deployment."""
+    from services.faults import ServiceUnavailable
+    from services.vmmanager.vmm import LibvirtTestDriver
+    from tests.fixtures.grid import free_port
+
+    dead = f"https://localhost:{free_port()}/wsrf/services/AuthorizationService"
+    vm_grid.add_node("orphan", "10.99.0.200-10.99.0.210", vmm=LibvirtTestDriver.private_node(), authz_url=dead)
+    vm = vm_grid.vmm(grid_pki.alice, n=1)
+    with pytest.raises(ServiceUnavailable):
+        vm.deploy(vm_grid.register(), "refused", 60, wait=True)
+    with pytest.raises(ServiceUnavailable):
+        vm.list()
+    assert node_holdings(vm_grid, 1) == {"live": [], "leases": [], "dirs": [], "domains": [], "holds": []}
