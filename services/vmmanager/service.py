@@ -91,6 +91,24 @@ def _sub(parent: etree._Element, name: str, text: object | None = None, ns: str 
     return el
 
 
+def guest_summary(status: dict) -> str:
+    """guestd's status in one line for the GuestStatus property: ready or not, the steps that failed,
+    the address it set on which interface, and the grid container's state."""
+    if not status.get("ready"):
+        return f"not ready: {status.get('error') or 'no ready report'}"
+    steps = status.get("steps") or {}
+    failed = sorted(n for n, r in steps.items() if isinstance(r, dict) and not r.get("ok", True))
+    parts = ["ready" if not failed else f"ready, failed steps: {', '.join(failed)}"]
+    net = (steps.get("network") or {}).get("detail") or {}
+    if net.get("address"):
+        parts.append(f"address {net['address']}/{net.get('netmask', '?')} on {net.get('interface', '?')}")
+    container = status.get("container") or {}
+    if container:
+        parts.append(f"container {'running' if container.get('running') else 'not running'}"
+                     + (f" (pid {container['pid']})" if container.get("pid") else ""))
+    return "; ".join(parts)
+
+
 def _parse_time(text: str) -> float:
     dt = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     if dt.tzinfo is None:
@@ -423,7 +441,7 @@ class VMManagerService(SoapService):
             try:
                 # a short poll: a ready report is noticed within a quarter second, not a 2 s step
                 report = self.vmm.guest_channel(key).wait_ready(timeout=self.config.guest_ready_timeout, poll=0.25)
-                status = "ready" if report.get("ok", True) else f"not ready: {json.dumps(report)[:200]}"
+                status = guest_summary(report)
             except VMMError as exc:
                 status = f"no report: {exc}"
             self.store.update(key, guest_status=status)

@@ -164,7 +164,7 @@ def deployed(qemu_grid, grid_pki):
     running = client.wait_for(registered.ref, ("Running",), timeout=BOOT_TIMEOUT)
     d = Deployed(qemu_grid, client, registered.ref, registered, running, descriptor, time.monotonic() - t0)
     print(f"deploy to Running on QEMU: {d.seconds:.1f} s, phases {running.phases}", file=sys.stderr)
-    if running.state != "Running" or running.guest_status != "ready":
+    if running.state != "Running" or not running.guest_status.startswith("ready;"):
         pytest.fail(f"deploy ended {running.state} ({running.failure or running.guest_status}); "
                     f"console:\n{d.console()}")
     return d
@@ -244,7 +244,8 @@ def test_guestd_configured_the_address_and_mac_the_node_leased(deployed):
     assert (net["address"], net["netmask"], net["gateway"]) == (reg.address, "255.255.255.0", GATEWAY)
     assert steps["hostname"]["detail"]["hostname"] == "qemu-tier-1"
     assert deployed.channel().rejected == [], "every guestd message carried the instance token"
-    assert info.guest_status == "ready"
+    # the same, as a client sees it over SOAP: the GuestStatus resource property
+    assert info.guest_status.startswith(f"ready; address {reg.address}/255.255.255.0 on eth0; container running")
 
 
 def test_the_grid_container_from_the_descriptor_runs_in_the_guest(deployed):
