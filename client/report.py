@@ -6,7 +6,8 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-PHASES = ("authorize", "register", "lease", "stage", "overlay", "context", "power-on", "guest-ready")
+from services.vmmanager.states import PHASES
+
 COLOURS = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7")
 
 

@@ -48,7 +48,6 @@ RESOURCE_PROPERTIES = frozenset(
                                    "Created", "PhaseTimings", "StagingProgress", "GuestStatus", "Failure",
                                    "Lifetime")]
     + [f"{{{RL}}}TerminationTime", f"{{{RL}}}CurrentTime"])
-PHASES = ("authorize", "register", "lease", "stage", "overlay", "context", "power-on", "guest-ready")
 
 
 @dataclass
@@ -345,7 +344,6 @@ class VMManagerService(SoapService):
             raise
         self.log.info("instance %s (%s) of %s registered for %s, lifetime %d s", key, identifier, d.image_id,
                       ctx.dn, lifetime)
-        self._notify(key, State.REGISTERED, State.REGISTERED)
         if wait:
             self._deploy_rest(key, raise_fault=True)
         else:

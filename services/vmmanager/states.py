@@ -1,4 +1,4 @@
-"""The life of a VM instance: its states and which operation is allowed in which state."""
+"""The life of a VM instance: its deployment phases, its states and which operation is allowed in which state."""
 from __future__ import annotations
 
 import enum
@@ -18,6 +18,9 @@ class State(str, enum.Enum):
     DESTROYED = "Destroyed"        # final: everything released
     FAILED = "Failed"              # final: everything released, Failure says why
 
+
+# The deployment phases, in the order they run, each timed (the PhaseTimings resource property).
+PHASES = ("authorize", "register", "lease", "stage", "overlay", "context", "power-on", "guest-ready")
 
 TRANSIENT = frozenset({State.REGISTERED, State.STAGING, State.STARTING, State.SHUTTING_DOWN})
 FINAL = frozenset({State.DESTROYED, State.FAILED})

@@ -232,10 +232,6 @@ class NodeStore:
             "SELECT key FROM instances WHERE ended IS NULL AND termination <= ? AND state NOT IN ('Destroyed', 'Failed')",
             (now,))]
 
-    def count_live(self, owner: str) -> int:
-        return self._db().execute("SELECT count(*) FROM instances WHERE owner = ? AND state NOT IN "
-                                  "('Destroyed', 'Failed')", (owner,)).fetchone()[0]
-
     # -- leases ---------------------------------------------------------------------------------------
     def lease(self, key: str, pool: LeaseRange) -> Lease:
         """Lease the lowest free address of the range (and its MAC) to an instance, atomically."""

@@ -194,9 +194,6 @@ class Catalogue:
             f"WHERE vo IN ({marks}) ORDER BY {order} {direction}, image_id {direction}", vos)
         return (Record(*r) for r in cur)
 
-    def refs(self, sha256: str) -> int:
-        return self._db().execute("SELECT count(*) FROM images WHERE sha256 = ?", (sha256,)).fetchone()[0]
-
     # -- writes -------------------------------------------------------------------------------
     def add(self, element: etree._Element, ingested: Ingested | None = None) -> None:
         """Insert a complete descriptor (imageId, owner, created, sha256 and size set). With
