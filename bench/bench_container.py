@@ -106,12 +106,7 @@ def serve_main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     container.start()
     print(f"ready {container.base_url}", flush=True)
-    try:
-        container._thread.join()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        container.stop()
+    container.serve_forever()
     return 0
 
 

@@ -29,6 +29,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchgrid import WIRE_SCRIPT  # noqa: E402  (plain TCP, the link's ceiling)
+
 REPO = Path(__file__).resolve().parents[1]
 WAN = REPO.parent / "shared" / "tools" / "wan.sh"
 VMGRID = Path(sys.executable).parent / "vmgrid"
@@ -37,33 +40,6 @@ SRV_IP = "10.99.1.1"
 LINK_MBIT = 1000.0
 DEBIAN_RMEM = "4096 131072 6291456"
 DEBIAN_WMEM = "4096 16384 4194304"
-
-BLAST = r"""
-import os, socket, sys, threading, time
-mode, n, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-if mode == "srv":
-    l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    l.bind((sys.argv[4], 5001)); l.listen(64); print("ready", flush=True)
-    fd = os.open(path, os.O_RDONLY); size = os.fstat(fd).st_size
-    conns = [l.accept()[0] for _ in range(n)]
-    per = -(-size // n)
-    def send(c, i):
-        off, end = i * per, min(size, (i + 1) * per)
-        while off < end:
-            off += os.sendfile(c.fileno(), fd, off, end - off)
-        c.close()
-    ts = [threading.Thread(target=send, args=(c, i)) for i, c in enumerate(conns)]
-    [t.start() for t in ts]; [t.join() for t in ts]
-else:
-    conns = [socket.create_connection((sys.argv[4], 5001)) for _ in range(n)]
-    def recv(c):
-        buf = bytearray(1 << 20)
-        while c.recv_into(buf):
-            pass
-    ts = [threading.Thread(target=recv, args=(c,)) for c in conns]
-    [t.start() for t in ts]; [t.join() for t in ts]
-"""
-
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
@@ -205,11 +181,11 @@ def bench_wan(work: Path, size: int, repeat: int, results: Results) -> None:
 
         # the raw ceiling of the emulated link: 8 plain TCP streams, sendfile to recv_into, no protocol
         for _ in range(repeat):
-            blast = wan_popen("srv", [sys.executable, "-c", BLAST, "srv", "8", str(src), SRV_IP],
+            blast = wan_popen("srv", [sys.executable, "-c", WIRE_SCRIPT, "send", "8", SRV_IP, "5001", str(src)],
                               stdout=subprocess.PIPE, text=True)
             blast.stdout.readline()
             results.add("wan", "raw TCP (link ceiling)", 8,
-                        timed([sys.executable, "-c", BLAST, "cli", "8", str(src), SRV_IP], popen=cli))
+                        timed([sys.executable, "-c", WIRE_SCRIPT, "recv", "8", SRV_IP, "5001"], popen=cli))
             stop(blast)
 
         for _ in range(repeat):

@@ -40,7 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchgrid import (REPO, BenchError, DeployRun, ServiceProcess, Wan, bench_policy, fmt_s, loadavg,  # noqa: E402
+from benchgrid import (REPO, WIRE_SCRIPT, BenchError, DeployRun, ServiceProcess, Wan, bench_policy, fmt_s, loadavg,  # noqa: E402
                        log, machine_cpu, p50, percentile, phase_table, process_cpu, security_section, serve,
                        stop_process, table)
 from lxml import etree  # noqa: E402
@@ -50,41 +50,6 @@ POSTER_SECONDS = 6 * 60 + 23      # "deployed in 6 min 23 s"
 LIFETIME = 3600
 LEASES = "10.99.0.10-10.99.0.250"
 PARALLEL = 4                      # GridFTP streams the node stages with ([vmmanager] staging_parallel default)
-
-# plain TCP over the emulated link: the wire time of the image's bytes (no protocol, no disk on the receiver)
-WIRE = r"""
-import json, os, socket, sys, threading, time
-mode, n, host, port = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
-if mode == "send":
-    path = sys.argv[5]
-    l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    l.bind((host, port)); l.listen(64); print("ready", flush=True)
-    fd = os.open(path, os.O_RDONLY); size = os.fstat(fd).st_size
-    conns = [l.accept()[0] for _ in range(n)]
-    per = -(-size // n)
-    def send(c, i):
-        off, end = i * per, min(size, (i + 1) * per)
-        while off < end:
-            off += os.sendfile(c.fileno(), fd, off, end - off)
-        c.close()
-    ts = [threading.Thread(target=send, args=(c, i)) for i, c in enumerate(conns)]
-    [t.start() for t in ts]; [t.join() for t in ts]
-else:
-    got = [0] * n
-    t0 = time.perf_counter()
-    conns = [socket.create_connection((host, port)) for _ in range(n)]
-    def recv(c, i):
-        buf = bytearray(1 << 20)
-        while True:
-            k = c.recv_into(buf)
-            if not k:
-                return
-            got[i] += k
-    ts = [threading.Thread(target=recv, args=(c, i)) for i, c in enumerate(conns)]
-    [t.start() for t in ts]; [t.join() for t in ts]
-    print(json.dumps({"bytes": sum(got), "seconds": time.perf_counter() - t0}), flush=True)
-"""
-
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -510,7 +475,7 @@ def wire_time(wan: Wan, image: Path, streams: int, root: Path) -> dict:
     """Plain TCP (sendfile -> recv into a buffer) of the image's bytes from the server namespace to the
     node's, over the same emulated link."""
     script = root / "wire.py"
-    script.write_text(WIRE)
+    script.write_text(WIRE_SCRIPT)
     env = {**os.environ, "P": wan.prefix}
     sender = subprocess.Popen(wan.command("srv", [sys.executable, str(script), "send", str(streams), wan.srv_ip,
                                                   "5001", str(image)]),

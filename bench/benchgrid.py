@@ -19,8 +19,44 @@ sys.path.insert(0, str(REPO))
 from client.localgrid import write_toml  # noqa: E402
 
 WAN_SH = Path(os.environ.get("VMGRID_WAN_SH", REPO.parent / "shared" / "tools" / "wan.sh"))
-PHASES = ("authorize", "register", "lease", "stage", "overlay", "context", "power-on", "guest-ready")
+from services.vmmanager.states import PHASES  # noqa: E402,F401  (re-exported for the benches)
 OTHER = "(outside the phases)"   # the SOAP round trip, the client, the waits between phases
+
+
+# Plain TCP, the peer of every transfer figure: sendfile into N streams, the receiver discarding (no protocol,
+# no disk). `send N HOST PORT FILE` listens and sends; `recv N HOST PORT` receives and prints bytes and seconds.
+WIRE_SCRIPT = r"""
+import json, os, socket, sys, threading, time
+mode, n, host, port = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+if mode == "send":
+    path = sys.argv[5]
+    l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    l.bind((host, port)); l.listen(64); print("ready", flush=True)
+    fd = os.open(path, os.O_RDONLY); size = os.fstat(fd).st_size
+    conns = [l.accept()[0] for _ in range(n)]
+    per = -(-size // n)
+    def send(c, i):
+        off, end = i * per, min(size, (i + 1) * per)
+        while off < end:
+            off += os.sendfile(c.fileno(), fd, off, end - off)
+        c.close()
+    ts = [threading.Thread(target=send, args=(c, i)) for i, c in enumerate(conns)]
+    [t.start() for t in ts]; [t.join() for t in ts]
+else:
+    got = [0] * n
+    t0 = time.perf_counter()
+    conns = [socket.create_connection((host, port)) for _ in range(n)]
+    def recv(c, i):
+        buf = bytearray(1 << 20)
+        while True:
+            k = c.recv_into(buf)
+            if not k:
+                return
+            got[i] += k
+    ts = [threading.Thread(target=recv, args=(c, i)) for i, c in enumerate(conns)]
+    [t.start() for t in ts]; [t.join() for t in ts]
+    print(json.dumps({"bytes": sum(got), "seconds": time.perf_counter() - t0}), flush=True)
+"""
 
 
 class BenchError(RuntimeError):

@@ -49,10 +49,5 @@ def run(args) -> int:
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     container.start()
     print(f"vmgrid: serving {', '.join(s.name for s in services)} at {container.base_url}", flush=True)
-    try:
-        container._thread.join()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        container.stop()
+    container.serve_forever()
     return 0

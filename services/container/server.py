@@ -63,7 +63,9 @@ class Container:
         return self
 
     def serve_forever(self) -> None:
-        self.start()
+        """Serve (starting first if needed) until interrupted (KeyboardInterrupt), then stop."""
+        if self._thread is None:
+            self.start()
         try:
             self._thread.join()
         except KeyboardInterrupt:
