@@ -38,7 +38,8 @@ from services.authz.config import EnforcementConfig
 from services.container.assemble import build_container, build_vmmanager
 from services.descriptor import parse_descriptor
 from services.faults import VMGridFault
-from services.vmmanager.service import PHASES, VMManagerConfig
+from services.vmmanager.service import VMManagerConfig
+from services.vmmanager.states import PHASES
 from services.vmmanager.vmm import InstanceState
 from services.vmmanager.vmm.config import domain_name
 from tests.fixtures.grid import base_config, free_port, start_grid
