@@ -12,8 +12,6 @@ from client.cli import CLIError
 from client.output import emit_descriptors, table
 from services.container.contract import WSDL_DIR
 
-DEFAULT_POLICY = Path(__file__).resolve().parents[1] / "services" / "authz" / "default-policy.toml"
-
 EXAMPLES = WSDL_DIR / "examples"
 SAMPLE_IMAGES = [  # descriptor, image format, virtual size
     ("debian12-emboss.xml", "qcow2", "2G"),
@@ -46,20 +44,6 @@ def make_image(path: Path, fmt: str, size: str) -> None:
             f.truncate(8 * 1024 * 1024)
 
 
-POLICY_GROUPS = """
-[groups.bio]
-description = "bioinformatics VO"
-members = ["{alice}"]
-admins = ["{admin}"]
-
-[groups.hep]
-description = "high-energy physics VO"
-members = ["{bob}"]
-admins = ["{admin}"]
-
-"""
-
-
 def run(args) -> int:
     from client.localgrid import LocalGrid, free_port
     from client.repository import RepositoryClient
@@ -67,6 +51,8 @@ def run(args) -> int:
     from client.soap import GridServiceClient
     from client.vmmanager import VMManagerClient
     from security.trust import TrustStore
+    from services.authz.edit import site_policy
+    from services.authz.policy import Group
     from services.faults import AccessDenied
 
     if shutil.which("qemu-img") is None:
@@ -86,11 +72,10 @@ def run(args) -> int:
     try:
         say("starting the grid: the Authorization service and the VMRepository (one process), "
             "two VMManager nodes on libvirt's test driver (one process each); HTTPS, signed messages")
-        policy = (work / "grid" / "policy.toml")
-        text = DEFAULT_POLICY.read_text().replace("admins = []\n", f'admins = ["{admin.dn}"]\n', 1)
-        text = text.replace("# Rules, in order.", POLICY_GROUPS.format(alice=alice.dn, bob=bob.dn, admin=admin.dn)
-                            + "# Rules, in order.", 1)
-        policy.write_text(text)
+        policy = work / "grid" / "policy.toml"
+        policy.write_text(site_policy(admins=[admin.dn], groups=[
+            Group("bio", members=(alice.dn,), admins=(admin.dn,), description="bioinformatics VO"),
+            Group("hep", members=(bob.dn,), admins=(admin.dn,), description="high-energy physics VO")]))
         port = free_port()
         base = f"https://localhost:{port}/wsrf/services"
         enforcement = {"authz_url": f"{base}/AuthorizationService", "permit_ttl": 2.0}

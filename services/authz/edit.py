@@ -9,7 +9,7 @@ import re
 import tempfile
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Mapping
 
 from services.authz.policy import _HEADER, Group, Policy, PolicyError, Rule, parse_policy
 
@@ -267,3 +267,23 @@ def reparse(text: str, old: Policy) -> Policy:
     return parse_policy(text, old.source, base_dir=Path(old.source).resolve().parent)
 
 
+
+
+# -- a new site's policy --------------------------------------------------------------------------------
+DEFAULT_POLICY = Path(__file__).with_name("default-policy.toml")
+
+
+def site_policy(*, admins: Iterable[str] = (), groups: Iterable[Group] = (),
+                limits: Mapping[str, int | str] | None = None) -> str:
+    """The default policy (default-policy.toml) with its policy admins, VO groups and site limits filled
+    in: a new site's first policy file (the main job and the tests start from it)."""
+    text = DEFAULT_POLICY.read_text()
+    text = text.replace("admins = []\n", f"admins = {toml_value(list(admins))}\n", 1)
+    if limits:
+        start = text.index("[limits]\n")
+        end = text.index("\n\n", start)
+        text = text[:start] + "[limits]\n" + "\n".join(f"{k} = {toml_value(v)}" for k, v in limits.items()) \
+            + text[end:]
+    blocks = "".join(render_group(g) + "\n" for g in groups)
+    marker = "# Rules, in order."
+    return text.replace(marker, blocks + marker, 1)

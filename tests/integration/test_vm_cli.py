@@ -11,7 +11,8 @@ from client.localgrid import LocalGrid, free_port
 from client.repository import RepositoryClient
 from client.soap import GridServiceClient
 from security.trust import TrustStore
-from tests.fixtures.grid import DEFAULT_POLICY
+from services.authz.edit import site_policy
+from services.authz.policy import Group
 from tests.fixtures.repository import EXAMPLES, make_image
 
 pytestmark = pytest.mark.timeout(300)
@@ -22,10 +23,8 @@ def grid(tmp_path_factory):
     root = tmp_path_factory.mktemp("vmcli")
     with LocalGrid(root) as g:
         admin, alice = g.user("admin"), g.user("alice")
-        policy = DEFAULT_POLICY.read_text().replace("admins = []\n", f'admins = ["{admin.dn}"]\n', 1)
-        policy = policy.replace("# Rules, in order.", f'[groups.bio]\nmembers = ["{alice.dn}"]\nadmins = '
-                                f'["{admin.dn}"]\n\n# Rules, in order.', 1)
-        (root / "policy.toml").write_text(policy)
+        (root / "policy.toml").write_text(site_policy(admins=[admin.dn], groups=[
+            Group("bio", members=(alice.dn,), admins=(admin.dn,))]))
         ingest = root / "ingest"
         ingest.mkdir()
         port = free_port()

@@ -14,7 +14,8 @@ from client.repository import RepositoryClient
 from client.soap import ClientError, GridServiceClient
 from client.vmmanager import VMManagerClient
 from security.trust import TrustStore
-from tests.fixtures.grid import DEFAULT_POLICY
+from services.authz.edit import site_policy
+from services.authz.policy import Group
 from tests.fixtures.repository import EXAMPLES, make_image
 
 pytestmark = pytest.mark.timeout(300)
@@ -26,10 +27,8 @@ def site(tmp_path_factory):
     root = tmp_path_factory.mktemp("crashsite")
     with LocalGrid(root) as grid:
         admin, alice = grid.user("admin"), grid.user("alice")
-        policy = DEFAULT_POLICY.read_text().replace("admins = []\n", f'admins = ["{admin.dn}"]\n', 1)
-        policy = policy.replace("# Rules, in order.",
-                                f'[groups.bio]\nmembers = ["{alice.dn}"]\n\n# Rules, in order.', 1)
-        (root / "policy.toml").write_text(policy)
+        (root / "policy.toml").write_text(site_policy(admins=[admin.dn], groups=[
+            Group("bio", members=(alice.dn,), admins=(admin.dn,))]))
         ingest = root / "ingest"
         ingest.mkdir()
         port = free_port()

@@ -8,7 +8,7 @@ import threading
 from pathlib import Path
 
 from security.pki import Credential, make_proxy, write_private, write_public
-from services.authz.edit import render_group
+from services.authz.edit import site_policy
 from services.authz.policy import Group, Limits
 from services.container.assemble import build_container, build_service
 from services.container.config import Config
@@ -29,24 +29,13 @@ def policy_text(*, admins: list[str] = (), groups: dict[str, dict] | None = None
                 rules_first: str = "", enforcement_points: list[str] | None = None) -> str:
     """The default policy with admins, groups (name -> members/admins/limits/gridmap), site limits,
     extra rules tried before the default ones, and enforcement points filled in."""
-    text = DEFAULT_POLICY.read_text()
-    quoted = ", ".join(f'"{a}"' for a in admins)
-    text = text.replace("admins = []\n", f"admins = [{quoted}]\n", 1)
+    text = site_policy(admins=admins, limits=limits, groups=[
+        Group(name, tuple(g.get("members", ())), tuple(g.get("admins", ())), g.get("gridmap"),
+              tuple(g.get("gridmap_accounts", ())), Limits(**g.get("limits", {})))
+        for name, g in (groups or {}).items()])
     if enforcement_points is not None:
         eps = ", ".join(f'"{e}"' for e in enforcement_points)
         text = text.replace('enforcement_points = ["/O=Grid/*/CN=host/*"]', f"enforcement_points = [{eps}]", 1)
-    if limits is not None:
-        start = text.index("[limits]\n")
-        end = text.index("\n\n", start)
-        body = "\n".join(f"{k} = {v!r}" if isinstance(v, int) else f'{k} = "{v}"' for k, v in limits.items())
-        text = text[:start] + "[limits]\n" + body + text[end:]
-    blocks = []
-    for name, g in (groups or {}).items():
-        blocks.append(render_group(Group(name, tuple(g.get("members", ())), tuple(g.get("admins", ())),
-                                         g.get("gridmap"), tuple(g.get("gridmap_accounts", ())),
-                                         Limits(**g.get("limits", {})))))
-    marker = "# Rules, in order."
-    text = text.replace(marker, "\n".join(blocks) + "\n" + marker, 1)
     if rules_first:
         first = text.index("[[rule]]")
         text = text[:first] + rules_first.strip() + "\n\n" + text[first:]
