@@ -45,7 +45,7 @@ def make_image(path: Path, fmt: str, size: str) -> None:
 
 
 def run(args) -> int:
-    from client.localgrid import LocalGrid, free_port
+    from client.localgrid import LocalGrid
     from client.repository import RepositoryClient
     from client.report import Deployment, draw, print_report
     from client.soap import GridServiceClient
@@ -72,24 +72,15 @@ def run(args) -> int:
     try:
         say("starting the grid: the Authorization service and the VMRepository (one process), "
             "two VMManager nodes on libvirt's test driver (one process each); HTTPS, signed messages")
-        policy = work / "grid" / "policy.toml"
-        policy.write_text(site_policy(admins=[admin.dn], groups=[
+        grid.start_central(site_policy(admins=[admin.dn], groups=[
             Group("bio", members=(alice.dn,), admins=(admin.dn,), description="bioinformatics VO"),
-            Group("hep", members=(bob.dn,), admins=(admin.dn,), description="high-energy physics VO")]))
-        port = free_port()
-        base = f"https://localhost:{port}/wsrf/services"
-        enforcement = {"authz_url": f"{base}/AuthorizationService", "permit_ttl": 2.0}
-        grid.start("central", ["authz", "repository"], {
-            "authz": {"policy": str(policy)}, "enforcement": enforcement,
-            "repository": {"ingest_dirs": [str(images)], "gridftp_port": 0},
-        }, port=port)
+            Group("hep", members=(bob.dn,), admins=(admin.dn,), description="high-energy physics VO")]),
+            images, permit_ttl=2.0)
+        base = grid.services_url
         nodes = []
         for n, lease_range in ((1, "10.99.0.10-10.99.0.99"), (2, "10.99.0.100-10.99.0.189")):
-            proc = grid.start(f"node{n}", ["vmmanager"], {
-                "enforcement": enforcement,
-                "vmmanager": {"node": f"node{n}", "repository": f"{base}/VMRepositoryService",
-                              "network": "10.99.0.0/24", "lease_range": lease_range, "sweep_interval": 0.5},
-            })
+            proc = grid.start_node(f"node{n}", {"network": "10.99.0.0/24", "lease_range": lease_range,
+                                                "sweep_interval": 0.5})
             nodes.append(proc.base_url + "/wsrf/services/VMManagerService")
         url = f"{base}/VMRepositoryService"
         table(["service", "url"], [("AuthorizationService", f"{base}/AuthorizationService"),

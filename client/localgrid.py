@@ -87,6 +87,8 @@ class LocalGrid:
     ca: GridCA = field(init=False)
     users: dict[str, User] = field(default_factory=dict)
     processes: dict[str, ServiceProcess] = field(default_factory=dict)
+    services_url: str = ""       # https://localhost:PORT/wsrf/services of the central process, once started
+    permit_ttl: float = 0.0      # how long the services cache an Authorization service permit
 
     def __post_init__(self):
         self.root = Path(self.root)
@@ -140,6 +142,33 @@ class LocalGrid:
         self.processes[name] = sp
         self.wait_ready(sp, timeout)
         return sp
+
+    def start_central(self, policy_text: str, ingest_dir: Path, *, permit_ttl: float = 0.0,
+                      name: str = "central") -> ServiceProcess:
+        """The Authorization service (with ``policy_text`` as its policy file) and the VMRepository
+        (ingesting from ``ingest_dir``, with its GridFTP server) in one process; the repository asks the
+        Authorization service over SOAP like any enforcement point."""
+        policy = self.root / "policy.toml"
+        policy.write_text(policy_text)
+        port = free_port()
+        self.services_url = f"https://localhost:{port}/wsrf/services"
+        self.permit_ttl = permit_ttl
+        return self.start(name, ["authz", "repository"], {
+            "authz": {"policy": str(policy)}, "enforcement": self.enforcement(),
+            "repository": {"ingest_dirs": [str(ingest_dir)], "gridftp_port": 0},
+        }, port=port)
+
+    def enforcement(self) -> dict:
+        """The [enforcement] section that points a service at the central Authorization service."""
+        return {"authz_url": f"{self.services_url}/AuthorizationService", "permit_ttl": self.permit_ttl}
+
+    def start_node(self, name: str, vmmanager: dict, *, extra_env: dict | None = None) -> ServiceProcess:
+        """A VMManager node (libvirt's test driver unless ``vmmanager`` says otherwise) that authorizes
+        through the central Authorization service and stages from the central repository."""
+        return self.start(name, ["vmmanager"], {
+            "enforcement": self.enforcement(),
+            "vmmanager": {"node": name, "repository": f"{self.services_url}/VMRepositoryService", **vmmanager},
+        }, extra_env=extra_env)
 
     def wait_ready(self, sp: ServiceProcess, timeout: float = 30) -> None:
         session = grid_session(self.cert_dir)

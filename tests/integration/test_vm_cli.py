@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from client.localgrid import LocalGrid, free_port
+from client.localgrid import LocalGrid
 from client.repository import RepositoryClient
 from client.soap import GridServiceClient
 from security.trust import TrustStore
@@ -23,18 +23,12 @@ def grid(tmp_path_factory):
     root = tmp_path_factory.mktemp("vmcli")
     with LocalGrid(root) as g:
         admin, alice = g.user("admin"), g.user("alice")
-        (root / "policy.toml").write_text(site_policy(admins=[admin.dn], groups=[
-            Group("bio", members=(alice.dn,), admins=(admin.dn,))]))
         ingest = root / "ingest"
         ingest.mkdir()
-        port = free_port()
-        base = f"https://localhost:{port}/wsrf/services"
-        enforcement = {"authz_url": f"{base}/AuthorizationService", "permit_ttl": 0.0}
-        g.start("central", ["authz", "repository"], {
-            "authz": {"policy": str(root / "policy.toml")}, "enforcement": enforcement,
-            "repository": {"ingest_dirs": [str(ingest)], "gridftp_port": 0}}, port=port)
-        node = g.start("node1", ["vmmanager"], {"enforcement": enforcement, "vmmanager": {
-            "node": "node1", "repository": f"{base}/VMRepositoryService", "sweep_interval": 0.3}})
+        g.start_central(site_policy(admins=[admin.dn], groups=[
+            Group("bio", members=(alice.dn,), admins=(admin.dn,))]), ingest)
+        base = g.services_url
+        node = g.start_node("node1", {"sweep_interval": 0.3})
         repo = RepositoryClient(GridServiceClient(f"{base}/VMRepositoryService", admin.credential,
                                                   TrustStore(g.cert_dir)))
         repo.register((EXAMPLES / "debian12-emboss.xml").read_bytes(),

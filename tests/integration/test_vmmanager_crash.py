@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from client.localgrid import LocalGrid, free_port
+from client.localgrid import LocalGrid
 from client.repository import RepositoryClient
 from client.soap import ClientError, GridServiceClient
 from client.vmmanager import VMManagerClient
@@ -27,32 +27,21 @@ def site(tmp_path_factory):
     root = tmp_path_factory.mktemp("crashsite")
     with LocalGrid(root) as grid:
         admin, alice = grid.user("admin"), grid.user("alice")
-        (root / "policy.toml").write_text(site_policy(admins=[admin.dn], groups=[
-            Group("bio", members=(alice.dn,), admins=(admin.dn,))]))
         ingest = root / "ingest"
         ingest.mkdir()
-        port = free_port()
-        services = f"https://localhost:{port}/wsrf/services"
-        grid.start("central", ["authz", "repository"], {
-            "authz": {"policy": str(root / "policy.toml")},
-            "enforcement": {"authz_url": f"{services}/AuthorizationService", "permit_ttl": 0.0},
-            "repository": {"ingest_dirs": [str(ingest)], "gridftp_port": 0},
-        }, port=port)
+        grid.start_central(site_policy(admins=[admin.dn], groups=[Group("bio", members=(alice.dn,),
+                                                                           admins=(admin.dn,))]), ingest)
+        services = grid.services_url
         repo = RepositoryClient(GridServiceClient(f"{services}/VMRepositoryService", admin.credential,
                                                   TrustStore(grid.cert_dir)))
         image = make_image(ingest / "emboss.qcow2", "qcow2", "256M", fill=b"crash" * 100000)
         grid.descriptor = repo.register((EXAMPLES / "debian12-emboss.xml").read_bytes(), local_path=str(image))
-        grid.services_url = services
         yield grid
 
 
 def start_node(grid: LocalGrid, crashpoint: str | None = None):
-    env = {"VMGRID_CRASHPOINT": crashpoint} if crashpoint else {}
-    return grid.start("node1", ["vmmanager"], {
-        "enforcement": {"authz_url": f"{grid.services_url}/AuthorizationService", "permit_ttl": 0.0},
-        "vmmanager": {"node": "node1", "repository": f"{grid.services_url}/VMRepositoryService",
-                      "lease_range": "10.99.0.10-10.99.0.40", "sweep_interval": 0.5},
-    }, extra_env=env)
+    return grid.start_node("node1", {"lease_range": "10.99.0.10-10.99.0.40", "sweep_interval": 0.5},
+                           extra_env={"VMGRID_CRASHPOINT": crashpoint} if crashpoint else None)
 
 
 def node_client(grid: LocalGrid, proc) -> VMManagerClient:
