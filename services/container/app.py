@@ -12,6 +12,7 @@ from urllib.parse import parse_qs
 
 from lxml import etree
 
+from security.wssec import must_understand_violations
 from services.container import soap
 from services.container.contract import SCHEMA_PATH, SERVICES_PATH, served_schema
 from services.container.service import CallContext, SoapService
@@ -83,7 +84,10 @@ class SoapApplication:
                 # Defence in depth: the container never dispatches a message security did not verify.
                 raise soap.EnvelopeError("the message was not verified by WS-Security", "Client")
             headers, payload = soap.split_envelope(root)
-            soap.check_must_understand(headers, service.understood_headers)
+            # per service: another service of this container may understand a header this one does not
+            not_understood = must_understand_violations(root, service.understood_headers)
+            if not_understood:
+                raise soap.EnvelopeError(f"header {not_understood[0]} is not understood", "MustUnderstand")
             op = service.contract.by_input.get(payload.tag)
             if op is None:
                 raise soap.EnvelopeError(f"{service.name} has no operation for {payload.tag}")

@@ -11,7 +11,7 @@ from typing import Any, Callable
 from lxml import etree
 
 from services.container.contract import Contract
-from services.container.soap import UNDERSTOOD
+from security.middleware import DEFAULT_UNDERSTOOD
 
 Handler = Callable[["CallContext", etree._Element], etree._Element]
 
@@ -74,7 +74,7 @@ class SoapService:
         if missing or extra:
             raise TypeError(f"{self.name}: operations without handlers {sorted(missing)}, "
                             f"handlers without operations {sorted(extra)}")
-        self.understood_headers = UNDERSTOOD | self.extra_understood_headers
+        self.understood_headers = DEFAULT_UNDERSTOOD | self.extra_understood_headers
 
     def start(self) -> None:
         """Called once the container is serving (background tasks start here)."""

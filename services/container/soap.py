@@ -9,15 +9,6 @@ from services.faults import VMGridFault, to_detail
 
 SOAP_ENV = "http://schemas.xmlsoap.org/soap/envelope/"
 WSA = "http://www.w3.org/2005/08/addressing"
-WSSE = "http://docs.oasis-open.org/wss/2004/01/oasis-200401-wss-wssecurity-secext-1.0.xsd"
-WSU = "http://docs.oasis-open.org/wss/2004/01/oasis-200401-wss-wssecurity-utility-1.0.xsd"
-
-# Headers the container itself understands (mustUnderstand="1" is honoured for these).
-UNDERSTOOD = frozenset(
-    [f"{{{WSSE}}}Security"]
-    + [f"{{{WSA}}}{n}" for n in ("To", "Action", "MessageID", "ReplyTo", "From", "FaultTo", "RelatesTo")]
-)
-
 
 class EnvelopeError(Exception):
     """The message is not a SOAP 1.1 envelope we can dispatch (answered as a soapenv:Client fault)."""
@@ -52,12 +43,6 @@ def split_envelope(root: etree._Element) -> tuple[list[etree._Element], etree._E
     if len(payload) != 1:
         raise EnvelopeError("the Body must hold exactly one element (document/literal wrapped)")
     return headers, payload[0]
-
-
-def check_must_understand(headers: list[etree._Element], understood: frozenset[str]) -> None:
-    for h in headers:
-        if h.get(f"{{{SOAP_ENV}}}mustUnderstand") in ("1", "true") and h.tag not in understood:
-            raise EnvelopeError(f"header {h.tag} is not understood", "MustUnderstand")
 
 
 def wsa_headers(headers: list[etree._Element]) -> dict[str, str]:
