@@ -44,7 +44,7 @@ def register(subparsers) -> None:
     p = sub.add_parser("query", help="find images by criteria",
                        description="Criteria are FIELD OP VALUE, e.g. 'ram >= 512' 'distribution = debian' "
                                    "'library emboss >= 6.6'; all must hold; a lone 'or' starts another group. "
-                                   "Operators: = != < <= > >= contains matches. No criteria lists every image.")
+                                   "Operators: = != < <= > >= contains matches (or eq ne lt le gt ge). No criteria lists every image.")
     p.add_argument("criteria", nargs="*", help="criteria (quote each one)")
     p.add_argument("--xpath", help="an XPath 1.0 expression on each descriptor instead (prefix ws:)")
     p.add_argument("--order-by", default=None, help="name (default), vo, owner, created, updated, memory, vcpus, size")

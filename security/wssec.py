@@ -178,8 +178,24 @@ def _security_header(envelope: etree._Element) -> etree._Element:
             return sec
     sec = etree.Element(Q_SECURITY, nsmap={"wsse": WSSE, "wsu": WSU})
     sec.set(Q_MUST_UNDERSTAND, "1")
-    header.insert(0, sec)
+    header.append(sec)  # last, after the WS-Addressing headers it signs (gSOAP's verifier expects that order)
     return sec
+
+
+def _declaring_wsu(el: etree._Element) -> etree._Element:
+    """`el`, or a copy of it put in its place that declares the wsu prefix, so that the wsu:Id the signer adds is
+    written `wsu:Id` rather than under an automatic `ns0` (one namespace under two prefixes in one message)."""
+    if el.nsmap.get("wsu") == WSU:
+        return el
+    parent = el.getparent()
+    own = {p: u for p, u in el.nsmap.items() if parent.nsmap.get(p) != u and p != "wsu"}
+    copy = etree.SubElement(parent, el.tag, nsmap={**own, "wsu": WSU})  # in place: the parent's prefixes hold
+    for name, value in el.attrib.items():
+        copy.set(name, value)
+    copy.text, copy.tail = el.text, el.tail
+    copy.extend(list(el))
+    parent.replace(el, copy)
+    return copy
 
 
 def sign_in_place(envelope: etree._Element, credential: Credential, *, ttl: float = 300.0,
@@ -217,7 +233,8 @@ def sign_in_place(envelope: etree._Element, credential: Credential, *, ttl: floa
     security.insert(security.index(timestamp) + 1, bst)
 
     targets = [el for el in envelope.find(Q_HEADER) if isinstance(el.tag, str) and el is not security]
-    targets += [timestamp, body]
+    targets = [_declaring_wsu(el) if el.get(Q_ID) is None else el for el in targets]
+    targets += [timestamp, body if body.get(Q_ID) is not None else _declaring_wsu(body)]
     references = [SignatureReference(URI="#" + _ensure_id(el, "id")) for el in targets]
 
     key_info = etree.Element(Q_KEY_INFO, nsmap={"ds": DS})

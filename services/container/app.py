@@ -21,6 +21,10 @@ from services.faults import InternalFault, InvalidArgument, VMGridFault
 
 call_log = logging.getLogger("vmgrid.calls")
 
+# Faults the container itself answers for any operation: a request that fails schema validation, an unexpected
+# error. Every operation declares them (tests/unit/contract checks), so typed stacks (Axis, gSOAP) map them.
+CONTAINER_FAULTS = ("InvalidArgumentFault", "InternalFault")
+
 CALLER_KEY = "vmgrid.caller"
 ENVELOPE_KEY = "vmgrid.envelope"
 RESPONSE_KEY = "vmgrid.response_envelope"
@@ -102,6 +106,11 @@ class SoapApplication:
             status = "200 OK"
         except VMGridFault as exc:
             outcome = f"fault:{exc.element}"
+            if self.validate_responses and op_name in service.contract.operations and \
+                    exc.element not in service.contract.operations[op_name].faults:
+                # checked in tests: a fault the WSDL does not declare for the operation breaks typed clients
+                exc = InternalFault(f"{service.name}.{op_name} answered {exc.element}, which its WSDL operation "
+                                    f"does not declare: {exc.description}")
             env, status = soap.typed_fault_envelope(exc), "500 Internal Server Error"
         except soap.EnvelopeError as exc:
             outcome = f"fault:soap-{exc.code}"

@@ -55,14 +55,39 @@ def wsa_headers(headers: list[etree._Element]) -> dict[str, str]:
     return out
 
 
+# The prefixes every response uses, declared once on the Envelope: no automatic ns0, no namespace under two
+# prefixes (gSOAP's verifier stumbles on both). A namespace outside this table keeps the prefix its element has.
+PREFIXES = {
+    "soapenv": SOAP_ENV,
+    "wsse": "http://docs.oasis-open.org/wss/2004/01/oasis-200401-wss-wssecurity-secext-1.0.xsd",
+    "wsu": "http://docs.oasis-open.org/wss/2004/01/oasis-200401-wss-wssecurity-utility-1.0.xsd",
+    "ds": "http://www.w3.org/2000/09/xmldsig#",
+    "wsa": WSA,
+    "wsrf-rl": "http://docs.oasis-open.org/wsrf/rl-2",
+    "wsrf-rp": "http://docs.oasis-open.org/wsrf/rp-2",
+    "wsnt": "http://docs.oasis-open.org/wsn/b-2",
+    "f": "http://vmgrid.org/ns/faults/1",
+    "ws": "http://vmgrid.org/ns/workspace/1",
+    "repo": "http://vmgrid.org/ns/vmrepository/1",
+    "vmm": "http://vmgrid.org/ns/vmmanager/1",
+    "az": "http://vmgrid.org/ns/authz/1",
+}
+# Kept on the Envelope even when no element name uses them: the signer adds wsu:Id to the Body and headers and
+# wsse:Security to the Header after the envelope is built.
+_ALWAYS = ("soapenv", "wsse", "wsu")
+
+
 def envelope(payload: etree._Element, headers: list[etree._Element] = ()) -> etree._Element:
-    env = etree.Element(f"{{{SOAP_ENV}}}Envelope", nsmap={"soapenv": SOAP_ENV})
+    """A response envelope whose namespaces all use the conventional prefixes (PREFIXES), declared on the
+    Envelope. The payload must not carry QName-valued text (a prefix in text is not renamed)."""
+    env = etree.Element(f"{{{SOAP_ENV}}}Envelope", nsmap={p: PREFIXES[p] for p in _ALWAYS})
     if headers:
         hdr = etree.SubElement(env, f"{{{SOAP_ENV}}}Header")
         for h in headers:
             hdr.append(h)
     body = etree.SubElement(env, f"{{{SOAP_ENV}}}Body")
     body.append(payload)
+    etree.cleanup_namespaces(env, top_nsmap=PREFIXES, keep_ns_prefixes=_ALWAYS)
     return env
 
 

@@ -12,6 +12,8 @@ from services.descriptor import NUMBER, TIME, VERSION, number_value, resolve_fie
 from services.faults import BadQuery
 
 OPERATORS = ("=", "!=", "<", "<=", ">", ">=", "contains", "matches")
+# Word forms of the comparison operators, for SOAP stacks and shells where < and > are awkward.
+WORD_OPERATORS = {"eq": "=", "ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">="}
 ORDERABLE = {"name": "name", "vo": "vo", "owner": "owner", "created": "created", "updated": "updated",
              "memory": "memory", "ram": "memory", "vcpus": "vcpus", "size": "size", "id": "image_id"}
 XPATH_DIALECT = "http://www.w3.org/TR/1999/REC-xpath-19991116"
@@ -43,7 +45,7 @@ class Query:
 # -- the command-line form ------------------------------------------------------------------
 
 _CRITERION = re.compile(r"^\s*(?P<field>[A-Za-z][\w.+\-]*)(?:\s+(?P<lib>[A-Za-z0-9][\w.+\-]*))?\s*"
-                        r"(?P<op>!=|<=|>=|=|<|>|\bcontains\b|\bmatches\b)\s*(?P<value>.*?)\s*$")
+                        r"(?P<op>!=|<=|>=|=|<|>|\b(?:contains|matches|eq|ne|lt|le|gt|ge)\b)\s*(?P<value>.*?)\s*$")
 
 
 def parse_criterion(text: str) -> Criterion:
@@ -51,7 +53,7 @@ def parse_criterion(text: str) -> Criterion:
     m = _CRITERION.match(text)
     if not m:
         raise BadQuery(f"cannot read criterion {text!r}: expected FIELD OPERATOR VALUE "
-                       f"(operators: {' '.join(OPERATORS)})", reason="syntax", criterion=text)
+                       f"(operators: {' '.join(OPERATORS)} {' '.join(WORD_OPERATORS)})", reason="syntax", criterion=text)
     fieldname, lib, op, value = m.group("field"), m.group("lib"), m.group("op"), m.group("value")
     if lib:
         if fieldname != "library":
@@ -107,6 +109,7 @@ def prepare(c: Criterion) -> Prepared:
         raise BadQuery(f"unknown field {c.field!r} (see docs/query.md for the fields)",
                        reason="unknown field", criterion=str(c))
     path, kind = resolved
+    c = Criterion(c.field, WORD_OPERATORS.get(c.op, c.op), c.value)
     if c.op not in OPERATORS:
         raise BadQuery(f"unknown operator {c.op!r}", reason="unknown operator", criterion=str(c))
     if c.op == "contains":
