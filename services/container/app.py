@@ -139,8 +139,9 @@ class SoapApplication:
         # A descriptor inside the request gets its own, line-numbered InvalidDescriptor fault.
         for ws in payload.iter(WORKSPACE_TAG):
             check_descriptor(ws)
-        raise InvalidArgument(f"invalid {etree.QName(payload).localname} request: {err.message}",
-                              argument=err.path or "")
+        where = soap.element_path(payload, err.path) or etree.QName(payload).localname
+        raise InvalidArgument(f"invalid {etree.QName(payload).localname} request: {where}: "
+                              f"{soap.schema_message(err.message)}", argument=where)
 
 
 def _xml(start_response, status: str, body: bytes):

@@ -1,6 +1,7 @@
 """SOAP 1.1 envelopes: reading requests, writing responses and typed faults, WS-Addressing headers."""
 from __future__ import annotations
 
+import re
 import uuid
 
 from lxml import etree
@@ -119,3 +120,46 @@ def typed_fault_envelope(exc: VMGridFault) -> etree._Element:
 
 def serialize(env: etree._Element) -> bytes:
     return etree.tostring(env, xml_declaration=True, encoding="UTF-8")
+
+
+_STEP = re.compile(r"^(?P<name>[^\[]+)(?:\[(?P<index>\d+)\])?$")
+_LIBXML_SUBJECT = re.compile(r"^(?:Element|Attribute) '[^']*'(?:, attribute '[^']*')?: (?:\[facet '[^']*'\] )?")
+
+
+def _children_matching(parent: etree._Element, step: str) -> list[etree._Element]:
+    elements = [c for c in parent if isinstance(c.tag, str)]
+    if step == "*":
+        return elements
+    prefix, _, local = step.rpartition(":")
+    return [c for c in elements if etree.QName(c).localname == local and (c.prefix or "") == prefix]
+
+
+def element_path(payload: etree._Element, libxml_path: str | None) -> str | None:
+    """The element a schema error names, as a path of local names with positions
+    (``QueryImages/group[1]/criterion[2]/value``), from libxml2's path relative to the payload
+    (``/*/*[1]/*[2]/*``); None when the path cannot be followed."""
+    steps = [s for s in (libxml_path or "").split("/") if s]
+    if not steps or not _STEP.match(steps[0]):
+        return None
+    names = [etree.QName(payload).localname]
+    node = payload
+    for i, step in enumerate(steps[1:], start=2):
+        m = _STEP.match(step)
+        if m is None or m.group("name").startswith("@") or m.group("name") == "text()":
+            break
+        candidates = _children_matching(node, m.group("name"))
+        index = int(m.group("index") or 1) - 1
+        if not 0 <= index < len(candidates):
+            return None
+        node = candidates[index]
+        same = [c for c in node.getparent() if isinstance(c.tag, str) and c.tag == node.tag]
+        last = i == len(steps)
+        local = etree.QName(node).localname
+        names.append(local if last and len(same) == 1 else f"{local}[{same.index(node) + 1}]")
+    return "/".join(names)
+
+
+def schema_message(message: str) -> str:
+    """libxml2's schema error text without its subject prefix (the path names the element instead)."""
+    text = re.sub(r"\{[^}]*\}", "", _LIBXML_SUBJECT.sub("", (message or "").strip()))
+    return text[:1].lower() + text[1:] if text else "does not match the schema"
