@@ -54,6 +54,36 @@ Q_SIGNATURE, Q_SIGNED_INFO, Q_SIGNATURE_VALUE, Q_KEY_INFO = (f"{{{DS}}}{n}" for 
 Q_X509DATA, Q_X509CERT = f"{{{DS}}}X509Data", f"{{{DS}}}X509Certificate"
 NSMAP = {"soap": SOAP11, "wsse": WSSE, "wsu": WSU, "ds": DS}
 
+ENVELOPED = "http://www.w3.org/2000/09/xmldsig#enveloped-signature"
+# Transforms refused by name, with what to use instead (WS-I BSP allows them; vmgrid does not need them).
+REFUSED_TRANSFORMS = {
+    "http://www.w3.org/TR/1999/REC-xpath-19991116": "XPath",
+    "http://www.w3.org/TR/1999/REC-xslt-19991116": "XSLT",
+    "http://www.w3.org/2002/06/xmldsig-filter2": "XPath Filter 2.0",
+    "http://www.w3.org/TR/2001/REC-xml-c14n-20010315": "inclusive c14n",
+    "http://www.w3.org/TR/2001/REC-xml-c14n-20010315#WithComments": "inclusive c14n with comments",
+    "http://www.w3.org/2006/12/xml-c14n11": "c14n 1.1",
+    "http://www.w3.org/2006/12/xml-c14n11#WithComments": "c14n 1.1 with comments",
+    "http://www.w3.org/2001/10/xml-exc-c14n#WithComments": "exclusive c14n with comments",
+    "http://docs.oasis-open.org/wss/2004/01/oasis-200401-wss-soap-message-security-1.0#STR-Transform":
+        "STR-Transform",
+}
+SHA1_DIGEST = "http://www.w3.org/2000/09/xmldsig#sha1"
+RSA_SHA1 = "http://www.w3.org/2000/09/xmldsig#rsa-sha1"
+# Elements whose text is a QName (WS-ResourceProperties property names): its prefix must be signed too, by
+# listing it in the Body reference's InclusiveNamespaces PrefixList (exclusive c14n leaves a namespace
+# declaration that no element or attribute name uses out of the digest, so it could be changed unseen).
+WSRF_RP = "http://docs.oasis-open.org/wsrf/rp-2"
+QNAME_CONTENT = frozenset({f"{{{WSRF_RP}}}GetResourceProperty", f"{{{WSRF_RP}}}ResourceProperty"})
+# Key identifiers naming a certificate the message does not carry.
+_KEY_IDENTIFIER_NAMES = {
+    "X509SubjectKeyIdentifier": "a SubjectKeyIdentifier", "ThumbprintSHA1": "a SHA-1 thumbprint",
+    "X509IssuerSerial": "an IssuerSerial",
+}
+_ACCEPTED = ("send the certificate (or the proxy chain as an X509PKIPathv1 token) as a wsse:BinarySecurityToken in "
+             "wsse:Security and point to it with wsse:Reference (WSS4J: keyIdentifierType=DirectReference; "
+             "gSOAP: soap_wsse_add_BinarySecurityTokenX509 + soap_wsse_add_KeyInfo_SecurityTokenReferenceX509)")
+
 _EXC = CanonicalizationMethod.EXCLUSIVE_XML_CANONICALIZATION_1_0
 _SIGNATURE_METHODS = {m.value: m for m in (SignatureMethod.RSA_SHA256, SignatureMethod.RSA_SHA384,
                                            SignatureMethod.RSA_SHA512)}
@@ -235,7 +265,8 @@ def sign_in_place(envelope: etree._Element, credential: Credential, *, ttl: floa
     targets = [el for el in envelope.find(Q_HEADER) if isinstance(el.tag, str) and el is not security]
     targets = [_declaring_wsu(el) if el.get(Q_ID) is None else el for el in targets]
     targets += [timestamp, body if body.get(Q_ID) is not None else _declaring_wsu(body)]
-    references = [SignatureReference(URI="#" + _ensure_id(el, "id")) for el in targets]
+    references = [SignatureReference(URI="#" + _ensure_id(el, "id"), inclusive_ns_prefixes=_qname_prefixes(el) or None)
+                  for el in targets]
 
     key_info = etree.Element(Q_KEY_INFO, nsmap={"ds": DS})
     str_el = etree.SubElement(key_info, Q_STR, nsmap={"wsse": WSSE})
@@ -251,6 +282,16 @@ def sign_in_place(envelope: etree._Element, credential: Credential, *, ttl: floa
         raise InvalidSecurity(f"cannot sign: {exc}") from exc
     security.append(signature)
     return envelope
+
+
+def _qname_prefixes(el: etree._Element) -> list[str]:
+    """The prefixes the QName-valued text inside `el` uses (QNAME_CONTENT), in document order."""
+    out: list[str] = []
+    for node in el.iter(*QNAME_CONTENT):
+        prefix = (node.text or "").strip().rpartition(":")[0]
+        if prefix and prefix not in out:
+            out.append(prefix)
+    return out
 
 
 def sign_envelope(envelope: etree._Element, credential: Credential, *, ttl: float = 300.0,
@@ -410,17 +451,43 @@ def _token_chain(parts: _Parts, ids: dict[str, etree._Element | None]) -> tuple[
                 raise SecurityTokenUnavailable("the BinarySecurityToken is not base64") from None
             key = hashlib.sha256((value_type or "").encode() + b"\0" + der).digest()
             return _LazyChain(value_type, der), key
+        key_id = str_el.find(f"{{{WSSE}}}KeyIdentifier")
+        if key_id is not None and key_id.get("ValueType") == X509V3:
+            # WSS4J's X509KeyIdentifier: the whole certificate inside the reference (it is in the message)
+            try:
+                der = base64.b64decode("".join((key_id.text or "").split()), validate=True)
+            except (binascii.Error, ValueError):
+                raise SecurityTokenUnavailable("the X509v3 KeyIdentifier is not base64") from None
+            return _LazyChain(X509V3, der), hashlib.sha256(X509V3.encode() + b"\0" + der).digest()
         holder = str_el
     data = holder.find(Q_X509DATA)
     certs_text = [c.text or "" for c in data.findall(Q_X509CERT)] if data is not None else []
     if not certs_text:
-        raise SecurityTokenUnavailable("no X.509 certificate: KeyInfo must reference a BinarySecurityToken "
-                                       "or carry X509Data/X509Certificate")
+        raise SecurityTokenUnavailable(_key_reference_problem(key_info))
     try:
         ders = [base64.b64decode("".join(t.split()), validate=True) for t in certs_text]
     except (binascii.Error, ValueError):
         raise SecurityTokenUnavailable("an X509Certificate is not base64") from None
     return _LazyChain(X509V3, b"", ders), hashlib.sha256(b"\0".join(ders)).digest()
+
+
+def _key_reference_problem(key_info: etree._Element) -> str:
+    """Why a KeyInfo without a usable certificate cannot be resolved, and what to send instead."""
+    key_id = key_info.find(f".//{{{WSSE}}}KeyIdentifier")
+    if key_id is not None:
+        kind = (key_id.get("ValueType") or "").rpartition("#")[2]
+        what = _KEY_IDENTIFIER_NAMES.get(kind, f"a {kind or 'KeyIdentifier'} key identifier")
+        return f"the signing key is named by {what}, which points to a certificate outside the message; {_ACCEPTED}"
+    if key_info.find(f".//{{{DS}}}X509IssuerSerial") is not None:
+        return f"the signing key is named by an IssuerSerial, which points to a certificate outside the message; {_ACCEPTED}"
+    if key_info.find(f".//{{{WSSE}}}Embedded") is not None:
+        return f"an embedded security token reference is not accepted; {_ACCEPTED}"
+    return f"no X.509 certificate in the KeyInfo; {_ACCEPTED}"
+
+
+def _is_proxy(cert: x509.Certificate) -> bool:
+    """Whether a certificate carries an RFC 3820 ProxyCertInfo extension."""
+    return any(ext.oid.dotted_string == "1.3.6.1.5.5.7.1.14" for ext in cert.extensions)
 
 
 class _LazyChain:
@@ -490,11 +557,46 @@ def _references(parts: _Parts, ids: dict[str, etree._Element | None], policy: Se
             raise InvalidSecurity(f"two references to the same element ({uri})")
         seen.add(id(target))
         transforms = ref.findall(f"{{{DS}}}Transforms/{{{DS}}}Transform")
-        if len(transforms) != 1 or transforms[0].get("Algorithm") != EXC_C14N:
-            raise InvalidSecurity(f"reference {uri}: exactly one exclusive c14n transform is accepted")
-        prefixes = _inclusive_prefixes(transforms[0])
-        resolved.append((ref, target, prefixes))
+        resolved.append((ref, target, _inclusive_prefixes(_check_transforms(uri, transforms, target,
+                                                                            parts.signature))))
     return signed_info, resolved
+
+
+def _check_transforms(uri: str, transforms: list[etree._Element], target: etree._Element,
+                      signature: etree._Element) -> etree._Element:
+    """The reference's exclusive c14n transform, after refusing anything else by name. The enveloped-signature
+    transform (node-soap's default) is accepted before it on a reference that does not contain the Signature,
+    where it removes nothing."""
+    algorithms = [t.get("Algorithm") or "" for t in transforms]
+    for alg in algorithms:
+        if alg in REFUSED_TRANSFORMS:
+            raise InvalidSecurity(f"reference {uri}: the {REFUSED_TRANSFORMS[alg]} transform ({alg}) is refused; "
+                                  f"use one exclusive c14n transform ({EXC_C14N})")
+        if alg not in (EXC_C14N, ENVELOPED):
+            raise InvalidSecurity(f"reference {uri}: unknown transform {alg!r}; use one exclusive c14n transform "
+                                  f"({EXC_C14N})")
+    if algorithms == [ENVELOPED, EXC_C14N]:
+        if any(el is target for el in signature.iterancestors()):
+            raise InvalidSecurity(f"reference {uri}: the enveloped-signature transform is refused on an element "
+                                  f"that contains the Signature")
+        return transforms[1]
+    if algorithms != [EXC_C14N]:
+        raise InvalidSecurity(f"reference {uri}: transforms {algorithms} are refused; use one exclusive c14n "
+                              f"transform ({EXC_C14N}), optionally after enveloped-signature")
+    return transforms[0]
+
+
+def _check_qname_content(body: etree._Element, prefixes: list[str] | None) -> None:
+    """QName-valued text in the Body must use a prefix the Body reference lists in its PrefixList."""
+    listed = set(prefixes or ())
+    for node in body.iter(*QNAME_CONTENT):
+        text = (node.text or "").strip()
+        prefix = text.rpartition(":")[0]
+        if prefix and prefix not in listed:
+            raise InvalidSecurity(
+                f"{etree.QName(node).localname} holds the QName {text!r}, whose prefix {prefix!r} exclusive c14n "
+                f"does not sign: list {prefix!r} in the Body reference's InclusiveNamespaces PrefixList "
+                f"(WSS4J: addInclusivePrefixes=true; gSOAP: soap_wsse_set_InclusiveNamespaces)")
 
 
 def _inclusive_prefixes(node: etree._Element) -> list[str] | None:
@@ -538,16 +640,25 @@ def verify_envelope(message: bytes | etree._Element, trust: TrustStore, *, repla
             raise InvalidSecurity(f"the signature covers {etree.QName(target).localname}, which is not a header "
                                   f"block, the Timestamp or the Body: refused as a wrapping attempt")
 
+    for _, target, prefixes in references:
+        if target is parts.body:
+            _check_qname_content(parts.body, prefixes)
+
     horizon = _check_timestamp(parts.timestamp, policy, now)
 
     # The signer: its chain, validated against the trusted CAs (cached by token bytes).
     lazy, cache_key = _token_chain(parts, ids)
     caller = trust.lookup(cache_key)
     if caller is None:
+        certificates = lazy.certificates()
         try:
-            caller = trust.validate(lazy.certificates(), cache_key=cache_key)
+            caller = trust.validate(certificates, cache_key=cache_key)
         except ChainError as exc:
-            raise FailedAuthentication(exc.reason) from None
+            reason = exc.reason
+            if len(certificates) == 1 and _is_proxy(certificates[0]):
+                reason += ("; the message carries the proxy certificate alone: send the chain as an X509PKIPathv1 "
+                           "token (WSS4J: useSingleCertificate=false), or sign with the end-entity certificate")
+            raise FailedAuthentication(reason) from None
     if expected_signer is not None:
         ok = expected_signer(caller) if callable(expected_signer) else caller.dn == expected_signer
         if not ok:
@@ -557,7 +668,12 @@ def verify_envelope(message: bytes | etree._Element, trust: TrustStore, *, repla
     method = signed_info.find(f"{{{DS}}}SignatureMethod")
     algorithm = _SIGNATURE_METHODS.get(method.get("Algorithm") if method is not None else None)
     if algorithm is None:
-        raise InvalidSecurity("unsupported SignatureMethod (RSA-SHA256/384/512 are accepted)")
+        got = method.get("Algorithm") if method is not None else None
+        if got == RSA_SHA1:
+            raise InvalidSecurity(f"RSA-SHA1 signatures are refused (SHA-1 is broken); sign with RSA-SHA256 "
+                                  f"({SignatureMethod.RSA_SHA256.value}), RSA-SHA384 or RSA-SHA512")
+        raise InvalidSecurity(f"unsupported SignatureMethod {got!r}: RSA-SHA256/384/512 are accepted "
+                              f"({SignatureMethod.RSA_SHA256.value})")
     value_el = parts.signature.find(Q_SIGNATURE_VALUE)
     try:
         raw = base64.b64decode("".join((value_el.text or "").split()), validate=True)
@@ -574,7 +690,12 @@ def verify_envelope(message: bytes | etree._Element, trust: TrustStore, *, repla
         digest_method = ref.find(f"{{{DS}}}DigestMethod")
         digest_alg = _DIGESTS.get(digest_method.get("Algorithm") if digest_method is not None else None)
         if digest_alg is None:
-            raise InvalidSecurity("unsupported DigestMethod (SHA-256/384/512 are accepted)")
+            got = digest_method.get("Algorithm") if digest_method is not None else None
+            if got == SHA1_DIGEST:
+                raise InvalidSecurity(f"SHA-1 digests are refused (SHA-1 is broken); digest with SHA-256 "
+                                      f"({DigestAlgorithm.SHA256.value}), SHA-384 or SHA-512")
+            raise InvalidSecurity(f"unsupported DigestMethod {got!r}: SHA-256/384/512 are accepted "
+                                  f"({DigestAlgorithm.SHA256.value})")
         digest_value = ref.find(f"{{{DS}}}DigestValue")
         try:
             expected = base64.b64decode("".join((digest_value.text or "").split()), validate=True)

@@ -80,7 +80,7 @@ _ALWAYS = ("soapenv", "wsse", "wsu")
 
 def envelope(payload: etree._Element, headers: list[etree._Element] = ()) -> etree._Element:
     """A response envelope whose namespaces all use the conventional prefixes (PREFIXES), declared on the
-    Envelope. The payload must not carry QName-valued text (a prefix in text is not renamed)."""
+    Envelope. A prefix QName-valued text uses keeps its declaration (text is never renamed)."""
     env = etree.Element(f"{{{SOAP_ENV}}}Envelope", nsmap={p: PREFIXES[p] for p in _ALWAYS})
     if headers:
         hdr = etree.SubElement(env, f"{{{SOAP_ENV}}}Header")
@@ -88,8 +88,21 @@ def envelope(payload: etree._Element, headers: list[etree._Element] = ()) -> etr
             hdr.append(h)
     body = etree.SubElement(env, f"{{{SOAP_ENV}}}Body")
     body.append(payload)
-    etree.cleanup_namespaces(env, top_nsmap=PREFIXES, keep_ns_prefixes=_ALWAYS)
+    etree.cleanup_namespaces(env, top_nsmap=PREFIXES, keep_ns_prefixes=_ALWAYS + _text_prefixes(payload))
     return env
+
+
+_QNAME_TEXT = re.compile(r"\s*([A-Za-z_][\w.-]*):[A-Za-z_][\w.-]*\s*")
+
+
+def _text_prefixes(payload: etree._Element) -> tuple[str, ...]:
+    """Prefixes that text looking like a QName uses (e.g. ``vmm:State``): their declarations stay."""
+    out = []
+    for el in payload.iter():
+        m = _QNAME_TEXT.fullmatch(el.text or "") if isinstance(el.tag, str) else None
+        if m and m.group(1) in el.nsmap and m.group(1) not in out:
+            out.append(m.group(1))
+    return tuple(out)
 
 
 def response_headers(request_wsa: dict[str, str], action: str) -> list[etree._Element]:
