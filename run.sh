@@ -18,6 +18,7 @@ APT_PACKAGES=(
   openssl xmlsec1                                    # interop peers for the security tests
   globus-gridftp-server-progs globus-gass-copy-progs globus-proxy-utils  # interop peers (GridFTP, GSI)
   iproute2 curl                                      # network namespaces and the WAN benchmark
+  nodejs                                             # interop peer node-soap (tests/interop; npm installs it into var/)
 )
 
 log() { printf 'run.sh: %s\n' "$*" >&2; }

@@ -265,6 +265,8 @@ def sign_in_place(envelope: etree._Element, credential: Credential, *, ttl: floa
     targets = [el for el in envelope.find(Q_HEADER) if isinstance(el.tag, str) and el is not security]
     targets = [_declaring_wsu(el) if el.get(Q_ID) is None else el for el in targets]
     targets += [timestamp, body if body.get(Q_ID) is not None else _declaring_wsu(body)]
+    if _qname_prefixes(targets[-1]):
+        targets[-1] = _reparsed(targets[-1])
     references = [SignatureReference(URI="#" + _ensure_id(el, "id"), inclusive_ns_prefixes=_qname_prefixes(el) or None)
                   for el in targets]
 
@@ -282,6 +284,19 @@ def sign_in_place(envelope: etree._Element, credential: Credential, *, ttl: floa
         raise InvalidSecurity(f"cannot sign: {exc}") from exc
     security.append(signature)
     return envelope
+
+
+def _reparsed(el: etree._Element) -> etree._Element:
+    """`el` replaced in place by a parsed copy of itself. libxml2's exclusive c14n leaves out an InclusiveNamespaces
+    prefix declared by a tree built in memory (zeep's QName values) but renders it once parsed, as the receiver
+    does: without this the digest would not match."""
+    copy = etree.fromstring(etree.tostring(el), _own_parser())
+    el.getparent().replace(el, copy)
+    return copy
+
+
+def _own_parser() -> etree.XMLParser:
+    return etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
 
 
 def _qname_prefixes(el: etree._Element) -> list[str]:
@@ -587,16 +602,34 @@ def _check_transforms(uri: str, transforms: list[etree._Element], target: etree.
 
 
 def _check_qname_content(body: etree._Element, prefixes: list[str] | None) -> None:
-    """QName-valued text in the Body must use a prefix the Body reference lists in its PrefixList."""
+    """QName-valued text in the Body must use a prefix declared inside the signed Body or listed in the Body
+    reference's PrefixList. A declaration outside the Body (on the Envelope) is not signed at all; one inside it
+    stays where it was signed but exclusive c14n leaves its URI out of the digest, so only the PrefixList signs
+    the namespace itself (vmgrid's client lists it; a changed URI here can only name an unknown property)."""
     listed = set(prefixes or ())
     for node in body.iter(*QNAME_CONTENT):
         text = (node.text or "").strip()
-        prefix = text.rpartition(":")[0]
-        if prefix and prefix not in listed:
-            raise InvalidSecurity(
-                f"{etree.QName(node).localname} holds the QName {text!r}, whose prefix {prefix!r} exclusive c14n "
-                f"does not sign: list {prefix!r} in the Body reference's InclusiveNamespaces PrefixList "
-                f"(WSS4J: addInclusivePrefixes=true; gSOAP: soap_wsse_set_InclusiveNamespaces)")
+        prefix = text.rpartition(":")[0] or None
+        if not text or prefix in listed or _declared_inside(node, body, prefix):
+            continue
+        shown = prefix or "#default"
+        raise InvalidSecurity(
+            f"{etree.QName(node).localname} holds the QName {text!r}, whose prefix {shown!r} is declared outside "
+            f"the signed Body: declare it inside the Body or list {shown!r} in the Body reference's "
+            f"InclusiveNamespaces PrefixList (WSS4J: addInclusivePrefixes=true; gSOAP: soap_wsse_set_InclusiveNamespaces)")
+
+
+def _declared_inside(node: etree._Element, body: etree._Element, prefix: str | None) -> bool:
+    """Whether the declaration of `prefix` in scope at `node` sits on `node`, the Body or an element between."""
+    el = node
+    while el is not None:
+        parent = el.getparent()
+        if prefix in el.nsmap and (parent is None or parent.nsmap.get(prefix) != el.nsmap[prefix]):
+            return True
+        if el is body:
+            return False
+        el = parent
+    return False
 
 
 def _inclusive_prefixes(node: etree._Element) -> list[str] | None:

@@ -88,21 +88,25 @@ def envelope(payload: etree._Element, headers: list[etree._Element] = ()) -> etr
             hdr.append(h)
     body = etree.SubElement(env, f"{{{SOAP_ENV}}}Body")
     body.append(payload)
-    etree.cleanup_namespaces(env, top_nsmap=PREFIXES, keep_ns_prefixes=_ALWAYS + _text_prefixes(payload))
+    in_text = _text_prefixes(payload)
+    renamed = {uri for prefix, uri in in_text.items() if PREFIXES.get(prefix) != uri}
+    etree.cleanup_namespaces(env, top_nsmap={p: u for p, u in PREFIXES.items() if u not in renamed},
+                             keep_ns_prefixes=_ALWAYS + tuple(in_text))
     return env
 
 
 _QNAME_TEXT = re.compile(r"\s*([A-Za-z_][\w.-]*):[A-Za-z_][\w.-]*\s*")
 
 
-def _text_prefixes(payload: etree._Element) -> tuple[str, ...]:
-    """Prefixes that text looking like a QName uses (e.g. ``vmm:State``): their declarations stay."""
-    out = []
+def _text_prefixes(payload: etree._Element) -> dict[str, str]:
+    """Prefixes (and their namespaces) that text looking like a QName uses, e.g. ``vmm:State``: their
+    declarations stay, and a namespace so named under another prefix is not renamed."""
+    out: dict[str, str] = {}
     for el in payload.iter():
         m = _QNAME_TEXT.fullmatch(el.text or "") if isinstance(el.tag, str) else None
-        if m and m.group(1) in el.nsmap and m.group(1) not in out:
-            out.append(m.group(1))
-    return tuple(out)
+        if m and m.group(1) in el.nsmap:
+            out.setdefault(m.group(1), el.nsmap[m.group(1)])
+    return out
 
 
 def response_headers(request_wsa: dict[str, str], action: str) -> list[etree._Element]:

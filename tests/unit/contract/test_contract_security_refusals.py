@@ -184,10 +184,20 @@ def test_qname_content_is_signed_through_the_prefix_list(grid_pki):
         verify_envelope(etree.fromstring(changed), grid_pki.trust())
 
 
-def test_qname_content_whose_prefix_is_not_signed_is_refused(grid_pki):
-    root = signed(grid_pki.alice.proxy, _get_property())
+def test_qname_content_declared_outside_the_body_and_not_listed_is_refused(grid_pki):
+    root = signed(grid_pki.alice.proxy, _get_property())   # vmm is declared on the Envelope
+    assert root.nsmap.get("vmm") == VMM
     incl = body_reference(root).find(f".//{{{EXC_C14N}}}InclusiveNamespaces")
     incl.getparent().remove(incl)
     with pytest.raises(InvalidSecurity) as err:
         verify_envelope(resign(root, grid_pki.alice.proxy), grid_pki.trust())
     assert "'vmm'" in err.value.reason and "PrefixList" in err.value.reason
+
+
+def test_qname_content_declared_inside_the_body_is_accepted_without_a_prefix_list(grid_pki):
+    payload = _get_property("p")                # a prefix no convention moves to the Envelope
+    root = signed(grid_pki.alice.proxy, payload)
+    assert root.find(Q_BODY)[0].nsmap.get("p") == VMM and "p" not in root.nsmap
+    incl = body_reference(root).find(f".//{{{EXC_C14N}}}InclusiveNamespaces")
+    incl.getparent().remove(incl)
+    verify_envelope(resign(root, grid_pki.alice.proxy), grid_pki.trust())

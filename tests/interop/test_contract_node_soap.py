@@ -1,0 +1,82 @@
+"""Interop with node-soap (npm `soap`, signing with its WSSecurityCert, verifying with xml-crypto): a JavaScript
+client built from the WSDL a live grid serves runs ListVOs, QueryImages with criteria (word operators), a typed
+fault, Deploy, GetResourceProperty (QName content), Pause/Resume and Destroy, and verifies every signed answer.
+
+node-soap is installed once into var/node-soap (npm, cache under var/npm-cache), as the version below."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from lxml import etree
+
+from security.tls import grid_session
+
+ROOT = Path(__file__).resolve().parents[2]
+NODE_SOAP = "soap@1.13.0"
+PREFIX = ROOT / "var" / "node-soap"
+CLIENT = Path(__file__).parent / "node" / "vmgrid_client.js"
+VMM = "http://vmgrid.org/ns/vmmanager/1"
+
+pytestmark = [pytest.mark.interop,
+              pytest.mark.skipif(shutil.which("node") is None or shutil.which("npm") is None,
+                                 reason="Debian/nodesource package nodejs (node and npm) is not installed")]
+
+
+def node_soap() -> Path:
+    """var/node-soap/node_modules with node-soap installed (once; later runs find it)."""
+    modules = PREFIX / "node_modules"
+    stamp = PREFIX / ".installed"
+    if stamp.exists() and stamp.read_text() == NODE_SOAP:
+        return modules
+    PREFIX.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--prefix", str(PREFIX),
+                    "--cache", str(ROOT / "var" / "npm-cache"), NODE_SOAP],
+                   check=True, capture_output=True, timeout=600)
+    stamp.write_text(NODE_SOAP)
+    return modules
+
+
+def _deploy_xml(descriptor: etree._Element, identifier: str) -> str:
+    deploy = etree.Element(f"{{{VMM}}}Deploy", nsmap={"vmm": VMM})
+    deploy.append(descriptor)
+    etree.SubElement(deploy, f"{{{VMM}}}identifier").text = identifier
+    etree.SubElement(deploy, f"{{{VMM}}}lifetime").text = "600"
+    etree.SubElement(deploy, f"{{{VMM}}}wait").text = "true"
+    return etree.tostring(deploy).decode()
+
+
+def test_node_soap_runs_the_contract_signed_and_verifies_every_answer(vm_grid, tmp_path):
+    modules = node_soap()
+    pki = vm_grid.pki
+    descriptor = vm_grid.register()
+    ca_file = next(p for p in sorted(Path(pki.cert_dir).glob("*.0")))
+    config = {
+        "repoWsdl": vm_grid.repository_url + "?wsdl",
+        "vmmWsdl": vm_grid.node_url() + "?wsdl",
+        # node-soap sends one certificate: sign with alice's end-entity certificate, not her proxy
+        "cert": str(pki.alice.cert_path), "key": str(pki.alice.key_path),
+        "caFile": str(ca_file), "hostCN": "host/localhost",
+        "deployXml": _deploy_xml(descriptor, "node-soap-1"),
+        "unknownImage": "img-0000000000000000",
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    env = {**os.environ, "NODE_PATH": str(modules), "NODE_EXTRA_CA_CERTS": str(ca_file)}
+    run = subprocess.run(["node", str(CLIENT), str(tmp_path / "config.json")], capture_output=True, text=True,
+                         env=env, timeout=300)
+    steps = {s["step"]: s for s in map(json.loads, run.stdout.splitlines()) if s.get("step")}
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert set(steps) == {"ListVOs", "QueryImages", "UnknownImageFault", "Deploy", "GetResourceProperty", "Pause",
+                          "Resume", "Destroy"}
+    assert steps["QueryImages"]["detail"]["count"] == 1
+    assert steps["UnknownImageFault"]["detail"]["detail"] == ["UnknownImageFault"]
+    assert steps["GetResourceProperty"]["detail"] == "Running"
+    assert (steps["Pause"]["detail"], steps["Resume"]["detail"]) == ("Paused", "Running")
+    assert steps["Destroy"]["detail"] is True
+    # the grid saw node-soap's caller and no instance is left
+    assert all(i.state in ("Destroyed", "Ended") or i.identifier != "node-soap-1"
+               for i in vm_grid.vmm(pki.alice).list())
