@@ -1,0 +1,71 @@
+"""The SoapUI project (wsdl/soapui/vmgrid-soapui-project.xml): written by its generator from the WSDLs, a
+request for every operation of the three interfaces whose Body validates against the published schemas,
+and an outgoing WS-Security configuration vmgrid's verifier accepts."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from lxml import etree
+
+from security import wssec
+from services.container.contract import WSDL_DIR, Contract
+
+PROJECT = WSDL_DIR / "soapui" / "vmgrid-soapui-project.xml"
+CON = "http://eviware.com/soapui/config"
+SOAP = "http://schemas.xmlsoap.org/soap/envelope/"
+VMM = "http://vmgrid.org/ns/vmmanager/1"
+INTERFACES = {"AuthorizationSoapBinding": "authz.wsdl", "VMRepositorySoapBinding": "vmrepository.wsdl",
+              "VMManagerSoapBinding": "vmmanager.wsdl"}
+
+
+@pytest.fixture(scope="module")
+def project() -> etree._Element:
+    return etree.parse(str(PROJECT)).getroot()
+
+
+def test_the_project_is_what_its_generator_writes_from_the_wsdls():
+    out = subprocess.run([sys.executable, "wsdl/soapui/build_project.py"], capture_output=True, check=True,
+                         cwd=WSDL_DIR.parent)
+    assert out.stdout == PROJECT.read_bytes()
+
+
+def test_every_operation_has_a_request_that_validates_against_the_published_schemas(project):
+    names = {i.get("name") for i in project.iter(f"{{{CON}}}interface")}
+    assert {n for n in names if n} >= set(INTERFACES)
+    for iface in project.findall(f"{{{CON}}}interface"):
+        contract = Contract(INTERFACES[iface.get("name")])
+        ops = {op.get("name"): op for op in iface.findall(f"{{{CON}}}operation")}
+        assert set(ops) == set(contract.operations), iface.get("name")
+        for name, op in ops.items():
+            call = op.find(f"{{{CON}}}call")
+            assert call.get("outgoingWss") == "vmgrid-signature" and call.get("incomingWss") == "vmgrid-verify"
+            env = etree.fromstring(call.findtext(f"{{{CON}}}request").encode())
+            payload = env.find(f"{{{SOAP}}}Body")[0]
+            assert payload.tag == contract.operations[name].input.text
+            assert contract.validator.validate(payload), (name, contract.validator.error_log.last_error)
+            headers = [h.tag for h in env.find(f"{{{SOAP}}}Header")]
+            assert op.get("action") == contract.operations[name].soap_action
+            if iface.get("name") == "VMManagerSoapBinding" and name not in ("Deploy", "ListInstances"):
+                assert headers == [f"{{{VMM}}}InstanceKey"], name
+
+
+def _setting(project, key: str) -> str:
+    return project.find(f".//{{{CON}}}outgoing/{{{CON}}}entry[@type='Signature']//{key}").text
+
+
+def test_the_outgoing_ws_security_is_what_vmgrid_accepts(project):
+    assert wssec.SignatureMethod.RSA_SHA256.value == _setting(project, "signatureAlgorithm")
+    assert _setting(project, "signatureAlgorithm") in wssec._SIGNATURE_METHODS
+    assert _setting(project, "digestAlgorithm") in wssec._DIGESTS
+    assert _setting(project, "signatureCanonicalization") == wssec.EXC_C14N
+    assert _setting(project, "keyIdentifierType") == "1"       # WSS4J BST_DIRECT_REFERENCE: a BinarySecurityToken
+    assert _setting(project, "useSingleCert") == "false"       # a proxy goes with its chain (X509PKIPathv1)
+    parts = {(e.findtext("name"), e.findtext("namespace"))
+             for e in project.iterfind(f".//{{{CON}}}outgoing//signatureParts/entry")}
+    # the verifier wants every header block, the Timestamp and the Body signed
+    assert {("Body", SOAP), ("Timestamp", wssec.WSU), ("InstanceKey", VMM)} <= parts
+    assert {n for n, ns in parts if ns == "http://www.w3.org/2005/08/addressing"} >= {"To", "Action", "MessageID"}
+    ttl = int(project.find(f".//{{{CON}}}outgoing/{{{CON}}}entry[@type='Timestamp']//timeToLive").text)
+    assert ttl <= wssec.DEFAULT_POLICY.max_age.total_seconds()
