@@ -69,3 +69,22 @@ def test_the_outgoing_ws_security_is_what_vmgrid_accepts(project):
     assert {n for n, ns in parts if ns == "http://www.w3.org/2005/08/addressing"} >= {"To", "Action", "MessageID"}
     ttl = int(project.find(f".//{{{CON}}}outgoing/{{{CON}}}entry[@type='Timestamp']//timeToLive").text)
     assert ttl <= wssec.DEFAULT_POLICY.max_age.total_seconds()
+
+
+def test_the_keystore_commands_of_docs_soapui_run_as_written(grid_pki, tmp_path):
+    import os
+    import shutil
+
+    if shutil.which("keytool") is None:
+        pytest.skip("keytool (Debian openjdk) is not installed")
+    doc = (WSDL_DIR.parent / "docs" / "soapui.md").read_text()
+    commands = [line.strip() for line in doc.splitlines() if line.strip().startswith(("openssl pkcs12", "keytool "))]
+    assert len(commands) == 2
+    shutil.copy(grid_pki.alice.cert_path, tmp_path / "usercert.pem")
+    shutil.copy(grid_pki.alice.key_path, tmp_path / "userkey.pem")
+    env = {**os.environ, "X509_CERT_DIR": str(grid_pki.cert_dir)}
+    for command in commands:
+        subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, check=True, capture_output=True, timeout=120)
+    listing = subprocess.run(["keytool", "-list", "-keystore", "vmgrid-ca.jks", "-storepass", "changeit"],
+                             cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+    assert "grid-ca" in listing and (tmp_path / "vmgrid-user.p12").stat().st_size > 0
