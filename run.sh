@@ -19,6 +19,7 @@ APT_PACKAGES=(
   globus-gridftp-server-progs globus-gass-copy-progs globus-proxy-utils  # interop peers (GridFTP, GSI)
   iproute2 curl                                      # network namespaces and the WAN benchmark
   nodejs                                             # interop peer node-soap (tests/interop; npm installs it into var/)
+  gsoap libgsoap-dev libssl-dev zlib1g-dev           # interop peer gSOAP 2.8: wsdl2h, soapcpp2, the wsse plugin, building its client
 )
 
 log() { printf 'run.sh: %s\n' "$*" >&2; }

@@ -1,0 +1,149 @@
+/* A vmgrid VMRepository client written with gSOAP 2.8 (wsdl2h/soapcpp2 from the served WSDL, the wsse plugin):
+ * every request signed (BinarySecurityToken, Timestamp, RSA-SHA256 over Body and Timestamp), every answer's
+ * signature verified with the grid CA (soap_wsse_verify_auto), its Body required signed and its signer the host.
+ * Prints one JSON line per step; exits 1 on a failure.
+ *
+ *   repo_client ENDPOINT CERT.pem KEY.pem CAFILE HOST_CN UNKNOWN_IMAGE
+ */
+#include "soapH.h"
+#include "VMRepositorySoapBinding.nsmap"
+#include "wsseapi.h"
+#include <openssl/pem.h>
+#include <string.h>
+
+static X509 *cert;
+static EVP_PKEY *key;
+static const char *host_cn;
+static int failed;
+
+static void sign(struct soap *soap)
+{
+  soap_wsse_delete_Security(soap);
+  soap_wsse_add_Timestamp(soap, "Time", 300);
+  soap_wsse_add_BinarySecurityTokenX509(soap, "X509Token", cert);
+  soap_wsse_add_KeyInfo_SecurityTokenReferenceX509(soap, "#X509Token");
+  soap_wsse_sign_body(soap, SOAP_SMD_SIGN_RSA_SHA256, key, 0);
+  soap_wsse_verify_auto(soap, SOAP_SMD_NONE, NULL, 0);
+}
+
+/* The answer: signed (checked by the plugin while receiving), Body signed, signer certificate = the host. */
+static const char *answer_problem(struct soap *soap)
+{
+  static char name[512];
+  X509 *signer;
+  int n;
+  if (soap_wsse_verify_body(soap))
+    return "the Body of the answer is not signed";
+  signer = soap_wsse_get_BinarySecurityTokenX509(soap, NULL);
+  if (!signer)
+    return "no signer certificate in the answer";
+  n = X509_NAME_get_text_by_NID(X509_get_subject_name(signer), NID_commonName, name, sizeof(name));
+  if (n < 0 || strcmp(name, host_cn))
+    return "the answer is not signed by the host called";
+  if (soap_wsse_verify_X509(soap, signer))
+    return "the signer is not issued by the grid CA";
+  return NULL;
+}
+
+static void report(struct soap *soap, const char *step, int ok, const char *detail)
+{
+  if (ok)
+    printf("{\"step\": \"%s\", \"ok\": true, \"detail\": \"%s\"}\n", step, detail ? detail : "");
+  else
+  {
+    const char *s = soap->error ? *soap_faultstring(soap) : detail;
+    printf("{\"step\": \"%s\", \"ok\": false, \"error\": \"", step);
+    for (; s && *s; s++)
+      putchar(*s == '"' || *s == '\\' ? '\'' : *s);
+    printf("\"}\n");
+    failed = 1;
+  }
+  fflush(stdout);
+}
+
+int main(int argc, char **argv)
+{
+  struct soap *soap;
+  FILE *f;
+  char buf[64];
+  const char *problem;
+  if (argc != 7)
+    return 2;
+  host_cn = argv[5];
+  f = fopen(argv[2], "r"); cert = PEM_read_X509(f, NULL, NULL, NULL); fclose(f);
+  f = fopen(argv[3], "r"); key = PEM_read_PrivateKey(f, NULL, NULL, NULL); fclose(f);
+  soap = soap_new1(SOAP_XML_CANONICAL | SOAP_XML_INDENT * 0);
+  soap_register_plugin(soap, soap_wsse);
+  if (soap_ssl_client_context(soap, SOAP_SSL_DEFAULT, NULL, NULL, argv[4], NULL, NULL))
+  {
+    soap_print_fault(soap, stderr);
+    return 1;
+  }
+
+  { /* ListVOs */
+    struct _ns2__ListVOs req = {0};
+    struct _ns2__ListVOsResponse resp;
+    sign(soap);
+    if (soap_call___ns1__ListVOs(soap, argv[1], NULL, &req, &resp) == SOAP_OK && !(problem = answer_problem(soap)))
+    {
+      snprintf(buf, sizeof(buf), "%d", resp.__sizevo);
+      report(soap, "ListVOs", 1, buf);
+    }
+    else
+      report(soap, "ListVOs", 0, problem);
+  }
+
+  { /* QueryImages with criteria, word operators */
+    struct ns2__CriterionType crit[2];
+    struct ns2__CriteriaGroupType group;
+    struct ns2__CriteriaType criteria;
+    struct _ns2__QueryImages req;
+    struct _ns2__QueryImagesResponse resp;
+    memset(&req, 0, sizeof(req));
+    crit[0].field = "memory"; crit[0].operator_ = ns2__OperatorType__ge; crit[0].value = "64";
+    crit[1].field = "distribution"; crit[1].operator_ = ns2__OperatorType__eq; crit[1].value = "debian";
+    group.__sizecriterion = 2; group.criterion = crit;
+    criteria.__sizegroup = 1; criteria.group = &group;
+    req.__union_QueryImages = SOAP_UNION__ns2__union_QueryImages_criteria;
+    req.union_QueryImages.criteria = &criteria;
+    sign(soap);
+    if (soap_call___ns1__QueryImages(soap, argv[1], NULL, &req, &resp) == SOAP_OK && !(problem = answer_problem(soap)))
+    {
+      snprintf(buf, sizeof(buf), "%d", resp.__sizeworkspace);
+      report(soap, "QueryImages", 1, buf);
+    }
+    else
+      report(soap, "QueryImages", 0, problem);
+  }
+
+  { /* a typed fault: GetDescriptor of an unknown image */
+    struct _ns2__GetDescriptor req;
+    struct _ns2__GetDescriptorResponse resp;
+    req.image = argv[6];
+    sign(soap);
+    if (soap_call___ns1__GetDescriptor(soap, argv[1], NULL, &req, &resp) == SOAP_FAULT
+        && soap->fault && soap->fault->detail && soap->fault->detail->ns3__UnknownImageFault)
+    {
+      if ((problem = answer_problem(soap)))
+        report(soap, "UnknownImageFault", 0, problem);
+      else
+      {
+        soap->error = SOAP_OK;
+        report(soap, "UnknownImageFault", 1, "UnknownImageFault");
+      }
+    }
+    else
+    {
+      fprintf(stderr, "error %d fault %p detail %p\n", soap->error, (void*)soap->fault,
+              soap->fault ? (void*)soap->fault->detail : NULL);
+      if (soap->fault && soap->fault->detail)
+        fprintf(stderr, "detail type %d any %s\n", soap->fault->detail->__type,
+                soap->fault->detail->__any ? soap->fault->detail->__any : "-");
+      report(soap, "UnknownImageFault", 0, "no typed UnknownImageFault");
+    }
+  }
+  soap_destroy(soap);
+  soap_end(soap);
+  soap_free(soap);
+  return failed;
+}
