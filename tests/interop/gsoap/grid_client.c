@@ -1,9 +1,9 @@
-/* A vmgrid VMRepository client written with gSOAP 2.8 (wsdl2h/soapcpp2 from the served WSDL, the wsse plugin):
- * every request signed (BinarySecurityToken, Timestamp, RSA-SHA256 over Body and Timestamp), every answer's
- * signature verified with the grid CA (soap_wsse_verify_auto), its Body required signed and its signer the host.
- * Prints one JSON line per step; exits 1 on a failure.
+/* A vmgrid client written with gSOAP 2.8 (wsdl2h/soapcpp2 from the served VMRepository and VMManager WSDLs, the
+ * wsse plugin): every request signed (BinarySecurityToken, Timestamp, RSA-SHA256 over Body, Timestamp and the
+ * InstanceKey header), every answer's signature verified with the grid CA (soap_wsse_verify_auto), its Body
+ * required signed and its signer the host. Prints one JSON line per step; exits 1 on a failure.
  *
- *   repo_client ENDPOINT CERT.pem KEY.pem CAFILE HOST_CN UNKNOWN_IMAGE
+ *   grid_client REPO_ENDPOINT CERT.pem KEY.pem CAFILE HOST_CN UNKNOWN_IMAGE VMM_ENDPOINT IMAGE
  */
 #include "soapH.h"
 #include "VMRepositorySoapBinding.nsmap"
@@ -16,9 +16,18 @@ static EVP_PKEY *key;
 static const char *host_cn;
 static int failed;
 
-static void sign(struct soap *soap)
+/* Sign the next request; `instance` is the InstanceKey header of an instance operation (signed too). */
+static void sign(struct soap *soap, const char *instance)
 {
-  soap_wsse_delete_Security(soap);
+  soap->header = NULL;
+  soap_wsse_set_wsu_id(soap, NULL);
+  if (instance)
+  {
+    soap->header = soap_new_SOAP_ENV__Header(soap, 1);
+    soap_default_SOAP_ENV__Header(soap, soap->header);
+    soap->header->ns7__InstanceKey = (char *)instance;
+    soap_wsse_set_wsu_id(soap, "ns7:InstanceKey");
+  }
   soap_wsse_add_Timestamp(soap, "Time", 300);
   soap_wsse_add_BinarySecurityTokenX509(soap, "X509Token", cert);
   soap_wsse_add_KeyInfo_SecurityTokenReferenceX509(soap, "#X509Token");
@@ -67,7 +76,7 @@ int main(int argc, char **argv)
   FILE *f;
   char buf[64];
   const char *problem;
-  if (argc != 7)
+  if (argc != 9)
     return 2;
   host_cn = argv[5];
   f = fopen(argv[2], "r"); cert = PEM_read_X509(f, NULL, NULL, NULL); fclose(f);
@@ -83,7 +92,7 @@ int main(int argc, char **argv)
   { /* ListVOs */
     struct _ns2__ListVOs req = {0};
     struct _ns2__ListVOsResponse resp;
-    sign(soap);
+    sign(soap, NULL);
     if (soap_call___ns1__ListVOs(soap, argv[1], NULL, &req, &resp) == SOAP_OK && !(problem = answer_problem(soap)))
     {
       snprintf(buf, sizeof(buf), "%d", resp.__sizevo);
@@ -106,7 +115,7 @@ int main(int argc, char **argv)
     criteria.__sizegroup = 1; criteria.group = &group;
     req.__union_QueryImages = SOAP_UNION__ns2__union_QueryImages_criteria;
     req.union_QueryImages.criteria = &criteria;
-    sign(soap);
+    sign(soap, NULL);
     if (soap_call___ns1__QueryImages(soap, argv[1], NULL, &req, &resp) == SOAP_OK && !(problem = answer_problem(soap)))
     {
       snprintf(buf, sizeof(buf), "%d", resp.__sizeworkspace);
@@ -120,7 +129,7 @@ int main(int argc, char **argv)
     struct _ns2__GetDescriptor req;
     struct _ns2__GetDescriptorResponse resp;
     req.image = argv[6];
-    sign(soap);
+    sign(soap, NULL);
     if (soap_call___ns1__GetDescriptor(soap, argv[1], NULL, &req, &resp) == SOAP_FAULT
         && soap->fault && soap->fault->detail && soap->fault->detail->ns3__UnknownImageFault)
     {
@@ -140,6 +149,72 @@ int main(int argc, char **argv)
         fprintf(stderr, "detail type %d any %s\n", soap->fault->detail->__type,
                 soap->fault->detail->__any ? soap->fault->detail->__any : "-");
       report(soap, "UnknownImageFault", 0, "no typed UnknownImageFault");
+    }
+  }
+  { /* Deploy the descriptor the repository gives, then control the instance */
+    struct _ns2__GetDescriptor greq;
+    struct _ns2__GetDescriptorResponse gresp;
+    struct _ns7__Deploy req;
+    struct _ns7__DeployResponse resp;
+    enum xsd__boolean yes = xsd__boolean__true_;
+    char *instance_key = NULL;
+    greq.image = argv[8];
+    sign(soap, NULL);
+    if (soap_call___ns1__GetDescriptor(soap, argv[1], NULL, &greq, &gresp) || (problem = answer_problem(soap)))
+      report(soap, "GetDescriptor", 0, problem);
+    else
+      report(soap, "GetDescriptor", 1, "");
+    memset(&req, 0, sizeof(req));
+    req.ns4__workspace = gresp.ns4__workspace;
+    req.identifier = "gsoap-1";
+    req.lifetime = "600";
+    req.wait = &yes;
+    sign(soap, NULL);
+    if (soap_call___ns6__Deploy(soap, argv[7], NULL, &req, &resp) == SOAP_OK && !(problem = answer_problem(soap))
+        && resp.Instance && resp.Instance->wsa5__EndpointReference.ReferenceParameters
+        && resp.Instance->wsa5__EndpointReference.ReferenceParameters->__size > 0
+        && (instance_key = strstr(resp.Instance->wsa5__EndpointReference.ReferenceParameters->__any[0], "inst-")))
+    { /* the InstanceKey reference parameter arrives as raw XML: inst- and 32 hex digits */
+      instance_key = soap_strdup(soap, instance_key);
+      instance_key[37] = '\0';
+      report(soap, "Deploy", 1, soap_ns7__StateType2s(soap, resp.Instance->State));
+    }
+    else
+      report(soap, "Deploy", 0, problem ? problem : "no instance in the answer");
+
+    if (instance_key)
+    {
+      struct _ns5__GetResourcePropertyResponse prop;
+      struct ns7__EmptyType empty;
+      struct ns7__StateResponseType state;
+      struct _ns8__Destroy destroy;
+      struct _ns8__DestroyResponse destroyed;
+      const char *ops[] = {"Pause", "Resume"};
+      int i;
+      /* QName content: gSOAP declares ns7 on the Envelope, so the Body reference lists it (PrefixList) */
+      sign(soap, instance_key);
+      soap_wsse_set_InclusiveNamespaces(soap, "ns7");
+      if (soap_call___ns6__GetResourceProperty(soap, argv[7], NULL, "ns7:State", &prop) == SOAP_OK
+          && !(problem = answer_problem(soap)) && prop.__size == 1)
+        report(soap, "GetResourceProperty", 1, prop.__any[0].text ? prop.__any[0].text : "");
+      else
+        report(soap, "GetResourceProperty", 0, problem);
+      soap_wsse_set_InclusiveNamespaces(soap, NULL);
+      for (i = 0; i < 2; i++)
+      {
+        sign(soap, instance_key);
+        if ((i == 0 ? soap_call___ns6__Pause(soap, argv[7], NULL, &empty, &state)
+                    : soap_call___ns6__Resume(soap, argv[7], NULL, &empty, &state)) == SOAP_OK
+            && !(problem = answer_problem(soap)))
+          report(soap, ops[i], 1, soap_ns7__StateType2s(soap, state.State));
+        else
+          report(soap, ops[i], 0, problem);
+      }
+      sign(soap, instance_key);
+      if (soap_call___ns6__Destroy(soap, argv[7], NULL, &destroy, &destroyed) == SOAP_OK && !(problem = answer_problem(soap)))
+        report(soap, "Destroy", 1, "");
+      else
+        report(soap, "Destroy", 0, problem);
     }
   }
   soap_destroy(soap);
