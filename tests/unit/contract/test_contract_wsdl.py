@@ -16,7 +16,7 @@ from services.container.soap import PREFIXES, envelope
 from tests.fixtures.repository import signed_call
 from tests.unit.contract import wsi
 
-WSDL_FILES = ["authz.wsdl", "vmrepository.wsdl", "vmmanager.wsdl"]
+WSDL_FILES = sorted(p.name for p in WSDL_DIR.glob("*.wsdl"))   # a new service's WSDL is checked too
 SERVICES = {"AuthorizationService": "authz.wsdl", "VMRepositoryService": "vmrepository.wsdl",
             "VMManagerService": "vmmanager.wsdl"}
 WORKSPACE = "{http://vmgrid.org/ns/workspace/1}workspace"
