@@ -444,23 +444,32 @@ class VMManagerService(SoapService):
         # 8. guestd reports ready (real guests with a guest channel)
         if spec.channel is not None and not paused:
             t = time.perf_counter()
-            cancel = self._guest_waits.setdefault(key, threading.Event())
-            if self._stop.is_set():
-                cancel.set()
             try:
-                # a short poll: a ready report is noticed within a quarter second, not a 2 s step
-                report = self.vmm.guest_channel(key).wait_ready(timeout=self.config.guest_ready_timeout, poll=0.25,
-                                                                cancel=cancel)
+                self._guest_ready(key)
             except GuestWaitCancelled:
                 return      # a Destroy (or the node stopping) took over the instance; it releases it
-            except VMMError as exc:   # the guest is untrusted: no ready report in time fails the deploy
-                self.store.update(key, guest_status=f"no report: {exc}")
-                raise VMMFault(f"guestd did not report ready: {exc}", operation="guest-ready") from None
-            finally:
-                self._guest_waits.pop(key, None)
-            self.store.update(key, guest_status=guest_summary(report))
             self.store.add_phase(key, "guest-ready", time.perf_counter() - t)
         self._set_state(key, State.PAUSED if paused else State.RUNNING, expect={State.STARTING})
+
+    def _guest_ready(self, key: str) -> None:
+        """The guest-ready phase (Deploy and Start): wait for guestd's ready report and put its summary in
+        GuestStatus. A Destroy or the node stopping cancels the wait (GuestWaitCancelled); no ready
+        report within guest_ready_timeout is a VMMFault (the guest is untrusted: never wait longer)."""
+        cancel = self._guest_waits.setdefault(key, threading.Event())
+        if self._stop.is_set():
+            cancel.set()
+        try:
+            # a short poll: a ready report is noticed within a quarter second, not a 2 s step
+            report = self.vmm.guest_channel(key).wait_ready(timeout=self.config.guest_ready_timeout, poll=0.25,
+                                                            cancel=cancel)
+        except GuestWaitCancelled:
+            raise
+        except VMMError as exc:
+            self.store.update(key, guest_status=f"no report: {exc}")
+            raise VMMFault(f"guestd did not report ready: {exc}", operation="guest-ready") from None
+        finally:
+            self._guest_waits.pop(key, None)
+        self.store.update(key, guest_status=guest_summary(report))
 
     def _empty_disk(self, path: Path, size: int) -> None:
         import subprocess
@@ -567,6 +576,19 @@ class VMManagerService(SoapService):
     def start_instance(self, ctx, req):
         def run(inst):
             self._vmm("start", self.vmm.start, inst.key)
+            if self.vmm.capabilities.guest_channel and self._vmm("start", self.vmm.spec_of, inst.key).channel:
+                # the same guest-ready phase as Deploy: GuestStatus says what guestd reports now
+                try:
+                    self._guest_ready(inst.key)
+                except GuestWaitCancelled:
+                    raise VMMFault("Start was interrupted: the instance is being destroyed or the node is stopping",
+                                   operation="start") from None
+                except VMGridFault:
+                    try:   # never leave a guest running that nobody can use; its disks stay
+                        self.vmm.destroy(inst.key)
+                    except VMMError:
+                        pass
+                    raise
             return State.RUNNING
         return self._state_response("StartResponse", self._control(ctx, "vm.start", "start", run))
 
