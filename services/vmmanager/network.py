@@ -131,7 +131,7 @@ class NodeBridge:
         if not status.holds(self.address):
             self._ip("addr", "add", self.address, "dev", self.name)
             made["address"] = True
-            self._remember(made)
+        self._remember(made)      # also when nothing was made: the record says so
         return self.check()
 
     def teardown(self) -> BridgeStatus:
