@@ -3,8 +3,10 @@
 The guest is vmgrid's own image booted with a kernel command line naming a root disk that does not
 exist (``root=/dev/vdz``): the kernel and initramfs run, the root never mounts, guestd never starts,
 nobody opens the guest's end of the channel, so QEMU stops reading the host's end and a write to it
-would block. (Guests whose guestd floods or stalls the channel are fake guestds on the channel socket:
-tests/unit/vmm/test_vmm_channel_bounds.py.)
+would block. A second test-only guest floods the channel: vmgrid's image with guestd's daemon module
+replaced (debugfs, on a raw copy of the root disk) by a flooder that never answers and writes forged
+reports, a 1 MB line and garbage lines as fast as the port takes them. (Fake guestds on the channel's
+socket that stall, stay silent or flood, host side: tests/unit/vmm/test_vmm_channel_bounds.py.)
 
 Through the VMM contract: the guest-ready wait ends at its timeout, when the caller cancels it, and
 when the instance is destroyed. Through a VMManager node process (`vmgrid serve vmmanager`): Destroy
@@ -13,10 +15,12 @@ node, and a deploy whose guest never gets ready fails at guest_ready_timeout wit
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
 import sqlite3
+import subprocess
 import threading
 import time
 
@@ -26,7 +30,8 @@ from client.localgrid import write_toml
 from client.soap import GridServiceClient
 from client.vmmanager import VMManagerClient
 from services.descriptor import parse_descriptor
-from services.vmmanager.vmm import GuestUnavailable, GuestWaitCancelled, InstanceState
+from services.vmmanager.vmm import Disk, GuestUnavailable, GuestWaitCancelled, InstanceState
+from services.vmmanager.vmm import channel as channel_mod
 from services.vmmanager.vmm.config import domain_name
 from tests.fixtures.grid import free_port, start_grid
 
@@ -80,6 +85,84 @@ def test_destroying_the_instance_ends_a_ready_wait_on_it(qemu_node, silent_guest
     t.join(60)
     assert not t.is_alive(), "the wait ended with the instance"
     assert isinstance(outcome[0], GuestWaitCancelled) and "destroyed" in str(outcome[0])
+
+
+FLOODER = '''"""Test-only guestd (tests/vm/test_guest_untrusted_qemu.py): floods the channel, never answers."""
+import os
+import time
+
+from .port import find_port
+from .system import Roots
+
+
+def main(argv=None):
+    device = None
+    while device is None:
+        device = find_port(Roots(), "org.vmgrid.guestd.0")
+        time.sleep(0.1)
+    fd = os.open(device, os.O_RDWR)
+    forged = b"".join(b'{"v":1,"op":"report","step":"s%d","ok":true,"token":"forged-token-0000"}\\n' % i
+                      for i in range(200))
+    chunk = forged + b"A" * 1000000 + b"\\n" + b"garbage\\n" * 2000
+    while True:
+        try:
+            os.write(fd, chunk)
+        except OSError:
+            time.sleep(0.05)
+'''
+
+
+@pytest.fixture(scope="module")
+def flooding_disk(guest_image, vm_dir):
+    """A raw copy of the guest's root disk whose guestd daemon is the flooder."""
+    raw = vm_dir / "flood-root.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(guest_image.rootfs), str(raw)], check=True)
+    (vm_dir / "flood_daemon.py").write_text(FLOODER)
+    (vm_dir / "flood.debugfs").write_text("cd /usr/lib/python3/dist-packages/guestd\nrm daemon.py\n"
+                                          f"write {vm_dir / 'flood_daemon.py'} daemon.py\n")
+    subprocess.run(["debugfs", "-w", "-f", str(vm_dir / "flood.debugfs"), str(raw)], check=True,
+                   capture_output=True)
+    seen = subprocess.run(["debugfs", "-R", "cat /usr/lib/python3/dist-packages/guestd/daemon.py", str(raw)],
+                          capture_output=True, text=True).stdout
+    assert "floods the channel" in seen, "the flooder is in the guest's root disk"
+    yield raw
+    raw.unlink(missing_ok=True)
+
+
+def test_a_guest_flooding_its_channel_is_read_at_a_bounded_rate_and_the_node_works_on(
+        qemu_node, guest_spec_factory, flooding_disk):
+    spec, _ = guest_spec_factory("q-flood", memory_mib=128)
+    spec = dataclasses.replace(spec, disks=(Disk(flooding_disk, "raw"),))
+    qemu_node.define(spec)
+    try:
+        qemu_node.start(spec.name)
+        channel = qemu_node.guest_channel(spec.name)
+        t0 = time.monotonic()
+        channel.connect()
+        deadline = time.monotonic() + 300
+        while channel.rejected_total < 1000 and time.monotonic() < deadline:   # the flood is on
+            time.sleep(0.2)
+        assert channel.rejected_total >= 1000, "the flooder ran and its lines were refused"
+        with pytest.raises(GuestUnavailable, match="not ready within 10 s"):
+            channel.wait_ready(timeout=10, poll=0.5)
+        elapsed = time.monotonic() - t0
+        assert channel.bytes_read <= channel.read_burst + channel.read_rate * elapsed + 2 * 65536
+        assert channel.reports == {} and channel.ready_message is None, "forged reports were refused"
+        assert len(channel.rejected) <= channel_mod.MAX_REJECTED
+        # the node's verbs on the instance still answer, guestd's part failing within its timeout
+        qemu_node.pause(spec.name)
+        assert qemu_node.resume(spec.name) is False, "no clock confirmation from a flooding guest"
+        with pytest.raises(GuestUnavailable):
+            qemu_node.sync_guest_time(spec.name, timeout=2)
+        qemu_node.destroy(spec.name)
+        assert qemu_node.state(spec.name) == InstanceState.SHUTOFF
+        assert channel.retired
+    finally:
+        for verb in (qemu_node.destroy, qemu_node.undefine):
+            try:
+                verb(spec.name)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
 
 
 # -- through a VMManager node process ------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -95,3 +96,28 @@ def test_the_site_bridge_commands_of_the_configuration_doc_satisfy_manage_bridge
     subprocess.run(["ip", "netns", "exec", netns, "sh", "-ec", commands], check=True)
     status = bridge.check()
     assert status.is_bridge and status.up and status.holds(bridge.address) and status.made["bridge"] is False
+
+
+@pytest.mark.parametrize("source, expect", [("", 'nic_kind = "bridge" needs nic_source'),
+                                            ("vgnetv0", "vgnetv0 exists and is not a bridge")])
+def test_a_node_whose_bridge_cannot_be_set_up_refuses_to_start_with_one_line(grid_pki, netns, tmp_path,
+                                                                              source, expect):
+    """`vmgrid serve vmmanager` (test driver) in the test's namespace, configured for bridge mode on
+    nothing, or on an interface that is not a bridge: exit status 1, one `vmgrid: ...` line, no bridge."""
+    from client.localgrid import write_toml
+    ip(netns, "link", "add", "name", "vgnetv0", "type", "veth", "peer", "name", "vgnetv1")
+    cfg = tmp_path / "node.toml"
+    write_toml(cfg, {
+        "container": {"host": "127.0.0.1", "port": 0, "state_dir": str(tmp_path / "state")},
+        "security": {"cert_dir": str(grid_pki.cert_dir), "host_cert": str(grid_pki.host_cert_path),
+                     "host_key": str(grid_pki.host_key_path)},
+        "enforcement": {"authz_url": "https://localhost:9/wsrf/services/AuthorizationService"},
+        "vmmanager": {"network": "10.77.0.0/24", "gateway": "10.77.0.1", "lease_range": "10.77.0.10-10.77.0.20",
+                      "nic_kind": "bridge", "nic_source": source},
+    })
+    proc = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-m", "client.cli", "serve", "vmmanager",
+                           "-c", str(cfg)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("vmgrid:")]
+    assert proc.returncode == 1 and len(errors) == 1 and expect in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert "bridge" not in ip(netns, "-d", "link", "show"), "nothing was made"
