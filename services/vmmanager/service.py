@@ -153,7 +153,8 @@ class VMManagerService(SoapService):
         self._locks: dict[str, threading.RLock] = {}
         self._locks_guard = threading.Lock()
         self._stop = threading.Event()
-        # key -> set to interrupt that instance's guest-ready wait (Destroy, the node stopping)
+        # key -> set to cut short a wait on that instance's guest (guest ready, power-off) by a Destroy
+        # or the node stopping: a guest never holds the instance's lock for longer
         self._guest_waits: dict[str, threading.Event] = {}
         self._sweeper: threading.Thread | None = None
         self._event_handle: int | None = None
@@ -646,11 +647,16 @@ class VMManagerService(SoapService):
             inst = self.store.get(inst.key)
             states.check(inst.state_enum, "shutdown-normal")
             self._set_state(inst.key, State.SHUTTING_DOWN)
+            cut_short = self._guest_waits.setdefault(inst.key, threading.Event())
+            if self._stop.is_set():
+                cut_short.set()
             try:
-                graceful = self._vmm("shutdown", self.vmm.shutdown, inst.key, timeout=timeout)
+                graceful = self._vmm("shutdown", self.vmm.shutdown, inst.key, timeout=timeout, cancel=cut_short)
             except VMGridFault:
                 self._set_state(inst.key, State.RUNNING, expect={State.SHUTTING_DOWN})
                 raise
+            finally:
+                self._guest_waits.pop(inst.key, None)
             self.store.update(inst.key, guest_status="shut down" if graceful else "forced off after timeout")
             self._set_state(inst.key, State.SHUTOFF, expect={State.SHUTTING_DOWN})
         return self._state_response("ShutdownResponse", State.SHUTOFF)

@@ -70,6 +70,14 @@ def test_the_ready_wait_on_a_guest_without_guestd_ends_at_its_timeout_or_when_ca
     assert qemu_node.state(silent_guest.name) == InstanceState.RUNNING
 
 
+def test_a_power_off_wait_on_a_guest_that_ignores_the_button_can_be_cut_short(qemu_node, silent_guest):
+    """The guest never handles the ACPI button; Shutdown's hour-long grace ends when the caller says so."""
+    cancel = threading.Event()
+    threading.Timer(2.0, cancel.set).start()
+    assert qemu_node.shutdown(silent_guest.name, timeout=3600, cancel=cancel) is False, "forced off"
+    assert qemu_node.state(silent_guest.name) == InstanceState.SHUTOFF
+
+
 def test_destroying_the_instance_ends_a_ready_wait_on_it(qemu_node, silent_guest):
     channel = qemu_node.guest_channel(silent_guest.name)
     outcome: list = []

@@ -219,7 +219,7 @@ class LibvirtDriver(VMM):
             self._sync_after_wake(instance)
         return instance
 
-    def shutdown(self, instance: str, timeout: float = 60.0) -> bool:
+    def shutdown(self, instance: str, timeout: float = 60.0, cancel: threading.Event | None = None) -> bool:
         dom = self._domain(instance)
         self._expect(instance, dom, "shut down", InstanceState.RUNNING, InstanceState.SHUTTING_DOWN)
         self._drop_channel(instance, "the instance is shutting down")
@@ -231,8 +231,13 @@ class LibvirtDriver(VMM):
         while time.monotonic() < deadline:
             if self._state_of(dom) in (InstanceState.SHUTOFF, InstanceState.CRASHED):
                 return True
-            time.sleep(0.1)
-        log.info("instance %s ignored the power button for %.0f s: forcing it off", instance, timeout)
+            if cancel is not None and cancel.wait(0.1):   # a Destroy or the node stopping: do not wait on
+                log.info("instance %s: waiting for the power-off was cut short: forcing it off", instance)
+                break
+            if cancel is None:
+                time.sleep(0.1)
+        else:
+            log.info("instance %s ignored the power button for %.0f s: forcing it off", instance, timeout)
         self.destroy(instance)
         return False
 
