@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import socket
 import tempfile
 import threading
