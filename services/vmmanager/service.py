@@ -25,7 +25,7 @@ from services.descriptor import NSMAP as WS_NSMAP
 from services.descriptor import WS, Descriptor, check_descriptor
 from services.faults import (InternalFault, InvalidArgument, InvalidDescriptor, LimitExceeded, ResourceUnknown,
                              VMGridFault, VMMFault)
-from services.vmmanager import states
+from services.vmmanager import network, states
 from services.vmmanager.context import build_context, new_token, write_context_iso
 from services.vmmanager.imagecache import ImageCache
 from services.vmmanager.notify import Notifier, notify_envelope, utc
@@ -33,7 +33,7 @@ from services.vmmanager.states import FINAL, LIVE, TRANSIENT, State
 from services.vmmanager.store import COLUMNS, Instance, LeaseRange, NodeStore
 from services.vmmanager.vmm import (VMM, Disk, GuestChannel, InstanceSpec, InstanceState, KernelBoot,
                                     LifecycleEvent, LifecycleEventKind, Nic, Port, VMMError)
-from services.vmmanager.vmm.errors import InstanceNotFound
+from services.vmmanager.vmm.errors import GuestWaitCancelled, InstanceNotFound
 from services.vmrepository.store import crashpoint
 
 VMM_NS = "http://vmgrid.org/ns/vmmanager/1"
@@ -65,6 +65,7 @@ class VMManagerConfig:
     mac_prefix: str = "52:54:00"
     nic_kind: str = "user"               # user (QEMU user-mode network), network or bridge
     nic_source: str = ""                 # the libvirt network or bridge for nic_kind network/bridge
+    manage_bridge: bool = True           # nic_kind bridge: the node makes nic_source holding the gateway
     kernel: str = ""                     # boot method "kernel": the node's kernel, initrd and command line
     initrd: str = ""
     cmdline: str = "console=ttyS0 root=/dev/vda rw"
@@ -145,10 +146,16 @@ class VMManagerService(SoapService):
         self.instances_dir = self.state_dir / "instances"
         self.instances_dir.mkdir(exist_ok=True)
         self.pool = LeaseRange.parse(config.lease_range, config.network, config.gateway or None, config.mac_prefix)
+        # bridge mode: the bridge holding the gateway, so leased addresses are reachable (network.py)
+        self.bridge = network.prepare(config.nic_kind, config.nic_source, config.gateway, config.network,
+                                      config.manage_bridge, self.state_dir)
         self.executor = ThreadPoolExecutor(config.deploy_workers, thread_name_prefix="vmgrid-deploy")
         self._locks: dict[str, threading.RLock] = {}
         self._locks_guard = threading.Lock()
         self._stop = threading.Event()
+        # key -> set to cut short a wait on that instance's guest (guest ready, power-off) by a Destroy
+        # or the node stopping: a guest never holds the instance's lock for longer
+        self._guest_waits: dict[str, threading.Event] = {}
         self._sweeper: threading.Thread | None = None
         self._event_handle: int | None = None
         self.service_url = ""   # learnt from the first call (the EPR address); config public_url otherwise
@@ -163,6 +170,8 @@ class VMManagerService(SoapService):
 
     def close(self) -> None:
         self._stop.set()
+        for wait in list(self._guest_waits.values()):   # deployments waiting for guestd end now
+            wait.set()
         self.executor.shutdown(wait=False, cancel_futures=True)
         if self._event_handle is not None:
             try:
@@ -437,14 +446,31 @@ class VMManagerService(SoapService):
         if spec.channel is not None and not paused:
             t = time.perf_counter()
             try:
-                # a short poll: a ready report is noticed within a quarter second, not a 2 s step
-                report = self.vmm.guest_channel(key).wait_ready(timeout=self.config.guest_ready_timeout, poll=0.25)
-                status = guest_summary(report)
-            except VMMError as exc:
-                status = f"no report: {exc}"
-            self.store.update(key, guest_status=status)
+                self._guest_ready(key)
+            except GuestWaitCancelled:
+                return      # a Destroy (or the node stopping) took over the instance; it releases it
             self.store.add_phase(key, "guest-ready", time.perf_counter() - t)
         self._set_state(key, State.PAUSED if paused else State.RUNNING, expect={State.STARTING})
+
+    def _guest_ready(self, key: str) -> None:
+        """The guest-ready phase (Deploy and Start): wait for guestd's ready report and put its summary in
+        GuestStatus. A Destroy or the node stopping cancels the wait (GuestWaitCancelled); no ready
+        report within guest_ready_timeout is a VMMFault (the guest is untrusted: never wait longer)."""
+        cancel = self._guest_waits.setdefault(key, threading.Event())
+        if self._stop.is_set():
+            cancel.set()
+        try:
+            # a short poll: a ready report is noticed within a quarter second, not a 2 s step
+            report = self.vmm.guest_channel(key).wait_ready(timeout=self.config.guest_ready_timeout, poll=0.25,
+                                                            cancel=cancel)
+        except GuestWaitCancelled:
+            raise
+        except VMMError as exc:
+            self.store.update(key, guest_status=f"no report: {exc}")
+            raise VMMFault(f"guestd did not report ready: {exc}", operation="guest-ready") from None
+        finally:
+            self._guest_waits.pop(key, None)
+        self.store.update(key, guest_status=guest_summary(report))
 
     def _empty_disk(self, path: Path, size: int) -> None:
         import subprocess
@@ -505,12 +531,18 @@ class VMManagerService(SoapService):
             self.store.update(key, hold_id=None)
 
     def _destroy(self, key: str, reason: str) -> None:
-        with self._locked(key):
-            inst = self.store.get(key)
-            if inst is None or inst.state_enum in FINAL:
-                return
-            self._release(key)
-            self._set_state(key, State.DESTROYED)
+        # interrupt a deployment waiting for guestd first (it holds the instance's lock meanwhile);
+        # set before the wait starts, the wait ends at once
+        self._guest_waits.setdefault(key, threading.Event()).set()
+        try:
+            with self._locked(key):
+                inst = self.store.get(key)
+                if inst is None or inst.state_enum in FINAL:
+                    return
+                self._release(key)
+                self._set_state(key, State.DESTROYED)
+        finally:
+            self._guest_waits.pop(key, None)
         self.authz.release(key)
         self.log.info("instance %s destroyed (%s)", key, reason)
 
@@ -545,6 +577,19 @@ class VMManagerService(SoapService):
     def start_instance(self, ctx, req):
         def run(inst):
             self._vmm("start", self.vmm.start, inst.key)
+            if self.vmm.capabilities.guest_channel and self._vmm("start", self.vmm.spec_of, inst.key).channel:
+                # the same guest-ready phase as Deploy: GuestStatus says what guestd reports now
+                try:
+                    self._guest_ready(inst.key)
+                except GuestWaitCancelled:
+                    raise VMMFault("Start was interrupted: the instance is being destroyed or the node is stopping",
+                                   operation="start") from None
+                except VMGridFault:
+                    try:   # never leave a guest running that nobody can use; its disks stay
+                        self.vmm.destroy(inst.key)
+                    except VMMError:
+                        pass
+                    raise
             return State.RUNNING
         return self._state_response("StartResponse", self._control(ctx, "vm.start", "start", run))
 
@@ -602,11 +647,16 @@ class VMManagerService(SoapService):
             inst = self.store.get(inst.key)
             states.check(inst.state_enum, "shutdown-normal")
             self._set_state(inst.key, State.SHUTTING_DOWN)
+            cut_short = self._guest_waits.setdefault(inst.key, threading.Event())
+            if self._stop.is_set():
+                cut_short.set()
             try:
-                graceful = self._vmm("shutdown", self.vmm.shutdown, inst.key, timeout=timeout)
+                graceful = self._vmm("shutdown", self.vmm.shutdown, inst.key, timeout=timeout, cancel=cut_short)
             except VMGridFault:
                 self._set_state(inst.key, State.RUNNING, expect={State.SHUTTING_DOWN})
                 raise
+            finally:
+                self._guest_waits.pop(inst.key, None)
             self.store.update(inst.key, guest_status="shut down" if graceful else "forced off after timeout")
             self._set_state(inst.key, State.SHUTOFF, expect={State.SHUTTING_DOWN})
         return self._state_response("ShutdownResponse", State.SHUTOFF)

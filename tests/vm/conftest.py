@@ -74,20 +74,23 @@ def qemu_node(qemu_prerequisites, vm_dir):
 
 
 def new_guest_spec(image: GuestImage, vm_dir: Path, name: str, memory_mib: int = 192,
-                   container: list[str] | None = None, address: str = "10.0.2.15"):
+                   container: list[str] | None = None, address: str = "10.0.2.15", gateway: str = "10.0.2.2",
+                   bridge: str | None = None, cmdline: str | None = None):
     """A real guest's InstanceSpec and context: its own overlay on the image, context ISO, console log,
-    guest channel socket (in a short directory: Unix socket paths stay under 108 bytes)."""
+    guest channel socket (in a short directory: Unix socket paths stay under 108 bytes). The NIC is
+    QEMU user mode, or a tap on ``bridge``; ``cmdline`` replaces the image's kernel command line."""
     d = vm_dir / f"{name}-{uuid.uuid4().hex[:6]}"
     d.mkdir()
     mac = "52:54:00:%02x:%02x:%02x" % tuple(uuid.uuid4().bytes[:3])
     ctx = build_context(instance=name, hostname=name, mac=mac, address=address, netmask="255.255.255.0",
-                        gateway="10.0.2.2", dns=["10.0.2.3"], container_command=container)
+                        gateway=gateway, dns=["10.0.2.3"] if bridge is None else [], container_command=container)
     write_context_iso(ctx, d / "context.iso")
     overlay = make_overlay(image.rootfs, d / "disk.qcow2")
+    nic = Nic(mac) if bridge is None else Nic(mac, "bridge", bridge)
     spec = InstanceSpec(
         name=name, memory_mib=memory_mib, vcpus=1, disks=(Disk(overlay),), cdroms=(d / "context.iso",),
-        nics=(Nic(mac),), serial_ports=(Port("file", d / "console.log"),),
-        boot=KernelBoot(image.kernel, image.initrd, image.cmdline),
+        nics=(nic,), serial_ports=(Port("file", d / "console.log"),),
+        boot=KernelBoot(image.kernel, image.initrd, image.cmdline if cmdline is None else cmdline),
         channel=GuestChannel(d / "guestd.sock", ctx.token))
     return spec, ctx
 

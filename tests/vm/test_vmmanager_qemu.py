@@ -305,6 +305,19 @@ def test_normal_shutdown_is_honoured_by_the_guest(deployed, qemu_node):
     assert not qemu_pids(domain_name(key))
 
 
+def test_start_after_shutdown_waits_for_guestd_again(deployed, qemu_node):
+    """Start goes through the guest-ready phase as Deploy does: it answers Running once guestd reported
+    ready again, and GuestStatus says so (not the "shut down" of before)."""
+    client, ref, key = deployed.client, deployed.ref, deployed.ref.key
+    assert client.status(ref).guest_status == "shut down"
+    assert client.start(ref) == "Running"
+    info = client.status(ref)
+    assert info.state == "Running" and info.guest_status.startswith("ready;"), info.guest_status
+    assert f"address {deployed.registered.address}/" in info.guest_status
+    assert qemu_pids(domain_name(key)), "a new QEMU process (the shut-off guest had none)"
+    assert deployed.channel().status(timeout=30)["ready"]
+
+
 def test_destroy_releases_everything(deployed, qemu_node):
     client, ref, key = deployed.client, deployed.ref, deployed.ref.key
     node, grid = deployed.node, deployed.grid

@@ -2,14 +2,15 @@
 from .channel import GuestChannelClient
 from .driver import (VMM, Capabilities, InstanceInfo, InstanceState, LifecycleEvent,
                      LifecycleEventKind)
-from .errors import (DomainNotFound, GuestChannelError, GuestUnavailable, IllegalState, InstanceExists,
-                     InstanceNotFound, InvalidSpec, Unsupported, VMMError)
+from .errors import (DomainNotFound, GuestChannelError, GuestUnavailable, GuestWaitCancelled, IllegalState,
+                     InstanceExists, InstanceNotFound, InvalidSpec, Unsupported, VMMError)
 from .libvirt_driver import LibvirtDriver, LibvirtQemuDriver, LibvirtTestDriver, qemu_user_missing
 from .spec import Disk, GuestChannel, InstanceSpec, KernelBoot, Nic, Port
 
 __all__ = [
     "VMM", "Capabilities", "InstanceInfo", "InstanceState", "LifecycleEvent", "LifecycleEventKind",
-    "GuestChannelClient", "DomainNotFound", "GuestChannelError", "GuestUnavailable", "IllegalState",
+    "GuestChannelClient", "DomainNotFound", "GuestChannelError", "GuestUnavailable", "GuestWaitCancelled",
+    "IllegalState",
     "InstanceExists", "InstanceNotFound", "InvalidSpec", "Unsupported", "VMMError", "LibvirtDriver",
     "LibvirtQemuDriver", "LibvirtTestDriver", "qemu_user_missing", "Disk", "GuestChannel", "InstanceSpec",
     "KernelBoot", "Nic", "Port", "open_vmm",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 import enum
+import threading
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, ClassVar
@@ -160,10 +161,10 @@ class VMM(abc.ABC):
         """
 
     @abc.abstractmethod
-    def shutdown(self, instance: str, timeout: float = 60.0) -> bool:
+    def shutdown(self, instance: str, timeout: float = 60.0, cancel: threading.Event | None = None) -> bool:
         """Ask the guest to power off (ACPI power button); if still running after ``timeout``
-        seconds, stop it by force. Returns True for a clean power-off, False when forced.
-        Only from RUNNING (a paused instance is destroyed or resumed first).
+        seconds, or as soon as ``cancel`` is set, stop it by force. Returns True for a clean
+        power-off, False when forced. Only from RUNNING (a paused instance is destroyed or resumed first).
         """
 
     @abc.abstractmethod

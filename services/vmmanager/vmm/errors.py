@@ -44,3 +44,8 @@ class GuestUnavailable(VMMError):
 
 class GuestChannelError(VMMError):
     """guestd answered with an error, a bad token or a malformed message."""
+
+
+class GuestWaitCancelled(VMMError):
+    """A wait on the guest channel was interrupted by its caller (a Destroy, the node stopping) or
+    because the channel was retired (the instance was destroyed, saved or shut down meanwhile)."""

@@ -113,11 +113,12 @@ class LibvirtDriver(VMM):
         except libvirt.libvirtError as exc:
             raise translate(exc, what) from None
 
-    def _drop_channel(self, instance: str) -> None:
+    def _drop_channel(self, instance: str, why: str = "the instance stopped") -> None:
+        """Retire the instance's channel: a wait on it (a deploy's guest-ready phase) ends at once."""
         with self._lock:
             ch = self._channels.pop(instance, None)
         if ch is not None:
-            ch.close()
+            ch.retire(why)
 
     def _on_lifecycle(self, _conn, dom, event: int, detail: int, _opaque) -> None:
         instance = config.instance_name(dom.name())
@@ -159,7 +160,7 @@ class LibvirtDriver(VMM):
     def start(self, instance: str, paused: bool = False) -> None:
         dom = self._domain(instance)
         self._expect(instance, dom, "start", InstanceState.SHUTOFF)
-        self._drop_channel(instance)
+        self._drop_channel(instance, "the instance was started again")
         self._call(f"start {instance}", self._start, dom, paused)
 
     def pause(self, instance: str) -> None:
@@ -191,7 +192,7 @@ class LibvirtDriver(VMM):
             raise InvalidSpec(f"save directory {path.parent} does not exist")
         dom = self._domain(instance)
         self._expect(instance, dom, "save", InstanceState.RUNNING, InstanceState.PAUSED)
-        self._drop_channel(instance)
+        self._drop_channel(instance, "the instance was saved")
         self._call(f"save {instance}", dom.save, str(path))
 
     def restore(self, path: Path, spec: InstanceSpec | None = None, paused: bool = False) -> str:
@@ -208,7 +209,7 @@ class LibvirtDriver(VMM):
             pass
         if spec is not None:
             self._check_files(spec)
-        self._drop_channel(instance)
+        self._drop_channel(instance, "the instance was restored")
         self._call(f"define {instance} for restore", self._conn.defineXML, xml)
         try:
             self._restore(path, xml, spec is not None, paused)
@@ -218,10 +219,10 @@ class LibvirtDriver(VMM):
             self._sync_after_wake(instance)
         return instance
 
-    def shutdown(self, instance: str, timeout: float = 60.0) -> bool:
+    def shutdown(self, instance: str, timeout: float = 60.0, cancel: threading.Event | None = None) -> bool:
         dom = self._domain(instance)
         self._expect(instance, dom, "shut down", InstanceState.RUNNING, InstanceState.SHUTTING_DOWN)
-        self._drop_channel(instance)
+        self._drop_channel(instance, "the instance is shutting down")
         try:
             self._request_shutdown(dom)
         except libvirt.libvirtError as exc:
@@ -230,14 +231,19 @@ class LibvirtDriver(VMM):
         while time.monotonic() < deadline:
             if self._state_of(dom) in (InstanceState.SHUTOFF, InstanceState.CRASHED):
                 return True
-            time.sleep(0.1)
-        log.info("instance %s ignored the power button for %.0f s: forcing it off", instance, timeout)
+            if cancel is not None and cancel.wait(0.1):   # a Destroy or the node stopping: do not wait on
+                log.info("instance %s: waiting for the power-off was cut short: forcing it off", instance)
+                break
+            if cancel is None:
+                time.sleep(0.1)
+        else:
+            log.info("instance %s ignored the power button for %.0f s: forcing it off", instance, timeout)
         self.destroy(instance)
         return False
 
     def destroy(self, instance: str) -> None:
         dom = self._domain(instance)
-        self._drop_channel(instance)
+        self._drop_channel(instance, "the instance was destroyed")
         if self._state_of(dom) in (InstanceState.SHUTOFF, InstanceState.SAVED):
             return
         try:
@@ -249,7 +255,7 @@ class LibvirtDriver(VMM):
     def undefine(self, instance: str) -> None:
         dom = self._domain(instance)
         self._expect(instance, dom, "undefine", InstanceState.SHUTOFF, InstanceState.SAVED, InstanceState.CRASHED)
-        self._drop_channel(instance)
+        self._drop_channel(instance, "the instance was undefined")
         flags = libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
         try:
             dom.undefineFlags(flags)
@@ -290,7 +296,7 @@ class LibvirtDriver(VMM):
             ch = self._channels.get(instance)
             if ch is None or ch.path != spec.channel.path:
                 if ch is not None:
-                    ch.close()
+                    ch.retire("the instance's channel moved")
                 ch = self._channels[instance] = GuestChannelClient(instance, spec.channel.path, spec.channel.token)
         return ch
 
@@ -326,7 +332,7 @@ class LibvirtDriver(VMM):
         with self._lock:
             channels, self._channels = list(self._channels.values()), {}
         for ch in channels:
-            ch.close()
+            ch.retire("the node's VMM connection closed")
         if self._conn is not None:
             try:
                 self._conn.domainEventDeregisterAny(self._event_id)

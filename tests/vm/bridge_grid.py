@@ -1,0 +1,155 @@
+"""A whole grid in bridge mode, run by tests/vm/test_node_bridge_qemu.py inside a network namespace the
+test made (`ip netns exec vgnet-... python bridge_grid.py IMAGE_DIR WORKDIR`): the Authorization
+service and the VMRepository in this process, two VMManager nodes as `vmgrid serve vmmanager`
+processes configured with nic_kind = "bridge" on one bridge (docs/configuration.md), everything on
+the namespace's own loopback. alice deploys vmgrid's guest image on each node; the image's container
+command serves HTTP and fetches the other guests' pages. Prints what it saw as one JSON line; always
+destroys the guests, stops the nodes and takes the bridge down.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from client.localgrid import write_toml  # noqa: E402
+from client.soap import GridServiceClient  # noqa: E402
+from client.vmmanager import VMManagerClient  # noqa: E402
+from guestd.image.build import GuestImage  # noqa: E402
+from services.descriptor import parse_descriptor  # noqa: E402
+from services.vmmanager.network import NodeBridge  # noqa: E402
+from tests.fixtures.grid import free_port, start_grid  # noqa: E402
+from tests.fixtures.pki import build_grid_pki  # noqa: E402
+
+from bridge_node import neighbours  # noqa: E402
+from test_vmmanager_qemu import DESCRIPTOR, NodeProcess, node_settings, qemu_processes  # noqa: E402
+
+BRIDGE, NETWORK, GATEWAY = "vgnetbr0", "10.77.0.0/24", "10.77.0.1"
+NODES = {"bridge1": "10.77.0.10-10.77.0.10", "bridge2": "10.77.0.20-10.77.0.20"}
+ADDRESSES = ["10.77.0.10", "10.77.0.20"]
+# The descriptor's container command (at most 1024 characters): serve /tmp/w over HTTP with the guest's
+# hostname in /tmp/w/id, and keep fetching every address's id into /tmp/w/r-<address>.
+SCRIPT = """import http.server as h,os,socket,threading,time,urllib.request as u,sys
+os.makedirs('/tmp/w',exist_ok=1);os.chdir('/tmp/w');open('id','w').write(socket.gethostname())
+s=h.ThreadingHTTPServer(('',8000),h.SimpleHTTPRequestHandler)
+threading.Thread(target=s.serve_forever,daemon=1).start()
+while 1:
+ for a in sys.argv[1:]:
+  try:open('r-'+a,'w').write(u.urlopen('http://%s:8000/id'%a,timeout=3).read().decode())
+  except Exception:pass
+ time.sleep(1)"""
+COMMAND = f'/usr/bin/python3 -c "{SCRIPT}" {" ".join(ADDRESSES)}'
+IMAGE = "vmgrid-guest-bridge"
+
+
+def fetch(url: str, deadline: float, want: str | None = None) -> tuple[str | None, str]:
+    last = "no attempt"
+    while time.monotonic() < deadline:
+        try:
+            body = urllib.request.urlopen(url, timeout=3).read().decode()
+            if want is None or body == want:
+                return body, ""
+            last = f"answered {body!r}"
+        except Exception as exc:  # noqa: BLE001 - recorded for the test's message
+            last = repr(exc)
+        time.sleep(0.5)
+    return None, last
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("image", type=Path)
+    ap.add_argument("work", type=Path)
+    ap.add_argument("--boot-timeout", type=float, default=480.0)
+    args = ap.parse_args()
+    image = GuestImage.load(args.image)
+    pki = build_grid_pki(args.work / "pki")
+    out: dict = {"nodes": {}, "instances": {}}
+    grid, nodes, deployed = None, {}, {}
+    try:
+        grid = start_grid(pki, args.work / "g", nodes=0)
+        rootfs = grid.ingest / f"{IMAGE}.qcow2"
+        shutil.copyfile(image.rootfs, rootfs)
+        ws = parse_descriptor(DESCRIPTOR.format(name=IMAGE, kernel=image.kernel_version, command=COMMAND).encode())
+        grid.repo(pki.admin).register(ws, local_path=str(rootfs))
+        rootfs.unlink()
+        descriptor = grid.repo(pki.alice).query([f"name = {IMAGE}"]).descriptors[0]
+        for n, (name, leases) in enumerate(NODES.items()):
+            # short state paths: the guest channel socket's path must stay under 108 bytes
+            node = NodeProcess(args.work / f"{name}.toml", args.work / f"s{n}", args.work / f"{name}.log", free_port())
+            write_toml(node.config, {
+                "container": {"host": "127.0.0.1", "port": node.port, "state_dir": str(node.state),
+                              "log_level": "info"},
+                "security": {"cert_dir": str(pki.cert_dir), "host_cert": str(pki.host_cert_path),
+                             "host_key": str(pki.host_key_path)},
+                "enforcement": {"authz_url": grid.authz_url, "permit_ttl": 0.0},
+                "vmmanager": {"repository": grid.repository_url,
+                              **node_settings(image, root=args.work / f"r{n}", lease_range=leases, name=name),
+                              "network": NETWORK, "gateway": GATEWAY, "guest_ready_timeout": args.boot_timeout,
+                              "nic_kind": "bridge", "nic_source": BRIDGE, "manage_bridge": True},
+            })
+            node.start(pki.cert_dir, timeout=180)
+            nodes[name] = node
+            out["nodes"][name] = {"bridge_record": json.loads(
+                (node.state / "vmmanager" / "network" / f"{BRIDGE}.json").read_text())}
+        out["bridge"] = {k: v for k, v in vars(NodeBridge(BRIDGE, GATEWAY, NETWORK).check()).items() if k != "made"}
+        clients = {name: VMManagerClient(GridServiceClient(node.url, pki.alice.proxy, pki.trust()))
+                   for name, node in nodes.items()}
+        for name, client in clients.items():
+            deployed[name] = client.deploy(descriptor, f"guest-{name}", 1800)
+        for name, client in clients.items():
+            info = client.wait_for(deployed[name].ref, ("Running", "Failed"), timeout=args.boot_timeout + 120)
+            out["instances"][name] = {"state": info.state, "address": info.address, "mac": info.mac,
+                                      "guest_status": info.guest_status, "failure": info.failure,
+                                      "host": f"guest-{name}"}
+        out["ports"] = list(NodeBridge(BRIDGE, GATEWAY, NETWORK).check().ports)
+        deadline = time.monotonic() + 180
+        for name, inst in out["instances"].items():
+            if inst["state"] != "Running":
+                continue
+            inst["id_from_node"], inst["id_error"] = fetch(f"http://{inst['address']}:8000/id", deadline)
+            inst["reached"] = {}
+            for other, peer in out["instances"].items():
+                if other != name:
+                    got, err = fetch(f"http://{inst['address']}:8000/r-{peer['address']}", deadline, want=peer["host"])
+                    inst["reached"][peer["address"]] = got or err
+        out["neighbours"] = neighbours()
+    except Exception as exc:  # noqa: BLE001 - reported to the test, which fails with it
+        out["error"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        for name, reg in deployed.items():
+            try:
+                VMManagerClient(GridServiceClient(nodes[name].url, pki.alice.proxy, pki.trust())).destroy(reg.ref)
+            except Exception as exc:  # noqa: BLE001
+                out.setdefault("cleanup", []).append(f"destroy on {name}: {exc}")
+        for n, (name, node) in enumerate(nodes.items()):
+            node.stop()
+            out["nodes"].setdefault(name, {})["exit"] = node.process.returncode
+            for pid in qemu_processes(f"{args.work / f'r{n}'}/lib/qemu/"):
+                os.kill(pid, signal.SIGKILL)
+                out.setdefault("cleanup", []).append(f"killed a QEMU of {name}")
+        try:
+            if nodes:   # the first node made the bridge: its record says so, and teardown removes it
+                first = next(iter(nodes.values()))
+                out["after_teardown"] = NodeBridge(BRIDGE, GATEWAY, NETWORK,
+                                                   first.state / "vmmanager").teardown().exists
+        except Exception as exc:  # noqa: BLE001
+            out.setdefault("cleanup", []).append(f"bridge teardown: {exc}")
+        finally:
+            if grid is not None:
+                grid.close()
+    print(json.dumps(out, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
