@@ -340,8 +340,9 @@ class VMRepositoryService(SoapService):
     def hold_image(self, ctx: CallContext, req: etree._Element) -> etree._Element:
         rec = self._lookup(_text(req, "repo:image"))
         seconds = int(_text(req, "repo:seconds"))
-        # bounded by max_hold_seconds; the deployment's own lifetime was authorized by vm.deploy
-        self.authz.check(ctx.caller, "image.hold", _resource(rec))
+        # the duration is in the authorization context; the hold lasts at most the policy's max_lifetime
+        decision = self.authz.check(ctx.caller, "image.hold", _resource(rec), {"seconds": str(seconds)})
+        seconds = min(seconds, int(decision.obligations.get("max_lifetime", seconds)))
         if seconds > self.config.max_hold_seconds:
             raise InvalidArgument(f"a hold lasts at most {self.config.max_hold_seconds} s", argument="seconds")
         hold_id, expires = self.catalogue.hold(rec.image_id, _text(req, "repo:holder"), ctx.dn, seconds)
