@@ -16,9 +16,9 @@ from services.descriptor import WS, Descriptor, check_descriptor, set_field, utc
 from services.faults import (BadQuery, ChecksumMismatch, DuplicateName, ImageInUse, InvalidArgument,
                              InvalidDescriptor, InvalidSource, UnknownImage)
 from services.vmrepository.catalogue import Catalogue, Record, new_image_id
-from services.vmrepository.query import (XPATH_DIALECT, Criterion, compile_xpath, order_column, prepare_groups,
-                                         xpath_true)
+from services.vmrepository.query import XPATH_DIALECT, Criterion, compile_xpath, order_column, prepare_groups
 from services.vmrepository.store import ImageStore, crashpoint, image_format_of
+from services.vmrepository.xpath_scan import scanner
 
 REPO = "http://vmgrid.org/ns/vmrepository/1"
 WSRF_RP = "http://docs.oasis-open.org/wsrf/rp-2"
@@ -208,12 +208,8 @@ class VMRepositoryService(SoapService):
                 raise BadQuery(f"unsupported query dialect {dialect!r}; supported: {XPATH_DIALECT}",
                                reason="unsupported dialect")
             xp = compile_xpath((expr.text or "").strip(), {k: v for k, v in expr.nsmap.items() if k})
-            total, page = 0, []
-            for rec in self.catalogue.scan(vos, order, descending):
-                if xpath_true(xp, rec.element()):
-                    if offset <= total < offset + limit:
-                        page.append(rec)
-                    total += 1
+            total, ids = scanner(self.catalogue.path).query(xp, vos, order, descending, offset, limit)
+            page = self.catalogue.records(ids)
         else:
             groups = []
             for g in req.iterfind("repo:criteria/repo:group", NS):
