@@ -102,7 +102,7 @@ def serve_main(argv: list[str]) -> int:
         container = Container([service], host=cfg.container.host, port=cfg.container.port,
                               middleware=lambda app: UnsignedPeer(app, caller), ssl_adapter=adapter,
                               threads=cfg.container.threads)
-    container.server.reuse_port = reuse
+    container.reuse_port = reuse
     signal.signal(signal.SIGTERM, _interrupt)
     container.start()
     print(f"ready {container.base_url}", flush=True)
