@@ -10,6 +10,7 @@ WSGI application. The limits are ``[container.limits]`` (:class:`ConnectionLimit
 from __future__ import annotations
 
 import asyncio
+import asyncio.sslproto
 import io
 import logging
 import resource
@@ -47,6 +48,12 @@ class ConnectionLimits:
     max_connections_per_address: int = 64  # open connections from one client address
     max_header_bytes: int = 64 * 1024    # request line and headers
     max_body_bytes: int = DEFAULT_MAX_BYTES  # a request body (WS-Security refuses larger messages anyway)
+
+
+# asyncio's TLS transport reads through a buffer of SSLProtocol.max_size (256 KiB) that each connection keeps
+# for its life: 850 idle attackers would hold 200 MiB. A TLS record carries at most 16 KiB, so a 16 KiB
+# buffer only means more reads of a large request, and an idle connection costs a few tens of KiB.
+TLS_READ_BUFFER = 16 * 1024
 
 
 class _Refused(Exception):
@@ -110,6 +117,7 @@ class Container:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._sock = socket.create_server((host, port), family=family, backlog=1024, reuse_port=self.reuse_port)
         _raise_open_files(self.limits.max_connections + self.threads + 256)
+        asyncio.sslproto.SSLProtocol.max_size = TLS_READ_BUFFER
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="vmgrid-request")
         self._loop = asyncio.new_event_loop()
         ready = threading.Event()
