@@ -204,6 +204,7 @@ class Container:
             return
         self.open_connections += 1
         self.per_address[address] = self.per_address.get(address, 0) + 1
+        graceful = False
         try:
             if self.ssl_context is not None:
                 try:
@@ -212,21 +213,30 @@ class Container:
                     self.refused["handshake"] += 1
                     log.debug("TLS handshake with %s failed: %s", address, exc)
                     return
-            await self._serve(reader, writer, peer)
+            graceful = await self._serve(reader, writer, peer)
         except (ConnectionError, OSError, asyncio.IncompleteReadError):
             pass
         except asyncio.CancelledError:      # the container stops
             pass
         finally:
+            if graceful:                    # let the last response out (and TLS say close_notify), in bounded time
+                writer.close()
+                try:
+                    async with asyncio.timeout(lim.body_grace):
+                        await writer.wait_closed()
+                except (TimeoutError, ConnectionError, OSError, asyncio.CancelledError):
+                    pass
+            writer.transport.abort()
             self.open_connections -= 1
             left = self.per_address[address] - 1
             if left:
                 self.per_address[address] = left
             else:
                 del self.per_address[address]
-            writer.transport.abort()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer) -> None:
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer) -> bool:
+        """Answer the connection's requests one after the other; True when the last answer went out whole
+        (the connection is then closed gracefully), False when it is cut off."""
         lim = self.limits
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=lim.max_header_bytes)
         first = True
@@ -235,21 +245,21 @@ class Container:
                 request, body = await self._read_request(conn, reader, writer, first)
             except _Refused as refused:
                 if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                    await self._send_plain(conn, writer, refused.status, str(refused))
-                return
+                    return await self._send_plain(conn, writer, refused.status, str(refused))
+                return False
             if request is None:          # the client closed, or kept the connection idle too long
-                return
+                return False
             first = False
             status, headers, chunks = await self._loop.run_in_executor(
                 self._pool, self._call_app, self._environ(request, body, peer))
             if not await self._send(conn, writer, status, headers, chunks):
-                return
+                return False
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
-                return
+                return True
             try:
                 conn.start_next_cycle()
             except h11.LocalProtocolError:
-                return
+                return True
 
     async def _read_request(self, conn: h11.Connection, reader, writer, first: bool):
         """(h11.Request, body bytes) read whole under the deadlines, or (None, b"") when the client is gone."""
@@ -279,7 +289,8 @@ class Container:
                 try:
                     if timeout <= 0:
                         raise asyncio.TimeoutError
-                    data = await asyncio.wait_for(reader.read(65536), timeout)
+                    async with asyncio.timeout(timeout):       # no extra task per read, unlike wait_for
+                        data = await reader.read(65536)
                 except asyncio.TimeoutError:
                     self.refused[kind] += 1
                     if kind == "idle":
@@ -398,8 +409,8 @@ class Container:
             return False
         return True
 
-    async def _send_plain(self, conn: h11.Connection, writer, status: int, text: str) -> None:
-        """A short error answer before the connection closes (best effort)."""
+    async def _send_plain(self, conn: h11.Connection, writer, status: int, text: str) -> bool:
+        """A short error answer before the connection closes (best effort); True when it went out."""
         try:
             body = (text + "\n").encode()
             data = conn.send(h11.Response(status_code=status, headers=[
@@ -407,8 +418,9 @@ class Container:
             data += conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage())
             writer.write(data)
             await asyncio.wait_for(writer.drain(), 1.0)
+            return True
         except (h11.LocalProtocolError, asyncio.TimeoutError, ConnectionError, OSError):
-            pass
+            return False
 
 
 def _content_length(request: h11.Request) -> int | None:

@@ -127,3 +127,20 @@ def test_connections_per_client_address_are_capped(serve, grid_pki):
     assert get(grid_pki, c, source="127.0.0.2").startswith(b"HTTP/1.1 200 ")   # another address is served
     for s in held:
         s.close()
+
+
+def test_a_large_response_arrives_whole_before_the_connection_closes(grid_pki):
+    """Closing after `Connection: close` lets the whole response (and TLS close_notify) out first."""
+    payload = bytes(range(256)) * 8192                 # 2 MiB
+
+    def big(environ, start_response):
+        start_response("200 OK", [("Content-Type", "application/octet-stream")])
+        return [payload]
+
+    c = Container([], middleware=lambda app: big, ssl_adapter=server_ssl_adapter(grid_pki.host), threads=2).start()
+    try:
+        answer = get(grid_pki, c)
+    finally:
+        c.stop()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and body == payload
