@@ -11,6 +11,7 @@ import math
 import os
 import queue
 import resource
+import select
 import signal
 import sqlite3
 import subprocess
@@ -24,6 +25,7 @@ from services.vmrepository.query import ORDERABLE, XPathQuery
 WORKERS = 2                      # XPath scans that run at once; more wait for a worker
 WAIT_FOR_WORKER = 30.0           # seconds a query waits for a free worker before it is refused ("busy")
 WORKER_MEMORY = 1 << 30          # address space of a worker (RLIMIT_AS)
+WORKER_IDLE_EXIT = float(os.environ.get("VMGRID_XPATH_IDLE_EXIT", 300))  # seconds an idle worker waits, then exits
 
 
 class _Worker:
@@ -33,21 +35,29 @@ class _Worker:
                                      close_fds=True)
 
     def ask(self, request: dict) -> dict | None:
-        """The worker's answer, or None when it died (killed on its CPU limit, or crashed)."""
+        """The worker's answer, or None when it ended without one (see ``ended_idle``)."""
         try:
             self.proc.stdin.write(json.dumps(request).encode() + b"\n")
             self.proc.stdin.flush()
             line = self.proc.stdout.readline()
-        except (BrokenPipeError, OSError):
+        except (BrokenPipeError, OSError, ValueError):
             line = b""
         return json.loads(line) if line else None
+
+    def ended(self) -> int:
+        """How the worker ended: 0 on its own (idle), a negative signal number when killed (RLIMIT_CPU: SIGXCPU),
+        a positive exit status when it failed."""
+        return self.proc.wait()
 
     def close(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
         for f in (self.proc.stdin, self.proc.stdout):
-            f.close()
+            try:
+                f.close()
+            except OSError:               # a request left unflushed to a worker that had ended
+                pass
 
 
 class XPathScanner:
@@ -67,19 +77,28 @@ class XPathScanner:
         if not self._slots.acquire(timeout=WAIT_FOR_WORKER):
             raise BadQuery("every XPath worker is busy; try again", reason="busy")
         try:
-            try:
-                worker = self._idle.get_nowait()
-            except queue.Empty:
-                worker = _Worker()
-            seconds = max(0.0, xp.budget.seconds - xp.budget.used)
-            answer = worker.ask({"db": self.db_path, "expression": xp.expression, "namespaces": xp.namespaces,
-                                 "vos": vos, "order": order, "descending": descending, "offset": offset,
-                                 "limit": limit, "cpu_seconds": seconds})
-            if answer is None:
+            request = {"db": self.db_path, "expression": xp.expression, "namespaces": xp.namespaces, "vos": vos,
+                       "order": order, "descending": descending, "offset": offset, "limit": limit,
+                       "cpu_seconds": max(0.0, xp.budget.seconds - xp.budget.used)}
+            retried = False
+            while True:
+                try:
+                    worker = self._idle.get_nowait()
+                except queue.Empty:
+                    worker = _Worker()
+                answer = worker.ask(request)
+                if answer is not None:
+                    break
+                status = worker.ended()
                 worker.close()
+                if status == 0 and not retried:      # it had ended idle: ask a new one
+                    retried = True
+                    continue
                 self.restarts += 1
-                raise BadQuery(f"the XPath query used more than its budget of {xp.budget.seconds:g} s of CPU time; "
-                               f"narrow it (fewer nested predicates)", reason="budget")
+                if status < 0:
+                    raise BadQuery(f"the XPath query used more than its budget of {xp.budget.seconds:g} s of CPU "
+                                   f"time; narrow it (fewer nested predicates)", reason="budget")
+                raise BadQuery(f"the XPath worker failed (exit status {status})", reason="xpath evaluation")
             self._idle.put(worker)
         finally:
             self._slots.release()
@@ -167,7 +186,13 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_AS, (WORKER_MEMORY, WORKER_MEMORY))
     connections: dict[str, sqlite3.Connection] = {}
-    for line in sys.stdin.buffer:
+    while True:
+        ready, _, _ = select.select([sys.stdin.buffer], [], [], WORKER_IDLE_EXIT)
+        if not ready:
+            return                                   # idle: the scanner starts a new worker when needed
+        line = sys.stdin.buffer.readline()
+        if not line:
+            return
         try:
             answer = _scan(json.loads(line), connections)
         except MemoryError:

@@ -126,3 +126,18 @@ def test_an_xpath_scan_evaluates_only_the_callers_vos(catalogue):
         assert scanner.query(compile_xpath(leak, {}), ["hep"], "name", False, 0, 10)[0] == 1
     finally:
         scanner.close()
+
+
+def test_a_worker_that_ended_idle_is_replaced_without_a_fault(catalogue, monkeypatch):
+    monkeypatch.setenv("VMGRID_XPATH_IDLE_EXIT", "0.1")
+    scanner = XPathScanner(catalogue.path, workers=1)
+    try:
+        query = "count(//ws:library) > 30"
+        assert scanner.query(compile_xpath(query, {}), ["bio"], "name", False, 0, 10)[0] == 1
+        worker = scanner._idle.get_nowait()
+        assert worker.ended() == 0                   # it exits by itself once idle
+        scanner._idle.put(worker)
+        assert scanner.query(compile_xpath(query, {}), ["bio"], "name", False, 0, 10)[0] == 1
+        assert scanner.restarts == 0
+    finally:
+        scanner.close()
