@@ -1,8 +1,8 @@
 """Slow and idle connections against the grid container (issue 9.3): a legitimate signed call's latency
 with and without an attack, and the container's memory, in one run on loopback.
 
-    .venv/bin/python bench/bench_container_exhaustion.py [--calls 200] [--slow-headers 500] [--idle 300]
-                                                        [--slow-bodies 50] [--addresses 40] [--settle 20]
+    .venv/bin/python bench/bench_container_exhaustion.py [--calls 200] [--duration 40] [--slow-headers 500]
+                                                        [--idle 300] [--slow-bodies 50] [--addresses 40]
 
 The server: the real container (`vmgrid serve repository` as bench_container.py starts it: TLS from the
 host certificate, WS-Security, the VMRepository with 6 images) in its own process, default limits.
@@ -12,8 +12,9 @@ each stays under the per-address cap; whatever the server cuts off is reopened a
   idle           TLS handshake completed, then nothing
   slow bodies    a request head announcing 16 MB, then one byte every 2 s
 The legitimate client: signed ListVOs calls (alice's proxy, one keep-alive HTTPS session), each
-response verified, unloaded first, then with the attack at its full count. Printed: p50/p95 of both,
-their ratio (goal: loaded p95 <= 2x unloaded p95), the container's RSS before, during and after, and
+response verified, unloaded first, then with the attack at its full count for at least --duration
+seconds (so that the container's 10 s deadlines cut the attack off and it reconnects meanwhile).
+Printed: p50/p95 of both, their ratio (goal: loaded p95 <= 2x unloaded p95), the container's RSS before, during and after, and
 how many attack connections were open, cut off and reopened. Also: one address opening 200 connections
 (how many the per-address cap lets in).
 """
@@ -111,7 +112,8 @@ def attack_main(port: int, cert_dir: str, counts: dict, addresses: int, report, 
 
 
 # -- the legitimate client -------------------------------------------------------------------------------
-def legit_calls(url: str, pki, calls: int) -> list[float]:
+def legit_calls(url: str, pki, calls: int, duration: float = 0.0) -> list[float]:
+    """``calls`` signed calls, and more until ``duration`` seconds have passed (at most 20 x calls)."""
     from lxml import etree  # noqa: F401
     from security.pki import load_credential
     from security.tls import grid_session
@@ -123,7 +125,10 @@ def legit_calls(url: str, pki, calls: int) -> list[float]:
     session = grid_session(pki.cert_dir)
     headers = {"Content-Type": "text/xml; charset=utf-8", "SOAPAction": f'"{REPO_NS}/ListVOs"'}
     lat = []
-    for i in range(calls + 5):
+    end = time.monotonic() + duration
+    for i in range(20 * calls + 5):
+        if i >= calls + 5 and time.monotonic() >= end:
+            break
         t = time.perf_counter()
         r = session.post(url, data=sign_envelope(envelope(url, "ListVOs"), proxy), headers=headers, timeout=120)
         _, root = verify_envelope(r.content, trust, expected_signer=pki.host.subject)
@@ -174,6 +179,9 @@ def main() -> int:
     ap.add_argument("--idle", type=int, default=300)
     ap.add_argument("--slow-bodies", type=int, default=50)
     ap.add_argument("--addresses", type=int, default=40, help="attack source addresses (127.0.0.10 and up)")
+    ap.add_argument("--duration", type=float, default=40.0,
+                    help="seconds the loaded run lasts at least (several of the container's 10 s deadlines, so "
+                         "the attack's cut-offs and reconnections fall inside it)")
     ap.add_argument("--settle", type=float, default=120.0, help="seconds at most to wait for the attack to be open")
     args = ap.parse_args()
     from tests.fixtures.pki import build_grid_pki
@@ -208,7 +216,7 @@ def main() -> int:
         opened_at_start = {k: v["open"] for k, v in stats.items()}
         log(f"attack open: {opened_at_start}; measuring the legitimate call")
         rss_samples = [rss_kib(pid)]
-        loaded = legit_calls(url, pki, args.calls)
+        loaded = legit_calls(url, pki, args.calls, args.duration)
         rss_samples.append(rss_kib(pid))
         while not report.empty():
             stats = report.get()
