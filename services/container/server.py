@@ -71,8 +71,10 @@ class Container:
 
     def __init__(self, services: Iterable[SoapService], *, host: str = "127.0.0.1", port: int = 0,
                  middleware: Middleware, ssl_adapter=None, public_url: str | None = None,
-                 threads: int = 16, validate_responses: bool = False, limits: ConnectionLimits | None = None):
+                 threads: int = 16, validate_responses: bool = False, limits: ConnectionLimits | None = None,
+                 public_host: str | None = None):
         self.services = list(services)
+        self.public_host = public_host   # the host name in the default public URL (the host certificate's)
         self.app = SoapApplication(self.services, public_url=public_url, validate_responses=validate_responses)
         self.wsgi_app = middleware(self.app)
         self.limits = limits or ConnectionLimits()
@@ -107,8 +109,16 @@ class Container:
         host = self.host if ":" not in self.host else f"[{self.host}]"
         return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
 
+    @property
+    def public_base_url(self) -> str:
+        """The configured public URL, else the bound address (the WSDL and the services' EPRs carry it)."""
+        if self.app.public_url:
+            return self.app.public_url
+        host = self.public_host or (self.host if ":" not in self.host else f"[{self.host}]")
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
+
     def url(self, service: str) -> str:
-        return f"{self.base_url}/wsrf/services/{service}"
+        return f"{self.public_base_url}/wsrf/services/{service}"
 
     # -- life cycle ---------------------------------------------------------------------------------
     def start(self) -> "Container":
@@ -116,6 +126,9 @@ class Container:
         host, port = self._bind
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._sock = socket.create_server((host, port), family=family, backlog=1024, reuse_port=self.reuse_port)
+        bind = getattr(self.app, "bind", None)          # the application learns its addresses before any request
+        if bind is not None:
+            bind(self.public_base_url, self.base_url)
         _raise_open_files(self.limits.max_connections + self.threads + 256)
         asyncio.sslproto.SSLProtocol.max_size = TLS_READ_BUFFER
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="vmgrid-request")
