@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.authz.config import AuthzConfig, EnforcementConfig
-from services.container.server import ConnectionLimits
+from services.container.limits import ConnectionLimits
 from services.vmmanager.service import VMManagerConfig
 from services.vmrepository.service import RepositoryConfig
 

@@ -19,35 +19,18 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Callable, Iterable
 from urllib.parse import unquote
 
 import h11
 
-from security.safexml import DEFAULT_MAX_BYTES
 from services.container.app import SoapApplication
+from services.container.limits import ConnectionLimits
 from services.container.service import SoapService
 
 log = logging.getLogger("vmgrid.container")
 
 Middleware = Callable[[Callable], Callable]
-
-
-@dataclass
-class ConnectionLimits:
-    """[container.limits]: what one connection may take of the container (docs/security.md)."""
-
-    handshake_timeout: float = 10.0      # seconds for a TLS handshake
-    header_timeout: float = 10.0         # seconds from a request's first byte (a new connection: from accept) to its blank line
-    body_min_rate: int = 4096            # bytes/s a request body must keep up, after body_grace
-    body_grace: float = 5.0              # seconds before body_min_rate applies
-    idle_timeout: float = 15.0           # seconds a keep-alive connection may wait for its next request
-    send_min_rate: int = 4096            # bytes/s a client must read the response at, after body_grace
-    max_connections: int = 4096          # open connections in all (more are closed at once)
-    max_connections_per_address: int = 64  # open connections from one client address
-    max_header_bytes: int = 64 * 1024    # request line and headers
-    max_body_bytes: int = DEFAULT_MAX_BYTES  # a request body (WS-Security refuses larger messages anyway)
 
 
 # asyncio's TLS transport reads through a buffer of SSLProtocol.max_size (256 KiB) that each connection keeps

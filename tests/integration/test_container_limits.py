@@ -144,3 +144,8 @@ def test_a_large_response_arrives_whole_before_the_connection_closes(grid_pki):
         c.stop()
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 ") and body == payload
+
+
+def test_the_body_limit_is_the_ws_security_message_limit():
+    from security.safexml import DEFAULT_MAX_BYTES
+    assert ConnectionLimits().max_body_bytes == DEFAULT_MAX_BYTES
