@@ -3,7 +3,7 @@ container level): round-trip p50/p90 and calls/s, 1 client and 4 concurrent clie
 
     .venv/bin/python bench/bench_container.py [--calls 300] [--repeat 3] [--workers 2] [--no-tls]
 
-The server: `services.container` (cheroot, TLS from the host certificate) with the real VMRepositoryService
+The server: `services.container` (asyncio + h11 front end, TLS from the host certificate) with the real VMRepositoryService
 (built-in VO policy, SQLite catalogue holding 6 images, no GridFTP), in its own process.
   signed    the container as `vmgrid serve repository` builds it: WSMiddleware verifies every request
             (X.509 proxy chain, signature, timestamp, replay cache in SQLite) and signs every response.
@@ -19,7 +19,7 @@ one keep-alive HTTPS session each):
   capacity    the requests are signed before the timed loop and the responses verified after it, so the
               timed loop measures the container (its calls/s is the one for the >= 200 calls/s goal).
 Also: a row through the zeep client (client.soap.GridServiceClient), and signed capacity with --workers
-container processes sharing the port (SO_REUSEPORT, set by this benchmark on the cheroot server: the
+container processes sharing the port (SO_REUSEPORT, set by this benchmark on the container: the
 container has no worker setting yet).
 """
 from __future__ import annotations
@@ -102,7 +102,7 @@ def serve_main(argv: list[str]) -> int:
         container = Container([service], host=cfg.container.host, port=cfg.container.port,
                               middleware=lambda app: UnsignedPeer(app, caller), ssl_adapter=adapter,
                               threads=cfg.container.threads)
-    container.server.reuse_port = reuse
+    container.reuse_port = reuse
     signal.signal(signal.SIGTERM, _interrupt)
     container.start()
     print(f"ready {container.base_url}", flush=True)

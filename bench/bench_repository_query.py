@@ -23,7 +23,8 @@ from lxml import etree  # noqa: E402
 
 from services.descriptor import WS, parse_descriptor, set_field  # noqa: E402
 from services.vmrepository.catalogue import Catalogue, new_image_id  # noqa: E402
-from services.vmrepository.query import Criterion, compile_xpath, prepare_groups, xpath_true  # noqa: E402
+from services.vmrepository.query import QUERY_CPU_SECONDS, Budget, Criterion, compile_xpath, prepare_groups  # noqa: E402,E501
+from services.vmrepository.xpath_scan import XPathScanner  # noqa: E402
 from services.vmrepository.store import ImageStore  # noqa: E402
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "wsdl" / "examples" / "debian12-emboss.xml"
@@ -131,9 +132,14 @@ def main() -> int:
                 ms, (total, _) = time_it(lambda: cat.query(prepared, vos, "name", False, 0, 20), args.repeat)
                 row = [n, label, total, statistics.median(ms), percentile(ms, 95), None, None]
                 if xpath:
-                    xp = compile_xpath(xpath, {})
-                    xms, xtotal = time_it(lambda: sum(1 for r in cat.scan(vos, "name", False)
-                                                      if xpath_true(xp, r.element())), args.xpath_repeat)
+                    scanner = XPathScanner(cat.path, workers=1)
+                    def xpath_query():
+                        xp = compile_xpath(xpath, {})
+                        xp.budget = Budget(60.0)   # the service gives QUERY_CPU_SECONDS; here: measure it whole
+                        return scanner.query(xp, vos, "name", False, 0, 20)
+
+                    xms, (xtotal, _) = time_it(xpath_query, args.xpath_repeat)
+                    scanner.close()
                     assert xtotal == total, (label, xtotal, total)
                     row[5], row[6] = statistics.median(xms), percentile(xms, 95)
                 rows.append(row)
@@ -148,6 +154,8 @@ def main() -> int:
         x95s = f"{x95:.0f}" if x95 else "-"
         print(f"{n:>11}  {label:<45} {total:>8} {p50:>8.2f} {p95:>8.2f} {x50s:>10} {x95s:>10} {ratio:>13}")
     worst = max(p50 for n, _, _, p50, *_ in rows if n == max(args.sizes))
+    print(f"\n(the service ends a query past {QUERY_CPU_SECONDS:g} s of CPU time with BadQuery reason 'budget': "
+          f"an XPath column above {QUERY_CPU_SECONDS * 1000:.0f} ms is a query the service refuses)")
     print(f"\ngoal: indexed criteria query p50 <= 20 ms at {max(args.sizes)} descriptors; worst p50 here {worst:.2f} ms")
     return 0
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from cheroot import wsgi
 
+from security.pki import host_of
 from security.trust import TrustStore
 from security.wssec import WSSecurityError, verify_envelope
 
@@ -67,7 +68,7 @@ class NotificationConsumer:
         body = environ["wsgi.input"].read(min(length, MAX_NOTIFY))
         try:
             caller, root = verify_envelope(body, self.trust,
-                                           expected_signer=lambda c: "/CN=host/" in c.dn)
+                                           expected_signer=lambda c: host_of(c.dn) is not None)
         except WSSecurityError as exc:
             self.refused += 1
             start_response("500 Internal Server Error", [("Content-Type", "text/plain")])

@@ -61,7 +61,10 @@ def cmd_ca_host(args) -> int:
     out = Path(args.out) if args.out else ca.directory / "hosts" / args.name
     if (out / "hostcert.pem").exists() and not args.force:
         raise _error(f"{out / 'hostcert.pem'} exists (use --force to replace it)")
-    cred = ca.issue_host(args.name, ou=args.ou, days=args.days, alt_names=args.alt or (), out_dir=out)
+    try:
+        cred = ca.issue_host(args.name, ou=args.ou, days=args.days, alt_names=args.alt or (), out_dir=out)
+    except CAError as exc:
+        raise _error(str(exc)) from None
     print(f"issued {cred.subject} (serial {cred.certificate.serial_number:x})")
     print(f"certificate: {cred.cert_path}\nprivate key: {cred.key_path}")
     return 0
@@ -72,8 +75,11 @@ def cmd_ca_user(args) -> int:
     out = Path(args.out) if args.out else Path.home() / ".globus"
     if (out / "usercert.pem").exists() and not args.force:
         raise _error(f"{out / 'usercert.pem'} exists (use --force to replace it)")
-    cred = ca.issue_user(args.name, ou=args.ou, days=args.days, out_dir=out,
-                         passphrase=_passphrase(args, "Passphrase for the new key: "))
+    try:
+        cred = ca.issue_user(args.name, ou=args.ou, days=args.days, out_dir=out,
+                             passphrase=_passphrase(args, "Passphrase for the new key: "))
+    except CAError as exc:
+        raise _error(str(exc)) from None
     print(f"issued {cred.subject} (serial {cred.certificate.serial_number:x})")
     print(f"certificate: {cred.cert_path}\nprivate key: {cred.key_path}")
     return 0

@@ -23,7 +23,7 @@ import zeep
 from lxml import etree
 
 from . import safexml
-from .pki import Credential
+from .pki import Credential, host_of
 from .replay import MemoryReplayCache, ReplayCache
 from .tls import grid_session
 from .trust import Caller, TrustStore
@@ -31,10 +31,6 @@ from .wssec import (DEFAULT_POLICY, FailedAuthentication, InvalidSecurity, Secur
                     verify_envelope)
 
 _LOOPBACK_NAMES = ("localhost",)
-
-
-def _last_cn(dn: str) -> str:
-    return dn.rsplit("/CN=", 1)[-1] if "/CN=" in dn else ""
 
 
 def host_authorizer(url: str) -> Callable[[Caller], bool]:
@@ -50,8 +46,8 @@ def host_authorizer(url: str) -> Callable[[Caller], bool]:
             names |= {"127.0.0.1", "::1"}
 
     def authorized(caller: Caller) -> bool:
-        cn = _last_cn(caller.dn).lower()
-        return cn.startswith("host/") and cn[5:] in names
+        host = host_of(caller.dn)
+        return host is not None and host.lower() in names
 
     authorized.__doc__ = f"signed by host/{hostname}"
     return authorized

@@ -69,31 +69,105 @@ _SHORT_NAMES = {
     NameOID.SERIAL_NUMBER: "serialNumber",
 }
 _OIDS = {v.lower(): k for k, v in _SHORT_NAMES.items()} | {"email": NameOID.EMAIL_ADDRESS}
-_DN_SPLIT = re.compile(r"/(?=[A-Za-z][A-Za-z0-9.]*=)")
+_DN_SPLIT = re.compile(r"(?<!\\)/(?=[A-Za-z][A-Za-z0-9.]*=)")
+_AMBIGUOUS_SLASH = re.compile(r"/(?=[A-Za-z][A-Za-z0-9.]*=)")
+_ESCAPE = re.compile(r"\\(x[0-9a-fA-F]{2}|.)")
+
+
+def _escape_value(value: str) -> str:
+    """A value in the one-line form, so that the form reads back as the same name: a backslash and a '/'
+    that would start a new `KEY=` are escaped (\\x5c, \\/), control and non-printable characters become \\xHH."""
+    value = value.replace("\\", "\\x5c")
+    value = _AMBIGUOUS_SLASH.sub(r"\\/", value)
+    return "".join(c if c.isprintable() else "".join(f"\\x{b:02x}" for b in c.encode()) for c in value)
+
+
+def _unescape_value(value: str) -> str:
+    if "\\" not in value:
+        return value
+    out = bytearray()
+    pos = 0
+    for m in _ESCAPE.finditer(value):
+        out += value[pos:m.start()].encode()
+        e = m.group(1)
+        out += bytes([int(e[1:], 16)]) if len(e) == 3 else e.encode()
+        pos = m.end()
+    out += value[pos:].encode()
+    return out.decode("utf-8", "replace")
 
 
 def dn_string(name: x509.Name) -> str:
-    """The Globus (OpenSSL one-line) form of a name: `/O=Grid/OU=vmgrid/CN=alice`."""
+    """The Globus (OpenSSL one-line) form of a name: `/O=Grid/OU=vmgrid/CN=alice`. A value that would make
+    the form ambiguous (`CN=x/CN=host/y` in one value) or carries control characters is escaped, so two
+    different names never share a string and ``parse_dn(dn_string(n)) == n``."""
     parts = []
     for rdn in name.rdns:
         for attr in rdn:
             key = _SHORT_NAMES.get(attr.oid, attr.oid.dotted_string)
-            parts.append(f"/{key}={attr.value}")
+            parts.append(f"/{key}={_escape_value(str(attr.value))}")
     return "".join(parts)
 
 
-def parse_dn(text: str) -> x509.Name:
-    """Parse `/O=Grid/OU=vmgrid/CN=host/localhost` (a '/' not followed by `KEY=` belongs to the value)."""
+def dn_parts(text: str) -> list[tuple[str, str]]:
+    """`/O=Grid/OU=vmgrid/CN=host/localhost` as [(key, value), ...] with canonical short keys and unescaped
+    values (a '/' not followed by `KEY=` belongs to the value); ValueError when it is not a grid DN."""
     if not text.startswith("/"):
         raise ValueError(f"a grid DN starts with '/': {text!r}")
-    rdns = []
+    parts = []
     for part in _DN_SPLIT.split(text[1:]):
         key, sep, value = part.partition("=")
         oid = _OIDS.get(key.lower())
         if not sep or not value or oid is None:
             raise ValueError(f"cannot read {part!r} in DN {text!r}")
-        rdns.append(x509.RelativeDistinguishedName([x509.NameAttribute(oid, value)]))
-    return x509.Name(rdns)
+        parts.append((_SHORT_NAMES[oid], _unescape_value(value)))
+    return parts
+
+
+def parse_dn(text: str) -> x509.Name:
+    """Parse `/O=Grid/OU=vmgrid/CN=host/localhost` (a '/' not followed by `KEY=` belongs to the value)."""
+    oids = {v: k for k, v in _SHORT_NAMES.items()}
+    return x509.Name([x509.RelativeDistinguishedName([x509.NameAttribute(oids[key], value)])
+                      for key, value in dn_parts(text)])
+
+
+def check_name_value(value: str, what: str) -> str:
+    """A value the CA puts into a name it issues: no '/', '=', backslash, control or non-printable
+    character (any of them could make one name read as another, e.g. a user `x/CN=host/localhost`)."""
+    if not value or value != value.strip():
+        raise CAError(f"{what} {value!r}: empty, or starts or ends with a space")
+    bad = sorted({c for c in value if c in "/=\\" or not c.isprintable()})
+    if bad:
+        raise CAError(f"{what} {value!r} contains {', '.join(repr(c) for c in bad)}: names may not contain "
+                      f"'/', '=', '\\\\', control or non-printable characters")
+    return value
+
+
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                       r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$")
+
+
+def _check_hostname(hostname: str) -> None:
+    """A host certificate names a DNS name or an IP address, nothing else."""
+    try:
+        ip_address(hostname)
+        return
+    except ValueError:
+        pass
+    if not _HOSTNAME.match(hostname):
+        check_name_value(hostname, "host name")
+        raise CAError(f"host name {hostname!r} is not a DNS name (letters, digits, '-' and '.') or an IP address")
+
+
+def host_of(dn: str) -> str | None:
+    """The host named by a grid host DN (`/O=Grid/OU=vmgrid/CN=host/node1` -> `node1`), read from the parsed name:
+    exactly one CN, `host/<name>`. None for any other DN (a user, or `.../CN=x/CN=host/node1`)."""
+    try:
+        cns = [value for key, value in dn_parts(dn) if key == "CN"]
+    except ValueError:
+        return None
+    if len(cns) != 1 or not cns[0].startswith("host/") or len(cns[0]) == 5:
+        return None
+    return cns[0][5:]
 
 
 def host_dn(hostname: str, ou: str = DEFAULT_OU) -> str:
@@ -600,8 +674,11 @@ class GridCA:
         if (directory / "ca.pem").exists():
             raise CAError(f"a CA already exists in {directory}")
         directory.mkdir(parents=True, exist_ok=True)
-        key = key or new_key(KEY_BITS)
         name = parse_dn(dn)
+        for attr in name:
+            if any(c in "=\\" or not c.isprintable() for c in str(attr.value)):
+                raise CAError(f"CA name {dn!r}: a value may not contain '=', '\\\\' or control characters")
+        key = key or new_key(KEY_BITS)
         now = _now()
         cert = (x509.CertificateBuilder()
                 .subject_name(name).issuer_name(name).public_key(key.public_key())
@@ -688,6 +765,9 @@ class GridCA:
                    alt_names: Sequence[str] = (), out_dir: Path | str | None = None) -> Credential:
         """A host certificate `/O=Grid/OU=<ou>/CN=host/<hostname>` with subjectAltName DNS (and IP) names for TLS.
         `localhost` also gets 127.0.0.1 and ::1. With `out_dir`, writes hostcert.pem and hostkey.pem (0600)."""
+        for n in (hostname, *alt_names):
+            _check_hostname(n)
+        check_name_value(ou, "organisational unit")
         names = [hostname, *alt_names]
         if hostname == "localhost":
             names += ["127.0.0.1", "::1"]
@@ -708,6 +788,8 @@ class GridCA:
                    out_dir: Path | str | None = None, passphrase: bytes | None = None) -> Credential:
         """A user certificate `/O=Grid/OU=<ou>/CN=<name>`. With `out_dir` (e.g. ~/.globus), writes usercert.pem and
         userkey.pem (0600, encrypted when a passphrase is given)."""
+        check_name_value(name, "user name")
+        check_name_value(ou, "organisational unit")
         subject = parse_dn(f"/O=Grid/OU={ou}/CN={name}")
         cred = self._issue(subject, key, days, [ExtendedKeyUsageOID.CLIENT_AUTH], [])
         if out_dir is not None:

@@ -154,8 +154,8 @@ class StaticVOPolicy:
     """The repository's built-in policy until the Authorization service is configured: VO
     membership and VO admins from the configuration; deny by default.
 
-    - a VO's members query, read, register into, duplicate and hold its images;
-    - an image's owner and the VO's admins update and remove it;
+    - a VO's members query, read, register into and duplicate its images;
+    - an image's owner and the VO's admins update, hold and remove it;
     - ingest from a path on the repository host (``source=local``) only for repository admins.
     """
 
@@ -176,9 +176,9 @@ class StaticVOPolicy:
             return Decision(True, "a member of a VO uploads into its own area")
         if action == "image.register" and context.get("source") == "local" and subject.dn not in self.admins:
             return Decision(False, "local-path ingest is for repository admins")
-        if action in ("image.read", "image.register", "image.duplicate", "image.hold") and member:
+        if action in ("image.read", "image.register", "image.duplicate") and member:
             return Decision(True, f"member of VO {vo}")
-        if action in ("image.update", "image.remove") and (vo_admin or (member and resource.get("owner") == subject.dn)):
+        if action in ("image.update", "image.hold", "image.remove") and (vo_admin or (member and resource.get("owner") == subject.dn)):
             return Decision(True, "owner" if resource.get("owner") == subject.dn else f"admin of VO {vo}")
         if action == "image.release" and resource.get("owner") == subject.dn:
             return Decision(True, "holder")

@@ -7,9 +7,11 @@ import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from fnmatch import fnmatchcase
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
 
+from security.pki import dn_parts
 from services.authz.actions import ACTION_PATTERN, KNOWN_ACTIONS, matching
 from services.authz.faults import InvalidPolicy
 from services.authz.gridmap import GridmapError, read_gridmap
@@ -193,7 +195,7 @@ class Policy:
         return dn in self.admins
 
     def is_enforcement_point(self, dn: str) -> bool:
-        return any(fnmatchcase(dn, p) for p in self.enforcement_points)
+        return any(dn_matches(p, dn) for p in self.enforcement_points)
 
     def rule(self, rule_id: str) -> Rule | None:
         return next((r for r in self.rules if r.id == rule_id), None)
@@ -256,7 +258,66 @@ def subject_matches(pattern: str, s: SubjectView) -> bool:
     if pattern.startswith("admin:"):
         name = pattern[6:]
         return bool(s.admin_groups) if name == "*" else name in s.admin_groups
-    return fnmatchcase(s.dn, pattern) if "*" in pattern else s.dn == pattern
+    return dn_matches(pattern, s.dn)
+
+
+# -- DN patterns: compared name part by name part, never as strings -------------------------------
+
+_PATTERN_SPLIT = re.compile(r"(?<!\\)/(?=[A-Za-z][A-Za-z0-9.]*=|\*(?:/|$))")
+
+
+@lru_cache(maxsize=4096)
+def _pattern_parts(pattern: str) -> tuple | None:
+    """``/O=Grid/*/CN=host/*`` as (("O", "Grid"), "*", ("CN", "host"), "*"); None if it is no DN pattern."""
+    if not pattern.startswith("/"):
+        return None
+    out: list = []
+    for token in _PATTERN_SPLIT.split(pattern[1:]):
+        if token == "*":
+            out.append("*")
+            continue
+        try:
+            (part,) = dn_parts("/" + token)
+        except ValueError:
+            return None
+        out.append(part)
+    return tuple(out)
+
+
+@lru_cache(maxsize=4096)
+def _name_parts(dn: str) -> tuple | None:
+    try:
+        return tuple(dn_parts(dn))
+    except ValueError:
+        return None
+
+
+def dn_matches(pattern: str, dn: str) -> bool:
+    """Whether the subject ``dn`` matches a policy DN ``pattern``, compared on parsed names (a value containing
+    ``/CN=host/...`` stays one value and never matches a host pattern). Keys compare exactly; a value is a glob
+    within that one value; a ``*`` standing alone between slashes is exactly one name part; a trailing ``/*`` is
+    one or more further parts, or the rest of the last value after a '/' (``CN=host/*`` matches ``CN=host/node1``)."""
+    if pattern == "*":
+        return True
+    tokens, parts = _pattern_parts(pattern), _name_parts(dn)
+    if tokens is None or parts is None:
+        return False
+    n, m = len(tokens), len(parts)
+
+    def match(ti: int, ri: int) -> bool:
+        if ti == n:
+            return ri == m
+        token = tokens[ti]
+        if token == "*":
+            return ri < m if ti == n - 1 else ri < m and match(ti + 1, ri + 1)
+        if ri >= m or parts[ri][0] != token[0]:
+            return False
+        value = parts[ri][1]
+        if fnmatchcase(value, token[1]) and match(ti + 1, ri + 1):
+            return True
+        return ti == n - 2 and tokens[-1] == "*" and ri == m - 1 and fnmatchcase(value, token[1] + "/*")
+
+    return match(0, 0)
 
 
 def value_matches(pattern: str, value: str | None, s: SubjectView) -> bool:
@@ -351,7 +412,7 @@ def _subject_pattern(p: str, groups: Mapping[str, Any], file: str, line: int | N
                                   + (f"; groups: {', '.join(sorted(groups))}" if groups else "; no groups are defined"),
                                   line=line, rule=rule)
             return p
-    if p.startswith("/") and "=" in p:
+    if p.startswith("/") and "=" in p and _pattern_parts(p) is not None:
         return p
     raise PolicyError(file, f"subject {p!r}: expected *, site-admin, group:NAME, admin:NAME or a DN (/O=.../CN=...)",
                       line=line, rule=rule)
@@ -385,8 +446,9 @@ def parse_policy(text: str, source: str = "policy.toml", *, base_dir: Path | Non
                    for d in _strings(head.get("admins", []), "[policy] admins", source, head_line, None))
     eps = _strings(head.get("enforcement_points", []), "[policy] enforcement_points", source, head_line, None)
     for p in eps:
-        if not (p.startswith("/") or p.startswith("*")):
-            raise PolicyError(source, f"enforcement point {p!r} is not a DN pattern", line=head_line)
+        if p != "*" and _pattern_parts(p) is None:
+            raise PolicyError(source, f"enforcement point {p!r} is not a DN pattern (/O=Grid/*/CN=host/*)",
+                              line=head_line)
     extra = _strings(head.get("actions", []), "[policy] actions", source, head_line, None)
     for a in extra:
         if not re.match(r"^[a-z][a-z0-9-]*(\.[a-z0-9-]+)+$", a):

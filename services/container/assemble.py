@@ -104,4 +104,4 @@ def build_container(config: Config, services: list[SoapService], *, port: int | 
         log.warning("TLS is off: messages are still signed, but not encrypted")
     return Container(services, host=c.host, port=c.port if port is None else port, middleware=middleware,
                      ssl_adapter=adapter, public_url=c.public_url or None, threads=c.threads,
-                     validate_responses=c.validate_responses)
+                     validate_responses=c.validate_responses, limits=c.limits)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.authz.config import AuthzConfig, EnforcementConfig
+from services.container.limits import ConnectionLimits
 from services.vmmanager.service import VMManagerConfig
 from services.vmrepository.service import RepositoryConfig
 
@@ -29,6 +30,7 @@ class ContainerConfig:
     log_level: str = "info"
     log_file: str = ""               # "" = standard error
     validate_responses: bool = False # check every response against the published schema (tests)
+    limits: ConnectionLimits = field(default_factory=ConnectionLimits)  # [container.limits] (docs/security.md)
 
 
 @dataclass

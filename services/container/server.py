@@ -1,15 +1,31 @@
-"""The grid container process: a threaded cheroot WSGI server hosting services on one port, with
-WS-Security in front of the SOAP application and (by default) TLS from the host certificate."""
+"""The grid container process: services on one port, WS-Security in front of the SOAP application and
+(by default) TLS from the host certificate.
+
+A slow or idle client must not hold a request thread. So connections live in one asyncio event loop,
+where h11 (the HTTP/1.1 state machine of python-hyper) reads each request *whole* under deadlines: the
+TLS handshake, the request head, the body at a minimum rate, the wait for the next request on a
+keep-alive connection, the response at a minimum rate; at most so many connections in all and per
+client address. Only a complete, buffered request reaches a request thread, which runs the unchanged
+WSGI application. The limits are ``[container.limits]`` (:class:`ConnectionLimits`, docs/configuration.md)."""
 from __future__ import annotations
 
+import asyncio
+import asyncio.sslproto
+import io
 import logging
+import resource
+import socket
+import sys
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable
+from urllib.parse import unquote
 
-from cheroot import wsgi
+import h11
 
-from security.tls import MAX_REQUEST_BODY
 from services.container.app import SoapApplication
+from services.container.limits import ConnectionLimits
 from services.container.service import SoapService
 
 log = logging.getLogger("vmgrid.container")
@@ -17,57 +33,123 @@ log = logging.getLogger("vmgrid.container")
 Middleware = Callable[[Callable], Callable]
 
 
+# asyncio's TLS transport reads through a buffer of SSLProtocol.max_size (256 KiB) that each connection keeps
+# for its life: 850 idle attackers would hold 200 MiB. A TLS record carries at most 16 KiB, so a 16 KiB
+# buffer only means more reads of a large request, and an idle connection costs a few tens of KiB.
+TLS_READ_BUFFER = 16 * 1024
+
+
+class _Refused(Exception):
+    """A request refused before it reached the application: (status, reason)."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status = status
+
+
 class Container:
     """Serves ``services`` on ``host:port`` (0 = a free port). ``middleware`` wraps the SOAP
-    application (WS-Security verification and response signing); ``ssl_adapter`` turns on TLS."""
+    application (WS-Security verification and response signing); ``ssl_adapter`` (its ``context``)
+    turns on TLS; ``limits`` bounds what each connection may take."""
 
     def __init__(self, services: Iterable[SoapService], *, host: str = "127.0.0.1", port: int = 0,
                  middleware: Middleware, ssl_adapter=None, public_url: str | None = None,
-                 threads: int = 16, validate_responses: bool = False):
+                 threads: int = 16, validate_responses: bool = False, limits: ConnectionLimits | None = None,
+                 public_host: str | None = None):
         self.services = list(services)
+        self.public_host = public_host   # the host name in the default public URL (the host certificate's)
         self.app = SoapApplication(self.services, public_url=public_url, validate_responses=validate_responses)
         self.wsgi_app = middleware(self.app)
-        self.server = wsgi.Server((host, port), self.wsgi_app, numthreads=threads,
-                                  server_name="vmgrid", shutdown_timeout=2)
-        # cheroot would otherwise read any body whole; WS-Security refuses far smaller messages itself.
-        self.server.max_request_body_size = MAX_REQUEST_BODY
-        if ssl_adapter is not None:
-            self.server.ssl_adapter = ssl_adapter
+        self.limits = limits or ConnectionLimits()
+        self.ssl_context = ssl_adapter.context if ssl_adapter is not None else None
         self.tls = ssl_adapter is not None
+        self.threads = threads
+        self.reuse_port = False
+        self._bind = (host, port)
+        self._sock: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._server: asyncio.base_events.Server | None = None
+        self._stopped = threading.Event()
+        self.open_connections = 0
+        self.per_address: dict[str, int] = {}
+        self.refused = {"connections": 0, "per-address": 0, "handshake": 0, "header": 0, "body": 0, "idle": 0,
+                        "send": 0, "bad request": 0}
+        self._in_flight = 0
+        self._in_flight_lock = threading.Lock()
 
     @property
     def host(self) -> str:
-        return self.server.bind_addr[0]
+        return self._sock.getsockname()[0] if self._sock else self._bind[0]
 
     @property
     def port(self) -> int:
-        return self.server.bind_addr[1]
+        return self._sock.getsockname()[1] if self._sock else self._bind[1]
 
     @property
     def base_url(self) -> str:
         host = self.host if ":" not in self.host else f"[{self.host}]"
         return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
 
-    def url(self, service: str) -> str:
-        return f"{self.base_url}/wsrf/services/{service}"
+    @property
+    def public_base_url(self) -> str:
+        """The configured public URL, else the bound address (the WSDL and the services' EPRs carry it)."""
+        if self.app.public_url:
+            return self.app.public_url
+        host = self.public_host or (self.host if ":" not in self.host else f"[{self.host}]")
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
 
+    def url(self, service: str) -> str:
+        return f"{self.public_base_url}/wsrf/services/{service}"
+
+    # -- life cycle ---------------------------------------------------------------------------------
     def start(self) -> "Container":
         """Bind and serve in a background thread; returns once the port is bound."""
-        self.server.prepare()
-        self._thread = threading.Thread(target=self.server.serve, name="vmgrid-container", daemon=True)
+        host, port = self._bind
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._sock = socket.create_server((host, port), family=family, backlog=1024, reuse_port=self.reuse_port)
+        bind = getattr(self.app, "bind", None)          # the application learns its addresses before any request
+        if bind is not None:
+            bind(self.public_base_url, self.base_url)
+        _raise_open_files(self.limits.max_connections + self.threads + 256)
+        asyncio.sslproto.SSLProtocol.max_size = TLS_READ_BUFFER
+        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="vmgrid-request")
+        self._loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(ready,), name="vmgrid-container", daemon=True)
         self._thread.start()
+        ready.wait()
         for s in self.services:
             s.start()
         log.info("serving %s at %s", ", ".join(s.name for s in self.services), self.base_url)
         return self
+
+    def _run(self, ready: threading.Event) -> None:
+        loop = self._loop
+        asyncio.set_event_loop(loop)
+        self._server = loop.run_until_complete(asyncio.start_server(self._connection, sock=self._sock,
+                                                                    limit=self.limits.max_header_bytes))
+        ready.set()
+        try:
+            loop.run_until_complete(self._server.serve_forever())
+        except asyncio.CancelledError:
+            pass
+        finally:
+            tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
+            for t in tasks:
+                t.cancel()
+            loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+            loop.close()
+            self._stopped.set()
 
     def serve_forever(self) -> None:
         """Serve (starting first if needed) until interrupted (KeyboardInterrupt), then stop."""
         if self._thread is None:
             self.start()
         try:
-            self._thread.join()
+            while self._thread.is_alive():
+                self._thread.join(0.5)
         except KeyboardInterrupt:
             pass
         finally:
@@ -75,7 +157,21 @@ class Container:
 
     def stop(self) -> None:
         try:
-            self.server.stop()
+            if self._loop is not None and not self._stopped.is_set():
+                def shut():
+                    self._server.close()
+                    for t in asyncio.all_tasks(self._loop):
+                        t.cancel()
+                try:
+                    self._loop.call_soon_threadsafe(shut)
+                except RuntimeError:          # the loop closed meanwhile
+                    pass
+                self._thread.join(10)
+            if self._pool is not None:
+                deadline = time.monotonic() + 2
+                while self._in_flight and time.monotonic() < deadline:   # requests under way finish first
+                    time.sleep(0.02)
+                self._pool.shutdown(wait=False, cancel_futures=True)
         finally:
             for s in self.services:
                 s.close()
@@ -88,3 +184,252 @@ class Container:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+    # -- one connection (in the event loop) ---------------------------------------------------------
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername") or ("?", 0)
+        address = peer[0]
+        lim = self.limits
+        if self.open_connections >= lim.max_connections:
+            self.refused["connections"] += 1
+            writer.transport.abort()
+            return
+        if self.per_address.get(address, 0) >= lim.max_connections_per_address:
+            self.refused["per-address"] += 1
+            writer.transport.abort()
+            return
+        self.open_connections += 1
+        self.per_address[address] = self.per_address.get(address, 0) + 1
+        graceful = False
+        try:
+            if self.ssl_context is not None:
+                try:
+                    await writer.start_tls(self.ssl_context, ssl_handshake_timeout=lim.handshake_timeout)
+                except (asyncio.TimeoutError, ConnectionError, OSError) as exc:
+                    self.refused["handshake"] += 1
+                    log.debug("TLS handshake with %s failed: %s", address, exc)
+                    return
+            graceful = await self._serve(reader, writer, peer)
+        except (ConnectionError, OSError, asyncio.IncompleteReadError):
+            pass
+        except asyncio.CancelledError:      # the container stops
+            pass
+        finally:
+            if graceful:                    # let the last response out (and TLS say close_notify), in bounded time
+                writer.close()
+                try:
+                    async with asyncio.timeout(lim.body_grace):
+                        await writer.wait_closed()
+                except (TimeoutError, ConnectionError, OSError, asyncio.CancelledError):
+                    pass
+            writer.transport.abort()
+            self.open_connections -= 1
+            left = self.per_address[address] - 1
+            if left:
+                self.per_address[address] = left
+            else:
+                del self.per_address[address]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer) -> bool:
+        """Answer the connection's requests one after the other; True when the last answer went out whole
+        (the connection is then closed gracefully), False when it is cut off."""
+        lim = self.limits
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=lim.max_header_bytes)
+        first = True
+        while True:
+            try:
+                request, body = await self._read_request(conn, reader, writer, first)
+            except _Refused as refused:
+                if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                    return await self._send_plain(conn, writer, refused.status, str(refused))
+                return False
+            if request is None:          # the client closed, or kept the connection idle too long
+                return False
+            first = False
+            status, headers, chunks = await self._loop.run_in_executor(
+                self._pool, self._call_app, self._environ(request, body, peer))
+            if not await self._send(conn, writer, status, headers, chunks):
+                return False
+            if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
+                return True
+            try:
+                conn.start_next_cycle()
+            except h11.LocalProtocolError:
+                return True
+
+    async def _read_request(self, conn: h11.Connection, reader, writer, first: bool):
+        """(h11.Request, body bytes) read whole under the deadlines, or (None, b"") when the client is gone."""
+        lim = self.limits
+        loop = self._loop
+        start = loop.time()
+        head_deadline = start + (lim.header_timeout if first else lim.idle_timeout)
+        started = first
+        request = None
+        body = bytearray()
+        body_start = None
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                self.refused["bad request"] += 1
+                raise _Refused(exc.error_status_hint, f"bad request: {exc}") from None
+            if event is h11.NEED_DATA:
+                now = loop.time()
+                if request is None:
+                    timeout = head_deadline - now
+                    kind = "header" if started else "idle"
+                else:
+                    # the body keeps up with body_min_rate after body_grace
+                    timeout = body_start + lim.body_grace + len(body) / lim.body_min_rate - now
+                    kind = "body"
+                try:
+                    if timeout <= 0:
+                        raise asyncio.TimeoutError
+                    async with asyncio.timeout(timeout):       # no extra task per read, unlike wait_for
+                        data = await reader.read(65536)
+                except asyncio.TimeoutError:
+                    self.refused[kind] += 1
+                    if kind == "idle":
+                        return None, b""
+                    raise _Refused(408, f"request {kind} too slow") from None
+                if not started and data:
+                    started = True
+                    head_deadline = loop.time() + lim.header_timeout
+                conn.receive_data(data)
+                continue
+            if isinstance(event, h11.Request):
+                request = event
+                body_start = loop.time()
+                length = _content_length(event)
+                if length is not None and length > lim.max_body_bytes:
+                    self.refused["body"] += 1
+                    raise _Refused(413, f"a request body may not exceed {lim.max_body_bytes} bytes")
+                if conn.they_are_waiting_for_100_continue:
+                    writer.write(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
+            elif isinstance(event, h11.Data):
+                body += event.data
+                if len(body) > lim.max_body_bytes:
+                    self.refused["body"] += 1
+                    raise _Refused(413, f"a request body may not exceed {lim.max_body_bytes} bytes")
+            elif isinstance(event, h11.EndOfMessage):
+                return request, bytes(body)
+            elif isinstance(event, (h11.ConnectionClosed, h11.PAUSED)):
+                if request is not None:
+                    raise _Refused(400, "the request ended before its body")
+                return None, b""
+
+    def _environ(self, request: h11.Request, body: bytes, peer) -> dict:
+        target = request.target.decode("latin-1")
+        path, _, query = target.partition("?")
+        environ = {
+            "REQUEST_METHOD": request.method.decode("ascii"),
+            "SCRIPT_NAME": "",
+            "PATH_INFO": unquote(path, encoding="latin-1"),
+            "QUERY_STRING": query,
+            "SERVER_NAME": self.host,
+            "SERVER_PORT": str(self.port),
+            "SERVER_PROTOCOL": f"HTTP/{request.http_version.decode('ascii')}",
+            "REMOTE_ADDR": str(peer[0]),
+            "REMOTE_PORT": str(peer[1]),
+            "CONTENT_LENGTH": str(len(body)),
+            "wsgi.version": (1, 0),
+            "wsgi.url_scheme": "https" if self.tls else "http",
+            "wsgi.input": io.BytesIO(body),
+            "wsgi.errors": sys.stderr,
+            "wsgi.multithread": True,
+            "wsgi.multiprocess": False,
+            "wsgi.run_once": False,
+        }
+        if self.tls:
+            environ["HTTPS"] = "on"
+        for name, value in request.headers:
+            key = name.decode("latin-1").upper().replace("-", "_")
+            if key in ("CONTENT_LENGTH", "TRANSFER_ENCODING"):
+                continue
+            value = value.decode("latin-1")
+            if key == "CONTENT_TYPE":
+                environ["CONTENT_TYPE"] = value
+                continue
+            key = "HTTP_" + key
+            environ[key] = f"{environ[key]},{value}" if key in environ else value
+        return environ
+
+    def _call_app(self, environ: dict):
+        """Run the WSGI application on a request thread; the whole response, as (status, headers, chunks)."""
+        with self._in_flight_lock:
+            self._in_flight += 1
+        try:
+            started: list = []
+
+            def start_response(status, headers, exc_info=None):
+                if exc_info and started:
+                    raise exc_info[1].with_traceback(exc_info[2])
+                started[:] = [status, headers]
+                return lambda data: chunks.append(data)
+
+            chunks: list[bytes] = []
+            try:
+                result = self.wsgi_app(environ, start_response)
+                try:
+                    chunks.extend(result)
+                finally:
+                    close = getattr(result, "close", None)
+                    if close is not None:
+                        close()
+            except Exception:
+                log.exception("the application failed on %s %s", environ["REQUEST_METHOD"], environ["PATH_INFO"])
+                return "500 Internal Server Error", [("Content-Type", "text/plain")], [b"internal error\n"]
+            return started[0], started[1], chunks
+        finally:
+            with self._in_flight_lock:
+                self._in_flight -= 1
+
+    async def _send(self, conn: h11.Connection, writer, status: str, headers, chunks) -> bool:
+        body = b"".join(chunks)
+        code, _, reason = status.partition(" ")
+        out = [(k, v) for k, v in headers if k.lower() not in ("content-length", "transfer-encoding", "connection")]
+        out.append(("Content-Length", str(len(body))))
+        out.append(("Server", "vmgrid"))
+        try:
+            data = conn.send(h11.Response(status_code=int(code), headers=out, reason=reason.encode("latin-1")))
+            data += conn.send(h11.Data(data=body)) if body else b""
+            data += conn.send(h11.EndOfMessage())
+        except h11.LocalProtocolError:
+            return False
+        writer.write(data)
+        lim = self.limits
+        try:
+            await asyncio.wait_for(writer.drain(), lim.body_grace + len(data) / lim.send_min_rate)
+        except asyncio.TimeoutError:
+            self.refused["send"] += 1
+            return False
+        return True
+
+    async def _send_plain(self, conn: h11.Connection, writer, status: int, text: str) -> bool:
+        """A short error answer before the connection closes (best effort); True when it went out."""
+        try:
+            body = (text + "\n").encode()
+            data = conn.send(h11.Response(status_code=status, headers=[
+                ("Content-Type", "text/plain"), ("Content-Length", str(len(body))), ("Connection", "close")]))
+            data += conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage())
+            writer.write(data)
+            await asyncio.wait_for(writer.drain(), 1.0)
+            return True
+        except (h11.LocalProtocolError, asyncio.TimeoutError, ConnectionError, OSError):
+            return False
+
+
+def _content_length(request: h11.Request) -> int | None:
+    for name, value in request.headers:
+        if name == b"content-length":
+            return int(value)
+    return None
+
+
+def _raise_open_files(wanted: int) -> None:
+    """Let the process hold ``wanted`` descriptors if its hard limit allows (the soft limit is often 1024)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        new = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        if new > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))

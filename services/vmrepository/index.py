@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from services.descriptor import NUMBER, VERSION, resolve_field
-from services.vmrepository.query import Prepared
+from services.vmrepository.query import Budget, Prepared
 
 MERGE_AT = 4096        # delta facts before they are merged into the base columns
 ORDER_COLUMNS = ("name", "vo", "owner", "created", "updated", "memory", "vcpus", "size", "image_id")
@@ -59,19 +59,29 @@ class _Column:
         return [(int(s), keys[k], self.utexts[t])
                 for s, k, t in zip(self.slots.tolist(), self.kcodes.tolist(), self.tcodes.tolist())] + self.delta
 
-    def select(self, p: Prepared, mask: np.ndarray) -> None:
-        """Set mask[slot] for every slot with a fact satisfying p (existentially)."""
+    def select(self, p: Prepared, mask: np.ndarray, within: np.ndarray | None = None,
+               budget: Budget | None = None) -> None:
+        """Set mask[slot] for every slot with a fact satisfying p (existentially). ``within`` (the caller's
+        VOs' slots) bounds the texts a ``contains`` or ``matches`` looks at: no other VO's text is ever
+        tested, so the time a query takes tells nothing about other VOs' descriptions."""
         if p.op in ("contains", "matches"):
             if p.op == "contains":
-                ok = [p.key in t.lower() for t in self.utexts]
                 test = lambda t: p.key in t.lower()  # noqa: E731
             else:
-                ok = [p.regex.search(t) is not None for t in self.utexts]
                 test = lambda t: p.regex.search(t) is not None  # noqa: E731
+            budget = budget or Budget()
             if self.utexts:
-                mask[self.slots[np.asarray(ok, dtype=bool)[self.tcodes]]] = True
-            for slot, _, text in self.delta:
-                if test(text):
+                facts = np.ones(len(self.slots), dtype=bool) if within is None else within[self.slots]
+                ok = np.zeros(len(self.utexts), dtype=bool)
+                for n, code in enumerate(np.unique(self.tcodes[facts]).tolist()):
+                    if n % 256 == 0:
+                        budget.charge()
+                    ok[code] = test(self.utexts[code])
+                mask[self.slots[facts & ok[self.tcodes]]] = True
+            for n, (slot, _, text) in enumerate(self.delta):
+                if n % 256 == 0:
+                    budget.charge()
+                if (within is None or within[slot]) and test(text):
                     mask[slot] = True
             return
         op = "=" if p.op == "!=" else p.op
@@ -213,32 +223,36 @@ class QueryIndex:
         self.delta_size = 0
 
     # -- answering ---------------------------------------------------------------------------------
-    def _criterion_mask(self, p: Prepared) -> np.ndarray:
+    def _criterion_mask(self, p: Prepared, within: np.ndarray, budget: Budget) -> np.ndarray:
         mask = np.zeros(len(self.alive), dtype=bool)
         col = self.columns.get(p.path)
         if col is not None:
-            col.select(p, mask)
+            col.select(p, mask, within, budget)
         if p.op == "!=":
             mask = ~mask
-        return mask & self.alive
+        return mask & within
 
-    def match(self, groups: list[list[Prepared]], vos: list[str]) -> np.ndarray:
-        """The bitmap of live slots matching an OR of AND groups, within the VOs."""
-        if not groups or any(not g for g in groups):
-            mask = self.alive.copy()
-        else:
-            mask = np.zeros(len(self.alive), dtype=bool)
-            for group in groups:
-                g = self._criterion_mask(group[0])
-                for p in group[1:]:
-                    g &= self._criterion_mask(p)
-                mask |= g
-        vo_mask = np.zeros(len(self.alive), dtype=bool)
+    def match(self, groups: list[list[Prepared]], vos: list[str], budget: Budget | None = None) -> np.ndarray:
+        """The bitmap of live slots matching an OR of AND groups, within the VOs. The VOs are applied
+        first: a criterion only ever looks at the caller's VOs' facts. BadQuery (reason "budget") when
+        the query spends its CPU budget (default: QUERY_CPU_SECONDS from now)."""
+        budget = budget or Budget()
+        within = np.zeros(len(self.alive), dtype=bool)
         col = self.columns.get("identity.vo")
         if col is not None:
             for vo in vos:
-                col.select(Prepared("identity.vo", "text", "=", vo, vo), vo_mask)
-        return mask & vo_mask & self.alive
+                col.select(Prepared("identity.vo", "text", "=", vo, vo), within)
+        within &= self.alive
+        if not groups or any(not g for g in groups):
+            return within
+        mask = np.zeros(len(self.alive), dtype=bool)
+        for group in groups:
+            g = within.copy()
+            for p in group:
+                budget.charge()
+                g &= self._criterion_mask(p, g, budget)
+            mask |= g
+        return mask
 
     def _permutation(self, order: str) -> np.ndarray:
         """Slots sorted by (order column, image id); cached until the index changes."""

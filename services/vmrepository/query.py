@@ -1,11 +1,16 @@
-"""Repository queries: structured criteria (AND within a group, OR between groups) compiled to SQL
-over the catalogue's indexed facts, and the WS-ResourceProperties XPath 1.0 dialect."""
+"""Repository queries: structured criteria (AND within a group, OR between groups) evaluated over the
+catalogue's indexed facts, and the WS-ResourceProperties XPath 1.0 dialect.
+
+Every query runs on a CPU budget (:class:`Budget`, BadQuery reason "budget" when spent); ``matches`` uses
+RE2, whose time is linear in the text whatever the expression (no catastrophic backtracking)."""
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
+import re2
 from lxml import etree
 
 from services.descriptor import NUMBER, TIME, VERSION, number_value, resolve_field, version_key
@@ -19,6 +24,33 @@ ORDERABLE = {"name": "name", "vo": "vo", "owner": "owner", "created": "created",
 XPATH_DIALECT = "http://www.w3.org/TR/1999/REC-xpath-19991116"
 MAX_XPATH = 4096
 MAX_REGEX = 256
+REGEX_MEMORY = 1 << 20          # RE2's memory for one compiled expression (bounds its size)
+QUERY_CPU_SECONDS = 2.0         # CPU time one query may use before it is refused (BadQuery reason "budget")
+
+
+class Budget:
+    """The CPU time one query may still use, measured on the thread answering it (so a busy machine
+    does not spend it, only the query's own work does). ``charge()`` raises BadQuery once it is spent."""
+
+    def __init__(self, seconds: float = QUERY_CPU_SECONDS):
+        self.seconds = seconds
+        self.start = time.thread_time()
+
+    @property
+    def used(self) -> float:
+        return time.thread_time() - self.start
+
+    def charge(self) -> None:
+        if self.used > self.seconds:
+            raise BadQuery(f"the query used more than its budget of {self.seconds:g} s of CPU time; "
+                           f"narrow it (fewer regular expressions, a simpler XPath expression)", reason="budget")
+
+
+def _regex_options() -> re2.Options:
+    o = re2.Options()
+    o.log_errors = False
+    o.max_mem = REGEX_MEMORY
+    return o
 
 
 @dataclass(frozen=True)
@@ -99,7 +131,7 @@ class Prepared:
     op: str
     key: object
     text: str
-    regex: re.Pattern | None = None
+    regex: object | None = None      # a compiled RE2 expression for "matches"
 
 
 def prepare(c: Criterion) -> Prepared:
@@ -118,10 +150,11 @@ def prepare(c: Criterion) -> Prepared:
         if len(c.value) > MAX_REGEX:
             raise BadQuery(f"regular expression longer than {MAX_REGEX}", reason="bad regex", criterion=str(c))
         try:
-            rx = re.compile(c.value)
-        except re.error as exc:
-            raise BadQuery(f"bad regular expression {c.value!r}: {exc}", reason="bad regex",
-                           criterion=str(c)) from None
+            rx = re2.compile(c.value, _regex_options())
+        except re2.error as exc:
+            why = exc.args[0].decode() if exc.args and isinstance(exc.args[0], bytes) else str(exc)
+            raise BadQuery(f"bad regular expression {c.value!r}: {why} (RE2 syntax: no backreferences or "
+                           f"lookaround)", reason="bad regex", criterion=str(c)) from None
         return Prepared(path, kind, c.op, None, c.value, rx)
     try:
         if kind == NUMBER:
@@ -151,23 +184,22 @@ def order_column(order_by: str) -> str:
 
 # -- XPath ------------------------------------------------------------------------------------
 
-def compile_xpath(expression: str, namespaces: dict[str, str]) -> etree.XPath:
+def compile_xpath(expression: str, namespaces: dict[str, str]) -> "XPathQuery":
+    """Check an XPath expression; the result carries the query's CPU budget, started now."""
     if len(expression) > MAX_XPATH:
         raise BadQuery(f"XPath expression longer than {MAX_XPATH} characters", reason="xpath too long")
     ns = {"ws": "http://vmgrid.org/ns/workspace/1", **{k: v for k, v in namespaces.items() if k}}
     try:
-        return etree.XPath(expression, namespaces=ns, smart_strings=False)
+        etree.XPath(expression, namespaces=ns, smart_strings=False)
     except etree.XPathSyntaxError as exc:
         raise BadQuery(f"bad XPath expression {expression!r}: {exc}", reason="xpath syntax") from None
+    return XPathQuery(expression, ns, Budget())
 
 
-def xpath_true(xp: etree.XPath, root: etree._Element) -> bool:
-    try:
-        result = xp(root)
-    except etree.XPathEvalError as exc:
-        raise BadQuery(f"XPath evaluation failed: {exc}", reason="xpath evaluation") from None
-    if isinstance(result, list):
-        return len(result) > 0
-    if isinstance(result, float):
-        return result != 0 and result == result
-    return bool(result)
+@dataclass
+class XPathQuery:
+    """A checked XPath expression and the budget of the query it belongs to."""
+
+    expression: str
+    namespaces: dict[str, str]
+    budget: Budget

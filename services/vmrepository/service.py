@@ -16,9 +16,9 @@ from services.descriptor import WS, Descriptor, check_descriptor, set_field, utc
 from services.faults import (BadQuery, ChecksumMismatch, DuplicateName, ImageInUse, InvalidArgument,
                              InvalidDescriptor, InvalidSource, UnknownImage)
 from services.vmrepository.catalogue import Catalogue, Record, new_image_id
-from services.vmrepository.query import (XPATH_DIALECT, Criterion, compile_xpath, order_column, prepare_groups,
-                                         xpath_true)
+from services.vmrepository.query import XPATH_DIALECT, Criterion, compile_xpath, order_column, prepare_groups
 from services.vmrepository.store import ImageStore, crashpoint, image_format_of
+from services.vmrepository.xpath_scan import scanner
 
 REPO = "http://vmgrid.org/ns/vmrepository/1"
 WSRF_RP = "http://docs.oasis-open.org/wsrf/rp-2"
@@ -208,12 +208,8 @@ class VMRepositoryService(SoapService):
                 raise BadQuery(f"unsupported query dialect {dialect!r}; supported: {XPATH_DIALECT}",
                                reason="unsupported dialect")
             xp = compile_xpath((expr.text or "").strip(), {k: v for k, v in expr.nsmap.items() if k})
-            total, page = 0, []
-            for rec in self.catalogue.scan(vos, order, descending):
-                if xpath_true(xp, rec.element()):
-                    if offset <= total < offset + limit:
-                        page.append(rec)
-                    total += 1
+            total, ids = scanner(self.catalogue.path).query(xp, vos, order, descending, offset, limit)
+            page = self.catalogue.records(ids)
         else:
             groups = []
             for g in req.iterfind("repo:criteria/repo:group", NS):
@@ -340,8 +336,9 @@ class VMRepositoryService(SoapService):
     def hold_image(self, ctx: CallContext, req: etree._Element) -> etree._Element:
         rec = self._lookup(_text(req, "repo:image"))
         seconds = int(_text(req, "repo:seconds"))
-        # bounded by max_hold_seconds; the deployment's own lifetime was authorized by vm.deploy
-        self.authz.check(ctx.caller, "image.hold", _resource(rec))
+        # the duration is in the authorization context; the hold lasts at most the policy's max_lifetime
+        decision = self.authz.check(ctx.caller, "image.hold", _resource(rec), {"seconds": str(seconds)})
+        seconds = min(seconds, int(decision.obligations.get("max_lifetime", seconds)))
         if seconds > self.config.max_hold_seconds:
             raise InvalidArgument(f"a hold lasts at most {self.config.max_hold_seconds} s", argument="seconds")
         hold_id, expires = self.catalogue.hold(rec.image_id, _text(req, "repo:holder"), ctx.dn, seconds)

@@ -66,7 +66,7 @@ def test_another_users_image_every_operation_denied_and_the_vo_admin_allowed(sit
     carol.remove(ref)
     assert [d.findtext("{*}identity/{*}name") for d in alice.query().descriptors] == ["blast-carol"]
     rules = {"image.read": "vo-members-use-images", "image.duplicate": "vo-members-use-images",
-             "image.update": "vo-admins", "image.remove": "vo-admins", "image.hold": "vo-members-use-images"}
+             "image.update": "vo-admins", "image.remove": "vo-admins", "image.hold": "vo-admins"}
     for action, rule in rules.items():
         assert decisions(site, site.carol.dn, action)[-1]["rule"] == rule
 

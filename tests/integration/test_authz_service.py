@@ -60,9 +60,9 @@ def expected(who: str, limited: bool, action: str, kind: str, vo: str | None, ow
         return False                                    # node administration: site admins only
     if kind == "instance":
         return owner == who or vo_admin                 # only the owner or a VO admin acts on an instance
-    if action in ("image.read", "image.duplicate", "image.hold", "vm.deploy"):
+    if action in ("image.read", "image.duplicate", "vm.deploy"):
         return member                                   # a VO's members see and use its images
-    return (member and owner == who) or vo_admin        # update/remove: the owner, or a VO admin
+    return (member and owner == who) or vo_admin        # update/hold/remove: the owner, or a VO admin
 
 
 RESOURCES = [("image", "bio", "alice"), ("image", "bio", "carol"), ("image", "hep", "bob"),

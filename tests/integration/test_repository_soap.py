@@ -121,7 +121,7 @@ def test_an_invalid_descriptor_is_a_typed_fault_with_the_line(populated):
     "unknown-image", "duplicate-name", "bad-field", "bad-number", "bad-regex", "bad-xpath", "bad-order",
     "held", "checksum", "size", "outside-ingest", "missing-file", "format-mismatch", "given-image-id",
     "other-vo-read", "other-owner-remove", "member-local-ingest", "foreign-update", "bad-ref", "hold-too-long",
-    "unknown-hold",
+    "member-hold", "unknown-hold",
 ])
 def test_each_fault_is_typed_and_leaves_the_store_unchanged(populated, case):
     server, admin, d = populated
@@ -164,7 +164,8 @@ def test_each_fault_is_typed_and_leaves_the_store_unchanged(populated, case):
                                                                      local_path=good_image)),
         "foreign-update": (InvalidDescriptor, lambda: admin.update(d.image_id, foreign)),
         "bad-ref": (InvalidArgument, lambda: alice.show("no-slash-no-id")),
-        "hold-too-long": (InvalidArgument, lambda: alice.hold(d.image_id, "node", 10**9)),
+        "hold-too-long": (InvalidArgument, lambda: admin.hold(d.image_id, "node", 10**9)),
+        "member-hold": (AccessDenied, lambda: alice.hold(d.image_id, "node", 60)),   # not her image
         "unknown-hold": (InvalidArgument, lambda: alice.release("hold-nope")),
     }[case]
     with pytest.raises(expected) as raised:

@@ -56,6 +56,6 @@ def test_the_built_in_policy_still_works_and_counts_nothing():
     enforcer = Enforcer(policy)
     alice = Subject("/O=Grid/CN=alice")
     assert enforcer.groups(alice) == ["bio"]
-    decision, slot = enforcer.claim(alice, "i-1", {"vo": "bio"}, action="image.hold")
+    decision, slot = enforcer.claim(alice, "i-1", {"vo": "bio", "owner": alice.dn}, action="image.hold")
     assert decision.permit and not slot.counted
     assert enforcer.release("i-1") is False and enforcer.reconcile(["i-1"]) == []

@@ -174,3 +174,42 @@ def test_limits_tighten_and_durations():
     assert a.tighten(None) == a
     text = policy_text(limits={"max_lifetime": "7d", "max_memory": 1})
     assert parse_policy(text, "p.toml").defaults == Limits(max_lifetime=7 * 86400, max_memory=1)
+
+
+HOST = "/O=Grid/OU=vmgrid/CN=host/node1.example.org"
+
+
+@pytest.mark.parametrize("forged", [
+    "/O=Grid/OU=vmgrid/CN=x/CN=host/localhost",      # two CN parts (what `vmgrid ca user "x/CN=host/localhost"` minted)
+    "/O=Grid/OU=vmgrid/CN=x\\/CN=host/localhost",    # one CN value holding '/CN=host/...' (a foreign CA's)
+    "/O=Grid/OU=vmgrid/CN=host/localhost/CN=alice",  # a host DN with a part after it
+])
+def test_host_patterns_compare_parsed_names_not_strings(site, forged):
+    """The default policy's host rule and enforcement points match a host certificate's DN, and none of these."""
+    assert site.is_enforcement_point(HOST) and not site.is_enforcement_point(forged)
+    assert site.decide(Subject(HOST), "image.hold", image("hep", BOB), {}).permit
+    d = site.decide(Subject(forged), "image.hold", image("hep", BOB), {})
+    assert (d.permit, d.rule) == (False, DEFAULT_DENY)
+
+
+@pytest.mark.parametrize("pattern, dn, hit", [
+    ("/O=Grid/*", ALICE, True),
+    ("/O=Grid/OU=vmgrid/*", ALICE, True),
+    ("/O=Grid/OU=vmgrid/CN=al*", ALICE, True),
+    ("/O=Grid/OU=vmgrid/CN=al*", "/O=Grid/OU=vmgrid/CN=al/CN=x", False),   # a value glob stays in its value
+    ("/o=Grid/ou=vmgrid/cn=alice", ALICE, True),                           # keys are names, not strings
+    ("/O=Grid/*/CN=alice", "/O=Grid/OU=a/OU=b/CN=alice", False),           # a lone * is one part
+    ("/O=Grid/OU=vmgrid/CN=alice", "/O=Grid/OU=vmgrid/CN=alice/CN=1234", False),
+])
+def test_dn_patterns(pattern, dn, hit):
+    from services.authz.policy import dn_matches
+    assert dn_matches(pattern, dn) is hit
+
+
+def test_holds_go_to_owners_vo_admins_and_nodes_only(site):
+    """A VO member may not pin another member's image; its owner, the VO's admin and a node may, and the permit
+    carries max_lifetime, which bounds the hold."""
+    assert not site.decide(Subject(ALICE), "image.hold", image("bio", CAROL), {"seconds": "604800"}).permit
+    for who, rule in ((ALICE, "owner-edits-image"), (CAROL, "vo-admins"), (HOST, "nodes-stage-images")):
+        d = site.decide(Subject(who), "image.hold", image("bio", ALICE), {"seconds": "604800"})
+        assert (d.permit, d.rule) == (True, rule) and int(d.obligations["max_lifetime"]) < 604800

@@ -13,7 +13,8 @@ from lxml import etree
 from services.descriptor import WS, facts, parse_descriptor, set_field, version_key
 from services.faults import BadQuery
 from services.vmrepository.catalogue import Catalogue, new_image_id
-from services.vmrepository.query import Criterion, compile_xpath, parse_cli, prepare_groups, xpath_true
+from services.vmrepository.query import Criterion, compile_xpath, parse_cli, prepare_groups
+from services.vmrepository.xpath_scan import scanner
 from services.vmrepository.store import ImageStore
 from tests.fixtures.repository import EXAMPLES
 
@@ -192,17 +193,20 @@ def test_bad_queries_say_why(groups, reason):
 
 def test_xpath_dialect_agrees_with_criteria(population):
     cat, pop = population
-    xp = compile_xpath("/ws:workspace/ws:hardware[ws:memory >= 1024]", {})
-    by_xpath = {r.image_id for r in cat.scan(["bio", "hep"], "name", False) if xpath_true(xp, r.element())}
+    def by_xpath(expression: str) -> set[str]:
+        total, ids = scanner(cat.path).query(compile_xpath(expression, {}), ["bio", "hep"], "name", False, 0, 10**6)
+        assert total == len(ids)
+        return set(ids)
+
     _, by_criteria = indexed(cat, [[Criterion("ram", ">=", "1024")]])
-    assert by_xpath == by_criteria and by_xpath
-    count = compile_xpath("count(//ws:library) > 2", {})
-    three = {r.image_id for r in cat.scan(["bio", "hep"], "name", False) if xpath_true(count, r.element())}
+    assert by_xpath("/ws:workspace/ws:hardware[ws:memory >= 1024]") == by_criteria and by_criteria
+    three = by_xpath("count(//ws:library) > 2")
     assert three == {i for i, fs in pop.items() if sum(p.startswith("library.") for p, _ in fs) > 2}
     with pytest.raises(BadQuery):
         compile_xpath("/ws:workspace[", {})
-    with pytest.raises(BadQuery):
-        xpath_true(compile_xpath("/nope:x", {}), next(cat.scan(["bio"], "name", False)).element())
+    with pytest.raises(BadQuery) as exc:
+        by_xpath("/nope:x")
+    assert exc.value.reason == "xpath evaluation"
 
 
 @pytest.mark.parametrize("merge_at", [4096, 50])

@@ -92,3 +92,18 @@ def test_errors_are_reported_without_tracebacks(tmp_path):
     assert proc.returncode == 1 and "no grid credential" in proc.stderr
     proc = vmgrid("proxy-info", env=env, check=False)
     assert proc.returncode == 1 and "does not exist" in proc.stderr
+
+
+@pytest.mark.parametrize("name", ["x/CN=host/localhost", "a=b", "tab\there", "new\nline", "bell\x07", "back\\slash",
+                                  " padded", "zero\u200bwidth"])
+def test_ca_refuses_user_names_that_could_read_as_another_name(ca_env, tmp_path, name):
+    proc = vmgrid("ca", "user", name, "--out", str(tmp_path / "u"), env=ca_env, check=False)
+    assert proc.returncode == 1 and proc.stderr.startswith("vmgrid: ") and "Traceback" not in proc.stderr
+    assert not (tmp_path / "u" / "usercert.pem").exists()
+
+
+def test_ca_refuses_host_names_that_are_not_dns_names(ca_env, tmp_path):
+    for name in ("evil/CN=alice", "a b", "x=y"):
+        proc = vmgrid("ca", "host", name, "--out", str(tmp_path / "h"), env=ca_env, check=False)
+        assert proc.returncode == 1 and proc.stderr.startswith("vmgrid: ") and "Traceback" not in proc.stderr
+    assert vmgrid("ca", "host", "10.0.0.7", "--out", str(tmp_path / "ip"), env=ca_env).returncode == 0

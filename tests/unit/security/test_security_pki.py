@@ -152,3 +152,32 @@ def test_encrypted_user_key_needs_its_passphrase(grid_pki, tmp_path):
     with pytest.raises(CredentialError, match="passphrase"):
         load_credential(cred.cert_path, cred.key_path)
     assert load_credential(cred.cert_path, cred.key_path, passphrase=b"s3cret").subject == cred.subject
+
+
+def test_dn_string_of_a_foreign_name_never_reads_as_another_name():
+    """A CA other than ours may put '/CN=host/...' or control characters inside one value; the one-line form
+    escapes them, so the string never equals a host's DN and reads back as the same name."""
+    from cryptography.x509.oid import NameOID
+
+    def name(*values):
+        oids = (NameOID.ORGANIZATION_NAME, NameOID.ORGANIZATIONAL_UNIT_NAME, NameOID.COMMON_NAME)
+        return x509.Name([x509.NameAttribute(o, v) for o, v in zip(oids, values)])
+
+    forged = name("Grid", "vmgrid", "x/CN=host/localhost")
+    genuine = parse_dn("/O=Grid/OU=vmgrid/CN=x/CN=host/localhost")
+    assert dn_string(forged) != dn_string(genuine)
+    for n in (forged, genuine, name("Grid", "vm\\grid", "new\nline\x00"), name("Grid", "a\\", "host/localhost")):
+        assert parse_dn(dn_string(n)) == n
+        assert all(c.isprintable() for c in dn_string(n))
+
+
+def test_ca_refuses_names_with_separators_or_control_characters(grid_pki):
+    for bad in ("x/CN=host/localhost", "a=b", "line\nbreak", "bell\x07", "back\\slash", ""):
+        with pytest.raises(CAError):
+            grid_pki.ca.issue_user(bad)
+    with pytest.raises(CAError):
+        grid_pki.ca.issue_user("alice", ou="vmgrid/CN=host")
+    with pytest.raises(CAError):
+        grid_pki.ca.issue_host("localhost/CN=alice")
+    with pytest.raises(CAError):
+        grid_pki.ca.issue_host("node1.example.org", alt_names=["bad name"])

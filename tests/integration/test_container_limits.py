@@ -1,0 +1,151 @@
+"""Slow and idle clients against the grid container (issue 9.3): a slow client never holds a request
+thread, and the container ends connections that miss its deadlines (TLS handshake, request head, body
+rate, keep-alive idle) or exceed its per-address cap. The real container on loopback with TLS from the
+grid's host certificate; the clients are raw sockets that misbehave on purpose. No timing is asserted:
+each test checks who was answered and who was cut off."""
+from __future__ import annotations
+
+import socket
+import ssl
+
+import pytest
+
+from security.tls import client_ssl_context, server_ssl_adapter
+from services.container.server import ConnectionLimits, Container
+from tests.fixtures.pki import grid_pki  # noqa: F401
+
+pytestmark = pytest.mark.timeout(120)
+
+REQUEST = b"GET / HTTP/1.1\r\nHost: localhost\r\n"
+
+
+@pytest.fixture
+def serve(grid_pki):
+    """serve(**limits) -> a started container with 2 request threads, TLS, and these limits."""
+    started = []
+
+    def start(**limits) -> Container:
+        c = Container([], middleware=lambda app: app, ssl_adapter=server_ssl_adapter(grid_pki.host), threads=2,
+                      limits=ConnectionLimits(**limits)).start()
+        started.append(c)
+        return c
+
+    yield start
+    for c in started:
+        c.stop()
+
+
+def connect(grid_pki, container: Container, source: str = "127.0.0.1", handshake: bool = True) -> socket.socket:
+    raw = socket.create_connection(("127.0.0.1", container.port), timeout=60, source_address=(source, 0))
+    if not handshake:
+        return raw
+    return client_ssl_context(grid_pki.cert_dir).wrap_socket(raw, server_hostname="localhost")
+
+
+def read_all(sock: socket.socket) -> bytes:
+    """What the server sends until it closes the connection (b"" if it just closed it)."""
+    out = b""
+    try:
+        while chunk := sock.recv(65536):
+            out += chunk
+    except (ConnectionResetError, ssl.SSLError, ssl.SSLEOFError):
+        pass
+    return out
+
+
+def get(grid_pki, container: Container, source: str = "127.0.0.1") -> bytes:
+    with connect(grid_pki, container, source) as s:
+        s.sendall(REQUEST + b"Connection: close\r\n\r\n")
+        return read_all(s)
+
+
+def test_slow_headers_do_not_hold_the_request_threads(serve, grid_pki):
+    """Six clients that sent half a request head, against two request threads: a whole request is answered
+    while all six still wait, and each of them is answered once it finishes its head."""
+    c = serve(header_timeout=300)
+    slow = [connect(grid_pki, c) for _ in range(6)]
+    for s in slow:
+        s.sendall(REQUEST)                          # no blank line: the head is not finished
+    assert get(grid_pki, c).startswith(b"HTTP/1.1 200 ")
+    for s in slow:
+        s.sendall(b"Connection: close\r\n\r\n")
+        assert read_all(s).startswith(b"HTTP/1.1 200 ")
+        s.close()
+
+
+def test_a_request_head_that_misses_its_deadline_is_cut_off(serve, grid_pki):
+    c = serve(header_timeout=0.5)
+    with connect(grid_pki, c) as s:
+        s.sendall(REQUEST)
+        assert not read_all(s).startswith(b"HTTP/1.1 200")
+    assert c.refused["header"] == 1
+    assert get(grid_pki, c).startswith(b"HTTP/1.1 200 ")
+
+
+def test_a_body_slower_than_the_minimum_rate_is_refused(serve, grid_pki):
+    """A request announcing 16 MB and sending one byte (the attack) gets 408 once the grace is over."""
+    c = serve(body_grace=0.5, body_min_rate=1024, max_body_bytes=32 * 1024 * 1024)
+    with connect(grid_pki, c) as s:
+        s.sendall(b"POST /wsrf/services/X HTTP/1.1\r\nHost: localhost\r\nContent-Length: 16777216\r\n\r\nx")
+        assert read_all(s).startswith(b"HTTP/1.1 408 ")
+    assert c.refused["body"] == 1
+
+
+def test_a_body_over_the_size_limit_is_refused_before_it_is_read(serve, grid_pki):
+    c = serve(max_body_bytes=1000)
+    with connect(grid_pki, c) as s:
+        s.sendall(b"POST /wsrf/services/X HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1001\r\n\r\n")
+        assert read_all(s).startswith(b"HTTP/1.1 413 ")
+
+
+def test_an_idle_keep_alive_connection_is_closed(serve, grid_pki):
+    c = serve(idle_timeout=0.5)
+    with connect(grid_pki, c) as s:
+        s.sendall(REQUEST + b"\r\n")                # keep-alive (HTTP/1.1 default)
+        answer = read_all(s)                        # the answer, then the close when idle
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.count(b"HTTP/1.1 ") == 1
+    assert c.refused["idle"] == 1
+
+
+def test_a_tls_handshake_that_never_comes_is_cut_off_and_others_are_served(serve, grid_pki):
+    c = serve(handshake_timeout=0.5)
+    silent = connect(grid_pki, c, handshake=False)   # TCP only: the TLS handshake never starts
+    assert get(grid_pki, c).startswith(b"HTTP/1.1 200 ")
+    assert read_all(silent) == b""                  # closed by the container
+    silent.close()
+
+
+def test_connections_per_client_address_are_capped(serve, grid_pki):
+    c = serve(max_connections_per_address=3, header_timeout=300)
+    held = [connect(grid_pki, c) for _ in range(3)]
+    with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+        extra = connect(grid_pki, c)                # the fourth from 127.0.0.1: closed at once
+        extra.sendall(REQUEST + b"\r\n")
+        if not extra.recv(100):
+            raise ConnectionError("closed")
+    assert c.refused["per-address"] >= 1
+    assert get(grid_pki, c, source="127.0.0.2").startswith(b"HTTP/1.1 200 ")   # another address is served
+    for s in held:
+        s.close()
+
+
+def test_a_large_response_arrives_whole_before_the_connection_closes(grid_pki):
+    """Closing after `Connection: close` lets the whole response (and TLS close_notify) out first."""
+    payload = bytes(range(256)) * 8192                 # 2 MiB
+
+    def big(environ, start_response):
+        start_response("200 OK", [("Content-Type", "application/octet-stream")])
+        return [payload]
+
+    c = Container([], middleware=lambda app: big, ssl_adapter=server_ssl_adapter(grid_pki.host), threads=2).start()
+    try:
+        answer = get(grid_pki, c)
+    finally:
+        c.stop()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and body == payload
+
+
+def test_the_body_limit_is_the_ws_security_message_limit():
+    from security.safexml import DEFAULT_MAX_BYTES
+    assert ConnectionLimits().max_body_bytes == DEFAULT_MAX_BYTES
