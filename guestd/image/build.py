@@ -213,8 +213,14 @@ def base_rootfs(cache: Path, mirror: str, suite: str = SUITE, packages: tuple[st
     include = INCLUDE + tuple(p for p in packages if p not in INCLUDE)
     key = hashlib.sha256(f"{suite} minbase {include} {TRIM}".encode()).hexdigest()[:12]
     base = cache / f"base-{suite}-{key}"
-    if (base / ".complete").exists():
-        return base
+    with open(cache / f".lock-base-{key}", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)         # two recipes with the same packages share one debootstrap
+        if not (base / ".complete").exists():
+            _debootstrap(base, cache, mirror, suite, include, log)
+    return base
+
+
+def _debootstrap(base: Path, cache: Path, mirror: str, suite: str, include: tuple[str, ...], log) -> None:
     log(f"debootstrap {suite} with {', '.join(include)} (cached in {base.name} afterwards)")
     shutil.rmtree(base, ignore_errors=True)
     tmp = cache / f"base-tmp-{os.getpid()}"
@@ -232,7 +238,6 @@ def base_rootfs(cache: Path, mirror: str, suite: str = SUITE, packages: tuple[st
         (tmp / rel).mkdir(parents=True, exist_ok=True)
     (tmp / ".complete").write_text(mirror + "\n")
     tmp.rename(base)
-    return base
 
 
 def install_guestd(rootfs: Path, hostname: str = "vmgrid-guest") -> None:
@@ -278,8 +283,8 @@ def build_recipe(recipe: Recipe, cache: Path = DEFAULT_CACHE, force: bool = Fals
     cache.mkdir(parents=True, exist_ok=True)
     key = image_key(recipe)
     final = cache / f"{recipe.name}-{key}"
-    with open(cache / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)         # one builder at a time (pytest-xdist workers)
+    with open(cache / f".lock-{recipe.name}", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)         # one builder per recipe at a time (pytest-xdist workers)
         if (final / "manifest.json").exists() and not force:
             return GuestImage.load(final)
         timings: dict[str, float] = {}
