@@ -299,7 +299,12 @@ def build_recipe(recipe: Recipe, cache: Path = DEFAULT_CACHE, force: bool = Fals
             tree, _ = fetch_kernel(work / "kernel-deb")
             timings["kernel"] = time.monotonic() - t
             t = time.monotonic()
-            base = base_rootfs(cache, mirror, recipe.suite, recipe.packages, log)
+            packages = recipe.packages
+            if recipe.runtime:
+                from . import runtime
+
+                packages += tuple(p for p in runtime.DEBIAN_PACKAGES if p not in packages)
+            base = base_rootfs(cache, mirror, recipe.suite, packages, log)
             timings["debootstrap"] = time.monotonic() - t
             t = time.monotonic()
             out = work / "image"

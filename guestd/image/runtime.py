@@ -15,8 +15,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("services", "security", "gridftp", "client")
 GUEST_DIR = "usr/lib/vmgrid/python"
-# pyproject dependencies the guest does not get: no hypervisor and no plotting inside a guest
-LEFT_OUT = {"libvirt-python", "matplotlib"}
+# pyproject dependencies the guest does not get: no plotting inside a guest
+LEFT_OUT = {"matplotlib"}
+# Debian packages the copied distributions need: libvirt-python links libvirt.so.0 (the container's
+# configuration module imports the VMManager's, which imports libvirt, even where no VMM runs)
+DEBIAN_PACKAGES = ("libvirt0",)
 
 
 class RuntimeError_(RuntimeError):

@@ -1,4 +1,5 @@
-"""`vmgrid image build` end to end: a small recipe (GNU hello, an extra file, a container command)
+"""`vmgrid image build` end to end: a small recipe (GNU hello, an extra file, a container command, the
+vmgrid runtime)
 built as a scientist runs it, its descriptor checked against the image file and against what the
 booted guest itself reports, the pair registered unchanged in a real VMRepository with
 `vmgrid repo register`, and the repository's copy of the bytes booted under QEMU by itself (boot
@@ -43,11 +44,15 @@ memory = 192
 [container]
 command = "/bin/sh /etc/vmgrid/facts.sh"
 
+[vmgrid]
+runtime = true
+
 [files]
 "/etc/vmgrid/facts.sh" = "facts.sh"
 """
 # the guest's own view of itself, written to the serial console by the recipe's container command
-FACTS = """echo "FACTS $(cat /etc/debian_version) $(uname -r) $(dpkg-query -W -f='${Version}' hello) $(hello)" > /dev/ttyS0
+FACTS = """rt=$(python3 -c 'import client.cli, services.container.assemble, lxml, cryptography; print("runtime-ok")' 2>&1 | tail -n 1 | tr ' ' _)
+echo "FACTS $(cat /etc/debian_version) $(uname -r) $(dpkg-query -W -f='${Version}' hello) $rt $(hello)" > /dev/ttyS0
 """
 
 
@@ -123,16 +128,17 @@ def test_registered_unchanged_the_image_boots_by_itself_and_is_what_the_descript
     try:
         status = qemu_node.guest_channel(spec.name).wait_ready(timeout=240)
         assert status["ready"] and status["instance"] == "recipe-guest", console_tail(spec)
-        facts, deadline = None, time.monotonic() + 120
+        facts, deadline = None, time.monotonic() + 240
         while facts is None and time.monotonic() < deadline:    # the container writes its line once it runs
-            m = re.search(r"FACTS (\S+) (\S+) (\S+) (.+)", (d / "console.log").read_text(errors="replace"))
+            m = re.search(r"FACTS (\S+) (\S+) (\S+) (\S+) (.+)", (d / "console.log").read_text(errors="replace"))
             facts = m.groups() if m else time.sleep(0.2)
         assert facts, console_tail(spec)
-        debian_version, uname_r, hello_version, hello_says = facts
+        debian_version, uname_r, hello_version, runtime, hello_says = facts
         assert ours.element.findtext("ws:software/ws:distribution/ws:version", namespaces=NSMAP) == debian_version
         assert ours.kernel_version == uname_r
         assert hello_version.startswith(ours.libraries["hello"])
         assert hello_says.strip() == "Hello, world!"
+        assert runtime == "runtime-ok"            # vmgrid's packages and their dependencies import in the guest
     finally:
         qemu_node.destroy(spec.name)
         qemu_node.undefine(spec.name)
