@@ -2,7 +2,8 @@
 security, gridftp and client, and the exact distributions of their Python dependencies that the
 builder's own environment runs (pyproject.toml pins them), copied into /usr/lib/vmgrid/python with a
 .pth file so the guest's python3.11 finds them. Same interpreter version and platform as the guest
-(Debian 12, CPython 3.11, x86_64), so the binary wheels (lxml, cryptography, numpy) run unchanged."""
+(Debian 12, CPython 3.11, x86_64), so the binary wheels (lxml, cryptography) run unchanged; numpy is
+Debian's python3-numpy."""
 from __future__ import annotations
 
 import hashlib
@@ -15,11 +16,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("services", "security", "gridftp", "client")
 GUEST_DIR = "usr/lib/vmgrid/python"
-# pyproject dependencies the guest does not get: no plotting inside a guest
-LEFT_OUT = {"matplotlib"}
-# Debian packages the copied distributions need: libvirt-python links libvirt.so.0 (the container's
-# configuration module imports the VMManager's, which imports libvirt, even where no VMM runs)
-DEBIAN_PACKAGES = ("libvirt0",)
+# pyproject dependencies the guest does not get from the builder: no plotting inside a guest, and
+# numpy comes from Debian (the numpy 2 wheel needs x86-64-v2: "Illegal instruction" on QEMU's
+# default TCG CPU, qemu64)
+LEFT_OUT = {"matplotlib", "numpy"}
+# Debian packages the runtime needs: libvirt-python links libvirt.so.0 (the container's configuration
+# module imports the VMManager's, which imports libvirt, even where no VMM runs); numpy (above)
+DEBIAN_PACKAGES = ("libvirt0", "python3-numpy")
 
 
 class RuntimeError_(RuntimeError):

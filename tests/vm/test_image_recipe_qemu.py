@@ -6,6 +6,7 @@ booted guest itself reports, the pair registered unchanged in a real VMRepositor
 method disk: no kernel, initrd or anything else from the builder's cache)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shlex
@@ -52,8 +53,28 @@ runtime = true
 """
 # the guest's own view of itself, written to the serial console by the recipe's container command
 FACTS = """rt=$(python3 -c 'import client.cli, services.container.assemble, lxml, cryptography; print("runtime-ok")' 2>&1 | tail -n 1 | tr ' ' _)
+rt=${rt:-no-output}
 echo "FACTS $(cat /etc/debian_version) $(uname -r) $(dpkg-query -W -f='${Version}' hello) $rt $(hello)" > /dev/ttyS0
 """
+
+
+def boot_by_itself(qemu_node, vm_dir: Path, image: Path, ws: Descriptor, name: str):
+    """Define and start a guest the way a node deploys a disk-boot image: an overlay on ``image``, the
+    context CD-ROM, a console file, the guest channel, no kernel (boot=None). Returns (spec, its directory)."""
+    d = vm_dir / f"{name}-{uuid.uuid4().hex[:6]}"
+    d.mkdir()
+    mac = "52:54:00:%02x:%02x:%02x" % tuple(uuid.uuid4().bytes[:3])
+    command = shlex.split(ws.container_command) if ws.container_command else None
+    ctx = build_context(instance=name, hostname=name, mac=mac, address="10.0.2.15", netmask="255.255.255.0",
+                        gateway="10.0.2.2", dns=["10.0.2.3"], container_command=command)
+    write_context_iso(ctx, d / "context.iso")
+    spec = InstanceSpec(name=name, memory_mib=ws.memory, vcpus=ws.vcpus,
+                        disks=(Disk(make_overlay(image, d / "disk.qcow2")),), cdroms=(d / "context.iso",),
+                        nics=(Nic(mac),), serial_ports=(Port("file", d / "console.log"),), boot=None,
+                        channel=GuestChannel(d / "guestd.sock", ctx.token))
+    qemu_node.define(spec)
+    qemu_node.start(spec.name)
+    return spec, d
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +104,6 @@ def test_the_build_writes_the_pair_into_the_out_directory(built):
 
 def test_the_descriptor_is_valid_and_describes_the_image_file(built):
     d = Descriptor(parse_descriptor(built["descriptor"].read_bytes()))     # workspace.xsd, hardened parse
-    import hashlib
-
     assert d.sha256 == hashlib.sha256(built["image"].read_bytes()).hexdigest()
     assert d.size == built["image"].stat().st_size
     info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(built["image"])],
@@ -111,20 +130,7 @@ def test_registered_unchanged_the_image_boots_by_itself_and_is_what_the_descript
     assert stored["image"]["sha256"] == ours.sha256
 
     # boot the repository's copy of the bytes: boot method disk, nothing from the builder's cache
-    blob = repo_server.service.store.path(ours.sha256)
-    d = vm_dir / f"recipe-{uuid.uuid4().hex[:6]}"
-    d.mkdir()
-    mac = "52:54:00:%02x:%02x:%02x" % tuple(uuid.uuid4().bytes[:3])
-    ctx = build_context(instance="recipe-guest", hostname="recipe-guest", mac=mac, address="10.0.2.15",
-                        netmask="255.255.255.0", gateway="10.0.2.2", dns=["10.0.2.3"],
-                        container_command=shlex.split(ours.container_command))
-    write_context_iso(ctx, d / "context.iso")
-    spec = InstanceSpec(name="recipe-guest", memory_mib=ours.memory, vcpus=ours.vcpus,
-                        disks=(Disk(make_overlay(blob, d / "disk.qcow2")),), cdroms=(d / "context.iso",),
-                        nics=(Nic(mac),), serial_ports=(Port("file", d / "console.log"),), boot=None,
-                        channel=GuestChannel(d / "guestd.sock", ctx.token))
-    qemu_node.define(spec)
-    qemu_node.start(spec.name)
+    spec, d = boot_by_itself(qemu_node, vm_dir, repo_server.service.store.path(ours.sha256), ours, "recipe-guest")
     try:
         status = qemu_node.guest_channel(spec.name).wait_ready(timeout=240)
         assert status["ready"] and status["instance"] == "recipe-guest", console_tail(spec)
@@ -143,3 +149,29 @@ def test_registered_unchanged_the_image_boots_by_itself_and_is_what_the_descript
         qemu_node.destroy(spec.name)
         qemu_node.undefine(spec.name)
 
+
+
+def test_the_shipped_example_descriptor_registers_with_the_base_image_and_boots_it(
+        guest_image, repo_server, grid_pki, capsys, qemu_node, vm_dir):
+    example = REPO / "wsdl" / "examples" / "debian12-guest.xml"
+    ex = Descriptor(parse_descriptor(example.read_bytes()))
+    built_ws = Descriptor(parse_descriptor(guest_image.descriptor.read_bytes()))
+    section = lambda ws, path: [(e.tag, (e.text or "").strip()) for e in ws.element.find(path, NSMAP).iter()]  # noqa: E731
+    for path in ("ws:hardware", "ws:software/ws:boot", "ws:identity"):
+        assert section(ex, path) == section(built_ws, path), path       # what the builder writes for base
+    assert ex.kernel_version.split(".")[0] == built_ws.kernel_version.split(".")[0]
+    assert set(ex.libraries) == set(built_ws.libraries)
+
+    argv = ["repo", "register", str(example), str(guest_image.rootfs), "--json", "--url", repo_server.url,
+            "--cert-dir", str(grid_pki.cert_dir), "--proxy", str(grid_pki.admin.proxy_path)]
+    assert vmgrid_main(argv) == 0, capsys.readouterr().err
+    stored = json.loads(capsys.readouterr().out)["descriptors"][0]
+    spec, _ = boot_by_itself(qemu_node, vm_dir, repo_server.service.store.path(stored["image"]["sha256"]), ex,
+                             "example-guest")
+    try:
+        status = qemu_node.guest_channel(spec.name).wait_ready(timeout=240)
+        assert status["ready"], console_tail(spec)
+        assert status["container"]["running"] and status["container"]["command"] == shlex.split(ex.container_command)
+    finally:
+        qemu_node.destroy(spec.name)
+        qemu_node.undefine(spec.name)
