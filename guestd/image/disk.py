@@ -3,6 +3,7 @@ syslinux, the kernel, the initrd and the command line, and the ext4 root partiti
 or mounts: mtools and syslinux write into the FAT image file, Python writes the partition table."""
 from __future__ import annotations
 
+import os
 import shutil
 import struct
 import subprocess
@@ -93,9 +94,14 @@ def make_disk(out_qcow2: Path, work: Path, staging: Path, kernel: Path, initrd: 
     """The bootable qcow2 of ``disk_mib`` MiB from the root tree ``staging``."""
     check_tools()
     total = disk_mib * 1024 * 1024 // SECTOR
+    root_sectors = total - ALIGN - BOOT_MIB * 1024 * 1024 // SECTOR
+    used = tree_bytes(staging)
+    if used > root_sectors * SECTOR * 0.9:       # ext4's own metadata and a little room to run
+        need = (used / 0.9 + (ALIGN * SECTOR + BOOT_MIB * 2**20)) / 2**20
+        raise DiskError(f"the image's files take {used / 2**20:.0f} MiB, too much for a {disk_mib} MiB disk: "
+                        f"set hardware.disk_size to at least {int(need) + 1}M")
     boot = work / "boot.fat"
     boot_partition(boot, kernel, initrd, cmdline, ALIGN)
-    root_sectors = total - ALIGN - BOOT_MIB * 1024 * 1024 // SECTOR
     root = work / "root.ext4"
     _run("mkfs.ext4", ["mkfs.ext4", "-q", "-F", "-L", "vmgrid-root", "-d", str(staging), str(root),
                        f"{root_sectors // 2}k"])
@@ -104,6 +110,16 @@ def make_disk(out_qcow2: Path, work: Path, staging: Path, kernel: Path, initrd: 
     root.unlink()
     _run("qemu-img convert", ["qemu-img", "convert", "-O", "qcow2", str(raw), str(out_qcow2)])
     raw.unlink()
+
+
+def tree_bytes(root: Path) -> int:
+    """The bytes of the files under ``root`` (links not followed), in 4 KiB blocks."""
+    total = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in filenames + dirnames:
+            st = os.lstat(os.path.join(dirpath, name))
+            total += (st.st_size + 4095) // 4096 * 4096
+    return total
 
 
 def kernel_version(bzimage: Path) -> str:

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from client.cli import main as vmgrid_main
 from guestd.image.sample import make_overlay
 from services.descriptor import NSMAP, Descriptor, parse_descriptor
 from services.vmmanager.context import build_context, write_context_iso
@@ -58,13 +57,25 @@ echo "FACTS $(cat /etc/debian_version) $(uname -r) $(dpkg-query -W -f='${Version
 """
 
 
-def boot_by_itself(qemu_node, vm_dir: Path, image: Path, ws: Descriptor, name: str):
+def register(repo_server, grid_pki, descriptor: Path, image: Path) -> dict:
+    """`vmgrid repo register DESCRIPTOR IMAGE --json` as the admin, in its own process; the stored descriptor."""
+    r = subprocess.run([sys.executable, "-m", "client.cli", "repo", "register", str(descriptor), str(image), "--json",
+                        "--url", repo_server.url, "--cert-dir", str(grid_pki.cert_dir),
+                        "--proxy", str(grid_pki.admin.proxy_path)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout)["descriptors"][0]
+
+
+def boot_by_itself(qemu_node, vm_dir: Path, image: Path, ws: Descriptor, name: str,
+                   command: list[str] | None = None):
     """Define and start a guest the way a node deploys a disk-boot image: an overlay on ``image``, the
-    context CD-ROM, a console file, the guest channel, no kernel (boot=None). Returns (spec, its directory)."""
+    context CD-ROM (with ``command`` or the descriptor's container command), a console file, the guest
+    channel, no kernel (boot=None). Returns (spec, its directory)."""
     d = vm_dir / f"{name}-{uuid.uuid4().hex[:6]}"
     d.mkdir()
     mac = "52:54:00:%02x:%02x:%02x" % tuple(uuid.uuid4().bytes[:3])
-    command = shlex.split(ws.container_command) if ws.container_command else None
+    if command is None and ws.container_command:
+        command = shlex.split(ws.container_command)
     ctx = build_context(instance=name, hostname=name, mac=mac, address="10.0.2.15", netmask="255.255.255.0",
                         gateway="10.0.2.2", dns=["10.0.2.3"], container_command=command)
     write_context_iso(ctx, d / "context.iso")
@@ -119,13 +130,9 @@ def test_the_descriptor_is_valid_and_describes_the_image_file(built):
 
 
 def test_registered_unchanged_the_image_boots_by_itself_and_is_what_the_descriptor_says(
-        built, repo_server, grid_pki, capsys, qemu_node, vm_dir):
-    admin = grid_pki.admin
-    argv = ["repo", "register", str(built["descriptor"]), str(built["image"]), "--json", "--url", repo_server.url,
-            "--cert-dir", str(grid_pki.cert_dir), "--proxy", str(admin.proxy_path)]
-    assert vmgrid_main(argv) == 0, capsys.readouterr().err
-    stored = json.loads(capsys.readouterr().out)["descriptors"][0]
-    assert stored["identity"]["name"] == "vmtest-hello" and stored["identity"]["owner"] == admin.dn
+        built, repo_server, grid_pki, qemu_node, vm_dir):
+    stored = register(repo_server, grid_pki, built["descriptor"], built["image"])
+    assert stored["identity"]["name"] == "vmtest-hello" and stored["identity"]["owner"] == grid_pki.admin.dn
     ours = Descriptor(parse_descriptor(built["descriptor"].read_bytes()))
     assert stored["image"]["sha256"] == ours.sha256
 
@@ -152,7 +159,7 @@ def test_registered_unchanged_the_image_boots_by_itself_and_is_what_the_descript
 
 
 def test_the_shipped_example_descriptor_registers_with_the_base_image_and_boots_it(
-        guest_image, repo_server, grid_pki, capsys, qemu_node, vm_dir):
+        guest_image, repo_server, grid_pki, qemu_node, vm_dir):
     example = REPO / "wsdl" / "examples" / "debian12-guest.xml"
     ex = Descriptor(parse_descriptor(example.read_bytes()))
     built_ws = Descriptor(parse_descriptor(guest_image.descriptor.read_bytes()))
@@ -162,10 +169,7 @@ def test_the_shipped_example_descriptor_registers_with_the_base_image_and_boots_
     assert ex.kernel_version.split(".")[0] == built_ws.kernel_version.split(".")[0]
     assert set(ex.libraries) == set(built_ws.libraries)
 
-    argv = ["repo", "register", str(example), str(guest_image.rootfs), "--json", "--url", repo_server.url,
-            "--cert-dir", str(grid_pki.cert_dir), "--proxy", str(grid_pki.admin.proxy_path)]
-    assert vmgrid_main(argv) == 0, capsys.readouterr().err
-    stored = json.loads(capsys.readouterr().out)["descriptors"][0]
+    stored = register(repo_server, grid_pki, example, guest_image.rootfs)
     spec, _ = boot_by_itself(qemu_node, vm_dir, repo_server.service.store.path(stored["image"]["sha256"]), ex,
                              "example-guest")
     try:

@@ -165,3 +165,14 @@ def test_the_kernel_version_comes_from_the_bzimage_header(tmp_path):
     (tmp_path / "junk").write_bytes(b"\0" * 4096)
     with pytest.raises(disk.DiskError, match="not a Linux bzImage"):
         disk.kernel_version(tmp_path / "junk")
+
+
+def test_a_disk_too_small_for_the_files_says_which_size_would_do(tmp_path):
+    staging = tmp_path / "root"
+    staging.mkdir()
+    with open(staging / "big", "wb") as f:
+        f.truncate(300 * 2**20)
+        f.seek(300 * 2**20 - 1)
+        f.write(b"x")
+    with pytest.raises(disk.DiskError, match=r"too much for a 256 MiB disk: set hardware.disk_size to at least 3\d\dM"):
+        disk.make_disk(tmp_path / "d.qcow2", tmp_path, staging, tmp_path / "k", tmp_path / "i", "x", 256)
