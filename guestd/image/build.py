@@ -31,11 +31,12 @@ import guestd
 from .describe import DescribeError, descriptor, distribution, installed_packages, library_signature
 from .disk import ROOT_DEVICE, DiskError, kernel_version, make_disk
 from .recipe import Recipe, RecipeError, load_recipe
+from . import runtime
+from .runtime import RuntimeCopyError
 
 SUITE = "bookworm"                   # the suite of the default mirror lookup and of the kernel (host apt)
 KERNEL_META = "linux-image-cloud-amd64"
 INCLUDE = ("python3",)
-ROOTFS_SIZE = "1G"
 # Kernel modules the initramfs loads (with their dependencies): disks, NIC, guest channel, CD-ROM, power button.
 MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "virtio_console", "ata_piix", "sr_mod", "isofs",
            "evdev", "button")
@@ -265,8 +266,6 @@ def image_key(recipe: Recipe) -> str:
     vmgrid runtime's sources and pins when the recipe asks for it."""
     h = hashlib.sha256((recipe.content_key() + source_key()).encode())
     if recipe.runtime:
-        from . import runtime
-
         h.update(runtime.key().encode())
         for pkg in (*runtime.PACKAGES, "wsdl"):
             for f in sorted((runtime.REPO / pkg).rglob("*")):
@@ -281,7 +280,10 @@ def build_recipe(recipe: Recipe, cache: Path = DEFAULT_CACHE, force: bool = Fals
         raise ImageBuildError("building a guest image needs root (debootstrap)")
     cache = Path(cache).resolve()
     cache.mkdir(parents=True, exist_ok=True)
-    key = image_key(recipe)
+    try:
+        key = image_key(recipe)
+    except RuntimeCopyError as exc:
+        raise ImageBuildError(str(exc)) from None
     final = cache / f"{recipe.name}-{key}"
     with open(cache / f".lock-{recipe.name}", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)         # one builder per recipe at a time (pytest-xdist workers)
@@ -301,8 +303,6 @@ def build_recipe(recipe: Recipe, cache: Path = DEFAULT_CACHE, force: bool = Fals
             t = time.monotonic()
             packages = recipe.packages
             if recipe.runtime:
-                from . import runtime
-
                 packages += tuple(p for p in runtime.DEBIAN_PACKAGES if p not in packages)
             base = base_rootfs(cache, mirror, recipe.suite, packages, log)
             timings["debootstrap"] = time.monotonic() - t
@@ -321,8 +321,6 @@ def build_recipe(recipe: Recipe, cache: Path = DEFAULT_CACHE, force: bool = Fals
             install_guestd(staging)
             pins: list[str] = []
             if recipe.runtime:
-                from . import runtime
-
                 pins = runtime.install(staging)
             install_files(staging, recipe.files)
             distro = distribution(staging)
@@ -348,7 +346,7 @@ def build_recipe(recipe: Recipe, cache: Path = DEFAULT_CACHE, force: bool = Fals
                     shutil.rmtree(old, ignore_errors=True)
             log(f"image {recipe.name} built in {manifest['total_seconds']:.1f} s: {final}")
             return GuestImage.load(final)
-        except (DiskError, DescribeError) as exc:
+        except (DiskError, DescribeError, RuntimeCopyError) as exc:
             raise ImageBuildError(str(exc)) from None
         finally:
             shutil.rmtree(work, ignore_errors=True)

@@ -25,8 +25,8 @@ LEFT_OUT = {"matplotlib", "numpy"}
 DEBIAN_PACKAGES = ("libvirt0", "python3-numpy")
 
 
-class RuntimeError_(RuntimeError):
-    pass
+class RuntimeCopyError(RuntimeError):
+    """vmgrid's runtime cannot be copied from this Python into a guest; the message says why."""
 
 
 def _norm(name: str) -> str:
@@ -36,12 +36,12 @@ def _norm(name: str) -> str:
 def requirements() -> list[metadata.Distribution]:
     """vmgrid's runtime dependencies and theirs, as installed in the builder's environment."""
     if sys.version_info[:2] != (3, 11):
-        raise RuntimeError_(f"the vmgrid runtime is copied from the builder's Python, which must be 3.11 like "
+        raise RuntimeCopyError(f"the vmgrid runtime is copied from the builder's Python, which must be 3.11 like "
                             f"the guest's (this is {sys.version.split()[0]})")
     try:
         top = [r for r in metadata.requires("vmgrid") or [] if "extra ==" not in r]
     except metadata.PackageNotFoundError:
-        raise RuntimeError_("vmgrid is not installed in this Python (run ./run.sh setup)") from None
+        raise RuntimeCopyError("vmgrid is not installed in this Python (run ./run.sh setup)") from None
     seen: dict[str, metadata.Distribution] = {}
     todo = [re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0] for r in top]
     todo = [n for n in todo if _norm(n) not in LEFT_OUT]
@@ -52,7 +52,7 @@ def requirements() -> list[metadata.Distribution]:
         try:
             dist = metadata.distribution(name)
         except metadata.PackageNotFoundError:
-            raise RuntimeError_(f"dependency {name} is not installed in the builder's Python") from None
+            raise RuntimeCopyError(f"dependency {name} is not installed in the builder's Python") from None
         seen[_norm(name)] = dist
         for req in dist.requires or []:
             if ";" in req and "extra ==" in req.split(";", 1)[1]:
@@ -99,5 +99,6 @@ def install(rootfs: Path) -> list[str]:
     shutil.copytree(REPO / "wsdl", target / "wsdl", ignore=ignore)      # the contract the services serve
     (target / "vmgrid-requirements.txt").write_text("".join(p + "\n" for p in pins))
     pth = rootfs / "usr" / "lib" / "python3" / "dist-packages" / "vmgrid.pth"
+    pth.parent.mkdir(parents=True, exist_ok=True)
     pth.write_text(f"/{GUEST_DIR}\n")
     return pins

@@ -176,3 +176,24 @@ def test_a_disk_too_small_for_the_files_says_which_size_would_do(tmp_path):
         f.write(b"x")
     with pytest.raises(disk.DiskError, match=r"too much for a 256 MiB disk: set hardware.disk_size to at least 3\d\dM"):
         disk.make_disk(tmp_path / "d.qcow2", tmp_path, staging, tmp_path / "k", tmp_path / "i", "x", 256)
+
+
+def test_the_vmgrid_runtime_is_the_pinned_distributions_and_imports_on_its_own(tmp_path):
+    import subprocess
+
+    from guestd.image import runtime
+
+    names = {d.metadata["Name"].lower(): d.version for d in runtime.requirements()}
+    assert names["lxml"] == "6.1.3" and names["zeep"] == "4.3.3" and "cryptography" in names
+    assert "matplotlib" not in names and "numpy" not in names and "pytest" not in names   # no extras
+    pins = runtime.install(tmp_path)
+    target = tmp_path / runtime.GUEST_DIR
+    assert (tmp_path / "usr/lib/python3/dist-packages/vmgrid.pth").read_text() == f"/{runtime.GUEST_DIR}\n"
+    assert (target / "vmgrid-requirements.txt").read_text().splitlines() == pins
+    assert not list(target.rglob("__pycache__")) and (target / "wsdl" / "workspace.xsd").is_file()
+    # Debian's own python3.11, isolated from this virtual environment, imports from the copy alone
+    code = (f"import sys; sys.path.insert(0, {str(target)!r}); import client.cli, lxml.etree, signxml, zeep, "
+            "services.descriptor; print(client.cli.__file__)")
+    r = subprocess.run(["/usr/bin/python3", "-I", "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == str(target / "client" / "cli.py")
