@@ -50,6 +50,17 @@ def _recipe_dict(r) -> dict:
             "vmgrid_runtime": r.runtime, "files": {dest: str(src) for dest, src in r.files}}
 
 
+def _check_descriptor(path: Path) -> None:
+    """The descriptor as the repository will read it (services/descriptor.py, wsdl/workspace.xsd)."""
+    from services.descriptor import parse_descriptor
+    from services.faults import VMGridFault
+
+    try:
+        parse_descriptor(path.read_bytes())
+    except (OSError, VMGridFault) as exc:
+        raise CLIError(f"{path}: the built descriptor is not valid: {exc}") from None
+
+
 def cmd_check(args) -> int:
     recipe = _load(args.recipe)
     d = _recipe_dict(recipe)
@@ -70,6 +81,7 @@ def cmd_build(args) -> int:
         image = build_recipe(recipe, args.cache or DEFAULT_CACHE, force=args.force, log=log)
     except ImageBuildError as exc:
         raise CLIError(f"image {recipe.name}: {exc}") from None
+    _check_descriptor(image.descriptor)
     disk, descriptor = image.rootfs, image.descriptor
     if args.out is not None:
         try:

@@ -1,6 +1,7 @@
 """The descriptor of a built image, from what is really in it: the root's /etc/debian_version and
 os-release, its dpkg database (dpkg-query --admindir), the kernel's own version string, the qcow2's
-size and sha256. Validated against wsdl/workspace.xsd before it is written."""
+size and sha256. Validated against wsdl/workspace.xsd (with lxml: guestd, this builder included,
+imports nothing of the services; `vmgrid image build` validates again with services/descriptor.py)."""
 from __future__ import annotations
 
 import hashlib
@@ -13,6 +14,7 @@ from lxml import etree
 from .recipe import Recipe
 
 WS = "http://vmgrid.org/ns/workspace/1"
+SCHEMA = Path(__file__).resolve().parents[2] / "wsdl" / "workspace.xsd"
 VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+:~_\-]{0,63}$")
 # Debian package names whose signature entry goes by the name scientists query (docs/query.md)
 SIGNATURE_NAMES = {"libc6": "glibc"}
@@ -116,9 +118,9 @@ def descriptor(recipe: Recipe, *, distro: tuple[str, str], kernel: str, cmdline:
         parts.append(E("container", *container))
     root = E("workspace", *parts)
     root.addprevious(etree.Comment(f" built by `vmgrid image build` from the recipe {recipe.path.name} "))
-    from services.descriptor import check_descriptor   # the one validation (wsdl/workspace.xsd)
-
-    check_descriptor(root)
+    schema = etree.XMLSchema(etree.parse(str(SCHEMA)))
+    if not schema.validate(root):
+        raise DescribeError(f"the descriptor made for {recipe.name} is not valid: {schema.error_log.last_error}")
     return etree.tostring(root.getroottree(), pretty_print=True, xml_declaration=True, encoding="UTF-8")
 
 
