@@ -46,6 +46,7 @@ DEFAULT_MIRROR = "http://deb.debian.org/debian"
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_CACHE = REPO / "var" / "guest-image"
 CMDLINE = f"console=ttyS0 root={ROOT_DEVICE} rw quiet panic=1"
+STALE_AFTER = 3600.0                 # seconds: a recipe's older image folders are deleted once this old
 
 
 class ImageBuildError(RuntimeError):
@@ -340,16 +341,26 @@ def build_recipe(recipe: Recipe, cache: Path = DEFAULT_CACHE, force: bool = Fals
             (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
             shutil.rmtree(final, ignore_errors=True)
             out.rename(final)
-            stale = re.compile(rf"{re.escape(recipe.name)}-[0-9a-f]{{16}}|[0-9a-f]{{16}}")
-            for old in cache.iterdir():          # this recipe's older images: registered copies boot on
-                if old.is_dir() and stale.fullmatch(old.name) and old != final:
-                    shutil.rmtree(old, ignore_errors=True)
+            prune_stale(cache, recipe.name, final)
             log(f"image {recipe.name} built in {manifest['total_seconds']:.1f} s: {final}")
             return GuestImage.load(final)
         except (DiskError, DescribeError, RuntimeCopyError) as exc:
             raise ImageBuildError(str(exc)) from None
         finally:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def prune_stale(cache: Path, name: str, keep: Path, min_age: float = STALE_AFTER) -> list[Path]:
+    """Delete the recipe's other image folders built more than ``min_age`` seconds ago. Registered copies
+    boot on (they carry their boot partition); a younger folder may still back a running test session's
+    overlays or direct kernel boot, so it stays until a later build."""
+    stale = re.compile(rf"{re.escape(name)}-[0-9a-f]{{16}}|[0-9a-f]{{16}}")
+    gone = []
+    for old in cache.iterdir():
+        if old.is_dir() and stale.fullmatch(old.name) and old != keep and time.time() - old.stat().st_mtime > min_age:
+            shutil.rmtree(old, ignore_errors=True)
+            gone.append(old)
+    return gone
 
 
 def build(cache: Path = DEFAULT_CACHE, force: bool = False, log=print, recipe: str | Path = "base") -> GuestImage:

@@ -197,3 +197,21 @@ def test_the_vmgrid_runtime_is_the_pinned_distributions_and_imports_on_its_own(t
     r = subprocess.run(["/usr/bin/python3", "-I", "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == str(target / "client" / "cli.py")
+
+
+def test_a_rebuild_prunes_only_the_recipes_older_images_that_are_old_enough(tmp_path):
+    import os
+    import time
+
+    from guestd.image.build import prune_stale
+
+    keep, old, young, other = (tmp_path / n for n in ("r-" + "a" * 16, "r-" + "b" * 16, "r-" + "c" * 16,
+                                                        "s-" + "d" * 16))
+    for d in (keep, old, young, other, tmp_path / "base-bookworm-0123456789ab"):
+        d.mkdir()
+    long_ago = time.time() - 7200
+    for d in (old, other, tmp_path / "base-bookworm-0123456789ab"):
+        os.utime(d, (long_ago, long_ago))
+    assert prune_stale(tmp_path, "r", keep, min_age=3600) == [old]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [keep.name, young.name, other.name, "base-bookworm-0123456789ab"])
