@@ -14,7 +14,8 @@ APT_PACKAGES=(
   libvirt-dev libvirt-clients libvirt-daemon libvirt-daemon-driver-qemu  # the VMM interface
   qemu-system-x86 qemu-utils                         # real guests, qcow2 images and overlays
   genisoimage                                        # ISO 9660 context images (virtual CD-ROM)
-  debootstrap busybox-static cpio e2fsprogs          # building the test guest image
+  debootstrap busybox-static cpio e2fsprogs          # building guest images (vmgrid image build)
+  syslinux syslinux-common mtools                    # guest images boot by themselves (MBR + syslinux)
   openssl xmlsec1                                    # interop peers for the security tests
   globus-gridftp-server-progs globus-gass-copy-progs globus-proxy-utils  # interop peers (GridFTP, GSI)
   iproute2 curl                                      # network namespaces and the WAN benchmark

@@ -1,12 +1,14 @@
-"""Build vmgrid's real guest image: a Debian cloud kernel, a busybox initramfs, a debootstrap minbase
-root filesystem with python3 and guestd (PID 1 helper), as qcow2. Cached under var/guest-image/.
+"""Build vmgrid guest images from recipes (docs/images.md): a Debian cloud kernel, a busybox initramfs,
+a debootstrap minbase root with python3, the recipe's packages and files, and guestd (PID 1 helper),
+as one self-contained disk-bootable qcow2 (MBR, syslinux, kernel and initrd on a FAT boot partition,
+ext4 root) plus its descriptor. Cached under var/guest-image/.
 
-    python -m guestd.image.build [--force] [--cache DIR]
+    python -m guestd.image.build [--force] [--cache DIR] [RECIPE]      (vmgrid image build RECIPE)
 
-The image directory is keyed by a hash of this builder and guestd's sources, so a rerun is instant and
-a change to either rebuilds. The debootstrap root filesystem (the slow part) is cached apart, keyed by
-the suite and package list only. Needs root, debootstrap, busybox-static, cpio, e2fsprogs, qemu-utils,
-apt-get and a reachable Debian mirror (the one apt uses here).
+An image directory is keyed by a hash of the recipe's content, this builder's and guestd's sources,
+so a rerun is instant and a change to any of them rebuilds. The debootstrap root (the slow part) is
+cached apart, keyed by the suite and package list only. Needs root, debootstrap, busybox-static, cpio,
+e2fsprogs, qemu-utils, syslinux, syslinux-common, mtools, apt-get and a reachable Debian mirror.
 """
 from __future__ import annotations
 
@@ -26,10 +28,15 @@ from pathlib import Path
 
 import guestd
 
-SUITE = "bookworm"
+from .describe import DescribeError, descriptor, distribution, installed_packages, library_signature
+from .disk import ROOT_DEVICE, DiskError, kernel_version, make_disk
+from .recipe import Recipe, RecipeError, load_recipe
+from . import runtime
+from .runtime import RuntimeCopyError
+
+SUITE = "bookworm"                   # the suite of the default mirror lookup and of the kernel (host apt)
 KERNEL_META = "linux-image-cloud-amd64"
 INCLUDE = ("python3",)
-ROOTFS_SIZE = "1G"
 # Kernel modules the initramfs loads (with their dependencies): disks, NIC, guest channel, CD-ROM, power button.
 MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "virtio_console", "ata_piix", "sr_mod", "isofs",
            "evdev", "button")
@@ -38,7 +45,8 @@ TRIM = ("usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale", 
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_CACHE = REPO / "var" / "guest-image"
-CMDLINE = "console=ttyS0 root=/dev/vda rw quiet panic=1"
+CMDLINE = f"console=ttyS0 root={ROOT_DEVICE} rw quiet panic=1"
+STALE_AFTER = 3600.0                 # seconds: a recipe's older image folders are deleted once this old
 
 
 class ImageBuildError(RuntimeError):
@@ -47,7 +55,10 @@ class ImageBuildError(RuntimeError):
 
 @dataclass(frozen=True)
 class GuestImage:
-    """A built guest image: boot it with direct kernel boot (kernel, initrd, cmdline) and rootfs as vda."""
+    """A built guest image: ``rootfs`` is the whole bootable disk (boot partition + root partition),
+    ``descriptor`` its workspace descriptor. The disk boots by itself (descriptor boot method disk);
+    ``kernel``, ``initrd`` and ``cmdline`` are copies of what its boot partition holds, for direct
+    kernel boot in tests and benchmarks."""
 
     directory: Path
     kernel: Path
@@ -56,12 +67,14 @@ class GuestImage:
     cmdline: str
     kernel_version: str
     key: str
+    name: str = "base"
+    descriptor: Path | None = None
 
     @classmethod
     def load(cls, directory: Path) -> "GuestImage":
         m = json.loads((directory / "manifest.json").read_text())
-        return cls(directory, directory / "vmlinuz", directory / "initrd.img", directory / "rootfs.qcow2",
-                   m["cmdline"], m["kernel_version"], m["key"])
+        return cls(directory, directory / "vmlinuz", directory / "initrd.img", directory / m["disk"],
+                   m["cmdline"], m["kernel_version"], m["key"], m["name"], directory / m["descriptor"])
 
 
 def _run(step: str, cmd: list[str], **kw) -> subprocess.CompletedProcess:
@@ -73,8 +86,8 @@ def _run(step: str, cmd: list[str], **kw) -> subprocess.CompletedProcess:
 
 
 def source_key() -> str:
-    """Hash of everything that goes into the image: this builder and guestd's sources."""
-    h = hashlib.sha256(f"{SUITE} {KERNEL_META} {INCLUDE} {MODULES} {CMDLINE}".encode())
+    """Hash of the builder's and guestd's sources (the recipe's content is hashed on top)."""
+    h = hashlib.sha256(f"{KERNEL_META} {INCLUDE} {MODULES} {CMDLINE}".encode())
     root = Path(guestd.__file__).resolve().parent
     for f in sorted(root.rglob("*")):
         if f.is_file() and f.suffix in (".py", ".sh") and "__pycache__" not in f.parts:
@@ -82,7 +95,7 @@ def source_key() -> str:
     return h.hexdigest()[:16]
 
 
-def debian_mirror(files: list[Path] | None = None) -> str:
+def debian_mirror(files: list[Path] | None = None, suite: str = SUITE) -> str:
     """The Debian mirror apt uses on this machine (sources.list or deb822 .sources), else deb.debian.org.
 
     VMGRID_DEBIAN_MIRROR overrides it.
@@ -100,7 +113,7 @@ def debian_mirror(files: list[Path] | None = None) -> str:
             for stanza in re.split(r"\n\s*\n", text):
                 fields = dict(re.findall(r"^(\w[\w-]*):\s*(.*)$", stanza, re.M))
                 suites = fields.get("Suites", "").split()
-                if "deb" in fields.get("Types", "").split() and SUITE in suites:
+                if "deb" in fields.get("Types", "").split() and suite in suites:
                     for uri in fields.get("URIs", "").split():
                         if "security" not in uri:
                             return uri.rstrip("/")
@@ -108,7 +121,7 @@ def debian_mirror(files: list[Path] | None = None) -> str:
             for line in text.splitlines():
                 line = re.sub(r"\[[^\]]*\]", " ", line.split("#")[0])   # drop [options]
                 parts = line.split()
-                if len(parts) >= 3 and parts[0] == "deb" and parts[2] == SUITE:
+                if len(parts) >= 3 and parts[0] == "deb" and parts[2] == suite:
                     return parts[1].rstrip("/")
     return DEFAULT_MIRROR
 
@@ -196,47 +209,85 @@ def build_initramfs(tree: Path, version: str, out: Path, work: Path) -> None:
     out.write_bytes(gzip.compress(proc.stdout, compresslevel=6))
 
 
-def base_rootfs(cache: Path, mirror: str) -> Path:
-    """The trimmed debootstrap minbase tree with python3, cached by suite and package list."""
-    key = hashlib.sha256(f"{SUITE} minbase {INCLUDE} {TRIM}".encode()).hexdigest()[:12]
-    base = cache / f"base-{SUITE}-{key}"
-    if (base / ".complete").exists():
-        return base
+def base_rootfs(cache: Path, mirror: str, suite: str = SUITE, packages: tuple[str, ...] = (), log=print) -> Path:
+    """The trimmed debootstrap minbase tree with python3 and ``packages`` (their Depends resolved by
+    debootstrap, no Recommends), cached by suite and package list."""
+    include = INCLUDE + tuple(p for p in packages if p not in INCLUDE)
+    key = hashlib.sha256(f"{suite} minbase {include} {TRIM}".encode()).hexdigest()[:12]
+    base = cache / f"base-{suite}-{key}"
+    with open(cache / f".lock-base-{key}", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)         # two recipes with the same packages share one debootstrap
+        if not (base / ".complete").exists():
+            _debootstrap(base, cache, mirror, suite, include, log)
+    return base
+
+
+def _debootstrap(base: Path, cache: Path, mirror: str, suite: str, include: tuple[str, ...], log) -> None:
+    log(f"debootstrap {suite} with {', '.join(include)} (cached in {base.name} afterwards)")
     shutil.rmtree(base, ignore_errors=True)
     tmp = cache / f"base-tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     debs = cache / "debs"
     debs.mkdir(parents=True, exist_ok=True)
-    _run("debootstrap", ["debootstrap", "--variant=minbase", f"--include={','.join(INCLUDE)}",
-                         f"--cache-dir={debs}", SUITE, str(tmp), mirror])
+    try:
+        _run("debootstrap", ["debootstrap", "--variant=minbase", f"--include={','.join(include)}",
+                             f"--cache-dir={debs}", suite, str(tmp), mirror])
+    except ImageBuildError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     for rel in TRIM:
         shutil.rmtree(tmp / rel, ignore_errors=True)
         (tmp / rel).mkdir(parents=True, exist_ok=True)
     (tmp / ".complete").write_text(mirror + "\n")
     tmp.rename(base)
-    return base
 
 
-def install_guestd(rootfs: Path) -> None:
+def install_guestd(rootfs: Path, hostname: str = "vmgrid-guest") -> None:
     """Copy guestd (without this image builder) into the guest's dist-packages."""
     src = Path(guestd.__file__).resolve().parent
     dest = rootfs / "usr" / "lib" / "python3" / "dist-packages" / "guestd"
     shutil.rmtree(dest, ignore_errors=True)
     shutil.copytree(src, dest, ignore=shutil.ignore_patterns("__pycache__", "image", "*.pyc"))
-    (rootfs / "etc" / "hostname").write_text("vmgrid-guest\n")
+    (rootfs / "etc" / "hostname").write_text(hostname + "\n")
     (rootfs / "var" / "log").mkdir(parents=True, exist_ok=True)
 
 
-def build(cache: Path = DEFAULT_CACHE, force: bool = False, log=print) -> GuestImage:
-    """Return the cached image for the current sources, building it first if needed."""
+def install_files(rootfs: Path, files: tuple[tuple[str, Path], ...]) -> None:
+    """The recipe's extra files, at their paths in the guest (parents made, mode kept)."""
+    for dest, src in files:
+        target = rootfs / dest.lstrip("/")
+        if target.is_symlink() or target.is_dir():
+            raise ImageBuildError(f"recipe file {dest}: the image has a directory or link there")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, target)
+
+
+def image_key(recipe: Recipe) -> str:
+    """The cache key of a recipe's image: its content, the builder's and guestd's sources, and the
+    vmgrid runtime's sources and pins when the recipe asks for it."""
+    h = hashlib.sha256((recipe.content_key() + source_key()).encode())
+    if recipe.runtime:
+        h.update(runtime.key().encode())
+        for pkg in (*runtime.PACKAGES, "wsdl"):
+            for f in sorted((runtime.REPO / pkg).rglob("*")):
+                if f.is_file() and "__pycache__" not in f.parts and f.suffix != ".pyc":
+                    h.update(str(f.relative_to(runtime.REPO)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def build_recipe(recipe: Recipe, cache: Path = DEFAULT_CACHE, force: bool = False, log=print) -> GuestImage:
+    """Return the cached image of ``recipe`` for the current sources, building it first if needed."""
     if os.geteuid() != 0:
-        raise ImageBuildError("building the guest image needs root (debootstrap)")
+        raise ImageBuildError("building a guest image needs root (debootstrap)")
     cache = Path(cache).resolve()
     cache.mkdir(parents=True, exist_ok=True)
-    key = source_key()
-    final = cache / key
-    with open(cache / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)         # one builder at a time (pytest-xdist workers)
+    try:
+        key = image_key(recipe)
+    except RuntimeCopyError as exc:
+        raise ImageBuildError(str(exc)) from None
+    final = cache / f"{recipe.name}-{key}"
+    with open(cache / f".lock-{recipe.name}", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)         # one builder per recipe at a time (pytest-xdist workers)
         if (final / "manifest.json").exists() and not force:
             return GuestImage.load(final)
         timings: dict[str, float] = {}
@@ -245,18 +296,23 @@ def build(cache: Path = DEFAULT_CACHE, force: bool = False, log=print) -> GuestI
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir()
         try:
-            mirror = debian_mirror()
-            log(f"guest image {key}: kernel from apt, rootfs from {mirror}")
+            mirror = debian_mirror(suite=recipe.suite)
+            log(f"image {recipe.name} ({key}): kernel from apt, {recipe.suite} root from {mirror}")
             t = time.monotonic()
-            tree, version = fetch_kernel(work / "kernel-deb")
+            tree, _ = fetch_kernel(work / "kernel-deb")
             timings["kernel"] = time.monotonic() - t
             t = time.monotonic()
-            base = base_rootfs(cache, mirror)
+            packages = recipe.packages
+            if recipe.runtime:
+                packages += tuple(p for p in runtime.DEBIAN_PACKAGES if p not in packages)
+            base = base_rootfs(cache, mirror, recipe.suite, packages, log)
             timings["debootstrap"] = time.monotonic() - t
             t = time.monotonic()
             out = work / "image"
             out.mkdir()
-            shutil.copy2(next((tree / "boot").glob("vmlinuz-*")), out / "vmlinuz")
+            vmlinuz = next((tree / "boot").glob("vmlinuz-*"))
+            version = kernel_version(vmlinuz)
+            shutil.copy2(vmlinuz, out / "vmlinuz")
             build_initramfs(tree, version, out / "initrd.img", work)
             timings["initramfs"] = time.monotonic() - t
             t = time.monotonic()
@@ -264,34 +320,62 @@ def build(cache: Path = DEFAULT_CACHE, force: bool = False, log=print) -> GuestI
             _run("copy the base rootfs", ["cp", "-a", str(base), str(staging)])
             (staging / ".complete").unlink(missing_ok=True)
             install_guestd(staging)
-            raw = work / "rootfs.raw"
-            _run("mkfs.ext4", ["mkfs.ext4", "-q", "-F", "-L", "vmgrid-root", "-d", str(staging), str(raw), ROOTFS_SIZE])
-            _run("qemu-img convert", ["qemu-img", "convert", "-O", "qcow2", str(raw), str(out / "rootfs.qcow2")])
-            timings["rootfs"] = time.monotonic() - t
-            manifest = {"key": key, "suite": SUITE, "mirror": mirror, "kernel_version": version,
-                        "cmdline": CMDLINE, "modules": list(MODULES), "timings": timings,
-                        "total_seconds": time.monotonic() - t0,
-                        "rootfs_bytes": (out / "rootfs.qcow2").stat().st_size}
+            pins: list[str] = []
+            if recipe.runtime:
+                pins = runtime.install(staging)
+            install_files(staging, recipe.files)
+            distro = distribution(staging)
+            libraries = library_signature(installed_packages(staging), recipe.signature)
+            disk = out / f"{recipe.name}.qcow2"
+            make_disk(disk, work, staging, out / "vmlinuz", out / "initrd.img", CMDLINE, recipe.disk_mib)
+            timings["disk"] = time.monotonic() - t
+            xml = descriptor(recipe, distro=distro, kernel=version, cmdline=CMDLINE, libraries=libraries,
+                             disk_bytes=recipe.disk_mib * 1024 * 1024, image=disk)
+            (out / f"{recipe.name}.xml").write_bytes(xml)
+            manifest = {"key": key, "name": recipe.name, "recipe": str(recipe.path), "suite": recipe.suite,
+                        "mirror": mirror, "kernel_version": version, "cmdline": CMDLINE,
+                        "disk": disk.name, "descriptor": f"{recipe.name}.xml", "modules": list(MODULES),
+                        "distribution": list(distro), "libraries": dict(libraries), "runtime": pins,
+                        "timings": timings, "total_seconds": time.monotonic() - t0,
+                        "disk_bytes": disk.stat().st_size}
             (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
             shutil.rmtree(final, ignore_errors=True)
             out.rename(final)
-            for old in cache.iterdir():          # drop stale images (other keys); keep the base and debs
-                if old.is_dir() and re.fullmatch(r"[0-9a-f]{16}", old.name) and old.name != key:
-                    shutil.rmtree(old, ignore_errors=True)
-            log(f"guest image {key} built in {manifest['total_seconds']:.1f} s: {final}")
+            prune_stale(cache, recipe.name, final)
+            log(f"image {recipe.name} built in {manifest['total_seconds']:.1f} s: {final}")
             return GuestImage.load(final)
+        except (DiskError, DescribeError, RuntimeCopyError) as exc:
+            raise ImageBuildError(str(exc)) from None
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
+
+def prune_stale(cache: Path, name: str, keep: Path, min_age: float = STALE_AFTER) -> list[Path]:
+    """Delete the recipe's other image folders built more than ``min_age`` seconds ago. Registered copies
+    boot on (they carry their boot partition); a younger folder may still back a running test session's
+    overlays or direct kernel boot, so it stays until a later build."""
+    stale = re.compile(rf"{re.escape(name)}-[0-9a-f]{{16}}|[0-9a-f]{{16}}")
+    gone = []
+    for old in cache.iterdir():
+        if old.is_dir() and stale.fullmatch(old.name) and old != keep and time.time() - old.stat().st_mtime > min_age:
+            shutil.rmtree(old, ignore_errors=True)
+            gone.append(old)
+    return gone
+
+
+def build(cache: Path = DEFAULT_CACHE, force: bool = False, log=print, recipe: str | Path = "base") -> GuestImage:
+    """The image of a recipe (default: the shipped ``base`` guest the tests boot)."""
+    return build_recipe(load_recipe(recipe), cache, force, log)
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--force", action="store_true", help="rebuild even if the cached image is current")
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"cache directory (default {DEFAULT_CACHE})")
+    ap.add_argument("recipe", nargs="?", default="base", help="a recipe file or a shipped recipe's name (default base)")
     args = ap.parse_args(argv)
     try:
-        image = build(args.cache, args.force)
-    except ImageBuildError as exc:
+        image = build(args.cache, args.force, recipe=args.recipe)
+    except (ImageBuildError, RecipeError) as exc:
         print(f"guest image: {exc}", file=sys.stderr)
         return 1
     print(json.dumps({k: str(v) for k, v in asdict(image).items()}, indent=1))

@@ -1,0 +1,103 @@
+"""`vmgrid image …`: guest images from recipes (docs/images.md)."""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from client.cli import CLIError
+
+
+def register(subparsers) -> None:
+    image = subparsers.add_parser("image", help="build guest images from recipes",
+                                  description="Build bootable guest images and their descriptors from recipes "
+                                              "(docs/images.md).")
+    sub = image.add_subparsers(dest="image_command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("build", help="build (or reuse from the cache) a recipe's image and descriptor",
+                       description="Build a recipe's qcow2 and its descriptor (cached by the recipe's content and "
+                                   "the builder's and guestd's sources). Needs root and a Debian mirror. "
+                                   "Register the pair with `vmgrid repo register DESCRIPTOR IMAGE`.")
+    p.add_argument("recipe", help="a recipe file (.toml) or a shipped recipe's name (base, emboss)")
+    p.add_argument("--out", type=Path, help="also copy NAME.qcow2 and NAME.xml into this directory")
+    p.add_argument("--cache", type=Path, help="the build cache (default var/guest-image/ in the checkout)")
+    p.add_argument("--force", action="store_true", help="rebuild even when the cache holds the image")
+    p.add_argument("--json", action="store_true", help="the result as JSON")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("check", help="check a recipe without building it",
+                       description="Parse and check a recipe; print it with every default filled in.")
+    p.add_argument("recipe", help="a recipe file (.toml) or a shipped recipe's name")
+    p.add_argument("--json", action="store_true", help="the recipe as JSON")
+    p.set_defaults(func=cmd_check)
+
+
+def _load(name: str):
+    from guestd.image.recipe import RecipeError, load_recipe
+
+    try:
+        return load_recipe(name)
+    except RecipeError as exc:
+        raise CLIError(str(exc)) from None
+
+
+def _recipe_dict(r) -> dict:
+    return {"recipe": str(r.path), "name": r.name, "version": r.version, "vo": r.vo, "description": r.description,
+            "suite": r.suite, "packages": list(r.packages), "signature": list(r.signature),
+            "disk_mib": r.disk_mib, "memory": r.memory, "vcpus": r.vcpus,
+            "container_command": r.container_command, "container_port": r.container_port,
+            "vmgrid_runtime": r.runtime, "files": {dest: str(src) for dest, src in r.files}}
+
+
+def _check_descriptor(path: Path) -> None:
+    """The descriptor as the repository will read it (services/descriptor.py, wsdl/workspace.xsd)."""
+    from services.descriptor import parse_descriptor
+    from services.faults import VMGridFault
+
+    try:
+        parse_descriptor(path.read_bytes())
+    except (OSError, VMGridFault) as exc:
+        raise CLIError(f"{path}: the built descriptor is not valid: {exc}") from None
+
+
+def cmd_check(args) -> int:
+    recipe = _load(args.recipe)
+    d = _recipe_dict(recipe)
+    if args.json:
+        print(json.dumps(d, indent=1))
+    else:
+        for k, v in d.items():
+            print(f"{k:18} {v}")
+    return 0
+
+
+def cmd_build(args) -> int:
+    from guestd.image.build import DEFAULT_CACHE, ImageBuildError, build_recipe
+
+    recipe = _load(args.recipe)
+    log = (lambda m: print(m, file=sys.stderr)) if args.json else print
+    try:
+        image = build_recipe(recipe, args.cache or DEFAULT_CACHE, force=args.force, log=log)
+    except ImageBuildError as exc:
+        raise CLIError(f"image {recipe.name}: {exc}") from None
+    _check_descriptor(image.descriptor)
+    disk, descriptor = image.rootfs, image.descriptor
+    if args.out is not None:
+        try:
+            args.out.mkdir(parents=True, exist_ok=True)
+            disk = Path(shutil.copy2(image.rootfs, args.out / image.rootfs.name))
+            descriptor = Path(shutil.copy2(image.descriptor, args.out / image.descriptor.name))
+        except OSError as exc:
+            raise CLIError(f"cannot copy the image into {args.out}: {exc.strerror or exc}") from None
+    manifest = json.loads((image.directory / "manifest.json").read_text())
+    result = {"name": image.name, "image": str(disk), "descriptor": str(descriptor),
+              "kernel": image.kernel_version, "distribution": manifest["distribution"],
+              "libraries": manifest["libraries"], "size": disk.stat().st_size, "key": image.key}
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print(f"image       {result['image']}")
+        print(f"descriptor  {result['descriptor']}")
+        print(f"register    vmgrid repo register {result['descriptor']} {result['image']}")
+    return 0
