@@ -61,8 +61,10 @@ class Guestd:
         self.error = None
         if self.port is not None:
             self.port.set_token(ctx.token)
-        self.results = run_all(ctx, self.env)
-        self.results["power"] = StepResult("power", True, power.watch(self.env, self._power_pressed))
+        results = run_all(ctx, self.env)
+        results["power"] = StepResult("power", True, power.watch(self.env, self._power_pressed))
+        # published whole: the channel thread's status() may read it at any moment
+        self.results = results
         self.ready = True
         if self.port is not None:
             report.handle(ctx, self.results, self.port)
@@ -74,7 +76,7 @@ class Guestd:
             "ready": self.ready, "error": self.error,
             "instance": self.context.instance if self.context else None,
             "context_source": self.context_source,
-            "steps": {n: r.as_report() for n, r in self.results.items()},
+            "steps": {n: r.as_report() for n, r in list(self.results.items())},
             "container": sup.status() if sup is not None else None,
             "time": self.env.system.now(), "uptime": time.monotonic() - self.started,
         }
