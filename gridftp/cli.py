@@ -55,6 +55,9 @@ def register(subparsers) -> None:
                    help="only these grid identities may log in (repeatable; default: any trusted identity)")
     p.add_argument("--insecure-anonymous-writes", action="store_true",
                    help="TESTING ONLY: let anonymous sessions write inside the upload area")
+    p.add_argument("--data-peer", action="append", default=[], metavar="ADDR[/PREFIX]",
+                   help="a trusted server this one may open data connections to in third-party transfers "
+                        "(repeatable; by default only the client's own address)")
     p.add_argument("--max-rate", type=float, default=0, help="bytes per second per transfer (0: unlimited)")
     p.add_argument("--marker-interval", type=float, default=5.0, help="seconds between 111/112 markers")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -208,9 +211,10 @@ def cmd_server(args) -> int:
         server = GridFTPServer(args.root, args.host, args.port, credential=credential, trust=args.cert_dir,
                                authorize=authorize, anonymous=args.anonymous, upload_area=args.upload_area,
                                insecure_anonymous_writes=args.insecure_anonymous_writes,
-                               max_rate=args.max_rate, marker_interval=args.marker_interval)
+                               max_rate=args.max_rate, marker_interval=args.marker_interval,
+                               data_peers=args.data_peer)
         server.bind()
-    except (GridFTPError, OSError) as exc:
+    except (GridFTPError, OSError, ValueError) as exc:
         raise CLIError(f"cannot start the server: {exc}") from exc
     print(f"{server.port}", flush=True)
     print(f"gridftp-server serving {args.root} at {server.url('/')}", file=sys.stderr, flush=True)

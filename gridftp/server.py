@@ -8,6 +8,7 @@ verified (:mod:`gridftp.partial`).
 """
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import posixpath
@@ -17,7 +18,7 @@ import stat
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +39,7 @@ log = logging.getLogger("gridftp.server")
 
 Authorize = Callable[[str | None, str, str], bool]
 OPS = ("read", "list", "write", "delete")
+ACTIVE_CONNECT_FAILED = "Cannot open data connection."
 ANONYMOUS_NAMES = ("anonymous", "ftp")
 PRE_LOGIN = {"USER", "PASS", "AUTH", "PBSZ", "PROT", "FEAT", "HELP", "SYST", "NOOP", "QUIT", "CCC",
              "ADAT", "ACCT", "OPTS", "SITE", "DCAU"}
@@ -99,6 +101,9 @@ class GridFTPServer:
     ``max_rate``: bytes/s per transfer (0 = unlimited). ``marker_interval``: seconds between
     ``111``/``112`` markers. ``require_private_data``: TLS sessions must use ``PROT P``.
     ``max_file_size``: no received byte may land beyond it (ALLO above it gets 552).
+    ``data_peers``: addresses or networks (``"192.0.2.7"``, ``"10.1.0.0/16"``) this server may open
+    data connections to besides the control connection's own peer: the trusted servers of
+    third-party transfers. Anything else in PORT/EPRT/SPOR is refused (no FTP bounce, no port scan).
     """
 
     def __init__(self, root_or_vfs: str | os.PathLike | FileSpace, host: str = "127.0.0.1", port: int = 0,
@@ -108,6 +113,7 @@ class GridFTPServer:
                  require_private_data: bool = True, durable: bool = True, max_sessions: int = 64,
                  max_file_size: int = 1 << 40, idle_timeout: float = 900.0,
                  identify: Callable[[ssl.SSLSocket], str] | None = None,
+                 data_peers: Iterable[str] = (),
                  banner: str = "vmgrid GridFTP server ready."):
         self.files = root_or_vfs if isinstance(root_or_vfs, FileSpace) else LocalFileSpace(root_or_vfs)
         self.host = host
@@ -125,6 +131,7 @@ class GridFTPServer:
         self.max_file_size = max_file_size
         self.idle_timeout = idle_timeout
         self.banner = banner
+        self.data_peers = [ipaddress.ip_network(p, strict=False) for p in data_peers]
         self.checksums = _ChecksumCache()
         self._listener: socket.socket | None = None
         self._thread: threading.Thread | None = None
@@ -231,11 +238,30 @@ class GridFTPServer:
             log.exception("authorization callback failed for %s %s %s", dn, op, vpath)
             return False
 
+    def may_connect(self, control_peer: str, host: str) -> bool:
+        """May a session whose control connection comes from ``control_peer`` have this server
+        open data connections to ``host``? Only to that peer itself or to a configured trusted server."""
+        try:
+            target = _plain_address(host)
+        except ValueError:
+            return False
+        if target == _plain_address(control_peer):
+            return True
+        return any(target.version == net.version and target in net for net in self.data_peers)
+
     def in_upload_area(self, vpath: str) -> bool:
         area = self.upload_area
         if area is None:
             return False
         return area == "/" or vpath == area or vpath.startswith(area + "/")
+
+
+def _plain_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An address with an IPv4-mapped IPv6 form (``::ffff:a.b.c.d``) taken as the IPv4 address."""
+    address = ipaddress.ip_address(text.split("%", 1)[0])
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
 
 
 @dataclass
@@ -277,6 +303,7 @@ class _Session:
         self.prot = "C"
         self.dcau: tuple[str, str | None] = ("A", None)
         self.queued: list[str] = []
+        self._held: list[tuple[int, str | list[str]]] | None = None   # final replies kept back
         self._transfer_cancel: Callable[[], None] | None = None
 
     # -- loop ----------------------------------------------------------------------------------------
@@ -318,7 +345,17 @@ class _Session:
         self.control.close()
 
     def reply(self, code: int, text: str | list[str]) -> None:
+        """Send a reply; while a transfer's final replies are held back (:meth:`_holding_replies`),
+        a completion reply waits until the transfer has let go of everything it held."""
+        if self._held is not None and code >= 200:
+            self._held.append((code, text))
+            return
         self.control.send_reply(code, text)
+
+    def _release_held(self) -> None:
+        held, self._held = self._held or [], None
+        for code, text in held:
+            self.control.send_reply(code, text)
 
     def handle(self, line: str) -> bool:
         """Run one command; False ends the session."""
@@ -818,18 +855,23 @@ class _Session:
     def _check_port(self, host: str, port: int) -> None:
         if port < 1024:
             raise _Reply(501, "Refusing a privileged data port.")
+        if not self.server.may_connect(self.peer[0], host):
+            log.warning("session %s (%s) asked for a data connection to %s:%d: refused", self.peer, self.dn,
+                        host, port)
+            raise _Reply(501, "Refusing a data connection to an address other than yours "
+                              "(third-party transfers only between servers this site trusts).")
 
     def cmd_PORT(self, arg: str):
+        self.data.clear()       # a refused PORT leaves no earlier one behind
         host, port = parse_host_port(arg)
         self._check_port(host, port)
-        self.data.clear()
         self.data.active = [(host, port)]
         self.reply(200, "PORT Command successful.")
 
     def cmd_EPRT(self, arg: str):
+        self.data.clear()
         host, port = parse_eprt(arg)
         self._check_port(host, port)
-        self.data.clear()
         self.data.active = [(host, port)]
         self.reply(200, "EPRT Command successful.")
 
@@ -838,10 +880,10 @@ class _Session:
             raise _Reply(503, "SPOR needs MODE E.")
         if not arg.split():
             raise _Reply(501, "SPOR needs at least one host-port.")
+        self.data.clear()
         addresses = [parse_host_port(hp) for hp in arg.split()]
         for host, port in addresses:
             self._check_port(host, port)
-        self.data.clear()
         self.data.active = addresses
         self.reply(200, "SPOR Command successful.")
 
@@ -876,7 +918,7 @@ class _Session:
                         done(10)
                         return False
                     if verb == "STAT":
-                        self.reply(213, "Transfer in progress.")
+                        self.control.send_reply(213, "Transfer in progress.")
                     else:
                         self.queued.append(line)
                 if time.monotonic() >= next_tick:
@@ -949,10 +991,14 @@ class _Session:
     def _open_active(self, per_address: int, protection) -> list[socket.socket]:
         try:
             return connect_streams(self.data.active, per_address, protection=protection, sbuf=self.sbuf)
-        except AuthenticationError as exc:
-            raise _Reply(432, f"Data channel authentication failed: {exc}") from None
-        except TransferError as exc:
-            raise _Reply(425, f"Cannot open data connection: {exc}") from None
+        except (AuthenticationError, TransferError) as exc:
+            raise _Reply(*self._connect_failed(exc)) from None
+
+    def _connect_failed(self, exc: BaseException) -> tuple[int, str]:
+        """The one answer to every failed active data connection (refused, timed out, handshake or
+        authentication failed): the replies must not tell a closed port from an open one."""
+        log.info("session %s: data connection to %s failed: %s", self.peer, self.data.active, exc)
+        return 425, ACTIVE_CONNECT_FAILED
 
     def _send_mode_e(self, source: int | bytes, todo, shift: int, protection) -> None:
         parallel = max(1, min(self.retr_opts.parallelism, MAX_PARALLELISM))
@@ -1006,7 +1052,9 @@ class _Session:
         error = worker.error
         if error is None:
             return True
-        if isinstance(error, AuthenticationError):
+        if not holder and self.data.active:
+            self.reply(*self._connect_failed(error))
+        elif isinstance(error, AuthenticationError):
             self.reply(432, f"Data channel authentication failed: {error}")
         elif not holder:
             self.reply(425, f"Cannot open data connection: {error}")
@@ -1090,10 +1138,14 @@ class _Session:
         except _Reply:
             self._reset_transfer_state()
             raise
+        # the 226 (or any final reply) of this STOR, aborted or not, goes out only once the path is
+        # released: a client that reads it may store the same path again at once
+        self._held = []
         try:
             self._store(vpath, real, protection)
         finally:
             self.server.release(vpath)
+            self._release_held()
 
     def _store(self, vpath: str, real: Path, protection) -> None:
         rest = self.rest
