@@ -8,6 +8,8 @@ verified (:mod:`gridftp.partial`).
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import logging
 import os
@@ -34,6 +36,7 @@ from .protocol import (MAX_PARALLELISM, RetrOptions, format_host_port, format_md
                        format_perf_marker, parse_eprt, parse_host_port, parse_retr_options, split_command)
 from .ranges import RangeSet
 from .tls import Credential, DataTLS, TLSConfig, TrustStore
+from security.gsi import GSIContext, GSIError, read_gridmap
 
 log = logging.getLogger("gridftp.server")
 
@@ -43,6 +46,7 @@ ACTIVE_CONNECT_FAILED = "Cannot open data connection."
 ANONYMOUS_NAMES = ("anonymous", "ftp")
 PRE_LOGIN = {"USER", "PASS", "AUTH", "PBSZ", "PROT", "FEAT", "HELP", "SYST", "NOOP", "QUIT", "CCC",
              "ADAT", "ACCT", "OPTS", "SITE", "DCAU"}
+PROTECTED_VERBS = ("MIC", "ENC", "CONF")      # RFC 2228 commands carrying a wrapped command
 FEATURES = [
     "PARALLEL", "SIZE", "MDTM", "REST STREAM", "ERET", "ESTO",
     "SPAS", "SPOR", "SBUF", "EPSV", "EPRT", "UTF8",
@@ -104,6 +108,9 @@ class GridFTPServer:
     ``data_peers``: addresses or networks (``"192.0.2.7"``, ``"10.1.0.0/16"``) this server may open
     data connections to besides the control connection's own peer: the trusted servers of
     third-party transfers. Anything else in PORT/EPRT/SPOR is refused (no FTP bounce, no port scan).
+    ``gsi``: with a credential, also offer ``AUTH GSSAPI`` (the Globus GSI mechanism, :mod:`security.gsi`).
+    ``gridmap``: a Globus grid-mapfile (path) or a set of DNs; only those DNs may log in (None: any
+    trusted DN, the path rules decide). ``accept_limited_proxies``: False refuses limited proxies.
     """
 
     def __init__(self, root_or_vfs: str | os.PathLike | FileSpace, host: str = "127.0.0.1", port: int = 0,
@@ -113,7 +120,8 @@ class GridFTPServer:
                  require_private_data: bool = True, durable: bool = True, max_sessions: int = 64,
                  max_file_size: int = 1 << 40, idle_timeout: float = 900.0,
                  identify: Callable[[ssl.SSLSocket], str] | None = None,
-                 data_peers: Iterable[str] = (),
+                 data_peers: Iterable[str] = (), gsi: bool = True,
+                 gridmap: str | os.PathLike | set[str] | None = None, accept_limited_proxies: bool = True,
                  banner: str = "vmgrid GridFTP server ready."):
         self.files = root_or_vfs if isinstance(root_or_vfs, FileSpace) else LocalFileSpace(root_or_vfs)
         self.host = host
@@ -132,6 +140,9 @@ class GridFTPServer:
         self.idle_timeout = idle_timeout
         self.banner = banner
         self.data_peers = [ipaddress.ip_network(p, strict=False) for p in data_peers]
+        self.gsi = gsi and self.tls is not None
+        self.gridmap = gridmap if gridmap is None or isinstance(gridmap, set) else read_gridmap(gridmap)
+        self.accept_limited_proxies = accept_limited_proxies
         self.checksums = _ChecksumCache()
         self._listener: socket.socket | None = None
         self._thread: threading.Thread | None = None
@@ -249,6 +260,12 @@ class GridFTPServer:
             return True
         return any(target.version == net.version and target in net for net in self.data_peers)
 
+    def accepts(self, dn: str) -> str | None:
+        """None if ``dn`` may log in here, else why not."""
+        if self.gridmap is not None and dn not in self.gridmap:
+            return f"{dn} is not in this server's grid-mapfile"
+        return None
+
     def in_upload_area(self, vpath: str) -> bool:
         area = self.upload_area
         if area is None:
@@ -286,7 +303,8 @@ class _Session:
         self.user: str | None = None
         self.logged_in = False
         self.anonymous = False
-        self.dn: str | None = None          # TLS-authenticated identity
+        self.dn: str | None = None          # TLS- or GSI-authenticated identity
+        self.gss: GSIContext | None = None  # AUTH GSSAPI: the session's security context
         self.auth_failure: str | None = None
         self.pending_user: str | None = None
         self.cwd = "/"
@@ -324,6 +342,9 @@ class _Session:
                         continue
                     if line is None:
                         break
+                    line = self._unprotect(line)
+                    if line is None:
+                        continue
                 if not self.handle(line):
                     break
         except (OSError, ssl.SSLError, EOFError):
@@ -351,6 +372,34 @@ class _Session:
             self._held.append((code, text))
             return
         self.control.send_reply(code, text)
+
+    def _unprotect(self, line: str) -> str | None:
+        """The command a line carries: in a GSI session every command comes wrapped in MIC, ENC or
+        CONF (RFC 2228) and is unwrapped here; None when the line was refused (and answered)."""
+        verb, arg = split_command(line.strip())
+        protected = verb.upper() in PROTECTED_VERBS
+        if self.gss is None or not self.gss.complete:
+            if protected:
+                self.control.send_reply(503, "No security context: use AUTH GSSAPI and ADAT first.")
+                return None
+            return line
+        if not protected:
+            self.control.send_reply(533, "Commands must be protected (MIC or ENC) once GSSAPI is in use.")
+            return None
+        try:
+            data = self.gss.unwrap(base64.b64decode(arg.strip(), validate=True))
+        except (GSIError, ValueError, binascii.Error) as exc:
+            log.info("session %s: a protected command does not verify: %s", self.peer, exc)
+            self.control.send_reply(535, "Failed security check: the protected command does not verify.")
+            return None
+        text = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
+        if text.endswith("\n"):
+            text = text[:-1]
+        text = text.rstrip("\r")
+        if "\n" in text or "\r" in text:
+            self.control.send_reply(500, "One command per protected message.")
+            return None
+        return text
 
     def _release_held(self) -> None:
         held, self._held = self._held or [], None
@@ -442,7 +491,8 @@ class _Session:
             raise _Reply(503, "Already logged in.")
         if self.dn is not None:
             self.user, self.logged_in = arg, True
-            self.reply(232, f"User {self.dn} logged in, authorized by TLS client certificate.")
+            how = "GSSAPI" if self.gss is not None else "TLS client certificate"
+            self.reply(232, f"User {self.dn} logged in, authorized by {how}.")
             return
         if arg.lower() in ANONYMOUS_NAMES:
             if not self.server.anonymous:
@@ -453,6 +503,9 @@ class _Session:
         raise _Reply(530, "Log in with AUTH TLS and a grid certificate.")
 
     def cmd_PASS(self, arg: str):
+        if self.logged_in and self.gss is not None:
+            self.reply(230, "User logged in; GSSAPI needs no password.")   # globus-url-copy sends one
+            return
         if self.logged_in:
             raise _Reply(503, "Already logged in.")
         if self.pending_user is None:
@@ -466,10 +519,13 @@ class _Session:
 
     def cmd_AUTH(self, arg: str):
         mech = arg.upper()
+        if mech == "GSSAPI" and self.server.gsi:
+            return self._auth_gssapi()
         if mech not in ("TLS", "TLS-C", "SSL"):
-            raise _Reply(504, f"AUTH {arg[:20]} not supported; use AUTH TLS.")
-        if isinstance(self.control.sock, ssl.SSLSocket):
-            raise _Reply(503, "TLS already active.")
+            offered = "AUTH TLS or AUTH GSSAPI" if self.server.gsi else "AUTH TLS"
+            raise _Reply(504, f"AUTH {arg[:20]} not supported; use {offered}.")
+        if isinstance(self.control.sock, ssl.SSLSocket) or self.gss is not None:
+            raise _Reply(503, "Security already active.")
         if self.logged_in:
             raise _Reply(503, "AUTH must come before login.")
         if self.server.tls is None or self.server.tls.server_context is None:
@@ -483,7 +539,11 @@ class _Session:
             log.info("TLS handshake with %s failed: %s", self.peer, exc)
             return False
         try:
-            self.dn = self.server.tls.identify(sock)
+            dn = self.server.tls.identify(sock)
+            refusal = self.server.accepts(dn)
+            if refusal is not None:
+                raise AuthenticationError(refusal)
+            self.dn = dn
         except AuthenticationError as exc:
             # keep the session: closing now would reset the connection over commands already in
             # flight, and the client would never learn why
@@ -492,22 +552,71 @@ class _Session:
             return
         log.info("session %s authenticated as %s", self.peer, self.dn)
 
+    def _auth_gssapi(self):
+        if self.gss is not None or isinstance(self.control.sock, ssl.SSLSocket):
+            raise _Reply(503, "Security already active.")
+        if self.logged_in:
+            raise _Reply(503, "AUTH must come before login.")
+        self.gss = GSIContext(self.server.tls.credential, self.server.tls.trust, initiate=False,
+                              accept_limited=self.server.accept_limited_proxies)
+        self.reply(334, "Using authentication type GSSAPI; ADAT must follow.")
+
+    def cmd_ADAT(self, arg: str):
+        """One token of the GSI context (RFC 2228): 335 with the answer while it goes on, 235 once
+        established (the client then wraps every command), 535 when the peer is not acceptable."""
+        if self.gss is None:
+            raise _Reply(503, "Send AUTH GSSAPI first.")
+        if self.gss.complete:
+            raise _Reply(503, "Security context already established.")
+        if self.gss.state == "failed":
+            raise _Reply(503, "The security context failed; reconnect.")
+        try:
+            token = base64.b64decode(arg.strip(), validate=True)
+        except (ValueError, binascii.Error):
+            raise _Reply(501, "ADAT token is not base64.") from None
+        try:
+            out = self.gss.step(token)
+        except GSIError as exc:
+            log.info("session %s: GSI authentication failed: %s", self.peer, exc.reason)
+            self.auth_failure = exc.reason
+            raise _Reply(535, f"Failed security check: {exc.reason}") from None
+        answer = base64.b64encode(out).decode("ascii")
+        if not self.gss.complete:
+            self.reply(335, f"ADAT={answer}")
+            return
+        dn = self.gss.peer.dn
+        refusal = self.server.accepts(dn)
+        if refusal is not None:
+            self.auth_failure = refusal
+            log.info("session %s: %s", self.peer, refusal)
+        else:
+            self.dn = dn
+            log.info("session %s authenticated by GSI as %s%s", self.peer, dn,
+                     " (delegated a proxy)" if self.gss.delegated else "")
+        self.reply(235, f"ADAT={answer}" if out else "GSSAPI Authentication succeeded.")
+        self.control.wrap, self.control.unwrap = self.gss.wrap, self.gss.unwrap
+
     def _tls(self) -> None:
-        if not isinstance(self.control.sock, ssl.SSLSocket):
-            raise _Reply(503, "Use AUTH TLS first.")
+        if not isinstance(self.control.sock, ssl.SSLSocket) and not (self.gss is not None and self.gss.complete):
+            raise _Reply(503, "Use AUTH TLS or AUTH GSSAPI first.")
 
     def cmd_PBSZ(self, arg: str):
         self._tls()
-        self._int(arg, "buffer size")
+        size = self._int(arg, "buffer size")
         self.pbsz = True
-        self.reply(200, "PBSZ=0")
+        if self.gss is not None:       # GSSAPI: the largest protected buffer, at most what we take
+            self.reply(200, f"PBSZ={min(size, 1 << 20) if size else 1 << 20}")
+        else:
+            self.reply(200, "PBSZ=0")
 
     def cmd_PROT(self, arg: str):
         self._tls()
         if not self.pbsz:
             raise _Reply(503, "Send PBSZ first.")
         level = arg.upper()
-        if level in ("S", "E"):
+        if level == "S" and self.gss is not None:
+            pass                # GSI: integrity-protected data (GSS wrap without confidentiality)
+        elif level in ("S", "E"):
             raise _Reply(536, f"PROT {level} is not supported; use C or P.")
         if level not in ("C", "P"):
             raise _Reply(504, "PROT takes C or P.")
@@ -516,9 +625,6 @@ class _Session:
 
     def cmd_CCC(self, arg: str):
         raise _Reply(533, "The control channel stays protected.")
-
-    def cmd_ADAT(self, arg: str):
-        raise _Reply(503, "ADAT is not used with AUTH TLS.")
 
     def cmd_DCAU(self, arg: str):
         self._tls()
@@ -535,6 +641,8 @@ class _Session:
     def _protection(self) -> DataTLS | None:
         if self.dn is None:
             return None
+        if self.gss is not None:
+            return self._gsi_protection()
         if self.prot != "P":
             if self.server.require_private_data:
                 raise _Reply(521, "Data connections must be protected: send PBSZ 0 and PROT P.")
@@ -543,6 +651,15 @@ class _Session:
         if mode == "S":     # server to server (third party): the connecting side is the TLS client
             return DataTLS(self.server.tls, subject, tls_server=None)
         return DataTLS(self.server.tls, self.dn if mode == "A" else None, tls_server=True)
+
+    def _gsi_protection(self):
+        """The data channel of a GSI session: DCAU and PROT as Globus does them (``gridftp.gsidata``)."""
+        mode, _ = self.dcau
+        if self.prot == "C" and mode == "N":
+            if self.server.require_private_data:
+                raise _Reply(521, "Data connections must be protected: send PBSZ and PROT P.")
+            return None
+        raise _Reply(536, "Authenticated data channels (DCAU A/S, PROT S/P) with GSI are not available yet.")
 
     # -- session state (RFC 959) -------------------------------------------------------------------------
     def cmd_QUIT(self, arg: str):
@@ -557,6 +674,8 @@ class _Session:
 
     def cmd_FEAT(self, arg: str):
         tls = ["AUTH TLS", "PBSZ", "PROT", "DCAU"] if self.server.tls is not None else []
+        if self.server.gsi:
+            tls.insert(1, "AUTH GSSAPI")
         self.reply(211, ["Extensions supported:", *tls, *FEATURES, "End."])
 
     def cmd_HELP(self, arg: str):
@@ -912,12 +1031,15 @@ class _Session:
                         cancel()
                         done(10)
                         return False
+                    line = self._unprotect(line)
+                    if line is None:
+                        continue
                     verb, _ = split_command(line.strip())
-                    if verb == "ABOR":
+                    if verb.upper() == "ABOR":
                         cancel()
                         done(10)
                         return False
-                    if verb == "STAT":
+                    if verb.upper() == "STAT":
                         self.control.send_reply(213, "Transfer in progress.")
                     else:
                         self.queued.append(line)

@@ -92,7 +92,7 @@ def test_unknown_and_malformed_commands(ftp):
     ftp.expect("XYZZY", 500)
     ftp.expect("123 456", 500)
     ftp.expect("", 500)
-    ftp.ctl.sock.sendall(b"NOOP " + b"x" * 20000 + b"\r\n")   # longer than any legal line
+    ftp.ctl.sock.sendall(b"NOOP " + b"x" * 40000 + b"\r\n")   # longer than any legal line
     assert ftp.reply().code == 500
     ftp.expect("NOOP", 200)                        # the session survives
 

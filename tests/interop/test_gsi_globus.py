@@ -1,0 +1,158 @@
+"""GSI (AUTH GSSAPI, issue 15) against the real Globus tools: globus-url-copy with a proxy made by
+grid-proxy-init talks gsiftp:// to vmgrid's GridFTP server; the security context is the Globus GSI
+mechanism (TLS handshake in ADAT tokens, a proxy delegated inside it, every later command wrapped).
+Refusals: an untrusted CA, an expired proxy, a DN the server does not accept, a limited proxy where
+the site refuses them."""
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from gridftp import GridFTPServer
+from security.pki import Credential, proxy_certificate, save_proxy
+
+from tests.fixtures.pki import grid_pki  # noqa: F401
+from tests.interop.test_gridftp_globus import globus_argv  # noqa: F401
+from tests.unit.gridftp.gridftp_helpers import MiB, make_file, sha256_of
+
+pytestmark = [
+    pytest.mark.interop,
+    pytest.mark.skipif(not shutil.which("globus-url-copy") or not shutil.which("grid-proxy-init"),
+                       reason="Globus tools not installed (run.sh setup installs them)"),
+]
+
+SIZE = 9 * MiB + 1234
+
+
+def globus_env(user, cert_dir, proxy: Path | None) -> dict[str, str]:
+    """grid-proxy-init (proxy None) sees the user's certificate and key; globus-url-copy sees only the
+    proxy (and a home without ~/.globus), so it cannot fall back to the certificate."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("X509_", "GLOBUS_"))}
+    if proxy is None:
+        env.update(user.env(cert_dir, proxy=False))
+    else:
+        env.update({"X509_CERT_DIR": str(cert_dir), "X509_USER_PROXY": str(proxy),
+                    "HOME": str(proxy.parent)})
+    return env
+
+
+def grid_proxy_init(user, cert_dir, out: Path, *options: str) -> Path:
+    proc = subprocess.run(["grid-proxy-init", *options, "-out", str(out)], env=globus_env(user, cert_dir, None),
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def alice_proxy(grid_pki, tmp_path_factory):  # noqa: F811
+    """alice's RFC 3820 proxy, made by grid-proxy-init itself."""
+    return grid_proxy_init(grid_pki.alice, grid_pki.cert_dir, tmp_path_factory.mktemp("gpi") / "x509up", "-rfc")
+
+
+@pytest.fixture
+def served(tmp_path):
+    root = tmp_path / "served"
+    make_file(root / "data" / "image.qcow2", SIZE)
+    (root / "up").mkdir()
+    return root
+
+
+@pytest.fixture
+def gsi_server(grid_pki, served):  # noqa: F811
+    """vmgrid's server with the host credential; clear data allowed (PROT C is one of the cases)."""
+    servers = []
+
+    def start(**kwargs) -> GridFTPServer:
+        kwargs.setdefault("require_private_data", False)
+        server = GridFTPServer(served, "127.0.0.1", 0, credential=grid_pki.host, trust=grid_pki.cert_dir,
+                               upload_area="/up", **kwargs).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for s in servers:
+        s.stop()
+
+
+def url_copy(globus_argv, env, *args: str) -> subprocess.CompletedProcess:  # noqa: F811
+    return subprocess.run(globus_argv(["globus-url-copy", *args]), env=env, capture_output=True, text=True,
+                          timeout=180)
+
+
+@pytest.mark.parametrize("parallel", [1, 4])
+def test_download_with_a_grid_proxy_init_proxy(gsi_server, grid_pki, alice_proxy, globus_argv, served,  # noqa: F811
+                                               tmp_path, parallel):
+    decisions = []
+    server = gsi_server(authorize=lambda dn, op, path: decisions.append((dn, op, path)) or True)
+    out = tmp_path / "copy.qcow2"
+    proc = url_copy(globus_argv, globus_env(grid_pki.alice, grid_pki.cert_dir, alice_proxy),
+                    "-nodcau", "-p", str(parallel), "-verify-checksum",
+                    f"gsiftp://localhost:{server.port}/data/image.qcow2", f"file://{out}")
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert sha256_of(out) == sha256_of(served / "data" / "image.qcow2")
+    # the identity the path rules saw is alice's end-entity DN, behind Globus' proxy
+    assert (grid_pki.alice.dn, "read", "/data/image.qcow2") in decisions
+    assert {dn for dn, _, _ in decisions} == {grid_pki.alice.dn}
+
+
+def _refused(globus_argv, env, server, tmp_path) -> str:  # noqa: F811
+    out = tmp_path / "never"
+    proc = url_copy(globus_argv, env, "-nodcau", f"gsiftp://localhost:{server.port}/data/image.qcow2",
+                    f"file://{out}")
+    assert proc.returncode != 0, proc.stdout
+    assert not out.exists() or out.stat().st_size == 0
+    return proc.stderr + proc.stdout
+
+
+def test_a_dn_the_server_does_not_accept_is_refused(gsi_server, grid_pki, alice_proxy, globus_argv,  # noqa: F811
+                                                    tmp_path):
+    gridmap = tmp_path / "grid-mapfile"
+    gridmap.write_text(f'"{grid_pki.bob.dn}" bob\n')
+    server = gsi_server(gridmap=gridmap)
+    text = _refused(globus_argv, globus_env(grid_pki.alice, grid_pki.cert_dir, alice_proxy), server, tmp_path)
+    assert "grid-mapfile" in text
+    # and the DN the grid-mapfile names gets in
+    bob_proxy = grid_proxy_init(grid_pki.bob, grid_pki.cert_dir, tmp_path / "bob", "-rfc")
+    proc = url_copy(globus_argv, globus_env(grid_pki.bob, grid_pki.cert_dir, bob_proxy), "-nodcau",
+                    f"gsiftp://localhost:{server.port}/data/image.qcow2", f"file://{tmp_path / 'bob.out'}")
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_an_untrusted_ca_is_refused(gsi_server, grid_pki, globus_argv, tmp_path):  # noqa: F811
+    """stranger's certificate comes from a CA the server's X509_CERT_DIR does not hold; the client
+    trusts both CAs so that only the server can refuse."""
+    both = tmp_path / "both-cas"
+    shutil.copytree(grid_pki.cert_dir, both)
+    for f in grid_pki.untrusted_ca.cert_dir.iterdir():
+        shutil.copy(f, both / f.name)
+    proxy = grid_proxy_init(grid_pki.stranger, both, tmp_path / "stranger", "-rfc")
+    server = gsi_server()
+    text = _refused(globus_argv, globus_env(grid_pki.stranger, both, proxy), server, tmp_path)
+    assert "535" in text or "not issued by a trusted CA" in text or "authentication" in text.lower()
+
+
+def test_an_expired_proxy_is_refused(gsi_server, grid_pki, globus_argv, tmp_path):  # noqa: F811
+    alice = grid_pki.alice
+    key = grid_pki.keys.take()
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = proxy_certificate(alice.credential, key.public_key(), lifetime=dt.timedelta(hours=-1),
+                             not_before=now - dt.timedelta(hours=3))
+    expired = save_proxy(Credential(cert, key, alice.credential.certificates), tmp_path / "expired")
+    server = gsi_server()
+    _refused(globus_argv, globus_env(alice, grid_pki.cert_dir, expired), server, tmp_path)
+
+
+def test_a_limited_proxy_where_the_site_refuses_them(gsi_server, grid_pki, globus_argv, tmp_path):  # noqa: F811
+    limited = grid_proxy_init(grid_pki.alice, grid_pki.cert_dir, tmp_path / "limited", "-rfc", "-limited")
+    refusing = gsi_server(accept_limited_proxies=False)
+    text = _refused(globus_argv, globus_env(grid_pki.alice, grid_pki.cert_dir, limited), refusing, tmp_path)
+    assert "limited proxy" in text
+    accepting = gsi_server()
+    proc = url_copy(globus_argv, globus_env(grid_pki.alice, grid_pki.cert_dir, limited), "-nodcau",
+                    f"gsiftp://localhost:{accepting.port}/data/image.qcow2", f"file://{tmp_path / 'ok'}")
+    assert proc.returncode == 0, proc.stderr
