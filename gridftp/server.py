@@ -35,6 +35,7 @@ from .partial import PartialFile
 from .protocol import (MAX_PARALLELISM, RetrOptions, format_host_port, format_mdtm,
                        format_perf_marker, parse_eprt, parse_host_port, parse_retr_options, split_command)
 from .ranges import RangeSet
+from .gsidata import GSIData, tls_config as gsi_tls_config
 from .tls import Credential, DataTLS, TLSConfig, TrustStore
 from security.gsi import GSIContext, GSIError, read_gridmap
 
@@ -305,6 +306,7 @@ class _Session:
         self.anonymous = False
         self.dn: str | None = None          # TLS- or GSI-authenticated identity
         self.gss: GSIContext | None = None  # AUTH GSSAPI: the session's security context
+        self._gsi_tls: TLSConfig | None = None
         self.auth_failure: str | None = None
         self.pending_user: str | None = None
         self.cwd = "/"
@@ -618,7 +620,7 @@ class _Session:
             pass                # GSI: integrity-protected data (GSS wrap without confidentiality)
         elif level in ("S", "E"):
             raise _Reply(536, f"PROT {level} is not supported; use C or P.")
-        if level not in ("C", "P"):
+        if level not in ("C", "P") and not (level == "S" and self.gss is not None):
             raise _Reply(504, "PROT takes C or P.")
         self.prot = level
         self.reply(200, f"Protection level set to {level}.")
@@ -652,14 +654,22 @@ class _Session:
             return DataTLS(self.server.tls, subject, tls_server=None)
         return DataTLS(self.server.tls, self.dn if mode == "A" else None, tls_server=True)
 
-    def _gsi_protection(self):
-        """The data channel of a GSI session: DCAU and PROT as Globus does them (``gridftp.gsidata``)."""
-        mode, _ = self.dcau
-        if self.prot == "C" and mode == "N":
-            if self.server.require_private_data:
-                raise _Reply(521, "Data connections must be protected: send PBSZ and PROT P.")
+    def _gsi_protection(self) -> GSIData | None:
+        """The data channel of a GSI session: DCAU and PROT as Globus does them (:mod:`gridftp.gsidata`),
+        with the credential the client delegated (else the host's)."""
+        mode, subject = self.dcau
+        if self.prot == "C" and self.server.require_private_data:
+            raise _Reply(521, "Data connections must be protected: send PBSZ and PROT P.")
+        if mode == "N":
+            if self.prot != "C":
+                raise _Reply(503, "PROT S and P need data channel authentication (DCAU A or S).")
             return None
-        raise _Reply(536, "Authenticated data channels (DCAU A/S, PROT S/P) with GSI are not available yet.")
+        credential = self.gss.delegated or self.server.tls.credential
+        if self._gsi_tls is None or self._gsi_tls.credential is not credential:
+            self._gsi_tls = gsi_tls_config(credential, self.server.tls.trust)
+        expect = self.dn if mode == "A" else subject
+        return GSIData(credential, self.server.tls.trust, expect, private=self.prot in ("S", "P"),
+                       tls=self._gsi_tls)
 
     # -- session state (RFC 959) -------------------------------------------------------------------------
     def cmd_QUIT(self, arg: str):

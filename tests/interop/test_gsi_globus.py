@@ -84,20 +84,48 @@ def url_copy(globus_argv, env, *args: str) -> subprocess.CompletedProcess:  # no
                           timeout=180)
 
 
+DATA_CHANNELS = {
+    "DCAU N, PROT C": ["-nodcau"],
+    "DCAU A, PROT C": [],                       # globus-url-copy's default: authenticated, clear data
+    "DCAU A, PROT S": ["-dcsafe"],
+    "DCAU A, PROT P": ["-dcpriv"],
+}
+
+
+@pytest.mark.parametrize("direction", ["download", "upload"])
 @pytest.mark.parametrize("parallel", [1, 4])
-def test_download_with_a_grid_proxy_init_proxy(gsi_server, grid_pki, alice_proxy, globus_argv, served,  # noqa: F811
-                                               tmp_path, parallel):
+@pytest.mark.parametrize("channel", list(DATA_CHANNELS))
+def test_globus_url_copy_with_a_grid_proxy_init_proxy(gsi_server, grid_pki, alice_proxy, globus_argv,  # noqa: F811
+                                                      served, tmp_path, direction, parallel, channel):
+    """globus-url-copy, its proxy from grid-proxy-init, against vmgrid's server: the whole file
+    arrives (and -verify-checksum compares CKSM with the local copy) whatever the data channel."""
     decisions = []
     server = gsi_server(authorize=lambda dn, op, path: decisions.append((dn, op, path)) or True)
-    out = tmp_path / "copy.qcow2"
+    local = tmp_path / "local.qcow2"
+    remote = f"gsiftp://localhost:{server.port}"
+    if direction == "download":
+        src, dst, op, path = f"{remote}/data/image.qcow2", f"file://{local}", "read", "/data/image.qcow2"
+    else:
+        make_file(local, SIZE)
+        src, dst, op, path = f"file://{local}", f"{remote}/up/image.qcow2", "write", "/up/image.qcow2"
     proc = url_copy(globus_argv, globus_env(grid_pki.alice, grid_pki.cert_dir, alice_proxy),
-                    "-nodcau", "-p", str(parallel), "-verify-checksum",
-                    f"gsiftp://localhost:{server.port}/data/image.qcow2", f"file://{out}")
+                    *DATA_CHANNELS[channel], "-p", str(parallel), "-verify-checksum", src, dst)
     assert proc.returncode == 0, proc.stderr + proc.stdout
-    assert sha256_of(out) == sha256_of(served / "data" / "image.qcow2")
+    assert sha256_of(local) == sha256_of(served / path.lstrip("/"))
     # the identity the path rules saw is alice's end-entity DN, behind Globus' proxy
-    assert (grid_pki.alice.dn, "read", "/data/image.qcow2") in decisions
+    assert (grid_pki.alice.dn, op, path) in decisions
     assert {dn for dn, _, _ in decisions} == {grid_pki.alice.dn}
+
+
+def test_data_channel_protection_can_be_required(gsi_server, grid_pki, alice_proxy, globus_argv,  # noqa: F811
+                                                 tmp_path):
+    """A server that requires private data (the default) refuses PROT C and serves PROT P."""
+    server = gsi_server(require_private_data=True)
+    env = globus_env(grid_pki.alice, grid_pki.cert_dir, alice_proxy)
+    url = f"gsiftp://localhost:{server.port}/data/image.qcow2"
+    refused = url_copy(globus_argv, env, url, f"file://{tmp_path / 'clear'}")
+    assert refused.returncode != 0 and "521" in refused.stderr + refused.stdout
+    assert url_copy(globus_argv, env, "-dcpriv", url, f"file://{tmp_path / 'private'}").returncode == 0
 
 
 def _refused(globus_argv, env, server, tmp_path) -> str:  # noqa: F811
