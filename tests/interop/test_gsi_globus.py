@@ -2,23 +2,26 @@
 grid-proxy-init talks gsiftp:// to vmgrid's GridFTP server; the security context is the Globus GSI
 mechanism (TLS handshake in ADAT tokens, a proxy delegated inside it, every later command wrapped).
 Refusals: an untrusted CA, an expired proxy, a DN the server does not accept, a limited proxy where
-the site refuses them."""
+the site refuses them. And vmgrid's client (``gsi=True``) against globus-gridftp-server with a host
+certificate and a grid-mapfile, in MODE E."""
 from __future__ import annotations
 
 import datetime as dt
 import os
 import shutil
+import signal
+import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from gridftp import GridFTPServer
-from security.pki import Credential, proxy_certificate, save_proxy
+from gridftp import AuthenticationError, GridFTPServer, download, upload
+from security.pki import Credential, load_credential, proxy_certificate, save_proxy
 
 from tests.fixtures.pki import grid_pki  # noqa: F401
-from tests.interop.test_gridftp_globus import globus_argv  # noqa: F401
-from tests.unit.gridftp.gridftp_helpers import MiB, make_file, sha256_of
+from tests.interop.test_gridftp_globus import _free_port, globus_argv, world  # noqa: F401
+from tests.unit.gridftp.gridftp_helpers import MiB, make_file, sha256_of, wait_for
 
 pytestmark = [
     pytest.mark.interop,
@@ -184,3 +187,85 @@ def test_a_limited_proxy_where_the_site_refuses_them(gsi_server, grid_pki, globu
     proc = url_copy(globus_argv, globus_env(grid_pki.alice, grid_pki.cert_dir, limited), "-nodcau",
                     f"gsiftp://localhost:{accepting.port}/data/image.qcow2", f"file://{tmp_path / 'ok'}")
     assert proc.returncode == 0, proc.stderr
+
+
+# -- vmgrid's client against globus-gridftp-server with GSI -------------------------------------------------
+class GlobusGSIServer:
+    """globus-gridftp-server with a host certificate and a grid-mapfile (no anonymous access). As root it
+    runs each session as the mapped account (nobody), so its CA directory and files are world-readable."""
+
+    def __init__(self, globus_argv, world: Path, pki, mapped_dns: list[str]):  # noqa: F811
+        self.world = world
+        certs = world / "certificates"
+        shutil.copytree(pki.cert_dir, certs)
+        os.chmod(certs, 0o755)
+        for f in certs.iterdir():
+            os.chmod(f, 0o644)
+        gridmap = world / "grid-mapfile"
+        account = "nobody" if os.geteuid() == 0 else os.environ.get("USER", "nobody")
+        gridmap.write_text("".join(f'"{dn}" {account}\n' for dn in mapped_dns))
+        self.log = world / "globus-gsi.log"
+        self.port = _free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("X509_", "GLOBUS_"))}
+        env.update({"X509_USER_CERT": str(pki.host_cert_path), "X509_USER_KEY": str(pki.host_key_path),
+                    "X509_CERT_DIR": str(certs), "GRIDMAP": str(gridmap)})
+        argv = ["globus-gridftp-server", "-p", str(self.port), "-d", "ALL", "-l", str(self.log), "-daemon",
+                "-control-interface", "127.0.0.1"]
+        self.proc = subprocess.Popen(globus_argv(argv), env=env, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, start_new_session=True)
+        wait_for(self._ready, timeout=20, what="globus-gridftp-server to listen")
+
+    def _ready(self) -> bool:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"globus-gridftp-server exited: {self.proc.stderr.read()!r}")
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                return s.recv(3) == b"220"
+        except OSError:
+            return False
+
+    def url(self, path: Path) -> str:
+        return f"gsiftp://localhost:{self.port}{path}"
+
+    def stop(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(10)
+        self.proc.stderr.close()
+
+
+@pytest.fixture
+def globus_gsi(globus_argv, world, grid_pki):  # noqa: F811
+    server = GlobusGSIServer(globus_argv, world, grid_pki, [grid_pki.alice.dn])
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("proxy_from", ["vmgrid", "grid-proxy-init"])
+@pytest.mark.parametrize("parallel", [1, 4])
+def test_vmgrid_client_against_a_globus_gsi_server(globus_gsi, world, grid_pki, alice_proxy, tmp_path,  # noqa: F811
+                                                   proxy_from, parallel):
+    """MODE E, DCAU A, PROT P, a proxy delegated to the Globus server (which then authenticates the
+    data connections with it): download and upload, each verified by sha256 against the file."""
+    proxy = grid_pki.alice.proxy if proxy_from == "vmgrid" else load_credential(proxy=alice_proxy)
+    source = world / "src" / "image.qcow2"
+    make_file(source, SIZE)
+    os.chmod(source, 0o644)
+    got = download(globus_gsi.url(source), tmp_path / "got", parallel=parallel, credential=proxy,
+                   trust=grid_pki.cert_dir, gsi=True, retries=0)
+    assert got.sha256 == sha256_of(source) == sha256_of(tmp_path / "got")
+    sent = upload(tmp_path / "got", globus_gsi.url(world / "dst" / "image.qcow2"), parallel=parallel,
+                  credential=proxy, trust=grid_pki.cert_dir, gsi=True, retries=0, state_dir=tmp_path / "st")
+    assert sent.sha256 == sha256_of(world / "dst" / "image.qcow2") == got.sha256
+    assert f"{grid_pki.alice.dn}" in globus_gsi.log.read_text(errors="replace")
+
+
+def test_a_globus_gsi_server_refuses_an_unmapped_dn(globus_gsi, world, grid_pki, tmp_path):  # noqa: F811
+    source = world / "src" / "small"
+    make_file(source, 1000)
+    os.chmod(source, 0o644)
+    with pytest.raises(AuthenticationError):
+        download(globus_gsi.url(source), tmp_path / "x", credential=grid_pki.bob.proxy, trust=grid_pki.cert_dir,
+                 gsi=True, retries=0)
