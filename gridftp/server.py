@@ -391,8 +391,12 @@ class _Session:
         try:
             data = self.gss.unwrap(base64.b64decode(arg.strip(), validate=True))
         except (GSIError, ValueError, binascii.Error) as exc:
-            log.info("session %s: a protected command does not verify: %s", self.peer, exc)
-            self.control.send_reply(535, "Failed security check: the protected command does not verify.")
+            # a forged or damaged record ends the TLS session inside the context: nothing can be
+            # wrapped any more, so say why in clear and close the session
+            log.warning("session %s (%s): a protected command does not verify: %s", self.peer, self.dn, exc)
+            self.control.wrap = None
+            self.control.send_reply(535, "Failed security check: the protected command does not verify; closing.")
+            self.control.close()
             return None
         text = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
         if text.endswith("\n"):
