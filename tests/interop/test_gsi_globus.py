@@ -84,7 +84,7 @@ def gsi_server(grid_pki, served):  # noqa: F811
 
 def url_copy(globus_argv, env, *args: str) -> subprocess.CompletedProcess:  # noqa: F811
     return subprocess.run(globus_argv(["globus-url-copy", *args]), env=env, capture_output=True, text=True,
-                          timeout=180)
+                          errors="replace", timeout=180)
 
 
 DATA_CHANNELS = {
@@ -269,3 +269,23 @@ def test_a_globus_gsi_server_refuses_an_unmapped_dn(globus_gsi, world, grid_pki,
     with pytest.raises(AuthenticationError):
         download(globus_gsi.url(source), tmp_path / "x", credential=grid_pki.bob.proxy, trust=grid_pki.cert_dir,
                  gsi=True, retries=0)
+
+
+@pytest.mark.parametrize("form, channel", [("-old", "DCAU N, PROT C"), ("-draft", "DCAU N, PROT C"),
+                                           ("-draft", "DCAU A, PROT C")])
+def test_the_older_globus_proxy_forms(gsi_server, grid_pki, globus_argv, served, tmp_path, form,  # noqa: F811
+                                      channel):
+    """grid-proxy-init -old (GT2: CN=proxy, no extension) and -draft (GT3 ProxyCertInfo OID): the
+    server walks them like RFC 3820 proxies and names alice. (With -old and DCAU A, globus-url-copy
+    itself refuses the data channel: its check of the proxy it delegated from a GT2 proxy says "key
+    usage does not include certificate signing"; not tested. PROT S/P data connections are made with
+    Python's ssl module, whose OpenSSL check refuses both older forms: not supported.)"""
+    decisions = []
+    server = gsi_server(authorize=lambda dn, op, path: decisions.append(dn) or True)
+    proxy = grid_proxy_init(grid_pki.alice, grid_pki.cert_dir, tmp_path / "x509up", form)
+    out = tmp_path / "copy"
+    proc = url_copy(globus_argv, globus_env(grid_pki.alice, grid_pki.cert_dir, proxy), *DATA_CHANNELS[channel],
+                    f"gsiftp://localhost:{server.port}/data/image.qcow2", f"file://{out}")
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert sha256_of(out) == sha256_of(served / "data" / "image.qcow2")
+    assert set(decisions) == {grid_pki.alice.dn}
