@@ -12,6 +12,8 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import os
+import re
+import shlex
 import threading
 import time
 from collections import OrderedDict
@@ -55,6 +57,10 @@ class ExpiredCertificate(ChainError):
     """A certificate of the chain (or the CA's CRL) is outside its validity period."""
 
 
+class SigningPolicyViolation(ChainError):
+    """A CA issued a certificate whose subject its Globus signing policy (``<hash>.signing_policy``) does not allow."""
+
+
 class InvalidProxy(ChainError):
     """A proxy certificate breaks RFC 3820 or the grid's proxy policy (independent proxies are refused)."""
 
@@ -89,6 +95,30 @@ class _Anchors:
     by_name: dict[bytes, list[x509.Certificate]]
     crls: dict[bytes, list[x509.CertificateRevocationList]]
     generation: int
+    policies: dict[str, list[re.Pattern]] = None     # CA DN -> subjects it may sign (signing_policy files)
+
+
+def read_signing_policy(text: str) -> dict[str, list[re.Pattern]]:
+    """The Globus EACL signing policy: ``access_id_CA X509 '<CA DN>'`` then ``cond_subjects globus
+    '"<pattern>" ...'`` lines; ``*`` in a pattern matches any characters, ``?`` one."""
+    policies: dict[str, list[re.Pattern]] = {}
+    current: str | None = None
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            words = shlex.split(line)
+        except ValueError:
+            continue
+        if len(words) >= 3 and words[0] == "access_id_CA" and words[1].upper() == "X509":
+            current = words[2]
+            policies.setdefault(current, [])
+        elif len(words) >= 3 and words[0] == "cond_subjects" and words[1] == "globus" and current is not None:
+            for pattern in shlex.split(words[2]):
+                regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
+                policies[current].append(re.compile(regex + r"\Z", re.DOTALL))
+    return policies
 
 
 def _draft_proxy_info(data: bytes) -> ProxyCertInfo:
@@ -192,13 +222,17 @@ class TrustStore:
         by_name: dict[bytes, list[x509.Certificate]] = {}
         crls: dict[bytes, list[x509.CertificateRevocationList]] = {}
         anchors: list[x509.Certificate] = []
+        policies: dict[str, list[re.Pattern]] = {}
         for path in sorted(self.cert_dir.iterdir()):
             stem, dot, ext = path.name.rpartition(".")
             if not dot or len(stem) != 8:
                 continue
             try:
                 data = path.read_bytes()
-                if ext.isdigit():
+                if ext == "signing_policy":
+                    for ca, patterns in read_signing_policy(data.decode("utf-8", "replace")).items():
+                        policies.setdefault(ca, []).extend(patterns)
+                elif ext.isdigit():
                     for cert in x509.load_pem_x509_certificates(data):
                         anchors.append(cert)
                         by_name.setdefault(cert.subject.public_bytes(), []).append(cert)
@@ -208,7 +242,8 @@ class TrustStore:
             except (OSError, ValueError):
                 continue   # an unreadable file in the directory trusts nothing
         self._generation += 1
-        self._anchors = _Anchors(verification.Store(anchors) if anchors else None, by_name, crls, self._generation)
+        self._anchors = _Anchors(verification.Store(anchors) if anchors else None, by_name, crls, self._generation,
+                                 policies)
         self._stamp = stamp
         self._checked_at = time.monotonic()
         self._cache.clear()
@@ -310,6 +345,7 @@ class TrustStore:
         path = list(verified.chain)          # end entity first, trust anchor last
         for cert, issuer in zip(path, path[1:]):
             self._check_crl(cert, issuer, at, anchors)
+            self._check_signing_policy(cert, issuer, anchors)
         return Caller(dn=dn_string(end_entity.subject), subject=dn_string(leaf.subject),
                       chain=tuple([*proxies, end_entity, *path[1:-1]]), limited=limited, is_proxy=bool(proxies),
                       not_after=min(c.not_valid_after_utc for c in [*proxies, *path]),
@@ -357,6 +393,18 @@ class TrustStore:
             _check_time(proxy, at, "proxy")
             issuer = proxy
         return limited
+
+    def _check_signing_policy(self, cert: x509.Certificate, issuer: x509.Certificate, anchors: _Anchors) -> None:
+        """A CA with a signing policy in the directory may only have signed the subjects it names
+        (as Globus enforces); a CA without one is not restricted here."""
+        ca = dn_string(issuer.subject)
+        patterns = (anchors.policies or {}).get(ca)
+        if patterns is None:
+            return
+        subject = dn_string(cert.subject)
+        if not any(p.match(subject) for p in patterns):
+            raise SigningPolicyViolation(f"{ca} may not sign {subject}: its signing policy in {self.cert_dir} "
+                                         "does not allow that name")
 
     def _check_crl(self, cert: x509.Certificate, issuer: x509.Certificate, at: _dt.datetime,
                    anchors: _Anchors) -> None:

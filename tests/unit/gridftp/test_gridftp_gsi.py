@@ -169,3 +169,23 @@ def test_after_gssapi_every_command_must_be_protected(gsi_server, grid_pki):
     with pytest.raises(EOFError):
         s.reply()
     s.close()
+
+
+def test_the_cas_signing_policy_is_enforced(grid_pki, tmp_path):
+    """A CA's <hash>.signing_policy names the subjects it may sign (as Globus enforces): alice's
+    certificate, outside the allowed namespace, is refused by the GSI acceptor."""
+    import shutil
+
+    from security.trust import SigningPolicyViolation, TrustStore
+
+    cert_dir = tmp_path / "certificates"
+    shutil.copytree(grid_pki.cert_dir, cert_dir)
+    policy = next(cert_dir.glob("*.signing_policy"))
+    assert TrustStore(cert_dir).validate(grid_pki.alice.proxy.certificates).dn == grid_pki.alice.dn
+    policy.write_text(policy.read_text().replace('"/O=Grid/*"', '"/O=Grid/OU=elsewhere/*"'))
+    trust = TrustStore(cert_dir)
+    with pytest.raises(SigningPolicyViolation):
+        trust.validate(grid_pki.alice.proxy.certificates)
+    with pytest.raises(GSIError, match="signing policy"):
+        establish(GSIContext(grid_pki.alice.proxy, grid_pki.trust(), initiate=True),
+                  GSIContext(grid_pki.host, trust, initiate=False))
