@@ -81,7 +81,7 @@ def build_vmmanager(config: Config, vmm=None) -> SoapService:
             vmm = open_vmm("qemu", root=Path(v.vmm_root) if v.vmm_root else state / "qemu")
         else:
             vmm = open_vmm(v.vmm)
-    repository = RepositoryAccess(v.repository, credential, trust, parallel=v.staging_parallel)
+    repository = RepositoryAccess(v.repository, credential, trust, parallel=v.staging_parallel, gsi=v.staging_gsi)
     return VMManagerService(state, v, policy_point(config), vmm=vmm, repository=repository,
                             notifier=Notifier(credential, trust))
 
