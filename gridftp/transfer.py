@@ -568,7 +568,8 @@ def third_party(src_url: str, dst_url: str, parallel: int = DEFAULT_PARALLEL, *,
     This process only drives both control connections: the destination listens (``PASV``),
     the source connects ``parallel`` streams to it (``PORT``, ``OPTS RETR Parallelism``).
     With ``gsiftp://`` on both sides each server must prove the other's host DN on the data
-    connections (``DCAU S``). Restart markers from the destination are kept in ``state_dir``.
+    connections (``DCAU S``); with ``gsi=True`` each holds a proxy delegated by this client and
+    proves the user's DN (``DCAU A``), which is what a Globus server does. Restart markers from the destination are kept in ``state_dir``.
     """
     src = GridFTPURL.parse(src_url)
     dst = GridFTPURL.parse(dst_url)
@@ -602,9 +603,11 @@ def third_party(src_url: str, dst_url: str, parallel: int = DEFAULT_PARALLEL, *,
                 held = log.ranges.copy()
                 todo = held.missing(0, size)
                 fetched.update(todo)
-                if src.secure:
+                if src.secure and not gsi:
                     source.ok(f"DCAU S {target.server_dn}")
                     target.ok(f"DCAU S {source.server_dn}")
+                # with GSI both servers hold a proxy we delegated: DCAU A (set at login) makes each prove
+                # the user's DN to the other, as globus-url-copy does
                 replies = _pipeline_tolerant(target, _store_setup(size, digest, held) + [target.passive_command()],
                                              {"SCKS", "ALLO", "REST"})
                 scks_ok = replies[1].ok

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from gridftp import AuthenticationError, GridFTPServer, download, upload
+from gridftp import AuthenticationError, GridFTPServer, download, third_party, upload
 from security.pki import Credential, load_credential, proxy_certificate, save_proxy
 
 from tests.fixtures.pki import grid_pki  # noqa: F401
@@ -289,3 +289,30 @@ def test_the_older_globus_proxy_forms(gsi_server, grid_pki, globus_argv, served,
     assert proc.returncode == 0, proc.stderr + proc.stdout
     assert sha256_of(out) == sha256_of(served / "data" / "image.qcow2")
     assert set(decisions) == {grid_pki.alice.dn}
+
+
+# -- third-party transfers between vmgrid's and Globus' servers, with delegation --------------------------
+@pytest.mark.parametrize("driver", ["globus-url-copy", "vmgrid"])
+@pytest.mark.parametrize("direction", ["vmgrid to globus", "globus to vmgrid"])
+def test_third_party_between_vmgrid_and_globus(gsi_server, globus_gsi, world, grid_pki, alice_proxy,  # noqa: F811
+                                               globus_argv, served, tmp_path, driver, direction):
+    """The client delegates a proxy to each server; the servers then authenticate their data
+    connection to each other with it (DCAU A: both prove alice's DN) and move the file directly."""
+    vmgrid = gsi_server()
+    image = served / "data" / "image.qcow2"
+    if direction == "vmgrid to globus":
+        src, dst, arrived = (f"gsiftp://localhost:{vmgrid.port}/data/image.qcow2",
+                             globus_gsi.url(world / "dst" / "image.qcow2"), world / "dst" / "image.qcow2")
+    else:
+        shutil.copy(image, world / "src" / "image.qcow2")
+        os.chmod(world / "src" / "image.qcow2", 0o644)
+        src, dst, arrived = (globus_gsi.url(world / "src" / "image.qcow2"),
+                             f"gsiftp://localhost:{vmgrid.port}/up/image.qcow2", served / "up" / "image.qcow2")
+    if driver == "globus-url-copy":
+        proc = url_copy(globus_argv, globus_env(grid_pki.alice, grid_pki.cert_dir, alice_proxy), "-p", "2", src, dst)
+        assert proc.returncode == 0, proc.stderr + proc.stdout
+    else:
+        result = third_party(src, dst, 2, credential=grid_pki.alice.proxy, trust=grid_pki.cert_dir, gsi=True,
+                             retries=0, state_dir=tmp_path / "st")
+        assert result.sha256 == sha256_of(image)
+    assert sha256_of(arrived) == sha256_of(image)
