@@ -20,8 +20,9 @@ def register(subparsers) -> None:
     """Add `transfer` and `gridftp-server` to the `vmgrid` parser."""
     p = subparsers.add_parser(
         "transfer", help="copy a file with GridFTP (parallel, restartable, verified)",
-        description="Copy SRC to DST. Each is a local path or an ftp:// (anonymous) or gsiftp:// (grid "
-                    "credential, AUTH TLS or with --gsi AUTH GSSAPI) URL; two URLs make a third-party transfer between the servers. "
+        description="Copy SRC to DST. Each is a local path or an ftp:// (anonymous) or gsiftp:// "
+                    "(grid credential, AUTH TLS or with --gsi AUTH GSSAPI) URL; two URLs make a third-party "
+                    "transfer between the servers. "
                     "An interrupted transfer resumes where it stopped when run again. The result is "
                     "verified by sha256 against the source before it takes its name.")
     p.add_argument("src")
@@ -35,6 +36,9 @@ def register(subparsers) -> None:
     p.add_argument("--gsi", action="store_true",
                    help="authenticate gsiftp:// with AUTH GSSAPI (Globus GSI, delegating a proxy) instead of "
                         "AUTH TLS: needed for a globus-gridftp-server")
+    p.add_argument("--prot", choices=["C", "S", "P"], default="P",
+                   help="with --gsi: data channel protection, clear (C), integrity (S) or private (P, default); "
+                        "the data connections are authenticated (DCAU A) in every case")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--progress", dest="progress", action="store_true", default=None,
                    help="draw the progress bar even when stderr is not a terminal")
@@ -167,7 +171,7 @@ def cmd_transfer(args) -> int:
     show = sys.stderr.isatty() if args.progress is None else args.progress
     bar = ProgressBar(sys.stderr, name[:24]) if show else None
     common = dict(credential=_credential(args), trust=args.cert_dir, progress=bar, retries=args.retries,
-                  gsi=args.gsi)
+                  gsi=args.gsi, prot=args.prot)
     try:
         if _is_url(src) and _is_url(dst):
             result = transfer.third_party(src, dst, args.parallel, sha256=args.sha256,

@@ -77,10 +77,12 @@ class _Options:
     timeout: float
     identify: object
     gsi: bool = False
+    prot: str = "P"
 
     def client(self, url: GridFTPURL, server_dn: str | None = None, prelude: list[str] = ()) -> GridFTPClient:
         return GridFTPClient(url, credential=self.credential, trust=self.trust, server_dn=server_dn,
-                             timeout=self.timeout, identify=self.identify, prelude=prelude, gsi=self.gsi)
+                             timeout=self.timeout, identify=self.identify, prelude=prelude, gsi=self.gsi,
+                             data_protection_level=self.prot)
 
 
 class _Ticker:
@@ -218,7 +220,7 @@ def download(url: str, dest_path: str | os.PathLike, parallel: int = DEFAULT_PAR
              credential: Credential | None = None, trust=None, server_dn: str | None = None,
              sha256: str | None = None, progress: Progress | None = None, retries: int = 2,
              retry_delay: float = 1.0, timeout: float = 60.0, durable: bool = False,
-             identify=None, gsi: bool = False) -> TransferResult:
+             identify=None, gsi: bool = False, prot: str = "P") -> TransferResult:
     """Fetch ``url`` into ``dest_path`` over ``parallel`` MODE E streams; verified, restartable.
 
     The file is received as ``dest_path.vmgrid-part`` with its ranges in
@@ -231,7 +233,7 @@ def download(url: str, dest_path: str | os.PathLike, parallel: int = DEFAULT_PAR
     """
     src = GridFTPURL.parse(url)
     dest = Path(dest_path)
-    opts = _Options(credential, trust, timeout, identify, gsi)
+    opts = _Options(credential, trust, timeout, identify, gsi, prot)
     started = time.monotonic()
     transferred = 0
     reused: int | None = None
@@ -469,7 +471,7 @@ def upload(src_path: str | os.PathLike, url: str, parallel: int = DEFAULT_PARALL
            credential: Credential | None = None, trust=None, server_dn: str | None = None,
            sha256: str | None = None, progress: Progress | None = None, retries: int = 2,
            retry_delay: float = 1.0, timeout: float = 60.0, state_dir: str | os.PathLike | None = None,
-           max_rate: float = 0, identify=None, gsi: bool = False) -> TransferResult:
+           max_rate: float = 0, identify=None, gsi: bool = False, prot: str = "P") -> TransferResult:
     """Send a local file to ``url`` over ``parallel`` MODE E streams; verified, restartable.
 
     The local sha256 (given, remembered for this unchanged file, or computed) is announced with
@@ -479,7 +481,7 @@ def upload(src_path: str | os.PathLike, url: str, parallel: int = DEFAULT_PARALL
     """
     src = Path(src_path)
     dst = GridFTPURL.parse(url)
-    opts = _Options(credential, trust, timeout, identify, gsi)
+    opts = _Options(credential, trust, timeout, identify, gsi, prot)
     st = src.stat()
     size = st.st_size
     log = _RestartLog(Path(state_dir) if state_dir else default_state_dir(),
@@ -562,20 +564,22 @@ def third_party(src_url: str, dst_url: str, parallel: int = DEFAULT_PARALLEL, *,
                 credential: Credential | None = None, trust=None, src_dn: str | None = None,
                 dst_dn: str | None = None, sha256: str | None = None, progress: Progress | None = None,
                 retries: int = 2, retry_delay: float = 1.0, timeout: float = 60.0,
-                state_dir: str | os.PathLike | None = None, identify=None, gsi: bool = False) -> TransferResult:
+                state_dir: str | os.PathLike | None = None, identify=None, gsi: bool = False,
+                prot: str = "P") -> TransferResult:
     """Have the source server send ``src_url`` straight to the destination server.
 
     This process only drives both control connections: the destination listens (``PASV``),
     the source connects ``parallel`` streams to it (``PORT``, ``OPTS RETR Parallelism``).
     With ``gsiftp://`` on both sides each server must prove the other's host DN on the data
     connections (``DCAU S``); with ``gsi=True`` each holds a proxy delegated by this client and
-    proves the user's DN (``DCAU A``), which is what a Globus server does. Restart markers from the destination are kept in ``state_dir``.
+    proves the user's DN (``DCAU A``), which is what a Globus server does. Restart markers from
+    the destination are kept in ``state_dir``.
     """
     src = GridFTPURL.parse(src_url)
     dst = GridFTPURL.parse(dst_url)
     if src.secure != dst.secure:
         raise GridFTPError("third-party transfers need both URLs ftp:// or both gsiftp://")
-    opts = _Options(credential, trust, timeout, identify, gsi)
+    opts = _Options(credential, trust, timeout, identify, gsi, prot)
     started = time.monotonic()
     transferred = 0
     fetched = RangeSet()
