@@ -99,7 +99,8 @@ def build_container(config: Config, services: list[SoapService], *, port: int | 
     def middleware(app):
         return WSSecurityMiddleware(app, credential, trust, state_dir=security_dir, understood_headers=understood)
 
-    adapter = server_ssl_adapter(credential) if c.tls else None
+    adapter = (server_ssl_adapter(credential, cert_dir=trust.cert_dir, client_certs=c.tls_client_certs)
+               if c.tls else None)
     if not c.tls:
         log.warning("TLS is off: messages are still signed, but not encrypted")
     return Container(services, host=c.host, port=c.port if port is None else port, middleware=middleware,
