@@ -1,4 +1,4 @@
-"""A GridFTP client session: one control connection, login (anonymous or AUTH TLS), commands, data set-up.
+"""A GridFTP client session: one control connection, login (anonymous, AUTH TLS or AUTH GSSAPI), commands, data set-up.
 
 :class:`GridFTPClient` is the protocol layer the transfer functions of :mod:`gridftp.transfer`
 are built on; use those for whole-file transfers with restart and verification.

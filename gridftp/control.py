@@ -1,4 +1,5 @@
-"""The control connection: CRLF lines over a socket that may switch to TLS (RFC 4217 AUTH TLS)."""
+"""The control connection: CRLF lines over a socket that may switch to TLS (RFC 4217 AUTH TLS) or carry
+RFC 2228 protected commands and replies (ENC and 632 with a GSSAPI context)."""
 from __future__ import annotations
 
 import base64

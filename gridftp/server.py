@@ -1,7 +1,8 @@
 """The GridFTP server: RFC 959 control channel with the GridFTP extensions of GFD.20.
 
-One thread per control connection. Every path is authorized for the session's identity (the
-end-entity DN of its TLS client certificate, or None for an anonymous session) by a callback
+One thread per control connection, secured by AUTH TLS (RFC 4217) or AUTH GSSAPI with the Globus
+GSI mechanism (RFC 2228, :mod:`security.gsi`). Every path is authorized for the session's identity (the
+end-entity DN of its client certificate or proxy, or None for an anonymous session) by a callback
 ``authorize(dn, op, path)`` with ``op`` one of ``read``, ``list``, ``write``, ``delete``.
 Files being received are written beside their final name and take it only when complete and
 verified (:mod:`gridftp.partial`).
@@ -24,6 +25,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from security.gsi import GSIContext, GSIError, read_gridmap
+
 from . import checksum as cks
 from .control import ControlChannel, LineTooLong
 from .datachannel import (Counter, ModeEReceiver, ModeESender, Throttle, Worker, accept_connections,
@@ -34,10 +37,9 @@ from .filespace import FileSpace, LocalFileSpace, is_internal, normalize
 from .partial import PartialFile
 from .protocol import (MAX_PARALLELISM, RetrOptions, format_host_port, format_mdtm,
                        format_perf_marker, parse_eprt, parse_host_port, parse_retr_options, split_command)
-from .ranges import RangeSet
 from .gsidata import GSIData, tls_config as gsi_tls_config
+from .ranges import RangeSet
 from .tls import Credential, DataTLS, TLSConfig, TrustStore
-from security.gsi import GSIContext, GSIError, read_gridmap
 
 log = logging.getLogger("gridftp.server")
 
