@@ -8,11 +8,16 @@
    start, connection, login, transfer, and for vmgrid the sha256 verification against the source's CKSM).
 2. Loopback disk to disk: the same file from a server on 127.0.0.1 to a file, vmgrid -p 1/4 against
    globus-url-copy -p 1/4, and vmgrid -p 1 when the sha256 is known in advance (as the VMManager stages images).
+3. gsiftp:// on loopback (GSI): both clients download the file from one globus-gridftp-server running with a host
+   certificate and a grid-mapfile (a PKI made for the run with security/), with a proxy, DCAU A, PROT C (clear
+   data after the per-connection GSI handshake) and PROT P (TLS records): vmgrid transfer --gsi against
+   globus-url-copy -dcpriv or not, -p 1/4; the table also prints what PROT P costs against PROT C for each.
 
 Every vmgrid run gets a freshly started server (no cached checksum). Needs root (namespaces). Prints a table of
 Mbit/s (WAN) and MiB/s (loopback) with ratios against globus-url-copy at the same parallelism.
 
     sudo .venv/bin/python bench/bench_gridftp.py [--size-mib 1024] [--repeat 1] [--skip-wan] [--skip-loopback]
+                                                 [--skip-gsi]
 """
 from __future__ import annotations
 
@@ -277,6 +282,76 @@ def bench_loopback(work: Path, size: int, repeat: int, results: Results) -> None
         stop(gsrv)
 
 
+def bench_gsi(work: Path, size: int, repeat: int, results: Results) -> None:
+    """Part 3: gsiftp:// from a globus-gridftp-server with GSI, both clients, PROT C and P."""
+    sys.path.insert(0, str(REPO))
+    from security.pki import GridCA, make_proxy, save_proxy
+
+    src, dst = work / "src" / "image", work / "dst"
+    pki = work / "pki"
+    ca = GridCA.create(pki / "ca", "/O=Grid/OU=bench/CN=bench CA")
+    host = ca.issue_host("localhost", ou="bench", out_dir=pki / "host")
+    user = ca.issue_user("alice", ou="bench", out_dir=pki / "alice")
+    proxy_path = save_proxy(make_proxy(user, hours=2), pki / "x509up_alice")
+    certs = work / "certificates"           # the server runs sessions as nobody: world-readable copies
+    shutil.copytree(ca.cert_dir, certs)
+    os.chmod(certs, 0o755)
+    for f in certs.iterdir():
+        os.chmod(f, 0o644)
+    gridmap = work / "grid-mapfile"
+    gridmap.write_text(f'"{user.subject}" nobody\n')
+    os.chmod(gridmap, 0o644)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        gport = s.getsockname()[1]
+    wrap: list[str] = []
+    if not _hostname_resolves():
+        hosts = work / "hosts"
+        hosts.write_text(f"127.0.0.1 localhost\n127.0.0.1 {socket.gethostname()}\n")
+        wrap = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                'mount --bind "$0" /etc/hosts && exec "$@"', str(hosts)]
+    server_env = {k: v for k, v in os.environ.items() if not k.startswith("X509_")}
+    server_env.update({"X509_USER_CERT": str(host.cert_path), "X509_USER_KEY": str(host.key_path),
+                       "X509_CERT_DIR": str(certs), "GRIDMAP": str(gridmap)})
+    gsrv = subprocess.Popen([*wrap, "globus-gridftp-server", "-p", str(gport), "-daemon", "-control-interface",
+                             "127.0.0.1"], env=server_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    client_env = {k: v for k, v in os.environ.items() if not k.startswith("X509_")}
+    client_env.update({"X509_CERT_DIR": str(ca.cert_dir), "X509_USER_PROXY": str(proxy_path),
+                       "HOME": str(pki)})
+    url = f"gsiftp://localhost:{gport}{src}"
+
+    def timed_env(argv: list[str]) -> float:
+        started = time.monotonic()
+        subprocess.run(argv, check=True, env=client_env, stdout=subprocess.DEVNULL)
+        return time.monotonic() - started
+
+    try:
+        def up():
+            try:
+                with socket.create_connection(("127.0.0.1", gport), timeout=1):
+                    return True
+            except OSError:
+                return False
+
+        wait_until(up, f"globus-gridftp-server with GSI on 127.0.0.1:{gport}")
+        log("gsiftp: GSI, DCAU A, from globus-gridftp-server on 127.0.0.1")
+        for _ in range(repeat):
+            for p in (1, 4):
+                for prot, flags in (("C", []), ("P", ["-dcpriv"])):
+                    clean(dst)
+                    results.add("gsi", f"globus-url-copy PROT {prot}", p, timed_env(
+                        [*wrap, "globus-url-copy", *flags, "-p", str(p), url, f"file://{dst}/g"]))
+                    assert (dst / "g").stat().st_size == size
+                    clean(dst)
+                    results.add("gsi", f"vmgrid --gsi PROT {prot}", p, timed_env(
+                        [str(VMGRID), "transfer", "--gsi", "--prot", prot, url, str(dst / "v"), "-p", str(p),
+                         "-q", "--proxy", str(proxy_path), "--cert-dir", str(ca.cert_dir)]))
+                    assert (dst / "v").stat().st_size == size
+    finally:
+        stop(gsrv)
+
+
 def report(results: Results, size: int) -> str:
     lines = []
     mbit = size * 8 / 1e6
@@ -303,6 +378,20 @@ def report(results: Results, size: int) -> str:
             ratio = results.seconds(ref) / sec if ref in results.rows and key[1].startswith("vmgrid") else None
             lines.append(f"{key[1]:30s} {key[2]:>3d} {sec:8.2f} {mib / sec:8.1f} "
                          f"{'' if ratio is None else f'{ratio:9.2f}x':>10s}")
+    gsi_rows = [k for k in results.rows if k[0] == "gsi"]
+    if gsi_rows:
+        lines += ["", f"gsiftp:// (GSI, DCAU A) from globus-gridftp-server: {mib:.0f} MiB on 127.0.0.1",
+                  f"{'client':30s} {'-p':>3s} {'seconds':>8s} {'MiB/s':>8s} {'vs globus':>10s} {'P/C time':>9s}"]
+        for key in sorted(gsi_rows, key=lambda k: (k[2], k[1])):
+            sec = results.seconds(key)
+            prot = key[1][-1]
+            ref = ("gsi", f"globus-url-copy PROT {prot}", key[2])
+            ratio = results.seconds(ref) / sec if ref in results.rows and key[1].startswith("vmgrid") else None
+            clear = ("gsi", key[1][:-1] + "C", key[2])
+            cost = sec / results.seconds(clear) if prot == "P" and clear in results.rows else None
+            lines.append(f"{key[1]:30s} {key[2]:>3d} {sec:8.2f} {mib / sec:8.1f} "
+                         f"{'' if ratio is None else f'{ratio:9.2f}x':>10s} "
+                         f"{'' if cost is None else f'{cost:8.2f}x':>9s}")
     return "\n".join(lines)
 
 
@@ -312,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1, help="runs of each case (the table shows the median)")
     parser.add_argument("--skip-wan", action="store_true")
     parser.add_argument("--skip-loopback", action="store_true")
+    parser.add_argument("--skip-gsi", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
@@ -329,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
             bench_wan(work, size, args.repeat, results)
         if not args.skip_loopback:
             bench_loopback(work, size, args.repeat, results)
+        if not args.skip_gsi:
+            bench_gsi(work, size, args.repeat, results)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -20,8 +20,9 @@ def register(subparsers) -> None:
     """Add `transfer` and `gridftp-server` to the `vmgrid` parser."""
     p = subparsers.add_parser(
         "transfer", help="copy a file with GridFTP (parallel, restartable, verified)",
-        description="Copy SRC to DST. Each is a local path or an ftp:// (anonymous) or gsiftp:// (grid "
-                    "credential, AUTH TLS) URL; two URLs make a third-party transfer between the servers. "
+        description="Copy SRC to DST. Each is a local path or an ftp:// (anonymous) or gsiftp:// "
+                    "(grid credential, AUTH TLS or with --gsi AUTH GSSAPI) URL; two URLs make a third-party "
+                    "transfer between the servers. "
                     "An interrupted transfer resumes where it stopped when run again. The result is "
                     "verified by sha256 against the source before it takes its name.")
     p.add_argument("src")
@@ -32,6 +33,12 @@ def register(subparsers) -> None:
     p.add_argument("--cert-dir", help="trusted CA directory (default $X509_CERT_DIR)")
     p.add_argument("--proxy", help="credential file (default $X509_USER_PROXY, /tmp/x509up_u<uid>, ~/.globus)")
     p.add_argument("--state-dir", help="where restart markers of uploads are kept (default ~/.cache/vmgrid/gridftp)")
+    p.add_argument("--gsi", action="store_true",
+                   help="authenticate gsiftp:// with AUTH GSSAPI (Globus GSI, delegating a proxy) instead of "
+                        "AUTH TLS: needed for a globus-gridftp-server")
+    p.add_argument("--prot", choices=["C", "S", "P"], default="P",
+                   help="with --gsi: data channel protection, clear (C), integrity (S) or private (P, default); "
+                        "the data connections are authenticated (DCAU A) in every case")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--progress", dest="progress", action="store_true", default=None,
                    help="draw the progress bar even when stderr is not a terminal")
@@ -41,7 +48,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "gridftp-server", help="run a standalone GridFTP server",
         description="Serve a directory over GridFTP. With a host credential it offers AUTH TLS and "
-                    "requires grid certificates or proxies; --anonymous adds read-only anonymous access.")
+                    "AUTH GSSAPI (Globus GSI) and requires grid certificates or proxies; --anonymous adds "
+                    "read-only anonymous access.")
     p.add_argument("--root", required=True, type=Path, help="the directory served as /")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=2811, help="port (default 2811; 0 picks a free one)")
@@ -55,6 +63,11 @@ def register(subparsers) -> None:
                    help="only these grid identities may log in (repeatable; default: any trusted identity)")
     p.add_argument("--insecure-anonymous-writes", action="store_true",
                    help="TESTING ONLY: let anonymous sessions write inside the upload area")
+    p.add_argument("--grid-mapfile", metavar="FILE",
+                   help="only the DNs this Globus grid-mapfile names may log in (default: any trusted DN)")
+    p.add_argument("--data-peer", action="append", default=[], metavar="ADDR[/PREFIX]",
+                   help="a trusted server this one may open data connections to in third-party transfers "
+                        "(repeatable; by default only the client's own address)")
     p.add_argument("--max-rate", type=float, default=0, help="bytes per second per transfer (0: unlimited)")
     p.add_argument("--marker-interval", type=float, default=5.0, help="seconds between 111/112 markers")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -157,7 +170,8 @@ def cmd_transfer(args) -> int:
         raise CLIError(f"{src}: no such file")
     show = sys.stderr.isatty() if args.progress is None else args.progress
     bar = ProgressBar(sys.stderr, name[:24]) if show else None
-    common = dict(credential=_credential(args), trust=args.cert_dir, progress=bar, retries=args.retries)
+    common = dict(credential=_credential(args), trust=args.cert_dir, progress=bar, retries=args.retries,
+                  gsi=args.gsi, prot=args.prot)
     try:
         if _is_url(src) and _is_url(dst):
             result = transfer.third_party(src, dst, args.parallel, sha256=args.sha256,
@@ -208,9 +222,10 @@ def cmd_server(args) -> int:
         server = GridFTPServer(args.root, args.host, args.port, credential=credential, trust=args.cert_dir,
                                authorize=authorize, anonymous=args.anonymous, upload_area=args.upload_area,
                                insecure_anonymous_writes=args.insecure_anonymous_writes,
-                               max_rate=args.max_rate, marker_interval=args.marker_interval)
+                               max_rate=args.max_rate, marker_interval=args.marker_interval,
+                               data_peers=args.data_peer, gridmap=args.grid_mapfile)
         server.bind()
-    except (GridFTPError, OSError) as exc:
+    except (GridFTPError, OSError, ValueError) as exc:
         raise CLIError(f"cannot start the server: {exc}") from exc
     print(f"{server.port}", flush=True)
     print(f"gridftp-server serving {args.root} at {server.url('/')}", file=sys.stderr, flush=True)

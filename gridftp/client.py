@@ -1,10 +1,12 @@
-"""A GridFTP client session: one control connection, login (anonymous or AUTH TLS), commands, data set-up.
+"""A GridFTP client session: one control connection, login (anonymous, AUTH TLS or AUTH GSSAPI), commands, data set-up.
 
 :class:`GridFTPClient` is the protocol layer the transfer functions of :mod:`gridftp.transfer`
 are built on; use those for whole-file transfers with restart and verification.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import socket
 import ssl
@@ -18,8 +20,10 @@ from .control import ControlChannel
 from .errors import AuthenticationError, GridFTPError, ProtocolError, TransferError, reply_error
 from .protocol import (DEFAULT_FTP_PORT, DEFAULT_GRIDFTP_PORT, Reply, find_host_ports, format_eprt,
                        format_host_port, parse_epsv_reply)
+from security.gsi import GSIContext, GSIError
 from security.pki import CredentialError, load_user_credential
 
+from .gsidata import GSIData, tls_config as gsi_tls_config
 from .tls import Credential, DataTLS, TLSConfig, subject_of
 
 CONTROL_TIMEOUT = 60.0
@@ -98,17 +102,29 @@ class GridFTPClient:
     ``server_dn``: the DN the server must present; by default its certificate must name the host.
     ``prelude``: commands sent in the same write as the login (one round trip for all of them on a
     long path); their replies are in :attr:`prelude_replies`.
+    ``gsi``: authenticate with ``AUTH GSSAPI`` (the Globus GSI mechanism, as globus-url-copy does:
+    a proxy is delegated to the server, every command is wrapped) instead of AUTH TLS; needed for a
+    Globus server. ``data_protection_level``: with GSI, ``P`` (default), ``S`` or ``C``, always with
+    ``DCAU A``.
     """
 
     def __init__(self, url: GridFTPURL | str, *, credential: Credential | None = None, trust=None,
                  server_dn: str | None = None, timeout: float = CONTROL_TIMEOUT,
-                 identify: Callable[[ssl.SSLSocket], str] | None = None, prelude: Sequence[str] = ()):
+                 identify: Callable[[ssl.SSLSocket], str] | None = None, prelude: Sequence[str] = (),
+                 gsi: bool = False, data_protection_level: str = "P", delegate: bool = True):
         self.url = GridFTPURL.parse(url) if isinstance(url, str) else url
         self.prelude = list(prelude)
         self.prelude_replies: list[Reply] = []
         self.timeout = timeout
         self.expected_server_dn = server_dn
         self.tls: TLSConfig | None = None
+        self.gsi = gsi and self.url.secure
+        self.gss: GSIContext | None = None
+        self.prot = data_protection_level.upper()
+        if self.prot not in ("C", "S", "P"):
+            raise GridFTPError(f"data protection level {data_protection_level!r}: use C, S or P")
+        self.delegate = delegate
+        self._gsi_tls: TLSConfig | None = None
         if self.url.secure:
             if credential is None:
                 try:
@@ -137,7 +153,19 @@ class GridFTPClient:
                 greeting = self.read_reply()
             if greeting.code != 220:
                 raise reply_error("(greeting)", greeting.code, greeting.text)
-            if self.tls is not None:
+            if self.gsi:
+                self._auth_gssapi()
+                login = ["USER :globus-mapping:", "PASS dummy", "PBSZ 1048576", f"PROT {self.prot}", "DCAU A"]
+                replies = self.pipeline([*login, *self.prelude])
+                user, password = replies[:2]
+                if user.code in (530, 535) or (user.code == 331 and password.code in (530, 535)):
+                    bad = user if user.code != 331 else password
+                    raise AuthenticationError(f"{self.url.host} refused the credential: {bad.code} {bad.text}")
+                if user.code not in (230, 232, 331) or (user.code == 331 and password.code != 230):
+                    raise reply_error("USER", user.code, user.text)
+                self.expect_ok(replies[2:5], login[2:])
+                self.prelude_replies = replies[5:]
+            elif self.tls is not None:
                 self._auth_tls()
                 try:
                     replies = self.pipeline(["PBSZ 0", "PROT P", "USER :globus-mapping:", *self.prelude])
@@ -179,6 +207,38 @@ class GridFTPClient:
             leaf = x509.load_der_x509_certificate(sock.getpeercert(binary_form=True))
             if not _host_matches(leaf, self.url.host):
                 raise AuthenticationError(f"server certificate {subject_of(leaf)!r} does not name {self.url.host}")
+
+    def _auth_gssapi(self) -> None:
+        """RFC 2228 with the GSI mechanism: the context's tokens in ADAT commands, a proxy delegated."""
+        reply = self.command("AUTH GSSAPI")
+        if reply.code != 334:
+            raise AuthenticationError(f"server refused AUTH GSSAPI: {reply.code} {reply.text}")
+        self.gss = GSIContext(self.tls.credential, self.tls.trust, initiate=True, delegate=self.delegate,
+                              expect=self.expected_server_dn)
+        try:
+            token = self.gss.step(None)
+            while True:
+                reply = self.command("ADAT " + base64.b64encode(token).decode("ascii"))
+                data = reply.text.strip()
+                answer = base64.b64decode(data[5:], validate=True) if data.startswith("ADAT=") else b""
+                if reply.code == 335:
+                    token = self.gss.step(answer)
+                    continue
+                if reply.code == 235:
+                    if answer or not self.gss.complete:
+                        token = self.gss.step(answer)
+                        if token or not self.gss.complete:
+                            raise AuthenticationError("the server ended the GSI exchange early")
+                    break
+                raise AuthenticationError(f"{self.url.host} refused the credential: {reply.code} {reply.text}")
+        except GSIError as exc:
+            raise AuthenticationError(f"GSI authentication with {self.url.host} failed: {exc.reason}") from None
+        except (ValueError, binascii.Error):
+            raise AuthenticationError(f"{self.url.host} sent an ADAT reply that is not base64") from None
+        self.server_dn = self.gss.peer.dn
+        if self.expected_server_dn is None and not _host_matches(self.gss.peer.certificate, self.url.host):
+            raise AuthenticationError(f"server certificate {self.gss.peer.subject!r} does not name {self.url.host}")
+        self.control.wrap, self.control.unwrap = self.gss.wrap, self.gss.unwrap
 
     def close(self) -> None:
         if self.control is not None:
@@ -288,4 +348,11 @@ class GridFTPClient:
         """PROT P data channel protection for this session (the server's DN is expected by default)."""
         if self.tls is None:
             return None
+        if self.gsi:
+            # DCAU A: the server's data side uses the proxy we delegated, so it proves our own DN
+            if self._gsi_tls is None and self.prot != "C":
+                self._gsi_tls = gsi_tls_config(self.tls.credential, self.tls.trust)
+            return GSIData(self.tls.credential, self.tls.trust,
+                           expect if expect is not None else self.tls.credential.identity,
+                           private=self.prot != "C", tls=self._gsi_tls)
         return DataTLS(self.tls, expect if expect is not None else self.server_dn, tls_server=False)

@@ -1,9 +1,13 @@
-"""The control connection: CRLF lines over a socket that may switch to TLS (RFC 4217 AUTH TLS)."""
+"""The control connection: CRLF lines over a socket that may switch to TLS (RFC 4217 AUTH TLS) or carry
+RFC 2228 protected commands and replies (ENC and 632 with a GSSAPI context)."""
 from __future__ import annotations
 
+import base64
+import binascii
 import select
 import socket
 import ssl
+from collections.abc import Callable
 
 from .errors import ProtocolError
 from .protocol import MAX_LINE, Reply, format_reply, parse_reply_first_line
@@ -23,6 +27,9 @@ class ControlChannel:
         self.sock = sock
         self._buf = bytearray()
         self.closed = False
+        # RFC 2228 protection once a GSSAPI context is established: wrap/unwrap of that context
+        self.wrap: Callable[[bytes], bytes] | None = None
+        self.unwrap: Callable[[bytes], bytes] | None = None
 
     # -- reading ------------------------------------------------------------------------------
     def readline(self) -> str | None:
@@ -87,6 +94,26 @@ class ControlChannel:
                 raise EOFError("control connection closed")
             self._buf += chunk
 
+    def _protected_reply(self, reply: Reply) -> Reply:
+        """The reply inside a 631/632/633 reply (RFC 2228): every line is one wrapped token."""
+        if self.unwrap is None:
+            raise ProtocolError(f"protected reply {reply.code} without a security context")
+        try:
+            data = b"".join(self.unwrap(base64.b64decode(line[4:].strip(), validate=True))
+                            for line in reply.lines if len(line) > 4)
+        except (ValueError, binascii.Error) as exc:
+            raise ProtocolError(f"protected reply does not decode: {exc}") from None
+        data = data.rstrip(b"\0")
+        if not data.endswith(b"\n"):
+            data += b"\r\n"
+        inner = ControlChannel.__new__(ControlChannel)
+        inner._buf = bytearray(data)
+        inner.unwrap = None
+        decoded = inner._buffered_reply()
+        if decoded is None or inner._buf:
+            raise ProtocolError("protected reply holds no single reply")
+        return decoded
+
     def _buffered_reply(self) -> Reply | None:
         pos = 0
         code: int | None = None
@@ -111,7 +138,10 @@ class ControlChannel:
             if line.startswith(f"{code} ") or line == str(code):
                 break
         del self._buf[:pos]
-        return Reply(code, tuple(lines))
+        reply = Reply(code, tuple(lines))
+        if code in (631, 632, 633) and self.unwrap is not None:
+            return self._protected_reply(reply)
+        return reply
 
     @property
     def buffered(self) -> bool:
@@ -119,19 +149,25 @@ class ControlChannel:
 
     # -- writing -----------------------------------------------------------------------------
     def send_reply(self, code: int, text: str | list[str]) -> None:
-        self.sock.sendall(format_reply(code, text))
+        data = format_reply(code, text)
+        if self.wrap is not None:      # a GSI session: the reply travels inside a 632 (RFC 2228)
+            data = b"632 " + base64.b64encode(self.wrap(data)) + b"\r\n"
+        self.sock.sendall(data)
 
-    def send_line(self, line: str) -> None:
+    def _encode(self, line: str) -> bytes:
         if "\r" in line or "\n" in line:
             raise ProtocolError("line break inside a command")
-        self.sock.sendall(line.encode("utf-8", "surrogateescape") + b"\r\n")
+        data = line.encode("utf-8", "surrogateescape") + b"\r\n"
+        if self.wrap is not None:      # RFC 2228 ENC: the command as a token of the security context
+            data = b"ENC " + base64.b64encode(self.wrap(data)) + b"\r\n"
+        return data
+
+    def send_line(self, line: str) -> None:
+        self.sock.sendall(self._encode(line))
 
     def send_lines(self, lines: list[str]) -> None:
         """Several commands in one write (pipelining saves round trips on a long path)."""
-        for line in lines:
-            if "\r" in line or "\n" in line:
-                raise ProtocolError("line break inside a command")
-        self.sock.sendall(b"".join(ln.encode("utf-8", "surrogateescape") + b"\r\n" for ln in lines))
+        self.sock.sendall(b"".join(self._encode(ln) for ln in lines))
 
     # -- TLS --------------------------------------------------------------------------------------
     def start_tls(self, context: ssl.SSLContext, *, server_side: bool,

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from .errors import ProtocolError
 
 CRLF = b"\r\n"
-MAX_LINE = 8192                 # longest control line accepted (RFC 959 has no limit; servers pick one)
+MAX_LINE = 32768                # longest control line accepted (RFC 959 has no limit; servers pick one;
+                                # a GSI ADAT token carries a certificate chain)
 DEFAULT_FTP_PORT = 21
 DEFAULT_GRIDFTP_PORT = 2811
 

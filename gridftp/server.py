@@ -1,13 +1,17 @@
 """The GridFTP server: RFC 959 control channel with the GridFTP extensions of GFD.20.
 
-One thread per control connection. Every path is authorized for the session's identity (the
-end-entity DN of its TLS client certificate, or None for an anonymous session) by a callback
+One thread per control connection, secured by AUTH TLS (RFC 4217) or AUTH GSSAPI with the Globus
+GSI mechanism (RFC 2228, :mod:`security.gsi`). Every path is authorized for the session's identity (the
+end-entity DN of its client certificate or proxy, or None for an anonymous session) by a callback
 ``authorize(dn, op, path)`` with ``op`` one of ``read``, ``list``, ``write``, ``delete``.
 Files being received are written beside their final name and take it only when complete and
 verified (:mod:`gridftp.partial`).
 """
 from __future__ import annotations
 
+import base64
+import binascii
+import ipaddress
 import logging
 import os
 import posixpath
@@ -17,9 +21,11 @@ import stat
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from security.gsi import GSIContext, GSIError, read_gridmap
 
 from . import checksum as cks
 from .control import ControlChannel, LineTooLong
@@ -31,6 +37,7 @@ from .filespace import FileSpace, LocalFileSpace, is_internal, normalize
 from .partial import PartialFile
 from .protocol import (MAX_PARALLELISM, RetrOptions, format_host_port, format_mdtm,
                        format_perf_marker, parse_eprt, parse_host_port, parse_retr_options, split_command)
+from .gsidata import GSIData, tls_config as gsi_tls_config
 from .ranges import RangeSet
 from .tls import Credential, DataTLS, TLSConfig, TrustStore
 
@@ -38,9 +45,11 @@ log = logging.getLogger("gridftp.server")
 
 Authorize = Callable[[str | None, str, str], bool]
 OPS = ("read", "list", "write", "delete")
+ACTIVE_CONNECT_FAILED = "Cannot open data connection."
 ANONYMOUS_NAMES = ("anonymous", "ftp")
 PRE_LOGIN = {"USER", "PASS", "AUTH", "PBSZ", "PROT", "FEAT", "HELP", "SYST", "NOOP", "QUIT", "CCC",
              "ADAT", "ACCT", "OPTS", "SITE", "DCAU"}
+PROTECTED_VERBS = ("MIC", "ENC", "CONF")      # RFC 2228 commands carrying a wrapped command
 FEATURES = [
     "PARALLEL", "SIZE", "MDTM", "REST STREAM", "ERET", "ESTO",
     "SPAS", "SPOR", "SBUF", "EPSV", "EPRT", "UTF8",
@@ -99,6 +108,12 @@ class GridFTPServer:
     ``max_rate``: bytes/s per transfer (0 = unlimited). ``marker_interval``: seconds between
     ``111``/``112`` markers. ``require_private_data``: TLS sessions must use ``PROT P``.
     ``max_file_size``: no received byte may land beyond it (ALLO above it gets 552).
+    ``data_peers``: addresses or networks (``"192.0.2.7"``, ``"10.1.0.0/16"``) this server may open
+    data connections to besides the control connection's own peer: the trusted servers of
+    third-party transfers. Anything else in PORT/EPRT/SPOR is refused (no FTP bounce, no port scan).
+    ``gsi``: with a credential, also offer ``AUTH GSSAPI`` (the Globus GSI mechanism, :mod:`security.gsi`).
+    ``gridmap``: a Globus grid-mapfile (path) or a set of DNs; only those DNs may log in (None: any
+    trusted DN, the path rules decide). ``accept_limited_proxies``: False refuses limited proxies.
     """
 
     def __init__(self, root_or_vfs: str | os.PathLike | FileSpace, host: str = "127.0.0.1", port: int = 0,
@@ -108,6 +123,8 @@ class GridFTPServer:
                  require_private_data: bool = True, durable: bool = True, max_sessions: int = 64,
                  max_file_size: int = 1 << 40, idle_timeout: float = 900.0,
                  identify: Callable[[ssl.SSLSocket], str] | None = None,
+                 data_peers: Iterable[str] = (), gsi: bool = True,
+                 gridmap: str | os.PathLike | set[str] | None = None, accept_limited_proxies: bool = True,
                  banner: str = "vmgrid GridFTP server ready."):
         self.files = root_or_vfs if isinstance(root_or_vfs, FileSpace) else LocalFileSpace(root_or_vfs)
         self.host = host
@@ -125,6 +142,10 @@ class GridFTPServer:
         self.max_file_size = max_file_size
         self.idle_timeout = idle_timeout
         self.banner = banner
+        self.data_peers = [ipaddress.ip_network(p, strict=False) for p in data_peers]
+        self.gsi = gsi and self.tls is not None
+        self.gridmap = gridmap if gridmap is None or isinstance(gridmap, set) else read_gridmap(gridmap)
+        self.accept_limited_proxies = accept_limited_proxies
         self.checksums = _ChecksumCache()
         self._listener: socket.socket | None = None
         self._thread: threading.Thread | None = None
@@ -231,11 +252,36 @@ class GridFTPServer:
             log.exception("authorization callback failed for %s %s %s", dn, op, vpath)
             return False
 
+    def may_connect(self, control_peer: str, host: str) -> bool:
+        """May a session whose control connection comes from ``control_peer`` have this server
+        open data connections to ``host``? Only to that peer itself or to a configured trusted server."""
+        try:
+            target = _plain_address(host)
+        except ValueError:
+            return False
+        if target == _plain_address(control_peer):
+            return True
+        return any(target.version == net.version and target in net for net in self.data_peers)
+
+    def accepts(self, dn: str) -> str | None:
+        """None if ``dn`` may log in here, else why not."""
+        if self.gridmap is not None and dn not in self.gridmap:
+            return f"{dn} is not in this server's grid-mapfile"
+        return None
+
     def in_upload_area(self, vpath: str) -> bool:
         area = self.upload_area
         if area is None:
             return False
         return area == "/" or vpath == area or vpath.startswith(area + "/")
+
+
+def _plain_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An address with an IPv4-mapped IPv6 form (``::ffff:a.b.c.d``) taken as the IPv4 address."""
+    address = ipaddress.ip_address(text.split("%", 1)[0])
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
 
 
 @dataclass
@@ -260,7 +306,9 @@ class _Session:
         self.user: str | None = None
         self.logged_in = False
         self.anonymous = False
-        self.dn: str | None = None          # TLS-authenticated identity
+        self.dn: str | None = None          # TLS- or GSI-authenticated identity
+        self.gss: GSIContext | None = None  # AUTH GSSAPI: the session's security context
+        self._gsi_tls: TLSConfig | None = None
         self.auth_failure: str | None = None
         self.pending_user: str | None = None
         self.cwd = "/"
@@ -277,6 +325,7 @@ class _Session:
         self.prot = "C"
         self.dcau: tuple[str, str | None] = ("A", None)
         self.queued: list[str] = []
+        self._held: list[tuple[int, str | list[str]]] | None = None   # final replies kept back
         self._transfer_cancel: Callable[[], None] | None = None
 
     # -- loop ----------------------------------------------------------------------------------------
@@ -297,6 +346,9 @@ class _Session:
                         continue
                     if line is None:
                         break
+                    line = self._unprotect(line)
+                    if line is None:
+                        continue
                 if not self.handle(line):
                     break
         except (OSError, ssl.SSLError, EOFError):
@@ -318,7 +370,49 @@ class _Session:
         self.control.close()
 
     def reply(self, code: int, text: str | list[str]) -> None:
+        """Send a reply; while a transfer's final replies are held back (:meth:`_holding_replies`),
+        a completion reply waits until the transfer has let go of everything it held."""
+        if self._held is not None and code >= 200:
+            self._held.append((code, text))
+            return
         self.control.send_reply(code, text)
+
+    def _unprotect(self, line: str) -> str | None:
+        """The command a line carries: in a GSI session every command comes wrapped in MIC, ENC or
+        CONF (RFC 2228) and is unwrapped here; None when the line was refused (and answered)."""
+        verb, arg = split_command(line.strip())
+        protected = verb.upper() in PROTECTED_VERBS
+        if self.gss is None or not self.gss.complete:
+            if protected:
+                self.control.send_reply(503, "No security context: use AUTH GSSAPI and ADAT first.")
+                return None
+            return line
+        if not protected:
+            self.control.send_reply(533, "Commands must be protected (MIC or ENC) once GSSAPI is in use.")
+            return None
+        try:
+            data = self.gss.unwrap(base64.b64decode(arg.strip(), validate=True))
+        except (GSIError, ValueError, binascii.Error) as exc:
+            # a forged or damaged record ends the TLS session inside the context: nothing can be
+            # wrapped any more, so say why in clear and close the session
+            log.warning("session %s (%s): a protected command does not verify: %s", self.peer, self.dn, exc)
+            self.control.wrap = None
+            self.control.send_reply(535, "Failed security check: the protected command does not verify; closing.")
+            self.control.close()
+            return None
+        text = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
+        if text.endswith("\n"):
+            text = text[:-1]
+        text = text.rstrip("\r")
+        if "\n" in text or "\r" in text:
+            self.control.send_reply(500, "One command per protected message.")
+            return None
+        return text
+
+    def _release_held(self) -> None:
+        held, self._held = self._held or [], None
+        for code, text in held:
+            self.control.send_reply(code, text)
 
     def handle(self, line: str) -> bool:
         """Run one command; False ends the session."""
@@ -405,7 +499,8 @@ class _Session:
             raise _Reply(503, "Already logged in.")
         if self.dn is not None:
             self.user, self.logged_in = arg, True
-            self.reply(232, f"User {self.dn} logged in, authorized by TLS client certificate.")
+            how = "GSSAPI" if self.gss is not None else "TLS client certificate"
+            self.reply(232, f"User {self.dn} logged in, authorized by {how}.")
             return
         if arg.lower() in ANONYMOUS_NAMES:
             if not self.server.anonymous:
@@ -416,6 +511,9 @@ class _Session:
         raise _Reply(530, "Log in with AUTH TLS and a grid certificate.")
 
     def cmd_PASS(self, arg: str):
+        if self.logged_in and self.gss is not None:
+            self.reply(230, "User logged in; GSSAPI needs no password.")   # globus-url-copy sends one
+            return
         if self.logged_in:
             raise _Reply(503, "Already logged in.")
         if self.pending_user is None:
@@ -429,10 +527,13 @@ class _Session:
 
     def cmd_AUTH(self, arg: str):
         mech = arg.upper()
+        if mech == "GSSAPI" and self.server.gsi:
+            return self._auth_gssapi()
         if mech not in ("TLS", "TLS-C", "SSL"):
-            raise _Reply(504, f"AUTH {arg[:20]} not supported; use AUTH TLS.")
-        if isinstance(self.control.sock, ssl.SSLSocket):
-            raise _Reply(503, "TLS already active.")
+            offered = "AUTH TLS or AUTH GSSAPI" if self.server.gsi else "AUTH TLS"
+            raise _Reply(504, f"AUTH {arg[:20]} not supported; use {offered}.")
+        if isinstance(self.control.sock, ssl.SSLSocket) or self.gss is not None:
+            raise _Reply(503, "Security already active.")
         if self.logged_in:
             raise _Reply(503, "AUTH must come before login.")
         if self.server.tls is None or self.server.tls.server_context is None:
@@ -446,7 +547,11 @@ class _Session:
             log.info("TLS handshake with %s failed: %s", self.peer, exc)
             return False
         try:
-            self.dn = self.server.tls.identify(sock)
+            dn = self.server.tls.identify(sock)
+            refusal = self.server.accepts(dn)
+            if refusal is not None:
+                raise AuthenticationError(refusal)
+            self.dn = dn
         except AuthenticationError as exc:
             # keep the session: closing now would reset the connection over commands already in
             # flight, and the client would never learn why
@@ -455,33 +560,79 @@ class _Session:
             return
         log.info("session %s authenticated as %s", self.peer, self.dn)
 
+    def _auth_gssapi(self):
+        if self.gss is not None or isinstance(self.control.sock, ssl.SSLSocket):
+            raise _Reply(503, "Security already active.")
+        if self.logged_in:
+            raise _Reply(503, "AUTH must come before login.")
+        self.gss = GSIContext(self.server.tls.credential, self.server.tls.trust, initiate=False,
+                              accept_limited=self.server.accept_limited_proxies)
+        self.reply(334, "Using authentication type GSSAPI; ADAT must follow.")
+
+    def cmd_ADAT(self, arg: str):
+        """One token of the GSI context (RFC 2228): 335 with the answer while it goes on, 235 once
+        established (the client then wraps every command), 535 when the peer is not acceptable."""
+        if self.gss is None:
+            raise _Reply(503, "Send AUTH GSSAPI first.")
+        if self.gss.complete:
+            raise _Reply(503, "Security context already established.")
+        if self.gss.state == "failed":
+            raise _Reply(503, "The security context failed; reconnect.")
+        try:
+            token = base64.b64decode(arg.strip(), validate=True)
+        except (ValueError, binascii.Error):
+            raise _Reply(501, "ADAT token is not base64.") from None
+        try:
+            out = self.gss.step(token)
+        except GSIError as exc:
+            log.info("session %s: GSI authentication failed: %s", self.peer, exc.reason)
+            self.auth_failure = exc.reason
+            raise _Reply(535, f"Failed security check: {exc.reason}") from None
+        answer = base64.b64encode(out).decode("ascii")
+        if not self.gss.complete:
+            self.reply(335, f"ADAT={answer}")
+            return
+        dn = self.gss.peer.dn
+        refusal = self.server.accepts(dn)
+        if refusal is not None:
+            self.auth_failure = refusal
+            log.info("session %s: %s", self.peer, refusal)
+        else:
+            self.dn = dn
+            log.info("session %s authenticated by GSI as %s%s", self.peer, dn,
+                     " (delegated a proxy)" if self.gss.delegated else "")
+        self.reply(235, f"ADAT={answer}" if out else "GSSAPI Authentication succeeded.")
+        self.control.wrap, self.control.unwrap = self.gss.wrap, self.gss.unwrap
+
     def _tls(self) -> None:
-        if not isinstance(self.control.sock, ssl.SSLSocket):
-            raise _Reply(503, "Use AUTH TLS first.")
+        if not isinstance(self.control.sock, ssl.SSLSocket) and not (self.gss is not None and self.gss.complete):
+            raise _Reply(503, "Use AUTH TLS or AUTH GSSAPI first.")
 
     def cmd_PBSZ(self, arg: str):
         self._tls()
-        self._int(arg, "buffer size")
+        size = self._int(arg, "buffer size")
         self.pbsz = True
-        self.reply(200, "PBSZ=0")
+        if self.gss is not None:       # GSSAPI: the largest protected buffer, at most what we take
+            self.reply(200, f"PBSZ={min(size, 1 << 20) if size else 1 << 20}")
+        else:
+            self.reply(200, "PBSZ=0")
 
     def cmd_PROT(self, arg: str):
         self._tls()
         if not self.pbsz:
             raise _Reply(503, "Send PBSZ first.")
         level = arg.upper()
-        if level in ("S", "E"):
+        if level == "S" and self.gss is not None:
+            pass                # GSI: integrity-protected data (GSS wrap without confidentiality)
+        elif level in ("S", "E"):
             raise _Reply(536, f"PROT {level} is not supported; use C or P.")
-        if level not in ("C", "P"):
+        if level not in ("C", "P") and not (level == "S" and self.gss is not None):
             raise _Reply(504, "PROT takes C or P.")
         self.prot = level
         self.reply(200, f"Protection level set to {level}.")
 
     def cmd_CCC(self, arg: str):
         raise _Reply(533, "The control channel stays protected.")
-
-    def cmd_ADAT(self, arg: str):
-        raise _Reply(503, "ADAT is not used with AUTH TLS.")
 
     def cmd_DCAU(self, arg: str):
         self._tls()
@@ -498,6 +649,8 @@ class _Session:
     def _protection(self) -> DataTLS | None:
         if self.dn is None:
             return None
+        if self.gss is not None:
+            return self._gsi_protection()
         if self.prot != "P":
             if self.server.require_private_data:
                 raise _Reply(521, "Data connections must be protected: send PBSZ 0 and PROT P.")
@@ -506,6 +659,23 @@ class _Session:
         if mode == "S":     # server to server (third party): the connecting side is the TLS client
             return DataTLS(self.server.tls, subject, tls_server=None)
         return DataTLS(self.server.tls, self.dn if mode == "A" else None, tls_server=True)
+
+    def _gsi_protection(self) -> GSIData | None:
+        """The data channel of a GSI session: DCAU and PROT as Globus does them (:mod:`gridftp.gsidata`),
+        with the credential the client delegated (else the host's)."""
+        mode, subject = self.dcau
+        if self.prot == "C" and self.server.require_private_data:
+            raise _Reply(521, "Data connections must be protected: send PBSZ and PROT P.")
+        if mode == "N":
+            if self.prot != "C":
+                raise _Reply(503, "PROT S and P need data channel authentication (DCAU A or S).")
+            return None
+        credential = self.gss.delegated or self.server.tls.credential
+        if self._gsi_tls is None or self._gsi_tls.credential is not credential:
+            self._gsi_tls = gsi_tls_config(credential, self.server.tls.trust)
+        expect = self.dn if mode == "A" else subject
+        return GSIData(credential, self.server.tls.trust, expect, private=self.prot in ("S", "P"),
+                       tls=self._gsi_tls)
 
     # -- session state (RFC 959) -------------------------------------------------------------------------
     def cmd_QUIT(self, arg: str):
@@ -520,6 +690,8 @@ class _Session:
 
     def cmd_FEAT(self, arg: str):
         tls = ["AUTH TLS", "PBSZ", "PROT", "DCAU"] if self.server.tls is not None else []
+        if self.server.gsi:
+            tls.insert(1, "AUTH GSSAPI")
         self.reply(211, ["Extensions supported:", *tls, *FEATURES, "End."])
 
     def cmd_HELP(self, arg: str):
@@ -818,18 +990,23 @@ class _Session:
     def _check_port(self, host: str, port: int) -> None:
         if port < 1024:
             raise _Reply(501, "Refusing a privileged data port.")
+        if not self.server.may_connect(self.peer[0], host):
+            log.warning("session %s (%s) asked for a data connection to %s:%d: refused", self.peer, self.dn,
+                        host, port)
+            raise _Reply(501, "Refusing a data connection to an address other than yours "
+                              "(third-party transfers only between servers this site trusts).")
 
     def cmd_PORT(self, arg: str):
+        self.data.clear()       # a refused PORT leaves no earlier one behind
         host, port = parse_host_port(arg)
         self._check_port(host, port)
-        self.data.clear()
         self.data.active = [(host, port)]
         self.reply(200, "PORT Command successful.")
 
     def cmd_EPRT(self, arg: str):
+        self.data.clear()
         host, port = parse_eprt(arg)
         self._check_port(host, port)
-        self.data.clear()
         self.data.active = [(host, port)]
         self.reply(200, "EPRT Command successful.")
 
@@ -838,10 +1015,10 @@ class _Session:
             raise _Reply(503, "SPOR needs MODE E.")
         if not arg.split():
             raise _Reply(501, "SPOR needs at least one host-port.")
+        self.data.clear()
         addresses = [parse_host_port(hp) for hp in arg.split()]
         for host, port in addresses:
             self._check_port(host, port)
-        self.data.clear()
         self.data.active = addresses
         self.reply(200, "SPOR Command successful.")
 
@@ -870,13 +1047,16 @@ class _Session:
                         cancel()
                         done(10)
                         return False
+                    line = self._unprotect(line)
+                    if line is None:
+                        continue
                     verb, _ = split_command(line.strip())
-                    if verb == "ABOR":
+                    if verb.upper() == "ABOR":
                         cancel()
                         done(10)
                         return False
-                    if verb == "STAT":
-                        self.reply(213, "Transfer in progress.")
+                    if verb.upper() == "STAT":
+                        self.control.send_reply(213, "Transfer in progress.")
                     else:
                         self.queued.append(line)
                 if time.monotonic() >= next_tick:
@@ -949,10 +1129,14 @@ class _Session:
     def _open_active(self, per_address: int, protection) -> list[socket.socket]:
         try:
             return connect_streams(self.data.active, per_address, protection=protection, sbuf=self.sbuf)
-        except AuthenticationError as exc:
-            raise _Reply(432, f"Data channel authentication failed: {exc}") from None
-        except TransferError as exc:
-            raise _Reply(425, f"Cannot open data connection: {exc}") from None
+        except (AuthenticationError, TransferError) as exc:
+            raise _Reply(*self._connect_failed(exc)) from None
+
+    def _connect_failed(self, exc: BaseException) -> tuple[int, str]:
+        """The one answer to every failed active data connection (refused, timed out, handshake or
+        authentication failed): the replies must not tell a closed port from an open one."""
+        log.info("session %s: data connection to %s failed: %s", self.peer, self.data.active, exc)
+        return 425, ACTIVE_CONNECT_FAILED
 
     def _send_mode_e(self, source: int | bytes, todo, shift: int, protection) -> None:
         parallel = max(1, min(self.retr_opts.parallelism, MAX_PARALLELISM))
@@ -1006,7 +1190,9 @@ class _Session:
         error = worker.error
         if error is None:
             return True
-        if isinstance(error, AuthenticationError):
+        if not holder and self.data.active:
+            self.reply(*self._connect_failed(error))
+        elif isinstance(error, AuthenticationError):
             self.reply(432, f"Data channel authentication failed: {error}")
         elif not holder:
             self.reply(425, f"Cannot open data connection: {error}")
@@ -1090,10 +1276,14 @@ class _Session:
         except _Reply:
             self._reset_transfer_state()
             raise
+        # the 226 (or any final reply) of this STOR, aborted or not, goes out only once the path is
+        # released: a client that reads it may store the same path again at once
+        self._held = []
         try:
             self._store(vpath, real, protection)
         finally:
             self.server.release(vpath)
+            self._release_held()
 
     def _store(self, vpath: str, real: Path, protection) -> None:
         rest = self.rest

@@ -117,10 +117,12 @@ class DataTLS:
     the TLS server (server to server, DCAU S), as the active side initiates in GFD.20 Appendix I.
     """
 
-    def __init__(self, tls: TLSConfig, expect: str | None, tls_server: bool | None = None):
+    def __init__(self, tls: TLSConfig, expect: str | None, tls_server: bool | None = None, *,
+                 ragged_eof: bool = False):
         self.tls = tls
         self.expect = expect
         self.tls_server = tls_server
+        self.ragged_eof = ragged_eof     # a TCP close without close_notify ends the data (Globus peers)
 
     def wrap(self, sock: socket.socket, *, server_side: bool) -> socket.socket:
         as_server = server_side if self.tls_server is None else self.tls_server
@@ -129,7 +131,7 @@ class DataTLS:
             sock.close()
             raise AuthenticationError("no credential for the TLS server side of a data connection")
         try:
-            wrapped = ctx.wrap_socket(sock, server_side=as_server, suppress_ragged_eofs=False)
+            wrapped = ctx.wrap_socket(sock, server_side=as_server, suppress_ragged_eofs=self.ragged_eof)
         except (ssl.SSLError, OSError) as exc:
             sock.close()
             raise AuthenticationError(f"data channel authentication failed: {exc}") from exc

@@ -76,10 +76,13 @@ class _Options:
     trust: object
     timeout: float
     identify: object
+    gsi: bool = False
+    prot: str = "P"
 
     def client(self, url: GridFTPURL, server_dn: str | None = None, prelude: list[str] = ()) -> GridFTPClient:
         return GridFTPClient(url, credential=self.credential, trust=self.trust, server_dn=server_dn,
-                             timeout=self.timeout, identify=self.identify, prelude=prelude)
+                             timeout=self.timeout, identify=self.identify, prelude=prelude, gsi=self.gsi,
+                             data_protection_level=self.prot)
 
 
 class _Ticker:
@@ -217,7 +220,7 @@ def download(url: str, dest_path: str | os.PathLike, parallel: int = DEFAULT_PAR
              credential: Credential | None = None, trust=None, server_dn: str | None = None,
              sha256: str | None = None, progress: Progress | None = None, retries: int = 2,
              retry_delay: float = 1.0, timeout: float = 60.0, durable: bool = False,
-             identify=None) -> TransferResult:
+             identify=None, gsi: bool = False, prot: str = "P") -> TransferResult:
     """Fetch ``url`` into ``dest_path`` over ``parallel`` MODE E streams; verified, restartable.
 
     The file is received as ``dest_path.vmgrid-part`` with its ranges in
@@ -230,7 +233,7 @@ def download(url: str, dest_path: str | os.PathLike, parallel: int = DEFAULT_PAR
     """
     src = GridFTPURL.parse(url)
     dest = Path(dest_path)
-    opts = _Options(credential, trust, timeout, identify)
+    opts = _Options(credential, trust, timeout, identify, gsi, prot)
     started = time.monotonic()
     transferred = 0
     reused: int | None = None
@@ -314,8 +317,10 @@ def _retrieve_mode_e(session: GridFTPClient, path: str, partial: PartialFile, si
                  session.port_command(*listener.getsockname()[:2])]
         if held:
             setup.append(f"REST {held.format()}")
-        _start_transfer(session, setup, f"RETR {path}")
+        # accept (and authenticate) data connections before RETR is answered: Globus with GSI
+        # connects and completes the data channel handshake before it sends its 150
         acceptor = accept_connections(listener, receiver, protection=protection, timeout=timeout)
+        _start_transfer(session, setup, f"RETR {path}")
         final = _await_final(session, alive=_activity(counter))
         if not final.ok:
             receiver.fail(TransferError(f"server ended the transfer: {final.code} {final.text}"))
@@ -466,7 +471,7 @@ def upload(src_path: str | os.PathLike, url: str, parallel: int = DEFAULT_PARALL
            credential: Credential | None = None, trust=None, server_dn: str | None = None,
            sha256: str | None = None, progress: Progress | None = None, retries: int = 2,
            retry_delay: float = 1.0, timeout: float = 60.0, state_dir: str | os.PathLike | None = None,
-           max_rate: float = 0, identify=None) -> TransferResult:
+           max_rate: float = 0, identify=None, gsi: bool = False, prot: str = "P") -> TransferResult:
     """Send a local file to ``url`` over ``parallel`` MODE E streams; verified, restartable.
 
     The local sha256 (given, remembered for this unchanged file, or computed) is announced with
@@ -476,7 +481,7 @@ def upload(src_path: str | os.PathLike, url: str, parallel: int = DEFAULT_PARALL
     """
     src = Path(src_path)
     dst = GridFTPURL.parse(url)
-    opts = _Options(credential, trust, timeout, identify)
+    opts = _Options(credential, trust, timeout, identify, gsi, prot)
     st = src.stat()
     size = st.st_size
     log = _RestartLog(Path(state_dir) if state_dir else default_state_dir(),
@@ -559,19 +564,22 @@ def third_party(src_url: str, dst_url: str, parallel: int = DEFAULT_PARALLEL, *,
                 credential: Credential | None = None, trust=None, src_dn: str | None = None,
                 dst_dn: str | None = None, sha256: str | None = None, progress: Progress | None = None,
                 retries: int = 2, retry_delay: float = 1.0, timeout: float = 60.0,
-                state_dir: str | os.PathLike | None = None, identify=None) -> TransferResult:
+                state_dir: str | os.PathLike | None = None, identify=None, gsi: bool = False,
+                prot: str = "P") -> TransferResult:
     """Have the source server send ``src_url`` straight to the destination server.
 
     This process only drives both control connections: the destination listens (``PASV``),
     the source connects ``parallel`` streams to it (``PORT``, ``OPTS RETR Parallelism``).
     With ``gsiftp://`` on both sides each server must prove the other's host DN on the data
-    connections (``DCAU S``). Restart markers from the destination are kept in ``state_dir``.
+    connections (``DCAU S``); with ``gsi=True`` each holds a proxy delegated by this client and
+    proves the user's DN (``DCAU A``), which is what a Globus server does. Restart markers from
+    the destination are kept in ``state_dir``.
     """
     src = GridFTPURL.parse(src_url)
     dst = GridFTPURL.parse(dst_url)
     if src.secure != dst.secure:
         raise GridFTPError("third-party transfers need both URLs ftp:// or both gsiftp://")
-    opts = _Options(credential, trust, timeout, identify)
+    opts = _Options(credential, trust, timeout, identify, gsi, prot)
     started = time.monotonic()
     transferred = 0
     fetched = RangeSet()
@@ -599,9 +607,11 @@ def third_party(src_url: str, dst_url: str, parallel: int = DEFAULT_PARALLEL, *,
                 held = log.ranges.copy()
                 todo = held.missing(0, size)
                 fetched.update(todo)
-                if src.secure:
+                if src.secure and not gsi:
                     source.ok(f"DCAU S {target.server_dn}")
                     target.ok(f"DCAU S {source.server_dn}")
+                # with GSI both servers hold a proxy we delegated: DCAU A (set at login) makes each prove
+                # the user's DN to the other, as globus-url-copy does
                 replies = _pipeline_tolerant(target, _store_setup(size, digest, held) + [target.passive_command()],
                                              {"SCKS", "ALLO", "REST"})
                 scks_ok = replies[1].ok
@@ -657,10 +667,11 @@ def third_party(src_url: str, dst_url: str, parallel: int = DEFAULT_PARALLEL, *,
 
 def checksum(url: str, algorithm: str = "SHA256", *, offset: int = 0, length: int = -1,
              credential: Credential | None = None, trust=None, server_dn: str | None = None,
-             timeout: float = 60.0) -> str:
+             timeout: float = 60.0, gsi: bool = False) -> str:
     """The server's checksum (``CKSM``) of a file or a byte range of it, lowercase hex."""
     target = GridFTPURL.parse(url)
-    with GridFTPClient(target, credential=credential, trust=trust, server_dn=server_dn, timeout=timeout) as s:
+    with GridFTPClient(target, credential=credential, trust=trust, server_dn=server_dn, timeout=timeout,
+                       gsi=gsi) as s:
         return s.checksum(target.path, algorithm, offset, length)
 
 

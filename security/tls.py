@@ -25,7 +25,10 @@ MAX_REQUEST_BODY = 64 * 1024 * 1024
 def server_ssl_adapter(credential: Credential, *, cert_dir: Path | str | None = None,
                        client_certs: str = "none") -> BuiltinSSLAdapter:
     """A cheroot SSL adapter serving `credential` (host certificate and chain). client_certs: "none", "optional" or
-    "required" (checked against `cert_dir`; message-level signatures remain the grid's authentication)."""
+    "required" (checked against `cert_dir`, user certificates and RFC 3820 proxies alike; message-level
+    signatures remain the grid's authentication)."""
+    if client_certs not in ("none", "optional", "required"):
+        raise ValueError(f"client_certs is {client_certs!r}: none, optional or required")
     if credential.cert_path is not None and credential.key_path is not None and credential.cert_path.exists():
         adapter = BuiltinSSLAdapter(str(credential.cert_path), str(credential.key_path))
     else:
@@ -42,6 +45,8 @@ def server_ssl_adapter(credential: Credential, *, cert_dir: Path | str | None = 
             raise ValueError("client certificates need the trusted CA directory (cert_dir)")
         ctx.load_verify_locations(capath=str(cert_dir))
         ctx.verify_mode = ssl.CERT_REQUIRED if client_certs == "required" else ssl.CERT_OPTIONAL
+        # GT4 transport security: a user's RFC 3820 proxy is a valid client certificate
+        ctx.verify_flags |= ssl.VERIFY_ALLOW_PROXY_CERTS
     return adapter
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import os
+import re
+import shlex
 import threading
 import time
 from collections import OrderedDict
@@ -24,7 +26,15 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509 import verification
 from cryptography.x509.oid import NameOID
 
-from .pki import OID_INHERIT_ALL, OID_LIMITED, dn_string, proxy_cert_info
+from cryptography.x509.oid import ObjectIdentifier
+
+from .pki import OID_INHERIT_ALL, OID_LIMITED, ProxyCertInfo, _der, der_items, dn_string, proxy_cert_info
+
+# The proxy forms before RFC 3820 that Globus' grid-proxy-init still makes: "-draft" (GT3, a
+# ProxyCertInfo under a Globus OID) and "-old" (GT2, no extension: the subject ends in CN=proxy or
+# CN=limited proxy). Both are accepted and walked with the same rules as RFC 3820 proxies.
+OID_DRAFT_PROXY_CERT_INFO = ObjectIdentifier("1.3.6.1.4.1.3536.1.222")
+LEGACY_PROXY_NAMES = {"proxy": OID_INHERIT_ALL, "limited proxy": OID_LIMITED}
 
 
 class ChainError(Exception):
@@ -45,6 +55,10 @@ class RevokedCertificate(ChainError):
 
 class ExpiredCertificate(ChainError):
     """A certificate of the chain (or the CA's CRL) is outside its validity period."""
+
+
+class SigningPolicyViolation(ChainError):
+    """A CA issued a certificate whose subject its Globus signing policy (``<hash>.signing_policy``) does not allow."""
 
 
 class InvalidProxy(ChainError):
@@ -81,6 +95,74 @@ class _Anchors:
     by_name: dict[bytes, list[x509.Certificate]]
     crls: dict[bytes, list[x509.CertificateRevocationList]]
     generation: int
+    policies: dict[str, list[re.Pattern]] = None     # CA DN -> subjects it may sign (signing_policy files)
+
+
+def read_signing_policy(text: str) -> dict[str, list[re.Pattern]]:
+    """The Globus EACL signing policy: ``access_id_CA X509 '<CA DN>'`` then ``cond_subjects globus
+    '"<pattern>" ...'`` lines; ``*`` in a pattern matches any characters, ``?`` one."""
+    policies: dict[str, list[re.Pattern]] = {}
+    current: str | None = None
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            words = shlex.split(line)
+        except ValueError:
+            continue
+        if len(words) >= 3 and words[0] == "access_id_CA" and words[1].upper() == "X509":
+            current = words[2]
+            policies.setdefault(current, [])
+        elif len(words) >= 3 and words[0] == "cond_subjects" and words[1] == "globus" and current is not None:
+            for pattern in shlex.split(words[2]):
+                regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
+                policies[current].append(re.compile(regex + r"\Z", re.DOTALL))
+    return policies
+
+
+def _draft_proxy_info(data: bytes) -> ProxyCertInfo:
+    """GT3 ProxyCertInfo: a SEQUENCE holding the ProxyPolicy SEQUENCE and an optional path length
+    (an INTEGER, or one tagged [1])."""
+    (tag, body), = list(der_items(data))
+    if tag != 0x30:
+        raise ValueError("draft ProxyCertInfo is not a SEQUENCE")
+    policy = None
+    path_length = None
+    for item_tag, item in der_items(body):
+        if item_tag == 0x30 and policy is None:
+            policy = item
+        elif item_tag == 0x02:
+            path_length = int.from_bytes(item, "big", signed=True)
+        elif item_tag == 0xA1:
+            (inner_tag, inner), = list(der_items(item))
+            if inner_tag != 0x02:
+                raise ValueError("draft ProxyCertInfo path length is not an INTEGER")
+            path_length = int.from_bytes(inner, "big", signed=True)
+    if policy is None:
+        raise ValueError("draft ProxyCertInfo has no ProxyPolicy")
+    # the ProxyPolicy is the same as RFC 3820's: let the RFC parser read it
+    info = ProxyCertInfo.from_der(_der(0x30, _der(0x30, policy)))
+    return ProxyCertInfo(info.policy_language, path_length, info.policy)
+
+
+def any_proxy_info(cert: x509.Certificate) -> tuple[ProxyCertInfo, bool, str] | None:
+    """(ProxyCertInfo, critical, form) of an RFC 3820, GT3 draft or GT2 legacy proxy; None for a
+    certificate that is none of them. Raises ValueError for an unreadable extension."""
+    found = proxy_cert_info(cert)
+    if found is not None:
+        return found[0], found[1], "rfc3820"
+    try:
+        ext = cert.extensions.get_extension_for_oid(OID_DRAFT_PROXY_CERT_INFO)
+        return _draft_proxy_info(ext.value.value), ext.critical, "draft"
+    except x509.ExtensionNotFound:
+        pass
+    rdns = list(cert.subject.rdns)
+    if len(rdns) >= 2 and len(rdns[-1]) == 1 and rdns[:-1] == list(cert.issuer.rdns):
+        attr = next(iter(rdns[-1]))
+        if attr.oid == NameOID.COMMON_NAME and attr.value in LEGACY_PROXY_NAMES and not _is_ca(cert):
+            return ProxyCertInfo(LEGACY_PROXY_NAMES[attr.value].dotted_string), True, "legacy"
+    return None
 
 
 def _check_time(cert: x509.Certificate, at: _dt.datetime, what: str) -> None:
@@ -140,13 +222,17 @@ class TrustStore:
         by_name: dict[bytes, list[x509.Certificate]] = {}
         crls: dict[bytes, list[x509.CertificateRevocationList]] = {}
         anchors: list[x509.Certificate] = []
+        policies: dict[str, list[re.Pattern]] = {}
         for path in sorted(self.cert_dir.iterdir()):
             stem, dot, ext = path.name.rpartition(".")
             if not dot or len(stem) != 8:
                 continue
             try:
                 data = path.read_bytes()
-                if ext.isdigit():
+                if ext == "signing_policy":
+                    for ca, patterns in read_signing_policy(data.decode("utf-8", "replace")).items():
+                        policies.setdefault(ca, []).extend(patterns)
+                elif ext.isdigit():
                     for cert in x509.load_pem_x509_certificates(data):
                         anchors.append(cert)
                         by_name.setdefault(cert.subject.public_bytes(), []).append(cert)
@@ -156,7 +242,8 @@ class TrustStore:
             except (OSError, ValueError):
                 continue   # an unreadable file in the directory trusts nothing
         self._generation += 1
-        self._anchors = _Anchors(verification.Store(anchors) if anchors else None, by_name, crls, self._generation)
+        self._anchors = _Anchors(verification.Store(anchors) if anchors else None, by_name, crls, self._generation,
+                                 policies)
         self._stamp = stamp
         self._checked_at = time.monotonic()
         self._cache.clear()
@@ -223,7 +310,7 @@ class TrustStore:
         current = leaf
         while True:
             try:
-                info = proxy_cert_info(current)
+                info = any_proxy_info(current)
             except ValueError as exc:
                 raise InvalidProxy(f"unreadable ProxyCertInfo in {dn_string(current.subject)}: {exc}") from None
             if info is None:
@@ -258,6 +345,7 @@ class TrustStore:
         path = list(verified.chain)          # end entity first, trust anchor last
         for cert, issuer in zip(path, path[1:]):
             self._check_crl(cert, issuer, at, anchors)
+            self._check_signing_policy(cert, issuer, anchors)
         return Caller(dn=dn_string(end_entity.subject), subject=dn_string(leaf.subject),
                       chain=tuple([*proxies, end_entity, *path[1:-1]]), limited=limited, is_proxy=bool(proxies),
                       not_after=min(c.not_valid_after_utc for c in [*proxies, *path]),
@@ -270,7 +358,7 @@ class TrustStore:
         issuer = end_entity
         for depth, proxy in enumerate(reversed(proxies)):
             name = dn_string(proxy.subject)
-            info, critical = proxy_cert_info(proxy)  # type: ignore[misc]
+            info, critical, _form = any_proxy_info(proxy)  # type: ignore[misc]
             below = len(proxies) - 1 - depth        # proxies this one has signed in the chain
             if not critical:
                 raise InvalidProxy(f"proxy {name}: ProxyCertInfo must be critical")
@@ -305,6 +393,18 @@ class TrustStore:
             _check_time(proxy, at, "proxy")
             issuer = proxy
         return limited
+
+    def _check_signing_policy(self, cert: x509.Certificate, issuer: x509.Certificate, anchors: _Anchors) -> None:
+        """A CA with a signing policy in the directory may only have signed the subjects it names
+        (as Globus enforces); a CA without one is not restricted here."""
+        ca = dn_string(issuer.subject)
+        patterns = (anchors.policies or {}).get(ca)
+        if patterns is None:
+            return
+        subject = dn_string(cert.subject)
+        if not any(p.match(subject) for p in patterns):
+            raise SigningPolicyViolation(f"{ca} may not sign {subject}: its signing policy in {self.cert_dir} "
+                                         "does not allow that name")
 
     def _check_crl(self, cert: x509.Certificate, issuer: x509.Certificate, at: _dt.datetime,
                    anchors: _Anchors) -> None:

@@ -81,7 +81,7 @@ def build_vmmanager(config: Config, vmm=None) -> SoapService:
             vmm = open_vmm("qemu", root=Path(v.vmm_root) if v.vmm_root else state / "qemu")
         else:
             vmm = open_vmm(v.vmm)
-    repository = RepositoryAccess(v.repository, credential, trust, parallel=v.staging_parallel)
+    repository = RepositoryAccess(v.repository, credential, trust, parallel=v.staging_parallel, gsi=v.staging_gsi)
     return VMManagerService(state, v, policy_point(config), vmm=vmm, repository=repository,
                             notifier=Notifier(credential, trust))
 
@@ -99,7 +99,8 @@ def build_container(config: Config, services: list[SoapService], *, port: int | 
     def middleware(app):
         return WSSecurityMiddleware(app, credential, trust, state_dir=security_dir, understood_headers=understood)
 
-    adapter = server_ssl_adapter(credential) if c.tls else None
+    adapter = (server_ssl_adapter(credential, cert_dir=trust.cert_dir, client_certs=c.tls_client_certs)
+               if c.tls else None)
     if not c.tls:
         log.warning("TLS is off: messages are still signed, but not encrypted")
     return Container(services, host=c.host, port=c.port if port is None else port, middleware=middleware,

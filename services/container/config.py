@@ -24,6 +24,7 @@ class ContainerConfig:
     host: str = "127.0.0.1"          # address to listen on
     port: int = 8443                 # 0 picks a free port
     tls: bool = True                 # HTTPS with the host certificate; may be off, signing never is
+    tls_client_certs: str = "none"   # mutual TLS: "optional" or "required" asks for a grid certificate or proxy
     public_url: str = ""             # advertised in served WSDL; "" = from the request's Host
     state_dir: str = "var/vmgrid"    # each service keeps its state in <state_dir>/<service>
     threads: int = 16                # request threads per worker

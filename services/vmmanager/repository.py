@@ -14,11 +14,12 @@ log = logging.getLogger("vmgrid.vmmanager.repository")
 
 
 class RepositoryAccess:
-    def __init__(self, url: str, credential, trust, *, parallel: int = 4):
+    def __init__(self, url: str, credential, trust, *, parallel: int = 4, gsi: bool = False):
         self.url = url
         self.credential = credential
         self.trust = trust
         self.parallel = parallel
+        self.gsi = gsi
         self._repo = None
         self._lock = threading.Lock()
 
@@ -77,7 +78,7 @@ class RepositoryAccess:
         location = self._location(image_id)
         try:
             gridftp.download(location, dest, self.parallel, credential=self.credential, trust=self.trust,
-                             sha256=sha256, progress=progress)
+                             sha256=sha256, progress=progress, gsi=self.gsi)
         except gridftp.ChecksumMismatch as exc:
             raise ChecksumMismatch(f"staging {image_id}: {exc}", expected=sha256, actual="(different)") from None
         except gridftp.GridFTPError as exc:

@@ -70,6 +70,7 @@ class VMManagerConfig:
     initrd: str = ""
     cmdline: str = "console=ttyS0 root=/dev/vda rw"
     staging_parallel: int = 4            # GridFTP streams when staging an image
+    staging_gsi: bool = False            # stage with AUTH GSSAPI (Globus GSI), e.g. from a globus-gridftp-server
     deploy_workers: int = 8              # deployments staged and started at once
     sweep_interval: float = 1.0          # seconds between lifetime checks
     guest_ready_timeout: float = 180.0   # seconds to wait for guestd's ready report (real guests)

@@ -69,3 +69,33 @@ def test_progress_bar_line():
     line = bar.line(250_000_000, 1_000_000_000)
     assert "25.0%" in line and "1000.0 Mbit/s" in line and "ETA 0:06" in line
     assert line.count("#") == 7
+
+
+def test_gsi_from_the_command_line(grid_pki, tree, tmp_path):
+    """`vmgrid gridftp-server --grid-mapfile` and `vmgrid transfer --gsi --prot C|P` (AUTH GSSAPI)."""
+    gridmap = tmp_path / "grid-mapfile"
+    gridmap.write_text(f'"{grid_pki.alice.dn}" alice\n')
+    server = ServerProcess(tree, "--cert", str(grid_pki.host_cert_path), "--key", str(grid_pki.host_key_path),
+                           "--cert-dir", str(grid_pki.cert_dir), "--grid-mapfile", str(gridmap),
+                           "--data-peer", "127.0.0.2")
+    try:
+        url = f"gsiftp://localhost:{server.port}/data/f3m"
+        common = ["--cert-dir", str(grid_pki.cert_dir), "-q"]
+        got = vmgrid("transfer", "--gsi", url, str(tmp_path / "p"), "--proxy", str(grid_pki.alice.proxy_path),
+                     *common)
+        assert got.returncode == 0, got.stderr
+        assert sha256_of(tmp_path / "p") == sha256_of(tree / "data" / "f3m")
+        clear = vmgrid("transfer", "--gsi", "--prot", "C", url, str(tmp_path / "c"), "--proxy",
+                       str(grid_pki.alice.proxy_path), *common)
+        assert clear.returncode == 1 and "521" in clear.stderr       # the server requires private data
+        bob = vmgrid("transfer", "--gsi", url, str(tmp_path / "b"), "--proxy", str(grid_pki.bob.proxy_path),
+                     *common)
+        assert bob.returncode == 1 and "grid-mapfile" in bob.stderr and "Traceback" not in bob.stderr
+    finally:
+        server.stop()
+    bad = tmp_path / "bad-map"
+    bad.write_text('"/O=Grid/unterminated alice\n')
+    refused = vmgrid("gridftp-server", "--root", str(tree), "--port", "0", "--cert", str(grid_pki.host_cert_path),
+                     "--key", str(grid_pki.host_key_path), "--cert-dir", str(grid_pki.cert_dir),
+                     "--grid-mapfile", str(bad))
+    assert refused.returncode == 1 and refused.stderr.startswith("vmgrid: ")

@@ -92,7 +92,7 @@ def test_unknown_and_malformed_commands(ftp):
     ftp.expect("XYZZY", 500)
     ftp.expect("123 456", 500)
     ftp.expect("", 500)
-    ftp.ctl.sock.sendall(b"NOOP " + b"x" * 20000 + b"\r\n")   # longer than any legal line
+    ftp.ctl.sock.sendall(b"NOOP " + b"x" * 40000 + b"\r\n")   # longer than any legal line
     assert ftp.reply().code == 500
     ftp.expect("NOOP", 200)                        # the session survives
 
@@ -218,7 +218,7 @@ def test_data_port_commands(ftp):
     ftp.expect("PORT 127,0,0,1,300,1", 501)
     ftp.expect("PORT 1,2,3", 501)
     ftp.expect("EPRT |1|127.0.0.1|5000|", 200)
-    ftp.expect("EPRT |2|::1|5000|", 200)
+    ftp.expect("EPRT |2|::1|5000|", 501)           # not the control connection's address (see the bounce tests)
     ftp.expect("EPRT |1|::1|5000|", 501)
     ftp.expect("EPRT |1|127.0.0.1|99999|", 501)
     ftp.expect("EPRT nonsense", 501)
@@ -643,3 +643,39 @@ def test_one_path_is_stored_by_one_session_at_a_time(writable, start_server, tre
     assert writable.reply().code == 226
     other.pasv()
     assert other.cmd("STOR /up/same").code == 150             # free again
+
+
+def test_a_226_after_abor_means_the_path_is_free(writable, monkeypatch):
+    """Issue 9: the 226 that closes an aborted STOR was sent before the session released the path,
+    so a client's next STOR of it could meet 450. Records the order of the two events on the server."""
+    from gridftp.control import ControlChannel
+    from gridftp.server import GridFTPServer
+
+    events: list[str] = []
+    send_reply, release = ControlChannel.send_reply, GridFTPServer.release
+
+    def recording_send(channel, code, text):
+        events.append(f"reply {code}")
+        send_reply(channel, code, text)
+
+    def recording_release(server, vpath):
+        events.append(f"release {vpath}")
+        release(server, vpath)
+
+    monkeypatch.setattr(ControlChannel, "send_reply", recording_send)
+    monkeypatch.setattr(GridFTPServer, "release", recording_release)
+    writable.pasv()
+    assert writable.cmd("STOR /up/again").code == 150
+    writable.ctl.sock.sendall(b"ABOR\r\n")
+    assert writable.reply().code == 426
+    assert writable.reply().code == 226
+    assert events.index("release /up/again") < events.index("reply 226")
+    # and a STOR that completes: its 226 comes after the release as well
+    events.clear()
+    addr = writable.pasv()
+    conn = socket.create_connection(addr)
+    assert writable.cmd("STOR /up/again").code == 150
+    conn.sendall(b"12345")
+    conn.close()
+    assert writable.reply().code == 226
+    assert events.index("release /up/again") < events.index("reply 226")

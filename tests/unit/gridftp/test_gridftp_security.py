@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import socket
 import ssl
+import threading
 
 import pytest
 
@@ -207,3 +208,93 @@ def test_injected_identity_check(start_server, grid_pki, tmp_path):
     with GridFTPClient(url(server, "/"), credential=grid_pki.alice.proxy, trust=grid_pki.cert_dir) as c:
         assert c.size("/data/small") == 1000
     assert seen == ["/O=Test/CN=mapped"]
+
+
+# -- FTP bounce and port scans (issue 9) ---------------------------------------------------------------
+def _listener(host: str) -> socket.socket:
+    sock = socket.socket()
+    sock.bind((host, 0))
+    sock.listen(4)
+    sock.settimeout(10)
+    return sock
+
+
+def _hp(sock: socket.socket) -> str:
+    host, port = sock.getsockname()
+    return ",".join(host.split(".") + [str(port >> 8), str(port & 255)])
+
+
+def test_data_connections_go_only_to_the_control_peer(start_server, tree):
+    """PORT, EPRT and SPOR naming any address but the client's own are refused before anything is
+    opened: the server cannot be made to connect to a third host (127.0.0.2 stands for one)."""
+    server = start_server()
+    third = _listener("127.0.0.2")
+    s = RawFTP("127.0.0.1", server.port)
+    s.login_anonymous()
+    s.expect(f"PORT {_hp(third)}", 501)
+    s.expect(f"EPRT |1|127.0.0.2|{third.getsockname()[1]}|", 501)
+    s.expect("EPRT |2|::ffff:127.0.0.2|5000|", 501)
+    s.expect("MODE E", 200)
+    s.expect(f"SPOR 127,0,0,1,19,137 {_hp(third)}", 501)
+    s.expect("EPRT |2|::ffff:127.0.0.1|5000|", 200)    # the peer itself, however it is written
+    s.expect("PORT 127,0,0,1,0,25", 501)               # and the privileged-port rule stays
+    s.expect("MODE S", 200)
+    s.expect(f"PORT {_hp(third)}", 501)
+    s.expect("RETR /data/small", 425)                  # nothing set up: no connection was attempted
+    third.settimeout(0.0)
+    with pytest.raises(BlockingIOError):
+        third.accept()
+    s.close()
+
+
+def test_a_site_may_trust_other_servers_for_third_party(start_server, tree):
+    """``data_peers`` names the trusted servers a third-party transfer may reach."""
+    server = start_server(data_peers=["127.0.0.2/32"])
+    third = _listener("127.0.0.2")
+    s = RawFTP("127.0.0.1", server.port)
+    s.login_anonymous()
+    s.expect("TYPE I", 200)
+    s.expect(f"PORT {_hp(third)}", 200)
+    assert s.cmd("RETR /data/small").code == 150
+    conn, _ = third.accept()
+    with conn:
+        data = b"".join(iter(lambda: conn.recv(65536), b""))
+    assert data == (tree / "data" / "small").read_bytes()
+    assert s.reply().code == 226
+    s.expect("PORT 127,0,0,3,19,137", 501)            # 127.0.0.3 is not on the list
+    s.close()
+
+
+@pytest.mark.parametrize("mode", ["S", "E"])
+def test_failed_data_connections_look_alike(secure_server, grid_pki, mode):
+    """A closed port and a port where some other service listens (it answers with a banner and
+    hangs up, so the TLS handshake fails) get one and the same reply: the server is no port scanner."""
+    closed = _listener("127.0.0.1")
+    closed_port = closed.getsockname()[1]
+    closed.close()
+    other_service = _listener("127.0.0.1")
+
+    def serve_banner():
+        try:
+            conn, _ = other_service.accept()
+            conn.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+            conn.close()
+        except OSError:
+            pass
+
+    banner = threading.Thread(target=serve_banner, daemon=True)
+    banner.start()
+    answers = []
+    for port in (closed_port, other_service.getsockname()[1]):
+        s, _ = _tls_session(secure_server, grid_pki, grid_pki.alice.proxy)
+        for line in ("PBSZ 0", "PROT P", "USER :globus-mapping:", "TYPE I", f"MODE {mode}",
+                     f"PORT 127,0,0,1,{port >> 8},{port & 255}"):
+            assert s.cmd(line).ok, line
+        reply = s.cmd("RETR /data/small")
+        while reply.preliminary:
+            reply = s.reply()
+        answers.append((reply.code, reply.text))
+        s.close()
+    banner.join(timeout=10)
+    other_service.close()
+    assert answers[0][0] == 425 and answers[0] == answers[1], answers
