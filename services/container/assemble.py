@@ -16,7 +16,7 @@ from services.container.service import SoapService
 
 log = logging.getLogger("vmgrid.container")
 
-SERVICE_NAMES = ("repository", "authz", "vmmanager")
+SERVICE_NAMES = ("repository", "authz", "vmmanager", "jobs")
 
 
 def trust_store(config: Config) -> TrustStore:
@@ -59,6 +59,8 @@ def build_service(name: str, config: Config) -> SoapService:
         return AuthorizationService(config.state_dir("authz"), config.authz)
     if name == "vmmanager":
         return build_vmmanager(config)
+    if name == "jobs":  # jobs helper (issue 12 §3): the job service of the grid container in a VM
+        return build_jobs(config)
     raise ValueError(f"unknown service {name!r}; one of: {', '.join(SERVICE_NAMES)}")
 
 
@@ -84,6 +86,24 @@ def build_vmmanager(config: Config, vmm=None) -> SoapService:
     repository = RepositoryAccess(v.repository, credential, trust, parallel=v.staging_parallel)
     return VMManagerService(state, v, policy_point(config), vmm=vmm, repository=repository,
                             notifier=Notifier(credential, trust))
+
+
+def build_jobs(config: Config) -> SoapService:
+    """The job service ([jobs]) with its GridFTP face and signed notifications. Its credential is the
+    container's host credential ([security] host_cert/host_key); in a guest that will be the certificate
+    issued to the guest container over the guest channel (a later step): only these lines change."""
+    from services.jobs.service import JobService
+    from services.wsrf.notification import ConsumerPolicy, Notifier
+
+    j = config.jobs
+    credential, trust = host_credential(config), trust_store(config)
+    policy = ConsumerPolicy(tuple(j.consumer_allow))
+    service = JobService(config.state_dir("jobs"), j, credential=credential, trust=trust,
+                         notifier=Notifier(credential, trust, policy=policy), consumer_policy=policy,
+                         public_url=config.container.public_url)
+    if j.gridftp_port >= 0:
+        service.attach_transfers(config.container.host, credential, trust)
+    return service
 
 
 def build_container(config: Config, services: list[SoapService], *, port: int | None = None) -> Container:

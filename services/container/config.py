@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.authz.config import AuthzConfig, EnforcementConfig
+from services.jobs.config import JobsConfig
 from services.vmmanager.service import VMManagerConfig
 from services.vmrepository.service import RepositoryConfig
 
@@ -63,6 +64,7 @@ class Config:
     authz: AuthzConfig = field(default_factory=AuthzConfig)                  # vmgrid serve authz (docs/authz.md)
     enforcement: EnforcementConfig = field(default_factory=EnforcementConfig)  # where services ask for decisions
     vmmanager: VMManagerConfig = field(default_factory=VMManagerConfig)      # vmgrid serve vmmanager
+    jobs: JobsConfig = field(default_factory=JobsConfig)                     # vmgrid serve jobs (docs/jobs.md)
     source: str = "(defaults)"
 
     def state_dir(self, service: str) -> Path:

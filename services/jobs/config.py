@@ -21,3 +21,5 @@ class JobsConfig:
     sweep_interval: float = 1.0        # seconds between lifetime checks
     staging_parallel: int = 2          # GridFTP streams per staged file
     logs: dict[str, str] = field(default_factory=dict)   # GetLog: name -> file (e.g. container, guestd)
+    consumer_allow: list[str] = field(default_factory=list)  # networks notification consumers may be on even
+                                       # though loopback/link-local (e.g. "127.0.0.0/8" for a local grid)

@@ -16,6 +16,8 @@ from services.jobs.config import JobsConfig
 from services.jobs.runner import Exit, Process, job_environment, read_exit
 from services.jobs.staging import Stager, StagingError, inside, sha256_of
 from services.jobs.store import FINAL, Job, JobSpec, JobState, JobStore, OutputFile
+from services.wsrf.lifetime import Sweeper
+from services.wsrf.notification import Subscription, Subscriptions, new_subscription_key
 
 log = logging.getLogger("vmgrid.JobService")
 RULE = "instance-owner-or-vo-admin"
@@ -41,13 +43,14 @@ class JobManager:
         for d in (self.jobs_dir, self.control_dir, self.staging_dir):
             d.mkdir(parents=True, exist_ok=True)
         self.store = JobStore(self.state_dir / "jobs.sqlite")
+        self.subscriptions = Subscriptions(self.store.db, "subscriptions", "job")
         self.stager = stager_factory(self.staging_dir) if stager_factory else None
         self.listeners: list[StateListener] = []
         self._procs: dict[str, Process] = {}
         self._threads: dict[str, threading.Thread] = {}
         self._guard = threading.Lock()
         self._stop = threading.Event()
-        self._sweeper: threading.Thread | None = None
+        self._sweeper: Sweeper | None = None
         self._resume: list[tuple[str, Callable[[], None]]] = []
         self.reconcile_report = self.reconcile()
 
@@ -75,14 +78,13 @@ class JobManager:
         for key, run in self._resume:
             self._spawn(key, run)
         self._resume.clear()
-        self._sweeper = threading.Thread(target=self._sweep_loop, name="vmgrid-job-lifetimes", daemon=True)
-        self._sweeper.start()
+        self._sweeper = Sweeper(self.sweep, self.config.sweep_interval, name="vmgrid-job-lifetimes").start()
 
     def close(self) -> None:
         """Stop watching. Running jobs go on (their supervisors outlive the service) and are found again."""
         self._stop.set()
         if self._sweeper is not None:
-            self._sweeper.join(timeout=5)
+            self._sweeper.stop()
         self.store.close()
 
     # -- submission ---------------------------------------------------------------------------------------
@@ -316,6 +318,7 @@ class JobManager:
                 proc.kill(self.config.kill_grace)
             self._set_state(key, JobState.CANCELLED, ended=time.time(), failure=f"destroyed {why}")
         self.store.destroy(key)
+        self.subscriptions.drop(key)
         shutil.rmtree(self.jobs_dir / key, ignore_errors=True)
         shutil.rmtree(self.control_dir / key, ignore_errors=True)
         log.info("job %s destroyed %s", key, why)
@@ -333,14 +336,16 @@ class JobManager:
         self.store.update(key, termination=when)
         return when
 
-    def subscribe(self, dn: str, key: str, consumer: str, until: float | None) -> tuple[str, float]:
+    def subscribe(self, dn: str, key: str, consumer: str, until: float | None) -> Subscription:
+        """Record a subscription to the job's state changes (the consumer already checked by the caller's
+        policy); it ends with the job's lifetime at the latest."""
         job = self.job(dn, key, "job.subscribe")
         if not consumer.startswith(("https://", "http://")):
             raise InvalidArgument("the consumer reference needs an http(s) address", argument="ConsumerReference")
         expires = job.termination if until is None else min(until, job.termination)
-        sub = "sub-" + uuid.uuid4().hex
-        self.store.subscribe(sub, key, consumer, dn, expires)
-        return sub, expires
+        sub = Subscription(new_subscription_key(), key, consumer, dn, expires)
+        self.subscriptions.add(sub)
+        return sub
 
     def list(self, dn: str, include_ended: bool = False) -> list[Job]:
         self.check(dn, "job.list")
@@ -375,13 +380,6 @@ class JobManager:
             except Exception:
                 log.exception("could not destroy expired job %s", key)
         return expired
-
-    def _sweep_loop(self) -> None:
-        while not self._stop.wait(self.config.sweep_interval):
-            try:
-                self.sweep()
-            except Exception:
-                log.exception("job lifetime sweep failed")
 
     def reconcile(self) -> dict[str, int]:
         """At start (after a crash too): every live job is found again running (re-attached), ended (its

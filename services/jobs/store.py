@@ -1,5 +1,5 @@
-"""The job service's records in SQLite: jobs (written before anything is done for them, so a restart
-finds every job) and notification subscriptions."""
+"""The job service's records in SQLite: jobs, written before anything is done for them, so a restart
+finds every job (the notification subscriptions share the database: services.wsrf.notification)."""
 from __future__ import annotations
 
 import json
@@ -106,8 +106,6 @@ CREATE TABLE IF NOT EXISTS jobs (
     failure TEXT, pid INTEGER, pid_start TEXT, progress TEXT NOT NULL DEFAULT '{}',
     outputs TEXT NOT NULL DEFAULT '[]', cancel_requested INTEGER NOT NULL DEFAULT 0,
     destroyed INTEGER NOT NULL DEFAULT 0);
-CREATE TABLE IF NOT EXISTS subscriptions (
-    key TEXT PRIMARY KEY, job TEXT NOT NULL, consumer TEXT NOT NULL, dn TEXT NOT NULL, expires REAL NOT NULL);
 """
 COLUMNS = ("key", "owner", "state", "spec", "submitted", "termination", "started", "ended", "exit_code", "failure",
            "pid", "pid_start", "progress", "outputs", "cancel_requested")
@@ -182,21 +180,7 @@ class JobStore:
     def destroy(self, key: str) -> None:
         with self.db.write("destroy") as db:
             db.execute("UPDATE jobs SET destroyed = 1 WHERE key = ?", (key,))
-            db.execute("DELETE FROM subscriptions WHERE job = ?", (key,))
 
     def expired(self, now: float) -> list[str]:
         return [r[0] for r in self.db.conn().execute(
             "SELECT key FROM jobs WHERE destroyed = 0 AND termination <= ?", (now,))]
-
-    # -- subscriptions --------------------------------------------------------------------------
-    def subscribe(self, key: str, job: str, consumer: str, dn: str, expires: float) -> None:
-        with self.db.write("subscribe") as db:
-            db.execute("INSERT INTO subscriptions VALUES (?,?,?,?,?)", (key, job, consumer, dn, expires))
-
-    def subscriptions(self, job: str, now: float) -> list[str]:
-        return [r[0] for r in self.db.conn().execute(
-            "SELECT consumer FROM subscriptions WHERE job = ? AND expires > ?", (job, now))]
-
-    def drop_subscriptions(self, job: str) -> None:
-        with self.db.write("unsubscribe") as db:
-            db.execute("DELETE FROM subscriptions WHERE job = ?", (job,))
