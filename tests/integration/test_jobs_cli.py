@@ -122,3 +122,22 @@ def test_a_job_service_killed_and_restarted_answers_every_job_with_its_real_stat
     out = vmgrid(grid, "job", "wait", url, waiting).stdout
     assert "Done (exit code 0)" in out
     assert json.loads(vmgrid(grid, "job", "status", url, waiting, "--json").stdout)["stdoutTail"] == "ok\n"
+
+
+def test_the_configuration_examples_load_and_every_jobs_key_is_documented_with_its_default(tmp_path):
+    import dataclasses
+
+    from services.container.config import load_config
+    from services.jobs.config import JobsConfig
+
+    example = re.search(r"```toml\n(\[container\].*?)```", DOCS.read_text(), re.S).group(1)
+    (tmp_path / "jobs.toml").write_text(example)
+    cfg = load_config(tmp_path / "jobs.toml")
+    assert cfg.jobs.owner == "/O=Grid/OU=mysite/CN=alice" and set(cfg.jobs.logs) == {"container", "guestd"}
+    documented = (DOCS.parent / "configuration.md").read_text().split("## [jobs]")[1]
+    for f in dataclasses.fields(JobsConfig):
+        if f.default is dataclasses.MISSING:             # lists and tables: the key is there
+            assert re.search(rf"^({f.name} = |\[jobs\.{f.name}\])", documented, re.M), f.name
+            continue
+        line = re.search(rf"^{f.name} = (\S+)", documented, re.M)
+        assert line and line.group(1).strip('"') == str(f.default), f"[jobs] {f.name} in docs/configuration.md"
