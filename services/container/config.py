@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.authz.config import AuthzConfig, EnforcementConfig
-from services.vmmanager.service import VMManagerConfig
-from services.vmrepository.service import RepositoryConfig
+from services.vmmanager.config import VMManagerConfig
+from services.vmrepository.config import RepositoryConfig
 
 
 class ConfigError(ValueError):
