@@ -5,6 +5,8 @@ import argparse
 import importlib
 import sys
 
+from services.common.errors import CLIError  # the commands raise it (one class everywhere)
+
 # Each module exposes register(subparsers) and gives its parsers a `func(args) -> int`.
 COMMAND_MODULES = [
     "client.demo",               # vmgrid demo (the main job)
@@ -16,10 +18,6 @@ COMMAND_MODULES = [
     "security.cli",              # vmgrid ca ..., proxy-init, proxy-info
     "gridftp.cli",               # vmgrid transfer, vmgrid gridftp-server
 ]
-
-
-class CLIError(Exception):
-    """A user-facing error: printed as `vmgrid: <message>`, exit status 1."""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -32,17 +32,18 @@ def host_credential(config: Config):
 
 def policy_point(config: Config):
     """The policy decision point of this container's enforcing services: the Authorization service named by
-    [enforcement] authz_url (over signed SOAP with the host credential), else the built-in [policy]."""
+    [enforcement] authz_url (over signed SOAP with the host credential), else the policy engine over the
+    default site policy with the [policy] section's admins and VO groups."""
     e = config.enforcement
     if e.authz_url:
         from services.authz.client import ServicePolicyPoint
 
         return ServicePolicyPoint(e.authz_url, host_credential(config), trust_store(config), permit_ttl=e.permit_ttl,
                                   timeout=e.timeout, expected_host_dn=e.expected_host_dn or None)
-    from services.authz.pep import StaticVOPolicy
+    from services.authz.engine import site_policy_point
 
-    return StaticVOPolicy(vos={vo: {"members": v.members, "admins": v.admins} for vo, v in config.policy.vos.items()},
-                          admins=list(config.policy.admins))
+    return site_policy_point(config.policy.admins,
+                             {vo: {"members": v.members, "admins": v.admins} for vo, v in config.policy.vos.items()})
 
 
 def build_service(name: str, config: Config) -> SoapService:

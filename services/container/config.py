@@ -11,8 +11,8 @@ from pathlib import Path
 
 from services.authz.config import AuthzConfig, EnforcementConfig
 from services.jobs.config import JobsConfig
-from services.vmmanager.service import VMManagerConfig
-from services.vmrepository.service import RepositoryConfig
+from services.vmmanager.config import VMManagerConfig
+from services.vmrepository.config import RepositoryConfig
 
 
 class ConfigError(ValueError):

@@ -12,7 +12,6 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
@@ -26,6 +25,7 @@ from services.descriptor import WS, Descriptor, check_descriptor
 from services.faults import (InternalFault, InvalidArgument, InvalidDescriptor, LimitExceeded, ResourceUnknown,
                              VMGridFault, VMMFault)
 from services.vmmanager import states
+from services.vmmanager.config import VMManagerConfig
 from services.vmmanager.context import build_context, new_token, write_context_iso
 from services.vmmanager.imagecache import ImageCache
 from services.vmmanager.notify import Notifier, notify_envelope, utc
@@ -34,7 +34,7 @@ from services.vmmanager.store import COLUMNS, Instance, LeaseRange, NodeStore
 from services.vmmanager.vmm import (VMM, Disk, GuestChannel, InstanceSpec, InstanceState, KernelBoot,
                                     LifecycleEvent, LifecycleEventKind, Nic, Port, VMMError)
 from services.vmmanager.vmm.errors import InstanceNotFound
-from services.vmrepository.store import crashpoint
+from services.common.crash import crashpoint
 
 VMM_NS = "http://vmgrid.org/ns/vmmanager/1"
 WSA = "http://www.w3.org/2005/08/addressing"
@@ -48,32 +48,6 @@ RESOURCE_PROPERTIES = frozenset(
                                    "Created", "PhaseTimings", "StagingProgress", "GuestStatus", "Failure",
                                    "Lifetime")]
     + [f"{{{RL}}}TerminationTime", f"{{{RL}}}CurrentTime"])
-
-
-@dataclass
-class VMManagerConfig:
-    """[vmmanager] in the TOML configuration (docs/configuration.md)."""
-
-    node: str = ""                       # this node's name ("" = the host name)
-    vmm: str = "test"                    # test: libvirt's test driver; qemu: real guests (qemu:///embed)
-    vmm_root: str = ""                   # qemu:///embed root ("" = <state_dir>/qemu)
-    repository: str = ""                 # the VMRepository's URL (images are verified and staged from it)
-    network: str = "10.99.0.0/24"        # the subnet the instances live on
-    lease_range: str = "10.99.0.10-10.99.0.250"   # this node's addresses; nodes of one subnet: disjoint ranges
-    gateway: str = "10.99.0.1"
-    dns: list[str] = field(default_factory=list)
-    mac_prefix: str = "52:54:00"
-    nic_kind: str = "user"               # user (QEMU user-mode network), network or bridge
-    nic_source: str = ""                 # the libvirt network or bridge for nic_kind network/bridge
-    kernel: str = ""                     # boot method "kernel": the node's kernel, initrd and command line
-    initrd: str = ""
-    cmdline: str = "console=ttyS0 root=/dev/vda rw"
-    staging_parallel: int = 4            # GridFTP streams when staging an image
-    deploy_workers: int = 8              # deployments staged and started at once
-    sweep_interval: float = 1.0          # seconds between lifetime checks
-    guest_ready_timeout: float = 180.0   # seconds to wait for guestd's ready report (real guests)
-    shutdown_timeout: int = 60           # default ACPI shutdown grace before forcing off
-    hold_grace: int = 3600               # an image hold outlives the instance's lifetime by this much
 
 
 def _el(name: str, text: object | None = None, ns: str = VMM_NS) -> etree._Element:
