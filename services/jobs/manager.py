@@ -13,9 +13,9 @@ from typing import Callable
 
 from services.faults import AccessDenied, IllegalTransition, InvalidArgument, LimitExceeded, ResourceUnknown
 from services.jobs.config import JobsConfig
-from services.jobs.runner import Exit, Process, job_environment, read_exit
+from services.jobs.runner import Exit, Process, job_environment, read_exit, read_supervisor
 from services.jobs.staging import Stager, StagingError, inside, sha256_of
-from services.jobs.store import FINAL, Job, JobSpec, JobState, JobStore, OutputFile
+from services.jobs.store import Job, JobSpec, JobState, JobStore, OutputFile
 from services.wsrf.lifetime import Sweeper
 from services.wsrf.notification import Subscription, Subscriptions, new_subscription_key
 
@@ -115,7 +115,6 @@ class JobManager:
         for name, _ in spec.environment:
             if not VARIABLE.fullmatch(name):
                 raise InvalidArgument(f"{name!r} is not an environment variable name", argument="environment")
-        root = self.jobs_dir
         paths = [("directory", spec.directory), ("stdin", spec.stdin), ("stdout", spec.stdout),
                  ("stderr", spec.stderr)] + [("stageIn", s.name) for s in spec.stage_in] + \
                 [("stageOut", s.name) for s in spec.stage_out]
@@ -134,7 +133,6 @@ class JobManager:
                                       argument="stageIn")
         if any(s.destination for s in spec.stage_out) and self.stager is None:
             raise InvalidArgument("this job service has no GridFTP credential to send files", argument="stageOut")
-        del root
 
     # -- running ------------------------------------------------------------------------------------------
     def _spawn(self, key: str, target: Callable[[], None]) -> None:
@@ -403,6 +401,16 @@ class JobManager:
                                         "exit status")
                 report["failed_lost"] += 1
                 continue
+            started = read_supervisor(control) if job.state in LIVE_BEFORE_RUN else None
+            if started is not None:          # it died between starting the program and recording it
+                proc = Process.reattach(*started, control)
+                exit = read_exit(control / "exit.json")
+                if proc is not None or exit.code is not None:
+                    self._set_state(key, JobState.ACTIVE, started=time.time(), pid=started[0], pid_start=started[1])
+                    self._resume.append((key, (lambda k=key, p=proc: self._watch(k, p)) if proc is not None else
+                                         (lambda k=key, e=exit: self._finish(k, e))))
+                    report["reattached" if proc is not None else "finished"] += 1
+                    continue
             self._set_state(key, JobState.FAILED, ended=time.time(),
                             failure=f"Interrupted: the job service restarted while the job was {job.state.value}"
                                     + ("; the program had ended" if job.state == JobState.STAGE_OUT else

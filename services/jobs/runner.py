@@ -105,6 +105,15 @@ def _killpg(pgid: int, sig: int) -> None:
         pass
 
 
+def read_supervisor(control: Path) -> tuple[int, str] | None:
+    """The pid and start time the job's supervisor recorded when it started, if it did."""
+    try:
+        data = json.loads((control / "shim.json").read_text())
+        return int(data["pid"]), str(data["start"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def read_exit(status_path: Path) -> Exit:
     try:
         data = json.loads(status_path.read_text())

@@ -43,9 +43,18 @@ def write_status(path: str, status: dict) -> None:
     os.replace(tmp, path)
 
 
+def own_start_time() -> str:
+    with open("/proc/self/stat") as f:
+        stat = f.read()
+    return stat[stat.rfind(")") + 2:].split()[19]
+
+
 def main(spec_path: str) -> int:
     with open(spec_path) as f:
         spec = json.load(f)
+    # who supervises this job, before the program starts: a service that died before recording it finds it here
+    write_status(os.path.join(os.path.dirname(spec["status"]), "shim.json"),
+                 {"pid": os.getpid(), "start": own_start_time()})
     status: dict = {"exit": None, "dropped": {}}
     # Cancel signals the whole group: the shim lives on to record how the program ended (a handler,
     # not SIG_IGN, so the program itself gets the default disposition back at exec).

@@ -147,9 +147,8 @@ class JobStore:
         return self.db.conn().execute("SELECT COUNT(*) FROM jobs WHERE destroyed = 0 AND state NOT IN (?,?,?)",
                                       finals).fetchone()[0]
 
-    def update(self, key: str, **values) -> None:
-        if not values:
-            return
+    @staticmethod
+    def _columns(values: dict) -> dict:
         conv = {}
         for k, v in values.items():
             if k == "state":
@@ -161,6 +160,12 @@ class JobStore:
             elif k == "cancel_requested":
                 v = int(bool(v))
             conv[k] = v
+        return conv
+
+    def update(self, key: str, **values) -> None:
+        if not values:
+            return
+        conv = self._columns(values)
         with self.db.write("update") as db:
             db.execute(f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in conv)} WHERE key = ?", (*conv.values(), key))
 
@@ -173,8 +178,8 @@ class JobStore:
             old = JobState(row[0])
             if (expect is not None and old not in expect) or old in FINAL:
                 return None
-            db.execute("UPDATE jobs SET state = ? WHERE key = ?", (new.value, key))
-        self.update(key, **values)
+            conv = self._columns({**values, "state": new})      # one transaction: never final without its end
+            db.execute(f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in conv)} WHERE key = ?", (*conv.values(), key))
         return old
 
     def destroy(self, key: str) -> None:

@@ -24,7 +24,7 @@ from services.faults import AccessDenied, IllegalTransition, InvalidArgument, Re
 from services.jobs.client import JobClient
 from services.jobs.config import JobsConfig
 from services.jobs.store import JobSpec, StageIn, StageOut
-from services.jobs.wire import JOB, KEY_TAG
+from services.jobs.wire import JOB
 from tests.fixtures.grid import base_config
 from tests.fixtures.repository import signed_call
 

@@ -47,7 +47,10 @@ def wait_final(m: JobManager, key: str):
 def shut(m: JobManager) -> None:
     """End what a test left running (no job outlives its test), then close the manager."""
     for job in m.store.list(live_only=True):
-        m.cancel(OWNER, job.key)
+        try:
+            m.cancel(OWNER, job.key)
+        except IllegalTransition:        # it ended meanwhile
+            pass
     wait_until(lambda: not m._threads)
     m.close()
 
@@ -196,14 +199,19 @@ def test_a_restarted_service_reattaches_running_jobs_and_fails_the_lost_ones_wit
                                               f"time.sleep(0.05)\nprint('released')")))
     lost = m.submit(OWNER, JobSpec(PY, ("-c", "import time; time.sleep(300)")))
     finished = m.submit(OWNER, JobSpec(PY, ("-c", "print('early')")))
-    wait_until(lambda: all(m.store.get(j.key).state == JobState.ACTIVE for j in (waiter, lost)))
+    unrecorded = m.submit(OWNER, JobSpec(PY, ("-c", f"import os, time\nwhile not os.path.exists({str(release)!r}): "
+                                                  f"time.sleep(0.05)")))
+    wait_until(lambda: all(m.store.get(j.key).state == JobState.ACTIVE for j in (waiter, lost, unrecorded)))
     wait_final(m, finished.key)
-    staging = m.submit(OWNER, JobSpec("true"))
+    staging = m.submit(OWNER, JobSpec("true", stage_in=(StageIn("staged:absent", "x"),)))   # never runs a program
     wait_final(m, staging.key)
     m.close()                                          # the service goes away; its jobs' supervisors do not
     from services.jobs.store import JobStore
     store = JobStore(state / "jobs.sqlite")            # as if it died while staging this one in
     store.db.conn().execute("UPDATE jobs SET state = 'StageIn', ended = NULL WHERE key = ?", (staging.key,))
+    # as if it died after starting this one's program but before recording it
+    store.db.conn().execute("UPDATE jobs SET state = 'StageIn', pid = NULL, started = NULL WHERE key = ?",
+                            (unrecorded.key,))
     pid = store.get(lost.key).pid
     store.close()
     os.killpg(pid, signal.SIGKILL)                     # this one's supervisor dies with it: no exit status
@@ -211,8 +219,9 @@ def test_a_restarted_service_reattaches_running_jobs_and_fails_the_lost_ones_wit
 
     m2 = manager(state)
     try:
-        assert m2.reconcile_report == {"reattached": 1, "finished": 0, "failed_interrupted": 1, "failed_lost": 1}
+        assert m2.reconcile_report == {"reattached": 2, "finished": 0, "failed_interrupted": 1, "failed_lost": 1}
         assert m2.job(OWNER, waiter.key).state == JobState.ACTIVE
+        assert m2.job(OWNER, unrecorded.key).state == JobState.ACTIVE      # found by its supervisor's record
         assert m2.job(OWNER, finished.key).state == JobState.DONE
         l, s = m2.job(OWNER, lost.key), m2.job(OWNER, staging.key)
         assert l.state == JobState.FAILED and l.failure.startswith("Lost:")
@@ -220,6 +229,7 @@ def test_a_restarted_service_reattaches_running_jobs_and_fails_the_lost_ones_wit
         release.touch()
         done = wait_final(m2, waiter.key)
         assert done.state == JobState.DONE and done.exit_code == 0 and m2.tail(done, "stdout") == "released\n"
+        assert wait_final(m2, unrecorded.key).state == JobState.DONE
     finally:
         release.touch()
         shut(m2)
