@@ -97,6 +97,8 @@ def build_jobs(config: Config) -> SoapService:
     from services.wsrf.notification import ConsumerPolicy, Notifier
 
     j = config.jobs
+    if not j.owner:
+        raise ValueError("the job service needs the instance owner's DN: set [jobs] owner")
     credential, trust = host_credential(config), trust_store(config)
     policy = ConsumerPolicy(tuple(j.consumer_allow))
     service = JobService(config.state_dir("jobs"), j, credential=credential, trust=trust,

@@ -141,3 +141,12 @@ def test_the_configuration_examples_load_and_every_jobs_key_is_documented_with_i
             continue
         line = re.search(rf"^{f.name} = (\S+)", documented, re.M)
         assert line and line.group(1).strip('"') == str(f.default), f"[jobs] {f.name} in docs/configuration.md"
+
+
+def test_a_job_service_without_an_owner_does_not_start(tmp_path):
+    cfg = tmp_path / "jobs.toml"
+    cfg.write_text(f'[container]\nport = 0\nstate_dir = "{tmp_path / "state"}"\n')
+    r = subprocess.run([PY, "-m", "client.cli", "serve", "jobs", "-c", str(cfg)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 1
+    assert r.stderr == "vmgrid: the job service needs the instance owner's DN: set [jobs] owner\n"
