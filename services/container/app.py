@@ -65,6 +65,12 @@ class SoapApplication:
             return _plain(start_response, "200 OK", "\n".join(lines) + "\n")
         return _plain(start_response, "404 Not Found", "not found\n")
 
+    def bind(self, base_url: str) -> None:
+        """The container serves at ``base_url`` (configured or bound): each service learns its public address."""
+        self.public_url = base_url.rstrip("/")
+        for s in self.services.values():
+            s.bind(f"{self.public_url}{SERVICES_PATH}{s.name}")
+
     def base_url(self, environ) -> str:
         if self.public_url:
             return self.public_url

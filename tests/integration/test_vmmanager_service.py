@@ -351,7 +351,7 @@ def test_a_notification_not_signed_by_a_host_is_refused(grid_pki):
     import requests
 
     from security.wssec import sign_envelope
-    from services.vmmanager.notify import notify_envelope
+    from services.vmmanager.wire import state_change_envelope as notify_envelope
 
     with NotificationConsumer(grid_pki.trust()) as consumer:
         env = notify_envelope(consumer.url, "https://x/", "inst-" + "0" * 32, "x", "Running", "Paused", time.time())
