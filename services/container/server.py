@@ -64,7 +64,7 @@ class Container:
     def start(self) -> "Container":
         """Bind and serve in a background thread; returns once the port is bound."""
         self.server.prepare()
-        self.app.bind(self.public_base_url)
+        self.app.bind(self.public_base_url, self.base_url)
         self._thread = threading.Thread(target=self.server.serve, name="vmgrid-container", daemon=True)
         self._thread.start()
         for s in self.services:
