@@ -4,6 +4,7 @@ errors of services.faults, and the verified response payload handed back as XML.
 from __future__ import annotations
 
 import threading
+import uuid
 from pathlib import Path
 
 import requests
@@ -14,6 +15,7 @@ from zeep.plugins import Plugin
 from urllib.parse import urlsplit
 
 from security.client import GridTransport, GridWSSE
+from services.container.addressing import WSA, request_headers
 from security.pki import Credential
 from security.trust import TrustStore
 from services.faults import VMGridFault, from_detail
@@ -42,10 +44,21 @@ class _Capture(Plugin):
     fills in element text zeep cannot render (the mixed content of a WS-RP QueryExpression) before
     the request is signed (zeep applies plugins before WS-Security)."""
 
-    def __init__(self):
+    def __init__(self, url: str = ""):
         self.local = threading.local()
+        self.url = url
 
     def egress(self, envelope, http_headers, operation, binding_options):
+        # WS-Addressing To / Action / MessageID, signed with the rest: the service refuses a request
+        # addressed elsewhere or to another operation (services.container.addressing)
+        header = envelope.find(f"{{{SOAP_ENV}}}Header")
+        if header is None:
+            header = etree.Element(f"{{{SOAP_ENV}}}Header")
+            envelope.insert(0, header)
+        if header.find(f"{{{WSA}}}To") is None:
+            action = getattr(operation, "soapaction", "") or ""
+            for h in request_headers(self.url, action, f"urn:uuid:{uuid.uuid4()}"):
+                header.append(h)
         fill = getattr(self.local, "text_fill", None)
         if fill:
             for tag, text in fill.items():
@@ -89,7 +102,7 @@ class GridServiceClient:
         self.url = url.split("?")[0]
         self.credential = credential
         self.trust = trust
-        self._capture = _Capture()
+        self._capture = _Capture(self.url)
         wsse = GridWSSE(credential, trust, expected_host_dn=expected_host_dn)
         transport = SameOriginTransport(self.url, wsse)
         settings = zeep.Settings(strict=True, xml_huge_tree=False, forbid_dtd=True, forbid_entities=True,

@@ -14,6 +14,7 @@ from lxml import etree
 
 from security.wssec import must_understand_violations
 from services.container import soap
+from services.container.addressing import AddressingFault, check_request
 from services.container.contract import SCHEMA_PATH, SERVICES_PATH, served_schema
 from services.container.service import CallContext, SoapService
 from services.descriptor import WORKSPACE_TAG, check_descriptor
@@ -65,6 +66,14 @@ class SoapApplication:
             return _plain(start_response, "200 OK", "\n".join(lines) + "\n")
         return _plain(start_response, "404 Not Found", "not found\n")
 
+    def bind(self, base_url: str, *aliases: str) -> None:
+        """The container serves at ``base_url`` (configured or bound): each service learns its public address;
+        ``aliases`` (the bound address) are also accepted in a request's wsa:To."""
+        self.public_url = base_url.rstrip("/")
+        for s in self.services.values():
+            s.bind(f"{self.public_url}{SERVICES_PATH}{s.name}")
+            s.addresses = (s.address, *(f"{a.rstrip('/')}{SERVICES_PATH}{s.name}" for a in aliases))
+
     def base_url(self, environ) -> str:
         if self.public_url:
             return self.public_url
@@ -92,6 +101,7 @@ class SoapApplication:
             if op is None:
                 raise soap.EnvelopeError(f"{service.name} has no operation for {payload.tag}")
             op_name = op.name
+            check_request(headers, service.addresses, op.soap_action, environ.get("HTTP_SOAPACTION"))
             self._validate_request(service, payload)
             wsa = soap.wsa_headers(headers)
             ctx = CallContext(service, op.name, caller, headers, wsa, base)
@@ -103,6 +113,9 @@ class SoapApplication:
         except VMGridFault as exc:
             outcome = f"fault:{exc.element}"
             env, status = soap.typed_fault_envelope(exc), "500 Internal Server Error"
+        except AddressingFault as exc:
+            outcome = f"fault:wsa-{exc.code}"
+            env, status = exc.envelope(), "500 Internal Server Error"
         except soap.EnvelopeError as exc:
             outcome = f"fault:soap-{exc.code}"
             env, status = soap.fault_envelope(exc.code, str(exc)), "500 Internal Server Error"

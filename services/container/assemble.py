@@ -68,10 +68,10 @@ def build_service(name: str, config: Config) -> SoapService:
 def build_vmmanager(config: Config, vmm=None) -> SoapService:
     """A node: its VMM (libvirt's test driver, or QEMU through qemu:///embed), the repository it stages
     from, its notifier, all with the host credential."""
-    from services.vmmanager.notify import Notifier
     from services.vmmanager.repository import RepositoryAccess
     from services.vmmanager.service import VMManagerService
     from services.vmmanager.vmm import open_vmm
+    from services.wsrf.notification import ConsumerPolicy, DeliveryLimits, Notifier
 
     v = config.vmmanager
     if not config.enforcement.authz_url:
@@ -86,7 +86,8 @@ def build_vmmanager(config: Config, vmm=None) -> SoapService:
             vmm = open_vmm(v.vmm)
     repository = RepositoryAccess(v.repository, credential, trust, parallel=v.staging_parallel)
     return VMManagerService(state, v, policy_point(config), vmm=vmm, repository=repository,
-                            notifier=Notifier(credential, trust))
+                            notifier=Notifier(credential, trust, policy=ConsumerPolicy(tuple(v.consumers_allow)),
+                                              limits=DeliveryLimits(deadline=v.notify_deadline)))
 
 
 def build_jobs(config: Config) -> SoapService:
@@ -127,4 +128,24 @@ def build_container(config: Config, services: list[SoapService], *, port: int | 
         log.warning("TLS is off: messages are still signed, but not encrypted")
     return Container(services, host=c.host, port=c.port if port is None else port, middleware=middleware,
                      ssl_adapter=adapter, public_url=c.public_url or None, threads=c.threads,
-                     validate_responses=c.validate_responses)
+                     validate_responses=c.validate_responses, public_host=certificate_host(credential))
+
+
+def certificate_host(credential) -> str | None:
+    """The host name the host certificate is issued for (its first DNS subjectAltName, else the name in
+    ``CN=host/<name>``): clients verify TLS against it, so it is the default public host name."""
+    from cryptography import x509
+
+    cert = credential.certificate
+    try:
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        dns = names.get_values_for_type(x509.DNSName)
+        if dns:
+            return dns[0]
+    except x509.ExtensionNotFound:
+        pass
+    for attr in cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME):
+        value = str(attr.value)
+        if value.startswith("host/"):
+            return value[len("host/"):]
+    return None

@@ -24,7 +24,8 @@ class ContainerConfig:
     host: str = "127.0.0.1"          # address to listen on
     port: int = 8443                 # 0 picks a free port
     tls: bool = True                 # HTTPS with the host certificate; may be off, signing never is
-    public_url: str = ""             # advertised in served WSDL; "" = from the request's Host
+    public_url: str = ""             # this container's public URL (WSDL, EPRs, the wsa:To it accepts);
+                                     # "" = https://<host certificate's name>:<port>
     state_dir: str = "var/vmgrid"    # each service keeps its state in <state_dir>/<service>
     threads: int = 16                # request threads per worker
     log_level: str = "info"

@@ -23,8 +23,9 @@ class Container:
 
     def __init__(self, services: Iterable[SoapService], *, host: str = "127.0.0.1", port: int = 0,
                  middleware: Middleware, ssl_adapter=None, public_url: str | None = None,
-                 threads: int = 16, validate_responses: bool = False):
+                 threads: int = 16, validate_responses: bool = False, public_host: str | None = None):
         self.services = list(services)
+        self.public_host = public_host   # the host name in the default public URL (the host certificate's)
         self.app = SoapApplication(self.services, public_url=public_url, validate_responses=validate_responses)
         self.wsgi_app = middleware(self.app)
         self.server = wsgi.Server((host, port), self.wsgi_app, numthreads=threads,
@@ -49,12 +50,21 @@ class Container:
         host = self.host if ":" not in self.host else f"[{self.host}]"
         return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
 
+    @property
+    def public_base_url(self) -> str:
+        """The configured public URL, else the bound address (the WSDL and the services' EPRs carry it)."""
+        if self.app.public_url:
+            return self.app.public_url
+        host = self.public_host or (self.host if ":" not in self.host else f"[{self.host}]")
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
+
     def url(self, service: str) -> str:
-        return f"{self.base_url}/wsrf/services/{service}"
+        return f"{self.public_base_url}/wsrf/services/{service}"
 
     def start(self) -> "Container":
         """Bind and serve in a background thread; returns once the port is bound."""
         self.server.prepare()
+        self.app.bind(self.public_base_url, self.base_url)
         self._thread = threading.Thread(target=self.server.serve, name="vmgrid-container", daemon=True)
         self._thread.start()
         for s in self.services:

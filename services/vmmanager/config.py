@@ -28,3 +28,7 @@ class VMManagerConfig:
     guest_ready_timeout: float = 180.0   # seconds to wait for guestd's ready report (real guests)
     shutdown_timeout: int = 60           # default ACPI shutdown grace before forcing off
     hold_grace: int = 3600               # an image hold outlives the instance's lifetime by this much
+    # Subscribe: consumer networks allowed besides the default (any http(s) address that is not this node's
+    # loopback or link-local); e.g. ["127.0.0.0/8"] where clients listen on the nodes' own machine
+    consumers_allow: list[str] = field(default_factory=list)
+    notify_deadline: float = 10.0        # seconds for one notification delivery, connect to answer
