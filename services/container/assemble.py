@@ -103,8 +103,7 @@ def build_jobs(config: Config) -> SoapService:
     credential, trust = host_credential(config), trust_store(config)
     policy = ConsumerPolicy(tuple(j.consumer_allow))
     service = JobService(config.state_dir("jobs"), j, credential=credential, trust=trust,
-                         notifier=Notifier(credential, trust, policy=policy), consumer_policy=policy,
-                         public_url=config.container.public_url)
+                         notifier=Notifier(credential, trust, policy=policy), consumer_policy=policy)
     if j.gridftp_port >= 0:
         service.attach_transfers(config.container.host, credential, trust)
     return service

@@ -37,8 +37,7 @@ class JobService(SoapService):
     extra_understood_headers = frozenset({wire.KEY_TAG})
 
     def __init__(self, state_dir: Path, config: JobsConfig, *, credential=None, trust=None,
-                 notifier: Notifier | None = None, consumer_policy: ConsumerPolicy | None = None,
-                 public_url: str = ""):
+                 notifier: Notifier | None = None, consumer_policy: ConsumerPolicy | None = None):
         super().__init__(state_dir)
         self.config = config
         stager = (lambda staging: Stager(credential, trust, staging, config.staging_parallel)) if credential else None
@@ -47,7 +46,6 @@ class JobService(SoapService):
         self.notifier = notifier
         self.consumer_policy = consumer_policy or ConsumerPolicy()
         self.transfers: JobTransfers | None = None
-        self.service_url = f"{public_url.rstrip('/')}/wsrf/services/{self.name}" if public_url else ""
         self.log.info("job service for %s reconciled: %s", config.owner, self.jobs.reconcile_report)
 
     def attach_transfers(self, host: str, credential, trust) -> None:
@@ -73,16 +71,16 @@ class JobService(SoapService):
         self.jobs.close()
 
     # -- helpers ---------------------------------------------------------------------------------------------
-    def _learn_url(self, ctx: CallContext) -> None:
-        if not self.service_url:
-            self.service_url = f"{ctx.base_url}/wsrf/services/{self.name}"
+    @property
+    def service_url(self) -> str:
+        """This service's public URL, which the container binds it to (the EPRs' address)."""
+        return self.address
 
     def _epr(self, key: str) -> EndpointReference:
         return EndpointReference.of(self.service_url, wire.KEY_TAG, key)
 
     def _job(self, ctx: CallContext, action: str) -> Job:
         """The job the request's JobKey header names, once the caller is known to be allowed at all."""
-        self._learn_url(ctx)
         self.jobs.check(ctx.dn, action)
         key = resource_key(ctx.headers, wire.KEY_TAG, "job")
         if not wire.KEY_PATTERN.fullmatch(key):    # headers are not schema-validated with the body
@@ -107,7 +105,6 @@ class JobService(SoapService):
     # -- the factory -------------------------------------------------------------------------------------------
     @operation("SubmitJob")
     def submit_job(self, ctx, req):
-        self._learn_url(ctx)
         self.jobs.check(ctx.dn, "job.submit")
         job = self.jobs.submit(ctx.dn, wire.parse_submit(req))
         resp = _el("SubmitJobResponse")
@@ -116,7 +113,6 @@ class JobService(SoapService):
 
     @operation("ListJobs")
     def list_jobs(self, ctx, req):
-        self._learn_url(ctx)
         ended = (req.findtext("job:includeEnded", namespaces=wire.NS) or "false").strip() in ("true", "1")
         resp = _el("ListJobsResponse")
         for job in self.jobs.list(ctx.dn, include_ended=ended):
