@@ -14,7 +14,7 @@ from lxml import etree
 
 from security.wssec import must_understand_violations
 from services.container import soap
-from services.container.addressing import AddressingFault, check_request
+from services.container.addressing import AddressingFault, check_request, normalize
 from services.container.contract import SCHEMA_PATH, SERVICES_PATH, served_schema
 from services.container.service import CallContext, SoapService
 from services.descriptor import WORKSPACE_TAG, check_descriptor
@@ -36,6 +36,7 @@ class SoapApplication:
                  validate_responses: bool = False):
         self.services = {s.name: s for s in services}
         self.public_url = public_url.rstrip("/") if public_url else None
+        self.aliases: dict[str, str] = {}
         self.validate_responses = validate_responses
 
     # -- WSGI ------------------------------------------------------------------------------
@@ -70,15 +71,19 @@ class SoapApplication:
         """The container serves at ``base_url`` (configured or bound): each service learns its public address;
         ``aliases`` (the bound address) are also accepted in a request's wsa:To."""
         self.public_url = base_url.rstrip("/")
+        self.aliases = {normalize(a): a.rstrip("/") for a in aliases}
         for s in self.services.values():
             s.bind(f"{self.public_url}{SERVICES_PATH}{s.name}")
             s.addresses = (s.address, *(f"{a.rstrip('/')}{SERVICES_PATH}{s.name}" for a in aliases))
 
     def base_url(self, environ) -> str:
-        if self.public_url:
-            return self.public_url
+        """The base URL the contract is served with: the configured public URL, or the container's bound
+        address when the request names that (a fixed set: nothing a request names grows the caches)."""
         host = environ.get("HTTP_HOST") or f"{environ.get('SERVER_NAME')}:{environ.get('SERVER_PORT')}"
-        return f"{environ.get('wsgi.url_scheme', 'http')}://{host}"
+        asked = f"{environ.get('wsgi.url_scheme', 'http')}://{host}"
+        if self.public_url:
+            return self.aliases.get(normalize(asked), self.public_url)
+        return asked
 
     # -- SOAP dispatch -----------------------------------------------------------------------
     def _dispatch(self, service: SoapService, environ, start_response, base: str):
