@@ -5,6 +5,8 @@ import argparse
 import importlib
 import sys
 
+from services.common.errors import CLIError  # the commands raise it (one class everywhere)
+
 # Each module exposes register(subparsers) and gives its parsers a `func(args) -> int`.
 COMMAND_MODULES = [
     "client.demo",               # vmgrid demo (the main job)
@@ -12,14 +14,11 @@ COMMAND_MODULES = [
     "client.commands_image",     # vmgrid image ...
     "client.commands_vm",        # vmgrid vm ..., vmgrid report
     "client.commands_authz",     # vmgrid authz ...
+    "client.commands_job",       # vmgrid job ... (the job service in a VM)
     "services.container.cli",    # vmgrid serve ...
     "security.cli",              # vmgrid ca ..., proxy-init, proxy-info
     "gridftp.cli",               # vmgrid transfer, vmgrid gridftp-server
 ]
-
-
-class CLIError(Exception):
-    """A user-facing error: printed as `vmgrid: <message>`, exit status 1."""
 
 
 def build_parser() -> argparse.ArgumentParser:

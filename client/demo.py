@@ -10,7 +10,7 @@ from pathlib import Path
 
 from client.cli import CLIError
 from client.output import emit_descriptors, table
-from services.container.contract import WSDL_DIR
+from services.common.paths import WSDL_DIR
 
 EXAMPLES = WSDL_DIR / "examples"
 SAMPLE_IMAGES = [  # descriptor, image format, virtual size

@@ -167,7 +167,9 @@ class LocalGrid:
         through the central Authorization service and stages from the central repository."""
         return self.start(name, ["vmmanager"], {
             "enforcement": self.enforcement(),
-            "vmmanager": {"node": name, "repository": f"{self.services_url}/VMRepositoryService", **vmmanager},
+            "vmmanager": {"node": name, "repository": f"{self.services_url}/VMRepositoryService",
+                          # the local grid's clients listen on this machine: their consumers are on loopback
+                          "consumers_allow": ["127.0.0.0/8"], **vmmanager},
         }, extra_env=extra_env)
 
     def wait_ready(self, sp: ServiceProcess, timeout: float = 30) -> None:

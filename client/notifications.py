@@ -11,6 +11,8 @@ from cheroot import wsgi
 from security.pki import host_of
 from security.trust import TrustStore
 from security.wssec import WSSecurityError, verify_envelope
+from services.container.addressing import AddressingFault, check_request
+from services.wsrf.namespaces import NOTIFY_ACTION
 
 WSNT = "http://docs.oasis-open.org/wsn/b-2"
 VMM = "http://vmgrid.org/ns/vmmanager/1"
@@ -69,7 +71,12 @@ class NotificationConsumer:
         try:
             caller, root = verify_envelope(body, self.trust,
                                            expected_signer=lambda c: host_of(c.dn) is not None)
-        except WSSecurityError as exc:
+            # the signed wsa:To must be this consumer and the Action Notify (a Notify signed for another
+            # consumer is refused here)
+            header = root.find(f"{{{SOAP}}}Header")
+            check_request(list(header) if header is not None else [], [self.url], NOTIFY_ACTION,
+                          environ.get("HTTP_SOAPACTION"))
+        except (WSSecurityError, AddressingFault) as exc:
             self.refused += 1
             start_response("500 Internal Server Error", [("Content-Type", "text/plain")])
             return [f"refused: {exc}\n".encode()]

@@ -10,18 +10,14 @@ from typing import Callable
 from lxml import etree
 
 from client.soap import GridServiceClient
-from services.descriptor import WS
+from services.common.xsdtime import format_duration, to_datetime
+from services.vmmanager import wire
+from services.vmmanager.wire import ALL_PROPERTIES, KEY_HEADER, NS, property_qname
+from services.wsrf.epr import EndpointReference
 
-VMM = "http://vmgrid.org/ns/vmmanager/1"
-WSA = "http://www.w3.org/2005/08/addressing"
-RP = "http://docs.oasis-open.org/wsrf/rp-2"
-RL = "http://docs.oasis-open.org/wsrf/rl-2"
-WSNT = "http://docs.oasis-open.org/wsn/b-2"
-NS = {"vmm": VMM, "wsa": WSA, "wsrf-rp": RP, "wsrf-rl": RL, "wsnt": WSNT, "ws": WS}
+
+VMM = wire.VMM_NS
 FINAL_STATES = ("Destroyed", "Failed")
-ALL_PROPERTIES = ("Identifier", "State", "Node", "Owner", "Image", "Hardware", "Address", "Mac", "Created",
-                  "TerminationTime", "CurrentTime", "PhaseTimings", "StagingProgress", "GuestStatus", "Failure",
-                  "Lifetime")
 
 
 @dataclass(frozen=True)
@@ -33,20 +29,14 @@ class InstanceRef:
 
     @classmethod
     def from_epr(cls, epr: etree._Element) -> "InstanceRef":
-        return cls(epr.findtext("wsa:Address", namespaces=NS).strip(),
-                   epr.findtext("wsa:ReferenceParameters/vmm:InstanceKey", namespaces=NS).strip())
+        ref = EndpointReference.from_element(epr)
+        return cls(ref.address, ref.parameter(KEY_HEADER))
 
     def header(self) -> etree._Element:
-        el = etree.Element(f"{{{VMM}}}InstanceKey", nsmap={"vmm": VMM, "wsa": WSA})
-        el.set(f"{{{WSA}}}IsReferenceParameter", "true")
-        el.text = self.key
-        return el
+        return EndpointReference.of(self.address, KEY_HEADER, self.key).headers()[0]
 
 
-def _time(text: str | None) -> datetime | None:
-    if not text:
-        return None
-    return datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+_time = to_datetime
 
 
 @dataclass
@@ -173,19 +163,19 @@ class VMManagerClient:
         if when is not None:
             kwargs = {"RequestedTerminationTime": when.astimezone(timezone.utc)}
         else:
-            kwargs = {"RequestedLifetimeDuration": f"PT{int(seconds)}S"}
+            kwargs = {"RequestedLifetimeDuration": format_duration(int(seconds))}
         resp = self._on(ref, "SetTerminationTime", **kwargs)
         return (_time(resp.findtext("wsrf-rl:NewTerminationTime", namespaces=NS)),
                 _time(resp.findtext("wsrf-rl:CurrentTime", namespaces=NS)))
 
     def properties(self, ref: InstanceRef, *names: str) -> etree._Element:
         """GetMultipleResourceProperties: the response element holding the asked properties."""
-        qnames = [etree.QName(RL if n in ("TerminationTime", "CurrentTime") else VMM, n) for n in names]
+        qnames = [property_qname(n) for n in names]
         return self._on(ref, "GetMultipleResourceProperties", ResourceProperty=qnames)
 
     def property(self, ref: InstanceRef, name: str) -> list[etree._Element]:
         """GetResourceProperty: the elements of one property."""
-        qname = etree.QName(RL if name in ("TerminationTime", "CurrentTime") else VMM, name)
+        qname = property_qname(name)
         return list(self._on(ref, "GetResourceProperty", qname))
 
     def status(self, ref: InstanceRef) -> InstanceInfo:

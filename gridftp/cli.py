@@ -9,7 +9,7 @@ import threading
 import time
 from pathlib import Path
 
-from client.cli import CLIError
+from services.common.errors import CLIError
 
 from .errors import GridFTPError
 

@@ -14,7 +14,7 @@ from .pki import (DEFAULT_CA_DN, DEFAULT_OU, DEFAULT_PROXY_HOURS, CAError, Crede
 
 
 def _error(message: str):
-    from client.cli import CLIError
+    from services.common.errors import CLIError
     return CLIError(message)
 
 

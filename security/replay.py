@@ -5,12 +5,12 @@ message); `MemoryReplayCache()` serves a single process. Both expose `first_seen
 """
 from __future__ import annotations
 
-import os
-import sqlite3
 import threading
 import time
 from pathlib import Path
 from typing import Protocol
+
+from services.sqlite import Database
 
 
 class ReplayCache(Protocol):
@@ -44,53 +44,35 @@ class MemoryReplayCache:
 
 
 class SQLiteReplayCache:
-    """A replay cache in `<state_dir>/replay.sqlite`, safe across threads and processes."""
+    """A replay cache in `<state_dir>/replay.sqlite`, safe across threads and processes (services.sqlite)."""
 
     def __init__(self, state_dir: Path | str, filename: str = "replay.sqlite"):
         self.path = Path(state_dir) / filename
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = Database(self.path, synchronous="NORMAL", timeout=10)
         self._local = threading.local()
-        self._pid = os.getpid()
-        self._all: list[sqlite3.Connection] = []
-        self._lock = threading.Lock()
-        conn = self._conn()
-        conn.execute("CREATE TABLE IF NOT EXISTS seen (key BLOB PRIMARY KEY, expires REAL NOT NULL) WITHOUT ROWID")
-        conn.execute("CREATE INDEX IF NOT EXISTS seen_expires ON seen (expires)")
-
-    def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None or getattr(self._local, "pid", None) != os.getpid():
-            conn = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            self._local.conn, self._local.pid, self._local.count = conn, os.getpid(), 0
-            with self._lock:
-                self._all.append(conn)
-        return conn
+        with self._db.write("replay-schema") as conn:
+            conn.execute("CREATE TABLE IF NOT EXISTS seen (key BLOB PRIMARY KEY, expires REAL NOT NULL) WITHOUT ROWID")
+            conn.execute("CREATE INDEX IF NOT EXISTS seen_expires ON seen (expires)")
 
     def close(self) -> None:
         """Close every thread's connection (the container calls this when it stops)."""
-        with self._lock:
-            conns, self._all = self._all, []
-        for conn in conns:
-            try:
-                conn.close()
-            except sqlite3.Error:
-                pass
+        self._db.close()
         self._local = threading.local()
 
     def first_seen(self, key: bytes, expires_at: float) -> bool:
-        conn = self._conn()
+        conn = self._db.conn()
         now = time.time()
         cur = conn.execute(
             "INSERT INTO seen (key, expires) VALUES (?, ?) "
             "ON CONFLICT(key) DO UPDATE SET expires = excluded.expires WHERE seen.expires <= ?",
             (key, expires_at, now))
         fresh = cur.rowcount == 1
-        self._local.count += 1
-        if self._local.count % 500 == 0:
+        count = getattr(self._local, "count", 0) + 1
+        self._local.count = count
+        if count % 500 == 0:
             conn.execute("DELETE FROM seen WHERE expires <= ?", (now,))
         return fresh
 
     def __len__(self) -> int:
-        return self._conn().execute("SELECT count(*) FROM seen WHERE expires > ?", (time.time(),)).fetchone()[0]
+        return self._db.conn().execute("SELECT count(*) FROM seen WHERE expires > ?", (time.time(),)).fetchone()[0]

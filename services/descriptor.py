@@ -9,8 +9,19 @@ from datetime import datetime, timezone
 from lxml import etree
 
 from security.safexml import UnsafeXML, parse
-from services.container.contract import workspace_schema
+from services.common.paths import WSDL_DIR
 from services.faults import InvalidDescriptor
+
+_workspace_schema: etree.XMLSchema | None = None
+
+
+def workspace_schema() -> etree.XMLSchema:
+    """The descriptor schema, wsdl/workspace.xsd (loaded once; our own file: no network, no entities)."""
+    global _workspace_schema
+    if _workspace_schema is None:
+        parser = etree.XMLParser(resolve_entities=False, no_network=True)
+        _workspace_schema = etree.XMLSchema(etree.parse(str(WSDL_DIR / "workspace.xsd"), parser))
+    return _workspace_schema
 
 WS = "http://vmgrid.org/ns/workspace/1"
 NSMAP = {"ws": WS}

@@ -2,6 +2,7 @@
 them closed by ``close``), and write transactions that take SQLite's write lock up front."""
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from contextlib import contextmanager
@@ -11,8 +12,11 @@ from typing import Callable, Iterator
 
 class Database:
     def __init__(self, path: Path, *, on_connect: Callable[[sqlite3.Connection], None] | None = None,
-                 before_commit: Callable[[str], None] | None = None):
+                 before_commit: Callable[[str], None] | None = None, synchronous: str = "FULL",
+                 timeout: float = 30):
         self.path = Path(path)
+        self.synchronous = synchronous
+        self.timeout = timeout
         self._on_connect = on_connect
         self._before_commit = before_commit
         self._local = threading.local()
@@ -20,16 +24,16 @@ class Database:
         self._lock = threading.Lock()
 
     def conn(self) -> sqlite3.Connection:
-        """This thread's connection (autocommit mode: transactions are explicit)."""
+        """This thread's connection (autocommit mode: transactions are explicit); a forked child opens its own."""
         db = getattr(self._local, "db", None)
-        if db is None:
-            db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        if db is None or self._local.pid != os.getpid():
+            db = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
+            db.execute(f"PRAGMA synchronous={self.synchronous}")
             db.execute("PRAGMA foreign_keys=ON")
             if self._on_connect:
                 self._on_connect(db)
-            self._local.db = db
+            self._local.db, self._local.pid = db, os.getpid()
             with self._lock:
                 self._all.append(db)
         return db

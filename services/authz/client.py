@@ -12,7 +12,7 @@ from typing import Callable, Mapping
 
 import requests
 
-from client.soap import GridServiceClient, Unreachable
+from services.soapclient import GridServiceClient, Unreachable
 from security.pki import Credential
 from security.tls import grid_session
 from security.trust import TrustStore

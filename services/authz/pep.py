@@ -147,39 +147,3 @@ def _subject(caller) -> Subject:
     if isinstance(caller, Subject):
         return caller
     return Subject(caller.dn, bool(getattr(caller, "limited", False)))
-
-
-@dataclass
-class StaticVOPolicy:
-    """The repository's built-in policy until the Authorization service is configured: VO
-    membership and VO admins from the configuration; deny by default.
-
-    - a VO's members query, read, register into and duplicate its images;
-    - an image's owner and the VO's admins update, hold and remove it;
-    - ingest from a path on the repository host (``source=local``) only for repository admins.
-    """
-
-    vos: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # vo -> {"members": [...], "admins": [...]}
-    admins: list[str] = field(default_factory=list)
-
-    def groups(self, subject: Subject) -> list[str]:
-        return sorted(vo for vo, m in self.vos.items()
-                      if subject.dn in m.get("members", ()) or subject.dn in m.get("admins", ()))
-
-    def decide(self, subject, action, resource, context) -> Decision:
-        vo = resource.get("vo")
-        member = vo is not None and vo in self.groups(subject)
-        vo_admin = vo is not None and subject.dn in self.vos.get(vo, {}).get("admins", ())
-        if action in ("image.query", "image.list-vos"):
-            return Decision(True, "any authenticated subject; results limited to its VOs")
-        if action == "image.upload" and self.groups(subject):
-            return Decision(True, "a member of a VO uploads into its own area")
-        if action == "image.register" and context.get("source") == "local" and subject.dn not in self.admins:
-            return Decision(False, "local-path ingest is for repository admins")
-        if action in ("image.read", "image.register", "image.duplicate") and member:
-            return Decision(True, f"member of VO {vo}")
-        if action in ("image.update", "image.hold", "image.remove") and (vo_admin or (member and resource.get("owner") == subject.dn)):
-            return Decision(True, "owner" if resource.get("owner") == subject.dn else f"admin of VO {vo}")
-        if action == "image.release" and resource.get("owner") == subject.dn:
-            return Decision(True, "holder")
-        return Decision(False, "default deny")

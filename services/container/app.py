@@ -14,6 +14,7 @@ from lxml import etree
 
 from security.wssec import must_understand_violations
 from services.container import soap
+from services.container.addressing import AddressingFault, check_request, normalize
 from services.container.contract import SCHEMA_PATH, SERVICES_PATH, served_schema
 from services.container.service import CallContext, SoapService
 from services.descriptor import WORKSPACE_TAG, check_descriptor
@@ -39,6 +40,7 @@ class SoapApplication:
                  validate_responses: bool = False):
         self.services = {s.name: s for s in services}
         self.public_url = public_url.rstrip("/") if public_url else None
+        self.aliases: dict[str, str] = {}
         self.validate_responses = validate_responses
 
     # -- WSGI ------------------------------------------------------------------------------
@@ -69,11 +71,23 @@ class SoapApplication:
             return _plain(start_response, "200 OK", "\n".join(lines) + "\n")
         return _plain(start_response, "404 Not Found", "not found\n")
 
+    def bind(self, base_url: str, *aliases: str) -> None:
+        """The container serves at ``base_url`` (configured or bound): each service learns its public address;
+        ``aliases`` (the bound address) are also accepted in a request's wsa:To."""
+        self.public_url = base_url.rstrip("/")
+        self.aliases = {normalize(a): a.rstrip("/") for a in aliases}
+        for s in self.services.values():
+            s.bind(f"{self.public_url}{SERVICES_PATH}{s.name}")
+            s.addresses = (s.address, *(f"{a.rstrip('/')}{SERVICES_PATH}{s.name}" for a in aliases))
+
     def base_url(self, environ) -> str:
-        if self.public_url:
-            return self.public_url
+        """The base URL the contract is served with: the configured public URL, or the container's bound
+        address when the request names that (a fixed set: nothing a request names grows the caches)."""
         host = environ.get("HTTP_HOST") or f"{environ.get('SERVER_NAME')}:{environ.get('SERVER_PORT')}"
-        return f"{environ.get('wsgi.url_scheme', 'http')}://{host}"
+        asked = f"{environ.get('wsgi.url_scheme', 'http')}://{host}"
+        if self.public_url:
+            return self.aliases.get(normalize(asked), self.public_url)
+        return asked
 
     # -- SOAP dispatch -----------------------------------------------------------------------
     def _dispatch(self, service: SoapService, environ, start_response, base: str):
@@ -96,6 +110,7 @@ class SoapApplication:
             if op is None:
                 raise soap.EnvelopeError(f"{service.name} has no operation for {payload.tag}")
             op_name = op.name
+            check_request(headers, service.addresses, op.soap_action, environ.get("HTTP_SOAPACTION"))
             self._validate_request(service, payload)
             wsa = soap.wsa_headers(headers)
             ctx = CallContext(service, op.name, caller, headers, wsa, base)
@@ -112,6 +127,9 @@ class SoapApplication:
                 exc = InternalFault(f"{service.name}.{op_name} answered {exc.element}, which its WSDL operation "
                                     f"does not declare: {exc.description}")
             env, status = soap.typed_fault_envelope(exc), "500 Internal Server Error"
+        except AddressingFault as exc:
+            outcome = f"fault:wsa-{exc.code}"
+            env, status = exc.envelope(), "500 Internal Server Error"
         except soap.EnvelopeError as exc:
             outcome = f"fault:soap-{exc.code}"
             env, status = soap.fault_envelope(exc.code, str(exc)), "500 Internal Server Error"

@@ -16,7 +16,7 @@ from services.container.service import SoapService
 
 log = logging.getLogger("vmgrid.container")
 
-SERVICE_NAMES = ("repository", "authz", "vmmanager")
+SERVICE_NAMES = ("repository", "authz", "vmmanager", "jobs")
 
 
 def trust_store(config: Config) -> TrustStore:
@@ -32,17 +32,18 @@ def host_credential(config: Config):
 
 def policy_point(config: Config):
     """The policy decision point of this container's enforcing services: the Authorization service named by
-    [enforcement] authz_url (over signed SOAP with the host credential), else the built-in [policy]."""
+    [enforcement] authz_url (over signed SOAP with the host credential), else the policy engine over the
+    default site policy with the [policy] section's admins and VO groups."""
     e = config.enforcement
     if e.authz_url:
         from services.authz.client import ServicePolicyPoint
 
         return ServicePolicyPoint(e.authz_url, host_credential(config), trust_store(config), permit_ttl=e.permit_ttl,
                                   timeout=e.timeout, expected_host_dn=e.expected_host_dn or None)
-    from services.authz.pep import StaticVOPolicy
+    from services.authz.engine import site_policy_point
 
-    return StaticVOPolicy(vos={vo: {"members": v.members, "admins": v.admins} for vo, v in config.policy.vos.items()},
-                          admins=list(config.policy.admins))
+    return site_policy_point(config.policy.admins,
+                             {vo: {"members": v.members, "admins": v.admins} for vo, v in config.policy.vos.items()})
 
 
 def build_service(name: str, config: Config) -> SoapService:
@@ -59,16 +60,18 @@ def build_service(name: str, config: Config) -> SoapService:
         return AuthorizationService(config.state_dir("authz"), config.authz)
     if name == "vmmanager":
         return build_vmmanager(config)
+    if name == "jobs":  # jobs helper (issue 12 §3): the job service of the grid container in a VM
+        return build_jobs(config)
     raise ValueError(f"unknown service {name!r}; one of: {', '.join(SERVICE_NAMES)}")
 
 
 def build_vmmanager(config: Config, vmm=None) -> SoapService:
     """A node: its VMM (libvirt's test driver, or QEMU through qemu:///embed), the repository it stages
     from, its notifier, all with the host credential."""
-    from services.vmmanager.notify import Notifier
     from services.vmmanager.repository import RepositoryAccess
     from services.vmmanager.service import VMManagerService
     from services.vmmanager.vmm import open_vmm
+    from services.wsrf.notification import ConsumerPolicy, DeliveryLimits, Notifier
 
     v = config.vmmanager
     if not config.enforcement.authz_url:
@@ -83,7 +86,27 @@ def build_vmmanager(config: Config, vmm=None) -> SoapService:
             vmm = open_vmm(v.vmm)
     repository = RepositoryAccess(v.repository, credential, trust, parallel=v.staging_parallel, gsi=v.staging_gsi)
     return VMManagerService(state, v, policy_point(config), vmm=vmm, repository=repository,
-                            notifier=Notifier(credential, trust))
+                            notifier=Notifier(credential, trust, policy=ConsumerPolicy(tuple(v.consumers_allow)),
+                                              limits=DeliveryLimits(deadline=v.notify_deadline)))
+
+
+def build_jobs(config: Config) -> SoapService:
+    """The job service ([jobs]) with its GridFTP face and signed notifications. Its credential is the
+    container's host credential ([security] host_cert/host_key); in a guest that will be the certificate
+    issued to the guest container over the guest channel (a later step): only these lines change."""
+    from services.jobs.service import JobService
+    from services.wsrf.notification import ConsumerPolicy, Notifier
+
+    j = config.jobs
+    if not j.owner:
+        raise ValueError("the job service needs the instance owner's DN: set [jobs] owner")
+    credential, trust = host_credential(config), trust_store(config)
+    policy = ConsumerPolicy(tuple(j.consumer_allow))
+    service = JobService(config.state_dir("jobs"), j, credential=credential, trust=trust,
+                         notifier=Notifier(credential, trust, policy=policy), consumer_policy=policy)
+    if j.gridftp_port >= 0:
+        service.attach_transfers(config.container.host, credential, trust)
+    return service
 
 
 def build_container(config: Config, services: list[SoapService], *, port: int | None = None) -> Container:
@@ -105,4 +128,24 @@ def build_container(config: Config, services: list[SoapService], *, port: int | 
         log.warning("TLS is off: messages are still signed, but not encrypted")
     return Container(services, host=c.host, port=c.port if port is None else port, middleware=middleware,
                      ssl_adapter=adapter, public_url=c.public_url or None, threads=c.threads,
-                     validate_responses=c.validate_responses, limits=c.limits)
+                     validate_responses=c.validate_responses, public_host=certificate_host(credential), limits=c.limits)
+
+
+def certificate_host(credential) -> str | None:
+    """The host name the host certificate is issued for (its first DNS subjectAltName, else the name in
+    ``CN=host/<name>``): clients verify TLS against it, so it is the default public host name."""
+    from cryptography import x509
+
+    cert = credential.certificate
+    try:
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        dns = names.get_values_for_type(x509.DNSName)
+        if dns:
+            return dns[0]
+    except x509.ExtensionNotFound:
+        pass
+    for attr in cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME):
+        value = str(attr.value)
+        if value.startswith("host/"):
+            return value[len("host/"):]
+    return None

@@ -5,7 +5,7 @@ import logging
 import signal
 import sys
 
-from client.cli import CLIError
+from services.common.errors import CLIError
 
 
 def register(subparsers) -> None:

@@ -11,8 +11,9 @@ from pathlib import Path
 
 from services.authz.config import AuthzConfig, EnforcementConfig
 from services.container.limits import ConnectionLimits
-from services.vmmanager.service import VMManagerConfig
-from services.vmrepository.service import RepositoryConfig
+from services.jobs.config import JobsConfig
+from services.vmmanager.config import VMManagerConfig
+from services.vmrepository.config import RepositoryConfig
 
 
 class ConfigError(ValueError):
@@ -25,7 +26,8 @@ class ContainerConfig:
     port: int = 8443                 # 0 picks a free port
     tls: bool = True                 # HTTPS with the host certificate; may be off, signing never is
     tls_client_certs: str = "none"   # mutual TLS: "optional" or "required" asks for a grid certificate or proxy
-    public_url: str = ""             # advertised in served WSDL; "" = from the request's Host
+    public_url: str = ""             # this container's public URL (WSDL, EPRs, the wsa:To it accepts);
+                                     # "" = https://<host certificate's name>:<port>
     state_dir: str = "var/vmgrid"    # each service keeps its state in <state_dir>/<service>
     threads: int = 16                # request threads per worker
     log_level: str = "info"
@@ -66,6 +68,7 @@ class Config:
     authz: AuthzConfig = field(default_factory=AuthzConfig)                  # vmgrid serve authz (docs/authz.md)
     enforcement: EnforcementConfig = field(default_factory=EnforcementConfig)  # where services ask for decisions
     vmmanager: VMManagerConfig = field(default_factory=VMManagerConfig)      # vmgrid serve vmmanager
+    jobs: JobsConfig = field(default_factory=JobsConfig)                     # vmgrid serve jobs (docs/jobs.md)
     source: str = "(defaults)"
 
     def state_dir(self, service: str) -> Path:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 
 from lxml import etree
 
-WSDL_DIR = Path(__file__).resolve().parents[2] / "wsdl"
+from services.common.paths import WSDL_DIR
+
 WSDL_NS = "http://schemas.xmlsoap.org/wsdl/"
 WSDL_SOAP_NS = "http://schemas.xmlsoap.org/wsdl/soap/"
 XSD_NS = "http://www.w3.org/2001/XMLSchema"
@@ -120,14 +120,3 @@ def served_schema(name: str, base_url: str) -> bytes | None:
             _rewrite_locations(tree.getroot(), base_url)
             _schema_cache[key] = etree.tostring(tree, xml_declaration=True, encoding="UTF-8")
         return _schema_cache[key]
-
-
-_workspace_schema: etree.XMLSchema | None = None
-
-
-def workspace_schema() -> etree.XMLSchema:
-    """The descriptor schema, wsdl/workspace.xsd."""
-    global _workspace_schema
-    if _workspace_schema is None:
-        _workspace_schema = etree.XMLSchema(etree.parse(str(WSDL_DIR / "workspace.xsd"), _local_parser()))
-    return _workspace_schema

@@ -75,6 +75,14 @@ class SoapService:
             raise TypeError(f"{self.name}: operations without handlers {sorted(missing)}, "
                             f"handlers without operations {sorted(extra)}")
         self.understood_headers = DEFAULT_UNDERSTOOD | self.extra_understood_headers
+        self.address = ""   # this service's public URL, from the configuration (see bind)
+        self.addresses: tuple[str, ...] = ()   # what a request's signed wsa:To may say: address and aliases
+
+    def bind(self, address: str) -> None:
+        """Called by the container once it knows where it serves: ``address`` is this service's public URL
+        (the configured [container] public_url, else the bound host and port), never a caller's Host."""
+        self.address = address
+        self.addresses = (address,)
 
     def start(self) -> None:
         """Called once the container is serving (background tasks start here)."""

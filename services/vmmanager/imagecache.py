@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
 import threading
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Callable, Protocol
 
 from services.faults import ChecksumMismatch, TransferFault
+from services.vmmanager import qemuimg
 from services.vmmanager.store import NodeStore
 
 log = logging.getLogger("vmgrid.vmmanager.cache")
@@ -118,12 +118,7 @@ class ImageCache:
 
     def overlay(self, sha256: str, fmt: str, dest: Path) -> Path:
         """A copy-on-write qcow2 overlay on the cached base image."""
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        r = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", fmt, "-b", str(self.path(sha256)),
-                            str(dest)], capture_output=True, text=True)
-        if r.returncode != 0:
-            raise OSError(f"qemu-img create failed: {r.stderr.strip()}")
-        return dest
+        return qemuimg.create_overlay(self.path(sha256), fmt, dest)
 
     def reconcile(self) -> dict[str, int]:
         """At start: drop partial fetches; forget cache rows whose file is gone; adopt complete files the

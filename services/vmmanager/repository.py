@@ -9,6 +9,8 @@ from pathlib import Path
 import gridftp
 from services.descriptor import Descriptor
 from services.faults import (ChecksumMismatch, InvalidDescriptor, ServiceUnavailable, TransferFault, VMGridFault)
+from services.soapclient import ClientError, GridServiceClient
+from services.vmrepository.client import RepositoryClient
 
 log = logging.getLogger("vmgrid.vmmanager.repository")
 
@@ -26,9 +28,6 @@ class RepositoryAccess:
     def _client(self):
         """One client for all threads: the WSDL and its schemas are loaded once, not per thread
         (zeep's calls, the WS-Security signer and the response capture are thread-safe)."""
-        from client.repository import RepositoryClient
-        from client.soap import ClientError, GridServiceClient
-
         with self._lock:
             if self._repo is None:
                 if not self.url:
@@ -41,8 +40,6 @@ class RepositoryAccess:
             return self._repo
 
     def _call(self, method: str, *args, **kwargs):
-        from client.soap import ClientError
-
         try:
             return getattr(self._client(), method)(*args, **kwargs)
         except VMGridFault:

@@ -16,7 +16,8 @@ from services.descriptor import NUMBER, VERSION, Descriptor, facts, resolve_fiel
 from services.sqlite import Database
 from services.vmrepository.index import QueryIndex
 from services.vmrepository.query import Prepared
-from services.vmrepository.store import ImageStore, Ingested, crashpoint
+from services.common.crash import crashpoint
+from services.vmrepository.store import ImageStore, Ingested
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS blobs (

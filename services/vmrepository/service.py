@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy
 import os
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -17,26 +16,14 @@ from services.faults import (BadQuery, ChecksumMismatch, DuplicateName, ImageInU
                              InvalidDescriptor, InvalidSource, UnknownImage)
 from services.vmrepository.catalogue import Catalogue, Record, new_image_id
 from services.vmrepository.query import XPATH_DIALECT, Criterion, compile_xpath, order_column, prepare_groups
-from services.vmrepository.store import ImageStore, crashpoint, image_format_of
+from services.common.crash import crashpoint
+from services.vmrepository.config import RepositoryConfig
+from services.vmrepository.store import ImageStore, image_format_of
 from services.vmrepository.xpath_scan import scanner
 
 REPO = "http://vmgrid.org/ns/vmrepository/1"
 WSRF_RP = "http://docs.oasis-open.org/wsrf/rp-2"
 NS = {"repo": REPO, "ws": WS, "wsrf-rp": WSRF_RP}
-
-
-@dataclass
-class RepositoryConfig:
-    """[repository] in the TOML configuration (docs/configuration.md)."""
-
-    ingest_dirs: list[str] = field(default_factory=list)  # where admins may ingest from (localPath)
-    upload_dir: str = ""  # the GridFTP upload area ("" = state_dir/uploads)
-    max_image_bytes: int = 64 * 1024**3
-    default_limit: int = 20
-    max_hold_seconds: int = 7 * 24 * 3600
-    gridftp_port: int = 2811          # the image store's GridFTP server (0: any free port; -1: none)
-    gridftp_host: str = ""            # "" = the container's host
-    gridftp_public_host: str = ""     # the host name put in gsiftp:// URLs ("" = derived)
 
 
 def _el(name: str, text: object | None = None) -> etree._Element:

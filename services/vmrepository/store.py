@@ -9,19 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-import signal
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.common.crash import crashpoint
+
 CHUNK = 1024 * 1024
 QCOW2_MAGIC = b"QFI\xfb"
-
-
-def crashpoint(name: str) -> None:
-    """Fault injection for the crash tests: SIGKILL this process when VMGRID_CRASHPOINT names this point."""
-    if os.environ.get("VMGRID_CRASHPOINT") == name:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass(frozen=True)

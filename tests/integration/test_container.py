@@ -85,3 +85,26 @@ def test_one_structured_log_line_per_call(repo_server, caplog):
     lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "vmgrid.calls"]
     assert lines[-1]["operation"] == "ListVOs" and lines[-1]["caller"] == repo_server.pki.bob.dn
     assert lines[-1]["outcome"] == "ok" and lines[-1]["ms"] >= 0
+
+
+def test_a_signed_list_vos_with_the_action_of_remove_image_is_refused(repo_server):
+    """Issue 9.1: wsa:Action must be the dispatched operation's (ListVOs was answered as ListVOs before)."""
+    repo = "http://vmgrid.org/ns/vmrepository/1"
+    status, fault = signed_call(repo_server.url, etree.Element(f"{{{repo}}}ListVOs"), repo_server.pki.alice.proxy,
+                                repo_server.pki.trust(), action=f"{repo}/RemoveImage")
+    assert status == 500 and fault.findtext("faultcode") == "wsa:ActionNotSupported"
+    assert fault.find("detail/{http://www.w3.org/2005/08/addressing}ProblemAction") is not None
+    status, fault = signed_call(repo_server.url, etree.Element(f"{{{repo}}}ListVOs"), repo_server.pki.alice.proxy,
+                                repo_server.pki.trust(), to="https://node2.example.org:8443/wsrf/services/"
+                                                           "VMRepositoryService")
+    assert status == 500 and fault.findtext("faultcode") == "wsa:DestinationUnreachable"
+
+
+def test_the_wsdl_carries_the_configured_address_whatever_host_a_request_names(repo_server):
+    """Issue 9.5: the served contract does not depend on (nor is cached per) the request's Host header."""
+    session = grid_session(repo_server.pki.cert_dir)
+    first = session.get(repo_server.url + "?wsdl").content
+    for n in range(20):
+        other = session.get(repo_server.url + "?wsdl", headers={"Host": f"attacker-{n}.example.org"}).content
+        assert other == first
+    assert len(repo_server.service.contract._served) == 1

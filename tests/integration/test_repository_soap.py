@@ -215,7 +215,17 @@ def test_suds_loads_the_wsdl_and_runs_a_query(populated):
             pass
 
         def sending(self, context):
-            context.envelope = sign_envelope(safexml.parse(context.envelope), pki.alice.proxy)
+            # suds sends no WS-Addressing: add the To and Action every vmgrid service requires, then sign
+            from services.container.addressing import request_headers
+
+            env = safexml.parse(context.envelope)
+            header = env.find("{http://schemas.xmlsoap.org/soap/envelope/}Header")
+            if header is None:
+                header = etree.Element("{http://schemas.xmlsoap.org/soap/envelope/}Header")
+                env.insert(0, header)
+            header.extend(request_headers(server.url, "http://vmgrid.org/ns/vmrepository/1/QueryImages",
+                                          "urn:uuid:suds"))
+            context.envelope = sign_envelope(env, pki.alice.proxy)
 
         def received(self, context):
             verify_envelope(context.reply, trust)

@@ -351,7 +351,7 @@ def test_a_notification_not_signed_by_a_host_is_refused(grid_pki):
     import requests
 
     from security.wssec import sign_envelope
-    from services.vmmanager.notify import notify_envelope
+    from services.vmmanager.wire import state_change_envelope as notify_envelope
 
     with NotificationConsumer(grid_pki.trust()) as consumer:
         env = notify_envelope(consumer.url, "https://x/", "inst-" + "0" * 32, "x", "Running", "Paused", time.time())
@@ -406,3 +406,63 @@ def test_the_node_fails_closed_when_the_authorization_service_is_unreachable(vm_
     with pytest.raises(ServiceUnavailable):
         vm.list()
     assert node_holdings(vm_grid, 1) == {"live": [], "leases": [], "dirs": [], "domains": [], "holds": []}
+
+
+def _raw_call(url: str, to: str | None, action: str | None, payload, credential, trust):
+    """POST one hand-signed request with the given wsa:To / wsa:Action (None: header left out)."""
+    import requests  # noqa: F401
+
+    from security.tls import grid_session
+    from security.wssec import sign_envelope
+    from services.container.soap import envelope
+
+    headers = []
+    for name, value in (("To", to), ("Action", action)):
+        if value is not None:
+            h = etree.Element(f"{{http://www.w3.org/2005/08/addressing}}{name}")
+            h.text = value
+            headers.append(h)
+    data = sign_envelope(envelope(payload, headers), credential)
+    resp = grid_session(trust.cert_dir).post(url, data=data, timeout=30,
+                                             headers={"Content-Type": "text/xml; charset=utf-8"})
+    fault = etree.fromstring(resp.content).find(".//{http://schemas.xmlsoap.org/soap/envelope/}Fault")
+    return resp.status_code, fault
+
+
+LIST = "http://vmgrid.org/ns/vmmanager/1/ListInstances"
+
+
+def test_a_request_signed_for_one_node_is_refused_by_another(vm_grid, grid_pki):
+    """Issue 9.1: the signed wsa:To names node1, so node2 refuses it (each node keeps its own replay record)."""
+    vm_grid.add_node("node-b", "10.99.0.220-10.99.0.230")
+    node1, node2 = vm_grid.node_url(0), vm_grid.node_url(len(vm_grid.nodes) - 1)
+    alice, trust = grid_pki.alice.proxy, grid_pki.trust()
+    body = lambda: etree.Element("{http://vmgrid.org/ns/vmmanager/1}ListInstances")  # noqa: E731
+    status, fault = _raw_call(node1, node1, LIST, body(), alice, trust)
+    assert status == 200 and fault is None
+    status, fault = _raw_call(node2, node1, LIST, body(), alice, trust)
+    assert status == 500 and fault.findtext("faultcode") == "wsa:DestinationUnreachable"
+    status, fault = _raw_call(node2, None, LIST, body(), alice, trust)        # no wsa:To at all
+    assert status == 500 and fault.findtext("faultcode") == "wsa:MessageAddressingHeaderRequired"
+
+
+def test_an_action_that_is_not_the_dispatched_operation_is_refused(vm_grid, grid_pki):
+    node = vm_grid.node_url(0)
+    body = etree.Element("{http://vmgrid.org/ns/vmmanager/1}ListInstances")
+    status, fault = _raw_call(node, node, "http://vmgrid.org/ns/vmmanager/1/Destroy", body, grid_pki.alice.proxy,
+                              grid_pki.trust())
+    assert status == 500 and fault.findtext("faultcode") == "wsa:ActionNotSupported"
+
+
+def test_a_notify_signed_for_another_consumer_is_refused(grid_pki):
+    import requests
+
+    from security.wssec import sign_envelope
+    from services.vmmanager.wire import state_change_envelope
+
+    with NotificationConsumer(grid_pki.trust()) as consumer:
+        env = state_change_envelope("http://other-consumer.example.org/notify", "https://x/", "inst-" + "0" * 32,
+                                    "x", "Running", "Paused", time.time())
+        data = sign_envelope(env, grid_pki.host)
+        assert requests.post(consumer.url, data=data).status_code == 500
+        assert consumer.refused == 1 and consumer.changes.empty()

@@ -6,7 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from services.authz.pep import Decision, Enforcer, StaticVOPolicy, Subject, enforce_obligations
+from services.authz.engine import site_policy_point
+from services.authz.pep import Decision, Enforcer, Subject, enforce_obligations
 from services.faults import AccessDenied, InvalidArgument, LimitExceeded
 
 OBLIGED = Decision(True, "r", {"max_memory": "1024", "max_vcpus": "2", "max_lifetime": "3600"})
@@ -52,10 +53,10 @@ def test_enforcer_check_raises_access_denied_with_the_rule_and_applies_limits():
 
 
 def test_the_built_in_policy_still_works_and_counts_nothing():
-    policy = StaticVOPolicy(vos={"bio": {"members": ["/O=Grid/CN=alice"], "admins": []}})
+    policy = site_policy_point(vos={"bio": {"members": ["/O=Grid/CN=alice"], "admins": []}})
     enforcer = Enforcer(policy)
     alice = Subject("/O=Grid/CN=alice")
     assert enforcer.groups(alice) == ["bio"]
-    decision, slot = enforcer.claim(alice, "i-1", {"vo": "bio", "owner": alice.dn}, action="image.hold")
+    decision, slot = enforcer.claim(alice, "i-1", {"type": "image", "vo": "bio"}, action="image.read")
     assert decision.permit and not slot.counted
     assert enforcer.release("i-1") is False and enforcer.reconcile(["i-1"]) == []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from lxml import etree
 
-from services.container.contract import workspace_schema
+from services.descriptor import workspace_schema
 from services.descriptor import (FIELDS, WS, Descriptor, check_descriptor, facts, parse_descriptor,
                                  resolve_field, set_field)
 from services.faults import InvalidDescriptor

@@ -1,0 +1,260 @@
+"""`vmgrid job …`: run programs through the job service of a VM's grid container (GRAM's role): submit
+with files to stage in and out, follow, cancel, fetch the outputs verified, read the guest's logs.
+
+ENDPOINT is the job service's URL (https://HOST:PORT/wsrf/services/JobService; https://HOST:PORT is
+completed). Naming an instance instead, looked up through the VMManager's GuestStatus, comes once the
+guest runs the service (issue 12)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from client.cli import CLIError
+
+SERVICE_PATH = "/wsrf/services/JobService"
+
+
+def register(subparsers) -> None:
+    job = subparsers.add_parser("job", help="run programs in a VM through its job service",
+                                description="Submit jobs to the job service of a VM's grid container, follow "
+                                            "them and fetch their outputs.")
+    sub = job.add_subparsers(dest="job_command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("submit", help="submit a program (after --) with files to stage in and out",
+                       description="Submit PROGRAM ARGS (never run through a shell). Prints the job's key.")
+    p.add_argument("endpoint", help="the job service URL")
+    p.add_argument("--stage-in", action="append", default=[], metavar="F",
+                   help="a local file (uploaded to the service's GridFTP face) or a gsiftp:// URL the service "
+                        "fetches; it lands in the job's directory under its own name")
+    p.add_argument("--stage-out", action="append", default=[], metavar="F",
+                   help="a file the job makes (NAME, or NAME=gsiftp://… to have the service send it there too)")
+    p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="an environment variable")
+    p.add_argument("--dir", help="the working directory inside the job's directory")
+    p.add_argument("--stdin", help="a file of the job's directory as standard input")
+    p.add_argument("--stdout", default="stdout", help="file name for standard output (default stdout)")
+    p.add_argument("--stderr", default="stderr", help="file name for standard error (default stderr)")
+    p.add_argument("--lifetime", help="how long the job resource lives: seconds or 90m, 2h, 1d")
+    p.add_argument("--wait", action="store_true", help="follow the job to its end (exit status 1 unless Done)")
+    p.add_argument("command", nargs="+", metavar="-- PROGRAM ARGS")
+    p.set_defaults(func=cmd_submit)
+
+    for name, helptext, func in (("status", "a job's resource properties", cmd_status),
+                                 ("wait", "follow a job to its end (exit status 1 unless Done)", cmd_wait),
+                                 ("cancel", "cancel a job (its process group is killed)", cmd_cancel),
+                                 ("destroy", "destroy a job and its directory", cmd_destroy),
+                                 ("get", "fetch a job's outputs, verified, into a directory", cmd_get)):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("endpoint")
+        p.add_argument("job", help="the job's key (job-…)")
+        if name == "status":
+            p.add_argument("--json", action="store_true")
+        if name == "wait":
+            p.add_argument("--timeout", type=float, default=3600, help="seconds (default 3600)")
+        if name == "get":
+            p.add_argument("-o", "--output", type=Path, default=Path("."), help="directory (default .)")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("list", help="the jobs of the service")
+    p.add_argument("endpoint")
+    p.add_argument("--all", action="store_true", help="also ended ones")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("log", help="the tail of a guest log (the container's, guestd's)")
+    p.add_argument("endpoint")
+    p.add_argument("name", help="a log name the service shows (vmgrid job log ENDPOINT help lists them)")
+    p.add_argument("--bytes", type=int, default=65536, help="at most this many bytes (default 65536)")
+    p.set_defaults(func=cmd_log)
+
+    for action in sub.choices.values():
+        action.add_argument("--cert-dir", help="trusted CA directory (default $X509_CERT_DIR)")
+        action.add_argument("--proxy", help="credential file (default $X509_USER_PROXY, /tmp/x509up_u<uid>)")
+
+
+# -- helpers ---------------------------------------------------------------------------------------------
+def endpoint_url(text: str) -> str:
+    parts = urlsplit(text)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise CLIError(f"{text!r} is not a job service URL (https://HOST:PORT{SERVICE_PATH})")
+    return text.rstrip("/") + SERVICE_PATH if parts.path in ("", "/") else text
+
+
+def connect(args):
+    from client.commands_repo import grid_client
+    from services.jobs.client import JobClient
+
+    args.url = endpoint_url(args.endpoint)
+    return JobClient(grid_client(args))
+
+
+def call(func, *a, **kw):
+    from client.commands_repo import _call
+    from gridftp.errors import GridFTPError
+
+    try:
+        return _call(func, *a, **kw)
+    except (GridFTPError, RuntimeError, OSError) as exc:
+        raise CLIError(str(exc)) from None
+
+
+def check_key(text: str) -> str:
+    from services.jobs.wire import KEY_PATTERN
+
+    if not KEY_PATTERN.fullmatch(text):
+        raise CLIError(f"{text!r} is not a job key (job-<32 hex digits>, as submit printed it)")
+    return text
+
+
+class Follow:
+    """Prints a job's state and staging progress on standard error when they change."""
+
+    def __init__(self):
+        self.last = None
+
+    def __call__(self, info) -> None:
+        p = info.progress or {}
+        line = info.state
+        if info.state in ("StageIn", "StageOut") and p.get("filesTotal"):
+            line += f": {p['filesDone']}/{p['filesTotal']} files, {p['bytesDone']} bytes"
+            if p.get("current"):
+                line += f" ({p['current']})"
+        if line != self.last:
+            print(f"  {line}", file=sys.stderr, flush=True)
+            self.last = line
+
+
+def ended(info) -> int:
+    """The CLI's exit status for an ended job, with its reason on standard error when it did not succeed."""
+    if info.state == "Done":
+        return 0
+    why = info.failure or (f"exit code {info.exit_code}" if info.exit_code is not None else "")
+    print(f"vmgrid: job {info.key} {info.state}" + (f": {why}" if why else ""), file=sys.stderr)
+    return 1
+
+
+# -- the commands ------------------------------------------------------------------------------------------
+def cmd_submit(args) -> int:
+    from client.commands_vm import parse_seconds
+    from gridftp.cli import ProgressBar
+    from services.jobs.store import JobSpec, StageIn, StageOut
+
+    jobs = connect(args)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        raise CLIError("name the program to run after --")
+    env = []
+    for item in args.env:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise CLIError(f"--env {item!r}: write NAME=VALUE")
+        env.append((name, value))
+    stage_in = []
+    for item in args.stage_in:
+        if item.startswith(("gsiftp://", "ftp://")):
+            stage_in.append(StageIn(item, Path(urlsplit(item).path).name))
+            continue
+        path = Path(item)
+        if not path.is_file():
+            raise CLIError(f"--stage-in {item}: no such file")
+        bar = ProgressBar(sys.stderr, f"staging {path.name}") if sys.stderr.isatty() else None
+        stage_in.append(call(jobs.stage_local, path, bar))
+    stage_out = []
+    for item in args.stage_out:
+        name, sep, url = item.partition("=")
+        stage_out.append(StageOut(name, url if sep else None))
+    spec = JobSpec(command[0], tuple(command[1:]), tuple(env), args.dir, args.stdin, args.stdout, args.stderr,
+                   tuple(stage_in), tuple(stage_out), parse_seconds(args.lifetime) if args.lifetime else None)
+    key = call(jobs.submit, spec)
+    print(key, flush=True)
+    if args.wait:
+        return ended(call(jobs.wait, key, on_update=Follow()))
+    return 0
+
+
+def _info_dict(info) -> dict:
+    return {"key": info.key, "state": info.state, "owner": info.owner, "executable": info.executable,
+            "arguments": info.arguments, "exitCode": info.exit_code, "failure": info.failure,
+            "submitted": info.submitted.isoformat() if info.submitted else None,
+            "started": info.started.isoformat() if info.started else None,
+            "ended": info.ended.isoformat() if info.ended else None,
+            "terminationTime": info.termination.isoformat() if info.termination else None,
+            "staging": info.progress, "directory": info.directory_url,
+            "outputs": [{"name": n, "size": s, "sha256": h, "destination": d} for n, s, h, d in info.outputs],
+            "stdoutTail": info.stdout_tail, "stderrTail": info.stderr_tail}
+
+
+def cmd_status(args) -> int:
+    info = call(connect(args).status, check_key(args.job))
+    if args.json:
+        print(json.dumps(_info_dict(info), indent=2))
+        return 0
+    d = _info_dict(info)
+    for k in ("key", "state", "exitCode", "failure", "executable", "submitted", "started", "ended",
+              "terminationTime", "directory"):
+        if d[k] is not None:
+            print(f"{k:16} {d[k]}")
+    for n, s, h, _ in info.outputs:
+        print(f"{'output':16} {n} {s} bytes sha256 {h}")
+    for label, tail in (("stdout", info.stdout_tail), ("stderr", info.stderr_tail)):
+        if tail:
+            print(f"--- {label} (tail) ---\n{tail}", end="" if tail.endswith("\n") else "\n")
+    return 0
+
+
+def cmd_wait(args) -> int:
+    info = call(connect(args).wait, check_key(args.job), args.timeout, on_update=Follow())
+    print(info.state if info.exit_code is None else f"{info.state} (exit code {info.exit_code})")
+    return ended(info)
+
+
+def cmd_cancel(args) -> int:
+    print(call(connect(args).cancel, check_key(args.job)))
+    return 0
+
+
+def cmd_destroy(args) -> int:
+    call(connect(args).destroy, check_key(args.job))
+    print(f"{args.job} destroyed")
+    return 0
+
+
+def cmd_get(args) -> int:
+    jobs = connect(args)
+    info = call(jobs.status, check_key(args.job))
+    if not info.final:
+        raise CLIError(f"job {info.key} is {info.state}; its outputs come when it has ended (vmgrid job wait)")
+    for path in call(jobs.fetch_outputs, info, args.output):
+        print(path)
+    return 0
+
+
+def cmd_list(args) -> int:
+    from client.output import table
+    from services.jobs.wire import JOB, NS
+
+    rows = []
+    for el in call(connect(args).list, args.all):
+        rows.append({"key": el.findtext(f"wsa:EndpointReference/wsa:ReferenceParameters/{{{JOB}}}JobKey",
+                                        namespaces=NS) or "",
+                     "state": el.findtext("job:State", namespaces=NS), "executable": el.findtext(
+                         "job:Executable", namespaces=NS), "exitCode": el.findtext("job:ExitCode", namespaces=NS),
+                     "submitted": el.findtext("job:Submitted", namespaces=NS)})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        table(["KEY", "STATE", "EXIT", "PROGRAM", "SUBMITTED"],
+              [[r["key"], r["state"], r["exitCode"] or "", r["executable"], r["submitted"]] for r in rows])
+    return 0
+
+
+def cmd_log(args) -> int:
+    jobs = connect(args)
+    if args.name == "help":
+        from services.jobs.wire import NS
+
+        print("\n".join(el.text for el in call(jobs.info).iterfind("job:log", NS)))
+        return 0
+    sys.stdout.write(call(jobs.log, args.name, args.bytes))
+    return 0

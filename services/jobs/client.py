@@ -1,0 +1,153 @@
+"""A job service from the scientist's side: submit (uploading local inputs to the service's GridFTP
+face first), follow, cancel, and fetch the outputs verified by the sha256 the service recorded."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Callable
+
+from lxml import etree
+
+from gridftp import download, upload
+from services.jobs import wire
+from services.jobs.store import JobSpec, StageIn
+from services.wsrf.epr import EndpointReference
+from services.wsrf.lifetime import CurrentTime, TerminationTime
+from services.wsrf.namespaces import RL
+
+FINAL_STATES = ("Done", "Failed", "Cancelled")
+
+
+@dataclass
+class JobInfo:
+    """A job as its resource properties describe it."""
+
+    key: str
+    state: str = ""
+    owner: str = ""
+    executable: str = ""
+    arguments: list[str] = field(default_factory=list)
+    exit_code: int | None = None
+    failure: str | None = None
+    submitted: datetime | None = None
+    started: datetime | None = None
+    ended: datetime | None = None
+    stdout_tail: str = ""
+    stderr_tail: str = ""
+    progress: dict = field(default_factory=dict)
+    outputs: list[tuple[str, int, str, str | None]] = field(default_factory=list)
+    directory_url: str | None = None
+    termination: datetime | None = None
+
+    @classmethod
+    def from_properties(cls, key: str, props: etree._Element) -> "JobInfo":
+        return cls(key, wire.State.read(props, ""), wire.Owner.read(props, ""), wire.Executable.read(props, ""),
+                   wire.Arguments.read(props, []), wire.ExitCode.read(props), wire.Failure.read(props),
+                   wire.Submitted.read(props), wire.Started.read(props), wire.Ended.read(props),
+                   wire.StdoutTail.read(props, ""), wire.StderrTail.read(props, ""),
+                   wire.StagingProgress.read(props, {}), wire.Outputs.read(props, []),
+                   wire.DirectoryURL.read(props), TerminationTime.read(props))
+
+    @property
+    def final(self) -> bool:
+        return self.state in FINAL_STATES
+
+
+class JobClient:
+    """``service``: a client.soap.GridServiceClient for …/wsrf/services/JobService (signed as the user)."""
+
+    def __init__(self, service):
+        self.service = service
+        self._info: etree._Element | None = None
+
+    def ref(self, key: str) -> EndpointReference:
+        return EndpointReference.of(self.service.url, wire.KEY_TAG, key)
+
+    def _on(self, key: str, operation: str, *args, **kwargs) -> etree._Element:
+        return self.service.call(operation, *args, _soapheaders=self.ref(key).headers(), **kwargs)
+
+    # -- the factory --------------------------------------------------------------------------------------
+    def info(self) -> etree._Element:
+        if self._info is None:
+            self._info = self.service.call("GetServiceInfo")
+        return self._info
+
+    def gridftp_url(self) -> str:
+        url = self.info().findtext("job:gridftp", namespaces=wire.NS)
+        if not url:
+            raise RuntimeError(f"{self.service.url} has no GridFTP face to stage files through")
+        return url
+
+    def stage_local(self, path: Path, progress: Callable[[int, int], None] | None = None) -> StageIn:
+        """Upload a local file to the caller's staging area (verified); the StageIn that brings it into a job."""
+        area = self.info().findtext("job:stagingDirectory", namespaces=wire.NS)
+        result = upload(path, f"{self.gridftp_url()}{area}{path.name}", 2, credential=self.service.credential,
+                        trust=self.service.trust, progress=progress)
+        return StageIn(f"staged:{path.name}", path.name, result.sha256)
+
+    def submit(self, spec: JobSpec) -> str:
+        """Submit; returns the job's key (its EPR is the service's address and the key)."""
+        resp = self.service.call("SubmitJob", **wire.submit_arguments(spec))
+        epr = EndpointReference.from_element(resp.find("job:Job/wsa:EndpointReference", wire.NS))
+        return epr.parameter(wire.KEY_TAG)
+
+    def list(self, include_ended: bool = False) -> list[etree._Element]:
+        resp = self.service.call("ListJobs", includeEnded=True) if include_ended else self.service.call("ListJobs")
+        return list(resp.iterfind("job:Job", wire.NS))
+
+    def log(self, name: str, max_bytes: int | None = None) -> str:
+        resp = self.service.call("GetLog", name=name, **({"maxBytes": max_bytes} if max_bytes else {}))
+        return resp.findtext("job:text", namespaces=wire.NS) or ""
+
+    # -- a job ----------------------------------------------------------------------------------------------
+    def status(self, key: str) -> JobInfo:
+        names = [etree.QName(n) for n in wire.JOB_PROPERTIES.names if n != CurrentTime.qname]
+        return JobInfo.from_properties(key, self._on(key, "GetMultipleResourceProperties", ResourceProperty=names))
+
+    def property(self, key: str, qname: str) -> list[etree._Element]:
+        return list(self._on(key, "GetResourceProperty", etree.QName(qname)))
+
+    def cancel(self, key: str) -> str:
+        return self._on(key, "Cancel").findtext("job:State", namespaces=wire.NS)
+
+    def destroy(self, key: str) -> None:
+        self._on(key, "Destroy")
+
+    def set_lifetime(self, key: str, seconds: int) -> datetime:
+        resp = self._on(key, "SetTerminationTime", RequestedLifetimeDuration=f"PT{int(seconds)}S")
+        return TerminationTime.parse(resp.find(f"{{{RL}}}NewTerminationTime"))
+
+    def subscribe(self, key: str, consumer_url: str) -> etree._Element:
+        return self._on(key, "Subscribe", ConsumerReference={"Address": consumer_url})
+
+    def wait(self, key: str, timeout: float = 3600, interval: float = 0.25,
+             on_update: Callable[[JobInfo], None] | None = None) -> JobInfo:
+        """Poll until the job is Done, Failed or Cancelled."""
+        deadline = time.monotonic() + timeout
+        while True:
+            info = self.status(key)
+            if on_update:
+                on_update(info)
+            if info.final:
+                return info
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {key} still {info.state} after {timeout:.0f} s")
+            time.sleep(interval)
+
+    def fetch_outputs(self, info: JobInfo, dest: Path,
+                      progress: Callable[[str, int, int], None] | None = None) -> list[Path]:
+        """Download every output of a job into ``dest``, each verified against the sha256 the service recorded."""
+        if not info.directory_url:
+            raise RuntimeError("the job service has no GridFTP face to fetch outputs from")
+        dest.mkdir(parents=True, exist_ok=True)
+        got = []
+        for name, size, sha256, _ in info.outputs:
+            target = dest / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            download(f"{info.directory_url}{name}", target, 2, credential=self.service.credential,
+                     trust=self.service.trust, sha256=sha256,
+                     progress=(lambda d, t, n=name: progress(n, d, t)) if progress else None)
+            got.append(target)
+        return got

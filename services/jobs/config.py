@@ -1,0 +1,25 @@
+"""[jobs] in the TOML configuration (docs/configuration.md): who may use the job service, its bounds,
+its GridFTP face and the logs it shows."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class JobsConfig:
+    owner: str = ""                    # the instance owner's DN (the VMManager delivers it in the context)
+    admins: list[str] = field(default_factory=list)   # the VO's admins' DNs
+    gridftp_port: int = 2812           # the job directories' GridFTP face; 0 picks a free port, -1 none
+    gridftp_host: str = ""             # its listen address ("" = the container's host)
+    public_host: str = ""              # the host name in the gsiftp:// URLs it gives ("" = derived)
+    default_lifetime: int = 86400      # seconds a job resource lives when SubmitJob names none
+    max_lifetime: int = 604800         # the longest lifetime a job may have or be given
+    max_live_jobs: int = 32            # jobs not yet Done/Failed/Cancelled at once
+    max_output: int = 67108864         # bytes of standard output (and of error) kept per job
+    tail_bytes: int = 4096             # bytes shown in the StdoutTail/StderrTail properties
+    kill_grace: float = 5.0            # seconds between SIGTERM and SIGKILL when a job is cancelled
+    sweep_interval: float = 1.0        # seconds between lifetime checks
+    staging_parallel: int = 2          # GridFTP streams per staged file
+    logs: dict[str, str] = field(default_factory=dict)   # GetLog: name -> file (e.g. container, guestd)
+    consumer_allow: list[str] = field(default_factory=list)  # networks notification consumers may be on even
+                                       # though loopback/link-local (e.g. "127.0.0.0/8" for a local grid)

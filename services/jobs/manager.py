@@ -1,0 +1,427 @@
+"""The job service's core (no SOAP): who may use it, jobs from submission to their end (stage in, run,
+stage out), Cancel, lifetimes, and what a restart finds. GRAM's ManagedJobFactory, in vmgrid's words."""
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Callable
+
+from services.faults import AccessDenied, IllegalTransition, InvalidArgument, LimitExceeded, ResourceUnknown
+from services.jobs.config import JobsConfig
+from services.jobs.runner import Exit, Process, job_environment, read_exit, read_supervisor
+from services.jobs.staging import Stager, StagingError, inside, sha256_of
+from services.jobs.store import Job, JobSpec, JobState, JobStore, OutputFile
+from services.wsrf.lifetime import Sweeper
+from services.wsrf.notification import Subscription, Subscriptions, new_subscription_key
+
+log = logging.getLogger("vmgrid.JobService")
+RULE = "instance-owner-or-vo-admin"
+VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+LIVE_BEFORE_RUN = {JobState.PENDING, JobState.STAGE_IN}
+
+StateListener = Callable[[Job, JobState, JobState], None]
+
+
+class JobManager:
+    """Jobs of one job service, kept in ``state_dir``: jobs.sqlite, jobs/<key>/ (each job's directory,
+    its working directory inside), control/<key>/ (the supervisor's files, out of the job's reach),
+    staging/<area>/ (what owners uploaded to stage in)."""
+
+    def __init__(self, state_dir: Path, config: JobsConfig, stager_factory: Callable[[Path], Stager] | None = None):
+        if not config.owner:
+            raise ValueError("the job service needs the instance owner's DN: set [jobs] owner")
+        self.config = config
+        self.state_dir = Path(state_dir)
+        self.jobs_dir = self.state_dir / "jobs"
+        self.control_dir = self.state_dir / "control"
+        self.staging_dir = self.state_dir / "staging"
+        for d in (self.jobs_dir, self.control_dir, self.staging_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self.store = JobStore(self.state_dir / "jobs.sqlite")
+        self.subscriptions = Subscriptions(self.store.db, "subscriptions", "job")
+        self.stager = stager_factory(self.staging_dir) if stager_factory else None
+        self.listeners: list[StateListener] = []
+        self._procs: dict[str, Process] = {}
+        self._threads: dict[str, threading.Thread] = {}
+        self._guard = threading.Lock()
+        self._stop = threading.Event()
+        self._sweeper: Sweeper | None = None
+        self._resume: list[tuple[str, Callable[[], None]]] = []
+        self.reconcile_report = self.reconcile()
+
+    # -- who may use it -----------------------------------------------------------------------------
+    def may_use(self, dn: str) -> bool:
+        return dn == self.config.owner or dn in self.config.admins
+
+    def check(self, dn: str, action: str, resource: str = "the job service") -> None:
+        """Refuse anyone but the instance's owner and the VO's admins, before anything is looked up."""
+        if not self.may_use(dn):
+            raise AccessDenied(f"{dn} may not {action} on {resource}: only the instance's owner and the VO's "
+                               f"admins may use its job service", subject=dn, action=action, resource=resource,
+                               rule=RULE)
+
+    def job(self, dn: str, key: str, action: str = "job.read") -> Job:
+        self.check(dn, action, key)
+        job = self.store.get(key)
+        if job is None:
+            raise ResourceUnknown(f"no job {key} here (never submitted, or destroyed)", resource=key)
+        return job
+
+    # -- the service's life -----------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the sweeper and the watchers of the jobs found running at start-up."""
+        for key, run in self._resume:
+            self._spawn(key, run)
+        self._resume.clear()
+        self._sweeper = Sweeper(self.sweep, self.config.sweep_interval, name="vmgrid-job-lifetimes").start()
+
+    def close(self) -> None:
+        """Stop watching. Running jobs go on (their supervisors outlive the service) and are found again."""
+        self._stop.set()
+        if self._sweeper is not None:
+            self._sweeper.stop()
+        self.store.close()
+
+    # -- submission ---------------------------------------------------------------------------------------
+    def submit(self, dn: str, spec: JobSpec) -> Job:
+        self.check(dn, "job.submit")
+        self._validate(spec)
+        lifetime = spec.lifetime or min(self.config.default_lifetime, self.config.max_lifetime)
+        if lifetime > self.config.max_lifetime:
+            raise LimitExceeded(f"a lifetime of {lifetime} s exceeds this service's {self.config.max_lifetime} s",
+                                limit="max_lifetime", allowed=str(self.config.max_lifetime), requested=str(lifetime))
+        with self._guard:
+            live = self.store.count_live()
+            if live >= self.config.max_live_jobs:
+                raise LimitExceeded(f"{live} jobs are live here; the service runs at most {self.config.max_live_jobs}",
+                                    limit="max_live_jobs", allowed=str(self.config.max_live_jobs),
+                                    requested=str(live + 1))
+            now = time.time()
+            job = Job("job-" + uuid.uuid4().hex, dn, JobState.PENDING, spec, now, now + lifetime)
+            (self.jobs_dir / job.key).mkdir()
+            self.store.add(job)      # the record first: a restart from here on finds the job
+        log.info("job %s submitted by %s: %s", job.key, dn, spec.executable)
+        self._spawn(job.key, lambda: self._run(job.key))
+        return job
+
+    def _validate(self, spec: JobSpec) -> None:
+        if not spec.executable or "\0" in spec.executable:
+            raise InvalidArgument("the executable is empty", argument="executable")
+        for name, _ in spec.environment:
+            if not VARIABLE.fullmatch(name):
+                raise InvalidArgument(f"{name!r} is not an environment variable name", argument="environment")
+        paths = [("directory", spec.directory), ("stdin", spec.stdin), ("stdout", spec.stdout),
+                 ("stderr", spec.stderr)] + [("stageIn", s.name) for s in spec.stage_in] + \
+                [("stageOut", s.name) for s in spec.stage_out]
+        for what, rel in paths:
+            if rel is None:
+                continue
+            if rel.startswith("/") or ".." in rel.split("/") or not rel.strip("/"):
+                raise InvalidArgument(f"{what} {rel!r} must be a relative path inside the job's directory",
+                                      argument=what)
+        for s in spec.stage_in:
+            if not s.source.startswith(("gsiftp://", "ftp://", "staged:")):
+                raise InvalidArgument(f"stage-in source {s.source!r}: a gsiftp:// or ftp:// URL, or staged:NAME",
+                                      argument="stageIn")
+            if s.source.startswith(("gsiftp://", "ftp://")) and self.stager is None:
+                raise InvalidArgument("this job service has no GridFTP credential to fetch files",
+                                      argument="stageIn")
+        if any(s.destination for s in spec.stage_out) and self.stager is None:
+            raise InvalidArgument("this job service has no GridFTP credential to send files", argument="stageOut")
+
+    # -- running ------------------------------------------------------------------------------------------
+    def _spawn(self, key: str, target: Callable[[], None]) -> None:
+        def guarded():
+            try:
+                target()
+            except Exception as exc:  # the job ends Failed, never stuck live
+                if self._stop.is_set():
+                    return
+                log.exception("job %s: internal error", key)
+                self._set_state(key, JobState.FAILED, failure=f"internal error of the job service: {exc}",
+                                ended=time.time())
+            finally:
+                with self._guard:
+                    self._threads.pop(key, None)
+                    self._procs.pop(key, None)
+
+        t = threading.Thread(target=guarded, name=f"vmgrid-{key[:12]}", daemon=True)
+        with self._guard:
+            self._threads[key] = t
+        t.start()
+
+    def _set_state(self, key: str, new: JobState, *, expect: set[JobState] | None = None, **values) -> bool:
+        old = self.store.set_state(key, new, expect=expect, **values)
+        if old is None:
+            return False
+        if old != new:
+            log.info("job %s: %s -> %s", key, old.value, new.value)
+            job = self.store.get(key)
+            for listener in self.listeners:
+                try:
+                    listener(job, old, new)
+                except Exception:
+                    log.exception("state listener failed for job %s", key)
+        return True
+
+    def _run(self, key: str) -> None:
+        job = self.store.get(key)
+        if job is None or job.final:
+            return
+        spec, work = job.spec, self.jobs_dir / key
+        if spec.stage_in:
+            if not self._set_state(key, JobState.STAGE_IN, expect={JobState.PENDING}):
+                return
+            done_bytes = 0
+            for i, s in enumerate(spec.stage_in):
+                if self._cancelled(key):
+                    return
+                self.store.update(key, progress={"filesDone": i, "filesTotal": len(spec.stage_in),
+                                                 "bytesDone": done_bytes, "current": s.name})
+                try:
+                    dest = inside(work, s.name)
+                    self.stager.fetch(s.source, dest, job.owner, s.sha256, lambda n, base=done_bytes: self.store.update(
+                        key, progress={"filesDone": i, "filesTotal": len(spec.stage_in), "bytesDone": base + n,
+                                       "current": s.name}))
+                except StagingError as exc:
+                    self._set_state(key, JobState.FAILED, failure=f"stage-in failed: {exc}", ended=time.time())
+                    return
+                done_bytes += dest.stat().st_size
+            self.store.update(key, progress={"filesDone": len(spec.stage_in), "filesTotal": len(spec.stage_in),
+                                             "bytesDone": done_bytes})
+        try:
+            cwd = inside(work, spec.directory) if spec.directory else work
+            cwd.mkdir(parents=True, exist_ok=True)
+            stdin = inside(work, spec.stdin) if spec.stdin else None
+            if stdin is not None and not stdin.is_file():
+                raise StagingError(f"stdin {spec.stdin}: no such file in the job's directory")
+            stdout, stderr = inside(work, spec.stdout), inside(work, spec.stderr)
+        except StagingError as exc:
+            self._set_state(key, JobState.FAILED, failure=str(exc), ended=time.time())
+            return
+        for p in (stdout, stderr):
+            p.parent.mkdir(parents=True, exist_ok=True)
+        proc = Process.start([spec.executable, *spec.arguments], cwd=cwd, env=job_environment(cwd, spec.environment),
+                             stdin=stdin, stdout=stdout, stderr=stderr, control=self.control_dir / key,
+                             max_output=self.config.max_output)
+        with self._guard:
+            self._procs[key] = proc
+        if not self._set_state(key, JobState.ACTIVE, expect=LIVE_BEFORE_RUN, started=time.time(), pid=proc.pid,
+                               pid_start=proc.start_time):
+            proc.kill(self.config.kill_grace)       # cancelled while it was being started
+        self._finish(key, proc.wait())
+
+    def _watch(self, key: str, proc: Process) -> None:
+        """A job re-attached after a restart: wait for its supervisor, then finish it."""
+        with self._guard:
+            self._procs[key] = proc
+        self._finish(key, proc.wait())
+
+    def _cancelled(self, key: str) -> bool:
+        job = self.store.get(key)
+        return job is None or job.final or job.cancel_requested
+
+    def _finish(self, key: str, exit: Exit) -> None:
+        """The program ended: record how, stage the outputs out, and end the job Done or Failed."""
+        if self._stop.is_set():      # the service stopped: the next one finds the exit status
+            return
+        job = self.store.get(key)
+        if job is None:
+            return
+        now = time.time()
+        if job.cancel_requested or job.final:
+            self.store.update(key, exit_code=exit.code)
+            self._set_state(key, JobState.CANCELLED, ended=now, exit_code=exit.code)
+            return
+        if exit.code is None or exit.error:
+            self._set_state(key, JobState.FAILED, ended=now, exit_code=exit.code,
+                            failure=exit.error or "the job's exit status is unknown")
+            return
+        if not self._set_state(key, JobState.STAGE_OUT, expect={JobState.ACTIVE}, exit_code=exit.code):
+            return
+        failure = self._stage_out(job)
+        if exit.code != 0:
+            why = f"killed by signal {-exit.code}" if exit.code < 0 else f"exited with status {exit.code}"
+            failure = f"the program {why}" + (f"; {failure}" if failure else "")
+        if failure:
+            self._set_state(key, JobState.FAILED, ended=time.time(), failure=failure)
+        else:
+            self._set_state(key, JobState.DONE, ended=time.time())
+
+    def _stage_out(self, job: Job) -> str | None:
+        """Hash the outputs (standard output and error first), send those with a destination; the failure, if any."""
+        work, spec = self.jobs_dir / job.key, job.spec
+        outputs: list[OutputFile] = []
+        problems: list[str] = []
+        wanted = [(spec.stdout, None), (spec.stderr, None)] + [(s.name, s.destination) for s in spec.stage_out]
+        seen = set()
+        for i, (name, destination) in enumerate(wanted):
+            if (name, destination) in seen:
+                continue
+            seen.add((name, destination))
+            try:
+                path = inside(work, name)
+            except StagingError as exc:
+                problems.append(str(exc))
+                continue
+            if not path.is_file():
+                if i >= 2:
+                    problems.append(f"output {name} was not produced")
+                continue
+            digest = sha256_of(path)
+            if destination:
+                self.store.update(job.key, progress={**job.progress, "current": name})
+                try:
+                    self.stager.send(path, destination, digest, lambda n: None)
+                except StagingError as exc:
+                    problems.append(f"stage-out failed: {exc}")
+                    continue
+            outputs.append(OutputFile(name, path.stat().st_size, digest, destination))
+            self.store.update(job.key, outputs=tuple(outputs))
+        return "; ".join(problems) or None
+
+    # -- control --------------------------------------------------------------------------------------------
+    def cancel(self, dn: str, key: str) -> JobState:
+        job = self.job(dn, key, "job.cancel")
+        if job.final:
+            raise IllegalTransition(f"job {key} is already {job.state.value}", state=job.state.value,
+                                    operation="Cancel")
+        self.store.update(key, cancel_requested=True)
+        self._set_state(key, JobState.CANCELLED, expect=LIVE_BEFORE_RUN, ended=time.time())
+        with self._guard:
+            proc = self._procs.get(key)
+        if proc is not None:
+            proc.kill(self.config.kill_grace)
+        self._set_state(key, JobState.CANCELLED, ended=time.time())
+        return self.store.get(key).state
+
+    def destroy(self, dn: str, key: str) -> None:
+        self.job(dn, key, "job.destroy")
+        self._destroy(key, f"by {dn}")
+
+    def _destroy(self, key: str, why: str) -> None:
+        job = self.store.get(key)
+        if job is None:
+            return
+        if not job.final:
+            self.store.update(key, cancel_requested=True)
+            with self._guard:
+                proc = self._procs.get(key)
+            if proc is not None:
+                proc.kill(self.config.kill_grace)
+            self._set_state(key, JobState.CANCELLED, ended=time.time(), failure=f"destroyed {why}")
+        self.store.destroy(key)
+        self.subscriptions.drop(key)
+        shutil.rmtree(self.jobs_dir / key, ignore_errors=True)
+        shutil.rmtree(self.control_dir / key, ignore_errors=True)
+        log.info("job %s destroyed %s", key, why)
+
+    def set_termination(self, dn: str, key: str, when: float) -> float:
+        job = self.job(dn, key, "job.set-lifetime")
+        now = time.time()
+        if when <= now:
+            raise InvalidArgument("the requested termination time is in the past; use Destroy to end it now",
+                                  argument="RequestedTerminationTime")
+        if when - job.submitted > self.config.max_lifetime:
+            allowed = self.config.max_lifetime
+            raise LimitExceeded(f"a lifetime of {int(when - job.submitted)} s exceeds this service's {allowed} s",
+                                limit="max_lifetime", allowed=str(allowed), requested=str(int(when - job.submitted)))
+        self.store.update(key, termination=when)
+        return when
+
+    def subscribe(self, dn: str, key: str, consumer: str, until: float | None) -> Subscription:
+        """Record a subscription to the job's state changes (the consumer already checked by the caller's
+        policy); it ends with the job's lifetime at the latest."""
+        job = self.job(dn, key, "job.subscribe")
+        if not consumer.startswith(("https://", "http://")):
+            raise InvalidArgument("the consumer reference needs an http(s) address", argument="ConsumerReference")
+        expires = job.termination if until is None else min(until, job.termination)
+        sub = Subscription(new_subscription_key(), key, consumer, dn, expires)
+        self.subscriptions.add(sub)
+        return sub
+
+    def list(self, dn: str, include_ended: bool = False) -> list[Job]:
+        self.check(dn, "job.list")
+        return self.store.list(live_only=not include_ended)
+
+    # -- what the owner reads ---------------------------------------------------------------------------------
+    def tail(self, job: Job, which: str) -> str:
+        name = job.spec.stdout if which == "stdout" else job.spec.stderr
+        try:
+            return _tail(inside(self.jobs_dir / job.key, name), self.config.tail_bytes)[2]
+        except (StagingError, OSError):
+            return ""
+
+    def read_log(self, dn: str, name: str, max_bytes: int = 65536) -> tuple[int, bool, str]:
+        """The tail of a configured log: (its size, whether the text is only its end, the text)."""
+        self.check(dn, "job.read-log", f"log {name}")
+        path = self.config.logs.get(name)
+        if path is None:
+            raise ResourceUnknown(f"no log {name!r}; this service shows: {', '.join(sorted(self.config.logs)) or 'none'}",
+                                  resource=name)
+        try:
+            return _tail(Path(path), max_bytes)
+        except FileNotFoundError:
+            return 0, False, ""
+
+    # -- lifetimes and restarts -------------------------------------------------------------------------------
+    def sweep(self, now: float | None = None) -> list[str]:
+        expired = self.store.expired(time.time() if now is None else now)
+        for key in expired:
+            try:
+                self._destroy(key, "when its termination time passed")
+            except Exception:
+                log.exception("could not destroy expired job %s", key)
+        return expired
+
+    def reconcile(self) -> dict[str, int]:
+        """At start (after a crash too): every live job is found again running (re-attached), ended (its
+        real exit), or Failed with the reason; none is lost silently."""
+        report = {"reattached": 0, "finished": 0, "failed_interrupted": 0, "failed_lost": 0}
+        for job in self.store.list(live_only=True):
+            key, control = job.key, self.control_dir / job.key
+            if job.state == JobState.ACTIVE:
+                proc = Process.reattach(job.pid, job.pid_start, control) if job.pid else None
+                if proc is not None:
+                    self._resume.append((key, lambda k=key, p=proc: self._watch(k, p)))
+                    report["reattached"] += 1
+                    continue
+                exit = read_exit(control / "exit.json")
+                if exit.code is not None:
+                    self._resume.append((key, lambda k=key, e=exit: self._finish(k, e)))
+                    report["finished"] += 1
+                    continue
+                self._set_state(key, JobState.FAILED, ended=time.time(),
+                                failure="Lost: the job's process ended while the job service was down and left no "
+                                        "exit status")
+                report["failed_lost"] += 1
+                continue
+            started = read_supervisor(control) if job.state in LIVE_BEFORE_RUN else None
+            if started is not None:          # it died between starting the program and recording it
+                proc = Process.reattach(*started, control)
+                exit = read_exit(control / "exit.json")
+                if proc is not None or exit.code is not None:
+                    self._set_state(key, JobState.ACTIVE, started=time.time(), pid=started[0], pid_start=started[1])
+                    self._resume.append((key, (lambda k=key, p=proc: self._watch(k, p)) if proc is not None else
+                                         (lambda k=key, e=exit: self._finish(k, e))))
+                    report["reattached" if proc is not None else "finished"] += 1
+                    continue
+            self._set_state(key, JobState.FAILED, ended=time.time(),
+                            failure=f"Interrupted: the job service restarted while the job was {job.state.value}"
+                                    + ("; the program had ended" if job.state == JobState.STAGE_OUT else
+                                       "; the program was not started"))
+            report["failed_interrupted"] += 1
+        return report
+
+
+def _tail(path: Path, limit: int) -> tuple[int, bool, str]:
+    with open(path, "rb") as f:
+        size = f.seek(0, 2)
+        f.seek(max(0, size - limit))
+        data = f.read(limit)
+    return size, size > limit, data.decode("utf-8", "replace")

@@ -1,0 +1,125 @@
+"""Starting, watching and killing a job's process: no shell, a new session per job (its process group,
+led by the shim that supervises it), a clean environment, bounded output capture (shim.py)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+SHIM = Path(__file__).with_name("shim.py")
+BASE_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
+@dataclass(frozen=True)
+class Exit:
+    """How a job's process ended: ``code`` (minus the signal number when killed), or why it is unknown."""
+
+    code: int | None
+    error: str | None = None
+    dropped: dict | None = None
+
+
+def proc_start_time(pid: int) -> str | None:
+    """The start time of ``pid`` in clock ticks since boot (field 22 of /proc/PID/stat), None if gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2:].split()
+    if fields and fields[0] == "Z":      # a zombie is not running
+        return None
+    return fields[19] if len(fields) > 19 else None
+
+
+def job_environment(work: Path, extra: tuple[tuple[str, str], ...]) -> dict[str, str]:
+    """The job's environment: a fixed base (nothing of the service's own, no credentials) plus the job's."""
+    env = {"PATH": BASE_PATH, "HOME": str(work), "LANG": "C.UTF-8", "PWD": str(work)}
+    env.update(dict(extra))
+    return env
+
+
+class Process:
+    """A job's shim: started here (a child) or found again after a restart (re-attached by pid)."""
+
+    def __init__(self, pid: int, start: str | None, status_path: Path, child: subprocess.Popen | None = None):
+        self.pid = pid
+        self.start_time = start
+        self.status_path = status_path
+        self.child = child
+
+    @classmethod
+    def start(cls, argv: list[str], *, cwd: Path, env: dict[str, str], stdin: Path | None, stdout: Path,
+              stderr: Path, control: Path, max_output: int) -> "Process":
+        control.mkdir(parents=True, exist_ok=True)
+        status = control / "exit.json"
+        spec = {"argv": argv, "cwd": str(cwd), "env": env, "stdin": str(stdin) if stdin else None,
+                "stdout": str(stdout), "stderr": str(stderr), "status": str(status), "max_output": max_output}
+        spec_path = control / "spec.json"
+        spec_path.write_text(json.dumps(spec))
+        child = subprocess.Popen([sys.executable, "-I", str(SHIM), str(spec_path)], cwd=cwd, start_new_session=True,
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                 env={"PATH": BASE_PATH, "LANG": "C.UTF-8"}, close_fds=True)
+        return cls(child.pid, proc_start_time(child.pid), status, child)
+
+    @classmethod
+    def reattach(cls, pid: int, start: str | None, control: Path) -> "Process | None":
+        """The shim ``pid`` if it still runs (same start time: not a reused pid); else None."""
+        if start is None or proc_start_time(pid) != start:
+            return None
+        return cls(pid, start, control / "exit.json")
+
+    def alive(self) -> bool:
+        if self.child is not None:
+            return self.child.poll() is None
+        return proc_start_time(self.pid) == self.start_time
+
+    def wait(self, poll: float = 0.5) -> Exit:
+        """Wait for the shim to end; the job's exit as the shim recorded it."""
+        if self.child is not None:
+            self.child.wait()
+        else:
+            while self.alive():
+                time.sleep(poll)
+        return read_exit(self.status_path)
+
+    def kill(self, grace: float) -> None:
+        """SIGTERM to the whole process group, SIGKILL after ``grace`` seconds if any of it is left."""
+        if not self.alive():
+            return
+        _killpg(self.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and self.alive():
+            time.sleep(0.05)
+        _killpg(self.pid, signal.SIGKILL)
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def read_supervisor(control: Path) -> tuple[int, str] | None:
+    """The pid and start time the job's supervisor recorded when it started, if it did."""
+    try:
+        data = json.loads((control / "shim.json").read_text())
+        return int(data["pid"]), str(data["start"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def read_exit(status_path: Path) -> Exit:
+    try:
+        data = json.loads(status_path.read_text())
+    except FileNotFoundError:
+        return Exit(None, "the job's process ended without leaving an exit status (it was killed with its "
+                          "supervisor)")
+    except (OSError, ValueError) as exc:
+        return Exit(None, f"the job's exit status cannot be read: {exc}")
+    return Exit(data.get("exit"), data.get("error"), data.get("dropped") or {})

@@ -1,0 +1,138 @@
+"""Files in and out of a job's directory over GridFTP, and the job service's own GridFTP face.
+
+Stage-in sources are gsiftp:// or ftp:// URLs (fetched with the service's credential, verified by
+sha256: the one the client gave, else the source's own CKSM) or ``staged:NAME``, a file the job's
+owner put into their staging area on this service's face. Outputs are hashed once they are final
+and sent to their destination URLs verified the same way; the owner can also read them (and only
+they) from the face at /jobs/<key>/<name>.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from gridftp import GridFTPServer, download, upload
+from gridftp.errors import GridFTPError, PathError
+from gridftp.filespace import FileSpace, LocalFileSpace
+
+log = logging.getLogger("vmgrid.JobService.gridftp")
+
+
+class StagingError(Exception):
+    """A file could not be staged; the message says which and why."""
+
+
+def staging_area(dn: str) -> str:
+    """A user's staging directory name on the face: a stable name derived from the DN."""
+    return hashlib.sha256(dn.encode()).hexdigest()[:24]
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def inside(root: Path, relative: str) -> Path:
+    """``relative`` under ``root``, refusing anything (``..``, a symlink) that leads out of it."""
+    try:
+        return LocalFileSpace(root).real_path("/" + relative)
+    except PathError as exc:
+        raise StagingError(f"{relative}: {exc}") from None
+
+
+class Stager:
+    """Moves one job's files; ``credential``/``trust`` are the service's (the guest container's) own."""
+
+    def __init__(self, credential, trust, staging_dir: Path, parallel: int = 2):
+        self.credential = credential
+        self.trust = trust
+        self.staging_dir = staging_dir
+        self.parallel = parallel
+
+    def fetch(self, source: str, dest: Path, owner: str, sha256: str | None,
+              progress: Callable[[int], None]) -> str:
+        """Put ``source`` at ``dest``; returns its verified sha256."""
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if source.startswith("staged:"):
+            src = inside(self.staging_dir / staging_area(owner), source[len("staged:"):])
+            if not src.is_file():
+                raise StagingError(f"{source}: no such file in your staging area (upload it first)")
+            shutil.copyfile(src, dest)
+            actual = sha256_of(dest)
+            progress(dest.stat().st_size)
+        else:
+            try:
+                result = download(source, dest, self.parallel, credential=self.credential, trust=self.trust,
+                                  sha256=sha256, progress=lambda done, total: progress(done))
+            except (GridFTPError, OSError) as exc:
+                raise StagingError(f"{source}: {exc}") from None
+            actual = result.sha256
+        if sha256 and actual != sha256:
+            dest.unlink(missing_ok=True)
+            raise StagingError(f"{source}: sha256 {actual} is not the expected {sha256}")
+        return actual
+
+    def send(self, src: Path, destination: str, sha256: str, progress: Callable[[int], None]) -> None:
+        try:
+            upload(src, destination, self.parallel, credential=self.credential, trust=self.trust, sha256=sha256,
+                   progress=lambda done, total: progress(done), state_dir=self.staging_dir.parent / "restart")
+        except (GridFTPError, OSError) as exc:
+            raise StagingError(f"{destination}: {exc}") from None
+
+
+class JobFileSpace(FileSpace):
+    """/jobs/<key>/... are the jobs' directories (read-only), /staging/<area>/... the owners' staging areas."""
+
+    def __init__(self, jobs_dir: Path, staging_dir: Path):
+        self.jobs_dir = jobs_dir
+        self.staging_dir = staging_dir
+
+    def real_path(self, vpath: str) -> Path:
+        parts = [p for p in vpath.split("/") if p]
+        if len(parts) >= 2 and parts[0] == "jobs" and (self.jobs_dir / parts[1]).is_dir():
+            return LocalFileSpace(self.jobs_dir / parts[1]).real_path("/" + "/".join(parts[2:]))
+        if len(parts) >= 2 and parts[0] == "staging" and len(parts[1]) == 24:
+            area = self.staging_dir / parts[1]
+            area.mkdir(parents=True, exist_ok=True)
+            return LocalFileSpace(area).real_path("/" + "/".join(parts[2:]))
+        raise PathError(f"{vpath}: no such path here (/jobs/<key>/<file>, /staging/<area>/<file>)")
+
+
+class JobTransfers:
+    """The job service's GridFTP face. ``job_owner(key)`` is the DN that submitted a job (None: no such
+    job); ``may_use(dn)`` says whether a DN may use the service at all (the instance's owner, admins)."""
+
+    def __init__(self, jobs_dir: Path, staging_dir: Path, host: str, port: int, credential, trust, *,
+                 job_owner: Callable[[str], str | None], may_use: Callable[[str], bool], public_host: str = ""):
+        self.job_owner = job_owner
+        self.may_use = may_use
+        self.server = GridFTPServer(JobFileSpace(jobs_dir, staging_dir), host, port, credential=credential,
+                                    trust=trust, authorize=self.authorize, upload_area="/staging")
+        self.public_host = public_host or ("localhost" if host in ("127.0.0.1", "::1", "0.0.0.0") else host)
+
+    def start(self) -> None:
+        self.server.start()
+        log.info("GridFTP face of the job directories at %s", self.base_url)
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    @property
+    def base_url(self) -> str:
+        return f"gsiftp://{self.public_host}:{self.server.port}"
+
+    def authorize(self, dn: str | None, op: str, vpath: str) -> bool:
+        if dn is None or not self.may_use(dn):
+            return False
+        parts = [p for p in vpath.split("/") if p]
+        if parts[:1] == ["staging"]:
+            return len(parts) >= 2 and parts[1] == staging_area(dn)
+        if parts[:1] == ["jobs"] and len(parts) >= 2:
+            return op in ("read", "list") and self.job_owner(parts[1]) == dn
+        return False

@@ -1,0 +1,191 @@
+"""The job service's records in SQLite: jobs, written before anything is done for them, so a restart
+finds every job (the notification subscriptions share the database: services.wsrf.notification)."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from services.sqlite import Database
+
+
+class JobState(str, Enum):
+    PENDING = "Pending"
+    STAGE_IN = "StageIn"
+    ACTIVE = "Active"
+    STAGE_OUT = "StageOut"
+    DONE = "Done"
+    FAILED = "Failed"
+    CANCELLED = "Cancelled"
+
+
+FINAL = frozenset({JobState.DONE, JobState.FAILED, JobState.CANCELLED})
+
+
+@dataclass(frozen=True)
+class StageIn:
+    source: str          # gsiftp:// or ftp:// URL, or staged:NAME (the owner's staging area)
+    name: str            # where it lands, relative to the job's directory
+    sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class StageOut:
+    name: str                      # a file of the job's directory
+    destination: str | None = None  # a gsiftp:// or ftp:// URL it is also sent to
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What SubmitJob asks for."""
+
+    executable: str
+    arguments: tuple[str, ...] = ()
+    environment: tuple[tuple[str, str], ...] = ()
+    directory: str | None = None
+    stdin: str | None = None
+    stdout: str = "stdout"
+    stderr: str = "stderr"
+    stage_in: tuple[StageIn, ...] = ()
+    stage_out: tuple[StageOut, ...] = ()
+    lifetime: int | None = None
+
+    def to_json(self) -> str:
+        return json.dumps({"executable": self.executable, "arguments": list(self.arguments),
+                           "environment": [list(v) for v in self.environment], "directory": self.directory,
+                           "stdin": self.stdin, "stdout": self.stdout, "stderr": self.stderr,
+                           "stage_in": [[s.source, s.name, s.sha256] for s in self.stage_in],
+                           "stage_out": [[s.name, s.destination] for s in self.stage_out],
+                           "lifetime": self.lifetime})
+
+    @classmethod
+    def from_json(cls, text: str) -> "JobSpec":
+        d = json.loads(text)
+        return cls(d["executable"], tuple(d["arguments"]), tuple(tuple(v) for v in d["environment"]),
+                   d["directory"], d["stdin"], d["stdout"], d["stderr"],
+                   tuple(StageIn(*s) for s in d["stage_in"]), tuple(StageOut(*s) for s in d["stage_out"]),
+                   d["lifetime"])
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    name: str
+    size: int
+    sha256: str
+    destination: str | None = None
+
+
+@dataclass
+class Job:
+    key: str
+    owner: str
+    state: JobState
+    spec: JobSpec
+    submitted: float
+    termination: float
+    started: float | None = None
+    ended: float | None = None
+    exit_code: int | None = None
+    failure: str | None = None
+    pid: int | None = None
+    pid_start: str | None = None           # the shim's start time in /proc (tells a reused pid apart)
+    progress: dict = field(default_factory=dict)   # filesDone, filesTotal, bytesDone, current
+    outputs: tuple[OutputFile, ...] = ()
+    cancel_requested: bool = False
+
+    @property
+    def final(self) -> bool:
+        return self.state in FINAL
+
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    key TEXT PRIMARY KEY, owner TEXT NOT NULL, state TEXT NOT NULL, spec TEXT NOT NULL,
+    submitted REAL NOT NULL, termination REAL NOT NULL, started REAL, ended REAL, exit_code INTEGER,
+    failure TEXT, pid INTEGER, pid_start TEXT, progress TEXT NOT NULL DEFAULT '{}',
+    outputs TEXT NOT NULL DEFAULT '[]', cancel_requested INTEGER NOT NULL DEFAULT 0,
+    destroyed INTEGER NOT NULL DEFAULT 0);
+"""
+COLUMNS = ("key", "owner", "state", "spec", "submitted", "termination", "started", "ended", "exit_code", "failure",
+           "pid", "pid_start", "progress", "outputs", "cancel_requested")
+
+
+def _row(row) -> Job:
+    d = dict(zip(COLUMNS, row))
+    return Job(d["key"], d["owner"], JobState(d["state"]), JobSpec.from_json(d["spec"]), d["submitted"],
+               d["termination"], d["started"], d["ended"], d["exit_code"], d["failure"], d["pid"], d["pid_start"],
+               json.loads(d["progress"]), tuple(OutputFile(*o) for o in json.loads(d["outputs"])),
+               bool(d["cancel_requested"]))
+
+
+class JobStore:
+    def __init__(self, path: Path):
+        self.db = Database(path)
+        self.db.conn().executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def add(self, job: Job) -> None:
+        with self.db.write("add") as db:
+            db.execute("INSERT INTO jobs (key, owner, state, spec, submitted, termination) VALUES (?,?,?,?,?,?)",
+                       (job.key, job.owner, job.state.value, job.spec.to_json(), job.submitted, job.termination))
+
+    def get(self, key: str) -> Job | None:
+        row = self.db.conn().execute(f"SELECT {', '.join(COLUMNS)} FROM jobs WHERE key = ? AND destroyed = 0",
+                                     (key,)).fetchone()
+        return _row(row) if row else None
+
+    def list(self, *, live_only: bool = False) -> list[Job]:
+        rows = self.db.conn().execute(f"SELECT {', '.join(COLUMNS)} FROM jobs WHERE destroyed = 0 ORDER BY submitted")
+        jobs = [_row(r) for r in rows]
+        return [j for j in jobs if not j.final] if live_only else jobs
+
+    def count_live(self) -> int:
+        finals = tuple(s.value for s in FINAL)
+        return self.db.conn().execute("SELECT COUNT(*) FROM jobs WHERE destroyed = 0 AND state NOT IN (?,?,?)",
+                                      finals).fetchone()[0]
+
+    @staticmethod
+    def _columns(values: dict) -> dict:
+        conv = {}
+        for k, v in values.items():
+            if k == "state":
+                v = JobState(v).value
+            elif k == "progress":
+                v = json.dumps(v)
+            elif k == "outputs":
+                v = json.dumps([[o.name, o.size, o.sha256, o.destination] for o in v])
+            elif k == "cancel_requested":
+                v = int(bool(v))
+            conv[k] = v
+        return conv
+
+    def update(self, key: str, **values) -> None:
+        if not values:
+            return
+        conv = self._columns(values)
+        with self.db.write("update") as db:
+            db.execute(f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in conv)} WHERE key = ?", (*conv.values(), key))
+
+    def set_state(self, key: str, new: JobState, *, expect: set[JobState] | None = None, **values) -> JobState | None:
+        """Move a job to ``new`` (only from ``expect`` when given); returns the old state, or None if refused."""
+        with self.db.write("set_state") as db:
+            row = db.execute("SELECT state FROM jobs WHERE key = ? AND destroyed = 0", (key,)).fetchone()
+            if row is None:
+                return None
+            old = JobState(row[0])
+            if (expect is not None and old not in expect) or old in FINAL:
+                return None
+            conv = self._columns({**values, "state": new})      # one transaction: never final without its end
+            db.execute(f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in conv)} WHERE key = ?", (*conv.values(), key))
+        return old
+
+    def destroy(self, key: str) -> None:
+        with self.db.write("destroy") as db:
+            db.execute("UPDATE jobs SET destroyed = 1 WHERE key = ?", (key,))
+
+    def expired(self, now: float) -> list[str]:
+        return [r[0] for r in self.db.conn().execute(
+            "SELECT key FROM jobs WHERE destroyed = 0 AND termination <= ?", (now,))]

@@ -1,0 +1,165 @@
+"""Calling a vmgrid grid service: zeep built from the served WSDL, every request signed with the
+user's proxy and every response verified (security.client), faults turned back into the typed
+errors of services.faults, and the verified response payload handed back as XML."""
+from __future__ import annotations
+
+import threading
+import uuid
+from pathlib import Path
+
+import requests
+import zeep
+from lxml import etree
+from zeep.plugins import Plugin
+
+from urllib.parse import urlsplit
+
+from security.client import GridTransport, GridWSSE
+from services.container.addressing import WSA, request_headers
+from security.pki import Credential
+from security.trust import TrustStore
+from services.faults import VMGridFault, from_detail
+
+SOAP_ENV = "http://schemas.xmlsoap.org/soap/envelope/"
+
+
+class ClientError(Exception):
+    """A call that did not reach a typed answer from the service."""
+
+
+class Unreachable(ClientError):
+    """The service could not be reached (connection refused, TLS failure, timeout)."""
+
+
+class SoapFaultError(ClientError):
+    """A SOAP fault without a vmgrid detail (e.g. a WS-Security refusal: ``code`` is wsse:...)."""
+
+    def __init__(self, message: str, code: str | None):
+        super().__init__(f"{message} [{code}]" if code else message)
+        self.code = code
+
+
+class _Capture(Plugin):
+    """Keeps the verified response envelope (zeep verifies WS-Security before ingress plugins), and
+    fills in element text zeep cannot render (the mixed content of a WS-RP QueryExpression) before
+    the request is signed (zeep applies plugins before WS-Security)."""
+
+    def __init__(self, url: str = ""):
+        self.local = threading.local()
+        self.url = url
+
+    def egress(self, envelope, http_headers, operation, binding_options):
+        # WS-Addressing To / Action / MessageID, signed with the rest: the service refuses a request
+        # addressed elsewhere or to another operation (services.container.addressing)
+        header = envelope.find(f"{{{SOAP_ENV}}}Header")
+        if header is None:
+            header = etree.Element(f"{{{SOAP_ENV}}}Header")
+            envelope.insert(0, header)
+        if header.find(f"{{{WSA}}}To") is None:
+            action = getattr(operation, "soapaction", "") or ""
+            for h in request_headers(self.url, action, f"urn:uuid:{uuid.uuid4()}"):
+                header.append(h)
+        fill = getattr(self.local, "text_fill", None)
+        if fill:
+            for tag, text in fill.items():
+                for el in envelope.iter(tag):
+                    el.text = text
+            self.local.text_fill = None
+        return envelope, http_headers
+
+    def ingress(self, envelope, http_headers, operation):
+        self.local.envelope = envelope
+        return envelope, http_headers
+
+    def payload(self) -> etree._Element:
+        env = self.local.envelope
+        root = env.getroot() if isinstance(env, etree._ElementTree) else env
+        body = root.find(f"{{{SOAP_ENV}}}Body")
+        return next(c for c in body if isinstance(c.tag, str))
+
+
+class SameOriginTransport(GridTransport):
+    """Loads the WSDL and the schemas it imports only from the service's own origin (scheme, host,
+    port), over the TLS session checked against the trusted CAs."""
+
+    def __init__(self, url: str, wsse: GridWSSE):
+        super().__init__(wsse)
+        parts = urlsplit(url)
+        self.origin = (parts.scheme, parts.hostname, parts.port)
+
+    def load(self, url):
+        parts = urlsplit(str(url))
+        if (parts.scheme, parts.hostname, parts.port) != self.origin:
+            raise ClientError(f"refusing to load {url}: not from the service's origin")
+        return super().load(url)
+
+
+class GridServiceClient:
+    """One grid service at ``url`` (…/wsrf/services/<Name>), called as ``credential``."""
+
+    def __init__(self, url: str, credential: Credential, trust: TrustStore, *,
+                 expected_host_dn: str | None = None):
+        self.url = url.split("?")[0]
+        self.credential = credential
+        self.trust = trust
+        self._capture = _Capture(self.url)
+        wsse = GridWSSE(credential, trust, expected_host_dn=expected_host_dn)
+        transport = SameOriginTransport(self.url, wsse)
+        settings = zeep.Settings(strict=True, xml_huge_tree=False, forbid_dtd=True, forbid_entities=True,
+                                 forbid_external=False)  # imports are fetched, from the service's origin only
+        try:
+            self.zeep = zeep.Client(self.url + "?wsdl", wsse=wsse, transport=transport, plugins=[self._capture],
+                                    settings=settings)
+        except requests.exceptions.RequestException as exc:
+            raise Unreachable(f"cannot fetch the WSDL of {self.url}: {_reason(exc)}") from None
+        self.service = self.zeep.create_service(self._binding_name(), self.url)
+
+    def _binding_name(self) -> str:
+        for service in self.zeep.wsdl.services.values():
+            for port in service.ports.values():
+                return port.binding.name.text
+        raise ClientError(f"{self.url}: the WSDL describes no service")
+
+    def close(self) -> None:
+        """Close the HTTP connections this client keeps open."""
+        self.zeep.transport.session.close()
+
+    def to_zeep(self, element: etree._Element):
+        """An lxml element (e.g. a descriptor) as the zeep value of its global element."""
+        return self.zeep.get_element(element.tag).parse(element, self.zeep.wsdl.types)
+
+    def call(self, operation: str, *args, text_fill: dict[str, str] | None = None, **kwargs) -> etree._Element:
+        """Call ``operation``; returns the verified response payload element, or raises the typed fault.
+        ``text_fill`` sets the text of elements (by tag) zeep cannot render itself."""
+        self._capture.local.text_fill = text_fill
+        try:
+            getattr(self.service, operation)(*args, **kwargs)
+        except zeep.exceptions.Fault as fault:
+            detail = fault.detail
+            if detail is not None:
+                for child in detail:
+                    if isinstance(child.tag, str):
+                        typed = from_detail(child)
+                        if typed is not None:
+                            raise typed from None
+            raise SoapFaultError(fault.message or "SOAP fault", fault.code) from None
+        except requests.exceptions.RequestException as exc:
+            raise Unreachable(f"cannot reach {self.url}: {_reason(exc)}") from None
+        return self._capture.payload()
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc)
+    for marker in ("Connection refused", "certificate verify failed", "timed out", "Name or service not known"):
+        if marker in text:
+            return marker
+    return text[:300]
+
+
+def default_trust(cert_dir: str | Path | None = None) -> TrustStore:
+    from security.pki import default_cert_dir
+
+    return TrustStore(Path(cert_dir) if cert_dir else default_cert_dir())
+
+
+__all__ = ["GridServiceClient", "ClientError", "Unreachable", "SoapFaultError", "VMGridFault", "default_trust"]

@@ -1,0 +1,36 @@
+"""[vmmanager] of the TOML configuration: a light module, so loading a configuration imports no libvirt."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class VMManagerConfig:
+    """[vmmanager] in the TOML configuration (docs/configuration.md)."""
+
+    node: str = ""                       # this node's name ("" = the host name)
+    vmm: str = "test"                    # test: libvirt's test driver; qemu: real guests (qemu:///embed)
+    vmm_root: str = ""                   # qemu:///embed root ("" = <state_dir>/qemu)
+    repository: str = ""                 # the VMRepository's URL (images are verified and staged from it)
+    network: str = "10.99.0.0/24"        # the subnet the instances live on
+    lease_range: str = "10.99.0.10-10.99.0.250"   # this node's addresses; nodes of one subnet: disjoint ranges
+    gateway: str = "10.99.0.1"
+    dns: list[str] = field(default_factory=list)
+    mac_prefix: str = "52:54:00"
+    nic_kind: str = "user"               # user (QEMU user-mode network), network or bridge
+    nic_source: str = ""                 # the libvirt network or bridge for nic_kind network/bridge
+    manage_bridge: bool = True           # nic_kind bridge: the node makes nic_source holding the gateway
+    kernel: str = ""                     # boot method "kernel": the node's kernel, initrd and command line
+    initrd: str = ""
+    cmdline: str = "console=ttyS0 root=/dev/vda rw"
+    staging_parallel: int = 4            # GridFTP streams when staging an image
+    staging_gsi: bool = False            # stage over AUTH GSSAPI (GSI) instead of AUTH TLS (docs/gridftp.md)
+    deploy_workers: int = 8              # deployments staged and started at once
+    sweep_interval: float = 1.0          # seconds between lifetime checks
+    guest_ready_timeout: float = 180.0   # seconds to wait for guestd's ready report (real guests)
+    shutdown_timeout: int = 60           # default ACPI shutdown grace before forcing off
+    hold_grace: int = 3600               # an image hold outlives the instance's lifetime by this much
+    # Subscribe: consumer networks allowed besides the default (any http(s) address that is not this node's
+    # loopback or link-local); e.g. ["127.0.0.0/8"] where clients listen on the nodes' own machine
+    consumers_allow: list[str] = field(default_factory=list)
+    notify_deadline: float = 10.0        # seconds for one notification delivery, connect to answer

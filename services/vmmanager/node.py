@@ -1,0 +1,496 @@
+"""The VMManager's node core, below SOAP: the operations of one node on typed values. Every operation
+that acts on an instance gets it only through :meth:`Node._authorized`, which authorizes before anything
+about the instance (its state, whether it has ended) is revealed; the factory operations authorize on
+their first line. Built from its parts: the VMM, the node store, the image cache, repository access,
+the enforcement point, the notifier and the node's public address (configuration, never a caller).
+
+The deploy phases are in :mod:`services.vmmanager.phases`; states and transitions in
+:mod:`services.vmmanager.states`; the wire form in :mod:`services.vmmanager.wire`.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import socket
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from services.authz.pep import Enforcer, PolicyDecisionPoint
+from services.faults import (InternalFault, InvalidArgument, InvalidDescriptor, LimitExceeded, ResourceUnknown,
+                             VMGridFault, VMMFault)
+from services.vmmanager import phases, states
+from services.vmmanager.config import VMManagerConfig
+from services.vmmanager.context import new_token
+from services.vmmanager.imagecache import ImageCache
+from services.vmmanager.phases import NodeParts, Recorder, vmm_call
+from services.vmmanager.states import FINAL, TRANSIENT, State
+from services.vmmanager.store import Instance, LeaseRange, NodeStore
+from services.vmmanager.values import DeployRequest, InstanceView, Subscribed
+from services.vmmanager.vmm import VMM, InstanceState, LifecycleEvent, LifecycleEventKind, VMMError
+from services.vmmanager.vmm.errors import InstanceNotFound
+from services.wsrf.lifetime import Sweeper
+from services.wsrf.notification import ConsumerPolicy, Notifier, Subscription, new_subscription_key
+
+log = logging.getLogger("vmgrid.VMManagerService")
+
+
+class Node:
+    """One node's VMManager, without SOAP. ``address`` is the node's public VMManager URL."""
+
+    def __init__(self, state_dir: Path, config: VMManagerConfig, pdp: PolicyDecisionPoint, *, vmm: VMM,
+                 repository, notifier: Notifier | None = None, address: str = "", state_change=None):
+        self.config = config
+        self.node = config.node or socket.gethostname()
+        self.authz = Enforcer(pdp)
+        self.vmm = vmm
+        self.repository = repository
+        self.notifier = notifier
+        self.state_change = state_change    # (consumer, producer, key, identifier, old, new, when) -> a Notify
+        self.consumers = ConsumerPolicy(tuple(config.consumers_allow))
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.store = NodeStore(self.state_dir / "node.sqlite")
+        self.cache = ImageCache(self.state_dir / "cache", self.store, repository)
+        self.instances_dir = self.state_dir / "instances"
+        self.instances_dir.mkdir(exist_ok=True)
+        pool = LeaseRange.parse(config.lease_range, config.network, config.gateway or None, config.mac_prefix)
+        self.parts = NodeParts(self.node, config, self.store, self.cache, repository, vmm, pool,
+                               self.instances_dir, address)
+        self.executor = ThreadPoolExecutor(config.deploy_workers, thread_name_prefix="vmgrid-deploy")
+        self._locks: dict[str, threading.RLock] = {}
+        self._locks_guard = threading.Lock()
+        self._sweeper: Sweeper | None = None
+        self._event_handle: int | None = None
+        self.reconcile_report = self.reconcile()
+        log.info("node %s reconciled: %s", self.node, self.reconcile_report)
+
+    @property
+    def pool(self) -> LeaseRange:
+        return self.parts.pool
+
+    @pool.setter
+    def pool(self, pool: LeaseRange) -> None:
+        self.parts.pool = pool
+
+    @property
+    def address(self) -> str:
+        return self.parts.address
+
+    @address.setter
+    def address(self, url: str) -> None:
+        self.parts.address = url
+
+    # -- the node's own life ------------------------------------------------------------------------
+    def start(self) -> None:
+        self._event_handle = self.vmm.subscribe(self._on_vmm_event)
+        self._sweeper = Sweeper(lambda now: self.sweep(now), self.config.sweep_interval).start()
+
+    def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.stop()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        if self._event_handle is not None:
+            try:
+                self.vmm.unsubscribe(self._event_handle)
+            except Exception:
+                pass
+        if self.notifier is not None:
+            self.notifier.close()
+        self.repository.close()
+        self.vmm.close()
+        self.store.close()
+
+    @contextmanager
+    def _locked(self, key: str) -> Iterator[None]:
+        with self._locks_guard:
+            lock = self._locks.setdefault(key, threading.RLock())
+        with lock:
+            yield
+
+    # -- authorization first --------------------------------------------------------------------------
+    def _resource(self, inst: Instance) -> dict[str, str]:
+        return {"type": "instance", "owner": inst.owner, "vo": inst.vo, "node": self.node, "id": inst.key,
+                "image": inst.image_id}
+
+    def _record(self, key: str) -> Instance:
+        inst = self.store.get(key) if key else None
+        if inst is None:
+            raise ResourceUnknown(f"no instance {key} on node {self.node}", resource=key or "(none)")
+        return inst
+
+    def _authorized(self, caller, key: str, action: str, *, inst: Instance | None = None, **context) -> Instance:
+        """The instance ``key`` for ``caller`` doing ``action``: authorized first (AccessDenied), then
+        ResourceUnknown if it has ended. The one way an operation reaches an instance."""
+        inst = inst or self._record(key)
+        self.authz.check(caller, action, self._resource(inst), {k: str(v) for k, v in context.items()})
+        if inst.state_enum == State.DESTROYED:
+            raise ResourceUnknown(f"no instance {key} on node {self.node} (destroyed)", resource=key)
+        return inst
+
+    def view(self, inst: Instance) -> InstanceView:
+        progress = self.cache.progress(inst.sha256) if inst.state == State.STAGING.value else None
+        return InstanceView(inst, self.node, progress)
+
+    # -- state changes and notifications ----------------------------------------------------------------
+    def _set_state(self, key: str, new: State, *, expect: set[State] | None = None, **values) -> bool:
+        old = self.store.set_state(key, new, expect=expect, **values)
+        if old is None:
+            return False
+        if old != new:
+            log.info("instance %s: %s -> %s", key, old.value, new.value)
+            self._notify(key, old, new)
+        return True
+
+    def _notify(self, key: str, old: State, new: State) -> None:
+        if self.notifier is None:
+            return
+        inst = self.store.get(key)
+        now = time.time()
+        # the end of an instance reaches every subscriber, even one whose subscription ran out with it
+        for _, consumer in self.store.subscriptions(key, 0.0 if new in FINAL else now):
+            self.notifier.send(consumer, self.state_change(consumer, self.address, key, inst.identifier,
+                                                           old.value, new.value, now))
+        if new in FINAL:
+            self.store.drop_subscriptions(key)
+
+    # -- deployment -------------------------------------------------------------------------------------
+    def deploy(self, caller, req: DeployRequest) -> InstanceView:
+        started = time.perf_counter()
+        d = req.descriptor
+        if not (d.image_id and d.sha256 and d.size is not None and d.owner):
+            raise InvalidDescriptor("deploy a descriptor as the repository gives it: it needs imageId, owner, "
+                                    "sha256 and size", schemaMessage="descriptor not from the repository")
+        key = "inst-" + uuid.uuid4().hex
+        # authorize: vm.deploy on the image, the requested amounts in the context; obligations applied and
+        # the instance counted against the concurrent-instance limits in one step
+        resource = {"type": "image", "vo": d.vo, "owner": d.owner, "name": d.name, "id": d.image_id,
+                    "node": self.node}
+        context = {"memory": str(d.memory), "vcpus": str(d.vcpus), "lifetime": str(req.lifetime),
+                   "image": d.image_id, "node": self.node}
+        decision, _slot = self.authz.claim(caller, key, resource, context)
+        t_authorize = time.perf_counter() - started
+        rec = Recorder(self.store, key)
+        try:
+            with rec.phase("register"):   # the descriptor checked against the repository, the instance recorded
+                self.repository.verify(d)
+                max_lifetime = decision.obligations.get("max_lifetime")
+                now = time.time()
+                self.store.insert(Instance(
+                    key=key, identifier=req.identifier, owner=caller.dn, vo=d.vo, image_id=d.image_id,
+                    image_name=d.name, sha256=d.sha256, size=d.size, format=d.image_format, memory=d.memory,
+                    vcpus=d.vcpus, descriptor=req.descriptor_xml, state=State.REGISTERED.value,
+                    initial_state=req.initial_state, address=None, mac=None, created=now,
+                    termination=now + req.lifetime, max_lifetime=int(max_lifetime) if max_lifetime else None,
+                    token=new_token()))
+                rec.add("authorize", t_authorize)
+            with rec.phase("lease"):
+                phases.lease(self.parts, key)
+        except BaseException as exc:
+            self._release(key, quiet=True)
+            if self.store.get(key) is not None:
+                reason = f"{type(exc).__name__}: {getattr(exc, 'description', exc)}"
+                self.store.set_state(key, State.FAILED, failure=reason)
+            self.authz.release(key)
+            raise
+        log.info("instance %s (%s) of %s registered for %s, lifetime %d s", key, req.identifier, d.image_id,
+                 caller.dn, req.lifetime)
+        if req.wait:
+            self._deploy_rest(key, raise_fault=True)
+        else:
+            self.executor.submit(self._deploy_rest, key, False)
+        return self.view(self.store.get(key))
+
+    def _deploy_rest(self, key: str, raise_fault: bool) -> None:
+        """The phases after registration (stage, overlay, context, power on, guest ready); on failure the
+        instance is Failed and everything it held is released."""
+        try:
+            if self._set_state(key, State.STAGING, expect={State.REGISTERED}):
+                rec = Recorder(self.store, key)
+                with rec.phase("stage"):
+                    phases.stage(self.parts, key)
+            with self._locked(key):
+                inst = self.store.get(key)
+                if inst.state != State.STAGING.value:   # destroyed meanwhile
+                    return
+                self._set_state(key, State.STARTING, expect={State.STAGING})
+                self._start_instance(key)
+        except VMGridFault as fault:
+            self._fail(key, fault)
+            if raise_fault:
+                raise
+        except VMMError as exc:
+            fault = VMMFault(f"the VMM failed: {exc}", operation="deploy")
+            self._fail(key, fault)
+            if raise_fault:
+                raise fault from None
+        except Exception as exc:  # noqa: BLE001 - recorded on the instance, never lost
+            log.exception("deployment of %s failed", key)
+            fault = InternalFault(f"deployment failed unexpectedly: {exc}", incident=key)
+            self._fail(key, fault)
+            if raise_fault:
+                raise fault from None
+
+    def _start_instance(self, key: str) -> None:
+        inst = self.store.get(key)
+        d = phases.descriptor_of(inst)
+        self.parts.home(key).mkdir(parents=True, exist_ok=True)
+        rec = Recorder(self.store, key)
+        with rec.phase("overlay"):
+            disks = phases.overlay(self.parts, inst, d)
+        with rec.phase("context"):
+            iso = phases.context(self.parts, inst, d)
+        paused = inst.initial_state == State.PAUSED.value
+        with rec.phase("power-on"):
+            spec = phases.instance_spec(self.parts, inst, d, disks, iso)
+            phases.power_on(self.parts, spec, paused)
+        if spec.channel is not None and not paused:
+            with rec.phase("guest-ready"):
+                phases.guest_ready(self.parts, key)
+        self._set_state(key, State.PAUSED if paused else State.RUNNING, expect={State.STARTING})
+
+    def _fail(self, key: str, fault: VMGridFault) -> None:
+        inst = self.store.get(key)
+        if inst is None or inst.state_enum in FINAL:
+            return
+        log.warning("instance %s failed: %s", key, fault.description)
+        with self._locked(key):
+            self._release(key)
+            self._set_state(key, State.FAILED, failure=f"{type(fault).__name__}: {fault.description}")
+        self.authz.release(key)
+
+    def _release(self, key: str, quiet: bool = False) -> None:
+        """Give back everything an instance holds: domain, overlay/context/state files, lease, image hold."""
+        inst = self.store.get(key)
+        for verb in ("destroy", "undefine"):
+            try:
+                getattr(self.vmm, verb)(key)
+            except InstanceNotFound:
+                break
+            except VMMError as exc:
+                if not quiet:
+                    log.warning("instance %s: %s failed: %s", key, verb, exc)
+        shutil.rmtree(self.parts.home(key), ignore_errors=True)
+        self.store.release_lease(key)
+        if inst is not None and inst.hold_id:
+            self.repository.release(inst.hold_id)
+            self.store.update(key, hold_id=None)
+
+    def _destroy(self, key: str, reason: str) -> None:
+        with self._locked(key):
+            inst = self.store.get(key)
+            if inst is None or inst.state_enum in FINAL:
+                return
+            self._release(key)
+            self._set_state(key, State.DESTROYED)
+        self.authz.release(key)
+        log.info("instance %s destroyed (%s)", key, reason)
+
+    # -- the factory ------------------------------------------------------------------------------------
+    def list(self, caller, include_ended: bool = False) -> list[InstanceView]:
+        self.authz.check(caller, "vm.list", {"type": "node", "node": self.node, "owner": caller.dn})
+        return [self.view(i) for i in self.store.list(caller.dn, live_only=not include_ended)]
+
+    # -- control ----------------------------------------------------------------------------------------
+    def _control(self, caller, key: str, action: str, transition: str, run) -> State:
+        inst = self._authorized(caller, key, action)
+        with self._locked(inst.key):
+            inst = self.store.get(inst.key)
+            states.check(inst.state_enum, transition)
+            new = run(inst)
+            self._set_state(inst.key, new)
+        return new
+
+    def start_instance(self, caller, key: str) -> State:
+        def run(inst):
+            vmm_call("start", self.vmm.start, inst.key)
+            return State.RUNNING
+        return self._control(caller, key, "vm.start", "start", run)
+
+    def pause(self, caller, key: str) -> State:
+        def run(inst):
+            vmm_call("pause", self.vmm.pause, inst.key)
+            return State.PAUSED
+        return self._control(caller, key, "vm.pause", "pause", run)
+
+    def resume(self, caller, key: str) -> State:
+        def run(inst):
+            if vmm_call("resume", self.vmm.resume, inst.key):
+                self.store.update(inst.key, guest_status="ready (clock set after resume)")
+            return State.RUNNING
+        return self._control(caller, key, "vm.resume", "resume", run)
+
+    def save(self, caller, key: str) -> State:
+        def run(inst):
+            path = self.parts.home(inst.key) / "state.save"
+            path.unlink(missing_ok=True)
+            vmm_call("save", self.vmm.save, inst.key, path)
+            return State.SAVED
+        return self._control(caller, key, "vm.save", "save", run)
+
+    def restore(self, caller, key: str, paused: bool = False) -> State:
+        def run(inst):
+            path = self.parts.home(inst.key) / "state.save"
+            vmm_call("restore", self.vmm.restore, path, paused=paused)
+            path.unlink(missing_ok=True)
+            return State.PAUSED if paused else State.RUNNING
+        return self._control(caller, key, "vm.restore", "restore", run)
+
+    def shutdown(self, caller, key: str, mode: str = "Normal", timeout: int | None = None) -> State:
+        timeout = self.config.shutdown_timeout if timeout is None else timeout
+        if mode == "Trash":
+            def run(inst):
+                try:
+                    self.vmm.destroy(inst.key)
+                except VMMError as exc:
+                    raise VMMFault(f"power off: {exc}", operation="shutdown") from None
+                return State.SHUTOFF
+            return self._control(caller, key, "vm.shutdown", "shutdown-trash", run)
+        inst = self._authorized(caller, key, "vm.shutdown")
+        with self._locked(inst.key):
+            inst = self.store.get(inst.key)
+            states.check(inst.state_enum, "shutdown-normal")
+            self._set_state(inst.key, State.SHUTTING_DOWN)
+            try:
+                graceful = vmm_call("shutdown", self.vmm.shutdown, inst.key, timeout=timeout)
+            except VMGridFault:
+                self._set_state(inst.key, State.RUNNING, expect={State.SHUTTING_DOWN})
+                raise
+            self.store.update(inst.key, guest_status="shut down" if graceful else "forced off after timeout")
+            self._set_state(inst.key, State.SHUTOFF, expect={State.SHUTTING_DOWN})
+        return State.SHUTOFF
+
+    def destroy(self, caller, key: str) -> None:
+        inst = self._authorized(caller, key, "vm.destroy")
+        states.check(inst.state_enum, "destroy")
+        self._destroy(inst.key, f"by {caller.dn}")
+
+    def set_termination_time(self, caller, key: str, new: float | None) -> float:
+        """Move the instance's termination time to ``new`` (UNIX seconds; None asks for none: refused);
+        the image hold follows. Returns the new termination time."""
+        inst = self._record(key)
+        now = time.time()
+        lifetime = int(new - inst.created) if new is not None else 0
+        inst = self._authorized(caller, key, "vm.set-lifetime", inst=inst, lifetime=lifetime)
+        states.check(inst.state_enum, "set-lifetime")
+        if new is None:
+            raise InvalidArgument("an instance always has a termination time; ask for a later one",
+                                  argument="RequestedTerminationTime")
+        if new <= now:
+            raise InvalidArgument("the requested termination time is in the past; use Destroy to end it now",
+                                  argument="RequestedTerminationTime")
+        if inst.max_lifetime is not None and lifetime > inst.max_lifetime:
+            raise LimitExceeded(f"a lifetime of {lifetime} s exceeds the {inst.max_lifetime} s this deployment was "
+                                f"authorized for", limit="max_lifetime", allowed=str(inst.max_lifetime),
+                                requested=str(lifetime))
+        self.store.update(inst.key, termination=new)
+        if inst.hold_id:  # the image stays held as long as the instance may live
+            hold = self.repository.hold(inst.image_id, f"{self.address}#{inst.key}",
+                                        int(new - time.time()) + self.config.hold_grace)
+            self.store.update(inst.key, hold_id=hold)
+            self.repository.release(inst.hold_id)
+        return new
+
+    # -- inspection ----------------------------------------------------------------------------------------
+    def inspect(self, caller, key: str) -> InstanceView:
+        """The instance for reading its resource properties (vm.inspect)."""
+        return self.view(self._authorized(caller, key, "vm.inspect"))
+
+    def subscribe(self, caller, key: str, consumer: str, initial_termination: float | None) -> Subscribed:
+        inst = self._authorized(caller, key, "vm.inspect")
+        states.check(inst.state_enum, "subscribe")
+        self.consumers.check(consumer)
+        expires = inst.termination if initial_termination is None else min(inst.termination, initial_termination)
+        sub_key = new_subscription_key()
+        self.store.subscribe(sub_key, inst.key, consumer, caller.dn, expires)
+        return Subscribed(sub_key, expires)
+
+    # -- lifetimes, VMM events, recovery --------------------------------------------------------------------
+    def sweep(self, now: float | None = None) -> list[str]:
+        """Destroy the instances whose termination time has passed; returns their keys."""
+        expired = self.store.expired(time.time() if now is None else now)
+        for key in expired:
+            try:
+                self._destroy(key, "its termination time passed")
+            except Exception:
+                log.exception("could not destroy expired instance %s", key)
+        return expired
+
+    def _on_vmm_event(self, event: LifecycleEvent) -> None:
+        # runs on libvirt's event thread: hand over, never call the VMM here
+        if event.kind in (LifecycleEventKind.STOPPED, LifecycleEventKind.CRASHED):
+            threading.Thread(target=self._guest_stopped, args=(event,), daemon=True).start()
+
+    def _guest_stopped(self, event: LifecycleEvent) -> None:
+        """A guest that powered itself off (or crashed) while Running is now Shutoff."""
+        key = event.instance
+        with self._locked(key):
+            inst = self.store.get(key)
+            if inst is None or inst.state != State.RUNNING.value:
+                return
+            try:
+                if self.vmm.state(key) not in (InstanceState.SHUTOFF, InstanceState.CRASHED):
+                    return
+            except VMMError:
+                return
+            self.store.update(key, guest_status=f"stopped by itself ({event.detail})")
+            self._set_state(key, State.SHUTOFF, expect={State.RUNNING})
+
+    def reconcile(self) -> dict[str, int]:
+        """After a start (or a crash): make the records, libvirt and the disk agree. Interrupted
+        deployments fail and release what they held; instances the VMM lost fail; domains, leases and
+        files nobody owns go."""
+        report = {"failed_interrupted": 0, "failed_lost": 0, "orphan_domains": 0, "leases_released": 0,
+                  "dirs_removed": 0, "states_synced": 0}
+        domains = {i.name: i for i in self.vmm.list_instances()}
+        live = {i.key: i for i in self.store.list(None, live_only=True)}
+        for key, inst in live.items():
+            state = inst.state_enum
+            dom = domains.get(key)
+            if state in TRANSIENT - {State.SHUTTING_DOWN}:
+                self._release(key, quiet=True)
+                self.store.set_state(key, State.FAILED, failure=f"Interrupted: the VMManager restarted while the "
+                                                               f"instance was {state.value}")
+                report["failed_interrupted"] += 1
+                continue
+            if dom is None:
+                self._release(key, quiet=True)
+                self.store.set_state(key, State.FAILED, failure="Lost: the node's VMM no longer has this VM "
+                                                               "(it was not running when the VMManager restarted)")
+                report["failed_lost"] += 1
+                continue
+            actual = {InstanceState.RUNNING: State.RUNNING, InstanceState.PAUSED: State.PAUSED,
+                      InstanceState.SAVED: State.SAVED, InstanceState.SHUTOFF: State.SHUTOFF}.get(dom.state)
+            if state == State.SAVED and dom.state == InstanceState.SHUTOFF and \
+                    (self.parts.home(key) / "state.save").exists():
+                actual = State.SAVED
+            if actual is not None and actual != state:
+                self.store.set_state(key, actual)
+                report["states_synced"] += 1
+        for name in domains:
+            if name not in live or self.store.get(name).state_enum in FINAL:
+                for verb in ("destroy", "undefine"):
+                    try:
+                        getattr(self.vmm, verb)(name)
+                    except VMMError:
+                        pass
+                report["orphan_domains"] += 1
+        live_now = {i.key for i in self.store.list(None, live_only=True)}
+        for key in self.store.leases():
+            if key not in live_now:
+                self.store.release_lease(key)
+                report["leases_released"] += 1
+        for d in self.instances_dir.iterdir():
+            if d.name not in live_now:
+                shutil.rmtree(d, ignore_errors=True)
+                report["dirs_removed"] += 1
+        report.update(self.cache.reconcile())
+        try:
+            self.authz.reconcile(sorted(live_now))
+        except VMGridFault as exc:
+            log.warning("could not reconcile instance slots with the Authorization service: %s", exc.description)
+        return report

@@ -1,0 +1,187 @@
+"""The deployment phases after authorization, one small function each, in the order of
+``states.PHASES``; a :class:`Recorder` times each one into the instance's PhaseTimings and passes its
+crashpoint (the crash tests kill the node there).
+
+Adding a phase: write ``def my_phase(parts, key, rec)`` here, name it in ``states.PHASES`` and call it
+from :meth:`services.vmmanager.node.Node._deploy_rest` (or ``_start_instance``) inside ``rec.phase``.
+"""
+from __future__ import annotations
+
+import shlex
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from lxml import etree
+
+from services.common.crash import crashpoint
+from services.descriptor import NSMAP as WS_NSMAP
+from services.descriptor import Descriptor
+from services.faults import VMMFault
+from services.vmmanager import qemuimg
+from services.vmmanager.config import VMManagerConfig
+from services.vmmanager.context import build_context, write_context_iso
+from services.vmmanager.imagecache import ImageCache
+from services.vmmanager.store import Instance, LeaseRange, NodeStore
+from services.vmmanager.vmm import VMM, Disk, GuestChannel, InstanceSpec, KernelBoot, Nic, Port, VMMError
+
+# the crashpoint passed after each phase (tests/integration/test_vmmanager_crash.py names them)
+CRASHPOINTS = {"register": "deploy.registered", "lease": "deploy.leased", "stage": "deploy.staged",
+               "overlay": "deploy.overlay", "context": "deploy.context", "power-on": "deploy.powered-on"}
+
+
+@dataclass
+class NodeParts:
+    """What the phases work with: the node's records, cache, repository access, VMM, configuration."""
+
+    node: str
+    config: VMManagerConfig
+    store: NodeStore
+    cache: ImageCache
+    repository: object          # services.vmmanager.repository.RepositoryAccess (or a test's fake)
+    vmm: VMM
+    pool: LeaseRange
+    instances_dir: Path
+    address: str = ""           # the node's public VMManager URL (image holds name it)
+
+    def home(self, key: str) -> Path:
+        return self.instances_dir / key
+
+
+class Recorder:
+    """Times the phases of one instance's deployment into its record and passes each phase's crashpoint."""
+
+    def __init__(self, store: NodeStore, key: str):
+        self.store = store
+        self.key = key
+
+    def add(self, name: str, seconds: float) -> None:
+        self.store.add_phase(self.key, name, seconds)
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        t = time.perf_counter()
+        yield
+        self.add(name, time.perf_counter() - t)
+        if name in CRASHPOINTS:
+            crashpoint(CRASHPOINTS[name])
+
+
+def vmm_call(what: str, fn, *args, **kwargs):
+    """A VMM call whose VMMError becomes a VMMFault naming the operation."""
+    try:
+        return fn(*args, **kwargs)
+    except VMMError as exc:
+        raise VMMFault(f"{what}: {exc}", operation=what) from None
+
+
+# -- the phases --------------------------------------------------------------------------------------
+def lease(parts: NodeParts, key: str) -> None:
+    """A unique address and MAC from the node's range."""
+    parts.store.lease(key, parts.pool)
+
+
+def stage(parts: NodeParts, key: str) -> None:
+    """The image into the node cache (GridFTP, verified; once per node), and a hold on it at the repository
+    for as long as the instance may live."""
+    inst = parts.store.get(key)
+    last = [0.0]
+
+    def progress(done: int, total: int) -> None:
+        if time.monotonic() - last[0] > 0.5:
+            last[0] = time.monotonic()
+            parts.store.update(key, staged_bytes=done)
+
+    _, cached = parts.cache.get(inst.image_id, inst.sha256, inst.size, inst.format, progress)
+    hold = parts.repository.hold(inst.image_id, f"{parts.address}#{key}",
+                                 int(inst.termination - time.time()) + parts.config.hold_grace)
+    parts.store.update(key, staged_bytes=inst.size, cached=1 if cached else 0, hold_id=hold)
+
+
+def overlay(parts: NodeParts, inst: Instance, d: Descriptor) -> list[Disk]:
+    """The copy-on-write overlay on the cached image, and empty data/scratch disks."""
+    home = parts.home(inst.key)
+    disks = []
+    for n, disk in enumerate(d.disks):
+        if disk.role == "root":
+            path = parts.cache.overlay(inst.sha256, inst.format, home / "root.qcow2")
+        else:
+            path = qemuimg.create_empty(home / f"{disk.role}{n}.qcow2", disk.size)
+        disks.append(Disk(path, "qcow2", disk.bus, disk.role))
+    return disks
+
+
+def context(parts: NodeParts, inst: Instance, d: Descriptor) -> Path:
+    """guestd's context (address, hostname, container, token) as an ISO 9660 image for a virtual CD-ROM."""
+    command = shlex.split(d.container_command) if d.container_command else None
+    ctx = build_context(instance=inst.key, hostname=inst.identifier.replace(".", "-").replace("_", "-")[:63],
+                        mac=inst.mac, address=inst.address, netmask=str(parts.pool.network.netmask),
+                        gateway=parts.pool.gateway, dns=parts.config.dns, container_command=command,
+                        token=inst.token)
+    return write_context_iso(ctx, parts.home(inst.key) / "context.iso")
+
+
+def power_on(parts: NodeParts, spec: InstanceSpec, paused: bool) -> None:
+    """Define the domain and start it (or leave it paused)."""
+    vmm_call("define", parts.vmm.define, spec)
+    vmm_call("power on", parts.vmm.start, spec.name, paused=paused)
+
+
+def guest_ready(parts: NodeParts, key: str) -> None:
+    """Wait for guestd's ready report over the guest channel; its summary becomes GuestStatus."""
+    try:
+        # a short poll: a ready report is noticed within a quarter second, not a 2 s step
+        report = parts.vmm.guest_channel(key).wait_ready(timeout=parts.config.guest_ready_timeout, poll=0.25)
+        status = guest_summary(report)
+    except VMMError as exc:
+        status = f"no report: {exc}"
+    parts.store.update(key, guest_status=status)
+
+
+def guest_summary(status: dict) -> str:
+    """guestd's status in one line for the GuestStatus property: ready or not, the steps that failed,
+    the address it set on which interface, and the grid container's state."""
+    if not status.get("ready"):
+        return f"not ready: {status.get('error') or 'no ready report'}"
+    steps = status.get("steps") or {}
+    failed = sorted(n for n, r in steps.items() if isinstance(r, dict) and not r.get("ok", True))
+    parts = ["ready" if not failed else f"ready, failed steps: {', '.join(failed)}"]
+    net = (steps.get("network") or {}).get("detail") or {}
+    if net.get("address"):
+        parts.append(f"address {net['address']}/{net.get('netmask', '?')} on {net.get('interface', '?')}")
+    container = status.get("container") or {}
+    if container:
+        parts.append(f"container {'running' if container.get('running') else 'not running'}"
+                     + (f" (pid {container['pid']})" if container.get("pid") else ""))
+    return "; ".join(parts)
+
+
+def instance_spec(parts: NodeParts, inst: Instance, d: Descriptor, disks: list[Disk], iso: Path) -> InstanceSpec:
+    """What the VMM defines: hardware from the descriptor, disks, the context CD-ROM, the leased NIC."""
+    home = parts.home(inst.key)
+    config = parts.config
+    boot = None
+    if d.element.findtext("ws:software/ws:boot/ws:method", namespaces=WS_NSMAP) == "kernel":
+        if not config.kernel:
+            raise VMMFault("the image boots a kernel, and this node has none configured ([vmmanager] kernel)",
+                           operation="define")
+        cmdline = d.element.findtext("ws:software/ws:boot/ws:cmdline", namespaces=WS_NSMAP) or config.cmdline
+        boot = KernelBoot(Path(config.kernel), Path(config.initrd) if config.initrd else None, cmdline)
+    serial = tuple(Port(t, home / f"serial{n}.log" if t == "file" else None) for n, t in enumerate(
+        d.element.xpath("ws:hardware/ws:serialPort/ws:type/text()", namespaces=WS_NSMAP)))
+    parallel = tuple(Port(t, home / f"parallel{n}.log" if t == "file" else None) for n, t in enumerate(
+        d.element.xpath("ws:hardware/ws:parallelPort/ws:type/text()", namespaces=WS_NSMAP)))
+    models = d.element.xpath("ws:hardware/ws:nic/ws:model/text()", namespaces=WS_NSMAP) or ["virtio"]
+    nic = Nic(inst.mac, config.nic_kind, config.nic_source or None, models[0])
+    channel = None
+    if parts.vmm.capabilities.guest_channel:
+        channel = GuestChannel(home / "guestd.sock", inst.token)
+    return InstanceSpec(name=inst.key, memory_mib=inst.memory, vcpus=inst.vcpus, arch=d.architecture,
+                        disks=tuple(disks), cdroms=(iso,), serial_ports=serial, parallel_ports=parallel,
+                        nics=(nic,), boot=boot, channel=channel)
+
+
+def descriptor_of(inst: Instance) -> Descriptor:
+    return Descriptor(etree.fromstring(inst.descriptor))

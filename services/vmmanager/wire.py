@@ -1,0 +1,215 @@
+"""The VMManager on the wire: its namespace and headers, the instance's resource properties (one class
+each, served generically by :data:`INSTANCE_PROPERTIES` and read back by the client with the same
+classes), requests turned into the core's typed values and results into response elements.
+
+Adding a resource property: one class below and one entry in :data:`INSTANCE_PROPERTIES` (and its
+element in wsdl/vmmanager.xsd if it is to appear in an Instance element too).
+"""
+from __future__ import annotations
+
+import copy
+
+from lxml import etree
+
+from services.common.xsdtime import format_datetime
+from services.descriptor import WS, Descriptor, check_descriptor
+from services.vmmanager.values import DeployRequest, InstanceView
+from services.vmmanager.states import State
+from services.wsrf.epr import EndpointReference
+from services.wsrf.lifetime import CurrentTime, TerminationTime
+from services.wsrf.namespaces import NS as WSRF_NS
+from services.wsrf.namespaces import RL
+from services.wsrf.notification import notify_envelope
+from services.wsrf.properties import PropertySet, ResourceProperty, element, sub
+
+VMM_NS = "http://vmgrid.org/ns/vmmanager/1"
+NS = {"vmm": VMM_NS, "ws": WS, **WSRF_NS}
+KEY_HEADER = f"{{{VMM_NS}}}InstanceKey"
+SUBSCRIPTION_KEY = f"{{{VMM_NS}}}SubscriptionKey"
+
+
+def q(local: str) -> str:
+    return f"{{{VMM_NS}}}{local}"
+
+
+# -- the instance's resource properties, in the order of vmm:InstanceType ------------------------------------
+class _Simple(ResourceProperty[InstanceView]):
+    prefix = "vmm"
+    attribute = ""
+
+    def value(self, v: InstanceView):
+        return getattr(v.inst, self.attribute)
+
+
+class Identifier(_Simple):
+    qname, attribute = q("Identifier"), "identifier"
+
+
+class StateProperty(_Simple):
+    qname, attribute = q("State"), "state"
+
+
+class Node(ResourceProperty[InstanceView]):
+    qname, prefix = q("Node"), "vmm"
+
+    def value(self, v):
+        return v.node
+
+
+class Owner(_Simple):
+    qname, attribute = q("Owner"), "owner"
+
+
+class Image(ResourceProperty[InstanceView]):
+    qname, prefix = q("Image"), "vmm"
+
+    def elements(self, v):
+        el = element(self.qname, None, "vmm")
+        i = v.inst
+        for name, value in (("imageId", i.image_id), ("name", i.image_name), ("vo", i.vo), ("sha256", i.sha256),
+                            ("size", i.size)):
+            sub(el, q(name), value)
+        return [el]
+
+
+class Hardware(ResourceProperty[InstanceView]):
+    qname, prefix = q("Hardware"), "vmm"
+
+    def elements(self, v):
+        el = element(self.qname, None, "vmm")
+        sub(el, q("memory"), v.inst.memory)
+        sub(el, q("vcpus"), v.inst.vcpus)
+        return [el]
+
+
+class Address(_Simple):
+    qname, attribute = q("Address"), "address"
+
+
+class Mac(ResourceProperty[InstanceView]):
+    qname, prefix = q("Mac"), "vmm"
+
+    def value(self, v):
+        return v.inst.mac if v.inst.address else None
+
+
+class Created(ResourceProperty[InstanceView]):
+    qname, prefix = q("Created"), "vmm"
+
+    def value(self, v):
+        return format_datetime(v.inst.created)
+
+
+class PhaseTimings(ResourceProperty[InstanceView]):
+    qname, prefix = q("PhaseTimings"), "vmm"
+
+    def elements(self, v):
+        el = element(self.qname, None, "vmm")
+        for name, seconds in v.inst.phase_list():
+            p = sub(el, q("phase"))
+            sub(p, q("name"), name)
+            sub(p, q("seconds"), repr(float(seconds)))
+        return [el]
+
+    @classmethod
+    def parse(cls, el):
+        return [(p.findtext(q("name")), float(p.findtext(q("seconds")))) for p in el.iterfind(q("phase"))]
+
+
+class StagingProgress(ResourceProperty[InstanceView]):
+    qname, prefix = q("StagingProgress"), "vmm"
+
+    def elements(self, v):
+        done, total = v.progress if v.progress else (v.inst.staged_bytes, v.inst.size)
+        el = element(self.qname, None, "vmm")
+        sub(el, q("bytesDone"), done)
+        sub(el, q("bytesTotal"), total)
+        sub(el, q("cached"), "true" if v.inst.cached else "false")
+        return [el]
+
+    @classmethod
+    def parse(cls, el):
+        return (int(el.findtext(q("bytesDone"))), int(el.findtext(q("bytesTotal"))), el.findtext(q("cached")) == "true")
+
+
+class GuestStatus(_Simple):
+    qname, attribute = q("GuestStatus"), "guest_status"
+
+
+class Failure(_Simple):
+    qname, attribute = q("Failure"), "failure"
+
+    def value(self, v):
+        return v.inst.failure or None
+
+
+class Lifetime(ResourceProperty[InstanceView]):
+    """The instance's whole lifetime in seconds (creation to termination); not part of an Instance element."""
+
+    qname, prefix = q("Lifetime"), "vmm"
+
+    def value(self, v):
+        return max(0, int(round(v.inst.termination - v.inst.created)))
+
+
+INSTANCE_PROPERTIES: PropertySet[InstanceView] = PropertySet(
+    [Identifier(), StateProperty(), Node(), Owner(), Image(), Hardware(), Address(), Mac(), Created(),
+     TerminationTime(lambda v: v.inst.termination), CurrentTime(), PhaseTimings(), StagingProgress(),
+     GuestStatus(), Failure(), Lifetime()],
+    what="an instance")
+NOT_IN_INSTANCE_ELEMENT = (Lifetime.qname,)
+ALL_PROPERTIES = tuple(etree.QName(n).localname for n in INSTANCE_PROPERTIES.names)
+
+
+def property_qname(local: str) -> etree.QName:
+    """The QName of an instance property by its local name (TerminationTime and CurrentTime are WS-RL's)."""
+    return etree.QName(RL if local in ("TerminationTime", "CurrentTime") else VMM_NS, local)
+
+
+# -- responses --------------------------------------------------------------------------------------------------
+def instance_epr(address: str, key: str) -> EndpointReference:
+    return EndpointReference.of(address, KEY_HEADER, key)
+
+
+def instance_element(view: InstanceView, address: str) -> etree._Element:
+    """vmm:Instance: the instance's EPR and its properties."""
+    el = element(q("Instance"), None, "vmm")
+    el.append(instance_epr(address, view.inst.key).to_element(nsmap={"vmm": VMM_NS}))
+    el.extend(INSTANCE_PROPERTIES.all(view, skip=NOT_IN_INSTANCE_ELEMENT))
+    return el
+
+
+def response(name: str) -> etree._Element:
+    return element(q(name), None, "vmm")
+
+
+def state_response(name: str, state: State) -> etree._Element:
+    resp = response(name)
+    sub(resp, q("State"), state.value)
+    return resp
+
+
+# -- requests ---------------------------------------------------------------------------------------------------
+def flag(req: etree._Element, name: str) -> bool:
+    return (req.findtext(f"vmm:{name}", namespaces=NS) or "false").strip() in ("true", "1")
+
+
+def parse_deploy(req: etree._Element) -> DeployRequest:
+    ws = copy.deepcopy(req.find("ws:workspace", NS))
+    check_descriptor(ws)
+    return DeployRequest(descriptor=Descriptor(ws), descriptor_xml=etree.tostring(ws),
+                         identifier=req.findtext("vmm:identifier", namespaces=NS).strip(),
+                         lifetime=int(req.findtext("vmm:lifetime", namespaces=NS)),
+                         initial_state=(req.findtext("vmm:initialState", namespaces=NS) or "Running").strip(),
+                         wait=flag(req, "wait"))
+
+
+# -- notifications ------------------------------------------------------------------------------------------------
+def state_change_envelope(consumer: str, producer: str, key: str, identifier: str, old: str, new: str,
+                          when: float) -> etree._Element:
+    """A Notify about an instance's state change (topic vmm:StateChange)."""
+    change = element(q("StateChangeNotification"), None, "vmm")
+    for name, value in (("InstanceKey", key), ("Identifier", identifier), ("oldState", old), ("newState", new),
+                        ("time", format_datetime(when))):
+        sub(change, q(name), value)
+    return notify_envelope(consumer, instance_epr(producer, key), "vmm:StateChange", change, {"vmm": VMM_NS})

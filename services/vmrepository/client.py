@@ -1,0 +1,120 @@
+"""The VMRepository from a scientist's side: register, query, show, duplicate, update, remove."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from lxml import etree
+
+from services.soapclient import GridServiceClient
+from services.descriptor import WS, parse_descriptor
+from services.vmrepository.query import XPATH_DIALECT, Criterion, parse_cli
+
+REPO = "http://vmgrid.org/ns/vmrepository/1"
+QUERY_EXPRESSION = "{http://docs.oasis-open.org/wsrf/rp-2}QueryExpression"
+NS = {"repo": REPO, "ws": WS}
+
+
+@dataclass
+class QueryResult:
+    total: int
+    offset: int
+    descriptors: list[etree._Element]
+
+
+def _descriptor(value: bytes | str | Path | etree._Element) -> etree._Element:
+    if isinstance(value, etree._Element):
+        return value
+    if isinstance(value, Path):
+        value = value.read_bytes()
+    if isinstance(value, str):
+        value = value.encode()
+    return parse_descriptor(value)
+
+
+class RepositoryClient:
+    def __init__(self, service: GridServiceClient):
+        self.service = service
+
+    def register(self, descriptor, *, local_path: str | None = None, upload: str | None = None) -> etree._Element:
+        """Register an image from a path on the repository host (admins) or an uploaded file."""
+        if (local_path is None) == (upload is None):
+            raise ValueError("give exactly one of local_path (on the repository host) or upload")
+        source = {"localPath": str(local_path)} if local_path is not None else {"upload": upload}
+        resp = self.service.call("RegisterImage", workspace=self.service.to_zeep(_descriptor(descriptor)),
+                                 source=source)
+        return resp.find("ws:workspace", NS)
+
+    def query(self, criteria: list[str] | list[list[Criterion]] | None = None, *, xpath: str | None = None,
+              namespaces: dict[str, str] | None = None, order_by: str | None = None, descending: bool = False,
+              offset: int = 0, limit: int | None = None) -> QueryResult:
+        """Criteria as command-line strings (``'ram >= 512'``, ``'or'`` between groups) or groups of
+        Criterion; or an XPath 1.0 expression (prefix ``ws`` is the descriptor namespace)."""
+        kwargs: dict = {}
+        fill = None
+        if xpath is not None:
+            if namespaces:
+                raise ValueError("XPath namespaces other than ws: are not supported by this client")
+            kwargs["QueryExpression"] = {"Dialect": XPATH_DIALECT}
+            fill = {QUERY_EXPRESSION: xpath}
+        else:
+            groups = criteria or []
+            if groups and isinstance(groups[0], str):
+                groups = parse_cli(list(groups))
+            kwargs["criteria"] = {"group": [{"criterion": [{"field": c.field, "operator": c.op, "value": c.value}
+                                                           for c in g]} for g in groups]}
+        if order_by:
+            kwargs["orderBy"] = order_by
+        if descending:
+            kwargs["descending"] = True
+        if offset:
+            kwargs["offset"] = offset
+        if limit:
+            kwargs["limit"] = limit
+        resp = self.service.call("QueryImages", text_fill=fill, **kwargs)
+        return QueryResult(int(resp.findtext("repo:total", namespaces=NS)),
+                           int(resp.findtext("repo:offset", namespaces=NS)),
+                           resp.findall("ws:workspace", NS))
+
+    def show(self, image: str) -> etree._Element:
+        return self.service.call("GetDescriptor", image=image).find("ws:workspace", NS)
+
+    def duplicate(self, image: str, name: str, *, memory: int | None = None, vcpus: int | None = None,
+                  container_command: str | None = None, description: str | None = None,
+                  version: str | None = None) -> etree._Element:
+        changes = {k: v for k, v in (("version", version), ("description", description), ("vcpus", vcpus),
+                                     ("memory", memory), ("containerCommand", container_command)) if v is not None}
+        kwargs = {"image": image, "name": name}
+        if changes:
+            kwargs["changes"] = changes
+        return self.service.call("DuplicateImage", **kwargs).find("ws:workspace", NS)
+
+    def update(self, image: str, descriptor) -> etree._Element:
+        resp = self.service.call("UpdateDescriptor", image=image,
+                                 workspace=self.service.to_zeep(_descriptor(descriptor)))
+        return resp.find("ws:workspace", NS)
+
+    def remove(self, image: str) -> bool:
+        """Remove an image; True when its bytes were deleted too (no other descriptor used them)."""
+        resp = self.service.call("RemoveImage", image=image)
+        return resp.findtext("repo:bytesDeleted", namespaces=NS) == "true"
+
+    def vos(self) -> list[tuple[str, int]]:
+        resp = self.service.call("ListVOs")
+        return [(v.findtext("repo:name", namespaces=NS), int(v.findtext("repo:images", namespaces=NS)))
+                for v in resp.iterfind("repo:vo", NS)]
+
+    def upload_location(self) -> str:
+        """gsiftp:// URL of the caller's own directory in the repository's upload area."""
+        return self.service.call("GetUploadLocation").findtext("repo:url", namespaces=NS)
+
+    def location(self, image: str) -> str:
+        """gsiftp:// URL of an image's bytes."""
+        return self.service.call("GetImageLocation", image=image).findtext("repo:url", namespaces=NS)
+
+    def hold(self, image: str, holder: str, seconds: int) -> tuple[str, str]:
+        resp = self.service.call("HoldImage", image=image, holder=holder, seconds=seconds)
+        return resp.findtext("repo:holdId", namespaces=NS), resp.findtext("repo:expires", namespaces=NS)
+
+    def release(self, hold_id: str) -> bool:
+        return self.service.call("ReleaseImage", holdId=hold_id).findtext("repo:released", namespaces=NS) == "true"

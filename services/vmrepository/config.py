@@ -1,0 +1,18 @@
+"""[repository] of the TOML configuration: a light module, so loading a configuration imports no service."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RepositoryConfig:
+    """[repository] in the TOML configuration (docs/configuration.md)."""
+
+    ingest_dirs: list[str] = field(default_factory=list)  # where admins may ingest from (localPath)
+    upload_dir: str = ""  # the GridFTP upload area ("" = state_dir/uploads)
+    max_image_bytes: int = 64 * 1024**3
+    default_limit: int = 20
+    max_hold_seconds: int = 7 * 24 * 3600
+    gridftp_port: int = 2811          # the image store's GridFTP server (0: any free port; -1: none)
+    gridftp_host: str = ""            # "" = the container's host
+    gridftp_public_host: str = ""     # the host name put in gsiftp:// URLs ("" = derived)

@@ -1,0 +1,152 @@
+"""`vmgrid serve jobs` as a process and `vmgrid job …` as a scientist runs them: docs/jobs.md's commands
+run as written, errors as one clear line, and a job service killed with SIGKILL and restarted that
+answers every job with its real state or Failed with the reason."""
+from __future__ import annotations
+
+import json
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from client.localgrid import LocalGrid
+
+pytestmark = pytest.mark.timeout(300)
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "jobs.md"
+PY = sys.executable
+
+
+def doc_block() -> str:
+    text = DOCS.read_text()
+    m = re.search(r"<!-- run as written by tests/integration/test_jobs_cli.py -->\n```sh\n(.*?)```", text, re.S)
+    assert m, "docs/jobs.md lost its tested block"
+    return m.group(1)
+
+
+def start_jobs(g: LocalGrid, port: int | None = None):
+    alice, admin = g.user("alice"), g.user("admin")
+    return g.start("jobs", ["jobs"], {"jobs": {
+        "owner": alice.dn, "admins": [admin.dn], "gridftp_port": 0, "kill_grace": 2.0,
+        "logs": {"container": str(g.root / "jobs.log")}}}, port=port)
+
+
+@pytest.fixture
+def grid(tmp_path):
+    with LocalGrid(tmp_path / "grid") as g:
+        g.user("bob")
+        sp = start_jobs(g)
+        g.jobs_url = f"{sp.base_url}/wsrf/services/JobService"
+        yield g
+
+
+def vmgrid(grid, *args, user="alice", check=True, cwd=None):
+    r = subprocess.run([PY, "-m", "client.cli", *args], env=grid.env(user), capture_output=True, text=True,
+                       timeout=180, cwd=cwd)
+    if check and r.returncode != 0:
+        raise AssertionError(f"vmgrid {' '.join(args)}: {r.returncode}\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+def test_the_commands_of_docs_jobs_md_run_as_written(grid, tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    repo = Path(__file__).resolve().parents[2]
+    bindir = tmp_path / "bin"                 # `vmgrid` on PATH: this checkout's command line
+    bindir.mkdir()
+    (bindir / "vmgrid").write_text(f"#!/bin/sh\nexec env PYTHONPATH={repo} {PY} -m client.cli \"$@\"\n")
+    (bindir / "vmgrid").chmod(0o755)
+    env = {**grid.env("alice"), "JOBS": grid.jobs_url, "PATH": f"{bindir}:/usr/local/bin:/usr/bin:/bin"}
+    r = subprocess.run(["bash", "-e", "-c", doc_block()], cwd=work, env=env, capture_output=True, text=True,
+                       timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (work / "results" / "sorted.txt").read_text() == "acgt\ngattaca\ntata\n"
+    assert "acgt\ngattaca\ntata\n" in r.stdout                   # cat results/sorted.txt
+    assert "Done (exit code 0)" in r.stdout and "Cancelled" in r.stdout
+    assert "output           sorted.txt 18 bytes sha256" in r.stdout
+    assert "serving JobService" in r.stdout                      # the container's log, read by its owner
+    assert "destroyed" in r.stdout
+
+
+def test_errors_are_one_clear_line(grid, tmp_path):
+    url = grid.jobs_url
+    key = vmgrid(grid, "job", "submit", url, "--", PY, "-c", "import sys; sys.exit(3)").stdout.strip()
+    r = vmgrid(grid, "job", "wait", url, key, check=False)
+    assert r.returncode == 1 and f"vmgrid: job {key} Failed: the program exited with status 3" in r.stderr
+    for args, message in (
+            (("job", "status", url, key), "vmgrid: AccessDenied: "),
+            (("job", "list", url), "vmgrid: AccessDenied: "),
+            (("job", "submit", url, "--", "true"), "vmgrid: AccessDenied: ")):
+        r = vmgrid(grid, *args, user="bob", check=False)
+        assert r.returncode == 1 and r.stderr.startswith(message) and r.stderr.count("\n") == 1, r.stderr
+    for args, message in (
+            (("job", "status", url, "job-42"), "is not a job key"),
+            (("job", "submit", url, "--stage-in", str(tmp_path / "none.txt"), "--", "true"), "no such file"),
+            (("job", "status", url, "job-" + "a" * 32), "vmgrid: ResourceUnknown: "),
+            (("job", "status", "not-a-url", key), "is not a job service URL"),
+            (("job", "submit", url, "--lifetime", "99d", "--", "true"), "vmgrid: LimitExceeded: ")):
+        r = vmgrid(grid, *args, check=False)
+        assert r.returncode == 1 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_a_job_service_killed_and_restarted_answers_every_job_with_its_real_state(grid, tmp_path):
+    url = grid.jobs_url
+    release = tmp_path / "release"
+    waiting = vmgrid(grid, "job", "submit", url, "--", PY, "-c",
+                     f"import os, time\nwhile not os.path.exists({str(release)!r}): time.sleep(0.05)\nprint('ok')"
+                     ).stdout.strip()
+    quick = vmgrid(grid, "job", "submit", url, "--wait", "--", PY, "-c", "print('quick')").stdout.strip()
+    stall = socket.socket()                  # a GridFTP "server" that never answers: a job stuck in StageIn
+    stall.bind(("127.0.0.1", 0))
+    stall.listen(8)
+    staging = vmgrid(grid, "job", "submit", url, "--stage-in", f"gsiftp://127.0.0.1:{stall.getsockname()[1]}/x",
+                     "--", "true").stdout.strip()
+    for key, state in ((waiting, "Active"), (staging, "StageIn")):
+        while json.loads(vmgrid(grid, "job", "status", url, key, "--json").stdout)["state"] != state:
+            pass
+    port = grid.processes["jobs"].port
+    grid.stop("jobs", signal.SIGKILL)
+    start_jobs(grid, port=port)
+    try:
+        status = {k: json.loads(vmgrid(grid, "job", "status", url, k, "--json").stdout)
+                  for k in (waiting, quick, staging)}
+        assert status[quick]["state"] == "Done" and status[quick]["stdoutTail"] == "quick\n"
+        assert status[waiting]["state"] == "Active"                   # re-attached: still running
+        assert status[staging]["state"] == "Failed" and status[staging]["failure"].startswith("Interrupted:")
+    finally:
+        release.touch()
+        stall.close()
+    out = vmgrid(grid, "job", "wait", url, waiting).stdout
+    assert "Done (exit code 0)" in out
+    assert json.loads(vmgrid(grid, "job", "status", url, waiting, "--json").stdout)["stdoutTail"] == "ok\n"
+
+
+def test_the_configuration_examples_load_and_every_jobs_key_is_documented_with_its_default(tmp_path):
+    import dataclasses
+
+    from services.container.config import load_config
+    from services.jobs.config import JobsConfig
+
+    example = re.search(r"```toml\n(\[container\].*?)```", DOCS.read_text(), re.S).group(1)
+    (tmp_path / "jobs.toml").write_text(example)
+    cfg = load_config(tmp_path / "jobs.toml")
+    assert cfg.jobs.owner == "/O=Grid/OU=mysite/CN=alice" and set(cfg.jobs.logs) == {"container", "guestd"}
+    documented = (DOCS.parent / "configuration.md").read_text().split("## [jobs]")[1]
+    for f in dataclasses.fields(JobsConfig):
+        if f.default is dataclasses.MISSING:             # lists and tables: the key is there
+            assert re.search(rf"^({f.name} = |\[jobs\.{f.name}\])", documented, re.M), f.name
+            continue
+        line = re.search(rf"^{f.name} = (\S+)", documented, re.M)
+        assert line and line.group(1).strip('"') == str(f.default), f"[jobs] {f.name} in docs/configuration.md"
+
+
+def test_a_job_service_without_an_owner_does_not_start(tmp_path):
+    cfg = tmp_path / "jobs.toml"
+    cfg.write_text(f'[container]\nport = 0\nstate_dir = "{tmp_path / "state"}"\n')
+    r = subprocess.run([PY, "-m", "client.cli", "serve", "jobs", "-c", str(cfg)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 1
+    assert r.stderr == "vmgrid: the job service needs the instance owner's DN: set [jobs] owner\n"

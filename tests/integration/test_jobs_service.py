@@ -1,0 +1,242 @@
+"""The job service in a real container on loopback (HTTPS, WS-Security both ways), through zeep built
+from its served WSDL: stage-in and stage-out over real GridFTP with verified outputs, failing and
+cancelled jobs, notifications, another user refused everything, schema-invalid requests refused with
+typed faults, every response valid against the published schema."""
+from __future__ import annotations
+
+import hashlib
+import queue
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from cheroot import wsgi
+from lxml import etree
+
+from client.soap import GridServiceClient
+from gridftp import GridFTPServer, download
+from gridftp.errors import GridFTPError
+from security.wssec import verify_envelope
+from services.container.assemble import build_container, build_service
+from services.container.contract import Contract
+from services.faults import AccessDenied, IllegalTransition, InvalidArgument, ResourceUnknown
+from services.jobs.client import JobClient
+from services.jobs.config import JobsConfig
+from services.jobs.store import JobSpec, StageIn, StageOut
+from services.jobs.wire import JOB
+from tests.fixtures.grid import base_config
+from tests.fixtures.repository import signed_call
+
+CONTRACT = Contract("jobs.wsdl")
+PY = sys.executable
+pytestmark = pytest.mark.timeout(300)
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class JobGrid:
+    def __init__(self, pki, root: Path):
+        self.pki = pki
+        cfg = base_config(pki, root / "state", 0)
+        cfg.jobs = JobsConfig(owner=pki.alice.dn, admins=[pki.admin.dn], gridftp_port=0, kill_grace=2.0,
+                              consumer_allow=["127.0.0.0/8"], logs={"container": str(root / "container.log")})
+        (root / "container.log").write_text("line 1\ncontainer started\n")
+        self.service = build_service("jobs", cfg)
+        self.container = build_container(cfg, [self.service]).start()
+        self.url = self.container.url("JobService")
+        # the scientist's own GridFTP server: the job service (the host DN) reads inputs and writes outputs there
+        self.files = root / "scientist"
+        (self.files / "results").mkdir(parents=True)
+        host_dn = pki.host.subject
+        self.gridftp = GridFTPServer(self.files, "127.0.0.1", 0, credential=pki.host, trust=pki.trust(),
+                                     authorize=lambda dn, op, path: dn == host_dn, upload_area="/results")
+        self.gridftp.start()
+        self.gridftp_url = f"gsiftp://localhost:{self.gridftp.port}"
+        self.clients = []
+
+    def client(self, user) -> JobClient:
+        c = GridServiceClient(self.url, user.proxy, self.pki.trust())
+        self.clients.append(c)
+        return JobClient(c)
+
+    def close(self):
+        for c in self.clients:
+            c.close()
+        self.gridftp.stop()
+        self.container.stop()
+
+
+@pytest.fixture
+def grid(grid_pki, tmp_path):
+    g = JobGrid(grid_pki, tmp_path)
+    yield g
+    g.close()
+
+
+class Validating:
+    """Checks every payload the service returns against the published schema; records the operations."""
+
+    def __init__(self, jobs: JobClient):
+        self.seen: set[str] = set()
+        original = jobs.service.call
+
+        def call(operation, *args, **kwargs):
+            payload = original(operation, *args, **kwargs)
+            CONTRACT.validator.assertValid(payload)
+            self.seen.add(operation)
+            return payload
+
+        jobs.service.call = call
+
+
+class Consumer:
+    """A notification consumer that keeps the job state changes of signed Notify messages."""
+
+    def __init__(self, trust):
+        self.trust = trust
+        self.changes: queue.Queue = queue.Queue()
+        self.server = wsgi.Server(("127.0.0.1", 0), self._app, numthreads=2)
+
+    def _app(self, environ, start_response):
+        body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+        caller, root = verify_envelope(body, self.trust)
+        for change in root.iter(f"{{{JOB}}}StateChangeNotification"):
+            self.changes.put((change.findtext(f"{{{JOB}}}JobKey"), change.findtext(f"{{{JOB}}}newState"), caller.dn))
+        start_response("200 OK", [("Content-Type", "text/xml")])
+        return [b""]
+
+    def __enter__(self):
+        self.server.prepare()
+        threading.Thread(target=self.server.serve, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.stop()
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.server.bind_addr[1]}/notify"
+
+    def until(self, key: str, state: str, timeout: float = 60):
+        while True:
+            got = self.changes.get(timeout=timeout)
+            if got[:2] == (key, state):
+                return got
+
+
+def test_a_job_with_stage_in_and_out_every_operation_validates_and_outputs_come_back_verified(grid, grid_pki, tmp_path):
+    alice = grid.client(grid_pki.alice)
+    check = Validating(alice)
+    (grid.files / "ref.fasta").write_bytes(b">ref\nACGTACGT\n")
+    local = tmp_path / "query.fasta"
+    local.write_bytes(b">q\nACGA\n")
+    staged = alice.stage_local(local)                        # the scientist's file, over the service's own face
+    assert staged.sha256 == sha(local.read_bytes())
+    script = ("import hashlib; a = open('in/query.fasta','rb').read(); b = open('in/ref.fasta','rb').read();"
+              "open('result.txt','w').write(f'{len(a)} {len(b)}\\n'); print('aligned')")
+    spec = JobSpec(PY, ("-c", script), stage_in=(
+        StageIn(f"staged:{local.name}", "in/query.fasta", staged.sha256),
+        StageIn(f"{grid.gridftp_url}/ref.fasta", "in/ref.fasta")),
+        stage_out=(StageOut("result.txt", f"{grid.gridftp_url}/results/result.txt"),), lifetime=600)
+    with Consumer(grid_pki.trust()) as consumer:
+        key = alice.submit(spec)
+        alice.subscribe(key, consumer.url)
+        info = alice.wait(key, timeout=120)
+        assert consumer.until(key, "Done")[2] == grid_pki.host.subject      # signed by the service
+    assert (info.state, info.exit_code, info.failure) == ("Done", 0, None)
+    assert info.stdout_tail == "aligned\n" and info.owner == grid_pki.alice.dn
+    assert info.progress["filesDone"] == info.progress["filesTotal"] == 2
+    expected = b"8 14\n"
+    assert (grid.files / "results" / "result.txt").read_bytes() == expected      # sent to the scientist's server
+    outputs = {name: (size, digest) for name, size, digest, _ in info.outputs}
+    assert outputs["result.txt"] == (len(expected), sha(expected))
+    fetched = alice.fetch_outputs(info, tmp_path / "out")                         # and over the face, verified
+    assert sorted(p.name for p in fetched) == ["result.txt", "stderr", "stdout"]
+    assert (tmp_path / "out" / "result.txt").read_bytes() == expected
+    # the rest of the contract
+    assert [e.text for e in alice.property(key, f"{{{JOB}}}State")] == ["Done"]
+    assert alice.set_lifetime(key, 1200) is not None
+    assert [j.findtext(f"{{{JOB}}}State") for j in alice.list()] == []             # live jobs only
+    assert len(alice.list(include_ended=True)) == 1
+    assert "container started" in alice.log("container")
+    with pytest.raises(IllegalTransition):
+        alice.cancel(key)
+    alice.destroy(key)
+    with pytest.raises(ResourceUnknown):
+        alice.status(key)
+    assert check.seen | {"Cancel"} == set(CONTRACT.operations)     # Cancel's answer: test_cancel_of_a_long_job
+
+
+def test_a_failing_job_is_failed_with_its_exit_code_and_stderr(grid, grid_pki):
+    alice = grid.client(grid_pki.alice)
+    key = alice.submit(JobSpec(PY, ("-c", "import sys; print('oops', file=sys.stderr); sys.exit(7)")))
+    info = alice.wait(key, timeout=120)
+    assert (info.state, info.exit_code) == ("Failed", 7)
+    assert "exited with status 7" in info.failure and info.stderr_tail == "oops\n"
+
+
+def test_cancel_of_a_long_job(grid, grid_pki):
+    alice = grid.client(grid_pki.alice)
+    key = alice.submit(JobSpec(PY, ("-c", "import time; print('started', flush=True); time.sleep(600)")))
+    check = Validating(alice)
+    info = alice.status(key)
+    while info.stdout_tail != "started\n":
+        assert not info.final
+        info = alice.status(key)
+    assert info.state == "Active"
+    assert alice.cancel(key) == "Cancelled"
+    info = alice.wait(key, timeout=60)
+    assert info.state == "Cancelled" and info.exit_code == -15
+    assert "Cancel" in check.seen
+
+
+def test_another_user_is_denied_every_operation_and_the_files(grid, grid_pki, tmp_path):
+    alice, bob = grid.client(grid_pki.alice), grid.client(grid_pki.bob)
+    key = alice.submit(JobSpec(PY, ("-c", "open('secret.txt','w').write('s')"), stage_out=(StageOut("secret.txt"),)))
+    info = alice.wait(key, timeout=120)
+    assert info.state == "Done"
+    unknown = "job-" + "0" * 32
+    for k in (key, unknown):                 # the same answer for a job that does not exist: nothing revealed
+        for call in (bob.status, bob.cancel, bob.destroy, lambda x: bob.set_lifetime(x, 60),
+                     lambda x: bob.property(x, f"{{{JOB}}}State"), lambda x: bob.subscribe(x, "http://127.0.0.1:9/")):
+            with pytest.raises(AccessDenied):
+                call(k)
+    for call in (lambda: bob.submit(JobSpec("true")), bob.list, bob.info, lambda: bob.log("container")):
+        with pytest.raises(AccessDenied):
+            call()
+    with pytest.raises(GridFTPError):        # nor the job's files over the GridFTP face
+        download(f"{info.directory_url}secret.txt", tmp_path / "stolen", 1, credential=grid_pki.bob.proxy,
+                 trust=grid_pki.trust())
+    assert not (tmp_path / "stolen").exists()
+    admin = grid.client(grid_pki.admin)       # a VO admin may read it
+    assert admin.status(key).state == "Done"
+    assert alice.status(key).state == "Done"  # and nothing bob did changed it
+
+
+@pytest.mark.parametrize("payload, argument", [
+    (f'<job:SubmitJob xmlns:job="{JOB}"><job:argument>x</job:argument></job:SubmitJob>', "executable"),
+    (f'<job:SubmitJob xmlns:job="{JOB}"><job:executable>true</job:executable><job:stageIn><job:source>'
+     f'http://example.org/x</job:source><job:name>x</job:name></job:stageIn></job:SubmitJob>', "source"),
+    (f'<job:SubmitJob xmlns:job="{JOB}"><job:executable>true</job:executable><job:stdout>../../etc/x'
+     f'</job:stdout></job:SubmitJob>', "stdout"),
+    (f'<job:SubmitJob xmlns:job="{JOB}"><job:executable>true</job:executable><job:lifetime>-5</job:lifetime>'
+     f'</job:SubmitJob>', "lifetime"),
+    (f'<job:GetLog xmlns:job="{JOB}"><job:name>../etc/passwd</job:name></job:GetLog>', "name"),
+])
+def test_schema_invalid_requests_get_a_typed_fault(grid, grid_pki, payload, argument):
+    status, fault = signed_call(grid.url, etree.fromstring(payload), grid_pki.alice.proxy, grid_pki.trust())
+    assert status == 500
+    detail = fault.find("detail/{http://vmgrid.org/ns/faults/1}InvalidArgumentFault")
+    assert detail is not None and argument in detail.findtext("{http://vmgrid.org/ns/faults/1}Description")
+    assert grid.service.jobs.store.list() == []
+
+
+def test_a_bad_job_key_is_invalid_and_an_unknown_one_is_resource_unknown(grid, grid_pki):
+    alice = grid.client(grid_pki.alice)
+    with pytest.raises(InvalidArgument):
+        alice.status("job-not-a-key")
+    with pytest.raises(ResourceUnknown):
+        alice.status("job-" + "1" * 32)

@@ -1,0 +1,235 @@
+"""The job service's core on the host, no SOAP: real processes (no shell), real SQLite, restarts that
+find every job, Cancel that kills the whole process group, the owner-or-admin rule."""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from services.faults import AccessDenied, IllegalTransition, InvalidArgument, LimitExceeded, ResourceUnknown
+from services.jobs.config import JobsConfig
+from services.jobs.manager import JobManager
+from services.jobs.runner import proc_start_time
+from services.jobs.staging import Stager, sha256_of, staging_area
+from services.jobs.store import JobSpec, JobState, StageIn, StageOut
+
+OWNER = "/O=Grid/OU=vmgrid/CN=alice"
+ADMIN = "/O=Grid/OU=vmgrid/CN=admin"
+OTHER = "/O=Grid/OU=vmgrid/CN=bob"
+PY = sys.executable
+
+
+def manager(state: Path, **overrides) -> JobManager:
+    cfg = JobsConfig(owner=OWNER, admins=[ADMIN], kill_grace=2.0, **overrides)
+    m = JobManager(state, cfg, lambda staging: Stager(None, None, staging))
+    m.start()
+    return m
+
+
+def wait_until(predicate, timeout: float = 60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError("condition not reached")
+
+
+def wait_final(m: JobManager, key: str):
+    return wait_until(lambda: (j := m.store.get(key)) is not None and j.final and key not in m._threads and j)
+
+
+def shut(m: JobManager) -> None:
+    """End what a test left running (no job outlives its test), then close the manager."""
+    for job in m.store.list(live_only=True):
+        try:
+            m.cancel(OWNER, job.key)
+        except IllegalTransition:        # it ended meanwhile
+            pass
+    wait_until(lambda: not m._threads)
+    m.close()
+
+
+@pytest.fixture
+def jobs(tmp_path):
+    m = manager(tmp_path / "state")
+    yield m
+    shut(m)
+
+
+def test_a_job_runs_without_a_shell_and_ends_done_with_its_outputs_hashed(jobs):
+    job = jobs.submit(OWNER, JobSpec(PY, ("-c", "import sys; print('hello', sys.argv[1:]); open('out.txt','w').write('42')",
+                                          "a b", "$HOME;echo"), stage_out=(StageOut("out.txt"),)))
+    done = wait_final(jobs, job.key)
+    assert done.state == JobState.DONE and done.exit_code == 0
+    assert jobs.tail(done, "stdout") == "hello ['a b', '$HOME;echo']\n"     # arguments reach it verbatim
+    outputs = {o.name: o for o in done.outputs}
+    assert set(outputs) == {"stdout", "stderr", "out.txt"} and outputs["stderr"].size == 0
+    assert outputs["out.txt"].sha256 == sha256_of(jobs.jobs_dir / job.key / "out.txt")
+    assert done.started and done.ended and done.submitted <= done.started <= done.ended
+
+
+def test_a_non_zero_exit_is_failed_with_the_exit_code(jobs):
+    job = jobs.submit(OWNER, JobSpec(PY, ("-c", "import sys; sys.stderr.write('bad input\\n'); sys.exit(3)")))
+    done = wait_final(jobs, job.key)
+    assert (done.state, done.exit_code) == (JobState.FAILED, 3)
+    assert "exited with status 3" in done.failure
+    assert jobs.tail(done, "stderr") == "bad input\n"
+
+
+def test_a_missing_program_and_a_missing_output_fail_with_the_reason(jobs):
+    a = jobs.submit(OWNER, JobSpec("no-such-program-vmgrid"))
+    b = jobs.submit(OWNER, JobSpec(PY, ("-c", "pass"), stage_out=(StageOut("result.png"),)))
+    a, b = wait_final(jobs, a.key), wait_final(jobs, b.key)
+    assert a.state == JobState.FAILED and "cannot start no-such-program-vmgrid" in a.failure
+    assert b.state == JobState.FAILED and b.exit_code == 0 and "output result.png was not produced" in b.failure
+
+
+def test_the_environment_is_the_jobs_own_not_the_services(jobs, monkeypatch):
+    monkeypatch.setenv("X509_USER_PROXY", "/secret/proxy")
+    job = jobs.submit(OWNER, JobSpec(PY, ("-c", "import os, json; print(json.dumps(sorted(os.environ)))"),
+                                     environment=(("BLASTDB", "/data"),), directory="run/here"))
+    done = wait_final(jobs, job.key)
+    names = eval(jobs.tail(done, "stdout"))
+    assert "X509_USER_PROXY" not in names and "BLASTDB" in names
+    assert (jobs.jobs_dir / job.key / "run" / "here").is_dir()
+
+
+def test_cancel_kills_the_whole_process_group(jobs):
+    script = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)']);"
+              "open('child.pid', 'w').write(str(p.pid)); time.sleep(300)")
+    job = jobs.submit(OWNER, JobSpec(PY, ("-c", script)))
+    pid_file = jobs.jobs_dir / job.key / "child.pid"
+    child = int(wait_until(lambda: pid_file.exists() and pid_file.read_text()))
+    assert jobs.store.get(job.key).state == JobState.ACTIVE
+    assert jobs.cancel(OWNER, job.key) == JobState.CANCELLED
+    wait_until(lambda: proc_start_time(child) is None)        # the grandchild is gone too
+    done = wait_final(jobs, job.key)
+    assert done.state == JobState.CANCELLED and done.exit_code == -signal.SIGTERM
+    with pytest.raises(IllegalTransition):
+        jobs.cancel(OWNER, job.key)
+
+
+def test_only_the_owner_and_admins_may_do_anything_and_others_learn_nothing(jobs):
+    job = jobs.submit(OWNER, JobSpec(PY, ("-c", "pass")))
+    wait_final(jobs, job.key)
+    for key in (job.key, "job-" + "0" * 32):     # an unknown job answers the same: nothing revealed
+        for call in (lambda: jobs.job(OTHER, key), lambda: jobs.cancel(OTHER, key), lambda: jobs.destroy(OTHER, key),
+                     lambda: jobs.set_termination(OTHER, key, time.time() + 60),
+                     lambda: jobs.subscribe(OTHER, key, "http://127.0.0.1:1/", None)):
+            with pytest.raises(AccessDenied):
+                call()
+    for call in (lambda: jobs.submit(OTHER, JobSpec("true")), lambda: jobs.list(OTHER),
+                 lambda: jobs.read_log(OTHER, "container")):
+        with pytest.raises(AccessDenied):
+            call()
+    assert jobs.job(ADMIN, job.key).state == JobState.DONE
+    with pytest.raises(ResourceUnknown):
+        jobs.job(OWNER, "job-" + "0" * 32)
+
+
+@pytest.mark.parametrize("spec", [
+    JobSpec("true", stdout="../escape"), JobSpec("true", directory="/etc"),
+    JobSpec("true", stage_in=(StageIn("http://example.org/x", "x"),)),
+    JobSpec("true", environment=(("BAD-NAME", "x"),)), JobSpec(""),
+])
+def test_bad_requests_are_invalid_arguments_and_leave_nothing(jobs, spec):
+    with pytest.raises(InvalidArgument):
+        jobs.submit(OWNER, spec)
+    assert jobs.store.list() == [] and list(jobs.jobs_dir.iterdir()) == []
+
+
+def test_output_capture_is_bounded(tmp_path):
+    m = manager(tmp_path / "s", max_output=1000)
+    try:
+        job = m.submit(OWNER, JobSpec(PY, ("-c", "import sys; sys.stdout.write('x' * 100000)")))
+        done = wait_final(m, job.key)
+        assert done.state == JobState.DONE
+        assert (m.jobs_dir / job.key / "stdout").stat().st_size == 1000
+    finally:
+        shut(m)
+
+
+def test_stage_in_from_the_staging_area_is_verified(jobs):
+    area = jobs.staging_dir / staging_area(OWNER)
+    area.mkdir()
+    (area / "seq.fasta").write_text(">s\nACGT\n")
+    good = sha256_of(area / "seq.fasta")
+    ok = jobs.submit(OWNER, JobSpec(PY, ("-c", "print(open('in/seq.fasta').read().count('A'))"),
+                                    stage_in=(StageIn("staged:seq.fasta", "in/seq.fasta", good),)))
+    bad = jobs.submit(OWNER, JobSpec("true", stage_in=(StageIn("staged:seq.fasta", "x", "0" * 64),)))
+    missing = jobs.submit(OWNER, JobSpec("true", stage_in=(StageIn("staged:nothing", "x"),)))
+    ok, bad, missing = (wait_final(jobs, j.key) for j in (ok, bad, missing))
+    assert ok.state == JobState.DONE and jobs.tail(ok, "stdout") == "1\n"
+    assert bad.state == JobState.FAILED and "is not the expected" in bad.failure
+    assert missing.state == JobState.FAILED and "no such file in your staging area" in missing.failure
+
+
+def test_limits_on_lifetime_and_live_jobs(tmp_path):
+    m = manager(tmp_path / "s", max_live_jobs=1, max_lifetime=100)
+    try:
+        with pytest.raises(LimitExceeded):
+            m.submit(OWNER, JobSpec("true", lifetime=101))
+        long = m.submit(OWNER, JobSpec(PY, ("-c", "import time; time.sleep(300)")))
+        with pytest.raises(LimitExceeded):
+            m.submit(OWNER, JobSpec("true"))
+    finally:
+        shut(m)
+
+
+def test_an_expired_job_is_killed_and_destroyed(jobs):
+    job = jobs.submit(OWNER, JobSpec(PY, ("-c", "import time; time.sleep(300)")))
+    wait_until(lambda: jobs.store.get(job.key).state == JobState.ACTIVE)
+    assert jobs.sweep(now=time.time() + 10 ** 6) == [job.key]
+    assert jobs.store.get(job.key) is None and not (jobs.jobs_dir / job.key).exists()
+    with pytest.raises(ResourceUnknown):
+        jobs.job(OWNER, job.key)
+
+
+def test_a_restarted_service_reattaches_running_jobs_and_fails_the_lost_ones_with_a_reason(tmp_path):
+    state = tmp_path / "s"
+    m = manager(state)
+    release = tmp_path / "go"
+    waiter = m.submit(OWNER, JobSpec(PY, ("-c", f"import os, time\nwhile not os.path.exists({str(release)!r}): "
+                                              f"time.sleep(0.05)\nprint('released')")))
+    lost = m.submit(OWNER, JobSpec(PY, ("-c", "import time; time.sleep(300)")))
+    finished = m.submit(OWNER, JobSpec(PY, ("-c", "print('early')")))
+    unrecorded = m.submit(OWNER, JobSpec(PY, ("-c", f"import os, time\nwhile not os.path.exists({str(release)!r}): "
+                                                  f"time.sleep(0.05)")))
+    wait_until(lambda: all(m.store.get(j.key).state == JobState.ACTIVE for j in (waiter, lost, unrecorded)))
+    wait_final(m, finished.key)
+    staging = m.submit(OWNER, JobSpec("true", stage_in=(StageIn("staged:absent", "x"),)))   # never runs a program
+    wait_final(m, staging.key)
+    m.close()                                          # the service goes away; its jobs' supervisors do not
+    from services.jobs.store import JobStore
+    store = JobStore(state / "jobs.sqlite")            # as if it died while staging this one in
+    store.db.conn().execute("UPDATE jobs SET state = 'StageIn', ended = NULL WHERE key = ?", (staging.key,))
+    # as if it died after starting this one's program but before recording it
+    store.db.conn().execute("UPDATE jobs SET state = 'StageIn', pid = NULL, started = NULL WHERE key = ?",
+                            (unrecorded.key,))
+    pid = store.get(lost.key).pid
+    store.close()
+    os.killpg(pid, signal.SIGKILL)                     # this one's supervisor dies with it: no exit status
+    wait_until(lambda: proc_start_time(pid) is None)
+
+    m2 = manager(state)
+    try:
+        assert m2.reconcile_report == {"reattached": 2, "finished": 0, "failed_interrupted": 1, "failed_lost": 1}
+        assert m2.job(OWNER, waiter.key).state == JobState.ACTIVE
+        assert m2.job(OWNER, unrecorded.key).state == JobState.ACTIVE      # found by its supervisor's record
+        assert m2.job(OWNER, finished.key).state == JobState.DONE
+        l, s = m2.job(OWNER, lost.key), m2.job(OWNER, staging.key)
+        assert l.state == JobState.FAILED and l.failure.startswith("Lost:")
+        assert s.state == JobState.FAILED and s.failure.startswith("Interrupted:")
+        release.touch()
+        done = wait_final(m2, waiter.key)
+        assert done.state == JobState.DONE and done.exit_code == 0 and m2.tail(done, "stdout") == "released\n"
+        assert wait_final(m2, unrecorded.key).state == JobState.DONE
+    finally:
+        release.touch()
+        shut(m2)

@@ -1,0 +1,72 @@
+"""The job service's wire conversion and GridFTP face rules, without a container: SubmitJob read back
+as the JobSpec the client sent, properties valid against the published schema whatever a program
+prints, and who may touch which path on the face."""
+from __future__ import annotations
+
+import time
+
+from lxml import etree
+
+from services.container.contract import Contract
+from services.jobs import wire
+from services.jobs.staging import JobTransfers, staging_area
+from services.jobs.store import Job, JobSpec, JobState, OutputFile, StageIn, StageOut
+from services.wsrf.epr import EndpointReference
+from services.wsrf.namespaces import RP
+
+CONTRACT = Contract("jobs.wsdl")
+OWNER, ADMIN, OTHER = "/O=Grid/CN=alice", "/O=Grid/CN=admin", "/O=Grid/CN=bob"
+
+
+def test_a_submit_request_reads_back_as_the_spec_the_client_sent():
+    spec = JobSpec("needle", ("-asequence", "a.fasta", ""), (("EMBOSS_DATA", "/usr/share/EMBOSS"),), "work",
+                   "in.txt", "out.txt", "err.txt", (StageIn("staged:a.fasta", "work/a.fasta", "a" * 64),
+                                                    StageIn("gsiftp://h:2811/b.fasta", "b.fasta")),
+                   (StageOut("work/x.needle"), StageOut("plot.png", "gsiftp://h:2811/results/plot.png")), 3600)
+    req = etree.Element(wire.q("SubmitJob"), nsmap={"job": wire.JOB})
+    kwargs = wire.submit_arguments(spec)
+    for name in ("executable", "argument", "environment", "directory", "stdin", "stdout", "stderr", "stageIn",
+                 "stageOut", "lifetime"):
+        values = kwargs.get(name)
+        for value in values if isinstance(values, list) else ([values] if values is not None else []):
+            el = etree.SubElement(req, wire.q(name))
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    etree.SubElement(el, wire.q(k)).text = str(v)
+            else:
+                el.text = str(value)
+    CONTRACT.validator.assertValid(req)
+    assert wire.parse_submit(req) == spec
+
+
+def test_properties_are_schema_valid_whatever_the_program_printed():
+    job = Job("job-" + "ab" * 16, OWNER, JobState.FAILED, JobSpec("prog", ("\x1b[31m", "x")), time.time(),
+              time.time() + 60, time.time(), time.time(), -9, "killed \x00 by signal 9",
+              outputs=(OutputFile("stdout", 12, "c" * 64),), progress={"filesDone": 1, "filesTotal": 2,
+                                                                       "bytesDone": 10, "current": "a"})
+    view = wire.JobView(job, "\x1b[1mbold\x00\x07 text\n", "\ufffe\x01", "gsiftp://h:2812/jobs/k/")
+    resp = etree.Element(f"{{{RP}}}GetMultipleResourcePropertiesResponse", nsmap={"wsrf-rp": RP})
+    resp.extend(wire.JOB_PROPERTIES.all(view))
+    CONTRACT.validator.assertValid(resp)
+    assert wire.StdoutTail.read(resp) == "\ufffd[1mbold\ufffd\ufffd text\n"
+    assert wire.ExitCode.read(resp) == -9 and wire.Outputs.read(resp) == [("stdout", 12, "c" * 64, None)]
+    summary = wire.job_element(job, EndpointReference.of("https://h/wsrf/services/JobService", wire.KEY_TAG, job.key))
+    listing = etree.Element(wire.q("ListJobsResponse"), nsmap={"job": wire.JOB})
+    listing.append(summary)
+    CONTRACT.validator.assertValid(listing)
+
+
+def test_the_gridftp_face_lets_each_owner_read_their_jobs_and_write_only_their_staging_area(tmp_path):
+    owners = {"job-1": OWNER, "job-2": ADMIN}
+    face = JobTransfers.__new__(JobTransfers)
+    face.job_owner, face.may_use = owners.get, lambda dn: dn in (OWNER, ADMIN)
+    mine, theirs = staging_area(OWNER), staging_area(ADMIN)
+    assert face.authorize(OWNER, "read", "/jobs/job-1/out.txt") and face.authorize(OWNER, "list", "/jobs/job-1")
+    assert not face.authorize(OWNER, "write", "/jobs/job-1/out.txt")      # outputs are not rewritten
+    assert not face.authorize(OWNER, "read", "/jobs/job-2/out.txt")       # the job's owner only
+    assert not face.authorize(OWNER, "read", "/jobs/job-9/x")
+    assert face.authorize(OWNER, "write", f"/staging/{mine}/a.fasta")
+    assert not face.authorize(OWNER, "read", f"/staging/{theirs}/a.fasta")
+    assert not face.authorize(OTHER, "write", f"/staging/{staging_area(OTHER)}/a")   # not a user of this VM
+    assert not face.authorize(None, "read", "/jobs/job-1/out.txt")
+    assert not face.authorize(OWNER, "list", "/")

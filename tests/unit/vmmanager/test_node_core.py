@@ -1,0 +1,160 @@
+"""The VMManager's node core without HTTP, SOAP or GridFTP: libvirt's test driver (a private node per
+test), a fake image source standing in for the repository (the one part replaced: it serves a local
+qcow2 file and records holds), and the policy engine over the default site policy as the local policy
+point. Authorization comes before anything about an instance is revealed."""
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from lxml import etree
+
+from services.authz.engine import site_policy_point
+from services.authz.pep import Subject
+from services.descriptor import Descriptor, parse_descriptor, set_field
+from services.faults import AccessDenied, IllegalTransition, InvalidArgument, ResourceUnknown
+from services.vmmanager import wire
+from services.vmmanager.config import VMManagerConfig
+from services.vmmanager.node import Node
+from services.vmmanager.values import DeployRequest
+from services.vmmanager.states import PHASES, State
+from services.vmmanager.vmm import LibvirtTestDriver
+
+EXAMPLES = Path(__file__).resolve().parents[3] / "wsdl" / "examples"
+ALICE, BOB = Subject("/O=Grid/OU=t/CN=alice"), Subject("/O=Grid/OU=t/CN=bob")
+NODE_ADDRESS = "https://node1.example.org:8443/wsrf/services/VMManagerService"
+
+
+class FakeImageSource:
+    """Stands in for RepositoryAccess (no repository process here): the descriptor it knows, a local qcow2."""
+
+    def __init__(self, image: Path, descriptor: Descriptor):
+        self.image, self.known = image, descriptor
+        self.holds: dict[str, tuple[str, int]] = {}
+        self.fetches = 0
+
+    def verify(self, d: Descriptor) -> None:
+        assert d.image_id == self.known.image_id
+
+    def hold(self, image_id: str, holder: str, seconds: int) -> str:
+        hold = f"hold-{len(self.holds) + 1}"
+        self.holds[hold] = (holder, seconds)
+        return hold
+
+    def release(self, hold_id: str) -> None:
+        self.holds.pop(hold_id, None)
+
+    def fetch(self, image_id, sha256, size, dest: Path, progress) -> None:
+        self.fetches += 1
+        shutil.copyfile(self.image, dest)
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def node(tmp_path):
+    image = tmp_path / "base.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "16M"], check=True)
+    ws = parse_descriptor((EXAMPLES / "debian12-emboss.xml").read_bytes())
+    data = image.read_bytes()
+    for section, name, value in (("identity", "imageId", "img-" + "1" * 32), ("identity", "owner", ALICE.dn),
+                                 ("identity", "vo", "bio"), ("image", "sha256", hashlib.sha256(data).hexdigest()),
+                                 ("image", "size", len(data)), ("image", "format", "qcow2")):
+        set_field(ws, section, name, value)
+    source = FakeImageSource(image, Descriptor(ws))
+    policy = site_policy_point(vos={"bio": {"members": [ALICE.dn]}, "hep": {"members": [BOB.dn]}})
+    n = Node(tmp_path / "node", VMManagerConfig(node="node1"), policy, vmm=LibvirtTestDriver.private_node(),
+             repository=source, address=NODE_ADDRESS)
+    n.ws, n.source = ws, source
+    yield n
+    n.close()
+
+
+def deploy(node: Node, identifier: str = "blast", lifetime: int = 600, **kw):
+    return node.deploy(ALICE, DeployRequest(Descriptor(node.ws), etree.tostring(node.ws), identifier, lifetime,
+                                            wait=True, **kw))
+
+
+def test_deploy_runs_every_phase_and_holds_the_image_in_the_nodes_name(node):
+    view = deploy(node)
+    inst = node.store.get(view.inst.key)
+    assert inst.state == State.RUNNING.value and inst.address and inst.mac
+    assert [p for p, _ in inst.phase_list()] == [p for p in PHASES if p != "guest-ready"]
+    assert node.source.fetches == 1
+    (holder, _), = node.source.holds.values()
+    assert holder == f"{NODE_ADDRESS}#{inst.key}"      # the configured address, no caller chose it
+    deploy(node, "second")
+    assert node.source.fetches == 1                      # cached: not staged again
+
+
+def test_operations_go_through_the_state_machine(node):
+    key = deploy(node).inst.key
+    assert node.pause(ALICE, key) == State.PAUSED
+    with pytest.raises(IllegalTransition):
+        node.pause(ALICE, key)
+    assert node.resume(ALICE, key) == State.RUNNING
+    assert node.save(ALICE, key) == State.SAVED
+    assert node.restore(ALICE, key) == State.RUNNING
+    node.destroy(ALICE, key)
+    assert node.store.get(key).state == State.DESTROYED.value and node.source.holds == {}
+    assert node.store.leases() == {}
+
+
+@pytest.mark.parametrize("operation", [
+    lambda n, k: n.pause(BOB, k), lambda n, k: n.destroy(BOB, k), lambda n, k: n.inspect(BOB, k),
+    lambda n, k: n.set_termination_time(BOB, k, time.time() + 60),
+    lambda n, k: n.set_termination_time(BOB, k, time.time() - 60),     # past: still authorization first
+    lambda n, k: n.subscribe(BOB, k, "https://192.0.2.1/x", None),
+])
+def test_another_vo_is_refused_before_anything_about_the_instance_is_revealed(node, operation):
+    key = deploy(node).inst.key
+    node.destroy(ALICE, key)                  # a destroyed instance: bob must not learn that
+    with pytest.raises(AccessDenied):
+        operation(node, key)
+
+
+def test_the_owner_learns_that_an_ended_instance_is_gone(node):
+    key = deploy(node).inst.key
+    node.destroy(ALICE, key)
+    with pytest.raises(ResourceUnknown, match="destroyed"):
+        node.pause(ALICE, key)
+    with pytest.raises(ResourceUnknown):
+        node.pause(ALICE, "inst-" + "0" * 32)
+
+
+def test_set_termination_time_and_the_sweeper(node):
+    key = deploy(node).inst.key
+    new = node.set_termination_time(ALICE, key, time.time() + 30)
+    assert node.store.get(key).termination == new
+    with pytest.raises(InvalidArgument, match="past"):
+        node.set_termination_time(ALICE, key, time.time() - 1)
+    assert node.sweep(new + 1) == [key]
+    assert node.store.get(key).state == State.DESTROYED.value
+
+
+def test_subscribe_refuses_the_nodes_own_loopback_unless_configured(node):
+    key = deploy(node).inst.key
+    with pytest.raises(InvalidArgument, match="loopback"):
+        node.subscribe(ALICE, key, "http://127.0.0.1:9/consumer", None)
+    sub = node.subscribe(ALICE, key, "https://192.0.2.7/consumer", time.time() + 10)
+    assert sub.key.startswith("sub-") and sub.expires <= node.store.get(key).termination
+
+
+def test_resource_properties_are_served_generically_from_one_set(node):
+    view = node.inspect(ALICE, deploy(node).inst.key)
+    req = etree.Element("{http://docs.oasis-open.org/wsrf/rp-2}GetMultipleResourceProperties",
+                        nsmap={"vmm": wire.VMM_NS})
+    for name in ("State", "Address", "PhaseTimings", "StagingProgress"):
+        etree.SubElement(req, "{http://docs.oasis-open.org/wsrf/rp-2}ResourceProperty").text = f"vmm:{name}"
+    resp = wire.INSTANCE_PROPERTIES.get_multiple(view, req)
+    assert wire.StateProperty.read(resp) == "Running"
+    assert wire.Address.read(resp) == view.inst.address
+    assert [p for p, _ in wire.PhaseTimings.read(resp)][:2] == ["authorize", "register"]
+    assert wire.StagingProgress.read(resp)[0] == view.inst.size
+    el = wire.instance_element(view, node.address)
+    assert el.findtext(f"{{{wire.NS['wsa']}}}EndpointReference/{{{wire.NS['wsa']}}}Address") == NODE_ADDRESS
