@@ -3,7 +3,7 @@ each, served generically by :data:`INSTANCE_PROPERTIES` and read back by the cli
 classes), requests turned into the core's typed values and results into response elements.
 
 Adding a resource property: one class below and one entry in :data:`INSTANCE_PROPERTIES` (and its
-element in wsdl/vmmanager.xsd if it is to appear in an Instance element too).
+element in wsdl/vmmanager.xsd if it is to appear in an Instance element too; otherwise ``in_instance = False``).
 """
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ def q(local: str) -> str:
 class _Simple(ResourceProperty[InstanceView]):
     prefix = "vmm"
     attribute = ""
+    in_instance = True      # also part of a vmm:Instance element (vmm:InstanceType)
 
     def value(self, v: InstanceView):
         return getattr(v.inst, self.attribute)
@@ -146,7 +147,7 @@ class Failure(_Simple):
 class Lifetime(ResourceProperty[InstanceView]):
     """The instance's whole lifetime in seconds (creation to termination); not part of an Instance element."""
 
-    qname, prefix = q("Lifetime"), "vmm"
+    qname, prefix, in_instance = q("Lifetime"), "vmm", False
 
     def value(self, v):
         return max(0, int(round(v.inst.termination - v.inst.created)))
@@ -157,7 +158,7 @@ INSTANCE_PROPERTIES: PropertySet[InstanceView] = PropertySet(
      TerminationTime(lambda v: v.inst.termination), CurrentTime(), PhaseTimings(), StagingProgress(),
      GuestStatus(), Failure(), Lifetime()],
     what="an instance")
-NOT_IN_INSTANCE_ELEMENT = (Lifetime.qname,)
+NOT_IN_INSTANCE_ELEMENT = tuple(p.qname for p in INSTANCE_PROPERTIES.properties if not getattr(p, "in_instance", True))
 ALL_PROPERTIES = tuple(etree.QName(n).localname for n in INSTANCE_PROPERTIES.names)
 
 
