@@ -153,10 +153,28 @@ class Lifetime(ResourceProperty[InstanceView]):
         return max(0, int(round(v.inst.termination - v.inst.created)))
 
 
+class ConsoleLog(ResourceProperty[InstanceView]):
+    """The last 4 KiB of the instance's first serial console log (a descriptor serialPort of type file),
+    as text; absent while there is none."""
+
+    qname, prefix, in_instance = q("ConsoleLog"), "vmm", False
+    TAIL = 4096
+
+    def value(self, v):
+        path = v.home / "serial0.log" if v.home is not None else None
+        if path is None or not path.is_file():
+            return None
+        with path.open("rb") as f:
+            f.seek(max(0, path.stat().st_size - self.TAIL))
+            text = f.read(self.TAIL).decode("utf-8", "replace")
+        # XML 1.0 cannot carry most control characters: a guest's console may print anything
+        return "".join(c if c in "\t\n\r" or ord(c) >= 0x20 else "\ufffd" for c in text)
+
+
 INSTANCE_PROPERTIES: PropertySet[InstanceView] = PropertySet(
     [Identifier(), StateProperty(), Node(), Owner(), Image(), Hardware(), Address(), Mac(), Created(),
      TerminationTime(lambda v: v.inst.termination), CurrentTime(), PhaseTimings(), StagingProgress(),
-     GuestStatus(), Failure(), Lifetime()],
+     GuestStatus(), Failure(), Lifetime(), ConsoleLog()],
     what="an instance")
 NOT_IN_INSTANCE_ELEMENT = tuple(p.qname for p in INSTANCE_PROPERTIES.properties if not getattr(p, "in_instance", True))
 ALL_PROPERTIES = tuple(etree.QName(n).localname for n in INSTANCE_PROPERTIES.names)
