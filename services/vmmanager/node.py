@@ -134,7 +134,7 @@ class Node:
 
     def view(self, inst: Instance) -> InstanceView:
         progress = self.cache.progress(inst.sha256) if inst.state == State.STAGING.value else None
-        return InstanceView(inst, self.node, progress)
+        return InstanceView(inst, self.node, progress, self.parts.home(inst.key))
 
     # -- state changes and notifications ----------------------------------------------------------------
     def _set_state(self, key: str, new: State, *, expect: set[State] | None = None, **values) -> bool:

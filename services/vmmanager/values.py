@@ -3,6 +3,7 @@ libvirt)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from services.descriptor import Descriptor
 from services.vmmanager.store import Instance
@@ -27,6 +28,7 @@ class InstanceView:
     inst: Instance
     node: str
     progress: tuple[int, int] | None = None
+    home: Path | None = None        # the instance's directory on the node (overlay, context, logs)
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@ each, served generically by :data:`INSTANCE_PROPERTIES` and read back by the cli
 classes), requests turned into the core's typed values and results into response elements.
 
 Adding a resource property: one class below and one entry in :data:`INSTANCE_PROPERTIES` (and its
-element in wsdl/vmmanager.xsd if it is to appear in an Instance element too).
+element in wsdl/vmmanager.xsd if it is to appear in an Instance element too; otherwise ``in_instance = False``).
 """
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ def q(local: str) -> str:
 class _Simple(ResourceProperty[InstanceView]):
     prefix = "vmm"
     attribute = ""
+    in_instance = True      # also part of a vmm:Instance element (vmm:InstanceType)
 
     def value(self, v: InstanceView):
         return getattr(v.inst, self.attribute)
@@ -146,18 +147,36 @@ class Failure(_Simple):
 class Lifetime(ResourceProperty[InstanceView]):
     """The instance's whole lifetime in seconds (creation to termination); not part of an Instance element."""
 
-    qname, prefix = q("Lifetime"), "vmm"
+    qname, prefix, in_instance = q("Lifetime"), "vmm", False
 
     def value(self, v):
         return max(0, int(round(v.inst.termination - v.inst.created)))
 
 
+class ConsoleLog(ResourceProperty[InstanceView]):
+    """The last 4 KiB of the instance's first serial console log (a descriptor serialPort of type file),
+    as text; absent while there is none."""
+
+    qname, prefix, in_instance = q("ConsoleLog"), "vmm", False
+    TAIL = 4096
+
+    def value(self, v):
+        path = v.home / "serial0.log" if v.home is not None else None
+        if path is None or not path.is_file():
+            return None
+        with path.open("rb") as f:
+            f.seek(max(0, path.stat().st_size - self.TAIL))
+            text = f.read(self.TAIL).decode("utf-8", "replace")
+        # XML 1.0 cannot carry most control characters: a guest's console may print anything
+        return "".join(c if c in "\t\n\r" or ord(c) >= 0x20 else "\ufffd" for c in text)
+
+
 INSTANCE_PROPERTIES: PropertySet[InstanceView] = PropertySet(
     [Identifier(), StateProperty(), Node(), Owner(), Image(), Hardware(), Address(), Mac(), Created(),
      TerminationTime(lambda v: v.inst.termination), CurrentTime(), PhaseTimings(), StagingProgress(),
-     GuestStatus(), Failure(), Lifetime()],
+     GuestStatus(), Failure(), Lifetime(), ConsoleLog()],
     what="an instance")
-NOT_IN_INSTANCE_ELEMENT = (Lifetime.qname,)
+NOT_IN_INSTANCE_ELEMENT = tuple(p.qname for p in INSTANCE_PROPERTIES.properties if not getattr(p, "in_instance", True))
 ALL_PROPERTIES = tuple(etree.QName(n).localname for n in INSTANCE_PROPERTIES.names)
 
 

@@ -151,6 +151,13 @@ class Catalogue:
             (vo, name)).fetchone()
         return Record(*row) if row else None
 
+    def made_of(self, sha256: str) -> list[Record]:
+        """The images whose bytes are ``sha256`` (duplicates share them)."""
+        rows = self._db().execute(
+            "SELECT image_id, vo, name, owner, sha256, size, revision, descriptor FROM images WHERE sha256 = ?",
+            (sha256,)).fetchall()
+        return [Record(*r) for r in rows]
+
     def count(self) -> int:
         return self._db().execute("SELECT count(*) FROM images").fetchone()[0]
 

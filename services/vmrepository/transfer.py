@@ -12,6 +12,7 @@ from gridftp import GridFTPServer
 from gridftp.errors import PathError
 from gridftp.filespace import FileSpace
 from services.authz.pep import Subject
+from services.faults import AccessDenied
 from services.vmrepository.catalogue import Catalogue
 
 log = logging.getLogger("vmgrid.VMRepositoryService.gridftp")
@@ -85,15 +86,16 @@ class RepositoryTransfers:
 
     def _may_read(self, dn: str, sha256: str) -> bool:
         """May ``dn`` read the bytes: is it authorized to read (or stage) some image made of them?"""
-        db = self.service.catalogue._db()
-        rows = db.execute("SELECT image_id, vo, owner, name FROM images WHERE sha256 = ?", (sha256,)).fetchall()
         subject = Subject(dn)
-        for image_id, vo, owner, name in rows:
-            resource = {"type": "image", "vo": vo, "owner": owner, "name": name, "id": image_id}
+        for record in self.service.catalogue.made_of(sha256):
+            resource = {"type": "image", "vo": record.vo, "owner": record.owner, "name": record.name,
+                        "id": record.image_id}
             try:
-                if self.service.authz.pdp.decide(subject, "image.read", resource, {"via": "gridftp"}).permit:
-                    return True
-            except Exception:  # the policy point is down: fail closed
+                self.service.authz.check(subject, "image.read", resource, {"via": "gridftp"})
+                return True
+            except AccessDenied:
+                continue
+            except Exception:  # noqa: BLE001 - the policy point is down: fail closed
                 log.warning("cannot authorize %s to read %s: policy point unavailable", dn, sha256)
                 return False
         return False

@@ -69,9 +69,23 @@ def test_deploy_control_and_report_from_the_command_line(grid, tmp_path):
 
 
 def test_watch_follows_signed_state_changes(grid):
-    vmgrid(grid, "vm", "deploy", "bio/debian12-emboss", "watched", "--lifetime", "3")
-    r = vmgrid(grid, "vm", "watch", "watched", "--timeout", "30")
-    assert "-> Destroyed" in r.stdout and "signed by /O=Grid/OU=vmgrid/CN=host/localhost" in r.stdout
+    """watch subscribes, then the instance's lifetime is cut short and the node's sweeper ends it: the
+    watcher sees the signed change to Destroyed. (The lifetime is shortened only once watch listens, so a
+    slow machine cannot let the instance expire before watch finds it.)"""
+    vmgrid(grid, "vm", "deploy", "bio/debian12-emboss", "watched", "--lifetime", "10m")
+    watch = subprocess.Popen([sys.executable, "-m", "client.cli", "vm", "watch", "watched", "--timeout", "120"],
+                             env={**grid.env("alice"), **grid.env_extra}, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        first = watch.stdout.readline()
+        assert "listening at" in first, first + watch.stderr.read()
+        vmgrid(grid, "vm", "lifetime", "watched", "2s")
+        out, _ = watch.communicate(timeout=150)
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+            watch.wait()
+    assert "-> Destroyed" in out and "signed by /O=Grid/OU=vmgrid/CN=host/localhost" in out
 
 
 @pytest.mark.parametrize("args, message", [

@@ -158,3 +158,15 @@ def test_resource_properties_are_served_generically_from_one_set(node):
     assert wire.StagingProgress.read(resp)[0] == view.inst.size
     el = wire.instance_element(view, node.address)
     assert el.findtext(f"{{{wire.NS['wsa']}}}EndpointReference/{{{wire.NS['wsa']}}}Address") == NODE_ADDRESS
+
+
+def test_the_console_log_property_is_the_tail_of_the_first_serial_log(node):
+    """ConsoleLog: one class and one entry in wire.py (docs/architecture.md, "a new resource property")."""
+    view = node.inspect(ALICE, deploy(node).inst.key)
+    req = etree.Element("{http://docs.oasis-open.org/wsrf/rp-2}GetResourceProperty", nsmap={"vmm": wire.VMM_NS})
+    req.text = "vmm:ConsoleLog"
+    assert wire.ConsoleLog.read(wire.INSTANCE_PROPERTIES.get(view, req)) is None     # no console file yet
+    (view.home / "serial0.log").write_bytes(b"x" * 10_000 + b"\x00login: \x1b[0m\n")
+    text = wire.ConsoleLog.read(wire.INSTANCE_PROPERTIES.get(view, req))
+    assert len(text) == wire.ConsoleLog.TAIL and text.endswith("\ufffdlogin: \ufffd[0m\n")
+    assert wire.ConsoleLog.qname not in {el.tag for el in wire.instance_element(view, node.address)}
