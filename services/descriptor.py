@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import datetime, timezone
 
 from lxml import etree
 
 from security.safexml import UnsafeXML, parse
 from services.common.paths import WSDL_DIR
+from services.common.xsdtime import now_datetime
 from services.faults import InvalidDescriptor
 
 _workspace_schema: etree.XMLSchema | None = None
@@ -234,7 +234,7 @@ def set_field(element: etree._Element, section: str, name: str, value: str | Non
 
 
 def utc_now() -> str:
-    return datetime.now(timezone.utc).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return now_datetime(fraction=False)
 
 
 # -- facts for queries --------------------------------------------------------------------------

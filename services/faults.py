@@ -7,16 +7,17 @@ generic SOAP error.
 """
 from __future__ import annotations
 
-from datetime import datetime, timezone
 from typing import ClassVar
 
 from lxml import etree
+
+from services.common.xsdtime import now_datetime
 
 FAULTS_NS = "http://vmgrid.org/ns/faults/1"
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return now_datetime()
 
 
 class VMGridFault(Exception):

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy
 import os
-from datetime import datetime, timezone
 from pathlib import Path
 
 from lxml import etree
@@ -17,6 +16,7 @@ from services.faults import (BadQuery, ChecksumMismatch, DuplicateName, ImageInU
 from services.vmrepository.catalogue import Catalogue, Record, new_image_id
 from services.vmrepository.query import XPATH_DIALECT, Criterion, compile_xpath, order_column, prepare_groups
 from services.common.crash import crashpoint
+from services.common.xsdtime import format_datetime
 from services.vmrepository.config import RepositoryConfig
 from services.vmrepository.store import ImageStore, image_format_of
 from services.vmrepository.xpath_scan import scanner
@@ -331,7 +331,7 @@ class VMRepositoryService(SoapService):
         hold_id, expires = self.catalogue.hold(rec.image_id, _text(req, "repo:holder"), ctx.dn, seconds)
         resp = _el("HoldImageResponse")
         _sub(resp, "holdId", hold_id)
-        _sub(resp, "expires", datetime.fromtimestamp(expires, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+        _sub(resp, "expires", format_datetime(expires, fraction=False))
         return resp
 
     @operation("ReleaseImage")
