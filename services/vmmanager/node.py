@@ -23,7 +23,7 @@ from typing import Iterator
 from services.authz.pep import Enforcer, PolicyDecisionPoint
 from services.faults import (InternalFault, InvalidArgument, InvalidDescriptor, LimitExceeded, ResourceUnknown,
                              VMGridFault, VMMFault)
-from services.vmmanager import phases, states
+from services.vmmanager import network, phases, states
 from services.vmmanager.config import VMManagerConfig
 from services.vmmanager.context import new_token
 from services.vmmanager.imagecache import ImageCache
@@ -32,7 +32,7 @@ from services.vmmanager.states import FINAL, TRANSIENT, State
 from services.vmmanager.store import Instance, LeaseRange, NodeStore
 from services.vmmanager.values import DeployRequest, InstanceView, Subscribed
 from services.vmmanager.vmm import VMM, InstanceState, LifecycleEvent, LifecycleEventKind, VMMError
-from services.vmmanager.vmm.errors import InstanceNotFound
+from services.vmmanager.vmm.errors import GuestWaitCancelled, InstanceNotFound
 from services.wsrf.lifetime import Sweeper
 from services.wsrf.notification import ConsumerPolicy, Notifier, Subscription, new_subscription_key
 
@@ -59,11 +59,18 @@ class Node:
         self.instances_dir = self.state_dir / "instances"
         self.instances_dir.mkdir(exist_ok=True)
         pool = LeaseRange.parse(config.lease_range, config.network, config.gateway or None, config.mac_prefix)
+        # bridge mode: the bridge holding the gateway, so leased addresses are reachable (network.py)
+        self.bridge = network.prepare(config.nic_kind, config.nic_source, config.gateway, config.network,
+                                      config.manage_bridge, self.state_dir)
         self.parts = NodeParts(self.node, config, self.store, self.cache, repository, vmm, pool,
                                self.instances_dir, address)
         self.executor = ThreadPoolExecutor(config.deploy_workers, thread_name_prefix="vmgrid-deploy")
         self._locks: dict[str, threading.RLock] = {}
         self._locks_guard = threading.Lock()
+        self._stop = threading.Event()
+        # key -> set to cut short a wait on that instance's guest (guest ready, power-off) by a Destroy or the
+        # node stopping: a guest never holds the instance's lock for longer
+        self._guest_waits: dict[str, threading.Event] = {}
         self._sweeper: Sweeper | None = None
         self._event_handle: int | None = None
         self.reconcile_report = self.reconcile()
@@ -91,6 +98,9 @@ class Node:
         self._sweeper = Sweeper(lambda now: self.sweep(now), self.config.sweep_interval).start()
 
     def close(self) -> None:
+        self._stop.set()
+        for wait in list(self._guest_waits.values()):   # deployments waiting for guestd end now
+            wait.set()
         if self._sweeper is not None:
             self._sweeper.stop()
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -104,6 +114,17 @@ class Node:
         self.repository.close()
         self.vmm.close()
         self.store.close()
+
+    @contextmanager
+    def _guest_wait(self, key: str) -> Iterator[threading.Event]:
+        """The event that cuts short a wait on this instance's guest (already set if the node is stopping)."""
+        cancel = self._guest_waits.setdefault(key, threading.Event())
+        if self._stop.is_set():
+            cancel.set()
+        try:
+            yield cancel
+        finally:
+            self._guest_waits.pop(key, None)
 
     @contextmanager
     def _locked(self, key: str) -> Iterator[None]:
@@ -249,8 +270,11 @@ class Node:
             spec = phases.instance_spec(self.parts, inst, d, disks, iso)
             phases.power_on(self.parts, spec, paused)
         if spec.channel is not None and not paused:
-            with rec.phase("guest-ready"):
-                phases.guest_ready(self.parts, key)
+            try:
+                with rec.phase("guest-ready"), self._guest_wait(key) as cancel:
+                    phases.guest_ready(self.parts, key, cancel)
+            except GuestWaitCancelled:
+                return      # a Destroy (or the node stopping) took over the instance; it releases it
         self._set_state(key, State.PAUSED if paused else State.RUNNING, expect={State.STARTING})
 
     def _fail(self, key: str, fault: VMGridFault) -> None:
@@ -281,12 +305,18 @@ class Node:
             self.store.update(key, hold_id=None)
 
     def _destroy(self, key: str, reason: str) -> None:
-        with self._locked(key):
-            inst = self.store.get(key)
-            if inst is None or inst.state_enum in FINAL:
-                return
-            self._release(key)
-            self._set_state(key, State.DESTROYED)
+        # interrupt a deployment waiting for guestd first (it holds the instance's lock meanwhile);
+        # set before the wait starts, the wait ends at once
+        self._guest_waits.setdefault(key, threading.Event()).set()
+        try:
+            with self._locked(key):
+                inst = self.store.get(key)
+                if inst is None or inst.state_enum in FINAL:
+                    return
+                self._release(key)
+                self._set_state(key, State.DESTROYED)
+        finally:
+            self._guest_waits.pop(key, None)
         self.authz.release(key)
         log.info("instance %s destroyed (%s)", key, reason)
 
@@ -308,6 +338,20 @@ class Node:
     def start_instance(self, caller, key: str) -> State:
         def run(inst):
             vmm_call("start", self.vmm.start, inst.key)
+            if self.vmm.capabilities.guest_channel and vmm_call("start", self.vmm.spec_of, inst.key).channel:
+                # the same guest-ready phase as Deploy: GuestStatus says what guestd reports now
+                try:
+                    with self._guest_wait(inst.key) as cancel:
+                        phases.guest_ready(self.parts, inst.key, cancel)
+                except GuestWaitCancelled:
+                    raise VMMFault("Start was interrupted: the instance is being destroyed or the node is "
+                                   "stopping", operation="start") from None
+                except VMGridFault:
+                    try:   # never leave a guest running that nobody can use; its disks stay
+                        self.vmm.destroy(inst.key)
+                    except VMMError:
+                        pass
+                    raise
             return State.RUNNING
         return self._control(caller, key, "vm.start", "start", run)
 
@@ -356,7 +400,8 @@ class Node:
             states.check(inst.state_enum, "shutdown-normal")
             self._set_state(inst.key, State.SHUTTING_DOWN)
             try:
-                graceful = vmm_call("shutdown", self.vmm.shutdown, inst.key, timeout=timeout)
+                with self._guest_wait(inst.key) as cut_short:
+                    graceful = vmm_call("shutdown", self.vmm.shutdown, inst.key, timeout=timeout, cancel=cut_short)
             except VMGridFault:
                 self._set_state(inst.key, State.RUNNING, expect={State.SHUTTING_DOWN})
                 raise

@@ -8,6 +8,7 @@ from :meth:`services.vmmanager.node.Node._deploy_rest` (or ``_start_instance``) 
 from __future__ import annotations
 
 import shlex
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from services.vmmanager.context import build_context, write_context_iso
 from services.vmmanager.imagecache import ImageCache
 from services.vmmanager.store import Instance, LeaseRange, NodeStore
 from services.vmmanager.vmm import VMM, Disk, GuestChannel, InstanceSpec, KernelBoot, Nic, Port, VMMError
+from services.vmmanager.vmm.errors import GuestWaitCancelled
 
 # the crashpoint passed after each phase (tests/integration/test_vmmanager_crash.py names them)
 CRASHPOINTS = {"register": "deploy.registered", "lease": "deploy.leased", "stage": "deploy.staged",
@@ -129,15 +131,20 @@ def power_on(parts: NodeParts, spec: InstanceSpec, paused: bool) -> None:
     vmm_call("power on", parts.vmm.start, spec.name, paused=paused)
 
 
-def guest_ready(parts: NodeParts, key: str) -> None:
-    """Wait for guestd's ready report over the guest channel; its summary becomes GuestStatus."""
+def guest_ready(parts: NodeParts, key: str, cancel: threading.Event) -> None:
+    """Wait for guestd's ready report over the guest channel; its summary becomes GuestStatus (Deploy and
+    Start). ``cancel`` (a Destroy, the node stopping) ends the wait with GuestWaitCancelled; no ready
+    report within guest_ready_timeout is a VMMFault: the guest is untrusted, the node never waits longer."""
     try:
         # a short poll: a ready report is noticed within a quarter second, not a 2 s step
-        report = parts.vmm.guest_channel(key).wait_ready(timeout=parts.config.guest_ready_timeout, poll=0.25)
-        status = guest_summary(report)
+        report = parts.vmm.guest_channel(key).wait_ready(timeout=parts.config.guest_ready_timeout, poll=0.25,
+                                                         cancel=cancel)
+    except GuestWaitCancelled:
+        raise
     except VMMError as exc:
-        status = f"no report: {exc}"
-    parts.store.update(key, guest_status=status)
+        parts.store.update(key, guest_status=f"no report: {exc}")
+        raise VMMFault(f"guestd did not report ready: {exc}", operation="guest-ready") from None
+    parts.store.update(key, guest_status=guest_summary(report))
 
 
 def guest_summary(status: dict) -> str:

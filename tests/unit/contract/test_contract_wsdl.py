@@ -148,7 +148,8 @@ def test_every_served_wsdl_conforms_and_every_operation_answers_a_schema_invalid
         for op in contract.operations.values():
             request = etree.Element(op.input.text)
             etree.SubElement(request, "{urn:vmgrid:test}notInTheSchema")
-            status, fault = signed_call(url, request, vm_grid.pki.alice.proxy, vm_grid.pki.trust())
+            status, fault = signed_call(url, request, vm_grid.pki.alice.proxy, vm_grid.pki.trust(),
+                                        action=op.soap_action)
             detail = fault.find("detail")
             assert status == 500 and detail is not None, (service, op.name, etree.tostring(fault))
             element = etree.QName(detail[0]).localname
