@@ -325,9 +325,9 @@ class VMRepositoryService(SoapService):
         seconds = int(_text(req, "repo:seconds"))
         # the duration is in the authorization context; the hold lasts at most the policy's max_lifetime
         decision = self.authz.check(ctx.caller, "image.hold", _resource(rec), {"seconds": str(seconds)})
-        seconds = min(seconds, int(decision.obligations.get("max_lifetime", seconds)))
         if seconds > self.config.max_hold_seconds:
             raise InvalidArgument(f"a hold lasts at most {self.config.max_hold_seconds} s", argument="seconds")
+        seconds = min(seconds, int(decision.obligations.get("max_lifetime", seconds)))
         hold_id, expires = self.catalogue.hold(rec.image_id, _text(req, "repo:holder"), ctx.dn, seconds)
         resp = _el("HoldImageResponse")
         _sub(resp, "holdId", hold_id)

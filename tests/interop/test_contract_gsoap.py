@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -19,6 +20,7 @@ import pytest
 from lxml import etree
 
 from security.tls import grid_session
+from services.container.contract import Contract
 
 ROOT = Path(__file__).resolve().parents[2]
 CLIENT = Path(__file__).parent / "gsoap" / "grid_client.c"
@@ -99,7 +101,11 @@ def test_gsoap_runs_the_contract_signed_and_verifies_every_answer(vm_grid, tmp_p
     # gSOAP's wsse plugin sends one certificate: sign with alice's end-entity certificate
     run = subprocess.run([str(binary), vm_grid.repository_url, str(pki.alice.cert_path), str(pki.alice.key_path),
                           str(ca_file), "host/localhost", "img-0000000000000000", vm_grid.node_url(), "bio/debian12-emboss"],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300,
+                         # WS-Addressing: the wsa:Action (soapAction) of each operation, signed with wsa:To
+                         env={**os.environ, **{f"ACTION_{op.name}": op.soap_action
+                                               for wsdl in ("vmrepository.wsdl", "vmmanager.wsdl")
+                                               for op in Contract(wsdl).operations.values()}})
     steps = {s["step"]: s for s in map(json.loads, run.stdout.splitlines())}
     assert run.returncode == 0, run.stdout + run.stderr
     assert set(steps) == {"ListVOs", "QueryImages", "UnknownImageFault", "GetDescriptor", "Deploy",

@@ -15,6 +15,7 @@ import pytest
 from lxml import etree
 
 from security.tls import grid_session
+from services.container.contract import Contract
 
 ROOT = Path(__file__).resolve().parents[2]
 NODE_SOAP = "soap@1.13.0"
@@ -63,6 +64,10 @@ def test_node_soap_runs_the_contract_signed_and_verifies_every_answer(vm_grid, t
         "caFile": str(ca_file), "hostCN": "host/localhost",
         "deployXml": _deploy_xml(descriptor, "node-soap-1"),
         "unknownImage": "img-0000000000000000",
+        # WS-Addressing: the signed wsa:To of each service and the wsa:Action (soapAction) of each operation
+        "repoUrl": vm_grid.repository_url, "vmmUrl": vm_grid.node_url(),
+        "actions": {op.name: op.soap_action for wsdl in ("vmrepository.wsdl", "vmmanager.wsdl")
+                    for op in Contract(wsdl).operations.values()},
     }
     (tmp_path / "config.json").write_text(json.dumps(config))
     env = {**os.environ, "NODE_PATH": str(modules), "NODE_EXTRA_CA_CERTS": str(ca_file)}

@@ -8,6 +8,8 @@
 #include "soapH.h"
 #include "VMRepositorySoapBinding.nsmap"
 #include "wsseapi.h"
+#include "wsaapi.h"
+#include <stdlib.h>
 #include <openssl/pem.h>
 #include <string.h>
 
@@ -16,18 +18,27 @@ static EVP_PKEY *key;
 static const char *host_cn;
 static int failed;
 
-/* Sign the next request; `instance` is the InstanceKey header of an instance operation (signed too). */
-static void sign(struct soap *soap, const char *instance)
+/* The soapAction of an operation, given by the test in the environment as ACTION_<operation>. */
+static const char *action(const char *op)
+{
+  char name[128];
+  const char *a;
+  snprintf(name, sizeof(name), "ACTION_%s", op);
+  a = getenv(name);
+  return a ? a : "";
+}
+
+/* Sign the next request to `to` for operation `op`: WS-Addressing MessageID, To and Action (the wsa plugin), and
+   `instance`, the InstanceKey header of an instance operation, all signed with the Body and the Timestamp. */
+static void sign(struct soap *soap, const char *to, const char *op, const char *instance)
 {
   soap->header = NULL;
   soap_wsse_set_wsu_id(soap, NULL);
+  soap_wsa_request(soap, soap_wsa_rand_uuid(soap), to, action(op));
   if (instance)
-  {
-    soap->header = soap_new_SOAP_ENV__Header(soap, 1);
-    soap_default_SOAP_ENV__Header(soap, soap->header);
     soap->header->ns7__InstanceKey = (char *)instance;
-    soap_wsse_set_wsu_id(soap, "ns7:InstanceKey");
-  }
+  soap_wsse_set_wsu_id(soap, instance ? "wsa5:MessageID wsa5:To wsa5:Action ns7:InstanceKey"
+                                      : "wsa5:MessageID wsa5:To wsa5:Action");
   soap_wsse_add_Timestamp(soap, "Time", 300);
   soap_wsse_add_BinarySecurityTokenX509(soap, "X509Token", cert);
   soap_wsse_add_KeyInfo_SecurityTokenReferenceX509(soap, "#X509Token");
@@ -83,6 +94,7 @@ int main(int argc, char **argv)
   f = fopen(argv[3], "r"); key = PEM_read_PrivateKey(f, NULL, NULL, NULL); fclose(f);
   soap = soap_new1(SOAP_XML_CANONICAL | SOAP_XML_INDENT * 0);
   soap_register_plugin(soap, soap_wsse);
+  soap_register_plugin(soap, soap_wsa);
   if (soap_ssl_client_context(soap, SOAP_SSL_DEFAULT, NULL, NULL, argv[4], NULL, NULL))
   {
     soap_print_fault(soap, stderr);
@@ -92,7 +104,7 @@ int main(int argc, char **argv)
   { /* ListVOs */
     struct _ns2__ListVOs req = {0};
     struct _ns2__ListVOsResponse resp;
-    sign(soap, NULL);
+    sign(soap, argv[1], "ListVOs", NULL);
     if (soap_call___ns1__ListVOs(soap, argv[1], NULL, &req, &resp) == SOAP_OK && !(problem = answer_problem(soap)))
     {
       snprintf(buf, sizeof(buf), "%d", resp.__sizevo);
@@ -115,7 +127,7 @@ int main(int argc, char **argv)
     criteria.__sizegroup = 1; criteria.group = &group;
     req.__union_QueryImages = SOAP_UNION__ns2__union_QueryImages_criteria;
     req.union_QueryImages.criteria = &criteria;
-    sign(soap, NULL);
+    sign(soap, argv[1], "QueryImages", NULL);
     if (soap_call___ns1__QueryImages(soap, argv[1], NULL, &req, &resp) == SOAP_OK && !(problem = answer_problem(soap)))
     {
       snprintf(buf, sizeof(buf), "%d", resp.__sizeworkspace);
@@ -129,7 +141,7 @@ int main(int argc, char **argv)
     struct _ns2__GetDescriptor req;
     struct _ns2__GetDescriptorResponse resp;
     req.image = argv[6];
-    sign(soap, NULL);
+    sign(soap, argv[1], "GetDescriptor", NULL);
     if (soap_call___ns1__GetDescriptor(soap, argv[1], NULL, &req, &resp) == SOAP_FAULT
         && soap->fault && soap->fault->detail && soap->fault->detail->ns3__UnknownImageFault)
     {
@@ -159,7 +171,7 @@ int main(int argc, char **argv)
     enum xsd__boolean yes = xsd__boolean__true_;
     char *instance_key = NULL;
     greq.image = argv[8];
-    sign(soap, NULL);
+    sign(soap, argv[1], "GetDescriptor", NULL);
     if (soap_call___ns1__GetDescriptor(soap, argv[1], NULL, &greq, &gresp) || (problem = answer_problem(soap)))
       report(soap, "GetDescriptor", 0, problem);
     else
@@ -169,7 +181,7 @@ int main(int argc, char **argv)
     req.identifier = "gsoap-1";
     req.lifetime = "600";
     req.wait = &yes;
-    sign(soap, NULL);
+    sign(soap, argv[7], "Deploy", NULL);
     if (soap_call___ns6__Deploy(soap, argv[7], NULL, &req, &resp) == SOAP_OK && !(problem = answer_problem(soap))
         && resp.Instance && resp.Instance->wsa5__EndpointReference.ReferenceParameters
         && resp.Instance->wsa5__EndpointReference.ReferenceParameters->__size > 0
@@ -192,7 +204,7 @@ int main(int argc, char **argv)
       const char *ops[] = {"Pause", "Resume"};
       int i;
       /* QName content: gSOAP declares ns7 on the Envelope, so the Body reference lists it (PrefixList) */
-      sign(soap, instance_key);
+      sign(soap, argv[7], "GetResourceProperty", instance_key);
       soap_wsse_set_InclusiveNamespaces(soap, "ns7");
       if (soap_call___ns6__GetResourceProperty(soap, argv[7], NULL, "ns7:State", &prop) == SOAP_OK
           && !(problem = answer_problem(soap)) && prop.__size == 1)
@@ -202,7 +214,7 @@ int main(int argc, char **argv)
       soap_wsse_set_InclusiveNamespaces(soap, NULL);
       for (i = 0; i < 2; i++)
       {
-        sign(soap, instance_key);
+        sign(soap, argv[7], i == 0 ? "Pause" : "Resume", instance_key);
         if ((i == 0 ? soap_call___ns6__Pause(soap, argv[7], NULL, &empty, &state)
                     : soap_call___ns6__Resume(soap, argv[7], NULL, &empty, &state)) == SOAP_OK
             && !(problem = answer_problem(soap)))
@@ -210,7 +222,7 @@ int main(int argc, char **argv)
         else
           report(soap, ops[i], 0, problem);
       }
-      sign(soap, instance_key);
+      sign(soap, argv[7], "Destroy", instance_key);
       if (soap_call___ns6__Destroy(soap, argv[7], NULL, &destroy, &destroyed) == SOAP_OK && !(problem = answer_problem(soap)))
         report(soap, "Destroy", 1, "");
       else

@@ -62,6 +62,18 @@ function verifyAnswer(xml) {
   return true;
 }
 
+// WS-Addressing: every request carries a signed wsa:To (the service's address) and wsa:Action (the
+// operation's soapAction): vmgrid refuses a request signed for another endpoint or operation.
+const WSA = 'http://www.w3.org/2005/08/addressing';
+function addressed(client, url, op, extraHeaders = [], extraRefs = []) {
+  client.clearSoapHeaders();
+  client.addSoapHeader(`<wsa:To xmlns:wsa="${WSA}">${url}</wsa:To>`);
+  client.addSoapHeader(`<wsa:Action xmlns:wsa="${WSA}">${config.actions[op]}</wsa:Action>`);
+  for (const h of extraHeaders) client.addSoapHeader(h);
+  client.setSecurity(security(['wsa:To', 'wsa:Action', ...extraRefs]));
+  return client;
+}
+
 function lastAnswer(client) {
   return client.lastResponse;
 }
@@ -82,16 +94,14 @@ async function step(name, fn) {
 async function main() {
   const repo = await soap.createClientAsync(config.repoWsdl);
   const vmm = await soap.createClientAsync(config.vmmWsdl);
-  repo.setSecurity(security());
-
   await step('ListVOs', async () => {
-    const [result, raw] = await repo.ListVOsAsync({});
+    const [result, raw] = await addressed(repo, config.repoUrl, 'ListVOs').ListVOsAsync({});
     verifyAnswer(raw);
     return result;
   });
 
   await step('QueryImages', async () => {
-    const [result, raw] = await repo.QueryImagesAsync({
+    const [result, raw] = await addressed(repo, config.repoUrl, 'QueryImages').QueryImagesAsync({
       criteria: { group: [{ criterion: [
         { field: 'memory', operator: 'ge', value: '64' },
         { field: 'distribution', operator: 'eq', value: 'debian' },
@@ -103,7 +113,7 @@ async function main() {
 
   await step('UnknownImageFault', async () => {
     try {
-      await repo.GetDescriptorAsync({ image: config.unknownImage });
+      await addressed(repo, config.repoUrl, 'GetDescriptor').GetDescriptorAsync({ image: config.unknownImage });
     } catch (err) {
       const raw = err.body;
       verifyAnswer(raw);
@@ -115,9 +125,8 @@ async function main() {
     throw new Error('GetDescriptor of an unknown image answered without a fault');
   });
 
-  vmm.setSecurity(security());
   const key_ = await step('Deploy', async () => {
-    const [, raw] = await vmm.DeployAsync({ _xml: config.deployXml });
+    const [, raw] = await addressed(vmm, config.vmmUrl, 'Deploy').DeployAsync({ _xml: config.deployXml });
     verifyAnswer(raw);
     const m = raw.match(/<vmm:InstanceKey[^>]*>([^<]+)<\/vmm:InstanceKey>/);
     if (!m) throw new Error('no InstanceKey in the answer');
@@ -125,10 +134,10 @@ async function main() {
   });
 
   // Instance operations carry the InstanceKey header, which must be signed too.
-  vmm.addSoapHeader(`<vmm:InstanceKey xmlns:vmm="${VMM}">${key_}</vmm:InstanceKey>`);
-  vmm.setSecurity(security(['vmm:InstanceKey']));
+  const instance = (op) => addressed(vmm, config.vmmUrl, op,
+    [`<vmm:InstanceKey xmlns:vmm="${VMM}">${key_}</vmm:InstanceKey>`], ['vmm:InstanceKey']);
   const state = async (op) => {
-    const [, raw] = await vmm[`${op}Async`]({});
+    const [, raw] = await instance(op)[`${op}Async`]({});
     verifyAnswer(raw);
     return (raw.match(/<vmm:State>([^<]+)<\/vmm:State>/) || [])[1];
   };
@@ -137,7 +146,7 @@ async function main() {
     // QName content: its prefix must be declared inside the signed Body. node-soap declares every prefix of the
     // WSDL (vmm too) on the Envelope and drops the same declaration inside the Body when it signs, so the
     // property name uses a prefix of its own.
-    const [, raw] = await vmm.GetResourcePropertyAsync({
+    const [, raw] = await instance('GetResourceProperty').GetResourcePropertyAsync({
       _xml: `<wsrf-rp:GetResourceProperty xmlns:wsrf-rp="${RP}" xmlns:p="${VMM}">p:State</wsrf-rp:GetResourceProperty>`,
     });
     verifyAnswer(raw);
@@ -146,7 +155,7 @@ async function main() {
   await step('Pause', () => state('Pause'));
   await step('Resume', () => state('Resume'));
   await step('Destroy', async () => {
-    const [, raw] = await vmm.DestroyAsync({});
+    const [, raw] = await instance('Destroy').DestroyAsync({});
     verifyAnswer(raw);
     return raw.includes('DestroyResponse');
   });
