@@ -41,6 +41,17 @@ def server(grid_pki, tmp_path):  # noqa: F811
     srv.stop()
 
 
+def client_cert_dir(grid_pki, tmp_path: Path) -> Path:  # noqa: F811
+    """The client's X509_CERT_DIR: the test CA without its CRL. globus-url-copy checks its own proxy chain
+    against the CRLs it is given and would refuse by itself; without them only the server can refuse."""
+    where = tmp_path / "client-certificates"
+    where.mkdir()
+    for f in grid_pki.cert_dir.iterdir():
+        if not f.suffix.startswith(".r"):
+            shutil.copy(f, where / f.name)
+    return where
+
+
 def copy(globus_argv, env, srv, out: Path) -> subprocess.CompletedProcess:  # noqa: F811
     return url_copy(globus_argv, env, "-dcpriv", f"gsiftp://localhost:{srv.port}/data/image.qcow2", f"file://{out}")
 
@@ -51,19 +62,22 @@ def test_a_revoked_certificate_is_refused(server, grid_pki, globus_argv, tmp_pat
     srv, _ = server
     user = grid_pki.revoked
     assert any(p.suffix == ".r0" for p in grid_pki.cert_dir.iterdir())
-    proxy = grid_proxy_init(user, grid_pki.cert_dir, tmp_path / "x509up_revoked", "-rfc")
+    certs = client_cert_dir(grid_pki, tmp_path)
+    proxy = grid_proxy_init(user, certs, tmp_path / "x509up_revoked", "-rfc")
     out = tmp_path / "never"
-    proc = copy(globus_argv, globus_env(user, grid_pki.cert_dir, proxy), srv, out)
+    proc = copy(globus_argv, globus_env(user, certs, proxy), srv, out)
     assert proc.returncode != 0, proc.stdout
     assert not out.exists() or out.stat().st_size == 0
-    assert "revoked" in (proc.stderr + proc.stdout).lower(), proc.stderr
+    text = proc.stderr + proc.stdout
+    assert "535" in text and "revoked" in text.lower(), text        # the server's refusal, with its reason
 
 
 def test_revoking_with_vmgrid_ca_refuses_the_next_session(server, grid_pki, globus_argv, tmp_path):  # noqa: F811
     srv, root = server
     user = grid_pki.issue_user(f"gsi2-rev-{os.getpid()}")
-    proxy = grid_proxy_init(user, grid_pki.cert_dir, tmp_path / "x509up_u", "-rfc")
-    env = globus_env(user, grid_pki.cert_dir, proxy)
+    certs = client_cert_dir(grid_pki, tmp_path)
+    proxy = grid_proxy_init(user, certs, tmp_path / "x509up_u", "-rfc")
+    env = globus_env(user, certs, proxy)
     first = tmp_path / "first"
     ok = copy(globus_argv, env, srv, first)
     assert ok.returncode == 0, ok.stderr + ok.stdout
@@ -79,4 +93,5 @@ def test_revoking_with_vmgrid_ca_refuses_the_next_session(server, grid_pki, glob
     refused = copy(globus_argv, env, srv, second)
     assert refused.returncode != 0, refused.stdout
     assert not second.exists() or second.stat().st_size == 0
-    assert "revoked" in (refused.stderr + refused.stdout).lower(), refused.stderr
+    text = refused.stderr + refused.stdout
+    assert "535" in text and "revoked" in text.lower(), text
