@@ -12,12 +12,17 @@
    certificate and a grid-mapfile (a PKI made for the run with security/), with a proxy, DCAU A, PROT C (clear
    data after the per-connection GSI handshake) and PROT P (TLS records): vmgrid transfer --gsi against
    globus-url-copy -dcpriv or not, -p 1/4; the table also prints what PROT P costs against PROT C for each.
+4. gsiftp:// over the emulated WAN (the link of part 1): the same file with GSI (a proxy, DCAU A) from a
+   globus-gridftp-server (host certificate and grid-mapfile) in the server namespace, PROT C and PROT P, and from
+   vmgrid's GridFTP server with the same host credential (PROT P: vmgrid's server requires private data), to
+   globus-url-copy and to vmgrid transfer --gsi in the client namespace, -p 1/4; Mbit/s, ratios against
+   globus-url-copy from the same server with the same protection, and what PROT P costs against PROT C.
 
 Every vmgrid run gets a freshly started server (no cached checksum). Needs root (namespaces). Prints a table of
 Mbit/s (WAN) and MiB/s (loopback) with ratios against globus-url-copy at the same parallelism.
 
     sudo .venv/bin/python bench/bench_gridftp.py [--size-mib 1024] [--repeat 1] [--skip-wan] [--skip-loopback]
-                                                 [--skip-gsi]
+                                                 [--skip-gsi] [--skip-gsi-wan]
 """
 from __future__ import annotations
 
@@ -38,7 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchgrid import WIRE_SCRIPT  # noqa: E402  (plain TCP, the link's ceiling)
 
 REPO = Path(__file__).resolve().parents[1]
-WAN = REPO.parent / "shared" / "tools" / "wan.sh"
+# ../shared/tools/wan.sh from the main checkout (/work/main), ../../shared from a helper's worktree (/work/wt/x)
+WAN = next((p / "shared" / "tools" / "wan.sh" for p in REPO.parents if (p / "shared" / "tools" / "wan.sh").exists()),
+           REPO.parent / "shared" / "tools" / "wan.sh")
 VMGRID = Path(sys.executable).parent / "vmgrid"
 PREFIX = "vgb"                     # our own namespaces: vgbsrv, vgbrtr, vgbcli
 SRV_IP = "10.99.1.1"
@@ -352,6 +359,81 @@ def bench_gsi(work: Path, size: int, repeat: int, results: Results) -> None:
         stop(gsrv)
 
 
+def bench_gsi_wan(work: Path, size: int, repeat: int, results: Results) -> None:
+    """Part 4: gsiftp:// over the emulated WAN, from globus-gridftp-server (PROT C, P) and from vmgrid's
+    server (PROT P), to both clients, with GSI and DCAU A."""
+    sys.path.insert(0, str(REPO))
+    from security.pki import GridCA, make_proxy, save_proxy
+
+    src, dst = work / "src" / "image", work / "dst"
+    host_name = f"{PREFIX}srv"             # wan.sh's hosts files name SRV_IP so in every namespace
+    pki = work / "pki-wan"
+    ca = GridCA.create(pki / "ca", "/O=Grid/OU=bench/CN=bench WAN CA")
+    host = ca.issue_host(host_name, ou="bench", out_dir=pki / "host")
+    user = ca.issue_user("alice", ou="bench", out_dir=pki / "alice")
+    proxy_path = save_proxy(make_proxy(user, hours=2), pki / "x509up_alice")
+    certs = work / "certificates-wan"       # the Globus server runs sessions as nobody: world-readable copies
+    shutil.copytree(ca.cert_dir, certs)
+    os.chmod(certs, 0o755)
+    for f in certs.iterdir():
+        os.chmod(f, 0o644)
+    gridmap = work / "grid-mapfile-wan"
+    gridmap.write_text(f'"{user.subject}" nobody\n')
+    os.chmod(gridmap, 0o644)
+    client_env = ["env", f"X509_CERT_DIR={ca.cert_dir}", f"X509_USER_PROXY={proxy_path}", f"HOME={pki}"]
+    log(f"gsiftp over the WAN: {WAN} up (1 Gbit/s, 50 ms RTT), Debian default TCP buffers")
+    wan("up", env_extra={"DELAY_MS": "25", "RATE": "1gbit"}, stdout=subprocess.DEVNULL)
+    servers: list[subprocess.Popen] = []
+    try:
+        wan("tcpbuf", DEBIAN_RMEM, DEBIAN_WMEM, stdout=subprocess.DEVNULL)
+        globus = ["env", f"X509_USER_CERT={host.cert_path}", f"X509_USER_KEY={host.key_path}",
+                  f"X509_CERT_DIR={certs}", f"GRIDMAP={gridmap}",
+                  "globus-gridftp-server", "-p", "2812", "-daemon", "-control-interface", SRV_IP,
+                  "-data-interface", SRV_IP]
+        servers.append(wan_popen("srv", globus, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+
+        def listening(port):
+            out = subprocess.run(["ip", "netns", "exec", f"{PREFIX}srv", "ss", "-ltn", f"sport = :{port}"],
+                                 capture_output=True, text=True).stdout
+            return f":{port}" in out
+
+        wait_until(lambda: listening(2812), f"globus-gridftp-server with GSI on {SRV_IP}:2812")
+        vmgrid_server = wan_popen("srv", [str(VMGRID), "gridftp-server", "--root", str(work / "src"), "--host",
+                                          SRV_IP, "--port", "0", "--cert", str(host.cert_path), "--key",
+                                          str(host.key_path), "--cert-dir", str(ca.cert_dir)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        servers.append(vmgrid_server)
+        line = vmgrid_server.stdout.readline()
+        if not line.strip().isdigit():
+            raise RuntimeError(f"vmgrid gridftp-server did not start: {line!r}")
+        vport = int(line)
+
+        def cli(argv):
+            return wan_popen("cli", [*client_env, *argv], stdout=subprocess.DEVNULL)
+
+        # (server, port, path of the file there, protections): vmgrid's server serves work/src as /
+        cases = [("globus-gridftp-server", 2812, str(src), ("C", "P")), ("vmgrid server", vport, "/image", ("P",))]
+        for _ in range(repeat):
+            for server_name, port, path, prots in cases:
+                url = f"gsiftp://{host_name}:{port}{path}"
+                for p in (1, 4):
+                    for prot in prots:
+                        clean(dst)
+                        flags = ["-dcpriv"] if prot == "P" else []
+                        results.add("gsiwan", f"globus-url-copy PROT {prot}|{server_name}", p, timed(
+                            ["globus-url-copy", *flags, "-p", str(p), url, f"file://{dst}/g"], popen=cli))
+                        assert (dst / "g").stat().st_size == size
+                        clean(dst)
+                        results.add("gsiwan", f"vmgrid --gsi PROT {prot}|{server_name}", p, timed(
+                            [str(VMGRID), "transfer", "--gsi", "--prot", prot, url, str(dst / "v"), "-p", str(p),
+                             "-q", "--proxy", str(proxy_path), "--cert-dir", str(ca.cert_dir)], popen=cli))
+                        assert (dst / "v").stat().st_size == size
+    finally:
+        for s in servers:
+            stop(s)
+        wan("down", stdout=subprocess.DEVNULL)
+
+
 def report(results: Results, size: int) -> str:
     lines = []
     mbit = size * 8 / 1e6
@@ -392,6 +474,23 @@ def report(results: Results, size: int) -> str:
             lines.append(f"{key[1]:30s} {key[2]:>3d} {sec:8.2f} {mib / sec:8.1f} "
                          f"{'' if ratio is None else f'{ratio:9.2f}x':>10s} "
                          f"{'' if cost is None else f'{cost:8.2f}x':>9s}")
+    gsiwan_rows = [k for k in results.rows if k[0] == "gsiwan"]
+    if gsiwan_rows:
+        lines += ["", f"gsiftp:// (GSI, DCAU A) over the emulated WAN: {mib:.0f} MiB, 1 Gbit/s, 50 ms RTT, "
+                      "Debian default TCP buffers",
+                  f"{'server':22s} {'client':22s} {'-p':>3s} {'seconds':>8s} {'Mbit/s':>8s} {'vs globus':>10s} "
+                  f"{'P/C time':>9s}"]
+        for key in sorted(gsiwan_rows, key=lambda k: (k[1].split("|")[1], k[2], k[1])):
+            sec = results.seconds(key)
+            tool, server = key[1].split("|")
+            prot = tool[-1]
+            ref = ("gsiwan", f"globus-url-copy PROT {prot}|{server}", key[2])
+            ratio = results.seconds(ref) / sec if ref in results.rows and tool.startswith("vmgrid") else None
+            clear = ("gsiwan", f"{tool[:-1]}C|{server}", key[2])
+            cost = sec / results.seconds(clear) if prot == "P" and clear in results.rows else None
+            lines.append(f"{server:22s} {tool:22s} {key[2]:>3d} {sec:8.2f} {mbit / sec:8.1f} "
+                         f"{'' if ratio is None else f'{ratio:9.2f}x':>10s} "
+                         f"{'' if cost is None else f'{cost:8.2f}x':>9s}")
     return "\n".join(lines)
 
 
@@ -402,6 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-wan", action="store_true")
     parser.add_argument("--skip-loopback", action="store_true")
     parser.add_argument("--skip-gsi", action="store_true")
+    parser.add_argument("--skip-gsi-wan", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
@@ -421,6 +521,8 @@ def main(argv: list[str] | None = None) -> int:
             bench_loopback(work, size, args.repeat, results)
         if not args.skip_gsi:
             bench_gsi(work, size, args.repeat, results)
+        if not args.skip_gsi_wan:
+            bench_gsi_wan(work, size, args.repeat, results)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
