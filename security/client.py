@@ -105,7 +105,10 @@ class GridTransport(zeep.Transport):
     def __init__(self, wsse: GridWSSE | None = None, *, session=None, cert_dir: Path | str | None = None,
                  timeout: float = 60, operation_timeout: float | None = 120, limits: safexml.Limits | None = None):
         if session is None:
-            session = grid_session(cert_dir if cert_dir is not None else wsse.trust.cert_dir)
+            # the signing credential is also the TLS client certificate, for containers that ask for one
+            # ([container] tls_client_certs, GT4's transport security)
+            session = grid_session(cert_dir if cert_dir is not None else wsse.trust.cert_dir,
+                                   wsse.credential if wsse is not None else None)
         super().__init__(timeout=timeout, operation_timeout=operation_timeout, session=session)
         self.wsse = wsse
         self.limits = limits or (wsse.policy.limits if wsse is not None else safexml.Limits())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from fnmatch import fnmatchcase
 
-# The VMRepository's actions (services/vmrepository/service.py).
+# The VMRepository's actions (services/vmrepository/registry.py).
 IMAGE_ACTIONS = (
     "image.query",             # search the catalogue (results are scoped to the caller's VOs)
     "image.list-vos",          # the caller's VOs and their image counts

@@ -1,25 +1,18 @@
-"""The VMRepository from a scientist's side: register, query, show, duplicate, update, remove."""
+"""The VMRepository from a scientist's side: register, query, show, duplicate, update, remove. Responses
+are read with :mod:`services.vmrepository.wire`, the module the service renders them with."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 from lxml import etree
 
 from services.soapclient import GridServiceClient
-from services.descriptor import WS, parse_descriptor
+from services.descriptor import parse_descriptor
+from services.vmrepository import wire
 from services.vmrepository.query import XPATH_DIALECT, Criterion, parse_cli
+from services.vmrepository.wire import NS, QUERY_EXPRESSION, REPO, QueryResult
 
-REPO = "http://vmgrid.org/ns/vmrepository/1"
-QUERY_EXPRESSION = "{http://docs.oasis-open.org/wsrf/rp-2}QueryExpression"
-NS = {"repo": REPO, "ws": WS}
-
-
-@dataclass
-class QueryResult:
-    total: int
-    offset: int
-    descriptors: list[etree._Element]
+__all__ = ["RepositoryClient", "QueryResult", "NS", "REPO", "QUERY_EXPRESSION"]
 
 
 def _descriptor(value: bytes | str | Path | etree._Element) -> etree._Element:
@@ -43,7 +36,7 @@ class RepositoryClient:
         source = {"localPath": str(local_path)} if local_path is not None else {"upload": upload}
         resp = self.service.call("RegisterImage", workspace=self.service.to_zeep(_descriptor(descriptor)),
                                  source=source)
-        return resp.find("ws:workspace", NS)
+        return wire.read_workspace(resp)
 
     def query(self, criteria: list[str] | list[list[Criterion]] | None = None, *, xpath: str | None = None,
               namespaces: dict[str, str] | None = None, order_by: str | None = None, descending: bool = False,
@@ -72,12 +65,10 @@ class RepositoryClient:
         if limit:
             kwargs["limit"] = limit
         resp = self.service.call("QueryImages", text_fill=fill, **kwargs)
-        return QueryResult(int(resp.findtext("repo:total", namespaces=NS)),
-                           int(resp.findtext("repo:offset", namespaces=NS)),
-                           resp.findall("ws:workspace", NS))
+        return wire.read_query(resp)
 
     def show(self, image: str) -> etree._Element:
-        return self.service.call("GetDescriptor", image=image).find("ws:workspace", NS)
+        return wire.read_workspace(self.service.call("GetDescriptor", image=image))
 
     def duplicate(self, image: str, name: str, *, memory: int | None = None, vcpus: int | None = None,
                   container_command: str | None = None, description: str | None = None,
@@ -87,34 +78,31 @@ class RepositoryClient:
         kwargs = {"image": image, "name": name}
         if changes:
             kwargs["changes"] = changes
-        return self.service.call("DuplicateImage", **kwargs).find("ws:workspace", NS)
+        return wire.read_workspace(self.service.call("DuplicateImage", **kwargs))
 
     def update(self, image: str, descriptor) -> etree._Element:
         resp = self.service.call("UpdateDescriptor", image=image,
                                  workspace=self.service.to_zeep(_descriptor(descriptor)))
-        return resp.find("ws:workspace", NS)
+        return wire.read_workspace(resp)
 
     def remove(self, image: str) -> bool:
         """Remove an image; True when its bytes were deleted too (no other descriptor used them)."""
         resp = self.service.call("RemoveImage", image=image)
-        return resp.findtext("repo:bytesDeleted", namespaces=NS) == "true"
+        return wire.read_removed(resp)
 
     def vos(self) -> list[tuple[str, int]]:
-        resp = self.service.call("ListVOs")
-        return [(v.findtext("repo:name", namespaces=NS), int(v.findtext("repo:images", namespaces=NS)))
-                for v in resp.iterfind("repo:vo", NS)]
+        return wire.read_vos(self.service.call("ListVOs"))
 
     def upload_location(self) -> str:
         """gsiftp:// URL of the caller's own directory in the repository's upload area."""
-        return self.service.call("GetUploadLocation").findtext("repo:url", namespaces=NS)
+        return wire.read_url(self.service.call("GetUploadLocation"))
 
     def location(self, image: str) -> str:
         """gsiftp:// URL of an image's bytes."""
-        return self.service.call("GetImageLocation", image=image).findtext("repo:url", namespaces=NS)
+        return wire.read_url(self.service.call("GetImageLocation", image=image))
 
     def hold(self, image: str, holder: str, seconds: int) -> tuple[str, str]:
-        resp = self.service.call("HoldImage", image=image, holder=holder, seconds=seconds)
-        return resp.findtext("repo:holdId", namespaces=NS), resp.findtext("repo:expires", namespaces=NS)
+        return wire.read_hold(self.service.call("HoldImage", image=image, holder=holder, seconds=seconds))
 
     def release(self, hold_id: str) -> bool:
-        return self.service.call("ReleaseImage", holdId=hold_id).findtext("repo:released", namespaces=NS) == "true"
+        return wire.read_released(self.service.call("ReleaseImage", holdId=hold_id))

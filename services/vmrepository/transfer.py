@@ -1,9 +1,9 @@
 """The VMRepository's GridFTP face: its content-addressed store served read-only as
 ``/images/<sha256>`` to whoever may read an image with those bytes, and an upload area
-``/uploads/<area>/<name>`` where each user writes only into their own area."""
+``/uploads/<area>/<name>`` where each user writes only into their own area. Who may read which bytes
+is the registry core's question (:meth:`Registry.may_read_bytes`, through its enforcement point)."""
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 from pathlib import Path
@@ -11,18 +11,13 @@ from pathlib import Path
 from gridftp import GridFTPServer
 from gridftp.errors import PathError
 from gridftp.filespace import FileSpace
-from services.authz.pep import Subject
-from services.faults import AccessDenied
 from services.vmrepository.catalogue import Catalogue
+from services.vmrepository.registry import UPLOAD_NAME as NAME
+from services.vmrepository.registry import Registry, upload_area
 
 log = logging.getLogger("vmgrid.VMRepositoryService.gridftp")
 SHA = re.compile(r"[0-9a-f]{64}")
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+\-]{0,127}")
-
-
-def upload_area(dn: str) -> str:
-    """A user's directory in the upload area: a stable name derived from the DN."""
-    return hashlib.sha256(dn.encode()).hexdigest()[:24]
+__all__ = ["NAME", "RepositoryFileSpace", "RepositoryTransfers", "upload_area"]
 
 
 class RepositoryFileSpace(FileSpace):
@@ -55,9 +50,9 @@ class RepositoryFileSpace(FileSpace):
 class RepositoryTransfers:
     """Runs the GridFTP server of a repository service (same host credential and trusted CAs)."""
 
-    def __init__(self, service, host: str, port: int, credential, trust, public_host: str = ""):
-        self.service = service
-        self.server = GridFTPServer(RepositoryFileSpace(service.catalogue, service.upload_dir), host, port,
+    def __init__(self, registry: Registry, host: str, port: int, credential, trust, public_host: str = ""):
+        self.registry = registry
+        self.server = GridFTPServer(RepositoryFileSpace(registry.catalogue, registry.upload_dir), host, port,
                                     credential=credential, trust=trust, authorize=self.authorize,
                                     upload_area="/uploads")
         self.public_host = public_host or ("localhost" if host in ("127.0.0.1", "::1", "0.0.0.0") else host)
@@ -81,21 +76,5 @@ class RepositoryTransfers:
             # only inside one's own area: write, list, delete (a failed upload); never read others'
             return len(parts) >= 2 and parts[1] == upload_area(dn) and op in ("write", "list", "delete", "read")
         if parts[:1] == ["images"] and len(parts) == 2 and op == "read":
-            return self._may_read(dn, parts[1])
-        return False
-
-    def _may_read(self, dn: str, sha256: str) -> bool:
-        """May ``dn`` read the bytes: is it authorized to read (or stage) some image made of them?"""
-        subject = Subject(dn)
-        for record in self.service.catalogue.made_of(sha256):
-            resource = {"type": "image", "vo": record.vo, "owner": record.owner, "name": record.name,
-                        "id": record.image_id}
-            try:
-                self.service.authz.check(subject, "image.read", resource, {"via": "gridftp"})
-                return True
-            except AccessDenied:
-                continue
-            except Exception:  # noqa: BLE001 - the policy point is down: fail closed
-                log.warning("cannot authorize %s to read %s: policy point unavailable", dn, sha256)
-                return False
+            return self.registry.may_read_bytes(dn, parts[1])
         return False

@@ -111,3 +111,18 @@ def test_curl_with_a_proxy_as_client_certificate(mutual_tls_container, grid_pki,
     assert refused.returncode != 0 and refused.stdout != "200"
     stranger = curl("--cert", str(grid_pki.stranger.proxy_path))
     assert stranger.returncode != 0 and stranger.stdout != "200"
+
+
+def test_vmgrid_clients_present_their_signing_credential_as_client_certificate(mutual_tls_container,
+                                                                               grid_pki):  # noqa: F811
+    """services.soapclient (behind the CLI and the services' calls to each other) gets through a container that
+    requires client certificates: its signing proxy is also its TLS client certificate."""
+    from services.authz.client import AuthorizationClient
+
+    container, url = mutual_tls_container
+    proxy = load_credential(proxy=grid_pki.alice.proxy_path)
+    handshakes_refused = container.refused["handshake"]
+    client = AuthorizationClient.connect(url, proxy, grid_pki.trust())
+    groups = client.groups(grid_pki.alice.dn)
+    assert isinstance(groups, tuple) and len(groups) == 2
+    assert container.refused["handshake"] == handshakes_refused

@@ -1,0 +1,368 @@
+"""The VMRepository's registry core, below SOAP: the operations of the image catalogue on typed values
+(descriptors, image references, :class:`Source`, :class:`Query`, ...). Every operation authorizes before
+it reveals anything: the ones on one image reach it only through :meth:`Registry._authorized` (an
+unauthorized caller learns nothing about whether the image exists), the catalogue-wide ones authorize on
+their first line, RegisterImage before it looks at the source file, ReleaseImage before it says whether
+the hold exists. Built from its parts: the content-addressed store, the SQLite catalogue, the enforcement
+point and the upload area. The wire form is in :mod:`services.vmrepository.wire`; the SOAP face in
+:mod:`services.vmrepository.service`. It knows no SOAP and no XML parser: a descriptor is handled through
+:mod:`services.descriptor` only.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Protocol
+
+from services.authz.pep import Enforcer, PolicyDecisionPoint, Subject
+from services.common.crash import crashpoint
+from services.descriptor import Descriptor, check_descriptor, set_field, utc_now
+from services.faults import (AccessDenied, BadQuery, ChecksumMismatch, DuplicateName, ImageInUse, InvalidArgument,
+                             InvalidDescriptor, InvalidSource, UnknownImage)
+from services.vmrepository.catalogue import Catalogue, Record, new_image_id
+from services.vmrepository.config import RepositoryConfig
+from services.vmrepository.query import XPATH_DIALECT, Criterion, compile_xpath, order_column, prepare_groups
+from services.vmrepository.store import ImageStore, image_format_of
+from services.vmrepository.xpath_scan import scanner
+
+log = logging.getLogger("vmgrid.VMRepositoryService")
+
+# an uploaded file's name, and a user's directory in the upload area (also the GridFTP face's rules)
+UPLOAD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+\-]{0,127}")
+
+
+def upload_area(dn: str) -> str:
+    """A user's directory in the upload area: a stable name derived from the DN."""
+    return hashlib.sha256(dn.encode()).hexdigest()[:24]
+
+
+def image_resource(rec: Record) -> dict[str, str]:
+    return {"type": "image", "vo": rec.vo, "owner": rec.owner, "name": rec.name, "id": rec.image_id}
+
+
+# -- the typed values of the operations ------------------------------------------------------------------
+@dataclass(frozen=True)
+class Source:
+    """Where a new image's bytes are: ``localPath`` on the repository host (inside an ingest directory)
+    or ``upload``, a file name in the caller's own upload area."""
+    kind: str
+    value: str
+
+    @property
+    def context(self) -> str:
+        return "local" if self.kind == "localPath" else "upload"
+
+
+@dataclass(frozen=True)
+class Query:
+    """A catalogue search: criteria groups (OR of ANDs) or an XPath expression in ``dialect``."""
+    groups: list[list[Criterion]] = field(default_factory=list)
+    xpath: str | None = None
+    dialect: str | None = None
+    namespaces: dict[str, str] = field(default_factory=dict)
+    order_by: str = "name"
+    descending: bool = False
+    offset: int = 0
+    limit: int | None = None
+
+
+@dataclass(frozen=True)
+class QueryPage:
+    total: int
+    offset: int
+    records: list[Record]
+
+
+@dataclass(frozen=True)
+class Changes:
+    """What a duplicate changes from its original (None: kept)."""
+    version: str | None = None
+    description: str | None = None
+    vcpus: str | None = None
+    memory: str | None = None
+    container_command: str | None = None
+
+
+@dataclass(frozen=True)
+class Removed:
+    image_id: str
+    bytes_deleted: bool
+
+
+@dataclass(frozen=True)
+class Location:
+    url: str
+    sha256: str
+    size: int
+    image_format: str
+
+
+@dataclass(frozen=True)
+class Hold:
+    hold_id: str
+    expires: datetime | float
+
+
+class Transfers(Protocol):
+    """The repository's GridFTP face, as the core sees it: where its files are served."""
+
+    @property
+    def base_url(self) -> str: ...
+
+
+class Registry:
+    """One repository's catalogue of images, without SOAP. ``caller`` is a verified identity (``.dn``)."""
+
+    def __init__(self, state_dir: Path, config: RepositoryConfig, pdp: PolicyDecisionPoint):
+        self.config = config
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.authz = Enforcer(pdp)
+        self.store = ImageStore(self.state_dir / "images")
+        self.catalogue = Catalogue(self.state_dir / "catalogue.sqlite", self.store)
+        self.upload_dir = Path(config.upload_dir) if config.upload_dir else self.state_dir / "uploads"
+        self.upload_dir.mkdir(parents=True, exist_ok=True)
+        self.reconcile_report = self.catalogue.reconcile()
+        log.info("catalogue reconciled: %s", self.reconcile_report)
+        self.transfers: Transfers | None = None   # the GridFTP face, when this repository serves one
+
+    def close(self) -> None:
+        self.catalogue.close()
+
+    # -- authorization first ----------------------------------------------------------------------------
+    def _lookup(self, ref: str) -> tuple[Record | None, dict[str, str]]:
+        """The record ``ref`` names (or None) and the resource to authorize when there is none."""
+        ref = (ref or "").strip()
+        if ref.startswith("img-"):
+            return self.catalogue.get(ref), {"type": "image", "id": ref}
+        if "/" in ref:
+            vo, _, name = ref.partition("/")
+            return self.catalogue.find(vo, name), {"type": "image", "vo": vo, "name": name}
+        raise InvalidArgument(f"image reference {ref!r} is neither an image id (img-...) nor VO/name",
+                              argument="image")
+
+    def _authorized(self, caller, ref: str, action: str, resource: dict[str, str] | None = None,
+                    context: dict[str, str] | None = None) -> tuple[Record, object]:
+        """The image ``ref`` for ``caller`` doing ``action``, and the decision: authorized first. The one way
+        an operation reaches an image. A missing image is reported (UnknownImage) only to a caller who may
+        read what the reference names: by VO/name, a reader of that VO's images (who could find the name in
+        a query anyway); by id (a random token, nothing to guess), a caller who may search the catalogue.
+        Anyone else gets AccessDenied, as for an image that exists."""
+        rec, missing = self._lookup(ref)
+        if rec is None:
+            if "vo" in missing:
+                self.authz.check(caller, "image.read", missing)
+            else:
+                self.authz.check(caller, "image.query", {"type": "catalogue"})
+            raise UnknownImage(f"no image {ref.strip()}", image=ref.strip())
+        decision = self.authz.check(caller, action, {**image_resource(rec), **(resource or {})}, context or {})
+        return rec, decision
+
+    def _source_path(self, caller, source: Source) -> Path:
+        value = source.value.strip()
+        if source.kind == "localPath":
+            path = Path(os.path.realpath(value))
+            allowed = [Path(os.path.realpath(d)) for d in self.config.ingest_dirs]
+            if not any(path == d or d in path.parents for d in allowed):
+                raise InvalidSource(f"{value} is not inside an ingest directory of this repository "
+                                    f"({', '.join(map(str, allowed)) or 'none configured'})", source=value)
+        elif source.kind == "upload":
+            if not UPLOAD_NAME.fullmatch(value):
+                raise InvalidSource(f"bad upload name {value!r}", source=value)
+            path = self.upload_dir / upload_area(caller.dn) / value
+        else:
+            raise InvalidSource(f"unknown kind of source {source.kind!r}", source=value)
+        if not path.is_file():
+            raise InvalidSource(f"{value}: no such file", source=value)
+        return path
+
+    def _base_url(self) -> str:
+        if self.transfers is None:
+            raise InvalidArgument("this repository serves no GridFTP (its gridftp_port is -1)", argument="gridftp")
+        return self.transfers.base_url
+
+    # -- operations -------------------------------------------------------------------------------------
+    def register(self, caller, workspace, source: Source):
+        """Register a new image from ``source``; ``workspace`` is the caller's descriptor element (changed
+        in place: the repository assigns its id, owner, creation time, sha256 and size). Returns it."""
+        ws = workspace
+        check_descriptor(ws)
+        d = Descriptor(ws)
+        owner = d.owner or caller.dn
+        self.authz.check(caller, "image.register", {"type": "image", "vo": d.vo, "owner": owner, "name": d.name},
+                         {"source": source.context, "memory": str(d.memory), "vcpus": str(d.vcpus)})
+        if owner != caller.dn:
+            self.authz.check(caller, "image.register-for-other", {"type": "image", "vo": d.vo, "owner": owner})
+        if d.image_id:
+            raise InvalidDescriptor("a new image must not carry an imageId: the repository assigns it")
+        path = self._source_path(caller, source)
+        if self.catalogue.find(d.vo, d.name):
+            raise DuplicateName(f"an image named {d.name!r} already exists in VO {d.vo!r}", vo=d.vo, name=d.name)
+        actual_format = image_format_of(path)
+        if actual_format != d.image_format:
+            raise InvalidDescriptor(f"the descriptor says format {d.image_format} but the file is {actual_format}",
+                                    schemaMessage="image format mismatch")
+        try:
+            ingested = self.store.ingest(path, self.config.max_image_bytes)
+        except ValueError as exc:
+            raise InvalidSource(f"{path}: {exc}", source=str(path)) from None
+        except OSError as exc:
+            raise InvalidSource(f"{path}: cannot read ({exc.strerror})", source=str(path)) from None
+        try:
+            if d.sha256 and d.sha256 != ingested.sha256:
+                raise ChecksumMismatch(f"the descriptor's sha256 {d.sha256} does not match the image bytes "
+                                       f"{ingested.sha256}", expected=d.sha256, actual=ingested.sha256)
+            if d.size is not None and d.size != ingested.size:
+                raise ChecksumMismatch(f"the descriptor's size {d.size} does not match the image ({ingested.size} bytes)",
+                                       expected=str(d.size), actual=str(ingested.size))
+            set_field(ws, "identity", "imageId", new_image_id())
+            set_field(ws, "identity", "owner", owner)
+            set_field(ws, "identity", "created", utc_now())
+            set_field(ws, "image", "sha256", ingested.sha256)
+            set_field(ws, "image", "size", ingested.size)
+            check_descriptor(ws)
+            self.catalogue.add(ws, ingested)
+            crashpoint("register.committed")
+        except BaseException:
+            self.store.discard(ingested)
+            raise
+        if source.kind == "upload":
+            path.unlink(missing_ok=True)
+        log.info("registered %s %s/%s sha256=%s size=%d by %s", Descriptor(ws).image_id, d.vo, d.name,
+                 ingested.sha256, ingested.size, caller.dn)
+        return ws
+
+    def query(self, caller, q: Query) -> QueryPage:
+        """The caller's VOs' images matching ``q``, one page of them, and how many match in all."""
+        self.authz.check(caller, "image.query", {"type": "catalogue"})
+        vos = self.authz.groups(caller)
+        order = order_column(q.order_by or "name")
+        limit = q.limit if q.limit is not None else self.config.default_limit
+        if q.xpath is not None:
+            if q.dialect != XPATH_DIALECT:
+                raise BadQuery(f"unsupported query dialect {q.dialect!r}; supported: {XPATH_DIALECT}",
+                               reason="unsupported dialect")
+            xp = compile_xpath(q.xpath.strip(), q.namespaces)
+            total, ids = scanner(self.catalogue.path).query(xp, vos, order, q.descending, q.offset, limit)
+            return QueryPage(total, q.offset, self.catalogue.records(ids))
+        total, page = self.catalogue.query(prepare_groups(q.groups), vos, order, q.descending, q.offset, limit)
+        return QueryPage(total, q.offset, page)
+
+    def get(self, caller, ref: str) -> Record:
+        return self._authorized(caller, ref, "image.read")[0]
+
+    def duplicate(self, caller, ref: str, name: str, changes: Changes = Changes()):
+        """A new descriptor named ``name``, owned by the caller, sharing ``ref``'s image bytes."""
+        rec, _ = self._authorized(caller, ref, "image.read")
+        name = name.strip()
+        ws = rec.element()
+        set_field(ws, "identity", "name", name)
+        set_field(ws, "identity", "imageId", new_image_id())
+        set_field(ws, "identity", "owner", caller.dn)
+        set_field(ws, "identity", "created", utc_now())
+        for section, fld, value in (("identity", "version", changes.version),
+                                    ("identity", "description", changes.description),
+                                    ("hardware", "vcpus", changes.vcpus), ("hardware", "memory", changes.memory),
+                                    ("container", "command", changes.container_command)):
+            if value is not None:
+                set_field(ws, section, fld, value.strip())
+        new = Descriptor(ws)
+        self.authz.check(caller, "image.duplicate", {**image_resource(rec), "name": name},
+                         {"memory": str(new.memory), "vcpus": str(new.vcpus)})
+        check_descriptor(ws)
+        self.catalogue.add(ws)
+        return ws
+
+    def update(self, caller, ref: str, workspace):
+        """Replace ``ref``'s descriptor by ``workspace`` (its identity and image bytes stay). Returns it."""
+        rec, _ = self._authorized(caller, ref, "image.update")
+        ws = workspace
+        new = Descriptor(ws)
+        old = Descriptor(rec.element())
+        if new.image_id and new.image_id != rec.image_id:
+            raise InvalidDescriptor(f"the descriptor's imageId {new.image_id} is not {rec.image_id}")
+        if new.vo != rec.vo:
+            raise InvalidDescriptor(f"an image cannot move from VO {rec.vo} to {new.vo}; duplicate it instead")
+        for what, a, b in (("sha256", new.sha256, old.sha256), ("size", new.size, old.size),
+                           ("format", new.image_format, old.image_format)):
+            if a is not None and a != b:
+                raise InvalidDescriptor(f"the image bytes cannot change: {what} {a} is not {b}",
+                                        schemaMessage="image section changed")
+        set_field(ws, "identity", "imageId", rec.image_id)
+        set_field(ws, "identity", "owner", old.owner)
+        set_field(ws, "identity", "created", old.created)
+        set_field(ws, "image", "sha256", old.sha256)
+        set_field(ws, "image", "size", old.size)
+        check_descriptor(ws)
+        self.catalogue.replace(ws, utc_now())
+        return ws
+
+    def remove(self, caller, ref: str) -> Removed:
+        rec, _ = self._authorized(caller, ref, "image.remove")
+        deleted, holders = self.catalogue.remove(rec.image_id)
+        if holders:
+            raise ImageInUse(f"{rec.vo}/{rec.name} is held by {len(holders)} deployment(s): {', '.join(holders)}",
+                             imageId=rec.image_id, holder=holders)
+        log.info("removed %s %s/%s (bytes deleted: %s) by %s", rec.image_id, rec.vo, rec.name, deleted, caller.dn)
+        return Removed(rec.image_id, bool(deleted))
+
+    def vos(self, caller) -> list[tuple[str, int]]:
+        """The caller's VOs that have images, with their image counts."""
+        self.authz.check(caller, "image.list-vos", {"type": "catalogue"})
+        return sorted(self.catalogue.vo_counts(self.authz.groups(caller)).items())
+
+    def location(self, caller, ref: str) -> Location:
+        """Where an image's bytes are served (gsiftp://)."""
+        rec, _ = self._authorized(caller, ref, "image.read")
+        return Location(f"{self._base_url()}/images/{rec.sha256}", rec.sha256, rec.size,
+                        Descriptor(rec.element()).image_format)
+
+    def upload_location(self, caller) -> str:
+        """The gsiftp:// URL of the caller's own directory in the upload area."""
+        self.authz.check(caller, "image.upload", {"type": "catalogue"})
+        return f"{self._base_url()}/uploads/{upload_area(caller.dn)}/"
+
+    def hold(self, caller, ref: str, holder: str, seconds: int) -> Hold:
+        """Pin an image for ``seconds``: the duration is in the authorization context, and the hold lasts
+        at most the policy's max_lifetime obligation and the repository's max_hold_seconds."""
+        rec, decision = self._authorized(caller, ref, "image.hold", context={"seconds": str(seconds)})
+        if seconds > self.config.max_hold_seconds:
+            raise InvalidArgument(f"a hold lasts at most {self.config.max_hold_seconds} s", argument="seconds")
+        seconds = min(seconds, int(decision.obligations.get("max_lifetime", seconds)))
+        hold_id, expires = self.catalogue.hold(rec.image_id, holder, caller.dn, seconds)
+        return Hold(hold_id, expires)
+
+    def release(self, caller, hold_id: str) -> bool:
+        """Release a hold. Authorized first: a hold that does not exist is authorized as the caller's own
+        (hold ids are random tokens), so a caller who may release no holds learns nothing of any."""
+        hold_id = (hold_id or "").strip()
+        hold = self.catalogue.get_hold(hold_id)
+        if hold is None:
+            self.authz.check(caller, "image.release", {"type": "image", "owner": caller.dn})
+            raise InvalidArgument(f"no hold {hold_id}", argument="holdId")
+        image_id, _holder, owner, _ = hold
+        rec = self.catalogue.get(image_id)
+        resource = {**(image_resource(rec) if rec else {"type": "image", "id": image_id}), "owner": owner}
+        self.authz.check(caller, "image.release", resource)
+        return self.catalogue.release(hold_id)
+
+    # -- the GridFTP face's question ------------------------------------------------------------------------
+    def may_read_bytes(self, dn: str, sha256: str) -> bool:
+        """May ``dn`` read these bytes: is it authorized to read some image made of them? Fails closed
+        when the policy point is down."""
+        subject = Subject(dn)
+        for record in self.catalogue.made_of(sha256):
+            try:
+                self.authz.check(subject, "image.read", image_resource(record), {"via": "gridftp"})
+                return True
+            except AccessDenied:
+                continue
+            except Exception:  # noqa: BLE001 - the policy point is down: fail closed
+                log.warning("cannot authorize %s to read %s: policy point unavailable", dn, sha256)
+                return False
+        return False
