@@ -8,8 +8,9 @@ import json
 import os
 import threading
 from collections import deque
-from datetime import datetime, timezone
 from pathlib import Path
+
+from services.common.xsdtime import now_datetime
 
 GENESIS = "0" * 64
 
@@ -23,7 +24,7 @@ class AuditError(Exception):
 
 
 def _utc() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return now_datetime()
 
 
 def _digest(line: bytes) -> str:

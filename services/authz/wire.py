@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Mapping
 
 from lxml import etree
@@ -12,6 +11,7 @@ from lxml import etree
 from services.authz.faults import AUTHZ_NS
 from services.authz.pep import Decision, Slot, Subject
 from services.authz.policy import Group, Limits, Patterns, PolicyError, Rule
+from services.common.xsdtime import format_datetime, parse_datetime
 from services.faults import InvalidArgument
 
 AZ = AUTHZ_NS
@@ -50,11 +50,11 @@ def boolean(value: str | None, default: bool = False) -> bool:
 
 
 def xml_time(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return format_datetime(epoch)
 
 
 def parse_time(value: str) -> float:
-    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    return parse_datetime(value)
 
 
 # -- subjects, attributes, limits -----------------------------------------------------------------

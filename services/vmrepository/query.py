@@ -8,11 +8,11 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 
 import re2
 from lxml import etree
 
+from services.common.xsdtime import format_datetime, parse_datetime
 from services.descriptor import NUMBER, TIME, VERSION, number_value, resolve_field, version_key
 from services.faults import BadQuery
 
@@ -114,12 +114,10 @@ def parse_cli(args: list[str]) -> list[list[Criterion]]:
 
 def _time_value(text: str) -> str:
     try:
-        dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        ts = parse_datetime(text)
     except ValueError:
         raise ValueError(f"{text!r} is not an ISO 8601 date/time") from None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
-    return dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return format_datetime(ts, fraction=False)
 
 
 @dataclass(frozen=True)
