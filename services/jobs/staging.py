@@ -14,7 +14,8 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from gridftp import GridFTPServer, download, upload
+from gridftp import download, upload
+from gridftp.face import GridFTPFace
 from gridftp.errors import GridFTPError, PathError
 from gridftp.filespace import FileSpace, LocalFileSpace
 
@@ -104,7 +105,7 @@ class JobFileSpace(FileSpace):
         raise PathError(f"{vpath}: no such path here (/jobs/<key>/<file>, /staging/<area>/<file>)")
 
 
-class JobTransfers:
+class JobTransfers(GridFTPFace):
     """The job service's GridFTP face. ``job_owner(key)`` is the DN that submitted a job (None: no such
     job); ``may_use(dn)`` says whether a DN may use the service at all (the instance's owner, admins)."""
 
@@ -112,20 +113,8 @@ class JobTransfers:
                  job_owner: Callable[[str], str | None], may_use: Callable[[str], bool], public_host: str = ""):
         self.job_owner = job_owner
         self.may_use = may_use
-        self.server = GridFTPServer(JobFileSpace(jobs_dir, staging_dir), host, port, credential=credential,
-                                    trust=trust, authorize=self.authorize, upload_area="/staging")
-        self.public_host = public_host or ("localhost" if host in ("127.0.0.1", "::1", "0.0.0.0") else host)
-
-    def start(self) -> None:
-        self.server.start()
-        log.info("GridFTP face of the job directories at %s", self.base_url)
-
-    def stop(self) -> None:
-        self.server.stop()
-
-    @property
-    def base_url(self) -> str:
-        return f"gsiftp://{self.public_host}:{self.server.port}"
+        super().__init__(JobFileSpace(jobs_dir, staging_dir), host, port, credential, trust, authorize=self.authorize,
+                         upload_area="/staging", public_host=public_host, what="job directories", log=log)
 
     def authorize(self, dn: str | None, op: str, vpath: str) -> bool:
         if dn is None or not self.may_use(dn):

@@ -8,7 +8,7 @@ import logging
 import re
 from pathlib import Path
 
-from gridftp import GridFTPServer
+from gridftp.face import GridFTPFace
 from gridftp.errors import PathError
 from gridftp.filespace import FileSpace
 from services.vmrepository.catalogue import Catalogue
@@ -47,26 +47,14 @@ class RepositoryFileSpace(FileSpace):
         return None
 
 
-class RepositoryTransfers:
+class RepositoryTransfers(GridFTPFace):
     """Runs the GridFTP server of a repository service (same host credential and trusted CAs)."""
 
     def __init__(self, registry: Registry, host: str, port: int, credential, trust, public_host: str = ""):
         self.registry = registry
-        self.server = GridFTPServer(RepositoryFileSpace(registry.catalogue, registry.upload_dir), host, port,
-                                    credential=credential, trust=trust, authorize=self.authorize,
-                                    upload_area="/uploads")
-        self.public_host = public_host or ("localhost" if host in ("127.0.0.1", "::1", "0.0.0.0") else host)
-
-    def start(self) -> None:
-        self.server.start()
-        log.info("GridFTP server for the image store at %s", self.base_url)
-
-    def stop(self) -> None:
-        self.server.stop()
-
-    @property
-    def base_url(self) -> str:
-        return f"gsiftp://{self.public_host}:{self.server.port}"
+        super().__init__(RepositoryFileSpace(registry.catalogue, registry.upload_dir), host, port, credential, trust,
+                         authorize=self.authorize, upload_area="/uploads", public_host=public_host,
+                         what="image store", log=log)
 
     def authorize(self, dn: str | None, op: str, vpath: str) -> bool:
         if dn is None:

@@ -1,0 +1,35 @@
+"""A service's GridFTP face: a GridFTP server over the service's own file space, answering under a public
+host name, with the service's own authorization of every path (the repository's image store, a job
+service's working directories)."""
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from gridftp.filespace import FileSpace
+from gridftp.server import GridFTPServer
+
+Authorize = Callable[[str | None, str, str], bool]
+
+
+class GridFTPFace:
+    """``authorize(dn, op, vpath)`` decides every access; ``upload_area`` is the path uploads go under."""
+
+    def __init__(self, filespace: FileSpace, host: str, port: int, credential, trust, *, authorize: Authorize,
+                 upload_area: str, public_host: str = "", what: str = "files", log: logging.Logger | None = None):
+        self.server = GridFTPServer(filespace, host, port, credential=credential, trust=trust, authorize=authorize,
+                                    upload_area=upload_area)
+        self.public_host = public_host or ("localhost" if host in ("127.0.0.1", "::1", "0.0.0.0") else host)
+        self.what = what
+        self.log = log or logging.getLogger("vmgrid.gridftp")
+
+    def start(self) -> None:
+        self.server.start()
+        self.log.info("GridFTP face for the %s at %s", self.what, self.base_url)
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    @property
+    def base_url(self) -> str:
+        return f"gsiftp://{self.public_host}:{self.server.port}"
