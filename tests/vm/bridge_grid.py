@@ -15,7 +15,6 @@ import shutil
 import signal
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -30,7 +29,7 @@ from services.vmmanager.network import NodeBridge  # noqa: E402
 from tests.fixtures.grid import free_port, start_grid  # noqa: E402
 from tests.fixtures.pki import build_grid_pki  # noqa: E402
 
-from bridge_node import neighbours  # noqa: E402
+from bridge_node import fetch, neighbours  # noqa: E402
 from test_vmmanager_qemu import DESCRIPTOR, NodeProcess, node_settings, qemu_processes  # noqa: E402
 
 BRIDGE, NETWORK, GATEWAY = "vgnetbr0", "10.77.0.0/24", "10.77.0.1"
@@ -49,20 +48,6 @@ while 1:
  time.sleep(1)"""
 COMMAND = f'/usr/bin/python3 -c "{SCRIPT}" {" ".join(ADDRESSES)}'
 IMAGE = "vmgrid-guest-bridge"
-
-
-def fetch(url: str, deadline: float, want: str | None = None) -> tuple[str | None, str]:
-    last = "no attempt"
-    while time.monotonic() < deadline:
-        try:
-            body = urllib.request.urlopen(url, timeout=3).read().decode()
-            if want is None or body == want:
-                return body, ""
-            last = f"answered {body!r}"
-        except Exception as exc:  # noqa: BLE001 - recorded for the test's message
-            last = repr(exc)
-        time.sleep(0.5)
-    return None, last
 
 
 def main() -> int:
