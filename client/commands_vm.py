@@ -136,7 +136,8 @@ def info_json(i) -> dict:
             "failure": i.failure}
 
 
-def show_info(i, fmt: str, out=sys.stdout) -> None:
+def show_info(i, fmt: str, out=None) -> None:
+    out = sys.stdout if out is None else out      # bound at call time (tests swap sys.stdout)
     if fmt == "json":
         json.dump(info_json(i), out, indent=2)
         print(file=out)

@@ -12,7 +12,8 @@ from services.descriptor import WS, Descriptor
 REPEATED = {"disk", "cdrom", "serialPort", "parallelPort", "nic", "library"}
 
 
-def table(headers: Sequence[str], rows: Iterable[Sequence[object]], out=sys.stdout) -> None:
+def table(headers: Sequence[str], rows: Iterable[Sequence[object]], out=None) -> None:
+    out = sys.stdout if out is None else out      # bound at call time (tests swap sys.stdout)
     rows = [["" if v is None else str(v) for v in r] for r in rows]
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
     line = "  ".join(h.upper().ljust(w) for h, w in zip(headers, widths)).rstrip()
@@ -80,7 +81,8 @@ def plain_descriptor(el: etree._Element) -> etree._Element:
 
 
 def emit_descriptors(descriptors: list[etree._Element], fmt: str, *, total: int | None = None,
-                     offset: int = 0, out=sys.stdout) -> None:
+                     offset: int = 0, out=None) -> None:
+    out = sys.stdout if out is None else out      # bound at call time (tests swap sys.stdout)
     if fmt == "json":
         data = {"descriptors": [element_to_dict(d) for d in descriptors]}
         if total is not None:
@@ -104,8 +106,9 @@ def emit_descriptors(descriptors: list[etree._Element], fmt: str, *, total: int 
             print(f"{total} matching; showing {shown}", file=out)
 
 
-def show_descriptor(el: etree._Element, out=sys.stdout) -> None:
+def show_descriptor(el: etree._Element, out=None) -> None:
     """A descriptor in full, readable."""
+    out = sys.stdout if out is None else out      # bound at call time (tests swap sys.stdout)
     d = Descriptor(el)
     rows = [
         ("image", f"{d.vo}/{d.name} (version {d.version})"), ("id", d.image_id), ("owner", d.owner),
