@@ -1,0 +1,69 @@
+"""Every benchmark command that README.md and docs/ show, as written.
+
+Each command's script exists and knows every option the docs give it (its --help names them). The
+quick ones (seconds) run here as written, from the repository root, and must print a ratio against
+their peer. The rest take minutes each and some need root (network namespaces, the emulated WAN): they run as written when
+VMGRID_TEST_BENCH=1 is in the environment of the test run.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+QUICK = {"bench/bench_channel_flood.py", "bench/bench_jobs.py"}      # seconds, not minutes
+COMMAND = re.compile(r"(?:sudo )?\.venv/bin/python bench/[\w./-]+\.py[^`\n#|]*")
+
+
+def documented() -> list[tuple[str, str]]:
+    """(where, command) for every bench command in README.md and docs/*.md, once each."""
+    seen: dict[str, str] = {}
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for n, line in enumerate(doc.read_text().splitlines(), 1):
+            for m in COMMAND.finditer(line):
+                seen.setdefault(m.group(0).strip(), f"{doc.relative_to(ROOT)}:{n}")
+    return sorted((where, cmd) for cmd, where in seen.items())
+
+
+COMMANDS = documented()
+
+
+@lru_cache(maxsize=None)
+def usage_of(script: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(ROOT / ".venv/bin/python"), script, "--help"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_the_docs_show_benchmark_commands():
+    assert len(COMMANDS) >= 5, COMMANDS
+
+
+@pytest.mark.parametrize("where,command", COMMANDS, ids=[c for _, c in COMMANDS])
+def test_a_documented_bench_command_names_a_script_and_options_that_exist(where, command):
+    words = shlex.split(command.replace("[", " ").replace("]", " "))     # a synopsis: [--option value]
+    assert words[0] != "sudo", f"{where}: `{command}`: sudo is not on every machine (say 'as root' instead)"
+    script = next(w for w in words if w.startswith("bench/"))
+    assert (ROOT / script).is_file(), f"{where}: {script} does not exist"
+    usage = usage_of(script)
+    assert usage.returncode == 0, f"{where}: {script} --help: {usage.stderr[-2000:]}"
+    for option in (w.split("=")[0] for w in words if w.startswith("--")):
+        assert option in usage.stdout, f"{where}: {script} has no option {option}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where,command", COMMANDS, ids=[c for _, c in COMMANDS])
+def test_a_documented_bench_command_runs_as_written(where, command):
+    if "[" in command:
+        pytest.skip("a synopsis (optional parts in brackets), not a command: its options are checked above")
+    script = next(w for w in shlex.split(command) if w.startswith("bench/"))
+    if script not in QUICK and os.environ.get("VMGRID_TEST_BENCH") != "1":
+        pytest.skip("opt-in: VMGRID_TEST_BENCH=1 (minutes; root and the emulated WAN)")
+    r = subprocess.run(command, shell=True, cwd=ROOT, capture_output=True, text=True, timeout=3600)
+    assert r.returncode == 0, f"{where}: `{command}`\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    assert re.search(r"\d\s*x|x peer|ratio", r.stdout), f"{where}: `{command}` printed no ratio:\n{r.stdout[-2000:]}"
