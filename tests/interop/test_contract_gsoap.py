@@ -14,48 +14,21 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
-from lxml import etree
 
 from security.tls import grid_session
 from services.container.contract import Contract
+from tests.interop.served_contract import mirror_contract
 
 ROOT = Path(__file__).resolve().parents[2]
 CLIENT = Path(__file__).parent / "gsoap" / "grid_client.c"
 GSOAP = Path("/usr/share/gsoap")
-XS = "http://www.w3.org/2001/XMLSchema"
 PLUGINS = ["wsseapi.c", "wsaapi.c", "smdevp.c", "mecevp.c", "threads.c"]
 
 pytestmark = [pytest.mark.interop,
               pytest.mark.skipif(shutil.which("wsdl2h") is None or not (GSOAP / "plugin" / "wsseapi.c").exists(),
                                  reason="Debian packages gsoap and libgsoap-dev are not installed")]
-
-
-def mirror_contract(wsdls: dict[str, str], session, into: Path) -> Path:
-    """The served WSDLs (file name: URL) and every schema they import, saved side by side with local
-    schemaLocations and a fixed service address; returns the directory."""
-    into.mkdir(parents=True, exist_ok=True)
-    todo, seen = [(url, name) for name, url in wsdls.items()], set()
-    while todo:
-        url, name = todo.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        doc = etree.fromstring(session.get(url, timeout=30).content)
-        for imp in doc.iter(f"{{{XS}}}import", f"{{{XS}}}include"):
-            loc = imp.get("schemaLocation")
-            if loc:
-                local = Path(urlsplit(loc).path).name
-                imp.set("schemaLocation", local)
-                todo.append((loc, local))
-        for addr in doc.iter("{http://schemas.xmlsoap.org/wsdl/soap/}address"):
-            # the grid's port changes every run; the client takes the endpoint as an argument, and the
-            # compiled client stays cached while the contract itself is unchanged
-            addr.set("location", "https://grid.invalid" + urlsplit(addr.get("location")).path)
-        (into / name).write_bytes(etree.tostring(doc, xml_declaration=True, encoding="UTF-8"))
-    return into
 
 
 def build_client(contract_dir: Path) -> Path:
