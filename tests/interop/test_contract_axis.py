@@ -51,6 +51,10 @@ pytestmark = [pytest.mark.interop,
                                         "installed (./run.sh setup installs them)")]
 
 
+# a short-lived client: the C1 compiler alone and the serial collector start the JVM in half the CPU time
+JVM = ["java", "-XX:TieredStopAtLevel=1", "-XX:+UseSerialGC"]
+
+
 def classpath(*extra: Path) -> str:
     return ":".join([str(p) for p in extra] + [str(JAVA / f"{j}.jar") for j in JARS])
 
@@ -90,7 +94,7 @@ def build_client(contract_dir: Path) -> Path:
         for wsdl in ("repository.wsdl", "vmmanager.wsdl"):
             # -W: the wrapper elements as beans (the operations take and return them); -w: beans for wrapped
             # arrays too (else Axis flattens criteria/group/criterion to CriterionType[][] and nests it wrongly)
-            subprocess.run(["java", "-cp", classpath(), "org.apache.axis.wsdl.WSDL2Java", "-o", str(work / "src"),
+            subprocess.run([*JVM, "-cp", classpath(), "org.apache.axis.wsdl.WSDL2Java", "-o", str(work / "src"),
                             "-W", "-w", "-f", str(work / "ns.properties"), str(contract_dir / wsdl)],
                            check=True, capture_output=True, timeout=600)
         _javac(work, sorted((work / "src").rglob("*.java")) + client)
@@ -120,7 +124,7 @@ def run_client(classes: Path, tmp_path: Path, name: str, credential, **config) -
     key, chain = _write_credential(credential, tmp_path / name)
     props = tmp_path / name / "client.properties"
     props.write_text("".join(f"{k}={v}\n" for k, v in {"key": key, "chain": chain, **config}.items()))
-    run = subprocess.run(["java", "-cp", classpath(classes), "vmgrid.interop.GridClient", str(props)],
+    run = subprocess.run([*JVM, "-cp", classpath(classes), "vmgrid.interop.GridClient", str(props)],
                          capture_output=True, text=True, timeout=600)
     steps = {s["step"]: s for s in map(json.loads, (line for line in run.stdout.splitlines() if line.startswith("{")))}
     return steps, run
@@ -168,7 +172,7 @@ def test_axis_wss4j_runs_the_contract_signed_and_verifies_every_answer(vm_grid, 
 
 def test_the_soapui_project_signs_with_the_settings_of_the_wss4j_client():
     classes = build_security()
-    run = subprocess.run(["java", "-cp", classpath(classes), "vmgrid.interop.GridSecurity"],
+    run = subprocess.run([*JVM, "-cp", classpath(classes), "vmgrid.interop.GridSecurity"],
                          capture_output=True, text=True, check=True, timeout=300)
     axis = json.loads(run.stdout)
     project = etree.parse(str(SOAPUI)).getroot()

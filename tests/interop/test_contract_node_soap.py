@@ -5,6 +5,7 @@ fault, Deploy, GetResourceProperty (QName content), Pause/Resume and Destroy, an
 node-soap is installed once into var/node-soap (npm, cache under var/npm-cache), as the version below."""
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -12,9 +13,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 from lxml import etree
 
-from security.tls import grid_session
+from security import wssec
+
 from services.container.contract import Contract
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,6 +54,15 @@ def _deploy_xml(descriptor: etree._Element, identifier: str) -> str:
     return etree.tostring(deploy).decode()
 
 
+def run_node(modules: Path, config: dict, into: Path) -> tuple[dict, subprocess.CompletedProcess]:
+    into.mkdir(parents=True, exist_ok=True)
+    (into / "config.json").write_text(json.dumps(config))
+    env = {**os.environ, "NODE_PATH": str(modules), "NODE_EXTRA_CA_CERTS": config["caFile"]}
+    run = subprocess.run(["node", str(CLIENT), str(into / "config.json")], capture_output=True, text=True,
+                         env=env, timeout=300)
+    return {s["step"]: s for s in map(json.loads, run.stdout.splitlines()) if s.get("step")}, run
+
+
 def test_node_soap_runs_the_contract_signed_and_verifies_every_answer(vm_grid, tmp_path):
     modules = node_soap()
     pki = vm_grid.pki
@@ -69,11 +81,7 @@ def test_node_soap_runs_the_contract_signed_and_verifies_every_answer(vm_grid, t
         "actions": {op.name: op.soap_action for wsdl in ("vmrepository.wsdl", "vmmanager.wsdl")
                     for op in Contract(wsdl).operations.values()},
     }
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    env = {**os.environ, "NODE_PATH": str(modules), "NODE_EXTRA_CA_CERTS": str(ca_file)}
-    run = subprocess.run(["node", str(CLIENT), str(tmp_path / "config.json")], capture_output=True, text=True,
-                         env=env, timeout=300)
-    steps = {s["step"]: s for s in map(json.loads, run.stdout.splitlines()) if s.get("step")}
+    steps, run = run_node(modules, config, tmp_path / "end-entity")
     assert run.returncode == 0, run.stdout + run.stderr
     assert set(steps) == {"ListVOs", "QueryImages", "UnknownImageFault", "Deploy", "GetResourceProperty", "Pause",
                           "Resume", "Destroy"}
@@ -85,3 +93,27 @@ def test_node_soap_runs_the_contract_signed_and_verifies_every_answer(vm_grid, t
     # the grid saw node-soap's caller and no instance is left
     assert all(i.state in ("Destroyed", "Ended") or i.identifier != "node-soap-1"
                for i in vm_grid.vmm(pki.alice).list())
+
+    # alice's proxy: node-soap's WSSecurityCert sends the one certificate it is given as X509v3, and the proxy
+    # alone is refused with what to change
+    proxy = pki.alice.proxy
+    proxy_dir = tmp_path / "proxy"
+    proxy_dir.mkdir()
+    (proxy_dir / "proxy.pem").write_bytes(proxy.certificate.public_bytes(serialization.Encoding.PEM))
+    (proxy_dir / "proxy-key.pem").write_bytes(proxy.private_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    alone = {**config, "cert": str(proxy_dir / "proxy.pem"), "key": str(proxy_dir / "proxy-key.pem"),
+             "steps": ["ListVOs"]}
+    steps, run = run_node(modules, alone, tmp_path / "proxy-alone")
+    assert run.returncode == 1 and not steps["ListVOs"]["ok"]
+    assert "send the chain as an X509PKIPathv1" in steps["ListVOs"]["faultstring"]
+
+    # ... and with the token rewritten as the chain (X509PKIPathv1, tests/interop/node/vmgrid_client.js) the
+    # whole contract runs as alice, via her proxy
+    chain = base64.b64encode(wssec.pkipath(reversed(proxy.certificates))).decode()
+    with_chain = {**alone, "pkiPath": chain, "steps": None, "deployXml": _deploy_xml(descriptor, "node-soap-2")}
+    steps, run = run_node(modules, with_chain, tmp_path / "proxy-chain")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert len(steps) == 8 and all(s["ok"] for s in steps.values())
+    owners = {i.identifier: i.owner for i in vm_grid.vmm(pki.alice).list(include_ended=True)}
+    assert owners["node-soap-2"] == pki.alice.dn
