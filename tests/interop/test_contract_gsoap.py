@@ -16,7 +16,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 
+from security import wssec
 from security.tls import grid_session
 from services.container.contract import Contract
 from tests.interop.served_contract import mirror_contract
@@ -71,14 +73,17 @@ def test_gsoap_runs_the_contract_signed_and_verifies_every_answer(vm_grid, tmp_p
                                 "vmmanager.wsdl": vm_grid.node_url() + "?wsdl"}, session, tmp_path / "contract")
     binary = build_client(contract)
     ca_file = next(p for p in sorted(Path(pki.cert_dir).glob("*.0")))
-    # gSOAP's wsse plugin sends one certificate: sign with alice's end-entity certificate
-    run = subprocess.run([str(binary), vm_grid.repository_url, str(pki.alice.cert_path), str(pki.alice.key_path),
-                          str(ca_file), "host/localhost", "img-0000000000000000", vm_grid.node_url(), "bio/debian12-emboss"],
-                         capture_output=True, text=True, timeout=300,
-                         # WS-Addressing: the wsa:Action (soapAction) of each operation, signed with wsa:To
-                         env={**os.environ, **{f"ACTION_{op.name}": op.soap_action
-                                               for wsdl in ("vmrepository.wsdl", "vmmanager.wsdl")
-                                               for op in Contract(wsdl).operations.values()}})
+    # WS-Addressing: the wsa:Action (soapAction) of each operation, signed with wsa:To
+    env = {**os.environ, **{f"ACTION_{op.name}": op.soap_action for wsdl in ("vmrepository.wsdl", "vmmanager.wsdl")
+                            for op in Contract(wsdl).operations.values()}}
+
+    def client(cert: Path, key: Path, *pkipath: Path, identifier: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(binary), vm_grid.repository_url, str(cert), str(key), str(ca_file), "host/localhost",
+                               "img-0000000000000000", vm_grid.node_url(), "bio/debian12-emboss", *map(str, pkipath)],
+                              capture_output=True, text=True, timeout=300, env={**env, "IDENTIFIER": identifier})
+
+    # gSOAP's X509 helpers send one certificate: sign with alice's end-entity certificate
+    run = client(pki.alice.cert_path, pki.alice.key_path, identifier="gsoap-1")
     steps = {s["step"]: s for s in map(json.loads, run.stdout.splitlines())}
     assert run.returncode == 0, run.stdout + run.stderr
     assert set(steps) == {"ListVOs", "QueryImages", "UnknownImageFault", "GetDescriptor", "Deploy",
@@ -86,3 +91,17 @@ def test_gsoap_runs_the_contract_signed_and_verifies_every_answer(vm_grid, tmp_p
     assert steps["ListVOs"]["detail"] == "1" and steps["QueryImages"]["detail"] == "1"
     assert steps["Deploy"]["detail"] == "Running" and steps["GetResourceProperty"]["detail"] == "Running"
     assert (steps["Pause"]["detail"], steps["Resume"]["detail"]) == ("Paused", "Running")
+
+    # her proxy with its chain as an X509PKIPathv1 (the plugin's generic BinarySecurityToken): the same contract
+    proxy = pki.alice.proxy
+    (tmp_path / "proxy.pem").write_bytes(proxy.certificate.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "proxy-key.pem").write_bytes(proxy.private_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    (tmp_path / "pkipath.der").write_bytes(wssec.pkipath(reversed(proxy.certificates)))
+    run = client(tmp_path / "proxy.pem", tmp_path / "proxy-key.pem", tmp_path / "pkipath.der", identifier="gsoap-2")
+    steps = {s["step"]: s for s in map(json.loads, run.stdout.splitlines())}
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert len(steps) == 9 and all(s["ok"] for s in steps.values())
+    assert steps["Deploy"]["detail"] == "Running"
+    owners = {i.identifier: i.owner for i in vm_grid.vmm(pki.alice).list(include_ended=True)}
+    assert owners["gsoap-2"] == pki.alice.dn
