@@ -59,9 +59,12 @@ def classpath(*extra: Path) -> str:
     return ":".join([str(p) for p in extra] + [str(JAVA / f"{j}.jar") for j in JARS])
 
 
+WSDL2JAVA = ["-W", "-w"]
+
+
 def _cached(key_files: list[Path], suffix: str, build) -> Path:
-    """var/axis/<hash><suffix>/classes, built by build(work_dir) once for these files and jars."""
-    digest = hashlib.sha256()
+    """var/axis/<hash><suffix>/classes, built by build(work_dir) once for these files, jars and generator options."""
+    digest = hashlib.sha256(repr((PACKAGES, WSDL2JAVA)).encode())
     for path in key_files:
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     for jar in JARS:   # the jars' versions (the symlinks resolve to versioned names)
@@ -95,7 +98,7 @@ def build_client(contract_dir: Path) -> Path:
             # -W: the wrapper elements as beans (the operations take and return them); -w: beans for wrapped
             # arrays too (else Axis flattens criteria/group/criterion to CriterionType[][] and nests it wrongly)
             subprocess.run([*JVM, "-cp", classpath(), "org.apache.axis.wsdl.WSDL2Java", "-o", str(work / "src"),
-                            "-W", "-w", "-f", str(work / "ns.properties"), str(contract_dir / wsdl)],
+                            *WSDL2JAVA, "-f", str(work / "ns.properties"), str(contract_dir / wsdl)],
                            check=True, capture_output=True, timeout=600)
         _javac(work, sorted((work / "src").rglob("*.java")) + client)
         shutil.rmtree(work / "src")
