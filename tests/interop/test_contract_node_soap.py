@@ -80,6 +80,8 @@ def test_node_soap_runs_the_contract_signed_and_verifies_every_answer(vm_grid, t
         "repoUrl": vm_grid.repository_url, "vmmUrl": vm_grid.node_url(),
         "actions": {op.name: op.soap_action for wsdl in ("vmrepository.wsdl", "vmmanager.wsdl")
                     for op in Contract(wsdl).operations.values()},
+        "steps": ["ListVOs", "QueryImages", "UnknownImageFault", "Deploy", "GetResourceProperty", "Pause", "Resume",
+                  "Destroy"],
     }
     steps, run = run_node(modules, config, tmp_path / "end-entity")
     assert run.returncode == 0, run.stdout + run.stderr
@@ -95,25 +97,21 @@ def test_node_soap_runs_the_contract_signed_and_verifies_every_answer(vm_grid, t
                for i in vm_grid.vmm(pki.alice).list())
 
     # alice's proxy: node-soap's WSSecurityCert sends the one certificate it is given as X509v3, and the proxy
-    # alone is refused with what to change
+    # alone is refused with what to change; with the token rewritten as the chain (X509PKIPathv1,
+    # tests/interop/node/vmgrid_client.js) the whole contract runs as alice, via her proxy
     proxy = pki.alice.proxy
     proxy_dir = tmp_path / "proxy"
     proxy_dir.mkdir()
     (proxy_dir / "proxy.pem").write_bytes(proxy.certificate.public_bytes(serialization.Encoding.PEM))
     (proxy_dir / "proxy-key.pem").write_bytes(proxy.private_key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    alone = {**config, "cert": str(proxy_dir / "proxy.pem"), "key": str(proxy_dir / "proxy-key.pem"),
-             "steps": ["ListVOs"]}
-    steps, run = run_node(modules, alone, tmp_path / "proxy-alone")
-    assert run.returncode == 1 and not steps["ListVOs"]["ok"]
-    assert "send the chain as an X509PKIPathv1" in steps["ListVOs"]["faultstring"]
-
-    # ... and with the token rewritten as the chain (X509PKIPathv1, tests/interop/node/vmgrid_client.js) the
-    # whole contract runs as alice, via her proxy
-    chain = base64.b64encode(wssec.pkipath(reversed(proxy.certificates))).decode()
-    with_chain = {**alone, "pkiPath": chain, "steps": None, "deployXml": _deploy_xml(descriptor, "node-soap-2")}
-    steps, run = run_node(modules, with_chain, tmp_path / "proxy-chain")
+    with_proxy = {**config, "steps": None,                          # ProxyAlone first, then every step
+                  "cert": str(proxy_dir / "proxy.pem"), "key": str(proxy_dir / "proxy-key.pem"),
+                  "pkiPath": base64.b64encode(wssec.pkipath(reversed(proxy.certificates))).decode(),
+                  "deployXml": _deploy_xml(descriptor, "node-soap-2")}
+    steps, run = run_node(modules, with_proxy, proxy_dir)
     assert run.returncode == 0, run.stdout + run.stderr
+    assert "send the chain as an X509PKIPathv1" in steps.pop("ProxyAlone")["detail"]
     assert len(steps) == 8 and all(s["ok"] for s in steps.values())
     owners = {i.identifier: i.owner for i in vm_grid.vmm(pki.alice).list(include_ended=True)}
     assert owners["node-soap-2"] == pki.alice.dn

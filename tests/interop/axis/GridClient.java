@@ -3,7 +3,8 @@
 //
 //   java vmgrid.interop.GridClient CONFIG.properties
 // CONFIG: repoUrl, vmmUrl, key (PKCS#8 DER), chain (PEM: the signing certificate first), ca (PEM), hostCN,
-//         image, unknownImage, identifier, steps (optional: the steps to run, comma separated; default all)
+//         image, unknownImage, identifier, steps (optional: the steps to run, comma separated; default all but
+//         OtherHostRefused), otherHostCN (for OtherHostRefused)
 package vmgrid.interop;
 
 import java.io.FileInputStream;
@@ -97,7 +98,7 @@ public final class GridClient {
         tls.init(null, tmf.getTrustManagers(), null);
         SSLContext.setDefault(tls);
 
-        GridSecurity security = new GridSecurity(key, chain.toArray(new X509Certificate[0]), ca,
+        final GridSecurity security = new GridSecurity(key, chain.toArray(new X509Certificate[0]), ca,
                                                  config.getProperty("hostCN"));
         // the client's handler chain: sign, send over HTTP(S), verify the answer
         SimpleProvider engine = new SimpleProvider();
@@ -135,6 +136,23 @@ public final class GridClient {
                 return f.getImage();
             }
             throw new Exception("GetDescriptor of an unknown image answered without UnknownImageFault");
+        });
+        step("OtherHostRefused", () -> {
+            // the verifier refuses an answer signed by another host than the one expected
+            security.expectSigner(config.getProperty("otherHostCN"));
+            try {
+                repo.listVOs(new ListVOs());
+            } catch (AxisFault f) {
+                if (f.getFaultString().contains("not " + config.getProperty("otherHostCN"))) {
+                    GridSecurity.Counters.verified++;      // this step's one answer: checked, and refused
+                    return f.getFaultString();
+                }
+                throw f;
+            } finally {
+                security.expectSigner(config.getProperty("hostCN"));
+            }
+            throw new Exception("an answer signed by " + config.getProperty("hostCN") + " was accepted as "
+                                + config.getProperty("otherHostCN") + "'s");
         });
         step("InvalidArgumentFault", () -> {
             QueryImages query = new QueryImages();
@@ -192,7 +210,8 @@ public final class GridClient {
 
     /** Run one call; it counts only if GridSecurity verified exactly one answer for it. */
     private static void step(String name, Step step) {
-        if (failed || (only != null && !only.contains(name))) {
+        boolean chosen = only != null ? only.contains(name) : !name.equals("OtherHostRefused");
+        if (failed || !chosen) {
             return;
         }
         int before = GridSecurity.Counters.verified;

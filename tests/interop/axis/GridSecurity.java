@@ -88,7 +88,7 @@ public final class GridSecurity {
 
     private final Merlin signing = new Merlin();
     private final Merlin trust = new Merlin();
-    private final String expectedSigner;
+    private volatile String expectedSigner;
 
     /** key: PKCS#8 private key; chain: the signing certificate first (a proxy: then the certificates that issued
      *  it); ca: the grid CA; expectedSigner: the CN the answers must be signed by (host/NAME). */
@@ -103,6 +103,11 @@ public final class GridSecurity {
         anchors.setCertificateEntry("grid-ca", ca);
         trust.setTrustStore(anchors);
         this.expectedSigner = expectedSigner;
+    }
+
+    /** The CN the next answers must be signed by. */
+    public void expectSigner(String cn) {
+        this.expectedSigner = cn;
     }
 
     public BasicHandler signer() {

@@ -4,7 +4,7 @@
 //
 //   node vmgrid_client.js CONFIG.json
 // CONFIG: {repoWsdl, vmmWsdl, cert, key, caFile, hostCN, deployXml, unknownImage, repoUrl, vmmUrl, actions,
-//          pkiPath (optional: base64 DER of an X509PKIPathv1, the proxy chain), steps (optional: the steps to run)}
+//          pkiPath (optional: base64 DER of an X509PKIPathv1, the proxy chain), steps (the steps to run, default all)}
 'use strict';
 const fs = require('fs');
 const crypto = require('crypto');
@@ -28,7 +28,7 @@ const ca = new crypto.X509Certificate(fs.readFileSync(config.caFile));
 
 // The settings vmgrid accepts (docs/security.md): RSA-SHA256, SHA-256 digests, wsu:Id, exclusive c14n
 // (node-soap puts enveloped-signature before it on the Timestamp, which vmgrid accepts as a no-op).
-function security(additionalReferences = []) {
+function security(additionalReferences = [], chain = true) {
   const sec = new soap.WSSecurityCert(key, cert, '', {
     hasTimeStamp: true,
     signatureAlgorithm: 'http://www.w3.org/2001/04/xmldsig-more#rsa-sha256',
@@ -36,7 +36,7 @@ function security(additionalReferences = []) {
     signerOptions: { idMode: 'wssecurity' },
     additionalReferences,
   });
-  if (config.pkiPath) {
+  if (config.pkiPath && chain) {
     // WSSecurityCert writes one certificate, always as X509v3 (ValueType fixed in postProcess and in the KeyInfo);
     // a proxy needs its chain: the token's content becomes the X509PKIPathv1 and both ValueTypes say so (neither
     // the token nor the KeyInfo is inside SignedInfo, so the signature is unchanged)
@@ -76,12 +76,12 @@ function verifyAnswer(xml) {
 // WS-Addressing: every request carries a signed wsa:To (the service's address) and wsa:Action (the
 // operation's soapAction): vmgrid refuses a request signed for another endpoint or operation.
 const WSA = 'http://www.w3.org/2005/08/addressing';
-function addressed(client, url, op, extraHeaders = [], extraRefs = []) {
+function addressed(client, url, op, extraHeaders = [], extraRefs = [], chain = true) {
   client.clearSoapHeaders();
   client.addSoapHeader(`<wsa:To xmlns:wsa="${WSA}">${url}</wsa:To>`);
   client.addSoapHeader(`<wsa:Action xmlns:wsa="${WSA}">${config.actions[op]}</wsa:Action>`);
   for (const h of extraHeaders) client.addSoapHeader(h);
-  client.setSecurity(security(['wsa:To', 'wsa:Action', ...extraRefs]));
+  client.setSecurity(security(['wsa:To', 'wsa:Action', ...extraRefs], chain));
   return client;
 }
 
@@ -108,6 +108,17 @@ async function step(name, fn) {
 async function main() {
   const repo = await soap.createClientAsync(config.repoWsdl);
   const vmm = await soap.createClientAsync(config.vmmWsdl);
+  // with a proxy: first WSSecurityCert as it is, the proxy certificate alone as X509v3, which vmgrid refuses
+  await step('ProxyAlone', async () => {
+    try {
+      await addressed(repo, config.repoUrl, 'ListVOs', [], [], false).ListVOsAsync({});
+    } catch (err) {
+      const fault = err.root && err.root.Envelope && err.root.Envelope.Body && err.root.Envelope.Body.Fault;
+      if (!fault) throw err;
+      return fault.faultstring;
+    }
+    throw new Error('the proxy alone was accepted');
+  });
   await step('ListVOs', async () => {
     const [result, raw] = await addressed(repo, config.repoUrl, 'ListVOs').ListVOsAsync({});
     verifyAnswer(raw);
