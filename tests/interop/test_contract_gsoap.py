@@ -3,7 +3,8 @@ VMRepository and VMManager WSDLs a live grid serves, signing with gSOAP's wsse p
 Timestamp, RSA-SHA256, the InstanceKey header by soap_wsse_set_wsu_id, InclusiveNamespaces for QName content),
 runs ListVOs, QueryImages with criteria (word operators), a typed fault, Deploy of the descriptor GetDescriptor
 gave, GetResourceProperty, Pause/Resume and Destroy, and verifies every answer's signature, that its Body is
-signed and that the host signed it.
+signed and that the host signed it: with alice's end-entity certificate, and again with her proxy and its chain as
+an X509PKIPathv1 token (the plugin's generic BinarySecurityToken call).
 
 The client is compiled once and cached under var/gsoap/<hash of the served WSDLs, their schemas and the client>."""
 from __future__ import annotations

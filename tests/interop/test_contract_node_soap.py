@@ -1,6 +1,8 @@
 """Interop with node-soap (npm `soap`, signing with its WSSecurityCert, verifying with xml-crypto): a JavaScript
 client built from the WSDL a live grid serves runs ListVOs, QueryImages with criteria (word operators), a typed
-fault, Deploy, GetResourceProperty (QName content), Pause/Resume and Destroy, and verifies every signed answer.
+fault, Deploy, GetResourceProperty (QName content), Pause/Resume and Destroy, and verifies every signed answer:
+with alice's end-entity certificate, and with her proxy, which WSSecurityCert sends alone (refused, with what to
+change) unless the client rewrites its token as the X509PKIPathv1 chain.
 
 node-soap is installed once into var/node-soap (npm, cache under var/npm-cache), as the version below."""
 from __future__ import annotations
