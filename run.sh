@@ -21,6 +21,7 @@ APT_PACKAGES=(
   iproute2 curl                                      # network namespaces and the WAN benchmark
   nodejs                                             # interop peer node-soap (tests/interop; npm installs it into var/)
   gsoap libgsoap-dev libssl-dev zlib1g-dev           # interop peer gSOAP 2.8: wsdl2h, soapcpp2, the wsse plugin, building its client
+  libaxis-java libwss4j-java default-jdk-headless    # interop peer Axis 1.4 + WSS4J 1.6 (GT4 Java WS Core's stack): WSDL2Java, javac
 )
 
 log() { printf 'run.sh: %s\n' "$*" >&2; }

@@ -3,7 +3,8 @@ VMRepository and VMManager WSDLs a live grid serves, signing with gSOAP's wsse p
 Timestamp, RSA-SHA256, the InstanceKey header by soap_wsse_set_wsu_id, InclusiveNamespaces for QName content),
 runs ListVOs, QueryImages with criteria (word operators), a typed fault, Deploy of the descriptor GetDescriptor
 gave, GetResourceProperty, Pause/Resume and Destroy, and verifies every answer's signature, that its Body is
-signed and that the host signed it.
+signed and that the host signed it: with alice's end-entity certificate, and again with her proxy and its chain as
+an X509PKIPathv1 token (the plugin's generic BinarySecurityToken call).
 
 The client is compiled once and cached under var/gsoap/<hash of the served WSDLs, their schemas and the client>."""
 from __future__ import annotations
@@ -14,48 +15,23 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
-from lxml import etree
+from cryptography.hazmat.primitives import serialization
 
+from security import wssec
 from security.tls import grid_session
 from services.container.contract import Contract
+from tests.interop.served_contract import mirror_contract
 
 ROOT = Path(__file__).resolve().parents[2]
 CLIENT = Path(__file__).parent / "gsoap" / "grid_client.c"
 GSOAP = Path("/usr/share/gsoap")
-XS = "http://www.w3.org/2001/XMLSchema"
 PLUGINS = ["wsseapi.c", "wsaapi.c", "smdevp.c", "mecevp.c", "threads.c"]
 
 pytestmark = [pytest.mark.interop,
               pytest.mark.skipif(shutil.which("wsdl2h") is None or not (GSOAP / "plugin" / "wsseapi.c").exists(),
                                  reason="Debian packages gsoap and libgsoap-dev are not installed")]
-
-
-def mirror_contract(wsdls: dict[str, str], session, into: Path) -> Path:
-    """The served WSDLs (file name: URL) and every schema they import, saved side by side with local
-    schemaLocations and a fixed service address; returns the directory."""
-    into.mkdir(parents=True, exist_ok=True)
-    todo, seen = [(url, name) for name, url in wsdls.items()], set()
-    while todo:
-        url, name = todo.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        doc = etree.fromstring(session.get(url, timeout=30).content)
-        for imp in doc.iter(f"{{{XS}}}import", f"{{{XS}}}include"):
-            loc = imp.get("schemaLocation")
-            if loc:
-                local = Path(urlsplit(loc).path).name
-                imp.set("schemaLocation", local)
-                todo.append((loc, local))
-        for addr in doc.iter("{http://schemas.xmlsoap.org/wsdl/soap/}address"):
-            # the grid's port changes every run; the client takes the endpoint as an argument, and the
-            # compiled client stays cached while the contract itself is unchanged
-            addr.set("location", "https://grid.invalid" + urlsplit(addr.get("location")).path)
-        (into / name).write_bytes(etree.tostring(doc, xml_declaration=True, encoding="UTF-8"))
-    return into
 
 
 def build_client(contract_dir: Path) -> Path:
@@ -98,14 +74,17 @@ def test_gsoap_runs_the_contract_signed_and_verifies_every_answer(vm_grid, tmp_p
                                 "vmmanager.wsdl": vm_grid.node_url() + "?wsdl"}, session, tmp_path / "contract")
     binary = build_client(contract)
     ca_file = next(p for p in sorted(Path(pki.cert_dir).glob("*.0")))
-    # gSOAP's wsse plugin sends one certificate: sign with alice's end-entity certificate
-    run = subprocess.run([str(binary), vm_grid.repository_url, str(pki.alice.cert_path), str(pki.alice.key_path),
-                          str(ca_file), "host/localhost", "img-0000000000000000", vm_grid.node_url(), "bio/debian12-emboss"],
-                         capture_output=True, text=True, timeout=300,
-                         # WS-Addressing: the wsa:Action (soapAction) of each operation, signed with wsa:To
-                         env={**os.environ, **{f"ACTION_{op.name}": op.soap_action
-                                               for wsdl in ("vmrepository.wsdl", "vmmanager.wsdl")
-                                               for op in Contract(wsdl).operations.values()}})
+    # WS-Addressing: the wsa:Action (soapAction) of each operation, signed with wsa:To
+    env = {**os.environ, **{f"ACTION_{op.name}": op.soap_action for wsdl in ("vmrepository.wsdl", "vmmanager.wsdl")
+                            for op in Contract(wsdl).operations.values()}}
+
+    def client(cert: Path, key: Path, *pkipath: Path, identifier: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(binary), vm_grid.repository_url, str(cert), str(key), str(ca_file), "host/localhost",
+                               "img-0000000000000000", vm_grid.node_url(), "bio/debian12-emboss", *map(str, pkipath)],
+                              capture_output=True, text=True, timeout=300, env={**env, "IDENTIFIER": identifier})
+
+    # gSOAP's X509 helpers send one certificate: sign with alice's end-entity certificate
+    run = client(pki.alice.cert_path, pki.alice.key_path, identifier="gsoap-1")
     steps = {s["step"]: s for s in map(json.loads, run.stdout.splitlines())}
     assert run.returncode == 0, run.stdout + run.stderr
     assert set(steps) == {"ListVOs", "QueryImages", "UnknownImageFault", "GetDescriptor", "Deploy",
@@ -113,3 +92,17 @@ def test_gsoap_runs_the_contract_signed_and_verifies_every_answer(vm_grid, tmp_p
     assert steps["ListVOs"]["detail"] == "1" and steps["QueryImages"]["detail"] == "1"
     assert steps["Deploy"]["detail"] == "Running" and steps["GetResourceProperty"]["detail"] == "Running"
     assert (steps["Pause"]["detail"], steps["Resume"]["detail"]) == ("Paused", "Running")
+
+    # her proxy with its chain as an X509PKIPathv1 (the plugin's generic BinarySecurityToken): the same contract
+    proxy = pki.alice.proxy
+    (tmp_path / "proxy.pem").write_bytes(proxy.certificate.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "proxy-key.pem").write_bytes(proxy.private_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    (tmp_path / "pkipath.der").write_bytes(wssec.pkipath(reversed(proxy.certificates)))
+    run = client(tmp_path / "proxy.pem", tmp_path / "proxy-key.pem", tmp_path / "pkipath.der", identifier="gsoap-2")
+    steps = {s["step"]: s for s in map(json.loads, run.stdout.splitlines())}
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert len(steps) == 9 and all(s["ok"] for s in steps.values())
+    assert steps["Deploy"]["detail"] == "Running"
+    owners = {i.identifier: i.owner for i in vm_grid.vmm(pki.alice).list(include_ended=True)}
+    assert owners["gsoap-2"] == pki.alice.dn

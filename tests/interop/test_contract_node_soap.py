@@ -1,10 +1,13 @@
 """Interop with node-soap (npm `soap`, signing with its WSSecurityCert, verifying with xml-crypto): a JavaScript
 client built from the WSDL a live grid serves runs ListVOs, QueryImages with criteria (word operators), a typed
-fault, Deploy, GetResourceProperty (QName content), Pause/Resume and Destroy, and verifies every signed answer.
+fault, Deploy, GetResourceProperty (QName content), Pause/Resume and Destroy, and verifies every signed answer:
+with alice's end-entity certificate, and with her proxy, which WSSecurityCert sends alone (refused, with what to
+change) unless the client rewrites its token as the X509PKIPathv1 chain.
 
 node-soap is installed once into var/node-soap (npm, cache under var/npm-cache), as the version below."""
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -12,9 +15,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 from lxml import etree
 
-from security.tls import grid_session
+from security import wssec
+
 from services.container.contract import Contract
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,6 +56,15 @@ def _deploy_xml(descriptor: etree._Element, identifier: str) -> str:
     return etree.tostring(deploy).decode()
 
 
+def run_node(modules: Path, config: dict, into: Path) -> tuple[dict, subprocess.CompletedProcess]:
+    into.mkdir(parents=True, exist_ok=True)
+    (into / "config.json").write_text(json.dumps(config))
+    env = {**os.environ, "NODE_PATH": str(modules), "NODE_EXTRA_CA_CERTS": config["caFile"]}
+    run = subprocess.run(["node", str(CLIENT), str(into / "config.json")], capture_output=True, text=True,
+                         env=env, timeout=300)
+    return {s["step"]: s for s in map(json.loads, run.stdout.splitlines()) if s.get("step")}, run
+
+
 def test_node_soap_runs_the_contract_signed_and_verifies_every_answer(vm_grid, tmp_path):
     modules = node_soap()
     pki = vm_grid.pki
@@ -68,12 +82,10 @@ def test_node_soap_runs_the_contract_signed_and_verifies_every_answer(vm_grid, t
         "repoUrl": vm_grid.repository_url, "vmmUrl": vm_grid.node_url(),
         "actions": {op.name: op.soap_action for wsdl in ("vmrepository.wsdl", "vmmanager.wsdl")
                     for op in Contract(wsdl).operations.values()},
+        "steps": ["ListVOs", "QueryImages", "UnknownImageFault", "Deploy", "GetResourceProperty", "Pause", "Resume",
+                  "Destroy"],
     }
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    env = {**os.environ, "NODE_PATH": str(modules), "NODE_EXTRA_CA_CERTS": str(ca_file)}
-    run = subprocess.run(["node", str(CLIENT), str(tmp_path / "config.json")], capture_output=True, text=True,
-                         env=env, timeout=300)
-    steps = {s["step"]: s for s in map(json.loads, run.stdout.splitlines()) if s.get("step")}
+    steps, run = run_node(modules, config, tmp_path / "end-entity")
     assert run.returncode == 0, run.stdout + run.stderr
     assert set(steps) == {"ListVOs", "QueryImages", "UnknownImageFault", "Deploy", "GetResourceProperty", "Pause",
                           "Resume", "Destroy"}
@@ -85,3 +97,23 @@ def test_node_soap_runs_the_contract_signed_and_verifies_every_answer(vm_grid, t
     # the grid saw node-soap's caller and no instance is left
     assert all(i.state in ("Destroyed", "Ended") or i.identifier != "node-soap-1"
                for i in vm_grid.vmm(pki.alice).list())
+
+    # alice's proxy: node-soap's WSSecurityCert sends the one certificate it is given as X509v3, and the proxy
+    # alone is refused with what to change; with the token rewritten as the chain (X509PKIPathv1,
+    # tests/interop/node/vmgrid_client.js) the whole contract runs as alice, via her proxy
+    proxy = pki.alice.proxy
+    proxy_dir = tmp_path / "proxy"
+    proxy_dir.mkdir()
+    (proxy_dir / "proxy.pem").write_bytes(proxy.certificate.public_bytes(serialization.Encoding.PEM))
+    (proxy_dir / "proxy-key.pem").write_bytes(proxy.private_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    with_proxy = {**config, "steps": None,                          # ProxyAlone first, then every step
+                  "cert": str(proxy_dir / "proxy.pem"), "key": str(proxy_dir / "proxy-key.pem"),
+                  "pkiPath": base64.b64encode(wssec.pkipath(reversed(proxy.certificates))).decode(),
+                  "deployXml": _deploy_xml(descriptor, "node-soap-2")}
+    steps, run = run_node(modules, with_proxy, proxy_dir)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "send the chain as an X509PKIPathv1" in steps.pop("ProxyAlone")["detail"]
+    assert len(steps) == 8 and all(s["ok"] for s in steps.values())
+    owners = {i.identifier: i.owner for i in vm_grid.vmm(pki.alice).list(include_ended=True)}
+    assert owners["node-soap-2"] == pki.alice.dn

@@ -3,7 +3,11 @@
  * InstanceKey header), every answer's signature verified with the grid CA (soap_wsse_verify_auto), its Body
  * required signed and its signer the host. Prints one JSON line per step; exits 1 on a failure.
  *
- *   grid_client REPO_ENDPOINT CERT.pem KEY.pem CAFILE HOST_CN UNKNOWN_IMAGE VMM_ENDPOINT IMAGE
+ *   grid_client REPO_ENDPOINT CERT.pem KEY.pem CAFILE HOST_CN UNKNOWN_IMAGE VMM_ENDPOINT IMAGE [PKIPATH.der]
+ *
+ * With PKIPATH.der (a proxy's chain as an X509PKIPathv1, DER) the token is that chain, and KEY.pem is the proxy's
+ * key: the wsse plugin's generic soap_wsse_add_BinarySecurityToken and ..._SecurityTokenReferenceURI, as the
+ * plugin's X509 helpers send one certificate only. The instance's identifier is $IDENTIFIER (gsoap-1).
  */
 #include "soapH.h"
 #include "VMRepositorySoapBinding.nsmap"
@@ -17,6 +21,9 @@ static X509 *cert;
 static EVP_PKEY *key;
 static const char *host_cn;
 static int failed;
+static unsigned char *pkipath;   /* the chain as an X509PKIPathv1 (DER), or NULL: the certificate alone */
+static int pkipath_size;
+#define PKIPATH_URI "http://docs.oasis-open.org/wss/2004/01/oasis-200401-wss-x509-token-profile-1.0#X509PKIPathv1"
 
 /* The soapAction of an operation, given by the test in the environment as ACTION_<operation>. */
 static const char *action(const char *op)
@@ -40,8 +47,16 @@ static void sign(struct soap *soap, const char *to, const char *op, const char *
   soap_wsse_set_wsu_id(soap, instance ? "wsa5:MessageID wsa5:To wsa5:Action ns7:InstanceKey"
                                       : "wsa5:MessageID wsa5:To wsa5:Action");
   soap_wsse_add_Timestamp(soap, "Time", 300);
-  soap_wsse_add_BinarySecurityTokenX509(soap, "X509Token", cert);
-  soap_wsse_add_KeyInfo_SecurityTokenReferenceX509(soap, "#X509Token");
+  if (pkipath)
+  {
+    soap_wsse_add_BinarySecurityToken(soap, "X509Token", PKIPATH_URI, pkipath, pkipath_size);
+    soap_wsse_add_KeyInfo_SecurityTokenReferenceURI(soap, "#X509Token", PKIPATH_URI);
+  }
+  else
+  {
+    soap_wsse_add_BinarySecurityTokenX509(soap, "X509Token", cert);
+    soap_wsse_add_KeyInfo_SecurityTokenReferenceX509(soap, "#X509Token");
+  }
   soap_wsse_sign_body(soap, SOAP_SMD_SIGN_RSA_SHA256, key, 0);
   soap_wsse_verify_auto(soap, SOAP_SMD_NONE, NULL, 0);
 }
@@ -87,9 +102,18 @@ int main(int argc, char **argv)
   FILE *f;
   char buf[64];
   const char *problem;
-  if (argc != 9)
+  if (argc != 9 && argc != 10)
     return 2;
   host_cn = argv[5];
+  if (argc == 10)
+  {
+    f = fopen(argv[9], "rb");
+    if (!f)
+      return 2;
+    pkipath = malloc(65536);
+    pkipath_size = (int)fread(pkipath, 1, 65536, f);
+    fclose(f);
+  }
   f = fopen(argv[2], "r"); cert = PEM_read_X509(f, NULL, NULL, NULL); fclose(f);
   f = fopen(argv[3], "r"); key = PEM_read_PrivateKey(f, NULL, NULL, NULL); fclose(f);
   soap = soap_new1(SOAP_XML_CANONICAL | SOAP_XML_INDENT * 0);
@@ -178,7 +202,7 @@ int main(int argc, char **argv)
       report(soap, "GetDescriptor", 1, "");
     memset(&req, 0, sizeof(req));
     req.ns4__workspace = gresp.ns4__workspace;
-    req.identifier = "gsoap-1";
+    req.identifier = getenv("IDENTIFIER") ? getenv("IDENTIFIER") : "gsoap-1";
     req.lifetime = "600";
     req.wait = &yes;
     sign(soap, argv[7], "Deploy", NULL);

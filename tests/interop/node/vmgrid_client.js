@@ -3,7 +3,8 @@
 // (the library node-soap signs with) against the grid CA. Prints one JSON line per step; exits 1 on a failure.
 //
 //   node vmgrid_client.js CONFIG.json
-// CONFIG: {repoWsdl, vmmWsdl, cert, key, caFile, hostCN, deployXml, unknownImage}
+// CONFIG: {repoWsdl, vmmWsdl, cert, key, caFile, hostCN, deployXml, unknownImage, repoUrl, vmmUrl, actions,
+//          pkiPath (optional: base64 DER of an X509PKIPathv1, the proxy chain), steps (the steps to run, default all)}
 'use strict';
 const fs = require('fs');
 const crypto = require('crypto');
@@ -16,6 +17,7 @@ const DS = 'http://www.w3.org/2000/09/xmldsig#';
 const WSSE = 'http://docs.oasis-open.org/wss/2004/01/oasis-200401-wss-wssecurity-secext-1.0.xsd';
 const WSU = 'http://docs.oasis-open.org/wss/2004/01/oasis-200401-wss-wssecurity-utility-1.0.xsd';
 const X509V3 = 'http://docs.oasis-open.org/wss/2004/01/oasis-200401-wss-x509-token-profile-1.0#X509v3';
+const PKIPATH = 'http://docs.oasis-open.org/wss/2004/01/oasis-200401-wss-x509-token-profile-1.0#X509PKIPathv1';
 const VMM = 'http://vmgrid.org/ns/vmmanager/1';
 const RP = 'http://docs.oasis-open.org/wsrf/rp-2';
 
@@ -26,14 +28,23 @@ const ca = new crypto.X509Certificate(fs.readFileSync(config.caFile));
 
 // The settings vmgrid accepts (docs/security.md): RSA-SHA256, SHA-256 digests, wsu:Id, exclusive c14n
 // (node-soap puts enveloped-signature before it on the Timestamp, which vmgrid accepts as a no-op).
-function security(additionalReferences = []) {
-  return new soap.WSSecurityCert(key, cert, '', {
+function security(additionalReferences = [], chain = true) {
+  const sec = new soap.WSSecurityCert(key, cert, '', {
     hasTimeStamp: true,
     signatureAlgorithm: 'http://www.w3.org/2001/04/xmldsig-more#rsa-sha256',
     digestAlgorithm: 'http://www.w3.org/2001/04/xmlenc#sha256',
     signerOptions: { idMode: 'wssecurity' },
     additionalReferences,
   });
+  if (config.pkiPath && chain) {
+    // WSSecurityCert writes one certificate, always as X509v3 (ValueType fixed in postProcess and in the KeyInfo);
+    // a proxy needs its chain: the token's content becomes the X509PKIPathv1 and both ValueTypes say so (neither
+    // the token nor the KeyInfo is inside SignedInfo, so the signature is unchanged)
+    sec.publicP12PEM = config.pkiPath;
+    const postProcess = sec.postProcess.bind(sec);
+    sec.postProcess = (xml, envelopeKey) => postProcess(xml, envelopeKey).split(`${X509V3}"`).join(`${PKIPATH}"`);
+  }
+  return sec;
 }
 
 // Verify a signed answer: the host certificate in the BinarySecurityToken is issued by the grid CA, is the
@@ -42,7 +53,7 @@ function verifyAnswer(xml) {
   const doc = new DOMParser().parseFromString(xml, 'text/xml');
   const signature = doc.getElementsByTagNameNS(DS, 'Signature')[0];
   if (!signature) throw new Error('the answer is not signed');
-  const bst = doc.getElementsByTagNameNS(WSSE, 'BinarySecurityToken')[0];
+  const bst = doc.getElementsByTagNameNS(WSSE, 'BinarySecurityToken')[0];  // vmgrid answers with X509v3
   if (!bst || bst.getAttribute('ValueType') !== X509V3) throw new Error('no X509v3 BinarySecurityToken');
   const host = new crypto.X509Certificate(Buffer.from(bst.textContent.replace(/\s+/g, ''), 'base64'));
   if (!host.checkIssued(ca) || !host.verify(ca.publicKey)) throw new Error('the signer is not issued by the grid CA');
@@ -65,12 +76,12 @@ function verifyAnswer(xml) {
 // WS-Addressing: every request carries a signed wsa:To (the service's address) and wsa:Action (the
 // operation's soapAction): vmgrid refuses a request signed for another endpoint or operation.
 const WSA = 'http://www.w3.org/2005/08/addressing';
-function addressed(client, url, op, extraHeaders = [], extraRefs = []) {
+function addressed(client, url, op, extraHeaders = [], extraRefs = [], chain = true) {
   client.clearSoapHeaders();
   client.addSoapHeader(`<wsa:To xmlns:wsa="${WSA}">${url}</wsa:To>`);
   client.addSoapHeader(`<wsa:Action xmlns:wsa="${WSA}">${config.actions[op]}</wsa:Action>`);
   for (const h of extraHeaders) client.addSoapHeader(h);
-  client.setSecurity(security(['wsa:To', 'wsa:Action', ...extraRefs]));
+  client.setSecurity(security(['wsa:To', 'wsa:Action', ...extraRefs], chain));
   return client;
 }
 
@@ -79,13 +90,16 @@ function lastAnswer(client) {
 }
 
 async function step(name, fn) {
+  if (config.steps && !config.steps.includes(name)) return undefined;
   try {
     const detail = await fn();
     console.log(JSON.stringify({ step: name, ok: true, detail }));
     return detail;
   } catch (err) {
     const body = err && err.body ? String(err.body).slice(0, 2000) : undefined;
-    console.log(JSON.stringify({ step: name, ok: false, error: String(err && err.message || err), body }));
+    const fault = err && err.root && err.root.Envelope && err.root.Envelope.Body && err.root.Envelope.Body.Fault;
+    console.log(JSON.stringify({ step: name, ok: false, error: String(err && err.message || err), body,
+                                 faultstring: fault ? fault.faultstring : undefined }));
     process.exitCode = 1;
     throw err;
   }
@@ -94,6 +108,17 @@ async function step(name, fn) {
 async function main() {
   const repo = await soap.createClientAsync(config.repoWsdl);
   const vmm = await soap.createClientAsync(config.vmmWsdl);
+  // with a proxy: first WSSecurityCert as it is, the proxy certificate alone as X509v3, which vmgrid refuses
+  await step('ProxyAlone', async () => {
+    try {
+      await addressed(repo, config.repoUrl, 'ListVOs', [], [], false).ListVOsAsync({});
+    } catch (err) {
+      const fault = err.root && err.root.Envelope && err.root.Envelope.Body && err.root.Envelope.Body.Fault;
+      if (!fault) throw err;
+      return fault.faultstring;
+    }
+    throw new Error('the proxy alone was accepted');
+  });
   await step('ListVOs', async () => {
     const [result, raw] = await addressed(repo, config.repoUrl, 'ListVOs').ListVOsAsync({});
     verifyAnswer(raw);
