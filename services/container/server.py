@@ -3,7 +3,8 @@
 
 A slow or idle client must not hold a request thread. So connections live in one asyncio event loop,
 where h11 (the HTTP/1.1 state machine of python-hyper) reads each request *whole* under deadlines: the
-TLS handshake, the request head, the body at a minimum rate, the wait for the next request on a
+TLS handshake (started at most so many per turn of the loop, waiting connections taken in turn per
+client address: turns.py), the request head, the body at a minimum rate, the wait for the next request on a
 keep-alive connection, the response at a minimum rate; at most so many connections in all and per
 client address. Only a complete, buffered request reaches a request thread, which runs the unchanged
 WSGI application. The limits are ``[container.limits]`` (:class:`ConnectionLimits`, docs/configuration.md)."""
@@ -27,6 +28,7 @@ import h11
 from services.container.app import SoapApplication
 from services.container.limits import ConnectionLimits
 from services.container.service import SoapService
+from services.container.turns import HandshakeTurns, client_key
 
 log = logging.getLogger("vmgrid.container")
 
@@ -78,6 +80,7 @@ class Container:
                         "send": 0, "bad request": 0}
         self._in_flight = 0
         self._in_flight_lock = threading.Lock()
+        self.handshakes = HandshakeTurns(self.limits.handshakes_per_turn)   # TLS handshakes in turns (turns.py)
 
     @property
     def host(self) -> str:
@@ -203,8 +206,10 @@ class Container:
         graceful = False
         try:
             if self.ssl_context is not None:
-                try:
-                    await writer.start_tls(self.ssl_context, ssl_handshake_timeout=lim.handshake_timeout)
+                try:     # the handshake waits for its turn (turns.py); the deadline counts the wait
+                    async with asyncio.timeout(lim.handshake_timeout):
+                        await self.handshakes.wait(client_key(address))
+                        await writer.start_tls(self.ssl_context, ssl_handshake_timeout=lim.handshake_timeout)
                 except (asyncio.TimeoutError, ConnectionError, OSError) as exc:
                     self.refused["handshake"] += 1
                     log.debug("TLS handshake with %s failed: %s", address, exc)
