@@ -48,11 +48,15 @@ class TLSStream:
         loop = asyncio.get_running_loop()
         answered = False
         while True:
-            if not answered:         # up to the server's first flight: the signature and key exchange, on a TLS thread
-                async with gate.turn(key):
-                    done = await loop.run_in_executor(pool, self._step)
-            else:                    # the client's Finished (and certificate): a check, cheap, done here at once so
-                done = self._step()  # that a handshake under way is never queued behind new ones
+            try:
+                if not answered:     # up to the server's first flight: the signature and key exchange, on a TLS thread
+                    async with gate.turn(key):
+                        done = await loop.run_in_executor(pool, self._step)
+                else:                # the client's Finished (and certificate): a check, cheap, done here at once so
+                    done = self._step()  # that a handshake under way is never queued behind new ones
+            except ssl.SSLError:
+                self._flush()        # the alert that tells the client why
+                raise
             answered = answered or self._outgoing.pending > 0
             self._flush()
             if done:
