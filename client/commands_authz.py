@@ -1,5 +1,6 @@
 """`vmgrid authz …`: the Authorization service from the command line: check a decision, list and
-change the policy's rules and VO groups (policy admins), read the audit log, validate a policy file."""
+change the policy's rules and VO groups (policy admins), read the audit log, write a new site's policy file
+and validate one."""
 from __future__ import annotations
 
 import json
@@ -144,6 +145,14 @@ def register(subparsers) -> None:
     for parser in (*sub.choices.values(), *add_sub.choices.values(), *rm_sub.choices.values()):
         if parser.get_default("func") is not None:
             add_grid_options(parser, "VMGRID_AUTHZ", DEFAULT_AUTHZ, "Authorization")
+
+    p = sub.add_parser("init", help="write a new site's policy file: the default rules with its policy admins "
+                       "(no service needed)")
+    p.add_argument("file", type=Path)
+    p.add_argument("--admin", action="append", required=True, metavar="DN",
+                   help="a policy administrator's DN (repeatable); they add the VO groups through the service")
+    p.add_argument("--force", action="store_true", help="replace an existing file")
+    p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("validate", help="check a policy file without a service (exit 1 with file:line: reason)")
     p.add_argument("file", type=Path)
@@ -365,6 +374,23 @@ def cmd_slots(args) -> int:
     table(["instance", "subject", "group", "claimant", "claimed", "expires"],
           [(s.instance, s.subject, s.group or "", s.claimant, xml_time(s.claimed)[:19],
             xml_time(s.expires)[:19] if s.expires else "") for s in slots])
+    return 0
+
+
+def cmd_init(args) -> int:
+    from services.authz.edit import site_policy, write_atomically
+    from services.authz.policy import PolicyError, parse_policy
+
+    if args.file.exists() and not args.force:
+        raise CLIError(f"{args.file} exists (--force replaces it)")
+    text = site_policy(admins=args.admin)
+    try:
+        policy = parse_policy(text, str(args.file))
+    except PolicyError as exc:
+        raise CLIError(f"invalid policy: {exc.reason}") from None
+    args.file.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(args.file, text)
+    print(f"{args.file}: the default policy ({len(policy.rules)} rules), policy admins: {', '.join(args.admin)}")
     return 0
 
 

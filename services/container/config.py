@@ -72,7 +72,9 @@ class Config:
     source: str = "(defaults)"
 
     def state_dir(self, service: str) -> Path:
-        return Path(self.container.state_dir) / service
+        # absolute: a relative state_dir is the working directory's at start, and the paths made from it
+        # end up where another directory is the base (qcow2 backing files, libvirt's domain XML)
+        return Path(self.container.state_dir).absolute() / service
 
 
 def _convert(tp, value, where: str):

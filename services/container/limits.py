@@ -11,7 +11,9 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024   # security.safexml.DEFAULT_MAX_BYTES: WS-
 class ConnectionLimits:
     """[container.limits]: what one connection may take of the container (docs/security.md)."""
 
-    handshake_timeout: float = 10.0      # seconds for a TLS handshake
+    handshake_timeout: float = 10.0      # seconds for a TLS handshake, its wait for a turn included
+    handshake_threads: int = 1           # threads computing TLS handshake steps (off the event loop); waiting
+                                         # connections take turns per client address
     header_timeout: float = 10.0         # seconds from a request's first byte (new connection: its handshake) to its end
     body_min_rate: int = 4096            # bytes/s a request body must keep up, after body_grace
     body_grace: float = 5.0              # seconds before body_min_rate applies

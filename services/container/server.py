@@ -3,14 +3,14 @@
 
 A slow or idle client must not hold a request thread. So connections live in one asyncio event loop,
 where h11 (the HTTP/1.1 state machine of python-hyper) reads each request *whole* under deadlines: the
-TLS handshake, the request head, the body at a minimum rate, the wait for the next request on a
+TLS handshake (its steps computed on a TLS thread, not in the loop, in turns per client address:
+tlsstream.py, turns.py), the request head, the body at a minimum rate, the wait for the next request on a
 keep-alive connection, the response at a minimum rate; at most so many connections in all and per
 client address. Only a complete, buffered request reaches a request thread, which runs the unchanged
 WSGI application. The limits are ``[container.limits]`` (:class:`ConnectionLimits`, docs/configuration.md)."""
 from __future__ import annotations
 
 import asyncio
-import asyncio.sslproto
 import io
 import logging
 import resource
@@ -27,16 +27,12 @@ import h11
 from services.container.app import SoapApplication
 from services.container.limits import ConnectionLimits
 from services.container.service import SoapService
+from services.container.tlsstream import TLSStream
+from services.container.turns import TurnGate, client_key
 
 log = logging.getLogger("vmgrid.container")
 
 Middleware = Callable[[Callable], Callable]
-
-
-# asyncio's TLS transport reads through a buffer of SSLProtocol.max_size (256 KiB) that each connection keeps
-# for its life: 850 idle attackers would hold 200 MiB. A TLS record carries at most 16 KiB, so a 16 KiB
-# buffer only means more reads of a large request, and an idle connection costs a few tens of KiB.
-TLS_READ_BUFFER = 16 * 1024
 
 
 class _Refused(Exception):
@@ -78,6 +74,8 @@ class Container:
                         "send": 0, "bad request": 0}
         self._in_flight = 0
         self._in_flight_lock = threading.Lock()
+        self.handshakes = TurnGate(self.limits.handshake_threads)   # TLS handshake steps in turns (turns.py)
+        self._tls_pool: ThreadPoolExecutor | None = None
 
     @property
     def host(self) -> str:
@@ -113,8 +111,9 @@ class Container:
         if bind is not None:
             bind(self.public_base_url, self.base_url)
         _raise_open_files(self.limits.max_connections + self.threads + 256)
-        asyncio.sslproto.SSLProtocol.max_size = TLS_READ_BUFFER
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="vmgrid-request")
+        if self.ssl_context is not None:      # TLS handshake steps, off the event loop (tlsstream.py)
+            self._tls_pool = ThreadPoolExecutor(self.limits.handshake_threads, thread_name_prefix="vmgrid-tls")
         self._loop = asyncio.new_event_loop()
         ready = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(ready,), name="vmgrid-container", daemon=True)
@@ -172,6 +171,8 @@ class Container:
                 while self._in_flight and time.monotonic() < deadline:   # requests under way finish first
                     time.sleep(0.02)
                 self._pool.shutdown(wait=False, cancel_futures=True)
+            if self._tls_pool is not None:
+                self._tls_pool.shutdown(wait=False, cancel_futures=True)
         finally:
             for s in self.services:
                 s.close()
@@ -203,12 +204,15 @@ class Container:
         graceful = False
         try:
             if self.ssl_context is not None:
-                try:
-                    await writer.start_tls(self.ssl_context, ssl_handshake_timeout=lim.handshake_timeout)
-                except (asyncio.TimeoutError, ConnectionError, OSError) as exc:
+                tls = TLSStream(reader, writer, self.ssl_context)
+                try:     # computed on the TLS threads in turns per address (tlsstream.py); the deadline counts the waits
+                    async with asyncio.timeout(lim.handshake_timeout):
+                        await tls.handshake(self._tls_pool, self.handshakes, client_key(address))
+                except (asyncio.TimeoutError, ConnectionError, OSError) as exc:   # ssl.SSLError is an OSError
                     self.refused["handshake"] += 1
                     log.debug("TLS handshake with %s failed: %s", address, exc)
                     return
+                reader = writer = tls
             graceful = await self._serve(reader, writer, peer)
         except (ConnectionError, OSError, asyncio.IncompleteReadError):
             pass

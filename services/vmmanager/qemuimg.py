@@ -21,5 +21,6 @@ def create_empty(path: Path, size: int) -> Path:
 def create_overlay(base: Path, base_format: str, dest: Path) -> Path:
     """A qcow2 overlay at ``dest`` whose backing file is ``base`` (in ``base_format``)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    _run(["create", "-q", "-f", "qcow2", "-F", base_format, "-b", str(base), str(dest)])
+    # absolute: qemu-img reads a relative backing file name relative to the overlay's own directory
+    _run(["create", "-q", "-f", "qcow2", "-F", base_format, "-b", str(Path(base).absolute()), str(dest)])
     return dest

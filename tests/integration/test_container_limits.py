@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import time
 
 import pytest
 
@@ -149,3 +150,55 @@ def test_a_large_response_arrives_whole_before_the_connection_closes(grid_pki):
 def test_the_body_limit_is_the_ws_security_message_limit():
     from security.safexml import DEFAULT_MAX_BYTES
     assert ConnectionLimits().max_body_bytes == DEFAULT_MAX_BYTES
+
+
+def client_hello(grid_pki) -> bytes:
+    """The first flight of a real TLS client (its ClientHello), as bytes."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = client_ssl_context(grid_pki.cert_dir).wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+def test_clients_stalled_in_their_handshake_hold_no_tls_thread(serve, grid_pki):
+    """One TLS thread; twelve clients from one address send half a ClientHello and stop: a client from
+    another address completes its handshake and is answered while all twelve still wait."""
+    c = serve(handshake_threads=1, handshake_timeout=300)
+    hello = client_hello(grid_pki)
+    stalled = [connect(grid_pki, c, source="127.0.0.3", handshake=False) for _ in range(12)]
+    for s in stalled:
+        s.sendall(hello[:len(hello) // 2])
+    assert get(grid_pki, c, source="127.0.0.2").startswith(b"HTTP/1.1 200 ")
+    assert c.refused["handshake"] == 0
+    for s in stalled:
+        s.close()
+
+
+def test_a_crowd_of_handshakes_from_one_address_and_one_from_another_are_all_answered(serve, grid_pki):
+    """Thirty clients from one address and one from another connect at once, one TLS thread: every one is
+    answered (they wait for their turns, none is refused), and the gate is free afterwards."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    c = serve(handshake_threads=1)
+    sources = ["127.0.0.4"] * 30 + ["127.0.0.5"]
+    with ThreadPoolExecutor(len(sources)) as pool:
+        answers = list(pool.map(lambda src: get(grid_pki, c, source=src), sources))
+    assert all(a.startswith(b"HTTP/1.1 200 ") for a in answers)
+    assert c.handshakes.passed >= 31 and c.handshakes.busy == 0 and c.handshakes.queued == 0
+    assert c.refused["handshake"] == 0
+
+
+def test_a_client_that_breaks_off_its_handshake_is_counted_and_others_are_served(serve, grid_pki):
+    """Half a ClientHello, then the client closes: the container counts a failed handshake, frees the
+    connection, and answers the next client."""
+    c = serve()
+    s = connect(grid_pki, c, handshake=False)
+    s.sendall(client_hello(grid_pki)[:20])
+    s.close()
+    assert get(grid_pki, c, source="127.0.0.2").startswith(b"HTTP/1.1 200 ")
+    deadline = time.monotonic() + 60                          # the loop notices the close in its own time
+    while (c.refused["handshake"] < 1 or c.open_connections) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert c.refused["handshake"] == 1
+    assert c.per_address == {}

@@ -1,0 +1,92 @@
+"""README's site recipe ("Using vmgrid at a site") run as written: its fenced block, unchanged, by bash -e in a
+fresh directory, with `vmgrid` on PATH being this checkout's command line. It makes a CA, the host's and
+two users' credentials, a policy with an admin, starts the central container and a node (libvirt's test
+driver) as their own processes, has the admin make the VO group and the scientist register and deploy an
+image. The recipe uses the site's fixed ports (8443, 8444, GridFTP 2811), so it runs in a network
+namespace of its own (`unshare --net`, only its loopback up): nothing else on this machine can collide
+with it, and it reaches nothing but itself."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.timeout(400)
+REPO = Path(__file__).resolve().parents[2]
+README = REPO / "README.md"
+PY = sys.executable
+MARK = "<!-- run as written by tests/integration/test_site_recipe.py -->"
+
+
+def recipe() -> str:
+    m = re.search(re.escape(MARK) + r"\n```sh\n(.*?)```", README.read_text(), re.S)
+    assert m, "README.md lost its tested site recipe"
+    return m.group(1)
+
+
+def vmgrid_on_path(tmp_path: Path) -> Path:
+    bindir = tmp_path / "bin"                 # `vmgrid` on PATH: this checkout's command line
+    bindir.mkdir()
+    (bindir / "vmgrid").write_text(f"#!/bin/sh\nexec env PYTHONPATH={REPO} {PY} -m client.cli \"$@\"\n")
+    (bindir / "vmgrid").chmod(0o755)
+    return bindir
+
+
+def own_network_namespace() -> bool:
+    return shutil.which("unshare") is not None and subprocess.run(
+        ["unshare", "--net", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not own_network_namespace(), reason="needs `unshare --net` (root): the recipe's fixed ports "
+                                                         "must not meet other services on this machine")
+def test_the_site_recipe_of_the_readme_runs_as_written(tmp_path):
+    work = tmp_path / "checkout"             # the recipe runs in a checkout: it reads wsdl/examples/
+    work.mkdir()
+    (work / "wsdl").symlink_to(REPO / "wsdl")
+    (work / "recipe.sh").write_text(recipe())
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"PATH": f"{vmgrid_on_path(tmp_path)}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "HOME": str(home),
+           "LANG": "C.UTF-8"}             # nothing of the test's own grid: no X509_* variables
+    proc = subprocess.Popen(["unshare", "--net", "bash", "-c", "ip link set lo up && exec bash -e recipe.sh"],
+                            cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=360)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)   # the recipe's own containers, should it have failed midway
+        except ProcessLookupError:
+            pass
+    site = work / "site"
+    logs = "".join(f"\n--- {p.name}\n{p.read_text()[-3000:]}" for p in site.glob("*.log"))
+    assert proc.returncode == 0, out + err + logs
+    assert '"/O=Grid/OU=mysite/CN=admin"' in (site / "policy.toml").read_text()
+    assert "bio" in out and "/O=Grid/OU=mysite/CN=alice" in out            # vmgrid authz groups
+    assert "debian12-emboss" in out                                         # registered, found by the query
+    assert "blast-run" in out and "Running" in out                          # deployed by alice, listed
+    assert "destroyed" in out
+    assert "vmgrid: serving AuthorizationService, VMRepositoryService" in (site / "central.log").read_text()
+    assert "vmgrid: serving VMManagerService" in (site / "node1.log").read_text()
+
+
+def test_authz_init_writes_the_default_policy_with_its_admins_and_refuses_to_overwrite(tmp_path):
+    from services.authz.policy import load_policy
+
+    policy = tmp_path / "policy.toml"
+    cmd = [PY, "-m", "client.cli", "authz", "init", str(policy), "--admin", "/O=Grid/OU=mysite/CN=admin"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert r.returncode == 0, r.stderr
+    loaded = load_policy(policy)
+    assert loaded.admins == ("/O=Grid/OU=mysite/CN=admin",)
+    assert any(rule.id == "vo-members-use-images" for rule in loaded.rules)   # the default rules
+    before = policy.read_text()
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert r.returncode == 1 and r.stderr == f"vmgrid: {policy} exists (--force replaces it)\n"
+    assert policy.read_text() == before
