@@ -212,11 +212,15 @@ class Node:
             with rec.phase("lease"):
                 phases.lease(self.parts, key)
         except BaseException as exc:
-            self._release(key, quiet=True)
-            if self.store.get(key) is not None:
-                reason = f"{type(exc).__name__}: {getattr(exc, 'description', exc)}"
-                self.store.set_state(key, State.FAILED, failure=reason)
-            self.authz.release(key)
+            try:   # on a full disk the clean-up's own writes may fail too: the slot is given back anyway
+                self._release(key, quiet=True)
+                if self.store.get(key) is not None:
+                    reason = f"{type(exc).__name__}: {getattr(exc, 'description', exc)}"
+                    self.store.set_state(key, State.FAILED, failure=reason)
+            except Exception:  # noqa: BLE001 - the deployment's own error is the one to report
+                log.exception("instance %s: cleaning up a failed deployment failed", key)
+            finally:
+                self.authz.release(key)
             raise
         log.info("instance %s (%s) of %s registered for %s, lifetime %d s", key, req.identifier, d.image_id,
                  caller.dn, req.lifetime)
