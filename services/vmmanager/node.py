@@ -306,7 +306,10 @@ class Node:
         self.store.release_lease(key)
         if inst is not None and inst.hold_id:
             self.repository.release(inst.hold_id)
-            self.store.update(key, hold_id=None)
+            self.store.update(key, hold_id=None, hold_holder=None)
+        elif inst is not None and inst.hold_holder:   # asked for, its id never recorded (a crash in between)
+            self.repository.release_holder(inst.image_id, inst.hold_holder)
+            self.store.update(key, hold_holder=None)
 
     def _destroy(self, key: str, reason: str) -> None:
         # interrupt a deployment waiting for guestd first (it holds the instance's lock meanwhile);
@@ -437,11 +440,12 @@ class Node:
                                 f"authorized for", limit="max_lifetime", allowed=str(inst.max_lifetime),
                                 requested=str(lifetime))
         self.store.update(inst.key, termination=new)
-        if inst.hold_id:  # the image stays held as long as the instance may live
-            hold = self.repository.hold(inst.image_id, f"{self.address}#{inst.key}",
-                                        int(new - time.time()) + self.config.hold_grace)
-            self.store.update(inst.key, hold_id=hold)
-            self.repository.release(inst.hold_id)
+        if inst.hold_id:  # the image stays held as long as the instance may live (the same hold, renewed)
+            holder = inst.hold_holder or f"{self.address}#{inst.key}"
+            hold = self.repository.hold(inst.image_id, holder, int(new - time.time()) + self.config.hold_grace)
+            self.store.update(inst.key, hold_id=hold, hold_holder=holder)
+            if hold != inst.hold_id:
+                self.repository.release(inst.hold_id)
         return new
 
     # -- inspection ----------------------------------------------------------------------------------------

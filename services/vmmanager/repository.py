@@ -71,6 +71,16 @@ class RepositoryAccess:
         except VMGridFault as exc:   # the hold expires by itself anyway
             log.warning("could not release hold %s: %s", hold_id, exc.description)
 
+    def release_holder(self, image_id: str, holder: str) -> None:
+        """Release ``holder``'s hold on an image without knowing its id: holds are one per image and holder,
+        so asking again (for a second) names it."""
+        try:
+            hold_id = self._call("hold", image_id, holder, 1)[0]
+        except VMGridFault as exc:
+            log.warning("could not find the hold of %s on %s: %s", holder, image_id, exc.description)
+            return
+        self.release(hold_id)
+
     def fetch(self, image_id: str, sha256: str, size: int, dest: Path, progress) -> None:
         location = self._location(image_id)
         try:

@@ -41,7 +41,8 @@ CREATE TABLE IF NOT EXISTS instances (
     failure        TEXT,
     token          TEXT NOT NULL,
     hold_id        TEXT,
-    ended          REAL
+    ended          REAL,
+    hold_holder    TEXT
 );
 CREATE UNIQUE INDEX IF NOT EXISTS instances_live_identifier ON instances (owner, identifier)
     WHERE state NOT IN ('Destroyed', 'Failed');
@@ -101,6 +102,7 @@ class Instance:
     token: str = ""
     hold_id: str | None = None
     ended: float | None = None
+    hold_holder: str | None = None   # recorded before the hold is asked for: the repository finds it by holder
 
     @property
     def state_enum(self) -> State:
@@ -161,6 +163,9 @@ class NodeStore:
         self.path = Path(path)
         self.db = Database(self.path)
         self._db().executescript(SCHEMA)
+        columns = {r[1] for r in self._db().execute("PRAGMA table_info(instances)")}
+        if "hold_holder" not in columns:    # a node state written before holds were found by holder
+            self._db().execute("ALTER TABLE instances ADD COLUMN hold_holder TEXT")
 
     def _db(self) -> sqlite3.Connection:
         return self.db.conn()

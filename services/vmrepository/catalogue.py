@@ -318,9 +318,17 @@ class Catalogue:
         return last, []
 
     def hold(self, image_id: str, holder: str, owner: str, seconds: int) -> tuple[str, float]:
-        hold_id = "hold-" + uuid.uuid4().hex
+        """A hold on ``image_id`` for ``holder`` (asked by ``owner``) for ``seconds``. One hold per image, holder
+        and owner: asking again renews it and returns its id, so a holder that never learned the id (a node
+        killed before it recorded it) finds its hold again by asking."""
         expires = time.time() + seconds
         with self._write() as db:
+            row = db.execute("SELECT hold_id FROM holds WHERE image_id = ? AND holder = ? AND owner = ?",
+                             (image_id, holder, owner)).fetchone()
+            if row is not None:
+                db.execute("UPDATE holds SET expires = ? WHERE hold_id = ?", (expires, row[0]))
+                return row[0], expires
+            hold_id = "hold-" + uuid.uuid4().hex
             db.execute("INSERT INTO holds (hold_id, image_id, holder, owner, expires) VALUES (?, ?, ?, ?, ?)",
                        (hold_id, image_id, holder, owner, expires))
         return hold_id, expires

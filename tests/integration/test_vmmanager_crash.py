@@ -83,8 +83,8 @@ def held(grid: LocalGrid) -> dict:
 NOTHING = {"leases": 0, "live": 0, "transient": 0, "holds": 0, "slots": 0, "dirs": [], "partial": []}
 
 
-@pytest.mark.parametrize("point", ["deploy.registered", "deploy.leased", "deploy.staged", "deploy.overlay",
-                                   "deploy.context", "deploy.powered-on"])
+@pytest.mark.parametrize("point", ["deploy.registered", "deploy.leased", "stage.held", "deploy.staged",
+                                   "deploy.overlay", "deploy.context", "deploy.powered-on"])
 def test_sigkill_at_each_phase_then_restart_is_consistent(site, point):
     proc = start_node(site, point)
     with pytest.raises(ClientError):
