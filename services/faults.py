@@ -158,6 +158,9 @@ def is_storage_full(exc: BaseException) -> bool:
     return False
 
 
+# Faults a later try of the same request may overcome: the service down, its disk full, an unexpected failure.
+RETRYABLE: tuple[type[VMGridFault], ...] = (ServiceUnavailable, StorageFull, InternalFault)
+
 _REGISTRY: dict[str, type[VMGridFault]] = {}
 
 

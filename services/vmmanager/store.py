@@ -68,6 +68,16 @@ CREATE TABLE IF NOT EXISTS subscriptions (
     expires      REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS subscriptions_instance ON subscriptions (instance_key);
+CREATE TABLE IF NOT EXISTS outbox (
+    id         INTEGER PRIMARY KEY,
+    kind       TEXT NOT NULL,           -- what to give back at the central services: 'hold', 'holder', 'slot'
+    instance   TEXT NOT NULL,
+    arg        TEXT NOT NULL DEFAULT '',
+    created    REAL NOT NULL,
+    attempts   INTEGER NOT NULL DEFAULT 0,
+    next_try   REAL NOT NULL,
+    last_error TEXT
+);
 """
 
 
@@ -175,6 +185,33 @@ class NodeStore:
 
     def close(self) -> None:
         self.db.close()
+
+    # -- the outbox: releases the central services could not take yet ------------------------------
+    def enqueue(self, kind: str, instance: str, arg: str = "", error: str = "") -> None:
+        now = time.time()
+        with self.write() as db:
+            db.execute("INSERT INTO outbox (kind, instance, arg, created, attempts, next_try, last_error) "
+                       "VALUES (?, ?, ?, ?, 1, ?, ?)", (kind, instance, arg, now, now + 0.5, error))
+
+    def outbox(self, due: float | None = None, instance: str | None = None) -> list[tuple[int, str, str, str, int]]:
+        """(id, kind, instance, arg, attempts) of the pending releases (only those due at ``due``)."""
+        sql, params = "SELECT id, kind, instance, arg, attempts FROM outbox WHERE 1", []
+        if due is not None:
+            sql += " AND next_try <= ?"
+            params.append(due)
+        if instance is not None:
+            sql += " AND instance = ?"
+            params.append(instance)
+        return self._db().execute(sql + " ORDER BY id", params).fetchall()
+
+    def outbox_done(self, entry: int) -> None:
+        with self.write() as db:
+            db.execute("DELETE FROM outbox WHERE id = ?", (entry,))
+
+    def outbox_retry(self, entry: int, error: str, next_try: float) -> None:
+        with self.write() as db:
+            db.execute("UPDATE outbox SET attempts = attempts + 1, next_try = ?, last_error = ? WHERE id = ?",
+                       (next_try, error, entry))
 
     # -- instances ------------------------------------------------------------------------------
     def insert(self, inst: Instance) -> None:
