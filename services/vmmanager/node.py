@@ -49,7 +49,7 @@ class Node:
                  repository, notifier: Notifier | None = None, address: str = "", state_change=None):
         self.config = config
         self.node = config.node or socket.gethostname()
-        self.authz = Enforcer(pdp)
+        self.authz = Enforcer(pdp, identity=self.node)   # slots keyed by this node and its credential
         self.vmm = vmm
         self.repository = repository
         self.notifier = notifier
