@@ -3,8 +3,9 @@ a seeded schedule SIGKILLs a node (once right after the repository granted an im
 (once while a node stages an image over GridFTP) and restarts them. Afterwards every invariant holds: image
 holds and authorization slots are exactly the live instances', no orphan lease or overlay, no instance in a
 transitional state or known to two nodes, every image hashes to its sha256, the audit chain is intact and no
-release is left pending. Bounded: 30 s of load plus the restarts (about two minutes on a busy 2-core machine). (Domains of libvirt's test driver live inside each node
-process and die with it; the node's own reconciliation counts them, tests/integration/test_vmmanager_crash.py.)"""
+release is left pending. Bounded: 30 s of load plus the restarts (about two minutes on a busy 2-core
+machine). (Domains of libvirt's test driver live inside each node process and die with it; the node's own
+reconciliation counts them, tests/integration/test_vmmanager_crash.py.)"""
 from __future__ import annotations
 
 import pytest
