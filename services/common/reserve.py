@@ -49,3 +49,22 @@ class SpaceReserve:
                 tmp.unlink(missing_ok=True)
                 log.warning("no space reserve at %s (%s)", self.path, exc.strerror)
                 return False
+
+
+def release_if_full(state_dir: Path, needed: int = 1024 * 1024) -> list[Path]:
+    """At start: when the disk holding ``state_dir`` has less than ``needed`` bytes free, give up the services'
+    space reserves (``<state_dir>/<service>/reserve``) so their databases can open (SQLite needs a little
+    room for its shared-memory file even to read). Returns the reserves released."""
+    root = Path(state_dir)
+    try:
+        st = os.statvfs(root)
+    except OSError:
+        return []
+    if st.f_bavail * st.f_frsize >= needed:
+        return []
+    released = []
+    for path in sorted(root.glob("*/reserve")):
+        path.unlink(missing_ok=True)
+        released.append(path)
+        log.warning("the disk holding %s is full: released the space reserve %s to start", root, path)
+    return released

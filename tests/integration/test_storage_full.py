@@ -148,6 +148,13 @@ def test_a_full_central_disk_gives_typed_faults_and_keeps_reads_and_removal_work
     with pytest.raises(StorageFull):
         register(grid, "still-too-much", size="4M")
 
+    # stopped cleanly and started on the full disk (its databases must open again): it serves
+    fill(grid.root / "central")
+    grid.stop("central")
+    grid.restart(central)
+    assert alice.show("bio/kept") is not None
+    assert [i.identifier for i in vm.list()] == ["before-full"]
+
     # space again: writes work, the audit chain is whole
     filler.unlink()
     vm.destroy(running.ref)
@@ -176,3 +183,37 @@ def test_a_full_node_disk_gives_typed_faults_and_keeps_the_node_answering(full):
     finally:
         filler.unlink()
         grid.stop("node1")
+
+
+def test_a_start_on_a_full_disk_gives_up_the_space_reserve_so_the_databases_open(tmp_path):
+    """A database closed cleanly has no shared-memory file left: SQLite cannot even read it on a full disk
+    until something frees a little space. The container's start gives up the services' reserves."""
+    from services.common.reserve import SpaceReserve, release_if_full
+
+    state = tmp_path / "state"
+    mount_tmpfs(state, "4m")
+    try:
+        (state / "repository").mkdir()
+        reserve = SpaceReserve(state / "repository" / "reserve", 1024 * 1024)
+        assert reserve.held
+        db = sqlite3.connect(state / "repository" / "catalogue.sqlite")
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("CREATE TABLE images (name TEXT)")
+        db.execute("INSERT INTO images VALUES ('kept')")
+        db.commit()
+        db.close()
+        fill(state)
+
+        def read() -> list:
+            conn = sqlite3.connect(state / "repository" / "catalogue.sqlite")
+            try:
+                return conn.execute("SELECT name FROM images").fetchall()
+            finally:
+                conn.close()
+
+        with pytest.raises(sqlite3.OperationalError):
+            read()
+        assert release_if_full(state) == [state / "repository" / "reserve"]
+        assert read() == [("kept",)]
+    finally:
+        subprocess.run(["umount", "-l", str(state)], check=False)
