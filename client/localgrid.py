@@ -72,6 +72,7 @@ class ServiceProcess:
     config: Path
     process: subprocess.Popen
     log: Path
+    services: list[str] = field(default_factory=list)
 
     @property
     def base_url(self) -> str:
@@ -134,11 +135,19 @@ class LocalGrid:
         merged = _merge(base, config)
         cfg = self.root / f"{name}.toml"
         write_toml(cfg, merged)
+        return self._spawn(name, services, cfg, port, extra_env, timeout)
+
+    def restart(self, sp: ServiceProcess, *, extra_env: dict | None = None, timeout: float = 30) -> ServiceProcess:
+        """Start a stopped (or killed) service process again, on its configuration and port."""
+        return self._spawn(sp.name, sp.services, sp.config, sp.port, extra_env, timeout)
+
+    def _spawn(self, name: str, services: list[str], cfg: Path, port: int, extra_env: dict | None,
+               timeout: float) -> ServiceProcess:
         log = self.root / f"{name}.log"
         proc = subprocess.Popen([sys.executable, "-m", "client.cli", "serve", *services, "-c", str(cfg)],
                                 stdout=open(log, "ab"), stderr=subprocess.STDOUT,
                                 env={**os.environ, **(extra_env or {})}, start_new_session=True)
-        sp = ServiceProcess(name, port, cfg, proc, log)
+        sp = ServiceProcess(name, port, cfg, proc, log, list(services))
         self.processes[name] = sp
         self.wait_ready(sp, timeout)
         return sp

@@ -82,7 +82,9 @@ class WSSecurityMiddleware:
         self.trust = trust
         self.policy = policy
         if replay is None:
-            replay = SQLiteReplayCache(state_dir) if state_dir is not None else MemoryReplayCache()
+            replay = (SQLiteReplayCache(state_dir, window=(policy.max_age + policy.clock_skew).total_seconds(),
+                                        skew=policy.clock_skew.total_seconds())
+                      if state_dir is not None else MemoryReplayCache())
         self.replay = replay
         self.understood = frozenset(understood_headers)
         self.sign_responses = sign_responses
@@ -104,6 +106,10 @@ class WSSecurityMiddleware:
         except WSSecurityError as exc:
             log.info("refused a request from %s: %s", environ.get("REMOTE_ADDR", "?"), exc)
             return self._fault(start_response, exc.qname, exc.reason)
+        except Exception:  # noqa: BLE001 - never an HTTP 500 without a SOAP fault
+            log.exception("could not verify a request from %s", environ.get("REMOTE_ADDR", "?"))
+            return self._fault(start_response, etree.QName(SOAP11, "Server"),
+                               "the message could not be verified (an internal error; see the service log)")
         not_understood = must_understand_violations(root, self.understood)
         if not_understood:
             names = ", ".join(str(etree.QName(q).localname) for q in not_understood)

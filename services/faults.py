@@ -7,6 +7,8 @@ generic SOAP error.
 """
 from __future__ import annotations
 
+import errno
+import sqlite3
 from typing import ClassVar
 
 from lxml import etree
@@ -137,6 +139,28 @@ class InternalFault(VMGridFault):
     client_error = False
 
 
+class StorageFull(VMGridFault):
+    """A write failed for lack of space (ENOSPC, EDQUOT, SQLite's "database or disk is full"); ``store``
+    names what is full. Nothing was half-written; operations that only read keep working."""
+
+    element = "StorageFullFault"
+    fields = ("store",)
+    client_error = False
+
+
+def is_storage_full(exc: BaseException) -> bool:
+    """Is ``exc`` a write that failed because a disk (or quota) is full?"""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(exc, sqlite3.Error):
+        return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or \
+            "database or disk is full" in str(exc)
+    return False
+
+
+# Faults a later try of the same request may overcome: the service down, its disk full, an unexpected failure.
+RETRYABLE: tuple[type[VMGridFault], ...] = (ServiceUnavailable, StorageFull, InternalFault)
+
 _REGISTRY: dict[str, type[VMGridFault]] = {}
 
 
@@ -148,7 +172,7 @@ def register(cls: type[VMGridFault]) -> type[VMGridFault]:
 
 for _cls in (InvalidDescriptor, UnknownImage, DuplicateName, BadQuery, ImageInUse, ChecksumMismatch,
              InvalidSource, InvalidArgument, AccessDenied, LimitExceeded, ServiceUnavailable, InternalFault,
-             ResourceUnknown, IllegalTransition, NoCapacity, VMMFault, TransferFault):
+             ResourceUnknown, IllegalTransition, NoCapacity, VMMFault, TransferFault, StorageFull):
     register(_cls)
 
 

@@ -3,14 +3,19 @@ what, on what, which rule, permit or deny, when), each line chained to the one b
 sha256, so a removed or altered line is detected (:func:`verify_chain`)."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
 import os
 import threading
 from collections import deque
 from pathlib import Path
 
 from services.common.xsdtime import now_datetime
+from services.faults import is_storage_full
+
+log = logging.getLogger("vmgrid.audit")
 
 GENESIS = "0" * 64
 
@@ -56,8 +61,11 @@ class AuditLog:
     """Appends records to ``path`` (opened O_APPEND; one write per record). Records get ``time``,
     ``seq`` and ``prev`` (the sha256 of the previous line)."""
 
-    def __init__(self, path: Path, *, fsync: bool = False):
+    def __init__(self, path: Path, *, fsync: bool = False, max_pending: int = 100_000):
         self.path = Path(path)
+        # records not yet written because the disk was full, in order; written before the next one
+        self._pending: list[bytes] = []
+        self.max_pending = max_pending
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.fsync = fsync
         self._lock = threading.Lock()
@@ -80,15 +88,44 @@ class AuditLog:
     def record(self, event: str, *, sync: bool = False, **fields) -> dict:
         """Append one record; returns it (with time, seq and prev)."""
         with self._lock:
+            if len(self._pending) >= self.max_pending:
+                self._flush()    # raises the disk-full error: nothing more is decided unaudited
             self._seq += 1
             rec = {"time": _utc(), "seq": self._seq, "event": event,
                    **{k: v for k, v in fields.items() if v is not None}, "prev": self._prev}
             line = json.dumps(rec, separators=(",", ":"), sort_keys=False, ensure_ascii=False).encode()
-            os.write(self._fd, line + b"\n")
-            if self.fsync or sync:
-                os.fsync(self._fd)
+            self._pending.append(line + b"\n")
             self._prev = _digest(line)
+            try:
+                self._flush()
+                if self.fsync or sync:
+                    os.fsync(self._fd)
+            except OSError as exc:
+                if not is_storage_full(exc):
+                    raise
+                if len(self._pending) == 1:
+                    log.warning("audit log %s: the disk is full; records are kept in memory (up to %d) until "
+                                "there is room", self.path, self.max_pending)
             return rec
+
+    def _flush(self) -> None:
+        """Write the pending records in order; a record cut short by a full disk is taken back whole."""
+        while self._pending:
+            data = self._pending[0]
+            size = os.fstat(self._fd).st_size
+            try:
+                written = os.write(self._fd, data)
+                if written != len(data):
+                    raise OSError(errno.ENOSPC, "short write: no space left on device")
+            except OSError:
+                os.ftruncate(self._fd, size)
+                raise
+            self._pending.pop(0)
+
+    @property
+    def pending(self) -> int:
+        """Records kept in memory because the disk is full."""
+        return len(self._pending)
 
     def read(self, *, subject: str | None = None, event: str | None = None, limit: int = 100) -> list[dict]:
         """The newest ``limit`` records (oldest first), optionally only those about/by ``subject`` or of ``event``."""
@@ -112,6 +149,11 @@ class AuditLog:
     def close(self) -> None:
         with self._lock:
             if self._fd >= 0:
+                try:
+                    self._flush()
+                except OSError as exc:
+                    log.error("audit log %s: %d record(s) could not be written: %s", self.path,
+                              len(self._pending), exc)
                 os.close(self._fd)
                 self._fd = -1
 

@@ -17,6 +17,12 @@ from services.authz.store import PolicyFile
 from services.faults import AccessDenied, InvalidArgument, LimitExceeded
 
 
+def claimant(requester: str, node: str = "") -> str:
+    """Who holds a slot: the enforcing service's credential (DN) and its own identity (a node name), so nodes
+    sharing a host certificate never reconcile each other's slots away."""
+    return f"{requester}#{node}" if node else requester
+
+
 def new_decision_id() -> str:
     return "d-" + uuid.uuid4().hex[:16]
 
@@ -51,10 +57,11 @@ class PolicyAuthority:
 
     # -- instance slots ----------------------------------------------------------------------------
     def claim(self, subject: Subject, action: str, instance: str, resource: Mapping[str, str],
-              context: Mapping[str, str], *, requester: str) -> tuple[Decision, Slot, bool]:
+              context: Mapping[str, str], *, requester: str, node: str = "") -> tuple[Decision, Slot, bool]:
         """Authorize, apply the obligations to the request, and count the instance, as one step. For
         ``vm.deploy`` the slot is the subject's; for another action on an existing instance (``vm.set-lifetime``,
-        ``vm.migrate``) the instance's slot is renewed whoever is authorized, or counted for its ``owner``."""
+        ``vm.migrate``) the instance's slot is renewed whoever is authorized, or counted for its ``owner``. The
+        slot's claimant is the requester's credential and its ``node`` identity (:func:`claimant`)."""
         decision, _ = self.authorize(subject, action, resource, context, requester=requester)
         if not decision.permit:
             raise AccessDenied(f"{subject.dn} may not {action} on {describe(resource)} (rule: {decision.rule})",
@@ -66,7 +73,7 @@ class PolicyAuthority:
             deploy = action == "vm.deploy"
             owner = subject.dn if deploy else resource.get("owner") or subject.dn
             slot, new = self.ledger.claim(
-                instance, owner, ob.get("group"), requester, renew_any=not deploy,
+                instance, owner, ob.get("group"), claimant(requester, node), renew_any=not deploy,
                 max_per_user=int(ob["max_instances_per_user"]) if "max_instances_per_user" in ob else None,
                 max_per_group=int(ob["max_instances_per_group"]) if "max_instances_per_group" in ob else None,
                 lifetime=lifetime, grace=self.slot_grace)
@@ -86,9 +93,11 @@ class PolicyAuthority:
                           subject=slot.subject if slot else None, group=slot.group if slot else None)
         return slot
 
-    def reconcile(self, instances: list[str], *, requester: str) -> list[str]:
-        gone = self.ledger.reconcile(requester, instances)
-        self.audit.record("slot", by=requester, result="reconciled", kept=len(instances), released=gone or None)
+    def reconcile(self, instances: list[str], *, requester: str, node: str = "") -> list[str]:
+        """Free the slots ``requester`` claimed as ``node`` for instances not in ``instances``."""
+        gone = self.ledger.reconcile(claimant(requester, node), instances)
+        self.audit.record("slot", by=requester, node=node or None, result="reconciled", kept=len(instances),
+                          released=gone or None)
         return gone
 
     def slots(self, *, subject: str | None = None, group: str | None = None) -> list[Slot]:
@@ -190,13 +199,13 @@ class LocalPolicyPoint:
         return self.authority.groups(subject.dn)[0]
 
     def claim_slot(self, subject: Subject, action: str, instance: str, resource: Mapping[str, str],
-                   context: Mapping[str, str]) -> tuple[Decision, Slot]:
+                   context: Mapping[str, str], node: str = "") -> tuple[Decision, Slot]:
         decision, slot, _ = self.authority.claim(subject, action, instance, resource, context,
-                                                 requester=self.requester)
+                                                 requester=self.requester, node=node)
         return decision, slot
 
     def release_slot(self, instance: str) -> bool:
         return self.authority.release(instance, requester=self.requester) is not None
 
-    def reconcile_slots(self, instances: list[str]) -> list[str]:
-        return self.authority.reconcile(instances, requester=self.requester)
+    def reconcile_slots(self, instances: list[str], node: str = "") -> list[str]:
+        return self.authority.reconcile(instances, requester=self.requester, node=node)

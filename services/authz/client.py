@@ -82,14 +82,17 @@ class AuthorizationClient:
 
     # -- slots -------------------------------------------------------------------------------------
     def claim_slot(self, subject: Subject, instance: str, resource: Mapping[str, object] | None = None,
-                   context: Mapping[str, object] | None = None, action: str = "vm.deploy"
+                   context: Mapping[str, object] | None = None, action: str = "vm.deploy", node: str = ""
                    ) -> tuple[Decision, Slot, bool]:
-        """(decision, slot, renewed); raises AccessDenied or LimitExceeded."""
+        """(decision, slot, renewed); raises AccessDenied or LimitExceeded. ``node``: the claiming service's
+        own identity (the slot is keyed by it and the credential)."""
         kwargs: dict = {"subject": subject_to_zeep(subject), "action": action, "instance": instance}
         if resource:
             kwargs["resource"] = attributes_to_zeep(resource)
         if context:
             kwargs["context"] = attributes_to_zeep(context)
+        if node:
+            kwargs["node"] = node
         resp = self.service.call("ClaimSlot", **kwargs)
         return (decision_from_xml(resp), slot_from_xml(resp.find("az:slot", NS)),
                 text(resp, "renewed") in ("true", "1"))
@@ -103,8 +106,8 @@ class AuthorizationClient:
         kwargs = {k: v for k, v in (("subject", subject), ("group", group)) if v}
         return [slot_from_xml(s) for s in self.service.call("ListSlots", **kwargs).iterfind("az:slot", NS)]
 
-    def reconcile_slots(self, instances: list[str]) -> list[str]:
-        resp = self.service.call("ReconcileSlots", instance=list(instances))
+    def reconcile_slots(self, instances: list[str], node: str = "") -> list[str]:
+        resp = self.service.call("ReconcileSlots", instance=list(instances), **({"node": node} if node else {}))
         return [r.text for r in resp.iterfind("az:released", NS)]
 
     # -- administration ----------------------------------------------------------------------------
@@ -258,16 +261,16 @@ class ServicePolicyPoint:
 
     # -- SlotKeeper --------------------------------------------------------------------------------
     def claim_slot(self, subject: Subject, action: str, instance: str, resource: Mapping[str, str],
-                   context: Mapping[str, str]) -> tuple[Decision, Slot]:
-        decision, slot, _ = self._call("claim_slot", subject, instance, resource, context, action)
+                   context: Mapping[str, str], node: str = "") -> tuple[Decision, Slot]:
+        decision, slot, _ = self._call("claim_slot", subject, instance, resource, context, action, node)
         self._note_version(decision.policy)
         return decision, slot
 
     def release_slot(self, instance: str) -> bool:
         return self._call("release_slot", instance) is not None
 
-    def reconcile_slots(self, instances: list[str]) -> list[str]:
-        return self._call("reconcile_slots", list(instances))
+    def reconcile_slots(self, instances: list[str], node: str = "") -> list[str]:
+        return self._call("reconcile_slots", list(instances), node)
 
     def forget(self) -> None:
         """Drop every cached permit and group list (e.g. after an admin change made through this process)."""

@@ -79,17 +79,19 @@ class SlotKeeper(Protocol):
     """A policy point that also counts running instances (the Authorization service)."""
 
     def claim_slot(self, subject: Subject, action: str, instance: str, resource: Mapping[str, str],
-                   context: Mapping[str, str]) -> tuple[Decision, Slot]:
+                   context: Mapping[str, str], node: str = "") -> tuple[Decision, Slot]:
         """Authorize ``action`` and count ``instance`` against the limits, atomically; raises AccessDenied or
-        LimitExceeded. Claiming an instance that already has a slot renews it (same subject only)."""
+        LimitExceeded. Claiming an instance that already has a slot renews it (same subject only). ``node``: the
+        claiming service's own identity; with its credential it keys the slot."""
         ...
 
     def release_slot(self, instance: str) -> bool:
         """Free the instance's slot; False when it had none."""
         ...
 
-    def reconcile_slots(self, instances: list[str]) -> list[str]:
-        """Free the caller's slots of instances not in ``instances`` (after a restart); the freed ones."""
+    def reconcile_slots(self, instances: list[str], node: str = "") -> list[str]:
+        """Free the slots the caller claimed as ``node`` of instances not in ``instances`` (after a restart); the
+        freed ones."""
         ...
 
 
@@ -100,8 +102,9 @@ def describe(resource: Mapping[str, str]) -> str:
 class Enforcer:
     """The enforcement point a service holds: ``check`` before acting, or raise AccessDenied."""
 
-    def __init__(self, pdp: PolicyDecisionPoint):
+    def __init__(self, pdp: PolicyDecisionPoint, identity: str = ""):
         self.pdp = pdp
+        self.identity = identity    # the enforcing service's own identity (a node name): it keys its slots
 
     def check(self, caller, action: str, resource: Mapping[str, str] | None = None,
               context: Mapping[str, str] | None = None) -> Decision:
@@ -127,7 +130,8 @@ class Enforcer:
         subject = _subject(caller)
         context = dict(context or {})
         if isinstance(self.pdp, SlotKeeper):
-            decision, slot = self.pdp.claim_slot(subject, action, instance, dict(resource or {}), context)
+            decision, slot = self.pdp.claim_slot(subject, action, instance, dict(resource or {}), context,
+                                                 self.identity)
             enforce_obligations(decision, context)
             return decision, slot
         decision = self.check(caller, action, resource, context)
@@ -140,7 +144,7 @@ class Enforcer:
 
     def reconcile(self, instances: list[str]) -> list[str]:
         """After a restart: free the slots this service claimed for instances it no longer has."""
-        return self.pdp.reconcile_slots(list(instances)) if isinstance(self.pdp, SlotKeeper) else []
+        return self.pdp.reconcile_slots(list(instances), self.identity) if isinstance(self.pdp, SlotKeeper) else []
 
 
 def _subject(caller) -> Subject:

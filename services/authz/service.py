@@ -143,7 +143,8 @@ class AuthorizationService(SoapService):
         decision, slot, renewed = self.authority.claim(
             subject, (text(req, "action") or "vm.deploy").strip(), text(req, "instance").strip(),
             attributes_from_xml(req.find("az:resource", NS), "resource"),
-            attributes_from_xml(req.find("az:context", NS), "context"), requester=ctx.dn)
+            attributes_from_xml(req.find("az:context", NS), "context"), requester=ctx.dn,
+            node=(text(req, "node") or "").strip())
         resp = el("ClaimSlotResponse")
         sub(resp, "rule", decision.rule)
         sub(resp, "decisionId", decision.decision_id)
@@ -176,7 +177,7 @@ class AuthorizationService(SoapService):
         self._enforcement_point(ctx)
         instances = [(i.text or "").strip() for i in req.iterfind("az:instance", NS)]
         resp = el("ReconcileSlotsResponse")
-        for instance in self.authority.reconcile(instances, requester=ctx.dn):
+        for instance in self.authority.reconcile(instances, requester=ctx.dn, node=(text(req, "node") or "").strip()):
             sub(resp, "released", instance)
         return resp
 

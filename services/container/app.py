@@ -18,13 +18,14 @@ from services.container.addressing import AddressingFault, check_request, normal
 from services.container.contract import SCHEMA_PATH, SERVICES_PATH, served_schema
 from services.container.service import CallContext, SoapService
 from services.descriptor import WORKSPACE_TAG, check_descriptor
-from services.faults import InternalFault, InvalidArgument, VMGridFault
+from services.faults import InternalFault, InvalidArgument, StorageFull, VMGridFault, is_storage_full
 
 call_log = logging.getLogger("vmgrid.calls")
 
 # Faults the container itself answers for any operation: a request that fails schema validation, an unexpected
 # error. Every operation declares them (tests/unit/contract checks), so typed stacks (Axis, gSOAP) map them.
-CONTAINER_FAULTS = ("InvalidArgumentFault", "InternalFault")
+# A write that finds its disk full is StorageFull wherever it happens (every operation may write: state, audit).
+CONTAINER_FAULTS = ("InvalidArgumentFault", "InternalFault", "StorageFullFault")
 
 CALLER_KEY = "vmgrid.caller"
 ENVELOPE_KEY = "vmgrid.envelope"
@@ -133,13 +134,21 @@ class SoapApplication:
         except soap.EnvelopeError as exc:
             outcome = f"fault:soap-{exc.code}"
             env, status = soap.fault_envelope(exc.code, str(exc)), "500 Internal Server Error"
-        except Exception:  # noqa: BLE001 - the one place an unexpected error becomes a fault
-            incident = uuid.uuid4().hex[:12]
-            service.log.error("incident %s in %s.%s\n%s", incident, service.name, op_name, traceback.format_exc())
-            outcome = "fault:InternalFault"
-            env = soap.typed_fault_envelope(InternalFault(
-                f"internal error in {service.name}.{op_name}; incident {incident} is in the service log",
-                incident=incident))
+        except Exception as exc:  # noqa: BLE001 - the one place an unexpected error becomes a fault
+            if is_storage_full(exc):
+                service.log.warning("%s.%s: storage full: %s", service.name, op_name, exc)
+                outcome = "fault:StorageFullFault"
+                env = soap.typed_fault_envelope(StorageFull(
+                    f"{service.name}.{op_name} could not write its state: the disk holding it is full ({exc}); "
+                    f"nothing was half-written", store=f"{service.name} state"))
+            else:
+                incident = uuid.uuid4().hex[:12]
+                service.log.error("incident %s in %s.%s\n%s", incident, service.name, op_name,
+                                  traceback.format_exc())
+                outcome = "fault:InternalFault"
+                env = soap.typed_fault_envelope(InternalFault(
+                    f"internal error in {service.name}.{op_name}; incident {incident} is in the service log",
+                    incident=incident))
             status = "500 Internal Server Error"
         environ[RESPONSE_KEY] = env
         body = soap.serialize(env)

@@ -6,6 +6,7 @@ import signal
 import sys
 
 from services.common.errors import CLIError
+from services.common.reserve import release_if_full
 
 
 def register(subparsers) -> None:
@@ -41,6 +42,7 @@ def run(args) -> int:
     if args.state_dir:
         config.container.state_dir = args.state_dir
     setup_logging(config.container.log_level, config.container.log_file)
+    release_if_full(config.container.state_dir)    # a restart on a full disk still opens its databases
     try:
         services = [build_service(name, config) for name in args.services]
         container = build_container(config, services, port=args.port)

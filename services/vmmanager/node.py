@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Iterator
 
 from services.authz.pep import Enforcer, PolicyDecisionPoint
-from services.faults import (InternalFault, InvalidArgument, InvalidDescriptor, LimitExceeded, ResourceUnknown,
-                             VMGridFault, VMMFault)
+from services.faults import (RETRYABLE, InternalFault, InvalidArgument, InvalidDescriptor, LimitExceeded,
+                             ResourceUnknown, VMGridFault, VMMFault)
 from services.vmmanager import network, phases, states
 from services.vmmanager.config import VMManagerConfig
 from services.vmmanager.context import new_token
@@ -38,6 +38,9 @@ from services.wsrf.notification import ConsumerPolicy, Notifier, Subscription, n
 
 log = logging.getLogger("vmgrid.VMManagerService")
 
+CLEANUP_PENDING = "destroyed; releases pending at the central services"
+CLEANUP_DONE = "destroyed; releases delivered to the central services"
+
 
 class Node:
     """One node's VMManager, without SOAP. ``address`` is the node's public VMManager URL."""
@@ -46,7 +49,7 @@ class Node:
                  repository, notifier: Notifier | None = None, address: str = "", state_change=None):
         self.config = config
         self.node = config.node or socket.gethostname()
-        self.authz = Enforcer(pdp)
+        self.authz = Enforcer(pdp, identity=self.node)   # slots keyed by this node and its credential
         self.vmm = vmm
         self.repository = repository
         self.notifier = notifier
@@ -212,11 +215,15 @@ class Node:
             with rec.phase("lease"):
                 phases.lease(self.parts, key)
         except BaseException as exc:
-            self._release(key, quiet=True)
-            if self.store.get(key) is not None:
-                reason = f"{type(exc).__name__}: {getattr(exc, 'description', exc)}"
-                self.store.set_state(key, State.FAILED, failure=reason)
-            self.authz.release(key)
+            try:   # on a full disk the clean-up's own writes may fail too: the slot is given back anyway
+                self._release(key, quiet=True)
+                if self.store.get(key) is not None:
+                    reason = f"{type(exc).__name__}: {getattr(exc, 'description', exc)}"
+                    self.store.set_state(key, State.FAILED, failure=reason)
+            except Exception:  # noqa: BLE001 - the deployment's own error is the one to report
+                log.exception("instance %s: cleaning up a failed deployment failed", key)
+            finally:
+                self._release_central("slot", key)
             raise
         log.info("instance %s (%s) of %s registered for %s, lifetime %d s", key, req.identifier, d.image_id,
                  caller.dn, req.lifetime)
@@ -285,7 +292,7 @@ class Node:
         with self._locked(key):
             self._release(key)
             self._set_state(key, State.FAILED, failure=f"{type(fault).__name__}: {fault.description}")
-        self.authz.release(key)
+        self._release_central("slot", key)
 
     def _release(self, key: str, quiet: bool = False) -> None:
         """Give back everything an instance holds: domain, overlay/context/state files, lease, image hold."""
@@ -301,8 +308,53 @@ class Node:
         shutil.rmtree(self.parts.home(key), ignore_errors=True)
         self.store.release_lease(key)
         if inst is not None and inst.hold_id:
-            self.repository.release(inst.hold_id)
-            self.store.update(key, hold_id=None)
+            self._release_central("hold", key, inst.hold_id)
+            self.store.update(key, hold_id=None, hold_holder=None)
+        elif inst is not None and inst.hold_holder:   # asked for, its id never recorded (a crash in between)
+            self._release_central("holder", key, f"{inst.image_id}\n{inst.hold_holder}")
+            self.store.update(key, hold_holder=None)
+
+    # -- releases at the central services, delivered or kept until they are ----------------------------
+    def _deliver(self, kind: str, key: str, arg: str) -> None:
+        if kind == "slot":
+            self.authz.release(key)
+        elif kind == "hold":
+            self.repository.release(arg)
+        elif kind == "holder":
+            image_id, _, holder = arg.partition("\n")
+            self.repository.release_holder(image_id, holder)
+        else:
+            log.error("outbox: unknown kind of release %r for %s", kind, key)
+
+    def _release_central(self, kind: str, key: str, arg: str = "") -> bool:
+        """Give back an instance's slot or image hold now; when the central services cannot take it (down,
+        their disk full), keep it in the outbox (persisted with the node's state) for the sweeper to retry."""
+        try:
+            self._deliver(kind, key, arg)
+            return True
+        except RETRYABLE as exc:
+            log.warning("instance %s: %s release kept for retry: %s", key, kind, exc.description)
+            self.store.enqueue(kind, key, arg, exc.description)
+            return False
+
+    def deliver_outbox(self, now: float | None = None) -> int:
+        """Retry the releases that are due; returns how many are still pending."""
+        now = time.time() if now is None else now
+        for entry, kind, key, arg, attempts in self.store.outbox(due=now):
+            try:
+                self._deliver(kind, key, arg)
+            except RETRYABLE as exc:
+                self.store.outbox_retry(entry, exc.description, now + min(30.0, 0.5 * 2 ** attempts))
+                continue
+            except VMGridFault as exc:   # refused for good: retrying cannot change it
+                log.warning("instance %s: %s release refused: %s", key, kind, exc.description)
+            self.store.outbox_done(entry)
+            log.info("instance %s: %s released (after %d attempt(s))", key, kind, attempts + 1)
+            if not self.store.outbox(instance=key):
+                inst = self.store.get(key)
+                if inst is not None and inst.guest_status.startswith(CLEANUP_PENDING):
+                    self.store.update(key, guest_status=CLEANUP_DONE)
+        return len(self.store.outbox())
 
     def _destroy(self, key: str, reason: str) -> None:
         # interrupt a deployment waiting for guestd first (it holds the instance's lock meanwhile);
@@ -317,8 +369,12 @@ class Node:
                 self._set_state(key, State.DESTROYED)
         finally:
             self._guest_waits.pop(key, None)
-        self.authz.release(key)
-        log.info("instance %s destroyed (%s)", key, reason)
+        self._release_central("slot", key)
+        pending = sorted({kind for _, kind, *_ in self.store.outbox(instance=key)})
+        if pending:   # destroyed all the same: what the central services did not take yet is retried
+            self.store.update(key, guest_status=f"{CLEANUP_PENDING} ({', '.join(pending)}), retried until "
+                                                f"the central services take it")
+        log.info("instance %s destroyed (%s)%s", key, reason, f"; pending: {pending}" if pending else "")
 
     # -- the factory ------------------------------------------------------------------------------------
     def list(self, caller, include_ended: bool = False) -> list[InstanceView]:
@@ -433,11 +489,12 @@ class Node:
                                 f"authorized for", limit="max_lifetime", allowed=str(inst.max_lifetime),
                                 requested=str(lifetime))
         self.store.update(inst.key, termination=new)
-        if inst.hold_id:  # the image stays held as long as the instance may live
-            hold = self.repository.hold(inst.image_id, f"{self.address}#{inst.key}",
-                                        int(new - time.time()) + self.config.hold_grace)
-            self.store.update(inst.key, hold_id=hold)
-            self.repository.release(inst.hold_id)
+        if inst.hold_id:  # the image stays held as long as the instance may live (the same hold, renewed)
+            holder = inst.hold_holder or f"{self.address}#{inst.key}"
+            hold = self.repository.hold(inst.image_id, holder, int(new - time.time()) + self.config.hold_grace)
+            self.store.update(inst.key, hold_id=hold, hold_holder=holder)
+            if hold != inst.hold_id:
+                self.repository.release(inst.hold_id)
         return new
 
     # -- inspection ----------------------------------------------------------------------------------------
@@ -457,7 +514,12 @@ class Node:
     # -- lifetimes, VMM events, recovery --------------------------------------------------------------------
     def sweep(self, now: float | None = None) -> list[str]:
         """Destroy the instances whose termination time has passed; returns their keys."""
-        expired = self.store.expired(time.time() if now is None else now)
+        now = time.time() if now is None else now
+        try:
+            self.deliver_outbox(now)
+        except Exception:
+            log.exception("could not retry the pending releases")
+        expired = self.store.expired(now)
         for key in expired:
             try:
                 self._destroy(key, "its termination time passed")
@@ -538,4 +600,5 @@ class Node:
             self.authz.reconcile(sorted(live_now))
         except VMGridFault as exc:
             log.warning("could not reconcile instance slots with the Authorization service: %s", exc.description)
+        report["releases_pending"] = self.deliver_outbox()
         return report

@@ -97,8 +97,11 @@ def stage(parts: NodeParts, key: str) -> None:
             parts.store.update(key, staged_bytes=done)
 
     _, cached = parts.cache.get(inst.image_id, inst.sha256, inst.size, inst.format, progress)
-    hold = parts.repository.hold(inst.image_id, f"{parts.address}#{key}",
-                                 int(inst.termination - time.time()) + parts.config.hold_grace)
+    # the intent first: a node killed before it records the hold's id finds the hold by its holder
+    holder = f"{parts.address}#{key}"
+    parts.store.update(key, hold_holder=holder)
+    hold = parts.repository.hold(inst.image_id, holder, int(inst.termination - time.time()) + parts.config.hold_grace)
+    crashpoint("stage.held")
     parts.store.update(key, staged_bytes=inst.size, cached=1 if cached else 0, hold_id=hold)
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import gridftp
 from services.descriptor import Descriptor
-from services.faults import (ChecksumMismatch, InvalidDescriptor, ServiceUnavailable, TransferFault, VMGridFault)
+from services.faults import (RETRYABLE, ChecksumMismatch, InvalidDescriptor, ServiceUnavailable, TransferFault,
+                             VMGridFault)
 from services.soapclient import ClientError, GridServiceClient
 from services.vmrepository.client import RepositoryClient
 
@@ -66,10 +67,26 @@ class RepositoryAccess:
         return self._call("hold", image_id, holder, seconds)[0]
 
     def release(self, hold_id: str) -> None:
+        """Release a hold. Raises what a later try may overcome (the repository unreachable, its disk full);
+        a hold it no longer has (or refuses to release) is logged: retrying would not change it."""
         try:
             self._call("release", hold_id)
-        except VMGridFault as exc:   # the hold expires by itself anyway
+        except RETRYABLE:
+            raise
+        except VMGridFault as exc:
             log.warning("could not release hold %s: %s", hold_id, exc.description)
+
+    def release_holder(self, image_id: str, holder: str) -> None:
+        """Release ``holder``'s hold on an image without knowing its id: holds are one per image and holder,
+        so asking again (for a second) names it."""
+        try:
+            hold_id = self._call("hold", image_id, holder, 1)[0]
+        except RETRYABLE:
+            raise
+        except VMGridFault as exc:
+            log.warning("could not find the hold of %s on %s: %s", holder, image_id, exc.description)
+            return
+        self.release(hold_id)
 
     def fetch(self, image_id: str, sha256: str, size: int, dest: Path, progress) -> None:
         location = self._location(image_id)

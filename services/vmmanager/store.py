@@ -41,7 +41,8 @@ CREATE TABLE IF NOT EXISTS instances (
     failure        TEXT,
     token          TEXT NOT NULL,
     hold_id        TEXT,
-    ended          REAL
+    ended          REAL,
+    hold_holder    TEXT
 );
 CREATE UNIQUE INDEX IF NOT EXISTS instances_live_identifier ON instances (owner, identifier)
     WHERE state NOT IN ('Destroyed', 'Failed');
@@ -67,6 +68,16 @@ CREATE TABLE IF NOT EXISTS subscriptions (
     expires      REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS subscriptions_instance ON subscriptions (instance_key);
+CREATE TABLE IF NOT EXISTS outbox (
+    id         INTEGER PRIMARY KEY,
+    kind       TEXT NOT NULL,           -- what to give back at the central services: 'hold', 'holder', 'slot'
+    instance   TEXT NOT NULL,
+    arg        TEXT NOT NULL DEFAULT '',
+    created    REAL NOT NULL,
+    attempts   INTEGER NOT NULL DEFAULT 0,
+    next_try   REAL NOT NULL,
+    last_error TEXT
+);
 """
 
 
@@ -101,6 +112,7 @@ class Instance:
     token: str = ""
     hold_id: str | None = None
     ended: float | None = None
+    hold_holder: str | None = None   # recorded before the hold is asked for: the repository finds it by holder
 
     @property
     def state_enum(self) -> State:
@@ -161,6 +173,9 @@ class NodeStore:
         self.path = Path(path)
         self.db = Database(self.path)
         self._db().executescript(SCHEMA)
+        columns = {r[1] for r in self._db().execute("PRAGMA table_info(instances)")}
+        if "hold_holder" not in columns:    # a node state written before holds were found by holder
+            self._db().execute("ALTER TABLE instances ADD COLUMN hold_holder TEXT")
 
     def _db(self) -> sqlite3.Connection:
         return self.db.conn()
@@ -170,6 +185,33 @@ class NodeStore:
 
     def close(self) -> None:
         self.db.close()
+
+    # -- the outbox: releases the central services could not take yet ------------------------------
+    def enqueue(self, kind: str, instance: str, arg: str = "", error: str = "") -> None:
+        now = time.time()
+        with self.write() as db:
+            db.execute("INSERT INTO outbox (kind, instance, arg, created, attempts, next_try, last_error) "
+                       "VALUES (?, ?, ?, ?, 1, ?, ?)", (kind, instance, arg, now, now + 0.5, error))
+
+    def outbox(self, due: float | None = None, instance: str | None = None) -> list[tuple[int, str, str, str, int]]:
+        """(id, kind, instance, arg, attempts) of the pending releases (only those due at ``due``)."""
+        sql, params = "SELECT id, kind, instance, arg, attempts FROM outbox WHERE 1", []
+        if due is not None:
+            sql += " AND next_try <= ?"
+            params.append(due)
+        if instance is not None:
+            sql += " AND instance = ?"
+            params.append(instance)
+        return self._db().execute(sql + " ORDER BY id", params).fetchall()
+
+    def outbox_done(self, entry: int) -> None:
+        with self.write() as db:
+            db.execute("DELETE FROM outbox WHERE id = ?", (entry,))
+
+    def outbox_retry(self, entry: int, error: str, next_try: float) -> None:
+        with self.write() as db:
+            db.execute("UPDATE outbox SET attempts = attempts + 1, next_try = ?, last_error = ? WHERE id = ?",
+                       (next_try, error, entry))
 
     # -- instances ------------------------------------------------------------------------------
     def insert(self, inst: Instance) -> None:

@@ -210,6 +210,20 @@ class Catalogue:
         d = Descriptor(element)
         now = d.created
         data = etree.tostring(element, encoding="UTF-8")
+        adopted: list[str] = []
+        try:
+            self._add(d, ingested, now, data, element, adopted)
+        except BaseException:
+            if adopted:   # a failed ingest leaves nothing behind: the blob it adopted goes (under the write lock)
+                try:
+                    with self._write("add-undo") as db:
+                        if not db.execute("SELECT 1 FROM blobs WHERE sha256 = ?", (adopted[0],)).fetchone():
+                            self.store.delete(adopted[0])
+                except sqlite3.Error:
+                    pass   # the next start's reconcile removes the orphan
+            raise
+
+    def _add(self, d, ingested, now, data, element, adopted: list[str]) -> None:
         from services.faults import DuplicateName, UnknownImage
 
         with self._write("add") as db:
@@ -217,6 +231,8 @@ class Catalogue:
                 raise DuplicateName(f"an image named {d.name!r} already exists in VO {d.vo!r}", vo=d.vo, name=d.name)
             have_blob = db.execute("SELECT 1 FROM blobs WHERE sha256 = ?", (d.sha256,)).fetchone()
             if ingested is not None:
+                if not self.store.exists(d.sha256):
+                    adopted.append(d.sha256)
                 self.store.adopt(ingested)
                 crashpoint("ingest.renamed")
                 if not have_blob:
@@ -302,9 +318,17 @@ class Catalogue:
         return last, []
 
     def hold(self, image_id: str, holder: str, owner: str, seconds: int) -> tuple[str, float]:
-        hold_id = "hold-" + uuid.uuid4().hex
+        """A hold on ``image_id`` for ``holder`` (asked by ``owner``) for ``seconds``. One hold per image, holder
+        and owner: asking again renews it and returns its id, so a holder that never learned the id (a node
+        killed before it recorded it) finds its hold again by asking."""
         expires = time.time() + seconds
         with self._write() as db:
+            row = db.execute("SELECT hold_id FROM holds WHERE image_id = ? AND holder = ? AND owner = ?",
+                             (image_id, holder, owner)).fetchone()
+            if row is not None:
+                db.execute("UPDATE holds SET expires = ? WHERE hold_id = ?", (expires, row[0]))
+                return row[0], expires
+            hold_id = "hold-" + uuid.uuid4().hex
             db.execute("INSERT INTO holds (hold_id, image_id, holder, owner, expires) VALUES (?, ?, ?, ?, ?)",
                        (hold_id, image_id, holder, owner, expires))
         return hold_id, expires

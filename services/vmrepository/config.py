@@ -13,6 +13,7 @@ class RepositoryConfig:
     max_image_bytes: int = 64 * 1024**3
     default_limit: int = 20
     max_hold_seconds: int = 7 * 24 * 3600
+    reserve_bytes: int = 8 * 1024 * 1024  # space kept free so RemoveImage works on a full disk (0: none)
     gridftp_port: int = 2811          # the image store's GridFTP server (0: any free port; -1: none)
     gridftp_host: str = ""            # "" = the container's host
     gridftp_public_host: str = ""     # the host name put in gsiftp:// URLs ("" = derived)

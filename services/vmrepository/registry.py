@@ -21,9 +21,10 @@ from typing import Protocol
 
 from services.authz.pep import Enforcer, PolicyDecisionPoint, Subject
 from services.common.crash import crashpoint
+from services.common.reserve import SpaceReserve
 from services.descriptor import Descriptor, check_descriptor, set_field, utc_now
 from services.faults import (AccessDenied, BadQuery, ChecksumMismatch, DuplicateName, ImageInUse, InvalidArgument,
-                             InvalidDescriptor, InvalidSource, UnknownImage)
+                             InvalidDescriptor, InvalidSource, StorageFull, UnknownImage, is_storage_full)
 from services.vmrepository.catalogue import Catalogue, Record, new_image_id
 from services.vmrepository.config import RepositoryConfig
 from services.vmrepository.query import XPATH_DIALECT, Criterion, compile_xpath, order_column, prepare_groups
@@ -127,6 +128,7 @@ class Registry:
         self.catalogue = Catalogue(self.state_dir / "catalogue.sqlite", self.store)
         self.upload_dir = Path(config.upload_dir) if config.upload_dir else self.state_dir / "uploads"
         self.upload_dir.mkdir(parents=True, exist_ok=True)
+        self.reserve = SpaceReserve(self.state_dir / "reserve", config.reserve_bytes)
         self.reconcile_report = self.catalogue.reconcile()
         log.info("catalogue reconciled: %s", self.reconcile_report)
         self.transfers: Transfers | None = None   # the GridFTP face, when this repository serves one
@@ -212,6 +214,9 @@ class Registry:
         except ValueError as exc:
             raise InvalidSource(f"{path}: {exc}", source=str(path)) from None
         except OSError as exc:
+            if is_storage_full(exc):
+                raise StorageFull(f"the image store is full: {path} ({exc.strerror}) was not registered, and nothing "
+                                  f"of it was kept", store=f"VMRepository image store {self.store.root}") from None
             raise InvalidSource(f"{path}: cannot read ({exc.strerror})", source=str(path)) from None
         try:
             if d.sha256 and d.sha256 != ingested.sha256:
@@ -304,7 +309,15 @@ class Registry:
 
     def remove(self, caller, ref: str) -> Removed:
         rec, _ = self._authorized(caller, ref, "image.remove")
-        deleted, holders = self.catalogue.remove(rec.image_id)
+        try:
+            deleted, holders = self.catalogue.remove(rec.image_id)
+        except Exception as exc:
+            if not is_storage_full(exc) or not self.reserve.release():
+                raise
+            # the disk is full: the reserve's space lets the catalogue record the removal that frees it
+            log.warning("removing %s on a full disk: the space reserve was released", rec.image_id)
+            deleted, holders = self.catalogue.remove(rec.image_id)
+        self.reserve.restore()
         if holders:
             raise ImageInUse(f"{rec.vo}/{rec.name} is held by {len(holders)} deployment(s): {', '.join(holders)}",
                              imageId=rec.image_id, holder=holders)

@@ -4,6 +4,8 @@ slot, no partial image in the cache, and the node deploys again."""
 from __future__ import annotations
 
 import signal
+import time
+from datetime import datetime, timedelta, timezone
 import sqlite3
 from pathlib import Path
 
@@ -83,8 +85,8 @@ def held(grid: LocalGrid) -> dict:
 NOTHING = {"leases": 0, "live": 0, "transient": 0, "holds": 0, "slots": 0, "dirs": [], "partial": []}
 
 
-@pytest.mark.parametrize("point", ["deploy.registered", "deploy.leased", "deploy.staged", "deploy.overlay",
-                                   "deploy.context", "deploy.powered-on"])
+@pytest.mark.parametrize("point", ["deploy.registered", "deploy.leased", "stage.held", "deploy.staged",
+                                   "deploy.overlay", "deploy.context", "deploy.powered-on"])
 def test_sigkill_at_each_phase_then_restart_is_consistent(site, point):
     proc = start_node(site, point)
     with pytest.raises(ClientError):
@@ -121,4 +123,75 @@ def test_a_killed_node_loses_its_test_driver_vms_and_says_so(site):
         lost = [i for i in node_client(site, proc).list(include_ended=True) if i.ref.key == info.ref.key]
         assert lost[0].state == "Failed" and "Lost" in lost[0].failure
     finally:
+        site.stop("node1")
+
+
+def outbox(grid: LocalGrid) -> list[tuple[str, str]]:
+    db = sqlite3.connect(grid.root / "node1" / "vmmanager" / "node.sqlite")
+    try:
+        return db.execute("SELECT kind, instance FROM outbox ORDER BY id").fetchall()
+    finally:
+        db.close()
+
+
+def record(grid: LocalGrid, key: str) -> tuple[str, str]:
+    db = sqlite3.connect(grid.root / "node1" / "vmmanager" / "node.sqlite")
+    try:
+        return db.execute("SELECT state, guest_status FROM instances WHERE key = ?", (key,)).fetchone()
+    finally:
+        db.close()
+
+
+def until(condition, timeout: float = 60) -> None:
+    """Poll ``condition`` (a state on disk another process changes) until it holds or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+def test_an_instance_ending_while_the_central_process_is_down_has_its_releases_kept_and_retried(site):
+    """The node destroys an instance whose lifetime ends while the central process is down; the hold and
+    slot it cannot give back are kept with the node's state, survive a node restart, and are delivered
+    once the central process is back."""
+    proc = start_node(site)
+    vm = node_client(site, proc)
+    info = vm.deploy(site.descriptor, "outage", 600, wait=True)
+    assert held(site)["holds"] == 1 and held(site)["slots"] == 1
+    vm.set_termination_time(info.ref, datetime.now(timezone.utc) + timedelta(seconds=3))
+    central = site.processes["central"]
+    site.stop("central", signal.SIGKILL)
+    try:
+        until(lambda: "releases pending" in record(site, info.ref.key)[1])
+        state, status = record(site, info.ref.key)
+        assert state == "Destroyed" and "releases pending" in status
+        assert sorted(kind for kind, _ in outbox(site)) == ["hold", "slot"]
+        site.stop("node1", signal.SIGKILL)        # the pending releases outlive the node
+        proc = start_node(site)
+        assert len(outbox(site)) == 2
+    finally:
+        site.restart(central)
+    try:
+        until(lambda: not outbox(site))           # the sweeper retries, backing off to at most 30 s
+        assert outbox(site) == []
+        assert held(site) == NOTHING
+        assert "delivered" in record(site, info.ref.key)[1]
+    finally:
+        site.stop("node1")
+
+
+def test_a_restarting_node_releases_only_its_own_slots_when_nodes_share_a_host_certificate(site):
+    """The local grid gives every process the same host certificate: node1's reconciliation after a restart
+    must not free the slot of an instance live on node2."""
+    proc = start_node(site)
+    other = site.start_node("node2", {"lease_range": "10.99.0.50-10.99.0.80", "sweep_interval": 0.5})
+    try:
+        info = node_client(site, other).deploy(site.descriptor, "on-node2", 600, wait=True)
+        assert held(site)["slots"] == 1
+        site.stop("node1", signal.SIGKILL)
+        proc = start_node(site)                   # node1 reconciles with no instance of its own
+        assert held(site)["slots"] == 1           # node2's instance still counts
+        node_client(site, other).destroy(info.ref)
+        assert held(site)["slots"] == 0
+    finally:
+        site.stop("node2")
         site.stop("node1")

@@ -170,3 +170,26 @@ def test_the_console_log_property_is_the_tail_of_the_first_serial_log(node):
     text = wire.ConsoleLog.read(wire.INSTANCE_PROPERTIES.get(view, req))
     assert len(text) == wire.ConsoleLog.TAIL and text.endswith("\ufffdlogin: \ufffd[0m\n")
     assert wire.ConsoleLog.qname not in {el.tag for el in wire.instance_element(view, node.address)}
+
+
+def test_destroy_succeeds_when_the_repository_cannot_take_the_hold_back_and_the_release_is_retried(node):
+    from services.faults import ServiceUnavailable
+
+    key = deploy(node).inst.key
+    (hold_id,) = node.source.holds
+    release, down = node.source.release, [True]
+
+    def unreachable(hold: str) -> None:
+        if down[0]:
+            raise ServiceUnavailable("the VMRepository cannot be reached", service="test")
+        release(hold)
+
+    node.source.release = unreachable
+    node.destroy(ALICE, key)                                 # answered: the instance is destroyed
+    inst = node.store.get(key)
+    assert inst.state == State.DESTROYED.value and "releases pending" in inst.guest_status
+    assert [(kind, arg) for _, kind, _, arg, _ in node.store.outbox()] == [("hold", hold_id)]
+    assert node.deliver_outbox(time.time() + 60) == 1        # still down: kept
+    down[0] = False
+    assert node.deliver_outbox(time.time() + 120) == 0
+    assert node.source.holds == {} and "delivered" in node.store.get(key).guest_status

@@ -244,3 +244,16 @@ def test_the_core_imports_no_xml_parser_and_no_soap():
     imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert not any(m.split(".")[0] == "lxml" or m.startswith(("services.container", "services.soapclient"))
                    for m in imported), imported
+
+
+def test_a_holder_asking_again_gets_its_own_hold_renewed(reg):
+    """Holds are one per image, holder and owner: a node that never recorded a hold's id finds it by asking."""
+    d = register(reg)
+    first = reg.hold(NODE, d.image_id, "https://node1/wsrf/services/VMManagerService#inst-1", 600)
+    again = reg.hold(NODE, d.image_id, "https://node1/wsrf/services/VMManagerService#inst-1", 1)
+    other = reg.hold(NODE, d.image_id, "https://node1/wsrf/services/VMManagerService#inst-2", 600)
+    assert again.hold_id == first.hold_id and again.expires < first.expires
+    assert other.hold_id != first.hold_id
+    assert reg.release(NODE, again.hold_id) is True
+    assert reg.release(NODE, other.hold_id) is True
+    assert reg.remove(ALICE, d.image_id).bytes_deleted is True
