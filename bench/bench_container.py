@@ -150,21 +150,28 @@ class Servers:
 
 
 # -- the clients ----------------------------------------------------------------------------------------------
+def wire_op(op: str) -> str:
+    """The WSDL operation of a benchmark operation (QueryImages20: QueryImages answering 20 descriptors)."""
+    return "QueryImages" if op.startswith("QueryImages") else op
+
+
 def payload(op: str) -> etree._Element:
     if op == "ListVOs":
         return etree.Element(f"{{{REPO_NS}}}ListVOs", nsmap={"repo": REPO_NS})
     q = etree.Element(f"{{{REPO_NS}}}QueryImages", nsmap={"repo": REPO_NS})
     c = etree.SubElement(etree.SubElement(etree.SubElement(q, f"{{{REPO_NS}}}criteria"), f"{{{REPO_NS}}}group"),
                          f"{{{REPO_NS}}}criterion")
-    for name, text in (("field", "memory"), ("operator", ">="), ("value", "256")):
+    threshold, limit = ("1", "20") if op == "QueryImages20" else ("256", "3")
+    for name, text in (("field", "memory"), ("operator", ">="), ("value", threshold)):
         etree.SubElement(c, f"{{{REPO_NS}}}{name}").text = text
-    etree.SubElement(q, f"{{{REPO_NS}}}limit").text = "3"
+    etree.SubElement(q, f"{{{REPO_NS}}}limit").text = limit
     return q
 
 
 def envelope(url: str, op: str) -> etree._Element:
     env = etree.Element(f"{{{SOAP}}}Envelope", nsmap={"soapenv": SOAP})
     header = etree.SubElement(env, f"{{{SOAP}}}Header")
+    op = wire_op(op)
     for name, text in (("Action", f"{REPO_NS}/{op}"), ("MessageID", f"urn:uuid:{uuid.uuid4()}"), ("To", url)):
         el = etree.SubElement(header, f"{{{WSA}}}{name}", nsmap={"wsa": WSA})
         el.text = text
@@ -184,8 +191,8 @@ def client_main(url: str, op: str, signed: bool, presign: bool, pki: dict, calls
         proxy = load_credential(proxy=pki["proxy"])
         trust = TrustStore(pki["cert_dir"])
         session = grid_session(pki["cert_dir"])
-        headers = {"Content-Type": "text/xml; charset=utf-8", "SOAPAction": f'"{REPO_NS}/{op}"'}
-        answer = f"{{{REPO_NS}}}{op}Response"
+        headers = {"Content-Type": "text/xml; charset=utf-8", "SOAPAction": f'"{REPO_NS}/{wire_op(op)}"'}
+        answer = f"{{{REPO_NS}}}{wire_op(op)}Response"
 
         def encode() -> bytes:
             env = envelope(url, op)
@@ -290,8 +297,9 @@ def make_config(root: Path, pki, tls: bool) -> Path:
     return path
 
 
-def populate(url: str, pki, ingest: Path) -> int:
-    """Six images in two VOs (four of them alice's VO), registered by the admin."""
+def populate(url: str, pki, ingest: Path, alice_images: int = 4) -> int:
+    """Six images in two VOs (four of them alice's VO), registered by the admin; with ``alice_images`` > 4,
+    more copies of debian12-emboss (alice's VO) until she can see that many."""
     from client.repository import RepositoryClient
     from client.soap import GridServiceClient
     from guestd.image.sample import make_sample_image
@@ -301,7 +309,10 @@ def populate(url: str, pki, ingest: Path) -> int:
     admin = RepositoryClient(GridServiceClient(url, pki.admin.proxy, pki.trust()))
     n = 0
     for example in ("debian12-emboss", "debian12-emboss-bigmem", "sl4-blast", "debian12-hep"):
-        for copy in range(2 if example.startswith("debian12-emboss") else 1):
+        copies = 2 if example.startswith("debian12-emboss") else 1
+        if example == "debian12-emboss":
+            copies += max(alice_images - 4, 0)
+        for copy in range(copies):
             ws = parse_descriptor((EXAMPLES / f"{example}.xml").read_bytes())
             name = f"{example}-{copy}"
             set_field(ws, "identity", "name", name)

@@ -294,3 +294,19 @@ def machine_cpu() -> float:
 def loadavg() -> str:
     one, five, _ = os.getloadavg()
     return f"load average {one:.2f} (1 min), {five:.2f} (5 min)"
+
+
+def machine_facts() -> str:
+    """Cores, CPU model and whether it has the SHA and AVX2 extensions (they decide hashing speed)."""
+    flags: set[str] = set()
+    model = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+            elif line.startswith("model name") and model == "?":
+                model = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    ext = ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in ("sha_ni", "avx2"))
+    return f"{os.cpu_count()} cores ({model}; {ext}), {loadavg()}"

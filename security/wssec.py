@@ -15,7 +15,9 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as _dt
+import functools
 import hashlib
+import hmac
 import re
 import uuid
 from dataclasses import dataclass, field
@@ -23,11 +25,11 @@ from typing import Callable, ClassVar, Iterable
 
 import cryptography.exceptions
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 from lxml import etree
-from signxml import SignatureReference, XMLSigner, XMLVerifier
-from signxml.algorithms import CanonicalizationMethod, DigestAlgorithm, SignatureConstructionMethod, SignatureMethod
-from signxml.exceptions import SignXMLException
+from signxml.algorithms import DigestAlgorithm, SignatureMethod
 
 from . import safexml
 from .pki import Credential, der_items
@@ -84,10 +86,14 @@ _ACCEPTED = ("send the certificate (or the proxy chain as an X509PKIPathv1 token
              "wsse:Security and point to it with wsse:Reference (WSS4J: keyIdentifierType=DirectReference; "
              "gSOAP: soap_wsse_add_BinarySecurityTokenX509 + soap_wsse_add_KeyInfo_SecurityTokenReferenceX509)")
 
-_EXC = CanonicalizationMethod.EXCLUSIVE_XML_CANONICALIZATION_1_0
-_SIGNATURE_METHODS = {m.value: m for m in (SignatureMethod.RSA_SHA256, SignatureMethod.RSA_SHA384,
-                                           SignatureMethod.RSA_SHA512)}
-_DIGESTS = {d.value: d for d in (DigestAlgorithm.SHA256, DigestAlgorithm.SHA384, DigestAlgorithm.SHA512)}
+_SIGNATURE_METHODS: dict[str, tuple[type, type]] = {
+    SignatureMethod.RSA_SHA256.value: (rsa.RSAPublicKey, hashes.SHA256),
+    SignatureMethod.RSA_SHA384.value: (rsa.RSAPublicKey, hashes.SHA384),
+    SignatureMethod.RSA_SHA512.value: (rsa.RSAPublicKey, hashes.SHA512),
+    SignatureMethod.ECDSA_SHA256.value: (ec.EllipticCurvePublicKey, hashes.SHA256),
+    SignatureMethod.ECDSA_SHA384.value: (ec.EllipticCurvePublicKey, hashes.SHA384),
+    SignatureMethod.ECDSA_SHA512.value: (ec.EllipticCurvePublicKey, hashes.SHA512),
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,18 +159,73 @@ DEFAULT_POLICY = SecurityPolicy()
 # ---------------------------------------------------------------------------------------------
 # Signing
 
-class _InPlaceSigner(XMLSigner):
-    """signxml's signer, computing digests on the live tree instead of re-parsed copies (exclusive c14n makes that
-    equivalent) so signing does not serialise the envelope once per reference."""
+# The ds:Signature is built here directly (the same elements, attributes and order signxml's XMLSigner writes for
+# a detached signature with exclusive c14n): signxml resolves each reference with an XPath over the whole document
+# and builds its elements through dataclass copies, which cost more than the RSA signature itself.
+Q_C14N_METHOD, Q_SIGNATURE_METHOD, Q_REFERENCE_DS = (f"{{{DS}}}{n}" for n in
+                                                     ("CanonicalizationMethod", "SignatureMethod", "Reference"))
+Q_TRANSFORMS, Q_TRANSFORM, Q_DIGEST_METHOD, Q_DIGEST_VALUE = (f"{{{DS}}}{n}" for n in
+                                                              ("Transforms", "Transform", "DigestMethod", "DigestValue"))
+Q_INCLUSIVE_NAMESPACES = f"{{{EXC_C14N}}}InclusiveNamespaces"
+RSA_SHA256 = SignatureMethod.RSA_SHA256.value
+ECDSA_SHA256 = SignatureMethod.ECDSA_SHA256.value
+SHA256_DIGEST = DigestAlgorithm.SHA256.value
+_HASHES = {DigestAlgorithm.SHA256.value: hashlib.sha256, DigestAlgorithm.SHA384.value: hashlib.sha384,
+           DigestAlgorithm.SHA512.value: hashlib.sha512}
 
-    def get_root(self, data):
-        if isinstance(data, etree._Element):
-            return data
-        return super().get_root(data)
+
+def c14n(el: etree._Element, inclusive_prefixes: list[str] | None = None) -> bytes:
+    """Exclusive XML canonicalization 1.0 (without comments) of `el` and its subtree."""
+    return etree.tostring(el, method="c14n", exclusive=True, with_comments=False,
+                          inclusive_ns_prefixes=inclusive_prefixes)
 
 
-_signer_kwargs = dict(method=SignatureConstructionMethod.detached, signature_algorithm=SignatureMethod.RSA_SHA256,
-                      digest_algorithm=DigestAlgorithm.SHA256, c14n_algorithm=_EXC)
+def _signature_method(key) -> str:
+    if isinstance(key, rsa.RSAPrivateKey):
+        return RSA_SHA256
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return ECDSA_SHA256
+    raise InvalidSecurity(f"cannot sign with a {type(key).__name__} (RSA and EC P-256 keys can)")
+
+
+def _raw_signature(key, data: bytes) -> bytes:
+    """RSA PKCS#1 v1.5 with SHA-256, or ECDSA with SHA-256 as XML DSig writes it (r || s, each the curve's size)."""
+    if isinstance(key, rsa.RSAPrivateKey):
+        return key.sign(data, padding.PKCS1v15(), hashes.SHA256())
+    r, s_ = decode_dss_signature(key.sign(data, ec.ECDSA(hashes.SHA256())))
+    size = (key.curve.key_size + 7) // 8
+    return r.to_bytes(size, "big") + s_.to_bytes(size, "big")
+
+
+def _signature(references: list[tuple[str, list[str] | None]], targets: list[etree._Element], key,
+               token_id: str, token_type: str) -> etree._Element:
+    """A ds:Signature over `targets` (exclusive c14n, SHA-256 digests) with a KeyInfo pointing to the token."""
+    sig = etree.Element(Q_SIGNATURE, nsmap={"ds": DS})
+    signed_info = etree.SubElement(sig, Q_SIGNED_INFO, nsmap={"ds": DS})
+    etree.SubElement(signed_info, Q_C14N_METHOD, Algorithm=EXC_C14N)
+    etree.SubElement(signed_info, Q_SIGNATURE_METHOD, Algorithm=_signature_method(key))
+    for (uri, prefixes), target in zip(references, targets):
+        ref = etree.SubElement(signed_info, Q_REFERENCE_DS, URI=uri)
+        transform = etree.SubElement(etree.SubElement(ref, Q_TRANSFORMS), Q_TRANSFORM, Algorithm=EXC_C14N)
+        if prefixes:
+            etree.SubElement(transform, Q_INCLUSIVE_NAMESPACES, PrefixList=" ".join(prefixes))
+        etree.SubElement(ref, Q_DIGEST_METHOD, Algorithm=SHA256_DIGEST)
+        etree.SubElement(ref, Q_DIGEST_VALUE).text = base64.b64encode(
+            hashlib.sha256(c14n(target, prefixes)).digest()).decode()
+    etree.SubElement(sig, Q_SIGNATURE_VALUE).text = base64.b64encode(_raw_signature(key, c14n(signed_info))).decode()
+    key_info = etree.SubElement(sig, Q_KEY_INFO, nsmap={"ds": DS})
+    str_el = etree.SubElement(key_info, Q_STR, nsmap={"wsse": WSSE})
+    etree.SubElement(str_el, Q_REFERENCE, URI="#" + token_id, ValueType=token_type)
+    return sig
+
+
+@functools.lru_cache(maxsize=64)
+def _token_text(certificates: tuple[x509.Certificate, ...], use_path: bool) -> tuple[str, str]:
+    """(ValueType, base64 text) of the BinarySecurityToken for a credential's certificates (leaf first); cached,
+    a busy service signs every response with the same certificate."""
+    if use_path:
+        return X509PKIPATH, base64.b64encode(pkipath(reversed(certificates))).decode()
+    return X509V3, base64.b64encode(_der(certificates[0])).decode()
 
 
 def _new_id(prefix: str) -> str:
@@ -250,15 +311,11 @@ def sign_in_place(envelope: etree._Element, credential: Credential, *, ttl: floa
         security.insert(0, timestamp)
     _ensure_id(timestamp, "TS")
 
-    use_path = token == "X509PKIPathv1" or (token == "auto" and credential.chain)
+    use_path = bool(token == "X509PKIPathv1" or (token == "auto" and credential.chain))
     bst = etree.Element(Q_BST, nsmap={"wsse": WSSE, "wsu": WSU})
     bst.set("EncodingType", BASE64)
-    if use_path:
-        bst.set("ValueType", X509PKIPATH)
-        bst.text = base64.b64encode(pkipath(reversed(credential.certificates))).decode()
-    else:
-        bst.set("ValueType", X509V3)
-        bst.text = base64.b64encode(_der(credential.certificate)).decode()
+    value_type, bst.text = _token_text(credential.certificates if use_path else (credential.certificate,), use_path)
+    bst.set("ValueType", value_type)
     bst_id = _ensure_id(bst, "X509")
     security.insert(security.index(timestamp) + 1, bst)
 
@@ -267,22 +324,9 @@ def sign_in_place(envelope: etree._Element, credential: Credential, *, ttl: floa
     targets += [timestamp, body if body.get(Q_ID) is not None else _declaring_wsu(body)]
     if _qname_prefixes(targets[-1]):
         targets[-1] = _reparsed(targets[-1])
-    references = [SignatureReference(URI="#" + _ensure_id(el, "id"), inclusive_ns_prefixes=_qname_prefixes(el) or None)
-                  for el in targets]
+    references = [("#" + _ensure_id(el, "id"), _qname_prefixes(el) or None) for el in targets]
 
-    key_info = etree.Element(Q_KEY_INFO, nsmap={"ds": DS})
-    str_el = etree.SubElement(key_info, Q_STR, nsmap={"wsse": WSSE})
-    ref = etree.SubElement(str_el, Q_REFERENCE)
-    ref.set("URI", "#" + bst_id)
-    ref.set("ValueType", bst.get("ValueType"))
-
-    signer = _InPlaceSigner(**_signer_kwargs)
-    signer.id_attributes = ("Id",)
-    try:
-        signature = signer.sign(envelope, key=credential.private_key, reference_uri=references, key_info=key_info)
-    except SignXMLException as exc:
-        raise InvalidSecurity(f"cannot sign: {exc}") from exc
-    security.append(signature)
+    security.append(_signature(references, targets, credential.private_key, bst_id, bst.get("ValueType")))
     return envelope
 
 
@@ -319,7 +363,20 @@ def sign_envelope(envelope: etree._Element, credential: Credential, *, ttl: floa
 # ---------------------------------------------------------------------------------------------
 # Verification
 
-_verifier = XMLVerifier()
+def _verify_signature(public_key, algorithm: tuple[type, type], raw: bytes, data: bytes) -> None:
+    """Raise InvalidSignature (or ValueError/TypeError) unless `raw` signs `data` with `public_key` under
+    `algorithm` (the key type it needs, the hash). ECDSA values are r || s, each the curve's size (XML DSig 1.1)."""
+    key_type, hash_type = algorithm
+    if not isinstance(public_key, key_type):
+        raise TypeError("the signing certificate's key does not match the SignatureMethod")
+    if key_type is rsa.RSAPublicKey:
+        public_key.verify(raw, data, padding.PKCS1v15(), hash_type())
+        return
+    size = (public_key.curve.key_size + 7) // 8
+    if len(raw) != 2 * size:
+        raise ValueError("ECDSA signature value of the wrong length")
+    der = encode_dss_signature(int.from_bytes(raw[:size], "big"), int.from_bytes(raw[size:], "big"))
+    public_key.verify(der, data, ec.ECDSA(hash_type()))
 _FRACTION = re.compile(r"(\.\d{1,6})\d*")
 
 
@@ -699,44 +756,40 @@ def verify_envelope(message: bytes | etree._Element, trust: TrustStore, *, repla
 
     # The signature over SignedInfo, then each reference's digest.
     method = signed_info.find(f"{{{DS}}}SignatureMethod")
-    algorithm = _SIGNATURE_METHODS.get(method.get("Algorithm") if method is not None else None)
+    got = method.get("Algorithm") if method is not None else None
+    algorithm = _SIGNATURE_METHODS.get(got)
     if algorithm is None:
-        got = method.get("Algorithm") if method is not None else None
         if got == RSA_SHA1:
             raise InvalidSecurity(f"RSA-SHA1 signatures are refused (SHA-1 is broken); sign with RSA-SHA256 "
-                                  f"({SignatureMethod.RSA_SHA256.value}), RSA-SHA384 or RSA-SHA512")
-        raise InvalidSecurity(f"unsupported SignatureMethod {got!r}: RSA-SHA256/384/512 are accepted "
-                              f"({SignatureMethod.RSA_SHA256.value})")
+                                  f"({RSA_SHA256}), RSA-SHA384 or RSA-SHA512")
+        raise InvalidSecurity(f"unsupported SignatureMethod {got!r}: RSA-SHA256/384/512 and ECDSA-SHA256/384/512 "
+                              f"are accepted ({RSA_SHA256})")
     value_el = parts.signature.find(Q_SIGNATURE_VALUE)
     try:
         raw = base64.b64decode("".join((value_el.text or "").split()), validate=True)
     except (AttributeError, binascii.Error, ValueError):
         raise InvalidSecurity("the SignatureValue is missing or not base64") from None
-    signed_info_c14n = _verifier._c14n(signed_info, algorithm=_EXC,
-                                       inclusive_ns_prefixes=_inclusive_prefixes(signed_info[0]))
+    signed_info_c14n = c14n(signed_info, _inclusive_prefixes(signed_info[0]))
     try:
-        _verifier._verify_signature_with_pubkey(signed_info_c14n=signed_info_c14n, raw_signature=raw,
-                                                signature_alg=algorithm, signing_certificate=caller.certificate)
-    except (cryptography.exceptions.InvalidSignature, SignXMLException, ValueError, TypeError):
+        _verify_signature(caller.certificate.public_key(), algorithm, raw, signed_info_c14n)
+    except (cryptography.exceptions.InvalidSignature, ValueError, TypeError):
         raise FailedCheck(f"the signature does not verify with the key of {caller.subject}") from None
     for ref, target, prefixes in references:
         digest_method = ref.find(f"{{{DS}}}DigestMethod")
-        digest_alg = _DIGESTS.get(digest_method.get("Algorithm") if digest_method is not None else None)
+        got = digest_method.get("Algorithm") if digest_method is not None else None
+        digest_alg = _HASHES.get(got)
         if digest_alg is None:
-            got = digest_method.get("Algorithm") if digest_method is not None else None
             if got == SHA1_DIGEST:
                 raise InvalidSecurity(f"SHA-1 digests are refused (SHA-1 is broken); digest with SHA-256 "
-                                      f"({DigestAlgorithm.SHA256.value}), SHA-384 or SHA-512")
+                                      f"({SHA256_DIGEST}), SHA-384 or SHA-512")
             raise InvalidSecurity(f"unsupported DigestMethod {got!r}: SHA-256/384/512 are accepted "
-                                  f"({DigestAlgorithm.SHA256.value})")
+                                  f"({SHA256_DIGEST})")
         digest_value = ref.find(f"{{{DS}}}DigestValue")
         try:
             expected = base64.b64decode("".join((digest_value.text or "").split()), validate=True)
         except (AttributeError, binascii.Error, ValueError):
             raise InvalidSecurity("a DigestValue is missing or not base64") from None
-        actual = _verifier._get_digest(_verifier._c14n(target, algorithm=_EXC, inclusive_ns_prefixes=prefixes),
-                                       digest_alg)
-        if actual != expected:
+        if not hmac.compare_digest(digest_alg(c14n(target, prefixes)).digest(), expected):
             raise FailedCheck(f"the digest of {etree.QName(target).localname} does not match: the message was "
                               f"changed after signing")
 
