@@ -18,8 +18,8 @@ import datetime as _dt
 import functools
 import hashlib
 import hmac
+import os
 import re
-import uuid
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Iterable
 
@@ -229,7 +229,7 @@ def _token_text(certificates: tuple[x509.Certificate, ...], use_path: bool) -> t
 
 
 def _new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
+    return f"{prefix}-{os.urandom(16).hex()}"   # as unguessable as a uuid4, without building a UUID
 
 
 def _ensure_id(el: etree._Element, prefix: str) -> str:
@@ -258,13 +258,13 @@ def pkipath(certs_root_first: Iterable[x509.Certificate]) -> bytes:
 
 
 def _security_header(envelope: etree._Element) -> etree._Element:
-    header = envelope.find(Q_HEADER)
+    header = _child(envelope, Q_HEADER)
     if header is None:
         header = etree.Element(Q_HEADER)
         envelope.insert(0, header)
-    for sec in header.findall(Q_SECURITY):
+    for sec in list(header.iterchildren(Q_SECURITY)):
         if sec.get(Q_ACTOR) in (None, ACTOR_NEXT):
-            if sec.find(Q_SIGNATURE) is not None:
+            if _child(sec, Q_SIGNATURE) is not None:
                 raise InvalidSecurity("the envelope is already signed")
             return sec
     sec = etree.Element(Q_SECURITY, nsmap={"wsse": WSSE, "wsu": WSU})
@@ -297,13 +297,13 @@ def sign_in_place(envelope: etree._Element, credential: Credential, *, ttl: floa
     Never pretty-print the envelope afterwards: whitespace inside signed elements is signed."""
     if envelope.tag != Q_ENVELOPE:
         raise InvalidSecurity(f"not a SOAP 1.1 envelope: {envelope.tag}")
-    body = envelope.find(Q_BODY)
+    body = _child(envelope, Q_BODY)
     if body is None:
         raise InvalidSecurity("the envelope has no Body")
     security = _security_header(envelope)
     now = now or _dt.datetime.now(_dt.timezone.utc)
 
-    timestamp = security.find(Q_TIMESTAMP)
+    timestamp = _child(security, Q_TIMESTAMP)
     if timestamp is None:
         timestamp = etree.Element(Q_TIMESTAMP, nsmap={"wsu": WSU})
         etree.SubElement(timestamp, Q_CREATED).text = _utc(now)
@@ -319,7 +319,7 @@ def sign_in_place(envelope: etree._Element, credential: Credential, *, ttl: floa
     bst_id = _ensure_id(bst, "X509")
     security.insert(security.index(timestamp) + 1, bst)
 
-    targets = [el for el in envelope.find(Q_HEADER) if isinstance(el.tag, str) and el is not security]
+    targets = [el for el in _child(envelope, Q_HEADER) if isinstance(el.tag, str) and el is not security]
     targets = [_declaring_wsu(el) if el.get(Q_ID) is None else el for el in targets]
     targets += [timestamp, body if body.get(Q_ID) is not None else _declaring_wsu(body)]
     if _qname_prefixes(targets[-1]):
@@ -383,18 +383,31 @@ _FRACTION = re.compile(r"(\.\d{1,6})\d*")
 def _parse_time(text: str | None, what: str) -> _dt.datetime:
     if not text:
         raise InvalidSecurity(f"the Timestamp has an empty {what}")
-    value = _FRACTION.sub(r"\1", text.strip())
-    if value.endswith("Z"):
-        value = value[:-1] + "+00:00"
     try:
-        dt = _dt.datetime.fromisoformat(value)
+        dt = _dt.datetime.fromisoformat(text)       # the common case: what vmgrid and WSS4J write
     except ValueError:
-        raise InvalidSecurity(f"the Timestamp's {what} is not an xsd:dateTime: {text!r}") from None
+        value = _FRACTION.sub(r"\1", text.strip())
+        if value.endswith("Z"):
+            value = value[:-1] + "+00:00"
+        try:
+            dt = _dt.datetime.fromisoformat(value)
+        except ValueError:
+            raise InvalidSecurity(f"the Timestamp's {what} is not an xsd:dateTime: {text!r}") from None
     return dt.replace(tzinfo=_dt.timezone.utc) if dt.tzinfo is None else dt.astimezone(_dt.timezone.utc)
 
 
+def _b64(text: str) -> bytes:
+    """Strict base64 (what base64.b64decode(validate=True) accepts, without its wrapper); raises binascii.Error."""
+    return binascii.a2b_base64(text, strict_mode=True)
+
+
 def _only_elements(parent: etree._Element) -> list[etree._Element]:
-    return [c for c in parent if isinstance(c.tag, str)]
+    return list(parent.iterchildren(etree.Element))
+
+
+def _child(parent: etree._Element, tag: str) -> etree._Element | None:
+    """The first child element named `tag` (what find(tag) returns, without ElementPath)."""
+    return next(parent.iterchildren(tag), None)
 
 
 @dataclass
@@ -442,13 +455,16 @@ def _structure(root: etree._Element) -> _Parts:
     return _Parts(header, body, security, timestamps[0], signatures[0], dispatched)
 
 
+_ID_ATTRIBUTES = etree.XPath("//@*[local-name()='Id' or local-name()='ID' or local-name()='id']")
+
+
 def _ids(root: etree._Element) -> dict[str, etree._Element]:
     """Map each Id-like attribute value in the document (Id, ID, id in any namespace, and xml:id) to the element
     carrying it. A value carried twice maps to None (ambiguous: a reference to it is refused); two wsu:Id
     attributes with one value are refused outright."""
     found: dict[str, etree._Element | None] = {}
     wsu_ids: set[str] = set()
-    for attr in root.xpath("//@*[local-name()='Id' or local-name()='ID' or local-name()='id']"):
+    for attr in _ID_ATTRIBUTES(root):
         value = str(attr)
         if attr.attrname == Q_ID:
             if value in wsu_ids:
@@ -473,8 +489,8 @@ def _resolve(ids: dict[str, etree._Element | None], uri: str) -> etree._Element 
 
 def _check_timestamp(ts: etree._Element, policy: SecurityPolicy, now: _dt.datetime) -> _dt.datetime:
     """Check freshness; return the time until which the message could be accepted (the replay cache horizon)."""
-    created_els = ts.findall(Q_CREATED)
-    expires_els = ts.findall(Q_EXPIRES)
+    created_els = list(ts.iterchildren(Q_CREATED))
+    expires_els = list(ts.iterchildren(Q_EXPIRES))
     if len(created_els) != 1 or len(expires_els) > 1:
         raise InvalidSecurity("the Timestamp needs exactly one Created and at most one Expires")
     created = _parse_time(created_els[0].text, "Created")
@@ -498,13 +514,13 @@ def _check_timestamp(ts: etree._Element, policy: SecurityPolicy, now: _dt.dateti
 def _token_chain(parts: _Parts, ids: dict[str, etree._Element | None]) -> tuple[list[x509.Certificate] | None, bytes]:
     """The signer's certificates (leaf first) and a cache key, from the KeyInfo. The chain is parsed lazily
     (None) when the trust store already knows the token."""
-    key_info = parts.signature.find(Q_KEY_INFO)
+    key_info = _child(parts.signature, Q_KEY_INFO)
     if key_info is None:
         raise SecurityTokenUnavailable("the Signature has no KeyInfo")
-    str_el = key_info.find(Q_STR)
+    str_el = _child(key_info, Q_STR)
     holder = key_info
     if str_el is not None:
-        ref = str_el.find(Q_REFERENCE)
+        ref = _child(str_el, Q_REFERENCE)
         if ref is not None:
             uri = ref.get("URI") or ""
             if not uri.startswith("#"):
@@ -518,12 +534,12 @@ def _token_chain(parts: _Parts, ids: dict[str, etree._Element | None]) -> tuple[
             value_type = bst.get("ValueType")
             text = "".join((bst.text or "").split())
             try:
-                der = base64.b64decode(text, validate=True)
+                der = _b64(text)
             except (binascii.Error, ValueError):
                 raise SecurityTokenUnavailable("the BinarySecurityToken is not base64") from None
             key = hashlib.sha256((value_type or "").encode() + b"\0" + der).digest()
             return _LazyChain(value_type, der), key
-        key_id = str_el.find(f"{{{WSSE}}}KeyIdentifier")
+        key_id = _child(str_el, f"{{{WSSE}}}KeyIdentifier")
         if key_id is not None and key_id.get("ValueType") == X509V3:
             # WSS4J's X509KeyIdentifier: the whole certificate inside the reference (it is in the message)
             try:
@@ -532,8 +548,8 @@ def _token_chain(parts: _Parts, ids: dict[str, etree._Element | None]) -> tuple[
                 raise SecurityTokenUnavailable("the X509v3 KeyIdentifier is not base64") from None
             return _LazyChain(X509V3, der), hashlib.sha256(X509V3.encode() + b"\0" + der).digest()
         holder = str_el
-    data = holder.find(Q_X509DATA)
-    certs_text = [c.text or "" for c in data.findall(Q_X509CERT)] if data is not None else []
+    data = _child(holder, Q_X509DATA)
+    certs_text = [c.text or "" for c in list(data.iterchildren(Q_X509CERT))] if data is not None else []
     if not certs_text:
         raise SecurityTokenUnavailable(_key_reference_problem(key_info))
     try:
@@ -605,13 +621,13 @@ def _leaf_first(certs: list[x509.Certificate]) -> list[x509.Certificate]:
 
 def _references(parts: _Parts, ids: dict[str, etree._Element | None], policy: SecurityPolicy
                 ) -> tuple[etree._Element, list[tuple[etree._Element, etree._Element, list[str] | None]]]:
-    signed_info = parts.signature.find(Q_SIGNED_INFO)
+    signed_info = _child(parts.signature, Q_SIGNED_INFO)
     if signed_info is None:
         raise InvalidSecurity("the Signature has no SignedInfo")
-    c14n = signed_info.find(f"{{{DS}}}CanonicalizationMethod")
-    if c14n is None or c14n.get("Algorithm") != EXC_C14N:
+    c14n_method = _child(signed_info, Q_C14N_METHOD)
+    if c14n_method is None or c14n_method.get("Algorithm") != EXC_C14N:
         raise InvalidSecurity("SignedInfo must use exclusive c14n (http://www.w3.org/2001/10/xml-exc-c14n#)")
-    refs = signed_info.findall(f"{{{DS}}}Reference")
+    refs = list(signed_info.iterchildren(f"{{{DS}}}Reference"))
     if not refs:
         raise InvalidSecurity("the Signature has no Reference")
     if len(refs) > policy.max_references:
@@ -628,7 +644,7 @@ def _references(parts: _Parts, ids: dict[str, etree._Element | None], policy: Se
         if id(target) in seen:
             raise InvalidSecurity(f"two references to the same element ({uri})")
         seen.add(id(target))
-        transforms = ref.findall(f"{{{DS}}}Transforms/{{{DS}}}Transform")
+        transforms = [t for ts in ref.iterchildren(Q_TRANSFORMS) for t in ts.iterchildren(Q_TRANSFORM)]
         resolved.append((ref, target, _inclusive_prefixes(_check_transforms(uri, transforms, target,
                                                                             parts.signature))))
     return signed_info, resolved
@@ -690,7 +706,7 @@ def _declared_inside(node: etree._Element, body: etree._Element, prefix: str | N
 
 
 def _inclusive_prefixes(node: etree._Element) -> list[str] | None:
-    incl = node.find(f"{{{EXC_C14N}}}InclusiveNamespaces")
+    incl = _child(node, f"{{{EXC_C14N}}}InclusiveNamespaces")
     if incl is None or not incl.get("PrefixList"):
         return None
     return incl.get("PrefixList").split()
@@ -755,7 +771,7 @@ def verify_envelope(message: bytes | etree._Element, trust: TrustStore, *, repla
             raise FailedAuthentication(f"signed by {caller.dn}, not by the expected party")
 
     # The signature over SignedInfo, then each reference's digest.
-    method = signed_info.find(f"{{{DS}}}SignatureMethod")
+    method = _child(signed_info, f"{{{DS}}}SignatureMethod")
     got = method.get("Algorithm") if method is not None else None
     algorithm = _SIGNATURE_METHODS.get(got)
     if algorithm is None:
@@ -764,9 +780,9 @@ def verify_envelope(message: bytes | etree._Element, trust: TrustStore, *, repla
                                   f"({RSA_SHA256}), RSA-SHA384 or RSA-SHA512")
         raise InvalidSecurity(f"unsupported SignatureMethod {got!r}: RSA-SHA256/384/512 and ECDSA-SHA256/384/512 "
                               f"are accepted ({RSA_SHA256})")
-    value_el = parts.signature.find(Q_SIGNATURE_VALUE)
+    value_el = _child(parts.signature, Q_SIGNATURE_VALUE)
     try:
-        raw = base64.b64decode("".join((value_el.text or "").split()), validate=True)
+        raw = _b64("".join((value_el.text or "").split()))
     except (AttributeError, binascii.Error, ValueError):
         raise InvalidSecurity("the SignatureValue is missing or not base64") from None
     signed_info_c14n = c14n(signed_info, _inclusive_prefixes(signed_info[0]))
@@ -775,7 +791,7 @@ def verify_envelope(message: bytes | etree._Element, trust: TrustStore, *, repla
     except (cryptography.exceptions.InvalidSignature, ValueError, TypeError):
         raise FailedCheck(f"the signature does not verify with the key of {caller.subject}") from None
     for ref, target, prefixes in references:
-        digest_method = ref.find(f"{{{DS}}}DigestMethod")
+        digest_method = _child(ref, f"{{{DS}}}DigestMethod")
         got = digest_method.get("Algorithm") if digest_method is not None else None
         digest_alg = _HASHES.get(got)
         if digest_alg is None:
@@ -784,9 +800,9 @@ def verify_envelope(message: bytes | etree._Element, trust: TrustStore, *, repla
                                       f"({SHA256_DIGEST}), SHA-384 or SHA-512")
             raise InvalidSecurity(f"unsupported DigestMethod {got!r}: SHA-256/384/512 are accepted "
                                   f"({SHA256_DIGEST})")
-        digest_value = ref.find(f"{{{DS}}}DigestValue")
+        digest_value = _child(ref, f"{{{DS}}}DigestValue")
         try:
-            expected = base64.b64decode("".join((digest_value.text or "").split()), validate=True)
+            expected = _b64("".join((digest_value.text or "").split()))
         except (AttributeError, binascii.Error, ValueError):
             raise InvalidSecurity("a DigestValue is missing or not base64") from None
         if not hmac.compare_digest(digest_alg(c14n(target, prefixes)).digest(), expected):
@@ -801,7 +817,7 @@ def verify_envelope(message: bytes | etree._Element, trust: TrustStore, *, repla
 
 def must_understand_violations(root: etree._Element, understood: Iterable[str]) -> list[str]:
     """Header blocks addressed to us with soap:mustUnderstand="1" whose QName ('{ns}local') is not understood."""
-    header = root.find(Q_HEADER)
+    header = _child(root, Q_HEADER)
     if header is None:
         return []
     understood = set(understood) | {Q_SECURITY}
