@@ -18,8 +18,10 @@ import datetime as _dt
 import functools
 import hashlib
 import hmac
+import html
 import os
 import re
+import threading
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Iterable
 
@@ -199,24 +201,39 @@ def _raw_signature(key, data: bytes) -> bytes:
 
 def _signature(references: list[tuple[str, list[str] | None]], targets: list[etree._Element], key,
                token_id: str, token_type: str) -> etree._Element:
-    """A ds:Signature over `targets` (exclusive c14n, SHA-256 digests) with a KeyInfo pointing to the token."""
-    sig = etree.Element(Q_SIGNATURE, nsmap={"ds": DS})
-    signed_info = etree.SubElement(sig, Q_SIGNED_INFO, nsmap={"ds": DS})
-    etree.SubElement(signed_info, Q_C14N_METHOD, Algorithm=EXC_C14N)
-    etree.SubElement(signed_info, Q_SIGNATURE_METHOD, Algorithm=_signature_method(key))
+    """A ds:Signature over `targets` (exclusive c14n, SHA-256 digests) with a KeyInfo pointing to the token.
+    Written as text and parsed once (our own text: no untrusted input reaches this parser unescaped), which is
+    several times cheaper than building its thirty-odd elements one by one."""
+    refs = []
     for (uri, prefixes), target in zip(references, targets):
-        ref = etree.SubElement(signed_info, Q_REFERENCE_DS, URI=uri)
-        transform = etree.SubElement(etree.SubElement(ref, Q_TRANSFORMS), Q_TRANSFORM, Algorithm=EXC_C14N)
-        if prefixes:
-            etree.SubElement(transform, Q_INCLUSIVE_NAMESPACES, PrefixList=" ".join(prefixes))
-        etree.SubElement(ref, Q_DIGEST_METHOD, Algorithm=SHA256_DIGEST)
-        etree.SubElement(ref, Q_DIGEST_VALUE).text = base64.b64encode(
-            hashlib.sha256(c14n(target, prefixes)).digest()).decode()
-    etree.SubElement(sig, Q_SIGNATURE_VALUE).text = base64.b64encode(_raw_signature(key, c14n(signed_info))).decode()
-    key_info = etree.SubElement(sig, Q_KEY_INFO, nsmap={"ds": DS})
-    str_el = etree.SubElement(key_info, Q_STR, nsmap={"wsse": WSSE})
-    etree.SubElement(str_el, Q_REFERENCE, URI="#" + token_id, ValueType=token_type)
+        digest = base64.b64encode(hashlib.sha256(c14n(target, prefixes)).digest()).decode()
+        inclusive = (f'<ns0:InclusiveNamespaces xmlns:ns0="{EXC_C14N}" PrefixList="{_attr(" ".join(prefixes))}"/>'
+                     if prefixes else "")
+        refs.append(f'<ds:Reference URI="{_attr(uri)}"><ds:Transforms><ds:Transform Algorithm="{EXC_C14N}">'
+                    f'{inclusive}</ds:Transform></ds:Transforms><ds:DigestMethod Algorithm="{SHA256_DIGEST}"/>'
+                    f'<ds:DigestValue>{digest}</ds:DigestValue></ds:Reference>')
+    text = (f'<ds:Signature xmlns:ds="{DS}"><ds:SignedInfo><ds:CanonicalizationMethod Algorithm="{EXC_C14N}"/>'
+            f'<ds:SignatureMethod Algorithm="{_signature_method(key)}"/>{"".join(refs)}</ds:SignedInfo>'
+            f'<ds:SignatureValue></ds:SignatureValue><ds:KeyInfo><wsse:SecurityTokenReference xmlns:wsse="{WSSE}">'
+            f'<wsse:Reference URI="#{_attr(token_id)}" ValueType="{_attr(token_type)}"/>'
+            f'</wsse:SecurityTokenReference></ds:KeyInfo></ds:Signature>')
+    sig = etree.fromstring(text, _template_parser())
+    sig[1].text = base64.b64encode(_raw_signature(key, c14n(sig[0]))).decode()
     return sig
+
+
+def _attr(value: str) -> str:
+    return html.escape(value, quote=True)
+
+
+_templates = threading.local()
+
+
+def _template_parser() -> etree.XMLParser:
+    parser = getattr(_templates, "parser", None)
+    if parser is None:
+        parser = _templates.parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False)
+    return parser
 
 
 @functools.lru_cache(maxsize=64)
