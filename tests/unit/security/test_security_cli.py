@@ -127,5 +127,9 @@ def test_ec_credentials_from_the_cli_sign_messages(ca_env, tmp_path):
     assert isinstance(proxy.private_key, ec.EllipticCurvePrivateKey)
     caller, _ = verify_envelope(sign_envelope(echo_envelope("ec"), proxy), TrustStore(tmp_path / "ca" / "certificates"))
     assert caller.dn == "/O=Grid/OU=vmgrid/CN=ellie"
-    bad = vmgrid("ca", "host", "h1", "--key", "dsa", env=ca_env, check=False)
+    vmgrid("ca", "host", "h1", "--key", "ec", env=ca_env)
+    host_dir = tmp_path / "ca" / "hosts" / "h1"
+    assert isinstance(load_credential(host_dir / "hostcert.pem", host_dir / "hostkey.pem").private_key,
+                      ec.EllipticCurvePrivateKey)
+    bad = vmgrid("ca", "host", "h2", "--key", "dsa", env=ca_env, check=False)
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
