@@ -222,8 +222,11 @@ def _signature(references: list[tuple[str, list[str] | None]], targets: list[etr
     return sig
 
 
+_ESCAPED = re.compile(r'[&<>"\']')
+
+
 def _attr(value: str) -> str:
-    return html.escape(value, quote=True)
+    return html.escape(value, quote=True) if _ESCAPED.search(value) else value
 
 
 _templates = threading.local()
@@ -637,7 +640,9 @@ def _leaf_first(certs: list[x509.Certificate]) -> list[x509.Certificate]:
 
 
 def _references(parts: _Parts, ids: dict[str, etree._Element | None], policy: SecurityPolicy
-                ) -> tuple[etree._Element, list[tuple[etree._Element, etree._Element, list[str] | None]]]:
+                ) -> tuple[etree._Element, list[tuple[dict[str, etree._Element], etree._Element, list[str] | None]]]:
+    """SignedInfo and, per Reference, (its DigestMethod/DigestValue children by tag, the element it resolves to,
+    its InclusiveNamespaces prefixes)."""
     signed_info = _child(parts.signature, Q_SIGNED_INFO)
     if signed_info is None:
         raise InvalidSecurity("the Signature has no SignedInfo")
@@ -661,9 +666,12 @@ def _references(parts: _Parts, ids: dict[str, etree._Element | None], policy: Se
         if id(target) in seen:
             raise InvalidSecurity(f"two references to the same element ({uri})")
         seen.add(id(target))
+        first: dict[str, etree._Element] = {}          # the first child of each name (what find() returns)
+        for child in ref.iterchildren(Q_TRANSFORMS, Q_DIGEST_METHOD, Q_DIGEST_VALUE):
+            first.setdefault(child.tag, child)
         transforms = [t for ts in ref.iterchildren(Q_TRANSFORMS) for t in ts.iterchildren(Q_TRANSFORM)]
-        resolved.append((ref, target, _inclusive_prefixes(_check_transforms(uri, transforms, target,
-                                                                            parts.signature))))
+        resolved.append((first, target, _inclusive_prefixes(_check_transforms(uri, transforms, target,
+                                                                              parts.signature))))
     return signed_info, resolved
 
 
@@ -808,7 +816,7 @@ def verify_envelope(message: bytes | etree._Element, trust: TrustStore, *, repla
     except (cryptography.exceptions.InvalidSignature, ValueError, TypeError):
         raise FailedCheck(f"the signature does not verify with the key of {caller.subject}") from None
     for ref, target, prefixes in references:
-        digest_method = _child(ref, f"{{{DS}}}DigestMethod")
+        digest_method = ref.get(Q_DIGEST_METHOD)
         got = digest_method.get("Algorithm") if digest_method is not None else None
         digest_alg = _HASHES.get(got)
         if digest_alg is None:
@@ -817,7 +825,7 @@ def verify_envelope(message: bytes | etree._Element, trust: TrustStore, *, repla
                                       f"({SHA256_DIGEST}), SHA-384 or SHA-512")
             raise InvalidSecurity(f"unsupported DigestMethod {got!r}: SHA-256/384/512 are accepted "
                                   f"({SHA256_DIGEST})")
-        digest_value = _child(ref, f"{{{DS}}}DigestValue")
+        digest_value = ref.get(Q_DIGEST_VALUE)
         try:
             expected = _b64("".join((digest_value.text or "").split()))
         except (AttributeError, binascii.Error, ValueError):
