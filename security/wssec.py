@@ -1,4 +1,6 @@
-"""WS-Security (OASIS WSS 1.1, X.509 token profile) signing and verification of SOAP 1.1 envelopes with signxml.
+"""WS-Security (OASIS WSS 1.1, X.509 token profile) signing and verification of SOAP 1.1 envelopes: the
+ds:Signature is written and checked here over lxml's exclusive c14n and `cryptography` (signxml supplies the
+algorithm identifiers; its signer cost more than the RSA signature).
 
 Stable API (usable without zeep, e.g. for node-to-node calls and WS-BaseNotification):
 
@@ -6,9 +8,10 @@ Stable API (usable without zeep, e.g. for node-to-node calls and WS-BaseNotifica
     caller, root = verify_envelope(data_or_root, trust, replay=cache)   # raises WSSecurityError subclasses
 
 A signed message carries in `wsse:Security` (mustUnderstand) a BinarySecurityToken (X509v3 for a certificate,
-X509PKIPathv1 for a proxy chain), a `wsu:Timestamp`, and a `ds:Signature` (exclusive c14n, RSA-SHA256, SHA-256) whose
-references cover the Body, the Timestamp and every other header block. The verifier refuses signature wrapping:
-every reference must resolve, by a unique `wsu:Id`, to exactly the Body, Timestamp and headers that are dispatched.
+X509PKIPathv1 for a proxy chain), a `wsu:Timestamp`, and a `ds:Signature` (exclusive c14n, RSA-SHA256 or, for an
+EC P-256 key, ECDSA-SHA256; SHA-256 digests) whose references cover the Body, the Timestamp and every other header
+block. The verifier refuses signature wrapping: every reference must resolve, by a unique `wsu:Id`, to exactly the
+Body, Timestamp and headers that are dispatched.
 """
 from __future__ import annotations
 
@@ -383,6 +386,9 @@ def sign_envelope(envelope: etree._Element, credential: Credential, *, ttl: floa
 # ---------------------------------------------------------------------------------------------
 # Verification
 
+_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
+
+
 def _verify_signature(public_key, algorithm: tuple[type, type], raw: bytes, data: bytes) -> None:
     """Raise InvalidSignature (or ValueError/TypeError) unless `raw` signs `data` with `public_key` under
     `algorithm` (the key type it needs, the hash). ECDSA values are r || s, each the curve's size (XML DSig 1.1)."""
@@ -392,6 +398,8 @@ def _verify_signature(public_key, algorithm: tuple[type, type], raw: bytes, data
     if key_type is rsa.RSAPublicKey:
         public_key.verify(raw, data, padding.PKCS1v15(), hash_type())
         return
+    if not isinstance(public_key.curve, _CURVES):
+        raise TypeError(f"ECDSA on {public_key.curve.name} is not accepted (P-256, P-384 and P-521 are)")
     size = (public_key.curve.key_size + 7) // 8
     if len(raw) != 2 * size:
         raise ValueError("ECDSA signature value of the wrong length")
