@@ -228,7 +228,8 @@ def register(subparsers) -> None:
     p.add_argument("--days", type=float, default=365)
     p.add_argument("--alt", action="append", help="another DNS name or IP address for TLS (repeatable)")
     p.add_argument("--out", help="directory for hostcert.pem/hostkey.pem (default <ca dir>/hosts/<name>)")
-    p.add_argument("--key", choices=KEY_KINDS, default="rsa", help="key type: rsa (2048 bits, the default) or ec (P-256)")
+    p.add_argument("--key", choices=KEY_KINDS, default="rsa",
+                   help="key type: rsa (2048 bits, the default) or ec (P-256)")
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=cmd_ca_host)
 
@@ -237,7 +238,8 @@ def register(subparsers) -> None:
     p.add_argument("--ou", default=DEFAULT_OU)
     p.add_argument("--days", type=float, default=365)
     p.add_argument("--out", help="directory for usercert.pem/userkey.pem (default ~/.globus)")
-    p.add_argument("--key", choices=KEY_KINDS, default="rsa", help="key type: rsa (2048 bits, the default) or ec (P-256)")
+    p.add_argument("--key", choices=KEY_KINDS, default="rsa",
+                   help="key type: rsa (2048 bits, the default) or ec (P-256)")
     p.add_argument("--passphrase-file", help="encrypt the key with the passphrase in this file")
     p.add_argument("--prompt", action="store_true", help="encrypt the key with a passphrase asked for")
     p.add_argument("--force", action="store_true")

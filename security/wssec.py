@@ -169,8 +169,8 @@ DEFAULT_POLICY = SecurityPolicy()
 # and builds its elements through dataclass copies, which cost more than the RSA signature itself.
 Q_C14N_METHOD, Q_SIGNATURE_METHOD, Q_REFERENCE_DS = (f"{{{DS}}}{n}" for n in
                                                      ("CanonicalizationMethod", "SignatureMethod", "Reference"))
-Q_TRANSFORMS, Q_TRANSFORM, Q_DIGEST_METHOD, Q_DIGEST_VALUE = (f"{{{DS}}}{n}" for n in
-                                                              ("Transforms", "Transform", "DigestMethod", "DigestValue"))
+Q_TRANSFORMS, Q_TRANSFORM, Q_DIGEST_METHOD, Q_DIGEST_VALUE = (
+    f"{{{DS}}}{n}" for n in ("Transforms", "Transform", "DigestMethod", "DigestValue"))
 Q_INCLUSIVE_NAMESPACES = f"{{{EXC_C14N}}}InclusiveNamespaces"
 RSA_SHA256 = SignatureMethod.RSA_SHA256.value
 ECDSA_SHA256 = SignatureMethod.ECDSA_SHA256.value
