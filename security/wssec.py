@@ -175,7 +175,7 @@ Q_INCLUSIVE_NAMESPACES = f"{{{EXC_C14N}}}InclusiveNamespaces"
 RSA_SHA256 = SignatureMethod.RSA_SHA256.value
 ECDSA_SHA256 = SignatureMethod.ECDSA_SHA256.value
 SHA256_DIGEST = DigestAlgorithm.SHA256.value
-_HASHES = {DigestAlgorithm.SHA256.value: hashlib.sha256, DigestAlgorithm.SHA384.value: hashlib.sha384,
+_DIGESTS = {DigestAlgorithm.SHA256.value: hashlib.sha256, DigestAlgorithm.SHA384.value: hashlib.sha384,
            DigestAlgorithm.SHA512.value: hashlib.sha512}
 
 
@@ -826,7 +826,7 @@ def verify_envelope(message: bytes | etree._Element, trust: TrustStore, *, repla
     for ref, target, prefixes in references:
         digest_method = ref.get(Q_DIGEST_METHOD)
         got = digest_method.get("Algorithm") if digest_method is not None else None
-        digest_alg = _HASHES.get(got)
+        digest_alg = _DIGESTS.get(got)
         if digest_alg is None:
             if got == SHA1_DIGEST:
                 raise InvalidSecurity(f"SHA-1 digests are refused (SHA-1 is broken); digest with SHA-256 "
