@@ -41,7 +41,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchgrid import REPO, BenchError, fmt_s, loadavg, log, p50, percentile, stop_process, table  # noqa: E402
+from benchgrid import (REPO, BenchError, fmt_s, loadavg, log, machine_facts, openssl_speed_rsa2048, p50,  # noqa: E402
+                       percentile, signature_floor, stop_process, table)
 from lxml import etree  # noqa: E402
 
 from client.localgrid import write_toml  # noqa: E402
@@ -51,7 +52,7 @@ WSA = "http://www.w3.org/2005/08/addressing"
 SOAP = "http://schemas.xmlsoap.org/soap/envelope/"
 SERVICE = "VMRepositoryService"
 WARMUP = 20
-OPERATIONS = ("ListVOs", "QueryImages")
+OPERATIONS = ("ListVOs", "QueryImages20")   # QueryImages20: a QueryImages answering 20 descriptors
 
 
 def free_port() -> int:
@@ -85,7 +86,8 @@ def serve_main(argv: list[str]) -> int:
     """`bench_container.py _serve CONFIG signed|unsigned CALLER_PROXY [--reuse-port]`: one container process."""
     from security.pki import load_credential
     from security.tls import server_ssl_adapter
-    from services.container.assemble import build_container, build_service, host_credential, trust_store
+    from services.container.assemble import (build_container, build_service, certificate_host, host_credential,
+                                             trust_store)
     from services.container.config import load_config
     from services.container.server import Container
 
@@ -101,7 +103,7 @@ def serve_main(argv: list[str]) -> int:
         adapter = server_ssl_adapter(host_credential(cfg)) if cfg.container.tls else None
         container = Container([service], host=cfg.container.host, port=cfg.container.port,
                               middleware=lambda app: UnsignedPeer(app, caller), ssl_adapter=adapter,
-                              threads=cfg.container.threads)
+                              threads=cfg.container.threads, public_host=certificate_host(host_credential(cfg)))
     container.reuse_port = reuse
     signal.signal(signal.SIGTERM, _interrupt)
     container.start()
@@ -150,21 +152,28 @@ class Servers:
 
 
 # -- the clients ----------------------------------------------------------------------------------------------
+def wire_op(op: str) -> str:
+    """The WSDL operation of a benchmark operation (QueryImages20: QueryImages answering 20 descriptors)."""
+    return "QueryImages" if op.startswith("QueryImages") else op
+
+
 def payload(op: str) -> etree._Element:
     if op == "ListVOs":
         return etree.Element(f"{{{REPO_NS}}}ListVOs", nsmap={"repo": REPO_NS})
     q = etree.Element(f"{{{REPO_NS}}}QueryImages", nsmap={"repo": REPO_NS})
     c = etree.SubElement(etree.SubElement(etree.SubElement(q, f"{{{REPO_NS}}}criteria"), f"{{{REPO_NS}}}group"),
                          f"{{{REPO_NS}}}criterion")
-    for name, text in (("field", "memory"), ("operator", ">="), ("value", "256")):
+    threshold, limit = ("1", "20") if op == "QueryImages20" else ("256", "3")
+    for name, text in (("field", "memory"), ("operator", ">="), ("value", threshold)):
         etree.SubElement(c, f"{{{REPO_NS}}}{name}").text = text
-    etree.SubElement(q, f"{{{REPO_NS}}}limit").text = "3"
+    etree.SubElement(q, f"{{{REPO_NS}}}limit").text = limit
     return q
 
 
 def envelope(url: str, op: str) -> etree._Element:
     env = etree.Element(f"{{{SOAP}}}Envelope", nsmap={"soapenv": SOAP})
     header = etree.SubElement(env, f"{{{SOAP}}}Header")
+    op = wire_op(op)
     for name, text in (("Action", f"{REPO_NS}/{op}"), ("MessageID", f"urn:uuid:{uuid.uuid4()}"), ("To", url)):
         el = etree.SubElement(header, f"{{{WSA}}}{name}", nsmap={"wsa": WSA})
         el.text = text
@@ -184,8 +193,8 @@ def client_main(url: str, op: str, signed: bool, presign: bool, pki: dict, calls
         proxy = load_credential(proxy=pki["proxy"])
         trust = TrustStore(pki["cert_dir"])
         session = grid_session(pki["cert_dir"])
-        headers = {"Content-Type": "text/xml; charset=utf-8", "SOAPAction": f'"{REPO_NS}/{op}"'}
-        answer = f"{{{REPO_NS}}}{op}Response"
+        headers = {"Content-Type": "text/xml; charset=utf-8", "SOAPAction": f'"{REPO_NS}/{wire_op(op)}"'}
+        answer = f"{{{REPO_NS}}}{wire_op(op)}Response"
 
         def encode() -> bytes:
             env = envelope(url, op)
@@ -290,8 +299,9 @@ def make_config(root: Path, pki, tls: bool) -> Path:
     return path
 
 
-def populate(url: str, pki, ingest: Path) -> int:
-    """Six images in two VOs (four of them alice's VO), registered by the admin."""
+def populate(url: str, pki, ingest: Path, alice_images: int = 4) -> int:
+    """Six images in two VOs (four of them alice's VO), registered by the admin; with ``alice_images`` > 4,
+    more copies of debian12-emboss (alice's VO) until she can see that many."""
     from client.repository import RepositoryClient
     from client.soap import GridServiceClient
     from guestd.image.sample import make_sample_image
@@ -301,7 +311,10 @@ def populate(url: str, pki, ingest: Path) -> int:
     admin = RepositoryClient(GridServiceClient(url, pki.admin.proxy, pki.trust()))
     n = 0
     for example in ("debian12-emboss", "debian12-emboss-bigmem", "sl4-blast", "debian12-hep"):
-        for copy in range(2 if example.startswith("debian12-emboss") else 1):
+        copies = 2 if example.startswith("debian12-emboss") else 1
+        if example == "debian12-emboss":
+            copies += max(alice_images - 4, 0)
+        for copy in range(copies):
             ws = parse_descriptor((EXAMPLES / f"{example}.xml").read_bytes())
             name = f"{example}-{copy}"
             set_field(ws, "identity", "name", name)
@@ -331,7 +344,7 @@ def main() -> int:
     from tests.fixtures.pki import build_grid_pki
 
     root = Path(tempfile.mkdtemp(prefix="vmgrid-bench-container-", dir="/tmp"))
-    print(f"vmgrid container benchmark: {os.cpu_count()} cores, {loadavg()}, {args.calls} calls per client, "
+    print(f"vmgrid container benchmark: {machine_facts()}, {args.calls} calls per client, "
           f"{args.repeat} interleaved runs per configuration, {'HTTPS' if args.tls else 'HTTP'} on loopback")
     servers = None
     try:
@@ -341,7 +354,7 @@ def main() -> int:
         pkid = {"cert_dir": str(pki.cert_dir), "proxy": str(pki.alice.proxy_path), "host_dn": pki.host.subject}
         servers = Servers(config, "signed", pki.alice.proxy_path, 1, logfile)
         url = f"{servers.base_url.replace('127.0.0.1', 'localhost')}/wsrf/services/{SERVICE}"
-        images = populate(url, pki, root / "ingest")
+        images = populate(url, pki, root / "ingest", alice_images=20)
         servers.stop()
         log(f"registered {images} images; measuring")
 
@@ -358,7 +371,11 @@ def main() -> int:
             plan.append(("ListVOs", "signed", "capacity", 4, args.workers))
         plan.append(("ListVOs", "signed", "zeep", 1, 1))
         results: dict[tuple, list[dict]] = {key: [] for key in plan}
+        floors: list[dict] = []
+        floor_keys = [pki.alice.proxy.private_key, pki.host.private_key]
         for rep in range(args.repeat):           # interleaved, so a change of load hits every configuration
+            floors.append(signature_floor(floor_keys))
+            log(f"  [{rep + 1}/{args.repeat}] floor: two RSA-2048 signatures {fmt_s(floors[-1]['sign'])}")
             for key in plan:
                 op, mode, kind, clients, workers = key
                 servers = Servers(config, mode, pki.alice.proxy_path, workers, logfile)
@@ -374,6 +391,9 @@ def main() -> int:
                 log(f"  [{rep + 1}/{args.repeat}] {op:<11} {mode:<8} {kind:<10} {clients} client(s) {workers} "
                     f"worker(s): p50 {fmt_s(p50(r['lat']))}, {r['rate']:.0f} calls/s")
         rows = [(*key, pooled(rs)) for key, rs in results.items()]
+        floor = statistics.median(f["sign"] for f in floors)
+        floor_verify = statistics.median(f["verify"] for f in floors)
+        openssl = openssl_speed_rsa2048()
     except KeyboardInterrupt:
         log("interrupted: cleaning up")
         return 130
@@ -403,16 +423,21 @@ def main() -> int:
         u, s = find[("ListVOs", "unsigned", "capacity", clients, 1)], find[("ListVOs", "signed", "capacity", clients, 1)]
         print(f"  ListVOs     capacity,   {clients} client(s): p50 +{(s['p50'] - u['p50']) * 1000:.2f} ms "
               f"({s['p50'] / u['p50']:.2f}x), calls/s {s['rate']:.0f} vs {u['rate']:.0f} ({s['rate'] / u['rate']:.2f}x)")
-    added = (find[("ListVOs", "signed", "round trip", 1, 1)]["p50"] - find[("ListVOs", "unsigned", "round trip", 1, 1)]["p50"])
+    print(f"the floor, same run: two RSA-2048 signatures (alice's proxy key, the host key; cryptography) "
+          f"{floor * 1000:.2f} ms p50 (+ the two verifications {floor_verify * 1000:.2f} ms)"
+          + (f"; openssl speed rsa2048: {openssl * 1000:.2f} ms per signature" if openssl else ""))
+    for op in OPERATIONS:
+        added = find[(op, "signed", "round trip", 1, 1)]["p50"] - find[(op, "unsigned", "round trip", 1, 1)]["p50"]
+        verdicts.append(f"added p50, {op}, 1 client, whole round trip (client signs + verifies too): "
+                        f"{added * 1000:.2f} ms = {added / floor:.2f}x the two-signature floor (goal <= 2x): "
+                        f"{'MET' if added <= 2 * floor else 'NOT MET'}")
     server = (find[("ListVOs", "signed", "capacity", 1, 1)]["p50"] - find[("ListVOs", "unsigned", "capacity", 1, 1)]["p50"])
-    verdicts.append(f"added p50, ListVOs, 1 client, whole round trip (client signs + verifies too): {added * 1000:.2f} ms "
-                    f"(goal <= 3 ms): {'MET' if added <= 0.003 else 'NOT MET'}")
     verdicts.append(f"added p50, ListVOs, 1 client, in the container only (capacity rows): {server * 1000:.2f} ms")
     best = max((r["rate"], w, kind) for (op, mode, kind, c, w), r in find.items()
                if mode == "signed" and op == "ListVOs" and kind in ("capacity", "round trip"))
     one = find[("ListVOs", "signed", "capacity", 4, 1)]["rate"]
-    verdicts.append(f"signed calls/s, one container process (capacity, 4 clients): {one:.0f} (goal >= 200): "
-                    f"{'MET' if one >= 200 else 'NOT MET'}")
+    verdicts.append(f"signed calls/s, one container process (capacity, 4 clients): {one:.0f} (goal >= 300): "
+                    f"{'MET' if one >= 300 else 'NOT MET'}")
     verdicts.append(f"best signed calls/s: {best[0]:.0f} ({best[1]} worker process(es), {best[2]})")
     print("\n== goals ==")
     for v in verdicts:

@@ -294,3 +294,66 @@ def machine_cpu() -> float:
 def loadavg() -> str:
     one, five, _ = os.getloadavg()
     return f"load average {one:.2f} (1 min), {five:.2f} (5 min)"
+
+
+def machine_facts() -> str:
+    """Cores, CPU model and whether it has the SHA and AVX2 extensions (they decide hashing speed)."""
+    flags: set[str] = set()
+    model = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+            elif line.startswith("model name") and model == "?":
+                model = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    ext = ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in ("sha_ni", "avx2"))
+    return f"{os.cpu_count()} cores ({model}; {ext}), {loadavg()}"
+
+
+def signature_floor(private_keys, n: int = 200, message: bytes = b"\x00" * 700) -> dict:
+    """The cryptographic floor of one signed round trip: one signature with each of ``private_keys`` (the
+    client's and the host's: RSA PKCS#1 v1.5 or ECDSA, SHA-256), p50 over ``n`` rounds in this process, and
+    the verifications; seconds. Run in the same run as the figures it is compared with."""
+    import time
+
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec, padding
+
+    def sign(key):
+        if isinstance(key, ec.EllipticCurvePrivateKey):
+            return key.sign(message, ec.ECDSA(hashes.SHA256()))
+        return key.sign(message, padding.PKCS1v15(), hashes.SHA256())
+
+    def verify(key, signature):
+        public = key.public_key()
+        if isinstance(key, ec.EllipticCurvePrivateKey):
+            public.verify(signature, message, ec.ECDSA(hashes.SHA256()))
+        else:
+            public.verify(signature, message, padding.PKCS1v15(), hashes.SHA256())
+
+    signs, verifies = [], []
+    for _ in range(n):
+        t = time.perf_counter()
+        sigs = [sign(k) for k in private_keys]
+        signs.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        for k, s in zip(private_keys, sigs):
+            verify(k, s)
+        verifies.append(time.perf_counter() - t)
+    return {"sign": p50(signs), "verify": p50(verifies)}
+
+
+def openssl_speed_rsa2048(seconds: int = 2) -> float | None:
+    """Seconds per RSA-2048 signature by `openssl speed` (one core), or None without openssl."""
+    try:
+        out = subprocess.run(["openssl", "speed", "-seconds", str(seconds), "rsa2048"], capture_output=True,
+                             text=True, timeout=60 + 4 * seconds).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in out.splitlines():
+        words = line.split()
+        if words[:3] == ["rsa", "2048", "bits"]:
+            return float(words[3].rstrip("s"))
+    return None

@@ -9,8 +9,9 @@ import os
 import sys
 from pathlib import Path
 
-from .pki import (DEFAULT_CA_DN, DEFAULT_OU, DEFAULT_PROXY_HOURS, CAError, CredentialError, GridCA,
-                  default_proxy_path, dn_string, load_credential, load_user_credential, make_proxy, proxy_cert_info, save_proxy)
+from .pki import (DEFAULT_CA_DN, DEFAULT_OU, DEFAULT_PROXY_HOURS, KEY_KINDS, CAError, CredentialError, GridCA,
+                  default_proxy_path, dn_string, load_credential, load_user_credential, make_proxy, new_key,
+                  proxy_cert_info, save_proxy)
 
 
 def _error(message: str):
@@ -62,7 +63,8 @@ def cmd_ca_host(args) -> int:
     if (out / "hostcert.pem").exists() and not args.force:
         raise _error(f"{out / 'hostcert.pem'} exists (use --force to replace it)")
     try:
-        cred = ca.issue_host(args.name, ou=args.ou, days=args.days, alt_names=args.alt or (), out_dir=out)
+        cred = ca.issue_host(args.name, ou=args.ou, days=args.days, alt_names=args.alt or (), out_dir=out,
+                             key=new_key(kind=args.key))
     except CAError as exc:
         raise _error(str(exc)) from None
     print(f"issued {cred.subject} (serial {cred.certificate.serial_number:x})")
@@ -76,7 +78,7 @@ def cmd_ca_user(args) -> int:
     if (out / "usercert.pem").exists() and not args.force:
         raise _error(f"{out / 'usercert.pem'} exists (use --force to replace it)")
     try:
-        cred = ca.issue_user(args.name, ou=args.ou, days=args.days, out_dir=out,
+        cred = ca.issue_user(args.name, ou=args.ou, days=args.days, out_dir=out, key=new_key(kind=args.key),
                              passphrase=_passphrase(args, "Passphrase for the new key: "))
     except CAError as exc:
         raise _error(str(exc)) from None
@@ -153,7 +155,7 @@ def cmd_proxy_init(args) -> int:
                 else:
                     raise
         proxy = make_proxy(issuer, hours=_hours(args), limited=args.limited, path_length=args.path_length,
-                           bits=args.bits)
+                           bits=args.bits, kind=args.key_type)
     except CredentialError as exc:
         raise _error(str(exc)) from None
     path = save_proxy(proxy, args.out)
@@ -226,6 +228,8 @@ def register(subparsers) -> None:
     p.add_argument("--days", type=float, default=365)
     p.add_argument("--alt", action="append", help="another DNS name or IP address for TLS (repeatable)")
     p.add_argument("--out", help="directory for hostcert.pem/hostkey.pem (default <ca dir>/hosts/<name>)")
+    p.add_argument("--key", choices=KEY_KINDS, default="rsa",
+                   help="key type: rsa (2048 bits, the default) or ec (P-256)")
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=cmd_ca_host)
 
@@ -234,6 +238,8 @@ def register(subparsers) -> None:
     p.add_argument("--ou", default=DEFAULT_OU)
     p.add_argument("--days", type=float, default=365)
     p.add_argument("--out", help="directory for usercert.pem/userkey.pem (default ~/.globus)")
+    p.add_argument("--key", choices=KEY_KINDS, default="rsa",
+                   help="key type: rsa (2048 bits, the default) or ec (P-256)")
     p.add_argument("--passphrase-file", help="encrypt the key with the passphrase in this file")
     p.add_argument("--prompt", action="store_true", help="encrypt the key with a passphrase asked for")
     p.add_argument("--force", action="store_true")
@@ -261,6 +267,8 @@ def register(subparsers) -> None:
     p.add_argument("-proxy-of", "--proxy-of", metavar="FILE", help="make a proxy of this proxy file instead")
     p.add_argument("-out", "--out", help="proxy file (default: X509_USER_PROXY or /tmp/x509up_u<uid>)")
     p.add_argument("-bits", "--bits", type=int, default=2048)
+    p.add_argument("--key-type", choices=KEY_KINDS, default=None,
+                   help="the proxy's key type: rsa or ec (P-256); default: the type of the certificate's key")
     p.add_argument("-path-length", "--path-length", type=int, default=None,
                    help="how many further proxies this proxy may sign")
     p.add_argument("-pwstdin", "--pwstdin", action="store_true", help="read the key's passphrase from stdin")

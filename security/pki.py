@@ -28,7 +28,7 @@ from typing import Iterator, Mapping, Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 
@@ -294,8 +294,21 @@ def proxy_cert_info(cert: x509.Certificate) -> tuple[ProxyCertInfo, bool] | None
 # ---------------------------------------------------------------------------------------------
 # Credentials
 
-def new_key(bits: int = KEY_BITS) -> rsa.RSAPrivateKey:
+KEY_KINDS = ("rsa", "ec")     # RSA (2048 bits by default) or ECDSA on P-256
+
+
+def new_key(bits: int = KEY_BITS, kind: str = "rsa") -> PrivateKey:
+    """A fresh private key: RSA of `bits`, or (kind "ec") an ECDSA P-256 key, which signs some 20x faster."""
+    if kind == "ec":
+        return ec.generate_private_key(ec.SECP256R1())
+    if kind != "rsa":
+        raise CredentialError(f"unknown key type {kind!r}: one of {', '.join(KEY_KINDS)}")
     return rsa.generate_private_key(public_exponent=65537, key_size=bits)
+
+
+def key_kind(key) -> str:
+    """"ec" for an elliptic-curve key (private or public), else "rsa"."""
+    return "ec" if isinstance(key, (ec.EllipticCurvePrivateKey, ec.EllipticCurvePublicKey)) else "rsa"
 
 
 @dataclass
@@ -592,14 +605,16 @@ def proxy_certificate(issuer: Credential, public_key, *, lifetime: _dt.timedelta
 
 
 def make_proxy(issuer: Credential, *, hours: float = DEFAULT_PROXY_HOURS, limited: bool = False,
-               path_length: int | None = None, key: PrivateKey | None = None, bits: int = KEY_BITS) -> Credential:
+               path_length: int | None = None, key: PrivateKey | None = None, bits: int = KEY_BITS,
+               kind: str | None = None) -> Credential:
     """An RFC 3820 impersonation proxy of `issuer` (a certificate or itself a proxy). A proxy of a limited proxy is
-    limited. Its lifetime ends no later than its issuer's."""
+    limited. Its lifetime ends no later than its issuer's. Its key is of `kind` ("rsa" or "ec"; by default the
+    kind of the issuer's key)."""
     if hours <= 0:
         raise CredentialError("a proxy lifetime must be positive")
     if issuer.certificate.extensions and _is_ca(issuer.certificate):
         raise CredentialError("a CA certificate cannot issue proxies")
-    key = key or new_key(bits)
+    key = key or new_key(bits, kind or key_kind(issuer.private_key))
     language = OID_LIMITED if (limited or issuer.limited) else OID_INHERIT_ALL
     cert = proxy_certificate(issuer, key.public_key(), lifetime=_dt.timedelta(hours=hours),
                              policy_language=language, path_length=path_length)

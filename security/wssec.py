@@ -1,4 +1,6 @@
-"""WS-Security (OASIS WSS 1.1, X.509 token profile) signing and verification of SOAP 1.1 envelopes with signxml.
+"""WS-Security (OASIS WSS 1.1, X.509 token profile) signing and verification of SOAP 1.1 envelopes: the
+ds:Signature is written and checked here over lxml's exclusive c14n and `cryptography` (signxml supplies the
+algorithm identifiers; its signer cost more than the RSA signature).
 
 Stable API (usable without zeep, e.g. for node-to-node calls and WS-BaseNotification):
 
@@ -6,28 +8,33 @@ Stable API (usable without zeep, e.g. for node-to-node calls and WS-BaseNotifica
     caller, root = verify_envelope(data_or_root, trust, replay=cache)   # raises WSSecurityError subclasses
 
 A signed message carries in `wsse:Security` (mustUnderstand) a BinarySecurityToken (X509v3 for a certificate,
-X509PKIPathv1 for a proxy chain), a `wsu:Timestamp`, and a `ds:Signature` (exclusive c14n, RSA-SHA256, SHA-256) whose
-references cover the Body, the Timestamp and every other header block. The verifier refuses signature wrapping:
-every reference must resolve, by a unique `wsu:Id`, to exactly the Body, Timestamp and headers that are dispatched.
+X509PKIPathv1 for a proxy chain), a `wsu:Timestamp`, and a `ds:Signature` (exclusive c14n, RSA-SHA256 or, for an
+EC P-256 key, ECDSA-SHA256; SHA-256 digests) whose references cover the Body, the Timestamp and every other header
+block. The verifier refuses signature wrapping: every reference must resolve, by a unique `wsu:Id`, to exactly the
+Body, Timestamp and headers that are dispatched.
 """
 from __future__ import annotations
 
 import base64
 import binascii
 import datetime as _dt
+import functools
 import hashlib
+import hmac
+import html
+import os
 import re
-import uuid
+import threading
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Iterable
 
 import cryptography.exceptions
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 from lxml import etree
-from signxml import SignatureReference, XMLSigner, XMLVerifier
-from signxml.algorithms import CanonicalizationMethod, DigestAlgorithm, SignatureConstructionMethod, SignatureMethod
-from signxml.exceptions import SignXMLException
+from signxml.algorithms import DigestAlgorithm, SignatureMethod
 
 from . import safexml
 from .pki import Credential, der_items
@@ -84,10 +91,14 @@ _ACCEPTED = ("send the certificate (or the proxy chain as an X509PKIPathv1 token
              "wsse:Security and point to it with wsse:Reference (WSS4J: keyIdentifierType=DirectReference; "
              "gSOAP: soap_wsse_add_BinarySecurityTokenX509 + soap_wsse_add_KeyInfo_SecurityTokenReferenceX509)")
 
-_EXC = CanonicalizationMethod.EXCLUSIVE_XML_CANONICALIZATION_1_0
-_SIGNATURE_METHODS = {m.value: m for m in (SignatureMethod.RSA_SHA256, SignatureMethod.RSA_SHA384,
-                                           SignatureMethod.RSA_SHA512)}
-_DIGESTS = {d.value: d for d in (DigestAlgorithm.SHA256, DigestAlgorithm.SHA384, DigestAlgorithm.SHA512)}
+_SIGNATURE_METHODS: dict[str, tuple[type, type]] = {
+    SignatureMethod.RSA_SHA256.value: (rsa.RSAPublicKey, hashes.SHA256),
+    SignatureMethod.RSA_SHA384.value: (rsa.RSAPublicKey, hashes.SHA384),
+    SignatureMethod.RSA_SHA512.value: (rsa.RSAPublicKey, hashes.SHA512),
+    SignatureMethod.ECDSA_SHA256.value: (ec.EllipticCurvePublicKey, hashes.SHA256),
+    SignatureMethod.ECDSA_SHA384.value: (ec.EllipticCurvePublicKey, hashes.SHA384),
+    SignatureMethod.ECDSA_SHA512.value: (ec.EllipticCurvePublicKey, hashes.SHA512),
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,22 +164,95 @@ DEFAULT_POLICY = SecurityPolicy()
 # ---------------------------------------------------------------------------------------------
 # Signing
 
-class _InPlaceSigner(XMLSigner):
-    """signxml's signer, computing digests on the live tree instead of re-parsed copies (exclusive c14n makes that
-    equivalent) so signing does not serialise the envelope once per reference."""
+# The ds:Signature is built here directly (the same elements, attributes and order signxml's XMLSigner writes for
+# a detached signature with exclusive c14n): signxml resolves each reference with an XPath over the whole document
+# and builds its elements through dataclass copies, which cost more than the RSA signature itself.
+Q_C14N_METHOD, Q_SIGNATURE_METHOD, Q_REFERENCE_DS = (f"{{{DS}}}{n}" for n in
+                                                     ("CanonicalizationMethod", "SignatureMethod", "Reference"))
+Q_TRANSFORMS, Q_TRANSFORM, Q_DIGEST_METHOD, Q_DIGEST_VALUE = (
+    f"{{{DS}}}{n}" for n in ("Transforms", "Transform", "DigestMethod", "DigestValue"))
+Q_INCLUSIVE_NAMESPACES = f"{{{EXC_C14N}}}InclusiveNamespaces"
+RSA_SHA256 = SignatureMethod.RSA_SHA256.value
+ECDSA_SHA256 = SignatureMethod.ECDSA_SHA256.value
+SHA256_DIGEST = DigestAlgorithm.SHA256.value
+_DIGESTS = {DigestAlgorithm.SHA256.value: hashlib.sha256, DigestAlgorithm.SHA384.value: hashlib.sha384,
+           DigestAlgorithm.SHA512.value: hashlib.sha512}
 
-    def get_root(self, data):
-        if isinstance(data, etree._Element):
-            return data
-        return super().get_root(data)
+
+def c14n(el: etree._Element, inclusive_prefixes: list[str] | None = None) -> bytes:
+    """Exclusive XML canonicalization 1.0 (without comments) of `el` and its subtree."""
+    return etree.tostring(el, method="c14n", exclusive=True, with_comments=False,
+                          inclusive_ns_prefixes=inclusive_prefixes)
 
 
-_signer_kwargs = dict(method=SignatureConstructionMethod.detached, signature_algorithm=SignatureMethod.RSA_SHA256,
-                      digest_algorithm=DigestAlgorithm.SHA256, c14n_algorithm=_EXC)
+def _signature_method(key) -> str:
+    if isinstance(key, rsa.RSAPrivateKey):
+        return RSA_SHA256
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return ECDSA_SHA256
+    raise InvalidSecurity(f"cannot sign with a {type(key).__name__} (RSA and EC P-256 keys can)")
+
+
+def _raw_signature(key, data: bytes) -> bytes:
+    """RSA PKCS#1 v1.5 with SHA-256, or ECDSA with SHA-256 as XML DSig writes it (r || s, each the curve's size)."""
+    if isinstance(key, rsa.RSAPrivateKey):
+        return key.sign(data, padding.PKCS1v15(), hashes.SHA256())
+    r, s_ = decode_dss_signature(key.sign(data, ec.ECDSA(hashes.SHA256())))
+    size = (key.curve.key_size + 7) // 8
+    return r.to_bytes(size, "big") + s_.to_bytes(size, "big")
+
+
+def _signature(references: list[tuple[str, list[str] | None]], targets: list[etree._Element], key,
+               token_id: str, token_type: str) -> etree._Element:
+    """A ds:Signature over `targets` (exclusive c14n, SHA-256 digests) with a KeyInfo pointing to the token.
+    Written as text and parsed once (our own text: no untrusted input reaches this parser unescaped), which is
+    several times cheaper than building its thirty-odd elements one by one."""
+    refs = []
+    for (uri, prefixes), target in zip(references, targets):
+        digest = base64.b64encode(hashlib.sha256(c14n(target, prefixes)).digest()).decode()
+        inclusive = (f'<ns0:InclusiveNamespaces xmlns:ns0="{EXC_C14N}" PrefixList="{_attr(" ".join(prefixes))}"/>'
+                     if prefixes else "")
+        refs.append(f'<ds:Reference URI="{_attr(uri)}"><ds:Transforms><ds:Transform Algorithm="{EXC_C14N}">'
+                    f'{inclusive}</ds:Transform></ds:Transforms><ds:DigestMethod Algorithm="{SHA256_DIGEST}"/>'
+                    f'<ds:DigestValue>{digest}</ds:DigestValue></ds:Reference>')
+    text = (f'<ds:Signature xmlns:ds="{DS}"><ds:SignedInfo><ds:CanonicalizationMethod Algorithm="{EXC_C14N}"/>'
+            f'<ds:SignatureMethod Algorithm="{_signature_method(key)}"/>{"".join(refs)}</ds:SignedInfo>'
+            f'<ds:SignatureValue></ds:SignatureValue><ds:KeyInfo><wsse:SecurityTokenReference xmlns:wsse="{WSSE}">'
+            f'<wsse:Reference URI="#{_attr(token_id)}" ValueType="{_attr(token_type)}"/>'
+            f'</wsse:SecurityTokenReference></ds:KeyInfo></ds:Signature>')
+    sig = etree.fromstring(text, _template_parser())
+    sig[1].text = base64.b64encode(_raw_signature(key, c14n(sig[0]))).decode()
+    return sig
+
+
+_ESCAPED = re.compile(r'[&<>"\']')
+
+
+def _attr(value: str) -> str:
+    return html.escape(value, quote=True) if _ESCAPED.search(value) else value
+
+
+_templates = threading.local()
+
+
+def _template_parser() -> etree.XMLParser:
+    parser = getattr(_templates, "parser", None)
+    if parser is None:
+        parser = _templates.parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False)
+    return parser
+
+
+@functools.lru_cache(maxsize=64)
+def _token_text(certificates: tuple[x509.Certificate, ...], use_path: bool) -> tuple[str, str]:
+    """(ValueType, base64 text) of the BinarySecurityToken for a credential's certificates (leaf first); cached,
+    a busy service signs every response with the same certificate."""
+    if use_path:
+        return X509PKIPATH, base64.b64encode(pkipath(reversed(certificates))).decode()
+    return X509V3, base64.b64encode(_der(certificates[0])).decode()
 
 
 def _new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
+    return f"{prefix}-{os.urandom(16).hex()}"   # as unguessable as a uuid4, without building a UUID
 
 
 def _ensure_id(el: etree._Element, prefix: str) -> str:
@@ -197,13 +281,13 @@ def pkipath(certs_root_first: Iterable[x509.Certificate]) -> bytes:
 
 
 def _security_header(envelope: etree._Element) -> etree._Element:
-    header = envelope.find(Q_HEADER)
+    header = _child(envelope, Q_HEADER)
     if header is None:
         header = etree.Element(Q_HEADER)
         envelope.insert(0, header)
-    for sec in header.findall(Q_SECURITY):
+    for sec in list(header.iterchildren(Q_SECURITY)):
         if sec.get(Q_ACTOR) in (None, ACTOR_NEXT):
-            if sec.find(Q_SIGNATURE) is not None:
+            if _child(sec, Q_SIGNATURE) is not None:
                 raise InvalidSecurity("the envelope is already signed")
             return sec
     sec = etree.Element(Q_SECURITY, nsmap={"wsse": WSSE, "wsu": WSU})
@@ -236,13 +320,13 @@ def sign_in_place(envelope: etree._Element, credential: Credential, *, ttl: floa
     Never pretty-print the envelope afterwards: whitespace inside signed elements is signed."""
     if envelope.tag != Q_ENVELOPE:
         raise InvalidSecurity(f"not a SOAP 1.1 envelope: {envelope.tag}")
-    body = envelope.find(Q_BODY)
+    body = _child(envelope, Q_BODY)
     if body is None:
         raise InvalidSecurity("the envelope has no Body")
     security = _security_header(envelope)
     now = now or _dt.datetime.now(_dt.timezone.utc)
 
-    timestamp = security.find(Q_TIMESTAMP)
+    timestamp = _child(security, Q_TIMESTAMP)
     if timestamp is None:
         timestamp = etree.Element(Q_TIMESTAMP, nsmap={"wsu": WSU})
         etree.SubElement(timestamp, Q_CREATED).text = _utc(now)
@@ -250,39 +334,22 @@ def sign_in_place(envelope: etree._Element, credential: Credential, *, ttl: floa
         security.insert(0, timestamp)
     _ensure_id(timestamp, "TS")
 
-    use_path = token == "X509PKIPathv1" or (token == "auto" and credential.chain)
+    use_path = bool(token == "X509PKIPathv1" or (token == "auto" and credential.chain))
     bst = etree.Element(Q_BST, nsmap={"wsse": WSSE, "wsu": WSU})
     bst.set("EncodingType", BASE64)
-    if use_path:
-        bst.set("ValueType", X509PKIPATH)
-        bst.text = base64.b64encode(pkipath(reversed(credential.certificates))).decode()
-    else:
-        bst.set("ValueType", X509V3)
-        bst.text = base64.b64encode(_der(credential.certificate)).decode()
+    value_type, bst.text = _token_text(credential.certificates if use_path else (credential.certificate,), use_path)
+    bst.set("ValueType", value_type)
     bst_id = _ensure_id(bst, "X509")
     security.insert(security.index(timestamp) + 1, bst)
 
-    targets = [el for el in envelope.find(Q_HEADER) if isinstance(el.tag, str) and el is not security]
+    targets = [el for el in _child(envelope, Q_HEADER) if isinstance(el.tag, str) and el is not security]
     targets = [_declaring_wsu(el) if el.get(Q_ID) is None else el for el in targets]
     targets += [timestamp, body if body.get(Q_ID) is not None else _declaring_wsu(body)]
     if _qname_prefixes(targets[-1]):
         targets[-1] = _reparsed(targets[-1])
-    references = [SignatureReference(URI="#" + _ensure_id(el, "id"), inclusive_ns_prefixes=_qname_prefixes(el) or None)
-                  for el in targets]
+    references = [("#" + _ensure_id(el, "id"), _qname_prefixes(el) or None) for el in targets]
 
-    key_info = etree.Element(Q_KEY_INFO, nsmap={"ds": DS})
-    str_el = etree.SubElement(key_info, Q_STR, nsmap={"wsse": WSSE})
-    ref = etree.SubElement(str_el, Q_REFERENCE)
-    ref.set("URI", "#" + bst_id)
-    ref.set("ValueType", bst.get("ValueType"))
-
-    signer = _InPlaceSigner(**_signer_kwargs)
-    signer.id_attributes = ("Id",)
-    try:
-        signature = signer.sign(envelope, key=credential.private_key, reference_uri=references, key_info=key_info)
-    except SignXMLException as exc:
-        raise InvalidSecurity(f"cannot sign: {exc}") from exc
-    security.append(signature)
+    security.append(_signature(references, targets, credential.private_key, bst_id, bst.get("ValueType")))
     return envelope
 
 
@@ -319,25 +386,56 @@ def sign_envelope(envelope: etree._Element, credential: Credential, *, ttl: floa
 # ---------------------------------------------------------------------------------------------
 # Verification
 
-_verifier = XMLVerifier()
+_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
+
+
+def _verify_signature(public_key, algorithm: tuple[type, type], raw: bytes, data: bytes) -> None:
+    """Raise InvalidSignature (or ValueError/TypeError) unless `raw` signs `data` with `public_key` under
+    `algorithm` (the key type it needs, the hash). ECDSA values are r || s, each the curve's size (XML DSig 1.1)."""
+    key_type, hash_type = algorithm
+    if not isinstance(public_key, key_type):
+        raise TypeError("the signing certificate's key does not match the SignatureMethod")
+    if key_type is rsa.RSAPublicKey:
+        public_key.verify(raw, data, padding.PKCS1v15(), hash_type())
+        return
+    if not isinstance(public_key.curve, _CURVES):
+        raise TypeError(f"ECDSA on {public_key.curve.name} is not accepted (P-256, P-384 and P-521 are)")
+    size = (public_key.curve.key_size + 7) // 8
+    if len(raw) != 2 * size:
+        raise ValueError("ECDSA signature value of the wrong length")
+    der = encode_dss_signature(int.from_bytes(raw[:size], "big"), int.from_bytes(raw[size:], "big"))
+    public_key.verify(der, data, ec.ECDSA(hash_type()))
 _FRACTION = re.compile(r"(\.\d{1,6})\d*")
 
 
 def _parse_time(text: str | None, what: str) -> _dt.datetime:
     if not text:
         raise InvalidSecurity(f"the Timestamp has an empty {what}")
-    value = _FRACTION.sub(r"\1", text.strip())
-    if value.endswith("Z"):
-        value = value[:-1] + "+00:00"
     try:
-        dt = _dt.datetime.fromisoformat(value)
+        dt = _dt.datetime.fromisoformat(text)       # the common case: what vmgrid and WSS4J write
     except ValueError:
-        raise InvalidSecurity(f"the Timestamp's {what} is not an xsd:dateTime: {text!r}") from None
+        value = _FRACTION.sub(r"\1", text.strip())
+        if value.endswith("Z"):
+            value = value[:-1] + "+00:00"
+        try:
+            dt = _dt.datetime.fromisoformat(value)
+        except ValueError:
+            raise InvalidSecurity(f"the Timestamp's {what} is not an xsd:dateTime: {text!r}") from None
     return dt.replace(tzinfo=_dt.timezone.utc) if dt.tzinfo is None else dt.astimezone(_dt.timezone.utc)
 
 
+def _b64(text: str) -> bytes:
+    """Strict base64 (what base64.b64decode(validate=True) accepts, without its wrapper); raises binascii.Error."""
+    return binascii.a2b_base64(text, strict_mode=True)
+
+
 def _only_elements(parent: etree._Element) -> list[etree._Element]:
-    return [c for c in parent if isinstance(c.tag, str)]
+    return list(parent.iterchildren(etree.Element))
+
+
+def _child(parent: etree._Element, tag: str) -> etree._Element | None:
+    """The first child element named `tag` (what find(tag) returns, without ElementPath)."""
+    return next(parent.iterchildren(tag), None)
 
 
 @dataclass
@@ -385,13 +483,16 @@ def _structure(root: etree._Element) -> _Parts:
     return _Parts(header, body, security, timestamps[0], signatures[0], dispatched)
 
 
+_ID_ATTRIBUTES = etree.XPath("//@*[local-name()='Id' or local-name()='ID' or local-name()='id']")
+
+
 def _ids(root: etree._Element) -> dict[str, etree._Element]:
     """Map each Id-like attribute value in the document (Id, ID, id in any namespace, and xml:id) to the element
     carrying it. A value carried twice maps to None (ambiguous: a reference to it is refused); two wsu:Id
     attributes with one value are refused outright."""
     found: dict[str, etree._Element | None] = {}
     wsu_ids: set[str] = set()
-    for attr in root.xpath("//@*[local-name()='Id' or local-name()='ID' or local-name()='id']"):
+    for attr in _ID_ATTRIBUTES(root):
         value = str(attr)
         if attr.attrname == Q_ID:
             if value in wsu_ids:
@@ -416,8 +517,8 @@ def _resolve(ids: dict[str, etree._Element | None], uri: str) -> etree._Element 
 
 def _check_timestamp(ts: etree._Element, policy: SecurityPolicy, now: _dt.datetime) -> _dt.datetime:
     """Check freshness; return the time until which the message could be accepted (the replay cache horizon)."""
-    created_els = ts.findall(Q_CREATED)
-    expires_els = ts.findall(Q_EXPIRES)
+    created_els = list(ts.iterchildren(Q_CREATED))
+    expires_els = list(ts.iterchildren(Q_EXPIRES))
     if len(created_els) != 1 or len(expires_els) > 1:
         raise InvalidSecurity("the Timestamp needs exactly one Created and at most one Expires")
     created = _parse_time(created_els[0].text, "Created")
@@ -441,13 +542,13 @@ def _check_timestamp(ts: etree._Element, policy: SecurityPolicy, now: _dt.dateti
 def _token_chain(parts: _Parts, ids: dict[str, etree._Element | None]) -> tuple[list[x509.Certificate] | None, bytes]:
     """The signer's certificates (leaf first) and a cache key, from the KeyInfo. The chain is parsed lazily
     (None) when the trust store already knows the token."""
-    key_info = parts.signature.find(Q_KEY_INFO)
+    key_info = _child(parts.signature, Q_KEY_INFO)
     if key_info is None:
         raise SecurityTokenUnavailable("the Signature has no KeyInfo")
-    str_el = key_info.find(Q_STR)
+    str_el = _child(key_info, Q_STR)
     holder = key_info
     if str_el is not None:
-        ref = str_el.find(Q_REFERENCE)
+        ref = _child(str_el, Q_REFERENCE)
         if ref is not None:
             uri = ref.get("URI") or ""
             if not uri.startswith("#"):
@@ -461,12 +562,12 @@ def _token_chain(parts: _Parts, ids: dict[str, etree._Element | None]) -> tuple[
             value_type = bst.get("ValueType")
             text = "".join((bst.text or "").split())
             try:
-                der = base64.b64decode(text, validate=True)
+                der = _b64(text)
             except (binascii.Error, ValueError):
                 raise SecurityTokenUnavailable("the BinarySecurityToken is not base64") from None
             key = hashlib.sha256((value_type or "").encode() + b"\0" + der).digest()
             return _LazyChain(value_type, der), key
-        key_id = str_el.find(f"{{{WSSE}}}KeyIdentifier")
+        key_id = _child(str_el, f"{{{WSSE}}}KeyIdentifier")
         if key_id is not None and key_id.get("ValueType") == X509V3:
             # WSS4J's X509KeyIdentifier: the whole certificate inside the reference (it is in the message)
             try:
@@ -475,8 +576,8 @@ def _token_chain(parts: _Parts, ids: dict[str, etree._Element | None]) -> tuple[
                 raise SecurityTokenUnavailable("the X509v3 KeyIdentifier is not base64") from None
             return _LazyChain(X509V3, der), hashlib.sha256(X509V3.encode() + b"\0" + der).digest()
         holder = str_el
-    data = holder.find(Q_X509DATA)
-    certs_text = [c.text or "" for c in data.findall(Q_X509CERT)] if data is not None else []
+    data = _child(holder, Q_X509DATA)
+    certs_text = [c.text or "" for c in list(data.iterchildren(Q_X509CERT))] if data is not None else []
     if not certs_text:
         raise SecurityTokenUnavailable(_key_reference_problem(key_info))
     try:
@@ -547,14 +648,16 @@ def _leaf_first(certs: list[x509.Certificate]) -> list[x509.Certificate]:
 
 
 def _references(parts: _Parts, ids: dict[str, etree._Element | None], policy: SecurityPolicy
-                ) -> tuple[etree._Element, list[tuple[etree._Element, etree._Element, list[str] | None]]]:
-    signed_info = parts.signature.find(Q_SIGNED_INFO)
+                ) -> tuple[etree._Element, list[tuple[dict[str, etree._Element], etree._Element, list[str] | None]]]:
+    """SignedInfo and, per Reference, (its DigestMethod/DigestValue children by tag, the element it resolves to,
+    its InclusiveNamespaces prefixes)."""
+    signed_info = _child(parts.signature, Q_SIGNED_INFO)
     if signed_info is None:
         raise InvalidSecurity("the Signature has no SignedInfo")
-    c14n = signed_info.find(f"{{{DS}}}CanonicalizationMethod")
-    if c14n is None or c14n.get("Algorithm") != EXC_C14N:
+    c14n_method = _child(signed_info, Q_C14N_METHOD)
+    if c14n_method is None or c14n_method.get("Algorithm") != EXC_C14N:
         raise InvalidSecurity("SignedInfo must use exclusive c14n (http://www.w3.org/2001/10/xml-exc-c14n#)")
-    refs = signed_info.findall(f"{{{DS}}}Reference")
+    refs = list(signed_info.iterchildren(f"{{{DS}}}Reference"))
     if not refs:
         raise InvalidSecurity("the Signature has no Reference")
     if len(refs) > policy.max_references:
@@ -571,9 +674,12 @@ def _references(parts: _Parts, ids: dict[str, etree._Element | None], policy: Se
         if id(target) in seen:
             raise InvalidSecurity(f"two references to the same element ({uri})")
         seen.add(id(target))
-        transforms = ref.findall(f"{{{DS}}}Transforms/{{{DS}}}Transform")
-        resolved.append((ref, target, _inclusive_prefixes(_check_transforms(uri, transforms, target,
-                                                                            parts.signature))))
+        first: dict[str, etree._Element] = {}          # the first child of each name (what find() returns)
+        for child in ref.iterchildren(Q_TRANSFORMS, Q_DIGEST_METHOD, Q_DIGEST_VALUE):
+            first.setdefault(child.tag, child)
+        transforms = [t for ts in ref.iterchildren(Q_TRANSFORMS) for t in ts.iterchildren(Q_TRANSFORM)]
+        resolved.append((first, target, _inclusive_prefixes(_check_transforms(uri, transforms, target,
+                                                                              parts.signature))))
     return signed_info, resolved
 
 
@@ -633,7 +739,7 @@ def _declared_inside(node: etree._Element, body: etree._Element, prefix: str | N
 
 
 def _inclusive_prefixes(node: etree._Element) -> list[str] | None:
-    incl = node.find(f"{{{EXC_C14N}}}InclusiveNamespaces")
+    incl = _child(node, f"{{{EXC_C14N}}}InclusiveNamespaces")
     if incl is None or not incl.get("PrefixList"):
         return None
     return incl.get("PrefixList").split()
@@ -698,45 +804,41 @@ def verify_envelope(message: bytes | etree._Element, trust: TrustStore, *, repla
             raise FailedAuthentication(f"signed by {caller.dn}, not by the expected party")
 
     # The signature over SignedInfo, then each reference's digest.
-    method = signed_info.find(f"{{{DS}}}SignatureMethod")
-    algorithm = _SIGNATURE_METHODS.get(method.get("Algorithm") if method is not None else None)
+    method = _child(signed_info, f"{{{DS}}}SignatureMethod")
+    got = method.get("Algorithm") if method is not None else None
+    algorithm = _SIGNATURE_METHODS.get(got)
     if algorithm is None:
-        got = method.get("Algorithm") if method is not None else None
         if got == RSA_SHA1:
             raise InvalidSecurity(f"RSA-SHA1 signatures are refused (SHA-1 is broken); sign with RSA-SHA256 "
-                                  f"({SignatureMethod.RSA_SHA256.value}), RSA-SHA384 or RSA-SHA512")
-        raise InvalidSecurity(f"unsupported SignatureMethod {got!r}: RSA-SHA256/384/512 are accepted "
-                              f"({SignatureMethod.RSA_SHA256.value})")
-    value_el = parts.signature.find(Q_SIGNATURE_VALUE)
+                                  f"({RSA_SHA256}), RSA-SHA384 or RSA-SHA512")
+        raise InvalidSecurity(f"unsupported SignatureMethod {got!r}: RSA-SHA256/384/512 and ECDSA-SHA256/384/512 "
+                              f"are accepted ({RSA_SHA256})")
+    value_el = _child(parts.signature, Q_SIGNATURE_VALUE)
     try:
-        raw = base64.b64decode("".join((value_el.text or "").split()), validate=True)
+        raw = _b64("".join((value_el.text or "").split()))
     except (AttributeError, binascii.Error, ValueError):
         raise InvalidSecurity("the SignatureValue is missing or not base64") from None
-    signed_info_c14n = _verifier._c14n(signed_info, algorithm=_EXC,
-                                       inclusive_ns_prefixes=_inclusive_prefixes(signed_info[0]))
+    signed_info_c14n = c14n(signed_info, _inclusive_prefixes(signed_info[0]))
     try:
-        _verifier._verify_signature_with_pubkey(signed_info_c14n=signed_info_c14n, raw_signature=raw,
-                                                signature_alg=algorithm, signing_certificate=caller.certificate)
-    except (cryptography.exceptions.InvalidSignature, SignXMLException, ValueError, TypeError):
+        _verify_signature(caller.certificate.public_key(), algorithm, raw, signed_info_c14n)
+    except (cryptography.exceptions.InvalidSignature, ValueError, TypeError):
         raise FailedCheck(f"the signature does not verify with the key of {caller.subject}") from None
     for ref, target, prefixes in references:
-        digest_method = ref.find(f"{{{DS}}}DigestMethod")
-        digest_alg = _DIGESTS.get(digest_method.get("Algorithm") if digest_method is not None else None)
+        digest_method = ref.get(Q_DIGEST_METHOD)
+        got = digest_method.get("Algorithm") if digest_method is not None else None
+        digest_alg = _DIGESTS.get(got)
         if digest_alg is None:
-            got = digest_method.get("Algorithm") if digest_method is not None else None
             if got == SHA1_DIGEST:
                 raise InvalidSecurity(f"SHA-1 digests are refused (SHA-1 is broken); digest with SHA-256 "
-                                      f"({DigestAlgorithm.SHA256.value}), SHA-384 or SHA-512")
+                                      f"({SHA256_DIGEST}), SHA-384 or SHA-512")
             raise InvalidSecurity(f"unsupported DigestMethod {got!r}: SHA-256/384/512 are accepted "
-                                  f"({DigestAlgorithm.SHA256.value})")
-        digest_value = ref.find(f"{{{DS}}}DigestValue")
+                                  f"({SHA256_DIGEST})")
+        digest_value = ref.get(Q_DIGEST_VALUE)
         try:
-            expected = base64.b64decode("".join((digest_value.text or "").split()), validate=True)
+            expected = _b64("".join((digest_value.text or "").split()))
         except (AttributeError, binascii.Error, ValueError):
             raise InvalidSecurity("a DigestValue is missing or not base64") from None
-        actual = _verifier._get_digest(_verifier._c14n(target, algorithm=_EXC, inclusive_ns_prefixes=prefixes),
-                                       digest_alg)
-        if actual != expected:
+        if not hmac.compare_digest(digest_alg(c14n(target, prefixes)).digest(), expected):
             raise FailedCheck(f"the digest of {etree.QName(target).localname} does not match: the message was "
                               f"changed after signing")
 
@@ -748,7 +850,7 @@ def verify_envelope(message: bytes | etree._Element, trust: TrustStore, *, repla
 
 def must_understand_violations(root: etree._Element, understood: Iterable[str]) -> list[str]:
     """Header blocks addressed to us with soap:mustUnderstand="1" whose QName ('{ns}local') is not understood."""
-    header = root.find(Q_HEADER)
+    header = _child(root, Q_HEADER)
     if header is None:
         return []
     understood = set(understood) | {Q_SECURITY}

@@ -107,3 +107,29 @@ def test_ca_refuses_host_names_that_are_not_dns_names(ca_env, tmp_path):
         proc = vmgrid("ca", "host", name, "--out", str(tmp_path / "h"), env=ca_env, check=False)
         assert proc.returncode == 1 and proc.stderr.startswith("vmgrid: ") and "Traceback" not in proc.stderr
     assert vmgrid("ca", "host", "10.0.0.7", "--out", str(tmp_path / "ip"), env=ca_env).returncode == 0
+
+
+def test_ec_credentials_from_the_cli_sign_messages(ca_env, tmp_path):
+    """`vmgrid ca user --key ec` then `vmgrid proxy-init`: an ECDSA P-256 certificate and proxy, which sign a
+    message the verifier accepts (ecdsa-sha256)."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from security.trust import TrustStore
+    from security.wssec import sign_envelope, verify_envelope
+    from tests.fixtures.pki import echo_envelope
+
+    vmgrid("ca", "user", "ellie", "--key", "ec", env=ca_env)
+    globus = tmp_path / "home" / ".globus"
+    assert isinstance(load_credential(globus / "usercert.pem", globus / "userkey.pem").private_key,
+                      ec.EllipticCurvePrivateKey)
+    vmgrid("proxy-init", "-q", env=ca_env)
+    proxy = load_credential(proxy=ca_env["X509_USER_PROXY"])
+    assert isinstance(proxy.private_key, ec.EllipticCurvePrivateKey)
+    caller, _ = verify_envelope(sign_envelope(echo_envelope("ec"), proxy), TrustStore(tmp_path / "ca" / "certificates"))
+    assert caller.dn == "/O=Grid/OU=vmgrid/CN=ellie"
+    vmgrid("ca", "host", "h1", "--key", "ec", env=ca_env)
+    host_dir = tmp_path / "ca" / "hosts" / "h1"
+    assert isinstance(load_credential(host_dir / "hostcert.pem", host_dir / "hostkey.pem").private_key,
+                      ec.EllipticCurvePrivateKey)
+    bad = vmgrid("ca", "host", "h2", "--key", "dsa", env=ca_env, check=False)
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr

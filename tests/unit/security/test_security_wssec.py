@@ -11,7 +11,7 @@ from lxml import etree
 
 from security.replay import MemoryReplayCache, SQLiteReplayCache
 from security.wssec import (DS, Q_BST, Q_CREATED, Q_EXPIRES, Q_HEADER, Q_KEY_INFO, Q_SECURITY, Q_SIGNATURE, SOAP11,
-                            WSSE, FailedAuthentication, InvalidSecurity, MessageExpired, SecurityPolicy,
+                            WSSE, FailedAuthentication, FailedCheck, InvalidSecurity, MessageExpired, SecurityPolicy,
                             must_understand_violations, sign_envelope, sign_in_place, verify_envelope)
 from tests.fixtures.pki import ECHO_NS, echo_envelope
 
@@ -157,4 +157,39 @@ def test_a_referenced_value_carried_by_another_id_attribute_is_ambiguous(grid_pk
         "{http://docs.oasis-open.org/wss/2004/01/oasis-200401-wss-wssecurity-utility-1.0.xsd}Id")
     etree.SubElement(root.find(f".//{{{ECHO_NS}}}Echo"), "{urn:app}decoy", ID=body_id)
     with pytest.raises(InvalidSecurity, match="duplicate Id"):
+        verify_envelope(etree.tostring(root), grid_pki.trust())
+
+
+def test_ecdsa_p256_credentials_sign_and_verify(grid_pki):
+    """An EC P-256 user and its EC proxy sign with ecdsa-sha256; the verifier checks the signature like RSA's."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from security.pki import make_proxy, new_key
+    from security.wssec import ECDSA_SHA256
+
+    user = grid_pki.ca.issue_user("erin-ec", key=new_key(kind="ec"))
+    proxy = make_proxy(user, hours=1)
+    assert isinstance(proxy.private_key, ec.EllipticCurvePrivateKey)      # the issuer's key type by default
+    data = sign_envelope(echo_envelope("ec"), proxy)
+    root = etree.fromstring(data)
+    assert root.find(f".//{{{DS}}}SignatureMethod").get("Algorithm") == ECDSA_SHA256
+    caller, _ = verify_envelope(data, grid_pki.trust())
+    assert caller.dn == user.subject and caller.is_proxy
+    # the signature value is r || s (64 bytes for P-256); one flipped bit fails the check
+    value = root.find(f".//{{{DS}}}SignatureValue")
+    raw = bytearray(base64.b64decode(value.text))
+    assert len(raw) == 64
+    raw[5] ^= 1
+    value.text = base64.b64encode(bytes(raw)).decode()
+    with pytest.raises(FailedCheck):
+        verify_envelope(etree.tostring(root), grid_pki.trust())
+
+
+def test_a_signature_method_that_does_not_match_the_key_fails(grid_pki):
+    """An RSA key's signature relabelled as ecdsa-sha256 (or the reverse) is refused, not misread."""
+    from security.wssec import ECDSA_SHA256
+
+    root = etree.fromstring(sign_envelope(echo_envelope("x"), grid_pki.bob.proxy))
+    root.find(f".//{{{DS}}}SignatureMethod").set("Algorithm", ECDSA_SHA256)
+    with pytest.raises(FailedCheck):
         verify_envelope(etree.tostring(root), grid_pki.trust())
