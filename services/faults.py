@@ -137,6 +137,19 @@ class InternalFault(VMGridFault):
     client_error = False
 
 
+class MigrationFault(VMGridFault):
+    """A migration failed in ``phase`` and was rolled back (the instance runs on the source as before)."""
+    element = "MigrationFault"
+    fields = ("phase", "target", "cause")
+    client_error = False
+
+
+class InstanceMoved(VMGridFault):
+    """The instance was migrated: ``address`` is the VMManager it lives on now (same InstanceKey)."""
+    element = "InstanceMovedFault"
+    fields = ("resource", "address")
+
+
 _REGISTRY: dict[str, type[VMGridFault]] = {}
 
 
@@ -148,7 +161,7 @@ def register(cls: type[VMGridFault]) -> type[VMGridFault]:
 
 for _cls in (InvalidDescriptor, UnknownImage, DuplicateName, BadQuery, ImageInUse, ChecksumMismatch,
              InvalidSource, InvalidArgument, AccessDenied, LimitExceeded, ServiceUnavailable, InternalFault,
-             ResourceUnknown, IllegalTransition, NoCapacity, VMMFault, TransferFault):
+             ResourceUnknown, IllegalTransition, NoCapacity, VMMFault, TransferFault, MigrationFault, InstanceMoved):
     register(_cls)
 
 

@@ -23,3 +23,9 @@ def create_overlay(base: Path, base_format: str, dest: Path) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     _run(["create", "-q", "-f", "qcow2", "-F", base_format, "-b", str(base), str(dest)])
     return dest
+
+
+def rebase_unsafe(overlay: Path, base: Path, base_format: str) -> Path:
+    """Point an overlay at another copy of the same base image (a migrated overlay on this node's cache)."""
+    _run(["rebase", "-u", "-F", base_format, "-b", str(base), str(overlay)])
+    return overlay

@@ -1,0 +1,157 @@
+"""Cold migration between two VMManager nodes on libvirt's test driver, through the grid: the client delegates a
+short-lived proxy to the source node, which registers the instance at the target as the user; the target pulls the
+overlay and the saved state over GridFTP; one live instance at every moment; every failure rolls back and names
+its phase; the old EPR names where the instance went."""
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pytest
+
+from client.soap import GridServiceClient
+from client.vmmanager import VMManagerClient
+from security.pki import make_proxy
+from services.faults import AccessDenied, InstanceMoved, InvalidArgument, MigrationFault
+from services.vmmanager.states import MIGRATION_PHASES
+from tests.fixtures.grid import start_grid
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def grid(grid_pki, tmp_path_factory):
+    g = start_grid(grid_pki, tmp_path_factory.mktemp("migration") / "grid", nodes=2)
+    g.image = g.register(name="migrating")
+    try:
+        yield g
+    finally:
+        g.close()
+
+
+def holdings(grid, n: int) -> dict:
+    """What a node holds for live instances: records, leases, directories, domains."""
+    svc = grid.node(n)
+    return {"live": sorted(i.key for i in svc.store.list(None, live_only=True)),
+            "leases": sorted(svc.store.leases()),
+            "dirs": sorted(p.name for p in svc.instances_dir.iterdir()),
+            "domains": sorted(i.name for i in svc.vmm.list_instances())}
+
+
+def slots(grid) -> dict:
+    db = sqlite3.connect(grid.authz_service.authority.ledger.path if hasattr(grid.authz_service, "authority")
+                         else grid.root / "central" / "authz" / "slots.sqlite")
+    try:
+        return {r[0]: r[1] for r in db.execute("SELECT instance, claimant FROM slots")}
+    finally:
+        db.close()
+
+
+def deploy(grid, user, name: str, n: int = 0):
+    return grid.vmm(user, n).deploy(grid.image, name, 600, wait=True).ref
+
+
+def test_a_running_instance_moves_with_its_identity_and_the_old_epr_says_where(grid, grid_pki):
+    src, dst = grid.vmm(grid_pki.alice, 0), grid.vmm(grid_pki.alice, 1)
+    ref = deploy(grid, grid_pki.alice, "mover")
+    before = src.status(ref)
+    moved = src.migrate(ref, grid.node_url(1))
+    assert moved.ref.address == grid.node_url(1) and moved.ref.key == ref.key
+    assert moved.state == "Running" and moved.node == "node2"
+    assert (moved.identifier, moved.owner, moved.image_id) == ("mover", grid_pki.alice.dn, before.image_id)
+    assert moved.termination == before.termination
+    assert moved.address.startswith("10.99.0.1") and moved.address != before.address   # the target's pool
+    assert [p for p, _ in moved.phases] == list(MIGRATION_PHASES)
+    assert dst.status(moved.ref).state == "Running"
+    with pytest.raises(InstanceMoved) as exc:
+        src.status(ref)
+    assert exc.value.address == grid.node_url(1), (exc.value.description, grid.node(0).core.migrations.get(ref.key))
+    # exactly one instance: nothing of it left at the source, all of it at the target
+    assert ref.key not in holdings(grid, 0)["live"] + holdings(grid, 0)["leases"] + holdings(grid, 0)["dirs"] \
+        + holdings(grid, 0)["domains"]
+    held = holdings(grid, 1)
+    assert all(ref.key in held[k] for k in ("live", "leases", "dirs", "domains"))
+    # the target's audit log shows the user, not the source node, asking for vm.migrate
+    audit = grid.authz_service.audit_path if hasattr(grid.authz_service, "audit_path") else None
+    if audit is not None:
+        entries = [json.loads(line) for line in open(audit)]
+        asked = [e for e in entries if e.get("action") == "vm.migrate" and e.get("resource", {}).get("node") == "node2"]
+        assert asked and all(e["subject"] == grid_pki.alice.dn for e in asked)
+    # it can move back, and still acts as itself there
+    back = dst.migrate(moved.ref, grid.node_url(0))
+    assert back.state == "Running" and back.node == "node1"
+    assert src.pause(back.ref) == "Paused"
+    src.destroy(back.ref)
+
+
+@pytest.mark.parametrize("state", ["Paused", "Saved"])
+def test_a_paused_or_saved_instance_arrives_in_the_same_state(grid, grid_pki, state):
+    src = grid.vmm(grid_pki.alice, 0)
+    ref = deploy(grid, grid_pki.alice, f"frozen-{state.lower()}")
+    {"Paused": src.pause, "Saved": src.save}[state](ref)
+    moved = src.migrate(ref, grid.node_url(1))
+    assert moved.state == state
+    grid.vmm(grid_pki.alice, 1).destroy(moved.ref)
+
+
+def test_another_user_cannot_migrate_your_instance(grid, grid_pki):
+    ref = deploy(grid, grid_pki.alice, "not-bobs")
+    with pytest.raises(AccessDenied):
+        grid.vmm(grid_pki.bob, 0).migrate(ref, grid.node_url(1))
+    assert grid.vmm(grid_pki.alice, 0).status(ref).state == "Running"
+    grid.vmm(grid_pki.alice, 0).destroy(ref)
+
+
+def test_a_limited_proxy_cannot_migrate(grid, grid_pki):
+    ref = deploy(grid, grid_pki.alice, "limited")
+    limited = VMManagerClient(GridServiceClient(grid.node_url(0), make_proxy(grid_pki.alice.credential, limited=True,
+                                                                             hours=1), grid_pki.trust()))
+    with pytest.raises(AccessDenied):
+        limited.migrate(ref, grid.node_url(1))
+    assert grid.vmm(grid_pki.alice, 0).status(ref).state == "Running"
+    assert ref.key not in holdings(grid, 1)["live"]
+    grid.vmm(grid_pki.alice, 0).destroy(ref)
+
+
+def test_the_host_credential_alone_cannot_place_a_vm_in_a_users_name(grid, grid_pki):
+    """A node (its host certificate) offering an instance of alice's to the target is refused there."""
+    from services.vmmanager import migration_wire
+    from services.vmmanager.values import MigrationFile, MigrationOffer
+    from services.descriptor import Descriptor
+    from lxml import etree
+    ref = deploy(grid, grid_pki.alice, "hosted")
+    inst = grid.node(0).store.get(ref.key)
+    host = GridServiceClient(grid.node_url(1), grid.node(0).core.credential, grid_pki.trust())
+    offer = MigrationOffer(key="inst-" + "0" * 32, identifier="forged", owner=grid_pki.alice.dn,
+                           descriptor=Descriptor(etree.fromstring(inst.descriptor)), descriptor_xml=inst.descriptor,
+                           termination=inst.termination, max_lifetime=None, state="Running",
+                           source=grid.node_url(0), files_url="gsiftp://localhost:1",
+                           files=(MigrationFile("root.qcow2", 1, "0" * 64), MigrationFile("state.save", 1, "0" * 64)))
+    with pytest.raises(AccessDenied):
+        host.call("AcceptMigration", **migration_wire.accept_request(offer, host.to_zeep))
+    assert holdings(grid, 1)["live"] == [] or "inst-" + "0" * 32 not in holdings(grid, 1)["live"]
+    grid.vmm(grid_pki.alice, 0).destroy(ref)
+
+
+def test_bad_targets_are_refused_before_anything_moves(grid, grid_pki):
+    src = grid.vmm(grid_pki.alice, 0)
+    ref = deploy(grid, grid_pki.alice, "stays")
+    for target in ("ftp://x/y", grid.node_url(0), "https://localhost:1/nothing"):
+        with pytest.raises(InvalidArgument):
+            src.migrate(ref, target)
+    with pytest.raises(InvalidArgument):
+        src.migrate(ref, grid.node_url(1), mode="Live")
+    assert src.status(ref).state == "Running"
+    src.destroy(ref)
+
+
+def test_an_unreachable_target_rolls_back_in_prepare(grid, grid_pki):
+    src = grid.vmm(grid_pki.alice, 0)
+    ref = deploy(grid, grid_pki.alice, "unreachable")
+    with pytest.raises(MigrationFault) as exc:
+        src.migrate(ref, "https://localhost:1/wsrf/services/VMManagerService")
+    assert exc.value.phase == "prepare"
+    status = src.status(ref)
+    assert status.state == "Running"
+    assert ref.key in holdings(grid, 0)["domains"]
+    src.destroy(ref)
