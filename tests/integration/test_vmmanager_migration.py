@@ -38,13 +38,10 @@ def holdings(grid, n: int) -> dict:
             "domains": sorted(i.name for i in svc.vmm.list_instances())}
 
 
-def slots(grid) -> dict:
-    db = sqlite3.connect(grid.authz_service.authority.ledger.path if hasattr(grid.authz_service, "authority")
-                         else grid.root / "central" / "authz" / "slots.sqlite")
-    try:
-        return {r[0]: r[1] for r in db.execute("SELECT instance, claimant FROM slots")}
-    finally:
-        db.close()
+def slots_of(grid, key: str) -> list:
+    from services.authz.client import AuthorizationClient
+    admin = AuthorizationClient.connect(grid.authz_url, grid.pki.admin.proxy, grid.pki.trust())
+    return [s for s in admin.list_slots() if s.instance == key]
 
 
 def deploy(grid, user, name: str, n: int = 0):
@@ -65,18 +62,18 @@ def test_a_running_instance_moves_with_its_identity_and_the_old_epr_says_where(g
     assert dst.status(moved.ref).state == "Running"
     with pytest.raises(InstanceMoved) as exc:
         src.status(ref)
-    assert exc.value.address == grid.node_url(1), (exc.value.description, grid.node(0).core.migrations.get(ref.key))
+    assert exc.value.address == grid.node_url(1)
     # exactly one instance: nothing of it left at the source, all of it at the target
     assert ref.key not in holdings(grid, 0)["live"] + holdings(grid, 0)["leases"] + holdings(grid, 0)["dirs"] \
         + holdings(grid, 0)["domains"]
     held = holdings(grid, 1)
     assert all(ref.key in held[k] for k in ("live", "leases", "dirs", "domains"))
     # the target's audit log shows the user, not the source node, asking for vm.migrate
-    audit = grid.authz_service.audit_path if hasattr(grid.authz_service, "audit_path") else None
-    if audit is not None:
-        entries = [json.loads(line) for line in open(audit)]
-        asked = [e for e in entries if e.get("action") == "vm.migrate" and e.get("resource", {}).get("node") == "node2"]
-        assert asked and all(e["subject"] == grid_pki.alice.dn for e in asked)
+    entries = [json.loads(line) for line in open(grid.authz_service.state_dir / "audit.log")]
+    asked = [e for e in entries if e.get("action") == "vm.migrate" and (e.get("resource") or {}).get("node") == "node2"]
+    assert asked and all(e["subject"] == grid_pki.alice.dn and e["decision"] == "permit" for e in asked
+                         if e.get("event") == "decision")
+    assert len(slots_of(grid, ref.key)) == 1          # the slot moved; it is not counted twice
     # it can move back, and still acts as itself there
     back = dst.migrate(moved.ref, grid.node_url(0))
     assert back.state == "Running" and back.node == "node1"
@@ -155,3 +152,77 @@ def test_an_unreachable_target_rolls_back_in_prepare(grid, grid_pki):
     assert status.state == "Running"
     assert ref.key in holdings(grid, 0)["domains"]
     src.destroy(ref)
+
+
+def assert_rolled_back(grid, grid_pki, ref, state: str = "Running") -> None:
+    """The instance is on the source as before; the target holds nothing of it, not even a record."""
+    assert grid.vmm(grid_pki.alice, 0).status(ref).state == state
+    held = holdings(grid, 0)
+    assert all(ref.key in held[k] for k in ("live", "leases", "dirs", "domains"))
+    assert grid.node(0).vmm.state(ref.key).value == state.lower()
+    target = holdings(grid, 1)
+    assert all(ref.key not in target[k] for k in target)
+    assert grid.node(1).store.get(ref.key) is None
+    assert len(slots_of(grid, ref.key)) == 1
+
+
+def test_no_capacity_at_the_target_rolls_back_in_prepare(grid, grid_pki):
+    from services.vmmanager.store import LeaseRange
+    target = grid.node(1)
+    full, target.pool = target.pool, LeaseRange.parse("10.99.0.150-10.99.0.150", "10.99.0.0/24", "10.99.0.1")
+    blocker = deploy(grid, grid_pki.alice, "blocker", n=1)
+    ref = deploy(grid, grid_pki.alice, "no-room")
+    try:
+        with pytest.raises(MigrationFault) as exc:
+            grid.vmm(grid_pki.alice, 0).migrate(ref, grid.node_url(1))
+        assert (exc.value.phase, exc.value.cause) == ("prepare", "NoCapacityFault")
+        assert_rolled_back(grid, grid_pki, ref)
+    finally:
+        target.pool = full
+        grid.vmm(grid_pki.alice, 1).destroy(blocker)
+        grid.vmm(grid_pki.alice, 0).destroy(ref)
+
+
+def test_a_checksum_mismatch_rolls_back_in_transfer(grid, grid_pki, monkeypatch):
+    """The source announces a wrong digest for the files (injected); the target's verified GridFTP pull refuses."""
+    from services.vmmanager import migration
+    monkeypatch.setattr(migration, "sha256_of", lambda path: "0" * 64)
+    ref = deploy(grid, grid_pki.alice, "bad-sum")
+    src = grid.vmm(grid_pki.alice, 0)
+    src.pause(ref)
+    with pytest.raises(MigrationFault) as exc:
+        src.migrate(ref, grid.node_url(1))
+    assert (exc.value.phase, exc.value.cause) == ("transfer", "ChecksumMismatchFault")
+    assert_rolled_back(grid, grid_pki, ref, "Paused")
+    src.destroy(ref)
+
+
+def test_the_files_are_exported_only_to_the_target_of_that_migration(grid, grid_pki, monkeypatch):
+    """Cut the transfer: the source exports nothing (injected), so its GridFTP face refuses the target; rolled
+    back. Afterwards not even the source node's own host certificate may read the instance's files."""
+    exports = grid.node(0).core.exports
+    real_open = exports.open
+    monkeypatch.setattr(exports, "open", lambda key, names, target: real_open(key, [], target))
+    ref = deploy(grid, grid_pki.alice, "cut")
+    with pytest.raises(MigrationFault) as exc:
+        grid.vmm(grid_pki.alice, 0).migrate(ref, grid.node_url(1))
+    assert (exc.value.phase, exc.value.cause) == ("transfer", "TransferFault")
+    assert_rolled_back(grid, grid_pki, ref)
+    assert not exports.authorize(grid.node(0).core.credential.subject, "read", f"/{ref.key}/state.save")
+    grid.vmm(grid_pki.alice, 0).destroy(ref)
+
+
+def test_a_failed_restore_at_the_target_rolls_back(grid, grid_pki, monkeypatch):
+    """The target's VMM refuses the restore (injected: the test driver restores whatever it is given)."""
+    from services.vmmanager.vmm import VMMError
+    target_vmm = grid.node(1).vmm
+
+    def refuse(*args, **kwargs):
+        raise VMMError("injected: the hypervisor refused the saved state")
+    monkeypatch.setattr(target_vmm, "restore", refuse)
+    ref = deploy(grid, grid_pki.alice, "no-restore")
+    with pytest.raises(MigrationFault) as exc:
+        grid.vmm(grid_pki.alice, 0).migrate(ref, grid.node_url(1))
+    assert (exc.value.phase, exc.value.cause) == ("restore", "VMMFault")
+    assert_rolled_back(grid, grid_pki, ref)
+    grid.vmm(grid_pki.alice, 0).destroy(ref)
