@@ -226,3 +226,25 @@ def test_a_failed_restore_at_the_target_rolls_back(grid, grid_pki, monkeypatch):
     assert (exc.value.phase, exc.value.cause) == ("restore", "VMMFault")
     assert_rolled_back(grid, grid_pki, ref)
     grid.vmm(grid_pki.alice, 0).destroy(ref)
+
+
+def test_vmgrid_vm_migrate_from_the_command_line(grid, grid_pki):
+    """`vmgrid vm migrate NAME --to NODE_URL` as the README shows it: the phase table, then the old node says where."""
+    import os
+    import subprocess
+    import sys
+    deploy(grid, grid_pki.alice, "cli-mover")
+    env = {**os.environ, **grid_pki.alice.env(grid_pki.cert_dir), "VMGRID_NODE": grid.node_url(0)}
+
+    def vmgrid(*args):
+        return subprocess.run([sys.executable, "-m", "client.cli", *args], env=env, capture_output=True, text=True,
+                              timeout=120)
+    r = vmgrid("vm", "migrate", "cli-mover", "--to", grid.node_url(1))
+    assert r.returncode == 0, r.stderr
+    assert "migrated to node2" in r.stderr
+    assert [line.split()[0] for line in r.stdout.splitlines()[1:]] == [*MIGRATION_PHASES, "total"]
+    again = vmgrid("vm", "migrate", "cli-mover", "--to", grid.node_url(1))
+    assert again.returncode != 0 and again.stderr.startswith("vmgrid: ") and "no live instance" in again.stderr
+    r = vmgrid("vm", "status", "cli-mover", "--url", grid.node_url(1))
+    assert r.returncode == 0 and "Running" in r.stdout
+    grid.vmm(grid_pki.alice, 1).destroy(grid.vmm(grid_pki.alice, 1).list()[0].ref)
