@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator, Protocol
 from urllib.parse import urlsplit
 
 import gridftp
@@ -35,7 +35,6 @@ from security.client import host_authorizer
 from security.delegation import DelegationError, accept as accept_delegation
 from security.pki import Credential
 from services.common.crash import crashpoint
-from services.soapclient import ClientError, GridServiceClient
 from services.faults import (AccessDenied, InstanceMoved, InternalFault, InvalidArgument,
                              MigrationFault, ResourceUnknown, TransferFault, VMGridFault, ChecksumMismatch)
 from services.vmmanager import phases, states
@@ -45,9 +44,6 @@ from services.vmmanager.states import State
 from services.vmmanager.store import Instance
 from services.vmmanager.values import InstanceView, MigrationFile, MigrationOffer
 from services.vmmanager.vmm import Disk, VMMError
-
-if TYPE_CHECKING:
-    from services.vmmanager.node import Node
 
 log = logging.getLogger("vmgrid.vmmanager.migration")
 
@@ -157,37 +153,19 @@ class Exports:
             face.stop()
 
 
-class Peer:
-    """The other node's VMManager, called as the user (the delegated proxy)."""
+class Peer(Protocol):
+    """The other node's VMManager, called as the user with the delegated proxy (built by the SOAP face:
+    :class:`services.vmmanager.migration_peer.SoapPeer`)."""
 
-    def __init__(self, url: str, credential: Credential, trust, timeout: float):
-        self.url = url
-        self.credential = credential
-        self.trust = trust
-        self.timeout = timeout
-        self._service = None
+    url: str
 
-    def _client(self):
-        if self._service is None:
-            client = GridServiceClient(self.url, self.credential, self.trust)
-            client.zeep.transport.operation_timeout = self.timeout
-            self._service = client
-        return self._service
+    def accept(self, offer: MigrationOffer) -> object:
+        """AcceptMigration; the instance as the target shows it (opaque to the core)."""
 
-    def accept(self, offer: MigrationOffer):
-        from services.vmmanager import migration_wire
-        client = self._client()
-        return client.call("AcceptMigration", **migration_wire.accept_request(offer, client.to_zeep))
+    def complete(self, key: str, commit: bool) -> tuple[str, object]:
+        """CompleteMigration: ('committed', the instance there) or ('aborted', None); ResourceUnknown if unknown."""
 
-    def complete(self, key: str, commit: bool):
-        from services.vmmanager.wire import instance_epr
-        client = self._client()
-        return client.call("CompleteMigration", commit=commit,
-                           _soapheaders=[instance_epr(self.url, key).headers()[0]])
-
-    def close(self) -> None:
-        if self._service is not None:
-            self._service.close()
+    def close(self) -> None: ...
 
 
 class Unsettled(Exception):
@@ -229,7 +207,9 @@ def _check_target(node: "Node", target: str) -> str:
 
 
 def _peer(node: "Node", url: str, credential: Credential) -> Peer:
-    return Peer(url, credential, node.trust, node.config.migration_timeout)
+    if node.peer_factory is None:
+        raise InternalFault("this node cannot call other nodes (no peer factory)", incident=url)
+    return node.peer_factory(url, credential, node.trust, node.config.migration_timeout)
 
 
 def _disk_files(home: Path) -> list[str]:
@@ -237,9 +217,9 @@ def _disk_files(home: Path) -> list[str]:
 
 
 # -- the source's side ---------------------------------------------------------------------------------------------
-def migrate(node: "Node", caller, key: str, target: str, mode: str, proxy_pem: bytes):
-    """Migrate: the instance on the target, as its vmm:Instance element (the new EPR). MigrationFault on failure
-    (rolled back)."""
+def migrate(node: "Node", caller, key: str, target: str, mode: str, proxy_pem: bytes) -> tuple[object, list]:
+    """Migrate: (the instance as the target shows it: its new EPR, the phases of this node after the target
+    answered). MigrationFault on failure (rolled back)."""
     started = time.perf_counter()
     inst = node._authorized(caller, key, "vm.migrate", target=target)
     states.check(inst.state_enum, "migrate")
@@ -295,7 +275,7 @@ def migrate(node: "Node", caller, key: str, target: str, mode: str, proxy_pem: b
             raise _fault(exc, phase, target) from None
         # the commit: the target resumes the instance, from then on it lives there
         try:
-            resp = peer.complete(key, commit=True)
+            _, resp = peer.complete(key, commit=True)
         except BaseException as exc:
             log.warning("migration of %s: commit at %s failed (%s); asking the target", key, target, _describe(exc))
             try:
@@ -308,11 +288,9 @@ def migrate(node: "Node", caller, key: str, target: str, mode: str, proxy_pem: b
                 _rollback(node, key, prior, peer, abort=False)
                 raise _fault(exc, "resume", target) from None
         crashpoint("migration.committed")
-        instance = _finish(node, key, target)
+        released = _finish(node, key, target)
     peer.close()
-    from services.vmmanager import migration_wire
-    element = migration_wire.instance_of(resp)
-    return migration_wire.add_phases(element, [("release", instance)])
+    return resp, [("release", released)]
 
 
 _ACTIVE: set[tuple[int, str]] = set()     # (node, key) of the migrations this process runs now
@@ -385,15 +363,14 @@ def _settle_with(node: "Node", key: str, peer: Peer):
     CompleteMigrationResponse when committed, None when aborted or unknown there; Unsettled if it cannot be
     reached."""
     try:
-        resp = peer.complete(key, commit=False)
+        outcome, resp = peer.complete(key, commit=False)
     except ResourceUnknown:
         return None
-    except (ClientError, OSError) as exc:
-        raise Unsettled(str(exc)) from None
     except VMGridFault as exc:
         raise Unsettled(exc.description) from None
-    from services.vmmanager.wire import NS
-    return resp if resp.findtext("vmm:outcome", namespaces=NS) == "committed" else None
+    except Exception as exc:   # noqa: BLE001 - unreachable, a broken answer: ask again later
+        raise Unsettled(str(exc)) from None
+    return resp if outcome == "committed" else None
 
 
 def settle(node: "Node", key: str) -> str:

@@ -44,7 +44,7 @@ class Node:
 
     def __init__(self, state_dir: Path, config: VMManagerConfig, pdp: PolicyDecisionPoint, *, vmm: VMM,
                  repository, notifier: Notifier | None = None, address: str = "", state_change=None,
-                 credential=None, trust=None):
+                 credential=None, trust=None, peer_factory=None):
         self.config = config
         self.node = config.node or socket.gethostname()
         self.authz = Enforcer(pdp)
@@ -77,6 +77,7 @@ class Node:
         # migration (services.vmmanager.migration): the host credential pairs with a user's delegated proxy
         self.credential = credential
         self.trust = trust
+        self.peer_factory = peer_factory     # (url, credential, trust, timeout) -> migration.Peer
         self.migrations = migration.Records(self.store)
         self.exports = migration.Exports(self.instances_dir, credential, trust, address) if credential else None
         self.reconcile_report = self.reconcile()
@@ -468,7 +469,8 @@ class Node:
 
     # -- migration (services.vmmanager.migration) ------------------------------------------------------------
     def migrate(self, caller, key: str, target: str, mode: str, proxy_pem: bytes):
-        """Migrate the instance to the VMManager at ``target``; its vmm:Instance element there (the new EPR)."""
+        """Migrate the instance to the VMManager at ``target``: (the instance there as the peer returned it,
+        this node's phases after the target answered)."""
         return migration.migrate(self, caller, key, target, mode, proxy_pem)
 
     def accept_migration(self, caller, offer) -> InstanceView:

@@ -11,6 +11,7 @@ from services.authz.pep import PolicyDecisionPoint
 from services.container.service import CallContext, SoapService, operation
 from services.vmmanager import migration_wire, wire
 from services.vmmanager.config import VMManagerConfig
+from services.vmmanager.migration_peer import SoapPeer
 from services.vmmanager.node import Node
 from services.vmmanager.vmm import VMM
 from services.wsrf.epr import EndpointReference
@@ -31,7 +32,8 @@ class VMManagerService(SoapService):
                  repository, notifier: Notifier | None = None, credential=None, trust=None):
         super().__init__(state_dir)
         self.core = Node(self.state_dir, config, pdp, vmm=vmm, repository=repository, notifier=notifier,
-                         state_change=wire.state_change_envelope, credential=credential, trust=trust)
+                         state_change=wire.state_change_envelope, credential=credential, trust=trust,
+                         peer_factory=SoapPeer)
 
     # the core's parts, for tests and tools that look inside a node
     config = property(lambda self: self.core.config)
@@ -151,8 +153,9 @@ class VMManagerService(SoapService):
     @operation("Migrate")
     def migrate(self, ctx, req):
         target, mode, proxy = migration_wire.parse_migrate(req)
+        there, phases_here = self.core.migrate(ctx.caller, self._key(ctx), target, mode, proxy)
         resp = wire.response("MigrateResponse")
-        resp.append(self.core.migrate(ctx.caller, self._key(ctx), target, mode, proxy))
+        resp.append(migration_wire.add_phases(there, phases_here))
         return resp
 
     @operation("AcceptMigration")
