@@ -49,7 +49,15 @@ def deploy(grid, user, name: str, n: int = 0):
 
 
 def test_a_running_instance_moves_with_its_identity_and_the_old_epr_says_where(grid, grid_pki):
+    from services.container.contract import Contract
     src, dst = grid.vmm(grid_pki.alice, 0), grid.vmm(grid_pki.alice, 1)
+    contract, original = Contract("vmmanager.wsdl"), src.service.call
+
+    def validated(operation, *args, **kwargs):     # every answer valid against the published schema
+        payload = original(operation, *args, **kwargs)
+        contract.validator.assertValid(payload)
+        return payload
+    src.service.call = validated
     ref = deploy(grid, grid_pki.alice, "mover")
     before = src.status(ref)
     moved = src.migrate(ref, grid.node_url(1))
