@@ -266,7 +266,7 @@ def migrate(node: "Node", caller, key: str, target: str, mode: str, proxy_pem: b
                                    descriptor=phases.descriptor_of(inst), descriptor_xml=inst.descriptor,
                                    termination=inst.termination, max_lifetime=inst.max_lifetime, state=prior.value,
                                    source=node.address, files_url=base, files=files, phases=tuple(timings),
-                                   uuid=domain_uuid)
+                                   uuid=domain_uuid, subscriptions=_subscriptions(node, key))
             peer.accept(offer)
             crashpoint("migration.accepted")
         except BaseException as exc:
@@ -311,6 +311,12 @@ def _in_progress(node: "Node", key: str) -> Iterator[None]:
 def _running_here(node: "Node", key: str) -> bool:
     with _ACTIVE_LOCK:
         return (id(node), key) in _ACTIVE
+
+
+def _subscriptions(node: "Node", key: str) -> tuple[tuple[str, str, float], ...]:
+    rows = node.store.db.conn().execute("SELECT consumer, subscriber, expires FROM subscriptions "
+                                        "WHERE instance_key = ? AND expires > ?", (key, time.time()))
+    return tuple((r[0], r[1], r[2]) for r in rows)
 
 
 def _fault(exc: BaseException, phase: str, target: str) -> MigrationFault:
@@ -464,6 +470,7 @@ def accept(node: "Node", caller, offer: MigrationOffer) -> InstanceView:
             registered = True
             node.migrations.put(key, "target", offer.source, offer.state)
             phases.lease(node.parts, key)
+            _adopt_subscriptions(node, key, offer)
         crashpoint("migration.target-prepared")
         phase = "transfer"
         with timed(timings, "transfer"):
@@ -534,6 +541,19 @@ def _restore_here(node: "Node", key: str, domain_uuid: str) -> None:
         spec = dataclasses.replace(spec, uuid=domain_uuid)
     vmm_call("restore", node.vmm.restore, home / STATE_FILE, spec, paused=True)
     (home / STATE_FILE).unlink(missing_ok=True)
+
+
+def _adopt_subscriptions(node: "Node", key: str, offer: MigrationOffer) -> None:
+    """The source's subscribers of the instance, notified from here from the commit on; a consumer this node's
+    policy refuses is left out (logged), it does not stop the migration."""
+    from services.wsrf.notification import new_subscription_key
+    for consumer, subscriber, expires in offer.subscriptions[:64]:
+        try:
+            node.consumers.check(consumer)
+        except VMGridFault as exc:
+            log.warning("instance %s: subscriber %s not carried over: %s", key, consumer, exc.description)
+            continue
+        node.store.subscribe(new_subscription_key(), key, consumer, subscriber, min(expires, offer.termination))
 
 
 def _drop_incoming(node: "Node", key: str) -> None:

@@ -46,7 +46,12 @@ def parse_accept(req: etree._Element) -> MigrationOffer:
                           descriptor=Descriptor(ws), descriptor_xml=etree.tostring(ws),
                           termination=termination, max_lifetime=int(max_lifetime) if max_lifetime else None,
                           state=_text(req, "state"), source=_text(req, "source"), files_url=_text(req, "files"),
-                          files=files, phases=phases, uuid=_text(req, "uuid") or "")
+                          files=files, phases=phases, uuid=_text(req, "uuid") or "",
+                          subscriptions=tuple(
+                              (sub_el.findtext("vmm:consumer", namespaces=NS).strip(),
+                               sub_el.findtext("vmm:subscriber", namespaces=NS).strip(),
+                               parse_datetime(sub_el.findtext("vmm:expires", namespaces=NS).strip()))
+                              for sub_el in req.iterfind("vmm:subscription", NS)))
 
 
 def accept_request(offer: MigrationOffer, to_zeep) -> dict:
@@ -58,6 +63,9 @@ def accept_request(offer: MigrationOffer, to_zeep) -> dict:
               "phase": [{"name": n, "seconds": s} for n, s in offer.phases]}
     if offer.uuid:
         kwargs["uuid"] = offer.uuid
+    if offer.subscriptions:
+        kwargs["subscription"] = [{"consumer": c, "subscriber": who, "expires": format_datetime(e)}
+                                  for c, who, e in offer.subscriptions]
     if offer.max_lifetime:
         kwargs["maxLifetime"] = offer.max_lifetime
     return kwargs

@@ -63,3 +63,4 @@ class MigrationOffer:
     files: tuple[MigrationFile, ...]
     phases: tuple[tuple[str, float], ...] = ()
     uuid: str = ""              # the hypervisor's id of the saved domain (the restore keeps it)
+    subscriptions: tuple[tuple[str, str, float], ...] = ()   # (consumer, subscriber DN, expires) at the source

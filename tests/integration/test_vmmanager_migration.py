@@ -5,7 +5,7 @@ its phase; the old EPR names where the instance went."""
 from __future__ import annotations
 
 import json
-import sqlite3
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -256,3 +256,22 @@ def test_vmgrid_vm_migrate_from_the_command_line(grid, grid_pki):
     r = vmgrid("vm", "status", "cli-mover", "--url", grid.node_url(1))
     assert r.returncode == 0 and "Running" in r.stdout
     grid.vmm(grid_pki.alice, 1).destroy(grid.vmm(grid_pki.alice, 1).list()[0].ref)
+
+
+def test_subscribers_hear_the_move_from_the_source_and_then_from_the_target(grid, grid_pki):
+    from client.notifications import NotificationConsumer
+    src = grid.vmm(grid_pki.alice, 0)
+    ref = deploy(grid, grid_pki.alice, "watched")
+    with NotificationConsumer(grid_pki.trust()) as consumer:
+        src.subscribe(ref, consumer.url)
+        moved = src.migrate(ref, grid.node_url(1))
+        assert consumer.wait(lambda c: c.new == "Migrating").old == "Running"
+        def port(url: str) -> int | None:
+            return urlsplit(url).port
+        events = [consumer.wait(lambda c: c.new in ("Migrated", "Running")) for _ in range(2)]
+        by = {c.new: c for c in events}
+        assert port(by["Migrated"].producer) == port(grid.node_url(0))        # the source: it left
+        assert (by["Running"].old, port(by["Running"].producer)) == ("Incoming", port(grid.node_url(1)))
+        assert by["Running"].key == ref.key
+        grid.vmm(grid_pki.alice, 1).destroy(moved.ref)
+        assert consumer.wait(lambda c: c.new == "Destroyed").old == "Running"
