@@ -425,8 +425,9 @@ def _check_offer(node: "Node", offer: MigrationOffer) -> None:
         raise InvalidArgument(f"an instance cannot migrate from state {offer.state}", argument="state")
     if offer.termination <= time.time():
         raise InvalidArgument("the instance's termination time has passed", argument="terminationTime")
-    if urlsplit(offer.files_url or "").scheme != "gsiftp":
-        raise InvalidArgument("files must be a gsiftp:// URL", argument="files")
+    files, source = urlsplit(offer.files_url or ""), urlsplit(offer.source or "")
+    if files.scheme != "gsiftp" or not files.hostname or files.hostname != source.hostname:
+        raise InvalidArgument("files must be a gsiftp:// URL on the source node's host", argument="files")
     names = [f.name for f in offer.files]
     if STATE_FILE not in names or len(set(names)) != len(names) or len(names) > MAX_FILES or \
             not all(FILE_NAME.match(n) for n in names) or "root.qcow2" not in names:
@@ -451,9 +452,12 @@ def accept(node: "Node", caller, offer: MigrationOffer) -> InstanceView:
             now = time.time()
             resource = {"type": "instance", "owner": offer.owner, "vo": d.vo, "node": node.node, "id": key,
                         "image": d.image_id}
-            node.authz.check(caller, "vm.migrate", resource,
-                             {"memory": str(d.memory), "vcpus": str(d.vcpus), "node": node.node,
-                              "lifetime": str(int(offer.termination - now))})
+            amounts = {"memory": str(d.memory), "vcpus": str(d.vcpus), "node": node.node,
+                       "lifetime": str(int(offer.termination - now))}
+            node.authz.check(caller, "vm.migrate", resource, amounts)
+            # and the user may run this image on this node at all (a migration is no way around vm.deploy)
+            node.authz.check(caller, "vm.deploy", {"type": "image", "vo": d.vo, "owner": d.owner, "name": d.name,
+                                                   "id": d.image_id, "node": node.node}, {**amounts, "image": d.image_id})
             existing = node.store.get(key)
             if existing is not None:
                 if existing.state_enum not in states.FINAL:

@@ -4,6 +4,7 @@ overlay and the saved state over GridFTP; one live instance at every moment; eve
 its phase; the old EPR names where the instance went."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from urllib.parse import urlsplit
 
@@ -134,7 +135,13 @@ def test_the_host_credential_alone_cannot_place_a_vm_in_a_users_name(grid, grid_
                            files=(MigrationFile("root.qcow2", 1, "0" * 64), MigrationFile("state.save", 1, "0" * 64)))
     with pytest.raises(AccessDenied):
         host.call("AcceptMigration", **migration_wire.accept_request(offer, host.to_zeep))
-    assert holdings(grid, 1)["live"] == [] or "inst-" + "0" * 32 not in holdings(grid, 1)["live"]
+    # nor is a migration a way around vm.deploy: bob (VO hep) offering himself an instance of a bio image
+    bob = GridServiceClient(grid.node_url(1), grid_pki.bob.proxy, grid_pki.trust())
+    with pytest.raises(AccessDenied) as exc:
+        bob.call("AcceptMigration", **migration_wire.accept_request(
+            dataclasses.replace(offer, owner=grid_pki.bob.dn), bob.to_zeep))
+    assert exc.value.action == "vm.deploy"
+    assert grid.node(1).store.get("inst-" + "0" * 32) is None
     grid.vmm(grid_pki.alice, 0).destroy(ref)
 
 
