@@ -245,9 +245,9 @@ def migrate(node: "Node", caller, key: str, target: str, mode: str, proxy_pem: b
         inst = node.store.get(key)
         states.check(inst.state_enum, "migrate")
         prior = inst.state_enum
+        peer = _peer(node, target, credential)
         records.put(key, "source", target, prior.value, proxy_pem)
         node._set_state(key, State.MIGRATING, expect={prior})
-        peer = _peer(node, target, credential)
         phase = "freeze"
         try:
             with timed(timings, "freeze"):
