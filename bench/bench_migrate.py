@@ -4,7 +4,7 @@
 
 For each memory size: a real guest (the project's guest image, QEMU software emulation) is deployed on
 node A and migrated to node B through the grid (delegated proxy, GridFTP pull of the overlay and the
-saved state, restore, guestd fix-up, resume). Downtime is the time the guest does not run: freeze to
+saved state, restore, resume, guestd fix-up). Downtime is the time the guest does not run: freeze to
 resume on the target (the phases freeze .. resume); total is the Migrate call as the client sees it.
 The peer, in the same run: the same save -> copy -> restore done by hand through the VMM interface
 (one qemu:///embed root per side, in this process, no grid): save, cp of the overlay and the state
@@ -30,7 +30,7 @@ from bench_vmmanager import GUEST_DESCRIPTOR, Site, clients, free_port, register
 from benchgrid import BenchError, loadavg, log, table  # noqa: E402
 
 HELPER = Path(__file__).resolve().parents[1] / "tests" / "vm" / "node_helper.py"
-DOWNTIME = ("freeze", "prepare", "transfer", "restore", "fixup", "resume")
+DOWNTIME = ("freeze", "prepare", "transfer", "restore", "resume")   # the guest runs again after resume
 
 
 def grid_migration(site: Site, image, ws, memory: int, nodes) -> dict:

@@ -36,3 +36,4 @@ class VMManagerConfig:
     notify_deadline: float = 10.0        # seconds for one notification delivery, connect to answer
     migration_timeout: float = 60.0      # seconds a node waits for the other node's answer during a migration
     migration_incoming_timeout: float = 900.0   # an Incoming instance whose source never commits is dropped then
+    migration_fixup_timeout: float = 30.0       # seconds guestd has to take the new address after a migration

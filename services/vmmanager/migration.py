@@ -10,8 +10,8 @@ committed), a Migrating one asks the target, which answers committed or aborted;
 be reached the instance stays Migrating (frozen, not running anywhere) and the sweep asks again.
 
 Phases (``states.MIGRATION_PHASES``), timed into the instance's PhaseTimings on the target: authorize and
-freeze (source), prepare, transfer and restore (target, AcceptMigration), fixup and resume (target,
-CompleteMigration), release (source). Crashpoints ``migration.<step>`` for the kill tests.
+freeze (source), prepare, transfer and restore (target, AcceptMigration), resume and fixup (target,
+CompleteMigration; guestd answers only once the guest runs), release (source). Crashpoints ``migration.<step>`` for the kill tests.
 """
 from __future__ import annotations
 
@@ -589,14 +589,14 @@ def complete(node: "Node", caller, key: str, commit: bool) -> tuple[str, Instanc
                          {"memory": str(d.memory), "vcpus": str(d.vcpus), "node": node.node,
                           "lifetime": str(max(1, int(inst.termination - time.time())))}, action="vm.migrate")
         timings: list[tuple[str, float]] = []
-        with timed(timings, "fixup"):
-            status = _fixup(node, inst)
         with timed(timings, "resume"):
             if prior == State.RUNNING:
-                vmm_call("resume", node.vmm.resume, key)
+                vmm_call("resume", node.vmm.resume, key)      # guestd sets the clock
             elif prior == State.SAVED:
                 state_file = node.parts.home(key) / STATE_FILE
                 vmm_call("save", node.vmm.save, key, state_file)
+        with timed(timings, "fixup"):
+            status = _fixup(node, inst, running=prior == State.RUNNING)
         for name, seconds in timings:
             node.store.add_phase(key, name, seconds)
         node.store.update(key, guest_status=status, staged_bytes=inst.size)
@@ -607,16 +607,19 @@ def complete(node: "Node", caller, key: str, commit: bool) -> tuple[str, Instanc
         return "committed", node.view(node.store.get(key))
 
 
-def _fixup(node: "Node", inst: Instance) -> str:
-    """guestd learns its new address and MAC (a context over the guest channel) before the guest runs on; the
-    clock is set on resume. Backends without a guest channel: nothing to tell."""
+def _fixup(node: "Node", inst: Instance, running: bool) -> str:
+    """guestd learns its new address and MAC (a context over the guest channel) as soon as the guest runs here
+    (the clock was set on resume). Backends without a guest channel, or a guest that stays paused or saved:
+    nothing to tell now (GuestStatus says so)."""
     if not node.vmm.capabilities.guest_channel:
         return f"migrated here; address {inst.address} (no guest channel to tell guestd)"
+    if not running:
+        return f"migrated here; address {inst.address} not yet told to guestd (the guest is not running)"
     ctx = build_context(instance=inst.key, hostname=inst.identifier.replace(".", "-").replace("_", "-")[:63],
                         mac=inst.mac, address=inst.address, netmask=str(node.pool.network.netmask),
                         gateway=node.pool.gateway, dns=node.config.dns, container_command=None, token=inst.token)
     try:
-        node.vmm.guest_channel(inst.key).send_context(ctx, timeout=5.0)
+        node.vmm.guest_channel(inst.key).send_context(ctx, timeout=node.config.migration_fixup_timeout)
         return f"migrated here; guestd set address {inst.address}"
     except Exception as exc:   # noqa: BLE001 - the guest is untrusted; the migration stands, GuestStatus says so
         return f"migrated here; guestd did not take the new address: {exc}"

@@ -26,7 +26,8 @@ class State(str, enum.Enum):
 PHASES = ("authorize", "register", "lease", "stage", "overlay", "context", "power-on", "guest-ready")
 
 # The migration phases (source and target together), each timed like Deploy's.
-MIGRATION_PHASES = ("authorize", "freeze", "prepare", "transfer", "restore", "fixup", "resume", "release")
+# fixup follows resume: guestd answers only in a running guest (it takes the new address, the clock is set on resume)
+MIGRATION_PHASES = ("authorize", "freeze", "prepare", "transfer", "restore", "resume", "fixup", "release")
 
 TRANSIENT = frozenset({State.REGISTERED, State.STAGING, State.STARTING, State.SHUTTING_DOWN})
 MIGRATION = frozenset({State.MIGRATING, State.INCOMING})   # resolved by migration.reconcile, not failed
