@@ -63,6 +63,12 @@ def register(subparsers) -> None:
     p.add_argument("when", help="from now: seconds or 90m, 2h, 1d; or an ISO 8601 time")
     p.set_defaults(func=cmd_lifetime)
 
+    p = sub.add_parser("migrate", help="move an instance to another node (cold: save, GridFTP, restore)")
+    p.add_argument("instance", help="instance key (inst-…) or your identifier")
+    p.add_argument("--to", required=True, metavar="NODE_URL", help="the target VMManager's URL")
+    add_format(p)
+    p.set_defaults(func=cmd_migrate)
+
     p = sub.add_parser("watch", help="follow an instance's state changes (signed notifications)")
     p.add_argument("instance")
     p.add_argument("--listen", default="127.0.0.1:0", help="where the notification consumer listens (host:port)")
@@ -220,6 +226,53 @@ def cmd_control(args) -> int:
         print(f"{args.instance}: destroyed")
     else:
         print(f"{args.instance}: {_call(getattr(vm, args.verb), ref)}")
+    return 0
+
+
+def cmd_migrate(args) -> int:
+    """Migrate, with a progress bar of the target's pull while it runs (on a terminal) and the phase table."""
+    import threading
+
+    from client.vmmanager import InstanceRef
+    from gridftp.cli import ProgressBar
+
+    vm = vmm_client(args)
+    ref = resolve(vm, args.instance)
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            result["info"] = vm.migrate(ref, args.to)
+        except BaseException as exc:  # noqa: BLE001 - re-raised below on the main thread
+            result["error"] = exc
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    if sys.stderr.isatty():
+        bar, target = ProgressBar(sys.stderr, "transfer"), None
+        while worker.is_alive():
+            worker.join(0.5)
+            try:
+                target = target or vmm_client(args, args.to)
+                done, total, _ = target.status(InstanceRef(args.to, ref.key)).staged
+                if total:
+                    bar(done, total)
+            except Exception:   # noqa: BLE001 - not registered there yet, or already done
+                pass
+        bar.finish()
+    worker.join()
+    if "error" in result:
+        def failed():
+            raise result["error"]
+        _call(failed)
+    info = result["info"]
+    print(f"{args.instance}: migrated to {info.node} ({info.ref.address}); {info.state}, address {info.address}",
+          file=sys.stderr)
+    if args.format == "json":
+        json.dump({**info_json(info), "phases": info.phases}, sys.stdout, indent=2)
+        print()
+    else:
+        table(["phase", "seconds"], [[name, f"{seconds:.4f}"] for name, seconds in info.phases]
+              + [["total", f"{sum(s for _, s in info.phases):.4f}"]])
     return 0
 
 

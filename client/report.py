@@ -6,7 +6,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.vmmanager.states import PHASES
+from services.vmmanager.states import MIGRATION_PHASES, PHASES
 
 COLOURS = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7")
 
@@ -20,12 +20,17 @@ class Deployment:
     def total(self) -> float:
         return sum(s for _, s in self.phases)
 
+    @property
+    def migration(self) -> bool:
+        """An instance that arrived by migration: its phases are the migration's (freeze ... release)."""
+        return any(n == "freeze" for n, _ in self.phases)
 
-def phase_table(deployments: list[Deployment]) -> list[tuple[str, float, float, float]]:
+
+def phase_table(deployments: list[Deployment], phases: tuple[str, ...] = PHASES) -> list[tuple[str, float, float, float]]:
     """Per phase: (name, mean seconds, median seconds, share of the summed deployment time in %)."""
     rows = []
     grand = sum(d.total for d in deployments) or 1.0
-    for name in PHASES:
+    for name in phases:
         values = [s for d in deployments for n, s in d.phases if n == name]
         if values:
             rows.append((name, statistics.fmean(values), statistics.median(values), 100 * sum(values) / grand))
@@ -33,17 +38,28 @@ def phase_table(deployments: list[Deployment]) -> list[tuple[str, float, float, 
 
 
 def print_report(deployments: list[Deployment], out) -> None:
-    print(f"{len(deployments)} deployment(s); phase times in seconds", file=out)
+    """The deployment phase table; then, if any instance arrived by migration, the migration phase table."""
+    migrations = [d for d in deployments if d.migration]
+    deployments = [d for d in deployments if not d.migration]
+    _print_table(deployments, PHASES, "deployment(s)", out)
+    if migrations:
+        print(file=out)
+        _print_table(migrations, MIGRATION_PHASES, "migration(s)", out)
+
+
+def _print_table(items: list[Deployment], phases: tuple[str, ...], what: str, out) -> None:
+    print(f"{len(items)} {what}; phase times in seconds", file=out)
     print(f"{'phase':<12} {'mean':>9} {'median':>9} {'share':>7}", file=out)
-    for name, mean, median, share in phase_table(deployments):
+    for name, mean, median, share in phase_table(items, phases):
         print(f"{name:<12} {mean:>9.4f} {median:>9.4f} {share:>6.1f}%", file=out)
-    total = [d.total for d in deployments]
+    total = [d.total for d in items]
     if total:
         print(f"{'total':<12} {statistics.fmean(total):>9.4f} {statistics.median(total):>9.4f} {100:>6.1f}%", file=out)
 
 
 def draw(deployments: list[Deployment], path: Path, title: str = "Deployment phases") -> Path:
-    """A PNG: the share of each phase overall (pie) and per deployment (stacked bars)."""
+    """A PNG: the share of each phase overall (pie) and per deployment (stacked bars); deployments only."""
+    deployments = [d for d in deployments if not d.migration]
     import matplotlib
 
     matplotlib.use("Agg")

@@ -10,6 +10,8 @@ from typing import Callable
 from lxml import etree
 
 from client.soap import GridServiceClient
+from security.delegation import DEFAULT_LIFETIME, delegate
+from services.vmmanager import migration_wire
 from services.common.xsdtime import format_duration, to_datetime
 from services.vmmanager import wire
 from services.vmmanager.wire import ALL_PROPERTIES, KEY_HEADER, NS, property_qname
@@ -181,6 +183,22 @@ class VMManagerClient:
     def status(self, ref: InstanceRef) -> InstanceInfo:
         """Every resource property of the instance, read at once."""
         return InstanceInfo.from_properties(ref, self.properties(ref, *ALL_PROPERTIES))
+
+    def node_certificate(self, ref: InstanceRef):
+        """The certificate the node signs its answers with (its host certificate), read from a signed answer."""
+        self.property(ref, "State")
+        signer = self.service.zeep.wsse.last_signer
+        if signer is None:
+            raise RuntimeError("the node's answer carried no verified signer")
+        return signer.chain[0]
+
+    def migrate(self, ref: InstanceRef, target: str, *, lifetime=DEFAULT_LIFETIME, mode: str = "Cold") -> InstanceInfo:
+        """Move the instance to the VMManager at ``target``: a short-lived proxy of this client's credential is
+        delegated to the node (issued for the node's own host key, as GT4's delegation service did), which acts as
+        the user at the target. Returns the instance on the target (its new EPR and the phase timings)."""
+        proxy = delegate(self.service.credential, self.node_certificate(ref), lifetime=lifetime)
+        resp = self._on(ref, "Migrate", **migration_wire.migrate_request(target, proxy, mode))
+        return InstanceInfo.from_instance(resp.find("vmm:Instance", NS))
 
     def subscribe(self, ref: InstanceRef, consumer_url: str) -> str:
         resp = self._on(ref, "Subscribe", ConsumerReference={"Address": consumer_url})

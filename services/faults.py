@@ -161,6 +161,19 @@ def is_storage_full(exc: BaseException) -> bool:
 # Faults a later try of the same request may overcome: the service down, its disk full, an unexpected failure.
 RETRYABLE: tuple[type[VMGridFault], ...] = (ServiceUnavailable, StorageFull, InternalFault)
 
+class MigrationFault(VMGridFault):
+    """A migration failed in ``phase`` and was rolled back (the instance runs on the source as before)."""
+    element = "MigrationFault"
+    fields = ("phase", "target", "cause")
+    client_error = False
+
+
+class InstanceMoved(VMGridFault):
+    """The instance was migrated: ``address`` is the VMManager it lives on now (same InstanceKey)."""
+    element = "InstanceMovedFault"
+    fields = ("resource", "address")
+
+
 _REGISTRY: dict[str, type[VMGridFault]] = {}
 
 
@@ -172,7 +185,8 @@ def register(cls: type[VMGridFault]) -> type[VMGridFault]:
 
 for _cls in (InvalidDescriptor, UnknownImage, DuplicateName, BadQuery, ImageInUse, ChecksumMismatch,
              InvalidSource, InvalidArgument, AccessDenied, LimitExceeded, ServiceUnavailable, InternalFault,
-             ResourceUnknown, IllegalTransition, NoCapacity, VMMFault, TransferFault, StorageFull):
+             ResourceUnknown, IllegalTransition, NoCapacity, VMMFault, TransferFault, StorageFull, MigrationFault,
+             InstanceMoved):
     register(_cls)
 
 

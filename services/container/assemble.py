@@ -86,7 +86,7 @@ def build_vmmanager(config: Config, vmm=None) -> SoapService:
             vmm = open_vmm(v.vmm)
     repository = RepositoryAccess(v.repository, credential, trust, parallel=v.staging_parallel, gsi=v.staging_gsi)
     return VMManagerService(state, v, policy_point(config), vmm=vmm, repository=repository,
-                            notifier=Notifier(credential, trust, policy=ConsumerPolicy(tuple(v.consumers_allow)),
+                            credential=credential, trust=trust, notifier=Notifier(credential, trust, policy=ConsumerPolicy(tuple(v.consumers_allow)),
                                               limits=DeliveryLimits(deadline=v.notify_deadline)))
 
 

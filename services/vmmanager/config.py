@@ -34,3 +34,6 @@ class VMManagerConfig:
     # loopback or link-local); e.g. ["127.0.0.0/8"] where clients listen on the nodes' own machine
     consumers_allow: list[str] = field(default_factory=list)
     notify_deadline: float = 10.0        # seconds for one notification delivery, connect to answer
+    migration_timeout: float = 60.0      # seconds a node waits for the other node's answer during a migration
+    migration_incoming_timeout: float = 900.0   # an Incoming instance whose source never commits is dropped then
+    migration_fixup_timeout: float = 30.0       # seconds guestd has to take the new address after a migration

@@ -23,12 +23,12 @@ from typing import Iterator
 from services.authz.pep import Enforcer, PolicyDecisionPoint
 from services.faults import (RETRYABLE, InternalFault, InvalidArgument, InvalidDescriptor, LimitExceeded,
                              ResourceUnknown, VMGridFault, VMMFault)
-from services.vmmanager import network, phases, states
+from services.vmmanager import migration, network, phases, states
 from services.vmmanager.config import VMManagerConfig
 from services.vmmanager.context import new_token
 from services.vmmanager.imagecache import ImageCache
 from services.vmmanager.phases import NodeParts, Recorder, vmm_call
-from services.vmmanager.states import FINAL, TRANSIENT, State
+from services.vmmanager.states import FINAL, MIGRATION, TRANSIENT, State
 from services.vmmanager.store import Instance, LeaseRange, NodeStore
 from services.vmmanager.values import DeployRequest, InstanceView, Subscribed
 from services.vmmanager.vmm import VMM, InstanceState, LifecycleEvent, LifecycleEventKind, VMMError
@@ -46,7 +46,8 @@ class Node:
     """One node's VMManager, without SOAP. ``address`` is the node's public VMManager URL."""
 
     def __init__(self, state_dir: Path, config: VMManagerConfig, pdp: PolicyDecisionPoint, *, vmm: VMM,
-                 repository, notifier: Notifier | None = None, address: str = "", state_change=None):
+                 repository, notifier: Notifier | None = None, address: str = "", state_change=None,
+                 credential=None, trust=None, peer_factory=None):
         self.config = config
         self.node = config.node or socket.gethostname()
         self.authz = Enforcer(pdp, identity=self.node)   # slots keyed by this node and its credential
@@ -76,6 +77,12 @@ class Node:
         self._guest_waits: dict[str, threading.Event] = {}
         self._sweeper: Sweeper | None = None
         self._event_handle: int | None = None
+        # migration (services.vmmanager.migration): the host credential pairs with a user's delegated proxy
+        self.credential = credential
+        self.trust = trust
+        self.peer_factory = peer_factory     # (url, credential, trust, timeout) -> migration.Peer
+        self.migrations = migration.Records(self.store)
+        self.exports = migration.Exports(self.instances_dir, credential, trust, address) if credential else None
         self.reconcile_report = self.reconcile()
         log.info("node %s reconciled: %s", self.node, self.reconcile_report)
 
@@ -94,6 +101,8 @@ class Node:
     @address.setter
     def address(self, url: str) -> None:
         self.parts.address = url
+        if self.exports is not None:
+            self.exports.address = url
 
     # -- the node's own life ------------------------------------------------------------------------
     def start(self) -> None:
@@ -106,6 +115,8 @@ class Node:
             wait.set()
         if self._sweeper is not None:
             self._sweeper.stop()
+        if self.exports is not None:
+            self.exports.stop()
         self.executor.shutdown(wait=False, cancel_futures=True)
         if self._event_handle is not None:
             try:
@@ -154,6 +165,8 @@ class Node:
         self.authz.check(caller, action, self._resource(inst), {k: str(v) for k, v in context.items()})
         if inst.state_enum == State.DESTROYED:
             raise ResourceUnknown(f"no instance {key} on node {self.node} (destroyed)", resource=key)
+        if inst.state_enum == State.MIGRATED:
+            raise migration.moved(self, key)
         return inst
 
     def view(self, inst: Instance) -> InstanceView:
@@ -511,6 +524,18 @@ class Node:
         self.store.subscribe(sub_key, inst.key, consumer, caller.dn, expires)
         return Subscribed(sub_key, expires)
 
+    # -- migration (services.vmmanager.migration) ------------------------------------------------------------
+    def migrate(self, caller, key: str, target: str, mode: str, proxy_pem: bytes):
+        """Migrate the instance to the VMManager at ``target``: (the instance there as the peer returned it,
+        this node's phases after the target answered)."""
+        return migration.migrate(self, caller, key, target, mode, proxy_pem)
+
+    def accept_migration(self, caller, offer) -> InstanceView:
+        return migration.accept(self, caller, offer)
+
+    def complete_migration(self, caller, key: str, commit: bool):
+        return migration.complete(self, caller, key, commit)
+
     # -- lifetimes, VMM events, recovery --------------------------------------------------------------------
     def sweep(self, now: float | None = None) -> list[str]:
         """Destroy the instances whose termination time has passed; returns their keys."""
@@ -519,6 +544,8 @@ class Node:
             self.deliver_outbox(now)
         except Exception:
             log.exception("could not retry the pending releases")
+        if self.exports is not None:
+            migration.sweep(self)
         expired = self.store.expired(now)
         for key in expired:
             try:
@@ -553,11 +580,15 @@ class Node:
         files nobody owns go."""
         report = {"failed_interrupted": 0, "failed_lost": 0, "orphan_domains": 0, "leases_released": 0,
                   "dirs_removed": 0, "states_synced": 0}
+        if self.credential is not None:
+            report.update(migration.reconcile(self))
         domains = {i.name: i for i in self.vmm.list_instances()}
         live = {i.key: i for i in self.store.list(None, live_only=True)}
         for key, inst in live.items():
             state = inst.state_enum
             dom = domains.get(key)
+            if state in MIGRATION:      # settled above; still waiting for its target to answer
+                continue
             if state in TRANSIENT - {State.SHUTTING_DOWN}:
                 self._release(key, quiet=True)
                 self.store.set_state(key, State.FAILED, failure=f"Interrupted: the VMManager restarted while the "

@@ -24,3 +24,9 @@ def create_overlay(base: Path, base_format: str, dest: Path) -> Path:
     # absolute: qemu-img reads a relative backing file name relative to the overlay's own directory
     _run(["create", "-q", "-f", "qcow2", "-F", base_format, "-b", str(Path(base).absolute()), str(dest)])
     return dest
+
+
+def rebase_unsafe(overlay: Path, base: Path, base_format: str) -> Path:
+    """Point an overlay at another copy of the same base image (a migrated overlay on this node's cache)."""
+    _run(["rebase", "-u", "-F", base_format, "-b", str(base), str(overlay)])
+    return overlay

@@ -9,8 +9,9 @@ from lxml import etree
 
 from services.authz.pep import PolicyDecisionPoint
 from services.container.service import CallContext, SoapService, operation
-from services.vmmanager import wire
+from services.vmmanager import migration_wire, wire
 from services.vmmanager.config import VMManagerConfig
+from services.vmmanager.migration_peer import SoapPeer
 from services.vmmanager.node import Node
 from services.vmmanager.vmm import VMM
 from services.wsrf.epr import EndpointReference
@@ -28,10 +29,11 @@ class VMManagerService(SoapService):
     extra_understood_headers = frozenset({wire.KEY_HEADER})
 
     def __init__(self, state_dir: Path, config: VMManagerConfig, pdp: PolicyDecisionPoint, *, vmm: VMM,
-                 repository, notifier: Notifier | None = None):
+                 repository, notifier: Notifier | None = None, credential=None, trust=None):
         super().__init__(state_dir)
         self.core = Node(self.state_dir, config, pdp, vmm=vmm, repository=repository, notifier=notifier,
-                         state_change=wire.state_change_envelope)
+                         state_change=wire.state_change_envelope, credential=credential, trust=trust,
+                         peer_factory=SoapPeer)
 
     # the core's parts, for tests and tools that look inside a node
     config = property(lambda self: self.core.config)
@@ -146,3 +148,25 @@ class VMManagerService(SoapService):
         sub = self.core.subscribe(ctx.caller, key, asked.consumer, asked.initial_termination)
         return subscribe_response(EndpointReference.of(self.core.address, wire.SUBSCRIPTION_KEY, sub.key),
                                   sub.expires, nsmap={"vmm": wire.VMM_NS})
+
+    # -- migration -------------------------------------------------------------------------------------------
+    @operation("Migrate")
+    def migrate(self, ctx, req):
+        target, mode, proxy = migration_wire.parse_migrate(req)
+        there, phases_here = self.core.migrate(ctx.caller, self._key(ctx), target, mode, proxy)
+        resp = wire.response("MigrateResponse")
+        resp.append(migration_wire.add_phases(there, phases_here))
+        return resp
+
+    @operation("AcceptMigration")
+    def accept_migration(self, ctx, req):
+        view = self.core.accept_migration(ctx.caller, migration_wire.parse_accept(req))
+        resp = wire.response("AcceptMigrationResponse")
+        resp.append(wire.instance_element(view, self.core.address))
+        return resp
+
+    @operation("CompleteMigration")
+    def complete_migration(self, ctx, req):
+        outcome, view = self.core.complete_migration(ctx.caller, self._key(ctx), migration_wire.parse_complete(req))
+        return migration_wire.complete_response(
+            outcome, wire.instance_element(view, self.core.address) if view is not None else None)

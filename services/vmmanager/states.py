@@ -17,13 +17,21 @@ class State(str, enum.Enum):
     SHUTOFF = "Shutoff"
     DESTROYED = "Destroyed"        # final: everything released
     FAILED = "Failed"              # final: everything released, Failure says why
+    MIGRATING = "Migrating"        # source: frozen and being moved to another node (services.vmmanager.migration)
+    INCOMING = "Incoming"          # target: registered and restored paused, until the source commits
+    MIGRATED = "Migrated"          # final (source): the instance lives on another node; its old EPR says where
 
 
 # The deployment phases, in the order they run, each timed (the PhaseTimings resource property).
 PHASES = ("authorize", "register", "lease", "stage", "overlay", "context", "power-on", "guest-ready")
 
+# The migration phases (source and target together), each timed like Deploy's.
+# fixup follows resume: guestd answers only in a running guest (it takes the new address, the clock is set on resume)
+MIGRATION_PHASES = ("authorize", "freeze", "prepare", "transfer", "restore", "resume", "fixup", "release")
+
 TRANSIENT = frozenset({State.REGISTERED, State.STAGING, State.STARTING, State.SHUTTING_DOWN})
-FINAL = frozenset({State.DESTROYED, State.FAILED})
+MIGRATION = frozenset({State.MIGRATING, State.INCOMING})   # resolved by migration.reconcile, not failed
+FINAL = frozenset({State.DESTROYED, State.FAILED, State.MIGRATED})
 LIVE = frozenset(State) - FINAL
 
 # operation -> the states it may start from
@@ -35,10 +43,11 @@ ALLOWED: dict[str, frozenset[State]] = {
     "restore": frozenset({State.SAVED}),
     "shutdown-normal": frozenset({State.RUNNING}),
     "shutdown-trash": frozenset({State.RUNNING, State.PAUSED, State.SHUTTING_DOWN, State.SHUTOFF}),
-    "destroy": LIVE,
-    "set-lifetime": LIVE,
+    "destroy": LIVE - MIGRATION,
+    "set-lifetime": LIVE - MIGRATION,
     "inspect": frozenset(State),
-    "subscribe": LIVE,
+    "subscribe": LIVE - MIGRATION,
+    "migrate": frozenset({State.RUNNING, State.PAUSED, State.SAVED}),
 }
 
 

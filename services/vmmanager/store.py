@@ -45,7 +45,7 @@ CREATE TABLE IF NOT EXISTS instances (
     hold_holder    TEXT
 );
 CREATE UNIQUE INDEX IF NOT EXISTS instances_live_identifier ON instances (owner, identifier)
-    WHERE state NOT IN ('Destroyed', 'Failed');
+    WHERE state NOT IN ('Destroyed', 'Failed', 'Migrated');
 CREATE INDEX IF NOT EXISTS instances_owner ON instances (owner);
 CREATE INDEX IF NOT EXISTS instances_termination ON instances (termination) WHERE ended IS NULL;
 CREATE TABLE IF NOT EXISTS leases (
@@ -264,14 +264,14 @@ class NodeStore:
             where.append("owner = ?")
             params.append(owner)
         if live_only:
-            where.append("state NOT IN ('Destroyed', 'Failed')")
+            where.append("state NOT IN ('Destroyed', 'Failed', 'Migrated')")
         if where:
             sql += " WHERE " + " AND ".join(where)
         return [Instance(*r) for r in self._db().execute(sql + " ORDER BY created", params)]
 
     def expired(self, now: float) -> list[str]:
         return [r[0] for r in self._db().execute(
-            "SELECT key FROM instances WHERE ended IS NULL AND termination <= ? AND state NOT IN ('Destroyed', 'Failed')",
+            "SELECT key FROM instances WHERE ended IS NULL AND termination <= ? AND state NOT IN ('Destroyed', 'Failed', 'Migrated')",
             (now,))]
 
     # -- leases ---------------------------------------------------------------------------------------

@@ -35,3 +35,32 @@ class InstanceView:
 class Subscribed:
     key: str
     expires: float
+
+
+@dataclass(frozen=True)
+class MigrationFile:
+    """One file of a migrating instance the target pulls from the source (overlay, data disks, saved state)."""
+
+    name: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class MigrationOffer:
+    """AcceptMigration: what the source tells the target about the instance coming to it."""
+
+    key: str
+    identifier: str
+    owner: str
+    descriptor: Descriptor
+    descriptor_xml: bytes
+    termination: float
+    max_lifetime: int | None
+    state: str                  # the state the instance had on the source (Running, Paused or Saved)
+    source: str                 # the source VMManager's URL
+    files_url: str              # gsiftp:// base URL of the files, "/<key>/<name>" under it
+    files: tuple[MigrationFile, ...]
+    phases: tuple[tuple[str, float], ...] = ()
+    uuid: str = ""              # the hypervisor's id of the saved domain (the restore keeps it)
+    subscriptions: tuple[tuple[str, str, float], ...] = ()   # (consumer, subscriber DN, expires) at the source

@@ -19,7 +19,11 @@ def test_the_main_job_walks_the_poster_flows(tmp_path):
     assert "distinct addresses: 5 of 5; distinct MACs: 5 of 5" in out
     assert "refused:" in out and "vm.pause" in out               # bob may not touch alice's VM
     assert "pause  -> Paused" in out and "resume -> Running" in out
-    assert "emboss-3: Destroyed" in out                           # its termination time passed
+    assert "emboss-3: Destroyed" in out
+    assert "emboss-1: Running on node2; address 10.99.0.10 -> 10.99.0.1" in out       # the target's pool
+    assert "the same key True" in out and "the old EPR answers InstanceMovedFault" in out
+    for phase in ("freeze", "prepare", "transfer", "restore", "fixup", "resume", "release"):
+        assert f"\n{phase} " in out                                # the migration phase table                           # its termination time passed
     assert "the duplicate shares the original's image bytes: True" in out
     for phase in ("authorize", "register", "lease", "stage", "overlay", "context", "power-on"):
         assert f"\n{phase} " in out

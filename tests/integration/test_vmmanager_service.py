@@ -87,7 +87,8 @@ def test_every_operation_through_zeep_validates_and_the_instance_goes_through_it
     with pytest.raises(ResourceUnknown):
         vm.status(ref)
     assert [i.state for i in vm.list(include_ended=True)] == ["Destroyed"]
-    assert check.seen == set(CONTRACT.operations)
+    # the migration operations need two nodes: tests/integration/test_vmmanager_migration.py
+    assert check.seen == set(CONTRACT.operations) - {"Migrate", "AcceptMigration", "CompleteMigration"}
     assert_nothing_held(vm_grid)
 
 

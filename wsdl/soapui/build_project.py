@@ -40,7 +40,8 @@ SIGNED_PARTS = [("Body", SOAP), ("Timestamp", "http://docs.oasis-open.org/wss/20
 # Operations addressed to an instance carry its InstanceKey header (vmmanager.wsdl's InstanceKeyHeader).
 ENDPOINT = "https://localhost:8443/wsrf/services/"
 SAMPLE_INSTANCE = "${#Project#instanceKey}"
-STRING_OVERRIDES = {"ActionType": "vm.deploy"}
+STRING_OVERRIDES = {"ActionType": "vm.deploy", "MigrationFileNameType": "state.save", "Sha256Type": "0" * 64,
+                    "InstanceKeyType": "inst-" + "0" * 32}
 DESCRIPTOR = WSDL_DIR / "examples" / "debian12-emboss.xml"
 
 

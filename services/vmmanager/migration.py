@@ -1,0 +1,676 @@
+"""Cold migration, the poster's second flow: freeze the instance on this node, have the target node
+register it *as the user* (an RFC 3820 proxy the client delegated to this node), let the target pull the
+overlay and the saved memory state over GridFTP, restore and resume it there, then release it here.
+
+Who decides: the target. Its CompleteMigration(commit) is the one commit point; until it answers
+``committed`` the instance is the source's (Migrating here, Incoming and paused there), and every failure
+rolls back: the target drops what it holds, the source restores the instance as it was. A node that
+restarts settles its half with the other node (:func:`reconcile`): an Incoming instance is dropped (never
+committed), a Migrating one asks the target, which answers committed or aborted; while the target cannot
+be reached the instance stays Migrating (frozen, not running anywhere) and the sweep asks again.
+
+Phases (``states.MIGRATION_PHASES``), timed into the instance's PhaseTimings on the target: authorize and
+freeze (source), prepare, transfer and restore (target, AcceptMigration), resume and fixup (target,
+CompleteMigration; guestd answers only once the guest runs), release (source). Crashpoints ``migration.<step>`` for the kill tests.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import re
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Iterator, Protocol
+from urllib.parse import urlsplit
+
+import gridftp
+from gridftp.face import GridFTPFace
+from security.client import host_authorizer
+from security.delegation import DelegationError, accept as accept_delegation
+from security.pki import Credential
+from services.common.crash import crashpoint
+from services.faults import (AccessDenied, InstanceMoved, InternalFault, InvalidArgument,
+                             MigrationFault, ResourceUnknown, TransferFault, VMGridFault, ChecksumMismatch)
+from services.vmmanager import phases, states
+from services.vmmanager.context import build_context, new_token
+from services.vmmanager.phases import vmm_call
+from services.vmmanager.states import State
+from services.vmmanager.store import Instance
+from services.vmmanager.values import InstanceView, MigrationFile, MigrationOffer
+from services.vmmanager.vmm import Disk, VMMError
+
+log = logging.getLogger("vmgrid.vmmanager.migration")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS migrations (
+    key       TEXT PRIMARY KEY,
+    role      TEXT NOT NULL,          -- source | target | moved (the instance left: moved_to says where)
+    peer      TEXT NOT NULL,          -- the other node's VMManager URL
+    prior     TEXT NOT NULL,          -- the instance's state before it was frozen
+    proxy     BLOB,                   -- source: the delegated proxy chain (public; its key is the host key)
+    started   REAL NOT NULL
+);
+"""
+STATE_FILE = "state.save"
+FILE_NAME = re.compile(r"^[a-z]+[0-9]*\.(qcow2|save)$")
+MAX_FILES = 16
+
+
+@dataclass(frozen=True)
+class Record:
+    key: str
+    role: str
+    peer: str
+    prior: str
+    proxy: bytes | None
+    started: float
+
+
+class Records:
+    """The node's migration records, in the node's database (a table of their own)."""
+
+    def __init__(self, store):
+        self.store = store
+        store.db.conn().executescript(SCHEMA)
+
+    def put(self, key: str, role: str, peer: str, prior: str, proxy: bytes | None = None) -> None:
+        with self.store.write() as db:
+            db.execute("INSERT OR REPLACE INTO migrations (key, role, peer, prior, proxy, started) VALUES (?,?,?,?,?,?)",
+                       (key, role, peer, prior, proxy, time.time()))
+
+    def get(self, key: str) -> Record | None:
+        row = self.store.db.conn().execute("SELECT key, role, peer, prior, proxy, started FROM migrations WHERE key = ?",
+                                           (key,)).fetchone()
+        return Record(*row) if row else None
+
+    def of_role(self, role: str) -> list[Record]:
+        return [Record(*r) for r in self.store.db.conn().execute(
+            "SELECT key, role, peer, prior, proxy, started FROM migrations WHERE role = ?", (role,))]
+
+    def drop(self, key: str) -> None:
+        with self.store.write() as db:
+            db.execute("DELETE FROM migrations WHERE key = ?", (key,))
+
+    def forget_instance(self, key: str) -> None:
+        """Remove the instance's row entirely (the target's half of an aborted migration leaves nothing)."""
+        with self.store.write() as db:
+            db.execute("DELETE FROM instances WHERE key = ?", (key,))
+            db.execute("DELETE FROM subscriptions WHERE instance_key = ?", (key,))
+            db.execute("DELETE FROM migrations WHERE key = ?", (key,))
+
+
+class Exports:
+    """The source's GridFTP face over its instance directories: during a migration, exactly that instance's
+    files, read-only, to the target node's host certificate; nothing else, and nothing once it is over."""
+
+    def __init__(self, instances_dir: Path, credential: Credential, trust, address: str):
+        self.instances_dir = instances_dir
+        self.credential = credential
+        self.trust = trust
+        self.address = address
+        self.face: GridFTPFace | None = None
+        self._allowed: dict[str, object] = {}      # vpath -> authorizer of the target's host DN
+        self._lock = threading.Lock()
+
+    def _start(self) -> GridFTPFace:
+        host = urlsplit(self.address).hostname or "localhost"
+        bind = "127.0.0.1" if host in ("localhost", "127.0.0.1") else "0.0.0.0"
+        face = GridFTPFace(gridftp.LocalFileSpace(self.instances_dir), bind, 0, self.credential, self.trust,
+                           authorize=self.authorize, upload_area="/nowhere", public_host=host,
+                           what="migrating instances", log=log)
+        face.start()
+        return face
+
+    def open(self, key: str, names: list[str], target: str) -> str:
+        """Export ``names`` of instance ``key`` to the node at ``target``; the base URL of the files."""
+        with self._lock:
+            if self.face is None:
+                self.face = self._start()
+            allowed = host_authorizer(target)
+            for name in names:
+                self._allowed[f"/{key}/{name}"] = allowed
+            return self.face.base_url
+
+    def close(self, key: str) -> None:
+        with self._lock:
+            for vpath in [v for v in self._allowed if v.startswith(f"/{key}/")]:
+                del self._allowed[vpath]
+
+    def authorize(self, dn: str | None, op: str, vpath: str) -> bool:
+        allowed = self._allowed.get(vpath)
+        return dn is not None and op == "read" and allowed is not None and allowed(SimpleNamespace(dn=dn))
+
+    def stop(self) -> None:
+        with self._lock:
+            face, self.face = self.face, None
+        if face is not None:
+            face.stop()
+
+
+class Peer(Protocol):
+    """The other node's VMManager, called as the user with the delegated proxy (built by the SOAP face:
+    :class:`services.vmmanager.migration_peer.SoapPeer`)."""
+
+    url: str
+
+    def accept(self, offer: MigrationOffer) -> object:
+        """AcceptMigration; the instance as the target shows it (opaque to the core)."""
+
+    def complete(self, key: str, commit: bool) -> tuple[str, object]:
+        """CompleteMigration: ('committed', the instance there) or ('aborted', None); ResourceUnknown if unknown."""
+
+    def close(self) -> None: ...
+
+
+class Unsettled(Exception):
+    """The target could not be asked; the instance stays Migrating until it can."""
+
+
+# -- helpers ------------------------------------------------------------------------------------------------------
+@contextmanager
+def timed(into: list, name: str) -> Iterator[None]:
+    t = time.perf_counter()
+    yield
+    into.append((name, time.perf_counter() - t))
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _cause(exc: BaseException) -> str:
+    return getattr(exc, "element", "") or type(exc).__name__
+
+
+def _describe(exc: BaseException) -> str:
+    return getattr(exc, "description", None) or str(exc) or type(exc).__name__
+
+
+def _check_target(node: "Node", target: str) -> str:
+    parts = urlsplit(target)
+    if parts.scheme not in ("https", "http") or not parts.hostname or not parts.path.endswith("/VMManagerService"):
+        raise InvalidArgument(f"the target {target!r} is not a VMManager URL (https://host:port/wsrf/services/"
+                              f"VMManagerService)", argument="target")
+    if target.rstrip("/") == node.address.rstrip("/"):
+        raise InvalidArgument("the target is this node; migrate to another node", argument="target")
+    return target
+
+
+def _peer(node: "Node", url: str, credential: Credential) -> Peer:
+    if node.peer_factory is None:
+        raise InternalFault("this node cannot call other nodes (no peer factory)", incident=url)
+    return node.peer_factory(url, credential, node.trust, node.config.migration_timeout)
+
+
+def _disk_files(home: Path) -> list[str]:
+    return sorted(p.name for p in home.glob("*.qcow2"))
+
+
+# -- the source's side ---------------------------------------------------------------------------------------------
+def migrate(node: "Node", caller, key: str, target: str, mode: str, proxy_pem: bytes) -> tuple[object, list]:
+    """Migrate: (the instance as the target shows it: its new EPR, the phases of this node after the target
+    answered). MigrationFault on failure (rolled back)."""
+    started = time.perf_counter()
+    inst = node._authorized(caller, key, "vm.migrate", target=target)
+    states.check(inst.state_enum, "migrate")
+    if mode != "Cold":
+        raise InvalidArgument(f"migration mode {mode!r} is not supported; this node migrates Cold (save, move, "
+                              f"restore)", argument="mode")
+    _check_target(node, target)
+    if node.credential is None:
+        raise InternalFault("this node has no host credential to migrate with", incident=key)
+    if getattr(caller, "limited", False):
+        raise AccessDenied("a limited proxy cannot migrate", subject=caller.dn, action="vm.migrate", resource=key,
+                           rule="limited-proxy")
+    try:
+        credential = accept_delegation(proxy_pem, node.credential, node.trust, expected_dn=caller.dn)
+    except DelegationError as exc:
+        raise InvalidArgument(f"delegatedProxy: {exc.reason}", argument="delegatedProxy") from None
+    if credential.limited:
+        raise AccessDenied("the delegated proxy is limited: a limited proxy cannot migrate", subject=caller.dn,
+                           action="vm.migrate", resource=key, rule="limited-proxy")
+    timings: list[tuple[str, float]] = [("authorize", time.perf_counter() - started)]
+    records = node.migrations
+    with node._locked(key), _in_progress(node, key):
+        inst = node.store.get(key)
+        states.check(inst.state_enum, "migrate")
+        prior = inst.state_enum
+        peer = _peer(node, target, credential)
+        records.put(key, "source", target, prior.value, proxy_pem)
+        node._set_state(key, State.MIGRATING, expect={prior})
+        phase = "freeze"
+        try:
+            with timed(timings, "freeze"):
+                home = node.parts.home(key)
+                state_file = home / STATE_FILE
+                domain_uuid = vmm_call("inspect", node.vmm.spec_of, key).uuid
+                if prior in (State.RUNNING, State.PAUSED):
+                    state_file.unlink(missing_ok=True)
+                    vmm_call("save", node.vmm.save, key, state_file)
+                crashpoint("migration.frozen")
+                names = _disk_files(home) + [STATE_FILE]
+                files = tuple(MigrationFile(n, (home / n).stat().st_size, sha256_of(home / n)) for n in names)
+            phase = "prepare"
+            base = node.exports.open(key, names, target)
+            offer = MigrationOffer(key=key, identifier=inst.identifier, owner=inst.owner,
+                                   descriptor=phases.descriptor_of(inst), descriptor_xml=inst.descriptor,
+                                   termination=inst.termination, max_lifetime=inst.max_lifetime, state=prior.value,
+                                   source=node.address, files_url=base, files=files, phases=tuple(timings),
+                                   uuid=domain_uuid, subscriptions=_subscriptions(node, key))
+            peer.accept(offer)
+            crashpoint("migration.accepted")
+        except BaseException as exc:
+            phase = getattr(exc, "phase", None) or phase
+            _rollback(node, key, prior, peer, abort=phase != "freeze")
+            raise _fault(exc, phase, target) from None
+        # the commit: the target resumes the instance, from then on it lives there
+        try:
+            _, resp = peer.complete(key, commit=True)
+        except BaseException as exc:
+            log.warning("migration of %s: commit at %s failed (%s); asking the target", key, target, _describe(exc))
+            try:
+                resp = _settle_with(node, key, peer)
+            except Unsettled:
+                raise MigrationFault(f"the target did not answer the commit and cannot be asked now: the instance "
+                                     f"stays Migrating (frozen) until this node settles it with {target}",
+                                     phase="resume", target=target, cause=_cause(exc)) from None
+            if resp is None:        # aborted there: it runs here again
+                _rollback(node, key, prior, peer, abort=False)
+                raise _fault(exc, "resume", target) from None
+        crashpoint("migration.committed")
+        released = _finish(node, key, target)
+    peer.close()
+    return resp, [("release", released)]
+
+
+_ACTIVE: set[tuple[int, str]] = set()     # (node, key) of the migrations this process runs now
+_ACTIVE_LOCK = threading.Lock()
+
+
+@contextmanager
+def _in_progress(node: "Node", key: str) -> Iterator[None]:
+    with _ACTIVE_LOCK:
+        _ACTIVE.add((id(node), key))
+    try:
+        yield
+    finally:
+        with _ACTIVE_LOCK:
+            _ACTIVE.discard((id(node), key))
+
+
+def _running_here(node: "Node", key: str) -> bool:
+    with _ACTIVE_LOCK:
+        return (id(node), key) in _ACTIVE
+
+
+def _subscriptions(node: "Node", key: str) -> tuple[tuple[str, str, float], ...]:
+    rows = node.store.db.conn().execute("SELECT consumer, subscriber, expires FROM subscriptions "
+                                        "WHERE instance_key = ? AND expires > ?", (key, time.time()))
+    return tuple((r[0], r[1], r[2]) for r in rows)
+
+
+def _fault(exc: BaseException, phase: str, target: str) -> MigrationFault:
+    if isinstance(exc, MigrationFault):
+        return MigrationFault(f"migration to {target} failed in phase {exc.phase or phase} and was rolled back: "
+                              f"{exc.description}", phase=exc.phase or phase, target=target, cause=exc.cause)
+    return MigrationFault(f"migration to {target} failed in phase {phase} and was rolled back: {_describe(exc)}",
+                          phase=phase, target=target, cause=_cause(exc))
+
+
+def _rollback(node: "Node", key: str, prior: State, peer: Peer | None, *, abort: bool) -> None:
+    """The instance as it was on this node; nothing of it at the target."""
+    node.exports.close(key)
+    if abort and peer is not None:
+        try:
+            peer.complete(key, commit=False)
+        except ResourceUnknown:
+            pass
+        except Exception as exc:   # noqa: BLE001 - the target drops an Incoming instance by itself (timeout, restart)
+            log.warning("migration of %s: could not tell %s to abort: %s", key, peer.url, _describe(exc))
+    state_file = node.parts.home(key) / STATE_FILE
+    if prior in (State.RUNNING, State.PAUSED) and state_file.exists():
+        try:
+            node.vmm.restore(state_file, paused=prior == State.PAUSED)
+            state_file.unlink(missing_ok=True)
+        except VMMError as exc:
+            log.error("migration of %s: restoring it here failed: %s", key, exc)
+            node._set_state(key, State.SAVED, expect={State.MIGRATING})
+            node.migrations.drop(key)
+            return
+    node._set_state(key, prior, expect={State.MIGRATING})
+    node.migrations.drop(key)
+    log.info("migration of %s rolled back: %s again on this node", key, prior.value)
+
+
+def _finish(node: "Node", key: str, target: str) -> float:
+    """After the commit: release everything here (not the slot: it moved with the instance); returns the time."""
+    t = time.perf_counter()
+    node.exports.close(key)
+    node._release(key, quiet=True)
+    node._set_state(key, State.MIGRATED, expect={State.MIGRATING})
+    rec = node.migrations.get(key)
+    node.migrations.put(key, "moved", target, rec.prior if rec else "", None)
+    log.info("instance %s migrated to %s", key, target)
+    return time.perf_counter() - t
+
+
+def _settle_with(node: "Node", key: str, peer: Peer):
+    """Ask the target how the migration ended (an abort that answers committed if it was): the
+    CompleteMigrationResponse when committed, None when aborted or unknown there; Unsettled if it cannot be
+    reached."""
+    try:
+        outcome, resp = peer.complete(key, commit=False)
+    except ResourceUnknown:
+        return None
+    except VMGridFault as exc:
+        raise Unsettled(exc.description) from None
+    except Exception as exc:   # noqa: BLE001 - unreachable, a broken answer: ask again later
+        raise Unsettled(str(exc)) from None
+    return resp if outcome == "committed" else None
+
+
+def settle(node: "Node", key: str) -> str:
+    """A Migrating instance whose migration was interrupted (a restart, an unanswered commit): 'committed'
+    (released here), 'rolled-back' (as it was here), or 'unsettled' (the target cannot be asked yet)."""
+    if _running_here(node, key):
+        return "in-progress"
+    with node._locked(key):
+        return _settle(node, key)
+
+
+def _settle(node: "Node", key: str) -> str:
+    rec = node.migrations.get(key)
+    inst = node.store.get(key)
+    if inst is None or inst.state_enum != State.MIGRATING:
+        return "none"
+    prior = State(rec.prior) if rec else State.SAVED
+    if rec is None or not rec.proxy:
+        _rollback(node, key, prior, None, abort=False)
+        return "rolled-back"
+    try:
+        credential = accept_delegation(rec.proxy, node.credential, node.trust)
+    except DelegationError:   # expired: the target's Incoming instance has been dropped by then
+        _rollback(node, key, prior, None, abort=False)
+        return "rolled-back"
+    peer = _peer(node, rec.peer, credential)
+    try:
+        try:
+            resp = _settle_with(node, key, peer)
+        except Unsettled:
+            return "unsettled"
+        if resp is not None:
+            _finish(node, key, rec.peer)
+            return "committed"
+        _rollback(node, key, prior, None, abort=False)
+        return "rolled-back"
+    finally:
+        peer.close()
+
+
+# -- the target's side ---------------------------------------------------------------------------------------------
+def _check_offer(node: "Node", offer: MigrationOffer) -> None:
+    if not offer.key or not re.fullmatch(r"inst-[0-9a-f]{32}", offer.key):
+        raise InvalidArgument("InstanceKey is not an instance key", argument="InstanceKey")
+    if offer.state not in (State.RUNNING.value, State.PAUSED.value, State.SAVED.value):
+        raise InvalidArgument(f"an instance cannot migrate from state {offer.state}", argument="state")
+    if offer.termination <= time.time():
+        raise InvalidArgument("the instance's termination time has passed", argument="terminationTime")
+    files, source = urlsplit(offer.files_url or ""), urlsplit(offer.source or "")
+    if files.scheme != "gsiftp" or not files.hostname or files.hostname != source.hostname:
+        raise InvalidArgument("files must be a gsiftp:// URL on the source node's host", argument="files")
+    names = [f.name for f in offer.files]
+    if STATE_FILE not in names or len(set(names)) != len(names) or len(names) > MAX_FILES or \
+            not all(FILE_NAME.match(n) for n in names) or "root.qcow2" not in names:
+        raise InvalidArgument("the files must be the instance's root.qcow2, its other disks and state.save, once each",
+                              argument="file")
+    d = offer.descriptor
+    if not (d.image_id and d.sha256 and d.size is not None and d.owner):
+        raise InvalidArgument("the descriptor is not one from the repository", argument="workspace")
+
+
+def accept(node: "Node", caller, offer: MigrationOffer) -> InstanceView:
+    """AcceptMigration: prepare (authorize the user, register, lease), transfer (stage the base image, pull the
+    files), restore paused. On failure nothing of it remains here; MigrationFault names the phase."""
+    _check_offer(node, offer)
+    d = offer.descriptor
+    timings: list[tuple[str, float]] = list(offer.phases)
+    key = offer.key
+    phase = "prepare"
+    registered = False
+    try:
+        with timed(timings, "prepare"):
+            now = time.time()
+            resource = {"type": "instance", "owner": offer.owner, "vo": d.vo, "node": node.node, "id": key,
+                        "image": d.image_id}
+            amounts = {"memory": str(d.memory), "vcpus": str(d.vcpus), "node": node.node,
+                       "lifetime": str(int(offer.termination - now))}
+            node.authz.check(caller, "vm.migrate", resource, amounts)
+            # and the user may run this image on this node at all (a migration is no way around vm.deploy)
+            node.authz.check(caller, "vm.deploy", {"type": "image", "vo": d.vo, "owner": d.owner, "name": d.name,
+                                                   "id": d.image_id, "node": node.node}, {**amounts, "image": d.image_id})
+            existing = node.store.get(key)
+            if existing is not None:
+                if existing.state_enum not in states.FINAL:
+                    raise InvalidArgument(f"instance {key} is already on this node ({existing.state})",
+                                          argument="InstanceKey")
+                node.migrations.forget_instance(key)    # it lived here before and moved away: it comes back
+            node.repository.verify(d)
+            node.store.insert(Instance(
+                key=key, identifier=offer.identifier, owner=offer.owner, vo=d.vo, image_id=d.image_id,
+                image_name=d.name, sha256=d.sha256, size=d.size, format=d.image_format, memory=d.memory,
+                vcpus=d.vcpus, descriptor=offer.descriptor_xml, state=State.INCOMING.value,
+                initial_state=offer.state, address=None, mac=None, created=now, termination=offer.termination,
+                max_lifetime=offer.max_lifetime, token=new_token()))
+            registered = True
+            node.migrations.put(key, "target", offer.source, offer.state)
+            phases.lease(node.parts, key)
+            _adopt_subscriptions(node, key, offer)
+        crashpoint("migration.target-prepared")
+        phase = "transfer"
+        with timed(timings, "transfer"):
+            phases.stage(node.parts, key)
+            home = node.parts.home(key)
+            home.mkdir(parents=True, exist_ok=True)
+            done = [0]
+            total = sum(f.size for f in offer.files)
+            for f in offer.files:
+                _pull(node, f"{offer.files_url}/{key}/{f.name}", home / f.name, f, key, done, total)
+        crashpoint("migration.target-transferred")
+        phase = "restore"
+        with timed(timings, "restore"):
+            _restore_here(node, key, offer.uuid)
+        crashpoint("migration.target-restored")
+    except BaseException as exc:
+        if registered:
+            _drop_incoming(node, key)
+        if isinstance(exc, MigrationFault):
+            raise
+        if isinstance(exc, VMGridFault) and phase == "prepare" and not registered:
+            raise       # refused before anything was held: the fault as it is (AccessDenied, InvalidArgument...)
+        raise MigrationFault(f"{phase} at {node.node} failed: {_describe(exc)}", phase=phase, target=node.address,
+                             cause=_cause(exc)) from None
+    node.store.update(key, phases=json.dumps([[n, round(s, 6)] for n, s in timings]))
+    log.info("instance %s arrived from %s for %s; Incoming until the source commits", key, offer.source, caller.dn)
+    return node.view(node.store.get(key))
+
+
+def _pull(node: "Node", url: str, dest: Path, f: MigrationFile, key: str, done: list, total: int) -> None:
+    """One file from the source over GridFTP: parallel streams, restartable, verified against its sha256."""
+    base = done[0]
+
+    def progress(n: int, _total: int) -> None:
+        node.store.update(key, staged_bytes=base + n)
+
+    try:
+        gridftp.download(url, dest, node.config.staging_parallel, credential=node.credential, trust=node.trust,
+                         sha256=f.sha256, progress=progress, gsi=node.config.staging_gsi)
+    except gridftp.ChecksumMismatch as exc:
+        raise ChecksumMismatch(f"{f.name} from {url}: {exc}", expected=f.sha256, actual="(different)") from None
+    except gridftp.GridFTPError as exc:
+        raise TransferFault(f"pulling {f.name} from {url} failed: {exc}", source=url) from None
+    if dest.stat().st_size != f.size:
+        raise ChecksumMismatch(f"{f.name}: {dest.stat().st_size} bytes, the source said {f.size}", expected=f.sha256,
+                               actual="(size differs)")
+    done[0] += f.size
+
+
+def _restore_here(node: "Node", key: str, domain_uuid: str) -> None:
+    """The pulled overlay on this node's cached base image, a context with this node's lease, the domain
+    restored paused from the saved state with this node's file locations."""
+    from services.vmmanager import qemuimg
+    inst = node.store.get(key)
+    d = phases.descriptor_of(inst)
+    home = node.parts.home(key)
+    disks = []
+    for n, disk in enumerate(d.disks):
+        path = home / ("root.qcow2" if disk.role == "root" else f"{disk.role}{n}.qcow2")
+        if not path.is_file():
+            raise InvalidArgument(f"the source sent no {path.name}", argument="file")
+        if disk.role == "root":
+            qemuimg.rebase_unsafe(path, node.cache.path(inst.sha256), inst.format)
+        disks.append(Disk(path, "qcow2", disk.bus, disk.role))
+    iso = phases.context(node.parts, inst, d)
+    spec = phases.instance_spec(node.parts, inst, d, disks, iso)
+    if domain_uuid:
+        spec = dataclasses.replace(spec, uuid=domain_uuid)
+    vmm_call("restore", node.vmm.restore, home / STATE_FILE, spec, paused=True)
+    (home / STATE_FILE).unlink(missing_ok=True)
+
+
+def _adopt_subscriptions(node: "Node", key: str, offer: MigrationOffer) -> None:
+    """The source's subscribers of the instance, notified from here from the commit on; a consumer this node's
+    policy refuses is left out (logged), it does not stop the migration."""
+    from services.wsrf.notification import new_subscription_key
+    for consumer, subscriber, expires in offer.subscriptions[:64]:
+        try:
+            node.consumers.check(consumer)
+        except VMGridFault as exc:
+            log.warning("instance %s: subscriber %s not carried over: %s", key, consumer, exc.description)
+            continue
+        node.store.subscribe(new_subscription_key(), key, consumer, subscriber, min(expires, offer.termination))
+
+
+def _drop_incoming(node: "Node", key: str) -> None:
+    """Everything an Incoming instance holds here goes: domain, files, lease, image hold, record."""
+    node._release(key, quiet=True)
+    node.migrations.forget_instance(key)
+    log.info("incoming instance %s dropped", key)
+
+
+def complete(node: "Node", caller, key: str, commit: bool) -> tuple[str, InstanceView | None]:
+    """CompleteMigration: ('committed', view) or ('aborted', None)."""
+    inst = node._authorized(caller, key, "vm.migrate")
+    with node._locked(key):
+        inst = node.store.get(key)
+        if inst is None:
+            raise ResourceUnknown(f"no instance {key} on node {node.node}", resource=key)
+        if inst.state_enum != State.INCOMING:
+            if inst.state_enum in states.FINAL:
+                raise ResourceUnknown(f"no instance {key} on node {node.node} ({inst.state})", resource=key)
+            return "committed", node.view(inst)
+        if not commit:
+            _drop_incoming(node, key)
+            return "aborted", None
+        rec = node.migrations.get(key)
+        prior = State(rec.prior if rec else inst.initial_state)
+        d = phases.descriptor_of(inst)
+        # the instance's slot moves here (renewed, this node its claimant: not counted twice)
+        node.authz.claim(caller, key, node._resource(inst),
+                         {"memory": str(d.memory), "vcpus": str(d.vcpus), "node": node.node,
+                          "lifetime": str(max(1, int(inst.termination - time.time())))}, action="vm.migrate")
+        timings: list[tuple[str, float]] = []
+        with timed(timings, "resume"):
+            if prior == State.RUNNING:
+                vmm_call("resume", node.vmm.resume, key)      # guestd sets the clock
+            elif prior == State.SAVED:
+                state_file = node.parts.home(key) / STATE_FILE
+                vmm_call("save", node.vmm.save, key, state_file)
+        with timed(timings, "fixup"):
+            status = _fixup(node, inst, running=prior == State.RUNNING)
+        for name, seconds in timings:
+            node.store.add_phase(key, name, seconds)
+        node.store.update(key, guest_status=status, staged_bytes=inst.size)
+        node._set_state(key, prior, expect={State.INCOMING})
+        node.migrations.drop(key)
+        crashpoint("migration.target-committed")
+        log.info("instance %s migrated here from %s: %s", key, rec.peer if rec else "?", prior.value)
+        return "committed", node.view(node.store.get(key))
+
+
+def _fixup(node: "Node", inst: Instance, running: bool) -> str:
+    """guestd learns its new address and MAC (a context over the guest channel) as soon as the guest runs here
+    (the clock was set on resume). Backends without a guest channel, or a guest that stays paused or saved:
+    nothing to tell now (GuestStatus says so)."""
+    if not node.vmm.capabilities.guest_channel:
+        return f"migrated here; address {inst.address} (no guest channel to tell guestd)"
+    if not running:
+        return f"migrated here; address {inst.address} not yet told to guestd (the guest is not running)"
+    ctx = build_context(instance=inst.key, hostname=inst.identifier.replace(".", "-").replace("_", "-")[:63],
+                        mac=inst.mac, address=inst.address, netmask=str(node.pool.network.netmask),
+                        gateway=node.pool.gateway, dns=node.config.dns, container_command=None, token=inst.token)
+    try:
+        node.vmm.guest_channel(inst.key).send_context(ctx, timeout=node.config.migration_fixup_timeout)
+        return f"migrated here; guestd set address {inst.address}"
+    except Exception as exc:   # noqa: BLE001 - the guest is untrusted; the migration stands, GuestStatus says so
+        return f"migrated here; guestd did not take the new address: {exc}"
+
+
+# -- restart and sweep ----------------------------------------------------------------------------------------------
+def reconcile(node: "Node") -> dict[str, int]:
+    """At start, before the node's own reconciliation: Incoming instances are dropped (never committed); Migrating
+    ones are settled with their target."""
+    report = {"incoming_dropped": 0, "migrations_committed": 0, "migrations_rolled_back": 0,
+              "migrations_unsettled": 0}
+    for rec in node.migrations.of_role("target"):
+        inst = node.store.get(rec.key)
+        if inst is not None and inst.state_enum == State.INCOMING:
+            _drop_incoming(node, rec.key)
+            report["incoming_dropped"] += 1
+        elif inst is None or inst.state_enum != State.INCOMING:
+            node.migrations.drop(rec.key)
+    for inst in node.store.list(None, live_only=True):
+        if inst.state_enum == State.INCOMING and node.migrations.get(inst.key) is None:
+            _drop_incoming(node, inst.key)
+            report["incoming_dropped"] += 1
+    for rec in node.migrations.of_role("source"):
+        outcome = settle(node, rec.key)
+        if outcome in ("none", "in-progress"):
+            continue
+        else:
+            report[{"committed": "migrations_committed", "rolled-back": "migrations_rolled_back",
+                    "unsettled": "migrations_unsettled"}[outcome]] += 1
+    return report
+
+
+def sweep(node: "Node") -> None:
+    """Settle unsettled migrations (the target answers again); drop Incoming instances whose source never
+    committed within the migration timeout."""
+    for rec in node.migrations.of_role("source"):
+        try:
+            settle(node, rec.key)
+        except Exception:   # noqa: BLE001
+            log.exception("could not settle the migration of %s", rec.key)
+    limit = time.time() - node.config.migration_incoming_timeout
+    for rec in node.migrations.of_role("target"):
+        if rec.started < limit:
+            with node._locked(rec.key):
+                inst = node.store.get(rec.key)
+                if inst is not None and inst.state_enum == State.INCOMING:
+                    log.warning("incoming instance %s: no commit from %s in time; dropped", rec.key, rec.peer)
+                    _drop_incoming(node, rec.key)
+
+
+def moved(node: "Node", key: str) -> InstanceMoved:
+    rec = node.migrations.get(key)
+    where = rec.peer if rec else ""
+    return InstanceMoved(f"instance {key} was migrated to {where or 'another node'}", resource=key, address=where)

@@ -1,0 +1,39 @@
+"""The other node of a migration, over signed SOAP as the user (the proxy the client delegated to this node):
+AcceptMigration and CompleteMigration. The SOAP face hands this to the node core (``peer_factory``)."""
+from __future__ import annotations
+
+from security.pki import Credential
+from services.soapclient import GridServiceClient
+from services.vmmanager import migration_wire
+from services.vmmanager.values import MigrationOffer
+from services.vmmanager.wire import NS, instance_epr
+
+
+class SoapPeer:
+    def __init__(self, url: str, credential: Credential, trust, timeout: float):
+        self.url = url
+        self.credential = credential
+        self.trust = trust
+        self.timeout = timeout
+        self._service: GridServiceClient | None = None
+
+    def _client(self) -> GridServiceClient:
+        if self._service is None:
+            client = GridServiceClient(self.url, self.credential, self.trust)
+            client.zeep.transport.operation_timeout = self.timeout
+            self._service = client
+        return self._service
+
+    def accept(self, offer: MigrationOffer):
+        client = self._client()
+        return migration_wire.instance_of(client.call("AcceptMigration",
+                                                      **migration_wire.accept_request(offer, client.to_zeep)))
+
+    def complete(self, key: str, commit: bool):
+        resp = self._client().call("CompleteMigration", commit=commit,
+                                   _soapheaders=[instance_epr(self.url, key).headers()[0]])
+        return resp.findtext("vmm:outcome", namespaces=NS), migration_wire.instance_of(resp)
+
+    def close(self) -> None:
+        if self._service is not None:
+            self._service.close()

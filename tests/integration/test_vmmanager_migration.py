@@ -1,0 +1,284 @@
+"""Cold migration between two VMManager nodes on libvirt's test driver, through the grid: the client delegates a
+short-lived proxy to the source node, which registers the instance at the target as the user; the target pulls the
+overlay and the saved state over GridFTP; one live instance at every moment; every failure rolls back and names
+its phase; the old EPR names where the instance went."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from urllib.parse import urlsplit
+
+import pytest
+
+from client.soap import GridServiceClient
+from client.vmmanager import VMManagerClient
+from security.pki import make_proxy
+from services.faults import AccessDenied, InstanceMoved, InvalidArgument, MigrationFault
+from services.vmmanager.states import MIGRATION_PHASES
+from tests.fixtures.grid import start_grid
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def grid(grid_pki, tmp_path_factory):
+    g = start_grid(grid_pki, tmp_path_factory.mktemp("migration") / "grid", nodes=2)
+    g.image = g.register(name="migrating")
+    try:
+        yield g
+    finally:
+        g.close()
+
+
+def holdings(grid, n: int) -> dict:
+    """What a node holds for live instances: records, leases, directories, domains."""
+    svc = grid.node(n)
+    return {"live": sorted(i.key for i in svc.store.list(None, live_only=True)),
+            "leases": sorted(svc.store.leases()),
+            "dirs": sorted(p.name for p in svc.instances_dir.iterdir()),
+            "domains": sorted(i.name for i in svc.vmm.list_instances())}
+
+
+def slots_of(grid, key: str) -> list:
+    from services.authz.client import AuthorizationClient
+    admin = AuthorizationClient.connect(grid.authz_url, grid.pki.admin.proxy, grid.pki.trust())
+    return [s for s in admin.list_slots() if s.instance == key]
+
+
+def deploy(grid, user, name: str, n: int = 0):
+    return grid.vmm(user, n).deploy(grid.image, name, 600, wait=True).ref
+
+
+def test_a_running_instance_moves_with_its_identity_and_the_old_epr_says_where(grid, grid_pki):
+    from services.container.contract import Contract
+    src, dst = grid.vmm(grid_pki.alice, 0), grid.vmm(grid_pki.alice, 1)
+    contract, original = Contract("vmmanager.wsdl"), src.service.call
+
+    def validated(operation, *args, **kwargs):     # every answer valid against the published schema
+        payload = original(operation, *args, **kwargs)
+        contract.validator.assertValid(payload)
+        return payload
+    src.service.call = validated
+    ref = deploy(grid, grid_pki.alice, "mover")
+    before = src.status(ref)
+    moved = src.migrate(ref, grid.node_url(1))
+    assert moved.ref.address == grid.node_url(1) and moved.ref.key == ref.key
+    assert moved.state == "Running" and moved.node == "node2"
+    assert (moved.identifier, moved.owner, moved.image_id) == ("mover", grid_pki.alice.dn, before.image_id)
+    assert moved.termination == before.termination
+    assert moved.address.startswith("10.99.0.1") and moved.address != before.address   # the target's pool
+    assert [p for p, _ in moved.phases] == list(MIGRATION_PHASES)
+    assert dst.status(moved.ref).state == "Running"
+    with pytest.raises(InstanceMoved) as exc:
+        src.status(ref)
+    assert exc.value.address == grid.node_url(1)
+    # exactly one instance: nothing of it left at the source, all of it at the target
+    assert ref.key not in holdings(grid, 0)["live"] + holdings(grid, 0)["leases"] + holdings(grid, 0)["dirs"] \
+        + holdings(grid, 0)["domains"]
+    held = holdings(grid, 1)
+    assert all(ref.key in held[k] for k in ("live", "leases", "dirs", "domains"))
+    # the target's audit log shows the user, not the source node, asking for vm.migrate
+    entries = [json.loads(line) for line in open(grid.authz_service.state_dir / "audit.log")]
+    asked = [e for e in entries if e.get("action") == "vm.migrate" and (e.get("resource") or {}).get("node") == "node2"]
+    assert asked and all(e["subject"] == grid_pki.alice.dn and e["decision"] == "permit" for e in asked
+                         if e.get("event") == "decision")
+    assert len(slots_of(grid, ref.key)) == 1          # the slot moved; it is not counted twice
+    # it can move back, and still acts as itself there
+    back = dst.migrate(moved.ref, grid.node_url(0))
+    assert back.state == "Running" and back.node == "node1"
+    assert src.pause(back.ref) == "Paused"
+    src.destroy(back.ref)
+
+
+@pytest.mark.parametrize("state", ["Paused", "Saved"])
+def test_a_paused_or_saved_instance_arrives_in_the_same_state(grid, grid_pki, state):
+    src = grid.vmm(grid_pki.alice, 0)
+    ref = deploy(grid, grid_pki.alice, f"frozen-{state.lower()}")
+    {"Paused": src.pause, "Saved": src.save}[state](ref)
+    moved = src.migrate(ref, grid.node_url(1))
+    assert moved.state == state
+    grid.vmm(grid_pki.alice, 1).destroy(moved.ref)
+
+
+def test_another_user_cannot_migrate_your_instance(grid, grid_pki):
+    ref = deploy(grid, grid_pki.alice, "not-bobs")
+    with pytest.raises(AccessDenied):
+        grid.vmm(grid_pki.bob, 0).migrate(ref, grid.node_url(1))
+    assert grid.vmm(grid_pki.alice, 0).status(ref).state == "Running"
+    grid.vmm(grid_pki.alice, 0).destroy(ref)
+
+
+def test_a_limited_proxy_cannot_migrate(grid, grid_pki):
+    ref = deploy(grid, grid_pki.alice, "limited")
+    limited = VMManagerClient(GridServiceClient(grid.node_url(0), make_proxy(grid_pki.alice.credential, limited=True,
+                                                                             hours=1), grid_pki.trust()))
+    with pytest.raises(AccessDenied):
+        limited.migrate(ref, grid.node_url(1))
+    assert grid.vmm(grid_pki.alice, 0).status(ref).state == "Running"
+    assert ref.key not in holdings(grid, 1)["live"]
+    grid.vmm(grid_pki.alice, 0).destroy(ref)
+
+
+def test_the_host_credential_alone_cannot_place_a_vm_in_a_users_name(grid, grid_pki):
+    """A node (its host certificate) offering an instance of alice's to the target is refused there."""
+    from services.vmmanager import migration_wire
+    from services.vmmanager.values import MigrationFile, MigrationOffer
+    from services.descriptor import Descriptor
+    from lxml import etree
+    ref = deploy(grid, grid_pki.alice, "hosted")
+    inst = grid.node(0).store.get(ref.key)
+    host = GridServiceClient(grid.node_url(1), grid.node(0).core.credential, grid_pki.trust())
+    offer = MigrationOffer(key="inst-" + "0" * 32, identifier="forged", owner=grid_pki.alice.dn,
+                           descriptor=Descriptor(etree.fromstring(inst.descriptor)), descriptor_xml=inst.descriptor,
+                           termination=inst.termination, max_lifetime=None, state="Running",
+                           source=grid.node_url(0), files_url="gsiftp://localhost:1",
+                           files=(MigrationFile("root.qcow2", 1, "0" * 64), MigrationFile("state.save", 1, "0" * 64)))
+    with pytest.raises(AccessDenied):
+        host.call("AcceptMigration", **migration_wire.accept_request(offer, host.to_zeep))
+    # nor is a migration a way around vm.deploy: bob (VO hep) offering himself an instance of a bio image
+    bob = GridServiceClient(grid.node_url(1), grid_pki.bob.proxy, grid_pki.trust())
+    with pytest.raises(AccessDenied) as exc:
+        bob.call("AcceptMigration", **migration_wire.accept_request(
+            dataclasses.replace(offer, owner=grid_pki.bob.dn), bob.to_zeep))
+    assert exc.value.action == "vm.deploy"
+    assert grid.node(1).store.get("inst-" + "0" * 32) is None
+    grid.vmm(grid_pki.alice, 0).destroy(ref)
+
+
+def test_bad_targets_are_refused_before_anything_moves(grid, grid_pki):
+    src = grid.vmm(grid_pki.alice, 0)
+    ref = deploy(grid, grid_pki.alice, "stays")
+    for target in ("ftp://x/y", grid.node_url(0), "https://localhost:1/nothing"):
+        with pytest.raises(InvalidArgument):
+            src.migrate(ref, target)
+    with pytest.raises(InvalidArgument):
+        src.migrate(ref, grid.node_url(1), mode="Live")
+    assert src.status(ref).state == "Running"
+    src.destroy(ref)
+
+
+def test_an_unreachable_target_rolls_back_in_prepare(grid, grid_pki):
+    src = grid.vmm(grid_pki.alice, 0)
+    ref = deploy(grid, grid_pki.alice, "unreachable")
+    with pytest.raises(MigrationFault) as exc:
+        src.migrate(ref, "https://localhost:1/wsrf/services/VMManagerService")
+    assert exc.value.phase == "prepare"
+    status = src.status(ref)
+    assert status.state == "Running"
+    assert ref.key in holdings(grid, 0)["domains"]
+    src.destroy(ref)
+
+
+def assert_rolled_back(grid, grid_pki, ref, state: str = "Running") -> None:
+    """The instance is on the source as before; the target holds nothing of it, not even a record."""
+    assert grid.vmm(grid_pki.alice, 0).status(ref).state == state
+    held = holdings(grid, 0)
+    assert all(ref.key in held[k] for k in ("live", "leases", "dirs", "domains"))
+    assert grid.node(0).vmm.state(ref.key).value == state.lower()
+    target = holdings(grid, 1)
+    assert all(ref.key not in target[k] for k in target)
+    assert grid.node(1).store.get(ref.key) is None
+    assert len(slots_of(grid, ref.key)) == 1
+
+
+def test_no_capacity_at_the_target_rolls_back_in_prepare(grid, grid_pki):
+    from services.vmmanager.store import LeaseRange
+    target = grid.node(1)
+    full, target.pool = target.pool, LeaseRange.parse("10.99.0.150-10.99.0.150", "10.99.0.0/24", "10.99.0.1")
+    blocker = deploy(grid, grid_pki.alice, "blocker", n=1)
+    ref = deploy(grid, grid_pki.alice, "no-room")
+    try:
+        with pytest.raises(MigrationFault) as exc:
+            grid.vmm(grid_pki.alice, 0).migrate(ref, grid.node_url(1))
+        assert (exc.value.phase, exc.value.cause) == ("prepare", "NoCapacityFault")
+        assert_rolled_back(grid, grid_pki, ref)
+    finally:
+        target.pool = full
+        grid.vmm(grid_pki.alice, 1).destroy(blocker)
+        grid.vmm(grid_pki.alice, 0).destroy(ref)
+
+
+def test_a_checksum_mismatch_rolls_back_in_transfer(grid, grid_pki, monkeypatch):
+    """The source announces a wrong digest for the files (injected); the target's verified GridFTP pull refuses."""
+    from services.vmmanager import migration
+    monkeypatch.setattr(migration, "sha256_of", lambda path: "0" * 64)
+    ref = deploy(grid, grid_pki.alice, "bad-sum")
+    src = grid.vmm(grid_pki.alice, 0)
+    src.pause(ref)
+    with pytest.raises(MigrationFault) as exc:
+        src.migrate(ref, grid.node_url(1))
+    assert (exc.value.phase, exc.value.cause) == ("transfer", "ChecksumMismatchFault")
+    assert_rolled_back(grid, grid_pki, ref, "Paused")
+    src.destroy(ref)
+
+
+def test_the_files_are_exported_only_to_the_target_of_that_migration(grid, grid_pki, monkeypatch):
+    """Cut the transfer: the source exports nothing (injected), so its GridFTP face refuses the target; rolled
+    back. Afterwards not even the source node's own host certificate may read the instance's files."""
+    exports = grid.node(0).core.exports
+    real_open = exports.open
+    monkeypatch.setattr(exports, "open", lambda key, names, target: real_open(key, [], target))
+    ref = deploy(grid, grid_pki.alice, "cut")
+    with pytest.raises(MigrationFault) as exc:
+        grid.vmm(grid_pki.alice, 0).migrate(ref, grid.node_url(1))
+    assert (exc.value.phase, exc.value.cause) == ("transfer", "TransferFault")
+    assert_rolled_back(grid, grid_pki, ref)
+    assert not exports.authorize(grid.node(0).core.credential.subject, "read", f"/{ref.key}/state.save")
+    grid.vmm(grid_pki.alice, 0).destroy(ref)
+
+
+def test_a_failed_restore_at_the_target_rolls_back(grid, grid_pki, monkeypatch):
+    """The target's VMM refuses the restore (injected: the test driver restores whatever it is given)."""
+    from services.vmmanager.vmm import VMMError
+    target_vmm = grid.node(1).vmm
+
+    def refuse(*args, **kwargs):
+        raise VMMError("injected: the hypervisor refused the saved state")
+    monkeypatch.setattr(target_vmm, "restore", refuse)
+    ref = deploy(grid, grid_pki.alice, "no-restore")
+    with pytest.raises(MigrationFault) as exc:
+        grid.vmm(grid_pki.alice, 0).migrate(ref, grid.node_url(1))
+    assert (exc.value.phase, exc.value.cause) == ("restore", "VMMFault")
+    assert_rolled_back(grid, grid_pki, ref)
+    grid.vmm(grid_pki.alice, 0).destroy(ref)
+
+
+def test_vmgrid_vm_migrate_from_the_command_line(grid, grid_pki):
+    """`vmgrid vm migrate NAME --to NODE_URL` as the README shows it: the phase table, then the old node says where."""
+    import os
+    import subprocess
+    import sys
+    deploy(grid, grid_pki.alice, "cli-mover")
+    env = {**os.environ, **grid_pki.alice.env(grid_pki.cert_dir), "VMGRID_NODE": grid.node_url(0)}
+
+    def vmgrid(*args):
+        return subprocess.run([sys.executable, "-m", "client.cli", *args], env=env, capture_output=True, text=True,
+                              timeout=120)
+    r = vmgrid("vm", "migrate", "cli-mover", "--to", grid.node_url(1))
+    assert r.returncode == 0, r.stderr
+    assert "migrated to node2" in r.stderr
+    assert [line.split()[0] for line in r.stdout.splitlines()[1:]] == [*MIGRATION_PHASES, "total"]
+    again = vmgrid("vm", "migrate", "cli-mover", "--to", grid.node_url(1))
+    assert again.returncode != 0 and again.stderr.startswith("vmgrid: ") and "no live instance" in again.stderr
+    r = vmgrid("vm", "status", "cli-mover", "--url", grid.node_url(1))
+    assert r.returncode == 0 and "Running" in r.stdout
+    grid.vmm(grid_pki.alice, 1).destroy(grid.vmm(grid_pki.alice, 1).list()[0].ref)
+
+
+def test_subscribers_hear_the_move_from_the_source_and_then_from_the_target(grid, grid_pki):
+    from client.notifications import NotificationConsumer
+    src = grid.vmm(grid_pki.alice, 0)
+    ref = deploy(grid, grid_pki.alice, "watched")
+    with NotificationConsumer(grid_pki.trust()) as consumer:
+        src.subscribe(ref, consumer.url)
+        moved = src.migrate(ref, grid.node_url(1))
+        assert consumer.wait(lambda c: c.new == "Migrating").old == "Running"
+        def port(url: str) -> int | None:
+            return urlsplit(url).port
+        events = [consumer.wait(lambda c: c.new in ("Migrated", "Running")) for _ in range(2)]
+        by = {c.new: c for c in events}
+        assert port(by["Migrated"].producer) == port(grid.node_url(0))        # the source: it left
+        assert (by["Running"].old, port(by["Running"].producer)) == ("Incoming", port(grid.node_url(1)))
+        assert by["Running"].key == ref.key
+        grid.vmm(grid_pki.alice, 1).destroy(moved.ref)
+        assert consumer.wait(lambda c: c.new == "Destroyed").old == "Running"

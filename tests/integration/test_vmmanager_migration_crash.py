@@ -1,0 +1,115 @@
+"""A migration's source or target node SIGKILLed at each step (services.common.crash), then restarted on the
+same address: the nodes settle it between them and exactly one live instance remains, on one node, with its
+lease and files there only. The nodes run libvirt's test driver in their own processes: a killed node's domains
+die with it, but the source's saved state file survives, so a rolled-back instance is restored from it."""
+from __future__ import annotations
+
+import signal
+import sqlite3
+import time
+
+import pytest
+
+from client.localgrid import LocalGrid, free_port
+from client.repository import RepositoryClient
+from client.soap import ClientError, GridServiceClient
+from client.vmmanager import VMManagerClient
+from security.trust import TrustStore
+from services.authz.edit import site_policy
+from services.authz.policy import Group
+from services.faults import MigrationFault
+from tests.fixtures.repository import EXAMPLES, make_image
+
+pytestmark = pytest.mark.timeout(300)
+NODES = {"node1": "10.99.0.10-10.99.0.40", "node2": "10.99.0.100-10.99.0.140"}
+LIVE = ("Running", "Paused", "Saved")
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    root = tmp_path_factory.mktemp("migcrash")
+    with LocalGrid(root) as grid:
+        admin, alice = grid.user("admin"), grid.user("alice")
+        ingest = root / "ingest"
+        ingest.mkdir()
+        grid.start_central(site_policy(admins=[admin.dn], groups=[Group("bio", members=(alice.dn,),
+                                                                           admins=(admin.dn,))]), ingest)
+        repo = RepositoryClient(GridServiceClient(f"{grid.services_url}/VMRepositoryService", admin.credential,
+                                                  TrustStore(grid.cert_dir)))
+        image = make_image(ingest / "mig.qcow2", "qcow2", "64M", fill=b"migcrash" * 1000)
+        grid.descriptor = repo.register((EXAMPLES / "debian12-emboss.xml").read_bytes(), local_path=str(image))
+        grid.ports = {name: free_port() for name in NODES}
+        yield grid
+
+
+def start_node(grid: LocalGrid, name: str, crashpoint: str | None = None):
+    return grid.start(name, ["vmmanager"], {
+        "enforcement": grid.enforcement(),
+        "vmmanager": {"node": name, "repository": f"{grid.services_url}/VMRepositoryService",
+                      "lease_range": NODES[name], "sweep_interval": 0.3, "migration_timeout": 10.0}},
+        extra_env={"VMGRID_CRASHPOINT": crashpoint} if crashpoint else None, port=grid.ports[name])
+
+
+def url(grid: LocalGrid, name: str) -> str:
+    return f"https://localhost:{grid.ports[name]}/wsrf/services/VMManagerService"
+
+
+def client(grid: LocalGrid, name: str) -> VMManagerClient:
+    return VMManagerClient(GridServiceClient(url(grid, name), grid.user("alice").credential,
+                                             TrustStore(grid.cert_dir)))
+
+
+def where(grid: LocalGrid, key: str) -> dict:
+    """Per node: the instance's state there (if recorded), whether it holds a lease and a directory."""
+    out = {}
+    for name in NODES:
+        node = grid.root / name / "vmmanager"
+        db = sqlite3.connect(node / "node.sqlite")
+        try:
+            row = db.execute("SELECT state FROM instances WHERE key = ?", (key,)).fetchone()
+            lease = db.execute("SELECT count(*) FROM leases WHERE instance_key = ?", (key,)).fetchone()[0]
+        finally:
+            db.close()
+        out[name] = (row[0] if row else None, lease, (node / "instances" / key).exists())
+    return out
+
+
+def settled(grid: LocalGrid, key: str, timeout: float = 60) -> dict:
+    """Wait until neither node has the instance in a migration state (the sweep settles it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        now = where(grid, key)
+        if not any(s in ("Migrating", "Incoming") for s, _, _ in now.values()) or time.monotonic() > deadline:
+            return now
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("killed, point, lands", [
+    ("node1", "migration.frozen", "node1"),              # source dies with the state saved: restored there
+    ("node1", "migration.accepted", "node1"),            # target holds it Incoming: dropped; restored at source
+    ("node1", "migration.committed", "node2"),           # target committed: the restarted source releases it
+    ("node2", "migration.target-prepared", "node1"),     # target dies registered: the source rolls back
+    ("node2", "migration.target-restored", "node1"),     # target dies restored, before the commit
+])
+def test_sigkill_during_a_migration_leaves_exactly_one_instance(site, killed, point, lands):
+    procs = {name: start_node(site, name, point if name == killed else None) for name in NODES}
+    try:
+        src = client(site, "node1")
+        ref = src.deploy(site.descriptor, f"crash-{point.split('.')[1]}", 600, wait=True).ref
+        with pytest.raises((ClientError, MigrationFault)):    # the killed node's half: connection lost / rolled back
+            src.migrate(ref, url(site, "node2"))
+        procs[killed].process.wait(20)
+        assert procs[killed].process.returncode == -signal.SIGKILL
+        site.processes.pop(killed)
+        procs[killed] = start_node(site, killed)            # restarted on the same address
+        state = settled(site, ref.key)
+        live = {n: s for n, (s, _, _) in state.items() if s in LIVE}
+        assert list(live) == [lands], state
+        other = next(n for n in NODES if n != lands)
+        assert state[lands][1:] == (1, True) and state[other][1:] == (0, False), state
+        vm = client(site, lands)
+        assert vm.status(type(ref)(url(site, lands), ref.key)).state in LIVE
+        vm.destroy(type(ref)(url(site, lands), ref.key))
+    finally:
+        for name in NODES:
+            site.stop(name)
