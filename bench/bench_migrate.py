@@ -130,7 +130,7 @@ def main() -> int:
                                  cert=pki.host_cert_path, key=pki.host_key_path, state=root / f"n{n}",
                                  vmmanager={"vmm": "qemu", "vmm_root": str(root / f"q{n}"), "kernel": str(image.kernel),
                                             "initrd": str(image.initrd), "cmdline": image.cmdline,
-                                            "guest_ready_timeout": 300.0,
+                                            "guest_ready_timeout": 300.0, "migration_sources": ["localhost"],
                                             "lease_range": ["10.99.0.10-10.99.0.90", "10.99.0.100-10.99.0.180"][n]})
                  for n in (0, 1)]
         base = register(site, parse_descriptor(GUEST_DESCRIPTOR.format(

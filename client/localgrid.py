@@ -178,7 +178,9 @@ class LocalGrid:
             "enforcement": self.enforcement(),
             "vmmanager": {"node": name, "repository": f"{self.services_url}/VMRepositoryService",
                           # the local grid's clients listen on this machine: their consumers are on loopback
-                          "consumers_allow": ["127.0.0.0/8"], **vmmanager},
+                          "consumers_allow": ["127.0.0.0/8"],
+                          # the local grid's nodes all run here: they take in each other's instances
+                          "migration_sources": ["localhost", "127.0.0.1"], **vmmanager},
         }, extra_env=extra_env)
 
     def wait_ready(self, sp: ServiceProcess, timeout: float = 30) -> None:

@@ -418,7 +418,7 @@ def _settle(node: "Node", key: str) -> str:
 
 
 # -- the target's side ---------------------------------------------------------------------------------------------
-def _check_offer(node: "Node", offer: MigrationOffer) -> None:
+def _check_offer(node: "Node", caller, offer: MigrationOffer) -> None:
     if not offer.key or not re.fullmatch(r"inst-[0-9a-f]{32}", offer.key):
         raise InvalidArgument("InstanceKey is not an instance key", argument="InstanceKey")
     if offer.state not in (State.RUNNING.value, State.PAUSED.value, State.SAVED.value):
@@ -428,6 +428,12 @@ def _check_offer(node: "Node", offer: MigrationOffer) -> None:
     files, source = urlsplit(offer.files_url or ""), urlsplit(offer.source or "")
     if files.scheme != "gsiftp" or not files.hostname or files.hostname != source.hostname:
         raise InvalidArgument("files must be a gsiftp:// URL on the source node's host", argument="files")
+    allowed = [h.lower() for h in node.config.migration_sources]
+    if "*" not in allowed and (source.hostname or "").lower() not in allowed:
+        # the target restores the memory state the source sends: only from the site's own nodes
+        raise AccessDenied(f"this node takes in no migrations from {source.hostname or '?'} "
+                           "([vmmanager] migration_sources)", subject=caller.dn, action="vm.migrate",
+                           resource=offer.key, rule="migration-sources")
     names = [f.name for f in offer.files]
     if STATE_FILE not in names or len(set(names)) != len(names) or len(names) > MAX_FILES or \
             not all(FILE_NAME.match(n) for n in names) or "root.qcow2" not in names:
@@ -441,7 +447,7 @@ def _check_offer(node: "Node", offer: MigrationOffer) -> None:
 def accept(node: "Node", caller, offer: MigrationOffer) -> InstanceView:
     """AcceptMigration: prepare (authorize the user, register, lease), transfer (stage the base image, pull the
     files), restore paused. On failure nothing of it remains here; MigrationFault names the phase."""
-    _check_offer(node, offer)
+    _check_offer(node, caller, offer)
     d = offer.descriptor
     timings: list[tuple[str, float]] = list(offer.phases)
     key = offer.key

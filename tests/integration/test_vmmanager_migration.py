@@ -198,6 +198,22 @@ def test_no_capacity_at_the_target_rolls_back_in_prepare(grid, grid_pki):
         grid.vmm(grid_pki.alice, 0).destroy(ref)
 
 
+def test_a_target_takes_in_no_migration_from_a_host_it_does_not_list(grid, grid_pki):
+    """The target restores the memory state the source sends: only from the hosts in migration_sources."""
+    target = grid.node(1)
+    listed, target.core.config.migration_sources = target.core.config.migration_sources, ["node9.example.org"]
+    ref = deploy(grid, grid_pki.alice, "unlisted-source")
+    try:
+        with pytest.raises(MigrationFault) as exc:
+            grid.vmm(grid_pki.alice, 0).migrate(ref, grid.node_url(1))
+        assert (exc.value.phase, exc.value.cause) == ("prepare", "AccessDeniedFault")
+        assert "migration_sources" in str(exc.value)
+        assert_rolled_back(grid, grid_pki, ref)
+    finally:
+        target.core.config.migration_sources = listed
+        grid.vmm(grid_pki.alice, 0).destroy(ref)
+
+
 def test_a_checksum_mismatch_rolls_back_in_transfer(grid, grid_pki, monkeypatch):
     """The source announces a wrong digest for the files (injected); the target's verified GridFTP pull refuses."""
     from services.vmmanager import migration

@@ -46,7 +46,8 @@ def start_node(grid: LocalGrid, name: str, crashpoint: str | None = None):
     return grid.start(name, ["vmmanager"], {
         "enforcement": grid.enforcement(),
         "vmmanager": {"node": name, "repository": f"{grid.services_url}/VMRepositoryService",
-                      "lease_range": NODES[name], "sweep_interval": 0.3, "migration_timeout": 10.0}},
+                      "lease_range": NODES[name], "sweep_interval": 0.3, "migration_timeout": 10.0,
+                      "migration_sources": ["localhost"]}},
         extra_env={"VMGRID_CRASHPOINT": crashpoint} if crashpoint else None, port=grid.ports[name])
 
 
