@@ -2,6 +2,7 @@
 repository-set fields, and the flat (field, value) facts that queries run on."""
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -257,13 +258,15 @@ def facts(element: etree._Element) -> list[tuple[str, str]]:
 
 
 def _walk(el: etree._Element, path: str, out: list[tuple[str, str]]) -> None:
-    children = [c for c in el if isinstance(c.tag, str)]
-    if not children:
-        if path in FIELDS and el.text is not None:
-            out.append((path, el.text.strip()))
-        return
-    for c in children:
-        _walk(c, f"{path}.{etree.QName(c).localname}", out)
+    leaf = True
+    for c in el:
+        tag = c.tag
+        if not isinstance(tag, str):
+            continue
+        leaf = False
+        _walk(c, path + "." + tag.rpartition("}")[2], out)
+    if leaf and el.text is not None and path in FIELDS:
+        out.append((path, el.text.strip()))
 
 
 # -- comparing values -----------------------------------------------------------------------------
@@ -271,6 +274,7 @@ def _walk(el: etree._Element, path: str, out: list[tuple[str, str]]) -> None:
 _SEGMENT = re.compile(r"\d+|[A-Za-z]+")
 
 
+@functools.lru_cache(maxsize=65536)
 def version_key(version: str) -> str:
     """A text key whose byte order is version order: numeric segments compare as numbers
     (6.6 < 6.10), letters below numbers (1.0rc1 < 1.0.1), trailing zero segments ignored (6.6 == 6.6.0)."""
