@@ -121,9 +121,9 @@ def main() -> int:
         from services.soapclient import GridServiceClient
         from services.vmrepository.client import RepositoryClient
 
-        def start_and_query(label: str):
+        def start_and_query(label: str, name: str):
             t0 = time.perf_counter()
-            proc = serve("repository", ["repository"], config, root)
+            proc = serve(name, ["repository"], config, root)
             up = time.perf_counter() - t0
             client = RepositoryClient(GridServiceClient(proc.url("VMRepositoryService"), alice.proxy, pki.trust()))
             t1 = time.perf_counter()
@@ -137,11 +137,11 @@ def main() -> int:
 
         index = state / "catalogue.sqlite.index.npz"
         runs = []
-        proc, *rest = start_and_query("saved index")
+        proc, *rest = start_and_query("saved index", "repository-saved")
         runs.append(rest)
         proc.stop()
         index.unlink()
-        proc, *rest = start_and_query("index rebuilt from SQLite (peer: every start before)")
+        proc, *rest = start_and_query("index rebuilt from SQLite (peer: every start before)", "repository-rebuilt")
         runs.append(rest)
         url = proc.url("VMRepositoryService")
         for up, first, second, matched, label in runs:
