@@ -47,7 +47,7 @@ FIELDS: dict[str, str] = {
     "software.kernel.version": VERSION, "software.boot.method": TEXT, "software.boot.kernelSha256": TEXT,
     "software.boot.initrdSha256": TEXT, "software.boot.cmdline": TEXT,
     "software.librarySignature.library.name": TEXT, "software.librarySignature.library.version": VERSION,
-    "image.format": TEXT, "image.sha256": TEXT, "image.size": NUMBER,
+    "image.format": TEXT, "image.sha256": TEXT, "image.size": NUMBER, "image.blake3": TEXT,
     "container.command": TEXT, "container.port": NUMBER,
 }
 LIBRARY_PREFIX = "library."  # library.<name>: the version of that library (VERSION)
@@ -67,6 +67,7 @@ ALIASES: dict[str, str] = {
     "distribution.version": "software.distribution.version", "kernel": "software.kernel.version",
     "library": "software.librarySignature.library.name",
     "format": "image.format", "sha256": "image.sha256", "size": "image.size", "image.size": "image.size",
+    "blake3": "image.blake3",
     "container": "container.command",
 }
 # Units of numeric fields: memory in MiB, sizes in bytes.
@@ -173,6 +174,9 @@ class Descriptor:
     def sha256(self) -> str | None: return self._text("ws:image/ws:sha256")
 
     @property
+    def blake3(self) -> str | None: return self._text("ws:image/ws:blake3")
+
+    @property
     def size(self) -> int | None:
         s = self._text("ws:image/ws:size")
         return int(s) if s is not None else None
@@ -196,10 +200,19 @@ class Descriptor:
                 for lib in self.element.iterfind("ws:software/ws:librarySignature/ws:library", NSMAP)}
 
 
+def image_blake3(data: bytes) -> str | None:
+    """The ``image/blake3`` of a stored descriptor (the node's record of a deployed one), or None."""
+    el = etree.fromstring(data, _STORED).find("ws:image/ws:blake3", NSMAP)
+    return el.text if el is not None else None
+
+
+_STORED = etree.XMLParser(resolve_entities=False, no_network=True)  # descriptors already validated and stored
+
+
 # -- repository-set fields (kept in schema order) -----------------------------------------------
 
 _IDENTITY_ORDER = ["name", "imageId", "version", "owner", "vo", "description", "created"]
-_IMAGE_ORDER = ["format", "sha256", "size"]
+_IMAGE_ORDER = ["format", "sha256", "size", "blake3"]
 _HARDWARE_ORDER = ["architecture", "vcpus", "memory"]
 _CONTAINER_ORDER = ["command", "port"]
 

@@ -19,7 +19,7 @@ from lxml import etree
 
 from services.common.crash import crashpoint
 from services.descriptor import NSMAP as WS_NSMAP
-from services.descriptor import Descriptor
+from services.descriptor import Descriptor, image_blake3
 from services.faults import VMMFault
 from services.vmmanager import qemuimg
 from services.vmmanager.config import VMManagerConfig
@@ -96,7 +96,8 @@ def stage(parts: NodeParts, key: str) -> None:
             last[0] = time.monotonic()
             parts.store.update(key, staged_bytes=done)
 
-    _, cached = parts.cache.get(inst.image_id, inst.sha256, inst.size, inst.format, progress)
+    _, cached = parts.cache.get(inst.image_id, inst.sha256, inst.size, inst.format, progress,
+                                blake3=image_blake3(inst.descriptor))
     hold = parts.repository.hold(inst.image_id, f"{parts.address}#{key}",
                                  int(inst.termination - time.time()) + parts.config.hold_grace)
     parts.store.update(key, staged_bytes=inst.size, cached=1 if cached else 0, hold_id=hold)

@@ -235,6 +235,15 @@ class Catalogue:
             (sha256,)).fetchall()
         return [Record(*r) for r in rows]
 
+    def blake3_of(self, sha256: str) -> str | None:
+        """The BLAKE3 digest of the bytes ``sha256``, from a descriptor that carries it (computed at ingest;
+        images ingested before BLAKE3 have none)."""
+        for (data,) in self._db().execute("SELECT descriptor FROM images WHERE sha256 = ?", (sha256,)):
+            value = Descriptor(etree.fromstring(data, _TRUSTED)).blake3
+            if value:
+                return value
+        return None
+
     def count(self) -> int:
         return self._db().execute("SELECT count(*) FROM images").fetchone()[0]
 

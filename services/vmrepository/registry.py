@@ -231,11 +231,15 @@ class Registry:
             if d.size is not None and d.size != ingested.size:
                 raise ChecksumMismatch(f"the descriptor's size {d.size} does not match the image ({ingested.size} bytes)",
                                        expected=str(d.size), actual=str(ingested.size))
+            if d.blake3 and d.blake3 != ingested.blake3:
+                raise ChecksumMismatch(f"the descriptor's blake3 {d.blake3} does not match the image bytes "
+                                       f"{ingested.blake3}", expected=d.blake3, actual=ingested.blake3)
             set_field(ws, "identity", "imageId", new_image_id())
             set_field(ws, "identity", "owner", owner)
             set_field(ws, "identity", "created", utc_now())
             set_field(ws, "image", "sha256", ingested.sha256)
             set_field(ws, "image", "size", ingested.size)
+            set_field(ws, "image", "blake3", ingested.blake3)
             check_descriptor(ws)
             self.catalogue.add(ws, ingested)
             crashpoint("register.committed")
@@ -259,7 +263,7 @@ class Registry:
             raise InvalidArgument("nothing to import", argument="workspace")
         if len(workspaces) > MAX_IMPORT:
             raise InvalidArgument(f"at most {MAX_IMPORT} descriptors in one import", argument="workspace")
-        readable: dict[str, int] = {}   # sha256 -> size, for bytes the caller may read
+        readable: dict[str, tuple[int, str | None]] = {}   # sha256 -> (size, blake3), bytes the caller may read
         names: set[tuple[str, str]] = set()
         created = utc_now()
         for n, ws in enumerate(workspaces, 1):
@@ -277,7 +281,7 @@ class Registry:
                     check_descriptor(ws)        # says what is wrong with it
                     raise
                 check_descriptor(ws)            # once, with the fields the repository sets
-                vo, name, sha256, given_size = d.vo, d.name, d.sha256, d.size
+                vo, name, sha256, given_size, given_blake3 = d.vo, d.name, d.sha256, d.size, d.blake3
                 label = f"descriptor {n} ({vo}/{name})"
                 self.authz.check(caller, "image.register", {"type": "image", "vo": vo, "owner": owner, "name": name},
                                  {"source": "import", "memory": str(d.memory), "vcpus": str(d.vcpus)})
@@ -288,7 +292,10 @@ class Registry:
                                             schemaMessage="image/sha256 missing")
                 if sha256 not in readable:
                     readable[sha256] = self._readable_size(caller, sha256)
-                size = readable[sha256]
+                size, digest3 = readable[sha256]
+                if given_blake3 and digest3 and given_blake3 != digest3:
+                    raise ChecksumMismatch(f"the descriptor's blake3 {given_blake3} is not that of its image bytes "
+                                           f"({digest3})", expected=given_blake3, actual=digest3)
                 if given_size is not None and given_size != size:
                     raise ChecksumMismatch(f"the descriptor's size {given_size} is not the size of its image bytes "
                                            f"({size} bytes)", expected=str(given_size), actual=str(size))
@@ -297,6 +304,10 @@ class Registry:
                 names.add((vo, name))
                 if given_size is None:
                     set_field(ws, "image", "size", size)
+                if digest3:
+                    set_field(ws, "image", "blake3", digest3)   # a given one that is not theirs was refused above
+                elif given_blake3:
+                    set_field(ws, "image", "blake3", None)      # bytes ingested before BLAKE3: nothing vouches for it
             except VMGridFault as exc:
                 raise _in_import(exc, label) from None
         try:
@@ -306,15 +317,15 @@ class Registry:
         log.info("imported %d descriptors by %s", len(workspaces), caller.dn)
         return workspaces
 
-    def _readable_size(self, caller, sha256: str) -> int:
-        """The size of bytes ``sha256`` if the caller may read an image made of them; the same UnknownImage
-        whether no image has them or none of those is the caller's to read."""
+    def _readable_size(self, caller, sha256: str) -> tuple[int, str | None]:
+        """The size (and BLAKE3, when known) of bytes ``sha256`` if the caller may read an image made of them;
+        the same UnknownImage whether no image has them or none of those is the caller's to read."""
         for record in self.catalogue.made_of(sha256):
             try:
                 self.authz.check(caller, "image.read", image_resource(record))
             except AccessDenied:
                 continue
-            return record.size
+            return record.size, self.catalogue.blake3_of(sha256)
         raise UnknownImage(f"no image you may read has the bytes {sha256}: register an image with them first",
                            image=sha256)
 
@@ -370,7 +381,7 @@ class Registry:
         if new.vo != rec.vo:
             raise InvalidDescriptor(f"an image cannot move from VO {rec.vo} to {new.vo}; duplicate it instead")
         for what, a, b in (("sha256", new.sha256, old.sha256), ("size", new.size, old.size),
-                           ("format", new.image_format, old.image_format)):
+                           ("format", new.image_format, old.image_format), ("blake3", new.blake3, old.blake3)):
             if a is not None and a != b:
                 raise InvalidDescriptor(f"the image bytes cannot change: {what} {a} is not {b}",
                                         schemaMessage="image section changed")
@@ -379,6 +390,7 @@ class Registry:
         set_field(ws, "identity", "created", old.created)
         set_field(ws, "image", "sha256", old.sha256)
         set_field(ws, "image", "size", old.size)
+        set_field(ws, "image", "blake3", old.blake3)
         check_descriptor(ws)
         self.catalogue.replace(ws, utc_now())
         return ws
