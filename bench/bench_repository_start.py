@@ -29,10 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lxml import etree  # noqa: E402
 
-from bench.bench_repository_query import make_descriptors  # noqa: E402
+from bench.bench_repository_query import DISTROS, KERNELS, LIBS  # noqa: E402
 from bench.benchgrid import security_section, serve  # noqa: E402
 from services.authz.engine import site_policy_point  # noqa: E402
-from services.descriptor import set_field  # noqa: E402
 from services.vmrepository.config import RepositoryConfig  # noqa: E402
 from services.vmrepository.registry import Registry, Source  # noqa: E402
 from tests.fixtures.pki import build_grid_pki  # noqa: E402
@@ -41,19 +40,33 @@ from tests.fixtures.repository import EXAMPLES, make_image  # noqa: E402
 VOS = ["bio", "hep", "astro"]
 
 
-def fresh(ws: etree._Element) -> etree._Element:
-    """A descriptor as a scientist writes it: no id, owner or creation time (the repository sets them),
-    within the site policy's limits (8 GiB, 8 vCPUs)."""
-    hw = ws.find("{*}hardware")
-    for name, limit in (("memory", 8192), ("vcpus", 8)):
-        if int(hw.findtext("{*}" + name)) > limit:
-            hw.find("{*}" + name).text = str(limit)
-    ident = ws.find("{*}identity")
-    for name in ("imageId", "owner", "created"):
-        el = ident.find("{*}" + name)
-        if el is not None:
-            ident.remove(el)
-    return ws
+TEMPLATE = """<workspace xmlns="http://vmgrid.org/ns/workspace/1">
+  <identity><name>{name}</name><version>1.0</version><vo>{vo}</vo>
+    <description>Debian with EMBOSS and NCBI BLAST+ for sequence analysis, variant {name}</description></identity>
+  <hardware><architecture>x86_64</architecture><vcpus>{vcpus}</vcpus><memory>{memory}</memory>
+    <disk><role>root</role><size>{disk}</size><format>qcow2</format><bus>virtio</bus><target>vda</target></disk>
+    <cdrom><bus>ide</bus><purpose>context</purpose></cdrom>
+    <serialPort><type>pty</type><purpose>console</purpose></serialPort>
+    <nic><model>virtio</model><network>grid</network></nic></hardware>
+  <software><os>linux</os><distribution><name>{distro}</name><version>{distro_version}</version></distribution>
+    <kernel><version>{kernel}</version></kernel><boot><method>disk</method></boot>
+    <librarySignature>{libraries}</librarySignature></software>
+  <image><format>qcow2</format><sha256>{sha256}</sha256></image>
+  <container><command>/usr/local/bin/grid-container --port 8443</command><port>8443</port></container>
+</workspace>"""
+
+
+def make_descriptors(n: int, sha: str, rng: random.Random, prefix: str = "image"):
+    """Descriptor texts as scientists write them (no id, owner, creation time or size: the repository
+    sets them), varied like bench_repository_query's, within the site policy's limits (8 GiB, 8 vCPUs)."""
+    for i in range(n):
+        distro, version = rng.choice(DISTROS)
+        libs = "".join(f"<library><name>{lib}</name><version>{rng.randint(1, 9)}.{rng.randint(0, 12)}."
+                       f"{rng.randint(0, 3)}</version></library>" for lib in rng.sample(LIBS, rng.randint(2, 5)))
+        yield TEMPLATE.format(name=f"{prefix}-{i:07d}", vo=rng.choice(["bio", "bio", "hep", "astro"]),
+                              vcpus=rng.choice([1, 1, 2, 2, 4, 8]), memory=rng.choice([256, 512, 1024, 2048, 4096, 8192]),
+                              disk=rng.choice([1, 2, 4, 8, 16, 32, 64]) * 1024**3, distro=distro,
+                              distro_version=version, kernel=rng.choice(KERNELS), libraries=libs, sha256=sha)
 
 
 def main() -> int:
@@ -83,10 +96,7 @@ def main() -> int:
         sha = seed_ws.findtext("{*}image/{*}sha256")
         rng = random.Random(2004)
         t = time.perf_counter()
-        batch_gen = (fresh(ws) for ws in make_descriptors(args.n + args.peer_n, sha, rng))
-        descriptors = list(batch_gen)
-        for ws in descriptors:
-            ws.find("{*}image").remove(ws.find("{*}image/{*}size"))   # the repository knows the bytes' size
+        descriptors = [etree.fromstring(text) for text in make_descriptors(args.n + args.peer_n, sha, rng)]
         print(f"# made {len(descriptors)} descriptors in {time.perf_counter() - t:.1f} s", flush=True)
 
         core = descriptors[:args.n]
@@ -153,11 +163,8 @@ def main() -> int:
         if args.import_n:
             files = root / "import"
             files.mkdir()
-            for i, ws in enumerate(make_descriptors(args.import_n, sha, random.Random(7))):
-                fresh(ws)
-                set_field(ws, "identity", "name", f"imported-{i:06d}")
-                ws.find("{*}image").remove(ws.find("{*}image/{*}size"))
-                (files / f"d{i:06d}.xml").write_bytes(etree.tostring(ws))
+            for i, text in enumerate(make_descriptors(args.import_n, sha, random.Random(7), "imported")):
+                (files / f"d{i:06d}.xml").write_text(text)
             env = {**os.environ, "X509_USER_PROXY": str(alice.proxy_path), "X509_CERT_DIR": str(pki.cert_dir),
                    "VMGRID_REPOSITORY": url, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
             t = time.perf_counter()

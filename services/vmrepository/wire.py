@@ -202,6 +202,14 @@ def read_workspace(resp: etree._Element) -> etree._Element | None:
     return resp.find("ws:workspace", NS)
 
 
+def import_request(workspaces: list[etree._Element]) -> etree._Element:
+    """An ImportImages request element (the client sends it as built: see GridServiceClient.call's payload)."""
+    req = element("ImportImages")
+    for ws in workspaces:
+        req.append(copy.deepcopy(ws))
+    return req
+
+
 def read_imported(resp: etree._Element) -> list[str]:
     return [el.text for el in resp.findall("repo:imageId", NS)]
 
