@@ -93,6 +93,7 @@ class Record:
 
 
 log = logging.getLogger("vmgrid.VMRepositoryService")
+RESAVE_AFTER = 10_000   # changes replayed at a start after which the saved index is written again
 _TRUSTED = etree.XMLParser(resolve_entities=False, no_network=True)  # our own stored, validated XML
 
 
@@ -165,6 +166,8 @@ class Catalogue:
                 self.save_index()
                 return how
             caught = db.execute("SELECT count(*) FROM changes WHERE seq > ?", (before,)).fetchone()[0] if before >= 0 else 0
+            if caught >= RESAVE_AFTER:
+                self.save_index()        # the next start need not replay them again
             return f"saved+{caught} changes" if caught else "saved"
 
     def _load_saved_index(self, db: sqlite3.Connection) -> str | None:

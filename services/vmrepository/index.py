@@ -250,6 +250,9 @@ class QueryIndex:
             for name in ORDER_COLUMNS:
                 values = self.order_values[name]
                 arrays[f"order/{name}"] = np.asarray(values, dtype=np.int64 if name in NUMERIC_ORDER else np.str_)
+            self._permutation("name")            # the default order: the first query after a start need not sort
+            for name, perm in self._perm.items():
+                arrays[f"perm/{name}"] = perm
             for i, path_ in enumerate(sorted(self.columns)):
                 col = self.columns[path_]
                 arrays[f"col{i}/numeric"] = np.asarray([col.numeric])
@@ -283,6 +286,7 @@ class QueryIndex:
             if int(fmt) != SNAPSHOT_FORMAT:
                 raise ValueError(f"index format {fmt}, not {SNAPSHOT_FORMAT}")
             order_values = {name: z[f"order/{name}"].tolist() for name in ORDER_COLUMNS}
+            perms = {name: z[f"perm/{name}"] for name in ORDER_COLUMNS if f"perm/{name}" in z.files}
             alive = z["alive"]
             columns = {}
             for i, path_ in enumerate(z["fields"].tolist()):
@@ -303,7 +307,7 @@ class QueryIndex:
             self.alive[:n] = alive
             ids = order_values["image_id"]
             self.slot_of = {ids[i]: i for i in np.flatnonzero(alive).tolist()}
-            self._perm.clear()
+            self._perm = {name: perm for name, perm in perms.items() if len(perm) == n}
             self.delta_size = 0
             self.last_seq = int(seq)
 
