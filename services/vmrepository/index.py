@@ -262,12 +262,16 @@ class QueryIndex:
                 arrays[f"col{i}/kcodes"] = col.kcodes
                 arrays[f"col{i}/tcodes"] = col.tcodes
         path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")   # writers never share one
+        try:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     @staticmethod
     def read_stamp(path: Path) -> tuple[int, str, int, str] | None:
