@@ -133,7 +133,7 @@ def main() -> int:
 
         def start_and_query(label: str, name: str):
             t0 = time.perf_counter()
-            proc = serve(name, ["repository"], config, root)
+            proc = serve(name, ["repository"], config, root, timeout=1800)
             up = time.perf_counter() - t0
             client = RepositoryClient(GridServiceClient(proc.url("VMRepositoryService"), alice.proxy, pki.trust()))
             t1 = time.perf_counter()
