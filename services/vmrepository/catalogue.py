@@ -94,6 +94,7 @@ class Record:
 
 log = logging.getLogger("vmgrid.VMRepositoryService")
 RESAVE_AFTER = 10_000   # changes replayed at a start after which the saved index is written again
+REBUILD_OVER = 50_000   # changes behind the saved index past which a start rebuilds instead of replaying
 _TRUSTED = etree.XMLParser(resolve_entities=False, no_network=True)  # our own stored, validated XML
 
 
@@ -144,7 +145,8 @@ class Catalogue:
     def close(self) -> None:
         """Save the query index beside the catalogue (if it moved since it was saved), then close."""
         try:
-            if self.index.last_seq >= 0 and self.index.last_seq != self._saved_seq:
+            top = self._db().execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()[0]
+            if self._saved_seq is not None and top != self._saved_seq:   # the catalogue moved since it was saved
                 self.save_index()
         except (OSError, sqlite3.Error) as exc:
             log.warning("cannot save the query index to %s: %s (the next start rebuilds it)", self.index_path, exc)
@@ -185,6 +187,9 @@ class Catalogue:
         logged = db.execute("SELECT image_id FROM changes WHERE seq = ?", (seq,)).fetchone()
         if seq > 0 and (logged is None or logged[0] != image_id):
             return "rebuilt (saved index from another history of the change log)"
+        behind = db.execute("SELECT count(*) FROM changes WHERE seq > ?", (seq,)).fetchone()[0]
+        if behind > REBUILD_OVER:
+            return f"rebuilt (saved index {behind} changes behind)"      # reading it all at once is faster
         try:
             self.index.load(self.index_path)
         except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:

@@ -39,8 +39,8 @@ def open_catalogue(root) -> Catalogue:
     return Catalogue(root / "catalogue.sqlite", ImageStore(root / "images"))
 
 
-def seeded(root, n: int = 300) -> Catalogue:
-    cat = open_catalogue(root)
+def seeded(root, n: int = 150, cat: Catalogue | None = None) -> Catalogue:
+    cat = cat or open_catalogue(root)
     src = root / "bytes"
     src.write_bytes(b"persisted index")
     ing = cat.store.ingest(src)
@@ -175,3 +175,29 @@ def test_an_index_that_does_not_match_the_catalogue_is_rebuilt_never_served(tmp_
     third = open_catalogue(tmp_path)
     assert third.warm() == "saved"
     third.close()
+
+
+def test_writes_without_a_query_are_in_the_index_saved_at_close(tmp_path):
+    """A repository that only registers (a bulk import) and stops: the index it saves is the catalogue's."""
+    cat = open_catalogue(tmp_path)
+    assert cat.warm().startswith("rebuilt")              # empty; saved at position 0
+    seeded(tmp_path, 40, cat)                              # no query in between
+    cat.close()
+    again = open_catalogue(tmp_path)
+    assert again.warm() == "saved"
+    assert answers(again) == truth(again) and answers(again)[-1][0] == 40
+    again.close()
+
+
+def test_an_index_far_behind_is_rebuilt_rather_than_replayed(tmp_path, monkeypatch):
+    import services.vmrepository.catalogue as catalogue_module
+
+    cat = open_catalogue(tmp_path)
+    cat.warm()
+    cat.db.close()                                         # killed before saving again
+    seeded(tmp_path, 40).db.close()
+    monkeypatch.setattr(catalogue_module, "REBUILD_OVER", 10)
+    again = open_catalogue(tmp_path)
+    assert again.warm() == "rebuilt (saved index 40 changes behind)"
+    assert answers(again) == truth(again)
+    again.close()
