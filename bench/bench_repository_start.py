@@ -75,51 +75,66 @@ def main() -> int:
     ap.add_argument("--import-n", type=int, default=20_000)
     ap.add_argument("--peer-n", type=int, default=2_000)
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    ap.add_argument("--existing", type=Path, help="the directory of an earlier run (--keep): skip the registration "
+                                                  "and measure the starts and the import on its catalogue")
     args = ap.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="vmgrid-bench-start-"))
-    pki = build_grid_pki(root / "pki")
+    root = args.existing or Path(tempfile.mkdtemp(prefix="vmgrid-bench-start-"))
+    if args.existing:
+        args.keep = True
+    pki = build_grid_pki(root / ("pki-again" if args.existing else "pki"))
     alice = pki.alice
     pdp = site_policy_point([pki.admin.dn], {vo: {"members": [alice.dn], "admins": [pki.admin.dn]} for vo in VOS})
     ingest = root / "ingest"
-    ingest.mkdir()
+    ingest.mkdir(exist_ok=True)
     state = root / "state" / "repository"
     cfg = RepositoryConfig(ingest_dirs=[str(ingest)], gridftp_port=-1)
     rows = []
     try:
-        # -- bulk registration in the core ---------------------------------------------------------------
-        registry = Registry(state, cfg, pdp)
-        seed = EXAMPLES / "debian12-emboss.xml"
-        from services.descriptor import parse_descriptor
+        if args.existing:
+            import sqlite3
 
-        image = make_image(ingest / "seed.qcow2", fill=b"bench-start")
-        seed_ws = registry.register(pki.admin, parse_descriptor(seed.read_bytes()), Source("localPath", str(image)))
-        sha = seed_ws.findtext("{*}image/{*}sha256")
-        rng = random.Random(2004)
-        t = time.perf_counter()
-        descriptors = [etree.fromstring(text) for text in make_descriptors(args.n + args.peer_n, sha, rng)]
-        print(f"# made {len(descriptors)} descriptors in {time.perf_counter() - t:.1f} s", flush=True)
+            db = sqlite3.connect(state / "catalogue.sqlite")
+            sha, = db.execute("SELECT sha256 FROM images WHERE vo = 'bio' AND name = 'debian12-emboss'").fetchone()
+            total, = db.execute("SELECT count(*) FROM images").fetchone()
+            db.close()
+            seed_name = "debian12-emboss"
+        else:
+            # -- bulk registration in the core ---------------------------------------------------------------
+            registry = Registry(state, cfg, pdp)
+            seed = EXAMPLES / "debian12-emboss.xml"
+            from services.descriptor import parse_descriptor
 
-        core = descriptors[:args.n]
-        t = time.perf_counter()
-        for i in range(0, len(core), 1000):
-            registry.import_images(alice, core[i:i + 1000])
-        imported_s = time.perf_counter() - t
-        print(f"# imported {len(core)} in the core in {imported_s:.1f} s", flush=True)
+            image = make_image(ingest / "seed.qcow2", fill=b"bench-start")
+            seed_ws = registry.register(pki.admin, parse_descriptor(seed.read_bytes()), Source("localPath", str(image)))
+            sha = seed_ws.findtext("{*}image/{*}sha256")
+            rng = random.Random(2004)
+            t = time.perf_counter()
+            descriptors = [etree.fromstring(text) for text in make_descriptors(args.n + args.peer_n, sha, rng)]
+            print(f"# made {len(descriptors)} descriptors in {time.perf_counter() - t:.1f} s", flush=True)
 
-        peer = descriptors[args.n:]
-        t = time.perf_counter()
-        for i, ws in enumerate(peer):
-            registry.duplicate(alice, "bio/" + seed_ws.findtext("{*}identity/{*}name"), f"dup-{i:06d}")
-        dup_s = time.perf_counter() - t
-        rows.append(("core: ImportImages, batches of 1000 (validate, authorize, one transaction)",
-                     f"{len(core) / imported_s:,.0f} descriptors/s", f"{len(core)} in {imported_s:.1f} s"))
-        rows.append(("core peer: one DuplicateImage per descriptor", f"{len(peer) / dup_s:,.0f} descriptors/s",
-                     f"{len(peer)} in {dup_s:.1f} s"))
-        t = time.perf_counter()
-        registry.close()
-        rows.append(("saving the query index at close", f"{time.perf_counter() - t:.2f} s",
-                     f"{os.path.getsize(registry.catalogue.index_path) / 2**20:.0f} MiB"))
-        total = args.n + args.peer_n + 1
+            core = descriptors[:args.n]
+            t = time.perf_counter()
+            for i in range(0, len(core), 1000):
+                registry.import_images(alice, core[i:i + 1000])
+            imported_s = time.perf_counter() - t
+            print(f"# imported {len(core)} in the core in {imported_s:.1f} s", flush=True)
+
+            peer = descriptors[args.n:]
+            t = time.perf_counter()
+            for i, ws in enumerate(peer):
+                registry.duplicate(alice, "bio/" + seed_ws.findtext("{*}identity/{*}name"), f"dup-{i:06d}")
+            dup_s = time.perf_counter() - t
+            rows.append(("core: ImportImages, batches of 1000 (validate, authorize, one transaction)",
+                         f"{len(core) / imported_s:,.0f} descriptors/s", f"{len(core)} in {imported_s:.1f} s"))
+            rows.append(("core peer: one DuplicateImage per descriptor", f"{len(peer) / dup_s:,.0f} descriptors/s",
+                         f"{len(peer)} in {dup_s:.1f} s"))
+            t = time.perf_counter()
+            registry.close()
+            rows.append(("saving the query index at close", f"{time.perf_counter() - t:.2f} s",
+                         f"{os.path.getsize(registry.catalogue.index_path) / 2**20:.0f} MiB"))
+            total = args.n + args.peer_n + 1
+
+            seed_name = seed_ws.findtext("{*}identity/{*}name")
 
         # -- the process start, with and without the saved index -------------------------------------------
         config = {
@@ -147,11 +162,12 @@ def main() -> int:
 
         index = state / "catalogue.sqlite.index.npz"
         runs = []
-        proc, *rest = start_and_query("saved index", "repository-saved")
+        index.unlink(missing_ok=True)
+        proc, *rest = start_and_query("no saved index: rebuilt from SQLite (peer: every start before)",
+                                      "repository-rebuilt")
         runs.append(rest)
-        proc.stop()
-        index.unlink()
-        proc, *rest = start_and_query("index rebuilt from SQLite (peer: every start before)", "repository-rebuilt")
+        proc.stop()                                     # the rebuilt index was saved at the start
+        proc, *rest = start_and_query("saved index", "repository-saved")
         runs.append(rest)
         url = proc.url("VMRepositoryService")
         for up, first, second, matched, label in runs:
@@ -162,7 +178,7 @@ def main() -> int:
         # -- vmgrid repo import DIR end to end --------------------------------------------------------------
         if args.import_n:
             files = root / "import"
-            files.mkdir()
+            files.mkdir(exist_ok=True)
             for i, text in enumerate(make_descriptors(args.import_n, sha, random.Random(7), "imported")):
                 (files / f"d{i:06d}.xml").write_text(text)
             env = {**os.environ, "X509_USER_PROXY": str(alice.proxy_path), "X509_CERT_DIR": str(pki.cert_dir),
@@ -177,7 +193,7 @@ def main() -> int:
             n_dup = 50
             t = time.perf_counter()
             for i in range(n_dup):
-                client.duplicate("bio/" + seed_ws.findtext("{*}identity/{*}name"), f"soap-dup-{i:03d}")
+                client.duplicate("bio/" + seed_name, f"soap-dup-{i:03d}")
             soap_dup_s = time.perf_counter() - t
             client.service.close()
             rows.append((f"`vmgrid repo import DIR`, {args.import_n:,} files (whole command)",
