@@ -41,6 +41,18 @@ def register(subparsers) -> None:
     add_format(p)
     p.set_defaults(func=cmd_register)
 
+    p = sub.add_parser("import", help="register a directory of descriptors naming image bytes already here",
+                       description="Register every descriptor file (*.xml) of DIRECTORY, all or none. Each names "
+                                   "by image/sha256 the bytes of an image already in the repository that you may "
+                                   "read (register one with `vmgrid repo register` first); each is validated and "
+                                   "authorized as a registration is. Invalid files are all reported and nothing is "
+                                   "sent; a refusal by the repository names the file and undoes the import.")
+    p.add_argument("directory", type=Path, help="a directory of descriptor files (*.xml)")
+    p.add_argument("--batch", type=int, default=1000, help="descriptors per call (default and most 1000)")
+    p.add_argument("--json", dest="format", action="store_const", const="json", default="table",
+                   help="the files and their new image ids as JSON")
+    p.set_defaults(func=cmd_import)
+
     p = sub.add_parser("query", help="find images by criteria",
                        description="Criteria are FIELD OP VALUE, e.g. 'ram >= 512' 'distribution = debian' "
                                    "'library emboss >= 6.6'; all must hold; a lone 'or' starts another group. "
@@ -182,6 +194,88 @@ def upload_and_register(repo, args, descriptor):
           f"sha256 {result.sha256}", file=sys.stderr)
     set_field(descriptor, "image", "sha256", result.sha256)
     return repo.register(descriptor, upload=name)
+
+
+def read_descriptor_dir(directory: Path) -> list[tuple[Path, object]]:
+    """Every descriptor file of ``directory``, parsed and validated; a CLIError listing every bad file
+    (each also printed as its own ``vmgrid: FILE: reason`` line) when any is bad."""
+    from services.descriptor import Descriptor
+
+    if not directory.is_dir():
+        raise CLIError(f"{directory}: not a directory")
+    files = sorted(p for p in directory.glob("*.xml") if p.is_file())
+    if not files:
+        raise CLIError(f"{directory}: no descriptor files (*.xml)")
+    good, errors, names = [], [], {}
+    for path in files:
+        try:
+            ws = _read_descriptor(path)
+        except CLIError as exc:
+            errors.append(str(exc))
+            continue
+        d = Descriptor(ws)
+        if d.image_id:
+            errors.append(f"{path}: carries an imageId ({d.image_id}); the repository assigns it")
+        elif not d.sha256:
+            errors.append(f"{path}: no image/sha256 naming the image bytes in the repository")
+        elif (d.vo, d.name) in names:
+            errors.append(f"{path}: the name {d.vo}/{d.name} is also in {names[d.vo, d.name].name}")
+        else:
+            names[d.vo, d.name] = path
+            good.append((path, ws))
+    if errors:
+        for line in errors:
+            print(f"vmgrid: {line}", file=sys.stderr)
+        raise CLIError(f"{len(errors)} of {len(files)} descriptor files in {directory} are not importable; "
+                       f"nothing was imported")
+    return good
+
+
+def cmd_import(args) -> int:
+    import re
+    import time
+
+    from client.soap import ClientError
+    from services.faults import VMGridFault
+
+    if not 1 <= args.batch <= 1000:
+        raise CLIError("--batch is between 1 and 1000")
+    entries = read_descriptor_dir(args.directory)
+    repo = connect(args)
+    started = time.monotonic()
+    done: list[tuple[Path, str]] = []
+    for first in range(0, len(entries), args.batch):
+        batch = entries[first:first + args.batch]
+        try:
+            ids = repo.import_images([ws for _, ws in batch])
+        except (VMGridFault, ClientError) as exc:
+            what = f"{type(exc).__name__}: {exc.description}" if isinstance(exc, VMGridFault) else str(exc)
+            m = re.match(r"descriptor (\d+)\b", getattr(exc, "description", "") or "")
+            if m and 1 <= int(m.group(1)) <= len(batch):
+                what = f"{batch[int(m.group(1)) - 1][0]}: {what}"
+            raise CLIError(f"{what}; nothing was imported{_undo(repo, done)}") from None
+        done += [(path, image_id) for (path, _), image_id in zip(batch, ids)]
+    seconds = time.monotonic() - started
+    if args.format == "json":
+        json.dump([{"file": str(p), "imageId": i} for p, i in done], sys.stdout, indent=2)
+        print()
+    else:
+        print(f"imported {len(done)} descriptors from {args.directory} in {seconds:.1f} s "
+              f"({len(done) / max(seconds, 1e-9):.0f}/s)")
+    return 0
+
+
+def _undo(repo, done: list[tuple[Path, str]]) -> str:
+    """Remove what earlier batches of a failed import registered; says what could not be removed."""
+    left = []
+    for path, image_id in reversed(done):
+        try:
+            repo.remove(image_id)
+        except Exception:  # noqa: BLE001 - report, keep undoing the rest
+            left.append(f"{path} ({image_id})")
+    if left:
+        return f" except {len(left)} descriptor(s) of earlier batches that could not be removed: {', '.join(left)}"
+    return f" (the {len(done)} descriptors of earlier batches were removed again)" if done else ""
 
 
 def cmd_query(args) -> int:

@@ -1,4 +1,9 @@
-"""File checksums for CKSM/SCKS (SHA256, SHA1, SHA512, MD5, ADLER32), computed with reused buffers.
+"""File checksums for CKSM/SCKS (SHA256, BLAKE3, SHA1, SHA512, MD5, ADLER32), computed with reused buffers.
+
+BLAKE3 (the ``blake3`` package, the Rust reference implementation) is what vmgrid peers verify with when
+both ends speak it (it is in the server's FEAT ``CKSM`` list): it hashes several GiB/s on one core, where
+SHA-256 without the CPU's SHA extensions runs at 340-385 MiB/s and would be the slowest part of a
+transfer. SHA-256 stays the content address and what other GridFTP peers are asked for.
 
 :class:`PrefixHasher` hashes a file while it is still being received out of order: it follows
 the contiguous prefix that has reached the disk, so the sha256 is ready moments after the last
@@ -12,6 +17,8 @@ import os
 import threading
 import zlib
 from collections.abc import Callable
+
+import blake3 as _blake3
 
 from .errors import GridFTPError
 
@@ -31,8 +38,14 @@ class _Adler32:
         return f"{self._value:08x}"
 
 
+def _blake3_hasher():
+    """BLAKE3 over every core for large updates (the Rust implementation splits the input itself)."""
+    return _blake3.blake3(max_threads=_blake3.blake3.AUTO)
+
+
 ALGORITHMS: dict[str, Callable[[], object]] = {
     "SHA256": hashlib.sha256,
+    "BLAKE3": _blake3_hasher,
     "SHA1": hashlib.sha1,
     "SHA512": hashlib.sha512,
     "MD5": hashlib.md5,
@@ -97,17 +110,18 @@ def hash_file(path: str | os.PathLike, algorithm: str = "SHA256", offset: int = 
 
 
 class PrefixHasher:
-    """sha256 of a file being written at random offsets, computed along its contiguous prefix.
+    """The digest (``algorithm``, SHA256 by default) of a file being written at random offsets, computed
+    along its contiguous prefix.
 
     The writer calls :meth:`advance` with the new end of the contiguous prefix from byte 0;
     a thread reads and hashes up to it. :meth:`finish` waits for ``size`` bytes and returns the
     hex digest. Reading back from the page cache costs a memory copy, not a disk read.
     """
 
-    def __init__(self, fd: int, size: int):
+    def __init__(self, fd: int, size: int, algorithm: str = "SHA256"):
         self._fd = fd
         self._size = size
-        self._hash = hashlib.sha256()
+        self._hash = new_hash(algorithm)
         self._hashed = 0
         self._ready = 0
         self._cond = threading.Condition()

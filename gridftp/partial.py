@@ -49,8 +49,10 @@ class PartialFile:
     """
 
     def __init__(self, final: str | os.PathLike, origin: dict, *, size: int | None = None,
-                 resume: bool = True, restart: RangeSet | None = None, durable: bool = False):
+                 resume: bool = True, restart: RangeSet | None = None, durable: bool = False,
+                 algorithm: str = "SHA256"):
         self.final = Path(final)
+        self.algorithm = algorithm.upper()     # what commit() verifies with (SHA256, or BLAKE3 between vmgrid peers)
         self.part = part_path(final)
         self.sidecar = sidecar_path(final)
         self.origin = origin
@@ -75,7 +77,7 @@ class PartialFile:
         self._ready = self.held.contiguous_end(0)
         self._hasher: PrefixHasher | None = None
         if size is not None:
-            self._hasher = PrefixHasher(self.fd, size)
+            self._hasher = PrefixHasher(self.fd, size, self.algorithm)
             self._hasher.advance(self.held.contiguous_end(0))
         self._write_sidecar(self.held)
 
@@ -146,15 +148,16 @@ class PartialFile:
             return self.held.missing(0, size)
 
     def digest(self, size: int) -> str:
-        """sha256 of the first ``size`` bytes (from the prefix hasher when it ran along)."""
+        """The digest (``algorithm``) of the first ``size`` bytes (from the prefix hasher when it ran along)."""
         if self._hasher is not None and self.size == size:
             digest = self._hasher.finish()
             self._hasher = None
             return digest
-        return hash_fd(self.fd, "SHA256", 0, size)
+        return hash_fd(self.fd, self.algorithm, 0, size)
 
     def commit(self, size: int, expected_sha256: str | None = None) -> str:
-        """Verify and give the file its final name; returns its sha256.
+        """Verify and give the file its final name; returns its digest (``algorithm``: sha256 unless the
+        file was opened with another, and then ``expected_sha256`` is a digest of that algorithm).
 
         Raises :class:`TransferError` if ranges are missing and :class:`ChecksumMismatch` if the
         hash differs; in both cases the partial file and its sidecar stay for a resume.

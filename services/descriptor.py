@@ -2,6 +2,7 @@
 repository-set fields, and the flat (field, value) facts that queries run on."""
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -46,7 +47,7 @@ FIELDS: dict[str, str] = {
     "software.kernel.version": VERSION, "software.boot.method": TEXT, "software.boot.kernelSha256": TEXT,
     "software.boot.initrdSha256": TEXT, "software.boot.cmdline": TEXT,
     "software.librarySignature.library.name": TEXT, "software.librarySignature.library.version": VERSION,
-    "image.format": TEXT, "image.sha256": TEXT, "image.size": NUMBER,
+    "image.format": TEXT, "image.sha256": TEXT, "image.size": NUMBER, "image.blake3": TEXT,
     "container.command": TEXT, "container.port": NUMBER,
 }
 LIBRARY_PREFIX = "library."  # library.<name>: the version of that library (VERSION)
@@ -66,6 +67,7 @@ ALIASES: dict[str, str] = {
     "distribution.version": "software.distribution.version", "kernel": "software.kernel.version",
     "library": "software.librarySignature.library.name",
     "format": "image.format", "sha256": "image.sha256", "size": "image.size", "image.size": "image.size",
+    "blake3": "image.blake3",
     "container": "container.command",
 }
 # Units of numeric fields: memory in MiB, sizes in bytes.
@@ -172,6 +174,9 @@ class Descriptor:
     def sha256(self) -> str | None: return self._text("ws:image/ws:sha256")
 
     @property
+    def blake3(self) -> str | None: return self._text("ws:image/ws:blake3")
+
+    @property
     def size(self) -> int | None:
         s = self._text("ws:image/ws:size")
         return int(s) if s is not None else None
@@ -195,10 +200,19 @@ class Descriptor:
                 for lib in self.element.iterfind("ws:software/ws:librarySignature/ws:library", NSMAP)}
 
 
+def image_blake3(data: bytes) -> str | None:
+    """The ``image/blake3`` of a stored descriptor (the node's record of a deployed one), or None."""
+    el = etree.fromstring(data, _STORED).find("ws:image/ws:blake3", NSMAP)
+    return el.text if el is not None else None
+
+
+_STORED = etree.XMLParser(resolve_entities=False, no_network=True)  # descriptors already validated and stored
+
+
 # -- repository-set fields (kept in schema order) -----------------------------------------------
 
 _IDENTITY_ORDER = ["name", "imageId", "version", "owner", "vo", "description", "created"]
-_IMAGE_ORDER = ["format", "sha256", "size"]
+_IMAGE_ORDER = ["format", "sha256", "size", "blake3"]
 _HARDWARE_ORDER = ["architecture", "vcpus", "memory"]
 _CONTAINER_ORDER = ["command", "port"]
 
@@ -257,13 +271,15 @@ def facts(element: etree._Element) -> list[tuple[str, str]]:
 
 
 def _walk(el: etree._Element, path: str, out: list[tuple[str, str]]) -> None:
-    children = [c for c in el if isinstance(c.tag, str)]
-    if not children:
-        if path in FIELDS and el.text is not None:
-            out.append((path, el.text.strip()))
-        return
-    for c in children:
-        _walk(c, f"{path}.{etree.QName(c).localname}", out)
+    leaf = True
+    for c in el:
+        tag = c.tag
+        if not isinstance(tag, str):
+            continue
+        leaf = False
+        _walk(c, path + "." + tag.rpartition("}")[2], out)
+    if leaf and el.text is not None and path in FIELDS:
+        out.append((path, el.text.strip()))
 
 
 # -- comparing values -----------------------------------------------------------------------------
@@ -271,6 +287,7 @@ def _walk(el: etree._Element, path: str, out: list[tuple[str, str]]) -> None:
 _SEGMENT = re.compile(r"\d+|[A-Za-z]+")
 
 
+@functools.lru_cache(maxsize=65536)
 def version_key(version: str) -> str:
     """A text key whose byte order is version order: numeric segments compare as numbers
     (6.6 < 6.10), letters below numbers (1.0rc1 < 1.0.1), trailing zero segments ignored (6.6 == 6.6.0)."""

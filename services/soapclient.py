@@ -65,6 +65,13 @@ class _Capture(Plugin):
                 for el in envelope.iter(tag):
                     el.text = text
             self.local.text_fill = None
+        payload = getattr(self.local, "payload", None)
+        if payload is not None:
+            body = envelope.find(f"{{{SOAP_ENV}}}Body")
+            for child in list(body):
+                body.remove(child)
+            body.append(payload)
+            self.local.payload = None
         return envelope, http_headers
 
     def ingress(self, envelope, http_headers, operation):
@@ -128,10 +135,15 @@ class GridServiceClient:
         """An lxml element (e.g. a descriptor) as the zeep value of its global element."""
         return self.zeep.get_element(element.tag).parse(element, self.zeep.wsdl.types)
 
-    def call(self, operation: str, *args, text_fill: dict[str, str] | None = None, **kwargs) -> etree._Element:
+    def call(self, operation: str, *args, text_fill: dict[str, str] | None = None,
+             payload: etree._Element | None = None, **kwargs) -> etree._Element:
         """Call ``operation``; returns the verified response payload element, or raises the typed fault.
-        ``text_fill`` sets the text of elements (by tag) zeep cannot render itself."""
+        ``text_fill`` sets the text of elements (by tag) zeep cannot render itself. ``payload``: the request
+        element, already built as lxml (a bulk request zeep would spend most of the call converting); it
+        replaces the Body zeep renders from the arguments (which must still make a valid request) before
+        the message is signed. The service validates it against the schema like any request."""
         self._capture.local.text_fill = text_fill
+        self._capture.local.payload = payload
         try:
             getattr(self.service, operation)(*args, **kwargs)
         except zeep.exceptions.Fault as fault:

@@ -21,8 +21,10 @@ Progress = Callable[[int, int], None]
 class ImageSource(Protocol):
     """Where base images come from (the VMRepository's GridFTP server)."""
 
-    def fetch(self, image_id: str, sha256: str, size: int, dest: Path, progress: Progress) -> None:
-        """Write the image to ``dest``, only once its bytes verified against sha256; or raise
+    def fetch(self, image_id: str, sha256: str, size: int, dest: Path, progress: Progress,
+              blake3: str | None = None) -> None:
+        """Write the image to ``dest``, only once its bytes verified against sha256, or against ``blake3``
+        when the descriptor carries it (the same bytes, hashed several times faster); or raise
         TransferFault / ChecksumMismatch (and leave nothing at ``dest``)."""
         ...
 
@@ -47,9 +49,11 @@ class ImageCache:
     def progress(self, sha256: str) -> tuple[int, int] | None:
         return self._progress.get(sha256)
 
-    def get(self, image_id: str, sha256: str, size: int, fmt: str, progress: Progress | None = None) -> tuple[Path, bool]:
-        """The cached base image (fetching it if needed); returns (path, was it already cached).
-        Concurrent calls for one image wait for a single fetch."""
+    def get(self, image_id: str, sha256: str, size: int, fmt: str, progress: Progress | None = None,
+            blake3: str | None = None) -> tuple[Path, bool]:
+        """The cached base image (fetching it if needed, verified by ``blake3`` when the descriptor gives
+        it, else by sha256); returns (path, was it already cached). Concurrent calls for one image wait
+        for a single fetch."""
         path = self.path(sha256)
         with self._lock:
             if self.store.cached(sha256) and path.is_file():
@@ -66,7 +70,7 @@ class ImageCache:
             fut.result()
             return path, False
         try:
-            self._fetch(image_id, sha256, size, fmt, progress)
+            self._fetch(image_id, sha256, size, fmt, progress, blake3)
             fut.set_result(path)
         except BaseException as exc:
             fut.set_exception(exc)
@@ -89,7 +93,8 @@ class ImageCache:
             except Exception:
                 break
 
-    def _fetch(self, image_id: str, sha256: str, size: int, fmt: str, progress: Progress | None) -> None:
+    def _fetch(self, image_id: str, sha256: str, size: int, fmt: str, progress: Progress | None,
+               blake3: str | None = None) -> None:
         part = self.incoming / sha256
 
         def report(done: int, total: int) -> None:
@@ -101,7 +106,7 @@ class ImageCache:
         try:
             # the source verifies the bytes against sha256 as they arrive (GridFTP: the whole file
             # against the expected digest before it takes its name); the size is checked here
-            self.source.fetch(image_id, sha256, size, part, report)
+            self.source.fetch(image_id, sha256, size, part, report, blake3)
             if part.stat().st_size != size:
                 raise ChecksumMismatch(f"the staged image has {part.stat().st_size} bytes, not {size}",
                                        expected=str(size), actual=str(part.stat().st_size))

@@ -19,7 +19,7 @@ from lxml import etree
 
 from services.common.crash import crashpoint
 from services.descriptor import NSMAP as WS_NSMAP
-from services.descriptor import Descriptor
+from services.descriptor import Descriptor, image_blake3
 from services.faults import VMMFault
 from services.vmmanager import qemuimg
 from services.vmmanager.config import VMManagerConfig
@@ -96,7 +96,8 @@ def stage(parts: NodeParts, key: str) -> None:
             last[0] = time.monotonic()
             parts.store.update(key, staged_bytes=done)
 
-    _, cached = parts.cache.get(inst.image_id, inst.sha256, inst.size, inst.format, progress)
+    _, cached = parts.cache.get(inst.image_id, inst.sha256, inst.size, inst.format, progress,
+                                blake3=image_blake3(inst.descriptor))
     # the intent first: a node killed before it records the hold's id finds the hold by its holder
     holder = f"{parts.address}#{key}"
     parts.store.update(key, hold_holder=holder)

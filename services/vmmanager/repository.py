@@ -88,13 +88,16 @@ class RepositoryAccess:
             return
         self.release(hold_id)
 
-    def fetch(self, image_id: str, sha256: str, size: int, dest: Path, progress) -> None:
+    def fetch(self, image_id: str, sha256: str, size: int, dest: Path, progress, blake3: str | None = None) -> None:
+        """Stage the image over GridFTP, verified against the descriptor's BLAKE3 when it has one (several
+        times faster than SHA-256 on CPUs without SHA extensions), else its sha256."""
         location = self._location(image_id)
         try:
             gridftp.download(location, dest, self.parallel, credential=self.credential, trust=self.trust,
-                             sha256=sha256, progress=progress, gsi=self.gsi)
+                             sha256=sha256, blake3=blake3, progress=progress, gsi=self.gsi)
         except gridftp.ChecksumMismatch as exc:
-            raise ChecksumMismatch(f"staging {image_id}: {exc}", expected=sha256, actual="(different)") from None
+            raise ChecksumMismatch(f"staging {image_id}: {exc}", expected=blake3 or sha256,
+                                   actual="(different)") from None
         except gridftp.GridFTPError as exc:
             raise TransferFault(f"staging {image_id} from {location} failed: {exc}", source=location) from None
 

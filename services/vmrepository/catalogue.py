@@ -3,9 +3,12 @@ to, and holds. Writes are serialised by SQLite's write lock (BEGIN IMMEDIATE), w
 the store's renames and deletions, so the catalogue and the store stay consistent across crashes."""
 from __future__ import annotations
 
+import functools
+import logging
 import sqlite3
 import time
 import uuid
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -49,9 +52,11 @@ CREATE TABLE IF NOT EXISTS facts (
     num      REAL,
     ver      TEXT
 );
-CREATE INDEX IF NOT EXISTS facts_txt ON facts (field, txt, image_id);
-CREATE INDEX IF NOT EXISTS facts_num ON facts (field, num, image_id) WHERE num IS NOT NULL;
-CREATE INDEX IF NOT EXISTS facts_ver ON facts (field, ver, image_id) WHERE ver IS NOT NULL;
+-- queries run on the in-memory index (index.py), which reads facts by image or all at once: indexes by
+-- field only slowed every registration down (an older catalogue loses them at its next start)
+DROP INDEX IF EXISTS facts_txt;
+DROP INDEX IF EXISTS facts_num;
+DROP INDEX IF EXISTS facts_ver;
 CREATE INDEX IF NOT EXISTS facts_image ON facts (image_id);
 CREATE TABLE IF NOT EXISTS holds (
     hold_id  TEXT PRIMARY KEY,
@@ -64,6 +69,10 @@ CREATE INDEX IF NOT EXISTS holds_image ON holds (image_id, expires);
 CREATE TABLE IF NOT EXISTS changes (
     seq      INTEGER PRIMARY KEY AUTOINCREMENT,
     image_id TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
 );
 """
 
@@ -83,6 +92,9 @@ class Record:
         return etree.fromstring(self.descriptor, _TRUSTED)
 
 
+log = logging.getLogger("vmgrid.VMRepositoryService")
+RESAVE_AFTER = 10_000   # changes replayed at a start after which the saved index is written again
+REBUILD_OVER = 50_000   # changes behind the saved index past which a start rebuilds instead of replaying
 _TRUSTED = etree.XMLParser(resolve_entities=False, no_network=True)  # our own stored, validated XML
 
 
@@ -93,7 +105,7 @@ def new_image_id() -> str:
 def fact_rows(image_id: str, element: etree._Element) -> list[tuple]:
     rows = []
     for path, value in facts(element):
-        kind = resolve_field(path)[1]
+        kind = _kind(path)
         num = ver = None
         if kind == NUMBER:
             num = float(value)
@@ -101,6 +113,11 @@ def fact_rows(image_id: str, element: etree._Element) -> list[tuple]:
             ver = version_key(value)
         rows.append((image_id, path, value, num, ver))
     return rows
+
+
+@functools.lru_cache(maxsize=4096)
+def _kind(path: str) -> str:
+    return resolve_field(path)[1]
 
 
 class Catalogue:
@@ -111,6 +128,11 @@ class Catalogue:
         self.db = Database(self.path, on_connect=lambda c: c.execute("PRAGMA cache_size=-65536"),
                            before_commit=lambda name: crashpoint(f"catalogue.{name}.before-commit"))
         self._db().executescript(SCHEMA)
+        with self._write("meta") as db:
+            db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('catalogue_id', ?)", (uuid.uuid4().hex,))
+        self.catalogue_id = self._db().execute("SELECT value FROM meta WHERE key = 'catalogue_id'").fetchone()[0]
+        self.index_path = self.path.with_name(self.path.name + ".index.npz")
+        self._saved_seq: int | None = None
 
     # -- connections ----------------------------------------------------------------------
     def _db(self) -> sqlite3.Connection:
@@ -121,7 +143,70 @@ class Catalogue:
         return self.db.write(name)
 
     def close(self) -> None:
+        """Save the query index beside the catalogue (if it moved since it was saved), then close."""
+        try:
+            top = self._db().execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()[0]
+            if self._saved_seq is not None and top != self._saved_seq:   # the catalogue moved since it was saved
+                self.save_index()
+        except (OSError, sqlite3.Error) as exc:
+            log.warning("cannot save the query index to %s: %s (the next start rebuilds it)", self.index_path, exc)
         self.db.close()
+
+    # -- the query index, persisted -------------------------------------------------------------------
+    def warm(self) -> str:
+        """Make the query index current before the first query: from the saved index when its stamp names
+        a position of this catalogue's change log (then the changes after it are caught up), else rebuilt
+        from SQLite and saved. Returns how: "saved", "saved+N changes" or "rebuilt (reason)"."""
+        db = self._db()
+        with self.index.lock:
+            how = self._load_saved_index(db)
+            if how is None:
+                return "current"
+            before = self.index.last_seq
+            self.index.catch_up(db)
+            if how != "saved":
+                self.save_index()
+                return how
+            caught = db.execute("SELECT count(*) FROM changes WHERE seq > ?", (before,)).fetchone()[0] if before >= 0 else 0
+            if caught >= RESAVE_AFTER:
+                self.save_index()        # the next start need not replay them again
+            return f"saved+{caught} changes" if caught else "saved"
+
+    def _load_saved_index(self, db: sqlite3.Connection) -> str | None:
+        """Load the saved index if it is valid for this catalogue; the reason it is not, otherwise."""
+        if self.index.last_seq >= 0:
+            return None
+        if not self.index_path.exists():
+            return "rebuilt (no saved index)"
+        stamp = QueryIndex.read_stamp(self.index_path)
+        if stamp is None:
+            return "rebuilt (saved index unreadable)"
+        fmt, cid, seq, image_id = stamp
+        if cid != self.catalogue_id:
+            return "rebuilt (saved index of another catalogue)"
+        logged = db.execute("SELECT image_id FROM changes WHERE seq = ?", (seq,)).fetchone()
+        if seq > 0 and (logged is None or logged[0] != image_id):
+            return "rebuilt (saved index from another history of the change log)"
+        behind = db.execute("SELECT count(*) FROM changes WHERE seq > ?", (seq,)).fetchone()[0]
+        if behind > REBUILD_OVER:
+            return f"rebuilt (saved index {behind} changes behind)"      # reading it all at once is faster
+        try:
+            self.index.load(self.index_path)
+        except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+            self.index.__init__()
+            return f"rebuilt (saved index unreadable: {exc})"
+        self._saved_seq = seq
+        return "saved"
+
+    def save_index(self) -> None:
+        """Write the query index beside the catalogue, stamped with its change-log position."""
+        db = self._db()
+        with self.index.lock:
+            self.index.catch_up(db)
+            seq = self.index.last_seq
+            row = db.execute("SELECT image_id FROM changes WHERE seq = ?", (seq,)).fetchone()
+            self.index.save(self.index_path, self.catalogue_id, row[0] if row else "")
+            self._saved_seq = seq
 
     # -- recovery -----------------------------------------------------------------------------
     def reconcile(self) -> dict[str, int]:
@@ -157,6 +242,15 @@ class Catalogue:
             "SELECT image_id, vo, name, owner, sha256, size, revision, descriptor FROM images WHERE sha256 = ?",
             (sha256,)).fetchall()
         return [Record(*r) for r in rows]
+
+    def blake3_of(self, sha256: str) -> str | None:
+        """The BLAKE3 digest of the bytes ``sha256``, from a descriptor that carries it (computed at ingest;
+        images ingested before BLAKE3 have none)."""
+        for (data,) in self._db().execute("SELECT descriptor FROM images WHERE sha256 = ?", (sha256,)):
+            value = Descriptor(etree.fromstring(data, _TRUSTED)).blake3
+            if value:
+                return value
+        return None
 
     def count(self) -> int:
         return self._db().execute("SELECT count(*) FROM images").fetchone()[0]
@@ -248,20 +342,38 @@ class Catalogue:
                            fact_rows(d.image_id, element))
             db.execute("INSERT INTO changes (image_id) VALUES (?)", (d.image_id,))
 
-    def add_many(self, elements: list[etree._Element]) -> None:
-        """Bulk-load complete descriptors whose bytes are already in the store, in one transaction
-        (imports and benchmarks)."""
+    def add_many(self, elements: list[etree._Element], check: bool = False) -> None:
+        """Insert complete descriptors whose bytes are already in the store, in one transaction (imports,
+        benchmarks). With ``check``, a name already taken (DuplicateName) or bytes not in the store
+        (UnknownImage) refuse the whole batch; the fault's ``position`` is the descriptor's (1-based)."""
+        from services.faults import DuplicateName, UnknownImage
+
         with self._write("add-many") as db:
-            for element in elements:
+            present: set[str] = set()
+            for n, element in enumerate(elements, 1):
                 d = Descriptor(element)
+                image_id, vo, name, sha256 = d.image_id, d.vo, d.name, d.sha256
+                if check:
+                    if db.execute("SELECT 1 FROM images WHERE vo = ? AND name = ?", (vo, name)).fetchone():
+                        exc = DuplicateName(f"an image named {name!r} already exists in VO {vo!r}", vo=vo, name=name)
+                        exc.position = f"{n} ({vo}/{name})"
+                        raise exc
+                    if sha256 not in present:
+                        if not (db.execute("SELECT 1 FROM blobs WHERE sha256 = ?", (sha256,)).fetchone()
+                                and self.store.exists(sha256)):
+                            exc = UnknownImage(f"the image bytes {sha256} are not in the store", image=sha256)
+                            exc.position = f"{n} ({vo}/{name})"
+                            raise exc
+                        present.add(sha256)
+                created = d.created
                 db.execute(
                     "INSERT INTO images (image_id, vo, name, owner, sha256, size, memory, vcpus, created, updated,"
                     " descriptor) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (d.image_id, d.vo, d.name, d.owner, d.sha256, d.size, d.memory, d.vcpus, d.created, d.created,
+                    (image_id, vo, name, d.owner, sha256, d.size, d.memory, d.vcpus, created, created,
                      etree.tostring(element, encoding="UTF-8")))
                 db.executemany("INSERT INTO facts (image_id, field, txt, num, ver) VALUES (?, ?, ?, ?, ?)",
-                               fact_rows(d.image_id, element))
-                db.execute("INSERT INTO changes (image_id) VALUES (?)", (d.image_id,))
+                               fact_rows(image_id, element))
+                db.execute("INSERT INTO changes (image_id) VALUES (?)", (image_id,))
 
     def replace(self, element: etree._Element, updated: str) -> int:
         """Replace a descriptor (same imageId and bytes); returns the new revision."""

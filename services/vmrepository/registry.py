@@ -24,7 +24,8 @@ from services.common.crash import crashpoint
 from services.common.reserve import SpaceReserve
 from services.descriptor import Descriptor, check_descriptor, set_field, utc_now
 from services.faults import (AccessDenied, BadQuery, ChecksumMismatch, DuplicateName, ImageInUse, InvalidArgument,
-                             InvalidDescriptor, InvalidSource, StorageFull, UnknownImage, is_storage_full)
+                             InvalidDescriptor, InvalidSource, StorageFull, UnknownImage, VMGridFault,
+                             is_storage_full)
 from services.vmrepository.catalogue import Catalogue, Record, new_image_id
 from services.vmrepository.config import RepositoryConfig
 from services.vmrepository.query import XPATH_DIALECT, Criterion, compile_xpath, order_column, prepare_groups
@@ -32,6 +33,8 @@ from services.vmrepository.store import ImageStore, image_format_of
 from services.vmrepository.xpath_scan import scanner
 
 log = logging.getLogger("vmgrid.VMRepositoryService")
+
+MAX_IMPORT = 1000   # descriptors in one ImportImages call (the WSDL's maxOccurs)
 
 # an uploaded file's name, and a user's directory in the upload area (also the GridFTP face's rules)
 UPLOAD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+\-]{0,127}")
@@ -116,6 +119,13 @@ class Transfers(Protocol):
     def base_url(self) -> str: ...
 
 
+def _in_import(exc: VMGridFault, label: str) -> VMGridFault:
+    """The same typed fault, its description saying which descriptor of an import it is about."""
+    exc.description = f"{label}: {exc.description}"
+    exc.args = (exc.description,)
+    return exc
+
+
 class Registry:
     """One repository's catalogue of images, without SOAP. ``caller`` is a verified identity (``.dn``)."""
 
@@ -131,6 +141,8 @@ class Registry:
         self.reserve = SpaceReserve(self.state_dir / "reserve", config.reserve_bytes)
         self.reconcile_report = self.catalogue.reconcile()
         log.info("catalogue reconciled: %s", self.reconcile_report)
+        self.index_report = self.catalogue.warm()
+        log.info("query index of %d descriptors: %s", self.catalogue.count(), self.index_report)
         self.transfers: Transfers | None = None   # the GridFTP face, when this repository serves one
 
     def close(self) -> None:
@@ -225,11 +237,15 @@ class Registry:
             if d.size is not None and d.size != ingested.size:
                 raise ChecksumMismatch(f"the descriptor's size {d.size} does not match the image ({ingested.size} bytes)",
                                        expected=str(d.size), actual=str(ingested.size))
+            if d.blake3 and d.blake3 != ingested.blake3:
+                raise ChecksumMismatch(f"the descriptor's blake3 {d.blake3} does not match the image bytes "
+                                       f"{ingested.blake3}", expected=d.blake3, actual=ingested.blake3)
             set_field(ws, "identity", "imageId", new_image_id())
             set_field(ws, "identity", "owner", owner)
             set_field(ws, "identity", "created", utc_now())
             set_field(ws, "image", "sha256", ingested.sha256)
             set_field(ws, "image", "size", ingested.size)
+            set_field(ws, "image", "blake3", ingested.blake3)
             check_descriptor(ws)
             self.catalogue.add(ws, ingested)
             crashpoint("register.committed")
@@ -241,6 +257,83 @@ class Registry:
         log.info("registered %s %s/%s sha256=%s size=%d by %s", Descriptor(ws).image_id, d.vo, d.name,
                  ingested.sha256, ingested.size, caller.dn)
         return ws
+
+    def import_images(self, caller, workspaces: list) -> list:
+        """Register many descriptors at once, all or none: each names image bytes the repository already has
+        by its ``image/sha256`` (its ``size``, when given, must be theirs). Each is validated and authorized
+        as RegisterImage does (``image.register`` with context ``source=import``, ``image.register-for-other``
+        for another owner), and the caller must be allowed to read an image already made of those bytes
+        (as DuplicateImage requires): a hash alone never grants access to bytes. A fault names the
+        descriptor by its position (1-based) in the request. Returns the registered descriptors."""
+        if not workspaces:
+            raise InvalidArgument("nothing to import", argument="workspace")
+        if len(workspaces) > MAX_IMPORT:
+            raise InvalidArgument(f"at most {MAX_IMPORT} descriptors in one import", argument="workspace")
+        readable: dict[str, tuple[int, str | None]] = {}   # sha256 -> (size, blake3), bytes the caller may read
+        names: set[tuple[str, str]] = set()
+        created = utc_now()
+        for n, ws in enumerate(workspaces, 1):
+            label = f"descriptor {n}"
+            try:
+                d = Descriptor(ws)
+                if d.image_id:
+                    raise InvalidDescriptor("a new image must not carry an imageId: the repository assigns it")
+                owner = d.owner or caller.dn
+                try:
+                    set_field(ws, "identity", "imageId", new_image_id())
+                    set_field(ws, "identity", "owner", owner)
+                    set_field(ws, "identity", "created", created)
+                except (AttributeError, TypeError, ValueError):
+                    check_descriptor(ws)        # says what is wrong with it
+                    raise
+                check_descriptor(ws)            # once, with the fields the repository sets
+                vo, name, sha256, given_size, given_blake3 = d.vo, d.name, d.sha256, d.size, d.blake3
+                label = f"descriptor {n} ({vo}/{name})"
+                self.authz.check(caller, "image.register", {"type": "image", "vo": vo, "owner": owner, "name": name},
+                                 {"source": "import", "memory": str(d.memory), "vcpus": str(d.vcpus)})
+                if owner != caller.dn:
+                    self.authz.check(caller, "image.register-for-other", {"type": "image", "vo": vo, "owner": owner})
+                if not sha256:
+                    raise InvalidDescriptor("an imported descriptor names its image bytes by image/sha256",
+                                            schemaMessage="image/sha256 missing")
+                if sha256 not in readable:
+                    readable[sha256] = self._readable_size(caller, sha256)
+                size, digest3 = readable[sha256]
+                if given_blake3 and digest3 and given_blake3 != digest3:
+                    raise ChecksumMismatch(f"the descriptor's blake3 {given_blake3} is not that of its image bytes "
+                                           f"({digest3})", expected=given_blake3, actual=digest3)
+                if given_size is not None and given_size != size:
+                    raise ChecksumMismatch(f"the descriptor's size {given_size} is not the size of its image bytes "
+                                           f"({size} bytes)", expected=str(given_size), actual=str(size))
+                if (vo, name) in names:
+                    raise DuplicateName(f"the name {name!r} comes twice in VO {vo!r}", vo=vo, name=name)
+                names.add((vo, name))
+                if given_size is None:
+                    set_field(ws, "image", "size", size)
+                if digest3:
+                    set_field(ws, "image", "blake3", digest3)   # a given one that is not theirs was refused above
+                elif given_blake3:
+                    set_field(ws, "image", "blake3", None)      # bytes ingested before BLAKE3: nothing vouches for it
+            except VMGridFault as exc:
+                raise _in_import(exc, label) from None
+        try:
+            self.catalogue.add_many(workspaces, check=True)
+        except VMGridFault as exc:
+            raise _in_import(exc, f"descriptor {getattr(exc, 'position', '?')}") from None
+        log.info("imported %d descriptors by %s", len(workspaces), caller.dn)
+        return workspaces
+
+    def _readable_size(self, caller, sha256: str) -> tuple[int, str | None]:
+        """The size (and BLAKE3, when known) of bytes ``sha256`` if the caller may read an image made of them;
+        the same UnknownImage whether no image has them or none of those is the caller's to read."""
+        for record in self.catalogue.made_of(sha256):
+            try:
+                self.authz.check(caller, "image.read", image_resource(record))
+            except AccessDenied:
+                continue
+            return record.size, self.catalogue.blake3_of(sha256)
+        raise UnknownImage(f"no image you may read has the bytes {sha256}: register an image with them first",
+                           image=sha256)
 
     def query(self, caller, q: Query) -> QueryPage:
         """The caller's VOs' images matching ``q``, one page of them, and how many match in all."""
@@ -294,7 +387,7 @@ class Registry:
         if new.vo != rec.vo:
             raise InvalidDescriptor(f"an image cannot move from VO {rec.vo} to {new.vo}; duplicate it instead")
         for what, a, b in (("sha256", new.sha256, old.sha256), ("size", new.size, old.size),
-                           ("format", new.image_format, old.image_format)):
+                           ("format", new.image_format, old.image_format), ("blake3", new.blake3, old.blake3)):
             if a is not None and a != b:
                 raise InvalidDescriptor(f"the image bytes cannot change: {what} {a} is not {b}",
                                         schemaMessage="image section changed")
@@ -303,6 +396,7 @@ class Registry:
         set_field(ws, "identity", "created", old.created)
         set_field(ws, "image", "sha256", old.sha256)
         set_field(ws, "image", "size", old.size)
+        set_field(ws, "image", "blake3", old.blake3)
         check_descriptor(ws)
         self.catalogue.replace(ws, utc_now())
         return ws

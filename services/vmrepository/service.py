@@ -66,6 +66,10 @@ class VMRepositoryService(SoapService):
     def register_image(self, ctx: CallContext, req: etree._Element) -> etree._Element:
         return wire.registered(self.registry.register(ctx.caller, wire.workspace(req), wire.source(req)))
 
+    @operation("ImportImages")
+    def import_images(self, ctx: CallContext, req: etree._Element) -> etree._Element:
+        return wire.imported(self.registry.import_images(ctx.caller, wire.workspaces(req)))
+
     @operation("QueryImages")
     def query_images(self, ctx: CallContext, req: etree._Element) -> etree._Element:
         return wire.query_response(self.registry.query(ctx.caller, wire.query(req)))

@@ -13,6 +13,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import blake3
+
 from services.common.crash import crashpoint
 
 CHUNK = 1024 * 1024
@@ -26,6 +28,7 @@ class Ingested:
     tmp_path: Path
     sha256: str
     size: int
+    blake3: str = ""      # computed in the same pass (nodes verify staged bytes with it)
 
 
 class ImageStore:
@@ -46,6 +49,7 @@ class ImageStore:
         """Copy a file into tmp/ while hashing it; fsync'd. Raises OSError / ValueError."""
         tmp = self.tmp / f"ingest-{uuid.uuid4().hex}"
         digest = hashlib.sha256()
+        digest3 = blake3.blake3()
         size = 0
         buf = bytearray(CHUNK)
         view = memoryview(buf)
@@ -59,6 +63,7 @@ class ImageStore:
                     if max_bytes is not None and size > max_bytes:
                         raise ValueError(f"image larger than the limit of {max_bytes} bytes")
                     digest.update(view[:n])
+                    digest3.update(view[:n])
                     dst.write(view[:n])
                 dst.flush()
                 os.fsync(dst.fileno())
@@ -66,7 +71,7 @@ class ImageStore:
             tmp.unlink(missing_ok=True)
             raise
         crashpoint("ingest.copied")
-        return Ingested(tmp, digest.hexdigest(), size)
+        return Ingested(tmp, digest.hexdigest(), size, digest3.hexdigest())
 
     def adopt(self, ingested: Ingested) -> Path:
         """Give tmp bytes their final name (atomic rename); a blob already present is kept."""

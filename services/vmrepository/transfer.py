@@ -41,9 +41,13 @@ class RepositoryFileSpace(FileSpace):
         raise PathError(f"{vpath}: no such path on this repository (/images/<sha256>, /uploads/<area>/<name>)")
 
     def known_checksum(self, vpath: str, algorithm: str) -> str | None:
+        """An image's SHA256 is its name; its BLAKE3 was computed at ingest (in its descriptors)."""
         parts = [p for p in vpath.split("/") if p]
-        if algorithm.upper() == "SHA256" and len(parts) == 2 and parts[0] == "images" and SHA.fullmatch(parts[1]):
-            return parts[1]
+        if len(parts) == 2 and parts[0] == "images" and SHA.fullmatch(parts[1]):
+            if algorithm.upper() == "SHA256":
+                return parts[1]
+            if algorithm.upper() == "BLAKE3":
+                return self.catalogue.blake3_of(parts[1])
         return None
 
 

@@ -64,6 +64,11 @@ def workspace(req: etree._Element) -> etree._Element:
     return copy.deepcopy(req.find("ws:workspace", NS))
 
 
+def workspaces(req: etree._Element) -> list[etree._Element]:
+    """An ImportImages request's descriptors, copies the core may change."""
+    return [copy.deepcopy(ws) for ws in req.findall("ws:workspace", NS)]
+
+
 def source(req: etree._Element) -> Source:
     el = req.find("repo:source", NS)[0]
     return Source(etree.QName(el).localname, (el.text or "").strip())
@@ -111,6 +116,13 @@ def hold_id(req: etree._Element) -> str:
 # -- typed values -> responses ------------------------------------------------------------------------------
 def registered(ws: etree._Element) -> etree._Element:
     return _with_workspace("RegisterImageResponse", ws)
+
+
+def imported(workspaces: list[etree._Element]) -> etree._Element:
+    resp = element("ImportImagesResponse")
+    for ws in workspaces:
+        sub(resp, "imageId", ws.findtext("ws:identity/ws:imageId", namespaces=NS))
+    return resp
 
 
 def query_response(page: QueryPage) -> etree._Element:
@@ -188,6 +200,18 @@ class QueryResult:
 
 def read_workspace(resp: etree._Element) -> etree._Element | None:
     return resp.find("ws:workspace", NS)
+
+
+def import_request(workspaces: list[etree._Element]) -> etree._Element:
+    """An ImportImages request element (the client sends it as built: see GridServiceClient.call's payload)."""
+    req = element("ImportImages")
+    for ws in workspaces:
+        req.append(copy.deepcopy(ws))
+    return req
+
+
+def read_imported(resp: etree._Element) -> list[str]:
+    return [el.text for el in resp.findall("repo:imageId", NS)]
 
 
 def read_query(resp: etree._Element) -> QueryResult:

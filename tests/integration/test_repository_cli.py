@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from lxml import etree
@@ -30,10 +31,12 @@ def grid(tmp_path_factory):
         yield g
 
 
-def vmgrid(grid, user, *args, check=True):
+def vmgrid(grid, user, *args, check=True, cwd=None):
     env = {**grid.env(user), "VMGRID_REPOSITORY": grid.url}
+    if cwd is not None:
+        env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
     r = subprocess.run([sys.executable, "-m", "client.cli", *args], env=env, capture_output=True, text=True,
-                       timeout=60)
+                       timeout=60, cwd=cwd)
     if check and r.returncode != 0:
         raise AssertionError(f"vmgrid {' '.join(args)} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
     return r
@@ -108,3 +111,136 @@ def test_register_uploads_from_the_users_machine_over_gridftp(grid, tmp_path):
     uploads = grid.root / "repository" / "repository" / "uploads"
     assert [p for p in uploads.rglob("*") if p.is_file()] == []      # ingested, not left behind
     vmgrid(grid, "admin", "repo", "remove", ws["identity"]["imageId"])
+
+
+# -- vmgrid repo import DIR (issue 13 §4) ----------------------------------------------------------------
+def _import_dir(grid, tmp_path, names, vo="bio", memory="512"):
+    """A directory of descriptors naming the bytes of bio/import-base (registered once per module)."""
+    import hashlib
+
+    base = grid.ingest / "emboss.qcow2"
+    sha = hashlib.sha256(base.read_bytes()).hexdigest()
+    if getattr(grid, "import_base", None) is None:
+        src = (EXAMPLES / "debian12-emboss.xml").read_text().replace(
+            "<name>debian12-emboss</name>", "<name>import-base</name>")
+        path = tmp_path / "import-base.xml"
+        path.write_text(src)
+        vmgrid(grid, "admin", "repo", "register", str(path), str(base), "--on-host")
+        grid.import_base = sha
+    d = tmp_path / "descriptors"
+    d.mkdir()
+    template = (EXAMPLES / "debian12-emboss.xml").read_text()
+    for name in names:
+        text = (template.replace("<name>debian12-emboss</name>", f"<name>{name}</name>")
+                .replace("<vo>bio</vo>", f"<vo>{vo}</vo>")
+                .replace("<memory>512</memory>", f"<memory>{memory}</memory>")
+                .replace("<image><format>qcow2</format>", f"<image><format>qcow2</format><sha256>{sha}</sha256>"))
+        (d / f"{name}.xml").write_text(text)
+    return d
+
+
+@pytest.fixture(scope="module")
+def alice_repo(grid):
+    from client.repository import RepositoryClient
+    from client.soap import GridServiceClient
+    from security.trust import TrustStore
+
+    client = RepositoryClient(GridServiceClient(grid.url, grid.user("alice").credential, TrustStore(grid.cert_dir)))
+    yield client
+    client.service.close()
+
+
+@pytest.fixture
+def names_in_catalogue(alice_repo):
+    def names(prefix):
+        found = alice_repo.query([f"name matches ^{prefix}"], limit=1000)
+        return sorted(ws.findtext("{*}identity/{*}name") for ws in found.descriptors)
+    return names
+
+
+def test_import_registers_a_directory_of_descriptors(grid, tmp_path, names_in_catalogue):
+    """docs/repository.md's and the README's `vmgrid repo import descriptors/`, as written."""
+    _import_dir(grid, tmp_path, [f"imp-{i:02d}" for i in range(12)])
+    out = vmgrid(grid, "alice", "repo", "import", "descriptors/", cwd=tmp_path)
+    assert out.stdout.startswith("imported 12 descriptors from descriptors")
+    assert names_in_catalogue("imp-") == [f"imp-{i:02d}" for i in range(12)]
+    shown = json.loads(vmgrid(grid, "alice", "repo", "show", "bio/imp-03", "--json").stdout)["descriptors"][0]
+    assert shown["identity"]["owner"] == grid.user("alice").dn and shown["image"]["sha256"] == grid.import_base
+
+
+def test_import_in_batches_as_json(grid, tmp_path, names_in_catalogue):
+    """`vmgrid repo import descriptors/ --json` (docs/repository.md), here in batches of 2."""
+    _import_dir(grid, tmp_path, [f"batch-{i}" for i in range(5)])
+    out = json.loads(vmgrid(grid, "alice", "repo", "import", "descriptors/", "--json", "--batch", "2",
+                            cwd=tmp_path).stdout)
+    assert [Path(e["file"]).name for e in out] == [f"batch-{i}.xml" for i in range(5)]
+    assert all(e["imageId"].startswith("img-") for e in out)
+    assert names_in_catalogue("batch-") == [f"batch-{i}" for i in range(5)]
+
+
+def test_import_reports_every_bad_file_and_imports_nothing(grid, tmp_path, names_in_catalogue):
+    d = _import_dir(grid, tmp_path, ["bad-a", "bad-b", "bad-c"])
+    (d / "bad-b.xml").write_text((d / "bad-b.xml").read_text().replace("<memory>512</memory>", "<memory>lots</memory>"))
+    (d / "bad-c.xml").write_text("<workspace>not closed")
+    r = vmgrid(grid, "alice", "repo", "import", str(d), check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert all(line.startswith("vmgrid: ") for line in lines)
+    assert any("bad-b.xml" in line and "memory" in line for line in lines)
+    assert any("bad-c.xml" in line for line in lines)
+    assert "2 of 3 descriptor files" in lines[-1] and "nothing was imported" in lines[-1]
+    assert names_in_catalogue("bad-") == []
+
+
+def test_a_refused_descriptor_is_named_and_the_import_undone(grid, tmp_path, names_in_catalogue):
+    """The repository refuses one descriptor of the third batch: the file is named, and nothing of the
+    directory stays registered, the two earlier batches included."""
+    d = _import_dir(grid, tmp_path, [f"undo-{i}" for i in range(6)])
+    victim = d / "undo-5.xml"
+    victim.write_text(victim.read_text().replace("<name>undo-5</name>", "<name>import-base</name>"))
+    r = vmgrid(grid, "alice", "repo", "import", str(d), "--batch", "2", check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith(f"vmgrid: {victim}: DuplicateName: descriptor 2 (bio/import-base)"), r.stderr
+    assert "nothing was imported" in r.stderr and "4 descriptors of earlier batches were removed" in r.stderr
+    assert names_in_catalogue("undo-") == []
+
+
+@pytest.mark.parametrize("case", ["denied-vo", "over-the-limit", "unknown-bytes", "unreadable-bytes", "has-id"])
+def test_import_refusals_are_typed_name_the_descriptor_and_change_nothing(grid, tmp_path, alice_repo,
+                                                                          names_in_catalogue, case):
+    """ImportImages is all or none: one refused descriptor (authorization, a policy limit, bytes the
+    repository does not have or the caller may not read, a repository-set field) fails the call with a
+    typed fault naming it by position, and none of the call's descriptors is registered."""
+    from services.descriptor import parse_descriptor, set_field
+    from services.faults import AccessDenied, InvalidDescriptor, LimitExceeded, UnknownImage
+
+    d = _import_dir(grid, tmp_path, [f"{case}-{i}" for i in range(3)])
+    descriptors = [parse_descriptor(p.read_bytes()) for p in sorted(d.glob("*.xml"))]
+    victim = descriptors[1]
+    if case == "denied-vo":
+        set_field(victim, "identity", "vo", "hep")
+        expected = AccessDenied
+    elif case == "over-the-limit":
+        set_field(victim, "hardware", "memory", "999999")
+        expected = LimitExceeded
+    elif case == "unknown-bytes":
+        set_field(victim, "image", "sha256", "ab" * 32)
+        expected = UnknownImage
+    elif case == "unreadable-bytes":
+        # bytes of an image only hep can read: knowing their sha256 gives alice nothing
+        hep = (EXAMPLES / "debian12-hep.xml").read_text().replace("<name>", "<name>hep-secret-", 1)
+        (tmp_path / "hep.xml").write_text(hep)
+        make_image(grid.ingest / "hep-secret.qcow2", fill=b"hep only " + case.encode())
+        out = vmgrid(grid, "admin", "repo", "register", str(tmp_path / "hep.xml"),
+                     str(grid.ingest / "hep-secret.qcow2"), "--on-host", "--json")
+        set_field(victim, "image", "sha256", json.loads(out.stdout)["descriptors"][0]["image"]["sha256"])
+        expected = UnknownImage
+    else:
+        set_field(victim, "identity", "imageId", "img-" + "0" * 32)
+        expected = InvalidDescriptor
+    with pytest.raises(expected) as info:
+        alice_repo.import_images(descriptors)
+    assert info.value.description.startswith("descriptor 2")
+    if case != "has-id":
+        assert info.value.description.startswith(f"descriptor 2 ({victim.findtext('{*}identity/{*}vo')}/{case}-1): ")
+    assert names_in_catalogue(f"{case}-") == []

@@ -27,6 +27,39 @@ def test_a_vo_member_downloads_the_bytes_verified(stored, tmp_path):
     assert result.sha256 == ws.sha256 == hashlib.sha256((tmp_path / "img").read_bytes()).hexdigest()
 
 
+def test_blake3_is_computed_at_ingest_and_verifies_staging(stored, tmp_path):
+    """Issue 13 §5: the repository computes the image's BLAKE3 with its sha256 at ingest and puts it in
+    the descriptor; its GridFTP face answers CKSM BLAKE3 from it, so a node verifies staged bytes with
+    BLAKE3 (given, as from the descriptor, or asked for), and wrong bytes are refused either way."""
+    import blake3
+
+    server, ws = stored
+    alice = server.pki.alice
+    url = server.client(alice).location(ws.image_id)
+    data = server.service.store.path(ws.sha256).read_bytes()
+    assert ws.blake3 == blake3.blake3(data).hexdigest()
+    given = gridftp.download(url, tmp_path / "given", 2, credential=alice.proxy, trust=server.pki.trust(),
+                             sha256=ws.sha256, blake3=ws.blake3)
+    asked = gridftp.download(url, tmp_path / "asked", 2, credential=alice.proxy, trust=server.pki.trust(),
+                             checksum="auto")
+    assert given.blake3 == asked.blake3 == ws.blake3 and given.sha256 == asked.sha256 == ""
+    assert (tmp_path / "given").read_bytes() == (tmp_path / "asked").read_bytes() == data
+    with pytest.raises(gridftp.ChecksumMismatch):
+        gridftp.download(url, tmp_path / "bad", 2, credential=alice.proxy, trust=server.pki.trust(),
+                         blake3="0" * 64)
+    # the descriptor's BLAKE3 travels with duplicates and cannot be changed by an update
+    client = server.client(alice)
+    dup = Descriptor(client.duplicate(ws.image_id, "with-blake3"))
+    assert dup.blake3 == ws.blake3
+    from services.descriptor import set_field
+    from services.faults import InvalidDescriptor
+
+    edited = dup.element
+    set_field(edited, "image", "blake3", "ab" * 32)
+    with pytest.raises(InvalidDescriptor):
+        client.update(dup.image_id, edited)
+
+
 def denied(exc: Exception) -> bool:
     """A refusal for lack of permission: 550 permission denied (or the client's typed error for it)."""
     return isinstance(exc, gridftp.AuthorizationDenied) or (

@@ -62,6 +62,15 @@ def test_every_operation_through_zeep_validates_against_the_published_schema(rep
     assert (dup.memory, dup.vcpus, dup.container_command) == (4096, 2, "/opt/grid/bin/start --port 9000")
     assert dup.sha256 == d.sha256 and dup.image_id != d.image_id and dup.owner == pki.alice.dn
 
+    variant = parse_descriptor(example())
+    variant.find(f"{{{WS}}}identity/{{{WS}}}name").text = "emboss-imported"
+    variant.find(f"{{{WS}}}image").append(copy.deepcopy(ws.find(f"{{{WS}}}image/{{{WS}}}sha256")))
+    (imported_id,) = alice.import_images([variant])
+    imported = Descriptor(alice.show(imported_id))
+    assert (imported.sha256, imported.size, imported.blake3) == (d.sha256, d.size, d.blake3)
+    assert imported.owner == pki.alice.dn and imported.name == "emboss-imported"
+    assert alice.remove(imported_id) is False
+
     changed = copy.deepcopy(alice.show(dup.image_id))
     changed.find(f"{{{WS}}}identity/{{{WS}}}description").text = "EMBOSS with more memory"
     updated = Descriptor(alice.update(dup.image_id, changed))

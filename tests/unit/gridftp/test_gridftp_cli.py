@@ -10,6 +10,12 @@ from gridftp.cli import ProgressBar
 from tests.unit.gridftp.gridftp_helpers import REPO, MiB, ServerProcess, make_file, sha256_of
 
 
+def blake3_of(path) -> str:
+    import blake3
+
+    return blake3.blake3(path.read_bytes()).hexdigest()
+
+
 def vmgrid(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "client.cli", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout)
@@ -23,7 +29,7 @@ def test_transfer_download_upload_and_third_party(start_server, tree, tmp_path):
     got = vmgrid("transfer", server.url("/data/big"), str(out_dir), "-p", "3", "--progress")
     assert got.returncode == 0, got.stderr
     assert sha256_of(out_dir / "big") == sha256_of(big)
-    assert f"sha256 {sha256_of(big)} verified" in got.stdout
+    assert f"blake3 {blake3_of(big)} verified" in got.stdout          # both ends are vmgrid: BLAKE3
     assert "3 streams" in got.stdout and "Mbit/s" in got.stdout
     assert "100.0%" in got.stderr and "[####" in got.stderr        # the progress bar
     sent = vmgrid("transfer", str(out_dir / "big"), server.url("/up/"), "-q", "--state-dir", str(tmp_path / "s"))

@@ -48,8 +48,9 @@ class FakeImageSource:
     def release(self, hold_id: str) -> None:
         self.holds.pop(hold_id, None)
 
-    def fetch(self, image_id, sha256, size, dest: Path, progress) -> None:
+    def fetch(self, image_id, sha256, size, dest: Path, progress, blake3=None) -> None:
         self.fetches += 1
+        self.blake3 = blake3
         shutil.copyfile(self.image, dest)
 
     def close(self) -> None:
@@ -86,10 +87,19 @@ def test_deploy_runs_every_phase_and_holds_the_image_in_the_nodes_name(node):
     assert inst.state == State.RUNNING.value and inst.address and inst.mac
     assert [p for p, _ in inst.phase_list()] == [p for p in PHASES if p != "guest-ready"]
     assert node.source.fetches == 1
+    assert node.source.blake3 is None                    # a descriptor without image/blake3: verified by sha256
     (holder, _), = node.source.holds.values()
     assert holder == f"{NODE_ADDRESS}#{inst.key}"      # the configured address, no caller chose it
     deploy(node, "second")
     assert node.source.fetches == 1                      # cached: not staged again
+
+
+def test_staging_verifies_with_the_descriptors_blake3(node, tmp_path):
+    """A descriptor that carries image/blake3 (the repository computes it at ingest) is staged verified by
+    it: the node hands it to the image source (GridFTP then checks the bytes with BLAKE3)."""
+    set_field(node.ws, "image", "blake3", "c" * 64)
+    deploy(node, "with-blake3")
+    assert node.source.blake3 == "c" * 64
 
 
 def test_operations_go_through_the_state_machine(node):
