@@ -34,3 +34,10 @@ class VMManagerConfig:
     # loopback or link-local); e.g. ["127.0.0.0/8"] where clients listen on the nodes' own machine
     consumers_allow: list[str] = field(default_factory=list)
     notify_deadline: float = 10.0        # seconds for one notification delivery, connect to answer
+    # the grid container in the guest (docs/jobs.md): the site CA (a `vmgrid ca` directory) that issues
+    # its certificate over the guest channel; "" = no job service in guests
+    guest_ca: str = ""
+    guest_cert_dir: str = ""             # trusted CA files given to guests ("" = guest_ca's certificates/)
+    guest_ou: str = "vmgrid-guests"      # their certificates: /O=Grid/OU=<guest_ou>/CN=host/<address>
+    guest_cert_days: float = 30
+    job_admins: list[str] = field(default_factory=list)   # DNs that may use every guest's job service
