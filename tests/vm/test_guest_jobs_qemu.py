@@ -18,6 +18,7 @@ from guestd.image.build import build
 
 from test_node_bridge_qemu import qemu_pids
 
+pytestmark = pytest.mark.timeout(2400)     # the image build (first run) and one guest booted under TCG
 HELPER = Path(__file__).with_name("jobs_grid.py")
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = """\
