@@ -101,6 +101,15 @@ def main() -> int:
         bob = Cli(args.work, pki, pki.bob, node.url)
         s = out["steps"]
         s["vm_status"] = alice("vm", "status", NAME)
+        # Running: guestd started the job service; Python starting under TCG takes a while before it listens
+        deadline, up = time.monotonic() + 300, None
+        while time.monotonic() < deadline:
+            up = alice("job", "list", NAME, timeout=120)
+            if up["rc"] == 0 or "Connection refused" not in up["err"]:
+                break
+            time.sleep(2)
+        s["service_up"] = up
+        out["service_up_seconds"] = round(time.monotonic() - t, 1)
         # a job staging a file in and its sorted copy out, followed to its end, outputs fetched verified
         (args.work / "seqs.txt").write_text("tata\nacgt\ngattaca\n")
         s["submit"] = alice("job", "submit", NAME, "--stage-in", "seqs.txt", "--stage-out", "sorted.txt", "--",
@@ -113,7 +122,7 @@ def main() -> int:
         out["sorted"] = got.read_text() if got.is_file() else None
         # a failing job: the program's exit status
         s["fail"] = alice("job", "submit", NAME, "--wait", "--", "sh", "-c", "echo oops >&2; exit 3")
-        s["fail_status"] = alice("job", "status", NAME, s["fail"]["out"].splitlines()[0], "--json")
+        s["fail_status"] = alice("job", "status", NAME, (s["fail"]["out"].splitlines() or ["-"])[0], "--json")
         # Cancel of a long job
         s["long"] = alice("job", "submit", NAME, "--", "sleep", "600")
         s["cancel"] = alice("job", "cancel", NAME, s["long"]["out"])
