@@ -17,6 +17,7 @@ from client.cli import CLIError
 
 SERVICE_PATH = "/wsrf/services/JobService"
 DEFAULT_NODE = "https://localhost:8443/wsrf/services/VMManagerService"
+START_WAIT = 120.0      # seconds a just-started job service of an instance named may take to listen
 
 
 def register(subparsers) -> None:
@@ -111,14 +112,24 @@ def connect(args):
         args.url = endpoint_url(args.endpoint)
         return JobClient(grid_client(args))
     url, dn = instance_job_service(args)
-    from client.soap import ClientError, GridServiceClient, default_trust
+    import time
+
+    from client.soap import ClientError, GridServiceClient, Unreachable, default_trust
     from security.pki import PKIError, load_credential
 
-    try:
-        credential = load_credential(proxy=args.proxy) if args.proxy else load_credential()
-        return JobClient(GridServiceClient(url, credential, default_trust(args.cert_dir), expected_host_dn=dn))
-    except (PKIError, OSError, ClientError) as exc:
-        raise CLIError(str(exc)) from None
+    deadline = time.monotonic() + START_WAIT
+    while True:
+        try:
+            credential = load_credential(proxy=args.proxy) if args.proxy else load_credential()
+            return JobClient(GridServiceClient(url, credential, default_trust(args.cert_dir), expected_host_dn=dn))
+        except Unreachable as exc:
+            # the instance is Running and its job service was started: it may not listen yet
+            if time.monotonic() > deadline or "refused" not in str(exc):
+                raise CLIError(str(exc)) from None
+            print(f"vmgrid: waiting for the job service of {args.endpoint} to answer", file=sys.stderr, flush=True)
+            time.sleep(2)
+        except (PKIError, OSError, ClientError) as exc:
+            raise CLIError(str(exc)) from None
 
 
 def call(func, *a, **kw):

@@ -39,6 +39,23 @@ def say(text: str) -> None:
     print(f"\n== {text}", flush=True)
 
 
+def job_client(info, credential, trust, timeout: float = 900.0):
+    """The job service of a Running instance, once it listens (guestd starts it when the node's certificate
+    arrives; Python starting under QEMU's TCG takes a while)."""
+    from client.soap import GridServiceClient, Unreachable
+    from services.jobs.client import JobClient
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return JobClient(GridServiceClient(info.job_service["url"], credential, trust,
+                                               expected_host_dn=info.job_service["dn"]))
+        except Unreachable:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(2)
+
+
 def fasta(name: str, seq: str) -> str:
     return f">{name}\n" + "\n".join(seq[i:i + 60] for i in range(0, len(seq), 60)) + "\n"
 
@@ -94,7 +111,6 @@ def scene(image_dir: Path, work: Path, build_seconds: float, how: str) -> int:
     from services.authz.edit import site_policy
     from services.authz.policy import Group
     from services.descriptor import parse_descriptor
-    from services.jobs.client import JobClient
     from services.jobs.store import JobSpec, StageOut
     from services.vmmanager.network import NodeBridge
 
@@ -175,8 +191,7 @@ def scene(image_dir: Path, work: Path, build_seconds: float, how: str) -> int:
         jobs = []
         t = time.monotonic()
         for info in infos:
-            jc = JobClient(GridServiceClient(info.job_service["url"], alice.credential, trust,
-                                             expected_host_dn=info.job_service["dn"]))
+            jc = job_client(info, alice.credential, trust)
             tm = jc.stage_local(inputs / "bacteriorhodopsin.fasta")
             a, b = jc.stage_local(inputs / "a.fasta"), jc.stage_local(inputs / "b.fasta")
             tmap = jc.submit(JobSpec("tmap", ("-sequence", "bacteriorhodopsin.fasta", "-graph", "png", "-goutfile",
@@ -223,8 +238,7 @@ def scene(image_dir: Path, work: Path, build_seconds: float, how: str) -> int:
             vm.resume(info.ref)
         clock_rows = []
         for info in infos:
-            jc = JobClient(GridServiceClient(info.job_service["url"], alice.credential, trust,
-                                             expected_host_dn=info.job_service["dn"]))
+            jc = job_client(info, alice.credential, trust)
             before = time.time()
             key = jc.submit(JobSpec("python3", ("-c", "import time; print(repr(time.time()))")))
             done = jc.wait(key, timeout=300)
