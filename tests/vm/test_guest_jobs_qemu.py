@@ -29,8 +29,9 @@ vo = "bio"
 description = "job service test guest: the vmgrid runtime, its job service as the grid container"
 
 [debian]
-packages = []
-signature = ["python3"]
+# the package set of test_image_recipe_qemu.py's recipe: both images share one cached debootstrap base
+packages = ["hello"]
+signature = ["hello", "python3"]
 
 [hardware]
 disk_size = "1G"
