@@ -1,12 +1,14 @@
 """`vmgrid job …`: run programs through the job service of a VM's grid container (GRAM's role): submit
 with files to stage in and out, follow, cancel, fetch the outputs verified, read the guest's logs.
 
-ENDPOINT is the job service's URL (https://HOST:PORT/wsrf/services/JobService; https://HOST:PORT is
-completed). Naming an instance instead, looked up through the VMManager's GuestStatus, comes once the
-guest runs the service (issue 12)."""
+ENDPOINT is an instance (its key inst-… or your identifier for it) on the node --node (default
+$VMGRID_NODE): its job service is looked up in the instance's JobService resource property, and its
+answers must be signed by exactly the certificate subject the node issued to that instance. Or it is the
+job service's URL (https://HOST:PORT/wsrf/services/JobService; https://HOST:PORT is completed)."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -14,6 +16,8 @@ from urllib.parse import urlsplit
 from client.cli import CLIError
 
 SERVICE_PATH = "/wsrf/services/JobService"
+DEFAULT_NODE = "https://localhost:8443/wsrf/services/VMManagerService"
+START_WAIT = 120.0      # seconds a just-started job service of an instance named may take to listen
 
 
 def register(subparsers) -> None:
@@ -24,7 +28,7 @@ def register(subparsers) -> None:
 
     p = sub.add_parser("submit", help="submit a program (after --) with files to stage in and out",
                        description="Submit PROGRAM ARGS (never run through a shell). Prints the job's key.")
-    p.add_argument("endpoint", help="the job service URL")
+    p.add_argument("endpoint", help="an instance (inst-… or your identifier) on --node, or the job service URL")
     p.add_argument("--stage-in", action="append", default=[], metavar="F",
                    help="a local file (uploaded to the service's GridFTP face) or a gsiftp:// URL the service "
                         "fetches; it lands in the job's directory under its own name")
@@ -69,6 +73,9 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_log)
 
     for action in sub.choices.values():
+        action.add_argument("--node", default=os.environ.get("VMGRID_NODE", DEFAULT_NODE),
+                            help="the VMManager of the instance named (default $VMGRID_NODE or "
+                                 f"{DEFAULT_NODE})")
         action.add_argument("--cert-dir", help="trusted CA directory (default $X509_CERT_DIR)")
         action.add_argument("--proxy", help="credential file (default $X509_USER_PROXY, /tmp/x509up_u<uid>)")
 
@@ -81,12 +88,48 @@ def endpoint_url(text: str) -> str:
     return text.rstrip("/") + SERVICE_PATH if parts.path in ("", "/") else text
 
 
+def is_url(text: str) -> bool:
+    return "://" in text
+
+
+def instance_job_service(args) -> tuple[str, str]:
+    """The job service URL and certificate subject of the instance ``args.endpoint`` on ``args.node``."""
+    from client.commands_vm import resolve, vmm_client
+
+    vm = vmm_client(args, args.node)
+    info = call(vm.status, resolve(vm, args.endpoint))
+    if not info.job_service or not info.job_service.get("url") or not info.job_service.get("dn"):
+        raise CLIError(f"instance {args.endpoint} ({info.state}) has no job service: "
+                       f"{info.guest_status or 'guestd has not reported'}")
+    return info.job_service["url"], info.job_service["dn"]
+
+
 def connect(args):
     from client.commands_repo import grid_client
     from services.jobs.client import JobClient
 
-    args.url = endpoint_url(args.endpoint)
-    return JobClient(grid_client(args))
+    if is_url(args.endpoint):
+        args.url = endpoint_url(args.endpoint)
+        return JobClient(grid_client(args))
+    url, dn = instance_job_service(args)
+    import time
+
+    from client.soap import ClientError, GridServiceClient, Unreachable, default_trust
+    from security.pki import PKIError, load_credential
+
+    deadline = time.monotonic() + START_WAIT
+    while True:
+        try:
+            credential = load_credential(proxy=args.proxy) if args.proxy else load_credential()
+            return JobClient(GridServiceClient(url, credential, default_trust(args.cert_dir), expected_host_dn=dn))
+        except Unreachable as exc:
+            # the instance is Running and its job service was started: it may not listen yet
+            if time.monotonic() > deadline or "refused" not in str(exc):
+                raise CLIError(str(exc)) from None
+            print(f"vmgrid: waiting for the job service of {args.endpoint} to answer", file=sys.stderr, flush=True)
+            time.sleep(2)
+        except (PKIError, OSError, ClientError) as exc:
+            raise CLIError(str(exc)) from None
 
 
 def call(func, *a, **kw):

@@ -139,7 +139,7 @@ def info_json(i) -> dict:
             "created": i.created.isoformat() if i.created else None,
             "termination": i.termination.isoformat() if i.termination else None,
             "phases": [{"name": n, "seconds": s} for n, s in i.phases], "guest": i.guest_status,
-            "failure": i.failure}
+            "failure": i.failure, "jobService": i.job_service}
 
 
 def show_info(i, fmt: str, out=None) -> None:
@@ -153,6 +153,8 @@ def show_info(i, fmt: str, out=None) -> None:
             ("hardware", f"{i.memory} MiB RAM, {i.vcpus} vCPU"), ("address", f"{i.address or '-'}  mac {i.mac or '-'}"),
             ("termination", f"{i.termination:%Y-%m-%d %H:%M:%S} UTC" if i.termination else "-"),
             ("guest", i.guest_status)]
+    if i.job_service:
+        rows.append(("jobs", f"{i.job_service.get('url')}  ({i.job_service.get('dn')})"))
     if i.failure:
         rows.append(("failure", i.failure))
     if i.phases:

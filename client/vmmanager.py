@@ -66,6 +66,7 @@ class InstanceInfo:
     staged: tuple[int, int, bool] = (0, 0, False)
     guest_status: str = ""
     failure: str | None = None
+    job_service: dict | None = None     # the grid container's job service: url, dn (docs/jobs.md)
 
     @classmethod
     def from_properties(cls, ref: InstanceRef | None, props: etree._Element) -> "InstanceInfo":
@@ -96,6 +97,9 @@ class InstanceInfo:
                            t("vmm:StagingProgress/vmm:cached") == "true")
         info.guest_status = t("vmm:GuestStatus") or ""
         info.failure = t("vmm:Failure")
+        el = props.find("vmm:JobService", NS)
+        if el is not None:
+            info.job_service = wire.JobService.parse(el)
         return info
 
     @classmethod

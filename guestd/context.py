@@ -22,6 +22,10 @@ _HOSTNAME = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63
 _INSTANCE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _CHANNEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{16,128}$")
+_TRUST_FILE = re.compile(r"^[0-9a-f]{8}\.(\d|r\d|signing_policy)$")
+MAX_ADMINS = 32
+MAX_TRUST_FILES = 24
+MAX_DN = 512
 
 
 class ContextError(ValueError):
@@ -53,6 +57,17 @@ class ContainerContext:
 
 
 @dataclass(frozen=True)
+class GridContext:
+    """What the grid container in the guest (the job service) needs from the node: the instance's owner
+    (the DN the VMManager deployed it for), the VO's admins, and the trusted CA directory's files
+    (``<hash>.0``, ``<hash>.r0``, ``<hash>.signing_policy``) by name."""
+
+    owner: str
+    admins: tuple[str, ...] = ()
+    trust: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class InstanceContext:
     """Everything guestd needs: identity, token, network, hostname, host time, container, channel."""
 
@@ -64,6 +79,7 @@ class InstanceContext:
     container: ContainerContext | None = None
     channel: str = DEFAULT_CHANNEL
     version: int = FORMAT_VERSION
+    grid: GridContext | None = None
 
     def to_json(self) -> bytes:
         """The canonical JSON document (the file on the context ISO)."""
@@ -71,6 +87,10 @@ class InstanceContext:
         body["network"]["dns"] = list(self.network.dns)
         if self.container is not None:
             body["container"]["command"] = list(self.container.command)
+        if self.grid is None:
+            del body["grid"]
+        else:
+            body["grid"]["admins"] = list(self.grid.admins)
         return json.dumps(body, indent=1, sort_keys=True).encode() + b"\n"
 
 
@@ -92,7 +112,7 @@ def validate(body: Any) -> InstanceContext:
     _require(isinstance(body, dict), "the context must be a JSON object")
     _require(body.get("version") == FORMAT_VERSION,
              f"unsupported context version {body.get('version')!r} (want {FORMAT_VERSION})")
-    known = {"version", "instance", "token", "hostname", "network", "time", "container", "channel"}
+    known = {"version", "instance", "token", "hostname", "network", "time", "container", "channel", "grid"}
     unknown = set(body) - known
     _require(not unknown, f"unknown context fields: {sorted(unknown)}")
     instance = body.get("instance")
@@ -151,8 +171,35 @@ def validate(body: Any) -> InstanceContext:
     return InstanceContext(
         instance=instance, token=token, hostname=hostname,
         network=NetworkContext(mac.lower(), address, netmask, gateway, dns),
-        time=float(t), container=container, channel=channel,
+        time=float(t), container=container, channel=channel, grid=_grid(body.get("grid")),
     )
+
+
+def _dn(value: Any, what: str) -> str:
+    _require(isinstance(value, str) and value.startswith("/") and 3 <= len(value) <= MAX_DN
+             and value.isprintable() and "=" in value, f"{what} {value!r} is not a grid DN (/O=.../CN=...)")
+    return value
+
+
+def _grid(grid: Any) -> GridContext | None:
+    """The optional ``grid`` object: owner DN, admin DNs, trusted CA files (bounded in number and names)."""
+    if grid is None:
+        return None
+    _require(isinstance(grid, dict), "grid must be an object or null")
+    unknown = set(grid) - {"owner", "admins", "trust"}
+    _require(not unknown, f"unknown grid fields: {sorted(unknown)}")
+    owner = _dn(grid.get("owner"), "grid.owner")
+    admins = grid.get("admins", [])
+    _require(isinstance(admins, list) and len(admins) <= MAX_ADMINS,
+             f"grid.admins must be a list of at most {MAX_ADMINS} DNs")
+    trust = grid.get("trust", {})
+    _require(isinstance(trust, dict) and len(trust) <= MAX_TRUST_FILES,
+             f"grid.trust must map at most {MAX_TRUST_FILES} file names to their text")
+    for name, text in trust.items():
+        _require(isinstance(name, str) and bool(_TRUST_FILE.match(name)),
+                 f"grid.trust file name {name!r} is not <8 hex digits>.0, .r0 or .signing_policy")
+        _require(isinstance(text, str) and text.isascii(), f"grid.trust[{name!r}] must be ASCII text (PEM)")
+    return GridContext(owner, tuple(_dn(a, "grid.admins entry") for a in admins), dict(trust))
 
 
 def loads(data: bytes) -> InstanceContext:

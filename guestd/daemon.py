@@ -14,7 +14,7 @@ from .sources.cdrom import CdromSource
 from .sources.channel import ChannelSource
 from .sources.cmdline import CmdlineSource
 from .sources.directory import DirectorySource
-from .steps import Environment, StepResult, clock, power, report, run_all
+from .steps import Environment, StepResult, clock, grid, power, report, run_all
 from .system import Roots, System
 
 log = logging.getLogger("guestd")
@@ -37,6 +37,7 @@ class Guestd:
             port.handle("ping", lambda m: {"pong": True, "time": self.env.system.now()})
             port.handle("status", lambda m: self.status())
             port.handle("set-time", lambda m: clock.set_time(self.env, m["time"]))
+            port.handle("certificate", lambda m: grid.install_certificate(self.env, m))
 
     def find_context(self) -> InstanceContext | None:
         """The first context a source has, in the configured order; a broken one stops the search."""
@@ -110,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="guestd: %(levelname)s %(message)s")
     roots = Roots()
     env = Environment(System(roots), roots)
+    grid.log_to_file(env)
     device = None
     for _ in range(50):                      # the port appears as soon as virtio_console is loaded
         device = find_port(roots, args.channel)

@@ -551,6 +551,27 @@ def load_host_credential(cert: Path | str | None = None, key: Path | str | None 
 # ---------------------------------------------------------------------------------------------
 # Certificate building
 
+MAX_REQUEST = 8192
+
+
+def check_request(pem: bytes | str, max_bytes: int = MAX_REQUEST) -> x509.CertificateSigningRequest:
+    """A PEM certificate request from an untrusted party, checked: bounded, well formed, signed by the
+    key it carries (proof of possession), an RSA key of at least KEY_BITS bits. CAError says what is wrong."""
+    data = pem.encode() if isinstance(pem, str) else pem
+    if len(data) > max_bytes:
+        raise CAError(f"certificate request of {len(data)} bytes exceeds {max_bytes}")
+    try:
+        request = x509.load_pem_x509_csr(data)
+    except ValueError as exc:
+        raise CAError(f"not a PEM certificate request: {exc}") from None
+    if not request.is_signature_valid:
+        raise CAError("the certificate request is not signed by its own key")
+    key = request.public_key()
+    if not isinstance(key, rsa.RSAPublicKey) or key.key_size < KEY_BITS:
+        raise CAError(f"the certificate request's key must be RSA of at least {KEY_BITS} bits")
+    return request
+
+
 def _now() -> _dt.datetime:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0)
 
@@ -559,11 +580,13 @@ def _ski(key) -> x509.SubjectKeyIdentifier:
     return x509.SubjectKeyIdentifier.from_public_key(key)
 
 
-def _end_entity(ca_cert: x509.Certificate, ca_key: PrivateKey, subject: x509.Name, key: PrivateKey, *,
+def _end_entity(ca_cert: x509.Certificate, ca_key: PrivateKey, subject: x509.Name, key, *,
                 days: float, eku: list[ObjectIdentifier], sans: list[x509.GeneralName]) -> x509.Certificate:
+    """An end-entity certificate for ``key`` (a private key, or only its public key)."""
+    public = key.public_key() if hasattr(key, "private_bytes") else key
     now = _now()
     builder = (x509.CertificateBuilder()
-               .subject_name(subject).issuer_name(ca_cert.subject).public_key(key.public_key())
+               .subject_name(subject).issuer_name(ca_cert.subject).public_key(public)
                .serial_number(x509.random_serial_number())
                .not_valid_before(now - CLOCK_SKEW)
                .not_valid_after(min(now + _dt.timedelta(days=days), ca_cert.not_valid_after_utc))
@@ -572,7 +595,7 @@ def _end_entity(ca_cert: x509.Certificate, ca_key: PrivateKey, subject: x509.Nam
                                             data_encipherment=True, key_agreement=False, key_cert_sign=False,
                                             crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
                .add_extension(x509.ExtendedKeyUsage(eku), critical=False)
-               .add_extension(_ski(key.public_key()), critical=False)
+               .add_extension(_ski(public), critical=False)
                .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()),
                               critical=False))
     if sans:
@@ -767,6 +790,10 @@ class GridCA:
     def _issue(self, subject: x509.Name, key: PrivateKey | None, days: float, eku: list[ObjectIdentifier],
                sans: list[x509.GeneralName]) -> Credential:
         key = key or new_key(KEY_BITS)
+        return Credential(self._sign(subject, key, days, eku, sans), key, ())
+
+    def _sign(self, subject: x509.Name, key, days: float, eku: list[ObjectIdentifier],
+              sans: list[x509.GeneralName]) -> x509.Certificate:
         cert = _end_entity(self.certificate, self.private_key, subject, key, days=days, eku=eku, sans=sans)
         with self._locked():
             self._records[cert.serial_number] = IssuedRecord(cert.serial_number, dn_string(subject),
@@ -774,12 +801,21 @@ class GridCA:
             self._save_records()
             write_public(self.directory / "issued" / f"{cert.serial_number:x}.pem",
                          cert.public_bytes(serialization.Encoding.PEM))
-        return Credential(cert, key, ())
+        return cert
 
     def issue_host(self, hostname: str, *, ou: str = DEFAULT_OU, days: float = 365, key: PrivateKey | None = None,
                    alt_names: Sequence[str] = (), out_dir: Path | str | None = None) -> Credential:
         """A host certificate `/O=Grid/OU=<ou>/CN=host/<hostname>` with subjectAltName DNS (and IP) names for TLS.
         `localhost` also gets 127.0.0.1 and ::1. With `out_dir`, writes hostcert.pem and hostkey.pem (0600)."""
+        subject, sans = self._host_names(hostname, ou, alt_names)
+        cred = self._issue(subject, key, days, [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
+                           sans)
+        if out_dir is not None:
+            save_credential(cred, Path(out_dir) / "hostcert.pem", Path(out_dir) / "hostkey.pem")
+        return cred
+
+    @staticmethod
+    def _host_names(hostname: str, ou: str, alt_names: Sequence[str]) -> tuple[x509.Name, list[x509.GeneralName]]:
         for n in (hostname, *alt_names):
             _check_hostname(n)
         check_name_value(ou, "organisational unit")
@@ -792,12 +828,15 @@ class GridCA:
                 sans.append(x509.IPAddress(ip_address(n)))
             except ValueError:
                 sans.append(x509.DNSName(n))
-        subject = parse_dn(host_dn(hostname, ou))
-        cred = self._issue(subject, key, days, [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
-                           sans)
-        if out_dir is not None:
-            save_credential(cred, Path(out_dir) / "hostcert.pem", Path(out_dir) / "hostkey.pem")
-        return cred
+        return parse_dn(host_dn(hostname, ou)), sans
+
+    def issue_host_request(self, request: x509.CertificateSigningRequest, hostname: str, *, ou: str = DEFAULT_OU,
+                           days: float = 30, alt_names: Sequence[str] = ()) -> x509.Certificate:
+        """A host certificate like :meth:`issue_host` for the key of a checked certificate request
+        (:func:`check_request`); the subject and names are this CA's choice, not the request's."""
+        subject, sans = self._host_names(hostname, ou, alt_names)
+        return self._sign(subject, request.public_key(), days,
+                          [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH], sans)
 
     def issue_user(self, name: str, *, ou: str = DEFAULT_OU, days: float = 365, key: PrivateKey | None = None,
                    out_dir: Path | str | None = None, passphrase: bytes | None = None) -> Credential:

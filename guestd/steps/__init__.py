@@ -12,7 +12,7 @@ from typing import Any, Callable
 from ..context import InstanceContext
 from ..system import Roots, System
 
-ORDER = ("clock", "hostname", "network", "container")
+ORDER = ("clock", "hostname", "network", "grid", "container")
 
 
 @dataclass
@@ -47,6 +47,6 @@ def guarded(name: str, fn: Callable[[InstanceContext, Environment], dict[str, An
 
 def run_all(ctx: InstanceContext, env: Environment) -> dict[str, StepResult]:
     """Run every step in ORDER; return each step's result by name."""
-    from . import clock, container, hostname, network
-    modules = {"clock": clock, "hostname": hostname, "network": network, "container": container}
+    from . import clock, container, grid, hostname, network
+    modules = {"clock": clock, "hostname": hostname, "network": network, "grid": grid, "container": container}
     return {name: modules[name].handle(ctx, env) for name in ORDER}

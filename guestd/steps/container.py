@@ -88,6 +88,13 @@ class Supervisor:
 def _start(ctx: InstanceContext, env: Environment) -> dict[str, Any]:
     if ctx.container is None:
         return {"configured": False}
+    if env.state.get("container_hold"):          # the grid step waits for the node's certificate first
+        env.state["container_start"] = lambda: _launch(ctx, env)
+        return {"configured": True, "running": False, "held": env.state["container_hold"]}
+    return _launch(ctx, env)
+
+
+def _launch(ctx: InstanceContext, env: Environment) -> dict[str, Any]:
     sup = Supervisor(ctx.container, env.roots.log / "vmgrid-container.log", env.state.get("on_container_change"))
     env.state["container"] = sup
     sup.start()

@@ -92,8 +92,9 @@ def build_vmmanager(config: Config, vmm=None) -> SoapService:
 
 def build_jobs(config: Config) -> SoapService:
     """The job service ([jobs]) with its GridFTP face and signed notifications. Its credential is the
-    container's host credential ([security] host_cert/host_key); in a guest that will be the certificate
-    issued to the guest container over the guest channel (a later step): only these lines change."""
+    container's host credential ([security] host_cert/host_key); in a guest, guestd points these at the
+    key made in the guest and the certificate the node issued to it over the guest channel
+    (guestd/steps/grid.py, services/vmmanager/guestcred.py)."""
     from services.jobs.service import JobService
     from services.wsrf.notification import ConsumerPolicy, Notifier
 

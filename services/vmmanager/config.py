@@ -40,3 +40,10 @@ class VMManagerConfig:
     # hosts of the VMManager nodes whose instances this node takes in by migration (their saved memory
     # state is restored here: only nodes of the site); [] takes none, ["*"] any host with a grid host cert
     migration_sources: list[str] = field(default_factory=list)
+    # the grid container in the guest (docs/jobs.md): the site CA (a `vmgrid ca` directory) that issues
+    # its certificate over the guest channel; "" = no job service in guests
+    guest_ca: str = ""
+    guest_cert_dir: str = ""             # trusted CA files given to guests ("" = guest_ca's certificates/)
+    guest_ou: str = "vmgrid-guests"      # their certificates: /O=Grid/OU=<guest_ou>/CN=host/<address>
+    guest_cert_days: float = 30
+    job_admins: list[str] = field(default_factory=list)   # DNs that may use every guest's job service

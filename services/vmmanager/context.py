@@ -27,7 +27,8 @@ def build_context(*, instance: str, hostname: str, mac: str, address: str, netma
                   gateway: str | None = None, dns: list[str] | tuple[str, ...] = (),
                   container_command: list[str] | None = None, container_restart: str = "always",
                   container_environment: dict[str, str] | None = None, token: str | None = None,
-                  channel: str = DEFAULT_CHANNEL, now: float | None = None) -> InstanceContext:
+                  channel: str = DEFAULT_CHANNEL, now: float | None = None,
+                  grid: dict | None = None) -> InstanceContext:
     """The validated context of one instance; ContextError names the first bad field."""
     body = {
         "version": FORMAT_VERSION, "instance": instance, "token": token or new_token(),
@@ -38,6 +39,8 @@ def build_context(*, instance: str, hostname: str, mac: str, address: str, netma
             "command": list(container_command), "restart": container_restart,
             "environment": dict(container_environment or {})},
     }
+    if grid is not None:
+        body["grid"] = grid
     return validate(json.loads(json.dumps(body)))
 
 

@@ -21,7 +21,7 @@ from services.common.crash import crashpoint
 from services.descriptor import NSMAP as WS_NSMAP
 from services.descriptor import Descriptor, image_blake3
 from services.faults import VMMFault
-from services.vmmanager import qemuimg
+from services.vmmanager import guestcred, qemuimg
 from services.vmmanager.config import VMManagerConfig
 from services.vmmanager.context import build_context, write_context_iso
 from services.vmmanager.imagecache import ImageCache
@@ -125,7 +125,7 @@ def context(parts: NodeParts, inst: Instance, d: Descriptor) -> Path:
     ctx = build_context(instance=inst.key, hostname=inst.identifier.replace(".", "-").replace("_", "-")[:63],
                         mac=inst.mac, address=inst.address, netmask=str(parts.pool.network.netmask),
                         gateway=parts.pool.gateway, dns=parts.config.dns, container_command=command,
-                        token=inst.token)
+                        token=inst.token, grid=guestcred.grid_context(parts.config, inst.owner))
     return write_context_iso(ctx, parts.home(inst.key) / "context.iso")
 
 
@@ -148,7 +148,17 @@ def guest_ready(parts: NodeParts, key: str, cancel: threading.Event) -> None:
     except VMMError as exc:
         parts.store.update(key, guest_status=f"no report: {exc}")
         raise VMMFault(f"guestd did not report ready: {exc}", operation="guest-ready") from None
-    parts.store.update(key, guest_status=guest_summary(report))
+    summary = guest_summary(report)
+    note = grid_container(parts, key, report)
+    parts.store.update(key, guest_status=summary if note is None else f"{summary}; {note}")
+
+
+def grid_container(parts: NodeParts, key: str, report: dict) -> str | None:
+    """The grid container's certificate, when guestd asked for one (services/vmmanager/guestcred.py)."""
+    inst = parts.store.get(key)
+    hostname = inst.identifier.replace(".", "-").replace("_", "-")[:63]
+    return guestcred.deliver(parts.config, parts.vmm.guest_channel(key), report, inst.address, hostname,
+                             parts.home(key))
 
 
 def guest_summary(status: dict) -> str:

@@ -171,10 +171,33 @@ class ConsoleLog(ResourceProperty[InstanceView]):
         return "".join(c if c in "\t\n\r" or ord(c) >= 0x20 else "\ufffd" for c in text)
 
 
+class JobService(ResourceProperty[InstanceView]):
+    """The job service of the instance's grid container (docs/jobs.md): its URL and the subject of the
+    certificate the node issued to it; absent until guestd asked for one and the node delivered it."""
+
+    qname, prefix, in_instance = q("JobService"), "vmm", False
+
+    def elements(self, v):
+        from services.vmmanager.guestcred import job_service
+
+        record = job_service(v.home)
+        if record is None or v.inst.state in ("Destroyed", "Failed"):
+            return []
+        el = element(self.qname, None, "vmm")
+        for name in ("url", "dn", "gridftp", "notAfter"):
+            if record.get(name):
+                sub(el, q(name), record[name])
+        return [el]
+
+    @classmethod
+    def parse(cls, el):
+        return {name: el.findtext(q(name)) for name in ("url", "dn", "gridftp", "notAfter") if el.find(q(name)) is not None}
+
+
 INSTANCE_PROPERTIES: PropertySet[InstanceView] = PropertySet(
     [Identifier(), StateProperty(), Node(), Owner(), Image(), Hardware(), Address(), Mac(), Created(),
      TerminationTime(lambda v: v.inst.termination), CurrentTime(), PhaseTimings(), StagingProgress(),
-     GuestStatus(), Failure(), Lifetime(), ConsoleLog()],
+     GuestStatus(), Failure(), Lifetime(), ConsoleLog(), JobService()],
     what="an instance")
 NOT_IN_INSTANCE_ELEMENT = tuple(p.qname for p in INSTANCE_PROPERTIES.properties if not getattr(p, "in_instance", True))
 ALL_PROPERTIES = tuple(etree.QName(n).localname for n in INSTANCE_PROPERTIES.names)

@@ -86,7 +86,9 @@ def test_errors_are_one_clear_line(grid, tmp_path):
             (("job", "status", url, "job-42"), "is not a job key"),
             (("job", "submit", url, "--stage-in", str(tmp_path / "none.txt"), "--", "true"), "no such file"),
             (("job", "status", url, "job-" + "a" * 32), "vmgrid: ResourceUnknown: "),
-            (("job", "status", "not-a-url", key), "is not a job service URL"),
+            (("job", "status", "ftp://not-a-job-service", key), "is not a job service URL"),
+            (("job", "status", "my-vm", key, "--node", "https://localhost:1/wsrf/services/VMManagerService"),
+             "vmgrid: cannot fetch the WSDL of https://localhost:1/"),
             (("job", "submit", url, "--lifetime", "99d", "--", "true"), "vmgrid: LimitExceeded: ")):
         r = vmgrid(grid, *args, check=False)
         assert r.returncode == 1 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr

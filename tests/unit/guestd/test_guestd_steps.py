@@ -211,7 +211,7 @@ def test_power_button_press_is_recognised(env, tmp_path):
 
 def test_run_all_runs_every_step_and_never_raises(env):
     results = run_all(ctx(mac="52:54:00:00:00:02"), env)
-    assert list(results) == ["clock", "hostname", "network", "container"]
+    assert list(results) == ["clock", "hostname", "network", "grid", "container"]
     assert results["network"].ok is False and results["hostname"].ok is True
 
 
@@ -230,5 +230,5 @@ def test_report_sends_each_step_then_ready_with_the_token(env):
     results = run_all(c, env)
     ready = report.handle(c, results, port)
     assert port.token == c.token
-    assert [m["op"] for m in port.sent] == ["report"] * 4 + ["ready"]
+    assert [m["op"] for m in port.sent] == ["report"] * 5 + ["ready"]
     assert ready["ok"] is True and set(ready["steps"]) == set(results)

@@ -1,0 +1,129 @@
+"""The grid container in a guest, on the node's side: what its context carries ([vmmanager] guest_ca,
+job_admins) and the certificate the node issues to it.
+
+guestd's grid step (guestd/steps/grid.py) makes the container's key in the guest and puts a certificate
+request in its report. Once guestd is ready, the node checks the request (bounded, signed by its own
+key, RSA >= 2048), issues a host certificate ``/O=Grid/OU=<guest_ou>/CN=host/<leased address>`` with
+the site's issuing CA ([vmmanager] guest_ca, a `vmgrid ca` directory clients trust), and sends it back
+over the guest channel. Clients then check the job service's signatures like any host's: the signer
+must be host/<the address they called>, an address the VMManager leased to that instance only.
+
+Everything here reads untrusted guest output: a bad request, or a guest that does not answer within
+CERT_TIMEOUT, leaves the job service unstarted with the reason in GuestStatus; the node never waits longer.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+
+from guestd.context import MAX_TRUST_FILES
+from services.vmmanager.config import VMManagerConfig
+
+log = logging.getLogger(__name__)
+
+SERVICE_PATH = "/wsrf/services/JobService"
+RECORD = "jobservice.json"          # in the instance's directory: what the JobService property shows
+CERT_TIMEOUT = 10.0
+MAX_TRUST_BYTES = 20 * 1024
+_TRUST_FILE = re.compile(r"^[0-9a-f]{8}\.(\d|r\d|signing_policy)$")
+
+
+class GuestCredentialError(Exception):
+    """The guest's certificate request cannot be answered; the message says why."""
+
+
+def trust_files(config: VMManagerConfig) -> dict[str, str]:
+    """The trusted CA files the guest container gets: [vmmanager] guest_cert_dir, else the guest CA's
+    own certificates/ directory; bounded in number and size (the context is at most 32 KiB)."""
+    directory = Path(config.guest_cert_dir) if config.guest_cert_dir else Path(config.guest_ca) / "certificates"
+    files: dict[str, str] = {}
+    total = 0
+    for path in sorted(directory.iterdir()):
+        if not _TRUST_FILE.match(path.name):
+            continue
+        text = path.read_text("ascii")
+        total += len(text)
+        if len(files) >= MAX_TRUST_FILES or total > MAX_TRUST_BYTES:
+            raise ValueError(f"{directory}: more trusted CA files than a context carries "
+                             f"({MAX_TRUST_FILES} files, {MAX_TRUST_BYTES} bytes); set [vmmanager] guest_cert_dir")
+        files[path.name] = text
+    return files
+
+
+def grid_context(config: VMManagerConfig, owner: str) -> dict[str, Any] | None:
+    """The context's ``grid`` object for an instance of ``owner`` (None when the node has no guest CA)."""
+    if not config.guest_ca:
+        return None
+    return {"owner": owner, "admins": list(config.job_admins), "trust": trust_files(config)}
+
+
+def requested(status: dict[str, Any]) -> dict[str, Any] | None:
+    """The grid step's detail in guestd's status when it asks for a certificate."""
+    step = (status.get("steps") or {}).get("grid")
+    detail = step.get("detail") if isinstance(step, dict) and step.get("ok") else None
+    if isinstance(detail, dict) and detail.get("configured") and isinstance(detail.get("csr"), str):
+        return detail
+    return None
+
+
+def _port(value: Any, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 65536:
+        raise GuestCredentialError(f"guestd reported {what} {value!r}, not a TCP port")
+    return value
+
+
+def issue(config: VMManagerConfig, detail: dict[str, Any], address: str, hostname: str) -> tuple[str, dict]:
+    """The certificate (PEM) for the guest's request and the record of the job service it serves."""
+    from security.pki import CAError, GridCA, check_request, dn_string
+
+    port = _port(detail.get("port"), "the container port")
+    gridftp = detail.get("gridftp_port")
+    try:
+        request = check_request(detail["csr"])
+        ca = GridCA.load(config.guest_ca)
+        cert = ca.issue_host_request(request, address, ou=config.guest_ou, days=config.guest_cert_days,
+                                     alt_names=[hostname])
+    except CAError as exc:
+        raise GuestCredentialError(str(exc)) from None
+    pem = cert.public_bytes(serialization.Encoding.PEM).decode()
+    record = {"url": f"https://{address}:{port}{SERVICE_PATH}", "dn": dn_string(cert.subject),
+              "issuer": dn_string(cert.issuer), "serial": f"{cert.serial_number:x}",
+              "notAfter": cert.not_valid_after_utc.isoformat(),
+              "gridftp": f"gsiftp://{address}:{gridftp}" if isinstance(gridftp, int) and 0 < gridftp < 65536 else None}
+    return pem, record
+
+
+def deliver(config: VMManagerConfig, channel, status: dict[str, Any], address: str, hostname: str,
+            home: Path) -> str | None:
+    """Answer the guest's certificate request (if it made one): issue, send over the channel (bounded),
+    record the job service in ``home``. Returns a GuestStatus note, or None when nothing was asked."""
+    from services.vmmanager.vmm.errors import GuestWaitCancelled, VMMError
+
+    detail = requested(status)
+    if detail is None or not config.guest_ca:
+        return None
+    try:
+        pem, record = issue(config, detail, address, hostname)
+        answer = channel.request("certificate", timeout=CERT_TIMEOUT, certificate=pem)
+    except GuestWaitCancelled:
+        raise
+    except (GuestCredentialError, VMMError, OSError, ValueError) as exc:
+        log.warning("job service of the guest at %s not started: %s", address, exc)
+        return f"job service not started: {exc}"
+    (home / RECORD).write_text(json.dumps(record, indent=1))
+    return f"job service {record['url']} ({answer.get('container', '?')})"
+
+
+def job_service(home: Path | None) -> dict[str, Any] | None:
+    """The recorded job service of an instance (its URL and certificate subject), if any."""
+    if home is None:
+        return None
+    try:
+        return json.loads((home / RECORD).read_text())
+    except (OSError, ValueError):
+        return None

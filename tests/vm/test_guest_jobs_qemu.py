@@ -1,0 +1,156 @@
+"""The grid container in a real QEMU guest (issue 12 §3): a small recipe image with the vmgrid runtime
+and the job service as its container command, deployed through a bridge-mode node with a guest CA; the
+scientist's job commands by instance name (tests/vm/jobs_grid.py runs the grid and the commands inside
+a network namespace this test makes, vgjob-<hex>). One guest serves every check below."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from guestd.image.build import build
+
+from test_node_bridge_qemu import qemu_pids
+
+pytestmark = pytest.mark.timeout(2400)     # the image build (first run) and one guest booted under TCG
+HELPER = Path(__file__).with_name("jobs_grid.py")
+REPO = Path(__file__).resolve().parents[2]
+RECIPE = """\
+[image]
+name = "vmtest-jobs"
+version = "1.0"
+vo = "bio"
+description = "job service test guest: the vmgrid runtime, its job service as the grid container"
+
+[debian]
+# the package set of test_image_recipe_qemu.py's recipe: both images share one cached debootstrap base
+packages = ["hello"]
+signature = ["hello", "python3"]
+
+[hardware]
+disk_size = "1G"
+memory = 384
+
+[container]
+command = "python3 -m client.cli serve jobs -c /etc/vmgrid/jobs.toml"
+port = 8443
+
+[vmgrid]
+runtime = true
+
+[files]
+"/etc/vmgrid/jobs.toml" = "jobs.toml"
+"""
+
+
+@pytest.fixture(scope="module")
+def jobs_image(qemu_prerequisites, tmp_path_factory):
+    d = tmp_path_factory.mktemp("recipe")
+    (d / "jobs.toml").write_bytes((REPO / "guestd/image/recipes/emboss/jobs.toml").read_bytes())
+    (d / "vmtest-jobs.toml").write_text(RECIPE)
+    return build(recipe=d / "vmtest-jobs.toml", log=lambda m: print(m, file=sys.stderr))
+
+
+@pytest.fixture(scope="module")
+def seen(jobs_image, vm_dir):
+    """The whole scene, run once in its own network namespace; what it saw."""
+    netns = f"vgjob-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", netns], check=True)
+    subprocess.run(["ip", "-n", netns, "link", "set", "dev", "lo", "up"], check=True)
+    work = vm_dir / f"jg{uuid.uuid4().hex[:4]}"
+    work.mkdir()
+    try:
+        proc = subprocess.run(["ip", "netns", "exec", netns, sys.executable, str(HELPER), str(jobs_image.directory),
+                               str(work)], cwd=REPO, capture_output=True, text=True, timeout=1800)
+    finally:
+        for pid in qemu_pids(str(work)):          # left only if the helper died midway
+            os.kill(pid, signal.SIGKILL)
+        links = subprocess.run(["ip", "-n", netns, "-br", "link", "show"], capture_output=True, text=True).stdout
+        subprocess.run(["ip", "netns", "del", netns], check=False)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert proc.returncode == 0 and lines, f"jobs grid failed: {proc.stderr[-3000:]}"
+    result = json.loads(lines[-1])
+    print(f"guest jobs scene: deploy {result.get('deploy_seconds')} s, total {result.get('total_seconds')} s",
+          file=sys.stderr)
+    assert "error" not in result, f"{result['error']}\n{json.dumps(result, indent=1)[:6000]}"
+    result["links_after"] = links
+    return result
+
+
+def status(step: dict) -> dict:
+    assert step["rc"] == 0, step["err"]
+    return json.loads(step["out"])
+
+
+def test_the_node_issues_the_guest_container_its_certificate_and_shows_the_endpoint(seen):
+    inst = seen["instance"]
+    assert inst["state"] == "Running", inst["failure"] or inst["guest_status"]
+    js = inst["job_service"]
+    assert js["url"] == f"https://{inst['address']}:8443/wsrf/services/JobService", js
+    assert js["dn"] == f"/O=Grid/OU=vmgrid-guests/CN=host/{inst['address']}"
+    assert f"job service {js['url']} (started)" in inst["guest_status"]
+    shown = seen["steps"]["vm_status"]
+    assert shown["rc"] == 0 and f"jobs  {js['url']}  ({js['dn']})" in shown["out"], shown
+
+
+def test_a_job_stages_in_and_out_by_instance_name_and_its_outputs_come_back_verified(seen):
+    s = seen["steps"]
+    assert s["submit"]["rc"] == 0 and s["submit"]["out"].startswith("job-"), s["submit"]["err"]
+    assert s["wait"]["rc"] == 0 and s["wait"]["out"].startswith("Done"), s["wait"]
+    st = status(s["status"])
+    assert st["state"] == "Done" and st["exitCode"] == 0 and st["owner"] == "/O=Grid/OU=vmgrid/CN=alice"
+    assert {o["name"] for o in st["outputs"]} >= {"sorted.txt", "stdout", "stderr"}
+    assert s["get"]["rc"] == 0, s["get"]["err"]
+    assert seen["sorted"] == "acgt\ngattaca\ntata\n"
+
+
+def test_a_failing_job_is_failed_with_its_exit_status(seen):
+    s = seen["steps"]
+    assert s["fail"]["rc"] == 1 and "Failed" in s["fail"]["err"], s["fail"]
+    st = status(s["fail_status"])
+    assert st["state"] == "Failed" and st["exitCode"] == 3 and "oops" in st["stderrTail"]
+
+
+def test_cancel_ends_a_long_job(seen):
+    s = seen["steps"]
+    assert s["cancel"]["rc"] == 0, s["cancel"]["err"]
+    assert status(s["cancelled"])["state"] == "Cancelled"
+
+
+def test_another_user_is_denied_every_job_operation(seen):
+    s = seen["steps"]
+    assert s["bob_vm_status"]["rc"] != 0 and "no live instance named" in s["bob_vm_status"]["err"]
+    for op, r in s["bob"].items():
+        assert r["rc"] != 0, f"bob's {op} was not refused: {r}"
+        assert "AccessDenied" in r["err"] or "not authorized" in r["err"].lower() or "denied" in r["err"].lower(), \
+            f"bob's {op}: {r['err']}"
+
+
+def test_a_killed_job_service_is_restarted_by_guestd_and_its_jobs_answer_their_real_state(seen):
+    s = seen["steps"]
+    assert s["after_restart"]["rc"] == 0, s["after_restart"]["err"]
+    keys = {row["key"]: row["state"] for row in json.loads(s["after_restart"]["out"])}
+    assert keys[s["submit"]["out"]] == "Done"
+    survivor = status(s["survivor_status"])
+    assert survivor["state"] == "Active", survivor        # its program still runs: re-attached, not lost
+    assert status(s["killer_status"])["state"] in ("Done", "Failed")
+    assert s["survivor_cancel"]["rc"] == 0, s["survivor_cancel"]["err"]
+    assert status(s["first_after"])["state"] == "Done"
+
+
+def test_the_owner_reads_the_container_and_guestd_logs(seen):
+    s = seen["steps"]
+    assert s["log_help"]["rc"] == 0 and {"container", "guestd"} <= set(s["log_help"]["out"].split()), s["log_help"]
+    assert s["log_container"]["rc"] == 0 and s["log_container"]["out"], s["log_container"]
+    assert s["log_guestd"]["rc"] == 0 and "ready" in s["log_guestd"]["out"], s["log_guestd"]
+
+
+def test_everything_is_cleaned_up(seen):
+    assert "cleanup" not in seen, seen["cleanup"]
+    assert seen["bridge_after"] is False
