@@ -64,6 +64,7 @@ class InstanceContext:
     container: ContainerContext | None = None
     channel: str = DEFAULT_CHANNEL
     version: int = FORMAT_VERSION
+    warm: bool = False               # a warm-snapshot template: waits for its clones' ``recontext``
 
     def to_json(self) -> bytes:
         """The canonical JSON document (the file on the context ISO)."""
@@ -71,6 +72,8 @@ class InstanceContext:
         body["network"]["dns"] = list(self.network.dns)
         if self.container is not None:
             body["container"]["command"] = list(self.container.command)
+        if not self.warm:
+            del body["warm"]
         return json.dumps(body, indent=1, sort_keys=True).encode() + b"\n"
 
 
@@ -92,7 +95,7 @@ def validate(body: Any) -> InstanceContext:
     _require(isinstance(body, dict), "the context must be a JSON object")
     _require(body.get("version") == FORMAT_VERSION,
              f"unsupported context version {body.get('version')!r} (want {FORMAT_VERSION})")
-    known = {"version", "instance", "token", "hostname", "network", "time", "container", "channel"}
+    known = {"version", "instance", "token", "hostname", "network", "time", "container", "channel", "warm"}
     unknown = set(body) - known
     _require(not unknown, f"unknown context fields: {sorted(unknown)}")
     instance = body.get("instance")
@@ -108,6 +111,8 @@ def validate(body: Any) -> InstanceContext:
     _require(isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t < 2**33,
              "time must be the host's UNIX time in seconds")
     channel = body.get("channel", DEFAULT_CHANNEL)
+    warm = body.get("warm", False)
+    _require(isinstance(warm, bool), "warm must be true or false")
     _require(isinstance(channel, str) and bool(_CHANNEL.match(channel)),
              f"channel {channel!r} must be 1-100 of [A-Za-z0-9_.-]")
 
@@ -151,7 +156,7 @@ def validate(body: Any) -> InstanceContext:
     return InstanceContext(
         instance=instance, token=token, hostname=hostname,
         network=NetworkContext(mac.lower(), address, netmask, gateway, dns),
-        time=float(t), container=container, channel=channel,
+        time=float(t), container=container, channel=channel, warm=warm,
     )
 
 

@@ -20,7 +20,11 @@ class State(str, enum.Enum):
 
 
 # The deployment phases, in the order they run, each timed (the PhaseTimings resource property).
-PHASES = ("authorize", "register", "lease", "stage", "overlay", "context", "power-on", "guest-ready")
+# A deploy runs either power-on + guest-ready (a cold boot) or restore (a clone of the image's warm
+# snapshot, services/vmmanager/warm.py), never both (a failed restore falls back to the cold phases).
+PHASES = ("authorize", "register", "lease", "stage", "overlay", "context", "restore", "power-on", "guest-ready")
+COLD_PHASES = tuple(p for p in PHASES if p != "restore")
+WARM_PHASES = tuple(p for p in PHASES if p not in ("power-on", "guest-ready"))
 
 TRANSIENT = frozenset({State.REGISTERED, State.STAGING, State.STARTING, State.SHUTTING_DOWN})
 FINAL = frozenset({State.DESTROYED, State.FAILED})
