@@ -82,8 +82,9 @@ def _identity(daemon: "Guestd", old_mac: str, new_mac: str, seed: bytes) -> dict
             "host_keys": _new_host_keys(env.roots.etc)}
 
 
-def _new_host_keys(etc) -> list[str]:
-    """Replace the image's SSH host keys (every clone would otherwise have the template's)."""
+def _new_host_keys(etc, prefix=None) -> list[str]:
+    """Replace the image's SSH host keys (every clone would otherwise have the template's); ``prefix`` is
+    the root ssh-keygen -A writes under (the guest's /)."""
     keys = sorted((etc / "ssh").glob("ssh_host_*_key")) if (etc / "ssh").is_dir() else []
     if not keys:
         return []
@@ -93,5 +94,6 @@ def _new_host_keys(etc) -> list[str]:
     tool = shutil.which("ssh-keygen")
     if tool is None:
         raise RuntimeError("the image has SSH host keys but no ssh-keygen to make new ones")
-    subprocess.run([tool, "-A"], check=True, capture_output=True, timeout=60)
+    subprocess.run([tool, "-A"] + (["-f", str(prefix)] if prefix is not None else []), check=True,
+                   capture_output=True, timeout=60)
     return sorted(k.name for k in (etc / "ssh").glob("ssh_host_*_key"))

@@ -3,8 +3,8 @@
 clone of it (the ``restore`` phase) and guestd gives each clone its own identity: address, MAC, host
 name, token, a reseeded kernel RNG, its own container. A broken snapshot makes the deploy boot cold.
 
-One grid and one snapshot are shared by the module (one cold boot, one template boot, three clones and
-one fallback boot); it runs on this process's embedded QEMU root like the other QEMU-tier modules.
+One grid and one snapshot are shared by the module (one cold boot after a failed restore, one template
+boot, three clones); it runs on this process's embedded QEMU root like the other QEMU-tier modules.
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import pytest
 from guestd.context import FILE_NAME
 from guestd.sources.iso9660 import read_file
 from services.descriptor import parse_descriptor
-from services.vmmanager import phases, warm
-from services.vmmanager.states import COLD_PHASES, WARM_PHASES
+from services.vmmanager import phases, qemuimg, warm
+from services.vmmanager.states import WARM_PHASES
 from services.vmmanager.vmm import InstanceState
 from services.vmmanager.vmm.config import domain_name
 from services.vmmanager.vmm.errors import GuestChannelError
@@ -74,21 +74,51 @@ def deploy(grid, grid_pki, name: str):
 
 
 @pytest.fixture(scope="module")
-def snapshot(warm_grid, grid_pki):
-    """The first deploy boots cold; the node then makes the image's warm snapshot in the background."""
+def first(warm_grid, grid_pki):
+    """The first deploy finds a damaged snapshot (planted here: a save file libvirt cannot read), fails to
+    restore it, drops it and boots cold; the node then makes the image's real snapshot in the background."""
     node = warm_grid.node(0)
-    key, running = deploy(warm_grid, grid_pki, "warm-first")
-    assert [n for n, _ in running.phases] == list(COLD_PHASES), "no snapshot yet: a cold boot"
-    inst = node.store.get(key)
+    real_find = node.warm.find
+
+    def planted(inst, d):
+        snap = warm.Snapshot(node.warm._dir(node.warm.fingerprint(inst, d)), node.warm.fingerprint(inst, d))
+        snap.directory.mkdir(parents=True)
+        qemuimg.create_empty(snap.disk, d.disks[0].size)
+        snap.memory.write_bytes(b"NotALibvirtSave!" + bytes(4096))
+        (snap.directory / "meta.json").write_text(json.dumps(snap.fingerprint))
+        node.warm.find = real_find
+        return real_find(inst, d)
+
+    node.warm.find = planted
+    try:
+        key, running = deploy(warm_grid, grid_pki, "warm-first")
+    finally:
+        node.warm.find = real_find
+    return key, running
+
+
+@pytest.fixture(scope="module")
+def snapshot(warm_grid, first):
+    node = warm_grid.node(0)
+    inst = node.store.get(first[0])
     d = phases.descriptor_of(inst)
     deadline = time.monotonic() + BOOT_TIMEOUT
     snap = None
-    while snap is None and time.monotonic() < deadline:
+    while snap is None and time.monotonic() < deadline:     # waits for a condition, not for a time
         snap = node.warm.find(inst, d) if not node.warm._making else None
         if snap is None:
             time.sleep(0.5)
     assert snap is not None, "the node made the warm snapshot after the first cold boot"
     return snap
+
+
+def test_a_snapshot_that_fails_to_restore_falls_back_to_a_cold_boot(first):
+    """The restore failed (the planted save file is damaged): the overlay is made again on the cached
+    image and the guest boots; the instance runs all the same."""
+    key, running = first
+    assert [n for n, _ in running.phases] == ["authorize", "register", "lease", "stage", "overlay", "context",
+                                              "overlay", "power-on", "guest-ready"]
+    assert running.guest_status.startswith("ready;")
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +130,7 @@ def clones(warm_grid, grid_pki, snapshot):
 
 
 def test_the_snapshot_is_a_frozen_disk_and_a_saved_memory_state(snapshot, warm_grid):
-    assert snapshot.memory.stat().st_size > 0
+    assert snapshot.memory.stat().st_size > 1 << 20, "a real memory state, not the damaged one planted first"
     assert snapshot.disk.stat().st_mode & 0o222 == 0, "the frozen layer is read-only"
     assert json.loads((snapshot.directory / "meta.json").read_text()) == snapshot.fingerprint
     assert snapshot.fingerprint["vmm"]["backend"] == "libvirt-qemu"
@@ -158,19 +188,6 @@ def test_a_second_recontext_is_refused(clones, warm_grid):
     with pytest.raises(GuestChannelError, match="warm-snapshot template only"):
         channel.request("recontext", context=ctx, seed="00" * 64, time=time.time())
     assert channel.status()["instance"] == key
-
-
-def test_a_snapshot_that_fails_to_restore_falls_back_to_a_cold_boot(clones, warm_grid, grid_pki, snapshot,
-                                                                    monkeypatch):
-    node = warm_grid.node(0)
-    with open(snapshot.memory, "r+b") as f:      # a damaged save file
-        f.write(b"NotALibvirtSave!")
-    monkeypatch.setattr(node.warm, "make_later", lambda *a, **k: None)   # no new template boot in CI
-    key, running = deploy(warm_grid, grid_pki, "warm-fallback")
-    assert [n for n, _ in running.phases] == ["authorize", "register", "lease", "stage", "overlay", "context",
-                                              "overlay", "power-on", "guest-ready"]
-    assert running.guest_status.startswith("ready;")
-    assert not snapshot.directory.exists(), "the broken snapshot was dropped"
 
 
 def test_a_stale_snapshot_is_not_used(warm_grid, clones):
