@@ -199,9 +199,13 @@ class WarmSnapshots:
             phases.vmm_call("define", parts.vmm.define, spec)
             defined = True
             phases.vmm_call("power on", parts.vmm.start, spec.name)
-            status = parts.vmm.guest_channel(tpl.key).wait_ready(timeout=parts.config.guest_ready_timeout, poll=0.25)
+            channel = parts.vmm.guest_channel(tpl.key)
+            status = channel.wait_ready(timeout=parts.config.guest_ready_timeout, poll=0.25)
             if not status.get("ready"):
                 raise VMMError(f"the template guest is not ready: {status.get('error')}")
+            # guestd's outbox is FIFO: once this reply is here, no report with the template's token is
+            # left queued in the guest to reach a clone's host after the restore
+            channel.request("ping", timeout=parts.config.warm_restore_timeout)
             phases.vmm_call("save", parts.vmm.save, tpl.key, part / "memory.save")
             os.chmod(part / "disk.qcow2", 0o444)         # the frozen backing layer of every clone
             (part / "meta.json").write_text(json.dumps(fp, sort_keys=True, indent=1))

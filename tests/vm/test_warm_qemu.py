@@ -9,9 +9,14 @@ boot, three clones); it runs on this process's embedded QEMU root like the other
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
+import sys
 import time
+import uuid
+from pathlib import Path
 
 import pytest
 
@@ -70,6 +75,7 @@ def deploy(grid, grid_pki, name: str):
     registered = client.deploy(found.descriptors[0], name, 1800)
     running = client.wait_for(registered.ref, ("Running", "Failed"), timeout=BOOT_TIMEOUT)
     assert running.state == "Running", running.failure or running.guest_status
+    print(f"{name}: phases {running.phases}", file=sys.stderr)
     return registered.ref.key, running
 
 
@@ -190,16 +196,71 @@ def test_a_second_recontext_is_refused(clones, warm_grid):
     assert channel.status()["instance"] == key
 
 
-def test_a_stale_snapshot_is_not_used(warm_grid, clones):
-    """A snapshot made for other hardware (here: more memory) is stale: find() drops it, deploys boot."""
+def test_a_snapshot_of_another_hypervisor_version_is_stale(warm_grid, clones, snapshot, monkeypatch):
+    """After a QEMU or libvirt upgrade (here: the node's VMM reports another hypervisor version) the saved
+    state may not load: find() drops the snapshot and deploys boot cold until a new one is made."""
     node = warm_grid.node(0)
     key, _ = clones[0]
     inst = node.store.get(key)
     d = phases.descriptor_of(inst)
-    fp = node.warm.fingerprint(inst, d)
-    stale = node.warm.root / f"{inst.sha256[:16]}-0000000000000000"
-    stale.mkdir(parents=True)
-    (stale / "meta.json").write_text(json.dumps({**fp, "memory": fp["memory"] * 2}))
-    assert warm.allowed(d)
+    assert warm.allowed(d) and node.warm.find(inst, d) == snapshot
+    real = node.vmm.hypervisor_identity()
+    monkeypatch.setattr(node.vmm, "hypervisor_identity", lambda: {**real, "hypervisor": real["hypervisor"] + "1"})
     assert node.warm.find(inst, d) is None
-    assert not stale.exists()
+    assert not snapshot.directory.exists(), "the stale snapshot was removed"
+
+
+# -- clones on a bridge: every one reachable at its own address from its own MAC ---------------------
+BRIDGE_HELPER = Path(__file__).with_name("warm_bridge_node.py")
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def netns():
+    name = f"vgwarm-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    subprocess.run(["ip", "-n", name, "link", "set", "dev", "lo", "up"], check=True)
+    yield name
+    subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def test_clones_of_one_snapshot_on_a_bridge_are_each_reachable_at_their_own_address(
+        guest_image, qemu_prerequisites, vm_dir, netns):
+    """A node of its own (tests/vm/warm_bridge_node.py, in a namespace): one template on its bridge,
+    saved, three clones restored from it; each answers over the bridge at its leased address, from its
+    own MAC (the ARP entry), with its own random state."""
+    work = vm_dir / f"wb{uuid.uuid4().hex[:4]}"
+    work.mkdir()
+    try:
+        proc = subprocess.run(["ip", "netns", "exec", netns, sys.executable, str(BRIDGE_HELPER),
+                               str(guest_image.directory), str(work / "root"), str(work), "--clones", "3"],
+                              cwd=REPO, capture_output=True, text=True, timeout=1500)
+    finally:
+        for pid in qemu_pids_under(str(work)):          # left only if the helper died midway
+            os.kill(pid, signal.SIGKILL)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert proc.returncode == 0 and lines, f"warm bridge node failed: {proc.stderr[-3000:]}"
+    seen = json.loads(lines[-1])
+    assert "error" not in seen, f"{seen['error']}\n{json.dumps(seen, indent=1)[:3000]}"
+    clones = seen["clones"]
+    assert len(clones) == 3
+    for name, c in clones.items():
+        assert c["ready"] and c["rejected"] == [], c
+        assert (c["network"]["address"], c["identity"]["mac"]) == (c["address"], c["mac"])
+        assert c["id_from_node"] == name, c["id_error"]
+        assert seen["neighbours"].get(c["address"]) == c["mac"], seen["neighbours"]
+    assert len({c["identity"]["random_probe"] for c in clones.values()}) == 3
+    assert seen["after_teardown"] == {"exists": False}
+
+
+def qemu_pids_under(needle: str) -> list[int]:
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if "qemu-system" in cmd and needle in cmd:
+                pids.append(int(d.name))
+    return pids
