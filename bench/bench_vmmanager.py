@@ -31,6 +31,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import re
 import shutil
 import signal
 import socket
@@ -401,11 +402,11 @@ def qemu_section(site: Site, args) -> dict:
                                        cmdline=image.cmdline)
         text = text.replace("<boot>", '<boot warmStart="true">', 1).replace(
             "<name>vmgrid-guest</name>", "<name>vmgrid-guest-warm</name>", 1)
-        warm = warm_snapshot_deploys(site, vmm, register(site, parse_descriptor(text.encode()), path), args)
+        warm = warm_snapshot_deploys(site, node, vmm, register(site, parse_descriptor(text.encode()), path), args)
     return {"boots": boots, "bare": bare, "bytes": path.stat().st_size, "memory": args.qemu_memory, "warm": warm}
 
 
-def warm_snapshot_deploys(site: Site, vmm, wws, args) -> dict:
+def warm_snapshot_deploys(site: Site, node, vmm, wws, args) -> dict:
     """The same image registered again with <boot warmStart="true">: its first deploy boots (and the node
     then makes its warm snapshot), the next ones restore a clone of the snapshot; then --qemu-clones
     instances from the one snapshot live at once on the node, each with its own identity."""
@@ -440,7 +441,9 @@ def warm_snapshot_deploys(site: Site, vmm, wws, args) -> dict:
                 vmm.destroy(c["ref"])
             except Exception as exc:  # noqa: BLE001 - best effort; the node stops next
                 log(f"qemu/warm: could not destroy {c['ref']}: {exc}")
-    return {"first": run, "snapshot_made": made, "runs": runs, "clones": clones,
+    split = [tuple(float(x) for x in m) for m in re.findall(r"warm clone restored in ([0-9.]+) s, guestd took its "
+                                                            r"identity in ([0-9.]+) s", node.log.read_text())]
+    return {"first": run, "snapshot_made": made, "runs": runs, "clones": clones, "split": split,
             "clones_running": sum(1 for i in range(len(clones)) if f"clone-{i}" in running)}
 
 
@@ -536,6 +539,9 @@ def print_warm_snapshot(q: dict, cold: list[float], bare: list[float]) -> list[s
     print(f"first deploy of the warm-startable image (cold) {fmt_s(w['first'].wall)}; snapshot made "
           f"{fmt_s(w['snapshot_made'])} after it")
     print(phase_table("phases, QEMU, warm snapshot", [r["run"] for r in w["runs"]]))
+    if w["split"]:
+        print(f"restore phase, p50 over {len(w['split'])} clones: libvirt restore of the clone "
+              f"{fmt_s(p50([a for a, _ in w['split']]))}, guestd's recontext {fmt_s(p50([b for _, b in w['split']]))}")
     clones = w["clones"]
     addresses = {c["address"] for c in clones}
     macs = {c["mac"] for c in clones}

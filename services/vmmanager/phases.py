@@ -8,6 +8,7 @@ from :meth:`services.vmmanager.node.Node._deploy_rest` (or ``_start_instance``) 
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import shlex
 import threading
@@ -32,6 +33,8 @@ from services.vmmanager.imagecache import ImageCache
 from services.vmmanager.store import Instance, LeaseRange, NodeStore
 from services.vmmanager.vmm import VMM, Disk, GuestChannel, InstanceSpec, KernelBoot, Nic, Port, VMMError
 from services.vmmanager.vmm.errors import GuestWaitCancelled
+
+log = logging.getLogger(__name__)
 
 # the crashpoint passed after each phase (tests/integration/test_vmmanager_crash.py names them)
 CRASHPOINTS = {"register": "deploy.registered", "lease": "deploy.leased", "stage": "deploy.staged",
@@ -160,7 +163,9 @@ def restore(parts: NodeParts, spec: InstanceSpec, snapshot, iso: Path, cancel: t
     the instance's context (read back from its context ISO), a random seed and the host clock. guestd
     answers with its status once it has the new identity and its container runs (GuestStatus)."""
     key = spec.name
+    t = time.perf_counter()
     vmm_call("restore", parts.vmm.restore_clone, snapshot.memory, spec, parts.home(key) / "warm.save")
+    restored = time.perf_counter() - t
     with open(iso, "rb") as f:
         ctx = json.loads(read_iso_file(f, CONTEXT_FILE))
     ctx["time"] = time.time()
@@ -172,6 +177,8 @@ def restore(parts: NodeParts, spec: InstanceSpec, snapshot, iso: Path, cancel: t
         raise
     except VMMError as exc:
         raise VMMFault(f"guestd did not take its context after the warm restore: {exc}", operation="restore") from None
+    log.info("instance %s: warm clone restored in %.2f s, guestd took its identity in %.2f s", key, restored,
+             time.perf_counter() - t - restored)
     parts.store.update(key, guest_status=guest_summary(status))
     if not status.get("ready"):
         raise VMMFault(f"guestd is not ready after the warm restore: {status.get('error')}", operation="restore")
