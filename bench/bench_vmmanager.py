@@ -414,12 +414,12 @@ def warm_snapshot_deploys(site: Site, node, vmm, wws, args) -> dict:
     run, info = deploy_watch(vmm, wws, "warm-0", interval=0.1)
     vmm.destroy(info.ref)
     t = time.perf_counter()
-    meta = list((site.root / "qn" / "warm").glob("*/meta.json"))
+    meta = list((site.root / "qn" / "vmmanager" / "warm").glob("*/meta.json"))
     while not meta:
         if time.perf_counter() - t > 600:
             raise BenchError("the node made no warm snapshot within 600 s")
         time.sleep(0.2)
-        meta = list((site.root / "qn" / "warm").glob("*/meta.json"))
+        meta = list((site.root / "qn" / "vmmanager" / "warm").glob("*/meta.json"))
     made = time.perf_counter() - t
     runs = []
     for i in range(args.qemu_warm):
