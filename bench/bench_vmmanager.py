@@ -1,7 +1,8 @@
 """VMManager deployment figures (issue 6), each against a peer measured in the same run.
 
     sudo .venv/bin/python bench/bench_vmmanager.py [--only warm,qemu,wan] [--deploys 40] [--clients 10]
-        [--cycles 8] [--image-mib 1024] [--delay-ms 25] [--rate 100mbit] [--qemu-boots 3] [--no-raw-gridftp]
+        [--cycles 8] [--image-mib 1024] [--delay-ms 25] [--rate 100mbit] [--qemu-boots 3] [--qemu-warm 5]
+    [--qemu-clones 10] [--no-raw-gridftp]
 
 1. warm: libvirt's test driver, the image already in the node's cache. Deploy(wait=true) -> Running as one
    client sees it (p50/p95, phases), and deploys per second with --clients concurrent client processes, each
@@ -10,6 +11,9 @@
 2. qemu: a real guest (the project's guest image, guestd.image.build) registered in the repository as a qcow2
    booted by the node's kernel; Deploy -> domain started -> guestd ready (= Running), first with the image
    staged over GridFTP on loopback, then from the cache. Poster anchor printed beside: 2 GB in 6 min 23 s.
+   Then (issue 13) the same image registered with <boot warmStart="true">: one cold deploy, after which the
+   node makes the image's warm snapshot, then --qemu-warm deploys restoring it, against the cold deploys
+   and the plain QEMU boots of the same run, and --qemu-clones instances from the one snapshot at once.
 3. wan: a cold deploy of a --image-mib qcow2 (random data: that many MiB allocated) over wan.sh's emulated
    link (--rate, --delay-ms one way): Authorization + VMRepository (with its GridFTP server) in one
    namespace, the VMManager node and the client in the other. Peer: the wire time of the same bytes, plain
@@ -27,6 +31,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import re
 import shutil
 import signal
 import socket
@@ -391,7 +396,55 @@ def qemu_section(site: Site, args) -> dict:
                 log(f"qemu: could not destroy {inst.identifier}: {exc}")
     log(f"qemu: the peer, {args.qemu_boots} boots of the same image on the VMM alone (no grid)")
     bare = bare_qemu_boots(image, site.root / "bq", args.qemu_boots, args.qemu_memory)
-    return {"boots": boots, "bare": bare, "bytes": path.stat().st_size, "memory": args.qemu_memory}
+    warm = None
+    if args.qemu_warm:
+        text = GUEST_DESCRIPTOR.format(memory=args.qemu_memory, size=virtual, kernel=image.kernel_version,
+                                       cmdline=image.cmdline)
+        text = text.replace("<boot>", '<boot warmStart="true">', 1).replace(
+            "<name>vmgrid-guest</name>", "<name>vmgrid-guest-warm</name>", 1)
+        warm = warm_snapshot_deploys(site, node, vmm, register(site, parse_descriptor(text.encode()), path), args)
+    return {"boots": boots, "bare": bare, "bytes": path.stat().st_size, "memory": args.qemu_memory, "warm": warm}
+
+
+def warm_snapshot_deploys(site: Site, node, vmm, wws, args) -> dict:
+    """The same image registered again with <boot warmStart="true">: its first deploy boots (and the node
+    then makes its warm snapshot), the next ones restore a clone of the snapshot; then --qemu-clones
+    instances from the one snapshot live at once on the node, each with its own identity."""
+    log("qemu/warm: first deploy of the warm-startable image (cold; the node then makes its snapshot)")
+    run, info = deploy_watch(vmm, wws, "warm-0", interval=0.1)
+    vmm.destroy(info.ref)
+    t = time.perf_counter()
+    meta = list((site.root / "qn" / "vmmanager" / "warm").glob("*/meta.json"))
+    while not meta:
+        if time.perf_counter() - t > 600:
+            raise BenchError("the node made no warm snapshot within 600 s")
+        time.sleep(0.2)
+        meta = list((site.root / "qn" / "vmmanager" / "warm").glob("*/meta.json"))
+    made = time.perf_counter() - t
+    runs = []
+    for i in range(args.qemu_warm):
+        log(f"qemu/warm: deploy {i + 1}/{args.qemu_warm} from the warm snapshot")
+        r, inf = deploy_watch(vmm, wws, f"warm-{i + 1}", interval=0.02)
+        runs.append({"run": r, "guest": inf.guest_status})
+        vmm.destroy(inf.ref)
+    clones = []
+    try:
+        log(f"qemu/warm: {args.qemu_clones} instances from the one snapshot, alive together")
+        for i in range(args.qemu_clones):
+            r, inf = deploy_watch(vmm, wws, f"clone-{i}", interval=0.02)
+            clones.append({"run": r, "ref": inf.ref, "address": inf.address, "mac": inf.mac,
+                           "guest": inf.guest_status})
+        running = {i.identifier: i for i in vmm.list() if i.state == "Running"}
+    finally:
+        for c in clones:
+            try:
+                vmm.destroy(c["ref"])
+            except Exception as exc:  # noqa: BLE001 - best effort; the node stops next
+                log(f"qemu/warm: could not destroy {c['ref']}: {exc}")
+    split = [tuple(float(x) for x in m) for m in re.findall(r"warm clone restored in ([0-9.]+) s, guestd took its "
+                                                            r"identity in ([0-9.]+) s", node.log.read_text())]
+    return {"first": run, "snapshot_made": made, "runs": runs, "clones": clones, "split": split,
+            "clones_running": sum(1 for i in range(len(clones)) if f"clone-{i}" in running)}
 
 
 def bare_qemu_boots(image, root: Path, n: int, memory: int) -> list[dict]:
@@ -465,9 +518,41 @@ def print_qemu(q: dict) -> list[str]:
     print(phase_table("phases, QEMU, cold", [q["boots"][0]["run"]]))
     if warm:
         print(phase_table("phases, QEMU, cached", [b["run"] for b in q["boots"][1:]]))
-    return [f"real guest: deploy -> Running (guestd ready) {fmt_s(cold)} cold, "
-            + (f"{fmt_s(p50(warm))} cached" if warm else "no cached run")
-            + f"; poster anchor 2 GB in {POSTER_SECONDS} s"]
+    verdicts = [f"real guest: deploy -> Running (guestd ready) {fmt_s(cold)} cold, "
+                + (f"{fmt_s(p50(warm))} cached" if warm else "no cached run")
+                + f"; poster anchor 2 GB in {POSTER_SECONDS} s"]
+    if q.get("warm"):
+        verdicts += print_warm_snapshot(q, warm or [cold], [b["ready"] for b in q["bare"][1:]] or
+                                        [b["ready"] for b in q["bare"]])
+    return verdicts
+
+
+def print_warm_snapshot(q: dict, cold: list[float], bare: list[float]) -> list[str]:
+    w = q["warm"]
+    print(f"\n== 2b. deploy from a warm snapshot ({q['memory']} MiB guest): restore a clone instead of booting ==")
+    walls = [r["run"].wall for r in w["runs"]]
+    rows = [("cold boot deploy (cached image), p50", fmt_s(p50(cold)), "1.00x", ""),
+            ("plain QEMU boot (VMM alone), p50", fmt_s(p50(bare)), f"{p50(bare) / p50(cold):.2f}x", ""),
+            (f"warm-snapshot deploy, p50 of {len(walls)}", fmt_s(p50(walls)), f"{p50(walls) / p50(cold):.2f}x",
+             w["runs"][0]["guest"] if w["runs"] else "")]
+    print(table(("deploy -> Running (guestd ready)", "seconds", "/ cold", "guest status"), rows))
+    print(f"first deploy of the warm-startable image (cold) {fmt_s(w['first'].wall)}; snapshot made "
+          f"{fmt_s(w['snapshot_made'])} after it")
+    print(phase_table("phases, QEMU, warm snapshot", [r["run"] for r in w["runs"]]))
+    if w["split"]:
+        print(f"restore phase, p50 over {len(w['split'])} clones: libvirt restore of the clone "
+              f"{fmt_s(p50([a for a, _ in w['split']]))}, guestd's recontext {fmt_s(p50([b for _, b in w['split']]))}")
+    clones = w["clones"]
+    addresses = {c["address"] for c in clones}
+    macs = {c["mac"] for c in clones}
+    print(f"{len(clones)} instances from one snapshot on one node: {w['clones_running']} Running together, "
+          f"{len(addresses)} distinct addresses, {len(macs)} distinct MACs, p50 deploy "
+          f"{fmt_s(p50([c['run'].wall for c in clones]))} (user-mode NICs: reachability is tested on the bridge "
+          f"in tests/vm)")
+    ok = p50(walls) <= 1.5 and p50(walls) <= 0.2 * p50(cold)
+    return [f"warm-snapshot deploy p50 {fmt_s(p50(walls))} = {p50(walls) / p50(cold):.2f}x cold "
+            f"(goal <= 1.5 s and <= 0.20x: {'met' if ok else 'NOT met'}); {len(clones)} clones, "
+            f"{len(addresses)} distinct addresses"]
 
 
 # -- 3. a cold deploy over the emulated WAN ---------------------------------------------------------------
@@ -659,6 +744,8 @@ def main() -> int:
     ap.add_argument("--cycles", type=int, default=8, help="deploy+destroy cycles per concurrent client")
     ap.add_argument("--qemu-boots", type=int, default=3, help="real guests deployed in turn (the first stages)")
     ap.add_argument("--qemu-memory", type=int, default=256, help="MiB of guest memory")
+    ap.add_argument("--qemu-warm", type=int, default=5, help="deploys from the warm snapshot (0: skip)")
+    ap.add_argument("--qemu-clones", type=int, default=10, help="instances from one snapshot alive at once")
     ap.add_argument("--image-mib", type=int, default=1024, help="MiB of random data allocated in the WAN image")
     ap.add_argument("--delay-ms", type=int, default=25, help="one-way delay of the emulated link")
     ap.add_argument("--rate", default="100mbit", help="rate of the emulated link (tc units)")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from services.vmmanager.states import MIGRATION_PHASES, PHASES
 
-COLOURS = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7")
+COLOURS = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#9c755f", "#b07aa1", "#ff9da7")
 
 
 @dataclass(frozen=True)

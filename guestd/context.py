@@ -80,6 +80,7 @@ class InstanceContext:
     channel: str = DEFAULT_CHANNEL
     version: int = FORMAT_VERSION
     grid: GridContext | None = None
+    warm: bool = False               # a warm-snapshot template: waits for its clones' ``recontext``
 
     def to_json(self) -> bytes:
         """The canonical JSON document (the file on the context ISO)."""
@@ -91,6 +92,8 @@ class InstanceContext:
             del body["grid"]
         else:
             body["grid"]["admins"] = list(self.grid.admins)
+        if not self.warm:
+            del body["warm"]
         return json.dumps(body, indent=1, sort_keys=True).encode() + b"\n"
 
 
@@ -112,7 +115,8 @@ def validate(body: Any) -> InstanceContext:
     _require(isinstance(body, dict), "the context must be a JSON object")
     _require(body.get("version") == FORMAT_VERSION,
              f"unsupported context version {body.get('version')!r} (want {FORMAT_VERSION})")
-    known = {"version", "instance", "token", "hostname", "network", "time", "container", "channel", "grid"}
+    known = {"version", "instance", "token", "hostname", "network", "time", "container", "channel", "grid",
+             "warm"}
     unknown = set(body) - known
     _require(not unknown, f"unknown context fields: {sorted(unknown)}")
     instance = body.get("instance")
@@ -128,6 +132,8 @@ def validate(body: Any) -> InstanceContext:
     _require(isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t < 2**33,
              "time must be the host's UNIX time in seconds")
     channel = body.get("channel", DEFAULT_CHANNEL)
+    warm = body.get("warm", False)
+    _require(isinstance(warm, bool), "warm must be true or false")
     _require(isinstance(channel, str) and bool(_CHANNEL.match(channel)),
              f"channel {channel!r} must be 1-100 of [A-Za-z0-9_.-]")
 
@@ -171,7 +177,7 @@ def validate(body: Any) -> InstanceContext:
     return InstanceContext(
         instance=instance, token=token, hostname=hostname,
         network=NetworkContext(mac.lower(), address, netmask, gateway, dns),
-        time=float(t), container=container, channel=channel, grid=_grid(body.get("grid")),
+        time=float(t), container=container, channel=channel, grid=_grid(body.get("grid")), warm=warm,
     )
 
 

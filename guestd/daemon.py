@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .context import DEFAULT_CHANNEL, ContextError, InstanceContext
+from . import rewake
 from .port import GuestPort, find_port
 from .sources.cdrom import CdromSource
 from .sources.channel import ChannelSource
@@ -38,6 +39,7 @@ class Guestd:
             port.handle("status", lambda m: self.status())
             port.handle("set-time", lambda m: clock.set_time(self.env, m["time"]))
             port.handle("certificate", lambda m: grid.install_certificate(self.env, m))
+            port.handle("recontext", lambda m: rewake.recontext(self, m))
 
     def find_context(self) -> InstanceContext | None:
         """The first context a source has, in the configured order; a broken one stops the search."""

@@ -2,7 +2,7 @@
 
 One UTF-8 JSON object per line, at most MAX_LINE bytes. Every message has ``v`` (the protocol
 version) and ``op``. Host to guest: ``ping``, ``status``, ``set-time``, ``context``,
-``certificate``. Guest to host:
+``certificate``, ``recontext`` (a warm-snapshot clone's new identity). Guest to host:
 ``ready``, ``report``, ``reply``; each carries the instance's ``token``. docs/guestd.md is the reference.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 VERSION = 1
 MAX_LINE = 64 * 1024
 
-HOST_OPS = frozenset({"ping", "status", "set-time", "context", "certificate"})
+HOST_OPS = frozenset({"ping", "status", "set-time", "context", "certificate", "recontext"})
 GUEST_OPS = frozenset({"ready", "report", "reply"})
 
 
@@ -54,6 +54,9 @@ def decode(line: bytes, allowed_ops: frozenset[str]) -> dict[str, Any]:
         raise ProtocolError("certificate needs a 'certificate' (PEM text)")
     if op == "context" and not isinstance(message.get("context"), dict):
         raise ProtocolError("context needs a 'context' object")
+    if op == "recontext" and not (isinstance(message.get("context"), dict) and isinstance(message.get("seed"), str)
+                                  and isinstance(message.get("time"), (int, float))):
+        raise ProtocolError("recontext needs a 'context' object, a 'seed' string and the host 'time'")
     if op in GUEST_OPS and not isinstance(message.get("token"), str):
         raise ProtocolError(f"{op} needs the instance token")
     if op == "report" and not isinstance(message.get("step"), str):

@@ -127,3 +127,30 @@ class System:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         if libc.reboot(LINUX_REBOOT_CMD_POWER_OFF) != 0:
             raise SystemError_(ctypes.get_errno(), "reboot(POWER_OFF) failed")
+
+
+# -- a warm-snapshot clone's new identity (guestd/rewake.py) ------------------------------------------
+SIOCSIFHWADDR = 0x8924
+ARPHRD_ETHER = 1
+RNDADDENTROPY = 0x40085203      # _IOW('R', 0x03, int[2])
+RNDRESEEDCRNG = 0x5207          # _IO('R', 0x07)
+
+
+def set_mac(system: System, ifname: str, mac: str) -> None:
+    """Give ``ifname`` the hardware address ``mac`` (virtio-net passes it on to the device)."""
+    hw = bytes(int(b, 16) for b in mac.split(":"))
+    system._ioctl(SIOCSIFHWADDR, _ifreq(ifname, struct.pack("=H", ARPHRD_ETHER) + hw))
+
+
+def reseed_rng(system: System, seed: bytes) -> None:
+    """Mix ``seed`` into the kernel's input pool, credited, then reseed the CRNG from it at once: a clone
+    of a saved guest must not go on with the random state every other clone has."""
+    info = struct.pack("ii", len(seed) * 8, len(seed)) + seed
+    fd = os.open(system.roots.dev / "urandom", os.O_WRONLY)
+    try:
+        fcntl.ioctl(fd, RNDADDENTROPY, info)
+        fcntl.ioctl(fd, RNDRESEEDCRNG)
+    except OSError as exc:
+        raise SystemError_(exc.errno, f"reseeding the kernel RNG: {exc.strerror}") from None
+    finally:
+        os.close(fd)

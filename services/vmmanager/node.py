@@ -31,6 +31,7 @@ from services.vmmanager.phases import NodeParts, Recorder, vmm_call
 from services.vmmanager.states import FINAL, MIGRATION, TRANSIENT, State
 from services.vmmanager.store import Instance, LeaseRange, NodeStore
 from services.vmmanager.values import DeployRequest, InstanceView, Subscribed
+from services.vmmanager.warm import WarmSnapshots
 from services.vmmanager.vmm import VMM, InstanceState, LifecycleEvent, LifecycleEventKind, VMMError
 from services.vmmanager.vmm.errors import GuestWaitCancelled, InstanceNotFound
 from services.wsrf.lifetime import Sweeper
@@ -69,6 +70,7 @@ class Node:
         self.parts = NodeParts(self.node, config, self.store, self.cache, repository, vmm, pool,
                                self.instances_dir, address)
         self.executor = ThreadPoolExecutor(config.deploy_workers, thread_name_prefix="vmgrid-deploy")
+        self.warm = WarmSnapshots(self.state_dir / "warm", self.parts)
         self._locks: dict[str, threading.RLock] = {}
         self._locks_guard = threading.Lock()
         self._stop = threading.Event()
@@ -281,11 +283,19 @@ class Node:
         d = phases.descriptor_of(inst)
         self.parts.home(key).mkdir(parents=True, exist_ok=True)
         rec = Recorder(self.store, key)
+        snap = None
+        if self.config.warm_snapshots and inst.initial_state != State.PAUSED.value:
+            snap = self.warm.find(inst, d)
         with rec.phase("overlay"):
-            disks = phases.overlay(self.parts, inst, d)
+            disks = phases.overlay(self.parts, inst, d, base=snap.disk if snap is not None else None)
         with rec.phase("context"):
             iso = phases.context(self.parts, inst, d)
         paused = inst.initial_state == State.PAUSED.value
+        if snap is not None:
+            if self._warm_start(key, rec, snap, phases.instance_spec(self.parts, inst, d, disks, iso), iso):
+                return
+            with rec.phase("overlay"):       # the restore failed: boot cold, on the cached image
+                disks = phases.overlay(self.parts, inst, d)
         with rec.phase("power-on"):
             spec = phases.instance_spec(self.parts, inst, d, disks, iso)
             phases.power_on(self.parts, spec, paused)
@@ -296,6 +306,28 @@ class Node:
             except GuestWaitCancelled:
                 return      # a Destroy (or the node stopping) took over the instance; it releases it
         self._set_state(key, State.PAUSED if paused else State.RUNNING, expect={State.STARTING})
+        if self.config.warm_snapshots and not paused:
+            self.warm.make_later(inst, d, self.executor)
+
+    def _warm_start(self, key: str, rec: Recorder, snap, spec, iso) -> bool:
+        """The restore phase (services/vmmanager/warm.py); False when it failed and the instance must boot
+        cold (the snapshot is dropped: the node makes a new one after this boot)."""
+        try:
+            with rec.phase("restore"), self._guest_wait(key) as cancel:
+                phases.restore(self.parts, spec, snap, iso, cancel)
+        except GuestWaitCancelled:
+            return True     # a Destroy (or the node stopping) took over the instance; it releases it
+        except (VMGridFault, VMMError) as exc:
+            log.warning("instance %s: warm start failed, booting cold: %s", key, exc)
+            self.warm.discard(snap, f"restoring {key} failed: {exc}")
+            for verb in ("destroy", "undefine"):
+                try:
+                    getattr(self.vmm, verb)(key)
+                except VMMError:
+                    pass
+            return False
+        self._set_state(key, State.RUNNING, expect={State.STARTING})
+        return True
 
     def _fail(self, key: str, fault: VMGridFault) -> None:
         inst = self.store.get(key)

@@ -7,6 +7,9 @@ from :meth:`services.vmmanager.node.Node._deploy_rest` (or ``_start_instance``) 
 """
 from __future__ import annotations
 
+import json
+import logging
+import secrets
 import shlex
 import threading
 import time
@@ -17,6 +20,8 @@ from typing import Iterator
 
 from lxml import etree
 
+from guestd.context import FILE_NAME as CONTEXT_FILE
+from guestd.sources.iso9660 import read_file as read_iso_file
 from services.common.crash import crashpoint
 from services.descriptor import NSMAP as WS_NSMAP
 from services.descriptor import Descriptor, image_blake3
@@ -28,6 +33,8 @@ from services.vmmanager.imagecache import ImageCache
 from services.vmmanager.store import Instance, LeaseRange, NodeStore
 from services.vmmanager.vmm import VMM, Disk, GuestChannel, InstanceSpec, KernelBoot, Nic, Port, VMMError
 from services.vmmanager.vmm.errors import GuestWaitCancelled
+
+log = logging.getLogger(__name__)
 
 # the crashpoint passed after each phase (tests/integration/test_vmmanager_crash.py names them)
 CRASHPOINTS = {"register": "deploy.registered", "lease": "deploy.leased", "stage": "deploy.staged",
@@ -106,12 +113,15 @@ def stage(parts: NodeParts, key: str) -> None:
     parts.store.update(key, staged_bytes=inst.size, cached=1 if cached else 0, hold_id=hold)
 
 
-def overlay(parts: NodeParts, inst: Instance, d: Descriptor) -> list[Disk]:
-    """The copy-on-write overlay on the cached image, and empty data/scratch disks."""
+def overlay(parts: NodeParts, inst: Instance, d: Descriptor, base: Path | None = None) -> list[Disk]:
+    """The copy-on-write overlay on the cached image (or on ``base``, a warm snapshot's frozen disk),
+    and empty data/scratch disks."""
     home = parts.home(inst.key)
     disks = []
     for n, disk in enumerate(d.disks):
-        if disk.role == "root":
+        if disk.role == "root" and base is not None:
+            path = qemuimg.create_overlay(base, "qcow2", home / "root.qcow2")
+        elif disk.role == "root":
             path = parts.cache.overlay(inst.sha256, inst.format, home / "root.qcow2")
         else:
             path = qemuimg.create_empty(home / f"{disk.role}{n}.qcow2", disk.size)
@@ -159,6 +169,33 @@ def grid_container(parts: NodeParts, key: str, report: dict) -> str | None:
     hostname = inst.identifier.replace(".", "-").replace("_", "-")[:63]
     return guestcred.deliver(parts.config, parts.vmm.guest_channel(key), report, inst.address, hostname,
                              parts.home(key))
+
+
+def restore(parts: NodeParts, spec: InstanceSpec, snapshot, iso: Path, cancel: threading.Event) -> None:
+    """Instead of power-on and guest-ready: a clone of the image's warm snapshot (``snapshot``, a
+    services.vmmanager.warm.Snapshot) restored on the instance's overlay, then guestd's ``recontext``:
+    the instance's context (read back from its context ISO), a random seed and the host clock. guestd
+    answers with its status once it has the new identity and its container runs (GuestStatus)."""
+    key = spec.name
+    t = time.perf_counter()
+    vmm_call("restore", parts.vmm.restore_clone, snapshot.memory, spec, parts.home(key) / "warm.save")
+    restored = time.perf_counter() - t
+    with open(iso, "rb") as f:
+        ctx = json.loads(read_iso_file(f, CONTEXT_FILE))
+    ctx["time"] = time.time()
+    try:
+        status = parts.vmm.guest_channel(key).request(
+            "recontext", timeout=parts.config.warm_restore_timeout, cancel=cancel,
+            context=ctx, seed=secrets.token_hex(64), time=time.time())
+    except GuestWaitCancelled:
+        raise
+    except VMMError as exc:
+        raise VMMFault(f"guestd did not take its context after the warm restore: {exc}", operation="restore") from None
+    log.info("instance %s: warm clone restored in %.2f s, guestd took its identity in %.2f s", key, restored,
+             time.perf_counter() - t - restored)
+    parts.store.update(key, guest_status=guest_summary(status))
+    if not status.get("ready"):
+        raise VMMFault(f"guestd is not ready after the warm restore: {status.get('error')}", operation="restore")
 
 
 def guest_summary(status: dict) -> str:

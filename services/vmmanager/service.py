@@ -45,6 +45,7 @@ class VMManagerService(SoapService):
     authz = property(lambda self: self.core.authz)
     repository = property(lambda self: self.core.repository)
     instances_dir = property(lambda self: self.core.instances_dir)
+    warm = property(lambda self: self.core.warm)
 
     @property
     def pool(self):

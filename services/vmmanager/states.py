@@ -23,7 +23,11 @@ class State(str, enum.Enum):
 
 
 # The deployment phases, in the order they run, each timed (the PhaseTimings resource property).
-PHASES = ("authorize", "register", "lease", "stage", "overlay", "context", "power-on", "guest-ready")
+# A deploy runs either power-on + guest-ready (a cold boot) or restore (a clone of the image's warm
+# snapshot, services/vmmanager/warm.py), never both (a failed restore falls back to the cold phases).
+PHASES = ("authorize", "register", "lease", "stage", "overlay", "context", "restore", "power-on", "guest-ready")
+COLD_PHASES = tuple(p for p in PHASES if p != "restore")
+WARM_PHASES = tuple(p for p in PHASES if p not in ("power-on", "guest-ready"))
 
 # The migration phases (source and target together), each timed like Deploy's.
 # fixup follows resume: guestd answers only in a running guest (it takes the new address, the clock is set on resume)

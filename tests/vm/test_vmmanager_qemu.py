@@ -39,7 +39,7 @@ from services.container.assemble import build_container, build_vmmanager
 from services.descriptor import parse_descriptor
 from services.faults import VMGridFault
 from services.vmmanager.service import VMManagerConfig
-from services.vmmanager.states import PHASES
+from services.vmmanager.states import COLD_PHASES as PHASES
 from services.vmmanager.vmm import InstanceState
 from services.vmmanager.vmm.config import domain_name
 from tests.fixtures.grid import base_config, free_port, start_grid

@@ -219,3 +219,34 @@ def relocate(saved_xml: str, spec: InstanceSpec) -> str:
     if ch is not None:
         ch.find("source").set("path", str(spec.channel.path))
     return ET.tostring(dom, encoding="unicode")
+
+
+def clone_xml(saved_xml: str, spec: InstanceSpec) -> str:
+    """A warm-snapshot template's saved XML made into instance ``spec``'s: its name, UUID, token, MACs
+    and every file location; the devices (and so the saved machine state) stay the template's.
+
+    The devices must match one for one, as for ``relocate``; InvalidSpec otherwise.
+    """
+    dom = ET.fromstring(saved_xml)
+    dom.find("name").text = domain_name(spec.name)
+    dom.find("uuid").text = spec.uuid
+    meta = dom.find(f"metadata/{_M}instance")
+    if meta is None:
+        raise InvalidSpec("the saved domain was not defined by vmgrid (no vmgrid metadata)")
+    meta.find(_M + "name").text = spec.name
+    token = meta.find(_M + "token")
+    if (token is None) != (spec.channel is None):
+        raise InvalidSpec("the spec's guest channel does not match the saved instance's")
+    if token is not None:
+        token.text = spec.channel.token
+    nics = dom.findall("devices/interface")
+    if len(nics) != len(spec.nics):
+        raise InvalidSpec(f"the saved instance has {len(nics)} NICs, the spec {len(spec.nics)}")
+    for e, nic in zip(nics, spec.nics):
+        if e.get("type") != nic.kind or (e.find("model") is not None and e.find("model").get("type") != nic.model):
+            raise InvalidSpec(f"NIC {nic.kind}/{nic.model} differs from the saved {e.get('type')}")
+        e.find("mac").set("address", nic.mac)
+        target = e.find("target")      # the tap the template had: QEMU names a new one
+        if target is not None:
+            e.remove(target)
+    return relocate(ET.tostring(dom, encoding="unicode"), spec)

@@ -17,7 +17,7 @@ from typing import ClassVar
 
 import libvirt
 
-from . import config
+from . import config, saveimage
 from .channel import GuestChannelClient
 from .driver import (VMM, Capabilities, EventCallback, InstanceInfo, InstanceState, LifecycleEvent,
                      LifecycleEventKind)
@@ -218,6 +218,41 @@ class LibvirtDriver(VMM):
         if not paused:
             self._sync_after_wake(instance)
         return instance
+
+    # -- warm-snapshot clones (services/vmmanager/warm.py) ------------------------------------------
+    def hypervisor_identity(self) -> dict[str, str]:
+        """What a save file depends on besides its devices: backend, hypervisor and libvirt versions."""
+        return {"backend": self.backend, "type": self._call("read the hypervisor", self._conn.getType),
+                "hypervisor": str(self._call("read the hypervisor version", self._conn.getVersion)),
+                "libvirt": str(self._call("read the libvirt version", self._conn.getLibVersion))}
+
+    def restore_clone(self, template: Path, spec: InstanceSpec, work: Path, paused: bool = False) -> None:
+        """Start instance ``spec`` from the save file ``template`` of another (a warm-snapshot template):
+        its memory and device state, the spec's name, UUID, MAC and files. ``work`` is the clone's own
+        save file while libvirt reads it (removed after). The guest clock is left alone: the caller's
+        first message to guestd is its new context, with the time."""
+        if not self.capabilities.real_guest:
+            raise VMMError(f"{self.backend} has no real guest to clone from a save file")
+        spec.validate()
+        self._check_files(spec)
+        for lookup, key in ((self._conn.lookupByName, config.domain_name(spec.name)),
+                            (self._conn.lookupByUUIDString, spec.uuid)):
+            try:
+                lookup(key)
+            except libvirt.libvirtError:
+                continue
+            raise InstanceExists(f"instance {spec.name!r} (uuid {spec.uuid}) is already defined on {self._uri}")
+        image = saveimage.read(Path(template))
+        xml = config.clone_xml(image.xml, spec)
+        work = Path(work)
+        try:
+            saveimage.write_clone(Path(template), image, xml, work)
+            self._drop_channel(spec.name, "the instance was cloned")
+            self._call(f"define {spec.name} for a warm start", self._conn.defineXML, xml)
+            flags = libvirt.VIR_DOMAIN_SAVE_PAUSED if paused else libvirt.VIR_DOMAIN_SAVE_RUNNING
+            self._call(f"restore {spec.name} from {template}", self._conn.restoreFlags, str(work), None, flags)
+        finally:
+            work.unlink(missing_ok=True)
 
     def shutdown(self, instance: str, timeout: float = 60.0, cancel: threading.Event | None = None) -> bool:
         dom = self._domain(instance)

@@ -21,7 +21,8 @@ from services.vmmanager import wire
 from services.vmmanager.config import VMManagerConfig
 from services.vmmanager.node import Node
 from services.vmmanager.values import DeployRequest
-from services.vmmanager.states import PHASES, State
+from services.vmmanager.states import COLD_PHASES as PHASES
+from services.vmmanager.states import State
 from services.vmmanager.vmm import LibvirtTestDriver
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "wsdl" / "examples"

@@ -1,0 +1,99 @@
+"""A warm-snapshot clone wakes up: the ``recontext`` request.
+
+The node keeps, per image, a guest booted once to ready (its context marked ``warm``) and saved; every
+deploy restores a copy of it. The restored guestd still holds the template's identity, so the node's
+first message after the restore is ``recontext`` with the instance's own context, a random seed from the
+host and the host's clock. guestd then makes the clone an instance of its own: the new MAC on the
+template's interface, a reseeded kernel RNG, new SSH host keys where the image has them, then every
+boot step with the new context (clock, host name, address, container, ...), and reports ready with the
+new token. Accepted once, and only by a warm template: a running instance never changes identity.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import time
+from typing import TYPE_CHECKING, Any
+
+from .context import ContextError, validate
+from .steps import StepResult, clock, report, run_all
+from .steps.network import interface_for
+from .system import reseed_rng, set_mac
+
+if TYPE_CHECKING:
+    from .daemon import Guestd
+
+log = logging.getLogger("guestd.rewake")
+MIN_SEED = 32          # bytes of host randomness a recontext must bring
+
+
+def recontext(daemon: "Guestd", message: dict[str, Any]) -> dict[str, Any]:
+    """Handle ``recontext``: take the instance's identity; return guestd's status (ready, steps)."""
+    old = daemon.context
+    if old is None or not old.warm or not daemon.ready:
+        raise ContextError("recontext is for a ready warm-snapshot template only")
+    ctx = validate(message["context"])
+    if ctx.warm:
+        raise ContextError("an instance's context cannot be a warm template")
+    try:
+        seed = bytes.fromhex(message["seed"])
+    except ValueError:
+        raise ContextError("seed must be hexadecimal") from None
+    if len(seed) < MIN_SEED:
+        raise ContextError(f"seed must bring at least {MIN_SEED} bytes")
+    env = daemon.env
+    # the template is gone from here on: a second recontext is refused even if a step below fails
+    daemon.context, daemon.context_source, daemon.ready = ctx, "recontext", False
+    if daemon.port is not None:
+        daemon.port.set_token(ctx.token)
+    results: dict[str, StepResult] = {
+        "clock-restore": _guarded("clock-restore", lambda: clock.set_time(env, float(message["time"]))),
+        "identity": _guarded("identity", lambda: _identity(daemon, old.network.mac, ctx.network.mac, seed)),
+    }
+    results.update(run_all(ctx, env))
+    results["power"] = daemon.results.get("power") or StepResult("power", True)
+    daemon.results, daemon.ready, daemon.error = results, True, None
+    if daemon.port is not None:
+        report.handle(ctx, results, daemon.port)
+    log.info("recontext: now %s (%s)", ctx.instance, {n: r.ok for n, r in results.items()})
+    return daemon.status()
+
+
+def _guarded(name: str, fn) -> StepResult:
+    try:
+        return StepResult(name, True, fn())
+    except Exception as exc:
+        return StepResult(name, False, error=f"{type(exc).__name__}: {exc}")
+
+
+def _identity(daemon: "Guestd", old_mac: str, new_mac: str, seed: bytes) -> dict[str, Any]:
+    """The secrets and addresses no two clones may share: the RNG state, the MAC, the SSH host keys."""
+    env = daemon.env
+    reseed_rng(env.system, seed + os.urandom(32) + str(time.monotonic_ns()).encode())
+    # a digest of the first random bytes after the reseed: the node compares clones with it
+    probe = hashlib.sha256(os.urandom(32)).hexdigest()[:32]
+    ifname = interface_for(env, old_mac)
+    if old_mac != new_mac:
+        set_mac(env.system, ifname, new_mac)
+    return {"rng": "reseeded", "random_probe": probe, "interface": ifname, "mac": new_mac,
+            "host_keys": _new_host_keys(env.roots.etc)}
+
+
+def _new_host_keys(etc, prefix=None) -> list[str]:
+    """Replace the image's SSH host keys (every clone would otherwise have the template's); ``prefix`` is
+    the root ssh-keygen -A writes under (the guest's /)."""
+    keys = sorted((etc / "ssh").glob("ssh_host_*_key")) if (etc / "ssh").is_dir() else []
+    if not keys:
+        return []
+    for key in keys:
+        key.unlink(missing_ok=True)
+        key.with_name(key.name + ".pub").unlink(missing_ok=True)
+    tool = shutil.which("ssh-keygen")
+    if tool is None:
+        raise RuntimeError("the image has SSH host keys but no ssh-keygen to make new ones")
+    subprocess.run([tool, "-A"] + (["-f", str(prefix)] if prefix is not None else []), check=True,
+                   capture_output=True, timeout=60)
+    return sorted(k.name for k in (etc / "ssh").glob("ssh_host_*_key"))

@@ -1,0 +1,176 @@
+"""guestd's ``recontext`` (guestd/rewake.py): a warm-snapshot clone takes its instance's identity.
+
+FakeSystem where the real operation would change the test machine (clock, host name, addresses); the
+MAC change runs for real on a veth in a network namespace made for the test, and the RNG reseed for real
+(it only mixes more randomness into this machine's kernel pool).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from guestd import protocol, rewake
+from guestd.context import ContextError, validate
+from guestd.daemon import Guestd
+from guestd.steps import Environment
+from guestd.system import Roots, System, reseed_rng
+from services.vmmanager.context import build_context
+
+from guestd_fakes import FakeSystem, fake_roots
+
+TEMPLATE_MAC, MAC = "02:aa:bb:cc:dd:ee", "52:54:00:0a:0b:0c"
+REPO = Path(__file__).resolve().parents[3]
+needs_root = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
+                                reason="namespaces and RNDADDENTROPY need root")
+
+
+class FakePort:
+    def __init__(self) -> None:
+        self.token, self.sent = "", []
+
+    def set_token(self, token: str) -> None:
+        self.token = token
+
+    def send(self, message) -> None:
+        self.sent.append({**message, "token": self.token})
+
+    def handle(self, op, fn) -> None:
+        pass
+
+
+def template_context():
+    c = build_context(instance="warm-abc", hostname="vmgrid-warm", mac=TEMPLATE_MAC, address="169.254.0.2",
+                      netmask="255.255.0.0", token="T" * 24)
+    return validate({**json.loads(c.to_json()), "warm": True})
+
+
+def instance_context(**kw):
+    args = dict(instance="inst-1", hostname="inst-1", mac=MAC, address="10.9.0.9", netmask="255.255.255.0",
+                gateway="10.9.0.1", token="N" * 24)
+    args.update(kw)
+    return json.loads(build_context(**args).to_json())
+
+
+@pytest.fixture
+def daemon(tmp_path, monkeypatch):
+    roots = fake_roots(tmp_path, nics={"eth0": TEMPLATE_MAC})
+    g = Guestd(Environment(FakeSystem(roots), roots), None, [])
+    g.port = FakePort()
+    g.context, g.ready = template_context(), True
+    reseeds = []
+
+    def fake_set_mac(system, ifname, mac):     # what the kernel does: the interface shows the new address
+        (roots.sys / "class" / "net" / ifname / "address").write_text(mac + "\n")
+
+    monkeypatch.setattr(rewake, "set_mac", fake_set_mac)
+    monkeypatch.setattr(rewake, "reseed_rng", lambda system, seed: reseeds.append(seed))
+    g.reseeds = reseeds
+    return g
+
+
+def message(ctx, seed="ab" * 64, when=None):
+    return {"op": "recontext", "context": ctx, "seed": seed, "time": time.time() if when is None else when}
+
+
+def test_recontext_gives_the_clone_its_identity_and_runs_every_step(daemon):
+    host_time = time.time() + 3600
+    status = rewake.recontext(daemon, message(instance_context(), when=host_time))
+    assert status["ready"] and status["instance"] == "inst-1" and status["context_source"] == "recontext"
+    steps = status["steps"]
+    assert all(s["ok"] for s in steps.values()), steps
+    assert steps["identity"]["detail"]["mac"] == MAC and steps["identity"]["detail"]["interface"] == "eth0"
+    assert steps["network"]["detail"]["address"] == "10.9.0.9"
+    assert daemon.env.system.hostname == "inst-1"
+    assert abs(daemon.env.system.now() - host_time) < 5, "the clock comes from the host's message"
+    assert len(daemon.reseeds) == 1 and daemon.reseeds[0].startswith(bytes.fromhex("ab" * 64)), \
+        "the host's seed (and the guest's own randomness) went into the kernel RNG"
+    assert daemon.port.token == "N" * 24
+    ready = [m for m in daemon.port.sent if m["op"] == "ready"]
+    assert ready and all(m["token"] == "N" * 24 for m in daemon.port.sent), "reports carry the new token"
+
+
+def test_two_clones_report_different_random_probes(daemon, tmp_path, monkeypatch):
+    probes = {rewake.recontext(daemon, message(instance_context()))["steps"]["identity"]["detail"]["random_probe"]}
+    daemon.context, daemon.ready = template_context(), True
+    (daemon.env.roots.sys / "class" / "net" / "eth0" / "address").write_text(TEMPLATE_MAC + "\n")
+    probes.add(rewake.recontext(daemon, message(instance_context(instance="inst-2")))["steps"]["identity"]
+               ["detail"]["random_probe"])
+    assert len(probes) == 2
+
+
+def test_recontext_is_refused_once_the_guest_is_an_instance(daemon):
+    rewake.recontext(daemon, message(instance_context()))
+    with pytest.raises(ContextError, match="warm-snapshot template only"):
+        rewake.recontext(daemon, message(instance_context(instance="inst-2", mac="52:54:00:0a:0b:0d")))
+    assert daemon.context.instance == "inst-1"
+
+
+def test_a_booted_instance_never_takes_a_recontext(daemon):
+    daemon.context = validate(instance_context())
+    with pytest.raises(ContextError, match="warm-snapshot template only"):
+        rewake.recontext(daemon, message(instance_context(instance="other")))
+
+
+@pytest.mark.parametrize("bad, why", [
+    ({"seed": "zz"}, "hexadecimal"),
+    ({"seed": "ab" * 8}, "at least"),
+    ({"context": {**instance_context(), "warm": True}}, "cannot be a warm template"),
+    ({"context": {**instance_context(), "token": "short"}}, "token"),
+])
+def test_bad_recontext_messages_are_refused_and_change_nothing(daemon, bad, why):
+    with pytest.raises(ContextError, match=why):
+        rewake.recontext(daemon, {**message(instance_context()), **bad})
+    assert daemon.context.instance == "warm-abc" and daemon.ready and daemon.reseeds == []
+
+
+def test_the_protocol_requires_context_seed_and_time():
+    line = protocol.encode({"op": "recontext", "id": 1, "context": {}, "seed": "00", "time": 1.0})
+    assert protocol.decode(line, protocol.HOST_OPS)["op"] == "recontext"
+    with pytest.raises(protocol.ProtocolError, match="recontext needs"):
+        protocol.decode(protocol.encode({"op": "recontext", "id": 1, "context": {}}), protocol.HOST_OPS)
+
+
+def test_host_keys_are_replaced_where_the_image_has_them(tmp_path):
+    if shutil.which("ssh-keygen") is None:
+        pytest.skip("ssh-keygen is not installed")
+    etc = tmp_path / "etc"
+    (etc / "ssh").mkdir(parents=True)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(etc / "ssh" / "ssh_host_ed25519_key")],
+                   check=True)
+    before = (etc / "ssh" / "ssh_host_ed25519_key.pub").read_text()
+    # ssh-keygen -A writes under /etc; run it with the fake etc as its prefix (-f)
+    keys = rewake._new_host_keys(etc, prefix=tmp_path)
+    assert "ssh_host_ed25519_key" in keys
+    assert (etc / "ssh" / "ssh_host_ed25519_key.pub").read_text() != before
+    assert rewake._new_host_keys(tmp_path / "no-etc") == []
+
+
+@needs_root
+def test_the_mac_changes_for_real_in_a_network_namespace(tmp_path):
+    """set_mac's SIOCSIFHWADDR on a veth in a fresh namespace; the kernel then shows the new address."""
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(REPO)!r})
+        from guestd.system import Roots, System, set_mac
+        set_mac(System(Roots()), "v0", {MAC!r})
+    """)
+    shell = (f"ip link add v0 address {TEMPLATE_MAC} type veth peer name v1 && {sys.executable} -c \"$SCRIPT\" "
+             f"&& cat /sys/class/net/v0/address")
+    proc = subprocess.run(["unshare", "--net", "--mount", "sh", "-c", "mount -t sysfs sysfs /sys && " + shell],
+                          capture_output=True, text=True, env={**os.environ, "SCRIPT": script}, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == MAC
+
+
+@needs_root
+def test_reseed_rng_for_real():
+    """RNDADDENTROPY + RNDRESEEDCRNG on this machine's /dev/urandom (root): accepted by the kernel."""
+    reseed_rng(System(Roots()), os.urandom(64))
