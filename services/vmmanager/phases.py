@@ -193,9 +193,12 @@ def restore(parts: NodeParts, spec: InstanceSpec, snapshot, iso: Path, cancel: t
         raise VMMFault(f"guestd did not take its context after the warm restore: {exc}", operation="restore") from None
     log.info("instance %s: warm clone restored in %.2f s, guestd took its identity in %.2f s", key, restored,
              time.perf_counter() - t - restored)
-    parts.store.update(key, guest_status=guest_summary(status))
     if not status.get("ready"):
+        parts.store.update(key, guest_status=guest_summary(status))
         raise VMMFault(f"guestd is not ready after the warm restore: {status.get('error')}", operation="restore")
+    # the clone's grid step made its own key (the template had no grid context): its certificate, as after a boot
+    note = grid_container(parts, key, status)
+    parts.store.update(key, guest_status=guest_summary(status) if note is None else f"{guest_summary(status)}; {note}")
 
 
 def guest_summary(status: dict) -> str:
