@@ -144,10 +144,8 @@ class LibvirtDriver(VMM):
     def _start(self, dom: libvirt.virDomain, paused: bool) -> None:
         dom.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED if paused else 0)
 
-    # -- the verbs --------------------------------------------------------------------------------
-    def define(self, spec: InstanceSpec) -> None:
-        spec.validate()
-        self._check_files(spec)
+    def _refuse_defined(self, spec: InstanceSpec) -> None:
+        """InstanceExists if a domain of that name or UUID is already defined here."""
         for lookup, key in ((self._conn.lookupByName, config.domain_name(spec.name)),
                             (self._conn.lookupByUUIDString, spec.uuid)):
             try:
@@ -155,6 +153,12 @@ class LibvirtDriver(VMM):
             except libvirt.libvirtError:
                 continue
             raise InstanceExists(f"instance {spec.name!r} (uuid {spec.uuid}) is already defined on {self._uri}")
+
+    # -- the verbs --------------------------------------------------------------------------------
+    def define(self, spec: InstanceSpec) -> None:
+        spec.validate()
+        self._check_files(spec)
+        self._refuse_defined(spec)
         self._call(f"define {spec.name}", self._conn.defineXML, config.domain_xml(spec, self.domain_type))
 
     def start(self, instance: str, paused: bool = False) -> None:
@@ -235,13 +239,7 @@ class LibvirtDriver(VMM):
             raise VMMError(f"{self.backend} has no real guest to clone from a save file")
         spec.validate()
         self._check_files(spec)
-        for lookup, key in ((self._conn.lookupByName, config.domain_name(spec.name)),
-                            (self._conn.lookupByUUIDString, spec.uuid)):
-            try:
-                lookup(key)
-            except libvirt.libvirtError:
-                continue
-            raise InstanceExists(f"instance {spec.name!r} (uuid {spec.uuid}) is already defined on {self._uri}")
+        self._refuse_defined(spec)
         image = saveimage.read(Path(template))
         xml = config.clone_xml(image.xml, spec)
         work = Path(work)
