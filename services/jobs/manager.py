@@ -11,10 +11,11 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
+from gridftp.checksum import hash_file
 from services.faults import AccessDenied, IllegalTransition, InvalidArgument, LimitExceeded, ResourceUnknown
 from services.jobs.config import JobsConfig
 from services.jobs.runner import Exit, Process, job_environment, read_exit, read_supervisor
-from services.jobs.staging import Stager, StagingError, inside, sha256_of
+from services.jobs.staging import Stager, StagingError, inside
 from services.jobs.store import Job, JobSpec, JobState, JobStore, OutputFile
 from services.wsrf.lifetime import Sweeper
 from services.wsrf.notification import Subscription, Subscriptions, new_subscription_key
@@ -273,7 +274,7 @@ class JobManager:
                 if i >= 2:
                     problems.append(f"output {name} was not produced")
                 continue
-            digest = sha256_of(path)
+            digest = hash_file(path)
             if destination:
                 self.store.update(job.key, progress={**job.progress, "current": name})
                 try:

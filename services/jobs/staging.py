@@ -16,6 +16,7 @@ from typing import Callable
 
 from gridftp import download, upload
 from gridftp.face import GridFTPFace
+from gridftp.checksum import hash_file
 from gridftp.errors import GridFTPError, PathError
 from gridftp.filespace import FileSpace, LocalFileSpace
 
@@ -29,14 +30,6 @@ class StagingError(Exception):
 def staging_area(dn: str) -> str:
     """A user's staging directory name on the face: a stable name derived from the DN."""
     return hashlib.sha256(dn.encode()).hexdigest()[:24]
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def inside(root: Path, relative: str) -> Path:
@@ -65,7 +58,7 @@ class Stager:
             if not src.is_file():
                 raise StagingError(f"{source}: no such file in your staging area (upload it first)")
             shutil.copyfile(src, dest)
-            actual = sha256_of(dest)
+            actual = hash_file(dest)
             progress(dest.stat().st_size)
         else:
             try:

@@ -16,7 +16,6 @@ CompleteMigration; guestd answers only once the guest runs), release (source). C
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import re
@@ -30,6 +29,7 @@ from typing import Iterator, Protocol
 from urllib.parse import urlsplit
 
 import gridftp
+from gridftp.checksum import hash_file
 from gridftp.face import GridFTPFace
 from security.client import host_authorizer
 from security.delegation import DelegationError, accept as accept_delegation
@@ -180,14 +180,6 @@ def timed(into: list, name: str) -> Iterator[None]:
     into.append((name, time.perf_counter() - t))
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _cause(exc: BaseException) -> str:
     return getattr(exc, "element", "") or type(exc).__name__
 
@@ -259,7 +251,7 @@ def migrate(node: "Node", caller, key: str, target: str, mode: str, proxy_pem: b
                     vmm_call("save", node.vmm.save, key, state_file)
                 crashpoint("migration.frozen")
                 names = _disk_files(home) + [STATE_FILE]
-                files = tuple(MigrationFile(n, (home / n).stat().st_size, sha256_of(home / n)) for n in names)
+                files = tuple(MigrationFile(n, (home / n).stat().st_size, hash_file(home / n)) for n in names)
             phase = "prepare"
             base = node.exports.open(key, names, target)
             offer = MigrationOffer(key=key, identifier=inst.identifier, owner=inst.owner,

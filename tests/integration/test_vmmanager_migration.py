@@ -217,7 +217,7 @@ def test_a_target_takes_in_no_migration_from_a_host_it_does_not_list(grid, grid_
 def test_a_checksum_mismatch_rolls_back_in_transfer(grid, grid_pki, monkeypatch):
     """The source announces a wrong digest for the files (injected); the target's verified GridFTP pull refuses."""
     from services.vmmanager import migration
-    monkeypatch.setattr(migration, "sha256_of", lambda path: "0" * 64)
+    monkeypatch.setattr(migration, "hash_file", lambda path: "0" * 64)
     ref = deploy(grid, grid_pki.alice, "bad-sum")
     src = grid.vmm(grid_pki.alice, 0)
     src.pause(ref)

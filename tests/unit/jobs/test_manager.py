@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from gridftp.checksum import hash_file
 from services.faults import AccessDenied, IllegalTransition, InvalidArgument, LimitExceeded, ResourceUnknown
 from services.jobs.config import JobsConfig
 from services.jobs.manager import JobManager
 from services.jobs.runner import proc_start_time
-from services.jobs.staging import Stager, sha256_of, staging_area
+from services.jobs.staging import Stager, staging_area
 from services.jobs.store import JobSpec, JobState, StageIn, StageOut
 
 OWNER = "/O=Grid/OU=vmgrid/CN=alice"
@@ -70,7 +71,7 @@ def test_a_job_runs_without_a_shell_and_ends_done_with_its_outputs_hashed(jobs):
     assert jobs.tail(done, "stdout") == "hello ['a b', '$HOME;echo']\n"     # arguments reach it verbatim
     outputs = {o.name: o for o in done.outputs}
     assert set(outputs) == {"stdout", "stderr", "out.txt"} and outputs["stderr"].size == 0
-    assert outputs["out.txt"].sha256 == sha256_of(jobs.jobs_dir / job.key / "out.txt")
+    assert outputs["out.txt"].sha256 == hash_file(jobs.jobs_dir / job.key / "out.txt")
     assert done.started and done.ended and done.submitted <= done.started <= done.ended
 
 
@@ -159,7 +160,7 @@ def test_stage_in_from_the_staging_area_is_verified(jobs):
     area = jobs.staging_dir / staging_area(OWNER)
     area.mkdir()
     (area / "seq.fasta").write_text(">s\nACGT\n")
-    good = sha256_of(area / "seq.fasta")
+    good = hash_file(area / "seq.fasta")
     ok = jobs.submit(OWNER, JobSpec(PY, ("-c", "print(open('in/seq.fasta').read().count('A'))"),
                                     stage_in=(StageIn("staged:seq.fasta", "in/seq.fasta", good),)))
     bad = jobs.submit(OWNER, JobSpec("true", stage_in=(StageIn("staged:seq.fasta", "x", "0" * 64),)))
