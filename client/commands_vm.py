@@ -78,6 +78,20 @@ def register(subparsers) -> None:
     for action in sub.choices.values():
         add_grid_options(action, "VMGRID_NODE", DEFAULT_NODE, "VMManager")
 
+    node = subparsers.add_parser("node", help="site administration of a VMManager node",
+                                 description="Site administration of a VMManager node (site admins only).")
+    nsub = node.add_subparsers(dest="node_command", metavar="COMMAND", required=True)
+    p = nsub.add_parser("domains", help="the node's hypervisor domains beside its instance records",
+                        description="The node's vmgrid domains (name, UUID, hypervisor state) with the instance "
+                                    "each belongs to; an orphan domain has no live instance record, and a live "
+                                    "Running or Paused instance whose domain is gone is listed as missing.")
+    p.add_argument("--node", dest="url", default=os.environ.get("VMGRID_NODE", DEFAULT_NODE),
+                   help=f"the VMManager URL (default $VMGRID_NODE or {DEFAULT_NODE})")
+    p.add_argument("--cert-dir", help="trusted CA directory (default $X509_CERT_DIR or /etc/grid-security/certificates)")
+    p.add_argument("--proxy", help="credential file (default $X509_USER_PROXY, /tmp/x509up_u<uid>, ~/.globus)")
+    p.add_argument("--json", dest="format", action="store_const", const="json", default="table", help="JSON output")
+    p.set_defaults(func=cmd_node_domains)
+
     p = subparsers.add_parser("report", help="the deployment phase report (table and figure)",
                               description="Collect your deployments' phase timings from nodes and draw the "
                                           "poster's figure: the share of each deployment phase.")
@@ -224,10 +238,29 @@ def cmd_control(args) -> int:
     vm = vmm_client(args)
     ref = resolve(vm, args.instance)
     if args.verb == "destroy":
-        _call(vm.destroy, ref)
-        print(f"{args.instance}: destroyed")
+        pending = _call(vm.destroy, ref)
+        print(f"{args.instance}: destroyed" + (f"; cleanup at the central services pending (will be retried): "
+                                               f"{', '.join(pending)}" if pending else ""))
     else:
         print(f"{args.instance}: {_call(getattr(vm, args.verb), ref)}")
+    return 0
+
+
+def cmd_node_domains(args) -> int:
+    census = _call(vmm_client(args).domains)
+    if args.format == "json":
+        json.dump({"node": census.node,
+                   "domains": [{"name": d.name, "uuid": d.uuid, "hypervisor_state": d.hypervisor_state,
+                                "instance": d.instance, "instance_state": d.instance_state} for d in census.domains],
+                   "missing": [{"instance": k, "instance_state": s} for k, s in census.missing]}, sys.stdout, indent=2)
+        print()
+        return 0
+    rows = [(d.name, d.uuid, d.hypervisor_state, d.instance or "(orphan: no live record)", d.instance_state)
+            for d in census.domains]
+    rows += [("(missing)", "", "", k, s) for k, s in census.missing]
+    table(("domain", "uuid", "hypervisor", "instance", "instance state"), rows)
+    print(f"{census.node}: {len(census.domains)} domain(s), {len(census.orphans)} orphan, "
+          f"{len(census.missing)} instance(s) missing their domain")
     return 0
 
 

@@ -14,6 +14,7 @@ from security.delegation import DEFAULT_LIFETIME, delegate
 from services.vmmanager import migration_wire
 from services.common.xsdtime import format_duration, to_datetime
 from services.vmmanager import wire
+from services.vmmanager.values import DomainRow, NodeDomains
 from services.vmmanager.wire import ALL_PROPERTIES, KEY_HEADER, NS, property_qname
 from services.wsrf.epr import EndpointReference
 
@@ -135,6 +136,17 @@ class VMManagerClient:
             self.service.call("ListInstances")
         return [InstanceInfo.from_instance(el) for el in resp.iterfind("vmm:Instance", NS)]
 
+    def domains(self) -> NodeDomains:
+        """Site admins: the node's hypervisor domains beside its instance records (ListDomains)."""
+        resp = self.service.call("ListDomains")
+        rows = tuple(DomainRow(d.findtext("vmm:name", namespaces=NS), d.findtext("vmm:uuid", namespaces=NS),
+                               d.findtext("vmm:hypervisorState", namespaces=NS),
+                               d.findtext("vmm:instance", namespaces=NS), d.findtext("vmm:instanceState", namespaces=NS))
+                     for d in resp.iterfind("vmm:domain", NS))
+        missing = tuple((m.findtext("vmm:instance", namespaces=NS), m.findtext("vmm:instanceState", namespaces=NS))
+                        for m in resp.iterfind("vmm:missingDomain", NS))
+        return NodeDomains(resp.findtext("vmm:node", namespaces=NS), rows, missing)
+
     # -- an instance --------------------------------------------------------------------------------------
     def _on(self, ref: InstanceRef, operation: str, *args, **kwargs) -> etree._Element:
         return self.service.call(operation, *args, _soapheaders=[ref.header()], **kwargs)
@@ -160,8 +172,12 @@ class VMManagerClient:
     def shutdown(self, ref: InstanceRef, mode: str = "Normal", timeout: int | None = None) -> str:
         return self._state(ref, "Shutdown", mode=mode, **({"timeout": timeout} if timeout else {}))
 
-    def destroy(self, ref: InstanceRef) -> None:
+    def destroy(self, ref: InstanceRef) -> list[str]:
+        """Destroy the instance. Returns the releases at the central services still pending (the answer's
+        signed vmm:CleanupPending header: the node retries them), empty when everything was given back."""
         self._on(ref, "Destroy")
+        pending = self.service.response_header(wire.CLEANUP_PENDING)
+        return [] if pending is None else [r.text for r in pending.iterfind("vmm:release", NS)]
 
     def set_termination_time(self, ref: InstanceRef, when: datetime | None = None,
                              seconds: float | None = None) -> tuple[datetime, datetime]:

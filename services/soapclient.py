@@ -78,11 +78,17 @@ class _Capture(Plugin):
         self.local.envelope = envelope
         return envelope, http_headers
 
-    def payload(self) -> etree._Element:
+    def _root(self) -> etree._Element:
         env = self.local.envelope
-        root = env.getroot() if isinstance(env, etree._ElementTree) else env
-        body = root.find(f"{{{SOAP_ENV}}}Body")
+        return env.getroot() if isinstance(env, etree._ElementTree) else env
+
+    def payload(self) -> etree._Element:
+        body = self._root().find(f"{{{SOAP_ENV}}}Body")
         return next(c for c in body if isinstance(c.tag, str))
+
+    def header(self, tag: str) -> etree._Element | None:
+        header = self._root().find(f"{{{SOAP_ENV}}}Header")
+        return None if header is None else header.find(tag)
 
 
 class SameOriginTransport(GridTransport):
@@ -158,6 +164,11 @@ class GridServiceClient:
         except requests.exceptions.RequestException as exc:
             raise Unreachable(f"cannot reach {self.url}: {_reason(exc)}") from None
         return self._capture.payload()
+
+
+    def response_header(self, tag: str) -> etree._Element | None:
+        """A header block of this thread's last verified response (its signature covers every header), or None."""
+        return self._capture.header(tag)
 
 
 def _reason(exc: Exception) -> str:

@@ -118,7 +118,7 @@ class SoapApplication:
             result = service.handlers[op.name](ctx, payload)
             if self.validate_responses:
                 service.contract.validator.assertValid(result)
-            env = soap.envelope(result, soap.response_headers(wsa, op.soap_action + "Response"))
+            env = soap.envelope(result, soap.response_headers(wsa, op.soap_action + "Response") + ctx.reply_headers)
             status = "200 OK"
         except VMGridFault as exc:
             outcome = f"fault:{exc.element}"

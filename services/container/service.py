@@ -37,6 +37,7 @@ class CallContext:
     wsa: dict[str, str]
     base_url: str
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    reply_headers: list[etree._Element] = field(default_factory=list)   # a handler's headers for its answer
 
     @property
     def dn(self) -> str:

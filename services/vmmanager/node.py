@@ -30,7 +30,7 @@ from services.vmmanager.imagecache import ImageCache
 from services.vmmanager.phases import NodeParts, Recorder, vmm_call
 from services.vmmanager.states import FINAL, MIGRATION, TRANSIENT, State
 from services.vmmanager.store import Instance, LeaseRange, NodeStore
-from services.vmmanager.values import DeployRequest, InstanceView, Subscribed
+from services.vmmanager.values import DeployRequest, DomainRow, InstanceView, NodeDomains, Subscribed
 from services.vmmanager.warm import WarmSnapshots
 from services.vmmanager.vmm import VMM, InstanceState, LifecycleEvent, LifecycleEventKind, VMMError
 from services.vmmanager.vmm.errors import GuestWaitCancelled, InstanceNotFound
@@ -401,7 +401,9 @@ class Node:
                     self.store.update(key, guest_status=CLEANUP_DONE)
         return len(self.store.outbox())
 
-    def _destroy(self, key: str, reason: str) -> None:
+    def _destroy(self, key: str, reason: str) -> list[str]:
+        """Destroy the instance and release what it holds; returns the kinds of release the central services
+        did not take yet (kept in the outbox and retried), empty when everything was given back."""
         # interrupt a deployment waiting for guestd first (it holds the instance's lock meanwhile);
         # set before the wait starts, the wait ends at once
         self._guest_waits.setdefault(key, threading.Event()).set()
@@ -409,7 +411,7 @@ class Node:
             with self._locked(key):
                 inst = self.store.get(key)
                 if inst is None or inst.state_enum in FINAL:
-                    return
+                    return []
                 self._release(key)
                 self._set_state(key, State.DESTROYED)
         finally:
@@ -420,11 +422,43 @@ class Node:
             self.store.update(key, guest_status=f"{CLEANUP_PENDING} ({', '.join(pending)}), retried until "
                                                 f"the central services take it")
         log.info("instance %s destroyed (%s)%s", key, reason, f"; pending: {pending}" if pending else "")
+        return pending
 
     # -- the factory ------------------------------------------------------------------------------------
     def list(self, caller, include_ended: bool = False) -> list[InstanceView]:
         self.authz.check(caller, "vm.list", {"type": "node", "node": self.node, "owner": caller.dn})
         return [self.view(i) for i in self.store.list(caller.dn, live_only=not include_ended)]
+
+    def domains(self, caller) -> NodeDomains:
+        """Site administration (action admin.node): the hypervisor's vmgrid domains beside the live instance
+        records. A domain without a live record is an orphan; a live Running or Paused record without a domain
+        is missing its domain."""
+        self.authz.check(caller, "admin.node", {"type": "node", "node": self.node})
+        return self.domain_census()
+
+    def domain_census(self) -> NodeDomains:
+        """The census itself. The two listings race with deployments and destroys, so an entry that looks
+        wrong is looked at again under its instance's lock (deploy and destroy change both under it)."""
+        live = {i.key: i for i in self.store.list(None, live_only=True)}
+        listed = {d.name: d for d in vmm_call("list domains", self.vmm.list_instances)}
+        rows, missing = [], []
+        for name in sorted(set(listed) | set(live)):
+            dom, inst = listed.get(name), live.get(name)
+            suspicious = (dom is None) != (inst is None) and \
+                (inst is None or inst.state_enum in (State.RUNNING, State.PAUSED))
+            if suspicious:
+                with self._locked(name):
+                    inst = self.store.get(name)
+                    if inst is not None and inst.state_enum in FINAL:
+                        inst = None
+                    dom = next((d for d in vmm_call("list domains", self.vmm.list_instances) if d.name == name),
+                               None)
+            if dom is not None:
+                rows.append(DomainRow(dom.name, dom.uuid, dom.state.value, inst.key if inst else None,
+                                      inst.state if inst else None))
+            elif inst is not None and inst.state_enum in (State.RUNNING, State.PAUSED):
+                missing.append((inst.key, inst.state))
+        return NodeDomains(self.node, tuple(rows), tuple(missing))
 
     # -- control ----------------------------------------------------------------------------------------
     def _control(self, caller, key: str, action: str, transition: str, run) -> State:
@@ -510,10 +544,11 @@ class Node:
             self._set_state(inst.key, State.SHUTOFF, expect={State.SHUTTING_DOWN})
         return State.SHUTOFF
 
-    def destroy(self, caller, key: str) -> None:
+    def destroy(self, caller, key: str) -> list[str]:
+        """Destroy the instance; returns the releases at the central services still pending (retried)."""
         inst = self._authorized(caller, key, "vm.destroy")
         states.check(inst.state_enum, "destroy")
-        self._destroy(inst.key, f"by {caller.dn}")
+        return self._destroy(inst.key, f"by {caller.dn}")
 
     def set_termination_time(self, caller, key: str, new: float | None) -> float:
         """Move the instance's termination time to ``new`` (UNIX seconds; None asks for none: refused);

@@ -93,6 +93,11 @@ class VMManagerService(SoapService):
             resp.append(wire.instance_element(view, self.core.address))
         return resp
 
+    # -- site administration ------------------------------------------------------------------------------
+    @operation("ListDomains")
+    def list_domains(self, ctx: CallContext, req: etree._Element) -> etree._Element:
+        return wire.domains_response(self.core.domains(ctx.caller))
+
     # -- control -------------------------------------------------------------------------------------------
     @operation("Start")
     def start_instance(self, ctx, req):
@@ -124,7 +129,9 @@ class VMManagerService(SoapService):
 
     @operation("Destroy")
     def destroy(self, ctx, req):
-        self.core.destroy(ctx.caller, self._key(ctx))
+        pending = self.core.destroy(ctx.caller, self._key(ctx))
+        if pending:   # destroyed; the answer says what the central services have not taken yet (retried)
+            ctx.reply_headers.append(wire.cleanup_pending_header(pending))
         return etree.Element(f"{{{RL}}}DestroyResponse", nsmap={"wsrf-rl": RL})
 
     @operation("SetTerminationTime")

@@ -64,3 +64,29 @@ class MigrationOffer:
     phases: tuple[tuple[str, float], ...] = ()
     uuid: str = ""              # the hypervisor's id of the saved domain (the restore keeps it)
     subscriptions: tuple[tuple[str, str, float], ...] = ()   # (consumer, subscriber DN, expires) at the source
+
+
+@dataclass(frozen=True)
+class DomainRow:
+    """A hypervisor domain of this node: its name, UUID and state, and the live instance record it belongs to
+    (``instance`` None: an orphan domain)."""
+
+    name: str
+    uuid: str
+    hypervisor_state: str
+    instance: str | None = None
+    instance_state: str | None = None
+
+
+@dataclass(frozen=True)
+class NodeDomains:
+    """A node's domains beside its instance records: every vmgrid domain, and the live Running/Paused records
+    whose domain is missing (key, state)."""
+
+    node: str
+    domains: tuple[DomainRow, ...]
+    missing: tuple[tuple[str, str], ...]
+
+    @property
+    def orphans(self) -> tuple[DomainRow, ...]:
+        return tuple(d for d in self.domains if d.instance is None)

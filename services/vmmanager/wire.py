@@ -231,6 +231,35 @@ def state_response(name: str, state: State) -> etree._Element:
     return resp
 
 
+def domains_response(census) -> etree._Element:
+    """ListDomainsResponse: the node, its domains (with the instance each belongs to) and the missing ones."""
+    resp = response("ListDomainsResponse")
+    sub(resp, q("node"), census.node)
+    for d in census.domains:
+        el = sub(resp, q("domain"))
+        for name, value in (("name", d.name), ("uuid", d.uuid), ("hypervisorState", d.hypervisor_state),
+                            ("instance", d.instance), ("instanceState", d.instance_state)):
+            if value is not None:
+                sub(el, q(name), value)
+    for key, state in census.missing:
+        el = sub(resp, q("missingDomain"))
+        sub(el, q("instance"), key)
+        sub(el, q("instanceState"), state)
+    return resp
+
+
+CLEANUP_PENDING = f"{{{VMM_NS}}}CleanupPending"
+
+
+def cleanup_pending_header(pending: list[str]) -> etree._Element:
+    """The Destroy answer's header when releases at the central services are pending (no mustUnderstand:
+    a stack that does not know it ignores it; the response's signature covers it like every header)."""
+    el = element(q("CleanupPending"), None, "vmm")
+    for kind in pending:
+        sub(el, q("release"), kind)
+    return el
+
+
 # -- requests ---------------------------------------------------------------------------------------------------
 def flag(req: etree._Element, name: str) -> bool:
     return (req.findtext(f"vmm:{name}", namespaces=NS) or "false").strip() in ("true", "1")
