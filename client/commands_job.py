@@ -112,24 +112,47 @@ def connect(args):
         args.url = endpoint_url(args.endpoint)
         return JobClient(grid_client(args))
     url, dn = instance_job_service(args)
-    import time
-
     from client.soap import ClientError, GridServiceClient, Unreachable, default_trust
     from security.pki import PKIError, load_credential
 
-    deadline = time.monotonic() + START_WAIT
-    while True:
+    def attempt():
         try:
             credential = load_credential(proxy=args.proxy) if args.proxy else load_credential()
             return JobClient(GridServiceClient(url, credential, default_trust(args.cert_dir), expected_host_dn=dn))
         except Unreachable as exc:
-            # the instance is Running and its job service was started: it may not listen yet
-            if time.monotonic() > deadline or "refused" not in str(exc):
-                raise CLIError(str(exc)) from None
-            print(f"vmgrid: waiting for the job service of {args.endpoint} to answer", file=sys.stderr, flush=True)
-            time.sleep(2)
+            if "refused" in str(exc):
+                raise                                  # not listening yet: asked again
+            raise CLIError(str(exc)) from None
         except (PKIError, OSError, ClientError) as exc:
             raise CLIError(str(exc)) from None
+
+    return until_listening(attempt, f"the job service of {args.endpoint}", Unreachable)
+
+
+def until_listening(attempt, what: str, refused: type[Exception], *, wait: float = START_WAIT,
+                    interval: float = 2.0, out=None, sleep=None, clock=None):
+    """``attempt()`` until it stops raising ``refused`` (the instance is Running and its job service was
+    started: it may not listen yet), for at most ``wait`` seconds. One line says so (a spinner on a terminal);
+    the last refusal is the error once ``wait`` has passed."""
+    import time
+
+    from client.output import Waiting
+
+    sleep, clock = sleep or time.sleep, clock or time.monotonic
+    deadline = clock() + wait
+    waiting = Waiting(what, out)
+    while True:
+        try:
+            result = attempt()
+        except refused as exc:
+            if clock() > deadline:
+                waiting.done("gave up")
+                raise CLIError(str(exc)) from None
+            waiting.tick()
+            sleep(interval)
+            continue
+        waiting.done()
+        return result
 
 
 def call(func, *a, **kw):

@@ -134,3 +134,30 @@ def show_descriptor(el: etree._Element, out=None) -> None:
     for k, v in rows:
         if v is not None:
             print(f"{k.rjust(width)}  {v}", file=out)
+
+
+class Waiting:
+    """One line while something is awaited: ``vmgrid: waiting for WHAT...`` printed once on the first
+    ``tick``; on a terminal a spinner after it (redrawn in place), elsewhere nothing more (no line per retry).
+    ``done`` ends the line (on a terminal with ``ready``)."""
+
+    SPIN = "|/-\\"
+
+    def __init__(self, what: str, out=None):
+        self.what = what
+        self.out = sys.stderr if out is None else out
+        self.ticks = 0
+        self.tty = bool(getattr(self.out, "isatty", lambda: False)())
+
+    def tick(self) -> None:
+        if self.ticks == 0:
+            self.out.write(f"vmgrid: waiting for {self.what}..." + (" " if self.tty else "\n"))
+        if self.tty:
+            self.out.write(("\b" if self.ticks else "") + self.SPIN[self.ticks % len(self.SPIN)])
+        self.ticks += 1
+        self.out.flush()
+
+    def done(self, outcome: str = "ready") -> None:
+        if self.ticks and self.tty:
+            self.out.write(f"\b{outcome}\n")
+            self.out.flush()
