@@ -1,7 +1,8 @@
 """Load with and without faults, side by side (issue 16): the same seeded client load on a local grid (two
 test-driver nodes, the central process), once quiet and once while a node, the central process and a GridFTP
 transfer are SIGKILLed and restarted. Prints operations, errors by type after retries, latency p50/p95 per
-operation and each invariant's count of violations (all 0 on a consistent grid).
+operation and each invariant's count of violations (all 0 on a consistent grid), the nodes' orphan domains and
+Running/Paused instances without a domain among them (each node's ListDomains, as a site admin).
 
     .venv/bin/python bench/bench_chaos.py                 # --clients 20 --seconds 90 --seed 16 --fault-every 8
 """
@@ -51,9 +52,10 @@ def main(argv: list[str] | None = None) -> int:
         ratio = percentile(f, 95) / percentile(q, 95) if q and f else float("nan")
         print(f"  {op:<30}{percentile(q, 50):>12.3f}{percentile(q, 95):>8.3f}{percentile(f, 50):>12.3f}"
               f"{percentile(f, 95):>8.3f}{ratio:>10.2f}")
-    print(f"\n{'invariant (violations; live instances: count)':<60}{'quiet':>8}{'faults':>8}")
+    width = max(60, *(len(n) + 2 for n in quiet.invariants))
+    print(f"\n{'invariant (violations; live instances: count)':<{width}}{'quiet':>8}{'faults':>8}")
     for name in quiet.invariants:
-        print(f"  {name:<58}{quiet.invariants[name]:>8}{faulty.invariants[name]:>8}")
+        print(f"  {name:<{width - 2}}{quiet.invariants[name]:>8}{faulty.invariants[name]:>8}")
     broken = {k: v for r in runs.values() for k, v in r.invariants.items() if k != "live instances" and v}
     return 1 if broken else 0
 

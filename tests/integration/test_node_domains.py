@@ -7,6 +7,11 @@ One in-process grid for the module (the test driver of each node lives in this p
 on the hypervisor behind the node's back)."""
 from __future__ import annotations
 
+import json
+import re
+import subprocess
+from pathlib import Path
+
 import pytest
 
 from client.cli import main as vmgrid
@@ -17,6 +22,7 @@ from services.authz.config import AuthzConfig
 from services.container.assemble import build_container, build_service
 from services.vmmanager.vmm import LibvirtTestDriver
 from tests.fixtures.grid import base_config, free_port, start_grid
+from tests.integration.test_site_recipe import vmgrid_on_path
 
 pytestmark = pytest.mark.timeout(300)
 CLEANUP = "{http://vmgrid.org/ns/vmmanager/1}CleanupPending"
@@ -76,6 +82,25 @@ def test_a_site_admin_sees_each_domain_with_its_instance_and_others_are_refused(
     assert rc == 0 and info.ref.key in out and "node1: 1 domain(s), 0 orphan, 0 instance(s) missing" in out
     rc, out = cli(grid, capsys, monkeypatch, grid_pki.alice, "node", "domains", "--node", grid.node_url())
     assert rc == 1 and out.startswith("vmgrid: ") and "denied" in out.lower(), out
+    grid.vmm(grid_pki.alice).destroy(info.ref)
+
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "vmmanager.md"
+MARK = "<!-- run as written by tests/integration/test_node_domains.py (as a site admin, VMGRID_NODE set) -->"
+
+
+def test_the_commands_of_docs_vmmanager_md_run_as_written(grid, grid_pki, tmp_path):
+    m = re.search(re.escape(MARK) + r"\n```sh\n(.*?)```", DOC.read_text(), re.S)
+    assert m, "docs/vmmanager.md lost its tested node domains commands"
+    info = grid.vmm(grid_pki.alice).deploy(grid.image, "census-doc", 600, wait=True)
+    env = {**grid_pki.admin.env(grid_pki.cert_dir), "VMGRID_NODE": grid.node_url(), "HOME": str(tmp_path),
+           "PATH": f"{vmgrid_on_path(tmp_path)}:/usr/bin:/bin", "LANG": "C.UTF-8"}
+    r = subprocess.run(["bash", "-e", "-c", m.group(1)], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    table, _, js = r.stdout.partition("\n{")
+    assert info.ref.key in table and "node1: 1 domain(s), 0 orphan, 0 instance(s) missing their domain" in table
+    listed = json.loads("{" + js)
+    assert [d["instance"] for d in listed["domains"]] == [info.ref.key] and listed["missing"] == []
     grid.vmm(grid_pki.alice).destroy(info.ref)
 
 
