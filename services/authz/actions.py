@@ -26,7 +26,8 @@ VM_ACTIONS = (
     "vm.shutdown", "vm.destroy", "vm.set-lifetime", "vm.migrate",
 )
 
-# Site administration of the services (nodes, caches, leases); site admins by default.
+# Site administration of the services (nodes, caches, leases); site admins by default (the default policy's
+# site-admins rule is the only one that permits them). admin.node: a VMManager's ListDomains.
 ADMIN_ACTIONS = (
     "admin.node", "admin.cache", "admin.lease", "admin.repository",
 )
