@@ -19,6 +19,7 @@ from services.authz.store import PolicyFile
 from services.authz.wire import (NS, attributes_from_xml, audit_to_xml, el, group_from_xml,
                                  group_to_xml, limits_to_xml, obligations_to_xml, rule_from_xml, rule_to_xml,
                                  slot_to_xml, status_to_xml, sub, subject_from_xml, text)
+from services.common.crash import crashpoint
 from services.container.service import CallContext, SoapService, operation
 from services.faults import AccessDenied, InvalidArgument
 
@@ -145,6 +146,7 @@ class AuthorizationService(SoapService):
             attributes_from_xml(req.find("az:resource", NS), "resource"),
             attributes_from_xml(req.find("az:context", NS), "context"), requester=ctx.dn,
             node=(text(req, "node") or "").strip())
+        crashpoint("slot.claimed")     # fault tests: the slot recorded, its answer never sent
         resp = el("ClaimSlotResponse")
         sub(resp, "rule", decision.rule)
         sub(resp, "decisionId", decision.decision_id)

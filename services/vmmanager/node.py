@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Iterator
 
 from services.authz.pep import Enforcer, PolicyDecisionPoint
-from services.faults import (RETRYABLE, InternalFault, InvalidArgument, InvalidDescriptor, LimitExceeded,
-                             ResourceUnknown, VMGridFault, VMMFault)
+from services.faults import (RETRYABLE, AccessDenied, InternalFault, InvalidArgument, InvalidDescriptor,
+                             LimitExceeded, ResourceUnknown, VMGridFault, VMMFault)
 from services.vmmanager import migration, network, phases, states
 from services.vmmanager.config import VMManagerConfig
 from services.vmmanager.context import new_token
@@ -211,7 +211,18 @@ class Node:
                     "node": self.node}
         context = {"memory": str(d.memory), "vcpus": str(d.vcpus), "lifetime": str(req.lifetime),
                    "image": d.image_id, "node": self.node}
-        decision, _slot = self.authz.claim(caller, key, resource, context)
+        try:
+            decision, _slot = self.authz.claim(caller, key, resource, context)
+        except AccessDenied:
+            raise
+        except VMGridFault:
+            # the slot may have been recorded before the answer was lost (the central process killed meanwhile)
+            # or refused after it (an obligation): give it back, kept for retry (a release of no slot is a no-op)
+            try:
+                self._release_central("slot", key)
+            except VMGridFault as exc:
+                log.warning("instance %s: releasing a slot whose claim failed: %s", key, exc.description)
+            raise
         t_authorize = time.perf_counter() - started
         rec = Recorder(self.store, key)
         try:
