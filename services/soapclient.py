@@ -165,7 +165,6 @@ class GridServiceClient:
             raise Unreachable(f"cannot reach {self.url}: {_reason(exc)}") from None
         return self._capture.payload()
 
-
     def response_header(self, tag: str) -> etree._Element | None:
         """A header block of this thread's last verified response (its signature covers every header), or None."""
         return self._capture.header(tag)
