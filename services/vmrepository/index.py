@@ -1,7 +1,9 @@
 """The catalogue's query index: the descriptors' facts held column-wise in memory (numpy), so a
 criteria query over 100,000 descriptors is a handful of vectorised range scans and bitmap ANDs.
 
-SQLite stays the source of truth. Every catalogue write appends to its ``changes`` log; before
+SQLite stays the source of truth: the descriptors themselves, whose facts (:func:`fact_rows`) are read
+from the stored XML when the index is built or catches up (a write stores one row per descriptor, not
+one per fact). Every catalogue write appends to its ``changes`` log; before
 answering, the index catches up on that log (also what other worker processes wrote). New facts
 go to a small delta evaluated directly and are merged into the sorted base columns once the delta
 grows; removed or replaced images are dropped by clearing their slot in the ``alive`` bitmap.
@@ -15,6 +17,7 @@ catalogue, a log that no longer has that position, an unreadable file) is a rebu
 """
 from __future__ import annotations
 
+import functools
 import os
 import sqlite3
 import threading
@@ -23,14 +26,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from lxml import etree
 
-from services.descriptor import NUMBER, VERSION, resolve_field
+from services.descriptor import NUMBER, VERSION, facts, resolve_field, version_key
 from services.vmrepository.query import Budget, Prepared
 
 MERGE_AT = 4096        # delta facts before they are merged into the base columns
 SNAPSHOT_FORMAT = 1    # bump when the saved layout changes: older files are then rebuilt, never misread
 NUMERIC_ORDER = ("memory", "vcpus", "size")
 ORDER_COLUMNS = ("name", "vo", "owner", "created", "updated", "memory", "vcpus", "size", "image_id")
+
+
+_TRUSTED = etree.XMLParser(resolve_entities=False, no_network=True)  # the catalogue's own stored, validated XML
+
+
+@functools.lru_cache(maxsize=4096)
+def _kind(path: str) -> str:
+    return resolve_field(path)[1]
+
+
+def fact_rows(image_id: str, element: etree._Element) -> list[tuple[str, str, str, float | None, str | None]]:
+    """(image id, field path, text, number, version key) of every fact of a descriptor."""
+    rows = []
+    for path, value in facts(element):
+        kind = _kind(path)
+        rows.append((image_id, path, value, float(value) if kind == NUMBER else None,
+                     version_key(value) if kind == VERSION else None))
+    return rows
 
 
 def fact_key(kind: str, text: str, num, ver):
@@ -178,14 +200,17 @@ class QueryIndex:
         return out
 
     def _select_facts(self, db, image_ids: list[str] | None):
+        """The facts of these images (None: of every image), read from their stored descriptors."""
         if image_ids is None:
-            return db.execute("SELECT image_id, field, txt, num, ver FROM facts")
-        out = []
-        for i in range(0, len(image_ids), 500):
-            chunk = image_ids[i:i + 500]
-            out += db.execute(f"SELECT image_id, field, txt, num, ver FROM facts WHERE image_id IN "
-                              f"({','.join('?' * len(chunk))})", chunk).fetchall()
-        return out
+            rows = db.execute("SELECT image_id, descriptor FROM images")
+        else:
+            rows = []
+            for i in range(0, len(image_ids), 500):
+                chunk = image_ids[i:i + 500]
+                rows += db.execute(f"SELECT image_id, descriptor FROM images WHERE image_id IN "
+                                   f"({','.join('?' * len(chunk))})", chunk).fetchall()
+        for image_id, data in rows:
+            yield from fact_rows(image_id, etree.fromstring(data, _TRUSTED))
 
     def _load(self, db, image_ids: list[str], into_delta: bool) -> None:
         for row in self._select_images(db, image_ids):
@@ -195,7 +220,7 @@ class QueryIndex:
             slot = self.slot_of.get(image_id)
             if slot is None:
                 continue
-            kind = resolve_field(path)[1]
+            kind = _kind(path)
             col = self.columns.get(path)
             if col is None:
                 col = self.columns[path] = _Column.build(kind == NUMBER, [])
@@ -216,7 +241,7 @@ class QueryIndex:
             self.alive[:len(self.slot_of)] = True
             per_field: dict[str, list] = {}
             for image_id, path, txt, num, ver in self._select_facts(db, None):
-                kind = resolve_field(path)[1]
+                kind = _kind(path)
                 per_field.setdefault(path, []).append((self.slot_of[image_id], fact_key(kind, txt, num, ver), txt))
         finally:
             db.execute("COMMIT")

@@ -147,7 +147,6 @@ def test_an_index_that_does_not_match_the_catalogue_is_rebuilt_never_served(tmp_
         db = sqlite3.connect(cat.path)
         db.execute("DELETE FROM changes WHERE seq > (SELECT max(seq) - 50 FROM changes)")
         removed = [r[0] for r in db.execute("SELECT image_id FROM images ORDER BY image_id LIMIT 40")]
-        db.execute(f"DELETE FROM facts WHERE image_id IN ({','.join('?' * len(removed))})", removed)
         db.execute(f"DELETE FROM images WHERE image_id IN ({','.join('?' * len(removed))})", removed)
         db.commit()
         db.close()
