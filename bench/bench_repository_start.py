@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import resource
 import shutil
 import subprocess
 import sys
@@ -114,10 +115,10 @@ def main() -> int:
             print(f"# made {len(descriptors)} descriptors in {time.perf_counter() - t:.1f} s", flush=True)
 
             core = descriptors[:args.n]
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             for i in range(0, len(core), 1000):
                 registry.import_images(alice, core[i:i + 1000])
-            imported_s = time.perf_counter() - t
+            imported_s, imported_cpu = time.perf_counter() - t, time.process_time() - c
             core_load = loadavg()
             print(f"# imported {len(core)} in the core in {imported_s:.1f} s", flush=True)
 
@@ -127,7 +128,8 @@ def main() -> int:
                 registry.duplicate(alice, "bio/" + seed_ws.findtext("{*}identity/{*}name"), f"dup-{i:06d}")
             dup_s = time.perf_counter() - t
             rows.append(("core: ImportImages, batches of 1000 (validate, authorize, one transaction)",
-                         f"{len(core) / imported_s:,.0f} descriptors/s", f"{len(core)} in {imported_s:.1f} s; {core_load}"))
+                         f"{len(core) / imported_s:,.0f} descriptors/s", f"{len(core)} in {imported_s:.1f} s, {imported_cpu:.1f} s of CPU "
+                         f"({len(core) / imported_cpu:,.0f}/s per CPU second); {core_load}"))
             rows.append(("core peer: one DuplicateImage per descriptor", f"{len(peer) / dup_s:,.0f} descriptors/s",
                          f"{len(peer)} in {dup_s:.1f} s"))
             t = time.perf_counter()
@@ -188,9 +190,14 @@ def main() -> int:
             env = {**os.environ, "X509_USER_PROXY": str(alice.proxy_path), "X509_CERT_DIR": str(pki.cert_dir),
                    "VMGRID_REPOSITORY": url, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
             t = time.perf_counter()
+            server_cpu = process_cpu(proc.process.pid)
+            children = resource.getrusage(resource.RUSAGE_CHILDREN)
             out = subprocess.run([sys.executable, "-m", "client.cli", "repo", "import", str(files)], env=env,
                                  capture_output=True, text=True)
             cli_s = time.perf_counter() - t
+            server_cpu = process_cpu(proc.process.pid) - server_cpu
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            client_cpu = after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime
             if out.returncode:
                 raise SystemExit(f"vmgrid repo import failed: {out.stderr}")
             client = RepositoryClient(GridServiceClient(url, alice.proxy, pki.trust()))
@@ -202,6 +209,9 @@ def main() -> int:
             client.service.close()
             rows.append((f"`vmgrid repo import DIR`, {args.import_n:,} files (whole command)",
                          f"{args.import_n / cli_s:,.0f} descriptors/s", f"{out.stdout.strip()}; {loadavg()}"))
+            rows.append(("  CPU seconds of it: the command / the repository process",
+                         f"{client_cpu:.1f} s / {server_cpu:.1f} s",
+                         f"{args.import_n / max(client_cpu, server_cpu):,.0f} descriptors per CPU second of the busier"))
             rows.append(("peer: one signed DuplicateImage call per descriptor",
                          f"{n_dup / soap_dup_s:,.0f} descriptors/s", f"{n_dup} in {soap_dup_s:.1f} s"))
         proc.stop()
