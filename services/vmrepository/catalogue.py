@@ -7,7 +7,6 @@ import logging
 import sqlite3
 import time
 import uuid
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -107,7 +106,8 @@ class Catalogue:
         with self._write("meta") as db:
             db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('catalogue_id', ?)", (uuid.uuid4().hex,))
         self.catalogue_id = self._db().execute("SELECT value FROM meta WHERE key = 'catalogue_id'").fetchone()[0]
-        self.index_path = self.path.with_name(self.path.name + ".index.npz")
+        self.index_path = self.path.with_name(self.path.name + ".index")
+        self.path.with_name(self.path.name + ".index.npz").unlink(missing_ok=True)   # the earlier format's file
         self._saved_seq: int | None = None
 
     # -- connections ----------------------------------------------------------------------
@@ -168,7 +168,7 @@ class Catalogue:
             return f"rebuilt (saved index {behind} changes behind)"      # reading it all at once is faster
         try:
             self.index.load(self.index_path)
-        except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+        except (OSError, KeyError, ValueError, TypeError) as exc:
             self.index.__init__()
             return f"rebuilt (saved index unreadable: {exc})"
         self._saved_seq = seq
