@@ -212,12 +212,20 @@ class Catalogue:
             (vo, name)).fetchone()
         return Record(*row) if row else None
 
-    def made_of(self, sha256: str) -> list[Record]:
-        """The images whose bytes are ``sha256`` (duplicates share them)."""
-        rows = self._db().execute(
-            "SELECT image_id, vo, name, owner, sha256, size, revision, descriptor FROM images WHERE sha256 = ?",
-            (sha256,)).fetchall()
-        return [Record(*r) for r in rows]
+    def made_of(self, sha256: str, page: int = 64) -> Iterator[Record]:
+        """The images whose bytes are ``sha256`` (duplicates share them), read a page at a time: a caller that
+        stops at the first it may read (an import, a GridFTP read) does not load every duplicate (a bulk import
+        makes thousands of descriptors of one image). Each page is its own statement: no cursor stays open."""
+        after = 0
+        while True:      # rowid order is the images_sha index's own order: each page is one index range
+            rows = self._db().execute(
+                "SELECT rowid, image_id, vo, name, owner, sha256, size, revision, descriptor FROM images "
+                "WHERE sha256 = ? AND rowid > ? ORDER BY rowid LIMIT ?", (sha256, after, page)).fetchall()
+            for r in rows:
+                yield Record(*r[1:])
+            if len(rows) < page:
+                return
+            after = rows[-1][0]
 
     def blake3_of(self, sha256: str) -> str | None:
         """The BLAKE3 digest of the bytes ``sha256``, from a descriptor that carries it (computed at ingest;
