@@ -82,7 +82,7 @@ def main() -> int:
     root = args.existing or Path(tempfile.mkdtemp(prefix="vmgrid-bench-start-"))
     if args.existing:
         args.keep = True
-    pki = build_grid_pki(root / ("pki-again" if args.existing else "pki"))
+    pki = build_grid_pki(root / (f"pki-{time.strftime('%Y%m%d%H%M%S')}" if args.existing else "pki"))
     alice = pki.alice
     pdp = site_policy_point([pki.admin.dn], {vo: {"members": [alice.dn], "admins": [pki.admin.dn]} for vo in VOS})
     ingest = root / "ingest"
@@ -151,6 +151,7 @@ def main() -> int:
         from services.vmrepository.client import RepositoryClient
 
         def start_and_query(label: str, name: str):
+            (root / f"{name}.log").unlink(missing_ok=True)     # an --existing run's log names the earlier URL
             t0 = time.perf_counter()
             proc = serve(name, ["repository"], config, root, timeout=1800)
             up = time.perf_counter() - t0
@@ -183,9 +184,10 @@ def main() -> int:
 
         # -- vmgrid repo import DIR end to end --------------------------------------------------------------
         if args.import_n:
-            files = root / "import"
-            files.mkdir(exist_ok=True)
-            for i, text in enumerate(make_descriptors(args.import_n, sha, random.Random(7), "imported")):
+            run = time.strftime("%Y%m%d%H%M%S")          # names of their own: an --existing catalogue has earlier runs'
+            files = root / f"import-{run}"
+            files.mkdir()
+            for i, text in enumerate(make_descriptors(args.import_n, sha, random.Random(7), f"imported-{run}")):
                 (files / f"d{i:06d}.xml").write_text(text)
             env = {**os.environ, "X509_USER_PROXY": str(alice.proxy_path), "X509_CERT_DIR": str(pki.cert_dir),
                    "VMGRID_REPOSITORY": url, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
@@ -204,7 +206,7 @@ def main() -> int:
             n_dup = 50
             t = time.perf_counter()
             for i in range(n_dup):
-                client.duplicate("bio/" + seed_name, f"soap-dup-{i:03d}")
+                client.duplicate("bio/" + seed_name, f"soap-dup-{run}-{i:03d}")
             soap_dup_s = time.perf_counter() - t
             client.service.close()
             rows.append((f"`vmgrid repo import DIR`, {args.import_n:,} files (whole command)",
