@@ -167,7 +167,7 @@ def main() -> int:
             client.service.close()
             return proc, up, first, second, result.total, label
 
-        index = state / "catalogue.sqlite.index.npz"
+        index = state / "catalogue.sqlite.index"
         runs = []
         index.unlink(missing_ok=True)
         proc, *rest = start_and_query("no saved index: rebuilt from SQLite (peer: every start before)",
