@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchgrid import WIRE_SCRIPT  # noqa: E402  (plain TCP, the link's ceiling)
+from benchgrid import WIRE_SCRIPT, compile_bytecode  # noqa: E402  (plain TCP, the link's ceiling)
 
 REPO = Path(__file__).resolve().parents[1]
 # ../shared/tools/wan.sh from the main checkout (/work/main), ../../shared from a helper's worktree (/work/wt/x)
@@ -166,6 +166,7 @@ def wait_until(ready, what: str, timeout: float = 20) -> None:
 class Results:
     def __init__(self) -> None:
         self.rows: dict[tuple[str, str, int], list[float]] = {}
+        self.loads: list[float] = []     # the 1-minute load average before each loopback pair
 
     def add(self, part: str, tool: str, streams: int, seconds: float) -> None:
         self.rows.setdefault((part, tool, streams), []).append(seconds)
@@ -288,6 +289,7 @@ def bench_loopback(work: Path, size: int, repeat: int, results: Results) -> None
         log("loopback: disk to disk on 127.0.0.1")
         for _ in range(repeat):
             for p in (1, 4):
+                results.loads.append(os.getloadavg()[0])
                 clean(dst)
                 results.add("loopback", "globus-url-copy", p, timed(
                     [*wrap, "globus-url-copy", "-p", str(p), f"ftp://127.0.0.1:{gport}{src}", f"file://{dst}/g"]))
@@ -471,7 +473,9 @@ def report(results: Results, size: int) -> str:
         lines.append("")
     loop_rows = [k for k in results.rows if k[0] == "loopback"]
     if loop_rows:
-        lines += [f"Loopback, disk to disk: {mib:.0f} MiB on 127.0.0.1",
+        load = (f"; 1-minute load average {min(results.loads):.1f}-{max(results.loads):.1f} on "
+                f"{os.cpu_count()} CPUs" if results.loads else "")
+        lines += [f"Loopback, disk to disk: {mib:.0f} MiB on 127.0.0.1{load}",
                   f"{'client':30s} {'-p':>3s} {'seconds':>8s} {'MiB/s':>8s} {'vs globus':>10s}"]
         for key in sorted(loop_rows, key=lambda k: (k[2], k[1])):
             sec = results.seconds(key)
@@ -531,6 +535,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench_gridftp: {tool} is missing (./run.sh setup installs it)", file=sys.stderr)
             return 2
     size = args.size_mib << 20
+    compile_bytecode()      # `vmgrid transfer` starts as an installed vmgrid does (see benchgrid)
     work = make_workdir(size)
     results = Results()
     try:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import resource
 import shutil
 import subprocess
 import sys
@@ -30,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lxml import etree  # noqa: E402
 
 from bench.bench_repository_query import DISTROS, KERNELS, LIBS  # noqa: E402
-from bench.benchgrid import security_section, serve  # noqa: E402
+from bench.benchgrid import compile_bytecode, loadavg, process_cpu, security_section, serve  # noqa: E402
 from services.authz.engine import site_policy_point  # noqa: E402
 from services.vmrepository.config import RepositoryConfig  # noqa: E402
 from services.vmrepository.registry import Registry, Source  # noqa: E402
@@ -81,7 +82,7 @@ def main() -> int:
     root = args.existing or Path(tempfile.mkdtemp(prefix="vmgrid-bench-start-"))
     if args.existing:
         args.keep = True
-    pki = build_grid_pki(root / ("pki-again" if args.existing else "pki"))
+    pki = build_grid_pki(root / (f"pki-{time.strftime('%Y%m%d%H%M%S')}" if args.existing else "pki"))
     alice = pki.alice
     pdp = site_policy_point([pki.admin.dn], {vo: {"members": [alice.dn], "admins": [pki.admin.dn]} for vo in VOS})
     ingest = root / "ingest"
@@ -89,6 +90,7 @@ def main() -> int:
     state = root / "state" / "repository"
     cfg = RepositoryConfig(ingest_dirs=[str(ingest)], gridftp_port=-1)
     rows = []
+    compile_bytecode()      # the processes timed start as an installed vmgrid does (see benchgrid)
     try:
         if args.existing:
             import sqlite3
@@ -113,10 +115,11 @@ def main() -> int:
             print(f"# made {len(descriptors)} descriptors in {time.perf_counter() - t:.1f} s", flush=True)
 
             core = descriptors[:args.n]
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             for i in range(0, len(core), 1000):
                 registry.import_images(alice, core[i:i + 1000])
-            imported_s = time.perf_counter() - t
+            imported_s, imported_cpu = time.perf_counter() - t, time.process_time() - c
+            core_load = loadavg()
             print(f"# imported {len(core)} in the core in {imported_s:.1f} s", flush=True)
 
             peer = descriptors[args.n:]
@@ -125,7 +128,8 @@ def main() -> int:
                 registry.duplicate(alice, "bio/" + seed_ws.findtext("{*}identity/{*}name"), f"dup-{i:06d}")
             dup_s = time.perf_counter() - t
             rows.append(("core: ImportImages, batches of 1000 (validate, authorize, one transaction)",
-                         f"{len(core) / imported_s:,.0f} descriptors/s", f"{len(core)} in {imported_s:.1f} s"))
+                         f"{len(core) / imported_s:,.0f} descriptors/s", f"{len(core)} in {imported_s:.1f} s, {imported_cpu:.1f} s of CPU "
+                         f"({len(core) / imported_cpu:,.0f}/s per CPU second); {core_load}"))
             rows.append(("core peer: one DuplicateImage per descriptor", f"{len(peer) / dup_s:,.0f} descriptors/s",
                          f"{len(peer)} in {dup_s:.1f} s"))
             t = time.perf_counter()
@@ -147,9 +151,12 @@ def main() -> int:
         from services.vmrepository.client import RepositoryClient
 
         def start_and_query(label: str, name: str):
+            (root / f"{name}.log").unlink(missing_ok=True)     # an --existing run's log names the earlier URL
             t0 = time.perf_counter()
             proc = serve(name, ["repository"], config, root, timeout=1800)
             up = time.perf_counter() - t0
+            cpu = process_cpu(proc.process.pid)
+            label = f"{label}; {cpu:.2f} s of CPU; {loadavg()}"
             client = RepositoryClient(GridServiceClient(proc.url("VMRepositoryService"), alice.proxy, pki.trust()))
             t1 = time.perf_counter()
             result = client.query(["ram >= 4096", "library emboss >= 1.0"], limit=20)
@@ -160,7 +167,7 @@ def main() -> int:
             client.service.close()
             return proc, up, first, second, result.total, label
 
-        index = state / "catalogue.sqlite.index.npz"
+        index = state / "catalogue.sqlite.index"
         runs = []
         index.unlink(missing_ok=True)
         proc, *rest = start_and_query("no saved index: rebuilt from SQLite (peer: every start before)",
@@ -177,27 +184,36 @@ def main() -> int:
 
         # -- vmgrid repo import DIR end to end --------------------------------------------------------------
         if args.import_n:
-            files = root / "import"
-            files.mkdir(exist_ok=True)
-            for i, text in enumerate(make_descriptors(args.import_n, sha, random.Random(7), "imported")):
+            run = time.strftime("%Y%m%d%H%M%S")          # names of their own: an --existing catalogue has earlier runs'
+            files = root / f"import-{run}"
+            files.mkdir()
+            for i, text in enumerate(make_descriptors(args.import_n, sha, random.Random(7), f"imported-{run}")):
                 (files / f"d{i:06d}.xml").write_text(text)
             env = {**os.environ, "X509_USER_PROXY": str(alice.proxy_path), "X509_CERT_DIR": str(pki.cert_dir),
                    "VMGRID_REPOSITORY": url, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
             t = time.perf_counter()
+            server_cpu = process_cpu(proc.process.pid)
+            children = resource.getrusage(resource.RUSAGE_CHILDREN)
             out = subprocess.run([sys.executable, "-m", "client.cli", "repo", "import", str(files)], env=env,
                                  capture_output=True, text=True)
             cli_s = time.perf_counter() - t
+            server_cpu = process_cpu(proc.process.pid) - server_cpu
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            client_cpu = after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime
             if out.returncode:
                 raise SystemExit(f"vmgrid repo import failed: {out.stderr}")
             client = RepositoryClient(GridServiceClient(url, alice.proxy, pki.trust()))
             n_dup = 50
             t = time.perf_counter()
             for i in range(n_dup):
-                client.duplicate("bio/" + seed_name, f"soap-dup-{i:03d}")
+                client.duplicate("bio/" + seed_name, f"soap-dup-{run}-{i:03d}")
             soap_dup_s = time.perf_counter() - t
             client.service.close()
             rows.append((f"`vmgrid repo import DIR`, {args.import_n:,} files (whole command)",
-                         f"{args.import_n / cli_s:,.0f} descriptors/s", out.stdout.strip()))
+                         f"{args.import_n / cli_s:,.0f} descriptors/s", f"{out.stdout.strip()}; {loadavg()}"))
+            rows.append(("  CPU seconds of it: the command / the repository process",
+                         f"{client_cpu:.1f} s / {server_cpu:.1f} s",
+                         f"{args.import_n / max(client_cpu, server_cpu):,.0f} descriptors per CPU second of the busier"))
             rows.append(("peer: one signed DuplicateImage call per descriptor",
                          f"{n_dup / soap_dup_s:,.0f} descriptors/s", f"{n_dup} in {soap_dup_s:.1f} s"))
         proc.stop()

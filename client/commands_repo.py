@@ -199,7 +199,7 @@ def upload_and_register(repo, args, descriptor):
 def read_descriptor_dir(directory: Path) -> list[tuple[Path, object]]:
     """Every descriptor file of ``directory``, parsed and validated; a CLIError listing every bad file
     (each also printed as its own ``vmgrid: FILE: reason`` line) when any is bad."""
-    from services.descriptor import Descriptor
+    from services.descriptor import simple_fields
 
     if not directory.is_dir():
         raise CLIError(f"{directory}: not a directory")
@@ -213,15 +213,16 @@ def read_descriptor_dir(directory: Path) -> list[tuple[Path, object]]:
         except CLIError as exc:
             errors.append(str(exc))
             continue
-        d = Descriptor(ws)
-        if d.image_id:
-            errors.append(f"{path}: carries an imageId ({d.image_id}); the repository assigns it")
-        elif not d.sha256:
+        f = simple_fields(ws)       # one pass (a directory may hold tens of thousands of descriptors)
+        image_id, vo, name = f.get("identity.imageId"), f.get("identity.vo"), f.get("identity.name")
+        if image_id:
+            errors.append(f"{path}: carries an imageId ({image_id}); the repository assigns it")
+        elif not f.get("image.sha256"):
             errors.append(f"{path}: no image/sha256 naming the image bytes in the repository")
-        elif (d.vo, d.name) in names:
-            errors.append(f"{path}: the name {d.vo}/{d.name} is also in {names[d.vo, d.name].name}")
+        elif (vo, name) in names:
+            errors.append(f"{path}: the name {vo}/{name} is also in {names[vo, name].name}")
         else:
-            names[d.vo, d.name] = path
+            names[vo, name] = path
             good.append((path, ws))
     if errors:
         for line in errors:

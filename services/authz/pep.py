@@ -9,9 +9,12 @@ concurrent-instance limits (:class:`SlotKeeper`). Deny is the default everywhere
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Protocol, runtime_checkable
+from typing import Mapping, Protocol, Sequence, runtime_checkable
 
-from services.faults import AccessDenied, InvalidArgument, LimitExceeded
+from services.faults import AccessDenied, InvalidArgument, LimitExceeded, VMGridFault
+
+# one authorization question of a batch: (action, resource, context)
+Request = tuple[str, Mapping[str, str], Mapping[str, str]]
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,15 @@ class PolicyDecisionPoint(Protocol):
 
 
 @runtime_checkable
+class BatchDecisionPoint(Protocol):
+    """A policy point that answers many questions of one subject at once (a bulk import's descriptors)."""
+
+    def decide_many(self, subject: Subject, requests: Sequence[Request]) -> list[Decision]:
+        """One decision per request, in order, each the one :meth:`decide` would give."""
+        ...
+
+
+@runtime_checkable
 class SlotKeeper(Protocol):
     """A policy point that also counts running instances (the Authorization service)."""
 
@@ -119,6 +131,32 @@ class Enforcer:
                                rule=decision.rule)
         enforce_obligations(decision, context)
         return decision
+
+    def check_many(self, caller, requests: Sequence[Request]) -> list[Decision | VMGridFault]:
+        """:meth:`check` for many requests of one caller: per request its Decision, or the fault ``check`` would
+        raise for it (AccessDenied, LimitExceeded, InvalidArgument); one denied request does not stop the others.
+        A policy point that answers batches (:class:`BatchDecisionPoint`) is asked once."""
+        subject = _subject(caller)
+        requests = [(action, dict(resource or {}), dict(context or {})) for action, resource, context in requests]
+        if isinstance(self.pdp, BatchDecisionPoint):
+            decisions = self.pdp.decide_many(subject, requests)
+        else:
+            decisions = [self.pdp.decide(subject, action, resource, context)
+                         for action, resource, context in requests]
+        out: list[Decision | VMGridFault] = []
+        for (action, resource, context), decision in zip(requests, decisions, strict=True):
+            if not decision.permit:
+                out.append(AccessDenied(f"{subject.dn} may not {action} on {describe(resource)} (rule: {decision.rule})",
+                                        subject=subject.dn, action=action, resource=describe(resource),
+                                        rule=decision.rule))
+                continue
+            try:
+                enforce_obligations(decision, context)
+            except VMGridFault as exc:
+                out.append(exc)
+                continue
+            out.append(decision)
+        return out
 
     def groups(self, caller) -> list[str]:
         return self.pdp.groups(_subject(caller))

@@ -200,6 +200,14 @@ class Policy:
     def rule(self, rule_id: str) -> Rule | None:
         return next((r for r in self.rules if r.id == rule_id), None)
 
+    def attributes_read(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The resource keys and context keys a decision of this policy can depend on: those its rules name,
+        and the resource's ``vo`` (its group's limits become obligations). Two requests of one subject for one
+        action that agree on these get the same decision."""
+        resource = {"vo"} | {key for rule in self.rules for key, _ in rule.resource}
+        context = {key for rule in self.rules for key, _ in rule.context}
+        return tuple(sorted(resource)), tuple(sorted(context))
+
     def view(self, subject: Subject) -> SubjectView:
         return SubjectView(subject.dn, subject.limited, self._members.get(subject.dn, frozenset()),
                            self._admins.get(subject.dn, frozenset()), self.is_admin(subject.dn))

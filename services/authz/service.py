@@ -123,6 +123,25 @@ class AuthorizationService(SoapService):
             sub(resp, "group", g)
         return resp
 
+    @operation("AuthorizeMany")
+    def authorize_many(self, ctx: CallContext, req: etree._Element) -> etree._Element:
+        subject = self._subject(ctx, req)
+        requests = [(text(r, "action").strip(), attributes_from_xml(r.find("az:resource", NS), "resource"),
+                     attributes_from_xml(r.find("az:context", NS), "context")) for r in req.iterfind("az:request", NS)]
+        decisions, groups, version = self.authority.authorize_many(subject, requests, requester=ctx.dn)
+        resp = el("AuthorizeManyResponse")
+        sub(resp, "policyVersion", version)
+        for decision in decisions:
+            r = sub(resp, "result")
+            sub(r, "decision", "Permit" if decision.permit else "Deny")
+            sub(r, "rule", decision.rule)
+            sub(r, "decisionId", decision.decision_id)
+            if decision.permit:
+                obligations_to_xml(r, decision.obligations)
+        for g in groups:
+            sub(resp, "group", g)
+        return resp
+
     @operation("GetGroups")
     def get_groups(self, ctx: CallContext, req: etree._Element) -> etree._Element:
         dn = text(req, "dn").strip()

@@ -1,21 +1,19 @@
-"""The catalogue: descriptors and their indexed facts in SQLite (WAL), the image bytes they refer
+"""The catalogue: descriptors in SQLite (WAL), the image bytes they refer
 to, and holds. Writes are serialised by SQLite's write lock (BEGIN IMMEDIATE), which also guards
 the store's renames and deletions, so the catalogue and the store stay consistent across crashes."""
 from __future__ import annotations
 
-import functools
 import logging
 import sqlite3
 import time
 import uuid
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 from lxml import etree
 
-from services.descriptor import NUMBER, VERSION, Descriptor, facts, resolve_field, version_key
+from services.descriptor import Descriptor, simple_fields
 from services.sqlite import Database
 from services.vmrepository.index import QueryIndex
 from services.vmrepository.query import Prepared
@@ -45,19 +43,14 @@ CREATE TABLE IF NOT EXISTS images (
 );
 CREATE INDEX IF NOT EXISTS images_sha ON images (sha256);
 CREATE INDEX IF NOT EXISTS images_vo_name ON images (vo, name);
-CREATE TABLE IF NOT EXISTS facts (
-    image_id TEXT NOT NULL,
-    field    TEXT NOT NULL,
-    txt      TEXT,
-    num      REAL,
-    ver      TEXT
-);
--- queries run on the in-memory index (index.py), which reads facts by image or all at once: indexes by
--- field only slowed every registration down (an older catalogue loses them at its next start)
+-- the query index (index.py) reads each descriptor's facts from its stored XML: a registration writes one
+-- row, not one per fact (about 46 for a descriptor: they were most of an import's time). An older
+-- catalogue loses its facts table at its next start.
 DROP INDEX IF EXISTS facts_txt;
 DROP INDEX IF EXISTS facts_num;
 DROP INDEX IF EXISTS facts_ver;
-CREATE INDEX IF NOT EXISTS facts_image ON facts (image_id);
+DROP INDEX IF EXISTS facts_image;
+DROP TABLE IF EXISTS facts;
 CREATE TABLE IF NOT EXISTS holds (
     hold_id  TEXT PRIMARY KEY,
     image_id TEXT NOT NULL,
@@ -102,24 +95,6 @@ def new_image_id() -> str:
     return "img-" + uuid.uuid4().hex
 
 
-def fact_rows(image_id: str, element: etree._Element) -> list[tuple]:
-    rows = []
-    for path, value in facts(element):
-        kind = _kind(path)
-        num = ver = None
-        if kind == NUMBER:
-            num = float(value)
-        elif kind == VERSION:
-            ver = version_key(value)
-        rows.append((image_id, path, value, num, ver))
-    return rows
-
-
-@functools.lru_cache(maxsize=4096)
-def _kind(path: str) -> str:
-    return resolve_field(path)[1]
-
-
 class Catalogue:
     def __init__(self, path: Path, store: ImageStore):
         self.path = Path(path)
@@ -131,7 +106,8 @@ class Catalogue:
         with self._write("meta") as db:
             db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('catalogue_id', ?)", (uuid.uuid4().hex,))
         self.catalogue_id = self._db().execute("SELECT value FROM meta WHERE key = 'catalogue_id'").fetchone()[0]
-        self.index_path = self.path.with_name(self.path.name + ".index.npz")
+        self.index_path = self.path.with_name(self.path.name + ".index")
+        self.path.with_name(self.path.name + ".index.npz").unlink(missing_ok=True)   # the earlier format's file
         self._saved_seq: int | None = None
 
     # -- connections ----------------------------------------------------------------------
@@ -192,7 +168,7 @@ class Catalogue:
             return f"rebuilt (saved index {behind} changes behind)"      # reading it all at once is faster
         try:
             self.index.load(self.index_path)
-        except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+        except (OSError, KeyError, ValueError, TypeError) as exc:
             self.index.__init__()
             return f"rebuilt (saved index unreadable: {exc})"
         self._saved_seq = seq
@@ -236,12 +212,20 @@ class Catalogue:
             (vo, name)).fetchone()
         return Record(*row) if row else None
 
-    def made_of(self, sha256: str) -> list[Record]:
-        """The images whose bytes are ``sha256`` (duplicates share them)."""
-        rows = self._db().execute(
-            "SELECT image_id, vo, name, owner, sha256, size, revision, descriptor FROM images WHERE sha256 = ?",
-            (sha256,)).fetchall()
-        return [Record(*r) for r in rows]
+    def made_of(self, sha256: str, page: int = 64) -> Iterator[Record]:
+        """The images whose bytes are ``sha256`` (duplicates share them), read a page at a time: a caller that
+        stops at the first it may read (an import, a GridFTP read) does not load every duplicate (a bulk import
+        makes thousands of descriptors of one image). Each page is its own statement: no cursor stays open."""
+        after = 0
+        while True:      # rowid order is the images_sha index's own order: each page is one index range
+            rows = self._db().execute(
+                "SELECT rowid, image_id, vo, name, owner, sha256, size, revision, descriptor FROM images "
+                "WHERE sha256 = ? AND rowid > ? ORDER BY rowid LIMIT ?", (sha256, after, page)).fetchall()
+            for r in rows:
+                yield Record(*r[1:])
+            if len(rows) < page:
+                return
+            after = rows[-1][0]
 
     def blake3_of(self, sha256: str) -> str | None:
         """The BLAKE3 digest of the bytes ``sha256``, from a descriptor that carries it (computed at ingest;
@@ -338,8 +322,6 @@ class Catalogue:
                 "INSERT INTO images (image_id, vo, name, owner, sha256, size, memory, vcpus, created, updated, descriptor)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (d.image_id, d.vo, d.name, d.owner, d.sha256, d.size, d.memory, d.vcpus, now, now, data))
-            db.executemany("INSERT INTO facts (image_id, field, txt, num, ver) VALUES (?, ?, ?, ?, ?)",
-                           fact_rows(d.image_id, element))
             db.execute("INSERT INTO changes (image_id) VALUES (?)", (d.image_id,))
 
     def add_many(self, elements: list[etree._Element], check: bool = False) -> None:
@@ -348,12 +330,16 @@ class Catalogue:
         (UnknownImage) refuse the whole batch; the fault's ``position`` is the descriptor's (1-based)."""
         from services.faults import DuplicateName, UnknownImage
 
+        rows = []
+        for element in elements:
+            f = simple_fields(element)
+            rows.append((f["identity.imageId"], f["identity.vo"], f["identity.name"], f["identity.owner"],
+                         f["image.sha256"], int(f["image.size"]), int(f["hardware.memory"]), int(f["hardware.vcpus"]),
+                         f["identity.created"], f["identity.created"], etree.tostring(element, encoding="UTF-8")))
         with self._write("add-many") as db:
-            present: set[str] = set()
-            for n, element in enumerate(elements, 1):
-                d = Descriptor(element)
-                image_id, vo, name, sha256 = d.image_id, d.vo, d.name, d.sha256
-                if check:
+            if check:
+                present: set[str] = set()
+                for n, (image_id, vo, name, _owner, sha256, *_rest) in enumerate(rows, 1):
                     if db.execute("SELECT 1 FROM images WHERE vo = ? AND name = ?", (vo, name)).fetchone():
                         exc = DuplicateName(f"an image named {name!r} already exists in VO {vo!r}", vo=vo, name=name)
                         exc.position = f"{n} ({vo}/{name})"
@@ -365,15 +351,10 @@ class Catalogue:
                             exc.position = f"{n} ({vo}/{name})"
                             raise exc
                         present.add(sha256)
-                created = d.created
-                db.execute(
-                    "INSERT INTO images (image_id, vo, name, owner, sha256, size, memory, vcpus, created, updated,"
-                    " descriptor) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (image_id, vo, name, d.owner, sha256, d.size, d.memory, d.vcpus, created, created,
-                     etree.tostring(element, encoding="UTF-8")))
-                db.executemany("INSERT INTO facts (image_id, field, txt, num, ver) VALUES (?, ?, ?, ?, ?)",
-                               fact_rows(image_id, element))
-                db.execute("INSERT INTO changes (image_id) VALUES (?)", (image_id,))
+            db.executemany(
+                "INSERT INTO images (image_id, vo, name, owner, sha256, size, memory, vcpus, created, updated,"
+                " descriptor) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            db.executemany("INSERT INTO changes (image_id) VALUES (?)", [(r[0],) for r in rows])
 
     def replace(self, element: etree._Element, updated: str) -> int:
         """Replace a descriptor (same imageId and bytes); returns the new revision."""
@@ -392,9 +373,6 @@ class Catalogue:
             db.execute("UPDATE images SET vo=?, name=?, owner=?, memory=?, vcpus=?, updated=?, revision=revision+1,"
                        " descriptor=? WHERE image_id=?",
                        (d.vo, d.name, d.owner, d.memory, d.vcpus, updated, data, d.image_id))
-            db.execute("DELETE FROM facts WHERE image_id = ?", (d.image_id,))
-            db.executemany("INSERT INTO facts (image_id, field, txt, num, ver) VALUES (?, ?, ?, ?, ?)",
-                           fact_rows(d.image_id, element))
             db.execute("INSERT INTO changes (image_id) VALUES (?)", (d.image_id,))
             return row[0] + 1
 
@@ -411,7 +389,6 @@ class Catalogue:
             if row is None:
                 return False, []
             sha = row[0]
-            db.execute("DELETE FROM facts WHERE image_id = ?", (image_id,))
             db.execute("DELETE FROM images WHERE image_id = ?", (image_id,))
             db.execute("DELETE FROM holds WHERE image_id = ?", (image_id,))
             db.execute("INSERT INTO changes (image_id) VALUES (?)", (image_id,))

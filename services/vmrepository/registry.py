@@ -22,7 +22,7 @@ from typing import Protocol
 from services.authz.pep import Enforcer, PolicyDecisionPoint, Subject
 from services.common.crash import crashpoint
 from services.common.reserve import SpaceReserve
-from services.descriptor import Descriptor, check_descriptor, set_field, utc_now
+from services.descriptor import Descriptor, check_descriptor, set_field, simple_fields, utc_now
 from services.faults import (AccessDenied, BadQuery, ChecksumMismatch, DuplicateName, ImageInUse, InvalidArgument,
                              InvalidDescriptor, InvalidSource, StorageFull, UnknownImage, VMGridFault,
                              is_storage_full)
@@ -269,16 +269,17 @@ class Registry:
             raise InvalidArgument("nothing to import", argument="workspace")
         if len(workspaces) > MAX_IMPORT:
             raise InvalidArgument(f"at most {MAX_IMPORT} descriptors in one import", argument="workspace")
-        readable: dict[str, tuple[int, str | None]] = {}   # sha256 -> (size, blake3), bytes the caller may read
-        names: set[tuple[str, str]] = set()
         created = utc_now()
+        # 1. each descriptor validated with the fields the repository sets, and its authorization questions
+        checked: list[tuple[str, dict[str, str]]] = []       # (label, the descriptor's simple fields)
+        requests, asked_by = [], []                          # the questions, and whose (index into checked)
         for n, ws in enumerate(workspaces, 1):
             label = f"descriptor {n}"
             try:
-                d = Descriptor(ws)
-                if d.image_id:
+                f = simple_fields(ws)
+                if f.get("identity.imageId"):
                     raise InvalidDescriptor("a new image must not carry an imageId: the repository assigns it")
-                owner = d.owner or caller.dn
+                owner = f.get("identity.owner") or caller.dn
                 try:
                     set_field(ws, "identity", "imageId", new_image_id())
                     set_field(ws, "identity", "owner", owner)
@@ -287,12 +288,30 @@ class Registry:
                     check_descriptor(ws)        # says what is wrong with it
                     raise
                 check_descriptor(ws)            # once, with the fields the repository sets
-                vo, name, sha256, given_size, given_blake3 = d.vo, d.name, d.sha256, d.size, d.blake3
-                label = f"descriptor {n} ({vo}/{name})"
-                self.authz.check(caller, "image.register", {"type": "image", "vo": vo, "owner": owner, "name": name},
-                                 {"source": "import", "memory": str(d.memory), "vcpus": str(d.vcpus)})
-                if owner != caller.dn:
-                    self.authz.check(caller, "image.register-for-other", {"type": "image", "vo": vo, "owner": owner})
+            except VMGridFault as exc:
+                raise _in_import(exc, label) from None
+            f["identity.owner"] = owner
+            vo, name = f["identity.vo"], f["identity.name"]
+            checked.append((f"descriptor {n} ({vo}/{name})", f))
+            requests.append(("image.register", {"type": "image", "vo": vo, "owner": owner, "name": name},
+                             {"source": "import", "memory": str(int(f["hardware.memory"])),
+                              "vcpus": str(int(f["hardware.vcpus"]))}))
+            asked_by.append(n - 1)
+            if owner != caller.dn:
+                requests.append(("image.register-for-other", {"type": "image", "vo": vo, "owner": owner}, {}))
+                asked_by.append(n - 1)
+        # 2. authorized all at once (a policy point that answers batches is asked once), each answer its own
+        for i, answer in zip(asked_by, self.authz.check_many(caller, requests)):
+            if isinstance(answer, VMGridFault):
+                raise _in_import(answer, checked[i][0]) from None
+        # 3. the bytes each names: the caller must be allowed to read an image already made of them
+        readable: dict[str, tuple[int, str | None]] = {}   # sha256 -> (size, blake3), bytes the caller may read
+        names: set[tuple[str, str]] = set()
+        for (label, f), ws in zip(checked, workspaces):
+            try:
+                vo, name, sha256 = f["identity.vo"], f["identity.name"], f.get("image.sha256")
+                given_blake3 = f.get("image.blake3")
+                given_size = int(f["image.size"]) if "image.size" in f else None
                 if not sha256:
                     raise InvalidDescriptor("an imported descriptor names its image bytes by image/sha256",
                                             schemaMessage="image/sha256 missing")

@@ -115,3 +115,32 @@ def test_permits_are_cached_and_denials_are_not(site, grid_pki):
             bob.show("bio/cached")
     assert len(decisions(site, grid_pki.bob.dn, "image.read")) == 5
     assert {r["by"] for r in decisions(site, grid_pki.bob.dn, "image.read")} == {grid_pki.host.subject}
+
+
+def test_a_bulk_import_is_decided_descriptor_by_descriptor_in_one_batch(site, grid_pki):
+    """ImportImages through the Authorization service: the repository asks AuthorizeMany, and the service
+    decides and audits every descriptor as Authorize would (one refused descriptor refuses the import and
+    names it; nothing of it is registered)."""
+    from services.descriptor import set_field
+
+    alice = site.repository(grid_pki.alice.proxy)
+    ws = alice.register(descriptor("seed", "bio"), upload=site.upload("seed.img", grid_pki.alice.dn))
+    sha256 = ws.findtext("{*}image/{*}sha256")
+
+    def variant(name: str, vo: str = "bio", memory: int = 256):
+        d = descriptor(name, vo, memory=memory)
+        set_field(d, "image", "sha256", sha256)
+        return d
+
+    before = len(decisions(site, grid_pki.alice.dn, "image.register"))
+    ids = alice.import_images([variant(f"bulk-{i:02d}", memory=256 * (1 + i % 3)) for i in range(12)])
+    assert len(set(ids)) == 12
+    audited = decisions(site, grid_pki.alice.dn, "image.register")[before:]
+    assert sorted(r["resource"]["name"] for r in audited) == [f"bulk-{i:02d}" for i in range(12)]
+    assert all(r["decision"] == "permit" and r["context"]["source"] == "import" for r in audited)
+
+    with pytest.raises(AccessDenied) as info:          # hep is not alice's VO: the fifth descriptor is refused
+        alice.import_images([variant(f"more-{i}", "hep" if i == 4 else "bio") for i in range(8)])
+    assert "descriptor 5 (hep/more-4)" in info.value.description and info.value.rule == "default-deny"
+    assert [r["decision"] for r in decisions(site, grid_pki.alice.dn, "image.register")[-8:]].count("deny") == 1
+    assert alice.query(["name contains more-"]).total == 0

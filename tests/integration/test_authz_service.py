@@ -317,7 +317,11 @@ def test_every_operation_answers_with_a_response_valid_against_the_contract(site
         admin, pep = site.client(people["admin"].proxy), site.client(grid_pki.host)
         alice = Subject(people["alice"].dn)
         image = {"type": "image", "vo": "bio", "owner": people["carol"].dn}
-        pep.authorize(alice, "vm.deploy", image, {"memory": "256"})
+        single, _ = pep.authorize(alice, "vm.deploy", image, {"memory": "256"})
+        many, groups = pep.authorize_many(alice, [("vm.deploy", image, {"memory": "256"}),
+                                                  ("image.remove", image, {}), ("image.query", {"type": "catalogue"}, {})])
+        assert [(d.permit, d.rule) for d in many[:1]] == [(single.permit, single.rule)] and "bio" in groups
+        assert len({d.decision_id for d in many}) == 3 and many[1].permit is False and many[2].permit
         pep.groups(alice.dn)
         pep.claim_slot(alice, "i-1", image, {"lifetime": "60"})
         pep.list_slots(group="bio")

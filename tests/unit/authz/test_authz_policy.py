@@ -213,3 +213,46 @@ def test_holds_go_to_owners_vo_admins_and_nodes_only(site):
     for who, rule in ((ALICE, "owner-edits-image"), (CAROL, "vo-admins"), (HOST, "nodes-stage-images")):
         d = site.decide(Subject(who), "image.hold", image("bio", ALICE), {"seconds": "604800"})
         assert (d.permit, d.rule) == (True, rule) and int(d.obligations["max_lifetime"]) < 604800
+
+
+def test_a_batch_of_decisions_is_each_exactly_the_single_decision_even_when_a_rule_names_images():
+    """decide_many (a bulk import's questions) shares an evaluation only between requests that agree on every
+    attribute the policy reads: a rule that names images, one that reads the context and the VO's limits
+    still decide each request as decide() does; the Enforcer turns each answer into its own fault."""
+    from services.authz.engine import PolicyEnginePoint
+    from services.authz.pep import Decision, Enforcer
+    from services.faults import AccessDenied, LimitExceeded
+
+    text = policy_text(groups={"bio": {"members": [ALICE], "limits": {"max_memory": 4096}}, "hep": {"members": [ALICE]}},
+                       rules_first="""
+[[rule]]
+id = "no-secret-images"
+effect = "deny"
+subjects = ["*"]
+actions = ["image.register"]
+resource = { name = "secret-*" }
+
+[[rule]]
+id = "no-local"
+effect = "deny"
+subjects = ["*"]
+actions = ["image.register"]
+context = { source = "local" }
+""")
+    point = PolicyEnginePoint(parse_policy(text, "p.toml"))
+    requests = [("image.register", image(vo, ALICE, name), {"source": source, "memory": str(memory)})
+                for vo in ("bio", "hep", "astro") for name in ("plain", "secret-1", "plain-2")
+                for source in ("import", "local") for memory in (512, 8192)]
+    batch = point.decide_many(Subject(ALICE), requests)
+    single = [point.decide(Subject(ALICE), a, r, c) for a, r, c in requests]
+    assert batch == single
+    assert {d.rule for d in batch} >= {"no-secret-images", "no-local", DEFAULT_DENY}
+    assert any(d.permit for d in batch)
+    answers = Enforcer(point).check_many(Subject(ALICE), requests)
+    for (action, resource, context), decision, answer in zip(requests, single, answers):
+        if not decision.permit:
+            assert isinstance(answer, AccessDenied) and answer.rule == decision.rule
+        elif resource["vo"] == "bio" and context["memory"] == "8192":
+            assert isinstance(answer, LimitExceeded)        # the bio group's 4096 MiB, applied per request
+        else:
+            assert isinstance(answer, Decision) and answer.permit
