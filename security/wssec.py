@@ -744,9 +744,13 @@ def _references(parts: _Parts, ids: dict[str, etree._Element | None], policy: Se
             raise InvalidSecurity(f"two references to the same element ({uri})")
         seen.add(id(target))
         first: dict[str, etree._Element] = {}          # the first child of each name (what find() returns)
-        for child in ref.iterchildren(Q_TRANSFORMS, Q_DIGEST_METHOD, Q_DIGEST_VALUE):
-            first.setdefault(child.tag, child)
-        transforms = [t for ts in ref.iterchildren(Q_TRANSFORMS) for t in ts.iterchildren(Q_TRANSFORM)]
+        transforms: list[etree._Element] = []         # the Transform children of every Transforms, in order
+        for child in ref.iterchildren(Q_TRANSFORMS, Q_DIGEST_METHOD, Q_DIGEST_VALUE):   # one pass
+            tag = child.tag
+            if tag not in first:
+                first[tag] = child
+            if tag == Q_TRANSFORMS:
+                transforms.extend(child.iterchildren(Q_TRANSFORM))
         resolved.append((first, target, _inclusive_prefixes(_check_transforms(uri, transforms, target,
                                                                               parts.signature))))
     return signed_info, resolved
