@@ -307,7 +307,8 @@ def loadavg() -> str:
 
 
 def machine_facts() -> str:
-    """Cores, CPU model and whether it has the SHA and AVX2 extensions (they decide hashing speed)."""
+    """Cores, CPU model and whether it has the SHA, AES and AVX2 extensions (they decide hashing, TLS and
+    RSA speed)."""
     flags: set[str] = set()
     model = "?"
     try:
@@ -318,7 +319,7 @@ def machine_facts() -> str:
                 model = line.split(":", 1)[1].strip()
     except OSError:
         pass
-    ext = ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in ("sha_ni", "avx2"))
+    ext = ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in ("sha_ni", "aes", "vaes", "avx2"))
     return f"{os.cpu_count()} cores ({model}; {ext}), {loadavg()}"
 
 

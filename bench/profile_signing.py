@@ -2,6 +2,7 @@
 (VMRepositoryService behind WSSecurityMiddleware, as `vmgrid serve repository` builds it) called as WSGI.
 
     .venv/bin/python bench/profile_signing.py [--calls 300] [--op ListVOs|QueryImages20] [--profile N]
+    .venv/bin/python bench/profile_signing.py --op ListVOs --instructions 200     # perf: instructions per call
 
 Per call, in this order: the client signs a request (alice's proxy, X509PKIPathv1), the container verifies it,
 dispatches, signs the response (host key), the client verifies the response (chain, signature, host DN).
@@ -82,6 +83,86 @@ def rsa_floor(proxy, host, n: int) -> dict:
     return {"sign2": p50_ms(sign), "verify2": p50_ms(verify)}
 
 
+def gil_released_by_signing(key) -> tuple[bool, float, float]:
+    """Whether `cryptography` lets other threads run during a signature (what lets one container process use the
+    second core: its request threads sign and verify in parallel). With a 0.5 s switch interval and a pure-Python
+    thread spinning, a signer that releases the GIL waits for it after every signature and slows down more than
+    tenfold; one that holds it keeps about half its speed. Returns (released, signs/s alone, signs/s beside)."""
+    import threading
+
+    def rate(seconds: float) -> float:
+        n, end = 0, time.monotonic() + seconds
+        while time.monotonic() < end:
+            raw_sign(key, b"\0" * 700)
+            n += 1
+        return n / seconds
+
+    alone = rate(1.0)
+    old, stop = sys.getswitchinterval(), threading.Event()
+    sys.setswitchinterval(0.5)
+    def spin():
+        while not stop.is_set():
+            pass
+
+    spinner = threading.Thread(target=spin, daemon=True)
+    try:
+        spinner.start()
+        beside = rate(2.0)
+    finally:
+        stop.set()
+        spinner.join()
+        sys.setswitchinterval(old)
+    return beside < alone / 10, alone, beside
+
+
+FLOOR_DATA = b"\0" * 600
+
+
+def perf_control(command: str) -> None:
+    """Enable or disable the counting of the `perf stat --control` process that started this one."""
+    with open(os.environ["VMGRID_PERF_CTL"], "w") as ctl:
+        ctl.write(command + "\n")
+    with open(os.environ["VMGRID_PERF_ACK"]) as ack:
+        ack.readline()
+
+
+def count_instructions(args) -> int:
+    """User-space instructions per call of each kind (unsigned round trip, signed round trip, the two-signature
+    floor), each kind in its own process under `perf stat`, counted only around its measured loop."""
+    import shutil
+    import subprocess
+
+    from benchgrid import machine_facts
+
+    if shutil.which("perf") is None:
+        print("profile_signing: --instructions needs perf (Debian: linux-perf)", file=sys.stderr)
+        return 1
+    counts = {}
+    for mode in ("unsigned", "signed", "floor"):
+        with tempfile.TemporaryDirectory(prefix="vmgrid-perf-") as tmp:
+            ctl, ack = Path(tmp) / "ctl", Path(tmp) / "ack"
+            os.mkfifo(ctl)
+            os.mkfifo(ack)
+            cmd = ["perf", "stat", "-x,", "-e", "instructions:u", "--control", f"fifo:{ctl},{ack}", "-D", "-1",
+                   sys.executable, str(Path(__file__).resolve()), "--op", args.op, "--key", args.key,
+                   "--calls", str(args.instructions), "--count-mode", mode]
+            done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=1800,
+                                  env={**os.environ, "VMGRID_PERF_CTL": str(ctl), "VMGRID_PERF_ACK": str(ack)})
+            line = next((ln for ln in done.stderr.splitlines() if "instructions" in ln), "")
+            if done.returncode != 0 or not line.split(",")[0].isdigit():
+                print(f"profile_signing: perf stat failed: {done.stderr[-1500:]}", file=sys.stderr)
+                return 1
+            counts[mode] = int(line.split(",")[0]) / args.instructions
+    added = counts["signed"] - counts["unsigned"]
+    print(f"{machine_facts()}; {args.op}, {args.key} keys: user-space instructions per call, {args.instructions} "
+          f"calls of each kind, in process, no network")
+    print(f"  unsigned {counts['unsigned'] / 1e6:.2f} M, signed {counts['signed'] / 1e6:.2f} M, floor (two "
+          f"signatures) {counts['floor'] / 1e6:.2f} M")
+    print(f"  signed - unsigned: {added / 1e6:.2f} M = {added / counts['floor']:.2f}x the floor; beyond the floor "
+          f"(XML, Python, verification): {(added - counts['floor']) / 1e6:.2f} M")
+    return 0
+
+
 class Call:
     """One in-process WSGI call of the container application."""
 
@@ -117,7 +198,13 @@ def main() -> int:
     ap.add_argument("--key", choices=("rsa", "ec"), default="rsa",
                     help="ec: the caller's proxy and the host credential have ECDSA P-256 keys (ecdsa-sha256); "
                          "the floor is then two ECDSA signatures, and the RSA-2048 floor is printed beside it")
+    ap.add_argument("--instructions", type=int, default=0, metavar="N",
+                    help="instead of CPU time, count user-space instructions (perf stat) over N calls of each kind: "
+                         "a figure the load on a shared machine does not move")
+    ap.add_argument("--count-mode", choices=("unsigned", "signed", "floor"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.instructions:
+        return count_instructions(args)
 
     from benchgrid import BenchError
     from security import safexml
@@ -193,6 +280,20 @@ def main() -> int:
             steps["total"].append(t3 - t0)
             return data
 
+        if args.count_mode:        # one kind, counted by the perf process that started us (count_instructions)
+            import collections
+            steps = collections.defaultdict(list)
+            fn = {"unsigned": lambda: unsigned_once(steps), "signed": lambda: signed_once(steps),
+                  "floor": lambda: (raw_sign(proxy.private_key, FLOOR_DATA), raw_sign(host.private_key, FLOOR_DATA))
+                  }[args.count_mode]
+            for _ in range(20):
+                fn()
+            perf_control("enable")
+            for _ in range(args.calls):
+                fn()
+            perf_control("disable")
+            return 0
+
         def run(fn):
             steps = {k: [] for k in ("build", "client sign", "server", "client parse", "client verify", "total")}
             for _ in range(20):
@@ -230,6 +331,10 @@ def main() -> int:
             rsa = rsa_floor(pki.alice.proxy, pki.host, calls)["sign2"]
             print(f"  the RSA-2048 floor, same run: {rsa:.2f} ms; signed - unsigned = {added / rsa:.2f}x it")
         print(f"  signed - unsigned: {added:.2f} ms = {added / floor:.2f}x the floor (goal <= 2x)")
+        import cryptography
+        released, alone, beside = gil_released_by_signing(host.private_key)
+        print(f"  cryptography {cryptography.__version__} {'releases' if released else 'HOLDS'} the GIL while signing "
+              f"({alone:.0f} signatures/s alone, {beside:.1f}/s beside a spinning thread with a 0.5 s switch interval)")
 
         if args.profile:
             prof = cProfile.Profile(clock)

@@ -9,7 +9,9 @@ On a verified POST the service finds in its environ:
     environ["vmgrid.caller"]    a trust.Caller (dn, subject, chain, limited, is_proxy, not_after)
     environ["vmgrid.envelope"]  the verified lxml Envelope root: dispatch from THIS tree (its Body and header blocks
                                 are exactly the signed ones); wsgi.input replays the same bytes.
-The service may put its response Envelope root in environ["vmgrid.response_envelope"] to spare a re-parse.
+The service may put its response Envelope root in environ["vmgrid.response_envelope"] to spare a re-parse; when
+environ["vmgrid.signs_response"] is true, the middleware signs and serializes that envelope itself and ignores the
+body the service returns (which may then be empty).
 GET (WSDL) passes through unsigned. A refused request gets a SOAP 1.1 Fault (HTTP 500, text/xml) whose faultcode is
 wsse:InvalidSecurity, wsse:FailedCheck, wsse:MessageExpired, wsse:SecurityTokenUnavailable or
 wsse:FailedAuthentication (or soap:MustUnderstand), signed like every response.
@@ -39,6 +41,8 @@ DEFAULT_UNDERSTOOD = frozenset(f"{{{ns}}}{name}" for ns in (WSA, WSA_2004) for n
                                ("To", "Action", "MessageID", "ReplyTo", "FaultTo", "From", "RelatesTo"))
 
 CHUNK = 64 * 1024
+RESPONSE_ENVELOPE = "vmgrid.response_envelope"
+SIGNS_RESPONSE = "vmgrid.signs_response"
 DRAIN_LIMIT = 64 * 1024 * 1024
 
 StartResponse = Callable[..., Callable[[bytes], object]]
@@ -119,6 +123,7 @@ class WSSecurityMiddleware:
         environ["vmgrid.envelope"] = root
         environ["wsgi.input"] = io.BytesIO(body)
         environ["CONTENT_LENGTH"] = str(len(body))
+        environ[SIGNS_RESPONSE] = self.sign_responses
         return self._call_and_sign(environ, start_response)
 
     def _read_body(self, environ: dict) -> bytes:
@@ -199,8 +204,8 @@ class WSSecurityMiddleware:
         status, headers = captured["status"], captured["headers"]
         data = b"".join(buffer)
         content_type = next((v for k, v in headers if k.lower() == "content-type"), "")
+        env = environ.get(RESPONSE_ENVELOPE) if self.sign_responses else None
         if self.sign_responses and "xml" in content_type.lower():
-            env = environ.get("vmgrid.response_envelope")
             if env is None and data.strip():
                 try:
                     env = safexml.parse(data, safexml.Limits(max_bytes=max(len(data), 1)))
@@ -210,9 +215,12 @@ class WSSecurityMiddleware:
                 data = self._sign(env)
                 headers = [(k, v) for k, v in headers if k.lower() not in ("content-length", "content-type")]
                 headers += [("Content-Type", "text/xml; charset=utf-8"), ("Content-Length", str(len(data)))]
+                env = None
             else:
                 log.warning("response to %s is not a SOAP envelope: sent unsigned", environ.get("PATH_INFO"))
-        else:
+        if env is not None or not self.sign_responses or "xml" not in content_type.lower():
+            if env is not None and not data:
+                data = etree.tostring(env, encoding="utf-8", xml_declaration=True)   # left to us, not signed
             headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
             headers.append(("Content-Length", str(len(data))))
         captured["sent"] = True

@@ -325,6 +325,10 @@ def sign_in_place(envelope: etree._Element, credential: Credential, *, ttl: floa
         raise InvalidSecurity("the envelope has no Body")
     security = _security_header(envelope)
     now = now or _dt.datetime.now(_dt.timezone.utc)
+    if len(security) == 0 and security.nsmap.get("wsse") == WSSE and security.nsmap.get("wsu") == WSU:
+        if _sign_fresh(envelope, body, security, credential, ttl, now, token):
+            return envelope
+        body = _child(envelope, Q_BODY)
 
     timestamp = _child(security, Q_TIMESTAMP)
     if timestamp is None:
@@ -351,6 +355,71 @@ def sign_in_place(envelope: etree._Element, credential: Credential, *, ttl: floa
 
     security.append(_signature(references, targets, credential.private_key, bst_id, bst.get("ValueType")))
     return envelope
+
+
+# The common case (an empty wsse:Security that this module made): the Timestamp, the BinarySecurityToken and the
+# Signature are written as one text and parsed once, and the exclusive c14n of the Timestamp and of SignedInfo are
+# that text itself (written in canonical form: attributes in canonical order, no self-closing tags, values checked
+# to need no escaping), so neither is built element by element nor canonicalized again. The digests of the header
+# blocks and the Body are computed over the live tree as before. The same elements, attributes and order as the
+# general path below; `tests/unit/security/test_security_wssec.py` checks the texts against lxml's c14n.
+_SAFE_URI = re.compile(r"#[A-Za-z0-9_.\-]+\Z")
+_SAFE_PREFIXES = re.compile(r"[A-Za-z0-9_.\- ]*\Z")
+_TS_OPEN = f'<wsu:Timestamp xmlns:wsu="{WSU}" wsu:Id="'
+
+
+def _canonical_reference(uri: str, prefixes: list[str] | None, digest: str) -> str:
+    inclusive = (f'<ns0:InclusiveNamespaces xmlns:ns0="{EXC_C14N}" PrefixList="{" ".join(prefixes)}">'
+                 f'</ns0:InclusiveNamespaces>' if prefixes else "")
+    return (f'<ds:Reference URI="{uri}"><ds:Transforms><ds:Transform Algorithm="{EXC_C14N}">{inclusive}'
+            f'</ds:Transform></ds:Transforms><ds:DigestMethod Algorithm="{SHA256_DIGEST}"></ds:DigestMethod>'
+            f'<ds:DigestValue>{digest}</ds:DigestValue></ds:Reference>')
+
+
+def _sign_fresh(envelope: etree._Element, body: etree._Element, security: etree._Element, credential: Credential,
+                ttl: float, now: _dt.datetime, token: str) -> bool:
+    """Sign an envelope whose wsse:Security is empty and declares wsse and wsu; False (nothing signed yet, the
+    Ids set so far kept) when a value the caller chose would need escaping."""
+    seed = os.urandom(16).hex()          # one random value per message; each wsu:Id adds its own suffix
+    header = security.getparent()
+    blocks = [el for el in header if isinstance(el.tag, str) and el is not security]
+    if any(el.get(Q_ID) is None for el in blocks) and header.nsmap.get("wsu") != WSU:
+        header = _declaring_wsu(header)  # one copy of the Header declaring wsu, instead of one per block
+        blocks = [el for el in header if isinstance(el.tag, str) and el is not security]
+    targets = blocks + [body if body.get(Q_ID) is not None else _declaring_wsu(body)]
+    if _qname_prefixes(targets[-1]):
+        targets[-1] = _reparsed(targets[-1])
+    refs = []
+    for n, el in enumerate(targets):
+        value = el.get(Q_ID)
+        if value is None:
+            value = f"id-{seed}-{n}"
+            el.set(Q_ID, value)
+        prefixes = _qname_prefixes(el) or None
+        digest = base64.b64encode(hashlib.sha256(c14n(el, prefixes)).digest()).decode()
+        refs.append(("#" + value, prefixes, digest))
+    ts_id = f"TS-{seed}"
+    timestamp = (f'{_TS_OPEN}{ts_id}"><wsu:Created>{_utc(now)}</wsu:Created><wsu:Expires>'
+                 f'{_utc(now + _dt.timedelta(seconds=ttl))}</wsu:Expires></wsu:Timestamp>')
+    refs.insert(len(blocks), ("#" + ts_id, None, base64.b64encode(hashlib.sha256(timestamp.encode()).digest()).decode()))
+    if not all(_SAFE_URI.match(uri) and _SAFE_PREFIXES.match(" ".join(p or ())) for uri, p, _ in refs):
+        return False     # a caller's wsu:Id or prefix that would need escaping: the general path
+    key = credential.private_key
+    signed_info = (f'<ds:SignedInfo xmlns:ds="{DS}"><ds:CanonicalizationMethod Algorithm="{EXC_C14N}">'
+                   f'</ds:CanonicalizationMethod><ds:SignatureMethod Algorithm="{_signature_method(key)}">'
+                   f'</ds:SignatureMethod>{"".join(_canonical_reference(*r) for r in refs)}</ds:SignedInfo>')
+    value = base64.b64encode(_raw_signature(key, signed_info.encode())).decode()
+    use_path = bool(token == "X509PKIPathv1" or (token == "auto" and credential.chain))
+    value_type, token_text = _token_text(credential.certificates if use_path else (credential.certificate,), use_path)
+    bst_id = f"X509-{seed}"
+    text = (f'<wsse:Security xmlns:wsse="{WSSE}" xmlns:wsu="{WSU}">{timestamp}'
+            f'<wsse:BinarySecurityToken EncodingType="{BASE64}" ValueType="{value_type}" wsu:Id="{bst_id}">'
+            f'{token_text}</wsse:BinarySecurityToken><ds:Signature xmlns:ds="{DS}">{signed_info}'
+            f'<ds:SignatureValue>{value}</ds:SignatureValue><ds:KeyInfo><wsse:SecurityTokenReference>'
+            f'<wsse:Reference URI="#{bst_id}" ValueType="{value_type}"/></wsse:SecurityTokenReference></ds:KeyInfo>'
+            f'</ds:Signature></wsse:Security>')
+    security.extend(list(etree.fromstring(text, _template_parser())))
+    return True
 
 
 def _reparsed(el: etree._Element) -> etree._Element:
@@ -675,9 +744,13 @@ def _references(parts: _Parts, ids: dict[str, etree._Element | None], policy: Se
             raise InvalidSecurity(f"two references to the same element ({uri})")
         seen.add(id(target))
         first: dict[str, etree._Element] = {}          # the first child of each name (what find() returns)
-        for child in ref.iterchildren(Q_TRANSFORMS, Q_DIGEST_METHOD, Q_DIGEST_VALUE):
-            first.setdefault(child.tag, child)
-        transforms = [t for ts in ref.iterchildren(Q_TRANSFORMS) for t in ts.iterchildren(Q_TRANSFORM)]
+        transforms: list[etree._Element] = []         # the Transform children of every Transforms, in order
+        for child in ref.iterchildren(Q_TRANSFORMS, Q_DIGEST_METHOD, Q_DIGEST_VALUE):   # one pass
+            tag = child.tag
+            if tag not in first:
+                first[tag] = child
+            if tag == Q_TRANSFORMS:
+                transforms.extend(child.iterchildren(Q_TRANSFORM))
         resolved.append((first, target, _inclusive_prefixes(_check_transforms(uri, transforms, target,
                                                                               parts.signature))))
     return signed_info, resolved

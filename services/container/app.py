@@ -30,6 +30,9 @@ CONTAINER_FAULTS = ("InvalidArgumentFault", "InternalFault", "StorageFullFault")
 CALLER_KEY = "vmgrid.caller"
 ENVELOPE_KEY = "vmgrid.envelope"
 RESPONSE_KEY = "vmgrid.response_envelope"
+# Set by the WS-Security middleware when it will sign and serialize the envelope left in RESPONSE_KEY itself:
+# the application then does not serialize it a first time for nothing.
+SIGNS_RESPONSE_KEY = "vmgrid.signs_response"
 
 
 class SoapApplication:
@@ -151,7 +154,7 @@ class SoapApplication:
                     incident=incident))
             status = "500 Internal Server Error"
         environ[RESPONSE_KEY] = env
-        body = soap.serialize(env)
+        body = b"" if environ.get(SIGNS_RESPONSE_KEY) else soap.serialize(env)
         call_log.info(json.dumps({
             "service": service.name, "operation": op_name, "caller": dn,
             "ms": round((time.perf_counter() - started) * 1000, 2), "outcome": outcome,

@@ -193,3 +193,28 @@ def test_a_signature_method_that_does_not_match_the_key_fails(grid_pki):
     root.find(f".//{{{DS}}}SignatureMethod").set("Algorithm", ECDSA_SHA256)
     with pytest.raises(FailedCheck):
         verify_envelope(etree.tostring(root), grid_pki.trust())
+
+
+@pytest.mark.parametrize("body_id", [None, "body 1&<x>"], ids=["fresh-ids", "caller-id-needing-escaping"])
+def test_the_signer_s_canonical_texts_are_lxml_s_c14n(body_id, grid_pki):
+    """The common signing path writes the Timestamp and SignedInfo as text and digests/signs that text as their
+    exclusive c14n: it must be byte for byte what a verifier computes from the parsed message (an Id that needs
+    escaping takes the general path, which canonicalizes with lxml)."""
+    import hashlib
+
+    from security.wssec import EXC_C14N, Q_ID, Q_TIMESTAMP, c14n
+    env = echo_envelope("x")
+    if body_id is not None:
+        env.find(f"{{{SOAP11}}}Body").set(Q_ID, body_id)
+    root = etree.fromstring(sign_envelope(env, grid_pki.alice.proxy))
+    security = root.find(f"{Q_HEADER}/{Q_SECURITY}")
+    signed_info = security.find(f"{Q_SIGNATURE}/{{{DS}}}SignedInfo")
+    timestamp = security.find(Q_TIMESTAMP)
+    ts_ref = signed_info.find(f"{{{DS}}}Reference[@URI='#{timestamp.get(Q_ID)}']")
+    assert ts_ref.findtext(f"{{{DS}}}DigestValue") == base64.b64encode(hashlib.sha256(c14n(timestamp)).digest()).decode()
+    assert signed_info.find(f"{{{DS}}}CanonicalizationMethod").get("Algorithm") == EXC_C14N
+    value = base64.b64decode(security.findtext(f"{Q_SIGNATURE}/{{{DS}}}SignatureValue"))
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding
+    grid_pki.alice.proxy.certificate.public_key().verify(value, c14n(signed_info), padding.PKCS1v15(), hashes.SHA256())
+    assert verify_envelope(etree.tostring(root), grid_pki.trust())[0].dn == grid_pki.alice.dn
