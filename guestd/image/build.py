@@ -239,6 +239,26 @@ def _minbase(cache: Path, mirror: str, suite: str, log) -> Path:
     return base
 
 
+def _debootstrap(base: Path, cache: Path, mirror: str, suite: str, include: tuple[str, ...], log) -> None:
+    log(f"debootstrap {suite} with {', '.join(include)} (cached in {base.name} afterwards)")
+    shutil.rmtree(base, ignore_errors=True)
+    tmp = cache / f"base-tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    debs = cache / "debs"
+    debs.mkdir(parents=True, exist_ok=True)
+    try:
+        _run("debootstrap", ["debootstrap", "--variant=minbase", f"--include={','.join(include)}",
+                             f"--cache-dir={debs}", suite, str(tmp), mirror])
+    except ImageBuildError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for rel in TRIM:
+        shutil.rmtree(tmp / rel, ignore_errors=True)
+        (tmp / rel).mkdir(parents=True, exist_ok=True)
+    (tmp / ".complete").write_text(mirror + "\n")
+    tmp.rename(base)
+
+
 # apt in the layer's chroot: no daemons started (policy-rc.d), no Recommends, the .deb files kept in
 # the builder's cache (the same folder debootstrap fills), the host's DNS for the mirror. It runs in a
 # mount namespace of its own, so its bind mounts and /proc vanish with it, however it ends.
