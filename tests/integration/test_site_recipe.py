@@ -64,7 +64,7 @@ def test_the_site_recipe_and_the_more_commands_of_the_readme_run_as_written(tmp_
     home.mkdir()
     env = {"PATH": f"{vmgrid_on_path(tmp_path)}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "HOME": str(home),
            "LANG": "C.UTF-8"}             # nothing of the test's own grid: no X509_* variables
-    proc = subprocess.Popen(["unshare", "--net", "bash", "-c", "ip link set lo up && PS4='+ $(date +%T) ' exec bash -e -x recipe.sh"],
+    proc = subprocess.Popen(["unshare", "--net", "bash", "-c", "ip link set lo up && exec bash -c \"PS4='+ \\$(date +%T) '; set -ex; . ./recipe.sh\""],
                             cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
@@ -84,6 +84,14 @@ def test_the_site_recipe_and_the_more_commands_of_the_readme_run_as_written(tmp_
     assert "destroyed" in out
     assert "vmgrid: serving AuthorizationService, VMRepositoryService" in (site / "central.log").read_text()
     assert "vmgrid: serving VMManagerService" in (site / "node1.log").read_text()
+    # the More commands
+    assert "Your identity: /O=Grid/OU=mysite/CN=alice" in out                        # grid-proxy-init
+    assert (site / "phases.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"           # vmgrid report
+    assert (site / "image.qcow2").read_bytes() == (site / "images" / "debian12.qcow2").read_bytes()  # transfer
+    assert (site / "results" / "sorted.txt").read_text() == "acgt\ngattaca\ntata\n"    # job submit/wait/get
+    assert "8192" in (site / "descriptors" / "emboss-8g.xml").read_text()
+    node2 = (site / "node2.log").read_text()
+    assert '"operation":"Destroy","caller":"/O=Grid/OU=mysite/CN=alice"' in node2     # migrated, destroyed there
 
 
 def test_authz_init_writes_the_default_policy_with_its_admins_and_refuses_to_overwrite(tmp_path):
