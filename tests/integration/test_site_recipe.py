@@ -2,7 +2,9 @@
 fresh directory, with `vmgrid` on PATH being this checkout's command line. It makes a CA, the host's and
 two users' credentials, a policy with an admin, starts the central container and a node (libvirt's test
 driver) as their own processes, has the admin make the VO group and the scientist register and deploy an
-image. The recipe uses the site's fixed ports (8443, 8444, GridFTP 2811), so it runs in a network
+image. Then README's "More commands" block, as written too, in the same shell before the recipe's last line
+(which stops the containers): the repository, VM, migration (a second node), report, authz, transfer and
+job commands against that site. The recipe uses the site's fixed ports (8443, 8444, GridFTP 2811), so it runs in a network
 namespace of its own (`unshare --net`, only its loopback up): nothing else on this machine can collide
 with it, and it reaches nothing but itself."""
 from __future__ import annotations
@@ -17,17 +19,25 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.timeout(400)
+pytestmark = pytest.mark.timeout(700)
 REPO = Path(__file__).resolve().parents[2]
 README = REPO / "README.md"
 PY = sys.executable
 MARK = "<!-- run as written by tests/integration/test_site_recipe.py -->"
+MORE = "<!-- run as written by tests/integration/test_site_recipe.py, after the site recipe -->"
 
 
-def recipe() -> str:
-    m = re.search(re.escape(MARK) + r"\n```sh\n(.*?)```", README.read_text(), re.S)
-    assert m, "README.md lost its tested site recipe"
+def recipe(mark: str = MARK) -> str:
+    m = re.search(re.escape(mark) + r"\n```sh\n(.*?)```", README.read_text(), re.S)
+    assert m, f"README.md lost its tested block {mark}"
     return m.group(1)
+
+
+def recipe_and_more_commands() -> str:
+    """The site recipe up to its last line (the containers' kill), the More commands, that last line."""
+    site = recipe().rstrip("\n").split("\n")
+    assert site[-1].startswith("kill $NODE1 $CENTRAL"), site[-1]
+    return "\n".join(site[:-1]) + "\n" + recipe(MORE) + site[-1] + "\n"
 
 
 def vmgrid_on_path(tmp_path: Path) -> Path:
@@ -45,20 +55,20 @@ def own_network_namespace() -> bool:
 
 @pytest.mark.skipif(not own_network_namespace(), reason="needs `unshare --net` (root): the recipe's fixed ports "
                                                          "must not meet other services on this machine")
-def test_the_site_recipe_of_the_readme_runs_as_written(tmp_path):
+def test_the_site_recipe_and_the_more_commands_of_the_readme_run_as_written(tmp_path):
     work = tmp_path / "checkout"             # the recipe runs in a checkout: it reads wsdl/examples/
     work.mkdir()
     (work / "wsdl").symlink_to(REPO / "wsdl")
-    (work / "recipe.sh").write_text(recipe())
+    (work / "recipe.sh").write_text(recipe_and_more_commands())
     home = tmp_path / "home"
     home.mkdir()
     env = {"PATH": f"{vmgrid_on_path(tmp_path)}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "HOME": str(home),
            "LANG": "C.UTF-8"}             # nothing of the test's own grid: no X509_* variables
-    proc = subprocess.Popen(["unshare", "--net", "bash", "-c", "ip link set lo up && exec bash -e recipe.sh"],
+    proc = subprocess.Popen(["unshare", "--net", "bash", "-c", "ip link set lo up && exec bash -c \"PS4='+ \\$(date +%T) '; set -ex; . ./recipe.sh\""],
                             cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
-        out, err = proc.communicate(timeout=360)
+        out, err = proc.communicate(timeout=600)
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)   # the recipe's own containers, should it have failed midway
@@ -74,6 +84,14 @@ def test_the_site_recipe_of_the_readme_runs_as_written(tmp_path):
     assert "destroyed" in out
     assert "vmgrid: serving AuthorizationService, VMRepositoryService" in (site / "central.log").read_text()
     assert "vmgrid: serving VMManagerService" in (site / "node1.log").read_text()
+    # the More commands
+    assert "Your identity: /O=Grid/OU=mysite/CN=alice" in out                        # grid-proxy-init
+    assert (site / "phases.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"           # vmgrid report
+    assert (site / "image.qcow2").read_bytes() == (site / "images" / "debian12.qcow2").read_bytes()  # transfer
+    assert (site / "results" / "sorted.txt").read_text() == "acgt\ngattaca\ntata\n"    # job submit/wait/get
+    assert "8192" in (site / "descriptors" / "emboss-8g.xml").read_text()
+    node2 = (site / "node2.log").read_text()
+    assert '"operation":"Destroy","caller":"/O=Grid/OU=mysite/CN=alice"' in node2     # migrated, destroyed there
 
 
 def test_authz_init_writes_the_default_policy_with_its_admins_and_refuses_to_overwrite(tmp_path):

@@ -29,7 +29,7 @@ vo = "bio"
 description = "job service test guest: the vmgrid runtime, its job service as the grid container"
 
 [debian]
-# the package set of test_image_recipe_qemu.py's recipe: both images share one cached debootstrap base
+# the package set of test_image_recipe_qemu.py's recipe: both images share one cached apt layer on the minbase
 packages = ["hello"]
 signature = ["hello", "python3"]
 

@@ -215,3 +215,31 @@ def test_a_rebuild_prunes_only_the_recipes_older_images_that_are_old_enough(tmp_
     assert prune_stale(tmp_path, "r", keep, min_age=3600) == [old]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [keep.name, young.name, other.name, "base-bookworm-0123456789ab"])
+
+
+def test_packages_go_on_as_a_layer_over_the_one_minbase_keyed_by_its_name_and_the_sorted_packages(tmp_path,
+                                                                                                  monkeypatch):
+    """Without root or a mirror: the debootstrap and the apt run are recorded, not run."""
+    from guestd.image import build as b
+
+    ran = []
+
+    def debootstrap(base, cache, mirror, suite, include, log):
+        ran.append(("debootstrap", include))
+        base.mkdir()
+        (base / ".complete").write_text(mirror)
+
+    def apt_layer(minbase, layer, cache, packages, log):
+        ran.append(("apt", minbase.name, tuple(packages)))
+        layer.mkdir()
+        (layer / ".complete").write_text("x")
+
+    monkeypatch.setattr(b, "_debootstrap", debootstrap)
+    monkeypatch.setattr(b, "_apt_layer", apt_layer)
+    base = b.base_rootfs(tmp_path, "http://mirror", "bookworm", (), log=lambda m: None)
+    assert base.name.startswith("base-bookworm-") and ran == [("debootstrap", ("python3",))]
+    a = b.base_rootfs(tmp_path, "http://mirror", "bookworm", ("libvirt0", "hello", "python3"), log=lambda m: None)
+    same = b.base_rootfs(tmp_path, "http://mirror", "bookworm", ("hello", "libvirt0"), log=lambda m: None)
+    other = b.base_rootfs(tmp_path, "http://mirror", "bookworm", ("emboss",), log=lambda m: None)
+    assert a == same and a.name.startswith("layer-bookworm-") and other != a
+    assert ran[1:] == [("apt", base.name, ("hello", "libvirt0")), ("apt", base.name, ("emboss",))]  # one debootstrap
