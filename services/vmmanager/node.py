@@ -352,22 +352,32 @@ class Node:
                     log.warning("instance %s: %s failed: %s", key, verb, exc)
         shutil.rmtree(self.parts.home(key), ignore_errors=True)
         self.store.release_lease(key)
-        if inst is not None and inst.hold_id:
-            self._release_central("hold", key, inst.hold_id)
-            self.store.update(key, hold_id=None, hold_holder=None)
-        elif inst is not None and inst.hold_holder:   # asked for, its id never recorded (a crash in between)
-            self._release_central("holder", key, f"{inst.image_id}\n{inst.hold_holder}")
-            self.store.update(key, hold_holder=None)
+        if inst is not None and (inst.hold_id or inst.hold_holder):
+            # the node's hold on the image is shared by its instances of it: released with the last of them
+            with self.parts.holds.lock:
+                self.store.update(key, hold_id=None, hold_holder=None)
+                if inst.hold_holder and self.store.hold_users(holder=inst.hold_holder):
+                    return
+                self.parts.holds.forget(inst.image_id)
+                if inst.hold_id:
+                    self._release_central("hold", key, inst.hold_id)
+                else:   # asked for, its id never recorded (a crash in between)
+                    self._release_central("holder", key, f"{inst.image_id}\n{inst.hold_holder}")
 
     # -- releases at the central services, delivered or kept until they are ----------------------------
     def _deliver(self, kind: str, key: str, arg: str) -> None:
         if kind == "slot":
             self.authz.release(key)
-        elif kind == "hold":
-            self.repository.release(arg)
-        elif kind == "holder":
-            image_id, _, holder = arg.partition("\n")
-            self.repository.release_holder(image_id, holder)
+        elif kind in ("hold", "holder"):
+            with self.parts.holds.lock:
+                # a deployment since may have taken the same shared hold again (the repository renews a
+                # holder's hold under its id): it is not released under that instance
+                if kind == "hold" and not self.store.hold_users(hold_id=arg):
+                    self.repository.release(arg)
+                elif kind == "holder":
+                    image_id, _, holder = arg.partition("\n")
+                    if not self.store.hold_users(holder=holder):
+                        self.repository.release_holder(image_id, holder)
         else:
             log.error("outbox: unknown kind of release %r for %s", kind, key)
 
@@ -535,11 +545,12 @@ class Node:
                                 requested=str(lifetime))
         self.store.update(inst.key, termination=new)
         if inst.hold_id:  # the image stays held as long as the instance may live (the same hold, renewed)
-            holder = inst.hold_holder or f"{self.address}#{inst.key}"
-            hold = self.repository.hold(inst.image_id, holder, int(new - time.time()) + self.config.hold_grace)
-            self.store.update(inst.key, hold_id=hold, hold_holder=holder)
-            if hold != inst.hold_id:
-                self.repository.release(inst.hold_id)
+            holder = inst.hold_holder or phases.image_holder(self.address, inst.image_id)
+            with self.parts.holds.lock:
+                hold = phases.hold_image(self.parts, inst.image_id, holder, new + self.config.hold_grace)
+                self.store.update(inst.key, hold_id=hold, hold_holder=holder)
+                if hold != inst.hold_id and not self.store.hold_users(hold_id=inst.hold_id):
+                    self.repository.release(inst.hold_id)
         return new
 
     # -- inspection ----------------------------------------------------------------------------------------

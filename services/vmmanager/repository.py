@@ -9,6 +9,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 import gridftp
+from services.common.xsdtime import parse_datetime
 from services.descriptor import Descriptor
 from services.faults import (RETRYABLE, ChecksumMismatch, InvalidDescriptor, ServiceUnavailable, TransferFault,
                              VMGridFault)
@@ -107,15 +108,20 @@ class RepositoryAccess:
                 del self._verdicts[identity]
 
     def hold(self, image_id: str, holder: str, seconds: int) -> str:
-        """A hold on the image for ``holder``; a refusal (the image removed, the node no longer allowed)
-        also drops this node's verdicts on it: the next deployment asks the repository again."""
+        return self.hold_until(image_id, holder, seconds)[0]
+
+    def hold_until(self, image_id: str, holder: str, seconds: int) -> tuple[str, float]:
+        """A hold on the image for ``holder``: its id and when it expires (the repository may grant less
+        than asked). A refusal (the image removed, the node no longer allowed) also drops this node's
+        verdicts on the image: the next deployment asks the repository again."""
         try:
-            return self._call("hold", image_id, holder, seconds)[0]
+            hold_id, expires = self._call("hold", image_id, holder, seconds)
         except RETRYABLE:
             raise
         except VMGridFault:
             self.forget(image_id)
             raise
+        return hold_id, parse_datetime(expires)
 
     def release(self, hold_id: str) -> None:
         """Release a hold. Raises what a later try may overcome (the repository unreachable, its disk full);

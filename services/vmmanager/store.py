@@ -176,6 +176,8 @@ class NodeStore:
         columns = {r[1] for r in self._db().execute("PRAGMA table_info(instances)")}
         if "hold_holder" not in columns:    # a node state written before holds were found by holder
             self._db().execute("ALTER TABLE instances ADD COLUMN hold_holder TEXT")
+        # instances share the node's hold on an image: who still records it is asked at every release
+        self._db().execute("CREATE INDEX IF NOT EXISTS instances_hold_holder ON instances (hold_holder)")
 
     def _db(self) -> sqlite3.Connection:
         return self.db.conn()
@@ -226,6 +228,13 @@ class NodeStore:
     def get(self, key: str) -> Instance | None:
         row = self._db().execute(f"SELECT {', '.join(COLUMNS)} FROM instances WHERE key = ?", (key,)).fetchone()
         return Instance(*row) if row else None
+
+    def hold_users(self, *, hold_id: str | None = None, holder: str | None = None) -> int:
+        """How many instances record the hold ``hold_id`` or the holder ``holder`` (their hold fields are
+        cleared when they release)."""
+        if hold_id is not None:
+            return self._db().execute("SELECT count(*) FROM instances WHERE hold_id = ?", (hold_id,)).fetchone()[0]
+        return self._db().execute("SELECT count(*) FROM instances WHERE hold_holder = ?", (holder,)).fetchone()[0]
 
     def update(self, key: str, **values) -> None:
         sets = ", ".join(f"{k} = ?" for k in values)
