@@ -93,14 +93,26 @@ class NodeParts:
 
 
 class Recorder:
-    """Times the phases of one instance's deployment into its record and passes each phase's crashpoint."""
+    """Times the phases of one instance's deployment and passes each phase's crashpoint. The timings are
+    kept until :meth:`flush` or :meth:`take` (the next state change writes them in its own transaction):
+    a write per phase was most of a warm deployment's SQLite commits."""
 
     def __init__(self, store: NodeStore, key: str):
         self.store = store
         self.key = key
+        self.pending: list[list] = []
 
     def add(self, name: str, seconds: float) -> None:
-        self.store.add_phase(self.key, name, seconds)
+        self.pending.append([name, round(seconds, 6)])
+
+    def take(self) -> list[list]:
+        """The timings not yet written, for a state change to write (and forgotten here)."""
+        pending, self.pending = self.pending, []
+        return pending
+
+    def flush(self) -> None:
+        if self.pending:
+            self.store.add_phases(self.key, self.take())
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -140,12 +152,14 @@ def stage(parts: NodeParts, key: str) -> None:
                                 blake3=image_blake3(inst.descriptor))
     until = inst.termination + parts.config.hold_grace
     with parts.holds.lock:
-        # the intent first: a node killed before it records the hold's id finds the hold by its holder
         holder = image_holder(parts.address, inst.image_id)
-        parts.store.update(key, hold_holder=holder)
-        hold = hold_image(parts, inst.image_id, holder, until)
+        hold = parts.holds.covering(inst.image_id, until)
+        if hold is None:
+            # the intent first: a node killed before it records the hold's id finds the hold by its holder
+            parts.store.update(key, hold_holder=holder)
+            hold = hold_image(parts, inst.image_id, holder, until)
         crashpoint("stage.held")
-        parts.store.update(key, staged_bytes=inst.size, cached=1 if cached else 0, hold_id=hold)
+        parts.store.update(key, staged_bytes=inst.size, cached=1 if cached else 0, hold_id=hold, hold_holder=holder)
 
 
 def hold_image(parts: NodeParts, image_id: str, holder: str, until: float) -> str:
