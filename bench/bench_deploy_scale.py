@@ -51,9 +51,11 @@ def _worker(urls: list[str], cert_dir: str, proxy: str, ws_xml: bytes, index: in
         credential, trust = load_credential(proxy=proxy), TrustStore(cert_dir)
         vmms = [VMManagerClient(GridServiceClient(u, credential, trust)) for u in urls]
         ws = etree.fromstring(ws_xml)
-        for vmm in vmms:
-            vmm.list()                                # WSDL loaded, TLS session up
-        barrier.wait(300)
+        vmms[0].list()                                # WSDL loaded
+        barrier.wait(600)                             # every client started
+        for vmm in vmms:                              # TLS sessions up now: a connection idle longer than the
+            vmm.list()                                # container's idle_timeout (15 s) would be closed
+        barrier.wait(600)                             # the clock starts
         start, walls = time.monotonic(), []
         for i in range(cycles):
             vmm = vmms[(index + i) % len(vmms)]
@@ -81,6 +83,7 @@ def many_clients(site: Site, nodes: list, ws, n_clients: int, cycles: int, keep:
     for p in procs:
         p.start()
     try:
+        barrier.wait(600)
         barrier.wait(600)
         before = cpu_of(site, nodes)
         results = [out.get(timeout=3600) for _ in procs]
