@@ -13,7 +13,7 @@ APT_PACKAGES=(
   python3 python3-venv python3-dev gcc pkg-config   # the virtual environment, building libvirt-python
   libvirt-dev libvirt-clients libvirt-daemon libvirt-daemon-driver-qemu  # the VMM interface
   qemu-system-x86 qemu-utils                         # real guests, qcow2 images and overlays
-  genisoimage                                        # ISO 9660 context images (virtual CD-ROM)
+  genisoimage                                        # isoinfo: an independent reader of the context CD-ROM (tests)
   debootstrap busybox-static cpio e2fsprogs          # building guest images (vmgrid image build)
   syslinux syslinux-common mtools                    # guest images boot by themselves (MBR + syslinux)
   openssl xmlsec1                                    # interop peers for the security tests

@@ -76,9 +76,9 @@ class Site:
     repo_url: str = ""
 
     def start_central(self, *, host: str, public: str, port: int, cert: Path, key: Path, ingest: Path,
-                      wrap=(), env=None) -> ServiceProcess:
+                      wrap=(), env=None, instances: int = 1000) -> ServiceProcess:
         policy = self.root / "policy.toml"
-        policy.write_text(bench_policy(self.pki))
+        policy.write_text(bench_policy(self.pki, instances))
         base = f"https://{public}:{port}/wsrf/services"
         self.authz_url, self.repo_url = f"{base}/AuthorizationService", f"{base}/VMRepositoryService"
         config = {

@@ -84,7 +84,8 @@ def build_vmmanager(config: Config, vmm=None) -> SoapService:
             vmm = open_vmm("qemu", root=Path(v.vmm_root) if v.vmm_root else state / "qemu")
         else:
             vmm = open_vmm(v.vmm)
-    repository = RepositoryAccess(v.repository, credential, trust, parallel=v.staging_parallel, gsi=v.staging_gsi)
+    repository = RepositoryAccess(v.repository, credential, trust, parallel=v.staging_parallel, gsi=v.staging_gsi,
+                                  verdict_seconds=v.verdict_seconds)
     return VMManagerService(state, v, policy_point(config), vmm=vmm, repository=repository,
                             credential=credential, trust=trust, notifier=Notifier(credential, trust, policy=ConsumerPolicy(tuple(v.consumers_allow)),
                                               limits=DeliveryLimits(deadline=v.notify_deadline)))

@@ -32,6 +32,9 @@ class VMManagerConfig:
     warm_restore_timeout: float = 30.0   # seconds guestd gets to take a warm clone's identity
     shutdown_timeout: int = 60           # default ACPI shutdown grace before forcing off
     hold_grace: int = 3600               # an image hold outlives the instance's lifetime by this much
+    # seconds the repository's verdict on a descriptor (identity and image are the repository's) is reused
+    # for the next deployments of that image; 0 asks at every deployment (docs/vmmanager.md)
+    verdict_seconds: float = 30.0
     # Subscribe: consumer networks allowed besides the default (any http(s) address that is not this node's
     # loopback or link-local); e.g. ["127.0.0.0/8"] where clients listen on the nodes' own machine
     consumers_allow: list[str] = field(default_factory=list)

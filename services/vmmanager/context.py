@@ -1,16 +1,18 @@
 """The instance context on the host side: build it, validate it, write it as an ISO 9660 image
 (volume label VMGRID-CTX, one file context.json) for the instance's virtual CD-ROM, like cloud-init's
-config drive. The format is guestd.context's (docs/guestd.md); genisoimage writes the image."""
+config drive. The format is guestd.context's (docs/guestd.md); pycdlib writes the image in process
+(ISO 9660 level 1 with Joliet and Rock Ridge names, as ``genisoimage -J -r`` did, without a process per
+deployment)."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import secrets
-import shutil
-import subprocess
-import tempfile
 import time
 from pathlib import Path
+
+import pycdlib
 
 from guestd.context import (DEFAULT_CHANNEL, FILE_NAME, FORMAT_VERSION, VOLUME_LABEL, ContextError,
                             InstanceContext, validate)
@@ -47,25 +49,26 @@ def build_context(*, instance: str, hostname: str, mac: str, address: str, netma
 def write_context_iso(context: InstanceContext, path: Path, refresh_time: bool = True) -> Path:
     """Write the context ISO at ``path`` (atomically); with ``refresh_time`` the host time in it is now.
 
-    Raises ContextError if genisoimage is missing or fails.
+    Raises ContextError if the image cannot be written.
     """
     if refresh_time:
         context = validate({**json.loads(context.to_json()), "time": time.time()})
-    tool = shutil.which("genisoimage") or shutil.which("mkisofs")
-    if tool is None:
-        raise ContextError("genisoimage is not installed (Debian package genisoimage)")
+    body = context.to_json()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="vmgrid-ctx-") as tmp:
-        staging = Path(tmp) / "iso"
-        staging.mkdir()
-        (staging / FILE_NAME).write_bytes(context.to_json())
-        out = Path(tmp) / "context.iso"
-        proc = subprocess.run([tool, "-quiet", "-V", VOLUME_LABEL, "-J", "-r", "-o", str(out), str(staging)],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise ContextError(f"genisoimage failed: {proc.stderr.strip()}")
-        partial = path.with_name(path.name + ".part")
-        shutil.copyfile(out, partial)
+    partial = path.with_name(path.name + ".part")
+    iso = pycdlib.PyCdlib()
+    try:
+        iso.new(interchange_level=1, joliet=3, rock_ridge="1.09", vol_ident=VOLUME_LABEL)
+        stem, _, ext = FILE_NAME.upper().partition(".")
+        iso.add_fp(io.BytesIO(body), len(body), f"/{stem[:8]}.{ext[:3]};1", rr_name=FILE_NAME,
+                   joliet_path=f"/{FILE_NAME}")
+        with open(partial, "wb") as f:
+            iso.write_fp(f)
         os.replace(partial, path)
+    except (pycdlib.pycdlibexception.PyCdlibException, OSError) as exc:
+        partial.unlink(missing_ok=True)
+        raise ContextError(f"writing the context image failed: {exc}") from None
+    finally:
+        iso.close()
     return path

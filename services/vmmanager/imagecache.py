@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Callable, Protocol
@@ -12,6 +13,8 @@ from typing import Callable, Protocol
 from services.faults import ChecksumMismatch, TransferFault
 from services.vmmanager import qemuimg
 from services.vmmanager.store import NodeStore
+
+TOUCH_EVERY = 60.0      # seconds between two records of a cached image's last use (eviction order)
 
 log = logging.getLogger("vmgrid.vmmanager.cache")
 
@@ -39,6 +42,7 @@ class ImageCache:
         self.store = store
         self.source = source
         self._lock = threading.Lock()
+        self._touched: dict[str, float] = {}
         self._inflight: dict[str, Future] = {}
         self._progress: dict[str, tuple[int, int]] = {}
         self.fetches = 0  # how many fetches this process started (tests: 20 deploys, one fetch)
@@ -57,7 +61,10 @@ class ImageCache:
         path = self.path(sha256)
         with self._lock:
             if self.store.cached(sha256) and path.is_file():
-                self.store.touch_cached(sha256)
+                now = time.monotonic()
+                if now - self._touched.get(sha256, -TOUCH_EVERY) >= TOUCH_EVERY:   # LRU order, not a write per deploy
+                    self.store.touch_cached(sha256)
+                    self._touched[sha256] = now
                 return path, True
             fut = self._inflight.get(sha256)
             leader = fut is None

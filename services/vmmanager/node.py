@@ -240,12 +240,13 @@ class Node:
                 rec.add("authorize", t_authorize)
             with rec.phase("lease"):
                 phases.lease(self.parts, key)
+            rec.flush()     # authorize, register and lease in one write
         except BaseException as exc:
             try:   # on a full disk the clean-up's own writes may fail too: the slot is given back anyway
                 self._release(key, quiet=True)
                 if self.store.get(key) is not None:
                     reason = f"{type(exc).__name__}: {getattr(exc, 'description', exc)}"
-                    self.store.set_state(key, State.FAILED, failure=reason)
+                    self.store.set_state(key, State.FAILED, failure=reason, phases=rec.take())
             except Exception:  # noqa: BLE001 - the deployment's own error is the one to report
                 log.exception("instance %s: cleaning up a failed deployment failed", key)
             finally:
@@ -261,18 +262,19 @@ class Node:
 
     def _deploy_rest(self, key: str, raise_fault: bool) -> None:
         """The phases after registration (stage, overlay, context, power on, guest ready); on failure the
-        instance is Failed and everything it held is released."""
+        instance is Failed and everything it held is released. The phase timings are written with the state
+        changes (Recorder)."""
+        rec = Recorder(self.store, key)
         try:
             if self._set_state(key, State.STAGING, expect={State.REGISTERED}):
-                rec = Recorder(self.store, key)
                 with rec.phase("stage"):
                     phases.stage(self.parts, key)
             with self._locked(key):
                 inst = self.store.get(key)
                 if inst.state != State.STAGING.value:   # destroyed meanwhile
                     return
-                self._set_state(key, State.STARTING, expect={State.STAGING})
-                self._start_instance(key)
+                self._set_state(key, State.STARTING, expect={State.STAGING}, phases=rec.take())
+                self._start_instance(key, rec)
         except VMGridFault as fault:
             self._fail(key, fault)
             if raise_fault:
@@ -288,12 +290,16 @@ class Node:
             self._fail(key, fault)
             if raise_fault:
                 raise fault from None
+        finally:
+            try:
+                rec.flush()     # what a failed or interrupted deployment timed
+            except Exception:  # noqa: BLE001 - timings only; the deployment's own outcome is what counts
+                log.exception("instance %s: phase timings not recorded", key)
 
-    def _start_instance(self, key: str) -> None:
+    def _start_instance(self, key: str, rec: Recorder) -> None:
         inst = self.store.get(key)
         d = phases.descriptor_of(inst)
         self.parts.home(key).mkdir(parents=True, exist_ok=True)
-        rec = Recorder(self.store, key)
         snap = None
         if self.config.warm_snapshots and inst.initial_state != State.PAUSED.value:
             snap = self.warm.find(inst, d)
@@ -311,18 +317,20 @@ class Node:
             spec = phases.instance_spec(self.parts, inst, d, disks, iso)
             phases.power_on(self.parts, spec, paused)
         if spec.channel is not None and not paused:
+            rec.flush()     # visible while the guest boots
             try:
                 with rec.phase("guest-ready"), self._guest_wait(key) as cancel:
                     phases.guest_ready(self.parts, key, cancel)
             except GuestWaitCancelled:
                 return      # a Destroy (or the node stopping) took over the instance; it releases it
-        self._set_state(key, State.PAUSED if paused else State.RUNNING, expect={State.STARTING})
+        self._set_state(key, State.PAUSED if paused else State.RUNNING, expect={State.STARTING}, phases=rec.take())
         if self.config.warm_snapshots and not paused:
             self.warm.make_later(inst, d, self.executor)
 
     def _warm_start(self, key: str, rec: Recorder, snap, spec, iso) -> bool:
         """The restore phase (services/vmmanager/warm.py); False when it failed and the instance must boot
         cold (the snapshot is dropped: the node makes a new one after this boot)."""
+        rec.flush()         # visible while the clone is restored
         try:
             with rec.phase("restore"), self._guest_wait(key) as cancel:
                 phases.restore(self.parts, spec, snap, iso, cancel)
@@ -337,7 +345,7 @@ class Node:
                 except VMMError:
                     pass
             return False
-        self._set_state(key, State.RUNNING, expect={State.STARTING})
+        self._set_state(key, State.RUNNING, expect={State.STARTING}, phases=rec.take())
         return True
 
     def _fail(self, key: str, fault: VMGridFault) -> None:
@@ -363,22 +371,32 @@ class Node:
                     log.warning("instance %s: %s failed: %s", key, verb, exc)
         shutil.rmtree(self.parts.home(key), ignore_errors=True)
         self.store.release_lease(key)
-        if inst is not None and inst.hold_id:
-            self._release_central("hold", key, inst.hold_id)
-            self.store.update(key, hold_id=None, hold_holder=None)
-        elif inst is not None and inst.hold_holder:   # asked for, its id never recorded (a crash in between)
-            self._release_central("holder", key, f"{inst.image_id}\n{inst.hold_holder}")
-            self.store.update(key, hold_holder=None)
+        if inst is not None and (inst.hold_id or inst.hold_holder):
+            # the node's hold on the image is shared by its instances of it: released with the last of them
+            with self.parts.holds.lock:
+                self.store.update(key, hold_id=None, hold_holder=None)
+                if inst.hold_holder and self.store.hold_users(holder=inst.hold_holder):
+                    return
+                self.parts.holds.forget(inst.image_id)
+                if inst.hold_id:
+                    self._release_central("hold", key, inst.hold_id)
+                else:   # asked for, its id never recorded (a crash in between)
+                    self._release_central("holder", key, f"{inst.image_id}\n{inst.hold_holder}")
 
     # -- releases at the central services, delivered or kept until they are ----------------------------
     def _deliver(self, kind: str, key: str, arg: str) -> None:
         if kind == "slot":
             self.authz.release(key)
-        elif kind == "hold":
-            self.repository.release(arg)
-        elif kind == "holder":
-            image_id, _, holder = arg.partition("\n")
-            self.repository.release_holder(image_id, holder)
+        elif kind in ("hold", "holder"):
+            with self.parts.holds.lock:
+                # a deployment since may have taken the same shared hold again (the repository renews a
+                # holder's hold under its id): it is not released under that instance
+                if kind == "hold" and not self.store.hold_users(hold_id=arg):
+                    self.repository.release(arg)
+                elif kind == "holder":
+                    image_id, _, holder = arg.partition("\n")
+                    if not self.store.hold_users(holder=holder):
+                        self.repository.release_holder(image_id, holder)
         else:
             log.error("outbox: unknown kind of release %r for %s", kind, key)
 
@@ -581,11 +599,12 @@ class Node:
                                 requested=str(lifetime))
         self.store.update(inst.key, termination=new)
         if inst.hold_id:  # the image stays held as long as the instance may live (the same hold, renewed)
-            holder = inst.hold_holder or f"{self.address}#{inst.key}"
-            hold = self.repository.hold(inst.image_id, holder, int(new - time.time()) + self.config.hold_grace)
-            self.store.update(inst.key, hold_id=hold, hold_holder=holder)
-            if hold != inst.hold_id:
-                self.repository.release(inst.hold_id)
+            holder = inst.hold_holder or phases.image_holder(self.address, inst.image_id)
+            with self.parts.holds.lock:
+                hold = phases.hold_image(self.parts, inst.image_id, holder, new + self.config.hold_grace)
+                self.store.update(inst.key, hold_id=hold, hold_holder=holder)
+                if hold != inst.hold_id and not self.store.hold_users(hold_id=inst.hold_id):
+                    self.repository.release(inst.hold_id)
         return new
 
     # -- inspection ----------------------------------------------------------------------------------------

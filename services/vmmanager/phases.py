@@ -14,7 +14,7 @@ import shlex
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -41,6 +41,38 @@ CRASHPOINTS = {"register": "deploy.registered", "lease": "deploy.leased", "stage
                "overlay": "deploy.overlay", "context": "deploy.context", "power-on": "deploy.powered-on"}
 
 
+# a node's hold on an image is asked for this much longer than its instances need: the deployments of the
+# image within that time find it covering them and ask the repository nothing
+HOLD_SLACK = 600
+
+
+def image_holder(address: str, image_id: str) -> str:
+    """The holder a node's hold on an image names: the node (its public address) and the image."""
+    return f"{address}#image:{image_id}"
+
+
+class ImageHolds:
+    """The node's holds on images at the repository: one per image for all of the node's instances of it,
+    asked for when a deployment would outlive it (:func:`hold_image`) and released when the last instance
+    holding it ends (Node._release). Every instance records the holder before the hold is asked for and
+    the hold's id after: the node store is the truth of who still needs a hold; this keeps only what the
+    repository granted (id and expiry), in memory. ``lock`` orders asking, recording and releasing."""
+
+    def __init__(self):
+        self.lock = threading.RLock()
+        self._granted: dict[str, tuple[str, float]] = {}     # image id -> (hold id, expires)
+
+    def covering(self, image_id: str, until: float) -> str | None:
+        got = self._granted.get(image_id)
+        return got[0] if got is not None and got[1] >= until else None
+
+    def granted(self, image_id: str, hold_id: str, expires: float) -> None:
+        self._granted[image_id] = (hold_id, expires)
+
+    def forget(self, image_id: str) -> None:
+        self._granted.pop(image_id, None)
+
+
 @dataclass
 class NodeParts:
     """What the phases work with: the node's records, cache, repository access, VMM, configuration."""
@@ -54,20 +86,33 @@ class NodeParts:
     pool: LeaseRange
     instances_dir: Path
     address: str = ""           # the node's public VMManager URL (image holds name it)
+    holds: ImageHolds = field(default_factory=ImageHolds)
 
     def home(self, key: str) -> Path:
         return self.instances_dir / key
 
 
 class Recorder:
-    """Times the phases of one instance's deployment into its record and passes each phase's crashpoint."""
+    """Times the phases of one instance's deployment and passes each phase's crashpoint. The timings are
+    kept until :meth:`flush` or :meth:`take` (the next state change writes them in its own transaction):
+    a write per phase was most of a warm deployment's SQLite commits."""
 
     def __init__(self, store: NodeStore, key: str):
         self.store = store
         self.key = key
+        self.pending: list[list] = []
 
     def add(self, name: str, seconds: float) -> None:
-        self.store.add_phase(self.key, name, seconds)
+        self.pending.append([name, round(seconds, 6)])
+
+    def take(self) -> list[list]:
+        """The timings not yet written, for a state change to write (and forgotten here)."""
+        pending, self.pending = self.pending, []
+        return pending
+
+    def flush(self) -> None:
+        if self.pending:
+            self.store.add_phases(self.key, self.take())
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -105,12 +150,29 @@ def stage(parts: NodeParts, key: str) -> None:
 
     _, cached = parts.cache.get(inst.image_id, inst.sha256, inst.size, inst.format, progress,
                                 blake3=image_blake3(inst.descriptor))
-    # the intent first: a node killed before it records the hold's id finds the hold by its holder
-    holder = f"{parts.address}#{key}"
-    parts.store.update(key, hold_holder=holder)
-    hold = parts.repository.hold(inst.image_id, holder, int(inst.termination - time.time()) + parts.config.hold_grace)
-    crashpoint("stage.held")
-    parts.store.update(key, staged_bytes=inst.size, cached=1 if cached else 0, hold_id=hold)
+    until = inst.termination + parts.config.hold_grace
+    with parts.holds.lock:
+        holder = image_holder(parts.address, inst.image_id)
+        hold = parts.holds.covering(inst.image_id, until)
+        if hold is None:
+            # the intent first: a node killed before it records the hold's id finds the hold by its holder
+            parts.store.update(key, hold_holder=holder)
+            hold = hold_image(parts, inst.image_id, holder, until)
+        crashpoint("stage.held")
+        parts.store.update(key, staged_bytes=inst.size, cached=1 if cached else 0, hold_id=hold, hold_holder=holder)
+
+
+def hold_image(parts: NodeParts, image_id: str, holder: str, until: float) -> str:
+    """The node's hold on an image lasting at least until ``until``: the one it has when that covers it,
+    else the repository's (a new hold, or the holder's renewed), asked for HOLD_SLACK longer. Called under
+    ``parts.holds.lock``."""
+    shared = holder == image_holder(parts.address, image_id)   # not an instance's own (a node state of before)
+    hold = parts.holds.covering(image_id, until) if shared else None
+    if hold is None:
+        hold, expires = parts.repository.hold_until(image_id, holder, int(until - time.time()) + HOLD_SLACK)
+        if shared:
+            parts.holds.granted(image_id, hold, expires)
+    return hold
 
 
 def overlay(parts: NodeParts, inst: Instance, d: Descriptor, base: Path | None = None) -> list[Disk]:

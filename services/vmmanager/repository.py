@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections import OrderedDict
 from pathlib import Path
 
 import gridftp
+from services.common.xsdtime import parse_datetime
 from services.descriptor import Descriptor
 from services.faults import (RETRYABLE, ChecksumMismatch, InvalidDescriptor, ServiceUnavailable, TransferFault,
                              VMGridFault)
@@ -15,9 +18,14 @@ from services.vmrepository.client import RepositoryClient
 
 log = logging.getLogger("vmgrid.vmmanager.repository")
 
+# what Deploy's descriptor must share with the repository's (hardware may differ)
+VERIFIED_FIELDS = ("image_id", "name", "vo", "owner", "sha256", "size", "image_format")
+MAX_VERDICTS = 4096
+
 
 class RepositoryAccess:
-    def __init__(self, url: str, credential, trust, *, parallel: int = 4, gsi: bool = False):
+    def __init__(self, url: str, credential, trust, *, parallel: int = 4, gsi: bool = False,
+                 verdict_seconds: float = 30.0):
         self.url = url
         self.credential = credential
         self.trust = trust
@@ -25,6 +33,10 @@ class RepositoryAccess:
         self.gsi = gsi
         self._repo = None
         self._lock = threading.Lock()
+        # the repository's verdict on a descriptor's identity, reused for verdict_seconds (bounded, oldest
+        # dropped first): identity fields -> monotonic time of the verdict
+        self.verdict_seconds = verdict_seconds
+        self._verdicts: OrderedDict[tuple, float] = OrderedDict()
 
     def _client(self):
         """One client for all threads: the WSDL and its schemas are loaded once, not per thread
@@ -55,16 +67,61 @@ class RepositoryAccess:
             repo.service.close()
 
     def verify(self, d: Descriptor) -> None:
-        """The deployed descriptor's identity and image must be the repository's (hardware may differ)."""
+        """The deployed descriptor's identity and image must be the repository's (hardware may differ).
+
+        The repository's yes is reused for ``verdict_seconds`` for the same identity (the image's id, name,
+        VO, owner and bytes), so a steady stream of deployments asks once per image and period instead of
+        once per deployment. What a reused verdict cannot miss: the image's bytes, owner and VO never change
+        under its id (an update keeps them), and a removed image never deploys, because staging then asks
+        the repository for a hold on it, which it refuses (and that refusal drops the verdicts on the image,
+        :meth:`hold`). What it may miss for up to ``verdict_seconds``: a rename."""
+        identity = tuple(getattr(d, what) for what in VERIFIED_FIELDS)
+        if self._verdict(identity):
+            return
         theirs = Descriptor(self._call("show", d.image_id))
-        for what in ("image_id", "name", "vo", "owner", "sha256", "size", "image_format"):
+        for what in VERIFIED_FIELDS:
             mine, repo = getattr(d, what), getattr(theirs, what)
             if mine != repo:
                 raise InvalidDescriptor(f"the descriptor's {what} {mine!r} is not the repository's {repo!r} "
                                         f"for image {d.image_id}", schemaMessage="descriptor differs from repository")
+        if self.verdict_seconds > 0:
+            with self._lock:
+                self._verdicts[identity] = time.monotonic()
+                self._verdicts.move_to_end(identity)
+                while len(self._verdicts) > MAX_VERDICTS:
+                    self._verdicts.popitem(last=False)
+
+    def _verdict(self, identity: tuple) -> bool:
+        with self._lock:
+            when = self._verdicts.get(identity)
+            if when is None:
+                return False
+            if time.monotonic() - when < self.verdict_seconds:
+                return True
+            del self._verdicts[identity]
+            return False
+
+    def forget(self, image_id: str) -> None:
+        """Drop the verdicts on an image (the repository refused something about it)."""
+        with self._lock:
+            for identity in [i for i in self._verdicts if i[0] == image_id]:
+                del self._verdicts[identity]
 
     def hold(self, image_id: str, holder: str, seconds: int) -> str:
-        return self._call("hold", image_id, holder, seconds)[0]
+        return self.hold_until(image_id, holder, seconds)[0]
+
+    def hold_until(self, image_id: str, holder: str, seconds: int) -> tuple[str, float]:
+        """A hold on the image for ``holder``: its id and when it expires (the repository may grant less
+        than asked). A refusal (the image removed, the node no longer allowed) also drops this node's
+        verdicts on the image: the next deployment asks the repository again."""
+        try:
+            hold_id, expires = self._call("hold", image_id, holder, seconds)
+        except RETRYABLE:
+            raise
+        except VMGridFault:
+            self.forget(image_id)
+            raise
+        return hold_id, parse_datetime(expires)
 
     def release(self, hold_id: str) -> None:
         """Release a hold. Raises what a later try may overcome (the repository unreachable, its disk full);

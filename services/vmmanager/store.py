@@ -176,6 +176,8 @@ class NodeStore:
         columns = {r[1] for r in self._db().execute("PRAGMA table_info(instances)")}
         if "hold_holder" not in columns:    # a node state written before holds were found by holder
             self._db().execute("ALTER TABLE instances ADD COLUMN hold_holder TEXT")
+        # instances share the node's hold on an image: who still records it is asked at every release
+        self._db().execute("CREATE INDEX IF NOT EXISTS instances_hold_holder ON instances (hold_holder)")
 
     def _db(self) -> sqlite3.Connection:
         return self.db.conn()
@@ -227,22 +229,33 @@ class NodeStore:
         row = self._db().execute(f"SELECT {', '.join(COLUMNS)} FROM instances WHERE key = ?", (key,)).fetchone()
         return Instance(*row) if row else None
 
+    def hold_users(self, *, hold_id: str | None = None, holder: str | None = None) -> int:
+        """How many instances record the hold ``hold_id`` or the holder ``holder`` (their hold fields are
+        cleared when they release)."""
+        if hold_id is not None:
+            return self._db().execute("SELECT count(*) FROM instances WHERE hold_id = ?", (hold_id,)).fetchone()[0]
+        return self._db().execute("SELECT count(*) FROM instances WHERE hold_holder = ?", (holder,)).fetchone()[0]
+
     def update(self, key: str, **values) -> None:
         sets = ", ".join(f"{k} = ?" for k in values)
         with self.write() as db:
             db.execute(f"UPDATE instances SET {sets} WHERE key = ?", [*values.values(), key])
 
-    def set_state(self, key: str, new: State, *, expect: set[State] | None = None, **values) -> State | None:
+    def set_state(self, key: str, new: State, *, expect: set[State] | None = None,
+                  phases: list | None = None, **values) -> State | None:
         """Move an instance to ``new`` (only from ``expect`` when given); returns the old state, or None when the
-        instance was not in an expected state (nothing changed)."""
+        instance was not in an expected state (nothing changed). ``phases`` ([name, seconds] pairs) are added
+        to its phase timings in the same transaction."""
         with self.write() as db:
-            row = db.execute("SELECT state FROM instances WHERE key = ?", (key,)).fetchone()
+            row = db.execute("SELECT state, phases FROM instances WHERE key = ?", (key,)).fetchone()
             if row is None:
                 return None
             old = State(row[0])
             if expect is not None and old not in expect:
                 return None
             extra = dict(values)
+            if phases:
+                extra["phases"] = json.dumps(json.loads(row[1]) + [list(p) for p in phases])
             if new in FINAL:
                 extra.setdefault("ended", time.time())
             sets = ", ".join(["state = ?"] + [f"{k} = ?" for k in extra])
@@ -250,12 +263,16 @@ class NodeStore:
             return old
 
     def add_phase(self, key: str, name: str, seconds: float) -> None:
+        self.add_phases(key, [[name, round(seconds, 6)]])
+
+    def add_phases(self, key: str, phases: list) -> None:
+        """Add [name, seconds] pairs to an instance's phase timings, in one transaction."""
         with self.write() as db:
             row = db.execute("SELECT phases FROM instances WHERE key = ?", (key,)).fetchone()
             if row is None:
                 return
-            phases = json.loads(row[0]) + [[name, round(seconds, 6)]]
-            db.execute("UPDATE instances SET phases = ? WHERE key = ?", (json.dumps(phases), key))
+            db.execute("UPDATE instances SET phases = ? WHERE key = ?",
+                       (json.dumps(json.loads(row[0]) + [list(p) for p in phases]), key))
 
     def list(self, owner: str | None = None, *, live_only: bool = True) -> list[Instance]:
         sql = f"SELECT {', '.join(COLUMNS)} FROM instances"

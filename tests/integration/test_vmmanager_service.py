@@ -299,6 +299,25 @@ def test_deploy_faults_are_typed_and_leak_nothing(vm_grid, grid_pki, case):
         assert failed and expected.__name__ in failed[-1].failure
 
 
+def test_a_removed_image_never_deploys_though_the_node_reused_its_verdict(vm_grid, grid_pki):
+    """The node reuses the repository's verdict on a descriptor ([vmmanager] verdict_seconds): the second
+    deployment does not ask for it. Once the image is removed, a deployment of its descriptor within that
+    time is refused all the same (the repository refuses the hold), holds nothing, and the node asks again."""
+    ws = vm_grid.register()
+    vm = vm_grid.vmm(grid_pki.alice)
+    vm.destroy(vm.deploy(ws, "first", 300, wait=True).ref)
+    access = vm_grid.node().repository
+    assert [i[0] for i in access._verdicts] == [Descriptor(ws).image_id]      # the verdict kept
+    vm_grid.repo(grid_pki.admin).remove(Descriptor(ws).image_id)
+    with pytest.raises((UnknownImage, AccessDenied)):
+        vm.deploy(ws, "after-removal", 300, wait=True)
+    assert access._verdicts == {}                        # dropped: the next deployment asks the repository
+    with pytest.raises((UnknownImage, AccessDenied)):
+        vm.deploy(ws, "again", 300, wait=True)
+    assert_nothing_held(vm_grid)
+    assert vm_grid.authz_service.authority.slots() == []
+
+
 def test_an_asynchronous_deploy_is_watched_to_running(vm_grid, grid_pki):
     vm = vm_grid.vmm(grid_pki.alice)
     info = vm.deploy(vm_grid.register(size="512M", fill=b"y" * 65536), "async", 600)
@@ -324,12 +343,14 @@ def test_lifetime_expiry_destroys_and_releases_everything(vm_grid, grid_pki):
 
 def test_set_termination_time_refuses_the_past_and_nil(vm_grid, grid_pki):
     vm = vm_grid.vmm(grid_pki.alice)
-    ref = vm.deploy(vm_grid.register(), "t", 600, wait=True).ref
+    ws = vm_grid.register()
+    ref = vm.deploy(ws, "t", 600, wait=True).ref
     with pytest.raises(InvalidArgument):
         vm.set_termination_time(ref, when=datetime.now(timezone.utc) - timedelta(minutes=1))
     new, _ = vm.set_termination_time(ref, when=datetime.now(timezone.utc) + timedelta(hours=2))
     assert new > datetime.now(timezone.utc) + timedelta(minutes=119)
-    assert node_holdings(vm_grid)["holds"] == [ref.key]          # the image hold was renewed, not doubled
+    # the node's hold on the image (one per image and node) was renewed, not doubled
+    assert node_holdings(vm_grid)["holds"] == [f"image:{Descriptor(ws).image_id}"]
     db = sqlite3.connect(vm_grid.repo_service.catalogue.path)
     try:
         (expires,) = db.execute("SELECT expires FROM holds").fetchone()

@@ -1,5 +1,5 @@
 """The instance context format: built on the host, validated on both sides, carried on an ISO 9660
-CD-ROM (genisoimage writes it, guestd reads it without mounting; isoinfo is an independent reader)."""
+CD-ROM (pycdlib writes it in the node, guestd reads it without mounting; isoinfo is an independent reader)."""
 from __future__ import annotations
 
 import json

@@ -42,9 +42,14 @@ class FakeImageSource:
         assert d.image_id == self.known.image_id
 
     def hold(self, image_id: str, holder: str, seconds: int) -> str:
-        hold = f"hold-{len(self.holds) + 1}"
+        return self.hold_until(image_id, holder, seconds)[0]
+
+    def hold_until(self, image_id: str, holder: str, seconds: int) -> tuple[str, float]:
+        """As the repository: one hold per holder, renewed under its id when asked again."""
+        self.hold_calls = getattr(self, "hold_calls", 0) + 1
+        hold = next((h for h, (who, _) in self.holds.items() if who == holder), f"hold-{self.hold_calls}")
         self.holds[hold] = (holder, seconds)
-        return hold
+        return hold, time.time() + seconds
 
     def release(self, hold_id: str) -> None:
         self.holds.pop(hold_id, None)
@@ -90,9 +95,31 @@ def test_deploy_runs_every_phase_and_holds_the_image_in_the_nodes_name(node):
     assert node.source.fetches == 1
     assert node.source.blake3 is None                    # a descriptor without image/blake3: verified by sha256
     (holder, _), = node.source.holds.values()
-    assert holder == f"{NODE_ADDRESS}#{inst.key}"      # the configured address, no caller chose it
+    assert holder == f"{NODE_ADDRESS}#image:{inst.image_id}"      # the configured address, no caller chose it
     deploy(node, "second")
     assert node.source.fetches == 1                      # cached: not staged again
+
+
+def test_the_instances_of_an_image_share_the_nodes_hold_released_with_the_last(node):
+    """One hold per image and node: a second deployment within the hold asks the repository nothing; the
+    hold stays while any instance of the image lives and goes with the last; one that would outlive the
+    hold renews it (the same hold)."""
+    first = deploy(node, "one", lifetime=600).inst.key
+    second = deploy(node, "two", lifetime=600).inst.key
+    assert node.source.hold_calls == 1 and len(node.source.holds) == 1
+    hold = node.store.get(first).hold_id
+    assert node.store.get(second).hold_id == hold
+    node.destroy(ALICE, first)
+    assert list(node.source.holds) == [hold]             # the other instance still needs it
+    longer = deploy(node, "longer", lifetime=600 + 2 * 3600).inst.key   # beyond the hold's slack: renewed
+    assert node.source.hold_calls == 2 and list(node.source.holds) == [hold]
+    assert node.source.holds[hold][1] > 2 * 3600
+    node.destroy(ALICE, second)
+    assert list(node.source.holds) == [hold]
+    node.destroy(ALICE, longer)
+    assert node.source.holds == {}                       # the last instance gave it back
+    deploy(node, "after")                                # a new hold: the node forgot the released one
+    assert node.source.hold_calls == 3 and len(node.source.holds) == 1
 
 
 def test_staging_verifies_with_the_descriptors_blake3(node, tmp_path):
