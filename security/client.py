@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import urlsplit
 
+import requests
+import urllib3
 import zeep
 from lxml import etree
 
@@ -113,6 +115,17 @@ class GridTransport(zeep.Transport):
         self.wsse = wsse
         self.limits = limits or (wsse.policy.limits if wsse is not None else safexml.Limits())
 
+    def post(self, address, message, headers):
+        try:
+            return super().post(address, message, headers)
+        except requests.exceptions.ConnectionError as exc:
+            if not _dropped_connection(exc):
+                raise
+        # The server closed a kept-alive connection as the request went out (its idle limit met the request):
+        # nothing was answered. The same bytes once more on a new connection; never re-signed, so if the server
+        # did act on the first copy its replay cache refuses the second (a typed fault), never a second action.
+        return super().post(address, message, headers)
+
     def post_xml(self, address, envelope, headers):
         if self.wsse is not None:
             self.wsse.expect_address(address)
@@ -123,6 +136,13 @@ class GridTransport(zeep.Transport):
             except safexml.UnsafeXML as exc:
                 raise InvalidSecurity(f"response from {address} refused by the XML parser: {exc}") from None
         return response
+
+
+def _dropped_connection(exc: requests.exceptions.ConnectionError) -> bool:
+    """Whether a connection that was open broke before any answer (urllib3's ProtocolError: "Connection aborted",
+    RemoteDisconnected, reset), as opposed to one that could not be opened (refused, no route, TLS failure)."""
+    reason = exc.args[0] if exc.args else None
+    return isinstance(reason, urllib3.exceptions.ProtocolError)
 
 
 def grid_client(wsdl: str, credential: Credential, trust: TrustStore, *, expected_host_dn: str | None = None,
