@@ -327,6 +327,7 @@ class Node:
                     pass
             return False
         self._set_state(key, State.RUNNING, expect={State.STARTING})
+        self.warm.refill(snap, self.executor)
         return True
 
     def _fail(self, key: str, fault: VMGridFault) -> None:

@@ -178,7 +178,8 @@ def restore(parts: NodeParts, spec: InstanceSpec, snapshot, iso: Path, cancel: t
     answers with its status once it has the new identity and its container runs (GuestStatus)."""
     key = spec.name
     t = time.perf_counter()
-    vmm_call("restore", parts.vmm.restore_clone, snapshot.memory, spec, parts.home(key) / "warm.save")
+    vmm_call("restore", parts.vmm.restore_clone, snapshot.memory, spec, parts.home(key) / "warm.save",
+             spare=snapshot.spare())
     restored = time.perf_counter() - t
     with open(iso, "rb") as f:
         ctx = json.loads(read_iso_file(f, CONTEXT_FILE))
