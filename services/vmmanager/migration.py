@@ -253,6 +253,7 @@ def migrate(node: "Node", caller, key: str, target: str, mode: str, proxy_pem: b
         phase = "freeze"
         try:
             with timed(timings, "freeze"):
+                frozen = time.perf_counter()
                 home = node.parts.home(key)
                 state_file = home / STATE_FILE
                 domain_uuid = vmm_call("inspect", node.vmm.spec_of, key).uuid
@@ -260,8 +261,11 @@ def migrate(node: "Node", caller, key: str, target: str, mode: str, proxy_pem: b
                     state_file.unlink(missing_ok=True)
                     vmm_call("save", node.vmm.save, key, state_file)
                 crashpoint("migration.frozen")
+                saved = time.perf_counter()
                 names = _disk_files(home) + [STATE_FILE]
                 files = _file_list(home, names)
+                log.info("instance %s: freeze phase: save %.3f s, sha256 of %d bytes %.3f s", key,
+                         saved - frozen, sum(f.size for f in files), time.perf_counter() - saved)
             phase = "prepare"
             base = node.exports.open(key, names, target)
             offer = MigrationOffer(key=key, identifier=inst.identifier, owner=inst.owner,
