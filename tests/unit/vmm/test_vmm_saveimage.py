@@ -122,3 +122,28 @@ def descriptor(boot_attr: str = "") -> Descriptor:
                                            (' warmStart="1"', True), (' warmStart="0"', False)])
 def test_only_a_descriptor_that_says_so_is_cloned(attr, allowed):
     assert warm.allowed(descriptor(attr)) is allowed
+
+
+class _Now:
+    """An executor that runs the job at once (the node's is a thread pool)."""
+
+    def submit(self, fn):
+        fn()
+
+
+def test_a_snapshot_is_refilled_with_whole_spares_and_a_taken_one_is_replaced(tmp_path):
+    from types import SimpleNamespace
+    snap = warm.Snapshot(tmp_path / "img-fp", {})
+    snap.directory.mkdir()
+    save_file(snap.memory, "<domain>template</domain>")
+    snapshots = warm.WarmSnapshots(tmp_path, SimpleNamespace(config=SimpleNamespace(warm_spares=2)))
+    snapshots.refill(snap, _Now())
+    spares = sorted(snap.spares.glob("*.save"))
+    assert len(spares) == 2 and not list(snap.spares.glob("*.part"))
+    image = saveimage.read(snap.memory)
+    assert saveimage.take_spare(snap.spare(), snap.memory, image, "<domain>c</domain>", tmp_path / "c.save")
+    assert len(list(snap.spares.glob("*.save"))) == 1
+    snapshots.refill(snap, _Now())
+    assert len(list(snap.spares.glob("*.save"))) == 2
+    snapshots.refill(snap, _Now())      # full: nothing more
+    assert len(list(snap.spares.glob("*.save"))) == 2
