@@ -135,6 +135,10 @@ def main() -> int:
                     f.unlink()
             node.destroy(name)
             node.undefine(name)
+            med = {k: statistics.median(v) for k, v in fig.items() if v}
+            print(f"{memory} MiB: restore (cached) / QEMU start alone {med['restore-cached'] / med['qemu-start']:.2f}x; "
+                  f"restore beside a busy Python thread / alone {med['restore-busy-gil'] / med['restore-cached']:.2f}x",
+                  flush=True)
             for k, v in fig.items():
                 if v:
                     rows.append([f"{memory} MiB", k, f"{statistics.median(v):.3f} s",

@@ -237,12 +237,12 @@ class LibvirtDriver(VMM):
                 "libvirt": str(self._call("read the libvirt version", self._conn.getLibVersion))}
 
     def restore_clone(self, template: Path, spec: InstanceSpec, work: Path, paused: bool = False,
-                      spare: Path | None = None) -> None:
+                      spare: Path | None = None) -> bool:
         """Start instance ``spec`` from the save file ``template`` of another (a warm-snapshot template):
         its memory and device state, the spec's name, UUID, MAC and files. ``work`` is the clone's own
         save file while libvirt reads it (removed after): ``spare`` (saveimage.write_spare of ``template``)
         when there is one, re-headed in place, else a copy. The guest clock is left alone: the caller's
-        first message to guestd is its new context, with the time."""
+        first message to guestd is its new context, with the time. True when a spare served."""
         if not self.capabilities.real_guest:
             raise VMMError(f"{self.backend} has no real guest to clone from a save file")
         spec.validate()
@@ -252,7 +252,8 @@ class LibvirtDriver(VMM):
         xml = config.clone_xml(image.xml, spec)
         work = Path(work)
         try:
-            if spare is None or not saveimage.take_spare(Path(spare), Path(template), image, xml, work):
+            spared = spare is not None and saveimage.take_spare(Path(spare), Path(template), image, xml, work)
+            if not spared:
                 saveimage.write_clone(Path(template), image, xml, work)
             self._drop_channel(spec.name, "the instance was cloned")
             self._call(f"define {spec.name} for a warm start", self._conn.defineXML, xml)
@@ -260,6 +261,7 @@ class LibvirtDriver(VMM):
             self._call(f"restore {spec.name} from {template}", self._conn.restoreFlags, str(work), None, flags)
         finally:
             work.unlink(missing_ok=True)
+        return spared
 
     def shutdown(self, instance: str, timeout: float = 60.0, cancel: threading.Event | None = None) -> bool:
         dom = self._domain(instance)
