@@ -1,6 +1,7 @@
 """Cold migration of a real guest between two VMManager nodes on loopback, beside the bare steps.
 
-    sudo .venv/bin/python bench/bench_migrate.py [--memory 256,512] [--keep]
+    .venv/bin/python bench/bench_migrate.py [--memory 256,512] [--keep]
+    .venv/bin/python bench/bench_migrate.py --wan [--delay-ms 25] [--rate 1gbit] [--wan-prefix vmr]
 
 For each memory size: a real guest (the project's guest image, QEMU software emulation) is deployed on
 node A and migrated to node B through the grid (delegated proxy, GridFTP pull of the overlay and the
@@ -9,6 +10,11 @@ resume on the target (the phases freeze .. resume); total is the Migrate call as
 The peer, in the same run: the same save -> copy -> restore done by hand through the VMM interface
 (one qemu:///embed root per side, in this process, no grid): save, cp of the overlay and the state
 file, restore on the other root. Figures are printed with their ratio to the peer; nothing is asserted.
+
+``--wan``: the same migration across ../shared/tools/wan.sh's emulated link (default 1 Gbit/s, 25 ms each
+way: 50 ms RTT): the central container and node A in the ``<prefix>srv`` namespace, node B in
+``<prefix>cli``, the client in ``srv``. Its peer is the issue's bound: saved-state bytes / link rate plus
+the bare save and restore measured on loopback in the same run. Needs root (namespaces, qemu:///embed).
 """
 from __future__ import annotations
 
@@ -26,8 +32,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_vmmanager import GUEST_DESCRIPTOR, Site, clients, free_port, register  # noqa: E402
-from benchgrid import BenchError, loadavg, log, table  # noqa: E402
+from bench_vmmanager import GUEST_DESCRIPTOR, Site, clients, free_port, rate_bps, register  # noqa: E402
+from benchgrid import BenchError, loadavg, log, stop_process, table  # noqa: E402
 
 HELPER = Path(__file__).resolve().parents[1] / "tests" / "vm" / "node_helper.py"
 DOWNTIME = ("freeze", "prepare", "transfer", "restore", "resume")   # the guest runs again after resume
@@ -35,11 +41,22 @@ DOWNTIME = ("freeze", "prepare", "transfer", "restore", "resume")   # the guest 
 
 def grid_migration(site: Site, image, ws, memory: int, nodes) -> dict:
     _, a = clients(site, nodes[0], site.pki.alice)
+    _, b = clients(site, nodes[1], site.pki.alice)
+    return migrate_once(a, b, ws, memory, nodes[1].url("VMManagerService"))
+
+
+def cache_on(b, ws) -> None:
+    """Stage the image on node B once (a paused deploy, destroyed): the migrations then find the base image in
+    B's cache, as on a site whose nodes hold its images; only the overlay and the saved state move."""
+    info = b.deploy(ws, "cache-warmup", 600, paused=True, wait=True)
+    b.destroy(info.ref)
+
+
+def migrate_once(a, b, ws, memory: int, target_url: str) -> dict:
     info = a.deploy(ws, f"mig-{memory}", 3600, wait=True)
     t = time.perf_counter()
-    moved = a.migrate(info.ref, nodes[1].url("VMManagerService"))
+    moved = a.migrate(info.ref, target_url)
     total = time.perf_counter() - t
-    _, b = clients(site, nodes[1], site.pki.alice)
     status = b.status(moved.ref)
     b.destroy(moved.ref)
     phases = dict(moved.phases)
@@ -99,10 +116,103 @@ def bare_migration(image, src, root: Path, memory: int) -> dict:
                 pass
 
 
+def wan_client(spec_path: str) -> int:
+    """Runs in the source's namespace: registers the image (as the admin), then per memory size deploys on
+    node A and migrates to node B (as alice). Writes the figures as JSON."""
+    from client.repository import RepositoryClient
+    from client.soap import GridServiceClient
+    from client.vmmanager import VMManagerClient
+    from security.pki import load_credential
+    from security.trust import TrustStore
+    from services.descriptor import set_field
+
+    spec = json.loads(Path(spec_path).read_text())
+    trust = TrustStore(spec["cert_dir"])
+    admin, alice = load_credential(proxy=spec["admin_proxy"]), load_credential(proxy=spec["alice_proxy"])
+    from lxml import etree
+    repo = RepositoryClient(GridServiceClient(spec["repo_url"], admin, trust))
+    base = repo.register(etree.fromstring(spec["descriptor"].encode()), local_path=spec["image"])
+    a = VMManagerClient(GridServiceClient(spec["node_a"], alice, trust))
+    b = VMManagerClient(GridServiceClient(spec["node_b"], alice, trust))
+    out = {}
+    cache_on(b, base)
+    for memory in spec["memory"]:
+        ws = copy.deepcopy(base)
+        set_field(ws, "hardware", "memory", memory)
+        log(f"wan: {memory} MiB through the grid")
+        out[str(memory)] = migrate_once(a, b, ws, memory, spec["node_b"])
+    Path(spec["out"]).write_text(json.dumps(out))
+    return 0
+
+
+def wan_grid(root: Path, pki, image, virtual: int, memories: list[int], args) -> dict:
+    """The grid part across the emulated WAN (see the module's docstring)."""
+    from benchgrid import Wan
+    from services.descriptor import parse_descriptor
+    from lxml import etree
+
+    wan = Wan(prefix=args.wan_prefix, delay_ms=args.delay_ms, rate=args.rate)
+    site = Site(root / "wan", pki)
+    site.root.mkdir()
+    try:
+        log(f"wan: up (prefix {wan.prefix}, one-way delay {wan.delay_ms} ms, rate {wan.rate})")
+        wan.up()
+        log(f"wan: {wan.shaping}")
+        hosts = site.root / "hosts"
+        srv = pki.ca.issue_host(wan.srv_name, ou="vmgrid", alt_names=[wan.srv_ip], out_dir=hosts / wan.srv_name)
+        cli = pki.ca.issue_host(wan.cli_name, ou="vmgrid", alt_names=[wan.cli_ip], out_dir=hosts / wan.cli_name)
+        ingest = site.root / "ingest"
+        ingest.mkdir()
+        path = ingest / "vmgrid-guest.qcow2"
+        shutil.copyfile(image.rootfs, path)
+        env = {"P": wan.prefix}
+        site.start_central(host=wan.srv_ip, public=wan.srv_name, port=8443, cert=srv.cert_path, key=srv.key_path,
+                           ingest=ingest, wrap=wan.command("srv", []), env=env)
+        nodes = []
+        for n, (side, ip, name, cred, port) in enumerate((("srv", wan.srv_ip, wan.srv_name, srv, 8444),
+                                                          ("cli", wan.cli_ip, wan.cli_name, cli, 8443))):
+            nodes.append(site.start_node(
+                f"node-{n}", host=ip, public=name, port=port, cert=cred.cert_path, key=cred.key_path,
+                state=site.root / f"n{n}", wrap=wan.command(side, []), env=env,
+                vmmanager={"vmm": "qemu", "vmm_root": str(site.root / f"q{n}"), "kernel": str(image.kernel),
+                           "initrd": str(image.initrd), "cmdline": image.cmdline, "guest_ready_timeout": 300.0,
+                           "migration_sources": [wan.srv_name],
+                           "lease_range": ["10.99.0.10-10.99.0.90", "10.99.0.100-10.99.0.180"][n]}))
+        descriptor = parse_descriptor(GUEST_DESCRIPTOR.format(memory=256, size=virtual, kernel=image.kernel_version,
+                                                              cmdline=image.cmdline).encode())
+        spec = {"cert_dir": str(pki.cert_dir), "admin_proxy": str(pki.admin.proxy_path),
+                "alice_proxy": str(pki.alice.proxy_path), "repo_url": site.repo_url,
+                "node_a": nodes[0].url("VMManagerService"), "node_b": nodes[1].url("VMManagerService"),
+                "image": str(path), "descriptor": etree.tostring(descriptor).decode(), "memory": memories,
+                "out": str(site.root / "client.json")}
+        spec_path = site.root / "client-spec.json"
+        spec_path.write_text(json.dumps(spec))
+        client = subprocess.Popen(wan.command("srv", [sys.executable, str(Path(__file__).resolve()), "_wan-client",
+                                                      str(spec_path)]),
+                                  env={**os.environ, **env}, start_new_session=True)
+        try:
+            rc = client.wait(3600)
+        finally:
+            stop_process(client)
+        if rc != 0:
+            raise BenchError(f"the WAN client failed ({rc}); logs in {site.root}")
+        return {"runs": json.loads((site.root / "client.json").read_text()), "shaping": wan.shaping,
+                "rate_bps": rate_bps(wan.rate)}
+    finally:
+        site.stop()
+        wan.down()
+
+
 def main() -> int:
+    if len(sys.argv) == 3 and sys.argv[1] == "_wan-client":
+        return wan_client(sys.argv[2])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--memory", default="256,512", help="guest memory sizes in MiB, comma-separated")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--wan", action="store_true", help="migrate across the emulated WAN (wan.sh) instead of loopback")
+    ap.add_argument("--delay-ms", type=int, default=25, help="--wan: one-way delay (RTT = 2x)")
+    ap.add_argument("--rate", default="1gbit", help="--wan: link rate (tc units)")
+    ap.add_argument("--wan-prefix", default="vmr", help="--wan: prefix of the namespaces this bench makes")
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("bench_migrate: needs root (QEMU guests through qemu:///embed)")
@@ -135,22 +245,43 @@ def main() -> int:
                  for n in (0, 1)]
         base = register(site, parse_descriptor(GUEST_DESCRIPTOR.format(
             memory=256, size=virtual, kernel=image.kernel_version, cmdline=image.cmdline).encode()), path)
-        for memory in [int(m) for m in args.memory.split(",")]:
-            ws = copy.deepcopy(base)
-            set_field(ws, "hardware", "memory", memory)      # hardware may differ from the repository's
-            log(f"{memory} MiB: through the grid")
-            grid = grid_migration(site, image, ws, memory, nodes)
+        memories = [int(m) for m in args.memory.split(",")]
+        wan = None
+        if args.wan:
+            site.stop()     # the loopback grid is not used: the WAN grid has its own (its nodes embed QEMU too)
+            wan = wan_grid(root, pki, image, virtual, memories, args)
+            print(f"emulated WAN: {wan['shaping']}", flush=True)
+        else:
+            _, b = clients(site, nodes[1], site.pki.alice)
+            cache_on(b, base)
+        for memory in memories:
+            if wan is None:
+                ws = copy.deepcopy(base)
+                set_field(ws, "hardware", "memory", memory)      # hardware may differ from the repository's
+                log(f"{memory} MiB: through the grid")
+                grid = grid_migration(site, image, ws, memory, nodes)
+            else:
+                grid = wan["runs"][str(memory)]
             print(f"{memory} MiB through the grid: total {grid['total']:.2f} s, downtime {grid['downtime']:.2f} s; "
-                  + " ".join(f"{n}={s:.3f}" for n, s in grid["phases"]) + f"; guest: {grid['guest']}", flush=True)
+                  + " ".join(f"{n}={s:.3f}" for n, s in grid["phases"]) + f"; guest: {grid['guest']}; {loadavg()}",
+                  flush=True)
             log(f"{memory} MiB: the bare steps")
             if bare_src is None:
                 from services.vmmanager.vmm import LibvirtQemuDriver
                 bare_src = LibvirtQemuDriver(root=root / "bare-a")
             bare = bare_migration(image, bare_src, root / f"bare{memory}", memory)
-            rows.append([f"{memory} MiB", f"{grid['downtime']:.2f} s", f"{grid['total']:.2f} s",
-                         f"{bare['total']:.2f} s (save {bare['save']:.2f}, cp {bare['copy']:.2f}, "
-                         f"restore {bare['restore']:.2f})", f"{grid['downtime'] / bare['total']:.2f}x",
-                         f"{bare['state_bytes'] / 2**20:.0f} MiB", grid["state"]])
+            print(f"{memory} MiB bare: save {bare['save']:.2f} s, cp {bare['copy']:.2f} s, restore "
+                  f"{bare['restore']:.2f} s; {loadavg()}", flush=True)
+            if wan is None:
+                peer, label = bare["total"], (f"{bare['total']:.2f} s (save {bare['save']:.2f}, cp {bare['copy']:.2f}, "
+                                              f"restore {bare['restore']:.2f})")
+            else:
+                wire = bare["state_bytes"] * 8 / wan["rate_bps"]
+                peer = wire + bare["save"] + bare["restore"]
+                label = (f"{peer:.2f} s (state/link {wire:.2f}, save {bare['save']:.2f}, "
+                         f"restore {bare['restore']:.2f})")
+            rows.append([f"{memory} MiB", f"{grid['downtime']:.2f} s", f"{grid['total']:.2f} s", label,
+                         f"{grid['downtime'] / peer:.2f}x", f"{bare['state_bytes'] / 2**20:.0f} MiB", grid["state"]])
     except BenchError as exc:
         print(f"bench_migrate: {exc}", file=sys.stderr)
         return 1
@@ -160,8 +291,10 @@ def main() -> int:
             bare_src.close()
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
-    print(table(["guest", "downtime (grid)", "total (grid)", "bare save+cp+restore", "downtime / bare", "saved state",
+    peer = "state/link + bare save + restore" if args.wan else "bare save+cp+restore"
+    print(table(["guest", "downtime (grid)", "total (grid)", peer, "downtime / peer", "saved state",
            "state after"], rows))
+    print(f"load at the end: {loadavg()}")
     return 0
 
 

@@ -441,8 +441,8 @@ def warm_snapshot_deploys(site: Site, node, vmm, wws, args) -> dict:
                 vmm.destroy(c["ref"])
             except Exception as exc:  # noqa: BLE001 - best effort; the node stops next
                 log(f"qemu/warm: could not destroy {c['ref']}: {exc}")
-    split = [tuple(float(x) for x in m) for m in re.findall(r"warm clone restored in ([0-9.]+) s, guestd took its "
-                                                            r"identity in ([0-9.]+) s", node.log.read_text())]
+    split = [tuple(float(x) for x in m) for m in re.findall(r"warm clone restored in ([0-9.]+) s(?: \([^)]*\))?, "
+                                                            r"guestd took its identity in ([0-9.]+) s", node.log.read_text())]
     return {"first": run, "snapshot_made": made, "runs": runs, "clones": clones, "split": split,
             "clones_running": sum(1 for i in range(len(clones)) if f"clone-{i}" in running)}
 

@@ -18,7 +18,9 @@ sys.path.insert(0, str(REPO))
 
 from client.localgrid import write_toml  # noqa: E402
 
-WAN_SH = Path(os.environ.get("VMGRID_WAN_SH", REPO.parent / "shared" / "tools" / "wan.sh"))
+WAN_SH = Path(os.environ.get("VMGRID_WAN_SH") or next(
+    (p for p in (REPO.parent / "shared" / "tools" / "wan.sh", REPO.parents[1] / "shared" / "tools" / "wan.sh")
+     if p.is_file()), REPO.parent / "shared" / "tools" / "wan.sh"))   # a worktree sits one level deeper
 from services.vmmanager.states import PHASES  # noqa: E402,F401  (re-exported for the benches)
 OTHER = "(outside the phases)"   # the SOAP round trip, the client, the waits between phases
 

@@ -30,6 +30,7 @@ class VMManagerConfig:
     guest_ready_timeout: float = 180.0   # seconds to wait for guestd's ready report (real guests)
     warm_snapshots: bool = True          # deploy images whose descriptor allows it from a warm snapshot
     warm_restore_timeout: float = 30.0   # seconds guestd gets to take a warm clone's identity
+    warm_spares: int = 2                 # copies of a warm snapshot's memory state made ahead of deploys (0: none)
     shutdown_timeout: int = 60           # default ACPI shutdown grace before forcing off
     hold_grace: int = 3600               # an image hold outlives the instance's lifetime by this much
     # seconds the repository's verdict on a descriptor (identity and image are the repository's) is reused

@@ -18,9 +18,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import re
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,6 +211,14 @@ def _disk_files(home: Path) -> list[str]:
 
 
 # -- the source's side ---------------------------------------------------------------------------------------------
+def _file_list(home: Path, names: list[str]) -> tuple[MigrationFile, ...]:
+    """The files to send with their sizes and sha256, hashed side by side (hashlib lets go of the GIL: the
+    saved state and the overlay take one core each instead of one after the other, inside the downtime)."""
+    with ThreadPoolExecutor(max_workers=max(1, min(len(names), os.cpu_count() or 1))) as pool:
+        digests = list(pool.map(lambda n: hash_file(home / n), names))
+    return tuple(MigrationFile(n, (home / n).stat().st_size, h) for n, h in zip(names, digests))
+
+
 def migrate(node: "Node", caller, key: str, target: str, mode: str, proxy_pem: bytes) -> tuple[object, list]:
     """Migrate: (the instance as the target shows it: its new EPR, the phases of this node after the target
     answered). MigrationFault on failure (rolled back)."""
@@ -243,6 +253,7 @@ def migrate(node: "Node", caller, key: str, target: str, mode: str, proxy_pem: b
         phase = "freeze"
         try:
             with timed(timings, "freeze"):
+                frozen = time.perf_counter()
                 home = node.parts.home(key)
                 state_file = home / STATE_FILE
                 domain_uuid = vmm_call("inspect", node.vmm.spec_of, key).uuid
@@ -250,8 +261,11 @@ def migrate(node: "Node", caller, key: str, target: str, mode: str, proxy_pem: b
                     state_file.unlink(missing_ok=True)
                     vmm_call("save", node.vmm.save, key, state_file)
                 crashpoint("migration.frozen")
+                saved = time.perf_counter()
                 names = _disk_files(home) + [STATE_FILE]
-                files = tuple(MigrationFile(n, (home / n).stat().st_size, hash_file(home / n)) for n in names)
+                files = _file_list(home, names)
+                log.info("instance %s: freeze phase: save %.3f s, sha256 of %d bytes %.3f s", key,
+                         saved - frozen, sum(f.size for f in files), time.perf_counter() - saved)
             phase = "prepare"
             base = node.exports.open(key, names, target)
             offer = MigrationOffer(key=key, identifier=inst.identifier, owner=inst.owner,
@@ -476,13 +490,28 @@ def accept(node: "Node", caller, offer: MigrationOffer) -> InstanceView:
         crashpoint("migration.target-prepared")
         phase = "transfer"
         with timed(timings, "transfer"):
+            t = time.perf_counter()
             phases.stage(node.parts, key)
+            staged = time.perf_counter() - t
             home = node.parts.home(key)
             home.mkdir(parents=True, exist_ok=True)
-            done = [0]
             total = sum(f.size for f in offer.files)
-            for f in offer.files:
-                _pull(node, f"{offer.files_url}/{key}/{f.name}", home / f.name, f, key, done, total)
+            got: dict[str, int] = {}
+            lock = threading.Lock()
+
+            def progress(name: str, n: int) -> None:
+                with lock:
+                    got[name] = n
+                    node.store.update(key, staged_bytes=sum(got.values()))
+
+            # the files side by side: each GridFTP session's round trips (TLS, commands, data connections) and
+            # TCP slow start overlap instead of adding up, which counts across a WAN
+            with ThreadPoolExecutor(max_workers=len(offer.files) or 1) as pool:
+                for done in [pool.submit(_pull, node, f"{offer.files_url}/{key}/{f.name}", home / f.name, f,
+                                         lambda n, name=f.name: progress(name, n)) for f in offer.files]:
+                    done.result()
+            log.info("instance %s: transfer phase: stage (base image) %.3f s, pull %d bytes %.3f s", key, staged,
+                     total, time.perf_counter() - t - staged)
         crashpoint("migration.target-transferred")
         phase = "restore"
         with timed(timings, "restore"):
@@ -502,16 +531,12 @@ def accept(node: "Node", caller, offer: MigrationOffer) -> InstanceView:
     return node.view(node.store.get(key))
 
 
-def _pull(node: "Node", url: str, dest: Path, f: MigrationFile, key: str, done: list, total: int) -> None:
-    """One file from the source over GridFTP: parallel streams, restartable, verified against its sha256."""
-    base = done[0]
-
-    def progress(n: int, _total: int) -> None:
-        node.store.update(key, staged_bytes=base + n)
-
+def _pull(node: "Node", url: str, dest: Path, f: MigrationFile, progress) -> None:
+    """One file from the source over GridFTP: parallel streams, restartable, verified against its sha256 (while
+    it arrives); ``progress(bytes)`` as they do."""
     try:
         gridftp.download(url, dest, node.config.staging_parallel, credential=node.credential, trust=node.trust,
-                         sha256=f.sha256, progress=progress, gsi=node.config.staging_gsi)
+                         sha256=f.sha256, progress=lambda n, _total: progress(n), gsi=node.config.staging_gsi)
     except gridftp.ChecksumMismatch as exc:
         raise ChecksumMismatch(f"{f.name} from {url}: {exc}", expected=f.sha256, actual="(different)") from None
     except gridftp.GridFTPError as exc:
@@ -519,13 +544,13 @@ def _pull(node: "Node", url: str, dest: Path, f: MigrationFile, key: str, done: 
     if dest.stat().st_size != f.size:
         raise ChecksumMismatch(f"{f.name}: {dest.stat().st_size} bytes, the source said {f.size}", expected=f.sha256,
                                actual="(size differs)")
-    done[0] += f.size
 
 
 def _restore_here(node: "Node", key: str, domain_uuid: str) -> None:
     """The pulled overlay on this node's cached base image, a context with this node's lease, the domain
     restored paused from the saved state with this node's file locations."""
     from services.vmmanager import qemuimg
+    t0 = time.perf_counter()
     inst = node.store.get(key)
     d = phases.descriptor_of(inst)
     home = node.parts.home(key)
@@ -537,12 +562,17 @@ def _restore_here(node: "Node", key: str, domain_uuid: str) -> None:
         if disk.role == "root":
             qemuimg.rebase_unsafe(path, node.cache.path(inst.sha256), inst.format)
         disks.append(Disk(path, "qcow2", disk.bus, disk.role))
+    t1 = time.perf_counter()
     iso = phases.context(node.parts, inst, d)
     spec = phases.instance_spec(node.parts, inst, d, disks, iso)
     if domain_uuid:
         spec = dataclasses.replace(spec, uuid=domain_uuid)
+    t2 = time.perf_counter()
     vmm_call("restore", node.vmm.restore, home / STATE_FILE, spec, paused=True)
+    t3 = time.perf_counter()
     (home / STATE_FILE).unlink(missing_ok=True)
+    log.info("instance %s: restore phase: rebase %.3f s, context %.3f s, libvirt restore (paused) %.3f s", key,
+             t1 - t0, t2 - t1, t3 - t2)
 
 
 def _adopt_subscriptions(node: "Node", key: str, offer: MigrationOffer) -> None:
@@ -588,12 +618,14 @@ def complete(node: "Node", caller, key: str, commit: bool) -> tuple[str, Instanc
                           "lifetime": str(max(1, int(inst.termination - time.time())))}, action="vm.migrate")
         timings: list[tuple[str, float]] = []
         with timed(timings, "resume"):
-            if prior == State.RUNNING:
-                vmm_call("resume", node.vmm.resume, key)      # guestd sets the clock
+            if prior == State.RUNNING:       # the guest runs again here: the downtime ends
+                vmm_call("resume", node.vmm.resume, key, sync=False)
             elif prior == State.SAVED:
                 state_file = node.parts.home(key) / STATE_FILE
                 vmm_call("save", node.vmm.save, key, state_file)
         with timed(timings, "fixup"):
+            if prior == State.RUNNING and hasattr(node.vmm, "sync_after_wake"):
+                node.vmm.sync_after_wake(key)        # guestd sets the clock, then takes its address
             status = _fixup(node, inst, running=prior == State.RUNNING)
         for name, seconds in timings:
             node.store.add_phase(key, name, seconds)

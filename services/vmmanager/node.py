@@ -346,6 +346,7 @@ class Node:
                     pass
             return False
         self._set_state(key, State.RUNNING, expect={State.STARTING}, phases=rec.take())
+        self.warm.refill(snap, self.executor)
         return True
 
     def _fail(self, key: str, fault: VMGridFault) -> None:

@@ -240,7 +240,8 @@ def restore(parts: NodeParts, spec: InstanceSpec, snapshot, iso: Path, cancel: t
     answers with its status once it has the new identity and its container runs (GuestStatus)."""
     key = spec.name
     t = time.perf_counter()
-    vmm_call("restore", parts.vmm.restore_clone, snapshot.memory, spec, parts.home(key) / "warm.save")
+    spared = vmm_call("restore", parts.vmm.restore_clone, snapshot.memory, spec, parts.home(key) / "warm.save",
+                      spare=snapshot.spare())
     restored = time.perf_counter() - t
     with open(iso, "rb") as f:
         ctx = json.loads(read_iso_file(f, CONTEXT_FILE))
@@ -253,8 +254,8 @@ def restore(parts: NodeParts, spec: InstanceSpec, snapshot, iso: Path, cancel: t
         raise
     except VMMError as exc:
         raise VMMFault(f"guestd did not take its context after the warm restore: {exc}", operation="restore") from None
-    log.info("instance %s: warm clone restored in %.2f s, guestd took its identity in %.2f s", key, restored,
-             time.perf_counter() - t - restored)
+    log.info("instance %s: warm clone restored in %.2f s (%s), guestd took its identity in %.2f s", key, restored,
+             "from a spare" if spared else "save file copied", time.perf_counter() - t - restored)
     if not status.get("ready"):
         parts.store.update(key, guest_status=guest_summary(status))
         raise VMMFault(f"guestd is not ready after the warm restore: {status.get('error')}", operation="restore")

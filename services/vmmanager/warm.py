@@ -64,6 +64,16 @@ class Snapshot:
     def memory(self) -> Path:
         return self.directory / "memory.save"
 
+    @property
+    def spares(self) -> Path:
+        """Copies of the memory state made ahead of deploys (vmm/saveimage.py, write_spare)."""
+        return self.directory / "spares"
+
+    def spare(self) -> Path | None:
+        """A whole spare to restore a clone from, or None (the clone's save file is then copied)."""
+        found = sorted(self.spares.glob("*.save")) if self.spares.is_dir() else []
+        return found[0] if found else None
+
 
 @dataclass
 class _Template:
@@ -93,6 +103,7 @@ class WarmSnapshots:
         self.root = Path(root)
         self.parts = parts
         self._making: set[str] = set()
+        self._filling: dict[Path, int] = {}
         self._lock = threading.Lock()
 
     @property
@@ -148,6 +159,36 @@ class WarmSnapshots:
         log.warning("warm snapshot %s dropped: %s", snap.directory.name, why)
         shutil.rmtree(snap.directory, ignore_errors=True)
 
+    def refill(self, snap: Snapshot, executor) -> None:
+        """Copy the memory state into spares in the background until the snapshot has ``warm_spares`` of them
+        (taking one, a deploy writes only the clone's header: the copy is off the restore's path)."""
+        want = self.parts.config.warm_spares
+        with self._lock:
+            have = len(list(snap.spares.glob("*.save"))) if snap.spares.is_dir() else 0
+            missing = want - have - self._filling.get(snap.directory, 0)
+            if missing <= 0:
+                return
+            self._filling[snap.directory] = self._filling.get(snap.directory, 0) + missing
+
+        def run() -> None:
+            from services.vmmanager.vmm import saveimage
+            try:
+                snap.spares.mkdir(exist_ok=True)
+                image = saveimage.read(snap.memory)
+                saveimage.write_spare(snap.memory, image, snap.spares / f"{secrets.token_hex(8)}.save")
+            except Exception as exc:   # noqa: BLE001 - a spare is an optimisation: the deploy copies instead
+                log.info("warm snapshot %s: no spare made: %s", snap.directory.name, exc)
+            finally:
+                with self._lock:
+                    left = self._filling.get(snap.directory, 1) - 1
+                    if left > 0:
+                        self._filling[snap.directory] = left
+                    else:
+                        self._filling.pop(snap.directory, None)
+
+        for _ in range(missing):
+            executor.submit(run)
+
     def make_later(self, inst: Instance, d: Descriptor, executor) -> None:
         """Make the image's snapshot in the background unless there is one or one is being made."""
         if not (self.supported and allowed(d)) or self.find(inst, d) is not None:
@@ -159,7 +200,7 @@ class WarmSnapshots:
 
         def run() -> None:
             try:
-                self.make(inst, d)
+                self.refill(self.make(inst, d), executor)
             except Exception:   # noqa: BLE001 - a snapshot is an optimisation: deploys boot cold meanwhile
                 log.exception("making the warm snapshot of image %s failed", inst.image_id)
             finally:

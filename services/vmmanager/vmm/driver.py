@@ -134,11 +134,12 @@ class VMM(abc.ABC):
         """
 
     @abc.abstractmethod
-    def resume(self, instance: str) -> bool:
+    def resume(self, instance: str, sync: bool = True) -> bool:
         """Unfreeze a paused instance, then have guestd set the guest clock to the host's.
 
         Only from PAUSED. Returns True when guestd confirmed the clock (False when the backend has no
-        guest channel or guestd did not answer in time: the resume itself still stands).
+        guest channel or guestd did not answer in time: the resume itself still stands). ``sync`` False:
+        the caller sets the clock itself, later (sync_guest_time; a migration does it in its fix-up).
         """
 
     @abc.abstractmethod

@@ -9,6 +9,7 @@ import itertools
 import logging
 import os
 import pwd
+import sys
 import tempfile
 import threading
 import time
@@ -172,10 +173,15 @@ class LibvirtDriver(VMM):
         self._expect(instance, dom, "pause", InstanceState.RUNNING)
         self._call(f"pause {instance}", dom.suspend)
 
-    def resume(self, instance: str) -> bool:
+    def resume(self, instance: str, sync: bool = True) -> bool:
         dom = self._domain(instance)
         self._expect(instance, dom, "resume", InstanceState.PAUSED)
         self._call(f"resume {instance}", dom.resume)
+        return self._sync_after_wake(instance) if sync else False
+
+    def sync_after_wake(self, instance: str) -> bool:
+        """Set the guest clock after a wake-up, as resume does: True when guestd confirmed it (False, logged,
+        when the backend has no guest channel or guestd did not answer in resume_sync_timeout)."""
         return self._sync_after_wake(instance)
 
     def _sync_after_wake(self, instance: str) -> bool:
@@ -230,11 +236,13 @@ class LibvirtDriver(VMM):
                 "hypervisor": str(self._call("read the hypervisor version", self._conn.getVersion)),
                 "libvirt": str(self._call("read the libvirt version", self._conn.getLibVersion))}
 
-    def restore_clone(self, template: Path, spec: InstanceSpec, work: Path, paused: bool = False) -> None:
+    def restore_clone(self, template: Path, spec: InstanceSpec, work: Path, paused: bool = False,
+                      spare: Path | None = None) -> bool:
         """Start instance ``spec`` from the save file ``template`` of another (a warm-snapshot template):
         its memory and device state, the spec's name, UUID, MAC and files. ``work`` is the clone's own
-        save file while libvirt reads it (removed after). The guest clock is left alone: the caller's
-        first message to guestd is its new context, with the time."""
+        save file while libvirt reads it (removed after): ``spare`` (saveimage.write_spare of ``template``)
+        when there is one, re-headed in place, else a copy. The guest clock is left alone: the caller's
+        first message to guestd is its new context, with the time. True when a spare served."""
         if not self.capabilities.real_guest:
             raise VMMError(f"{self.backend} has no real guest to clone from a save file")
         spec.validate()
@@ -244,13 +252,16 @@ class LibvirtDriver(VMM):
         xml = config.clone_xml(image.xml, spec)
         work = Path(work)
         try:
-            saveimage.write_clone(Path(template), image, xml, work)
+            spared = spare is not None and saveimage.take_spare(Path(spare), Path(template), image, xml, work)
+            if not spared:
+                saveimage.write_clone(Path(template), image, xml, work)
             self._drop_channel(spec.name, "the instance was cloned")
             self._call(f"define {spec.name} for a warm start", self._conn.defineXML, xml)
             flags = libvirt.VIR_DOMAIN_SAVE_PAUSED if paused else libvirt.VIR_DOMAIN_SAVE_RUNNING
             self._call(f"restore {spec.name} from {template}", self._conn.restoreFlags, str(work), None, flags)
         finally:
             work.unlink(missing_ok=True)
+        return spared
 
     def shutdown(self, instance: str, timeout: float = 60.0, cancel: threading.Event | None = None) -> bool:
         dom = self._domain(instance)
@@ -426,6 +437,7 @@ security_driver = "none"
 stdio_handler = "file"
 """
 QEMU_USER = "libvirt-qemu"
+EVENT_SWITCH_INTERVAL = 0.0005   # seconds: sys.setswitchinterval in a process that embeds QEMU (see below)
 _embed_lock = threading.Lock()
 _embed_root: Path | None = None
 
@@ -467,8 +479,28 @@ class LibvirtQemuDriver(LibvirtDriver):
                 (root / "etc" / "qemu.conf").write_text(QEMU_CONF)
                 _embed_root = root
             uri = f"qemu:///embed?root={root}"
+            # libvirt's event loop (vmm/host.py) is a Python thread: between two poll iterations it waits for
+            # the GIL, by default up to 5 ms whenever another thread of the node computes. Starting or
+            # restoring a QEMU is hundreds of monitor round trips through that loop; measured
+            # (bench/profile_restore.py) a restore took 1.8x as long beside one busy thread at 5 ms, 1.5x at 0.5 ms.
+            sys.setswitchinterval(min(sys.getswitchinterval(), EVENT_SWITCH_INTERVAL))
         self.root = root
         super().__init__(uri)
+        if root is not None:
+            threading.Thread(target=self._probe, name="qemu-capabilities", daemon=True).start()
+
+    def _probe(self) -> None:
+        """libvirt probes QEMU's capabilities (a QEMU process queried over QMP, seconds under TCG) on the first
+        domain a new embed root defines, and keeps them in the root's cache: done now in the background, so the
+        first deploy's power-on or the first migration's restore here does not wait for it (it was 4.7 s of a
+        migration's 8.3 s restore phase on a loaded machine)."""
+        conn = self._conn
+        try:
+            if conn is not None:
+                conn.getDomainCapabilities(None, None, None, self.domain_type, 0)
+        except libvirt.libvirtError as exc:
+            log.info("QEMU capability probe in the background failed (the first domain probes): %s",
+                     exc.get_error_message())
 
     def _check_files(self, spec: InstanceSpec) -> None:
         paths = [d.path for d in spec.disks] + list(spec.cdroms)

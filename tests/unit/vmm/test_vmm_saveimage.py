@@ -45,6 +45,35 @@ def test_a_clone_save_file_has_the_new_xml_the_cookie_and_the_same_stream(tmp_pa
     assert clone.read_bytes()[again.stream_offset:] == STREAM
 
 
+def test_a_spare_taken_by_a_clone_reads_like_a_copied_clone_and_is_gone(tmp_path):
+    template = save_file(tmp_path / "t.save", "<domain>template</domain>")
+    image = saveimage.read(template)
+    spare = saveimage.write_spare(template, image, tmp_path / "s1.save")
+    assert not list(tmp_path.glob("*.part")), "a spare is renamed into place only when whole"
+    xml = "<domain>the clone, a longer XML</domain>"
+    assert saveimage.take_spare(spare, template, image, xml, tmp_path / "c.save")
+    assert not spare.exists(), "a spare serves one clone"
+    again = saveimage.read(tmp_path / "c.save")
+    assert (again.xml, again.cookie, again.stream_offset) == (xml, b"<cookie/>", saveimage.RESERVED)
+    assert (tmp_path / "c.save").read_bytes()[again.stream_offset:] == STREAM
+    # taken already (another clone won the rename): the caller copies instead, nothing is left at dest
+    assert not saveimage.take_spare(spare, template, image, xml, tmp_path / "d.save")
+    assert not (tmp_path / "d.save").exists()
+
+
+def test_a_spare_of_another_size_or_an_xml_too_long_for_it_is_not_used(tmp_path):
+    template = save_file(tmp_path / "t.save", "<domain>template</domain>")
+    image = saveimage.read(template)
+    short = tmp_path / "short.save"
+    short.write_bytes(bytes(saveimage.RESERVED) + STREAM[:-1])
+    assert not saveimage.take_spare(short, template, image, "<domain/>", tmp_path / "c.save")
+    assert not (tmp_path / "c.save").exists()
+    spare = saveimage.write_spare(template, image, tmp_path / "s.save")
+    huge = "<domain>" + "x" * saveimage.RESERVED + "</domain>"
+    assert not saveimage.take_spare(spare, template, image, huge, tmp_path / "c.save")
+    assert not (tmp_path / "c.save").exists()
+
+
 @pytest.mark.parametrize("damage, why", [
     (lambda b: b"LibvirtQemudPart" + b[16:], "not a complete"),
     (lambda b: b[:50], "too short"),
@@ -93,3 +122,28 @@ def descriptor(boot_attr: str = "") -> Descriptor:
                                            (' warmStart="1"', True), (' warmStart="0"', False)])
 def test_only_a_descriptor_that_says_so_is_cloned(attr, allowed):
     assert warm.allowed(descriptor(attr)) is allowed
+
+
+class _Now:
+    """An executor that runs the job at once (the node's is a thread pool)."""
+
+    def submit(self, fn):
+        fn()
+
+
+def test_a_snapshot_is_refilled_with_whole_spares_and_a_taken_one_is_replaced(tmp_path):
+    from types import SimpleNamespace
+    snap = warm.Snapshot(tmp_path / "img-fp", {})
+    snap.directory.mkdir()
+    save_file(snap.memory, "<domain>template</domain>")
+    snapshots = warm.WarmSnapshots(tmp_path, SimpleNamespace(config=SimpleNamespace(warm_spares=2)))
+    snapshots.refill(snap, _Now())
+    spares = sorted(snap.spares.glob("*.save"))
+    assert len(spares) == 2 and not list(snap.spares.glob("*.part"))
+    image = saveimage.read(snap.memory)
+    assert saveimage.take_spare(snap.spare(), snap.memory, image, "<domain>c</domain>", tmp_path / "c.save")
+    assert len(list(snap.spares.glob("*.save"))) == 1
+    snapshots.refill(snap, _Now())
+    assert len(list(snap.spares.glob("*.save"))) == 2
+    snapshots.refill(snap, _Now())      # full: nothing more
+    assert len(list(snap.spares.glob("*.save"))) == 2
