@@ -133,9 +133,15 @@ def test_destroy_says_when_cleanup_at_the_central_services_is_pending(grid, grid
     up = vm.deploy(grid.image, "pending-0", 600, wait=True)
     assert vm.destroy(up.ref) == []             # central services up: no CleanupPending header
     assert vm.service.response_header(CLEANUP) is None
+    # a node's instances of one image share one hold (released with the last of them): two images, so each
+    # Destroy below is the last user of its hold
+    other = grid.register(name="pending-other", size="16M")
     a = vm.deploy(grid.image, "pending-1", 600, wait=True)
-    b = vm.deploy(grid.image, "pending-2", 600, wait=True)
+    b = vm.deploy(other, "pending-2", 600, wait=True)
+    c = vm.deploy(grid.image, "pending-3", 600, wait=True)
     grid.central.stop()     # the VMRepository's container down (last in this module: it stays down)
+    assert vm.destroy(c.ref) == []              # the hold stays: pending-1 still uses it
+    assert vm.service.response_header(CLEANUP) is None
     assert vm.destroy(a.ref) == ["hold"]        # the slot went back to the Authorization service, up
     header = vm.service.response_header(CLEANUP)
     assert header.get(f"{{{SOAP_ENV}}}mustUnderstand") in (None, "0")   # other stacks may ignore it
