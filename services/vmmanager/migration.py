@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import re
 import threading
 import time
@@ -60,6 +61,8 @@ CREATE TABLE IF NOT EXISTS migrations (
 STATE_FILE = "state.save"
 FILE_NAME = re.compile(r"^[a-z]+[0-9]*\.(qcow2|save)$")
 MAX_FILES = 16
+GUEST_TOKEN = "guest.token"      # on the target, from the offer to the fixup: the token guestd holds (0600)
+_GUEST_TOKEN = re.compile(r"[A-Za-z0-9_-]{16,128}")
 
 
 @dataclass(frozen=True)
@@ -258,7 +261,8 @@ def migrate(node: "Node", caller, key: str, target: str, mode: str, proxy_pem: b
                                    descriptor=phases.descriptor_of(inst), descriptor_xml=inst.descriptor,
                                    termination=inst.termination, max_lifetime=inst.max_lifetime, state=prior.value,
                                    source=node.address, files_url=base, files=files, phases=tuple(timings),
-                                   uuid=domain_uuid, subscriptions=_subscriptions(node, key))
+                                   uuid=domain_uuid, subscriptions=_subscriptions(node, key),
+                                   guest_token=inst.token or "")
             peer.accept(offer)
             crashpoint("migration.accepted")
         except BaseException as exc:
@@ -479,6 +483,10 @@ def accept(node: "Node", caller, offer: MigrationOffer) -> InstanceView:
             phases.stage(node.parts, key)
             home = node.parts.home(key)
             home.mkdir(parents=True, exist_ok=True)
+            if _GUEST_TOKEN.fullmatch(offer.guest_token or ""):
+                fd = os.open(home / GUEST_TOKEN, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "w") as f:                          # guestd's current token, for the fixup
+                    f.write(offer.guest_token)
             done = [0]
             total = sum(f.size for f in offer.files)
             for f in offer.files:
@@ -606,21 +614,46 @@ def complete(node: "Node", caller, key: str, commit: bool) -> tuple[str, Instanc
 
 
 def _fixup(node: "Node", inst: Instance, running: bool) -> str:
-    """guestd learns its new address and MAC (a context over the guest channel) as soon as the guest runs here
-    (the clock was set on resume). Backends without a guest channel, or a guest that stays paused or saved:
-    nothing to tell now (GuestStatus says so)."""
+    """guestd takes this node's lease as soon as the guest runs here: the ``migrated`` request (guestd/migrated.py)
+    with the token guestd holds (the source sent it), the new context (address, MAC, gateway, DNS, a new token)
+    and this host's clock; bounded by migration_fixup_timeout. Then the grid container's certificate for the new
+    address (guestd sends a new request for the key it keeps). Backends without a guest channel, or a guest that
+    stays paused or saved: nothing to tell now. Whatever happens, the GuestStatus this returns says it."""
+    from services.vmmanager import guestcred
+    home = node.parts.home(inst.key)
+    token_file = home / GUEST_TOKEN
+    try:
+        current = token_file.read_text().strip()
+    except OSError:
+        current = ""
+    token_file.unlink(missing_ok=True)       # used once, whatever happens below
     if not node.vmm.capabilities.guest_channel:
         return f"migrated here; address {inst.address} (no guest channel to tell guestd)"
     if not running:
         return f"migrated here; address {inst.address} not yet told to guestd (the guest is not running)"
-    ctx = build_context(instance=inst.key, hostname=inst.identifier.replace(".", "-").replace("_", "-")[:63],
-                        mac=inst.mac, address=inst.address, netmask=str(node.pool.network.netmask),
-                        gateway=node.pool.gateway, dns=node.config.dns, container_command=None, token=inst.token)
+    if not current:
+        return f"migrated here; address {inst.address} not told to guestd (the source sent no guest token)"
+    hostname = inst.identifier.replace(".", "-").replace("_", "-")[:63]
+    ctx = build_context(instance=inst.key, hostname=hostname, mac=inst.mac, address=inst.address,
+                        netmask=str(node.pool.network.netmask), gateway=node.pool.gateway, dns=node.config.dns,
+                        container_command=None, token=inst.token,
+                        grid=guestcred.grid_context(node.config, inst.owner))
+    channel = node.vmm.guest_channel(inst.key)
     try:
-        node.vmm.guest_channel(inst.key).send_context(ctx, timeout=node.config.migration_fixup_timeout)
-        return f"migrated here; guestd set address {inst.address}"
+        status = channel.request("migrated", timeout=node.config.migration_fixup_timeout, token=current,
+                                 context=json.loads(ctx.to_json()), time=time.time())
     except Exception as exc:   # noqa: BLE001 - the guest is untrusted; the migration stands, GuestStatus says so
-        return f"migrated here; guestd did not take the new address: {exc}"
+        return f"migrated here; guestd did not take the new address {inst.address}: {exc}"
+    steps = status.get("steps") if isinstance(status.get("steps"), dict) else {}
+    net = (steps.get("network") or {}) if isinstance(steps.get("network"), dict) else {}
+    have = (net.get("detail") or {}).get("address") if net.get("ok") else None
+    if have != inst.address:
+        why = net.get("error") or ((steps.get("migrated") or {}).get("error")) or f"guestd reports {have!r}"
+        return f"migrated here; guestd did not set the new address {inst.address}: {why}"
+    note = f"migrated here; guestd set address {inst.address}, MAC {inst.mac} and the clock; " \
+           f"{phases.guest_summary(status)}"
+    cert = guestcred.deliver(node.config, channel, status, inst.address, hostname, home)
+    return note if cert is None else f"{note}; {cert}"
 
 
 # -- restart and sweep ----------------------------------------------------------------------------------------------
