@@ -622,15 +622,16 @@ def _fixup(node: "Node", inst: Instance, running: bool) -> str:
     from services.vmmanager import guestcred
     home = node.parts.home(inst.key)
     token_file = home / GUEST_TOKEN
+    if not node.vmm.capabilities.guest_channel:
+        token_file.unlink(missing_ok=True)
+        return f"migrated here; address {inst.address} (no guest channel to tell guestd)"
+    if not running:      # the token waits here for the guest's first run on this node (readdress_pending)
+        return f"migrated here; address {inst.address} not yet told to guestd (the guest is not running)"
     try:
         current = token_file.read_text().strip()
     except OSError:
         current = ""
     token_file.unlink(missing_ok=True)       # used once, whatever happens below
-    if not node.vmm.capabilities.guest_channel:
-        return f"migrated here; address {inst.address} (no guest channel to tell guestd)"
-    if not running:
-        return f"migrated here; address {inst.address} not yet told to guestd (the guest is not running)"
     if not current:
         return f"migrated here; address {inst.address} not told to guestd (the source sent no guest token)"
     hostname = inst.identifier.replace(".", "-").replace("_", "-")[:63]
@@ -654,6 +655,15 @@ def _fixup(node: "Node", inst: Instance, running: bool) -> str:
            f"{phases.guest_summary(status)}"
     cert = guestcred.deliver(node.config, channel, status, inst.address, hostname, home)
     return note if cert is None else f"{note}; {cert}"
+
+
+def readdress_pending(node: "Node", key: str) -> str | None:
+    """An instance that arrived paused or saved runs here for the first time (Resume, Restore): the fixup it
+    did not get then (a GuestStatus note), or None when it has nothing pending."""
+    inst = node.store.get(key)
+    if inst is None or not (node.parts.home(key) / GUEST_TOKEN).is_file():
+        return None
+    return _fixup(node, inst, running=True)
 
 
 # -- restart and sweep ----------------------------------------------------------------------------------------------

@@ -153,3 +153,77 @@ def test_the_protocol_refuses_a_migrated_message_without_its_parts(body, why):
     with pytest.raises(protocol.ProtocolError, match=why):
         protocol.decode(line, protocol.HOST_OPS)
     assert "migrated" not in protocol.GUEST_OPS, "a guest cannot send it"
+
+
+# -- the node's half (services/vmmanager/migration.py _fixup) against this guestd -----------------------------------
+class GuestdChannel:
+    """The guest channel as the node uses it, answered by the guestd above (what the virtio-serial port carries:
+    the request's fields in, the handler's result or its refusal out)."""
+
+    def __init__(self, daemon) -> None:
+        self.daemon, self.asked = daemon, []
+
+    def request(self, op, timeout=5.0, cancel=None, **fields):
+        from services.vmmanager.vmm.errors import GuestChannelError
+        self.asked.append((op, fields))
+        protocol.decode(protocol.encode({"op": op, "id": 1, **fields}), protocol.HOST_OPS)
+        try:
+            if op == "migrated":
+                return migrated.migrated(self.daemon, {"op": op, **fields})
+            if op == "certificate":
+                return grid.install_certificate(self.daemon.env, fields)
+        except Exception as exc:
+            raise GuestChannelError(f"guestd refused {op}: {exc}") from None
+        raise AssertionError(op)
+
+
+@pytest.fixture
+def target(daemon, site, tmp_path):
+    """A target node as _fixup sees it: its lease for inst-1, the token the source sent in its home."""
+    import ipaddress
+    from types import SimpleNamespace
+
+    from services.vmmanager import migration
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / migration.GUEST_TOKEN).write_text(OLD)
+    channel = GuestdChannel(daemon)
+    config = VMManagerConfig(guest_ca=site.guest_ca, dns=["10.77.0.2"], migration_fixup_timeout=5.0)
+    inst = SimpleNamespace(key="inst-1", identifier="guest_1", mac=NEW_MAC, address="10.77.0.20", token=NEW,
+                           owner=OWNER)
+    node = SimpleNamespace(
+        parts=SimpleNamespace(home=lambda key: home), config=config,
+        pool=SimpleNamespace(network=ipaddress.ip_network("10.77.0.0/24"), gateway="10.77.0.1"),
+        vmm=SimpleNamespace(capabilities=SimpleNamespace(guest_channel=True), guest_channel=lambda key: channel),
+        store=SimpleNamespace(get=lambda key: inst if key == "inst-1" else None))
+    return SimpleNamespace(node=node, inst=inst, home=home, channel=channel, migration=migration)
+
+
+def test_the_fixup_readdresses_guestd_and_certifies_the_job_service_at_the_new_address(target):
+    note = target.migration._fixup(target.node, target.inst, running=True)
+    assert note.startswith(f"migrated here; guestd set address 10.77.0.20, MAC {NEW_MAC} and the clock"), note
+    assert "address 10.77.0.20/255.255.255.0 on eth0" in note
+    op, fields = target.channel.asked[0]
+    assert op == "migrated" and fields["token"] == OLD and fields["context"]["token"] == NEW
+    assert abs(fields["time"] - time.time()) < 60
+    record = guestcred.job_service(target.home)
+    assert record["url"] == "https://10.77.0.20:8443/wsrf/services/JobService"
+    assert record["dn"] == "/O=Grid/OU=vmgrid-guests/CN=host/10.77.0.20"
+    assert f"job service {record['url']} (restarting)" in note
+    assert not (target.home / target.migration.GUEST_TOKEN).exists(), "the token is used once"
+
+
+def test_a_guest_that_arrives_paused_is_readdressed_when_it_first_runs(target):
+    note = target.migration._fixup(target.node, target.inst, running=False)
+    assert "not yet told to guestd" in note and target.channel.asked == []
+    assert target.migration.readdress_pending(target.node, "inst-1").startswith("migrated here; guestd set address")
+    assert target.migration.readdress_pending(target.node, "inst-1") is None, "nothing pending any more"
+
+
+def test_a_guest_refusing_or_a_missing_token_is_a_note_and_no_certificate(target, daemon):
+    (target.home / target.migration.GUEST_TOKEN).write_text("W" * 24)
+    note = target.migration._fixup(target.node, target.inst, running=True)
+    assert "guestd did not take the new address 10.77.0.20" in note and "current token" in note, note
+    assert guestcred.job_service(target.home) is None and daemon.context.network.address == "10.77.0.10"
+    note = target.migration._fixup(target.node, target.inst, running=True)
+    assert "the source sent no guest token" in note
