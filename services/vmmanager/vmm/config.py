@@ -179,7 +179,7 @@ def spec_from_xml(xml: str) -> InstanceSpec:
 
 def relocate(saved_xml: str, spec: InstanceSpec) -> str:
     """The saved domain's XML with every file location replaced by those of ``spec`` (this node's), and its
-    channel token and NIC MACs (a migrated instance's lease here).
+    channel token (a migrated instance's token here).
 
     The devices must match one for one (same disks, CD-ROMs, ports, channel); InvalidSpec otherwise.
     """
@@ -222,11 +222,8 @@ def relocate(saved_xml: str, spec: InstanceSpec) -> str:
         token = dom.find(f"metadata/{_M}instance/{_M}token")
         if token is not None:          # a migrated instance's channel speaks with this node's token
             token.text = spec.channel.token
-    nics = dom.findall("devices/interface")
-    if len(nics) != len(spec.nics):
-        raise InvalidSpec(f"the saved instance has {len(nics)} NICs, the spec {len(spec.nics)}")
-    for e, nic in zip(nics, spec.nics):  # this node's lease (guestd moves the guest's NIC to it after a migration)
-        e.find("mac").set("address", nic.mac)
+    # the NICs keep their saved MACs: libvirt refuses a restore whose MAC differs (guest ABI); after a migration
+    # guestd moves the guest's NIC to the target's leased MAC itself (guestd/migrated.py)
     return ET.tostring(dom, encoding="unicode")
 
 
