@@ -73,7 +73,8 @@ def test_relocate_points_the_saved_domain_at_this_nodes_files():
     out = spec_from_xml(relocate(domain_xml(s, "qemu"), moved))
     assert out == moved     # files and channel token are this node's
     # the MACs stay the saved ones (libvirt checks them against the saved guest's)
-    other_macs = dataclasses.replace(moved, nics=tuple(dataclasses.replace(n, mac="52:54:00:00:99:99") for n in s.nics))
+    other_macs = dataclasses.replace(moved, nics=tuple(dataclasses.replace(n, mac=f"52:54:00:00:99:{i:02x}")
+                                                      for i, n in enumerate(s.nics)))
     assert spec_from_xml(relocate(domain_xml(s, "qemu"), other_macs)).nics == s.nics
 
 
