@@ -262,7 +262,7 @@ def migrate(node: "Node", caller, key: str, target: str, mode: str, proxy_pem: b
                                    termination=inst.termination, max_lifetime=inst.max_lifetime, state=prior.value,
                                    source=node.address, files_url=base, files=files, phases=tuple(timings),
                                    uuid=domain_uuid, subscriptions=_subscriptions(node, key),
-                                   guest_token=inst.token or "")
+                                   guest_token=_guest_token(node, inst))
             peer.accept(offer)
             crashpoint("migration.accepted")
         except BaseException as exc:
@@ -655,6 +655,15 @@ def _fixup(node: "Node", inst: Instance, running: bool) -> str:
            f"{phases.guest_summary(status)}"
     cert = guestcred.deliver(node.config, channel, status, inst.address, hostname, home)
     return note if cert is None else f"{note}; {cert}"
+
+
+def _guest_token(node: "Node", inst: Instance) -> str:
+    """The token guestd in the instance holds: the one an earlier migration left pending here (the guest has not
+    run on this node since), else this node's."""
+    try:
+        return (node.parts.home(inst.key) / GUEST_TOKEN).read_text().strip()
+    except OSError:
+        return inst.token or ""
 
 
 def readdress_pending(node: "Node", key: str) -> str | None:

@@ -227,3 +227,10 @@ def test_a_guest_refusing_or_a_missing_token_is_a_note_and_no_certificate(target
     assert guestcred.job_service(target.home) is None and daemon.context.network.address == "10.77.0.10"
     note = target.migration._fixup(target.node, target.inst, running=True)
     assert "the source sent no guest token" in note
+
+
+def test_a_guest_moved_on_before_it_ran_is_proved_to_with_the_token_it_still_holds(target):
+    target.migration._fixup(target.node, target.inst, running=False)     # arrived saved; moves on, never ran here
+    assert target.migration._guest_token(target.node, target.inst) == OLD
+    (target.home / target.migration.GUEST_TOKEN).unlink()
+    assert target.migration._guest_token(target.node, target.inst) == NEW
