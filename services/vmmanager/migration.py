@@ -551,6 +551,9 @@ def _restore_here(node: "Node", key: str, domain_uuid: str) -> None:
         spec = dataclasses.replace(spec, uuid=domain_uuid)
     vmm_call("restore", node.vmm.restore, home / STATE_FILE, spec, paused=True)
     (home / STATE_FILE).unlink(missing_ok=True)
+    if node.vmm.capabilities.guest_channel and (home / GUEST_TOKEN).is_file():
+        # guestd answers with the source's token until the fixup gives it ours (the resume's set-time too)
+        node.vmm.guest_channel(key).accept_previous((home / GUEST_TOKEN).read_text().strip())
 
 
 def _adopt_subscriptions(node: "Node", key: str, offer: MigrationOffer) -> None:
