@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -74,7 +75,11 @@ def wait_service(cli: Cli, seconds: float) -> dict:
     """`vmgrid job list NAME` until the job service answers (Python starting under TCG takes a while)."""
     deadline, up = time.monotonic() + seconds, {}
     while time.monotonic() < deadline:
-        up = cli("job", "list", NAME, timeout=120)
+        try:
+            up = cli("job", "list", NAME, timeout=120)
+        except subprocess.TimeoutExpired as exc:     # a loaded machine: ask again until the deadline
+            up = {"rc": None, "out": "", "err": str(exc)}
+            continue
         if up["rc"] == 0:
             break
         time.sleep(2)
