@@ -45,6 +45,12 @@ def seen(jobs_image, vm_dir):  # noqa: F811
     print(f"migration scene: migrate {result.get('migrate_seconds')} s, total {result.get('total_seconds')} s",
           file=sys.stderr)
     assert "error" not in result, f"{result['error']}\n{json.dumps(result, indent=1)[:8000]}"
+    after, probe = result.get("after", {}), result.get("probe_after", {})
+    if "guest_time" in probe:
+        print(f"migration scene: phases {after.get('phases')}; guest clock after resume: "
+              f"{probe['guest_time'] - probe['host_before']:+.2f} s after the probe's submission, "
+              f"{probe['guest_time'] - probe['host_after']:+.2f} s before its end; GuestStatus: "
+              f"{after.get('guest_status')}", file=sys.stderr)
     return result
 
 
