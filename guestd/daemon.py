@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .context import DEFAULT_CHANNEL, ContextError, InstanceContext
-from . import rewake
+from . import migrated, rewake
 from .port import GuestPort, find_port
 from .sources.cdrom import CdromSource
 from .sources.channel import ChannelSource
@@ -40,6 +40,7 @@ class Guestd:
             port.handle("set-time", lambda m: clock.set_time(self.env, m["time"]))
             port.handle("certificate", lambda m: grid.install_certificate(self.env, m))
             port.handle("recontext", lambda m: rewake.recontext(self, m))
+            port.handle("migrated", lambda m: migrated.migrated(self, m))
 
     def find_context(self) -> InstanceContext | None:
         """The first context a source has, in the configured order; a broken one stops the search."""
@@ -82,7 +83,15 @@ class Guestd:
             "steps": {n: r.as_report() for n, r in list(self.results.items())},
             "container": sup.status() if sup is not None else None,
             "time": self.env.system.now(), "uptime": time.monotonic() - self.started,
+            "boot_id": self._boot_id(),
         }
+
+    def _boot_id(self) -> str | None:
+        """The kernel's id of this boot (a restore or a migration keeps it; a reboot changes it)."""
+        try:
+            return (self.env.roots.proc / "sys" / "kernel" / "random" / "boot_id").read_text().strip()
+        except OSError:
+            return None
 
     def _container_changed(self, status: dict[str, Any]) -> None:
         if self.port is not None:

@@ -2,7 +2,8 @@
 
 One UTF-8 JSON object per line, at most MAX_LINE bytes. Every message has ``v`` (the protocol
 version) and ``op``. Host to guest: ``ping``, ``status``, ``set-time``, ``context``,
-``certificate``, ``recontext`` (a warm-snapshot clone's new identity). Guest to host:
+``certificate``, ``recontext`` (a warm-snapshot clone's new identity), ``migrated`` (a migrated
+instance's new lease, clock and token). Guest to host:
 ``ready``, ``report``, ``reply``; each carries the instance's ``token``. docs/guestd.md is the reference.
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 VERSION = 1
 MAX_LINE = 64 * 1024
 
-HOST_OPS = frozenset({"ping", "status", "set-time", "context", "certificate", "recontext"})
+HOST_OPS = frozenset({"ping", "status", "set-time", "context", "certificate", "recontext", "migrated"})
 GUEST_OPS = frozenset({"ready", "report", "reply"})
 
 
@@ -57,6 +58,9 @@ def decode(line: bytes, allowed_ops: frozenset[str]) -> dict[str, Any]:
     if op == "recontext" and not (isinstance(message.get("context"), dict) and isinstance(message.get("seed"), str)
                                   and isinstance(message.get("time"), (int, float))):
         raise ProtocolError("recontext needs a 'context' object, a 'seed' string and the host 'time'")
+    if op == "migrated" and not (isinstance(message.get("context"), dict) and isinstance(message.get("token"), str)
+                                 and isinstance(message.get("time"), (int, float))):
+        raise ProtocolError("migrated needs a 'context' object, the instance's current 'token' and the host 'time'")
     if op in GUEST_OPS and not isinstance(message.get("token"), str):
         raise ProtocolError(f"{op} needs the instance token")
     if op == "report" and not isinstance(message.get("step"), str):

@@ -62,6 +62,8 @@ CREATE TABLE IF NOT EXISTS migrations (
 STATE_FILE = "state.save"
 FILE_NAME = re.compile(r"^[a-z]+[0-9]*\.(qcow2|save)$")
 MAX_FILES = 16
+GUEST_TOKEN = "guest.token"      # on the target, from the offer to the fixup: the token guestd holds (0600)
+_GUEST_TOKEN = re.compile(r"[A-Za-z0-9_-]{16,128}")
 
 
 @dataclass(frozen=True)
@@ -272,7 +274,8 @@ def migrate(node: "Node", caller, key: str, target: str, mode: str, proxy_pem: b
                                    descriptor=phases.descriptor_of(inst), descriptor_xml=inst.descriptor,
                                    termination=inst.termination, max_lifetime=inst.max_lifetime, state=prior.value,
                                    source=node.address, files_url=base, files=files, phases=tuple(timings),
-                                   uuid=domain_uuid, subscriptions=_subscriptions(node, key))
+                                   uuid=domain_uuid, subscriptions=_subscriptions(node, key),
+                                   guest_token=_guest_token(node, inst))
             peer.accept(offer)
             crashpoint("migration.accepted")
         except BaseException as exc:
@@ -495,6 +498,10 @@ def accept(node: "Node", caller, offer: MigrationOffer) -> InstanceView:
             staged = time.perf_counter() - t
             home = node.parts.home(key)
             home.mkdir(parents=True, exist_ok=True)
+            if _GUEST_TOKEN.fullmatch(offer.guest_token or ""):
+                fd = os.open(home / GUEST_TOKEN, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "w") as f:                          # guestd's current token, for the fixup
+                    f.write(offer.guest_token)
             total = sum(f.size for f in offer.files)
             got: dict[str, int] = {}
             lock = threading.Lock()
@@ -573,6 +580,9 @@ def _restore_here(node: "Node", key: str, domain_uuid: str) -> None:
     (home / STATE_FILE).unlink(missing_ok=True)
     log.info("instance %s: restore phase: rebase %.3f s, context %.3f s, libvirt restore (paused) %.3f s", key,
              t1 - t0, t2 - t1, t3 - t2)
+    if node.vmm.capabilities.guest_channel and (home / GUEST_TOKEN).is_file():
+        # guestd answers with the source's token until the fixup gives it ours (the resume's set-time too)
+        node.vmm.guest_channel(key).accept_previous((home / GUEST_TOKEN).read_text().strip())
 
 
 def _adopt_subscriptions(node: "Node", key: str, offer: MigrationOffer) -> None:
@@ -638,21 +648,65 @@ def complete(node: "Node", caller, key: str, commit: bool) -> tuple[str, Instanc
 
 
 def _fixup(node: "Node", inst: Instance, running: bool) -> str:
-    """guestd learns its new address and MAC (a context over the guest channel) as soon as the guest runs here
-    (the clock was set on resume). Backends without a guest channel, or a guest that stays paused or saved:
-    nothing to tell now (GuestStatus says so)."""
+    """guestd takes this node's lease as soon as the guest runs here: the ``migrated`` request (guestd/migrated.py)
+    with the token guestd holds (the source sent it), the new context (address, MAC, gateway, DNS, a new token)
+    and this host's clock; bounded by migration_fixup_timeout. Then the grid container's certificate for the new
+    address (guestd sends a new request for the key it keeps). Backends without a guest channel, or a guest that
+    stays paused or saved: nothing to tell now. Whatever happens, the GuestStatus this returns says it."""
+    from services.vmmanager import guestcred
+    home = node.parts.home(inst.key)
+    token_file = home / GUEST_TOKEN
     if not node.vmm.capabilities.guest_channel:
+        token_file.unlink(missing_ok=True)
         return f"migrated here; address {inst.address} (no guest channel to tell guestd)"
-    if not running:
+    if not running:      # the token waits here for the guest's first run on this node (readdress_pending)
         return f"migrated here; address {inst.address} not yet told to guestd (the guest is not running)"
-    ctx = build_context(instance=inst.key, hostname=inst.identifier.replace(".", "-").replace("_", "-")[:63],
-                        mac=inst.mac, address=inst.address, netmask=str(node.pool.network.netmask),
-                        gateway=node.pool.gateway, dns=node.config.dns, container_command=None, token=inst.token)
     try:
-        node.vmm.guest_channel(inst.key).send_context(ctx, timeout=node.config.migration_fixup_timeout)
-        return f"migrated here; guestd set address {inst.address}"
+        current = token_file.read_text().strip()
+    except OSError:
+        current = ""
+    token_file.unlink(missing_ok=True)       # used once, whatever happens below
+    if not current:
+        return f"migrated here; address {inst.address} not told to guestd (the source sent no guest token)"
+    hostname = inst.identifier.replace(".", "-").replace("_", "-")[:63]
+    ctx = build_context(instance=inst.key, hostname=hostname, mac=inst.mac, address=inst.address,
+                        netmask=str(node.pool.network.netmask), gateway=node.pool.gateway, dns=node.config.dns,
+                        container_command=None, token=inst.token,
+                        grid=guestcred.grid_context(node.config, inst.owner))
+    channel = node.vmm.guest_channel(inst.key)
+    try:
+        status = channel.request("migrated", timeout=node.config.migration_fixup_timeout, token=current,
+                                 context=json.loads(ctx.to_json()), time=time.time())
     except Exception as exc:   # noqa: BLE001 - the guest is untrusted; the migration stands, GuestStatus says so
-        return f"migrated here; guestd did not take the new address: {exc}"
+        return f"migrated here; guestd did not take the new address {inst.address}: {exc}"
+    steps = status.get("steps") if isinstance(status.get("steps"), dict) else {}
+    net = (steps.get("network") or {}) if isinstance(steps.get("network"), dict) else {}
+    have = (net.get("detail") or {}).get("address") if net.get("ok") else None
+    if have != inst.address:
+        why = net.get("error") or ((steps.get("migrated") or {}).get("error")) or f"guestd reports {have!r}"
+        return f"migrated here; guestd did not set the new address {inst.address}: {why}"
+    note = f"migrated here; guestd set address {inst.address}, MAC {inst.mac} and the clock; " \
+           f"{phases.guest_summary(status)}"
+    cert = guestcred.deliver(node.config, channel, status, inst.address, hostname, home)
+    return note if cert is None else f"{note}; {cert}"
+
+
+def _guest_token(node: "Node", inst: Instance) -> str:
+    """The token guestd in the instance holds: the one an earlier migration left pending here (the guest has not
+    run on this node since), else this node's."""
+    try:
+        return (node.parts.home(inst.key) / GUEST_TOKEN).read_text().strip()
+    except OSError:
+        return inst.token or ""
+
+
+def readdress_pending(node: "Node", key: str) -> str | None:
+    """An instance that arrived paused or saved runs here for the first time (Resume, Restore): the fixup it
+    did not get then (a GuestStatus note), or None when it has nothing pending."""
+    inst = node.store.get(key)
+    if inst is None or not (node.parts.home(key) / GUEST_TOKEN).is_file():
+        return None
+    return _fixup(node, inst, running=True)
 
 
 # -- restart and sweep ----------------------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ def parse_accept(req: etree._Element) -> MigrationOffer:
                           termination=termination, max_lifetime=int(max_lifetime) if max_lifetime else None,
                           state=_text(req, "state"), source=_text(req, "source"), files_url=_text(req, "files"),
                           files=files, phases=phases, uuid=_text(req, "uuid") or "",
+                          guest_token=_text(req, "guestToken") or "",
                           subscriptions=tuple(
                               (sub_el.findtext("vmm:consumer", namespaces=NS).strip(),
                                sub_el.findtext("vmm:subscriber", namespaces=NS).strip(),
@@ -63,6 +64,8 @@ def accept_request(offer: MigrationOffer, to_zeep) -> dict:
               "phase": [{"name": n, "seconds": s} for n, s in offer.phases]}
     if offer.uuid:
         kwargs["uuid"] = offer.uuid
+    if offer.guest_token:
+        kwargs["guestToken"] = offer.guest_token
     if offer.subscriptions:
         kwargs["subscription"] = [{"consumer": c, "subscriber": who, "expires": format_datetime(e)}
                                   for c, who, e in offer.subscriptions]

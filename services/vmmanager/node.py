@@ -502,6 +502,7 @@ class Node:
 
     def start_instance(self, caller, key: str) -> State:
         def run(inst):
+            (self.parts.home(inst.key) / migration.GUEST_TOKEN).unlink(missing_ok=True)   # a boot: nothing to move
             vmm_call("start", self.vmm.start, inst.key)
             if self.vmm.capabilities.guest_channel and vmm_call("start", self.vmm.spec_of, inst.key).channel:
                 # the same guest-ready phase as Deploy: GuestStatus says what guestd reports now
@@ -530,8 +531,15 @@ class Node:
         def run(inst):
             if vmm_call("resume", self.vmm.resume, inst.key):
                 self.store.update(inst.key, guest_status="ready (clock set after resume)")
+            self._readdress_if_migrated(inst.key)
             return State.RUNNING
         return self._control(caller, key, "vm.resume", "resume", run)
+
+    def _readdress_if_migrated(self, key: str) -> None:
+        """A guest that arrived paused or saved by migration takes this node's address when it first runs here."""
+        note = migration.readdress_pending(self, key)
+        if note is not None:
+            self.store.update(key, guest_status=note)
 
     def save(self, caller, key: str) -> State:
         def run(inst):
@@ -546,6 +554,8 @@ class Node:
             path = self.parts.home(inst.key) / "state.save"
             vmm_call("restore", self.vmm.restore, path, paused=paused)
             path.unlink(missing_ok=True)
+            if not paused:
+                self._readdress_if_migrated(inst.key)
             return State.PAUSED if paused else State.RUNNING
         return self._control(caller, key, "vm.restore", "restore", run)
 

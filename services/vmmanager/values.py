@@ -64,6 +64,7 @@ class MigrationOffer:
     phases: tuple[tuple[str, float], ...] = ()
     uuid: str = ""              # the hypervisor's id of the saved domain (the restore keeps it)
     subscriptions: tuple[tuple[str, str, float], ...] = ()   # (consumer, subscriber DN, expires) at the source
+    guest_token: str = ""       # the token guestd holds now: the target's ``migrated`` request proves itself with it
 
 
 @dataclass(frozen=True)

@@ -90,6 +90,33 @@ def test_a_running_instance_moves_with_its_identity_and_the_old_epr_says_where(g
     src.destroy(back.ref)
 
 
+def test_the_target_gets_the_token_guestd_holds_for_its_fixup_and_keeps_it_no_longer(grid, grid_pki, monkeypatch):
+    """The source sends guestd's current token in AcceptMigration (signed, as the user); the target keeps it (0600)
+    only until its fixup proves the ``migrated`` request with it, and gives the instance a token of its own."""
+    import os
+    import stat
+
+    from services.vmmanager import migration
+    seen, real = {}, migration._fixup
+
+    def spy(node, inst, running):
+        path = node.parts.home(inst.key) / migration.GUEST_TOKEN
+        seen.update(token=path.read_text(), mode=stat.S_IMODE(os.stat(path).st_mode), running=running)
+        out = real(node, inst, running)
+        seen["after"] = path.exists()
+        return out
+    monkeypatch.setattr(migration, "_fixup", spy)
+    src = grid.vmm(grid_pki.alice, 0)
+    ref = deploy(grid, grid_pki.alice, "token-mover")
+    token = grid.node(0).store.get(ref.key).token
+    moved = src.migrate(ref, grid.node_url(1))
+    assert seen == {"token": token, "mode": 0o600, "running": True, "after": False}
+    assert grid.node(1).store.get(ref.key).token not in ("", token)
+    # the test driver has no guest channel: GuestStatus says what was not done
+    assert "no guest channel to tell guestd" in grid.vmm(grid_pki.alice, 1).status(moved.ref).guest_status
+    grid.vmm(grid_pki.alice, 1).destroy(moved.ref)
+
+
 @pytest.mark.parametrize("state", ["Paused", "Saved"])
 def test_a_paused_or_saved_instance_arrives_in_the_same_state(grid, grid_pki, state):
     src = grid.vmm(grid_pki.alice, 0)

@@ -109,6 +109,7 @@ class GuestChannelClient:
 
     def __init__(self, instance: str, path: Path, token: str) -> None:
         self.instance, self.path, self._token = instance, Path(path), token
+        self._previous = ""                    # a token guestd may still hold (a migrated instance), until it changes
         self._lock = threading.Lock()          # guards the connection and the waiters; never held over I/O
         self._send_lock = threading.Lock()     # one writer at a time (lines must not interleave)
         self._connect_lock = threading.Lock()  # one connect at a time
@@ -124,6 +125,11 @@ class GuestChannelClient:
         self.rejected: list[str] = []          # why messages were refused (the latest MAX_REJECTED)
         self.rejected_total = 0
         self.bytes_read = 0                    # over every connection (for the flood bound)
+
+    def accept_previous(self, token: str) -> None:
+        """Also take guestd's messages signed with ``token`` until the first one with this channel's token: a
+        migrated guest holds the source node's token until the target's ``migrated`` request gives it this one."""
+        self._previous = token
 
     # -- connection -------------------------------------------------------------------------------
     @property
@@ -257,7 +263,9 @@ class GuestChannelClient:
             return
         if not message["token"] and message["op"] == "reply":
             return   # an answer from before guestd had its context (a stale request): nothing to say
-        if not hmac.compare_digest(message["token"].encode(), self._token.encode()):
+        if hmac.compare_digest(message["token"].encode(), self._token.encode()):
+            self._previous = ""                # guestd has this channel's token: the previous one is done
+        elif not (self._previous and hmac.compare_digest(message["token"].encode(), self._previous.encode())):
             self._refuse(f"bad token in a {message['op']} message")
             return
         op = message["op"]

@@ -178,7 +178,8 @@ def spec_from_xml(xml: str) -> InstanceSpec:
 
 
 def relocate(saved_xml: str, spec: InstanceSpec) -> str:
-    """The saved domain's XML with every file location replaced by those of ``spec`` (this node's).
+    """The saved domain's XML with every file location replaced by those of ``spec`` (this node's), and its
+    channel token (a migrated instance's token here).
 
     The devices must match one for one (same disks, CD-ROMs, ports, channel); InvalidSpec otherwise.
     """
@@ -218,6 +219,11 @@ def relocate(saved_xml: str, spec: InstanceSpec) -> str:
         raise InvalidSpec("the spec's guest channel does not match the saved instance's")
     if ch is not None:
         ch.find("source").set("path", str(spec.channel.path))
+        token = dom.find(f"metadata/{_M}instance/{_M}token")
+        if token is not None:          # a migrated instance's channel speaks with this node's token
+            token.text = spec.channel.token
+    # the NICs keep their saved MACs: libvirt refuses a restore whose MAC differs (guest ABI); after a migration
+    # guestd moves the guest's NIC to the target's leased MAC itself (guestd/migrated.py)
     return ET.tostring(dom, encoding="unicode")
 
 

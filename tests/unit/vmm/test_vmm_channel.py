@@ -4,6 +4,7 @@ guestd's privileged operations use the FakeSystem of tests/unit/guestd (the test
 not change)."""
 from __future__ import annotations
 
+import json
 import os
 import selectors
 import socket
@@ -162,3 +163,26 @@ def test_nothing_listening_is_guest_unavailable(tmp_path):
         client.ping(timeout=1)
     with pytest.raises(GuestUnavailable):
         client.wait_ready(timeout=0.5)
+
+
+def test_a_migrated_guest_answers_with_its_previous_token_until_migrated_gives_it_the_targets(guest):
+    """The target's channel has the target's token; guestd still holds the source's: accept_previous lets the
+    resume's set-time through, guestd's ``migrated`` answer comes with the new token, and the old one is then
+    refused."""
+    guest["daemon"].boot()
+    new = "new-" + "y" * 20
+    client = GuestChannelClient("i-chan", guest["path"], new)
+    client.accept_previous(guest["token"])
+    assert "offset_before" in client.set_time(timeout=5)
+    moved = json.loads(build_context(instance="i-chan", hostname="chan", mac=MAC, address="10.3.0.4",
+                                     netmask="255.255.255.0", token=new).to_json())
+    status = client.request("migrated", timeout=10, token=guest["token"], context=moved, time=time.time())
+    assert status["context_source"] == "migrated" and status["steps"]["network"]["detail"]["address"] == "10.3.0.4"
+    assert client.ping() < 5
+    assert client._previous == "", "the first message with the target's token ends the previous one"
+    assert guest["port"]._token == new
+    client.close()
+    old = GuestChannelClient("i-chan", guest["path"], guest["token"])
+    with pytest.raises(GuestUnavailable):
+        old.ping(timeout=1)
+    old.close()

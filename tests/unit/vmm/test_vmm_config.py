@@ -69,9 +69,13 @@ def test_relocate_points_the_saved_domain_at_this_nodes_files():
         s, disks=tuple(dataclasses.replace(d, path=here / d.path.name) for d in s.disks),
         cdroms=(here / "context.iso",), serial_ports=(Port("file", here / "console.log"), Port("pty")),
         boot=KernelBoot(here / "vmlinuz", here / "initrd.img", s.boot.cmdline),
-        channel=dataclasses.replace(s.channel, path=here / "guestd.sock"))
+        channel=dataclasses.replace(s.channel, path=here / "guestd.sock", token="T" * 22))
     out = spec_from_xml(relocate(domain_xml(s, "qemu"), moved))
-    assert out == moved
+    assert out == moved     # files and channel token are this node's
+    # the MACs stay the saved ones (libvirt checks them against the saved guest's)
+    other_macs = dataclasses.replace(moved, nics=tuple(dataclasses.replace(n, mac=f"52:54:00:00:99:{i:02x}")
+                                                      for i, n in enumerate(s.nics)))
+    assert spec_from_xml(relocate(domain_xml(s, "qemu"), other_macs)).nics == s.nics
 
 
 @pytest.mark.parametrize("change", [

@@ -1,0 +1,105 @@
+"""A running real guest migrated through the grid (issue 11): two bridge-mode QEMU nodes with different lease
+ranges, `vmgrid vm migrate NAME --to NODE2`, then guestd has the target's address, MAC and clock and the job
+service a certificate for the new address, with nothing restarted inside but the job service itself.
+
+One guest, booted once (the job-service image of test_guest_jobs_qemu.py, its fixture reused); the scene runs
+in tests/vm/migrate_grid.py inside a network namespace this test makes (vgmf-<hex>)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from test_guest_jobs_qemu import jobs_image  # noqa: F401 - the shared image fixture
+from test_node_bridge_qemu import qemu_pids
+
+pytestmark = pytest.mark.timeout(2400)
+HELPER = Path(__file__).with_name("migrate_grid.py")
+REPO = Path(__file__).resolve().parents[2]
+CLOCK_BOUND = 2.0      # seconds: the guest clock against the host's bracket around the probe job
+
+
+@pytest.fixture(scope="module")
+def seen(jobs_image, vm_dir):  # noqa: F811
+    netns = f"vgmf-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", netns], check=True)
+    subprocess.run(["ip", "-n", netns, "link", "set", "dev", "lo", "up"], check=True)
+    work = vm_dir / f"mf{uuid.uuid4().hex[:4]}"
+    work.mkdir()
+    try:
+        proc = subprocess.run(["ip", "netns", "exec", netns, sys.executable, str(HELPER), str(jobs_image.directory),
+                               str(work)], cwd=REPO, capture_output=True, text=True, timeout=1800)
+    finally:
+        for pid in qemu_pids(str(work)):          # left only if the helper died midway
+            os.kill(pid, signal.SIGKILL)
+        subprocess.run(["ip", "netns", "del", netns], check=False)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert proc.returncode == 0 and lines, f"migration scene failed: {proc.stderr[-3000:]}"
+    result = json.loads(lines[-1])
+    print(f"migration scene: migrate {result.get('migrate_seconds')} s, total {result.get('total_seconds')} s",
+          file=sys.stderr)
+    assert "error" not in result, f"{result['error']}\n{json.dumps(result, indent=1)[:8000]}"
+    after, probe = result.get("after", {}), result.get("probe_after", {})
+    if "guest_time" in probe:
+        print(f"migration scene: phases {after.get('phases')}; guest clock after resume: "
+              f"{probe['guest_time'] - probe['host_before']:+.2f} s after the probe's submission, "
+              f"{probe['guest_time'] - probe['host_after']:+.2f} s before its end; GuestStatus: "
+              f"{after.get('guest_status')}", file=sys.stderr)
+    return result
+
+
+def test_the_cli_migrates_the_running_guest_to_the_other_nodes_pool(seen):
+    m = seen["steps"]["migrate"]
+    assert m["rc"] == 0, m["err"]
+    before, after = seen["before"], seen["after"]
+    assert before["state"] == "Running" and after["state"] == "Running", after
+    assert before["address"].startswith("10.79.0.1") and after["address"].startswith("10.79.0.2"), (before, after)
+    assert after["mac"] != before["mac"] and after["node"] == "mf2"
+
+
+def test_the_same_processes_run_on_after_the_migration(seen):
+    b, a = seen["probe_before"], seen["probe_after"]
+    assert b["run"]["rc"] == 0 and a["run"]["rc"] == 0, (b["run"], a["run"])
+    assert (a["pid"], a["start"], a["boot_id"]) == (b["pid"], b["start"], b["boot_id"]), "no reboot, same process"
+    long = json.loads(seen["steps"]["long_status"]["out"])
+    assert long["state"] == "Active", long        # the job started before the migration still runs
+
+
+def test_the_guest_clock_is_the_hosts_after_resume(seen):
+    a = seen["probe_after"]
+    assert a["host_before"] - CLOCK_BOUND <= a["guest_time"] <= a["host_after"] + CLOCK_BOUND, a
+
+
+def test_guestd_set_the_new_address_and_mac_and_says_so(seen):
+    after = seen["after"]
+    status = after["guest_status"]
+    assert f"guestd set address {after['address']}, MAC {after['mac']}" in status, status
+    assert f"address {after['address']}/255.255.255.0" in status, status
+    assert seen["steps"]["vm_status"]["rc"] == 0 and after["address"] in seen["steps"]["vm_status"]["out"]
+
+
+def test_the_new_address_answers_over_the_bridge_and_the_old_one_does_not(seen):
+    assert seen["reach"]["new"] == "open", seen["reach"]
+    assert seen["reach"]["old"] != "open", seen["reach"]
+
+
+def test_the_job_service_has_a_certificate_for_the_new_address(seen):
+    after = seen["after"]
+    js = after["job_service"]
+    assert js["url"] == f"https://{after['address']}:8443/wsrf/services/JobService", js
+    assert js["dn"] == f"/O=Grid/OU=vmgrid-guests/CN=host/{after['address']}", js
+    assert seen["before"]["job_service"]["dn"].endswith(seen["before"]["address"])
+    # the probe ran through that job service after the migration, by instance name: a job works
+    assert seen["probe_after"]["get"]["rc"] == 0, seen["probe_after"]["get"]
+    assert seen["steps"]["cancel"]["rc"] == 0, seen["steps"]["cancel"]
+
+
+def test_everything_is_cleaned_up(seen):
+    assert "cleanup" not in seen, seen["cleanup"]
+    assert seen["bridge_after"] is False
