@@ -14,47 +14,18 @@ from pathlib import Path
 
 import pytest
 
-from guestd.image.build import build
+from images import build_jobs_image
 
 from test_node_bridge_qemu import qemu_pids
 
 pytestmark = pytest.mark.timeout(2400)     # the image build (first run) and one guest booted under TCG
 HELPER = Path(__file__).with_name("jobs_grid.py")
 REPO = Path(__file__).resolve().parents[2]
-RECIPE = """\
-[image]
-name = "vmtest-jobs"
-version = "1.0"
-vo = "bio"
-description = "job service test guest: the vmgrid runtime, its job service as the grid container"
-
-[debian]
-# the package set of test_image_recipe_qemu.py's recipe: both images share one cached apt layer on the minbase
-packages = ["hello"]
-signature = ["hello", "python3"]
-
-[hardware]
-disk_size = "1G"
-memory = 384
-
-[container]
-command = "python3 -m client.cli serve jobs -c /etc/vmgrid/jobs.toml"
-port = 8443
-
-[vmgrid]
-runtime = true
-
-[files]
-"/etc/vmgrid/jobs.toml" = "jobs.toml"
-"""
 
 
 @pytest.fixture(scope="module")
 def jobs_image(qemu_prerequisites, tmp_path_factory):
-    d = tmp_path_factory.mktemp("recipe")
-    (d / "jobs.toml").write_bytes((REPO / "guestd/image/recipes/emboss/jobs.toml").read_bytes())
-    (d / "vmtest-jobs.toml").write_text(RECIPE)
-    return build(recipe=d / "vmtest-jobs.toml", log=lambda m: print(m, file=sys.stderr))
+    return build_jobs_image(tmp_path_factory.mktemp("recipe"), log=lambda m: print(m, file=sys.stderr))
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,60 @@
+"""The guest images the QEMU tier boots, named in one place so that the tests and their background
+pre-build (tests/vm/prebuild.py, started by tests/conftest.py) ask for the same recipes: the cache under
+var/guest-image/ is keyed by recipe content, and the builder's per-recipe lock makes a test that needs an
+image wait for the pre-build of it instead of building it twice."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from guestd.image.build import GuestImage, build
+
+REPO = Path(__file__).resolve().parents[2]
+
+JOBS_RECIPE = """\
+[image]
+name = "vmtest-jobs"
+version = "1.0"
+vo = "bio"
+description = "job service test guest: the vmgrid runtime, its job service as the grid container"
+
+[debian]
+# the package set of test_image_recipe_qemu.py's recipe: both images share one cached apt layer on the minbase
+packages = ["hello"]
+signature = ["hello", "python3"]
+
+[hardware]
+disk_size = "1G"
+memory = 384
+
+[container]
+command = "python3 -m client.cli serve jobs -c /etc/vmgrid/jobs.toml"
+port = 8443
+
+[vmgrid]
+runtime = true
+
+[files]
+"/etc/vmgrid/jobs.toml" = "jobs.toml"
+"""
+
+
+def real_demo_enabled() -> bool:
+    """Whether tests/vm/test_demo_real_qemu.py runs (VMGRID_TEST_REAL_DEMO=1)."""
+    return os.environ.get("VMGRID_TEST_REAL_DEMO") == "1"
+
+
+def build_jobs_image(workdir: Path, log=print) -> GuestImage:
+    """The job-service guest of test_guest_jobs_qemu.py and test_migrate_qemu.py; ``workdir`` holds its recipe."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "jobs.toml").write_bytes((REPO / "guestd/image/recipes/emboss/jobs.toml").read_bytes())
+    (workdir / "vmtest-jobs.toml").write_text(JOBS_RECIPE)
+    return build(recipe=workdir / "vmtest-jobs.toml", log=log)
+
+
+def build_all(workdir: Path, log=print) -> None:
+    """Every image the selected QEMU tests boot, in the order they are first needed."""
+    build(log=log)                                  # the base guest (its minbase is every image's root)
+    build_jobs_image(workdir, log)
+    if real_demo_enabled():
+        build(recipe="emboss", log=log)
