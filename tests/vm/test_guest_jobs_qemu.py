@@ -5,22 +5,17 @@ a network namespace this test makes, vgjob-<hex>). One guest serves every check 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
 
 from images import build_jobs_image
+from scene import run_scene
 
-from test_node_bridge_qemu import qemu_pids
 
 pytestmark = pytest.mark.timeout(2400)     # the image build (first run) and one guest booted under TCG
 HELPER = Path(__file__).with_name("jobs_grid.py")
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -31,26 +26,8 @@ def jobs_image(qemu_prerequisites, tmp_path_factory):
 @pytest.fixture(scope="module")
 def seen(jobs_image, vm_dir):
     """The whole scene, run once in its own network namespace; what it saw."""
-    netns = f"vgjob-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", netns], check=True)
-    subprocess.run(["ip", "-n", netns, "link", "set", "dev", "lo", "up"], check=True)
-    work = vm_dir / f"jg{uuid.uuid4().hex[:4]}"
-    work.mkdir()
-    try:
-        proc = subprocess.run(["ip", "netns", "exec", netns, sys.executable, str(HELPER), str(jobs_image.directory),
-                               str(work)], cwd=REPO, capture_output=True, text=True, timeout=1800)
-    finally:
-        for pid in qemu_pids(str(work)):          # left only if the helper died midway
-            os.kill(pid, signal.SIGKILL)
-        links = subprocess.run(["ip", "-n", netns, "-br", "link", "show"], capture_output=True, text=True).stdout
-        subprocess.run(["ip", "netns", "del", netns], check=False)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert proc.returncode == 0 and lines, f"jobs grid failed: {proc.stderr[-3000:]}"
-    result = json.loads(lines[-1])
-    print(f"guest jobs scene: deploy {result.get('deploy_seconds')} s, total {result.get('total_seconds')} s",
-          file=sys.stderr)
-    assert "error" not in result, f"{result['error']}\n{json.dumps(result, indent=1)[:6000]}"
-    result["links_after"] = links
+    result = run_scene(HELPER, jobs_image.directory, vm_dir, "vgjob", "guest jobs scene")
+    print(f"guest jobs scene: deploy {result.get('deploy_seconds')} s", file=sys.stderr)
     return result
 
 

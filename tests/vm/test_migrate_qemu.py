@@ -7,44 +7,23 @@ in tests/vm/migrate_grid.py inside a network namespace this test makes (vgmf-<he
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
 
 from test_guest_jobs_qemu import jobs_image  # noqa: F401 - the shared image fixture
-from test_node_bridge_qemu import qemu_pids
+from scene import run_scene
 
 pytestmark = pytest.mark.timeout(2400)
 HELPER = Path(__file__).with_name("migrate_grid.py")
-REPO = Path(__file__).resolve().parents[2]
 CLOCK_BOUND = 2.0      # seconds: the guest clock against the host's bracket around the probe job
 
 
 @pytest.fixture(scope="module")
 def seen(jobs_image, vm_dir):  # noqa: F811
-    netns = f"vgmf-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", netns], check=True)
-    subprocess.run(["ip", "-n", netns, "link", "set", "dev", "lo", "up"], check=True)
-    work = vm_dir / f"mf{uuid.uuid4().hex[:4]}"
-    work.mkdir()
-    try:
-        proc = subprocess.run(["ip", "netns", "exec", netns, sys.executable, str(HELPER), str(jobs_image.directory),
-                               str(work)], cwd=REPO, capture_output=True, text=True, timeout=1800)
-    finally:
-        for pid in qemu_pids(str(work)):          # left only if the helper died midway
-            os.kill(pid, signal.SIGKILL)
-        subprocess.run(["ip", "netns", "del", netns], check=False)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert proc.returncode == 0 and lines, f"migration scene failed: {proc.stderr[-3000:]}"
-    result = json.loads(lines[-1])
-    print(f"migration scene: migrate {result.get('migrate_seconds')} s, total {result.get('total_seconds')} s",
-          file=sys.stderr)
-    assert "error" not in result, f"{result['error']}\n{json.dumps(result, indent=1)[:8000]}"
+    result = run_scene(HELPER, jobs_image.directory, vm_dir, "vgmf", "migration scene", detail=8000)
+    print(f"migration scene: migrate {result.get('migrate_seconds')} s", file=sys.stderr)
     after, probe = result.get("after", {}), result.get("probe_after", {})
     if "guest_time" in probe:
         print(f"migration scene: phases {after.get('phases')}; guest clock after resume: "
