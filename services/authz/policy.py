@@ -433,6 +433,10 @@ def parse_policy(text: str, source: str = "policy.toml", *, base_dir: Path | Non
     except tomllib.TOMLDecodeError as exc:
         m = _TOML_LINE.search(str(exc))
         raise PolicyError(source, f"not valid TOML: {exc}", line=int(m.group(1)) if m else None) from None
+    if not data:
+        raise PolicyError(source, "the policy file is empty (no [policy], groups, limits or rules): refused, "
+                                  "since it would deny everyone, policy admins included; a file caught half "
+                                  "written? write one (`vmgrid authz init FILE --admin DN`) and reload")
     headers = _header_lines(text)
 
     def header_line(name: str, array_index: int | None = None) -> int | None:

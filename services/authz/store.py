@@ -55,6 +55,7 @@ class PolicyFile:
         self._policy = load_policy(self.path)           # an invalid policy at start: the service does not start
         self._loaded = time.time()
         self._seen = signature(self._policy.files)
+        self._pending: Signature | None = None         # a change seen by the watcher, not yet settled
         self._error: PolicyError | None = None
         self._error_at: float | None = None
         self._stop = threading.Event()
@@ -108,12 +109,22 @@ class PolicyFile:
             return signature([s[0] for s in self._seen]) != self._seen
 
     def poll(self) -> None:
-        """Reload if the file or a grid-mapfile changed since it was last read (called by the watcher)."""
-        if self.changed_on_disk():
-            try:
-                self.reload("file changed")
-            except PolicyError:
-                pass
+        """Reload if the file or a grid-mapfile changed since it was last read and has stayed the same since
+        the previous poll (called by the watcher). A file caught while an editor or ``cat >`` rewrites it in
+        place (truncated, half written) is not taken: only a change that has settled for one interval is,
+        so a half-written file that happens to parse (an empty one does) never replaces the policy."""
+        with self._lock:
+            now = signature([s[0] for s in self._seen])
+            if now == self._seen:
+                self._pending = None
+                return
+            if now != self._pending:
+                self._pending = now            # seen changing: look again at the next poll
+                return
+        try:
+            self.reload("file changed")
+        except PolicyError:
+            pass
 
     # -- watching ---------------------------------------------------------------------------------
     def start_watching(self, interval: float) -> None:

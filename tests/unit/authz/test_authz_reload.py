@@ -127,3 +127,35 @@ def test_audit_records_are_json_lines_chained(files):
     line = path.parent.joinpath("audit.log").read_text().splitlines()[-1]
     rec = json.loads(line)
     assert rec["event"] == "reload" and rec["by"] == "/O=Grid/CN=admin" and rec["policy"] == pf.current.version
+
+
+def test_a_file_caught_half_written_is_not_taken_until_it_settles(files):
+    """An editor or `cat >` rewrites the file in place: truncate, then write. A watcher poll between the two
+    must not put the truncated file (which may even parse) in force; the finished file is taken once it has
+    stayed the same for one poll. Polls are driven by hand here, so the interleaving is exact."""
+    pf, path, _ = files
+    version = pf.current.version
+    half = policy_text(groups={"bio": {"members": [ALICE, BOB]}})
+    path.write_text("")                                # truncated: what a poll can catch mid-write
+    pf.poll()
+    assert pf.current.version == version and pf.status().error is None
+    path.write_text(half[: half.index("[[rule]]")])     # partly written: valid TOML, the rules missing
+    pf.poll()
+    assert pf.current.version == version
+    path.write_text(half)                              # finished
+    pf.poll()
+    assert pf.current.version == version               # seen changing: not yet
+    pf.poll()                                          # unchanged since the last poll: taken
+    assert pf.current.version != version and reads(pf, BOB)
+
+
+def test_an_empty_policy_file_is_refused_and_the_policy_in_force_stays(files, tmp_path: Path):
+    pf, path, _ = files
+    path.write_text("# nothing here yet\n\n")
+    with pytest.raises(PolicyError, match="the policy file is empty"):
+        pf.reload()
+    assert reads(pf, ALICE) and "empty" in pf.status().error.reason
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    with pytest.raises(PolicyError, match="the policy file is empty"):
+        PolicyFile(empty)
