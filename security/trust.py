@@ -211,11 +211,23 @@ class TrustStore:
 
     # -- trust anchors ------------------------------------------------------------------------
     def _dir_stamp(self) -> tuple:
+        """What the directory holds: its own stamp (files added, renamed, removed) and each file's (a CA
+        certificate or CRL rewritten in place, e.g. `cp new.r0 0a1b2c3d.r0`, changes no directory time: a
+        revocation must not wait for a restart). Taken before the files are read, so a change made while
+        they are read is seen at the next check."""
         try:
             st = os.stat(self.cert_dir)
+            names = sorted(os.listdir(self.cert_dir))
         except FileNotFoundError:
             raise UntrustedChain(f"trusted CA directory {self.cert_dir} does not exist") from None
-        return (st.st_mtime_ns, st.st_ino)
+        files = []
+        for name in names:
+            try:
+                f = os.stat(os.path.join(self.cert_dir, name))
+            except OSError:
+                continue
+            files.append((name, f.st_mtime_ns, f.st_size, f.st_ino))
+        return (st.st_mtime_ns, st.st_ino, tuple(files))
 
     def _load(self) -> _Anchors:
         stamp = self._dir_stamp()

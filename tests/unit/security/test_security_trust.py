@@ -149,3 +149,24 @@ def test_validated_chains_are_cached_per_directory_generation(grid_pki):
     assert trust.lookup(b"k") is first
     trust.reload()
     assert trust.lookup(b"k") is None
+
+
+def test_a_crl_rewritten_in_place_is_seen_by_a_running_trust_store(tmp_path, grid_pki):
+    """`cp new.r0 HASH.r0` over the published CRL writes the same file in place: the directory's own time does
+    not change, and the revocation must still take effect without a restart."""
+    import shutil
+    ca = GridCA.create(tmp_path / "ca", key=grid_pki.keys.take())
+    user = ca.issue_user("hank", key=grid_pki.keys.take())
+    trusted = tmp_path / "trusted"
+    shutil.copytree(ca.cert_dir, trusted)
+    trust = TrustStore(trusted, recheck_seconds=0)
+    assert trust.validate(user.certificates).dn == user.subject        # now cached
+    ca.revoke(user.certificate)
+    crls = [p for p in ca.cert_dir.iterdir() if p.suffix == ".r0"]
+    assert crls
+    for crl in crls:
+        with open(trusted / crl.name, "r+b") as out:                   # same inode, same directory entry
+            out.write(crl.read_bytes())
+            out.truncate()
+    with pytest.raises(RevokedCertificate):
+        trust.validate(user.certificates)
