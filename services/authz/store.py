@@ -72,11 +72,14 @@ class PolicyFile:
             return PolicyStatus(str(self.path), p.version, self._loaded, len(p.rules), len(p.groups),
                                 self._error, self._error_at)
 
-    def _install(self, policy: Policy, why: str, by: str | None) -> bool:
+    def _install(self, policy: Policy, why: str, by: str | None, before: Signature | None = None) -> bool:
+        """Put ``policy`` in force. ``before``: the files' signature taken before they were read, so a change
+        made while (or just after) they were read is still seen as a change by the watcher."""
         changed = policy.version != self._policy.version
+        known = {s[0]: s for s in before or ()}
+        self._seen = tuple(known.get(f) or signature([f])[0] for f in policy.files)
         self._policy = policy
         self._loaded = time.time()
-        self._seen = signature(policy.files)
         self._error = self._error_at = None
         if changed:
             log.info("policy %s loaded from %s (%s): %d rules, %d groups", policy.version, self.path, why,
@@ -90,10 +93,11 @@ class PolicyFile:
         policy in force stays."""
         with self._lock:
             files = self._policy.files
+            before = signature(_files_after_failure(self.path, files))
             try:
                 policy = load_policy(self.path)
             except PolicyError as exc:
-                self._seen = signature(_files_after_failure(self.path, files))
+                self._seen = before
                 first = self._error is None or str(self._error) != str(exc)
                 self._error, self._error_at = exc, time.time()
                 if first:
@@ -102,7 +106,7 @@ class PolicyFile:
                         self.audit.record("reload", sync=True, by=by, result="refused", reason=why, error=str(exc),
                                           policy=self._policy.version)
                 raise
-            return self._install(policy, why, by)
+            return self._install(policy, why, by, before)
 
     def changed_on_disk(self) -> bool:
         with self._lock:

@@ -159,3 +159,25 @@ def test_an_empty_policy_file_is_refused_and_the_policy_in_force_stays(files, tm
     empty.write_text("")
     with pytest.raises(PolicyError, match="the policy file is empty"):
         PolicyFile(empty)
+
+
+def test_a_change_made_right_after_the_file_is_read_is_still_seen(files, monkeypatch):
+    """The file changes between the reload's read and the moment the new policy is in force (an admin writes
+    again as soon as the first change shows): the watcher must still see the second change. The read is
+    wrapped so the second write lands exactly there."""
+    import services.authz.store as store
+    pf, path, _ = files
+    real = store.load_policy
+
+    def read_then_someone_writes(p):
+        policy = real(p)
+        rewrite(path, policy_text(groups={"bio": {"members": [ALICE]}}) + "\n# second change\n")
+        return policy
+
+    rewrite(path, policy_text(groups={"bio": {"members": [ALICE, BOB]}}))
+    monkeypatch.setattr(store, "load_policy", read_then_someone_writes)
+    assert pf.reload() is True and reads(pf, BOB)
+    monkeypatch.setattr(store, "load_policy", real)
+    pf.poll()
+    pf.poll()                                           # settled: taken
+    assert not reads(pf, BOB)
