@@ -69,12 +69,14 @@ class PartialFile:
 
     ``origin`` identifies what is being received (source URL, size, modification time, sha256);
     an existing partial file is resumed only if its sidecar names the same origin, otherwise it
-    is started afresh. ``restart`` (the ranges of a ``REST``) must be held already.
+    is started afresh. ``restart`` (the ranges of a ``REST``) must be held already. ``reserve``: allocate
+    the disk blocks of ``size`` bytes up front (:func:`reserve_blocks`; a download, whose size comes from the
+    server the caller chose; not a server's upload, where ALLO is only a client's claim).
     """
 
     def __init__(self, final: str | os.PathLike, origin: dict, *, size: int | None = None,
                  resume: bool = True, restart: RangeSet | None = None, durable: bool = False,
-                 algorithm: str = "SHA256"):
+                 algorithm: str = "SHA256", reserve: bool = False):
         self.final = Path(final)
         self.algorithm = algorithm.upper()     # what commit() verifies with (SHA256, or BLAKE3 between vmgrid peers)
         self.part = part_path(final)
@@ -97,7 +99,7 @@ class PartialFile:
             flags |= os.O_TRUNC
         self.final.parent.mkdir(parents=True, exist_ok=True)
         self.fd = os.open(self.part, flags, 0o644)
-        if size is not None and not self.held.covers(0, size):
+        if reserve and size is not None and not self.held.covers(0, size):
             reserve_blocks(self.fd, size)
         self._persisted = self.held.copy()
         self._ready = self.held.contiguous_end(0)

@@ -291,7 +291,8 @@ def download(url: str, dest_path: str | os.PathLike, parallel: int = DEFAULT_PAR
                 origin = {"source": str(src), "size": size, "modify": modify, "sha256": sha256 and sha256.lower()}
                 if algorithm != "SHA256":
                     origin["algorithm"] = algorithm
-                partial = PartialFile(dest, origin, size=size, resume=True, durable=durable, algorithm=algorithm)
+                partial = PartialFile(dest, origin, size=size, resume=True, durable=durable, algorithm=algorithm,
+                                      reserve=True)
                 if reused is None:
                     reused = partial.resumed_bytes
                 if expected is None and remote is None:

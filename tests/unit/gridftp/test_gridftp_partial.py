@@ -34,16 +34,19 @@ def test_blocks_are_reserved_up_front_and_the_size_follows_the_writes(tmp_path):
         os.close(probe)
     size = 3 << 20
     final = tmp_path / "f"
-    p = PartialFile(final, {"source": "x"}, size=size)
+    p = PartialFile(final, {"source": "x"}, size=size, reserve=True)
     st = os.stat(part_path(final))
     assert st.st_size == 0 and st.st_blocks * 512 >= size       # reserved, not written
     p.write(1 << 20, b"x" * 10)
     p.checkpoint()
     p.close()
     assert os.path.getsize(part_path(final)) == (1 << 20) + 10  # the size is what was written
-    again = PartialFile(final, {"source": "x"}, size=size)       # a resume holds exactly the written range
+    again = PartialFile(final, {"source": "x"}, size=size, reserve=True)  # a resume holds what was written
     assert again.snapshot() == RangeSet([(1 << 20, (1 << 20) + 10)])
     again.discard()
+    upload = PartialFile(tmp_path / "u", {"path": "/u"}, size=size)     # a server's STOR: ALLO is only a claim
+    assert os.stat(part_path(tmp_path / "u")).st_blocks == 0
+    upload.discard()
 
 
 def test_missing_ranges_or_wrong_hash_keep_the_partial(tmp_path):
