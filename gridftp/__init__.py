@@ -3,14 +3,45 @@
 Library API (see docs/gridftp.md)::
 
     from gridftp import GridFTPServer, download, upload, third_party, checksum
+
+The names load on first use (PEP 562): ``vmgrid transfer ftp://...`` then starts without the server,
+TLS and GSI modules (cryptography, pyOpenSSL), which a plain download never touches.
 """
-from .client import GridFTPClient, GridFTPURL
+from __future__ import annotations
+
+import importlib
+
 from .errors import (AuthenticationError, AuthorizationDenied, ChecksumMismatch, ChecksumUnavailable,
                      GridFTPError, PathError, ProtocolError, ReplyError, TransferError)
-from .filespace import FileSpace, LocalFileSpace
-from .server import GridFTPServer
-from .tls import Credential, TLSConfig
-from .transfer import TransferResult, checksum, download, third_party, upload
+
+# The submodule gridftp.checksum loads now, so that the package's name `checksum` is then free for the
+# function transfer.checksum (served by __getattr__ below) and no later import of the submodule rebinds it.
+from . import checksum as _checksum_module  # noqa: F401,E402
+
+del checksum  # noqa: F821  (bound by the import system to the submodule just loaded)
+
+_LAZY = {
+    "GridFTPClient": ".client", "GridFTPURL": ".client",
+    "FileSpace": ".filespace", "LocalFileSpace": ".filespace",
+    "GridFTPServer": ".server",
+    "Credential": ".tls", "TLSConfig": ".tls",
+    "TransferResult": ".transfer", "checksum": ".transfer", "download": ".transfer",
+    "third_party": ".transfer", "upload": ".transfer",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'gridftp' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "GridFTPServer", "FileSpace", "LocalFileSpace", "GridFTPClient", "GridFTPURL", "Credential", "TLSConfig",

@@ -1,9 +1,7 @@
 """`vmgrid transfer SRC DST` (with a progress bar) and `vmgrid gridftp-server`."""
 from __future__ import annotations
 
-import logging
 import os
-import signal
 import sys
 import threading
 import time
@@ -210,6 +208,9 @@ def cmd_transfer(args) -> int:
 
 # -- vmgrid gridftp-server --------------------------------------------------------------------------------
 def cmd_server(args) -> int:
+    import logging
+    import signal
+
     from .server import GridFTPServer
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,

@@ -12,19 +12,19 @@ import socket
 import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
-
-from cryptography import x509
 
 from .control import ControlChannel
 from .errors import AuthenticationError, GridFTPError, ProtocolError, TransferError, reply_error
 from .protocol import (DEFAULT_FTP_PORT, DEFAULT_GRIDFTP_PORT, Reply, find_host_ports, format_eprt,
                        format_host_port, parse_epsv_reply)
-from security.gsi import GSIContext, GSIError
-from security.pki import CredentialError, load_user_credential
 
-from .gsidata import GSIData, tls_config as gsi_tls_config
-from .tls import Credential, DataTLS, TLSConfig, subject_of
+if TYPE_CHECKING:       # the TLS and GSI modules (cryptography, pyOpenSSL) load only for gsiftp://
+    from cryptography import x509
+    from security.gsi import GSIContext
+
+    from .tls import Credential, DataTLS, TLSConfig
 
 CONTROL_TIMEOUT = 60.0
 
@@ -71,6 +71,7 @@ class GridFTPURL:
 
 def _host_matches(cert: x509.Certificate, host: str) -> bool:
     """Does the server's certificate name ``host`` (SAN DNS/IP, or a CN of ``host`` or ``host/<host>``)?"""
+    from cryptography import x509
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
@@ -126,6 +127,9 @@ class GridFTPClient:
         self.delegate = delegate
         self._gsi_tls: TLSConfig | None = None
         if self.url.secure:
+            from security.pki import CredentialError, load_user_credential
+
+            from .tls import TLSConfig
             if credential is None:
                 try:
                     credential = load_user_credential()
@@ -204,12 +208,16 @@ class GridFTPClient:
             if self.server_dn != self.expected_server_dn:
                 raise AuthenticationError(f"server is {self.server_dn!r}, expected {self.expected_server_dn!r}")
         else:
+            from cryptography import x509
+
+            from .tls import subject_of
             leaf = x509.load_der_x509_certificate(sock.getpeercert(binary_form=True))
             if not _host_matches(leaf, self.url.host):
                 raise AuthenticationError(f"server certificate {subject_of(leaf)!r} does not name {self.url.host}")
 
     def _auth_gssapi(self) -> None:
         """RFC 2228 with the GSI mechanism: the context's tokens in ADAT commands, a proxy delegated."""
+        from security.gsi import GSIContext, GSIError
         reply = self.command("AUTH GSSAPI")
         if reply.code != 334:
             raise AuthenticationError(f"server refused AUTH GSSAPI: {reply.code} {reply.text}")
@@ -348,6 +356,8 @@ class GridFTPClient:
         """PROT P data channel protection for this session (the server's DN is expected by default)."""
         if self.tls is None:
             return None
+        from .gsidata import GSIData, tls_config as gsi_tls_config
+        from .tls import DataTLS
         if self.gsi:
             # DCAU A: the server's data side uses the proxy we delegated, so it proves our own DN
             if self._gsi_tls is None and self.prot != "C":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 from pathlib import Path
 
@@ -18,6 +19,29 @@ from .filespace import PART_SUFFIX, SIDECAR_SUFFIX
 from .ranges import RangeSet
 
 SIDECAR_VERSION = 1
+FALLOC_FL_KEEP_SIZE = 1         # linux/falloc.h
+_fallocate = None               # libc's fallocate, loaded on first use
+
+
+def reserve_blocks(fd: int, size: int) -> bool:
+    """Allocate the disk blocks of ``[0, size)`` up front without changing the file's size (Linux
+    ``fallocate`` with ``FALLOC_FL_KEEP_SIZE``); False where the file system or platform cannot.
+
+    Writing into allocated blocks skips ext4's per-page delayed allocation: receiving 1 GiB then costs
+    0.3-0.45 s of kernel CPU instead of 1.3-1.7 s on this machine. The size stays that of what was written,
+    so the held ranges, the restart logic and a crash's leftovers read as before. Errors are ignored: a
+    full disk then shows as ENOSPC on the write, as without it.
+    """
+    if size <= 0 or not sys.platform.startswith("linux"):
+        return False
+    global _fallocate
+    if _fallocate is None:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        libc.fallocate.restype = ctypes.c_int
+        _fallocate = libc.fallocate
+    return _fallocate(fd, FALLOC_FL_KEEP_SIZE, 0, size) == 0
 
 
 def part_path(final: str | os.PathLike) -> Path:
@@ -45,12 +69,14 @@ class PartialFile:
 
     ``origin`` identifies what is being received (source URL, size, modification time, sha256);
     an existing partial file is resumed only if its sidecar names the same origin, otherwise it
-    is started afresh. ``restart`` (the ranges of a ``REST``) must be held already.
+    is started afresh. ``restart`` (the ranges of a ``REST``) must be held already. ``reserve``: allocate
+    the disk blocks of ``size`` bytes up front (:func:`reserve_blocks`; a download, whose size comes from the
+    server the caller chose; not a server's upload, where ALLO is only a client's claim).
     """
 
     def __init__(self, final: str | os.PathLike, origin: dict, *, size: int | None = None,
                  resume: bool = True, restart: RangeSet | None = None, durable: bool = False,
-                 algorithm: str = "SHA256"):
+                 algorithm: str = "SHA256", reserve: bool = False):
         self.final = Path(final)
         self.algorithm = algorithm.upper()     # what commit() verifies with (SHA256, or BLAKE3 between vmgrid peers)
         self.part = part_path(final)
@@ -73,6 +99,8 @@ class PartialFile:
             flags |= os.O_TRUNC
         self.final.parent.mkdir(parents=True, exist_ok=True)
         self.fd = os.open(self.part, flags, 0o644)
+        if reserve and size is not None and not self.held.covers(0, size):
+            reserve_blocks(self.fd, size)
         self._persisted = self.held.copy()
         self._ready = self.held.contiguous_end(0)
         self._hasher: PrefixHasher | None = None

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from security.gsi import GSIContext, GSIError, read_gridmap
 
-from . import checksum as cks
+from .checksum import ALGORITHMS as CHECKSUM_ALGORITHMS, hash_fd, hash_file
 from .control import ControlChannel, LineTooLong
 from .datachannel import (Counter, ModeEReceiver, ModeESender, Throttle, Worker, accept_connections,
                           accept_one, close_all, connect_streams, open_listener, receive_stream, send_stream,
@@ -53,7 +53,7 @@ PROTECTED_VERBS = ("MIC", "ENC", "CONF")      # RFC 2228 commands carrying a wra
 FEATURES = [
     "PARALLEL", "SIZE", "MDTM", "REST STREAM", "ERET", "ESTO",
     "SPAS", "SPOR", "SBUF", "EPSV", "EPRT", "UTF8",
-    "CKSM " + "".join(f"{a}:10;" for a in cks.ALGORITHMS),
+    "CKSM " + "".join(f"{a}:10;" for a in CHECKSUM_ALGORITHMS),
     "MLST type*;size*;modify*;perm*;",
 ]
 
@@ -787,7 +787,7 @@ class _Session:
         if len(parts) != 2:
             raise _Reply(501, "SCKS takes an algorithm and a checksum.")
         alg = parts[0].upper()
-        if alg not in cks.ALGORITHMS:
+        if alg not in CHECKSUM_ALGORITHMS:
             raise _Reply(504, f"Checksum algorithm {parts[0][:20]} not supported.")
         self.scks = (alg, parts[1].lower())
         self.reply(200, "Checksum set.")
@@ -835,7 +835,7 @@ class _Session:
             raise _Reply(501, "CKSM takes: algorithm offset length path.")
         alg, off_s, len_s, path = parts
         alg = alg.upper()
-        if alg not in cks.ALGORITHMS:
+        if alg not in CHECKSUM_ALGORITHMS:
             raise _Reply(504, f"Checksum algorithm {alg[:20]} not supported.")
         offset = self._int(off_s, "offset")
         length = -1 if len_s.strip() == "-1" else self._int(len_s, "length")
@@ -851,7 +851,7 @@ class _Session:
             known = self.server.checksums.get(key)
             if known is None:
                 try:
-                    known = cks.hash_file(real, alg, offset, length)
+                    known = hash_file(real, alg, offset, length)
                 except OSError as exc:
                     raise _Reply(451, f"Cannot read {vpath}: {exc.strerror}.") from None
                 self.server.checksums.put(key, known)
@@ -1362,7 +1362,7 @@ class _Session:
         size = allo if allo is not None else partial.held.contiguous_end(0)
         expected = scks[1] if scks and scks[0] == "SHA256" else None
         if scks and scks[0] != "SHA256" and not partial.missing(size):
-            actual = cks.hash_fd(partial.fd, scks[0], 0, size)
+            actual = hash_fd(partial.fd, scks[0], 0, size)
             if actual != scks[1]:
                 partial.discard()
                 self.reply(554, f"Checksum mismatch: {scks[0]} {actual} is not {scks[1]}; file discarded.")

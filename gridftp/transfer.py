@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .checksum import hash_fd, hash_file
 from .client import GridFTPClient, GridFTPURL
@@ -32,7 +33,9 @@ from .errors import (ChecksumMismatch, ChecksumUnavailable, GridFTPError, Protoc
 from .partial import PartialFile
 from .protocol import Reply, parse_perf_marker, parse_range_marker
 from .ranges import RangeSet
-from .tls import Credential
+
+if TYPE_CHECKING:       # TLS (cryptography) loads only for gsiftp://
+    from .tls import Credential
 
 Progress = Callable[[int, int], None]
 """``progress(bytes_done, bytes_total)``: called from a helper thread about five times a second."""
@@ -288,7 +291,8 @@ def download(url: str, dest_path: str | os.PathLike, parallel: int = DEFAULT_PAR
                 origin = {"source": str(src), "size": size, "modify": modify, "sha256": sha256 and sha256.lower()}
                 if algorithm != "SHA256":
                     origin["algorithm"] = algorithm
-                partial = PartialFile(dest, origin, size=size, resume=True, durable=durable, algorithm=algorithm)
+                partial = PartialFile(dest, origin, size=size, resume=True, durable=durable, algorithm=algorithm,
+                                      reserve=True)
                 if reused is None:
                     reused = partial.resumed_bytes
                 if expected is None and remote is None:

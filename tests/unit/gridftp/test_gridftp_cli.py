@@ -56,6 +56,20 @@ def test_transfer_errors_are_one_line_messages(start_server, tmp_path):
     assert parallel.returncode == 1
 
 
+def test_transfer_starts_without_the_other_command_families(start_server, tree, tmp_path):
+    """A download's start is part of its time: `vmgrid transfer ftp://...` loads neither the other command
+    families (lxml, the services) nor TLS/GSI (cryptography, pyOpenSSL), and still downloads and verifies."""
+    server = start_server()
+    probe = ("import sys; from client.cli import main; rc = main(sys.argv[1:]); "
+             "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'cryptography', 'OpenSSL', 'lxml', 'zeep'}); "
+             "print('loaded:', heavy, 'vmmanager' in str(sorted(sys.modules))); sys.exit(rc)")
+    got = subprocess.run([sys.executable, "-c", probe, "transfer", server.url("/data/small"), str(tmp_path / "s"),
+                          "-q"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert got.returncode == 0, got.stderr
+    assert "loaded: [] False" in got.stdout
+    assert (tmp_path / "s").read_bytes() == (tree / "data" / "small").read_bytes()
+
+
 def test_gridftp_server_command(tree, tmp_path):
     refused = vmgrid("gridftp-server", "--root", str(tree), "--port", "0", "--no-tls")
     assert refused.returncode == 1 and "nobody could log in" in refused.stderr

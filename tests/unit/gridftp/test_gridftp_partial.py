@@ -7,7 +7,7 @@ import os
 import pytest
 
 from gridftp import ChecksumMismatch, TransferError
-from gridftp.partial import PartialFile, part_path, read_sidecar, sidecar_path
+from gridftp.partial import PartialFile, part_path, read_sidecar, reserve_blocks, sidecar_path
 from gridftp.ranges import RangeSet
 
 from tests.unit.gridftp.gridftp_helpers import wait_for
@@ -23,6 +23,30 @@ def test_out_of_order_writes_commit_verified(tmp_path):
     assert p.commit(len(data), hashlib.sha256(data).hexdigest()) == hashlib.sha256(data).hexdigest()
     assert final.read_bytes() == data
     assert not part_path(final).exists() and not sidecar_path(final).exists()
+
+
+def test_blocks_are_reserved_up_front_and_the_size_follows_the_writes(tmp_path):
+    probe = os.open(tmp_path / "probe", os.O_RDWR | os.O_CREAT)
+    try:
+        if not reserve_blocks(probe, 1 << 20):
+            pytest.skip("this file system cannot fallocate")
+    finally:
+        os.close(probe)
+    size = 3 << 20
+    final = tmp_path / "f"
+    p = PartialFile(final, {"source": "x"}, size=size, reserve=True)
+    st = os.stat(part_path(final))
+    assert st.st_size == 0 and st.st_blocks * 512 >= size       # reserved, not written
+    p.write(1 << 20, b"x" * 10)
+    p.checkpoint()
+    p.close()
+    assert os.path.getsize(part_path(final)) == (1 << 20) + 10  # the size is what was written
+    again = PartialFile(final, {"source": "x"}, size=size, reserve=True)  # a resume holds what was written
+    assert again.snapshot() == RangeSet([(1 << 20, (1 << 20) + 10)])
+    again.discard()
+    upload = PartialFile(tmp_path / "u", {"path": "/u"}, size=size)     # a server's STOR: ALLO is only a claim
+    assert os.stat(part_path(tmp_path / "u")).st_blocks == 0
+    upload.discard()
 
 
 def test_missing_ranges_or_wrong_hash_keep_the_partial(tmp_path):
