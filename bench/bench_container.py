@@ -428,6 +428,28 @@ def populate(url: str, pki, ingest: Path, alice_images: int = 4) -> int:
 KEY_NAMES = {"signed": "RSA-2048", "signed-ec": "ECDSA P-256"}
 
 
+def cpu_floor(private_keys, n: int = 100) -> tuple[float, float]:
+    """(sign, verify): CPU seconds (this thread's) of one signature and one verification with each key, p50 of
+    ``n``; the figure to set against the container's CPU per call, which wall time on a busy machine is not."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec, padding
+
+    data, signs, verifies = b"\0" * 700, [], []
+    for _ in range(n):
+        t = time.thread_time()
+        sigs = [k.sign(data, ec.ECDSA(hashes.SHA256())) if isinstance(k, ec.EllipticCurvePrivateKey)
+                else k.sign(data, padding.PKCS1v15(), hashes.SHA256()) for k in private_keys]
+        signs.append(time.thread_time() - t)
+        t = time.thread_time()
+        for k, sig in zip(private_keys, sigs):
+            if isinstance(k, ec.EllipticCurvePrivateKey):
+                k.public_key().verify(sig, data, ec.ECDSA(hashes.SHA256()))
+            else:
+                k.public_key().verify(sig, data, padding.PKCS1v15(), hashes.SHA256())
+        verifies.append(time.thread_time() - t)
+    return statistics.median(signs), statistics.median(verifies)
+
+
 def ec_credentials(root: Path, pki, config: Path):
     """A container configuration with an ECDSA P-256 host credential and an ECDSA P-256 user in alice's VO
     (the same catalogue and state directory): (config, the user's proxy file, the two keys of the floor,
@@ -465,6 +487,10 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="vmgrid-bench-container-", dir="/tmp"))
     print(f"vmgrid container benchmark: {machine_facts()}, {args.calls} calls per client, "
           f"{args.repeat} interleaved runs per configuration, {'HTTPS' if args.tls else 'HTTP'} on loopback")
+    print("measures: one container process (VMRepositoryService) signed as `vmgrid serve repository` builds it against "
+          "the same container unsigned; round trip = the client signs and verifies inside the timed call, capacity = "
+          "requests signed before and responses verified after the timed loop; the container's CPU per call (/proc, "
+          "by thread) and the clients' own, in the timed window")
     servers = None
     try:
         pki = build_grid_pki(root / "pki")
@@ -511,8 +537,9 @@ def main() -> int:
         for rep in range(args.repeat):           # interleaved, so a change of load hits every configuration
             for mode, keys in floor_keys.items():
                 floors[mode].append(signature_floor(keys))
+                floors[mode][-1]["cpu"] = cpu_floor(keys)
                 log(f"  [{rep + 1}/{args.repeat}] floor: two {KEY_NAMES[mode]} signatures "
-                    f"{fmt_s(floors[mode][-1]['sign'])}")
+                    f"{fmt_s(floors[mode][-1]['sign'])} (CPU {fmt_s(floors[mode][-1]['cpu'][0])})")
             for key in plan:
                 op, mode, kind, clients, workers = key
                 server_mode = "unsigned" if mode == "unsigned" else "signed"
@@ -534,7 +561,13 @@ def main() -> int:
         rows = [(*key, pooled(rs)) for key, rs in results.items()]
         floor = {mode: statistics.median(f["sign"] for f in fs) for mode, fs in floors.items()}
         floor_verify = {mode: statistics.median(f["verify"] for f in fs) for mode, fs in floors.items()}
+        floor_cpu = {mode: tuple(statistics.median(f["cpu"][i] for f in fs) for i in (0, 1))
+                     for mode, fs in floors.items()}
         openssl = openssl_speed_rsa2048()
+        from profile_signing import gil_released_by_signing
+        released, alone, beside = gil_released_by_signing(pki.host.private_key)
+        gil_note = (f"cryptography {'releases' if released else 'HOLDS'} the GIL while signing: {alone:.0f} "
+                    f"signatures/s alone, {beside:.0f}/s beside a spinning Python thread at a 0.5 s switch interval")
     except KeyboardInterrupt:
         log("interrupted: cleaning up")
         return 130
@@ -547,6 +580,7 @@ def main() -> int:
         else:
             log(f"kept {root}")
 
+    print(f"\n{gil_note}")
     print(f"\nfinished with {loadavg()}; p50/p90 over all calls of the runs, calls/s the median run\n")
     print(table(("operation", "mode", "client", "clients", "workers", "p50", "p90", "calls/s", "load (1 min)"),
                 [(op, mode, kind, c, w, fmt_s(r["p50"]), fmt_s(r["p90"]), f"{r['rate']:.0f}", r["load"])
@@ -587,7 +621,8 @@ def main() -> int:
     rsa_floor = floor.get("signed")
     for mode in signed_modes:
         print(f"the floor, same run: two {KEY_NAMES[mode]} signatures (alice's proxy key, the host key; cryptography) "
-              f"{floor[mode] * 1000:.2f} ms p50 (+ the two verifications {floor_verify[mode] * 1000:.2f} ms)")
+              f"{floor[mode] * 1000:.2f} ms p50 (+ the two verifications {floor_verify[mode] * 1000:.2f} ms); in CPU "
+              f"time {floor_cpu[mode][0] * 1000:.2f} ms (+ {floor_cpu[mode][1] * 1000:.2f} ms)")
     if openssl:
         print(f"openssl speed rsa2048: {openssl * 1000:.2f} ms per signature")
     for mode in signed_modes:
@@ -601,6 +636,16 @@ def main() -> int:
                                 f"verifies too): {added * 1000:.2f} ms = {added / f:.2f}x {name}"
                                 + (f" (goal <= 2x): {'MET' if added <= 2 * f else 'NOT MET'}"
                                    if f is rsa_floor else ""))
+        for op in OPERATIONS:
+            u, sg = find[(op, "unsigned", "round trip", 1, 1)], find[(op, mode, "round trip", 1, 1)]
+            added = sg["cpu"] + sg["client_cpu"] - u["cpu"] - u["client_cpu"]
+            f = floor_cpu["signed"][0] if "signed" in floor_cpu else None
+            verdicts.append(f"added CPU, {op}, {KEY_NAMES[mode]}, 1 client, round trip (container + client, signed "
+                            f"less unsigned; load-proof): {ms(added)} ms"
+                            + (f" = {added / f:.2f}x the two-RSA-signature floor in CPU time ({ms(f)} ms; goal <= 2x): "
+                               f"{'MET' if added <= 2 * f else 'NOT MET'}" if f else "")
+                            + (f"; {added / floor_cpu[mode][0]:.1f}x the two-ECDSA-signature floor"
+                               if mode == "signed-ec" else ""))
         server = (find[("ListVOs", mode, "capacity", 1, 1)]["p50"]
                   - find[("ListVOs", "unsigned", "capacity", 1, 1)]["p50"])
         verdicts.append(f"added p50, ListVOs, {KEY_NAMES[mode]}, 1 client, in the container only (capacity rows): "
@@ -613,6 +658,12 @@ def main() -> int:
                         f"the clients {ms(one['client_cpu'])}: this machine's {cores} cores allow "
                         f"{cores / (one['cpu'] + one['client_cpu']):.0f} calls/s at these costs, one process "
                         f"busy {one['server_cores']:.2f} cores, the machine {one['machine']:.2f}")
+        outside = (floor_cpu[mode][0] + floor_cpu[mode][1]) / 2   # the host's signature, the caller's verification
+        held = one["cpu"] - outside
+        verdicts.append(f"  the GIL: the container's CPU per call less what runs without the GIL (one {KEY_NAMES[mode]} "
+                        f"signature and one verification, {ms(outside)} ms; {gil_note}) leaves about {ms(held)} ms "
+                        f"per call under the GIL: one process can serve at most about {1 / held:.0f} calls/s"
+                        if held > 0 else "  the GIL: -")
         best = max((r["rate"], w, kind) for (op, m, kind, c, w), r in find.items()
                    if m == mode and op == "ListVOs" and kind in ("capacity", "round trip"))
         verdicts.append(f"best signed calls/s, {KEY_NAMES[mode]}: {best[0]:.0f} ({best[1]} worker process(es), "

@@ -76,3 +76,30 @@ def test_xmlsec1_rejects_a_tampered_vmgrid_message(who, grid_pki, ec_credentials
     data = sign_envelope(echo_envelope("original", _wsa()), cred)
     proc = xmlsec1_verify(data.replace(b">original<", b">tampered<"), cred.cert_pem(False), tmp_path)
     assert proc.returncode != 0
+
+
+def test_vmgrid_verifies_an_ecdsa_signature_xmlsec1_computed(grid_pki, ec_credentials, tmp_path):  # noqa: F811
+    """The other direction: xmlsec1 computes the digests and the ecdsa-sha256 SignatureValue (its own r || s
+    encoding) of a vmgrid message whose values were blanked, and vmgrid's verifier accepts the result."""
+    from security.wssec import DS, verify_envelope
+
+    cred = ec_credentials["ec host"]
+    root = etree.fromstring(sign_envelope(echo_envelope("signed by xmlsec1", _wsa()), cred))
+    ours = root.find(f".//{{{DS}}}SignatureValue").text
+    for el in root.iter(f"{{{DS}}}DigestValue", f"{{{DS}}}SignatureValue"):
+        el.text = ""
+    template = tmp_path / "template.xml"
+    template.write_bytes(etree.tostring(root))
+    key = tmp_path / "key.pem"
+    key.write_bytes(cred.key_pem())
+    ids = []
+    for node in ("Body", f"{WSU}:Timestamp", f"{WSA}:Action", f"{WSA}:MessageID", f"{WSA}:To"):
+        ids += ["--id-attr:Id", node]
+    proc = subprocess.run(["xmlsec1", "--sign", *ids, "--privkey-pem", str(key), str(template)],
+                          capture_output=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr.decode()
+    signed = etree.fromstring(proc.stdout)
+    value = signed.find(f".//{{{DS}}}SignatureValue").text
+    assert value and value != ours                        # xmlsec1's own signature (ECDSA is randomized)
+    caller, _ = verify_envelope(proc.stdout, grid_pki.trust(), expected_signer=cred.subject)
+    assert caller.dn == cred.subject
