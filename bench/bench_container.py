@@ -1,7 +1,7 @@
 """Signed against unsigned calls through the real grid container hosting the VMRepository (issue 3 at
 container level): round-trip p50/p90 and calls/s, 1 client and 4 concurrent clients, in one run.
 
-    .venv/bin/python bench/bench_container.py [--calls 300] [--repeat 3] [--workers 2] [--no-tls]
+    .venv/bin/python bench/bench_container.py [--calls 300] [--repeat 3] [--workers 2] [--no-tls] [--key rsa|ec|both]
 
 The server: `services.container` (asyncio + h11 front end, TLS from the host certificate) with the real VMRepositoryService
 (built-in VO policy, SQLite catalogue holding 6 images, no GridFTP), in its own process.
@@ -18,6 +18,11 @@ one keep-alive HTTPS connection each through http.client):
               caller pays; the client's signing and verifying run on the same cores as the server).
   capacity    the requests are signed before the timed loop and the responses verified after it, so the
               timed loop measures the container (its calls/s with 4 clients is the one for the >= 300 calls/s goal).
+Where the CPU goes, per row: the container process's CPU per call in the timed window, by thread (event loop,
+request threads, other; /proc), the clients' own CPU per call, the cores the container and the machine were busy;
+from these the ceiling the machine's cores allow and, for one process, the ceiling its GIL allows (the container's
+CPU less one signature and one verification, which `cryptography` computes without the GIL: checked in the run).
+--key ec|both: the signed rows with ECDSA P-256 credentials (host, and a user's proxy), ecdsa-sha256.
 Also: a row through the zeep client (client.soap.GridServiceClient), and signed capacity with --workers
 container processes sharing the port (SO_REUSEPORT, set by this benchmark on the container: the
 container has no worker setting yet).
