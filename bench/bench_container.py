@@ -301,8 +301,28 @@ def thread_kind(name: str) -> str:
     return next((kind for prefix, kind in THREAD_KINDS if name.startswith(prefix)), "other")
 
 
+class InstructionCount:
+    """`perf stat -e instructions:u` attached to running processes (all their threads) until :meth:`stop`:
+    user-space instructions, a cost the load of the machine does not move (CPU time does)."""
+
+    def __init__(self, pids: list[int]):
+        self.proc = subprocess.Popen(["perf", "stat", "-x,", "-e", "instructions:u", "-p", ",".join(map(str, pids))],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        time.sleep(0.3)                     # perf attached (it counts nothing before; the clients are still warm)
+
+    def stop(self) -> int | None:
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            _, err = self.proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return None
+        line = next((ln for ln in err.splitlines() if "instructions" in ln), "")
+        return int(line.split(",")[0]) if line.split(",")[0].isdigit() else None
+
+
 def run_clients(url: str, op: str, signed: bool, presign: bool, pki: dict, clients: int, calls: int,
-                servers: "Servers | None" = None) -> dict:
+                servers: "Servers | None" = None, perf: bool = False) -> dict:
     """``clients`` client processes; with ``servers``, also the container's CPU in the timed window, by thread
     kind, the clients' own CPU in their timed loops and the machine's busy CPU."""
     ctx = mp.get_context("spawn")
@@ -313,10 +333,12 @@ def run_clients(url: str, op: str, signed: bool, presign: bool, pki: dict, clien
         p.start()
     pids = [p.pid for p in servers.procs] if servers else []
     try:
+        counter = InstructionCount(pids) if perf and pids else None
         barrier.wait(600)                  # the clients are warm: the timed window opens for everyone
         cpu0, busy0 = thread_cpu(pids), machine_busy()
         results = [out.get(timeout=900) for _ in procs]
         cpu1, busy1 = thread_cpu(pids), machine_busy()
+        instructions = counter.stop() if counter else None
     finally:
         for p in procs:
             p.join(10)
@@ -335,6 +357,8 @@ def run_clients(url: str, op: str, signed: bool, presign: bool, pki: dict, clien
             kind = thread_kind(names.get(key, ""))
             kinds[kind] = kinds.get(kind, 0.0) + (t - cpu0.get(key, 0.0)) / len(lat)
         r["kinds"] = kinds
+        if instructions:
+            r["instructions"] = instructions / len(lat)
         r["cpu"] = sum(kinds.values())
         wall = busy1[1] - busy0[1]
         r["machine"] = (busy1[0] - busy0[0]) / wall * (os.cpu_count() or 1) if wall > 0 else 0.0
@@ -366,7 +390,7 @@ def pooled(results: list[dict]) -> dict:
     loads = [r["load"] for r in results]
     out = {"p50": p50(lat), "p90": percentile(lat, 90), "rate": statistics.median(r["rate"] for r in results),
            "n": len(lat), "runs": len(results), "load": f"{min(loads):.1f}-{max(loads):.1f}"}
-    for name in ("cpu", "client_cpu", "server_cores", "machine"):
+    for name in ("cpu", "client_cpu", "server_cores", "machine", "instructions"):
         values = [r[name] for r in results if name in r]
         if values:
             out[name] = statistics.median(values)
@@ -482,6 +506,8 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=2, help="container processes for the SO_REUSEPORT rows (1: none)")
     ap.add_argument("--no-tls", dest="tls", action="store_false", help="plain HTTP (messages still signed)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--perf", action="store_true",
+                    help="also count the container's user-space instructions per call (perf stat attached to it)")
     ap.add_argument("--key", choices=("rsa", "ec", "both"), default="rsa",
                     help="the signed rows' keys: RSA-2048 (rsa-sha256), ECDSA P-256 (ecdsa-sha256; the host and "
                          "the caller's proxy), or both in the same run")
@@ -555,7 +581,7 @@ def main() -> int:
                         r = zeep_round_trips(u, pki, op, args.calls)
                     else:
                         r = run_clients(u, op, mode != "unsigned", kind == "capacity", pkids[mode], clients,
-                                        args.calls, servers)
+                                        args.calls, servers, perf=args.perf)
                 finally:
                     servers.stop()
                 r["load"] = os.getloadavg()[0]
@@ -603,9 +629,11 @@ def main() -> int:
         ceiling = cores / (r["cpu"] + r["client_cpu"]) if r["cpu"] + r["client_cpu"] > 0 else 0
         cpu_rows.append((op, mode, kind, c, w, ms(r["cpu"]), ms(k.get("event loop", 0.0)),
                          ms(k.get("request threads", 0.0)), ms(k.get("TLS threads", 0.0) + k.get("other", 0.0)),
-                         ms(r["client_cpu"]), f"{r['server_cores']:.2f}", f"{r['machine']:.2f}", f"{ceiling:.0f}"))
+                         ms(r["client_cpu"]), f"{r['server_cores']:.2f}", f"{r['machine']:.2f}", f"{ceiling:.0f}",
+                         f"{r['instructions'] / 1e6:.2f} M" if "instructions" in r else "-"))
     print(table(("operation", "mode", "client", "clients", "workers", "container", "event loop", "request thr.",
-                 "other", "clients", "container cores", "machine cores", "ceiling calls/s"), cpu_rows))
+                 "other", "clients", "container cores", "machine cores", "ceiling calls/s",
+                 "container instr./call"), cpu_rows))
     find = {(op, mode, kind, c, w): r for op, mode, kind, c, w, r in rows}
     print("signed vs unsigned (same operation, clients, kind; 1 container process):")
     verdicts = []
@@ -662,7 +690,10 @@ def main() -> int:
                         f"container CPU {ms(one['cpu'])} ms per call (unsigned peer {ms(unsigned['cpu'])}), "
                         f"the clients {ms(one['client_cpu'])}: this machine's {cores} cores allow "
                         f"{cores / (one['cpu'] + one['client_cpu']):.0f} calls/s at these costs, one process "
-                        f"busy {one['server_cores']:.2f} cores, the machine {one['machine']:.2f}")
+                        f"busy {one['server_cores']:.2f} cores, the machine {one['machine']:.2f}"
+                        + (f"; container instructions per call {one['instructions'] / 1e6:.2f} M (unsigned "
+                           f"{unsigned['instructions'] / 1e6:.2f} M)"
+                           if "instructions" in one and "instructions" in unsigned else ""))
         outside = (floor_cpu[mode][0] + floor_cpu[mode][1]) / 2   # the host's signature, the caller's verification
         held = one["cpu"] - outside
         verdicts.append(f"  the GIL: the container's CPU per call less what runs without the GIL (one {KEY_NAMES[mode]} "
