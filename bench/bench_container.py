@@ -228,12 +228,20 @@ def client_main(url: str, op: str, signed: bool, presign: bool, pki: dict, calls
             conn = http.client.HTTPConnection(where.hostname, where.port, timeout=300)
         headers = {"Content-Type": "text/xml; charset=utf-8", "SOAPAction": f'"{REPO_NS}/{wire_op(op)}"'}
 
+        last_use = [time.monotonic()]
+
         def post(data: bytes) -> tuple[int, bytes]:
             """One call on the client's keep-alive connection (http.client: lean, so that the clients' own CPU,
-            on the same cores, disturbs the container's figures little)."""
+            on the same cores, disturbs the container's figures little). A connection idle for longer than the
+            container keeps one (15 s; a loaded machine presigning or waiting at the barrier) is opened afresh
+            first: a request is never sent twice (its signature would be refused as a replay)."""
+            if time.monotonic() - last_use[0] > 10:
+                conn.close()                    # http.client connects again on the next request
             conn.request("POST", where.path, body=data, headers=headers)
             response = conn.getresponse()
-            return response.status, response.read()
+            body = response.read()
+            last_use[0] = time.monotonic()
+            return response.status, body
         answer = f"{{{REPO_NS}}}{wire_op(op)}Response"
 
         def encode() -> bytes:
