@@ -403,7 +403,8 @@ class Container:
         writer.write(data)
         lim = self.limits
         try:
-            await asyncio.wait_for(writer.drain(), lim.body_grace + len(data) / lim.send_min_rate)
+            async with asyncio.timeout(lim.body_grace + len(data) / lim.send_min_rate):   # no extra task per answer
+                await writer.drain()
         except asyncio.TimeoutError:
             self.refused["send"] += 1
             return False
