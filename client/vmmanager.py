@@ -131,10 +131,25 @@ class VMManagerClient:
         resp = self.service.call("Deploy", **kwargs)
         return InstanceInfo.from_instance(resp.find("vmm:Instance", NS))
 
-    def list(self, include_ended: bool = False) -> list[InstanceInfo]:
-        resp = self.service.call("ListInstances", includeEnded=True) if include_ended else \
-            self.service.call("ListInstances")
-        return [InstanceInfo.from_instance(el) for el in resp.iterfind("vmm:Instance", NS)]
+    def list(self, include_ended: bool = False, *, page_size: int | None = None) -> list[InstanceInfo]:
+        """All of the caller's instances on the node: every page of ListInstances, following the cursor."""
+        infos, cursor = self.list_page(include_ended, max_results=page_size)
+        while cursor is not None:
+            more, cursor = self.list_page(include_ended, max_results=page_size, cursor=cursor)
+            infos += more
+        return infos
+
+    def list_page(self, include_ended: bool = False, *, max_results: int | None = None,
+                  cursor: str | None = None) -> tuple[list[InstanceInfo], str | None]:
+        """One page of ListInstances: its instances and the next page's cursor (None: it was the last)."""
+        kwargs = {"includeEnded": True} if include_ended else {}
+        if max_results is not None:
+            kwargs["maxResults"] = max_results
+        if cursor is not None:
+            kwargs["cursor"] = cursor
+        resp = self.service.call("ListInstances", **kwargs)
+        nxt = resp.findtext("vmm:cursor", namespaces=NS) if resp.findtext("vmm:more", namespaces=NS) == "true" else None
+        return [InstanceInfo.from_instance(el) for el in resp.iterfind("vmm:Instance", NS)], nxt
 
     def domains(self) -> NodeDomains:
         """Site admins: the node's hypervisor domains beside its instance records (ListDomains)."""

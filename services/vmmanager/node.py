@@ -27,6 +27,7 @@ from services.vmmanager import migration, network, phases, states
 from services.vmmanager.config import VMManagerConfig
 from services.vmmanager.context import new_token
 from services.vmmanager.imagecache import ImageCache
+from services.vmmanager.listing import Cursors, Page, check_limit
 from services.vmmanager.phases import NodeParts, Recorder, vmm_call
 from services.vmmanager.states import FINAL, MIGRATION, TRANSIENT, State
 from services.vmmanager.store import Instance, LeaseRange, NodeStore
@@ -84,6 +85,7 @@ class Node:
         self.trust = trust
         self.peer_factory = peer_factory     # (url, credential, trust, timeout) -> migration.Peer
         self.migrations = migration.Records(self.store)
+        self.cursors = Cursors()             # ListInstances' page cursors (services/vmmanager/listing.py)
         self.exports = migration.Exports(self.instances_dir, credential, trust, address) if credential else None
         self.reconcile_report = self.reconcile()
         log.info("node %s reconciled: %s", self.node, self.reconcile_report)
@@ -458,6 +460,19 @@ class Node:
     def list(self, caller, include_ended: bool = False) -> list[InstanceView]:
         self.authz.check(caller, "vm.list", {"type": "node", "node": self.node, "owner": caller.dn})
         return [self.view(i) for i in self.store.list(caller.dn, live_only=not include_ended)]
+
+    def list_page(self, caller, include_ended: bool = False, *, limit: int | None = None,
+                  cursor: str | None = None) -> Page:
+        """One page of the caller's instances (``limit``, default ``[vmmanager] list_page``), from the start or
+        from ``cursor``; the page's cursor names the next one while more remain (services/vmmanager/listing.py)."""
+        self.authz.check(caller, "vm.list", {"type": "node", "node": self.node, "owner": caller.dn})
+        limit = check_limit(limit, self.config.list_page)
+        after = self.cursors.position(caller.dn, include_ended, cursor) if cursor is not None else None
+        rows = self.store.page(caller.dn, live_only=not include_ended, after=after, limit=limit + 1)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        nxt = self.cursors.make(caller.dn, include_ended, rows[-1].created, rows[-1].key) if more else None
+        return Page([self.view(i) for i in rows], nxt)
 
     def domains(self, caller) -> NodeDomains:
         """Site administration (action admin.node): the hypervisor's vmgrid domains beside the live instance
