@@ -472,7 +472,9 @@ class Node:
         more = len(rows) > limit
         rows = rows[:limit]
         nxt = self.cursors.make(caller.dn, include_ended, rows[-1].created, rows[-1].key) if more else None
-        return Page([self.view(i) for i in rows], nxt)
+        # the Instance element reads no file: no home directory, staging progress only while staging
+        return Page([InstanceView(i, self.node, self.cache.progress(i.sha256) if i.state == State.STAGING.value
+                                  else None) for i in rows], nxt)
 
     def domains(self, caller) -> NodeDomains:
         """Site administration (action admin.node): the hypervisor's vmgrid domains beside the live instance

@@ -239,7 +239,8 @@ class InstanceFragments:
         self._lock = threading.Lock()
         self.rendered = 0      # elements rendered afresh (the rest were copies): for tests and benches
 
-    def element(self, view: InstanceView, address: str) -> etree._Element:
+    def element(self, view: InstanceView, address: str, now: str | None = None) -> etree._Element:
+        """The instance's element; ``now``: its CurrentTime text (one for a whole answer), default the clock."""
         key = view.inst.key
         version = (tuple(vars(view.inst).values()), view.node, view.progress, address)
         with self._lock:
@@ -247,7 +248,7 @@ class InstanceFragments:
             if kept is not None and kept[0] == version:
                 self._kept.move_to_end(key)
                 el = copy.deepcopy(kept[1])
-                el.find(_CURRENT_TIME).text = format_datetime(time.time())
+                el.find(_CURRENT_TIME).text = now or format_datetime(time.time())
                 return el
         el = instance_element(view, address)
         with self._lock:
@@ -262,8 +263,9 @@ class InstanceFragments:
 def list_response(page, address: str, fragments: InstanceFragments) -> etree._Element:
     """ListInstancesResponse: the page's instances, whether more remain and, if so, the next page's cursor."""
     resp = response("ListInstancesResponse")
+    now = format_datetime(time.time())
     for view in page.views:
-        resp.append(fragments.element(view, address))
+        resp.append(fragments.element(view, address, now))
     sub(resp, q("more"), "true" if page.more else "false")
     if page.more:
         sub(resp, q("cursor"), page.cursor)
