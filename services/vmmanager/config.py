@@ -52,5 +52,5 @@ class VMManagerConfig:
     guest_cert_dir: str = ""             # trusted CA files given to guests ("" = guest_ca's certificates/)
     guest_ou: str = "vmgrid-guests"      # their certificates: /O=Grid/OU=<guest_ou>/CN=host/<address>
     guest_cert_days: float = 30
-    list_page: int = 100                 # ListInstances: instances per page when the caller asks no maxResults
     job_admins: list[str] = field(default_factory=list)   # DNs that may use every guest's job service
+    list_page: int = 10                  # ListInstances: instances per page when the caller asks no maxResults

@@ -27,7 +27,7 @@ from services.vmmanager import migration, network, phases, states
 from services.vmmanager.config import VMManagerConfig
 from services.vmmanager.context import new_token
 from services.vmmanager.imagecache import ImageCache
-from services.vmmanager.listing import Cursors, Page, check_limit
+from services.vmmanager.listing import MAX_PAGE, Cursors, Page, check_limit
 from services.vmmanager.phases import NodeParts, Recorder, vmm_call
 from services.vmmanager.states import FINAL, MIGRATION, TRANSIENT, State
 from services.vmmanager.store import Instance, LeaseRange, NodeStore
@@ -86,6 +86,8 @@ class Node:
         self.peer_factory = peer_factory     # (url, credential, trust, timeout) -> migration.Peer
         self.migrations = migration.Records(self.store)
         self.cursors = Cursors()             # ListInstances' page cursors (services/vmmanager/listing.py)
+        if not 1 <= config.list_page <= MAX_PAGE:
+            raise ValueError(f"[vmmanager] list_page must be 1 to {MAX_PAGE}, not {config.list_page}")
         self.exports = migration.Exports(self.instances_dir, credential, trust, address) if credential else None
         self.reconcile_report = self.reconcile()
         log.info("node %s reconciled: %s", self.node, self.reconcile_report)
