@@ -328,3 +328,15 @@ def test_a_listed_instance_is_rendered_once_while_its_record_stays_the_same(node
     assert listed().findtext("vmm:State", namespaces=wire.NS) == "Paused" and fragments.rendered == 2
     resp = wire.list_response(Page([], "c"), NODE_ADDRESS, fragments)
     assert resp.findtext("vmm:more", namespaces=wire.NS) == "true" and resp.findtext("vmm:cursor", namespaces=wire.NS) == "c"
+    # the answer as the contract declares it (wsdl/vmmanager.xsd), a page with a cursor as well as the last
+    from services.container.contract import Contract
+
+    validator = Contract("vmmanager.wsdl").validator
+    deploy(node, "second")
+    page = node.list_page(ALICE, limit=1)
+    for answer in (wire.list_response(page, NODE_ADDRESS, fragments),
+                   wire.list_response(node.list_page(ALICE, cursor=page.cursor), NODE_ADDRESS, fragments)):
+        validator.assertValid(answer)
+    small = wire.InstanceFragments(size=1)                              # bounded: the least recently listed go
+    wire.list_response(node.list_page(ALICE), NODE_ADDRESS, small)
+    assert len(small._kept) == 1
