@@ -192,10 +192,13 @@ class Node:
     def _notify(self, key: str, old: State, new: State) -> None:
         if self.notifier is None:
             return
-        inst = self.store.get(key)
         now = time.time()
         # the end of an instance reaches every subscriber, even one whose subscription ran out with it
-        for _, consumer in self.store.subscriptions(key, 0.0 if new in FINAL else now):
+        subscribers = self.store.subscriptions(key, 0.0 if new in FINAL else now)
+        if not subscribers:      # most instances have none: no record read, no write
+            return
+        inst = self.store.get(key)
+        for _, consumer in subscribers:
             self.notifier.send(consumer, self.state_change(consumer, self.address, key, inst.identifier,
                                                            old.value, new.value, now))
         if new in FINAL:
