@@ -8,8 +8,10 @@ measured in the same run.
    and in the central process (from /proc, children included).
 3. ``--clients`` client processes deploying and destroying at once, spread over the nodes: deploys/s, and
    CPU per deploy+destroy in the nodes (together) and the central process, against the peer.
-4. An empty site's ListInstances and one deploy+destroy (``--samples`` each), then ``--live`` instances
-   deployed over the nodes and left running, then the same measures again: the ratio to the empty site.
+4. An empty site's ListInstances (an unqualified call: the node's first page) and one deploy+destroy
+   (``--samples`` each), then ``--live`` instances deployed over the nodes and left running, then the same
+   measures again: the ratio to the empty site. Beside them, for information, listing all the caller's
+   instances (every page, following the cursor, as ``vmgrid vm list``), which grows with the instances.
 
 Every figure is printed beside the machine's load average (the machine may be shared).
 
@@ -137,13 +139,16 @@ def one_client(site: Site, node, ws, n: int, prefix: str) -> dict:
     return {"walls": walls, "rate": n / window, "cpu": cpu, "n": n, "load": loadavg()}
 
 
-def list_times(site: Site, node, n: int) -> list[float]:
+def list_times(site: Site, node, n: int, *, every_page: bool = False, page: int | None = None) -> list[float]:
+    """``n`` unqualified ListInstances calls (the first page, the node's default size; ``page``: asking that many),
+    or with ``every_page`` ``n`` listings of all the caller's instances (every page, following the cursor, as
+    `vmgrid vm list`)."""
     _, vmm = clients(site, node, site.pki.alice)
     vmm.list()
     samples = []
     for _ in range(n):
         t = time.perf_counter()
-        vmm.list()
+        vmm.list() if every_page else vmm.list_page(max_results=page)
         samples.append(time.perf_counter() - t)
     return samples
 
@@ -217,6 +222,7 @@ def main() -> int:
         if args.live:
             log(f"empty site: {args.samples} ListInstances and {args.samples} deploy+destroy cycles")
             empty_list = list_times(site, nodes[0], args.samples)
+            empty_walk = list_times(site, nodes[0], max(1, args.samples // 4), every_page=True)
             empty = one_client(site, nodes[0], ws, args.samples, "empty")
             per = -(-args.live // args.clients)
             log(f"filling the site: {args.clients} clients deploy {per * args.clients} instances over "
@@ -224,6 +230,8 @@ def main() -> int:
             fill = many_clients(site, nodes, ws, args.clients, per, keep=True)
             log(f"large site: {args.samples} ListInstances and {args.samples} deploy+destroy cycles")
             full_list = list_times(site, nodes[0], args.samples)
+            full_walk = list_times(site, nodes[0], max(1, args.samples // 4), every_page=True)
+            full_100 = list_times(site, nodes[0], max(1, args.samples // 2), page=100)
             full = one_client(site, nodes[0], ws, args.samples, "full")
             _, vmm = clients(site, nodes[0], pki.alice)
             listed = len(vmm.list())
@@ -233,7 +241,13 @@ def main() -> int:
             dr = p50(full["walls"]) / p50(empty["walls"])
             rows = [
                 ("ListInstances, empty site (peer)", fmt_s(p50(empty_list)), fmt_s(percentile(empty_list, 95)), ""),
-                (f"ListInstances, {fill['n']} live", fmt_s(p50(full_list)), fmt_s(percentile(full_list, 95)), f"{lr:.2f}x"),
+                (f"ListInstances, {fill['n']} live (first page)", fmt_s(p50(full_list)), fmt_s(percentile(full_list, 95)),
+                 f"{lr:.2f}x"),
+                (f"ListInstances maxResults=100, {fill['n']} live", fmt_s(p50(full_100)), fmt_s(percentile(full_100, 95)),
+                 f"{p50(full_100) / p50(empty_list):.2f}x"),
+                ("every page, empty site (peer)", fmt_s(p50(empty_walk)), fmt_s(percentile(empty_walk, 95)), ""),
+                (f"every page, {listed} instances listed", fmt_s(p50(full_walk)), fmt_s(percentile(full_walk, 95)),
+                 f"{p50(full_walk) / p50(empty_walk):.2f}x"),
                 ("deploy+destroy, empty site (peer)", fmt_s(p50(empty["walls"])), fmt_s(percentile(empty["walls"], 95)), ""),
                 (f"deploy+destroy, {fill['n']} live", fmt_s(p50(full["walls"])), fmt_s(percentile(full["walls"], 95)),
                  f"{dr:.2f}x"),

@@ -37,6 +37,8 @@ def register(subparsers) -> None:
 
     p = sub.add_parser("list", help="your instances on the node")
     p.add_argument("--all", action="store_true", help="also destroyed and failed ones")
+    p.add_argument("--page-size", type=int, metavar="N",
+                   help="instances per ListInstances call, 1-1000 (default 200); every page is listed")
     add_format(p)
     p.set_defaults(func=cmd_list)
 
@@ -219,7 +221,10 @@ def cmd_deploy(args) -> int:
 
 
 def cmd_list(args) -> int:
-    infos = _call(vmm_client(args).list, args.all)
+    if args.page_size is not None and not 1 <= args.page_size <= 1000:
+        raise CLIError(f"--page-size must be 1 to 1000, not {args.page_size}")
+    vm = vmm_client(args)
+    infos = _call(vm.list, args.all, **({"page_size": args.page_size} if args.page_size else {}))
     if args.format == "json":
         json.dump([info_json(i) for i in infos], sys.stdout, indent=2)
         print()

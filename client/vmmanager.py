@@ -2,12 +2,14 @@
 the instance through its EndpointReference (the InstanceKey travels as a signed SOAP header)."""
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable
 
 from lxml import etree
+from zeep.plugins import Plugin
 
 from client.soap import GridServiceClient
 from security.delegation import DEFAULT_LIFETIME, delegate
@@ -21,6 +23,7 @@ from services.wsrf.epr import EndpointReference
 
 VMM = wire.VMM_NS
 FINAL_STATES = ("Destroyed", "Failed")
+WALK_PAGE = 200         # instances per ListInstances call when all of them are listed
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,21 @@ class InstanceRef:
 
 
 _time = to_datetime
+
+
+def _children(el: etree._Element) -> dict[str, etree._Element]:
+    """An element's child elements by tag (the first of each)."""
+    out: dict[str, etree._Element] = {}
+    for c in el:
+        out.setdefault(c.tag, c)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _clark(path: str) -> str:
+    """``vmm:Image/vmm:name`` in Clark notation: found without resolving prefixes on every call (a listing
+    reads twenty paths per instance)."""
+    return "/".join(f"{{{NS[p]}}}{local}" for p, _, local in (step.rpartition(":") for step in path.split("/")))
 
 
 @dataclass
@@ -71,8 +89,17 @@ class InstanceInfo:
 
     @classmethod
     def from_properties(cls, ref: InstanceRef | None, props: etree._Element) -> "InstanceInfo":
+        children = _children(props)     # one pass over the elements, not a path search per property
+
+        nested: dict[str, dict] = {}
+
         def t(name: str) -> str | None:
-            el = props.find(name, NS)
+            first, _, rest = name.partition("/")
+            el = children.get(_clark(first))
+            if el is not None and rest:
+                if first not in nested:
+                    nested[first] = _children(el)
+                el = nested[first].get(_clark(rest))
             return el.text if el is not None else None
 
         info = cls(ref)
@@ -91,14 +118,16 @@ class InstanceInfo:
         info.created = _time(t("vmm:Created"))
         info.termination = _time(t("wsrf-rl:TerminationTime"))
         info.current = _time(t("wsrf-rl:CurrentTime"))
-        info.phases = [(p.findtext("vmm:name", namespaces=NS), float(p.findtext("vmm:seconds", namespaces=NS)))
-                       for p in props.iterfind("vmm:PhaseTimings/vmm:phase", NS)]
-        if props.find("vmm:StagingProgress", NS) is not None:
+        timings = children.get(_clark("vmm:PhaseTimings"))
+        info.phases = [(c.get(_clark("vmm:name")).text, float(c.get(_clark("vmm:seconds")).text))
+                       for c in (_children(p) for p in (timings if timings is not None else ())
+                                 if p.tag == _clark("vmm:phase"))]
+        if _clark("vmm:StagingProgress") in children:
             info.staged = (int(t("vmm:StagingProgress/vmm:bytesDone")), int(t("vmm:StagingProgress/vmm:bytesTotal")),
                            t("vmm:StagingProgress/vmm:cached") == "true")
         info.guest_status = t("vmm:GuestStatus") or ""
         info.failure = t("vmm:Failure")
-        el = props.find("vmm:JobService", NS)
+        el = children.get(_clark("vmm:JobService"))
         if el is not None:
             info.job_service = wire.JobService.parse(el)
         return info
@@ -114,9 +143,34 @@ class InstanceInfo:
         return (self.termination - self.current).total_seconds()
 
 
+_SOAP_ENV = "http://schemas.xmlsoap.org/soap/envelope/"
+
+
+class _ListingReadWithLxml(Plugin):
+    """ListInstances' answer is read with lxml (:meth:`InstanceInfo.from_instance`) from the envelope the client
+    kept once its signature was verified, never in zeep's object form: zeep, which builds that form after
+    both, gets the answer without its instances (building it was most of the call at a hundred instances).
+    A fault passes unchanged."""
+
+    def ingress(self, envelope, http_headers, operation):
+        if getattr(operation, "name", "") != "ListInstances":
+            return None
+        root = envelope.getroot() if isinstance(envelope, etree._ElementTree) else envelope
+        body = root.find(f"{{{_SOAP_ENV}}}Body")
+        payload = next((c for c in body if isinstance(c.tag, str)), None) if body is not None else None
+        if payload is None or payload.tag != f"{{{VMM}}}ListInstancesResponse":
+            return None
+        bare = etree.Element(root.tag, nsmap=root.nsmap)
+        etree.SubElement(bare, body.tag).append(etree.Element(payload.tag, nsmap={"vmm": VMM}))
+        return bare, http_headers
+
+
 class VMManagerClient:
     def __init__(self, service: GridServiceClient):
         self.service = service
+        plugins = getattr(getattr(service, "zeep", None), "plugins", None)   # after the client's own, which
+        if plugins is not None and not any(isinstance(p, _ListingReadWithLxml) for p in plugins):   # keeps the envelope
+            plugins.append(_ListingReadWithLxml())
 
     # -- the factory ----------------------------------------------------------------------------------
     def deploy(self, descriptor: etree._Element, identifier: str, lifetime: int, *, paused: bool = False,
@@ -131,10 +185,26 @@ class VMManagerClient:
         resp = self.service.call("Deploy", **kwargs)
         return InstanceInfo.from_instance(resp.find("vmm:Instance", NS))
 
-    def list(self, include_ended: bool = False) -> list[InstanceInfo]:
-        resp = self.service.call("ListInstances", includeEnded=True) if include_ended else \
-            self.service.call("ListInstances")
-        return [InstanceInfo.from_instance(el) for el in resp.iterfind("vmm:Instance", NS)]
+    def list(self, include_ended: bool = False, *, page_size: int | None = WALK_PAGE) -> list[InstanceInfo]:
+        """All of the caller's instances on the node: every page of ListInstances, following the cursor, in pages
+        of ``page_size`` (None: the node's default page; the larger the page, the fewer signed round trips)."""
+        infos, cursor = self.list_page(include_ended, max_results=page_size)
+        while cursor is not None:
+            more, cursor = self.list_page(include_ended, max_results=page_size, cursor=cursor)
+            infos += more
+        return infos
+
+    def list_page(self, include_ended: bool = False, *, max_results: int | None = None,
+                  cursor: str | None = None) -> tuple[list[InstanceInfo], str | None]:
+        """One page of ListInstances: its instances and the next page's cursor (None: it was the last)."""
+        kwargs = {"includeEnded": True} if include_ended else {}
+        if max_results is not None:
+            kwargs["maxResults"] = max_results
+        if cursor is not None:
+            kwargs["cursor"] = cursor
+        resp = self.service.call("ListInstances", **kwargs)
+        nxt = resp.findtext("vmm:cursor", namespaces=NS) if resp.findtext("vmm:more", namespaces=NS) == "true" else None
+        return [InstanceInfo.from_instance(el) for el in resp.iterfind("vmm:Instance", NS)], nxt
 
     def domains(self) -> NodeDomains:
         """Site admins: the node's hypervisor domains beside its instance records (ListDomains)."""

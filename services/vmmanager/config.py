@@ -53,3 +53,4 @@ class VMManagerConfig:
     guest_ou: str = "vmgrid-guests"      # their certificates: /O=Grid/OU=<guest_ou>/CN=host/<address>
     guest_cert_days: float = 30
     job_admins: list[str] = field(default_factory=list)   # DNs that may use every guest's job service
+    list_page: int = 10                  # ListInstances: instances per page when the caller asks no maxResults

@@ -27,6 +27,7 @@ from services.vmmanager import migration, network, phases, states
 from services.vmmanager.config import VMManagerConfig
 from services.vmmanager.context import new_token
 from services.vmmanager.imagecache import ImageCache
+from services.vmmanager.listing import MAX_PAGE, Cursors, Page, check_limit
 from services.vmmanager.phases import NodeParts, Recorder, vmm_call
 from services.vmmanager.states import FINAL, MIGRATION, TRANSIENT, State
 from services.vmmanager.store import Instance, LeaseRange, NodeStore
@@ -84,6 +85,9 @@ class Node:
         self.trust = trust
         self.peer_factory = peer_factory     # (url, credential, trust, timeout) -> migration.Peer
         self.migrations = migration.Records(self.store)
+        self.cursors = Cursors()             # ListInstances' page cursors (services/vmmanager/listing.py)
+        if not 1 <= config.list_page <= MAX_PAGE:
+            raise ValueError(f"[vmmanager] list_page must be 1 to {MAX_PAGE}, not {config.list_page}")
         self.exports = migration.Exports(self.instances_dir, credential, trust, address) if credential else None
         self.reconcile_report = self.reconcile()
         log.info("node %s reconciled: %s", self.node, self.reconcile_report)
@@ -188,10 +192,13 @@ class Node:
     def _notify(self, key: str, old: State, new: State) -> None:
         if self.notifier is None:
             return
-        inst = self.store.get(key)
         now = time.time()
         # the end of an instance reaches every subscriber, even one whose subscription ran out with it
-        for _, consumer in self.store.subscriptions(key, 0.0 if new in FINAL else now):
+        subscribers = self.store.subscriptions(key, 0.0 if new in FINAL else now)
+        if not subscribers:      # most instances have none: no record read, no write
+            return
+        inst = self.store.get(key)
+        for _, consumer in subscribers:
             self.notifier.send(consumer, self.state_change(consumer, self.address, key, inst.identifier,
                                                            old.value, new.value, now))
         if new in FINAL:
@@ -458,6 +465,21 @@ class Node:
     def list(self, caller, include_ended: bool = False) -> list[InstanceView]:
         self.authz.check(caller, "vm.list", {"type": "node", "node": self.node, "owner": caller.dn})
         return [self.view(i) for i in self.store.list(caller.dn, live_only=not include_ended)]
+
+    def list_page(self, caller, include_ended: bool = False, *, limit: int | None = None,
+                  cursor: str | None = None) -> Page:
+        """One page of the caller's instances (``limit``, default ``[vmmanager] list_page``), from the start or
+        from ``cursor``; the page's cursor names the next one while more remain (services/vmmanager/listing.py)."""
+        self.authz.check(caller, "vm.list", {"type": "node", "node": self.node, "owner": caller.dn})
+        limit = check_limit(limit, self.config.list_page)
+        after = self.cursors.position(caller.dn, include_ended, cursor) if cursor is not None else None
+        rows = self.store.page(caller.dn, live_only=not include_ended, after=after, limit=limit + 1)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        nxt = self.cursors.make(caller.dn, include_ended, rows[-1].created, rows[-1].key) if more else None
+        # the Instance element reads no file: no home directory, staging progress only while staging
+        return Page([InstanceView(i, self.node, self.cache.progress(i.sha256) if i.state == State.STAGING.value
+                                  else None) for i in rows], nxt)
 
     def domains(self, caller) -> NodeDomains:
         """Site administration (action admin.node): the hypervisor's vmgrid domains beside the live instance

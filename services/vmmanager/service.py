@@ -34,6 +34,7 @@ class VMManagerService(SoapService):
         self.core = Node(self.state_dir, config, pdp, vmm=vmm, repository=repository, notifier=notifier,
                          state_change=wire.state_change_envelope, credential=credential, trust=trust,
                          peer_factory=SoapPeer)
+        self.fragments = wire.InstanceFragments()   # listed instances' elements, kept while they do not change
 
     # the core's parts, for tests and tools that look inside a node
     config = property(lambda self: self.core.config)
@@ -88,10 +89,9 @@ class VMManagerService(SoapService):
 
     @operation("ListInstances")
     def list_instances(self, ctx: CallContext, req: etree._Element) -> etree._Element:
-        resp = wire.response("ListInstancesResponse")
-        for view in self.core.list(ctx.caller, include_ended=wire.flag(req, "includeEnded")):
-            resp.append(wire.instance_element(view, self.core.address))
-        return resp
+        include_ended, limit, cursor = wire.parse_list(req)
+        page = self.core.list_page(ctx.caller, include_ended, limit=limit, cursor=cursor)
+        return wire.list_response(page, self.core.address, self.fragments)
 
     # -- site administration ------------------------------------------------------------------------------
     @operation("ListDomains")

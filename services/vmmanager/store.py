@@ -47,6 +47,7 @@ CREATE TABLE IF NOT EXISTS instances (
 CREATE UNIQUE INDEX IF NOT EXISTS instances_live_identifier ON instances (owner, identifier)
     WHERE state NOT IN ('Destroyed', 'Failed', 'Migrated');
 CREATE INDEX IF NOT EXISTS instances_owner ON instances (owner);
+CREATE INDEX IF NOT EXISTS instances_owner_page ON instances (owner, created, key);
 CREATE INDEX IF NOT EXISTS instances_termination ON instances (termination) WHERE ended IS NULL;
 CREATE TABLE IF NOT EXISTS leases (
     address      TEXT PRIMARY KEY,
@@ -285,6 +286,17 @@ class NodeStore:
         if where:
             sql += " WHERE " + " AND ".join(where)
         return [Instance(*r) for r in self._db().execute(sql + " ORDER BY created", params)]
+
+    def page(self, owner: str, *, live_only: bool, after: tuple[float, str] | None, limit: int) -> list[Instance]:
+        """Up to ``limit`` of ``owner``'s instances in (created, key) order, those after ``after`` (the last
+        (created, key) of the page before) only: a page of ListInstances, stable while instances come and go."""
+        sql, params = f"SELECT {', '.join(COLUMNS)} FROM instances WHERE owner = ?", [owner]
+        if live_only:
+            sql += " AND state NOT IN ('Destroyed', 'Failed', 'Migrated')"
+        if after is not None:
+            sql += " AND (created > ? OR (created = ? AND key > ?))"
+            params += [after[0], after[0], after[1]]
+        return [Instance(*r) for r in self._db().execute(sql + " ORDER BY created, key LIMIT ?", [*params, limit])]
 
     def expired(self, now: float) -> list[str]:
         return [r[0] for r in self._db().execute(

@@ -8,10 +8,14 @@ element in wsdl/vmmanager.xsd if it is to appear in an Instance element too; oth
 from __future__ import annotations
 
 import copy
+import threading
+import time
+from collections import OrderedDict
 
 from lxml import etree
 
 from services.common.xsdtime import format_datetime
+from services.faults import InvalidArgument
 from services.descriptor import WS, Descriptor, check_descriptor
 from services.vmmanager.values import DeployRequest, InstanceView
 from services.vmmanager.states import State
@@ -221,6 +225,53 @@ def instance_element(view: InstanceView, address: str) -> etree._Element:
     return el
 
 
+_CURRENT_TIME = CurrentTime.qname
+
+
+class InstanceFragments:
+    """vmm:Instance elements kept per instance while its record, node, address and staging progress stay the
+    same (at most ``size``, the least recently listed dropped first): listing an instance again costs a copy of
+    its element with CurrentTime set, not rendering every property. Reads no file and calls nobody."""
+
+    def __init__(self, size: int = 2048):
+        self.size = size
+        self._kept: OrderedDict[str, tuple[tuple, etree._Element]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.rendered = 0      # elements rendered afresh (the rest were copies): for tests and benches
+
+    def element(self, view: InstanceView, address: str, now: str | None = None) -> etree._Element:
+        """The instance's element; ``now``: its CurrentTime text (one for a whole answer), default the clock."""
+        key = view.inst.key
+        version = (tuple(vars(view.inst).values()), view.node, view.progress, address)
+        with self._lock:
+            kept = self._kept.get(key)
+            if kept is not None and kept[0] == version:
+                self._kept.move_to_end(key)
+                el = copy.deepcopy(kept[1])
+                el.find(_CURRENT_TIME).text = now or format_datetime(time.time())
+                return el
+        el = instance_element(view, address)
+        with self._lock:
+            self.rendered += 1
+            self._kept[key] = (version, copy.deepcopy(el))
+            self._kept.move_to_end(key)
+            while len(self._kept) > self.size:
+                self._kept.popitem(last=False)
+        return el
+
+
+def list_response(page, address: str, fragments: InstanceFragments) -> etree._Element:
+    """ListInstancesResponse: the page's instances, whether more remain and, if so, the next page's cursor."""
+    resp = response("ListInstancesResponse")
+    now = format_datetime(time.time())
+    for view in page.views:
+        resp.append(fragments.element(view, address, now))
+    sub(resp, q("more"), "true" if page.more else "false")
+    if page.more:
+        sub(resp, q("cursor"), page.cursor)
+    return resp
+
+
 def response(name: str) -> etree._Element:
     return element(q(name), None, "vmm")
 
@@ -263,6 +314,17 @@ def cleanup_pending_header(pending: list[str]) -> etree._Element:
 # -- requests ---------------------------------------------------------------------------------------------------
 def flag(req: etree._Element, name: str) -> bool:
     return (req.findtext(f"vmm:{name}", namespaces=NS) or "false").strip() in ("true", "1")
+
+
+def parse_list(req: etree._Element) -> tuple[bool, int | None, str | None]:
+    """ListInstances: (includeEnded, maxResults or None, cursor or None)."""
+    limit = req.findtext("vmm:maxResults", namespaces=NS)
+    cursor = req.findtext("vmm:cursor", namespaces=NS)
+    try:
+        limit = int(limit) if limit is not None else None
+    except ValueError:
+        raise InvalidArgument(f"maxResults must be a whole number, not {limit!r}", argument="maxResults") from None
+    return flag(req, "includeEnded"), limit, cursor.strip() if cursor is not None else None
 
 
 def parse_deploy(req: etree._Element) -> DeployRequest:

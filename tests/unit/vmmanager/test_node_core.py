@@ -231,3 +231,112 @@ def test_destroy_succeeds_when_the_repository_cannot_take_the_hold_back_and_the_
     down[0] = False
     assert node.deliver_outbox(time.time() + 120) == 0
     assert node.source.holds == {} and "delivered" in node.store.get(key).guest_status
+
+
+# -- ListInstances in pages (services/vmmanager/listing.py) -------------------------------------------------
+def _record(node: Node, owner: Subject, identifier: str, created: float):
+    """An instance record straight into the node's store (listing reads records only)."""
+    from services.vmmanager.store import Instance
+
+    key = f"inst-{identifier:0>32}"
+    node.store.insert(Instance(key=key, identifier=identifier, owner=owner.dn, vo="bio", image_id="img-1",
+                               image_name="x", sha256="0" * 64, size=1, format="qcow2", memory=64, vcpus=1,
+                               descriptor=b"<x/>", state=State.RUNNING.value, initial_state="Running", address=None,
+                               mac=None, created=created, termination=created + 600, max_lifetime=None, token="t"))
+    return key
+
+
+def _walk(node: Node, who: Subject, limit: int | None, include_ended: bool = False) -> list[list[str]]:
+    pages, cursor = [], None
+    while True:
+        page = node.list_page(who, include_ended, limit=limit, cursor=cursor)
+        pages.append([v.inst.key for v in page.views])
+        if not page.more:
+            return pages
+        cursor = page.cursor
+
+
+def test_list_pages_follow_the_cursor_through_the_callers_own_instances_only(node):
+    now = time.time()
+    mine = [_record(node, ALICE, f"a{i}", now + i // 2) for i in range(7)]   # pairs created at the same time
+    _record(node, BOB, "b0", now)
+    assert _walk(node, ALICE, 3) == [mine[0:3], mine[3:6], mine[6:7]]
+    assert _walk(node, ALICE, 7) == [mine]
+    assert _walk(node, BOB, None) == [[f"inst-{'b0':0>32}"]]
+    node.config.list_page = 4                                    # no maxResults: the node's page size
+    assert _walk(node, ALICE, None) == [mine[0:4], mine[4:7]]
+    # instances ending or arriving between pages: none listed twice, none of those left skipped
+    first = node.list_page(ALICE, limit=3)
+    node.store.set_state(mine[3], State.DESTROYED)
+    later = _record(node, ALICE, "a9", now + 100)
+    rest = node.list_page(ALICE, limit=10, cursor=first.cursor)
+    assert [v.inst.key for v in rest.views] == mine[4:] + [later] and not rest.more
+    ended = node.list_page(ALICE, True, limit=10, cursor=node.list_page(ALICE, True, limit=3).cursor)
+    assert mine[3] in [v.inst.key for v in ended.views]
+
+
+@pytest.mark.parametrize("bad", ["bob's", "altered", "garbage", "too long", "other node", "includeEnded"])
+def test_a_cursor_not_given_to_the_caller_for_this_listing_is_refused(node, bad):
+    from services.vmmanager.listing import Cursors
+
+    now = time.time()
+    for i in range(3):
+        _record(node, ALICE, f"a{i}", now + i)
+        _record(node, BOB, f"b{i}", now + i)
+    cursor = node.list_page(ALICE, limit=1).cursor
+    who, include_ended = ALICE, False
+    if bad == "bob's":
+        who = BOB                                      # alice's cursor shows bob nothing of alice's
+    elif bad == "altered":
+        cursor = cursor[:-2] + ("AA" if cursor[-2:] != "AA" else "BB")
+    elif bad == "garbage":
+        cursor = "%%%not base64%%%"
+    elif bad == "too long":
+        cursor = "A" * 10_000
+    elif bad == "other node":
+        cursor = Cursors().make(ALICE.dn, False, now, "inst-" + "0" * 32)
+    else:
+        include_ended = True
+    with pytest.raises(InvalidArgument) as refused:
+        node.list_page(who, include_ended, limit=1, cursor=cursor)
+    assert refused.value.argument == "cursor"
+
+
+@pytest.mark.parametrize("limit", [0, -1, 1001])
+def test_a_page_size_out_of_range_is_refused(node, limit):
+    with pytest.raises(InvalidArgument) as refused:
+        node.list_page(ALICE, limit=limit)
+    assert refused.value.argument == "maxResults"
+
+
+def test_a_listed_instance_is_rendered_once_while_its_record_stays_the_same(node):
+    from services.vmmanager.listing import Page
+
+    key = deploy(node, "listed").inst.key
+    fragments = wire.InstanceFragments()
+
+    def listed():
+        resp = wire.list_response(node.list_page(ALICE), NODE_ADDRESS, fragments)
+        el, = resp.iterfind("vmm:Instance", wire.NS)
+        return el
+
+    first, second = listed(), listed()
+    assert fragments.rendered == 1                                    # the second was a copy
+    assert etree.tostring(first.find("vmm:State", wire.NS)) == etree.tostring(second.find("vmm:State", wire.NS))
+    assert second.find("wsrf-rl:CurrentTime", wire.NS).text                # set on every copy
+    node.pause(ALICE, key)                                             # the record changed: rendered again
+    assert listed().findtext("vmm:State", namespaces=wire.NS) == "Paused" and fragments.rendered == 2
+    resp = wire.list_response(Page([], "c"), NODE_ADDRESS, fragments)
+    assert resp.findtext("vmm:more", namespaces=wire.NS) == "true" and resp.findtext("vmm:cursor", namespaces=wire.NS) == "c"
+    # the answer as the contract declares it (wsdl/vmmanager.xsd), a page with a cursor as well as the last
+    from services.container.contract import Contract
+
+    validator = Contract("vmmanager.wsdl").validator
+    deploy(node, "second")
+    page = node.list_page(ALICE, limit=1)
+    for answer in (wire.list_response(page, NODE_ADDRESS, fragments),
+                   wire.list_response(node.list_page(ALICE, cursor=page.cursor), NODE_ADDRESS, fragments)):
+        validator.assertValid(answer)
+    small = wire.InstanceFragments(size=1)                              # bounded: the least recently listed go
+    wire.list_response(node.list_page(ALICE), NODE_ADDRESS, small)
+    assert len(small._kept) == 1
