@@ -45,7 +45,7 @@ def real_demo_enabled() -> bool:
 
 
 def build_jobs_image(workdir: Path, log=print) -> GuestImage:
-    """The job-service guest of test_guest_jobs_qemu.py and test_migrate_qemu.py; ``workdir`` holds its recipe."""
+    """The job-service guest of test_guest_jobs_qemu.py and test_migrate_qemu.py (one scene); ``workdir`` holds its recipe."""
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "jobs.toml").write_bytes((REPO / "guestd/image/recipes/emboss/jobs.toml").read_bytes())
     (workdir / "vmtest-jobs.toml").write_text(JOBS_RECIPE)

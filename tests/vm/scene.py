@@ -1,5 +1,6 @@
 """A whole QEMU scene run once as a helper script inside a network namespace the test makes (the machines
-reach no other network): test_guest_jobs_qemu.py (jobs_grid.py) and test_migrate_qemu.py (migrate_grid.py)."""
+reach no other network): the job service's and the migration's (jobs_grid.py, the session fixture jobs_scene in
+tests/vm/conftest.py, read by test_guest_jobs_qemu.py and test_migrate_qemu.py)."""
 from __future__ import annotations
 
 import json
@@ -38,3 +39,13 @@ def run_scene(helper: Path, image_dir: Path, vm_dir: Path, prefix: str, what: st
     assert "error" not in result, f"{result['error']}\n{json.dumps(result, indent=1)[:detail]}"
     result["links_after"] = links
     return result
+
+
+def scene_part(result: dict, part: str, detail: int = 6000) -> dict:
+    """One test module's part of the jobs scene, with the scene's cleanup findings; fails with its error."""
+    seen = dict(result[part])
+    assert "error" not in seen, f"{seen['error']}\n{json.dumps(result, indent=1)[:detail]}"
+    for key in ("cleanup", "bridge_after"):
+        if key in result:
+            seen[key] = result[key]
+    return seen

@@ -129,22 +129,17 @@ def flooding_disk(guest_image, vm_dir):
     (vm_dir / "flood.debugfs").write_text("cd /usr/lib/python3/dist-packages/guestd\nrm daemon.py\n"
                                           f"write {vm_dir / 'flood_daemon.py'} daemon.py\n")
     # the image is a partitioned disk (guestd/image/disk.py: boot partition, then the ext4 root as the second
-    # MBR entry): debugfs edits the root partition cut out of the disk, which is then written back in place
+    # MBR entry): debugfs edits the root partition in place, at its offset in the raw disk (e2fsprogs' io
+    # option "?offset=", rather than copying the partition out and back: two gigabytes less to write)
     with raw.open("rb") as f:
         mbr = f.read(512)
     entry = mbr[446 + 16:446 + 32]
-    start, count = int.from_bytes(entry[8:12], "little"), int.from_bytes(entry[12:16], "little")
-    root = vm_dir / "flood-root.ext4"
-    subprocess.run(["dd", f"if={raw}", f"of={root}", "bs=512", f"skip={start}", f"count={count}", "status=none"],
-                   check=True)
-    subprocess.run(["debugfs", "-w", "-f", str(vm_dir / "flood.debugfs"), str(root)], check=True,
-                   capture_output=True)
-    seen = subprocess.run(["debugfs", "-R", "cat /usr/lib/python3/dist-packages/guestd/daemon.py", str(root)],
+    start = int.from_bytes(entry[8:12], "little")
+    root = f"{raw}?offset={start * 512}"
+    subprocess.run(["debugfs", "-w", "-f", str(vm_dir / "flood.debugfs"), root], check=True, capture_output=True)
+    seen = subprocess.run(["debugfs", "-R", "cat /usr/lib/python3/dist-packages/guestd/daemon.py", root],
                           capture_output=True, text=True).stdout
     assert "floods the channel" in seen, "the flooder is in the guest's root disk"
-    subprocess.run(["dd", f"if={root}", f"of={raw}", "bs=512", f"seek={start}", "conv=notrunc", "status=none"],
-                   check=True)
-    root.unlink()
     yield raw
     raw.unlink(missing_ok=True)
 
