@@ -25,7 +25,6 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -46,6 +45,7 @@ from services.vmmanager.network import NodeBridge  # noqa: E402
 from tests.fixtures.grid import free_port, start_grid  # noqa: E402
 from tests.fixtures.pki import build_grid_pki  # noqa: E402
 
+from scene import link_or_copy  # noqa: E402
 from test_vmmanager_qemu import NodeProcess, qemu_processes  # noqa: E402
 
 BRIDGE, NETWORK, GATEWAY = "vgmfbr0", "10.79.0.0/24", "10.79.0.1"
@@ -217,7 +217,7 @@ def main() -> int:
     try:
         grid = start_grid(pki, args.work / "g", nodes=0)
         rootfs = grid.ingest / f"{image.name}.qcow2"
-        shutil.copyfile(image.rootfs, rootfs)
+        link_or_copy(image.rootfs, rootfs)      # the repository copies from its ingest directory
         grid.repo(pki.admin).register(parse_descriptor(image.descriptor.read_bytes()), local_path=str(rootfs))
         rootfs.unlink()
         descriptor = grid.repo(pki.alice).query([f"name = {image.name}"]).descriptors[0]
