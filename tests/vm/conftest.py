@@ -79,8 +79,10 @@ def jobs_scene(jobs_image, vm_dir):
     from scene import run_scene
     result = run_scene(JOBS_SCENE, jobs_image.directory, vm_dir, "vgjob", "guest jobs and migration scene",
                        detail=8000)
-    print(f"guest jobs and migration scene: deploy {result.get('deploy_seconds')} s, job service checks "
-          f"{result.get('jobs_seconds')} s, migrate {result['migration'].get('migrate_seconds')} s", file=sys.stderr)
+    print(f"guest jobs and migration scene: grid and nodes {result.get('setup_seconds')} s, deploy "
+          f"{result.get('deploy_seconds')} s, job service checks (deploy included) {result.get('jobs_seconds')} s, "
+          f"migration checks {result.get('migration_seconds')} s (migrate {result['migration'].get('migrate_seconds')} s)",
+          file=sys.stderr)
     return result
 
 

@@ -246,16 +246,19 @@ def main() -> int:
         ref = vm.deploy(descriptor, NAME, 3600).ref
         info = vm.wait_for(ref, ("Running", "Failed"), timeout=args.boot_timeout + 120)
         out["deploy_seconds"] = round(time.monotonic() - t, 1)
+        out["setup_seconds"] = round(t - t0, 1)
         try:
             jobs_part(out["jobs"], args.work, pki, first, vm, ref, info)
         except Exception as exc:  # noqa: BLE001 - reported to test_guest_jobs_qemu.py, which fails with it
             out["jobs"]["error"] = f"{type(exc).__name__}: {exc}"
         out["jobs_seconds"] = round(time.monotonic() - t, 1)
+        t = time.monotonic()
         try:
             info = vm.status(ref)      # the guest as it is now, after the job service's restart
             ref = migration_part(out["migration"], args.work, pki, first, second, ref, info)
         except Exception as exc:  # noqa: BLE001 - reported to test_migrate_qemu.py, which fails with it
             out["migration"]["error"] = f"{type(exc).__name__}: {exc}"
+        out["migration_seconds"] = round(time.monotonic() - t, 1)
     except Exception as exc:  # noqa: BLE001 - reported to the tests, which fail with it
         out["error"] = f"{type(exc).__name__}: {exc}"
     finally:
