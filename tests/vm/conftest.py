@@ -81,8 +81,8 @@ def jobs_scene(jobs_image, vm_dir):
                        detail=8000)
     print(f"guest jobs and migration scene: grid and nodes {result.get('setup_seconds')} s, deploy "
           f"{result.get('deploy_seconds')} s, job service checks (deploy included) {result.get('jobs_seconds')} s, "
-          f"migration checks {result.get('migration_seconds')} s (migrate {result['migration'].get('migrate_seconds')} s)",
-          file=sys.stderr)
+          f"migration checks {result.get('migration_seconds')} s "
+          f"(migrate {result['migration'].get('migrate_seconds')} s)", file=sys.stderr)
     return result
 
 
