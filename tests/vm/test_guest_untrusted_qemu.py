@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -35,6 +34,7 @@ from services.vmmanager.vmm import channel as channel_mod
 from services.vmmanager.vmm.config import domain_name
 from tests.fixtures.grid import free_port, start_grid
 
+from scene import link_or_copy
 from test_vmmanager_qemu import DESCRIPTOR, NodeProcess, node_settings, qemu_pids, qemu_processes
 
 NO_GUESTD = "console=ttyS0 root=/dev/vdz rw quiet"      # no such disk: the guest never reaches guestd
@@ -188,7 +188,7 @@ def grid(grid_pki, guest_image, qemu_prerequisites, vm_dir):
     g = start_grid(grid_pki, vm_dir / "ug", nodes=0)
     try:
         rootfs = g.ingest / f"{IMAGE}.qcow2"
-        shutil.copyfile(guest_image.rootfs, rootfs)
+        link_or_copy(guest_image.rootfs, rootfs)      # the repository copies from its ingest directory
         text = DESCRIPTOR.format(name=IMAGE, kernel=guest_image.kernel_version, command="/bin/true").replace(
             "<boot><method>kernel</method></boot>",
             f"<boot><method>kernel</method><cmdline>{NO_GUESTD}</cmdline></boot>")
