@@ -45,7 +45,7 @@ from services.vmmanager.network import NodeBridge  # noqa: E402
 from tests.fixtures.grid import free_port, start_grid  # noqa: E402
 from tests.fixtures.pki import build_grid_pki  # noqa: E402
 
-from scene import link_or_copy  # noqa: E402
+from scene import POLL, link_or_copy  # noqa: E402
 from test_vmmanager_qemu import NodeProcess, qemu_processes  # noqa: E402
 
 BRIDGE, NETWORK, GATEWAY = "vgmfbr0", "10.79.0.0/24", "10.79.0.1"
@@ -161,6 +161,7 @@ def jobs_part(out: dict, work: Path, pki, node, vm: VMManagerClient, ref, info) 
         after = alice("job", "list", NAME, "--all", "--json", timeout=120)
         if after["rc"] == 0:
             break
+        time.sleep(1)                        # each ask is a whole CLI process: CPU the restarting guest needs
     s["after_restart"] = after
     s["survivor_status"] = alice("job", "status", NAME, s["survivor"]["out"], "--json")
     s["killer_status"] = alice("job", "status", NAME, s["killer"]["out"], "--json")
@@ -244,7 +245,7 @@ def main() -> int:
         vm = VMManagerClient(GridServiceClient(first.url, pki.alice.proxy, pki.trust()))
         t = time.monotonic()
         ref = vm.deploy(descriptor, NAME, 3600).ref
-        info = vm.wait_for(ref, ("Running", "Failed"), timeout=args.boot_timeout + 120)
+        info = vm.wait_for(ref, ("Running", "Failed"), timeout=args.boot_timeout + 120, interval=POLL)
         out["deploy_seconds"] = round(time.monotonic() - t, 1)
         out["setup_seconds"] = round(t - t0, 1)
         try:

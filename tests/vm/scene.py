@@ -15,6 +15,9 @@ from pathlib import Path
 from typing import Callable
 
 REPO = Path(__file__).resolve().parents[2]
+# seconds between two status calls of a scene waiting for its guests: each is a signed call the node answers,
+# CPU the guests booting under TCG need more (the client's default is 0.2 s)
+POLL = 1.0
 
 
 def link_or_copy(source: Path, target: Path) -> None:

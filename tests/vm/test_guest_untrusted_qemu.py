@@ -278,7 +278,7 @@ def test_a_guest_without_guestd_never_wedges_its_node(grid, grid_pki, guest_imag
         node.start(grid_pki.cert_dir)
         assert client.status(second.ref).state == "Failed"
         third = client.deploy(descriptor, "no-guestd-3", 1800)
-        final = client.wait_for(third.ref, ("Failed", "Running"), timeout=600)
+        final = client.wait_for(third.ref, ("Failed", "Running"), timeout=600, interval=1.0)
         assert final.state == "Failed" and "guestd did not report ready" in (final.failure or ""), final.failure
         assert "not ready within 15 s" in final.failure
         deadline = time.monotonic() + 30
