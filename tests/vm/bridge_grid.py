@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import sys
 import time
@@ -30,6 +29,7 @@ from tests.fixtures.grid import free_port, start_grid  # noqa: E402
 from tests.fixtures.pki import build_grid_pki  # noqa: E402
 
 from bridge_node import fetch, neighbours  # noqa: E402
+from scene import POLL, link_or_copy  # noqa: E402
 from test_vmmanager_qemu import DESCRIPTOR, NodeProcess, node_settings, qemu_processes  # noqa: E402
 
 BRIDGE, NETWORK, GATEWAY = "vgnetbr0", "10.77.0.0/24", "10.77.0.1"
@@ -63,7 +63,7 @@ def main() -> int:
     try:
         grid = start_grid(pki, args.work / "g", nodes=0)
         rootfs = grid.ingest / f"{IMAGE}.qcow2"
-        shutil.copyfile(image.rootfs, rootfs)
+        link_or_copy(image.rootfs, rootfs)      # the repository copies from its ingest directory
         ws = parse_descriptor(DESCRIPTOR.format(name=IMAGE, kernel=image.kernel_version, command=COMMAND).encode())
         grid.repo(pki.admin).register(ws, local_path=str(rootfs))
         rootfs.unlink()
@@ -92,7 +92,8 @@ def main() -> int:
         for name, client in clients.items():
             deployed[name] = client.deploy(descriptor, f"guest-{name}", 1800)
         for name, client in clients.items():
-            info = client.wait_for(deployed[name].ref, ("Running", "Failed"), timeout=args.boot_timeout + 120)
+            info = client.wait_for(deployed[name].ref, ("Running", "Failed"), timeout=args.boot_timeout + 120,
+                                   interval=POLL)
             out["instances"][name] = {"state": info.state, "address": info.address, "mac": info.mac,
                                       "guest_status": info.guest_status, "failure": info.failure,
                                       "host": f"guest-{name}"}

@@ -26,6 +26,9 @@ from services.vmmanager.vmm.config import domain_xml  # noqa: E402
 HELPER = Path(__file__).with_name("node_helper.py")
 
 
+JOBS_SCENE = Path(__file__).with_name("jobs_grid.py")
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
         if Path(str(item.fspath)).parent == Path(__file__).parent:
@@ -58,6 +61,29 @@ def vm_dir():
     d = Path(tempfile.mkdtemp(prefix="vmgrid-vm-", dir="/tmp"))
     yield d
     shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def jobs_image(qemu_prerequisites, tmp_path_factory):
+    """The job-service guest (tests/vm/images.py: the vmgrid runtime, its job service as the grid container)."""
+    from images import build_jobs_image
+    return build_jobs_image(tmp_path_factory.mktemp("recipe"), log=lambda m: print(m, file=sys.stderr))
+
+
+@pytest.fixture(scope="session")
+def jobs_scene(jobs_image, vm_dir):
+    """One guest of the job-service image, booted once for test_guest_jobs_qemu.py and test_migrate_qemu.py:
+    tests/vm/jobs_grid.py runs the job service's checks on the first of two bridge-mode nodes, then migrates
+    the guest to the second and runs the migration's, all in a network namespace of its own (vgjob-<hex>).
+    What it saw, a part ("jobs", "migration") per test module."""
+    from scene import run_scene
+    result = run_scene(JOBS_SCENE, jobs_image.directory, vm_dir, "vgjob", "guest jobs and migration scene",
+                       detail=8000)
+    print(f"guest jobs and migration scene: grid and nodes {result.get('setup_seconds')} s, deploy "
+          f"{result.get('deploy_seconds')} s, job service checks (deploy included) {result.get('jobs_seconds')} s, "
+          f"migration checks {result.get('migration_seconds')} s "
+          f"(migrate {result['migration'].get('migrate_seconds')} s)", file=sys.stderr)
+    return result
 
 
 @pytest.fixture(scope="session")

@@ -38,6 +38,37 @@ runtime = true
 "/etc/vmgrid/jobs.toml" = "jobs.toml"
 """
 
+# test_image_recipe_qemu.py's recipe (built there with `vmgrid image build`, from the cache when pre-built here)
+HELLO_RECIPE = """\
+[image]
+name = "vmtest-hello"
+version = "2.0"
+vo = "bio"
+description = "recipe test: GNU hello and a file of our own"
+
+[debian]
+packages = ["hello"]
+signature = ["hello", "python3"]
+
+[hardware]
+disk_size = "768M"
+memory = 192
+
+[container]
+command = "/bin/sh /etc/vmgrid/facts.sh"
+
+[vmgrid]
+runtime = true
+
+[files]
+"/etc/vmgrid/facts.sh" = "facts.sh"
+"""
+# the guest's own view of itself, written to the serial console by the recipe's container command
+HELLO_FACTS = """rt=$(python3 -c 'import client.cli, services.container.assemble, lxml, cryptography; print("runtime-ok")' 2>&1 | tail -n 1 | tr ' ' _)
+rt=${rt:-no-output}
+echo "FACTS $(cat /etc/debian_version) $(uname -r) $(dpkg-query -W -f='${Version}' hello) $rt $(hello)" > /dev/ttyS0
+"""
+
 
 def real_demo_enabled() -> bool:
     """Whether tests/vm/test_demo_real_qemu.py runs (always, unless VMGRID_TEST_REAL_DEMO=0)."""
@@ -52,9 +83,18 @@ def build_jobs_image(workdir: Path, log=print) -> GuestImage:
     return build(recipe=workdir / "vmtest-jobs.toml", log=log)
 
 
+def write_hello_recipe(workdir: Path) -> Path:
+    """test_image_recipe_qemu.py's recipe and its file in ``workdir``; the recipe's path."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "facts.sh").write_text(HELLO_FACTS)
+    (workdir / "hello.toml").write_text(HELLO_RECIPE)
+    return workdir / "hello.toml"
+
+
 def build_all(workdir: Path, log=print) -> None:
     """Every image the selected QEMU tests boot, in the order they are first needed."""
     build(log=log)                                  # the base guest (its minbase is every image's root)
     build_jobs_image(workdir, log)
     if real_demo_enabled():
         build(recipe="emboss", log=log)
+    build(recipe=write_hello_recipe(workdir / "hello"), log=log)   # its apt layer is the job-service guest's

@@ -1,13 +1,23 @@
-"""The grid container in a real guest, run by tests/vm/test_guest_jobs_qemu.py inside a network namespace
-the test made (`ip netns exec vgjob-... python jobs_grid.py IMAGE_DIR WORKDIR`): the Authorization
-service and the VMRepository in this process, one VMManager node (`vmgrid serve vmmanager`) in bridge
-mode with a guest CA ([vmmanager] guest_ca, job_admins). The admin registers the recipe's image and
-descriptor unchanged; alice deploys it; guestd writes the job service's configuration from the
-context, the node issues its certificate over the guest channel and guestd starts `vmgrid serve jobs`
-in the guest. Then the scientist's commands, as written in docs/jobs.md, by instance name: a job with
-stage-in/out and its outputs fetched, a failing job, Cancel, bob refused, the job service killed and
-restarted by guestd with its jobs' real states, the guest's logs. Prints what it saw as one JSON line;
-always destroys the guest, stops the node and takes the bridge down.
+"""The grid container in a real guest and that guest's migration, one scene run once for
+tests/vm/test_guest_jobs_qemu.py and tests/vm/test_migrate_qemu.py (their session fixture, tests/vm/conftest.py)
+inside a network namespace the test made (`ip netns exec vgjob-... python jobs_grid.py IMAGE_DIR WORKDIR`): the
+Authorization service and the VMRepository in this process, two VMManager nodes (`vmgrid serve vmmanager`) in
+bridge mode on one bridge, with different lease ranges and one guest CA ([vmmanager] guest_ca, job_admins).
+The admin registers the recipe's image and descriptor unchanged; alice deploys it on the first node; guestd
+writes the job service's configuration from the context, the node issues its certificate over the guest channel
+and guestd starts `vmgrid serve jobs` in the guest.
+
+First the job service ("jobs"): the scientist's commands, as written in docs/jobs.md, by instance name: a job
+with stage-in/out and its outputs fetched, a failing job, Cancel, bob refused, the job service killed and
+restarted by guestd with its jobs' real states, the guest's logs.
+
+Then the migration ("migration"): alice starts a long job, notes its process (PID, start time, the kernel's
+boot id), then `vmgrid vm migrate NAME --to NODE2`; afterwards, through the job service at the new address: the
+same process, the same boot, the guest clock against the host's, the new address in the guest and reachable
+from the node, the old one dead.
+
+Prints what it saw as one JSON line (a part per test module; an error in one part does not hide the other's
+findings); always destroys the guest, stops the nodes and takes the bridge down.
 """
 from __future__ import annotations
 
@@ -15,8 +25,8 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -28,21 +38,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from client.localgrid import write_toml  # noqa: E402
 from client.soap import GridServiceClient  # noqa: E402
-from client.vmmanager import VMManagerClient  # noqa: E402
+from client.vmmanager import InstanceRef, VMManagerClient  # noqa: E402
 from guestd.image.build import GuestImage  # noqa: E402
 from services.descriptor import parse_descriptor  # noqa: E402
 from services.vmmanager.network import NodeBridge  # noqa: E402
 from tests.fixtures.grid import free_port, start_grid  # noqa: E402
 from tests.fixtures.pki import build_grid_pki  # noqa: E402
 
+from scene import POLL, link_or_copy  # noqa: E402
 from test_vmmanager_qemu import NodeProcess, qemu_processes  # noqa: E402
 
-BRIDGE, NETWORK, GATEWAY = "vgjobbr0", "10.78.0.0/24", "10.78.0.1"
-LEASES = "10.78.0.10-10.78.0.12"
+BRIDGE, NETWORK, GATEWAY = "vgmfbr0", "10.79.0.0/24", "10.79.0.1"
+NODES = {"mf1": "10.79.0.10-10.79.0.11", "mf2": "10.79.0.20-10.79.0.21"}
 NAME = "jobs-guest"
 # the killer job: SIGKILL to the guest's job service (the container guestd supervises), as root in the guest
 KILL = ("import os\nfor p in os.listdir('/proc'):\n if p.isdigit():\n  try:\n   c=open('/proc/%s/cmdline'%p,'rb').read()\n"
         "  except OSError:\n   continue\n  if b'serve\\x00jobs' in c: os.kill(int(p),9)\n")
+# the long job of the migration: its shell's PID (kept by exec) in /tmp, then it sleeps; the probe: that process's
+# start time (clock ticks since boot, /proc/PID/stat field 22), the kernel's boot id, and the guest's clock
+LONG = "echo $$ > /tmp/vgmf.pid.part && mv /tmp/vgmf.pid.part /tmp/vgmf.pid && exec sleep 3000"
+PROBE = ("while [ ! -s /tmp/vgmf.pid ]; do sleep 0.2; done; p=$(cat /tmp/vgmf.pid); "
+         "echo $p $(cut -d' ' -f22 /proc/$p/stat) $(cat /proc/sys/kernel/random/boot_id) $(date +%s.%N)")
 
 
 class Cli:
@@ -59,6 +75,135 @@ class Cli:
                 "seconds": round(time.monotonic() - t, 2)}
 
 
+def probe(cli: Cli, work: Path, tag: str) -> dict:
+    """Run PROBE as a job through the job service; its stdout parsed, bracketed by the host's clock."""
+    before = time.time()
+    run = cli("job", "submit", NAME, "--wait", "--", "sh", "-c", PROBE, timeout=600)
+    after = time.time()
+    got = {"run": run, "host_before": before, "host_after": after}
+    job = (run["out"].splitlines() or [""])[0]
+    fetched = cli("job", "get", NAME, job, "-o", f"probe-{tag}")
+    got["get"] = fetched
+    stdout = work / f"probe-{tag}" / "stdout"
+    if stdout.is_file():
+        pid, start, boot, clock = stdout.read_text().split()
+        got.update(pid=int(pid), start=int(start), boot_id=boot, guest_time=float(clock))
+    return got
+
+
+def reachable(address: str, port: int, timeout: float = 3.0) -> str:
+    """'open' when a TCP connection to address:port is accepted, else why not."""
+    try:
+        with socket.create_connection((address, port), timeout=timeout):
+            return "open"
+    except OSError as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+def wait_service(cli: Cli, seconds: float, until_ok: bool = True) -> dict:
+    """`vmgrid job list NAME` until the job service answers (Python starting under TCG takes a while): until it
+    succeeds, or (``until_ok`` false) until it answers anything but a refused connection."""
+    deadline, up = time.monotonic() + seconds, {}
+    while time.monotonic() < deadline:
+        try:
+            up = cli("job", "list", NAME, timeout=120)
+        except subprocess.TimeoutExpired as exc:     # a loaded machine: ask again until the deadline
+            up = {"rc": None, "out": "", "err": str(exc)}
+            continue
+        if up["rc"] == 0 or (not until_ok and "Connection refused" not in up["err"]):
+            break
+        time.sleep(1)
+    return up
+
+
+def jobs_part(out: dict, work: Path, pki, node, vm: VMManagerClient, ref, info) -> None:
+    """The job service's checks on the first node (test_guest_jobs_qemu.py), into ``out``."""
+    out["instance"] = {"state": info.state, "address": info.address, "guest_status": info.guest_status,
+                       "failure": info.failure, "job_service": info.job_service}
+    alice = Cli(work, pki, pki.alice, node.url)
+    bob = Cli(work, pki, pki.bob, node.url)
+    s = out["steps"]
+    s["vm_status"] = alice("vm", "status", NAME)
+    # Running: guestd started the job service; Python starting under TCG takes a while before it listens
+    t = time.monotonic()
+    s["service_up"] = wait_service(alice, 300, until_ok=False)
+    out["service_up_seconds"] = round(time.monotonic() - t, 1)
+    # a job staging a file in and its sorted copy out, followed to its end, outputs fetched verified
+    (work / "seqs.txt").write_text("tata\nacgt\ngattaca\n")
+    s["submit"] = alice("job", "submit", NAME, "--stage-in", "seqs.txt", "--stage-out", "sorted.txt", "--",
+                        "sort", "-o", "sorted.txt", "seqs.txt")
+    job = s["submit"]["out"]
+    s["wait"] = alice("job", "wait", NAME, job)
+    s["status"] = alice("job", "status", NAME, job, "--json")
+    s["get"] = alice("job", "get", NAME, job, "-o", "results")
+    got = work / "results" / "sorted.txt"
+    out["sorted"] = got.read_text() if got.is_file() else None
+    # a failing job: the program's exit status
+    s["fail"] = alice("job", "submit", NAME, "--wait", "--", "sh", "-c", "echo oops >&2; exit 3")
+    s["fail_status"] = alice("job", "status", NAME, (s["fail"]["out"].splitlines() or ["-"])[0], "--json")
+    # Cancel of a long job
+    s["long"] = alice("job", "submit", NAME, "--", "sleep", "600")
+    s["cancel"] = alice("job", "cancel", NAME, s["long"]["out"])
+    s["cancelled"] = alice("job", "status", NAME, s["long"]["out"], "--json")
+    # bob: every job operation refused (he reaches the instance through alice's endpoint URL: he may
+    # not even read alice's instance at the VMManager)
+    url = (info.job_service or {}).get("url", "")
+    s["bob_vm_status"] = bob("job", "list", NAME)
+    s["bob"] = {"submit": bob("job", "submit", url, "--", "true"), "list": bob("job", "list", url),
+                "status": bob("job", "status", url, job), "cancel": bob("job", "cancel", url, job),
+                "get": bob("job", "get", url, job, "-o", "bob"), "log": bob("job", "log", url, "container"),
+                "destroy": bob("job", "destroy", url, job)}
+    # the job service killed (SIGKILL, by a job of alice's): guestd restarts it, the jobs answer their state
+    s["survivor"] = alice("job", "submit", NAME, "--", "sleep", "600")
+    s["killer"] = alice("job", "submit", NAME, "--", "python3", "-c", KILL)
+    deadline, after = time.monotonic() + 180, None
+    while time.monotonic() < deadline:       # the service is back once it answers again
+        after = alice("job", "list", NAME, "--all", "--json", timeout=120)
+        if after["rc"] == 0:
+            break
+        time.sleep(1)                        # each ask is a whole CLI process: CPU the restarting guest needs
+    s["after_restart"] = after
+    s["survivor_status"] = alice("job", "status", NAME, s["survivor"]["out"], "--json")
+    s["killer_status"] = alice("job", "status", NAME, s["killer"]["out"], "--json")
+    s["survivor_cancel"] = alice("job", "cancel", NAME, s["survivor"]["out"])
+    s["first_after"] = alice("job", "status", NAME, job, "--json")
+    # the guest's logs, readable by the owner through the job service
+    s["log_help"] = alice("job", "log", NAME, "help")
+    s["log_container"] = alice("job", "log", NAME, "container")
+    s["log_guestd"] = alice("job", "log", NAME, "guestd")
+    out["restarts"] = vm.status(ref).guest_status
+    out["sha256_seqs"] = hashlib.sha256((work / "seqs.txt").read_bytes()).hexdigest()
+
+
+def migration_part(out: dict, work: Path, pki, first, second, ref, info) -> InstanceRef:
+    """The migration's checks (test_migrate_qemu.py), into ``out``; the instance's reference after it."""
+    out["before"] = {"state": info.state, "address": info.address, "mac": info.mac,
+                     "guest_status": info.guest_status, "job_service": info.job_service}
+    s = out["steps"]
+    alice = Cli(work, pki, pki.alice, first.url)
+    s["service_up"] = wait_service(alice, 300)
+    s["long"] = alice("job", "submit", NAME, "--", "sh", "-c", LONG)
+    out["probe_before"] = probe(alice, work, "before")
+    # the migration, as the user types it (docs/vmmanager.md)
+    t = time.monotonic()
+    s["migrate"] = alice("vm", "migrate", NAME, "--to", second.url, timeout=900)
+    out["migrate_seconds"] = round(time.monotonic() - t, 1)
+    ref = InstanceRef(second.url, ref.key)
+    vm2 = VMManagerClient(GridServiceClient(second.url, pki.alice.proxy, pki.trust()))
+    moved = vm2.status(ref)
+    out["after"] = {"state": moved.state, "address": moved.address, "mac": moved.mac, "node": moved.node,
+                    "guest_status": moved.guest_status, "job_service": moved.job_service,
+                    "phases": moved.phases}
+    at2 = Cli(work, pki, pki.alice, second.url)
+    s["vm_status"] = at2("vm", "status", NAME)
+    s["service_up_after"] = wait_service(at2, 300)
+    out["probe_after"] = probe(at2, work, "after")
+    s["long_status"] = at2("job", "status", NAME, s["long"]["out"], "--json")
+    out["reach"] = {"new": reachable(moved.address, 8443), "old": reachable(info.address, 8443)}
+    s["cancel"] = at2("job", "cancel", NAME, s["long"]["out"])
+    return ref
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("image", type=Path)
@@ -67,113 +212,76 @@ def main() -> int:
     args = ap.parse_args()
     image = GuestImage.load(args.image)
     pki = build_grid_pki(args.work / "pki")
-    out: dict = {"steps": {}}
-    grid, node, ref = None, None, None
+    out: dict = {"jobs": {"steps": {}}, "migration": {"steps": {}}}
+    grid, nodes, ref = None, {}, None
     t0 = time.monotonic()
     try:
         grid = start_grid(pki, args.work / "g", nodes=0)
         rootfs = grid.ingest / f"{image.name}.qcow2"
-        shutil.copyfile(image.rootfs, rootfs)
+        link_or_copy(image.rootfs, rootfs)      # the repository copies from its ingest directory
         grid.repo(pki.admin).register(parse_descriptor(image.descriptor.read_bytes()), local_path=str(rootfs))
         rootfs.unlink()
         descriptor = grid.repo(pki.alice).query([f"name = {image.name}"]).descriptors[0]
-        node = NodeProcess(args.work / "node.toml", args.work / "s", args.work / "node.log", free_port())
-        write_toml(node.config, {
-            "container": {"host": "127.0.0.1", "port": node.port, "state_dir": str(node.state), "log_level": "info"},
-            "security": {"cert_dir": str(pki.cert_dir), "host_cert": str(pki.host_cert_path),
-                         "host_key": str(pki.host_key_path)},
-            "enforcement": {"authz_url": grid.authz_url, "permit_ttl": 0.0},
-            "vmmanager": {"node": "jobs1", "vmm": "qemu", "vmm_root": str(args.work / "r"),
-                          "repository": grid.repository_url, "network": NETWORK, "gateway": GATEWAY,
-                          "lease_range": LEASES, "guest_ready_timeout": args.boot_timeout, "sweep_interval": 0.5,
-                          "nic_kind": "bridge", "nic_source": BRIDGE, "manage_bridge": True,
-                          "guest_ca": str(pki.ca.directory), "job_admins": [pki.admin.dn]},
-        })
-        node.start(pki.cert_dir, timeout=180)
-        vm = VMManagerClient(GridServiceClient(node.url, pki.alice.proxy, pki.trust()))
+        for n, (name, leases) in enumerate(NODES.items()):
+            # short state paths: the guest channel socket's path must stay under 108 bytes
+            node = NodeProcess(args.work / f"{name}.toml", args.work / f"s{n}", args.work / f"{name}.log", free_port())
+            write_toml(node.config, {
+                "container": {"host": "127.0.0.1", "port": node.port, "state_dir": str(node.state),
+                              "log_level": "info"},
+                "security": {"cert_dir": str(pki.cert_dir), "host_cert": str(pki.host_cert_path),
+                             "host_key": str(pki.host_key_path)},
+                "enforcement": {"authz_url": grid.authz_url, "permit_ttl": 0.0},
+                "vmmanager": {"node": name, "vmm": "qemu", "vmm_root": str(args.work / f"r{n}"),
+                              "repository": grid.repository_url, "network": NETWORK, "gateway": GATEWAY,
+                              "lease_range": leases, "guest_ready_timeout": args.boot_timeout, "sweep_interval": 0.5,
+                              "nic_kind": "bridge", "nic_source": BRIDGE, "manage_bridge": True,
+                              "guest_ca": str(pki.ca.directory), "job_admins": [pki.admin.dn],
+                              "migration_sources": ["localhost"], "migration_timeout": 300.0,
+                              "migration_fixup_timeout": 180.0},
+            })
+            node.start(pki.cert_dir, timeout=180)
+            nodes[name] = node
+        first, second = nodes["mf1"], nodes["mf2"]
+        vm = VMManagerClient(GridServiceClient(first.url, pki.alice.proxy, pki.trust()))
         t = time.monotonic()
         ref = vm.deploy(descriptor, NAME, 3600).ref
-        info = vm.wait_for(ref, ("Running", "Failed"), timeout=args.boot_timeout + 120)
+        info = vm.wait_for(ref, ("Running", "Failed"), timeout=args.boot_timeout + 120, interval=POLL)
         out["deploy_seconds"] = round(time.monotonic() - t, 1)
-        out["instance"] = {"state": info.state, "address": info.address, "guest_status": info.guest_status,
-                           "failure": info.failure, "job_service": info.job_service}
-        alice = Cli(args.work, pki, pki.alice, node.url)
-        bob = Cli(args.work, pki, pki.bob, node.url)
-        s = out["steps"]
-        s["vm_status"] = alice("vm", "status", NAME)
-        # Running: guestd started the job service; Python starting under TCG takes a while before it listens
-        deadline, up = time.monotonic() + 300, None
-        while time.monotonic() < deadline:
-            up = alice("job", "list", NAME, timeout=120)
-            if up["rc"] == 0 or "Connection refused" not in up["err"]:
-                break
-            time.sleep(2)
-        s["service_up"] = up
-        out["service_up_seconds"] = round(time.monotonic() - t, 1)
-        # a job staging a file in and its sorted copy out, followed to its end, outputs fetched verified
-        (args.work / "seqs.txt").write_text("tata\nacgt\ngattaca\n")
-        s["submit"] = alice("job", "submit", NAME, "--stage-in", "seqs.txt", "--stage-out", "sorted.txt", "--",
-                            "sort", "-o", "sorted.txt", "seqs.txt")
-        job = s["submit"]["out"]
-        s["wait"] = alice("job", "wait", NAME, job)
-        s["status"] = alice("job", "status", NAME, job, "--json")
-        s["get"] = alice("job", "get", NAME, job, "-o", "results")
-        got = args.work / "results" / "sorted.txt"
-        out["sorted"] = got.read_text() if got.is_file() else None
-        # a failing job: the program's exit status
-        s["fail"] = alice("job", "submit", NAME, "--wait", "--", "sh", "-c", "echo oops >&2; exit 3")
-        s["fail_status"] = alice("job", "status", NAME, (s["fail"]["out"].splitlines() or ["-"])[0], "--json")
-        # Cancel of a long job
-        s["long"] = alice("job", "submit", NAME, "--", "sleep", "600")
-        s["cancel"] = alice("job", "cancel", NAME, s["long"]["out"])
-        s["cancelled"] = alice("job", "status", NAME, s["long"]["out"], "--json")
-        # bob: every job operation refused (he reaches the instance through alice's endpoint URL: he may
-        # not even read alice's instance at the VMManager)
-        url = (info.job_service or {}).get("url", "")
-        s["bob_vm_status"] = bob("job", "list", NAME)
-        s["bob"] = {"submit": bob("job", "submit", url, "--", "true"), "list": bob("job", "list", url),
-                    "status": bob("job", "status", url, job), "cancel": bob("job", "cancel", url, job),
-                    "get": bob("job", "get", url, job, "-o", "bob"), "log": bob("job", "log", url, "container"),
-                    "destroy": bob("job", "destroy", url, job)}
-        # the job service killed (SIGKILL, by a job of alice's): guestd restarts it, the jobs answer their state
-        s["survivor"] = alice("job", "submit", NAME, "--", "sleep", "600")
-        s["killer"] = alice("job", "submit", NAME, "--", "python3", "-c", KILL)
-        deadline, after = time.monotonic() + 180, None
-        while time.monotonic() < deadline:       # the service is back once it answers again
-            after = alice("job", "list", NAME, "--all", "--json", timeout=120)
-            if after["rc"] == 0:
-                break
-        s["after_restart"] = after
-        s["survivor_status"] = alice("job", "status", NAME, s["survivor"]["out"], "--json")
-        s["killer_status"] = alice("job", "status", NAME, s["killer"]["out"], "--json")
-        s["survivor_cancel"] = alice("job", "cancel", NAME, s["survivor"]["out"])
-        s["first_after"] = alice("job", "status", NAME, job, "--json")
-        # the guest's logs, readable by the owner through the job service
-        s["log_help"] = alice("job", "log", NAME, "help")
-        s["log_container"] = alice("job", "log", NAME, "container")
-        s["log_guestd"] = alice("job", "log", NAME, "guestd")
-        out["restarts"] = vm.status(ref).guest_status
-        out["sha256_seqs"] = hashlib.sha256((args.work / "seqs.txt").read_bytes()).hexdigest()
-    except Exception as exc:  # noqa: BLE001 - reported to the test, which fails with it
+        out["setup_seconds"] = round(t - t0, 1)
+        try:
+            jobs_part(out["jobs"], args.work, pki, first, vm, ref, info)
+        except Exception as exc:  # noqa: BLE001 - reported to test_guest_jobs_qemu.py, which fails with it
+            out["jobs"]["error"] = f"{type(exc).__name__}: {exc}"
+        out["jobs_seconds"] = round(time.monotonic() - t, 1)
+        t = time.monotonic()
+        try:
+            info = vm.status(ref)      # the guest as it is now, after the job service's restart
+            ref = migration_part(out["migration"], args.work, pki, first, second, ref, info)
+        except Exception as exc:  # noqa: BLE001 - reported to test_migrate_qemu.py, which fails with it
+            out["migration"]["error"] = f"{type(exc).__name__}: {exc}"
+        out["migration_seconds"] = round(time.monotonic() - t, 1)
+    except Exception as exc:  # noqa: BLE001 - reported to the tests, which fail with it
         out["error"] = f"{type(exc).__name__}: {exc}"
     finally:
         if ref is not None:
             try:
-                VMManagerClient(GridServiceClient(node.url, pki.alice.proxy, pki.trust())).destroy(ref)
+                VMManagerClient(GridServiceClient(ref.address, pki.alice.proxy, pki.trust())).destroy(ref)
             except Exception as exc:  # noqa: BLE001
                 out.setdefault("cleanup", []).append(f"destroy: {exc}")
-        if node is not None:
+        for n, (name, node) in enumerate(nodes.items()):
             node.stop()
-            out["node_exit"] = node.process.returncode
-            if "error" in out:
-                out["node_log"] = node.log_tail()[-4000:]
-            for pid in qemu_processes(f"{args.work / 'r'}/lib/qemu/"):
+            out.setdefault("node_exit", {})[name] = node.process.returncode
+            if "error" in out or any("error" in out[part] for part in ("jobs", "migration")):
+                out.setdefault("node_logs", {})[name] = node.log_tail()[-3000:]
+            for pid in qemu_processes(f"{args.work / f'r{n}'}/lib/qemu/"):
                 os.kill(pid, signal.SIGKILL)
-                out.setdefault("cleanup", []).append("killed a QEMU")
-            try:
-                out["bridge_after"] = NodeBridge(BRIDGE, GATEWAY, NETWORK, node.state / "vmmanager").teardown().exists
-            except Exception as exc:  # noqa: BLE001
-                out.setdefault("cleanup", []).append(f"bridge teardown: {exc}")
+                out.setdefault("cleanup", []).append(f"killed a QEMU of {name}")
+        try:
+            if nodes:   # the first node made the bridge: its record says so, and teardown removes it
+                first = next(iter(nodes.values()))
+                out["bridge_after"] = NodeBridge(BRIDGE, GATEWAY, NETWORK, first.state / "vmmanager").teardown().exists
+        except Exception as exc:  # noqa: BLE001
+            out.setdefault("cleanup", []).append(f"bridge teardown: {exc}")
         if grid is not None:
             grid.close()
         out["total_seconds"] = round(time.monotonic() - t0, 1)

@@ -1,34 +1,24 @@
 """The grid container in a real QEMU guest (issue 12 §3): a small recipe image with the vmgrid runtime
 and the job service as its container command, deployed through a bridge-mode node with a guest CA; the
 scientist's job commands by instance name (tests/vm/jobs_grid.py runs the grid and the commands inside
-a network namespace this test makes, vgjob-<hex>). One guest serves every check below."""
+a network namespace the session fixture jobs_scene makes, vgjob-<hex>). One guest serves every check below,
+and then the migration's of test_migrate_qemu.py (the same scene, run once)."""
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-from images import build_jobs_image
-from scene import run_scene
+from scene import scene_part
 
 
 pytestmark = pytest.mark.timeout(2400)     # the image build (first run) and one guest booted under TCG
-HELPER = Path(__file__).with_name("jobs_grid.py")
 
 
 @pytest.fixture(scope="module")
-def jobs_image(qemu_prerequisites, tmp_path_factory):
-    return build_jobs_image(tmp_path_factory.mktemp("recipe"), log=lambda m: print(m, file=sys.stderr))
-
-
-@pytest.fixture(scope="module")
-def seen(jobs_image, vm_dir):
-    """The whole scene, run once in its own network namespace; what it saw."""
-    result = run_scene(HELPER, jobs_image.directory, vm_dir, "vgjob", "guest jobs scene")
-    print(f"guest jobs scene: deploy {result.get('deploy_seconds')} s", file=sys.stderr)
-    return result
+def seen(jobs_scene):
+    """The job service's part of the scene (run once per session, tests/vm/conftest.py); what it saw."""
+    return scene_part(jobs_scene, "jobs")
 
 
 def status(step: dict) -> dict:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -35,6 +34,7 @@ from services.vmmanager.vmm import channel as channel_mod
 from services.vmmanager.vmm.config import domain_name
 from tests.fixtures.grid import free_port, start_grid
 
+from scene import link_or_copy
 from test_vmmanager_qemu import DESCRIPTOR, NodeProcess, node_settings, qemu_pids, qemu_processes
 
 NO_GUESTD = "console=ttyS0 root=/dev/vdz rw quiet"      # no such disk: the guest never reaches guestd
@@ -129,22 +129,17 @@ def flooding_disk(guest_image, vm_dir):
     (vm_dir / "flood.debugfs").write_text("cd /usr/lib/python3/dist-packages/guestd\nrm daemon.py\n"
                                           f"write {vm_dir / 'flood_daemon.py'} daemon.py\n")
     # the image is a partitioned disk (guestd/image/disk.py: boot partition, then the ext4 root as the second
-    # MBR entry): debugfs edits the root partition cut out of the disk, which is then written back in place
+    # MBR entry): debugfs edits the root partition in place, at its offset in the raw disk (e2fsprogs' io
+    # option "?offset=", rather than copying the partition out and back: two gigabytes less to write)
     with raw.open("rb") as f:
         mbr = f.read(512)
     entry = mbr[446 + 16:446 + 32]
-    start, count = int.from_bytes(entry[8:12], "little"), int.from_bytes(entry[12:16], "little")
-    root = vm_dir / "flood-root.ext4"
-    subprocess.run(["dd", f"if={raw}", f"of={root}", "bs=512", f"skip={start}", f"count={count}", "status=none"],
-                   check=True)
-    subprocess.run(["debugfs", "-w", "-f", str(vm_dir / "flood.debugfs"), str(root)], check=True,
-                   capture_output=True)
-    seen = subprocess.run(["debugfs", "-R", "cat /usr/lib/python3/dist-packages/guestd/daemon.py", str(root)],
+    start = int.from_bytes(entry[8:12], "little")
+    root = f"{raw}?offset={start * 512}"
+    subprocess.run(["debugfs", "-w", "-f", str(vm_dir / "flood.debugfs"), root], check=True, capture_output=True)
+    seen = subprocess.run(["debugfs", "-R", "cat /usr/lib/python3/dist-packages/guestd/daemon.py", root],
                           capture_output=True, text=True).stdout
     assert "floods the channel" in seen, "the flooder is in the guest's root disk"
-    subprocess.run(["dd", f"if={root}", f"of={raw}", "bs=512", f"seek={start}", "conv=notrunc", "status=none"],
-                   check=True)
-    root.unlink()
     yield raw
     raw.unlink(missing_ok=True)
 
@@ -193,7 +188,7 @@ def grid(grid_pki, guest_image, qemu_prerequisites, vm_dir):
     g = start_grid(grid_pki, vm_dir / "ug", nodes=0)
     try:
         rootfs = g.ingest / f"{IMAGE}.qcow2"
-        shutil.copyfile(guest_image.rootfs, rootfs)
+        link_or_copy(guest_image.rootfs, rootfs)      # the repository copies from its ingest directory
         text = DESCRIPTOR.format(name=IMAGE, kernel=guest_image.kernel_version, command="/bin/true").replace(
             "<boot><method>kernel</method></boot>",
             f"<boot><method>kernel</method><cmdline>{NO_GUESTD}</cmdline></boot>")
@@ -283,7 +278,7 @@ def test_a_guest_without_guestd_never_wedges_its_node(grid, grid_pki, guest_imag
         node.start(grid_pki.cert_dir)
         assert client.status(second.ref).state == "Failed"
         third = client.deploy(descriptor, "no-guestd-3", 1800)
-        final = client.wait_for(third.ref, ("Failed", "Running"), timeout=600)
+        final = client.wait_for(third.ref, ("Failed", "Running"), timeout=600, interval=1.0)
         assert final.state == "Failed" and "guestd did not report ready" in (final.failure or ""), final.failure
         assert "not ready within 15 s" in final.failure
         deadline = time.monotonic() + 30

@@ -24,37 +24,9 @@ from services.vmmanager.context import build_context, write_context_iso
 from services.vmmanager.vmm import Disk, GuestChannel, InstanceSpec, Nic, Port
 
 from conftest import console_tail
+from images import write_hello_recipe
 
 REPO = Path(__file__).resolve().parents[2]
-RECIPE = """\
-[image]
-name = "vmtest-hello"
-version = "2.0"
-vo = "bio"
-description = "recipe test: GNU hello and a file of our own"
-
-[debian]
-packages = ["hello"]
-signature = ["hello", "python3"]
-
-[hardware]
-disk_size = "768M"
-memory = 192
-
-[container]
-command = "/bin/sh /etc/vmgrid/facts.sh"
-
-[vmgrid]
-runtime = true
-
-[files]
-"/etc/vmgrid/facts.sh" = "facts.sh"
-"""
-# the guest's own view of itself, written to the serial console by the recipe's container command
-FACTS = """rt=$(python3 -c 'import client.cli, services.container.assemble, lxml, cryptography; print("runtime-ok")' 2>&1 | tail -n 1 | tr ' ' _)
-rt=${rt:-no-output}
-echo "FACTS $(cat /etc/debian_version) $(uname -r) $(dpkg-query -W -f='${Version}' hello) $rt $(hello)" > /dev/ttyS0
-"""
 
 
 def register(repo_server, grid_pki, descriptor: Path, image: Path) -> dict:
@@ -96,9 +68,7 @@ def built(tmp_path_factory):
     if os.geteuid() != 0:
         pytest.skip("building an image needs root (debootstrap)")
     d = tmp_path_factory.mktemp("recipe")
-    (d / "facts.sh").write_text(FACTS)
-    recipe = d / "hello.toml"
-    recipe.write_text(RECIPE)
+    recipe = write_hello_recipe(d)       # tests/vm/images.py: the same recipe the background pre-build makes
     out = d / "out"
     proc = subprocess.run([sys.executable, "-m", "client.cli", "image", "build", str(recipe), "--out", str(out),
                            "--json"], capture_output=True, text=True, cwd=REPO, timeout=1800)

@@ -2,27 +2,26 @@
 ranges, `vmgrid vm migrate NAME --to NODE2`, then guestd has the target's address, MAC and clock and the job
 service a certificate for the new address, with nothing restarted inside but the job service itself.
 
-One guest, booted once (the job-service image of test_guest_jobs_qemu.py, its fixture reused); the scene runs
-in tests/vm/migrate_grid.py inside a network namespace this test makes (vgmf-<hex>)."""
+One guest, booted once for test_guest_jobs_qemu.py and this module (the session fixture jobs_scene,
+tests/vm/conftest.py): after the job service's checks on the first node, tests/vm/jobs_grid.py migrates it, inside
+a network namespace the fixture makes (vgjob-<hex>)."""
 from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
-from test_guest_jobs_qemu import jobs_image  # noqa: F401 - the shared image fixture
-from scene import run_scene
+from scene import scene_part
 
 pytestmark = pytest.mark.timeout(2400)
-HELPER = Path(__file__).with_name("migrate_grid.py")
 CLOCK_BOUND = 2.0      # seconds: the guest clock against the host's bracket around the probe job
 
 
 @pytest.fixture(scope="module")
-def seen(jobs_image, vm_dir):  # noqa: F811
-    result = run_scene(HELPER, jobs_image.directory, vm_dir, "vgmf", "migration scene", detail=8000)
+def seen(jobs_scene):
+    """The migration's part of the scene (run once per session, tests/vm/conftest.py); what it saw."""
+    result = scene_part(jobs_scene, "migration", detail=8000)
     print(f"migration scene: migrate {result.get('migrate_seconds')} s", file=sys.stderr)
     after, probe = result.get("after", {}), result.get("probe_after", {})
     if "guest_time" in probe:
