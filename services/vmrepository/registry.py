@@ -132,10 +132,12 @@ class Registry:
     def __init__(self, state_dir: Path, config: RepositoryConfig, pdp: PolicyDecisionPoint):
         self.config = config
         self.state_dir = Path(state_dir)
+        log.info("opening the catalogue in %s", self.state_dir)    # these lines time a start (bench_repository_start)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.authz = Enforcer(pdp)
         self.store = ImageStore(self.state_dir / "images")
         self.catalogue = Catalogue(self.state_dir / "catalogue.sqlite", self.store)
+        log.info("catalogue opened")
         self.upload_dir = Path(config.upload_dir) if config.upload_dir else self.state_dir / "uploads"
         self.upload_dir.mkdir(parents=True, exist_ok=True)
         self.reserve = SpaceReserve(self.state_dir / "reserve", config.reserve_bytes)
