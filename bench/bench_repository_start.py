@@ -9,7 +9,9 @@ Prints, in one run:
 - registration rates in the registry core (validated, authorized by the built-in policy engine, one
   SQLite transaction per 1000): ImportImages batches against one DuplicateImage per descriptor;
 - for the process start: spawn to "serving" and the first signed QueryImages, with the saved index and
-  with the saved index removed (rebuilt at start);
+  with the saved index removed (rebuilt at start; --no-rebuild skips it), against the interpreter alone and
+  the interpreter importing what a repository start imports; and the timeline of each start (when each step
+  ended, from the milliseconds of the log lines that end them);
 - `vmgrid repo import DIR` of --import-n descriptor files as a scientist runs it (signed SOAP over
   HTTPS on loopback) against one signed DuplicateImage call per descriptor.
 """
@@ -70,12 +72,41 @@ def make_descriptors(n: int, sha: str, rng: random.Random, prefix: str = "image"
                               distro_version=version, kernel=rng.choice(KERNELS), libraries=libs, sha256=sha)
 
 
+# The steps of a `vmgrid serve repository` start, by the log line that ends each (its time to the millisecond).
+START_STEPS = [("interpreter, imports, configuration", "opening the catalogue in "),
+               ("SQLite: schema, catalogue id", "catalogue opened"),
+               ("reconcile (store against catalogue, expired holds)", "catalogue reconciled: "),
+               ("query index: saved one mapped + BLAKE3-checked + caught up, or rebuilt", "query index of "),
+               ("host credential, trust store, TLS, WS-Security, bind", " serving ")]
+
+
+def start_timeline(log_text: str, spawned: float, up: float) -> list[tuple[str, float]]:
+    """(step, seconds after the spawn when it ended) from a start's log lines, the last being the bench seeing
+    "vmgrid: serving" (it polls the log every 50 ms)."""
+    marks = []
+    for line in log_text.splitlines():
+        try:
+            stamp = time.mktime(time.strptime(line[:19], "%Y-%m-%d %H:%M:%S")) + int(line[20:23]) / 1000
+        except ValueError:
+            continue
+        marks.append((stamp, line[24:]))
+    out = []
+    for step, marker in START_STEPS:
+        at = next((stamp for stamp, text in marks if marker in text), None)
+        if at is not None:
+            out.append((step, at - spawned))
+    out.append(("the bench reads \"vmgrid: serving\" in the log", up))
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=100_000)
     ap.add_argument("--import-n", type=int, default=20_000)
     ap.add_argument("--peer-n", type=int, default=2_000)
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    ap.add_argument("--no-rebuild", action="store_true", help="skip the start without a saved index (minutes on "
+                                                              "100,000 descriptors; needs a saved index: --existing)")
     ap.add_argument("--existing", type=Path, help="the directory of an earlier run (--keep): skip the registration "
                                                   "and measure the starts and the import on its catalogue")
     args = ap.parse_args()
@@ -152,9 +183,10 @@ def main() -> int:
 
         def start_and_query(label: str, name: str):
             (root / f"{name}.log").unlink(missing_ok=True)     # an --existing run's log names the earlier URL
-            t0 = time.perf_counter()
+            t0, spawned = time.perf_counter(), time.time()
             proc = serve(name, ["repository"], config, root, timeout=1800)
             up = time.perf_counter() - t0
+            timelines.append((label.split(":")[0], spawned, up, (root / f"{name}.log").read_text(errors="replace")))
             cpu = process_cpu(proc.process.pid)
             label = f"{label}; {cpu:.2f} s of CPU; {loadavg()}"
             client = RepositoryClient(GridServiceClient(proc.url("VMRepositoryService"), alice.proxy, pki.trust()))
@@ -168,12 +200,20 @@ def main() -> int:
             return proc, up, first, second, result.total, label
 
         index = state / "catalogue.sqlite.index"
-        runs = []
-        index.unlink(missing_ok=True)
-        proc, *rest = start_and_query("no saved index: rebuilt from SQLite (peer: every start before)",
-                                      "repository-rebuilt")
-        runs.append(rest)
-        proc.stop()                                     # the rebuilt index was saved at the start
+        runs, timelines = [], []
+        if not args.no_rebuild:
+            index.unlink(missing_ok=True)
+            proc, *rest = start_and_query("no saved index: rebuilt from SQLite (peer: every start before)",
+                                          "repository-rebuilt")
+            runs.append(rest)
+            proc.stop()                                     # the rebuilt index was saved at the start
+        for what, code in (("the interpreter alone (`python -c pass`)", "pass"),
+                           ("the interpreter and the modules a repository start imports",
+                            "import client.cli, services.container.assemble, services.vmrepository.service")):
+            t = time.perf_counter()
+            subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1],
+                           env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+            rows.append((f"peer: {what}", f"{time.perf_counter() - t:.2f} s", loadavg()))
         proc, *rest = start_and_query("saved index", "repository-saved")
         runs.append(rest)
         url = proc.url("VMRepositoryService")
@@ -222,6 +262,10 @@ def main() -> int:
             shutil.rmtree(root, ignore_errors=True)
         else:
             print(f"# kept {root}")
+    for label, spawned, up, text in timelines:
+        print(f"\nstart timeline, {label} (seconds after the spawn; each step ends at its mark):")
+        for step, at in start_timeline(text, spawned, up):
+            print(f"  {at:7.3f}  {step}")
     width = max(len(r[0]) for r in rows)
     print()
     for what, figure, note in rows:

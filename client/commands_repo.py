@@ -232,9 +232,19 @@ def read_descriptor_dir(directory: Path) -> list[tuple[Path, object]]:
     return good
 
 
+IMPORT_IN_FLIGHT = 2   # ImportImages calls of one `vmgrid repo import` under way at once
+
+
 def cmd_import(args) -> int:
+    """Every descriptor file is read and validated first (nothing is sent when one is bad); then the batches go
+    out with IMPORT_IN_FLIGHT calls under way, each on its own connection, so that the command signing and
+    sending one batch and the repository checking and storing another use both ends at once. A batch refused
+    stops the sending; what the batches before it registered is removed again."""
     import re
     import time
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+    from queue import SimpleQueue
 
     from client.soap import ClientError
     from services.faults import VMGridFault
@@ -242,20 +252,49 @@ def cmd_import(args) -> int:
     if not 1 <= args.batch <= 1000:
         raise CLIError("--batch is between 1 and 1000")
     entries = read_descriptor_dir(args.directory)
-    repo = connect(args)
+    batches = [entries[first:first + args.batch] for first in range(0, len(entries), args.batch)]
+    repos = [connect(args) for _ in range(min(IMPORT_IN_FLIGHT, len(batches)))]
+    idle: SimpleQueue = SimpleQueue()
+    for repo in repos:
+        idle.put(repo)
+
+    def send(batch):
+        repo = idle.get()
+        try:
+            return repo.import_images([ws for _, ws in batch], move=True)
+        finally:
+            idle.put(repo)
+
     started = time.monotonic()
     done: list[tuple[Path, str]] = []
-    for first in range(0, len(entries), args.batch):
-        batch = entries[first:first + args.batch]
-        try:
-            ids = repo.import_images([ws for _, ws in batch])
-        except (VMGridFault, ClientError) as exc:
-            what = f"{type(exc).__name__}: {exc.description}" if isinstance(exc, VMGridFault) else str(exc)
-            m = re.match(r"descriptor (\d+)\b", getattr(exc, "description", "") or "")
-            if m and 1 <= int(m.group(1)) <= len(batch):
-                what = f"{batch[int(m.group(1)) - 1][0]}: {what}"
-            raise CLIError(f"{what}; nothing was imported{_undo(repo, done)}") from None
-        done += [(path, image_id) for (path, _), image_id in zip(batch, ids)]
+    refused = None                       # (the batch, the fault) of the first refusal
+    waiting = iter(batches)
+    under_way: deque = deque()
+    with ThreadPoolExecutor(len(repos), thread_name_prefix="vmgrid-import") as pool:
+        def top_up():
+            while refused is None and len(under_way) < len(repos):
+                batch = next(waiting, None)
+                if batch is None:
+                    return
+                under_way.append((batch, pool.submit(send, batch)))
+
+        top_up()
+        while under_way:
+            batch, future = under_way.popleft()
+            try:
+                ids = future.result()
+            except (VMGridFault, ClientError) as exc:
+                refused = refused or (batch, exc)
+                continue
+            done += [(path, image_id) for (path, _), image_id in zip(batch, ids)]
+            top_up()
+    if refused is not None:
+        batch, exc = refused
+        what = f"{type(exc).__name__}: {exc.description}" if isinstance(exc, VMGridFault) else str(exc)
+        m = re.match(r"descriptor (\d+)\b", getattr(exc, "description", "") or "")
+        if m and 1 <= int(m.group(1)) <= len(batch):
+            what = f"{batch[int(m.group(1)) - 1][0]}: {what}"
+        raise CLIError(f"{what}; nothing was imported{_undo(repos[0], done)}") from None
     seconds = time.monotonic() - started
     if args.format == "json":
         json.dump([{"file": str(p), "imageId": i} for p, i in done], sys.stdout, indent=2)
@@ -267,16 +306,16 @@ def cmd_import(args) -> int:
 
 
 def _undo(repo, done: list[tuple[Path, str]]) -> str:
-    """Remove what earlier batches of a failed import registered; says what could not be removed."""
+    """Remove what the other batches of a failed import registered; says what could not be removed."""
     left = []
-    for path, image_id in reversed(done):
+    for path, image_id in reversed(done):     # the batches sent before the refused one, and any under way with it
         try:
             repo.remove(image_id)
         except Exception:  # noqa: BLE001 - report, keep undoing the rest
             left.append(f"{path} ({image_id})")
     if left:
-        return f" except {len(left)} descriptor(s) of earlier batches that could not be removed: {', '.join(left)}"
-    return f" (the {len(done)} descriptors of earlier batches were removed again)" if done else ""
+        return f" except {len(left)} descriptor(s) of its other batches that could not be removed: {', '.join(left)}"
+    return f" (the {len(done)} descriptors of its other batches were removed again)" if done else ""
 
 
 def cmd_query(args) -> int:

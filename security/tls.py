@@ -12,11 +12,14 @@ from __future__ import annotations
 import ssl
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import requests
 from cheroot.ssl.builtin import BuiltinSSLAdapter
 
 from .pki import Credential, write_private
+
+if TYPE_CHECKING:
+    import requests
 
 # Cap on a request body cheroot accepts at all (the WS-Security middleware refuses far smaller messages itself).
 MAX_REQUEST_BODY = 64 * 1024 * 1024
@@ -64,6 +67,8 @@ def grid_session(cert_dir: Path | str, credential: Credential | None = None) -> 
     cert_dir = Path(cert_dir)
     if not cert_dir.is_dir():
         raise FileNotFoundError(f"trusted CA directory {cert_dir} does not exist")
+    import requests      # here, not at the top: a container's start (a server) never needs it (0.3 s of CPU)
+
     session = requests.Session()
     session.verify = str(cert_dir)
     session.trust_env = False      # no proxies or REQUESTS_CA_BUNDLE from the environment

@@ -324,15 +324,17 @@ class Catalogue:
                 (d.image_id, d.vo, d.name, d.owner, d.sha256, d.size, d.memory, d.vcpus, now, now, data))
             db.execute("INSERT INTO changes (image_id) VALUES (?)", (d.image_id,))
 
-    def add_many(self, elements: list[etree._Element], check: bool = False) -> None:
+    def add_many(self, elements: list[etree._Element], check: bool = False,
+                 fields: list[dict[str, str]] | None = None) -> None:
         """Insert complete descriptors whose bytes are already in the store, in one transaction (imports,
         benchmarks). With ``check``, a name already taken (DuplicateName) or bytes not in the store
-        (UnknownImage) refuse the whole batch; the fault's ``position`` is the descriptor's (1-based)."""
+        (UnknownImage) refuse the whole batch; the fault's ``position`` is the descriptor's (1-based).
+        ``fields``: each element's :func:`simple_fields` when the caller has them already (an import does)."""
         from services.faults import DuplicateName, UnknownImage
 
         rows = []
-        for element in elements:
-            f = simple_fields(element)
+        for n, element in enumerate(elements):
+            f = fields[n] if fields is not None else simple_fields(element)
             rows.append((f["identity.imageId"], f["identity.vo"], f["identity.name"], f["identity.owner"],
                          f["image.sha256"], int(f["image.size"]), int(f["hardware.memory"]), int(f["hardware.vcpus"]),
                          f["identity.created"], f["identity.created"], etree.tostring(element, encoding="UTF-8")))

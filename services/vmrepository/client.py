@@ -85,15 +85,17 @@ class RepositoryClient:
                                  workspace=self.service.to_zeep(_descriptor(descriptor)))
         return wire.read_workspace(resp)
 
-    def import_images(self, descriptors: list) -> list[str]:
+    def import_images(self, descriptors: list, *, move: bool = False) -> list[str]:
         """Register descriptors naming bytes the repository already has (at most 1000), all or none; their
-        new image ids, in order. A fault's description names the descriptor by its position."""
+        new image ids, in order. A fault's description names the descriptor by its position. With ``move``
+        the given elements themselves go into the request (no copy; `vmgrid repo import`, which sends each
+        once): they are then children of the request."""
         elements = [_descriptor(d) for d in descriptors]
         if not elements:
             raise ValueError("nothing to import")
         # zeep renders a one-descriptor request; the body sent is the whole one, built here as lxml
         resp = self.service.call("ImportImages", workspace=[self.service.to_zeep(elements[0])],
-                                 payload=wire.import_request(elements))
+                                 payload=wire.import_request(elements, move=move))
         return wire.read_imported(resp)
 
     def remove(self, image: str) -> bool:

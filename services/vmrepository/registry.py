@@ -132,10 +132,12 @@ class Registry:
     def __init__(self, state_dir: Path, config: RepositoryConfig, pdp: PolicyDecisionPoint):
         self.config = config
         self.state_dir = Path(state_dir)
+        log.info("opening the catalogue in %s", self.state_dir)    # these lines time a start (bench_repository_start)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.authz = Enforcer(pdp)
         self.store = ImageStore(self.state_dir / "images")
         self.catalogue = Catalogue(self.state_dir / "catalogue.sqlite", self.store)
+        log.info("catalogue opened")
         self.upload_dir = Path(config.upload_dir) if config.upload_dir else self.state_dir / "uploads"
         self.upload_dir.mkdir(parents=True, exist_ok=True)
         self.reserve = SpaceReserve(self.state_dir / "reserve", config.reserve_bytes)
@@ -280,8 +282,9 @@ class Registry:
                 if f.get("identity.imageId"):
                     raise InvalidDescriptor("a new image must not carry an imageId: the repository assigns it")
                 owner = f.get("identity.owner") or caller.dn
+                image_id = new_image_id()
                 try:
-                    set_field(ws, "identity", "imageId", new_image_id())
+                    set_field(ws, "identity", "imageId", image_id)
                     set_field(ws, "identity", "owner", owner)
                     set_field(ws, "identity", "created", created)
                 except (AttributeError, TypeError, ValueError):
@@ -290,7 +293,7 @@ class Registry:
                 check_descriptor(ws)            # once, with the fields the repository sets
             except VMGridFault as exc:
                 raise _in_import(exc, label) from None
-            f["identity.owner"] = owner
+            f.update({"identity.imageId": image_id, "identity.owner": owner, "identity.created": created})
             vo, name = f["identity.vo"], f["identity.name"]
             checked.append((f"descriptor {n} ({vo}/{name})", f))
             requests.append(("image.register", {"type": "image", "vo": vo, "owner": owner, "name": name},
@@ -329,6 +332,7 @@ class Registry:
                 names.add((vo, name))
                 if given_size is None:
                     set_field(ws, "image", "size", size)
+                    f["image.size"] = str(size)
                 if digest3:
                     set_field(ws, "image", "blake3", digest3)   # a given one that is not theirs was refused above
                 elif given_blake3:
@@ -336,7 +340,7 @@ class Registry:
             except VMGridFault as exc:
                 raise _in_import(exc, label) from None
         try:
-            self.catalogue.add_many(workspaces, check=True)
+            self.catalogue.add_many(workspaces, check=True, fields=[f for _, f in checked])
         except VMGridFault as exc:
             raise _in_import(exc, f"descriptor {getattr(exc, 'position', '?')}") from None
         log.info("imported %d descriptors by %s", len(workspaces), caller.dn)

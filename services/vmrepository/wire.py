@@ -202,11 +202,12 @@ def read_workspace(resp: etree._Element) -> etree._Element | None:
     return resp.find("ws:workspace", NS)
 
 
-def import_request(workspaces: list[etree._Element]) -> etree._Element:
-    """An ImportImages request element (the client sends it as built: see GridServiceClient.call's payload)."""
+def import_request(workspaces: list[etree._Element], move: bool = False) -> etree._Element:
+    """An ImportImages request element (the client sends it as built: see GridServiceClient.call's payload).
+    ``move`` puts the elements themselves into it instead of copies."""
     req = element("ImportImages")
     for ws in workspaces:
-        req.append(copy.deepcopy(ws))
+        req.append(ws if move else copy.deepcopy(ws))
     return req
 
 

@@ -192,17 +192,20 @@ def test_import_reports_every_bad_file_and_imports_nothing(grid, tmp_path, names
     assert names_in_catalogue("bad-") == []
 
 
-def test_a_refused_descriptor_is_named_and_the_import_undone(grid, tmp_path, names_in_catalogue):
-    """The repository refuses one descriptor of the third batch: the file is named, and nothing of the
-    directory stays registered, the two earlier batches included."""
-    d = _import_dir(grid, tmp_path, [f"undo-{i}" for i in range(6)])
-    victim = d / "undo-5.xml"
-    victim.write_text(victim.read_text().replace("<name>undo-5</name>", "<name>import-base</name>"))
+@pytest.mark.parametrize("victim_no", [5, 3])
+def test_a_refused_descriptor_is_named_and_the_import_undone(grid, tmp_path, names_in_catalogue, victim_no):
+    """The repository refuses one descriptor of the third batch, or of the second while the third is under way
+    beside it (the command keeps two calls under way): the file is named, and nothing of the directory stays
+    registered, the other batches included."""
+    prefix = f"undo{victim_no}-"
+    d = _import_dir(grid, tmp_path, [f"{prefix}{i}" for i in range(6)])
+    victim = d / f"{prefix}{victim_no}.xml"
+    victim.write_text(victim.read_text().replace(f"<name>{prefix}{victim_no}</name>", "<name>import-base</name>"))
     r = vmgrid(grid, "alice", "repo", "import", str(d), "--batch", "2", check=False)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.startswith(f"vmgrid: {victim}: DuplicateName: descriptor 2 (bio/import-base)"), r.stderr
-    assert "nothing was imported" in r.stderr and "4 descriptors of earlier batches were removed" in r.stderr
-    assert names_in_catalogue("undo-") == []
+    assert "nothing was imported" in r.stderr and "the 4 descriptors of its other batches were removed" in r.stderr
+    assert names_in_catalogue(prefix) == []
 
 
 @pytest.mark.parametrize("case", ["denied-vo", "over-the-limit", "unknown-bytes", "unreadable-bytes", "has-id"])

@@ -206,3 +206,31 @@ def test_an_index_far_behind_is_rebuilt_rather_than_replayed(tmp_path, monkeypat
     assert again.warm() == "rebuilt (saved index 40 changes behind)"
     assert answers(again) == truth(again)
     again.close()
+
+
+@pytest.mark.parametrize("kind", ["number", "version", "text"])
+def test_a_rebuilt_column_is_the_column_built_fact_by_fact(kind):
+    """A rebuild builds each field's column from its facts' texts (keys computed once per distinct text,
+    texts coded through a dict); the column must be exactly the one built from (slot, key, text) per fact,
+    as a catch-up's merge builds it: same sorted keys and texts, same codes per fact."""
+    import numpy as np
+
+    from services.descriptor import NUMBER, VERSION, version_key
+    from services.vmrepository.index import _Column
+
+    rng = random.Random(13)
+    pool = {"number": ["256", "512", "1024", "8192", "4096", "512"],
+            "version": ["6.6", "6.6.0", "6.10", "1.0rc1", "1.0.1", "10", "2.a"],
+            "text": ["bio", "hep", "Bio", "", "débian", "a b", "bio"]}[kind]
+    texts = [rng.choice(pool) for _ in range(500)]
+    slots = list(range(500))
+    rng.shuffle(slots)
+    kind_of = {"number": NUMBER, "version": VERSION, "text": "text"}[kind]
+    keys = [float(t) if kind_of == NUMBER else version_key(t) if kind_of == VERSION else t for t in texts]
+    by_fact = _Column.build(kind_of == NUMBER, list(zip(slots, keys, texts)))
+    rebuilt = _Column.from_texts(kind_of, slots, texts)
+    assert rebuilt.numeric == by_fact.numeric
+    for name in ("slots", "ukeys", "kcodes", "utexts", "tcodes"):
+        assert np.array_equal(np.asarray(getattr(rebuilt, name)), np.asarray(getattr(by_fact, name))), name
+    assert len(rebuilt.ukeys) < len(texts)          # distinct keys, each fact coded to its own
+    assert [rebuilt.utexts[c] for c in rebuilt.tcodes] == texts
