@@ -42,6 +42,23 @@ def _targets(spec: InstanceSpec) -> tuple[list[str], list[str]]:
     return disks, cdroms
 
 
+def tap_name(uuid: str, index: int) -> str:
+    """The host tap device of an instance's NIC ``index`` (bridge and network NICs): named after the instance,
+    not left to libvirt. Each node process has its own embedded libvirt, and each would pick the first free
+    ``vnetN`` by itself: two nodes on one host creating a tap at the same moment chose the same name and one
+    deploy failed ("Unable to create tap device vnet0: Device or resource busy"). 15 characters at most
+    (IFNAMSIZ); an instance's UUID is unique, and it keeps its name when saved, restored or migrated."""
+    return f"vg{uuid.replace('-', '')[:11]}{index % 10}"
+
+
+def _set_taps(dom: ET.Element, spec: InstanceSpec) -> None:
+    for i, e in enumerate(dom.findall("devices/interface")):
+        for target in e.findall("target"):
+            e.remove(target)
+        if e.get("type") in ("bridge", "network"):
+            ET.SubElement(e, "target", dev=tap_name(spec.uuid, i))
+
+
 def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrib: str) -> ET.Element:
     e = ET.SubElement(parent, tag, {k.rstrip("_"): v for k, v in attrib.items()})
     if text is not None:
@@ -97,7 +114,7 @@ def domain_xml(spec: InstanceSpec, domain_type: str) -> str:
         _sub(e, "source", file=str(path))
         _sub(e, "target", dev=target, bus="ide")
         _sub(e, "readonly")
-    for nic in spec.nics:
+    for index, nic in enumerate(spec.nics):
         e = _sub(devices, "interface", type=nic.kind)
         _sub(e, "mac", address=nic.mac)
         if nic.kind == "network":
@@ -105,6 +122,8 @@ def domain_xml(spec: InstanceSpec, domain_type: str) -> str:
         elif nic.kind == "bridge":
             _sub(e, "source", bridge=nic.source or "")
         _sub(e, "model", type=nic.model)
+        if nic.kind in ("network", "bridge"):
+            _sub(e, "target", dev=tap_name(spec.uuid, index))
     for port in spec.serial_ports:
         _port(devices, "serial", port)
     for port in spec.parallel_ports:
@@ -222,6 +241,7 @@ def relocate(saved_xml: str, spec: InstanceSpec) -> str:
         token = dom.find(f"metadata/{_M}instance/{_M}token")
         if token is not None:          # a migrated instance's channel speaks with this node's token
             token.text = spec.channel.token
+    _set_taps(dom, spec)
     # the NICs keep their saved MACs: libvirt refuses a restore whose MAC differs (guest ABI); after a migration
     # guestd moves the guest's NIC to the target's leased MAC itself (guestd/migrated.py)
     return ET.tostring(dom, encoding="unicode")
@@ -252,7 +272,4 @@ def clone_xml(saved_xml: str, spec: InstanceSpec) -> str:
         if e.get("type") != nic.kind or (e.find("model") is not None and e.find("model").get("type") != nic.model):
             raise InvalidSpec(f"NIC {nic.kind}/{nic.model} differs from the saved {e.get('type')}")
         e.find("mac").set("address", nic.mac)
-        target = e.find("target")      # the tap the template had: QEMU names a new one
-        if target is not None:
-            e.remove(target)
     return relocate(ET.tostring(dom, encoding="unicode"), spec)

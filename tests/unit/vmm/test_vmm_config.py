@@ -120,3 +120,24 @@ def test_relocate_refuses_a_spec_of_other_devices(change):
 def test_a_bad_spec_is_refused_with_the_field_named(change, words):
     with pytest.raises(InvalidSpec, match=words):
         spec(**change).validate()
+
+
+def test_bridge_and_network_nics_get_a_tap_named_after_the_instance():
+    """Each node process embeds its own libvirt; left to libvirt, two nodes on one host pick the same first
+    free vnetN at the same moment and one deploy fails. The tap is named after the instance (unique), fits
+    IFNAMSIZ, keeps its name through a save/restore, and a warm clone gets its own, not its template's."""
+    from services.vmmanager.vmm.config import clone_xml, tap_name
+    s = spec(nics=(Nic("52:54:00:00:00:01"), Nic("52:54:00:00:00:02", kind="bridge", source="br0"),
+                   Nic("52:54:00:00:00:03", kind="network", source="default")))
+    xml = domain_xml(s, "qemu")
+    taps = [(n.find("target").get("dev") if n.find("target") is not None else None)
+            for n in ET.fromstring(xml).findall("devices/interface")]
+    assert taps[0] is None and taps[1] == tap_name(s.uuid, 1) and taps[2] == tap_name(s.uuid, 2)
+    assert all(len(t) <= 15 and not t.startswith("vnet") for t in taps[1:]) and taps[1] != taps[2]
+    assert tap_name(s.uuid, 1) != tap_name("1f0e0d0c-0b0a-4908-8706-050403020100", 1)
+    saved = xml.replace(f"dev=\"{taps[1]}\"", "dev=\"vnet7\"")                 # what libvirt may record
+    again = [n.find("target") for n in ET.fromstring(relocate(saved, s)).findall("devices/interface")]
+    assert again[0] is None and again[1].get("dev") == taps[1]
+    clone = dataclasses.replace(s, name="i2", uuid="1f0e0d0c-0b0a-4908-8706-050403020100")
+    cloned = [n.find("target") for n in ET.fromstring(clone_xml(xml, clone)).findall("devices/interface")]
+    assert cloned[1].get("dev") == tap_name(clone.uuid, 1) != taps[1]

@@ -14,7 +14,7 @@ from services.descriptor import Descriptor
 from services.vmmanager import warm
 from services.vmmanager.vmm import Disk, GuestChannel, InstanceSpec, InvalidSpec, KernelBoot, Nic, Port
 from services.vmmanager.vmm import saveimage
-from services.vmmanager.vmm.config import clone_xml, domain_xml, spec_from_xml
+from services.vmmanager.vmm.config import clone_xml, domain_xml, spec_from_xml, tap_name
 
 STREAM = b"QEVM" + bytes(range(256)) * 64
 
@@ -100,6 +100,8 @@ def test_clone_xml_gives_the_clone_its_name_uuid_mac_token_and_files(tmp_path):
     assert [d.path for d in got.disks] == [b / "root.qcow2"] and got.cdroms == (b / "context.iso",)
     assert got.serial_ports[0].path == b / "console.log"
     assert "vnet3" not in clone_xml(saved, clone), "the template's tap is not reused"
+    nic = etree.fromstring(clone_xml(saved, clone).encode()).find("devices/interface")
+    assert [t.get("dev") for t in nic.findall("target")] == [tap_name(clone.uuid, 0)], "one tap, the clone's own"
 
 
 def test_clone_xml_refuses_other_devices(tmp_path):
