@@ -32,6 +32,7 @@ MIN_SEED = 32          # bytes of host randomness a recontext must bring
 
 def recontext(daemon: "Guestd", message: dict[str, Any]) -> dict[str, Any]:
     """Handle ``recontext``: take the instance's identity; return guestd's status (ready, steps)."""
+    started = time.monotonic()
     old = daemon.context
     if old is None or not old.warm or not daemon.ready:
         raise ContextError("recontext is for a ready warm-snapshot template only")
@@ -49,17 +50,31 @@ def recontext(daemon: "Guestd", message: dict[str, Any]) -> dict[str, Any]:
     daemon.context, daemon.context_source, daemon.ready = ctx, "recontext", False
     if daemon.port is not None:
         daemon.port.set_token(ctx.token)
-    results: dict[str, StepResult] = {
-        "clock-restore": _guarded("clock-restore", lambda: clock.set_time(env, float(message["time"]))),
-        "identity": _guarded("identity", lambda: _identity(daemon, old.network.mac, ctx.network.mac, seed)),
-    }
-    results.update(run_all(ctx, env))
+    seconds: dict[str, float] = {}
+    received = getattr(daemon.port, "received_at", None)
+    if received is not None:           # the message read, decoded and checked
+        seconds["message"] = round(started - received, 4)
+    results: dict[str, StepResult] = {}
+    for name, fn in (("clock-restore", lambda: clock.set_time(env, float(message["time"]))),
+                     ("identity", lambda: _identity(daemon, old.network.mac, ctx.network.mac, seed))):
+        t = time.monotonic()
+        results[name] = _guarded(name, fn)
+        seconds[name] = round(time.monotonic() - t, 4)
+    results.update(run_all(ctx, env, seconds))
     results["power"] = daemon.results.get("power") or StepResult("power", True)
     daemon.results, daemon.ready, daemon.error = results, True, None
+    t = time.monotonic()
     if daemon.port is not None:
         report.handle(ctx, results, daemon.port)
+    seconds["report"] = round(time.monotonic() - t, 4)
     log.info("recontext: now %s (%s)", ctx.instance, {n: r.ok for n, r in results.items()})
-    return daemon.status()
+    t = time.monotonic()
+    status = daemon.status()
+    seconds["status"] = round(time.monotonic() - t, 4)
+    seconds["total"] = round(time.monotonic() - started, 4)
+    # where the recontext's time went in the guest (the node logs it): seconds per step
+    status["recontext_seconds"] = seconds
+    return status
 
 
 def _guarded(name: str, fn) -> StepResult:
