@@ -32,7 +32,7 @@ from services.vmmanager.context import build_context, write_context_iso
 from services.vmmanager.imagecache import ImageCache
 from services.vmmanager.store import Instance, LeaseRange, NodeStore
 from services.vmmanager.vmm import VMM, Disk, GuestChannel, InstanceSpec, KernelBoot, Nic, Port, VMMError
-from services.vmmanager.vmm.errors import GuestWaitCancelled
+from services.vmmanager.vmm.errors import GuestUnavailable, GuestWaitCancelled
 
 log = logging.getLogger(__name__)
 
@@ -287,12 +287,14 @@ class _EarlyRecontext:
     """The recontext request on a thread of its own, sent once the clone's channel socket exists (libvirt
     listens on it before QEMU runs). ``result`` is guestd's answer, or None when nothing was sent."""
 
-    POLL = 0.005     # seconds between looks for the socket
+    POLL = 0.005           # seconds between looks for the socket
+    RESTORE_LIMIT = 600.0  # seconds a restore may take before the early request gives up by itself
 
     def __init__(self, parts: NodeParts, key: str, socket_path: Path, ctx: dict, cancel: threading.Event) -> None:
         self.parts, self.key, self.path, self.ctx, self.cancel = parts, key, Path(socket_path), ctx, cancel
         self.sent = False
         self._stop = threading.Event()
+        self._abort = threading.Event()      # the request's own cancel: the deploy's, or result() gave up
         self._done = threading.Event()
         self._status: dict | None = None
         self._error: BaseException | None = None
@@ -309,7 +311,10 @@ class _EarlyRecontext:
             except VMMError:
                 return           # not listening yet after all: the request goes after the restore
             self.sent = True
-            self._status = _recontext(self.parts, self.key, {**self.ctx, "time": time.time()}, self.cancel)
+            # its time limit is result()'s, counted from the end of the restore: this one only bounds the thread
+            self._status = self.parts.vmm.guest_channel(self.key).request(
+                "recontext", timeout=self.parts.config.warm_restore_timeout + self.RESTORE_LIMIT, cancel=self._abort,
+                context={**self.ctx, "time": time.time()}, seed=secrets.token_hex(64), time=time.time())
         except BaseException as exc:   # noqa: BLE001 - handed to the deploy's thread by result()
             self._error = exc
         finally:
@@ -317,11 +322,21 @@ class _EarlyRecontext:
 
     def abandon(self) -> None:
         self._stop.set()
+        self._abort.set()
 
     def result(self, timeout: float) -> dict | None:
+        """guestd's answer, waited for at most ``timeout`` seconds from now (the end of the restore), as a
+        recontext sent after the restore would be; None when it was not sent."""
         self._stop.set()
-        if not self._done.wait(timeout):
-            raise VMMFault(f"guestd did not answer the recontext within {timeout:g} s", operation="restore")
+        deadline = time.monotonic() + timeout
+        while not self._done.wait(max(0.0, min(0.1, deadline - time.monotonic()))):
+            if self.cancel.is_set():
+                self._abort.set()
+                raise GuestWaitCancelled(f"the deploy of {self.key} was cancelled during its recontext")
+            if time.monotonic() >= deadline:
+                self._abort.set()
+                raise GuestUnavailable(f"guestd in {self.key} did not answer recontext within {timeout:g} s "
+                                       "after the restore")
         if self._error is not None and self.sent:
             raise self._error
         return self._status if self.sent else None
