@@ -28,6 +28,7 @@ qemu and wan parts.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import multiprocessing as mp
 import os
@@ -441,9 +442,18 @@ def warm_snapshot_deploys(site: Site, node, vmm, wws, args) -> dict:
                 vmm.destroy(c["ref"])
             except Exception as exc:  # noqa: BLE001 - best effort; the node stops next
                 log(f"qemu/warm: could not destroy {c['ref']}: {exc}")
+    text = node.log.read_text()
     split = [tuple(float(x) for x in m) for m in re.findall(r"warm clone restored in ([0-9.]+) s(?: \([^)]*\))?, "
-                                                            r"guestd took its identity in ([0-9.]+) s", node.log.read_text())]
-    return {"first": run, "snapshot_made": made, "runs": runs, "clones": clones, "split": split,
+                                                            r"guestd took its identity in ([0-9.]+) s", text)]
+    guest = []          # guestd's own seconds per recontext step, as the node logged them
+    for m in re.findall(r"guestd took its identity in [0-9.]+ s \(([^;]*); in the guest: (\{[^}]*\})\)", text):
+        try:
+            guest.append((m[0], ast.literal_eval(m[1])))
+        except (ValueError, SyntaxError):
+            pass
+    state = sorted((site.root / "qn" / "vmmanager" / "warm").glob("*/memory.save"))
+    return {"first": run, "snapshot_made": made, "runs": runs, "clones": clones, "split": split, "guest": guest,
+            "state_bytes": state[0].stat().st_size if state else None,
             "clones_running": sum(1 for i in range(len(clones)) if f"clone-{i}" in running)}
 
 
@@ -542,6 +552,13 @@ def print_warm_snapshot(q: dict, cold: list[float], bare: list[float]) -> list[s
     if w["split"]:
         print(f"restore phase, p50 over {len(w['split'])} clones: libvirt restore of the clone "
               f"{fmt_s(p50([a for a, _ in w['split']]))}, guestd's recontext {fmt_s(p50([b for _, b in w['split']]))}")
+    if w.get("guest"):
+        steps = sorted({k for _, g in w["guest"] for k in g}, key=lambda k: (k == "total", k))
+        early = sum(1 for how, _ in w["guest"] if how.startswith("sent during"))
+        print(f"recontext in the guest, p50 over {len(w['guest'])} clones (sent during the restore: {early}): "
+              + ", ".join(f"{k} {fmt_s(p50([g[k] for _, g in w['guest'] if k in g]))}" for k in steps))
+    if w.get("state_bytes"):
+        print(f"the snapshot's saved state: {w['state_bytes'] / 2**20:.1f} MiB for the {q['memory']} MiB guest")
     clones = w["clones"]
     addresses = {c["address"] for c in clones}
     macs = {c["mac"] for c in clones}

@@ -3,8 +3,8 @@
     .venv/bin/python bench/profile_restore.py [--memory 256,512] [--repeat 3]
 
 For each memory size a real guest (the project's guest image, QEMU software emulation) is booted in this
-process's qemu:///embed root to guestd ready, then timed: the save; QEMU start alone (a domain started
-paused without a saved state: the floor of any restore); a restore (paused) of the save file with its
+process's qemu:///embed root to guestd ready, then timed: the save; QEMU alone started by hand (no libvirt: -S -incoming defer, to its QMP greeting); QEMU
+started through libvirt alone (a domain started paused without a saved state: the floor of any restore); a restore (paused) of the save file with its
 pages in the page cache, the same with the file evicted from the page cache first (as after a copy that
 was not read back), the resume, and guestd's first answer after the resume; a clone's save-file rewrite
 (services/vmmanager/vmm/saveimage.py). Needs root (qemu:///embed runs QEMU as root). Prints figures only.
@@ -35,6 +35,44 @@ def evict(path: Path) -> None:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
+
+
+def qemu_by_hand(memory: int, work: Path) -> float:
+    """QEMU alone, no libvirt: started with -S -incoming defer (how libvirt starts a restore) and the
+    devices of a guest, to its QMP greeting; seconds."""
+    import socket
+    import subprocess
+    sock = work / "qmp-by-hand.sock"
+    sock.unlink(missing_ok=True)
+    t = time.perf_counter()
+    proc = subprocess.Popen(["qemu-system-x86_64", "-machine", "pc,usb=off", "-accel", "tcg", "-m", str(memory),
+                             "-nodefaults", "-display", "none", "-S", "-incoming", "defer",
+                             "-device", "virtio-serial-pci", "-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0",
+                             "-qmp", f"unix:{sock},server=on,wait=off"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while True:
+            s = socket.socket(socket.AF_UNIX)
+            try:
+                s.connect(str(sock))
+                break
+            except OSError:
+                s.close()
+                if proc.poll() is not None:
+                    raise RuntimeError("qemu-system-x86_64 exited before its QMP socket listened")
+                time.sleep(0.002)
+        with s:
+            s.recv(4096)
+            took = time.perf_counter() - t
+            s.sendall(b'{"execute":"qmp_capabilities"}\n')
+            s.recv(4096)
+            s.sendall(b'{"execute":"quit"}\n')
+            proc.wait(30)
+        return took
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def spin(stop: threading.Event) -> None:
@@ -85,7 +123,8 @@ def main() -> int:
             node.start(name)
             log(f"{memory} MiB: booting")
             node.guest_channel(name).wait_ready(timeout=300)
-            fig: dict[str, list[float]] = {k: [] for k in ("save", "qemu-start", "restore-cached", "restore-evicted",
+            fig: dict[str, list[float]] = {k: [] for k in ("save", "qemu-by-hand", "qemu-start", "restore-cached",
+                                                          "restore-evicted",
                                                           "restore-busy-gil",
                                                           "resume", "guestd-answer", "clone-rewrite")}
             for r in range(args.repeat):
@@ -94,6 +133,7 @@ def main() -> int:
                 node.save(name, state)
                 fig["save"].append(time.perf_counter() - t)
                 size = state.stat().st_size
+                fig["qemu-by-hand"].append(qemu_by_hand(memory, d))
                 # the floor: QEMU started paused, nothing loaded
                 other = dataclasses.replace(spec, name=f"{name}-x", uuid=str(uuid.uuid4()),
                                             nics=(Nic("52:54:00:be:03:02"),),

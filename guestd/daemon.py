@@ -25,8 +25,10 @@ SOURCES = ("cdrom", "cmdline", "channel")
 class Guestd:
     """One guestd: its environment, its port to the host, its context sources and its results."""
 
-    def __init__(self, env: Environment, port: GuestPort | None, sources: list[Any]) -> None:
+    def __init__(self, env: Environment, port: GuestPort | None, sources: list[Any],
+                 zero_free: bool = False) -> None:
         self.env, self.port, self.sources = env, port, sources
+        self.zero_free = zero_free     # a warm template zeroes free memory before ready (the real guest only)
         self.context: InstanceContext | None = None
         self.context_source: str | None = None
         self.results: dict[str, StepResult] = {}
@@ -67,6 +69,12 @@ class Guestd:
             self.port.set_token(ctx.token)
         results = run_all(ctx, self.env)
         results["power"] = StepResult("power", True, power.watch(self.env, self._power_pressed))
+        if ctx.warm and self.zero_free:       # the node saves the template once it is ready: a smaller state
+            try:
+                log.info("warm template: %d MiB of free memory zeroed before the save",
+                         rewake.zero_free_memory(self.env.roots))
+            except (OSError, ValueError) as exc:
+                log.warning("warm template: free memory not zeroed: %s", exc)
         # published whole: the channel thread's status() may read it at any moment
         self.results = results
         self.ready = True
@@ -142,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             sources.append(CmdlineSource(roots))
         elif name == "channel" and port is not None:
             sources.append(ChannelSource(port, args.channel_wait))
-    daemon = Guestd(env, port, sources)
+    daemon = Guestd(env, port, sources, zero_free=True)
     while not daemon.boot():
         log.error("not ready: %s; trying again in 5 s", daemon.error)
         time.sleep(5)

@@ -23,7 +23,8 @@ from .system import Roots
 log = logging.getLogger("guestd.port")
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
 MAX_OUTBOX = 1000
-HUP_BACKOFF = 0.2
+HUP_BACKOFF = 0.2          # seconds between looks at a port whose host side is gone, at most
+HUP_FIRST = 0.01           # ... and at first: a restored or migrated guest's new host connects within moments
 
 
 def find_port(roots: Roots, name: str) -> Path | None:
@@ -54,6 +55,8 @@ class GuestPort:
         self._settled = False          # guestd has its context (from any source): no pushes accepted
         self._stop = threading.Event()
         self.host_connected = False
+        self.received_at: float | None = None   # time.monotonic() when the last host message was read
+        self._hup_wait = HUP_FIRST
         self._thread = threading.Thread(target=self._loop, name="guestd-port", daemon=True)
 
     def start(self) -> "GuestPort":
@@ -126,6 +129,8 @@ class GuestPort:
                     data = b""
                 if data:
                     self.host_connected = True
+                    self._hup_wait = HUP_FIRST
+                    self.received_at = time.monotonic()
                     for line in buf.feed(data):
                         self._dispatch(line)
                     self._flush(fd)                # replies leave at once
@@ -133,14 +138,19 @@ class GuestPort:
                     self._disconnected(buf)
             if ev & select.POLLOUT:
                 self.host_connected = True
+                self._hup_wait = HUP_FIRST
                 self._flush(fd)
             elif ev & (select.POLLHUP | select.POLLERR) and not ev & select.POLLIN:
                 self._disconnected(buf)
 
     def _disconnected(self, buf: protocol.LineBuffer) -> None:
+        """The host side is gone: poll cannot wait for it to come back (it says POLLHUP at once), so look
+        again after a pause that starts short and doubles up to HUP_BACKOFF (a restored clone's node sends
+        its recontext the moment it connects; a long-gone host costs a few wake-ups a second)."""
         self.host_connected = False
         buf.feed(b"\n")                            # drop a half-received line
-        self._stop.wait(HUP_BACKOFF)
+        self._stop.wait(self._hup_wait)
+        self._hup_wait = min(self._hup_wait * 2, HUP_BACKOFF)
 
     def _flush(self, fd: int) -> None:
         with self._lock:

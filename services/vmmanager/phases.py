@@ -32,7 +32,7 @@ from services.vmmanager.context import build_context, write_context_iso
 from services.vmmanager.imagecache import ImageCache
 from services.vmmanager.store import Instance, LeaseRange, NodeStore
 from services.vmmanager.vmm import VMM, Disk, GuestChannel, InstanceSpec, KernelBoot, Nic, Port, VMMError
-from services.vmmanager.vmm.errors import GuestWaitCancelled
+from services.vmmanager.vmm.errors import GuestUnavailable, GuestWaitCancelled
 
 log = logging.getLogger(__name__)
 
@@ -237,31 +237,109 @@ def restore(parts: NodeParts, spec: InstanceSpec, snapshot, iso: Path, cancel: t
     """Instead of power-on and guest-ready: a clone of the image's warm snapshot (``snapshot``, a
     services.vmmanager.warm.Snapshot) restored on the instance's overlay, then guestd's ``recontext``:
     the instance's context (read back from its context ISO), a random seed and the host clock. guestd
-    answers with its status once it has the new identity and its container runs (GuestStatus)."""
+    answers with its status once it has the new identity and its container runs (GuestStatus).
+
+    The recontext is sent while libvirt still restores: as soon as the clone's channel socket listens,
+    so it waits in the socket and guestd reads it the moment the guest runs (no connect, no wake-up
+    after the restore). The guest clock it sets is then as old as the rest of the restore: a
+    ``set-time`` follows the answer."""
     key = spec.name
-    t = time.perf_counter()
-    spared = vmm_call("restore", parts.vmm.restore_clone, snapshot.memory, spec, parts.home(key) / "warm.save",
-                      spare=snapshot.spare())
-    restored = time.perf_counter() - t
     with open(iso, "rb") as f:
         ctx = json.loads(read_iso_file(f, CONTEXT_FILE))
-    ctx["time"] = time.time()
+    early = _EarlyRecontext(parts, key, spec.channel.path, ctx, cancel)
+    t = time.perf_counter()
     try:
-        status = parts.vmm.guest_channel(key).request(
-            "recontext", timeout=parts.config.warm_restore_timeout, cancel=cancel,
-            context=ctx, seed=secrets.token_hex(64), time=time.time())
+        spared = vmm_call("restore", parts.vmm.restore_clone, snapshot.memory, spec, parts.home(key) / "warm.save",
+                          spare=snapshot.spare())
+    except BaseException:
+        early.abandon()
+        raise
+    restored = time.perf_counter() - t
+    try:
+        status = early.result(parts.config.warm_restore_timeout)
+        if status is None:       # not sent early (the socket was never seen, or the connection failed): now
+            ctx["time"] = time.time()
+            status = _recontext(parts, key, ctx, cancel)
+        else:
+            parts.vmm.guest_channel(key).set_time(timeout=parts.config.warm_restore_timeout)
     except GuestWaitCancelled:
         raise
     except VMMError as exc:
         raise VMMFault(f"guestd did not take its context after the warm restore: {exc}", operation="restore") from None
-    log.info("instance %s: warm clone restored in %.2f s (%s), guestd took its identity in %.2f s", key, restored,
-             "from a spare" if spared else "save file copied", time.perf_counter() - t - restored)
+    log.info("instance %s: warm clone restored in %.2f s (%s), guestd took its identity in %.2f s (%s; in the guest: %s)",
+             key, restored, "from a spare" if spared else "save file copied", time.perf_counter() - t - restored,
+             "sent during the restore" if early.sent else "sent after the restore", status.get("recontext_seconds"))
     if not status.get("ready"):
         parts.store.update(key, guest_status=guest_summary(status))
         raise VMMFault(f"guestd is not ready after the warm restore: {status.get('error')}", operation="restore")
     # the clone's grid step made its own key (the template had no grid context): its certificate, as after a boot
     note = grid_container(parts, key, status)
     parts.store.update(key, guest_status=guest_summary(status) if note is None else f"{guest_summary(status)}; {note}")
+
+
+def _recontext(parts: NodeParts, key: str, ctx: dict, cancel: threading.Event) -> dict:
+    return parts.vmm.guest_channel(key).request(
+        "recontext", timeout=parts.config.warm_restore_timeout, cancel=cancel,
+        context=ctx, seed=secrets.token_hex(64), time=time.time())
+
+
+class _EarlyRecontext:
+    """The recontext request on a thread of its own, sent once the clone's channel socket exists (libvirt
+    listens on it before QEMU runs). ``result`` is guestd's answer, or None when nothing was sent."""
+
+    POLL = 0.005           # seconds between looks for the socket
+    RESTORE_LIMIT = 600.0  # seconds a restore may take before the early request gives up by itself
+
+    def __init__(self, parts: NodeParts, key: str, socket_path: Path, ctx: dict, cancel: threading.Event) -> None:
+        self.parts, self.key, self.path, self.ctx, self.cancel = parts, key, Path(socket_path), ctx, cancel
+        self.sent = False
+        self._stop = threading.Event()
+        self._abort = threading.Event()      # the request's own cancel: the deploy's, or result() gave up
+        self._done = threading.Event()
+        self._status: dict | None = None
+        self._error: BaseException | None = None
+        threading.Thread(target=self._run, name=f"recontext-{key}", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            while not self.path.exists():
+                if self._stop.wait(self.POLL) or self.cancel.is_set():
+                    return
+            channel = self.parts.vmm.guest_channel(self.key)
+            try:
+                channel.connect()
+            except VMMError:
+                return           # not listening yet after all: the request goes after the restore
+            self.sent = True
+            # its time limit is result()'s, counted from the end of the restore: this one only bounds the thread
+            self._status = self.parts.vmm.guest_channel(self.key).request(
+                "recontext", timeout=self.parts.config.warm_restore_timeout + self.RESTORE_LIMIT, cancel=self._abort,
+                context={**self.ctx, "time": time.time()}, seed=secrets.token_hex(64), time=time.time())
+        except BaseException as exc:   # noqa: BLE001 - handed to the deploy's thread by result()
+            self._error = exc
+        finally:
+            self._done.set()
+
+    def abandon(self) -> None:
+        self._stop.set()
+        self._abort.set()
+
+    def result(self, timeout: float) -> dict | None:
+        """guestd's answer, waited for at most ``timeout`` seconds from now (the end of the restore), as a
+        recontext sent after the restore would be; None when it was not sent."""
+        self._stop.set()
+        deadline = time.monotonic() + timeout
+        while not self._done.wait(max(0.0, min(0.1, deadline - time.monotonic()))):
+            if self.cancel.is_set():
+                self._abort.set()
+                raise GuestWaitCancelled(f"the deploy of {self.key} was cancelled during its recontext")
+            if time.monotonic() >= deadline:
+                self._abort.set()
+                raise GuestUnavailable(f"guestd in {self.key} did not answer recontext within {timeout:g} s "
+                                       "after the restore")
+        if self._error is not None and self.sent:
+            raise self._error
+        return self._status if self.sent else None
 
 
 def guest_summary(status: dict) -> str:

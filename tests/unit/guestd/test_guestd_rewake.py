@@ -95,6 +95,10 @@ def test_recontext_gives_the_clone_its_identity_and_runs_every_step(daemon):
     assert daemon.port.token == "N" * 24
     ready = [m for m in daemon.port.sent if m["op"] == "ready"]
     assert ready and all(m["token"] == "N" * 24 for m in daemon.port.sent), "reports carry the new token"
+    seconds = status["recontext_seconds"]
+    assert {"clock-restore", "identity", "clock", "hostname", "network", "grid", "container", "report",
+            "total"} <= set(seconds), "guestd says where its time went, step by step"
+    assert seconds["total"] >= seconds["identity"] + seconds["network"]
 
 
 def test_two_clones_report_different_random_probes(daemon, tmp_path, monkeypatch):
@@ -174,3 +178,41 @@ def test_the_mac_changes_for_real_in_a_network_namespace(tmp_path):
 def test_reseed_rng_for_real():
     """RNDADDENTROPY + RNDRESEEDCRNG on this machine's /dev/urandom (root): accepted by the kernel."""
     reseed_rng(System(Roots()), os.urandom(64))
+
+
+def test_a_template_zeroes_free_memory_but_keeps_a_margin(tmp_path):
+    """Before its save a warm template has the kernel zero-fill its free pages (mapped, faulted in, given
+    back): all free memory but 1/8 and at least 16 MiB; nothing with too little free."""
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    roots = Roots(proc=proc)
+    (proc / "meminfo").write_text("MemTotal:  262144 kB\nMemFree:    20480 kB\nCached:  40000 kB\n")
+    assert rewake.zero_free_memory(roots) == 4                 # 20 MiB free, 16 MiB kept
+    (proc / "meminfo").write_text("MemTotal:  262144 kB\nMemFree:    16384 kB\n")
+    assert rewake.zero_free_memory(roots, keep_mib=1) == 14    # 1/8 kept when that is more
+    (proc / "meminfo").write_text("MemTotal:  262144 kB\nMemFree:    18432 kB\n")
+    assert rewake.zero_free_memory(roots) == 0                 # 18 MiB free: not worth it
+
+
+def test_only_the_real_guest_zeroes_memory_at_a_warm_boot(tmp_path, monkeypatch):
+    """Guestd(zero_free=True) is what guestd's main() makes in a guest; a template booted by a test (or an
+    instance that is not warm) does not map the test machine's free memory."""
+    calls = []
+    monkeypatch.setattr(rewake, "zero_free_memory", lambda roots: calls.append(roots) or 0)
+    roots = fake_roots(tmp_path, nics={"eth0": TEMPLATE_MAC})
+
+    class Source:
+        name = "test"
+
+        def __init__(self, ctx):
+            self.ctx = ctx
+
+        def read(self):
+            return self.ctx
+
+    for zero_free, ctx, want in ((False, template_context(), 0), (True, validate(instance_context()), 0),
+                                 (True, template_context(), 1)):
+        g = Guestd(Environment(FakeSystem(roots), roots), None, [Source(ctx)], zero_free=zero_free)
+        assert g.boot()
+        assert len(calls) == want
+        calls.clear()
