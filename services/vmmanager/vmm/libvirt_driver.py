@@ -437,6 +437,7 @@ security_driver = "none"
 stdio_handler = "file"
 """
 QEMU_USER = "libvirt-qemu"
+PROBE_DOMAIN = "capability-probe"   # the throw-away domain of LibvirtQemuDriver._load_storage_module
 EVENT_SWITCH_INTERVAL = 0.0005   # seconds: sys.setswitchinterval in a process that embeds QEMU (see below)
 _embed_lock = threading.Lock()
 _embed_root: Path | None = None
@@ -493,14 +494,42 @@ class LibvirtQemuDriver(LibvirtDriver):
         """libvirt probes QEMU's capabilities (a QEMU process queried over QMP, seconds under TCG) on the first
         domain a new embed root defines, and keeps them in the root's cache: done now in the background, so the
         first deploy's power-on or the first migration's restore here does not wait for it (it was 4.7 s of a
-        migration's 8.3 s restore phase on a loaded machine)."""
+        migration's 8.3 s restore phase on a loaded machine).
+
+        The probe is stamped with the newest ctime of the libvirt modules loaded so far. The storage-file module
+        (libvirt_storage_file_fs.so) is loaded only when a domain's disks are first prepared, and on Debian its
+        ctime is a second newer than the QEMU driver's: the probe done before it turns stale then, and the next
+        domain start or restore in the process probes again, inline (3.5-6 s before QEMU was launched, measured
+        on the first incoming migration after a deploy; libvirt's log: "Outdated capabilities ... libvirt
+        changed"). So the module is loaded first (a block peek of a throw-away domain's raw disk), then probed."""
         conn = self._conn
         try:
             if conn is not None:
+                self._load_storage_module(conn)
                 conn.getDomainCapabilities(None, None, None, self.domain_type, 0)
         except libvirt.libvirtError as exc:
             log.info("QEMU capability probe in the background failed (the first domain probes): %s",
                      exc.get_error_message())
+
+    def _load_storage_module(self, conn: libvirt.virConnect) -> None:
+        """Make libvirt load its storage-file module now: define a domain (not a vmgrid one: no ``vmgrid-``
+        prefix) with a 512-byte raw disk, peek one byte of it, undefine it."""
+        disk = self.root / "capability-probe.raw"
+        disk.write_bytes(bytes(512))
+        xml = (f"<domain type='{self.domain_type}'><name>{PROBE_DOMAIN}</name><memory unit='MiB'>16</memory>"
+               "<os><type>hvm</type></os><devices><disk type='file' device='disk'><driver name='qemu' type='raw'/>"
+               f"<source file='{disk}'/><target dev='vda' bus='virtio'/></disk></devices></domain>")
+        try:
+            dom = conn.defineXML(xml)
+            try:
+                dom.blockPeek(str(disk), 0, 1, 0)
+            finally:
+                dom.undefine()
+        except libvirt.libvirtError as exc:
+            log.info("loading libvirt's storage-file module before the capability probe failed (the second "
+                     "domain start probes again): %s", exc.get_error_message())
+        finally:
+            disk.unlink(missing_ok=True)
 
     def _check_files(self, spec: InstanceSpec) -> None:
         paths = [d.path for d in spec.disks] + list(spec.cdroms)
