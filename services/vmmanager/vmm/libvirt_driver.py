@@ -487,8 +487,17 @@ class LibvirtQemuDriver(LibvirtDriver):
             sys.setswitchinterval(min(sys.getswitchinterval(), EVENT_SWITCH_INTERVAL))
         self.root = root
         super().__init__(uri)
+        self._prober: threading.Thread | None = None
         if root is not None:
-            threading.Thread(target=self._probe, name="qemu-capabilities", daemon=True).start()
+            self._prober = threading.Thread(target=self._probe, name="qemu-capabilities", daemon=True)
+            self._prober.start()
+
+    def wait_probed(self, timeout: float | None = None) -> bool:
+        """Wait for the background capability probe (see _probe); True when it is over (or there was none)."""
+        if self._prober is not None:
+            self._prober.join(timeout)
+            return not self._prober.is_alive()
+        return True
 
     def _probe(self) -> None:
         """libvirt probes QEMU's capabilities (a QEMU process queried over QMP, seconds under TCG) on the first
