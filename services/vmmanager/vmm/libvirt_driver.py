@@ -212,9 +212,12 @@ class LibvirtDriver(VMM):
         saved_xml = self._call(f"read save file {path}", self._conn.saveImageGetXMLDesc, str(path), 0)
         instance = config.spec_from_xml(saved_xml).name
         xml = config.relocate(saved_xml, spec) if spec is not None else saved_xml
+        macs = [n.mac for n in spec.nics] if spec is not None else None
         try:
             dom = self._conn.lookupByName(config.domain_name(instance))
             self._expect(instance, dom, "restore", InstanceState.SHUTOFF, InstanceState.SAVED)
+            if macs is None:    # the NICs' MACs of the definition (a migrated instance's: the lease here)
+                macs = [n.mac for n in self.spec_of(instance).nics]
         except libvirt.libvirtError:
             pass
         if spec is not None:
@@ -225,9 +228,23 @@ class LibvirtDriver(VMM):
             self._restore(path, xml, spec is not None, paused)
         except libvirt.libvirtError as exc:
             raise translate(exc, f"restore {instance} from {path}") from None
+        self._define_macs(instance, xml, macs)
         if not paused:
             self._sync_after_wake(instance)
         return instance
+
+    def _define_macs(self, instance: str, xml: str, macs: list[str] | None) -> None:
+        """libvirt restores a domain only with the MACs it was saved with (the guest's ABI): after a migration the
+        running domain keeps the source's MAC. Its persistent definition takes ``macs`` (the spec's, or those the
+        definition had before a later save and restore), so the next Start boots with them (the lease of this
+        node); the running domain is left as it is. Logged, not raised: the restore itself succeeded."""
+        if not macs or macs == [n.mac for n in config.spec_from_xml(xml).nics]:
+            return
+        try:
+            self._conn.defineXML(config.with_macs(xml, macs))
+        except (libvirt.libvirtError, InvalidSpec) as exc:
+            log.warning("instance %s: the definition keeps the saved MACs (not %s): %s", instance, ", ".join(macs),
+                        exc)
 
     # -- warm-snapshot clones (services/vmmanager/warm.py) ------------------------------------------
     def hypervisor_identity(self) -> dict[str, str]:
