@@ -181,7 +181,7 @@ def wan_grid(root: Path, pki, image, virtual: int, memories: list[int], args) ->
                 f"node-{n}", host=ip, public=name, port=port, cert=cred.cert_path, key=cred.key_path,
                 state=site.root / f"n{n}", wrap=wan.command(side, []), env=env,
                 vmmanager={"vmm": "qemu", "vmm_root": str(site.root / f"q{n}"), "kernel": str(image.kernel),
-                           "initrd": str(image.initrd), "cmdline": image.cmdline, "guest_ready_timeout": 300.0,
+                           "initrd": str(image.initrd), "cmdline": image.cmdline, "guest_ready_timeout": 900.0,
                            "migration_sources": [wan.srv_name],
                            "lease_range": ["10.99.0.10-10.99.0.90", "10.99.0.100-10.99.0.180"][n]}))
         descriptor = parse_descriptor(GUEST_DESCRIPTOR.format(memory=256, size=virtual, kernel=image.kernel_version,
@@ -246,7 +246,7 @@ def main() -> int:
                                  cert=pki.host_cert_path, key=pki.host_key_path, state=root / f"n{n}",
                                  vmmanager={"vmm": "qemu", "vmm_root": str(root / f"q{n}"), "kernel": str(image.kernel),
                                             "initrd": str(image.initrd), "cmdline": image.cmdline,
-                                            "guest_ready_timeout": 300.0, "migration_sources": ["localhost"],
+                                            "guest_ready_timeout": 900.0, "migration_sources": ["localhost"],
                                             "lease_range": ["10.99.0.10-10.99.0.90", "10.99.0.100-10.99.0.180"][n]})
                  for n in (0, 1)]
         base = register(site, parse_descriptor(GUEST_DESCRIPTOR.format(
