@@ -216,10 +216,13 @@ class LibvirtDriver(VMM):
         try:
             dom = self._conn.lookupByName(config.domain_name(instance))
             self._expect(instance, dom, "restore", InstanceState.SHUTOFF, InstanceState.SAVED)
-            if macs is None:    # the NICs' MACs of the definition (a migrated instance's: the lease here)
-                macs = [n.mac for n in self.spec_of(instance).nics]
         except libvirt.libvirtError:
-            pass
+            dom = None
+        if macs is None and dom is not None:    # the definition's MACs (a migrated instance's: the lease here)
+            try:
+                macs = [n.mac for n in self.spec_of(instance).nics]
+            except VMMError:
+                macs = None
         if spec is not None:
             self._check_files(spec)
         self._drop_channel(instance, "the instance was restored")
