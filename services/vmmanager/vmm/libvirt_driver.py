@@ -539,6 +539,8 @@ class LibvirtQemuDriver(LibvirtDriver):
         except libvirt.libvirtError as exc:
             log.info("QEMU capability probe in the background failed (the first domain probes): %s",
                      exc.get_error_message())
+        except OSError as exc:      # the throw-away disk could not be written: the first domain probes
+            log.info("QEMU capability probe in the background not done: %s", exc)
 
     def _load_storage_module(self, conn: libvirt.virConnect) -> None:
         """Make libvirt load its storage-file module now: define a domain (not a vmgrid one: no ``vmgrid-``
