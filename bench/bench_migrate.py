@@ -39,10 +39,16 @@ HELPER = Path(__file__).resolve().parents[1] / "tests" / "vm" / "node_helper.py"
 DOWNTIME = ("freeze", "prepare", "transfer", "restore", "resume")   # the guest runs again after resume
 
 
+def patient(vmm):
+    """A deploy that waits for the guest (a boot under TCG) can outlast the client's default 120 s on a loaded machine."""
+    vmm.service.zeep.transport.operation_timeout = 900
+    return vmm
+
+
 def grid_migration(site: Site, image, ws, memory: int, nodes) -> dict:
     _, a = clients(site, nodes[0], site.pki.alice)
     _, b = clients(site, nodes[1], site.pki.alice)
-    return migrate_once(a, b, ws, memory, nodes[1].url("VMManagerService"))
+    return migrate_once(patient(a), patient(b), ws, memory, nodes[1].url("VMManagerService"))
 
 
 def cache_on(b, ws) -> None:
@@ -132,8 +138,8 @@ def wan_client(spec_path: str) -> int:
     from lxml import etree
     repo = RepositoryClient(GridServiceClient(spec["repo_url"], admin, trust))
     base = repo.register(etree.fromstring(spec["descriptor"].encode()), local_path=spec["image"])
-    a = VMManagerClient(GridServiceClient(spec["node_a"], alice, trust))
-    b = VMManagerClient(GridServiceClient(spec["node_b"], alice, trust))
+    a = patient(VMManagerClient(GridServiceClient(spec["node_a"], alice, trust)))
+    b = patient(VMManagerClient(GridServiceClient(spec["node_b"], alice, trust)))
     out = {}
     cache_on(b, base)
     for memory in spec["memory"]:
@@ -175,7 +181,7 @@ def wan_grid(root: Path, pki, image, virtual: int, memories: list[int], args) ->
                 f"node-{n}", host=ip, public=name, port=port, cert=cred.cert_path, key=cred.key_path,
                 state=site.root / f"n{n}", wrap=wan.command(side, []), env=env,
                 vmmanager={"vmm": "qemu", "vmm_root": str(site.root / f"q{n}"), "kernel": str(image.kernel),
-                           "initrd": str(image.initrd), "cmdline": image.cmdline, "guest_ready_timeout": 300.0,
+                           "initrd": str(image.initrd), "cmdline": image.cmdline, "guest_ready_timeout": 900.0,
                            "migration_sources": [wan.srv_name],
                            "lease_range": ["10.99.0.10-10.99.0.90", "10.99.0.100-10.99.0.180"][n]}))
         descriptor = parse_descriptor(GUEST_DESCRIPTOR.format(memory=256, size=virtual, kernel=image.kernel_version,
@@ -240,7 +246,7 @@ def main() -> int:
                                  cert=pki.host_cert_path, key=pki.host_key_path, state=root / f"n{n}",
                                  vmmanager={"vmm": "qemu", "vmm_root": str(root / f"q{n}"), "kernel": str(image.kernel),
                                             "initrd": str(image.initrd), "cmdline": image.cmdline,
-                                            "guest_ready_timeout": 300.0, "migration_sources": ["localhost"],
+                                            "guest_ready_timeout": 900.0, "migration_sources": ["localhost"],
                                             "lease_range": ["10.99.0.10-10.99.0.90", "10.99.0.100-10.99.0.180"][n]})
                  for n in (0, 1)]
         base = register(site, parse_descriptor(GUEST_DESCRIPTOR.format(
@@ -253,7 +259,7 @@ def main() -> int:
             print(f"emulated WAN: {wan['shaping']}", flush=True)
         else:
             _, b = clients(site, nodes[1], site.pki.alice)
-            cache_on(b, base)
+            cache_on(patient(b), base)
         for memory in memories:
             if wan is None:
                 ws = copy.deepcopy(base)

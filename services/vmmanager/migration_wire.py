@@ -34,7 +34,9 @@ def parse_accept(req: etree._Element) -> MigrationOffer:
     ws = copy.deepcopy(req.find("ws:workspace", NS))
     check_descriptor(ws)
     files = tuple(MigrationFile(f.findtext("vmm:name", namespaces=NS), int(f.findtext("vmm:size", namespaces=NS)),
-                                f.findtext("vmm:sha256", namespaces=NS)) for f in req.iterfind("vmm:file", NS))
+                                (f.findtext("vmm:sha256", namespaces=NS) or "").strip().lower(),
+                                (f.findtext("vmm:blake3", namespaces=NS) or "").strip().lower())
+                  for f in req.iterfind("vmm:file", NS))
     phases = tuple((p.findtext("vmm:name", namespaces=NS), float(p.findtext("vmm:seconds", namespaces=NS)))
                    for p in req.iterfind("vmm:phase", NS))
     max_lifetime = _text(req, "maxLifetime")
@@ -60,7 +62,8 @@ def accept_request(offer: MigrationOffer, to_zeep) -> dict:
               "workspace": to_zeep(etree.fromstring(offer.descriptor_xml)),
               "terminationTime": format_datetime(offer.termination), "state": offer.state, "source": offer.source,
               "files": offer.files_url,
-              "file": [{"name": f.name, "size": f.size, "sha256": f.sha256} for f in offer.files],
+              "file": [{"name": f.name, "size": f.size, **({"sha256": f.sha256} if f.sha256 else {}),
+                        **({"blake3": f.blake3} if f.blake3 else {})} for f in offer.files],
               "phase": [{"name": n, "seconds": s} for n, s in offer.phases]}
     if offer.uuid:
         kwargs["uuid"] = offer.uuid

@@ -43,7 +43,13 @@ class MigrationFile:
 
     name: str
     size: int
-    sha256: str
+    sha256: str = ""    # hex; what a peer without BLAKE3 announces
+    blake3: str = ""    # hex; what vmgrid sources announce (hashed inside the downtime: several times faster)
+
+    @property
+    def digest(self) -> str:
+        """``blake3 <hex>`` or ``sha256 <hex>``: what the target verifies the file against (BLAKE3 when given)."""
+        return f"blake3 {self.blake3}" if self.blake3 else f"sha256 {self.sha256}"
 
 
 @dataclass(frozen=True)

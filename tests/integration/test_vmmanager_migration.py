@@ -244,7 +244,7 @@ def test_a_target_takes_in_no_migration_from_a_host_it_does_not_list(grid, grid_
 def test_a_checksum_mismatch_rolls_back_in_transfer(grid, grid_pki, monkeypatch):
     """The source announces a wrong digest for the files (injected); the target's verified GridFTP pull refuses."""
     from services.vmmanager import migration
-    monkeypatch.setattr(migration, "hash_file", lambda path: "0" * 64)
+    monkeypatch.setattr(migration, "hash_file", lambda path, algorithm="SHA256": "0" * 64)
     ref = deploy(grid, grid_pki.alice, "bad-sum")
     src = grid.vmm(grid_pki.alice, 0)
     src.pause(ref)
@@ -253,6 +253,35 @@ def test_a_checksum_mismatch_rolls_back_in_transfer(grid, grid_pki, monkeypatch)
     assert (exc.value.phase, exc.value.cause) == ("transfer", "ChecksumMismatchFault")
     assert_rolled_back(grid, grid_pki, ref, "Paused")
     src.destroy(ref)
+
+
+def test_a_source_without_blake3_is_verified_by_sha256_and_a_file_without_a_digest_is_refused(grid, grid_pki,
+                                                                                             monkeypatch):
+    """vmgrid sources announce BLAKE3 digests; a source that announces only sha256 (the element other peers send) is
+    verified by sha256 (a wrong one rolls back in transfer, the right one moves the instance), and an offer whose
+    files carry no digest at all is refused in prepare."""
+    from gridftp.checksum import hash_file
+    from services.vmmanager import migration
+    from services.vmmanager.values import MigrationFile
+    digest = {"sha256": lambda path: hash_file(path)}
+
+    def files(home, names):
+        return tuple(MigrationFile(n, (home / n).stat().st_size, sha256=digest["sha256"](home / n)) for n in names)
+    monkeypatch.setattr(migration, "_file_list", files)
+    ref = deploy(grid, grid_pki.alice, "sha-only")
+    src = grid.vmm(grid_pki.alice, 0)
+    src.pause(ref)
+    for wrong, (phase, cause) in (("0" * 64, ("transfer", "ChecksumMismatchFault")),
+                                  ("", ("prepare", "InvalidArgumentFault"))):
+        digest["sha256"] = lambda path, wrong=wrong: wrong
+        with pytest.raises(MigrationFault) as exc:
+            src.migrate(ref, grid.node_url(1))
+        assert (exc.value.phase, exc.value.cause) == (phase, cause)
+        assert_rolled_back(grid, grid_pki, ref, "Paused")
+    digest["sha256"] = lambda path: hash_file(path)
+    moved = src.migrate(ref, grid.node_url(1))
+    assert grid.vmm(grid_pki.alice, 1).status(moved.ref).state == "Paused"
+    grid.vmm(grid_pki.alice, 1).destroy(moved.ref)
 
 
 def test_the_files_are_exported_only_to_the_target_of_that_migration(grid, grid_pki, monkeypatch):

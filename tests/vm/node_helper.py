@@ -30,7 +30,8 @@ def main() -> int:
     out: dict = {}
     name = spec.name
     try:
-        node._conn.getCapabilities()    # warm the QEMU capability probe so restore_seconds is the restore
+        node.wait_probed(600)           # the QEMU capability probe done, so restore_seconds is the restore
+        node._conn.getCapabilities()
         t0 = time.monotonic()
         name = node.restore(args.save_file, spec)
         out["restore_seconds"] = time.monotonic() - t0

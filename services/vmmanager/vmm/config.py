@@ -247,6 +247,20 @@ def relocate(saved_xml: str, spec: InstanceSpec) -> str:
     return ET.tostring(dom, encoding="unicode")
 
 
+def with_macs(xml: str, macs: list[str]) -> str:
+    """The domain XML with its NICs' MACs replaced, in order (InvalidSpec if the counts differ)."""
+    dom = ET.fromstring(xml)
+    nics = dom.findall("devices/interface")
+    if len(nics) != len(macs):
+        raise InvalidSpec(f"the domain has {len(nics)} NICs, {len(macs)} MACs were given")
+    for e, mac in zip(nics, macs):
+        e.find("mac").set("address", mac)
+        target = e.find("target")      # the running domain's tap: not part of a definition
+        if target is not None:
+            e.remove(target)
+    return ET.tostring(dom, encoding="unicode")
+
+
 def clone_xml(saved_xml: str, spec: InstanceSpec) -> str:
     """A warm-snapshot template's saved XML made into instance ``spec``'s: its name, UUID, token, MACs
     and every file location; the devices (and so the saved machine state) stay the template's.

@@ -212,11 +212,17 @@ class LibvirtDriver(VMM):
         saved_xml = self._call(f"read save file {path}", self._conn.saveImageGetXMLDesc, str(path), 0)
         instance = config.spec_from_xml(saved_xml).name
         xml = config.relocate(saved_xml, spec) if spec is not None else saved_xml
+        macs = [n.mac for n in spec.nics] if spec is not None else None
         try:
             dom = self._conn.lookupByName(config.domain_name(instance))
             self._expect(instance, dom, "restore", InstanceState.SHUTOFF, InstanceState.SAVED)
         except libvirt.libvirtError:
-            pass
+            dom = None
+        if macs is None and dom is not None:    # the definition's MACs (a migrated instance's: the lease here)
+            try:
+                macs = [n.mac for n in self.spec_of(instance).nics]
+            except VMMError:
+                macs = None
         if spec is not None:
             self._check_files(spec)
         self._drop_channel(instance, "the instance was restored")
@@ -225,9 +231,23 @@ class LibvirtDriver(VMM):
             self._restore(path, xml, spec is not None, paused)
         except libvirt.libvirtError as exc:
             raise translate(exc, f"restore {instance} from {path}") from None
+        self._define_macs(instance, xml, macs)
         if not paused:
             self._sync_after_wake(instance)
         return instance
+
+    def _define_macs(self, instance: str, xml: str, macs: list[str] | None) -> None:
+        """libvirt restores a domain only with the MACs it was saved with (the guest's ABI): after a migration the
+        running domain keeps the source's MAC. Its persistent definition takes ``macs`` (the spec's, or those the
+        definition had before a later save and restore), so the next Start boots with them (the lease of this
+        node); the running domain is left as it is. Logged, not raised: the restore itself succeeded."""
+        if not macs or macs == [n.mac for n in config.spec_from_xml(xml).nics]:
+            return
+        try:
+            self._conn.defineXML(config.with_macs(xml, macs))
+        except (libvirt.libvirtError, InvalidSpec) as exc:
+            log.warning("instance %s: the definition keeps the saved MACs (not %s): %s", instance, ", ".join(macs),
+                        exc)
 
     # -- warm-snapshot clones (services/vmmanager/warm.py) ------------------------------------------
     def hypervisor_identity(self) -> dict[str, str]:
@@ -437,6 +457,7 @@ security_driver = "none"
 stdio_handler = "file"
 """
 QEMU_USER = "libvirt-qemu"
+PROBE_DOMAIN = "capability-probe"   # the throw-away domain of LibvirtQemuDriver._load_storage_module
 EVENT_SWITCH_INTERVAL = 0.0005   # seconds: sys.setswitchinterval in a process that embeds QEMU (see below)
 _embed_lock = threading.Lock()
 _embed_root: Path | None = None
@@ -486,21 +507,60 @@ class LibvirtQemuDriver(LibvirtDriver):
             sys.setswitchinterval(min(sys.getswitchinterval(), EVENT_SWITCH_INTERVAL))
         self.root = root
         super().__init__(uri)
+        self._prober: threading.Thread | None = None
         if root is not None:
-            threading.Thread(target=self._probe, name="qemu-capabilities", daemon=True).start()
+            self._prober = threading.Thread(target=self._probe, name="qemu-capabilities", daemon=True)
+            self._prober.start()
+
+    def wait_probed(self, timeout: float | None = None) -> bool:
+        """Wait for the background capability probe (see _probe); True when it is over (or there was none)."""
+        if self._prober is not None:
+            self._prober.join(timeout)
+            return not self._prober.is_alive()
+        return True
 
     def _probe(self) -> None:
         """libvirt probes QEMU's capabilities (a QEMU process queried over QMP, seconds under TCG) on the first
         domain a new embed root defines, and keeps them in the root's cache: done now in the background, so the
         first deploy's power-on or the first migration's restore here does not wait for it (it was 4.7 s of a
-        migration's 8.3 s restore phase on a loaded machine)."""
+        migration's 8.3 s restore phase on a loaded machine).
+
+        The probe is stamped with the newest ctime of the libvirt modules loaded so far. The storage-file module
+        (libvirt_storage_file_fs.so) is loaded only when a domain's disks are first prepared, and on Debian its
+        ctime is a second newer than the QEMU driver's: the probe done before it turns stale then, and the next
+        domain start or restore in the process probes again, inline (3.5-6 s before QEMU was launched, measured
+        on the first incoming migration after a deploy; libvirt's log: "Outdated capabilities ... libvirt
+        changed"). So the module is loaded first (a block peek of a throw-away domain's raw disk), then probed."""
         conn = self._conn
         try:
             if conn is not None:
+                self._load_storage_module(conn)
                 conn.getDomainCapabilities(None, None, None, self.domain_type, 0)
         except libvirt.libvirtError as exc:
             log.info("QEMU capability probe in the background failed (the first domain probes): %s",
                      exc.get_error_message())
+        except OSError as exc:      # the throw-away disk could not be written: the first domain probes
+            log.info("QEMU capability probe in the background not done: %s", exc)
+
+    def _load_storage_module(self, conn: libvirt.virConnect) -> None:
+        """Make libvirt load its storage-file module now: define a domain (not a vmgrid one: no ``vmgrid-``
+        prefix) with a 512-byte raw disk, peek one byte of it, undefine it."""
+        disk = self.root / "capability-probe.raw"
+        disk.write_bytes(bytes(512))
+        xml = (f"<domain type='{self.domain_type}'><name>{PROBE_DOMAIN}</name><memory unit='MiB'>16</memory>"
+               "<os><type>hvm</type></os><devices><disk type='file' device='disk'><driver name='qemu' type='raw'/>"
+               f"<source file='{disk}'/><target dev='vda' bus='virtio'/></disk></devices></domain>")
+        try:
+            dom = conn.defineXML(xml)
+            try:
+                dom.blockPeek(str(disk), 0, 1, 0)
+            finally:
+                dom.undefine()
+        except libvirt.libvirtError as exc:
+            log.info("loading libvirt's storage-file module before the capability probe failed (the second "
+                     "domain start probes again): %s", exc.get_error_message())
+        finally:
+            disk.unlink(missing_ok=True)
 
     def _check_files(self, spec: InstanceSpec) -> None:
         paths = [d.path for d in spec.disks] + list(spec.cdroms)

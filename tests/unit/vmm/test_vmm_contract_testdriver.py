@@ -76,3 +76,27 @@ def test_private_nodes_do_not_see_each_other():
     with a, b:
         a.define(InstanceSpec(name="mine", memory_mib=64, disks=(Disk(Path("/tmp/x.qcow2")),)))
         assert [i.name for i in b.list_instances()] == []
+
+
+def test_a_restore_with_another_mac_defines_the_instance_with_it_for_the_next_start(make_spec, tmp_path):
+    """A migrated instance runs with the MAC it was saved with (libvirt restores no other), but its definition
+    takes the target's leased MAC: a later Start boots with it, and a Save and Restore on the target keeps it."""
+    import dataclasses
+    with LibvirtTestDriver.private_node() as node:
+        spec = make_spec("c-mac")
+        node.define(spec)
+        node.start("c-mac")
+        node.save("c-mac", tmp_path / "a.state")
+        leased = dataclasses.replace(spec, nics=(Nic("52:54:00:aa:bb:cc"),))
+        node.restore(tmp_path / "a.state", leased)
+        assert node.state("c-mac").value == "running"
+        assert [n.mac for n in node.spec_of("c-mac").nics] == ["52:54:00:aa:bb:cc"]
+        node.save("c-mac", tmp_path / "b.state")          # saved and restored here again, no spec
+        node.restore(tmp_path / "b.state")
+        assert [n.mac for n in node.spec_of("c-mac").nics] == ["52:54:00:aa:bb:cc"]
+        node.destroy("c-mac")
+        node.start("c-mac")
+        live = node._domain("c-mac").XMLDesc(0)
+        assert "52:54:00:aa:bb:cc" in live and spec.nics[0].mac not in live
+        node.destroy("c-mac")
+        node.undefine("c-mac")
