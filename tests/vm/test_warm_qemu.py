@@ -35,6 +35,8 @@ from services.container.assemble import build_container, build_vmmanager
 from services.vmmanager.service import VMManagerConfig
 from tests.fixtures.grid import base_config, free_port, start_grid
 
+from scene import qemu_pids
+
 WARM_IMAGE = f"{IMAGE_NAME}-warm"
 LEASES = "10.99.0.30-10.99.0.39"
 CLONES = 3
@@ -236,7 +238,7 @@ def test_clones_of_one_snapshot_on_a_bridge_are_each_reachable_at_their_own_addr
                                str(guest_image.directory), str(work / "root"), str(work), "--clones", "3"],
                               cwd=REPO, capture_output=True, text=True, timeout=1500)
     finally:
-        for pid in qemu_pids_under(str(work)):          # left only if the helper died midway
+        for pid in qemu_pids(str(work)):                # left only if the helper died midway
             os.kill(pid, signal.SIGKILL)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     assert proc.returncode == 0 and lines, f"warm bridge node failed: {proc.stderr[-3000:]}"
@@ -251,16 +253,3 @@ def test_clones_of_one_snapshot_on_a_bridge_are_each_reachable_at_their_own_addr
         assert seen["neighbours"].get(c["address"]) == c["mac"], seen["neighbours"]
     assert len({c["identity"]["random_probe"] for c in clones.values()}) == 3
     assert seen["after_teardown"] == {"exists": False}
-
-
-def qemu_pids_under(needle: str) -> list[int]:
-    pids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if "qemu-system" in cmd and needle in cmd:
-                pids.append(int(d.name))
-    return pids
