@@ -108,10 +108,6 @@ class PolicyFile:
                 raise
             return self._install(policy, why, by, before)
 
-    def changed_on_disk(self) -> bool:
-        with self._lock:
-            return signature([s[0] for s in self._seen]) != self._seen
-
     def poll(self) -> None:
         """Reload if the file or a grid-mapfile changed since it was last read and has stayed the same since
         the previous poll (called by the watcher). A file caught while an editor or ``cat >`` rewrites it in
