@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -19,18 +17,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from client.localgrid import write_toml  # noqa: E402
 from client.soap import GridServiceClient  # noqa: E402
 from client.vmmanager import VMManagerClient  # noqa: E402
 from guestd.image.build import GuestImage  # noqa: E402
-from services.descriptor import parse_descriptor  # noqa: E402
 from services.vmmanager.network import NodeBridge  # noqa: E402
-from tests.fixtures.grid import free_port, start_grid  # noqa: E402
+from tests.fixtures.grid import start_grid  # noqa: E402
 from tests.fixtures.pki import build_grid_pki  # noqa: E402
 
 from bridge_node import fetch, neighbours  # noqa: E402
-from scene import POLL, link_or_copy  # noqa: E402
-from test_vmmanager_qemu import DESCRIPTOR, NodeProcess, node_settings, qemu_processes  # noqa: E402
+from bridge_nodes import BridgeNodes, register_image  # noqa: E402
+from scene import POLL  # noqa: E402
+from test_vmmanager_qemu import DESCRIPTOR, node_settings  # noqa: E402
 
 BRIDGE, NETWORK, GATEWAY = "vgnetbr0", "10.77.0.0/24", "10.77.0.1"
 NODES = {"bridge1": "10.77.0.10-10.77.0.10", "bridge2": "10.77.0.20-10.77.0.20"}
@@ -59,31 +56,16 @@ def main() -> int:
     image = GuestImage.load(args.image)
     pki = build_grid_pki(args.work / "pki")
     out: dict = {"nodes": {}, "instances": {}}
-    grid, nodes, deployed = None, {}, {}
+    grid, scene, nodes, deployed = None, None, {}, {}
     try:
         grid = start_grid(pki, args.work / "g", nodes=0)
-        rootfs = grid.ingest / f"{IMAGE}.qcow2"
-        link_or_copy(image.rootfs, rootfs)      # the repository copies from its ingest directory
-        ws = parse_descriptor(DESCRIPTOR.format(name=IMAGE, kernel=image.kernel_version, command=COMMAND).encode())
-        grid.repo(pki.admin).register(ws, local_path=str(rootfs))
-        rootfs.unlink()
-        descriptor = grid.repo(pki.alice).query([f"name = {IMAGE}"]).descriptors[0]
-        for n, (name, leases) in enumerate(NODES.items()):
-            # short state paths: the guest channel socket's path must stay under 108 bytes
-            node = NodeProcess(args.work / f"{name}.toml", args.work / f"s{n}", args.work / f"{name}.log", free_port())
-            write_toml(node.config, {
-                "container": {"host": "127.0.0.1", "port": node.port, "state_dir": str(node.state),
-                              "log_level": "info"},
-                "security": {"cert_dir": str(pki.cert_dir), "host_cert": str(pki.host_cert_path),
-                             "host_key": str(pki.host_key_path)},
-                "enforcement": {"authz_url": grid.authz_url, "permit_ttl": 0.0},
-                "vmmanager": {"repository": grid.repository_url,
-                              **node_settings(image, root=args.work / f"r{n}", lease_range=leases, name=name),
-                              "network": NETWORK, "gateway": GATEWAY, "guest_ready_timeout": args.boot_timeout,
-                              "nic_kind": "bridge", "nic_source": BRIDGE, "manage_bridge": True},
-            })
-            node.start(pki.cert_dir, timeout=180)
-            nodes[name] = node
+        descriptor = register_image(grid, pki, image.rootfs, DESCRIPTOR.format(
+            name=IMAGE, kernel=image.kernel_version, command=COMMAND).encode(), IMAGE)
+        scene = BridgeNodes(args.work, pki, grid, BRIDGE, NETWORK, GATEWAY)
+        nodes = scene.start(NODES, lambda n, name, leases: {
+            **node_settings(image, root=scene.root(n), lease_range=leases, name=name),
+            "guest_ready_timeout": args.boot_timeout})
+        for name, node in nodes.items():
             out["nodes"][name] = {"bridge_record": json.loads(
                 (node.state / "vmmanager" / "network" / f"{BRIDGE}.json").read_text())}
         out["bridge"] = {k: v for k, v in vars(NodeBridge(BRIDGE, GATEWAY, NETWORK).check()).items() if k != "made"}
@@ -117,19 +99,9 @@ def main() -> int:
                 VMManagerClient(GridServiceClient(nodes[name].url, pki.alice.proxy, pki.trust())).destroy(reg.ref)
             except Exception as exc:  # noqa: BLE001
                 out.setdefault("cleanup", []).append(f"destroy on {name}: {exc}")
-        for n, (name, node) in enumerate(nodes.items()):
-            node.stop()
-            out["nodes"].setdefault(name, {})["exit"] = node.process.returncode
-            for pid in qemu_processes(f"{args.work / f'r{n}'}/lib/qemu/"):
-                os.kill(pid, signal.SIGKILL)
-                out.setdefault("cleanup", []).append(f"killed a QEMU of {name}")
         try:
-            if nodes:   # the first node made the bridge: its record says so, and teardown removes it
-                first = next(iter(nodes.values()))
-                out["after_teardown"] = NodeBridge(BRIDGE, GATEWAY, NETWORK,
-                                                   first.state / "vmmanager").teardown().exists
-        except Exception as exc:  # noqa: BLE001
-            out.setdefault("cleanup", []).append(f"bridge teardown: {exc}")
+            if scene is not None:
+                scene.teardown(out)
         finally:
             if grid is not None:
                 grid.close()

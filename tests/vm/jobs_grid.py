@@ -25,7 +25,6 @@ import argparse
 import hashlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -36,17 +35,14 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from client.localgrid import write_toml  # noqa: E402
 from client.soap import GridServiceClient  # noqa: E402
 from client.vmmanager import InstanceRef, VMManagerClient  # noqa: E402
 from guestd.image.build import GuestImage  # noqa: E402
-from services.descriptor import parse_descriptor  # noqa: E402
-from services.vmmanager.network import NodeBridge  # noqa: E402
-from tests.fixtures.grid import free_port, start_grid  # noqa: E402
+from tests.fixtures.grid import start_grid  # noqa: E402
 from tests.fixtures.pki import build_grid_pki  # noqa: E402
 
-from scene import POLL, link_or_copy  # noqa: E402
-from test_vmmanager_qemu import NodeProcess, qemu_processes  # noqa: E402
+from bridge_nodes import BridgeNodes, register_image  # noqa: E402
+from scene import POLL  # noqa: E402
 
 BRIDGE, NETWORK, GATEWAY = "vgmfbr0", "10.79.0.0/24", "10.79.0.1"
 NODES = {"mf1": "10.79.0.10-10.79.0.11", "mf2": "10.79.0.20-10.79.0.21"}
@@ -213,34 +209,17 @@ def main() -> int:
     image = GuestImage.load(args.image)
     pki = build_grid_pki(args.work / "pki")
     out: dict = {"jobs": {"steps": {}}, "migration": {"steps": {}}}
-    grid, nodes, ref = None, {}, None
+    grid, scene, ref = None, None, None
     t0 = time.monotonic()
     try:
         grid = start_grid(pki, args.work / "g", nodes=0)
-        rootfs = grid.ingest / f"{image.name}.qcow2"
-        link_or_copy(image.rootfs, rootfs)      # the repository copies from its ingest directory
-        grid.repo(pki.admin).register(parse_descriptor(image.descriptor.read_bytes()), local_path=str(rootfs))
-        rootfs.unlink()
-        descriptor = grid.repo(pki.alice).query([f"name = {image.name}"]).descriptors[0]
-        for n, (name, leases) in enumerate(NODES.items()):
-            # short state paths: the guest channel socket's path must stay under 108 bytes
-            node = NodeProcess(args.work / f"{name}.toml", args.work / f"s{n}", args.work / f"{name}.log", free_port())
-            write_toml(node.config, {
-                "container": {"host": "127.0.0.1", "port": node.port, "state_dir": str(node.state),
-                              "log_level": "info"},
-                "security": {"cert_dir": str(pki.cert_dir), "host_cert": str(pki.host_cert_path),
-                             "host_key": str(pki.host_key_path)},
-                "enforcement": {"authz_url": grid.authz_url, "permit_ttl": 0.0},
-                "vmmanager": {"node": name, "vmm": "qemu", "vmm_root": str(args.work / f"r{n}"),
-                              "repository": grid.repository_url, "network": NETWORK, "gateway": GATEWAY,
-                              "lease_range": leases, "guest_ready_timeout": args.boot_timeout, "sweep_interval": 0.5,
-                              "nic_kind": "bridge", "nic_source": BRIDGE, "manage_bridge": True,
-                              "guest_ca": str(pki.ca.directory), "job_admins": [pki.admin.dn],
-                              "migration_sources": ["localhost"], "migration_timeout": 300.0,
-                              "migration_fixup_timeout": 180.0},
-            })
-            node.start(pki.cert_dir, timeout=180)
-            nodes[name] = node
+        descriptor = register_image(grid, pki, image.rootfs, image.descriptor.read_bytes(), image.name)
+        scene = BridgeNodes(args.work, pki, grid, BRIDGE, NETWORK, GATEWAY)
+        nodes = scene.start(NODES, lambda n, name, leases: {
+            "node": name, "vmm": "qemu", "vmm_root": str(scene.root(n)), "lease_range": leases,
+            "guest_ready_timeout": args.boot_timeout, "sweep_interval": 0.5, "guest_ca": str(pki.ca.directory),
+            "job_admins": [pki.admin.dn], "migration_sources": ["localhost"], "migration_timeout": 300.0,
+            "migration_fixup_timeout": 180.0})
         first, second = nodes["mf1"], nodes["mf2"]
         vm = VMManagerClient(GridServiceClient(first.url, pki.alice.proxy, pki.trust()))
         t = time.monotonic()
@@ -268,22 +247,12 @@ def main() -> int:
                 VMManagerClient(GridServiceClient(ref.address, pki.alice.proxy, pki.trust())).destroy(ref)
             except Exception as exc:  # noqa: BLE001
                 out.setdefault("cleanup", []).append(f"destroy: {exc}")
-        for n, (name, node) in enumerate(nodes.items()):
-            node.stop()
-            out.setdefault("node_exit", {})[name] = node.process.returncode
-            if "error" in out or any("error" in out[part] for part in ("jobs", "migration")):
-                out.setdefault("node_logs", {})[name] = node.log_tail()[-3000:]
-            for pid in qemu_processes(f"{args.work / f'r{n}'}/lib/qemu/"):
-                os.kill(pid, signal.SIGKILL)
-                out.setdefault("cleanup", []).append(f"killed a QEMU of {name}")
         try:
-            if nodes:   # the first node made the bridge: its record says so, and teardown removes it
-                first = next(iter(nodes.values()))
-                out["bridge_after"] = NodeBridge(BRIDGE, GATEWAY, NETWORK, first.state / "vmmanager").teardown().exists
-        except Exception as exc:  # noqa: BLE001
-            out.setdefault("cleanup", []).append(f"bridge teardown: {exc}")
-        if grid is not None:
-            grid.close()
+            if scene is not None:
+                scene.teardown(out, logs="error" in out or any("error" in out[part] for part in ("jobs", "migration")))
+        finally:
+            if grid is not None:
+                grid.close()
         out["total_seconds"] = round(time.monotonic() - t0, 1)
     print(json.dumps(out, default=str))
     return 0

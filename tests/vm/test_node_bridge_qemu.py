@@ -78,4 +78,4 @@ def test_guests_deployed_on_two_bridge_mode_nodes_reach_each_other_and_the_node_
     assert a["reached"] == {b["address"]: b["host"]}, "the guest on node 1 reached the guest on node 2"
     assert b["reached"] == {a["address"]: a["host"]}, "the guest on node 2 reached the guest on node 1"
     assert "cleanup" not in seen, seen["cleanup"]
-    assert seen["after_teardown"] is False, "the bridge the node made was taken down"
+    assert seen["bridge_after"] is False, "the bridge the node made was taken down"
