@@ -139,6 +139,44 @@ def test_unknown_actions_and_bad_requests_are_typed_errors(site, grid_pki):
                                                  {"_value_1": "b", "name": "owner"}]})
 
 
+def test_the_client_reads_answers_and_faults_without_zeeps_object_form(site, people, grid_pki, monkeypatch):
+    """services.soapclient hands back the verified payload and the typed faults without zeep deserializing
+    the answer (its object form was most of a call's client time and no caller used it); the signature is
+    still checked first: an answer signed by another host than the one called is refused."""
+    from zeep.wsdl.bindings.soap import SoapOperation
+
+    from security.wssec import WSSecurityError
+
+    def never(*_):
+        raise AssertionError("zeep deserialized an answer")
+
+    monkeypatch.setattr(SoapOperation, "process_reply", never)
+    alice = site.client(people["alice"].proxy)
+    decision, groups = alice.authorize(Subject(people["alice"].dn), "vm.inspect",
+                                       {"type": "instance", "owner": people["alice"].dn, "vo": "bio"})
+    assert decision.permit and groups == ["bio"]
+    with pytest.raises(InvalidArgument, match="unknown action"):      # a typed fault from its detail
+        alice.authorize(Subject(people["alice"].dn), "vm.nothing", {})
+    with pytest.raises(InvalidArgument, match="undeclared: this element is not expected"):   # the schema's
+        alice.service.call("GetGroups", dn=people["alice"].dn, payload=_undeclared_child(people["alice"].dn))
+    foreign = site.client(people["alice"].proxy)
+    foreign.service.zeep.wsse.expected_host_dn = "/O=Grid/OU=elsewhere/CN=host/other.example"
+    with pytest.raises(WSSecurityError):
+        foreign.groups(people["alice"].dn)
+
+
+def _undeclared_child(dn: str):
+    """A GetGroups payload whose element the service's schema refuses (a child it does not declare)."""
+    from lxml import etree
+
+    from services.authz.wire import NS
+
+    el = etree.Element(f"{{{NS['az']}}}GetGroups")
+    etree.SubElement(el, f"{{{NS['az']}}}dn").text = dn
+    etree.SubElement(el, f"{{{NS['az']}}}undeclared").text = "x"
+    return el
+
+
 # -- administration ---------------------------------------------------------------------------------
 
 def test_admin_operations_need_a_policy_admin_with_a_full_proxy(site, people):
