@@ -10,11 +10,13 @@ from pathlib import Path
 import requests
 import zeep
 from lxml import etree
-from zeep.plugins import Plugin
+from zeep.plugins import Plugin, apply_egress, apply_ingress
 
 from urllib.parse import urlsplit
 
+from security import safexml
 from security.client import GridTransport, GridWSSE
+from security.wssec import InvalidSecurity
 from services.container.addressing import WSA, request_headers
 from security.pki import Credential
 from security.trust import TrustStore
@@ -125,12 +127,13 @@ class GridServiceClient:
                                     settings=settings)
         except requests.exceptions.RequestException as exc:
             raise Unreachable(f"cannot fetch the WSDL of {self.url}: {_reason(exc)}") from None
-        self.service = self.zeep.create_service(self._binding_name(), self.url)
+        self._binding = self._first_binding()
+        self.service = self.zeep.create_service(self._binding.name.text, self.url)
 
-    def _binding_name(self) -> str:
+    def _first_binding(self):
         for service in self.zeep.wsdl.services.values():
             for port in service.ports.values():
-                return port.binding.name.text
+                return port.binding
         raise ClientError(f"{self.url}: the WSDL describes no service")
 
     def close(self) -> None:
@@ -145,24 +148,61 @@ class GridServiceClient:
              payload: etree._Element | None = None, **kwargs) -> etree._Element:
         """Call ``operation``; returns the verified response payload element, or raises the typed fault.
         ``text_fill`` sets the text of elements (by tag) zeep cannot render itself. ``payload``: the request
-        element, already built as lxml (a bulk request zeep would spend most of the call converting); it
-        replaces the Body zeep renders from the arguments (which must still make a valid request) before
+        element, already built as lxml: given alone, zeep renders nothing (the cheapest call); given with
+        arguments, it replaces the Body zeep renders from them (which must still make a valid request) before
         the message is signed. The service validates it against the schema like any request."""
         self._capture.local.text_fill = text_fill
-        self._capture.local.payload = payload
         try:
-            getattr(self.service, operation)(*args, **kwargs)
-        except zeep.exceptions.Fault as fault:
-            detail = fault.detail
-            if detail is not None:
-                for child in detail:
-                    if isinstance(child.tag, str):
-                        typed = from_detail(child)
-                        if typed is not None:
-                            raise typed from None
-            raise SoapFaultError(fault.message or "SOAP fault", fault.code) from None
+            if payload is not None and not args and not kwargs:
+                self._capture.local.payload = None
+                response = self._post(operation, payload)
+            else:
+                # zeep renders the request (the plugins and the signature as below); the answer comes back raw:
+                # every caller reads the verified payload with lxml, so zeep's object form of it (most of a
+                # call's client time) is never built
+                self._capture.local.payload = payload
+                with self.zeep.settings(raw_response=True):
+                    response = getattr(self.service, operation)(*args, **kwargs)
         except requests.exceptions.RequestException as exc:
             raise Unreachable(f"cannot reach {self.url}: {_reason(exc)}") from None
+        return self._reply(operation, response)
+
+    def _post(self, operation: str, payload: etree._Element):
+        """Send ``payload`` (the whole request element, built as lxml) as ``operation`` without zeep rendering
+        anything: the envelope, the egress plugins (WS-Addressing headers), the signature and the HTTP headers
+        as zeep's SOAP 1.1 binding makes them."""
+        op = self._binding.get(operation)
+        envelope = etree.Element(f"{{{SOAP_ENV}}}Envelope", nsmap={"soap-env": SOAP_ENV})
+        etree.SubElement(envelope, f"{{{SOAP_ENV}}}Header")
+        etree.SubElement(envelope, f"{{{SOAP_ENV}}}Body").append(payload)
+        headers = {"SOAPAction": f'"{op.soapaction or ""}"', "Content-Type": "text/xml; charset=utf-8"}
+        envelope, headers = apply_egress(self.zeep, envelope, headers, op, {"address": self.url})
+        envelope, headers = self.zeep.wsse.apply(envelope, headers)
+        return self.zeep.transport.post_xml(self.url, envelope, headers)
+
+    def _reply(self, operation: str, response) -> etree._Element:
+        """The verified payload of ``response`` (as zeep's own reply processing checks it: the hardened parser,
+        the signature and the responding host, then the ingress plugins), or the typed fault it carries."""
+        if not response.content:
+            raise SoapFaultError(f"{self.url} answered HTTP {response.status_code} without a SOAP message", None)
+        try:
+            doc = safexml.parse(response.content, self.zeep.transport.limits)
+        except safexml.UnsafeXML as exc:
+            raise InvalidSecurity(f"response from {self.url} refused by the XML parser: {exc}") from None
+        self.zeep.wsse.verify(doc)
+        doc, _ = apply_ingress(self.zeep, doc, response.headers, self._binding.get(operation))
+        body = doc.find(f"{{{SOAP_ENV}}}Body")
+        fault = body.find(f"{{{SOAP_ENV}}}Fault") if body is not None else None
+        if fault is not None:
+            detail = fault.find("detail")
+            for child in detail if detail is not None else ():
+                if isinstance(child.tag, str):
+                    typed = from_detail(child)
+                    if typed is not None:
+                        raise typed
+            raise SoapFaultError(fault.findtext("faultstring") or "SOAP fault", fault.findtext("faultcode"))
+        if response.status_code != 200 or body is None:
+            raise SoapFaultError(f"{self.url} answered HTTP {response.status_code} without a SOAP fault", None)
         return self._capture.payload()
 
     def response_header(self, tag: str) -> etree._Element | None:

@@ -20,8 +20,8 @@ from security.trust import TrustStore
 from services.authz.pep import Decision, Slot, Subject
 from services.authz.policy import Group, Limits, Rule
 from services.authz.wire import (NS, StatusView, attributes_to_zeep, audit_from_xml, decision_from_xml,
-                                 group_from_xml, group_to_zeep, limits_from_xml, rule_from_xml, rule_to_zeep,
-                                 slot_from_xml, status_from_xml, subject_to_zeep, text)
+                                 decision_request, el, group_from_xml, group_to_zeep, limits_from_xml, rule_from_xml,
+                                 rule_to_zeep, slot_from_xml, status_from_xml, sub, subject_to_zeep, text)
 from services.faults import AccessDenied, InternalFault, ServiceUnavailable, VMGridFault
 
 log = logging.getLogger("vmgrid.authz.pep")
@@ -68,12 +68,7 @@ class AuthorizationClient:
     def authorize(self, subject: Subject, action: str, resource: Mapping[str, object] | None = None,
                   context: Mapping[str, object] | None = None) -> tuple[Decision, list[str]]:
         """The decision and the subject's groups."""
-        kwargs: dict = {"subject": subject_to_zeep(subject), "action": action}
-        if resource:
-            kwargs["resource"] = attributes_to_zeep(resource)
-        if context:
-            kwargs["context"] = attributes_to_zeep(context)
-        resp = self.service.call("Authorize", **kwargs)
+        resp = self.service.call("Authorize", payload=decision_request("Authorize", subject, action, resource, context))
         return decision_from_xml(resp), [g.text for g in resp.iterfind("az:group", NS)]
 
     def authorize_many(self, subject: Subject, requests: Sequence[tuple[str, Mapping[str, object], Mapping[str, object]]]
@@ -106,19 +101,15 @@ class AuthorizationClient:
                    ) -> tuple[Decision, Slot, bool]:
         """(decision, slot, renewed); raises AccessDenied or LimitExceeded. ``node``: the claiming service's
         own identity (the slot is keyed by it and the credential)."""
-        kwargs: dict = {"subject": subject_to_zeep(subject), "action": action, "instance": instance}
-        if resource:
-            kwargs["resource"] = attributes_to_zeep(resource)
-        if context:
-            kwargs["context"] = attributes_to_zeep(context)
-        if node:
-            kwargs["node"] = node
-        resp = self.service.call("ClaimSlot", **kwargs)
+        resp = self.service.call("ClaimSlot", payload=decision_request("ClaimSlot", subject, action, resource, context,
+                                                                       instance=instance, node=node))
         return (decision_from_xml(resp), slot_from_xml(resp.find("az:slot", NS)),
                 text(resp, "renewed") in ("true", "1"))
 
     def release_slot(self, instance: str) -> Slot | None:
-        resp = self.service.call("ReleaseSlot", instance=instance)
+        req = el("ReleaseSlot")
+        sub(req, "instance", instance)
+        resp = self.service.call("ReleaseSlot", payload=req)
         slot = resp.find("az:slot", NS)
         return slot_from_xml(slot) if slot is not None else None
 

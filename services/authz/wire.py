@@ -84,6 +84,29 @@ def attributes_to_zeep(values: Mapping[str, object]) -> dict:
     return {"attribute": [{"_value_1": str(v), "name": k} for k, v in values.items()]}
 
 
+def decision_request(operation: str, subject: Subject, action: str | None, resource: Mapping[str, object] | None,
+                     context: Mapping[str, object] | None, *, instance: str | None = None,
+                     node: str | None = None) -> etree._Element:
+    """An Authorize or ClaimSlot request as lxml, in the schema's order (the client sends it without zeep
+    rendering it: most of a decision call's time at the enforcing service)."""
+    req = el(operation)
+    who = sub(req, "subject")
+    sub(who, "dn", subject.dn)
+    sub(who, "limited", "true" if subject.limited else "false")
+    if action is not None:
+        sub(req, "action", action)
+    if instance is not None:
+        sub(req, "instance", instance)
+    for name, values in (("resource", resource), ("context", context)):
+        if values:
+            group = sub(req, name)
+            for k, v in values.items():
+                sub(group, "attribute", str(v), name=k)
+    if node:
+        sub(req, "node", node)
+    return req
+
+
 def patterns_from_xml(e: etree._Element | None) -> Patterns:
     grouped: dict[str, list[str]] = {}
     if e is not None:

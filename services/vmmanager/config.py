@@ -33,6 +33,9 @@ class VMManagerConfig:
     warm_spares: int = 2                 # copies of a warm snapshot's memory state made ahead of deploys (0: none)
     shutdown_timeout: int = 60           # default ACPI shutdown grace before forcing off
     hold_grace: int = 3600               # an image hold outlives the instance's lifetime by this much
+    # seconds the node keeps its hold on an image after the image's last instance here ended, so the next
+    # deployment of it asks the repository nothing; 0 gives it back with the last instance (docs/vmmanager.md)
+    hold_linger: float = 10.0
     # seconds the repository's verdict on a descriptor (identity and image are the repository's) is reused
     # for the next deployments of that image; 0 asks at every deployment (docs/vmmanager.md)
     verdict_seconds: float = 30.0

@@ -380,9 +380,16 @@ class Node:
         shutil.rmtree(self.parts.home(key), ignore_errors=True)
         self.store.release_lease(key)
         if inst is not None and (inst.hold_id or inst.hold_holder):
-            # the node's hold on the image is shared by its instances of it: released with the last of them
+            # the node's hold on the image is shared by its instances of it: given back when the last of them
+            # has ended and no other deployment took it within [vmmanager] hold_linger (the outbox's 'idle-hold',
+            # delivered by the sweeper), so a stream of deployments of one image holds it once
             with self.parts.holds.lock:
-                self.store.update(key, hold_id=None, hold_holder=None)
+                shared = inst.hold_holder == phases.image_holder(self.address, inst.image_id)
+                if inst.hold_id and shared and self.config.hold_linger > 0:
+                    self.store.drop_hold(key, (inst.hold_holder, f"{inst.image_id}\n{inst.hold_id}",
+                                               time.time() + self.config.hold_linger))
+                    return
+                self.store.drop_hold(key)
                 if inst.hold_holder and self.store.hold_users(holder=inst.hold_holder):
                     return
                 self.parts.holds.forget(inst.image_id)
@@ -405,6 +412,12 @@ class Node:
                     image_id, _, holder = arg.partition("\n")
                     if not self.store.hold_users(holder=holder):
                         self.repository.release_holder(image_id, holder)
+        elif kind == "idle-hold":     # key: the holder; the hold lingered unused for [vmmanager] hold_linger
+            image_id, _, hold_id = arg.partition("\n")
+            with self.parts.holds.lock:
+                if not self.store.hold_users(holder=key):   # else taken again: its last instance queues anew
+                    self.parts.holds.forget(image_id)
+                    self.repository.release(hold_id)
         else:
             log.error("outbox: unknown kind of release %r for %s", kind, key)
 

@@ -71,8 +71,9 @@ CREATE TABLE IF NOT EXISTS subscriptions (
 CREATE INDEX IF NOT EXISTS subscriptions_instance ON subscriptions (instance_key);
 CREATE TABLE IF NOT EXISTS outbox (
     id         INTEGER PRIMARY KEY,
-    kind       TEXT NOT NULL,           -- what to give back at the central services: 'hold', 'holder', 'slot'
-    instance   TEXT NOT NULL,
+    kind       TEXT NOT NULL,           -- what to give back at the central services: 'hold', 'holder', 'slot',
+                                        -- 'idle-hold' (a node's hold on an image none of its instances uses)
+    instance   TEXT NOT NULL,           -- the instance; for 'idle-hold' the hold's holder
     arg        TEXT NOT NULL DEFAULT '',
     created    REAL NOT NULL,
     attempts   INTEGER NOT NULL DEFAULT 0,
@@ -195,6 +196,19 @@ class NodeStore:
         with self.write() as db:
             db.execute("INSERT INTO outbox (kind, instance, arg, created, attempts, next_try, last_error) "
                        "VALUES (?, ?, ?, ?, 1, ?, ?)", (kind, instance, arg, now, now + 0.5, error))
+
+    def drop_hold(self, key: str, idle: tuple[str, str, float] | None = None) -> None:
+        """The instance no longer uses its image hold; with ``idle`` (holder, "image id\\nhold id", when), in the
+        same transaction, the hold's release is due at ``when`` unless an instance takes it again meanwhile (one
+        pending entry per holder: a later one replaces it)."""
+        now = time.time()
+        with self.write() as db:
+            db.execute("UPDATE instances SET hold_id = NULL, hold_holder = NULL WHERE key = ?", (key,))
+            if idle is not None:
+                holder, arg, when = idle
+                db.execute("DELETE FROM outbox WHERE kind = 'idle-hold' AND instance = ?", (holder,))
+                db.execute("INSERT INTO outbox (kind, instance, arg, created, attempts, next_try, last_error) "
+                           "VALUES ('idle-hold', ?, ?, ?, 0, ?, '')", (holder, arg, now, when))
 
     def outbox(self, due: float | None = None, instance: str | None = None) -> list[tuple[int, str, str, str, int]]:
         """(id, kind, instance, arg, attempts) of the pending releases (only those due at ``due``)."""

@@ -139,6 +139,54 @@ def test_unknown_actions_and_bad_requests_are_typed_errors(site, grid_pki):
                                                  {"_value_1": "b", "name": "owner"}]})
 
 
+def test_decision_and_slot_calls_go_without_zeep_rendering_or_deserializing(site, people, grid_pki, monkeypatch):
+    """Authorize, ClaimSlot and ReleaseSlot are sent as lxml requests and their answers read from the verified
+    payload: zeep renders no request and builds no object form of an answer (most of a decision call's time at
+    the enforcing service); typed faults still come back from their detail, and the signature is still
+    checked first: an answer signed by another host than the one expected is refused."""
+    from zeep.wsdl.bindings.soap import SoapOperation
+    from zeep.wsdl.definitions import Operation
+
+    from security.wssec import WSSecurityError
+
+    def never(*_, **__):
+        raise AssertionError("zeep rendered a request or deserialized an answer")
+
+    monkeypatch.setattr(SoapOperation, "process_reply", never)
+    monkeypatch.setattr(Operation, "create", never)
+    alice, host = site.client(people["alice"].proxy), site.client(grid_pki.host)
+    decision, groups = alice.authorize(Subject(people["alice"].dn), "vm.inspect",
+                                       {"type": "instance", "owner": people["alice"].dn, "vo": "bio"})
+    assert decision.permit and groups == ["bio"]
+    with pytest.raises(InvalidArgument, match="unknown action"):      # a typed fault from its detail
+        alice.authorize(Subject(people["alice"].dn), "vm.nothing", {})
+    with pytest.raises(InvalidArgument, match="undeclared: this element is not expected"):   # the schema's
+        alice.service.call("GetGroups", payload=_undeclared_child(people["alice"].dn))
+    image = {"type": "image", "vo": "bio", "owner": people["alice"].dn}
+    decision, slot, renewed = host.claim_slot(Subject(people["alice"].dn), "inst-lxml", image,
+                                              {"memory": "512", "lifetime": "60"}, node="n1")
+    assert decision.permit and (slot.instance, slot.user_count, renewed) == ("inst-lxml", 1, False)
+    with pytest.raises(LimitExceeded):
+        host.claim_slot(Subject(people["alice"].dn), "inst-big", image, {"memory": "9999"}, node="n1")
+    assert host.release_slot("inst-lxml").instance == "inst-lxml" and host.release_slot("inst-lxml") is None
+    foreign = site.client(people["alice"].proxy)
+    foreign.service.zeep.wsse.expected_host_dn = "/O=Grid/OU=elsewhere/CN=host/other.example"
+    with pytest.raises(WSSecurityError):
+        foreign.authorize(Subject(people["alice"].dn), "vm.inspect", {})
+
+
+def _undeclared_child(dn: str):
+    """A GetGroups payload whose element the service's schema refuses (a child it does not declare)."""
+    from lxml import etree
+
+    from services.authz.wire import NS
+
+    el = etree.Element(f"{{{NS['az']}}}GetGroups")
+    etree.SubElement(el, f"{{{NS['az']}}}dn").text = dn
+    etree.SubElement(el, f"{{{NS['az']}}}undeclared").text = "x"
+    return el
+
+
 # -- administration ---------------------------------------------------------------------------------
 
 def test_admin_operations_need_a_policy_admin_with_a_full_proxy(site, people):

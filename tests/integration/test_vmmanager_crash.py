@@ -42,7 +42,8 @@ def site(tmp_path_factory):
 
 
 def start_node(grid: LocalGrid, crashpoint: str | None = None):
-    return grid.start_node("node1", {"lease_range": "10.99.0.10-10.99.0.40", "sweep_interval": 0.5},
+    return grid.start_node("node1", {"lease_range": "10.99.0.10-10.99.0.40", "sweep_interval": 0.5,
+                                        "hold_linger": 0},
                            extra_env={"VMGRID_CRASHPOINT": crashpoint} if crashpoint else None)
 
 

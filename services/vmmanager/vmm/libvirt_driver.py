@@ -5,6 +5,7 @@ overridable methods here, never in callers.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
@@ -59,7 +60,10 @@ _EVENT_PREFIX = {
 }
 
 
+@functools.lru_cache(maxsize=256)
 def _event_detail(event: int, detail: int) -> str:
+    """The detail's name (libvirt's VIR_DOMAIN_EVENT_<EVENT>_<DETAIL>, lower case), looked up once per pair:
+    the scan of libvirt's names was a few per cent of a test-driver node's CPU per deploy+destroy."""
     prefix = f"VIR_DOMAIN_EVENT_{_EVENT_PREFIX.get(event, '?')}_"
     for name in dir(libvirt):
         if name.startswith(prefix) and getattr(libvirt, name) == detail:

@@ -117,9 +117,35 @@ def test_the_instances_of_an_image_share_the_nodes_hold_released_with_the_last(n
     node.destroy(ALICE, second)
     assert list(node.source.holds) == [hold]
     node.destroy(ALICE, longer)
-    assert node.source.holds == {}                       # the last instance gave it back
+    assert list(node.source.holds) == [hold]             # the last instance ended: kept for hold_linger
+    node.sweep(time.time() + node.config.hold_linger + 1)
+    assert node.source.holds == {}                       # unused that long: given back
     deploy(node, "after")                                # a new hold: the node forgot the released one
     assert node.source.hold_calls == 3 and len(node.source.holds) == 1
+
+
+def test_a_hold_lingers_after_its_last_instance_so_a_stream_of_deployments_holds_the_image_once(node):
+    """Deploy, destroy, deploy, destroy...: the node's hold on the image outlives its last instance by
+    [vmmanager] hold_linger, so the next deployment asks the repository nothing and nothing is released in
+    between; the release waits in the outbox (it survives a restart) and goes once the hold was unused that long."""
+    for i in range(3):
+        node.destroy(ALICE, deploy(node, f"cycle{i}").inst.key)
+    assert node.source.hold_calls == 1 and len(node.source.holds) == 1
+    (entry,) = node.store.outbox()
+    assert entry[1] == "idle-hold" and entry[2] == f"{NODE_ADDRESS}#image:img-{'1' * 32}"
+    assert node.deliver_outbox(time.time() + 1) == 1     # not yet due
+    key = deploy(node, "taken-again").inst.key           # taken again before it was due: kept
+    assert node.deliver_outbox(time.time() + node.config.hold_linger + 1) == 0
+    assert len(node.source.holds) == 1 and node.source.hold_calls == 1
+    node.destroy(ALICE, key)
+    assert node.deliver_outbox(time.time() + node.config.hold_linger + 1) == 0
+    assert node.source.holds == {}
+
+
+def test_without_a_linger_the_last_instance_gives_the_hold_back_at_once(node):
+    node.config.hold_linger = 0
+    node.destroy(ALICE, deploy(node).inst.key)
+    assert node.source.holds == {} and node.store.outbox() == []
 
 
 def test_staging_verifies_with_the_descriptors_blake3(node, tmp_path):
@@ -139,8 +165,10 @@ def test_operations_go_through_the_state_machine(node):
     assert node.save(ALICE, key) == State.SAVED
     assert node.restore(ALICE, key) == State.RUNNING
     node.destroy(ALICE, key)
-    assert node.store.get(key).state == State.DESTROYED.value and node.source.holds == {}
+    assert node.store.get(key).state == State.DESTROYED.value
     assert node.store.leases() == {}
+    node.sweep(time.time() + node.config.hold_linger + 1)
+    assert node.source.holds == {}
 
 
 @pytest.mark.parametrize("operation", [
@@ -223,6 +251,7 @@ def test_destroy_succeeds_when_the_repository_cannot_take_the_hold_back_and_the_
         release(hold)
 
     node.source.release = unreachable
+    node.config.hold_linger = 0                              # given back at the destroy (a lingering one: below)
     node.destroy(ALICE, key)                                 # answered: the instance is destroyed
     inst = node.store.get(key)
     assert inst.state == State.DESTROYED.value and "releases pending" in inst.guest_status
@@ -231,6 +260,30 @@ def test_destroy_succeeds_when_the_repository_cannot_take_the_hold_back_and_the_
     down[0] = False
     assert node.deliver_outbox(time.time() + 120) == 0
     assert node.source.holds == {} and "delivered" in node.store.get(key).guest_status
+
+
+def test_a_lingering_holds_release_is_retried_while_the_repository_cannot_take_it(node):
+    from services.faults import ServiceUnavailable
+
+    key = deploy(node).inst.key
+    release, down = node.source.release, [True]
+
+    def unreachable(hold: str) -> None:
+        if down[0]:
+            raise ServiceUnavailable("the VMRepository cannot be reached", service="test")
+        release(hold)
+
+    node.source.release = unreachable
+    node.destroy(ALICE, key)
+    assert "pending" not in node.store.get(key).guest_status   # nothing asked of the repository yet
+    later = time.time() + node.config.hold_linger + 1
+    assert node.deliver_outbox(later) == 1                   # due, the repository down: kept
+    assert len(node.source.holds) == 1
+    down[0] = False
+    assert node.deliver_outbox(later + 60) == 0
+    assert node.source.holds == {}
+    deploy(node, "after")                                    # the node forgot the released hold: asks anew
+    assert node.source.hold_calls == 2
 
 
 # -- ListInstances in pages (services/vmmanager/listing.py) -------------------------------------------------
