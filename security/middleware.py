@@ -179,7 +179,7 @@ class WSSecurityMiddleware:
 
     def _sign(self, env: etree._Element) -> bytes:
         if self.sign_responses:
-            return sign_envelope(env, self.credential)      # written once: the Security text and the Body's c14n
+            return sign_envelope(env, self.credential)      # written once, the Security text spliced in as written
         return etree.tostring(env, encoding="utf-8", xml_declaration=True)
 
     def _call_and_sign(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:

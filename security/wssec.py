@@ -4,7 +4,8 @@ algorithm identifiers; its signer cost more than the RSA signature).
 
 Stable API (usable without zeep, e.g. for node-to-node calls and WS-BaseNotification):
 
-    data: bytes = sign_envelope(envelope_root, credential)             # signs in place, returns the bytes to send
+    data: bytes = sign_envelope(envelope_root, credential)             # the bytes to send (the tree gets the wsu:Ids)
+    sign_in_place(envelope_root, credential)                           # a signed tree (for zeep)
     caller, root = verify_envelope(data_or_root, trust, replay=cache)   # raises WSSecurityError subclasses
 
 A signed message carries in `wsse:Security` (mustUnderstand) a BinarySecurityToken (X509v3 for a certificate,
