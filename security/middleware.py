@@ -30,7 +30,7 @@ from .pki import Credential
 from .replay import MemoryReplayCache, ReplayCache, SQLiteReplayCache
 from .trust import TrustStore
 from .wssec import (DEFAULT_POLICY, Q_BODY, Q_ENVELOPE, SOAP11, WSSE, InvalidSecurity, SecurityPolicy,
-                    WSSecurityError, must_understand_violations, sign_in_place, verify_envelope)
+                    WSSecurityError, must_understand_violations, sign_envelope, verify_envelope)
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ class WSSecurityMiddleware:
 
     def _sign(self, env: etree._Element) -> bytes:
         if self.sign_responses:
-            sign_in_place(env, self.credential)
+            return sign_envelope(env, self.credential)      # written once, the Security text spliced in as written
         return etree.tostring(env, encoding="utf-8", xml_declaration=True)
 
     def _call_and_sign(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:

@@ -155,10 +155,11 @@ class SoapApplication:
             status = "500 Internal Server Error"
         environ[RESPONSE_KEY] = env
         body = b"" if environ.get(SIGNS_RESPONSE_KEY) else soap.serialize(env)
-        call_log.info(json.dumps({
-            "service": service.name, "operation": op_name, "caller": dn,
-            "ms": round((time.perf_counter() - started) * 1000, 2), "outcome": outcome,
-        }, separators=(",", ":")))
+        if call_log.isEnabledFor(logging.INFO):      # the JSON line is built only when it is written
+            call_log.info(json.dumps({
+                "service": service.name, "operation": op_name, "caller": dn,
+                "ms": round((time.perf_counter() - started) * 1000, 2), "outcome": outcome,
+            }, separators=(",", ":")))
         return _xml(start_response, status, body)
 
     def _validate_request(self, service: SoapService, payload: etree._Element) -> None:

@@ -10,8 +10,9 @@ import pytest
 from lxml import etree
 
 from security.replay import MemoryReplayCache, SQLiteReplayCache
-from security.wssec import (DS, Q_BST, Q_CREATED, Q_EXPIRES, Q_HEADER, Q_KEY_INFO, Q_SECURITY, Q_SIGNATURE, SOAP11,
-                            WSSE, FailedAuthentication, FailedCheck, InvalidSecurity, MessageExpired, SecurityPolicy,
+from security.wssec import (DS, Q_BST, Q_CREATED, Q_EXPIRES, Q_HEADER, Q_ID, Q_KEY_INFO, Q_SECURITY, Q_SIGNATURE,
+                            SOAP11, WSSE, FailedAuthentication, FailedCheck, InvalidSecurity, MessageExpired,
+                            SecurityPolicy, _ids, _raw_signature, _references_from_c14n, c14n,
                             must_understand_violations, sign_envelope, sign_in_place, verify_envelope)
 from tests.fixtures.pki import ECHO_NS, echo_envelope
 
@@ -218,3 +219,46 @@ def test_the_signer_s_canonical_texts_are_lxml_s_c14n(body_id, grid_pki):
     from cryptography.hazmat.primitives.asymmetric import padding
     grid_pki.alice.proxy.certificate.public_key().verify(value, c14n(signed_info), padding.PKCS1v15(), hashes.SHA256())
     assert verify_envelope(etree.tostring(root), grid_pki.trust())[0].dn == grid_pki.alice.dn
+
+
+def test_sign_envelope_writes_the_signature_into_the_bytes_only(grid_pki):
+    """sign_envelope serializes once: the Security text goes into the bytes as written, the tree keeps the wsu:Ids it
+    was given and no signature, so it can still be signed in place (before, the tree was signed and a second
+    signature was refused)."""
+    env = echo_envelope("once")
+    data = sign_envelope(env, grid_pki.alice.proxy)
+    assert verify_envelope(data, grid_pki.trust())[0].dn == grid_pki.alice.dn
+    assert env.find(f"{Q_HEADER}/{Q_SECURITY}") is None
+    sent_body_id = etree.fromstring(data).find(f"{{{SOAP11}}}Body").get(Q_ID)
+    assert env.find(f"{{{SOAP11}}}Body").get(Q_ID) == sent_body_id
+    sign_in_place(env, grid_pki.alice.proxy)
+    assert verify_envelope(etree.tostring(env), grid_pki.trust())[0].dn == grid_pki.alice.dn
+
+
+def _resign(root: etree._Element, credential) -> bytes:
+    """The message with its SignatureValue computed again over SignedInfo as it now stands."""
+    signed_info = root.find(f".//{{{DS}}}SignedInfo")
+    value = root.find(f".//{{{DS}}}SignatureValue")
+    value.text = base64.b64encode(_raw_signature(credential.private_key, c14n(signed_info))).decode()
+    return etree.tostring(root)
+
+
+def test_signed_info_in_another_form_is_read_from_its_elements(grid_pki):
+    """The verifier reads SignedInfo from its canonical bytes when it has the signer's form, and from its elements
+    otherwise (other stacks indent it): both verify, and both refuse two references to one element."""
+    root = etree.fromstring(sign_envelope(echo_envelope("form"), grid_pki.alice.proxy))
+    signed_info = root.find(f".//{{{DS}}}SignedInfo")
+    assert _references_from_c14n(c14n(signed_info), _ids(root), SecurityPolicy()) is not None
+    for el in signed_info:
+        el.tail = "\n  "                     # whitespace between the elements: not the signer's form
+    assert _references_from_c14n(c14n(signed_info), _ids(root), SecurityPolicy()) is None
+    assert verify_envelope(_resign(root, grid_pki.alice.proxy), grid_pki.trust())[0].dn == grid_pki.alice.dn
+    for indented in (False, True):
+        root = etree.fromstring(sign_envelope(echo_envelope("twice"), grid_pki.alice.proxy))
+        signed_info = root.find(f".//{{{DS}}}SignedInfo")
+        refs = signed_info.findall(f"{{{DS}}}Reference")
+        refs[0].set("URI", refs[-1].get("URI"))       # two references to the Body
+        if indented:
+            signed_info[0].tail = "\n"
+        with pytest.raises(InvalidSecurity, match="two references to the same element"):
+            verify_envelope(_resign(root, grid_pki.alice.proxy), grid_pki.trust())
