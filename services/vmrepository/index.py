@@ -2,8 +2,8 @@
 criteria query over 100,000 descriptors is a handful of vectorised range scans and bitmap ANDs.
 
 SQLite stays the source of truth: the descriptors themselves, each row carrying its facts packed in one
-column (:func:`pack_facts`, written with the descriptor; a row written before that column existed is read
-from its stored XML and packed then). Every catalogue write appends to its ``changes`` log; before
+column (:func:`pack_facts`; written with the descriptor by a registration or an update; a bulk import's rows
+and those written before that column existed are read from their XML the first time and packed then). Every catalogue write appends to its ``changes`` log; before
 answering, the index catches up on that log (also what other worker processes wrote). New facts
 go to a small delta evaluated directly and are merged into the sorted base columns once the delta
 grows; removed or replaced images are dropped by clearing their slot in the ``alive`` bitmap.
@@ -220,7 +220,7 @@ class QueryIndex:
         self.order_values: dict[str, list] = {c: [] for c in ORDER_COLUMNS}
         self._perm: dict[str, np.ndarray] = {}
         self.delta_size = 0
-        self.unpacked: list[tuple[str, str]] = []   # (packed facts, image id) of rows a rebuild read from XML
+        self.unpacked: list[tuple[str, str]] = []   # (packed facts, image id) of rows read from XML, to be stored
 
     @property
     def slot_of(self) -> dict[str, int]:
@@ -292,7 +292,13 @@ class QueryIndex:
         for row in self._select_rows(db, image_ids):
             slot = self._new_slot(row[:width])
             packed, data = row[width], row[width + 1]
-            fact_list = unpack_facts(packed) if packed is not None else facts(etree.fromstring(data, _TRUSTED))
+            if packed is not None:
+                fact_list = unpack_facts(packed)
+            else:
+                fact_list = facts(etree.fromstring(data, _TRUSTED))
+                packed = pack_facts_of(fact_list)
+                if packed is not None:
+                    self.unpacked.append((packed, row[width - 1]))
             for path, txt in fact_list:
                 kind = _kind(path)
                 col = self.columns.get(path)
@@ -330,7 +336,6 @@ class QueryIndex:
         ids = cols[width - 1]
         del cols
         loose: list[tuple[int, str, str]] = []          # facts of rows whose facts cannot be packed
-        self.unpacked = []
         for slot in [i for i, p in enumerate(packed) if p is None]:
             fact_list = facts(etree.fromstring(xml[slot], _TRUSTED))
             p = pack_facts_of(fact_list)
