@@ -107,6 +107,9 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     ap.add_argument("--no-rebuild", action="store_true", help="skip the start without a saved index (minutes on "
                                                               "100,000 descriptors; needs a saved index: --existing)")
+    ap.add_argument("--profile-import", type=Path, metavar="FILE",
+                    help="run `vmgrid repo import` under cProfile, its statistics written to FILE (then its figures "
+                         "are not the command's own)")
     ap.add_argument("--existing", type=Path, help="the directory of an earlier run (--keep): skip the registration "
                                                   "and measure the starts and the import on its catalogue")
     args = ap.parse_args()
@@ -234,7 +237,8 @@ def main() -> int:
             t = time.perf_counter()
             server_cpu = process_cpu(proc.process.pid)
             children = resource.getrusage(resource.RUSAGE_CHILDREN)
-            out = subprocess.run([sys.executable, "-m", "client.cli", "repo", "import", str(files)], env=env,
+            profile = ["-m", "cProfile", "-o", str(args.profile_import)] if args.profile_import else []
+            out = subprocess.run([sys.executable, *profile, "-m", "client.cli", "repo", "import", str(files)], env=env,
                                  capture_output=True, text=True)
             cli_s = time.perf_counter() - t
             server_cpu = process_cpu(proc.process.pid) - server_cpu

@@ -108,12 +108,17 @@ def connect(args):
 
 
 def grid_client(args):
+    """A signed SOAP client for the command's --url; the credential and trust store are read once per
+    command (`vmgrid repo import` opens two connections)."""
     from client.soap import ClientError, GridServiceClient, default_trust
     from security.pki import PKIError, load_credential
 
+    loaded = getattr(args, "_credential_and_trust", None)
     try:
-        credential = load_credential(proxy=args.proxy) if args.proxy else load_credential()
-        trust = default_trust(args.cert_dir)
+        if loaded is None:
+            loaded = args._credential_and_trust = (
+                load_credential(proxy=args.proxy) if args.proxy else load_credential(), default_trust(args.cert_dir))
+        credential, trust = loaded
     except (PKIError, OSError) as exc:
         raise CLIError(str(exc)) from None
     try:

@@ -1,9 +1,9 @@
 """The catalogue's query index: the descriptors' facts held column-wise in memory (numpy), so a
 criteria query over 100,000 descriptors is a handful of vectorised range scans and bitmap ANDs.
 
-SQLite stays the source of truth: the descriptors themselves, whose facts (:func:`fact_rows`) are read
-from the stored XML when the index is built or catches up (a write stores one row per descriptor, not
-one per fact). Every catalogue write appends to its ``changes`` log; before
+SQLite stays the source of truth: the descriptors themselves, each row carrying its facts packed in one
+column (:func:`pack_facts`; written with the descriptor by a registration or an update; a bulk import's rows
+and those written before that column existed are read from their XML the first time and packed then). Every catalogue write appends to its ``changes`` log; before
 answering, the index catches up on that log (also what other worker processes wrote). New facts
 go to a small delta evaluated directly and are merged into the sorted base columns once the delta
 grows; removed or replaced images are dropped by clearing their slot in the ``alive`` bitmap.
@@ -11,13 +11,15 @@ grows; removed or replaced images are dropped by clearing their slot in the ``al
 The columns are also kept on disk beside the catalogue (:meth:`QueryIndex.save`: a JSON header and the
 arrays' raw bytes, checked by BLAKE3, mapped into memory at a start rather than read and converted), stamped with the catalogue's identity and the change-log position they reflect. A
 start loads them column-wise in a fraction of a second (:meth:`QueryIndex.load`) instead of reading
-every fact row, and only if the stamp still names a position in this catalogue's change log; the
+every row, and only if the stamp still names a position in this catalogue's change log; the
 changes after that position are then caught up as for any other write. Anything else (another
-catalogue, a log that no longer has that position, an unreadable file) is a rebuild from SQLite.
+catalogue, a log that no longer has that position, an unreadable file) is a rebuild from SQLite, which
+reads the packed facts (splitting strings, no XML parsed).
 """
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import mmap
 import os
@@ -31,10 +33,11 @@ import blake3
 import numpy as np
 from lxml import etree
 
-from services.descriptor import NUMBER, VERSION, facts, resolve_field, version_key
+from services.descriptor import FIELDS, LIBRARY_PREFIX, NUMBER, VERSION, facts, resolve_field, version_key
 from services.vmrepository.query import Budget, Prepared
 
 MERGE_AT = 4096        # delta facts before they are merged into the base columns
+REBUILD_AT = 20_000    # changed images in one catch-up past which the index is rebuilt instead
 SNAPSHOT_FORMAT = 2    # bump when the saved layout changes: older files are then rebuilt, never misread
 NUMERIC_ORDER = ("memory", "vcpus", "size")
 ORDER_COLUMNS = ("name", "vo", "owner", "created", "updated", "memory", "vcpus", "size", "image_id")
@@ -48,18 +51,37 @@ def _kind(path: str) -> str:
     return resolve_field(path)[1]
 
 
-def fact_rows(image_id: str, element: etree._Element) -> list[tuple[str, str, str, float | None, str | None]]:
-    """(image id, field path, text, number, version key) of every fact of a descriptor."""
-    rows = []
-    for path, value in facts(element):
-        kind = _kind(path)
-        rows.append((image_id, path, value, float(value) if kind == NUMBER else None,
-                     version_key(value) if kind == VERSION else None))
-    return rows
+# -- each row's facts, packed -------------------------------------------------------------------------
+SEP = "\x1f"          # between a fact's path and text and between facts: XML 1.0 text can never hold it
+PACK_FORMAT = 1
+FACTS_VERSION = hashlib.sha256(json.dumps([PACK_FORMAT, sorted(FIELDS.items()), LIBRARY_PREFIX]).encode()).hexdigest()[:16]
+"""What a row's packed facts were made by (the format and the fields :func:`facts` reads): a catalogue stamped
+with another drops every row's packed facts at its start (they are then read from the XML again)."""
+REBUILD_CHUNK = 8192   # rows split at once by a rebuild (bounds the strings alive at a time)
 
 
-def fact_key(kind: str, text: str, num, ver):
-    return num if kind == NUMBER else ver if kind == VERSION else text
+def pack_facts(element: etree._Element) -> str | None:
+    """A descriptor's facts (:func:`services.descriptor.facts`) as one string: path, text, path, text, ...
+    joined by :data:`SEP`; None for a fact without text (then the row's facts are read from its XML)."""
+    return pack_facts_of(facts(element))
+
+
+def pack_facts_of(fact_list: list[tuple[str, str]]) -> str | None:
+    """:func:`pack_facts` of facts already read."""
+    flat = []
+    for path, text in fact_list:
+        if text is None or SEP in text or SEP in path:
+            return None
+        flat += (path, text)
+    return SEP.join(flat)
+
+
+def unpack_facts(packed: str) -> list[tuple[str, str]]:
+    """The (path, text) facts of :func:`pack_facts`' string."""
+    if not packed:
+        return []
+    parts = packed.split(SEP)
+    return list(zip(parts[0::2], parts[1::2]))
 
 
 @dataclass
@@ -187,6 +209,10 @@ class QueryIndex:
 
     def __init__(self):
         self.lock = threading.RLock()
+        self._reset()
+
+    def _reset(self) -> None:
+        """Empty (the lock stays: a catch-up that rebuilds holds it)."""
         self.last_seq = -1
         self.columns: dict[str, _Column] = {}
         self._slot_of: dict[str, int] | None = {}
@@ -194,6 +220,7 @@ class QueryIndex:
         self.order_values: dict[str, list] = {c: [] for c in ORDER_COLUMNS}
         self._perm: dict[str, np.ndarray] = {}
         self.delta_size = 0
+        self.unpacked: list[tuple[str, str]] = []   # (packed facts, image id) of rows read from XML, to be stored
 
     @property
     def slot_of(self) -> dict[str, int]:
@@ -212,7 +239,7 @@ class QueryIndex:
         slot = len(self.order_values["image_id"])
         for name, value in zip(ORDER_COLUMNS, row):
             self.order_values[name].append(value)
-        self.slot_of[row[-1]] = slot
+        self.slot_of[row[len(ORDER_COLUMNS) - 1]] = slot
         return slot
 
     def _grow_alive(self) -> None:
@@ -233,81 +260,127 @@ class QueryIndex:
             rows = db.execute("SELECT seq, image_id FROM changes WHERE seq > ? ORDER BY seq",
                               (self.last_seq,)).fetchall()
             changed = list(dict.fromkeys(image_id for _, image_id in rows))
+            if len(changed) >= REBUILD_AT:
+                # a bulk import since: reading every row at once (split strings, whole columns) is cheaper
+                # than a delta of one tuple per fact merged afterwards
+                self._reset()
+                self._load_all(db)
+                return
             for image_id in changed:
                 old = self.slot_of.pop(image_id, None)
                 if old is not None:
                     self.alive[old] = False
-            self._load(db, changed, into_delta=True)
+            self._load(db, changed)
             self.last_seq = max(seq for seq, _ in rows) if rows else top
             self._perm.clear()
             if self.delta_size >= MERGE_AT:
                 self._merge()
 
-    def _select_images(self, db, image_ids: list[str] | None):
+    def _select_rows(self, db, image_ids: list[str]):
+        """These images' order columns, packed facts and (only where those are missing) stored XML."""
         cols = ", ".join(ORDER_COLUMNS)
-        if image_ids is None:
-            return db.execute(f"SELECT {cols} FROM images").fetchall()
         out = []
         for i in range(0, len(image_ids), 500):
             chunk = image_ids[i:i + 500]
-            out += db.execute(f"SELECT {cols} FROM images WHERE image_id IN ({','.join('?' * len(chunk))})",
-                              chunk).fetchall()
+            out += db.execute(f"SELECT {cols}, facts, CASE WHEN facts IS NULL THEN descriptor END FROM images "
+                              f"WHERE image_id IN ({','.join('?' * len(chunk))})", chunk).fetchall()
         return out
 
-    def _select_facts(self, db, image_ids: list[str] | None):
-        """The facts of these images (None: of every image), read from their stored descriptors."""
-        if image_ids is None:
-            rows = db.execute("SELECT image_id, descriptor FROM images")
-        else:
-            rows = []
-            for i in range(0, len(image_ids), 500):
-                chunk = image_ids[i:i + 500]
-                rows += db.execute(f"SELECT image_id, descriptor FROM images WHERE image_id IN "
-                                   f"({','.join('?' * len(chunk))})", chunk).fetchall()
-        for image_id, data in rows:
-            yield from fact_rows(image_id, etree.fromstring(data, _TRUSTED))
-
-    def _load(self, db, image_ids: list[str], into_delta: bool) -> None:
-        for row in self._select_images(db, image_ids):
-            self._new_slot(row)
+    def _load(self, db, image_ids: list[str]) -> None:
+        """These images' facts into the delta (a catch-up)."""
+        width = len(ORDER_COLUMNS)
+        for row in self._select_rows(db, image_ids):
+            slot = self._new_slot(row[:width])
+            packed, data = row[width], row[width + 1]
+            if packed is not None:
+                fact_list = unpack_facts(packed)
+            else:
+                fact_list = facts(etree.fromstring(data, _TRUSTED))
+                packed = pack_facts_of(fact_list)
+                if packed is not None:
+                    self.unpacked.append((packed, row[width - 1]))
+            for path, txt in fact_list:
+                kind = _kind(path)
+                col = self.columns.get(path)
+                if col is None:
+                    col = self.columns[path] = _Column.build(kind == NUMBER, [])
+                key = float(txt) if kind == NUMBER else version_key(txt) if kind == VERSION else txt
+                col.delta.append((slot, key, txt))
+                self.delta_size += 1
         self._grow_alive()
-        for image_id, path, txt, num, ver in self._select_facts(db, image_ids):
-            slot = self.slot_of.get(image_id)
-            if slot is None:
-                continue
-            kind = _kind(path)
-            col = self.columns.get(path)
-            if col is None:
-                col = self.columns[path] = _Column.build(kind == NUMBER, [])
-            col.delta.append((slot, fact_key(kind, txt, num, ver), txt))
-            self.delta_size += 1
         for image_id in image_ids:
             slot = self.slot_of.get(image_id)
             if slot is not None:
                 self.alive[slot] = True
 
     def _load_all(self, db) -> None:
+        """Build every column from SQLite: each row's packed facts split, grouped by field with array
+        operations (no XML parsed); a row without packed facts (written before they were stored) is parsed
+        and its packed facts kept in :attr:`unpacked` for the catalogue to store."""
+        width = len(ORDER_COLUMNS)
         db.execute("BEGIN")
         try:
             top = db.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()[0]
-            for row in self._select_images(db, None):
-                self._new_slot(row)
-            self._grow_alive()
-            self.alive[:len(self.slot_of)] = True
-            slot_of = self.slot_of
-            per_field: dict[str, tuple[list[int], list[str]]] = {}     # field -> its facts' slots and texts
-            for image_id, data in db.execute("SELECT image_id, descriptor FROM images"):
-                slot = slot_of[image_id]
-                for path, text in facts(etree.fromstring(data, _TRUSTED)):
-                    lists = per_field.get(path)
-                    if lists is None:
-                        lists = per_field[path] = ([], [])
-                    lists[0].append(slot)
-                    lists[1].append(text)
+            rows = db.execute(f"SELECT {', '.join(ORDER_COLUMNS)}, facts, CASE WHEN facts IS NULL "
+                              f"THEN descriptor END FROM images").fetchall()
         finally:
             db.execute("COMMIT")
-        for path, (slots, texts) in per_field.items():
-            self.columns[path] = _Column.from_texts(_kind(path), slots, texts)
+        n = len(rows)
+        cols = list(zip(*rows)) if rows else [()] * (width + 2)
+        del rows
+        self.order_values = {name: list(cols[i]) for i, name in enumerate(ORDER_COLUMNS)}
+        self._slot_of = dict(zip(self.order_values["image_id"], range(n)))
+        self._grow_alive()
+        self.alive[:n] = True
+        packed, xml = list(cols[width]), cols[width + 1]
+        ids = cols[width - 1]
+        del cols
+        loose: list[tuple[int, str, str]] = []          # facts of rows whose facts cannot be packed
+        for slot in [i for i, p in enumerate(packed) if p is None]:
+            fact_list = facts(etree.fromstring(xml[slot], _TRUSTED))
+            p = pack_facts_of(fact_list)
+            if p is None:
+                loose += [(slot, path, text) for path, text in fact_list]
+                p = ""
+            else:
+                self.unpacked.append((p, ids[slot]))
+            packed[slot] = p
+        pathcode: dict[str, int] = {}
+        per_field: list[tuple[list[np.ndarray], list[str]]] = []     # by path code: slots (arrays), texts
+        for start in range(0, n, REBUILD_CHUNK):
+            chunk = packed[start:start + REBUILD_CHUNK]
+            joined = SEP.join(filter(None, chunk))
+            if not joined:
+                continue
+            counts = np.fromiter(((p.count(SEP) + 1) >> 1 if p else 0 for p in chunk), dtype=np.int64, count=len(chunk))
+            parts = joined.split(SEP)
+            paths, texts = parts[0::2], parts[1::2]
+            del parts, joined
+            for path in dict.fromkeys(paths):
+                if path not in pathcode:
+                    pathcode[path] = len(pathcode)
+                    per_field.append(([], []))
+            codes = np.fromiter(map(pathcode.__getitem__, paths), dtype=np.int32, count=len(paths))
+            slots = np.repeat(np.arange(start, start + len(chunk), dtype=np.int32), counts)
+            order = np.argsort(codes, kind="stable")
+            sorted_codes = codes[order]
+            texts_sorted = np.asarray(texts, dtype=object)[order].tolist()
+            slots_sorted = slots[order]
+            bounds = [0, *(np.flatnonzero(np.diff(sorted_codes)) + 1).tolist(), len(order)]
+            for a, b in zip(bounds, bounds[1:]):
+                lists = per_field[int(sorted_codes[a])]
+                lists[0].append(slots_sorted[a:b])
+                lists[1].extend(texts_sorted[a:b])
+        for slot, path, text in loose:
+            if path not in pathcode:
+                pathcode[path] = len(pathcode)
+                per_field.append(([], []))
+            lists = per_field[pathcode[path]]
+            lists[0].append(np.asarray([slot], dtype=np.int32))
+            lists[1].append(text)
+        for path, code in pathcode.items():
+            slot_parts, texts = per_field[code]
+            self.columns[path] = _Column.from_texts(_kind(path), np.concatenate(slot_parts), texts)
         self.last_seq = top
 
     def _merge(self) -> None:

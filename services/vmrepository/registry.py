@@ -14,8 +14,6 @@ import hashlib
 import logging
 import os
 import re
-from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
@@ -28,9 +26,12 @@ from services.faults import (AccessDenied, BadQuery, ChecksumMismatch, Duplicate
                              is_storage_full)
 from services.vmrepository.catalogue import Catalogue, Record, new_image_id
 from services.vmrepository.config import RepositoryConfig
-from services.vmrepository.query import XPATH_DIALECT, Criterion, compile_xpath, order_column, prepare_groups
+from services.vmrepository.query import XPATH_DIALECT, compile_xpath, order_column, prepare_groups
 from services.vmrepository.store import ImageStore, image_format_of
+from services.vmrepository.values import Changes, Hold, Location, Query, QueryPage, Removed, Source
 from services.vmrepository.xpath_scan import scanner
+
+__all__ = ["Registry", "Changes", "Hold", "Location", "Query", "QueryPage", "Removed", "Source", "MAX_IMPORT"]
 
 log = logging.getLogger("vmgrid.VMRepositoryService")
 
@@ -47,69 +48,6 @@ def upload_area(dn: str) -> str:
 
 def image_resource(rec: Record) -> dict[str, str]:
     return {"type": "image", "vo": rec.vo, "owner": rec.owner, "name": rec.name, "id": rec.image_id}
-
-
-# -- the typed values of the operations ------------------------------------------------------------------
-@dataclass(frozen=True)
-class Source:
-    """Where a new image's bytes are: ``localPath`` on the repository host (inside an ingest directory)
-    or ``upload``, a file name in the caller's own upload area."""
-    kind: str
-    value: str
-
-    @property
-    def context(self) -> str:
-        return "local" if self.kind == "localPath" else "upload"
-
-
-@dataclass(frozen=True)
-class Query:
-    """A catalogue search: criteria groups (OR of ANDs) or an XPath expression in ``dialect``."""
-    groups: list[list[Criterion]] = field(default_factory=list)
-    xpath: str | None = None
-    dialect: str | None = None
-    namespaces: dict[str, str] = field(default_factory=dict)
-    order_by: str = "name"
-    descending: bool = False
-    offset: int = 0
-    limit: int | None = None
-
-
-@dataclass(frozen=True)
-class QueryPage:
-    total: int
-    offset: int
-    records: list[Record]
-
-
-@dataclass(frozen=True)
-class Changes:
-    """What a duplicate changes from its original (None: kept)."""
-    version: str | None = None
-    description: str | None = None
-    vcpus: str | None = None
-    memory: str | None = None
-    container_command: str | None = None
-
-
-@dataclass(frozen=True)
-class Removed:
-    image_id: str
-    bytes_deleted: bool
-
-
-@dataclass(frozen=True)
-class Location:
-    url: str
-    sha256: str
-    size: int
-    image_format: str
-
-
-@dataclass(frozen=True)
-class Hold:
-    hold_id: str
-    expires: datetime | float
 
 
 class Transfers(Protocol):

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from lxml import etree
 
 from services.common.xsdtime import format_datetime
 from services.descriptor import WS
-from services.vmrepository.catalogue import Record
 from services.vmrepository.query import Criterion
-from services.vmrepository.registry import Changes, Hold, Location, Query, QueryPage, Removed, Source
+from services.vmrepository.values import Changes, Hold, Location, Query, QueryPage, Removed, Source
+
+if TYPE_CHECKING:
+    from services.vmrepository.catalogue import Record
 
 REPO = "http://vmgrid.org/ns/vmrepository/1"
 WSRF_RP = "http://docs.oasis-open.org/wsrf/rp-2"
