@@ -36,7 +36,7 @@ from bench_vmmanager import GUEST_DESCRIPTOR, Site, clients, free_port, rate_bps
 from benchgrid import BenchError, loadavg, log, stop_process, table  # noqa: E402
 
 HELPER = Path(__file__).resolve().parents[1] / "tests" / "vm" / "node_helper.py"
-DOWNTIME = ("freeze", "prepare", "transfer", "restore", "resume")   # the guest runs again after resume
+DOWNTIME = ("freeze", "transfer", "restore", "resume")   # frozen .. runs again (prepare is before the freeze)
 
 
 def patient(vmm):
