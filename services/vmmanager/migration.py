@@ -293,8 +293,10 @@ def migrate(node: "Node", caller, key: str, target: str, mode: str, proxy_pem: b
                                             guest_token=_guest_token(node, inst), step="transfer"))
             crashpoint("migration.accepted")
         except BaseException as exc:
+            failed_in = phase
             phase = getattr(exc, "phase", None) or phase
-            _rollback(node, key, prior, peer, abort=True)
+            # a failed prepare froze nothing: the guest runs on as it was (a state file there is not this one's)
+            _rollback(node, key, prior, peer, abort=True, frozen=failed_in != "prepare")
             raise _fault(exc, phase, target) from None
         # the commit: the target resumes the instance, from then on it lives there
         try:
@@ -350,8 +352,9 @@ def _fault(exc: BaseException, phase: str, target: str) -> MigrationFault:
                           phase=phase, target=target, cause=_cause(exc))
 
 
-def _rollback(node: "Node", key: str, prior: State, peer: Peer | None, *, abort: bool) -> None:
-    """The instance as it was on this node; nothing of it at the target."""
+def _rollback(node: "Node", key: str, prior: State, peer: Peer | None, *, abort: bool, frozen: bool = True) -> None:
+    """The instance as it was on this node; nothing of it at the target. ``frozen`` False: the instance was never
+    saved for this migration (it failed in prepare), so it is not restored from a state file."""
     node.exports.close(key)
     if abort and peer is not None:
         try:
@@ -361,7 +364,7 @@ def _rollback(node: "Node", key: str, prior: State, peer: Peer | None, *, abort:
         except Exception as exc:   # noqa: BLE001 - the target drops an Incoming instance by itself (timeout, restart)
             log.warning("migration of %s: could not tell %s to abort: %s", key, peer.url, _describe(exc))
     state_file = node.parts.home(key) / STATE_FILE
-    if prior in (State.RUNNING, State.PAUSED) and state_file.exists():
+    if frozen and prior in (State.RUNNING, State.PAUSED) and state_file.exists():
         try:
             node.vmm.restore(state_file, paused=prior == State.PAUSED)
             state_file.unlink(missing_ok=True)
