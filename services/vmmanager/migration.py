@@ -3,8 +3,8 @@ register it *as the user* (an RFC 3820 proxy the client delegated to this node),
 overlay and the saved memory state over GridFTP, restore and resume it there, then release it here.
 
 Who decides: the target. Its CompleteMigration(commit) is the one commit point; until it answers
-``committed`` the instance is the source's (Migrating here, Incoming there: prepared, then restored paused), and every failure
-rolls back: the target drops what it holds, the source restores the instance as it was. A node that
+``committed`` the instance is the source's (Migrating here, Incoming there: prepared, then restored paused), and
+every failure rolls back: the target drops what it holds, the source restores the instance as it was. A node that
 restarts settles its half with the other node (:func:`reconcile`): an Incoming instance is dropped (never
 committed), a Migrating one asks the target, which answers committed or aborted; while the target cannot
 be reached the instance stays Migrating (frozen, not running anywhere) and the sweep asks again.
