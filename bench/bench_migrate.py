@@ -6,7 +6,9 @@
 For each memory size: a real guest (the project's guest image, QEMU software emulation) is deployed on
 node A and migrated to node B through the grid (delegated proxy, GridFTP pull of the overlay and the
 saved state, restore, resume, guestd fix-up). Downtime is the time the guest does not run: freeze to
-resume on the target (the phases freeze .. resume); total is the Migrate call as the client sees it.
+resume on the target (the phases freeze, transfer, restore, resume; prepare runs before the freeze), and the
+same read from the two nodes' logs (which counts the node-to-node calls between the phases too); total is the
+Migrate call as the client sees it.
 The peer, in the same run: the same save -> copy -> restore done by hand through the VMM interface
 (one qemu:///embed root per side, in this process, no grid): save, cp of the overlay and the state
 file, restore on the other root. Figures are printed with their ratio to the peer; nothing is asserted.
@@ -36,7 +38,7 @@ from bench_vmmanager import GUEST_DESCRIPTOR, Site, clients, free_port, rate_bps
 from benchgrid import BenchError, loadavg, log, stop_process, table  # noqa: E402
 
 HELPER = Path(__file__).resolve().parents[1] / "tests" / "vm" / "node_helper.py"
-DOWNTIME = ("freeze", "prepare", "transfer", "restore", "resume")   # the guest runs again after resume
+DOWNTIME = ("freeze", "transfer", "restore", "resume")   # frozen .. runs again (prepare is before the freeze)
 
 
 def patient(vmm):
@@ -67,7 +69,29 @@ def migrate_once(a, b, ws, memory: int, target_url: str) -> dict:
     b.destroy(moved.ref)
     phases = dict(moved.phases)
     return {"total": total, "downtime": sum(phases.get(p, 0.0) for p in DOWNTIME), "phases": moved.phases,
-            "state": status.state, "guest": status.guest_status}
+            "state": status.state, "guest": status.guest_status, "key": moved.ref.key}
+
+
+_STAMP = r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO vmgrid\.\S+ instance %s: "
+
+
+def logged_downtime(root: Path, key: str, fixup: float) -> float | None:
+    """The downtime from the nodes' logs (both nodes on this host, one clock): from the start of the source's save
+    (its freeze line's time less the save and the hash) to the target's resume (its ``Incoming -> Running`` line
+    less the fixup phase, which runs between the two). Unlike the sum of the phases it counts the node-to-node
+    calls between them (the transfer step reaching the target, the commit: its authorization and slot claim)."""
+    import re
+    from datetime import datetime
+    text = "\n".join(p.read_text(errors="replace") for p in sorted(root.rglob("node-*.log")))
+
+    def at(pattern: str):
+        m = re.search(_STAMP % re.escape(key) + pattern, text)
+        return (datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp(), m) if m else (None, None)
+    frozen, m = at(r"freeze phase: save ([0-9.]+) s, BLAKE3 of \d+ bytes ([0-9.]+) s")
+    resumed, _ = at(r"Incoming -> Running")
+    if frozen is None or resumed is None:
+        return None
+    return (resumed - fixup) - (frozen - float(m.group(2)) - float(m.group(3)))
 
 
 def bare_migration(image, src, root: Path, memory: int) -> dict:
@@ -268,7 +292,9 @@ def main() -> int:
                 grid = grid_migration(site, image, ws, memory, nodes)
             else:
                 grid = wan["runs"][str(memory)]
-            print(f"{memory} MiB through the grid: total {grid['total']:.2f} s, downtime {grid['downtime']:.2f} s; "
+            seen = logged_downtime(root, grid["key"], dict(grid["phases"]).get("fixup", 0.0))
+            print(f"{memory} MiB through the grid: total {grid['total']:.2f} s, downtime {grid['downtime']:.2f} s "
+                  f"(from the nodes' logs: {'?' if seen is None else f'{seen:.2f} s'}); "
                   + " ".join(f"{n}={s:.3f}" for n, s in grid["phases"]) + f"; guest: {grid['guest']}; {loadavg()}",
                   flush=True)
             log(f"{memory} MiB: the bare steps")
@@ -287,7 +313,9 @@ def main() -> int:
                 label = (f"{peer:.2f} s (state/link {wire:.2f}, save {bare['save']:.2f}, "
                          f"restore {bare['restore']:.2f})")
             rows.append([f"{memory} MiB", f"{grid['downtime']:.2f} s", f"{grid['total']:.2f} s", label,
-                         f"{grid['downtime'] / peer:.2f}x", f"{bare['state_bytes'] / 2**20:.0f} MiB", grid["state"]])
+                         f"{grid['downtime'] / peer:.2f}x",
+                         "?" if seen is None else f"{seen:.2f} s ({seen / peer:.2f}x)",
+                         f"{bare['state_bytes'] / 2**20:.0f} MiB", grid["state"]])
     except BenchError as exc:
         print(f"bench_migrate: {exc}", file=sys.stderr)
         return 1
@@ -298,8 +326,8 @@ def main() -> int:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
     peer = "state/link + bare save + restore" if args.wan else "bare save+cp+restore"
-    print(table(["guest", "downtime (grid)", "total (grid)", peer, "downtime / peer", "saved state",
-           "state after"], rows))
+    print(table(["guest", "downtime (grid)", "total (grid)", peer, "downtime / peer", "downtime, nodes' logs",
+           "saved state", "state after"], rows))
     print(f"load at the end: {loadavg()}")
     return 0
 

@@ -22,7 +22,7 @@ class Deployment:
 
     @property
     def migration(self) -> bool:
-        """An instance that arrived by migration: its phases are the migration's (freeze ... release)."""
+        """An instance that arrived by migration: its phases are the migration's (authorize ... release)."""
         return any(n == "freeze" for n, _ in self.phases)
 
 

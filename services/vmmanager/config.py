@@ -45,6 +45,7 @@ class VMManagerConfig:
     notify_deadline: float = 10.0        # seconds for one notification delivery, connect to answer
     migration_timeout: float = 60.0      # seconds a node waits for the other node's answer during a migration
     migration_incoming_timeout: float = 900.0   # an Incoming instance whose source never commits is dropped then
+    migration_prepare_timeout: float = 120.0    # a prepared Incoming instance whose files never come is dropped then
     migration_fixup_timeout: float = 30.0       # seconds guestd has to take the new address after a migration
     # hosts of the VMManager nodes whose instances this node takes in by migration (their saved memory
     # state is restored here: only nodes of the site); [] takes none, ["*"] any host with a grid host cert

@@ -3,15 +3,19 @@ register it *as the user* (an RFC 3820 proxy the client delegated to this node),
 overlay and the saved memory state over GridFTP, restore and resume it there, then release it here.
 
 Who decides: the target. Its CompleteMigration(commit) is the one commit point; until it answers
-``committed`` the instance is the source's (Migrating here, Incoming and paused there), and every failure
-rolls back: the target drops what it holds, the source restores the instance as it was. A node that
+``committed`` the instance is the source's (Migrating here, Incoming there: prepared, then restored paused), and
+every failure rolls back: the target drops what it holds, the source restores the instance as it was. A node that
 restarts settles its half with the other node (:func:`reconcile`): an Incoming instance is dropped (never
 committed), a Migrating one asks the target, which answers committed or aborted; while the target cannot
 be reached the instance stays Migrating (frozen, not running anywhere) and the sweep asks again.
 
-Phases (``states.MIGRATION_PHASES``), timed into the instance's PhaseTimings on the target: authorize and
-freeze (source), prepare, transfer and restore (target, AcceptMigration), resume and fixup (target,
-CompleteMigration; guestd answers only once the guest runs), release (source). Crashpoints ``migration.<step>`` for the kill tests.
+Phases (``states.MIGRATION_PHASES``), timed into the instance's PhaseTimings on the target: authorize (source),
+prepare (target, AcceptMigration step prepare, while the guest still runs at the source: the downtime does not
+count it), freeze (source), transfer and restore (target, AcceptMigration step transfer), resume and fixup (target,
+CompleteMigration; guestd answers only once the guest runs), release (source). The guest is frozen only after the
+target said yes to the prepare; a prepared instance whose files never come is dropped by the target's sweep
+(``migration_prepare_timeout``) or when the source aborts or settles. Crashpoints ``migration.<step>`` for the kill
+tests.
 """
 from __future__ import annotations
 
@@ -37,7 +41,7 @@ from security.client import host_authorizer
 from security.delegation import DelegationError, accept as accept_delegation
 from security.pki import Credential
 from services.common.crash import crashpoint
-from services.faults import (AccessDenied, InstanceMoved, InternalFault, InvalidArgument,
+from services.faults import (AccessDenied, IllegalTransition, InstanceMoved, InternalFault, InvalidArgument,
                              MigrationFault, ResourceUnknown, TransferFault, VMGridFault, ChecksumMismatch)
 from services.vmmanager import phases, states
 from services.vmmanager.context import build_context, new_token
@@ -254,35 +258,45 @@ def migrate(node: "Node", caller, key: str, target: str, mode: str, proxy_pem: b
         peer = _peer(node, target, credential)
         records.put(key, "source", target, prior.value, proxy_pem)
         node._set_state(key, State.MIGRATING, expect={prior})
-        phase = "freeze"
+        phase = "prepare"
         try:
-            with timed(timings, "freeze"):
-                frozen = time.perf_counter()
-                home = node.parts.home(key)
-                state_file = home / STATE_FILE
-                domain_uuid = vmm_call("inspect", node.vmm.spec_of, key).uuid
-                if prior in (State.RUNNING, State.PAUSED):
-                    state_file.unlink(missing_ok=True)
-                    vmm_call("save", node.vmm.save, key, state_file)
-                crashpoint("migration.frozen")
-                saved = time.perf_counter()
-                names = _disk_files(home) + [STATE_FILE]
-                files = _file_list(home, names)
-                log.info("instance %s: freeze phase: save %.3f s, BLAKE3 of %d bytes %.3f s", key,
-                         saved - frozen, sum(f.size for f in files), time.perf_counter() - saved)
-            phase = "prepare"
+            # prepare at the target while the guest still runs here: the user authorized there, the instance
+            # registered Incoming, an address leased, the base image staged; only a yes freezes it
+            home = node.parts.home(key)
+            names = _disk_files(home) + [STATE_FILE]
+            domain_uuid = vmm_call("inspect", node.vmm.spec_of, key).uuid
             base = node.exports.open(key, names, target)
             offer = MigrationOffer(key=key, identifier=inst.identifier, owner=inst.owner,
                                    descriptor=phases.descriptor_of(inst), descriptor_xml=inst.descriptor,
                                    termination=inst.termination, max_lifetime=inst.max_lifetime, state=prior.value,
-                                   source=node.address, files_url=base, files=files, phases=tuple(timings),
-                                   uuid=domain_uuid, subscriptions=_subscriptions(node, key),
-                                   guest_token=_guest_token(node, inst))
+                                   source=node.address, files_url=base, files=(), phases=tuple(timings),
+                                   subscriptions=_subscriptions(node, key), step="prepare")
+            prepared = time.perf_counter()
             peer.accept(offer)
+            log.info("instance %s: prepared at %s in %.3f s (before the freeze)", key, target,
+                     time.perf_counter() - prepared)
+            crashpoint("migration.prepared")
+            phase = "freeze"
+            with timed(timings, "freeze"):
+                frozen = time.perf_counter()
+                if prior in (State.RUNNING, State.PAUSED):
+                    state_file = home / STATE_FILE
+                    state_file.unlink(missing_ok=True)
+                    vmm_call("save", node.vmm.save, key, state_file)
+                crashpoint("migration.frozen")
+                saved = time.perf_counter()
+                files = _file_list(home, names)
+                log.info("instance %s: freeze phase: save %.3f s, BLAKE3 of %d bytes %.3f s", key,
+                         saved - frozen, sum(f.size for f in files), time.perf_counter() - saved)
+            phase = "transfer"
+            peer.accept(dataclasses.replace(offer, files=files, phases=tuple(timings), uuid=domain_uuid,
+                                            guest_token=_guest_token(node, inst), step="transfer"))
             crashpoint("migration.accepted")
         except BaseException as exc:
+            failed_in = phase
             phase = getattr(exc, "phase", None) or phase
-            _rollback(node, key, prior, peer, abort=phase != "freeze")
+            # a failed prepare froze nothing: the guest runs on as it was (a state file there is not this one's)
+            _rollback(node, key, prior, peer, abort=True, frozen=failed_in != "prepare")
             raise _fault(exc, phase, target) from None
         # the commit: the target resumes the instance, from then on it lives there
         try:
@@ -338,8 +352,9 @@ def _fault(exc: BaseException, phase: str, target: str) -> MigrationFault:
                           phase=phase, target=target, cause=_cause(exc))
 
 
-def _rollback(node: "Node", key: str, prior: State, peer: Peer | None, *, abort: bool) -> None:
-    """The instance as it was on this node; nothing of it at the target."""
+def _rollback(node: "Node", key: str, prior: State, peer: Peer | None, *, abort: bool, frozen: bool = True) -> None:
+    """The instance as it was on this node; nothing of it at the target. ``frozen`` False: the instance was never
+    saved for this migration (it failed in prepare), so it is not restored from a state file."""
     node.exports.close(key)
     if abort and peer is not None:
         try:
@@ -349,7 +364,7 @@ def _rollback(node: "Node", key: str, prior: State, peer: Peer | None, *, abort:
         except Exception as exc:   # noqa: BLE001 - the target drops an Incoming instance by itself (timeout, restart)
             log.warning("migration of %s: could not tell %s to abort: %s", key, peer.url, _describe(exc))
     state_file = node.parts.home(key) / STATE_FILE
-    if prior in (State.RUNNING, State.PAUSED) and state_file.exists():
+    if frozen and prior in (State.RUNNING, State.PAUSED) and state_file.exists():
         try:
             node.vmm.restore(state_file, paused=prior == State.PAUSED)
             state_file.unlink(missing_ok=True)
@@ -432,6 +447,8 @@ def _settle(node: "Node", key: str) -> str:
 def _check_offer(node: "Node", caller, offer: MigrationOffer) -> None:
     if not offer.key or not re.fullmatch(r"inst-[0-9a-f]{32}", offer.key):
         raise InvalidArgument("InstanceKey is not an instance key", argument="InstanceKey")
+    if offer.step not in ("", "prepare", "transfer"):
+        raise InvalidArgument(f"step {offer.step!r} is not prepare or transfer", argument="step")
     if offer.state not in (State.RUNNING.value, State.PAUSED.value, State.SAVED.value):
         raise InvalidArgument(f"an instance cannot migrate from state {offer.state}", argument="state")
     if offer.termination <= time.time():
@@ -445,6 +462,14 @@ def _check_offer(node: "Node", caller, offer: MigrationOffer) -> None:
         raise AccessDenied(f"this node takes in no migrations from {source.hostname or '?'} "
                            "([vmmanager] migration_sources)", subject=caller.dn, action="vm.migrate",
                            resource=offer.key, rule="migration-sources")
+    d = offer.descriptor
+    if not (d.image_id and d.sha256 and d.size is not None and d.owner):
+        raise InvalidArgument("the descriptor is not one from the repository", argument="workspace")
+    if offer.step == "prepare":
+        if offer.files:
+            raise InvalidArgument("a prepare step carries no files (they are sent once the instance is frozen)",
+                                  argument="file")
+        return
     if not all(_HEX64.fullmatch(f.blake3 or f.sha256 or "") for f in offer.files):
         raise InvalidArgument("every file needs its blake3 or sha256 digest (64 hex digits)", argument="file")
     names = [f.name for f in offer.files]
@@ -452,14 +477,16 @@ def _check_offer(node: "Node", caller, offer: MigrationOffer) -> None:
             not all(FILE_NAME.match(n) for n in names) or "root.qcow2" not in names:
         raise InvalidArgument("the files must be the instance's root.qcow2, its other disks and state.save, once each",
                               argument="file")
-    d = offer.descriptor
-    if not (d.image_id and d.sha256 and d.size is not None and d.owner):
-        raise InvalidArgument("the descriptor is not one from the repository", argument="workspace")
 
 
 def accept(node: "Node", caller, offer: MigrationOffer) -> InstanceView:
-    """AcceptMigration: prepare (authorize the user, register, lease), transfer (stage the base image, pull the
-    files), restore paused. On failure nothing of it remains here; MigrationFault names the phase."""
+    """AcceptMigration. In two steps (what this source sends): ``prepare`` while the guest still runs at the source
+    (authorize the user, register Incoming, lease, stage the base image: outside the downtime), then ``transfer``
+    once the source froze it (pull the files, restore paused). Without a step (a source of an earlier version) both
+    in one call. On failure nothing of it remains here; MigrationFault names the phase. A prepared instance whose
+    files never come is dropped after ``migration_prepare_timeout`` (:func:`sweep`)."""
+    if offer.step == "transfer":
+        return _accept_files(node, caller, offer)
     _check_offer(node, caller, offer)
     d = offer.descriptor
     timings: list[tuple[str, float]] = list(offer.phases)
@@ -491,11 +518,70 @@ def accept(node: "Node", caller, offer: MigrationOffer) -> InstanceView:
                 initial_state=offer.state, address=None, mac=None, created=now, termination=offer.termination,
                 max_lifetime=offer.max_lifetime, token=new_token()))
             registered = True
-            node.migrations.put(key, "target", offer.source, offer.state)
+            node.migrations.put(key, "prepared" if offer.step == "prepare" else "target", offer.source, offer.state)
             phases.lease(node.parts, key)
             _adopt_subscriptions(node, key, offer)
+            if offer.step == "prepare":
+                # the base image from the repository or the cache (a hold) while the guest still runs at the
+                # source; and the question the transfer step and the commit ask, asked now (permits are cached)
+                phases.stage(node.parts, key)
+                node._authorized(caller, key, "vm.migrate")
         crashpoint("migration.target-prepared")
+        if offer.step != "prepare":
+            phase = _transfer_and_restore(node, key, offer, timings, stage=True)
+    except BaseException as exc:
+        if registered:
+            _drop_incoming(node, key)
+        if isinstance(exc, MigrationFault):
+            raise
+        if isinstance(exc, VMGridFault) and phase == "prepare" and not registered:
+            raise       # refused before anything was held: the fault as it is (AccessDenied, InvalidArgument...)
+        raise MigrationFault(f"{phase} at {node.node} failed: {_describe(exc)}", phase=getattr(exc, "phase", phase),
+                             target=node.address, cause=_cause(exc)) from None
+    node.store.update(key, phases=json.dumps([[n, round(s, 6)] for n, s in timings]))
+    if offer.step == "prepare":
+        log.info("instance %s prepared for %s, from %s; Incoming until its files come", key, caller.dn, offer.source)
+    else:
+        log.info("instance %s arrived from %s for %s; Incoming until the source commits", key, offer.source,
+                 caller.dn)
+    return node.view(node.store.get(key))
+
+
+def _accept_files(node: "Node", caller, offer: MigrationOffer) -> InstanceView:
+    """The transfer step of a prepared migration: the same source, the same instance, now frozen there."""
+    key = offer.key
+    inst = node._authorized(caller, key, "vm.migrate")
+    with node._locked(key):
+        inst = node.store.get(key)
+        rec = node.migrations.get(key)
+        if rec is None or rec.role != "prepared" or inst.state_enum != State.INCOMING or rec.peer != offer.source \
+                or inst.owner != offer.owner:
+            # not this source's prepared migration: refused, and a prepared one of another source stays as it is
+            raise InvalidArgument(f"no migration of instance {key} from {offer.source} is prepared on this node",
+                                  argument="InstanceKey")
         phase = "transfer"
+        try:
+            _check_offer(node, caller, offer)
+            node.migrations.put(key, "target", offer.source, offer.state)   # the incoming timeout counts from now
+            timings = inst.phase_list()
+            timings += [p for p in offer.phases if p[0] not in {n for n, _ in timings}]
+            phase = _transfer_and_restore(node, key, offer, timings, stage=False)
+        except BaseException as exc:
+            _drop_incoming(node, key)
+            if isinstance(exc, MigrationFault):
+                raise
+            raise MigrationFault(f"{phase} at {node.node} failed: {_describe(exc)}",
+                                 phase=getattr(exc, "phase", phase), target=node.address, cause=_cause(exc)) from None
+        node.store.update(key, phases=json.dumps([[n, round(s, 6)] for n, s in timings]))
+    log.info("instance %s: its files arrived from %s; Incoming until the source commits", key, offer.source)
+    return node.view(node.store.get(key))
+
+
+def _transfer_and_restore(node: "Node", key: str, offer: MigrationOffer, timings: list, *, stage: bool) -> str:
+    """Pull the files (and stage the base image beside them when ``stage``), restore paused; ``timings`` gets
+    transfer and restore. A failure carries its phase (``exc.phase``)."""
+    phase = "transfer"
+    try:
         with timed(timings, "transfer"):
             t = time.perf_counter()
             home = node.parts.home(key)
@@ -513,40 +599,38 @@ def accept(node: "Node", caller, offer: MigrationOffer) -> InstanceView:
                     got[name] = n
                     node.store.update(key, staged_bytes=sum(got.values()))
 
-            def stage() -> float:
-                phases.stage(node.parts, key)
+            def staging() -> float:
+                if stage:
+                    phases.stage(node.parts, key)
                 return time.perf_counter() - t
 
-            # the base image staged (from the cache: a hold at the repository, a round trip) beside the files, and
-            # the files side by side: each GridFTP session's round trips (TLS, commands, data connections) and TCP
-            # slow start overlap instead of adding up, which counts across a WAN
+            # the files side by side (and the base image beside them, when not staged in the prepare step): each
+            # GridFTP session's round trips (TLS, commands, data connections) and TCP slow start overlap instead of
+            # adding up, which counts across a WAN
             with ThreadPoolExecutor(max_workers=len(offer.files) + 1) as pool:
-                staging = pool.submit(stage)
+                staged_f = pool.submit(staging)
                 for done in [pool.submit(_pull, node, f"{offer.files_url}/{key}/{f.name}", home / f.name, f,
                                          lambda n, name=f.name: progress(name, n)) for f in offer.files]:
                     done.result()
                 pulled = time.perf_counter() - t
-                staged = staging.result()
+                staged = staged_f.result()
             node.store.update(key, staged_bytes=sum(got.values()))
-            log.info("instance %s: transfer phase: stage (base image) %.3f s beside the pull of %d bytes %.3f s", key,
-                     staged, total, pulled)
+            log.info("instance %s: transfer phase: pull of %d bytes %.3f s (%.0f Mbit/s)%s", key, total, pulled,
+                     total * 8 / max(pulled, 1e-6) / 1e6,
+                     f", beside it the stage of the base image {staged:.3f} s" if stage else "")
         crashpoint("migration.target-transferred")
         phase = "restore"
         with timed(timings, "restore"):
             _restore_here(node, key, offer.uuid)
         crashpoint("migration.target-restored")
     except BaseException as exc:
-        if registered:
-            _drop_incoming(node, key)
-        if isinstance(exc, MigrationFault):
-            raise
-        if isinstance(exc, VMGridFault) and phase == "prepare" and not registered:
-            raise       # refused before anything was held: the fault as it is (AccessDenied, InvalidArgument...)
-        raise MigrationFault(f"{phase} at {node.node} failed: {_describe(exc)}", phase=phase, target=node.address,
-                             cause=_cause(exc)) from None
-    node.store.update(key, phases=json.dumps([[n, round(s, 6)] for n, s in timings]))
-    log.info("instance %s arrived from %s for %s; Incoming until the source commits", key, offer.source, caller.dn)
-    return node.view(node.store.get(key))
+        if not getattr(exc, "phase", None) and not isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            try:
+                exc.phase = phase
+            except AttributeError:
+                pass
+        raise
+    return phase
 
 
 def _pull(node: "Node", url: str, dest: Path, f: MigrationFile, progress) -> None:
@@ -632,6 +716,9 @@ def complete(node: "Node", caller, key: str, commit: bool) -> tuple[str, Instanc
             _drop_incoming(node, key)
             return "aborted", None
         rec = node.migrations.get(key)
+        if rec is not None and rec.role == "prepared":
+            raise IllegalTransition(f"instance {key} is prepared here but its files have not come: it cannot be "
+                                    f"committed", state=inst.state, operation="CompleteMigration")
         prior = State(rec.prior if rec else inst.initial_state)
         d = phases.descriptor_of(inst)
         # the instance's slot moves here (renewed, this node its claimant: not counted twice)
@@ -727,7 +814,7 @@ def reconcile(node: "Node") -> dict[str, int]:
     ones are settled with their target."""
     report = {"incoming_dropped": 0, "migrations_committed": 0, "migrations_rolled_back": 0,
               "migrations_unsettled": 0}
-    for rec in node.migrations.of_role("target"):
+    for rec in node.migrations.of_role("target") + node.migrations.of_role("prepared"):
         inst = node.store.get(rec.key)
         if inst is not None and inst.state_enum == State.INCOMING:
             _drop_incoming(node, rec.key)
@@ -756,14 +843,17 @@ def sweep(node: "Node") -> None:
             settle(node, rec.key)
         except Exception:   # noqa: BLE001
             log.exception("could not settle the migration of %s", rec.key)
-    limit = time.time() - node.config.migration_incoming_timeout
-    for rec in node.migrations.of_role("target"):
-        if rec.started < limit:
-            with node._locked(rec.key):
-                inst = node.store.get(rec.key)
-                if inst is not None and inst.state_enum == State.INCOMING:
-                    log.warning("incoming instance %s: no commit from %s in time; dropped", rec.key, rec.peer)
-                    _drop_incoming(node, rec.key)
+    now = time.time()
+    for role, timeout, what in (("target", node.config.migration_incoming_timeout, "no commit"),
+                                ("prepared", node.config.migration_prepare_timeout, "no files")):
+        for rec in node.migrations.of_role(role):
+            if rec.started < now - timeout:
+                with node._locked(rec.key):
+                    inst, again = node.store.get(rec.key), node.migrations.get(rec.key)
+                    if inst is not None and inst.state_enum == State.INCOMING and again is not None \
+                            and again.role == role and again.started < now - timeout:
+                        log.warning("incoming instance %s: %s from %s in time; dropped", rec.key, what, rec.peer)
+                        _drop_incoming(node, rec.key)
 
 
 def moved(node: "Node", key: str) -> InstanceMoved:

@@ -50,6 +50,7 @@ def parse_accept(req: etree._Element) -> MigrationOffer:
                           state=_text(req, "state"), source=_text(req, "source"), files_url=_text(req, "files"),
                           files=files, phases=phases, uuid=_text(req, "uuid") or "",
                           guest_token=_text(req, "guestToken") or "",
+                          step=_text(req, "step") or "",
                           subscriptions=tuple(
                               (sub_el.findtext("vmm:consumer", namespaces=NS).strip(),
                                sub_el.findtext("vmm:subscriber", namespaces=NS).strip(),
@@ -74,6 +75,8 @@ def accept_request(offer: MigrationOffer, to_zeep) -> dict:
                                   for c, who, e in offer.subscriptions]
     if offer.max_lifetime:
         kwargs["maxLifetime"] = offer.max_lifetime
+    if offer.step:
+        kwargs["step"] = offer.step
     return kwargs
 
 

@@ -29,9 +29,11 @@ PHASES = ("authorize", "register", "lease", "stage", "overlay", "context", "rest
 COLD_PHASES = tuple(p for p in PHASES if p != "restore")
 WARM_PHASES = tuple(p for p in PHASES if p not in ("power-on", "guest-ready"))
 
-# The migration phases (source and target together), each timed like Deploy's.
-# fixup follows resume: guestd answers only in a running guest (it takes the new address, the clock is set on resume)
-MIGRATION_PHASES = ("authorize", "freeze", "prepare", "transfer", "restore", "resume", "fixup", "release")
+# The migration phases (source and target together), each timed like Deploy's, in their order. prepare (at the
+# target) comes before freeze: the guest runs on at the source until the target said yes; the downtime is freeze
+# to resume. fixup follows resume: guestd answers only in a running guest (it takes the new address, the clock is
+# set on resume)
+MIGRATION_PHASES = ("authorize", "prepare", "freeze", "transfer", "restore", "resume", "fixup", "release")
 
 TRANSIENT = frozenset({State.REGISTERED, State.STAGING, State.STARTING, State.SHUTTING_DOWN})
 MIGRATION = frozenset({State.MIGRATING, State.INCOMING})   # resolved by migration.reconcile, not failed

@@ -71,6 +71,7 @@ class MigrationOffer:
     uuid: str = ""              # the hypervisor's id of the saved domain (the restore keeps it)
     subscriptions: tuple[tuple[str, str, float], ...] = ()   # (consumer, subscriber DN, expires) at the source
     guest_token: str = ""       # the token guestd holds now: the target's ``migrated`` request proves itself with it
+    step: str = ""              # prepare (before the freeze, no files) | transfer (after it) | "": both in one call
 
 
 @dataclass(frozen=True)

@@ -259,7 +259,7 @@ def test_a_source_without_blake3_is_verified_by_sha256_and_a_file_without_a_dige
                                                                                              monkeypatch):
     """vmgrid sources announce BLAKE3 digests; a source that announces only sha256 (the element other peers send) is
     verified by sha256 (a wrong one rolls back in transfer, the right one moves the instance), and an offer whose
-    files carry no digest at all is refused in prepare."""
+    files carry no digest at all is refused (in transfer: the files come with AcceptMigration's transfer step)."""
     from gridftp.checksum import hash_file
     from services.vmmanager import migration
     from services.vmmanager.values import MigrationFile
@@ -272,7 +272,7 @@ def test_a_source_without_blake3_is_verified_by_sha256_and_a_file_without_a_dige
     src = grid.vmm(grid_pki.alice, 0)
     src.pause(ref)
     for wrong, (phase, cause) in (("0" * 64, ("transfer", "ChecksumMismatchFault")),
-                                  ("", ("prepare", "InvalidArgumentFault"))):
+                                  ("", ("transfer", "InvalidArgumentFault"))):
         digest["sha256"] = lambda path, wrong=wrong: wrong
         with pytest.raises(MigrationFault) as exc:
             src.migrate(ref, grid.node_url(1))
@@ -312,6 +312,91 @@ def test_a_failed_restore_at_the_target_rolls_back(grid, grid_pki, monkeypatch):
         grid.vmm(grid_pki.alice, 0).migrate(ref, grid.node_url(1))
     assert (exc.value.phase, exc.value.cause) == ("restore", "VMMFault")
     assert_rolled_back(grid, grid_pki, ref)
+    grid.vmm(grid_pki.alice, 0).destroy(ref)
+
+
+def test_the_target_prepares_while_the_guest_still_runs_and_only_a_yes_freezes_it(grid, grid_pki, monkeypatch):
+    """The target authorizes, registers, leases and stages before the source saves the guest: when the save
+    begins, the target already holds the instance Incoming with a lease (and no files yet), and the guest still
+    runs at the source. The prepare's time is not in the downtime (freeze .. resume)."""
+    source_vmm, target = grid.node(0).vmm, grid.node(1)
+    seen, real_save = {}, source_vmm.save
+
+    def save(key, path, *args, **kwargs):
+        inst = target.store.get(key)
+        seen.update(target=inst.state if inst else None, lease=key in target.store.leases(),
+                    role=target.core.migrations.get(key).role, files=sorted(p.name for p in
+                                                                       target.core.parts.home(key).glob("*.save")),
+                    source=source_vmm.state(key).value)
+        return real_save(key, path, *args, **kwargs)
+    monkeypatch.setattr(source_vmm, "save", save)
+    ref = deploy(grid, grid_pki.alice, "prepared-first")
+    moved = grid.vmm(grid_pki.alice, 0).migrate(ref, grid.node_url(1))
+    assert seen == {"target": "Incoming", "lease": True, "role": "prepared", "files": [], "source": "running"}
+    names = [p for p, _ in moved.phases]
+    assert names.index("prepare") < names.index("freeze") < names.index("transfer")
+    grid.vmm(grid_pki.alice, 1).destroy(moved.ref)
+
+
+def test_a_freeze_that_fails_after_the_target_prepared_rolls_back_both_nodes(grid, grid_pki, monkeypatch):
+    """The target said yes (registered, leased, staged), then the source's save fails (injected): the target drops
+    everything it prepared, the guest runs on at the source; the fault names the freeze."""
+    from services.vmmanager.vmm import VMMError
+
+    def refuse(*args, **kwargs):
+        raise VMMError("injected: the save failed")
+    monkeypatch.setattr(grid.node(0).vmm, "save", refuse)
+    ref = deploy(grid, grid_pki.alice, "no-freeze")
+    with pytest.raises(MigrationFault) as exc:
+        grid.vmm(grid_pki.alice, 0).migrate(ref, grid.node_url(1))
+    assert (exc.value.phase, exc.value.cause) == ("freeze", "VMMFault")
+    assert_rolled_back(grid, grid_pki, ref)
+    grid.vmm(grid_pki.alice, 0).destroy(ref)
+
+
+def prepare_offer(grid, ref, **changes):
+    """The prepare step the source sends for instance ``ref`` of node 0 (called on the target's core directly)."""
+    from services.vmmanager import migration, phases
+    from services.vmmanager.values import MigrationOffer
+    inst = grid.node(0).store.get(ref.key)
+    offer = MigrationOffer(key=inst.key, identifier=inst.identifier, owner=inst.owner,
+                           descriptor=phases.descriptor_of(inst), descriptor_xml=inst.descriptor,
+                           termination=inst.termination, max_lifetime=inst.max_lifetime, state="Running",
+                           source=grid.node_url(0), files_url="gsiftp://localhost:1", files=(),
+                           phases=(("authorize", 0.01),), step="prepare")
+    return dataclasses.replace(offer, **changes), migration
+
+
+def test_a_prepared_instance_whose_files_never_come_is_dropped_and_cannot_be_committed(grid, grid_pki, monkeypatch):
+    """A source that prepared and then died (or never froze): the target's prepared record cannot be committed, a
+    transfer step from another source is refused and leaves it alone, and the sweep drops it after
+    migration_prepare_timeout, leaving nothing (record, lease, directory, image hold)."""
+    from services.authz.pep import Subject
+    from services.faults import IllegalTransition
+    from services.vmmanager.values import MigrationFile
+    ref = deploy(grid, grid_pki.alice, "never-frozen")
+    target, alice = grid.node(1).core, Subject(grid_pki.alice.dn)
+    offer, migration = prepare_offer(grid, ref)
+    with pytest.raises(InvalidArgument):       # a prepare step carries no files
+        target.accept_migration(alice, dataclasses.replace(offer, files=(MigrationFile("root.qcow2", 1, "0" * 64),)))
+    assert target.store.get(ref.key) is None
+    target.accept_migration(alice, offer)
+    assert target.store.get(ref.key).state == "Incoming"
+    assert ref.key in target.store.leases()
+    with pytest.raises(IllegalTransition):
+        target.complete_migration(alice, ref.key, True)
+    elsewhere = dataclasses.replace(offer, step="transfer", source="https://elsewhere:1/wsrf/services/VMManagerService")
+    with pytest.raises(InvalidArgument):
+        target.accept_migration(alice, elsewhere)
+    assert target.store.get(ref.key).state == "Incoming"
+    migration.sweep(target)                        # within the timeout: kept
+    assert target.store.get(ref.key).state == "Incoming"
+    monkeypatch.setattr(target.config, "migration_prepare_timeout", 0.0)
+    migration.sweep(target)
+    assert target.store.get(ref.key) is None and target.migrations.get(ref.key) is None
+    held = holdings(grid, 1)
+    assert all(ref.key not in held[k] for k in held)
+    assert grid.vmm(grid_pki.alice, 0).status(ref).state == "Running"     # the source never froze it
     grid.vmm(grid_pki.alice, 0).destroy(ref)
 
 
