@@ -98,3 +98,23 @@ def test_the_node_sends_libvirts_guest_cpu_check_the_short_way(qemu_node, guest_
     finally:
         qemu_node.destroy(spec.name)
         qemu_node.undefine(spec.name)
+
+
+def test_the_node_adopts_the_qemu_it_launches_and_reaps_it_at_once(qemu_node, guest_spec_factory):
+    """libvirt daemonizes QEMU and then polls it until it is gone, and a zombie counts as alive: a node that
+    left the reaping to init waited for init at every save and destroy (1.7-1.9 s here). The node is the
+    subreaper while it launches QEMU and reaps it itself: QEMU's parent is the node's process, and once a
+    destroy returns the QEMU is gone, not a zombie."""
+    import os
+    spec, _ = guest_spec_factory("q-reap", memory_mib=128)
+    qemu_node.define(spec)
+    try:
+        qemu_node.start(spec.name, paused=True)
+        pid = int((qemu_node.root / "run" / "qemu" / f"vmgrid-{spec.name}.pid").read_text())
+        status = dict(line.split(":", 1) for line in open(f"/proc/{pid}/status").read().splitlines() if ":" in line)
+        assert int(status["PPid"]) == os.getpid()
+        qemu_node.destroy(spec.name)
+        assert not os.path.exists(f"/proc/{pid}")
+    finally:
+        qemu_node.destroy(spec.name)
+        qemu_node.undefine(spec.name)
