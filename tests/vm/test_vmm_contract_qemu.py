@@ -70,3 +70,51 @@ def test_one_embedded_root_per_process(qemu_node, tmp_path):
         assert [i.name for i in again.list_instances()] == [i.name for i in qemu_node.list_instances()]
     finally:
         again.close()
+
+
+def test_the_node_sends_libvirts_guest_cpu_check_the_short_way(qemu_node, guest_spec_factory):
+    """After the node's background probe its root's capability cache lacks 'cpu-unavailable-features' and
+    carries the storage module's stamp (vmm/capscache.py): libvirt then reads a started guest's CPU with 2 QMP
+    round trips, not 398. A guest still starts and gets the same CPU (qemu64) as the long way gave it."""
+    import re
+    from services.vmmanager.vmm import capscache
+    assert qemu_node.wait_probed(600)
+    files = capscache.cache_files(qemu_node.root)
+    assert files, "the node's probe left no capability cache"
+    stamp = capscache.storage_module_ctime()
+    assert stamp is not None, "libvirt's QEMU driver module is not mapped in this process"
+    for f in files:
+        text = f.read_text()
+        assert capscache.FLAG not in text
+        assert int(re.search(r"<selfctime>(\d+)</selfctime>", text).group(1)) >= stamp
+    spec, _ = guest_spec_factory("q-cpu", memory_mib=128)
+    qemu_node.define(spec)
+    try:
+        qemu_node.start(spec.name, paused=True)
+        live = qemu_node._domain(spec.name).XMLDesc(0)
+        assert re.search(r"<model fallback='forbid'>qemu64</model>", live), live
+        # what libvirt holds in memory is the rewritten file: its next probe would have written the flag back
+        assert all(capscache.FLAG not in f.read_text() for f in capscache.cache_files(qemu_node.root))
+    finally:
+        qemu_node.destroy(spec.name)
+        qemu_node.undefine(spec.name)
+
+
+def test_the_node_adopts_the_qemu_it_launches_and_reaps_it_at_once(qemu_node, guest_spec_factory):
+    """libvirt daemonizes QEMU and then polls it until it is gone, and a zombie counts as alive: a node that
+    left the reaping to init waited for init at every save and destroy (1.7-1.9 s here). The node is the
+    subreaper while it launches QEMU and reaps it itself: QEMU's parent is the node's process, and once a
+    destroy returns the QEMU is gone, not a zombie."""
+    import os
+    spec, _ = guest_spec_factory("q-reap", memory_mib=128)
+    qemu_node.define(spec)
+    try:
+        qemu_node.start(spec.name, paused=True)
+        pid = int((qemu_node.root / "run" / "qemu" / f"vmgrid-{spec.name}.pid").read_text())
+        status = dict(line.split(":", 1) for line in open(f"/proc/{pid}/status").read().splitlines() if ":" in line)
+        assert int(status["PPid"]) == os.getpid()
+        qemu_node.destroy(spec.name)
+        assert not os.path.exists(f"/proc/{pid}")
+    finally:
+        qemu_node.destroy(spec.name)
+        qemu_node.undefine(spec.name)
