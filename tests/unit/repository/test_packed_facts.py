@@ -24,6 +24,17 @@ def no_xml_facts(monkeypatch):
     monkeypatch.setattr(index_module, "facts", refuse)
 
 
+def assert_rebuilt_without_xml(tmp_path, monkeypatch, expected) -> None:
+    """The catalogue reopened with its saved index gone rebuilds from the stored facts alone (no descriptor
+    parsed) and answers as before."""
+    no_xml_facts(monkeypatch)
+    again = open_catalogue(tmp_path)
+    again.index_path.unlink()
+    assert again.warm().startswith("rebuilt (no saved index)")
+    assert answers(again) == expected
+    again.close()
+
+
 def stored_facts(cat) -> dict[str, str | None]:
     db = sqlite3.connect(cat.path)
     try:
@@ -59,12 +70,7 @@ def test_writes_and_the_index_store_the_packed_facts_and_a_rebuild_reads_only_th
     expected = answers(cat)
     cat.db.close()
 
-    no_xml_facts(monkeypatch)
-    again = open_catalogue(tmp_path)
-    again.index_path.unlink()
-    assert again.warm().startswith("rebuilt (no saved index)")
-    assert answers(again) == expected
-    again.close()
+    assert_rebuilt_without_xml(tmp_path, monkeypatch, expected)
 
 
 def test_an_older_catalogue_gains_the_column_and_its_first_rebuild_stores_the_facts(tmp_path, monkeypatch):
@@ -87,12 +93,7 @@ def test_an_older_catalogue_gains_the_column_and_its_first_rebuild_stores_the_fa
         assert unpack_facts(packed) == facts(old.get(image_id).element())
     old.close()
 
-    no_xml_facts(monkeypatch)
-    again = open_catalogue(tmp_path)
-    again.index_path.unlink()
-    assert again.warm().startswith("rebuilt (no saved index)")
-    assert answers(again) == expected
-    again.close()
+    assert_rebuilt_without_xml(tmp_path, monkeypatch, expected)
 
 
 def test_facts_packed_by_another_definition_are_dropped_with_the_saved_index(tmp_path):

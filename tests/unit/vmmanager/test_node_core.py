@@ -238,11 +238,9 @@ def test_the_console_log_property_is_the_tail_of_the_first_serial_log(node):
     assert wire.ConsoleLog.qname not in {el.tag for el in wire.instance_element(view, node.address)}
 
 
-def test_destroy_succeeds_when_the_repository_cannot_take_the_hold_back_and_the_release_is_retried(node):
+def repository_down(node) -> list[bool]:
+    """The node's repository refuses hold releases (ServiceUnavailable) while the returned flag's [0] is true."""
     from services.faults import ServiceUnavailable
-
-    key = deploy(node).inst.key
-    (hold_id,) = node.source.holds
     release, down = node.source.release, [True]
 
     def unreachable(hold: str) -> None:
@@ -251,6 +249,13 @@ def test_destroy_succeeds_when_the_repository_cannot_take_the_hold_back_and_the_
         release(hold)
 
     node.source.release = unreachable
+    return down
+
+
+def test_destroy_succeeds_when_the_repository_cannot_take_the_hold_back_and_the_release_is_retried(node):
+    key = deploy(node).inst.key
+    (hold_id,) = node.source.holds
+    down = repository_down(node)
     node.config.hold_linger = 0                              # given back at the destroy (a lingering one: below)
     node.destroy(ALICE, key)                                 # answered: the instance is destroyed
     inst = node.store.get(key)
@@ -263,17 +268,8 @@ def test_destroy_succeeds_when_the_repository_cannot_take_the_hold_back_and_the_
 
 
 def test_a_lingering_holds_release_is_retried_while_the_repository_cannot_take_it(node):
-    from services.faults import ServiceUnavailable
-
     key = deploy(node).inst.key
-    release, down = node.source.release, [True]
-
-    def unreachable(hold: str) -> None:
-        if down[0]:
-            raise ServiceUnavailable("the VMRepository cannot be reached", service="test")
-        release(hold)
-
-    node.source.release = unreachable
+    down = repository_down(node)
     node.destroy(ALICE, key)
     assert "pending" not in node.store.get(key).guest_status   # nothing asked of the repository yet
     later = time.time() + node.config.hold_linger + 1
