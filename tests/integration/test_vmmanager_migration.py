@@ -299,20 +299,27 @@ def test_the_files_are_exported_only_to_the_target_of_that_migration(grid, grid_
     grid.vmm(grid_pki.alice, 0).destroy(ref)
 
 
-def test_a_failed_restore_at_the_target_rolls_back(grid, grid_pki, monkeypatch):
-    """The target's VMM refuses the restore (injected: the test driver restores whatever it is given)."""
+def assert_a_vmm_failure_rolls_back(grid, grid_pki, monkeypatch, *, node: int, verb: str, name: str,
+                                    phase: str) -> None:
+    """Node ``node``'s VMM refuses ``verb`` (injected: the test driver does whatever it is asked) during a migration
+    from node 0 to node 1: the fault names ``phase`` and a VMM cause, and everything is as before the migration."""
     from services.vmmanager.vmm import VMMError
-    target_vmm = grid.node(1).vmm
 
     def refuse(*args, **kwargs):
-        raise VMMError("injected: the hypervisor refused the saved state")
-    monkeypatch.setattr(target_vmm, "restore", refuse)
-    ref = deploy(grid, grid_pki.alice, "no-restore")
+        raise VMMError(f"injected: the hypervisor refused the {verb}")
+    monkeypatch.setattr(grid.node(node).vmm, verb, refuse)
+    ref = deploy(grid, grid_pki.alice, name)
     with pytest.raises(MigrationFault) as exc:
         grid.vmm(grid_pki.alice, 0).migrate(ref, grid.node_url(1))
-    assert (exc.value.phase, exc.value.cause) == ("restore", "VMMFault")
+    assert (exc.value.phase, exc.value.cause) == (phase, "VMMFault")
     assert_rolled_back(grid, grid_pki, ref)
     grid.vmm(grid_pki.alice, 0).destroy(ref)
+
+
+def test_a_failed_restore_at_the_target_rolls_back(grid, grid_pki, monkeypatch):
+    """The target's VMM refuses the restore (injected: the test driver restores whatever it is given)."""
+    assert_a_vmm_failure_rolls_back(grid, grid_pki, monkeypatch, node=1, verb="restore", name="no-restore",
+                                    phase="restore")
 
 
 def test_the_target_prepares_while_the_guest_still_runs_and_only_a_yes_freezes_it(grid, grid_pki, monkeypatch):
@@ -341,17 +348,8 @@ def test_the_target_prepares_while_the_guest_still_runs_and_only_a_yes_freezes_i
 def test_a_freeze_that_fails_after_the_target_prepared_rolls_back_both_nodes(grid, grid_pki, monkeypatch):
     """The target said yes (registered, leased, staged), then the source's save fails (injected): the target drops
     everything it prepared, the guest runs on at the source; the fault names the freeze."""
-    from services.vmmanager.vmm import VMMError
-
-    def refuse(*args, **kwargs):
-        raise VMMError("injected: the save failed")
-    monkeypatch.setattr(grid.node(0).vmm, "save", refuse)
-    ref = deploy(grid, grid_pki.alice, "no-freeze")
-    with pytest.raises(MigrationFault) as exc:
-        grid.vmm(grid_pki.alice, 0).migrate(ref, grid.node_url(1))
-    assert (exc.value.phase, exc.value.cause) == ("freeze", "VMMFault")
-    assert_rolled_back(grid, grid_pki, ref)
-    grid.vmm(grid_pki.alice, 0).destroy(ref)
+    assert_a_vmm_failure_rolls_back(grid, grid_pki, monkeypatch, node=0, verb="save", name="no-freeze",
+                                    phase="freeze")
 
 
 def prepare_offer(grid, ref, **changes):
