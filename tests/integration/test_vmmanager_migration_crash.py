@@ -7,6 +7,7 @@ from __future__ import annotations
 import signal
 import sqlite3
 import time
+from pathlib import Path
 
 import pytest
 
@@ -17,7 +18,7 @@ from client.vmmanager import VMManagerClient
 from security.trust import TrustStore
 from services.authz.edit import site_policy
 from services.authz.policy import Group
-from services.faults import MigrationFault
+from services.faults import InstanceMoved, MigrationFault
 from tests.fixtures.repository import EXAMPLES, make_image
 
 pytestmark = pytest.mark.timeout(300)
@@ -42,13 +43,18 @@ def site(tmp_path_factory):
         yield grid
 
 
-def start_node(grid: LocalGrid, name: str, crashpoint: str | None = None):
+def start_node(grid: LocalGrid, name: str, crashpoint: str | None = None, *, stall: Path | None = None):
+    """The node ``name``; SIGKILLed by itself at ``crashpoint``, or held at the points ``stall`` names
+    (services.common.crash)."""
+    env = {"VMGRID_CRASHPOINT": crashpoint} if crashpoint else {}
+    if stall:
+        env["VMGRID_STALLDIR"] = str(stall)
     return grid.start(name, ["vmmanager"], {
         "enforcement": grid.enforcement(),
         "vmmanager": {"node": name, "repository": f"{grid.services_url}/VMRepositoryService",
                       "lease_range": NODES[name], "sweep_interval": 0.3, "migration_timeout": 10.0,
                       "migration_sources": ["localhost"]}},
-        extra_env={"VMGRID_CRASHPOINT": crashpoint} if crashpoint else None, port=grid.ports[name])
+        extra_env=env or None, port=grid.ports[name])
 
 
 def url(grid: LocalGrid, name: str) -> str:
@@ -120,3 +126,44 @@ def test_sigkill_during_a_migration_leaves_exactly_one_instance(site, killed, po
     finally:
         for name in NODES:
             site.stop(name)
+
+
+@pytest.mark.parametrize("point", ["migration.prepared", "migration.frozen", "migration.accepted",
+                                   "migration.committed"])
+def test_the_client_sigkilled_during_a_migration_leaves_exactly_one_instance(site, tmp_path, point):
+    """`vmgrid vm migrate` SIGKILLed while the source node is at each step (the node held there by
+    services.common.crash's stall until the client is dead): the migration is the node's work, not the
+    client's, so it carries on to the target and exactly one live instance remains there."""
+    import os
+    import subprocess
+    import sys
+    stall = tmp_path / "stall"
+    stall.mkdir()
+    procs = {name: start_node(site, name, stall=stall if name == "node1" else None) for name in NODES}
+    try:
+        name = f"kc-{point.split('.')[1]}"
+        ref = client(site, "node1").deploy(site.descriptor, name, 600, wait=True).ref
+        (stall / "point").write_text(point)
+        cli = subprocess.Popen([sys.executable, "-m", "client.cli", "vm", "migrate", name, "--to", url(site, "node2")],
+                               env={**site.env("alice"), "VMGRID_NODE": url(site, "node1")},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while not (stall / "reached").exists():
+            assert cli.poll() is None and time.monotonic() < deadline, f"the node never reached {point}"
+            time.sleep(0.05)
+        cli.send_signal(signal.SIGKILL)
+        assert cli.wait(20) == -signal.SIGKILL
+        (stall / "point").unlink()                 # the node goes on, with nobody waiting for its answer
+        state = settled(site, ref.key)
+        live = {n: s for n, (s, _, _) in state.items() if s in LIVE}
+        assert live == {"node2": "Running"}, state
+        assert state["node2"][1:] == (1, True) and state["node1"][1:] == (0, False), state
+        moved = type(ref)(url(site, "node2"), ref.key)
+        assert client(site, "node2").status(moved).state == "Running"
+        with pytest.raises(InstanceMoved, match=str(site.ports["node2"])):     # the old EPR says where it went
+            client(site, "node1").status(ref)
+        client(site, "node2").destroy(moved)
+        assert procs["node1"].process.poll() is None and procs["node2"].process.poll() is None
+    finally:
+        for n in NODES:
+            site.stop(n)
