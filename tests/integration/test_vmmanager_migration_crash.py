@@ -1,7 +1,9 @@
 """A migration's source or target node SIGKILLed at each step (services.common.crash), then restarted on the
 same address: the nodes settle it between them and exactly one live instance remains, on one node, with its
 lease and files there only. The nodes run libvirt's test driver in their own processes: a killed node's domains
-die with it, but the source's saved state file survives, so a rolled-back instance is restored from it."""
+die with it, but the source's saved state file survives, so a rolled-back instance is restored from it.
+The client (`vmgrid vm migrate`) SIGKILLed at each step: the migration is the source node's work, it ends on
+the target."""
 from __future__ import annotations
 
 import signal
