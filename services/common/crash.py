@@ -1,9 +1,10 @@
 """Fault injection for the crash tests: the process SIGKILLs itself at a named point, or holds there.
 
-Both are off unless a test sets the environment: ``VMGRID_CRASHPOINT=name`` kills the process at that
-point; ``VMGRID_STALLDIR=dir`` holds the thread that reaches the point named in ``dir/point`` (read at each
-point, so one process serves several cases) until the test removes ``dir/point``: the test learns that the
-point was reached from ``dir/reached`` and does what it kills meanwhile (a client, a peer)."""
+Both are off unless a test sets the environment. ``VMGRID_CRASHPOINT=name`` kills the process at that point.
+``VMGRID_FAULTDIR=dir`` reads, at each point, which point the test wants now (so one process serves several
+cases): ``dir/kill`` names a point at which the process SIGKILLs itself; ``dir/stall`` names a point at which the
+thread that reaches it writes ``dir/reached`` and holds until the test removes ``dir/stall`` (meanwhile the test
+kills what it likes: a client, a peer)."""
 from __future__ import annotations
 
 import os
@@ -15,22 +16,29 @@ STALL_LIMIT = 120.0      # seconds: a stalled point goes on by itself after this
 
 
 def crashpoint(name: str) -> None:
-    """SIGKILL this process when VMGRID_CRASHPOINT names this point; hold it while VMGRID_STALLDIR says so."""
+    """SIGKILL this process at the point the environment names; hold it where the fault directory says so."""
     if os.environ.get("VMGRID_CRASHPOINT") == name:
         os.kill(os.getpid(), signal.SIGKILL)
-    stall = os.environ.get("VMGRID_STALLDIR")
-    if stall:
-        _stall(Path(stall), name)
+    faults = os.environ.get("VMGRID_FAULTDIR")
+    if faults:
+        _injected(Path(faults), name)
 
 
-def _stall(directory: Path, name: str) -> None:
-    point = directory / "point"
+def _wanted(path: Path, name: str) -> bool:
     try:
-        if point.read_text().strip() != name:
-            return
+        return path.read_text().strip() == name
     except OSError:
+        return False
+
+
+def _injected(directory: Path, name: str) -> None:
+    if _wanted(directory / "kill", name):
+        (directory / "kill").unlink(missing_ok=True)        # once: the restarted process goes on
+        os.kill(os.getpid(), signal.SIGKILL)
+    stall = directory / "stall"
+    if not _wanted(stall, name):
         return
     (directory / "reached").write_text(name)
     deadline = time.monotonic() + STALL_LIMIT
-    while point.exists() and time.monotonic() < deadline:
+    while stall.exists() and time.monotonic() < deadline:
         time.sleep(0.05)

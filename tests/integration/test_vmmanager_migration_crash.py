@@ -50,7 +50,7 @@ def start_node(grid: LocalGrid, name: str, crashpoint: str | None = None, *, sta
     (services.common.crash)."""
     env = {"VMGRID_CRASHPOINT": crashpoint} if crashpoint else {}
     if stall:
-        env["VMGRID_STALLDIR"] = str(stall)
+        env["VMGRID_FAULTDIR"] = str(stall)
     return grid.start(name, ["vmmanager"], {
         "enforcement": grid.enforcement(),
         "vmmanager": {"node": name, "repository": f"{grid.services_url}/VMRepositoryService",
@@ -134,7 +134,7 @@ def test_sigkill_during_a_migration_leaves_exactly_one_instance(site, killed, po
                                    "migration.committed"])
 def test_the_client_sigkilled_during_a_migration_leaves_exactly_one_instance(site, tmp_path, point):
     """`vmgrid vm migrate` SIGKILLed while the source node is at each step (the node held there by
-    services.common.crash's stall until the client is dead): the migration is the node's work, not the
+    services.common.crash's stall point until the client is dead): the migration is the node's work, not the
     client's, so it carries on to the target and exactly one live instance remains there."""
     import os
     import subprocess
@@ -145,7 +145,7 @@ def test_the_client_sigkilled_during_a_migration_leaves_exactly_one_instance(sit
     try:
         name = f"kc-{point.split('.')[1]}"
         ref = client(site, "node1").deploy(site.descriptor, name, 600, wait=True).ref
-        (stall / "point").write_text(point)
+        (stall / "stall").write_text(point)
         cli = subprocess.Popen([sys.executable, "-m", "client.cli", "vm", "migrate", name, "--to", url(site, "node2")],
                                env={**site.env("alice"), "VMGRID_NODE": url(site, "node1")},
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -155,7 +155,7 @@ def test_the_client_sigkilled_during_a_migration_leaves_exactly_one_instance(sit
             time.sleep(0.05)
         cli.send_signal(signal.SIGKILL)
         assert cli.wait(20) == -signal.SIGKILL
-        (stall / "point").unlink()                 # the node goes on, with nobody waiting for its answer
+        (stall / "stall").unlink()                 # the node goes on, with nobody waiting for its answer
         state = settled(site, ref.key)
         live = {n: s for n, (s, _, _) in state.items() if s in LIVE}
         assert live == {"node2": "Running"}, state
