@@ -21,6 +21,7 @@ from security.trust import TrustStore
 from services.authz.edit import site_policy
 from services.authz.policy import Group
 from services.faults import InstanceMoved, MigrationFault
+from tests.fixtures.faults import kill_client_at
 from tests.fixtures.repository import EXAMPLES, make_image
 
 pytestmark = pytest.mark.timeout(300)
@@ -136,26 +137,14 @@ def test_the_client_sigkilled_during_a_migration_leaves_exactly_one_instance(sit
     """`vmgrid vm migrate` SIGKILLed while the source node is at each step (the node held there by
     services.common.crash's stall point until the client is dead): the migration is the node's work, not the
     client's, so it carries on to the target and exactly one live instance remains there."""
-    import os
-    import subprocess
-    import sys
     stall = tmp_path / "stall"
     stall.mkdir()
     procs = {name: start_node(site, name, stall=stall if name == "node1" else None) for name in NODES}
     try:
         name = f"kc-{point.split('.')[1]}"
         ref = client(site, "node1").deploy(site.descriptor, name, 600, wait=True).ref
-        (stall / "stall").write_text(point)
-        cli = subprocess.Popen([sys.executable, "-m", "client.cli", "vm", "migrate", name, "--to", url(site, "node2")],
-                               env={**site.env("alice"), "VMGRID_NODE": url(site, "node1")},
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 120
-        while not (stall / "reached").exists():
-            assert cli.poll() is None and time.monotonic() < deadline, f"the node never reached {point}"
-            time.sleep(0.05)
-        cli.send_signal(signal.SIGKILL)
-        assert cli.wait(20) == -signal.SIGKILL
-        (stall / "stall").unlink()                 # the node goes on, with nobody waiting for its answer
+        kill_client_at(stall, point, ["vm", "migrate", name, "--to", url(site, "node2")],
+                       {**site.env("alice"), "VMGRID_NODE": url(site, "node1")})
         state = settled(site, ref.key)
         live = {n: s for n, (s, _, _) in state.items() if s in LIVE}
         assert live == {"node2": "Running"}, state

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,6 +20,7 @@ from client.localgrid import write_toml
 from client.soap import ClientError, GridServiceClient
 from client.vmmanager import VMManagerClient
 from services.faults import MigrationFault
+from tests.fixtures.faults import kill_client_at
 from tests.fixtures.grid import free_port, start_grid
 
 from bridge_nodes import register_image
@@ -120,23 +119,8 @@ def test_an_interrupted_migration_on_qemu_leaves_exactly_one_instance_and_one_qe
     ref = src.deploy(site.descriptor, name, 900, paused=True).ref
     assert src.wait_for(ref, ("Paused",), timeout=180).state == "Paused"
     if killed == "client":
-        faults = site.faults["mq1"]
-        (faults / "reached").unlink(missing_ok=True)
-        (faults / "stall").write_text(point)
-        try:
-            cli = subprocess.Popen([sys.executable, "-m", "client.cli", "vm", "migrate", name, "--to",
-                                    site.nodes["mq2"].url],
-                                   env={**os.environ, **site.pki.alice.env(site.pki.cert_dir),
-                                        "VMGRID_NODE": site.nodes["mq1"].url},
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            deadline = time.monotonic() + 180
-            while not (faults / "reached").exists():
-                assert cli.poll() is None and time.monotonic() < deadline, f"the node never reached {point}"
-                time.sleep(0.05)
-            cli.send_signal(signal.SIGKILL)
-            assert cli.wait(20) == -signal.SIGKILL
-        finally:
-            (faults / "stall").unlink(missing_ok=True)     # the node goes on, with nobody waiting for its answer
+        kill_client_at(site.faults["mq1"], point, ["vm", "migrate", name, "--to", site.nodes["mq2"].url],
+                       {**os.environ, **site.pki.alice.env(site.pki.cert_dir), "VMGRID_NODE": site.nodes["mq1"].url})
     else:
         (site.faults[killed] / "kill").write_text(point)
         with pytest.raises((ClientError, MigrationFault)):    # the killed node's half: connection lost / rolled back
