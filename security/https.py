@@ -17,6 +17,7 @@ re-signed, so if the server did act on the first copy its replay cache refuses t
 from __future__ import annotations
 
 import http.client
+import select
 import socket
 import ssl
 import threading
@@ -69,12 +70,15 @@ class HTTPSPool:
         self._lock = threading.Lock()
 
     def _connection(self) -> tuple[http.client.HTTPConnection, bool]:
-        with self._lock:
-            if self._idle:
-                return self._idle.pop(), True
-        if self.context is not None:
-            return http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout, context=self.context), False
-        return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout), False
+        while True:
+            with self._lock:
+                if not self._idle:
+                    break
+                conn = self._idle.pop()
+            if not _closed_by_peer(conn):
+                return conn, True
+            conn.close()        # the server closed it while idle (its idle limit): as urllib3 does, a new one
+        return self._connection_new(), False
 
     def _give_back(self, conn: http.client.HTTPConnection) -> None:
         with self._lock:
@@ -88,7 +92,7 @@ class HTTPSPool:
         conn, reused = self._connection()
         try:
             return self._exchange(conn, body, headers, timeout)
-        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError, ConnectionAbortedError) as exc:
+        except _DROPPED as exc:
             if not reused:
                 raise HTTPSError(f"{self.url}: connection broken: {exc}") from None
         # a kept-alive connection closed by the server as the request went out: no answer came; once more, anew
@@ -125,7 +129,7 @@ class HTTPSPool:
                     raise AnswerTooLarge(f"{self.url} answered more than {self.max_answer} bytes")
             keep = not resp.will_close
             return Answer(resp.status, resp.msg, content)
-        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError, ConnectionAbortedError):
+        except _DROPPED:
             raise
         except HTTPSError:
             raise
@@ -143,6 +147,25 @@ class HTTPSPool:
             idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
+
+
+# a kept-alive connection that broke before any answer came back (the server closed it: with or without TLS's
+# close_notify, as the request went out or as its answer was awaited)
+_DROPPED = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError, ConnectionAbortedError,
+            ssl.SSLEOFError, ssl.SSLZeroReturnError)
+
+
+def _closed_by_peer(conn: http.client.HTTPConnection) -> bool:
+    """Whether an idle connection can be read from (the server's close, or bytes nobody asked for): not reusable."""
+    sock = conn.sock
+    if sock is None:
+        return True
+    try:
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(0))
+    except (OSError, ValueError):
+        return True
 
 
 def _error(url: str, exc: BaseException) -> HTTPSError:

@@ -4,6 +4,7 @@ connections reused and shared by threads, and the screened answer handed on so t
 cheroot servers over HTTPS on loopback."""
 from __future__ import annotations
 
+import socket
 import ssl
 import threading
 
@@ -117,3 +118,52 @@ def test_post_xml_hands_on_the_answer_it_screened(grid_pki):
     assert response.envelope is not None
     assert (etree.QName(response.envelope).localname, response.envelope.text) == ("answer", "fine")
     transport.close()
+
+
+@pytest.mark.parametrize("notify", [True, False], ids=["close_notify", "no-close_notify"])
+def test_a_kept_alive_tls_connection_the_server_closed_while_idle_is_not_an_error(grid_pki, notify):
+    """The server answers, then closes the connection (its idle limit; with or without TLS's close_notify): the
+    next call goes out on a new connection, sent once."""
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(str(grid_pki.host_cert_path), str(grid_pki.host_key_path))
+    listener = socket.create_server(("127.0.0.1", 0))
+    bodies, connections = [], []
+
+    def serve():
+        while True:
+            try:
+                raw, _ = listener.accept()
+            except OSError:
+                return
+            connections.append(raw)
+            try:
+                tls = server_ctx.wrap_socket(raw, server_side=True)
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += tls.recv(65536)
+                head, _, body = data.partition(b"\r\n\r\n")
+                length = int(next(l.split(b":")[1] for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")))
+                while len(body) < length:
+                    body += tls.recv(65536)
+                bodies.append(body)
+                tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/xml\r\nContent-Length: %d\r\n\r\n%s"
+                            % (len(ANSWER), ANSWER))
+                if notify:
+                    tls.unwrap().close()
+                else:
+                    tls.shutdown(socket.SHUT_RDWR)     # the TCP connection ends, no TLS alert
+                    tls.close()
+            except (OSError, ssl.SSLError):
+                pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    transport = _transport(grid_pki)
+    url = f"https://localhost:{listener.getsockname()[1]}/svc"
+    try:
+        for n in range(3):
+            assert transport.post(url, b"<call n='%d'/>" % n, {"Content-Type": "text/xml"}).content == ANSWER
+        assert bodies == [b"<call n='0'/>", b"<call n='1'/>", b"<call n='2'/>"]
+        assert len(connections) == 3
+    finally:
+        listener.close()
+        transport.close()
