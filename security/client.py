@@ -14,6 +14,7 @@ calls `wsse.verify` before plugins. Failures raise wssec.WSSecurityError subclas
 from __future__ import annotations
 
 import ipaddress
+import ssl
 import threading
 from pathlib import Path
 from typing import Callable
@@ -27,7 +28,8 @@ from lxml import etree
 from . import safexml
 from .pki import Credential, host_of
 from .replay import MemoryReplayCache, ReplayCache
-from .tls import grid_session
+from .https import HTTPSError, HTTPSPool
+from .tls import client_ssl_context, grid_session
 from .trust import Caller, TrustStore
 from .wssec import (DEFAULT_POLICY, FailedAuthentication, InvalidSecurity, SecurityPolicy, sign_in_place,
                     verify_envelope)
@@ -101,21 +103,57 @@ class GridWSSE:
 
 
 class GridTransport(zeep.Transport):
-    """zeep Transport whose session checks TLS against the trusted CA directory, which screens every response with
-    the hardened parser before zeep parses it, and which tells the GridWSSE the URL being called."""
+    """zeep Transport whose TLS checks servers against the trusted CA directory, which screens every response with
+    the hardened parser before anything else reads it, and which tells the GridWSSE the URL being called.
+
+    SOAP messages (``post``, ``post_xml``) go over kept-alive connections of its own (security.https: http.client,
+    no requests preparation per call; TLS against the CA directory, the credential as TLS client certificate,
+    answers read up to ``limits.max_bytes``); the WSDL and its imports are loaded through the requests session.
+    A transport given a ``session`` of the caller's sends through that session instead. Failures to get an answer
+    are requests.exceptions.ConnectionError either way."""
 
     def __init__(self, wsse: GridWSSE | None = None, *, session=None, cert_dir: Path | str | None = None,
                  timeout: float = 60, operation_timeout: float | None = 120, limits: safexml.Limits | None = None):
+        own = session is None
+        cert_dir = Path(cert_dir if cert_dir is not None else wsse.trust.cert_dir) if own else None
         if session is None:
             # the signing credential is also the TLS client certificate, for containers that ask for one
             # ([container] tls_client_certs, GT4's transport security)
-            session = grid_session(cert_dir if cert_dir is not None else wsse.trust.cert_dir,
-                                   wsse.credential if wsse is not None else None)
+            session = grid_session(cert_dir, wsse.credential if wsse is not None else None)
         super().__init__(timeout=timeout, operation_timeout=operation_timeout, session=session)
         self.wsse = wsse
         self.limits = limits or (wsse.policy.limits if wsse is not None else safexml.Limits())
+        self._lean = own
+        self._cert_dir = cert_dir
+        self._ssl: ssl.SSLContext | None = None
+        self._pools: dict[str, HTTPSPool] = {}
+        self._pools_lock = threading.Lock()
+
+    def _pool(self, address: str) -> HTTPSPool:
+        pool = self._pools.get(address)
+        if pool is None:
+            with self._pools_lock:
+                pool = self._pools.get(address)
+                if pool is None:
+                    if self._ssl is None and address.startswith("https:"):
+                        self._ssl = client_ssl_context(self._cert_dir,
+                                                       self.wsse.credential if self.wsse is not None else None)
+                    pool = HTTPSPool(address, self._ssl or ssl.create_default_context(),
+                                     timeout=self.operation_timeout or self.load_timeout or 120,
+                                     max_answer=self.limits.max_bytes)
+                    if len(self._pools) >= 64:       # a client of many URLs: the oldest origin's connections go
+                        self._pools.pop(next(iter(self._pools))).close()
+                    self._pools[address] = pool
+        return pool
 
     def post(self, address, message, headers):
+        if self._lean:
+            try:
+                return self._pool(address).post(message, headers, timeout=self.operation_timeout)
+            except HTTPSError as exc:
+                raise requests.exceptions.ConnectionError(str(exc)) from None
+            except ValueError as exc:        # not an http(s) URL
+                raise requests.exceptions.InvalidURL(str(exc)) from None
         try:
             return super().post(address, message, headers)
         except requests.exceptions.ConnectionError as exc:
@@ -127,15 +165,26 @@ class GridTransport(zeep.Transport):
         return super().post(address, message, headers)
 
     def post_xml(self, address, envelope, headers):
+        """POST the envelope; the answer's screened document (parsed once, by the hardened parser) is its
+        ``envelope`` attribute (None for an empty answer), for the caller to read instead of parsing again."""
         if self.wsse is not None:
             self.wsse.expect_address(address)
-        response = super().post_xml(address, envelope, headers)
+        response = self.post(address, etree.tostring(envelope, xml_declaration=True, encoding="utf-8"), headers)
+        response.envelope = None
         if response.content:
             try:
-                safexml.parse(response.content, self.limits)
+                response.envelope = safexml.parse(response.content, self.limits)
             except safexml.UnsafeXML as exc:
                 raise InvalidSecurity(f"response from {address} refused by the XML parser: {exc}") from None
         return response
+
+    def close(self) -> None:
+        """Close every kept-alive connection (its own and the session's)."""
+        with self._pools_lock:
+            pools, self._pools = list(self._pools.values()), {}
+        for pool in pools:
+            pool.close()
+        self.session.close()
 
 
 def _dropped_connection(exc: requests.exceptions.ConnectionError) -> bool:

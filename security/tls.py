@@ -53,10 +53,17 @@ def server_ssl_adapter(credential: Credential, *, cert_dir: Path | str | None = 
     return adapter
 
 
-def client_ssl_context(cert_dir: Path | str) -> ssl.SSLContext:
-    """A client context that trusts exactly the CAs of `cert_dir` (OpenSSL capath: `<hash>.0` files)."""
+def client_ssl_context(cert_dir: Path | str, credential: Credential | None = None) -> ssl.SSLContext:
+    """A client context that trusts exactly the CAs of `cert_dir` (OpenSSL capath: `<hash>.0` files) and checks the
+    server's host name. With a credential that has files on disk, it also presents it as a TLS client certificate
+    (as grid_session does)."""
+    cert_dir = Path(cert_dir)
+    if not cert_dir.is_dir():
+        raise FileNotFoundError(f"trusted CA directory {cert_dir} does not exist")
     ctx = ssl.create_default_context(capath=str(cert_dir))
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if credential is not None and credential.cert_path is not None and credential.key_path is not None:
+        ctx.load_cert_chain(str(credential.cert_path), str(credential.key_path))
     return ctx
 
 

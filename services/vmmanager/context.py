@@ -9,7 +9,9 @@ import io
 import json
 import os
 import secrets
+import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import pycdlib
@@ -57,18 +59,62 @@ def write_context_iso(context: InstanceContext, path: Path, refresh_time: bool =
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".part")
+    try:
+        image = _image_of(body)
+        with open(partial, "wb") as f:
+            f.write(image)
+        os.replace(partial, path)
+    except (pycdlib.pycdlibexception.PyCdlibException, OSError) as exc:
+        partial.unlink(missing_ok=True)
+        raise ContextError(f"writing the context image failed: {exc}") from None
+    return path
+
+
+# The image's layout depends only on the length of context.json (one file, fixed names and label): pycdlib
+# lays it out once per length, with a random filler as the file's bytes, and each instance's image is that
+# layout with its own context.json written over the filler (0.2 ms instead of pycdlib's 3 ms per instance).
+# The volume's dates are those of the layout's making (guestd reads the file, never the dates).
+_LAYOUTS: OrderedDict[int, tuple[bytes, int]] = OrderedDict()
+_LAYOUTS_MAX = 32
+_LAYOUTS_LOCK = threading.Lock()
+
+
+def _image_of(body: bytes) -> bytes:
+    with _LAYOUTS_LOCK:
+        layout = _LAYOUTS.get(len(body))
+        if layout is not None:
+            _LAYOUTS.move_to_end(len(body))
+    if layout is None:
+        layout = _layout(len(body))
+        with _LAYOUTS_LOCK:
+            _LAYOUTS[len(body)] = layout
+            while len(_LAYOUTS) > _LAYOUTS_MAX:
+                _LAYOUTS.popitem(last=False)
+    template, offset = layout
+    if offset < 0:                       # no unique place for the file's bytes: a whole image of its own
+        return _pycdlib_image(body)
+    return b"".join((template[:offset], body, template[offset + len(body):]))
+
+
+def _layout(length: int) -> tuple[bytes, int]:
+    """(an image whose context.json is ``length`` random bytes, where those bytes start; -1 if not unique)."""
+    filler = secrets.token_bytes(length)
+    template = _pycdlib_image(filler)
+    offset = template.find(filler)
+    if length < 16 or offset < 0 or template.find(filler, offset + 1) >= 0:
+        return template, -1
+    return template, offset
+
+
+def _pycdlib_image(body: bytes) -> bytes:
     iso = pycdlib.PyCdlib()
     try:
         iso.new(interchange_level=1, joliet=3, rock_ridge="1.09", vol_ident=VOLUME_LABEL)
         stem, _, ext = FILE_NAME.upper().partition(".")
         iso.add_fp(io.BytesIO(body), len(body), f"/{stem[:8]}.{ext[:3]};1", rr_name=FILE_NAME,
                    joliet_path=f"/{FILE_NAME}")
-        with open(partial, "wb") as f:
-            iso.write_fp(f)
-        os.replace(partial, path)
-    except (pycdlib.pycdlibexception.PyCdlibException, OSError) as exc:
-        partial.unlink(missing_ok=True)
-        raise ContextError(f"writing the context image failed: {exc}") from None
+        out = io.BytesIO()
+        iso.write_fp(out)
+        return out.getvalue()
     finally:
         iso.close()
-    return path

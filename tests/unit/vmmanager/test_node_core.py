@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -389,3 +390,34 @@ def test_a_listed_instance_is_rendered_once_while_its_record_stays_the_same(node
     small = wire.InstanceFragments(size=1)                              # bounded: the least recently listed go
     wire.list_response(node.list_page(ALICE), NODE_ADDRESS, small)
     assert len(small._kept) == 1
+
+
+def test_guests_that_stop_by_themselves_are_shutoff_through_the_nodes_long_lived_handlers(node):
+    """libvirt's STOPPED events go to a few handler threads started with the node (not a thread per event), which
+    mark a Running instance whose guest stopped Shutoff; a Destroy's own stop changes nothing; close() ends them."""
+    node.start()
+    views = [deploy(node, f"self-stop-{i}") for i in range(3)]
+    handled, threads = threading.Semaphore(0), set()
+    real = node._guest_stopped
+
+    def observed(event):
+        real(event)
+        threads.add(threading.current_thread().name)
+        handled.release()
+
+    node._guest_stopped = observed
+    for view in views[:2]:
+        node.vmm.destroy(view.inst.key)             # behind the node's back: as a guest powering itself off
+    node.destroy(ALICE, views[2].inst.key)
+    for _ in range(3):
+        assert handled.acquire(timeout=60)
+    states = [node.store.get(v.inst.key) for v in views]
+    assert [s.state for s in states] == [State.SHUTOFF.value, State.SHUTOFF.value, State.DESTROYED.value]
+    assert all(s.guest_status.startswith("stopped by itself") for s in states[:2])
+    assert threads and all(name.startswith("vmgrid-guest-stopped-") for name in threads)
+    handlers = list(node._stopped_handlers)
+    node.close()
+    for handler in handlers:
+        handler.join(10)
+        assert not handler.is_alive()
+    node.close = lambda: None                       # closed already (the fixture closes it again)
