@@ -205,10 +205,12 @@ def read_workspace(resp: etree._Element) -> etree._Element | None:
     return resp.find("ws:workspace", NS)
 
 
-def import_request(workspaces: list[etree._Element], move: bool = False) -> etree._Element:
+def import_request(workspaces: list[etree._Element], move: bool = False,
+                   into: etree._Element | None = None) -> etree._Element:
     """An ImportImages request element (the client sends it as built: see GridServiceClient.call's payload).
-    ``move`` puts the elements themselves into it instead of copies."""
-    req = element("ImportImages")
+    ``move`` puts the elements themselves into it instead of copies; ``into``: the empty request element to fill
+    (GridServiceClient.new_request's, already in its envelope)."""
+    req = element("ImportImages") if into is None else into
     for ws in workspaces:
         req.append(ws if move else copy.deepcopy(ws))
     return req
