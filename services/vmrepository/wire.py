@@ -68,8 +68,13 @@ def workspace(req: etree._Element) -> etree._Element:
 
 
 def workspaces(req: etree._Element) -> list[etree._Element]:
-    """An ImportImages request's descriptors, copies the core may change."""
-    return [copy.deepcopy(ws) for ws in req.findall("ws:workspace", NS)]
+    """An ImportImages request's descriptors, taken out of it for the core to change (the request is not read
+    again; a copy of each cost twice the taking out: a thousand descriptors a call). Each keeps the namespace
+    declarations it uses, as a copy would."""
+    out = req.findall("ws:workspace", NS)
+    for ws in out:
+        req.remove(ws)
+    return out
 
 
 def source(req: etree._Element) -> Source:
