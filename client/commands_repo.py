@@ -203,36 +203,52 @@ def upload_and_register(repo, args, descriptor):
 
 def read_descriptor_dir(directory: Path) -> list[tuple[Path, object]]:
     """Every descriptor file of ``directory``, parsed and validated; a CLIError listing every bad file
-    (each also printed as its own ``vmgrid: FILE: reason`` line) when any is bad."""
-    from services.descriptor import simple_fields
+    (each also printed as its own ``vmgrid: FILE: reason`` line) when any is bad. A directory may hold tens of
+    thousands: the names are listed and sorted as strings once, each file read with one open."""
+    from services.descriptor import WS, parse_descriptor
+    from services.faults import VMGridFault
 
     if not directory.is_dir():
         raise CLIError(f"{directory}: not a directory")
-    files = sorted(p for p in directory.glob("*.xml") if p.is_file())
-    if not files:
+    with os.scandir(directory) as listing:
+        names = sorted(e.name for e in listing if e.name.endswith(".xml") and e.is_file())
+    if not names:
         raise CLIError(f"{directory}: no descriptor files (*.xml)")
-    good, errors, names = [], [], {}
-    for path in files:
+    identity, image = f"{{{WS}}}identity", f"{{{WS}}}image"
+    wanted = {f"{{{WS}}}{name}": name for name in ("name", "vo", "imageId", "sha256")}
+    good, errors, seen = [], [], {}
+    for name in names:
+        path = directory / name
         try:
-            ws = _read_descriptor(path)
-        except CLIError as exc:
-            errors.append(str(exc))
+            with open(path, "rb") as f:
+                ws = parse_descriptor(f.read())
+        except OSError as exc:
+            errors.append(f"{path}: {exc.strerror}")
             continue
-        f = simple_fields(ws)       # one pass (a directory may hold tens of thousands of descriptors)
-        image_id, vo, name = f.get("identity.imageId"), f.get("identity.vo"), f.get("identity.name")
+        except VMGridFault as exc:
+            errors.append(f"{path}: {exc.description}")
+            continue
+        f = {}                      # identity/name, vo, imageId and image/sha256, in one pass over two sections
+        for section in ws:
+            if section.tag == identity or section.tag == image:
+                for c in section:
+                    key = wanted.get(c.tag)
+                    if key and c.text is not None:
+                        f.setdefault(key, c.text)
+        image_id, vo, ws_name = f.get("imageId"), f.get("vo"), f.get("name")
         if image_id:
             errors.append(f"{path}: carries an imageId ({image_id}); the repository assigns it")
-        elif not f.get("image.sha256"):
+        elif not f.get("sha256"):
             errors.append(f"{path}: no image/sha256 naming the image bytes in the repository")
-        elif (vo, name) in names:
-            errors.append(f"{path}: the name {vo}/{name} is also in {names[vo, name].name}")
+        elif (vo, ws_name) in seen:
+            errors.append(f"{path}: the name {vo}/{ws_name} is also in {seen[vo, ws_name].name}")
         else:
-            names[vo, name] = path
+            seen[vo, ws_name] = path
             good.append((path, ws))
     if errors:
         for line in errors:
             print(f"vmgrid: {line}", file=sys.stderr)
-        raise CLIError(f"{len(errors)} of {len(files)} descriptor files in {directory} are not importable; "
+        raise CLIError(f"{len(errors)} of {len(names)} descriptor files in {directory} are not importable; "
                        f"nothing was imported")
     return good
 
@@ -246,19 +262,30 @@ def cmd_import(args) -> int:
     sending one batch and the repository checking and storing another use both ends at once. A batch refused
     stops the sending; what the batches before it registered is removed again."""
     import re
+    import threading
     import time
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
     from queue import SimpleQueue
 
+    from client.repository import RepositoryClient
     from client.soap import ClientError
     from services.faults import VMGridFault
 
     if not 1 <= args.batch <= 1000:
         raise CLIError("--batch is between 1 and 1000")
+    # The connection (TLS, the WSDL fetched and read) is made while the files are read, the repository's side of it
+    # on the other core. Bad files are reported first, whatever becomes of the connection (a daemon thread: a
+    # repository that does not answer does not hold up the report).
+    connected: SimpleQueue = SimpleQueue()
+    threading.Thread(target=lambda: connected.put(_attempt(connect, args)), name="vmgrid-connect", daemon=True).start()
     entries = read_descriptor_dir(args.directory)
+    repo0 = connected.get()
+    if isinstance(repo0, Exception):
+        raise repo0
     batches = [entries[first:first + args.batch] for first in range(0, len(entries), args.batch)]
-    repos = [connect(args) for _ in range(min(IMPORT_IN_FLIGHT, len(batches)))]
+    repos = [repo0] + [RepositoryClient(repo0.service.another())
+                       for _ in range(min(IMPORT_IN_FLIGHT, len(batches)) - 1)]
     idle: SimpleQueue = SimpleQueue()
     for repo in repos:
         idle.put(repo)
@@ -308,6 +335,14 @@ def cmd_import(args) -> int:
         print(f"imported {len(done)} descriptors from {args.directory} in {seconds:.1f} s "
               f"({len(done) / max(seconds, 1e-9):.0f}/s)")
     return 0
+
+
+def _attempt(func, *args):
+    """``func(*args)``, or what it raised (handed from a thread to the one that reports it)."""
+    try:
+        return func(*args)
+    except Exception as exc:  # noqa: BLE001 - raised again in the command's own thread
+        return exc
 
 
 def _undo(repo, done: list[tuple[Path, str]]) -> str:

@@ -93,9 +93,10 @@ class RepositoryClient:
         elements = [_descriptor(d) for d in descriptors]
         if not elements:
             raise ValueError("nothing to import")
-        # zeep renders a one-descriptor request; the body sent is the whole one, built here as lxml
-        resp = self.service.call("ImportImages", workspace=[self.service.to_zeep(elements[0])],
-                                 payload=wire.import_request(elements, move=move))
+        # built as lxml inside the envelope it goes in, sent without zeep rendering anything
+        into = self.service.new_request(f"{{{REPO}}}ImportImages", {"repo": REPO})
+        req = wire.import_request(elements, move=move, into=into)
+        resp = self.service.call("ImportImages", payload=req)
         return wire.read_imported(resp)
 
     def remove(self, image: str) -> bool:

@@ -20,7 +20,7 @@ from typing import Protocol
 from services.authz.pep import Enforcer, PolicyDecisionPoint, Subject
 from services.common.crash import crashpoint
 from services.common.reserve import SpaceReserve
-from services.descriptor import Descriptor, check_descriptor, set_field, simple_fields, utc_now
+from services.descriptor import Descriptor, check_descriptor, set_field, set_fields, simple_fields, utc_now
 from services.faults import (AccessDenied, BadQuery, ChecksumMismatch, DuplicateName, ImageInUse, InvalidArgument,
                              InvalidDescriptor, InvalidSource, StorageFull, UnknownImage, VMGridFault,
                              is_storage_full)
@@ -222,9 +222,7 @@ class Registry:
                 owner = f.get("identity.owner") or caller.dn
                 image_id = new_image_id()
                 try:
-                    set_field(ws, "identity", "imageId", image_id)
-                    set_field(ws, "identity", "owner", owner)
-                    set_field(ws, "identity", "created", created)
+                    set_fields(ws, "identity", {"imageId": image_id, "owner": owner, "created": created})
                 except (AttributeError, TypeError, ValueError):
                     check_descriptor(ws)        # says what is wrong with it
                     raise
@@ -268,13 +266,16 @@ class Registry:
                 if (vo, name) in names:
                     raise DuplicateName(f"the name {name!r} comes twice in VO {vo!r}", vo=vo, name=name)
                 names.add((vo, name))
+                image: dict[str, object] = {}
                 if given_size is None:
-                    set_field(ws, "image", "size", size)
+                    image["size"] = size
                     f["image.size"] = str(size)
                 if digest3:
-                    set_field(ws, "image", "blake3", digest3)   # a given one that is not theirs was refused above
+                    image["blake3"] = digest3       # a given one that is not theirs was refused above
                 elif given_blake3:
-                    set_field(ws, "image", "blake3", None)      # bytes ingested before BLAKE3: nothing vouches for it
+                    image["blake3"] = None          # bytes ingested before BLAKE3: nothing vouches for it
+                if image:
+                    set_fields(ws, "image", image)
             except VMGridFault as exc:
                 raise _in_import(exc, label) from None
         try:

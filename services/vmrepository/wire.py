@@ -68,8 +68,13 @@ def workspace(req: etree._Element) -> etree._Element:
 
 
 def workspaces(req: etree._Element) -> list[etree._Element]:
-    """An ImportImages request's descriptors, copies the core may change."""
-    return [copy.deepcopy(ws) for ws in req.findall("ws:workspace", NS)]
+    """An ImportImages request's descriptors, taken out of it for the core to change (the request is not read
+    again; a copy of each cost twice the taking out: a thousand descriptors a call). Each keeps the namespace
+    declarations it uses, as a copy would."""
+    out = req.findall("ws:workspace", NS)
+    for ws in out:
+        req.remove(ws)
+    return out
 
 
 def source(req: etree._Element) -> Source:
@@ -205,10 +210,12 @@ def read_workspace(resp: etree._Element) -> etree._Element | None:
     return resp.find("ws:workspace", NS)
 
 
-def import_request(workspaces: list[etree._Element], move: bool = False) -> etree._Element:
+def import_request(workspaces: list[etree._Element], move: bool = False,
+                   into: etree._Element | None = None) -> etree._Element:
     """An ImportImages request element (the client sends it as built: see GridServiceClient.call's payload).
-    ``move`` puts the elements themselves into it instead of copies."""
-    req = element("ImportImages")
+    ``move`` puts the elements themselves into it instead of copies; ``into``: the empty request element to fill
+    (GridServiceClient.new_request's, already in its envelope)."""
+    req = element("ImportImages") if into is None else into
     for ws in workspaces:
         req.append(ws if move else copy.deepcopy(ws))
     return req

@@ -17,10 +17,41 @@ from tests.fixtures.repository import EXAMPLES, signed_call
 REPO = "http://vmgrid.org/ns/vmrepository/1"
 WS = "http://vmgrid.org/ns/workspace/1"
 CONTRACT = Contract("vmrepository.wsdl")
+SOAP_ENV = "http://schemas.xmlsoap.org/soap/envelope/"
+WSSE = "http://docs.oasis-open.org/wss/2004/01/oasis-200401-wss-wssecurity-secext-1.0.xsd"
+WSU = "http://docs.oasis-open.org/wss/2004/01/oasis-200401-wss-wssecurity-utility-1.0.xsd"
 
 
 def example(name: str = "debian12-emboss") -> bytes:
     return (EXAMPLES / f"{name}.xml").read_bytes()
+
+
+def test_a_bulk_import_is_sent_in_the_envelope_it_was_built_in_on_a_second_connection(repo_server):
+    """`vmgrid repo import`'s calls: a second client of the service on connections of its own reuses the WSDL the
+    first parsed, and an ImportImages request is built inside the envelope that is signed and sent (no move of the
+    whole request into an envelope, no zeep rendering)."""
+    from client.repository import RepositoryClient
+
+    pki = repo_server.pki
+    ws = repo_server.client(pki.admin).register(example(), local_path=str(repo_server.image("bulk.qcow2")))
+    alice = repo_server.client(pki.alice)
+    other = alice.service.another()
+    assert other.zeep.wsdl is alice.service.zeep.wsdl
+    assert other.zeep.transport.session is not alice.service.zeep.transport.session
+    variants = []
+    for name in ("bulk-a", "bulk-b"):
+        v = parse_descriptor(example())
+        v.find(f"{{{WS}}}identity/{{{WS}}}name").text = name
+        v.find(f"{{{WS}}}image").append(copy.deepcopy(ws.find(f"{{{WS}}}image/{{{WS}}}sha256")))
+        variants.append(v)
+    ids = RepositoryClient(other).import_images(variants, move=True)
+    assert [Descriptor(alice.show(i)).name for i in ids] == ["bulk-a", "bulk-b"]
+    request = variants[0].getparent()
+    body, envelope = request.getparent(), request.getparent().getparent()
+    assert request.tag == f"{{{REPO}}}ImportImages" and variants[1].getparent() is request
+    assert body.nsmap.get("wsu") == WSU and envelope.tag == f"{{{SOAP_ENV}}}Envelope"
+    signature = envelope.find(f"{{{SOAP_ENV}}}Header/{{{WSSE}}}Security/{{http://www.w3.org/2000/09/xmldsig#}}Signature")
+    assert signature is not None and body.get(f"{{{WSU}}}Id") is not None     # this very Body was signed
 
 
 class ValidatingClient:

@@ -147,6 +147,24 @@ def test_proxy_file_round_trip_and_key_checks(grid_pki, tmp_path):
         load_credential(proxy=tmp_path / "missing")
 
 
+def test_a_key_whose_parts_disagree_is_refused(grid_pki, tmp_path):
+    """OpenSSL's full RSA key check (88 ms) is skipped at load; a key that cannot make a valid signature is still
+    refused, with the key file named."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from security.pki import write_private
+
+    n = grid_pki.alice.credential.private_key.private_numbers()
+    broken = rsa.RSAPrivateNumbers(n.p, n.q, n.d + 2, n.dmp1 + 2, n.dmq1, n.iqmp, n.public_numbers)
+    key_path = write_private(tmp_path / "userkey.pem", broken.private_key(unsafe_skip_rsa_key_validation=True)
+                             .private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                            serialization.NoEncryption()))
+    with pytest.raises(CredentialError, match="userkey.pem"):
+        load_credential(grid_pki.alice.cert_path, key_path)
+    assert load_credential(grid_pki.alice.cert_path, grid_pki.alice.key_path).subject == grid_pki.alice.dn
+
+
 def test_encrypted_user_key_needs_its_passphrase(grid_pki, tmp_path):
     cred = grid_pki.ca.issue_user("erin", key=grid_pki.keys.take(), out_dir=tmp_path, passphrase=b"s3cret")
     with pytest.raises(CredentialError, match="passphrase"):
