@@ -230,6 +230,10 @@ class Following:
     def done(self) -> bool:
         return not self._worker.alive
 
+    def wait(self, timeout: float | None = None) -> bool:
+        """True once it ended (either way) within ``timeout`` seconds."""
+        return self._worker.join(timeout)
+
     def result(self, timeout: float | None = None) -> int:
         if not self._worker.join(timeout):
             raise TransferError(f"{self.url}: still following after {timeout} s")

@@ -242,9 +242,12 @@ def test_a_target_takes_in_no_migration_from_a_host_it_does_not_list(grid, grid_
 
 
 def test_a_checksum_mismatch_rolls_back_in_transfer(grid, grid_pki, monkeypatch):
-    """The source announces a wrong digest for the files (injected); the target's verified GridFTP pull refuses."""
+    """The source announces a wrong digest for the files (injected at the source only: both nodes run in this
+    process); the files the target followed differ from it, and so does its verified GridFTP pull: refused."""
     from services.vmmanager import migration
-    monkeypatch.setattr(migration, "hash_file", lambda path, algorithm="SHA256": "0" * 64)
+    from services.vmmanager.values import MigrationFile
+    monkeypatch.setattr(migration, "_file_list", lambda home, names: tuple(
+        MigrationFile(n, (home / n).stat().st_size, blake3="0" * 64) for n in names))
     ref = deploy(grid, grid_pki.alice, "bad-sum")
     src = grid.vmm(grid_pki.alice, 0)
     src.pause(ref)
