@@ -844,17 +844,30 @@ def complete(node: "Node", caller, key: str, commit: bool) -> tuple[str, Instanc
                                     f"committed", state=inst.state, operation="CompleteMigration")
         prior = State(rec.prior if rec else inst.initial_state)
         d = phases.descriptor_of(inst)
-        # the instance's slot moves here (renewed, this node its claimant: not counted twice)
-        node.authz.claim(caller, key, node._resource(inst),
-                         {"memory": str(d.memory), "vcpus": str(d.vcpus), "node": node.node,
-                          "lifetime": str(max(1, int(inst.termination - time.time())))}, action="vm.migrate")
+        # the instance's slot moves here (renewed, this node its claimant: not counted twice), asked of the
+        # Authorization service while the guest resumes: its round trip is off the downtime. Nothing is answered
+        # before the claim is: a refused claim pauses the guest here again, the instance stays Incoming and the
+        # source, which got no commit, settles it as aborted (it takes the guest back from its own state)
+        claiming = ThreadPoolExecutor(max_workers=1, thread_name_prefix="migration-claim")
+        claim = claiming.submit(node.authz.claim, caller, key, node._resource(inst),
+                                {"memory": str(d.memory), "vcpus": str(d.vcpus), "node": node.node,
+                                 "lifetime": str(max(1, int(inst.termination - time.time())))}, action="vm.migrate")
+        claiming.shutdown(wait=False)
         timings: list[tuple[str, float]] = []
-        with timed(timings, "resume"):
-            if prior == State.RUNNING:       # the guest runs again here: the downtime ends
-                vmm_call("resume", node.vmm.resume, key, sync=False)
-            elif prior == State.SAVED:
-                state_file = node.parts.home(key) / STATE_FILE
-                vmm_call("save", node.vmm.save, key, state_file)
+        try:
+            with timed(timings, "resume"):
+                if prior == State.RUNNING:       # the guest runs again here: the downtime ends
+                    vmm_call("resume", node.vmm.resume, key, sync=False)
+                elif prior == State.SAVED:
+                    state_file = node.parts.home(key) / STATE_FILE
+                    vmm_call("save", node.vmm.save, key, state_file)
+        finally:
+            try:
+                claim.result()
+            except BaseException:
+                if prior == State.RUNNING:
+                    _pause_again(node, key)
+                raise
         with timed(timings, "fixup"):
             if prior == State.RUNNING and hasattr(node.vmm, "sync_after_wake"):
                 node.vmm.sync_after_wake(key)        # guestd sets the clock, then takes its address
@@ -867,6 +880,14 @@ def complete(node: "Node", caller, key: str, commit: bool) -> tuple[str, Instanc
         crashpoint("migration.target-committed")
         log.info("instance %s migrated here from %s: %s", key, rec.peer if rec else "?", prior.value)
         return "committed", node.view(node.store.get(key))
+
+
+def _pause_again(node: "Node", key: str) -> None:
+    """The slot did not move: the guest resumed here stops again (the source takes it back from its state)."""
+    try:
+        node.vmm.pause(key)
+    except VMMError as exc:
+        log.error("instance %s: pausing it again after a refused slot claim failed: %s", key, exc)
 
 
 def _fixup(node: "Node", inst: Instance, running: bool) -> str:
