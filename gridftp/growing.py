@@ -190,15 +190,21 @@ class GrowingSender:
 
 
 class _Sink:
+    """The file being followed: blocks written at their offsets (``splice``d from plain sockets: ``fd`` and
+    ``record`` are what :class:`ModeEReceiver` looks for); ``end`` is the furthest byte held."""
+
     def __init__(self, fd: int):
-        self.fd_out = fd
+        self.fd = fd
         self.end = 0
         self._lock = threading.Lock()
 
-    def write(self, offset: int, data: memoryview) -> None:
-        os.pwrite(self.fd_out, data, offset)
+    def record(self, start: int, end: int) -> None:
         with self._lock:
-            self.end = max(self.end, offset + len(data))
+            self.end = max(self.end, end)
+
+    def write(self, offset: int, data: memoryview) -> None:
+        os.pwrite(self.fd, data, offset)
+        self.record(offset, offset + len(data))
 
 
 class Following:
@@ -221,7 +227,14 @@ class Following:
         self._receiver: ModeEReceiver | None = None
         self._lock = threading.Lock()
         self.started = time.monotonic()
+        self.finished: float | None = None
+        self._ready = threading.Event()
         self._worker = Worker(self._run, "gridftp-following")
+
+    def wait_ready(self, timeout: float) -> bool:
+        """True once the session is up and the server has opened its data connections (or the follower ended):
+        from then on nothing is left to set up before the first byte."""
+        return self._ready.wait(timeout)
 
     @property
     def received(self) -> int:
@@ -255,7 +268,20 @@ class Following:
                 pass
         self._worker.join(30)
 
+    def _when_connected(self, receiver: ModeEReceiver) -> None:
+        deadline = time.monotonic() + self.timeout
+        while receiver.connections < self.parallel and not receiver.done and time.monotonic() < deadline:
+            time.sleep(POLL)
+        self._ready.set()
+
     def _run(self) -> int:
+        try:
+            return self._follow()
+        finally:
+            self.finished = time.monotonic()
+            self._ready.set()
+
+    def _follow(self) -> int:
         from .transfer import PREPARE, _Options, _activity, _await_final, _prepare, _start_transfer
         credential, trust, gsi, prot = self._opts
         opts = _Options(credential, trust, self.timeout, None, gsi, prot)
@@ -282,7 +308,9 @@ class Following:
                     _start_transfer(session, [f"OPTS RETR Parallelism={p},{p},{p};",
                                               session.port_command(*listener.getsockname()[:2])],
                                     f"RETR {self.url.path}")
+                    ready = Worker(lambda: self._when_connected(receiver), "gridftp-following-ready")
                     final = _await_final(session, alive=_activity(self.counter))
+                    ready.join(0)
                     if not final.ok:
                         raise TransferError(f"{self.url}: the server ended the transfer: {final.code} {final.text}")
                     if not receiver.wait(self.timeout):

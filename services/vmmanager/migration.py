@@ -70,6 +70,7 @@ MAX_FILES = 16
 GUEST_TOKEN = "guest.token"      # on the target, from the offer to the fixup: the token guestd holds (0600)
 _GUEST_TOKEN = re.compile(r"[A-Za-z0-9_-]{16,128}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+FOLLOW_READY = 10.0              # seconds the prepare waits for the target's GridFTP sessions to be up
 
 
 @dataclass(frozen=True)
@@ -704,6 +705,12 @@ def _follow(node: "Node", key: str, offer: MigrationOffer) -> None:
         _FOLLOWING[(id(node), key)] = followers
     for f in (old or {}).values():
         f.cancel()
+    # the prepare is answered once the sessions are authenticated and the data connections open (a few round
+    # trips): the source freezes only then, so none of it is downtime. Bounded: a follower that cannot get there
+    # does not hold the migration (the transfer step pulls its file the ordinary way)
+    deadline = time.monotonic() + FOLLOW_READY
+    for f in followers.values():
+        f.wait_ready(max(0.0, deadline - time.monotonic()))
 
 
 def _unfollow(node: "Node", key: str) -> dict[str, Following]:
@@ -748,6 +755,8 @@ def _take_followed(node: "Node", key: str, offer: MigrationOffer, home: Path, pr
             (home / name).unlink(missing_ok=True)
             return False
         progress(name, size)
+        log.info("instance %s: %s followed from the prepare on: %d bytes, %.3f s before this step's end", key, name,
+                 size, time.monotonic() - (f.finished or time.monotonic()))
         return True
 
     with ThreadPoolExecutor(max_workers=len(followers)) as pool:

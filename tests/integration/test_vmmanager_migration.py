@@ -327,22 +327,24 @@ def test_a_failed_restore_at_the_target_rolls_back(grid, grid_pki, monkeypatch):
 
 def test_the_target_prepares_while_the_guest_still_runs_and_only_a_yes_freezes_it(grid, grid_pki, monkeypatch):
     """The target authorizes, registers, leases and stages before the source saves the guest: when the save
-    begins, the target already holds the instance Incoming with a lease (and no files yet), and the guest still
-    runs at the source. The prepare's time is not in the downtime (freeze .. resume)."""
+    begins, the target already holds the instance Incoming with a lease, and follows the state file (there, empty:
+    nothing of it before the save), and the guest still runs at the source. The prepare's time is not in the
+    downtime (freeze .. resume)."""
     source_vmm, target = grid.node(0).vmm, grid.node(1)
     seen, real_save = {}, source_vmm.save
 
     def save(key, path, *args, **kwargs):
         inst = target.store.get(key)
         seen.update(target=inst.state if inst else None, lease=key in target.store.leases(),
-                    role=target.core.migrations.get(key).role, files=sorted(p.name for p in
-                                                                       target.core.parts.home(key).glob("*.save")),
+                    role=target.core.migrations.get(key).role, files=sorted(
+                        (p.name, p.stat().st_size) for p in target.core.parts.home(key).glob("*.save")),
                     source=source_vmm.state(key).value)
         return real_save(key, path, *args, **kwargs)
     monkeypatch.setattr(source_vmm, "save", save)
     ref = deploy(grid, grid_pki.alice, "prepared-first")
     moved = grid.vmm(grid_pki.alice, 0).migrate(ref, grid.node_url(1))
-    assert seen == {"target": "Incoming", "lease": True, "role": "prepared", "files": [], "source": "running"}
+    assert seen == {"target": "Incoming", "lease": True, "role": "prepared", "files": [("state.save", 0)],
+                    "source": "running"}
     names = [p for p, _ in moved.phases]
     assert names.index("prepare") < names.index("freeze") < names.index("transfer")
     grid.vmm(grid_pki.alice, 1).destroy(moved.ref)
