@@ -49,6 +49,11 @@ class FileSpace:
     def committed(self, vpath: str, real: Path, sha256: str) -> None:
         """Called after a received file took its final name, verified with ``sha256``."""
 
+    def growing(self, vpath: str):
+        """The :class:`gridftp.growing.Growth` of a file another party is still writing (RETR then follows
+        it as it grows), or None for an ordinary file (the default)."""
+        return None
+
 
 class LocalFileSpace(FileSpace):
     """A directory tree served as ``/``; symlinks may not lead out of it."""

@@ -1088,6 +1088,9 @@ class _Session:
     def _send_file(self, vpath: str, section_start: int, section_length: int | None) -> None:
         try:
             self._authorize("read", vpath)
+            growth = self.server.files.growing(vpath)
+            if growth is not None and growth.state != "complete":     # pending, growing or failed
+                return self._send_growing(vpath, growth, section_start, section_length)
             real, st = self._file(vpath)
             self._need_data(sending=True)
             protection = self._protection()
@@ -1124,6 +1127,42 @@ class _Session:
                 self._send_mode_s(fd, todo, protection)
         finally:
             os.close(fd)
+            self._reset_transfer_state()
+
+    def _send_growing(self, vpath: str, growth, section_start: int, section_length: int | None) -> None:
+        """RETR of a file still being written (:mod:`gridftp.growing`): whole, in MODE E, as it grows."""
+        from .growing import FAILED, GrowingSender
+        try:
+            if growth.state == FAILED:
+                raise _Reply(451, f"{vpath}: the file was not completed: {growth.reason}.")
+            if self.mode != "E":
+                raise _Reply(504, f"{vpath} is still being written: it is sent in MODE E only.")
+            if section_start or section_length is not None or self.rest is not None:
+                raise _Reply(504, f"{vpath} is still being written: no ERET or REST before it is complete.")
+            self._need_data(sending=True)
+            protection = self._protection()
+        except _Reply:
+            self._reset_transfer_state()
+            raise
+        try:
+            self.reply(150, f"Opening BINARY mode data connection for {vpath} (being written: sent as it grows).")
+            parallel = max(1, min(self.retr_opts.parallelism, MAX_PARALLELISM))
+            socks = self._open_active(parallel, protection)
+            counter = Counter()
+            sender = GrowingSender(growth, counter=counter)
+            worker = Worker(lambda: sender.run(socks), "gridftp-retr-growing")
+            finished = self._wait(worker.join, lambda: self.reply(112, format_perf_marker(counter.total)),
+                                  sender.cancel)
+            worker.join()
+            if not finished:
+                self._aborted()
+                return
+            if worker.error is not None:
+                raise _Reply(426, f"Transfer aborted: {worker.error}")
+            log.info("session %s: sent %d bytes of a growing file over %d MODE E streams", self.peer, counter.total,
+                     len(socks))
+            self.reply(226, "Transfer Complete.")
+        finally:
             self._reset_transfer_state()
 
     def _open_active(self, per_address: int, protection) -> list[socket.socket]:

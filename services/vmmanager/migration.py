@@ -37,6 +37,7 @@ from urllib.parse import urlsplit
 import gridftp
 from gridftp.checksum import hash_file
 from gridftp.face import GridFTPFace
+from gridftp.growing import Following, Growth
 from security.client import host_authorizer
 from security.delegation import DelegationError, accept as accept_delegation
 from security.pki import Credential
@@ -69,6 +70,7 @@ MAX_FILES = 16
 GUEST_TOKEN = "guest.token"      # on the target, from the offer to the fixup: the token guestd holds (0600)
 _GUEST_TOKEN = re.compile(r"[A-Za-z0-9_-]{16,128}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+FOLLOW_READY = 10.0              # seconds the prepare waits for the target's GridFTP sessions to be up
 
 
 @dataclass(frozen=True)
@@ -114,9 +116,25 @@ class Records:
             db.execute("DELETE FROM migrations WHERE key = ?", (key,))
 
 
+class _ExportSpace(gridftp.LocalFileSpace):
+    """The instance directories, with the files of a migration that are still being written served as they grow."""
+
+    def __init__(self, root: Path, exports: "Exports"):
+        super().__init__(root)
+        self.exports = exports
+
+    def growing(self, vpath: str):
+        return self.exports.growths.get(vpath)
+
+
 class Exports:
     """The source's GridFTP face over its instance directories: during a migration, exactly that instance's
-    files, read-only, to the target node's host certificate; nothing else, and nothing once it is over."""
+    files, read-only, to the target node's host certificate; nothing else, and nothing once it is over.
+
+    From the prepare on, the files are exported as still being written (:mod:`gridftp.growing`): the target asks
+    for them at once and the face holds its RETRs; the saved state is served while the save writes it (its
+    head, which libvirt rewrites at the end, last), the disks once the save is done (:meth:`complete`). A save
+    that fails, or a migration rolled back, aborts what the target follows (:meth:`close`)."""
 
     def __init__(self, instances_dir: Path, credential: Credential, trust, address: str):
         self.instances_dir = instances_dir
@@ -125,31 +143,51 @@ class Exports:
         self.address = address
         self.face: GridFTPFace | None = None
         self._allowed: dict[str, object] = {}      # vpath -> authorizer of the target's host DN
+        self.growths: dict[str, Growth] = {}       # vpath -> where the file being written stands
         self._lock = threading.Lock()
 
     def _start(self) -> GridFTPFace:
         host = urlsplit(self.address).hostname or "localhost"
         bind = "127.0.0.1" if host in ("localhost", "127.0.0.1") else "0.0.0.0"
-        face = GridFTPFace(gridftp.LocalFileSpace(self.instances_dir), bind, 0, self.credential, self.trust,
+        face = GridFTPFace(_ExportSpace(self.instances_dir, self), bind, 0, self.credential, self.trust,
                            authorize=self.authorize, upload_area="/nowhere", public_host=host,
                            what="migrating instances", log=log)
         face.start()
         return face
 
     def open(self, key: str, names: list[str], target: str) -> str:
-        """Export ``names`` of instance ``key`` to the node at ``target``; the base URL of the files."""
+        """Export ``names`` of instance ``key`` to the node at ``target``, as files still to be written (the state
+        file served as it grows, the disks once complete); the base URL of the files."""
         with self._lock:
             if self.face is None:
                 self.face = self._start()
             allowed = host_authorizer(target)
             for name in names:
-                self._allowed[f"/{key}/{name}"] = allowed
+                vpath = f"/{key}/{name}"
+                self._allowed[vpath] = allowed
+                self.growths[vpath] = Growth(self.instances_dir / key / name, stream=name == STATE_FILE)
             return self.face.base_url
+
+    def begin(self, key: str) -> None:
+        """The save of ``key`` starts now (its state file from now on is the one to send)."""
+        for vpath, growth in self._of(key):
+            growth.begin()
+
+    def complete(self, key: str) -> None:
+        """The files of ``key`` are final: what the target follows is sent to its end."""
+        for vpath, growth in self._of(key):
+            growth.complete()
+
+    def _of(self, key: str) -> list[tuple[str, Growth]]:
+        with self._lock:
+            return [(v, g) for v, g in self.growths.items() if v.startswith(f"/{key}/")]
 
     def close(self, key: str) -> None:
         with self._lock:
             for vpath in [v for v in self._allowed if v.startswith(f"/{key}/")]:
                 del self._allowed[vpath]
+            for vpath in [v for v in self.growths if v.startswith(f"/{key}/")]:
+                self.growths.pop(vpath).fail("the migration is over")
 
     def authorize(self, dn: str | None, op: str, vpath: str) -> bool:
         allowed = self._allowed.get(vpath)
@@ -282,7 +320,9 @@ def migrate(node: "Node", caller, key: str, target: str, mode: str, proxy_pem: b
                 if prior in (State.RUNNING, State.PAUSED):
                     state_file = home / STATE_FILE
                     state_file.unlink(missing_ok=True)
+                    node.exports.begin(key)          # the target, which asked for it, gets it as it is written
                     vmm_call("save", node.vmm.save, key, state_file)
+                node.exports.complete(key)
                 crashpoint("migration.frozen")
                 saved = time.perf_counter()
                 files = _file_list(home, names)
@@ -540,6 +580,7 @@ def accept(node: "Node", caller, offer: MigrationOffer) -> InstanceView:
                              target=node.address, cause=_cause(exc)) from None
     node.store.update(key, phases=json.dumps([[n, round(s, 6)] for n, s in timings]))
     if offer.step == "prepare":
+        _follow(node, key, offer)
         log.info("instance %s prepared for %s, from %s; Incoming until its files come", key, caller.dn, offer.source)
     else:
         log.info("instance %s arrived from %s for %s; Incoming until the source commits", key, offer.source,
@@ -607,10 +648,12 @@ def _transfer_and_restore(node: "Node", key: str, offer: MigrationOffer, timings
             # the files side by side (and the base image beside them, when not staged in the prepare step): each
             # GridFTP session's round trips (TLS, commands, data connections) and TCP slow start overlap instead of
             # adding up, which counts across a WAN
+            followed = _take_followed(node, key, offer, home, progress) if not stage else set()
             with ThreadPoolExecutor(max_workers=len(offer.files) + 1) as pool:
                 staged_f = pool.submit(staging)
                 for done in [pool.submit(_pull, node, f"{offer.files_url}/{key}/{f.name}", home / f.name, f,
-                                         lambda n, name=f.name: progress(name, n)) for f in offer.files]:
+                                         lambda n, name=f.name: progress(name, n))
+                             for f in offer.files if f.name not in followed]:
                     done.result()
                 pulled = time.perf_counter() - t
                 staged = staged_f.result()
@@ -631,6 +674,94 @@ def _transfer_and_restore(node: "Node", key: str, offer: MigrationOffer, timings
                 pass
         raise
     return phase
+
+
+# -- the files followed from the prepare on -------------------------------------------------------------------------
+_FOLLOWING: dict[tuple[int, str], dict[str, Following]] = {}     # (node, key) -> file name -> its follower
+_FOLLOWING_LOCK = threading.Lock()
+
+
+def _expected_names(offer: MigrationOffer) -> list[str]:
+    """The files a source of this version sends: the disks as this node names them (:func:`_restore_here`) and
+    the saved state."""
+    return [("root.qcow2" if disk.role == "root" else f"{disk.role}{n}.qcow2")
+            for n, disk in enumerate(offer.descriptor.disks)] + [STATE_FILE]
+
+
+def _follow(node: "Node", key: str, offer: MigrationOffer) -> None:
+    """Right after the prepare, before the source freezes: a GridFTP session per file asks for it, so the
+    sessions and data connections are up when the save starts, and the saved state comes while it is written
+    (the source's export holds the RETRs until then: :class:`Exports`). The transfer step verifies what came
+    against the digests the source sends then, and pulls again whatever failed or differs."""
+    home = node.parts.home(key)
+    home.mkdir(parents=True, exist_ok=True)
+    followers = {}
+    for name in _expected_names(offer):
+        followers[name] = Following(f"{offer.files_url}/{key}/{name}", home / name, node.config.staging_parallel,
+                                    credential=node.credential, trust=node.trust, gsi=node.config.staging_gsi,
+                                    timeout=node.config.migration_timeout)
+    with _FOLLOWING_LOCK:
+        old = _FOLLOWING.pop((id(node), key), None)
+        _FOLLOWING[(id(node), key)] = followers
+    for f in (old or {}).values():
+        f.cancel()
+    # the prepare is answered once the sessions are authenticated and the data connections open (a few round
+    # trips): the source freezes only then, so none of it is downtime. Bounded: a follower that cannot get there
+    # does not hold the migration (the transfer step pulls its file the ordinary way)
+    deadline = time.monotonic() + FOLLOW_READY
+    for f in followers.values():
+        f.wait_ready(max(0.0, deadline - time.monotonic()))
+
+
+def _unfollow(node: "Node", key: str) -> dict[str, Following]:
+    """Stop following the files of ``key`` (the migration is dropped here); waits for the followers."""
+    with _FOLLOWING_LOCK:
+        followers = _FOLLOWING.pop((id(node), key), None) or {}
+    for f in followers.values():
+        f.cancel()
+    return followers
+
+
+def _take_followed(node: "Node", key: str, offer: MigrationOffer, home: Path, progress) -> set[str]:
+    """The transfer step's files that came through the followers and match the source's sizes and digests;
+    the rest (a follower failed, a file differs: removed) is pulled again by the caller."""
+    with _FOLLOWING_LOCK:
+        followers = _FOLLOWING.pop((id(node), key), None) or {}
+    wanted = {f.name: f for f in offer.files}
+    for name in [n for n in followers if n not in wanted]:
+        followers.pop(name).cancel()
+    if not followers:
+        return set()
+    deadline = time.monotonic() + node.config.migration_timeout
+    pending = list(followers.values())
+    while pending and time.monotonic() < deadline:
+        for name, f in followers.items():
+            progress(name, f.received)
+        pending[0].wait(0.25)
+        pending = [f for f in pending if not f.done()]
+
+    def check(name: str) -> bool:
+        f, want = followers[name], wanted[name]
+        try:
+            size = f.result(0)
+        except Exception as exc:   # noqa: BLE001 - pulled again below
+            log.warning("instance %s: following %s failed (%s); pulling it again", key, name, exc)
+            f.cancel()
+            return False
+        algorithm, digest = ("BLAKE3", want.blake3) if want.blake3 else ("SHA256", want.sha256)
+        if size != want.size or hash_file(home / name, algorithm) != digest:
+            log.warning("instance %s: %s as followed differs from the source's (%d bytes, the source said %d); "
+                        "pulling it again", key, name, size, want.size)
+            (home / name).unlink(missing_ok=True)
+            return False
+        progress(name, size)
+        log.info("instance %s: %s followed from the prepare on: %d bytes, %.3f s before this step's end", key, name,
+                 size, time.monotonic() - (f.finished or time.monotonic()))
+        return True
+
+    with ThreadPoolExecutor(max_workers=len(followers)) as pool:
+        ok = dict(zip(followers, pool.map(check, list(followers))))
+    return {name for name, good in ok.items() if good}
 
 
 def _pull(node: "Node", url: str, dest: Path, f: MigrationFile, progress) -> None:
@@ -696,6 +827,7 @@ def _adopt_subscriptions(node: "Node", key: str, offer: MigrationOffer) -> None:
 
 def _drop_incoming(node: "Node", key: str) -> None:
     """Everything an Incoming instance holds here goes: domain, files, lease, image hold, record."""
+    _unfollow(node, key)
     node._release(key, quiet=True)
     node.migrations.forget_instance(key)
     log.info("incoming instance %s dropped", key)
@@ -721,17 +853,30 @@ def complete(node: "Node", caller, key: str, commit: bool) -> tuple[str, Instanc
                                     f"committed", state=inst.state, operation="CompleteMigration")
         prior = State(rec.prior if rec else inst.initial_state)
         d = phases.descriptor_of(inst)
-        # the instance's slot moves here (renewed, this node its claimant: not counted twice)
-        node.authz.claim(caller, key, node._resource(inst),
-                         {"memory": str(d.memory), "vcpus": str(d.vcpus), "node": node.node,
-                          "lifetime": str(max(1, int(inst.termination - time.time())))}, action="vm.migrate")
+        # the instance's slot moves here (renewed, this node its claimant: not counted twice), asked of the
+        # Authorization service while the guest resumes: its round trip is off the downtime. Nothing is answered
+        # before the claim is: a refused claim pauses the guest here again, the instance stays Incoming and the
+        # source, which got no commit, settles it as aborted (it takes the guest back from its own state)
+        claiming = ThreadPoolExecutor(max_workers=1, thread_name_prefix="migration-claim")
+        claim = claiming.submit(node.authz.claim, caller, key, node._resource(inst),
+                                {"memory": str(d.memory), "vcpus": str(d.vcpus), "node": node.node,
+                                 "lifetime": str(max(1, int(inst.termination - time.time())))}, action="vm.migrate")
+        claiming.shutdown(wait=False)
         timings: list[tuple[str, float]] = []
-        with timed(timings, "resume"):
-            if prior == State.RUNNING:       # the guest runs again here: the downtime ends
-                vmm_call("resume", node.vmm.resume, key, sync=False)
-            elif prior == State.SAVED:
-                state_file = node.parts.home(key) / STATE_FILE
-                vmm_call("save", node.vmm.save, key, state_file)
+        try:
+            with timed(timings, "resume"):
+                if prior == State.RUNNING:       # the guest runs again here: the downtime ends
+                    vmm_call("resume", node.vmm.resume, key, sync=False)
+                elif prior == State.SAVED:
+                    state_file = node.parts.home(key) / STATE_FILE
+                    vmm_call("save", node.vmm.save, key, state_file)
+        finally:
+            try:
+                claim.result()
+            except BaseException:
+                if prior == State.RUNNING:
+                    _pause_again(node, key)
+                raise
         with timed(timings, "fixup"):
             if prior == State.RUNNING and hasattr(node.vmm, "sync_after_wake"):
                 node.vmm.sync_after_wake(key)        # guestd sets the clock, then takes its address
@@ -744,6 +889,14 @@ def complete(node: "Node", caller, key: str, commit: bool) -> tuple[str, Instanc
         crashpoint("migration.target-committed")
         log.info("instance %s migrated here from %s: %s", key, rec.peer if rec else "?", prior.value)
         return "committed", node.view(node.store.get(key))
+
+
+def _pause_again(node: "Node", key: str) -> None:
+    """The slot did not move: the guest resumed here stops again (the source takes it back from its state)."""
+    try:
+        node.vmm.pause(key)
+    except VMMError as exc:
+        log.error("instance %s: pausing it again after a refused slot claim failed: %s", key, exc)
 
 
 def _fixup(node: "Node", inst: Instance, running: bool) -> str:

@@ -242,9 +242,12 @@ def test_a_target_takes_in_no_migration_from_a_host_it_does_not_list(grid, grid_
 
 
 def test_a_checksum_mismatch_rolls_back_in_transfer(grid, grid_pki, monkeypatch):
-    """The source announces a wrong digest for the files (injected); the target's verified GridFTP pull refuses."""
+    """The source announces a wrong digest for the files (injected at the source only: both nodes run in this
+    process); the files the target followed differ from it, and so does its verified GridFTP pull: refused."""
     from services.vmmanager import migration
-    monkeypatch.setattr(migration, "hash_file", lambda path, algorithm="SHA256": "0" * 64)
+    from services.vmmanager.values import MigrationFile
+    monkeypatch.setattr(migration, "_file_list", lambda home, names: tuple(
+        MigrationFile(n, (home / n).stat().st_size, blake3="0" * 64) for n in names))
     ref = deploy(grid, grid_pki.alice, "bad-sum")
     src = grid.vmm(grid_pki.alice, 0)
     src.pause(ref)
@@ -324,22 +327,24 @@ def test_a_failed_restore_at_the_target_rolls_back(grid, grid_pki, monkeypatch):
 
 def test_the_target_prepares_while_the_guest_still_runs_and_only_a_yes_freezes_it(grid, grid_pki, monkeypatch):
     """The target authorizes, registers, leases and stages before the source saves the guest: when the save
-    begins, the target already holds the instance Incoming with a lease (and no files yet), and the guest still
-    runs at the source. The prepare's time is not in the downtime (freeze .. resume)."""
+    begins, the target already holds the instance Incoming with a lease, and follows the state file (there, empty:
+    nothing of it before the save), and the guest still runs at the source. The prepare's time is not in the
+    downtime (freeze .. resume)."""
     source_vmm, target = grid.node(0).vmm, grid.node(1)
     seen, real_save = {}, source_vmm.save
 
     def save(key, path, *args, **kwargs):
         inst = target.store.get(key)
         seen.update(target=inst.state if inst else None, lease=key in target.store.leases(),
-                    role=target.core.migrations.get(key).role, files=sorted(p.name for p in
-                                                                       target.core.parts.home(key).glob("*.save")),
+                    role=target.core.migrations.get(key).role, files=sorted(
+                        (p.name, p.stat().st_size) for p in target.core.parts.home(key).glob("*.save")),
                     source=source_vmm.state(key).value)
         return real_save(key, path, *args, **kwargs)
     monkeypatch.setattr(source_vmm, "save", save)
     ref = deploy(grid, grid_pki.alice, "prepared-first")
     moved = grid.vmm(grid_pki.alice, 0).migrate(ref, grid.node_url(1))
-    assert seen == {"target": "Incoming", "lease": True, "role": "prepared", "files": [], "source": "running"}
+    assert seen == {"target": "Incoming", "lease": True, "role": "prepared", "files": [("state.save", 0)],
+                    "source": "running"}
     names = [p for p, _ in moved.phases]
     assert names.index("prepare") < names.index("freeze") < names.index("transfer")
     grid.vmm(grid_pki.alice, 1).destroy(moved.ref)
@@ -437,3 +442,105 @@ def test_subscribers_hear_the_move_from_the_source_and_then_from_the_target(grid
         assert by["Running"].key == ref.key
         grid.vmm(grid_pki.alice, 1).destroy(moved.ref)
         assert consumer.wait(lambda c: c.new == "Destroyed").old == "Running"
+
+
+def _until(condition, limit: float = 30.0) -> bool:
+    """Whether ``condition()`` came true within ``limit`` seconds (bytes arriving at the other node, which no
+    event announces); False, not a timing assertion: the test then fails on what did not happen."""
+    import time
+    deadline = time.monotonic() + limit
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_the_target_holds_part_of_the_saved_state_before_the_save_ends(grid, grid_pki, monkeypatch):
+    """The target asks for the files right after the prepare and gets the saved state while the source still
+    writes it. The test driver's save is a few KiB written at once, so the save here (injected) appends 2 MiB
+    after it (the driver's restore reads its header and XML and ignores the rest) and returns only once the target
+    holds more than the held-back head; the migration then verifies the whole file and completes."""
+    import os
+
+    from gridftp.growing import HEAD
+    src_vmm = grid.node(0).vmm
+    real_save, seen = src_vmm.save, {}
+
+    def growing_save(key, path):
+        real_save(key, path)
+        with open(path, "ab") as f:
+            f.write(os.urandom(2 << 20))
+            f.flush()
+            there = grid.node(1).instances_dir / key / "state.save"
+            seen["early"] = _until(lambda: there.is_file() and there.stat().st_size > HEAD + (256 << 10))
+    monkeypatch.setattr(src_vmm, "save", growing_save)
+    ref = deploy(grid, grid_pki.alice, "followed")
+    moved = grid.vmm(grid_pki.alice, 0).migrate(ref, grid.node_url(1))
+    assert seen == {"early": True}
+    assert grid.vmm(grid_pki.alice, 1).status(moved.ref).state == "Running"
+    grid.vmm(grid_pki.alice, 1).destroy(moved.ref)
+
+
+def test_a_save_that_fails_midway_leaves_nothing_at_the_target(grid, grid_pki, monkeypatch):
+    """The source's save writes part of the state (which the target follows) and then fails (injected, as libvirt
+    fails: the file removed, the domain running on): the target drops what it followed, and the instance runs on
+    at the source as before."""
+    import os
+
+    from services.vmmanager.vmm import VMMError
+
+    def broken_save(key, path):
+        with open(path, "wb") as f:
+            f.write(b"LibvirtQemudPart" + os.urandom(1 << 20))
+            f.flush()
+            there = grid.node(1).instances_dir / key / "state.save"
+            _until(lambda: there.is_file() and there.stat().st_size > 0, 10)
+        os.unlink(path)          # as libvirt does when a save fails: the file goes, the domain runs on
+        raise VMMError("injected: the save failed midway")
+    monkeypatch.setattr(grid.node(0).vmm, "save", broken_save)
+    ref = deploy(grid, grid_pki.alice, "half-saved")
+    with pytest.raises(MigrationFault) as exc:
+        grid.vmm(grid_pki.alice, 0).migrate(ref, grid.node_url(1))
+    assert (exc.value.phase, exc.value.cause) == ("freeze", "VMMFault")
+    monkeypatch.undo()
+    assert_rolled_back(grid, grid_pki, ref)
+    grid.vmm(grid_pki.alice, 0).destroy(ref)
+
+
+def test_the_slot_claim_at_the_commit_runs_beside_the_resume_and_a_refused_one_rolls_back(grid, grid_pki,
+                                                                                         monkeypatch):
+    """The target's slot claim (a round trip to the Authorization service) is answered while the guest already
+    resumes there: off the downtime. A claim refused at that point pauses the guest again at the target and the
+    migration rolls back: the instance runs at the source, its slot counted once, nothing left at the target."""
+    import threading
+
+    from services.faults import AccessDenied as Denied
+    target = grid.node(1)
+    resumed, seen = threading.Event(), {}
+    real_resume, real_claim = target.vmm.resume, target.authz.claim
+
+    def resume(key, *args, **kwargs):
+        out = real_resume(key, *args, **kwargs)
+        resumed.set()
+        return out
+
+    def claim(*args, **kwargs):
+        seen["resumed first"] = resumed.wait(30)
+        if seen.get("refuse"):
+            raise Denied("injected: the claim is refused", subject="", action="vm.migrate", resource="", rule="test")
+        return real_claim(*args, **kwargs)
+    monkeypatch.setattr(target.vmm, "resume", resume)
+    monkeypatch.setattr(target.authz, "claim", claim)
+    ref = deploy(grid, grid_pki.alice, "claimed")
+    moved = grid.vmm(grid_pki.alice, 0).migrate(ref, grid.node_url(1))
+    assert seen == {"resumed first": True} and len(slots_of(grid, ref.key)) == 1
+    back = grid.vmm(grid_pki.alice, 1).migrate(moved.ref, grid.node_url(0))
+    resumed.clear()
+    seen["refuse"] = True
+    with pytest.raises(MigrationFault) as exc:
+        grid.vmm(grid_pki.alice, 0).migrate(back.ref, grid.node_url(1))
+    assert exc.value.phase == "resume" and seen["resumed first"]
+    monkeypatch.undo()
+    assert_rolled_back(grid, grid_pki, back.ref)
+    grid.vmm(grid_pki.alice, 0).destroy(back.ref)
