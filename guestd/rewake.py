@@ -134,15 +134,14 @@ MADV_POPULATE_WRITE = 23      # Linux 5.14: fault a mapping's pages in, writable
 MIB = 1024 * 1024
 
 
-def zero_free_memory(roots, keep_mib: int = 16, drop_cache: bool = True, sync=os.sync) -> int:
-    """In a warm template just before it reports ready (and the node saves it): drop the clean page cache
-    (``drop_cache``; after ``sync`` wrote the dirty pages back), then have the kernel zero-fill most free
-    pages by faulting them into a mapping, and give them back. Free pages keep whatever the boot left in
-    them (the unpacked initramfs, exited processes, dropped cache); QEMU saves a zero page as a flag, not
-    4 KiB, so the saved state is smaller and every clone's restore loads less. Returns the MiB zeroed (0
-    when there was too little free)."""
-    if drop_cache:
-        drop_page_cache(roots, sync)
+def zero_free_memory(roots, keep_mib: int = 16) -> int:
+    """In a warm template just before it reports ready (and the node saves it): have the kernel zero-fill
+    most free pages by faulting them into a mapping, then give them back. Free pages keep whatever the
+    boot left in them (the unpacked initramfs, exited processes); QEMU saves a zero page as a flag, not
+    4 KiB, so the saved state is smaller and every clone's restore loads less. The page cache, dentries and
+    inodes are kept: dropping them (``vm.drop_caches``) made the state 7% smaller but every clone's
+    recontext slower, its opens and reads then going to the disk (docs/benchmarks.md, fourth pass).
+    Returns the MiB zeroed (0 when there was too little free)."""
     free = 0
     for line in (roots.proc / "meminfo").read_text().splitlines():
         if line.startswith("MemFree:"):
@@ -162,10 +161,3 @@ def zero_free_memory(roots, keep_mib: int = 16, drop_cache: bool = True, sync=os
         region.close()
     return size // MIB
 
-
-def drop_page_cache(roots, sync=os.sync) -> None:
-    """Write the dirty pages back, then have the kernel drop its clean page cache and reclaimable slab
-    (``vm.drop_caches`` 3): pages a clone reads again from its disk if it needs them, rather than load
-    with every restore. What running processes map stays."""
-    sync()
-    (roots.proc / "sys" / "vm" / "drop_caches").write_text("3\n")

@@ -183,39 +183,19 @@ def test_reseed_rng_for_real():
     reseed_rng(System(Roots()), os.urandom(64))
 
 
-def fake_proc(tmp_path):
-    proc = tmp_path / "proc"
-    (proc / "sys" / "vm").mkdir(parents=True)
-    return proc, Roots(proc=proc)
-
-
 def test_a_template_zeroes_free_memory_but_keeps_a_margin(tmp_path):
     """Before its save a warm template has the kernel zero-fill its free pages (mapped, faulted in, given
-    back): all free memory but 1/8 and at least 16 MiB; nothing with too little free."""
-    proc, roots = fake_proc(tmp_path)
+    back): all free memory but 1/8 and at least 16 MiB; nothing with too little free. Its page cache stays
+    (no vm.drop_caches: a clone would read from its disk again what its recontext opens)."""
+    proc = tmp_path / "proc"
+    (proc / "sys" / "vm").mkdir(parents=True)
+    roots = Roots(proc=proc)
     (proc / "meminfo").write_text("MemTotal:  262144 kB\nMemFree:    20480 kB\nCached:  40000 kB\n")
-    assert rewake.zero_free_memory(roots, sync=lambda: None) == 4                 # 20 MiB free, 16 MiB kept
+    assert rewake.zero_free_memory(roots) == 4                 # 20 MiB free, 16 MiB kept
     (proc / "meminfo").write_text("MemTotal:  262144 kB\nMemFree:    16384 kB\n")
-    assert rewake.zero_free_memory(roots, keep_mib=1, sync=lambda: None) == 14    # 1/8 kept when that is more
+    assert rewake.zero_free_memory(roots, keep_mib=1) == 14    # 1/8 kept when that is more
     (proc / "meminfo").write_text("MemTotal:  262144 kB\nMemFree:    18432 kB\n")
-    assert rewake.zero_free_memory(roots, sync=lambda: None) == 0                 # 18 MiB free: not worth it
-
-
-def test_a_template_drops_its_page_cache_after_a_sync_before_zeroing(tmp_path):
-    """The page cache is most of a template's memory that no process maps: written back (sync), dropped
-    (vm.drop_caches 3), and so zeroed with the rest of the free memory; a clone's restore loads less."""
-    proc, roots = fake_proc(tmp_path)
-    (proc / "meminfo").write_text("MemTotal:  262144 kB\nMemFree:    18432 kB\n")
-    order = []
-
-    def sync():
-        order.append(("sync", (proc / "sys" / "vm" / "drop_caches").exists()))
-
-    rewake.zero_free_memory(roots, sync=sync)
-    assert order == [("sync", False)], "the dirty pages were written back before the cache was dropped"
-    assert (proc / "sys" / "vm" / "drop_caches").read_text() == "3\n"
-    (proc / "sys" / "vm" / "drop_caches").unlink()
-    rewake.zero_free_memory(roots, drop_cache=False, sync=sync)
+    assert rewake.zero_free_memory(roots) == 0                 # 18 MiB free: not worth it
     assert not (proc / "sys" / "vm" / "drop_caches").exists()
 
 
