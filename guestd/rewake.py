@@ -95,8 +95,8 @@ def _identity(daemon: "Guestd", old_mac: str, new_mac: str, seed: bytes,
     t = time.monotonic()
     reseed_rng(env.system, seed + os.urandom(32) + str(time.monotonic_ns()).encode())
     # a digest of the first random bytes after the reseed: the node compares clones with it
-    # (BLAKE2 is built into Python: OpenSSL's SHA-256 would initialise libcrypto here, the first use in guestd,
-    # and under software emulation that cold path cost a clone about a tenth of a second)
+    # (BLAKE2 is built into Python: OpenSSL's SHA-256 would set libcrypto up here, its first use in guestd,
+    # code a clone would run cold under software emulation)
     probe = hashlib.blake2b(os.urandom(32), digest_size=16).hexdigest()
     t1 = time.monotonic()
     ifname = interface_for(env, old_mac)
