@@ -57,16 +57,19 @@ def recontext(daemon: "Guestd", message: dict[str, Any]) -> dict[str, Any]:
         seconds["message"] = round(started - received, 4)
     results: dict[str, StepResult] = {}
     for name, fn in (("clock-restore", lambda: clock.set_time(env, float(message["time"]))),
-                     ("identity", lambda: _identity(daemon, old.network.mac, ctx.network.mac, seed))):
+                     ("identity", lambda: _identity(daemon, old.network.mac, ctx.network.mac, seed, seconds))):
         t = time.monotonic()
         results[name] = _guarded(name, fn)
         seconds[name] = round(time.monotonic() - t, 4)
     results.update(run_all(ctx, env, seconds))
+    sup = env.state.get("container")
+    if getattr(sup, "spawn_seconds", None) is not None:
+        seconds["container.spawn"] = round(sup.spawn_seconds, 4)
     results["power"] = daemon.results.get("power") or StepResult("power", True)
     daemon.results, daemon.ready, daemon.error = results, True, None
     t = time.monotonic()
     if daemon.port is not None:
-        report.handle(ctx, results, daemon.port)
+        report.handle(ctx, results, daemon.port, each=False)
     seconds["report"] = round(time.monotonic() - t, 4)
     log.info("recontext: now %s (%s)", ctx.instance, {n: r.ok for n, r in results.items()})
     t = time.monotonic()
@@ -85,17 +88,29 @@ def _guarded(name: str, fn) -> StepResult:
         return StepResult(name, False, error=f"{type(exc).__name__}: {exc}")
 
 
-def _identity(daemon: "Guestd", old_mac: str, new_mac: str, seed: bytes) -> dict[str, Any]:
+def _identity(daemon: "Guestd", old_mac: str, new_mac: str, seed: bytes,
+              seconds: dict[str, float] | None = None) -> dict[str, Any]:
     """The secrets and addresses no two clones may share: the RNG state, the MAC, the SSH host keys."""
     env = daemon.env
+    t = time.monotonic()
     reseed_rng(env.system, seed + os.urandom(32) + str(time.monotonic_ns()).encode())
     # a digest of the first random bytes after the reseed: the node compares clones with it
-    probe = hashlib.sha256(os.urandom(32)).hexdigest()[:32]
+    # (BLAKE2 is built into Python: OpenSSL's SHA-256 would set libcrypto up here, its first use in guestd,
+    # code a clone would run cold under software emulation)
+    probe = hashlib.blake2b(os.urandom(32), digest_size=16).hexdigest()
+    t1 = time.monotonic()
     ifname = interface_for(env, old_mac)
+    t2 = time.monotonic()
     if old_mac != new_mac:
         set_mac(env.system, ifname, new_mac)
+    env.state["interface"] = ifname
+    t3 = time.monotonic()
+    keys = _new_host_keys(env.roots.etc)
+    if seconds is not None:
+        seconds.update({"identity.rng": round(t1 - t, 4), "identity.iface": round(t2 - t1, 4),
+                        "identity.mac": round(t3 - t2, 4), "identity.keys": round(time.monotonic() - t3, 4)})
     return {"rng": "reseeded", "random_probe": probe, "interface": ifname, "mac": new_mac,
-            "host_keys": _new_host_keys(env.roots.etc)}
+            "host_keys": keys}
 
 
 def _new_host_keys(etc, prefix=None) -> list[str]:
@@ -123,8 +138,10 @@ def zero_free_memory(roots, keep_mib: int = 16) -> int:
     """In a warm template just before it reports ready (and the node saves it): have the kernel zero-fill
     most free pages by faulting them into a mapping, then give them back. Free pages keep whatever the
     boot left in them (the unpacked initramfs, exited processes); QEMU saves a zero page as a flag, not
-    4 KiB, so the saved state is smaller and every clone's restore loads less. The page cache is kept
-    (a clone's container starts from it). Returns the MiB zeroed (0 when there was too little free)."""
+    4 KiB, so the saved state is smaller and every clone's restore loads less. The page cache, dentries and
+    inodes are kept: dropping them (``vm.drop_caches``) made the state 7% smaller but every clone's
+    recontext slower, its opens and reads then going to the disk (docs/benchmarks.md, fourth pass).
+    Returns the MiB zeroed (0 when there was too little free)."""
     free = 0
     for line in (roots.proc / "meminfo").read_text().splitlines():
         if line.startswith("MemFree:"):
@@ -143,3 +160,4 @@ def zero_free_memory(roots, keep_mib: int = 16) -> int:
     finally:
         region.close()
     return size // MIB
+

@@ -26,9 +26,12 @@ class Supervisor:
         self.last_exit: int | None = None
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
+        self.spawn_seconds: float | None = None     # the first start's Popen (recontext_seconds shows it)
 
     def start(self) -> int:
+        t = time.monotonic()
         pid = self._spawn()
+        self.spawn_seconds = time.monotonic() - t
         self._thread = threading.Thread(target=self._watch, name="guestd-container", daemon=True)
         self._thread.start()
         return pid

@@ -11,7 +11,17 @@ NAME = "network"
 
 
 def interface_for(env: Environment, mac: str) -> str:
+    """The interface whose MAC is ``mac``: the one guestd last configured (``env.state["interface"]``)
+    first, if it still has that MAC (one sysfs read; a recontext asks twice, and under software emulation
+    every cold sysfs walk costs), else the first in /sys/class/net that has it."""
     net = env.roots.sys / "class" / "net"
+    last = env.state.get("interface")
+    if last:
+        try:
+            if (net / last / "address").read_text().strip().lower() == mac:
+                return last
+        except OSError:
+            pass
     for entry in sorted(net.iterdir()) if net.is_dir() else []:
         try:
             if (entry / "address").read_text().strip().lower() == mac:
@@ -24,6 +34,7 @@ def interface_for(env: Environment, mac: str) -> str:
 def _configure(ctx: InstanceContext, env: Environment) -> dict[str, Any]:
     net = ctx.network
     ifname = interface_for(env, net.mac)
+    env.state["interface"] = ifname
     try:
         env.system.link_up("lo")
     except OSError:

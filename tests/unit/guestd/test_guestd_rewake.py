@@ -95,6 +95,9 @@ def test_recontext_gives_the_clone_its_identity_and_runs_every_step(daemon):
     assert daemon.port.token == "N" * 24
     ready = [m for m in daemon.port.sent if m["op"] == "ready"]
     assert ready and all(m["token"] == "N" * 24 for m in daemon.port.sent), "reports carry the new token"
+    assert [m["op"] for m in daemon.port.sent] == ["ready"], \
+        "the host waits for the answer: one ready carrying every step's report, no report per step"
+    assert set(ready[0]["steps"]) == set(steps)
     seconds = status["recontext_seconds"]
     assert {"clock-restore", "identity", "clock", "hostname", "network", "grid", "container", "report",
             "total"} <= set(seconds), "guestd says where its time went, step by step"
@@ -182,9 +185,10 @@ def test_reseed_rng_for_real():
 
 def test_a_template_zeroes_free_memory_but_keeps_a_margin(tmp_path):
     """Before its save a warm template has the kernel zero-fill its free pages (mapped, faulted in, given
-    back): all free memory but 1/8 and at least 16 MiB; nothing with too little free."""
+    back): all free memory but 1/8 and at least 16 MiB; nothing with too little free. Its page cache stays
+    (no vm.drop_caches: a clone would read from its disk again what its recontext opens)."""
     proc = tmp_path / "proc"
-    proc.mkdir()
+    (proc / "sys" / "vm").mkdir(parents=True)
     roots = Roots(proc=proc)
     (proc / "meminfo").write_text("MemTotal:  262144 kB\nMemFree:    20480 kB\nCached:  40000 kB\n")
     assert rewake.zero_free_memory(roots) == 4                 # 20 MiB free, 16 MiB kept
@@ -192,6 +196,7 @@ def test_a_template_zeroes_free_memory_but_keeps_a_margin(tmp_path):
     assert rewake.zero_free_memory(roots, keep_mib=1) == 14    # 1/8 kept when that is more
     (proc / "meminfo").write_text("MemTotal:  262144 kB\nMemFree:    18432 kB\n")
     assert rewake.zero_free_memory(roots) == 0                 # 18 MiB free: not worth it
+    assert not (proc / "sys" / "vm" / "drop_caches").exists()
 
 
 def test_only_the_real_guest_zeroes_memory_at_a_warm_boot(tmp_path, monkeypatch):
@@ -216,3 +221,35 @@ def test_only_the_real_guest_zeroes_memory_at_a_warm_boot(tmp_path, monkeypatch)
         assert g.boot()
         assert len(calls) == want
         calls.clear()
+
+
+def test_a_recontext_reads_the_configured_interface_instead_of_walking_sysfs(daemon, monkeypatch):
+    """The template's network step recorded its interface; the clone's identity and network steps look
+    at that interface's MAC (one read each) instead of walking /sys/class/net twice (cold code under
+    software emulation). The MAC is still checked: a stale record falls back to the walk."""
+    net = daemon.env.roots.sys / "class" / "net"
+    walks = []
+    real_iterdir = Path.iterdir
+    monkeypatch.setattr(Path, "iterdir", lambda self: walks.append(self) or real_iterdir(self))
+    daemon.env.state["interface"] = "eth0"            # what the template's network step left
+    status = rewake.recontext(daemon, message(instance_context()))
+    assert status["steps"]["network"]["detail"]["interface"] == "eth0"
+    assert net not in walks, "no walk over the interfaces"
+    assert daemon.env.state["interface"] == "eth0"
+    from guestd.steps.network import interface_for
+    daemon.env.state["interface"] = "eth9"            # no such interface (any more): the walk finds the MAC
+    assert interface_for(daemon.env, MAC) == "eth0" and net in walks
+
+
+def test_the_random_probe_needs_no_openssl(daemon, monkeypatch):
+    """The clone's random probe is a BLAKE2 digest (built into Python): SHA-256 from OpenSSL would make a
+    clone initialise libcrypto inside its recontext, cold code under software emulation."""
+    import hashlib
+
+    def no_openssl(*args, **kw):
+        raise AssertionError("the recontext used OpenSSL's sha256")
+
+    monkeypatch.setattr(hashlib, "sha256", no_openssl)
+    status = rewake.recontext(daemon, message(instance_context()))
+    probe = status["steps"]["identity"]["detail"]["random_probe"]
+    assert status["steps"]["identity"]["ok"] and len(probe) == 32 and int(probe, 16) >= 0
