@@ -351,6 +351,7 @@ def migrate(node: "Node", caller, key: str, target: str, mode: str, proxy_pem: b
                                      phase="resume", target=target, cause=_cause(exc)) from None
             if resp is None:        # aborted there: it runs here again
                 _rollback(node, key, prior, peer, abort=False)
+                _claim_back(node, caller, key)
                 raise _fault(exc, "resume", target) from None
         crashpoint("migration.committed")
         released = _finish(node, key, target)
@@ -852,15 +853,12 @@ def complete(node: "Node", caller, key: str, commit: bool) -> tuple[str, Instanc
             raise IllegalTransition(f"instance {key} is prepared here but its files have not come: it cannot be "
                                     f"committed", state=inst.state, operation="CompleteMigration")
         prior = State(rec.prior if rec else inst.initial_state)
-        d = phases.descriptor_of(inst)
         # the instance's slot moves here (renewed, this node its claimant: not counted twice), asked of the
         # Authorization service while the guest resumes: its round trip is off the downtime. Nothing is answered
         # before the claim is: a refused claim pauses the guest here again, the instance stays Incoming and the
         # source, which got no commit, settles it as aborted (it takes the guest back from its own state)
         claiming = ThreadPoolExecutor(max_workers=1, thread_name_prefix="migration-claim")
-        claim = claiming.submit(node.authz.claim, caller, key, node._resource(inst),
-                                {"memory": str(d.memory), "vcpus": str(d.vcpus), "node": node.node,
-                                 "lifetime": str(max(1, int(inst.termination - time.time())))}, action="vm.migrate")
+        claim = claiming.submit(_claim_slot, node, caller, inst)
         claiming.shutdown(wait=False)
         timings: list[tuple[str, float]] = []
         try:
@@ -889,6 +887,28 @@ def complete(node: "Node", caller, key: str, commit: bool) -> tuple[str, Instanc
         crashpoint("migration.target-committed")
         log.info("instance %s migrated here from %s: %s", key, rec.peer if rec else "?", prior.value)
         return "committed", node.view(node.store.get(key))
+
+
+def _claim_slot(node: "Node", caller, inst: Instance) -> None:
+    """The instance's slot renewed with this node as its claimant (counted once: the Authorization service keys it
+    by the instance)."""
+    d = phases.descriptor_of(inst)
+    node.authz.claim(caller, inst.key, node._resource(inst),
+                     {"memory": str(d.memory), "vcpus": str(d.vcpus), "node": node.node,
+                      "lifetime": str(max(1, int(inst.termination - time.time())))}, action="vm.migrate")
+
+
+def _claim_back(node: "Node", caller, key: str) -> None:
+    """After a commit the target did not carry through (its resume failed after its slot claim went through), the
+    source claims the slot back, so that the target's reconciliation never frees the slot of an instance that runs
+    here."""
+    inst = node.store.get(key)
+    if inst is None or inst.state_enum in states.FINAL:
+        return
+    try:
+        _claim_slot(node, caller, inst)
+    except Exception as exc:   # noqa: BLE001 - the instance runs here either way; the slot stays counted once
+        log.warning("migration of %s rolled back: claiming its slot back failed: %s", key, _describe(exc))
 
 
 def _pause_again(node: "Node", key: str) -> None:

@@ -544,3 +544,33 @@ def test_the_slot_claim_at_the_commit_runs_beside_the_resume_and_a_refused_one_r
     monkeypatch.undo()
     assert_rolled_back(grid, grid_pki, back.ref)
     grid.vmm(grid_pki.alice, 0).destroy(back.ref)
+
+
+def test_a_resume_failing_at_the_target_after_its_slot_claim_gives_the_slot_back_to_the_source(grid, grid_pki,
+                                                                                               monkeypatch):
+    """The target's claim went through (it is the slot's claimant), then its resume failed: the migration rolls back
+    and the source claims the slot back, so the target's reconciliation cannot free the slot of an instance that
+    runs at the source."""
+    from services.vmmanager.vmm import VMMError
+    target = grid.node(1)
+    claimed = []
+    real_claim = target.authz.claim
+
+    def claim(*args, **kwargs):
+        out = real_claim(*args, **kwargs)
+        claimed.append(slots_of(grid, args[1])[0].claimant)
+        return out
+
+    def resume(key, *args, **kwargs):
+        raise VMMError("injected: the resume fails at the target")
+    monkeypatch.setattr(target.authz, "claim", claim)
+    monkeypatch.setattr(target.vmm, "resume", resume)
+    ref = deploy(grid, grid_pki.alice, "resume-fails")
+    with pytest.raises(MigrationFault) as exc:
+        grid.vmm(grid_pki.alice, 0).migrate(ref, grid.node_url(1))
+    monkeypatch.undo()
+    assert exc.value.phase == "resume"
+    assert claimed and claimed[0].endswith(f"#{target.node}"), claimed
+    assert_rolled_back(grid, grid_pki, ref)
+    assert slots_of(grid, ref.key)[0].claimant.endswith(f"#{grid.node(0).node}")
+    grid.vmm(grid_pki.alice, 0).destroy(ref)
