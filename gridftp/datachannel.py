@@ -366,36 +366,43 @@ class ModeESender:
             raise TransferError(f"data connection failed while sending: {err}") from err
         return self.counter.total - start_total
 
-    def _adder(self, slot: int) -> Callable[[int], None]:
-        return lambda n: self.counter.add(slot, n)
-
     def _stream(self, sock: socket.socket, index: int, count: int, errors: list) -> None:
-        slot = self.counter.slot()
-        plain = not isinstance(sock, ssl.SSLSocket) and isinstance(self.source, int)
-        buf = None if plain else bytearray(min(BLOCK_SIZE, 1 << 20))
-        add = self._adder(slot)
-        try:
-            while not self._cancel.is_set():
-                block = self._next_block()
-                if block is None:
-                    break
-                offset, length = block
-                header = BLOCK_HEADER.pack(0, length, offset - self.shift)
-                if plain:
-                    sock.sendall(header, socket.MSG_MORE)
-                    send_file_range(sock, self.source, offset, length, add, self.throttle)
-                else:
-                    sock.sendall(header)
-                    send_copied_range(sock, self.source, offset, length, add, buf, self.throttle)
-            if self._cancel.is_set():
-                return
-            if index == 0:
-                sock.sendall(BLOCK_HEADER.pack(DESC_EOF, 0, count))
-            sock.sendall(BLOCK_HEADER.pack(DESC_EOD | DESC_CLOSE, 0, 0))
-        except (OSError, ValueError) as exc:
-            if not self._cancel.is_set():
-                errors.append(exc)
-                self.cancel()
+        send_blocks(self, sock, index, count, errors, shift=self.shift, throttle=self.throttle)
+
+
+def send_blocks(sender, sock: socket.socket, index: int, count: int, errors: list, *, shift: int = 0,
+                throttle: Throttle | None = None) -> None:
+    """One stream of a MODE E sender: the blocks ``sender._next_block()`` hands out, read from ``sender.source`` (a
+    file descriptor, spliced on a plain socket, or bytes), then EOD (and EOF on the first stream). A failure is put
+    in ``errors`` and cancels the sender's other streams."""
+    slot = sender.counter.slot()
+    buf = None
+    add = lambda n: sender.counter.add(slot, n)   # noqa: E731
+    try:
+        while not sender._cancel.is_set():
+            block = sender._next_block()
+            if block is None:
+                break
+            offset, length = block
+            source = sender.source           # read after the block: a followed file is opened by _next_block
+            header = BLOCK_HEADER.pack(0, length, offset - shift)
+            if not isinstance(sock, ssl.SSLSocket) and isinstance(source, int):
+                sock.sendall(header, socket.MSG_MORE)
+                send_file_range(sock, source, offset, length, add, throttle)
+            else:
+                buf = buf if buf is not None else bytearray(min(BLOCK_SIZE, 1 << 20))
+                sock.sendall(header)
+                send_copied_range(sock, source, offset, length, add, buf, throttle)
+        if sender._cancel.is_set():
+            return
+        if index == 0:
+            sock.sendall(BLOCK_HEADER.pack(DESC_EOF, 0, count))
+        sock.sendall(BLOCK_HEADER.pack(DESC_EOD | DESC_CLOSE, 0, 0))
+    except (OSError, ValueError, TransferError) as exc:
+        if not sender._cancel.is_set():
+            errors.append(exc)
+            sender.cancel()
+
 
 # -- MODE E receiver ----------------------------------------------------------------------------
 class ModeEReceiver:

@@ -22,16 +22,14 @@ from __future__ import annotations
 
 import os
 import socket
-import ssl
 import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from .datachannel import (BLOCK_SIZE, Counter, ModeEReceiver, Worker, _abort_all, accept_connections, close_all,
-                          open_listener, send_copied_range, send_file_range, shutdown_listener)
+                          open_listener, send_blocks, shutdown_listener)
 from .errors import ProtocolError, TransferError
-from .protocol import BLOCK_HEADER, DESC_CLOSE, DESC_EOD, DESC_EOF
 
 HEAD = 64 * 1024          # bytes held back until the file is complete (libvirt's save header is 92 bytes)
 MIN_GROWTH = 256 * 1024   # a block of a growing file waits for at least this much (or the end)
@@ -160,33 +158,13 @@ class GrowingSender:
             raise TransferError("transfer aborted")
         return self.counter.total
 
+    @property
+    def source(self) -> int | None:
+        """The followed file's descriptor (opened by :meth:`_next_block` once the file exists)."""
+        return self.fd
+
     def _stream(self, sock: socket.socket, index: int, count: int, errors: list) -> None:
-        slot = self.counter.slot()
-        plain = not isinstance(sock, ssl.SSLSocket)
-        buf = None if plain else bytearray(1 << 20)
-        add = lambda n: self.counter.add(slot, n)   # noqa: E731
-        try:
-            while not self._cancel.is_set():
-                block = self._next_block()
-                if block is None:
-                    break
-                offset, length = block
-                header = BLOCK_HEADER.pack(0, length, offset)
-                if plain:
-                    sock.sendall(header, socket.MSG_MORE)
-                    send_file_range(sock, self.fd, offset, length, add, None)
-                else:
-                    sock.sendall(header)
-                    send_copied_range(sock, self.fd, offset, length, add, buf, None)
-            if self._cancel.is_set():
-                return
-            if index == 0:
-                sock.sendall(BLOCK_HEADER.pack(DESC_EOF, 0, count))
-            sock.sendall(BLOCK_HEADER.pack(DESC_EOD | DESC_CLOSE, 0, 0))
-        except (OSError, ValueError, TransferError) as exc:
-            if not self._cancel.is_set():
-                errors.append(exc)
-                self.cancel()
+        send_blocks(self, sock, index, count, errors)
 
 
 class _Sink:

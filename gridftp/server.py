@@ -1146,22 +1146,8 @@ class _Session:
             raise
         try:
             self.reply(150, f"Opening BINARY mode data connection for {vpath} (being written: sent as it grows).")
-            parallel = max(1, min(self.retr_opts.parallelism, MAX_PARALLELISM))
-            socks = self._open_active(parallel, protection)
             counter = Counter()
-            sender = GrowingSender(growth, counter=counter)
-            worker = Worker(lambda: sender.run(socks), "gridftp-retr-growing")
-            finished = self._wait(worker.join, lambda: self.reply(112, format_perf_marker(counter.total)),
-                                  sender.cancel)
-            worker.join()
-            if not finished:
-                self._aborted()
-                return
-            if worker.error is not None:
-                raise _Reply(426, f"Transfer aborted: {worker.error}")
-            log.info("session %s: sent %d bytes of a growing file over %d MODE E streams", self.peer, counter.total,
-                     len(socks))
-            self.reply(226, "Transfer Complete.")
+            self._run_sender(GrowingSender(growth, counter=counter), counter, protection, "of a growing file ")
         finally:
             self._reset_transfer_state()
 
@@ -1178,23 +1164,24 @@ class _Session:
         return 425, ACTIVE_CONNECT_FAILED
 
     def _send_mode_e(self, source: int | bytes, todo, shift: int, protection) -> None:
+        counter = Counter()
+        self._run_sender(ModeESender(source, todo, shift=shift, throttle=self._throttle(), counter=counter), counter,
+                         protection)
+
+    def _run_sender(self, sender, counter: Counter, protection, what: str = "") -> None:
+        """A RETR's MODE E sender run over the negotiated parallel data connections: perf markers while it runs,
+        then 226, or the abort's or the failure's reply."""
         parallel = max(1, min(self.retr_opts.parallelism, MAX_PARALLELISM))
         socks = self._open_active(parallel, protection)
-        counter = Counter()
-        sender = ModeESender(source, todo, shift=shift, throttle=self._throttle(), counter=counter)
         worker = Worker(lambda: sender.run(socks), "gridftp-retr")
-
-        def perf() -> None:
-            self.reply(112, format_perf_marker(counter.total))
-
-        finished = self._wait(worker.join, perf, sender.cancel)
+        finished = self._wait(worker.join, lambda: self.reply(112, format_perf_marker(counter.total)), sender.cancel)
         worker.join()
         if not finished:
             self._aborted()
             return
         if worker.error is not None:
             raise _Reply(426, f"Transfer aborted: {worker.error}")
-        log.info("session %s: sent %d bytes over %d MODE E streams", self.peer, counter.total, len(socks))
+        log.info("session %s: sent %d bytes %sover %d MODE E streams", self.peer, counter.total, what, len(socks))
         self.reply(226, "Transfer Complete.")
 
     def _stream_mode(self, move: Callable[[socket.socket], object], protection) -> bool:
