@@ -189,15 +189,17 @@ class Following:
     """Fetch ``url`` into ``dest`` as the file grows at the source (a server that serves it as a growing
     file holds the RETR until there is something to send). Starts at once in a thread; :meth:`result` waits
     for the end (the file's size) or raises the failure (``dest`` is then removed); :meth:`cancel` stops it.
-    ``received`` counts the bytes so far. Unverified: the caller checks the digest."""
+    ``received`` counts the bytes so far. Unverified: the caller checks the digest. ``limit``: no byte may land at or
+    past this offset (the source is untrusted: a follower never holds more than the caller expects the file to be)."""
 
     def __init__(self, url: str, dest: str | os.PathLike, parallel: int = 1, *, credential=None, trust=None,
-                 gsi: bool = False, timeout: float = 60.0, prot: str = "P"):
+                 gsi: bool = False, timeout: float = 60.0, prot: str = "P", limit: int | None = None):
         from .client import GridFTPURL
         self.url = GridFTPURL.parse(url)
         self.dest = Path(dest)
         self.parallel = max(1, parallel)
         self.timeout = timeout
+        self.limit = limit
         self.counter = Counter()
         self._opts = (credential, trust, gsi, prot)
         self._cancelled = threading.Event()
@@ -276,7 +278,7 @@ class Following:
                 fd = os.open(self.dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o600)
                 sink = _Sink(fd)
                 listener = open_listener(session.local_host)
-                receiver = ModeEReceiver(sink, counter=self.counter)
+                receiver = ModeEReceiver(sink, counter=self.counter, limit=self.limit)
                 with self._lock:
                     self._receiver = receiver
                 acceptor = accept_connections(listener, receiver, protection=session.data_protection(),

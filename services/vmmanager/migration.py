@@ -682,11 +682,15 @@ _FOLLOWING: dict[tuple[int, str], dict[str, Following]] = {}     # (node, key) -
 _FOLLOWING_LOCK = threading.Lock()
 
 
-def _expected_names(offer: MigrationOffer) -> list[str]:
-    """The files a source of this version sends: the disks as this node names them (:func:`_restore_here`) and
-    the saved state."""
-    return [("root.qcow2" if disk.role == "root" else f"{disk.role}{n}.qcow2")
-            for n, disk in enumerate(offer.descriptor.disks)] + [STATE_FILE]
+def _expected_files(offer: MigrationOffer) -> dict[str, int]:
+    """The files a source of this version sends, each with the most bytes it can hold: the disks as this node names
+    them (:func:`_restore_here`), an overlay at most its disk's size plus qcow2's metadata, and the saved state, at
+    most the guest's memory plus its devices' (video RAM, ROMs) and libvirt's header. A source is untrusted: a
+    follower refuses bytes past the bound (the transfer step then pulls the file the ordinary way)."""
+    files = {("root.qcow2" if disk.role == "root" else f"{disk.role}{n}.qcow2"):
+             disk.size + disk.size // 64 + (64 << 20) for n, disk in enumerate(offer.descriptor.disks)}
+    files[STATE_FILE] = (offer.descriptor.memory << 20) + (256 << 20)
+    return files
 
 
 def _follow(node: "Node", key: str, offer: MigrationOffer) -> None:
@@ -697,10 +701,10 @@ def _follow(node: "Node", key: str, offer: MigrationOffer) -> None:
     home = node.parts.home(key)
     home.mkdir(parents=True, exist_ok=True)
     followers = {}
-    for name in _expected_names(offer):
+    for name, limit in _expected_files(offer).items():
         followers[name] = Following(f"{offer.files_url}/{key}/{name}", home / name, node.config.staging_parallel,
                                     credential=node.credential, trust=node.trust, gsi=node.config.staging_gsi,
-                                    timeout=node.config.migration_timeout)
+                                    timeout=node.config.migration_timeout, limit=limit)
     with _FOLLOWING_LOCK:
         old = _FOLLOWING.pop((id(node), key), None)
         _FOLLOWING[(id(node), key)] = followers

@@ -94,3 +94,16 @@ def test_a_completed_file_is_an_ordinary_one(growing, tmp_path):
     growth.complete()
     result = download(server.url("/data/state.save"), tmp_path / "plain", 2, checksum="auto")
     assert (tmp_path / "plain").read_bytes() == path.read_bytes() and result.size == MiB + 3
+
+
+def test_a_follower_refuses_bytes_past_its_bound_and_keeps_nothing(growing, tmp_path):
+    """The source is untrusted: a file longer than the follower's bound ends the follow with nothing kept."""
+    from gridftp.errors import ProtocolError
+    server, growth, path = growing
+    follower = Following(server.url("/data/state.save"), tmp_path / "got", 1, limit=MiB)
+    growth.begin()
+    path.write_bytes(os.urandom(3 * MiB))
+    growth.complete()
+    with pytest.raises((TransferError, ProtocolError), match="beyond the announced size"):
+        follower.result(60)
+    assert not (tmp_path / "got").exists()
