@@ -104,6 +104,7 @@ def test_a_follower_refuses_bytes_past_its_bound_and_keeps_nothing(growing, tmp_
     growth.begin()
     path.write_bytes(os.urandom(3 * MiB))
     growth.complete()
-    with pytest.raises((TransferError, ProtocolError), match="beyond the announced size"):
+    # the refusal or the server's answer to the cut connections, whichever the follower reads first
+    with pytest.raises((TransferError, ProtocolError)):
         follower.result(60)
-    assert not (tmp_path / "got").exists()
+    assert follower.received <= MiB and not (tmp_path / "got").exists()
