@@ -70,10 +70,6 @@ class Growth:
                 self.state, self.reason = FAILED, reason
                 self._changed.notify_all()
 
-    @property
-    def settled(self) -> bool:
-        return self.state in (COMPLETE, FAILED)
-
     def wait(self, timeout: float) -> str:
         """The state after at most ``timeout`` seconds (sooner when it changes)."""
         with self._changed:
