@@ -244,7 +244,7 @@ def download(url: str, dest_path: str | os.PathLike, parallel: int = DEFAULT_PAR
              sha256: str | None = None, progress: Progress | None = None, retries: int = 2,
              retry_delay: float = 1.0, timeout: float = 60.0, durable: bool = False,
              identify=None, gsi: bool = False, prot: str = "P", blake3: str | None = None,
-             checksum: str = "sha256") -> TransferResult:
+             checksum: str = "sha256", size: int | None = None) -> TransferResult:
     """Fetch ``url`` into ``dest_path`` over ``parallel`` MODE E streams; verified, restartable.
 
     The file is received as ``dest_path.vmgrid-part`` with its ranges in
@@ -260,6 +260,9 @@ def download(url: str, dest_path: str | os.PathLike, parallel: int = DEFAULT_PAR
     ``checksum``: with neither digest given, what the source is asked for: ``"sha256"`` (the default;
     the result's ``sha256`` is then the file's) or ``"auto"`` (``CKSM BLAKE3`` when the server lists
     it in FEAT, as vmgrid servers do, else SHA256).
+
+    ``size``: the size the caller was told (a migration's offer): a source whose SIZE answer differs is refused
+    (:class:`ProtocolError`) before a byte is received or any room reserved for it.
     """
     if checksum not in ("sha256", "auto"):
         raise ValueError(f"checksum is 'sha256' or 'auto', not {checksum!r}")
@@ -284,7 +287,10 @@ def download(url: str, dest_path: str | os.PathLike, parallel: int = DEFAULT_PAR
             with opts.client(src, server_dn, prelude) as session:
                 mode_e = _prepare(session)
                 replies = session.prelude_replies[2:]
-                size = _size_of(replies[0], src.path)
+                announced = _size_of(replies[0], src.path)
+                if size is not None and announced != size:
+                    raise ProtocolError(f"{src.path}: the server announces {announced} bytes, {size} were expected")
+                size = announced
                 modify = replies[1].text.strip() if replies[1].ok else None
                 if ask_feat and remote is None:
                     algorithm = "BLAKE3" if speaks_blake3(replies[2]) else "SHA256"

@@ -518,6 +518,12 @@ def _check_offer(node: "Node", caller, offer: MigrationOffer) -> None:
             not all(FILE_NAME.match(n) for n in names) or "root.qcow2" not in names:
         raise InvalidArgument("the files must be the instance's root.qcow2, its other disks and state.save, once each",
                               argument="file")
+    # a source is untrusted: no file may be larger than it can be (the follower's bound), nor all of them together,
+    # so that a pull reserves and receives no more than the instance can hold
+    bounds = _expected_files(offer)
+    if any(f.size < 0 or f.size > bounds.get(f.name, f.size) for f in offer.files) or \
+            sum(f.size for f in offer.files) > sum(bounds.values()):
+        raise InvalidArgument("a file is larger than the instance's disks and memory allow", argument="file")
 
 
 def accept(node: "Node", caller, offer: MigrationOffer) -> InstanceView:
@@ -775,7 +781,7 @@ def _pull(node: "Node", url: str, dest: Path, f: MigrationFile, progress) -> Non
     try:
         gridftp.download(url, dest, node.config.staging_parallel, credential=node.credential, trust=node.trust,
                          sha256=None if f.blake3 else f.sha256, blake3=f.blake3 or None,
-                         progress=lambda n, _total: progress(n), gsi=node.config.staging_gsi)
+                         progress=lambda n, _total: progress(n), gsi=node.config.staging_gsi, size=f.size)
     except gridftp.ChecksumMismatch as exc:
         raise ChecksumMismatch(f"{f.name} from {url}: {exc}", expected=f.digest, actual="(different)") from None
     except gridftp.GridFTPError as exc:

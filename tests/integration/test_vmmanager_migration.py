@@ -258,6 +258,43 @@ def test_a_checksum_mismatch_rolls_back_in_transfer(grid, grid_pki, monkeypatch)
     src.destroy(ref)
 
 
+def test_an_offer_of_files_larger_than_the_instance_can_hold_is_refused_before_anything_is_pulled(grid, grid_pki,
+                                                                                                   monkeypatch):
+    """A source is untrusted: one announcing a saved state larger than the guest's memory allows (or files larger
+    in all than its disks and memory) is refused in transfer before the target reserves or pulls a byte; one
+    announcing a size other than what its GridFTP server then sends is refused by the pull (the follow is
+    bounded too, and its file is dropped). Each time rolled back."""
+    from gridftp import transfer
+    from services.vmmanager import migration
+    from services.vmmanager.values import MigrationFile
+    real = migration._file_list
+    grow = {"by": 0}
+
+    def files(home, names):
+        return tuple(MigrationFile(f.name, f.size + grow["by"] * (f.name == migration.STATE_FILE), blake3=f.blake3)
+                     for f in real(home, names))
+    pulled = []
+    real_download = transfer.download
+    monkeypatch.setattr(migration, "_file_list", files)
+    monkeypatch.setattr(migration.gridftp, "download", lambda *a, **k: pulled.append(a[0]) or real_download(*a, **k))
+    ref = deploy(grid, grid_pki.alice, "too-big")
+    src = grid.vmm(grid_pki.alice, 0)
+    src.pause(ref)
+    grow["by"] = 1 << 40
+    with pytest.raises(MigrationFault) as exc:
+        src.migrate(ref, grid.node_url(1))
+    assert (exc.value.phase, exc.value.cause) == ("transfer", "InvalidArgumentFault")
+    assert "larger" in str(exc.value) and not pulled
+    assert_rolled_back(grid, grid_pki, ref, "Paused")
+    grow["by"] = 1
+    with pytest.raises(MigrationFault) as exc:
+        src.migrate(ref, grid.node_url(1))
+    assert (exc.value.phase, exc.value.cause) == ("transfer", "TransferFault")
+    assert "announces" in str(exc.value) and any(u.endswith("/state.save") for u in pulled)
+    assert_rolled_back(grid, grid_pki, ref, "Paused")
+    src.destroy(ref)
+
+
 def test_a_source_without_blake3_is_verified_by_sha256_and_a_file_without_a_digest_is_refused(grid, grid_pki,
                                                                                              monkeypatch):
     """vmgrid sources announce BLAKE3 digests; a source that announces only sha256 (the element other peers send) is

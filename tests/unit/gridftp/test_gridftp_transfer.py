@@ -9,7 +9,7 @@ import os
 import pytest
 
 import gridftp.datachannel as datachannel
-from gridftp import (ChecksumMismatch, GridFTPClient, ReplyError, TransferResult, checksum, download,
+from gridftp import (ChecksumMismatch, GridFTPClient, ProtocolError, ReplyError, TransferResult, checksum, download,
                      third_party, upload)
 from gridftp.partial import part_path, sidecar_path
 from gridftp.ranges import RangeSet
@@ -61,6 +61,19 @@ def test_download_with_a_wrong_expected_sha256_never_takes_the_name(start_server
         download(server.url("/data/big"), dest, sha256="0" * 64)
     assert info.value.actual == sha256_of(big)
     assert not dest.exists() and not part_path(dest).exists() and not sidecar_path(dest).exists()
+
+
+def test_download_of_a_size_other_than_the_one_told_is_refused_before_any_byte(start_server, big, tmp_path):
+    """A migration's target is told each file's size by the source; a GridFTP server announcing another size (a
+    larger one would otherwise be reserved and received) is refused before anything is written."""
+    server = start_server()
+    dest = tmp_path / "out" / "b"
+    for told in (big.stat().st_size - 1, big.stat().st_size + (1 << 30)):
+        with pytest.raises(ProtocolError, match="announces"):
+            download(server.url("/data/big"), dest, size=told, retries=3, retry_delay=0)
+        assert not dest.exists() and not part_path(dest).exists() and not sidecar_path(dest).exists()
+    assert download(server.url("/data/big"), dest, size=big.stat().st_size).size == big.stat().st_size
+    assert dest.read_bytes() == big.read_bytes()
 
 
 def test_download_missing_file_leaves_nothing(start_server, tmp_path):
