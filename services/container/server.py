@@ -76,6 +76,8 @@ class Container:
         self._in_flight_lock = threading.Lock()
         self.handshakes = TurnGate(self.limits.handshake_threads)   # TLS handshake steps in turns (turns.py)
         self._tls_pool: ThreadPoolExecutor | None = None
+        self._server_name: str | None = None
+        self._server_port = ""
 
     @property
     def host(self) -> str:
@@ -250,8 +252,7 @@ class Container:
             if request is None:          # the client closed, or kept the connection idle too long
                 return False
             first = False
-            status, headers, chunks = await self._loop.run_in_executor(
-                self._pool, self._call_app, self._environ(request, body, peer))
+            status, headers, chunks = await self._on_request_thread(self._environ(request, body, peer))
             if not await self._send(conn, writer, status, headers, chunks):
                 return False
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
@@ -322,16 +323,44 @@ class Container:
                     raise _Refused(400, "the request ended before its body")
                 return None, b""
 
+    def _on_request_thread(self, environ: dict) -> asyncio.Future:
+        """The application's answer to ``environ``, computed on a request thread. Leaner than
+        ``loop.run_in_executor`` (which chains a concurrent future to an asyncio one through three callbacks
+        and a condition variable): the thread hands the answer to the loop with one ``call_soon_threadsafe``.
+        A request not yet started when the container stops is dropped with the pool's queue."""
+        loop = self._loop
+        answer = loop.create_future()
+
+        def settle(result) -> None:
+            if not answer.done():           # the connection's task may have been cancelled meanwhile
+                answer.set_result(result)
+
+        def work() -> None:
+            try:
+                result = self._call_app(environ)     # an Exception is already its 500 answer
+            except BaseException:                    # anything else: still an answer, never a hung connection
+                result = "500 Internal Server Error", [("Content-Type", "text/plain")], [b"internal error\n"]
+                log.exception("a request thread failed")
+            try:
+                loop.call_soon_threadsafe(settle, result)
+            except RuntimeError:            # the loop closed meanwhile (the container stopped)
+                pass
+
+        self._pool.submit(work)
+        return answer
+
     def _environ(self, request: h11.Request, body: bytes, peer) -> dict:
         target = request.target.decode("latin-1")
         path, _, query = target.partition("?")
+        if self._server_name is None:       # the bound address, once (not a getsockname per request)
+            self._server_name, self._server_port = self.host, str(self.port)
         environ = {
             "REQUEST_METHOD": request.method.decode("ascii"),
             "SCRIPT_NAME": "",
             "PATH_INFO": unquote(path, encoding="latin-1"),
             "QUERY_STRING": query,
-            "SERVER_NAME": self.host,
-            "SERVER_PORT": str(self.port),
+            "SERVER_NAME": self._server_name,
+            "SERVER_PORT": self._server_port,
             "SERVER_PROTOCOL": f"HTTP/{request.http_version.decode('ascii')}",
             "REMOTE_ADDR": str(peer[0]),
             "REMOTE_PORT": str(peer[1]),
@@ -401,6 +430,9 @@ class Container:
         except h11.LocalProtocolError:
             return False
         writer.write(data)
+        if not writer.transport.get_write_buffer_size():   # all of it is with the kernel already (the common case):
+            await writer.drain()                            # nothing to wait for, so no deadline to set
+            return True
         lim = self.limits
         try:
             async with asyncio.timeout(lim.body_grace + len(data) / lim.send_min_rate):   # no extra task per answer
