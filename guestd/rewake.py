@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from .context import ContextError, validate
 from .steps import StepResult, clock, report, run_all
 from .steps.network import interface_for
-from .system import reseed_rng, set_mac
+from .system import reseed_rng, set_mac, urgent_thread
 
 if TYPE_CHECKING:
     from .daemon import Guestd
@@ -32,7 +32,26 @@ MIN_SEED = 32          # bytes of host randomness a recontext must bring
 
 
 def recontext(daemon: "Guestd", message: dict[str, Any]) -> dict[str, Any]:
-    """Handle ``recontext``: take the instance's identity; return guestd's status (ready, steps)."""
+    """Handle ``recontext``: take the instance's identity; return guestd's status (ready, steps).
+
+    It runs at a raised priority (system.urgent_thread) until its answer has been written to the host: the
+    container it starts (a fresh interpreter, all cold code under software emulation) would otherwise take
+    half the vCPU from the rest of the recontext and its answer. What it starts runs at the normal priority."""
+    restore = urgent_thread()
+    try:
+        status = _recontext(daemon, message)
+    except BaseException:
+        restore()
+        raise
+    port = daemon.port
+    if port is not None and hasattr(port, "after_flush"):
+        port.after_flush(restore)        # the port thread runs this handler and flushes its answer next
+    else:
+        restore()
+    return status
+
+
+def _recontext(daemon: "Guestd", message: dict[str, Any]) -> dict[str, Any]:
     started = time.monotonic()
     old = daemon.context
     if old is None or not old.warm or not daemon.ready:
