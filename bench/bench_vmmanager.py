@@ -336,7 +336,7 @@ GUEST_DESCRIPTOR = """<?xml version="1.0" encoding="UTF-8"?>
   <identity><name>vmgrid-guest</name><version>1.0</version><vo>bio</vo>
     <description>vmgrid's real guest: Debian 12 minbase with python3 and guestd</description></identity>
   <hardware>
-    <architecture>x86_64</architecture><vcpus>1</vcpus><memory>{memory}</memory>
+    <architecture>x86_64</architecture><vcpus>{vcpus}</vcpus><memory>{memory}</memory>
     <disk><role>root</role><size>{size}</size><format>qcow2</format><bus>virtio</bus><target>vda</target></disk>
     <cdrom><bus>ide</bus><purpose>context</purpose></cdrom>
     <serialPort><type>file</type><purpose>console</purpose></serialPort>
@@ -372,7 +372,7 @@ def qemu_section(site: Site, args) -> dict:
     shutil.copyfile(image.rootfs, path)
     virtual = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(path)], check=True,
                                         capture_output=True, text=True).stdout)["virtual-size"]
-    ws = parse_descriptor(GUEST_DESCRIPTOR.format(memory=args.qemu_memory, size=virtual, kernel=image.kernel_version,
+    ws = parse_descriptor(GUEST_DESCRIPTOR.format(memory=args.qemu_memory, vcpus=args.qemu_vcpus, size=virtual, kernel=image.kernel_version,
                                                   cmdline=image.cmdline).encode())
     ws = register(site, ws, path)
     pki = site.pki
@@ -396,15 +396,16 @@ def qemu_section(site: Site, args) -> dict:
             except Exception as exc:  # noqa: BLE001 - best effort; the node stops next
                 log(f"qemu: could not destroy {inst.identifier}: {exc}")
     log(f"qemu: the peer, {args.qemu_boots} boots of the same image on the VMM alone (no grid)")
-    bare = bare_qemu_boots(image, site.root / "bq", args.qemu_boots, args.qemu_memory)
+    bare = bare_qemu_boots(image, site.root / "bq", args.qemu_boots, args.qemu_memory, args.qemu_vcpus)
     warm = None
     if args.qemu_warm:
-        text = GUEST_DESCRIPTOR.format(memory=args.qemu_memory, size=virtual, kernel=image.kernel_version,
+        text = GUEST_DESCRIPTOR.format(memory=args.qemu_memory, vcpus=args.qemu_vcpus, size=virtual, kernel=image.kernel_version,
                                        cmdline=image.cmdline)
         text = text.replace("<boot>", '<boot warmStart="true">', 1).replace(
             "<name>vmgrid-guest</name>", "<name>vmgrid-guest-warm</name>", 1)
         warm = warm_snapshot_deploys(site, node, vmm, register(site, parse_descriptor(text.encode()), path), args)
-    return {"boots": boots, "bare": bare, "bytes": path.stat().st_size, "memory": args.qemu_memory, "warm": warm}
+    return {"boots": boots, "bare": bare, "bytes": path.stat().st_size, "memory": args.qemu_memory, "vcpus": args.qemu_vcpus,
+            "warm": warm}
 
 
 def warm_snapshot_deploys(site: Site, node, vmm, wws, args) -> dict:
@@ -457,7 +458,7 @@ def warm_snapshot_deploys(site: Site, node, vmm, wws, args) -> dict:
             "clones_running": sum(1 for i in range(len(clones)) if f"clone-{i}" in running)}
 
 
-def bare_qemu_boots(image, root: Path, n: int, memory: int) -> list[dict]:
+def bare_qemu_boots(image, root: Path, n: int, memory: int, vcpus: int = 1) -> list[dict]:
     """The peer: the same guest booted through the VMM interface in this process (its own qemu:///embed
     root), with an overlay, a context CD-ROM and the guest channel, to guestd ready; no grid services."""
     from guestd.image.sample import make_overlay
@@ -475,7 +476,7 @@ def bare_qemu_boots(image, root: Path, n: int, memory: int) -> list[dict]:
             ctx = build_context(instance=name, hostname=name, mac=mac, address="10.99.0.9", netmask="255.255.255.0",
                                 gateway="10.99.0.1", container_command=["python3", "-m", "http.server", "8443"])
             write_context_iso(ctx, d / "context.iso")
-            spec = InstanceSpec(name=name, memory_mib=memory, disks=(Disk(make_overlay(image.rootfs, d / "root.qcow2")),),
+            spec = InstanceSpec(name=name, memory_mib=memory, vcpus=vcpus, disks=(Disk(make_overlay(image.rootfs, d / "root.qcow2")),),
                                 cdroms=(d / "context.iso",), nics=(Nic(mac),),
                                 serial_ports=(Port("file", d / "console.log"),),
                                 boot=KernelBoot(image.kernel, image.initrd, image.cmdline),
@@ -515,7 +516,7 @@ def print_qemu(q: dict) -> list[str]:
     mib = q["bytes"] / 2**20
     cold = q["boots"][0]["run"].wall
     warm = [b["run"].wall for b in q["boots"][1:]]
-    print(f"image: {mib:.0f} MiB qcow2, guest memory {q['memory']} MiB")
+    print(f"image: {mib:.0f} MiB qcow2, guest memory {q['memory']} MiB, {q.get('vcpus', 1)} vCPU(s)")
     later = [b["ready"] for b in q["bare"][1:]]
     if warm and later:
         diff = p50(warm) - p50(later)
@@ -761,6 +762,7 @@ def main() -> int:
     ap.add_argument("--cycles", type=int, default=8, help="deploy+destroy cycles per concurrent client")
     ap.add_argument("--qemu-boots", type=int, default=3, help="real guests deployed in turn (the first stages)")
     ap.add_argument("--qemu-memory", type=int, default=256, help="MiB of guest memory")
+    ap.add_argument("--qemu-vcpus", type=int, default=1, help="virtual CPUs of the guest (cold, bare and warm)")
     ap.add_argument("--qemu-warm", type=int, default=5, help="deploys from the warm snapshot (0: skip)")
     ap.add_argument("--qemu-clones", type=int, default=10, help="instances from one snapshot alive at once")
     ap.add_argument("--image-mib", type=int, default=1024, help="MiB of random data allocated in the WAN image")
