@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -92,6 +93,7 @@ class Guestd:
             "container": sup.status() if sup is not None else None,
             "time": self.env.system.now(), "uptime": time.monotonic() - self.started,
             "boot_id": self._boot_id(),
+            "nice": os.getpriority(os.PRIO_PROCESS, 0),   # the answering thread's (raised during a recontext)
         }
 
     def _boot_id(self) -> str | None:

@@ -278,7 +278,7 @@ def test_the_recontext_runs_urgent_until_its_answer_is_out_and_its_container_doe
         status = rewake.recontext(daemon, message(instance_context(container_command=[sys.executable, "-c", probe],
                                                                    container_restart="never")))
         assert status["ready"], status
-        assert seen["during"] == min(before, URGENT_NICE)
+        assert seen["during"] == min(before, URGENT_NICE) == status["nice"]
         assert os.getpriority(os.PRIO_PROCESS, tid) == min(before, URGENT_NICE), "until the answer is written"
         sup = daemon.env.state["container"]
         assert sup.proc.wait(60) == 0
