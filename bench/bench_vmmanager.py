@@ -2,7 +2,7 @@
 
     sudo .venv/bin/python bench/bench_vmmanager.py [--only warm,qemu,wan] [--deploys 40] [--clients 10]
         [--cycles 8] [--image-mib 1024] [--delay-ms 25] [--rate 100mbit] [--qemu-boots 3] [--qemu-warm 5]
-    [--qemu-clones 10] [--no-raw-gridftp]
+    [--qemu-clones 10] [--qemu-vcpus 1] [--qemu-warm-poll 0.02] [--no-raw-gridftp]
 
 1. warm: libvirt's test driver, the image already in the node's cache. Deploy(wait=true) -> Running as one
    client sees it (p50/p95, phases), and deploys per second with --clients concurrent client processes, each

@@ -71,6 +71,11 @@ class GuestPort:
             os.close(self._fd)
             self._fd = None
 
+    @property
+    def native_id(self) -> int | None:
+        """The port thread's kernel thread id (None before it starts)."""
+        return self._thread.native_id
+
     def set_token(self, token: str) -> None:
         """Sign every later message with ``token``; guestd has its context from now on."""
         self._token = token

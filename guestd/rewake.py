@@ -34,10 +34,12 @@ MIN_SEED = 32          # bytes of host randomness a recontext must bring
 def recontext(daemon: "Guestd", message: dict[str, Any]) -> dict[str, Any]:
     """Handle ``recontext``: take the instance's identity; return guestd's status (ready, steps).
 
-    It runs at a raised priority (system.urgent_thread) until its answer has been written to the host: the
-    container it starts (a fresh interpreter, all cold code under software emulation) would otherwise take
-    half the vCPU from the rest of the recontext and its answer. What it starts runs at the normal priority."""
-    restore = urgent_thread()
+    It runs at a raised priority (system.urgent_thread; a warm template's port thread waits at it already, so
+    the message is read and decoded at it too) until its answer has been written to the host: whatever else is
+    runnable in the just-restored guest (the kernel's work after the clock step, then the container it starts,
+    a fresh interpreter: all cold code under software emulation) would otherwise share the one vCPU with it.
+    What it starts runs at the normal priority (docs/benchmarks.md, fifth pass)."""
+    restore, daemon.wake_calm = daemon.wake_calm or urgent_thread(), None     # raised by the template already
     try:
         status = _recontext(daemon, message)
     except BaseException:

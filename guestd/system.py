@@ -162,12 +162,13 @@ def reseed_rng(system: System, seed: bytes) -> None:
 URGENT_NICE = -10      # CFS weight 9548 against 1024 at nice 0: the thread gets about 90% of a busy CPU
 
 
-def urgent_thread() -> Callable[[], None]:
-    """Raise the calling thread's CPU priority to nice URGENT_NICE, with SCHED_RESET_ON_FORK so that every
-    process or thread it starts runs at nice 0 from its first instruction (the container a recontext
-    starts must not inherit guestd's priority, nor could a grandchild). Returns the function that puts the
-    thread back; a no-op pair where the system refuses (no CAP_SYS_NICE, no such policy flag)."""
-    tid = threading.get_native_id()
+def urgent_thread(tid: int | None = None) -> Callable[[], None]:
+    """Raise a thread's CPU priority (the calling thread's, or the thread ``tid`` of this process) to nice
+    URGENT_NICE, with SCHED_RESET_ON_FORK so that every process or thread it starts runs at nice 0 from its
+    first instruction (the container a recontext starts must not inherit guestd's priority, nor could a
+    grandchild). Returns the function that puts the thread back; a no-op pair where the system refuses (no
+    CAP_SYS_NICE, no such policy flag)."""
+    tid = threading.get_native_id() if tid is None else tid
     try:
         before = os.getpriority(os.PRIO_PROCESS, tid)
         if os.sched_getscheduler(tid) != os.SCHED_OTHER:

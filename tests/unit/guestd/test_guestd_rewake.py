@@ -319,3 +319,49 @@ def test_the_port_runs_its_after_flush_hooks_once_its_answer_is_written():
     assert ran == [0], "once"
     assert b"reply" in b.recv(65536)
     a.close(), b.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a negative nice value needs CAP_SYS_NICE")
+def test_a_warm_template_raises_its_port_thread_and_the_recontext_puts_it_back(tmp_path):
+    """A warm template's port thread waits at the recontext's priority (the clone reads and decodes its first
+    message at it); the recontext puts it back once its answer is written; a booted instance's stays."""
+    import socket as socketmod
+    import threading
+    from guestd.port import GuestPort
+    from guestd.system import URGENT_NICE
+    roots = fake_roots(tmp_path, nics={"eth0": TEMPLATE_MAC})
+
+    class Source:
+        name = "test"
+
+        def __init__(self, ctx):
+            self.ctx = ctx
+
+        def read(self):
+            return self.ctx
+
+    for ctx, raised in ((validate(instance_context()), False), (template_context(), True)):
+        a, b = socketmod.socketpair()
+        port = GuestPort(fd=a.fileno()).start()
+        try:
+            before = os.getpriority(os.PRIO_PROCESS, port.native_id)
+            g = Guestd(Environment(FakeSystem(roots), roots), port, [Source(ctx)])
+            assert g.boot()
+            assert os.getpriority(os.PRIO_PROCESS, port.native_id) == (min(before, URGENT_NICE) if raised else before)
+            assert (g.wake_calm is not None) == raised
+            if raised:
+                flushed = threading.Event()
+                g.wake_calm, calm = None, g.wake_calm
+
+                def put_back():
+                    calm()
+                    flushed.set()
+                g.wake_calm = put_back
+                with pytest.raises(ContextError):       # refused (bad seed): put back at once
+                    rewake.recontext(g, message(instance_context(), seed="zz"))
+                assert flushed.is_set() and g.wake_calm is None
+                assert os.getpriority(os.PRIO_PROCESS, port.native_id) == before
+        finally:
+            port._stop.set()
+            port._thread.join(5)
+            a.close(), b.close()
