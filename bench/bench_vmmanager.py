@@ -2,7 +2,7 @@
 
     sudo .venv/bin/python bench/bench_vmmanager.py [--only warm,qemu,wan] [--deploys 40] [--clients 10]
         [--cycles 8] [--image-mib 1024] [--delay-ms 25] [--rate 100mbit] [--qemu-boots 3] [--qemu-warm 5]
-    [--qemu-clones 10] [--no-raw-gridftp]
+    [--qemu-clones 10] [--qemu-vcpus 1] [--qemu-warm-poll 0.02] [--no-raw-gridftp]
 
 1. warm: libvirt's test driver, the image already in the node's cache. Deploy(wait=true) -> Running as one
    client sees it (p50/p95, phases), and deploys per second with --clients concurrent client processes, each
@@ -336,7 +336,7 @@ GUEST_DESCRIPTOR = """<?xml version="1.0" encoding="UTF-8"?>
   <identity><name>vmgrid-guest</name><version>1.0</version><vo>bio</vo>
     <description>vmgrid's real guest: Debian 12 minbase with python3 and guestd</description></identity>
   <hardware>
-    <architecture>x86_64</architecture><vcpus>1</vcpus><memory>{memory}</memory>
+    <architecture>x86_64</architecture><vcpus>{vcpus}</vcpus><memory>{memory}</memory>
     <disk><role>root</role><size>{size}</size><format>qcow2</format><bus>virtio</bus><target>vda</target></disk>
     <cdrom><bus>ide</bus><purpose>context</purpose></cdrom>
     <serialPort><type>file</type><purpose>console</purpose></serialPort>
@@ -372,7 +372,7 @@ def qemu_section(site: Site, args) -> dict:
     shutil.copyfile(image.rootfs, path)
     virtual = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(path)], check=True,
                                         capture_output=True, text=True).stdout)["virtual-size"]
-    ws = parse_descriptor(GUEST_DESCRIPTOR.format(memory=args.qemu_memory, size=virtual, kernel=image.kernel_version,
+    ws = parse_descriptor(GUEST_DESCRIPTOR.format(memory=args.qemu_memory, vcpus=args.qemu_vcpus, size=virtual, kernel=image.kernel_version,
                                                   cmdline=image.cmdline).encode())
     ws = register(site, ws, path)
     pki = site.pki
@@ -396,15 +396,16 @@ def qemu_section(site: Site, args) -> dict:
             except Exception as exc:  # noqa: BLE001 - best effort; the node stops next
                 log(f"qemu: could not destroy {inst.identifier}: {exc}")
     log(f"qemu: the peer, {args.qemu_boots} boots of the same image on the VMM alone (no grid)")
-    bare = bare_qemu_boots(image, site.root / "bq", args.qemu_boots, args.qemu_memory)
+    bare = bare_qemu_boots(image, site.root / "bq", args.qemu_boots, args.qemu_memory, args.qemu_vcpus)
     warm = None
     if args.qemu_warm:
-        text = GUEST_DESCRIPTOR.format(memory=args.qemu_memory, size=virtual, kernel=image.kernel_version,
+        text = GUEST_DESCRIPTOR.format(memory=args.qemu_memory, vcpus=args.qemu_vcpus, size=virtual, kernel=image.kernel_version,
                                        cmdline=image.cmdline)
         text = text.replace("<boot>", '<boot warmStart="true">', 1).replace(
             "<name>vmgrid-guest</name>", "<name>vmgrid-guest-warm</name>", 1)
         warm = warm_snapshot_deploys(site, node, vmm, register(site, parse_descriptor(text.encode()), path), args)
-    return {"boots": boots, "bare": bare, "bytes": path.stat().st_size, "memory": args.qemu_memory, "warm": warm}
+    return {"boots": boots, "bare": bare, "bytes": path.stat().st_size, "memory": args.qemu_memory, "vcpus": args.qemu_vcpus,
+            "warm": warm}
 
 
 def warm_snapshot_deploys(site: Site, node, vmm, wws, args) -> dict:
@@ -422,12 +423,19 @@ def warm_snapshot_deploys(site: Site, node, vmm, wws, args) -> dict:
         time.sleep(0.2)
         meta = list((site.root / "qn" / "vmmanager" / "warm").glob("*/meta.json"))
     made = time.perf_counter() - t
-    runs = []
+    runs, polled = [], []
     for i in range(args.qemu_warm):
+        # Deploy(wait=true): the call returns when the instance is Running. Polling its state meanwhile (as
+        # the cold deploys do) is a signed SOAP call every few ms in the node and this process, CPU and the
+        # node's GIL taken from the restore being measured; --qemu-warm-poll adds polled deploys beside them
         log(f"qemu/warm: deploy {i + 1}/{args.qemu_warm} from the warm snapshot")
-        r, inf = deploy_watch(vmm, wws, f"warm-{i + 1}", interval=0.02)
+        r, inf = deploy_wait(vmm, wws, f"warm-{i + 1}")
         runs.append({"run": r, "guest": inf.guest_status})
         vmm.destroy(inf.ref)
+        if args.qemu_warm_poll:
+            r, inf = deploy_watch(vmm, wws, f"warm-p{i + 1}", interval=args.qemu_warm_poll)
+            polled.append({"run": r, "guest": inf.guest_status})
+            vmm.destroy(inf.ref)
     clones = []
     try:
         log(f"qemu/warm: {args.qemu_clones} instances from the one snapshot, alive together")
@@ -452,12 +460,13 @@ def warm_snapshot_deploys(site: Site, node, vmm, wws, args) -> dict:
         except (ValueError, SyntaxError):
             pass
     state = sorted((site.root / "qn" / "vmmanager" / "warm").glob("*/memory.save"))
-    return {"first": run, "snapshot_made": made, "runs": runs, "clones": clones, "split": split, "guest": guest,
+    return {"first": run, "snapshot_made": made, "runs": runs, "polled": polled, "poll": args.qemu_warm_poll,
+            "clones": clones, "split": split, "guest": guest,
             "state_bytes": state[0].stat().st_size if state else None,
             "clones_running": sum(1 for i in range(len(clones)) if f"clone-{i}" in running)}
 
 
-def bare_qemu_boots(image, root: Path, n: int, memory: int) -> list[dict]:
+def bare_qemu_boots(image, root: Path, n: int, memory: int, vcpus: int = 1) -> list[dict]:
     """The peer: the same guest booted through the VMM interface in this process (its own qemu:///embed
     root), with an overlay, a context CD-ROM and the guest channel, to guestd ready; no grid services."""
     from guestd.image.sample import make_overlay
@@ -475,7 +484,7 @@ def bare_qemu_boots(image, root: Path, n: int, memory: int) -> list[dict]:
             ctx = build_context(instance=name, hostname=name, mac=mac, address="10.99.0.9", netmask="255.255.255.0",
                                 gateway="10.99.0.1", container_command=["python3", "-m", "http.server", "8443"])
             write_context_iso(ctx, d / "context.iso")
-            spec = InstanceSpec(name=name, memory_mib=memory, disks=(Disk(make_overlay(image.rootfs, d / "root.qcow2")),),
+            spec = InstanceSpec(name=name, memory_mib=memory, vcpus=vcpus, disks=(Disk(make_overlay(image.rootfs, d / "root.qcow2")),),
                                 cdroms=(d / "context.iso",), nics=(Nic(mac),),
                                 serial_ports=(Port("file", d / "console.log"),),
                                 boot=KernelBoot(image.kernel, image.initrd, image.cmdline),
@@ -515,7 +524,7 @@ def print_qemu(q: dict) -> list[str]:
     mib = q["bytes"] / 2**20
     cold = q["boots"][0]["run"].wall
     warm = [b["run"].wall for b in q["boots"][1:]]
-    print(f"image: {mib:.0f} MiB qcow2, guest memory {q['memory']} MiB")
+    print(f"image: {mib:.0f} MiB qcow2, guest memory {q['memory']} MiB, {q.get('vcpus', 1)} vCPU(s)")
     later = [b["ready"] for b in q["bare"][1:]]
     if warm and later:
         diff = p50(warm) - p50(later)
@@ -545,6 +554,10 @@ def print_warm_snapshot(q: dict, cold: list[float], bare: list[float]) -> list[s
             ("plain QEMU boot (VMM alone), p50", fmt_s(p50(bare)), f"{p50(bare) / p50(cold):.2f}x", ""),
             (f"warm-snapshot deploy, p50 of {len(walls)}", fmt_s(p50(walls)), f"{p50(walls) / p50(cold):.2f}x",
              w["runs"][0]["guest"] if w["runs"] else "")]
+    if w.get("polled"):
+        pw = [r["run"].wall for r in w["polled"]]
+        rows.append((f"warm-snapshot deploy polled every {w['poll'] * 1000:g} ms, p50 of {len(pw)}", fmt_s(p50(pw)),
+                     f"{p50(pw) / p50(cold):.2f}x", ""))
     print(table(("deploy -> Running (guestd ready)", "seconds", "/ cold", "guest status"), rows))
     print(f"first deploy of the warm-startable image (cold) {fmt_s(w['first'].wall)}; snapshot made "
           f"{fmt_s(w['snapshot_made'])} after it")
@@ -761,7 +774,10 @@ def main() -> int:
     ap.add_argument("--cycles", type=int, default=8, help="deploy+destroy cycles per concurrent client")
     ap.add_argument("--qemu-boots", type=int, default=3, help="real guests deployed in turn (the first stages)")
     ap.add_argument("--qemu-memory", type=int, default=256, help="MiB of guest memory")
+    ap.add_argument("--qemu-vcpus", type=int, default=1, help="virtual CPUs of the guest (cold, bare and warm)")
     ap.add_argument("--qemu-warm", type=int, default=5, help="deploys from the warm snapshot (0: skip)")
+    ap.add_argument("--qemu-warm-poll", type=float, default=0.0,
+                    help="also deploy warm --qemu-warm times polling the state every SECONDS (as before: 0.02)")
     ap.add_argument("--qemu-clones", type=int, default=10, help="instances from one snapshot alive at once")
     ap.add_argument("--image-mib", type=int, default=1024, help="MiB of random data allocated in the WAN image")
     ap.add_argument("--delay-ms", type=int, default=25, help="one-way delay of the emulated link")

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .context import DEFAULT_CHANNEL, ContextError, InstanceContext
 from . import migrated, rewake
@@ -16,7 +17,7 @@ from .sources.channel import ChannelSource
 from .sources.cmdline import CmdlineSource
 from .sources.directory import DirectorySource
 from .steps import Environment, StepResult, clock, grid, power, report, run_all
-from .system import Roots, System
+from .system import Roots, System, urgent_thread
 
 log = logging.getLogger("guestd")
 SOURCES = ("cdrom", "cmdline", "channel")
@@ -35,6 +36,7 @@ class Guestd:
         self.ready = False
         self.error: str | None = None
         self.started = time.monotonic()
+        self.wake_calm: Callable[[], None] | None = None   # a warm template's raised port thread, put back
         self.env.state["on_container_change"] = self._container_changed
         if port is not None:
             port.handle("ping", lambda m: {"pong": True, "time": self.env.system.now()})
@@ -75,6 +77,10 @@ class Guestd:
                          rewake.zero_free_memory(self.env.roots))
             except (OSError, ValueError) as exc:
                 log.warning("warm template: free memory not zeroed: %s", exc)
+        if ctx.warm and getattr(self.port, "native_id", None):
+            # the clone's first message after the restore is its recontext: the port thread reads and decodes
+            # it at the priority the recontext runs at (guestd/rewake.py), which puts it back after its answer
+            self.wake_calm = urgent_thread(self.port.native_id)
         # published whole: the channel thread's status() may read it at any moment
         self.results = results
         self.ready = True
@@ -92,6 +98,7 @@ class Guestd:
             "container": sup.status() if sup is not None else None,
             "time": self.env.system.now(), "uptime": time.monotonic() - self.started,
             "boot_id": self._boot_id(),
+            "nice": os.getpriority(os.PRIO_PROCESS, 0),   # the answering thread's (raised during a recontext)
         }
 
     def _boot_id(self) -> str | None:

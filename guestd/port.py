@@ -57,6 +57,7 @@ class GuestPort:
         self.host_connected = False
         self.received_at: float | None = None   # time.monotonic() when the last host message was read
         self._hup_wait = HUP_FIRST
+        self._flushed: list[Callable[[], None]] = []   # run once the outbox is empty (after_flush)
         self._thread = threading.Thread(target=self._loop, name="guestd-port", daemon=True)
 
     def start(self) -> "GuestPort":
@@ -69,6 +70,11 @@ class GuestPort:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+    @property
+    def native_id(self) -> int | None:
+        """The port thread's kernel thread id (None before it starts)."""
+        return self._thread.native_id
 
     def set_token(self, token: str) -> None:
         """Sign every later message with ``token``; guestd has its context from now on."""
@@ -85,6 +91,12 @@ class GuestPort:
             if len(self._outbox) >= MAX_OUTBOX:
                 self._outbox.popleft()
             self._outbox.append(line)
+
+    def after_flush(self, fn: Callable[[], None]) -> None:
+        """Call ``fn`` once (on the port's thread) when every message queued so far has been written to
+        the host: a recontext's raised priority lasts until its answer is out (guestd/rewake.py)."""
+        with self._lock:
+            self._flushed.append(fn)
 
     def wait_context(self, timeout: float) -> InstanceContext | None:
         """The context the host pushes with a ``context`` message (the channel context source)."""
@@ -168,6 +180,12 @@ class GuestPort:
                     self._outbox[0] = line[n:]
                     return
                 self._outbox.popleft()
+            done, self._flushed = self._flushed, []
+        for fn in done:
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - a hook never stops the port
+                log.exception("an after-flush hook failed")
 
     def _dispatch(self, line: bytes) -> None:
         try:

@@ -72,8 +72,14 @@ class Supervisor:
 
     def status(self) -> dict[str, Any]:
         running = self.proc is not None and self.proc.poll() is None
+        nice = None          # the container's CPU priority: never guestd's raised one (guestd/rewake.py)
+        if running:
+            try:
+                nice = os.getpriority(os.PRIO_PROCESS, self.proc.pid)
+            except OSError:
+                pass
         return {"command": list(self.spec.command), "pid": self.proc.pid if self.proc else None,
-                "running": running, "restarts": self.restarts, "last_exit": self.last_exit}
+                "running": running, "restarts": self.restarts, "last_exit": self.last_exit, "nice": nice}
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stopped.set()

@@ -176,6 +176,8 @@ def test_every_clone_has_its_own_identity_secrets_and_entropy(clones, warm_grid)
         assert (net["address"], net["gateway"]) == (running.address, GATEWAY)
         assert ident["mac"] == running.mac and ident["rng"] == "reseeded"
         assert status["container"]["running"]
+        assert status["container"]["nice"] == 0 and status["nice"] == 0, \
+            "guestd's raised priority ended with its recontext's answer and its container never had it"
         assert abs(status["time"] - time.time()) < 60, "the clock was set from the host, not the template's"
         assert channel.rejected == [], "every message after the restore carried the clone's own token"
         seen["address"].add(running.address)

@@ -253,3 +253,115 @@ def test_the_random_probe_needs_no_openssl(daemon, monkeypatch):
     status = rewake.recontext(daemon, message(instance_context()))
     probe = status["steps"]["identity"]["detail"]["random_probe"]
     assert status["steps"]["identity"]["ok"] and len(probe) == 32 and int(probe, 16) >= 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a negative nice value needs CAP_SYS_NICE")
+def test_the_recontext_runs_urgent_until_its_answer_is_out_and_its_container_does_not(daemon):
+    """The recontext thread runs at nice URGENT_NICE from the message until the port has written its answer
+    (the hook after_flush); the container it starts (a real process here) runs at nice 0 from its start
+    (SCHED_RESET_ON_FORK), and so does anything the container would start."""
+    from guestd.system import URGENT_NICE
+    hooks, seen = [], {}
+    daemon.port.after_flush = hooks.append
+    tid = __import__("threading").get_native_id()
+    before = os.getpriority(os.PRIO_PROCESS, tid)
+    real_handle = rewake.run_all
+
+    def run_all(ctx, env, seconds=None):
+        seen["during"] = os.getpriority(os.PRIO_PROCESS, tid)
+        return real_handle(ctx, env, seconds)
+
+    rewake.run_all = run_all
+    probe = "import os, subprocess, sys; print(os.getpriority(os.PRIO_PROCESS, 0)); sys.stdout.flush(); " \
+            "subprocess.run([sys.executable, '-c', 'import os; print(os.getpriority(os.PRIO_PROCESS, 0))'])"
+    try:
+        status = rewake.recontext(daemon, message(instance_context(container_command=[sys.executable, "-c", probe],
+                                                                   container_restart="never")))
+        assert status["ready"], status
+        assert seen["during"] == min(before, URGENT_NICE) == status["nice"]
+        assert os.getpriority(os.PRIO_PROCESS, tid) == min(before, URGENT_NICE), "until the answer is written"
+        sup = daemon.env.state["container"]
+        assert sup.proc.wait(60) == 0
+        printed = (daemon.env.roots.log / "vmgrid-container.log").read_text().split()
+        assert printed == ["0", "0"], "the container and its own child run at the normal priority"
+        assert len(hooks) == 1
+        hooks[0]()                                     # the port wrote the answer
+        assert os.getpriority(os.PRIO_PROCESS, tid) == before
+        assert os.sched_getscheduler(tid) == os.SCHED_OTHER
+    finally:
+        rewake.run_all = real_handle
+        os.setpriority(os.PRIO_PROCESS, tid, before)
+        daemon.env.state.get("container") and daemon.env.state["container"].stop()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a negative nice value needs CAP_SYS_NICE")
+def test_a_refused_recontext_puts_the_priority_back_at_once(daemon):
+    tid = __import__("threading").get_native_id()
+    before = os.getpriority(os.PRIO_PROCESS, tid)
+    with pytest.raises(ContextError):
+        rewake.recontext(daemon, message(instance_context(), seed="zz"))
+    assert os.getpriority(os.PRIO_PROCESS, tid) == before
+
+
+def test_the_port_runs_its_after_flush_hooks_once_its_answer_is_written():
+    """GuestPort.after_flush: the hook runs when every queued message has been written, once."""
+    import socket as socketmod
+    from guestd.port import GuestPort
+    a, b = socketmod.socketpair()
+    a.setblocking(False)
+    port = GuestPort(fd=a.fileno())
+    ran = []
+    port.send({"op": "reply", "id": 1, "ok": True, "result": {}})
+    port.after_flush(lambda: ran.append(port.pending()))
+    port._flush(a.fileno())
+    assert ran == [0]
+    port._flush(a.fileno())
+    assert ran == [0], "once"
+    assert b"reply" in b.recv(65536)
+    a.close(), b.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a negative nice value needs CAP_SYS_NICE")
+def test_a_warm_template_raises_its_port_thread_and_the_recontext_puts_it_back(tmp_path):
+    """A warm template's port thread waits at the recontext's priority (the clone reads and decodes its first
+    message at it); the recontext puts it back once its answer is written; a booted instance's stays."""
+    import socket as socketmod
+    import threading
+    from guestd.port import GuestPort
+    from guestd.system import URGENT_NICE
+    roots = fake_roots(tmp_path, nics={"eth0": TEMPLATE_MAC})
+
+    class Source:
+        name = "test"
+
+        def __init__(self, ctx):
+            self.ctx = ctx
+
+        def read(self):
+            return self.ctx
+
+    for ctx, raised in ((validate(instance_context()), False), (template_context(), True)):
+        a, b = socketmod.socketpair()
+        port = GuestPort(fd=a.fileno()).start()
+        try:
+            before = os.getpriority(os.PRIO_PROCESS, port.native_id)
+            g = Guestd(Environment(FakeSystem(roots), roots), port, [Source(ctx)])
+            assert g.boot()
+            assert os.getpriority(os.PRIO_PROCESS, port.native_id) == (min(before, URGENT_NICE) if raised else before)
+            assert (g.wake_calm is not None) == raised
+            if raised:
+                flushed = threading.Event()
+                g.wake_calm, calm = None, g.wake_calm
+
+                def put_back():
+                    calm()
+                    flushed.set()
+                g.wake_calm = put_back
+                with pytest.raises(ContextError):       # refused (bad seed): put back at once
+                    rewake.recontext(g, message(instance_context(), seed="zz"))
+                assert flushed.is_set() and g.wake_calm is None
+                assert os.getpriority(os.PRIO_PROCESS, port.native_id) == before
+        finally:
+            port._stop.set()
+            port._thread.join(5)
+            a.close(), b.close()
