@@ -471,6 +471,11 @@ class Node:
                 self._deliver(kind, key, arg)
             except RETRYABLE as exc:
                 self.store.outbox_retry(entry, exc.description, now + min(30.0, 0.5 * 2 ** attempts))
+                if kind == "ended-slot" and attempts <= 1:   # planned, now pending like any release not taken
+                    inst = self.store.get(key)
+                    if inst is not None and not inst.guest_status.startswith(CLEANUP_PENDING):
+                        self.store.update(key, guest_status=f"{CLEANUP_PENDING} (slot), retried until the central "
+                                                            f"services take it")
                 continue
             except VMGridFault as exc:   # refused for good: retrying cannot change it
                 log.warning("instance %s: %s release refused: %s", key, kind, exc.description)
@@ -504,7 +509,11 @@ class Node:
         # the sweeper when no claim came within half a second (the outbox's first retry): until then the owner's
         # count is one too high, so a deployment elsewhere at the limit may be refused for that long, never one
         # allowed over it
-        self.store.enqueue("ended-slot", key)
+        try:
+            self.store.enqueue("ended-slot", key)
+        except Exception:  # noqa: BLE001 - not recorded (the node's disk full): given back now, as before
+            log.warning("instance %s: the slot's release could not wait in the outbox; giving it back now", key)
+            self._release_central("slot", key)
         pending = sorted({kind for _, kind, *_ in self.store.outbox(instance=key) if kind != "ended-slot"})
         if pending:   # destroyed all the same: what the central services did not take yet is retried
             self.store.update(key, guest_status=f"{CLEANUP_PENDING} ({', '.join(pending)}), retried until "
