@@ -182,6 +182,11 @@ class Enforcer:
         return decision, Slot(instance, subject.dn, (resource or {}).get("vo"), "", 0.0, None, 0, None,
                               counted=False)
 
+    @property
+    def counts_slots(self) -> bool:
+        """Whether the policy point counts instances (the Authorization service; a local policy engine does not)."""
+        return isinstance(self.pdp, SlotKeeper)
+
     def release(self, instance: str) -> bool:
         """Free an instance's slot (destroyed, expired, or its deployment failed)."""
         return self.pdp.release_slot(instance) if isinstance(self.pdp, SlotKeeper) else False

@@ -236,7 +236,7 @@ class Node:
         context = {"memory": str(d.memory), "vcpus": str(d.vcpus), "lifetime": str(req.lifetime),
                    "image": d.image_id, "node": self.node}
         # the slots of instances destroyed here since the last claim ride on this one (freed before it is decided)
-        riders = self._ended_slots()
+        riders = self._ended_slots() if self.authz.counts_slots else []
         try:
             decision, _slot = self.authz.claim(caller, key, resource, context, releases=[k for _, k in riders])
         except AccessDenied:
@@ -250,7 +250,6 @@ class Node:
             except VMGridFault as exc:
                 log.warning("instance %s: releasing a slot whose claim failed: %s", key, exc.description)
             raise
-        self._rode(riders)
         t_authorize = time.perf_counter() - started
         rec = Recorder(self.store, key)
         try:
@@ -264,7 +263,8 @@ class Node:
                     vcpus=d.vcpus, descriptor=req.descriptor_xml, state=State.REGISTERED.value,
                     initial_state=req.initial_state, address=None, mac=None, created=now,
                     termination=now + req.lifetime, max_lifetime=int(max_lifetime) if max_lifetime else None,
-                    token=new_token()))
+                    token=new_token()), delivered=[entry for entry, _ in riders])   # the releases it carried: done
+                riders = []
                 rec.add("authorize", t_authorize)
             with rec.phase("lease"):
                 phases.lease(self.parts, key)
@@ -275,6 +275,7 @@ class Node:
                 if self.store.get(key) is not None:
                     reason = f"{type(exc).__name__}: {getattr(exc, 'description', exc)}"
                     self.store.set_state(key, State.FAILED, failure=reason, phases=rec.take())
+                self._rode(riders)     # carried by the claim all the same (else the sweeper sends them again)
             except Exception:  # noqa: BLE001 - the deployment's own error is the one to report
                 log.exception("instance %s: cleaning up a failed deployment failed", key)
             finally:
@@ -502,18 +503,13 @@ class Node:
                 if inst is None or inst.state_enum in FINAL:
                     return []
                 self._release(key)
-                self._set_state(key, State.DESTROYED)
+                # the slot is given back with this node's next ClaimSlot (one signed call fewer per deploy+destroy),
+                # or by the sweeper when no claim came within half a second (the outbox's first retry): until then
+                # the owner's count is one too high, so a deployment elsewhere at the limit may be refused for that
+                # long, never one allowed over it. Queued with the state change (one transaction; survives a crash)
+                self._set_state(key, State.DESTROYED, outbox="ended-slot" if self.authz.counts_slots else None)
         finally:
             self._guest_waits.pop(key, None)
-        # the slot is given back with this node's next ClaimSlot (one signed call fewer per deploy+destroy), or by
-        # the sweeper when no claim came within half a second (the outbox's first retry): until then the owner's
-        # count is one too high, so a deployment elsewhere at the limit may be refused for that long, never one
-        # allowed over it
-        try:
-            self.store.enqueue("ended-slot", key)
-        except Exception:  # noqa: BLE001 - not recorded (the node's disk full): given back now, as before
-            log.warning("instance %s: the slot's release could not wait in the outbox; giving it back now", key)
-            self._release_central("slot", key)
         pending = sorted({kind for _, kind, *_ in self.store.outbox(instance=key) if kind != "ended-slot"})
         if pending:   # destroyed all the same: what the central services did not take yet is retried
             self.store.update(key, guest_status=f"{CLEANUP_PENDING} ({', '.join(pending)}), retried until "
