@@ -9,7 +9,6 @@ import base64
 import binascii
 import ipaddress
 import socket
-import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -20,7 +19,9 @@ from .errors import AuthenticationError, GridFTPError, ProtocolError, TransferEr
 from .protocol import (DEFAULT_FTP_PORT, DEFAULT_GRIDFTP_PORT, Reply, find_host_ports, format_eprt,
                        format_host_port, parse_epsv_reply)
 
-if TYPE_CHECKING:       # the TLS and GSI modules (cryptography, pyOpenSSL) load only for gsiftp://
+if TYPE_CHECKING:       # the TLS and GSI modules (ssl, cryptography, pyOpenSSL) load only for gsiftp://
+    import ssl
+
     from cryptography import x509
     from security.gsi import GSIContext
 
@@ -174,6 +175,7 @@ class GridFTPClient:
                 try:
                     replies = self.pipeline(["PBSZ 0", "PROT P", "USER :globus-mapping:", *self.prelude])
                 except TransferError as exc:
+                    import ssl
                     if isinstance(exc.__cause__, ssl.SSLError):   # TLS 1.3: a refused certificate shows here
                         raise AuthenticationError(f"{self.url.host} refused the credential: {exc.__cause__}") from exc
                     raise
@@ -201,7 +203,7 @@ class GridFTPClient:
             raise AuthenticationError(f"server refused AUTH TLS: {reply.code} {reply.text}")
         try:
             sock = self.control.start_tls(self.tls.client_context, server_side=False)
-        except (ssl.SSLError, OSError) as exc:
+        except OSError as exc:          # ssl.SSLError is an OSError
             raise AuthenticationError(f"TLS handshake with {self.url.host} failed: {exc}") from exc
         self.server_dn = self.tls.identify(sock)
         if self.expected_server_dn is not None:
@@ -276,13 +278,13 @@ class GridFTPClient:
             return self.control.read_reply()
         except EOFError as exc:
             raise TransferError(f"{self.url.host}: control connection closed") from exc
-        except (OSError, ssl.SSLError) as exc:
+        except OSError as exc:          # ssl.SSLError included
             raise TransferError(f"{self.url.host}: control connection failed: {exc}") from exc
 
     def send(self, line: str) -> None:
         try:
             self.control.send_line(line)
-        except (OSError, ssl.SSLError) as exc:
+        except OSError as exc:
             raise TransferError(f"{self.url.host}: control connection failed: {exc}") from exc
 
     def command(self, line: str) -> Reply:
@@ -294,7 +296,7 @@ class GridFTPClient:
         """Send several commands in one write and read their replies in order (saves round trips)."""
         try:
             self.control.send_lines(lines)
-        except (OSError, ssl.SSLError) as exc:
+        except OSError as exc:
             raise TransferError(f"{self.url.host}: control connection failed: {exc}") from exc
         return [self.read_reply() for _ in lines]
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 import fcntl
 import os
 import socket
-import ssl
 import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
+from .control import is_tls
 from .errors import AuthenticationError, ProtocolError, TransferError
 from .protocol import (BLOCK_HEADER, DESC_CLOSE, DESC_EOD, DESC_EOF, DESC_ERRORS, DESC_RESTART)
 from .ranges import split_blocks
@@ -41,6 +41,7 @@ class Sink(Protocol):
 
 
 PIPE_SIZE = 1 << 20
+RECORD_STEP = 4 << 20           # spliced bytes told to the sink at least this often (and at each block's end)
 
 
 class Splicer:
@@ -386,7 +387,7 @@ def send_blocks(sender, sock: socket.socket, index: int, count: int, errors: lis
             offset, length = block
             source = sender.source           # read after the block: a followed file is opened by _next_block
             header = BLOCK_HEADER.pack(0, length, offset - shift)
-            if not isinstance(sock, ssl.SSLSocket) and isinstance(source, int):
+            if not is_tls(sock) and isinstance(source, int):
                 sock.sendall(header, socket.MSG_MORE)
                 send_file_range(sock, source, offset, length, add, throttle)
             else:
@@ -481,7 +482,7 @@ class ModeEReceiver:
         hview = memoryview(header)
         buf = bytearray(self.buffer_size)
         view = memoryview(buf)
-        plain = not isinstance(sock, ssl.SSLSocket)
+        plain = not is_tls(sock)
         try:
             while not self._done.is_set():
                 got = recv_exact(sock, hview)
@@ -531,13 +532,20 @@ class ModeEReceiver:
         fd = getattr(self.sink, "fd", None)
         if plain and not discard and fd is not None and hasattr(self.sink, "record"):
             splicer = self._splicer()
-            while pos < end:
-                n = splicer.move(sock, fd, pos, end - pos)
-                if n == 0:
-                    raise TransferError("data connection closed inside a block")
-                self.sink.record(pos, pos + n)
-                pos += n
-                self.counter.add(slot, n)
+            noted = pos             # what landed up to here has been recorded
+            try:
+                while pos < end:
+                    n = splicer.move(sock, fd, pos, end - pos)
+                    if n == 0:
+                        raise TransferError("data connection closed inside a block")
+                    pos += n
+                    self.counter.add(slot, n)
+                    if pos - noted >= RECORD_STEP:
+                        self.sink.record(noted, pos)
+                        noted = pos
+            finally:
+                if pos > noted:     # the whole block, or what landed of it before a failure
+                    self.sink.record(noted, pos)
             return
         while pos < end:
             want = min(size, end - pos)
@@ -615,7 +623,7 @@ def send_stream(sock: socket.socket, source: int | bytes, start: int, end: int, 
     def add(n: int) -> None:
         counter.add(slot, n)
 
-    plain = not isinstance(sock, ssl.SSLSocket) and isinstance(source, int)
+    plain = not is_tls(sock) and isinstance(source, int)
     buf = None if plain else bytearray(1 << 20)
     try:
         for offset, length in split_blocks([(start, end)], BLOCK_SIZE):
@@ -623,7 +631,7 @@ def send_stream(sock: socket.socket, source: int | bytes, start: int, end: int, 
                 send_file_range(sock, source, offset, length, add, throttle)
             else:
                 send_copied_range(sock, source, offset, length, add, buf, throttle)
-        if isinstance(sock, ssl.SSLSocket):
+        if is_tls(sock):
             try:
                 sock.unwrap()       # close_notify: in stream mode the close IS the end of file
             except (OSError, ValueError):
