@@ -12,7 +12,7 @@ from client.cli import CLIError
 from client.commands_repo import READ_CHUNK, read_descriptor_dir
 from services.authz.engine import site_policy_point
 from services.authz.pep import Subject
-from services.descriptor import check_descriptor, parse_descriptor, set_field
+from services.descriptor import MAX_DESCRIPTOR_BYTES, check_descriptor, parse_descriptor, set_field
 from services.faults import InvalidDescriptor
 from services.vmrepository.config import RepositoryConfig
 from services.vmrepository.registry import Registry, Source
@@ -40,14 +40,16 @@ def test_a_directory_read_in_threads_keeps_its_order_and_reports_every_bad_file(
     # a bad file in each chunk, each of another kind
     (tmp_path / "d0003.xml").write_text(_text("x").replace("<memory>", "<memory>lots"))
     (tmp_path / f"d{READ_CHUNK + 5:04d}.xml").write_text("<workspace>not closed")
+    (tmp_path / f"d{2 * READ_CHUNK + 1:04d}.xml").write_bytes(b" " * (MAX_DESCRIPTOR_BYTES + 5000))   # not read whole
     (tmp_path / f"d{n - 1:04d}.xml").write_text(_text("img-0007"))          # a name already in d0007.xml
     capsys.readouterr()
-    with pytest.raises(CLIError, match=f"3 of {n} descriptor files .* nothing was imported"):
+    with pytest.raises(CLIError, match=f"4 of {n} descriptor files .* nothing was imported"):
         read_descriptor_dir(tmp_path)
     lines = capsys.readouterr().err.strip().splitlines()
     assert [line.split(":")[1].strip().rsplit("/", 1)[-1] for line in lines] == \
-        ["d0003.xml", f"d{READ_CHUNK + 5:04d}.xml", f"d{n - 1:04d}.xml"]
-    assert "memory" in lines[0] and "not well-formed" in lines[1] and "also in d0007.xml" in lines[2]
+        ["d0003.xml", f"d{READ_CHUNK + 5:04d}.xml", f"d{2 * READ_CHUNK + 1:04d}.xml", f"d{n - 1:04d}.xml"]
+    assert "memory" in lines[0] and "not well-formed" in lines[1] and "also in d0007.xml" in lines[3]
+    assert f"descriptor of {MAX_DESCRIPTOR_BYTES + 5000} bytes exceeds {MAX_DESCRIPTOR_BYTES} bytes" in lines[2]
 
 
 @pytest.fixture
