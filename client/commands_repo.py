@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import threading
 from pathlib import Path
 
 from client.cli import CLIError
@@ -202,28 +201,28 @@ def upload_and_register(repo, args, descriptor):
     return repo.register(descriptor, upload=name)
 
 
-READ_THREADS = 2      # threads parsing and validating the files of `vmgrid repo import` (lxml leaves the GIL there)
-READ_CHUNK = 250      # files per task of those threads
-_reader = threading.local()
-
-
-def _parse_files(directory: str, names: list[str]) -> list:
-    """Each file parsed (hardened) and validated against workspace.xsd: its element, or the line saying why not.
-    lxml parses and validates without holding the GIL, so the threads of :func:`read_descriptor_dir` share the
-    work across cores."""
-    from services.descriptor import MAX_DESCRIPTOR_BYTES, new_workspace_schema, parse_descriptor
+def read_descriptor_dir(directory: Path) -> list[tuple[Path, object]]:
+    """Every descriptor file of ``directory``, parsed and validated; a CLIError listing every bad file
+    (each also printed as its own ``vmgrid: FILE: reason`` line) when any is bad. A directory may hold tens of
+    thousands: the names are listed and sorted as strings once, each file opened relative to the directory and read
+    with one ``os.read`` of at most the largest descriptor and a byte (8 us a file against 30 with ``open()`` and a
+    file object); a longer one is refused unread."""
+    from services.descriptor import MAX_DESCRIPTOR_BYTES, WS, parse_descriptor
     from services.faults import InvalidDescriptor, VMGridFault
 
-    schema = getattr(_reader, "schema", None)
-    if schema is None:
-        schema = _reader.schema = new_workspace_schema()     # this thread's own validator
-    out: list = []
-    # each file opened relative to the directory and read with one os.read of at most the largest descriptor and a
-    # byte (8 us a file against 30 with open() and a file object); a longer one is refused unread
+    if not directory.is_dir():
+        raise CLIError(f"{directory}: not a directory")
+    with os.scandir(directory) as listing:
+        names = sorted(e.name for e in listing if e.name.endswith(".xml") and e.is_file())
+    if not names:
+        raise CLIError(f"{directory}: no descriptor files (*.xml)")
+    identity, image = f"{{{WS}}}identity", f"{{{WS}}}image"
+    wanted = {f"{{{WS}}}{name}": name for name in ("name", "vo", "imageId", "sha256")}
+    good, errors, seen = [], [], {}
     dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         for name in names:
-            path = os.path.join(directory, name)
+            path = directory / name
             try:
                 fd = os.open(name, os.O_RDONLY, dir_fd=dir_fd)
                 try:
@@ -233,62 +232,32 @@ def _parse_files(directory: str, names: list[str]) -> list:
                                                 f"{MAX_DESCRIPTOR_BYTES} bytes")
                 finally:
                     os.close(fd)
-                out.append(parse_descriptor(data, schema))
+                ws = parse_descriptor(data)
             except OSError as exc:
-                out.append(f"{path}: {exc.strerror}")
+                errors.append(f"{path}: {exc.strerror}")
+                continue
             except VMGridFault as exc:
-                out.append(f"{path}: {exc.description}")
+                errors.append(f"{path}: {exc.description}")
+                continue
+            f = {}                      # identity/name, vo, imageId and image/sha256, in one pass over two sections
+            for section in ws:
+                if section.tag == identity or section.tag == image:
+                    for c in section:
+                        key = wanted.get(c.tag)
+                        if key and c.text is not None:
+                            f.setdefault(key, c.text)
+            image_id, vo, ws_name = f.get("imageId"), f.get("vo"), f.get("name")
+            if image_id:
+                errors.append(f"{path}: carries an imageId ({image_id}); the repository assigns it")
+            elif not f.get("sha256"):
+                errors.append(f"{path}: no image/sha256 naming the image bytes in the repository")
+            elif (vo, ws_name) in seen:
+                errors.append(f"{path}: the name {vo}/{ws_name} is also in {seen[vo, ws_name].name}")
+            else:
+                seen[vo, ws_name] = path
+                good.append((path, ws))
     finally:
         os.close(dir_fd)
-    return out
-
-
-def read_descriptor_dir(directory: Path) -> list[tuple[Path, object]]:
-    """Every descriptor file of ``directory``, parsed and validated; a CLIError listing every bad file
-    (each also printed as its own ``vmgrid: FILE: reason`` line) when any is bad. A directory may hold tens of
-    thousands: the names are listed and sorted as strings once, each file read with one open, parsed and
-    validated by :data:`READ_THREADS` threads."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from services.descriptor import WS
-
-    if not directory.is_dir():
-        raise CLIError(f"{directory}: not a directory")
-    with os.scandir(directory) as listing:
-        names = sorted(e.name for e in listing if e.name.endswith(".xml") and e.is_file())
-    if not names:
-        raise CLIError(f"{directory}: no descriptor files (*.xml)")
-    chunks = [names[i:i + READ_CHUNK] for i in range(0, len(names), READ_CHUNK)]
-    if len(chunks) == 1:
-        parsed = _parse_files(str(directory), names)
-    else:
-        with ThreadPoolExecutor(READ_THREADS, thread_name_prefix="vmgrid-read") as pool:
-            parsed = [r for part in pool.map(lambda chunk: _parse_files(str(directory), chunk), chunks) for r in part]
-    identity, image = f"{{{WS}}}identity", f"{{{WS}}}image"
-    wanted = {f"{{{WS}}}{name}": name for name in ("name", "vo", "imageId", "sha256")}
-    good, errors, seen = [], [], {}
-    for name, ws in zip(names, parsed):
-        if isinstance(ws, str):
-            errors.append(ws)
-            continue
-        path = directory / name
-        f = {}                      # identity/name, vo, imageId and image/sha256, in one pass over two sections
-        for section in ws:
-            if section.tag == identity or section.tag == image:
-                for c in section:
-                    key = wanted.get(c.tag)
-                    if key and c.text is not None:
-                        f.setdefault(key, c.text)
-        image_id, vo, ws_name = f.get("imageId"), f.get("vo"), f.get("name")
-        if image_id:
-            errors.append(f"{path}: carries an imageId ({image_id}); the repository assigns it")
-        elif not f.get("sha256"):
-            errors.append(f"{path}: no image/sha256 naming the image bytes in the repository")
-        elif (vo, ws_name) in seen:
-            errors.append(f"{path}: the name {vo}/{ws_name} is also in {seen[vo, ws_name].name}")
-        else:
-            seen[vo, ws_name] = path
-            good.append((path, ws))
     if errors:
         for line in errors:
             print(f"vmgrid: {line}", file=sys.stderr)
@@ -306,6 +275,7 @@ def cmd_import(args) -> int:
     sending one batch and the repository checking and storing another use both ends at once. A batch refused
     stops the sending; what the batches before it registered is removed again."""
     import re
+    import threading
     import time
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor

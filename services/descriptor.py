@@ -20,15 +20,9 @@ def workspace_schema() -> etree.XMLSchema:
     """The descriptor schema, wsdl/workspace.xsd (loaded once; our own file: no network, no entities)."""
     global _workspace_schema
     if _workspace_schema is None:
-        _workspace_schema = new_workspace_schema()
+        parser = etree.XMLParser(resolve_entities=False, no_network=True)
+        _workspace_schema = etree.XMLSchema(etree.parse(str(WSDL_DIR / "workspace.xsd"), parser))
     return _workspace_schema
-
-
-def new_workspace_schema() -> etree.XMLSchema:
-    """A validator of its own for wsdl/workspace.xsd: a thread validating beside others needs one (an lxml
-    validator keeps the error log of its last validation: two threads sharing one could read each other's)."""
-    parser = etree.XMLParser(resolve_entities=False, no_network=True)
-    return etree.XMLSchema(etree.parse(str(WSDL_DIR / "workspace.xsd"), parser))
 
 WS = "http://vmgrid.org/ns/workspace/1"
 NSMAP = {"ws": WS}
@@ -108,9 +102,8 @@ def check_descriptor(element: etree._Element) -> etree._Element:
                             schemaMessage=err.message)
 
 
-def parse_descriptor(data: bytes, schema: etree.XMLSchema | None = None) -> etree._Element:
-    """Parse (hardened) and validate a descriptor document; errors carry the document's own line. ``schema``: the
-    calling thread's own validator (:func:`new_workspace_schema`), when threads validate at once."""
+def parse_descriptor(data: bytes) -> etree._Element:
+    """Parse (hardened) and validate a descriptor document; errors carry the document's own line."""
     if len(data) > MAX_DESCRIPTOR_BYTES:
         raise InvalidDescriptor(f"descriptor of {len(data)} bytes exceeds {MAX_DESCRIPTOR_BYTES} bytes")
     try:
@@ -120,7 +113,7 @@ def parse_descriptor(data: bytes, schema: etree.XMLSchema | None = None) -> etre
     if root.tag != ROOT:
         raise InvalidDescriptor(f"expected a {{{WS}}}workspace element, got {root.tag}",
                                 line=root.sourceline, schemaMessage="wrong root element")
-    schema = schema or workspace_schema()
+    schema = workspace_schema()
     if not schema.validate(root):
         err = schema.error_log.last_error
         raise InvalidDescriptor(f"line {err.line}: {err.message}", line=err.line, column=err.column,
