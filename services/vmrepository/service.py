@@ -68,7 +68,8 @@ class VMRepositoryService(SoapService):
 
     @operation("ImportImages")
     def import_images(self, ctx: CallContext, req: etree._Element) -> etree._Element:
-        return wire.imported(self.registry.import_images(ctx.caller, wire.workspaces(req)))
+        # the container validated the request against the WSDL's schema, each descriptor against workspace.xsd
+        return wire.imported(self.registry.import_images(ctx.caller, wire.workspaces(req), schema_checked=True))
 
     @operation("QueryImages")
     def query_images(self, ctx: CallContext, req: etree._Element) -> etree._Element:
