@@ -199,6 +199,17 @@ def test_a_template_zeroes_free_memory_but_keeps_a_margin(tmp_path):
     assert not (proc / "sys" / "vm" / "drop_caches").exists()
 
 
+class FixedSource:
+    """A context source that gives the same context every time."""
+    name = "test"
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+
+    def read(self):
+        return self.ctx
+
+
 def test_only_the_real_guest_zeroes_memory_at_a_warm_boot(tmp_path, monkeypatch):
     """Guestd(zero_free=True) is what guestd's main() makes in a guest; a template booted by a test (or an
     instance that is not warm) does not map the test machine's free memory."""
@@ -206,18 +217,9 @@ def test_only_the_real_guest_zeroes_memory_at_a_warm_boot(tmp_path, monkeypatch)
     monkeypatch.setattr(rewake, "zero_free_memory", lambda roots: calls.append(roots) or 0)
     roots = fake_roots(tmp_path, nics={"eth0": TEMPLATE_MAC})
 
-    class Source:
-        name = "test"
-
-        def __init__(self, ctx):
-            self.ctx = ctx
-
-        def read(self):
-            return self.ctx
-
     for zero_free, ctx, want in ((False, template_context(), 0), (True, validate(instance_context()), 0),
                                  (True, template_context(), 1)):
-        g = Guestd(Environment(FakeSystem(roots), roots), None, [Source(ctx)], zero_free=zero_free)
+        g = Guestd(Environment(FakeSystem(roots), roots), None, [FixedSource(ctx)], zero_free=zero_free)
         assert g.boot()
         assert len(calls) == want
         calls.clear()
@@ -331,21 +333,12 @@ def test_a_warm_template_raises_its_port_thread_and_the_recontext_puts_it_back(t
     from guestd.system import URGENT_NICE
     roots = fake_roots(tmp_path, nics={"eth0": TEMPLATE_MAC})
 
-    class Source:
-        name = "test"
-
-        def __init__(self, ctx):
-            self.ctx = ctx
-
-        def read(self):
-            return self.ctx
-
     for ctx, raised in ((validate(instance_context()), False), (template_context(), True)):
         a, b = socketmod.socketpair()
         port = GuestPort(fd=a.fileno()).start()
         try:
             before = os.getpriority(os.PRIO_PROCESS, port.native_id)
-            g = Guestd(Environment(FakeSystem(roots), roots), port, [Source(ctx)])
+            g = Guestd(Environment(FakeSystem(roots), roots), port, [FixedSource(ctx)])
             assert g.boot()
             assert os.getpriority(os.PRIO_PROCESS, port.native_id) == (min(before, URGENT_NICE) if raised else before)
             assert (g.wake_calm is not None) == raised
