@@ -325,12 +325,15 @@ def test_a_removed_image_never_deploys_though_the_node_reused_its_verdict(vm_gri
     assert given_back_slots(vm_grid) == []
 
 
-def test_a_destroyed_instances_slot_rides_on_the_next_claim_or_the_sweeper_gives_it_back(vm_grid, grid_pki):
+def test_a_destroyed_instances_slot_rides_on_the_next_claim_or_the_sweeper_gives_it_back(vm_grid, grid_pki,
+                                                                                        monkeypatch):
     """Destroy leaves the slot's release in the node's outbox (kept across a crash, not pending as a failure);
     the node's next deployment carries it in its ClaimSlot, so a deploy+destroy costs the node two calls to the
     Authorization service, not three; with no deployment to carry it, the sweeper gives it back."""
     vm = vm_grid.vmm(grid_pki.alice)
     node, authority = vm_grid.node().core, vm_grid.authz_service.authority
+    sweep = node.sweep
+    monkeypatch.setattr(node, "sweep", lambda now=None: [])   # the background sweeper held off: this test sweeps
     ws = vm_grid.register()
     ref = vm.deploy(ws, "first", 300, wait=True).ref
     vm.destroy(ref)
@@ -345,7 +348,7 @@ def test_a_destroyed_instances_slot_rides_on_the_next_claim_or_the_sweeper_gives
     assert [s.instance for s in authority.slots()] == [ref.key] and node.store.outbox() == []
     vm.destroy(ref)
     assert calls == ["ClaimSlot", "Authorize"]                         # no ReleaseSlot of its own
-    node.sweep(time.time() + 1)                                        # no claim came: the sweeper gives it back
+    sweep(time.time() + 1)                                             # no claim came: the sweeper gives it back
     assert authority.slots() == [] and node.store.outbox() == []
     assert calls == ["ClaimSlot", "Authorize", "ReleaseSlot"]
 
