@@ -8,7 +8,6 @@ import sqlite3
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Iterable
 
 from services.faults import InvalidArgument, NoCapacity
 from services.sqlite import Database
@@ -232,11 +231,9 @@ class NodeStore:
                        (next_try, error, entry))
 
     # -- instances ------------------------------------------------------------------------------
-    def insert(self, inst: Instance, delivered: Iterable[int] = ()) -> None:
-        """Record a new instance; ``delivered``: outbox entries done, deleted in the same transaction."""
+    def insert(self, inst: Instance) -> None:
         try:
             with self.write() as db:
-                db.executemany("DELETE FROM outbox WHERE id = ?", [(entry,) for entry in delivered])
                 db.execute(f"INSERT INTO instances ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
                            [getattr(inst, c) for c in COLUMNS])
         except sqlite3.IntegrityError:
@@ -260,11 +257,10 @@ class NodeStore:
             db.execute(f"UPDATE instances SET {sets} WHERE key = ?", [*values.values(), key])
 
     def set_state(self, key: str, new: State, *, expect: set[State] | None = None,
-                  phases: list | None = None, outbox: str | None = None, **values) -> State | None:
+                  phases: list | None = None, **values) -> State | None:
         """Move an instance to ``new`` (only from ``expect`` when given); returns the old state, or None when the
         instance was not in an expected state (nothing changed). ``phases`` ([name, seconds] pairs) are added
-        to its phase timings in the same transaction; with ``outbox`` (a kind), a release of that kind for the
-        instance is queued in it too (due as :meth:`enqueue`'s)."""
+        to its phase timings in the same transaction."""
         with self.write() as db:
             row = db.execute("SELECT state, phases FROM instances WHERE key = ?", (key,)).fetchone()
             if row is None:
@@ -279,10 +275,6 @@ class NodeStore:
                 extra.setdefault("ended", time.time())
             sets = ", ".join(["state = ?"] + [f"{k} = ?" for k in extra])
             db.execute(f"UPDATE instances SET {sets} WHERE key = ?", [new.value, *extra.values(), key])
-            if outbox:
-                now = time.time()
-                db.execute("INSERT INTO outbox (kind, instance, arg, created, attempts, next_try, last_error) "
-                           "VALUES (?, ?, '', ?, 1, ?, '')", (outbox, key, now, now + 0.5))
             return old
 
     def add_phase(self, key: str, name: str, seconds: float) -> None:
