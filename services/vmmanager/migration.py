@@ -479,9 +479,18 @@ def _settle(node: "Node", key: str) -> str:
             _finish(node, key, rec.peer)
             return "committed"
         _rollback(node, key, prior, None, abort=False)
-        return "rolled-back"
     finally:
         peer.close()
+    # aborted there: the target may have claimed the slot before its resume failed (it is then the claimant, and
+    # its reconciliation would free the slot of an instance that runs here), so it is claimed back as the user who
+    # asked for the migration, as the migration itself does when it learns the abort at once
+    try:
+        caller = node.trust.validate(credential.certificates)
+    except Exception as exc:   # noqa: BLE001 - revoked or expired since: the slot stays as it is, said in the log
+        log.warning("migration of %s rolled back: its slot cannot be claimed back as the user: %s", key, exc)
+    else:
+        _claim_back(node, caller, key)
+    return "rolled-back"
 
 
 # -- the target's side ---------------------------------------------------------------------------------------------

@@ -611,3 +611,33 @@ def test_a_resume_failing_at_the_target_after_its_slot_claim_gives_the_slot_back
     assert_rolled_back(grid, grid_pki, ref)
     assert slots_of(grid, ref.key)[0].claimant.endswith(f"#{grid.node(0).node}")
     grid.vmm(grid_pki.alice, 0).destroy(ref)
+
+
+def test_an_abort_learnt_only_when_the_migration_is_settled_later_claims_the_slot_back_too(grid, grid_pki,
+                                                                                          monkeypatch):
+    """As above, the target claimed the slot and then its resume failed, but the source could not ask the target
+    how the commit ended (unreachable then, or the source restarted before it asked): the instance stays Migrating
+    until the sweep (or the restart) settles it. The settle learns the abort, rolls back, and claims the slot back
+    for the source as the migration does when it learns the abort at once."""
+    from services.vmmanager import migration
+    from services.vmmanager.vmm import VMMError
+    source, target = grid.node(0), grid.node(1)
+
+    def resume(key, *args, **kwargs):
+        raise VMMError("injected: the resume fails at the target")
+
+    def unreachable(*args, **kwargs):
+        raise migration.Unsettled("injected: the target cannot be asked now")
+    monkeypatch.setattr(target.vmm, "resume", resume)
+    monkeypatch.setattr(migration, "_settle_with", unreachable)
+    ref = deploy(grid, grid_pki.alice, "settled-later")
+    with pytest.raises(MigrationFault) as exc:
+        grid.vmm(grid_pki.alice, 0).migrate(ref, grid.node_url(1))
+    assert exc.value.phase == "resume"
+    assert source.store.get(ref.key).state == "Migrating"
+    assert slots_of(grid, ref.key)[0].claimant.endswith(f"#{target.node}")
+    monkeypatch.undo()
+    assert migration.settle(source.core, ref.key) == "rolled-back"
+    assert_rolled_back(grid, grid_pki, ref)
+    assert slots_of(grid, ref.key)[0].claimant.endswith(f"#{source.node}")
+    grid.vmm(grid_pki.alice, 0).destroy(ref)
