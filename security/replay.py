@@ -1,4 +1,5 @@
-"""Replay caches for WS-Security: the signatures seen within the freshness window, refused a second time.
+"""Replay caches for WS-Security: the signed messages seen within the freshness window (wssec keys them by the
+digest of their canonical SignedInfo), refused a second time.
 
 `SQLiteReplayCache(state_dir)` is shared by every worker process of a container (SQLite WAL, one atomic upsert per
 message); `MemoryReplayCache()` serves a single process. A full disk degrades the SQLite cache to its in-memory

@@ -525,7 +525,8 @@ _CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
 
 def _verify_signature(public_key, algorithm: tuple[type, type], raw: bytes, data: bytes) -> None:
     """Raise InvalidSignature (or ValueError/TypeError) unless `raw` signs `data` with `public_key` under
-    `algorithm` (the key type it needs, the hash). ECDSA values are r || s, each the curve's size (XML DSig 1.1)."""
+    `algorithm` (the key type it needs, the hash). ECDSA values are r || s, each the curve's size (XML DSig 1.1), or
+    the DER that gSOAP writes."""
     key_type, hash_type = algorithm
     if not _is_instance(type(public_key), key_type):
         raise TypeError("the signing certificate's key does not match the SignatureMethod")
@@ -535,9 +536,16 @@ def _verify_signature(public_key, algorithm: tuple[type, type], raw: bytes, data
     if not isinstance(public_key.curve, _CURVES):
         raise TypeError(f"ECDSA on {public_key.curve.name} is not accepted (P-256, P-384 and P-521 are)")
     size = (public_key.curve.key_size + 7) // 8
-    if len(raw) != 2 * size:
-        raise ValueError("ECDSA signature value of the wrong length")
-    der = encode_dss_signature(int.from_bytes(raw[:size], "big"), int.from_bytes(raw[size:], "big"))
+    if len(raw) == 2 * size:
+        der = encode_dss_signature(int.from_bytes(raw[:size], "big"), int.from_bytes(raw[size:], "big"))
+    else:
+        # gSOAP's wsse plugin (2.8, smdevp.c) writes the DER ECDSA-Sig-Value OpenSSL gives it instead of r || s:
+        # taken too when it is exactly that DER (the replay cache keys on SignedInfo, not on these bytes, so a
+        # second form of one signature is still the same message)
+        r, s = decode_dss_signature(raw)
+        if encode_dss_signature(r, s) != raw:
+            raise ValueError("ECDSA signature value neither r || s nor DER")
+        der = raw
     public_key.verify(der, data, ec.ECDSA(hash_type()))
 
 
@@ -1059,7 +1067,9 @@ def verify_envelope(message: bytes | etree._Element, trust: TrustStore, *, repla
                               f"changed after signing")
 
     if replay is not None:
-        if not replay.first_seen(hashlib.sha256(raw).digest(), horizon.timestamp()):
+        # keyed on what was signed, not on the SignatureValue's bytes: an ECDSA signature (r, s) verifies as (r, n - s)
+        # too, and in DER as in r || s, so anyone holding a signed message could make "new" values of it
+        if not replay.first_seen(hashlib.sha256(signed_info_c14n).digest(), horizon.timestamp()):
             raise InvalidSecurity("replayed message: this signature was already accepted")
     return caller, root
 

@@ -5,7 +5,7 @@ live grid serves, signing every request and verifying every answer with WSS4J 1.
 QueryImages with criteria (word operators), GetDescriptor of an unknown image (a typed UnknownImageFault), a
 QueryImages the schema refuses (a typed InvalidArgumentFault), Deploy of the descriptor GetDescriptor gave,
 GetResourceProperty (QName content), Pause/Resume and Destroy, signed with alice's proxy and its chain as an
-X509PKIPathv1 token; and with her end-entity certificate.
+X509PKIPathv1 token; with her end-entity certificate; and with a proxy whose key is ECDSA P-256 (ecdsa-sha256).
 
 The SoapUI project (wsdl/soapui) signs with the same WSS4J settings: a test compares them.
 
@@ -24,6 +24,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from lxml import etree
 
+from security.pki import make_proxy
 from security.tls import grid_session
 from tests.interop.served_contract import mirror_contract
 
@@ -135,7 +136,7 @@ def run_client(classes: Path, tmp_path: Path, name: str, credential,
     return steps, run
 
 
-def test_axis_wss4j_runs_the_contract_signed_and_verifies_every_answer(vm_grid, tmp_path):
+def test_axis_wss4j_runs_the_contract_signed_and_verifies_every_answer(vm_grid, tmp_path, monkeypatch):
     pki = vm_grid.pki
     vm_grid.register()                                   # bio/debian12-emboss
     contract = mirror_contract({"repository.wsdl": vm_grid.repository_url + "?wsdl",
@@ -171,6 +172,18 @@ def test_axis_wss4j_runs_the_contract_signed_and_verifies_every_answer(vm_grid, 
     assert list(steps) == ["ListVOs", "UnknownImageFault", "OtherHostRefused"]
     assert all(s["ok"] for s in steps.values())
     assert "not host/elsewhere" in steps["OtherHostRefused"]["detail"]
+
+    # a proxy with an ECDSA P-256 key (`vmgrid proxy-init --key-type ec`): WSS4J signs with ecdsa-sha256, the grid
+    # verifies it and answers (signed with its RSA host key, verified by WSS4J)
+    monkeypatch.setenv("AXIS_DUMP", "1")              # the client writes each signed request to stderr
+    steps, run = run_client(classes, tmp_path, "ec-proxy", make_proxy(pki.alice.credential, kind="ec"),
+                            keyAlgorithm="EC", identifier="axis-ec", steps="ListVOs,QueryImages,UnknownImageFault",
+                            **base)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert list(steps) == ["ListVOs", "QueryImages", "UnknownImageFault"]
+    assert all(s["ok"] and s["verified"] == 1 for s in steps.values())
+    assert steps["QueryImages"]["detail"] == "1" and steps["UnknownImageFault"]["detail"] == "img-0000000000000000"
+    assert run.stderr.count('Algorithm="http://www.w3.org/2001/04/xmldsig-more#ecdsa-sha256"') == 3
 
 
 def test_the_soapui_project_signs_with_the_settings_of_the_wss4j_client():

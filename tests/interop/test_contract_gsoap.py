@@ -20,6 +20,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from security import wssec
+from security.pki import make_proxy
 from security.tls import grid_session
 from services.container.contract import Contract
 from tests.interop.served_contract import mirror_contract
@@ -106,3 +107,19 @@ def test_gsoap_runs_the_contract_signed_and_verifies_every_answer(vm_grid, tmp_p
     assert steps["Deploy"]["detail"] == "Running"
     owners = {i.identifier: i.owner for i in vm_grid.vmm(pki.alice).list(include_ended=True)}
     assert owners["gsoap-2"] == pki.alice.dn
+
+    # a proxy whose key is ECDSA P-256 (`vmgrid proxy-init --key-type ec`): the plugin signs with ecdsa-sha256 (a
+    # signature of that key under the rsa-sha256 URI would be refused: the grid holds the method to the key's kind)
+    ec_proxy = make_proxy(pki.alice.credential, kind="ec")
+    (tmp_path / "ec-proxy.pem").write_bytes(ec_proxy.certificate.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "ec-proxy-key.pem").write_bytes(ec_proxy.private_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    (tmp_path / "ec-pkipath.der").write_bytes(wssec.pkipath(reversed(ec_proxy.certificates)))
+    run = client(tmp_path / "ec-proxy.pem", tmp_path / "ec-proxy-key.pem", tmp_path / "ec-pkipath.der",
+                 identifier="gsoap-ec")
+    steps = {s["step"]: s for s in map(json.loads, run.stdout.splitlines())}
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert len(steps) == 9 and all(s["ok"] for s in steps.values())
+    assert steps["Deploy"]["detail"] == "Running"
+    owners = {i.identifier: i.owner for i in vm_grid.vmm(pki.alice).list(include_ended=True)}
+    assert owners["gsoap-ec"] == pki.alice.dn

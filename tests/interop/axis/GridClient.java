@@ -4,7 +4,7 @@
 //   java vmgrid.interop.GridClient CONFIG.properties
 // CONFIG: repoUrl, vmmUrl, key (PKCS#8 DER), chain (PEM: the signing certificate first), ca (PEM), hostCN,
 //         image, unknownImage, identifier, steps (optional: the steps to run, comma separated; default all but
-//         OtherHostRefused), otherHostCN (for OtherHostRefused)
+//         OtherHostRefused), otherHostCN (for OtherHostRefused), keyAlgorithm (optional: RSA, or EC for a P-256 key)
 package vmgrid.interop;
 
 import java.io.FileInputStream;
@@ -85,7 +85,8 @@ public final class GridClient {
                 chain.add((X509Certificate) c);
             }
         }
-        PrivateKey key = KeyFactory.getInstance("RSA").generatePrivate(
+        // an RSA key, or an ECDSA P-256 one (`vmgrid proxy-init --key-type ec`): keyAlgorithm=EC
+        PrivateKey key = KeyFactory.getInstance(config.getProperty("keyAlgorithm", "RSA")).generatePrivate(
             new PKCS8EncodedKeySpec(Files.readAllBytes(Paths.get(config.getProperty("key")))));
 
         // HTTPS: trust the grid CA (Axis's JSSESocketFactory takes the default SSLSocketFactory)

@@ -5,7 +5,7 @@
 //
 // Outgoing: WS-Addressing wsa:To (the endpoint), wsa:Action (the operation's soapAction) and wsa:MessageID; a
 // wsu:Timestamp; an X.509 BinarySecurityToken referenced directly, the certificate chain as X509PKIPathv1
-// (useSingleCertificate=false, as SoapUI's useSingleCert=false: a proxy needs its chain); RSA-SHA256, SHA-256 digests, exclusive c14n; signed parts:
+// (useSingleCertificate=false, as SoapUI's useSingleCert=false: a proxy needs its chain); RSA-SHA256 (ECDSA-SHA256 with a P-256 key), SHA-256 digests, exclusive c14n; signed parts:
 // Body, Timestamp, the WS-Addressing headers and vmm:InstanceKey when the call carries it. These are the settings
 // of the SoapUI project (wsdl/soapui), which tests/interop/test_contract_axis.py compares with the constants below.
 //
@@ -63,6 +63,8 @@ public final class GridSecurity {
     // tests/interop/test_contract_axis.py checks with `java vmgrid.interop.GridSecurity` (main below prints them).
     static final int KEY_IDENTIFIER = WSConstants.BST_DIRECT_REFERENCE;    // a BinarySecurityToken, referenced
     static final String SIGNATURE_ALGORITHM = "http://www.w3.org/2001/04/xmldsig-more#rsa-sha256";
+    /** With an elliptic-curve key (a P-256 proxy): ECDSA-SHA256 (RFC 4051), as vmgrid signs with one. */
+    static final String EC_SIGNATURE_ALGORITHM = "http://www.w3.org/2001/04/xmldsig-more#ecdsa-sha256";
     static final String DIGEST_ALGORITHM = WSConstants.SHA256;
     static final String CANONICALIZATION = WSConstants.C14N_EXCL_OMIT_COMMENTS;
     static final boolean USE_SINGLE_CERTIFICATE = false;   // the certificate chain as X509PKIPathv1 (a proxy needs it)
@@ -89,6 +91,7 @@ public final class GridSecurity {
     private final Merlin signing = new Merlin();
     private final Merlin trust = new Merlin();
     private volatile String expectedSigner;
+    private final String signatureAlgorithm;
 
     /** key: PKCS#8 private key; chain: the signing certificate first (a proxy: then the certificates that issued
      *  it); ca: the grid CA; expectedSigner: the CN the answers must be signed by (host/NAME). */
@@ -98,6 +101,7 @@ public final class GridSecurity {
         keys.load(null, null);
         keys.setKeyEntry("client", key, "changeit".toCharArray(), chain);
         signing.setKeyStore(keys);
+        this.signatureAlgorithm = "EC".equals(key.getAlgorithm()) ? EC_SIGNATURE_ALGORITHM : SIGNATURE_ALGORITHM;
         KeyStore anchors = KeyStore.getInstance("JKS");
         anchors.load(null, null);
         anchors.setCertificateEntry("grid-ca", ca);
@@ -171,7 +175,7 @@ public final class GridSecurity {
         signature.setUserInfo("client", "changeit");
         signature.setKeyIdentifierType(KEY_IDENTIFIER);
         signature.setUseSingleCertificate(USE_SINGLE_CERTIFICATE);
-        signature.setSignatureAlgorithm(SIGNATURE_ALGORITHM);
+        signature.setSignatureAlgorithm(signatureAlgorithm);
         signature.setDigestAlgo(DIGEST_ALGORITHM);
         signature.setSigCanonicalization(CANONICALIZATION);
         signature.setParts(parts);

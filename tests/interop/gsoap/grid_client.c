@@ -57,7 +57,9 @@ static void sign(struct soap *soap, const char *to, const char *op, const char *
     soap_wsse_add_BinarySecurityTokenX509(soap, "X509Token", cert);
     soap_wsse_add_KeyInfo_SecurityTokenReferenceX509(soap, "#X509Token");
   }
-  soap_wsse_sign_body(soap, SOAP_SMD_SIGN_RSA_SHA256, key, 0);
+  /* an ECDSA P-256 key (a proxy made with `vmgrid proxy-init --key-type ec`) signs with ecdsa-sha256 */
+  soap_wsse_sign_body(soap, EVP_PKEY_base_id(key) == EVP_PKEY_EC ? SOAP_SMD_SIGN_ECDSA_SHA256 : SOAP_SMD_SIGN_RSA_SHA256,
+                      key, 0);
   soap_wsse_verify_auto(soap, SOAP_SMD_NONE, NULL, 0);
 }
 

@@ -186,6 +186,38 @@ def test_ecdsa_p256_credentials_sign_and_verify(grid_pki):
         verify_envelope(etree.tostring(root), grid_pki.trust())
 
 
+def test_an_ecdsa_signature_rewritten_in_another_valid_form_is_still_a_replay(grid_pki):
+    """Anyone holding an ECDSA-signed message can write its signature (r, s) as (r, n - s), or in DER: each still
+    verifies. The replay cache keys on what was signed, so each form is refused as a replay of the first; a fresh
+    cache takes the DER form (what gSOAP's wsse plugin writes) and refuses DER that is not exactly (r, s)."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+    from security.pki import make_proxy, new_key
+    from security.wssec import InvalidSecurity
+
+    user = grid_pki.ca.issue_user("erin-ec-replay", key=new_key(kind="ec"))
+    data = sign_envelope(echo_envelope("once"), make_proxy(user, hours=1))
+    root = etree.fromstring(data)
+    value = root.find(f".//{{{DS}}}SignatureValue")
+    raw = base64.b64decode(value.text)
+    r, s = int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big")
+    n = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551        # the order of P-256
+    forms = {"high-s": r.to_bytes(32, "big") + (n - s).to_bytes(32, "big"), "der": encode_dss_signature(r, s)}
+    cache = MemoryReplayCache()
+    assert verify_envelope(data, grid_pki.trust(), replay=cache)[0].dn == user.subject
+    for name, form in forms.items():
+        value.text = base64.b64encode(form).decode()
+        with pytest.raises(InvalidSecurity, match="replayed"):
+            verify_envelope(etree.tostring(root), grid_pki.trust(), replay=cache)
+        assert verify_envelope(etree.tostring(root), grid_pki.trust(), replay=MemoryReplayCache())[0].dn \
+            == user.subject, name
+    value.text = base64.b64encode(forms["der"] + b"\0").decode()                # DER with a byte after it
+    with pytest.raises(FailedCheck):
+        verify_envelope(etree.tostring(root), grid_pki.trust(), replay=MemoryReplayCache())
+    assert isinstance(user.private_key, ec.EllipticCurvePrivateKey)
+
+
 def test_a_signature_method_that_does_not_match_the_key_fails(grid_pki):
     """An RSA key's signature relabelled as ecdsa-sha256 (or the reverse) is refused, not misread."""
     from security.wssec import ECDSA_SHA256
