@@ -14,7 +14,8 @@ restarted by guestd with its jobs' real states, the guest's logs.
 Then the migration ("migration"): alice starts a long job, notes its process (PID, start time, the kernel's
 boot id), then `vmgrid vm migrate NAME --to NODE2`; afterwards, through the job service at the new address: the
 same process, the same boot, the guest clock against the host's, the new address in the guest and reachable
-from the node, the old one dead.
+from the node, the old one dead. Then it goes back paused (`vmgrid vm pause`, `migrate --to NODE1`) and is
+resumed there (`vmgrid vm resume`): a guest that arrived paused takes the node's address when it first runs there.
 
 Prints what it saw as one JSON line (a part per test module; an error in one part does not hide the other's
 findings); always destroys the guest, stops the nodes and takes the bridge down.
@@ -197,6 +198,20 @@ def migration_part(out: dict, work: Path, pki, first, second, ref, info) -> Inst
     s["long_status"] = at2("job", "status", NAME, s["long"]["out"], "--json")
     out["reach"] = {"new": reachable(moved.address, 8443), "old": reachable(info.address, 8443)}
     s["cancel"] = at2("job", "cancel", NAME, s["long"]["out"])
+    # and back, paused: a guest that arrives paused takes its new node's address when it first runs there (Resume)
+    s["pause"] = at2("vm", "pause", NAME)
+    s["migrate_back"] = at2("vm", "migrate", NAME, "--to", first.url, timeout=900)
+    ref = InstanceRef(first.url, ref.key)
+    vm1 = VMManagerClient(GridServiceClient(first.url, pki.alice.proxy, pki.trust()))
+    arrived = vm1.status(ref)
+    out["back_arrived"] = {"state": arrived.state, "address": arrived.address, "guest_status": arrived.guest_status}
+    s["resume_back"] = alice("vm", "resume", NAME)
+    back = vm1.status(ref)
+    out["back"] = {"state": back.state, "address": back.address, "mac": back.mac, "node": back.node,
+                   "guest_status": back.guest_status, "job_service": back.job_service}
+    s["service_up_back"] = wait_service(alice, 300)
+    out["reach_back"] = {"new": reachable(back.address, 8443),
+                         "old": reachable(moved.address, 8443) if moved.address != back.address else "same"}
     return ref
 
 

@@ -1,6 +1,7 @@
 """A running real guest migrated through the grid (issue 11): two bridge-mode QEMU nodes with different lease
 ranges, `vmgrid vm migrate NAME --to NODE2`, then guestd has the target's address, MAC and clock and the job
-service a certificate for the new address, with nothing restarted inside but the job service itself.
+service a certificate for the new address, with nothing restarted inside but the job service itself; then back to the
+first node paused, where it takes that node's address when it is resumed.
 
 One guest, booted once for test_guest_jobs_qemu.py and this module (the session fixture jobs_scene,
 tests/vm/conftest.py): after the job service's checks on the first node, tests/vm/jobs_grid.py migrates it, inside
@@ -81,3 +82,19 @@ def test_the_job_service_has_a_certificate_for_the_new_address(seen):
 def test_everything_is_cleaned_up(seen):
     assert "cleanup" not in seen, seen["cleanup"]
     assert seen["bridge_after"] is False
+
+
+def test_a_guest_migrated_back_paused_takes_the_first_nodes_address_when_resumed(seen):
+    """Paused at the second node and migrated back: it arrives Paused with no fixup yet (guestd is not running);
+    `vmgrid vm resume` there gives it the first node's lease (address, MAC), which guestd sets and says, and the job
+    service answers at that address."""
+    steps = seen["steps"]
+    for step in ("pause", "migrate_back", "resume_back", "service_up_back"):
+        assert steps[step]["rc"] == 0, (step, steps[step])
+    arrived, back = seen["back_arrived"], seen["back"]
+    assert arrived["state"] == "Paused" and back["state"] == "Running", (arrived, back)
+    assert back["node"] != seen["after"]["node"] and back["address"].startswith("10.79.0.1"), back
+    assert f"guestd set address {back['address']}, MAC {back['mac']}" in back["guest_status"], back
+    assert back["job_service"]["url"] == f"https://{back['address']}:8443/wsrf/services/JobService", back
+    assert seen["reach_back"]["new"] == "open", seen["reach_back"]
+    assert seen["reach_back"]["old"] != "open", seen["reach_back"]
