@@ -11,7 +11,6 @@ import ipaddress
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
 from .control import ControlChannel
@@ -19,6 +18,7 @@ from .errors import AuthenticationError, GridFTPError, ProtocolError, TransferEr
 from .protocol import (DEFAULT_FTP_PORT, DEFAULT_GRIDFTP_PORT, Reply, find_host_ports, format_eprt,
                        format_host_port, parse_epsv_reply)
 
+TYPE_CHECKING = False   # what typing.TYPE_CHECKING is at run time, without importing typing (the command's start)
 if TYPE_CHECKING:       # the TLS and GSI modules (ssl, cryptography, pyOpenSSL) load only for gsiftp://
     import ssl
 

@@ -13,7 +13,6 @@ back as ``REST`` when the transfer is run again.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import socket
@@ -22,9 +21,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from .checksum import hash_fd, hash_file
+from .checksum import hash_fd, hash_file, new_hash
 from .client import GridFTPClient, GridFTPURL
 from .datachannel import (Counter, ModeEReceiver, ModeESender, Throttle, Worker, accept_connections,
                           connect_streams, open_listener, receive_stream, shutdown_listener)
@@ -34,6 +32,7 @@ from .partial import PartialFile
 from .protocol import Reply, parse_perf_marker, parse_range_marker
 from .ranges import RangeSet
 
+TYPE_CHECKING = False   # what typing.TYPE_CHECKING is at run time, without importing typing (the command's start)
 if TYPE_CHECKING:       # TLS (cryptography) loads only for gsiftp://
     from .tls import Credential
 
@@ -439,7 +438,9 @@ class _RestartLog:
 
     def __init__(self, state_dir: Path, key: dict):
         self.key = key
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+        digest = new_hash("SHA256")
+        digest.update(json.dumps(key, sort_keys=True).encode())
+        digest = digest.hexdigest()[:32]
         self.path = Path(state_dir) / f"{digest}.json"
         self.ranges = RangeSet()
         self.sha256: str | None = None
