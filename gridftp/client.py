@@ -10,7 +10,7 @@ import binascii
 import ipaddress
 import socket
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections import namedtuple
 from urllib.parse import unquote, urlsplit
 
 from .control import ControlChannel
@@ -30,14 +30,11 @@ if TYPE_CHECKING:       # the TLS and GSI modules (ssl, cryptography, pyOpenSSL)
 CONTROL_TIMEOUT = 60.0
 
 
-@dataclass(frozen=True)
-class GridFTPURL:
-    """``ftp://host[:port]/path`` (anonymous) or ``gsiftp://host[:port]/path`` (AUTH TLS)."""
+class GridFTPURL(namedtuple("GridFTPURL", "scheme host port path")):
+    """``ftp://host[:port]/path`` (anonymous) or ``gsiftp://host[:port]/path`` (AUTH TLS): ``scheme``, ``host``,
+    ``port`` (int), ``path`` (a named tuple, see :class:`gridftp.protocol.Reply`)."""
 
-    scheme: str
-    host: str
-    port: int
-    path: str
+    __slots__ = ()
 
     @property
     def secure(self) -> bool:
