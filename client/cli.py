@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import threading
 
 from services.common.errors import CLIError  # the commands raise it (one class everywhere)
 
@@ -23,6 +25,10 @@ COMMAND_MODULES = [
 # families (lxml, cryptography, the services: 0.2 s of CPU; globus-url-copy starts in a few milliseconds).
 # `vmgrid repo` too: `vmgrid repo import` of a directory is measured whole, as a site operator runs it.
 ALONE = {"transfer": "gridftp.cli", "gridftp-server": "gridftp.cli", "repo": "client.commands_repo"}
+# Commands that, run as the `vmgrid` process and successful, end without the interpreter's teardown (freeing every
+# module and object: 0.03-0.05 s of CPU after a 1 GiB transfer, 0.1 s of wall time under load). By then the command
+# has closed its files and sockets and joined its threads; stdout and stderr are flushed first.
+EXIT_AT_ONCE = {"transfer"}
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -43,13 +49,23 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(func(args) or 0)
+        rc = int(func(args) or 0)
     except CLIError as exc:
         print(f"vmgrid: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("vmgrid: interrupted", file=sys.stderr)
         return 130
+    if argv is None and rc == 0 and args.command in EXIT_AT_ONCE and _only_daemon_threads():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    return rc
+
+
+def _only_daemon_threads() -> bool:
+    """No thread left that a normal exit would wait for (a failed command's threads are left to the normal exit)."""
+    return all(t.daemon or t is threading.main_thread() for t in threading.enumerate())
 
 
 if __name__ == "__main__":

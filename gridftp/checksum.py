@@ -11,7 +11,6 @@ block lands instead of costing a second pass over the file.
 """
 from __future__ import annotations
 
-import hashlib
 import mmap
 import os
 import threading
@@ -43,12 +42,23 @@ def _blake3_hasher():
     return _blake3.blake3(max_threads=_blake3.blake3.AUTO)
 
 
+def _hashlib(name: str) -> Callable[[], object]:
+    """hashlib's constructor ``name``, imported on first use: hashlib loads OpenSSL's libcrypto (about 3 ms of a
+    process's start), which a BLAKE3-verified download never needs."""
+
+    def new():
+        import hashlib
+        return getattr(hashlib, name)()
+
+    return new
+
+
 ALGORITHMS: dict[str, Callable[[], object]] = {
-    "SHA256": hashlib.sha256,
+    "SHA256": _hashlib("sha256"),
     "BLAKE3": _blake3_hasher,
-    "SHA1": hashlib.sha1,
-    "SHA512": hashlib.sha512,
-    "MD5": hashlib.md5,
+    "SHA1": _hashlib("sha1"),
+    "SHA512": _hashlib("sha512"),
+    "MD5": _hashlib("md5"),
     "ADLER32": _Adler32,
 }
 

@@ -10,8 +10,7 @@ import binascii
 import ipaddress
 import socket
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from collections import namedtuple
 from urllib.parse import unquote, urlsplit
 
 from .control import ControlChannel
@@ -19,6 +18,7 @@ from .errors import AuthenticationError, GridFTPError, ProtocolError, TransferEr
 from .protocol import (DEFAULT_FTP_PORT, DEFAULT_GRIDFTP_PORT, Reply, find_host_ports, format_eprt,
                        format_host_port, parse_epsv_reply)
 
+TYPE_CHECKING = False   # what typing.TYPE_CHECKING is at run time, without importing typing (the command's start)
 if TYPE_CHECKING:       # the TLS and GSI modules (ssl, cryptography, pyOpenSSL) load only for gsiftp://
     import ssl
 
@@ -30,14 +30,11 @@ if TYPE_CHECKING:       # the TLS and GSI modules (ssl, cryptography, pyOpenSSL)
 CONTROL_TIMEOUT = 60.0
 
 
-@dataclass(frozen=True)
-class GridFTPURL:
-    """``ftp://host[:port]/path`` (anonymous) or ``gsiftp://host[:port]/path`` (AUTH TLS)."""
+class GridFTPURL(namedtuple("GridFTPURL", "scheme host port path")):
+    """``ftp://host[:port]/path`` (anonymous) or ``gsiftp://host[:port]/path`` (AUTH TLS): ``scheme``, ``host``,
+    ``port`` (int), ``path`` (a named tuple, see :class:`gridftp.protocol.Reply`)."""
 
-    scheme: str
-    host: str
-    port: int
-    path: str
+    __slots__ = ()
 
     @property
     def secure(self) -> bool:

@@ -8,11 +8,11 @@ import select
 import socket
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from .errors import ProtocolError
 from .protocol import MAX_LINE, Reply, format_reply, parse_reply_first_line
 
+TYPE_CHECKING = False   # what typing.TYPE_CHECKING is at run time, without importing typing (the command's start)
 if TYPE_CHECKING:
     import ssl
 

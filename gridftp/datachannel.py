@@ -16,7 +16,6 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Protocol
 
 from .control import is_tls
 from .errors import AuthenticationError, ProtocolError, TransferError
@@ -29,15 +28,24 @@ DATA_TIMEOUT = 60.0             # seconds a data connection may stay silent
 ACCEPT_TIMEOUT = 60.0           # seconds to wait for the first data connection
 
 
-class Sink(Protocol):
-    """Where received bytes go (a :class:`~gridftp.partial.PartialFile`, or a plain file for ESTO).
+TYPE_CHECKING = False   # what typing.TYPE_CHECKING is at run time, without importing typing (the command's start)
+if TYPE_CHECKING:       # the interfaces, for type checkers and readers
+    from typing import Protocol
 
-    A sink backed by a file may also have ``fd`` and ``record(start, end)``: plain TCP data is
-    then spliced from the socket into the file at its offset without passing through user space,
-    and ``record`` is told what landed.
-    """
+    class Sink(Protocol):
+        """Where received bytes go (a :class:`~gridftp.partial.PartialFile`, or a plain file for ESTO).
 
-    def write(self, offset: int, data: memoryview) -> None: ...
+        A sink backed by a file may also have ``fd`` and ``record(start, end)``: plain TCP data is
+        then spliced from the socket into the file at its offset without passing through user space,
+        and ``record`` is told what landed.
+        """
+
+        def write(self, offset: int, data: memoryview) -> None: ...
+
+    class Protection(Protocol):
+        """Secures a data connection (PROT P): TLS handshake plus the DCAU identity check."""
+
+        def wrap(self, sock: socket.socket, *, server_side: bool) -> socket.socket: ...
 
 
 PIPE_SIZE = 1 << 20
@@ -65,12 +73,6 @@ class Splicer:
     def close(self) -> None:
         os.close(self.read_end)
         os.close(self.write_end)
-
-
-class Protection(Protocol):
-    """Secures a data connection (PROT P): TLS handshake plus the DCAU identity check."""
-
-    def wrap(self, sock: socket.socket, *, server_side: bool) -> socket.socket: ...
 
 
 class Worker:

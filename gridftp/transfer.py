@@ -13,18 +13,16 @@ back as ``REST`` when the transfer is run again.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import socket
 import threading
 import time
+from collections import namedtuple
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from .checksum import hash_fd, hash_file
+from .checksum import hash_fd, hash_file, new_hash
 from .client import GridFTPClient, GridFTPURL
 from .datachannel import (Counter, ModeEReceiver, ModeESender, Throttle, Worker, accept_connections,
                           connect_streams, open_listener, receive_stream, shutdown_listener)
@@ -34,6 +32,7 @@ from .partial import PartialFile
 from .protocol import Reply, parse_perf_marker, parse_range_marker
 from .ranges import RangeSet
 
+TYPE_CHECKING = False   # what typing.TYPE_CHECKING is at run time, without importing typing (the command's start)
 if TYPE_CHECKING:       # TLS (cryptography) loads only for gsiftp://
     from .tls import Credential
 
@@ -45,30 +44,23 @@ IDLE_TIMEOUT = 120.0        # seconds without a byte or a reply before a transfe
 POLL = 0.25
 
 
-@dataclass(frozen=True)
-class TransferResult:
-    """What one call moved and how it was verified.
+_RESULT_FIELDS = ("source destination size sha256 seconds bytes_transferred bytes_reused fetched_ranges attempts "
+                  "parallelism repaired_bytes blake3")
+
+
+class TransferResult(namedtuple("TransferResult", _RESULT_FIELDS, defaults=(0, ""))):
+    """What one call moved and how it was verified (a named tuple, see :class:`gridftp.protocol.Reply`).
 
     ``bytes_transferred``: payload bytes that crossed data connections in this call (all
     attempts). ``bytes_reused``: bytes the receiver already held from an interrupted run and
     that were not sent again. ``fetched_ranges``: the byte ranges this call asked the source
     for (``a-b,c-d``, half-open); on a clean first run ``0-size``. ``repaired_bytes``: bytes
     fetched again because verification found them corrupt. A download is verified with SHA-256
-    (``sha256`` set) or, between vmgrid peers, with BLAKE3 (``blake3`` set, ``sha256`` empty).
+    (``sha256`` set) or, between vmgrid peers, with BLAKE3 (``blake3`` set, ``sha256`` empty). ``source`` and
+    ``destination`` are strings, ``seconds`` a float, the counts ints, the digests lowercase hex or "".
     """
 
-    source: str
-    destination: str
-    size: int
-    sha256: str
-    seconds: float
-    bytes_transferred: int
-    bytes_reused: int
-    fetched_ranges: str
-    attempts: int
-    parallelism: int
-    repaired_bytes: int = 0
-    blake3: str = ""
+    __slots__ = ()
 
     @property
     def verified_with(self) -> str:
@@ -80,14 +72,17 @@ class TransferResult:
         return self.size * 8 / self.seconds / 1e6 if self.seconds > 0 else 0.0
 
 
-@dataclass
 class _Options:
-    credential: Credential | None
-    trust: object
-    timeout: float
-    identify: object
-    gsi: bool = False
-    prot: str = "P"
+    """What every control connection of one call is opened with."""
+
+    def __init__(self, credential: Credential | None, trust: object, timeout: float, identify: object,
+                 gsi: bool = False, prot: str = "P"):
+        self.credential = credential
+        self.trust = trust
+        self.timeout = timeout
+        self.identify = identify
+        self.gsi = gsi
+        self.prot = prot
 
     def client(self, url: GridFTPURL, server_dn: str | None = None, prelude: list[str] = ()) -> GridFTPClient:
         return GridFTPClient(url, credential=self.credential, trust=self.trust, server_dn=server_dn,
@@ -439,7 +434,9 @@ class _RestartLog:
 
     def __init__(self, state_dir: Path, key: dict):
         self.key = key
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+        digest = new_hash("SHA256")
+        digest.update(json.dumps(key, sort_keys=True).encode())
+        digest = digest.hexdigest()[:32]
         self.path = Path(state_dir) / f"{digest}.json"
         self.ranges = RangeSet()
         self.sha256: str | None = None

@@ -71,6 +71,31 @@ def test_transfer_starts_without_the_other_command_families(start_server, tree, 
     assert (tmp_path / "s").read_bytes() == (tree / "data" / "small").read_bytes()
 
 
+def test_transfer_ends_without_the_teardown_and_loses_no_output(start_server, tree, tmp_path):
+    """A successful `vmgrid transfer` run as the process ends without the interpreter's teardown (its atexit
+    handlers do not run) once its output is flushed into the pipe and the file has its name; a failed one ends
+    the normal way."""
+    server = start_server()
+    out = tmp_path / "out"
+    out.mkdir()
+    probe = ("import atexit, sys; from client.cli import main; "
+             "atexit.register(lambda: print('teardown ran', flush=True)); sys.exit(main())")
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", probe, "transfer", *args], cwd=REPO, capture_output=True,
+                              text=True, timeout=60)
+
+    ok = run(server.url("/data/f3m"), str(out / "f"), "-q")
+    assert ok.returncode == 0, ok.stderr
+    assert "teardown ran" not in ok.stdout
+    assert ok.stdout.rstrip().endswith("verified") and "3.0 MiB in" in ok.stdout     # every line, through a pipe
+    assert sha256_of(out / "f") == sha256_of(tree / "data" / "f3m")
+    assert sorted(p.name for p in out.iterdir()) == ["f"]                           # no partial file, no sidecar
+    failed = run(server.url("/data/nope"), str(out / "g"), "-q")
+    assert failed.returncode == 1 and "vmgrid:" in failed.stderr
+    assert "teardown ran" in failed.stdout
+
+
 def test_gridftp_server_command(tree, tmp_path):
     refused = vmgrid("gridftp-server", "--root", str(tree), "--port", "0", "--no-tls")
     assert refused.returncode == 1 and "nobody could log in" in refused.stderr
