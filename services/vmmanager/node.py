@@ -44,6 +44,7 @@ log = logging.getLogger("vmgrid.VMManagerService")
 STOPPED_HANDLERS = 4     # threads handling guests that stopped by themselves (a few may wait for a lock)
 CLEANUP_PENDING = "destroyed; releases pending at the central services"
 CLEANUP_DONE = "destroyed; releases delivered to the central services"
+QUIET_STATES = frozenset({State.STAGING, State.STARTING, State.DESTROYED})   # state changes logged at debug
 
 
 class Node:
@@ -197,7 +198,10 @@ class Node:
         if old is None:
             return False
         if old != new:
-            log.info("instance %s: %s -> %s", key, old.value, new.value)
+            # the routine steps of a deployment and a Destroy (logged with its own line) at debug: a deploy+destroy
+            # writes three INFO lines, not six (each a formatted, flushed write in the node's process)
+            log.log(logging.DEBUG if new in QUIET_STATES else logging.INFO, "instance %s: %s -> %s", key, old.value,
+                    new.value)
             self._notify(key, old, new)
         return True
 
