@@ -44,6 +44,7 @@ log = logging.getLogger("vmgrid.VMManagerService")
 STOPPED_HANDLERS = 4     # threads handling guests that stopped by themselves (a few may wait for a lock)
 CLEANUP_PENDING = "destroyed; releases pending at the central services"
 CLEANUP_DONE = "destroyed; releases delivered to the central services"
+STOPPED_KINDS = (LifecycleEventKind.STOPPED, LifecycleEventKind.CRASHED)   # the lifecycle events the node handles
 QUIET_STATES = frozenset({State.STAGING, State.STARTING, State.DESTROYED})   # state changes logged at debug
 
 
@@ -123,7 +124,7 @@ class Node:
                                                    name=f"vmgrid-guest-stopped-{i}") for i in range(STOPPED_HANDLERS)]
         for handler in self._stopped_handlers:
             handler.start()
-        self._event_handle = self.vmm.subscribe(self._on_vmm_event)
+        self._event_handle = self.vmm.subscribe(self._on_vmm_event, STOPPED_KINDS)
         self._sweeper = Sweeper(lambda now: self.sweep(now), self.config.sweep_interval).start()
 
     def close(self) -> None:
@@ -715,7 +716,7 @@ class Node:
 
     def _on_vmm_event(self, event: LifecycleEvent) -> None:
         # runs on libvirt's event thread: hand over, never call the VMM here
-        if event.kind in (LifecycleEventKind.STOPPED, LifecycleEventKind.CRASHED):
+        if event.kind in STOPPED_KINDS:
             self._stopped.put(event)
 
     def _handle_stopped(self) -> None:
