@@ -11,7 +11,7 @@ import enum
 import threading
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, ClassVar
+from typing import TYPE_CHECKING, Callable, ClassVar, Iterable
 
 from .errors import Unsupported
 from .spec import InstanceSpec
@@ -208,8 +208,9 @@ class VMM(abc.ABC):
         """
 
     @abc.abstractmethod
-    def subscribe(self, callback: EventCallback) -> int:
-        """Call ``callback`` with every LifecycleEvent of this node's instances; return a handle.
+    def subscribe(self, callback: EventCallback, kinds: Iterable[LifecycleEventKind] | None = None) -> int:
+        """Call ``callback`` with every LifecycleEvent of this node's instances (only those of ``kinds``, when
+        given); return a handle.
 
         Callbacks run on the VMM's event thread: they must return quickly and not call the VMM.
         """

@@ -17,7 +17,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Iterable
 
 import libvirt
 
@@ -85,7 +85,11 @@ class LibvirtDriver(VMM):
         self._conn = open_connection(uri)
         self._lock = threading.Lock()
         self._channels: dict[str, GuestChannelClient] = {}
-        self._subscribers: dict[int, EventCallback] = {}
+        self._subscribers: dict[int, tuple[EventCallback, frozenset[int] | None]] = {}
+        # libvirt's lifecycle events the subscribers want (None: every one); libvirt cannot be asked for some of
+        # them only, so the others are dropped here before anything is built for them (a deploy+destroy on the
+        # test driver brings five: defined, started, stopped, undefined, and the node wants the stop only)
+        self._wanted: frozenset[int] | None = frozenset()
         self._handles = itertools.count(1)
         self._event_id = self._conn.domainEventRegisterAny(
             None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None)
@@ -128,11 +132,16 @@ class LibvirtDriver(VMM):
             ch.retire(why)
 
     def _on_lifecycle(self, _conn, dom, event: int, detail: int, _opaque) -> None:
+        wanted = self._wanted
+        if event not in _EVENTS or (wanted is not None and event not in wanted):
+            return
         instance = config.instance_name(dom.name())
-        if instance is None or event not in _EVENTS:
+        if instance is None:
             return
         ev = LifecycleEvent(instance, _EVENTS[event], _event_detail(event, detail), self._uri)
-        for callback in list(self._subscribers.values()):
+        for callback, events in list(self._subscribers.values()):
+            if events is not None and event not in events:
+                continue
             try:
                 callback(ev)
             except Exception:
@@ -398,13 +407,28 @@ class LibvirtDriver(VMM):
                 break
         return offset
 
-    def subscribe(self, callback: EventCallback) -> int:
+    def subscribe(self, callback: EventCallback, kinds: Iterable[LifecycleEventKind] | None = None) -> int:
+        events = None if kinds is None else frozenset(e for e, k in _EVENTS.items() if k in set(kinds))
         handle = next(self._handles)
-        self._subscribers[handle] = callback
+        with self._lock:
+            self._subscribers[handle] = (callback, events)
+            self._rewant()
         return handle
 
     def unsubscribe(self, handle: int) -> None:
-        self._subscribers.pop(handle, None)
+        with self._lock:
+            self._subscribers.pop(handle, None)
+            self._rewant()
+
+    def _rewant(self) -> None:
+        """The union of what the subscribers want (with the lock held)."""
+        wanted: set[int] = set()
+        for _, events in self._subscribers.values():
+            if events is None:
+                self._wanted = None
+                return
+            wanted |= events
+        self._wanted = frozenset(wanted)
 
     def close(self) -> None:
         with self._lock:

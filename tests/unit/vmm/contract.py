@@ -237,6 +237,32 @@ class VMMContract:
         it = iter(seen)
         assert all(kind in it for kind in order), f"events out of order: {seen}"
 
+    def test_a_subscriber_for_some_kinds_hears_only_those(self, vmm: VMM, make_spec):
+        K = LifecycleEventKind
+        stops, every = [], []
+        arrived = threading.Event()
+
+        def on_any(ev):
+            if ev.instance == "c-kinds":
+                every.append(ev.kind)
+                if ev.kind == K.UNDEFINED:
+                    arrived.set()
+
+        only = vmm.subscribe(lambda ev: stops.append(ev.kind) if ev.instance == "c-kinds" else None,
+                             (K.STOPPED, K.CRASHED))
+        handle = vmm.subscribe(on_any)
+        try:
+            vmm.define(make_spec("c-kinds"))
+            vmm.start("c-kinds")
+            vmm.destroy("c-kinds")
+            vmm.undefine("c-kinds")
+            assert arrived.wait(10), f"no undefined event; saw {every}"
+        finally:
+            vmm.unsubscribe(handle)
+            vmm.unsubscribe(only)
+        # one event thread delivers in order: the stop reached both before the undefine reached the second
+        assert stops == [K.STOPPED] and K.STARTED in every and K.STOPPED in every, (stops, every)
+
     def test_unsubscribed_callbacks_hear_nothing(self, vmm: VMM, make_spec):
         seen = []
         handle = vmm.subscribe(seen.append)
