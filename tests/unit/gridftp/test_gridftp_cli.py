@@ -58,16 +58,18 @@ def test_transfer_errors_are_one_line_messages(start_server, tmp_path):
 
 def test_transfer_starts_without_the_other_command_families(start_server, tree, tmp_path):
     """A download's start is part of its time: `vmgrid transfer ftp://...` loads neither the other command
-    families (lxml, the services) nor TLS/GSI (cryptography, pyOpenSSL, not even the standard ssl module), and
-    still downloads and verifies."""
+    families (lxml, the services) nor TLS/GSI (cryptography, pyOpenSSL, not even the standard ssl module), nor
+    dataclasses, typing or hashlib, and still downloads and verifies (with BLAKE3, from a vmgrid server)."""
     server = start_server()
     probe = ("import sys; from client.cli import main; rc = main(sys.argv[1:]); "
              "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'cryptography', 'OpenSSL', 'lxml', 'zeep', 'ssl'}); "
-             "print('loaded:', heavy, 'vmmanager' in str(sorted(sys.modules))); sys.exit(rc)")
+             "print('loaded:', heavy, 'vmmanager' in str(sorted(sys.modules))); "
+             "print('start:', sorted({'dataclasses', 'typing', 'hashlib'} & set(sys.modules))); sys.exit(rc)")
     got = subprocess.run([sys.executable, "-c", probe, "transfer", server.url("/data/small"), str(tmp_path / "s"),
                           "-q"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert got.returncode == 0, got.stderr
     assert "loaded: [] False" in got.stdout
+    assert "start: []" in got.stdout            # nor dataclasses, typing, hashlib: a BLAKE3 download needs none
     assert (tmp_path / "s").read_bytes() == (tree / "data" / "small").read_bytes()
 
 
