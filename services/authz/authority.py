@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import replace
-from typing import Mapping, Sequence
+from typing import Mapping
 
 from services.authz.audit import AuditLog
 from services.authz.edit import add_rule, put_group, remove_group, remove_rule, render_group
@@ -78,16 +78,11 @@ class PolicyAuthority:
 
     # -- instance slots ----------------------------------------------------------------------------
     def claim(self, subject: Subject, action: str, instance: str, resource: Mapping[str, str],
-              context: Mapping[str, str], *, requester: str, node: str = "",
-              releases: Sequence[str] = ()) -> tuple[Decision, Slot, bool]:
+              context: Mapping[str, str], *, requester: str, node: str = "") -> tuple[Decision, Slot, bool]:
         """Authorize, apply the obligations to the request, and count the instance, as one step. For
         ``vm.deploy`` the slot is the subject's; for another action on an existing instance (``vm.set-lifetime``,
         ``vm.migrate``) the instance's slot is renewed whoever is authorized, or counted for its ``owner``. The
-        slot's claimant is the requester's credential and its ``node`` identity (:func:`claimant`).
-        ``releases``: slots the requester gives back (its instances since ended), freed as :meth:`release` frees
-        them before the claim is decided, whatever the decision."""
-        for gone in releases:
-            self.release(gone, requester=requester)
+        slot's claimant is the requester's credential and its ``node`` identity (:func:`claimant`)."""
         decision, _ = self.authorize(subject, action, resource, context, requester=requester)
         if not decision.permit:
             raise AccessDenied(f"{subject.dn} may not {action} on {describe(resource)} (rule: {decision.rule})",
@@ -225,10 +220,9 @@ class LocalPolicyPoint:
         return self.authority.groups(subject.dn)[0]
 
     def claim_slot(self, subject: Subject, action: str, instance: str, resource: Mapping[str, str],
-                   context: Mapping[str, str], node: str = "", releases: Sequence[str] = ()
-                   ) -> tuple[Decision, Slot]:
+                   context: Mapping[str, str], node: str = "") -> tuple[Decision, Slot]:
         decision, slot, _ = self.authority.claim(subject, action, instance, resource, context,
-                                                 requester=self.requester, node=node, releases=releases)
+                                                 requester=self.requester, node=node)
         return decision, slot
 
     def release_slot(self, instance: str) -> bool:

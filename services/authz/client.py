@@ -97,14 +97,12 @@ class AuthorizationClient:
 
     # -- slots -------------------------------------------------------------------------------------
     def claim_slot(self, subject: Subject, instance: str, resource: Mapping[str, object] | None = None,
-                   context: Mapping[str, object] | None = None, action: str = "vm.deploy", node: str = "",
-                   releases: Sequence[str] = ()) -> tuple[Decision, Slot, bool]:
+                   context: Mapping[str, object] | None = None, action: str = "vm.deploy", node: str = ""
+                   ) -> tuple[Decision, Slot, bool]:
         """(decision, slot, renewed); raises AccessDenied or LimitExceeded. ``node``: the claiming service's
-        own identity (the slot is keyed by it and the credential). ``releases``: slots given back in the same
-        call (at most 100), freed before the claim is decided."""
+        own identity (the slot is keyed by it and the credential)."""
         resp = self.service.call("ClaimSlot", payload=decision_request("ClaimSlot", subject, action, resource, context,
-                                                                       instance=instance, node=node,
-                                                                       releases=releases))
+                                                                       instance=instance, node=node))
         return (decision_from_xml(resp), slot_from_xml(resp.find("az:slot", NS)),
                 text(resp, "renewed") in ("true", "1"))
 
@@ -304,9 +302,8 @@ class ServicePolicyPoint:
 
     # -- SlotKeeper --------------------------------------------------------------------------------
     def claim_slot(self, subject: Subject, action: str, instance: str, resource: Mapping[str, str],
-                   context: Mapping[str, str], node: str = "", releases: Sequence[str] = ()
-                   ) -> tuple[Decision, Slot]:
-        decision, slot, _ = self._call("claim_slot", subject, instance, resource, context, action, node, releases)
+                   context: Mapping[str, str], node: str = "") -> tuple[Decision, Slot]:
+        decision, slot, _ = self._call("claim_slot", subject, instance, resource, context, action, node)
         self._note_version(decision.policy)
         return decision, slot
 

@@ -91,12 +91,10 @@ class SlotKeeper(Protocol):
     """A policy point that also counts running instances (the Authorization service)."""
 
     def claim_slot(self, subject: Subject, action: str, instance: str, resource: Mapping[str, str],
-                   context: Mapping[str, str], node: str = "", releases: Sequence[str] = ()
-                   ) -> tuple[Decision, Slot]:
+                   context: Mapping[str, str], node: str = "") -> tuple[Decision, Slot]:
         """Authorize ``action`` and count ``instance`` against the limits, atomically; raises AccessDenied or
         LimitExceeded. Claiming an instance that already has a slot renews it (same subject only). ``node``: the
-        claiming service's own identity; with its credential it keys the slot. ``releases``: slots given back
-        in the same call (as :meth:`release_slot`), freed before the claim is decided, whatever the decision."""
+        claiming service's own identity; with its credential it keys the slot."""
         ...
 
     def release_slot(self, instance: str) -> bool:
@@ -164,28 +162,19 @@ class Enforcer:
         return self.pdp.groups(_subject(caller))
 
     def claim(self, caller, instance: str, resource: Mapping[str, str] | None = None,
-              context: Mapping[str, str] | None = None, action: str = "vm.deploy",
-              releases: Sequence[str] = ()) -> tuple[Decision, Slot]:
+              context: Mapping[str, str] | None = None, action: str = "vm.deploy") -> tuple[Decision, Slot]:
         """Authorize a deployment and count the new instance against the concurrent-instance limits in one
-        atomic step (20 concurrent deploys cannot overshoot). Release the slot when the instance is gone, alone
-        or as one of ``releases``: slots given back in this call, before the claim is decided."""
+        atomic step (20 concurrent deploys cannot overshoot). Release the slot when the instance is gone."""
         subject = _subject(caller)
         context = dict(context or {})
         if isinstance(self.pdp, SlotKeeper):
             decision, slot = self.pdp.claim_slot(subject, action, instance, dict(resource or {}), context,
-                                                 self.identity, tuple(releases))
+                                                 self.identity)
             enforce_obligations(decision, context)
             return decision, slot
-        for gone in releases:   # a policy point that counts nothing has nothing to free
-            self.release(gone)
         decision = self.check(caller, action, resource, context)
         return decision, Slot(instance, subject.dn, (resource or {}).get("vo"), "", 0.0, None, 0, None,
                               counted=False)
-
-    @property
-    def counts_slots(self) -> bool:
-        """Whether the policy point counts instances (the Authorization service; a local policy engine does not)."""
-        return isinstance(self.pdp, SlotKeeper)
 
     def release(self, instance: str) -> bool:
         """Free an instance's slot (destroyed, expired, or its deployment failed)."""

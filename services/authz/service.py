@@ -164,8 +164,7 @@ class AuthorizationService(SoapService):
             subject, (text(req, "action") or "vm.deploy").strip(), text(req, "instance").strip(),
             attributes_from_xml(req.find("az:resource", NS), "resource"),
             attributes_from_xml(req.find("az:context", NS), "context"), requester=ctx.dn,
-            node=(text(req, "node") or "").strip(),
-            releases=[(r.text or "").strip() for r in req.iterfind("az:release", NS)])
+            node=(text(req, "node") or "").strip())
         crashpoint("slot.claimed")     # fault tests: the slot recorded, its answer never sent
         resp = el("ClaimSlotResponse")
         sub(resp, "rule", decision.rule)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Mapping
 
 from lxml import etree
 
@@ -86,7 +86,7 @@ def attributes_to_zeep(values: Mapping[str, object]) -> dict:
 
 def decision_request(operation: str, subject: Subject, action: str | None, resource: Mapping[str, object] | None,
                      context: Mapping[str, object] | None, *, instance: str | None = None,
-                     node: str | None = None, releases: Sequence[str] = ()) -> etree._Element:
+                     node: str | None = None) -> etree._Element:
     """An Authorize or ClaimSlot request as lxml, in the schema's order (the client sends it without zeep
     rendering it: most of a decision call's time at the enforcing service)."""
     req = el(operation)
@@ -104,8 +104,6 @@ def decision_request(operation: str, subject: Subject, action: str | None, resou
                 sub(group, "attribute", str(v), name=k)
     if node:
         sub(req, "node", node)
-    for instance in releases:     # ClaimSlot only: slots given back before the claim is decided
-        sub(req, "release", instance)
     return req
 
 

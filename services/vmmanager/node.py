@@ -46,7 +46,6 @@ CLEANUP_PENDING = "destroyed; releases pending at the central services"
 CLEANUP_DONE = "destroyed; releases delivered to the central services"
 STOPPED_KINDS = (LifecycleEventKind.STOPPED, LifecycleEventKind.CRASHED)   # the lifecycle events the node handles
 QUIET_STATES = frozenset({State.STAGING, State.STARTING, State.DESTROYED})   # state changes logged at debug
-ENDED_SLOTS_PER_CLAIM = 100  # slots of destroyed instances given back with one ClaimSlot (wsdl/authz.xsd: release)
 
 
 class Node:
@@ -236,12 +235,9 @@ class Node:
                     "node": self.node}
         context = {"memory": str(d.memory), "vcpus": str(d.vcpus), "lifetime": str(req.lifetime),
                    "image": d.image_id, "node": self.node}
-        # the slots of instances destroyed here since the last claim ride on this one (freed before it is decided)
-        riders = self._ended_slots() if self.authz.counts_slots else []
         try:
-            decision, _slot = self.authz.claim(caller, key, resource, context, releases=[k for _, k, _ in riders])
+            decision, _slot = self.authz.claim(caller, key, resource, context)
         except AccessDenied:
-            self._rode(riders)     # the service freed them before it refused
             raise
         except VMGridFault:
             # the slot may have been recorded before the answer was lost (the central process killed meanwhile)
@@ -264,9 +260,7 @@ class Node:
                     vcpus=d.vcpus, descriptor=req.descriptor_xml, state=State.REGISTERED.value,
                     initial_state=req.initial_state, address=None, mac=None, created=now,
                     termination=now + req.lifetime, max_lifetime=int(max_lifetime) if max_lifetime else None,
-                    token=new_token()), delivered=[(entry, k) for entry, k, _ in riders])   # carried: done
-                self._cleaned(riders)
-                riders = []
+                    token=new_token()))
                 rec.add("authorize", t_authorize)
             with rec.phase("lease"):
                 phases.lease(self.parts, key)
@@ -277,7 +271,6 @@ class Node:
                 if self.store.get(key) is not None:
                     reason = f"{type(exc).__name__}: {getattr(exc, 'description', exc)}"
                     self.store.set_state(key, State.FAILED, failure=reason, phases=rec.take())
-                self._rode(riders)     # carried by the claim all the same (else the sweeper sends them again)
             except Exception:  # noqa: BLE001 - the deployment's own error is the one to report
                 log.exception("instance %s: cleaning up a failed deployment failed", key)
             finally:
@@ -423,28 +416,8 @@ class Node:
                     self._release_central("holder", key, f"{inst.image_id}\n{inst.hold_holder}")
 
     # -- releases at the central services, delivered or kept until they are ----------------------------
-    def _ended_slots(self) -> list[tuple[int, str, int]]:
-        """(outbox entry, instance, attempts) of the slots of destroyed instances not given back yet (at most
-        ENDED_SLOTS_PER_CLAIM, the schema's bound on ClaimSlot's releases)."""
-        return [(entry, key, attempts) for entry, kind, key, _, attempts in self.store.outbox()
-                if kind == "ended-slot"][:ENDED_SLOTS_PER_CLAIM]
-
-    def _rode(self, riders: list[tuple[int, str, int]]) -> None:
-        for entry, key, _ in riders:
-            self.store.outbox_done(entry, "ended-slot", key)
-        self._cleaned(riders)
-
-    def _cleaned(self, riders: list[tuple[int, str, int]]) -> None:
-        """Instances whose ended slot the sweeper had failed to give back (marked cleanup pending) and a claim has
-        now carried: done, if nothing else of theirs is pending."""
-        for _, key, attempts in riders:
-            if attempts > 1 and not self.store.outbox(instance=key):
-                inst = self.store.get(key)
-                if inst is not None and inst.guest_status.startswith(CLEANUP_PENDING):
-                    self.store.update(key, guest_status=CLEANUP_DONE)
-
     def _deliver(self, kind: str, key: str, arg: str) -> None:
-        if kind in ("slot", "ended-slot"):
+        if kind == "slot":
             self.authz.release(key)
         elif kind in ("hold", "holder"):
             with self.parts.holds.lock:
@@ -483,20 +456,12 @@ class Node:
             try:
                 self._deliver(kind, key, arg)
             except RETRYABLE as exc:
-                self.store.outbox_retry(entry, kind, key, arg, exc.description, now + min(30.0, 0.5 * 2 ** attempts))
-                if kind == "ended-slot" and attempts <= 1:   # planned, now pending like any release not taken
-                    inst = self.store.get(key)
-                    if inst is not None and not inst.guest_status.startswith(CLEANUP_PENDING):
-                        self.store.update(key, guest_status=f"{CLEANUP_PENDING} (slot), retried until the central "
-                                                            f"services take it")
+                self.store.outbox_retry(entry, exc.description, now + min(30.0, 0.5 * 2 ** attempts))
                 continue
             except VMGridFault as exc:   # refused for good: retrying cannot change it
                 log.warning("instance %s: %s release refused: %s", key, kind, exc.description)
-            self.store.outbox_done(entry, kind, key, arg)
-            if kind == "ended-slot" and attempts <= 1:    # no claim came to carry it: given back alone, as planned
-                log.debug("instance %s: slot released", key)
-            else:
-                log.info("instance %s: %s released (after %d attempt(s))", key, kind, attempts + 1)
+            self.store.outbox_done(entry)
+            log.info("instance %s: %s released (after %d attempt(s))", key, kind, attempts + 1)
             if not self.store.outbox(instance=key):
                 inst = self.store.get(key)
                 if inst is not None and inst.guest_status.startswith(CLEANUP_PENDING):
@@ -515,14 +480,11 @@ class Node:
                 if inst is None or inst.state_enum in FINAL:
                     return []
                 self._release(key)
-                # the slot is given back with this node's next ClaimSlot (one signed call fewer per deploy+destroy),
-                # or by the sweeper when no claim came within half a second (the outbox's first retry): until then
-                # the owner's count is one too high, so a deployment elsewhere at the limit may be refused for that
-                # long, never one allowed over it. Queued with the state change (one transaction; survives a crash)
-                self._set_state(key, State.DESTROYED, outbox="ended-slot" if self.authz.counts_slots else None)
+                self._set_state(key, State.DESTROYED)
         finally:
             self._guest_waits.pop(key, None)
-        pending = sorted({kind for _, kind, *_ in self.store.outbox(instance=key) if kind != "ended-slot"})
+        self._release_central("slot", key)
+        pending = sorted({kind for _, kind, *_ in self.store.outbox(instance=key)})
         if pending:   # destroyed all the same: what the central services did not take yet is retried
             self.store.update(key, guest_status=f"{CLEANUP_PENDING} ({', '.join(pending)}), retried until "
                                                 f"the central services take it")

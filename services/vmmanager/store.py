@@ -8,7 +8,6 @@ import sqlite3
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Iterable
 
 from services.faults import InvalidArgument, NoCapacity
 from services.sqlite import Database
@@ -222,28 +221,19 @@ class NodeStore:
             params.append(instance)
         return self._db().execute(sql + " ORDER BY id", params).fetchall()
 
-    # An entry is named by its id *and* what it releases (kind, instance, arg): SQLite gives a new row the id of the
-    # last row deleted, so an id read before another thread deleted that entry may name a newer one by then (a
-    # Destroy's ended slot queued while a deployment carried an older one): deleting by id alone lost that release.
-    _ENTRY = "id = ? AND kind = ? AND instance = ? AND arg = ?"
-
-    def outbox_done(self, entry: int, kind: str, instance: str, arg: str = "") -> None:
+    def outbox_done(self, entry: int) -> None:
         with self.write() as db:
-            db.execute(f"DELETE FROM outbox WHERE {self._ENTRY}", (entry, kind, instance, arg))
+            db.execute("DELETE FROM outbox WHERE id = ?", (entry,))
 
-    def outbox_retry(self, entry: int, kind: str, instance: str, arg: str, error: str, next_try: float) -> None:
+    def outbox_retry(self, entry: int, error: str, next_try: float) -> None:
         with self.write() as db:
-            db.execute(f"UPDATE outbox SET attempts = attempts + 1, next_try = ?, last_error = ? WHERE {self._ENTRY}",
-                       (next_try, error, entry, kind, instance, arg))
+            db.execute("UPDATE outbox SET attempts = attempts + 1, next_try = ?, last_error = ? WHERE id = ?",
+                       (next_try, error, entry))
 
     # -- instances ------------------------------------------------------------------------------
-    def insert(self, inst: Instance, delivered: Iterable[tuple[int, str]] = ()) -> None:
-        """Record a new instance; ``delivered``: ended slots given back, (outbox entry, instance), deleted in the
-        same transaction."""
+    def insert(self, inst: Instance) -> None:
         try:
             with self.write() as db:
-                db.executemany(f"DELETE FROM outbox WHERE {self._ENTRY}",
-                               [(entry, "ended-slot", key, "") for entry, key in delivered])
                 db.execute(f"INSERT INTO instances ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
                            [getattr(inst, c) for c in COLUMNS])
         except sqlite3.IntegrityError:
@@ -267,11 +257,10 @@ class NodeStore:
             db.execute(f"UPDATE instances SET {sets} WHERE key = ?", [*values.values(), key])
 
     def set_state(self, key: str, new: State, *, expect: set[State] | None = None,
-                  phases: list | None = None, outbox: str | None = None, **values) -> State | None:
+                  phases: list | None = None, **values) -> State | None:
         """Move an instance to ``new`` (only from ``expect`` when given); returns the old state, or None when the
         instance was not in an expected state (nothing changed). ``phases`` ([name, seconds] pairs) are added
-        to its phase timings in the same transaction; with ``outbox`` (a kind), a release of that kind for the
-        instance is queued in it too (due as :meth:`enqueue`'s)."""
+        to its phase timings in the same transaction."""
         with self.write() as db:
             row = db.execute("SELECT state, phases FROM instances WHERE key = ?", (key,)).fetchone()
             if row is None:
@@ -286,10 +275,6 @@ class NodeStore:
                 extra.setdefault("ended", time.time())
             sets = ", ".join(["state = ?"] + [f"{k} = ?" for k in extra])
             db.execute(f"UPDATE instances SET {sets} WHERE key = ?", [new.value, *extra.values(), key])
-            if outbox:
-                now = time.time()
-                db.execute("INSERT INTO outbox (kind, instance, arg, created, attempts, next_try, last_error) "
-                           "VALUES (?, ?, '', ?, 1, ?, '')", (outbox, key, now, now + 0.5))
             return old
 
     def add_phase(self, key: str, name: str, seconds: float) -> None:

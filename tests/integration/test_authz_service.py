@@ -300,29 +300,6 @@ def test_slot_operations_are_for_enforcement_points(site, people):
         alice.list_slots()
 
 
-def test_a_claim_gives_back_the_slots_it_carries_before_it_is_decided(site, people):
-    """ClaimSlot's releases (a node's destroyed instances riding on its next claim): freed before the claim is
-    decided, so a user at the limit who destroyed one deploys again; freed even when the claim is refused."""
-    enforcer = Enforcer(site.pep(), "n-rel")
-    image = {"type": "image", "vo": "bio", "owner": people["carol"].dn, "name": "emboss"}
-    alice, admin = Subject(people["alice"].dn), site.client(people["admin"].proxy)
-    held = lambda: sorted(s.instance for s in admin.list_slots(subject=people["alice"].dn))   # noqa: E731
-    for i in range(3):                                   # alice's limit is 3
-        enforcer.claim(alice, f"r-{i}", image, {})
-    with pytest.raises(LimitExceeded):
-        enforcer.claim(alice, "r-3", image, {})
-    enforcer.claim(alice, "r-3", image, {}, releases=["r-0", "r-gone"])    # r-gone held nothing: ignored
-    assert held() == ["r-1", "r-2", "r-3"]
-    with pytest.raises(AccessDenied):                    # refused (another VO's image), its release done all the same
-        enforcer.claim(alice, "r-4", {**image, "vo": "hep"}, {}, releases=["r-1"])
-    assert held() == ["r-2", "r-3"]
-    with pytest.raises(AccessDenied, match="not an enforcement point"):   # only enforcement points give slots back
-        site.client(people["alice"].proxy).claim_slot(alice, "r-5", image, releases=["r-2"])
-    assert held() == ["r-2", "r-3"]
-    enforcer.reconcile([])
-    assert held() == []
-
-
 def test_twenty_concurrent_deployments_over_soap_cannot_overshoot(site, people, grid_pki):
     enforcer = Enforcer(site.pep())
     image = {"type": "image", "vo": "bio", "owner": people["carol"].dn, "name": "emboss"}

@@ -42,13 +42,6 @@ def assert_nothing_held(grid, n: int = 0) -> None:
     assert node_holdings(grid, n) == {"live": [], "leases": [], "dirs": [], "domains": [], "holds": []}
 
 
-def given_back_slots(grid) -> list:
-    """The Authorization service's slots once the node gave back those of its destroyed instances (they ride on
-    the node's next ClaimSlot, or the sweeper gives them back half a second later: delivered here now)."""
-    grid.node().core.deliver_outbox(time.time() + 1)
-    return grid.authz_service.authority.slots()
-
-
 class Validating:
     """Checks every payload the VMManager returns against the published schema; records the operations."""
 
@@ -299,7 +292,7 @@ def test_deploy_faults_are_typed_and_leak_nothing(vm_grid, grid_pki, case):
     if case == "duplicate-identifier":
         vm.destroy(kept.ref)
     assert_nothing_held(vm_grid)
-    assert given_back_slots(vm_grid) == []
+    assert vm_grid.authz_service.authority.slots() == []
     assert list(vm_grid.node().cache.incoming.glob("*")) == []
     failed = [i for i in vm.list(include_ended=True) if i.state == "Failed"]
     if case in ("checksum", "vmm-failure"):      # failed after registration: recorded with the reason
@@ -322,35 +315,7 @@ def test_a_removed_image_never_deploys_though_the_node_reused_its_verdict(vm_gri
     with pytest.raises((UnknownImage, AccessDenied)):
         vm.deploy(ws, "again", 300, wait=True)
     assert_nothing_held(vm_grid)
-    assert given_back_slots(vm_grid) == []
-
-
-def test_a_destroyed_instances_slot_rides_on_the_next_claim_or_the_sweeper_gives_it_back(vm_grid, grid_pki,
-                                                                                        monkeypatch):
-    """Destroy leaves the slot's release in the node's outbox (kept across a crash, not pending as a failure);
-    the node's next deployment carries it in its ClaimSlot, so a deploy+destroy costs the node two calls to the
-    Authorization service, not three; with no deployment to carry it, the sweeper gives it back."""
-    vm = vm_grid.vmm(grid_pki.alice)
-    node, authority = vm_grid.node().core, vm_grid.authz_service.authority
-    sweep = node.sweep
-    monkeypatch.setattr(node, "sweep", lambda now=None: [])   # the background sweeper held off: this test sweeps
-    ws = vm_grid.register()
-    ref = vm.deploy(ws, "first", 300, wait=True).ref
-    vm.destroy(ref)
-    first = ref.key
-    assert [s.instance for s in authority.slots()] == [first]          # counted until given back
-    assert [(kind, key) for _, kind, key, _, _ in node.store.outbox()] == [("ended-slot", first)]
-    assert not node.store.get(first).guest_status.startswith("destroyed; releases pending")
-    calls = []
-    original = node.authz.pdp._client.service.call
-    node.authz.pdp._client.service.call = lambda op, *a, **kw: calls.append(op) or original(op, *a, **kw)
-    ref = vm.deploy(ws, "second", 300, wait=True).ref
-    assert [s.instance for s in authority.slots()] == [ref.key] and node.store.outbox() == []
-    vm.destroy(ref)
-    assert calls == ["ClaimSlot", "Authorize"]                         # no ReleaseSlot of its own
-    sweep(time.time() + 1)                                             # no claim came: the sweeper gives it back
-    assert authority.slots() == [] and node.store.outbox() == []
-    assert calls == ["ClaimSlot", "Authorize", "ReleaseSlot"]
+    assert vm_grid.authz_service.authority.slots() == []
 
 
 def test_an_asynchronous_deploy_is_watched_to_running(vm_grid, grid_pki):
@@ -373,7 +338,7 @@ def test_lifetime_expiry_destroys_and_releases_everything(vm_grid, grid_pki):
     with pytest.raises(ResourceUnknown):
         vm.status(info.ref)
     assert_nothing_held(vm_grid)
-    assert info.ref.key not in [s.instance for s in given_back_slots(vm_grid)]
+    assert info.ref.key not in [s.instance for s in vm_grid.authz_service.authority.slots()]
 
 
 def test_set_termination_time_refuses_the_past_and_nil(vm_grid, grid_pki):

@@ -283,35 +283,6 @@ def test_a_lingering_holds_release_is_retried_while_the_repository_cannot_take_i
     assert node.source.hold_calls == 2
 
 
-def test_an_outbox_entry_read_before_it_was_done_elsewhere_never_names_the_newer_entry_given_its_id(node):
-    """SQLite gives a new row the id of the last row deleted: a deployment that read an ended slot to carry, while
-    the sweeper gave that slot back and a Destroy queued the next one, must not delete the newer one by the old id
-    (the chaos test's slot without a live instance)."""
-    node.store.enqueue("ended-slot", "inst-old")
-    ((old, *_),) = node.store.outbox()
-    node.store.outbox_done(old, "ended-slot", "inst-old")      # the sweeper gave it back meanwhile
-    node.store.enqueue("ended-slot", "inst-new")               # a Destroy queues the next
-    ((new, _, key, _, _),) = node.store.outbox()
-    assert key == "inst-new"
-    node.store.outbox_done(old, "ended-slot", "inst-old")      # the deployment's late "done" (same id or not)
-    node.store.outbox_retry(old, "ended-slot", "inst-old", "", "late", time.time() + 60)
-    _record_carrying(node, [(old, "inst-old")])                 # ...or its new instance's insert
-    assert [(entry, k, attempts) for entry, _, k, _, attempts in node.store.outbox()] == [(new, "inst-new", 1)]
-    _record_carrying(node, [(new, "inst-new")], "second")      # carried for real: gone
-    assert node.store.outbox() == []
-
-
-def _record_carrying(node: Node, delivered, identifier: str = "first"):
-    from services.vmmanager.store import Instance
-
-    now = time.time()
-    node.store.insert(Instance(key=f"inst-{identifier:0>32}", identifier=identifier, owner=ALICE.dn, vo="bio",
-                               image_id="img-1", image_name="x", sha256="0" * 64, size=1, format="qcow2", memory=64,
-                               vcpus=1, descriptor=b"<x/>", state=State.RUNNING.value, initial_state="Running",
-                               address=None, mac=None, created=now, termination=now + 600, max_lifetime=None,
-                               token="t"), delivered=delivered)
-
-
 # -- ListInstances in pages (services/vmmanager/listing.py) -------------------------------------------------
 def _record(node: Node, owner: Subject, identifier: str, created: float):
     """An instance record straight into the node's store (listing reads records only)."""
