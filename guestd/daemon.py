@@ -37,6 +37,7 @@ class Guestd:
         self.error: str | None = None
         self.started = time.monotonic()
         self.wake_calm: Callable[[], None] | None = None   # a warm template's raised port thread, put back
+        self.recontext_seconds: dict[str, float] | None = None   # a warm clone's: where its recontext went
         self.env.state["on_container_change"] = self._container_changed
         if port is not None:
             port.handle("ping", lambda m: {"pong": True, "time": self.env.system.now()})
@@ -102,6 +103,7 @@ class Guestd:
             "time": self.env.system.now(), "uptime": time.monotonic() - self.started,
             "boot_id": self._boot_id(),
             "nice": os.getpriority(os.PRIO_PROCESS, 0),   # the answering thread's (raised during a recontext)
+            **({"recontext_seconds": self.recontext_seconds} if self.recontext_seconds is not None else {}),
         }
 
     def _boot_id(self) -> str | None:

@@ -99,8 +99,10 @@ def _recontext(daemon: "Guestd", message: dict[str, Any]) -> dict[str, Any]:
     status = daemon.status()
     seconds["status"] = round(time.monotonic() - t, 4)
     seconds["total"] = round(time.monotonic() - started, 4)
-    # where the recontext's time went in the guest (the node logs it): seconds per step
-    status["recontext_seconds"] = seconds
+    # where the recontext's time went in the guest (the node logs it, later status requests carry it): seconds
+    # per step; wake.wait is how long the port had waited when the message came, wake.hups how often it found
+    # no host on the channel first (0: the clone woke in its wait on a connected channel)
+    status["recontext_seconds"] = daemon.recontext_seconds = seconds
     return status
 
 
