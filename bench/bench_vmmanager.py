@@ -354,6 +354,11 @@ GUEST_DESCRIPTOR = """<?xml version="1.0" encoding="UTF-8"?>
 """
 
 
+def fmt_n(key: str, value: float) -> str:
+    """A figure of guestd's recontext_seconds: seconds, but for the counts among them (``wake.hups``)."""
+    return f"{value:g}" if key.endswith("hups") else fmt_s(value)
+
+
 def qemu_section(site: Site, args) -> dict:
     from guestd.image.build import build
     from services.descriptor import parse_descriptor
@@ -569,7 +574,7 @@ def print_warm_snapshot(q: dict, cold: list[float], bare: list[float]) -> list[s
         steps = sorted({k for _, g in w["guest"] for k in g}, key=lambda k: (k == "total", k))
         early = sum(1 for how, _ in w["guest"] if how.startswith("sent during"))
         print(f"recontext in the guest, p50 over {len(w['guest'])} clones (sent during the restore: {early}): "
-              + ", ".join(f"{k} {fmt_s(p50([g[k] for _, g in w['guest'] if k in g]))}" for k in steps))
+              + ", ".join(f"{k} {fmt_n(k, p50([g[k] for _, g in w['guest'] if k in g]))}" for k in steps))
     if w.get("state_bytes"):
         print(f"the snapshot's saved state: {w['state_bytes'] / 2**20:.1f} MiB for the {q['memory']} MiB guest")
     clones = w["clones"]

@@ -37,6 +37,7 @@ class Guestd:
         self.error: str | None = None
         self.started = time.monotonic()
         self.wake_calm: Callable[[], None] | None = None   # a warm template's raised port thread, put back
+        self.recontext_seconds: dict[str, float] | None = None   # a warm clone's: where its recontext went
         self.env.state["on_container_change"] = self._container_changed
         if port is not None:
             port.handle("ping", lambda m: {"pong": True, "time": self.env.system.now()})
@@ -72,6 +73,9 @@ class Guestd:
         results = run_all(ctx, self.env)
         results["power"] = StepResult("power", True, power.watch(self.env, self._power_pressed))
         if ctx.warm and self.zero_free:       # the node saves the template once it is ready: a smaller state
+            # nothing dirty left to write back: no clone starts with the template's journal commit or page
+            # writeback falling due while it takes its identity (the kernel's timers run on from the save)
+            os.sync()
             try:
                 log.info("warm template: %d MiB of free memory zeroed before the save",
                          rewake.zero_free_memory(self.env.roots))
@@ -99,6 +103,7 @@ class Guestd:
             "time": self.env.system.now(), "uptime": time.monotonic() - self.started,
             "boot_id": self._boot_id(),
             "nice": os.getpriority(os.PRIO_PROCESS, 0),   # the answering thread's (raised during a recontext)
+            **({"recontext_seconds": self.recontext_seconds} if self.recontext_seconds is not None else {}),
         }
 
     def _boot_id(self) -> str | None:

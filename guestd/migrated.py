@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from .context import ContextError, validate
 from .steps import StepResult, clock, grid, network, report
-from .steps.network import interface_for
+from .steps.network import interface_for, remember
 from .system import set_mac
 
 if TYPE_CHECKING:
@@ -73,4 +73,5 @@ def _move_nic(env, old_mac: str, new_mac: str) -> dict[str, Any]:
     ifname = interface_for(env, old_mac) if old_mac != new_mac else interface_for(env, new_mac)
     if old_mac != new_mac:
         set_mac(env.system, ifname, new_mac)
+        remember(env, ifname, new_mac)
     return {"interface": ifname, "mac_before": old_mac, "mac": new_mac}

@@ -57,6 +57,8 @@ class GuestPort:
         self.host_connected = False
         self.received_at: float | None = None   # time.monotonic() when the last host message was read
         self._hup_wait = HUP_FIRST
+        self.hups = 0                  # looks at a host-less port since the last host message (recontext_seconds)
+        self.wait_began: float | None = None   # time.monotonic() when the loop last began to wait
         self._flushed: list[Callable[[], None]] = []   # run once the outbox is empty (after_flush)
         self._thread = threading.Thread(target=self._loop, name="guestd-port", daemon=True)
 
@@ -128,6 +130,7 @@ class GuestPort:
                 want_out = bool(self._outbox)
             poller = select.poll()
             poller.register(fd, select.POLLIN | (select.POLLOUT if want_out else 0))
+            self.wait_began = time.monotonic()
             events = poller.poll(200)
             if not events:
                 continue
@@ -143,6 +146,8 @@ class GuestPort:
                     self.host_connected = True
                     self._hup_wait = HUP_FIRST
                     self.received_at = time.monotonic()
+                    self.last_wait, self.last_hups = self.received_at - self.wait_began, self.hups
+                    self.hups = 0
                     for line in buf.feed(data):
                         self._dispatch(line)
                     self._flush(fd)                # replies leave at once
@@ -161,6 +166,8 @@ class GuestPort:
         its recontext the moment it connects; a long-gone host costs a few wake-ups a second)."""
         self.host_connected = False
         buf.feed(b"\n")                            # drop a half-received line
+        self.hups += 1
+        self.wait_began = time.monotonic()
         self._stop.wait(self._hup_wait)
         self._hup_wait = min(self._hup_wait * 2, HUP_BACKOFF)
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from .context import ContextError, validate
 from .steps import StepResult, clock, report, run_all
-from .steps.network import interface_for
+from .steps.network import interface_for, remember
 from .system import reseed_rng, set_mac, urgent_thread
 
 if TYPE_CHECKING:
@@ -76,6 +76,8 @@ def _recontext(daemon: "Guestd", message: dict[str, Any]) -> dict[str, Any]:
     received = getattr(daemon.port, "received_at", None)
     if received is not None:           # the message read, decoded and checked
         seconds["message"] = round(started - received, 4)
+        seconds["wake.wait"] = round(getattr(daemon.port, "last_wait", 0.0), 4)
+        seconds["wake.hups"] = getattr(daemon.port, "last_hups", 0)
     results: dict[str, StepResult] = {}
     for name, fn in (("clock-restore", lambda: clock.set_time(env, float(message["time"]))),
                      ("identity", lambda: _identity(daemon, old.network.mac, ctx.network.mac, seed, seconds))):
@@ -97,8 +99,10 @@ def _recontext(daemon: "Guestd", message: dict[str, Any]) -> dict[str, Any]:
     status = daemon.status()
     seconds["status"] = round(time.monotonic() - t, 4)
     seconds["total"] = round(time.monotonic() - started, 4)
-    # where the recontext's time went in the guest (the node logs it): seconds per step
-    status["recontext_seconds"] = seconds
+    # where the recontext's time went in the guest (the node logs it, later status requests carry it): seconds
+    # per step; wake.wait is how long the port had waited when the message came, wake.hups how often it found
+    # no host on the channel first (0: the clone woke in its wait on a connected channel)
+    status["recontext_seconds"] = daemon.recontext_seconds = seconds
     return status
 
 
@@ -124,7 +128,7 @@ def _identity(daemon: "Guestd", old_mac: str, new_mac: str, seed: bytes,
     t2 = time.monotonic()
     if old_mac != new_mac:
         set_mac(env.system, ifname, new_mac)
-    env.state["interface"] = ifname
+    remember(env, ifname, new_mac)
     t3 = time.monotonic()
     keys = _new_host_keys(env.roots.etc)
     if seconds is not None:

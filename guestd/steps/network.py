@@ -11,24 +11,35 @@ NAME = "network"
 
 
 def interface_for(env: Environment, mac: str) -> str:
-    """The interface whose MAC is ``mac``: the one guestd last configured (``env.state["interface"]``)
-    first, if it still has that MAC (one sysfs read; a recontext asks twice, and under software emulation
-    every cold sysfs walk costs), else the first in /sys/class/net that has it."""
-    net = env.roots.sys / "class" / "net"
+    """The interface whose MAC is ``mac``. guestd's own record first: the interface it last configured
+    (``env.state["interface"]``) and the MAC it read there or set itself (``remember``): no read at all.
+    A recontext asks twice, and under software emulation the first sysfs reads after a restore are cold
+    code (25-60 ms each, docs/benchmarks.md, sixth pass). Else that interface's address file, if it has
+    that MAC; else the first in /sys/class/net that has it."""
     last = env.state.get("interface")
+    if last and env.state.get("nic") == (last, mac):
+        return last
+    net = env.roots.sys / "class" / "net"
     if last:
         try:
             if (net / last / "address").read_text().strip().lower() == mac:
-                return last
+                return remember(env, last, mac)
         except OSError:
             pass
     for entry in sorted(net.iterdir()) if net.is_dir() else []:
         try:
             if (entry / "address").read_text().strip().lower() == mac:
-                return entry.name
+                return remember(env, entry.name, mac)
         except OSError:
             continue
     raise LookupError(f"no network interface has MAC {mac}")
+
+
+def remember(env: Environment, ifname: str, mac: str) -> str:
+    """Record that ``ifname`` has ``mac`` (read from it, or given to it by guestd: nothing else in the guest
+    changes a MAC) and is the interface guestd configures; returns ``ifname``."""
+    env.state["interface"], env.state["nic"] = ifname, (ifname, mac)
+    return ifname
 
 
 def _configure(ctx: InstanceContext, env: Environment) -> dict[str, Any]:

@@ -257,6 +257,7 @@ def restore(parts: NodeParts, spec: InstanceSpec, snapshot, iso: Path, cancel: t
     restored = time.perf_counter() - t
     try:
         status = early.result(parts.config.warm_restore_timeout)
+        answered = time.perf_counter() - t - restored
         if status is None:       # not sent early (the socket was never seen, or the connection failed): now
             ctx["time"] = time.time()
             status = _recontext(parts, key, ctx, cancel)
@@ -266,9 +267,11 @@ def restore(parts: NodeParts, spec: InstanceSpec, snapshot, iso: Path, cancel: t
         raise
     except VMMError as exc:
         raise VMMFault(f"guestd did not take its context after the warm restore: {exc}", operation="restore") from None
-    log.info("instance %s: warm clone restored in %.2f s (%s), guestd took its identity in %.2f s (%s; in the guest: %s)",
-             key, restored, "from a spare" if spared else "save file copied", time.perf_counter() - t - restored,
-             "sent during the restore" if early.sent else "sent after the restore", status.get("recontext_seconds"))
+    took = time.perf_counter() - t - restored
+    log.info("instance %s: warm clone restored in %.2f s (%s), guestd took its identity in %.2f s (%s, answered after "
+             "%.3f s, set-time %.3f s; in the guest: %s)", key, restored, "from a spare" if spared else "save file copied",
+             took, "sent during the restore" if early.sent else "sent after the restore", answered, took - answered,
+             status.get("recontext_seconds"))
     if not status.get("ready"):
         parts.store.update(key, guest_status=guest_summary(status))
         raise VMMFault(f"guestd is not ready after the warm restore: {status.get('error')}", operation="restore")

@@ -247,7 +247,10 @@ class WarmSnapshots:
             # guestd's outbox is FIFO: once this reply is here, no report with the template's token is
             # left queued in the guest to reach a clone's host after the restore
             channel.request("ping", timeout=parts.config.warm_restore_timeout)
-            phases.vmm_call("save", parts.vmm.save, tpl.key, part / "memory.save")
+            # the channel stays connected through the save: guestd in the saved template waits in its poll on
+            # a connected channel, so a clone reads its recontext as soon as it runs (a hang-up before the
+            # pause would leave it in its back-off for a host-less port, cold code and up to a back-off step)
+            phases.vmm_call("save", parts.vmm.save, tpl.key, part / "memory.save", hang_up=False)
             os.chmod(part / "disk.qcow2", 0o444)         # the frozen backing layer of every clone
             (part / "meta.json").write_text(json.dumps(fp, sort_keys=True, indent=1))
             shutil.rmtree(final, ignore_errors=True)

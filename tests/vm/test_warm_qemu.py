@@ -180,6 +180,8 @@ def test_every_clone_has_its_own_identity_secrets_and_entropy(clones, warm_grid)
             "guestd's raised priority ended with its recontext's answer and its container never had it"
         assert abs(status["time"] - time.time()) < 60, "the clock was set from the host, not the template's"
         assert channel.rejected == [], "every message after the restore carried the clone's own token"
+        assert status["recontext_seconds"]["wake.hups"] == 0, \
+            "the template was saved with its channel connected: the clone read its recontext from its first wait"
         seen["address"].add(running.address)
         seen["mac"].add(running.mac)
         seen["hostname"].add(steps["hostname"]["detail"]["hostname"])

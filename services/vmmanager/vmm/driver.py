@@ -143,11 +143,14 @@ class VMM(abc.ABC):
         """
 
     @abc.abstractmethod
-    def save(self, instance: str, path: Path) -> None:
+    def save(self, instance: str, path: Path, hang_up: bool = True) -> None:
         """Write a running or paused instance's memory and device state to ``path``, then stop it.
 
         A 'stronger' pause: the instance no longer holds host memory. Its disks must not change
         until restore. The instance stays defined, in state SAVED. ``path`` must not exist yet.
+        ``hang_up`` False: the guest channel is closed only once the state is written, so the saved
+        guest never saw its host leave (a warm template: its clones wake in guestd's wait on a connected
+        channel, not in its back-off for a host-less one).
         """
 
     @abc.abstractmethod

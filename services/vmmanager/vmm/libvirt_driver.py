@@ -215,7 +215,7 @@ class LibvirtDriver(VMM):
             log.warning("instance %s: guest clock not set after wake-up: %s", instance, exc)
             return False
 
-    def save(self, instance: str, path: Path) -> None:
+    def save(self, instance: str, path: Path, hang_up: bool = True) -> None:
         path = Path(path)
         if path.exists():
             raise InvalidSpec(f"save file {path} exists already")
@@ -223,8 +223,12 @@ class LibvirtDriver(VMM):
             raise InvalidSpec(f"save directory {path.parent} does not exist")
         dom = self._domain(instance)
         self._expect(instance, dom, "save", InstanceState.RUNNING, InstanceState.PAUSED)
-        self._drop_channel(instance, "the instance was saved")
-        self._call(f"save {instance}", dom.save, str(path))
+        if hang_up:
+            self._drop_channel(instance, "the instance was saved")
+        try:
+            self._call(f"save {instance}", dom.save, str(path))
+        finally:
+            self._drop_channel(instance, "the instance was saved")
 
     def restore(self, path: Path, spec: InstanceSpec | None = None, paused: bool = False) -> str:
         path = Path(path)

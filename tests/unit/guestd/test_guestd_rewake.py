@@ -226,21 +226,27 @@ def test_only_the_real_guest_zeroes_memory_at_a_warm_boot(tmp_path, monkeypatch)
 
 
 def test_a_recontext_reads_the_configured_interface_instead_of_walking_sysfs(daemon, monkeypatch):
-    """The template's network step recorded its interface; the clone's identity and network steps look
-    at that interface's MAC (one read each) instead of walking /sys/class/net twice (cold code under
-    software emulation). The MAC is still checked: a stale record falls back to the walk."""
+    """The template's network step recorded its interface and the MAC it found there; the clone's identity
+    and network steps take that record (and the MAC guestd itself sets) instead of reading sysfs: no walk
+    over /sys/class/net and no read of an address file (the first reads after a restore, cold code under
+    software emulation). The MAC it set is really on the interface; a record for another interface falls
+    back to reading."""
     net = daemon.env.roots.sys / "class" / "net"
-    walks = []
-    real_iterdir = Path.iterdir
+    walks, reads = [], []
+    real_iterdir, real_read = Path.iterdir, Path.read_text
     monkeypatch.setattr(Path, "iterdir", lambda self: walks.append(self) or real_iterdir(self))
-    daemon.env.state["interface"] = "eth0"            # what the template's network step left
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: reads.append(self) or real_read(self, *a, **k))
+    from guestd.steps.network import interface_for, remember
+    remember(daemon.env, "eth0", TEMPLATE_MAC)         # what the template's network step left
     status = rewake.recontext(daemon, message(instance_context()))
-    assert status["steps"]["network"]["detail"]["interface"] == "eth0"
+    assert status["steps"]["network"]["detail"]["interface"] == "eth0" and status["steps"]["network"]["ok"]
     assert net not in walks, "no walk over the interfaces"
-    assert daemon.env.state["interface"] == "eth0"
-    from guestd.steps.network import interface_for
+    assert not [p for p in reads if net in p.parents], "no read of an interface's address file"
+    assert daemon.env.state["interface"] == "eth0" and daemon.env.state["nic"] == ("eth0", MAC)
+    assert real_read(net / "eth0" / "address").strip() == MAC
     daemon.env.state["interface"] = "eth9"            # no such interface (any more): the walk finds the MAC
     assert interface_for(daemon.env, MAC) == "eth0" and net in walks
+    assert daemon.env.state["nic"] == ("eth0", MAC)
 
 
 def test_the_random_probe_needs_no_openssl(daemon, monkeypatch):
