@@ -425,8 +425,7 @@ class Container:
             data += body
         writer.write(data)
         if not writer.transport.get_write_buffer_size():   # all of it is with the kernel already (the common case):
-            await writer.drain()                            # nothing to wait for, so no deadline to set
-            return True
+            return True                                     # nothing to wait for (a lost connection shows at the next read)
         lim = self.limits
         try:
             async with asyncio.timeout(lim.body_grace + len(data) / lim.send_min_rate):   # no extra task per answer
