@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import queue
 import re
 import resource
 import socket
@@ -71,7 +72,7 @@ class Container:
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: _RequestThreads | None = None
         self._server: asyncio.base_events.Server | None = None
         self._stopped = threading.Event()
         self.open_connections = 0
@@ -119,7 +120,7 @@ class Container:
         if bind is not None:
             bind(self.public_base_url, self.base_url)
         _raise_open_files(self.limits.max_connections + self.threads + 256)
-        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="vmgrid-request")
+        self._pool = _RequestThreads(self.threads, "vmgrid-request")
         if self.ssl_context is not None:      # TLS handshake steps, off the event loop (tlsstream.py)
             self._tls_pool = ThreadPoolExecutor(self.limits.handshake_threads, thread_name_prefix="vmgrid-tls")
         self._loop = uvloop.new_event_loop()
@@ -178,7 +179,7 @@ class Container:
                 deadline = time.monotonic() + 2
                 while self._in_flight and time.monotonic() < deadline:   # requests under way finish first
                     time.sleep(0.02)
-                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool.shutdown()
             if self._tls_pool is not None:
                 self._tls_pool.shutdown(wait=False, cancel_futures=True)
         finally:
@@ -453,6 +454,34 @@ _REASONS = {400: "Bad Request", 408: "Request Timeout", 413: "Content Too Large"
 # tokens and whose values hold no control characters (no CR or LF the application could smuggle a header with)
 _RESPONSE_HEAD = re.compile(r"HTTP/1\.1 [1-9][0-9][0-9] [\t\x20-\x7e\x80-\xff]*\r\n"
                             r"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+: [\t\x20-\x7e\x80-\xff]*\r\n)*\r\n")
+
+
+class _RequestThreads:
+    """The request threads: each runs the next piece of work from one queue. A lean ThreadPoolExecutor (no
+    concurrent future, work item or thread-count check per request: the work hands its answer back to the loop
+    itself); work not yet started when the container stops is dropped, as the pool's queue was."""
+
+    def __init__(self, count: int, prefix: str):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._stopping = False
+        self._threads = [threading.Thread(target=self._run, name=f"{prefix}_{i}", daemon=True) for i in range(count)]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, work: Callable[[], None]) -> None:
+        self._queue.put(work)
+
+    def _run(self) -> None:
+        while True:
+            work = self._queue.get()
+            if work is None or self._stopping:
+                return
+            work()
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        for _ in self._threads:
+            self._queue.put(None)
 
 
 class _Request:
