@@ -458,18 +458,31 @@ _RESPONSE_HEAD = re.compile(r"HTTP/1\.1 [1-9][0-9][0-9] [\t\x20-\x7e\x80-\xff]*\
 
 class _RequestThreads:
     """The request threads: each runs the next piece of work from one queue. A lean ThreadPoolExecutor (no
-    concurrent future, work item or thread-count check per request: the work hands its answer back to the loop
-    itself); work not yet started when the container stops is dropped, as the pool's queue was."""
+    concurrent future or work item per request: the work hands its answer back to the loop itself); like the
+    executor, a new thread starts only when none is idle, up to ``count``, so a few busy threads stay warm (lxml's
+    per-thread state, caches) instead of the work rotating through all of them. Work not yet started when the
+    container stops is dropped, as the executor's queue was."""
 
     def __init__(self, count: int, prefix: str):
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._count = count
+        self._prefix = prefix
+        self._lock = threading.Lock()
+        self._idle = 0
+        self._threads: list[threading.Thread] = []
         self._stopping = False
-        self._threads = [threading.Thread(target=self._run, name=f"{prefix}_{i}", daemon=True) for i in range(count)]
-        for t in self._threads:
-            t.start()
 
     def submit(self, work: Callable[[], None]) -> None:
         self._queue.put(work)
+        with self._lock:
+            if self._idle > 0:
+                self._idle -= 1          # that idle thread takes it
+                return
+            if len(self._threads) >= self._count:
+                return                   # all busy: the work waits for the first one free
+            t = threading.Thread(target=self._run, name=f"{self._prefix}_{len(self._threads)}", daemon=True)
+            self._threads.append(t)
+        t.start()
 
     def _run(self) -> None:
         while True:
@@ -477,10 +490,14 @@ class _RequestThreads:
             if work is None or self._stopping:
                 return
             work()
+            with self._lock:
+                self._idle += 1
 
     def shutdown(self) -> None:
         self._stopping = True
-        for _ in self._threads:
+        with self._lock:
+            threads = len(self._threads)
+        for _ in range(threads):
             self._queue.put(None)
 
 
