@@ -3,7 +3,7 @@ container level): round-trip p50/p90 and calls/s, 1 client and 4 concurrent clie
 
     .venv/bin/python bench/bench_container.py [--calls 300] [--repeat 3] [--workers 2] [--no-tls] [--key rsa|ec|both]
 
-The server: `services.container` (asyncio + h11 front end, TLS from the host certificate) with the real VMRepositoryService
+The server: `services.container` (uvloop + httptools front end, TLS from the host certificate) with the real VMRepositoryService
 (built-in VO policy, SQLite catalogue holding 6 images, no GridFTP), in its own process.
   signed    the container as `vmgrid serve repository` builds it: WSMiddleware verifies every request
             (X.509 proxy chain, signature, timestamp, replay cache in SQLite) and signs every response.

@@ -1,28 +1,35 @@
 """The grid container process: services on one port, WS-Security in front of the SOAP application and
 (by default) TLS from the host certificate.
 
-A slow or idle client must not hold a request thread. So connections live in one asyncio event loop,
-where h11 (the HTTP/1.1 state machine of python-hyper) reads each request *whole* under deadlines: the
+A slow or idle client must not hold a request thread. So connections live in one asyncio event loop
+(uvloop's, libuv), where httptools (llhttp, Node.js's HTTP/1.1 parser, in C) reads each request *whole*
+under deadlines: the
 TLS handshake (its steps computed on a TLS thread, not in the loop, in turns per client address:
 tlsstream.py, turns.py), the request head, the body at a minimum rate, the wait for the next request on a
 keep-alive connection, the response at a minimum rate; at most so many connections in all and per
 client address. Only a complete, buffered request reaches a request thread, which runs the unchanged
-WSGI application. The limits are ``[container.limits]`` (:class:`ConnectionLimits`, docs/configuration.md)."""
+WSGI application. The limits are ``[container.limits]`` (:class:`ConnectionLimits`, docs/configuration.md).
+Until issue 13 §2's sixth pass the parser was h11 and the loop asyncio's own: both in Python, they held the
+GIL for most of the loop's time (docs/benchmarks.md)."""
 from __future__ import annotations
 
 import asyncio
 import io
 import logging
+import queue
+import re
 import resource
 import socket
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from collections import deque
 from typing import Callable, Iterable
 from urllib.parse import unquote
 
-import h11
+import httptools
+import uvloop
 
 from services.container.app import SoapApplication
 from services.container.limits import ConnectionLimits
@@ -65,7 +72,7 @@ class Container:
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: _RequestThreads | None = None
         self._server: asyncio.base_events.Server | None = None
         self._stopped = threading.Event()
         self.open_connections = 0
@@ -113,10 +120,10 @@ class Container:
         if bind is not None:
             bind(self.public_base_url, self.base_url)
         _raise_open_files(self.limits.max_connections + self.threads + 256)
-        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="vmgrid-request")
+        self._pool = _RequestThreads(self.threads, "vmgrid-request")
         if self.ssl_context is not None:      # TLS handshake steps, off the event loop (tlsstream.py)
             self._tls_pool = ThreadPoolExecutor(self.limits.handshake_threads, thread_name_prefix="vmgrid-tls")
-        self._loop = asyncio.new_event_loop()
+        self._loop = uvloop.new_event_loop()
         ready = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(ready,), name="vmgrid-container", daemon=True)
         self._thread.start()
@@ -172,7 +179,7 @@ class Container:
                 deadline = time.monotonic() + 2
                 while self._in_flight and time.monotonic() < deadline:   # requests under way finish first
                     time.sleep(0.02)
-                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool.shutdown()
             if self._tls_pool is not None:
                 self._tls_pool.shutdown(wait=False, cancel_futures=True)
         finally:
@@ -237,91 +244,73 @@ class Container:
                 del self.per_address[address]
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer) -> bool:
-        """Answer the connection's requests one after the other; True when the last answer went out whole
-        (the connection is then closed gracefully), False when it is cut off."""
-        lim = self.limits
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=lim.max_header_bytes)
+        """Answer the connection's requests one after the other (pipelined ones in order); True when the last
+        answer went out whole (the connection is then closed gracefully), False when it is cut off."""
+        inbound = _Inbound(self.limits)
         first = True
         while True:
             try:
-                request, body = await self._read_request(conn, reader, writer, first)
+                request = await self._read_request(inbound, reader, writer, first)
             except _Refused as refused:
-                if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                    return await self._send_plain(conn, writer, refused.status, str(refused))
-                return False
+                return await self._send_plain(writer, refused.status, str(refused))
             if request is None:          # the client closed, or kept the connection idle too long
                 return False
             first = False
-            status, headers, chunks = await self._on_request_thread(self._environ(request, body, peer))
-            if not await self._send(conn, writer, status, headers, chunks):
+            status, headers, chunks = await self._on_request_thread(self._environ(request, peer))
+            keep = request.keep_alive and not inbound.closing
+            if not await self._send(writer, request, status, headers, chunks, keep):
                 return False
-            if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
-                return True
-            try:
-                conn.start_next_cycle()
-            except h11.LocalProtocolError:
+            if not keep:
                 return True
 
-    async def _read_request(self, conn: h11.Connection, reader, writer, first: bool):
-        """(h11.Request, body bytes) read whole under the deadlines, or (None, b"") when the client is gone."""
+    async def _read_request(self, inbound: "_Inbound", reader, writer, first: bool) -> "_Request | None":
+        """The next request, read whole under the deadlines (at once if a pipelined one is waiting), or None
+        when the client is gone or stayed idle too long."""
         lim = self.limits
         loop = self._loop
+        ready = inbound.ready
+        if ready:
+            return ready.popleft()
         start = loop.time()
         head_deadline = start + (lim.header_timeout if first else lim.idle_timeout)
         started = first
-        request = None
-        body = bytearray()
-        body_start = None
         while True:
-            try:
-                event = conn.next_event()
-            except h11.RemoteProtocolError as exc:
-                self.refused["bad request"] += 1
-                raise _Refused(exc.error_status_hint, f"bad request: {exc}") from None
-            if event is h11.NEED_DATA:
-                now = loop.time()
-                if request is None:
-                    timeout = head_deadline - now
-                    kind = "header" if started else "idle"
-                else:
-                    # the body keeps up with body_min_rate after body_grace
-                    timeout = body_start + lim.body_grace + len(body) / lim.body_min_rate - now
-                    kind = "body"
-                try:
-                    if timeout <= 0:
-                        raise asyncio.TimeoutError
-                    async with asyncio.timeout(timeout):       # no extra task per read, unlike wait_for
-                        data = await reader.read(65536)
-                except asyncio.TimeoutError:
-                    self.refused[kind] += 1
-                    if kind == "idle":
-                        return None, b""
-                    raise _Refused(408, f"request {kind} too slow") from None
-                if not started and data:
-                    started = True
-                    head_deadline = loop.time() + lim.header_timeout
-                conn.receive_data(data)
-                continue
-            if isinstance(event, h11.Request):
-                request = event
-                body_start = loop.time()
-                length = _content_length(event)
-                if length is not None and length > lim.max_body_bytes:
-                    self.refused["body"] += 1
-                    raise _Refused(413, f"a request body may not exceed {lim.max_body_bytes} bytes")
-                if conn.they_are_waiting_for_100_continue:
-                    writer.write(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
-            elif isinstance(event, h11.Data):
-                body += event.data
-                if len(body) > lim.max_body_bytes:
-                    self.refused["body"] += 1
-                    raise _Refused(413, f"a request body may not exceed {lim.max_body_bytes} bytes")
-            elif isinstance(event, h11.EndOfMessage):
-                return request, bytes(body)
-            elif isinstance(event, (h11.ConnectionClosed, h11.PAUSED)):
-                if request is not None:
+            if inbound.error is not None:          # after the requests parsed whole before it
+                self.refused[inbound.error_kind] += 1
+                raise _Refused(*inbound.error)
+            if inbound.closing or inbound.eof:
+                if inbound.partial:
                     raise _Refused(400, "the request ended before its body")
-                return None, b""
+                return None
+            now = loop.time()
+            if not inbound.head_done:
+                if inbound.partial and not started:
+                    started = True
+                    head_deadline = now + lim.header_timeout
+                timeout = head_deadline - now
+                kind = "header" if started else "idle"
+            else:                                  # the body keeps up with body_min_rate after body_grace
+                timeout = inbound.body_start + lim.body_grace + len(inbound.body) / lim.body_min_rate - now
+                kind = "body"
+            try:
+                if timeout <= 0:
+                    raise asyncio.TimeoutError
+                async with asyncio.timeout(timeout):       # no extra task per read, unlike wait_for
+                    data = await reader.read(65536)
+            except asyncio.TimeoutError:
+                self.refused[kind] += 1
+                if kind == "idle":
+                    return None
+                raise _Refused(408, f"request {kind} too slow") from None
+            if not started and data:
+                started = True
+                head_deadline = loop.time() + lim.header_timeout
+            inbound.feed(data, loop)
+            if inbound.continue_wanted:
+                inbound.continue_wanted = False
+                writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            if ready:
+                return ready.popleft()
 
     def _on_request_thread(self, environ: dict) -> asyncio.Future:
         """The application's answer to ``environ``, computed on a request thread. Leaner than
@@ -349,19 +338,20 @@ class Container:
         self._pool.submit(work)
         return answer
 
-    def _environ(self, request: h11.Request, body: bytes, peer) -> dict:
+    def _environ(self, request: "_Request", peer) -> dict:
+        body = request.body
         target = request.target.decode("latin-1")
         path, _, query = target.partition("?")
         if self._server_name is None:       # the bound address, once (not a getsockname per request)
             self._server_name, self._server_port = self.host, str(self.port)
         environ = {
-            "REQUEST_METHOD": request.method.decode("ascii"),
+            "REQUEST_METHOD": request.method,
             "SCRIPT_NAME": "",
             "PATH_INFO": unquote(path, encoding="latin-1"),
             "QUERY_STRING": query,
             "SERVER_NAME": self._server_name,
             "SERVER_PORT": self._server_port,
-            "SERVER_PROTOCOL": f"HTTP/{request.http_version.decode('ascii')}",
+            "SERVER_PROTOCOL": f"HTTP/{request.http_version}",
             "REMOTE_ADDR": str(peer[0]),
             "REMOTE_PORT": str(peer[1]),
             "CONTENT_LENGTH": str(len(body)),
@@ -417,22 +407,26 @@ class Container:
             with self._in_flight_lock:
                 self._in_flight -= 1
 
-    async def _send(self, conn: h11.Connection, writer, status: str, headers, chunks) -> bool:
+    async def _send(self, writer, request: "_Request", status: str, headers, chunks, keep: bool) -> bool:
         body = b"".join(chunks)
-        code, _, reason = status.partition(" ")
-        out = [(k, v) for k, v in headers if k.lower() not in ("content-length", "transfer-encoding", "connection")]
-        out.append(("Content-Length", str(len(body))))
-        out.append(("Server", "vmgrid"))
-        try:
-            data = conn.send(h11.Response(status_code=int(code), headers=out, reason=reason.encode("latin-1")))
-            data += conn.send(h11.Data(data=body)) if body else b""
-            data += conn.send(h11.EndOfMessage())
-        except h11.LocalProtocolError:
+        head = [f"HTTP/1.1 {status}\r\n"]
+        for k, v in headers:
+            if k.lower() not in ("content-length", "transfer-encoding", "connection"):
+                head.append(f"{k}: {v}\r\n")
+        head.append(f"Content-Length: {len(body)}\r\nServer: vmgrid\r\n")
+        if not keep:
+            head.append("Connection: close\r\n")
+        head.append("\r\n")
+        text = "".join(head)
+        if not _RESPONSE_HEAD.fullmatch(text):     # what h11 refused to send: no answer, the connection is cut
+            log.error("the application's response head is not valid HTTP: %r", text[:200])
             return False
+        data = text.encode("latin-1")
+        if body and request.method != "HEAD":
+            data += body
         writer.write(data)
         if not writer.transport.get_write_buffer_size():   # all of it is with the kernel already (the common case):
-            await writer.drain()                            # nothing to wait for, so no deadline to set
-            return True
+            return True                                     # nothing to wait for (a lost connection shows at the next read)
         lim = self.limits
         try:
             async with asyncio.timeout(lim.body_grace + len(data) / lim.send_min_rate):   # no extra task per answer
@@ -442,25 +436,178 @@ class Container:
             return False
         return True
 
-    async def _send_plain(self, conn: h11.Connection, writer, status: int, text: str) -> bool:
+    async def _send_plain(self, writer, status: int, text: str) -> bool:
         """A short error answer before the connection closes (best effort); True when it went out."""
         try:
             body = (text + "\n").encode()
-            data = conn.send(h11.Response(status_code=status, headers=[
-                ("Content-Type", "text/plain"), ("Content-Length", str(len(body))), ("Connection", "close")]))
-            data += conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage())
-            writer.write(data)
+            writer.write(f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\nContent-Type: text/plain\r\n"
+                         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
             await asyncio.wait_for(writer.drain(), 1.0)
             return True
-        except (h11.LocalProtocolError, asyncio.TimeoutError, ConnectionError, OSError):
+        except (asyncio.TimeoutError, ConnectionError, OSError):
             return False
 
 
-def _content_length(request: h11.Request) -> int | None:
-    for name, value in request.headers:
-        if name == b"content-length":
-            return int(value)
-    return None
+_REASONS = {400: "Bad Request", 408: "Request Timeout", 413: "Content Too Large",
+            431: "Request Header Fields Too Large"}
+# A response head as h11 would send it: a status of three digits and a reason, then header fields whose names are
+# tokens and whose values hold no control characters (no CR or LF the application could smuggle a header with)
+_RESPONSE_HEAD = re.compile(r"HTTP/1\.1 [1-9][0-9][0-9] [\t\x20-\x7e\x80-\xff]*\r\n"
+                            r"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+: [\t\x20-\x7e\x80-\xff]*\r\n)*\r\n")
+
+
+class _RequestThreads:
+    """The request threads: each runs the next piece of work from one queue. A lean ThreadPoolExecutor (no
+    concurrent future or work item per request: the work hands its answer back to the loop itself); like the
+    executor, a new thread starts only when none is idle, up to ``count``, so a few busy threads stay warm (lxml's
+    per-thread state, caches) instead of the work rotating through all of them. Work not yet started when the
+    container stops is dropped, as the executor's queue was."""
+
+    def __init__(self, count: int, prefix: str):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._count = count
+        self._prefix = prefix
+        self._lock = threading.Lock()
+        self._idle = 0
+        self._threads: list[threading.Thread] = []
+        self._stopping = False
+
+    def submit(self, work: Callable[[], None]) -> None:
+        self._queue.put(work)
+        with self._lock:
+            if self._idle > 0:
+                self._idle -= 1          # that idle thread takes it
+                return
+            if len(self._threads) >= self._count:
+                return                   # all busy: the work waits for the first one free
+            t = threading.Thread(target=self._run, name=f"{self._prefix}_{len(self._threads)}", daemon=True)
+            self._threads.append(t)
+        t.start()
+
+    def _run(self) -> None:
+        while True:
+            work = self._queue.get()
+            if work is None or self._stopping:
+                return
+            work()
+            with self._lock:
+                self._idle += 1
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        with self._lock:
+            threads = len(self._threads)
+        for _ in range(threads):
+            self._queue.put(None)
+
+
+class _Request:
+    """One request read whole."""
+
+    __slots__ = ("method", "target", "http_version", "headers", "body", "keep_alive")
+
+    def __init__(self, method: str, target: bytes, http_version: str, headers: list, body: bytes,
+                 keep_alive: bool):
+        self.method = method
+        self.target = target
+        self.http_version = http_version
+        self.headers = headers
+        self.body = body
+        self.keep_alive = keep_alive
+
+
+class _Inbound:
+    """One connection's request parser: httptools (llhttp) calls back as it parses what :meth:`feed` gives it;
+    each request parsed whole goes to ``ready`` (pipelined ones wait there in order). Sizes are checked as the
+    bytes arrive: the request line and headers against ``max_header_bytes`` (431), the body against
+    ``max_body_bytes`` (413, from its Content-Length before any of it is read); an invalid request is 400 (llhttp
+    is strict: no Content-Length beside Transfer-Encoding, no whitespace or obsolete folding in headers). A
+    request is kept alive when it is HTTP/1.1 without ``Connection: close`` (as h11 did: an HTTP/1.0 client's
+    connection is closed after its answer)."""
+
+    def __init__(self, limits: ConnectionLimits):
+        self.max_header = limits.max_header_bytes
+        self.max_body = limits.max_body_bytes
+        self.parser = httptools.HttpRequestParser(self)
+        self.ready: deque[_Request] = deque()
+        self.error: tuple[int, str] | None = None    # (status, reason), answered once ``ready`` is empty
+        self.error_kind = "bad request"
+        self.closing = False     # an Upgrade or CONNECT: nothing more is parsed on this connection
+        self.eof = False
+        self.continue_wanted = False
+        self._new()
+
+    def _new(self) -> None:
+        self.partial = False     # a request under way
+        self.head_done = False
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.head_bytes = 0      # the request line and headers parsed so far
+        self.head_fed = 0        # bytes fed while this request's head was under way
+        self.body = bytearray()
+        self.body_start = 0.0
+        self.method = ""
+        self.version = ""
+        self.keep_alive = False
+
+    def feed(self, data: bytes, loop) -> None:
+        if not data:
+            self.eof = True
+            return
+        if self.partial and not self.head_done:
+            self.head_fed += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self.closing = True
+        except httptools.HttpParserError as exc:
+            if self.error is None:
+                self.error = (400, f"bad request: {exc}")
+        if self.partial:
+            if not self.head_done:
+                if max(self.head_bytes, self.head_fed) > self.max_header:
+                    self.error, self.error_kind = (431, "the request head is too large"), "bad request"
+            elif not self.body_start:
+                self.body_start = loop.time()
+
+    # -- httptools' callbacks (inside feed_data) ----------------------------------------------------
+    def on_message_begin(self) -> None:
+        self.partial = True
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        self.head_bytes += len(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.lower(), value))
+        self.head_bytes += len(name) + len(value) + 4
+
+    def on_headers_complete(self) -> None:
+        p = self.parser
+        self.head_done = True
+        self.method = p.get_method().decode("ascii")
+        self.version = p.get_http_version()
+        self.keep_alive = self.version == "1.1" and p.should_keep_alive()
+        if self.head_bytes > self.max_header:
+            self.error = (431, "the request head is too large")
+        for name, value in self.headers:
+            if name == b"content-length" and int(value) > self.max_body and self.error is None:
+                self.error, self.error_kind = (413, f"a request body may not exceed {self.max_body} bytes"), "body"
+            elif name == b"expect" and value.lower() == b"100-continue" and self.version == "1.1":
+                self.continue_wanted = True
+
+    def on_body(self, body: bytes) -> None:
+        self.body += body
+        if len(self.body) > self.max_body and self.error is None:   # a chunked body (no Content-Length) too long
+            self.error, self.error_kind = (413, f"a request body may not exceed {self.max_body} bytes"), "body"
+            self.body.clear()
+
+    def on_message_complete(self) -> None:
+        if self.error is None:
+            self.ready.append(_Request(self.method, self.url, self.version, self.headers, bytes(self.body),
+                                       self.keep_alive))
+        self.continue_wanted = False
+        self._new()
 
 
 def _raise_open_files(wanted: int) -> None:

@@ -91,6 +91,9 @@ class TLSStream:
 
     async def read(self, n: int = READ_CHUNK) -> bytes:
         """Up to ``n`` bytes of application data; b"" when the client closed (close_notify or TCP)."""
+        if not self._tls.pending() and not self._incoming.pending:   # nothing buffered (between requests): wait for
+            if not await self._fill():                               # the client first, not an SSLWantReadError
+                return b""
         while True:
             try:
                 data = self._tls.read(n)

@@ -202,3 +202,79 @@ def test_a_client_that_breaks_off_its_handshake_is_counted_and_others_are_served
         time.sleep(0.05)
     assert c.refused["handshake"] == 1
     assert c.per_address == {}
+
+
+# -- HTTP/1.1 as the parser (httptools, llhttp) must read it: one container with an echo application ---------------
+@pytest.fixture(scope="module")
+def echo(grid_pki):
+    """A container whose application answers each request with its method, path and body (1 KiB head limit,
+    4 KiB body limit)."""
+    pki = grid_pki
+
+    def app(environ, start_response):
+        body = environ["wsgi.input"].read(int(environ["CONTENT_LENGTH"] or 0))
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [environ["REQUEST_METHOD"].encode(), b" ", environ["PATH_INFO"].encode(), b" ", body]
+
+    c = Container([], middleware=lambda _app: app, ssl_adapter=server_ssl_adapter(pki.host), threads=2,
+                  limits=ConnectionLimits(max_header_bytes=1024, max_body_bytes=4096)).start()
+    yield pki, c
+    c.stop()
+
+
+def answers(raw: bytes) -> list[tuple[bytes, bytes]]:
+    """(status line, body) of each response in ``raw`` (bodies framed by Content-Length)."""
+    out = []
+    while raw:
+        head, _, rest = raw.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        length = next(int(v) for k, _, v in (line.partition(b": ") for line in lines[1:]) if k.lower() == b"content-length")
+        out.append((lines[0], rest[:length]))
+        raw = rest[length:]
+    return out
+
+
+def test_pipelined_requests_are_answered_in_order(echo):
+    pki, c = echo
+    with connect(pki, c) as s:
+        s.sendall(b"POST /one HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc"
+                  b"POST /two HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nde\r\n1\r\nf\r\n0\r\n\r\n"
+                  b"GET /three HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        got = answers(read_all(s))
+    assert got == [(b"HTTP/1.1 200 OK", b"POST /one abc"), (b"HTTP/1.1 200 OK", b"POST /two def"),
+                   (b"HTTP/1.1 200 OK", b"GET /three ")]
+
+
+def test_an_http_1_0_request_is_answered_and_its_connection_closed(echo):
+    pki, c = echo
+    with connect(pki, c) as s:
+        s.sendall(b"GET /old HTTP/1.0\r\n\r\n")
+        raw = read_all(s)                           # returns: the container closed the connection
+    assert answers(raw) == [(b"HTTP/1.1 200 OK", b"GET /old ")] and b"Connection: close" in raw
+
+
+def test_a_client_expecting_100_continue_gets_it_before_sending_the_body(echo):
+    pki, c = echo
+    with connect(pki, c) as s:
+        s.sendall(b"POST /e HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n")
+        interim = s.recv(100)
+        assert interim.startswith(b"HTTP/1.1 100 ") and interim.endswith(b"\r\n\r\n")
+        s.sendall(b"ok" + REQUEST.replace(b"GET /", b"GET /next") + b"Connection: close\r\n\r\n")
+        assert answers(read_all(s)) == [(b"HTTP/1.1 200 OK", b"POST /e ok"), (b"HTTP/1.1 200 OK", b"GET /next ")]
+
+
+@pytest.mark.parametrize("request_bytes, status", [
+    (REQUEST + b"X-Long: " + b"a" * 2000 + b"\r\n\r\n", b"431"),                      # the head over 1 KiB
+    (REQUEST + b"X: 1\r\n" * 200 + b"\r\n", b"431"),                                   # in many small lines
+    (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n400\r\n" + b"x" * 1024
+     + b"\r\n1000\r\n" + b"y" * 4096 + b"\r\n0\r\n\r\n", b"413"),                    # a chunked body over 4 KiB
+    (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\nabc", b"400"),  # smuggling
+    (REQUEST + b"Bad Name: x\r\n\r\n", b"400"),
+    (b"\x16\x03\x01garbage\r\n\r\n", b"400"),
+])
+def test_bad_requests_get_their_answer_and_the_connection_closes(echo, request_bytes, status):
+    pki, c = echo
+    with connect(pki, c) as s:
+        s.sendall(REQUEST + b"\r\n" + request_bytes)       # a good request first: answered, then the bad one
+        got = answers(read_all(s))
+    assert [line.split(b" ")[1] for line, _ in got] == [b"200", status]

@@ -1,6 +1,6 @@
 """GT4 transport security on a real vmgrid container (issue 15): a configuration file with
 `[container] tls_client_certs = "required"`, loaded and assembled the way `vmgrid serve` does
-(services.container.assemble.build_service / build_container, the asyncio + h11 front end), hosting the
+(services.container.assemble.build_service / build_container, the uvloop + httptools front end), hosting the
 Authorization service. A user's proxy is the TLS client certificate: curl `--cert $X509_USER_PROXY` (a vmgrid
 proxy, and one from grid-proxy-init when the Globus tools are there) and the zeep client over
 `security.tls.grid_session` get through, the signed call answered as the proxy's end-entity DN; a client
