@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("vmgrid: interrupted", file=sys.stderr)
         return 130
-    if argv is None and rc == 0 and args.command in EXIT_AT_ONCE and _only_daemon_threads():
+    # the command is the first word: ``args.command`` may be a subcommand's own (``job submit ... -- CMD``)
+    if argv is None and rc == 0 and args_in[0] in EXIT_AT_ONCE and _only_daemon_threads():
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
