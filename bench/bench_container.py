@@ -309,6 +309,17 @@ def thread_kind(name: str) -> str:
     return next((kind for prefix, kind in THREAD_KINDS if name.startswith(prefix)), "other")
 
 
+def perf_counts_instructions() -> bool:
+    """Whether `perf stat` can count user-space instructions here (some VMs give "<not supported>")."""
+    try:
+        out = subprocess.run(["perf", "stat", "-x,", "-e", "instructions:u", "true"], capture_output=True,
+                             text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    line = next((ln for ln in out.stderr.splitlines() if "instructions" in ln), "")
+    return line.split(",")[0].isdigit()
+
+
 class InstructionCount:
     """`perf stat -e instructions:u` attached to running processes (all their threads) until :meth:`stop`:
     user-space instructions, a cost the load of the machine does not move (CPU time does)."""
@@ -530,6 +541,9 @@ def main() -> int:
           "the same container unsigned; round trip = the client signs and verifies inside the timed call, capacity = "
           "requests signed before and responses verified after the timed loop; the container's CPU per call (/proc, "
           "by thread) and the clients' own, in the timed window")
+    if args.perf and not perf_counts_instructions():
+        print("--perf: `perf stat -e instructions:u` is not supported on this machine (a VM without the counter): "
+              "the instruction column stays empty")
     servers = None
     try:
         pki = build_grid_pki(root / "pki")
