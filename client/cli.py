@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rc = int(func(args) or 0)
     except CLIError as exc:
-        print(f"vmgrid: {exc}", file=sys.stderr)
+        print(f"vmgrid: {exc}{_what_to_do(str(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("vmgrid: interrupted", file=sys.stderr)
@@ -62,6 +62,13 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.flush()
         os._exit(0)
     return rc
+
+
+def _what_to_do(message: str) -> str:
+    """The step that mends a refusal the user can mend, when the service's own message does not name it."""
+    if "[wsse:FailedAuthentication]" in message and message.startswith("proxy ") and " expired at " in message:
+        return ": make a new proxy with `vmgrid proxy-init` (or grid-proxy-init)"
+    return ""
 
 
 def _only_daemon_threads() -> bool:

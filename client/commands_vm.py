@@ -187,12 +187,17 @@ def cmd_deploy(args) -> int:
     from gridftp.cli import ProgressBar
     from services.descriptor import set_field
 
+    # The descriptor's bounds (workspace.xsd), checked before anything is asked: 0 is not "the default"
+    if args.memory is not None and not 1 <= args.memory <= 4194304:
+        raise CLIError(f"--memory is RAM in MiB, 1 to 4194304 (4 TiB), not {args.memory}")
+    if args.vcpus is not None and not 1 <= args.vcpus <= 256:
+        raise CLIError(f"--vcpus must be 1 to 256, not {args.vcpus}")
     node_url = args.url
     args.url = args.repository
     descriptor = _call(RepositoryClient(grid_client(args)).show, args.image)
-    if args.memory:
+    if args.memory is not None:
         set_field(descriptor, "hardware", "memory", args.memory)
-    if args.vcpus:
+    if args.vcpus is not None:
         set_field(descriptor, "hardware", "vcpus", args.vcpus)
     vm = vmm_client(args, node_url)
     info = _call(vm.deploy, descriptor, args.identifier, parse_seconds(args.lifetime), paused=args.paused)

@@ -93,8 +93,30 @@ def test_watch_follows_signed_state_changes(grid):
     (["vm", "deploy", "bio/none", "x"], "UnknownImage"),
     (["vm", "deploy", "bio/debian12-emboss", "x", "--lifetime", "soon"], "not a duration"),
     (["vm", "status", "inst-" + "0" * 32], "ResourceUnknown"),
+    (["vm", "deploy", "bio/debian12-emboss", "x", "--memory", "0"], "--memory is RAM in MiB, 1 to 4194304"),
+    (["vm", "deploy", "bio/debian12-emboss", "x", "--memory", "99999999"], "not 99999999"),
+    (["vm", "deploy", "bio/debian12-emboss", "x", "--vcpus", "0"], "--vcpus must be 1 to 256, not 0"),
 ])
 def test_errors_are_one_clear_line(grid, args, message):
     r = vmgrid(grid, *args, check=False)
     assert r.returncode == 1 and r.stderr.startswith("vmgrid: ") and message in r.stderr
     assert "Traceback" not in r.stderr
+    if args[:2] == ["vm", "deploy"]:                 # nothing deployed by a refused deploy
+        assert "x" not in [i["identifier"] for i in json.loads(vmgrid(grid, "vm", "list", "--json").stdout)]
+
+
+def test_an_expired_proxy_is_refused_with_the_step_that_mends_it(grid, tmp_path):
+    import datetime as dt
+    import time
+
+    from security.pki import make_proxy, save_proxy
+
+    alice = grid.user("alice")
+    proxy = make_proxy(alice.credential, hours=1 / 3600)          # one second
+    path = save_proxy(proxy, tmp_path / "short.pem")
+    while dt.datetime.now(dt.timezone.utc) <= proxy.certificate.not_valid_after_utc + dt.timedelta(seconds=1):
+        time.sleep(0.2)
+    r = vmgrid(grid, "vm", "list", "--proxy", str(path), check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "expired at" in r.stderr and r.stderr.rstrip().endswith(
+        ": make a new proxy with `vmgrid proxy-init` (or grid-proxy-init)"), r.stderr
