@@ -50,12 +50,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         rc = int(func(args) or 0)
+        sys.stdout.flush()                  # here, where a reader that left is answered (below), not at exit
     except CLIError as exc:
         print(f"vmgrid: {exc}{_what_to_do(str(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("vmgrid: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader of our output left (`vmgrid repo query ... | head`): stop quietly, as cat and ls do; what
+        # is still buffered for it goes nowhere rather than into a second error at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     # the command is the first word: ``args.command`` may be a subcommand's own (``job submit ... -- CMD``)
     if argv is None and rc == 0 and args_in[0] in EXIT_AT_ONCE and _only_daemon_threads():
         sys.stdout.flush()
