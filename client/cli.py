@@ -55,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vmgrid: {exc}{_what_to_do(str(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("vmgrid: interrupted", file=sys.stderr)
+        # a command that started something at a service says what goes on there and how to find it again
+        note = getattr(args, "interrupt_note", None)
+        print(f"vmgrid: interrupted{'; ' + note if note else ''}", file=sys.stderr)
         return 130
     except BrokenPipeError:
         # the reader of our output left (`vmgrid repo query ... | head`): stop quietly, as cat and ls do; what

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -234,6 +235,7 @@ def cmd_submit(args) -> int:
                    tuple(stage_in), tuple(stage_out), parse_seconds(args.lifetime) if args.lifetime else None)
     key = call(jobs.submit, spec)
     print(key, flush=True)
+    args.interrupt_note = _goes_on(args.endpoint, key)
     if args.wait:
         return ended(call(jobs.wait, key, on_update=Follow()))
     return 0
@@ -269,7 +271,15 @@ def cmd_status(args) -> int:
     return 0
 
 
+def _goes_on(endpoint: str, key: str) -> str:
+    """What an interrupted `submit --wait` or `wait` tells: only the waiting stopped."""
+    where = shlex.quote(endpoint)
+    return (f"job {key} goes on at the service (`vmgrid job wait {where} {key}` follows it again, "
+            f"`vmgrid job cancel {where} {key}` stops it)")
+
+
 def cmd_wait(args) -> int:
+    args.interrupt_note = _goes_on(args.endpoint, args.job)
     info = call(connect(args).wait, check_key(args.job), args.timeout, on_update=Follow())
     print(info.state if info.exit_code is None else f"{info.state} (exit code {info.exit_code})")
     return ended(info)

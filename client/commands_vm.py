@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import sys
 import time
 from datetime import datetime, timezone
@@ -203,6 +204,9 @@ def cmd_deploy(args) -> int:
     info = _call(vm.deploy, descriptor, args.identifier, parse_seconds(args.lifetime), paused=args.paused)
     print(f"deploying {args.image} as {args.identifier} ({info.ref.key}) on {info.node}: "
           f"address {info.address}, mac {info.mac}", file=sys.stderr)
+    name = shlex.quote(args.identifier)
+    args.interrupt_note = (f"the deployment of {args.identifier} goes on at the node (`vmgrid vm status {name}` "
+                           f"follows it, `vmgrid vm destroy {name}` ends it)")
     if args.no_wait:
         show_info(info, args.format)
         return 0
