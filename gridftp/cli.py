@@ -173,6 +173,10 @@ def cmd_transfer(args) -> int:
         dst = str(Path(dst) / name)
     if not _is_url(src) and not Path(src).is_file():
         raise CLIError(f"{src}: no such file")
+    if not _is_url(dst) and not Path(dst).parent.is_dir():      # as cp does: a mistyped path makes no folders
+        raise CLIError(f"{dst}: no directory {Path(dst).parent} (create it first)")
+    if _is_url(src) and not _is_url(dst):
+        args.interrupt_note = "run the same command again: it fetches only the bytes still missing"
     show = sys.stderr.isatty() if args.progress is None else args.progress
     bar = ProgressBar(sys.stderr, name[:24]) if show else None
     common = dict(credential=_credential(args), trust=args.cert_dir, progress=bar, retries=args.retries,

@@ -54,6 +54,9 @@ def test_transfer_errors_are_one_line_messages(start_server, tmp_path):
     assert not (tmp_path / "c").exists()
     parallel = vmgrid("transfer", server.url("/data/small"), str(tmp_path / "d"), "-p", "0")
     assert parallel.returncode == 1
+    typo = vmgrid("transfer", server.url("/data/small"), str(tmp_path / "no-such-dir" / "e"))
+    assert typo.returncode == 1 and typo.stderr == f"vmgrid: {tmp_path}/no-such-dir/e: no directory {tmp_path}/no-such-dir (create it first)\n"
+    assert not (tmp_path / "no-such-dir").exists()                  # no folder made for a mistyped path
 
 
 def test_transfer_starts_without_the_other_command_families(start_server, tree, tmp_path):
@@ -147,3 +150,30 @@ def test_gsi_from_the_command_line(grid_pki, tree, tmp_path):
                      "--key", str(grid_pki.host_key_path), "--cert-dir", str(grid_pki.cert_dir),
                      "--grid-mapfile", str(bad))
     assert refused.returncode == 1 and refused.stderr.startswith("vmgrid: ")
+
+
+def test_ctrl_c_in_a_download_says_how_to_resume_and_the_same_command_finishes_it(start_server, tree, tmp_path):
+    import signal
+    import time
+
+    big = make_file(tree / "data" / "slow", 8 * MiB)
+    server = start_server(max_rate=2 * MiB)                       # about 4 s: time to interrupt it
+    out = tmp_path / "slow"
+    part = tmp_path / "slow.vmgrid-part"
+    proc = subprocess.Popen([sys.executable, "-m", "client.cli", "transfer", server.url("/data/slow"), str(out), "-q"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while not part.exists() and proc.poll() is None:
+            time.sleep(0.05)
+        time.sleep(1.5)                                            # some of the 8 MiB arrived (2 MiB/s)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert err == "vmgrid: interrupted; run the same command again: it fetches only the bytes still missing\n"
+    assert not out.exists() and part.exists()
+    again = vmgrid("transfer", server.url("/data/slow"), str(out), "-q")
+    assert again.returncode == 0, again.stderr
+    assert "resumed from an earlier attempt" in again.stdout and sha256_of(out) == sha256_of(big)
