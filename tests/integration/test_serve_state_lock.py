@@ -59,6 +59,8 @@ def test_a_second_serve_on_a_live_nodes_state_is_refused_and_changes_nothing(gri
         assert (f"vmgrid: the vmmanager state in {grid.root / 'node1'} is in use by another `vmgrid serve` "
                 f"(pid {grid.node.process.pid}): stop it first") in r.stderr, r.stderr
     assert states(grid) == {"kept": "Running"}             # not reconciled by the refused process
+    lock = grid.root / "node1" / "vmmanager.lock"          # where docs/configuration.md says
+    assert lock.read_text() == f"{grid.node.process.pid}\n"
     assert vmgrid(grid, "vm", "pause", "kept").returncode == 0   # the live node still owns it
 
 
