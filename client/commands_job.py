@@ -100,8 +100,10 @@ def instance_job_service(args) -> tuple[str, str]:
     vm = vmm_client(args, args.node)
     info = call(vm.status, resolve(vm, args.endpoint))
     if not info.job_service or not info.job_service.get("url") or not info.job_service.get("dn"):
-        raise CLIError(f"instance {args.endpoint} ({info.state}) has no job service: "
-                       f"{info.guest_status or 'guestd has not reported'}")
+        raise CLIError(f"instance {args.endpoint} ({info.state}) has no job service (guest: "
+                       f"{info.guest_status or 'guestd has not reported'}); a node gives one to an instance whose "
+                       f"image hosts the job service when its [vmmanager] guest_ca is set (docs/jobs.md, \"In a "
+                       f"guest\"), or name the job service's URL instead")
     return info.job_service["url"], info.job_service["dn"]
 
 

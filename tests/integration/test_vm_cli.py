@@ -120,3 +120,14 @@ def test_an_expired_proxy_is_refused_with_the_step_that_mends_it(grid, tmp_path)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "expired at" in r.stderr and r.stderr.rstrip().endswith(
         ": make a new proxy with `vmgrid proxy-init` (or grid-proxy-init)"), r.stderr
+
+
+def test_a_job_command_on_an_instance_without_a_job_service_says_what_gives_one(grid):
+    vmgrid(grid, "vm", "deploy", "bio/debian12-emboss", "nojobs")
+    try:
+        r = vmgrid(grid, "job", "submit", "nojobs", "--", "true", check=False)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+        assert r.stderr.startswith("vmgrid: instance nojobs (Running) has no job service (guest: ")
+        assert "[vmmanager] guest_ca" in r.stderr and "docs/jobs.md" in r.stderr
+    finally:
+        vmgrid(grid, "vm", "destroy", "nojobs")
