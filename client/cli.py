@@ -43,7 +43,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args_in = sys.argv[1:] if argv is None else argv
     parser = build_parser(args_in[0] if args_in else None)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:                                   # a mistyped option: the usage of the command it was given to
+        sub = _subcommand_parser(parser, args_in)
+        sub.error(f"unrecognized arguments: {' '.join(extra)} (`{sub.prog} --help` lists the options)")
     func = getattr(args, "func", None)
     if func is None:
         parser.print_help()
@@ -70,6 +73,16 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.flush()
         os._exit(0)
     return rc
+
+
+def _subcommand_parser(parser: argparse.ArgumentParser, words: list[str]) -> argparse.ArgumentParser:
+    """The parser of the deepest sub-command named by the leading words (`vm deploy` ...)."""
+    for word in words:
+        choices = next((a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if not choices or word not in choices:
+            break
+        parser = choices[word]
+    return parser
 
 
 def _what_to_do(message: str) -> str:
