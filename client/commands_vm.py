@@ -205,6 +205,8 @@ def cmd_deploy(args) -> int:
     print(f"deploying {args.image} as {args.identifier} ({info.ref.key}) on {info.node}: "
           f"address {info.address}, mac {info.mac}", file=sys.stderr)
     name = shlex.quote(args.identifier)
+    if node_url != os.environ.get("VMGRID_NODE"):             # a node named by --url: so do the commands
+        name += f" --url {shlex.quote(node_url)}"
     args.interrupt_note = (f"the deployment of {args.identifier} goes on at the node (`vmgrid vm status {name}` "
                            f"follows it, `vmgrid vm destroy {name}` ends it)")
     if args.no_wait:

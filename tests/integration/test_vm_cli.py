@@ -131,3 +131,34 @@ def test_a_job_command_on_an_instance_without_a_job_service_says_what_gives_one(
         assert "[vmmanager] guest_ca" in r.stderr and "docs/jobs.md" in r.stderr
     finally:
         vmgrid(grid, "vm", "destroy", "nojobs")
+
+
+def test_ctrl_c_while_following_a_deployment_says_it_goes_on(grid, tmp_path):
+    """The node holds the deployment after staging (services/common/crash.py's stall) while the client follows it."""
+    import signal
+    import time
+
+    faults = tmp_path / "faults"
+    faults.mkdir()
+    (faults / "stall").write_text("deploy.staged")
+    node = grid.start_node("node-stall", {}, extra_env={"VMGRID_FAULTDIR": str(faults)})
+    url = node.base_url + "/wsrf/services/VMManagerService"
+    proc = subprocess.Popen([sys.executable, "-m", "client.cli", "vm", "deploy", "bio/debian12-emboss", "held-run",
+                             "--url", url], env={**grid.env("alice"), **grid.env_extra},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while not (faults / "reached").exists():       # the deployment is under way at the node
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        (faults / "stall").unlink(missing_ok=True)     # the node goes on
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert ("vmgrid: interrupted; the deployment of held-run goes on at the node (`vmgrid vm status held-run "
+            f"--url {url}` follows it, `vmgrid vm destroy held-run --url {url}` ends it)") in err
+    r = vmgrid(grid, "vm", "status", "held-run", "--url", url, "--json")
+    assert json.loads(r.stdout)["identifier"] == "held-run"
+    vmgrid(grid, "vm", "destroy", "held-run", "--url", url)
