@@ -177,3 +177,28 @@ def test_ctrl_c_in_a_download_says_how_to_resume_and_the_same_command_finishes_i
     again = vmgrid("transfer", server.url("/data/slow"), str(out), "-q")
     assert again.returncode == 0, again.stderr
     assert "resumed from an earlier attempt" in again.stdout and sha256_of(out) == sha256_of(big)
+
+
+def test_an_expired_proxy_is_refused_with_what_to_do(grid_pki, tree, tmp_path):
+    """AUTH TLS (vmgrid peers): the server refuses an expired proxy; the message says so and what mends it."""
+    import datetime as dt
+    import time
+
+    from security.pki import make_proxy, save_proxy
+
+    proxy = make_proxy(grid_pki.alice.credential, hours=1 / 3600)
+    path = save_proxy(proxy, tmp_path / "short.pem")
+    while dt.datetime.now(dt.timezone.utc) <= proxy.certificate.not_valid_after_utc + dt.timedelta(seconds=1):
+        time.sleep(0.2)
+    server = ServerProcess(tree, "--cert", str(grid_pki.host_cert_path), "--key", str(grid_pki.host_key_path),
+                           "--cert-dir", str(grid_pki.cert_dir))
+    try:
+        got = vmgrid("transfer", f"gsiftp://localhost:{server.port}/data/f3m", str(tmp_path / "x"), "--proxy",
+                     str(path), "--cert-dir", str(grid_pki.cert_dir), "-q")
+    finally:
+        server.stop()
+    assert got.returncode == 1 and "Traceback" not in got.stderr, got.stderr
+    assert "refused the credential" in got.stderr and got.stderr.count("\n") == 1
+    assert (f": your proxy expired at {proxy.certificate.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC: make a new "
+            "proxy with `vmgrid proxy-init` (or grid-proxy-init)\n") in got.stderr
+    assert not (tmp_path / "x").exists()
