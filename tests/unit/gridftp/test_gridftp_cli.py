@@ -5,6 +5,8 @@ import io
 import subprocess
 import sys
 
+import pytest
+
 from gridftp.cli import ProgressBar
 
 from tests.unit.gridftp.gridftp_helpers import REPO, MiB, ServerProcess, make_file, sha256_of
@@ -202,3 +204,25 @@ def test_an_expired_proxy_is_refused_with_what_to_do(grid_pki, tree, tmp_path):
     assert (f": your proxy expired at {proxy.certificate.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC: make a new "
             "proxy with `vmgrid proxy-init` (or grid-proxy-init)\n") in got.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_a_full_local_disk_is_named_not_blamed_on_the_server(start_server, tree, tmp_path):
+    """A download into a 1 MiB tmpfs: the message is this side's full disk (it was the server's 426 abort, which
+    the full disk had caused); what arrived stays for a resume."""
+    import os
+    import shutil
+
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("needs root to mount a small tmpfs")
+    make_file(tree / "data" / "eight", 8 * MiB)
+    server = start_server()
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=True)
+    try:
+        got = vmgrid("transfer", server.url("/data/eight"), str(small / "eight"), "-q")
+        assert got.returncode == 1 and "Traceback" not in got.stderr, got.stderr
+        assert got.stderr == "vmgrid: cannot store the data here: No space left on device\n", got.stderr
+        assert not (small / "eight").exists()
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
