@@ -65,8 +65,9 @@ ensure_venv() {
 ensure_system() {
   # libvirt's QEMU driver wants this account even when QEMU runs as root (Debian creates it only in
   # libvirt-daemon-system, which vmgrid does not need: it embeds the driver, qemu:///embed).
+  local sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
   getent passwd libvirt-qemu >/dev/null ||
-    useradd --system --user-group --no-create-home --home-dir /var/lib/libvirt --shell /usr/sbin/nologin libvirt-qemu
+    $sudo useradd --system --user-group --no-create-home --home-dir /var/lib/libvirt --shell /usr/sbin/nologin libvirt-qemu
 }
 
 compile_sources() {

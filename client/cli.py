@@ -43,25 +43,53 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args_in = sys.argv[1:] if argv is None else argv
     parser = build_parser(args_in[0] if args_in else None)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:                                   # a mistyped option: the usage of the command it was given to
+        sub = _subcommand_parser(parser, args_in)
+        sub.error(f"unrecognized arguments: {' '.join(extra)} (`{sub.prog} --help` lists the options)")
     func = getattr(args, "func", None)
     if func is None:
         parser.print_help()
         return 2
     try:
         rc = int(func(args) or 0)
+        sys.stdout.flush()                  # here, where a reader that left is answered (below), not at exit
     except CLIError as exc:
-        print(f"vmgrid: {exc}", file=sys.stderr)
+        print(f"vmgrid: {exc}{_what_to_do(str(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("vmgrid: interrupted", file=sys.stderr)
+        # a command that started something at a service says what goes on there and how to find it again
+        note = getattr(args, "interrupt_note", None)
+        print(f"vmgrid: interrupted{'; ' + note if note else ''}", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader of our output left (`vmgrid repo query ... | head`): stop quietly, as cat and ls do; what
+        # is still buffered for it goes nowhere rather than into a second error at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     # the command is the first word: ``args.command`` may be a subcommand's own (``job submit ... -- CMD``)
     if argv is None and rc == 0 and args_in[0] in EXIT_AT_ONCE and _only_daemon_threads():
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
     return rc
+
+
+def _subcommand_parser(parser: argparse.ArgumentParser, words: list[str]) -> argparse.ArgumentParser:
+    """The parser of the deepest sub-command named by the leading words (`vm deploy` ...)."""
+    for word in words:
+        choices = next((a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if not choices or word not in choices:
+            break
+        parser = choices[word]
+    return parser
+
+
+def _what_to_do(message: str) -> str:
+    """The step that mends a refusal the user can mend, when the service's own message does not name it."""
+    if "[wsse:FailedAuthentication]" in message and message.startswith("proxy ") and " expired at " in message:
+        return ": make a new proxy with `vmgrid proxy-init` (or grid-proxy-init)"
+    return ""
 
 
 def _only_daemon_threads() -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -99,8 +100,10 @@ def instance_job_service(args) -> tuple[str, str]:
     vm = vmm_client(args, args.node)
     info = call(vm.status, resolve(vm, args.endpoint))
     if not info.job_service or not info.job_service.get("url") or not info.job_service.get("dn"):
-        raise CLIError(f"instance {args.endpoint} ({info.state}) has no job service: "
-                       f"{info.guest_status or 'guestd has not reported'}")
+        raise CLIError(f"instance {args.endpoint} ({info.state}) has no job service (guest: "
+                       f"{info.guest_status or 'guestd has not reported'}); a node gives one to an instance whose "
+                       f"image hosts the job service when its [vmmanager] guest_ca is set (docs/jobs.md, \"In a "
+                       f"guest\"), or name the job service's URL instead")
     return info.job_service["url"], info.job_service["dn"]
 
 
@@ -234,6 +237,7 @@ def cmd_submit(args) -> int:
                    tuple(stage_in), tuple(stage_out), parse_seconds(args.lifetime) if args.lifetime else None)
     key = call(jobs.submit, spec)
     print(key, flush=True)
+    args.interrupt_note = _goes_on(args.endpoint, key)
     if args.wait:
         return ended(call(jobs.wait, key, on_update=Follow()))
     return 0
@@ -269,7 +273,15 @@ def cmd_status(args) -> int:
     return 0
 
 
+def _goes_on(endpoint: str, key: str) -> str:
+    """What an interrupted `submit --wait` or `wait` tells: only the waiting stopped."""
+    where = shlex.quote(endpoint)
+    return (f"job {key} goes on at the service (`vmgrid job wait {where} {key}` follows it again, "
+            f"`vmgrid job cancel {where} {key}` stops it)")
+
+
 def cmd_wait(args) -> int:
+    args.interrupt_note = _goes_on(args.endpoint, args.job)
     info = call(connect(args).wait, check_key(args.job), args.timeout, on_update=Follow())
     print(info.state if info.exit_code is None else f"{info.state} (exit code {info.exit_code})")
     return ended(info)

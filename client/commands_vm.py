@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import sys
 import time
 from datetime import datetime, timezone
@@ -187,17 +188,27 @@ def cmd_deploy(args) -> int:
     from gridftp.cli import ProgressBar
     from services.descriptor import set_field
 
+    # The descriptor's bounds (workspace.xsd), checked before anything is asked: 0 is not "the default"
+    if args.memory is not None and not 1 <= args.memory <= 4194304:
+        raise CLIError(f"--memory is RAM in MiB, 1 to 4194304 (4 TiB), not {args.memory}")
+    if args.vcpus is not None and not 1 <= args.vcpus <= 256:
+        raise CLIError(f"--vcpus must be 1 to 256, not {args.vcpus}")
     node_url = args.url
     args.url = args.repository
     descriptor = _call(RepositoryClient(grid_client(args)).show, args.image)
-    if args.memory:
+    if args.memory is not None:
         set_field(descriptor, "hardware", "memory", args.memory)
-    if args.vcpus:
+    if args.vcpus is not None:
         set_field(descriptor, "hardware", "vcpus", args.vcpus)
     vm = vmm_client(args, node_url)
     info = _call(vm.deploy, descriptor, args.identifier, parse_seconds(args.lifetime), paused=args.paused)
     print(f"deploying {args.image} as {args.identifier} ({info.ref.key}) on {info.node}: "
           f"address {info.address}, mac {info.mac}", file=sys.stderr)
+    name = shlex.quote(args.identifier)
+    if node_url != os.environ.get("VMGRID_NODE"):             # a node named by --url: so do the commands
+        name += f" --url {shlex.quote(node_url)}"
+    args.interrupt_note = (f"the deployment of {args.identifier} goes on at the node (`vmgrid vm status {name}` "
+                           f"follows it, `vmgrid vm destroy {name}` ends it)")
     if args.no_wait:
         show_info(info, args.format)
         return 0

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -96,9 +97,24 @@ def run(args) -> int:
     try:
         subprocess.run(["ip", "-n", namespace, "link", "set", "dev", "lo", "up"], check=True)
         print(f"network namespace {namespace}: the grid, its bridge {BRIDGE} ({NETWORK}) and the guests live there")
-        proc = subprocess.run(["ip", "netns", "exec", namespace, sys.executable, "-m", "client.demo_real",
-                               str(image.directory), str(work), f"{build_seconds:.3f}", "cached" if cached else "built"])
-        return proc.returncode
+        # The scene in a session of its own: Ctrl-C reaches this process only, which hands it on once and waits
+        # while the scene destroys its guests and stops its grid (subprocess.run would SIGKILL it at once,
+        # leaving the grid's processes and QEMU guests running)
+        proc = subprocess.Popen(["ip", "netns", "exec", namespace, sys.executable, "-m", "client.demo_real",
+                                 str(image.directory), str(work), f"{build_seconds:.3f}",
+                                 "cached" if cached else "built"], start_new_session=True)
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:
+            proc.send_signal(signal.SIGINT)
+            print("vmgrid: interrupted: destroying the demo's guests and stopping its grid (Ctrl-C again: "
+                  "at once, leaving them)", file=sys.stderr, flush=True)
+            try:
+                proc.wait()
+            except KeyboardInterrupt:
+                proc.kill()
+                proc.wait()
+            raise
     finally:
         subprocess.run(["ip", "netns", "del", namespace], check=False)
 
@@ -278,11 +294,18 @@ def scene(image_dir: Path, work: Path, build_seconds: float, how: str) -> int:
             return 1
         return 0
     finally:
-        for vm, info in deployed:
+        # every instance alice still has (one interrupted mid-deploy too): a node that stops leaves its QEMU
+        # guests running, and the namespace whose bridge they use goes away
+        for vm in vms:
             try:
-                vm.destroy(info.ref)
-            except Exception:  # noqa: BLE001 - cleaning up after a failure; the node destroys on stop too
-                pass
+                live = [i for i in vm.list() if i.state not in ("Destroyed", "Failed")]
+            except Exception:  # noqa: BLE001 - cleaning up: the known ones below
+                live = [info for v, info in deployed if v is vm]
+            for info in live:
+                try:
+                    vm.destroy(info.ref)
+                except Exception:  # noqa: BLE001 - cleaning up after a failure
+                    pass
         state = grid.root / "node1" / "vmmanager"
         grid.stop_all()
         try:
@@ -324,4 +347,7 @@ def write_report(work: Path, report: dict, infos) -> Path:
 
 
 if __name__ == "__main__":
-    sys.exit(scene(Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3]), sys.argv[4]))
+    try:
+        sys.exit(scene(Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3]), sys.argv[4]))
+    except KeyboardInterrupt:           # handed on by `vmgrid demo --real`; the scene cleaned up after itself
+        sys.exit(130)

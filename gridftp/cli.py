@@ -158,6 +158,26 @@ def _credential(args):
         raise CLIError(str(exc)) from exc
 
 
+def _expired_credential(args) -> str:
+    """Why a server refused the credential, when it is that the credential expired (looked at only then: the
+    server's TLS alert does not say it in one way)."""
+    import datetime as dt
+
+    from security.pki import PKIError, load_credential
+
+    try:
+        cred = load_credential(proxy=args.proxy) if args.proxy else load_credential()
+    except PKIError:
+        return ""
+    now = dt.datetime.now(dt.timezone.utc)
+    for cert in (cred.certificate, *cred.chain):
+        if cert.not_valid_after_utc <= now:
+            which = "proxy" if cert is cred.certificate and cred.chain else "certificate"
+            return (f": your {which} expired at {cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC: make a new proxy "
+                    f"with `vmgrid proxy-init` (or grid-proxy-init)")
+    return ""
+
+
 def cmd_transfer(args) -> int:
     from . import transfer
 
@@ -173,6 +193,10 @@ def cmd_transfer(args) -> int:
         dst = str(Path(dst) / name)
     if not _is_url(src) and not Path(src).is_file():
         raise CLIError(f"{src}: no such file")
+    if not _is_url(dst) and not Path(dst).parent.is_dir():      # as cp does: a mistyped path makes no folders
+        raise CLIError(f"{dst}: no directory {Path(dst).parent} (create it first)")
+    if _is_url(src) and not _is_url(dst):
+        args.interrupt_note = "run the same command again: it fetches only the bytes still missing"
     show = sys.stderr.isatty() if args.progress is None else args.progress
     bar = ProgressBar(sys.stderr, name[:24]) if show else None
     common = dict(credential=_credential(args), trust=args.cert_dir, progress=bar, retries=args.retries,
@@ -190,7 +214,7 @@ def cmd_transfer(args) -> int:
     except GridFTPError as exc:
         if bar is not None:
             bar.finish()
-        raise CLIError(str(exc)) from exc
+        raise CLIError(f"{exc}{_expired_credential(args) if 'refused the credential' in str(exc) else ''}") from exc
     except OSError as exc:
         if bar is not None:
             bar.finish()

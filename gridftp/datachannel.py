@@ -9,6 +9,7 @@ number of streams in an EOF block.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import socket
@@ -21,6 +22,9 @@ from .control import is_tls
 from .errors import AuthenticationError, ProtocolError, TransferError
 from .protocol import (BLOCK_HEADER, DESC_CLOSE, DESC_EOD, DESC_EOF, DESC_ERRORS, DESC_RESTART)
 from .ranges import split_blocks
+
+# a receiver's write failing for these is this side's storage: the reason to report, not the sender's abort it causes
+LOCAL_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
 
 BLOCK_SIZE = 4 << 20            # payload bytes per MODE E block sent
 RECV_BUFFER = 1 << 20           # reused receive buffer per connection
@@ -504,8 +508,13 @@ class ModeEReceiver:
                     return
         except (OSError, TransferError, ProtocolError, ValueError) as exc:
             if not self._done.is_set():
-                self.fail(exc if isinstance(exc, (TransferError, ProtocolError))
-                          else TransferError(f"data connection failed: {exc}"))
+                if isinstance(exc, OSError) and exc.errno in LOCAL_WRITE_ERRNOS:    # this side's disk, not the link
+                    local = TransferError(f"cannot store the data here: {exc.strerror}")
+                    local.local = True
+                    self.fail(local)
+                else:
+                    self.fail(exc if isinstance(exc, (TransferError, ProtocolError))
+                              else TransferError(f"data connection failed: {exc}"))
         except BaseException as exc:  # never lose an error in a thread
             self.fail(exc)
         finally:

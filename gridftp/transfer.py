@@ -365,6 +365,8 @@ def _retrieve_mode_e(session: GridFTPClient, path: str, partial: PartialFile, si
         _start_transfer(session, setup, f"RETR {path}")
         final = _await_final(session, alive=_activity(counter))
         if not final.ok:
+            if getattr(receiver.error, "local", False):    # the server aborted because this side stopped reading
+                raise receiver.error
             receiver.fail(TransferError(f"server ended the transfer: {final.code} {final.text}"))
             raise reply_error(f"RETR {path}", final.code, final.text)
         if not receiver.wait(timeout):

@@ -351,6 +351,7 @@ def build_recipe(recipe: Recipe, cache: Path = DEFAULT_CACHE, force: bool = Fals
     except RuntimeCopyError as exc:
         raise ImageBuildError(str(exc)) from None
     final = cache / f"{recipe.name}-{key}"
+    prune_abandoned_work(cache)
     with open(cache / f".lock-{recipe.name}", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)         # one builder per recipe at a time (pytest-xdist workers)
         if (final / "manifest.json").exists() and not force:
@@ -415,6 +416,21 @@ def build_recipe(recipe: Recipe, cache: Path = DEFAULT_CACHE, force: bool = Fals
             shutil.rmtree(work, ignore_errors=True)
             if work.exists():                    # rmtree can trip over its own unlinks here; rm does not
                 subprocess.run(["rm", "-rf", "--one-file-system", str(work)], check=False)
+
+
+def prune_abandoned_work(cache: Path) -> list[Path]:
+    """Delete the work folders (``work-<key>-<pid>``, a gigabyte each) of builders that are gone: a builder
+    ended by SIGTERM or SIGKILL (a test session's background prebuild stopped at its end, a killed
+    `vmgrid image build`) never reaches its own clean-up."""
+    gone = []
+    for old in cache.glob("work-*-*"):
+        pid = old.name.rsplit("-", 1)[1]
+        if old.is_dir() and pid.isdigit() and int(pid) != os.getpid() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(old, ignore_errors=True)
+            if old.exists():
+                subprocess.run(["rm", "-rf", "--one-file-system", str(old)], check=False)
+            gone.append(old)
+    return gone
 
 
 def prune_stale(cache: Path, name: str, keep: Path, min_age: float = STALE_AFTER) -> list[Path]:

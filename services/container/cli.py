@@ -41,8 +41,47 @@ def _stop_on_sigterm(signum, frame):
     raise KeyboardInterrupt
 
 
+_HELD: list[int] = []      # the state locks' descriptors, open for the life of the process
+
+
+def hold_state(state_dir: str, services: list[str]) -> None:
+    """Each service's state belongs to one `vmgrid serve` at a time: a second container started on the same
+    state (the same command twice, a restart before the old process ended) would reconcile a live node's
+    records as if it had crashed (its Running instances made Failed) and share the databases. A lock per
+    service (`<state_dir>/<service>.lock`, flock, released by the kernel when the process ends, even by
+    SIGKILL; close-on-exec, so the job shims and QEMU processes that outlive the container do not hold it)."""
+    import errno
+    import fcntl
+    import os
+
+    os.makedirs(state_dir, exist_ok=True)
+    for name in services:
+        path = os.path.join(state_dir, f"{name}.lock")
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):     # a full disk: starting matters more (docs/repository.md)
+                logging.getLogger("vmgrid.container").warning("no state lock %s: %s", path, exc.strerror)
+                continue
+            raise CLIError(f"cannot open the state lock {path}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise CLIError(f"the {name} state in {state_dir} is in use by another `vmgrid serve`"
+                           f"{f' (pid {holder})' if holder.isdigit() else ''}: stop it first, or give this "
+                           f"container a state_dir of its own") from None
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:
+            pass                                               # the pid is a courtesy; the lock is what counts
+        _HELD.append(fd)
+
+
 def run(args) -> int:
-    from services.container.assemble import build_container, build_service
+    from services.container.assemble import SERVICE_NAMES, build_container, build_service
     from services.container.config import ConfigError, load_config
 
     try:
@@ -52,6 +91,7 @@ def run(args) -> int:
     if args.state_dir:
         config.container.state_dir = args.state_dir
     setup_logging(config.container.log_level, config.container.log_file)
+    hold_state(config.container.state_dir, [n for n in args.services if n in SERVICE_NAMES])
     release_if_full(config.container.state_dir)    # a restart on a full disk still opens its databases
     try:
         services = [build_service(name, config) for name in args.services]
@@ -59,7 +99,11 @@ def run(args) -> int:
     except (ValueError, OSError) as exc:
         raise CLIError(str(exc)) from None
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
-    container.start()
+    try:
+        container.start()
+    except OSError as exc:
+        raise CLIError(f"cannot listen on {config.container.host}:{args.port or config.container.port}: "
+                       f"{exc.strerror} (another container on that port? [container] port or --port)") from None
     print(f"vmgrid: serving {', '.join(s.name for s in services)} at {container.base_url}", flush=True)
     container.serve_forever()
     return 0

@@ -2,6 +2,7 @@
 face first), follow, cancel, and fetch the outputs verified by the sha256 the service recorded."""
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -16,6 +17,9 @@ from services.jobs.store import JobSpec, StageIn
 from services.wsrf.epr import EndpointReference
 from services.wsrf.lifetime import CurrentTime, TerminationTime
 from services.wsrf.namespaces import RL
+
+# jobs.xsd's RelativePathType: relative, no "..", no empty parts (what the service may name an output)
+OUTPUT_NAME = re.compile(r"[A-Za-z0-9_+\-][A-Za-z0-9._+\-]{0,127}(/[A-Za-z0-9_+\-][A-Za-z0-9._+\-]{0,127}){0,7}")
 
 FINAL_STATES = ("Done", "Failed", "Cancelled")
 
@@ -141,6 +145,12 @@ class JobClient:
         """Download every output of a job into ``dest``, each verified against the sha256 the service recorded."""
         if not info.directory_url:
             raise RuntimeError("the job service has no GridFTP face to fetch outputs from")
+        for name, *_ in info.outputs:       # the service (a guest) is untrusted: its names stay inside ``dest``
+            if not isinstance(name, str) or not OUTPUT_NAME.fullmatch(name):
+                raise RuntimeError(f"the job service named an output {name!r}, not a path inside the job's "
+                                   f"directory (jobs.xsd RelativePathType): nothing fetched")
+        if dest.exists() and not dest.is_dir():
+            raise RuntimeError(f"{dest} is a file: name a directory for the outputs")
         dest.mkdir(parents=True, exist_ok=True)
         got = []
         for name, size, sha256, _ in info.outputs:

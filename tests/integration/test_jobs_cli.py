@@ -152,3 +152,27 @@ def test_a_job_service_without_an_owner_does_not_start(tmp_path):
                        timeout=60)
     assert r.returncode == 1
     assert r.stderr == "vmgrid: the job service needs the instance owner's DN: set [jobs] owner\n"
+
+
+def test_ctrl_c_while_following_a_job_says_the_job_goes_on_and_how_to_find_it_again(grid):
+    """Ctrl-C stops the following only: the job runs on, and the message names the commands that reach it."""
+    import signal
+
+    url = grid.jobs_url
+    proc = subprocess.Popen([PY, "-m", "client.cli", "job", "submit", url, "--wait", "--", "sleep", "600"],
+                            env=grid.env("alice"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        key = proc.stdout.readline().strip()            # submitted
+        assert key.startswith("job-"), key + proc.stderr.read()
+        while "Active" not in proc.stderr.readline():   # the job runs, followed
+            assert proc.poll() is None
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert (f"vmgrid: interrupted; job {key} goes on at the service (`vmgrid job wait {url} {key}` follows it "
+            f"again, `vmgrid job cancel {url} {key}` stops it)") in err
+    assert "Active" in vmgrid(grid, "job", "status", url, key).stdout   # not lost, not cancelled
+    vmgrid(grid, "job", "cancel", url, key)

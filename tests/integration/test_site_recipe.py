@@ -41,8 +41,10 @@ def recipe_and_more_commands() -> str:
 
 
 def vmgrid_on_path(tmp_path: Path) -> Path:
-    bindir = tmp_path / "bin"                 # `vmgrid` on PATH: this checkout's command line
-    bindir.mkdir()
+    """`vmgrid` where ./run.sh setup puts it, `.venv/bin` of the checkout: the recipe's first line must put it on
+    PATH (the test's own PATH does not have it)."""
+    bindir = tmp_path / ".venv" / "bin"        # this checkout's command line
+    bindir.mkdir(parents=True)
     (bindir / "vmgrid").write_text(f"#!/bin/sh\nexec env PYTHONPATH={REPO} {PY} -m client.cli \"$@\"\n")
     (bindir / "vmgrid").chmod(0o755)
     return bindir
@@ -58,11 +60,12 @@ def own_network_namespace() -> bool:
 def test_the_site_recipe_and_the_more_commands_of_the_readme_run_as_written(tmp_path):
     work = tmp_path / "checkout"             # the recipe runs in a checkout: it reads wsdl/examples/
     work.mkdir()
+    vmgrid_on_path(work)
     (work / "wsdl").symlink_to(REPO / "wsdl")
     (work / "recipe.sh").write_text(recipe_and_more_commands())
     home = tmp_path / "home"
     home.mkdir()
-    env = {"PATH": f"{vmgrid_on_path(tmp_path)}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "HOME": str(home),
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "HOME": str(home),
            "LANG": "C.UTF-8"}             # nothing of the test's own grid: no X509_* variables
     proc = subprocess.Popen(["unshare", "--net", "bash", "-c", "ip link set lo up && exec bash -c \"PS4='+ \\$(date +%T) '; set -ex; . ./recipe.sh\""],
                             cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -93,8 +93,72 @@ def test_watch_follows_signed_state_changes(grid):
     (["vm", "deploy", "bio/none", "x"], "UnknownImage"),
     (["vm", "deploy", "bio/debian12-emboss", "x", "--lifetime", "soon"], "not a duration"),
     (["vm", "status", "inst-" + "0" * 32], "ResourceUnknown"),
+    (["vm", "deploy", "bio/debian12-emboss", "x", "--memory", "0"], "--memory is RAM in MiB, 1 to 4194304"),
+    (["vm", "deploy", "bio/debian12-emboss", "x", "--memory", "99999999"], "not 99999999"),
+    (["vm", "deploy", "bio/debian12-emboss", "x", "--vcpus", "0"], "--vcpus must be 1 to 256, not 0"),
 ])
 def test_errors_are_one_clear_line(grid, args, message):
     r = vmgrid(grid, *args, check=False)
     assert r.returncode == 1 and r.stderr.startswith("vmgrid: ") and message in r.stderr
     assert "Traceback" not in r.stderr
+    if args[:2] == ["vm", "deploy"]:                 # nothing deployed by a refused deploy
+        assert "x" not in [i["identifier"] for i in json.loads(vmgrid(grid, "vm", "list", "--json").stdout)]
+
+
+def test_an_expired_proxy_is_refused_with_the_step_that_mends_it(grid, tmp_path):
+    import datetime as dt
+    import time
+
+    from security.pki import make_proxy, save_proxy
+
+    alice = grid.user("alice")
+    proxy = make_proxy(alice.credential, hours=1 / 3600)          # one second
+    path = save_proxy(proxy, tmp_path / "short.pem")
+    while dt.datetime.now(dt.timezone.utc) <= proxy.certificate.not_valid_after_utc + dt.timedelta(seconds=1):
+        time.sleep(0.2)
+    r = vmgrid(grid, "vm", "list", "--proxy", str(path), check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "expired at" in r.stderr and r.stderr.rstrip().endswith(
+        ": make a new proxy with `vmgrid proxy-init` (or grid-proxy-init)"), r.stderr
+
+
+def test_a_job_command_on_an_instance_without_a_job_service_says_what_gives_one(grid):
+    vmgrid(grid, "vm", "deploy", "bio/debian12-emboss", "nojobs")
+    try:
+        r = vmgrid(grid, "job", "submit", "nojobs", "--", "true", check=False)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+        assert r.stderr.startswith("vmgrid: instance nojobs (Running) has no job service (guest: ")
+        assert "[vmmanager] guest_ca" in r.stderr and "docs/jobs.md" in r.stderr
+    finally:
+        vmgrid(grid, "vm", "destroy", "nojobs")
+
+
+def test_ctrl_c_while_following_a_deployment_says_it_goes_on(grid, tmp_path):
+    """The node holds the deployment after staging (services/common/crash.py's stall) while the client follows it."""
+    import signal
+    import time
+
+    faults = tmp_path / "faults"
+    faults.mkdir()
+    (faults / "stall").write_text("deploy.staged")
+    node = grid.start_node("node-stall", {}, extra_env={"VMGRID_FAULTDIR": str(faults)})
+    url = node.base_url + "/wsrf/services/VMManagerService"
+    proc = subprocess.Popen([sys.executable, "-m", "client.cli", "vm", "deploy", "bio/debian12-emboss", "held-run",
+                             "--url", url], env={**grid.env("alice"), **grid.env_extra},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while not (faults / "reached").exists():       # the deployment is under way at the node
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        (faults / "stall").unlink(missing_ok=True)     # the node goes on
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert ("vmgrid: interrupted; the deployment of held-run goes on at the node (`vmgrid vm status held-run "
+            f"--url {url}` follows it, `vmgrid vm destroy held-run --url {url}` ends it)") in err
+    r = vmgrid(grid, "vm", "status", "held-run", "--url", url, "--json")
+    assert json.loads(r.stdout)["identifier"] == "held-run"
+    vmgrid(grid, "vm", "destroy", "held-run", "--url", url)

@@ -4,6 +4,7 @@ calls wait on the builder's lock for an image being made here and then take it f
 process fails or is stopped, they build what is missing themselves. Usage: python tests/vm/prebuild.py"""
 from __future__ import annotations
 
+import signal
 import sys
 import tempfile
 import time
@@ -14,7 +15,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests.vm.images import build_all  # noqa: E402
 
 
+def _stop(signum, frame):
+    raise SystemExit(143)          # the session's end (SIGTERM): the builder's clean-up runs, no work folder is left
+
+
 def main() -> int:
+    signal.signal(signal.SIGTERM, _stop)
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="vmgrid-prebuild-") as d:
         try:

@@ -31,6 +31,23 @@ def test_the_project_is_what_its_generator_writes_from_the_wsdls():
     assert out.stdout == PROJECT.read_bytes()
 
 
+def test_the_regenerating_command_of_docs_soapui_runs_as_written(tmp_path):
+    """In a copy of the checkout's wsdl/ (the command rewrites the project file) with the checkout's .venv."""
+    import shutil
+
+    doc = (WSDL_DIR.parent / "docs" / "soapui.md").read_text()
+    [command] = [line.strip() for line in doc.splitlines() if "build_project.py >" in line]
+    shutil.copytree(WSDL_DIR, tmp_path / "wsdl")
+    (tmp_path / "wsdl" / "soapui" / "vmgrid-soapui-project.xml").write_bytes(b"stale")
+    venv = WSDL_DIR.parent / ".venv"
+    if not (venv / "bin" / "python").exists():
+        pytest.skip("no .venv in this checkout (./run.sh setup makes it)")
+    (tmp_path / ".venv").symlink_to(venv)
+    subprocess.run(["bash", "-e", "-c", command], cwd=tmp_path, check=True, timeout=120,
+                   env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert (tmp_path / "wsdl" / "soapui" / "vmgrid-soapui-project.xml").read_bytes() == PROJECT.read_bytes()
+
+
 def test_every_operation_has_a_request_that_validates_against_the_published_schemas(project):
     names = {i.get("name") for i in project.iter(f"{{{CON}}}interface")}
     assert {n for n in names if n} >= set(INTERFACES)

@@ -5,6 +5,8 @@ import io
 import subprocess
 import sys
 
+import pytest
+
 from gridftp.cli import ProgressBar
 
 from tests.unit.gridftp.gridftp_helpers import REPO, MiB, ServerProcess, make_file, sha256_of
@@ -54,6 +56,9 @@ def test_transfer_errors_are_one_line_messages(start_server, tmp_path):
     assert not (tmp_path / "c").exists()
     parallel = vmgrid("transfer", server.url("/data/small"), str(tmp_path / "d"), "-p", "0")
     assert parallel.returncode == 1
+    typo = vmgrid("transfer", server.url("/data/small"), str(tmp_path / "no-such-dir" / "e"))
+    assert typo.returncode == 1 and typo.stderr == f"vmgrid: {tmp_path}/no-such-dir/e: no directory {tmp_path}/no-such-dir (create it first)\n"
+    assert not (tmp_path / "no-such-dir").exists()                  # no folder made for a mistyped path
 
 
 def test_transfer_starts_without_the_other_command_families(start_server, tree, tmp_path):
@@ -147,3 +152,77 @@ def test_gsi_from_the_command_line(grid_pki, tree, tmp_path):
                      "--key", str(grid_pki.host_key_path), "--cert-dir", str(grid_pki.cert_dir),
                      "--grid-mapfile", str(bad))
     assert refused.returncode == 1 and refused.stderr.startswith("vmgrid: ")
+
+
+def test_ctrl_c_in_a_download_says_how_to_resume_and_the_same_command_finishes_it(start_server, tree, tmp_path):
+    import signal
+    import time
+
+    big = make_file(tree / "data" / "slow", 8 * MiB)
+    server = start_server(max_rate=2 * MiB)                       # about 4 s: time to interrupt it
+    out = tmp_path / "slow"
+    part = tmp_path / "slow.vmgrid-part"
+    proc = subprocess.Popen([sys.executable, "-m", "client.cli", "transfer", server.url("/data/slow"), str(out), "-q"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while not part.exists() and proc.poll() is None:
+            time.sleep(0.05)
+        time.sleep(1.5)                                            # some of the 8 MiB arrived (2 MiB/s)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert err == "vmgrid: interrupted; run the same command again: it fetches only the bytes still missing\n"
+    assert not out.exists() and part.exists()
+    again = vmgrid("transfer", server.url("/data/slow"), str(out), "-q")
+    assert again.returncode == 0, again.stderr
+    assert "resumed from an earlier attempt" in again.stdout and sha256_of(out) == sha256_of(big)
+
+
+def test_an_expired_proxy_is_refused_with_what_to_do(grid_pki, tree, tmp_path):
+    """AUTH TLS (vmgrid peers): the server refuses an expired proxy; the message says so and what mends it."""
+    import datetime as dt
+    import time
+
+    from security.pki import make_proxy, save_proxy
+
+    proxy = make_proxy(grid_pki.alice.credential, hours=1 / 3600)
+    path = save_proxy(proxy, tmp_path / "short.pem")
+    while dt.datetime.now(dt.timezone.utc) <= proxy.certificate.not_valid_after_utc + dt.timedelta(seconds=1):
+        time.sleep(0.2)
+    server = ServerProcess(tree, "--cert", str(grid_pki.host_cert_path), "--key", str(grid_pki.host_key_path),
+                           "--cert-dir", str(grid_pki.cert_dir))
+    try:
+        got = vmgrid("transfer", f"gsiftp://localhost:{server.port}/data/f3m", str(tmp_path / "x"), "--proxy",
+                     str(path), "--cert-dir", str(grid_pki.cert_dir), "-q")
+    finally:
+        server.stop()
+    assert got.returncode == 1 and "Traceback" not in got.stderr, got.stderr
+    assert "refused the credential" in got.stderr and got.stderr.count("\n") == 1
+    assert (f": your proxy expired at {proxy.certificate.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC: make a new "
+            "proxy with `vmgrid proxy-init` (or grid-proxy-init)\n") in got.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_full_local_disk_is_named_not_blamed_on_the_server(start_server, tree, tmp_path):
+    """A download into a 1 MiB tmpfs: the message is this side's full disk (it was the server's 426 abort, which
+    the full disk had caused); what arrived stays for a resume."""
+    import os
+    import shutil
+
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("needs root to mount a small tmpfs")
+    make_file(tree / "data" / "eight", 8 * MiB)
+    server = start_server()
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=True)
+    try:
+        got = vmgrid("transfer", server.url("/data/eight"), str(small / "eight"), "-q")
+        assert got.returncode == 1 and "Traceback" not in got.stderr, got.stderr
+        assert got.stderr == "vmgrid: cannot store the data here: No space left on device\n", got.stderr
+        assert not (small / "eight").exists()
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
