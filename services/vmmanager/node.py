@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator
 
@@ -262,9 +262,8 @@ class Node:
                     termination=now + req.lifetime, max_lifetime=int(max_lifetime) if max_lifetime else None,
                     token=new_token()))
                 rec.add("authorize", t_authorize)
-            with rec.phase("lease"):
-                phases.lease(self.parts, key)
-            rec.flush()     # authorize, register and lease in one write
+            with rec.phase("lease"):    # the lease written with the timings so far (authorize, register)
+                phases.lease(self.parts, key, rec)
         except BaseException as exc:
             try:   # on a full disk the clean-up's own writes may fail too: the slot is given back anyway
                 self._release(key, quiet=True)
@@ -279,18 +278,20 @@ class Node:
         log.info("instance %s (%s) of %s registered for %s, lifetime %d s", key, req.identifier, d.image_id,
                  caller.dn, req.lifetime)
         if req.wait:
-            self._deploy_rest(key, raise_fault=True)
+            self._deploy_rest(key, raise_fault=True, timings=rec.take())
         else:
-            self.executor.submit(self._deploy_rest, key, False)
+            self.executor.submit(self._deploy_rest, key, False, rec.take())
         return self.view(self.store.get(key))
 
-    def _deploy_rest(self, key: str, raise_fault: bool) -> None:
+    def _deploy_rest(self, key: str, raise_fault: bool, timings: list | None = None) -> None:
         """The phases after registration (stage, overlay, context, power on, guest ready); on failure the
         instance is Failed and everything it held is released. The phase timings are written with the state
-        changes (Recorder)."""
+        changes (Recorder); ``timings``, the lease's, with the first."""
         rec = Recorder(self.store, key)
+        rec.pending = list(timings or ())
         try:
-            if self._set_state(key, State.STAGING, expect={State.REGISTERED}):
+            if self._set_state(key, State.STAGING, expect={State.REGISTERED}, phases=rec.pending):
+                rec.pending = []
                 with rec.phase("stage"):
                     phases.stage(self.parts, key)
             with self._locked(key):
@@ -379,12 +380,13 @@ class Node:
             return
         log.warning("instance %s failed: %s", key, fault.description)
         with self._locked(key):
-            self._release(key)
-            self._set_state(key, State.FAILED, failure=f"{type(fault).__name__}: {fault.description}")
+            self._release(key, final=State.FAILED, failure=f"{type(fault).__name__}: {fault.description}")
         self._release_central("slot", key)
 
-    def _release(self, key: str, quiet: bool = False) -> None:
-        """Give back everything an instance holds: domain, overlay/context/state files, lease, image hold."""
+    def _release(self, key: str, quiet: bool = False, final: State | None = None, **values) -> None:
+        """Give back everything an instance holds: domain, overlay/context/state files, lease, image hold; with
+        ``final``, the instance moved to that state (``values`` beside it) in the same write as its lease and
+        hold (one commit, not three: Destroy's own)."""
         inst = self.store.get(key)
         for verb in ("destroy", "undefine"):
             try:
@@ -395,25 +397,37 @@ class Node:
                 if not quiet:
                     log.warning("instance %s: %s failed: %s", key, verb, exc)
         shutil.rmtree(self.parts.home(key), ignore_errors=True)
-        self.store.release_lease(key)
-        if inst is not None and (inst.hold_id or inst.hold_holder):
-            # the node's hold on the image is shared by its instances of it: given back when the last of them
-            # has ended and no other deployment took it within [vmmanager] hold_linger (the outbox's 'idle-hold',
-            # delivered by the sweeper), so a stream of deployments of one image holds it once
-            with self.parts.holds.lock:
-                shared = inst.hold_holder == phases.image_holder(self.address, inst.image_id)
-                if inst.hold_id and shared and self.config.hold_linger > 0:
-                    self.store.drop_hold(key, (inst.hold_holder, f"{inst.image_id}\n{inst.hold_id}",
-                                               time.time() + self.config.hold_linger))
-                    return
-                self.store.drop_hold(key)
-                if inst.hold_holder and self.store.hold_users(holder=inst.hold_holder):
-                    return
-                self.parts.holds.forget(inst.image_id)
-                if inst.hold_id:
-                    self._release_central("hold", key, inst.hold_id)
-                else:   # asked for, its id never recorded (a crash in between)
-                    self._release_central("holder", key, f"{inst.image_id}\n{inst.hold_holder}")
+        held = inst is not None and (inst.hold_id or inst.hold_holder)
+        central = None
+        # the holds' lock before SQLite's write lock, as staging takes them; a release at the repository is sent
+        # after the commit but still under the holds' lock (a deployment meanwhile would be given the same hold)
+        with self.parts.holds.lock if held else nullcontext():
+            with self.store.transaction():
+                self.store.release_lease(key)
+                if held:
+                    central = self._drop_hold(key, inst)
+                if final is not None:
+                    self._set_state(key, final, **values)
+            if central is not None:
+                self._release_central(*central)
+
+    def _drop_hold(self, key: str, inst: Instance) -> tuple[str, str, str] | None:
+        """The instance no longer uses its image hold (under the holds' lock). The node's hold on the image is
+        shared by its instances of it: given back when the last of them has ended and no other deployment took
+        it within [vmmanager] hold_linger (the outbox's 'idle-hold', delivered by the sweeper), so a stream of
+        deployments of one image holds it once. Returns the release to send to the repository now, if any."""
+        shared = inst.hold_holder == phases.image_holder(self.address, inst.image_id)
+        if inst.hold_id and shared and self.config.hold_linger > 0:
+            self.store.drop_hold(key, (inst.hold_holder, f"{inst.image_id}\n{inst.hold_id}",
+                                       time.time() + self.config.hold_linger))
+            return None
+        self.store.drop_hold(key)
+        if inst.hold_holder and self.store.hold_users(holder=inst.hold_holder):
+            return None
+        self.parts.holds.forget(inst.image_id)
+        if inst.hold_id:
+            return ("hold", key, inst.hold_id)
+        return ("holder", key, f"{inst.image_id}\n{inst.hold_holder}")   # asked for, its id never recorded
 
     # -- releases at the central services, delivered or kept until they are ----------------------------
     def _deliver(self, kind: str, key: str, arg: str) -> None:
@@ -479,8 +493,7 @@ class Node:
                 inst = self.store.get(key)
                 if inst is None or inst.state_enum in FINAL:
                     return []
-                self._release(key)
-                self._set_state(key, State.DESTROYED)
+                self._release(key, final=State.DESTROYED)
         finally:
             self._guest_waits.pop(key, None)
         self._release_central("slot", key)

@@ -132,9 +132,19 @@ def vmm_call(what: str, fn, *args, **kwargs):
 
 
 # -- the phases --------------------------------------------------------------------------------------
-def lease(parts: NodeParts, key: str) -> None:
-    """A unique address and MAC from the node's range."""
-    parts.store.lease(key, parts.pool)
+def lease(parts: NodeParts, key: str, rec: Recorder | None = None) -> None:
+    """A unique address and MAC from the node's range; ``rec``'s pending timings written in the same
+    transaction (kept pending if the lease fails)."""
+    timings = rec.take() if rec is not None else []
+    try:
+        with parts.store.transaction():
+            parts.store.lease(key, parts.pool)
+            if timings:
+                parts.store.add_phases(key, timings)
+    except BaseException:
+        if rec is not None:
+            rec.pending[:0] = timings
+        raise
 
 
 def stage(parts: NodeParts, key: str) -> None:
@@ -198,7 +208,8 @@ def context(parts: NodeParts, inst: Instance, d: Descriptor) -> Path:
                         mac=inst.mac, address=inst.address, netmask=str(parts.pool.network.netmask),
                         gateway=parts.pool.gateway, dns=parts.config.dns, container_command=command,
                         token=inst.token, grid=guestcred.grid_context(parts.config, inst.owner))
-    return write_context_iso(ctx, parts.home(inst.key) / "context.iso")
+    # built just now with the host's time: written as it is, not read back, checked and timed once more
+    return write_context_iso(ctx, parts.home(inst.key) / "context.iso", refresh_time=False)
 
 
 def power_on(parts: NodeParts, spec: InstanceSpec, paused: bool) -> None:

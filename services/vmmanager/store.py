@@ -5,9 +5,12 @@ from __future__ import annotations
 import ipaddress
 import json
 import sqlite3
+import threading
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Iterator
 
 from services.faults import InvalidArgument, NoCapacity
 from services.sqlite import Database
@@ -174,6 +177,7 @@ class NodeStore:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.db = Database(self.path)
+        self._tx = threading.local()      # the depth of this thread's transaction()
         self._db().executescript(SCHEMA)
         columns = {r[1] for r in self._db().execute("PRAGMA table_info(instances)")}
         if "hold_holder" not in columns:    # a node state written before holds were found by holder
@@ -185,7 +189,29 @@ class NodeStore:
         return self.db.conn()
 
     def write(self):
+        """One write transaction; inside :meth:`transaction` on this thread, a part of that one (no commit of
+        its own)."""
+        if getattr(self._tx, "depth", 0):
+            return nullcontext(self._db())
         return self.db.write()
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """This thread's writes inside as one transaction, one commit (each commit is a WAL write, an fsync
+        and SQLite's file locks): all of them or, when anything inside raises, none."""
+        if getattr(self._tx, "depth", 0):
+            self._tx.depth += 1
+            try:
+                yield
+            finally:
+                self._tx.depth -= 1
+            return
+        with self.db.write():
+            self._tx.depth = 1
+            try:
+                yield
+            finally:
+                self._tx.depth = 0
 
     def close(self) -> None:
         self.db.close()
