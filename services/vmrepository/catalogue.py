@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -90,6 +91,7 @@ class Record:
 log = logging.getLogger("vmgrid.VMRepositoryService")
 RESAVE_AFTER = 10_000   # changes replayed at a start after which the saved index is written again
 REBUILD_OVER = 50_000   # changes behind the saved index past which a start rebuilds instead of replaying
+INDEX_IDLE_S = 0.5      # quiet after a bulk import before the query index catches up on it in the background
 _TRUSTED = etree.XMLParser(resolve_entities=False, no_network=True)  # our own stored, validated XML
 
 
@@ -120,6 +122,13 @@ class Catalogue:
         self.catalogue_id = self._db().execute("SELECT value FROM meta WHERE key = 'catalogue_id'").fetchone()[0]
         self.path.with_name(self.path.name + ".index.npz").unlink(missing_ok=True)   # the earlier format's file
         self._saved_seq: int | None = None
+        # a bulk import's rows are caught up into the query index by a background thread once imports have been
+        # quiet for INDEX_IDLE_S (not in the import call: parsing each descriptor for its facts is most of a
+        # catch-up), so that neither the next query nor close() (a stop under a supervisor's timeout) pays for it
+        self._idle = threading.Condition()
+        self._dirty_at: float | None = None
+        self._closing = False
+        self._worker: threading.Thread | None = None
 
     def _migrate(self) -> None:
         """Bring an older catalogue to this schema: the images' packed facts column (added empty: a row without
@@ -144,7 +153,13 @@ class Catalogue:
         return self.db.write(name)
 
     def close(self) -> None:
-        """Save the query index beside the catalogue (if it moved since it was saved), then close."""
+        """Save the query index beside the catalogue (if it moved since it was saved), then close. A background
+        catch-up under way is finished first (one at most: it holds the index's lock)."""
+        with self._idle:
+            self._closing = True
+            self._idle.notify_all()
+        if self._worker is not None:
+            self._worker.join()
         try:
             top = self._db().execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()[0]
             if self._saved_seq is not None and top != self._saved_seq:   # the catalogue moved since it was saved
@@ -152,6 +167,41 @@ class Catalogue:
         except (OSError, sqlite3.Error) as exc:
             log.warning("cannot save the query index to %s: %s (the next start rebuilds it)", self.index_path, exc)
         self.db.close()
+
+    def _bulk_written(self) -> None:
+        """A bulk import committed: have the background thread catch the query index up once imports are quiet."""
+        with self._idle:
+            if self._closing:
+                return
+            self._dirty_at = time.monotonic()
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._catch_up_when_idle, name="vmgrid-index-catch-up",
+                                                daemon=True)
+                self._worker.start()
+            self._idle.notify_all()
+
+    def _catch_up_when_idle(self) -> None:
+        while True:
+            with self._idle:
+                while True:
+                    if self._closing:
+                        return
+                    if self._dirty_at is None:
+                        self._idle.wait()
+                        continue
+                    delay = self._dirty_at + INDEX_IDLE_S - time.monotonic()
+                    if delay <= 0:
+                        self._dirty_at = None
+                        break
+                    self._idle.wait(delay)
+            try:
+                with self.index.lock:
+                    if self.index.last_seq < 0:      # never made current (no start warmed it): the first query does
+                        continue
+                    self.index.catch_up(self._db())
+                    self._store_unpacked()
+            except (OSError, sqlite3.Error) as exc:
+                log.warning("the query index could not catch up on an import: %s (the next query does)", exc)
 
     # -- the query index, persisted -------------------------------------------------------------------
     def warm(self) -> str:
@@ -390,6 +440,7 @@ class Catalogue:
                 raise
             self._refuse_first(rows)        # the first descriptor refused, by position, as checked one by one
             raise
+        self._bulk_written()
 
     def _has_bytes(self, db, sha256: str) -> bool:
         return bool(db.execute("SELECT 1 FROM blobs WHERE sha256 = ?", (sha256,)).fetchone()

@@ -84,6 +84,30 @@ def unpack_facts(packed: str) -> list[tuple[str, str]]:
     return list(zip(parts[0::2], parts[1::2]))
 
 
+def _merged_codes(base_unique, base_codes: np.ndarray, delta_values, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """The sorted unique values of ``base_unique[base_codes]`` and ``delta_values`` together, and each value's code
+    into them (the base's first): what ``np.unique(..., return_inverse=True)`` of the concatenation gives."""
+    base_unique = np.asarray(base_unique, dtype=dtype)
+    d_unique, d_inverse = np.unique(np.asarray(delta_values, dtype=dtype), return_inverse=True)
+    # the delta's values not in the base inserted where they sort (no sort of the base: a name's column has one
+    # value per descriptor); a base value's code moves up by the values inserted before it
+    base_unique = base_unique.astype(np.result_type(base_unique, d_unique), copy=False)   # the longer strings'
+    at = np.searchsorted(base_unique, d_unique)
+    found = at < len(base_unique)
+    found[found] = base_unique[at[found]] == d_unique[found]
+    new_at = at[~found]
+    unique = np.insert(base_unique, new_at, d_unique[~found])
+    shift = np.searchsorted(new_at, np.arange(len(base_unique)), side="right")
+    codes = np.concatenate([(np.arange(len(base_unique)) + shift)[base_codes],
+                            np.searchsorted(unique, d_unique)[d_inverse.reshape(-1)]]).astype(np.int64)
+    used = np.zeros(len(unique), dtype=bool)
+    used[codes] = True
+    if not used.all():                                 # values only dead facts had
+        codes = (np.cumsum(used) - 1)[codes]
+        unique = unique[used]
+    return unique, codes.astype(np.int32)
+
+
 @dataclass
 class _Column:
     """One field's facts: sorted unique keys, and per fact its slot, key code and text code."""
@@ -152,11 +176,14 @@ class _Column:
         live = [e for e in self.delta if alive[e[0]]]
         d_slots, d_keys, d_texts = zip(*live) if live else ((), (), ())
         ktype = np.float64 if self.numeric else np.str_
-        slots = np.concatenate([self.slots[keep], np.asarray(d_slots, dtype=np.int32)])
-        keys = np.concatenate([np.asarray(self.ukeys, dtype=ktype)[self.kcodes[keep]], np.asarray(d_keys, dtype=ktype)])
-        texts = np.concatenate([np.asarray(self.utexts, dtype=np.str_)[self.tcodes[keep]],
-                                np.asarray(d_texts, dtype=np.str_)])
-        return _Column.from_arrays(self.numeric, slots, keys, texts)
+        col = _Column(self.numeric)
+        col.slots = np.concatenate([self.slots[keep], np.asarray(d_slots, dtype=np.int32)])
+        # only the delta's values are sorted; the base's sorted unique values are merged with them and its codes
+        # mapped (re-sorting every fact's key and text of a 100,000-descriptor column was most of a catch-up)
+        col.ukeys, col.kcodes = _merged_codes(self.ukeys, self.kcodes[keep], d_keys, ktype)
+        col.utexts, col.tcodes = _merged_codes(self.utexts, self.tcodes[keep], d_texts, np.str_)
+        return col
+
 
     def select(self, p: Prepared, mask: np.ndarray, within: np.ndarray | None = None,
                budget: Budget | None = None) -> None:

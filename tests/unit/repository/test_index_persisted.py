@@ -234,3 +234,36 @@ def test_a_rebuilt_column_is_the_column_built_fact_by_fact(kind):
         assert np.array_equal(np.asarray(getattr(rebuilt, name)), np.asarray(getattr(by_fact, name))), name
     assert len(rebuilt.ukeys) < len(texts)          # distinct keys, each fact coded to its own
     assert [rebuilt.utexts[c] for c in rebuilt.tcodes] == texts
+
+
+@pytest.mark.parametrize("kind", ["number", "version", "text"])
+def test_a_merged_column_is_the_column_built_from_its_live_facts(kind):
+    """A catch-up's merge folds the delta into the base by merging sorted unique values (not sorting every fact
+    again): the column must be exactly the one built from the live facts, values only dead facts had dropped."""
+    import numpy as np
+
+    from services.descriptor import NUMBER, VERSION, version_key
+    from services.vmrepository.index import _Column
+
+    rng = random.Random(17)
+    pool = {"number": ["256", "512", "1024", "8192", "4096", "3"],
+            "version": ["6.6", "6.6.0", "6.10", "1.0rc1", "1.0.1", "10", "2.a"],
+            "text": ["bio", "hep", "Bio", "", "débian", "a b", "zz-only-dead"]}[kind]
+    kind_of = {"number": NUMBER, "version": VERSION, "text": "text"}[kind]
+
+    def key(t):
+        return float(t) if kind_of == NUMBER else version_key(t) if kind_of == VERSION else t
+
+    base = [(slot, rng.choice(pool[:-1])) for slot in range(300)]
+    base[7] = (7, pool[-1])                             # the only fact with this value: its slot dies
+    delta = [(slot, rng.choice(pool[:-1] + ["new-" + kind if kind == "text" else "77"])) for slot in range(300, 420)]
+    alive = np.ones(420, dtype=bool)
+    alive[[7, 11, 12, 305]] = False
+    col = _Column.build(kind_of == NUMBER, [(s, key(t), t) for s, t in base])
+    col.delta = [(s, key(t), t) for s, t in delta]
+    merged = col.merged(alive)
+    live = [(s, key(t), t) for s, t in base + delta if alive[s]]
+    expected = _Column.build(kind_of == NUMBER, live)
+    for name in ("slots", "ukeys", "kcodes", "utexts", "tcodes"):
+        assert np.array_equal(np.asarray(getattr(merged, name)), np.asarray(getattr(expected, name))), name
+    assert pool[-1] not in [str(t) for t in merged.utexts]

@@ -5,9 +5,11 @@ definition of the fields are dropped. Whatever the path, a query answers what SQ
 from __future__ import annotations
 
 import sqlite3
+import time
 
 import pytest
 
+import services.vmrepository.catalogue as catalogue_module
 import services.vmrepository.index as index_module
 from services.descriptor import facts, parse_descriptor, set_field
 from services.vmrepository.index import pack_facts, unpack_facts
@@ -120,6 +122,7 @@ def test_a_catch_up_after_a_bulk_import_stores_the_packed_facts(tmp_path, monkey
     """A bulk import into a running repository: the first query after it reads the new rows (every row at
     once past REBUILD_AT, else into the delta) and stores their packed facts."""
     monkeypatch.setattr(index_module, "REBUILD_AT", rebuild_at)
+    monkeypatch.setattr(catalogue_module, "INDEX_IDLE_S", 3600.0)   # the query catches up, not the background thread
     cat = seeded(tmp_path, 20)
     cat.warm()
     first = answers(cat)
@@ -138,3 +141,51 @@ def test_a_catch_up_after_a_bulk_import_stores_the_packed_facts(tmp_path, monkey
         assert packed is not None and unpack_facts(packed) == facts(cat.get(image_id).element())
     assert got == truth(cat)
     cat.close()
+
+
+def test_a_bulk_import_is_caught_up_in_the_background_and_a_stop_then_only_writes_the_index(tmp_path, monkeypatch):
+    """Once imports are quiet, a background thread reads a bulk import's rows into the query index and stores
+    their packed facts: neither the next query nor the stop (close, under a supervisor's timeout) does it then."""
+    monkeypatch.setattr(catalogue_module, "INDEX_IDLE_S", 0.0)
+    cat = seeded(tmp_path, 20)
+    assert cat.warm().startswith("rebuilt")
+    before = cat.index.last_seq
+    sha, size = cat.find("bio", "seed").sha256, cat.find("bio", "seed").size
+    batch = []
+    for i in range(30):
+        ws = descriptor(f"bulk-{i:03d}", "hep", 8192, "6.10.0")
+        set_field(ws, "image", "sha256", sha)
+        set_field(ws, "image", "size", size)
+        batch.append(ws)
+    cat.add_many(batch)
+    top = cat._db().execute("SELECT max(seq) FROM changes").fetchone()[0]
+    deadline = time.monotonic() + 60                    # waiting for the thread, not timing it
+    while None in stored_facts(cat).values() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    for image_id, packed in stored_facts(cat).items():
+        assert packed is not None and unpack_facts(packed) == facts(cat.get(image_id).element())
+    assert cat.index.last_seq == top > before
+
+    def no_catch_up(*_a):
+        raise AssertionError("close() read rows the background catch-up had read")
+
+    monkeypatch.setattr(index_module.QueryIndex, "_load", no_catch_up)
+    monkeypatch.setattr(index_module.QueryIndex, "_load_all", no_catch_up)
+    got = answers(cat)                                  # the query finds the index current
+    assert got[-1][0] == 50
+    cat.close()
+    monkeypatch.undo()
+    again = open_catalogue(tmp_path)
+    assert again.warm() == "saved"
+    assert answers(again) == got == truth(again)
+    again.close()
+
+
+def test_the_background_catch_up_leaves_an_index_no_start_warmed(tmp_path, monkeypatch):
+    """A catalogue whose index was never made current (an in-process bulk load): the thread reads nothing."""
+    monkeypatch.setattr(catalogue_module, "INDEX_IDLE_S", 0.0)
+    cat = seeded(tmp_path, 20)
+    cat._worker.join(timeout=0.5)                      # still waiting for the next import: it is alive
+    assert cat.index.last_seq < 0 and list(stored_facts(cat).values()).count(None) == 19
+    cat.close()
+    assert not cat._worker.is_alive()
