@@ -521,7 +521,10 @@ class _Inbound:
     each request parsed whole goes to ``ready`` (pipelined ones wait there in order). Sizes are checked as the
     bytes arrive: the request line and headers against ``max_header_bytes`` (431), the body against
     ``max_body_bytes`` (413, from its Content-Length before any of it is read); an invalid request is 400 (llhttp
-    is strict: no Content-Length beside Transfer-Encoding, no whitespace or obsolete folding in headers). A
+    is strict: no Content-Length beside Transfer-Encoding, no whitespace or obsolete folding in headers; here also
+    no HTTP/0.9 and no underscore in a header field name). A chunked body's trailer fields count against
+    ``max_header_bytes`` and are dropped (llhttp hands them over as headers: kept, they grew without bound and
+    overrode the head's Content-Type and SOAPAction). A
     request is kept alive when it is HTTP/1.1 without ``Connection: close`` (as h11 did: an HTTP/1.0 client's
     connection is closed after its answer)."""
 
@@ -579,8 +582,14 @@ class _Inbound:
         self.head_bytes += len(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name.lower(), value))
         self.head_bytes += len(name) + len(value) + 4
+        if self.head_done:       # a trailer field after a chunked body: counted against the head's limit, not kept
+            if self.head_bytes > self.max_header and self.error is None:   # (nor let it override a header the
+                self.error = (431, "the request trailers are too large")    # signature and routing already saw)
+            return
+        if b"_" in name and self.error is None:   # Content_Type would become CONTENT_TYPE beside Content-Type in WSGI
+            self.error = (400, "bad request: a header field name with an underscore")
+        self.headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
         p = self.parser
@@ -590,6 +599,8 @@ class _Inbound:
         self.keep_alive = self.version == "1.1" and p.should_keep_alive()
         if self.head_bytes > self.max_header:
             self.error = (431, "the request head is too large")
+        if self.version == "0.9" and self.error is None:    # a request line without a version: not HTTP/1.x
+            self.error = (400, "bad request: HTTP/0.9 is not served")
         for name, value in self.headers:
             if name == b"content-length" and int(value) > self.max_body and self.error is None:
                 self.error, self.error_kind = (413, f"a request body may not exceed {self.max_body} bytes"), "body"
