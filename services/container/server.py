@@ -606,6 +606,8 @@ class _Inbound:
                 self.error, self.error_kind = (413, f"a request body may not exceed {self.max_body} bytes"), "body"
             elif name == b"expect" and value.lower() == b"100-continue" and self.version == "1.1":
                 self.continue_wanted = True
+        if self.error is not None:        # a refused request gets its refusal, not an invitation to send the body
+            self.continue_wanted = False
 
     def on_body(self, body: bytes) -> None:
         self.body += body

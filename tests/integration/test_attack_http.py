@@ -115,3 +115,12 @@ def test_upgrade_and_connect_end_the_connection(served):
         answer = exchange(c, first + b"GET /after HTTP/1.1\r\nHost: x\r\n\r\n")
         assert answer.count(b"HTTP/1.1 ") == 1
     assert len(seen) == 2
+
+
+def test_a_body_over_the_limit_is_not_invited_with_100_continue(served):
+    """Expect: 100-continue with a Content-Length over max_body_bytes: the 413 alone, no "100 Continue" first
+    (which told the client to send the 16 MiB it would then be cut off in)."""
+    c, seen = served
+    answer = exchange(c, b"POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 999999999\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 413 ")
+    assert seen == []
