@@ -198,7 +198,7 @@ class Container:
     # -- one connection (in the event loop) ---------------------------------------------------------
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername") or ("?", 0)
-        address = peer[0]
+        address = client_key(peer[0])    # IPv6: its /64 (one host may take any address of it), as the TLS turns
         lim = self.limits
         if self.open_connections >= lim.max_connections:
             self.refused["connections"] += 1
@@ -216,7 +216,7 @@ class Container:
                 tls = TLSStream(reader, writer, self.ssl_context)
                 try:     # computed on the TLS threads in turns per address (tlsstream.py); the deadline counts the waits
                     async with asyncio.timeout(lim.handshake_timeout):
-                        await tls.handshake(self._tls_pool, self.handshakes, client_key(address))
+                        await tls.handshake(self._tls_pool, self.handshakes, address)
                 except (asyncio.TimeoutError, ConnectionError, OSError) as exc:   # ssl.SSLError is an OSError
                     self.refused["handshake"] += 1
                     log.debug("TLS handshake with %s failed: %s", address, exc)
