@@ -20,6 +20,7 @@ import queue
 import re
 import resource
 import socket
+import struct
 import sys
 import threading
 import time
@@ -433,6 +434,10 @@ class Container:
                 await writer.drain()
         except asyncio.TimeoutError:
             self.refused["send"] += 1
+            try:     # the close resets: the kernel drops the megabytes it still held for the client that does not read
+                writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_NONE)
+            except (AttributeError, OSError):
+                pass
             return False
         return True
 
@@ -448,6 +453,7 @@ class Container:
             return False
 
 
+_LINGER_NONE = struct.pack("ii", 1, 0)   # SO_LINGER on, 0 s: close() resets
 _REASONS = {400: "Bad Request", 408: "Request Timeout", 413: "Content Too Large",
             431: "Request Header Fields Too Large"}
 # A response head as h11 would send it: a status of three digits and a reason, then header fields whose names are

@@ -5,6 +5,7 @@ was answered and what the application saw."""
 from __future__ import annotations
 
 import socket
+import time
 
 import pytest
 
@@ -124,3 +125,34 @@ def test_a_body_over_the_limit_is_not_invited_with_100_continue(served):
     answer = exchange(c, b"POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 999999999\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 413 ")
     assert seen == []
+
+
+def test_a_client_that_never_reads_its_answer_is_cut_off():
+    """Slow read: a client asks for a large answer and reads nothing; once the kernel's buffers are full the
+    container waits body_grace plus the answer's size at send_min_rate, then closes the connection (the rest is
+    never sent: a reset, not megabytes trickled out by the kernel after the close), and answers another client
+    meanwhile."""
+    big = b"x" * (48 << 20)
+
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [big if environ["PATH_INFO"] == "/big" else b"ok\n"]
+
+    c = Container([], middleware=lambda _: app, threads=2,
+                  limits=ConnectionLimits(body_grace=0.2, send_min_rate=32 << 20)).start()
+    try:
+        with socket.create_connection(("127.0.0.1", c.port), timeout=60) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert exchange(c, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").startswith(b"HTTP/1.1 200 ")
+            while not c.refused["send"]:
+                time.sleep(0.05)
+            ended = None
+            try:
+                while s.recv(1 << 20):
+                    pass
+            except OSError as exc:
+                ended = exc
+        assert isinstance(ended, ConnectionResetError)   # reset: the kernel sends none of what it still held
+    finally:
+        c.stop()
