@@ -16,6 +16,7 @@ from lxml import etree
 _DOCTYPE = b"<!DOCTYPE"
 _DOCTYPE16LE = "<!DOCTYPE".encode("utf-16-le")
 _DOCTYPE16BE = "<!DOCTYPE".encode("utf-16-be")
+_DOCTYPE32 = ("<!DOCTYPE".encode("utf-32-le"), "<!DOCTYPE".encode("utf-32-be"))   # libxml2 reads UTF-32 too
 DEFAULT_MAX_BYTES = 16 * 1024 * 1024
 DEFAULT_MAX_DEPTH = 64
 
@@ -68,7 +69,7 @@ def parse(data: bytes | str, limits: Limits = DEFAULT_LIMITS) -> etree._Element:
         raise UnsafeXML(f"document of {len(data)} bytes exceeds the limit of {limits.max_bytes} bytes")
     if not data.strip():
         raise UnsafeXML("empty document")
-    if _DOCTYPE in data or _DOCTYPE16LE in data or _DOCTYPE16BE in data:
+    if _DOCTYPE in data or _DOCTYPE16LE in data or _DOCTYPE16BE in data or any(d in data for d in _DOCTYPE32):
         # Refused before libxml2 sees it: no internal subset, no external DTD fetch.
         raise UnsafeXML("DOCTYPE declarations are not allowed")
     try:

@@ -20,6 +20,7 @@ import queue
 import re
 import resource
 import socket
+import struct
 import sys
 import threading
 import time
@@ -198,7 +199,7 @@ class Container:
     # -- one connection (in the event loop) ---------------------------------------------------------
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername") or ("?", 0)
-        address = peer[0]
+        address = client_key(peer[0])    # IPv6: its /64 (one host may take any address of it), as the TLS turns
         lim = self.limits
         if self.open_connections >= lim.max_connections:
             self.refused["connections"] += 1
@@ -216,7 +217,7 @@ class Container:
                 tls = TLSStream(reader, writer, self.ssl_context)
                 try:     # computed on the TLS threads in turns per address (tlsstream.py); the deadline counts the waits
                     async with asyncio.timeout(lim.handshake_timeout):
-                        await tls.handshake(self._tls_pool, self.handshakes, client_key(address))
+                        await tls.handshake(self._tls_pool, self.handshakes, address)
                 except (asyncio.TimeoutError, ConnectionError, OSError) as exc:   # ssl.SSLError is an OSError
                     self.refused["handshake"] += 1
                     log.debug("TLS handshake with %s failed: %s", address, exc)
@@ -433,6 +434,10 @@ class Container:
                 await writer.drain()
         except asyncio.TimeoutError:
             self.refused["send"] += 1
+            try:     # the close resets: the kernel drops the megabytes it still held for the client that does not read
+                writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_NONE)
+            except (AttributeError, OSError):
+                pass
             return False
         return True
 
@@ -448,6 +453,7 @@ class Container:
             return False
 
 
+_LINGER_NONE = struct.pack("ii", 1, 0)   # SO_LINGER on, 0 s: close() resets
 _REASONS = {400: "Bad Request", 408: "Request Timeout", 413: "Content Too Large",
             431: "Request Header Fields Too Large"}
 # A response head as h11 would send it: a status of three digits and a reason, then header fields whose names are
@@ -521,7 +527,10 @@ class _Inbound:
     each request parsed whole goes to ``ready`` (pipelined ones wait there in order). Sizes are checked as the
     bytes arrive: the request line and headers against ``max_header_bytes`` (431), the body against
     ``max_body_bytes`` (413, from its Content-Length before any of it is read); an invalid request is 400 (llhttp
-    is strict: no Content-Length beside Transfer-Encoding, no whitespace or obsolete folding in headers). A
+    is strict: no Content-Length beside Transfer-Encoding, no whitespace or obsolete folding in headers; here also
+    no HTTP/0.9 and no underscore in a header field name). A chunked body's trailer fields count against
+    ``max_header_bytes`` and are dropped (llhttp hands them over as headers: kept, they grew without bound and
+    overrode the head's Content-Type and SOAPAction). A
     request is kept alive when it is HTTP/1.1 without ``Connection: close`` (as h11 did: an HTTP/1.0 client's
     connection is closed after its answer)."""
 
@@ -579,8 +588,14 @@ class _Inbound:
         self.head_bytes += len(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name.lower(), value))
         self.head_bytes += len(name) + len(value) + 4
+        if self.head_done:       # a trailer field after a chunked body: counted against the head's limit, not kept
+            if self.head_bytes > self.max_header and self.error is None:   # (nor let it override a header the
+                self.error = (431, "the request trailers are too large")    # signature and routing already saw)
+            return
+        if b"_" in name and self.error is None:   # Content_Type would become CONTENT_TYPE beside Content-Type in WSGI
+            self.error = (400, "bad request: a header field name with an underscore")
+        self.headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
         p = self.parser
@@ -590,11 +605,15 @@ class _Inbound:
         self.keep_alive = self.version == "1.1" and p.should_keep_alive()
         if self.head_bytes > self.max_header:
             self.error = (431, "the request head is too large")
+        if self.version == "0.9" and self.error is None:    # a request line without a version: not HTTP/1.x
+            self.error = (400, "bad request: HTTP/0.9 is not served")
         for name, value in self.headers:
             if name == b"content-length" and int(value) > self.max_body and self.error is None:
                 self.error, self.error_kind = (413, f"a request body may not exceed {self.max_body} bytes"), "body"
             elif name == b"expect" and value.lower() == b"100-continue" and self.version == "1.1":
                 self.continue_wanted = True
+        if self.error is not None:        # a refused request gets its refusal, not an invitation to send the body
+            self.continue_wanted = False
 
     def on_body(self, body: bytes) -> None:
         self.body += body

@@ -1,0 +1,20 @@
+"""safexml refuses a DOCTYPE before libxml2 reads it, whatever encoding the document declares: UTF-32 too
+(before, a UTF-32 internal subset reached libxml2, whose own amplification cap was all that stopped a
+billion-laughs document)."""
+from __future__ import annotations
+
+import pytest
+
+from security.safexml import UnsafeXML, parse
+
+LAUGHS = ('<!DOCTYPE r [<!ENTITY a "aaaaaaaaaa">'
+          + "".join(f'<!ENTITY {chr(98 + i)} "' + f"&{chr(97 + i)};" * 10 + '">' for i in range(9))
+          + "]><r>&j;</r>")
+
+
+@pytest.mark.parametrize("encoding", ["utf-32", "utf-32-le", "utf-32-be", "utf-16", "utf-8"])
+def test_a_doctype_is_refused_as_such_in_every_encoding(encoding):
+    data = (f'<?xml version="1.0" encoding="{encoding.upper()}"?>' + LAUGHS).encode(encoding)
+    with pytest.raises(UnsafeXML) as refused:
+        parse(data)
+    assert refused.value.reason == "DOCTYPE declarations are not allowed"
