@@ -37,7 +37,7 @@ from services.vmmanager.warm import WarmSnapshots
 from services.vmmanager.vmm import VMM, InstanceState, LifecycleEvent, LifecycleEventKind, VMMError
 from services.vmmanager.vmm.errors import GuestWaitCancelled, InstanceNotFound
 from services.wsrf.lifetime import Sweeper
-from services.wsrf.notification import ConsumerPolicy, Notifier, Subscription, new_subscription_key
+from services.wsrf.notification import ConsumerPolicy, Notifier, new_subscription_key
 
 log = logging.getLogger("vmgrid.VMManagerService")
 

@@ -6,7 +6,6 @@ the background while the other tiers run (tests/vm/prebuild.py). VMGRID_TEST_REA
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
