@@ -10,7 +10,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Callable, Protocol
 
-from services.faults import ChecksumMismatch, TransferFault
+from services.faults import ChecksumMismatch, StorageFull, TransferFault, is_storage_full
 from services.vmmanager import qemuimg
 from services.vmmanager.store import NodeStore
 
@@ -120,13 +120,27 @@ class ImageCache:
         except (ChecksumMismatch, TransferFault):
             part.unlink(missing_ok=True)
             raise
+        except StorageFull:
+            self._drop_partial(part)    # on a full disk its bytes are worth less than the space they hold
+            raise
         except OSError as exc:
             part.unlink(missing_ok=True)
+            if is_storage_full(exc):
+                self._drop_partial(part)
+                raise StorageFull(f"the node's image cache is full: staging {image_id} stopped: {exc.strerror}",
+                                  store=f"VMManager image cache {self.root}") from None
             raise TransferFault(f"staging {image_id} failed: {exc}", source=image_id) from None
         os.replace(part, self.path(sha256))
         self.store.add_cached(sha256, size, fmt)
         report(size, size)
         log.info("cached %s (%s, %d bytes)", sha256, image_id, size)
+
+    @staticmethod
+    def _drop_partial(part: Path) -> None:
+        """A staging's received bytes and their range markers, written or being written (kept otherwise, so that a
+        retry fetches only the rest). The name is a hex digest: no pattern characters."""
+        for p in part.parent.glob(part.name + "*"):
+            p.unlink(missing_ok=True)
 
     def overlay(self, sha256: str, fmt: str, dest: Path) -> Path:
         """A copy-on-write qcow2 overlay on the cached base image."""

@@ -11,8 +11,8 @@ from pathlib import Path
 import gridftp
 from services.common.xsdtime import parse_datetime
 from services.descriptor import Descriptor
-from services.faults import (RETRYABLE, ChecksumMismatch, InvalidDescriptor, ServiceUnavailable, TransferFault,
-                             VMGridFault)
+from services.faults import (RETRYABLE, ChecksumMismatch, InvalidDescriptor, ServiceUnavailable, StorageFull,
+                             TransferFault, VMGridFault)
 from services.soapclient import ClientError, GridServiceClient
 from services.vmrepository.client import RepositoryClient
 
@@ -156,6 +156,9 @@ class RepositoryAccess:
             raise ChecksumMismatch(f"staging {image_id}: {exc}", expected=blake3 or sha256,
                                    actual="(different)") from None
         except gridftp.GridFTPError as exc:
+            if getattr(exc, "local", False):     # this node's own write failed (its disk full), not the transfer
+                raise StorageFull(f"the node's image cache is full: staging {image_id} stopped: {exc}",
+                                  store=f"VMManager image cache {dest.parent.parent}") from None
             raise TransferFault(f"staging {image_id} from {location} failed: {exc}", source=location) from None
 
     def _location(self, image_id: str) -> str:

@@ -217,3 +217,29 @@ def test_a_start_on_a_full_disk_gives_up_the_space_reserve_so_the_databases_open
         assert read() == [("kept",)]
     finally:
         subprocess.run(["umount", "-l", str(state)], check=False)
+
+
+def test_staging_an_image_into_a_full_node_cache_is_a_typed_storage_full_fault(full):
+    """The node's disk full while an image is staged into its cache: the receiver's own write fails (ENOSPC), which
+    is the node's storage, not the transfer or the repository: a StorageFull naming the image cache, the failed
+    deployment's slot given back, nothing of the image left in the cache."""
+    grid = full
+    image = register(grid, "staged-into-full", "4M")
+    proc = grid.start_node("node1", {"lease_range": "10.99.0.10-10.99.0.40"})
+    vm = node(grid, proc)
+    filler = fill(grid.root / "node1")
+    # room for the node's own records, not for the image's bytes (about 3 MiB)
+    os.truncate(filler, max(0, filler.stat().st_size - 1024 * 1024))
+    try:
+        with pytest.raises(StorageFull) as err:
+            vm.deploy(image, "stage-full", 600, wait=True)
+        assert "image cache" in err.value.store
+        assert "No space left on device" in err.value.description
+        assert vm.list() == []
+        assert slots(grid) == 0
+        sha256 = image.findtext("{*}image/{*}sha256")
+        assert sha256
+        assert [p for p in (grid.root / "node1").rglob(f"{sha256}*")] == []
+    finally:
+        filler.unlink()
+        grid.stop("node1")
