@@ -45,6 +45,18 @@ def stored_facts(cat) -> dict[str, str | None]:
         db.close()
 
 
+def bulk_batch(cat, n: int) -> list:
+    """``n`` new descriptors of the seeded image's bytes (a bulk import's batch)."""
+    sha, size = cat.find("bio", "seed").sha256, cat.find("bio", "seed").size
+    batch = []
+    for i in range(n):
+        ws = descriptor(f"bulk-{i:03d}", "hep", 8192, "6.10.0")
+        set_field(ws, "image", "sha256", sha)
+        set_field(ws, "image", "size", size)
+        batch.append(ws)
+    return batch
+
+
 @pytest.mark.parametrize("example", sorted(p.name for p in EXAMPLES.glob("*.xml")))
 def test_packed_facts_are_the_descriptors_facts(example):
     ws = parse_descriptor((EXAMPLES / example).read_bytes())
@@ -126,14 +138,7 @@ def test_a_catch_up_after_a_bulk_import_stores_the_packed_facts(tmp_path, monkey
     cat = seeded(tmp_path, 20)
     cat.warm()
     first = answers(cat)
-    sha, size = cat.find("bio", "seed").sha256, cat.find("bio", "seed").size
-    batch = []
-    for i in range(30):
-        ws = descriptor(f"bulk-{i:03d}", "hep", 8192, "6.10.0")
-        set_field(ws, "image", "sha256", sha)
-        set_field(ws, "image", "size", size)
-        batch.append(ws)
-    cat.add_many(batch)
+    cat.add_many(bulk_batch(cat, 30))
     assert list(stored_facts(cat).values()).count(None) == 30
     got = answers(cat)
     assert got != first and got[-1][0] == 50
@@ -150,14 +155,7 @@ def test_a_bulk_import_is_caught_up_in_the_background_and_a_stop_then_only_write
     cat = seeded(tmp_path, 20)
     assert cat.warm().startswith("rebuilt")
     before = cat.index.last_seq
-    sha, size = cat.find("bio", "seed").sha256, cat.find("bio", "seed").size
-    batch = []
-    for i in range(30):
-        ws = descriptor(f"bulk-{i:03d}", "hep", 8192, "6.10.0")
-        set_field(ws, "image", "sha256", sha)
-        set_field(ws, "image", "size", size)
-        batch.append(ws)
-    cat.add_many(batch)
+    cat.add_many(bulk_batch(cat, 30))
     top = cat._db().execute("SELECT max(seq) FROM changes").fetchone()[0]
     deadline = time.monotonic() + 60                    # waiting for the thread, not timing it
     while None in stored_facts(cat).values() and time.monotonic() < deadline:
