@@ -561,6 +561,13 @@ def _public_key(certificate: x509.Certificate):
     return certificate.public_key()
 
 
+@functools.lru_cache(maxsize=256)
+def _key_digest(certificate: x509.Certificate) -> bytes:
+    """SHA-256 of a certificate's SubjectPublicKeyInfo (once per certificate, as _public_key)."""
+    return hashlib.sha256(_public_key(certificate).public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)).digest()
+
+
 _FRACTION = re.compile(r"(\.\d{1,6})\d*")
 
 
@@ -1067,9 +1074,13 @@ def verify_envelope(message: bytes | etree._Element, trust: TrustStore, *, repla
                               f"changed after signing")
 
     if replay is not None:
-        # keyed on what was signed, not on the SignatureValue's bytes: an ECDSA signature (r, s) verifies as (r, n - s)
-        # too, and in DER as in r || s, so anyone holding a signed message could make "new" values of it
-        if not replay.first_seen(hashlib.sha256(signed_info_c14n).digest(), horizon.timestamp()):
+        # keyed on what was signed and the key that signed it, not on the SignatureValue's bytes: an ECDSA signature
+        # (r, s) verifies as (r, n - s) too, and in DER as in r || s, so anyone holding a signed message could make
+        # "new" values of it. The key is part of it because two signers can sign byte-identical SignedInfo (a client
+        # whose Timestamp has whole seconds and whose Ids are fixed, as node-soap's, signing the same request with
+        # a certificate and then with a proxy): the second is not a replay of the first.
+        if not replay.first_seen(hashlib.sha256(_key_digest(caller.certificate) + signed_info_c14n).digest(),
+                                 horizon.timestamp()):
             raise InvalidSecurity("replayed message: this signature was already accepted")
     return caller, root
 

@@ -218,6 +218,28 @@ def test_an_ecdsa_signature_rewritten_in_another_valid_form_is_still_a_replay(gr
     assert isinstance(user.private_key, ec.EllipticCurvePrivateKey)
 
 
+def test_the_same_signed_info_from_another_key_is_not_a_replay(grid_pki):
+    """A client whose Timestamp has whole seconds and whose Ids are fixed (node-soap) signs byte-identical SignedInfo
+    for the same request sent twice in one second, with alice's certificate and then with her proxy. The second is
+    a new message from another key, not a replay; the same message again from either key is one."""
+    from security.wssec import X509PKIPATH, pkipath
+
+    first = sign_in_place(echo_envelope("same"), grid_pki.alice.credential)
+    second = etree.fromstring(etree.tostring(first))
+    signed_info = second.find(f".//{{{DS}}}SignedInfo")
+    second.find(f".//{{{DS}}}SignatureValue").text = base64.b64encode(
+        _raw_signature(grid_pki.alice.proxy.private_key, c14n(signed_info))).decode()
+    token = second.find(f".//{Q_BST}")
+    token.set("ValueType", X509PKIPATH)
+    token.text = base64.b64encode(pkipath(reversed(grid_pki.alice.proxy.certificates))).decode()
+    cache = MemoryReplayCache()
+    assert not verify_envelope(etree.tostring(first), grid_pki.trust(), replay=cache)[0].is_proxy
+    assert verify_envelope(etree.tostring(second), grid_pki.trust(), replay=cache)[0].is_proxy
+    for again in (first, second):
+        with pytest.raises(InvalidSecurity, match="replayed"):
+            verify_envelope(etree.tostring(again), grid_pki.trust(), replay=cache)
+
+
 def test_a_signature_method_that_does_not_match_the_key_fails(grid_pki):
     """An RSA key's signature relabelled as ecdsa-sha256 (or the reverse) is refused, not misread."""
     from security.wssec import ECDSA_SHA256
