@@ -124,11 +124,11 @@ class ImageCache:
             self._drop_partial(part)    # on a full disk its bytes are worth less than the space they hold
             raise
         except OSError as exc:
-            part.unlink(missing_ok=True)
             if is_storage_full(exc):
                 self._drop_partial(part)
                 raise StorageFull(f"the node's image cache is full: staging {image_id} stopped: {exc.strerror}",
                                   store=f"VMManager image cache {self.root}") from None
+            part.unlink(missing_ok=True)
             raise TransferFault(f"staging {image_id} failed: {exc}", source=image_id) from None
         os.replace(part, self.path(sha256))
         self.store.add_cached(sha256, size, fmt)

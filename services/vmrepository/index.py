@@ -184,7 +184,6 @@ class _Column:
         col.utexts, col.tcodes = _merged_codes(self.utexts, self.tcodes[keep], d_texts, np.str_)
         return col
 
-
     def select(self, p: Prepared, mask: np.ndarray, within: np.ndarray | None = None,
                budget: Budget | None = None) -> None:
         """Set mask[slot] for every slot with a fact satisfying p (existentially). ``within`` (the caller's

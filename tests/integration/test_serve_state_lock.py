@@ -10,30 +10,16 @@ import sys
 
 import pytest
 
-from client.localgrid import LocalGrid
-from client.repository import RepositoryClient
-from client.soap import GridServiceClient
-from security.trust import TrustStore
-from services.authz.edit import site_policy
-from services.authz.policy import Group
-from tests.fixtures.repository import EXAMPLES, make_image
+from tests.fixtures.repository import bio_site
 
 pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lock")
-    with LocalGrid(root) as g:
-        admin, alice = g.user("admin"), g.user("alice")
-        ingest = root / "ingest"
-        ingest.mkdir()
-        g.start_central(site_policy(admins=[admin.dn], groups=[Group("bio", members=(alice.dn,))]), ingest)
+    with bio_site(tmp_path_factory.mktemp("lock"), image={"name": "e.qcow2", "fill": b"lock"}) as g:
         base = g.services_url
         g.node = g.start_node("node1", {})
-        RepositoryClient(GridServiceClient(f"{base}/VMRepositoryService", admin.credential, TrustStore(g.cert_dir))
-                         ).register((EXAMPLES / "debian12-emboss.xml").read_bytes(),
-                                    local_path=str(make_image(ingest / "e.qcow2", fill=b"lock")))
         g.env_extra = {"VMGRID_REPOSITORY": f"{base}/VMRepositoryService",
                        "VMGRID_NODE": g.node.base_url + "/wsrf/services/VMManagerService"}
         yield g

@@ -20,10 +20,8 @@ from client.soap import GridServiceClient
 from client.vmmanager import VMManagerClient
 from security.trust import TrustStore
 from services.authz.audit import verify_chain
-from services.authz.edit import site_policy
-from services.authz.policy import Group
 from services.faults import StorageFull
-from tests.fixtures.repository import EXAMPLES, make_image
+from tests.fixtures.repository import EXAMPLES, bio_site, make_image
 
 pytestmark = [pytest.mark.timeout(300),
               pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("mount"), reason="mounts a tmpfs (root)")]
@@ -56,13 +54,7 @@ def full(tmp_path_factory):
     mount_tmpfs(mounts[0], "40m")
     mount_tmpfs(mounts[1], "24m")
     try:
-        with LocalGrid(root) as grid:
-            admin, alice = grid.user("admin"), grid.user("alice")
-            ingest = root / "ingest"
-            ingest.mkdir()
-            grid.start_central(site_policy(admins=[admin.dn], groups=[
-                Group("bio", members=(alice.dn,), admins=(admin.dn,))]), ingest)
-            grid.ingest = ingest
+        with bio_site(root) as grid:
             yield grid
     finally:
         for m in mounts:

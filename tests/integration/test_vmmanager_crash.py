@@ -7,18 +7,14 @@ import signal
 import time
 from datetime import datetime, timedelta, timezone
 import sqlite3
-from pathlib import Path
 
 import pytest
 
 from client.localgrid import LocalGrid
-from client.repository import RepositoryClient
 from client.soap import ClientError, GridServiceClient
 from client.vmmanager import VMManagerClient
 from security.trust import TrustStore
-from services.authz.edit import site_policy
-from services.authz.policy import Group
-from tests.fixtures.repository import EXAMPLES, make_image
+from tests.fixtures.repository import bio_site
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -26,18 +22,8 @@ pytestmark = pytest.mark.timeout(300)
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     """The Authorization service and the VMRepository in one process, an image registered."""
-    root = tmp_path_factory.mktemp("crashsite")
-    with LocalGrid(root) as grid:
-        admin, alice = grid.user("admin"), grid.user("alice")
-        ingest = root / "ingest"
-        ingest.mkdir()
-        grid.start_central(site_policy(admins=[admin.dn], groups=[Group("bio", members=(alice.dn,),
-                                                                           admins=(admin.dn,))]), ingest)
-        services = grid.services_url
-        repo = RepositoryClient(GridServiceClient(f"{services}/VMRepositoryService", admin.credential,
-                                                  TrustStore(grid.cert_dir)))
-        image = make_image(ingest / "emboss.qcow2", "qcow2", "256M", fill=b"crash" * 100000)
-        grid.descriptor = repo.register((EXAMPLES / "debian12-emboss.xml").read_bytes(), local_path=str(image))
+    with bio_site(tmp_path_factory.mktemp("crashsite"),
+                  image={"name": "emboss.qcow2", "size": "256M", "fill": b"crash" * 100000}) as grid:
         yield grid
 
 

@@ -14,15 +14,12 @@ from pathlib import Path
 import pytest
 
 from client.localgrid import LocalGrid, free_port
-from client.repository import RepositoryClient
 from client.soap import ClientError, GridServiceClient
 from client.vmmanager import VMManagerClient
 from security.trust import TrustStore
-from services.authz.edit import site_policy
-from services.authz.policy import Group
 from services.faults import InstanceMoved, MigrationFault
 from tests.fixtures.faults import kill_client_at
-from tests.fixtures.repository import EXAMPLES, make_image
+from tests.fixtures.repository import bio_site
 
 pytestmark = pytest.mark.timeout(300)
 NODES = {"node1": "10.99.0.10-10.99.0.40", "node2": "10.99.0.100-10.99.0.140"}
@@ -31,17 +28,7 @@ LIVE = ("Running", "Paused", "Saved")
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
-    root = tmp_path_factory.mktemp("migcrash")
-    with LocalGrid(root) as grid:
-        admin, alice = grid.user("admin"), grid.user("alice")
-        ingest = root / "ingest"
-        ingest.mkdir()
-        grid.start_central(site_policy(admins=[admin.dn], groups=[Group("bio", members=(alice.dn,),
-                                                                           admins=(admin.dn,))]), ingest)
-        repo = RepositoryClient(GridServiceClient(f"{grid.services_url}/VMRepositoryService", admin.credential,
-                                                  TrustStore(grid.cert_dir)))
-        image = make_image(ingest / "mig.qcow2", "qcow2", "64M", fill=b"migcrash" * 1000)
-        grid.descriptor = repo.register((EXAMPLES / "debian12-emboss.xml").read_bytes(), local_path=str(image))
+    with bio_site(tmp_path_factory.mktemp("migcrash"), image={"name": "mig.qcow2", "fill": b"migcrash" * 1000}) as grid:
         grid.ports = {name: free_port() for name in NODES}
         yield grid
 
