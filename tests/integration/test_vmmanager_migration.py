@@ -277,6 +277,10 @@ def test_an_offer_of_files_larger_than_the_instance_can_hold_is_refused_before_a
     real_download = transfer.download
     monkeypatch.setattr(migration, "_file_list", files)
     monkeypatch.setattr(migration.gridftp, "download", lambda *a, **k: pulled.append(a[0]) or real_download(*a, **k))
+
+    def from_source() -> list[str]:
+        """What was pulled from the source node (the base image's staging, from the repository, is not)."""
+        return [url for url in pulled if "/images/" not in url]
     ref = deploy(grid, grid_pki.alice, "too-big")
     src = grid.vmm(grid_pki.alice, 0)
     src.pause(ref)
@@ -284,13 +288,13 @@ def test_an_offer_of_files_larger_than_the_instance_can_hold_is_refused_before_a
     with pytest.raises(MigrationFault) as exc:
         src.migrate(ref, grid.node_url(1))
     assert (exc.value.phase, exc.value.cause) == ("transfer", "InvalidArgumentFault")
-    assert "larger" in str(exc.value) and not pulled
+    assert "larger" in str(exc.value) and not from_source()
     assert_rolled_back(grid, grid_pki, ref, "Paused")
     grow["by"] = 1
     with pytest.raises(MigrationFault) as exc:
         src.migrate(ref, grid.node_url(1))
     assert (exc.value.phase, exc.value.cause) == ("transfer", "TransferFault")
-    assert "announces" in str(exc.value) and any(u.endswith("/state.save") for u in pulled)
+    assert "announces" in str(exc.value) and any(u.endswith("/state.save") for u in from_source())
     assert_rolled_back(grid, grid_pki, ref, "Paused")
     src.destroy(ref)
 
