@@ -82,13 +82,14 @@ def test_node_soap_runs_the_contract_signed_and_verifies_every_answer(vm_grid, t
         "repoUrl": vm_grid.repository_url, "vmmUrl": vm_grid.node_url(),
         "actions": {op.name: op.soap_action for wsdl in ("vmrepository.wsdl", "vmmanager.wsdl")
                     for op in Contract(wsdl).operations.values()},
-        "steps": ["ListVOs", "QueryImages", "UnknownImageFault", "Deploy", "GetResourceProperty", "Pause", "Resume",
-                  "Destroy"],
+        "steps": ["ListVOs", "ListVOsAgain", "QueryImages", "UnknownImageFault", "Deploy", "GetResourceProperty",
+                  "Pause", "Resume", "Destroy"],
     }
     steps, run = run_node(modules, config, tmp_path / "end-entity")
     assert run.returncode == 0, run.stdout + run.stderr
-    assert set(steps) == {"ListVOs", "QueryImages", "UnknownImageFault", "Deploy", "GetResourceProperty", "Pause",
-                          "Resume", "Destroy"}
+    assert set(steps) == {"ListVOs", "ListVOsAgain", "QueryImages", "UnknownImageFault", "Deploy",
+                          "GetResourceProperty", "Pause", "Resume", "Destroy"}
+    assert steps["ListVOsAgain"]["detail"] == steps["ListVOs"]["detail"]
     assert steps["QueryImages"]["detail"]["count"] == 1
     assert steps["UnknownImageFault"]["detail"]["detail"] == ["UnknownImageFault"]
     assert steps["GetResourceProperty"]["detail"] == "Running"
@@ -114,6 +115,6 @@ def test_node_soap_runs_the_contract_signed_and_verifies_every_answer(vm_grid, t
     steps, run = run_node(modules, with_proxy, proxy_dir)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "send the chain as an X509PKIPathv1" in steps.pop("ProxyAlone")["detail"]
-    assert len(steps) == 8 and all(s["ok"] for s in steps.values())
+    assert len(steps) == 9 and all(s["ok"] for s in steps.values())
     owners = {i.identifier: i.owner for i in vm_grid.vmm(pki.alice).list(include_ended=True)}
     assert owners["node-soap-2"] == pki.alice.dn

@@ -74,14 +74,17 @@ function verifyAnswer(xml) {
 }
 
 // WS-Addressing: every request carries a signed wsa:To (the service's address) and wsa:Action (the
-// operation's soapAction): vmgrid refuses a request signed for another endpoint or operation.
+// operation's soapAction): vmgrid refuses a request signed for another endpoint or operation. And a signed
+// wsa:MessageID of its own: node-soap's Timestamp has whole seconds and its Ids are fixed, so without it the same
+// request sent twice in one second is byte-identical where signed, and vmgrid refuses the second as a replay.
 const WSA = 'http://www.w3.org/2005/08/addressing';
 function addressed(client, url, op, extraHeaders = [], extraRefs = [], chain = true) {
   client.clearSoapHeaders();
   client.addSoapHeader(`<wsa:To xmlns:wsa="${WSA}">${url}</wsa:To>`);
   client.addSoapHeader(`<wsa:Action xmlns:wsa="${WSA}">${config.actions[op]}</wsa:Action>`);
+  client.addSoapHeader(`<wsa:MessageID xmlns:wsa="${WSA}">urn:uuid:${crypto.randomUUID()}</wsa:MessageID>`);
   for (const h of extraHeaders) client.addSoapHeader(h);
-  client.setSecurity(security(['wsa:To', 'wsa:Action', ...extraRefs], chain));
+  client.setSecurity(security(['wsa:To', 'wsa:Action', 'wsa:MessageID', ...extraRefs], chain));
   return client;
 }
 
@@ -120,6 +123,12 @@ async function main() {
     throw new Error('the proxy alone was accepted');
   });
   await step('ListVOs', async () => {
+    const [result, raw] = await addressed(repo, config.repoUrl, 'ListVOs').ListVOsAsync({});
+    verifyAnswer(raw);
+    return result;
+  });
+  // the same request again at once (in the same second, as a poll would): a new message, not a replay
+  await step('ListVOsAgain', async () => {
     const [result, raw] = await addressed(repo, config.repoUrl, 'ListVOs').ListVOsAsync({});
     verifyAnswer(raw);
     return result;
