@@ -120,6 +120,9 @@ def gil_released_by_signing(key) -> tuple[bool, float, float]:
 FLOOR_DATA = b"\0" * 600
 
 
+PERF_UNSUPPORTED = "perf cannot count user-space instructions on this machine"
+
+
 def perf_control(command: str) -> None:
     """Enable or disable the counting of the `perf stat --control` process that started this one."""
     with open(os.environ["VMGRID_PERF_CTL"], "w") as ctl:
@@ -136,8 +139,14 @@ def count_instructions(args) -> int:
 
     from benchgrid import machine_facts
 
+    from bench_container import perf_counts_instructions
+
     if shutil.which("perf") is None:
         print("profile_signing: --instructions needs perf (Debian: linux-perf)", file=sys.stderr)
+        return 1
+    if not perf_counts_instructions():
+        print(f"profile_signing: {PERF_UNSUPPORTED} (`perf stat -e instructions:u` answers <not supported>, as in "
+              f"a VM without the counter): run without --instructions for CPU-time figures", file=sys.stderr)
         return 1
     counts = {}
     for mode in ("unsigned", "signed", "floor"):

@@ -1,9 +1,10 @@
 """Every benchmark command that README.md and docs/ show, as written.
 
 Each command's script exists and knows every option the docs give it (its --help names them). The
-quick ones (seconds) run here as written, from the repository root, and must print a ratio against
-their peer. The rest take minutes each and some need root (network namespaces, the emulated WAN): they run as written when
-VMGRID_TEST_BENCH=1 is in the environment of the test run.
+quick ones (seconds: QUICK) run here as written, from the repository root, and must print a ratio against
+their peer; `--instructions` where perf cannot count instructions (a VM without the counter) runs and is skipped on
+its message. The rest take minutes each and some need root (network namespaces, the emulated WAN): they run as
+written when VMGRID_TEST_BENCH=1 is in the environment of the test run.
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-QUICK = {"bench/bench_channel_flood.py", "bench/bench_jobs.py"}      # seconds, not minutes
+QUICK = {"bench/bench_channel_flood.py", "bench/bench_jobs.py",     # seconds, not minutes
+         "bench/bench_authz.py", "bench/profile_signing.py"}
 COMMAND = re.compile(r"(?:sudo )?\.venv/bin/python bench/[\w./-]+\.py[^`\n#|]*")
 
 
@@ -65,5 +67,7 @@ def test_a_documented_bench_command_runs_as_written(where, command):
     if script not in QUICK and os.environ.get("VMGRID_TEST_BENCH") != "1":
         pytest.skip("opt-in: VMGRID_TEST_BENCH=1 (minutes; root and the emulated WAN)")
     r = subprocess.run(command, shell=True, cwd=ROOT, capture_output=True, text=True, timeout=3600)
+    if r.returncode != 0 and "perf cannot count user-space instructions on this machine" in r.stderr:
+        pytest.skip("perf cannot count instructions on this machine (the command ran and said so)")
     assert r.returncode == 0, f"{where}: `{command}`\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     assert re.search(r"\d\s*x|x peer|ratio", r.stdout), f"{where}: `{command}` printed no ratio:\n{r.stdout[-2000:]}"
