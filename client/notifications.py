@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from cheroot import wsgi
 
 from security.pki import host_of
+from security.replay import MemoryReplayCache
 from security.trust import TrustStore
 from security.wssec import WSSecurityError, verify_envelope
 from services.container.addressing import AddressingFault, check_request
@@ -38,6 +39,7 @@ class NotificationConsumer:
         self.trust = trust
         self.changes: queue.Queue[StateChange] = queue.Queue()
         self.refused = 0
+        self.replay = MemoryReplayCache()     # a Notify captured on the way (plain HTTP) is not taken twice
         self.server = wsgi.Server((host, port), self._app, numthreads=4, server_name="vmgrid-consumer")
         self.server.max_request_body_size = MAX_NOTIFY
         self._thread: threading.Thread | None = None
@@ -69,7 +71,7 @@ class NotificationConsumer:
         length = int(environ.get("CONTENT_LENGTH") or 0)
         body = environ["wsgi.input"].read(min(length, MAX_NOTIFY))
         try:
-            caller, root = verify_envelope(body, self.trust,
+            caller, root = verify_envelope(body, self.trust, replay=self.replay,
                                            expected_signer=lambda c: host_of(c.dn) is not None)
             # the signed wsa:To must be this consumer and the Action Notify (a Notify signed for another
             # consumer is refused here)

@@ -491,3 +491,22 @@ def test_a_notify_signed_for_another_consumer_is_refused(grid_pki):
         data = sign_envelope(env, grid_pki.host)
         assert requests.post(consumer.url, data=data).status_code == 500
         assert consumer.refused == 1 and consumer.changes.empty()
+
+
+def test_a_notify_replayed_to_its_consumer_is_refused(grid_pki):
+    """The consumer listens on plain HTTP: anyone on the way can capture a signed Notify and send it again (an old
+    Paused after the Running that followed it). Fails without the consumer's replay cache: both were taken."""
+    import requests
+
+    from security.wssec import sign_envelope
+    from services.vmmanager.wire import state_change_envelope
+
+    with NotificationConsumer(grid_pki.trust()) as consumer:
+        env = state_change_envelope(consumer.url, "https://localhost/", "inst-" + "0" * 32, "x", "Running",
+                                    "Paused", time.time())
+        data = sign_envelope(env, grid_pki.host)
+        assert requests.post(consumer.url, data=data).status_code == 200
+        assert consumer.changes.get(timeout=5).new == "Paused"
+        response = requests.post(consumer.url, data=data)
+        assert response.status_code == 500 and "replayed" in response.text
+        assert consumer.refused == 1 and consumer.changes.empty()
