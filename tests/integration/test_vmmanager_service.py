@@ -510,3 +510,36 @@ def test_a_notify_replayed_to_its_consumer_is_refused(grid_pki):
         response = requests.post(consumer.url, data=data)
         assert response.status_code == 500 and "replayed" in response.text
         assert consumer.refused == 1 and consumer.changes.empty()
+
+
+def test_a_guest_containers_certificate_is_no_node_to_the_central_services(vm_grid, grid_pki, tmp_path):
+    """The certificate a node issues to a guest's grid container (here with the site CA as guest CA, as the main
+    job configures it) is a host DN whose key the VM's owner holds as root. It passed the default policy's
+    "/O=Grid/*/CN=host/*" as a node and an enforcement point: alice's guest read a private hep image and listed
+    and could release anyone's slots. Fails without [policy] guests: both answered 200."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    from security.pki import Credential, new_key
+    from services.vmmanager.guestcred import issue
+    from services.vmmanager.service import VMManagerConfig
+    from tests.fixtures.repository import signed_call
+
+    hep = vm_grid.register(name="hep-private", vo="hep")
+    image_id = hep.findtext(".//{*}imageId")
+    key = new_key()
+    csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(key, hashes.SHA256())
+    pem, record = issue(VMManagerConfig(node="node1", guest_ca=str(grid_pki.ca.directory)),
+                        {"csr": csr.public_bytes(serialization.Encoding.PEM).decode(), "port": 8443},
+                        "10.99.0.12", "vm-12")
+    guest = Credential(x509.load_pem_x509_certificate(pem.encode()), key, ())
+    assert record["dn"] == "/O=Grid/OU=vmgrid-guests/CN=host/10.99.0.12"
+    repo, authz = "http://vmgrid.org/ns/vmrepository/1", "http://vmgrid.org/ns/authz/1"
+    read = etree.fromstring(f'<r:GetDescriptor xmlns:r="{repo}"><r:image>{image_id}</r:image></r:GetDescriptor>')
+    status, answer = signed_call(vm_grid.repository_url, read, grid_pki.bob.proxy, grid_pki.trust())
+    assert status == 200                                                     # hep's own member reads it
+    status, fault = signed_call(vm_grid.repository_url, read, guest, grid_pki.trust())
+    assert status == 500 and "guests-are-not-grid-identities" in fault.findtext("faultstring")
+    status, fault = signed_call(vm_grid.authz_url, etree.fromstring(f'<a:ListSlots xmlns:a="{authz}"/>'), guest,
+                                grid_pki.trust())
+    assert status == 500 and "not an enforcement point" in fault.findtext("faultstring")
