@@ -543,3 +543,25 @@ def test_a_guest_containers_certificate_is_no_node_to_the_central_services(vm_gr
     status, fault = signed_call(vm_grid.authz_url, etree.fromstring(f'<a:ListSlots xmlns:a="{authz}"/>'), guest,
                                 grid_pki.trust())
     assert status == 500 and "not an enforcement point" in fault.findtext("faultstring")
+
+
+def test_a_notify_about_another_hosts_instance_is_refused(grid_pki):
+    """The consumer took a state change from any host certificate, whatever node it named as producer: another
+    node, or a guest's container (a host DN whose key the VM's owner holds), could tell a scientist that her VM on
+    node1 was Destroyed. The signer must be the producer's host. Fails without: the change was taken."""
+    import requests
+
+    from security.wssec import sign_envelope
+    from services.vmmanager.wire import state_change_envelope
+
+    other = grid_pki.issue_host("node2.example.org")
+    with NotificationConsumer(grid_pki.trust()) as consumer:
+        env = state_change_envelope(consumer.url, "https://localhost:8443/wsrf/services/VMManagerService",
+                                    "inst-" + "0" * 32, "x", "Running", "Destroyed", time.time())
+        response = requests.post(consumer.url, data=sign_envelope(env, other))
+        assert response.status_code == 500 and "signed by /O=Grid/OU=vmgrid/CN=host/node2.example.org" in response.text
+        assert consumer.refused == 1 and consumer.changes.empty()
+        env = state_change_envelope(consumer.url, "https://localhost:8443/wsrf/services/VMManagerService",
+                                    "inst-" + "0" * 32, "x", "Running", "Destroyed", time.time())
+        assert requests.post(consumer.url, data=sign_envelope(env, grid_pki.host)).status_code == 200
+        assert consumer.changes.get(timeout=5).new == "Destroyed"
