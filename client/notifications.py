@@ -8,7 +8,9 @@ from dataclasses import dataclass
 
 from cheroot import wsgi
 
+from security.client import host_authorizer
 from security.pki import host_of
+from security.replay import MemoryReplayCache
 from security.trust import TrustStore
 from security.wssec import WSSecurityError, verify_envelope
 from services.container.addressing import AddressingFault, check_request
@@ -38,6 +40,7 @@ class NotificationConsumer:
         self.trust = trust
         self.changes: queue.Queue[StateChange] = queue.Queue()
         self.refused = 0
+        self.replay = MemoryReplayCache()     # a Notify captured on the way (plain HTTP) is not taken twice
         self.server = wsgi.Server((host, port), self._app, numthreads=4, server_name="vmgrid-consumer")
         self.server.max_request_body_size = MAX_NOTIFY
         self._thread: threading.Thread | None = None
@@ -69,7 +72,7 @@ class NotificationConsumer:
         length = int(environ.get("CONTENT_LENGTH") or 0)
         body = environ["wsgi.input"].read(min(length, MAX_NOTIFY))
         try:
-            caller, root = verify_envelope(body, self.trust,
+            caller, root = verify_envelope(body, self.trust, replay=self.replay,
                                            expected_signer=lambda c: host_of(c.dn) is not None)
             # the signed wsa:To must be this consumer and the Action Notify (a Notify signed for another
             # consumer is refused here)
@@ -80,16 +83,23 @@ class NotificationConsumer:
             self.refused += 1
             start_response("500 Internal Server Error", [("Content-Type", "text/plain")])
             return [f"refused: {exc}\n".encode()]
+        changes = []
         for holder in root.iterfind(f"{{{SOAP}}}Body/{{{WSNT}}}Notify/{{{WSNT}}}NotificationMessage"):
             change = holder.find(f"{{{WSNT}}}Message/{{{VMM}}}StateChangeNotification")
             if change is None:
                 continue
             text = lambda n: change.findtext(f"{{{VMM}}}{n}") or ""  # noqa: E731
-            self.changes.put(StateChange(text("InstanceKey"), text("Identifier"), text("oldState"),
-                                         text("newState"), text("time"),
-                                         holder.findtext(f"{{{WSNT}}}ProducerReference/"
-                                                         "{http://www.w3.org/2005/08/addressing}Address") or "",
-                                         caller.dn))
+            producer = holder.findtext(f"{{{WSNT}}}ProducerReference/{{http://www.w3.org/2005/08/addressing}}Address") or ""
+            # the producer (the node whose instance changed) must be the host that signed: any other host (another
+            # node, or a guest container, whose certificates are host DNs too) cannot speak for its instances
+            if not host_authorizer(producer)(caller):
+                self.refused += 1
+                start_response("500 Internal Server Error", [("Content-Type", "text/plain")])
+                return [f"refused: a change of {producer or 'no producer'} signed by {caller.dn}\n".encode()]
+            changes.append(StateChange(text("InstanceKey"), text("Identifier"), text("oldState"), text("newState"),
+                                       text("time"), producer, caller.dn))
+        for change in changes:
+            self.changes.put(change)
         start_response("200 OK", [("Content-Type", "text/xml")])
         return [b""]
 

@@ -32,7 +32,7 @@ from .replay import MemoryReplayCache, ReplayCache
 from .https import HTTPSError, HTTPSPool
 from .tls import client_ssl_context, grid_session
 from .trust import Caller, TrustStore
-from .wssec import (DEFAULT_POLICY, FailedAuthentication, InvalidSecurity, SecurityPolicy, sign_in_place,
+from .wssec import (DEFAULT_POLICY, SOAP11, FailedAuthentication, InvalidSecurity, SecurityPolicy, sign_in_place,
                     verify_envelope)
 
 _LOOPBACK_NAMES = ("localhost",)
@@ -68,8 +68,10 @@ class GridWSSE:
     GridTransport reports). The last verified signer is in `last_signer` (per thread)."""
 
     def __init__(self, credential: Credential, trust: TrustStore, *, expected_host_dn: str | None = None,
-                 policy: SecurityPolicy = DEFAULT_POLICY, ttl: float = 300.0, replay: ReplayCache | None = None):
+                 policy: SecurityPolicy = DEFAULT_POLICY, ttl: float = 300.0, replay: ReplayCache | None = None,
+                 require_relates_to: bool = False):
         self.credential = credential
+        self.require_relates_to = require_relates_to
         self.trust = trust
         self.expected_host_dn = expected_host_dn
         self.policy = policy
@@ -87,6 +89,7 @@ class GridWSSE:
 
     def apply(self, envelope: etree._Element, headers: dict) -> tuple[etree._Element, dict]:
         sign_in_place(envelope, self.credential, ttl=self.ttl)
+        self._local.message_id = _addressing(envelope, "MessageID")
         return envelope, headers
 
     def _expected(self) -> str | Callable[[Caller], bool]:
@@ -102,8 +105,40 @@ class GridWSSE:
         root = envelope.getroot() if isinstance(envelope, etree._ElementTree) else envelope
         caller, _ = verify_envelope(root, self.trust, replay=self.replay, policy=self.policy,
                                     expected_signer=self._expected())
+        _check_relates_to(root, getattr(self._local, "message_id", None), self.require_relates_to)
         self._local.signer = caller
         return envelope
+
+
+WSA_NAMESPACES = ("http://www.w3.org/2005/08/addressing", "http://schemas.xmlsoap.org/ws/2004/08/addressing")
+
+
+def _addressing(envelope: etree._Element, name: str) -> str | None:
+    """The text of the envelope's WS-Addressing header `name` (1.0 or 2004/08), or None."""
+    header = envelope.find(f"{{{SOAP11}}}Header")
+    for ns in WSA_NAMESPACES if header is not None else ():
+        el = header.find(f"{{{ns}}}{name}")
+        if el is not None:
+            return (el.text or "").strip()
+    return None
+
+
+def _check_relates_to(response: etree._Element, message_id: str | None, required: bool) -> None:
+    """A verified answer that names the request it answers (its signed wsa:RelatesTo) must name the MessageID this
+    client sent: a signed answer to another request of the same host (another call's, another user's) is refused,
+    which TLS alone would not catch when it is off or ends before the service. `required`: an answer that is not a
+    fault must carry it (vmgrid's services always do; a fault may not: the security layer refuses before
+    WS-Addressing is read)."""
+    if message_id is None:
+        return
+    relates = _addressing(response, "RelatesTo")
+    if relates == message_id:
+        return
+    body = response.find(f"{{{SOAP11}}}Body")
+    if relates is None and (not required or (body is not None and body.find(f"{{{SOAP11}}}Fault") is not None)):
+        return
+    raise InvalidSecurity(f"the answer relates to {relates or 'no request'}, not to this request ({message_id}): "
+                          f"a signed answer to another request is refused")
 
 
 class GridTransport(zeep.Transport):

@@ -24,29 +24,37 @@ class ReplayCache(Protocol):
         """Record `key` until `expires_at` (UNIX time); False if it was already recorded and not yet expired."""
 
 
+SEEN, FRESH, FULL = "seen", "fresh", "full"
+
+
 class MemoryReplayCache:
-    """A replay cache for one process."""
+    """A replay cache for one process, of at most `max_entries` live keys: full of live ones, it refuses what it
+    cannot record (fail closed) and sweeps at most once a second (not once per message)."""
 
     def __init__(self, max_entries: int = 200_000):
         self._seen: dict[bytes, float] = {}
         self._lock = threading.Lock()
         self._max = max_entries
         self._next_sweep = 0.0
+        self._next_full_sweep = 0.0
 
     def first_seen(self, key: bytes, expires_at: float) -> bool:
+        return self.record(key, expires_at) == FRESH
+
+    def record(self, key: bytes, expires_at: float) -> str:
+        """SEEN (a replay), FRESH (recorded) or FULL (new, but no room to record it)."""
         now = time.time()
         with self._lock:
-            if now >= self._next_sweep or len(self._seen) >= self._max:
+            if now >= self._next_sweep or (len(self._seen) >= self._max and now >= self._next_full_sweep):
                 self._seen = {k: t for k, t in self._seen.items() if t > now}
-                self._next_sweep = now + 10
+                self._next_sweep, self._next_full_sweep = now + 10, now + 1
             old = self._seen.get(key)
             if old is not None and old > now:
-                return False
+                return SEEN
             if len(self._seen) >= self._max:
-                # Full of live entries: refuse rather than forget (fail closed).
-                return False
+                return FULL
             self._seen[key] = expires_at
-            return True
+            return FRESH
 
 
 class SQLiteReplayCache:
@@ -97,7 +105,13 @@ class SQLiteReplayCache:
 
     def first_seen(self, key: bytes, expires_at: float) -> bool:
         now = time.time()
-        if not self._memory.first_seen(key, expires_at):
+        state = self._memory.record(key, expires_at)
+        if state == SEEN:
+            return False
+        # FULL: one busy signer filled the memory window (an authenticated client sending as fast as the service
+        # verifies); SQLite records the key exactly, so nobody else is refused for it. Only when SQLite cannot be
+        # written either is a key that neither can record refused (fail closed).
+        if state == FULL and self.degraded is not None and now < self._retry_at:
             return False
         if self.degraded is not None and now < self._retry_at:
             return self._check_only(key, expires_at, now)
@@ -105,7 +119,7 @@ class SQLiteReplayCache:
             fresh = self._record(key, expires_at, now)
         except (sqlite3.Error, OSError) as exc:
             self._degrade(exc)
-            return self._check_only(key, expires_at, now)
+            return state != FULL and self._check_only(key, expires_at, now)
         if self.degraded is not None:
             log.warning("replay cache %s is written again", self.path)
             self.degraded = None

@@ -23,6 +23,7 @@ from typing import Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509 import verification
 from cryptography.x509.oid import NameOID
 
@@ -35,6 +36,15 @@ from .pki import OID_INHERIT_ALL, OID_LIMITED, ProxyCertInfo, _der, der_items, d
 # CN=limited proxy). Both are accepted and walked with the same rules as RFC 3820 proxies.
 OID_DRAFT_PROXY_CERT_INFO = ObjectIdentifier("1.3.6.1.4.1.3536.1.222")
 LEGACY_PROXY_NAMES = {"proxy": OID_INHERIT_ALL, "limited proxy": OID_LIMITED}
+
+# What a presented chain may hold, checked before any signature in it is verified: the chain is validated before
+# the message's signature is (an unauthenticated client chooses it), and a PKIPath of hundreds of proxies cost
+# seconds of CPU per message (the proxy walk compares names pairwise), a proxy signed by an RSA-16384 key with a
+# 64-bit public exponent 11 ms per certificate.
+MAX_CHAIN = 16                  # certificates: proxies, the end entity and its intermediate CAs
+MAX_RSA_BITS = 8192
+MAX_RSA_EXPONENT_BITS = 32      # 65537 and 3 are what CAs and proxy tools use
+ACCEPTED_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
 
 
 class ChainError(Exception):
@@ -163,6 +173,31 @@ def any_proxy_info(cert: x509.Certificate) -> tuple[ProxyCertInfo, bool, str] | 
         if attr.oid == NameOID.COMMON_NAME and attr.value in LEGACY_PROXY_NAMES and not _is_ca(cert):
             return ProxyCertInfo(LEGACY_PROXY_NAMES[attr.value].dotted_string), True, "legacy"
     return None
+
+
+def check_bounds(chain: Sequence[x509.Certificate], max_chain: int = MAX_CHAIN) -> None:
+    """Refuse (UntrustedChain) a chain longer than `max_chain`, or a certificate whose key would cost too much to
+    verify with: RSA over MAX_RSA_BITS or with a public exponent over MAX_RSA_EXPONENT_BITS, EC off the NIST
+    P-curves, or another kind than RSA, EC, Ed25519 and Ed448."""
+    if len(chain) > max_chain:
+        raise UntrustedChain(f"the chain holds {len(chain)} certificates; at most {max_chain} are accepted")
+    for cert in chain:
+        try:
+            key = cert.public_key()
+        except (ValueError, TypeError, NotImplementedError):
+            raise UntrustedChain(f"the key of {dn_string(cert.subject)} cannot be read") from None
+        if isinstance(key, rsa.RSAPublicKey):
+            if key.key_size > MAX_RSA_BITS or key.public_numbers().e.bit_length() > MAX_RSA_EXPONENT_BITS:
+                raise UntrustedChain(f"the RSA key of {dn_string(cert.subject)} ({key.key_size} bits, a "
+                                     f"{key.public_numbers().e.bit_length()}-bit exponent) is refused: at most "
+                                     f"{MAX_RSA_BITS} bits with an exponent of at most {MAX_RSA_EXPONENT_BITS} bits")
+        elif isinstance(key, ec.EllipticCurvePublicKey):
+            if not isinstance(key.curve, ACCEPTED_CURVES):
+                raise UntrustedChain(f"the EC key of {dn_string(cert.subject)} is on {key.curve.name}: P-256, P-384 "
+                                     f"and P-521 are accepted")
+        elif not isinstance(key, (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey)):
+            raise UntrustedChain(f"the {type(key).__name__} of {dn_string(cert.subject)} is refused: RSA, EC "
+                                 f"(P-256/384/521), Ed25519 and Ed448 keys are accepted")
 
 
 def _check_time(cert: x509.Certificate, at: _dt.datetime, what: str) -> None:
@@ -316,6 +351,7 @@ class TrustStore:
         return self._validate(list(chain), at.astimezone(_dt.timezone.utc), anchors)
 
     def _validate(self, chain: list[x509.Certificate], at: _dt.datetime, anchors: _Anchors) -> Caller:
+        check_bounds(chain)
         leaf, rest = chain[0], chain[1:]
         # 1. The proxy path, from the leaf up to the first certificate that is not a proxy.
         proxies: list[x509.Certificate] = []

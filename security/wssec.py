@@ -40,7 +40,7 @@ from signxml.algorithms import DigestAlgorithm, SignatureMethod
 from . import safexml
 from .pki import Credential, der_items
 from .replay import ReplayCache
-from .trust import Caller, ChainError, TrustStore
+from .trust import MAX_CHAIN, Caller, ChainError, TrustStore
 
 SOAP11 = "http://schemas.xmlsoap.org/soap/envelope/"
 WSSE = "http://docs.oasis-open.org/wss/2004/01/oasis-200401-wss-wssecurity-secext-1.0.xsd"
@@ -755,6 +755,9 @@ def _token_chain(parts: _Parts, ids: dict[str, etree._Element | None]) -> tuple[
         holder = str_el
     data = _child(holder, Q_X509DATA)
     certs_text = [c.text or "" for c in _children(data, Q_X509CERT)] if data is not None else []
+    if len(certs_text) > MAX_CHAIN:
+        raise FailedAuthentication(f"the X509Data holds {len(certs_text)} certificates; at most {MAX_CHAIN} are "
+                                   f"accepted")
     if not certs_text:
         raise SecurityTokenUnavailable(_key_reference_problem(key_info))
     try:
@@ -800,7 +803,13 @@ class _LazyChain:
                 (tag, body), = list(der_items(self.der))
                 if tag != 0x30:
                     raise ValueError("PKIPath is not a SEQUENCE")
-                certs = [x509.load_der_x509_certificate(bytes([t]) + _len(len(v)) + v) for t, v in der_items(body)]
+                items = []
+                for item in der_items(body):          # counted before any is decoded (trust.MAX_CHAIN)
+                    items.append(item)
+                    if len(items) > MAX_CHAIN:
+                        raise FailedAuthentication(f"the X509PKIPathv1 token holds more than {MAX_CHAIN} "
+                                                   f"certificates; at most {MAX_CHAIN} are accepted")
+                certs = [x509.load_der_x509_certificate(bytes([t]) + _len(len(v)) + v) for t, v in items]
                 if not certs:
                     raise ValueError("empty PKIPath")
                 return list(reversed(certs))

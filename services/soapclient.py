@@ -119,7 +119,8 @@ class GridServiceClient:
         self.trust = trust
         self.expected_host_dn = expected_host_dn
         self._capture = _Capture(self.url)
-        wsse = GridWSSE(credential, trust, expected_host_dn=expected_host_dn)
+        # vmgrid's services answer with a signed wsa:RelatesTo: an answer to another request is refused
+        wsse = GridWSSE(credential, trust, expected_host_dn=expected_host_dn, require_relates_to=True)
         transport = SameOriginTransport(self.url, wsse)
         settings = zeep.Settings(strict=True, xml_huge_tree=False, forbid_dtd=True, forbid_entities=True,
                                  forbid_external=False)  # imports are fetched, from the service's origin only

@@ -234,8 +234,8 @@ def check_edit(old: Policy, new: Policy, *, rules: list[Rule] | None = None,
     want_groups = {k: _plain_group(g) for k, g in (groups if groups is not None else old.groups).items()}
     got_rules = [_plain_rule(r) for r in new.rules]
     got_groups = {k: _plain_group(g) for k, g in new.groups.items()}
-    same_head = (old.admins, old.enforcement_points, old.actions, old.defaults, old.description) == \
-                (new.admins, new.enforcement_points, new.actions, new.defaults, new.description)
+    same_head = (old.admins, old.enforcement_points, old.guests, old.actions, old.defaults, old.description) == \
+                (new.admins, new.enforcement_points, new.guests, new.actions, new.defaults, new.description)
     if got_rules != want_rules or got_groups != want_groups or not same_head:
         raise PolicyError(old.source, "the file's layout is not one the admin operations can edit safely "
                           "(the edit would change more than intended); edit it by hand")

@@ -165,6 +165,14 @@ class SubjectView:
     site_admin: bool
 
 
+# The certificates nodes issue to the grid containers in guests (docs/jobs.md, "In a guest") carry host DNs,
+# /O=Grid/OU=<[vmmanager] guest_ou>/CN=host/<leased address>, from a CA the services may trust (the main job's
+# site CA): without this, the key in a guest (whose owner is root there) passed "/O=Grid/*/CN=host/*" as a node
+# and an enforcement point (any VO's images, anyone's slots).
+DEFAULT_GUESTS = ("/O=Grid/OU=vmgrid-guests/*",)
+GUESTS_RULE = "guests-are-not-grid-identities"
+
+
 @dataclass(frozen=True)
 class Policy:
     source: str
@@ -179,6 +187,9 @@ class Policy:
     files: tuple[str, ...] = ()                   # the policy file and its grid-mapfiles (watched for changes)
     _members: Mapping[str, frozenset[str]] = field(default_factory=dict, repr=False, compare=False)
     _admins: Mapping[str, frozenset[str]] = field(default_factory=dict, repr=False, compare=False)
+    # DN patterns of guest containers' certificates (a node issues them host DNs, [vmmanager] guest_ou): denied
+    # everything, never enforcement points, whatever the rules and enforcement_points say
+    guests: tuple[str, ...] = DEFAULT_GUESTS
 
     @property
     def known_actions(self) -> tuple[str, ...]:
@@ -194,8 +205,11 @@ class Policy:
     def is_admin(self, dn: str) -> bool:
         return dn in self.admins
 
+    def is_guest(self, dn: str) -> bool:
+        return any(dn_matches(p, dn) for p in self.guests)
+
     def is_enforcement_point(self, dn: str) -> bool:
-        return any(dn_matches(p, dn) for p in self.enforcement_points)
+        return any(dn_matches(p, dn) for p in self.enforcement_points) and not self.is_guest(dn)
 
     def rule(self, rule_id: str) -> Rule | None:
         return next((r for r in self.rules if r.id == rule_id), None)
@@ -217,6 +231,8 @@ class Policy:
                context: Mapping[str, str]) -> Decision:
         """The first rule matching (subject, action, resource, context) decides; none matching is a denial.
         A permit carries the limits of the site, of the resource's VO group and of the rule, tightest first."""
+        if self.is_guest(subject.dn):
+            return Decision(False, GUESTS_RULE)
         view = self.view(subject)
         for rule in self.rules:
             if matches(rule, view, action, resource, context):
@@ -453,13 +469,19 @@ def parse_policy(text: str, source: str = "policy.toml", *, base_dir: Path | Non
     head_line = header_line("policy")
     if not isinstance(head, dict):
         raise PolicyError(source, "[policy] must be a table", line=head_line)
-    _check_keys(head, ("admins", "enforcement_points", "actions", "description"), "[policy]", source, head_line, None)
+    _check_keys(head, ("admins", "enforcement_points", "guests", "actions", "description"), "[policy]", source,
+                head_line, None)
     admins = tuple(_dn(d, "admin", source, head_line, None)
                    for d in _strings(head.get("admins", []), "[policy] admins", source, head_line, None))
     eps = _strings(head.get("enforcement_points", []), "[policy] enforcement_points", source, head_line, None)
     for p in eps:
         if p != "*" and _pattern_parts(p) is None:
             raise PolicyError(source, f"enforcement point {p!r} is not a DN pattern (/O=Grid/*/CN=host/*)",
+                              line=head_line)
+    guests = tuple(_strings(head.get("guests", list(DEFAULT_GUESTS)), "[policy] guests", source, head_line, None))
+    for p in guests:
+        if _pattern_parts(p) is None:
+            raise PolicyError(source, f"guest pattern {p!r} is not a DN pattern (/O=Grid/OU=vmgrid-guests/*)",
                               line=head_line)
     extra = _strings(head.get("actions", []), "[policy] actions", source, head_line, None)
     for a in extra:
@@ -575,7 +597,7 @@ def parse_policy(text: str, source: str = "policy.toml", *, base_dir: Path | Non
             admins_of.setdefault(dn, set()).add(g.name)
     return Policy(source, digest.hexdigest()[:12], admins, eps, extra, defaults, groups, tuple(rules), description,
                   tuple(files), {k: frozenset(v) for k, v in members.items()},
-                  {k: frozenset(v) for k, v in admins_of.items()})
+                  {k: frozenset(v) for k, v in admins_of.items()}, guests)
 
 
 def load_policy(path: str | Path) -> Policy:

@@ -9,7 +9,7 @@ from pathlib import Path
 from lxml import etree
 
 from services.container.service import CallContext, SoapService, operation
-from services.faults import InvalidArgument
+from services.faults import AccessDenied, InvalidArgument
 from services.jobs import wire
 from services.jobs.config import JobsConfig
 from services.jobs.manager import JobManager
@@ -106,6 +106,11 @@ class JobService(SoapService):
     @operation("SubmitJob")
     def submit_job(self, ctx, req):
         self.jobs.check(ctx.dn, "job.submit")
+        if ctx.caller.limited:
+            # what a limited proxy is for (Globus: GRAM refuses it): it moves data, it starts nothing
+            raise AccessDenied(f"{ctx.dn} signed with a limited proxy, which cannot start a job (make a full proxy: "
+                               f"vmgrid proxy-init without -limited)", subject=ctx.dn, action="job.submit",
+                               resource="the job service", rule="limited-proxy-no-submit")
         job = self.jobs.submit(ctx.dn, wire.parse_submit(req))
         resp = _el("SubmitJobResponse")
         resp.append(wire.job_element(job, self._epr(job.key)))

@@ -108,3 +108,31 @@ def test_the_wsdl_carries_the_configured_address_whatever_host_a_request_names(r
         other = session.get(repo_server.url + "?wsdl", headers={"Host": f"attacker-{n}.example.org"}).content
         assert other == first
     assert len(repo_server.service.contract._served) == 1
+
+
+def test_a_signed_answer_to_another_request_is_refused_by_the_client(repo_server):
+    """Without TLS (a site may turn it off, never signing) or past a proxy where TLS ends, whoever is on the way
+    can answer a call with another signed answer of the same host: here bob's ListVOs answer handed to alice's
+    call (another client, so no replay to hers). Refused by alice's client: its signed wsa:RelatesTo names bob's
+    MessageID. Fails without the client's RelatesTo check: alice took bob's VOs for hers."""
+    import pytest
+
+    from client.soap import GridServiceClient
+    from security.wssec import InvalidSecurity
+
+    pki = repo_server.pki
+    bob = GridServiceClient(repo_server.url, pki.bob.proxy, pki.trust())
+    alice = GridServiceClient(repo_server.url, pki.alice.proxy, pki.trust())
+    try:
+        captured = []
+        real = bob.zeep.transport.post_xml
+        bob.zeep.transport.post_xml = lambda *a, **k: captured.append(real(*a, **k)) or captured[-1]
+        vos = lambda resp: sorted(v.text for v in resp.iter("{*}name"))                         # noqa: E731
+        assert vos(bob.call("ListVOs")) == ["hep"]
+        assert vos(alice.call("ListVOs")) == ["bio"]                                             # her own answer
+        alice.zeep.transport.post_xml = lambda *a, **k: captured[-1]                             # bob's, to her
+        with pytest.raises(InvalidSecurity, match="relates to urn:uuid:.*not to this request"):
+            alice.call("ListVOs")
+    finally:
+        alice.close()
+        bob.close()

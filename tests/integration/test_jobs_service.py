@@ -216,6 +216,21 @@ def test_another_user_is_denied_every_operation_and_the_files(grid, grid_pki, tm
     assert alice.status(key).state == "Done"  # and nothing bob did changed it
 
 
+def test_a_limited_proxy_starts_no_job(grid, grid_pki):
+    """A limited proxy moves data and starts nothing (Globus' GRAM refuses it; vmgrid's default policy refuses it
+    vm.deploy): the owner's limited proxy, handed to a data service, cannot run a command in her VM. Her full proxy
+    still can, and the limited one still reads what she has. Fails without the check: the job ran."""
+    from security.pki import make_proxy
+    limited = make_proxy(grid_pki.alice.credential, limited=True, key=grid_pki.keys.take())
+    jobs = JobClient(GridServiceClient(grid.url, limited, grid_pki.trust()))
+    grid.clients.append(jobs.service)
+    with pytest.raises(AccessDenied, match="limited proxy"):
+        jobs.submit(JobSpec(PY, ("-c", "print('ran')")))
+    assert jobs.list(include_ended=True) == []
+    grid.client(grid_pki.alice).submit(JobSpec("true"))
+    assert len(jobs.list(include_ended=True)) == 1
+
+
 @pytest.mark.parametrize("payload, argument", [
     (f'<job:SubmitJob xmlns:job="{JOB}"><job:argument>x</job:argument></job:SubmitJob>', "executable"),
     (f'<job:SubmitJob xmlns:job="{JOB}"><job:executable>true</job:executable><job:stageIn><job:source>'

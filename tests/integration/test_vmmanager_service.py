@@ -491,3 +491,77 @@ def test_a_notify_signed_for_another_consumer_is_refused(grid_pki):
         data = sign_envelope(env, grid_pki.host)
         assert requests.post(consumer.url, data=data).status_code == 500
         assert consumer.refused == 1 and consumer.changes.empty()
+
+
+def test_a_notify_replayed_to_its_consumer_is_refused(grid_pki):
+    """The consumer listens on plain HTTP: anyone on the way can capture a signed Notify and send it again (an old
+    Paused after the Running that followed it). Fails without the consumer's replay cache: both were taken."""
+    import requests
+
+    from security.wssec import sign_envelope
+    from services.vmmanager.wire import state_change_envelope
+
+    with NotificationConsumer(grid_pki.trust()) as consumer:
+        env = state_change_envelope(consumer.url, "https://localhost/", "inst-" + "0" * 32, "x", "Running",
+                                    "Paused", time.time())
+        data = sign_envelope(env, grid_pki.host)
+        assert requests.post(consumer.url, data=data).status_code == 200
+        assert consumer.changes.get(timeout=5).new == "Paused"
+        response = requests.post(consumer.url, data=data)
+        assert response.status_code == 500 and "replayed" in response.text
+        assert consumer.refused == 1 and consumer.changes.empty()
+
+
+def test_a_guest_containers_certificate_is_no_node_to_the_central_services(vm_grid, grid_pki, tmp_path):
+    """The certificate a node issues to a guest's grid container (here with the site CA as guest CA, as the main
+    job configures it) is a host DN whose key the VM's owner holds as root. It passed the default policy's
+    "/O=Grid/*/CN=host/*" as a node and an enforcement point: alice's guest read a private hep image and listed
+    and could release anyone's slots. Fails without [policy] guests: both answered 200."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    from security.pki import Credential, new_key
+    from services.vmmanager.guestcred import issue
+    from services.vmmanager.service import VMManagerConfig
+    from tests.fixtures.repository import signed_call
+
+    hep = vm_grid.register(name="hep-private", vo="hep")
+    image_id = hep.findtext(".//{*}imageId")
+    key = new_key()
+    csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(key, hashes.SHA256())
+    pem, record = issue(VMManagerConfig(node="node1", guest_ca=str(grid_pki.ca.directory)),
+                        {"csr": csr.public_bytes(serialization.Encoding.PEM).decode(), "port": 8443},
+                        "10.99.0.12", "vm-12")
+    guest = Credential(x509.load_pem_x509_certificate(pem.encode()), key, ())
+    assert record["dn"] == "/O=Grid/OU=vmgrid-guests/CN=host/10.99.0.12"
+    repo, authz = "http://vmgrid.org/ns/vmrepository/1", "http://vmgrid.org/ns/authz/1"
+    read = etree.fromstring(f'<r:GetDescriptor xmlns:r="{repo}"><r:image>{image_id}</r:image></r:GetDescriptor>')
+    status, answer = signed_call(vm_grid.repository_url, read, grid_pki.bob.proxy, grid_pki.trust())
+    assert status == 200                                                     # hep's own member reads it
+    status, fault = signed_call(vm_grid.repository_url, read, guest, grid_pki.trust())
+    assert status == 500 and "guests-are-not-grid-identities" in fault.findtext("faultstring")
+    status, fault = signed_call(vm_grid.authz_url, etree.fromstring(f'<a:ListSlots xmlns:a="{authz}"/>'), guest,
+                                grid_pki.trust())
+    assert status == 500 and "not an enforcement point" in fault.findtext("faultstring")
+
+
+def test_a_notify_about_another_hosts_instance_is_refused(grid_pki):
+    """The consumer took a state change from any host certificate, whatever node it named as producer: another
+    node, or a guest's container (a host DN whose key the VM's owner holds), could tell a scientist that her VM on
+    node1 was Destroyed. The signer must be the producer's host. Fails without: the change was taken."""
+    import requests
+
+    from security.wssec import sign_envelope
+    from services.vmmanager.wire import state_change_envelope
+
+    other = grid_pki.issue_host("node2.example.org")
+    with NotificationConsumer(grid_pki.trust()) as consumer:
+        env = state_change_envelope(consumer.url, "https://localhost:8443/wsrf/services/VMManagerService",
+                                    "inst-" + "0" * 32, "x", "Running", "Destroyed", time.time())
+        response = requests.post(consumer.url, data=sign_envelope(env, other))
+        assert response.status_code == 500 and "signed by /O=Grid/OU=vmgrid/CN=host/node2.example.org" in response.text
+        assert consumer.refused == 1 and consumer.changes.empty()
+        env = state_change_envelope(consumer.url, "https://localhost:8443/wsrf/services/VMManagerService",
+                                    "inst-" + "0" * 32, "x", "Running", "Destroyed", time.time())
+        assert requests.post(consumer.url, data=sign_envelope(env, grid_pki.host)).status_code == 200
+        assert consumer.changes.get(timeout=5).new == "Destroyed"

@@ -256,3 +256,36 @@ context = { source = "local" }
             assert isinstance(answer, LimitExceeded)        # the bio group's 4096 MiB, applied per request
         else:
             assert isinstance(answer, Decision) and answer.permit
+
+
+GUEST = "/O=Grid/OU=vmgrid-guests/CN=host/10.99.0.12"
+
+
+def test_a_guest_containers_certificate_is_neither_a_node_nor_an_enforcement_point(site):
+    """A node issues each guest's grid container a host DN (/O=Grid/OU=vmgrid-guests/CN=host/<address>), whose key
+    the VM's owner holds as root; the main job's guest CA is the site CA. It matched "/O=Grid/*/CN=host/*": any
+    VO's images (nodes-stage-images), anyone's slots and groups (enforcement_points). Fails without [policy]
+    guests: the guest read a hep image and was an enforcement point."""
+    from services.authz.policy import GUESTS_RULE
+    assert site.is_enforcement_point(HOST) and not site.is_enforcement_point(GUEST)
+    for action, resource in (("image.read", image("hep", BOB)), ("image.hold", image("bio", ALICE)),
+                             ("vm.destroy", instance("bio", GUEST)), ("image.query", {})):
+        d = site.decide(Subject(GUEST), action, resource, {})
+        assert (d.permit, d.rule) == (False, GUESTS_RULE)
+    assert site.decide(Subject(HOST), "image.read", image("hep", BOB), {}).permit       # a real node still is one
+
+
+def test_the_guest_patterns_follow_the_policy_file():
+    """Absent from [policy] (a file written before the setting): the default, vmgrid-guests. A site whose nodes
+    use another guest_ou names it; `guests = []` turns the check off; a pattern that is no DN is refused."""
+    from services.authz.policy import PolicyError
+    text = policy_text().replace('guests = ["/O=Grid/OU=vmgrid-guests/*"]\n', "")
+    assert "guests = " not in text
+    assert parse_policy(text, "old.toml").is_guest(GUEST)
+    other = policy_text().replace('guests = ["/O=Grid/OU=vmgrid-guests/*"]', 'guests = ["/O=Grid/OU=vms/*"]')
+    policy = parse_policy(other, "other.toml")
+    assert policy.is_guest("/O=Grid/OU=vms/CN=host/10.0.0.9") and not policy.is_guest(GUEST)
+    assert not parse_policy(policy_text().replace('guests = ["/O=Grid/OU=vmgrid-guests/*"]', "guests = []"),
+                            "off.toml").is_guest(GUEST)
+    with pytest.raises(PolicyError, match="guest pattern"):
+        parse_policy(policy_text().replace('guests = ["/O=Grid/OU=vmgrid-guests/*"]', 'guests = ["vms"]'), "bad.toml")

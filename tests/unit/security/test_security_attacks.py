@@ -406,3 +406,21 @@ def test_bombs_do_not_blow_up_the_server_process_memory(grid_pki, tmp_path, sess
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+# -- bounded work before the signature is checked ------------------------------------------------------
+
+def test_a_token_of_hundreds_of_certificates_is_refused_unread(server, session, grid_pki):
+    """A PKIPath of 300 proxies (alice's own, valid): refused by its count before one certificate is decoded (a
+    chain is validated before the message's signature, so anyone can send one; 200 proxies cost a second per
+    message). Fails without the bound: the message was answered after the whole walk."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+    key = ec.generate_private_key(ec.SECP256R1())
+    cred = grid_pki.alice.credential
+    for _ in range(300):
+        cred = Credential(proxy_certificate(cred, key.public_key(), lifetime=dt.timedelta(hours=1)), key,
+                          cred.certificates)
+    code, reason = fault_of(post(server, signed(server, cred), session), grid_pki)
+    assert code == "FailedAuthentication" and "more than 16 certificates" in reason
+    assert server.app.calls == []
+    assert post(server, signed(server, grid_pki.alice.proxy), session).status_code == 200

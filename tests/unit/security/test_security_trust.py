@@ -170,3 +170,42 @@ def test_a_crl_rewritten_in_place_is_seen_by_a_running_trust_store(tmp_path, gri
             out.truncate()
     with pytest.raises(RevokedCertificate):
         trust.validate(user.certificates)
+
+
+def _proxies_of(issuer: Credential, depth: int, key) -> Credential:
+    """`depth` proxies of `issuer`, each signed by the one below; all with one EC key (cheap to make)."""
+    cred = issuer
+    for _ in range(depth):
+        cred = Credential(proxy_certificate(cred, key.public_key(), lifetime=dt.timedelta(hours=1)), key,
+                          cred.certificates)
+    return cred
+
+
+def test_a_chain_longer_than_the_bound_is_refused_before_any_signature_is_checked(grid_pki):
+    """The chain is validated before the message's signature: an unauthenticated client chooses it. A PKIPath of
+    200 proxies cost a second of CPU per message (900: 26 s), the proxy walk comparing names pairwise. Fails
+    without the bound: the deep chain of alice's own proxies was accepted."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+    key = ec.generate_private_key(ec.SECP256R1())
+    assert grid_pki.trust().validate(_proxies_of(grid_pki.alice.credential, 15, key).certificates).dn == \
+        grid_pki.alice.dn
+    with pytest.raises(UntrustedChain, match="holds 17 certificates; at most 16"):
+        grid_pki.trust().validate(_proxies_of(grid_pki.alice.credential, 16, key).certificates)
+    with pytest.raises(UntrustedChain, match="holds 201 certificates"):
+        grid_pki.trust().validate(_proxies_of(grid_pki.alice.credential, 200, key).certificates)
+
+
+@pytest.mark.parametrize("bits,exponent,words", [
+    (16384, 65537, "16384 bits"), (2048, (1 << 63) + 1, "64-bit exponent")], ids=["rsa-16384", "exponent-2^63+1"])
+def test_a_proxy_key_too_costly_to_verify_with_is_refused(bits, exponent, words, grid_pki):
+    """An RSA-16384 key with a 64-bit exponent costs 11 ms a verification (RSA-2048: 0.07 ms), and proxies are
+    checked before the end entity is: refused by its size. The modulus need not be a real key's (nobody signs
+    with it here). Fails without the check: the proxy was accepted."""
+    import secrets
+
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    n = secrets.randbits(bits) | (1 << (bits - 1)) | 1
+    costly = rsa.RSAPublicNumbers(exponent, n).public_key()
+    cert = proxy_certificate(grid_pki.alice.credential, costly, lifetime=dt.timedelta(hours=1))
+    with pytest.raises(UntrustedChain, match=words):
+        grid_pki.trust().validate([cert, grid_pki.alice.credential.certificate])
