@@ -4,6 +4,7 @@ tests use it."""
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -20,9 +21,31 @@ from security.tls import grid_session
 OU = "vmgrid"
 
 
-def free_port() -> int:
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands out to outgoing connections (net.ipv4.ip_local_port_range)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now, for a server to be started on next. Chosen at random below the kernel's
+    ephemeral range when there is room: an ephemeral port (what binding port 0 gives) is also what every outgoing
+    connection takes, so on a busy machine one could take it between this check and the server's bind."""
+    low = _ephemeral_low()
+    if low > 4096:
+        rng = random.SystemRandom()
+        for _ in range(64):
+            port = rng.randrange(max(1024, low - 16384), low)
+            with socket.socket() as s:
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    continue
+                return port
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from client.localgrid import free_port as _free_port
 from gridftp import GridFTPClient, GridFTPServer, GridFTPURL, download, third_party, upload
 from gridftp.partial import PartialFile
 from gridftp.ranges import RangeSet
@@ -65,12 +66,6 @@ def world(tmp_path):
     os.chmod(base / "dst", 0o777)
     yield base
     shutil.rmtree(base, ignore_errors=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class GlobusServer:

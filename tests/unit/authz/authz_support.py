@@ -3,10 +3,10 @@ site on loopback: the Authorization service and a VMRepository enforcing through
 real container (cheroot, TLS, WS-Security), so either can be stopped and started again."""
 from __future__ import annotations
 
-import socket
 import threading
 from pathlib import Path
 
+from client.localgrid import free_port
 from security.pki import Credential, make_proxy, write_private, write_public
 from services.authz.edit import site_policy
 from services.authz.policy import Group, Limits
@@ -16,13 +16,6 @@ from services.container.config import Config
 DEFAULT_POLICY = Path(__file__).resolve().parents[3] / "services" / "authz" / "default-policy.toml"
 _USERS: dict[str, object] = {}
 _LOCK = threading.Lock()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def policy_text(*, admins: list[str] = (), groups: dict[str, dict] | None = None, limits: dict | None = None,
