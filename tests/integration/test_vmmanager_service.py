@@ -433,6 +433,31 @@ def test_the_node_fails_closed_when_the_authorization_service_is_unreachable(vm_
     assert node_holdings(vm_grid, 1) == {"live": [], "leases": [], "dirs": [], "domains": [], "holds": []}
 
 
+def test_a_deploy_has_its_owners_destroy_decided_with_the_claim_and_the_destroy_asks_nothing_more(vm_grid, grid_pki):
+    """A node with a permit cache asks the Authorization service about its owner's Destroy of a new instance
+    with the ClaimSlot (one message, not two): the Destroy's authorization, still its first step, is answered
+    from the cache. Another user's Destroy is still asked about and denied; nothing is held afterwards."""
+    from services.vmmanager.vmm import LibvirtTestDriver
+
+    vm_grid.add_node("cached", "10.99.0.200-10.99.0.210", vmm=LibvirtTestDriver.private_node(), permit_ttl=60)
+    alice, bob = vm_grid.vmm(grid_pki.alice, n=1), vm_grid.vmm(grid_pki.bob, n=1)
+    ws = vm_grid.register()
+    info = alice.deploy(ws, "ahead", 600, wait=True)
+    with pytest.raises(AccessDenied):
+        bob.destroy(info.ref)
+    alice.destroy(info.ref)
+    audit = vm_grid.authz_service.authority.audit
+    decisions = [r for r in audit.read(event="decision", limit=1000) if r["action"] == "vm.destroy"]
+    [claim] = [r for r in audit.read(event="slot", limit=1000) if r.get("instance") == info.ref.key and
+               r["result"] == "claimed"]
+    assert [(r["subject"], r["decision"], r.get("ahead_of")) for r in decisions] == [
+        (grid_pki.alice.dn, "permit", claim["id"]), (grid_pki.bob.dn, "deny", None)]
+    assert decisions[0]["resource"] == {"type": "instance", "owner": grid_pki.alice.dn, "vo": "bio",
+                                        "node": "cached", "id": info.ref.key, "image": ws.findtext("{*}identity/{*}imageId")}
+    assert node_holdings(vm_grid, 1) == {"live": [], "leases": [], "dirs": [], "domains": [], "holds": []}
+    assert vm_grid.authz_service.authority.slots(subject=grid_pki.alice.dn) == []
+
+
 def _raw_call(url: str, to: str | None, action: str | None, payload, credential, trust):
     """POST one hand-signed request with the given wsa:To / wsa:Action (None: header left out)."""
     import requests  # noqa: F401
