@@ -187,6 +187,9 @@ def test_a_claim_answers_its_questions_asked_ahead_in_order_and_an_unknown_one_c
 
     with pytest.raises(InvalidArgument, match="unknown action"):
         host.claim_slot_ahead(alice, "inst-a", image, {"lifetime": "60"}, node="n1", ahead=[("vm.nothing", {}, {})])
+    with pytest.raises(InvalidArgument, match="ahead"):        # at most 4 (the schema's bound)
+        host.claim_slot_ahead(alice, "inst-a", image, {"lifetime": "60"}, node="n1",
+                              ahead=[("vm.destroy", instance(people["alice"].dn), {})] * 5)
     assert host.list_slots() == []
     assert host.answers_ahead
     decision, slot, renewed, later = host.claim_slot_ahead(
