@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import replace
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from services.authz.audit import AuditLog
 from services.authz.edit import add_rule, put_group, remove_group, remove_rule, render_group
-from services.authz.pep import Decision, Slot, Subject, describe, enforce_obligations
+from services.authz.pep import Decision, Request, Slot, Subject, describe, enforce_obligations
 from services.authz.policy import Group, Policy, PolicyError, Rule, parse_policy
 from services.authz.slots import SlotLedger
 from services.authz.store import PolicyFile
@@ -70,6 +70,34 @@ class PolicyAuthority:
                               policy=policy.version)
             decisions.append(decision)
         return decisions, policy.groups_of(subject.dn), policy.version
+
+    def check_actions(self, actions) -> None:
+        """InvalidArgument unless every one of ``actions`` is in the policy's vocabulary."""
+        policy = self.policy.current
+        for action in actions:
+            if action not in policy.known_actions:
+                raise InvalidArgument(f"unknown action {action!r}; known: {', '.join(policy.known_actions)}",
+                                      argument="action")
+
+    def decide_ahead(self, subject: Subject, requests: Sequence[Request], *, version: str, requester: str,
+                     claim: str) -> list[Decision]:
+        """ClaimSlot's questions asked ahead (the claiming service expects to ask them soon): each decided and
+        audited as :meth:`authorize` does, the record naming the ``claim`` decision it came with. Decided only
+        under the claim's policy ``version``: when the policy changed since, none (the service asks later)."""
+        policy = self.policy.current
+        if policy.version != version:
+            return []
+        out = []
+        for action, resource, context in requests:
+            decision = replace(policy.decide(subject, action, resource, context), decision_id=new_decision_id(),
+                               policy=policy.version)
+            self.audit.record("decision", id=decision.decision_id, by=requester, subject=subject.dn,
+                              limited=subject.limited or None, action=action, resource=dict(resource),
+                              context=dict(context) or None, decision="permit" if decision.permit else "deny",
+                              rule=decision.rule, obligations=dict(decision.obligations) or None,
+                              policy=policy.version, ahead_of=claim)
+            out.append(decision)
+        return out
 
     def groups(self, dn: str) -> tuple[list[str], list[str]]:
         """(the groups ``dn`` belongs to, the groups it administers)."""
@@ -220,7 +248,8 @@ class LocalPolicyPoint:
         return self.authority.groups(subject.dn)[0]
 
     def claim_slot(self, subject: Subject, action: str, instance: str, resource: Mapping[str, str],
-                   context: Mapping[str, str], node: str = "") -> tuple[Decision, Slot]:
+                   context: Mapping[str, str], node: str = "", ahead: Sequence[Request] = ()) -> tuple[Decision, Slot]:
+        # ``ahead`` ignored: an in-process decision costs no message, so nothing is gained by deciding it early
         decision, slot, _ = self.authority.claim(subject, action, instance, resource, context,
                                                  requester=self.requester, node=node)
         return decision, slot

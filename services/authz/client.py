@@ -58,6 +58,7 @@ class AuthorizationClient:
 
     def __init__(self, service: GridServiceClient):
         self.service = service
+        self._answers_ahead: bool | None = None
 
     @classmethod
     def connect(cls, url: str, credential: Credential, trust: TrustStore, *, timeout: float | None = None,
@@ -101,10 +102,35 @@ class AuthorizationClient:
                    ) -> tuple[Decision, Slot, bool]:
         """(decision, slot, renewed); raises AccessDenied or LimitExceeded. ``node``: the claiming service's
         own identity (the slot is keyed by it and the credential)."""
+        return self.claim_slot_ahead(subject, instance, resource, context, action, node)[:3]
+
+    def claim_slot_ahead(self, subject: Subject, instance: str, resource: Mapping[str, object] | None = None,
+                         context: Mapping[str, object] | None = None, action: str = "vm.deploy", node: str = "",
+                         ahead: Sequence[tuple[str, Mapping[str, object], Mapping[str, object]]] = ()
+                         ) -> tuple[Decision, Slot, bool, list[Decision]]:
+        """:meth:`claim_slot` with up to 4 questions about the same subject decided in the same call (``ahead``,
+        (action, resource, context) each): their decisions in order, or none when the policy changed between the
+        claim and them (or the service's contract has no ahead questions: nothing is sent then)."""
+        if ahead and not self.answers_ahead:
+            ahead = ()
         resp = self.service.call("ClaimSlot", payload=decision_request("ClaimSlot", subject, action, resource, context,
-                                                                       instance=instance, node=node))
-        return (decision_from_xml(resp), slot_from_xml(resp.find("az:slot", NS)),
-                text(resp, "renewed") in ("true", "1"))
+                                                                       instance=instance, node=node, ahead=ahead))
+        decision = decision_from_xml(resp)
+        later = [replace(decision_from_xml(r), policy=decision.policy) for r in resp.iterfind("az:aheadResult", NS)]
+        return (decision, slot_from_xml(resp.find("az:slot", NS)), text(resp, "renewed") in ("true", "1"),
+                later if len(later) == len(ahead) else [])
+
+    @property
+    def answers_ahead(self) -> bool:
+        """Whether the service's WSDL (as fetched) lets ClaimSlot carry questions asked ahead: an older service
+        would refuse the element, so a newer enforcing service sends none to it."""
+        if self._answers_ahead is None:
+            try:
+                names = {name for name, _ in self.service.zeep.get_element(f"{{{NS['az']}}}ClaimSlot").type.elements}
+            except Exception:  # noqa: BLE001 - a contract we cannot read: ask nothing ahead
+                names = set()
+            self._answers_ahead = "ahead" in names
+        return self._answers_ahead
 
     def release_slot(self, instance: str) -> Slot | None:
         req = el("ReleaseSlot")
@@ -236,7 +262,7 @@ class ServicePolicyPoint:
 
     def decide(self, subject: Subject, action: str, resource: Mapping[str, str],
                context: Mapping[str, str]) -> Decision:
-        key = (subject.dn, subject.limited, action, tuple(sorted(resource.items())), tuple(sorted(context.items())))
+        key = _cache_key(subject, action, resource, context)
         now = self.clock()
         with self._lock:
             hit = self._permits.get(key)
@@ -260,8 +286,7 @@ class ServicePolicyPoint:
                     ) -> list[Decision]:
         """:meth:`decide` for many requests: those not answered by a cached permit are asked in AuthorizeMany calls
         of up to 1000 (one round trip for a bulk import's batch instead of one per descriptor)."""
-        keys = [(subject.dn, subject.limited, action, tuple(sorted(resource.items())), tuple(sorted(context.items())))
-                for action, resource, context in requests]
+        keys = [_cache_key(subject, action, resource, context) for action, resource, context in requests]
         out: list[Decision | None] = [None] * len(requests)
         now = self.clock()
         with self._lock:
@@ -302,9 +327,26 @@ class ServicePolicyPoint:
 
     # -- SlotKeeper --------------------------------------------------------------------------------
     def claim_slot(self, subject: Subject, action: str, instance: str, resource: Mapping[str, str],
-                   context: Mapping[str, str], node: str = "") -> tuple[Decision, Slot]:
-        decision, slot, _ = self._call("claim_slot", subject, instance, resource, context, action, node)
+                   context: Mapping[str, str], node: str = "", ahead: Sequence[tuple[str, Mapping[str, str],
+                                                                                   Mapping[str, str]]] = ()
+                   ) -> tuple[Decision, Slot]:
+        """The claim; with ``ahead`` (and a permit cache), those questions decided in the same call and their
+        permits cached exactly as :meth:`decide` caches an Authorize permit: keyed on every attribute asked
+        about, for ``permit_ttl`` from before the call, dropped with the rest on a new policy version."""
+        now = self.clock()
+        ahead = list(ahead) if self.permit_ttl > 0 else []
+        decision, slot, _, later = self._call("claim_slot_ahead", subject, instance, resource, context, action, node,
+                                              ahead)
         self._note_version(decision.policy)
+        if later:
+            with self._lock:
+                if self._version == decision.policy:     # not when an answer meanwhile named a newer policy
+                    for (a_action, a_resource, a_context), d in zip(ahead, later):
+                        if d.permit:
+                            self._permits[_cache_key(subject, a_action, a_resource, a_context)] = \
+                                (now + self.permit_ttl, d)
+                    while len(self._permits) > self.cache_size:
+                        self._permits.popitem(last=False)
         return decision, slot
 
     def release_slot(self, instance: str) -> bool:
@@ -318,3 +360,9 @@ class ServicePolicyPoint:
         with self._lock:
             self._permits.clear()
             self._groups.clear()
+
+
+def _cache_key(subject: Subject, action: str, resource: Mapping[str, str], context: Mapping[str, str]) -> tuple:
+    """What a cached permit is kept under: everything the decision was asked about."""
+    return (subject.dn, subject.limited, action, tuple(sorted((k, str(v)) for k, v in resource.items())),
+            tuple(sorted((k, str(v)) for k, v in context.items())))

@@ -91,10 +91,12 @@ class SlotKeeper(Protocol):
     """A policy point that also counts running instances (the Authorization service)."""
 
     def claim_slot(self, subject: Subject, action: str, instance: str, resource: Mapping[str, str],
-                   context: Mapping[str, str], node: str = "") -> tuple[Decision, Slot]:
+                   context: Mapping[str, str], node: str = "", ahead: Sequence[Request] = ()) -> tuple[Decision, Slot]:
         """Authorize ``action`` and count ``instance`` against the limits, atomically; raises AccessDenied or
         LimitExceeded. Claiming an instance that already has a slot renews it (same subject only). ``node``: the
-        claiming service's own identity; with its credential it keys the slot."""
+        claiming service's own identity; with its credential it keys the slot. ``ahead``: questions about the
+        same subject the caller expects to ask soon; a point that caches permits may have them decided with the
+        claim (no message of their own) and answer the later :meth:`decide` from its cache; others ignore them."""
         ...
 
     def release_slot(self, instance: str) -> bool:
@@ -162,14 +164,21 @@ class Enforcer:
         return self.pdp.groups(_subject(caller))
 
     def claim(self, caller, instance: str, resource: Mapping[str, str] | None = None,
-              context: Mapping[str, str] | None = None, action: str = "vm.deploy") -> tuple[Decision, Slot]:
+              context: Mapping[str, str] | None = None, action: str = "vm.deploy",
+              ahead: Sequence[Request] = ()) -> tuple[Decision, Slot]:
         """Authorize a deployment and count the new instance against the concurrent-instance limits in one
-        atomic step (20 concurrent deploys cannot overshoot). Release the slot when the instance is gone."""
+        atomic step (20 concurrent deploys cannot overshoot). Release the slot when the instance is gone.
+        ``ahead``: the caller's questions expected soon (:meth:`SlotKeeper.claim_slot`); each is still checked
+        with :meth:`check` when its operation comes."""
         subject = _subject(caller)
         context = dict(context or {})
         if isinstance(self.pdp, SlotKeeper):
-            decision, slot = self.pdp.claim_slot(subject, action, instance, dict(resource or {}), context,
-                                                 self.identity)
+            if ahead:
+                decision, slot = self.pdp.claim_slot(subject, action, instance, dict(resource or {}), context,
+                                                     self.identity, ahead=ahead)
+            else:
+                decision, slot = self.pdp.claim_slot(subject, action, instance, dict(resource or {}), context,
+                                                     self.identity)
             enforce_obligations(decision, context)
             return decision, slot
         decision = self.check(caller, action, resource, context)

@@ -16,7 +16,7 @@ from services.authz.config import AuthzConfig
 from services.authz.policy import PolicyError
 from services.authz.slots import SlotLedger
 from services.authz.store import PolicyFile
-from services.authz.wire import (NS, attributes_from_xml, audit_to_xml, el, group_from_xml,
+from services.authz.wire import (NS, ahead_from_xml, attributes_from_xml, audit_to_xml, el, group_from_xml,
                                  group_to_xml, limits_to_xml, obligations_to_xml, rule_from_xml, rule_to_xml,
                                  slot_to_xml, status_to_xml, sub, subject_from_xml, text)
 from services.common.crash import crashpoint
@@ -160,12 +160,16 @@ class AuthorizationService(SoapService):
     def claim_slot(self, ctx: CallContext, req: etree._Element) -> etree._Element:
         self._enforcement_point(ctx)
         subject = subject_from_xml(req.find("az:subject", NS))
+        ahead = ahead_from_xml(req)
+        self.authority.check_actions(action for action, _, _ in ahead)   # before anything is claimed
         decision, slot, renewed = self.authority.claim(
             subject, (text(req, "action") or "vm.deploy").strip(), text(req, "instance").strip(),
             attributes_from_xml(req.find("az:resource", NS), "resource"),
             attributes_from_xml(req.find("az:context", NS), "context"), requester=ctx.dn,
             node=(text(req, "node") or "").strip())
         crashpoint("slot.claimed")     # fault tests: the slot recorded, its answer never sent
+        later = self.authority.decide_ahead(subject, ahead, version=decision.policy, requester=ctx.dn,
+                                            claim=decision.decision_id) if ahead else []
         resp = el("ClaimSlotResponse")
         sub(resp, "rule", decision.rule)
         sub(resp, "decisionId", decision.decision_id)
@@ -173,6 +177,13 @@ class AuthorizationService(SoapService):
         obligations_to_xml(resp, decision.obligations)
         slot_to_xml(resp, slot)
         sub(resp, "renewed", "true" if renewed else "false")
+        for d in later:
+            r = sub(resp, "aheadResult")
+            sub(r, "decision", "Permit" if d.permit else "Deny")
+            sub(r, "rule", d.rule)
+            sub(r, "decisionId", d.decision_id)
+            if d.permit:
+                obligations_to_xml(r, d.obligations)
         return resp
 
     @operation("ReleaseSlot")

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from lxml import etree
 
 from services.authz.faults import AUTHZ_NS
-from services.authz.pep import Decision, Slot, Subject
+from services.authz.pep import Decision, Request, Slot, Subject
 from services.authz.policy import Group, Limits, Patterns, PolicyError, Rule
 from services.common.xsdtime import format_datetime, parse_datetime
 from services.faults import InvalidArgument
@@ -86,9 +86,10 @@ def attributes_to_zeep(values: Mapping[str, object]) -> dict:
 
 def decision_request(operation: str, subject: Subject, action: str | None, resource: Mapping[str, object] | None,
                      context: Mapping[str, object] | None, *, instance: str | None = None,
-                     node: str | None = None) -> etree._Element:
+                     node: str | None = None, ahead: Sequence[Request] = ()) -> etree._Element:
     """An Authorize or ClaimSlot request as lxml, in the schema's order (the client sends it without zeep
-    rendering it: most of a decision call's time at the enforcing service)."""
+    rendering it: most of a decision call's time at the enforcing service). ``ahead``: ClaimSlot's questions
+    decided ahead, (action, resource, context) each."""
     req = el(operation)
     who = sub(req, "subject")
     sub(who, "dn", subject.dn)
@@ -104,7 +105,21 @@ def decision_request(operation: str, subject: Subject, action: str | None, resou
                 sub(group, "attribute", str(v), name=k)
     if node:
         sub(req, "node", node)
+    for a_action, a_resource, a_context in ahead:
+        question = sub(req, "ahead")
+        sub(question, "action", a_action)
+        for name, values in (("resource", a_resource), ("context", a_context)):
+            if values:
+                group = sub(question, name)
+                for k, v in values.items():
+                    sub(group, "attribute", str(v), name=k)
     return req
+
+
+def ahead_from_xml(req: etree._Element) -> list[Request]:
+    """ClaimSlot's questions decided ahead, in order."""
+    return [(text(q, "action").strip(), attributes_from_xml(q.find("az:resource", NS), "resource"),
+             attributes_from_xml(q.find("az:context", NS), "context")) for q in req.iterfind("az:ahead", NS)]
 
 
 def patterns_from_xml(e: etree._Element | None) -> Patterns:

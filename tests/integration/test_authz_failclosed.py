@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 
 import pytest
 
@@ -123,5 +124,53 @@ def test_a_cached_permit_outlives_an_outage_only_for_its_ttl(grid_pki, tmp_path)
             pep.decide(alice, "image.read", image, {})                     # expired
         s.start_authz()
         assert pep.decide(alice, "image.read", image, {}).permit
+    finally:
+        s.close()
+
+
+def test_questions_asked_ahead_with_a_claim_are_cached_as_permits_are(grid_pki, tmp_path):
+    """ClaimSlot's ahead questions (a node asks its owner's Destroy of the new instance with the claim): each is
+    decided and audited with the claim; a permit among them answers the same question later without a call, for
+    the TTL only, and only that exact question (subject, limited, action, resource, context); a denial is never
+    cached; a newer policy version seen in any answer drops it."""
+    s = AuthzSite(grid_pki, tmp_path, site_policy(grid_pki), restartable=True)
+    now = [1000.0]
+    pep = s.pep(permit_ttl=5, clock=lambda: now[0])
+    alice, bob = Subject(grid_pki.alice.dn), Subject(grid_pki.bob.dn)
+    image = {"type": "image", "vo": "bio", "owner": grid_pki.alice.dn}
+
+    def instance(key, owner=grid_pki.alice.dn):
+        return {"type": "instance", "owner": owner, "vo": "bio", "node": "n1", "id": key, "image": "bio/x"}
+
+    ahead = [("vm.destroy", instance("i-1"), {}), ("vm.destroy", instance("i-1", owner="/O=Grid/CN=someone"), {})]
+    try:
+        decision, _ = pep.claim_slot(alice, "vm.deploy", "i-1", image, {"lifetime": "60"}, "n1", ahead=ahead)
+        records = [r for r in s.authority.audit.read(event="decision") if r.get("ahead_of") == decision.decision_id]
+        assert [(r["action"], r["decision"], r["resource"]["owner"]) for r in records] == [
+            ("vm.destroy", "permit", grid_pki.alice.dn), ("vm.destroy", "deny", "/O=Grid/CN=someone")]
+        s.stop_authz()
+        assert pep.decide(alice, "vm.destroy", instance("i-1"), {}).permit            # from the cache: no call
+        for subject, resource in ((alice, instance("i-1", owner="/O=Grid/CN=someone")),   # denied: not cached
+                                  (alice, instance("i-2")), (bob, instance("i-1")),
+                                  (Subject(grid_pki.alice.dn, limited=True), instance("i-1"))):
+            with pytest.raises(ServiceUnavailable):
+                pep.decide(subject, "vm.destroy", resource, {})
+        now[0] += 6
+        with pytest.raises(ServiceUnavailable):
+            pep.decide(alice, "vm.destroy", instance("i-1"), {})                       # expired
+        s.start_authz()
+
+        pep.claim_slot(alice, "vm.deploy", "i-3", image, {"lifetime": "60"}, "n1",
+                       ahead=[("vm.destroy", instance("i-3"), {})])
+        s.policy_path.write_text(site_policy(grid_pki) + "\n# edited\n")       # a new policy version
+        deadline = time.monotonic() + 10
+        while s.authority.policy.current.version == decision.policy and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert pep.decide(alice, "image.read", image, {}).permit                   # its answer names the new version
+        s.stop_authz()
+        with pytest.raises(ServiceUnavailable):
+            pep.decide(alice, "vm.destroy", instance("i-3"), {})                   # dropped with the old policy
+        # and the service decides nothing ahead under another version than the claim's
+        assert s.authority.decide_ahead(alice, ahead, version=decision.policy, requester="t", claim="d-x") == []
     finally:
         s.close()

@@ -175,6 +175,36 @@ def test_decision_and_slot_calls_go_without_zeep_rendering_or_deserializing(site
         foreign.authorize(Subject(people["alice"].dn), "vm.inspect", {})
 
 
+def test_a_claim_answers_its_questions_asked_ahead_in_order_and_an_unknown_one_claims_nothing(site, people, grid_pki):
+    """ClaimSlot's ahead questions (wsdl/authz.xsd): decided after the claim, in order, under its policy version,
+    each audited naming the claim; an unknown action among them is refused before anything is claimed; a caller
+    whose fetched contract has no ahead questions (an older service) sends none."""
+    host, alice = site.client(grid_pki.host), Subject(people["alice"].dn)
+    image = {"type": "image", "vo": "bio", "owner": people["alice"].dn}
+
+    def instance(owner):
+        return {"type": "instance", "owner": owner, "vo": "bio", "node": "n1", "id": "inst-a", "image": "bio/x"}
+
+    with pytest.raises(InvalidArgument, match="unknown action"):
+        host.claim_slot_ahead(alice, "inst-a", image, {"lifetime": "60"}, node="n1", ahead=[("vm.nothing", {}, {})])
+    with pytest.raises(InvalidArgument, match="ahead"):        # at most 4 (the schema's bound)
+        host.claim_slot_ahead(alice, "inst-a", image, {"lifetime": "60"}, node="n1",
+                              ahead=[("vm.destroy", instance(people["alice"].dn), {})] * 5)
+    assert host.list_slots() == []
+    assert host.answers_ahead
+    decision, slot, renewed, later = host.claim_slot_ahead(
+        alice, "inst-a", image, {"lifetime": "60"}, node="n1",
+        ahead=[("vm.destroy", instance(people["alice"].dn), {}), ("vm.destroy", instance(people["bob"].dn), {})])
+    assert (slot.instance, renewed) == ("inst-a", False)
+    assert [(d.permit, d.policy) for d in later] == [(True, decision.policy), (False, decision.policy)]
+    audited = {r["id"]: r for r in site.authority.audit.read(event="decision") if r.get("ahead_of")}
+    assert [audited[d.decision_id]["ahead_of"] for d in later] == [decision.decision_id] * 2
+    host._answers_ahead = False          # as read from an older service's contract
+    *_, later = host.claim_slot_ahead(alice, "inst-b", image, {"lifetime": "60"}, node="n1",
+                                      ahead=[("vm.destroy", instance(people["alice"].dn), {})])
+    assert later == [] and len([r for r in site.authority.audit.read(event="decision") if r.get("ahead_of")]) == 2
+
+
 def _undeclared_child(dn: str):
     """A GetGroups payload whose element the service's schema refuses (a child it does not declare)."""
     from lxml import etree
@@ -371,7 +401,7 @@ def test_every_operation_answers_with_a_response_valid_against_the_contract(site
         assert [(d.permit, d.rule) for d in many[:1]] == [(single.permit, single.rule)] and "bio" in groups
         assert len({d.decision_id for d in many}) == 3 and many[1].permit is False and many[2].permit
         pep.groups(alice.dn)
-        pep.claim_slot(alice, "i-1", image, {"lifetime": "60"})
+        pep.claim_slot_ahead(alice, "i-1", image, {"lifetime": "60"}, ahead=[("vm.destroy", {"type": "instance"}, {})])
         pep.list_slots(group="bio")
         pep.release_slot("i-1")
         pep.reconcile_slots([])

@@ -3,6 +3,7 @@ service, on libvirt's test driver: every operation, every response valid against
 schema, the states and their typed faults, leases, staging once, lifetimes, notifications."""
 from __future__ import annotations
 
+import copy
 import sqlite3
 import threading
 import time
@@ -431,6 +432,37 @@ def test_the_node_fails_closed_when_the_authorization_service_is_unreachable(vm_
     with pytest.raises(ServiceUnavailable):
         vm.list()
     assert node_holdings(vm_grid, 1) == {"live": [], "leases": [], "dirs": [], "domains": [], "holds": []}
+
+
+def test_a_deploy_has_its_owners_destroy_decided_with_the_claim_and_the_destroy_asks_nothing_more(vm_grid, grid_pki):
+    """A node with a permit cache asks the Authorization service about its owner's Destroy of a new instance
+    with the ClaimSlot (one message, not two): the Destroy's authorization, still its first step, is answered
+    from the cache. Another user's Destroy is still asked about and denied; nothing is held afterwards."""
+    from services.vmmanager.vmm import LibvirtTestDriver
+
+    vm_grid.add_node("cached", "10.99.0.200-10.99.0.210", vmm=LibvirtTestDriver.private_node(), permit_ttl=60)
+    alice, bob = vm_grid.vmm(grid_pki.alice, n=1), vm_grid.vmm(grid_pki.bob, n=1)
+    ws = vm_grid.register()
+    failing = copy.deepcopy(ws)
+    set_field(failing, "hardware", "memory", 8)      # fails after the claim (libvirt refuses): its slot given back
+    with pytest.raises(VMMFault):
+        alice.deploy(failing, "fails", 600, wait=True)
+    assert vm_grid.authz_service.authority.slots() == []
+    info = alice.deploy(ws, "ahead", 600, wait=True)
+    with pytest.raises(AccessDenied):
+        bob.destroy(info.ref)
+    alice.destroy(info.ref)
+    audit = vm_grid.authz_service.authority.audit
+    decisions = [r for r in audit.read(event="decision", limit=1000) if r["action"] == "vm.destroy"]
+    [claim] = [r for r in audit.read(event="slot", limit=1000) if r.get("instance") == info.ref.key and
+               r["result"] == "claimed"]
+    decisions = [r for r in decisions if r["resource"]["id"] == info.ref.key]
+    assert [(r["subject"], r["decision"], r.get("ahead_of")) for r in decisions] == [
+        (grid_pki.alice.dn, "permit", claim["id"]), (grid_pki.bob.dn, "deny", None)]
+    assert decisions[0]["resource"] == {"type": "instance", "owner": grid_pki.alice.dn, "vo": "bio",
+                                        "node": "cached", "id": info.ref.key, "image": ws.findtext("{*}identity/{*}imageId")}
+    assert node_holdings(vm_grid, 1) == {"live": [], "leases": [], "dirs": [], "domains": [], "holds": []}
+    assert vm_grid.authz_service.authority.slots(subject=grid_pki.alice.dn) == []
 
 
 def _raw_call(url: str, to: str | None, action: str | None, payload, credential, trust):
