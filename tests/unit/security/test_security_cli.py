@@ -133,3 +133,25 @@ def test_ec_credentials_from_the_cli_sign_messages(ca_env, tmp_path):
                       ec.EllipticCurvePrivateKey)
     bad = vmgrid("ca", "host", "h2", "--key", "dsa", env=ca_env, check=False)
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+def test_proxy_init_does_not_make_missing_folders_and_names_a_folder_given_as_the_file(ca_env, tmp_path):
+    """grid-proxy-init refuses an -out in a folder that is not there ("is not a valid directory"); so does vmgrid,
+    before asking for a passphrase, and a folder named as the proxy file is one clear line, not a traceback."""
+    vmgrid("ca", "user", "carol", env=ca_env)
+    missing = tmp_path / "no" / "such" / "proxy.pem"
+    for out, message in (
+            (missing, f"vmgrid: no directory {missing.parent} to write the proxy in (-out {missing}): proxy-init "
+                      f"does not make it (nor does grid-proxy-init); mkdir it or name another file\n"),
+            (tmp_path, f"vmgrid: {tmp_path} (-out) is a directory: name the proxy file, e.g. "
+                       f"{tmp_path / 'proxy.pem'}\n"),
+            (tmp_path / "x509up" / "p", f"vmgrid: {tmp_path / 'x509up'} is a file, not a directory to write the proxy "
+                                        f"in (-out {tmp_path / 'x509up' / 'p'})\n")):
+        if out.parent.name == "x509up":
+            vmgrid("proxy-init", "-q", env=ca_env)
+        proc = vmgrid("proxy-init", "-out", str(out), env=ca_env, check=False)
+        assert proc.returncode == 1 and proc.stderr == message, proc.stderr
+    assert not (tmp_path / "no").exists()
+    env = {**ca_env, "X509_USER_PROXY": str(missing)}          # the default path, from the environment, likewise
+    proc = vmgrid("proxy-init", env=env, check=False)
+    assert proc.returncode == 1 and f"(X509_USER_PROXY {missing})" in proc.stderr and not (tmp_path / "no").exists()
