@@ -184,7 +184,7 @@ def upload_and_register(repo, args, descriptor):
     if not path.is_file():
         raise CLIError(f"{path}: no such file")
     name = path.name if NAME.fullmatch(path.name) else "image-" + hashlib.sha256(path.name.encode()).hexdigest()[:16]
-    location = repo.upload_location()
+    location = repo.upload_location(descriptor)     # a descriptor the repository refuses is refused before the upload
     bar = ProgressBar(sys.stderr, "uploading") if sys.stderr.isatty() else None
     service = repo.service
     try:

@@ -113,6 +113,23 @@ def test_register_uploads_from_the_users_machine_over_gridftp(grid, tmp_path):
     vmgrid(grid, "admin", "repo", "remove", ws["identity"]["imageId"])
 
 
+def test_register_refuses_before_the_upload_what_the_repository_would_refuse_after_it(grid, tmp_path):
+    """An image for a VO the scientist is not in, or under a name already taken, is refused before a byte is sent
+    (it was refused after the whole upload, which stayed in the upload area; the poster's 2 GB took 6 minutes)."""
+    image = make_image(tmp_path / "big.qcow2", fill=b"bytes that should not travel" * 1000)
+    uploads = grid.root / "repository" / "repository" / "uploads"
+    r = vmgrid(grid, "alice", "repo", "register", str(EXAMPLES / "debian12-hep.xml"), str(image), check=False)
+    assert r.returncode == 1 and r.stderr.startswith("vmgrid: AccessDenied: ") and r.stderr.count("\n") == 1, r.stderr
+    assert "may not image.register" in r.stderr and "uploaded" not in r.stderr
+    out = vmgrid(grid, "admin", "repo", "register", str(EXAMPLES / "debian12-hep.xml"), str(image), "--json")
+    image_id = json.loads(out.stdout)["descriptors"][0]["identity"]["imageId"]
+    r = vmgrid(grid, "admin", "repo", "register", str(EXAMPLES / "debian12-hep.xml"), str(image), check=False)
+    assert r.returncode == 1 and "uploaded" not in r.stderr, r.stderr
+    assert r.stderr == "vmgrid: DuplicateName: an image named 'debian12-root' already exists in VO 'hep'\n"
+    assert [p for p in uploads.rglob("*") if p.is_file()] == []       # nothing sent, nothing left behind
+    vmgrid(grid, "admin", "repo", "remove", image_id)
+
+
 # -- vmgrid repo import DIR (issue 13 §4) ----------------------------------------------------------------
 def _import_dir(grid, tmp_path, names, vo="bio", memory="512"):
     """A directory of descriptors naming the bytes of bio/import-base (registered once per module)."""
