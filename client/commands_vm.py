@@ -132,6 +132,14 @@ def resolve(vm, text: str):
         return InstanceRef(vm.service.url, text)
     matches = [i for i in _call(vm.list) if i.identifier == text]
     if not matches:
+        ended = sorted((i for i in _call(vm.list, True) if i.identifier == text and i.ref is not None),
+                       key=lambda i: (i.created is not None, i.created))
+        if ended:          # destroyed, failed (a lifetime that ran out, a node restarted...): say so and where to look
+            last = ended[-1]
+            where = ("`vmgrid vm list --all` lists it" if last.state == "Destroyed" else   # a destroyed one is unknown
+                     f"`vmgrid vm status {last.ref.key}` shows it")                       # to the other calls
+            raise CLIError(f"you have no live instance named {text!r} on {vm.service.url}: the last one so named is "
+                           f"{last.state}{f' ({last.failure})' if last.failure else ''} ({last.ref.key}); {where}")
         raise CLIError(f"you have no live instance named {text!r} on {vm.service.url}")
     return matches[0].ref
 
