@@ -264,3 +264,37 @@ def test_import_refusals_are_typed_name_the_descriptor_and_change_nothing(grid, 
     if case != "has-id":
         assert info.value.description.startswith(f"descriptor 2 ({victim.findtext('{*}identity/{*}vo')}/{case}-1): ")
     assert names_in_catalogue(f"{case}-") == []
+
+
+def test_the_commands_of_docs_query_md_run_as_written(grid, tmp_path):
+    """docs/query.md's command-line block, run by a shell as written (alice, VMGRID_REPOSITORY set): each command
+    answers, and the example descriptor is found by the criteria, the description, the XPath and the name."""
+    import re
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "query.md").read_text()
+    block = re.search(r"## On the command line\n\n<!-- run as written by tests/integration/test_repository_cli.py -->\n"
+                      r"```sh\n(.*?)```", doc, re.S)
+    assert block, "docs/query.md lost its command-line block"
+    src = (EXAMPLES / "debian12-emboss.xml").read_text().replace("<name>debian12-emboss</name>",
+                                                                 "<name>debian12-querydoc</name>")
+    (tmp_path / "d.xml").write_text(src)
+    out = vmgrid(grid, "admin", "repo", "register", str(tmp_path / "d.xml"), str(grid.ingest / "emboss.qcow2"),
+                 "--on-host", "--json")
+    image_id = json.loads(out.stdout)["descriptors"][0]["identity"]["imageId"]
+    bindir = tmp_path / "bin"                 # `vmgrid` on PATH: this checkout's command line
+    bindir.mkdir()
+    (bindir / "vmgrid").write_text(f"#!/bin/sh\nexec env PYTHONPATH={Path(__file__).resolve().parents[2]} "
+                                   f"{sys.executable} -m client.cli \"$@\"\n")
+    (bindir / "vmgrid").chmod(0o755)
+    env = {**grid.env("alice"), "VMGRID_REPOSITORY": grid.url, "PATH": f"{bindir}:/usr/bin:/bin"}
+    try:
+        lines = [ln for ln in block.group(1).splitlines() if ln.strip()]
+        for line in lines:                    # one at a time: each must succeed on its own
+            r = subprocess.run(["bash", "-e", "-c", line], env=env, capture_output=True, text=True, timeout=120,
+                               cwd=tmp_path)
+            assert r.returncode == 0 and r.stderr == "", f"{line}\n{r.stdout}{r.stderr}"
+            found = "bio/debian12-querydoc" in r.stdout or '"name": "debian12-querydoc"' in r.stdout
+            assert found == ("kernel < 2.6.20" not in line), f"{line}\n{r.stdout}"
+        assert len(lines) == 5
+    finally:
+        vmgrid(grid, "admin", "repo", "remove", image_id)
