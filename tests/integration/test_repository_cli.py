@@ -126,6 +126,12 @@ def test_register_refuses_before_the_upload_what_the_repository_would_refuse_aft
     r = vmgrid(grid, "admin", "repo", "register", str(EXAMPLES / "debian12-hep.xml"), str(image), check=False)
     assert r.returncode == 1 and "uploaded" not in r.stderr, r.stderr
     assert r.stderr == "vmgrid: DuplicateName: an image named 'debian12-root' already exists in VO 'hep'\n"
+    raw = tmp_path / "disk.raw"
+    raw.write_bytes(b"\0" * 65536)                                     # a raw disk under a qcow2 descriptor
+    r = vmgrid(grid, "admin", "repo", "register", str(EXAMPLES / "debian12-hep.xml"), str(raw), check=False)
+    assert r.returncode == 1 and "uploaded 65536 bytes" not in r.stderr, r.stderr
+    assert r.stderr == (f"vmgrid: {raw} is a raw image but {EXAMPLES / 'debian12-hep.xml'} says <format>qcow2</format>: "
+                        f"nothing uploaded (correct the descriptor, or convert: qemu-img convert -O qcow2 {raw} NEW)\n")
     assert [p for p in uploads.rglob("*") if p.is_file()] == []       # nothing sent, nothing left behind
     vmgrid(grid, "admin", "repo", "remove", image_id)
 
