@@ -1,7 +1,9 @@
 """`vmgrid repo …` as a scientist runs it: against a repository process, with the user's proxy."""
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +17,12 @@ from tests.fixtures.repository import EXAMPLES, make_image
 
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cligrid")
+    with repository_grid(tmp_path_factory.mktemp("cligrid")) as g:
+        yield g
+
+
+@contextlib.contextmanager
+def repository_grid(root):
     with LocalGrid(root) as g:
         admin, alice = g.user("admin"), g.user("alice")
         ingest = root / "ingest"
@@ -272,10 +279,15 @@ def test_import_refusals_are_typed_name_the_descriptor_and_change_nothing(grid, 
     assert names_in_catalogue(f"{case}-") == []
 
 
-def test_the_commands_of_docs_query_md_run_as_written(grid, tmp_path):
-    """docs/query.md's command-line block, run by a shell as written (alice, VMGRID_REPOSITORY set): each command
-    answers, and the example descriptor is found by the criteria, the description, the XPath and the name."""
-    import re
+def test_the_commands_of_docs_query_md_run_as_written(tmp_path):
+    """docs/query.md's command-line block, run by a shell as written (alice, VMGRID_REPOSITORY set) against a
+    repository of its own: each command answers, and the example descriptor is found by the criteria, the
+    description, the XPath and the name (and not by the kernel/vCPU line)."""
+    with repository_grid(tmp_path / "grid") as grid:
+        _run_query_doc(grid, tmp_path)
+
+
+def _run_query_doc(grid, tmp_path):
 
     doc = (Path(__file__).resolve().parents[2] / "docs" / "query.md").read_text()
     block = re.search(r"## On the command line\n\n<!-- run as written by tests/integration/test_repository_cli.py -->\n"
