@@ -178,6 +178,11 @@ def cmd_proxy_init(args) -> int:
         path = save_proxy(proxy, out)
     except OSError as exc:
         raise _error(f"cannot write the proxy to {out}: {exc.strerror}") from None
+    asked = _dt.datetime.now(_dt.timezone.utc) + _dt.timedelta(hours=_hours(args))
+    if proxy.not_after < asked - _dt.timedelta(minutes=1):     # capped by what signed it (as grid-proxy-init warns)
+        print(f"vmgrid: warning: your {'proxy' if args.proxy_of else 'certificate'} and this proxy expire "
+              f"{proxy.not_after.astimezone().strftime('%a %b %d %H:%M:%S %Y')}, within the requested lifetime of "
+              f"the proxy", file=sys.stderr)
     if not args.quiet:
         print(f"Your identity: {proxy.identity}")
         print(f"Proxy {'(limited) ' if proxy.limited else ''}written to {path}")

@@ -155,3 +155,15 @@ def test_proxy_init_does_not_make_missing_folders_and_names_a_folder_given_as_th
     env = {**ca_env, "X509_USER_PROXY": str(missing)}          # the default path, from the environment, likewise
     proc = vmgrid("proxy-init", env=env, check=False)
     assert proc.returncode == 1 and f"(X509_USER_PROXY {missing})" in proc.stderr and not (tmp_path / "no").exists()
+
+
+def test_proxy_init_warns_when_what_signs_it_expires_within_the_requested_lifetime(ca_env, tmp_path):
+    """A proxy never outlives its issuer: one asked for longer than the certificate lives is cut to it, and
+    vmgrid says so on standard error as grid-proxy-init does ("... will expire ... within the requested lifetime")."""
+    vmgrid("ca", "user", "carol", "--days", "2", env=ca_env)
+    long = vmgrid("proxy-init", "-hours", "72", env=ca_env)
+    assert long.stderr.startswith("vmgrid: warning: your certificate and this proxy expire ") and \
+        long.stderr.rstrip().endswith(", within the requested lifetime of the proxy"), long.stderr
+    assert load_credential(proxy=tmp_path / "x509up").time_left().total_seconds() < 48 * 3600
+    short = vmgrid("proxy-init", "-hours", "12", env=ca_env)
+    assert short.stderr == ""
