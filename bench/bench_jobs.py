@@ -72,7 +72,7 @@ def main() -> int:
             spec = JobSpec("cp", (data.name, "copy.bin"), stage_in=(stage,), stage_out=(StageOut("copy.bin"),))
             info = jobs.wait(jobs.submit(spec), interval=0.02)
             assert info.state == "Done", info
-            jobs.fetch_outputs(info, root / "out")
+            jobs.fetch_outputs(info, root / "out" / info.key)     # a directory per round: every output fetched
 
         rounds = max(1, args.n // 5)
         staged_s = mean(rounds, staged)

@@ -59,6 +59,9 @@ def register(subparsers) -> None:
             p.add_argument("--timeout", type=float, default=3600, help="seconds (default 3600)")
         if name == "get":
             p.add_argument("-o", "--output", type=Path, default=Path("."), help="directory (default .)")
+            p.add_argument("--overwrite", action="store_true",
+                           help="replace files in the directory that have an output's name but other contents "
+                                "(without it such files are named and nothing is fetched)")
         p.set_defaults(func=func)
 
     p = sub.add_parser("list", help="the jobs of the service")
@@ -303,7 +306,9 @@ def cmd_get(args) -> int:
     info = call(jobs.status, check_key(args.job))
     if not info.final:
         raise CLIError(f"job {info.key} is {info.state}; its outputs come when it has ended (vmgrid job wait)")
-    for path in call(jobs.fetch_outputs, info, args.output):
+    args.interrupt_note = (f"the outputs fetched so far are kept in {args.output}; the same command fetches the "
+                           f"rest (a partly fetched file resumes)")
+    for path in call(jobs.fetch_outputs, info, args.output, overwrite=args.overwrite):
         print(path)
     return 0
 

@@ -183,8 +183,15 @@ def upload_and_register(repo, args, descriptor):
     path = Path(args.image)
     if not path.is_file():
         raise CLIError(f"{path}: no such file")
+    from services.descriptor import Descriptor
+    from services.vmrepository.store import image_format_of
+
+    actual, said = image_format_of(path), Descriptor(descriptor).image_format    # the repository refuses a mismatch
+    if actual != said:                                                           # after the upload: say it before
+        raise CLIError(f"{path} is a {actual} image but {args.descriptor} says <format>{said}</format>: nothing "
+                       f"uploaded (correct the descriptor, or convert: qemu-img convert -O {said} {path} NEW)")
     name = path.name if NAME.fullmatch(path.name) else "image-" + hashlib.sha256(path.name.encode()).hexdigest()[:16]
-    location = repo.upload_location()
+    location = repo.upload_location(descriptor)     # a descriptor the repository refuses is refused before the upload
     bar = ProgressBar(sys.stderr, "uploading") if sys.stderr.isatty() else None
     service = repo.service
     try:

@@ -132,6 +132,25 @@ def resolve(vm, text: str):
         return InstanceRef(vm.service.url, text)
     matches = [i for i in _call(vm.list) if i.identifier == text]
     if not matches:
+        ended = sorted((i for i in _call(vm.list, True) if i.identifier == text and i.ref is not None),
+                       key=lambda i: (i.created is not None, i.created))
+        if ended:          # destroyed, failed (a lifetime that ran out, a node restarted...): say so and where to look
+            last = ended[-1]
+            where = ("`vmgrid vm list --all` lists it" if last.state == "Destroyed" else   # a destroyed one is unknown
+                     f"`vmgrid vm status {last.ref.key}` shows it")                       # to the other calls
+            if last.state == "Migrated":                  # the node knows where it went: say it, not a second step
+                from services.faults import InstanceMoved
+
+                try:
+                    vm.status(last.ref)
+                except InstanceMoved as exc:
+                    if exc.address:
+                        where = (f"it lives on at {exc.address}: name that node (--url for vm commands, --node for job "
+                                 f"commands, or VMGRID_NODE)")
+                except Exception:                         # noqa: BLE001 - the plain hint then
+                    pass
+            raise CLIError(f"you have no live instance named {text!r} on {vm.service.url}: the last one so named is "
+                           f"{last.state}{f' ({last.failure})' if last.failure else ''} ({last.ref.key}); {where}")
         raise CLIError(f"you have no live instance named {text!r} on {vm.service.url}")
     return matches[0].ref
 

@@ -46,10 +46,11 @@ class TransferError(GridFTPError):
 
 
 class ChecksumMismatch(GridFTPError):
-    """The received bytes do not hash to the source's checksum."""
+    """The received bytes do not hash to the expected digest (the caller's, or the source's when it was asked)."""
 
-    def __init__(self, path: str, expected: str, actual: str):
-        super().__init__(f"{path}: sha256 {actual} does not match the source's {expected}")
+    def __init__(self, path: str, expected: str, actual: str, algorithm: str = "sha256"):
+        super().__init__(f"{path}: {algorithm.lower()} {actual} does not match the expected {expected}")
+        self.algorithm = algorithm.lower()
         self.path = path
         self.expected = expected
         self.actual = actual

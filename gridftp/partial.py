@@ -199,7 +199,7 @@ class PartialFile:
         self.checkpoint()
         actual = self.digest(size)
         if expected_sha256 is not None and actual != expected_sha256.lower():
-            raise ChecksumMismatch(str(self.final), expected_sha256.lower(), actual)
+            raise ChecksumMismatch(str(self.final), expected_sha256.lower(), actual, self.algorithm)
         if self.durable:
             os.fsync(self.fd)
         os.replace(self.part, self.final)

@@ -136,9 +136,25 @@ def _hours(args) -> float:
     return args.hours
 
 
+def _proxy_out(out: str | None) -> Path:
+    """Where the proxy goes (-out, else X509_USER_PROXY or /tmp/x509up_u<uid>), checked before any passphrase is
+    asked: a folder that is not there is not made (as grid-proxy-init), a folder is not a file name."""
+    target = Path(out) if out else default_proxy_path()
+    where = "-out" if out else "X509_USER_PROXY" if os.environ.get("X509_USER_PROXY") else "the default proxy path"
+    if target.is_dir():
+        raise _error(f"{target} ({where}) is a directory: name the proxy file, e.g. {target / 'proxy.pem'}")
+    if not target.parent.exists():
+        raise _error(f"no directory {target.parent} to write the proxy in ({where} {target}): proxy-init does not "
+                     f"make it (nor does grid-proxy-init); mkdir it or name another file")
+    if not target.parent.is_dir():
+        raise _error(f"{target.parent} is a file, not a directory to write the proxy in ({where} {target})")
+    return target
+
+
 def cmd_proxy_init(args) -> int:
     if args.old:
         raise _error("legacy (pre-RFC) Globus proxies are not supported; vmgrid makes RFC 3820 proxies")
+    out = _proxy_out(args.out)
     passphrase = _passphrase(args, "Enter GRID pass phrase for this identity: ")
     try:
         if args.proxy_of:
@@ -158,7 +174,15 @@ def cmd_proxy_init(args) -> int:
                            bits=args.bits, kind=args.key_type)
     except CredentialError as exc:
         raise _error(str(exc)) from None
-    path = save_proxy(proxy, args.out)
+    try:
+        path = save_proxy(proxy, out)
+    except OSError as exc:
+        raise _error(f"cannot write the proxy to {out}: {exc.strerror}") from None
+    asked = _dt.datetime.now(_dt.timezone.utc) + _dt.timedelta(hours=_hours(args))
+    if proxy.not_after < asked - _dt.timedelta(minutes=1):     # capped by what signed it (as grid-proxy-init warns)
+        print(f"vmgrid: warning: your {'proxy' if args.proxy_of else 'certificate'} and this proxy expire "
+              f"{proxy.not_after.astimezone().strftime('%a %b %d %H:%M:%S %Y')}, within the requested lifetime of "
+              f"the proxy", file=sys.stderr)
     if not args.quiet:
         print(f"Your identity: {proxy.identity}")
         print(f"Proxy {'(limited) ' if proxy.limited else ''}written to {path}")

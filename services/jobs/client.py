@@ -2,6 +2,7 @@
 face first), follow, cancel, and fetch the outputs verified by the sha256 the service recorded."""
 from __future__ import annotations
 
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -22,6 +23,23 @@ from services.wsrf.namespaces import RL
 OUTPUT_NAME = re.compile(r"[A-Za-z0-9_+\-][A-Za-z0-9._+\-]{0,127}(/[A-Za-z0-9_+\-][A-Za-z0-9._+\-]{0,127}){0,7}")
 
 FINAL_STATES = ("Done", "Failed", "Cancelled")
+
+
+class OutputsInTheWay(RuntimeError):
+    """Files of the scientist's stand where a job's outputs would be written: nothing was fetched."""
+
+
+def _same_contents(path: Path, size: int, sha256: str) -> bool:
+    """Whether the file at ``path`` is the output already (its size and the sha256 the service recorded)."""
+    import hashlib
+
+    try:
+        if path.stat().st_size != size:
+            return False
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest() == sha256.lower()
+    except OSError:
+        return False
 
 
 @dataclass
@@ -141,8 +159,14 @@ class JobClient:
             time.sleep(interval)
 
     def fetch_outputs(self, info: JobInfo, dest: Path,
-                      progress: Callable[[str, int, int], None] | None = None) -> list[Path]:
-        """Download every output of a job into ``dest``, each verified against the sha256 the service recorded."""
+                      progress: Callable[[str, int, int], None] | None = None, *,
+                      overwrite: bool = False) -> list[Path]:
+        """Download every output of a job into ``dest``, each verified against the sha256 the service recorded.
+
+        A file already in ``dest`` under an output's name is the scientist's: one with the output's recorded
+        sha256 is kept as it is (a second ``get``, or one after an interrupted one, fetches only the rest); one
+        with other contents is replaced only with ``overwrite``, else :class:`OutputsInTheWay` names them all
+        and nothing is fetched."""
         if not info.directory_url:
             raise RuntimeError("the job service has no GridFTP face to fetch outputs from")
         for name, *_ in info.outputs:       # the service (a guest) is untrusted: its names stay inside ``dest``
@@ -151,13 +175,32 @@ class JobClient:
                                    f"directory (jobs.xsd RelativePathType): nothing fetched")
         if dest.exists() and not dest.is_dir():
             raise RuntimeError(f"{dest} is a file: name a directory for the outputs")
-        dest.mkdir(parents=True, exist_ok=True)
-        got = []
+        todo, differ, blocked = [], [], []
         for name, size, sha256, _ in info.outputs:
             target = dest / name
+            parent = next((p for p in reversed(target.relative_to(dest).parents)
+                           if str(p) != "." and (dest / p).exists() and not (dest / p).is_dir()), None)
+            if parent is not None:
+                blocked.append(f"{dest / parent} is a file, not a directory for {target}")
+            elif target.is_dir():
+                blocked.append(f"{target} is a directory")
+            elif os.path.lexists(target):
+                if not _same_contents(target, size, sha256):
+                    differ.append(target)
+                    todo.append((name, sha256, target))
+            else:
+                todo.append((name, sha256, target))
+        if blocked:
+            raise OutputsInTheWay(f"{'; '.join(blocked)}: nothing fetched (name another directory with -o)")
+        if differ and not overwrite:
+            raise OutputsInTheWay(f"{', '.join(map(str, differ))} already exist{'s' if len(differ) == 1 else ''} "
+                                  f"with other contents than the job's output{'s' if len(differ) > 1 else ''}: "
+                                  f"nothing fetched (--overwrite replaces "
+                                  f"{'it' if len(differ) == 1 else 'them'}, or name another directory with -o)")
+        dest.mkdir(parents=True, exist_ok=True)
+        for name, sha256, target in todo:
             target.parent.mkdir(parents=True, exist_ok=True)
             download(f"{info.directory_url}{name}", target, 2, credential=self.service.credential,
                      trust=self.service.trust, sha256=sha256,
                      progress=(lambda d, t, n=name: progress(n, d, t)) if progress else None)
-            got.append(target)
-        return got
+        return [dest / name for name, *_ in info.outputs]

@@ -107,9 +107,13 @@ class RepositoryClient:
     def vos(self) -> list[tuple[str, int]]:
         return wire.read_vos(self.service.call("ListVOs"))
 
-    def upload_location(self) -> str:
-        """gsiftp:// URL of the caller's own directory in the repository's upload area."""
-        return wire.read_url(self.service.call("GetUploadLocation"))
+    def upload_location(self, descriptor=None) -> str:
+        """gsiftp:// URL of the caller's own directory in the repository's upload area; with the descriptor the
+        upload is for, the repository refuses it now (the fault RegisterImage would answer), before any upload."""
+        if descriptor is None:
+            return wire.read_url(self.service.call("GetUploadLocation"))
+        return wire.read_url(self.service.call("GetUploadLocation",
+                                               workspace=self.service.to_zeep(_descriptor(descriptor))))
 
     def location(self, image: str) -> str:
         """gsiftp:// URL of an image's bytes."""

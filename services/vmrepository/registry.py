@@ -145,15 +145,8 @@ class Registry:
         """Register a new image from ``source``; ``workspace`` is the caller's descriptor element (changed
         in place: the repository assigns its id, owner, creation time, sha256 and size). Returns it."""
         ws = workspace
-        check_descriptor(ws)
-        d = Descriptor(ws)
+        d = self._admit(caller, ws, source.context)
         owner = d.owner or caller.dn
-        self.authz.check(caller, "image.register", {"type": "image", "vo": d.vo, "owner": owner, "name": d.name},
-                         {"source": source.context, "memory": str(d.memory), "vcpus": str(d.vcpus)})
-        if owner != caller.dn:
-            self.authz.check(caller, "image.register-for-other", {"type": "image", "vo": d.vo, "owner": owner})
-        if d.image_id:
-            raise InvalidDescriptor("a new image must not carry an imageId: the repository assigns it")
         path = self._source_path(caller, source)
         if self.catalogue.find(d.vo, d.name):
             raise DuplicateName(f"an image named {d.name!r} already exists in VO {d.vo!r}", vo=d.vo, name=d.name)
@@ -197,6 +190,20 @@ class Registry:
         log.info("registered %s %s/%s sha256=%s size=%d by %s", Descriptor(ws).image_id, d.vo, d.name,
                  ingested.sha256, ingested.size, caller.dn)
         return ws
+
+    def _admit(self, caller, ws, source_context: str) -> Descriptor:
+        """RegisterImage's checks of a new descriptor before any source is looked at: valid, authorized
+        (image.register, and image.register-for-other for another owner), without an imageId."""
+        check_descriptor(ws)
+        d = Descriptor(ws)
+        owner = d.owner or caller.dn
+        self.authz.check(caller, "image.register", {"type": "image", "vo": d.vo, "owner": owner, "name": d.name},
+                         {"source": source_context, "memory": str(d.memory), "vcpus": str(d.vcpus)})
+        if owner != caller.dn:
+            self.authz.check(caller, "image.register-for-other", {"type": "image", "vo": d.vo, "owner": owner})
+        if d.image_id:
+            raise InvalidDescriptor("a new image must not carry an imageId: the repository assigns it")
+        return d
 
     def import_images(self, caller, workspaces: list, *, schema_checked: bool = False) -> list:
         """Register many descriptors at once, all or none: each names image bytes the repository already has
@@ -403,9 +410,14 @@ class Registry:
         return Location(f"{self._base_url()}/images/{rec.sha256}", rec.sha256, rec.size,
                         Descriptor(rec.element()).image_format)
 
-    def upload_location(self, caller) -> str:
-        """The gsiftp:// URL of the caller's own directory in the upload area."""
+    def upload_location(self, caller, workspace=None) -> str:
+        """The gsiftp:// URL of the caller's own directory in the upload area. With the descriptor the upload is
+        for, it is checked first as RegisterImage will check it (its faults come now, not after the bytes)."""
         self.authz.check(caller, "image.upload", {"type": "catalogue"})
+        if workspace is not None:
+            d = self._admit(caller, workspace, "upload")
+            if self.catalogue.find(d.vo, d.name):
+                raise DuplicateName(f"an image named {d.name!r} already exists in VO {d.vo!r}", vo=d.vo, name=d.name)
         return f"{self._base_url()}/uploads/{upload_area(caller.dn)}/"
 
     def hold(self, caller, ref: str, holder: str, seconds: int) -> Hold:

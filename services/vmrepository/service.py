@@ -102,7 +102,7 @@ class VMRepositoryService(SoapService):
 
     @operation("GetUploadLocation")
     def get_upload_location(self, ctx: CallContext, req: etree._Element) -> etree._Element:
-        return wire.upload_location_response(self.registry.upload_location(ctx.caller))
+        return wire.upload_location_response(self.registry.upload_location(ctx.caller, wire.workspace(req)))
 
     @operation("HoldImage")
     def hold_image(self, ctx: CallContext, req: etree._Element) -> etree._Element:

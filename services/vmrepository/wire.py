@@ -63,8 +63,9 @@ def image_ref(req: etree._Element) -> str:
 
 
 def workspace(req: etree._Element) -> etree._Element:
-    """The request's descriptor, a copy the core may change."""
-    return copy.deepcopy(req.find("ws:workspace", NS))
+    """The request's descriptor, a copy the core may change (None when the request has none)."""
+    found = req.find("ws:workspace", NS)
+    return None if found is None else copy.deepcopy(found)
 
 
 def workspaces(req: etree._Element) -> list[etree._Element]:

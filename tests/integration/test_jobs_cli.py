@@ -176,3 +176,35 @@ def test_ctrl_c_while_following_a_job_says_the_job_goes_on_and_how_to_find_it_ag
             f"again, `vmgrid job cancel {url} {key}` stops it)") in err
     assert "Active" in vmgrid(grid, "job", "status", url, key).stdout   # not lost, not cancelled
     vmgrid(grid, "job", "cancel", url, key)
+
+
+def test_job_get_does_not_overwrite_the_scientists_files_unless_asked(grid, tmp_path):
+    """A file of the scientist's with an output's name is not replaced: `get` names it, fetches nothing, and
+    `--overwrite` replaces it; files that already are the outputs (a second `get`) are kept and not fetched again."""
+    url = grid.jobs_url
+    key = vmgrid(grid, "job", "submit", url, "--wait", "--stage-out", "sorted.txt", "--",
+                 "sh", "-c", "printf 'b\\na\\n' | sort > sorted.txt; echo done").stdout.strip().splitlines()[0]
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "sorted.txt").write_text("my own notes, not to be lost\n")
+    r = vmgrid(grid, "job", "get", url, key, "-o", str(results), check=False)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr == (f"vmgrid: {results / 'sorted.txt'} already exists with other contents than the job's "
+                        f"output: nothing fetched (--overwrite replaces it, or name another directory with -o)\n")
+    assert (results / "sorted.txt").read_text() == "my own notes, not to be lost\n"
+    assert sorted(p.name for p in results.iterdir()) == ["sorted.txt"]          # nothing fetched, not even stdout
+
+    r = vmgrid(grid, "job", "get", url, key, "-o", str(results), "--overwrite")
+    assert (results / "sorted.txt").read_text() == "a\nb\n" and (results / "stdout").read_text() == "done\n"
+    assert str(results / "sorted.txt") in r.stdout.splitlines()
+
+    before = {p.name: p.stat().st_mtime_ns for p in results.iterdir()}
+    vmgrid(grid, "job", "get", url, key, "-o", str(results))                     # the outputs already: kept
+    assert {p.name: p.stat().st_mtime_ns for p in results.iterdir()} == before
+
+    (results / "stdout").unlink()
+    (results / "stderr").unlink()
+    (results / "stderr").mkdir()                                                 # a directory: never replaced
+    r = vmgrid(grid, "job", "get", url, key, "-o", str(results), "--overwrite", check=False)
+    assert r.returncode == 1 and f"{results / 'stderr'} is a directory: nothing fetched" in r.stderr, r.stderr
+    assert not (results / "stdout").exists()

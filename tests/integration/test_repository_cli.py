@@ -1,7 +1,9 @@
 """`vmgrid repo …` as a scientist runs it: against a repository process, with the user's proxy."""
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +17,12 @@ from tests.fixtures.repository import EXAMPLES, make_image
 
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cligrid")
+    with repository_grid(tmp_path_factory.mktemp("cligrid")) as g:
+        yield g
+
+
+@contextlib.contextmanager
+def repository_grid(root):
     with LocalGrid(root) as g:
         admin, alice = g.user("admin"), g.user("alice")
         ingest = root / "ingest"
@@ -111,6 +118,29 @@ def test_register_uploads_from_the_users_machine_over_gridftp(grid, tmp_path):
     uploads = grid.root / "repository" / "repository" / "uploads"
     assert [p for p in uploads.rglob("*") if p.is_file()] == []      # ingested, not left behind
     vmgrid(grid, "admin", "repo", "remove", ws["identity"]["imageId"])
+
+
+def test_register_refuses_before_the_upload_what_the_repository_would_refuse_after_it(grid, tmp_path):
+    """An image for a VO the scientist is not in, or under a name already taken, is refused before a byte is sent
+    (it was refused after the whole upload, which stayed in the upload area; the poster's 2 GB took 6 minutes)."""
+    image = make_image(tmp_path / "big.qcow2", fill=b"bytes that should not travel" * 1000)
+    uploads = grid.root / "repository" / "repository" / "uploads"
+    r = vmgrid(grid, "alice", "repo", "register", str(EXAMPLES / "debian12-hep.xml"), str(image), check=False)
+    assert r.returncode == 1 and r.stderr.startswith("vmgrid: AccessDenied: ") and r.stderr.count("\n") == 1, r.stderr
+    assert "may not image.register" in r.stderr and "uploaded" not in r.stderr
+    out = vmgrid(grid, "admin", "repo", "register", str(EXAMPLES / "debian12-hep.xml"), str(image), "--json")
+    image_id = json.loads(out.stdout)["descriptors"][0]["identity"]["imageId"]
+    r = vmgrid(grid, "admin", "repo", "register", str(EXAMPLES / "debian12-hep.xml"), str(image), check=False)
+    assert r.returncode == 1 and "uploaded" not in r.stderr, r.stderr
+    assert r.stderr == "vmgrid: DuplicateName: an image named 'debian12-root' already exists in VO 'hep'\n"
+    raw = tmp_path / "disk.raw"
+    raw.write_bytes(b"\0" * 65536)                                     # a raw disk under a qcow2 descriptor
+    r = vmgrid(grid, "admin", "repo", "register", str(EXAMPLES / "debian12-hep.xml"), str(raw), check=False)
+    assert r.returncode == 1 and "uploaded 65536 bytes" not in r.stderr, r.stderr
+    assert r.stderr == (f"vmgrid: {raw} is a raw image but {EXAMPLES / 'debian12-hep.xml'} says <format>qcow2</format>: "
+                        f"nothing uploaded (correct the descriptor, or convert: qemu-img convert -O qcow2 {raw} NEW)\n")
+    assert [p for p in uploads.rglob("*") if p.is_file()] == []       # nothing sent, nothing left behind
+    vmgrid(grid, "admin", "repo", "remove", image_id)
 
 
 # -- vmgrid repo import DIR (issue 13 §4) ----------------------------------------------------------------
@@ -247,3 +277,42 @@ def test_import_refusals_are_typed_name_the_descriptor_and_change_nothing(grid, 
     if case != "has-id":
         assert info.value.description.startswith(f"descriptor 2 ({victim.findtext('{*}identity/{*}vo')}/{case}-1): ")
     assert names_in_catalogue(f"{case}-") == []
+
+
+def test_the_commands_of_docs_query_md_run_as_written(tmp_path):
+    """docs/query.md's command-line block, run by a shell as written (alice, VMGRID_REPOSITORY set) against a
+    repository of its own: each command answers, and the example descriptor is found by the criteria, the
+    description, the XPath and the name (and not by the kernel/vCPU line)."""
+    with repository_grid(tmp_path / "grid") as grid:
+        _run_query_doc(grid, tmp_path)
+
+
+def _run_query_doc(grid, tmp_path):
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "query.md").read_text()
+    block = re.search(r"## On the command line\n\n<!-- run as written by tests/integration/test_repository_cli.py -->\n"
+                      r"```sh\n(.*?)```", doc, re.S)
+    assert block, "docs/query.md lost its command-line block"
+    src = (EXAMPLES / "debian12-emboss.xml").read_text().replace("<name>debian12-emboss</name>",
+                                                                 "<name>debian12-querydoc</name>")
+    (tmp_path / "d.xml").write_text(src)
+    out = vmgrid(grid, "admin", "repo", "register", str(tmp_path / "d.xml"), str(grid.ingest / "emboss.qcow2"),
+                 "--on-host", "--json")
+    image_id = json.loads(out.stdout)["descriptors"][0]["identity"]["imageId"]
+    bindir = tmp_path / "bin"                 # `vmgrid` on PATH: this checkout's command line
+    bindir.mkdir()
+    (bindir / "vmgrid").write_text(f"#!/bin/sh\nexec env PYTHONPATH={Path(__file__).resolve().parents[2]} "
+                                   f"{sys.executable} -m client.cli \"$@\"\n")
+    (bindir / "vmgrid").chmod(0o755)
+    env = {**grid.env("alice"), "VMGRID_REPOSITORY": grid.url, "PATH": f"{bindir}:/usr/bin:/bin"}
+    try:
+        lines = [ln for ln in block.group(1).splitlines() if ln.strip()]
+        for line in lines:                    # one at a time: each must succeed on its own
+            r = subprocess.run(["bash", "-e", "-c", line], env=env, capture_output=True, text=True, timeout=120,
+                               cwd=tmp_path)
+            assert r.returncode == 0 and r.stderr == "", f"{line}\n{r.stdout}{r.stderr}"
+            found = "bio/debian12-querydoc" in r.stdout or '"name": "debian12-querydoc"' in r.stdout
+            assert found == ("kernel < 2.6.20" not in line), f"{line}\n{r.stdout}"
+        assert len(lines) == 5
+    finally:
+        vmgrid(grid, "admin", "repo", "remove", image_id)

@@ -89,6 +89,18 @@ def test_errors_are_one_clear_line(grid, args, message):
         assert "x" not in [i["identifier"] for i in json.loads(vmgrid(grid, "vm", "list", "--json").stdout)]
 
 
+def test_an_instance_that_ended_is_named_with_its_state_and_the_command_that_shows_it(grid):
+    """A scientist whose instance ended (destroyed, its lifetime over, lost in a node restart) and who asks for it
+    by name is told what became of it, not only that there is no live one."""
+    key = json.loads(vmgrid(grid, "vm", "deploy", "bio/debian12-emboss", "ended-1", "--json").stdout)["key"]
+    vmgrid(grid, "vm", "destroy", "ended-1")
+    r = vmgrid(grid, "vm", "status", "ended-1", check=False)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.endswith(f"no live instance named 'ended-1' on {grid.env_extra['VMGRID_NODE']}: the last one so "
+                             f"named is Destroyed ({key}); `vmgrid vm list --all` lists it\n"), r.stderr
+    assert f"{key}  ended-1     Destroyed" in vmgrid(grid, "vm", "list", "--all").stdout
+
+
 def test_an_expired_proxy_is_refused_with_the_step_that_mends_it(grid, tmp_path):
     import datetime as dt
     import time

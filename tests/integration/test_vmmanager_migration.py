@@ -449,7 +449,7 @@ def test_vmgrid_vm_migrate_from_the_command_line(grid, grid_pki):
     import os
     import subprocess
     import sys
-    deploy(grid, grid_pki.alice, "cli-mover")
+    key = deploy(grid, grid_pki.alice, "cli-mover").key
     env = {**os.environ, **grid_pki.alice.env(grid_pki.cert_dir), "VMGRID_NODE": grid.node_url(0)}
 
     def vmgrid(*args):
@@ -461,6 +461,9 @@ def test_vmgrid_vm_migrate_from_the_command_line(grid, grid_pki):
     assert [line.split()[0] for line in r.stdout.splitlines()[1:]] == [*MIGRATION_PHASES, "total"]
     again = vmgrid("vm", "migrate", "cli-mover", "--to", grid.node_url(1))
     assert again.returncode != 0 and again.stderr.startswith("vmgrid: ") and "no live instance" in again.stderr
+    assert again.stderr.rstrip().endswith(f"the last one so named is Migrated ({key}); it lives on at "
+                                          f"{grid.node_url(1)}: name that node (--url for vm commands, --node for "
+                                          f"job commands, or VMGRID_NODE)"), again.stderr     # where, not a 2nd step
     r = vmgrid("vm", "status", "cli-mover", "--url", grid.node_url(1))
     assert r.returncode == 0 and "Running" in r.stdout
     grid.vmm(grid_pki.alice, 1).destroy(grid.vmm(grid_pki.alice, 1).list()[0].ref)

@@ -49,6 +49,25 @@ def test_blocks_are_reserved_up_front_and_the_size_follows_the_writes(tmp_path):
     upload.discard()
 
 
+@pytest.mark.parametrize("algorithm", ["SHA256", "BLAKE3"])
+def test_a_wrong_hash_is_named_with_its_algorithm_and_kept_the_old_file(tmp_path, algorithm):
+    """`vmgrid transfer --blake3 HEX` that does not match said "sha256 <a BLAKE3 digest> does not match the source's
+    <the user's digest>": the message names the algorithm verified with and the digest expected, whoever gave it;
+    a file already at the destination stays as it was."""
+    import blake3
+
+    final = tmp_path / "f"
+    final.write_bytes(b"the scientist's file")
+    p = PartialFile(final, {"source": "x"}, size=10, algorithm=algorithm)
+    p.write(0, b"0123456789")
+    actual = (blake3.blake3 if algorithm == "BLAKE3" else hashlib.sha256)(b"0123456789").hexdigest()
+    with pytest.raises(ChecksumMismatch) as err:
+        p.commit(10, "0" * 64)
+    assert str(err.value) == f"{final}: {algorithm.lower()} {actual} does not match the expected {'0' * 64}"
+    assert final.read_bytes() == b"the scientist's file"
+    p.close()
+
+
 def test_missing_ranges_or_wrong_hash_keep_the_partial(tmp_path):
     final = tmp_path / "f"
     p = PartialFile(final, {"source": "x"}, size=10)

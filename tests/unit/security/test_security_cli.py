@@ -133,3 +133,37 @@ def test_ec_credentials_from_the_cli_sign_messages(ca_env, tmp_path):
                       ec.EllipticCurvePrivateKey)
     bad = vmgrid("ca", "host", "h2", "--key", "dsa", env=ca_env, check=False)
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+def test_proxy_init_does_not_make_missing_folders_and_names_a_folder_given_as_the_file(ca_env, tmp_path):
+    """grid-proxy-init refuses an -out in a folder that is not there ("is not a valid directory"); so does vmgrid,
+    before asking for a passphrase, and a folder named as the proxy file is one clear line, not a traceback."""
+    vmgrid("ca", "user", "carol", env=ca_env)
+    missing = tmp_path / "no" / "such" / "proxy.pem"
+    for out, message in (
+            (missing, f"vmgrid: no directory {missing.parent} to write the proxy in (-out {missing}): proxy-init "
+                      f"does not make it (nor does grid-proxy-init); mkdir it or name another file\n"),
+            (tmp_path, f"vmgrid: {tmp_path} (-out) is a directory: name the proxy file, e.g. "
+                       f"{tmp_path / 'proxy.pem'}\n"),
+            (tmp_path / "x509up" / "p", f"vmgrid: {tmp_path / 'x509up'} is a file, not a directory to write the proxy "
+                                        f"in (-out {tmp_path / 'x509up' / 'p'})\n")):
+        if out.parent.name == "x509up":
+            vmgrid("proxy-init", "-q", env=ca_env)
+        proc = vmgrid("proxy-init", "-out", str(out), env=ca_env, check=False)
+        assert proc.returncode == 1 and proc.stderr == message, proc.stderr
+    assert not (tmp_path / "no").exists()
+    env = {**ca_env, "X509_USER_PROXY": str(missing)}          # the default path, from the environment, likewise
+    proc = vmgrid("proxy-init", env=env, check=False)
+    assert proc.returncode == 1 and f"(X509_USER_PROXY {missing})" in proc.stderr and not (tmp_path / "no").exists()
+
+
+def test_proxy_init_warns_when_what_signs_it_expires_within_the_requested_lifetime(ca_env, tmp_path):
+    """A proxy never outlives its issuer: one asked for longer than the certificate lives is cut to it, and
+    vmgrid says so on standard error as grid-proxy-init does ("... will expire ... within the requested lifetime")."""
+    vmgrid("ca", "user", "carol", "--days", "2", env=ca_env)
+    long = vmgrid("proxy-init", "-hours", "72", env=ca_env)
+    assert long.stderr.startswith("vmgrid: warning: your certificate and this proxy expire ") and \
+        long.stderr.rstrip().endswith(", within the requested lifetime of the proxy"), long.stderr
+    assert load_credential(proxy=tmp_path / "x509up").time_left().total_seconds() < 48 * 3600
+    short = vmgrid("proxy-init", "-hours", "12", env=ca_env)
+    assert short.stderr == ""
