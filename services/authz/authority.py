@@ -27,6 +27,14 @@ def new_decision_id() -> str:
     return "d-" + uuid.uuid4().hex[:16]
 
 
+def _known(policy, actions) -> None:
+    """InvalidArgument unless every one of ``actions`` is in ``policy``'s vocabulary."""
+    for action in actions:
+        if action not in policy.known_actions:
+            raise InvalidArgument(f"unknown action {action!r}; known: {', '.join(policy.known_actions)}",
+                                  argument="action")
+
+
 class PolicyAuthority:
     def __init__(self, policy: PolicyFile, ledger: SlotLedger, audit: AuditLog, *, slot_grace: int = 600):
         self.policy = policy
@@ -39,45 +47,34 @@ class PolicyAuthority:
                   *, requester: str) -> tuple[Decision, list[str]]:
         """The decision for (subject, action, resource, context), audited; and the subject's groups."""
         policy = self.policy.current
-        if action not in policy.known_actions:
-            raise InvalidArgument(f"unknown action {action!r}; known: {', '.join(policy.known_actions)}",
-                                  argument="action")
-        decision = policy.decide(subject, action, resource, context)
-        decision = replace(decision, decision_id=new_decision_id(), policy=policy.version)
+        _known(policy, [action])
+        return self._decided(policy, subject, action, resource, context, requester), policy.groups_of(subject.dn)
+
+    def _decided(self, policy, subject: Subject, action: str, resource: Mapping[str, str],
+                 context: Mapping[str, str], requester: str, **audit) -> Decision:
+        """``policy``'s decision with a fresh id and its version, audited (``audit``: more fields of the record)."""
+        decision = replace(policy.decide(subject, action, resource, context), decision_id=new_decision_id(),
+                           policy=policy.version)
         self.audit.record("decision", id=decision.decision_id, by=requester, subject=subject.dn,
                           limited=subject.limited or None, action=action, resource=dict(resource),
                           context=dict(context) or None, decision="permit" if decision.permit else "deny",
-                          rule=decision.rule, obligations=dict(decision.obligations) or None, policy=policy.version)
-        return decision, policy.groups_of(subject.dn)
+                          rule=decision.rule, obligations=dict(decision.obligations) or None, policy=policy.version,
+                          **audit)
+        return decision
 
     def authorize_many(self, subject: Subject, requests: list[tuple[str, Mapping[str, str], Mapping[str, str]]],
                        *, requester: str) -> tuple[list[Decision], list[str], str]:
         """:meth:`authorize` for many requests of one subject, under one policy version: each decision audited;
         with the subject's groups and that version."""
         policy = self.policy.current
-        for action, _, _ in requests:
-            if action not in policy.known_actions:
-                raise InvalidArgument(f"unknown action {action!r}; known: {', '.join(policy.known_actions)}",
-                                      argument="action")
-        decisions = []
-        for action, resource, context in requests:
-            decision = replace(policy.decide(subject, action, resource, context), decision_id=new_decision_id(),
-                               policy=policy.version)
-            self.audit.record("decision", id=decision.decision_id, by=requester, subject=subject.dn,
-                              limited=subject.limited or None, action=action, resource=dict(resource),
-                              context=dict(context) or None, decision="permit" if decision.permit else "deny",
-                              rule=decision.rule, obligations=dict(decision.obligations) or None,
-                              policy=policy.version)
-            decisions.append(decision)
+        _known(policy, [action for action, _, _ in requests])
+        decisions = [self._decided(policy, subject, action, resource, context, requester)
+                     for action, resource, context in requests]
         return decisions, policy.groups_of(subject.dn), policy.version
 
     def check_actions(self, actions) -> None:
         """InvalidArgument unless every one of ``actions`` is in the policy's vocabulary."""
-        policy = self.policy.current
-        for action in actions:
-            if action not in policy.known_actions:
-                raise InvalidArgument(f"unknown action {action!r}; known: {', '.join(policy.known_actions)}",
-                                      argument="action")
+        _known(self.policy.current, actions)
 
     def decide_ahead(self, subject: Subject, requests: Sequence[Request], *, version: str, requester: str,
                      claim: str) -> list[Decision]:
@@ -87,17 +84,8 @@ class PolicyAuthority:
         policy = self.policy.current
         if policy.version != version:
             return []
-        out = []
-        for action, resource, context in requests:
-            decision = replace(policy.decide(subject, action, resource, context), decision_id=new_decision_id(),
-                               policy=policy.version)
-            self.audit.record("decision", id=decision.decision_id, by=requester, subject=subject.dn,
-                              limited=subject.limited or None, action=action, resource=dict(resource),
-                              context=dict(context) or None, decision="permit" if decision.permit else "deny",
-                              rule=decision.rule, obligations=dict(decision.obligations) or None,
-                              policy=policy.version, ahead_of=claim)
-            out.append(decision)
-        return out
+        return [self._decided(policy, subject, action, resource, context, requester, ahead_of=claim)
+                for action, resource, context in requests]
 
     def groups(self, dn: str) -> tuple[list[str], list[str]]:
         """(the groups ``dn`` belongs to, the groups it administers)."""

@@ -132,12 +132,7 @@ class AuthorizationService(SoapService):
         resp = el("AuthorizeManyResponse")
         sub(resp, "policyVersion", version)
         for decision in decisions:
-            r = sub(resp, "result")
-            sub(r, "decision", "Permit" if decision.permit else "Deny")
-            sub(r, "rule", decision.rule)
-            sub(r, "decisionId", decision.decision_id)
-            if decision.permit:
-                obligations_to_xml(r, decision.obligations)
+            _decision_to_xml(resp, "result", decision)
         for g in groups:
             sub(resp, "group", g)
         return resp
@@ -178,12 +173,7 @@ class AuthorizationService(SoapService):
         slot_to_xml(resp, slot)
         sub(resp, "renewed", "true" if renewed else "false")
         for d in later:
-            r = sub(resp, "aheadResult")
-            sub(r, "decision", "Permit" if d.permit else "Deny")
-            sub(r, "rule", d.rule)
-            sub(r, "decisionId", d.decision_id)
-            if d.permit:
-                obligations_to_xml(r, d.obligations)
+            _decision_to_xml(resp, "aheadResult", d)
         return resp
 
     @operation("ReleaseSlot")
@@ -301,3 +291,13 @@ class AuthorizationService(SoapService):
         for record in self.authority.audit.read(subject=text(req, "subject"), event=text(req, "event"), limit=limit):
             audit_to_xml(resp, record)
         return resp
+
+
+def _decision_to_xml(parent: etree._Element, name: str, decision) -> None:
+    """One decision as AuthorizeMany's result or ClaimSlot's aheadResult: Permit/Deny, rule, id, obligations."""
+    r = sub(parent, name)
+    sub(r, "decision", "Permit" if decision.permit else "Deny")
+    sub(r, "rule", decision.rule)
+    sub(r, "decisionId", decision.decision_id)
+    if decision.permit:
+        obligations_to_xml(r, decision.obligations)

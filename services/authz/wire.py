@@ -98,22 +98,23 @@ def decision_request(operation: str, subject: Subject, action: str | None, resou
         sub(req, "action", action)
     if instance is not None:
         sub(req, "instance", instance)
-    for name, values in (("resource", resource), ("context", context)):
-        if values:
-            group = sub(req, name)
-            for k, v in values.items():
-                sub(group, "attribute", str(v), name=k)
+    _attributes_to_xml(req, resource, context)
     if node:
         sub(req, "node", node)
     for a_action, a_resource, a_context in ahead:
         question = sub(req, "ahead")
         sub(question, "action", a_action)
-        for name, values in (("resource", a_resource), ("context", a_context)):
-            if values:
-                group = sub(question, name)
-                for k, v in values.items():
-                    sub(group, "attribute", str(v), name=k)
+        _attributes_to_xml(question, a_resource, a_context)
     return req
+
+
+def _attributes_to_xml(parent: etree._Element, resource: Mapping | None, context: Mapping | None) -> None:
+    """The resource and context attribute groups of a request or a question (each only when it has values)."""
+    for name, values in (("resource", resource), ("context", context)):
+        if values:
+            group = sub(parent, name)
+            for k, v in values.items():
+                sub(group, "attribute", str(v), name=k)
 
 
 def ahead_from_xml(req: etree._Element) -> list[Request]:
