@@ -357,14 +357,15 @@ def bench_loopback(work: Path, size: int, repeat: int, results: Results, goal_pa
         for index in range(repeat):
             results.loads.append(os.getloadavg()[0])
             for label, p, extra in round_order(cases, index):
-                clean(dst)
                 if extra is None:
+                    clean(dst)
                     seconds, cpu = timed_rusage(
                         [*wrap, "globus-url-copy", "-p", str(p), f"ftp://127.0.0.1:{gport}{src}", f"file://{dst}/g"])
                     out = dst / "g"
-                else:
-                    server, port = start_vmgrid_server(local, work / "src", "127.0.0.1")
+                else:       # a fresh server (no cached digest), started before the clean: both clients start right
+                    server, port = start_vmgrid_server(local, work / "src", "127.0.0.1")    # after the sync
                     try:
+                        clean(dst)
                         seconds, cpu = timed_rusage(
                             [str(VMGRID), "transfer", f"ftp://127.0.0.1:{port}/image", str(dst / "v"), "-p", str(p),
                              "-q", *extra])
