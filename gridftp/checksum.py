@@ -80,9 +80,10 @@ def new_hash(algorithm: str):
 MAP_WINDOW = 64 << 20
 
 
-def update_from_file(h, fd: int, start: int, end: int, stop: Callable[[], bool] | None = None) -> int:
+def update_from_file(h, fd: int, start: int, end: int, stop: Callable[[], bool] | None = None,
+                     chunk: int = CHUNK) -> int:
     """Feed ``[start, end)`` of a file to ``h`` straight from the page cache (mmap: no copy); returns where it
-    stopped: ``end``, or earlier (at a :data:`CHUNK` boundary) once ``stop()`` says so.
+    stopped: ``end``, or earlier (at a ``chunk`` boundary) once ``stop()`` says so.
 
     The caller guarantees the file is at least ``end`` bytes long (reading a mapping past the end
     of a file would kill the process with SIGBUS).
@@ -96,10 +97,10 @@ def update_from_file(h, fd: int, start: int, end: int, stop: Callable[[], bool] 
             m.madvise(mmap.MADV_SEQUENTIAL)
             view = memoryview(m)
             try:
-                for chunk in range(pos - base, window_end - base, CHUNK):
+                for piece in range(pos - base, window_end - base, chunk):
                     if stop is not None and stop():
-                        return base + chunk
-                    h.update(view[chunk:min(chunk + CHUNK, window_end - base)])
+                        return base + piece
+                    h.update(view[piece:min(piece + chunk, window_end - base)])
             finally:
                 view.release()
         pos = window_end
@@ -128,6 +129,7 @@ def hash_file(path: str | os.PathLike, algorithm: str = "SHA256", offset: int = 
 
 BACKGROUND_NICE = 19            # the prefix hasher's priority while the data still arrives (Linux nice value)
 MAX_HASH_THREADS = 4            # BLAKE3 workers of one prefix hasher: 4 hash over 10 GiB/s, beyond any link
+BACKGROUND_CHUNK = 1 << 20      # the low-priority thread's updates: finish() waits for one at most, at that priority
 
 
 def _background_priority() -> None:
@@ -204,7 +206,8 @@ class PrefixHasher:
                     if self._quit():
                         return
                     upto = self._ready
-                self._hashed = update_from_file(self._hash, self._fd, self._hashed, upto, self._quit)
+                self._hashed = update_from_file(self._hash, self._fd, self._hashed, upto, self._quit,
+                                                BACKGROUND_CHUNK)
         except BaseException as exc:  # reported by finish()
             self._error = exc
 

@@ -87,3 +87,24 @@ def test_a_download_sized_partial_file_verifies_with_the_background_hash(tmp_pat
         p.write(a, data[a:a + (1 << 20)])
     assert p.commit(len(data), blake3.blake3(data).hexdigest()) == blake3.blake3(data).hexdigest()
     assert (tmp_path / "f").read_bytes() == data
+
+
+def test_the_background_thread_can_be_stopped_every_mebibyte(tmp_path):
+    """update_from_file stops at the chunk boundary where stop() first says so: the low-priority thread updates
+    in BACKGROUND_CHUNK pieces, so finish() waits for one of them at most."""
+    from gridftp.checksum import BACKGROUND_CHUNK, update_from_file
+
+    assert BACKGROUND_CHUNK == 1 << 20
+    data = os.urandom((5 << 20) + 1000)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        h = blake3.blake3()
+        asked = []
+        reached = update_from_file(h, fd, 0, len(data), lambda: asked.append(1) or len(asked) > 3, BACKGROUND_CHUNK)
+        assert reached == 3 << 20 and h.hexdigest() == blake3.blake3(data[: 3 << 20]).hexdigest()
+        assert update_from_file(h, fd, reached, len(data), None, BACKGROUND_CHUNK) == len(data)
+        assert h.hexdigest() == blake3.blake3(data).hexdigest()
+    finally:
+        os.close(fd)
