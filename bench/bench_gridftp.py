@@ -13,7 +13,12 @@
    -p 1 with the digest known in advance (as the VMManager stages images from their descriptors). The table also
    prints the machine (CPUs, whether it has SHA extensions) and each hash's speed on it (the file's digest from
    the page cache, no transfer; BLAKE3 over every CPU and over one): SHA-256 without the CPU's SHA extensions
-   is what kept a verified transfer below globus-url-copy.
+   is what kept a verified transfer below globus-url-copy. The cases run in rounds (``--repeat``), each round in
+   the reverse order of the one before (ABBA), so that a machine whose speed drifts within minutes moves both
+   tools alike; the table gives each case's median, fastest and slowest run and the client's CPU, and against
+   globus-url-copy both the ratio of the medians and the ratios round by round (their median and range), with
+   the window's time, load average and CPU steal. ``--goal-pair`` runs only issue 13 §5's pair (globus-url-copy
+   -p 1 and vmgrid -p 1 with the BLAKE3 digest known), for many rounds in a short window.
 3. gsiftp:// on loopback (GSI): both clients download the file from one globus-gridftp-server running with a host
    certificate and a grid-mapfile (a PKI made for the run with security/), with a proxy, DCAU A, PROT C (clear
    data after the per-connection GSI handshake) and PROT P (TLS records): vmgrid transfer --gsi against
@@ -28,7 +33,7 @@ Every vmgrid run gets a freshly started server (no cached checksum). Needs root 
 Mbit/s (WAN) and MiB/s (loopback) with ratios against globus-url-copy at the same parallelism.
 
     sudo .venv/bin/python bench/bench_gridftp.py [--size-mib 1024] [--repeat 1] [--skip-wan] [--skip-loopback]
-                                                 [--skip-gsi] [--skip-gsi-wan]
+                                                 [--skip-gsi] [--skip-gsi-wan] [--goal-pair]
 """
 from __future__ import annotations
 
@@ -168,15 +173,27 @@ def wait_until(ready, what: str, timeout: float = 20) -> None:
 
 class Results:
     def __init__(self) -> None:
-        self.rows: dict[tuple[str, str, int], list[float]] = {}
-        self.loads: list[float] = []     # the 1-minute load average before each loopback pair
+        self.rows: dict[tuple[str, str, int], list[float]] = {}     # seconds of each run, in the order run
+        self.cpu: dict[tuple[str, str, int], list[float]] = {}      # the client's CPU (user + system) of each run
+        self.loads: list[float] = []     # the 1-minute load average before each loopback round and after the last
+        self.loopback_started = 0.0
+        self.loopback_window: tuple[float, float] | None = None     # wall clock (UTC) of the loopback part
+        self.steal: float | None = None  # the hypervisor's share of the CPUs' time during the loopback part
 
-    def add(self, part: str, tool: str, streams: int, seconds: float) -> None:
+    def add(self, part: str, tool: str, streams: int, seconds: float, cpu: float | None = None) -> None:
         self.rows.setdefault((part, tool, streams), []).append(seconds)
-        log(f"  {part:9s} {tool:28s} -p {streams}: {seconds:6.2f} s")
+        if cpu is not None:
+            self.cpu.setdefault((part, tool, streams), []).append(cpu)
+        log(f"  {part:9s} {tool:28s} -p {streams}: {seconds:6.2f} s"
+            + ("" if cpu is None else f" (client CPU {cpu:.2f} s)"))
 
     def seconds(self, key) -> float:
         return statistics.median(self.rows[key])
+
+
+def paired_ratios(reference: list[float], other: list[float]) -> list[float]:
+    """Round by round, the reference's time over the other's (both lists in the order of the rounds)."""
+    return [r / o for r, o in zip(reference, other)]
 
 
 def bench_wan(work: Path, size: int, repeat: int, results: Results) -> None:
@@ -252,20 +269,60 @@ def _hostname_resolves() -> bool:
         return False
 
 
-def bench_loopback(work: Path, size: int, repeat: int, results: Results) -> None:
+def cpu_times() -> tuple[int, int]:
+    """(steal, total) clock ticks of every CPU so far (/proc/stat): the hypervisor's share of a window."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return 0, 0
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
+def timed_rusage(argv: list[str]) -> tuple[float, float]:
+    """Wall clock of one client command and the CPU (user + system) the client used."""
+    started = time.monotonic()
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.monotonic() - started
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{argv} failed ({proc.returncode})")
+    return seconds, usage.ru_utime + usage.ru_stime
+
+
+def loopback_cases(digest: str, digest3: str, goal_pair: bool) -> list[tuple[str, int, list[str] | None]]:
+    """(label, streams, vmgrid's extra options or None for globus-url-copy) of the loopback part, in the order
+    of a round. The goal's pair (globus-url-copy -p 1, vmgrid -p 1 with the BLAKE3 digest known) comes first."""
+    cases = [("globus-url-copy", 1, None), ("vmgrid (blake3 known)", 1, ["--blake3", digest3])]
+    if goal_pair:
+        return cases
+    return cases + [("vmgrid (blake3 verified)", 1, []), ("vmgrid (sha256 known)", 1, ["--sha256", digest]),
+                    ("vmgrid (sha256 verified)", 1, ["--checksum", "sha256"]),
+                    ("globus-url-copy", 4, None), ("vmgrid (blake3 verified)", 4, []),
+                    ("vmgrid (sha256 verified)", 4, ["--checksum", "sha256"])]
+
+
+def round_order(cases: list, index: int) -> list:
+    """The cases of round ``index``: forwards in even rounds, backwards in odd ones (ABBA), so that each case
+    runs as often before as after each other one, and neighbours in the list run next to each other."""
+    return list(cases) if index % 2 == 0 else list(reversed(cases))
+
+
+def bench_loopback(work: Path, size: int, repeat: int, results: Results, goal_pair: bool = False) -> None:
     src, dst = work / "src" / "image", work / "dst"
     digest = sha256_of(src)
     digest3 = blake3_of(src)
-    for _ in range(repeat):   # what verification alone costs: each digest of the file from the page cache
-        t = time.perf_counter()
-        sha256_of(src)
-        results.add("loopback", "sha256 of the file, no transfer", 1, time.perf_counter() - t)
-        t = time.perf_counter()
-        blake3_of(src)
-        results.add("loopback", "blake3 of the file, no transfer", 1, time.perf_counter() - t)
-        t = time.perf_counter()
-        blake3_of(src, threads=1)
-        results.add("loopback", "blake3 1 thread, no transfer", 1, time.perf_counter() - t)
+    if not goal_pair:
+        for _ in range(repeat):   # what verification alone costs: each digest of the file from the page cache
+            t = time.perf_counter()
+            sha256_of(src)
+            results.add("loopback", "sha256 of the file, no transfer", 1, time.perf_counter() - t)
+            t = time.perf_counter()
+            blake3_of(src)
+            results.add("loopback", "blake3 of the file, no transfer", 1, time.perf_counter() - t)
+            t = time.perf_counter()
+            blake3_of(src, threads=1)
+            results.add("loopback", "blake3 1 thread, no transfer", 1, time.perf_counter() - t)
     wrap: list[str] = []
     if not _hostname_resolves():       # Globus needs the host name to resolve: a private /etc/hosts
         hosts = work / "hosts"
@@ -283,6 +340,7 @@ def bench_loopback(work: Path, size: int, repeat: int, results: Results) -> None
     def local(argv, **kw):
         return subprocess.Popen(argv, start_new_session=True, **kw)
 
+    cases = loopback_cases(digest, digest3, goal_pair)
     try:
         def up():
             try:
@@ -292,26 +350,35 @@ def bench_loopback(work: Path, size: int, repeat: int, results: Results) -> None
                 return False
 
         wait_until(up, f"globus-gridftp-server on 127.0.0.1:{gport}")
-        log("loopback: disk to disk on 127.0.0.1")
-        for _ in range(repeat):
-            for p in (1, 4):
-                results.loads.append(os.getloadavg()[0])
-                clean(dst)
-                results.add("loopback", "globus-url-copy", p, timed(
-                    [*wrap, "globus-url-copy", "-p", str(p), f"ftp://127.0.0.1:{gport}{src}", f"file://{dst}/g"]))
-                variants = [("vmgrid (blake3 verified)", []), ("vmgrid (sha256 verified)", ["--checksum", "sha256"])]
-                if p == 1:
-                    variants += [("vmgrid (blake3 known)", ["--blake3", digest3]),
-                                 ("vmgrid (sha256 known)", ["--sha256", digest])]
-                for label, extra in variants:
+        log(f"loopback: disk to disk on 127.0.0.1, {repeat} rounds of {len(cases)} cases, each round in the reverse "
+            "order of the one before")
+        steal0, total0 = cpu_times()
+        results.loopback_started = time.time()
+        for index in range(repeat):
+            results.loads.append(os.getloadavg()[0])
+            for label, p, extra in round_order(cases, index):
+                if extra is None:
                     clean(dst)
-                    server, port = start_vmgrid_server(local, work / "src", "127.0.0.1")
+                    seconds, cpu = timed_rusage(
+                        [*wrap, "globus-url-copy", "-p", str(p), f"ftp://127.0.0.1:{gport}{src}", f"file://{dst}/g"])
+                    out = dst / "g"
+                else:       # a fresh server (no cached digest), started before the clean: both clients start right
+                    server, port = start_vmgrid_server(local, work / "src", "127.0.0.1")    # after the sync
                     try:
-                        results.add("loopback", label, p, timed(
+                        clean(dst)
+                        seconds, cpu = timed_rusage(
                             [str(VMGRID), "transfer", f"ftp://127.0.0.1:{port}/image", str(dst / "v"), "-p", str(p),
-                             "-q", *extra]))
+                             "-q", *extra])
                     finally:
                         stop(server)
+                    out = dst / "v"
+                if out.stat().st_size != size:
+                    raise RuntimeError(f"{label} -p {p}: {out.stat().st_size} bytes, not {size}")
+                results.add("loopback", label, p, seconds, cpu)
+        results.loads.append(os.getloadavg()[0])
+        steal1, total1 = cpu_times()
+        results.loopback_window = (results.loopback_started, time.time())
+        results.steal = (steal1 - steal0) / (total1 - total0) if total1 > total0 else None
     finally:
         stop(gsrv)
 
@@ -461,8 +528,9 @@ def bench_gsi_wan(work: Path, size: int, repeat: int, results: Results) -> None:
         wan("down", stdout=subprocess.DEVNULL)
 
 
-def machine_facts() -> str:
-    """The CPU the figures were taken on: model, CPUs, and the instruction sets the two hashes use."""
+def machine_facts(where: Path | None = None) -> str:
+    """The machine the figures were taken on: the CPU (model, CPUs, the instruction sets the two hashes use),
+    memory, kernel, Python, the file system of ``where`` and globus-url-copy's version."""
     model, flags = "unknown CPU", set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -477,12 +545,76 @@ def machine_facts() -> str:
 
     sha = "with SHA extensions (sha_ni)" if "sha_ni" in flags else "without SHA extensions"
     simd = "/".join(f for f in ("avx512f", "avx2", "sse4_1") if f in flags) or "no AVX"
-    return (f"Machine: {model}, {os.cpu_count()} CPUs, {sha}, {simd}; blake3 {blake3.__version__}, "
-            f"sha256 from hashlib (OpenSSL)")
+    facts = (f"Machine: {model}, {os.cpu_count()} CPUs, {sha}, {simd}; blake3 {blake3.__version__}, "
+             f"sha256 from hashlib (OpenSSL)")
+    try:
+        mem = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                   if line.startswith("MemTotal:"))
+        facts += f"; {mem / (1 << 20):.1f} GiB of memory"
+    except (OSError, StopIteration, ValueError):
+        pass
+    facts += f"; Linux {os.uname().release}; Python {sys.version.split()[0]}"
+    if where is not None:
+        facts += f"; files on {filesystem_of(where)}"
+    try:
+        version = subprocess.run(["globus-url-copy", "-version"], capture_output=True, text=True, timeout=10)
+        facts += f"; {(version.stdout or version.stderr).strip().splitlines()[0]}"
+    except (OSError, IndexError, subprocess.SubprocessError):
+        pass
+    return facts
 
 
-def report(results: Results, size: int) -> str:
-    lines = [machine_facts(), ""]
+def filesystem_of(path: Path) -> str:
+    """The file system a path is on and its mount options (from /proc/mounts): ``ext4 (rw,relatime,...)``."""
+    best, found = "", "an unknown file system"
+    try:
+        target = str(Path(path).resolve())
+        for line in Path("/proc/mounts").read_text().splitlines():
+            _dev, mnt, fstype, opts = line.split()[:4]
+            if (target == mnt or target.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+                best, found = mnt, f"{fstype} ({opts})"
+    except (OSError, ValueError):
+        pass
+    return found
+
+
+def loopback_table(results: Results, mib: float) -> list[str]:
+    """The loopback part: per case the median, fastest and slowest run, the client's CPU, and against
+    globus-url-copy at the same parallelism both the ratio of the medians and the median (and range) of the
+    ratios round by round."""
+    rounds = max(len(v) for k, v in results.rows.items() if k[0] == "loopback" and "no transfer" not in k[1])
+    when = ""
+    if results.loopback_window:
+        a, b = (time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t)) for t in results.loopback_window)
+        when = f"{a}-{b[11:]} UTC; "
+    load = (f"1-minute load average {min(results.loads):.1f}-{max(results.loads):.1f} on {os.cpu_count()} CPUs"
+            if results.loads else "")
+    steal = f"; CPU steal {results.steal * 100:.1f}%" if results.steal is not None else ""
+    lines = [f"Loopback, disk to disk: {mib:.0f} MiB on 127.0.0.1, {rounds} rounds, each in the reverse order of the "
+             f"one before (ABBA)",
+             f"{when}{load}{steal}",
+             f"{'client':30s} {'-p':>3s} {'median':>7s} {'fastest':>8s} {'slowest':>8s} {'MiB/s':>7s} "
+             f"{'client CPU':>10s} {'vs globus':>10s} {'round by round':>22s}"]
+    keys = [k for k in results.rows if k[0] == "loopback"]
+    for key in sorted(keys, key=lambda k: (k[2], "no transfer" not in k[1], k[1] != "globus-url-copy", k[1])):
+        runs = results.rows[key]
+        sec = statistics.median(runs)
+        cpu = f"{statistics.median(results.cpu[key]):9.2f}s" if key in results.cpu else ""
+        ratio, paired = "", ""
+        ref = ("loopback", "globus-url-copy", key[2])
+        if key[1].startswith("vmgrid") and ref in results.rows:
+            ratio = f"{results.seconds(ref) / sec:9.2f}x"
+            rs = paired_ratios(results.rows[ref], runs)
+            paired = f"{statistics.median(rs):.2f}x ({min(rs):.2f}-{max(rs):.2f})"
+        lines.append(f"{key[1]:30s} {key[2]:>3d} {sec:6.2f}s {min(runs):7.2f}s {max(runs):7.2f}s {mib / sec:7.1f} "
+                     f"{cpu:>10s} {ratio:>10s} {paired:>22s}")
+    lines.append("vs globus: globus-url-copy's median over vmgrid's; round by round: the median of the rounds' "
+                 "ratios (fastest-slowest round)")
+    return lines
+
+
+def report(results: Results, size: int, where: Path | None = None) -> str:
+    lines = [machine_facts(where), ""]
     mbit = size * 8 / 1e6
     mib = size / (1 << 20)
     wan_rows = [k for k in results.rows if k[0] == "wan"]
@@ -499,16 +631,7 @@ def report(results: Results, size: int) -> str:
         lines.append("")
     loop_rows = [k for k in results.rows if k[0] == "loopback"]
     if loop_rows:
-        load = (f"; 1-minute load average {min(results.loads):.1f}-{max(results.loads):.1f} on "
-                f"{os.cpu_count()} CPUs" if results.loads else "")
-        lines += [f"Loopback, disk to disk: {mib:.0f} MiB on 127.0.0.1{load}",
-                  f"{'client':30s} {'-p':>3s} {'seconds':>8s} {'MiB/s':>8s} {'vs globus':>10s}"]
-        for key in sorted(loop_rows, key=lambda k: (k[2], k[1])):
-            sec = results.seconds(key)
-            ref = ("loopback", "globus-url-copy", key[2])
-            ratio = results.seconds(ref) / sec if ref in results.rows and key[1].startswith("vmgrid") else None
-            lines.append(f"{key[1]:30s} {key[2]:>3d} {sec:8.2f} {mib / sec:8.1f} "
-                         f"{'' if ratio is None else f'{ratio:9.2f}x':>10s}")
+        lines += loopback_table(results, mib)
     gsi_rows = [k for k in results.rows if k[0] == "gsi"]
     if gsi_rows:
         lines += ["", f"gsiftp:// (GSI, DCAU A) from globus-gridftp-server: {mib:.0f} MiB on 127.0.0.1",
@@ -546,7 +669,11 @@ def report(results: Results, size: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mib", type=int, default=1024)
-    parser.add_argument("--repeat", type=int, default=1, help="runs of each case (the table shows the median)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs of each case (the tables show the median; on loopback: rounds, in ABBA order)")
+    parser.add_argument("--goal-pair", action="store_true",
+                        help="loopback: only globus-url-copy -p 1 and vmgrid -p 1 with the BLAKE3 digest known (issue "
+                             "13 §5's goal), alternating, with no hash rows (use with --repeat 15 or so)")
     parser.add_argument("--skip-wan", action="store_true")
     parser.add_argument("--skip-loopback", action="store_true")
     parser.add_argument("--skip-gsi", action="store_true")
@@ -560,6 +687,9 @@ def main(argv: list[str] | None = None) -> int:
         if not shutil.which(tool):
             print(f"bench_gridftp: {tool} is missing (./run.sh setup installs it)", file=sys.stderr)
             return 2
+    if args.repeat < 1:
+        print("bench_gridftp: --repeat must be at least 1", file=sys.stderr)
+        return 2
     size = args.size_mib << 20
     compile_bytecode()      # `vmgrid transfer` starts as an installed vmgrid does (see benchgrid)
     work = make_workdir(size)
@@ -568,15 +698,15 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_wan:
             bench_wan(work, size, args.repeat, results)
         if not args.skip_loopback:
-            bench_loopback(work, size, args.repeat, results)
+            bench_loopback(work, size, args.repeat, results, goal_pair=args.goal_pair)
         if not args.skip_gsi:
             bench_gsi(work, size, args.repeat, results)
         if not args.skip_gsi_wan:
             bench_gsi_wan(work, size, args.repeat, results)
+        text = report(results, size, work)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    text = report(results, size)
     print(text)
     out = REPO / "bench" / "out"
     out.mkdir(parents=True, exist_ok=True)
