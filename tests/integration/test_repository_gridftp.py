@@ -145,4 +145,4 @@ def test_an_upload_area_holds_at_most_its_quota(stored, tmp_path):
     gridftp.upload(second, area + "second.raw", 2, credential=pki.alice.proxy, trust=pki.trust(),
                    state_dir=tmp_path / "state4")
     assert sorted(p.name for p in mine.iterdir()) == ["second.raw"]
-    assert server.service.registry.config.upload_quota_bytes == 128 * 1024**3     # the default, in docs/configuration.md
+    assert server.service.registry.config.upload_quota_bytes == 128 * 1024**3    # the default (docs/configuration.md)
