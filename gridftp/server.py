@@ -992,13 +992,24 @@ class _Session:
         self.reply(250, f"{vpath} removed.")
 
     def cmd_DELE(self, arg: str):
+        """Delete a file, or the partial upload of that name (its restart state with it): what an abandoned upload
+        left counts against an upload quota, and only DELE of its name can remove it."""
         vpath = self._path(arg)
         self._authorize("delete", vpath)
-        real, _ = self._file(vpath)
+        real = self._real(vpath)
+        partial = [p for p in (real.with_name(real.name + PART_SUFFIX), real.with_name(real.name + SIDECAR_SUFFIX))
+                   if p.is_file()]
+        if not partial:
+            real, _ = self._file(vpath)
+        if not self.server.claim(vpath):
+            raise _Reply(450, f"{vpath} is being stored by another session.")
         try:
-            os.unlink(real)
+            for p in partial + ([real] if real.is_file() else []):
+                os.unlink(p)
         except OSError as exc:
             raise _Reply(550, f"{vpath}: {exc.strerror}.") from None
+        finally:
+            self.server.release(vpath)
         self.reply(250, f"{vpath} deleted.")
 
     def cmd_RNFR(self, arg: str):

@@ -711,7 +711,31 @@ def test_an_upload_area_quota_refuses_what_does_not_fit_and_keeps_nothing_of_it(
     other.expect("ALLO 20000", 200)
     other.pasv()
     assert other.cmd("STOR /up/two").code == 150             # the aborted store's room is free again
+    other.ctl.sock.sendall(b"ABOR\r\n")
+    assert other.reply().code == 426 and other.reply().code == 226
     other.close()
+    # what an abandoned upload left counts, and DELE of its name removes it (and its restart state)
+    s.expect("DELE /up/one", 250)
+    s.expect("DELE /up/two", 250)
+    assert sorted(p.name for p in (tree / "up").iterdir()) == ["old"]
+    s.expect("MODE S", 200)
+    s.expect("ALLO 50000", 200)
+    addr = s.pasv()
+    assert s.cmd("STOR /up/left").code == 150
+    conn = socket.create_connection(addr)
+    conn.sendall(b"l" * 30_000)
+    conn.close()
+    assert _final(s).code == 451                             # 30,000 of the 50,000 announced: kept to restart
+    left = sum(p.stat().st_size for p in (tree / "up").glob("left.vmgrid-part*"))
+    assert left >= 30_000
+    s.expect("ALLO 40000", 200)
+    s.pasv()
+    assert f"{40_000 + left} of your 100000 bytes" in s.expect("STOR /up/more", 552).text
+    s.expect("DELE /up/left", 250)
+    assert sorted(p.name for p in (tree / "up").iterdir()) == ["old"]
+    s.expect("ALLO 40000", 200)
+    s.pasv()
+    assert s.cmd("STOR /up/more").code == 150
     s.close()
 
 
