@@ -151,7 +151,8 @@ class GridFTPServer:
         self._thread: threading.Thread | None = None
         self._sessions: set[_Session] = set()
         self._receiving: set[str] = set()      # virtual paths a session is storing right now
-        self._granted: dict[tuple[Path, str], int] = {}   # (quota directory, file name): bytes granted to a store
+        # (quota directory, file name, the store's own token): bytes granted to a store in progress
+        self._granted: dict[tuple[Path, str, object], int] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
 
@@ -245,8 +246,8 @@ class GridFTPServer:
         area, quota = q
         name = real.name
         with self._lock:
-            receiving = {n for (a, n) in self._granted if a == area}
-            used = sum(g for (a, _), g in self._granted.items() if a == area)
+            receiving = {n for (a, n, _) in self._granted if a == area}
+            used = sum(g for (a, _, _), g in self._granted.items() if a == area)
             try:
                 entries = list(os.scandir(area))
             except FileNotFoundError:
@@ -263,8 +264,9 @@ class GridFTPServer:
             if (wanted is None and room <= 0) or (wanted is not None and wanted > room):
                 raise QuotaExceeded(quota, used, wanted)
             granted = min(room if wanted is None else wanted, limit)
-            self._granted[(area, name)] = granted
-        return Grant(self, (area, name), quota, used, granted)
+            key = (area, name, object())       # ESTOs of one file from several sessions: one grant each
+            self._granted[key] = granted
+        return Grant(self, key, quota, used, granted)
 
     def _forget(self, session: "_Session") -> None:
         with self._lock:
@@ -325,7 +327,7 @@ class Grant:
     """Room reserved for one store within its quota (:meth:`GridFTPServer.grant`); :meth:`release` it."""
 
     server: "GridFTPServer"
-    key: tuple[Path, str]
+    key: tuple[Path, str, object]
     quota: int
     used: int
     granted: int
