@@ -104,18 +104,21 @@ class GridFTPClient:
     ``gsi``: authenticate with ``AUTH GSSAPI`` (the Globus GSI mechanism, as globus-url-copy does:
     a proxy is delegated to the server, every command is wrapped) instead of AUTH TLS; needed for a
     Globus server. ``data_protection_level``: with GSI, ``P`` (default), ``S`` or ``C``, always with
-    ``DCAU A``.
+    ``DCAU A``. ``refuse_server(dn) -> bool``: a server whose authenticated DN it returns True for is
+    refused (:class:`AuthenticationError`) before any command: e.g. a VMManager refuses guests' certificates.
     """
 
     def __init__(self, url: GridFTPURL | str, *, credential: Credential | None = None, trust=None,
                  server_dn: str | None = None, timeout: float = CONTROL_TIMEOUT,
                  identify: Callable[[ssl.SSLSocket], str] | None = None, prelude: Sequence[str] = (),
-                 gsi: bool = False, data_protection_level: str = "P", delegate: bool = True):
+                 gsi: bool = False, data_protection_level: str = "P", delegate: bool = True,
+                 refuse_server: Callable[[str], bool] | None = None):
         self.url = GridFTPURL.parse(url) if isinstance(url, str) else url
         self.prelude = list(prelude)
         self.prelude_replies: list[Reply] = []
         self.timeout = timeout
         self.expected_server_dn = server_dn
+        self.refuse_server = refuse_server
         self.tls: TLSConfig | None = None
         self.gsi = gsi and self.url.secure
         self.gss: GSIContext | None = None
@@ -213,6 +216,11 @@ class GridFTPClient:
             leaf = x509.load_der_x509_certificate(sock.getpeercert(binary_form=True))
             if not _host_matches(leaf, self.url.host):
                 raise AuthenticationError(f"server certificate {subject_of(leaf)!r} does not name {self.url.host}")
+        self._check_refused()
+
+    def _check_refused(self) -> None:
+        if self.refuse_server is not None and self.refuse_server(self.server_dn or ""):
+            raise AuthenticationError(f"{self.url.host} presented {self.server_dn!r}, a certificate refused here")
 
     def _auth_gssapi(self) -> None:
         """RFC 2228 with the GSI mechanism: the context's tokens in ADAT commands, a proxy delegated."""
@@ -245,6 +253,7 @@ class GridFTPClient:
         self.server_dn = self.gss.peer.dn
         if self.expected_server_dn is None and not _host_matches(self.gss.peer.certificate, self.url.host):
             raise AuthenticationError(f"server certificate {self.gss.peer.subject!r} does not name {self.url.host}")
+        self._check_refused()
         self.control.wrap, self.control.unwrap = self.gss.wrap, self.gss.unwrap
 
     def close(self) -> None:

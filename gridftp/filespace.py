@@ -49,6 +49,12 @@ class FileSpace:
     def committed(self, vpath: str, real: Path, sha256: str) -> None:
         """Called after a received file took its final name, verified with ``sha256``."""
 
+    def quota(self, vpath: str) -> tuple[Path, int] | None:
+        """The directory whose files count against one quota with ``vpath`` (a file being written) and
+        that quota in bytes, or None when writes to ``vpath`` have no quota (the default). The server adds
+        up the sizes of that directory's files (partial ones included) before each store."""
+        return None
+
     def growing(self, vpath: str):
         """The :class:`gridftp.growing.Growth` of a file another party is still writing (RETR then follows
         it as it grows), or None for an ordinary file (the default)."""

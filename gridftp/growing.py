@@ -189,7 +189,8 @@ class Following:
     past this offset (the source is untrusted: a follower never holds more than the caller expects the file to be)."""
 
     def __init__(self, url: str, dest: str | os.PathLike, parallel: int = 1, *, credential=None, trust=None,
-                 gsi: bool = False, timeout: float = 60.0, prot: str = "P", limit: int | None = None):
+                 gsi: bool = False, timeout: float = 60.0, prot: str = "P", limit: int | None = None,
+                 refuse_server=None):
         from .client import GridFTPURL
         self.url = GridFTPURL.parse(url)
         self.dest = Path(dest)
@@ -197,7 +198,7 @@ class Following:
         self.timeout = timeout
         self.limit = limit
         self.counter = Counter()
-        self._opts = (credential, trust, gsi, prot)
+        self._opts = (credential, trust, gsi, prot, refuse_server)
         self._cancelled = threading.Event()
         self._session = None
         self._receiver: ModeEReceiver | None = None
@@ -259,8 +260,8 @@ class Following:
 
     def _follow(self) -> int:
         from .transfer import PREPARE, _Options, _activity, _await_final, _prepare, _start_transfer
-        credential, trust, gsi, prot = self._opts
-        opts = _Options(credential, trust, self.timeout, None, gsi, prot)
+        credential, trust, gsi, prot, refuse_server = self._opts
+        opts = _Options(credential, trust, self.timeout, None, gsi, prot, refuse_server)
         fd = None
         try:
             with opts.client(self.url, None, PREPARE) as session:

@@ -33,7 +33,7 @@ from .datachannel import (Counter, ModeEReceiver, ModeESender, Throttle, Worker,
                           accept_one, close_all, connect_streams, open_listener, receive_stream, send_stream,
                           shutdown_listener)
 from .errors import AuthenticationError, ChecksumMismatch, PathError, ProtocolError, TransferError
-from .filespace import FileSpace, LocalFileSpace, is_internal, normalize
+from .filespace import PART_SUFFIX, SIDECAR_SUFFIX, FileSpace, LocalFileSpace, is_internal, normalize
 from .partial import PartialFile
 from .protocol import (MAX_PARALLELISM, RetrOptions, format_host_port, format_mdtm,
                        format_perf_marker, parse_eprt, parse_host_port, parse_retr_options, split_command)
@@ -151,6 +151,8 @@ class GridFTPServer:
         self._thread: threading.Thread | None = None
         self._sessions: set[_Session] = set()
         self._receiving: set[str] = set()      # virtual paths a session is storing right now
+        # (quota directory, file name, the store's own token): bytes granted to a store in progress
+        self._granted: dict[tuple[Path, str, object], int] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
 
@@ -232,6 +234,40 @@ class GridFTPServer:
         with self._lock:
             self._receiving.discard(vpath)
 
+    def grant(self, vpath: str, real: Path, wanted: int | None, limit: int) -> "Grant | None":
+        """Reserve room for storing ``vpath`` (at ``real``) within its quota (:meth:`FileSpace.quota`): ``wanted``
+        bytes (its ALLO size), or, not announced, all the quota leaves. The files of the quota's directory
+        count at their size, except ``real``'s own (it is being replaced) and those another store is
+        receiving, which count at what was granted to it. None when ``vpath`` has no quota; raises
+        :class:`QuotaExceeded` when the room is not there (before a byte is written)."""
+        q = self.files.quota(vpath)
+        if q is None:
+            return None
+        area, quota = q
+        name = real.name
+        with self._lock:
+            receiving = {n for (a, n, _) in self._granted if a == area}
+            used = sum(g for (a, _, _), g in self._granted.items() if a == area)
+            try:
+                entries = list(os.scandir(area))
+            except FileNotFoundError:
+                entries = []
+            for entry in entries:
+                base = entry.name.removesuffix(SIDECAR_SUFFIX).removesuffix(PART_SUFFIX)
+                if base == name or base in receiving:
+                    continue
+                try:
+                    used += entry.stat(follow_symlinks=False).st_size
+                except OSError:
+                    pass
+            room = quota - used
+            if (wanted is None and room <= 0) or (wanted is not None and wanted > room):
+                raise QuotaExceeded(quota, used, wanted)
+            granted = min(room if wanted is None else wanted, limit)
+            key = (area, name, object())       # ESTOs of one file from several sessions: one grant each
+            self._granted[key] = granted
+        return Grant(self, key, quota, used, granted)
+
     def _forget(self, session: "_Session") -> None:
         with self._lock:
             self._sessions.discard(session)
@@ -274,6 +310,34 @@ class GridFTPServer:
         if area is None:
             return False
         return area == "/" or vpath == area or vpath.startswith(area + "/")
+
+
+class QuotaExceeded(Exception):
+    """A store the quota of its directory has no room for (552)."""
+
+    def __init__(self, quota: int, used: int, wanted: int | None):
+        self.quota, self.used, self.wanted = quota, used, wanted
+        need = f"{wanted} bytes" if wanted is not None else "more bytes"
+        super().__init__(f"Upload quota exceeded: this needs {need}, and {used} of your {quota} bytes are in use; "
+                         f"delete or register uploads first.")
+
+
+@dataclass
+class Grant:
+    """Room reserved for one store within its quota (:meth:`GridFTPServer.grant`); :meth:`release` it."""
+
+    server: "GridFTPServer"
+    key: tuple[Path, str, object]
+    quota: int
+    used: int
+    granted: int
+
+    def release(self) -> None:
+        with self.server._lock:
+            self.server._granted.pop(self.key, None)
+
+    def exceeded(self) -> QuotaExceeded:
+        return QuotaExceeded(self.quota, self.used + self.granted, None)
 
 
 def _plain_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -320,6 +384,8 @@ class _Session:
         self.sbuf: int | None = None
         self.allo: int | None = None
         self.scks: tuple[str, str] | None = None
+        self._grant: Grant | None = None       # the quota room of the store in progress
+        self._overrun = False                  # that store ran past it (refused 552, discarded)
         self.rnfr: str | None = None
         self.pbsz = False
         self.prot = "C"
@@ -928,13 +994,24 @@ class _Session:
         self.reply(250, f"{vpath} removed.")
 
     def cmd_DELE(self, arg: str):
+        """Delete a file, or the partial upload of that name (its restart state with it): what an abandoned upload
+        left counts against an upload quota, and only DELE of its name can remove it."""
         vpath = self._path(arg)
         self._authorize("delete", vpath)
-        real, _ = self._file(vpath)
+        real = self._real(vpath)
+        partial = [p for p in (real.with_name(real.name + PART_SUFFIX), real.with_name(real.name + SIDECAR_SUFFIX))
+                   if p.is_file()]
+        if not partial:
+            real, _ = self._file(vpath)
+        if not self.server.claim(vpath):
+            raise _Reply(450, f"{vpath} is being stored by another session.")
         try:
-            os.unlink(real)
+            for p in partial + ([real] if real.is_file() else []):
+                os.unlink(p)
         except OSError as exc:
             raise _Reply(550, f"{vpath}: {exc.strerror}.") from None
+        finally:
+            self.server.release(vpath)
         self.reply(250, f"{vpath} deleted.")
 
     def cmd_RNFR(self, arg: str):
@@ -1222,9 +1299,19 @@ class _Session:
             self.reply(432, f"Data channel authentication failed: {error}")
         elif not holder:
             self.reply(425, f"Cannot open data connection: {error}")
-        else:
+        elif not self._quota_overrun(error):
             self.reply(426, f"Transfer aborted: {error}")
         return False
+
+    def _quota_overrun(self, error: BaseException) -> bool:
+        """A store that ran past the room its quota granted it (no ALLO said its size): 552 naming the quota
+        and what is in use, and True (the caller discards what was received)."""
+        grant = getattr(self, "_grant", None)
+        if grant is None or not isinstance(error, ProtocolError) or self.allo is not None:
+            return False
+        self._overrun = True
+        self.reply(552, str(grant.exceeded()))
+        return True
 
     def _send_mode_s(self, source: int | bytes, todo, protection) -> None:
         start, end = todo[0] if todo else (0, 0)
@@ -1299,15 +1386,24 @@ class _Session:
             protection = self._protection()
             if not self.server.claim(vpath):
                 raise _Reply(450, f"{vpath} is being stored by another session.")
+            try:
+                grant = self.server.grant(vpath, real, self.allo, self.server.max_file_size)
+            except QuotaExceeded as exc:
+                self.server.release(vpath)
+                raise _Reply(552, str(exc)) from None
         except _Reply:
             self._reset_transfer_state()
             raise
         # the 226 (or any final reply) of this STOR, aborted or not, goes out only once the path is
         # released: a client that reads it may store the same path again at once
         self._held = []
+        self._grant, self._overrun = grant, False
         try:
             self._store(vpath, real, protection)
         finally:
+            self._grant = None
+            if grant is not None:
+                grant.release()
             self.server.release(vpath)
             self._release_held()
 
@@ -1325,6 +1421,8 @@ class _Session:
             raise _Reply(553, f"{vpath}: {exc.strerror}.") from None
         allo, scks = self.allo, self.scks
         limit = allo if allo is not None else self.server.max_file_size
+        if self._grant is not None:
+            limit = min(limit, self._grant.granted)
         try:
             self.reply(150, f"Opening BINARY mode data connection for {vpath}.")
             if self.mode == "E":
@@ -1333,6 +1431,8 @@ class _Session:
                 ok = self._receive_mode_s(partial, partial.held.contiguous_end(0), limit, protection)
             if ok:
                 self._commit(vpath, real, partial, allo, scks)
+            elif self._overrun:
+                partial.discard()       # refused for the quota: nothing of it stays to count against it
         finally:
             partial.close()
             self._reset_transfer_state()
@@ -1367,6 +1467,8 @@ class _Session:
             self._aborted()
             return False
         if receiver.error is not None:
+            if self._quota_overrun(receiver.error):
+                return False
             code = 432 if isinstance(receiver.error, AuthenticationError) else 426
             self.reply(code, f"Transfer aborted: {receiver.error}")
             return False
@@ -1420,23 +1522,35 @@ class _Session:
             protection = self._protection()
             if self.rest is not None:
                 raise _Reply(503, "REST is not used with ESTO; the offset says where the data goes.")
+            self.allo = None            # ESTO's size is where its data ends: only the quota bounds it
+            try:
+                grant = self.server.grant(vpath, real, None, self.server.max_file_size)
+            except QuotaExceeded as exc:
+                raise _Reply(552, str(exc)) from None
             try:
                 fd = os.open(real, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
             except OSError as exc:
+                if grant is not None:
+                    grant.release()
                 raise _Reply(553, f"{vpath}: {exc.strerror}.") from None
         except _Reply:
             self._reset_transfer_state()
             raise
         sink = _FdSink(fd)
+        limit = self.server.max_file_size if grant is None else grant.granted
+        self._grant, self._overrun = grant, False
         try:
             self.reply(150, f"Opening BINARY mode data connection for {vpath} at offset {offset}.")
             if self.mode == "E":
-                ok = self._receive_mode_e(sink, offset, self.server.max_file_size, protection)
+                ok = self._receive_mode_e(sink, offset, limit, protection)
             else:
-                ok = self._receive_mode_s(sink, offset, self.server.max_file_size, protection)
+                ok = self._receive_mode_s(sink, offset, limit, protection)
             if ok:
                 self.reply(226, "Transfer Complete.")
         finally:
+            self._grant = None
+            if grant is not None:
+                grant.release()
             os.close(fd)
             self._reset_transfer_state()
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from cryptography import x509
 
 from security.pki import Credential, default_cert_dir, dn_string, load_credential
+from security.tls import bound_peer_chain
 from security.trust import ChainError, TrustStore
 
 from .errors import AuthenticationError
@@ -50,6 +51,7 @@ def _context(server_side: bool, credential: Credential | None, trust: TrustStore
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.verify_flags |= ssl.VERIFY_ALLOW_PROXY_CERTS
     ctx.load_verify_locations(capath=str(trust.cert_dir))
+    bound_peer_chain(ctx)               # OpenSSL stops a chain longer than TrustStore's bound in the handshake
     if server_side:
         # no TLS 1.3 session tickets: a data sender never reads, and unread tickets in its receive
         # buffer would turn its close into a reset that destroys the last blocks in flight

@@ -76,8 +76,9 @@ class _Options:
     """What every control connection of one call is opened with."""
 
     def __init__(self, credential: Credential | None, trust: object, timeout: float, identify: object,
-                 gsi: bool = False, prot: str = "P"):
+                 gsi: bool = False, prot: str = "P", refuse_server=None):
         self.credential = credential
+        self.refuse_server = refuse_server
         self.trust = trust
         self.timeout = timeout
         self.identify = identify
@@ -87,7 +88,7 @@ class _Options:
     def client(self, url: GridFTPURL, server_dn: str | None = None, prelude: list[str] = ()) -> GridFTPClient:
         return GridFTPClient(url, credential=self.credential, trust=self.trust, server_dn=server_dn,
                              timeout=self.timeout, identify=self.identify, prelude=prelude, gsi=self.gsi,
-                             data_protection_level=self.prot)
+                             data_protection_level=self.prot, refuse_server=self.refuse_server)
 
 
 class _Ticker:
@@ -239,7 +240,7 @@ def download(url: str, dest_path: str | os.PathLike, parallel: int = DEFAULT_PAR
              sha256: str | None = None, progress: Progress | None = None, retries: int = 2,
              retry_delay: float = 1.0, timeout: float = 60.0, durable: bool = False,
              identify=None, gsi: bool = False, prot: str = "P", blake3: str | None = None,
-             checksum: str = "sha256", size: int | None = None) -> TransferResult:
+             checksum: str = "sha256", size: int | None = None, refuse_server=None) -> TransferResult:
     """Fetch ``url`` into ``dest_path`` over ``parallel`` MODE E streams; verified, restartable.
 
     The file is received as ``dest_path.vmgrid-part`` with its ranges in
@@ -258,12 +259,13 @@ def download(url: str, dest_path: str | os.PathLike, parallel: int = DEFAULT_PAR
 
     ``size``: the size the caller was told (a migration's offer): a source whose SIZE answer differs is refused
     (:class:`ProtocolError`) before a byte is received or any room reserved for it.
+    ``refuse_server(dn) -> bool``: servers refused by their authenticated DN (:class:`GridFTPClient`).
     """
     if checksum not in ("sha256", "auto"):
         raise ValueError(f"checksum is 'sha256' or 'auto', not {checksum!r}")
     src = GridFTPURL.parse(url)
     dest = Path(dest_path)
-    opts = _Options(credential, trust, timeout, identify, gsi, prot)
+    opts = _Options(credential, trust, timeout, identify, gsi, prot, refuse_server)
     started = time.monotonic()
     transferred = 0
     reused: int | None = None

@@ -32,8 +32,8 @@ from .replay import MemoryReplayCache, ReplayCache
 from .https import HTTPSError, HTTPSPool
 from .tls import client_ssl_context, grid_session
 from .trust import Caller, TrustStore
-from .wssec import (DEFAULT_POLICY, SOAP11, FailedAuthentication, InvalidSecurity, SecurityPolicy, sign_in_place,
-                    verify_envelope)
+from .wssec import (DEFAULT_POLICY, SOAP11, WSSE, FailedAuthentication, InvalidSecurity, SecurityPolicy,
+                    sign_in_place, verify_envelope)
 
 _LOOPBACK_NAMES = ("localhost",)
 
@@ -123,19 +123,32 @@ def _addressing(envelope: etree._Element, name: str) -> str | None:
     return None
 
 
+def _refused_unread(fault: etree._Element) -> bool:
+    """A fault of the security layer's refusing a request before it was verified, so before its WS-Addressing
+    headers could be read (its MessageID is unknown there): faultcode wsse:*, or soap:Server without detail (an
+    error while verifying). Every other fault of vmgrid's container names the request in a wsa:RelatesTo."""
+    code = (fault.findtext("faultcode") or "").strip()
+    prefix, _, local = code.rpartition(":")
+    namespace = fault.nsmap.get(prefix or None)
+    if namespace == WSSE:
+        return True
+    return namespace == SOAP11 and local == "Server" and fault.find("detail") is None
+
+
 def _check_relates_to(response: etree._Element, message_id: str | None, required: bool) -> None:
     """A verified answer that names the request it answers (its signed wsa:RelatesTo) must name the MessageID this
     client sent: a signed answer to another request of the same host (another call's, another user's) is refused,
-    which TLS alone would not catch when it is off or ends before the service. `required`: an answer that is not a
-    fault must carry it (vmgrid's services always do; a fault may not: the security layer refuses before
-    WS-Addressing is read)."""
+    which TLS alone would not catch when it is off or ends before the service. `required` (vmgrid's services): every
+    answer must carry it, faults too, except the security layer's refusals of a request it could not verify
+    (:func:`_refused_unread`: nothing of the request was read, its MessageID included)."""
     if message_id is None:
         return
     relates = _addressing(response, "RelatesTo")
     if relates == message_id:
         return
     body = response.find(f"{{{SOAP11}}}Body")
-    if relates is None and (not required or (body is not None and body.find(f"{{{SOAP11}}}Fault") is not None)):
+    fault = body.find(f"{{{SOAP11}}}Fault") if body is not None else None
+    if relates is None and (not required or (fault is not None and _refused_unread(fault))):
         return
     raise InvalidSecurity(f"the answer relates to {relates or 'no request'}, not to this request ({message_id}): "
                           f"a signed answer to another request is refused")

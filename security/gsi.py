@@ -27,7 +27,7 @@ from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 
 from .pki import OID_INHERIT_ALL, OID_LIMITED, Credential, new_key, proxy_certificate
-from .trust import ChainError, TrustStore
+from .trust import MAX_CHAIN, ChainError, TrustStore
 
 # the delegated proxy: as long as the initiator's own credential allows, at most this long
 DELEGATED_LIFETIME = _dt.timedelta(hours=12)
@@ -42,9 +42,14 @@ class GSIError(Exception):
         self.reason = reason
 
 
+X509_V_ERR_CERT_CHAIN_TOO_LONG = 22
+
+
 def _accept_any(conn, cert, errno, depth, ok) -> bool:
-    """OpenSSL's verdict is replaced by TrustStore's, which runs on the whole chain afterwards."""
-    return True
+    """OpenSSL's verdict is replaced by TrustStore's, which runs on the whole chain afterwards; except a chain
+    longer than the verify depth (TrustStore's own bound), refused in the handshake before its signatures are
+    checked."""
+    return errno != X509_V_ERR_CERT_CHAIN_TOO_LONG
 
 
 def ssl_context(credential: Credential | None, *, server_side: bool) -> SSL.Context:
@@ -57,6 +62,7 @@ def ssl_context(credential: Credential | None, *, server_side: bool) -> SSL.Cont
     ctx.set_options(SSL.OP_NO_TICKET | SSL.OP_NO_COMPRESSION)
     mode = SSL.VERIFY_PEER | (SSL.VERIFY_FAIL_IF_NO_PEER_CERT if server_side else 0)
     ctx.set_verify(mode, _accept_any)
+    ctx.set_verify_depth(MAX_CHAIN - 1)     # see security.tls.MAX_CERT_LIST (pyOpenSSL has no max cert list call)
     if credential is not None:
         ctx.use_certificate(credential.certificate)
         ctx.use_privatekey(credential.private_key)

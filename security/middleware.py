@@ -48,9 +48,10 @@ DRAIN_LIMIT = 64 * 1024 * 1024
 StartResponse = Callable[..., Callable[[bytes], object]]
 
 
-def fault_envelope(faultcode: etree.QName | str, faultstring: str, *, detail: etree._Element | None = None
-                   ) -> etree._Element:
-    """A SOAP 1.1 Fault envelope. `faultcode` is a QName in the wsse or soap namespace."""
+def fault_envelope(faultcode: etree.QName | str, faultstring: str, *, detail: etree._Element | None = None,
+                   relates_to: tuple[str, str] | None = None) -> etree._Element:
+    """A SOAP 1.1 Fault envelope. `faultcode` is a QName in the wsse or soap namespace. `relates_to`: (WS-Addressing
+    namespace, MessageID) of a verified request: the fault names it in a wsa:RelatesTo (signed with the rest)."""
     qname = etree.QName(faultcode)
     nsmap = {"soap": SOAP11}
     prefix = "soap"
@@ -59,6 +60,10 @@ def fault_envelope(faultcode: etree.QName | str, faultstring: str, *, detail: et
     elif qname.namespace != SOAP11:
         nsmap["f"], prefix = qname.namespace, "f"
     env = etree.Element(Q_ENVELOPE, nsmap=nsmap)
+    if relates_to is not None:
+        ns, message_id = relates_to
+        header = etree.SubElement(env, f"{{{SOAP11}}}Header")
+        etree.SubElement(header, f"{{{ns}}}RelatesTo", nsmap={"wsa": ns}).text = message_id
     body = etree.SubElement(env, Q_BODY)
     fault = etree.SubElement(body, f"{{{SOAP11}}}Fault")
     etree.SubElement(fault, "faultcode").text = f"{prefix}:{qname.localname}"
@@ -66,6 +71,16 @@ def fault_envelope(faultcode: etree.QName | str, faultstring: str, *, detail: et
     if detail is not None:
         etree.SubElement(fault, "detail").append(detail)
     return env
+
+
+def _message_id(root: etree._Element) -> tuple[str, str] | None:
+    """The WS-Addressing namespace and MessageID of a verified request, or None."""
+    header = root.find(f"{{{SOAP11}}}Header")
+    for ns in (WSA, WSA_2004) if header is not None else ():
+        el = header.find(f"{{{ns}}}MessageID")
+        if el is not None and (el.text or "").strip():
+            return ns, el.text.strip()
+    return None
 
 
 class WSSecurityMiddleware:
@@ -118,7 +133,8 @@ class WSSecurityMiddleware:
         if not_understood:
             names = ", ".join(str(etree.QName(q).localname) for q in not_understood)
             return self._fault(start_response, etree.QName(SOAP11, "MustUnderstand"),
-                               f"header blocks marked mustUnderstand are not understood: {names}")
+                               f"header blocks marked mustUnderstand are not understood: {names}",
+                               relates_to=_message_id(root))
         environ["vmgrid.caller"] = caller
         environ["vmgrid.envelope"] = root
         environ["wsgi.input"] = io.BytesIO(body)
@@ -170,8 +186,9 @@ class WSSecurityMiddleware:
             left -= len(chunk)
 
     # -- response ---------------------------------------------------------------------------------
-    def _fault(self, start_response: StartResponse, code: etree.QName, reason: str) -> list[bytes]:
-        env = fault_envelope(code, reason)
+    def _fault(self, start_response: StartResponse, code: etree.QName, reason: str,
+               relates_to: tuple[str, str] | None = None) -> list[bytes]:
+        env = fault_envelope(code, reason, relates_to=relates_to)
         data = self._sign(env)
         start_response("500 Internal Server Error", [("Content-Type", "text/xml; charset=utf-8"),
                                                      ("Content-Length", str(len(data)))])

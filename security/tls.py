@@ -24,6 +24,57 @@ if TYPE_CHECKING:
 # Cap on a request body cheroot accepts at all (the WS-Security middleware refuses far smaller messages itself).
 MAX_REQUEST_BODY = 64 * 1024 * 1024
 
+# What OpenSSL takes of a peer's chain in a handshake, before TrustStore sees it (security.trust.MAX_CHAIN):
+# a verify depth of MAX_CHAIN untrusted certificates above the peer's own (so a chain TrustStore accepts, at most
+# MAX_CHAIN certificates, passes; a longer one is refused as "certificate chain too long" before its signatures are
+# checked), and a Certificate message of at most MAX_CERT_LIST bytes (16 certificates with RSA-8192 keys and their
+# extensions are about 40 KB; OpenSSL's default is 100 KB)
+MAX_CERT_LIST = 64 * 1024
+
+
+def _verify_depth() -> int:
+    from .trust import MAX_CHAIN
+    return MAX_CHAIN - 1
+
+
+def bound_peer_chain(ctx: ssl.SSLContext) -> ssl.SSLContext:
+    """Bound what OpenSSL processes of the peer's certificate chain in ``ctx``'s handshakes (see MAX_CERT_LIST).
+    Python's ssl module has no call for either setting: they are set with the OpenSSL library the ssl module is
+    linked with (ctypes, on the SSL_CTX the context wraps: CPython's PySSLContext holds it first). The pointer is
+    checked against the context's verify mode first; a mismatch leaves the context as it is (TrustStore still
+    bounds the chain after the handshake) and says so in the log."""
+    import ctypes
+    import logging
+
+    try:
+        lib = _libssl()
+        ptr = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
+        expected = {ssl.CERT_NONE: 0, ssl.CERT_OPTIONAL: 1, ssl.CERT_REQUIRED: 3}[ctx.verify_mode]
+        if not ptr or lib.SSL_CTX_get_verify_mode(ptr) != expected:
+            raise RuntimeError("the SSL_CTX of the context was not found")
+        lib.SSL_CTX_set_verify_depth(ptr, _verify_depth())
+        lib.SSL_CTX_ctrl(ptr, 51, MAX_CERT_LIST, None)           # SSL_CTRL_SET_MAX_CERT_LIST
+    except Exception as exc:  # noqa: BLE001 - the bound is defence in depth; TrustStore bounds the chain anyway
+        logging.getLogger(__name__).warning("cannot bound the TLS peer chain in OpenSSL: %s", exc)
+    return ctx
+
+
+_LIBSSL = None
+
+
+def _libssl():
+    global _LIBSSL
+    if _LIBSSL is None:
+        import ctypes
+        lib = ctypes.CDLL(ssl._ssl.__file__)     # dlsym on it finds the libssl the ssl module links
+        lib.SSL_CTX_get_verify_mode.argtypes, lib.SSL_CTX_get_verify_mode.restype = [ctypes.c_void_p], ctypes.c_int
+        lib.SSL_CTX_set_verify_depth.argtypes = [ctypes.c_void_p, ctypes.c_int]
+        lib.SSL_CTX_set_verify_depth.restype = None
+        lib.SSL_CTX_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
+        lib.SSL_CTX_ctrl.restype = ctypes.c_long
+        _LIBSSL = lib
+    return _LIBSSL
+
 
 def server_ssl_adapter(credential: Credential, *, cert_dir: Path | str | None = None,
                        client_certs: str = "none") -> BuiltinSSLAdapter:
@@ -50,6 +101,7 @@ def server_ssl_adapter(credential: Credential, *, cert_dir: Path | str | None = 
         ctx.verify_mode = ssl.CERT_REQUIRED if client_certs == "required" else ssl.CERT_OPTIONAL
         # GT4 transport security: a user's RFC 3820 proxy is a valid client certificate
         ctx.verify_flags |= ssl.VERIFY_ALLOW_PROXY_CERTS
+        bound_peer_chain(ctx)
     return adapter
 
 

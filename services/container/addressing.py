@@ -22,8 +22,13 @@ class AddressingFault(Exception):
         super().__init__(message)
         self.code, self.header, self.action = code, header, action
 
-    def envelope(self) -> etree._Element:
+    def envelope(self, headers: list[etree._Element] = ()) -> etree._Element:
         env = etree.Element(f"{{{SOAP_ENV}}}Envelope", nsmap={"soapenv": SOAP_ENV, "wsa": WSA})
+        if headers:
+            header = etree.SubElement(env, f"{{{SOAP_ENV}}}Header")
+            for h in headers:
+                header.append(h)
+            etree.cleanup_namespaces(header)
         fault = etree.SubElement(etree.SubElement(env, f"{{{SOAP_ENV}}}Body"), f"{{{SOAP_ENV}}}Fault")
         etree.SubElement(fault, "faultcode").text = f"wsa:{self.code}"
         etree.SubElement(fault, "faultstring").text = str(self)

@@ -101,11 +101,13 @@ class SoapApplication:
         op_name = "?"
         outcome = "ok"
         dn = getattr(caller, "dn", None)
+        wsa: dict[str, str] = {}        # the verified request's WS-Addressing values, once read
         try:
             if caller is None or root is None:
                 # Defence in depth: the container never dispatches a message security did not verify.
                 raise soap.EnvelopeError("the message was not verified by WS-Security", "Client")
             headers, payload = soap.split_envelope(root)
+            wsa = soap.wsa_headers(headers)
             # per service: another service of this container may understand a header this one does not
             not_understood = must_understand_violations(root, service.understood_headers)
             if not_understood:
@@ -116,7 +118,6 @@ class SoapApplication:
             op_name = op.name
             check_request(headers, service.addresses, op.soap_action, environ.get("HTTP_SOAPACTION"))
             self._validate_request(service, payload)
-            wsa = soap.wsa_headers(headers)
             ctx = CallContext(service, op.name, caller, headers, wsa, base)
             result = service.handlers[op.name](ctx, payload)
             if self.validate_responses:
@@ -130,20 +131,21 @@ class SoapApplication:
                 # checked in tests: a fault the WSDL does not declare for the operation breaks typed clients
                 exc = InternalFault(f"{service.name}.{op_name} answered {exc.element}, which its WSDL operation "
                                     f"does not declare: {exc.description}")
-            env, status = soap.typed_fault_envelope(exc), "500 Internal Server Error"
+            env, status = soap.typed_fault_envelope(exc, soap.fault_headers(wsa)), "500 Internal Server Error"
         except AddressingFault as exc:
             outcome = f"fault:wsa-{exc.code}"
-            env, status = exc.envelope(), "500 Internal Server Error"
+            env, status = exc.envelope(soap.fault_headers(wsa)), "500 Internal Server Error"
         except soap.EnvelopeError as exc:
             outcome = f"fault:soap-{exc.code}"
-            env, status = soap.fault_envelope(exc.code, str(exc)), "500 Internal Server Error"
+            env, status = soap.fault_envelope(exc.code, str(exc), None, soap.fault_headers(wsa)), \
+                "500 Internal Server Error"
         except Exception as exc:  # noqa: BLE001 - the one place an unexpected error becomes a fault
             if is_storage_full(exc):
                 service.log.warning("%s.%s: storage full: %s", service.name, op_name, exc)
                 outcome = "fault:StorageFullFault"
                 env = soap.typed_fault_envelope(StorageFull(
                     f"{service.name}.{op_name} could not write its state: the disk holding it is full ({exc}); "
-                    f"nothing was half-written", store=f"{service.name} state"))
+                    f"nothing was half-written", store=f"{service.name} state"), soap.fault_headers(wsa))
             else:
                 incident = uuid.uuid4().hex[:12]
                 service.log.error("incident %s in %s.%s\n%s", incident, service.name, op_name,
@@ -151,7 +153,7 @@ class SoapApplication:
                 outcome = "fault:InternalFault"
                 env = soap.typed_fault_envelope(InternalFault(
                     f"internal error in {service.name}.{op_name}; incident {incident} is in the service log",
-                    incident=incident))
+                    incident=incident), soap.fault_headers(wsa))
             status = "500 Internal Server Error"
         environ[RESPONSE_KEY] = env
         body = b"" if environ.get(SIGNS_RESPONSE_KEY) else soap.serialize(env)

@@ -122,17 +122,28 @@ def response_headers(request_wsa: dict[str, str], action: str) -> list[etree._El
     return out
 
 
-def fault_envelope(code: str, message: str, detail: etree._Element | None = None) -> etree._Element:
+# WS-Addressing 1.0 SOAP binding: the action of a fault that has no action of its own
+FAULT_ACTION = "http://www.w3.org/2005/08/addressing/soap/fault"
+
+
+def fault_headers(request_wsa: dict[str, str]) -> list[etree._Element]:
+    """WS-Addressing headers for a fault to a request that used WS-Addressing: the request's MessageID in a
+    (signed) wsa:RelatesTo, so a captured fault cannot be handed to another request as its answer."""
+    return response_headers(request_wsa, FAULT_ACTION)
+
+
+def fault_envelope(code: str, message: str, detail: etree._Element | None = None,
+                   headers: list[etree._Element] = ()) -> etree._Element:
     fault = etree.Element(f"{{{SOAP_ENV}}}Fault", nsmap={"soapenv": SOAP_ENV})
     etree.SubElement(fault, "faultcode").text = f"soapenv:{code}"
     etree.SubElement(fault, "faultstring").text = message
     if detail is not None:
         etree.SubElement(fault, "detail").append(detail)
-    return envelope(fault)
+    return envelope(fault, headers)
 
 
-def typed_fault_envelope(exc: VMGridFault) -> etree._Element:
-    return fault_envelope("Client" if exc.client_error else "Server", exc.description, to_detail(exc))
+def typed_fault_envelope(exc: VMGridFault, headers: list[etree._Element] = ()) -> etree._Element:
+    return fault_envelope("Client" if exc.client_error else "Server", exc.description, to_detail(exc), headers)
 
 
 def serialize(env: etree._Element) -> bytes:

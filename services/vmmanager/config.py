@@ -55,6 +55,9 @@ class VMManagerConfig:
     guest_ca: str = ""
     guest_cert_dir: str = ""             # trusted CA files given to guests ("" = guest_ca's certificates/)
     guest_ou: str = "vmgrid-guests"      # their certificates: /O=Grid/OU=<guest_ou>/CN=host/<address>
+    # DN patterns of guest containers' certificates, as the policy's [policy] guests (docs/authz.md): no migration
+    # is taken in from a source presenting one, whatever migration_sources says (this node's guest_ou is always one)
+    guest_dns: list[str] = field(default_factory=lambda: ["/O=Grid/OU=vmgrid-guests/*"])
     guest_cert_days: float = 30
     job_admins: list[str] = field(default_factory=list)   # DNs that may use every guest's job service
     list_page: int = 10                  # ListInstances: instances per page when the caller asks no maxResults

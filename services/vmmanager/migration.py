@@ -719,7 +719,8 @@ def _follow(node: "Node", key: str, offer: MigrationOffer) -> None:
     for name, limit in _expected_files(offer).items():
         followers[name] = Following(f"{offer.files_url}/{key}/{name}", home / name, node.config.staging_parallel,
                                     credential=node.credential, trust=node.trust, gsi=node.config.staging_gsi,
-                                    timeout=node.config.migration_timeout, limit=limit)
+                                    timeout=node.config.migration_timeout, limit=limit,
+                                    refuse_server=lambda dn: _is_guest(node, dn))
     with _FOLLOWING_LOCK:
         old = _FOLLOWING.pop((id(node), key), None)
         _FOLLOWING[(id(node), key)] = followers
@@ -784,13 +785,22 @@ def _take_followed(node: "Node", key: str, offer: MigrationOffer, home: Path, pr
     return {name for name, good in ok.items() if good}
 
 
+def _is_guest(node: "Node", dn: str) -> bool:
+    """A guest container's certificate ([vmmanager] guest_dns and this node's own guest_ou): a host DN whose key a
+    VM's owner holds, never a migration source, whatever ``migration_sources`` says (its address is a guest's)."""
+    from services.authz.policy import dn_matches
+    patterns = [*node.config.guest_dns, f"/O=Grid/OU={node.config.guest_ou}/*"]
+    return any(dn_matches(p, dn) for p in patterns)
+
+
 def _pull(node: "Node", url: str, dest: Path, f: MigrationFile, progress) -> None:
     """One file from the source over GridFTP: parallel streams, restartable, verified against its digest (BLAKE3
     when the source gave one, else sha256) while it arrives; ``progress(bytes)`` as they do."""
     try:
         gridftp.download(url, dest, node.config.staging_parallel, credential=node.credential, trust=node.trust,
                          sha256=None if f.blake3 else f.sha256, blake3=f.blake3 or None,
-                         progress=lambda n, _total: progress(n), gsi=node.config.staging_gsi, size=f.size)
+                         progress=lambda n, _total: progress(n), gsi=node.config.staging_gsi, size=f.size,
+                         refuse_server=lambda dn: _is_guest(node, dn))
     except gridftp.ChecksumMismatch as exc:
         raise ChecksumMismatch(f"{f.name} from {url}: {exc}", expected=f.digest, actual="(different)") from None
     except gridftp.GridFTPError as exc:

@@ -11,6 +11,7 @@ class RepositoryConfig:
     ingest_dirs: list[str] = field(default_factory=list)  # where admins may ingest from (localPath)
     upload_dir: str = ""  # the GridFTP upload area ("" = state_dir/uploads)
     max_image_bytes: int = 64 * 1024**3
+    upload_quota_bytes: int = 128 * 1024**3  # what one user's upload area may hold, partial uploads included
     default_limit: int = 20
     max_hold_seconds: int = 7 * 24 * 3600
     reserve_bytes: int = 8 * 1024 * 1024  # space kept free so RemoveImage works on a full disk (0: none)

@@ -21,9 +21,10 @@ __all__ = ["NAME", "RepositoryFileSpace", "RepositoryTransfers", "upload_area"]
 
 
 class RepositoryFileSpace(FileSpace):
-    def __init__(self, catalogue: Catalogue, upload_dir: Path):
+    def __init__(self, catalogue: Catalogue, upload_dir: Path, upload_quota: int):
         self.catalogue = catalogue
         self.upload_dir = Path(upload_dir)
+        self.upload_quota = upload_quota
 
     def real_path(self, vpath: str) -> Path:
         parts = [p for p in vpath.split("/") if p]
@@ -39,6 +40,13 @@ class RepositoryFileSpace(FileSpace):
             area.mkdir(exist_ok=True)
             return area if len(parts) == 2 else area / parts[2]
         raise PathError(f"{vpath}: no such path on this repository (/images/<sha256>, /uploads/<area>/<name>)")
+
+    def quota(self, vpath: str) -> tuple[Path, int] | None:
+        """Each user's upload area holds at most ``upload_quota`` bytes ([repository] upload_quota_bytes)."""
+        parts = [p for p in vpath.split("/") if p]
+        if parts[:1] == ["uploads"] and len(parts) == 3:
+            return self.upload_dir / parts[1], self.upload_quota
+        return None
 
     def known_checksum(self, vpath: str, algorithm: str) -> str | None:
         """An image's SHA256 is its name; its BLAKE3 was computed at ingest (in its descriptors)."""
@@ -56,7 +64,8 @@ class RepositoryTransfers(GridFTPFace):
 
     def __init__(self, registry: Registry, host: str, port: int, credential, trust, public_host: str = ""):
         self.registry = registry
-        super().__init__(RepositoryFileSpace(registry.catalogue, registry.upload_dir), host, port, credential, trust,
+        super().__init__(RepositoryFileSpace(registry.catalogue, registry.upload_dir,
+                                             registry.config.upload_quota_bytes), host, port, credential, trust,
                          authorize=self.authorize, upload_area="/uploads", public_host=public_host,
                          what="image store", log=log)
 

@@ -110,6 +110,75 @@ def test_the_wsdl_carries_the_configured_address_whatever_host_a_request_names(r
     assert len(repo_server.service.contract._served) == 1
 
 
+def test_a_signed_fault_to_another_request_is_refused_by_the_client(repo_server):
+    """The same swap with a fault: bob's UnknownImage fault (a signed answer of the host) handed to alice's call.
+    The container's faults name the request in a signed wsa:RelatesTo, and vmgrid's client requires it on faults
+    too, except on the security layer's refusals of a request it could not verify (nothing of it was read); those
+    still reach the caller as the fault they are. Fails without: alice took bob's fault as the answer to her call."""
+    import pytest
+    from lxml import etree
+
+    from client.soap import GridServiceClient
+    from security.client import _check_relates_to
+    from security.middleware import fault_envelope
+    from security.wssec import WSSE, InvalidSecurity
+    from services.faults import UnknownImage
+
+    pki = repo_server.pki
+    bob = GridServiceClient(repo_server.url, pki.bob.proxy, pki.trust())
+    alice = GridServiceClient(repo_server.url, pki.alice.proxy, pki.trust())
+    try:
+        captured = []
+        real = bob.zeep.transport.post_xml
+        bob.zeep.transport.post_xml = lambda *a, **k: captured.append(real(*a, **k)) or captured[-1]
+        with pytest.raises(UnknownImage):
+            bob.call("GetDescriptor", image="img-" + "0" * 32)
+        fault = etree.fromstring(captured[-1].content)
+        assert fault.find(".//{*}Fault") is not None and fault.findtext(".//{*}RelatesTo").startswith("urn:uuid:")
+        assert sorted(v.text for v in alice.call("ListVOs").iter("{*}name")) == ["bio"]
+        alice.zeep.transport.post_xml = lambda *a, **k: captured[-1]                             # bob's, to her
+        with pytest.raises(InvalidSecurity, match="relates to urn:uuid:.*not to this request"):
+            alice.call("ListVOs")
+    finally:
+        alice.close()
+        bob.close()
+    # a fault to a request without a MessageID (a legacy stack's) names no request: not taken as the answer to a call
+    # that sent one (without the client's check alice took bob's UnknownImage for hers)
+    import requests
+
+    from security.https import Answer
+    from security.tls import grid_session
+    from security.wssec import sign_envelope
+    from services.container.addressing import WSA
+    from services.container.soap import envelope
+
+    repo = "http://vmgrid.org/ns/vmrepository/1"
+    headers = []
+    for name, value in (("To", repo_server.url), ("Action", f"{repo}/GetDescriptor")):
+        headers.append(etree.Element(f"{{{WSA}}}{name}", nsmap={"wsa": WSA}))
+        headers[-1].text = value
+    payload = etree.fromstring(f'<r:GetDescriptor xmlns:r="{repo}"><r:image>img-{"1" * 32}</r:image></r:GetDescriptor>')
+    legacy = grid_session(pki.trust().cert_dir).post(
+        repo_server.url, data=sign_envelope(envelope(payload, headers), pki.bob.proxy),
+        headers={"Content-Type": "text/xml; charset=utf-8", "SOAPAction": '""'}, timeout=30)
+    assert legacy.status_code == 500 and b"UnknownImage" in legacy.content and b"RelatesTo" not in legacy.content
+    alice = GridServiceClient(repo_server.url, pki.alice.proxy, pki.trust())
+    try:
+        alice.zeep.transport.post = lambda *a, **k: Answer(           # bob's fault, to her, for her call
+            500, requests.structures.CaseInsensitiveDict({"Content-Type": "text/xml"}), legacy.content)
+        with pytest.raises(InvalidSecurity, match="relates to no request"):
+            alice.call("ListVOs")
+    finally:
+        alice.close()
+    # a refusal before the request was read carries no RelatesTo and is taken as what it is
+    refusal = fault_envelope(etree.QName(WSSE, "FailedCheck"), "the signature does not verify")
+    _check_relates_to(refusal, "urn:uuid:1", required=True)
+    # but a fault of the service without one is not
+    service_fault = fault_envelope(etree.QName("http://schemas.xmlsoap.org/soap/envelope/", "Client"), "no such image")
+    with pytest.raises(InvalidSecurity):
+        _check_relates_to(service_fault, "urn:uuid:1", required=True)
+
+
 def test_a_signed_answer_to_another_request_is_refused_by_the_client(repo_server):
     """Without TLS (a site may turn it off, never signing) or past a proxy where TLS ends, whoever is on the way
     can answer a call with another signed answer of the same host: here bob's ListVOs answer handed to alice's

@@ -106,3 +106,43 @@ def test_no_anonymous_access_and_no_untrusted_credentials(stored, tmp_path):
     with pytest.raises(gridftp.AuthenticationError):
         gridftp.download(url, tmp_path / "b", 1, credential=server.pki.stranger.proxy, trust=server.pki.trust(),
                          retries=0)
+
+
+def test_an_upload_area_holds_at_most_its_quota(stored, tmp_path):
+    """[repository] upload_quota_bytes bounds what one user's upload area holds (partial uploads included):
+    an upload that does not fit is refused with 552 naming the quota and the usage before a byte is written,
+    nothing of it stays, another user's area is not affected, and registering an upload frees its room.
+    Without the quota any VO member could fill the repository's disk (only a 1 TiB per-file cap)."""
+    server, _ = stored
+    pki = server.pki
+    files = server.service.transfers.server.files
+    alice = server.client(pki.alice)
+    area = alice.upload_location()
+    first = server.image("first.qcow2", fill=b"first" * 100)
+    quota = first.stat().st_size + 50_000
+    files.upload_quota = quota            # this test's quota (the configuration's value is read at start)
+    second = tmp_path / "second.raw"
+    second.write_bytes(b"s" * 50_001)
+    gridftp.upload(first, area + "first.qcow2", 2, credential=pki.alice.proxy, trust=pki.trust(),
+                   state_dir=tmp_path / "state")
+    with pytest.raises(gridftp.GridFTPError) as exc:
+        gridftp.upload(second, area + "second.raw", 2, credential=pki.alice.proxy, trust=pki.trust(),
+                       retries=0, state_dir=tmp_path / "state2")
+    assert isinstance(exc.value, gridftp.ReplyError) and exc.value.code == 552
+    assert f"{first.stat().st_size} of your {quota} bytes" in exc.value.text
+    mine = server.service.upload_dir / (area.rstrip("/").rsplit("/", 1)[1])
+    assert sorted(p.name for p in mine.iterdir()) == ["first.qcow2"]
+    # bob's area is his own quota
+    gridftp.upload(second, server.client(pki.bob).upload_location() + "second.raw", 2, credential=pki.bob.proxy,
+                   trust=pki.trust(), state_dir=tmp_path / "state3")
+    # registering the first upload moves it into the store: the room is free again
+    from lxml import etree
+
+    from services.descriptor import set_field
+    ws = etree.fromstring((EXAMPLES / "debian12-emboss.xml").read_bytes())
+    set_field(ws, "identity", "name", "from-upload")
+    alice.register(ws, upload="first.qcow2")
+    gridftp.upload(second, area + "second.raw", 2, credential=pki.alice.proxy, trust=pki.trust(),
+                   state_dir=tmp_path / "state4")
+    assert sorted(p.name for p in mine.iterdir()) == ["second.raw"]
+    assert server.service.registry.config.upload_quota_bytes == 128 * 1024**3    # the default (docs/configuration.md)

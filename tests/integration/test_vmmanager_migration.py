@@ -648,3 +648,44 @@ def test_an_abort_learnt_only_when_the_migration_is_settled_later_claims_the_slo
     assert_rolled_back(grid, grid_pki, ref)
     assert slots_of(grid, ref.key)[0].claimant.endswith(f"#{source.node}")
     grid.vmm(grid_pki.alice, 0).destroy(ref)
+
+
+def test_no_migration_is_taken_in_from_a_source_presenting_a_guest_certificate(grid, grid_pki, monkeypatch):
+    """A node issues each guest's grid container a host DN (/O=Grid/OU=vmgrid-guests/CN=host/<address>) whose key
+    the VM's owner holds as root: with migration_sources = ["*"] a guest could pose as a source node and have the
+    target restore a memory state of its making. Here the source's GridFTP face presents such a certificate (the
+    node's own issue(), naming this host): the target refuses it whatever migration_sources says, rolled back.
+    Fails without the guest check: the instance moved."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    from gridftp.tls import TLSConfig
+    from security.pki import Credential, new_key
+    from services.vmmanager.guestcred import issue
+    from services.vmmanager.service import VMManagerConfig
+
+    key = new_key()
+    csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(key, hashes.SHA256())
+    pem, record = issue(VMManagerConfig(node="node1", guest_ca=str(grid_pki.ca.directory)),
+                        {"csr": csr.public_bytes(serialization.Encoding.PEM).decode(), "port": 8443},
+                        "127.0.0.1", "localhost")
+    assert record["dn"] == "/O=Grid/OU=vmgrid-guests/CN=host/127.0.0.1"
+    guest = Credential(x509.load_pem_x509_certificate(pem.encode()), key, ())
+    exports = grid.node(0).core.exports
+    real_open = exports.open
+
+    def open_as_guest(*args, **kwargs):
+        url = real_open(*args, **kwargs)
+        monkeypatch.setattr(exports.face.server, "tls", TLSConfig(guest, grid_pki.trust()))
+        return url
+    monkeypatch.setattr(exports, "open", open_as_guest)
+    monkeypatch.setattr(grid.node(1).core.config, "migration_sources", ["*"])
+    ref = deploy(grid, grid_pki.alice, "guest-source")
+    with pytest.raises(MigrationFault) as exc:
+        grid.vmm(grid_pki.alice, 0).migrate(ref, grid.node_url(1))
+    assert (exc.value.phase, exc.value.cause) == ("transfer", "TransferFault")
+    assert "vmgrid-guests" in str(exc.value) and "refused" in str(exc.value)
+    assert_rolled_back(grid, grid_pki, ref)
+    monkeypatch.undo()
+    moved = grid.vmm(grid_pki.alice, 0).migrate(ref, grid.node_url(1))     # the node's own certificate: taken
+    grid.vmm(grid_pki.alice, 1).destroy(moved.ref)

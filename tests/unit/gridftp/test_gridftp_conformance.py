@@ -631,6 +631,114 @@ def test_size_limits_without_and_with_allo(start_server, tree):
     assert not (tree / "up" / "huge").exists()
 
 
+class _QuotaSpace:
+    """The served tree with a quota of ``quota`` bytes on /up (what a repository's upload area has)."""
+
+    def __new__(cls, root, quota):
+        from gridftp.filespace import LocalFileSpace
+
+        class Space(LocalFileSpace):
+            def quota(self, vpath):
+                return (self.root / "up", quota) if vpath.startswith("/up/") else None
+        return Space(root)
+
+
+def _final(s: RawFTP):
+    final = s.reply()
+    while final.preliminary:
+        final = s.reply()
+    return final
+
+
+def test_an_upload_area_quota_refuses_what_does_not_fit_and_keeps_nothing_of_it(start_server, tree):
+    """A quota on the upload area: a STOR whose ALLO does not fit gets 552 before its 150; one without ALLO
+    (MODE S or E) is cut at the room left, 552 naming the quota and the usage, its partial file removed; two
+    stores at once share the room (each is granted its ALLO, or all that is left). Without the quota any
+    upload of any size landed (up to the 1 TiB per-file cap)."""
+    (tree / "up" / "old").write_bytes(b"o" * 40_000)
+    server = start_server(_QuotaSpace(tree, 100_000), upload_area="/up", insecure_anonymous_writes=True)
+    s = RawFTP("127.0.0.1", server.port)
+    s.login_anonymous()
+    s.expect("ALLO 60001", 200)
+    s.pasv()
+    refused = s.expect("STOR /up/big", 552)                  # no 150: nothing is written
+    assert "40000 of your 100000 bytes" in refused.text
+    assert not (tree / "up" / "big").exists() and not list((tree / "up").glob("big*"))
+    # without ALLO, in stream mode: cut at the room left (60,000 bytes), refused, nothing kept
+    addr = s.pasv()
+    assert s.cmd("STOR /up/big").code == 150
+    conn = socket.create_connection(addr)
+    try:
+        conn.sendall(b"x" * 70_000)
+    except OSError:
+        pass
+    conn.close()
+    final = _final(s)
+    assert final.code == 552 and "quota" in final.text and "100000 of your 100000 bytes" in final.text
+    assert sorted(p.name for p in (tree / "up").iterdir()) == ["old"]
+    # MODE E, a block past the room
+    s.expect("MODE E", 200)
+    addr = s.pasv()
+    assert s.cmd("STOR /up/big").code == 150
+    conn = socket.create_connection(addr)
+    conn.sendall(BLOCK_HEADER.pack(0, 65_000, 0) + b"x" * 65_000)
+    final = _final(s)
+    assert final.code == 552 and "quota" in final.text
+    conn.close()
+    assert sorted(p.name for p in (tree / "up").iterdir()) == ["old"]
+    # what fits is stored; replacing a file counts it once
+    s.expect("MODE S", 200)
+    for _ in range(2):
+        addr = s.pasv()
+        assert s.cmd("STOR /up/fits").code == 150
+        conn = socket.create_connection(addr)
+        conn.sendall(b"f" * 60_000)
+        conn.close()
+        assert _final(s).code == 226
+    assert (tree / "up" / "fits").stat().st_size == 60_000
+    s.expect("DELE /up/fits", 250)
+    # two stores at once: the first is granted its ALLO, the second only what is left
+    other = RawFTP("127.0.0.1", server.port)
+    other.login_anonymous()
+    s.expect("ALLO 50000", 200)
+    s.pasv()
+    assert s.cmd("STOR /up/one").code == 150                 # waits for its data connection
+    other.expect("ALLO 20000", 200)
+    other.pasv()
+    assert "90000 of your 100000 bytes" in other.expect("STOR /up/two", 552).text
+    s.ctl.sock.sendall(b"ABOR\r\n")
+    assert s.reply().code == 426 and s.reply().code == 226
+    other.expect("ALLO 20000", 200)
+    other.pasv()
+    assert other.cmd("STOR /up/two").code == 150             # the aborted store's room is free again
+    other.ctl.sock.sendall(b"ABOR\r\n")
+    assert other.reply().code == 426 and other.reply().code == 226
+    other.close()
+    # what an abandoned upload left counts, and DELE of its name removes it (and its restart state)
+    s.expect("DELE /up/one", 250)
+    s.expect("DELE /up/two", 250)
+    assert sorted(p.name for p in (tree / "up").iterdir()) == ["old"]
+    s.expect("MODE S", 200)
+    s.expect("ALLO 50000", 200)
+    addr = s.pasv()
+    assert s.cmd("STOR /up/left").code == 150
+    conn = socket.create_connection(addr)
+    conn.sendall(b"l" * 30_000)
+    conn.close()
+    assert _final(s).code == 451                             # 30,000 of the 50,000 announced: kept to restart
+    left = sum(p.stat().st_size for p in (tree / "up").glob("left.vmgrid-part*"))
+    assert left >= 30_000
+    s.expect("ALLO 40000", 200)
+    s.pasv()
+    assert f"{40_000 + left} of your 100000 bytes" in s.expect("STOR /up/more", 552).text
+    s.expect("DELE /up/left", 250)
+    assert sorted(p.name for p in (tree / "up").iterdir()) == ["old"]
+    s.expect("ALLO 40000", 200)
+    s.pasv()
+    assert s.cmd("STOR /up/more").code == 150
+    s.close()
+
+
 def test_one_path_is_stored_by_one_session_at_a_time(writable, start_server, tree):
     other = RawFTP("127.0.0.1", writable.server.port)
     other.login_anonymous()

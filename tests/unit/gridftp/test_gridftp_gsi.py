@@ -189,3 +189,75 @@ def test_the_cas_signing_policy_is_enforced(grid_pki, tmp_path):
     with pytest.raises(GSIError, match="signing policy"):
         establish(GSIContext(grid_pki.alice.proxy, grid_pki.trust(), initiate=True),
                   GSIContext(grid_pki.host, trust, initiate=False))
+
+
+def _proxies_of(issuer: Credential, depth: int, key) -> Credential:
+    """`depth` proxies of `issuer`, each signed by the one below; all with one EC key (cheap to make)."""
+    cred = issuer
+    for _ in range(depth):
+        cred = Credential(proxy_certificate(cred, key.public_key(), lifetime=dt.timedelta(hours=1)), key,
+                          cred.certificates)
+    return cred
+
+
+def test_a_gsi_handshake_refuses_a_chain_longer_than_the_bound_in_openssl(grid_pki):
+    """OpenSSL processed the peer's whole chain in the handshake before TrustStore's bound (16 certificates)
+    applied to it. The GSI context's verify depth now stops a longer one in the handshake ("certificate chain too
+    long", before its signatures are checked), and a chain of 16 still authenticates. Fails without: the 40-certificate
+    chain got through the handshake and was refused by TrustStore afterwards ("holds 40 certificates")."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+    trust, key = grid_pki.trust(), ec.generate_private_key(ec.SECP256R1())
+    fifteen = _proxies_of(grid_pki.alice.credential, 15, key)
+    server = GSIContext(grid_pki.host, trust, initiate=False)
+    establish(GSIContext(fifteen, trust, initiate=True), server)
+    assert server.peer.dn == grid_pki.alice.dn and len(fifteen.certificates) == 16
+    for proxies in (16, 39):          # 17 certificates, one past TrustStore's bound; 40
+        server = GSIContext(grid_pki.host, trust, initiate=False)
+        with pytest.raises(GSIError) as exc:
+            establish(GSIContext(_proxies_of(grid_pki.alice.credential, proxies, key), trust, initiate=True), server)
+        assert "handshake failed" in exc.value.reason and "certificates; at most" not in exc.value.reason
+        assert server.peer is None
+
+
+def test_a_gridftp_tls_handshake_refuses_a_chain_longer_than_the_bound_in_openssl(grid_pki):
+    """The same for GridFTP's AUTH TLS (Python's ssl): the server's OpenSSL refuses a 40-certificate proxy chain
+    in the handshake ("certificate chain too long"); a chain of 16 is accepted, then validated by TrustStore.
+    Fails without the verify depth: the 40-certificate chain completed the handshake."""
+    import socket
+    import ssl
+    import threading
+
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from gridftp.tls import _context, peer_chain
+    trust, key = grid_pki.trust(), ec.generate_private_key(ec.SECP256R1())
+    server_ctx = _context(True, grid_pki.host, trust)
+
+    def handshake(cred: Credential):
+        client_ctx = _context(False, cred, trust)
+        a, b = socket.socketpair()
+        out: dict = {}
+
+        def serve():
+            try:
+                with server_ctx.wrap_socket(a, server_side=True) as s:
+                    out["chain"] = peer_chain(s)
+            except (ssl.SSLError, OSError) as exc:
+                out["error"] = exc
+        t = threading.Thread(target=serve)
+        t.start()
+        try:
+            with client_ctx.wrap_socket(b, server_side=False) as c:
+                c.recv(1)           # TLS 1.3: the server's verdict on the client's chain comes after the client's end
+        except (ssl.SSLError, OSError):
+            pass
+        t.join(10)
+        a.close()
+        b.close()
+        return out
+    ok = handshake(_proxies_of(grid_pki.alice.credential, 15, key))
+    assert "error" not in ok and len(ok["chain"]) == 16
+    assert trust.validate(ok["chain"]).dn == grid_pki.alice.dn
+    for proxies in (16, 39):          # 17 certificates, one past TrustStore's bound; 40
+        refused = handshake(_proxies_of(grid_pki.alice.credential, proxies, key))
+        assert "chain" not in refused and "certificate chain too long" in str(refused["error"])
