@@ -1,0 +1,122 @@
+"""Commands of README.md and docs/ that no other test runs as written, run here as written.
+
+- docs/security.md's grid CA block, by bash -e, in a mount namespace of its own (`unshare --mount`) where
+  /var/lib is an empty tmpfs and HOME a temporary directory: the block's own paths (/var/lib/vmgrid/ca,
+  ~/.globus) as a reader types them, and nothing of this machine's touched.
+- docs/authz.md's `vmgrid authz check me ...` example, as alice (a member of bio) against a live Authorization
+  service (VMGRID_AUTHZ set, as the doc's "--url" line says).
+- The test-suite commands the docs show (`./run.sh test ...`, `.venv/bin/python -m pytest ...`): running them
+  here would run the suite inside itself (the QEMU tier's take minutes and their own lock), so each runs as
+  written with `--collect-only -q` appended: its paths name tests that exist and pytest takes its options. A
+  synopsis (`./run.sh test ARGS`: a word in capitals) is not a command and is skipped.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from client.localgrid import LocalGrid
+from services.authz.edit import site_policy
+from services.authz.policy import Group
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def marked_block(doc: Path, test: str = "tests/integration/test_doc_commands.py") -> str:
+    m = re.search(r"<!-- run as written by " + re.escape(test) + r"[^>]*-->\n```sh\n(.*?)```", doc.read_text(), re.S)
+    assert m, f"{doc.relative_to(ROOT)} lost its block run as written by {test}"
+    return m.group(1)
+
+
+def vmgrid_on_path(tmp_path: Path) -> Path:
+    """A directory with `vmgrid`, this checkout's command line."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "vmgrid").write_text(f"#!/bin/sh\nexec env PYTHONPATH={ROOT} {sys.executable} -m client.cli \"$@\"\n")
+    (bindir / "vmgrid").chmod(0o755)
+    return bindir
+
+
+def own_mount_namespace() -> bool:
+    return shutil.which("unshare") is not None and subprocess.run(
+        ["unshare", "--mount", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not own_mount_namespace(), reason="needs `unshare --mount` (root): the block writes "
+                                                        "/var/lib/vmgrid/ca, which must be a private tmpfs")
+def test_the_ca_commands_of_docs_security_md_run_as_written(tmp_path):
+    block = marked_block(ROOT / "docs" / "security.md")
+    had_var_lib_vmgrid = Path("/var/lib/vmgrid").exists()
+    home = tmp_path / "home"
+    home.mkdir()
+    (tmp_path / "block.sh").write_text(block)
+    # /var/lib: an empty tmpfs in this namespace only; the block, unchanged, then runs by bash -e
+    script = f"mount -t tmpfs vmgrid-doc /var/lib && exec bash -e {tmp_path / 'block.sh'}"
+    env = {"PATH": f"{vmgrid_on_path(tmp_path)}:/usr/bin:/bin", "HOME": str(home), "LANG": "C.UTF-8"}
+    r = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script], env=env,
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, f"{r.stdout}\n{r.stderr}"
+    assert Path("/var/lib/vmgrid").exists() == had_var_lib_vmgrid       # the machine's /var/lib untouched
+    # what the block promises: the user's credential in ~/.globus (0600 key), revoked, and listed
+    assert (home / ".globus" / "usercert.pem").is_file()
+    assert (home / ".globus" / "userkey.pem").stat().st_mode & 0o777 == 0o600
+    listed = r.stdout.splitlines()
+    assert any("CN=host/node1.example.org" in ln for ln in listed), r.stdout
+    assert any("CN=alice" in ln and "revoked" in ln.lower() for ln in listed), r.stdout
+
+
+def test_the_authz_check_example_of_docs_authz_md_runs_as_written(tmp_path):
+    block = marked_block(ROOT / "docs" / "authz.md")
+    lines = [ln for ln in block.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("vmgrid authz check me "), block
+    with LocalGrid(tmp_path / "grid") as grid:
+        admin, alice = grid.user("admin"), grid.user("alice")
+        (tmp_path / "ingest").mkdir()
+        grid.start_central(site_policy(admins=[admin.dn], groups=[Group("bio", members=(alice.dn,))]),
+                           tmp_path / "ingest")
+        env = {**grid.env("alice"), "VMGRID_AUTHZ": f"{grid.services_url}/AuthorizationService",
+               "PATH": f"{vmgrid_on_path(tmp_path)}:/usr/bin:/bin"}
+        r = subprocess.run(["bash", "-e", "-c", block], env=env, capture_output=True, text=True, timeout=120)
+        # a member of bio may deploy a bio image (whoever owns it) within the site's memory limit
+        assert r.returncode == 0 and "Permit" in r.stdout, f"{r.returncode}\n{r.stdout}\n{r.stderr}"
+        over = subprocess.run(["bash", "-e", "-c", block.replace("memory=4096", "memory=999999")], env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert over.returncode == 3, f"{over.stdout}\n{over.stderr}"       # the exit status the synopsis gives
+
+
+TEST_COMMAND = re.compile(r"(?:\.venv/bin/python -m pytest|\./run\.sh test)(?: [^`\n#|]*)?")
+
+
+def documented_test_commands() -> list[tuple[str, str]]:
+    seen: dict[str, str] = {}
+    for doc in DOCS:
+        for n, line in enumerate(doc.read_text().splitlines(), 1):
+            for m in TEST_COMMAND.finditer(line):
+                seen.setdefault(m.group(0).strip(), f"{doc.relative_to(ROOT)}:{n}")
+    return sorted((where, cmd) for cmd, where in seen.items())
+
+
+TESTS = documented_test_commands()
+
+
+def test_the_docs_show_their_test_commands():
+    shown = {cmd for _, cmd in TESTS}
+    assert {"./run.sh test", ".venv/bin/python -m pytest tests/vm -q"} <= shown, shown
+
+
+@pytest.mark.parametrize("where,command", TESTS, ids=[c for _, c in TESTS])
+def test_a_documented_test_command_collects_tests_as_written(where, command):
+    if re.search(r"\b[A-Z]{2,}\b", command):
+        pytest.skip("a synopsis (a word in capitals), not a command")
+    r = subprocess.run(f"{command} --collect-only -q", shell=True, cwd=ROOT, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, f"{where}: `{command}`\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    # "N tests collected" (-q), or a line "FILE: N" per test file (-q given twice)
+    counts = re.findall(r"(\d+) tests? collected", r.stdout) or re.findall(r"^\S+\.py: (\d+)$", r.stdout, re.M)
+    assert sum(map(int, counts)) > 0, f"{where}: `{command}` collects nothing:\n{r.stdout[-2000:]}"
