@@ -60,6 +60,14 @@ def test_a_scientist_registers_queries_duplicates_and_removes(grid, tmp_path):
     none = vmgrid(grid, "alice", "repo", "query", "library emboss >= 6.10").stdout
     assert "0 matching" in none
 
+    # --json: the schema's integers are JSON numbers, its strings (versions, ids, sizes' units) strings
+    found = json.loads(vmgrid(grid, "alice", "repo", "query", "ram >= 512", "library emboss >= 6.6", "--json").stdout)
+    hw, image = found["descriptors"][0]["hardware"], found["descriptors"][0]["image"]
+    assert (found["total"], hw["vcpus"], hw["memory"]) == (1, 1, 512), hw
+    assert isinstance(image["size"], int) and image["size"] == (grid.ingest / "emboss.qcow2").stat().st_size
+    assert all(isinstance(d["size"], int) for d in hw["disk"]), hw["disk"]
+    assert isinstance(found["descriptors"][0]["identity"]["version"], str)
+
     xml = vmgrid(grid, "alice", "repo", "query", "--xpath", "//ws:library[ws:name='emboss']", "--xml").stdout
     assert etree.fromstring(xml.split("-->", 1)[1]).findtext("{*}identity/{*}imageId") == image_id
 
@@ -68,13 +76,13 @@ def test_a_scientist_registers_queries_duplicates_and_removes(grid, tmp_path):
 
     dup = json.loads(vmgrid(grid, "alice", "repo", "duplicate", image_id, "emboss-4g", "--memory", "4096",
                             "--json").stdout)["descriptors"][0]
-    assert dup["hardware"]["memory"] == "4096"
+    assert dup["hardware"]["memory"] == 4096
 
     edited = tmp_path / "edited.xml"
     edited.write_text(vmgrid(grid, "alice", "repo", "show", "bio/emboss-4g", "--xml").stdout
                       .replace("<vcpus>1</vcpus>", "<vcpus>4</vcpus>"))
     updated = json.loads(vmgrid(grid, "alice", "repo", "update", "bio/emboss-4g", str(edited), "--json").stdout)
-    assert updated["descriptors"][0]["hardware"]["vcpus"] == "4"
+    assert updated["descriptors"][0]["hardware"]["vcpus"] == 4
 
     assert "bio" in vmgrid(grid, "alice", "repo", "vos").stdout
     assert "stay" in vmgrid(grid, "alice", "repo", "remove", "bio/emboss-4g").stdout
