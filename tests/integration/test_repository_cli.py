@@ -89,6 +89,35 @@ def test_a_scientist_registers_queries_duplicates_and_removes(grid, tmp_path):
     assert "deleted" in vmgrid(grid, "admin", "repo", "remove", image_id).stdout
 
 
+def test_a_bare_word_and_a_name_without_its_vo_get_what_to_type(grid, tmp_path):
+    r = vmgrid(grid, "alice", "repo", "query", "emboss", check=False)
+    assert r.returncode == 1 and "'library = emboss'" in r.stderr and "'name contains emboss'" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+    src = (EXAMPLES / "debian12-emboss.xml").read_text()
+    ids = []
+    for vo in ("bio", "hep"):              # alice reads bio's images, not hep's; admin reads both
+        d = tmp_path / f"{vo}.xml"
+        d.write_text(src.replace("<name>debian12-emboss</name>", "<name>emboss-hint</name>")
+                     .replace("<vo>bio</vo>", f"<vo>{vo}</vo>"))
+        out = vmgrid(grid, "admin", "repo", "register", str(d), str(grid.ingest / "emboss.qcow2"), "--on-host", "--json")
+        ids.append(json.loads(out.stdout)["descriptors"][0]["identity"]["imageId"])
+    try:
+        r = vmgrid(grid, "alice", "repo", "show", "emboss-hint", check=False)
+        assert r.returncode == 1 and "InvalidArgument" in r.stderr and "did you mean bio/emboss-hint?" in r.stderr, \
+            r.stderr
+        r = vmgrid(grid, "alice", "repo", "remove", "emboss-hint", check=False)
+        assert r.returncode == 1 and "did you mean bio/emboss-hint?" in r.stderr, r.stderr
+        r = vmgrid(grid, "admin", "repo", "show", "emboss-hint", check=False)
+        assert r.returncode == 1 and "in the VOs bio, hep: give VO/emboss-hint" in r.stderr, r.stderr
+        r = vmgrid(grid, "alice", "repo", "show", "no-such-image", check=False)
+        assert r.returncode == 1 and "no image you may read is named no-such-image" in r.stderr, r.stderr
+        assert "emboss-hint" in vmgrid(grid, "alice", "repo", "show", "bio/emboss-hint").stdout
+    finally:
+        for image_id in ids:
+            vmgrid(grid, "admin", "repo", "remove", image_id)
+
+
 @pytest.mark.parametrize("args, message", [
     (["repo", "query", "ram >=="], "bad query"),
     (["repo", "query", "colour = blue"], "unknown field"),
