@@ -56,8 +56,15 @@ def test_the_ca_commands_of_docs_security_md_run_as_written(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     (tmp_path / "block.sh").write_text(block)
-    # /var/lib: an empty tmpfs in this namespace only; the block, unchanged, then runs by bash -e
-    script = f"mount -t tmpfs vmgrid-doc /var/lib && exec bash -e {tmp_path / 'block.sh'}"
+    # the section "Names": `vmgrid ca user "x/CN=host/localhost"` is `vmgrid: user name ... contains '/', '='`
+    names = re.search(r"\(`(vmgrid ca user [^`]+)` is `vmgrid: (user name) \.\.\. (contains [^`]+)`\)",
+                      (ROOT / "docs" / "security.md").read_text().replace("\n", " "))
+    assert names, "docs/security.md lost its refused-name example"
+    (tmp_path / "names.sh").write_text(names.group(1) + "\n")
+    # /var/lib: an empty tmpfs in this namespace only; the block, unchanged, then runs by bash -e; then the
+    # refused name, as written, in the block's environment (its VMGRID_CA_DIR)
+    script = (f"mount -t tmpfs vmgrid-doc /var/lib && exec bash -c 'set -e; . {tmp_path / 'block.sh'}; set +e; "
+              f". {tmp_path / 'names.sh'} 2>{tmp_path / 'names.err'}; echo $? >{tmp_path / 'names.rc'}'")
     env = {"PATH": f"{vmgrid_on_path(tmp_path)}:/usr/bin:/bin", "HOME": str(home), "LANG": "C.UTF-8"}
     r = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script], env=env,
                        capture_output=True, text=True, timeout=300, cwd=tmp_path)
@@ -69,6 +76,9 @@ def test_the_ca_commands_of_docs_security_md_run_as_written(tmp_path):
     listed = r.stdout.splitlines()
     assert any("CN=host/node1.example.org" in ln for ln in listed), r.stdout
     assert any("CN=alice" in ln and "revoked" in ln.lower() for ln in listed), r.stdout
+    refused = (tmp_path / "names.err").read_text()
+    assert (tmp_path / "names.rc").read_text().strip() == "1", refused
+    assert refused.startswith(f"vmgrid: {names.group(2)} ") and names.group(3) in refused, refused
 
 
 def test_the_authz_check_example_of_docs_authz_md_runs_as_written(tmp_path):
