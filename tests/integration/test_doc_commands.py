@@ -3,7 +3,8 @@
 - docs/security.md's grid CA block, by bash -e, in a mount namespace of its own (`unshare --mount`) where
   /var/lib is an empty tmpfs and HOME a temporary directory: the block's own paths (/var/lib/vmgrid/ca,
   ~/.globus) as a reader types them, and nothing of this machine's touched.
-- docs/authz.md's `vmgrid authz check me ...` example, as alice (a member of bio) against a live Authorization
+- docs/authz.md's "Running it" block (each container as written, in a network namespace of its own) and its
+  `vmgrid authz check me ...` example, as alice (a member of bio) against a live Authorization
   service (VMGRID_AUTHZ set, as the doc's "--url" line says).
 - The test-suite commands the docs show (`./run.sh test ...`, `.venv/bin/python -m pytest ...`): running them
   here would run the suite inside itself (the QEMU tier's take minutes and their own lock), so each runs as
@@ -28,10 +29,13 @@ ROOT = Path(__file__).resolve().parents[2]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
-def marked_block(doc: Path, test: str = "tests/integration/test_doc_commands.py") -> str:
-    m = re.search(r"<!-- run as written by " + re.escape(test) + r"[^>]*-->\n```sh\n(.*?)```", doc.read_text(), re.S)
-    assert m, f"{doc.relative_to(ROOT)} lost its block run as written by {test}"
-    return m.group(1)
+def marked_block(doc: Path, containing: str, test: str = "tests/integration/test_doc_commands.py") -> str:
+    """The sh block of ``doc`` marked as run as written by ``test`` that holds ``containing``."""
+    blocks = re.findall(r"<!-- run as written by " + re.escape(test) + r"[^>]*-->\n```sh\n(.*?)```", doc.read_text(),
+                        re.S)
+    found = [b for b in blocks if containing in b]
+    assert len(found) == 1, f"{doc.relative_to(ROOT)} lost its block with {containing!r} run as written by {test}"
+    return found[0]
 
 
 def vmgrid_on_path(tmp_path: Path) -> Path:
@@ -51,7 +55,7 @@ def own_mount_namespace() -> bool:
 @pytest.mark.skipif(not own_mount_namespace(), reason="needs `unshare --mount` (root): the block writes "
                                                         "/var/lib/vmgrid/ca, which must be a private tmpfs")
 def test_the_ca_commands_of_docs_security_md_run_as_written(tmp_path):
-    block = marked_block(ROOT / "docs" / "security.md")
+    block = marked_block(ROOT / "docs" / "security.md", "vmgrid ca init")
     had_var_lib_vmgrid = Path("/var/lib/vmgrid").exists()
     home = tmp_path / "home"
     home.mkdir()
@@ -82,7 +86,7 @@ def test_the_ca_commands_of_docs_security_md_run_as_written(tmp_path):
 
 
 def test_the_authz_check_example_of_docs_authz_md_runs_as_written(tmp_path):
-    block = marked_block(ROOT / "docs" / "authz.md")
+    block = marked_block(ROOT / "docs" / "authz.md", "vmgrid authz check")
     lines = [ln for ln in block.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("vmgrid authz check me "), block
     with LocalGrid(tmp_path / "grid") as grid:
@@ -130,3 +134,61 @@ def test_a_documented_test_command_collects_tests_as_written(where, command):
     # "N tests collected" (-q), or a line "FILE: N" per test file (-q given twice)
     counts = re.findall(r"(\d+) tests? collected", r.stdout) or re.findall(r"^\S+\.py: (\d+)$", r.stdout, re.M)
     assert sum(map(int, counts)) > 0, f"{where}: `{command}` collects nothing:\n{r.stdout[-2000:]}"
+
+
+def own_network_namespace() -> bool:
+    return shutil.which("unshare") is not None and subprocess.run(
+        ["unshare", "--net", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not own_network_namespace(), reason="needs `unshare --net` (root): the doc's containers take "
+                                                          "the site's fixed port 8443")
+def test_the_serve_commands_of_docs_authz_md_run_as_written(tmp_path):
+    """docs/authz.md's "Running it": the Authorization service in its own container, a repository asking it over
+    SOAP from another, then both in one container. Each line as written (its comment aside), in a network
+    namespace of its own (port 8443 is the site's); site.toml and repo.toml are the test's (the doc names them,
+    docs/configuration.md has their keys). Alice then lists her VOs from each repository: an answer means the
+    repository asked the Authorization service and was answered."""
+    from client.localgrid import write_toml
+
+    block = marked_block(ROOT / "docs" / "authz.md", "vmgrid serve authz")
+    own, repository, both = [ln.split("#")[0].strip() for ln in block.splitlines() if ln.strip()]
+    assert own == "vmgrid serve authz -c site.toml" and both == "vmgrid serve authz repository -c site.toml", block
+    grid = LocalGrid(tmp_path / "grid")
+    admin, alice = grid.user("admin"), grid.user("alice")
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "policy.toml").write_text(site_policy(admins=[admin.dn], groups=[Group("bio", members=(alice.dn,))]))
+    security = {"cert_dir": str(grid.cert_dir), "host_cert": str(grid.host_dir / "hostcert.pem"),
+                "host_key": str(grid.host_dir / "hostkey.pem")}
+    authz_url = "https://localhost:8443/wsrf/services/AuthorizationService"
+    write_toml(site / "site.toml", {"container": {"port": 8443, "state_dir": "state/site"}, "security": security,
+                                    "authz": {"policy": "policy.toml"}, "enforcement": {"authz_url": authz_url},
+                                    "repository": {"gridftp_port": 0}})
+    write_toml(site / "repo.toml", {"container": {"port": 8444, "state_dir": "state/repo"}, "security": security,
+                                    "enforcement": {"authz_url": authz_url}, "repository": {"gridftp_port": 0}})
+
+    def serve(command: str, log: str) -> str:
+        return (f"{command} > {log} 2>&1 & PIDS=\"$PIDS $!\"\n"
+                f"for i in $(seq 600); do grep -qs 'vmgrid: serving' {log} && break; kill -0 $! || exit 9; "
+                f"sleep 0.1; done\n")
+
+    def vos(port: int, out: str) -> str:
+        return f"vmgrid repo vos --url https://localhost:{port}/wsrf/services/VMRepositoryService > {out}\n"
+
+    script = ("set -e\nip link set lo up\ntrap 'kill $PIDS 2>/dev/null; wait' EXIT\nPIDS=\n"
+              + serve(own, "own.log") + serve(repository, "repo.log") + vos(8444, "vos-apart.txt")
+              + "kill $PIDS; wait $PIDS || true\nPIDS=\n"
+              + serve(both, "both.log") + vos(8443, "vos-both.txt"))
+    env = {**grid.env("alice"), "PATH": f"{vmgrid_on_path(tmp_path)}:/usr/sbin:/sbin:/usr/bin:/bin"}
+    r = subprocess.run(["unshare", "--net", "bash", "-c", script], cwd=site, env=env, capture_output=True,
+                       text=True, timeout=300)
+    logs = "".join(f"\n--- {p.name}\n{p.read_text()[-2000:]}" for p in site.glob("*.log"))
+    assert r.returncode == 0, r.stdout + r.stderr + logs
+    assert "vmgrid: serving AuthorizationService" in (site / "own.log").read_text()
+    assert "vmgrid: serving VMRepositoryService" in (site / "repo.log").read_text()
+    assert "vmgrid: serving AuthorizationService, VMRepositoryService" in (site / "both.log").read_text()
+    for answer in ("vos-apart.txt", "vos-both.txt"):
+        assert (site / answer).read_text().splitlines()[0].split() == ["VO", "IMAGES"], answer
+    audit = (site / "state" / "site" / "authz" / "audit.log").read_text()
+    assert audit.count(alice.dn) >= 2, audit[-2000:]          # asked about alice by each repository
