@@ -2,7 +2,8 @@
 
 - docs/security.md's grid CA block, by bash -e, in a mount namespace of its own (`unshare --mount`) where
   /var/lib is an empty tmpfs and HOME a temporary directory: the block's own paths (/var/lib/vmgrid/ca,
-  ~/.globus) as a reader types them, and nothing of this machine's touched.
+  ~/.globus) as a reader types them, and nothing of this machine's touched. Then its section "Names"'s
+  refused name (`vmgrid ca user "x/CN=host/localhost"`), as written, with the message the doc gives.
 - docs/authz.md's "Running it" block (each container as written, in a network namespace of its own) and its
   `vmgrid authz check me ...` example, as alice (a member of bio) against a live Authorization
   service (VMGRID_AUTHZ set, as the doc's "--url" line says).
