@@ -11,6 +11,7 @@
   here would run the suite inside itself (the QEMU tier's take minutes and their own lock), so each runs as
   written with `--collect-only -q` appended: its paths name tests that exist and pytest takes its options. A
   synopsis (`./run.sh test ARGS`: a word in capitals) is not a command and is skipped.
+- README's `./run.sh setup` (its first block's `./run.sh demo` runs in tests/integration/test_demo.py).
 """
 from __future__ import annotations
 
@@ -193,3 +194,12 @@ def test_the_serve_commands_of_docs_authz_md_run_as_written(tmp_path):
         assert (site / answer).read_text().splitlines()[0].split() == ["VO", "IMAGES"], answer
     audit = (site / "state" / "site" / "authz" / "audit.log").read_text()
     assert audit.count(alice.dn) >= 2, audit[-2000:]          # asked about alice by each repository
+
+
+def test_the_readmes_set_up_command_runs_as_written():
+    """README's `./run.sh setup`, as written from the checkout's root: this checkout is set up already (the
+    test runs in its .venv), so it checks what is installed and returns in seconds."""
+    assert "`./run.sh setup`" in (ROOT / "README.md").read_text()
+    r = subprocess.run("./run.sh setup", shell=True, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert (ROOT / ".venv" / "bin" / "vmgrid").is_file()
