@@ -11,6 +11,8 @@
   here would run the suite inside itself (the QEMU tier's take minutes and their own lock), so each runs as
   written with `--collect-only -q` appended: its paths name tests that exist and pytest takes its options. A
   synopsis (`./run.sh test ARGS`: a word in capitals) is not a command and is skipped.
+- docs/jobs.md's `vmgrid serve jobs -c jobs.toml` with the doc's example configuration as written (its
+  /var/lib/vmgrid, /etc/grid-security, ports 8443 and 2812), in mount and network namespaces of its own.
 - README's `./run.sh setup` (its first block's `./run.sh demo` runs in tests/integration/test_demo.py).
 """
 from __future__ import annotations
@@ -203,3 +205,55 @@ def test_the_readmes_set_up_command_runs_as_written():
     r = subprocess.run("./run.sh setup", shell=True, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert (ROOT / ".venv" / "bin" / "vmgrid").is_file()
+
+
+@pytest.mark.skipif(not (own_mount_namespace() and own_network_namespace()),
+                    reason="needs `unshare --mount --net` (root): the doc's configuration uses /var/lib/vmgrid, "
+                           "/etc/grid-security and the fixed ports 8443 and 2812")
+def test_the_job_service_of_docs_jobs_md_runs_as_written_with_the_docs_configuration(tmp_path):
+    """docs/jobs.md's "Running the service": `vmgrid serve jobs -c jobs.toml` as written, jobs.toml being the doc's
+    example as written (its state in /var/lib/vmgrid, the host credential where a site keeps it,
+    /etc/grid-security, ports 8443 and 2812). In mount and network namespaces of the test's own: /etc is an
+    overlay whose changes stay in tmp_path, /var/lib and /var/log are empty tmpfs. The doc's owner, alice of
+    mysite, then runs a job on it."""
+    doc = (ROOT / "docs" / "jobs.md").read_text()
+    block = marked_block(ROOT / "docs" / "jobs.md", "vmgrid serve jobs")
+    example = re.search(r"```toml\n(\[container\].*?)```", doc, re.S)
+    assert example, "docs/jobs.md lost its configuration example"
+    (command,) = [ln for ln in block.splitlines() if ln.strip()]
+    assert command == "vmgrid serve jobs -c jobs.toml", command
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "jobs.toml").write_text(example.group(1))
+    for d in ("etc-upper", "etc-work"):
+        (tmp_path / d).mkdir()
+    url = "https://localhost:8443/wsrf/services/JobService"
+    script = f"""set -e
+ip link set lo up
+mount -t overlay vmgrid-doc-etc -o lowerdir=/etc,upperdir={tmp_path}/etc-upper,workdir={tmp_path}/etc-work /etc
+mount -t tmpfs vmgrid-doc-lib /var/lib
+mount -t tmpfs vmgrid-doc-log /var/log
+vmgrid ca init --dir ca --dn "/O=Grid/OU=mysite/CN=mysite CA" > /dev/null
+vmgrid ca host localhost --dir ca --ou mysite --out /etc/grid-security > /dev/null
+mkdir -p /etc/grid-security/certificates && cp ca/certificates/* /etc/grid-security/certificates/
+vmgrid ca user alice --dir ca --ou mysite --out alice > /dev/null
+vmgrid proxy-init -q -cert alice/usercert.pem -key alice/userkey.pem -out alice/proxy.pem
+{command} > serve.log 2>&1 &
+SERVE=$!
+trap 'kill $SERVE 2>/dev/null; wait' EXIT
+for i in $(seq 600); do grep -qs 'vmgrid: serving' serve.log && break; kill -0 $SERVE; sleep 0.1; done
+export X509_USER_PROXY=alice/proxy.pem X509_CERT_DIR=ca/certificates
+JOB=$(vmgrid job submit {url} -- echo from the doc)
+vmgrid job wait {url} "$JOB"
+vmgrid job status {url} "$JOB"
+ls /var/lib/vmgrid > state.txt
+"""
+    env = {"PATH": f"{vmgrid_on_path(tmp_path)}:/usr/sbin:/sbin:/usr/bin:/bin", "HOME": str(tmp_path),
+           "LANG": "C.UTF-8"}
+    r = subprocess.run(["unshare", "--mount", "--propagation", "private", "--net", "bash", "-c", script],
+                       cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    log = (work / "serve.log").read_text() if (work / "serve.log").exists() else ""
+    assert r.returncode == 0, f"{r.stdout}\n{r.stderr}\n--- serve.log\n{log[-3000:]}"
+    assert "vmgrid: serving JobService" in log and "from the doc" in r.stdout and "Done" in r.stdout, r.stdout
+    assert (work / "state.txt").read_text().strip(), "the service kept no state in /var/lib/vmgrid"
+    assert not (tmp_path / "etc-upper").joinpath("passwd").exists()        # /etc itself untouched
