@@ -1,7 +1,9 @@
 """`vmgrid image …`: guest images from recipes (docs/images.md)."""
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -20,7 +22,11 @@ def register(subparsers) -> None:
                                    "the builder's and guestd's sources). Needs root and a Debian mirror. "
                                    "Register the pair with `vmgrid repo register DESCRIPTOR IMAGE`.")
     p.add_argument("recipe", help="a recipe file (.toml) or a shipped recipe's name (base, emboss)")
-    p.add_argument("--out", type=Path, help="also copy NAME.qcow2 and NAME.xml into this directory")
+    p.add_argument("--out", type=Path, help="also copy NAME.qcow2 and NAME.xml into this directory (an existing file "
+                                            "there with other contents is kept: the build stops and names it)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="with --out: replace existing NAME.qcow2/NAME.xml that differ from the build's (your edits "
+                        "to NAME.xml are lost)")
     p.add_argument("--cache", type=Path, help="the build cache (default var/guest-image/ in the checkout)")
     p.add_argument("--force", action="store_true", help="rebuild even when the cache holds the image")
     p.add_argument("--json", action="store_true", help="the result as JSON")
@@ -72,6 +78,44 @@ def cmd_check(args) -> int:
     return 0
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    if a.stat().st_size != b.stat().st_size:
+        return False
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        return hashlib.file_digest(fa, "sha256").digest() == hashlib.file_digest(fb, "sha256").digest()
+
+
+def _copy_out(sources: list[Path], out: Path, overwrite: bool) -> list[Path]:
+    """Copy the built files into ``out``. A file already there with the same bytes is kept as it is; one with
+    other bytes (a descriptor the scientist edited, another disk) is refused, naming it, before anything is
+    copied, unless ``overwrite``. Each copy goes to NAME.part first and replaces NAME only when complete."""
+    targets = [out / src.name for src in sources]
+    try:
+        if out.exists() and not out.is_dir():
+            raise CLIError(f"--out {out}: not a directory")
+        for target in targets:
+            if target.is_symlink() or (target.exists() and not target.is_file()):
+                raise CLIError(f"{target} is not a regular file: nothing copied (move it away)")
+        differ = [t for s, t in zip(sources, targets) if t.exists() and not _same_file(s, t)]
+        if differ and not overwrite:
+            raise CLIError(f"{', '.join(map(str, differ))} already {'exists' if len(differ) == 1 else 'exist'} "
+                           f"with other contents (your edits?): nothing copied; move {'it' if len(differ) == 1 else 'them'} "
+                           f"away, choose another --out, or give --overwrite to replace")
+        out.mkdir(parents=True, exist_ok=True)
+        for src, target in zip(sources, targets):
+            if target.exists() and _same_file(src, target):
+                continue
+            part = target.with_name(target.name + ".part")
+            try:
+                shutil.copy2(src, part)
+                os.replace(part, target)
+            finally:
+                part.unlink(missing_ok=True)
+    except OSError as exc:
+        raise CLIError(f"cannot copy the image into {out}: {exc.strerror or exc}") from None
+    return targets
+
+
 def cmd_build(args) -> int:
     from guestd.image.build import DEFAULT_CACHE, ImageBuildError, build_recipe
 
@@ -84,12 +128,7 @@ def cmd_build(args) -> int:
     _check_descriptor(image.descriptor)
     disk, descriptor = image.rootfs, image.descriptor
     if args.out is not None:
-        try:
-            args.out.mkdir(parents=True, exist_ok=True)
-            disk = Path(shutil.copy2(image.rootfs, args.out / image.rootfs.name))
-            descriptor = Path(shutil.copy2(image.descriptor, args.out / image.descriptor.name))
-        except OSError as exc:
-            raise CLIError(f"cannot copy the image into {args.out}: {exc.strerror or exc}") from None
+        disk, descriptor = _copy_out([image.rootfs, image.descriptor], args.out, args.overwrite)
     manifest = json.loads((image.directory / "manifest.json").read_text())
     result = {"name": image.name, "image": str(disk), "descriptor": str(descriptor),
               "kernel": image.kernel_version, "distribution": manifest["distribution"],

@@ -157,6 +157,39 @@ def _call(func, *args, **kwargs):
         raise CLIError(str(exc)) from None
 
 
+def _image_hint(repo, ref: str) -> str:
+    """For an image reference without its VO (``emboss-real``): the VO/name to give, when exactly one VO whose
+    images the caller may read has an image of that name (the query answers only with those)."""
+    from services.vmrepository.query import Criterion
+
+    ref = ref.strip()
+    if not ref or "/" in ref or ref.startswith("img-"):
+        return ""
+    try:
+        found = repo.query([[Criterion("name", "=", ref)]], limit=50)
+    except Exception:       # noqa: BLE001 - only a hint: the reference's own error is what the user gets
+        return ""
+    vos = sorted({d.findtext("{*}identity/{*}vo") for d in found.descriptors})
+    if len(vos) == 1:
+        return f"did you mean {vos[0]}/{ref}?"
+    if vos:
+        return f"images named {ref} are in the VOs {', '.join(vos)}: give VO/{ref}"
+    return f"no image you may read is named {ref} (vmgrid repo query 'name contains {ref}' searches)"
+
+
+def _on_image(repo, func, ref: str, *args, **kwargs):
+    """``func(ref, ...)``; an image reference the repository cannot read (InvalidArgument) gets the hint above."""
+    from services.faults import InvalidArgument
+
+    try:
+        return func(ref, *args, **kwargs)
+    except InvalidArgument as exc:
+        hint = _image_hint(repo, ref)
+        if not hint:
+            raise
+        raise CLIError(f"InvalidArgument: {exc.description}; {hint}") from None
+
+
 def cmd_register(args) -> int:
     descriptor = _read_descriptor(args.descriptor)
     repo = connect(args)
@@ -387,7 +420,8 @@ def cmd_query(args) -> int:
 
 
 def cmd_show(args) -> int:
-    ws = _call(connect(args).show, args.image)
+    repo = connect(args)
+    ws = _call(_on_image, repo, repo.show, args.image)
     if args.format == "table":
         show_descriptor(ws)
     else:
@@ -396,7 +430,8 @@ def cmd_show(args) -> int:
 
 
 def cmd_duplicate(args) -> int:
-    ws = _call(connect(args).duplicate, args.image, args.name, memory=args.memory, vcpus=args.vcpus,
+    repo = connect(args)
+    ws = _call(_on_image, repo, repo.duplicate, args.image, args.name, memory=args.memory, vcpus=args.vcpus,
                container_command=args.container_command, description=args.description, version=args.version)
     emit_descriptors([ws], args.format)
     return 0
@@ -404,12 +439,14 @@ def cmd_duplicate(args) -> int:
 
 def cmd_update(args) -> int:
     descriptor = _read_descriptor(args.descriptor)
-    emit_descriptors([_call(connect(args).update, args.image, descriptor)], args.format)
+    repo = connect(args)
+    emit_descriptors([_call(_on_image, repo, repo.update, args.image, descriptor)], args.format)
     return 0
 
 
 def cmd_remove(args) -> int:
-    deleted = _call(connect(args).remove, args.image)
+    repo = connect(args)
+    deleted = _call(_on_image, repo, repo.remove, args.image)
     print(f"removed {args.image}" + ("; its image bytes were deleted" if deleted else
                                      "; its image bytes stay (other descriptors use them)"))
     return 0

@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from client.cli import CLIError
-from client.commands_repo import DEFAULT_REPOSITORY, _call, add_format, add_grid_options
+from client.commands_repo import DEFAULT_REPOSITORY, _call, _on_image, add_format, add_grid_options
 from client.output import table
 
 DEFAULT_NODE = "https://localhost:8443/wsrf/services/VMManagerService"
@@ -214,7 +214,8 @@ def cmd_deploy(args) -> int:
         raise CLIError(f"--vcpus must be 1 to 256, not {args.vcpus}")
     node_url = args.url
     args.url = args.repository
-    descriptor = _call(RepositoryClient(grid_client(args)).show, args.image)
+    repo = RepositoryClient(grid_client(args))
+    descriptor = _call(_on_image, repo, repo.show, args.image)
     if args.memory is not None:
         set_field(descriptor, "hardware", "memory", args.memory)
     if args.vcpus is not None:

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import json
 import sys
+from functools import lru_cache
 from typing import Iterable, Sequence
 
 from lxml import etree
 
+from services.common.paths import WSDL_DIR
 from services.descriptor import WS, Descriptor
 
 REPEATED = {"disk", "cdrom", "serialPort", "parallelPort", "nic", "library"}
@@ -22,15 +24,58 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[object]], out=None) ->
         print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip(), file=out)
 
 
-def element_to_dict(el: etree._Element):
-    """A descriptor (or any simple XML) as JSON-ready data; repeated elements become lists."""
+XS = "{http://www.w3.org/2001/XMLSchema}"
+XS_INTEGERS = {"integer", "int", "long", "short", "byte", "positiveInteger", "nonNegativeInteger",
+               "negativeInteger", "nonPositiveInteger", "unsignedLong", "unsignedInt", "unsignedShort", "unsignedByte"}
+
+
+@lru_cache(maxsize=1)
+def integer_elements() -> frozenset[str]:
+    """The local names of wsdl/workspace.xsd's elements whose type is an integer type (through its named or
+    inline simple types), and that no element of another type shares: their values are JSON numbers."""
+    schema = etree.parse(str(WSDL_DIR / "workspace.xsd"), etree.XMLParser(resolve_entities=False, no_network=True))
+    named = {t.get("name"): t for t in schema.iter(f"{XS}simpleType") if t.get("name")}
+
+    def is_integer(type_name: str | None, inline) -> bool:
+        for _ in range(20):                       # a restriction's base, its base, ...: a short chain
+            if inline is None:
+                if not type_name:
+                    return False
+                prefix, _, local = type_name.rpartition(":")
+                if prefix == "xs":
+                    return local in XS_INTEGERS
+                inline = named.get(local)
+                if inline is None:
+                    return False                  # a complex type
+            restriction = inline.find(f"{XS}restriction")
+            if restriction is None:
+                return False                      # a list or a union
+            type_name, inline = restriction.get("base"), restriction.find(f"{XS}simpleType")
+        return False
+
+    kinds: dict[str, set[bool]] = {}
+    for element in schema.iter(f"{XS}element"):
+        if element.get("name"):
+            integer = is_integer(element.get("type"), element.find(f"{XS}simpleType"))
+            kinds.setdefault(element.get("name"), set()).add(integer)
+    return frozenset(name for name, k in kinds.items() if k == {True})
+
+
+def element_to_dict(el: etree._Element, *, typed: bool = True):
+    """A descriptor (or any simple XML) as JSON-ready data; repeated elements become lists. With ``typed``, the
+    values of the schema's integer elements are numbers (`"vcpus": 1`); never inside `extensions`, whose
+    elements are a site's own."""
     children = [c for c in el if isinstance(c.tag, str)]
     if not children:
-        return el.text.strip() if el.text and el.text.strip() else (None if len(el) == 0 else "")
+        text = el.text.strip() if el.text and el.text.strip() else (None if len(el) == 0 else "")
+        if typed and text and etree.QName(el).localname in integer_elements() and text.lstrip("-").isdigit() \
+                and text.isascii():
+            return int(text)
+        return text
     out: dict = {}
     for c in children:
         local = etree.QName(c).localname
-        value = element_to_dict(c)
+        value = element_to_dict(c, typed=typed and local != "extensions")
         if local in REPEATED:
             out.setdefault(local, []).append(value)
         elif local in out:

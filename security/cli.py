@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 from .pki import (DEFAULT_CA_DN, DEFAULT_OU, DEFAULT_PROXY_HOURS, KEY_KINDS, CAError, CredentialError, GridCA,
-                  default_proxy_path, dn_string, load_credential, load_user_credential, make_proxy, new_key,
-                  proxy_cert_info, save_proxy)
+                  check_name_value, default_proxy_path, dn_string, load_credential, load_user_credential,
+                  make_proxy, new_key, proxy_cert_info, save_proxy)
 
 
 def _error(message: str):
@@ -59,6 +59,10 @@ def cmd_ca_init(args) -> int:
 
 def cmd_ca_host(args) -> int:
     ca = _load_ca(args)
+    try:
+        GridCA._host_names(args.name, args.ou, args.alt or ())    # a bad name is named before any file
+    except CAError as exc:
+        raise _error(str(exc)) from None
     out = Path(args.out) if args.out else ca.directory / "hosts" / args.name
     if (out / "hostcert.pem").exists() and not args.force:
         raise _error(f"{out / 'hostcert.pem'} exists (use --force to replace it)")
@@ -74,6 +78,11 @@ def cmd_ca_host(args) -> int:
 
 def cmd_ca_user(args) -> int:
     ca = _load_ca(args)
+    try:
+        check_name_value(args.name, "user name")                # a bad name is named before any file
+        check_name_value(args.ou, "organisational unit")
+    except CAError as exc:
+        raise _error(str(exc)) from None
     out = Path(args.out) if args.out else Path.home() / ".globus"
     if (out / "usercert.pem").exists() and not args.force:
         raise _error(f"{out / 'usercert.pem'} exists (use --force to replace it)")

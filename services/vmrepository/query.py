@@ -84,8 +84,14 @@ def parse_criterion(text: str) -> Criterion:
     """``ram >= 512``, ``distribution = debian``, ``library emboss >= 6.6``, ``name matches ^deb``."""
     m = _CRITERION.match(text)
     if not m:
+        hint = ""
+        word = text.strip()
+        if re.fullmatch(r"[A-Za-z0-9][\w.+\-]*", word):      # a bare word: what a search box would take
+            hint = (f"; images with the library {word}: 'library = {word}'; "
+                    f"images whose name has it: 'name contains {word}'")
         raise BadQuery(f"cannot read criterion {text!r}: expected FIELD OPERATOR VALUE "
-                       f"(operators: {' '.join(OPERATORS)} {' '.join(WORD_OPERATORS)})", reason="syntax", criterion=text)
+                       f"(operators: {' '.join(OPERATORS)} {' '.join(WORD_OPERATORS)}){hint}", reason="syntax",
+                       criterion=text)
     fieldname, lib, op, value = m.group("field"), m.group("lib"), m.group("op"), m.group("value")
     if lib:
         if fieldname != "library":

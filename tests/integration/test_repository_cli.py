@@ -60,6 +60,14 @@ def test_a_scientist_registers_queries_duplicates_and_removes(grid, tmp_path):
     none = vmgrid(grid, "alice", "repo", "query", "library emboss >= 6.10").stdout
     assert "0 matching" in none
 
+    # --json: the schema's integers are JSON numbers, its strings (versions, ids, sizes' units) strings
+    found = json.loads(vmgrid(grid, "alice", "repo", "query", "ram >= 512", "library emboss >= 6.6", "--json").stdout)
+    hw, image = found["descriptors"][0]["hardware"], found["descriptors"][0]["image"]
+    assert (found["total"], hw["vcpus"], hw["memory"]) == (1, 1, 512), hw
+    assert isinstance(image["size"], int) and image["size"] == (grid.ingest / "emboss.qcow2").stat().st_size
+    assert all(isinstance(d["size"], int) for d in hw["disk"]), hw["disk"]
+    assert isinstance(found["descriptors"][0]["identity"]["version"], str)
+
     xml = vmgrid(grid, "alice", "repo", "query", "--xpath", "//ws:library[ws:name='emboss']", "--xml").stdout
     assert etree.fromstring(xml.split("-->", 1)[1]).findtext("{*}identity/{*}imageId") == image_id
 
@@ -68,17 +76,46 @@ def test_a_scientist_registers_queries_duplicates_and_removes(grid, tmp_path):
 
     dup = json.loads(vmgrid(grid, "alice", "repo", "duplicate", image_id, "emboss-4g", "--memory", "4096",
                             "--json").stdout)["descriptors"][0]
-    assert dup["hardware"]["memory"] == "4096"
+    assert dup["hardware"]["memory"] == 4096
 
     edited = tmp_path / "edited.xml"
     edited.write_text(vmgrid(grid, "alice", "repo", "show", "bio/emboss-4g", "--xml").stdout
                       .replace("<vcpus>1</vcpus>", "<vcpus>4</vcpus>"))
     updated = json.loads(vmgrid(grid, "alice", "repo", "update", "bio/emboss-4g", str(edited), "--json").stdout)
-    assert updated["descriptors"][0]["hardware"]["vcpus"] == "4"
+    assert updated["descriptors"][0]["hardware"]["vcpus"] == 4
 
     assert "bio" in vmgrid(grid, "alice", "repo", "vos").stdout
     assert "stay" in vmgrid(grid, "alice", "repo", "remove", "bio/emboss-4g").stdout
     assert "deleted" in vmgrid(grid, "admin", "repo", "remove", image_id).stdout
+
+
+def test_a_bare_word_and_a_name_without_its_vo_get_what_to_type(grid, tmp_path):
+    r = vmgrid(grid, "alice", "repo", "query", "emboss", check=False)
+    assert r.returncode == 1 and "'library = emboss'" in r.stderr and "'name contains emboss'" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+    src = (EXAMPLES / "debian12-emboss.xml").read_text()
+    ids = []
+    for vo in ("bio", "hep"):              # alice reads bio's images, not hep's; admin reads both
+        d = tmp_path / f"{vo}.xml"
+        d.write_text(src.replace("<name>debian12-emboss</name>", "<name>emboss-hint</name>")
+                     .replace("<vo>bio</vo>", f"<vo>{vo}</vo>"))
+        out = vmgrid(grid, "admin", "repo", "register", str(d), str(grid.ingest / "emboss.qcow2"), "--on-host", "--json")
+        ids.append(json.loads(out.stdout)["descriptors"][0]["identity"]["imageId"])
+    try:
+        r = vmgrid(grid, "alice", "repo", "show", "emboss-hint", check=False)
+        assert r.returncode == 1 and "InvalidArgument" in r.stderr and "did you mean bio/emboss-hint?" in r.stderr, \
+            r.stderr
+        r = vmgrid(grid, "alice", "repo", "remove", "emboss-hint", check=False)
+        assert r.returncode == 1 and "did you mean bio/emboss-hint?" in r.stderr, r.stderr
+        r = vmgrid(grid, "admin", "repo", "show", "emboss-hint", check=False)
+        assert r.returncode == 1 and "in the VOs bio, hep: give VO/emboss-hint" in r.stderr, r.stderr
+        r = vmgrid(grid, "alice", "repo", "show", "no-such-image", check=False)
+        assert r.returncode == 1 and "no image you may read is named no-such-image" in r.stderr, r.stderr
+        assert "emboss-hint" in vmgrid(grid, "alice", "repo", "show", "bio/emboss-hint").stdout
+    finally:
+        for image_id in ids:
+            vmgrid(grid, "admin", "repo", "remove", image_id)
 
 
 @pytest.mark.parametrize("args, message", [

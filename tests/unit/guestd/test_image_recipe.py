@@ -243,3 +243,53 @@ def test_packages_go_on_as_a_layer_over_the_one_minbase_keyed_by_its_name_and_th
     other = b.base_rootfs(tmp_path, "http://mirror", "bookworm", ("emboss",), log=lambda m: None)
     assert a == same and a.name.startswith("layer-bookworm-") and other != a
     assert ran[1:] == [("apt", base.name, ("hello", "libvirt0")), ("apt", base.name, ("emboss",))]  # one debootstrap
+
+
+def cached_build(tmp_path: Path) -> tuple[Path, Path, object]:
+    """A recipe and a build cache that already holds its image (the cache entry `build_recipe` returns without
+    building; the build itself needs a Debian mirror and minutes, and runs in tests/vm/test_image_recipe_qemu.py):
+    a small qcow2 and the example descriptor, as a build leaves them."""
+    import json
+    import subprocess
+
+    from guestd.image.build import image_key
+
+    recipe_path = write(tmp_path, MINIMAL)
+    cache = tmp_path / "cache"
+    entry = cache / f"mini-{image_key(load_recipe(recipe_path))}"
+    entry.mkdir(parents=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(entry / "mini.qcow2"), "8M"], check=True)
+    from services.container.contract import WSDL_DIR
+
+    (entry / "mini.xml").write_bytes((WSDL_DIR / "examples" / "debian12-emboss.xml").read_bytes())
+    (entry / "manifest.json").write_text(json.dumps({
+        "disk": "mini.qcow2", "descriptor": "mini.xml", "cmdline": "console=ttyS0", "kernel_version": "6.1.0",
+        "key": entry.name.split("-", 1)[1], "name": "mini", "distribution": "debian 12", "libraries": {}}))
+    return recipe_path, cache, entry
+
+
+@pytest.mark.skipif(__import__("os").geteuid() != 0, reason="vmgrid image build needs root")
+def test_image_build_out_keeps_an_edited_descriptor_unless_asked_to_overwrite(tmp_path, capsys):
+    recipe, cache, entry = cached_build(tmp_path)
+    out = tmp_path / "images"
+    args = ["image", "build", str(recipe), "--cache", str(cache), "--out", str(out)]
+    assert vmgrid(args) == 0
+    capsys.readouterr()
+    built = (entry / "mini.xml").read_bytes()
+    assert (out / "mini.xml").read_bytes() == built and (out / "mini.qcow2").is_file()
+    assert vmgrid(args) == 0                        # the same bytes there: kept, nothing to say
+    capsys.readouterr()
+
+    edited = built.replace(b"</description>", b" (my notes)</description>", 1)
+    assert edited != built
+    (out / "mini.xml").write_bytes(edited)          # the scientist's own edits
+    disk_before = (out / "mini.qcow2").stat().st_mtime_ns
+    assert vmgrid(args) == 1
+    err = capsys.readouterr().err
+    assert str(out / "mini.xml") in err and "--overwrite" in err and "nothing copied" in err, err
+    assert (out / "mini.xml").read_bytes() == edited
+    assert (out / "mini.qcow2").stat().st_mtime_ns == disk_before
+    assert sorted(p.name for p in out.iterdir()) == ["mini.qcow2", "mini.xml"]     # no .part left
+
+    assert vmgrid(args + ["--overwrite"]) == 0
+    assert (out / "mini.xml").read_bytes() == built
