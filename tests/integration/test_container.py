@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import contextmanager
 
 from lxml import etree
 
@@ -110,6 +111,25 @@ def test_the_wsdl_carries_the_configured_address_whatever_host_a_request_names(r
     assert len(repo_server.service.contract._served) == 1
 
 
+
+@contextmanager
+def bob_and_alice(repo_server):
+    """bob's and alice's clients of the repository; bob's answers as they came, in the list yielded third."""
+    from client.soap import GridServiceClient
+
+    pki = repo_server.pki
+    bob = GridServiceClient(repo_server.url, pki.bob.proxy, pki.trust())
+    alice = GridServiceClient(repo_server.url, pki.alice.proxy, pki.trust())
+    captured = []
+    real = bob.zeep.transport.post_xml
+    bob.zeep.transport.post_xml = lambda *a, **k: captured.append(real(*a, **k)) or captured[-1]
+    try:
+        yield bob, alice, captured
+    finally:
+        alice.close()
+        bob.close()
+
+
 def test_a_signed_fault_to_another_request_is_refused_by_the_client(repo_server):
     """The same swap with a fault: bob's UnknownImage fault (a signed answer of the host) handed to alice's call.
     The container's faults name the request in a signed wsa:RelatesTo, and vmgrid's client requires it on faults
@@ -124,13 +144,7 @@ def test_a_signed_fault_to_another_request_is_refused_by_the_client(repo_server)
     from security.wssec import WSSE, InvalidSecurity
     from services.faults import UnknownImage
 
-    pki = repo_server.pki
-    bob = GridServiceClient(repo_server.url, pki.bob.proxy, pki.trust())
-    alice = GridServiceClient(repo_server.url, pki.alice.proxy, pki.trust())
-    try:
-        captured = []
-        real = bob.zeep.transport.post_xml
-        bob.zeep.transport.post_xml = lambda *a, **k: captured.append(real(*a, **k)) or captured[-1]
+    with bob_and_alice(repo_server) as (bob, alice, captured):
         with pytest.raises(UnknownImage):
             bob.call("GetDescriptor", image="img-" + "0" * 32)
         fault = etree.fromstring(captured[-1].content)
@@ -139,9 +153,6 @@ def test_a_signed_fault_to_another_request_is_refused_by_the_client(repo_server)
         alice.zeep.transport.post_xml = lambda *a, **k: captured[-1]                             # bob's, to her
         with pytest.raises(InvalidSecurity, match="relates to urn:uuid:.*not to this request"):
             alice.call("ListVOs")
-    finally:
-        alice.close()
-        bob.close()
     # a fault to a request without a MessageID (a legacy stack's) names no request: not taken as the answer to a call
     # that sent one (without the client's check alice took bob's UnknownImage for hers)
     import requests
@@ -152,6 +163,7 @@ def test_a_signed_fault_to_another_request_is_refused_by_the_client(repo_server)
     from services.container.addressing import WSA
     from services.container.soap import envelope
 
+    pki = repo_server.pki
     repo = "http://vmgrid.org/ns/vmrepository/1"
     headers = []
     for name, value in (("To", repo_server.url), ("Action", f"{repo}/GetDescriptor")):
@@ -186,22 +198,12 @@ def test_a_signed_answer_to_another_request_is_refused_by_the_client(repo_server
     MessageID. Fails without the client's RelatesTo check: alice took bob's VOs for hers."""
     import pytest
 
-    from client.soap import GridServiceClient
     from security.wssec import InvalidSecurity
 
-    pki = repo_server.pki
-    bob = GridServiceClient(repo_server.url, pki.bob.proxy, pki.trust())
-    alice = GridServiceClient(repo_server.url, pki.alice.proxy, pki.trust())
-    try:
-        captured = []
-        real = bob.zeep.transport.post_xml
-        bob.zeep.transport.post_xml = lambda *a, **k: captured.append(real(*a, **k)) or captured[-1]
+    with bob_and_alice(repo_server) as (bob, alice, captured):
         vos = lambda resp: sorted(v.text for v in resp.iter("{*}name"))                         # noqa: E731
         assert vos(bob.call("ListVOs")) == ["hep"]
         assert vos(alice.call("ListVOs")) == ["bio"]                                             # her own answer
         alice.zeep.transport.post_xml = lambda *a, **k: captured[-1]                             # bob's, to her
         with pytest.raises(InvalidSecurity, match="relates to urn:uuid:.*not to this request"):
             alice.call("ListVOs")
-    finally:
-        alice.close()
-        bob.close()

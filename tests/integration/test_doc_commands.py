@@ -18,9 +18,7 @@
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,6 +26,7 @@ import pytest
 from client.localgrid import LocalGrid
 from services.authz.edit import site_policy
 from services.authz.policy import Group
+from tests.fixtures.namespaces import can_unshare, vmgrid_command
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -44,19 +43,10 @@ def marked_block(doc: Path, containing: str, test: str = "tests/integration/test
 
 def vmgrid_on_path(tmp_path: Path) -> Path:
     """A directory with `vmgrid`, this checkout's command line."""
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
-    (bindir / "vmgrid").write_text(f"#!/bin/sh\nexec env PYTHONPATH={ROOT} {sys.executable} -m client.cli \"$@\"\n")
-    (bindir / "vmgrid").chmod(0o755)
-    return bindir
+    return vmgrid_command(tmp_path / "bin")
 
 
-def own_mount_namespace() -> bool:
-    return shutil.which("unshare") is not None and subprocess.run(
-        ["unshare", "--mount", "true"], capture_output=True).returncode == 0
-
-
-@pytest.mark.skipif(not own_mount_namespace(), reason="needs `unshare --mount` (root): the block writes "
+@pytest.mark.skipif(not can_unshare("--mount"), reason="needs `unshare --mount` (root): the block writes "
                                                         "/var/lib/vmgrid/ca, which must be a private tmpfs")
 def test_the_ca_commands_of_docs_security_md_run_as_written(tmp_path):
     block = marked_block(ROOT / "docs" / "security.md", "vmgrid ca init")
@@ -140,12 +130,7 @@ def test_a_documented_test_command_collects_tests_as_written(where, command):
     assert sum(map(int, counts)) > 0, f"{where}: `{command}` collects nothing:\n{r.stdout[-2000:]}"
 
 
-def own_network_namespace() -> bool:
-    return shutil.which("unshare") is not None and subprocess.run(
-        ["unshare", "--net", "true"], capture_output=True).returncode == 0
-
-
-@pytest.mark.skipif(not own_network_namespace(), reason="needs `unshare --net` (root): the doc's containers take "
+@pytest.mark.skipif(not can_unshare("--net"), reason="needs `unshare --net` (root): the doc's containers take "
                                                           "the site's fixed port 8443")
 def test_the_serve_commands_of_docs_authz_md_run_as_written(tmp_path):
     """docs/authz.md's "Running it": the Authorization service in its own container, a repository asking it over
@@ -207,7 +192,7 @@ def test_the_readmes_set_up_command_runs_as_written():
     assert (ROOT / ".venv" / "bin" / "vmgrid").is_file()
 
 
-@pytest.mark.skipif(not (own_mount_namespace() and own_network_namespace()),
+@pytest.mark.skipif(not (can_unshare("--mount") and can_unshare("--net")),
                     reason="needs `unshare --mount --net` (root): the doc's configuration uses /var/lib/vmgrid, "
                            "/etc/grid-security and the fixed ports 8443 and 2812")
 def test_the_job_service_of_docs_jobs_md_runs_as_written_with_the_docs_configuration(tmp_path):

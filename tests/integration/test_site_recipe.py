@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.fixtures.namespaces import can_unshare, vmgrid_command
 
 pytestmark = pytest.mark.timeout(700)
 REPO = Path(__file__).resolve().parents[2]
@@ -43,19 +44,10 @@ def recipe_and_more_commands() -> str:
 def vmgrid_on_path(tmp_path: Path) -> Path:
     """`vmgrid` where ./run.sh setup puts it, `.venv/bin` of the checkout: the recipe's first line must put it on
     PATH (the test's own PATH does not have it)."""
-    bindir = tmp_path / ".venv" / "bin"        # this checkout's command line
-    bindir.mkdir(parents=True)
-    (bindir / "vmgrid").write_text(f"#!/bin/sh\nexec env PYTHONPATH={REPO} {PY} -m client.cli \"$@\"\n")
-    (bindir / "vmgrid").chmod(0o755)
-    return bindir
+    return vmgrid_command(tmp_path / ".venv" / "bin")
 
 
-def own_network_namespace() -> bool:
-    return shutil.which("unshare") is not None and subprocess.run(
-        ["unshare", "--net", "true"], capture_output=True).returncode == 0
-
-
-@pytest.mark.skipif(not own_network_namespace(), reason="needs `unshare --net` (root): the recipe's fixed ports "
+@pytest.mark.skipif(not can_unshare("--net"), reason="needs `unshare --net` (root): the recipe's fixed ports "
                                                          "must not meet other services on this machine")
 def test_the_site_recipe_and_the_more_commands_of_the_readme_run_as_written(tmp_path):
     work = tmp_path / "checkout"             # the recipe runs in a checkout: it reads wsdl/examples/

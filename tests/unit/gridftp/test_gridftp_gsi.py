@@ -12,6 +12,7 @@ from gridftp import AuthenticationError, download, upload
 from security.gsi import GSIContext, GSIError, read_gridmap
 from security.pki import Credential, make_proxy, proxy_certificate
 
+from tests.fixtures.pki import proxies_of
 from tests.unit.gridftp.gridftp_helpers import RawFTP, sha256_of
 
 
@@ -191,15 +192,6 @@ def test_the_cas_signing_policy_is_enforced(grid_pki, tmp_path):
                   GSIContext(grid_pki.host, trust, initiate=False))
 
 
-def _proxies_of(issuer: Credential, depth: int, key) -> Credential:
-    """`depth` proxies of `issuer`, each signed by the one below; all with one EC key (cheap to make)."""
-    cred = issuer
-    for _ in range(depth):
-        cred = Credential(proxy_certificate(cred, key.public_key(), lifetime=dt.timedelta(hours=1)), key,
-                          cred.certificates)
-    return cred
-
-
 def test_a_gsi_handshake_refuses_a_chain_longer_than_the_bound_in_openssl(grid_pki):
     """OpenSSL processed the peer's whole chain in the handshake before TrustStore's bound (16 certificates)
     applied to it. The GSI context's verify depth now stops a longer one in the handshake ("certificate chain too
@@ -207,14 +199,14 @@ def test_a_gsi_handshake_refuses_a_chain_longer_than_the_bound_in_openssl(grid_p
     chain got through the handshake and was refused by TrustStore afterwards ("holds 40 certificates")."""
     from cryptography.hazmat.primitives.asymmetric import ec
     trust, key = grid_pki.trust(), ec.generate_private_key(ec.SECP256R1())
-    fifteen = _proxies_of(grid_pki.alice.credential, 15, key)
+    fifteen = proxies_of(grid_pki.alice.credential, 15, key)
     server = GSIContext(grid_pki.host, trust, initiate=False)
     establish(GSIContext(fifteen, trust, initiate=True), server)
     assert server.peer.dn == grid_pki.alice.dn and len(fifteen.certificates) == 16
     for proxies in (16, 39):          # 17 certificates, one past TrustStore's bound; 40
         server = GSIContext(grid_pki.host, trust, initiate=False)
         with pytest.raises(GSIError) as exc:
-            establish(GSIContext(_proxies_of(grid_pki.alice.credential, proxies, key), trust, initiate=True), server)
+            establish(GSIContext(proxies_of(grid_pki.alice.credential, proxies, key), trust, initiate=True), server)
         assert "handshake failed" in exc.value.reason and "certificates; at most" not in exc.value.reason
         assert server.peer is None
 
@@ -255,9 +247,9 @@ def test_a_gridftp_tls_handshake_refuses_a_chain_longer_than_the_bound_in_openss
         a.close()
         b.close()
         return out
-    ok = handshake(_proxies_of(grid_pki.alice.credential, 15, key))
+    ok = handshake(proxies_of(grid_pki.alice.credential, 15, key))
     assert "error" not in ok and len(ok["chain"]) == 16
     assert trust.validate(ok["chain"]).dn == grid_pki.alice.dn
     for proxies in (16, 39):          # 17 certificates, one past TrustStore's bound; 40
-        refused = handshake(_proxies_of(grid_pki.alice.credential, proxies, key))
+        refused = handshake(proxies_of(grid_pki.alice.credential, proxies, key))
         assert "chain" not in refused and "certificate chain too long" in str(refused["error"])

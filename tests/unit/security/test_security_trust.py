@@ -8,6 +8,7 @@ import pytest
 from security.pki import OID_INDEPENDENT, OID_INHERIT_ALL, OID_LIMITED, Credential, GridCA, make_proxy, \
     proxy_certificate
 from security.trust import ExpiredCertificate, InvalidProxy, RevokedCertificate, TrustStore, UntrustedChain
+from tests.fixtures.pki import proxies_of
 
 
 def _fake(issuer: Credential, pki, **kwargs) -> Credential:
@@ -172,27 +173,18 @@ def test_a_crl_rewritten_in_place_is_seen_by_a_running_trust_store(tmp_path, gri
         trust.validate(user.certificates)
 
 
-def _proxies_of(issuer: Credential, depth: int, key) -> Credential:
-    """`depth` proxies of `issuer`, each signed by the one below; all with one EC key (cheap to make)."""
-    cred = issuer
-    for _ in range(depth):
-        cred = Credential(proxy_certificate(cred, key.public_key(), lifetime=dt.timedelta(hours=1)), key,
-                          cred.certificates)
-    return cred
-
-
 def test_a_chain_longer_than_the_bound_is_refused_before_any_signature_is_checked(grid_pki):
     """The chain is validated before the message's signature: an unauthenticated client chooses it. A PKIPath of
     200 proxies cost a second of CPU per message (900: 26 s), the proxy walk comparing names pairwise. Fails
     without the bound: the deep chain of alice's own proxies was accepted."""
     from cryptography.hazmat.primitives.asymmetric import ec
     key = ec.generate_private_key(ec.SECP256R1())
-    assert grid_pki.trust().validate(_proxies_of(grid_pki.alice.credential, 15, key).certificates).dn == \
+    assert grid_pki.trust().validate(proxies_of(grid_pki.alice.credential, 15, key).certificates).dn == \
         grid_pki.alice.dn
     with pytest.raises(UntrustedChain, match="holds 17 certificates; at most 16"):
-        grid_pki.trust().validate(_proxies_of(grid_pki.alice.credential, 16, key).certificates)
+        grid_pki.trust().validate(proxies_of(grid_pki.alice.credential, 16, key).certificates)
     with pytest.raises(UntrustedChain, match="holds 201 certificates"):
-        grid_pki.trust().validate(_proxies_of(grid_pki.alice.credential, 200, key).certificates)
+        grid_pki.trust().validate(proxies_of(grid_pki.alice.credential, 200, key).certificates)
 
 
 @pytest.mark.parametrize("bits,exponent,words", [
