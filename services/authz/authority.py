@@ -12,7 +12,7 @@ from services.authz.audit import AuditLog
 from services.authz.edit import add_rule, put_group, remove_group, remove_rule, render_group
 from services.authz.pep import Decision, Request, Slot, Subject, describe, enforce_obligations
 from services.authz.policy import Group, Policy, PolicyError, Rule, parse_policy
-from services.authz.slots import SlotLedger
+from services.authz.slots import NotTheClaimant, SlotLedger
 from services.authz.store import PolicyFile
 from services.faults import AccessDenied, InvalidArgument, LimitExceeded
 
@@ -124,9 +124,22 @@ class PolicyAuthority:
                           user_count=slot.user_count, group_count=slot.group_count)
         return decision, slot, not new
 
-    def release(self, instance: str, *, requester: str) -> Slot | None:
-        slot = self.ledger.release(instance)
-        self.audit.record("slot", by=requester, instance=instance, result="released" if slot else "not held",
+    def release(self, instance: str, *, requester: str, node: str = "") -> Slot | None:
+        """Free the instance's slot when ``requester`` (as ``node``) holds it: the claimant itself, a claim made
+        under the credential alone, or any identity of the credential when no ``node`` is given (an enforcing
+        service that sends none). Another service's slot stays (None, audited as refused)."""
+        held = claimant(requester, node)
+
+        def holds(c: str) -> bool:
+            return c in (held, requester) or (not node and c.partition("#")[0] == requester)
+        try:
+            slot = self.ledger.release(instance, holds)
+        except NotTheClaimant as exc:
+            self.audit.record("slot", by=requester, node=node or None, instance=instance,
+                              result="not released: claimed by another service", claimant=exc.claimant)
+            return None
+        self.audit.record("slot", by=requester, node=node or None, instance=instance,
+                          result="released" if slot else "not held",
                           subject=slot.subject if slot else None, group=slot.group if slot else None)
         return slot
 
@@ -242,8 +255,8 @@ class LocalPolicyPoint:
                                                  requester=self.requester, node=node)
         return decision, slot
 
-    def release_slot(self, instance: str) -> bool:
-        return self.authority.release(instance, requester=self.requester) is not None
+    def release_slot(self, instance: str, node: str = "") -> bool:
+        return self.authority.release(instance, requester=self.requester, node=node) is not None
 
     def reconcile_slots(self, instances: list[str], node: str = "") -> list[str]:
         return self.authority.reconcile(instances, requester=self.requester, node=node)

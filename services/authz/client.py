@@ -59,6 +59,7 @@ class AuthorizationClient:
     def __init__(self, service: GridServiceClient):
         self.service = service
         self._answers_ahead: bool | None = None
+        self._takes_known: dict[tuple[str, str], bool] = {}
 
     @classmethod
     def connect(cls, url: str, credential: Credential, trust: TrustStore, *, timeout: float | None = None,
@@ -125,16 +126,27 @@ class AuthorizationClient:
         """Whether the service's WSDL (as fetched) lets ClaimSlot carry questions asked ahead: an older service
         would refuse the element, so a newer enforcing service sends none to it."""
         if self._answers_ahead is None:
-            try:
-                names = {name for name, _ in self.service.zeep.get_element(f"{{{NS['az']}}}ClaimSlot").type.elements}
-            except Exception:  # noqa: BLE001 - a contract we cannot read: ask nothing ahead
-                names = set()
-            self._answers_ahead = "ahead" in names
+            self._answers_ahead = self._takes("ClaimSlot", "ahead")
         return self._answers_ahead
 
-    def release_slot(self, instance: str) -> Slot | None:
+    def _takes(self, operation: str, child: str) -> bool:
+        """Whether the service's WSDL (as fetched) has ``child`` in ``operation``'s request (False when it cannot
+        be read: an optional element an older service would refuse is then not sent)."""
+        known = self._takes_known.get((operation, child))
+        if known is None:
+            try:
+                known = child in {name for name, _ in
+                                  self.service.zeep.get_element(f"{{{NS['az']}}}{operation}").type.elements}
+            except Exception:  # noqa: BLE001 - a contract we cannot read
+                known = False
+            self._takes_known[(operation, child)] = known
+        return known
+
+    def release_slot(self, instance: str, node: str = "") -> Slot | None:
         req = el("ReleaseSlot")
         sub(req, "instance", instance)
+        if node and self._takes("ReleaseSlot", "node"):     # an older service's contract has no node here
+            sub(req, "node", node)
         resp = self.service.call("ReleaseSlot", payload=req)
         slot = resp.find("az:slot", NS)
         return slot_from_xml(slot) if slot is not None else None
@@ -349,8 +361,8 @@ class ServicePolicyPoint:
                         self._permits.popitem(last=False)
         return decision, slot
 
-    def release_slot(self, instance: str) -> bool:
-        return self._call("release_slot", instance) is not None
+    def release_slot(self, instance: str, node: str = "") -> bool:
+        return self._call("release_slot", instance, node) is not None
 
     def reconcile_slots(self, instances: list[str], node: str = "") -> list[str]:
         return self._call("reconcile_slots", list(instances), node)

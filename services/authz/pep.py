@@ -99,8 +99,8 @@ class SlotKeeper(Protocol):
         claim (no message of their own) and answer the later :meth:`decide` from its cache; others ignore them."""
         ...
 
-    def release_slot(self, instance: str) -> bool:
-        """Free the instance's slot; False when it had none."""
+    def release_slot(self, instance: str, node: str = "") -> bool:
+        """Free the instance's slot held by the caller as ``node``; False when it had none (or another holds it)."""
         ...
 
     def reconcile_slots(self, instances: list[str], node: str = "") -> list[str]:
@@ -187,7 +187,7 @@ class Enforcer:
 
     def release(self, instance: str) -> bool:
         """Free an instance's slot (destroyed, expired, or its deployment failed)."""
-        return self.pdp.release_slot(instance) if isinstance(self.pdp, SlotKeeper) else False
+        return self.pdp.release_slot(instance, self.identity) if isinstance(self.pdp, SlotKeeper) else False
 
     def reconcile(self, instances: list[str]) -> list[str]:
         """After a restart: free the slots this service claimed for instances it no longer has."""

@@ -179,7 +179,8 @@ class AuthorizationService(SoapService):
     @operation("ReleaseSlot")
     def release_slot(self, ctx: CallContext, req: etree._Element) -> etree._Element:
         self._enforcement_point(ctx)
-        slot = self.authority.release(text(req, "instance").strip(), requester=ctx.dn)
+        slot = self.authority.release(text(req, "instance").strip(), requester=ctx.dn,
+                                      node=(text(req, "node") or "").strip())
         resp = el("ReleaseSlotResponse")
         sub(resp, "released", "true" if slot else "false")
         if slot:

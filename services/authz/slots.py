@@ -8,7 +8,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from services.authz.pep import Slot
 from services.faults import InvalidArgument, LimitExceeded
@@ -26,6 +26,14 @@ CREATE INDEX IF NOT EXISTS slots_subject ON slots(subject);
 CREATE INDEX IF NOT EXISTS slots_grp ON slots(grp);
 CREATE INDEX IF NOT EXISTS slots_claimant ON slots(claimant);
 """
+
+
+class NotTheClaimant(Exception):
+    """A release asked for by another service than the slot's claimant (:meth:`SlotLedger.release`)."""
+
+    def __init__(self, claimant: str):
+        super().__init__(claimant)
+        self.claimant = claimant
 
 
 class SlotLedger:
@@ -89,12 +97,16 @@ class SlotLedger:
             return Slot(instance, subject, group, claimant, now, expires, users + 1,
                         groups + 1 if group else None), True
 
-    def release(self, instance: str) -> Slot | None:
+    def release(self, instance: str, holder: Callable[[str], bool] | None = None) -> Slot | None:
+        """Free the instance's slot; None when it had none. With ``holder``, only a slot whose claimant it accepts:
+        another's raises :class:`NotTheClaimant` and stays."""
         with self._tx() as db:
             row = db.execute("SELECT instance, subject, grp, claimant, claimed, expires FROM slots WHERE instance = ?",
                              (instance,)).fetchone()
             if row is None:
                 return None
+            if holder is not None and not holder(row[3]):
+                raise NotTheClaimant(row[3])
             db.execute("DELETE FROM slots WHERE instance = ?", (instance,))
             users, groups = self._counts(db, row[1], row[2])
             return Slot(*row, users, groups)

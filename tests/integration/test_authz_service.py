@@ -330,6 +330,24 @@ def test_slot_operations_are_for_enforcement_points(site, people):
         alice.list_slots()
 
 
+
+def test_a_slot_is_released_only_by_the_service_that_holds_it(site, people, grid_pki):
+    """Any enforcement point could name any instance in ReleaseSlot, and a local grid's nodes share one host
+    credential: the release names the releasing node, and another node's slot stays (released=false, audited).
+    A release without a node (an older enforcing service) still frees a slot of its credential. Fails without:
+    n2 freed n1's slot."""
+    host = site.client(grid_pki.host)
+    image = {"type": "image", "vo": "bio", "owner": people["alice"].dn}
+    for instance in ("held-by-n1", "held-too"):
+        host.claim_slot(Subject(people["alice"].dn), instance, image, {"memory": "512", "lifetime": "60"}, node="n1")
+    assert host.release_slot("held-by-n1", node="n2") is None
+    assert [s.instance for s in host.list_slots() if s.instance.startswith("held-")] == ["held-by-n1", "held-too"]
+    refused = site.authority.audit.read(event="slot", limit=1000)[-1]
+    assert (refused["node"], refused["claimant"]) == ("n2", f"{grid_pki.host.subject}#n1")
+    assert host.release_slot("held-by-n1", node="n1").instance == "held-by-n1"
+    assert host.release_slot("held-too").instance == "held-too"            # no node: the credential's own
+    assert not [s for s in host.list_slots() if s.instance.startswith("held-")]
+
 def test_twenty_concurrent_deployments_over_soap_cannot_overshoot(site, people, grid_pki):
     enforcer = Enforcer(site.pep())
     image = {"type": "image", "vo": "bio", "owner": people["carol"].dn, "name": "emboss"}
