@@ -173,12 +173,8 @@ class Enforcer:
         subject = _subject(caller)
         context = dict(context or {})
         if isinstance(self.pdp, SlotKeeper):
-            if ahead:
-                decision, slot = self.pdp.claim_slot(subject, action, instance, dict(resource or {}), context,
-                                                     self.identity, ahead=ahead)
-            else:
-                decision, slot = self.pdp.claim_slot(subject, action, instance, dict(resource or {}), context,
-                                                     self.identity)
+            decision, slot = self.pdp.claim_slot(subject, action, instance, dict(resource or {}), context,
+                                                 self.identity, ahead=ahead)
             enforce_obligations(decision, context)
             return decision, slot
         decision = self.check(caller, action, resource, context)
