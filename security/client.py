@@ -30,6 +30,7 @@ from . import safexml
 from .pki import Credential, host_of
 from .replay import MemoryReplayCache, ReplayCache
 from .https import HTTPSError, HTTPSPool
+from .middleware import addressing_headers
 from .tls import client_ssl_context, grid_session
 from .trust import Caller, TrustStore
 from .wssec import (DEFAULT_POLICY, SOAP11, WSSE, FailedAuthentication, InvalidSecurity, SecurityPolicy,
@@ -110,17 +111,9 @@ class GridWSSE:
         return envelope
 
 
-WSA_NAMESPACES = ("http://www.w3.org/2005/08/addressing", "http://schemas.xmlsoap.org/ws/2004/08/addressing")
-
-
 def _addressing(envelope: etree._Element, name: str) -> str | None:
     """The text of the envelope's WS-Addressing header `name` (1.0 or 2004/08), or None."""
-    header = envelope.find(f"{{{SOAP11}}}Header")
-    for ns in WSA_NAMESPACES if header is not None else ():
-        el = header.find(f"{{{ns}}}{name}")
-        if el is not None:
-            return (el.text or "").strip()
-    return None
+    return next((text for _, text in addressing_headers(envelope, name)), None)
 
 
 def _refused_unread(fault: etree._Element) -> bool:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import io
 import logging
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from lxml import etree
 
@@ -73,14 +73,18 @@ def fault_envelope(faultcode: etree.QName | str, faultstring: str, *, detail: et
     return env
 
 
+def addressing_headers(envelope: etree._Element, name: str) -> Iterator[tuple[str, str]]:
+    """(namespace, stripped text) of each WS-Addressing header ``name`` of the envelope, 1.0 before 2004/08."""
+    header = envelope.find(f"{{{SOAP11}}}Header")
+    for ns in (WSA, WSA_2004) if header is not None else ():
+        el = header.find(f"{{{ns}}}{name}")
+        if el is not None:
+            yield ns, (el.text or "").strip()
+
+
 def _message_id(root: etree._Element) -> tuple[str, str] | None:
     """The WS-Addressing namespace and MessageID of a verified request, or None."""
-    header = root.find(f"{{{SOAP11}}}Header")
-    for ns in (WSA, WSA_2004) if header is not None else ():
-        el = header.find(f"{{{ns}}}MessageID")
-        if el is not None and (el.text or "").strip():
-            return ns, el.text.strip()
-    return None
+    return next(((ns, text) for ns, text in addressing_headers(root, "MessageID") if text), None)
 
 
 class WSSecurityMiddleware:
