@@ -25,6 +25,7 @@ CREATE TABLE IF NOT EXISTS slots (
 CREATE INDEX IF NOT EXISTS slots_subject ON slots(subject);
 CREATE INDEX IF NOT EXISTS slots_grp ON slots(grp);
 CREATE INDEX IF NOT EXISTS slots_claimant ON slots(claimant);
+CREATE INDEX IF NOT EXISTS slots_expires ON slots(expires);   -- every claim drops the expired first
 """
 
 
