@@ -376,13 +376,14 @@ class Credential:
                 + b"".join(c.public_bytes(serialization.Encoding.PEM) for c in self.chain))
 
 
-def write_private(path: Path | str, data: bytes) -> Path:
-    """Write a file readable by its owner only (0600), atomically."""
+def _write_atomically(path: Path | str, data: bytes, mode: int) -> Path:
+    """Write ``data`` to ``path`` with permissions ``mode``, atomically (a temporary file beside it, then a rename):
+    a reader sees the old file or the new one, never a part, and the mode is set before any byte is written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        os.fchmod(fd, 0o600)
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
@@ -390,21 +391,16 @@ def write_private(path: Path | str, data: bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_private(path: Path | str, data: bytes) -> Path:
+    """Write a file readable by its owner only (0600), atomically."""
+    return _write_atomically(path, data, 0o600)
 
 
 def write_public(path: Path | str, data: bytes) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write a file anyone may read (0644), atomically."""
+    return _write_atomically(path, data, 0o644)
 
 
 def save_credential(cred: Credential, cert_path: Path | str, key_path: Path | str,
