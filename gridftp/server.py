@@ -114,6 +114,10 @@ class GridFTPServer:
     ``gsi``: with a credential, also offer ``AUTH GSSAPI`` (the Globus GSI mechanism, :mod:`security.gsi`).
     ``gridmap``: a Globus grid-mapfile (path) or a set of DNs; only those DNs may log in (None: any
     trusted DN, the path rules decide). ``accept_limited_proxies``: False refuses limited proxies.
+    ``max_sessions``: control connections at once. Of them, at most ``max_unauthenticated_per_host`` (default
+    ``max_sessions // 4``) from one address may be not yet logged in, and a session not logged in within
+    ``login_timeout`` seconds is closed (421, also while a line trickles in), so a host whose connections never
+    authenticate cannot hold every session and keep the users out.
     """
 
     def __init__(self, root_or_vfs: str | os.PathLike | FileSpace, host: str = "127.0.0.1", port: int = 0,
@@ -121,7 +125,8 @@ class GridFTPServer:
                  authorize: Authorize | None = None, anonymous: bool = False, upload_area: str | None = None,
                  insecure_anonymous_writes: bool = False, max_rate: float = 0, marker_interval: float = 5.0,
                  require_private_data: bool = True, durable: bool = True, max_sessions: int = 64,
-                 max_file_size: int = 1 << 40, idle_timeout: float = 900.0,
+                 max_file_size: int = 1 << 40, idle_timeout: float = 900.0, login_timeout: float = 60.0,
+                 max_unauthenticated_per_host: int | None = None,
                  identify: Callable[[ssl.SSLSocket], str] | None = None,
                  data_peers: Iterable[str] = (), gsi: bool = True,
                  gridmap: str | os.PathLike | set[str] | None = None, accept_limited_proxies: bool = True,
@@ -141,6 +146,9 @@ class GridFTPServer:
         self.max_sessions = max_sessions
         self.max_file_size = max_file_size
         self.idle_timeout = idle_timeout
+        self.login_timeout = login_timeout
+        self.max_unauthenticated_per_host = max(1, max_sessions // 4 if max_unauthenticated_per_host is None
+                                                else max_unauthenticated_per_host)
         self.banner = banner
         self.data_peers = [ipaddress.ip_network(p, strict=False) for p in data_peers]
         self.gsi = gsi and self.tls is not None
@@ -198,7 +206,8 @@ class GridFTPServer:
                 time.sleep(0.1)
                 continue
             with self._lock:
-                busy = len(self._sessions) >= self.max_sessions
+                waiting = sum(1 for s in self._sessions if not s.logged_in and s.peer[0] == peer[0])
+                busy = len(self._sessions) >= self.max_sessions or waiting >= self.max_unauthenticated_per_host
             if busy:
                 try:
                     conn.sendall(b"421 Too many sessions; try again later.\r\n")
@@ -397,11 +406,22 @@ class _Session:
     # -- loop ----------------------------------------------------------------------------------------
     def run(self) -> None:
         ctl = self.control
+        login_by = time.monotonic() + self.server.login_timeout
         try:
-            ctl.sock.settimeout(self.server.idle_timeout)
+            ctl.sock.settimeout(min(self.server.idle_timeout, self.server.login_timeout))
             ctl.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             ctl.send_reply(220, self.server.banner)
             while not ctl.closed:
+                if not self.logged_in:
+                    if time.monotonic() >= login_by:
+                        log.warning("session %s not logged in within %.0f s: closed", self.peer,
+                                    self.server.login_timeout)
+                        ctl.send_reply(421, "Login timed out; closing the connection.")
+                        break
+                    ctl.deadline = login_by         # also a line trickled in a byte at a time
+                elif ctl.deadline is not None:
+                    ctl.deadline = None
+                    ctl.sock.settimeout(self.server.idle_timeout)
                 if self.queued:
                     line = self.queued.pop(0)
                 else:

@@ -787,3 +787,35 @@ def test_a_226_after_abor_means_the_path_is_free(writable, monkeypatch):
     conn.close()
     assert writable.reply().code == 226
     assert events.index("release /up/again") < events.index("reply 226")
+
+
+def test_connections_that_never_log_in_cannot_hold_the_server(start_server):
+    """One host opening control connections and never logging in (idle, or trickling a line a byte at a time)
+    held every session until idle_timeout (900 s), and NOOPs kept them for ever: no one else could connect."""
+    server = start_server(max_sessions=8, login_timeout=2)
+    attacker = []
+    for _ in range(3):
+        s = socket.socket()
+        s.bind(("127.0.0.2", 0))
+        s.settimeout(30)
+        s.connect(("127.0.0.1", server.port))
+        attacker.append(s)
+    greetings = [s.recv(200) for s in attacker]
+    assert [g[:3] for g in greetings] == [b"220", b"220", b"421"]    # one host: at most 8 // 4 not logged in
+    legit = RawFTP("127.0.0.1", server.port)                          # another host still gets in
+    legit.login_anonymous()
+    legit.expect("NOOP", 200)
+    # the waiting connections are closed at the login deadline, NOOPs or a trickled line notwithstanding
+    idle, trickle = attacker[0], attacker[1]
+    idle.sendall(b"NOOP\r\n")
+    assert idle.recv(200).startswith(b"200")
+    for byte in b"NOO":
+        trickle.sendall(bytes([byte]))
+    for s in (idle, trickle):
+        tail = b""
+        while chunk := s.recv(200):                   # the server ends them (a test timeout otherwise)
+            tail += chunk
+        assert tail == b"" or tail.startswith(b"421")
+    for s in attacker:
+        s.close()
+    legit.close()
