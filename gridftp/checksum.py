@@ -13,8 +13,10 @@ the rest to the caller of :meth:`PrefixHasher.finish`.
 """
 from __future__ import annotations
 
+import errno
 import mmap
 import os
+import stat
 import sys
 import threading
 import zlib
@@ -120,8 +122,12 @@ def hash_fd(fd: int, algorithm: str, offset: int = 0, length: int = -1) -> str:
 
 
 def hash_file(path: str | os.PathLike, algorithm: str = "SHA256", offset: int = 0, length: int = -1) -> str:
-    fd = os.open(path, os.O_RDONLY)
+    """Hex digest of a plain file (or a range of it); anything else (a FIFO put in a file's place, whose open
+    would wait for a writer for ever, a device) raises OSError."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, f"{os.fspath(path)} is not a plain file")
         return hash_fd(fd, algorithm, offset, length)
     finally:
         os.close(fd)

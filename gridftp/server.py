@@ -1210,9 +1210,13 @@ class _Session:
             else:
                 todo = [(section_start, end)]
             try:
-                fd = os.open(real, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                # non-blocking: a FIFO swapped in since the stat (a job's process can) must not hold the session
+                fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
             except OSError as exc:
                 raise _Reply(550, f"{vpath}: {exc.strerror}.") from None
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise _Reply(550, f"{vpath}: not a plain file.")
         except _Reply:
             self._reset_transfer_state()
             raise
