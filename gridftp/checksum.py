@@ -128,9 +128,33 @@ def hash_file(path: str | os.PathLike, algorithm: str = "SHA256", offset: int = 
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(errno.EINVAL, f"{os.fspath(path)} is not a plain file")
-        return hash_fd(fd, algorithm, offset, length)
+        h = new_hash(algorithm)
+        size = os.fstat(fd).st_size
+        end = size if length < 0 else offset + length
+        if end > size:
+            raise GridFTPError(f"file shorter than {end} bytes")
+        update_from_reads(h, fd, offset, end)
+        return h.hexdigest()
     finally:
         os.close(fd)
+
+
+def update_from_reads(h, fd: int, start: int, end: int, chunk: int = CHUNK) -> None:
+    """Feed ``[start, end)`` of a file to ``h`` by reading it (a copy, about 10 % slower than
+    :func:`update_from_file` for SHA-256): for files another party may truncate meanwhile (a served file, a job's
+    output), whose mapping would kill the process with SIGBUS. A file that shrinks raises OSError."""
+    buf = bytearray(min(chunk, max(0, end - start)) or 1)
+    view = memoryview(buf)
+    pos = start
+    try:
+        while pos < end:
+            n = os.preadv(fd, [view[:min(len(buf), end - pos)]], pos)
+            if n == 0:
+                raise OSError(errno.EIO, f"the file shrank to {pos} bytes while it was hashed")
+            h.update(view[:n])
+            pos += n
+    finally:
+        view.release()
 
 
 BACKGROUND_NICE = 19            # the prefix hasher's priority while the data still arrives (Linux nice value)

@@ -32,7 +32,7 @@ from .control import ControlChannel, LineTooLong
 from .datachannel import (Counter, ModeEReceiver, ModeESender, Throttle, Worker, accept_connections,
                           accept_one, close_all, connect_streams, open_listener, receive_stream, send_stream,
                           shutdown_listener)
-from .errors import AuthenticationError, ChecksumMismatch, PathError, ProtocolError, TransferError
+from .errors import AuthenticationError, ChecksumMismatch, GridFTPError, PathError, ProtocolError, TransferError
 from .filespace import PART_SUFFIX, SIDECAR_SUFFIX, FileSpace, LocalFileSpace, is_internal, normalize
 from .partial import PartialFile
 from .protocol import (MAX_PARALLELISM, RetrOptions, format_host_port, format_mdtm,
@@ -940,6 +940,8 @@ class _Session:
                     known = hash_file(real, alg, offset, length)
                 except OSError as exc:
                     raise _Reply(451, f"Cannot read {vpath}: {exc.strerror}.") from None
+                except GridFTPError:         # it shrank since the stat above
+                    raise _Reply(451, f"Cannot read {vpath}: it changed while it was read.") from None
                 self.server.checksums.put(key, known)
         self.reply(213, known)
 
