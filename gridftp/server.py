@@ -38,7 +38,7 @@ from .partial import PartialFile
 from .protocol import (MAX_PARALLELISM, RetrOptions, format_host_port, format_mdtm,
                        format_perf_marker, parse_eprt, parse_host_port, parse_retr_options, split_command)
 from .gsidata import GSIData, tls_config as gsi_tls_config
-from .ranges import RangeSet
+from .ranges import MAX_OFFSET, RangeSet
 from .tls import Credential, DataTLS, TLSConfig, TrustStore
 
 log = logging.getLogger("gridftp.server")
@@ -852,7 +852,9 @@ class _Session:
         if not arg:
             raise _Reply(501, "REST needs an offset or ranges.")
         if arg.isdigit():
-            offset = int(arg)
+            offset = self._int(arg, "restart offset")
+            if offset > MAX_OFFSET:
+                raise _Reply(501, f"Bad restart offset: {arg[:40]!r}.")
             self.rest = RangeSet([(0, offset)]) if self.mode == "E" else offset
         else:
             try:

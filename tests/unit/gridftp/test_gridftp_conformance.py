@@ -192,6 +192,11 @@ def test_rest_opts_sbuf_allo_scks_arguments(ftp):
     ftp.expect("REST abc", 501)
     ftp.expect("REST 10-5", 501)
     ftp.expect("REST 0-10,x", 501)
+    # numbers Python's int() refuses (over 4,300 digits) or that no 64-bit offset holds: a 501, and the session
+    # goes on (the uncaught ValueError ended it)
+    for huge in ("9" * 5000, "0-" + "9" * 5000, "9" * 30, "0-" + "9" * 30):
+        ftp.expect("REST " + huge, 501)
+    ftp.expect("NOOP", 200)
     ftp.expect("OPTS RETR Parallelism=4,4,4;", 200)
     ftp.expect("OPTS RETR Parallelism=2;", 200)
     ftp.expect("OPTS RETR StripeLayout=Partitioned;Parallelism=3,1,8;", 200)
