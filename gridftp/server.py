@@ -1555,6 +1555,12 @@ class _Session:
                 grant = self.server.grant(vpath, real, None, self.server.max_file_size)
             except QuotaExceeded as exc:
                 raise _Reply(552, str(exc)) from None
+            if offset >= (self.server.max_file_size if grant is None else grant.granted):
+                # no byte at that offset could land: refused now, before a file is made for it
+                if grant is not None:
+                    grant.release()
+                    raise _Reply(552, f"{grant.exceeded()}")
+                raise _Reply(552, f"Files may not exceed {self.server.max_file_size} bytes here.")
             try:
                 fd = os.open(real, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
             except OSError as exc:

@@ -681,6 +681,10 @@ def test_an_upload_area_quota_refuses_what_does_not_fit_and_keeps_nothing_of_it(
     final = _final(s)
     assert final.code == 552 and "quota" in final.text and "100000 of your 100000 bytes" in final.text
     assert sorted(p.name for p in (tree / "up").iterdir()) == ["old"]
+    # ESTO at an offset past the room: refused before its 150, no empty file made for it (one was left behind)
+    s.pasv()
+    assert s.cmd("ESTO A 60000 /up/esto").code == 552
+    assert sorted(p.name for p in (tree / "up").iterdir()) == ["old"]
     # MODE E, a block past the room
     s.expect("MODE E", 200)
     addr = s.pasv()
