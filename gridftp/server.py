@@ -1117,6 +1117,8 @@ class _Session:
         if not arg.split():
             raise _Reply(501, "SPOR needs at least one host-port.")
         self.data.clear()
+        if len(arg.split()) > MAX_PARALLELISM:
+            raise _Reply(501, f"SPOR takes at most {MAX_PARALLELISM} host-ports.")
         addresses = [parse_host_port(hp) for hp in arg.split()]
         for host, port in addresses:
             self._check_port(host, port)
@@ -1257,6 +1259,9 @@ class _Session:
             self._reset_transfer_state()
 
     def _open_active(self, per_address: int, protection) -> list[socket.socket]:
+        """``per_address`` connections to each PORT/SPOR address, at most MAX_PARALLELISM in all (each costs a
+        socket and a thread while it connects)."""
+        per_address = max(1, min(per_address, MAX_PARALLELISM // max(1, len(self.data.active))))
         try:
             return connect_streams(self.data.active, per_address, protection=protection, sbuf=self.sbuf)
         except (AuthenticationError, TransferError) as exc:

@@ -306,6 +306,31 @@ def test_retr_mode_e_parallel_streams(ftp, tree):
     assert len(eofs) == 1
 
 
+def test_spor_cannot_make_the_server_open_thousands_of_connections(ftp, tree):
+    """SPOR named as many host-ports as a 32 KiB line holds (some 1,800), each then got OPTS RETR's parallelism
+    (up to 64) of connections, each opened by a thread of its own: one RETR made the server start some 115,000
+    threads and sockets, enough to take every descriptor of the process (the repository's container with it).
+    Now SPOR takes at most 64 host-ports and a RETR opens at most 64 connections in all."""
+    data = (tree / "data" / "f3m").read_bytes()
+    listener = listen()
+    listener.listen(1024)
+    for line in ("TYPE I", "MODE E", "OPTS RETR Parallelism=64;"):
+        assert ftp.cmd(line).ok
+    ftp.expect("SPOR " + " ".join([port_arg(listener)] * 65), 501)
+    ftp.expect("SPOR " + " ".join([port_arg(listener)] * 8), 200)
+    assert ftp.cmd("RETR /data/f3m").code == 150
+    conns = accept_n(listener, 64)                  # 8 x 64 = 512 without the bound
+    blocks, descs = read_mode_e(conns)
+    assert ftp.reply().code == 226
+    assert assemble(blocks) == data and sum(1 for d in descs if d & DESC_EOD) == 64
+    listener.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        listener.accept()                           # no 65th connection
+    for c in conns:
+        c.close()
+    listener.close()
+
+
 def test_retr_mode_e_rest_ranges_sends_only_the_missing(ftp, tree):
     data = (tree / "data" / "f3m").read_bytes()
     held = RangeSet([(0, 1_000_000), (2_000_000, 2_500_000)])
