@@ -494,6 +494,24 @@ def test_stor_mode_e_out_of_order_blocks_and_markers(writable, tree):
     assert any(r.code == 112 and "Stripe Bytes Transferred" in r.text for r in replies)
 
 
+def test_a_mode_e_store_takes_at_most_64_data_connections(writable, tree):
+    """A MODE E STOR accepted every data connection a client opened, each with a receiving thread of its own:
+    thousands of them from one client cost the server process as many threads and descriptors. The 65th now
+    fails the store (what arrived is kept for a restart, as for any failed store)."""
+    writable.expect("TYPE I", 200)
+    writable.expect("MODE E", 200)
+    addr = writable.pasv()
+    assert writable.cmd("STOR /up/many").code == 150
+    conns = [socket.create_connection(addr) for _ in range(65)]
+    final = writable.reply()
+    while final.preliminary:
+        final = writable.reply()
+    assert final.code >= 400 and "more than 64 data connections" in final.text
+    for c in conns:
+        c.close()
+    assert not (tree / "up" / "many").exists()
+
+
 def test_stor_checksum_mismatch_is_refused_and_nothing_appears(writable, tree):
     payload = os.urandom(100_000)
     addr = writable.pasv()
