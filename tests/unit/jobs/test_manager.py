@@ -118,6 +118,20 @@ def test_cancel_kills_the_whole_process_group(jobs):
         jobs.cancel(OWNER, job.key)
 
 
+def test_what_a_job_leaves_running_ends_with_it(jobs):
+    """A program that started a child in the background and exited: the child outlived the job (Done), its
+    Destroy and its lifetime; one that kept the output pipes kept the job Active until its lifetime ended."""
+    start = ("import subprocess, sys; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)']"
+             "{}); open('child.pid', 'w').write(str(p.pid))")
+    for keeps_pipes in (False, True):
+        job = jobs.submit(OWNER, JobSpec(PY, ("-c", start.format(
+            "" if keeps_pipes else ", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL"))))
+        done = wait_final(jobs, job.key)
+        assert done.state == JobState.DONE
+        child = int((jobs.jobs_dir / job.key / "child.pid").read_text())
+        wait_until(lambda: proc_start_time(child) is None)        # the child is gone with the job
+
+
 def test_only_the_owner_and_admins_may_do_anything_and_others_learn_nothing(jobs):
     job = jobs.submit(OWNER, JobSpec(PY, ("-c", "pass")))
     wait_final(jobs, job.key)
