@@ -114,7 +114,8 @@ class GridFTPServer:
     ``gsi``: with a credential, also offer ``AUTH GSSAPI`` (the Globus GSI mechanism, :mod:`security.gsi`).
     ``gridmap``: a Globus grid-mapfile (path) or a set of DNs; only those DNs may log in (None: any
     trusted DN, the path rules decide). ``accept_limited_proxies``: False refuses limited proxies.
-    ``max_sessions``: control connections at once. Of them, at most ``max_unauthenticated_per_host`` (default
+    ``max_quota_names``: the most files and directories a quota's directory (:meth:`FileSpace.quota`) may hold
+    (empty files cost no bytes but an inode each). ``max_sessions``: control connections at once. Of them, at most ``max_unauthenticated_per_host`` (default
     ``max_sessions // 4``) from one address may be not yet logged in, and a session not logged in within
     ``login_timeout`` seconds is closed (421, also while a line trickles in), so a host whose connections never
     authenticate cannot hold every session and keep the users out.
@@ -126,7 +127,7 @@ class GridFTPServer:
                  insecure_anonymous_writes: bool = False, max_rate: float = 0, marker_interval: float = 5.0,
                  require_private_data: bool = True, durable: bool = True, max_sessions: int = 64,
                  max_file_size: int = 1 << 40, idle_timeout: float = 900.0, login_timeout: float = 60.0,
-                 max_unauthenticated_per_host: int | None = None,
+                 max_unauthenticated_per_host: int | None = None, max_quota_names: int = 1000,
                  identify: Callable[[ssl.SSLSocket], str] | None = None,
                  data_peers: Iterable[str] = (), gsi: bool = True,
                  gridmap: str | os.PathLike | set[str] | None = None, accept_limited_proxies: bool = True,
@@ -147,6 +148,7 @@ class GridFTPServer:
         self.max_file_size = max_file_size
         self.idle_timeout = idle_timeout
         self.login_timeout = login_timeout
+        self.max_quota_names = max_quota_names
         self.max_unauthenticated_per_host = max(1, max_sessions // 4 if max_unauthenticated_per_host is None
                                                 else max_unauthenticated_per_host)
         self.banner = banner
@@ -272,6 +274,9 @@ class GridFTPServer:
             room = quota - used
             if (wanted is None and room <= 0) or (wanted is not None and wanted > room):
                 raise QuotaExceeded(quota, used, wanted)
+            names = {e.name.removesuffix(SIDECAR_SUFFIX).removesuffix(PART_SUFFIX) for e in entries} | receiving
+            if name not in names and len(names) >= self.max_quota_names:
+                raise QuotaExceeded(quota, used, wanted, names=self.max_quota_names)
             granted = min(room if wanted is None else wanted, limit)
             key = (area, name, object())       # ESTOs of one file from several sessions: one grant each
             self._granted[key] = granted
@@ -322,11 +327,15 @@ class GridFTPServer:
 
 
 class QuotaExceeded(Exception):
-    """A store the quota of its directory has no room for (552)."""
+    """A store the quota of its directory has no room for (552): bytes, or names (``names``: the most it holds)."""
 
-    def __init__(self, quota: int, used: int, wanted: int | None):
+    def __init__(self, quota: int, used: int, wanted: int | None, *, names: int | None = None):
         self.quota, self.used, self.wanted = quota, used, wanted
         need = f"{wanted} bytes" if wanted is not None else "more bytes"
+        if names is not None:
+            super().__init__(f"Upload quota exceeded: this directory holds at most {names} files and directories; "
+                             f"delete or register uploads first.")
+            return
         super().__init__(f"Upload quota exceeded: this needs {need}, and {used} of your {quota} bytes are in use; "
                          f"delete or register uploads first.")
 
@@ -1000,6 +1009,12 @@ class _Session:
     def cmd_MKD(self, arg: str):
         vpath = self._path(arg)
         self._authorize("write", vpath)
+        real = self._real(vpath)
+        if self.server.files.quota(vpath) is not None and not real.exists():
+            try:        # a directory is one more name of a quota's directory (no bytes are granted to it)
+                self.server.grant(vpath, real, 0, 0).release()
+            except QuotaExceeded as exc:
+                raise _Reply(552, str(exc)) from None
         try:
             os.mkdir(self._real(vpath))
         except FileExistsError:

@@ -791,6 +791,36 @@ def test_an_upload_area_quota_refuses_what_does_not_fit_and_keeps_nothing_of_it(
     s.close()
 
 
+def test_a_quota_bounds_the_number_of_names_too(start_server, tree):
+    """Empty files cost no bytes of a quota but an inode each: any VO member could fill the repository's file
+    system with millions of them (or of directories, MKD) in their upload area. A quota's directory now holds at
+    most max_quota_names files and directories; replacing or deleting one is always possible."""
+    server = start_server(_QuotaSpace(tree, 100_000), upload_area="/up", insecure_anonymous_writes=True,
+                          max_quota_names=3)
+    s = RawFTP("127.0.0.1", server.port)
+    s.login_anonymous()
+
+    def store(name: str) -> int:
+        addr = s.pasv()
+        reply = s.cmd(f"STOR /up/{name}")
+        if reply.code != 150:
+            return reply.code
+        socket.create_connection(addr).close()        # an empty file
+        return _final(s).code
+
+    assert [store(n) for n in ("a", "b")] == [226, 226]
+    s.expect("MKD /up/d", 257)
+    s.pasv()
+    refused = s.cmd("STOR /up/c")
+    assert refused.code == 552 and "at most 3 files and directories" in refused.text
+    assert s.cmd("MKD /up/e").code == 552
+    assert sorted(p.name for p in (tree / "up").iterdir()) == ["a", "b", "d"]
+    assert store("a") == 226                           # replacing a name takes no new one
+    s.expect("DELE /up/b", 250)
+    assert store("c") == 226
+    assert sorted(p.name for p in (tree / "up").iterdir()) == ["a", "c", "d"]
+
+
 def test_one_path_is_stored_by_one_session_at_a_time(writable, start_server, tree):
     other = RawFTP("127.0.0.1", writable.server.port)
     other.login_anonymous()
