@@ -21,7 +21,8 @@ import stat
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -165,6 +166,8 @@ class GridFTPServer:
         self._granted: dict[tuple[Path, str, object], int] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
+        self._hashers: dict[str, list] = {}          # identity -> [its CKSM lock, sessions using it]
+        self._hash_slots = threading.BoundedSemaphore(max(1, os.cpu_count() or 1))
 
     # -- lifecycle ---------------------------------------------------------------------------------
     @property
@@ -281,6 +284,22 @@ class GridFTPServer:
             key = (area, name, object())       # ESTOs of one file from several sessions: one grant each
             self._granted[key] = granted
         return Grant(self, key, quota, used, granted)
+
+    @contextmanager
+    def hashing(self, who: str) -> Iterator[None]:
+        """A CKSM's hashing: one at a time per identity, and at most one per CPU in all, so that one user's
+        sessions asking CKSMs of large ranges at once wait for each other instead of taking every CPU."""
+        with self._lock:
+            mine = self._hashers.setdefault(who, [threading.Lock(), 0])
+            mine[1] += 1
+        try:
+            with mine[0], self._hash_slots:
+                yield
+        finally:
+            with self._lock:
+                mine[1] -= 1
+                if mine[1] == 0:
+                    del self._hashers[who]
 
     def _forget(self, session: "_Session") -> None:
         with self._lock:
@@ -948,7 +967,8 @@ class _Session:
             known = self.server.checksums.get(key)
             if known is None:
                 try:
-                    known = hash_file(real, alg, offset, length)
+                    with self.server.hashing(self.dn or f"anonymous@{self.peer[0]}"):
+                        known = hash_file(real, alg, offset, length)
                 except OSError as exc:
                     raise _Reply(451, f"Cannot read {vpath}: {exc.strerror}.") from None
                 except GridFTPError:         # it shrank since the stat above

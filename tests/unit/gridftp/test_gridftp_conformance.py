@@ -175,6 +175,48 @@ def test_cksm_algorithms_whole_and_ranges(ftp, tree, alg, fn):
     assert ftp.expect(f"CKSM {alg} {len(data)} 0 /data/f3m", 213).text == fn(b"")
 
 
+def test_one_identitys_cksms_are_hashed_one_at_a_time(start_server, tree, monkeypatch):
+    """One user asking CKSMs of large ranges from many sessions at once had them all hashed at once (each range a
+    new cache key): every CPU of the server's host. Now one identity's hashing runs one at a time (and at most
+    one per CPU in all). Observed by wrapping the real hash_file: each call waits for a second one to start
+    beside it (up to 3 s), and the most that ran at once is counted."""
+    import gridftp.server as server_module
+
+    real_hash_file = server_module.hash_file
+    running, most = [0], [0]
+    both = threading.Barrier(2)
+    lock = threading.Lock()
+
+    def watched(*args, **kwargs):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            both.wait(timeout=3)
+        except threading.BrokenBarrierError:
+            pass
+        try:
+            return real_hash_file(*args, **kwargs)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(server_module, "hash_file", watched)
+    server = start_server()
+    sessions = [RawFTP("127.0.0.1", server.port) for _ in range(2)]
+    for s in sessions:
+        s.login_anonymous()
+    replies = []
+    threads = [threading.Thread(target=lambda s=s, n=n: replies.append(s.cmd(f"CKSM SHA256 {n} 100 /data/f3m").code))
+               for n, s in enumerate(sessions)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert replies == [213, 213]
+    assert most[0] == 1
+
+
 def test_cksm_bad_arguments(ftp):
     ftp.expect("CKSM CRC99 0 -1 /data/small", 504)
     ftp.expect("CKSM SHA256 x -1 /data/small", 501)
