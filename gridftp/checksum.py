@@ -13,8 +13,10 @@ the rest to the caller of :meth:`PrefixHasher.finish`.
 """
 from __future__ import annotations
 
+import errno
 import mmap
 import os
+import stat
 import sys
 import threading
 import zlib
@@ -120,11 +122,39 @@ def hash_fd(fd: int, algorithm: str, offset: int = 0, length: int = -1) -> str:
 
 
 def hash_file(path: str | os.PathLike, algorithm: str = "SHA256", offset: int = 0, length: int = -1) -> str:
-    fd = os.open(path, os.O_RDONLY)
+    """Hex digest of a plain file (or a range of it); anything else (a FIFO put in a file's place, whose open
+    would wait for a writer for ever, a device) raises OSError."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
-        return hash_fd(fd, algorithm, offset, length)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, f"{os.fspath(path)} is not a plain file")
+        h = new_hash(algorithm)
+        size = os.fstat(fd).st_size
+        end = size if length < 0 else offset + length
+        if end > size:
+            raise GridFTPError(f"file shorter than {end} bytes")
+        update_from_reads(h, fd, offset, end)
+        return h.hexdigest()
     finally:
         os.close(fd)
+
+
+def update_from_reads(h, fd: int, start: int, end: int, chunk: int = CHUNK) -> None:
+    """Feed ``[start, end)`` of a file to ``h`` by reading it (a copy, about 10 % slower than
+    :func:`update_from_file` for SHA-256): for files another party may truncate meanwhile (a served file, a job's
+    output), whose mapping would kill the process with SIGBUS. A file that shrinks raises OSError."""
+    buf = bytearray(min(chunk, max(0, end - start)) or 1)
+    view = memoryview(buf)
+    pos = start
+    try:
+        while pos < end:
+            n = os.preadv(fd, [view[:min(len(buf), end - pos)]], pos)
+            if n == 0:
+                raise OSError(errno.EIO, f"the file shrank to {pos} bytes while it was hashed")
+            h.update(view[:n])
+            pos += n
+    finally:
+        view.release()
 
 
 BACKGROUND_NICE = 19            # the prefix hasher's priority while the data still arrives (Linux nice value)

@@ -7,6 +7,7 @@ import binascii
 import select
 import socket
 import sys
+import time
 from collections.abc import Callable
 
 from .errors import ProtocolError
@@ -38,6 +39,8 @@ class ControlChannel:
         self.sock = sock
         self._buf = bytearray()
         self.closed = False
+        # a time.monotonic() by which the next line must be complete (None: only the socket's timeout)
+        self.deadline: float | None = None
         # RFC 2228 protection once a GSSAPI context is established: wrap/unwrap of that context
         self.wrap: Callable[[bytes], bytes] | None = None
         self.unwrap: Callable[[bytes], bytes] | None = None
@@ -59,15 +62,27 @@ class ControlChannel:
                 self._buf.clear()
                 self._drain_line()
                 raise LineTooLong("control line too long")
-            chunk = self.sock.recv(65536)
+            chunk = self._recv()
             if not chunk:
                 self.closed = True
                 return None
             self._buf += chunk
 
+    def _recv(self) -> bytes:
+        """Up to 64 KiB; with a :attr:`deadline`, a line trickled in a byte at a time still ends there
+        (TimeoutError)."""
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the control line did not arrive in time")
+            timeout = self.sock.gettimeout()
+            if timeout is None or timeout > left:
+                self.sock.settimeout(left)
+        return self.sock.recv(65536)
+
     def _drain_line(self) -> None:
         while True:
-            chunk = self.sock.recv(65536)
+            chunk = self._recv()
             if not chunk:
                 self.closed = True
                 return

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 from .control import is_tls
 from .errors import AuthenticationError, ProtocolError, TransferError
-from .protocol import (BLOCK_HEADER, DESC_CLOSE, DESC_EOD, DESC_EOF, DESC_ERRORS, DESC_RESTART)
+from .protocol import (BLOCK_HEADER, DESC_CLOSE, DESC_EOD, DESC_EOF, DESC_ERRORS, DESC_RESTART, MAX_PARALLELISM)
 from .ranges import split_blocks
 
 # a receiver's write failing for these is this side's storage: the reason to report, not the sender's abort it causes
@@ -574,8 +574,10 @@ class ModeEReceiver:
 
 def accept_connections(listener: socket.socket, receiver: ModeEReceiver, *,
                        protection: Protection | None = None, timeout: float = ACCEPT_TIMEOUT,
-                       on_first: Callable[[], None] | None = None) -> threading.Thread:
-    """Accept data connections for ``receiver`` in a thread until it completes or fails."""
+                       on_first: Callable[[], None] | None = None,
+                       max_connections: int = MAX_PARALLELISM) -> threading.Thread:
+    """Accept data connections for ``receiver`` in a thread until it completes or fails; one past
+    ``max_connections`` (each costs a socket and a receiving thread) fails the transfer."""
 
     def run() -> None:
         deadline = time.monotonic() + timeout
@@ -591,6 +593,10 @@ def accept_connections(listener: socket.socket, receiver: ModeEReceiver, *,
             except OSError as exc:
                 if not receiver.done:
                     receiver.fail(TransferError(f"data listener failed: {exc}"))
+                return
+            if receiver.connections >= max_connections:
+                conn.close()
+                receiver.fail(TransferError(f"more than {max_connections} data connections"))
                 return
             try:
                 set_idle_timeout(conn, DATA_TIMEOUT)

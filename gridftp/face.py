@@ -30,6 +30,13 @@ class GridFTPFace:
     def stop(self) -> None:
         self.server.stop()
 
+    def claim(self, vpath: str) -> bool:
+        """Hold ``vpath`` as a storing session does (False: a session is storing it); :meth:`release` it."""
+        return self.server.claim(vpath)
+
+    def release(self, vpath: str) -> None:
+        self.server.release(vpath)
+
     @property
     def base_url(self) -> str:
         return f"gsiftp://{self.public_host}:{self.server.port}"

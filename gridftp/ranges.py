@@ -144,13 +144,18 @@ class RangeSet:
         result = cls()
         for part in parts:
             start_s, sep, end_s = part.strip().partition("-")
-            if not sep or not start_s.isdigit() or not end_s.isdigit():
+            if not sep or not _offset_text(start_s) or not _offset_text(end_s):
                 raise ProtocolError(f"malformed range {part!r}")
             start, end = int(start_s), int(end_s)
             if end < start or end > MAX_OFFSET:
                 raise ProtocolError(f"bad range {part!r}")
             result.add(start, end)
         return result
+
+
+def _offset_text(text: str) -> bool:
+    """ASCII digits of a 64-bit number at most: int() of thousands of digits raises ValueError (and costs)."""
+    return text.isascii() and text.isdigit() and len(text) <= 20
 
 
 def split_blocks(ranges: Iterable[tuple[int, int]], block_size: int) -> Iterator[tuple[int, int]]:

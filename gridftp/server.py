@@ -21,7 +21,8 @@ import stat
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,13 +33,13 @@ from .control import ControlChannel, LineTooLong
 from .datachannel import (Counter, ModeEReceiver, ModeESender, Throttle, Worker, accept_connections,
                           accept_one, close_all, connect_streams, open_listener, receive_stream, send_stream,
                           shutdown_listener)
-from .errors import AuthenticationError, ChecksumMismatch, PathError, ProtocolError, TransferError
+from .errors import AuthenticationError, ChecksumMismatch, GridFTPError, PathError, ProtocolError, TransferError
 from .filespace import PART_SUFFIX, SIDECAR_SUFFIX, FileSpace, LocalFileSpace, is_internal, normalize
 from .partial import PartialFile
 from .protocol import (MAX_PARALLELISM, RetrOptions, format_host_port, format_mdtm,
                        format_perf_marker, parse_eprt, parse_host_port, parse_retr_options, split_command)
 from .gsidata import GSIData, tls_config as gsi_tls_config
-from .ranges import RangeSet
+from .ranges import MAX_OFFSET, RangeSet
 from .tls import Credential, DataTLS, TLSConfig, TrustStore
 
 log = logging.getLogger("gridftp.server")
@@ -114,6 +115,11 @@ class GridFTPServer:
     ``gsi``: with a credential, also offer ``AUTH GSSAPI`` (the Globus GSI mechanism, :mod:`security.gsi`).
     ``gridmap``: a Globus grid-mapfile (path) or a set of DNs; only those DNs may log in (None: any
     trusted DN, the path rules decide). ``accept_limited_proxies``: False refuses limited proxies.
+    ``max_quota_names``: the most files and directories a quota's directory (:meth:`FileSpace.quota`) may hold
+    (empty files cost no bytes but an inode each). ``max_sessions``: control connections at once. Of them, at most ``max_unauthenticated_per_host`` (default
+    ``max_sessions // 4``) from one address may be not yet logged in, and a session not logged in within
+    ``login_timeout`` seconds is closed (421, also while a line trickles in), so a host whose connections never
+    authenticate cannot hold every session and keep the users out.
     """
 
     def __init__(self, root_or_vfs: str | os.PathLike | FileSpace, host: str = "127.0.0.1", port: int = 0,
@@ -121,7 +127,8 @@ class GridFTPServer:
                  authorize: Authorize | None = None, anonymous: bool = False, upload_area: str | None = None,
                  insecure_anonymous_writes: bool = False, max_rate: float = 0, marker_interval: float = 5.0,
                  require_private_data: bool = True, durable: bool = True, max_sessions: int = 64,
-                 max_file_size: int = 1 << 40, idle_timeout: float = 900.0,
+                 max_file_size: int = 1 << 40, idle_timeout: float = 900.0, login_timeout: float = 60.0,
+                 max_unauthenticated_per_host: int | None = None, max_quota_names: int = 1000,
                  identify: Callable[[ssl.SSLSocket], str] | None = None,
                  data_peers: Iterable[str] = (), gsi: bool = True,
                  gridmap: str | os.PathLike | set[str] | None = None, accept_limited_proxies: bool = True,
@@ -141,6 +148,10 @@ class GridFTPServer:
         self.max_sessions = max_sessions
         self.max_file_size = max_file_size
         self.idle_timeout = idle_timeout
+        self.login_timeout = login_timeout
+        self.max_quota_names = max_quota_names
+        self.max_unauthenticated_per_host = max(1, max_sessions // 4 if max_unauthenticated_per_host is None
+                                                else max_unauthenticated_per_host)
         self.banner = banner
         self.data_peers = [ipaddress.ip_network(p, strict=False) for p in data_peers]
         self.gsi = gsi and self.tls is not None
@@ -155,6 +166,8 @@ class GridFTPServer:
         self._granted: dict[tuple[Path, str, object], int] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
+        self._hashers: dict[str, list] = {}          # identity -> [its CKSM lock, sessions using it]
+        self._hash_slots = threading.BoundedSemaphore(max(1, os.cpu_count() or 1))
 
     # -- lifecycle ---------------------------------------------------------------------------------
     @property
@@ -198,7 +211,8 @@ class GridFTPServer:
                 time.sleep(0.1)
                 continue
             with self._lock:
-                busy = len(self._sessions) >= self.max_sessions
+                waiting = sum(1 for s in self._sessions if not s.logged_in and s.peer[0] == peer[0])
+                busy = len(self._sessions) >= self.max_sessions or waiting >= self.max_unauthenticated_per_host
             if busy:
                 try:
                     conn.sendall(b"421 Too many sessions; try again later.\r\n")
@@ -263,10 +277,29 @@ class GridFTPServer:
             room = quota - used
             if (wanted is None and room <= 0) or (wanted is not None and wanted > room):
                 raise QuotaExceeded(quota, used, wanted)
+            names = {e.name.removesuffix(SIDECAR_SUFFIX).removesuffix(PART_SUFFIX) for e in entries} | receiving
+            if name not in names and len(names) >= self.max_quota_names:
+                raise QuotaExceeded(quota, used, wanted, names=self.max_quota_names)
             granted = min(room if wanted is None else wanted, limit)
             key = (area, name, object())       # ESTOs of one file from several sessions: one grant each
             self._granted[key] = granted
         return Grant(self, key, quota, used, granted)
+
+    @contextmanager
+    def hashing(self, who: str) -> Iterator[None]:
+        """A CKSM's hashing: one at a time per identity, and at most one per CPU in all, so that one user's
+        sessions asking CKSMs of large ranges at once wait for each other instead of taking every CPU."""
+        with self._lock:
+            mine = self._hashers.setdefault(who, [threading.Lock(), 0])
+            mine[1] += 1
+        try:
+            with mine[0], self._hash_slots:
+                yield
+        finally:
+            with self._lock:
+                mine[1] -= 1
+                if mine[1] == 0:
+                    del self._hashers[who]
 
     def _forget(self, session: "_Session") -> None:
         with self._lock:
@@ -313,11 +346,15 @@ class GridFTPServer:
 
 
 class QuotaExceeded(Exception):
-    """A store the quota of its directory has no room for (552)."""
+    """A store the quota of its directory has no room for (552): bytes, or names (``names``: the most it holds)."""
 
-    def __init__(self, quota: int, used: int, wanted: int | None):
+    def __init__(self, quota: int, used: int, wanted: int | None, *, names: int | None = None):
         self.quota, self.used, self.wanted = quota, used, wanted
         need = f"{wanted} bytes" if wanted is not None else "more bytes"
+        if names is not None:
+            super().__init__(f"Upload quota exceeded: this directory holds at most {names} files and directories; "
+                             f"delete or register uploads first.")
+            return
         super().__init__(f"Upload quota exceeded: this needs {need}, and {used} of your {quota} bytes are in use; "
                          f"delete or register uploads first.")
 
@@ -397,11 +434,22 @@ class _Session:
     # -- loop ----------------------------------------------------------------------------------------
     def run(self) -> None:
         ctl = self.control
+        login_by = time.monotonic() + self.server.login_timeout
         try:
-            ctl.sock.settimeout(self.server.idle_timeout)
+            ctl.sock.settimeout(min(self.server.idle_timeout, self.server.login_timeout))
             ctl.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             ctl.send_reply(220, self.server.banner)
             while not ctl.closed:
+                if not self.logged_in:
+                    if time.monotonic() >= login_by:
+                        log.warning("session %s not logged in within %.0f s: closed", self.peer,
+                                    self.server.login_timeout)
+                        ctl.send_reply(421, "Login timed out; closing the connection.")
+                        break
+                    ctl.deadline = login_by         # also a line trickled in a byte at a time
+                elif ctl.deadline is not None:
+                    ctl.deadline = None
+                    ctl.sock.settimeout(self.server.idle_timeout)
                 if self.queued:
                     line = self.queued.pop(0)
                 else:
@@ -832,7 +880,9 @@ class _Session:
         if not arg:
             raise _Reply(501, "REST needs an offset or ranges.")
         if arg.isdigit():
-            offset = int(arg)
+            offset = self._int(arg, "restart offset")
+            if offset > MAX_OFFSET:
+                raise _Reply(501, f"Bad restart offset: {arg[:40]!r}.")
             self.rest = RangeSet([(0, offset)]) if self.mode == "E" else offset
         else:
             try:
@@ -917,9 +967,12 @@ class _Session:
             known = self.server.checksums.get(key)
             if known is None:
                 try:
-                    known = hash_file(real, alg, offset, length)
+                    with self.server.hashing(self.dn or f"anonymous@{self.peer[0]}"):
+                        known = hash_file(real, alg, offset, length)
                 except OSError as exc:
                     raise _Reply(451, f"Cannot read {vpath}: {exc.strerror}.") from None
+                except GridFTPError:         # it shrank since the stat above
+                    raise _Reply(451, f"Cannot read {vpath}: it changed while it was read.") from None
                 self.server.checksums.put(key, known)
         self.reply(213, known)
 
@@ -976,6 +1029,12 @@ class _Session:
     def cmd_MKD(self, arg: str):
         vpath = self._path(arg)
         self._authorize("write", vpath)
+        real = self._real(vpath)
+        if self.server.files.quota(vpath) is not None and not real.exists():
+            try:        # a directory is one more name of a quota's directory (no bytes are granted to it)
+                self.server.grant(vpath, real, 0, 0).release()
+            except QuotaExceeded as exc:
+                raise _Reply(552, str(exc)) from None
         try:
             os.mkdir(self._real(vpath))
         except FileExistsError:
@@ -1093,6 +1152,8 @@ class _Session:
         if not arg.split():
             raise _Reply(501, "SPOR needs at least one host-port.")
         self.data.clear()
+        if len(arg.split()) > MAX_PARALLELISM:
+            raise _Reply(501, f"SPOR takes at most {MAX_PARALLELISM} host-ports.")
         addresses = [parse_host_port(hp) for hp in arg.split()]
         for host, port in addresses:
             self._check_port(host, port)
@@ -1190,9 +1251,13 @@ class _Session:
             else:
                 todo = [(section_start, end)]
             try:
-                fd = os.open(real, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                # non-blocking: a FIFO swapped in since the stat (a job's process can) must not hold the session
+                fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
             except OSError as exc:
                 raise _Reply(550, f"{vpath}: {exc.strerror}.") from None
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise _Reply(550, f"{vpath}: not a plain file.")
         except _Reply:
             self._reset_transfer_state()
             raise
@@ -1229,6 +1294,9 @@ class _Session:
             self._reset_transfer_state()
 
     def _open_active(self, per_address: int, protection) -> list[socket.socket]:
+        """``per_address`` connections to each PORT/SPOR address, at most MAX_PARALLELISM in all (each costs a
+        socket and a thread while it connects)."""
+        per_address = max(1, min(per_address, MAX_PARALLELISM // max(1, len(self.data.active))))
         try:
             return connect_streams(self.data.active, per_address, protection=protection, sbuf=self.sbuf)
         except (AuthenticationError, TransferError) as exc:
@@ -1527,6 +1595,12 @@ class _Session:
                 grant = self.server.grant(vpath, real, None, self.server.max_file_size)
             except QuotaExceeded as exc:
                 raise _Reply(552, str(exc)) from None
+            if offset >= (self.server.max_file_size if grant is None else grant.granted):
+                # no byte at that offset could land: refused now, before a file is made for it
+                if grant is not None:
+                    grant.release()
+                    raise _Reply(552, f"{grant.exceeded()}")
+                raise _Reply(552, f"Files may not exceed {self.server.max_file_size} bytes here.")
             try:
                 fd = os.open(real, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
             except OSError as exc:

@@ -2,9 +2,12 @@
 stage out), Cancel, lifetimes, and what a restart finds. GRAM's ManagedJobFactory, in vmgrid's words."""
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import re
 import shutil
+import stat
 import threading
 import time
 import uuid
@@ -274,7 +277,11 @@ class JobManager:
                 if i >= 2:
                     problems.append(f"output {name} was not produced")
                 continue
-            digest = hash_file(path)
+            try:
+                digest = hash_file(path)
+            except OSError as exc:           # the job left something else than a file there (a FIFO)
+                problems.append(f"output {name} cannot be read: {exc.strerror}")
+                continue
             if destination:
                 self.store.update(job.key, progress={**job.progress, "current": name})
                 try:
@@ -369,6 +376,8 @@ class JobManager:
             return _tail(Path(path), max_bytes)
         except FileNotFoundError:
             return 0, False, ""
+        except OSError as exc:
+            raise ResourceUnknown(f"log {name!r} cannot be read: {exc.strerror}", resource=name) from None
 
     # -- lifetimes and restarts -------------------------------------------------------------------------------
     def sweep(self, now: float | None = None) -> list[str]:
@@ -421,7 +430,13 @@ class JobManager:
 
 
 def _tail(path: Path, limit: int) -> tuple[int, bool, str]:
-    with open(path, "rb") as f:
+    """The end of a plain file; anything else a job may leave in its place (a FIFO, which would block the
+    reader for ever, a device) raises OSError."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, f"{path.name} is not a plain file")
+    with open(fd, "rb") as f:
         size = f.seek(0, 2)
         f.seek(max(0, size - limit))
         data = f.read(limit)

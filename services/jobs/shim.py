@@ -49,6 +49,30 @@ def own_start_time() -> str:
     return stat[stat.rfind(")") + 2:].split()[19]
 
 
+def end_the_rest_of_the_group() -> None:
+    """The program has ended: end what it left running in the job's process group (a child in the background
+    would outlive the job, its Destroy and its lifetime, and one holding the output pipes would keep the job
+    Active). SIGTERM to the group (this shim ignores it), then SIGKILL to each other member still there. A
+    process that left the group (setsid) is out of reach."""
+    group = os.getpgrp()
+    if group != os.getpid():
+        return                      # not leading a group of its own (run by hand): nothing is ours to end
+    try:
+        os.killpg(group, signal.SIGTERM)
+    except OSError:
+        return
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                stat = f.read()
+            if int(stat[stat.rfind(")") + 2:].split()[2]) == group:
+                os.kill(int(name), signal.SIGKILL)
+        except (OSError, ValueError, IndexError):
+            continue
+
+
 def main(spec_path: str) -> int:
     with open(spec_path) as f:
         spec = json.load(f)
@@ -75,6 +99,7 @@ def main(spec_path: str) -> int:
     for t in threads:
         t.start()
     code = proc.wait()
+    end_the_rest_of_the_group()     # before the joins: a process left behind may hold the output pipes
     for t in threads:
         t.join()
     status["exit"] = code          # negative: the signal that ended it

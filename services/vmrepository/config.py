@@ -12,6 +12,7 @@ class RepositoryConfig:
     upload_dir: str = ""  # the GridFTP upload area ("" = state_dir/uploads)
     max_image_bytes: int = 64 * 1024**3
     upload_quota_bytes: int = 128 * 1024**3  # what one user's upload area may hold, partial uploads included
+    upload_max_age: int = 7 * 24 * 3600  # seconds an upload (or what a cut one left) stays unregistered; 0 = kept
     default_limit: int = 20
     max_hold_seconds: int = 7 * 24 * 3600
     reserve_bytes: int = 8 * 1024 * 1024  # space kept free so RemoveImage works on a full disk (0: none)

@@ -14,6 +14,8 @@ import hashlib
 import logging
 import os
 import re
+import threading
+import time
 from pathlib import Path
 from typing import Protocol
 
@@ -51,10 +53,15 @@ def image_resource(rec: Record) -> dict[str, str]:
 
 
 class Transfers(Protocol):
-    """The repository's GridFTP face, as the core sees it: where its files are served."""
+    """The repository's GridFTP face, as the core sees it: where its files are served, and the claim a session
+    storing a path holds on it (:meth:`gridftp.server.GridFTPServer.claim`)."""
 
     @property
     def base_url(self) -> str: ...
+
+    def claim(self, vpath: str) -> bool: ...
+
+    def release(self, vpath: str) -> None: ...
 
 
 def _in_import(exc: VMGridFault, label: str) -> VMGridFault:
@@ -84,9 +91,50 @@ class Registry:
         self.index_report = self.catalogue.warm()
         log.info("query index of %d descriptors: %s", self.catalogue.count(), self.index_report)
         self.transfers: Transfers | None = None   # the GridFTP face, when this repository serves one
+        self._upload_lock = threading.Lock()
+        self._registering: set[Path] = set()      # uploads a RegisterImage is reading (kept from the sweep)
 
     def close(self) -> None:
         self.catalogue.close()
+
+    # -- the upload areas ---------------------------------------------------------------------------------
+    def sweep_uploads(self, now: float | None = None) -> list[str]:
+        """Remove the uploads nobody registered: each file of an upload area (with what a cut upload left for a
+        restart, ``NAME.vmgrid-part`` and its ranges) whose newest part was last written more than
+        ``upload_max_age`` seconds ago, unless a GridFTP session is storing it or a RegisterImage is reading it
+        right now. What a refused register (a checksum mismatch) or an abandoned upload left would otherwise
+        count against its owner's quota for ever. Returns the virtual paths removed."""
+        max_age = self.config.upload_max_age
+        if max_age <= 0:
+            return []
+        cutoff = (time.time() if now is None else now) - max_age
+        removed = []
+        for area in sorted(self.upload_dir.iterdir()):
+            if not area.is_dir() or area.is_symlink():
+                continue
+            uploads: dict[str, list[tuple[Path, float]]] = {}
+            for entry in os.scandir(area):
+                if entry.is_file(follow_symlinks=False):
+                    base = entry.name.removesuffix(".vmgrid-part.ranges").removesuffix(".vmgrid-part")
+                    uploads.setdefault(base, []).append((Path(entry.path), entry.stat(follow_symlinks=False).st_mtime))
+            for base, files in sorted(uploads.items()):
+                if max(m for _, m in files) > cutoff:
+                    continue
+                vpath = f"/uploads/{area.name}/{base}"
+                with self._upload_lock:
+                    if area / base in self._registering:
+                        continue
+                    if self.transfers is not None and not self.transfers.claim(vpath):
+                        continue                    # a session is storing it
+                    try:
+                        for path, _ in files:
+                            path.unlink(missing_ok=True)
+                    finally:
+                        if self.transfers is not None:
+                            self.transfers.release(vpath)
+                log.info("upload %s removed: unregistered for more than %d s", vpath, max_age)
+                removed.append(vpath)
+        return removed
 
     # -- authorization first ----------------------------------------------------------------------------
     def _lookup(self, ref: str) -> tuple[Record | None, dict[str, str]]:
@@ -148,6 +196,17 @@ class Registry:
         d = self._admit(caller, ws, source.context)
         owner = d.owner or caller.dn
         path = self._source_path(caller, source)
+        if source.kind != "upload":
+            return self._register_from(caller, ws, d, owner, path, source)
+        with self._upload_lock:
+            self._registering.add(path)            # the upload sweep leaves it alone meanwhile
+        try:
+            return self._register_from(caller, ws, d, owner, path, source)
+        finally:
+            with self._upload_lock:
+                self._registering.discard(path)
+
+    def _register_from(self, caller, ws, d: Descriptor, owner: str, path: Path, source: Source):
         if self.catalogue.find(d.vo, d.name):
             raise DuplicateName(f"an image named {d.name!r} already exists in VO {d.vo!r}", vo=d.vo, name=d.name)
         actual_format = image_format_of(path)

@@ -12,6 +12,7 @@ from services.container.service import CallContext, SoapService, operation
 from services.vmrepository import wire
 from services.vmrepository.config import RepositoryConfig
 from services.vmrepository.registry import Registry
+from services.wsrf.lifetime import Sweeper
 
 __all__ = ["VMRepositoryService", "RepositoryConfig"]
 
@@ -25,6 +26,7 @@ class VMRepositoryService(SoapService):
         self.config = config
         self.registry = Registry(self.state_dir, config, pdp)
         self.transfers = None  # set by attach_transfers: the GridFTP server of the store
+        self._upload_sweeper = None
 
     # the core's parts, as the tests and the GridFTP face reach them
     @property
@@ -55,8 +57,14 @@ class VMRepositoryService(SoapService):
     def start(self) -> None:
         if self.transfers is not None:
             self.transfers.start()
+        if self.config.upload_max_age > 0:
+            # an upload is removed between upload_max_age and 1.25 x upload_max_age (at most an hour) after it
+            self._upload_sweeper = Sweeper(self.registry.sweep_uploads, min(3600.0, self.config.upload_max_age / 4),
+                                           name="vmgrid-upload-sweep").start()
 
     def close(self) -> None:
+        if self._upload_sweeper is not None:
+            self._upload_sweeper.stop()
         if self.transfers is not None:
             self.transfers.stop()
         self.registry.close()

@@ -146,3 +146,47 @@ def test_an_upload_area_holds_at_most_its_quota(stored, tmp_path):
                    state_dir=tmp_path / "state4")
     assert sorted(p.name for p in mine.iterdir()) == ["second.raw"]
     assert server.service.registry.config.upload_quota_bytes == 128 * 1024**3    # the default (docs/configuration.md)
+
+
+def test_unregistered_uploads_are_swept_after_upload_max_age(stored, tmp_path):
+    """An upload whose register was refused (its sha256 does not match) and what a cut upload left stayed in the
+    upload area for ever, counting against the owner's quota; now they are removed once unregistered for
+    [repository] upload_max_age, except while a session is storing that name. Fresh uploads stay."""
+    import time
+
+    from lxml import etree
+
+    from services.descriptor import set_field
+    from services.faults import ChecksumMismatch
+
+    server, _ = stored
+    pki = server.pki
+    registry = server.service.registry
+    alice = server.client(pki.alice)
+    area = alice.upload_location()
+    mine = server.service.upload_dir / area.rstrip("/").rsplit("/", 1)[1]
+    src = server.image("refused.qcow2", fill=b"refused" * 100)
+    gridftp.upload(src, area + "refused.qcow2", 2, credential=pki.alice.proxy, trust=pki.trust(),
+                   state_dir=tmp_path / "state")
+    ws = etree.fromstring((EXAMPLES / "debian12-emboss.xml").read_bytes())
+    set_field(ws, "identity", "name", "refused")
+    set_field(ws, "image", "sha256", "0" * 64)
+    with pytest.raises(ChecksumMismatch):
+        alice.register(ws, upload="refused.qcow2")
+    # what a cut upload leaves for a restart, and an upload a session is storing right now
+    (mine / "cut.raw.vmgrid-part").write_bytes(b"c" * 1000)
+    (mine / "cut.raw.vmgrid-part.ranges").write_text("{}")
+    (mine / "busy.raw.vmgrid-part").write_bytes(b"b" * 1000)
+    busy = "/uploads/" + mine.name + "/busy.raw"
+    assert server.service.transfers.claim(busy)
+    everything = ["busy.raw.vmgrid-part", "cut.raw.vmgrid-part", "cut.raw.vmgrid-part.ranges", "refused.qcow2"]
+    assert sorted(p.name for p in mine.iterdir()) == everything
+    max_age = registry.config.upload_max_age
+    assert max_age == 7 * 24 * 3600                                  # the default (docs/configuration.md)
+    assert registry.sweep_uploads(time.time() + max_age - 60) == []     # not old enough yet
+    removed = registry.sweep_uploads(time.time() + max_age + 1)
+    assert sorted(removed) == ["/uploads/" + mine.name + "/cut.raw", "/uploads/" + mine.name + "/refused.qcow2"]
+    assert sorted(p.name for p in mine.iterdir()) == ["busy.raw.vmgrid-part"]
+    server.service.transfers.release(busy)
+    assert registry.sweep_uploads(time.time() + max_age + 1) == [busy]
+    assert list(mine.iterdir()) == []

@@ -21,6 +21,7 @@ import pytest
 
 from client.localgrid import free_port as _free_port
 from gridftp import GridFTPClient, GridFTPServer, GridFTPURL, download, third_party, upload
+from gridftp.filespace import LocalFileSpace
 from gridftp.partial import PartialFile
 from gridftp.ranges import RangeSet
 
@@ -151,6 +152,40 @@ def test_globus_url_copy_uploads_to_vmgrid(globus_argv, vmgrid_server, tmp_path,
     assert sha256_of(stored) == sha256_of(src)
     assert streams_logged(caplog, "received") == [4]
     assert sorted(p.name for p in stored.parent.iterdir()) == ["image"]
+
+
+class _QuotaSpace(LocalFileSpace):
+    """/up holds at most 5 MiB: the quota mechanism of the repository's upload areas ([repository]
+    upload_quota_bytes, services/vmrepository/transfer.py)."""
+
+    def quota(self, vpath):
+        return (self.root / "up", 5 * MiB) if vpath.startswith("/up/") else None
+
+
+@pytest.mark.parametrize("streams", ["1", "4"])
+def test_globus_url_copy_announces_its_size_so_an_upload_over_the_quota_is_refused_before_its_data(
+        globus_argv, tmp_path, caplog, streams):
+    """globus-url-copy sends ALLO <size> before STOR: an upload larger than the room its quota leaves is refused
+    with 552 at STOR, before a byte is sent, and leaves nothing; one that fits goes through."""
+    caplog.set_level(logging.INFO, logger="gridftp.server")
+    root = tmp_path / "vmgrid"
+    (root / "up").mkdir(parents=True)
+    server = GridFTPServer(_QuotaSpace(root), "127.0.0.1", 0, anonymous=True, upload_area="/up",
+                           insecure_anonymous_writes=True).start()
+    try:
+        big = make_file(tmp_path / "big", 8 * MiB)
+        proc = subprocess.run(globus_argv(["globus-url-copy", "-dbg", "-p", streams, f"file://{big}",
+                                           server.url("/up/big")]), capture_output=True, text=True, timeout=120)
+        assert proc.returncode != 0
+        said = proc.stderr + proc.stdout
+        assert f"ALLO {8 * MiB}" in said and "552 Upload quota exceeded" in said
+        assert "150 Opening" not in said                               # refused before any data connection
+        assert list((root / "up").iterdir()) == []
+        small = make_file(tmp_path / "small", 3 * MiB)
+        globus_url_copy(globus_argv, "-p", streams, f"file://{small}", server.url("/up/small"))
+        assert sha256_of(root / "up" / "small") == sha256_of(small)
+    finally:
+        server.stop()
 
 
 @pytest.mark.parametrize("alg", ["SHA256", "MD5"])

@@ -175,6 +175,48 @@ def test_cksm_algorithms_whole_and_ranges(ftp, tree, alg, fn):
     assert ftp.expect(f"CKSM {alg} {len(data)} 0 /data/f3m", 213).text == fn(b"")
 
 
+def test_one_identitys_cksms_are_hashed_one_at_a_time(start_server, tree, monkeypatch):
+    """One user asking CKSMs of large ranges from many sessions at once had them all hashed at once (each range a
+    new cache key): every CPU of the server's host. Now one identity's hashing runs one at a time (and at most
+    one per CPU in all). Observed by wrapping the real hash_file: each call waits for a second one to start
+    beside it (up to 3 s), and the most that ran at once is counted."""
+    import gridftp.server as server_module
+
+    real_hash_file = server_module.hash_file
+    running, most = [0], [0]
+    both = threading.Barrier(2)
+    lock = threading.Lock()
+
+    def watched(*args, **kwargs):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            both.wait(timeout=3)
+        except threading.BrokenBarrierError:
+            pass
+        try:
+            return real_hash_file(*args, **kwargs)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(server_module, "hash_file", watched)
+    server = start_server()
+    sessions = [RawFTP("127.0.0.1", server.port) for _ in range(2)]
+    for s in sessions:
+        s.login_anonymous()
+    replies = []
+    threads = [threading.Thread(target=lambda s=s, n=n: replies.append(s.cmd(f"CKSM SHA256 {n} 100 /data/f3m").code))
+               for n, s in enumerate(sessions)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert replies == [213, 213]
+    assert most[0] == 1
+
+
 def test_cksm_bad_arguments(ftp):
     ftp.expect("CKSM CRC99 0 -1 /data/small", 504)
     ftp.expect("CKSM SHA256 x -1 /data/small", 501)
@@ -192,6 +234,11 @@ def test_rest_opts_sbuf_allo_scks_arguments(ftp):
     ftp.expect("REST abc", 501)
     ftp.expect("REST 10-5", 501)
     ftp.expect("REST 0-10,x", 501)
+    # numbers Python's int() refuses (over 4,300 digits) or that no 64-bit offset holds: a 501, and the session
+    # goes on (the uncaught ValueError ended it)
+    for huge in ("9" * 5000, "0-" + "9" * 5000, "9" * 30, "0-" + "9" * 30):
+        ftp.expect("REST " + huge, 501)
+    ftp.expect("NOOP", 200)
     ftp.expect("OPTS RETR Parallelism=4,4,4;", 200)
     ftp.expect("OPTS RETR Parallelism=2;", 200)
     ftp.expect("OPTS RETR StripeLayout=Partitioned;Parallelism=3,1,8;", 200)
@@ -299,6 +346,31 @@ def test_retr_mode_e_parallel_streams(ftp, tree):
     assert sum(1 for d in descs if d & DESC_EOD) == 3
     eofs = [d for d in descs if d & DESC_EOF]
     assert len(eofs) == 1
+
+
+def test_spor_cannot_make_the_server_open_thousands_of_connections(ftp, tree):
+    """SPOR named as many host-ports as a 32 KiB line holds (some 1,800), each then got OPTS RETR's parallelism
+    (up to 64) of connections, each opened by a thread of its own: one RETR made the server start some 115,000
+    threads and sockets, enough to take every descriptor of the process (the repository's container with it).
+    Now SPOR takes at most 64 host-ports and a RETR opens at most 64 connections in all."""
+    data = (tree / "data" / "f3m").read_bytes()
+    listener = listen()
+    listener.listen(1024)
+    for line in ("TYPE I", "MODE E", "OPTS RETR Parallelism=64;"):
+        assert ftp.cmd(line).ok
+    ftp.expect("SPOR " + " ".join([port_arg(listener)] * 65), 501)
+    ftp.expect("SPOR " + " ".join([port_arg(listener)] * 8), 200)
+    assert ftp.cmd("RETR /data/f3m").code == 150
+    conns = accept_n(listener, 64)                  # 8 x 64 = 512 without the bound
+    blocks, descs = read_mode_e(conns)
+    assert ftp.reply().code == 226
+    assert assemble(blocks) == data and sum(1 for d in descs if d & DESC_EOD) == 64
+    listener.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        listener.accept()                           # no 65th connection
+    for c in conns:
+        c.close()
+    listener.close()
 
 
 def test_retr_mode_e_rest_ranges_sends_only_the_missing(ftp, tree):
@@ -462,6 +534,24 @@ def test_stor_mode_e_out_of_order_blocks_and_markers(writable, tree):
     first_111 = next(r for r in replies if r.code == 111)
     assert RangeSet.parse(first_111.text.split()[-1]) == RangeSet([(2 * MiB, 3 * MiB)])
     assert any(r.code == 112 and "Stripe Bytes Transferred" in r.text for r in replies)
+
+
+def test_a_mode_e_store_takes_at_most_64_data_connections(writable, tree):
+    """A MODE E STOR accepted every data connection a client opened, each with a receiving thread of its own:
+    thousands of them from one client cost the server process as many threads and descriptors. The 65th now
+    fails the store (what arrived is kept for a restart, as for any failed store)."""
+    writable.expect("TYPE I", 200)
+    writable.expect("MODE E", 200)
+    addr = writable.pasv()
+    assert writable.cmd("STOR /up/many").code == 150
+    conns = [socket.create_connection(addr) for _ in range(65)]
+    final = writable.reply()
+    while final.preliminary:
+        final = writable.reply()
+    assert final.code >= 400 and "more than 64 data connections" in final.text
+    for c in conns:
+        c.close()
+    assert not (tree / "up" / "many").exists()
 
 
 def test_stor_checksum_mismatch_is_refused_and_nothing_appears(writable, tree):
@@ -676,6 +766,10 @@ def test_an_upload_area_quota_refuses_what_does_not_fit_and_keeps_nothing_of_it(
     final = _final(s)
     assert final.code == 552 and "quota" in final.text and "100000 of your 100000 bytes" in final.text
     assert sorted(p.name for p in (tree / "up").iterdir()) == ["old"]
+    # ESTO at an offset past the room: refused before its 150, no empty file made for it (one was left behind)
+    s.pasv()
+    assert s.cmd("ESTO A 60000 /up/esto").code == 552
+    assert sorted(p.name for p in (tree / "up").iterdir()) == ["old"]
     # MODE E, a block past the room
     s.expect("MODE E", 200)
     addr = s.pasv()
@@ -739,6 +833,36 @@ def test_an_upload_area_quota_refuses_what_does_not_fit_and_keeps_nothing_of_it(
     s.close()
 
 
+def test_a_quota_bounds_the_number_of_names_too(start_server, tree):
+    """Empty files cost no bytes of a quota but an inode each: any VO member could fill the repository's file
+    system with millions of them (or of directories, MKD) in their upload area. A quota's directory now holds at
+    most max_quota_names files and directories; replacing or deleting one is always possible."""
+    server = start_server(_QuotaSpace(tree, 100_000), upload_area="/up", insecure_anonymous_writes=True,
+                          max_quota_names=3)
+    s = RawFTP("127.0.0.1", server.port)
+    s.login_anonymous()
+
+    def store(name: str) -> int:
+        addr = s.pasv()
+        reply = s.cmd(f"STOR /up/{name}")
+        if reply.code != 150:
+            return reply.code
+        socket.create_connection(addr).close()        # an empty file
+        return _final(s).code
+
+    assert [store(n) for n in ("a", "b")] == [226, 226]
+    s.expect("MKD /up/d", 257)
+    s.pasv()
+    refused = s.cmd("STOR /up/c")
+    assert refused.code == 552 and "at most 3 files and directories" in refused.text
+    assert s.cmd("MKD /up/e").code == 552
+    assert sorted(p.name for p in (tree / "up").iterdir()) == ["a", "b", "d"]
+    assert store("a") == 226                           # replacing a name takes no new one
+    s.expect("DELE /up/b", 250)
+    assert store("c") == 226
+    assert sorted(p.name for p in (tree / "up").iterdir()) == ["a", "c", "d"]
+
+
 def test_one_path_is_stored_by_one_session_at_a_time(writable, start_server, tree):
     other = RawFTP("127.0.0.1", writable.server.port)
     other.login_anonymous()
@@ -787,3 +911,35 @@ def test_a_226_after_abor_means_the_path_is_free(writable, monkeypatch):
     conn.close()
     assert writable.reply().code == 226
     assert events.index("release /up/again") < events.index("reply 226")
+
+
+def test_connections_that_never_log_in_cannot_hold_the_server(start_server):
+    """One host opening control connections and never logging in (idle, or trickling a line a byte at a time)
+    held every session until idle_timeout (900 s), and NOOPs kept them for ever: no one else could connect."""
+    server = start_server(max_sessions=8, login_timeout=2)
+    attacker = []
+    for _ in range(3):
+        s = socket.socket()
+        s.bind(("127.0.0.2", 0))
+        s.settimeout(30)
+        s.connect(("127.0.0.1", server.port))
+        attacker.append(s)
+    greetings = [s.recv(200) for s in attacker]
+    assert [g[:3] for g in greetings] == [b"220", b"220", b"421"]    # one host: at most 8 // 4 not logged in
+    legit = RawFTP("127.0.0.1", server.port)                          # another host still gets in
+    legit.login_anonymous()
+    legit.expect("NOOP", 200)
+    # the waiting connections are closed at the login deadline, NOOPs or a trickled line notwithstanding
+    idle, trickle = attacker[0], attacker[1]
+    idle.sendall(b"NOOP\r\n")
+    assert idle.recv(200).startswith(b"200")
+    for byte in b"NOO":
+        trickle.sendall(bytes([byte]))
+    for s in (idle, trickle):
+        tail = b""
+        while chunk := s.recv(200):                   # the server ends them (a test timeout otherwise)
+            tail += chunk
+        assert tail == b"" or tail.startswith(b"421")
+    for s in attacker:
+        s.close()
+    legit.close()

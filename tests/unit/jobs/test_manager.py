@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -116,6 +118,20 @@ def test_cancel_kills_the_whole_process_group(jobs):
         jobs.cancel(OWNER, job.key)
 
 
+def test_what_a_job_leaves_running_ends_with_it(jobs):
+    """A program that started a child in the background and exited: the child outlived the job (Done), its
+    Destroy and its lifetime; one that kept the output pipes kept the job Active until its lifetime ended."""
+    start = ("import subprocess, sys; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)']"
+             "{}); open('child.pid', 'w').write(str(p.pid))")
+    for keeps_pipes in (False, True):
+        job = jobs.submit(OWNER, JobSpec(PY, ("-c", start.format(
+            "" if keeps_pipes else ", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL"))))
+        done = wait_final(jobs, job.key)
+        assert done.state == JobState.DONE
+        child = int((jobs.jobs_dir / job.key / "child.pid").read_text())
+        wait_until(lambda: proc_start_time(child) is None)        # the child is gone with the job
+
+
 def test_only_the_owner_and_admins_may_do_anything_and_others_learn_nothing(jobs):
     job = jobs.submit(OWNER, JobSpec(PY, ("-c", "pass")))
     wait_final(jobs, job.key)
@@ -154,6 +170,22 @@ def test_output_capture_is_bounded(tmp_path):
         assert (m.jobs_dir / job.key / "stdout").stat().st_size == 1000
     finally:
         shut(m)
+
+
+def test_a_job_that_leaves_a_fifo_for_its_standard_output_blocks_nothing(jobs):
+    """The job replaces its stdout file with a FIFO: reading the StdoutTail property (every status query)
+    opened it and waited for a writer for ever, one container thread per query."""
+    job = jobs.submit(OWNER, JobSpec(PY, ("-c", "import os; print('x'); os.unlink('stdout'); os.mkfifo('stdout')")))
+    done = wait_final(jobs, job.key)
+    assert stat.S_ISFIFO((jobs.jobs_dir / job.key / "stdout").lstat().st_mode)
+    answer = []
+    reader = threading.Thread(target=lambda: answer.append(jobs.tail(done, "stdout")), daemon=True)
+    reader.start()
+    reader.join(60)
+    if reader.is_alive():                   # release it before failing
+        os.close(os.open(jobs.jobs_dir / job.key / "stdout", os.O_WRONLY | os.O_NONBLOCK))
+    assert answer == [""]
+    assert jobs.tail(done, "stderr") == ""
 
 
 def test_stage_in_from_the_staging_area_is_verified(jobs):
