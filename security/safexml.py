@@ -69,7 +69,9 @@ def parse(data: bytes | str, limits: Limits = DEFAULT_LIMITS) -> etree._Element:
         raise UnsafeXML(f"document of {len(data)} bytes exceeds the limit of {limits.max_bytes} bytes")
     if not data.strip():
         raise UnsafeXML("empty document")
-    if _DOCTYPE in data or _DOCTYPE16LE in data or _DOCTYPE16BE in data or any(d in data for d in _DOCTYPE32):
+    # every form of "<!DOCTYPE" above holds the byte 0x21 ("!"): one scan for it spares the five on most messages
+    if b"!" in data and (_DOCTYPE in data or _DOCTYPE16LE in data or _DOCTYPE16BE in data
+                         or any(d in data for d in _DOCTYPE32)):
         # Refused before libxml2 sees it: no internal subset, no external DTD fetch.
         raise UnsafeXML("DOCTYPE declarations are not allowed")
     try:

@@ -262,6 +262,24 @@ def _token_text(certificates: tuple[x509.Certificate, ...], use_path: bool) -> t
     return X509V3, base64.b64encode(_der(certificates[0])).decode()
 
 
+_credential_tokens: dict[tuple[int, bool], tuple[x509.Certificate, tuple, tuple[str, str]]] = {}
+
+
+def _credential_token(credential: Credential, use_path: bool) -> tuple[str, str]:
+    """`_token_text` of a credential, found by the identity of its certificate objects instead of by hashing them
+    (the lru_cache's key hashes every certificate of the chain on each message). The entry holds the certificate
+    and chain it was made from, so an id is only trusted while those very objects are alive and unchanged."""
+    cert, chain = credential.certificate, credential.chain
+    hit = _credential_tokens.get((id(cert), use_path))
+    if hit is not None and hit[0] is cert and hit[1] is chain:
+        return hit[2]
+    out = _token_text(credential.certificates if use_path else (cert,), use_path)
+    if len(_credential_tokens) >= 64:
+        _credential_tokens.clear()
+    _credential_tokens[(id(cert), use_path)] = (cert, chain, out)
+    return out
+
+
 def _new_id(prefix: str) -> str:
     return f"{prefix}-{os.urandom(16).hex()}"   # as unguessable as a uuid4, without building a UUID
 
@@ -402,18 +420,22 @@ def _fresh_texts(envelope: etree._Element, body: etree._Element, security: etree
     if _qname_prefixes(targets[-1]):
         targets[-1] = _reparsed(targets[-1])
     refs = []
+    chosen = False                      # a wsu:Id or a QName prefix the caller chose (ours need no escaping)
     for n, el in enumerate(targets):
         value = el.get(Q_ID)
         if value is None:
             value = f"id-{seed}-{n}"
             el.set(Q_ID, value)
+        else:
+            chosen = True
         prefixes = _qname_prefixes(el) or None
+        chosen = chosen or prefixes is not None
         refs.append(("#" + value, prefixes, base64.b64encode(hashlib.sha256(c14n(el, prefixes)).digest()).decode()))
     ts_id = f"TS-{seed}"
     timestamp = (f'{_TS_OPEN}{ts_id}"><wsu:Created>{_utc(now)}</wsu:Created><wsu:Expires>'
                  f'{_utc(now + _dt.timedelta(seconds=ttl))}</wsu:Expires></wsu:Timestamp>')
     refs.insert(len(blocks), ("#" + ts_id, None, base64.b64encode(hashlib.sha256(timestamp.encode()).digest()).decode()))
-    if not all(_SAFE_URI.match(uri) and _SAFE_PREFIXES.match(" ".join(p or ())) for uri, p, _ in refs):
+    if chosen and not all(_SAFE_URI.match(uri) and _SAFE_PREFIXES.match(" ".join(p or ())) for uri, p, _ in refs):
         return None      # a caller's wsu:Id or prefix that would need escaping: the general path
     key = credential.private_key
     signed_info = (f'<ds:SignedInfo xmlns:ds="{DS}"><ds:CanonicalizationMethod Algorithm="{EXC_C14N}">'
@@ -421,7 +443,7 @@ def _fresh_texts(envelope: etree._Element, body: etree._Element, security: etree
                    f'</ds:SignatureMethod>{"".join(_canonical_reference(*r) for r in refs)}</ds:SignedInfo>')
     value = base64.b64encode(_raw_signature(key, signed_info.encode())).decode()
     use_path = bool(token == "X509PKIPathv1" or (token == "auto" and credential.chain))
-    value_type, token_text = _token_text(credential.certificates if use_path else (credential.certificate,), use_path)
+    value_type, token_text = _credential_token(credential, use_path)
     bst_id = f"X509-{seed}"
     text = (f'{timestamp}<wsse:BinarySecurityToken EncodingType="{BASE64}" ValueType="{value_type}" wsu:Id="{bst_id}">'
             f'{token_text}</wsse:BinarySecurityToken><ds:Signature xmlns:ds="{DS}">{signed_info}'
@@ -458,7 +480,8 @@ def _signed_bytes(envelope: etree._Element, credential: Credential, ttl: float, 
     if body is None or (header is not None and _child(header, Q_SECURITY) is not None):
         return None
     security = _security_header(envelope)
-    if security.nsmap.get("wsse") != WSSE or security.nsmap.get("wsu") != WSU:
+    nsmap = security.nsmap                              # built anew on each read: read once
+    if nsmap.get("wsse") != WSSE or nsmap.get("wsu") != WSU:
         security.getparent().remove(security)
         return None
     inner = _fresh_texts(envelope, body, security, credential, ttl, now or _dt.datetime.now(_dt.timezone.utc), token)
@@ -738,12 +761,10 @@ def _token_chain(parts: _Parts, ids: dict[str, etree._Element | None]) -> tuple[
                 raise SecurityTokenUnavailable(f"unsupported token encoding {encoding}")
             value_type = bst.get("ValueType")
             text = "".join((bst.text or "").split())
-            try:
-                der = _b64(text)
-            except (binascii.Error, ValueError):
-                raise SecurityTokenUnavailable("the BinarySecurityToken is not base64") from None
-            key = hashlib.sha256((value_type or "").encode() + b"\0" + der).digest()
-            return _LazyChain(value_type, der), key
+            # keyed on the token's text (whitespace removed): decoded only on a trust cache miss. One text decodes
+            # to one DER, so a hit is the chain validated before; the tag keeps these keys apart from the others.
+            key = hashlib.sha256(b"bst\0" + (value_type or "").encode() + b"\0" + text.encode()).digest()
+            return _LazyChain(value_type, None, text=text), key
         key_id = _child(str_el, f"{{{WSSE}}}KeyIdentifier")
         if key_id is not None and key_id.get("ValueType") == X509V3:
             # WSS4J's X509KeyIdentifier: the whole certificate inside the reference (it is in the message)
@@ -789,10 +810,16 @@ def _is_proxy(cert: x509.Certificate) -> bool:
 class _LazyChain:
     """Certificates decoded only on a trust cache miss."""
 
-    def __init__(self, value_type: str | None, der: bytes, ders: list[bytes] | None = None):
-        self.value_type, self.der, self.ders = value_type, der, ders
+    def __init__(self, value_type: str | None, der: bytes | None, ders: list[bytes] | None = None,
+                 text: str | None = None):
+        self.value_type, self.der, self.ders, self.text = value_type, der, ders, text
 
     def certificates(self) -> list[x509.Certificate]:
+        if self.der is None:
+            try:
+                self.der = _b64(self.text or "")
+            except (binascii.Error, ValueError):
+                raise SecurityTokenUnavailable("the BinarySecurityToken is not base64") from None
         try:
             if self.ders is not None:
                 certs = [x509.load_der_x509_certificate(d) for d in self.ders]

@@ -316,3 +316,52 @@ def test_signed_info_in_another_form_is_read_from_its_elements(grid_pki):
             signed_info[0].tail = "\n"
         with pytest.raises(InvalidSecurity, match="two references to the same element"):
             verify_envelope(_resign(root, grid_pki.alice.proxy), grid_pki.trust())
+
+
+def test_a_token_is_decoded_and_checked_whenever_its_text_is_new(grid_pki):
+    """The trust cache is keyed on the BinarySecurityToken's text, so a chain validated once is not decoded again:
+    a changed text (not base64, or another chain) is a miss, decoded and checked as before; whitespace inside the
+    text is not part of the key (the same DER)."""
+    from security.wssec import SecurityTokenUnavailable
+    trust = grid_pki.trust()
+    data = sign_envelope(echo_envelope(), grid_pki.alice.proxy)
+    assert verify_envelope(data, trust)[0].dn == grid_pki.alice.dn          # the chain is now cached
+
+    root = etree.fromstring(data)
+    bst = root.find(f"{Q_HEADER}/{Q_SECURITY}/{Q_BST}")
+    text = bst.text
+    bst.text = "\n".join(text[i:i + 64] for i in range(0, len(text), 64))    # the same DER, wrapped
+    assert verify_envelope(etree.tostring(root), trust)[0].dn == grid_pki.alice.dn
+
+    bst.text = text[:-4] + "!!!!"                                            # not base64: refused, cached or not
+    with pytest.raises(SecurityTokenUnavailable, match="not base64"):
+        verify_envelope(etree.tostring(root), trust)
+
+    bst.text = base64.b64encode(b"\x30\x03\x02\x01\x00").decode()            # base64, but no certificate
+    with pytest.raises(SecurityTokenUnavailable, match="unreadable certificate token"):
+        verify_envelope(etree.tostring(root), trust)
+
+    bob = sign_envelope(echo_envelope(), grid_pki.bob.proxy)                 # bob's token, cached too
+    verify_envelope(bob, trust)
+    bst.text = etree.fromstring(bob).find(f"{Q_HEADER}/{Q_SECURITY}/{Q_BST}").text
+    with pytest.raises(FailedCheck):                                          # alice's signature, bob's key
+        verify_envelope(etree.tostring(root), trust)
+
+
+def test_the_token_written_follows_the_credential_s_own_certificates(grid_pki):
+    """The signer reuses a credential's token text by the identity of its certificate objects: the same leaf with
+    another chain (or none) writes its own token."""
+    from security.pki import Credential
+    from security.wssec import X509PKIPATH, X509V3, _LazyChain
+    proxy = grid_pki.alice.proxy
+
+    def token(cred, **kwargs):
+        root = etree.fromstring(sign_envelope(echo_envelope(), cred, **kwargs))
+        bst = root.find(f"{Q_HEADER}/{Q_SECURITY}/{Q_BST}")
+        return bst.get("ValueType"), _LazyChain(bst.get("ValueType"), None, text=bst.text).certificates()
+
+    assert token(proxy) == (X509PKIPATH, list(proxy.certificates))
+    alone = Credential(proxy.certificate, proxy.private_key, ())
+    assert token(alone, token="X509PKIPathv1") == (X509PKIPATH, [proxy.certificate])
+    assert token(alone) == (X509V3, [proxy.certificate])
+    assert token(proxy) == (X509PKIPATH, list(proxy.certificates))
