@@ -236,7 +236,6 @@ class NodeStore:
             self._tx.unsynced = False
             self._wal.sync()      # one fsync shared by the threads that ask at once
 
-
     @contextmanager
     def transaction(self) -> Iterator[None]:
         """This thread's writes inside as one transaction, one commit (each commit is a WAL write, an fsync
