@@ -226,6 +226,12 @@ class Node:
 
     # -- deployment -------------------------------------------------------------------------------------
     def deploy(self, caller, req: DeployRequest) -> InstanceView:
+        # the deployment's commits (record, lease, its states on the way) made durable together, once, before the
+        # answer (or the fault) leaves: one fsync, not one per commit (NodeStore.one_sync)
+        with self.store.one_sync():
+            return self._deploy(caller, req)
+
+    def _deploy(self, caller, req: DeployRequest) -> InstanceView:
         started = time.perf_counter()
         d = req.descriptor
         if not (d.image_id and d.sha256 and d.size is not None and d.owner):
@@ -294,6 +300,10 @@ class Node:
         """The phases after registration (stage, overlay, context, power on, guest ready); on failure the
         instance is Failed and everything it held is released. The phase timings are written with the state
         changes (Recorder); ``timings``, the lease's, with the first."""
+        with self.store.one_sync():     # inside deploy's own when it waits; alone on the executor's thread
+            self._deploy_phases(key, raise_fault, timings)
+
+    def _deploy_phases(self, key: str, raise_fault: bool, timings: list | None) -> None:
         rec = Recorder(self.store, key)
         rec.pending = list(timings or ())
         try:

@@ -179,6 +179,7 @@ def hold_image(parts: NodeParts, image_id: str, holder: str, until: float) -> st
     shared = holder == image_holder(parts.address, image_id)   # not an instance's own (a node state of before)
     hold = parts.holds.covering(image_id, until) if shared else None
     if hold is None:
+        parts.store.sync_pending()     # what the node recorded (the hold's intent) on the disk before it asks
         hold, expires = parts.repository.hold_until(image_id, holder, int(until - time.time()) + HOLD_SLACK)
         if shared:
             parts.holds.granted(image_id, hold, expires)

@@ -187,3 +187,50 @@ def test_a_vo_admin_extending_an_instances_lifetime_renews_the_owners_slot(autho
         enforcer.claim(Subject(ALICE), "i-1", instance, {"lifetime": "7200"}, action="vm.set-lifetime")
     with pytest.raises(InvalidArgument, match="another subject"):   # a deploy reusing a live instance id
         enforcer.claim(Subject(BOB), "i-1", IMAGE, {})
+
+
+def test_a_claim_is_on_the_disk_before_it_returns_synced_outside_the_ledgers_lock_and_shared_by_claims_at_once(
+        tmp_path: Path, monkeypatch):
+    """The ledger commits with synchronous=NORMAL and syncs the WAL (services.sqlite.WalSync) after letting its lock
+    go: a claim returns only after a sync that began after its commit; claims that commit while a sync is under way
+    share the next one. A pass-through spy on os.fdatasync, with SQLite's trace of the ledger's commits."""
+    import os
+    import threading
+
+    ledger = SlotLedger(tmp_path / "slots.sqlite")
+    events: list[str] = []
+    held = threading.Event()
+    release = threading.Event()
+    real = os.fdatasync
+
+    def spy(fd):
+        events.append(f"sync locked={ledger._lock.locked()}")
+        if not held.is_set():          # the first sync waits until two more claims have committed and asked
+            held.set()
+            assert release.wait(10)
+        return real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", spy)
+    ledger._db.set_trace_callback(lambda sql: sql == "COMMIT" and events.append("commit"))
+    first = threading.Thread(target=ledger.claim, args=("i-1", ALICE, "bio", HOST),
+                             kwargs={"max_per_user": 5, "max_per_group": None})
+    first.start()
+    assert held.wait(10)
+    assert events == ["commit", "sync locked=False"]            # committed, the lock let go, then the sync
+    more = [threading.Thread(target=ledger.claim, args=(f"i-{i}", ALICE, "bio", HOST),
+                             kwargs={"max_per_user": 5, "max_per_group": None}) for i in (2, 3)]
+    for t in more:
+        t.start()
+    for _ in range(200):               # both committed (the lock is free during the sync) and wait for theirs
+        if events.count("commit") == 3:
+            break
+        threading.Event().wait(0.01)
+    assert events.count("commit") == 3 and all(t.is_alive() for t in more)   # not returned before a sync
+    release.set()
+    for t in [first, *more]:
+        t.join(10)
+    # the two later claims committed after the first sync began: one more sync covers both
+    assert events == ["commit", "sync locked=False", "commit", "commit", "sync locked=False"]
+    assert ledger.counts(ALICE, "bio") == (3, 3)
+    assert ledger._db.execute("PRAGMA synchronous").fetchone()[0] == 1     # NORMAL: the sync is the ledger's own
+    ledger.close()

@@ -101,6 +101,38 @@ def test_deploy_runs_every_phase_and_holds_the_image_in_the_nodes_name(node):
     assert node.source.fetches == 1                      # cached: not staged again
 
 
+def test_a_deployments_commits_are_on_the_disk_once_before_it_answers_and_before_a_hold_is_asked(node, monkeypatch):
+    """NodeStore.one_sync: the deployment's commits written without an fsync each, the WAL synced once after the last
+    of them and before deploy returns; the hold's intent synced before the repository is asked (a spy on
+    os.fdatasync that passes every call through, beside SQLite's own commits seen by its trace callback)."""
+    import os as _os
+
+    events: list[str] = []
+    real = _os.fdatasync
+
+    def spy(fd):
+        events.append("sync " + _os.readlink(f"/proc/self/fd/{fd}").rsplit("/", 1)[-1])
+        return real(fd)
+
+    monkeypatch.setattr(_os, "fdatasync", spy)
+    node.store._db().set_trace_callback(lambda sql: sql.strip().upper() == "COMMIT" and events.append("commit"))
+    ask = node.source.hold_until
+    node.source.hold_until = lambda *a: (events.append("hold asked"), ask(*a))[1]
+    view = deploy(node)
+    wal = node.store.path.name + "-wal"
+    assert node.store.get(view.inst.key).state == State.RUNNING.value
+    assert events.count("commit") >= 5
+    # the intent (hold_holder) committed and synced before the hold is asked; the rest synced once at the end
+    first = events.index("hold asked")
+    assert events[first - 1] == f"sync {wal}" and "commit" in events[:first - 1]
+    assert events[-1] == f"sync {wal}" and events[-2] == "commit"
+    assert events.count(f"sync {wal}") == 2
+    assert node.store._db().execute("PRAGMA synchronous").fetchone()[0] == 2     # FULL again outside
+    events.clear()
+    deploy(node, "second")       # the node's hold covers it: nothing asked, one sync after the last commit
+    assert "hold asked" not in events and events.count(f"sync {wal}") == 1 and events[-1] == f"sync {wal}"
+
+
 def test_the_instances_of_an_image_share_the_nodes_hold_released_with_the_last(node):
     """One hold per image and node: a second deployment within the hold asks the repository nothing; the
     hold stays while any instance of the image lives and goes with the last; one that would outlive the
