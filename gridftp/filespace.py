@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 from pathlib import Path
 
 from .errors import PathError
@@ -16,9 +17,18 @@ PART_SUFFIX = ".vmgrid-part"            # a file being received
 SIDECAR_SUFFIX = ".vmgrid-part.ranges"  # the range markers persisted beside it
 
 
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
+
+
+def has_control(name: str) -> bool:
+    """C0 controls or DEL in ``name``: NUL ends a C path, CR and LF end an FTP command or a listing's line, ESC and
+    the rest would reach a reader's terminal through LIST and MLSD. No path holding one is served or listed."""
+    return _CONTROL.search(name) is not None
+
+
 def normalize(cwd: str, arg: str) -> str:
     """The absolute virtual path ``arg`` names when the working directory is ``cwd``."""
-    if "\0" in arg or "\n" in arg or "\r" in arg:
+    if has_control(arg):
         raise PathError("control characters in path")
     path = posixpath.normpath(posixpath.join(cwd, arg or "."))
     if path.startswith("//"):

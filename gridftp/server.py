@@ -34,7 +34,8 @@ from .datachannel import (Counter, ModeEReceiver, ModeESender, Throttle, Worker,
                           accept_one, close_all, connect_streams, open_listener, receive_stream, send_stream,
                           shutdown_listener)
 from .errors import AuthenticationError, ChecksumMismatch, GridFTPError, PathError, ProtocolError, TransferError
-from .filespace import PART_SUFFIX, SIDECAR_SUFFIX, FileSpace, LocalFileSpace, is_internal, normalize
+from .filespace import (PART_SUFFIX, SIDECAR_SUFFIX, FileSpace, LocalFileSpace, has_control, is_internal,
+                        normalize)
 from .partial import PartialFile
 from .protocol import (MAX_PARALLELISM, RetrOptions, format_host_port, format_mdtm,
                        format_perf_marker, parse_eprt, parse_host_port, parse_retr_options, split_command)
@@ -987,6 +988,11 @@ class _Session:
             raise _Reply(550, f"{vpath}: {exc.strerror}.") from None
         for name in names:
             if is_internal(name) or name.endswith(".tmp") and is_internal(name[:-4]):
+                continue
+            if has_control(name):
+                # made by a local process (a job): a CR/LF in it would forge listing lines, an ESC reach the
+                # reader's terminal; no path holding one can be asked for either (normalize)
+                log.warning("listing %s: a name with control characters left out: %r", vpath, name)
                 continue
             try:
                 out.append((name, os.stat(real / name)))

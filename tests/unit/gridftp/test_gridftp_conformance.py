@@ -439,6 +439,25 @@ def test_paths_cannot_escape_the_tree(ftp, tree, tmp_path):
     ftp.expect("CWD /data/dirlink", 550)
 
 
+def test_names_with_control_characters_are_neither_served_nor_listed(ftp, tree):
+    """A name with a control character (a local process, a job, can make one) is left out of every listing: a
+    CR/LF in it would forge a listing's lines, an ESC reach the reader's terminal. No path holding one (C0 or DEL)
+    can be asked for either."""
+    forged = "x\r\ntype=file;size=1; forged"
+    (tree / "data" / forged).write_text("no")
+    (tree / "data" / "esc\x1b[2Jname").write_text("no")
+    ftp.expect("TYPE A", 200)
+    for verb in ("NLST", "LIST", "MLSD"):
+        addr = ftp.pasv()
+        conn = socket.create_connection(addr)
+        assert ftp.cmd(f"{verb} /data").code == 150
+        listing = read_stream(conn).decode()
+        assert ftp.reply().code == 226
+        assert "forged" not in listing and "\x1b" not in listing and "small" in listing, verb
+    for name in ("esc\x1b[2Jname", "tab\tname", "del\x7fname"):
+        assert "control characters" in ftp.expect(f"SIZE /data/{name}", 550).text
+
+
 def test_denied_paths_via_authorization_callback(start_server):
     decisions = []
 
