@@ -10,6 +10,7 @@ The deploy phases are in :mod:`services.vmmanager.phases`; states and transition
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import shutil
 import socket
@@ -36,6 +37,7 @@ from services.vmmanager.values import DeployRequest, DomainRow, InstanceView, No
 from services.vmmanager.warm import WarmSnapshots
 from services.vmmanager.vmm import VMM, InstanceState, LifecycleEvent, LifecycleEventKind, VMMError
 from services.vmmanager.vmm.errors import GuestWaitCancelled, InstanceNotFound
+from services.vmmanager.vmm.spec import MAX_UNIX_PATH
 from services.wsrf.lifetime import Sweeper
 from services.wsrf.notification import ConsumerPolicy, Notifier, new_subscription_key
 
@@ -63,6 +65,15 @@ class Node:
         self.state_change = state_change    # (consumer, producer, key, identifier, old, new, when) -> a Notify
         self.consumers = ConsumerPolicy(tuple(config.consumers_allow))
         self.state_dir = Path(state_dir)
+        if vmm.capabilities.guest_channel:
+            # every guest's channel is a Unix socket in its instance directory: a state directory too deep for one
+            # is refused here, at start, rather than at the first deploy after its image was staged
+            sock = Path(os.path.abspath(self.state_dir / "instances")) / ("inst-" + "0" * 32) / "guestd.sock"
+            if len(str(sock).encode()) > MAX_UNIX_PATH:
+                raise ValueError(f"the state directory {os.path.abspath(self.state_dir)} is too long for the guests' "
+                                 f"channel sockets ({len(str(sock).encode())} bytes for "
+                                 f"instances/inst-<32 hex>/guestd.sock, a Unix socket path holds {MAX_UNIX_PATH}): "
+                                 f"give [container] state_dir a shorter path")
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.store = NodeStore(self.state_dir / "node.sqlite")
         self.cache = ImageCache(self.state_dir / "cache", self.store, repository)

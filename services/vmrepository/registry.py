@@ -453,7 +453,9 @@ class Registry:
             deleted, holders = self.catalogue.remove(rec.image_id)
         self.reserve.restore()
         if holders:
-            raise ImageInUse(f"{rec.vo}/{rec.name} is held by {len(holders)} deployment(s): {', '.join(holders)}",
+            raise ImageInUse(f"{rec.vo}/{rec.name} is held by {len(holders)} deployment(s): {', '.join(holders)} "
+                             f"(a node gives its hold back once its last instance of the image has ended, after its "
+                             f"hold_linger, 10 s unless set: remove it then)",
                              imageId=rec.image_id, holder=holders)
         log.info("removed %s %s/%s (bytes deleted: %s) by %s", rec.image_id, rec.vo, rec.name, deleted, caller.dn)
         return Removed(rec.image_id, bool(deleted))

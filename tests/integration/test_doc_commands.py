@@ -14,6 +14,8 @@
 - docs/jobs.md's `vmgrid serve jobs -c jobs.toml` with the doc's example configuration as written (its
   /var/lib/vmgrid, /etc/grid-security, ports 8443 and 2812), in mount and network namespaces of its own.
 - README's `./run.sh setup` (its first block's `./run.sh demo` runs in tests/integration/test_demo.py).
+- docs/images.md's recipe example, saved as blast.toml, and its block (the file it names made, `vmgrid image check
+  blast.toml`), and the one-line error the doc quotes for that file missing.
 """
 from __future__ import annotations
 
@@ -242,3 +244,29 @@ ls /var/lib/vmgrid > state.txt
     assert "vmgrid: serving JobService" in log and "from the doc" in r.stdout and "Done" in r.stdout, r.stdout
     assert (work / "state.txt").read_text().strip(), "the service kept no state in /var/lib/vmgrid"
     assert not (tmp_path / "etc-upper").joinpath("passwd").exists()        # /etc itself untouched
+
+
+def test_the_recipe_example_of_docs_images_md_is_checked_as_written(tmp_path):
+    """docs/images.md's "Writing a recipe": the example saved as blast.toml where the doc says (the checkout: its
+    guestd/ here a symlink), then the doc's block by bash -e: the file the recipe names is made from the emboss
+    template and `vmgrid image check` prints the recipe with every default, the file resolved beside it. Without
+    that file, the check is the one-line error the doc quotes."""
+    doc = (ROOT / "docs" / "images.md").read_text()
+    example = re.search(r"## Writing a recipe\n\n```toml\n(.*?)```", doc, re.S)
+    assert example, "docs/images.md lost its recipe example"
+    block = marked_block(ROOT / "docs" / "images.md", "vmgrid image check blast.toml")
+    (tmp_path / "guestd").symlink_to(ROOT / "guestd")
+    (tmp_path / "blast.toml").write_text(example.group(1))
+    env = {"PATH": f"{vmgrid_on_path(tmp_path)}:/usr/bin:/bin", "HOME": str(tmp_path), "LANG": "C.UTF-8"}
+    missing = subprocess.run(["bash", "-c", "vmgrid image check blast.toml"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=120)
+    quoted = re.search(r"\(`(vmgrid: blast\.toml:\s+files\.'[^']+': )\.\.\.(/blast/jobs\.toml is not a file)`\)", doc)
+    assert quoted, "docs/images.md lost its missing-file error"
+    assert missing.returncode == 1 and missing.stderr.startswith(" ".join(quoted.group(1).split())), missing.stderr
+    assert missing.stderr.rstrip().endswith(quoted.group(2)), missing.stderr
+    r = subprocess.run(["bash", "-e", "-c", block], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, f"{r.stdout}\n{r.stderr}"
+    shown = dict(line.split(None, 1) for line in r.stdout.splitlines() if len(line.split(None, 1)) == 2)
+    assert shown["name"] == "debian12-blast" and shown["disk_mib"] == "2048" and shown["vmgrid_runtime"] == "True"
+    assert str(tmp_path / "blast" / "jobs.toml") in shown["files"], r.stdout

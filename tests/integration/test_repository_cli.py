@@ -226,12 +226,33 @@ def names_in_catalogue(alice_repo):
 
 
 def test_import_registers_a_directory_of_descriptors(grid, tmp_path, names_in_catalogue):
-    """docs/repository.md's and the README's `vmgrid repo import descriptors/`, as written."""
-    _import_dir(grid, tmp_path, [f"imp-{i:02d}" for i in range(12)])
-    out = vmgrid(grid, "alice", "repo", "import", "descriptors/", cwd=tmp_path)
-    assert out.stdout.startswith("imported 12 descriptors from descriptors")
-    assert names_in_catalogue("imp-") == [f"imp-{i:02d}" for i in range(12)]
-    shown = json.loads(vmgrid(grid, "alice", "repo", "show", "bio/imp-03", "--json").stdout)["descriptors"][0]
+    """docs/repository.md's block (`vmgrid repo import descriptors/`, then with `--json`), each line run by a shell
+    as written, as alice, in a directory of its own holding `descriptors/`."""
+    from tests.fixtures.namespaces import vmgrid_command
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "repository.md").read_text()
+    block = re.search(r"<!-- run as written by tests/integration/test_repository_cli\.py[^>]*-->\n```sh\n(.*?)```",
+                      doc, re.S)
+    assert block, "docs/repository.md lost its import block run by this test"
+    lines = [line for line in block.group(1).splitlines() if line.strip()]
+    assert [line.split("#")[0].split() for line in lines] == [["vmgrid", "repo", "import", "descriptors/"],
+                                                               ["vmgrid", "repo", "import", "descriptors/", "--json"]]
+    env = {**grid.env("alice"), "VMGRID_REPOSITORY": grid.url,
+           "PATH": f"{vmgrid_command(tmp_path / 'bin')}:/usr/bin:/bin"}
+    outs = []
+    for n, line in enumerate(lines):
+        work = tmp_path / f"line{n}"
+        work.mkdir()
+        _import_dir(grid, work, [f"imp{n}-{i:02d}" for i in range(12)])
+        r = subprocess.run(["bash", "-e", "-c", line], cwd=work, env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, f"{line}\n{r.stdout}\n{r.stderr}"
+        outs.append(r.stdout)
+    assert outs[0].startswith("imported 12 descriptors from descriptors")
+    assert names_in_catalogue("imp0-") == [f"imp0-{i:02d}" for i in range(12)]
+    printed = json.loads(outs[1])
+    assert [Path(e["file"]).name for e in printed] == [f"imp1-{i:02d}.xml" for i in range(12)]
+    assert names_in_catalogue("imp1-") == [f"imp1-{i:02d}" for i in range(12)]
+    shown = json.loads(vmgrid(grid, "alice", "repo", "show", "bio/imp0-03", "--json").stdout)["descriptors"][0]
     assert shown["identity"]["owner"] == grid.user("alice").dn and shown["image"]["sha256"] == grid.import_base
 
 

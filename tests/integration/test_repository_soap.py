@@ -117,6 +117,7 @@ def test_every_operation_through_zeep_validates_against_the_published_schema(rep
     with pytest.raises(ImageInUse) as held:
         alice.remove(dup.image_id)
     assert held.value.holder == ["https://node1/wsrf/services/VMManagerService#inst-1"]
+    assert "a node gives its hold back once its last instance of the image has ended" in str(held.value)
     assert alice.release(hold_id) is True
     assert alice.remove(dup.image_id) is False          # the original still uses the bytes
     assert repo_server.service.store.exists(d.sha256)

@@ -103,3 +103,14 @@ def test_authz_init_writes_the_default_policy_with_its_admins_and_refuses_to_ove
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=60)
     assert r.returncode == 1 and r.stderr == f"vmgrid: {policy} exists (--force replaces it)\n"
     assert policy.read_text() == before
+
+
+def test_the_migrate_command_of_docs_vmmanager_md_is_a_more_commands_line_the_recipe_test_runs():
+    """docs/vmmanager.md shows `vmgrid vm migrate ...` against the recipe's second node: the same line as README's
+    "More commands" (run above as written), so the doc's command is run as written there."""
+    doc = (REPO / "docs" / "vmmanager.md").read_text()
+    m = re.search(r"<!-- run as written by tests/integration/test_site_recipe\.py[^>]*-->\n```sh\n(.*?)```", doc, re.S)
+    assert m, "docs/vmmanager.md lost its migrate block run by this test"
+    more = [line.split("#")[0].strip() for line in recipe(MORE).splitlines()]
+    for line in m.group(1).strip().splitlines():
+        assert line.split("#")[0].strip() in more, f"docs/vmmanager.md's `{line}` is not in README's More commands"

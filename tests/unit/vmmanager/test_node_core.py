@@ -7,8 +7,10 @@ from __future__ import annotations
 import hashlib
 import shutil
 import subprocess
+import tempfile
 import threading
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -453,3 +455,29 @@ def test_guests_that_stop_by_themselves_are_shutoff_through_the_nodes_long_lived
         handler.join(10)
         assert not handler.is_alive()
     node.close = lambda: None                       # closed already (the fixture closes it again)
+
+
+def test_a_node_for_real_guests_refuses_a_state_directory_too_deep_for_their_channel_sockets(tmp_path):
+    """A guest's channel is <state_dir>/instances/inst-<32 hex>/guestd.sock, a Unix socket (107 bytes at most): a
+    node whose VMM talks to guestd refuses a deeper state directory when it starts, with what to change, and makes
+    nothing there. Before, it started and every deploy failed at `define`, after staging the whole image."""
+    import dataclasses
+
+    vmm = LibvirtTestDriver.private_node()
+    vmm.capabilities = dataclasses.replace(vmm.capabilities, guest_channel=True)
+    policy = site_policy_point(vos={"bio": {"members": [ALICE.dn]}})
+    deep = tmp_path / ("d" * (100 - len(str(tmp_path)))) / "vmmanager"
+    nothing = types.SimpleNamespace(close=lambda: None)      # no repository: the node never stages here
+    try:
+        with pytest.raises(ValueError, match=r"too long for the guests' channel sockets .*give \[container\] "
+                                             r"state_dir a shorter path"):
+            Node(deep, VMManagerConfig(node="node1"), policy, vmm=vmm, repository=nothing, address=NODE_ADDRESS)
+        assert not deep.exists()
+        short = Path(tempfile.mkdtemp(prefix="vgn-", dir="/tmp"))
+        try:
+            Node(short / "vmmanager", VMManagerConfig(node="node1"), policy, vmm=vmm, repository=nothing,
+                 address=NODE_ADDRESS).close()
+        finally:
+            shutil.rmtree(short, ignore_errors=True)
+    finally:
+        vmm.close()
