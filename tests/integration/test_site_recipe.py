@@ -9,16 +9,14 @@ namespace of its own (`unshare --net`, only its loopback up): nothing else on th
 with it, and it reaches nothing but itself."""
 from __future__ import annotations
 
-import os
 import re
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.fixtures.namespaces import can_unshare, vmgrid_command
+from tests.fixtures.namespaces import can_unshare, run_recipe_in_net_namespace, vmgrid_command
 
 pytestmark = pytest.mark.timeout(700)
 REPO = Path(__file__).resolve().parents[2]
@@ -54,24 +52,15 @@ def test_the_site_recipe_and_the_more_commands_of_the_readme_run_as_written(tmp_
     work.mkdir()
     vmgrid_on_path(work)
     (work / "wsdl").symlink_to(REPO / "wsdl")
-    (work / "recipe.sh").write_text(recipe_and_more_commands())
     home = tmp_path / "home"
     home.mkdir()
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "HOME": str(home),
            "LANG": "C.UTF-8"}             # nothing of the test's own grid: no X509_* variables
-    proc = subprocess.Popen(["unshare", "--net", "bash", "-c", "ip link set lo up && exec bash -c \"PS4='+ \\$(date +%T) '; set -ex; . ./recipe.sh\""],
-                            cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=600)
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)   # the recipe's own containers, should it have failed midway
-        except ProcessLookupError:
-            pass
+    r = run_recipe_in_net_namespace(work, recipe_and_more_commands(), env, timeout=600)
+    out, err = r.stdout, r.stderr
     site = work / "site"
     logs = "".join(f"\n--- {p.name}\n{p.read_text()[-3000:]}" for p in site.glob("*.log"))
-    assert proc.returncode == 0, out + err + logs
+    assert r.returncode == 0, out + err + logs
     assert '"/O=Grid/OU=mysite/CN=admin"' in (site / "policy.toml").read_text()
     assert "bio" in out and "/O=Grid/OU=mysite/CN=alice" in out            # vmgrid authz groups
     assert "debian12-emboss" in out                                         # registered, found by the query

@@ -7,16 +7,14 @@ vmgridbr1 stay off this machine). One guest; the EMBOSS image is the one tests/v
 boots (built before the namespace, which has no Debian mirror: the block's `image build` finds it cached)."""
 from __future__ import annotations
 
-import os
 import re
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from images import real_demo_enabled
+from tests.fixtures.namespaces import run_recipe_in_net_namespace, vmgrid_command
 
 REPO = Path(__file__).resolve().parents[2]
 DOC = REPO / "docs" / "vmmanager-qemu.md"
@@ -56,30 +54,18 @@ def test_the_site_node_whose_guests_run_jobs_runs_as_written(qemu_prerequisites,
     q1 = re.search(r"## A site's node whose guests run jobs\n.*?```toml\n(.*?)```", doc, re.S)
     assert q1 and "with the example above saved as `q1.toml`" in doc
     work = tmp_path / "c"      # the recipe runs in a checkout (it reads wsdl/examples/), here a short one
-    (work / ".venv" / "bin").mkdir(parents=True)
-    (work / ".venv" / "bin" / "vmgrid").write_text(
-        f"#!/bin/sh\nexec env PYTHONPATH={REPO} {sys.executable} -m client.cli \"$@\"\n")
-    (work / ".venv" / "bin" / "vmgrid").chmod(0o755)
+    vmgrid_command(work / ".venv" / "bin")
     (work / "wsdl").symlink_to(REPO / "wsdl")
     (work / "q1.toml").write_text(q1.group(1))
-    (work / "recipe.sh").write_text("\n".join(site[:-1]) + "\ncp ../q1.toml q1.toml\n" + block + site[-1] + "\n")
     home = tmp_path / "home"
     home.mkdir()
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "HOME": str(home), "LANG": "C.UTF-8"}
-    proc = subprocess.Popen(["unshare", "--net", "bash", "-c",
-                             "ip link set lo up && exec bash -c \"PS4='+ \\$(date +%T) '; set -ex; . ./recipe.sh\""],
-                            cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=1800)
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)   # the block's containers and QEMU, should it have failed midway
-        except ProcessLookupError:
-            pass
+    r = run_recipe_in_net_namespace(work, "\n".join(site[:-1]) + "\ncp ../q1.toml q1.toml\n" + block + site[-1] + "\n",
+                                    env, timeout=1800)
+    out, err = r.stdout, r.stderr
     site_dir = work / "site"
     logs = "".join(f"\n--- {p.name}\n{p.read_text()[-3000:]}" for p in site_dir.glob("*.log"))
-    assert proc.returncode == 0, out[-4000:] + err[-6000:] + logs
+    assert r.returncode == 0, out[-4000:] + err[-6000:] + logs
     assert re.search(r"jobs\s+https://10\.123\.0\.1\d:8443/wsrf/services/JobService\s+\(/O=Grid/OU=vmgrid-guests/"
                      r"CN=host/10\.123\.0\.1\d\)", out), out[-4000:]             # vm status: the guest's job service
     tmap = (site_dir / "results" / "bR.tmap").read_text()
