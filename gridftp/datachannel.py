@@ -602,7 +602,9 @@ class _Gate:
         self.strays = 0
         self.last_refusal: AuthenticationError | None = None
         self._lock = threading.Lock()
-        self._pending: dict[socket.socket, float] = {}     # in handshake -> when it must be done
+        # in handshake -> (when it must be done, a duplicate of it to cut it with: wrapping detaches the original,
+        # and a blocking TLS handshake retries a kernel receive timeout for ever)
+        self._pending: dict[socket.socket, tuple[float, socket.socket]] = {}
         self.closed = False
 
     def _stray(self, peer, reason: object) -> None:
@@ -618,7 +620,7 @@ class _Gate:
         """Accept at most one connection (waits up to 0.2 s); cut handshakes past their time."""
         now = time.monotonic()
         with self._lock:
-            late = [s for s, until in self._pending.items() if until < now]
+            late = [cutter for until, cutter in self._pending.values() if until < now]
             busy = len(self._pending) >= MAX_HANDSHAKING
         for s in late:
             _abort_all([s])         # its thread fails, logs and closes it
@@ -645,8 +647,14 @@ class _Gate:
             self._hand_over(conn)
             return
         set_idle_timeout(conn, HANDSHAKE_TIMEOUT)
+        try:
+            cutter = conn.dup()
+        except OSError as exc:
+            conn.close()
+            self._stray(peer, exc)
+            return
         with self._lock:
-            self._pending[conn] = now + HANDSHAKE_TIMEOUT
+            self._pending[conn] = (now + HANDSHAKE_TIMEOUT, cutter)
         threading.Thread(target=self._handshake, args=(conn, peer), name="gridftp-data-handshake",
                          daemon=True).start()
 
@@ -661,7 +669,8 @@ class _Gate:
             return
         finally:
             with self._lock:
-                self._pending.pop(conn, None)
+                _, cutter = self._pending.pop(conn)
+            cutter.close()
         set_idle_timeout(wrapped, DATA_TIMEOUT)
         self._hand_over(wrapped)
 
@@ -673,7 +682,7 @@ class _Gate:
         """Stop: cut every handshake in progress (the listener is the caller's)."""
         self.closed = True
         with self._lock:
-            pending = list(self._pending)
+            pending = [cutter for _, cutter in self._pending.values()]
         _abort_all(pending)
 
     def no_one_came(self) -> TransferError | AuthenticationError:

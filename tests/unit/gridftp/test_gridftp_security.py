@@ -11,7 +11,7 @@ import threading
 
 import pytest
 
-from gridftp import AuthenticationError, GridFTPClient, ReplyError, download, third_party, upload
+from gridftp import AuthenticationError, GridFTPClient, ReplyError, datachannel, download, third_party, upload
 from gridftp.protocol import BLOCK_HEADER, DESC_EOD, DESC_EOF, find_host_ports
 from gridftp.tls import DataTLS, TLSConfig
 from security.pki import OID_INDEPENDENT, Credential, make_proxy, proxy_certificate
@@ -252,6 +252,30 @@ def test_stray_data_connections_do_not_fail_the_users_transfer(secure_server, gr
     wait_for(lambda: len(_strays(caplog)) >= len(failed), what="the failed strays logged")
     for sock in strays:
         sock.close()
+    s.close()
+
+
+def test_stalled_handshakes_hold_a_passive_port_only_for_their_time_bound(secure_server, grid_pki, tree,
+                                                                         monkeypatch):
+    """More connections that never finish their handshake than a port handshakes at once (MAX_HANDSHAKING)
+    arrive before alice's: each is cut at the handshake bound (1 s here) and alice's connection, behind them
+    all, is then taken and stores the file."""
+    monkeypatch.setattr(datachannel, "HANDSHAKE_TIMEOUT", 1.0)
+    s, tls = _tls_session(secure_server, grid_pki, grid_pki.alice.proxy)
+    for line in ("PBSZ 0", "PROT P", "USER :globus-mapping:", "TYPE I", "MODE E", "ALLO 5"):
+        assert s.cmd(line).ok, line
+    addr = find_host_ports(s.expect("PASV", 227).text)[0]
+    assert s.cmd("STOR /up/mine").code == 150
+    stallers = [socket.create_connection(addr, timeout=10) for _ in range(datachannel.MAX_HANDSHAKING + 4)]
+    raw = socket.create_connection(addr, timeout=30)
+    mine = DataTLS(tls, grid_pki.host_dn, tls_server=False).wrap(raw, server_side=False)
+    send_mode_e(mine, [(0, b"mine!")])
+    mine.close()
+    assert _final(s).code == 226
+    assert (tree / "up" / "mine").read_bytes() == b"mine!"
+    for staller in stallers:
+        assert staller.recv(1) == b""           # cut
+        staller.close()
     s.close()
 
 
