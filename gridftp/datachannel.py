@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
 import socket
 import struct
@@ -30,6 +31,8 @@ BLOCK_SIZE = 4 << 20            # payload bytes per MODE E block sent
 RECV_BUFFER = 1 << 20           # reused receive buffer per connection
 DATA_TIMEOUT = 60.0             # seconds a data connection may stay silent
 ACCEPT_TIMEOUT = 60.0           # seconds to wait for the first data connection
+
+log = logging.getLogger(__name__)
 
 
 TYPE_CHECKING = False   # what typing.TYPE_CHECKING is at run time, without importing typing (the command's start)
@@ -572,46 +575,168 @@ class ModeEReceiver:
             self.counter.add(slot, n)
 
 
+# -- the passive side: accepting data connections ------------------------------------------------
+HANDSHAKE_TIMEOUT = 10.0        # seconds an accepted data connection has to finish its TLS handshake and DCAU
+MAX_HANDSHAKING = 8             # accepted connections of one listener in handshake at once
+MAX_STRAYS_LOGGED = 16          # strays logged one by one per transfer (the rest are counted)
+
+
+class _Gate:
+    """Admits the data connections of one passive listener that prove themselves.
+
+    A connection from an address ``allow`` refuses (``DCAU N``: no identity to check) is dropped at
+    once. Every other is handshaken (TLS and the DCAU check, ``protection``) on a short-lived thread
+    of its own, within :data:`HANDSHAKE_TIMEOUT` and at most :data:`MAX_HANDSHAKING` at once; one that
+    fails (garbage, clear text, a wrong or no certificate, a stall) is logged and dropped, and the
+    wait goes on. So anyone who can reach the port cannot fail another user's transfer, nor make the
+    right peer wait behind a handshake that never ends.
+    """
+
+    def __init__(self, listener: socket.socket, protection: Protection | None,
+                 allow: Callable[[str], bool] | None, deliver: Callable[[socket.socket], bool], what: str):
+        self.listener = listener
+        self.protection = protection
+        self.allow = allow
+        self.deliver = deliver          # True: taken; False: not wanted any more (closed here)
+        self.what = what
+        self.strays = 0
+        self.last_refusal: AuthenticationError | None = None
+        self._lock = threading.Lock()
+        # in handshake -> (when it must be done, a duplicate of it to cut it with: wrapping detaches the original,
+        # and a blocking TLS handshake retries a kernel receive timeout for ever)
+        self._pending: dict[socket.socket, tuple[float, socket.socket]] = {}
+        self.closed = False
+
+    def _stray(self, peer, reason: object) -> None:
+        with self._lock:
+            self.strays += 1
+            count = self.strays
+        if count <= MAX_STRAYS_LOGGED:
+            log.warning("%s: dropped a data connection from %s: %s", self.what, _peer_text(peer), reason)
+        elif count == MAX_STRAYS_LOGGED + 1:
+            log.warning("%s: more stray data connections; the rest are counted, not logged", self.what)
+
+    def step(self) -> None:
+        """Accept at most one connection (waits up to 0.2 s); cut handshakes past their time."""
+        now = time.monotonic()
+        with self._lock:
+            late = [cutter for until, cutter in self._pending.values() if until < now]
+            busy = len(self._pending) >= MAX_HANDSHAKING
+        for s in late:
+            _abort_all([s])         # its thread fails, logs and closes it
+        if busy:
+            time.sleep(0.05)
+            return
+        self.listener.settimeout(0.2)
+        try:
+            conn, peer = self.listener.accept()
+        except socket.timeout:
+            return
+        if self.allow is not None and not self.allow(peer[0]):
+            conn.close()
+            self._stray(peer, "not the client's address nor a configured data peer (DCAU N)")
+            return
+        try:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError as exc:
+            conn.close()
+            self._stray(peer, exc)
+            return
+        if self.protection is None:
+            set_idle_timeout(conn, DATA_TIMEOUT)
+            self._hand_over(conn)
+            return
+        set_idle_timeout(conn, HANDSHAKE_TIMEOUT)
+        try:
+            cutter = conn.dup()
+        except OSError as exc:
+            conn.close()
+            self._stray(peer, exc)
+            return
+        with self._lock:
+            self._pending[conn] = (now + HANDSHAKE_TIMEOUT, cutter)
+        threading.Thread(target=self._handshake, args=(conn, peer), name="gridftp-data-handshake",
+                         daemon=True).start()
+
+    def _handshake(self, conn: socket.socket, peer) -> None:
+        try:
+            wrapped = self.protection.wrap(conn, server_side=True)
+        except (OSError, ValueError, AuthenticationError) as exc:
+            conn.close()
+            if isinstance(exc, AuthenticationError):
+                self.last_refusal = exc
+            self._stray(peer, exc)
+            return
+        finally:
+            with self._lock:
+                _, cutter = self._pending.pop(conn)
+            cutter.close()
+        set_idle_timeout(wrapped, DATA_TIMEOUT)
+        self._hand_over(wrapped)
+
+    def _hand_over(self, conn: socket.socket) -> None:
+        if self.closed or not self.deliver(conn):
+            conn.close()
+
+    def close(self) -> None:
+        """Stop: cut every handshake in progress (the listener is the caller's)."""
+        self.closed = True
+        with self._lock:
+            pending = [cutter for _, cutter in self._pending.values()]
+        _abort_all(pending)
+
+    def no_one_came(self) -> TransferError | AuthenticationError:
+        """The error of a wait that ended with no proven connection: 432 if some failed their DCAU."""
+        if self.last_refusal is not None:
+            return AuthenticationError(f"no data connection proved the expected identity ({self.strays} dropped; "
+                                       f"the last: {self.last_refusal})")
+        return TransferError("no data connection arrived" + (f" ({self.strays} dropped)" if self.strays else ""))
+
+
+def _peer_text(peer) -> str:
+    return f"[{peer[0]}]:{peer[1]}" if ":" in str(peer[0]) else f"{peer[0]}:{peer[1]}"
+
+
 def accept_connections(listener: socket.socket, receiver: ModeEReceiver, *,
                        protection: Protection | None = None, timeout: float = ACCEPT_TIMEOUT,
                        on_first: Callable[[], None] | None = None,
-                       max_connections: int = MAX_PARALLELISM) -> threading.Thread:
-    """Accept data connections for ``receiver`` in a thread until it completes or fails; one past
-    ``max_connections`` (each costs a socket and a receiving thread) fails the transfer."""
+                       max_connections: int = MAX_PARALLELISM, allow: Callable[[str], bool] | None = None,
+                       what: str = "MODE E receiver") -> threading.Thread:
+    """Accept data connections for ``receiver`` in a thread until it completes or fails. Connections that do
+    not prove themselves (``allow``, ``protection``: see :class:`_Gate`) are dropped and logged; one proven
+    connection past ``max_connections`` (each costs a socket and a receiving thread) fails the transfer."""
+    first = [True]
+
+    def deliver(conn: socket.socket) -> bool:
+        with lock:
+            if receiver.done:
+                return False
+            if receiver.connections >= max_connections:
+                receiver.fail(TransferError(f"more than {max_connections} data connections"))
+                return False
+            if first[0] and on_first is not None:
+                on_first()
+            first[0] = False
+            receiver.add_connection(conn)
+            return True
+
+    lock = threading.Lock()
+    gate = _Gate(listener, protection, allow, deliver, what)
 
     def run() -> None:
         deadline = time.monotonic() + timeout
-        listener.settimeout(0.2)
-        first = True
-        while not receiver.done:
-            try:
-                conn, _ = listener.accept()
-            except socket.timeout:
+        try:
+            while not receiver.done:
+                try:
+                    gate.step()
+                except OSError as exc:
+                    if not receiver.done:
+                        receiver.fail(TransferError(f"data listener failed: {exc}"))
+                    return
                 if receiver.connections == 0 and time.monotonic() > deadline:
-                    receiver.fail(TransferError("no data connection arrived"))
-                continue
-            except OSError as exc:
-                if not receiver.done:
-                    receiver.fail(TransferError(f"data listener failed: {exc}"))
-                return
-            if receiver.connections >= max_connections:
-                conn.close()
-                receiver.fail(TransferError(f"more than {max_connections} data connections"))
-                return
-            try:
-                set_idle_timeout(conn, DATA_TIMEOUT)
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                if protection is not None:
-                    conn = protection.wrap(conn, server_side=True)
-            except (OSError, AuthenticationError) as exc:
-                conn.close()
-                receiver.fail(exc if isinstance(exc, AuthenticationError)
-                              else TransferError(f"data connection handshake failed: {exc}"))
-                return
-            if first and on_first is not None:
-                on_first()
-            first = False
-            receiver.add_connection(conn)
+                    receiver.fail(gate.no_one_came())
+        finally:
+            gate.close()
 
     t = threading.Thread(target=run, name="gridftp-accept", daemon=True)
     t.start()
@@ -619,15 +744,45 @@ def accept_connections(listener: socket.socket, receiver: ModeEReceiver, *,
 
 
 def accept_one(listener: socket.socket, *, protection: Protection | None = None,
-               timeout: float = ACCEPT_TIMEOUT) -> socket.socket:
-    """Accept a single data connection (stream mode, passive side)."""
-    listener.settimeout(timeout)
+               timeout: float = ACCEPT_TIMEOUT, allow: Callable[[str], bool] | None = None,
+               what: str = "stream-mode transfer") -> socket.socket:
+    """Accept the one data connection of a stream-mode transfer (passive side): the first that proves
+    itself (see :class:`_Gate`) within ``timeout``; strays before it are dropped and logged."""
+    chosen: list[socket.socket] = []
+    finished = [False]
+    arrived = threading.Event()
+    lock = threading.Lock()
+
+    def deliver(conn: socket.socket) -> bool:
+        with lock:
+            if chosen or finished[0]:
+                return False
+            chosen.append(conn)
+        arrived.set()
+        return True
+
+    gate = _Gate(listener, protection, allow, deliver, what)
+    deadline = time.monotonic() + timeout
     try:
-        conn, _ = listener.accept()
-    except OSError as exc:
-        raise TransferError(f"no data connection arrived: {exc}") from exc
-    set_idle_timeout(conn, DATA_TIMEOUT)
-    return protection.wrap(conn, server_side=True) if protection is not None else conn
+        while not arrived.is_set():
+            if time.monotonic() > deadline:
+                raise gate.no_one_came()
+            try:
+                gate.step()
+            except OSError as exc:
+                if arrived.is_set():
+                    break
+                raise TransferError(f"no data connection arrived: {exc}") from exc
+    except BaseException:
+        with lock:
+            finished[0] = True
+        close_all(chosen)       # one that won as the wait ended
+        raise
+    finally:
+        with lock:
+            finished[0] = True
+        gate.close()
+    return chosen[0]
 
 
 # -- stream mode -----------------------------------------------------------------------------------

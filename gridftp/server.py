@@ -30,7 +30,7 @@ from security.gsi import GSIContext, GSIError, read_gridmap
 
 from .checksum import ALGORITHMS as CHECKSUM_ALGORITHMS, hash_fd, hash_file
 from .control import ControlChannel, LineTooLong
-from .datachannel import (Counter, ModeEReceiver, ModeESender, Throttle, Worker, accept_connections,
+from .datachannel import (ACCEPT_TIMEOUT, Counter, ModeEReceiver, ModeESender, Throttle, Worker, accept_connections,
                           accept_one, close_all, connect_streams, open_listener, receive_stream, send_stream,
                           shutdown_listener)
 from .errors import AuthenticationError, ChecksumMismatch, GridFTPError, PathError, ProtocolError, TransferError
@@ -112,7 +112,10 @@ class GridFTPServer:
     ``max_file_size``: no received byte may land beyond it (ALLO above it gets 552).
     ``data_peers``: addresses or networks (``"192.0.2.7"``, ``"10.1.0.0/16"``) this server may open
     data connections to besides the control connection's own peer: the trusted servers of
-    third-party transfers. Anything else in PORT/EPRT/SPOR is refused (no FTP bounce, no port scan).
+    third-party transfers. Anything else in PORT/EPRT/SPOR is refused (no FTP bounce, no port scan). The same
+    set may connect to a passive data port when no identity is checked there (``DCAU N``, anonymous sessions).
+    ``accept_timeout``: seconds a passive data port waits for a data connection that proves itself; others
+    (a failed TLS handshake or DCAU check, an address not allowed) are dropped and logged meanwhile.
     ``gsi``: with a credential, also offer ``AUTH GSSAPI`` (the Globus GSI mechanism, :mod:`security.gsi`).
     ``gridmap``: a Globus grid-mapfile (path) or a set of DNs; only those DNs may log in (None: any
     trusted DN, the path rules decide). ``accept_limited_proxies``: False refuses limited proxies.
@@ -131,7 +134,7 @@ class GridFTPServer:
                  max_file_size: int = 1 << 40, idle_timeout: float = 900.0, login_timeout: float = 60.0,
                  max_unauthenticated_per_host: int | None = None, max_quota_names: int = 1000,
                  identify: Callable[[ssl.SSLSocket], str] | None = None,
-                 data_peers: Iterable[str] = (), gsi: bool = True,
+                 data_peers: Iterable[str] = (), accept_timeout: float = ACCEPT_TIMEOUT, gsi: bool = True,
                  gridmap: str | os.PathLike | set[str] | None = None, accept_limited_proxies: bool = True,
                  banner: str = "vmgrid GridFTP server ready."):
         self.files = root_or_vfs if isinstance(root_or_vfs, FileSpace) else LocalFileSpace(root_or_vfs)
@@ -155,6 +158,7 @@ class GridFTPServer:
                                                 else max_unauthenticated_per_host)
         self.banner = banner
         self.data_peers = [ipaddress.ip_network(p, strict=False) for p in data_peers]
+        self.accept_timeout = accept_timeout
         self.gsi = gsi and self.tls is not None
         self.gridmap = gridmap if gridmap is None or isinstance(gridmap, set) else read_gridmap(gridmap)
         self.accept_limited_proxies = accept_limited_proxies
@@ -775,6 +779,16 @@ class _Session:
             return DataTLS(self.server.tls, subject, tls_server=None)
         return DataTLS(self.server.tls, self.dn if mode == "A" else None, tls_server=True)
 
+    def _data_allow(self, protection) -> Callable[[str], bool] | None:
+        """Who may connect to this session's passive port. With an identity to prove (DCAU A or S), anyone: the
+        handshake decides. Without one (DCAU N, anonymous, no TLS) only the control connection's peer and the
+        configured ``data_peers``, the addresses PORT/EPRT may name: else whoever reached the port first would
+        get or write the data."""
+        if protection is not None and getattr(protection, "expect", None) is not None:
+            return None
+        control_peer = self.peer[0]
+        return lambda host: self.server.may_connect(control_peer, host)
+
     def _gsi_protection(self) -> GSIData | None:
         """The data channel of a GSI session: DCAU and PROT as Globus does them (:mod:`gridftp.gsidata`),
         with the credential the client delegated (else the host's)."""
@@ -1344,7 +1358,8 @@ class _Session:
             if self.data.active:
                 sock = connect_streams(self.data.active, 1, protection=protection, sbuf=self.sbuf)[0]
             else:
-                sock = accept_one(self.data.passive[0], protection=protection)
+                sock = accept_one(self.data.passive[0], protection=protection, allow=self._data_allow(protection),
+                                  timeout=self.server.accept_timeout, what=f"session {self.peer} ({self.dn})")
             holder.append(sock)
             move(sock)
 
@@ -1516,7 +1531,8 @@ class _Session:
         counter = Counter()
         receiver = ModeEReceiver(sink, shift=shift, limit=limit, counter=counter)
         listener = self.data.passive[0]
-        acceptor = accept_connections(listener, receiver, protection=protection)
+        acceptor = accept_connections(listener, receiver, protection=protection, allow=self._data_allow(protection),
+                                      timeout=self.server.accept_timeout, what=f"session {self.peer} ({self.dn})")
         partial = sink if isinstance(sink, PartialFile) else None
 
         def markers() -> None:

@@ -4,18 +4,19 @@ Certificates come from the test grid PKI (tests/fixtures/pki.py, built with secu
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import socket
 import ssl
 import threading
 
 import pytest
 
-from gridftp import AuthenticationError, GridFTPClient, ReplyError, download, third_party, upload
+from gridftp import AuthenticationError, GridFTPClient, ReplyError, datachannel, download, third_party, upload
 from gridftp.protocol import BLOCK_HEADER, DESC_EOD, DESC_EOF, find_host_ports
-from gridftp.tls import TLSConfig
+from gridftp.tls import DataTLS, TLSConfig
 from security.pki import OID_INDEPENDENT, Credential, make_proxy, proxy_certificate
 
-from tests.unit.gridftp.gridftp_helpers import RawFTP, sha256_of
+from tests.unit.gridftp.gridftp_helpers import RawFTP, read_stream, send_mode_e, sha256_of, wait_for
 
 ALICE_ONLY = "/data/f3m"
 
@@ -155,11 +156,26 @@ def test_anonymous_and_named_logins_on_a_tls_server(secure_server, start_server,
     assert (tree / "up" / "a").read_bytes() == (tree / "data" / "small").read_bytes()
 
 
-def test_data_channel_must_prove_the_sessions_identity(secure_server, grid_pki, tree):
+def _final(s: RawFTP):
+    reply = s.reply()
+    while reply.preliminary:
+        reply = s.reply()
+    return reply
+
+
+def _strays(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "dropped a data connection" in r.getMessage()]
+
+
+def test_data_channel_must_prove_the_sessions_identity(start_server, grid_pki, tree, caplog):
     """DCAU A: only alice's credential may connect to alice's data port; bob's TLS connection and a
-    clear-text connection both fail, and nothing is stored."""
+    clear-text connection are dropped and logged, and with no one else coming the store ends with 432
+    (accept_timeout) and stores nothing."""
+    caplog.set_level(logging.WARNING, logger="gridftp.datachannel")
+    server = start_server(credential=grid_pki.host, trust=grid_pki.cert_dir, upload_area="/up", anonymous=False,
+                          accept_timeout=2)
     for intruder in ("bob", "plain"):
-        s, _ = _tls_session(secure_server, grid_pki, grid_pki.alice.proxy)
+        s, _ = _tls_session(server, grid_pki, grid_pki.alice.proxy)
         for line in ("PBSZ 0", "PROT P", "USER :globus-mapping:", "MODE E", "ALLO 5"):
             assert s.cmd(line).ok
         addr = find_host_ports(s.expect("PASV", 227).text)[0]
@@ -176,12 +192,142 @@ def test_data_channel_must_prove_the_sessions_identity(secure_server, grid_pki, 
         else:
             raw.sendall(BLOCK_HEADER.pack(0, 5, 0) + b"evil!" + BLOCK_HEADER.pack(DESC_EOF, 0, 1)
                         + BLOCK_HEADER.pack(DESC_EOD, 0, 0))
-        final = s.reply()
-        while final.preliminary:
-            final = s.reply()
+        final = _final(s)
         assert final.code == 432, final
         assert not (tree / "up" / "stolen").exists()
         s.close()
+    assert len(_strays(caplog)) == 2
+
+
+STRAYS = ("stalled", "garbage", "clear text", "foreign CA", "another user")
+
+
+@pytest.mark.parametrize("mode", ["E", "S"])
+@pytest.mark.parametrize("kinds", [[k] for k in STRAYS] + [list(STRAYS)], ids=list(STRAYS) + ["all"])
+def test_stray_data_connections_do_not_fail_the_users_transfer(secure_server, grid_pki, tree, caplog, mode, kinds):
+    """Anyone who can reach a passive data port must not break the transfer waiting there: a connection that
+    never finishes its handshake, garbage, clear text under PROT P, a certificate of a CA this server does not
+    trust, a trusted user who is not the session's (DCAU A) arrive first; each is dropped (the failed ones
+    logged), and alice's own data connection, behind them, stores the file."""
+    caplog.set_level(logging.WARNING, logger="gridftp.datachannel")
+    s, tls = _tls_session(secure_server, grid_pki, grid_pki.alice.proxy)
+    payload = bytes(range(256)) * 400
+    for line in ("PBSZ 0", "PROT P", "USER :globus-mapping:", "TYPE I", f"MODE {mode}", f"ALLO {len(payload)}"):
+        assert s.cmd(line).ok, line
+    addr = find_host_ports(s.expect("PASV", 227).text)[0]
+    assert s.cmd("STOR /up/mine").code == 150
+    evil = BLOCK_HEADER.pack(0, 5, 0) + b"evil!" + BLOCK_HEADER.pack(DESC_EOF, 0, 1) + BLOCK_HEADER.pack(DESC_EOD, 0, 0)
+    evil = evil if mode == "E" else b"evil!"
+    strays = []
+    for kind in kinds:
+        raw = socket.create_connection(addr, timeout=10)
+        strays.append(raw)
+        if kind == "garbage":
+            raw.sendall(b"\x00\xff garbage \r\n" * 50)
+        elif kind == "clear text":
+            raw.sendall(evil)
+        elif kind in ("foreign CA", "another user"):
+            who = grid_pki.stranger.proxy if kind == "foreign CA" else grid_pki.bob.proxy
+            try:
+                conn = TLSConfig(who, grid_pki.cert_dir).client_context.wrap_socket(raw)
+                strays.append(conn)
+                conn.sendall(evil)
+            except (ssl.SSLError, OSError):
+                pass
+    raw = socket.create_connection(addr, timeout=10)
+    mine = DataTLS(tls, grid_pki.host_dn, tls_server=False).wrap(raw, server_side=False)
+    if mode == "E":
+        send_mode_e(mine, [(0, payload)])
+    else:
+        mine.sendall(payload)
+        try:
+            mine.unwrap()       # close_notify: the end of the file (the server closes without answering one)
+        except OSError:
+            pass
+    mine.close()
+    final = _final(s)
+    assert final.code == 226, final
+    assert (tree / "up" / "mine").read_bytes() == payload
+    failed = [k for k in kinds if k != "stalled"]       # a staller is logged when cut (after the transfer here)
+    wait_for(lambda: len(_strays(caplog)) >= len(failed), what="the failed strays logged")
+    for sock in strays:
+        sock.close()
+    s.close()
+
+
+def test_stalled_handshakes_hold_a_passive_port_only_for_their_time_bound(secure_server, grid_pki, tree,
+                                                                         monkeypatch):
+    """More connections that never finish their handshake than a port handshakes at once (MAX_HANDSHAKING)
+    arrive before alice's: each is cut at the handshake bound (1 s here) and alice's connection, behind them
+    all, is then taken and stores the file."""
+    monkeypatch.setattr(datachannel, "HANDSHAKE_TIMEOUT", 1.0)
+    s, tls = _tls_session(secure_server, grid_pki, grid_pki.alice.proxy)
+    for line in ("PBSZ 0", "PROT P", "USER :globus-mapping:", "TYPE I", "MODE E", "ALLO 5"):
+        assert s.cmd(line).ok, line
+    addr = find_host_ports(s.expect("PASV", 227).text)[0]
+    assert s.cmd("STOR /up/mine").code == 150
+    stallers = [socket.create_connection(addr, timeout=10) for _ in range(datachannel.MAX_HANDSHAKING + 4)]
+    raw = socket.create_connection(addr, timeout=30)
+    mine = DataTLS(tls, grid_pki.host_dn, tls_server=False).wrap(raw, server_side=False)
+    send_mode_e(mine, [(0, b"mine!")])
+    mine.close()
+    assert _final(s).code == 226
+    assert (tree / "up" / "mine").read_bytes() == b"mine!"
+    for staller in stallers:
+        assert staller.recv(1) == b""           # cut
+        staller.close()
+    s.close()
+
+
+@pytest.mark.parametrize("mode", ["E", "S"])
+def test_without_dcau_a_passive_port_takes_only_the_clients_address(start_server, tree, caplog, mode):
+    """With no data channel authentication (anonymous, DCAU N) whoever reached the port first would get or
+    write the data. A connection from another address (127.0.0.2 stands for another host) is dropped and
+    logged, the wait goes on, and the client's own connection gets the file (MODE S RETR) or stores it
+    (MODE E STOR); an address listed in ``data_peers`` (a trusted third-party server) is taken."""
+    caplog.set_level(logging.WARNING, logger="gridftp.datachannel")
+    server = start_server(upload_area="/up", insecure_anonymous_writes=True)
+    small = (tree / "data" / "small").read_bytes()
+    s = RawFTP("127.0.0.1", server.port)
+    s.login_anonymous()
+    for line in ("TYPE I", f"MODE {mode}"):
+        s.expect(line, 200)
+    addr = s.pasv()
+    if mode == "S":
+        assert s.cmd("RETR /data/small").code == 150
+    else:
+        assert s.cmd("STOR /up/mine").code == 150
+    stray = socket.create_connection(addr, timeout=10, source_address=("127.0.0.2", 0))
+    try:
+        if mode == "E":
+            stray.sendall(BLOCK_HEADER.pack(0, 5, 0) + b"evil!" + BLOCK_HEADER.pack(DESC_EOF, 0, 1)
+                          + BLOCK_HEADER.pack(DESC_EOD, 0, 0))
+        assert read_stream(stray) == b""                               # dropped: not a byte of the file
+    except ConnectionResetError:
+        pass
+    stray.close()
+    mine = socket.create_connection(addr, timeout=10)
+    if mode == "S":
+        assert read_stream(mine) == small
+    else:
+        send_mode_e(mine, [(0, small)])
+    mine.close()
+    assert _final(s).code == 226
+    if mode == "E":
+        assert (tree / "up" / "mine").read_bytes() == small
+    assert len(_strays(caplog)) == 1 and "127.0.0.2" in _strays(caplog)[0]
+    s.close()
+    peers = start_server(data_peers=["127.0.0.2/32"])            # a trusted server may connect
+    s = RawFTP("127.0.0.1", peers.port)
+    s.login_anonymous()
+    s.expect("TYPE I", 200)
+    addr = s.pasv()
+    assert s.cmd("RETR /data/small").code == 150
+    trusted = socket.create_connection(addr, timeout=10, source_address=("127.0.0.2", 0))
+    assert read_stream(trusted) == small
+    trusted.close()
+    assert _final(s).code == 226
+    s.close()
 
 
 def test_third_party_between_secured_servers(start_server, grid_pki, tree, tmp_path):
