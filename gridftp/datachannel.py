@@ -621,13 +621,15 @@ class _Gate:
         now = time.monotonic()
         with self._lock:
             late = [cutter for until, cutter in self._pending.values() if until < now]
-            busy = len(self._pending) >= MAX_HANDSHAKING
+            pending = len(self._pending)
         for s in late:
             _abort_all([s])         # its thread fails, logs and closes it
-        if busy:
+        if pending >= MAX_HANDSHAKING:
             time.sleep(0.05)
             return
-        self.listener.settimeout(0.2)
+        # while handshakes run, back soon: the caller sees at once one that has proved itself (accept_one's
+        # loop would otherwise sit in accept for the rest of 0.2 s, added to every TLS stream-mode transfer)
+        self.listener.settimeout(0.01 if pending else 0.2)
         try:
             conn, peer = self.listener.accept()
         except socket.timeout:
