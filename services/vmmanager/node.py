@@ -10,7 +10,6 @@ The deploy phases are in :mod:`services.vmmanager.phases`; states and transition
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import shutil
 import socket
@@ -26,6 +25,7 @@ from services.authz.pep import Enforcer, PolicyDecisionPoint
 from services.faults import (RETRYABLE, AccessDenied, InternalFault, InvalidArgument, InvalidDescriptor,
                              LimitExceeded, ResourceUnknown, VMGridFault, VMMFault)
 from services.vmmanager import migration, network, phases, states
+from services.vmmanager.channels import ChannelPaths, fits
 from services.vmmanager.config import VMManagerConfig
 from services.vmmanager.context import new_token
 from services.vmmanager.imagecache import ImageCache
@@ -37,7 +37,6 @@ from services.vmmanager.values import DeployRequest, DomainRow, InstanceView, No
 from services.vmmanager.warm import WarmSnapshots
 from services.vmmanager.vmm import VMM, InstanceState, LifecycleEvent, LifecycleEventKind, VMMError
 from services.vmmanager.vmm.errors import GuestWaitCancelled, InstanceNotFound
-from services.vmmanager.vmm.spec import MAX_UNIX_PATH
 from services.wsrf.lifetime import Sweeper
 from services.wsrf.notification import ConsumerPolicy, Notifier, new_subscription_key
 
@@ -65,15 +64,15 @@ class Node:
         self.state_change = state_change    # (consumer, producer, key, identifier, old, new, when) -> a Notify
         self.consumers = ConsumerPolicy(tuple(config.consumers_allow))
         self.state_dir = Path(state_dir)
+        channels = None
         if vmm.capabilities.guest_channel:
-            # every guest's channel is a Unix socket in its instance directory: a state directory too deep for one
-            # is refused here, at start, rather than at the first deploy after its image was staged
-            sock = Path(os.path.abspath(self.state_dir / "instances")) / ("inst-" + "0" * 32) / "guestd.sock"
-            if len(str(sock).encode()) > MAX_UNIX_PATH:
-                raise ValueError(f"the state directory {os.path.abspath(self.state_dir)} is too long for the guests' "
-                                 f"channel sockets ({len(str(sock).encode())} bytes for "
-                                 f"instances/inst-<32 hex>/guestd.sock, a Unix socket path holds {MAX_UNIX_PATH}): "
-                                 f"give [container] state_dir a shorter path")
+            # every guest's channel is a Unix socket, in its instance directory or (a state directory too deep
+            # for that) in a short private directory of this node's: one that fits neither, or an unsafe short
+            # directory, is refused here, at start, rather than at the first deploy after its image was staged
+            channels = ChannelPaths(self.state_dir / "instances")
+            channels.check()
+            if not fits(channels.long_form("inst-" + "0" * 32)):
+                channels.ensure()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.store = NodeStore(self.state_dir / "node.sqlite")
         self.cache = ImageCache(self.state_dir / "cache", self.store, repository)
@@ -84,7 +83,7 @@ class Node:
         self.bridge = network.prepare(config.nic_kind, config.nic_source, config.gateway, config.network,
                                       config.manage_bridge, self.state_dir)
         self.parts = NodeParts(self.node, config, self.store, self.cache, repository, vmm, pool,
-                               self.instances_dir, address)
+                               self.instances_dir, address, channels=channels)
         self.executor = ThreadPoolExecutor(config.deploy_workers, thread_name_prefix="vmgrid-deploy")
         self.warm = WarmSnapshots(self.state_dir / "warm", self.parts)
         self._locks: dict[str, threading.RLock] = {}
@@ -425,6 +424,7 @@ class Node:
                 if not quiet:
                     log.warning("instance %s: %s failed: %s", key, verb, exc)
         shutil.rmtree(self.parts.home(key), ignore_errors=True)
+        self.parts.remove_channel(key)
         held = inst is not None and (inst.hold_id or inst.hold_holder)
         central = None
         # the holds' lock before SQLite's write lock, as staging takes them; a release at the repository is sent
@@ -836,6 +836,8 @@ class Node:
             if d.name not in live_now:
                 shutil.rmtree(d, ignore_errors=True)
                 report["dirs_removed"] += 1
+        if self.parts.channels is not None:     # sockets of guests killed while the node was down
+            report["channels_removed"] = self.parts.channels.sweep(live_now)
         report.update(self.cache.reconcile())
         try:
             self.authz.reconcile(sorted(live_now))

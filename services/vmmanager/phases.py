@@ -27,6 +27,7 @@ from services.descriptor import NSMAP as WS_NSMAP
 from services.descriptor import Descriptor, image_blake3
 from services.faults import VMMFault
 from services.vmmanager import guestcred, qemuimg
+from services.vmmanager.channels import ChannelPaths
 from services.vmmanager.config import VMManagerConfig
 from services.vmmanager.context import build_context, write_context_iso
 from services.vmmanager.imagecache import ImageCache
@@ -87,9 +88,21 @@ class NodeParts:
     instances_dir: Path
     address: str = ""           # the node's public VMManager URL (image holds name it)
     holds: ImageHolds = field(default_factory=ImageHolds)
+    channels: ChannelPaths | None = None    # where the guests' channel sockets are (None: in their homes)
 
     def home(self, key: str) -> Path:
         return self.instances_dir / key
+
+    def channel_path(self, key: str) -> Path:
+        """Instance ``key``'s channel socket: in its home when that path fits a Unix socket, else in the node's
+        short private directory (services.vmmanager.channels)."""
+        if self.channels is None:
+            return self.home(key) / "guestd.sock"
+        return self.channels.path(key)
+
+    def remove_channel(self, key: str) -> None:
+        if self.channels is not None:
+            self.channels.remove(key)
 
 
 class Recorder:
@@ -394,7 +407,10 @@ def instance_spec(parts: NodeParts, inst: Instance, d: Descriptor, disks: list[D
     nic = Nic(inst.mac, config.nic_kind, config.nic_source or None, models[0])
     channel = None
     if parts.vmm.capabilities.guest_channel:
-        channel = GuestChannel(home / "guestd.sock", inst.token)
+        try:
+            channel = GuestChannel(parts.channel_path(inst.key), inst.token)
+        except ValueError as exc:      # channels.ChannelDirError: an unsafe or unmakeable short directory
+            raise VMMFault(f"the guest channel of {inst.key}: {exc}", operation="define") from None
     return InstanceSpec(name=inst.key, memory_mib=inst.memory, vcpus=inst.vcpus, arch=d.architecture,
                         disks=tuple(disks), cdroms=(iso,), serial_ports=serial, parallel_ports=parallel,
                         nics=(nic,), boot=boot, channel=channel)

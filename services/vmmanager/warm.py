@@ -265,4 +265,5 @@ class WarmSnapshots:
                     except VMMError:
                         pass
             shutil.rmtree(home, ignore_errors=True)
+            parts.remove_channel(tpl.key)
             shutil.rmtree(part, ignore_errors=True)

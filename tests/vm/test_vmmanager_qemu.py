@@ -104,7 +104,11 @@ def qemu_grid(grid_pki, guest_image, qemu_node, vm_dir):
                     "run tests/vm serially or with pytest-xdist --dist loadfile")
     grid = start_grid(grid_pki, vm_dir / "g", nodes=0)
     try:
-        cfg = base_config(grid_pki, grid.root / "q1", free_port())
+        # a state directory too deep for <state_dir>/vmmanager/instances/inst-<32 hex>/guestd.sock (107 bytes):
+        # the node puts its guests' channel sockets in its short private directory (services.vmmanager.channels),
+        # which every test of this module's guest then goes through (test_destroy_releases_everything checks it)
+        q1 = grid.root / ("q1-" + "d" * max(0, 120 - len(str(grid.root)) - 4))
+        cfg = base_config(grid_pki, q1, free_port())
         cfg.enforcement = EnforcementConfig(authz_url=grid.authz_url, permit_ttl=0.0)
         cfg.vmmanager = VMManagerConfig(repository=grid.repository_url, **node_settings(
             guest_image, root=qemu_node.root, lease_range=LEASES, name="qemu1"))
@@ -123,6 +127,8 @@ def qemu_grid(grid_pki, guest_image, qemu_node, vm_dir):
         grid.close()
         for _, service in grid.nodes:
             service.vmm.close()
+            if service.core.parts.channels is not None:      # the node's short channel directory (empty by now)
+                shutil.rmtree(service.core.parts.channels.short_dir, ignore_errors=True)
 
 
 @dataclass
@@ -321,9 +327,13 @@ def test_start_after_shutdown_waits_for_guestd_again(deployed, qemu_node):
 def test_destroy_releases_everything(deployed, qemu_node):
     client, ref, key = deployed.client, deployed.ref, deployed.ref.key
     node, grid = deployed.node, deployed.grid
+    sock = node.core.parts.channel_path(key)
+    assert sock.parent == node.core.parts.channels.short_dir and sock.is_socket(), \
+        "the deep state directory's guest channel is a socket in the node's short private directory"
     client.destroy(ref)
     assert key not in [i.name for i in qemu_node.list_instances()], "no domain left in libvirt"
     assert not deployed.home.exists(), "overlay, context ISO and channel socket are gone"
+    assert not sock.exists(), "the channel socket in the short directory is gone"
     assert key not in node.store.leases()
     ended = {i.ref.key: i.state for i in client.list(include_ended=True)}
     assert ended[key] == "Destroyed" and key not in {i.ref.key for i in client.list()}

@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import shutil
 import subprocess
-import tempfile
 import threading
 import time
 import types
@@ -457,27 +456,45 @@ def test_guests_that_stop_by_themselves_are_shutoff_through_the_nodes_long_lived
     node.close = lambda: None                       # closed already (the fixture closes it again)
 
 
-def test_a_node_for_real_guests_refuses_a_state_directory_too_deep_for_their_channel_sockets(tmp_path):
-    """A guest's channel is <state_dir>/instances/inst-<32 hex>/guestd.sock, a Unix socket (107 bytes at most): a
-    node whose VMM talks to guestd refuses a deeper state directory when it starts, with what to change, and makes
-    nothing there. Before, it started and every deploy failed at `define`, after staging the whole image."""
+def test_a_node_for_real_guests_with_a_deep_state_directory_puts_their_channel_sockets_in_a_short_private_one(tmp_path):
+    """A guest's channel is a Unix socket (107 bytes at most): with a state directory too deep for
+    <state_dir>/instances/inst-<32 hex>/guestd.sock, the node starts and puts the sockets in a short private
+    directory (0700) that a rebuild of the spec (a restart) finds again; an ended instance's socket is removed.
+    Before, the node refused to start (and before that every deploy failed at `define`)."""
     import dataclasses
+    import os
+    import stat
 
-    vmm = LibvirtTestDriver.private_node()
-    vmm.capabilities = dataclasses.replace(vmm.capabilities, guest_channel=True)
-    policy = site_policy_point(vos={"bio": {"members": [ALICE.dn]}})
-    deep = tmp_path / ("d" * (100 - len(str(tmp_path)))) / "vmmanager"
-    nothing = types.SimpleNamespace(close=lambda: None)      # no repository: the node never stages here
-    try:
-        with pytest.raises(ValueError, match=r"too long for the guests' channel sockets .*give \[container\] "
-                                             r"state_dir a shorter path"):
-            Node(deep, VMManagerConfig(node="node1"), policy, vmm=vmm, repository=nothing, address=NODE_ADDRESS)
-        assert not deep.exists()
-        short = Path(tempfile.mkdtemp(prefix="vgn-", dir="/tmp"))
+    def start() -> Node:
+        vmm = LibvirtTestDriver.private_node()
+        vmm.capabilities = dataclasses.replace(vmm.capabilities, guest_channel=True)
         try:
-            Node(short / "vmmanager", VMManagerConfig(node="node1"), policy, vmm=vmm, repository=nothing,
-                 address=NODE_ADDRESS).close()
-        finally:
-            shutil.rmtree(short, ignore_errors=True)
+            return Node(deep, VMManagerConfig(node="node1"), policy, vmm=vmm, repository=nothing,
+                        address=NODE_ADDRESS)
+        except Exception:
+            vmm.close()
+            raise
+
+    policy = site_policy_point(vos={"bio": {"members": [ALICE.dn]}})
+    deep = tmp_path / ("d" * (120 - len(str(tmp_path)))) / "vmmanager"
+    nothing = types.SimpleNamespace(close=lambda: None)      # no repository: the node never stages here
+    key = "inst-" + "a" * 32
+    node = start()
+    short = node.parts.channels.short_dir
+    try:
+        sock = node.parts.channel_path(key)
+        assert sock == short / f"{key}.sock" and len(str(sock).encode()) <= 107
+        assert stat.S_IMODE(os.lstat(short).st_mode) == 0o700 and os.lstat(short).st_uid == os.getuid()
+        node.close()
+        node = start()
+        assert node.parts.channel_path(key) == sock               # the same after a restart
+        sock.write_bytes(b"")                                       # left by a killed QEMU
+        node._release(key, quiet=True)
+        assert not sock.exists()
+        node.close()
+        os.chmod(short, 0o755)                                      # made (or loosened) by someone else
+        with pytest.raises(ValueError, match=r"has mode 0755, open to other users: refusing it"):
+            start()
     finally:
-        vmm.close()
+        node.close()
+        shutil.rmtree(short, ignore_errors=True)
