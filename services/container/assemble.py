@@ -68,6 +68,7 @@ def build_service(name: str, config: Config) -> SoapService:
 def build_vmmanager(config: Config, vmm=None) -> SoapService:
     """A node: its VMM (libvirt's test driver, or QEMU through qemu:///embed), the repository it stages
     from, its notifier, all with the host credential."""
+    from services.vmmanager.channels import embed_root
     from services.vmmanager.repository import RepositoryAccess
     from services.vmmanager.service import VMManagerService
     from services.vmmanager.vmm import open_vmm
@@ -81,7 +82,7 @@ def build_vmmanager(config: Config, vmm=None) -> SoapService:
     credential, trust = host_credential(config), trust_store(config)
     if vmm is None:
         if v.vmm == "qemu":
-            vmm = open_vmm("qemu", root=Path(v.vmm_root) if v.vmm_root else state / "qemu")
+            vmm = open_vmm("qemu", root=embed_root(v.vmm_root, state / "qemu"))   # short enough for its sockets
         else:
             vmm = open_vmm(v.vmm)
     repository = RepositoryAccess(v.repository, credential, trust, parallel=v.staging_parallel, gsi=v.staging_gsi,

@@ -122,3 +122,31 @@ def _check_private(d: Path) -> None:
     if st.st_mode & 0o077:
         raise ChannelDirError(f"the guests' channel directory {d} has mode {stat.S_IMODE(st.st_mode):04o}, open to "
                               f"other users: refusing it (it must be 0700); remove it")
+
+
+# libvirt's QEMU monitor socket of each guest: <root>/lib/qemu/domain-<id>-<name, 20 characters at most>/monitor.sock
+MONITOR_TAIL = len("/lib/qemu/domain-99999-") + 20 + len("/monitor.sock")
+
+
+def embed_root(configured: str, default: Path, base: Path | None = None) -> Path:
+    """The qemu:///embed root of a node: ``[vmmanager] vmm_root`` when set, else ``default`` (under the state
+    directory). libvirt puts each guest's QEMU monitor socket in the root (:data:`MONITOR_TAIL` more bytes), and a
+    Unix socket path holds 107: a configured root too long for it is refused here, at start, naming the setting;
+    a default one too long (a checkout under a deep home directory) is replaced by a short private directory of the
+    node's own, as the channel sockets' (``/run/vmgrid/<12 hex>``, 0700; the same one at every start)."""
+    root = Path(os.path.abspath(configured or default))
+    if len(os.fsencode(str(root))) + MONITOR_TAIL <= MAX_UNIX_PATH:
+        return root
+    if configured:
+        raise ValueError(f"[vmmanager] vmm_root {root} is too long for libvirt's QEMU monitor sockets (its "
+                         f"{len(os.fsencode(str(root)))} bytes + {MONITOR_TAIL} of <root>{'/lib/qemu/domain-N-NAME'}"
+                         f"/monitor.sock; a Unix socket path holds {MAX_UNIX_PATH}): give it a shorter path, e.g. "
+                         f"/var/lib/vmgrid/qemu, or leave it unset")
+    short = ChannelPaths(root, base=base)
+    if len(os.fsencode(str(short.short_dir))) + MONITOR_TAIL > MAX_UNIX_PATH:
+        raise ValueError(f"the node's QEMU root fits neither in {root} nor in {short.short_dir} (libvirt's monitor "
+                         f"sockets): set [vmmanager] vmm_root to a short path, e.g. /var/lib/vmgrid/qemu")
+    try:
+        return short.ensure()
+    except ChannelDirError as exc:
+        raise ValueError(str(exc).replace("guests' channel directory", "node's QEMU root")) from None

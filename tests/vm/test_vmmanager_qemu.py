@@ -17,6 +17,7 @@ import shlex
 import shutil
 import signal
 import sqlite3
+import stat
 import subprocess
 import sys
 import time
@@ -38,6 +39,8 @@ from services.authz.config import EnforcementConfig
 from services.container.assemble import build_container, build_vmmanager
 from services.descriptor import parse_descriptor
 from services.faults import VMGridFault
+from services.vmmanager.channels import MONITOR_TAIL, embed_root
+from services.vmmanager.vmm.spec import MAX_UNIX_PATH
 from services.vmmanager.service import VMManagerConfig
 from services.vmmanager.states import COLD_PHASES as PHASES
 from services.vmmanager.vmm import InstanceState
@@ -410,16 +413,22 @@ def libvirt_instances(root: Path) -> list[str]:
 def test_vmmanager_killed_after_power_on_reconciles_on_restart(qemu_grid, grid_pki, guest_image, vm_dir):
     """SIGKILL between power-on and Running (crash point deploy.powered-on): the QEMU process outlives
     the VMManager; the restarted VMManager (same state dir and root) destroys and undefines the domain,
-    removes the overlay, frees the lease and marks the instance Failed, never leaving it Starting."""
-    root, state = vm_dir / "crash-root", vm_dir / "c"
+    removes the overlay, frees the lease and marks the instance Failed, never leaving it Starting. Its state
+    directory is too deep for libvirt's QEMU monitor sockets under the default root (<state_dir>/vmmanager/qemu)
+    and no vmm_root is set: the node takes a short private root, the same one again after the restart."""
+    state = vm_dir / ("c" * max(1, MAX_UNIX_PATH - MONITOR_TAIL - len(str(vm_dir)) - 10))
+    root = embed_root("", state / "vmmanager" / "qemu")        # what the node takes: its short private root
+    assert not str(root).startswith(str(state)) and stat.S_IMODE(os.lstat(root).st_mode) == 0o700
     node = NodeProcess(vm_dir / "crash.toml", state, vm_dir / "crash.log", free_port())
+    settings = node_settings(guest_image, root=root, lease_range=CRASH_LEASE, name="crash1")
+    del settings["vmm_root"]                  # the default root, too deep here
     write_toml(node.config, {
         "container": {"host": "127.0.0.1", "port": node.port, "state_dir": str(state), "log_level": "info"},
         "security": {"cert_dir": str(grid_pki.cert_dir), "host_cert": str(grid_pki.host_cert_path),
                      "host_key": str(grid_pki.host_key_path)},
         "enforcement": {"authz_url": qemu_grid.authz_url, "permit_ttl": 0.0},
         "vmmanager": {"repository": qemu_grid.repository_url,
-                      **node_settings(guest_image, root=root, lease_range=CRASH_LEASE, name="crash1")},
+                      **settings},
     })
     descriptor = qemu_grid.repo(grid_pki.alice).query([f"name = {IMAGE_NAME}"]).descriptors[0]
     try:
@@ -458,3 +467,4 @@ def test_vmmanager_killed_after_power_on_reconciles_on_restart(qemu_grid, grid_p
         node.stop()
         for pid in qemu_processes(f"{root}/lib/qemu/"):   # left only when the test failed midway
             os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(root, ignore_errors=True)

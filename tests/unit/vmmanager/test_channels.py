@@ -111,3 +111,24 @@ def test_a_node_whose_sockets_fit_neither_form_is_refused(tmp_path):
     with pytest.raises(ChannelDirError, match=r"fit neither in .* nor in .*shorter path"):
         paths.check()
     ChannelPaths(deep(tmp_path), base=tmp_path / "short").check()
+
+
+def test_a_default_qemu_root_too_deep_for_libvirts_monitor_sockets_gets_a_short_private_directory(tmp_path):
+    """libvirt puts each guest's QEMU monitor socket at <root>/lib/qemu/domain-N-NAME/monitor.sock: a default root
+    (under the state directory) too deep for it is replaced by a short private one, the same at every start; a
+    configured one is refused, naming the setting; a short one is kept."""
+    from services.vmmanager.channels import MONITOR_TAIL, embed_root
+
+    base = tmp_path / "short"
+    assert embed_root("", tmp_path / "qemu", base=base) == tmp_path / "qemu"
+    assert embed_root(str(tmp_path / "q"), tmp_path / "qemu", base=base) == tmp_path / "q"
+    long_default = tmp_path / ("d" * (MAX_UNIX_PATH - MONITOR_TAIL - len(str(tmp_path)))) / "qemu"
+    root = embed_root("", long_default, base=base)
+    assert root.parent == base and len(str(root)) + MONITOR_TAIL <= MAX_UNIX_PATH
+    assert stat.S_IMODE(os.lstat(root).st_mode) == 0o700
+    assert embed_root("", long_default, base=base) == root
+    with pytest.raises(ValueError, match=r"\[vmmanager\] vmm_root .* too long for libvirt's QEMU monitor sockets"):
+        embed_root(str(long_default), tmp_path / "qemu", base=base)
+    os.chmod(root, 0o755)
+    with pytest.raises(ValueError, match="QEMU root .* mode 0755"):
+        embed_root("", long_default, base=base)
