@@ -160,8 +160,13 @@ def set_idle_timeout(sock: socket.socket, seconds: float) -> None:
     """Blocking socket whose sends and receives fail after ``seconds`` of no progress.
 
     Kernel timeouts (SO_SNDTIMEO/SO_RCVTIMEO) rather than Python's, which put the socket in
-    non-blocking mode where ``os.sendfile`` would fail with EAGAIN on a full send buffer.
+    non-blocking mode where ``os.sendfile`` would fail with EAGAIN on a full send buffer. A TLS socket
+    (never sent from with sendfile) gets Python's own timeout instead: on a blocking TLS socket Python's
+    ssl takes a kernel timeout's EAGAIN for "want read" and waits again, for ever.
     """
+    if is_tls(sock):
+        sock.settimeout(seconds)
+        return
     sock.settimeout(None)
     whole = int(seconds)
     tv = struct.pack("ll", whole, int((seconds - whole) * 1e6))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import ssl
+import struct
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -132,6 +133,9 @@ class DataTLS:
         if ctx is None:
             sock.close()
             raise AuthenticationError("no credential for the TLS server side of a data connection")
+        idle = _kernel_timeout(sock)
+        if idle:            # the handshake bounded too: Python's ssl retries a kernel timeout for ever, not its own
+            sock.settimeout(idle)
         try:
             wrapped = ctx.wrap_socket(sock, server_side=as_server, suppress_ragged_eofs=self.ragged_eof)
         except (ssl.SSLError, OSError) as exc:
@@ -146,6 +150,15 @@ class DataTLS:
             wrapped.close()
             raise AuthenticationError(f"data channel peer is {dn!r}, expected {self.expect!r}")
         return wrapped
+
+
+def _kernel_timeout(sock: socket.socket) -> float | None:
+    """The receive timeout the kernel holds for ``sock`` (datachannel.set_idle_timeout), in seconds; None if none."""
+    try:
+        sec, usec = struct.unpack("ll", sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.calcsize("ll")))
+    except OSError:
+        return None
+    return (sec + usec / 1e6) or None
 
 
 def subject_of(cert: x509.Certificate) -> str:

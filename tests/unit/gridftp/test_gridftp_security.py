@@ -255,6 +255,28 @@ def test_stray_data_connections_do_not_fail_the_users_transfer(secure_server, gr
     s.close()
 
 
+def test_a_tls_data_peer_that_goes_silent_mid_transfer_is_cut_at_the_idle_bound(secure_server, grid_pki, tree,
+                                                                                 monkeypatch):
+    """A PROT P data connection whose sender stops sending (and keeps the connection open) ends the transfer after
+    the data idle bound, as a clear one does: Python's ssl would retry the kernel's receive timeout for ever on a
+    blocking TLS socket, holding the session's transfer (and its thread) until the peer closes."""
+    monkeypatch.setattr(datachannel, "DATA_TIMEOUT", 1.0)
+    s, tls = _tls_session(secure_server, grid_pki, grid_pki.alice.proxy)
+    for line in ("PBSZ 0", "PROT P", "USER :globus-mapping:", "TYPE I", "MODE S"):
+        assert s.cmd(line).ok, line
+    addr = find_host_ports(s.expect("PASV", 227).text)[0]
+    assert s.cmd("STOR /up/silent").code == 150
+    mine = DataTLS(tls, grid_pki.host_dn, tls_server=False).wrap(socket.create_connection(addr, timeout=10),
+                                                                 server_side=False)
+    mine.sendall(b"x" * 1000)           # then nothing more, the connection left open
+    final = _final(s)
+    assert final.code in (426, 451), final
+    assert not (tree / "up" / "silent").exists() or (tree / "up" / "silent").stat().st_size <= 1000
+    assert s.cmd("NOOP").code == 200    # the session goes on
+    mine.close()
+    s.close()
+
+
 def test_stalled_handshakes_hold_a_passive_port_only_for_their_time_bound(secure_server, grid_pki, tree,
                                                                          monkeypatch):
     """More connections that never finish their handshake than a port handshakes at once (MAX_HANDSHAKING)
