@@ -302,9 +302,12 @@ class Node:
                  caller.dn, req.lifetime)
         if req.wait:
             self._deploy_rest(key, raise_fault=True, timings=rec.take())
-        else:
-            self.executor.submit(self._deploy_rest, key, False, rec.take())
-        return self.view(self.store.get(key))
+            return self.view(self.store.get(key))
+        # the answer is the registration (Registered, its lease), read before the phases start on the executor:
+        # read after, it raced their first commit (Staging)
+        registered = self.view(self.store.get(key))
+        self.executor.submit(self._deploy_rest, key, False, rec.take())
+        return registered
 
     def _deploy_rest(self, key: str, raise_fault: bool, timings: list | None = None) -> None:
         """The phases after registration (stage, overlay, context, power on, guest ready); on failure the

@@ -102,6 +102,16 @@ def test_deploy_runs_every_phase_and_holds_the_image_in_the_nodes_name(node):
     assert node.source.fetches == 1                      # cached: not staged again
 
 
+def test_a_deploy_without_wait_answers_its_registration_even_when_the_phases_start_first(node, monkeypatch):
+    """Deploy without wait answers the registration (Registered, its lease) while the phases go on on the node's
+    executor. Its answer was read after handing them over, so a phase that committed first (Staging) could be
+    answered instead (seen in the QEMU tier under load): here the executor runs them before submit returns."""
+    monkeypatch.setattr(node.executor, "submit", lambda fn, *args: fn(*args))
+    view = node.deploy(ALICE, DeployRequest(Descriptor(node.ws), etree.tostring(node.ws), "blast", 600, wait=False))
+    assert view.inst.state == State.REGISTERED.value and view.inst.address and view.inst.mac
+    assert node.store.get(view.inst.key).state == State.RUNNING.value      # the phases did run
+
+
 def test_a_deployments_commits_are_on_the_disk_once_before_it_answers_and_before_a_hold_is_asked(node, monkeypatch):
     """NodeStore.one_sync: the deployment's commits written without an fsync each, the WAL synced once after the last
     of them and before deploy returns; the hold's intent synced before the repository is asked (a spy on
