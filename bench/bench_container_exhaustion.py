@@ -25,7 +25,6 @@ import asyncio
 import multiprocessing as mp
 import os
 import signal
-import socket
 import ssl
 import sys
 import tempfile
@@ -114,7 +113,6 @@ def attack_main(port: int, cert_dir: str, counts: dict, addresses: int, report, 
 # -- the legitimate client -------------------------------------------------------------------------------
 def legit_calls(url: str, pki, calls: int, duration: float = 0.0) -> list[float]:
     """``calls`` signed calls, and more until ``duration`` seconds have passed (at most 20 x calls)."""
-    from lxml import etree  # noqa: F401
     from security.pki import load_credential
     from security.tls import grid_session
     from security.trust import TrustStore

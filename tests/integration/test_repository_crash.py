@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import signal
 import sqlite3
-import subprocess
 import threading
 import time
 from pathlib import Path

@@ -243,7 +243,6 @@ def test_suds_loads_the_wsdl_and_runs_a_query(populated):
     from suds.client import Client
     from suds.plugin import MessagePlugin
 
-    from security.tls import grid_session
     from security.wssec import sign_envelope, verify_envelope
     from security import safexml
 

@@ -101,7 +101,7 @@ def slots(grid: LocalGrid) -> int:
 def test_a_full_central_disk_gives_typed_faults_and_keeps_reads_and_removal_working(full):
     grid = full
     kept = register(grid, "kept")
-    removable = register(grid, "removable")
+    register(grid, "removable")
     proc = grid.start_node("node1", {"lease_range": "10.99.0.10-10.99.0.40"})
     vm = node(grid, proc)
     running = vm.deploy(kept, "before-full", 600, wait=True)

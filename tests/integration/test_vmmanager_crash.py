@@ -169,13 +169,13 @@ def test_an_instance_ending_while_the_central_process_is_down_has_its_releases_k
 def test_a_restarting_node_releases_only_its_own_slots_when_nodes_share_a_host_certificate(site):
     """The local grid gives every process the same host certificate: node1's reconciliation after a restart
     must not free the slot of an instance live on node2."""
-    proc = start_node(site)
+    start_node(site)
     other = site.start_node("node2", {"lease_range": "10.99.0.50-10.99.0.80", "sweep_interval": 0.5})
     try:
         info = node_client(site, other).deploy(site.descriptor, "on-node2", 600, wait=True)
         assert held(site)["slots"] == 1
         site.stop("node1", signal.SIGKILL)
-        proc = start_node(site)                   # node1 reconciles with no instance of its own
+        start_node(site)                          # node1 reconciles with no instance of its own
         assert held(site)["slots"] == 1           # node2's instance still counts
         node_client(site, other).destroy(info.ref)
         assert held(site)["slots"] == 0

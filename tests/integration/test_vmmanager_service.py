@@ -15,7 +15,7 @@ from lxml import etree
 from client.notifications import NotificationConsumer
 from client.vmmanager import InstanceRef
 from services.container.contract import Contract
-from services.descriptor import WS, Descriptor, set_field
+from services.descriptor import Descriptor, set_field
 from services.faults import (AccessDenied, ChecksumMismatch, IllegalTransition, InvalidArgument,
                              InvalidDescriptor, LimitExceeded, NoCapacity, ResourceUnknown, UnknownImage, VMMFault)
 from tests.fixtures.grid import grid_policy, start_grid
@@ -404,7 +404,6 @@ def test_an_instance_request_without_its_key_is_resource_unknown(vm_grid, grid_p
 
 def test_a_restarted_node_on_the_test_driver_fails_the_instances_it_lost(vm_grid, grid_pki):
     """The test driver keeps its VMs in the process: a new process has none. The records say so."""
-    from services.container.assemble import build_vmmanager
     from services.vmmanager.vmm import LibvirtTestDriver
 
     vm = vm_grid.vmm(grid_pki.alice)
@@ -474,8 +473,6 @@ def test_a_deploy_has_its_owners_destroy_decided_with_the_claim_and_the_destroy_
 
 def _raw_call(url: str, to: str | None, action: str | None, payload, credential, trust):
     """POST one hand-signed request with the given wsa:To / wsa:Action (None: header left out)."""
-    import requests  # noqa: F401
-
     from security.tls import grid_session
     from security.wssec import sign_envelope
     from services.container.soap import envelope

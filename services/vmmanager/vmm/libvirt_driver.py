@@ -25,8 +25,7 @@ from . import capscache, config, saveimage
 from .channel import GuestChannelClient
 from .driver import (VMM, Capabilities, EventCallback, InstanceInfo, InstanceState, LifecycleEvent,
                      LifecycleEventKind)
-from .errors import (GuestUnavailable, IllegalState, InstanceExists, InstanceNotFound, InvalidSpec,
-                     VMMError)
+from .errors import GuestUnavailable, IllegalState, InstanceExists, InvalidSpec, VMMError
 from .host import open_connection, translate
 from .spec import InstanceSpec
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 import tomllib
 from pathlib import Path
 
@@ -59,7 +58,6 @@ def test_the_context_carries_owner_admins_and_trusted_ca_files(site):
     ca, config = site
     ctx = context(config)
     assert ctx.grid.owner == OWNER and ctx.grid.admins == (ADMIN,)
-    stem = ca.certificate.fingerprint  # noqa: F841 - the files are the CA's published ones
     assert sorted(ctx.grid.trust) == sorted(p.name for p in ca.cert_dir.iterdir())
     assert validate(json.loads(ctx.to_json())) == ctx            # round trip through the ISO's JSON
     assert "grid" not in json.loads(context(VMManagerConfig()).to_json())   # no guest CA: no grid object

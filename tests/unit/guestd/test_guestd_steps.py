@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import struct
 import subprocess
 import sys
 import textwrap
@@ -15,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from guestd.context import validate
 from guestd.steps import Environment, clock, container, hostname, network, power, report, run_all
 from services.vmmanager.context import build_context
 

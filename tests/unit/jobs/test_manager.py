@@ -208,7 +208,7 @@ def test_limits_on_lifetime_and_live_jobs(tmp_path):
     try:
         with pytest.raises(LimitExceeded):
             m.submit(OWNER, JobSpec("true", lifetime=101))
-        long = m.submit(OWNER, JobSpec(PY, ("-c", "import time; time.sleep(300)")))
+        m.submit(OWNER, JobSpec(PY, ("-c", "import time; time.sleep(300)")))
         with pytest.raises(LimitExceeded):
             m.submit(OWNER, JobSpec("true"))
     finally:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 
-import pytest
 
 from guestd.context import VOLUME_LABEL, loads
 from guestd.sources import iso9660
