@@ -16,8 +16,8 @@ comments whose text, after an optional `sudo ` or `$ ` and environment assignmen
   (`.venv/bin/python`, `python3`, another tree's `.../.venv/bin/python`, after a wrapper such as `cd DIR && `): the
   whole span goes to tests/integration/test_doc_bench_commands.py's checker (the script exists, its --help names
   every option written, no `sudo`);
-- `.venv/bin/python -m MODULE` or `python3 -m MODULE`: MODULE is a module of this checkout runnable with -m (for
-  pytest: every path under tests/ it is given exists).
+- `.venv/bin/python -m MODULE` or `python3 -m MODULE`: MODULE is a module of this checkout runnable with -m, and
+  its --help names every option written (for pytest: every path under tests/ it is given exists).
 
 What a command may leave to the reader, and how it is read:
 - placeholders: a word in capitals (FILE, DIR, NAME, SERVICE…), `<key>`, a shell variable: accepted as any value;
@@ -41,6 +41,7 @@ import io
 import itertools
 import re
 import shlex
+import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
@@ -257,9 +258,18 @@ def check_python_m(args: str) -> str | None:
     if module == "client.cli":
         return check_vmgrid(shlex.join(rest))
     path = ROOT / module.replace(".", "/")
-    if (path / "__main__.py").is_file() or path.with_suffix(".py").is_file():
-        return None
-    return f"no module {module} runnable with -m in this checkout (no {path.relative_to(ROOT)}.py or __main__.py)"
+    source = path / "__main__.py" if (path / "__main__.py").is_file() else path.with_suffix(".py")
+    if not source.is_file():
+        return f"no module {module} runnable with -m in this checkout (no {path.relative_to(ROOT)}.py or __main__.py)"
+    options = [w.split("=")[0] for w in rest if w.startswith("-")]
+    if options:                                   # its own argparse --help names them (as the bench checker reads)
+        assert "argparse" in source.read_text(), f"{module} has options written but no argparse to ask"
+        usage = subprocess.run([str(ROOT / ".venv/bin/python"), "-m", module, "--help"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=120)
+        unknown = [o for o in options if o not in usage.stdout]
+        if usage.returncode or unknown:
+            return f"python -m {module} --help: {'no option ' + ', '.join(unknown) if unknown else usage.stderr[-500:]}"
+    return None
 
 
 @lru_cache(maxsize=None)
@@ -320,7 +330,7 @@ def test_the_checker_reports_a_renamed_option_a_missing_subcommand_and_a_wrong_p
         "Run `vmgrid repo import DIR` and `vmgrid vm deploy --lifetme 60 IMAGE NAME`, then `vmgrid vm",
         "launch x`. Also `./run.sh tests`, `run.sh test tests/nowhere -q`, `vmgrid ca user|hots NAME`,",
         "`vmgrid: a message`, `VMGRID_NODE=URL vmgrid vm lst`, `vmgrid transfer ... --paralel 4 ...`,",
-        "`.venv/bin/python -m guestd.nope` and `vmgrid serve nope`.",
+        "`.venv/bin/python -m guestd.nope`, `python3 -m guestd.image.build --forse` and `vmgrid serve nope`.",
         "",
         "```sh", "vmgrid nothing here", "```",
         "",
@@ -332,7 +342,7 @@ def test_the_checker_reports_a_renamed_option_a_missing_subcommand_and_a_wrong_p
     assert [(w, k) for w, k, _ in commands] == [
         ("x.md:1", "vmgrid"), ("x.md:1", "vmgrid"), ("x.md:1", "vmgrid"), ("x.md:2", "run.sh"), ("x.md:2", "run.sh"),
         ("x.md:2", "vmgrid"), ("x.md:3", "vmgrid"), ("x.md:3", "vmgrid"), ("x.md:4", "python -m"),
-        ("x.md:4", "vmgrid"), ("x.md:13", "vmgrid"), ("x.md:13", "bench")]
+        ("x.md:4", "python -m"), ("x.md:4", "vmgrid"), ("x.md:13", "vmgrid"), ("x.md:13", "bench")]
     problems = problems_of(commands)           # returns: argparse's exits are caught
     expected = ["x.md:1: `vmgrid vm deploy --lifetme 60 IMAGE NAME`: vmgrid vm deploy: no option --lifetme",
                 "x.md:1: `vmgrid vm launch x`: vmgrid vm: no subcommand 'launch'",
@@ -342,6 +352,7 @@ def test_the_checker_reports_a_renamed_option_a_missing_subcommand_and_a_wrong_p
                 "x.md:3: `VMGRID_NODE=URL vmgrid vm lst`: vmgrid vm: no subcommand 'lst'",
                 "x.md:3: `vmgrid transfer ... --paralel 4 ...`: vmgrid transfer: no option --paralel",
                 "x.md:4: `.venv/bin/python -m guestd.nope`: no module guestd.nope",
+                "x.md:4: `python3 -m guestd.image.build --forse`: python -m guestd.image.build --help: no option --forse",
                 "x.md:4: `vmgrid serve nope`: vmgrid serve: no 'nope' (one of: repository, authz, vmmanager, jobs)",
                 "x.md:13: `bench/bench_nothing.py --n 3`: x.md:13: bench/bench_nothing.py does not exist"]
     assert len(problems) == len(expected), "\n".join(problems)
