@@ -15,7 +15,7 @@ comments whose text, after an optional `sudo ` or `$ ` and environment assignmen
 - `bench/NAME.py` (a bench script's path, bare or with options), or a span that runs it with a Python
   (`.venv/bin/python`, `python3`, another tree's `.../.venv/bin/python`, after a wrapper such as `cd DIR && `): the
   whole span goes to tests/integration/test_doc_bench_commands.py's checker (the script exists, its --help names
-  every option written, no `sudo`);
+  every option written, no `sudo`); the bare path alone, named in prose, must exist;
 - `.venv/bin/python -m MODULE` or `python3 -m MODULE`: MODULE is a module of this checkout runnable with -m, and
   its --help names every option written (for pytest: every path under tests/ it is given exists).
 
@@ -282,6 +282,8 @@ def bench_checker():
 
 
 def check_bench(where: str, command: str) -> str | None:
+    if re.fullmatch(r"bench/[\w-]+\.py", command):           # a path named in prose, not run: it exists
+        return None if (ROOT / command).is_file() else f"{command} does not exist"
     checker = bench_checker()
     try:
         checker.test_a_documented_bench_command_names_a_script_and_options_that_exist(where, command)
@@ -292,7 +294,7 @@ def check_bench(where: str, command: str) -> str | None:
 
 def problems_of(commands: list[tuple[str, str, str]]) -> list[str]:
     scripts = {dict(KINDS)["bench"].match(text).group("args").split()[0] for _, kind, text in commands
-               if kind == "bench"}
+               if kind == "bench" and not re.fullmatch(r"bench/[\w-]+\.py", text)}
     with ThreadPoolExecutor(4) as pool:           # each script's --help is a process: start them together
         list(pool.map(lambda s: bench_checker().usage_of(s) if (ROOT / s).is_file() else None, sorted(scripts)))
     problems = []
@@ -337,12 +339,12 @@ def test_the_checker_reports_a_renamed_option_a_missing_subcommand_and_a_wrong_p
         "    vmgrid nor here",
         "",
         "<!-- `vmgrid nor in a comment` -->",
-        "| `vmgrid ca user\\|host NAME` | `bench/bench_nothing.py --n 3` | `python -c pass` |", ""]))
+        "| `vmgrid ca user\\|host NAME` | `bench/bench_nothing.py --n 3` | `python -c pass` | `bench/gone.py` |", ""]))
     commands = inline_commands(doc)
     assert [(w, k) for w, k, _ in commands] == [
         ("x.md:1", "vmgrid"), ("x.md:1", "vmgrid"), ("x.md:1", "vmgrid"), ("x.md:2", "run.sh"), ("x.md:2", "run.sh"),
         ("x.md:2", "vmgrid"), ("x.md:3", "vmgrid"), ("x.md:3", "vmgrid"), ("x.md:4", "python -m"),
-        ("x.md:4", "python -m"), ("x.md:4", "vmgrid"), ("x.md:13", "vmgrid"), ("x.md:13", "bench")]
+        ("x.md:4", "python -m"), ("x.md:4", "vmgrid"), ("x.md:13", "vmgrid"), ("x.md:13", "bench"), ("x.md:13", "bench")]
     problems = problems_of(commands)           # returns: argparse's exits are caught
     expected = ["x.md:1: `vmgrid vm deploy --lifetme 60 IMAGE NAME`: vmgrid vm deploy: no option --lifetme",
                 "x.md:1: `vmgrid vm launch x`: vmgrid vm: no subcommand 'launch'",
@@ -354,7 +356,8 @@ def test_the_checker_reports_a_renamed_option_a_missing_subcommand_and_a_wrong_p
                 "x.md:4: `.venv/bin/python -m guestd.nope`: no module guestd.nope",
                 "x.md:4: `python3 -m guestd.image.build --forse`: python -m guestd.image.build --help: no option --forse",
                 "x.md:4: `vmgrid serve nope`: vmgrid serve: no 'nope' (one of: repository, authz, vmmanager, jobs)",
-                "x.md:13: `bench/bench_nothing.py --n 3`: x.md:13: bench/bench_nothing.py does not exist"]
+                "x.md:13: `bench/bench_nothing.py --n 3`: x.md:13: bench/bench_nothing.py does not exist",
+                "x.md:13: `bench/gone.py`: bench/gone.py does not exist"]
     assert len(problems) == len(expected), "\n".join(problems)
     for line, want in zip(problems, expected):
         assert line.startswith(want), (want, line)
