@@ -24,7 +24,8 @@ What a command may leave to the reader, and how it is read:
   where the parser wants a choice or a number there, any choice (or 1) stands for it;
 - `...` or `…` (before any `--`) elides the rest: the words before it must name subcommands, and every option
   written must be one of the subcommand's;
-- `a|b`: each alternative is checked; `[...]` is an optional part, checked as if written;
+- `a|b`: each alternative is checked; `[...]` is an optional part, checked as if written; a pipe or redirection
+  ends the command (`| head`); after `;`, `&&` or `||` a command starting with vmgrid is checked too;
 - a command named without its required arguments (`vmgrid repo register`, `vmgrid vm migrate`) names the command:
   its subcommands and options are checked, the missing arguments are not an error.
 
@@ -134,12 +135,26 @@ def subparsers_of(parser: argparse.ArgumentParser) -> dict[str, argparse.Argumen
     return next((a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)), {})
 
 
+LIST_OPERATORS = {";", "&&", "||"}                      # the next command starts after these
+END_OPERATORS = {"|", ">", ">>", "2>", "2>&1", "<"}     # the words after these are not vmgrid's
+
+
 def words_of(args: str) -> list[list[str]]:
-    """The command's words, once per combination of its `a|b` alternatives; `[`, `]` dropped, `…` read `...`."""
+    """The words of each vmgrid command in ``args`` (the first, and one after `;`, `&&`, `||` that starts with
+    vmgrid), each up to a pipe or redirection, once per combination of its `a|b` alternatives; `[`, `]` dropped,
+    `…` read `...`. Raises ValueError for quotes that do not close."""
     words = shlex.split(args.replace("…", "...").replace("[", " ").replace("]", " "))
-    choices = [w.split("|") if "|" in w and not w.startswith("-") or re.fullmatch(r"-[\w-]+\|[\w|-]+", w)
-               else [w] for w in words]
-    return [list(c) for c in itertools.product(*choices)]
+    commands, current = [], ["vmgrid"]
+    for word in words + [";"]:
+        if word in LIST_OPERATORS:
+            if current and current[0] == "vmgrid":
+                commands.append(list(itertools.takewhile(lambda w: w not in END_OPERATORS, current[1:])))
+            current = []
+        else:
+            current.append(word)
+    return [list(combination) for command in commands for combination in itertools.product(*[
+        w.split("|") if "|" in w and not w.startswith("-") or re.fullmatch(r"-[\w-]+\|[\w|-]+", w) else [w]
+        for w in command])]
 
 
 def parse(words: list[str]) -> str | None:
@@ -293,21 +308,20 @@ def check_bench(where: str, command: str) -> str | None:
 
 
 def problems_of(commands: list[tuple[str, str, str]]) -> list[str]:
+    """"file:line: `command`: what is wrong" for each command found wrong."""
     scripts = {dict(KINDS)["bench"].match(text).group("args").split()[0] for _, kind, text in commands
                if kind == "bench" and not re.fullmatch(r"bench/[\w-]+\.py", text)}
+    checker = bench_checker()
     with ThreadPoolExecutor(4) as pool:           # each script's --help is a process: start them together
-        list(pool.map(lambda s: bench_checker().usage_of(s) if (ROOT / s).is_file() else None, sorted(scripts)))
+        list(pool.map(lambda s: checker.usage_of(s) if (ROOT / s).is_file() else None, sorted(scripts)))
     problems = []
     for where, kind, text in commands:
         args = dict(KINDS)[kind].match(text).group("args")
-        if kind == "vmgrid":
-            problem = check_vmgrid(args)
-        elif kind == "run.sh":
-            problem = check_run_sh(args)
-        elif kind == "bench":
-            problem = check_bench(where, text)
-        else:
-            problem = check_python_m(args)
+        try:
+            problem = {"vmgrid": check_vmgrid, "run.sh": check_run_sh, "python -m": check_python_m,
+                       "bench": lambda _: check_bench(where, text)}[kind](args)
+        except ValueError as exc:                   # shlex: quotes that do not close
+            problem = f"not a shell command: {exc}"
         if problem:
             problems.append(f"{where}: `{text}`: {problem}")
     return problems
@@ -332,6 +346,8 @@ def test_the_checker_reports_a_renamed_option_a_missing_subcommand_and_a_wrong_p
         "Run `vmgrid repo import DIR` and `vmgrid vm deploy --lifetme 60 IMAGE NAME`, then `vmgrid vm",
         "launch x`. Also `./run.sh tests`, `run.sh test tests/nowhere -q`, `vmgrid ca user|hots NAME`,",
         "`vmgrid: a message`, `VMGRID_NODE=URL vmgrid vm lst`, `vmgrid transfer ... --paralel 4 ...`,",
+        "`vmgrid repo vos | head -3`, `vmgrid vm list --json ; vmgrid vm lst`,",
+        "`vmgrid vm status \"x`,",
         "`.venv/bin/python -m guestd.nope`, `python3 -m guestd.image.build --forse` and `vmgrid serve nope`.",
         "",
         "```sh", "vmgrid nothing here", "```",
@@ -343,8 +359,9 @@ def test_the_checker_reports_a_renamed_option_a_missing_subcommand_and_a_wrong_p
     commands = inline_commands(doc)
     assert [(w, k) for w, k, _ in commands] == [
         ("x.md:1", "vmgrid"), ("x.md:1", "vmgrid"), ("x.md:1", "vmgrid"), ("x.md:2", "run.sh"), ("x.md:2", "run.sh"),
-        ("x.md:2", "vmgrid"), ("x.md:3", "vmgrid"), ("x.md:3", "vmgrid"), ("x.md:4", "python -m"),
-        ("x.md:4", "python -m"), ("x.md:4", "vmgrid"), ("x.md:13", "vmgrid"), ("x.md:13", "bench"), ("x.md:13", "bench")]
+        ("x.md:2", "vmgrid"), ("x.md:3", "vmgrid"), ("x.md:3", "vmgrid"), ("x.md:4", "vmgrid"), ("x.md:4", "vmgrid"),
+        ("x.md:5", "vmgrid"), ("x.md:6", "python -m"), ("x.md:6", "python -m"), ("x.md:6", "vmgrid"),
+        ("x.md:15", "vmgrid"), ("x.md:15", "bench"), ("x.md:15", "bench")]
     problems = problems_of(commands)           # returns: argparse's exits are caught
     expected = ["x.md:1: `vmgrid vm deploy --lifetme 60 IMAGE NAME`: vmgrid vm deploy: no option --lifetme",
                 "x.md:1: `vmgrid vm launch x`: vmgrid vm: no subcommand 'launch'",
@@ -353,11 +370,13 @@ def test_the_checker_reports_a_renamed_option_a_missing_subcommand_and_a_wrong_p
                 "x.md:2: `vmgrid ca user|hots NAME`: vmgrid ca: no subcommand 'hots'",
                 "x.md:3: `VMGRID_NODE=URL vmgrid vm lst`: vmgrid vm: no subcommand 'lst'",
                 "x.md:3: `vmgrid transfer ... --paralel 4 ...`: vmgrid transfer: no option --paralel",
-                "x.md:4: `.venv/bin/python -m guestd.nope`: no module guestd.nope",
-                "x.md:4: `python3 -m guestd.image.build --forse`: python -m guestd.image.build --help: no option --forse",
-                "x.md:4: `vmgrid serve nope`: vmgrid serve: no 'nope' (one of: repository, authz, vmmanager, jobs)",
-                "x.md:13: `bench/bench_nothing.py --n 3`: x.md:13: bench/bench_nothing.py does not exist",
-                "x.md:13: `bench/gone.py`: bench/gone.py does not exist"]
+                "x.md:4: `vmgrid vm list --json ; vmgrid vm lst`: vmgrid vm: no subcommand 'lst'",
+                "x.md:5: `vmgrid vm status \"x`: not a shell command: No closing quotation",
+                "x.md:6: `.venv/bin/python -m guestd.nope`: no module guestd.nope",
+                "x.md:6: `python3 -m guestd.image.build --forse`: python -m guestd.image.build --help: no option --forse",
+                "x.md:6: `vmgrid serve nope`: vmgrid serve: no 'nope' (one of: repository, authz, vmmanager, jobs)",
+                "x.md:15: `bench/bench_nothing.py --n 3`: x.md:15: bench/bench_nothing.py does not exist",
+                "x.md:15: `bench/gone.py`: bench/gone.py does not exist"]
     assert len(problems) == len(expected), "\n".join(problems)
     for line, want in zip(problems, expected):
         assert line.startswith(want), (want, line)
