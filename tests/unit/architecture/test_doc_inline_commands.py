@@ -29,6 +29,9 @@ What a command may leave to the reader, and how it is read:
 - a command named without its required arguments (`vmgrid repo register`, `vmgrid vm migrate`) names the command:
   its subcommands and options are checked, the missing arguments are not an error.
 
+tests/integration/test_doc_bench_commands.py reads the docs line by line: a bench command wrapped across two lines is
+checked whole only here.
+
 Not checked: a code span holding only options (`--overwrite`, `-o results`): it belongs to a command the prose names
 around it; commands of other programs (`python -c pass`, `globus-url-copy`).
 """
