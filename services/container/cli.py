@@ -12,7 +12,7 @@ from services.common.reserve import release_if_full
 def register(subparsers) -> None:
     p = subparsers.add_parser("serve", help="run a grid container hosting vmgrid services",
                               description="Run a grid container (HTTPS + WS-Security) hosting the named services.")
-    p.add_argument("services", nargs="+", metavar="SERVICE", help="repository, authz, vmmanager (several may share one container)")
+    p.add_argument("services", nargs="+", metavar="SERVICE", help="repository, authz, vmmanager, jobs (several may share one container)")
     p.add_argument("-c", "--config", help="TOML configuration file (docs/configuration.md)")
     p.add_argument("--port", type=int, help="override [container] port")
     p.add_argument("--state-dir", help="override [container] state_dir")
