@@ -197,7 +197,7 @@ class JobManager:
                     dest = inside(work, s.name)
                     self.stager.fetch(s.source, dest, job.owner, s.sha256, lambda n, base=done_bytes: self.store.update(
                         key, progress={"filesDone": i, "filesTotal": len(spec.stage_in), "bytesDone": base + n,
-                                       "current": s.name}))
+                                       "current": s.name}), room=self.config.staging_quota - done_bytes)
                 except StagingError as exc:
                     self._set_state(key, JobState.FAILED, failure=f"stage-in failed: {exc}", ended=time.time())
                     return
