@@ -163,6 +163,10 @@ def _size_of(reply: Reply, path: str) -> int:
     return int(text)
 
 
+class TooLarge(ProtocolError):
+    """A download's source is larger than its ``max_size`` (nothing was received)."""
+
+
 def _retryable(exc: BaseException) -> bool:
     if isinstance(exc, ReplyError):
         return exc.transient
@@ -240,7 +244,8 @@ def download(url: str, dest_path: str | os.PathLike, parallel: int = DEFAULT_PAR
              sha256: str | None = None, progress: Progress | None = None, retries: int = 2,
              retry_delay: float = 1.0, timeout: float = 60.0, durable: bool = False,
              identify=None, gsi: bool = False, prot: str = "P", blake3: str | None = None,
-             checksum: str = "sha256", size: int | None = None, refuse_server=None) -> TransferResult:
+             checksum: str = "sha256", size: int | None = None, refuse_server=None,
+             max_size: int | None = None) -> TransferResult:
     """Fetch ``url`` into ``dest_path`` over ``parallel`` MODE E streams; verified, restartable.
 
     The file is received as ``dest_path.vmgrid-part`` with its ranges in
@@ -259,6 +264,8 @@ def download(url: str, dest_path: str | os.PathLike, parallel: int = DEFAULT_PAR
 
     ``size``: the size the caller was told (a migration's offer): a source whose SIZE answer differs is refused
     (:class:`ProtocolError`) before a byte is received or any room reserved for it.
+    ``max_size``: the most bytes the caller has room for (a job's stage-in quota): a larger source is refused
+    (:class:`TooLarge`) the same way.
     ``refuse_server(dn) -> bool``: servers refused by their authenticated DN (:class:`GridFTPClient`).
     """
     if checksum not in ("sha256", "auto"):
@@ -287,6 +294,8 @@ def download(url: str, dest_path: str | os.PathLike, parallel: int = DEFAULT_PAR
                 announced = _size_of(replies[0], src.path)
                 if size is not None and announced != size:
                     raise ProtocolError(f"{src.path}: the server announces {announced} bytes, {size} were expected")
+                if max_size is not None and announced > max_size:
+                    raise TooLarge(f"{src.path}: {announced} bytes, more than the {max_size} there is room for")
                 size = announced
                 modify = replies[1].text.strip() if replies[1].ok else None
                 if ask_feat and remote is None:

@@ -20,6 +20,8 @@ class JobsConfig:
     kill_grace: float = 5.0            # seconds between SIGTERM and SIGKILL when a job is cancelled
     sweep_interval: float = 1.0        # seconds between lifetime checks
     staging_parallel: int = 2          # GridFTP streams per staged file
+    staging_quota: int = 4294967296    # bytes each user's staging area holds (GridFTP 552 beyond), and the most
+                                       # one job's stage-in may fetch into its directory
     logs: dict[str, str] = field(default_factory=dict)   # GetLog: name -> file (e.g. container, guestd)
     consumer_allow: list[str] = field(default_factory=list)  # networks notification consumers may be on even
                                        # though loopback/link-local (e.g. "127.0.0.0/8" for a local grid)

@@ -17,7 +17,7 @@ from typing import Callable
 from gridftp.checksum import hash_file
 from services.faults import AccessDenied, IllegalTransition, InvalidArgument, LimitExceeded, ResourceUnknown
 from services.jobs.config import JobsConfig
-from services.jobs.runner import Exit, Process, job_environment, read_exit, read_supervisor
+from services.jobs.runner import Exit, Process, job_environment, pid_namespaces, read_exit, read_supervisor
 from services.jobs.staging import Stager, StagingError, inside
 from services.jobs.store import Job, JobSpec, JobState, JobStore, OutputFile
 from services.wsrf.lifetime import Sweeper
@@ -56,6 +56,12 @@ class JobManager:
         self._stop = threading.Event()
         self._sweeper: Sweeper | None = None
         self._resume: list[tuple[str, Callable[[], None]]] = []
+        why_not = pid_namespaces()
+        self.pid_namespace = why_not is None
+        if why_not is not None:
+            log.warning("jobs run in process groups only, not in PID namespaces of their own (%s: the job service "
+                        "needs CAP_SYS_ADMIN, e.g. root as in a guest): a process a job starts that calls setsid "
+                        "outlives the job", why_not)
         self.reconcile_report = self.reconcile()
 
     # -- who may use it -----------------------------------------------------------------------------
@@ -191,7 +197,7 @@ class JobManager:
                     dest = inside(work, s.name)
                     self.stager.fetch(s.source, dest, job.owner, s.sha256, lambda n, base=done_bytes: self.store.update(
                         key, progress={"filesDone": i, "filesTotal": len(spec.stage_in), "bytesDone": base + n,
-                                       "current": s.name}))
+                                       "current": s.name}), room=self.config.staging_quota - done_bytes)
                 except StagingError as exc:
                     self._set_state(key, JobState.FAILED, failure=f"stage-in failed: {exc}", ended=time.time())
                     return
@@ -212,7 +218,7 @@ class JobManager:
             p.parent.mkdir(parents=True, exist_ok=True)
         proc = Process.start([spec.executable, *spec.arguments], cwd=cwd, env=job_environment(cwd, spec.environment),
                              stdin=stdin, stdout=stdout, stderr=stderr, control=self.control_dir / key,
-                             max_output=self.config.max_output)
+                             max_output=self.config.max_output, pid_namespace=self.pid_namespace)
         with self._guard:
             self._procs[key] = proc
         if not self._set_state(key, JobState.ACTIVE, expect=LIVE_BEFORE_RUN, started=time.time(), pid=proc.pid,

@@ -1,5 +1,6 @@
 """Starting, watching and killing a job's process: no shell, a new session per job (its process group,
-led by the shim that supervises it), a clean environment, bounded output capture (shim.py)."""
+led by the shim that supervises it), a PID namespace per job where the service may make one (nothing the job
+starts outlives it), a clean environment, bounded output capture (shim.py)."""
 from __future__ import annotations
 
 import json
@@ -54,11 +55,12 @@ class Process:
 
     @classmethod
     def start(cls, argv: list[str], *, cwd: Path, env: dict[str, str], stdin: Path | None, stdout: Path,
-              stderr: Path, control: Path, max_output: int) -> "Process":
+              stderr: Path, control: Path, max_output: int, pid_namespace: bool = False) -> "Process":
         control.mkdir(parents=True, exist_ok=True)
         status = control / "exit.json"
         spec = {"argv": argv, "cwd": str(cwd), "env": env, "stdin": str(stdin) if stdin else None,
-                "stdout": str(stdout), "stderr": str(stderr), "status": str(status), "max_output": max_output}
+                "stdout": str(stdout), "stderr": str(stderr), "status": str(status), "max_output": max_output,
+                "pid_namespace": pid_namespace}
         spec_path = control / "spec.json"
         spec_path.write_text(json.dumps(spec))
         child = subprocess.Popen([sys.executable, "-I", str(SHIM), str(spec_path)], cwd=cwd, start_new_session=True,
@@ -96,6 +98,19 @@ class Process:
         while time.monotonic() < deadline and self.alive():
             time.sleep(0.05)
         _killpg(self.pid, signal.SIGKILL)
+
+
+def pid_namespaces() -> str | None:
+    """None if this service may run its jobs in PID namespaces of their own (CAP_SYS_ADMIN: the guest's job
+    service runs as root), else why not. Asked of a throw-away child, so the service's own children are unchanged."""
+    probe = ("import ctypes, os, sys\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+             "if libc.unshare(0x20000000) != 0: sys.exit(os.strerror(ctypes.get_errno()))\n"
+             "pid = os.fork()\nif pid == 0: os._exit(0)\nos.waitpid(pid, 0)")
+    result = subprocess.run([sys.executable, "-I", "-c", probe], stdin=subprocess.DEVNULL, capture_output=True,
+                            text=True, env={"PATH": BASE_PATH, "LANG": "C.UTF-8"})
+    if result.returncode == 0:
+        return None
+    return (result.stderr.strip().splitlines() or [f"the probe exited with status {result.returncode}"])[-1]
 
 
 def _killpg(pgid: int, sig: int) -> None:

@@ -52,7 +52,8 @@ class JobService(SoapService):
         """Give the service its GridFTP face ([jobs] gridftp_port): the jobs' directories for their owners."""
         self.transfers = JobTransfers(self.jobs.jobs_dir, self.jobs.staging_dir, self.config.gridftp_host or host,
                                       self.config.gridftp_port, credential, trust, public_host=self.config.public_host,
-                                      job_owner=self._job_owner, may_use=self.jobs.may_use)
+                                      job_owner=self._job_owner, may_use=self.jobs.may_use,
+                                      staging_quota=self.config.staging_quota)
 
     def _job_owner(self, key: str) -> str | None:
         job = self.jobs.store.get(key)

@@ -1,13 +1,16 @@
 """The supervisor of one job's process (Python standard library only, run as its own script).
 
 The job service starts ``python3 shim.py SPEC`` in a new session (so the shim leads the job's process
-group) and the shim starts the program without a shell, copies its standard output and error into
+group) and the shim starts the program without a shell (as root: under a small init of its own that is PID 1
+of a new PID namespace, so that nothing the program starts outlives it, not even a process that calls
+setsid: when that init exits the kernel kills every process of the namespace), copies its standard output and error into
 files up to a bound, waits, and writes the exit status to a file. The shim outlives a job service
 that dies, so a restarted service finds either the shim still running (and re-attaches) or the exit
 status it left (the job's real end), never a job silently lost.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -16,6 +19,7 @@ import sys
 import threading
 
 CHUNK = 65536
+CLONE_NEWPID = 0x20000000
 
 
 def copy_bounded(src, dest_path: str, limit: int, counts: dict, name: str) -> None:
@@ -73,6 +77,51 @@ def end_the_rest_of_the_group() -> None:
             continue
 
 
+def enter_pid_namespace() -> str | None:
+    """Make this process's next child PID 1 of a new PID namespace; None if done, else why not (no privilege)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(CLONE_NEWPID) != 0:
+        return os.strerror(ctypes.get_errno())
+    return None
+
+
+def run_init(argv: list[str], cwd: str, env: dict, stdin, stdout: int, stderr: int, report: int) -> None:
+    """PID 1 of the job's namespace (a forked child of the shim; never returns): start the program, forward
+    SIGTERM to it (a PID 1 gets no signal it has no handler for, and the program may have left the group),
+    reap every orphan, and exit once the program has ended, which ends every other process of the namespace.
+    How it ended goes to ``report`` as JSON."""
+    program = None
+    pending = []
+
+    def forward(signum, frame):
+        if program is None:
+            pending.append(signum)
+        else:
+            try:
+                os.kill(program.pid, signum)
+            except OSError:
+                pass
+    signal.signal(signal.SIGTERM, forward)
+    try:
+        try:
+            program = subprocess.Popen(argv, cwd=cwd, env=env, stdin=stdin, stdout=stdout, stderr=stderr,
+                                       close_fds=True, restore_signals=True)
+        except OSError as exc:
+            os.write(report, json.dumps({"exit": 127, "error": f"cannot start {argv[0]}: {exc.strerror or exc}"})
+                     .encode())
+            return
+        for signum in pending:
+            os.kill(program.pid, signum)
+        while True:                          # reap orphans too, until the program itself has ended
+            pid, status = os.waitpid(-1, 0)
+            if pid == program.pid:
+                code = os.waitstatus_to_exitcode(status)
+                break
+        os.write(report, json.dumps({"exit": code}).encode())
+    finally:
+        os._exit(0)
+
+
 def main(spec_path: str) -> int:
     with open(spec_path) as f:
         spec = json.load(f)
@@ -84,25 +133,37 @@ def main(spec_path: str) -> int:
     # not SIG_IGN, so the program itself gets the default disposition back at exec).
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     stdin = open(spec["stdin"], "rb") if spec.get("stdin") else subprocess.DEVNULL
-    try:
-        proc = subprocess.Popen(spec["argv"], cwd=spec["cwd"], env=spec["env"], stdin=stdin,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, close_fds=True)
-    except OSError as exc:
-        status.update(exit=127, error=f"cannot start {spec['argv'][0]}: {exc.strerror or exc}")
-        write_status(spec["status"], status)
-        return 0
-    finally:
-        if stdin is not subprocess.DEVNULL:
-            stdin.close()
-    threads = [threading.Thread(target=copy_bounded, args=(pipe, path, spec["max_output"], status["dropped"], name))
-               for pipe, path, name in ((proc.stdout, spec["stdout"], "stdout"), (proc.stderr, spec["stderr"], "stderr"))]
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    report_r, report_w = os.pipe()
+    # the copying threads start before the namespace: a process whose children go to another PID namespace
+    # can start no more threads
+    threads = [threading.Thread(target=copy_bounded, args=(os.fdopen(fd, "rb", buffering=0), path, spec["max_output"],
+                                                          status["dropped"], name))
+               for fd, path, name in ((out_r, spec["stdout"], "stdout"), (err_r, spec["stderr"], "stderr"))]
     for t in threads:
         t.start()
-    code = proc.wait()
-    end_the_rest_of_the_group()     # before the joins: a process left behind may hold the output pipes
+    why_not = enter_pid_namespace() if spec.get("pid_namespace") else "not asked"
+    if why_not is not None and spec.get("pid_namespace"):
+        status["isolation"] = f"process group only: {why_not}"
+    init = os.fork()          # PID 1 of the job's namespace (without one: a plain child doing the same)
+    if init == 0:
+        os.close(report_r)
+        run_init(spec["argv"], spec["cwd"], spec["env"], stdin, out_w, err_w, report_w)
+    for fd in (out_w, err_w, report_w):
+        os.close(fd)
+    if stdin is not subprocess.DEVNULL:
+        stdin.close()
+    _, wait_status = os.waitpid(init, 0)     # a namespace ends with its init: nothing of the job is left in it
+    end_the_rest_of_the_group()     # before the joins: a process left behind in the group may hold the output pipes
     for t in threads:
         t.join()
-    status["exit"] = code          # negative: the signal that ended it
+    with os.fdopen(report_r, "rb") as f:
+        told = f.read()
+    if told:
+        status.update(json.loads(told))      # the program's exit code, negative: the signal that ended it
+    else:                                    # the init was killed (SIGKILL to the group): so was the program
+        status["exit"] = os.waitstatus_to_exitcode(wait_status)
     write_status(spec["status"], status)
     return 0
 

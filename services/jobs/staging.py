@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Callable
 
 from gridftp import download, upload
+from gridftp.transfer import TooLarge
 from gridftp.face import GridFTPFace
 from gridftp.checksum import hash_file
 from gridftp.errors import GridFTPError, PathError
-from gridftp.filespace import FileSpace, LocalFileSpace
+from gridftp.filespace import PART_SUFFIX, SIDECAR_SUFFIX, FileSpace, LocalFileSpace
 
 log = logging.getLogger("vmgrid.JobService.gridftp")
 
@@ -40,6 +41,11 @@ def inside(root: Path, relative: str) -> Path:
         raise StagingError(f"{relative}: {exc}") from None
 
 
+def over_quota(source: str, room: int) -> StagingError:
+    return StagingError(f"{source}: larger than the {room} bytes left of this job's stage-in quota "
+                        f"([jobs] staging_quota)")
+
+
 class Stager:
     """Moves one job's files; ``credential``/``trust`` are the service's (the guest container's) own."""
 
@@ -50,21 +56,28 @@ class Stager:
         self.parallel = parallel
 
     def fetch(self, source: str, dest: Path, owner: str, sha256: str | None,
-              progress: Callable[[int], None]) -> str:
-        """Put ``source`` at ``dest``; returns its verified sha256."""
+              progress: Callable[[int], None], room: int | None = None) -> str:
+        """Put ``source`` at ``dest``; returns its verified sha256. ``room``: the most bytes it may take (the rest
+        of the job's stage-in quota); a larger file is refused and nothing of it is left."""
         dest.parent.mkdir(parents=True, exist_ok=True)
         if source.startswith("staged:"):
             src = inside(self.staging_dir / staging_area(owner), source[len("staged:"):])
             if not src.is_file():
                 raise StagingError(f"{source}: no such file in your staging area (upload it first)")
+            if room is not None and src.stat().st_size > room:
+                raise over_quota(source, room)
             shutil.copyfile(src, dest)
             actual = hash_file(dest)
             progress(dest.stat().st_size)
         else:
             try:
                 result = download(source, dest, self.parallel, credential=self.credential, trust=self.trust,
-                                  sha256=sha256, progress=lambda done, total: progress(done))
+                                  sha256=sha256, progress=lambda done, total: progress(done), max_size=room)
+            except TooLarge:
+                raise over_quota(source, room) from None
             except (GridFTPError, OSError) as exc:
+                for p in (dest.with_name(dest.name + PART_SUFFIX), dest.with_name(dest.name + SIDECAR_SUFFIX)):
+                    p.unlink(missing_ok=True)       # nothing half-fetched stays to count against the disk
                 raise StagingError(f"{source}: {exc}") from None
             actual = result.sha256
         if sha256 and actual != sha256:
@@ -81,21 +94,31 @@ class Stager:
 
 
 class JobFileSpace(FileSpace):
-    """/jobs/<key>/... are the jobs' directories (read-only), /staging/<area>/... the owners' staging areas."""
+    """/jobs/<key>/... are the jobs' directories (read-only), /staging/<area>/<name> the owners' staging areas
+    (flat: every byte of an area counts against its quota, ``staging_quota`` bytes; None: no quota)."""
 
-    def __init__(self, jobs_dir: Path, staging_dir: Path):
+    def __init__(self, jobs_dir: Path, staging_dir: Path, staging_quota: int | None = None):
         self.jobs_dir = jobs_dir
         self.staging_dir = staging_dir
+        self.staging_quota = staging_quota
+
+    def quota(self, vpath: str) -> tuple[Path, int] | None:
+        """A store into a staging area counts against that area's quota (the GridFTP server's upload quota: 552)."""
+        parts = [p for p in vpath.split("/") if p]
+        if self.staging_quota is not None and parts[:1] == ["staging"] and len(parts) == 3:
+            return self.staging_dir / parts[1], self.staging_quota
+        return None
 
     def real_path(self, vpath: str) -> Path:
         parts = [p for p in vpath.split("/") if p]
         if len(parts) >= 2 and parts[0] == "jobs" and (self.jobs_dir / parts[1]).is_dir():
             return LocalFileSpace(self.jobs_dir / parts[1]).real_path("/" + "/".join(parts[2:]))
-        if len(parts) >= 2 and parts[0] == "staging" and len(parts[1]) == 24:
+        if 2 <= len(parts) <= 3 and parts[0] == "staging" and len(parts[1]) == 24:
             area = self.staging_dir / parts[1]
             area.mkdir(parents=True, exist_ok=True)
             return LocalFileSpace(area).real_path("/" + "/".join(parts[2:]))
-        raise PathError(f"{vpath}: no such path here (/jobs/<key>/<file>, /staging/<area>/<file>)")
+        raise PathError(f"{vpath}: no such path here (/jobs/<key>/<file>, /staging/<area>/<file>: no directories in a "
+                        f"staging area)")
 
 
 class JobTransfers(GridFTPFace):
@@ -103,10 +126,11 @@ class JobTransfers(GridFTPFace):
     job); ``may_use(dn)`` says whether a DN may use the service at all (the instance's owner, admins)."""
 
     def __init__(self, jobs_dir: Path, staging_dir: Path, host: str, port: int, credential, trust, *,
-                 job_owner: Callable[[str], str | None], may_use: Callable[[str], bool], public_host: str = ""):
+                 job_owner: Callable[[str], str | None], may_use: Callable[[str], bool], public_host: str = "",
+                 staging_quota: int | None = None):
         self.job_owner = job_owner
         self.may_use = may_use
-        super().__init__(JobFileSpace(jobs_dir, staging_dir), host, port, credential, trust, authorize=self.authorize,
+        super().__init__(JobFileSpace(jobs_dir, staging_dir, staging_quota), host, port, credential, trust, authorize=self.authorize,
                          upload_area="/staging", public_host=public_host, what="job directories", log=log)
 
     def authorize(self, dn: str | None, op: str, vpath: str) -> bool:

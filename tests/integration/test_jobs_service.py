@@ -15,7 +15,7 @@ from cheroot import wsgi
 from lxml import etree
 
 from client.soap import GridServiceClient
-from gridftp import GridFTPServer, download
+from gridftp import GridFTPServer, download, upload
 from gridftp.errors import GridFTPError
 from security.wssec import verify_envelope
 from services.container.assemble import build_container, build_service
@@ -23,6 +23,7 @@ from services.container.contract import Contract
 from services.faults import AccessDenied, IllegalTransition, InvalidArgument, ResourceUnknown
 from services.jobs.client import JobClient
 from services.jobs.config import JobsConfig
+from services.jobs.staging import staging_area
 from services.jobs.store import JobSpec, StageIn, StageOut
 from services.jobs.wire import JOB
 from tests.fixtures.grid import base_config
@@ -38,11 +39,11 @@ def sha(data: bytes) -> str:
 
 
 class JobGrid:
-    def __init__(self, pki, root: Path):
+    def __init__(self, pki, root: Path, **jobs):
         self.pki = pki
         cfg = base_config(pki, root / "state", 0)
         cfg.jobs = JobsConfig(owner=pki.alice.dn, admins=[pki.admin.dn], gridftp_port=0, kill_grace=2.0,
-                              consumer_allow=["127.0.0.0/8"], logs={"container": str(root / "container.log")})
+                              consumer_allow=["127.0.0.0/8"], logs={"container": str(root / "container.log")}, **jobs)
         (root / "container.log").write_text("line 1\ncontainer started\n")
         self.service = build_service("jobs", cfg)
         self.container = build_container(cfg, [self.service]).start()
@@ -168,6 +169,51 @@ def test_a_job_with_stage_in_and_out_every_operation_validates_and_outputs_come_
     with pytest.raises(ResourceUnknown):
         alice.status(key)
     assert check.seen | {"Cancel"} == set(CONTRACT.operations)     # Cancel's answer: test_cancel_of_a_long_job
+
+
+def test_a_staging_area_and_a_jobs_stage_in_hold_at_most_the_staging_quota(grid_pki, tmp_path):
+    """[jobs] staging_quota bounds each user's staging area over the service's GridFTP face (the server's upload
+    quota: 552 naming the quota and the usage, before a byte is written; nothing of a refused upload stays or
+    counts) and what one job's stage-in fetches into its directory (the job Failed naming the quota, nothing
+    of the file left). Without it a client could fill the guest's disk, and the service's SQLite with it."""
+    assert JobsConfig().staging_quota == 4 * 1024 ** 3          # the default (docs/configuration.md)
+    (tmp_path / "g").mkdir()
+    grid = JobGrid(grid_pki, tmp_path / "g", staging_quota=1000)
+    try:
+        alice = grid.client(grid_pki.alice)
+        first, second, small = tmp_path / "first.dat", tmp_path / "second.dat", tmp_path / "small.dat"
+        first.write_bytes(b"f" * 600)
+        second.write_bytes(b"s" * 600)
+        small.write_bytes(b"m" * 400)
+        alice.stage_local(first)
+        with pytest.raises(GridFTPError) as exc:
+            alice.stage_local(second)                  # what `vmgrid job submit --stage-in` shows (CLIError)
+        assert getattr(exc.value, "code", None) == 552 and "600 of your 1000 bytes" in str(exc.value)
+        area = grid.service.jobs.staging_dir / staging_area(grid_pki.alice.dn)
+        assert sorted(p.name for p in area.iterdir()) == ["first.dat"]
+        alice.stage_local(small)                       # the refused upload took none of the room
+        # no directory in a staging area (its files would escape the quota's count)
+        face = grid.service.transfers.server.url(f"/staging/{staging_area(grid_pki.alice.dn)}/sub/x.dat")
+        with pytest.raises(GridFTPError):
+            upload(small, face.replace("localhost", "127.0.0.1"), 1, credential=grid_pki.alice.proxy,
+                   trust=grid_pki.trust(), retries=0, timeout=5, state_dir=tmp_path / "st")
+        assert not (area / "sub").exists()
+        # a job's stage-in from a gsiftp:// source: at most the quota into its directory
+        (grid.files / "big.dat").write_bytes(b"b" * 1500)
+        key = alice.submit(JobSpec(PY, ("-c", "pass"), stage_in=(StageIn(f"{grid.gridftp_url}/big.dat", "in/big.dat"),)))
+        info = alice.wait(key, timeout=120)
+        assert info.state == "Failed" and "stage-in quota" in info.failure and "staging_quota" in info.failure
+        left = grid.service.jobs.jobs_dir / key / "in"
+        assert not left.exists() or list(left.iterdir()) == []
+        # two staged files that fit the area but not, together, one job's stage-in
+        key = alice.submit(JobSpec(PY, ("-c", "pass"), stage_in=(StageIn("staged:first.dat", "a"),
+                                                                 StageIn("staged:small.dat", "b"),
+                                                                 StageIn("staged:first.dat", "c"))))
+        info = alice.wait(key, timeout=120)
+        assert info.state == "Failed" and "staged:first.dat: larger than the 0 bytes left" in info.failure
+        assert not (grid.service.jobs.jobs_dir / key / "c").exists()
+    finally:
+        grid.close()
 
 
 def test_a_failing_job_is_failed_with_its_exit_code_and_stderr(grid, grid_pki):

@@ -138,6 +138,9 @@ def jobs_part(out: dict, work: Path, pki, node, vm: VMManagerClient, ref, info) 
     # a failing job: the program's exit status
     s["fail"] = alice("job", "submit", NAME, "--wait", "--", "sh", "-c", "echo oops >&2; exit 3")
     s["fail_status"] = alice("job", "status", NAME, (s["fail"]["out"].splitlines() or ["-"])[0], "--json")
+    # the job's own PID namespace (the guest's service runs as root): its shell is PID 2, after the namespace's init
+    s["pidns"] = alice("job", "submit", NAME, "--wait", "--", "sh", "-c", "echo $$")
+    s["pidns_status"] = alice("job", "status", NAME, (s["pidns"]["out"].splitlines() or ["-"])[0], "--json")
     # Cancel of a long job
     s["long"] = alice("job", "submit", NAME, "--", "sleep", "600")
     s["cancel"] = alice("job", "cancel", NAME, s["long"]["out"])

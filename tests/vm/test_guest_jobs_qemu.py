@@ -55,6 +55,13 @@ def test_a_failing_job_is_failed_with_its_exit_status(seen):
     assert st["state"] == "Failed" and st["exitCode"] == 3 and "oops" in st["stderrTail"]
 
 
+def test_a_job_runs_in_a_pid_namespace_of_its_own_in_the_guest(seen):
+    """The guest's job service (root) puts each job under an init of a new PID namespace (docs/jobs.md): the
+    program's shell sees itself as PID 2, so what it leaves running, setsid or not, ends with the namespace."""
+    st = status(seen["steps"]["pidns_status"])
+    assert st["state"] == "Done" and st["stdoutTail"] == "2\n", st
+
+
 def test_cancel_ends_a_long_job(seen):
     s = seen["steps"]
     assert s["cancel"]["rc"] == 0, s["cancel"]["err"]

@@ -33,6 +33,14 @@ def manager(state: Path, **overrides) -> JobManager:
     return m
 
 
+# a child that writes its pid as the host sees it (/proc/self: the job may be in a PID namespace of its own,
+# where os.getpid() is another number) and sleeps; with setsid first, it has left the job's process group
+SLEEPER = "import os, time; open('child.pid', 'w').write(os.readlink('/proc/self')); time.sleep(300)"
+SETSID_SLEEPER = "import os; os.setsid(); " + SLEEPER
+needs_pid_namespaces = pytest.mark.skipif(os.geteuid() != 0, reason="PID namespaces need root (CAP_SYS_ADMIN); "
+                                          "without them a job's setsid child is out of reach (documented)")
+
+
 def wait_until(predicate, timeout: float = 60.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -104,8 +112,8 @@ def test_the_environment_is_the_jobs_own_not_the_services(jobs, monkeypatch):
 
 
 def test_cancel_kills_the_whole_process_group(jobs):
-    script = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)']);"
-              "open('child.pid', 'w').write(str(p.pid)); time.sleep(300)")
+    script = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', " + repr(SLEEPER) + "]);"
+              "time.sleep(300)")
     job = jobs.submit(OWNER, JobSpec(PY, ("-c", script)))
     pid_file = jobs.jobs_dir / job.key / "child.pid"
     child = int(wait_until(lambda: pid_file.exists() and pid_file.read_text()))
@@ -121,8 +129,8 @@ def test_cancel_kills_the_whole_process_group(jobs):
 def test_what_a_job_leaves_running_ends_with_it(jobs):
     """A program that started a child in the background and exited: the child outlived the job (Done), its
     Destroy and its lifetime; one that kept the output pipes kept the job Active until its lifetime ended."""
-    start = ("import subprocess, sys; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)']"
-             "{}); open('child.pid', 'w').write(str(p.pid))")
+    start = ("import subprocess, sys; p = subprocess.Popen([sys.executable, '-c', " + repr(SLEEPER) + "]"
+             "{})\nwhile not __import__('os').path.exists('child.pid'): pass")
     for keeps_pipes in (False, True):
         job = jobs.submit(OWNER, JobSpec(PY, ("-c", start.format(
             "" if keeps_pipes else ", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL"))))
@@ -130,6 +138,54 @@ def test_what_a_job_leaves_running_ends_with_it(jobs):
         assert done.state == JobState.DONE
         child = int((jobs.jobs_dir / job.key / "child.pid").read_text())
         wait_until(lambda: proc_start_time(child) is None)        # the child is gone with the job
+
+
+@needs_pid_namespaces
+def test_a_process_that_leaves_the_jobs_group_ends_with_the_job_all_the_same(jobs):
+    """A daemon (setsid: a session and process group of its own) started by the program: it ends when the
+    program ends, on Cancel (and the program's exit is still its SIGTERM), on Destroy and at lifetime expiry."""
+    assert jobs.pid_namespace
+    daemon = "import subprocess, sys; subprocess.Popen([sys.executable, '-c', " + repr(SETSID_SLEEPER) + \
+             "], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)\n"
+    wait_file = "import os, time\nwhile not os.path.exists('child.pid'): time.sleep(0.02)\n"
+
+    def daemon_pid(key):
+        pid_file = jobs.jobs_dir / key / "child.pid"
+        return int(wait_until(lambda: pid_file.exists() and pid_file.read_text()))
+
+    ends = jobs.submit(OWNER, JobSpec(PY, ("-c", daemon + wait_file + "print('bye')")))
+    done = wait_final(jobs, ends.key)
+    assert (done.state, done.exit_code, jobs.tail(done, "stdout")) == (JobState.DONE, 0, "bye\n")
+    child = int((jobs.jobs_dir / ends.key / "child.pid").read_text())
+    wait_until(lambda: proc_start_time(child) is None)
+
+    cancelled = jobs.submit(OWNER, JobSpec(PY, ("-c", daemon + "import time; time.sleep(300)")))
+    child = daemon_pid(cancelled.key)
+    assert jobs.cancel(OWNER, cancelled.key) == JobState.CANCELLED
+    wait_until(lambda: proc_start_time(child) is None)
+    assert wait_final(jobs, cancelled.key).exit_code == -signal.SIGTERM
+
+    for end in ("destroy", "expiry"):
+        job = jobs.submit(OWNER, JobSpec(PY, ("-c", daemon + "import time; time.sleep(300)")))
+        child = daemon_pid(job.key)
+        if end == "destroy":
+            jobs.destroy(OWNER, job.key)
+        else:
+            assert job.key in jobs.sweep(now=time.time() + 10 ** 6)
+        wait_until(lambda: proc_start_time(child) is None)
+
+
+@needs_pid_namespaces
+def test_a_program_that_leaves_the_group_itself_still_gets_cancels_sigterm(jobs):
+    """The program calls setsid itself: Cancel's SIGTERM to the group misses it, the namespace's init forwards it
+    (it ends by its own handler, exit 7, before the SIGKILL would come)."""
+    script = ("import os, signal, sys, time; os.setsid()\n"
+              "signal.signal(signal.SIGTERM, lambda *a: sys.exit(7))\nopen('ready', 'w').close(); time.sleep(300)")
+    job = jobs.submit(OWNER, JobSpec(PY, ("-c", script)))
+    wait_until(lambda: (jobs.jobs_dir / job.key / "ready").exists())
+    jobs.cancel(OWNER, job.key)
+    done = wait_final(jobs, job.key)
+    assert (done.state, done.exit_code) == (JobState.CANCELLED, 7)
 
 
 def test_only_the_owner_and_admins_may_do_anything_and_others_learn_nothing(jobs):
