@@ -3,9 +3,11 @@ find every job, Cancel that kills the whole process group, the owner-or-admin ru
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import stat
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -322,3 +324,44 @@ def test_a_restarted_service_reattaches_running_jobs_and_fails_the_lost_ones_wit
     finally:
         release.touch()
         shut(m2)
+
+
+def test_without_the_privilege_for_a_pid_namespace_the_shim_falls_back_to_the_group_and_says_so():
+    """The shim asked for a PID namespace but run as an unprivileged user (nobody), who may not make one: the
+    program still runs and ends Done, what it left in its group still ends with it, and the exit status says
+    the job ran in its process group only."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run the shim as another user")
+    work = Path(tempfile.mkdtemp(prefix="vmgrid-shim-nobody-", dir="/tmp"))     # pytest's tmp_path is root's only
+    os.chmod(work, 0o777)
+    try:
+        _run_the_shim_as_nobody(work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run_the_shim_as_nobody(work: Path) -> None:
+    import json
+    import subprocess
+
+    from services.jobs.runner import SHIM
+    py = shutil.which("python3", path="/usr/bin:/bin")        # one nobody may run (the shim needs only the stdlib)
+    if py is None:
+        pytest.skip("no system python3")
+    shim = work / "shim.py"
+    shutil.copy(SHIM, shim)                                    # where nobody may read it
+    program = (f"import subprocess, sys; subprocess.Popen([sys.executable, '-c', {SLEEPER!r}], "
+               "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+               "while not __import__('os').path.exists('child.pid'): pass")
+    spec = {"argv": [py, "-c", program], "cwd": str(work), "env": {"PATH": "/usr/bin:/bin"}, "stdin": None,
+            "stdout": str(work / "out"), "stderr": str(work / "err"), "status": str(work / "exit.json"),
+            "max_output": 1000, "pid_namespace": True}
+    (work / "spec.json").write_text(json.dumps(spec))
+    done = subprocess.run([py, "-I", str(shim), str(work / "spec.json")], cwd=work, start_new_session=True,
+                          user=65534, group=65534, timeout=120)
+    assert done.returncode == 0
+    status = json.loads((work / "exit.json").read_text())
+    assert status["exit"] == 0, (work / "err").read_text()
+    assert status["isolation"].startswith("process group only: ")
+    child = int((work / "child.pid").read_text())
+    wait_until(lambda: proc_start_time(child) is None)              # the group kill still ended the child
