@@ -102,11 +102,9 @@ class Process:
 
 def pid_namespaces() -> str | None:
     """None if this service may run its jobs in PID namespaces of their own (CAP_SYS_ADMIN: the guest's job
-    service runs as root), else why not. Asked of a throw-away child, so the service's own children are unchanged."""
-    probe = ("import ctypes, os, sys\nlibc = ctypes.CDLL(None, use_errno=True)\n"
-             "if libc.unshare(0x20000000) != 0: sys.exit(os.strerror(ctypes.get_errno()))\n"
-             "pid = os.fork()\nif pid == 0: os._exit(0)\nos.waitpid(pid, 0)")
-    result = subprocess.run([sys.executable, "-I", "-c", probe], stdin=subprocess.DEVNULL, capture_output=True,
+    service runs as root), else why not. Asked of a throw-away shim (``shim.py --probe``: the supervisor's own way
+    of making one), so the service's own children are unchanged."""
+    result = subprocess.run([sys.executable, "-I", str(SHIM), "--probe"], stdin=subprocess.DEVNULL, capture_output=True,
                             text=True, env={"PATH": BASE_PATH, "LANG": "C.UTF-8"})
     if result.returncode == 0:
         return None

@@ -168,5 +168,18 @@ def main(spec_path: str) -> int:
     return 0
 
 
+def probe() -> int:
+    """Whether jobs may have PID namespaces here (``shim.py --probe``, run once by the job service at start in a
+    throw-away process): make one and its first process as a job's supervisor does; exit 0, or say why not."""
+    why_not = enter_pid_namespace()
+    if why_not is not None:
+        sys.exit(why_not)
+    first = os.fork()
+    if first == 0:
+        os._exit(0)
+    os.waitpid(first, 0)
+    return 0
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    sys.exit(probe() if sys.argv[1] == "--probe" else main(sys.argv[1]))
