@@ -1,8 +1,10 @@
 """`vmgrid repo …`: the VMRepository from the command line."""
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 import sys
 from pathlib import Path
 
@@ -253,7 +255,7 @@ def read_descriptor_dir(directory: Path) -> list[tuple[Path, object]]:
     if not directory.is_dir():
         raise CLIError(f"{directory}: not a directory")
     with os.scandir(directory) as listing:
-        names = sorted(e.name for e in listing if e.name.endswith(".xml") and e.is_file())
+        names = sorted(e.name for e in listing if e.name.endswith(".xml"))
     if not names:
         raise CLIError(f"{directory}: no descriptor files (*.xml)")
     identity, image = f"{{{WS}}}identity", f"{{{WS}}}image"
@@ -264,8 +266,13 @@ def read_descriptor_dir(directory: Path) -> list[tuple[Path, object]]:
         for name in names:
             path = directory / name
             try:
-                fd = os.open(name, os.O_RDONLY, dir_fd=dir_fd)
+                # never follows a symbolic link (out of the directory or not), never waits on a FIFO or a device
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY, dir_fd=dir_fd)
                 try:
+                    kind = _not_a_file(os.fstat(fd).st_mode)
+                    if kind:
+                        errors.append(f"{_shown(path)}: {kind}, not a regular file: not read")
+                        continue
                     data = os.read(fd, MAX_DESCRIPTOR_BYTES + 1)
                     if len(data) > MAX_DESCRIPTOR_BYTES:        # not read further: parse_descriptor's refusal
                         raise InvalidDescriptor(f"descriptor of {os.fstat(fd).st_size} bytes exceeds "
@@ -274,10 +281,13 @@ def read_descriptor_dir(directory: Path) -> list[tuple[Path, object]]:
                     os.close(fd)
                 ws = parse_descriptor(data)
             except OSError as exc:
-                errors.append(f"{path}: {exc.strerror}")
+                if exc.errno == errno.ELOOP:
+                    errors.append(f"{_shown(path)}: a symbolic link: not followed (copy the file into {_shown(directory)})")
+                else:
+                    errors.append(f"{_shown(path)}: {exc.strerror}")
                 continue
             except VMGridFault as exc:
-                errors.append(f"{path}: {exc.description}")
+                errors.append(f"{_shown(path)}: {exc.description}")
                 continue
             f = {}                      # identity/name, vo, imageId and image/sha256, in one pass over two sections
             for section in ws:
@@ -288,11 +298,11 @@ def read_descriptor_dir(directory: Path) -> list[tuple[Path, object]]:
                             f.setdefault(key, c.text)
             image_id, vo, ws_name = f.get("imageId"), f.get("vo"), f.get("name")
             if image_id:
-                errors.append(f"{path}: carries an imageId ({image_id}); the repository assigns it")
+                errors.append(f"{_shown(path)}: carries an imageId ({image_id}); the repository assigns it")
             elif not f.get("sha256"):
-                errors.append(f"{path}: no image/sha256 naming the image bytes in the repository")
+                errors.append(f"{_shown(path)}: no image/sha256 naming the image bytes in the repository")
             elif (vo, ws_name) in seen:
-                errors.append(f"{path}: the name {vo}/{ws_name} is also in {seen[vo, ws_name].name}")
+                errors.append(f"{_shown(path)}: the name {vo}/{ws_name} is also in {_shown(seen[vo, ws_name].name)}")
             else:
                 seen[vo, ws_name] = path
                 good.append((path, ws))
@@ -304,6 +314,29 @@ def read_descriptor_dir(directory: Path) -> list[tuple[Path, object]]:
         raise CLIError(f"{len(errors)} of {len(names)} descriptor files in {directory} are not importable; "
                        f"nothing was imported")
     return good
+
+
+def _not_a_file(mode: int) -> str | None:
+    """What a directory entry that is not a regular file is (a FIFO, a device, ...), or None for a regular file."""
+    if stat.S_ISREG(mode):
+        return None
+    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def _shown(path) -> str:
+    """A file name as printed on one line: control characters (a newline, an escape sequence), bidi overrides and
+    undecodable bytes escaped, so that a name cannot forge another line or hide what it is."""
+    text = str(path)
+    if text.isprintable() and not any(c in _BIDI for c in text):
+        return text
+    return "".join(c if c.isprintable() and c not in _BIDI else ascii(c)[1:-1] for c in text)
+
+
+_BIDI = set("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f\u061c")
 
 
 IMPORT_IN_FLIGHT = 2   # ImportImages calls of one `vmgrid repo import` under way at once
@@ -378,7 +411,7 @@ def cmd_import(args) -> int:
         what = f"{type(exc).__name__}: {exc.description}" if isinstance(exc, VMGridFault) else str(exc)
         m = re.match(r"descriptor (\d+)\b", getattr(exc, "description", "") or "")
         if m and 1 <= int(m.group(1)) <= len(batch):
-            what = f"{batch[int(m.group(1)) - 1][0]}: {what}"
+            what = f"{_shown(batch[int(m.group(1)) - 1][0])}: {what}"
         raise CLIError(f"{what}; nothing was imported{_undo(repos[0], done)}") from None
     seconds = time.monotonic() - started
     if args.format == "json":

@@ -337,6 +337,49 @@ def test_import_refusals_are_typed_name_the_descriptor_and_change_nothing(grid, 
     assert names_in_catalogue(f"{case}-") == []
 
 
+def test_import_refuses_links_fifos_and_other_non_files_naming_each_and_imports_nothing(grid, tmp_path,
+                                                                                        names_in_catalogue):
+    """`vmgrid repo import DIR` reads regular files of DIR only: a symbolic link (here to a good descriptor outside
+    DIR), a FIFO (opening it would wait for a writer for ever), a device and a directory named *.xml are each a
+    `vmgrid: FILE: reason` line, and nothing of DIR is imported. A name holding a newline (log and terminal
+    injection) is printed escaped, on its one line."""
+    import os
+
+    d = _import_dir(grid, tmp_path, ["nonfile-0", "nonfile-1"])
+    (tmp_path / "elsewhere").mkdir()
+    outside = _import_dir(grid, tmp_path / "elsewhere", ["nonfile-outside"]) / "nonfile-outside.xml"
+    (d / "link.xml").symlink_to(outside)
+    (d / "zero.xml").symlink_to("/dev/zero")
+    os.mkfifo(d / "fifo.xml")
+    (d / "dir.xml").mkdir()
+    (d / "bad\nvmgrid: forged.xml").write_text("<workspace>not closed")
+    r = vmgrid(grid, "alice", "repo", "import", str(d), check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 6 and all(line.startswith("vmgrid: ") for line in lines), r.stderr
+    assert f"vmgrid: {d}/link.xml: a symbolic link: not followed" in r.stderr
+    assert f"vmgrid: {d}/zero.xml: a symbolic link: not followed" in r.stderr
+    assert f"vmgrid: {d}/fifo.xml: a FIFO, not a regular file: not read" in r.stderr
+    assert f"vmgrid: {d}/dir.xml: a directory, not a regular file: not read" in r.stderr
+    assert f"vmgrid: {d}/bad\\nvmgrid: forged.xml: line 1: not well-formed XML" in r.stderr
+    assert "5 of 7 descriptor files" in lines[-1] and "nothing was imported" in lines[-1]
+    assert names_in_catalogue("nonfile-") == []
+
+
+def test_import_of_descriptors_with_comments_inside_values(grid, tmp_path, names_in_catalogue):
+    """A comment inside a value (`<name>cmt-<!-- note -->a</name>`) splits its text: the schema reads "cmt-a", a
+    naive `.text` "cmt-", and a signed message may not carry comments (the repository refused the whole batch with
+    InvalidSecurity, naming no file). The command drops comments as it reads a file: the value validated is the one
+    sent, and the import goes through."""
+    d = _import_dir(grid, tmp_path, ["cmt-a", "cmt-b"])
+    f = d / "cmt-a.xml"
+    f.write_text(f.read_text().replace("<name>cmt-a</name>", "<name>cmt-<!-- a note -->a</name>")
+                 .replace("<memory>512</memory>", "<memory>5<!-- MiB -->12</memory><!-- between -->"))
+    r = vmgrid(grid, "alice", "repo", "import", str(d), check=False)
+    assert r.returncode == 0, r.stderr
+    assert names_in_catalogue("cmt-") == ["cmt-a", "cmt-b"]
+
+
 def test_the_commands_of_docs_query_md_run_as_written(tmp_path):
     """docs/query.md's command-line block, run by a shell as written (alice, VMGRID_REPOSITORY set) against a
     repository of its own: each command answers, and the example descriptor is found by the criteria, the
