@@ -408,6 +408,46 @@ def test_bombs_do_not_blow_up_the_server_process_memory(grid_pki, tmp_path, sess
         proc.wait(10)
 
 
+def _dense_body(item: bytes) -> bytes:
+    """A message just under the 16 MiB limit that is nothing but markup: ``item`` over and over in the Body."""
+    head = b'<soap:Envelope xmlns:soap="http://schemas.xmlsoap.org/soap/envelope/"><soap:Body><x>'
+    tail = b"</x></soap:Body></soap:Envelope>"
+    room = 16 * 1024 * 1024 - 4096 - len(head) - len(tail)
+    return head + item * (room // len(item)) + tail
+
+
+def test_messages_of_millions_of_elements_or_attributes_are_refused_before_a_tree_is_built(grid_pki, tmp_path,
+                                                                                          session):
+    """16 MiB of empty elements (``<b/> ``) or of one element's attributes, unsigned: each within the size limit,
+    each was parsed into a tree of 3 million nodes (550-850 MiB of the server process, per message, kept by the
+    allocator afterwards) before the missing signature was noticed. Refused by their count of markup items before
+    libxml2 sees them: the server's peak memory grows by about the bodies themselves."""
+    import string
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.fixtures.pki", "--cert", str(grid_pki.host_cert_path),
+         "--key", str(grid_pki.host_key_path), "--cert-dir", str(grid_pki.cert_dir), "--state", str(tmp_path),
+         "--tls"], cwd=REPO, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        port = int(proc.stdout.readline())
+
+        class S:
+            url = f"https://localhost:{port}/echo"
+        assert post(S, signed(S, grid_pki.alice.proxy), session).status_code == 200
+        before = _peak_rss_kib(proc.pid)
+        names = [a + b for a in string.ascii_letters for b in string.ascii_letters][:2000]
+        attributes = b"<b " + b" ".join(n.encode() + b'=""' for n in names) + b"/>"
+        for payload in (_dense_body(b"<b/> "), _dense_body(attributes)):
+            code, reason = fault_of(post(S, payload, session), grid_pki)
+            assert code == "InvalidSecurity" and "markup items" in reason, reason
+        growth_mib = (_peak_rss_kib(proc.pid) - before) / 1024
+        assert growth_mib < 200, f"server peak memory grew by {growth_mib:.0f} MiB"
+        assert post(S, signed(S, grid_pki.alice.proxy), session).status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 # -- bounded work before the signature is checked ------------------------------------------------------
 
 def test_a_token_of_hundreds_of_certificates_is_refused_unread(server, session, grid_pki):
