@@ -417,9 +417,13 @@ class Registry:
         return ws
 
     def update(self, caller, ref: str, workspace):
-        """Replace ``ref``'s descriptor by ``workspace`` (its identity and image bytes stay). Returns it."""
-        rec, _ = self._authorized(caller, ref, "image.update")
+        """Replace ``ref``'s descriptor by ``workspace`` (its identity and image bytes stay). Returns it. Authorized with
+        the new descriptor's memory and vCPUs in the context, as RegisterImage, ImportImages and DuplicateImage are: an
+        update may not raise them past the policy's limits (registered at 512 MiB, then updated to 999,999)."""
         ws = workspace
+        asked = simple_fields(ws)
+        context = {key: asked[f"hardware.{key}"].strip() for key in ("memory", "vcpus") if f"hardware.{key}" in asked}
+        rec, _ = self._authorized(caller, ref, "image.update", context=context)
         new = Descriptor(ws)
         old = Descriptor(rec.element())
         if new.image_id and new.image_id != rec.image_id:

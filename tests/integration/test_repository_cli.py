@@ -337,6 +337,25 @@ def test_import_refusals_are_typed_name_the_descriptor_and_change_nothing(grid, 
     assert names_in_catalogue(f"{case}-") == []
 
 
+def test_an_update_cannot_raise_memory_or_vcpus_past_the_policys_limits(grid, tmp_path, alice_repo):
+    """UpdateDescriptor is authorized with the new descriptor's memory and vCPUs, as RegisterImage, ImportImages and
+    DuplicateImage are: alice (8192 MiB, rule vo-members-use-images) imports at 512 MiB, and an update to 999999
+    MiB is LimitExceeded and changes nothing (it was stored). Within the limit the update goes through."""
+    from services.faults import LimitExceeded
+
+    d = _import_dir(grid, tmp_path, ["upd-limit"])
+    vmgrid(grid, "alice", "repo", "import", str(d))
+    ws = alice_repo.query(["name = upd-limit"]).descriptors[0]
+    ws.find("{*}hardware/{*}memory").text = "999999"
+    with pytest.raises(LimitExceeded) as info:
+        alice_repo.update("bio/upd-limit", ws)
+    assert "999999" in info.value.description
+    assert alice_repo.query(["name = upd-limit"]).descriptors[0].findtext("{*}hardware/{*}memory") == "512"
+    ws.find("{*}hardware/{*}memory").text = "1024"
+    alice_repo.update("bio/upd-limit", ws)
+    assert alice_repo.query(["name = upd-limit"]).descriptors[0].findtext("{*}hardware/{*}memory") == "1024"
+
+
 def test_import_refuses_links_fifos_and_other_non_files_naming_each_and_imports_nothing(grid, tmp_path,
                                                                                         names_in_catalogue):
     """`vmgrid repo import DIR` reads regular files of DIR only: a symbolic link (here to a good descriptor outside
