@@ -337,6 +337,18 @@ def test_import_refusals_are_typed_name_the_descriptor_and_change_nothing(grid, 
     assert names_in_catalogue(f"{case}-") == []
 
 
+@pytest.mark.parametrize("args", [["repo", "show", "bio/a\x01"], ["repo", "query", "name = a\x1b[2J"],
+                                  ["repo", "query", "--xpath", '/ws:workspace[ws:identity/ws:name="\x07"]'],
+                                  ["repo", "duplicate", "bio/x", "copy\x1b"]])
+def test_a_control_character_in_an_argument_is_one_clear_line_and_nothing_is_sent(grid, args):
+    """No XML message can carry NUL or another C0 control character (an escape sequence, a bell): the client
+    library refuses such an argument, naming it, before anything is sent (it was a traceback from lxml)."""
+    r = vmgrid(grid, "alice", *args, check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith("vmgrid: InvalidArgument: ") and r.stderr.count("\n") == 1, r.stderr
+    assert "a character no XML message can carry" in r.stderr and "nothing was sent" in r.stderr
+
+
 def test_an_update_cannot_raise_memory_or_vcpus_past_the_policys_limits(grid, tmp_path, alice_repo):
     """UpdateDescriptor is authorized with the new descriptor's memory and vCPUs, as RegisterImage, ImportImages and
     DuplicateImage are: alice (8192 MiB, rule vo-members-use-images) imports at 512 MiB, and an update to 999999
