@@ -349,6 +349,29 @@ def test_a_control_character_in_an_argument_is_one_clear_line_and_nothing_is_sen
     assert "a character no XML message can carry" in r.stderr and "nothing was sent" in r.stderr
 
 
+@pytest.mark.parametrize("value", ["debian&#10;img-00000000000000000000000000000000  bio/trusted  9.9  512 MiB",
+                                   "deb\u202eian", "deb\u0085ian", "deb\u2028ian"])
+def test_a_one_line_field_cannot_forge_rows_of_another_users_query_table(grid, tmp_path, alice_repo, value):
+    """A VO member's distribution name with a newline printed a forged row (any image id, name and figures) in every
+    other member's `vmgrid repo query` table; a bidi override reorders what it shows. One-line text fields
+    (ShortTextType: distribution name, NIC network, device purpose) hold no control, format (bidi) or separator
+    character: the command refuses the file, and the repository the descriptor sent as it is."""
+    from services.faults import InvalidArgument, InvalidDescriptor
+
+    d = _import_dir(grid, tmp_path, ["forge-row"])
+    f = d / "forge-row.xml"
+    f.write_text(f.read_text().replace("<name>debian</name>", f"<name>{value}</name>"))
+    r = vmgrid(grid, "alice", "repo", "import", str(d), check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"vmgrid: {f}: line " in r.stderr and "pattern" in r.stderr, r.stderr
+    ws = etree.fromstring(f.read_bytes())      # sent as it is, unchecked: the repository refuses it
+    with pytest.raises((InvalidDescriptor, InvalidArgument)) as info:
+        alice_repo.import_images([ws])
+    assert "name" in info.value.description
+    assert alice_repo.query(["name = forge-row"]).total == 0
+    assert "img-00000000000000000000000000000000" not in vmgrid(grid, "admin", "repo", "query", "vo = bio").stdout
+
+
 def test_an_update_cannot_raise_memory_or_vcpus_past_the_policys_limits(grid, tmp_path, alice_repo):
     """UpdateDescriptor is authorized with the new descriptor's memory and vCPUs, as RegisterImage, ImportImages and
     DuplicateImage are: alice (8192 MiB, rule vo-members-use-images) imports at 512 MiB, and an update to 999999
