@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import re
+import stat
 import threading
 import time
 from pathlib import Path
@@ -196,25 +197,53 @@ class Registry:
         d = self._admit(caller, ws, source.context)
         owner = d.owner or caller.dn
         path = self._source_path(caller, source)
-        if source.kind != "upload":
-            return self._register_from(caller, ws, d, owner, path, source)
-        with self._upload_lock:
-            self._registering.add(path)            # the upload sweep leaves it alone meanwhile
+        fd = self._open_source(path, source)
         try:
-            return self._register_from(caller, ws, d, owner, path, source)
-        finally:
+            if source.kind != "upload":
+                return self._register_from(caller, ws, d, owner, path, source, fd)
             with self._upload_lock:
-                self._registering.discard(path)
+                self._registering.add(path)            # the upload sweep leaves it alone meanwhile
+            try:
+                return self._register_from(caller, ws, d, owner, path, source, fd)
+            finally:
+                with self._upload_lock:
+                    self._registering.discard(path)
+        finally:
+            os.close(fd)
 
-    def _register_from(self, caller, ws, d: Descriptor, owner: str, path: Path, source: Source):
+    def _open_source(self, path: Path, source: Source) -> int:
+        """The source file checked by :meth:`_source_path`, opened once for everything that reads it: without
+        following a symbolic link, without waiting (a FIFO or a device put in its place after the check would block a
+        request thread for ever), a regular file, and still where the check found it (the file a descriptor opened,
+        read back from /proc: a directory of its path swapped for a link in between leads elsewhere)."""
+        value = source.value.strip()
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise InvalidSource(f"{value}: cannot open ({exc.strerror})", source=value) from None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise InvalidSource(f"{value}: not a regular file", source=value)
+            opened = os.readlink(f"/proc/self/fd/{fd}")
+            # a localPath was resolved (realpath) by the check; an upload's directory is the repository's own
+            expected = str(path) if source.kind != "upload" else os.path.join(os.path.realpath(path.parent), path.name)
+            if opened != expected:
+                raise InvalidSource(f"{value}: changed while it was being checked (now {opened})", source=value)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _register_from(self, caller, ws, d: Descriptor, owner: str, path: Path, source: Source, fd: int):
         if self.catalogue.find(d.vo, d.name):
             raise DuplicateName(f"an image named {d.name!r} already exists in VO {d.vo!r}", vo=d.vo, name=d.name)
-        actual_format = image_format_of(path)
+        opened = Path(f"/proc/self/fd/{fd}")        # the file checked and opened, whatever its name now leads to
+        actual_format = image_format_of(opened)
         if actual_format != d.image_format:
             raise InvalidDescriptor(f"the descriptor says format {d.image_format} but the file is {actual_format}",
                                     schemaMessage="image format mismatch")
         try:
-            ingested = self.store.ingest(path, self.config.max_image_bytes)
+            ingested = self.store.ingest(opened, self.config.max_image_bytes)
         except ValueError as exc:
             raise InvalidSource(f"{path}: {exc}", source=str(path)) from None
         except OSError as exc:

@@ -96,6 +96,54 @@ def test_register_then_get_by_id_and_by_name(reg):
         register(reg, fill=b"two")
 
 
+class SwappingRegistry(Registry):
+    """The race a local user with write access to an ingest directory runs, made deterministic: right after
+    ``_source_path`` has checked the file (inside an ingest directory, a regular file), ``swap`` replaces it."""
+
+    swap = None
+
+    def _source_path(self, caller, source):
+        path = super()._source_path(caller, source)
+        if self.swap is not None:
+            self.swap(path)
+        return path
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("swap_to", ["link-out", "fifo", "dir-link"])
+def test_a_source_swapped_after_its_check_is_refused_not_followed_nor_waited_on(tmp_path, swap_to):
+    """An admin's localPath inside the ingest directory, swapped once checked for a link to a file outside it (its
+    bytes were registered: anyone of the VO could then fetch them), for a FIFO (the request thread waited for a
+    writer for ever), or with its directory swapped for a link elsewhere: InvalidSource, nothing registered. The
+    source is opened once, without following a link or waiting, and what was opened is checked again."""
+    import os
+
+    ingest = tmp_path / "ingest"
+    (ingest / "sub").mkdir(parents=True)
+    secret = qcow2(tmp_path / "outside" / "sub" / "real.qcow2", b"secret bytes")
+    target = qcow2(ingest / "sub" / "real.qcow2", b"x")
+    point = site_policy_point(admins=[ADMIN.dn], vos={"bio": {"members": [ALICE.dn], "admins": [ADMIN.dn]}})
+    reg = SwappingRegistry(tmp_path / "repo", RepositoryConfig(ingest_dirs=[str(ingest)], gridftp_port=-1), point)
+    try:
+        def swap(path):
+            if swap_to == "link-out":
+                path.unlink()
+                path.symlink_to(secret)
+            elif swap_to == "fifo":
+                path.unlink()
+                os.mkfifo(path)
+            else:
+                (ingest / "sub").rename(ingest / "moved")
+                (ingest / "sub").symlink_to(secret.parent)
+        reg.swap = swap
+        before = state(reg)
+        with pytest.raises(InvalidSource):
+            reg.register(ADMIN, descriptor(), Source("localPath", str(target)))
+        assert state(reg) == before
+    finally:
+        reg.close()
+
+
 def test_register_authorizes_before_it_looks_at_the_source(reg):
     """A member may not ingest from the repository host's disk: refused for a path that does not exist,
     one outside the ingest directories and one inside alike, so the refusal tells nothing about the host."""
