@@ -93,7 +93,7 @@ def parse(data: bytes | str, limits: Limits = DEFAULT_LIMITS) -> etree._Element:
         line = exc.lineno if exc.lineno else None
         if "Excessive depth" in exc.msg:   # libxml2's own cap (256) met before ours
             raise UnsafeXML(f"elements nested deeper than {min(limits.max_depth, 256)} levels", line) from None
-        raise UnsafeXML(f"not well-formed XML: {exc.msg}", line) from None
+        raise UnsafeXML(f"not well-formed XML: {' '.join(exc.msg.split())}", line) from None   # libxml2's has newlines
     if root is None:
         raise UnsafeXML("empty document")
     docinfo = root.getroottree().docinfo

@@ -18,3 +18,13 @@ def test_a_doctype_is_refused_as_such_in_every_encoding(encoding):
     with pytest.raises(UnsafeXML) as refused:
         parse(data)
     assert refused.value.reason == "DOCTYPE declarations are not allowed"
+
+
+@pytest.mark.parametrize("codec", ["cp037", "cp500"])
+def test_a_doctype_in_ebcdic_is_refused_and_the_reason_is_one_line(codec):
+    """EBCDIC hides "<!DOCTYPE" from the byte scan; libxml2 (without iconv's EBCDIC) refuses the document, and the
+    reason is one line (libxml2's message ended in a newline, which split a fault string and a log line)."""
+    data = f'<?xml version="1.0" encoding="{codec.upper()}"?>'.encode(codec) + LAUGHS.encode(codec)
+    with pytest.raises(UnsafeXML) as refused:
+        parse(data)
+    assert "\n" not in str(refused.value) and "&j;" not in str(refused.value)
