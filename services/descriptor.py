@@ -28,6 +28,9 @@ WS = "http://vmgrid.org/ns/workspace/1"
 NSMAP = {"ws": WS}
 ROOT = WORKSPACE_TAG = f"{{{WS}}}workspace"
 MAX_DESCRIPTOR_BYTES = 256 * 1024
+# A stored descriptor, with the fields the repository sets (imageId, owner, created, sha256, size, blake3): the
+# catalogue refuses a longer one whatever path it came by (a SOAP request is not read through parse_descriptor).
+MAX_STORED_DESCRIPTOR_BYTES = MAX_DESCRIPTOR_BYTES + 4096
 
 # Field kinds: how a query compares values of a field.
 TEXT, NUMBER, VERSION, TIME = "text", "number", "version", "time"

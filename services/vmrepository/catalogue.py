@@ -15,7 +15,7 @@ from typing import Iterator
 
 from lxml import etree
 
-from services.descriptor import Descriptor, simple_fields
+from services.descriptor import MAX_DESCRIPTOR_BYTES, MAX_STORED_DESCRIPTOR_BYTES, Descriptor, simple_fields
 from services.sqlite import Database
 from services.vmrepository.index import FACTS_VERSION, QueryIndex, pack_facts
 from services.vmrepository.query import Prepared
@@ -97,6 +97,19 @@ _TRUSTED = etree.XMLParser(resolve_entities=False, no_network=True)  # our own s
 
 class _Refused(Exception):
     """An add_many row refused (bytes not in the store): the rows are checked one by one for the fault."""
+
+
+def _bounded(data: bytes, vo: str, name: str) -> bytes:
+    """A descriptor's stored bytes, or InvalidDescriptor when they are more than MAX_STORED_DESCRIPTOR_BYTES: the bound
+    parse_descriptor holds a file to, held on every way in (a 9 MB descriptor sent in a SOAP request was stored, and
+    two of them made every query page of their VO longer than any client reads: a VO member broke everyone's
+    queries)."""
+    if len(data) > MAX_STORED_DESCRIPTOR_BYTES:
+        from services.faults import InvalidDescriptor
+        raise InvalidDescriptor(f"the descriptor of {vo}/{name} is {len(data)} bytes; a descriptor may be at most "
+                                f"{MAX_DESCRIPTOR_BYTES} bytes (and {MAX_STORED_DESCRIPTOR_BYTES} with the fields the "
+                                f"repository sets)", schemaMessage="descriptor too long")
+    return data
 
 
 def new_image_id() -> str:
@@ -375,7 +388,7 @@ class Catalogue:
         descriptor must refer to a blob already present (a duplicate)."""
         d = Descriptor(element)
         now = d.created
-        data = etree.tostring(element, encoding="UTF-8")
+        data = _bounded(etree.tostring(element, encoding="UTF-8"), d.vo, d.name)
         adopted: list[str] = []
         try:
             self._add(d, ingested, now, data, element, adopted)
@@ -423,9 +436,16 @@ class Catalogue:
         rows = []
         for n, element in enumerate(elements):
             f = fields[n] if fields is not None else simple_fields(element)
+            data = etree.tostring(element, encoding="UTF-8")
+            if len(data) > MAX_STORED_DESCRIPTOR_BYTES:
+                try:
+                    _bounded(data, f["identity.vo"], f["identity.name"])
+                except Exception as exc:
+                    exc.position = f"{n + 1} ({f['identity.vo']}/{f['identity.name']})"
+                    raise
             rows.append((f["identity.imageId"], f["identity.vo"], f["identity.name"], f["identity.owner"],
                          f["image.sha256"], int(f["image.size"]), int(f["hardware.memory"]), int(f["hardware.vcpus"]),
-                         f["identity.created"], f["identity.created"], etree.tostring(element, encoding="UTF-8")))
+                         f["identity.created"], f["identity.created"], data))
         try:
             with self._write("add-many") as db:
                 # the bytes, once per distinct sha256; names taken are left to the UNIQUE (vo, name) constraint
@@ -468,7 +488,7 @@ class Catalogue:
     def replace(self, element: etree._Element, updated: str) -> int:
         """Replace a descriptor (same imageId and bytes); returns the new revision."""
         d = Descriptor(element)
-        data = etree.tostring(element, encoding="UTF-8")
+        data = _bounded(etree.tostring(element, encoding="UTF-8"), d.vo, d.name)
         from services.faults import DuplicateName, UnknownImage
 
         with self._write() as db:

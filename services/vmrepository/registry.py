@@ -65,6 +65,21 @@ class Transfers(Protocol):
     def release(self, vpath: str) -> None: ...
 
 
+PAGE_BYTES = 8 * 1024 * 1024   # descriptors in one QueryImages answer: half of what a client reads (16 MiB)
+
+
+def _within_page_bytes(records: list) -> list:
+    """The first records of a page whose descriptors come to at most PAGE_BYTES (the first always): a page of 1,000
+    descriptors of up to 260 KiB each is longer than any client reads, so a VO member's long descriptors would break
+    every query of the VO. A shorter page keeps its offset and total; the next page starts after it."""
+    used = 0
+    for n, rec in enumerate(records):
+        used += len(rec.descriptor)
+        if used > PAGE_BYTES and n:
+            return records[:n]
+    return records
+
+
 def _in_import(exc: VMGridFault, label: str) -> VMGridFault:
     """The same typed fault, its description saying which descriptor of an import it is about."""
     exc.description = f"{label}: {exc.description}"
@@ -416,9 +431,9 @@ class Registry:
                                reason="unsupported dialect")
             xp = compile_xpath(q.xpath.strip(), q.namespaces)
             total, ids = scanner(self.catalogue.path).query(xp, vos, order, q.descending, q.offset, limit)
-            return QueryPage(total, q.offset, self.catalogue.records(ids))
+            return QueryPage(total, q.offset, _within_page_bytes(self.catalogue.records(ids)))
         total, page = self.catalogue.query(prepare_groups(q.groups), vos, order, q.descending, q.offset, limit)
-        return QueryPage(total, q.offset, page)
+        return QueryPage(total, q.offset, _within_page_bytes(page))
 
     def get(self, caller, ref: str) -> Record:
         return self._authorized(caller, ref, "image.read")[0]

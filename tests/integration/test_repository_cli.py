@@ -372,6 +372,65 @@ def test_a_one_line_field_cannot_forge_rows_of_another_users_query_table(grid, t
     assert "img-00000000000000000000000000000000" not in vmgrid(grid, "admin", "repo", "query", "vo = bio").stdout
 
 
+def _long(text: str, name: str, extension_bytes: int) -> etree._Element:
+    """The descriptor ``text`` renamed, with an extension element of ``extension_bytes`` characters."""
+    text = text.replace("<name>debian12-emboss</name>", f"<name>{name}</name>", 1)
+    ext = f'<extensions><x:notes xmlns:x="urn:example:notes">{"n" * extension_bytes}</x:notes></extensions>'
+    return etree.fromstring(text.replace("</workspace>", ext + "</workspace>").encode())
+
+
+def test_a_descriptor_longer_than_the_bound_is_refused_on_every_way_in(grid, tmp_path, alice_repo):
+    """A descriptor is at most 256 KiB (260 KiB with the fields the repository sets): the command held a file to it,
+    the repository did not hold a SOAP request to it (a 9 MB descriptor was stored). ImportImages and
+    UpdateDescriptor refuse a longer one with InvalidDescriptor naming it; nothing is stored."""
+    from services.faults import InvalidDescriptor
+
+    template = _import_dir(grid, tmp_path, ["too-long-0", "too-long-1"])
+    text = (template / "too-long-0.xml").read_text().replace("<name>too-long-0</name>", "<name>debian12-emboss</name>")
+    with pytest.raises(InvalidDescriptor) as info:
+        alice_repo.import_images([_long(text, "too-long-0", 100), _long(text, "too-long-1", 300 * 1024)])
+    assert info.value.description.startswith("descriptor 2 (bio/too-long-1): ")
+    assert "at most 262144 bytes" in info.value.description
+    assert alice_repo.query(["name matches ^too-long-"]).total == 0
+    alice_repo.import_images([_long(text, "too-long-0", 100)])
+    with pytest.raises(InvalidDescriptor) as info:
+        alice_repo.update("bio/too-long-0", _long(text, "too-long-0", 300 * 1024))
+    stored = alice_repo.query(["name = too-long-0"]).descriptors[0]
+    assert len(etree.tostring(stored)) < 4096
+
+
+def test_a_query_page_stays_within_what_a_client_reads(tmp_path):
+    """Seventy descriptors of 250 KiB each (each within the bound) are 17.5 MB: a page of them all was longer than
+    the 16 MiB any client reads, so one VO member's long descriptors broke everyone's queries of the VO. A page
+    holds at most 8 MiB of descriptors: fewer than the limit asked, with the total and its offset, and the next
+    pages (from offset + its length) hold the rest."""
+    from client.repository import RepositoryClient
+    from client.soap import GridServiceClient
+    from security.trust import TrustStore
+
+    with repository_grid(tmp_path / "grid") as g:
+        _import_dir(g, tmp_path, [])
+        sha = g.import_base
+        text = (EXAMPLES / "debian12-emboss.xml").read_text().replace(
+            "<image><format>qcow2</format>", f"<image><format>qcow2</format><sha256>{sha}</sha256>")
+        alice = RepositoryClient(GridServiceClient(g.url, g.user("alice").credential, TrustStore(g.cert_dir)))
+        try:
+            for first in range(0, 70, 35):
+                alice.import_images([_long(text, f"page-{n:02d}", 250 * 1024) for n in range(first, first + 35)])
+            seen, offset = [], 0
+            while True:
+                page = alice.query(["name matches ^page-"], limit=1000, offset=offset)
+                assert page.total == 70 and page.offset == offset
+                assert 0 < len(page.descriptors) < 70
+                seen += [d.findtext("{*}identity/{*}name") for d in page.descriptors]
+                offset += len(page.descriptors)
+                if offset >= page.total:
+                    break
+            assert seen == [f"page-{n:02d}" for n in range(70)]
+        finally:
+            alice.service.close()
+
+
 def test_an_update_cannot_raise_memory_or_vcpus_past_the_policys_limits(grid, tmp_path, alice_repo):
     """UpdateDescriptor is authorized with the new descriptor's memory and vCPUs, as RegisterImage, ImportImages and
     DuplicateImage are: alice (8192 MiB, rule vo-members-use-images) imports at 512 MiB, and an update to 999999
