@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
 import stat
 import sys
 from pathlib import Path
@@ -397,15 +398,37 @@ def cmd_import(args) -> int:
                 under_way.append((batch, pool.submit(send, batch)))
 
         top_up()
-        while under_way:
-            batch, future = under_way.popleft()
-            try:
-                ids = future.result()
-            except (VMGridFault, ClientError) as exc:
-                refused = refused or (batch, exc)
-                continue
-            done += [(path, image_id) for (path, _), image_id in zip(batch, ids)]
-            top_up()
+        recorded: set = set()                # the calls whose images are in ``done``
+        previous_term = signal.signal(signal.SIGTERM, _interrupt)   # a kill is an interrupt too: undone alike
+        try:
+            while under_way:
+                batch, future = under_way[0]     # left in under_way until answered: an interrupt waits for it
+                try:
+                    ids = future.result()
+                except (VMGridFault, ClientError) as exc:
+                    refused = refused or (batch, exc)
+                    under_way.popleft()
+                    continue
+                done += [(path, image_id) for (path, _), image_id in zip(batch, ids)]
+                recorded.add(future)
+                under_way.popleft()
+                top_up()
+        except KeyboardInterrupt:
+            # Ctrl-C (or SIGTERM) between or during batches: no further batch is sent; the calls under way are
+            # waited for (what they register is known only from their answers), and everything is removed again
+            refused = refused or (None, None)
+            for batch, future in under_way:
+                if future in recorded:
+                    continue
+                try:
+                    ids = future.result()
+                except Exception:  # noqa: BLE001 - refused or lost: nothing of it to remove
+                    continue
+                done += [(path, image_id) for (path, _), image_id in zip(batch, ids)]
+            args.interrupt_note = f"nothing was imported{_undo(repos[0], done)}"
+            raise
+        finally:
+            signal.signal(signal.SIGTERM, previous_term)
     if refused is not None:
         batch, exc = refused
         what = f"{type(exc).__name__}: {exc.description}" if isinstance(exc, VMGridFault) else str(exc)
@@ -421,6 +444,10 @@ def cmd_import(args) -> int:
         print(f"imported {len(done)} descriptors from {args.directory} in {seconds:.1f} s "
               f"({len(done) / max(seconds, 1e-9):.0f}/s)")
     return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _attempt(func, *args):

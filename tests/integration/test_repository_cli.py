@@ -431,6 +431,33 @@ def test_a_query_page_stays_within_what_a_client_reads(tmp_path):
             alice.service.close()
 
 
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_an_interrupted_import_removes_what_it_had_registered(grid, tmp_path, alice_repo, names_in_catalogue, sig):
+    """Ctrl-C (or a kill) in the middle of `vmgrid repo import DIR`: the batches already answered stayed
+    registered, half a directory. Now no further batch is sent, the ones under way are waited for, and all are
+    removed again: the command says so and exits 130. The signal is sent once the repository holds some of them."""
+    import signal
+
+    prefix = f"intr-{sig.lower()}-"
+    d = _import_dir(grid, tmp_path, [f"{prefix}{i:03d}" for i in range(600)])
+    env = {**grid.env("alice"), "VMGRID_REPOSITORY": grid.url}
+    proc = subprocess.Popen([sys.executable, "-m", "client.cli", "repo", "import", str(d), "--batch", "1"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while alice_repo.query([f"name matches ^{prefix}"], limit=1).total == 0:
+            assert proc.poll() is None, proc.communicate()
+        assert proc.poll() is None, "the import ended before it could be interrupted"
+        proc.send_signal(getattr(signal, sig))
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert err.startswith("vmgrid: interrupted; nothing was imported (the ") and "removed again" in err, err
+    assert names_in_catalogue(prefix) == []
+
+
 def test_an_update_cannot_raise_memory_or_vcpus_past_the_policys_limits(grid, tmp_path, alice_repo):
     """UpdateDescriptor is authorized with the new descriptor's memory and vCPUs, as RegisterImage, ImportImages and
     DuplicateImage are: alice (8192 MiB, rule vo-members-use-images) imports at 512 MiB, and an update to 999999
