@@ -66,16 +66,19 @@ class Transfers(Protocol):
 
 
 PAGE_BYTES = 8 * 1024 * 1024   # descriptors in one QueryImages answer: half of what a client reads (16 MiB)
+PAGE_ITEMS = 500_000           # and half of the markup items a client parses (security.safexml.DEFAULT_MAX_NODES)
 
 
 def _within_page_bytes(records: list) -> list:
-    """The first records of a page whose descriptors come to at most PAGE_BYTES (the first always): a page of 1,000
-    descriptors of up to 260 KiB each is longer than any client reads, so a VO member's long descriptors would break
-    every query of the VO. A shorter page keeps its offset and total; the next page starts after it."""
-    used = 0
+    """The first records of a page whose descriptors come to at most PAGE_BYTES and PAGE_ITEMS (the first always): a
+    page of 1,000 descriptors of up to 260 KiB each is longer than any client reads, and twenty of 260 KiB of empty
+    elements hold more markup than a client parses, so a VO member's long descriptors would break every query of the
+    VO. A shorter page keeps its offset and total; the next page starts after it."""
+    used = items = 0
     for n, rec in enumerate(records):
         used += len(rec.descriptor)
-        if used > PAGE_BYTES and n:
+        items += rec.descriptor.count(b"<") + rec.descriptor.count(b"=")
+        if (used > PAGE_BYTES or items > PAGE_ITEMS) and n:
             return records[:n]
     return records
 
