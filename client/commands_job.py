@@ -111,7 +111,7 @@ def instance_job_service(args) -> tuple[str, str]:
 
 
 def connect(args):
-    from client.commands_repo import grid_client
+    from client.commands_repo import call_timeout, grid_client
     from services.jobs.client import JobClient
 
     if is_url(args.endpoint):
@@ -124,7 +124,8 @@ def connect(args):
     def attempt():
         try:
             credential = load_credential(proxy=args.proxy) if args.proxy else load_credential()
-            return JobClient(GridServiceClient(url, credential, default_trust(args.cert_dir), expected_host_dn=dn))
+            return JobClient(GridServiceClient(url, credential, default_trust(args.cert_dir), expected_host_dn=dn,
+                                               timeout=call_timeout()))
         except Unreachable as exc:
             if "refused" in str(exc):
                 raise                                  # not listening yet: asked again
