@@ -69,14 +69,6 @@ def _run(func, args, args_in: list[str], argv: list[str] | None) -> int:
         # a message carries a service's words (a fault's description): shown escaped, on one line, bounded
         print(f"vmgrid: {printable(exc, 4000)}{_what_to_do(str(exc))}", file=sys.stderr)
         return 1
-    except Exception as exc:
-        wssec = sys.modules.get("security.wssec")       # loaded by any command that called a service
-        if wssec is None or not isinstance(exc, wssec.WSSecurityError):
-            raise
-        # the service's answer failed the client's checks (the hardened parser, its signature, its signer, the
-        # request it answers): nothing of it was used
-        print(f"vmgrid: the answer was refused: {printable(exc, 4000)}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         # a command that started something at a service says what goes on there and how to find it again
         note = getattr(args, "interrupt_note", None)
@@ -87,6 +79,14 @@ def _run(func, args, args_in: list[str], argv: list[str] | None) -> int:
         # is still buffered for it goes nowhere rather than into a second error at exit
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except Exception as exc:
+        wssec = sys.modules.get("security.wssec")       # loaded by any command that called a service
+        if wssec is None or not isinstance(exc, wssec.WSSecurityError):
+            raise
+        # the service's answer failed the client's checks (the hardened parser, its signature, its signer, the
+        # request it answers): nothing of it was used
+        print(f"vmgrid: the answer was refused: {printable(exc, 4000)}", file=sys.stderr)
+        return 1
     # the command is the first word: ``args.command`` may be a subcommand's own (``job submit ... -- CMD``)
     if argv is None and rc == 0 and args_in[0] in EXIT_AT_ONCE and _only_daemon_threads():
         sys.stdout.flush()
