@@ -121,7 +121,8 @@ class SameOriginTransport(GridTransport):
         try:
             answer = self._pool(f"{parts.scheme}://{parts.netloc}/").get(path, timeout=self.load_timeout)
         except HTTPSError as exc:
-            raise Unreachable(f"cannot fetch {url}: {_reason(exc)}") from None
+            what = f"the WSDL of {str(url).split('?')[0]}" if parts.query.lower() == "wsdl" else url
+            raise Unreachable(f"cannot fetch {what}: {_reason(exc)}") from None
         if 300 <= answer.status_code < 400:
             raise ClientError(f"refusing to load {url}: the server redirects it elsewhere "
                               f"({printable(answer.headers.get('Location') or '', 200)}); "
