@@ -12,9 +12,10 @@ Stable API:
 A failure to get an answer raises :class:`HTTPSError` (connection refused, TLS refused, timeout, an answer over
 the bound, a broken answer). The timeout bounds each exchange whole, not only each read: a server that drips its
 answer (or its TLS handshake, or its headers) a byte at a time is cut off when the exchange's time is up (one
-watchdog thread per process shuts the connection's socket down). A kept-alive connection the server closed as the request went out (its idle limit
-met the request: no byte of an answer came back) is retried once on a new connection with the same bytes: never
-re-signed, so if the server did act on the first copy its replay cache refuses the second.
+watchdog thread per process shuts the connection's socket down). A kept-alive connection the server closed as the
+request went out (its idle limit met the request: no byte of an answer came back) is retried once on a new
+connection with the same bytes: never re-signed, so if the server did act on the first copy its replay cache
+refuses the second.
 """
 from __future__ import annotations
 

