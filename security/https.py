@@ -22,6 +22,7 @@ from __future__ import annotations
 import heapq
 import http.client
 import itertools
+import os
 import select
 import socket
 import ssl
@@ -118,6 +119,16 @@ def _shutdown(fd: int) -> None:
 
 
 _WATCHDOG = _Watchdog()
+
+
+def _watchdog_after_fork() -> None:
+    """A forked child (a container's worker) starts with a watchdog of its own: the parent's thread is not there, and
+    its lock may have been held at the fork."""
+    global _WATCHDOG
+    _WATCHDOG = _Watchdog()
+
+
+os.register_at_fork(after_in_child=_watchdog_after_fork)
 
 
 class _WatchedHTTP(http.client.HTTPConnection):
