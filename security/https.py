@@ -64,10 +64,17 @@ class _Watchdog:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="https-deadlines", daemon=True)
                 self._thread.start()
+            if self._disarmed > 1024 and self._disarmed * 2 > len(self._heap):     # calls that ended: dropped
+                self._compact()
             heapq.heappush(self._heap, entry)
             if self._heap[0] is entry:
                 self._cond.notify()
         return entry
+
+    def _compact(self) -> None:
+        self._heap = [e for e in self._heap if e[2] != -1]
+        heapq.heapify(self._heap)
+        self._disarmed = 0
 
     def watch(self, entry: list, fd: int) -> None:
         with self._cond:
@@ -98,11 +105,9 @@ class _Watchdog:
                         entry[3] = True          # not connected yet (fd None): watch shuts it down when it is
                         if entry[2] is not None:
                             _shutdown(entry[2])
-                if self._disarmed > 256 and self._disarmed * 2 > len(self._heap):   # many calls ended early
-                    self._heap = [e for e in self._heap if e[2] != -1]
-                    heapq.heapify(self._heap)
-                    self._disarmed = 0
-                self._cond.wait(self._heap[0][0] - now if self._heap else None)
+                # a wake-up at most every quarter second, however many calls end (each leaves its entry until its
+                # deadline): a deadline is kept to within that
+                self._cond.wait(max(self._heap[0][0] - now, 0.25) if self._heap else None)
 
 
 def _shutdown(fd: int) -> None:
