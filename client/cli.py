@@ -7,7 +7,7 @@ import os
 import sys
 import threading
 
-from services.common.errors import CLIError  # the commands raise it (one class everywhere)
+from services.common.errors import CLIError, EscapingStream, printable  # the commands raise it (one class everywhere)
 
 # Each module exposes register(subparsers) and gives its parsers a `func(args) -> int`.
 COMMAND_MODULES = [
@@ -51,11 +51,23 @@ def main(argv: list[str] | None = None) -> int:
     if func is None:
         parser.print_help()
         return 2
+    # what a command prints carries services' words (names, states, descriptions, faults, a job's output): shown
+    # escaped wherever it is printed, so that a hostile service cannot drive the user's terminal
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = (s if isinstance(s, EscapingStream) else EscapingStream(s) for s in streams)
+    try:
+        return _run(func, args, args_in, argv)
+    finally:
+        sys.stdout, sys.stderr = streams
+
+
+def _run(func, args, args_in: list[str], argv: list[str] | None) -> int:
     try:
         rc = int(func(args) or 0)
         sys.stdout.flush()                  # here, where a reader that left is answered (below), not at exit
     except CLIError as exc:
-        print(f"vmgrid: {exc}{_what_to_do(str(exc))}", file=sys.stderr)
+        # a message carries a service's words (a fault's description): shown escaped, on one line, bounded
+        print(f"vmgrid: {printable(exc, 4000)}{_what_to_do(str(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         # a command that started something at a service says what goes on there and how to find it again
@@ -67,6 +79,14 @@ def main(argv: list[str] | None = None) -> int:
         # is still buffered for it goes nowhere rather than into a second error at exit
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except Exception as exc:
+        wssec = sys.modules.get("security.wssec")       # loaded by any command that called a service
+        if wssec is None or not isinstance(exc, wssec.WSSecurityError):
+            raise
+        # the service's answer failed the client's checks (the hardened parser, its signature, its signer, the
+        # request it answers): nothing of it was used
+        print(f"vmgrid: the answer was refused: {printable(exc, 4000)}", file=sys.stderr)
+        return 1
     # the command is the first word: ``args.command`` may be a subcommand's own (``job submit ... -- CMD``)
     if argv is None and rc == 0 and args_in[0] in EXIT_AT_ONCE and _only_daemon_threads():
         sys.stdout.flush()

@@ -15,6 +15,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from client.cli import CLIError
+from services.common.errors import printable
 
 SERVICE_PATH = "/wsrf/services/JobService"
 DEFAULT_NODE = "https://localhost:8443/wsrf/services/VMManagerService"
@@ -111,7 +112,7 @@ def instance_job_service(args) -> tuple[str, str]:
 
 
 def connect(args):
-    from client.commands_repo import grid_client
+    from client.commands_repo import call_timeout, grid_client
     from services.jobs.client import JobClient
 
     if is_url(args.endpoint):
@@ -124,7 +125,8 @@ def connect(args):
     def attempt():
         try:
             credential = load_credential(proxy=args.proxy) if args.proxy else load_credential()
-            return JobClient(GridServiceClient(url, credential, default_trust(args.cert_dir), expected_host_dn=dn))
+            return JobClient(GridServiceClient(url, credential, default_trust(args.cert_dir), expected_host_dn=dn,
+                                               timeout=call_timeout()))
         except Unreachable as exc:
             if "refused" in str(exc):
                 raise                                  # not listening yet: asked again
@@ -193,7 +195,7 @@ class Follow:
             if p.get("current"):
                 line += f" ({p['current']})"
         if line != self.last:
-            print(f"  {line}", file=sys.stderr, flush=True)
+            print(f"  {printable(line)}", file=sys.stderr, flush=True)
             self.last = line
 
 
@@ -202,7 +204,8 @@ def ended(info) -> int:
     if info.state == "Done":
         return 0
     why = info.failure or (f"exit code {info.exit_code}" if info.exit_code is not None else "")
-    print(f"vmgrid: job {info.key} {info.state}" + (f": {why}" if why else ""), file=sys.stderr)
+    print(f"vmgrid: job {printable(info.key)} {printable(info.state)}" + (f": {printable(why)}" if why else ""),
+          file=sys.stderr)
     return 1
 
 
@@ -267,9 +270,9 @@ def cmd_status(args) -> int:
     for k in ("key", "state", "exitCode", "failure", "executable", "submitted", "started", "ended",
               "terminationTime", "directory"):
         if d[k] is not None:
-            print(f"{k:16} {d[k]}")
+            print(f"{k:16} {printable(d[k])}")
     for n, s, h, _ in info.outputs:
-        print(f"{'output':16} {n} {s} bytes sha256 {h}")
+        print(f"{'output':16} {printable(n)} {printable(s)} bytes sha256 {printable(h)}")
     for label, tail in (("stdout", info.stdout_tail), ("stderr", info.stderr_tail)):
         if tail:
             print(f"--- {label} (tail) ---\n{tail}", end="" if tail.endswith("\n") else "\n")
@@ -286,7 +289,7 @@ def _goes_on(endpoint: str, key: str) -> str:
 def cmd_wait(args) -> int:
     args.interrupt_note = _goes_on(args.endpoint, args.job)
     info = call(connect(args).wait, check_key(args.job), args.timeout, on_update=Follow())
-    print(info.state if info.exit_code is None else f"{info.state} (exit code {info.exit_code})")
+    print(printable(info.state) if info.exit_code is None else f"{printable(info.state)} (exit code {info.exit_code})")
     return ended(info)
 
 

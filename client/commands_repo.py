@@ -125,9 +125,24 @@ def grid_client(args):
     except (PKIError, OSError) as exc:
         raise CLIError(str(exc)) from None
     try:
-        return GridServiceClient(args.url, credential, trust)
+        return GridServiceClient(args.url, credential, trust, timeout=call_timeout())
     except ClientError as exc:
         raise CLIError(str(exc)) from None
+
+
+def call_timeout() -> float | None:
+    """$VMGRID_CALL_TIMEOUT: the seconds one call to a service may take whole (its answer read to the end), and the
+    fetch of its WSDL and of each schema; by default 120 (60 for the WSDL and schemas)."""
+    text = os.environ.get("VMGRID_CALL_TIMEOUT", "").strip()
+    if not text:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1
+    if not 0 < seconds < 1e6:
+        raise CLIError(f"VMGRID_CALL_TIMEOUT is {text!r}: give seconds, more than 0")
+    return seconds
 
 
 def _read_descriptor(path: Path):

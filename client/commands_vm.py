@@ -13,6 +13,7 @@ from pathlib import Path
 from client.cli import CLIError
 from client.commands_repo import DEFAULT_REPOSITORY, _call, _on_image, add_format, add_grid_options
 from client.output import table
+from services.common.errors import printable
 
 DEFAULT_NODE = "https://localhost:8443/wsrf/services/VMManagerService"
 FINAL = ("Destroyed", "Failed")
@@ -222,8 +223,8 @@ def cmd_deploy(args) -> int:
         set_field(descriptor, "hardware", "vcpus", args.vcpus)
     vm = vmm_client(args, node_url)
     info = _call(vm.deploy, descriptor, args.identifier, parse_seconds(args.lifetime), paused=args.paused)
-    print(f"deploying {args.image} as {args.identifier} ({info.ref.key}) on {info.node}: "
-          f"address {info.address}, mac {info.mac}", file=sys.stderr)
+    print(f"deploying {args.image} as {args.identifier} ({printable(info.ref.key)}) on {printable(info.node)}: "
+          f"address {printable(info.address)}, mac {printable(info.mac)}", file=sys.stderr)
     name = shlex.quote(args.identifier)
     if node_url != os.environ.get("VMGRID_NODE"):             # a node named by --url: so do the commands
         name += f" --url {shlex.quote(node_url)}"
@@ -243,7 +244,7 @@ def cmd_deploy(args) -> int:
             if bar and last[0] == "Staging":
                 bar(total, total)
                 bar.finish()
-            print(f"  {i.state}", file=sys.stderr)
+            print(f"  {printable(i.state)}", file=sys.stderr)
             last[0] = i.state
 
     final = _call(vm.wait_for, info.ref, ("Running", "Paused"), 3600, update)
@@ -276,9 +277,9 @@ def cmd_control(args) -> int:
     if args.verb == "destroy":
         pending = _call(vm.destroy, ref)
         print(f"{args.instance}: destroyed" + (f"; cleanup at the central services pending (will be retried): "
-                                               f"{', '.join(pending)}" if pending else ""))
+                                               f"{printable(', '.join(pending))}" if pending else ""))
     else:
-        print(f"{args.instance}: {_call(getattr(vm, args.verb), ref)}")
+        print(f"{args.instance}: {printable(_call(getattr(vm, args.verb), ref))}")
     return 0
 
 
@@ -295,7 +296,7 @@ def cmd_node_domains(args) -> int:
             for d in census.domains]
     rows += [("(missing)", "", "", k, s) for k, s in census.missing]
     table(("domain", "uuid", "hypervisor", "instance", "instance state"), rows)
-    print(f"{census.node}: {len(census.domains)} domain(s), {len(census.orphans)} orphan, "
+    print(f"{printable(census.node)}: {len(census.domains)} domain(s), {len(census.orphans)} orphan, "
           f"{len(census.missing)} instance(s) missing their domain")
     return 0
 
@@ -336,7 +337,8 @@ def cmd_migrate(args) -> int:
             raise result["error"]
         _call(failed)
     info = result["info"]
-    print(f"{args.instance}: migrated to {info.node} ({info.ref.address}); {info.state}, address {info.address}",
+    print(f"{args.instance}: migrated to {printable(info.node)} ({printable(info.ref.address)}); "
+          f"{printable(info.state)}, address {printable(info.address)}",
           file=sys.stderr)
     if args.format == "json":
         json.dump({**info_json(info), "phases": info.phases}, sys.stdout, indent=2)
@@ -350,7 +352,7 @@ def cmd_migrate(args) -> int:
 def cmd_shutdown(args) -> int:
     vm = vmm_client(args)
     state = _call(vm.shutdown, resolve(vm, args.instance), "Trash" if args.trash else "Normal", args.timeout)
-    print(f"{args.instance}: {state}")
+    print(f"{args.instance}: {printable(state)}")
     return 0
 
 
@@ -382,7 +384,8 @@ def cmd_watch(args) -> int:
     try:
         _call(vm.subscribe, ref, consumer.url)
         state = _call(vm.status, ref).state
-        print(f"{time.strftime('%H:%M:%S')} {args.instance}: {state} (listening at {consumer.url})", flush=True)
+        print(f"{time.strftime('%H:%M:%S')} {args.instance}: {printable(state)} (listening at {consumer.url})",
+              flush=True)
         deadline = time.monotonic() + args.timeout if args.timeout else None
         while state not in FINAL:
             left = deadline - time.monotonic() if deadline else 3600.0
@@ -393,7 +396,8 @@ def cmd_watch(args) -> int:
             except TimeoutError:
                 continue
             state = change.new
-            print(f"{change.time} {args.instance}: {change.old} -> {change.new} (signed by {change.signer})",
+            print(f"{printable(change.time)} {args.instance}: {printable(change.old)} -> {printable(change.new)} "
+                  f"(signed by {printable(change.signer)})",
                   flush=True)
     except KeyboardInterrupt:
         pass

@@ -8,6 +8,7 @@ from typing import Iterable, Sequence
 
 from lxml import etree
 
+from services.common.errors import printable
 from services.common.paths import WSDL_DIR
 from services.descriptor import WS, Descriptor
 
@@ -16,7 +17,7 @@ REPEATED = {"disk", "cdrom", "serialPort", "parallelPort", "nic", "library"}
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[object]], out=None) -> None:
     out = sys.stdout if out is None else out      # bound at call time (tests swap sys.stdout)
-    rows = [["" if v is None else str(v) for v in r] for r in rows]
+    rows = [["" if v is None else printable(v) for v in r] for r in rows]      # a service's words: escaped
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
     line = "  ".join(h.upper().ljust(w) for h, w in zip(headers, widths)).rstrip()
     print(line, file=out)
@@ -178,7 +179,7 @@ def show_descriptor(el: etree._Element, out=None) -> None:
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         if v is not None:
-            print(f"{k.rjust(width)}  {v}", file=out)
+            print(f"{k.rjust(width)}  {printable(v)}", file=out)     # the service's words: escaped
 
 
 class Waiting:
@@ -191,12 +192,13 @@ class Waiting:
     def __init__(self, what: str, out=None):
         self.what = what
         self.out = sys.stderr if out is None else out
+        self.out = getattr(self.out, "unfiltered", self.out)       # its own backspaces, not escaped
         self.ticks = 0
         self.tty = bool(getattr(self.out, "isatty", lambda: False)())
 
     def tick(self) -> None:
         if self.ticks == 0:
-            self.out.write(f"vmgrid: waiting for {self.what}..." + (" " if self.tty else "\n"))
+            self.out.write(f"vmgrid: waiting for {printable(self.what)}..." + (" " if self.tty else "\n"))
         if self.tty:
             self.out.write(("\b" if self.ticks else "") + self.SPIN[self.ticks % len(self.SPIN)])
         self.ticks += 1
@@ -204,5 +206,5 @@ class Waiting:
 
     def done(self, outcome: str = "ready") -> None:
         if self.ticks and self.tty:
-            self.out.write(f"\b{outcome}\n")
+            self.out.write(f"\b{printable(outcome)}\n")
             self.out.flush()

@@ -105,8 +105,10 @@ class ProgressBar:
     WIDTH = 28
 
     def __init__(self, stream, label: str):
-        self.stream = stream
-        self.label = label
+        from services.common.errors import printable
+
+        self.stream = getattr(stream, "unfiltered", stream)     # its own carriage returns, not escaped
+        self.label = printable(label, 200)
         self.started = time.monotonic()
         self._samples: list[tuple[float, int]] = []
         self._lock = threading.Lock()

@@ -10,17 +10,24 @@ Stable API:
     pool.close()
 
 A failure to get an answer raises :class:`HTTPSError` (connection refused, TLS refused, timeout, an answer over
-the bound, a broken answer). A kept-alive connection the server closed as the request went out (its idle limit
-met the request: no byte of an answer came back) is retried once on a new connection with the same bytes: never
-re-signed, so if the server did act on the first copy its replay cache refuses the second.
+the bound, a broken answer). The timeout bounds each exchange whole, not only each read: a server that drips its
+answer (or its TLS handshake, or its headers) a byte at a time is cut off when the exchange's time is up (one
+watchdog thread per process shuts the connection's socket down). A kept-alive connection the server closed as the
+request went out (its idle limit met the request: no byte of an answer came back) is retried once on a new
+connection with the same bytes: never re-signed, so if the server did act on the first copy its replay cache
+refuses the second.
 """
 from __future__ import annotations
 
+import heapq
 import http.client
+import itertools
+import os
 import select
 import socket
 import ssl
 import threading
+import time
 from dataclasses import dataclass
 from email.message import Message
 from urllib.parse import urlsplit
@@ -36,6 +43,118 @@ class HTTPSError(OSError):
 
 class AnswerTooLarge(HTTPSError):
     """The answer is longer than the bound: not read further, the connection dropped."""
+
+
+class _Watchdog:
+    """Deadlines of exchanges under way: past its deadline, an exchange's socket is shut down (at the descriptor,
+    whatever object wraps it: a TLS handshake under way too), so the read that waits on it ends at once. One daemon
+    thread per process, started at the first exchange; arming and disarming take a lock and a heap push."""
+
+    def __init__(self) -> None:
+        self._heap: list[list] = []
+        self._cond = threading.Condition()
+        self._seq = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._disarmed = 0          # entries in the heap whose exchange ended before their deadline
+
+    def arm(self, deadline: float) -> list:
+        """An entry [deadline, seq, fd, fired]; its fd is set (``watch``) once the socket exists."""
+        entry = [deadline, next(self._seq), None, False]
+        with self._cond:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="https-deadlines", daemon=True)
+                self._thread.start()
+            if self._disarmed > 1024 and self._disarmed * 2 > len(self._heap):     # calls that ended: dropped
+                self._compact()
+            heapq.heappush(self._heap, entry)
+            if self._heap[0] is entry:
+                self._cond.notify()
+        return entry
+
+    def _compact(self) -> None:
+        self._heap = [e for e in self._heap if e[2] != -1]
+        heapq.heapify(self._heap)
+        self._disarmed = 0
+
+    def watch(self, entry: list, fd: int) -> None:
+        with self._cond:
+            if entry[2] == -1:                  # disarmed
+                return
+            entry[2] = fd
+            if entry[3]:                        # already past its deadline as the socket was made
+                _shutdown(fd)
+
+    def disarm(self, entry: list) -> bool:
+        """Stop watching (before the socket is closed: its descriptor may be reused); whether it fired."""
+        with self._cond:
+            if entry[2] != -1:
+                entry[2] = -1
+                if not entry[3]:                # still in the heap
+                    self._disarmed += 1
+            return entry[3]
+
+    def _run(self) -> None:
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                while self._heap and (self._heap[0][0] <= now or self._heap[0][2] == -1):
+                    entry = heapq.heappop(self._heap)
+                    if entry[2] == -1:
+                        self._disarmed -= 1
+                    elif not entry[3]:
+                        entry[3] = True          # not connected yet (fd None): watch shuts it down when it is
+                        if entry[2] is not None:
+                            _shutdown(entry[2])
+                # a wake-up at most every quarter second, however many calls end (each leaves its entry until its
+                # deadline): a deadline is kept to within that
+                self._cond.wait(max(self._heap[0][0] - now, 0.25) if self._heap else None)
+
+
+def _shutdown(fd: int) -> None:
+    try:
+        s = socket.socket(fileno=fd)
+    except OSError:
+        return
+    try:
+        s.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        s.detach()
+
+
+_WATCHDOG = _Watchdog()
+
+
+def _watchdog_after_fork() -> None:
+    """A forked child (a container's worker) starts with a watchdog of its own: the parent's thread is not there, and
+    its lock may have been held at the fork."""
+    global _WATCHDOG
+    _WATCHDOG = _Watchdog()
+
+
+os.register_at_fork(after_in_child=_watchdog_after_fork)
+
+
+class _WatchedHTTP(http.client.HTTPConnection):
+    """An HTTP connection that hands its socket to the watchdog as soon as it is connected."""
+    deadline_entry: list | None = None
+
+    def connect(self) -> None:
+        super().connect()
+        if self.deadline_entry is not None:
+            _WATCHDOG.watch(self.deadline_entry, self.sock.fileno())
+
+
+class _WatchedHTTPS(http.client.HTTPSConnection):
+    """An HTTPS connection that hands its TCP socket to the watchdog before the TLS handshake."""
+    deadline_entry: list | None = None
+
+    def connect(self) -> None:
+        http.client.HTTPConnection.connect(self)
+        if self.deadline_entry is not None:
+            _WATCHDOG.watch(self.deadline_entry, self.sock.fileno())
+        self.sock = self._context.wrap_socket(self.sock, server_hostname=self.host)
 
 
 @dataclass
@@ -89,53 +208,83 @@ class HTTPSPool:
 
     def post(self, body: bytes, headers: dict[str, str], *, timeout: float | None = None) -> Answer:
         """POST ``body`` to the URL's path; the whole answer, or HTTPSError."""
+        return self.request("POST", self.path, body, headers, timeout=timeout)
+
+    def get(self, path: str, *, timeout: float | None = None) -> Answer:
+        """GET ``path`` (of this origin: a WSDL, a schema); the whole answer (bounded as a POST's), or HTTPSError.
+        A redirect is an answer like any other (status 3xx): never followed."""
+        return self.request("GET", path, None, {}, timeout=timeout)
+
+    def request(self, method: str, path: str, body: bytes | None, headers: dict[str, str], *,
+                timeout: float | None = None) -> Answer:
         conn, reused = self._connection()
         try:
-            return self._exchange(conn, body, headers, timeout)
+            return self._exchange(conn, method, path, body, headers, timeout)
         except _DROPPED as exc:
             if not reused:
                 raise HTTPSError(f"{self.url}: connection broken: {exc}") from None
         # a kept-alive connection closed by the server as the request went out: no answer came; once more, anew
         conn = self._connection_new()
         try:
-            return self._exchange(conn, body, headers, timeout)
+            return self._exchange(conn, method, path, body, headers, timeout)
         except (http.client.HTTPException, OSError) as exc:
             raise _error(self.url, exc) from None
 
     def _connection_new(self) -> http.client.HTTPConnection:
         if self.context is not None:
-            return http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout, context=self.context)
-        return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+            return _WatchedHTTPS(self.host, self.port, timeout=self.timeout, context=self.context)
+        return _WatchedHTTP(self.host, self.port, timeout=self.timeout)
 
-    def _exchange(self, conn: http.client.HTTPConnection, body: bytes, headers: dict[str, str],
-                  timeout: float | None) -> Answer:
+    def _exchange(self, conn: http.client.HTTPConnection, method: str, path: str, body: bytes | None,
+                  headers: dict[str, str], timeout: float | None) -> Answer:
         keep = False
+        limit = timeout if timeout is not None else self.timeout
+        entry = _WATCHDOG.arm(time.monotonic() + limit)
+        conn.deadline_entry = entry
+        if conn.sock is not None:
+            _WATCHDOG.watch(entry, conn.sock.fileno())
         try:
             if timeout is not None:
                 conn.timeout = timeout
                 if conn.sock is not None:
                     conn.sock.settimeout(timeout)
-            conn.request("POST", self.path, body=body, headers=headers)
-            resp = conn.getresponse()
+            try:
+                conn.request(method, path, body=body, headers=headers)
+                resp = conn.getresponse()
+            except _DROPPED:
+                if _WATCHDOG.disarm(entry):
+                    raise HTTPSError(f"{self.url}: timed out (no whole answer within {limit:g} s)") from None
+                raise
             length = resp.getheader("Content-Length")
             if length is not None and length.isdigit() and int(length) > self.max_answer:
                 raise AnswerTooLarge(f"{self.url} answered {length} bytes; the limit is {self.max_answer}")
             content = resp.read(self.max_answer + 1)
             if len(content) > self.max_answer:
                 raise AnswerTooLarge(f"{self.url} answered more than {self.max_answer} bytes")
+            if length is not None and length.isdigit() and len(content) < int(length):
+                if _WATCHDOG.disarm(entry):
+                    raise HTTPSError(f"{self.url}: timed out (no whole answer within {limit:g} s)")
+                raise HTTPSError(f"{self.url}: the answer was cut short: {len(content)} of its {length} bytes")
             if not resp.isclosed():
                 resp.read(1)         # the answer's end (a chunked answer's last chunk): nothing more must be there
                 if not resp.isclosed():
                     raise AnswerTooLarge(f"{self.url} answered more than {self.max_answer} bytes")
             keep = not resp.will_close
+            if _WATCHDOG.disarm(entry):
+                keep = False
+                raise HTTPSError(f"{self.url}: timed out (no whole answer within {limit:g} s)")
             return Answer(resp.status, resp.msg, content)
         except _DROPPED:
             raise
         except HTTPSError:
             raise
         except (http.client.HTTPException, OSError) as exc:
+            if _WATCHDOG.disarm(entry):
+                raise HTTPSError(f"{self.url}: timed out (no whole answer within {limit:g} s)") from None
             raise _error(self.url, exc) from None
         finally:
+            _WATCHDOG.disarm(entry)
+            conn.deadline_entry = None
             if keep:
                 self._give_back(conn)
             else:

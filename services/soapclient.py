@@ -16,10 +16,12 @@ from urllib.parse import urlsplit
 
 from security import safexml
 from security.client import GridTransport, GridWSSE
+from security.https import HTTPSError
 from security.wssec import WSU, InvalidSecurity
 from services.container.addressing import WSA, request_headers
 from security.pki import Credential
 from security.trust import TrustStore
+from services.common.errors import printable
 from services.faults import VMGridFault, from_detail
 
 SOAP_ENV = "http://schemas.xmlsoap.org/soap/envelope/"
@@ -95,10 +97,15 @@ class _Capture(Plugin):
 
 class SameOriginTransport(GridTransport):
     """Loads the WSDL and the schemas it imports only from the service's own origin (scheme, host,
-    port), over the TLS session checked against the trusted CAs."""
+    port), over the connections signed calls use (TLS checked against the trusted CAs): each answer read
+    only up to the hardened parser's byte limit and within the timeout as a whole (a server that drips or never
+    ends its answer is cut off), and a redirect refused, never followed (it would leave the origin)."""
 
-    def __init__(self, url: str, wsse: GridWSSE):
-        super().__init__(wsse)
+    def __init__(self, url: str, wsse: GridWSSE, *, timeout: float | None = None):
+        if timeout is None:
+            super().__init__(wsse)
+        else:
+            super().__init__(wsse, timeout=timeout, operation_timeout=timeout)
         parts = urlsplit(url)
         self.origin = (parts.scheme, parts.hostname, parts.port)
 
@@ -108,20 +115,37 @@ class SameOriginTransport(GridTransport):
             raise ClientError(f"refusing to load {url}: not from the service's origin")
         return super().load(url)
 
+    def _load_remote_data(self, url):
+        parts = urlsplit(str(url))
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        try:
+            answer = self._pool(f"{parts.scheme}://{parts.netloc}/").get(path, timeout=self.load_timeout)
+        except HTTPSError as exc:
+            what = f"the WSDL of {str(url).split('?')[0]}" if parts.query.lower() == "wsdl" else url
+            raise Unreachable(f"cannot fetch {what}: {_reason(exc)}") from None
+        if 300 <= answer.status_code < 400:
+            raise ClientError(f"refusing to load {url}: the server redirects it elsewhere "
+                              f"({printable(answer.headers.get('Location') or '', 200)}); "
+                              f"give the service's own URL")
+        if answer.status_code != 200:
+            raise ClientError(f"cannot fetch {url}: HTTP {answer.status_code}")
+        return answer.content
+
 
 class GridServiceClient:
     """One grid service at ``url`` (…/wsrf/services/<Name>), called as ``credential``."""
 
     def __init__(self, url: str, credential: Credential, trust: TrustStore, *,
-                 expected_host_dn: str | None = None, _wsdl=None):
+                 expected_host_dn: str | None = None, timeout: float | None = None, _wsdl=None):
         self.url = url.split("?")[0]
         self.credential = credential
         self.trust = trust
         self.expected_host_dn = expected_host_dn
+        self.timeout = timeout          # seconds for one call, and for the WSDL and each schema (default 120)
         self._capture = _Capture(self.url)
         # vmgrid's services answer with a signed wsa:RelatesTo: an answer to another request is refused
         wsse = GridWSSE(credential, trust, expected_host_dn=expected_host_dn, require_relates_to=True)
-        transport = SameOriginTransport(self.url, wsse)
+        transport = SameOriginTransport(self.url, wsse, timeout=timeout)
         settings = zeep.Settings(strict=True, xml_huge_tree=False, forbid_dtd=True, forbid_entities=True,
                                  forbid_external=False)  # imports are fetched, from the service's origin only
         try:
@@ -142,7 +166,7 @@ class GridServiceClient:
         """A client of the same service, as the same credential, on connections of its own, with the WSDL this one
         fetched and parsed (a tenth of a second of CPU each time): `vmgrid repo import` keeps two calls under way."""
         return GridServiceClient(self.url, self.credential, self.trust, expected_host_dn=self.expected_host_dn,
-                                 _wsdl=self.zeep.wsdl)
+                                 timeout=self.timeout, _wsdl=self.zeep.wsdl)
 
     def close(self) -> None:
         """Close the HTTP connections this client keeps open."""

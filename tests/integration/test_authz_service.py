@@ -229,6 +229,34 @@ def test_admin_operations_need_a_policy_admin_with_a_full_proxy(site, people):
     assert "dave" not in site.policy_path.read_text()
 
 
+def test_a_vo_admin_cannot_change_the_policy_over_the_wire_not_even_of_its_own_group(site, people):
+    """Policy administration over SOAP is for the `[policy] admins` DNs alone (docs/authz.md, Operations): a VO
+    admin (carol administers bio), signing as itself, is refused every admin operation, those on its own group
+    included, and the file and the policy in force do not change; nor is it told the policy or the audit."""
+    carol = site.client(people["carol"].proxy)
+    before = site.policy_path.read_bytes()
+    version = site.authority.policy.current.version
+    dave = people["dave"].dn
+    attempts = {
+        "AddMember": lambda: carol.add_member("bio", dave),
+        "AddMember as admin": lambda: carol.add_member("bio", dave, admin=True),
+        "RemoveMember": lambda: carol.remove_member("bio", people["alice"].dn),
+        "AddRule": lambda: carol.add_rule(Rule("carol-all", "permit", ("*",), ("*",)),
+                                          before="limited-proxy-no-deploy"),
+        "RemoveRule": lambda: carol.remove_rule("limited-proxy-no-deploy"),
+        "AddGroup": lambda: carol.add_group(Group("carols", (dave,), (people["carol"].dn,))),
+        "RemoveGroup": lambda: carol.remove_group("hep"),
+        "ReloadPolicy": lambda: carol.reload(),
+        "ListRules": lambda: carol.rules(),
+        "ListGroups": lambda: carol.list_groups(),
+        "ReadAudit": lambda: carol.audit(),
+    }
+    for name, attempt in attempts.items():
+        with pytest.raises(AccessDenied, match="not a policy admin"):
+            attempt()
+    assert site.policy_path.read_bytes() == before and site.authority.policy.current.version == version
+
+
 def test_admin_changes_are_written_audited_and_in_force(site, people, grid_pki):
     admin = site.client(people["admin"].proxy)
     pep = site.client(grid_pki.host)
