@@ -85,8 +85,25 @@ def enter_pid_namespace() -> str | None:
     return None
 
 
+def start_init(run) -> int:
+    """Fork the job's init with SIGTERM blocked: a Cancel's SIGTERM that arrives before the init has installed
+    its handler stays pending (the init unblocks it once its handler is in place) instead of being lost to the
+    handler it inherited from the shim. ``run`` is the init's body (never returns)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        pid = os.fork()
+    except OSError:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        raise
+    if pid == 0:
+        run()                 # never returns
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    return pid
+
+
 def run_init(argv: list[str], cwd: str, env: dict, stdin, stdout: int, stderr: int, report: int) -> None:
-    """PID 1 of the job's namespace (a forked child of the shim; never returns): start the program, forward
+    """PID 1 of the job's namespace (a forked child of the shim, started by ``start_init`` with SIGTERM blocked;
+    never returns): start the program, forward
     SIGTERM to it (a PID 1 gets no signal it has no handler for, and the program may have left the group),
     reap every orphan, and exit once the program has ended, which ends every other process of the namespace.
     How it ended goes to ``report`` as JSON."""
@@ -102,6 +119,7 @@ def run_init(argv: list[str], cwd: str, env: dict, stdin, stdout: int, stderr: i
             except OSError:
                 pass
     signal.signal(signal.SIGTERM, forward)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})    # one that came meanwhile is delivered now
     try:
         try:
             program = subprocess.Popen(argv, cwd=cwd, env=env, stdin=stdin, stdout=stdout, stderr=stderr,
@@ -146,10 +164,11 @@ def main(spec_path: str) -> int:
     why_not = enter_pid_namespace() if spec.get("pid_namespace") else "not asked"
     if why_not is not None and spec.get("pid_namespace"):
         status["isolation"] = f"process group only: {why_not}"
-    init = os.fork()          # PID 1 of the job's namespace (without one: a plain child doing the same)
-    if init == 0:
+
+    def init_body():
         os.close(report_r)
         run_init(spec["argv"], spec["cwd"], spec["env"], stdin, out_w, err_w, report_w)
+    init = start_init(init_body)          # PID 1 of the job's namespace (without one: a plain child doing the same)
     for fd in (out_w, err_w, report_w):
         os.close(fd)
     if stdin is not subprocess.DEVNULL:

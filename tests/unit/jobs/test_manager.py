@@ -365,3 +365,33 @@ def _run_the_shim_as_nobody(work: Path) -> None:
     assert status["isolation"].startswith("process group only: ")
     child = int((work / "child.pid").read_text())
     wait_until(lambda: proc_start_time(child) is None)              # the group kill still ended the child
+
+
+# The init's first moments (shim.start_init): a SIGTERM arriving after the fork but before the init's handler is
+# installed. The forked init sends it to itself at that very point (so no timing luck is involved), then runs as
+# usual; the program must get it (exit -15), not run on to its end (exit 0) as when the signal was lost.
+SIGTERM_IN_THE_WINDOW = """
+import json, os, signal, sys
+sys.path.insert(0, sys.argv[1])
+import shim
+signal.signal(signal.SIGTERM, lambda signum, frame: None)      # the shim's own handler, as in shim.main
+r, w = os.pipe()
+def body():
+    os.close(r)
+    os.kill(os.getpid(), signal.SIGTERM)                          # in the window
+    shim.run_init([sys.executable, '-c', 'import time; time.sleep(60)'], '.', {}, None, 1, 2, w)
+pid = shim.start_init(body)
+os.close(w)
+os.waitpid(pid, 0)
+print(os.read(r, 1000).decode())
+"""
+
+
+def test_a_sigterm_between_the_inits_fork_and_its_handler_reaches_the_program():
+    from services.jobs.runner import SHIM
+    import json
+    import subprocess
+    done = subprocess.run([PY, "-c", SIGTERM_IN_THE_WINDOW, str(SHIM.parent)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"exit": -signal.SIGTERM}
