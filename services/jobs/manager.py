@@ -17,7 +17,8 @@ from typing import Callable
 from gridftp.checksum import hash_file
 from services.faults import AccessDenied, IllegalTransition, InvalidArgument, LimitExceeded, ResourceUnknown
 from services.jobs.config import JobsConfig
-from services.jobs.runner import Exit, Process, job_environment, pid_namespaces, read_exit, read_supervisor
+from services.jobs.runner import (Exit, Process, job_environment, pid_namespaces, pids_cgroups, read_exit,
+                                  read_supervisor, remove_job_cgroup)
 from services.jobs.staging import Stager, StagingError, inside
 from services.jobs.store import Job, JobSpec, JobState, JobStore, OutputFile
 from services.wsrf.lifetime import Sweeper
@@ -62,6 +63,14 @@ class JobManager:
             log.warning("jobs run in process groups only, not in PID namespaces of their own (%s: the job service "
                         "needs CAP_SYS_ADMIN, e.g. root as in a guest): a process a job starts that calls setsid "
                         "outlives the job", why_not)
+        self.pids_cgroup: Path | None = None
+        self.processes_unbounded: str | None = None
+        if config.max_processes > 0:
+            self.pids_cgroup, self.processes_unbounded = pids_cgroups(config.pids_cgroup)
+            if self.processes_unbounded is not None:
+                log.warning("jobs' processes are unbounded, not at most [jobs] max_processes = %d each (%s: the job "
+                            "service needs a pids cgroup hierarchy it may write, e.g. root as in a guest): a fork "
+                            "bomb in a job can exhaust the node", config.max_processes, self.processes_unbounded)
         self.reconcile_report = self.reconcile()
 
     # -- who may use it -----------------------------------------------------------------------------
@@ -218,7 +227,9 @@ class JobManager:
             p.parent.mkdir(parents=True, exist_ok=True)
         proc = Process.start([spec.executable, *spec.arguments], cwd=cwd, env=job_environment(cwd, spec.environment),
                              stdin=stdin, stdout=stdout, stderr=stderr, control=self.control_dir / key,
-                             max_output=self.config.max_output, pid_namespace=self.pid_namespace)
+                             max_output=self.config.max_output, pid_namespace=self.pid_namespace,
+                             pids_cgroup=self.pids_cgroup / key if self.pids_cgroup else None,
+                             max_processes=self.config.max_processes, processes_unbounded=self.processes_unbounded)
         with self._guard:
             self._procs[key] = proc
         if not self._set_state(key, JobState.ACTIVE, expect=LIVE_BEFORE_RUN, started=time.time(), pid=proc.pid,
@@ -238,6 +249,7 @@ class JobManager:
 
     def _finish(self, key: str, exit: Exit) -> None:
         """The program ended: record how, stage the outputs out, and end the job Done or Failed."""
+        remove_job_cgroup(self.pids_cgroup, key)       # left by a supervisor that was killed, with what it held
         if self._stop.is_set():      # the service stopped: the next one finds the exit status
             return
         job = self.store.get(key)
@@ -331,6 +343,7 @@ class JobManager:
             self._set_state(key, JobState.CANCELLED, ended=time.time(), failure=f"destroyed {why}")
         self.store.destroy(key)
         self.subscriptions.drop(key)
+        remove_job_cgroup(self.pids_cgroup, key)
         shutil.rmtree(self.jobs_dir / key, ignore_errors=True)
         shutil.rmtree(self.control_dir / key, ignore_errors=True)
         log.info("job %s destroyed %s", key, why)

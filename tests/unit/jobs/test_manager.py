@@ -367,6 +367,71 @@ def _run_the_shim_as_nobody(work: Path) -> None:
     wait_until(lambda: proc_start_time(child) is None)              # the group kill still ended the child
 
 
+needs_pids_cgroup = pytest.mark.skipif(os.geteuid() != 0 or not Path("/sys/fs/cgroup").is_dir(),
+                                       reason="a pids cgroup per job needs root and a cgroup hierarchy")
+
+# forks children that wait on a pipe until a fork is refused, says how many it got, then holds them until the
+# file 'go' appears in its directory (the test's signal), so that another job runs while the bomb holds its share
+FORK_BOMB = """
+import os, time
+r, w = os.pipe()
+n = 0
+while True:
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        print('refused after', n, exc.strerror, flush=True)
+        break
+    if pid == 0:
+        os.read(r, 1)
+        os._exit(0)
+    n += 1
+    if n > 1000:
+        print('never refused', flush=True)
+        break
+while not os.path.exists('go'):
+    time.sleep(0.05)
+os.close(w)
+"""
+
+
+@needs_pids_cgroup
+def test_a_fork_bomb_has_its_forks_refused_while_another_job_and_the_service_keep_working(tmp_path):
+    m = manager(tmp_path / "s", max_processes=32)
+    try:
+        assert m.pids_cgroup is not None, m.processes_unbounded
+        bomb = m.submit(OWNER, JobSpec(PY, ("-c", FORK_BOMB)))
+        out = m.jobs_dir / bomb.key / "stdout"
+        said = wait_until(lambda: out.is_file() and out.read_text())
+        assert said.startswith("refused after "), said
+        forks = int(said.split()[2])
+        assert 0 < forks < 32                        # the bound counts the init and the program too
+        cgroup = m.pids_cgroup / bomb.key
+        assert int((cgroup / "pids.current").read_text()) <= 32
+        other = m.submit(OWNER, JobSpec(PY, ("-c", "import os; print(os.fork() and 'parent' or 'child')")))
+        done = wait_final(m, other.key)
+        assert done.state == JobState.DONE
+        assert sorted((m.jobs_dir / other.key / "stdout").read_text().split()) == ["child", "parent"]
+        (m.jobs_dir / bomb.key / "go").write_text("")
+        assert wait_final(m, bomb.key).state == JobState.DONE
+        assert not cgroup.exists()                   # removed when the job ended
+    finally:
+        shut(m)
+
+
+def test_without_a_pids_cgroup_hierarchy_the_jobs_processes_are_unbounded_and_the_status_says_so(tmp_path):
+    m = manager(tmp_path / "s", pids_cgroup=str(tmp_path / "no-cgroups"))
+    try:
+        assert m.pids_cgroup is None and "no pids cgroup hierarchy" in m.processes_unbounded
+        job = m.submit(OWNER, JobSpec(PY, ("-c", "print('ran')")))
+        assert wait_final(m, job.key).state == JobState.DONE
+        import json
+        status = json.loads((m.control_dir / job.key / "exit.json").read_text())
+        assert status["processes"].startswith("unbounded: ") and "no pids cgroup hierarchy" in status["processes"]
+    finally:
+        shut(m)
+
+
 # The init's first moments (shim.start_init): a SIGTERM arriving after the fork but before the init's handler is
 # installed. The forked init sends it to itself at that very point (so no timing luck is involved), then runs as
 # usual; the program must get it (exit -15), not run on to its end (exit 0) as when the signal was lost.
