@@ -59,13 +59,15 @@ class Process:
     @classmethod
     def start(cls, argv: list[str], *, cwd: Path, env: dict[str, str], stdin: Path | None, stdout: Path,
               stderr: Path, control: Path, max_output: int, pid_namespace: bool = False,
-              pids_cgroup: Path | None = None, max_processes: int = 0, processes_unbounded: str | None = None) -> "Process":
+              pids_cgroup: Path | None = None, max_processes: int = 0, processes_unbounded: str | None = None,
+              max_file_size: int | None = None) -> "Process":
         control.mkdir(parents=True, exist_ok=True)
         status = control / "exit.json"
         spec = {"argv": argv, "cwd": str(cwd), "env": env, "stdin": str(stdin) if stdin else None,
                 "stdout": str(stdout), "stderr": str(stderr), "status": str(status), "max_output": max_output,
                 "pid_namespace": pid_namespace, "pids_cgroup": str(pids_cgroup) if pids_cgroup else None,
-                "max_processes": max_processes, "processes_unbounded": processes_unbounded}
+                "max_processes": max_processes, "processes_unbounded": processes_unbounded,
+                "max_file_size": max_file_size}
         spec_path = control / "spec.json"
         spec_path.write_text(json.dumps(spec))
         child = subprocess.Popen([sys.executable, "-I", str(SHIM), str(spec_path)], cwd=cwd, start_new_session=True,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -155,9 +156,9 @@ def start_init(run) -> int:
 
 
 def run_init(argv: list[str], cwd: str, env: dict, stdin, stdout: int, stderr: int, report: int,
-             cgroup: str | None = None) -> None:
+             cgroup: str | None = None, max_file_size: int | None = None) -> None:
     """PID 1 of the job's namespace (a forked child of the shim, started by ``start_init`` with SIGTERM blocked;
-    never returns): join the job's pids cgroup, start the program,
+    never returns): join the job's pids cgroup, bound the size of each file it writes, start the program,
     forward SIGTERM to it (a PID 1 gets no signal it has no handler for, and the program may have left the
     group), reap every orphan, and exit once the program has ended, which ends every other process of the
     namespace. How it ended goes to ``report`` as JSON."""
@@ -180,6 +181,8 @@ def run_init(argv: list[str], cwd: str, env: dict, stdin, stdout: int, stderr: i
             why_not = join_cgroup(cgroup)
             if why_not is not None:
                 told["processes"] = f"unbounded: {why_not}"
+        if max_file_size is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_size, max_file_size))
         try:
             program = subprocess.Popen(argv, cwd=cwd, env=env, stdin=stdin, stdout=stdout, stderr=stderr,
                                        close_fds=True, restore_signals=True)
@@ -236,7 +239,8 @@ def main(spec_path: str) -> int:
 
     def init_body():
         os.close(report_r)
-        run_init(spec["argv"], spec["cwd"], spec["env"], stdin, out_w, err_w, report_w, cgroup)
+        run_init(spec["argv"], spec["cwd"], spec["env"], stdin, out_w, err_w, report_w, cgroup,
+                 spec.get("max_file_size"))
     init = start_init(init_body)          # PID 1 of the job's namespace (without one: a plain child doing the same)
     for fd in (out_w, err_w, report_w):
         os.close(fd)

@@ -432,6 +432,49 @@ def test_without_a_pids_cgroup_hierarchy_the_jobs_processes_are_unbounded_and_th
         shut(m)
 
 
+def test_a_job_writing_one_file_past_the_quota_is_stopped_by_the_kernel_with_the_reason(tmp_path):
+    m = manager(tmp_path / "s", staging_quota=1 << 20)
+    try:
+        job = m.submit(OWNER, JobSpec("/bin/sh", ("-c", "echo before; exec head -c 3000000 /dev/zero > big")))
+        done = wait_final(m, job.key)
+        assert done.state == JobState.FAILED
+        assert "wrote a file past 1048576 bytes" in done.failure and "staging_quota" in done.failure
+        assert (m.jobs_dir / job.key / "big").stat().st_size == 1 << 20
+        assert (m.jobs_dir / job.key / "stdout").read_text() == "before\n"
+    finally:
+        shut(m)
+
+
+# writes 256 KiB files (each under the per-file bound) up to 64 MiB, 16 times the quota: only the check of the
+# whole directory stops it before
+FILLER = """
+import os
+print('filling', flush=True)
+for i in range(256):
+    with open(f'part{i}', 'wb') as f:
+        f.write(os.urandom(1 << 18))
+        f.flush()
+        os.fsync(f.fileno())
+"""
+
+
+def test_a_job_whose_directory_outgrows_the_quota_is_killed_with_the_reason_and_nothing_else_is_lost(tmp_path):
+    m = manager(tmp_path / "s", staging_quota=4 << 20, sweep_interval=0.2)
+    try:
+        kept = m.submit(OWNER, JobSpec(PY, ("-c", "open('result', 'w').write('42')")))
+        assert wait_final(m, kept.key).state == JobState.DONE
+        job = m.submit(OWNER, JobSpec(PY, ("-c", FILLER)))
+        done = wait_final(m, job.key)
+        assert done.state == JobState.FAILED, done
+        assert "past its quota of 4194304 bytes ([jobs] staging_quota)" in done.failure
+        assert (m.jobs_dir / job.key / "stdout").read_text() == "filling\n"          # the job's own files stay
+        assert (m.jobs_dir / kept.key / "result").read_text() == "42"                  # another job's too
+        again = m.submit(OWNER, JobSpec(PY, ("-c", "print('still working')")))
+        assert wait_final(m, again.key).state == JobState.DONE
+    finally:
+        shut(m)
+
+
 # The init's first moments (shim.start_init): a SIGTERM arriving after the fork but before the init's handler is
 # installed. The forked init sends it to itself at that very point (so no timing luck is involved), then runs as
 # usual; the program must get it (exit -15), not run on to its end (exit 0) as when the signal was lost.
