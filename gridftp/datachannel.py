@@ -191,13 +191,50 @@ def open_listener(host: str, sbuf: int | None = None, backlog: int = 64) -> sock
     return sock
 
 
+class Opening:
+    """The data connections :func:`connect_streams` is opening, so that another thread may abort them: the
+    server refused the transfer on the control channel (a STOR refused with 550 or 552), and a connection
+    it will never accept (its TLS handshake never answered) must not hold the client until its timeout."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._socks: list[socket.socket] = []
+        self.aborted = False
+
+    def add(self, sock: socket.socket) -> bool:
+        """Register a connection being opened; False if already aborted (then do not open it). A duplicate of
+        its descriptor is kept: the TLS handshake detaches the socket object it is given."""
+        with self._lock:
+            if self.aborted:
+                return False
+            self._socks.append(sock.dup())
+            return True
+
+    def abort(self) -> None:
+        """End every connection being opened (a blocked connect or handshake returns at once with an error)."""
+        with self._lock:
+            self.aborted = True
+            for s in self._socks:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        """The connections are open (or failed): drop the duplicates (an abort from now on ends nothing)."""
+        with self._lock:
+            close_all(self._socks)
+            self._socks = []
+
+
 def connect_streams(addresses: Sequence[tuple[str, int]], per_address: int, *,
                     protection: Protection | None = None, sbuf: int | None = None,
-                    timeout: float = DATA_TIMEOUT) -> list[socket.socket]:
+                    timeout: float = DATA_TIMEOUT, opening: Opening | None = None) -> list[socket.socket]:
     """Open ``per_address`` connections to each address (the active side of a data channel).
 
     The connections (and their TLS handshakes) are made at the same time: one after the other
-    would cost a round trip each, 0.4 s for eight streams on a 50 ms path.
+    would cost a round trip each, 0.4 s for eight streams on a 50 ms path. ``opening``, if given,
+    may abort them meanwhile (:class:`Opening`).
     """
     targets = [(host, port) for host, port in addresses for _ in range(per_address)]
     results: list[socket.socket | BaseException | None] = [None] * len(targets)
@@ -206,9 +243,13 @@ def connect_streams(addresses: Sequence[tuple[str, int]], per_address: int, *,
         host, port = targets[i]
         s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
         try:
+            if opening is not None and not opening.add(s):
+                raise TransferError("aborted: the server refused the transfer")
             set_buffers(s, sbuf)
             s.settimeout(timeout)
             s.connect((host, port))
+            if opening is not None and opening.aborted:     # aborted before the connect began: its
+                raise TransferError("aborted: the server refused the transfer")    # shutdown found nothing
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             set_idle_timeout(s, timeout)
             results[i] = protection.wrap(s, server_side=False) if protection is not None else s
@@ -221,6 +262,8 @@ def connect_streams(addresses: Sequence[tuple[str, int]], per_address: int, *,
         t.start()
     for t in threads:
         t.join()
+    if opening is not None:
+        opening.close()
     socks = [r for r in results if isinstance(r, socket.socket)]
     failure = next((r for r in results if not isinstance(r, socket.socket)), None)
     if failure is None:

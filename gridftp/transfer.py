@@ -24,7 +24,7 @@ from pathlib import Path
 
 from .checksum import hash_fd, hash_file, new_hash
 from .client import GridFTPClient, GridFTPURL
-from .datachannel import (Counter, ModeEReceiver, ModeESender, Throttle, Worker, accept_connections,
+from .datachannel import (Counter, ModeEReceiver, ModeESender, Opening, Throttle, Worker, accept_connections,
                           connect_streams, open_listener, receive_stream, shutdown_listener)
 from .errors import (ChecksumMismatch, ChecksumUnavailable, GridFTPError, ProtocolError, ReplyError,
                      TransferError, reply_error)
@@ -580,13 +580,18 @@ def upload(src_path: str | os.PathLike, url: str, parallel: int = DEFAULT_PARALL
                     ticker = _Ticker(POLL, lambda: progress(min(size, size - sum(b - a for a, b in todo) +
                                                                 counter.total), size) if progress else None)
                     protection = session.data_protection()
+                    opening = Opening()
                     worker = Worker(lambda: sender.run(connect_streams(addresses, parallel, protection=protection,
-                                                                       timeout=timeout)), "gridftp-stor")
+                                                                       timeout=timeout, opening=opening)),
+                                    "gridftp-stor")
                     final: Reply | None = None
                     try:
                         final = _await_final(session, on_marker=log.add_marker, alive=_activity(counter))
                     finally:
                         if final is None or not final.ok:
+                            # refused (550, 552...): the data connections it will never accept end now,
+                            # not at their timeout
+                            opening.abort()
                             sender.cancel()
                         worker.join()
                         ticker.stop()

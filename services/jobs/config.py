@@ -22,6 +22,9 @@ class JobsConfig:
     staging_parallel: int = 2          # GridFTP streams per staged file
     staging_quota: int = 4294967296    # bytes each user's staging area holds (GridFTP 552 beyond), and the most
                                        # one job's stage-in may fetch into its directory
+    max_processes: int = 256           # processes and threads one job may have at once (a pids cgroup per job)
+    pids_cgroup: str = ""              # the pids cgroup hierarchy ("" = /sys/fs/cgroup/pids (v1) or
+                                       # /sys/fs/cgroup (v2), whichever has the pids controller)
     logs: dict[str, str] = field(default_factory=dict)   # GetLog: name -> file (e.g. container, guestd)
     consumer_allow: list[str] = field(default_factory=list)  # networks notification consumers may be on even
                                        # though loopback/link-local (e.g. "127.0.0.0/8" for a local grid)

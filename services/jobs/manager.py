@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import stat
 import threading
 import time
@@ -17,7 +18,8 @@ from typing import Callable
 from gridftp.checksum import hash_file
 from services.faults import AccessDenied, IllegalTransition, InvalidArgument, LimitExceeded, ResourceUnknown
 from services.jobs.config import JobsConfig
-from services.jobs.runner import Exit, Process, job_environment, pid_namespaces, read_exit, read_supervisor
+from services.jobs.runner import (Exit, Process, job_environment, pid_namespaces, pids_cgroups, read_exit,
+                                  read_supervisor, remove_job_cgroup)
 from services.jobs.staging import Stager, StagingError, inside
 from services.jobs.store import Job, JobSpec, JobState, JobStore, OutputFile
 from services.wsrf.lifetime import Sweeper
@@ -62,6 +64,15 @@ class JobManager:
             log.warning("jobs run in process groups only, not in PID namespaces of their own (%s: the job service "
                         "needs CAP_SYS_ADMIN, e.g. root as in a guest): a process a job starts that calls setsid "
                         "outlives the job", why_not)
+        self.pids_cgroup: Path | None = None
+        self.processes_unbounded: str | None = None
+        if config.max_processes > 0:
+            self.pids_cgroup, self.processes_unbounded = pids_cgroups(config.pids_cgroup)
+            if self.processes_unbounded is not None:
+                log.warning("jobs' processes are unbounded, not at most [jobs] max_processes = %d each (%s: the job "
+                            "service needs a pids cgroup hierarchy it may write, e.g. root as in a guest): a fork "
+                            "bomb in a job can exhaust the node", config.max_processes, self.processes_unbounded)
+        self._over_quota: dict[str, str] = {}
         self.reconcile_report = self.reconcile()
 
     # -- who may use it -----------------------------------------------------------------------------
@@ -218,7 +229,10 @@ class JobManager:
             p.parent.mkdir(parents=True, exist_ok=True)
         proc = Process.start([spec.executable, *spec.arguments], cwd=cwd, env=job_environment(cwd, spec.environment),
                              stdin=stdin, stdout=stdout, stderr=stderr, control=self.control_dir / key,
-                             max_output=self.config.max_output, pid_namespace=self.pid_namespace)
+                             max_output=self.config.max_output, pid_namespace=self.pid_namespace,
+                             pids_cgroup=self.pids_cgroup / key if self.pids_cgroup else None,
+                             max_processes=self.config.max_processes, processes_unbounded=self.processes_unbounded,
+                             max_file_size=self.config.staging_quota)
         with self._guard:
             self._procs[key] = proc
         if not self._set_state(key, JobState.ACTIVE, expect=LIVE_BEFORE_RUN, started=time.time(), pid=proc.pid,
@@ -238,8 +252,10 @@ class JobManager:
 
     def _finish(self, key: str, exit: Exit) -> None:
         """The program ended: record how, stage the outputs out, and end the job Done or Failed."""
+        remove_job_cgroup(self.pids_cgroup, key)       # left by a supervisor that was killed, with what it held
         if self._stop.is_set():      # the service stopped: the next one finds the exit status
             return
+        over = self._over_quota.pop(key, None)
         job = self.store.get(key)
         if job is None:
             return
@@ -251,6 +267,14 @@ class JobManager:
         if exit.code is None or exit.error:
             self._set_state(key, JobState.FAILED, ended=now, exit_code=exit.code,
                             failure=exit.error or "the job's exit status is unknown")
+            return
+        if over is not None:                 # the sweep killed it: its directory outgrew the quota
+            self._set_state(key, JobState.FAILED, ended=now, exit_code=exit.code, failure=over)
+            return
+        if exit.code == -signal.SIGXFSZ:
+            self._set_state(key, JobState.FAILED, ended=now, exit_code=exit.code,
+                            failure=f"the program wrote a file past {self.config.staging_quota} bytes, the job's "
+                                    f"quota ([jobs] staging_quota), and was killed by SIGXFSZ")
             return
         if not self._set_state(key, JobState.STAGE_OUT, expect={JobState.ACTIVE}, exit_code=exit.code):
             return
@@ -331,6 +355,7 @@ class JobManager:
             self._set_state(key, JobState.CANCELLED, ended=time.time(), failure=f"destroyed {why}")
         self.store.destroy(key)
         self.subscriptions.drop(key)
+        remove_job_cgroup(self.pids_cgroup, key)
         shutil.rmtree(self.jobs_dir / key, ignore_errors=True)
         shutil.rmtree(self.control_dir / key, ignore_errors=True)
         log.info("job %s destroyed %s", key, why)
@@ -387,6 +412,7 @@ class JobManager:
 
     # -- lifetimes and restarts -------------------------------------------------------------------------------
     def sweep(self, now: float | None = None) -> list[str]:
+        self.check_quotas()
         expired = self.store.expired(time.time() if now is None else now)
         for key in expired:
             try:
@@ -394,6 +420,23 @@ class JobManager:
             except Exception:
                 log.exception("could not destroy expired job %s", key)
         return expired
+
+    def check_quotas(self) -> None:
+        """Kill each running job whose directory holds more than the job's quota (``[jobs] staging_quota``): it
+        ends Failed with the reason. (Each file the program writes is bounded by the kernel, RLIMIT_FSIZE; the
+        whole directory is checked here every sweep.)"""
+        with self._guard:
+            running = list(self._procs.items())
+        for key, proc in running:
+            if key in self._over_quota:
+                continue
+            used = _tree_size(self.jobs_dir / key)
+            if used > self.config.staging_quota:
+                self._over_quota[key] = (f"the job's directory grew to {used} bytes, past its quota of "
+                                         f"{self.config.staging_quota} bytes ([jobs] staging_quota): the job was "
+                                         f"killed")
+                log.warning("job %s: %s", key, self._over_quota[key])
+                proc.kill(self.config.kill_grace)
 
     def reconcile(self) -> dict[str, int]:
         """At start (after a crash too): every live job is found again running (re-attached), ended (its
@@ -433,6 +476,27 @@ class JobManager:
                                        "; the program was not started"))
             report["failed_interrupted"] += 1
         return report
+
+
+def _tree_size(top: Path) -> int:
+    """The disk space every file under ``top`` takes (its allocated blocks: a sparse file counts what it takes,
+    not its size), symbolic links not followed; what vanishes meanwhile counts nothing."""
+    total = 0
+    stack = [str(top)]
+    while stack:
+        try:
+            with os.scandir(stack.pop()) as entries:
+                for entry in entries:
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            stack.append(entry.path)
+                        else:
+                            total += entry.stat(follow_symlinks=False).st_blocks * 512
+                    except OSError:
+                        continue
+        except OSError:
+            continue
+    return total
 
 
 def _tail(path: Path, limit: int) -> tuple[int, bool, str]:

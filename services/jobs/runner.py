@@ -9,8 +9,11 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
+
+from services.jobs.shim import remove_cgroup
 
 SHIM = Path(__file__).with_name("shim.py")
 BASE_PATH = "/usr/local/bin:/usr/bin:/bin"
@@ -55,12 +58,16 @@ class Process:
 
     @classmethod
     def start(cls, argv: list[str], *, cwd: Path, env: dict[str, str], stdin: Path | None, stdout: Path,
-              stderr: Path, control: Path, max_output: int, pid_namespace: bool = False) -> "Process":
+              stderr: Path, control: Path, max_output: int, pid_namespace: bool = False,
+              pids_cgroup: Path | None = None, max_processes: int = 0, processes_unbounded: str | None = None,
+              max_file_size: int | None = None) -> "Process":
         control.mkdir(parents=True, exist_ok=True)
         status = control / "exit.json"
         spec = {"argv": argv, "cwd": str(cwd), "env": env, "stdin": str(stdin) if stdin else None,
                 "stdout": str(stdout), "stderr": str(stderr), "status": str(status), "max_output": max_output,
-                "pid_namespace": pid_namespace}
+                "pid_namespace": pid_namespace, "pids_cgroup": str(pids_cgroup) if pids_cgroup else None,
+                "max_processes": max_processes, "processes_unbounded": processes_unbounded,
+                "max_file_size": max_file_size}
         spec_path = control / "spec.json"
         spec_path.write_text(json.dumps(spec))
         child = subprocess.Popen([sys.executable, "-I", str(SHIM), str(spec_path)], cwd=cwd, start_new_session=True,
@@ -109,6 +116,48 @@ def pid_namespaces() -> str | None:
     if result.returncode == 0:
         return None
     return (result.stderr.strip().splitlines() or [f"the probe exited with status {result.returncode}"])[-1]
+
+
+CGROUP_PARENT = "vmgrid-jobs"
+
+
+def pids_cgroups(configured: str = "") -> tuple[Path | None, str | None]:
+    """Where this service may make a pids cgroup per job: (the parent of the jobs' cgroups, None), or (None, why
+    not). The hierarchy is ``configured``, else cgroup v1's /sys/fs/cgroup/pids, else cgroup v2's /sys/fs/cgroup
+    if it has the pids controller. Probed by making (and removing) one cgroup with a bound, as a job's will be."""
+    if configured:
+        root = Path(configured)
+    elif Path("/sys/fs/cgroup/pids/cgroup.procs").exists():
+        root = Path("/sys/fs/cgroup/pids")
+    else:
+        root = Path("/sys/fs/cgroup")
+    parent = root / CGROUP_PARENT
+    try:
+        v2 = (root / "cgroup.controllers").exists()
+        if v2:
+            if "pids" not in (root / "cgroup.controllers").read_text().split():
+                return None, f"{root} (cgroup v2) has no pids controller"
+            (root / "cgroup.subtree_control").write_text("+pids")
+        elif not (root / "cgroup.procs").exists():
+            return None, f"no pids cgroup hierarchy at {root}"
+        parent.mkdir(exist_ok=True)
+        if v2:
+            (parent / "cgroup.subtree_control").write_text("+pids")
+        probe = parent / f"probe-{uuid.uuid4().hex}"
+        probe.mkdir()
+        try:
+            (probe / "pids.max").write_text("1")
+        finally:
+            probe.rmdir()
+    except OSError as exc:
+        return None, f"{exc.filename or root}: {exc.strerror or exc}"
+    return parent, None
+
+
+def remove_job_cgroup(parent: Path | None, key: str) -> None:
+    """Remove a job's pids cgroup the supervisor left (it was killed), killing what is still in it."""
+    if parent is not None:
+        remove_cgroup(str(parent / key), tries=20)
 
 
 def _killpg(pgid: int, sig: int) -> None:

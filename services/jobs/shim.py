@@ -13,10 +13,12 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
 import threading
+import time
 
 CHUNK = 65536
 CLONE_NEWPID = 0x20000000
@@ -85,13 +87,84 @@ def enter_pid_namespace() -> str | None:
     return None
 
 
-def run_init(argv: list[str], cwd: str, env: dict, stdin, stdout: int, stderr: int, report: int) -> None:
-    """PID 1 of the job's namespace (a forked child of the shim; never returns): start the program, forward
-    SIGTERM to it (a PID 1 gets no signal it has no handler for, and the program may have left the group),
-    reap every orphan, and exit once the program has ended, which ends every other process of the namespace.
-    How it ended goes to ``report`` as JSON."""
+def make_cgroup(path: str, max_pids: int) -> str | None:
+    """Make the job's pids cgroup (its parent made by the service's probe) holding at most ``max_pids`` processes
+    and threads; None if done, else why not."""
+    try:
+        os.mkdir(path)
+    except OSError as exc:
+        return f"{path}: {exc.strerror or exc}"
+    try:
+        with open(os.path.join(path, "pids.max"), "w") as f:
+            f.write(str(max_pids))
+    except OSError as exc:
+        os.rmdir(path)
+        return f"{path}/pids.max: {exc.strerror or exc}"
+    return None
+
+
+def join_cgroup(path: str) -> str | None:
+    """Move this process (and so everything it starts from now on) into the cgroup ``path``; None, or why not."""
+    try:
+        with open(os.path.join(path, "cgroup.procs"), "w") as f:
+            f.write("0")              # 0: the writer itself (its pid in its own namespace would be 1)
+    except OSError as exc:
+        return f"{path}: {exc.strerror or exc}"
+    return None
+
+
+def remove_cgroup(path: str, tries: int = 200) -> bool:
+    """Kill whatever is left in the job's cgroup (a process that escaped the group and the namespace cannot
+    escape it) and remove it; False if it could not be removed (the service tries again when the job is
+    destroyed)."""
+    for _ in range(tries):
+        try:
+            os.rmdir(path)
+            return True
+        except FileNotFoundError:
+            return True
+        except OSError:
+            pass
+        try:
+            with open(os.path.join(path, "cgroup.procs")) as f:
+                left = f.read().split()
+        except OSError:
+            return False
+        for pid in left:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except (OSError, ValueError):
+                pass
+        time.sleep(0.05)          # the killed processes are being reaped: retry the rmdir
+    return False
+
+
+def start_init(run) -> int:
+    """Fork the job's init with SIGTERM blocked: a Cancel's SIGTERM that arrives before the init has installed
+    its handler stays pending (the init unblocks it once its handler is in place) instead of being lost to the
+    handler it inherited from the shim. ``run`` is the init's body (never returns)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        pid = os.fork()
+    except OSError:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        raise
+    if pid == 0:
+        run()                 # never returns
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    return pid
+
+
+def run_init(argv: list[str], cwd: str, env: dict, stdin, stdout: int, stderr: int, report: int,
+             cgroup: str | None = None, max_file_size: int | None = None) -> None:
+    """PID 1 of the job's namespace (a forked child of the shim, started by ``start_init`` with SIGTERM blocked;
+    never returns): join the job's pids cgroup, bound the size of each file it writes, start the program,
+    forward SIGTERM to it (a PID 1 gets no signal it has no handler for, and the program may have left the
+    group), reap every orphan, and exit once the program has ended, which ends every other process of the
+    namespace. How it ended goes to ``report`` as JSON."""
     program = None
     pending = []
+    told: dict = {}
 
     def forward(signum, frame):
         if program is None:
@@ -102,13 +175,20 @@ def run_init(argv: list[str], cwd: str, env: dict, stdin, stdout: int, stderr: i
             except OSError:
                 pass
     signal.signal(signal.SIGTERM, forward)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})    # one that came meanwhile is delivered now
     try:
+        if cgroup is not None:
+            why_not = join_cgroup(cgroup)
+            if why_not is not None:
+                told["processes"] = f"unbounded: {why_not}"
+        if max_file_size is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_size, max_file_size))
         try:
             program = subprocess.Popen(argv, cwd=cwd, env=env, stdin=stdin, stdout=stdout, stderr=stderr,
                                        close_fds=True, restore_signals=True)
         except OSError as exc:
-            os.write(report, json.dumps({"exit": 127, "error": f"cannot start {argv[0]}: {exc.strerror or exc}"})
-                     .encode())
+            told.update({"exit": 127, "error": f"cannot start {argv[0]}: {exc.strerror or exc}"})
+            os.write(report, json.dumps(told).encode())
             return
         for signum in pending:
             os.kill(program.pid, signum)
@@ -117,7 +197,8 @@ def run_init(argv: list[str], cwd: str, env: dict, stdin, stdout: int, stderr: i
             if pid == program.pid:
                 code = os.waitstatus_to_exitcode(status)
                 break
-        os.write(report, json.dumps({"exit": code}).encode())
+        told["exit"] = code
+        os.write(report, json.dumps(told).encode())
     finally:
         os._exit(0)
 
@@ -146,16 +227,29 @@ def main(spec_path: str) -> int:
     why_not = enter_pid_namespace() if spec.get("pid_namespace") else "not asked"
     if why_not is not None and spec.get("pid_namespace"):
         status["isolation"] = f"process group only: {why_not}"
-    init = os.fork()          # PID 1 of the job's namespace (without one: a plain child doing the same)
-    if init == 0:
+    cgroup = None
+    if spec.get("pids_cgroup"):                  # the service found a pids cgroup hierarchy: one cgroup per job
+        why_not = make_cgroup(spec["pids_cgroup"], spec["max_processes"])
+        if why_not is None:
+            cgroup = spec["pids_cgroup"]
+        else:
+            status["processes"] = f"unbounded: {why_not}"
+    elif spec.get("processes_unbounded"):      # the service's probe found none: say so with the job's status
+        status["processes"] = f"unbounded: {spec['processes_unbounded']}"
+
+    def init_body():
         os.close(report_r)
-        run_init(spec["argv"], spec["cwd"], spec["env"], stdin, out_w, err_w, report_w)
+        run_init(spec["argv"], spec["cwd"], spec["env"], stdin, out_w, err_w, report_w, cgroup,
+                 spec.get("max_file_size"))
+    init = start_init(init_body)          # PID 1 of the job's namespace (without one: a plain child doing the same)
     for fd in (out_w, err_w, report_w):
         os.close(fd)
     if stdin is not subprocess.DEVNULL:
         stdin.close()
     _, wait_status = os.waitpid(init, 0)     # a namespace ends with its init: nothing of the job is left in it
     end_the_rest_of_the_group()     # before the joins: a process left behind in the group may hold the output pipes
+    if cgroup is not None:
+        remove_cgroup(cgroup)
     for t in threads:
         t.join()
     with os.fdopen(report_r, "rb") as f:

@@ -301,3 +301,22 @@ def test_a_bad_job_key_is_invalid_and_an_unknown_one_is_resource_unknown(grid, g
         alice.status("job-not-a-key")
     with pytest.raises(ResourceUnknown):
         alice.status("job-" + "1" * 32)
+
+
+@pytest.mark.timeout(120)
+def test_an_upload_refused_at_stor_fails_at_once_with_the_servers_message(grid, grid_pki, tmp_path):
+    """The server refuses the STOR after the client opened its data connections (here 550: a staging area has
+    no directories; the server leaves its passive port open and never accepts): the client reads the refusal
+    and ends its data connections, whose TLS handshakes would otherwise wait for their timeout. The timeout
+    here is an hour: without the fix the test is stopped by its own 120 s timeout instead."""
+    small = tmp_path / "small.dat"
+    small.write_bytes(b"m" * 400)
+    area = staging_area(grid_pki.alice.dn)
+    face = grid.service.transfers.server.url(f"/staging/{area}/sub/x.dat").replace("localhost", "127.0.0.1")
+    for parallel in (1, 3):
+        with pytest.raises(GridFTPError) as exc:
+            upload(small, face, parallel, credential=grid_pki.alice.proxy, trust=grid_pki.trust(), retries=0,
+                   timeout=3600, state_dir=tmp_path / "st")
+        assert getattr(exc.value, "code", None) == 550 and "no directories in a staging area" in str(exc.value)
+    alice = grid.client(grid_pki.alice)
+    assert alice.stage_local(small).name == "small.dat"          # the service goes on

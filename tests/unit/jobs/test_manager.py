@@ -365,3 +365,141 @@ def _run_the_shim_as_nobody(work: Path) -> None:
     assert status["isolation"].startswith("process group only: ")
     child = int((work / "child.pid").read_text())
     wait_until(lambda: proc_start_time(child) is None)              # the group kill still ended the child
+
+
+needs_pids_cgroup = pytest.mark.skipif(os.geteuid() != 0 or not Path("/sys/fs/cgroup").is_dir(),
+                                       reason="a pids cgroup per job needs root and a cgroup hierarchy")
+
+# forks children that wait on a pipe until a fork is refused, says how many it got, then holds them until the
+# file 'go' appears in its directory (the test's signal), so that another job runs while the bomb holds its share
+FORK_BOMB = """
+import os, time
+r, w = os.pipe()
+n = 0
+while True:
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        print('refused after', n, exc.strerror, flush=True)
+        break
+    if pid == 0:
+        os.read(r, 1)
+        os._exit(0)
+    n += 1
+    if n > 1000:
+        print('never refused', flush=True)
+        break
+while not os.path.exists('go'):
+    time.sleep(0.05)
+os.close(w)
+"""
+
+
+@needs_pids_cgroup
+def test_a_fork_bomb_has_its_forks_refused_while_another_job_and_the_service_keep_working(tmp_path):
+    m = manager(tmp_path / "s", max_processes=32)
+    try:
+        assert m.pids_cgroup is not None, m.processes_unbounded
+        bomb = m.submit(OWNER, JobSpec(PY, ("-c", FORK_BOMB)))
+        out = m.jobs_dir / bomb.key / "stdout"
+        said = wait_until(lambda: out.is_file() and out.read_text())
+        assert said.startswith("refused after "), said
+        forks = int(said.split()[2])
+        assert 0 < forks < 32                        # the bound counts the init and the program too
+        cgroup = m.pids_cgroup / bomb.key
+        assert int((cgroup / "pids.current").read_text()) <= 32
+        other = m.submit(OWNER, JobSpec(PY, ("-c", "import os; print(os.fork() and 'parent' or 'child')")))
+        done = wait_final(m, other.key)
+        assert done.state == JobState.DONE
+        assert sorted((m.jobs_dir / other.key / "stdout").read_text().split()) == ["child", "parent"]
+        (m.jobs_dir / bomb.key / "go").write_text("")
+        assert wait_final(m, bomb.key).state == JobState.DONE
+        assert not cgroup.exists()                   # removed when the job ended
+    finally:
+        shut(m)
+
+
+def test_without_a_pids_cgroup_hierarchy_the_jobs_processes_are_unbounded_and_the_status_says_so(tmp_path):
+    m = manager(tmp_path / "s", pids_cgroup=str(tmp_path / "no-cgroups"))
+    try:
+        assert m.pids_cgroup is None and "no pids cgroup hierarchy" in m.processes_unbounded
+        job = m.submit(OWNER, JobSpec(PY, ("-c", "print('ran')")))
+        assert wait_final(m, job.key).state == JobState.DONE
+        import json
+        status = json.loads((m.control_dir / job.key / "exit.json").read_text())
+        assert status["processes"].startswith("unbounded: ") and "no pids cgroup hierarchy" in status["processes"]
+    finally:
+        shut(m)
+
+
+def test_a_job_writing_one_file_past_the_quota_is_stopped_by_the_kernel_with_the_reason(tmp_path):
+    m = manager(tmp_path / "s", staging_quota=1 << 20)
+    try:
+        job = m.submit(OWNER, JobSpec("/bin/sh", ("-c", "echo before; exec head -c 3000000 /dev/zero > big")))
+        done = wait_final(m, job.key)
+        assert done.state == JobState.FAILED
+        assert "wrote a file past 1048576 bytes" in done.failure and "staging_quota" in done.failure
+        assert (m.jobs_dir / job.key / "big").stat().st_size == 1 << 20
+        assert (m.jobs_dir / job.key / "stdout").read_text() == "before\n"
+    finally:
+        shut(m)
+
+
+# writes 256 KiB files (each under the per-file bound) up to 64 MiB, 16 times the quota: only the check of the
+# whole directory stops it before
+FILLER = """
+import os
+print('filling', flush=True)
+for i in range(256):
+    with open(f'part{i}', 'wb') as f:
+        f.write(os.urandom(1 << 18))
+        f.flush()
+        os.fsync(f.fileno())
+"""
+
+
+def test_a_job_whose_directory_outgrows_the_quota_is_killed_with_the_reason_and_nothing_else_is_lost(tmp_path):
+    m = manager(tmp_path / "s", staging_quota=4 << 20, sweep_interval=0.2)
+    try:
+        kept = m.submit(OWNER, JobSpec(PY, ("-c", "open('result', 'w').write('42')")))
+        assert wait_final(m, kept.key).state == JobState.DONE
+        job = m.submit(OWNER, JobSpec(PY, ("-c", FILLER)))
+        done = wait_final(m, job.key)
+        assert done.state == JobState.FAILED, done
+        assert "past its quota of 4194304 bytes ([jobs] staging_quota)" in done.failure
+        assert (m.jobs_dir / job.key / "stdout").read_text() == "filling\n"          # the job's own files stay
+        assert (m.jobs_dir / kept.key / "result").read_text() == "42"                  # another job's too
+        again = m.submit(OWNER, JobSpec(PY, ("-c", "print('still working')")))
+        assert wait_final(m, again.key).state == JobState.DONE
+    finally:
+        shut(m)
+
+
+# The init's first moments (shim.start_init): a SIGTERM arriving after the fork but before the init's handler is
+# installed. The forked init sends it to itself at that very point (so no timing luck is involved), then runs as
+# usual; the program must get it (exit -15), not run on to its end (exit 0) as when the signal was lost.
+SIGTERM_IN_THE_WINDOW = """
+import json, os, signal, sys
+sys.path.insert(0, sys.argv[1])
+import shim
+signal.signal(signal.SIGTERM, lambda signum, frame: None)      # the shim's own handler, as in shim.main
+r, w = os.pipe()
+def body():
+    os.close(r)
+    os.kill(os.getpid(), signal.SIGTERM)                          # in the window
+    shim.run_init([sys.executable, '-c', 'import time; time.sleep(60)'], '.', {}, None, 1, 2, w)
+pid = shim.start_init(body)
+os.close(w)
+os.waitpid(pid, 0)
+print(os.read(r, 1000).decode())
+"""
+
+
+def test_a_sigterm_between_the_inits_fork_and_its_handler_reaches_the_program():
+    from services.jobs.runner import SHIM
+    import json
+    import subprocess
+    done = subprocess.run([PY, "-c", SIGTERM_IN_THE_WINDOW, str(SHIM.parent)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"exit": -signal.SIGTERM}
