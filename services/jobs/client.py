@@ -187,9 +187,9 @@ class JobClient:
             elif os.path.lexists(target):
                 if not _same_contents(target, size, sha256):
                     differ.append(target)
-                    todo.append((name, sha256, target))
+                    todo.append((name, size, sha256, target))
             else:
-                todo.append((name, sha256, target))
+                todo.append((name, size, sha256, target))
         if blocked:
             raise OutputsInTheWay(f"{'; '.join(blocked)}: nothing fetched (name another directory with -o)")
         if differ and not overwrite:
@@ -198,9 +198,11 @@ class JobClient:
                                   f"nothing fetched (--overwrite replaces "
                                   f"{'it' if len(differ) == 1 else 'them'}, or name another directory with -o)")
         dest.mkdir(parents=True, exist_ok=True)
-        for name, sha256, target in todo:
+        for name, size, sha256, target in todo:
             target.parent.mkdir(parents=True, exist_ok=True)
+            # size: the recorded one; a GridFTP face announcing another is refused before a byte is received or
+            # disk reserved (a guest's server could otherwise fill the disk before the sha256 told it apart)
             download(f"{info.directory_url}{name}", target, 2, credential=self.service.credential,
-                     trust=self.service.trust, sha256=sha256,
+                     trust=self.service.trust, sha256=sha256, size=size,
                      progress=(lambda d, t, n=name: progress(n, d, t)) if progress else None)
         return [dest / name for name, *_ in info.outputs]

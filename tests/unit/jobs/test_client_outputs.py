@@ -31,3 +31,29 @@ def test_a_file_named_as_the_output_directory_is_refused(tmp_path):
     with pytest.raises(RuntimeError, match="is a file: name a directory for the outputs"):
         JobClient(service=None).fetch_outputs(info, tmp_path / "afile")
     assert (tmp_path / "afile").read_text() == "kept"
+
+
+def test_an_output_served_larger_than_the_service_recorded_is_refused_before_a_byte(tmp_path):
+    """The job service records each output's size and sha256; the GridFTP face that serves it is the same untrusted
+    guest. One that announces (SIZE) more bytes than recorded would have the client reserve and receive them all
+    (up to a full disk) before the sha256 told it apart: it is refused before any byte is received."""
+    import hashlib
+    from types import SimpleNamespace
+
+    from gridftp.errors import ProtocolError
+    from gridftp.server import GridFTPServer
+
+    served = tmp_path / "served" / "jobs" / ("job-" + "a" * 32)
+    served.mkdir(parents=True)
+    (served / "result.txt").write_bytes(b"x" * (3 << 20))                       # 3 MiB where 10 bytes were recorded
+    server = GridFTPServer(tmp_path / "served", "127.0.0.1", 0, anonymous=True).start()
+    try:
+        info = JobInfo("job-" + "a" * 32, state="Done",
+                       outputs=[("result.txt", 10, hashlib.sha256(b"0123456789").hexdigest(), None)],
+                       directory_url=server.url("/jobs/job-" + "a" * 32 + "/"))
+        dest = tmp_path / "results"
+        with pytest.raises(ProtocolError, match="announces 3145728 bytes, 10 were expected"):
+            JobClient(service=SimpleNamespace(credential=None, trust=None)).fetch_outputs(info, dest)
+    finally:
+        server.stop()
+    assert [p.name for p in dest.iterdir()] == []                # no file, no partial file left
