@@ -152,6 +152,7 @@ class GridFTPClient:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.local_host = sock.getsockname()[0]
         self.control = ControlChannel(sock)
+        self.control.reply_time = self.timeout      # a reply trickled in a byte at a time ends there
         try:
             greeting = self.read_reply()
             while greeting.code == 120:

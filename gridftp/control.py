@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     import ssl
 
 MAX_REPLY_LINES = 10_000
+MAX_REPLY_BYTES = 1 << 20      # a reply (a client reads them) longer than this is the peer's fault: refused
 _TELNET_STRIP = (b"\xff\xf4", b"\xff\xf2", b"\xff\xfd", b"\xff\xfb")   # IP, Synch, DO, WILL (RFC 959 ABOR)
 
 
@@ -44,6 +45,10 @@ class ControlChannel:
         # RFC 2228 protection once a GSSAPI context is established: wrap/unwrap of that context
         self.wrap: Callable[[bytes], bytes] | None = None
         self.unwrap: Callable[[bytes], bytes] | None = None
+        # a client's bound on one reply: once its first byte is here, the whole of it within this many seconds
+        # (a server trickling a reply a byte at a time, each within the socket's timeout, is cut off there)
+        self.reply_time: float | None = None
+        self._reply_started: float | None = None
 
     # -- reading ------------------------------------------------------------------------------
     def readline(self) -> str | None:
@@ -113,12 +118,32 @@ class ControlChannel:
         while True:
             reply = self._buffered_reply()
             if reply is not None:
+                self._reply_started = time.monotonic() if self._buf else None    # the next one's start, if here
                 return reply
-            chunk = self.sock.recv(65536)
+            if len(self._buf) > MAX_REPLY_BYTES:
+                raise ProtocolError(f"reply longer than {MAX_REPLY_BYTES} bytes")
+            chunk = self._recv_reply()
             if not chunk:
                 self.closed = True
                 raise EOFError("control connection closed")
             self._buf += chunk
+
+    def _recv_reply(self) -> bytes:
+        if self.reply_time is None or not self._buf:
+            return self.sock.recv(65536)
+        if self._reply_started is None:
+            self._reply_started = time.monotonic()
+        left = self._reply_started + self.reply_time - time.monotonic()
+        if left <= 0:
+            raise ProtocolError(f"a reply still incomplete {self.reply_time:g} s after it began")
+        timeout = self.sock.gettimeout()
+        if timeout is not None and timeout <= left:
+            return self.sock.recv(65536)
+        self.sock.settimeout(left)
+        try:
+            return self.sock.recv(65536)
+        finally:
+            self.sock.settimeout(timeout)
 
     def _protected_reply(self, reply: Reply) -> Reply:
         """The reply inside a 631/632/633 reply (RFC 2228): every line is one wrapped token."""
