@@ -9,6 +9,7 @@ from pathlib import Path
 
 from client.cli import CLIError
 from client.output import table
+from services.common.errors import printable
 
 DEFAULT_AUTHZ = "https://localhost:8443/wsrf/services/AuthorizationService"
 EXIT_DENY = 3
@@ -198,9 +199,10 @@ def _me(args, dn: str) -> str:
 
 
 def _status_line(status) -> str:
-    line = f"policy {status.version} ({status.file}): {status.rules} rules, {status.groups} groups"
+    line = printable(f"policy {status.version} ({status.file}): {status.rules} rules, {status.groups} groups")
     if status.error is not None:
-        line += f"\nwarning: the file changed into a policy that was refused at {status.error_at}: {status.error}"
+        line += "\nwarning: " + printable(f"the file changed into a policy that was refused at {status.error_at}: "
+                                         f"{status.error}")
     return line
 
 
@@ -227,13 +229,14 @@ def cmd_check(args) -> int:
                   sys.stdout, indent=2)
         print()
     else:
-        print(f"{'Permit' if decision.permit else 'Deny'}  rule {decision.rule}  "
-              f"(decision {decision.decision_id}, policy {decision.policy})")
+        # the service's text, escaped (a rule, an id, group names: nothing that moves the cursor or fakes a line)
+        print(printable(f"{'Permit' if decision.permit else 'Deny'}  rule {decision.rule}  "
+                        f"(decision {decision.decision_id}, policy {decision.policy})"))
         if decision.obligations:
-            print("obligations: " + " ".join(f"{k}={v}" for k, v in decision.obligations.items()))
-        print(f"groups of {subject.dn}: {', '.join(groups) or '(none)'}")
+            print(printable("obligations: " + " ".join(f"{k}={v}" for k, v in decision.obligations.items())))
+        print(printable(f"groups of {subject.dn}: {', '.join(g or '' for g in groups) or '(none)'}"))
         if problem:
-            print(f"but: {problem}; the enforcing service refuses the request")
+            print(printable(f"but: {problem}; the enforcing service refuses the request"))
     return 0 if decision.permit and not problem else EXIT_DENY
 
 

