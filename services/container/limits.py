@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024   # security.safexml.DEFAULT_MAX_BYTES: WS-Security refuses larger messages
+FREE_BODY_BYTES = 256 * 1024           # a body up to this long is never refused for max_body_bytes_held (the
+                                       # bodies of all connections this long are bounded by max_connections)
 
 
 @dataclass
@@ -23,3 +25,5 @@ class ConnectionLimits:
     max_connections_per_address: int = 64  # open connections from one client address
     max_header_bytes: int = 64 * 1024    # request line and headers
     max_body_bytes: int = MAX_MESSAGE_BYTES  # a request body (WS-Security refuses larger messages anyway)
+    max_body_bytes_held: int = 1 << 30   # request body bytes held at once over all connections (read, waiting or
+                                         # being answered); past it a body longer than FREE_BODY_BYTES gets 503

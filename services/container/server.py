@@ -33,7 +33,7 @@ import httptools
 import uvloop
 
 from services.container.app import SoapApplication
-from services.container.limits import ConnectionLimits
+from services.container.limits import FREE_BODY_BYTES, ConnectionLimits
 from services.container.service import SoapService
 from services.container.tlsstream import TLSStream
 from services.container.turns import TurnGate, client_key
@@ -79,7 +79,8 @@ class Container:
         self.open_connections = 0
         self.per_address: dict[str, int] = {}
         self.refused = {"connections": 0, "per-address": 0, "handshake": 0, "header": 0, "body": 0, "idle": 0,
-                        "send": 0, "bad request": 0}
+                        "send": 0, "bad request": 0, "busy": 0}
+        self.body_bytes = _BodyBytes(self.limits.max_body_bytes_held)   # request bodies held, over all connections
         self._in_flight = 0
         self._in_flight_lock = threading.Lock()
         self.handshakes = TurnGate(self.limits.handshake_threads)   # TLS handshake steps in turns (turns.py)
@@ -247,22 +248,27 @@ class Container:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer) -> bool:
         """Answer the connection's requests one after the other (pipelined ones in order); True when the last
         answer went out whole (the connection is then closed gracefully), False when it is cut off."""
-        inbound = _Inbound(self.limits)
+        inbound = _Inbound(self.limits, self.body_bytes)
         first = True
-        while True:
-            try:
-                request = await self._read_request(inbound, reader, writer, first)
-            except _Refused as refused:
-                return await self._send_plain(writer, refused.status, str(refused))
-            if request is None:          # the client closed, or kept the connection idle too long
-                return False
-            first = False
-            status, headers, chunks = await self._on_request_thread(self._environ(request, peer))
-            keep = request.keep_alive and not inbound.closing
-            if not await self._send(writer, request, status, headers, chunks, keep):
-                return False
-            if not keep:
-                return True
+        try:
+            while True:
+                try:
+                    request = await self._read_request(inbound, reader, writer, first)
+                except _Refused as refused:
+                    return await self._send_plain(writer, refused.status, str(refused))
+                if request is None:          # the client closed, or kept the connection idle too long
+                    return False
+                first = False
+                status, headers, chunks = await self._on_request_thread(self._environ(request, peer))
+                keep = request.keep_alive and not inbound.closing
+                sent = await self._send(writer, request, status, headers, chunks, keep)
+                inbound.release(len(request.body))      # answered: its body is no longer held
+                if not sent:
+                    return False
+                if not keep:
+                    return True
+        finally:
+            inbound.release(inbound.charged)            # whatever this connection still held
 
     async def _read_request(self, inbound: "_Inbound", reader, writer, first: bool) -> "_Request | None":
         """The next request, read whole under the deadlines (at once if a pipelined one is waiting), or None
@@ -534,9 +540,11 @@ class _Inbound:
     request is kept alive when it is HTTP/1.1 without ``Connection: close`` (as h11 did: an HTTP/1.0 client's
     connection is closed after its answer)."""
 
-    def __init__(self, limits: ConnectionLimits):
+    def __init__(self, limits: ConnectionLimits, held: "_BodyBytes | None" = None):
         self.max_header = limits.max_header_bytes
         self.max_body = limits.max_body_bytes
+        self.held = held if held is not None else _BodyBytes(limits.max_body_bytes_held)
+        self.charged = 0         # body bytes of this connection counted in ``held`` (parsed, waiting or answered)
         self.parser = httptools.HttpRequestParser(self)
         self.ready: deque[_Request] = deque()
         self.error: tuple[int, str] | None = None    # (status, reason), answered once ``ready`` is empty
@@ -616,10 +624,27 @@ class _Inbound:
             self.continue_wanted = False
 
     def on_body(self, body: bytes) -> None:
+        if self.error is not None:          # refused already: the rest of its body is not kept
+            return
         self.body += body
-        if len(self.body) > self.max_body and self.error is None:   # a chunked body (no Content-Length) too long
+        self.charged += len(body)
+        self.held.count += len(body)
+        if len(self.body) > self.max_body:   # a chunked body (no Content-Length) too long
             self.error, self.error_kind = (413, f"a request body may not exceed {self.max_body} bytes"), "body"
-            self.body.clear()
+            self._drop_body()
+        elif self.held.count > self.held.limit and len(self.body) > FREE_BODY_BYTES:
+            self.error, self.error_kind = (503, "the container holds as many request bytes as it may "
+                                                f"({self.held.limit} in all): try again later"), "busy"
+            self._drop_body()
+
+    def _drop_body(self) -> None:
+        self.release(len(self.body))
+        self.body.clear()
+
+    def release(self, n: int) -> None:
+        n = min(n, self.charged)
+        self.charged -= n
+        self.held.count -= n
 
     def on_message_complete(self) -> None:
         if self.error is None:
@@ -627,6 +652,17 @@ class _Inbound:
                                        self.keep_alive))
         self.continue_wanted = False
         self._new()
+
+
+class _BodyBytes:
+    """The request body bytes the container holds over all its connections, and its limit
+    (``max_body_bytes_held``): a count kept by the event loop's thread alone (no lock)."""
+
+    __slots__ = ("count", "limit")
+
+    def __init__(self, limit: int):
+        self.count = 0
+        self.limit = limit
 
 
 def _raise_open_files(wanted: int) -> None:

@@ -99,6 +99,45 @@ def test_a_body_over_the_size_limit_is_refused_before_it_is_read(serve, grid_pki
         assert read_all(s).startswith(b"HTTP/1.1 413 ")
 
 
+def _post(size: int) -> bytes:
+    return (b"POST / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % size
+            + b"x" * size)
+
+
+def test_request_bodies_held_over_all_connections_are_bounded(serve, grid_pki):
+    """Many connections each sending a large body (from many addresses, so the per-address cap does not help)
+    cannot make the container hold more than max_body_bytes_held: past it a large body gets 503 (and is not
+    kept); a small one (up to FREE_BODY_BYTES) is still answered; once the holder goes, large bodies are
+    answered again and the count is back to zero."""
+    from services.container.limits import FREE_BODY_BYTES
+
+    c = serve(max_body_bytes_held=1 << 20, body_grace=300)
+    holder = connect(grid_pki, c)
+    holder.sendall(_post(2 << 20)[: -(1 << 20) - (100 << 10)])   # 900 KiB of a 2 MiB body, the rest never sent
+    deadline = time.monotonic() + 60
+    while c.body_bytes.count < 900 << 10:          # wait until the container has read it (not a timing assertion)
+        assert time.monotonic() < deadline, c.body_bytes.count
+        time.sleep(0.01)
+    with connect(grid_pki, c, source="127.0.0.2") as s:
+        s.sendall(_post(600 << 10))
+        answer = read_all(s)
+    assert answer.startswith(b"HTTP/1.1 503 "), answer[:200]
+    assert c.refused["busy"] == 1
+    with connect(grid_pki, c, source="127.0.0.3") as s:
+        s.sendall(_post(FREE_BODY_BYTES))
+        assert not read_all(s).startswith(b"HTTP/1.1 503 ")
+    holder.close()
+    deadline = time.monotonic() + 60
+    while c.body_bytes.count:                       # the holder's bytes are let go when its connection ends
+        assert time.monotonic() < deadline, c.body_bytes.count
+        time.sleep(0.01)
+    with connect(grid_pki, c, source="127.0.0.2") as s:
+        s.sendall(_post(600 << 10))
+        answer = read_all(s)
+    assert answer.startswith(b"HTTP/1.1 ") and not answer.startswith(b"HTTP/1.1 503 "), answer[:200]
+    assert c.body_bytes.count == 0
+
+
 def test_an_idle_keep_alive_connection_is_closed(serve, grid_pki):
     c = serve(idle_timeout=0.5)
     with connect(grid_pki, c) as s:
