@@ -10,8 +10,10 @@ import os
 import sys
 import time
 
-MOUNTS = (("proc", "/proc", "proc"), ("sysfs", "/sys", "sysfs"), ("devtmpfs", "/dev", "devtmpfs"),
-          ("tmpfs", "/run", "tmpfs"), ("tmpfs", "/tmp", "tmpfs"), ("devpts", "/dev/pts", "devpts"))
+# cgroup2: the job service bounds each job's processes with a pids cgroup (docs/jobs.md, [jobs] max_processes)
+MOUNTS = (("proc", "/proc", "proc"), ("sysfs", "/sys", "sysfs"), ("cgroup2", "/sys/fs/cgroup", "cgroup2"),
+          ("devtmpfs", "/dev", "devtmpfs"), ("tmpfs", "/run", "tmpfs"), ("tmpfs", "/tmp", "tmpfs"),
+          ("devpts", "/dev/pts", "devpts"))
 
 
 def mount_basics() -> None:

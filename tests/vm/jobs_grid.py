@@ -141,6 +141,10 @@ def jobs_part(out: dict, work: Path, pki, node, vm: VMManagerClient, ref, info) 
     # the job's own PID namespace (the guest's service runs as root): its shell is PID 2, after the namespace's init
     s["pidns"] = alice("job", "submit", NAME, "--wait", "--", "sh", "-c", "echo $$")
     s["pidns_status"] = alice("job", "status", NAME, (s["pidns"]["out"].splitlines() or ["-"])[0], "--json")
+    # the job's pids cgroup (cgroup v2, mounted by guestd's init): the job's processes are bounded
+    s["cgroup"] = alice("job", "submit", NAME, "--wait", "--", "sh", "-c",
+                        "cat /proc/self/cgroup; cat /sys/fs/cgroup$(cut -d: -f3 /proc/self/cgroup)/pids.max")
+    s["cgroup_status"] = alice("job", "status", NAME, (s["cgroup"]["out"].splitlines() or ["-"])[0], "--json")
     # Cancel of a long job
     s["long"] = alice("job", "submit", NAME, "--", "sleep", "600")
     s["cancel"] = alice("job", "cancel", NAME, s["long"]["out"])

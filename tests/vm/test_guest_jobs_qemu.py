@@ -62,6 +62,15 @@ def test_a_job_runs_in_a_pid_namespace_of_its_own_in_the_guest(seen):
     assert st["state"] == "Done" and st["stdoutTail"] == "2\n", st
 
 
+def test_a_job_s_processes_are_bounded_by_a_pids_cgroup_in_the_guest(seen):
+    """guestd's init mounts cgroup v2, so the guest's job service puts each job in a pids cgroup of its own
+    under vmgrid-jobs/ with [jobs] max_processes (256 by default) as its pids.max."""
+    st = status(seen["steps"]["cgroup_status"])
+    assert st["state"] == "Done", st
+    lines = st["stdoutTail"].splitlines()
+    assert lines[0].startswith("0::/vmgrid-jobs/") and lines[1] == "256", st
+
+
 def test_cancel_ends_a_long_job(seen):
     s = seen["steps"]
     assert s["cancel"]["rc"] == 0, s["cancel"]["err"]
