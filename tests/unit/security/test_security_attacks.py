@@ -4,6 +4,7 @@ headers, forged proxies, untrusted and revoked signers, XML bombs. Each is answe
 WSS fault code names the reason, and the service never sees the request."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime as dt
 import os
@@ -383,9 +384,10 @@ def _peak_rss_kib(pid: int) -> int:
     raise AssertionError("no VmHWM")
 
 
-@pytest.mark.slow
-def test_bombs_do_not_blow_up_the_server_process_memory(grid_pki, tmp_path, session):
-    """The server runs in its own process so its peak resident memory can be read from /proc."""
+@contextlib.contextmanager
+def _echo_server_process(grid_pki, tmp_path, session):
+    """The signed echo server in a process of its own (its peak resident memory read from /proc), answering one
+    signed call before it is handed over; terminated at the end."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "tests.fixtures.pki", "--cert", str(grid_pki.host_cert_path),
          "--key", str(grid_pki.host_key_path), "--cert-dir", str(grid_pki.cert_dir), "--state", str(tmp_path),
@@ -396,6 +398,16 @@ def test_bombs_do_not_blow_up_the_server_process_memory(grid_pki, tmp_path, sess
         class S:
             url = f"https://localhost:{port}/echo"
         assert post(S, signed(S, grid_pki.alice.proxy), session).status_code == 200
+        yield proc, S
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.mark.slow
+def test_bombs_do_not_blow_up_the_server_process_memory(grid_pki, tmp_path, session):
+    """The server runs in its own process so its peak resident memory can be read from /proc."""
+    with _echo_server_process(grid_pki, tmp_path, session) as (proc, S):
         before = _peak_rss_kib(proc.pid)
         data = big_body()
         for payload in (BILLION_LAUGHS, QUADRATIC, EXTERNAL_ENTITY, DEEP, data, data):
@@ -403,9 +415,6 @@ def test_bombs_do_not_blow_up_the_server_process_memory(grid_pki, tmp_path, sess
         growth_mib = (_peak_rss_kib(proc.pid) - before) / 1024
         assert growth_mib < 40, f"server peak memory grew by {growth_mib:.0f} MiB"
         assert post(S, signed(S, grid_pki.alice.proxy), session).status_code == 200
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def _dense_body(item: bytes) -> bytes:
@@ -424,16 +433,7 @@ def test_messages_of_millions_of_elements_or_attributes_are_refused_before_a_tre
     libxml2 sees them: the server's peak memory grows by about the bodies themselves."""
     import string
 
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.fixtures.pki", "--cert", str(grid_pki.host_cert_path),
-         "--key", str(grid_pki.host_key_path), "--cert-dir", str(grid_pki.cert_dir), "--state", str(tmp_path),
-         "--tls"], cwd=REPO, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-    try:
-        port = int(proc.stdout.readline())
-
-        class S:
-            url = f"https://localhost:{port}/echo"
-        assert post(S, signed(S, grid_pki.alice.proxy), session).status_code == 200
+    with _echo_server_process(grid_pki, tmp_path, session) as (proc, S):
         before = _peak_rss_kib(proc.pid)
         names = [a + b for a in string.ascii_letters for b in string.ascii_letters][:2000]
         attributes = b"<b " + b" ".join(n.encode() + b'=""' for n in names) + b"/>"
@@ -443,9 +443,6 @@ def test_messages_of_millions_of_elements_or_attributes_are_refused_before_a_tre
         growth_mib = (_peak_rss_kib(proc.pid) - before) / 1024
         assert growth_mib < 200, f"server peak memory grew by {growth_mib:.0f} MiB"
         assert post(S, signed(S, grid_pki.alice.proxy), session).status_code == 200
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 # -- bounded work before the signature is checked ------------------------------------------------------
