@@ -40,6 +40,10 @@ def decode(line: bytes, allowed_ops: frozenset[str]) -> dict[str, Any]:
         message = json.loads(line.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ProtocolError(f"not a JSON line: {exc}") from None
+    except RecursionError:      # '[' nested some thousands deep (a 64 KiB line holds 65,000): the reader lives on
+        raise ProtocolError("not a JSON line: nested too deeply") from None
+    except ValueError as exc:   # an integer of more than 4,300 digits (Python's bound on its conversion)
+        raise ProtocolError(f"not a JSON line: {exc}") from None
     if not isinstance(message, dict):
         raise ProtocolError("a message must be a JSON object")
     if message.get("v") != VERSION:
@@ -47,7 +51,7 @@ def decode(line: bytes, allowed_ops: frozenset[str]) -> dict[str, Any]:
     op = message.get("op")
     if op not in allowed_ops:
         raise ProtocolError(f"unknown or misdirected op {op!r}")
-    if "id" in message and not isinstance(message["id"], int):
+    if "id" in message and (not isinstance(message["id"], int) or isinstance(message["id"], bool)):
         raise ProtocolError("id must be an integer")
     if op == "set-time" and not isinstance(message.get("time"), (int, float)):
         raise ProtocolError("set-time needs a numeric 'time' (seconds since the epoch)")

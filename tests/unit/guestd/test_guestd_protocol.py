@@ -39,6 +39,16 @@ def test_guest_messages_need_the_token():
         protocol.decode(b'{"v": 1, "op": "report", "step": "clock"}', protocol.GUEST_OPS)
 
 
+@pytest.mark.parametrize("line", [b"[" * 60000, b"[" * 30000 + b"]" * 30000, b'{"v": 1, "op": "ping", "n": ' + b"9" * 5000 + b"}",
+                                  b'{"v": 1, "op": "reply", "id": true, "token": "t"}'])
+def test_lines_that_break_the_json_reader_are_protocol_errors(line):
+    """Within the 64 KiB line bound: nesting past the interpreter's recursion limit (RecursionError), an integer of
+    more than 4,300 digits (ValueError), a boolean id: each a ProtocolError like any bad line, nothing else."""
+    assert len(line) < protocol.MAX_LINE
+    with pytest.raises(protocol.ProtocolError):
+        protocol.decode(line, protocol.GUEST_OPS | protocol.HOST_OPS)
+
+
 def test_oversized_messages_are_refused_and_overlong_lines_dropped():
     with pytest.raises(protocol.ProtocolError):
         protocol.encode({"op": "ping", "pad": "x" * protocol.MAX_LINE})

@@ -238,6 +238,25 @@ def test_a_flood_of_messages_keeps_reports_and_refusals_capped(fake):
     client.close()
 
 
+def test_lines_that_break_the_json_reader_are_refused_and_the_channel_reads_on(fake):
+    """A guest's line nested 60,000 deep (RecursionError in json) or with a 5,000-digit number (ValueError): each
+    is refused like any bad line, and the channel's reader goes on to the guest's next, valid, message."""
+    def hostile(g: FakeGuestd, conn: socket.socket) -> None:
+        conn.sendall(b"[" * 60000 + b"\n" + b'{"v": 1, "op": "report", "step": "x", "n": ' + b"9" * 5000 + b"}\n")
+        conn.sendall(protocol.encode({"op": "report", "step": "clock", "ok": True, "token": TOKEN}))
+        g.stop.wait(60)
+
+    guest = fake(hostile)
+    client = GuestChannelClient("i-deep", guest.path, TOKEN)
+    client.connect()
+    deadline = time.monotonic() + 60
+    while "clock" not in client.reports:            # the valid report after the two bad lines arrives
+        assert time.monotonic() < deadline, client.rejected
+        time.sleep(0.05)
+    assert client.rejected_total == 2 and all("not a JSON line" in r for r in client.rejected), client.rejected
+    client.close()
+
+
 def test_an_answering_guest_still_works_after_the_bounds(fake):
     """The bounds cost a well-behaved guestd nothing: status and ready come back as before."""
     def guestd(g: FakeGuestd, conn: socket.socket) -> None:
