@@ -80,18 +80,21 @@ class LineBuffer:
         self._discarding = False
 
     def feed(self, data: bytes) -> list[bytes]:
-        self._buf += data
-        lines: list[bytes] = []
-        while True:
-            cut = self._buf.find(b"\n")
-            if cut < 0:
-                if len(self._buf) > MAX_LINE:
-                    self._buf = b""
-                    self._discarding = True
-                return lines
-            line, self._buf = self._buf[:cut], self._buf[cut + 1:]
-            if self._discarding:
-                self._discarding = False
-                continue
-            if line.strip():
-                lines.append(line)
+        """The whole lines ``data`` completes (blank ones left out). One split per call: cutting the lines off the
+        buffer one at a time copied the rest each time, so a read of 65,536 newlines cost 2 GB of copying (0.15 s
+        of the host's CPU, under the GIL, for every 64 KiB a guest sent)."""
+        if b"\n" not in data:
+            self._buf += data
+            if len(self._buf) > MAX_LINE:
+                self._buf = b""
+                self._discarding = True
+            return []
+        *complete, rest = (self._buf + data).split(b"\n")
+        self._buf = rest
+        if self._discarding:             # the end of a line over MAX_LINE: dropped with it
+            self._discarding = False
+            complete = complete[1:]
+        if len(rest) > MAX_LINE:
+            self._buf = b""
+            self._discarding = True
+        return [line for line in complete if line.strip()]
