@@ -89,7 +89,7 @@ def test_errors_are_reported_without_tracebacks(tmp_path):
     proc = vmgrid("ca", "host", "x", env=env, check=False)
     assert proc.returncode == 1 and "no grid CA" in proc.stderr and "Traceback" not in proc.stderr
     proc = vmgrid("proxy-init", env=env, check=False)
-    assert proc.returncode == 1 and "no grid credential" in proc.stderr
+    assert proc.returncode == 1 and "no user certificate to make a proxy from" in proc.stderr
     proc = vmgrid("proxy-info", env=env, check=False)
     assert proc.returncode == 1 and "does not exist" in proc.stderr
 
@@ -167,3 +167,15 @@ def test_proxy_init_warns_when_what_signs_it_expires_within_the_requested_lifeti
     assert load_credential(proxy=tmp_path / "x509up").time_left().total_seconds() < 48 * 3600
     short = vmgrid("proxy-init", "-hours", "12", env=ca_env)
     assert short.stderr == ""
+
+
+def test_proxy_init_without_a_user_certificate_says_how_to_give_one_not_to_run_proxy_init(ca_env, tmp_path):
+    """A newcomer's first `vmgrid proxy-init` with no certificate anywhere: the general "no grid credential: run
+    `vmgrid proxy-init`" would send them in a circle; proxy-init names its options and the places it looks."""
+    proc = vmgrid("proxy-init", env=ca_env, check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.startswith("vmgrid: no user certificate to make a proxy from: give -cert FILE -key FILE"), \
+        proc.stderr
+    assert "run `vmgrid proxy-init`" not in proc.stderr and "Traceback" not in proc.stderr
+    assert not Path(ca_env["X509_USER_PROXY"]).exists()
+
