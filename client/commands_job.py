@@ -111,20 +111,20 @@ def instance_job_service(args) -> tuple[str, str]:
 
 
 def connect(args):
-    from client.commands_repo import grid_client
+    from client.commands_repo import grid_client, trust_store
     from services.jobs.client import JobClient
 
     if is_url(args.endpoint):
         args.url = endpoint_url(args.endpoint)
         return JobClient(grid_client(args))
     url, dn = instance_job_service(args)
-    from client.soap import ClientError, GridServiceClient, Unreachable, default_trust
+    from client.soap import ClientError, GridServiceClient, Unreachable
     from security.pki import PKIError, load_credential
 
     def attempt():
         try:
             credential = load_credential(proxy=args.proxy) if args.proxy else load_credential()
-            return JobClient(GridServiceClient(url, credential, default_trust(args.cert_dir), expected_host_dn=dn))
+            return JobClient(GridServiceClient(url, credential, trust_store(args), expected_host_dn=dn))
         except Unreachable as exc:
             if "refused" in str(exc):
                 raise                                  # not listening yet: asked again

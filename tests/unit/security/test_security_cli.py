@@ -179,3 +179,19 @@ def test_proxy_init_without_a_user_certificate_says_how_to_give_one_not_to_run_p
     assert "run `vmgrid proxy-init`" not in proc.stderr and "Traceback" not in proc.stderr
     assert not Path(ca_env["X509_USER_PROXY"]).exists()
 
+
+@pytest.mark.parametrize("command", [
+    ["vm", "list", "--url", "https://127.0.0.1:9/wsrf/services/VMManagerService"],
+    ["repo", "query", "ram >= 1", "--url", "https://127.0.0.1:9/wsrf/services/VMRepositoryService"],
+    ["job", "list", "https://127.0.0.1:9/wsrf/services/JobService"],
+])
+def test_a_missing_trusted_ca_directory_is_one_line_naming_how_to_give_it(ca_env, tmp_path, command):
+    """X509_CERT_DIR not exported (or mistyped): a client command says which directory is missing and how to name
+    the right one, before any connection, instead of a traceback of security.trust.UntrustedChain."""
+    vmgrid("ca", "user", "erin", env=ca_env)
+    vmgrid("proxy-init", "-q", env=ca_env)
+    missing = tmp_path / "no-such-certificates"
+    proc = vmgrid(*command, env={**ca_env, "X509_CERT_DIR": str(missing)}, check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr == (f"vmgrid: trusted CA directory {missing} does not exist: give your grid's CA certificates "
+                           f"with --cert-dir DIR or `export X509_CERT_DIR=DIR`\n"), proc.stderr
