@@ -337,7 +337,9 @@ def cmd_log(args) -> int:
     if args.name == "help":
         from services.jobs.wire import NS
 
-        print("\n".join(el.text for el in call(jobs.info).iterfind("job:log", NS)))
+        names = [el.text for el in call(jobs.info).iterfind("job:log", NS)]
+        # none: an empty line would read as a failure; say so, and where a site names them
+        print("\n".join(names) if names else "this job service shows no logs (its configuration's [jobs.logs] names none)")
         return 0
     sys.stdout.write(call(jobs.log, args.name, args.bytes))
     return 0
