@@ -195,3 +195,15 @@ def test_a_missing_trusted_ca_directory_is_one_line_naming_how_to_give_it(ca_env
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr == (f"vmgrid: trusted CA directory {missing} does not exist: give your grid's CA certificates "
                            f"with --cert-dir DIR or `export X509_CERT_DIR=DIR`\n"), proc.stderr
+
+
+def test_a_certificate_named_as_the_proxy_is_called_what_it_is_not_a_key_to_chmod(ca_env, tmp_path):
+    """X509_USER_PROXY pointing at usercert.pem (0644, no key): the message was "private key ... is readable by
+    others; chmod 600 it", which leads nowhere; it says the file holds no key and how to make a proxy."""
+    vmgrid("ca", "user", "fred", "--out", str(tmp_path / "fred"), env=ca_env)
+    cert = tmp_path / "fred" / "usercert.pem"
+    assert stat.S_IMODE(cert.stat().st_mode) & 0o044
+    proc = vmgrid("proxy-info", env={**ca_env, "X509_USER_PROXY": str(cert)}, check=False)
+    assert proc.returncode == 1 and proc.stderr == (
+        f"vmgrid: proxy file {cert} holds no private key (a certificate alone is not a proxy: make one with "
+        f"`vmgrid proxy-init`)\n"), proc.stderr
