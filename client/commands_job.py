@@ -112,20 +112,20 @@ def instance_job_service(args) -> tuple[str, str]:
 
 
 def connect(args):
-    from client.commands_repo import call_timeout, grid_client
+    from client.commands_repo import call_timeout, grid_client, trust_store
     from services.jobs.client import JobClient
 
     if is_url(args.endpoint):
         args.url = endpoint_url(args.endpoint)
         return JobClient(grid_client(args))
     url, dn = instance_job_service(args)
-    from client.soap import ClientError, GridServiceClient, Unreachable, default_trust
+    from client.soap import ClientError, GridServiceClient, Unreachable
     from security.pki import PKIError, load_credential
 
     def attempt():
         try:
             credential = load_credential(proxy=args.proxy) if args.proxy else load_credential()
-            return JobClient(GridServiceClient(url, credential, default_trust(args.cert_dir), expected_host_dn=dn,
+            return JobClient(GridServiceClient(url, credential, trust_store(args), expected_host_dn=dn,
                                                timeout=call_timeout()))
         except Unreachable as exc:
             if "refused" in str(exc):
@@ -340,7 +340,9 @@ def cmd_log(args) -> int:
     if args.name == "help":
         from services.jobs.wire import NS
 
-        print("\n".join(el.text for el in call(jobs.info).iterfind("job:log", NS)))
+        names = [el.text for el in call(jobs.info).iterfind("job:log", NS)]
+        # none: an empty line would read as a failure; say so, and where a site names them
+        print("\n".join(names) if names else "this job service shows no logs (its configuration's [jobs.logs] names none)")
         return 0
     sys.stdout.write(call(jobs.log, args.name, args.bytes))
     return 0

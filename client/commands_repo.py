@@ -113,14 +113,14 @@ def connect(args):
 def grid_client(args):
     """A signed SOAP client for the command's --url; the credential and trust store are read once per
     command (`vmgrid repo import` opens two connections)."""
-    from client.soap import ClientError, GridServiceClient, default_trust
+    from client.soap import ClientError, GridServiceClient
     from security.pki import PKIError, load_credential
 
     loaded = getattr(args, "_credential_and_trust", None)
     try:
         if loaded is None:
             loaded = args._credential_and_trust = (
-                load_credential(proxy=args.proxy) if args.proxy else load_credential(), default_trust(args.cert_dir))
+                load_credential(proxy=args.proxy) if args.proxy else load_credential(), trust_store(args))
         credential, trust = loaded
     except (PKIError, OSError) as exc:
         raise CLIError(str(exc)) from None
@@ -143,6 +143,19 @@ def call_timeout() -> float | None:
     if not 0 < seconds < 1e6:
         raise CLIError(f"VMGRID_CALL_TIMEOUT is {text!r}: give seconds, more than 0")
     return seconds
+
+
+def trust_store(args):
+    """The trusted CA directory of --cert-dir, X509_CERT_DIR or the Globus defaults; a missing one is a CLI
+    message naming how to give it (a newcomer who did not export X509_CERT_DIR), not a traceback."""
+    from client.soap import default_trust
+    from security.trust import ChainError
+
+    try:
+        return default_trust(args.cert_dir)
+    except ChainError as exc:
+        raise CLIError(f"{exc}: give your grid's CA certificates with --cert-dir DIR or "
+                       f"`export X509_CERT_DIR=DIR`") from None
 
 
 def _read_descriptor(path: Path):

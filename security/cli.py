@@ -177,6 +177,10 @@ def cmd_proxy_init(args) -> int:
                 if "encrypted" in str(exc) and passphrase is None and sys.stdin.isatty():
                     issuer = load_user_credential(allow_proxy=False,
                                                   passphrase=getpass.getpass("Enter GRID pass phrase: ").encode())
+                elif str(exc).startswith("no grid credential"):   # its advice, "run `vmgrid proxy-init`", is circular here
+                    raise CredentialError("no user certificate to make a proxy from: give -cert FILE -key FILE, or set "
+                                          "X509_USER_CERT/X509_USER_KEY, or create ~/.globus/usercert.pem and "
+                                          "userkey.pem (`vmgrid ca user NAME` issues them)") from None
                 else:
                     raise
         proxy = make_proxy(issuer, hours=_hours(args), limited=args.limited, path_length=args.path_length,

@@ -508,10 +508,11 @@ def load_credential(cert: Path | str | None = None, key: Path | str | None = Non
     if proxy is not None:
         path = Path(proxy)
         data = _read(path, "proxy file")
-        _check_key_mode(path)
         certs, keys = _split_pem(data, path)
-        if not keys:
-            raise CredentialError(f"proxy file {path} holds no private key")
+        if not keys:        # before the mode: a certificate named as the proxy is this, not "chmod 600 it"
+            raise CredentialError(f"proxy file {path} holds no private key (a certificate alone is not a proxy: "
+                                  f"make one with `vmgrid proxy-init`)")
+        _check_key_mode(path)
         return _assemble(certs, _load_key(keys[0], path, passphrase), path, path)
     if cert is not None:
         cert_path = Path(cert)

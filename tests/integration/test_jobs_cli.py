@@ -208,3 +208,15 @@ def test_job_get_does_not_overwrite_the_scientists_files_unless_asked(grid, tmp_
     r = vmgrid(grid, "job", "get", url, key, "-o", str(results), "--overwrite", check=False)
     assert r.returncode == 1 and f"{results / 'stderr'} is a directory: nothing fetched" in r.stderr, r.stderr
     assert not (results / "stdout").exists()
+
+
+def test_job_log_help_on_a_service_that_shows_no_logs_says_so_and_where_they_are_named(tmp_path):
+    """README's jobs.toml on a host has no [jobs.logs]: `vmgrid job log "$JOBS" help` printed an empty line, which
+    reads as a failure; it says the service shows none and names the configuration table."""
+    with LocalGrid(tmp_path / "grid") as g:
+        sp = g.start("jobs", ["jobs"], {"jobs": {"owner": g.user("alice").dn, "gridftp_port": 0}})
+        url = f"{sp.base_url}/wsrf/services/JobService"
+        r = vmgrid(g, "job", "log", url, "help")
+        assert r.stdout == "this job service shows no logs (its configuration's [jobs.logs] names none)\n", r.stdout
+        r = vmgrid(g, "job", "log", url, "container", check=False)
+        assert r.returncode == 1 and r.stderr == "vmgrid: ResourceUnknown: no log 'container'; this service shows: none\n"

@@ -89,7 +89,7 @@ def test_errors_are_reported_without_tracebacks(tmp_path):
     proc = vmgrid("ca", "host", "x", env=env, check=False)
     assert proc.returncode == 1 and "no grid CA" in proc.stderr and "Traceback" not in proc.stderr
     proc = vmgrid("proxy-init", env=env, check=False)
-    assert proc.returncode == 1 and "no grid credential" in proc.stderr
+    assert proc.returncode == 1 and "no user certificate to make a proxy from" in proc.stderr
     proc = vmgrid("proxy-info", env=env, check=False)
     assert proc.returncode == 1 and "does not exist" in proc.stderr
 
@@ -167,3 +167,43 @@ def test_proxy_init_warns_when_what_signs_it_expires_within_the_requested_lifeti
     assert load_credential(proxy=tmp_path / "x509up").time_left().total_seconds() < 48 * 3600
     short = vmgrid("proxy-init", "-hours", "12", env=ca_env)
     assert short.stderr == ""
+
+
+def test_proxy_init_without_a_user_certificate_says_how_to_give_one_not_to_run_proxy_init(ca_env, tmp_path):
+    """A newcomer's first `vmgrid proxy-init` with no certificate anywhere: the general "no grid credential: run
+    `vmgrid proxy-init`" would send them in a circle; proxy-init names its options and the places it looks."""
+    proc = vmgrid("proxy-init", env=ca_env, check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.startswith("vmgrid: no user certificate to make a proxy from: give -cert FILE -key FILE"), \
+        proc.stderr
+    assert "run `vmgrid proxy-init`" not in proc.stderr and "Traceback" not in proc.stderr
+    assert not Path(ca_env["X509_USER_PROXY"]).exists()
+
+
+@pytest.mark.parametrize("command", [
+    ["vm", "list", "--url", "https://127.0.0.1:9/wsrf/services/VMManagerService"],
+    ["repo", "query", "ram >= 1", "--url", "https://127.0.0.1:9/wsrf/services/VMRepositoryService"],
+    ["job", "list", "https://127.0.0.1:9/wsrf/services/JobService"],
+])
+def test_a_missing_trusted_ca_directory_is_one_line_naming_how_to_give_it(ca_env, tmp_path, command):
+    """X509_CERT_DIR not exported (or mistyped): a client command says which directory is missing and how to name
+    the right one, before any connection, instead of a traceback of security.trust.UntrustedChain."""
+    vmgrid("ca", "user", "erin", env=ca_env)
+    vmgrid("proxy-init", "-q", env=ca_env)
+    missing = tmp_path / "no-such-certificates"
+    proc = vmgrid(*command, env={**ca_env, "X509_CERT_DIR": str(missing)}, check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr == (f"vmgrid: trusted CA directory {missing} does not exist: give your grid's CA certificates "
+                           f"with --cert-dir DIR or `export X509_CERT_DIR=DIR`\n"), proc.stderr
+
+
+def test_a_certificate_named_as_the_proxy_is_called_what_it_is_not_a_key_to_chmod(ca_env, tmp_path):
+    """X509_USER_PROXY pointing at usercert.pem (0644, no key): the message was "private key ... is readable by
+    others; chmod 600 it", which leads nowhere; it says the file holds no key and how to make a proxy."""
+    vmgrid("ca", "user", "fred", "--out", str(tmp_path / "fred"), env=ca_env)
+    cert = tmp_path / "fred" / "usercert.pem"
+    assert stat.S_IMODE(cert.stat().st_mode) & 0o044
+    proc = vmgrid("proxy-info", env={**ca_env, "X509_USER_PROXY": str(cert)}, check=False)
+    assert proc.returncode == 1 and proc.stderr == (
+        f"vmgrid: proxy file {cert} holds no private key (a certificate alone is not a proxy: make one with "
+        f"`vmgrid proxy-init`)\n"), proc.stderr
