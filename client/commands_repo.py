@@ -423,12 +423,17 @@ def cmd_import(args) -> int:
                 batch = next(waiting, None)
                 if batch is None:
                     return
-                under_way.append((batch, pool.submit(send, batch)))
+                # a batch sent is in under_way before an interrupt can be taken (it is waited for and undone)
+                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+                try:
+                    under_way.append((batch, pool.submit(send, batch)))
+                finally:
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
 
-        top_up()
         recorded: set = set()                # the calls whose images are in ``done``
         previous_term = signal.signal(signal.SIGTERM, _interrupt)   # a kill is an interrupt too: undone alike
         try:
+            top_up()                         # inside: an interrupt once the first batches are out undoes them too
             while under_way:
                 batch, future = under_way[0]     # left in under_way until answered: an interrupt waits for it
                 try:

@@ -119,9 +119,13 @@ def test_request_bodies_held_over_all_connections_are_bounded(serve, grid_pki):
         assert time.monotonic() < deadline, c.body_bytes.count
         time.sleep(0.01)
     with connect(grid_pki, c, source="127.0.0.2") as s:
-        s.sendall(_post(600 << 10))
+        try:
+            s.sendall(_post(600 << 10))
+        except (ssl.SSLError, OSError):             # refused mid-body: the container answers and closes meanwhile
+            pass
         answer = read_all(s)
-    assert answer.startswith(b"HTTP/1.1 503 "), answer[:200]
+    # the 503 is read unless the close cut the client's sending off first (then the count says it)
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 503 "), answer[:200]
     assert c.refused["busy"] == 1
     with connect(grid_pki, c, source="127.0.0.3") as s:
         s.sendall(_post(FREE_BODY_BYTES))
