@@ -305,3 +305,26 @@ def test_a_holder_asking_again_gets_its_own_hold_renewed(reg):
     assert reg.release(NODE, again.hold_id) is True
     assert reg.release(NODE, other.hold_id) is True
     assert reg.remove(ALICE, d.image_id).bytes_deleted is True
+
+
+def test_the_upload_sweep_leaves_an_upload_a_register_image_is_reading(reg, monkeypatch):
+    """The sweep runs while RegisterImage is inside the image store's ingest of an upload older than upload_max_age
+    (called from within the real ingest: no timing): it skips that upload, removes an abandoned one beside it, and
+    the register completes and then removes its upload itself."""
+    source = upload(reg, ALICE, "reading.qcow2", b"one")
+    abandoned = upload(reg, ALICE, "abandoned.qcow2", b"two")
+    area = reg.upload_dir / upload_area(ALICE.dn)
+    later = time.time() + reg.config.upload_max_age + 3600
+    swept, present = [], []
+    real_ingest = reg.store.ingest
+
+    def ingest_with_a_sweep(path, *args, **kwargs):
+        swept.extend(reg.sweep_uploads(later))
+        present.append((area / source.value).exists())
+        return real_ingest(path, *args, **kwargs)
+
+    monkeypatch.setattr(reg.store, "ingest", ingest_with_a_sweep)
+    d = Descriptor(reg.register(ALICE, descriptor(), source))
+    assert swept == [f"/uploads/{area.name}/{abandoned.value}"] and present == [True]
+    assert reg.get(ALICE, d.image_id).sha256 == d.sha256
+    assert not (area / source.value).exists() and not (area / abandoned.value).exists()
