@@ -95,10 +95,6 @@ INDEX_IDLE_S = 0.5      # quiet after a bulk import before the query index catch
 _TRUSTED = etree.XMLParser(resolve_entities=False, no_network=True)  # our own stored, validated XML
 
 
-class _Refused(Exception):
-    """An add_many row refused (bytes not in the store): the rows are checked one by one for the fault."""
-
-
 def _bounded(data: bytes, vo: str, name: str) -> bytes:
     """A descriptor's stored bytes, or InvalidDescriptor when they are more than MAX_STORED_DESCRIPTOR_BYTES: the bound
     parse_descriptor holds a file to, held on every way in (a 9 MB descriptor sent in a SOAP request was stored, and
@@ -446,32 +442,38 @@ class Catalogue:
             rows.append((f["identity.imageId"], f["identity.vo"], f["identity.name"], f["identity.owner"],
                          f["image.sha256"], int(f["image.size"]), int(f["hardware.memory"]), int(f["hardware.vcpus"]),
                          f["identity.created"], f["identity.created"], data))
-        try:
-            with self._write("add-many") as db:
-                # the bytes, once per distinct sha256; names taken are left to the UNIQUE (vo, name) constraint
-                if check and not all(self._has_bytes(db, sha256) for sha256 in {r[4] for r in rows}):
-                    raise _Refused
+        with self._write("add-many") as db:
+            # the bytes, once per distinct sha256; names taken are left to the UNIQUE (vo, name) constraint
+            if check and not all(self._has_bytes(db, sha256) for sha256 in {r[4] for r in rows}):
+                self._refuse_first(db, rows)
+            # A refused row is named inside this transaction, the write lock still held, after the rows inserted
+            # before it are undone (the savepoint): the catalogue it reads is the one that refused the insert. Named
+            # after the transaction, a name removed in between was found nowhere, and the refusal became an
+            # InternalFault.
+            db.execute("SAVEPOINT add_many")
+            try:
                 db.executemany(
                     "INSERT INTO images (image_id, vo, name, owner, sha256, size, memory, vcpus, created, updated,"
                     " descriptor) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
-                db.executemany("INSERT INTO changes (image_id) VALUES (?)", [(r[0],) for r in rows])
-        except (_Refused, sqlite3.IntegrityError):
-            if not check:
+            except sqlite3.IntegrityError:
+                if not check:
+                    raise
+                db.execute("ROLLBACK TO add_many")
+                self._refuse_first(db, rows)    # the first descriptor refused, by position, as checked one by one
                 raise
-            self._refuse_first(rows)        # the first descriptor refused, by position, as checked one by one
-            raise
+            db.execute("RELEASE add_many")
+            db.executemany("INSERT INTO changes (image_id) VALUES (?)", [(r[0],) for r in rows])
         self._bulk_written()
 
     def _has_bytes(self, db, sha256: str) -> bool:
         return bool(db.execute("SELECT 1 FROM blobs WHERE sha256 = ?", (sha256,)).fetchone()
                     and self.store.exists(sha256))
 
-    def _refuse_first(self, rows: list[tuple]) -> None:
+    def _refuse_first(self, db, rows: list[tuple]) -> None:
         """Raise the fault of the first of an add_many's rows refused (a name taken: DuplicateName; bytes not in the
-        store: UnknownImage), its ``position`` the row's (1-based)."""
+        store: UnknownImage), its ``position`` the row's (1-based), read through ``db`` (the add's transaction)."""
         from services.faults import DuplicateName, UnknownImage
 
-        db = self._db()
         present: set[str] = set()
         for n, (_image_id, vo, name, _owner, sha256, *_rest) in enumerate(rows, 1):
             if db.execute("SELECT 1 FROM images WHERE vo = ? AND name = ?", (vo, name)).fetchone():
