@@ -374,11 +374,22 @@ def cmd_lifetime(args) -> int:
 
 
 def cmd_watch(args) -> int:
+    from types import SimpleNamespace
+
     from client.notifications import NotificationConsumer
     from client.soap import default_trust
+    from security.client import host_authorizer
 
     vm = vmm_client(args)
     ref = resolve(vm, args.instance)
+    # A change counts only when the node watched signed it, as its answers must be: the consumer takes any grid host
+    # speaking for its own address, and another node or a guest's container (host certificates too) could otherwise
+    # send this instance's key with a state of its choosing.
+    from_node = host_authorizer(vm.service.url)
+
+    def ours(change) -> bool:
+        return change.key == ref.key and from_node(SimpleNamespace(dn=change.signer))
+
     host, _, port = args.listen.rpartition(":")
     consumer = NotificationConsumer(default_trust(args.cert_dir), host or "127.0.0.1", int(port or 0)).start()
     try:
@@ -392,7 +403,7 @@ def cmd_watch(args) -> int:
             if left <= 0:
                 break
             try:
-                change = consumer.wait(lambda c: c.key == ref.key, timeout=min(left, 3600.0))
+                change = consumer.wait(ours, timeout=min(left, 3600.0))
             except TimeoutError:
                 continue
             state = change.new

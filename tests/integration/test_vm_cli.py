@@ -72,6 +72,45 @@ def test_watch_follows_signed_state_changes(grid):
     assert "-> Destroyed" in out and "signed by /O=Grid/OU=vmgrid/CN=host/localhost" in out
 
 
+def test_watch_takes_no_change_another_host_signs(grid):
+    """A guest's container or another node holds a grid host certificate too, and the consumer takes any host
+    speaking for its own address. A Notify for the watched instance's key, signed by host/10.99.0.250 as the
+    producer at its own address and sent to the watcher's consumer, ends nothing and is not shown; the node's own
+    change to Destroyed then is."""
+    import urllib.request
+
+    from client.localgrid import OU
+    from security.wssec import sign_envelope
+    from services.vmmanager.wire import state_change_envelope
+
+    key = json.loads(vmgrid(grid, "vm", "deploy", "bio/debian12-emboss", "spoofed", "--lifetime", "10m",
+                            "--json").stdout)["key"]
+    watch = subprocess.Popen([sys.executable, "-m", "client.cli", "vm", "watch", "spoofed", "--timeout", "120"],
+                             env={**grid.env("alice"), **grid.env_extra}, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        first = watch.stdout.readline()
+        assert "listening at" in first, first + watch.stderr.read()
+        consumer = first.rsplit("listening at ", 1)[1].rstrip(")\n")
+        other = grid.ca.issue_host("10.99.0.250", ou=OU)
+        forged = state_change_envelope(consumer, "https://10.99.0.250:8443/wsrf/services/VMManagerService", key,
+                                       "spoofed", "Running", "Destroyed", 0.0)
+        request = urllib.request.Request(consumer, data=sign_envelope(forged, other), headers={
+            "Content-Type": "text/xml; charset=utf-8",
+            "SOAPAction": '"http://docs.oasis-open.org/wsn/bw-2/NotificationConsumer/Notify"'})
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            assert answer.status == 200          # taken by the consumer (a host speaking for its own address) ...
+        assert watch.poll() is None              # ... but not by the watch: it still runs
+        vmgrid(grid, "vm", "lifetime", "spoofed", "2s")
+        out, _ = watch.communicate(timeout=150)
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+            watch.wait()
+    assert "10.99.0.250" not in out and "1970" not in out
+    assert out.count("-> Destroyed") == 1 and "signed by /O=Grid/OU=vmgrid/CN=host/localhost" in out
+
+
 @pytest.mark.parametrize("args, message", [
     (["vm", "pause", "nobody"], "no live instance"),
     (["vm", "deploy", "bio/none", "x"], "UnknownImage"),
