@@ -123,7 +123,8 @@ def build_container(config: Config, services: list[SoapService], *, port: int | 
     security_dir = Path(c.state_dir) / "security"
 
     def middleware(app):
-        return WSSecurityMiddleware(app, credential, trust, state_dir=security_dir, understood_headers=understood)
+        return WSSecurityMiddleware(app, credential, trust, state_dir=security_dir, understood_headers=understood,
+                                    markup_held=c.limits.max_markup_held)
 
     adapter = (server_ssl_adapter(credential, cert_dir=trust.cert_dir, client_certs=c.tls_client_certs)
                if c.tls else None)

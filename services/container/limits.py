@@ -27,3 +27,6 @@ class ConnectionLimits:
     max_body_bytes: int = MAX_MESSAGE_BYTES  # a request body (WS-Security refuses larger messages anyway)
     max_body_bytes_held: int = 1 << 30   # request body bytes held at once over all connections (read, waiting or
                                          # being answered); past it a body longer than FREE_BODY_BYTES gets 503
+    max_markup_held: int = 4_000_000     # markup items ('<', '=') of the requests over 64 KiB a worker process verifies
+                                         # and answers at once (their parse trees); past it such a request is refused
+                                         # with a Server fault (security/middleware.py MarkupBudget)
