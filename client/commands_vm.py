@@ -379,16 +379,33 @@ def cmd_watch(args) -> int:
     from client.notifications import NotificationConsumer
     from client.soap import default_trust
     from security.client import host_authorizer
+    from services.faults import InstanceMoved
 
     vm = vmm_client(args)
     ref = resolve(vm, args.instance)
-    # A change counts only when the node watched signed it, as its answers must be: the consumer takes any grid host
-    # speaking for its own address, and another node or a guest's container (host certificates too) could otherwise
-    # send this instance's key with a state of its choosing.
-    from_node = host_authorizer(vm.service.url)
+    # A change counts only when the node that holds the instance signed it, as its answers must be: the consumer
+    # takes any grid host speaking for its own address, and another node or a guest's container (host certificates
+    # too) could otherwise send this instance's key with a state of its choosing. A migration hands the watch on:
+    # the node's own "-> Migrated", then its answer naming the node the instance lives on now (InstanceMoved), make
+    # that node the one whose changes count (the subscription moved with the instance).
+    node = {"url": vm.service.url, "signed": host_authorizer(vm.service.url)}
+    waiting: list = []        # this key's changes signed by another host, kept until a move makes that host ours
 
-    def ours(change) -> bool:
-        return change.key == ref.key and from_node(SimpleNamespace(dn=change.signer))
+    def from_node(change) -> bool:
+        return node["signed"](SimpleNamespace(dn=change.signer))
+
+    def show(change) -> None:
+        print(f"{printable(change.time)} {args.instance}: {printable(change.old)} -> {printable(change.new)} "
+              f"(signed by {printable(change.signer)})", flush=True)
+
+    def moved_to() -> str | None:
+        try:
+            vm.status(ref)
+        except InstanceMoved as exc:
+            return exc.address or None
+        except Exception:             # noqa: BLE001 - the node cannot say: the watch ends at Migrated
+            return None
+        return None
 
     host, _, port = args.listen.rpartition(":")
     consumer = NotificationConsumer(default_trust(args.cert_dir), host or "127.0.0.1", int(port or 0)).start()
@@ -403,13 +420,24 @@ def cmd_watch(args) -> int:
             if left <= 0:
                 break
             try:
-                change = consumer.wait(ours, timeout=min(left, 3600.0))
+                change = consumer.wait(lambda c: c.key == ref.key, timeout=min(left, 3600.0))
             except TimeoutError:
                 continue
+            if not from_node(change):
+                waiting[:] = (waiting + [change])[-64:]
+                continue
+            show(change)
             state = change.new
-            print(f"{printable(change.time)} {args.instance}: {printable(change.old)} -> {printable(change.new)} "
-                  f"(signed by {printable(change.signer)})",
-                  flush=True)
+            if state == "Migrated":
+                address = moved_to()
+                if address is None:
+                    break
+                node.update(url=address, signed=host_authorizer(address))
+                print(f"{time.strftime('%H:%M:%S')} {args.instance}: now on {printable(address)}", flush=True)
+                for early in [c for c in waiting if from_node(c)]:     # the new node's first words came first
+                    show(early)
+                    state = early.new
+                waiting.clear()
     except KeyboardInterrupt:
         pass
     finally:

@@ -488,6 +488,31 @@ def test_subscribers_hear_the_move_from_the_source_and_then_from_the_target(grid
         assert consumer.wait(lambda c: c.new == "Destroyed").old == "Running"
 
 
+def test_vmgrid_vm_watch_follows_the_instance_to_its_new_node(grid, grid_pki):
+    """`vmgrid vm watch` hears the move from the source, asks it where the instance went, and from then on takes the
+    changes the new node signs: it ends on the Destroyed that node sends."""
+    import os
+    import subprocess
+    import sys
+    ref = deploy(grid, grid_pki.alice, "cli-watched")
+    env = {**os.environ, **grid_pki.alice.env(grid_pki.cert_dir), "VMGRID_NODE": grid.node_url(0)}
+    watch = subprocess.Popen([sys.executable, "-m", "client.cli", "vm", "watch", "cli-watched", "--timeout", "120"],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = watch.stdout.readline()
+        assert "listening at" in first, first + watch.stderr.read()
+        moved = grid.vmm(grid_pki.alice, 0).migrate(ref, grid.node_url(1))
+        grid.vmm(grid_pki.alice, 1).destroy(moved.ref)
+        out, err = watch.communicate(timeout=150)
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+            watch.wait()
+    assert watch.returncode == 0, err
+    assert "-> Migrating" in out and "-> Migrated" in out and f"now on {grid.node_url(1)}" in out, out
+    assert out.rstrip().splitlines()[-1].split(": ", 1)[1].startswith("Running -> Destroyed"), out
+
+
 def _until(condition, limit: float = 30.0) -> bool:
     """Whether ``condition()`` came true within ``limit`` seconds (bytes arriving at the other node, which no
     event announces); False, not a timing assertion: the test then fails on what did not happen."""
