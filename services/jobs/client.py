@@ -102,11 +102,18 @@ class JobClient:
             raise RuntimeError(f"{self.service.url} has no GridFTP face to stage files through")
         return url
 
+    def _face_dn(self) -> str | None:
+        """The DN the service's GridFTP face must present: the one its answers must be signed by when that is pinned
+        (a guest's job service, named through its instance: the subject the node issued it), so that a face URL the
+        service names elsewhere reaches no other server with the caller's credential; None otherwise (the server's
+        certificate must then name the URL's host)."""
+        return getattr(self.service, "expected_host_dn", None)
+
     def stage_local(self, path: Path, progress: Callable[[int, int], None] | None = None) -> StageIn:
         """Upload a local file to the caller's staging area (verified); the StageIn that brings it into a job."""
         area = self.info().findtext("job:stagingDirectory", namespaces=wire.NS)
         result = upload(path, f"{self.gridftp_url()}{area}{path.name}", 2, credential=self.service.credential,
-                        trust=self.service.trust, progress=progress)
+                        trust=self.service.trust, progress=progress, server_dn=self._face_dn())
         return StageIn(f"staged:{path.name}", path.name, result.sha256)
 
     def submit(self, spec: JobSpec) -> str:
@@ -203,6 +210,6 @@ class JobClient:
             # size: the recorded one; a GridFTP face announcing another is refused before a byte is received or
             # disk reserved (a guest's server could otherwise fill the disk before the sha256 told it apart)
             download(f"{info.directory_url}{name}", target, 2, credential=self.service.credential,
-                     trust=self.service.trust, sha256=sha256, size=size,
+                     trust=self.service.trust, server_dn=self._face_dn(), sha256=sha256, size=size,
                      progress=(lambda d, t, n=name: progress(n, d, t)) if progress else None)
         return [dest / name for name, *_ in info.outputs]

@@ -171,6 +171,30 @@ def test_a_job_with_stage_in_and_out_every_operation_validates_and_outputs_come_
     assert check.seen | {"Cancel"} == set(CONTRACT.operations)     # Cancel's answer: test_cancel_of_a_long_job
 
 
+def test_outputs_come_only_from_the_face_the_service_is_pinned_to(grid, grid_pki, tmp_path):
+    """A job service reached through its instance is held to one DN (the subject the node issued it): its GridFTP
+    face must present that DN too, so a DirectoryURL naming another server (a guest's service is untrusted) reaches
+    no other server with the caller's credential. Pinned to the service's own DN the outputs come; pinned to
+    another, nothing is fetched and nothing written."""
+    from types import SimpleNamespace
+
+    from gridftp.errors import AuthenticationError
+
+    alice = grid.client(grid_pki.alice)
+    info = alice.wait(alice.submit(JobSpec(PY, ("-c", "print('pinned')"))), timeout=120)
+    assert info.state == "Done"
+
+    def pinned(dn):
+        return JobClient(SimpleNamespace(credential=grid_pki.alice.proxy, trust=grid_pki.trust(),
+                                         expected_host_dn=dn, url=grid.url))
+
+    with pytest.raises(AuthenticationError, match="expected '/O=Grid/OU=vmgrid/CN=host/guest.example.org'"):
+        pinned("/O=Grid/OU=vmgrid/CN=host/guest.example.org").fetch_outputs(info, tmp_path / "elsewhere")
+    assert not any((tmp_path / "elsewhere").rglob("*")) if (tmp_path / "elsewhere").exists() else True
+    fetched = pinned(grid_pki.host.subject).fetch_outputs(info, tmp_path / "out")
+    assert (tmp_path / "out" / "stdout").read_text() == "pinned\n" and len(fetched) == 2
+
+
 def test_a_staging_area_and_a_jobs_stage_in_hold_at_most_the_staging_quota(grid_pki, tmp_path):
     """[jobs] staging_quota bounds each user's staging area over the service's GridFTP face (the server's upload
     quota: 552 naming the quota and the usage, before a byte is written; nothing of a refused upload stays or
