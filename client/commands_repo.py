@@ -127,7 +127,33 @@ def grid_client(args):
     try:
         return GridServiceClient(args.url, credential, trust, timeout=call_timeout())
     except ClientError as exc:
+        if "HTTP 404" in str(exc):
+            raise CLIError(no_such_service(args.url)) from None
         raise CLIError(str(exc)) from None
+
+
+# the environment variable naming each service's URL (README), and the option that names it
+_SERVICE_URL_FROM = {"VMManagerService": ("VMGRID_NODE", "--url (--node for job commands)"),
+                     "VMRepositoryService": ("VMGRID_REPOSITORY", "--url"),
+                     "AuthorizationService": ("VMGRID_AUTHZ", "--url")}
+_DEFAULT_URLS = ("https://localhost:8443/wsrf/services/VMManagerService", DEFAULT_REPOSITORY,
+                 "https://localhost:8443/wsrf/services/AuthorizationService")
+
+
+def no_service_hint(url: str) -> str:
+    """What to do when ``url`` names no service there: which variable or option names it, and whether the
+    default was used because neither was given."""
+    service = url.split("?")[0].rstrip("/").rpartition("/")[2]
+    env, option = _SERVICE_URL_FROM.get(service, (None, "the service's URL"))
+    if env is None:
+        return f"check {option}"
+    if os.environ.get(env) is None and url in _DEFAULT_URLS:
+        return f"${env} is not set, so the default URL was used: give the {service}'s URL with {option} or set ${env}"
+    return f"check the {service}'s URL (${env}, {option})"
+
+
+def no_such_service(url: str) -> str:
+    return f"no service answers at {url} (HTTP 404 for its WSDL): {no_service_hint(url)}"
 
 
 def call_timeout() -> float | None:

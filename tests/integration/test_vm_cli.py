@@ -111,6 +111,15 @@ def test_watch_takes_no_change_another_host_signs(grid):
     assert out.count("-> Destroyed") == 1 and "signed by /O=Grid/OU=vmgrid/CN=host/localhost" in out
 
 
+def test_a_url_with_no_vmmanager_is_one_line_saying_what_to_check(grid):
+    """The central container serves no VMManagerService: naming it is one line, not a bare HTTP 404."""
+    url = grid.services_url + "/VMManagerService"
+    r = vmgrid(grid, "vm", "list", "--url", url, check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == (f"vmgrid: no service answers at {url} (HTTP 404 for its WSDL): check the "
+                                f"VMManagerService's URL ($VMGRID_NODE, --url (--node for job commands))")
+
+
 @pytest.mark.parametrize("args, message", [
     (["vm", "pause", "nobody"], "no live instance"),
     (["vm", "deploy", "bio/none", "x"], "UnknownImage"),
