@@ -575,6 +575,11 @@ class _Session:
             if self.anonymous and not self.server.insecure_anonymous_writes:
                 raise _Reply(550, f"{vpath}: permission denied (anonymous access is read-only).")
         if not self.server.allowed(self.dn, op, vpath):
+            # a path one may not read is answered as a missing one would be, and says both: whether it exists is
+            # not this caller's to learn (an image's bytes, another user's job), and "permission denied" alone
+            # read as a refusal of a file that was in fact not there
+            if op in ("read", "list"):
+                raise _Reply(550, f"{vpath}: no such file, or permission denied.")
             raise _Reply(550, f"{vpath}: permission denied.")
 
     def _real(self, vpath: str) -> Path:

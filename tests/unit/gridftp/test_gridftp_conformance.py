@@ -463,13 +463,16 @@ def test_denied_paths_via_authorization_callback(start_server):
 
     def authorize(dn, op, path):
         decisions.append((dn, op, path))
-        return path != "/data/f3m" and not (op == "list" and path == "/data")
+        return path not in ("/data/f3m", "/data/absent") and not (op == "list" and path == "/data")
 
     server = start_server(authorize=authorize)
     s = RawFTP("127.0.0.1", server.port)
     s.login_anonymous()
     s.expect("SIZE /data/small", 213)
-    assert "permission denied" in s.expect("SIZE /data/f3m", 550).text
+    # a path one may not read: the same answer whether it exists or not (no oracle), naming both causes
+    assert s.expect("SIZE /data/f3m", 550).text == "/data/f3m: no such file, or permission denied."
+    assert s.expect("SIZE /data/absent", 550).text == "/data/absent: no such file, or permission denied."
+    assert s.expect("SIZE /data/missing", 550).text == "/data/missing: no such file or directory."   # one may read
     s.expect("CKSM SHA256 0 -1 /data/f3m", 550)
     s.expect("MDTM /data/f3m", 550)
     s.pasv()
