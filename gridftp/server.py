@@ -58,6 +58,8 @@ FEATURES = [
     "CKSM " + "".join(f"{a}:10;" for a in CHECKSUM_ALGORITHMS),
     "MLST type*;size*;modify*;perm*;",
 ]
+# the commands that use the data connection set up by PASV/EPSV/SPAS or PORT/EPRT/SPOR
+DATA_VERBS = {"RETR", "ERET", "STOR", "ESTO", "LIST", "NLST", "MLSD"}
 
 
 class _Reply(Exception):
@@ -548,14 +550,15 @@ class _Session:
             return True
         try:
             result = handler(arg.strip() if verb not in ("PASS",) else arg)
-        except _Reply as r:
-            self.reply(r.code, r.text)
-            return True
-        except PathError as exc:
-            self.reply(550, str(exc))
-            return True
-        except ProtocolError as exc:
-            self.reply(501, str(exc))
+        except (_Reply, PathError, ProtocolError) as exc:
+            if verb in DATA_VERBS:
+                # a refused transfer leaves no data setup behind: a passive listener closed, a PORT forgotten
+                # (was: a path the file space refused before the handler's own reset kept the PASV port open)
+                self._reset_transfer_state()
+            if isinstance(exc, _Reply):
+                self.reply(exc.code, exc.text)
+            else:
+                self.reply(550 if isinstance(exc, PathError) else 501, str(exc))
             return True
         return result is not False
 

@@ -516,6 +516,19 @@ def test_writes_only_inside_the_upload_area(writable, tree):
     assert (tree / "data" / "small").exists()
 
 
+@pytest.mark.parametrize("command", ["STOR /up/x.vmgrid-part", "STOR /data/new", "RETR /up/absent",
+                                     "RETR /up/x.vmgrid-part.ranges", "LIST /nowhere"])
+def test_a_refused_transfer_closes_its_passive_listener(writable, command):
+    """Whatever refuses a transfer command (a reserved name, the upload area, a missing path), the passive port it
+    was to use is closed with the refusal: nothing listens there for a client to connect to later."""
+    host, port = writable.pasv()
+    assert writable.cmd(command).code in (550, 553)
+    with pytest.raises(OSError):
+        socket.create_connection((host, port), timeout=5).close()
+    writable.pasv()                                   # the session goes on
+    assert writable.cmd("STOR /up/after.bin").code == 150
+
+
 def test_stor_stream_mode(writable, tree):
     payload = os.urandom(200_000)
     addr = writable.pasv()
