@@ -13,6 +13,7 @@ from typing import Callable
 from lxml import etree
 
 from gridftp import download, upload
+from gridftp.filespace import is_internal
 from services.jobs import wire
 from services.jobs.store import JobSpec, StageIn
 from services.wsrf.epr import EndpointReference
@@ -180,6 +181,10 @@ class JobClient:
             if not isinstance(name, str) or not OUTPUT_NAME.fullmatch(name):
                 raise RuntimeError(f"the job service named an output {name!r}, not a path inside the job's "
                                    f"directory (jobs.xsd RelativePathType): nothing fetched")
+            if is_internal(name):      # received as NAME.vmgrid-part: one so named would be another's part file
+                raise RuntimeError(f"the job service named an output {name!r}, a name the transfer keeps for its "
+                                   f"own part files (a vmgrid job service refuses it at submission): nothing "
+                                   f"fetched")
         if dest.exists() and not dest.is_dir():
             raise RuntimeError(f"{dest} is a file: name a directory for the outputs")
         todo, differ, blocked = [], [], []

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from gridftp.checksum import hash_file
+from gridftp.filespace import PART_SUFFIX, SIDECAR_SUFFIX, is_internal
 from services.faults import AccessDenied, IllegalTransition, InvalidArgument, LimitExceeded, ResourceUnknown
 from services.jobs.config import JobsConfig
 from services.jobs.runner import (Exit, Process, job_environment, pid_namespaces, pids_cgroups, read_exit,
@@ -145,6 +146,11 @@ class JobManager:
             if rel.startswith("/") or ".." in rel.split("/") or not rel.strip("/"):
                 raise InvalidArgument(f"{what} {rel!r} must be a relative path inside the job's directory",
                                       argument=what)
+            if is_internal(rel):
+                # the GridFTP face never serves these names (a file being received and its range markers), and a
+                # client fetching output X receives it as X.vmgrid-part: an output so named could not come back
+                raise InvalidArgument(f"{what} {rel!r}: names ending in {PART_SUFFIX} or {SIDECAR_SUFFIX} are the "
+                                      f"transfer's own; choose another name", argument=what)
         for s in spec.stage_in:
             if not s.source.startswith(("gsiftp://", "ftp://", "staged:")):
                 raise InvalidArgument(f"stage-in source {s.source!r}: a gsiftp:// or ftp:// URL, or staged:NAME",

@@ -319,6 +319,19 @@ def test_schema_invalid_requests_get_a_typed_fault(grid, grid_pki, payload, argu
     assert grid.service.jobs.store.list() == []
 
 
+@pytest.mark.parametrize("spec", [
+    JobSpec(PY, ("-c", "pass"), stage_out=(StageOut("result.vmgrid-part", None),)),
+    JobSpec(PY, ("-c", "pass"), stdout="log/out.vmgrid-part.ranges"),
+    JobSpec(PY, ("-c", "pass"), stage_in=(StageIn("staged:a", "in.vmgrid-part"),))])
+def test_names_the_transfer_keeps_for_its_part_files_are_refused_at_submission(grid, grid_pki, spec):
+    """An output named X.vmgrid-part could never be fetched (the face does not serve such names) and would collide
+    with output X's part file in `vmgrid job get`: refused with the name and the reason, nothing submitted."""
+    alice = grid.client(grid_pki.alice)
+    with pytest.raises(InvalidArgument, match="are the transfer's own; choose another name"):
+        alice.submit(spec)
+    assert alice.list(include_ended=True) == []
+
+
 def test_a_bad_job_key_is_invalid_and_an_unknown_one_is_resource_unknown(grid, grid_pki):
     alice = grid.client(grid_pki.alice)
     with pytest.raises(InvalidArgument):

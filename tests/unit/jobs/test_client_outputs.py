@@ -19,6 +19,17 @@ def test_an_output_name_that_leaves_the_directory_fetches_nothing(tmp_path, name
     assert list(tmp_path.iterdir()) == []                    # nothing written, not even the directory
 
 
+@pytest.mark.parametrize("name", ["x.vmgrid-part", "out/x.vmgrid-part.ranges"])
+def test_an_output_named_as_another_outputs_part_file_fetches_nothing(tmp_path, name):
+    """Output X is received as X.vmgrid-part: an output of that name would be overwritten by, or overwrite, X's part
+    file. A vmgrid job service refuses such names at submission (test_jobs_service); a client refuses them too."""
+    info = JobInfo("job-" + "a" * 32, state="Done", outputs=[("x", 5, SHA, None), (name, 5, SHA, None)],
+                   directory_url="gsiftp://127.0.0.1:1/jobs/job-" + "a" * 32 + "/")
+    with pytest.raises(RuntimeError, match="a name the transfer keeps for its own part files"):
+        JobClient(service=None).fetch_outputs(info, tmp_path / "results")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_names_the_service_itself_writes_pass():
     for name in ("stdout", "stderr", "sorted.txt", "out/tmap.1.png", "a-b_c+d.e"):
         assert OUTPUT_NAME.fullmatch(name), name
