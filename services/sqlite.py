@@ -1,5 +1,5 @@
 """SQLite as the services use it: one database file in WAL mode, a connection per thread (all of
-them closed by ``close``), and write transactions that take SQLite's write lock up front."""
+them let go by ``close``), and write transactions that take SQLite's write lock up front."""
 from __future__ import annotations
 
 import itertools
@@ -55,15 +55,20 @@ class Database:
             db.execute("COMMIT")
 
     def close(self) -> None:
-        """Close every thread's connection."""
+        """Let go of every thread's connection: this thread's is closed now, each other one as soon as no thread
+        holds it, which is at once for an idle one (its last references are dropped here) and when its query ends
+        for one another thread is using. Closing that one from here, under its running query, crashed the process
+        (a job's watcher thread reading its record while the service stopped: SIGSEGV in sqlite3)."""
         with self._lock:
             conns, self._all = self._all, []
-        for db in conns:
+        mine = getattr(self._local, "db", None)
+        self._local = threading.local()          # each thread's reference to its connection goes with the old one
+        del conns
+        if mine is not None:
             try:
-                db.close()
+                mine.close()
             except sqlite3.Error:
                 pass
-        self._local = threading.local()
 
 
 class WalSync:
