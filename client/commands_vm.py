@@ -116,6 +116,17 @@ def parse_seconds(text: str) -> int:
     return int(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
 
 
+def _human(seconds: int) -> str:
+    """A lifetime as a person reads it: 45 s, 90 min, 2 h, 1 d 6 h."""
+    if seconds < 120:
+        return f"{seconds} s"
+    if seconds < 2 * 3600:
+        return f"{seconds // 60} min" + (f" {seconds % 60} s" if seconds % 60 else "")
+    if seconds < 2 * 86400:
+        return f"{seconds // 3600} h" + (f" {seconds % 3600 // 60} min" if seconds % 3600 // 60 else "")
+    return f"{seconds // 86400} d" + (f" {seconds % 86400 // 3600} h" if seconds % 86400 // 3600 else "")
+
+
 def vmm_client(args, url: str | None = None):
     from client.commands_repo import grid_client
     from client.vmmanager import VMManagerClient
@@ -222,9 +233,13 @@ def cmd_deploy(args) -> int:
     if args.vcpus is not None:
         set_field(descriptor, "hardware", "vcpus", args.vcpus)
     vm = vmm_client(args, node_url)
-    info = _call(vm.deploy, descriptor, args.identifier, parse_seconds(args.lifetime), paused=args.paused)
+    lifetime = parse_seconds(args.lifetime)
+    info = _call(vm.deploy, descriptor, args.identifier, lifetime, paused=args.paused)
     print(f"deploying {args.image} as {args.identifier} ({printable(info.ref.key)}) on {printable(info.node)}: "
-          f"address {printable(info.address)}, mac {printable(info.mac)}", file=sys.stderr)
+          f"address {printable(info.address)}, mac {printable(info.mac)}, lifetime {_human(lifetime)}"
+          + (f" (a bare number is seconds: {args.lifetime.strip()}m, {args.lifetime.strip()}h or "
+             f"{args.lifetime.strip()}d name minutes, hours, days)" if args.lifetime.strip().isdigit() and lifetime < 60
+             else ""), file=sys.stderr)
     name = shlex.quote(args.identifier)
     if node_url != os.environ.get("VMGRID_NODE"):             # a node named by --url: so do the commands
         name += f" --url {shlex.quote(node_url)}"

@@ -35,6 +35,7 @@ def test_deploy_control_and_report_from_the_command_line(grid, tmp_path):
     info = json.loads(out.stdout)
     assert info["state"] == "Running" and info["address"].startswith("10.99.0.")
     assert "Staging" in out.stderr or "Running" in out.stderr
+    assert ", lifetime 10 min" in out.stderr and "bare number" not in out.stderr
     listed = vmgrid(grid, "vm", "list").stdout
     assert "cli-1" in listed and "Running" in listed
     assert "Paused" in vmgrid(grid, "vm", "pause", "cli-1").stdout
@@ -50,6 +51,14 @@ def test_deploy_control_and_report_from_the_command_line(grid, tmp_path):
     report = vmgrid(grid, "report", "--out", str(tmp_path / "fig.png")).stdout
     assert "stage" in report and "share" in report
     assert (tmp_path / "fig.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_bare_number_lifetime_under_a_minute_is_said_to_be_seconds(grid):
+    """`--lifetime 30` is 30 seconds (as the help says); deploy says so, and how to name minutes or hours."""
+    out = vmgrid(grid, "vm", "deploy", "bio/debian12-emboss", "brief", "--lifetime", "30", "--no-wait")
+    assert ("lifetime 30 s (a bare number is seconds: 30m, 30h or 30d name minutes, hours, days)" in out.stderr), \
+        out.stderr
+    vmgrid(grid, "vm", "destroy", "brief")
 
 
 def test_watch_follows_signed_state_changes(grid):
