@@ -42,6 +42,7 @@ from security.client import host_authorizer
 from security.delegation import DelegationError, accept as accept_delegation
 from security.pki import Credential
 from services.common.crash import crashpoint
+from services.common.errors import printable
 from services.faults import (AccessDenied, IllegalTransition, InstanceMoved, InternalFault, InvalidArgument,
                              MigrationFault, ResourceUnknown, TransferFault, VMGridFault, ChecksumMismatch)
 from services.vmmanager import phases, states
@@ -985,7 +986,7 @@ def _fixup(node: "Node", inst: Instance, running: bool) -> str:
     have = (net.get("detail") or {}).get("address") if net.get("ok") else None
     if have != inst.address:
         why = net.get("error") or ((steps.get("migrated") or {}).get("error")) or f"guestd reports {have!r}"
-        return f"migrated here; guestd did not set the new address {inst.address}: {why}"
+        return f"migrated here; guestd did not set the new address {inst.address}: {printable(why, 400)}"
     note = f"migrated here; guestd set address {inst.address}, MAC {inst.mac} and the clock; " \
            f"{phases.guest_summary(status)}"
     cert = guestcred.deliver(node.config, channel, status, inst.address, hostname, home)

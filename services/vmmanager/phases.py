@@ -23,6 +23,8 @@ from lxml import etree
 from guestd.context import FILE_NAME as CONTEXT_FILE
 from guestd.sources.iso9660 import read_file as read_iso_file
 from services.common.crash import crashpoint
+from services.common.errors import printable
+from services.wsrf.properties import xml_text
 from services.descriptor import NSMAP as WS_NSMAP
 from services.descriptor import Descriptor, image_blake3
 from services.faults import VMMFault
@@ -373,18 +375,28 @@ class _EarlyRecontext:
 def guest_summary(status: dict) -> str:
     """guestd's status in one line for the GuestStatus property: ready or not, the steps that failed,
     the address it set on which interface, and the grid container's state."""
+    # Every value here is the guest's own words (guestd's report): each is shown escaped and cut short, so that the
+    # property is one bounded line whatever a guest sends (control characters, line breaks, 60 KiB strings).
+    def g(value: object, limit: int = 120) -> str:
+        return xml_text(printable(value, limit))      # a lone surrogate too: SQLite could not even store it
+
+    def d(value: object) -> dict:
+        return value if isinstance(value, dict) else {}
+
     if not status.get("ready"):
-        return f"not ready: {status.get('error') or 'no ready report'}"
-    steps = status.get("steps") or {}
-    failed = sorted(n for n, r in steps.items() if isinstance(r, dict) and not r.get("ok", True))
-    parts = ["ready" if not failed else f"ready, failed steps: {', '.join(failed)}"]
-    net = (steps.get("network") or {}).get("detail") or {}
+        return f"not ready: {g(status.get('error') or 'no ready report', 400)}"
+    steps = d(status.get("steps"))
+    failed = sorted(str(n) for n, r in steps.items() if isinstance(r, dict) and not r.get("ok", True))
+    shown = ", ".join(g(n, 40) for n in failed[:8]) + (f" and {len(failed) - 8} more" if len(failed) > 8 else "")
+    parts = ["ready" if not failed else f"ready, failed steps: {shown}"]
+    net = d(d(steps.get("network")).get("detail"))
     if net.get("address"):
-        parts.append(f"address {net['address']}/{net.get('netmask', '?')} on {net.get('interface', '?')}")
-    container = status.get("container") or {}
+        parts.append(f"address {g(net['address'], 64)}/{g(net.get('netmask', '?'), 64)} on "
+                     f"{g(net.get('interface', '?'), 64)}")
+    container = d(status.get("container"))
     if container:
         parts.append(f"container {'running' if container.get('running') else 'not running'}"
-                     + (f" (pid {container['pid']})" if container.get("pid") else ""))
+                     + (f" (pid {g(container['pid'], 20)})" if container.get("pid") else ""))
     return "; ".join(parts)
 
 

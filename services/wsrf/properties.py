@@ -15,6 +15,7 @@ and one entry in the set (and its element in the WSDL's resource-property docume
 """
 from __future__ import annotations
 
+import re
 from typing import Any, ClassVar, Generic, Iterable, TypeVar
 
 from lxml import etree
@@ -24,13 +25,27 @@ from services.wsrf.namespaces import RP, XPATH_DIALECT
 
 R = TypeVar("R")
 
+# what XML 1.0 cannot carry (Char production): the C0 controls but tab and line breaks, lone surrogates, U+FFFE/FFFF
+_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def xml_text(value: object) -> str:
+    """``value`` as element text XML 1.0 can carry: each character it cannot written as an escape (``\\x01``,
+    ``\\ud800``). A property's value may hold words a guest or a peer chose (a guest's status); one control
+    character in it made every answer that carries the property fail (lxml refuses to build the element)."""
+    text = str(value)
+    if _NOT_XML.search(text) is None:
+        return text
+    return _NOT_XML.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}",
+                        text)
+
 
 def element(qname: str, text: object | None = None, prefix: str | None = None) -> etree._Element:
     """An element named ``qname`` (Clark notation) with ``text``; ``prefix`` for its namespace if given."""
     ns = etree.QName(qname).namespace
     el = etree.Element(qname, nsmap={prefix: ns} if prefix and ns else None)
     if text is not None:
-        el.text = str(text)
+        el.text = xml_text(text)
     return el
 
 
@@ -38,7 +53,7 @@ def sub(parent: etree._Element, qname: str, text: object | None = None) -> etree
     """A child ``qname`` of ``parent`` with ``text``."""
     el = etree.SubElement(parent, qname)
     if text is not None:
-        el.text = str(text)
+        el.text = xml_text(text)
     return el
 
 

@@ -49,6 +49,20 @@ def test_pages_follow_the_cursor_and_a_foreign_cursor_is_refused(grid, grid_pki)
     assert grid.vmm(grid_pki.bob).list() == []             # bob's own: none
 
 
+def test_a_guests_control_characters_in_its_status_stop_no_listing(grid, grid_pki):
+    """A GuestStatus holding characters XML cannot carry (a guest's words recorded before they were escaped, or any
+    other way in) is answered escaped: the owner's ListInstances and the instance's status still come back."""
+    key = grid.listed[1]
+    grid.node(0).store.update(key, guest_status="not ready: \x01\x00 and \x1b[2J")
+    vm = grid.vmm(grid_pki.alice)
+    try:
+        shown = {i.ref.key: i.guest_status for i in vm.list()}
+        assert shown[key] == "not ready: \\x01\\x00 and \\x1b[2J"
+        assert vm.status(next(i.ref for i in vm.list() if i.ref.key == key)).guest_status == shown[key]
+    finally:
+        grid.node(0).store.update(key, guest_status="")
+
+
 def test_the_commands_of_docs_vmmanager_md_run_as_written(grid, grid_pki, tmp_path):
     m = re.search(re.escape(MARK) + r"\n```sh\n(.*?)```", DOC.read_text(), re.S)
     assert m, "docs/vmmanager.md lost its tested vm list commands"
