@@ -45,10 +45,17 @@ class AnswerTooLarge(HTTPSError):
     """The answer is longer than the bound: not read further, the connection dropped."""
 
 
+_OFF = object()      # an entry's socket once its exchange has ended (disarmed)
+
+
 class _Watchdog:
     """Deadlines of exchanges under way: past its deadline, an exchange's socket is shut down (at the descriptor,
     whatever object wraps it: a TLS handshake under way too), so the read that waits on it ends at once. One daemon
-    thread per process, started at the first exchange; arming and disarming take a lock and a heap push."""
+    thread per process, started at the first exchange; arming and disarming take a lock and a heap push.
+
+    An entry holds the socket object, never its descriptor's number: a socket closed before its entry was disarmed
+    (http.client and ssl close theirs on some errors) has no descriptor any more, and shutting it down fails, where a
+    number could by then name another connection of the process (a server's, a transfer's) and cut that one."""
 
     def __init__(self) -> None:
         self._heap: list[list] = []
@@ -58,7 +65,7 @@ class _Watchdog:
         self._disarmed = 0          # entries in the heap whose exchange ended before their deadline
 
     def arm(self, deadline: float) -> list:
-        """An entry [deadline, seq, fd, fired]; its fd is set (``watch``) once the socket exists."""
+        """An entry [deadline, seq, socket, fired]; its socket is set (``watch``) once it exists."""
         entry = [deadline, next(self._seq), None, False]
         with self._cond:
             if self._thread is None or not self._thread.is_alive():
@@ -72,23 +79,23 @@ class _Watchdog:
         return entry
 
     def _compact(self) -> None:
-        self._heap = [e for e in self._heap if e[2] != -1]
+        self._heap = [e for e in self._heap if e[2] is not _OFF]
         heapq.heapify(self._heap)
         self._disarmed = 0
 
-    def watch(self, entry: list, fd: int) -> None:
+    def watch(self, entry: list, sock: socket.socket) -> None:
         with self._cond:
-            if entry[2] == -1:                  # disarmed
+            if entry[2] is _OFF:                # disarmed
                 return
-            entry[2] = fd
+            entry[2] = sock
             if entry[3]:                        # already past its deadline as the socket was made
-                _shutdown(fd)
+                _shutdown(sock)
 
     def disarm(self, entry: list) -> bool:
         """Stop watching (before the socket is closed: its descriptor may be reused); whether it fired."""
         with self._cond:
-            if entry[2] != -1:
-                entry[2] = -1
+            if entry[2] is not _OFF:
+                entry[2] = _OFF
                 if not entry[3]:                # still in the heap
                     self._disarmed += 1
             return entry[3]
@@ -97,12 +104,12 @@ class _Watchdog:
         with self._cond:
             while True:
                 now = time.monotonic()
-                while self._heap and (self._heap[0][0] <= now or self._heap[0][2] == -1):
+                while self._heap and (self._heap[0][0] <= now or self._heap[0][2] is _OFF):
                     entry = heapq.heappop(self._heap)
-                    if entry[2] == -1:
+                    if entry[2] is _OFF:
                         self._disarmed -= 1
                     elif not entry[3]:
-                        entry[3] = True          # not connected yet (fd None): watch shuts it down when it is
+                        entry[3] = True          # not connected yet (None): watch shuts it down when it is
                         if entry[2] is not None:
                             _shutdown(entry[2])
                 # a wake-up at most every quarter second, however many calls end (each leaves its entry until its
@@ -110,17 +117,13 @@ class _Watchdog:
                 self._cond.wait(max(self._heap[0][0] - now, 0.25) if self._heap else None)
 
 
-def _shutdown(fd: int) -> None:
+def _shutdown(sock: socket.socket) -> None:
+    """Shut the socket's descriptor down, at the socket level (ssl.SSLSocket.shutdown would also drop its TLS state
+    under the thread reading it); a socket already closed has no descriptor: nothing happens."""
     try:
-        s = socket.socket(fileno=fd)
-    except OSError:
-        return
-    try:
-        s.shutdown(socket.SHUT_RDWR)
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
     except OSError:
         pass
-    finally:
-        s.detach()
 
 
 _WATCHDOG = _Watchdog()
@@ -143,7 +146,7 @@ class _WatchedHTTP(http.client.HTTPConnection):
     def connect(self) -> None:
         super().connect()
         if self.deadline_entry is not None:
-            _WATCHDOG.watch(self.deadline_entry, self.sock.fileno())
+            _WATCHDOG.watch(self.deadline_entry, self.sock)
 
 
 class _WatchedHTTPS(http.client.HTTPSConnection):
@@ -152,9 +155,18 @@ class _WatchedHTTPS(http.client.HTTPSConnection):
 
     def connect(self) -> None:
         http.client.HTTPConnection.connect(self)
-        if self.deadline_entry is not None:
-            _WATCHDOG.watch(self.deadline_entry, self.sock.fileno())
-        self.sock = self._context.wrap_socket(self.sock, server_hostname=self.host)
+        entry = self.deadline_entry
+        if entry is not None:
+            _WATCHDOG.watch(entry, self.sock)
+        # the TLS socket takes the descriptor over (the plain one is detached): watched before its handshake
+        self.sock = self._context.wrap_socket(self.sock, server_hostname=self.host, do_handshake_on_connect=False)
+        if entry is not None:
+            _WATCHDOG.watch(entry, self.sock)
+        try:
+            self.sock.do_handshake()
+        except BaseException:
+            self.sock.close()
+            raise
 
 
 @dataclass
@@ -242,7 +254,7 @@ class HTTPSPool:
         entry = _WATCHDOG.arm(time.monotonic() + limit)
         conn.deadline_entry = entry
         if conn.sock is not None:
-            _WATCHDOG.watch(entry, conn.sock.fileno())
+            _WATCHDOG.watch(entry, conn.sock)
         try:
             if timeout is not None:
                 conn.timeout = timeout

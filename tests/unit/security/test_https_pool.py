@@ -213,3 +213,34 @@ def test_a_server_that_drips_its_handshake_or_answer_is_cut_off_at_the_calls_tim
     finally:
         stop.set()
         listener.close()
+
+
+def test_the_watchdog_never_cuts_a_connection_that_took_over_a_closed_sockets_descriptor():
+    """An exchange's socket closed before its deadline entry was disarmed (http.client and ssl close theirs on some
+    errors) leaves the entry in the watchdog's heap. Its descriptor's number is reused at once by the next socket the
+    process opens (here a socket pair, as a server's accepted connection would): when the stale entry's deadline
+    passes, that new connection must go on. The watchdog held the number and shut the new connection down."""
+    import time
+
+    from security.https import _WATCHDOG
+
+    old = socket.socket()
+    entry = _WATCHDOG.arm(time.monotonic() + 0.05)
+    _WATCHDOG.watch(entry, old)
+    number = old.fileno()
+    old.close()                                           # closed, not disarmed
+    a, b = socket.socketpair()
+    try:
+        assert number in (a.fileno(), b.fileno())         # the lowest free descriptor: the closed one's
+        deadline = time.monotonic() + 30
+        while not entry[3] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert entry[3], "the stale entry's deadline never fired"
+        a.sendall(b"still here")
+        assert b.recv(100) == b"still here"
+        b.sendall(b"and back")
+        assert a.recv(100) == b"and back"
+    finally:
+        _WATCHDOG.disarm(entry)
+        a.close()
+        b.close()
