@@ -173,13 +173,8 @@ class WSSecurityMiddleware:
             return self.app(environ, start_response)
         try:
             body = self._read_body(environ)
-        except WSSecurityError as exc:
-            log.info("refused a request from %s: %s", environ.get("REMOTE_ADDR", "?"), exc)
-            return self._fault(start_response, exc.qname, exc.reason)
-        except Exception:  # noqa: BLE001 - never an HTTP 500 without a SOAP fault
-            log.exception("could not read a request from %s", environ.get("REMOTE_ADDR", "?"))
-            return self._fault(start_response, etree.QName(SOAP11, "Server"),
-                               "the message could not be read (an internal error; see the service log)")
+        except Exception as exc:  # noqa: BLE001 - never an HTTP 500 without a SOAP fault
+            return self._refused(environ, start_response, exc, "read")
         items = 0
         if len(body) > COUNTED_BODY_BYTES:
             counted = body.count(b"<") + body.count(b"=")
@@ -204,13 +199,8 @@ class WSSecurityMiddleware:
     def _verified(self, environ: dict, start_response: StartResponse, body: bytes) -> Iterable[bytes]:
         try:
             caller, root = verify_envelope(body, self.trust, replay=self.replay, policy=self.policy)
-        except WSSecurityError as exc:
-            log.info("refused a request from %s: %s", environ.get("REMOTE_ADDR", "?"), exc)
-            return self._fault(start_response, exc.qname, exc.reason)
-        except Exception:  # noqa: BLE001 - never an HTTP 500 without a SOAP fault
-            log.exception("could not verify a request from %s", environ.get("REMOTE_ADDR", "?"))
-            return self._fault(start_response, etree.QName(SOAP11, "Server"),
-                               "the message could not be verified (an internal error; see the service log)")
+        except Exception as exc:  # noqa: BLE001 - never an HTTP 500 without a SOAP fault
+            return self._refused(environ, start_response, exc, "verified")
         not_understood = must_understand_violations(root, self.understood)
         if not_understood:
             names = ", ".join(str(etree.QName(q).localname) for q in not_understood)
@@ -223,6 +213,16 @@ class WSSecurityMiddleware:
         environ["CONTENT_LENGTH"] = str(len(body))
         environ[SIGNS_RESPONSE] = self.sign_responses
         return self._call_and_sign(environ, start_response)
+
+    def _refused(self, environ: dict, start_response: StartResponse, exc: Exception, step: str) -> list[bytes]:
+        """The fault for a request refused as it was read or verified: its WS-Security fault, or a Server fault for
+        an internal error (logged with its traceback)."""
+        if isinstance(exc, WSSecurityError):
+            log.info("refused a request from %s: %s", environ.get("REMOTE_ADDR", "?"), exc)
+            return self._fault(start_response, exc.qname, exc.reason)
+        log.error("could not get a request from %s %s", environ.get("REMOTE_ADDR", "?"), step, exc_info=exc)
+        return self._fault(start_response, etree.QName(SOAP11, "Server"),
+                           f"the message could not be {step} (an internal error; see the service log)")
 
     def _read_body(self, environ: dict) -> bytes:
         stream = environ["wsgi.input"]

@@ -61,23 +61,31 @@ def test_a_bare_number_lifetime_under_a_minute_is_said_to_be_seconds(grid):
     vmgrid(grid, "vm", "destroy", "brief")
 
 
-def test_watch_follows_signed_state_changes(grid):
-    """watch subscribes, then the instance's lifetime is cut short and the node's sweeper ends it: the
-    watcher sees the signed change to Destroyed. (The lifetime is shortened only once watch listens, so a
-    slow machine cannot let the instance expire before watch finds it.)"""
-    vmgrid(grid, "vm", "deploy", "bio/debian12-emboss", "watched", "--lifetime", "10m")
-    watch = subprocess.Popen([sys.executable, "-m", "client.cli", "vm", "watch", "watched", "--timeout", "120"],
+def _watched(grid, name: str, meanwhile) -> str:
+    """`vmgrid vm watch NAME` until it ends: once it listens, ``meanwhile(consumer URL, process)`` runs, then the
+    instance's lifetime is cut to 2 s (the node's sweeper ends it); what the watch printed."""
+    watch = subprocess.Popen([sys.executable, "-m", "client.cli", "vm", "watch", name, "--timeout", "120"],
                              env={**grid.env("alice"), **grid.env_extra}, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     try:
         first = watch.stdout.readline()
         assert "listening at" in first, first + watch.stderr.read()
-        vmgrid(grid, "vm", "lifetime", "watched", "2s")
+        meanwhile(first.rsplit("listening at ", 1)[1].rstrip(")\n"), watch)
+        vmgrid(grid, "vm", "lifetime", name, "2s")
         out, _ = watch.communicate(timeout=150)
     finally:
         if watch.poll() is None:
             watch.kill()
             watch.wait()
+    return out
+
+
+def test_watch_follows_signed_state_changes(grid):
+    """watch subscribes, then the instance's lifetime is cut short and the node's sweeper ends it: the
+    watcher sees the signed change to Destroyed. (The lifetime is shortened only once watch listens, so a
+    slow machine cannot let the instance expire before watch finds it.)"""
+    vmgrid(grid, "vm", "deploy", "bio/debian12-emboss", "watched", "--lifetime", "10m")
+    out = _watched(grid, "watched", lambda consumer, watch: None)
     assert "-> Destroyed" in out and "signed by /O=Grid/OU=vmgrid/CN=host/localhost" in out
 
 
@@ -94,13 +102,8 @@ def test_watch_takes_no_change_another_host_signs(grid):
 
     key = json.loads(vmgrid(grid, "vm", "deploy", "bio/debian12-emboss", "spoofed", "--lifetime", "10m",
                             "--json").stdout)["key"]
-    watch = subprocess.Popen([sys.executable, "-m", "client.cli", "vm", "watch", "spoofed", "--timeout", "120"],
-                             env={**grid.env("alice"), **grid.env_extra}, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
-    try:
-        first = watch.stdout.readline()
-        assert "listening at" in first, first + watch.stderr.read()
-        consumer = first.rsplit("listening at ", 1)[1].rstrip(")\n")
+
+    def forge(consumer, watch):
         other = grid.ca.issue_host("10.99.0.250", ou=OU)
         forged = state_change_envelope(consumer, "https://10.99.0.250:8443/wsrf/services/VMManagerService", key,
                                        "spoofed", "Running", "Destroyed", 0.0)
@@ -110,12 +113,8 @@ def test_watch_takes_no_change_another_host_signs(grid):
         with urllib.request.urlopen(request, timeout=30) as answer:
             assert answer.status == 200          # taken by the consumer (a host speaking for its own address) ...
         assert watch.poll() is None              # ... but not by the watch: it still runs
-        vmgrid(grid, "vm", "lifetime", "spoofed", "2s")
-        out, _ = watch.communicate(timeout=150)
-    finally:
-        if watch.poll() is None:
-            watch.kill()
-            watch.wait()
+
+    out = _watched(grid, "spoofed", forge)
     assert "10.99.0.250" not in out and "1970" not in out
     assert out.count("-> Destroyed") == 1 and "signed by /O=Grid/OU=vmgrid/CN=host/localhost" in out
 
