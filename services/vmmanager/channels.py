@@ -93,6 +93,17 @@ class ChannelPaths:
             except OSError:     # not there (QEMU removed it), or the directory is gone
                 pass
 
+    def let_go(self) -> bool:
+        """At the node's stop: remove its short directory when nothing is left in it (no guest runs on); whether
+        it was removed. The next start makes it again. Without this every node ever run under a deep state
+        directory left an empty directory in /run/vmgrid."""
+        try:
+            _check_private(self.short_dir)
+            os.rmdir(self.short_dir)
+            return True
+        except (OSError, ChannelDirError):      # not there, not ours, or a guest's socket still in it
+            return False
+
     def sweep(self, live: set[str]) -> int:
         """Remove the short directory's sockets of instances not in ``live``; the number removed."""
         removed = 0

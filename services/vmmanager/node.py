@@ -157,6 +157,8 @@ class Node:
             self.notifier.close()
         self.repository.close()
         self.vmm.close()
+        if self.parts.channels is not None:
+            self.parts.channels.let_go()
         self.store.close()
 
     @contextmanager

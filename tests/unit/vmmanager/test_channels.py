@@ -106,6 +106,19 @@ def test_sockets_of_ended_instances_are_removed(tmp_path):
     assert sorted(os.listdir(paths.short_dir)) == [other + ".sock"]
 
 
+def test_a_stopping_node_removes_its_short_directory_only_when_nothing_is_left_in_it(tmp_path):
+    """A node's stop lets go of its short directory (each node run under a deep state directory left an empty one in
+    /run/vmgrid); a guest still running keeps its socket there, and then the directory stays."""
+    base = tmp_path / "short"
+    paths = ChannelPaths(deep(tmp_path), base=base)
+    paths.path(KEY).write_bytes(b"")                    # a running guest's socket
+    assert paths.let_go() is False and paths.path(KEY).exists()
+    paths.remove(KEY)
+    assert paths.let_go() is True and not paths.short_dir.exists() and base.is_dir()
+    assert paths.let_go() is False                      # already gone: nothing to do
+    assert paths.path(KEY).parent == paths.short_dir and paths.short_dir.is_dir()   # the next start makes it again
+
+
 def test_a_node_whose_sockets_fit_neither_form_is_refused(tmp_path):
     paths = ChannelPaths(deep(tmp_path), base=tmp_path / ("b" * 100))
     with pytest.raises(ChannelDirError, match=r"fit neither in .* nor in .*shorter path"):
