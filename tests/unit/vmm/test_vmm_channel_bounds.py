@@ -274,3 +274,69 @@ def test_an_answering_guest_still_works_after_the_bounds(fake):
     assert client.wait_ready(timeout=30)["instance"] == "i-good"
     assert client.ping() < 30
     client.close()
+
+
+def _answering(instance: str):
+    """A well-behaved guestd for ``instance``: every request gets its reply."""
+    def guestd(g: FakeGuestd, conn: socket.socket) -> None:
+        buf = protocol.LineBuffer()
+        while True:
+            data = conn.recv(65536)
+            if not data:
+                return
+            for line in buf.feed(data):
+                m = json.loads(line)
+                conn.sendall(protocol.encode({"op": "reply", "id": m["id"], "ok": True, "token": TOKEN,
+                                              "result": {"ready": True, "instance": instance}}))
+    return guestd
+
+
+@pytest.mark.parametrize("flood", [b"A" * 65536, protocol.encode({"op": "report", "step": "s", "ok": True,
+                                                                   "token": TOKEN}) * 500])
+def test_one_guest_flooding_its_channel_delays_no_other_instance(fake, flood):
+    """Two instances on one node: one guest floods its channel (one endless line, or valid reports as fast as it
+    can), the other is asked for its status a hundred times meanwhile and answers every time."""
+    bad = fake(lambda g, conn: g.send_forever(conn, flood))
+    good = fake(_answering("i-neighbour"))
+    flooded = GuestChannelClient("i-flooder", bad.path, TOKEN)
+    neighbour = GuestChannelClient("i-neighbour", good.path, TOKEN)
+    try:
+        flooded.connect()
+        deadline = time.monotonic() + 60
+        while flooded.bytes_read < 256 * 1024 and time.monotonic() < deadline:    # the flood is on
+            time.sleep(0.01)
+        assert flooded.bytes_read >= 256 * 1024
+        for _ in range(100):
+            assert neighbour.status(timeout=60)["instance"] == "i-neighbour"
+        assert bad.sent > 0 and flooded.ready_message is None
+    finally:
+        flooded.close()
+        neighbour.close()
+
+
+def test_what_a_guest_sends_after_its_instance_ended_counts_for_nothing(fake):
+    """Once the channel is retired (the instance destroyed, saved or moved), a ready or an answer the guest still
+    sends makes no wait succeed and no request answered; a reply to an id never asked, or with a boolean id, is
+    dropped."""
+    sent = threading.Event()
+
+    def late(g: FakeGuestd, conn: socket.socket) -> None:
+        conn.sendall(protocol.encode({"op": "reply", "id": 424242, "ok": True, "token": TOKEN, "result": {}}))
+        conn.sendall(b'{"v": 1, "op": "reply", "id": true, "ok": true, "token": "' + TOKEN.encode() + b'"}\n')
+        sent.set()
+        g.stop.wait(5)
+        try:
+            conn.sendall(protocol.encode({"op": "ready", "token": TOKEN, "steps": {}}))
+        except OSError:
+            pass
+
+    guest = fake(late)
+    client = GuestChannelClient("i-ended", guest.path, TOKEN)
+    client.connect()
+    assert sent.wait(30)
+    client.retire("the instance was destroyed")
+    with pytest.raises(GuestWaitCancelled):
+        client.wait_ready(timeout=5, poll=0.1)
+    with pytest.raises(GuestWaitCancelled):
+        client.status(timeout=5)
+    assert client.ready_message is None
