@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 from guestd import protocol
 from guestd.context import InstanceContext
+from services.common.errors import printable
 
 from .errors import GuestChannelError, GuestUnavailable, GuestWaitCancelled
 
@@ -39,6 +40,7 @@ READ_BURST = 256 * 1024    # bytes a guest may send at once before the rate appl
 LINE_COST = 512            # every line costs at least this much of the rate (a flood of tiny lines too)
 MAX_STEPS = 16             # distinct step reports kept (guestd has six)
 MAX_REJECTED = 50          # refusal reasons kept (the count goes on: ``rejected_total``)
+GUEST_TEXT = 500           # characters of a guest's own words (a refusal's reason) put in an error, escaped
 CANCEL_SLICE = 0.1         # seconds between looks at a caller's cancel event while waiting
 
 
@@ -370,7 +372,9 @@ class GuestChannelClient:
             self._check_retired()
             raise reply
         if not reply.get("ok"):
-            raise GuestChannelError(f"guestd in {self.instance} refused {op}: {reply.get('error', 'no reason')}")
+            # the guest's words, escaped and cut: they end up in the node log, GuestStatus and Failure
+            raise GuestChannelError(f"guestd in {self.instance} refused {op}: "
+                                    f"{printable(reply.get('error', 'no reason'), GUEST_TEXT)}")
         result = reply.get("result", {})
         return result if isinstance(result, dict) else {"value": result}
 
@@ -418,7 +422,7 @@ class GuestChannelClient:
                 status = self.status(timeout=min(poll, remaining), cancel=cancel)
                 if status.get("ready"):
                     return status
-                last = f"guestd says: {status.get('error') or 'not ready yet'}"
+                last = f"guestd says: {printable(status.get('error') or 'not ready yet', GUEST_TEXT)}"
             except GuestWaitCancelled:
                 stop_requested()
                 raise

@@ -1,0 +1,115 @@
+"""A hostile guest on the channel socket: what it writes must not forge node log lines, corrupt what the node
+stores and shows about the instance (GuestStatus, Failure), disturb another instance, or be taken as an answer
+it was never asked for.
+
+The guest is this test's own code on a Unix socket in QEMU's place (as tests/unit/vmm/test_vmm_channel_bounds.py):
+real attack bytes through the real GuestChannelClient.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import tempfile
+import threading
+from pathlib import Path
+
+import pytest
+
+from guestd import protocol
+from services.vmmanager.vmm import GuestChannelClient, GuestChannelError, GuestUnavailable, GuestWaitCancelled
+
+TOKEN = "tok-" + "h" * 24
+# what a guest puts in its words to fake a node line, clear the operator's screen, reverse what follows, cut a C string
+HOSTILE = ("boom\n2026-11-29 01:00:00 ERROR services.vmmanager.node: instance i-other destroyed\r"
+           "\x1b[2J\x1b]0;owned\x07\u202eevil\u2028\x00end")
+UNSAFE = ["\n", "\r", "\x1b", "\x07", "\u202e", "\u2028", "\x00"]
+
+
+class HostileGuest:
+    """A Unix socket server in QEMU's place; ``answer(message)`` gives the lines to send for each request line."""
+
+    def __init__(self, answer) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="vg-hg-", dir="/tmp"))
+        self.path = self.dir / "g.sock"
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(str(self.path))
+        self.server.listen(4)
+        self.answer = answer
+        self.stop = threading.Event()
+        self.conns: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            threading.Thread(target=self._run, args=(conn,), daemon=True).start()
+
+    def _run(self, conn: socket.socket) -> None:
+        buf = protocol.LineBuffer()
+        try:
+            while not self.stop.is_set():
+                data = conn.recv(65536)
+                if not data:
+                    return
+                for line in buf.feed(data):
+                    for out in self.answer(json.loads(line)):
+                        conn.sendall(out if isinstance(out, bytes) else protocol.encode(out))
+        except OSError:
+            pass
+
+    def send(self, line: bytes) -> None:
+        for c in list(self.conns):
+            c.sendall(line)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.server.close()
+        for c in self.conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            c.close()
+        self.path.unlink(missing_ok=True)
+        os.rmdir(self.dir)
+
+
+@pytest.fixture
+def hostile():
+    made = []
+
+    def make(answer) -> HostileGuest:
+        made.append(HostileGuest(answer))
+        return made[-1]
+    yield make
+    for g in made:
+        g.close()
+
+
+def reply(message: dict, **fields) -> dict:
+    return {"op": "reply", "id": message["id"], "token": TOKEN, **fields}
+
+
+def assert_one_safe_line(text: str, limit: int = 4000) -> None:
+    for c in UNSAFE:
+        assert c not in text, f"guest text reached the node unescaped: {c!r} in {text[:300]!r}"
+    assert len(text) <= limit, f"{len(text)} characters of guest text kept"
+
+
+# -- 1. guest text reaching the node's log, GuestStatus and Failure ---------------------------------------------------
+def test_a_refusal_from_the_guest_is_escaped_and_bounded_in_the_error(hostile):
+    guest = hostile(lambda m: [reply(m, ok=False, error=HOSTILE + "x" * 60000)])
+    client = GuestChannelClient("i-hostile", guest.path, TOKEN)
+    try:
+        with pytest.raises(GuestChannelError) as info:
+            client.request("status", timeout=5)
+        assert_one_safe_line(str(info.value))
+        assert "\\x1b[2J" in str(info.value), "the guest's words are shown, escaped"
+    finally:
+        client.retire()
