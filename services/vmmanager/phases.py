@@ -23,6 +23,7 @@ from lxml import etree
 from guestd.context import FILE_NAME as CONTEXT_FILE
 from guestd.sources.iso9660 import read_file as read_iso_file
 from services.common.crash import crashpoint
+from services.common.errors import printable
 from services.descriptor import NSMAP as WS_NSMAP
 from services.descriptor import Descriptor, image_blake3
 from services.faults import VMMFault
@@ -296,7 +297,7 @@ def restore(parts: NodeParts, spec: InstanceSpec, snapshot, iso: Path, cancel: t
     log.info("instance %s: warm clone restored in %.2f s (%s), guestd took its identity in %.2f s (%s, answered after "
              "%.3f s, set-time %.3f s; in the guest: %s)", key, restored, "from a spare" if spared else "save file copied",
              took, "sent during the restore" if early.sent else "sent after the restore", answered, took - answered,
-             status.get("recontext_seconds"))
+             printable(status.get("recontext_seconds"), 400))    # the guest's words: escaped, cut
     if not status.get("ready"):
         parts.store.update(key, guest_status=guest_summary(status))
         raise VMMFault(f"guestd is not ready after the warm restore: {status.get('error')}", operation="restore")
@@ -372,20 +373,32 @@ class _EarlyRecontext:
 
 def guest_summary(status: dict) -> str:
     """guestd's status in one line for the GuestStatus property: ready or not, the steps that failed,
-    the address it set on which interface, and the grid container's state."""
+    the address it set on which interface, and the grid container's state. Every word of it is the guest's
+    (untrusted): each is shown escaped and cut, and the line is at most SUMMARY_LIMIT characters."""
+    def g(value: object, limit: int = 200) -> str:
+        return printable(value, limit)
+
+    if not isinstance(status, dict):
+        return "not ready: guestd's status is not an object"
     if not status.get("ready"):
-        return f"not ready: {status.get('error') or 'no ready report'}"
-    steps = status.get("steps") or {}
-    failed = sorted(n for n, r in steps.items() if isinstance(r, dict) and not r.get("ok", True))
-    parts = ["ready" if not failed else f"ready, failed steps: {', '.join(failed)}"]
-    net = (steps.get("network") or {}).get("detail") or {}
-    if net.get("address"):
-        parts.append(f"address {net['address']}/{net.get('netmask', '?')} on {net.get('interface', '?')}")
-    container = status.get("container") or {}
-    if container:
+        return g(f"not ready: {g(status.get('error') or 'no ready report', SUMMARY_LIMIT)}", SUMMARY_LIMIT)
+    steps = status.get("steps") if isinstance(status.get("steps"), dict) else {}
+    failed = sorted(g(n, 64) for n, r in steps.items() if isinstance(r, dict) and not r.get("ok", True))
+    parts = ["ready" if not failed else f"ready, failed steps: {', '.join(failed[:16])}"
+             + (f" (and {len(failed) - 16} more)" if len(failed) > 16 else "")]
+    network = steps.get("network")
+    net = network.get("detail") if isinstance(network, dict) else None
+    if isinstance(net, dict) and net.get("address"):
+        parts.append(f"address {g(net['address'], 64)}/{g(net.get('netmask', '?'), 64)} "
+                     f"on {g(net.get('interface', '?'), 64)}")
+    container = status.get("container")
+    if isinstance(container, dict) and container:
         parts.append(f"container {'running' if container.get('running') else 'not running'}"
-                     + (f" (pid {container['pid']})" if container.get("pid") else ""))
-    return "; ".join(parts)
+                     + (f" (pid {g(container['pid'], 20)})" if container.get("pid") else ""))
+    return g("; ".join(parts), SUMMARY_LIMIT)
+
+
+SUMMARY_LIMIT = 1000    # characters of GuestStatus made from guestd's status
 
 
 def instance_spec(parts: NodeParts, inst: Instance, d: Descriptor, disks: list[Disk], iso: Path) -> InstanceSpec:

@@ -250,6 +250,7 @@ class GuestChannelClient:
                 self._fail_waiters("the guest channel closed (instance stopped, saved or moved)")
 
     def _refuse(self, why: str) -> None:
+        why = printable(why, GUEST_TEXT)   # it quotes the guest's line (an op of 60 KB): one escaped, cut line
         self.rejected_total += 1
         self.rejected.append(why)
         if len(self.rejected) > MAX_REJECTED:

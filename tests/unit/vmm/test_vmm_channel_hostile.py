@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from guestd import protocol
-from services.vmmanager.vmm import GuestChannelClient, GuestChannelError, GuestUnavailable, GuestWaitCancelled
+from services.vmmanager.vmm import GuestChannelClient, GuestChannelError, GuestUnavailable
 
 TOKEN = "tok-" + "h" * 24
 # what a guest puts in its words to fake a node line, clear the operator's screen, reverse what follows, cut a C string
@@ -111,5 +111,46 @@ def test_a_refusal_from_the_guest_is_escaped_and_bounded_in_the_error(hostile):
             client.request("status", timeout=5)
         assert_one_safe_line(str(info.value))
         assert "\\x1b[2J" in str(info.value), "the guest's words are shown, escaped"
+    finally:
+        client.retire()
+
+
+def hostile_status(m: dict) -> list:
+    return [reply(m, ok=True, result={
+        "ready": True, "error": HOSTILE,
+        "steps": {HOSTILE + "x" * 30000: {"ok": False},
+                  "network": {"ok": True, "detail": {"address": HOSTILE, "netmask": HOSTILE, "interface": HOSTILE}}},
+        "container": {"running": True, "pid": HOSTILE}})]
+
+
+def test_guest_status_built_from_a_hostile_status_is_one_escaped_bounded_line(hostile):
+    from services.vmmanager.phases import guest_summary
+    guest = hostile(hostile_status)
+    client = GuestChannelClient("i-hostile", guest.path, TOKEN)
+    try:
+        summary = guest_summary(client.status(timeout=5))
+        assert_one_safe_line(summary)
+        assert summary.startswith("ready, failed steps: boom\\x0a2026"), summary[:80]
+        not_ready = guest_summary({"ready": False, "error": HOSTILE + "y" * 100000})
+        assert_one_safe_line(not_ready)
+    finally:
+        client.retire()
+
+
+def test_a_refused_message_logs_one_escaped_bounded_line(hostile, caplog):
+    guest = hostile(lambda m: [])
+    client = GuestChannelClient("i-hostile", guest.path, TOKEN)
+    try:
+        client.connect()
+        caplog.set_level(logging.WARNING, logger="services.vmmanager.vmm.channel")
+        guest.send(json.dumps({"v": 1, "op": HOSTILE + "z" * 60000, "token": TOKEN}).encode() + b"\n"
+                   + json.dumps({"v": HOSTILE, "op": "ready", "token": TOKEN}).encode() + b"\n")
+        with pytest.raises(GuestUnavailable):
+            client.request("ping", timeout=0.5)     # the reader has handled both lines by then
+        assert client.rejected_total == 2
+        lines = [r.getMessage() for r in caplog.records if "refused a message" in r.getMessage()]
+        assert len(lines) == 2
+        for text in lines + client.rejected:
+            assert_one_safe_line(text)
     finally:
         client.retire()
