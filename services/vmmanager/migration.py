@@ -42,6 +42,7 @@ from security.client import host_authorizer
 from security.delegation import DelegationError, accept as accept_delegation
 from security.pki import Credential
 from services.common.crash import crashpoint
+from services.common.errors import printable
 from services.faults import (AccessDenied, IllegalTransition, InstanceMoved, InternalFault, InvalidArgument,
                              MigrationFault, ResourceUnknown, TransferFault, VMGridFault, ChecksumMismatch)
 from services.vmmanager import phases, states
@@ -979,13 +980,14 @@ def _fixup(node: "Node", inst: Instance, running: bool) -> str:
         status = channel.request("migrated", timeout=node.config.migration_fixup_timeout, token=current,
                                  context=json.loads(ctx.to_json()), time=time.time())
     except Exception as exc:   # noqa: BLE001 - the guest is untrusted; the migration stands, GuestStatus says so
-        return f"migrated here; guestd did not take the new address {inst.address}: {exc}"
+        return f"migrated here; guestd did not take the new address {inst.address}: {printable(exc, 600)}"
     steps = status.get("steps") if isinstance(status.get("steps"), dict) else {}
     net = (steps.get("network") or {}) if isinstance(steps.get("network"), dict) else {}
     have = (net.get("detail") or {}).get("address") if net.get("ok") else None
     if have != inst.address:
-        why = net.get("error") or ((steps.get("migrated") or {}).get("error")) or f"guestd reports {have!r}"
-        return f"migrated here; guestd did not set the new address {inst.address}: {why}"
+        migrated = steps.get("migrated") if isinstance(steps.get("migrated"), dict) else {}
+        why = net.get("error") or migrated.get("error") or f"guestd reports {have!r}"
+        return f"migrated here; guestd did not set the new address {inst.address}: {printable(why, 500)}"
     note = f"migrated here; guestd set address {inst.address}, MAC {inst.mac} and the clock; " \
            f"{phases.guest_summary(status)}"
     cert = guestcred.deliver(node.config, channel, status, inst.address, hostname, home)

@@ -300,7 +300,8 @@ def restore(parts: NodeParts, spec: InstanceSpec, snapshot, iso: Path, cancel: t
              printable(status.get("recontext_seconds"), 400))    # the guest's words: escaped, cut
     if not status.get("ready"):
         parts.store.update(key, guest_status=guest_summary(status))
-        raise VMMFault(f"guestd is not ready after the warm restore: {status.get('error')}", operation="restore")
+        raise VMMFault(f"guestd is not ready after the warm restore: {printable(status.get('error'), 500)}",
+                       operation="restore")
     # the clone's grid step made its own key (the template had no grid context): its certificate, as after a boot
     note = grid_container(parts, key, status)
     parts.store.update(key, guest_status=guest_summary(status) if note is None else f"{guest_summary(status)}; {note}")

@@ -154,3 +154,35 @@ def test_a_refused_message_logs_one_escaped_bounded_line(hostile, caplog):
             assert_one_safe_line(text)
     finally:
         client.retire()
+
+
+@pytest.mark.parametrize("answer", ["container", "refusal", "port"])
+def test_the_job_service_note_and_its_log_line_escape_the_guests_words(hostile, tmp_path, caplog, answer):
+    """guestcred.deliver: the certificate request's answer and refusal reach GuestStatus and the node log."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    from security.pki import GridCA
+    from services.vmmanager import guestcred
+    from services.vmmanager.config import VMManagerConfig
+    ca = GridCA.create(tmp_path / "ca", "/O=Grid/OU=vmgrid/CN=Site CA")
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    csr = x509.CertificateSigningRequestBuilder().subject_name(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "guest")])).sign(key, hashes.SHA256())
+    detail = {"configured": True, "csr": csr.public_bytes(serialization.Encoding.PEM).decode(),
+              "port": HOSTILE if answer == "port" else 8443}
+    guest = hostile(lambda m: [reply(m, ok=True, result={"container": HOSTILE + "c" * 50000}) if answer == "container"
+                               else reply(m, ok=False, error=HOSTILE + "r" * 50000)])
+    client = GuestChannelClient("i-hostile", guest.path, TOKEN)
+    caplog.set_level(logging.WARNING, logger="services.vmmanager.guestcred")
+    try:
+        note = guestcred.deliver(VMManagerConfig(guest_ca=str(ca.directory)), client,
+                                 {"steps": {"grid": {"ok": True, "detail": detail}}}, "10.77.0.10", "g", tmp_path)
+        assert_one_safe_line(note)
+        for record in caplog.records:
+            assert_one_safe_line(record.getMessage())
+        assert ("job service https://" if answer == "container" else "job service not started") in note
+    finally:
+        client.retire()
