@@ -186,3 +186,55 @@ def test_the_job_service_note_and_its_log_line_escape_the_guests_words(hostile, 
         assert ("job service https://" if answer == "container" else "job service not started") in note
     finally:
         client.retire()
+
+
+# -- 2. messages out of turn -------------------------------------------------------------------------------------------
+def test_forged_reply_ids_are_never_taken_as_the_answer(hostile):
+    """A bool (True == 1), a float (1.0 == 1), a string, a huge and a never-sent id, an id of 5,000 digits, no id:
+    none answers request 1; the guest's real reply still does."""
+    def answer(m):
+        forged = [{"op": "reply", "id": i, "token": TOKEN, "ok": True, "result": {"forged": True}}
+                  for i in (True, 1.0, "1", 10 ** 30, m["id"] + 1000)]
+        raw = (b'{"v":1,"op":"reply","token":"' + TOKEN.encode() + b'","ok":true,"id":' + b"9" * 5000 + b"}\n")
+        return [*forged, raw, {"op": "reply", "token": TOKEN, "ok": True, "result": {"forged": True}},
+                reply(m, ok=True, result={"real": True})]
+    guest = hostile(answer)
+    client = GuestChannelClient("i-hostile", guest.path, TOKEN)
+    try:
+        assert client.request("ping", timeout=5) == {"real": True}
+        assert client.rejected_total == 4      # bool, float, string, 5,000 digits: refused; the others matched nothing
+        assert client.request("ping", timeout=5) == {"real": True}, "nothing forged is left waiting for the next id"
+    finally:
+        client.retire()
+
+
+def test_a_retired_channel_hears_nothing_more_from_the_guest(hostile):
+    guest = hostile(lambda m: [reply(m, ok=True, result={})])
+    client = GuestChannelClient("i-hostile", guest.path, TOKEN)
+    client.ping()
+    client.retire("the instance was destroyed")
+    try:
+        guest.send(protocol.encode({"op": "ready", "token": TOKEN, "steps": {"x": {"ok": True}}})
+                   + protocol.encode({"op": "report", "token": TOKEN, "step": "network", "ok": True}))
+    except OSError:
+        pass                                    # the host end hung up: what the guest sends goes nowhere
+    with pytest.raises(Exception) as info:
+        client.request("status", timeout=1)
+    assert type(info.value).__name__ == "GuestWaitCancelled" and "destroyed" in str(info.value)
+    assert client.ready_message is None and client.reports == {} and not client.connected
+
+
+def test_a_ready_before_any_request_keeps_at_most_max_steps_and_a_tokenless_one_is_refused(hostile):
+    from services.vmmanager.vmm import channel as channel_mod
+    guest = hostile(lambda m: [reply(m, ok=True, result={})])
+    client = GuestChannelClient("i-hostile", guest.path, TOKEN)
+    try:
+        client.connect()
+        guest.send(protocol.encode({"op": "ready", "token": "", "steps": {"a": {"ok": True}}})
+                   + protocol.encode({"op": "ready", "token": TOKEN,
+                                      "steps": {f"s{i}": {"ok": True} for i in range(2000)} | {"bad": "x"}}))
+        client.ping()                           # both lines handled by then
+        assert client.rejected_total == 1 and "bad token in a ready" in client.rejected[0]
+        assert len(client.reports) == channel_mod.MAX_STEPS and "bad" not in client.reports
+    finally:
+        client.retire()
