@@ -238,3 +238,58 @@ def test_a_ready_before_any_request_keeps_at_most_max_steps_and_a_tokenless_one_
         assert len(client.reports) == channel_mod.MAX_STEPS and "bad" not in client.reports
     finally:
         client.retire()
+
+
+# -- 3. one guest flooding while another instance's channel is used ---------------------------------------------------
+class Flooder(HostileGuest):
+    """A guest that sends ``chunk`` forever from its first connection on (and answers nothing)."""
+
+    def __init__(self, chunk: bytes) -> None:
+        self.chunk, self.sent = chunk, 0
+        super().__init__(lambda m: [])
+
+    def _run(self, conn: socket.socket) -> None:
+        try:
+            while not self.stop.is_set():
+                conn.sendall(self.chunk)
+                self.sent += len(self.chunk)
+        except OSError:
+            pass
+
+
+@pytest.mark.parametrize("chunk", [b"x" * 65536,                                          # one endless line
+                                   b'{"v":1,"op":"report","token":"bad","step":"s"}\n' * 1400,   # refused lines
+                                   b"\n" * 65536])                                        # empty lines
+def test_a_flooding_guest_does_not_stop_another_instances_channel(hostile, chunk):
+    flood = Flooder(chunk)
+    quiet = hostile(lambda m: [reply(m, ok=True, result={"n": m["id"]})])
+    flooded = GuestChannelClient("i-flood", flood.path, TOKEN)
+    other = GuestChannelClient("i-other", quiet.path, TOKEN)
+    try:
+        flooded.connect()
+        while flooded.bytes_read < 65536:     # the flood is being read (and slowed down from its burst on)
+            threading.Event().wait(0.01)
+        for i in range(20):
+            assert other.request("status", timeout=5) == {"n": i + 1}
+        assert flooded.connected, "the flooding guest is slowed down, not cut off"
+        assert len(flooded.rejected) <= 50
+    finally:
+        flooded.retire()
+        other.retire()
+        flood.close()
+
+
+def test_a_100_mb_line_is_dropped_whole_and_the_next_line_is_answered(hostile):
+    """Read at full speed here (the rate limit lifted), a 100 MB line without a newline is dropped as it comes,
+    never held, and the guest's next line is handled."""
+    def answer(m):
+        return [b"y" * (100 * 1024 * 1024) + b"\n", reply(m, ok=True, result={"after": True})]
+    guest = hostile(answer)
+    client = GuestChannelClient("i-bigline", guest.path, TOKEN)
+    client.read_rate = client.read_burst = 10 ** 12
+    try:
+        assert client.request("ping", timeout=60) == {"after": True}
+        assert client.bytes_read > 100 * 1024 * 1024
+        assert client.rejected_total == 0, "a line over the limit is dropped silently, not parsed"
+    finally:
+        client.retire()
