@@ -65,7 +65,8 @@ def grid_context(config: VMManagerConfig, owner: str) -> dict[str, Any] | None:
 
 def requested(status: dict[str, Any]) -> dict[str, Any] | None:
     """The grid step's detail in guestd's status when it asks for a certificate."""
-    step = (status.get("steps") or {}).get("grid")
+    steps = status.get("steps")
+    step = steps.get("grid") if isinstance(steps, dict) else None     # a guest's status may have any shape
     detail = step.get("detail") if isinstance(step, dict) and step.get("ok") else None
     if isinstance(detail, dict) and detail.get("configured") and isinstance(detail.get("csr"), str):
         return detail

@@ -983,7 +983,8 @@ def _fixup(node: "Node", inst: Instance, running: bool) -> str:
         return f"migrated here; guestd did not take the new address {inst.address}: {printable(exc, 600)}"
     steps = status.get("steps") if isinstance(status.get("steps"), dict) else {}
     net = (steps.get("network") or {}) if isinstance(steps.get("network"), dict) else {}
-    have = (net.get("detail") or {}).get("address") if net.get("ok") else None
+    detail = net.get("detail") if isinstance(net.get("detail"), dict) else {}    # a guest's status may have any shape
+    have = detail.get("address") if net.get("ok") else None
     if have != inst.address:
         migrated = steps.get("migrated") if isinstance(steps.get("migrated"), dict) else {}
         why = net.get("error") or migrated.get("error") or f"guestd reports {have!r}"

@@ -293,3 +293,15 @@ def test_a_100_mb_line_is_dropped_whole_and_the_next_line_is_answered(hostile):
         assert client.rejected_total == 0, "a line over the limit is dropped silently, not parsed"
     finally:
         client.retire()
+
+
+@pytest.mark.parametrize("status", [
+    {"ready": True, "steps": ["network"]}, {"ready": True, "steps": {"network": "up"}},
+    {"ready": True, "steps": {"network": {"ok": True, "detail": "10.0.0.1"}}}, {"ready": True, "container": "yes"},
+    {"ready": True, "steps": {"grid": {"ok": True, "detail": ["csr"]}}}, {"ready": False, "error": {"a": [1]}}])
+def test_a_status_of_the_wrong_shape_is_summarised_not_a_crash(status):
+    """guestd's status is the guest's: a list where an object belongs raised AttributeError in the deploy."""
+    from services.vmmanager import guestcred
+    from services.vmmanager.phases import guest_summary
+    assert_one_safe_line(guest_summary(status))
+    assert guestcred.requested(status) is None
