@@ -305,3 +305,19 @@ def test_a_status_of_the_wrong_shape_is_summarised_not_a_crash(status):
     from services.vmmanager.phases import guest_summary
     assert_one_safe_line(guest_summary(status))
     assert guestcred.requested(status) is None
+
+
+def test_a_lone_surrogate_is_refused_at_the_line_not_a_crash_later(hostile):
+    r"""JSON's "\ud800" decodes to a str no UTF-8 can hold: in the token it killed the reader thread (encode), in a
+    refusal's error it would fail the node log's write and SQLite's insert of GuestStatus or Failure."""
+    guest = hostile(lambda m: [
+        b'{"v":1,"op":"reply","id":%d,"token":"\\ud800","ok":true}\n' % m["id"],
+        b'{"v":1,"op":"reply","id":%d,"token":"%s","ok":false,"error":"x\\udfff"}\n' % (m["id"], TOKEN.encode()),
+        reply(m, ok=True, result={"fine": "\ud83d\ude00"})])
+    client = GuestChannelClient("i-hostile", guest.path, TOKEN)
+    try:
+        assert client.request("status", timeout=5) == {"fine": "\U0001f600"}, "a proper pair still decodes"
+        assert client.rejected_total == 2 and all("surrogate" in why for why in client.rejected)
+        assert client.connected, "the reader lives on"
+    finally:
+        client.retire()
