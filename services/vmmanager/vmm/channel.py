@@ -237,7 +237,10 @@ class GuestChannelClient:
                 lines = buf.feed(data)
                 pause = budget.take(len(data) + LINE_COST * len(lines))
                 for line in lines:
-                    self._handle(line)
+                    try:
+                        self._handle(line)
+                    except Exception as exc:  # noqa: BLE001 - a guest's message of a shape not foreseen: refused,
+                        self._refuse(f"a message the host could not handle ({type(exc).__name__})")  # reader lives
                 if pause and conn.stop.wait(pause):   # a flood: leave it in the socket, the guest waits
                     break
         finally:
@@ -286,7 +289,8 @@ class GuestChannelClient:
             self.reports[message["step"]] = message
         elif op == "ready":
             self.ready_message = message
-            for step, report in (message.get("steps") or {}).items():
+            steps = message.get("steps")
+            for step, report in (steps.items() if isinstance(steps, dict) else ()):   # any shape may come
                 if isinstance(report, dict) and len(self.reports) < MAX_STEPS:
                     self.reports.setdefault(str(step), report)
             self._ready.set()

@@ -321,3 +321,18 @@ def test_a_lone_surrogate_is_refused_at_the_line_not_a_crash_later(hostile):
         assert client.connected, "the reader lives on"
     finally:
         client.retire()
+
+
+@pytest.mark.parametrize("steps", [[1, 2], "abc", 7, True])
+def test_a_ready_whose_steps_are_not_an_object_leaves_the_reader_alive(hostile, steps):
+    """A ready with ``steps`` a list or a string raised AttributeError on the channel's reader thread (the connection
+    dropped, every waiter failed): now its steps are ignored and the channel answers on."""
+    guest = hostile(lambda m: [reply(m, ok=True, result={"n": m["id"]})])
+    client = GuestChannelClient("i-hostile", guest.path, TOKEN)
+    try:
+        client.connect()
+        guest.send(protocol.encode({"op": "ready", "token": TOKEN, "steps": steps}))
+        assert client.request("status", timeout=5) == {"n": 1}
+        assert client.ready_message is not None and client.reports == {} and client.connected
+    finally:
+        client.retire()
