@@ -64,6 +64,11 @@ class HostileGuest:
             pass
 
     def send(self, line: bytes) -> None:
+        """Send ``line`` on every connection, once the host's connect was accepted here (at most 5 s)."""
+        for _ in range(500):
+            if self.conns:
+                break
+            self.stop.wait(0.01)
         for c in list(self.conns):
             c.sendall(line)
 
@@ -331,8 +336,11 @@ def test_a_ready_whose_steps_are_not_an_object_leaves_the_reader_alive(hostile, 
     client = GuestChannelClient("i-hostile", guest.path, TOKEN)
     try:
         client.connect()
+        first = client._conn
         guest.send(protocol.encode({"op": "ready", "token": TOKEN, "steps": steps}))
         assert client.request("status", timeout=5) == {"n": 1}
-        assert client.ready_message is not None and client.reports == {} and client.connected
+        assert client.ready_message is not None and client.reports == {}
+        assert client._conn is first, "the same connection answers: its reader did not end"
+        assert client.rejected_total == 0
     finally:
         client.retire()
