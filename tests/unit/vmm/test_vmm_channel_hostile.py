@@ -344,3 +344,14 @@ def test_a_ready_whose_steps_are_not_an_object_leaves_the_reader_alive(hostile, 
         assert client.rejected_total == 0
     finally:
         client.retire()
+
+
+def test_guest_status_fits_in_xml_whatever_the_guest_said():
+    """GuestStatus goes out in SOAP (Status, the node's listings): a character XML cannot hold (NUL, ESC, U+FFFE,
+    U+FFFF) in it made lxml refuse the whole answer."""
+    from lxml import etree
+
+    from services.vmmanager.phases import guest_summary
+    for said in ("\x00", "\x1b", "\ufffe", "\uffff", HOSTILE):
+        for status in ({"ready": False, "error": said}, {"ready": True, "steps": {said: {"ok": False}}}):
+            etree.Element("GuestStatus").text = guest_summary(status)
