@@ -46,6 +46,10 @@ def decode(line: bytes, allowed_ops: frozenset[str]) -> dict[str, Any]:
         raise ProtocolError(f"not a JSON line: {exc}") from None
     if not isinstance(message, dict):
         raise ProtocolError("a message must be a JSON object")
+    if b"\\u" in line and _lone_surrogate(message):
+        # JSON's "\ud800" decodes to a str no UTF-8 can hold: kept, it fails later, far from here (an encode in the
+        # reader thread, the log's write, SQLite's insert of what the node stores)
+        raise ProtocolError("a string holds a lone surrogate (not Unicode text)")
     if message.get("v") != VERSION:
         raise ProtocolError(f"unsupported protocol version {message.get('v')!r} (want {VERSION})")
     op = message.get("op")
@@ -70,6 +74,17 @@ def decode(line: bytes, allowed_ops: frozenset[str]) -> dict[str, Any]:
     if op == "report" and not isinstance(message.get("step"), str):
         raise ProtocolError("report needs a 'step'")
     return message
+
+
+def _lone_surrogate(value: Any) -> bool:
+    """Whether ``value`` (a decoded message) holds a string, key or value, with a lone UTF-16 surrogate."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    except RecursionError:   # decoded, yet too deep to walk again: refused as loads' own depth refusal is
+        raise ProtocolError("not a JSON line: nested too deeply") from None
+    return False
 
 
 class LineBuffer:

@@ -8,9 +8,10 @@ class CLIError(Exception):
 
 # What a terminal would act on instead of showing: the C0 and C1 controls (ESC, CSI U+009B, OSC U+009D, BEL,
 # backspace, carriage return, newline ...), DEL, the line and paragraph separators, and the bidirectional
-# controls (an override reverses what follows it on the screen)
+# controls (an override reverses what follows it on the screen), and U+FFFE and U+FFFF (no XML document may hold
+# them: a peer's words put in a SOAP answer raw would make the whole answer fail)
 _UNSAFE = {c for c in range(0x20)} | {c for c in range(0x7F, 0xA0)} | {
-    0x061C, 0x200E, 0x200F, 0x2028, 0x2029, *range(0x202A, 0x202F), *range(0x2066, 0x206A), 0xFEFF}
+    0x061C, 0x200E, 0x200F, 0x2028, 0x2029, *range(0x202A, 0x202F), *range(0x2066, 0x206A), 0xFEFF, 0xFFFE, 0xFFFF}
 _ESCAPES = {c: (f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}") for c in _UNSAFE}
 
 

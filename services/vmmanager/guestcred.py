@@ -22,6 +22,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 
 from guestd.context import MAX_TRUST_FILES
+from services.common.errors import printable
 from services.vmmanager.config import VMManagerConfig
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,8 @@ def grid_context(config: VMManagerConfig, owner: str) -> dict[str, Any] | None:
 
 def requested(status: dict[str, Any]) -> dict[str, Any] | None:
     """The grid step's detail in guestd's status when it asks for a certificate."""
-    step = (status.get("steps") or {}).get("grid")
+    steps = status.get("steps")
+    step = steps.get("grid") if isinstance(steps, dict) else None     # a guest's status may have any shape
     detail = step.get("detail") if isinstance(step, dict) and step.get("ok") else None
     if isinstance(detail, dict) and detail.get("configured") and isinstance(detail.get("csr"), str):
         return detail
@@ -73,7 +75,7 @@ def requested(status: dict[str, Any]) -> dict[str, Any] | None:
 
 def _port(value: Any, what: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 65536:
-        raise GuestCredentialError(f"guestd reported {what} {value!r}, not a TCP port")
+        raise GuestCredentialError(f"guestd reported {what} {printable(repr(value), 80)}, not a TCP port")
     return value
 
 
@@ -113,10 +115,11 @@ def deliver(config: VMManagerConfig, channel, status: dict[str, Any], address: s
     except GuestWaitCancelled:
         raise
     except (GuestCredentialError, VMMError, OSError, ValueError) as exc:
-        log.warning("job service of the guest at %s not started: %s", address, exc)
-        return f"job service not started: {exc}"
+        why = printable(exc, 600)    # it may quote the guest (a refusal, a port): one escaped line
+        log.warning("job service of the guest at %s not started: %s", address, why)
+        return f"job service not started: {why}"
     (home / RECORD).write_text(json.dumps(record, indent=1))
-    return f"job service {record['url']} ({answer.get('container', '?')})"
+    return f"job service {record['url']} ({printable(answer.get('container', '?'), 200)})"   # the guest's word
 
 
 def job_service(home: Path | None) -> dict[str, Any] | None:

@@ -980,13 +980,15 @@ def _fixup(node: "Node", inst: Instance, running: bool) -> str:
         status = channel.request("migrated", timeout=node.config.migration_fixup_timeout, token=current,
                                  context=json.loads(ctx.to_json()), time=time.time())
     except Exception as exc:   # noqa: BLE001 - the guest is untrusted; the migration stands, GuestStatus says so
-        return f"migrated here; guestd did not take the new address {inst.address}: {exc}"
+        return f"migrated here; guestd did not take the new address {inst.address}: {printable(exc, 600)}"
     steps = status.get("steps") if isinstance(status.get("steps"), dict) else {}
     net = (steps.get("network") or {}) if isinstance(steps.get("network"), dict) else {}
-    have = (net.get("detail") or {}).get("address") if net.get("ok") else None
+    detail = net.get("detail") if isinstance(net.get("detail"), dict) else {}    # a guest's status may have any shape
+    have = detail.get("address") if net.get("ok") else None
     if have != inst.address:
-        why = net.get("error") or ((steps.get("migrated") or {}).get("error")) or f"guestd reports {have!r}"
-        return f"migrated here; guestd did not set the new address {inst.address}: {printable(why, 400)}"
+        migrated = steps.get("migrated") if isinstance(steps.get("migrated"), dict) else {}
+        why = net.get("error") or migrated.get("error") or f"guestd reports {have!r}"
+        return f"migrated here; guestd did not set the new address {inst.address}: {printable(why, 500)}"
     note = f"migrated here; guestd set address {inst.address}, MAC {inst.mac} and the clock; " \
            f"{phases.guest_summary(status)}"
     cert = guestcred.deliver(node.config, channel, status, inst.address, hostname, home)

@@ -298,10 +298,11 @@ def restore(parts: NodeParts, spec: InstanceSpec, snapshot, iso: Path, cancel: t
     log.info("instance %s: warm clone restored in %.2f s (%s), guestd took its identity in %.2f s (%s, answered after "
              "%.3f s, set-time %.3f s; in the guest: %s)", key, restored, "from a spare" if spared else "save file copied",
              took, "sent during the restore" if early.sent else "sent after the restore", answered, took - answered,
-             status.get("recontext_seconds"))
+             printable(status.get("recontext_seconds"), 400))    # the guest's words: escaped, cut
     if not status.get("ready"):
         parts.store.update(key, guest_status=guest_summary(status))
-        raise VMMFault(f"guestd is not ready after the warm restore: {status.get('error')}", operation="restore")
+        raise VMMFault(f"guestd is not ready after the warm restore: {printable(status.get('error'), 500)}",
+                       operation="restore")
     # the clone's grid step made its own key (the template had no grid context): its certificate, as after a boot
     note = grid_container(parts, key, status)
     parts.store.update(key, guest_status=guest_summary(status) if note is None else f"{guest_summary(status)}; {note}")
@@ -374,30 +375,32 @@ class _EarlyRecontext:
 
 def guest_summary(status: dict) -> str:
     """guestd's status in one line for the GuestStatus property: ready or not, the steps that failed,
-    the address it set on which interface, and the grid container's state."""
-    # Every value here is the guest's own words (guestd's report): each is shown escaped and cut short, so that the
-    # property is one bounded line whatever a guest sends (control characters, line breaks, 60 KiB strings).
-    def g(value: object, limit: int = 120) -> str:
-        return xml_text(printable(value, limit))      # a lone surrogate too: SQLite could not even store it
+    the address it set on which interface, and the grid container's state. Every word of it is the guest's
+    (untrusted): each is shown escaped and cut, and the line is at most SUMMARY_LIMIT characters."""
+    def g(value: object, limit: int = 200) -> str:
+        return xml_text(printable(value, limit))      # and nothing XML cannot carry (a lone surrogate)
 
-    def d(value: object) -> dict:
-        return value if isinstance(value, dict) else {}
-
+    if not isinstance(status, dict):
+        return "not ready: guestd's status is not an object"
     if not status.get("ready"):
-        return f"not ready: {g(status.get('error') or 'no ready report', 400)}"
-    steps = d(status.get("steps"))
-    failed = sorted(str(n) for n, r in steps.items() if isinstance(r, dict) and not r.get("ok", True))
-    shown = ", ".join(g(n, 40) for n in failed[:8]) + (f" and {len(failed) - 8} more" if len(failed) > 8 else "")
-    parts = ["ready" if not failed else f"ready, failed steps: {shown}"]
-    net = d(d(steps.get("network")).get("detail"))
-    if net.get("address"):
-        parts.append(f"address {g(net['address'], 64)}/{g(net.get('netmask', '?'), 64)} on "
-                     f"{g(net.get('interface', '?'), 64)}")
-    container = d(status.get("container"))
-    if container:
+        return g(f"not ready: {g(status.get('error') or 'no ready report', SUMMARY_LIMIT)}", SUMMARY_LIMIT)
+    steps = status.get("steps") if isinstance(status.get("steps"), dict) else {}
+    failed = sorted(g(n, 64) for n, r in steps.items() if isinstance(r, dict) and not r.get("ok", True))
+    parts = ["ready" if not failed else f"ready, failed steps: {', '.join(failed[:16])}"
+             + (f" (and {len(failed) - 16} more)" if len(failed) > 16 else "")]
+    network = steps.get("network")
+    net = network.get("detail") if isinstance(network, dict) else None
+    if isinstance(net, dict) and net.get("address"):
+        parts.append(f"address {g(net['address'], 64)}/{g(net.get('netmask', '?'), 64)} "
+                     f"on {g(net.get('interface', '?'), 64)}")
+    container = status.get("container")
+    if isinstance(container, dict) and container:
         parts.append(f"container {'running' if container.get('running') else 'not running'}"
                      + (f" (pid {g(container['pid'], 20)})" if container.get("pid") else ""))
-    return "; ".join(parts)
+    return g("; ".join(parts), SUMMARY_LIMIT)
+
+
+SUMMARY_LIMIT = 1000    # characters of GuestStatus made from guestd's status
 
 
 def instance_spec(parts: NodeParts, inst: Instance, d: Descriptor, disks: list[Disk], iso: Path) -> InstanceSpec:

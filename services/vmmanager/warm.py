@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from services.common.errors import printable
 from services.descriptor import NSMAP as WS_NSMAP
 from services.descriptor import Descriptor
 from services.vmmanager import phases, qemuimg
@@ -243,7 +244,7 @@ class WarmSnapshots:
             channel = parts.vmm.guest_channel(tpl.key)
             status = channel.wait_ready(timeout=parts.config.guest_ready_timeout, poll=0.25)
             if not status.get("ready"):
-                raise VMMError(f"the template guest is not ready: {status.get('error')}")
+                raise VMMError(f"the template guest is not ready: {printable(status.get('error'), 500)}")
             # guestd's outbox is FIFO: once this reply is here, no report with the template's token is
             # left queued in the guest to reach a clone's host after the restore
             channel.request("ping", timeout=parts.config.warm_restore_timeout)

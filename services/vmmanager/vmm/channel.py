@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 from guestd import protocol
 from guestd.context import InstanceContext
+from services.common.errors import printable
 
 from .errors import GuestChannelError, GuestUnavailable, GuestWaitCancelled
 
@@ -39,6 +40,7 @@ READ_BURST = 256 * 1024    # bytes a guest may send at once before the rate appl
 LINE_COST = 512            # every line costs at least this much of the rate (a flood of tiny lines too)
 MAX_STEPS = 16             # distinct step reports kept (guestd has six)
 MAX_REJECTED = 50          # refusal reasons kept (the count goes on: ``rejected_total``)
+GUEST_TEXT = 500           # characters of a guest's own words (a refusal's reason) put in an error, escaped
 CANCEL_SLICE = 0.1         # seconds between looks at a caller's cancel event while waiting
 
 
@@ -235,7 +237,10 @@ class GuestChannelClient:
                 lines = buf.feed(data)
                 pause = budget.take(len(data) + LINE_COST * len(lines))
                 for line in lines:
-                    self._handle(line)
+                    try:
+                        self._handle(line)
+                    except Exception as exc:  # noqa: BLE001 - a guest's message of a shape not foreseen: refused,
+                        self._refuse(f"a message the host could not handle ({type(exc).__name__})")  # reader lives
                 if pause and conn.stop.wait(pause):   # a flood: leave it in the socket, the guest waits
                     break
         finally:
@@ -248,6 +253,7 @@ class GuestChannelClient:
                 self._fail_waiters("the guest channel closed (instance stopped, saved or moved)")
 
     def _refuse(self, why: str) -> None:
+        why = printable(why, GUEST_TEXT)   # it quotes the guest's line (an op of 60 KB): one escaped, cut line
         self.rejected_total += 1
         self.rejected.append(why)
         if len(self.rejected) > MAX_REJECTED:
@@ -283,7 +289,8 @@ class GuestChannelClient:
             self.reports[message["step"]] = message
         elif op == "ready":
             self.ready_message = message
-            for step, report in (message.get("steps") or {}).items():
+            steps = message.get("steps")
+            for step, report in (steps.items() if isinstance(steps, dict) else ()):   # any shape may come
                 if isinstance(report, dict) and len(self.reports) < MAX_STEPS:
                     self.reports.setdefault(str(step), report)
             self._ready.set()
@@ -370,7 +377,9 @@ class GuestChannelClient:
             self._check_retired()
             raise reply
         if not reply.get("ok"):
-            raise GuestChannelError(f"guestd in {self.instance} refused {op}: {reply.get('error', 'no reason')}")
+            # the guest's words, escaped and cut: they end up in the node log, GuestStatus and Failure
+            raise GuestChannelError(f"guestd in {self.instance} refused {op}: "
+                                    f"{printable(reply.get('error', 'no reason'), GUEST_TEXT)}")
         result = reply.get("result", {})
         return result if isinstance(result, dict) else {"value": result}
 
@@ -418,7 +427,7 @@ class GuestChannelClient:
                 status = self.status(timeout=min(poll, remaining), cancel=cancel)
                 if status.get("ready"):
                     return status
-                last = f"guestd says: {status.get('error') or 'not ready yet'}"
+                last = f"guestd says: {printable(status.get('error') or 'not ready yet', GUEST_TEXT)}"
             except GuestWaitCancelled:
                 stop_requested()
                 raise
