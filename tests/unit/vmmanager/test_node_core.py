@@ -502,7 +502,9 @@ def test_a_node_for_real_guests_with_a_deep_state_directory_puts_their_channel_s
         node._release(key, quiet=True)
         assert not sock.exists()
         node.close()
-        os.chmod(short, 0o755)                                      # made (or loosened) by someone else
+        assert not short.exists()                                   # nothing left in it: let go at the stop
+        os.mkdir(short, 0o755)                                      # made (or loosened) by someone else
+        os.chmod(short, 0o755)
         with pytest.raises(ValueError, match=r"has mode 0755, open to other users: refusing it"):
             start()
     finally:
