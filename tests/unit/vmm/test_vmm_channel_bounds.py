@@ -259,17 +259,7 @@ def test_lines_that_break_the_json_reader_are_refused_and_the_channel_reads_on(f
 
 def test_an_answering_guest_still_works_after_the_bounds(fake):
     """The bounds cost a well-behaved guestd nothing: status and ready come back as before."""
-    def guestd(g: FakeGuestd, conn: socket.socket) -> None:
-        buf = protocol.LineBuffer()
-        while True:
-            data = conn.recv(65536)
-            if not data:
-                return
-            for line in buf.feed(data):
-                m = json.loads(line)
-                conn.sendall(protocol.encode({"op": "reply", "id": m["id"], "ok": True, "token": TOKEN,
-                                              "result": {"ready": True, "instance": "i-good"}}))
-    guest = fake(guestd)
+    guest = fake(_answering("i-good"))
     client = GuestChannelClient("i-good", guest.path, TOKEN)
     assert client.wait_ready(timeout=30)["instance"] == "i-good"
     assert client.ping() < 30

@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import socket
-import tempfile
 import threading
-from pathlib import Path
 
 import pytest
 
 from guestd import protocol
 from services.vmmanager.vmm import GuestChannelClient, GuestChannelError, GuestUnavailable
+from tests.unit.vmm.test_vmm_channel_bounds import FakeGuestd
 
 TOKEN = "tok-" + "h" * 24
 # what a guest puts in its words to fake a node line, clear the operator's screen, reverse what follows, cut a C string
@@ -27,41 +25,23 @@ HOSTILE = ("boom\n2026-11-29 01:00:00 ERROR services.vmmanager.node: instance i-
 UNSAFE = ["\n", "\r", "\x1b", "\x07", "\u202e", "\u2028", "\x00"]
 
 
-class HostileGuest:
+class HostileGuest(FakeGuestd):
     """A Unix socket server in QEMU's place; ``answer(message)`` gives the lines to send for each request line."""
 
     def __init__(self, answer) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="vg-hg-", dir="/tmp"))
-        self.path = self.dir / "g.sock"
-        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.server.bind(str(self.path))
-        self.server.listen(4)
         self.answer = answer
-        self.stop = threading.Event()
-        self.conns: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(HostileGuest._serve)
 
-    def _accept(self) -> None:
-        while not self.stop.is_set():
-            try:
-                conn, _ = self.server.accept()
-            except OSError:
-                return
-            self.conns.append(conn)
-            threading.Thread(target=self._run, args=(conn,), daemon=True).start()
-
-    def _run(self, conn: socket.socket) -> None:
+    @staticmethod
+    def _serve(guest: "HostileGuest", conn: socket.socket) -> None:
         buf = protocol.LineBuffer()
-        try:
-            while not self.stop.is_set():
-                data = conn.recv(65536)
-                if not data:
-                    return
-                for line in buf.feed(data):
-                    for out in self.answer(json.loads(line)):
-                        conn.sendall(out if isinstance(out, bytes) else protocol.encode(out))
-        except OSError:
-            pass
+        while not guest.stop.is_set():
+            data = conn.recv(65536)
+            if not data:
+                return
+            for line in buf.feed(data):
+                for out in guest.answer(json.loads(line)):
+                    conn.sendall(out if isinstance(out, bytes) else protocol.encode(out))
 
     def send(self, line: bytes) -> None:
         """Send ``line`` on every connection, once the host's connect was accepted here (at most 5 s)."""
@@ -71,18 +51,6 @@ class HostileGuest:
             self.stop.wait(0.01)
         for c in list(self.conns):
             c.sendall(line)
-
-    def close(self) -> None:
-        self.stop.set()
-        self.server.close()
-        for c in self.conns:
-            try:
-                c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            c.close()
-        self.path.unlink(missing_ok=True)
-        os.rmdir(self.dir)
 
 
 @pytest.fixture
