@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -86,6 +87,7 @@ def main() -> int:
                  ("GetDescriptor, Authorization service, cached", cached_repo)]
     finally:
         site.close()
+        shutil.rmtree(root, ignore_errors=True)
     width = max(len(r[0]) for r in rows)
     print(f"{'':{width}}  mean ms")
     for name, ms in rows:

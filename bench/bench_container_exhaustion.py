@@ -27,6 +27,7 @@ import os
 import signal
 import ssl
 import sys
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -236,6 +237,7 @@ def main() -> int:
             attack.kill()
         if servers is not None:
             servers.stop()
+        shutil.rmtree(root, ignore_errors=True)
     u95, l95 = percentile(unloaded, 95), percentile(loaded, 95)
     print()
     print(f"attack (target open at once): {counts}; from {args.addresses} source addresses")

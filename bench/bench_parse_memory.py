@@ -15,6 +15,7 @@ import http.client
 import json
 import subprocess
 import sys
+import shutil
 import tempfile
 import threading
 import time
@@ -67,6 +68,7 @@ def child(held: int, seconds: float, clients: int) -> dict:
         t.join()
     result = {"before_kib": before, "peak_kib": status("VmHWM"), "after_kib": status("VmRSS"), **counts}
     container.stop()
+    shutil.rmtree(root, ignore_errors=True)
     return result
 
 

@@ -2,8 +2,8 @@
 
 Each command's script exists and knows every option the docs give it (its --help names them). The
 quick ones (seconds: QUICK) run here as written, from the repository root, and must print a ratio against
-their peer; `--instructions` where perf cannot count instructions (a VM without the counter) runs and is skipped on
-its message. The rest take minutes each and some need root (network namespaces, the emulated WAN): they run as
+their peer and leave nothing in their TMPDIR; `--instructions` where perf cannot count instructions (a VM without
+the counter) runs and is skipped on its message. The rest take minutes each and some need root (network namespaces, the emulated WAN): they run as
 written when VMGRID_TEST_BENCH=1 is in the environment of the test run.
 """
 from __future__ import annotations
@@ -11,7 +11,9 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import subprocess
+import tempfile
 from functools import lru_cache
 from pathlib import Path
 
@@ -66,8 +68,16 @@ def test_a_documented_bench_command_runs_as_written(where, command):
     script = next(w for w in shlex.split(command) if w.startswith("bench/"))
     if script not in QUICK and os.environ.get("VMGRID_TEST_BENCH") != "1":
         pytest.skip("opt-in: VMGRID_TEST_BENCH=1 (minutes; root and the emulated WAN)")
-    r = subprocess.run(command, shell=True, cwd=ROOT, capture_output=True, text=True, timeout=3600)
+    scratch = Path(tempfile.mkdtemp(prefix="vgb-", dir="/tmp"))      # the command's TMPDIR: short (sockets)
+    try:
+        r = subprocess.run(command, shell=True, cwd=ROOT, capture_output=True, text=True, timeout=3600,
+                           env={**os.environ, "TMPDIR": str(scratch)})
+        left = sorted(p.name for p in scratch.iterdir())
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     if r.returncode != 0 and "perf cannot count user-space instructions on this machine" in r.stderr:
         pytest.skip("perf cannot count instructions on this machine (the command ran and said so)")
     assert r.returncode == 0, f"{where}: `{command}`\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     assert re.search(r"\d\s*x|x peer|ratio", r.stdout), f"{where}: `{command}` printed no ratio:\n{r.stdout[-2000:]}"
+    # A bench run on a site's machine, or in CI, leaves no scratch behind (one left 240 MB in /tmp per run).
+    assert not left, f"{where}: `{command}` left {left} in its TMPDIR"
