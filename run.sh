@@ -19,6 +19,7 @@ APT_PACKAGES=(
   openssl xmlsec1                                    # interop peers for the security tests
   globus-gridftp-server-progs globus-gass-copy-progs globus-proxy-utils  # interop peers (GridFTP, GSI)
   iproute2 curl                                      # network namespaces and the WAN benchmark
+  nftables                                           # bridge mode: each guest sends only as its own lease (guard.py)
   nodejs                                             # interop peer node-soap (tests/interop; npm installs it into var/)
   gsoap libgsoap-dev libssl-dev zlib1g-dev           # interop peer gSOAP 2.8: wsdl2h, soapcpp2, the wsse plugin, building its client
   libaxis-java libwss4j-java default-jdk-headless    # interop peer Axis 1.4 + WSS4J 1.6 (GT4 Java WS Core's stack): WSDL2Java, javac
@@ -79,10 +80,20 @@ compile_sources() {
 
 setup() { ensure_apt; ensure_system; ensure_venv; compile_sources; }
 
+check_space() {
+  # A whole run writes about 4.4 GB under the temporary directory (guest images, overlays, state; removed as
+  # each test passes) and 1.5 GB of guest images under var/: say so before a full disk fails tests one by one.
+  local d free
+  for d in "${TMPDIR:-/tmp}" "$ROOT"; do
+    free=$(df -Pk "$d" | awk 'NR==2 {print int($4 / 1048576)}')
+    [ "$free" -ge 8 ] || log "warning: ${free} GiB free on $d; the whole test suite needs about 8 GiB"
+  done
+}
+
 cmd=${1:-}; [ $# -gt 0 ] && shift
 case "$cmd" in
   setup) setup ;;
   demo)  setup; exec "$ROOT/.venv/bin/vmgrid" demo "$@" ;;
-  test)  setup; exec "$ROOT/.venv/bin/python" -m pytest "$@" ;;
+  test)  setup; check_space; exec "$ROOT/.venv/bin/python" -m pytest "$@" ;;
   *) sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac
