@@ -20,6 +20,9 @@ class VMManagerConfig:
     nic_kind: str = "user"               # user (QEMU user-mode network), network or bridge
     nic_source: str = ""                 # the libvirt network or bridge for nic_kind network/bridge
     manage_bridge: bool = True           # nic_kind bridge: the node makes nic_source holding the gateway
+    # nic_kind bridge: each guest's tap may send only as its own lease (MAC, IPv4 address, ARP), nothing else,
+    # through nftables (services/vmmanager/guard.py); false lets any guest take another's address
+    guard_guests: bool = True
     kernel: str = ""                     # boot method "kernel": the node's kernel, initrd and command line
     initrd: str = ""
     cmdline: str = "console=ttyS0 root=/dev/vda rw"

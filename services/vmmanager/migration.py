@@ -44,7 +44,7 @@ from security.pki import Credential
 from services.common.crash import crashpoint
 from services.common.errors import printable
 from services.faults import (AccessDenied, IllegalTransition, InstanceMoved, InternalFault, InvalidArgument,
-                             MigrationFault, ResourceUnknown, TransferFault, VMGridFault, ChecksumMismatch)
+                             MigrationFault, ResourceUnknown, TransferFault, VMGridFault, VMMFault, ChecksumMismatch)
 from services.vmmanager import phases, states
 from services.vmmanager.context import build_context, new_token
 from services.vmmanager.phases import vmm_call
@@ -323,6 +323,8 @@ def migrate(node: "Node", caller, key: str, target: str, mode: str, proxy_pem: b
                     state_file.unlink(missing_ok=True)
                     node.exports.begin(key)          # the target, which asked for it, gets it as it is written
                     vmm_call("save", node.vmm.save, key, state_file)
+                    node.store.unbind_port(key)       # its tap is gone; the target binds its own (guard.py)
+                    phases.sync_guard(node.parts)
                 node.exports.complete(key)
                 crashpoint("migration.frozen")
                 saved = time.perf_counter()
@@ -408,9 +410,11 @@ def _rollback(node: "Node", key: str, prior: State, peer: Peer | None, *, abort:
     state_file = node.parts.home(key) / STATE_FILE
     if frozen and prior in (State.RUNNING, State.PAUSED) and state_file.exists():
         try:
+            if node.parts.guard is not None and node.store.bind_port(key):    # its tap, guarded again first
+                phases.sync_guard(node.parts, strict=True)
             node.vmm.restore(state_file, paused=prior == State.PAUSED)
             state_file.unlink(missing_ok=True)
-        except VMMError as exc:
+        except (VMMError, VMMFault) as exc:
             log.error("migration of %s: restoring it here failed: %s", key, exc)
             node._set_state(key, State.SAVED, expect={State.MIGRATING})
             node.migrations.drop(key)
@@ -833,6 +837,7 @@ def _restore_here(node: "Node", key: str, domain_uuid: str) -> None:
     if domain_uuid:
         spec = dataclasses.replace(spec, uuid=domain_uuid)
     t2 = time.perf_counter()
+    phases.bind_port(node.parts, spec)      # bridge mode: its tap sends only as this node's lease (guard.py)
     vmm_call("restore", node.vmm.restore, home / STATE_FILE, spec, paused=True)
     t3 = time.perf_counter()
     (home / STATE_FILE).unlink(missing_ok=True)

@@ -28,6 +28,7 @@ from services.vmmanager import migration, network, phases, states
 from services.vmmanager.channels import ChannelPaths, fits
 from services.vmmanager.config import VMManagerConfig
 from services.vmmanager.context import new_token
+from services.vmmanager.guard import Binding, PortGuard
 from services.vmmanager.imagecache import ImageCache
 from services.vmmanager.listing import MAX_PAGE, Cursors, Page, check_limit
 from services.vmmanager.phases import NodeParts, Recorder, vmm_call
@@ -35,7 +36,7 @@ from services.vmmanager.states import FINAL, MIGRATION, TRANSIENT, State
 from services.vmmanager.store import Instance, LeaseRange, NodeStore
 from services.vmmanager.values import DeployRequest, DomainRow, InstanceView, NodeDomains, Subscribed
 from services.vmmanager.warm import WarmSnapshots
-from services.vmmanager.vmm import VMM, InstanceState, LifecycleEvent, LifecycleEventKind, VMMError
+from services.vmmanager.vmm import VMM, InstanceState, LifecycleEvent, LifecycleEventKind, VMMError, tap_name
 from services.vmmanager.vmm.errors import GuestWaitCancelled, InstanceNotFound
 from services.wsrf.lifetime import Sweeper
 from services.wsrf.notification import ConsumerPolicy, Notifier, new_subscription_key
@@ -82,8 +83,12 @@ class Node:
         # bridge mode: the bridge holding the gateway, so leased addresses are reachable (network.py)
         self.bridge = network.prepare(config.nic_kind, config.nic_source, config.gateway, config.network,
                                       config.manage_bridge, self.state_dir)
+        guard = None
+        if config.nic_kind == "bridge" and config.guard_guests:
+            guard = PortGuard(config.nic_source)
+            guard.check()           # nftables is here and takes the bridge table, or the node does not start
         self.parts = NodeParts(self.node, config, self.store, self.cache, repository, vmm, pool,
-                               self.instances_dir, address, channels=channels)
+                               self.instances_dir, address, channels=channels, guard=guard)
         self.executor = ThreadPoolExecutor(config.deploy_workers, thread_name_prefix="vmgrid-deploy")
         self.warm = WarmSnapshots(self.state_dir / "warm", self.parts)
         self._locks: dict[str, threading.RLock] = {}
@@ -443,6 +448,7 @@ class Node:
                     self._set_state(key, final, **values)
             if central is not None:
                 self._release_central(*central)
+        phases.sync_guard(self.parts)     # bridge mode: its tap is no longer bound to its lease
 
     def _drop_hold(self, key: str, inst: Instance) -> tuple[str, str, str] | None:
         """The instance no longer uses its image hold (under the holds' lock). The node's hold on the image is
@@ -837,6 +843,15 @@ class Node:
             if key not in live_now:
                 self.store.release_lease(key)
                 report["leases_released"] += 1
+        if self.parts.guard is not None:
+            # bridge mode: every running guest's tap bound to its lease before the node serves (an instance of a
+            # node state older than the guard gets the tap its domain's UUID names); NetworkSetupError: no start
+            ports, leases = self.store.ports(), self.store.leases()
+            for key in live_now & leases.keys() & domains.keys():
+                if key not in ports:
+                    self.store.bind_port(key, tap_name(domains[key].uuid, 0))
+            self.parts.guard.sync([Binding(*row) for row in self.store.port_bindings()])
+            report["taps_guarded"] = len(self.store.port_bindings())
         for d in self.instances_dir.iterdir():
             if d.name not in live_now:
                 shutil.rmtree(d, ignore_errors=True)

@@ -29,12 +29,14 @@ from services.descriptor import NSMAP as WS_NSMAP
 from services.descriptor import Descriptor, image_blake3
 from services.faults import VMMFault
 from services.vmmanager import guestcred, qemuimg
+from services.vmmanager.guard import Binding, PortGuard
+from services.vmmanager.network import NetworkSetupError
 from services.vmmanager.channels import ChannelPaths
 from services.vmmanager.config import VMManagerConfig
 from services.vmmanager.context import build_context, write_context_iso
 from services.vmmanager.imagecache import ImageCache
 from services.vmmanager.store import Instance, LeaseRange, NodeStore
-from services.vmmanager.vmm import VMM, Disk, GuestChannel, InstanceSpec, KernelBoot, Nic, Port, VMMError
+from services.vmmanager.vmm import VMM, Disk, GuestChannel, InstanceSpec, KernelBoot, Nic, Port, VMMError, tap_name
 from services.vmmanager.vmm.errors import GuestUnavailable, GuestWaitCancelled
 
 log = logging.getLogger(__name__)
@@ -91,6 +93,7 @@ class NodeParts:
     address: str = ""           # the node's public VMManager URL (image holds name it)
     holds: ImageHolds = field(default_factory=ImageHolds)
     channels: ChannelPaths | None = None    # where the guests' channel sockets are (None: in their homes)
+    guard: PortGuard | None = None          # bridge mode: each guest's tap sends only as its lease (guard.py)
 
     def home(self, key: str) -> Path:
         return self.instances_dir / key
@@ -228,8 +231,48 @@ def context(parts: NodeParts, inst: Instance, d: Descriptor) -> Path:
     return write_context_iso(ctx, parts.home(inst.key) / "context.iso", refresh_time=False)
 
 
+def sync_guard(parts: NodeParts, strict: bool = False) -> None:
+    """The bridge guard made to hold the node's bound taps (services/vmmanager/guard.py). ``strict``: a guard
+    that cannot be set is a VMMFault (a guest is about to run: it must not run unguarded); else it is logged
+    (an instance going away: its tap goes with it)."""
+    if parts.guard is None:
+        return
+    try:
+        parts.guard.sync([Binding(*row) for row in parts.store.port_bindings()])
+    except (NetworkSetupError, ValueError) as exc:
+        if strict:
+            raise VMMFault(f"the guest network's guard: {exc}", operation="guard") from None
+        log.error("the guest network's guard could not be updated: %s", exc)
+
+
+def bind_port(parts: NodeParts, spec: InstanceSpec) -> None:
+    """Bridge mode: instance ``spec.name``'s tap (named after the domain's UUID) may send only as the instance's
+    lease, from before the VMM first runs it (deploy, a warm clone, a migration's arrival)."""
+    if parts.guard is None:
+        return
+    parts.store.bind_port(spec.name, tap_name(spec.uuid, 0))
+    sync_guard(parts, strict=True)
+
+
+@contextmanager
+def closed_port(parts: NodeParts, spec: InstanceSpec) -> Iterator[None]:
+    """Bridge mode: the tap of ``spec`` (a warm snapshot's template, which holds no lease) sends nothing."""
+    if parts.guard is None:
+        yield
+        return
+    tap = tap_name(spec.uuid, 0)
+    parts.guard.closed.add(tap)
+    try:
+        sync_guard(parts, strict=True)
+        yield
+    finally:
+        parts.guard.closed.discard(tap)
+        sync_guard(parts)
+
+
 def power_on(parts: NodeParts, spec: InstanceSpec, paused: bool) -> None:
-    """Define the domain and start it (or leave it paused)."""
+    """Define the domain and start it (or leave it paused), its tap guarded from the start (bridge mode)."""
+    bind_port(parts, spec)
     vmm_call("define", parts.vmm.define, spec)
     vmm_call("power on", parts.vmm.start, spec.name, paused=paused)
 
@@ -273,6 +316,7 @@ def restore(parts: NodeParts, spec: InstanceSpec, snapshot, iso: Path, cancel: t
     key = spec.name
     with open(iso, "rb") as f:
         ctx = json.loads(read_iso_file(f, CONTEXT_FILE))
+    bind_port(parts, spec)
     early = _EarlyRecontext(parts, key, spec.channel.path, ctx, cancel)
     t = time.perf_counter()
     try:

@@ -57,6 +57,12 @@ CREATE TABLE IF NOT EXISTS leases (
     mac          TEXT NOT NULL UNIQUE,
     instance_key TEXT NOT NULL UNIQUE
 );
+-- bridge mode: the host tap each leased instance sends from (services/vmmanager/guard.py binds it to the lease)
+CREATE TABLE IF NOT EXISTS ports (
+    instance_key TEXT PRIMARY KEY,
+    tap          TEXT NOT NULL,
+    active       INTEGER NOT NULL DEFAULT 1   -- 0: its domain left for another node (a migration's save)
+);
 CREATE TABLE IF NOT EXISTS cache (
     sha256    TEXT PRIMARY KEY,
     size      INTEGER NOT NULL,
@@ -409,7 +415,34 @@ class NodeStore:
 
     def release_lease(self, key: str) -> bool:
         with self.write() as db:
+            db.execute("DELETE FROM ports WHERE instance_key = ?", (key,))
             return db.execute("DELETE FROM leases WHERE instance_key = ?", (key,)).rowcount > 0
+
+    def bind_port(self, key: str, tap: str | None = None) -> bool:
+        """Instance ``key`` sends from host tap ``tap`` (kept until its lease is released); without ``tap``, the
+        one it had, again (a migration rolled back). False when it has none."""
+        with self.write() as db:
+            if tap is None:
+                return db.execute("UPDATE ports SET active = 1 WHERE instance_key = ?", (key,)).rowcount > 0
+            db.execute("INSERT INTO ports (instance_key, tap, active) VALUES (?, ?, 1) ON CONFLICT (instance_key) "
+                       "DO UPDATE SET tap = excluded.tap, active = 1", (key, tap))
+            return True
+
+    def unbind_port(self, key: str) -> None:
+        """Instance ``key``'s domain no longer runs here (saved for a migration): its tap is not its to bind."""
+        with self.write() as db:
+            db.execute("UPDATE ports SET active = 0 WHERE instance_key = ?", (key,))
+
+    def ports(self) -> dict[str, str]:
+        """instance key -> its tap, bound or not."""
+        return {r[0]: r[1] for r in self._db().execute("SELECT instance_key, tap FROM ports")}
+
+    def port_bindings(self) -> list[tuple[str, str, str]]:
+        """(tap, MAC, address) of every leased instance whose tap is bound: what the bridge guard lets each tap
+        send as."""
+        return [tuple(r) for r in self._db().execute(
+            "SELECT p.tap, l.mac, l.address FROM ports p JOIN leases l ON l.instance_key = p.instance_key "
+            "WHERE p.active = 1 ORDER BY p.tap")]
 
     def leases(self) -> dict[str, tuple[str, str]]:
         return {r[2]: (r[0], r[1]) for r in self._db().execute("SELECT address, mac, instance_key FROM leases")}

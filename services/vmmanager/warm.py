@@ -24,6 +24,7 @@ import os
 import secrets
 import shutil
 import threading
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -225,6 +226,7 @@ class WarmSnapshots:
         shutil.rmtree(part, ignore_errors=True)
         part.mkdir(parents=True)
         defined = False
+        guarded = ExitStack()
         try:
             disks = []
             for n, disk in enumerate(d.disks):
@@ -238,6 +240,7 @@ class WarmSnapshots:
             ctx = validate_context({**json.loads(ctx.to_json()), "warm": True})
             iso = write_context_iso(ctx, home / "context.iso")
             spec = phases.instance_spec(parts, tpl, d, disks, iso)
+            guarded.enter_context(phases.closed_port(parts, spec))   # bridge mode: no lease, so it sends nothing
             phases.vmm_call("define", parts.vmm.define, spec)
             defined = True
             phases.vmm_call("power on", parts.vmm.start, spec.name)
@@ -265,6 +268,7 @@ class WarmSnapshots:
                         getattr(parts.vmm, verb)(tpl.key)
                     except VMMError:
                         pass
+            guarded.close()
             shutil.rmtree(home, ignore_errors=True)
             parts.remove_channel(tpl.key)
             shutil.rmtree(part, ignore_errors=True)

@@ -5,6 +5,7 @@ from .driver import (VMM, Capabilities, InstanceInfo, InstanceState, LifecycleEv
 from .errors import (DomainNotFound, GuestChannelError, GuestUnavailable, GuestWaitCancelled, IllegalState,
                      InstanceExists, InstanceNotFound, InvalidSpec, Unsupported, VMMError)
 from .libvirt_driver import LibvirtDriver, LibvirtQemuDriver, LibvirtTestDriver, qemu_user_missing
+from .config import tap_name
 from .spec import Disk, GuestChannel, InstanceSpec, KernelBoot, Nic, Port
 
 __all__ = [
@@ -13,7 +14,7 @@ __all__ = [
     "IllegalState",
     "InstanceExists", "InstanceNotFound", "InvalidSpec", "Unsupported", "VMMError", "LibvirtDriver",
     "LibvirtQemuDriver", "LibvirtTestDriver", "qemu_user_missing", "Disk", "GuestChannel", "InstanceSpec",
-    "KernelBoot", "Nic", "Port", "open_vmm",
+    "KernelBoot", "Nic", "Port", "open_vmm", "tap_name",
 ]
 
 

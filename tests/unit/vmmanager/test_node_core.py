@@ -65,8 +65,8 @@ class FakeImageSource:
         pass
 
 
-@pytest.fixture
-def node(tmp_path):
+def make_node(tmp_path: Path, config: VMManagerConfig | None = None) -> Node:
+    """A node on a private test driver, its image served by a FakeImageSource (also used by test_guard.py)."""
     image = tmp_path / "base.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "16M"], check=True)
     ws = parse_descriptor((EXAMPLES / "debian12-emboss.xml").read_bytes())
@@ -77,9 +77,15 @@ def node(tmp_path):
         set_field(ws, section, name, value)
     source = FakeImageSource(image, Descriptor(ws))
     policy = site_policy_point(vos={"bio": {"members": [ALICE.dn]}, "hep": {"members": [BOB.dn]}})
-    n = Node(tmp_path / "node", VMManagerConfig(node="node1"), policy, vmm=LibvirtTestDriver.private_node(),
-             repository=source, address=NODE_ADDRESS)
+    n = Node(tmp_path / "node", config or VMManagerConfig(node="node1"), policy,
+             vmm=LibvirtTestDriver.private_node(), repository=source, address=NODE_ADDRESS)
     n.ws, n.source = ws, source
+    return n
+
+
+@pytest.fixture
+def node(tmp_path):
+    n = make_node(tmp_path)
     yield n
     n.close()
 

@@ -1,0 +1,152 @@
+"""Bridge mode: every guest's tap may send only as its own lease, so no guest takes a neighbour's address.
+
+A guest is untrusted. On a plain Linux bridge it could set another instance's IP or MAC (or answer ARP for
+them) and take that instance's traffic or cut it off. The node therefore keeps, in the kernel's nftables,
+a table of the bridge family named after its bridge (``vmgrid_<bridge>``) whose one chain, on the bridge's
+prerouting hook, looks at every frame a vmgrid tap sends:
+
+- a frame whose source MAC is not the tap's leased MAC is dropped;
+- IPv4 passes only from the tap's leased address, ARP (Ethernet/IPv4) only when its sender is the tap's
+  leased MAC and address (or 0.0.0.0, an address probe);
+- anything else (IPv6, VLAN tags, other EtherTypes) is dropped: libvirt's ``clean-traffic`` filter, for
+  hosts without libvirt's nwfilter driver.
+
+Frames from ports the node did not bind (the site's uplink, another node's guests) pass untouched. A tap is
+bound before its guest first runs (deploy, restore, a warm clone, a migration's arrival), so no frame of it
+ever passes unchecked; a tap bound to nothing (a warm snapshot's template guest) may send nothing at all.
+The table is rewritten whole, in one nftables transaction, from the node's records each time (``sync``):
+a restart, a crash or a rule someone deleted by hand are mended by the next sync.
+"""
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import re
+import subprocess
+import threading
+from dataclasses import dataclass
+from typing import Iterable
+
+from services.vmmanager.network import BRIDGE_NAME, NetworkSetupError
+
+TAP = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+NFT_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class Binding:
+    """What tap ``tap`` may send as: the lease's MAC and IPv4 address."""
+
+    tap: str
+    mac: str
+    address: str
+
+    def __post_init__(self) -> None:
+        if not TAP.match(self.tap or ""):
+            raise ValueError(f"tap name {self.tap!r}: 1-15 characters of [A-Za-z0-9_.-]")
+        if not MAC.match((self.mac or "").lower()):
+            raise ValueError(f"MAC {self.mac!r}: six hex pairs separated by colons")
+        ipaddress.IPv4Address(self.address)       # ValueError names it
+
+
+def table_name(bridge: str) -> str:
+    """``vmgrid_<bridge>``; a bridge name with '-' or '.' (allowed in interface names, not in nftables
+    identifiers) gets them as '_' and a short hash of the real name, so two bridges never share a table."""
+    if not BRIDGE_NAME.match(bridge):
+        raise NetworkSetupError(f"bridge name {bridge!r}: 1-15 characters of [A-Za-z0-9_.-], starting alphanumeric")
+    plain = re.sub(r"[^A-Za-z0-9_]", "_", bridge)
+    if plain == bridge:
+        return f"vmgrid_{bridge}"
+    return f"vmgrid_{plain}_{hashlib.sha256(bridge.encode()).hexdigest()[:6]}"
+
+
+class PortGuard:
+    """The guard of one node's bridge: ``sync(bindings, closed)`` makes the kernel's rules exactly these."""
+
+    def __init__(self, bridge: str, netns: str | None = None) -> None:
+        self.bridge = bridge
+        self.table = table_name(bridge)
+        self.netns = netns                # a named network namespace (``ip netns exec``), as NodeBridge's
+        self.closed: set[str] = set()     # taps bound to nothing: they may send no frame at all
+        self._lock = threading.Lock()
+
+    def _cmd(self, *args: str) -> list[str]:
+        return (["ip", "netns", "exec", self.netns] if self.netns else []) + ["nft", *args]
+
+    def _nft(self, script: str, *args: str) -> subprocess.CompletedProcess:
+        try:
+            proc = subprocess.run(self._cmd(*args, "-f", "-"), input=script, capture_output=True, text=True,
+                                  timeout=NFT_TIMEOUT)
+        except FileNotFoundError:
+            raise NetworkSetupError(
+                "bridge mode guards each guest's tap with nftables and this host has no `nft` (Debian package "
+                "nftables): install it, or set [vmmanager] guard_guests = false to run without the guard (any "
+                "guest can then take another's address)") from None
+        except subprocess.TimeoutExpired:
+            raise NetworkSetupError(f"nft did not answer within {NFT_TIMEOUT:g} s (the guard of {self.bridge})") \
+                from None
+        if proc.returncode != 0:
+            raise NetworkSetupError(f"the guard of bridge {self.bridge}: nft refused its rules: "
+                                    f"{(proc.stderr or proc.stdout).strip()[:2000]}")
+        return proc
+
+    def script(self, bindings: Iterable[Binding], closed: Iterable[str] = ()) -> str:
+        """The nftables transaction that replaces the table with one holding these bindings."""
+        bound = sorted(set(bindings), key=lambda b: b.tap)
+        taps = {b.tap for b in bound}
+        if len(taps) != len(bound):
+            raise ValueError("a tap is bound twice")
+        shut = sorted(set(closed) - taps)
+        for tap in shut:
+            if not TAP.match(tap):
+                raise ValueError(f"tap name {tap!r}: 1-15 characters of [A-Za-z0-9_.-]")
+
+        def elements(items: list[str]) -> str:
+            return f" elements = {{ {', '.join(items)} }}" if items else ""
+
+        ports = elements([f'"{t}"' for t in sorted(taps | set(shut))])
+        macs = elements([f'"{b.tap}" . {b.mac.lower()}' for b in bound])
+        ipv4 = elements([f'"{b.tap}" . {b.mac.lower()} . {b.address}' for b in bound])
+        arp = "ether type arp arp htype 1 arp ptype ip arp hlen 6 arp plen 4"
+        t = self.table
+        return (f"add table bridge {t}\n"
+                f"delete table bridge {t}\n"
+                f"table bridge {t} {{\n"
+                f"  set ports {{ type ifname;{ports} }}\n"
+                f"  set macs {{ type ifname . ether_addr;{macs} }}\n"
+                f"  set ipv4 {{ type ifname . ether_addr . ipv4_addr;{ipv4} }}\n"
+                f"  chain guard {{\n"
+                f"    type filter hook prerouting priority -200; policy accept;\n"
+                f"    iifname != @ports accept\n"
+                f"    iifname . ether saddr != @macs counter drop\n"
+                f"    ether type ip iifname . ether saddr . ip saddr @ipv4 accept\n"
+                f"    {arp} iifname . arp saddr ether . arp saddr ip @ipv4 accept\n"
+                f"    {arp} arp saddr ip 0.0.0.0 iifname . arp saddr ether @macs accept\n"
+                f"    counter drop\n"
+                f"  }}\n"
+                f"}}\n")
+
+    def sync(self, bindings: Iterable[Binding]) -> None:
+        """Make the table hold exactly ``bindings`` (and the taps of ``closed``, that may send nothing),
+        atomically. NetworkSetupError when nftables is missing or refuses (the caller decides: a deploy fails)."""
+        with self._lock:
+            self._nft(self.script(bindings, set(self.closed)))
+
+    def check(self) -> None:
+        """At the node's start: nftables is here and takes a bridge table (a dry run, nothing changes)."""
+        self._nft(self.script(()), "--check")
+
+    def remove(self) -> None:
+        """Take the table away (the bridge's teardown); its guests are unguarded after this."""
+        with self._lock:
+            self._nft(f"add table bridge {self.table}\ndelete table bridge {self.table}\n")
+
+    def listing(self) -> str:
+        """``nft list table`` of the guard (what an operator would run); "" when there is none."""
+        try:
+            proc = subprocess.run(self._cmd("list", "table", "bridge", self.table), capture_output=True, text=True,
+                                  timeout=NFT_TIMEOUT)
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+        return proc.stdout if proc.returncode == 0 else ""
