@@ -403,11 +403,11 @@ def cmd_watch(args) -> int:
     # too) could otherwise send this instance's key with a state of its choosing. A migration hands the watch on:
     # the node's own "-> Migrated", then its answer naming the node the instance lives on now (InstanceMoved), make
     # that node the one whose changes count (the subscription moved with the instance).
-    node = {"url": vm.service.url, "signed": host_authorizer(vm.service.url)}
+    signed_by_node = [host_authorizer(vm.service.url)]     # the holding node's host; replaced when it moves
     waiting: list = []        # this key's changes signed by another host, kept until a move makes that host ours
 
     def from_node(change) -> bool:
-        return node["signed"](SimpleNamespace(dn=change.signer))
+        return signed_by_node[0](SimpleNamespace(dn=change.signer))
 
     def show(change) -> None:
         print(f"{printable(change.time)} {args.instance}: {printable(change.old)} -> {printable(change.new)} "
@@ -447,7 +447,7 @@ def cmd_watch(args) -> int:
                 address = moved_to()
                 if address is None:
                     break
-                node.update(url=address, signed=host_authorizer(address))
+                signed_by_node[0] = host_authorizer(address)
                 print(f"{time.strftime('%H:%M:%S')} {args.instance}: now on {printable(address)}", flush=True)
                 for early in [c for c in waiting if from_node(c)]:     # the new node's first words came first
                     show(early)

@@ -177,7 +177,7 @@ class WSSecurityMiddleware:
             return self._refused(environ, start_response, exc, "read")
         items = 0
         if len(body) > COUNTED_BODY_BYTES:
-            counted = body.count(b"<") + body.count(b"=")
+            counted = safexml.markup_items(body)
             if counted <= self.policy.limits.max_nodes:    # more: safexml refuses it before building a node
                 if not self.markup.take(counted):
                     log.warning("refused a request of %d markup items from %s: %d of %d are held by the requests "

@@ -69,6 +69,13 @@ def _thread_parser() -> etree.XMLParser:
     return p
 
 
+def markup_items(data: bytes) -> int:
+    """The markup items of a document as the limits count them: its '<' and '=' bytes (elements and attributes;
+    an upper bound in any encoding, counted before libxml2 builds a node). The container's budget of parse
+    trees (security.middleware.MarkupBudget) counts the same way."""
+    return data.count(b"<") + data.count(b"=")
+
+
 def parse(data: bytes | str, limits: Limits = DEFAULT_LIMITS) -> etree._Element:
     """Parse untrusted XML and return its root element, or raise :class:`UnsafeXML`."""
     if isinstance(data, str):
@@ -78,7 +85,7 @@ def parse(data: bytes | str, limits: Limits = DEFAULT_LIMITS) -> etree._Element:
     if not data.strip():
         raise UnsafeXML("empty document")
     # counted on the bytes (an upper bound in any encoding) before libxml2 builds a node
-    nodes = data.count(b"<") + data.count(b"=") if len(data) > limits.max_nodes else 0
+    nodes = markup_items(data) if len(data) > limits.max_nodes else 0
     if nodes > limits.max_nodes:
         raise UnsafeXML(f"document of {nodes} markup items ('<' and '=': elements, attributes) exceeds the limit "
                         f"of {limits.max_nodes}")
