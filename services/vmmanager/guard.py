@@ -2,8 +2,8 @@
 
 A guest is untrusted. On a plain Linux bridge it could set another instance's IP or MAC (or answer ARP for
 them) and take that instance's traffic or cut it off. The node therefore keeps, in the kernel's nftables,
-a table of the bridge family named after its bridge (``vmgrid_<bridge>``) whose one chain, on the bridge's
-prerouting hook, looks at every frame a vmgrid tap sends:
+a table of the bridge family of its own (``vmgrid_<bridge>_<8 hex>``, see :func:`table_name`) whose one
+chain, on the bridge's prerouting hook, looks at every frame sent by a tap the node bound:
 
 - a frame whose source MAC is not the tap's leased MAC is dropped;
 - IPv4 passes only from the tap's leased address, ARP (Ethernet/IPv4) only when its sender is the tap's
@@ -11,7 +11,8 @@ prerouting hook, looks at every frame a vmgrid tap sends:
 - anything else (IPv6, VLAN tags, other EtherTypes) is dropped: libvirt's ``clean-traffic`` filter, for
   hosts without libvirt's nwfilter driver.
 
-Frames from ports the node did not bind (the site's uplink, another node's guests) pass untouched. A tap is
+Frames from ports the node did not bind (the site's uplink, another node's guests: that node's own table
+looks at those) pass untouched. A tap is
 bound before its guest first runs (deploy, restore, a warm clone, a migration's arrival), so no frame of it
 ever passes unchecked; a tap bound to nothing (a warm snapshot's template guest) may send nothing at all.
 The table is rewritten whole, in one nftables transaction, from the node's records each time (``sync``):
@@ -50,23 +51,23 @@ class Binding:
         ipaddress.IPv4Address(self.address)       # ValueError names it
 
 
-def table_name(bridge: str) -> str:
-    """``vmgrid_<bridge>``; a bridge name with '-' or '.' (allowed in interface names, not in nftables
-    identifiers) gets them as '_' and a short hash of the real name, so two bridges never share a table."""
+def table_name(bridge: str, owner: str = "") -> str:
+    """``vmgrid_<bridge>_<8 hex>``: one table per node, the hex a hash of the bridge and ``owner`` (the node's
+    state directory), so two nodes on one bridge of one host each keep their own. A bridge name's '-' and '.'
+    (allowed in interface names, not in nftables identifiers) become '_'; the hash keeps such names apart."""
     if not BRIDGE_NAME.match(bridge):
         raise NetworkSetupError(f"bridge name {bridge!r}: 1-15 characters of [A-Za-z0-9_.-], starting alphanumeric")
     plain = re.sub(r"[^A-Za-z0-9_]", "_", bridge)
-    if plain == bridge:
-        return f"vmgrid_{bridge}"
-    return f"vmgrid_{plain}_{hashlib.sha256(bridge.encode()).hexdigest()[:6]}"
+    digest = hashlib.sha256(f"{bridge}\0{owner}".encode()).hexdigest()[:8]
+    return f"vmgrid_{plain}_{digest}"
 
 
 class PortGuard:
     """The guard of one node's bridge: ``sync(bindings, closed)`` makes the kernel's rules exactly these."""
 
-    def __init__(self, bridge: str, netns: str | None = None) -> None:
+    def __init__(self, bridge: str, owner: str = "", netns: str | None = None) -> None:
         self.bridge = bridge
-        self.table = table_name(bridge)
+        self.table = table_name(bridge, owner)
         self.netns = netns                # a named network namespace (``ip netns exec``), as NodeBridge's
         self.closed: set[str] = set()     # taps bound to nothing: they may send no frame at all
         self._lock = threading.Lock()
@@ -150,3 +151,24 @@ class PortGuard:
         except (OSError, subprocess.TimeoutExpired):
             return ""
         return proc.stdout if proc.returncode == 0 else ""
+
+
+def tables_of(bridge: str, netns: str | None = None) -> list[str]:
+    """The guard tables of every node on ``bridge`` (``nft list tables bridge``); [] without nft."""
+    prefix = re.sub(r"[^A-Za-z0-9_]", "_", bridge)
+    try:
+        proc = subprocess.run((["ip", "netns", "exec", netns] if netns else []) + ["nft", "list", "tables", "bridge"],
+                              capture_output=True, text=True, timeout=NFT_TIMEOUT)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return re.findall(rf"^table bridge (vmgrid_{re.escape(prefix)}_[0-9a-f]{{8}})$", proc.stdout, re.M)
+
+
+def remove_tables(bridge: str, netns: str | None = None) -> list[str]:
+    """Take away the guard tables of every node on ``bridge`` (the bridge's teardown); returns their names."""
+    names = tables_of(bridge, netns)
+    for name in names:
+        subprocess.run((["ip", "netns", "exec", netns] if netns else []) + ["nft", "delete", "table", "bridge", name],
+                       capture_output=True, text=True, timeout=NFT_TIMEOUT)
+    return names
+

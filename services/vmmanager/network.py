@@ -136,10 +136,12 @@ class NodeBridge:
 
     def teardown(self) -> BridgeStatus:
         """Remove what ensure() made (the bridge it created, or the address it added to a bridge the
-        site made) and forget it; leaves alone what the site made itself. Guests still on the bridge
-        lose their network: stop them first."""
+        site made) and the nodes' guard tables of the bridge (guard.py), and forget it; leaves alone what
+        the site made itself. Guests still on the bridge lose their network: stop them first."""
+        from services.vmmanager.guard import remove_tables     # guard.py builds on this module
         made = self._made()
         status = self.check()
+        remove_tables(self.name, self.netns)      # the nodes' guards of its guests' taps go with it
         if status.exists and status.is_bridge:
             if made.get("bridge"):
                 self._ip("link", "del", "dev", self.name)

@@ -85,8 +85,10 @@ class Node:
                                       config.manage_bridge, self.state_dir)
         guard = None
         if config.nic_kind == "bridge" and config.guard_guests:
-            guard = PortGuard(config.nic_source)
+            guard = PortGuard(config.nic_source, owner=str(self.state_dir.resolve()))
             guard.check()           # nftables is here and takes the bridge table, or the node does not start
+            log.info("bridge %s: each guest's tap sends only as its lease (nftables table bridge %s)",
+                     config.nic_source, guard.table)
         self.parts = NodeParts(self.node, config, self.store, self.cache, repository, vmm, pool,
                                self.instances_dir, address, channels=channels, guard=guard)
         self.executor = ThreadPoolExecutor(config.deploy_workers, thread_name_prefix="vmgrid-deploy")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from client.soap import GridServiceClient  # noqa: E402
 from client.vmmanager import VMManagerClient  # noqa: E402
 from guestd.image.build import GuestImage  # noqa: E402
+from services.vmmanager.guard import tables_of  # noqa: E402
 from services.vmmanager.network import NodeBridge  # noqa: E402
 from tests.fixtures.grid import start_grid  # noqa: E402
 from tests.fixtures.pki import build_grid_pki  # noqa: E402
@@ -91,6 +93,9 @@ def main() -> int:
                     got, err = fetch(f"http://{inst['address']}:8000/r-{peer['address']}", deadline, want=peer["host"])
                     inst["reached"][peer["address"]] = got or err
         out["neighbours"] = neighbours()
+        # each node's guard: its own nftables table binding its guest's tap to the lease (services/vmmanager/guard.py)
+        out["guards"] = {t: subprocess.run(["nft", "list", "table", "bridge", t], capture_output=True,
+                                           text=True).stdout for t in tables_of(BRIDGE)}
     except Exception as exc:  # noqa: BLE001 - reported to the test, which fails with it
         out["error"] = f"{type(exc).__name__}: {exc}"
     finally:

@@ -11,6 +11,7 @@ from typing import Callable
 
 from client.localgrid import write_toml
 from services.descriptor import parse_descriptor
+from services.vmmanager.guard import tables_of
 from services.vmmanager.network import NodeBridge
 from tests.fixtures.grid import free_port
 
@@ -77,5 +78,6 @@ class BridgeNodes:
                 first = next(iter(self.nodes.values()))
                 out["bridge_after"] = NodeBridge(self.bridge, self.gateway, self.network,
                                                  first.state / "vmmanager").teardown().exists
+                out["guards_after"] = tables_of(self.bridge)
         except Exception as exc:  # noqa: BLE001 - reported to the test, which fails with it
             out.setdefault("cleanup", []).append(f"bridge teardown: {exc}")

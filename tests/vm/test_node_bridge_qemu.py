@@ -77,5 +77,12 @@ def test_guests_deployed_on_two_bridge_mode_nodes_reach_each_other_and_the_node_
     assert (a["address"], b["address"]) == ("10.77.0.10", "10.77.0.20"), "each node leased from its own range"
     assert a["reached"] == {b["address"]: b["host"]}, "the guest on node 1 reached the guest on node 2"
     assert b["reached"] == {a["address"]: a["host"]}, "the guest on node 2 reached the guest on node 1"
+    # each node bound its guest's tap to the lease in a table of its own; the bridge's teardown took both away
+    guards = seen["guards"]
+    assert len(guards) == 2, guards
+    for inst in (a, b):
+        holding = [t for t, text in guards.items() if f"{inst['mac']} . {inst['address']}" in text]
+        assert len(holding) == 1, (inst, guards)
+    assert seen["guards_after"] == []
     assert "cleanup" not in seen, seen["cleanup"]
     assert seen["bridge_after"] is False, "the bridge the node made was taken down"

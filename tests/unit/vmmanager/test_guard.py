@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from services.vmmanager.guard import Binding, PortGuard, table_name
-from services.vmmanager.network import NetworkSetupError
+from services.vmmanager.guard import Binding, PortGuard, table_name, tables_of
+from services.vmmanager.network import NetworkSetupError, NodeBridge
 
 REPO = Path(__file__).resolve().parents[3]
 pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces and nftables need root"),
@@ -32,13 +32,21 @@ LISTENER = textwrap.dedent("""
     while True:
         c, _ = s.accept(); c.sendall(b"hello"); c.close()
 """)
+# tried again until argv[2] seconds have passed: a neighbour entry that failed while a guest was blocked answers
+# "no route to host" at once for a while after
 CONNECT = textwrap.dedent("""
-    import socket, sys
-    s = socket.socket(); s.settimeout(float(sys.argv[2]))
-    try:
-        s.connect((sys.argv[1], 7979)); print(s.recv(5).decode())
-    except OSError as exc:
-        print("refused:", type(exc).__name__)
+    import socket, sys, time
+    deadline = time.monotonic() + float(sys.argv[2])
+    while True:
+        s = socket.socket(); s.settimeout(max(0.1, deadline - time.monotonic()))
+        try:
+            s.connect((sys.argv[1], 7979)); print(s.recv(5).decode()); break
+        except OSError as exc:
+            if time.monotonic() >= deadline:
+                print("refused:", type(exc).__name__); break
+            time.sleep(0.2)
+        finally:
+            s.close()
 """)
 # a gratuitous ARP reply from this guest's MAC (ether and ARP sender) claiming the address argv[1]
 ARP_CLAIM = textwrap.dedent("""
@@ -72,7 +80,7 @@ class Site:
         run("ip", "-n", self.host, "addr", "add", f"{GATEWAY}/24", "dev", "vmgridbr0")
         # the host takes any ARP news at once (no 1 s lock after an update), so only the guard stops a claim
         run("ip", "netns", "exec", self.host, "sh", "-c", "echo 0 > /proc/sys/net/ipv4/neigh/vmgridbr0/locktime")
-        self.guard = PortGuard("vmgridbr0", netns=self.host)
+        self.guard = PortGuard("vmgridbr0", owner="node-a", netns=self.host)
 
     def guest(self, name: str, mac: str, ip: str) -> str:
         ns, tap = f"{self.host}-{name}", f"vg{self.tag}{name}0"
@@ -185,11 +193,11 @@ def test_a_sync_replaces_the_whole_table_and_mends_a_hand_deleted_one(site):
     a = site.guest("a", A_MAC, A_IP)
     site.guard.sync([Binding(a, A_MAC, A_IP)])
     listing = site.guard.listing()
-    assert f'"{a}" . {A_MAC} . {A_IP}' in listing and table_name("vmgridbr0") in listing
-    # docs/configuration.md's command to look at it, as written (in the site's namespace)
-    shown = re.search(r"`(nft list\s+table bridge vmgrid_vmgridbr0)`", (REPO / "docs/configuration.md").read_text())
-    assert shown, "docs/configuration.md shows how to list the guard"
-    assert run("ip", "netns", "exec", site.host, *shown.group(1).split()) == listing
+    assert f'"{a}" . {A_MAC} . {A_IP}' in listing and table_name("vmgridbr0", "node-a") in listing
+    # docs/configuration.md's command to find it, as written (in the site's namespace)
+    shown = re.search(r"```sh\n(nft list tables bridge)\n```", (REPO / "docs/configuration.md").read_text())
+    assert shown, "docs/configuration.md shows how to find the guard's table"
+    assert f"table bridge {site.guard.table}" in run("ip", "netns", "exec", site.host, *shown.group(1).split())
     run("ip", "netns", "exec", site.host, "nft", "delete", "table", "bridge", site.guard.table)
     assert site.guard.listing() == ""
     site.guard.sync([Binding(a, A_MAC, A_IP)])
@@ -215,11 +223,38 @@ def test_a_binding_that_is_not_a_tap_a_mac_and_an_address_is_refused(tap, mac, i
         Binding(tap, mac, ip)
 
 
-def test_table_names_are_nftables_identifiers_and_distinct_per_bridge():
-    assert table_name("vmgridbr0") == "vmgrid_vmgridbr0"
+def test_table_names_are_nftables_identifiers_distinct_per_bridge_and_node():
+    assert re.fullmatch(r"vmgrid_vmgridbr0_[0-9a-f]{8}", table_name("vmgridbr0", "/var/lib/vmgrid/node1"))
+    assert table_name("vmgridbr0", "/srv/n1") != table_name("vmgridbr0", "/srv/n2")
     assert table_name("br-0") != table_name("br_0") and table_name("br-0").startswith("vmgrid_br_0_")
     with pytest.raises(NetworkSetupError):
         table_name("bad name")
+
+
+def test_two_nodes_on_one_bridge_each_keep_their_own_bindings(site):
+    """Two nodes of one host sharing the bridge (tests/vm/bridge_grid.py runs two): the second's sync leaves
+    the first's bindings in force, and each table lets the other's guests through to be judged by their own."""
+    a = site.guest("a", A_MAC, A_IP)
+    b = site.guest("b", B_MAC, B_IP)
+    other = PortGuard("vmgridbr0", owner="node-b", netns=site.host)
+    site.guard.sync([Binding(a, A_MAC, A_IP)])
+    other.sync([Binding(b, B_MAC, B_IP)])
+    site.listen()
+    assert site.connect("a", PASS) == "hello" and site.connect("b", PASS) == "hello"
+    site.set("a", A_MAC, FREE_IP)
+    site.set("b", B_MAC, FREE_IP)
+    assert site.connect("a", BLOCKED).startswith("refused") and site.connect("b", BLOCKED).startswith("refused")
+    assert sorted(tables_of("vmgridbr0", site.host)) == sorted([site.guard.table, other.table])
+
+
+def test_the_bridges_teardown_takes_its_nodes_guards_with_it(site, tmp_path):
+    a = site.guest("a", A_MAC, A_IP)
+    site.guard.sync([Binding(a, A_MAC, A_IP)])
+    PortGuard("vmgridbr0", owner="node-b", netns=site.host).sync([])
+    elsewhere = PortGuard("vmgridbr1", owner="node-a", netns=site.host)      # another bridge's: left alone
+    elsewhere.sync([])
+    NodeBridge("vmgridbr0", GATEWAY, "10.79.0.0/24", tmp_path, netns=site.host).teardown()
+    assert tables_of("vmgridbr0", site.host) == [] and tables_of("vmgridbr1", site.host) == [elsewhere.table]
 
 
 def test_a_host_without_nft_is_told_what_to_install(monkeypatch):
@@ -235,8 +270,7 @@ NODE_SCRIPT = textwrap.dedent("""
     from tests.unit.vmmanager.test_node_core import ALICE, deploy, make_node
 
     def listing():
-        return subprocess.run(["nft", "list", "table", "bridge", "vmgrid_vmgridbr0"], capture_output=True,
-                              text=True).stdout
+        return node.parts.guard.listing()
 
     root = Path(sys.argv[1])
     config = VMManagerConfig(node="node1", nic_kind="bridge", nic_source="vmgridbr0", network="10.79.0.0/24",
@@ -251,7 +285,7 @@ NODE_SCRIPT = textwrap.dedent("""
     out["after_destroy"] = listing()
     # the table deleted by hand, and the records of a node state older than the guard (no taps): what a start
     # does (reconcile; the test driver's domains live in this process) binds each running guest's tap again
-    subprocess.run(["nft", "delete", "table", "bridge", "vmgrid_vmgridbr0"], check=True)
+    subprocess.run(["nft", "delete", "table", "bridge", node.parts.guard.table], check=True)
     with node.store.write() as db:
         db.execute("DELETE FROM ports")
     out["report"] = node.reconcile()
