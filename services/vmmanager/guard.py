@@ -26,7 +26,7 @@ import re
 import subprocess
 import threading
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 from services.vmmanager.network import BRIDGE_NAME, NetworkSetupError
 
@@ -128,11 +128,13 @@ class PortGuard:
                 f"  }}\n"
                 f"}}\n")
 
-    def sync(self, bindings: Iterable[Binding]) -> None:
+    def sync(self, bindings: Iterable[Binding] | Callable[[], Iterable[Binding]]) -> None:
         """Make the table hold exactly ``bindings`` (and the taps of ``closed``, that may send nothing),
-        atomically. NetworkSetupError when nftables is missing or refuses (the caller decides: a deploy fails)."""
+        atomically. A callable is read under the guard's lock: of two syncs at once, the later read is the one
+        written last (a list read before the lock could undo a binding another thread had just written).
+        NetworkSetupError when nftables is missing or refuses (the caller decides: a deploy fails)."""
         with self._lock:
-            self._nft(self.script(bindings, set(self.closed)))
+            self._nft(self.script(bindings() if callable(bindings) else bindings, set(self.closed)))
 
     def check(self) -> None:
         """At the node's start: nftables is here and takes a bridge table (a dry run, nothing changes)."""

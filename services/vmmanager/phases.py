@@ -238,7 +238,7 @@ def sync_guard(parts: NodeParts, strict: bool = False) -> None:
     if parts.guard is None:
         return
     try:
-        parts.guard.sync([Binding(*row) for row in parts.store.port_bindings()])
+        parts.guard.sync(lambda: [Binding(*row) for row in parts.store.port_bindings()])   # read under its lock
     except (NetworkSetupError, ValueError) as exc:
         if strict:
             raise VMMFault(f"the guest network's guard: {exc}", operation="guard") from None

@@ -310,3 +310,25 @@ def test_the_node_binds_each_instances_tap_to_its_lease_and_mends_the_guard_at_s
     assert first in out["after_destroy"] and second not in out["after_destroy"]
     assert first in out["after_restart"] and second not in out["after_restart"]
     assert out["report"]["taps_guarded"] == 1 and list(out["ports_after"].values()) == out["ports"][:1]
+
+
+def test_syncs_at_once_from_many_deployments_lose_no_binding(site):
+    """Deployments bind their taps on their own threads: each sync reads the bindings under the guard's lock, so
+    the last one written holds every binding made before it (a list read before the lock could be older than
+    the table it replaces, and leave a running guest's tap unbound: unguarded)."""
+    import threading
+    bound: list[Binding] = []
+    lock = threading.Lock()
+
+    def deploy(n: int) -> None:
+        with lock:
+            bound.append(Binding(f"vgt{n:02d}0", f"52:54:00:79:01:{n:02x}", f"10.79.1.{n + 10}"))
+        site.guard.sync(lambda: list(bound))
+
+    threads = [threading.Thread(target=deploy, args=(n,)) for n in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    listing = site.guard.listing()
+    assert all(f'"{b.tap}" . {b.mac} . {b.address}' in listing for b in bound), listing
