@@ -35,6 +35,9 @@ def register(subparsers) -> None:
                    help="a download without an expected digest: auto (default) asks the source for BLAKE3 when "
                         "it lists it in FEAT, else SHA256; sha256 always SHA256")
     p.add_argument("--retries", type=int, default=2, help="automatic resumes after a broken transfer (default 2)")
+    p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="a server that takes longer than this to connect, to answer a command or to move data "
+                        "fails the attempt (then --retries more follow; default 60)")
     p.add_argument("--cert-dir", help="trusted CA directory (default $X509_CERT_DIR)")
     p.add_argument("--proxy", help="credential file (default $X509_USER_PROXY, /tmp/x509up_u<uid>, ~/.globus)")
     p.add_argument("--state-dir", help="where restart markers of uploads are kept (default ~/.cache/vmgrid/gridftp)")
@@ -193,6 +196,8 @@ def cmd_transfer(args) -> int:
         dst += name
     elif not _is_url(dst) and Path(dst).is_dir():
         dst = str(Path(dst) / name)
+    if not 0 < args.timeout <= 86400 or args.retries < 0:
+        raise CLIError("--timeout is seconds, more than 0 and at most a day; --retries 0 or more")
     if not _is_url(src) and not Path(src).is_file():
         raise CLIError(f"{src}: no such file")
     if not _is_url(dst) and not Path(dst).parent.is_dir():      # as cp does: a mistyped path makes no folders
@@ -202,7 +207,7 @@ def cmd_transfer(args) -> int:
     show = sys.stderr.isatty() if args.progress is None else args.progress
     bar = ProgressBar(sys.stderr, name[:24]) if show else None
     common = dict(credential=_credential(args), trust=args.cert_dir, progress=bar, retries=args.retries,
-                  gsi=args.gsi, prot=args.prot)
+                  gsi=args.gsi, prot=args.prot, timeout=args.timeout)
     try:
         if _is_url(src) and _is_url(dst):
             result = transfer.third_party(src, dst, args.parallel, sha256=args.sha256,

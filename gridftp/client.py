@@ -285,6 +285,9 @@ class GridFTPClient:
             return self.control.read_reply()
         except EOFError as exc:
             raise TransferError(f"{self.url.host}: control connection closed") from exc
+        except (TimeoutError, socket.timeout) as exc:
+            raise TransferError(f"{self.url.host}: control connection failed: {exc} (no whole reply within "
+                                f"{self.timeout:g} s)") from exc
         except OSError as exc:          # ssl.SSLError included
             raise TransferError(f"{self.url.host}: control connection failed: {exc}") from exc
 

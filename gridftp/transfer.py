@@ -40,7 +40,7 @@ Progress = Callable[[int, int], None]
 """``progress(bytes_done, bytes_total)``: called from a helper thread about five times a second."""
 
 DEFAULT_PARALLEL = 4
-IDLE_TIMEOUT = 120.0        # seconds without a byte or a reply before a transfer is declared stuck
+IDLE_TIMEOUT = 120.0        # seconds without a byte or a reply before a transfer is declared stuck (2 x timeout)
 POLL = 0.25
 
 
@@ -374,7 +374,7 @@ def _retrieve_mode_e(session: GridFTPClient, path: str, partial: PartialFile, si
         # connects and completes the data channel handshake before it sends its 150
         acceptor = accept_connections(listener, receiver, protection=protection, timeout=timeout)
         _start_transfer(session, setup, f"RETR {path}")
-        final = _await_final(session, alive=_activity(counter))
+        final = _await_final(session, alive=_activity(counter), idle_timeout=2 * timeout)
         if not final.ok:
             if getattr(receiver.error, "local", False):    # the server aborted because this side stopped reading
                 raise receiver.error
@@ -409,7 +409,7 @@ def _retrieve_mode_s(session: GridFTPClient, path: str, partial: PartialFile, si
         _start_transfer(session, setup, f"RETR {path}")
         sock = connect_streams([(host, port)], 1, protection=session.data_protection(), timeout=timeout)[0]
         worker = Worker(lambda: receive_stream(sock, partial, start, limit=size, counter=counter), "gridftp-retr-s")
-        final = _await_final(session, alive=_activity(counter))
+        final = _await_final(session, alive=_activity(counter), idle_timeout=2 * timeout)
         worker.join(timeout)
         if not final.ok:
             raise reply_error(f"RETR {path}", final.code, final.text)
@@ -586,7 +586,8 @@ def upload(src_path: str | os.PathLike, url: str, parallel: int = DEFAULT_PARALL
                                     "gridftp-stor")
                     final: Reply | None = None
                     try:
-                        final = _await_final(session, on_marker=log.add_marker, alive=_activity(counter))
+                        final = _await_final(session, on_marker=log.add_marker, alive=_activity(counter),
+                                             idle_timeout=2 * timeout)
                     finally:
                         if final is None or not final.ok:
                             # refused (550, 552...): the data connections it will never accept end now,

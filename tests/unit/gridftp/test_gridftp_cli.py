@@ -226,3 +226,52 @@ def test_a_full_local_disk_is_named_not_blamed_on_the_server(start_server, tree,
         assert not (small / "eight").exists()
     finally:
         subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+def test_a_server_that_drips_its_replies_fails_the_attempt_at_the_given_timeout(tmp_path):
+    """--timeout bounds how long one reply may take, a byte at a time or not at all: a server sending its
+    greeting a byte every 0.3 s (no read ever waits long) is given up after --timeout, then once more
+    (--retries 1), and the message names the bound; bad values are refused before connecting."""
+    import socket
+    import threading
+    import time
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    connections: list[socket.socket] = []
+    stop = threading.Event()
+
+    def drip(conn: socket.socket) -> None:
+        try:
+            conn.sendall(b"220")
+            while not stop.wait(0.3):
+                conn.sendall(b" ")
+        except OSError:
+            pass
+
+    def serve() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            connections.append(conn)
+            threading.Thread(target=drip, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        url = f"ftp://127.0.0.1:{listener.getsockname()[1]}/x"
+        r = vmgrid("transfer", "--timeout", "1.5", "--retries", "1", "-q", url, str(tmp_path / "x"), timeout=120)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+        assert "no whole reply within 1.5 s" in r.stderr, r.stderr
+        assert len(connections) == 2                 # the attempt and its one retry
+        assert not (tmp_path / "x").exists()
+        for bad in (["--timeout", "0"], ["--timeout", "-1"], ["--retries", "-1"]):
+            r = vmgrid("transfer", *bad, url, str(tmp_path / "x"))
+            assert r.returncode == 1 and "--timeout is seconds" in r.stderr, r.stderr
+        assert len(connections) == 2                 # refused before connecting
+    finally:
+        stop.set()
+        listener.close()
+        for conn in connections:
+            conn.close()
