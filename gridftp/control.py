@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from .errors import ProtocolError
+from .errors import ProtocolError, ReplyTimeout
 from .protocol import MAX_LINE, Reply, format_reply, parse_reply_first_line
 
 TYPE_CHECKING = False   # what typing.TYPE_CHECKING is at run time, without importing typing (the command's start)
@@ -135,7 +135,7 @@ class ControlChannel:
             self._reply_started = time.monotonic()
         left = self._reply_started + self.reply_time - time.monotonic()
         if left <= 0:
-            raise ProtocolError(f"a reply still incomplete {self.reply_time:g} s after it began")
+            raise ReplyTimeout(f"a reply still incomplete {self.reply_time:g} s after it began")
         timeout = self.sock.gettimeout()
         if timeout is not None and timeout <= left:
             return self.sock.recv(65536)

@@ -45,6 +45,11 @@ class TransferError(GridFTPError):
     """A data transfer broke (connection cut, peer gone, timeout); a restart can resume it."""
 
 
+class ReplyTimeout(TransferError, ProtocolError):
+    """A reply that did not end within its deadline, however the peer trickled it: a stall, retried as a broken
+    transfer is (a reply that never ends is also the peer breaking the protocol)."""
+
+
 class ChecksumMismatch(GridFTPError):
     """The received bytes do not hash to the expected digest (the caller's, or the source's when it was asked)."""
 
