@@ -1,6 +1,7 @@
 """Grid PKI: the CA, host and user certificates, proxies, the Globus file layout and credential discovery."""
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import os
 import stat
@@ -135,7 +136,8 @@ def test_load_credential_from_globus_conventions(grid_pki, tmp_path):
 
 
 def test_proxy_file_round_trip_and_key_checks(grid_pki, tmp_path):
-    path = save_proxy(grid_pki.bob.proxy, tmp_path / "x509up_test")
+    # a copy: save_proxy points the credential at its file, and this test's file goes when the test passes
+    path = save_proxy(copy.copy(grid_pki.bob.proxy), tmp_path / "x509up_test")
     loaded = load_credential(proxy=path)
     assert loaded.certificates == grid_pki.bob.proxy.certificates
     os.chmod(path, 0o644)
