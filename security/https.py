@@ -291,7 +291,9 @@ class HTTPSPool:
         except HTTPSError:
             raise
         except (http.client.HTTPException, OSError) as exc:
-            if _WATCHDOG.disarm(entry):
+            # the watchdog's cut, or a read that waited the whole limit by itself (a loaded machine can starve a
+            # dripping peer's bytes past it): the same bound, named the same way
+            if _WATCHDOG.disarm(entry) or isinstance(exc, (socket.timeout, TimeoutError)):
                 raise HTTPSError(f"{self.url}: timed out (no whole answer within {limit:g} s)") from None
             raise _error(self.url, exc) from None
         finally:

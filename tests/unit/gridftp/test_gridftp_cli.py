@@ -9,6 +9,7 @@ import pytest
 
 from gridftp.cli import ProgressBar
 
+from tests.fixtures.drip import dripping_listener
 from tests.unit.gridftp.gridftp_helpers import REPO, MiB, ServerProcess, make_file, sha256_of
 
 
@@ -232,33 +233,8 @@ def test_a_server_that_drips_its_replies_fails_the_attempt_at_the_given_timeout(
     """--timeout bounds how long one reply may take, a byte at a time or not at all: a server sending its
     greeting a byte every 0.3 s (no read ever waits long) is given up after --timeout, then once more
     (--retries 1), and the message names the bound; bad values are refused before connecting."""
-    import socket
-    import threading
-    import time
-
-    listener = socket.create_server(("127.0.0.1", 0))
-    connections: list[socket.socket] = []
-    stop = threading.Event()
-
-    def drip(conn: socket.socket) -> None:
-        try:
-            conn.sendall(b"220")
-            while not stop.wait(0.3):
-                conn.sendall(b" ")
-        except OSError:
-            pass
-
-    def serve() -> None:
-        listener.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                continue
-            connections.append(conn)
-            threading.Thread(target=drip, args=(conn,), daemon=True).start()
-
-    threading.Thread(target=serve, daemon=True).start()
+    connections: list = []
+    listener, stop = dripping_listener(b"220", b" ", accepted=connections)
     try:
         url = f"ftp://127.0.0.1:{listener.getsockname()[1]}/x"
         r = vmgrid("transfer", "--timeout", "1.5", "--retries", "1", "-q", url, str(tmp_path / "x"), timeout=120)
@@ -274,5 +250,3 @@ def test_a_server_that_drips_its_replies_fails_the_attempt_at_the_given_timeout(
     finally:
         stop.set()
         listener.close()
-        for conn in connections:
-            conn.close()

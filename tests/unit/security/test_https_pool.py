@@ -16,6 +16,7 @@ from security import safexml
 from security.client import GridTransport, GridWSSE
 from security.https import HTTPSPool
 from security.tls import client_ssl_context
+from tests.fixtures.drip import dripping_listener
 from tests.fixtures.pki import serve_wsgi
 
 ANSWER = b"<?xml version='1.0'?><answer xmlns='urn:test'>fine</answer>"
@@ -169,39 +170,12 @@ def test_a_kept_alive_tls_connection_the_server_closed_while_idle_is_not_an_erro
         transport.close()
 
 
-def _dripping_listener(first: bytes):
-    """A TCP listener that answers every connection with ``first``, then a byte every 0.3 s until it is dropped."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    stop = threading.Event()
-
-    def serve():
-        listener.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                continue
-            threading.Thread(target=drip, args=(conn,), daemon=True).start()
-
-    def drip(conn):
-        with conn:
-            try:
-                conn.sendall(first)
-                while not stop.wait(0.3):
-                    conn.sendall(b"\x00")
-            except OSError:
-                return
-
-    threading.Thread(target=serve, daemon=True).start()
-    return listener, stop
-
-
 @pytest.mark.parametrize("scheme", ["https", "http"])
 def test_a_server_that_drips_its_handshake_or_answer_is_cut_off_at_the_calls_timeout(grid_pki, scheme):
     """Each read gets a byte well within the timeout: only a bound on the exchange as a whole ends it. Over https
     the drip is a TLS record announced long (the handshake never completes), over http an answer's headers."""
     first = b"\x16\x03\x03\x40\x00" if scheme == "https" else b"HTTP/1.1 200 OK\r\nX-Drip: "
-    listener, stop = _dripping_listener(first)
+    listener, stop = dripping_listener(first)
     try:
         pool = HTTPSPool(f"{scheme}://localhost:{listener.getsockname()[1]}/svc", client_ssl_context(grid_pki.cert_dir),
                          timeout=60)
