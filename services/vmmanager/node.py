@@ -89,6 +89,13 @@ class Node:
             guard.check()           # nftables is here and takes the bridge table, or the node does not start
             log.info("bridge %s: each guest's tap sends only as its lease (nftables table bridge %s)",
                      config.nic_source, guard.table)
+        elif config.nic_kind == "bridge":
+            # guard_guests = false: no table of this node's is left binding taps of an earlier run's guests
+            stale = PortGuard(config.nic_source, owner=str(self.state_dir.resolve()))
+            if stale.listing():
+                stale.remove()
+                log.warning("bridge %s: guard_guests = false: the guard of this node's guests was removed (any "
+                            "guest can take another's address)", config.nic_source)
         self.parts = NodeParts(self.node, config, self.store, self.cache, repository, vmm, pool,
                                self.instances_dir, address, channels=channels, guard=guard)
         self.executor = ThreadPoolExecutor(config.deploy_workers, thread_name_prefix="vmgrid-deploy")

@@ -291,6 +291,12 @@ NODE_SCRIPT = textwrap.dedent("""
     out["report"] = node.reconcile()
     out["after_restart"] = listing()
     out["ports_after"] = node.store.ports()
+    guard = node.parts.guard
+    node.close()
+    # the site turns the guard off: the node's next start takes its table away rather than leave it half-kept
+    config.guard_guests = False
+    node = make_node(root, config)
+    out["guard_off"] = {"parts_guard": node.parts.guard is None, "listing": guard.listing()}
     node.close()
     print(json.dumps(out))
 """)
@@ -310,6 +316,7 @@ def test_the_node_binds_each_instances_tap_to_its_lease_and_mends_the_guard_at_s
     assert first in out["after_destroy"] and second not in out["after_destroy"]
     assert first in out["after_restart"] and second not in out["after_restart"]
     assert out["report"]["taps_guarded"] == 1 and list(out["ports_after"].values()) == out["ports"][:1]
+    assert out["guard_off"] == {"parts_guard": True, "listing": ""}
 
 
 def test_syncs_at_once_from_many_deployments_lose_no_binding(site):
