@@ -63,7 +63,7 @@ def table_name(bridge: str, owner: str = "") -> str:
 
 
 class PortGuard:
-    """The guard of one node's bridge: ``sync(bindings, closed)`` makes the kernel's rules exactly these."""
+    """One node's guard of its taps: ``sync(bindings)`` makes its table hold exactly these (and ``closed``)."""
 
     def __init__(self, bridge: str, owner: str = "", netns: str | None = None) -> None:
         self.bridge = bridge
