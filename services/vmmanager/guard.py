@@ -62,6 +62,11 @@ def table_name(bridge: str, owner: str = "") -> str:
     return f"vmgrid_{plain}_{digest}"
 
 
+def nft_command(netns: str | None, *args: str) -> list[str]:
+    """``nft ARGS``, inside the named network namespace ``netns`` when given (``ip netns exec``)."""
+    return (["ip", "netns", "exec", netns] if netns else []) + ["nft", *args]
+
+
 class PortGuard:
     """One node's guard of its taps: ``sync(bindings)`` makes its table hold exactly these (and ``closed``)."""
 
@@ -72,12 +77,9 @@ class PortGuard:
         self.closed: set[str] = set()     # taps bound to nothing: they may send no frame at all
         self._lock = threading.Lock()
 
-    def _cmd(self, *args: str) -> list[str]:
-        return (["ip", "netns", "exec", self.netns] if self.netns else []) + ["nft", *args]
-
     def _nft(self, script: str, *args: str) -> subprocess.CompletedProcess:
         try:
-            proc = subprocess.run(self._cmd(*args, "-f", "-"), input=script, capture_output=True, text=True,
+            proc = subprocess.run(nft_command(self.netns, *args, "-f", "-"), input=script, capture_output=True, text=True,
                                   timeout=NFT_TIMEOUT)
         except FileNotFoundError:
             raise NetworkSetupError(
@@ -128,13 +130,16 @@ class PortGuard:
                 f"  }}\n"
                 f"}}\n")
 
-    def sync(self, bindings: Iterable[Binding] | Callable[[], Iterable[Binding]]) -> None:
+    def sync(self, bindings: Iterable[Binding] | Callable[[], Iterable[Binding]]) -> int:
         """Make the table hold exactly ``bindings`` (and the taps of ``closed``, that may send nothing),
         atomically. A callable is read under the guard's lock: of two syncs at once, the later read is the one
         written last (a list read before the lock could undo a binding another thread had just written).
-        NetworkSetupError when nftables is missing or refuses (the caller decides: a deploy fails)."""
+        Returns how many bindings it holds. NetworkSetupError when nftables is missing or refuses (the caller
+        decides: a deploy fails)."""
         with self._lock:
-            self._nft(self.script(bindings() if callable(bindings) else bindings, set(self.closed)))
+            bound = list(bindings() if callable(bindings) else bindings)
+            self._nft(self.script(bound, set(self.closed)))
+        return len(set(bound))
 
     def check(self) -> None:
         """At the node's start: nftables is here and takes a bridge table (a dry run, nothing changes)."""
@@ -148,7 +153,7 @@ class PortGuard:
     def listing(self) -> str:
         """``nft list table`` of the guard (what an operator would run); "" when there is none."""
         try:
-            proc = subprocess.run(self._cmd("list", "table", "bridge", self.table), capture_output=True, text=True,
+            proc = subprocess.run(nft_command(self.netns, "list", "table", "bridge", self.table), capture_output=True, text=True,
                                   timeout=NFT_TIMEOUT)
         except (OSError, subprocess.TimeoutExpired):
             return ""
@@ -159,7 +164,7 @@ def tables_of(bridge: str, netns: str | None = None) -> list[str]:
     """The guard tables of every node on ``bridge`` (``nft list tables bridge``); [] without nft."""
     prefix = re.sub(r"[^A-Za-z0-9_]", "_", bridge)
     try:
-        proc = subprocess.run((["ip", "netns", "exec", netns] if netns else []) + ["nft", "list", "tables", "bridge"],
+        proc = subprocess.run(nft_command(netns, "list", "tables", "bridge"),
                               capture_output=True, text=True, timeout=NFT_TIMEOUT)
     except (OSError, subprocess.TimeoutExpired):
         return []
@@ -170,7 +175,7 @@ def remove_tables(bridge: str, netns: str | None = None) -> list[str]:
     """Take away the guard tables of every node on ``bridge`` (the bridge's teardown); returns their names."""
     names = tables_of(bridge, netns)
     for name in names:
-        subprocess.run((["ip", "netns", "exec", netns] if netns else []) + ["nft", "delete", "table", "bridge", name],
+        subprocess.run(nft_command(netns, "delete", "table", "bridge", name),
                        capture_output=True, text=True, timeout=NFT_TIMEOUT)
     return names
 

@@ -859,8 +859,8 @@ class Node:
             for key in live_now & leases.keys() & domains.keys():
                 if key not in ports:
                     self.store.bind_port(key, tap_name(domains[key].uuid, 0))
-            self.parts.guard.sync(lambda: [Binding(*row) for row in self.store.port_bindings()])
-            report["taps_guarded"] = len(self.store.port_bindings())
+            report["taps_guarded"] = self.parts.guard.sync(
+                lambda: [Binding(*row) for row in self.store.port_bindings()])
         for d in self.instances_dir.iterdir():
             if d.name not in live_now:
                 shutil.rmtree(d, ignore_errors=True)
