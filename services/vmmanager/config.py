@@ -23,6 +23,8 @@ class VMManagerConfig:
     # nic_kind bridge: each guest's tap may send only as its own lease (MAC, IPv4 address, ARP), nothing else,
     # through nftables (services/vmmanager/guard.py); false lets any guest take another's address
     guard_guests: bool = True
+    # and may send at most this many broadcast and multicast frames a second (a burst of twice that; 0: no bound)
+    guard_broadcast_rate: int = 100
     kernel: str = ""                     # boot method "kernel": the node's kernel, initrd and command line
     initrd: str = ""
     cmdline: str = "console=ttyS0 root=/dev/vda rw"

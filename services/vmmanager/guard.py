@@ -9,7 +9,11 @@ chain, on the bridge's prerouting hook, looks at every frame sent by a tap the n
 - IPv4 passes only from the tap's leased address, ARP (Ethernet/IPv4) only when its sender is the tap's
   leased MAC and address (or 0.0.0.0, an address probe);
 - anything else (IPv6, VLAN tags, other EtherTypes) is dropped: libvirt's ``clean-traffic`` filter, for
-  hosts without libvirt's nwfilter driver.
+  hosts without libvirt's nwfilter driver;
+- a DHCP server's answer (UDP from port 67) is dropped: a guest may not hand out addresses, even from its own;
+- broadcast and multicast frames beyond ``broadcast_rate`` a second (a burst of twice that) are dropped, per
+  tap: every port of the bridge receives each of them, so one guest's flood would reach every neighbour and
+  the host.
 
 Frames from ports the node did not bind (the site's uplink, another node's guests: that node's own table
 looks at those) pass untouched. A tap is
@@ -70,8 +74,12 @@ def nft_command(netns: str | None, *args: str) -> list[str]:
 class PortGuard:
     """One node's guard of its taps: ``sync(bindings)`` makes its table hold exactly these (and ``closed``)."""
 
-    def __init__(self, bridge: str, owner: str = "", netns: str | None = None) -> None:
+    def __init__(self, bridge: str, owner: str = "", netns: str | None = None, broadcast_rate: int = 100) -> None:
+        if isinstance(broadcast_rate, bool) or not isinstance(broadcast_rate, int) or broadcast_rate < 0:
+            raise NetworkSetupError(f"[vmmanager] guard_broadcast_rate = {broadcast_rate!r}: a whole number of "
+                                    f"frames a second, 0 for no bound")
         self.bridge = bridge
+        self.broadcast_rate = broadcast_rate
         self.table = table_name(bridge, owner)
         self.netns = netns                # a named network namespace (``ip netns exec``), as NodeBridge's
         self.closed: set[str] = set()     # taps bound to nothing: they may send no frame at all
@@ -112,6 +120,10 @@ class PortGuard:
         macs = elements([f'"{b.tap}" . {b.mac.lower()}' for b in bound])
         ipv4 = elements([f'"{b.tap}" . {b.mac.lower()} . {b.address}' for b in bound])
         arp = "ether type arp arp htype 1 arp ptype ip arp hlen 6 arp plen 4"
+        flood = ""
+        if self.broadcast_rate:     # the group bit of the destination: broadcast and multicast
+            flood = (f"    ether daddr & 01:00:00:00:00:00 == 01:00:00:00:00:00 update @flood {{ iifname limit rate "
+                     f"over {self.broadcast_rate}/second burst {2 * self.broadcast_rate} packets }} counter drop\n")
         t = self.table
         return (f"add table bridge {t}\n"
                 f"delete table bridge {t}\n"
@@ -119,10 +131,13 @@ class PortGuard:
                 f"  set ports {{ type ifname;{ports} }}\n"
                 f"  set macs {{ type ifname . ether_addr;{macs} }}\n"
                 f"  set ipv4 {{ type ifname . ether_addr . ipv4_addr;{ipv4} }}\n"
+                f"  set flood {{ type ifname; flags dynamic, timeout; timeout 1m; }}\n"
                 f"  chain guard {{\n"
                 f"    type filter hook prerouting priority -200; policy accept;\n"
                 f"    iifname != @ports accept\n"
                 f"    iifname . ether saddr != @macs counter drop\n"
+                f"{flood}"
+                f"    ether type ip udp sport 67 counter drop\n"
                 f"    ether type ip iifname . ether saddr . ip saddr @ipv4 accept\n"
                 f"    {arp} iifname . arp saddr ether . arp saddr ip @ipv4 accept\n"
                 f"    {arp} arp saddr ip 0.0.0.0 iifname . arp saddr ether @macs accept\n"

@@ -85,7 +85,8 @@ class Node:
                                       config.manage_bridge, self.state_dir)
         guard = None
         if config.nic_kind == "bridge" and config.guard_guests:
-            guard = PortGuard(config.nic_source, owner=str(self.state_dir.resolve()))
+            guard = PortGuard(config.nic_source, owner=str(self.state_dir.resolve()),
+                              broadcast_rate=config.guard_broadcast_rate)
             guard.check()           # nftables is here and takes the bridge table, or the node does not start
             log.info("bridge %s: each guest's tap sends only as its lease (nftables table bridge %s)",
                      config.nic_source, guard.table)

@@ -60,6 +60,54 @@ ARP_CLAIM = textwrap.dedent("""
 """)
 
 
+# argv[2] gratuitous ARP announcements of this guest's own lease (argv[1]), broadcast, as fast as it can send them;
+# prints how long that took
+ARP_FLOOD = textwrap.dedent("""
+    import socket, sys, time
+    mac = bytes.fromhex(open("/sys/class/net/eth0/address").read().strip().replace(":", ""))
+    ip = socket.inet_aton(sys.argv[1])
+    frame = b"\\xff" * 6 + mac + b"\\x08\\x06" + b"\\x00\\x01\\x08\\x00\\x06\\x04\\x00\\x01" + mac + ip + b"\\x00" * 6 + ip
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW); s.bind(("eth0", 0))
+    start = time.monotonic()
+    for _ in range(int(sys.argv[2])):
+        s.send(frame)
+    print(time.monotonic() - start)
+""")
+# counts the ARP frames from MAC argv[1] this namespace's eth0 receives, until argv[2] seconds without one
+ARP_COUNT = textwrap.dedent("""
+    import socket, sys
+    mac = bytes.fromhex(sys.argv[1].replace(":", ""))
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0806)); s.bind(("eth0", 0))
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    print("ready", flush=True)
+    n = 0
+    s.settimeout(float(sys.argv[2]))
+    try:
+        while True:
+            if s.recv(2048)[6:12] == mac:
+                n += 1
+    except socket.timeout:
+        print(n, flush=True)
+""")
+# a UDP datagram from this guest's address argv[1], port argv[2], to argv[3]:68 (a DHCP server's answer to a client)
+UDP_SEND = textwrap.dedent("""
+    import socket, sys
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind((sys.argv[1], int(sys.argv[2])))
+    for _ in range(3):
+        s.sendto(b"offer", (sys.argv[3], 68))
+""")
+# what reaches UDP port 68 of this namespace within argv[1] seconds
+UDP_RECEIVE = textwrap.dedent("""
+    import socket, sys
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", 68)); s.settimeout(float(sys.argv[1]))
+    print("ready", flush=True)
+    try:
+        print(s.recvfrom(64)[0].decode(), flush=True)
+    except socket.timeout:
+        print("nothing", flush=True)
+""")
+
+
 def run(*cmd: str, check: bool = True) -> str:
     return subprocess.run(cmd, check=check, capture_output=True, text=True, timeout=60).stdout
 
@@ -81,6 +129,13 @@ class Site:
         # the host takes any ARP news at once (no 1 s lock after an update), so only the guard stops a claim
         run("ip", "netns", "exec", self.host, "sh", "-c", "echo 0 > /proc/sys/net/ipv4/neigh/vmgridbr0/locktime")
         self.guard = PortGuard("vmgridbr0", owner="node-a", netns=self.host)
+
+    def in_guest(self, name: str, script: str, *args: str) -> subprocess.Popen:
+        """Run a Python ``script`` in guest ``name``'s namespace; its first line ("ready") read."""
+        proc = subprocess.Popen(["ip", "netns", "exec", f"{self.host}-{name}", sys.executable, "-c", script, *args],
+                                stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "ready"
+        return proc
 
     def guest(self, name: str, mac: str, ip: str) -> str:
         ns, tap = f"{self.host}-{name}", f"vg{self.tag}{name}0"
@@ -339,3 +394,50 @@ def test_syncs_at_once_from_many_deployments_lose_no_binding(site):
         t.join()
     listing = site.guard.listing()
     assert all(f'"{b.tap}" . {b.mac} . {b.address}' in listing for b in bound), listing
+
+
+def flood_heard(site, frames: int) -> tuple[int, float]:
+    """Guest A floods ``frames`` broadcast ARP announcements of its own lease; how many guest B heard, and the
+    seconds the flood took."""
+    heard = site.in_guest("b", ARP_COUNT, A_MAC, "3")
+    took = float(run("ip", "netns", "exec", f"{site.host}-a", sys.executable, "-c", ARP_FLOOD, A_IP, str(frames)))
+    out, _ = heard.communicate(timeout=120)
+    return int(out.strip()), took
+
+
+def test_a_guests_broadcast_flood_is_bounded_per_second(site):
+    """Every port of a bridge receives a broadcast: one guest's flood of valid frames (announcing its own
+    lease) reaches its neighbour only at guard_broadcast_rate a second after a burst of twice that."""
+    a = site.guest("a", A_MAC, A_IP)
+    b = site.guest("b", B_MAC, B_IP)
+    site.guard = PortGuard("vmgridbr0", owner="node-a", netns=site.host, broadcast_rate=5)
+    site.guard.sync([Binding(a, A_MAC, A_IP), Binding(b, B_MAC, B_IP)])
+    frames = 300
+    heard, took = flood_heard(site, frames)
+    assert 1 <= heard <= 2 * 5 + 5 * (took + 4), (heard, took)      # the burst, then 5 a second (+ the count's wait)
+    assert heard < frames
+
+    # the same flood through ports the guard does not hold: every frame reaches the neighbour
+    site.guard.sync([])
+    heard, _ = flood_heard(site, frames)
+    assert heard == frames
+
+
+def test_a_guest_cannot_answer_as_a_dhcp_server(site):
+    """A guest sending from its own lease, but from port 67 (a DHCP server offering addresses), is dropped; the
+    same datagram from another port reaches the neighbour."""
+    a = site.guest("a", A_MAC, A_IP)
+    b = site.guest("b", B_MAC, B_IP)
+    site.guard.sync([Binding(a, A_MAC, A_IP), Binding(b, B_MAC, B_IP)])
+    for port, expected in (("67", "nothing"), ("1067", "offer")):
+        receiver = site.in_guest("b", UDP_RECEIVE, "3" if expected == "nothing" else "60")
+        run("ip", "netns", "exec", f"{site.host}-a", sys.executable, "-c", UDP_SEND, A_IP, port, B_IP)
+        out, _ = receiver.communicate(timeout=120)
+        assert out.strip() == expected, (port, out)
+
+
+def test_a_broadcast_rate_that_is_not_a_whole_number_of_frames_is_refused():
+    for bad in (-1, 2.5, True, "100"):
+        with pytest.raises(NetworkSetupError, match="guard_broadcast_rate"):
+            PortGuard("vmgridbr0", broadcast_rate=bad)
+    assert "limit rate" not in PortGuard("vmgridbr0", broadcast_rate=0).script(())
