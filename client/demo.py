@@ -25,12 +25,34 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("demo", help="run the main job: a local grid doing the poster's flows",
                               description=__doc__)
     p.add_argument("--workdir", type=Path, default=Path("demo-out"),
-                   help="where the grid's PKI, state, logs and outputs go (emptied first; default ./demo-out)")
+                   help="where the grid's PKI, state, logs and outputs go (default ./demo-out): a new or empty "
+                        "directory, or an earlier demo's, which is emptied first; any other is refused")
     p.add_argument("--keep-running", action="store_true", help="leave the services running at the end")
     p.add_argument("--real", action="store_true",
                    help="the poster's scene on real QEMU guests: the EMBOSS image built (or cached), deployed on "
                         "3 nodes, EMBOSS jobs through each guest's job service (root; client/demo_real.py)")
     p.set_defaults(func=run)
+
+
+MARKER = ".vmgrid-demo"          # in every directory a demo writes: the only kind it empties before a run
+
+
+def fresh_workdir(path: Path) -> Path:
+    """The demo's directory, made or emptied: a new or empty directory, or one an earlier demo wrote (its
+    marker, or an older demo's layout: ``grid/central.toml``, ``report.json``); anything else is the user's
+    and is refused, untouched (``--workdir .`` must not delete a home directory)."""
+    work = path.resolve()
+    if work.exists() and not work.is_dir():
+        raise CLIError(f"--workdir {path}: not a directory")
+    if work.exists() and any(work.iterdir()):
+        ours = any((work / name).exists() for name in (MARKER, "grid/central.toml", "report.json"))
+        if not ours:
+            raise CLIError(f"--workdir {path}: {work} holds files an earlier `vmgrid demo` did not write (no "
+                           f"{MARKER} in it); the demo empties its directory first, so give a new or empty one")
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / MARKER).write_text("written by vmgrid demo: emptied by the next run\n")
+    return work
 
 
 def say(text: str) -> None:
@@ -64,11 +86,9 @@ def run(args) -> int:
 
     if shutil.which("qemu-img") is None:
         raise CLIError("qemu-img is missing (Debian package qemu-utils; ./run.sh setup installs it)")
-    work = args.workdir.resolve()
-    if work.exists():
-        shutil.rmtree(work)
+    work = fresh_workdir(args.workdir)
     images = work / "images"
-    images.mkdir(parents=True)
+    images.mkdir()
     started = time.monotonic()
 
     say("a fresh grid PKI: a CA, a host certificate for localhost, users with RFC 3820 proxies")
