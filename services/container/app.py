@@ -15,7 +15,7 @@ from lxml import etree
 from security.wssec import must_understand_violations
 from services.container import soap
 from services.container.addressing import AddressingFault, check_request, normalize
-from services.container.contract import SCHEMA_PATH, SERVICES_PATH, served_schema
+from services.container.contract import SCHEMA_PATH, SERVICES_PATH, expected_value, served_schema
 from services.container.service import CallContext, SoapService
 from services.descriptor import WORKSPACE_TAG, check_descriptor
 from services.faults import InternalFault, InvalidArgument, StorageFull, VMGridFault, is_storage_full
@@ -173,8 +173,13 @@ class SoapApplication:
         for ws in payload.iter(WORKSPACE_TAG):
             check_descriptor(ws)
         where = soap.element_path(payload, err.path) or etree.QName(payload).localname
-        raise InvalidArgument(f"invalid {etree.QName(payload).localname} request: {where}: "
-                              f"{soap.schema_message(err.message)}", argument=where)
+        message = soap.schema_message(err.message)
+        if "of the local atomic type" in message:       # libxml2 names no type for an anonymous restriction
+            expected = expected_value(payload.tag, where)
+            if expected:
+                message = f"{message.rstrip('.')}: expected {expected}"
+        raise InvalidArgument(f"invalid {etree.QName(payload).localname} request: {where}: {message}",
+                              argument=where)
 
 
 def _xml(start_response, status: str, body: bytes):

@@ -2,6 +2,7 @@
 and served with their addresses rewritten (never a generated stand-in)."""
 from __future__ import annotations
 
+import re
 import threading
 from dataclasses import dataclass
 
@@ -95,6 +96,53 @@ class Contract:
                 _rewrite_locations(tree.getroot(), base_url)
                 self._served[key] = etree.tostring(tree, xml_declaration=True, encoding="UTF-8")
             return self._served[key]
+
+
+_FACETS = (("minInclusive", "at least {}"), ("maxInclusive", "at most {}"), ("minExclusive", "more than {}"),
+           ("maxExclusive", "less than {}"), ("minLength", "of at least {} characters"),
+           ("maxLength", "of at most {} characters"), ("length", "of {} characters"), ("pattern", "matching {}"))
+_schemas_by_namespace: dict[str, list[etree._Element]] | None = None
+
+
+def _schemas(namespace: str) -> list[etree._Element]:
+    """The roots of wsdl/*.xsd whose targetNamespace is ``namespace`` (read once)."""
+    global _schemas_by_namespace
+    if _schemas_by_namespace is None:
+        found: dict[str, list[etree._Element]] = {}
+        for path in sorted(WSDL_DIR.glob("*.xsd")):
+            root = etree.parse(str(path), _local_parser()).getroot()
+            found.setdefault(root.get("targetNamespace", ""), []).append(root)
+        _schemas_by_namespace = found
+    return _schemas_by_namespace.get(namespace, [])
+
+
+def expected_value(payload_tag: str, element_path: str) -> str | None:
+    """What the schema wants in the element at ``element_path`` (``Deploy/lifetime``, local names from the
+    payload, positions allowed) when that element's type is an anonymous restriction, whose libxml2 error says
+    only "not a valid value of the local atomic type": e.g. "a positiveInteger at most 31536000"; None when
+    the declaration is not found this way."""
+    namespace = etree.QName(payload_tag).namespace or ""
+    names = [re.sub(r"\[\d+\]$", "", step) for step in element_path.split("/") if step]
+    for root in _schemas(namespace):
+        decl = root.find(f"{{{XSD_NS}}}element[@name='{names[0]}']") if names and re.fullmatch(r"[\w.-]+", names[0]) \
+            else None
+        for name in names[1:]:
+            if decl is None or not re.fullmatch(r"[\w.-]+", name):
+                decl = None
+                break
+            decl = decl.find(f".//{{{XSD_NS}}}element[@name='{name}']")
+        restriction = decl.find(f"{{{XSD_NS}}}simpleType/{{{XSD_NS}}}restriction") if decl is not None else None
+        if restriction is None:
+            continue
+        words = [f"a {restriction.get('base', '').rpartition(':')[2] or 'value'}"]
+        values = [e.get("value") for e in restriction.iterfind(f"{{{XSD_NS}}}enumeration")]
+        if values:
+            words = ["one of " + ", ".join(values)]
+        for facet, text in _FACETS:
+            for e in restriction.iterfind(f"{{{XSD_NS}}}{facet}"):
+                words.append(text.format(e.get("value")))
+        return " ".join(words)
+    return None
 
 
 _schema_cache: dict[str, bytes] = {}

@@ -189,5 +189,7 @@ def element_path(payload: etree._Element, libxml_path: str | None) -> str | None
 
 def schema_message(message: str) -> str:
     """libxml2's schema error text without its subject prefix (the path names the element instead)."""
-    text = re.sub(r"\{[^}]*\}", "", _LIBXML_SUBJECT.sub("", (message or "").strip()))
+    # a namespace in Clark notation ({urn:...}name: a URI, so a colon, no space) goes; a pattern's quantifiers
+    # ({0,127}) and an enumeration's set ({'Running', 'Paused'}) stay
+    text = re.sub(r"\{[^}\s']*:[^}\s']*\}", "", _LIBXML_SUBJECT.sub("", (message or "").strip()))
     return text[:1].lower() + text[1:] if text else "does not match the schema"

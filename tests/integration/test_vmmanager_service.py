@@ -601,3 +601,14 @@ def test_a_notify_about_another_hosts_instance_is_refused(grid_pki):
                                     "inst-" + "0" * 32, "x", "Running", "Destroyed", time.time())
         assert requests.post(consumer.url, data=sign_envelope(env, grid_pki.host)).status_code == 200
         assert consumer.changes.get(timeout=5).new == "Destroyed"
+
+
+def test_a_lifetime_outside_the_schema_is_a_fault_saying_what_is_expected(vm_grid, grid_pki):
+    """Deploy's lifetime is an anonymous restriction (a positiveInteger up to a year): libxml2 alone says only
+    "not a valid value of the local atomic type"; the fault says what the schema expects."""
+    ws = vm_grid.register()
+    vm = vm_grid.vmm(grid_pki.alice)
+    with pytest.raises(InvalidArgument) as exc:
+        vm.deploy(ws, "zero", 0, wait=True)
+    assert "lifetime" in str(exc.value) and "expected a positiveInteger at most 31536000" in str(exc.value)
+    assert_nothing_held(vm_grid)
