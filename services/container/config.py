@@ -1,5 +1,6 @@
 """vmgrid's TOML configuration: one file, a section per part, every key with a documented default
-(docs/configuration.md). Unknown keys and wrong types are refused with the key's name."""
+(docs/configuration.md). Unknown keys, wrong types and values outside a key's choices (a dataclass's ``CHOICES``)
+are refused with the key's name, when the file is loaded: before anything starts."""
 from __future__ import annotations
 
 import dataclasses
@@ -34,6 +35,9 @@ class ContainerConfig:
     log_file: str = ""               # "" = standard error
     validate_responses: bool = False # check every response against the published schema (tests)
     limits: ConnectionLimits = field(default_factory=ConnectionLimits)  # [container.limits] (docs/security.md)
+    CHOICES = {"tls_client_certs": ("none", "optional", "required"),
+               "log_level": tuple(n for name in ("debug", "info", "warning", "error", "critical")
+                                  for n in (name, name.upper()))}
 
 
 @dataclass
@@ -122,6 +126,10 @@ def from_dict(cls, data: dict, where: str = ""):
         raise ConfigError(f"{where or 'top level'}: unknown key(s) {', '.join(sorted(unknown))}; "
                           f"known: {', '.join(sorted(names))}")
     kwargs = {k: _convert(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
+    for k, allowed in getattr(cls, "CHOICES", {}).items():
+        if k in kwargs and kwargs[k] not in allowed:
+            raise ConfigError(f"{f'{where}.{k}' if where else k}: {kwargs[k]!r} is not one of "
+                              f"{', '.join(repr(a) for a in allowed)}")
     return cls(**kwargs)
 
 

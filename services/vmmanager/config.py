@@ -47,6 +47,7 @@ class VMManagerConfig:
     # Subscribe: consumer networks allowed besides the default (any http(s) address that is not this node's
     # loopback or link-local); e.g. ["127.0.0.0/8"] where clients listen on the nodes' own machine
     consumers_allow: list[str] = field(default_factory=list)
+    CHOICES = {"vmm": ("test", "qemu"), "nic_kind": ("user", "network", "bridge")}   # checked when loaded
     notify_deadline: float = 10.0        # seconds for one notification delivery, connect to answer
     migration_timeout: float = 60.0      # seconds a node waits for the other node's answer during a migration
     migration_incoming_timeout: float = 900.0   # an Incoming instance whose source never commits is dropped then
