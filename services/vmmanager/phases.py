@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
 import shlex
 import threading
@@ -277,6 +278,33 @@ def power_on(parts: NodeParts, spec: InstanceSpec, paused: bool) -> None:
     vmm_call("power on", parts.vmm.start, spec.name, paused=paused)
 
 
+KEPT_CONSOLES = 32                 # consoles of guests that never got ready, kept for the site (the newest)
+KEPT_CONSOLE_BYTES = 1 << 20       # the end of each
+
+
+def keep_console(parts: NodeParts, key: str) -> Path | None:
+    """Copy the end of a guest's serial console (its descriptor's first file serial port) out of its home,
+    which goes with the instance, to ``consoles/<key>.log`` beside the instances: what the site reads when a
+    guest never got ready. Keeps the newest :data:`KEPT_CONSOLES`; None when the guest has no console file."""
+    consoles = sorted(parts.home(key).glob("serial*.log"))
+    if not consoles:
+        return None
+    kept_dir = parts.instances_dir.parent / "consoles"
+    try:
+        kept_dir.mkdir(exist_ok=True)
+        with open(consoles[0], "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - KEPT_CONSOLE_BYTES))
+            data = f.read(KEPT_CONSOLE_BYTES)
+        kept = kept_dir / f"{key}.log"
+        kept.write_bytes(data)
+        for old in sorted(kept_dir.glob("*.log"), key=lambda p: p.stat().st_mtime)[:-KEPT_CONSOLES]:
+            old.unlink(missing_ok=True)
+    except OSError as exc:
+        log.warning("instance %s: its console could not be kept: %s", key, exc)
+        return None
+    return kept
+
+
 def guest_ready(parts: NodeParts, key: str, cancel: threading.Event) -> None:
     """Wait for guestd's ready report over the guest channel; its summary becomes GuestStatus (Deploy and
     Start). ``cancel`` (a Destroy, the node stopping) ends the wait with GuestWaitCancelled; no ready
@@ -289,7 +317,10 @@ def guest_ready(parts: NodeParts, key: str, cancel: threading.Event) -> None:
         raise
     except VMMError as exc:
         parts.store.update(key, guest_status=f"no report: {exc}")
-        raise VMMFault(f"guestd did not report ready: {exc}", operation="guest-ready") from None
+        kept = keep_console(parts, key)
+        where = (f"; the end of its serial console is kept in {kept} on node {parts.node}" if kept else
+                 "; its descriptor has no file serial port, so the node has no console log of it")
+        raise VMMFault(f"guestd did not report ready: {exc}{where}", operation="guest-ready") from None
     summary = guest_summary(report)
     note = grid_container(parts, key, report)
     parts.store.update(key, guest_status=summary if note is None else f"{summary}; {note}")

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import signal
 import sqlite3
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -280,7 +282,12 @@ def test_a_guest_without_guestd_never_wedges_its_node(grid, grid_pki, guest_imag
         third = client.deploy(descriptor, "no-guestd-3", 1800)
         final = client.wait_for(third.ref, ("Failed", "Running"), timeout=600, interval=1.0)
         assert final.state == "Failed" and "guestd did not report ready" in (final.failure or ""), final.failure
-        assert "not ready within 6 s" in final.failure
+        assert "not ready within 6 s" in final.failure and "never answered on the guest channel" in final.failure
+        # the site gets the end of the guest's console, which outlives the instance's directory
+        kept = re.search(r"serial console is kept in (\S+) on node", final.failure)
+        assert kept or "no file serial port" in final.failure, final.failure
+        if kept:
+            assert Path(kept.group(1)).parent == state / "vmmanager" / "consoles" and Path(kept.group(1)).exists()
         deadline = time.monotonic() + 30
         while qemu_pids(domain_name(third.ref.key)) and time.monotonic() < deadline:
             time.sleep(0.2)

@@ -412,6 +412,7 @@ class GuestChannelClient:
         """
         deadline = time.monotonic() + timeout
         last = "no answer"
+        answered = False
 
         def stop_requested() -> None:
             if cancel is not None and cancel.is_set():
@@ -422,9 +423,14 @@ class GuestChannelClient:
             stop_requested()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
+                if not answered:     # the last status request's own timeout would say nothing useful
+                    last = "it never answered on the guest channel: the guest did not boot as far as guestd, " \
+                           "or its image has no guestd" + ("" if " did not answer " in last or last == "no answer"
+                                                            else f"; last: {last}")
                 raise GuestUnavailable(f"guestd in {self.instance} not ready within {timeout:g} s ({last})")
             try:
                 status = self.status(timeout=min(poll, remaining), cancel=cancel)
+                answered = True
                 if status.get("ready"):
                     return status
                 last = f"guestd says: {printable(status.get('error') or 'not ready yet', GUEST_TEXT)}"
