@@ -68,7 +68,7 @@ def test_the_site_node_whose_guests_run_jobs_runs_as_written(qemu_prerequisites,
     assert r.returncode == 0, out[-4000:] + err[-6000:] + logs
     assert re.search(r"jobs\s+https://10\.123\.0\.1\d:8443/wsrf/services/JobService\s+\(/O=Grid/OU=vmgrid-guests/"
                      r"CN=host/10\.123\.0\.1\d\)", out), out[-4000:]             # vm status: the guest's job service
-    tmap = (site_dir / "results" / "bR.tmap").read_text()
+    tmap = (site_dir / "tmap-results" / "bR.tmap").read_text()
     assert "Program: tmap" in tmap and re.search(r"^\s*\d+\s+\d+\s", tmap, re.M), tmap   # its segments
     assert "seq1: destroyed" in out
     q1 = (site_dir / "q1.log").read_text()
