@@ -93,6 +93,13 @@ def parse_criterion(text: str) -> Criterion:
                        f"(operators: {' '.join(OPERATORS)} {' '.join(WORD_OPERATORS)}){hint}", reason="syntax",
                        criterion=text)
     fieldname, lib, op, value = m.group("field"), m.group("lib"), m.group("op"), m.group("value")
+    if op not in ("contains", "matches") and value[:1] in ("=", "<", ">", "!"):
+        # 'ram > = 512', 'library emboss = >6.6': an operator split or doubled, not a value (quote one that is)
+        joined = op + value[0]
+        hint = (f"; did you mean {text[:m.start('op')].rstrip()} {joined} {value[1:].strip()!s}?"
+                if joined in OPERATORS else "")
+        raise BadQuery(f"cannot read criterion {text!r}: the value {value!r} starts with an operator character "
+                       f"(quote it if it is a value){hint}", reason="syntax", criterion=text)
     if lib:
         if fieldname != "library":
             raise BadQuery(f"cannot read criterion {text!r}: only 'library NAME OP VERSION' takes a name",

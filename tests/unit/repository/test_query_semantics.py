@@ -251,3 +251,19 @@ def test_the_index_follows_adds_removes_and_replacements(tmp_path, monkeypatch, 
         for q in queries:
             total, ids = indexed(cat, q)
             assert ids == bf_query(pop, q) and total == len(ids)
+
+
+@pytest.mark.parametrize("text, suggestion", [
+    ("library emboss > = 6.6", "did you mean library emboss >= 6.6?"),
+    ("ram > =512", "did you mean ram >= 512?"),
+    ("ram = <512", "did you mean ram =< 512"),        # not an operator: no suggestion, still refused
+])
+def test_an_operator_split_or_doubled_is_a_syntax_error_not_a_value(text, suggestion):
+    """'library emboss > = 6.6' used to query for versions above the value '= 6.6' and answer 0 images; now it is
+    refused with the criterion read back. A value that does start with such a character is quoted."""
+    from services.vmrepository.query import Criterion, parse_criterion
+    with pytest.raises(BadQuery, match="starts with an operator character") as exc:
+        parse_criterion(text)
+    assert exc.value.reason == "syntax"
+    assert (suggestion in str(exc.value)) == suggestion.endswith("?")
+    assert parse_criterion('name = "=x"') == Criterion("name", "=", "=x")
