@@ -309,7 +309,7 @@ def migrate(node: "Node", caller, key: str, target: str, mode: str, proxy_pem: b
                                    descriptor=phases.descriptor_of(inst), descriptor_xml=inst.descriptor,
                                    termination=inst.termination, max_lifetime=inst.max_lifetime, state=prior.value,
                                    source=node.address, files_url=base, files=(), phases=tuple(timings),
-                                   subscriptions=_subscriptions(node, key), step="prepare")
+                                   subscriptions=_subscriptions(node, key), step="prepare", vmm=node.config.vmm)
             prepared = time.perf_counter()
             peer.accept(offer)
             log.info("instance %s: prepared at %s in %.3f s (before the freeze)", key, target,
@@ -517,6 +517,10 @@ def _check_offer(node: "Node", caller, offer: MigrationOffer) -> None:
         raise AccessDenied(f"this node takes in no migrations from {source.hostname or '?'} "
                            "([vmmanager] migration_sources)", subject=caller.dn, action="vm.migrate",
                            resource=offer.key, rule="migration-sources")
+    if offer.vmm and offer.vmm != node.config.vmm:
+        raise InvalidArgument(f"this node runs the VMM {node.config.vmm!r} and the instance was saved by "
+                              f"{offer.vmm!r}: a saved memory state restores only on the kind of VMM that saved it; "
+                              f"migrate it to a node with vmm = {offer.vmm!r}", argument="vmmKind")
     d = offer.descriptor
     if not (d.image_id and d.sha256 and d.size is not None and d.owner):
         raise InvalidArgument("the descriptor is not one from the repository", argument="workspace")

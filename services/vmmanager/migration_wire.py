@@ -50,7 +50,7 @@ def parse_accept(req: etree._Element) -> MigrationOffer:
                           state=_text(req, "state"), source=_text(req, "source"), files_url=_text(req, "files"),
                           files=files, phases=phases, uuid=_text(req, "uuid") or "",
                           guest_token=_text(req, "guestToken") or "",
-                          step=_text(req, "step") or "",
+                          step=_text(req, "step") or "", vmm=_text(req, "vmmKind") or "",
                           subscriptions=tuple(
                               (sub_el.findtext("vmm:consumer", namespaces=NS).strip(),
                                sub_el.findtext("vmm:subscriber", namespaces=NS).strip(),
@@ -77,6 +77,8 @@ def accept_request(offer: MigrationOffer, to_zeep) -> dict:
         kwargs["maxLifetime"] = offer.max_lifetime
     if offer.step:
         kwargs["step"] = offer.step
+    if offer.vmm:
+        kwargs["vmmKind"] = offer.vmm
     return kwargs
 
 

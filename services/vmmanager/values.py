@@ -72,6 +72,7 @@ class MigrationOffer:
     subscriptions: tuple[tuple[str, str, float], ...] = ()   # (consumer, subscriber DN, expires) at the source
     guest_token: str = ""       # the token guestd holds now: the target's ``migrated`` request proves itself with it
     step: str = ""              # prepare (before the freeze, no files) | transfer (after it) | "": both in one call
+    vmm: str = ""               # the source's VMM kind (a saved state restores only on its own kind); "": not said
 
 
 @dataclass(frozen=True)

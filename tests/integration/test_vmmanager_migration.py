@@ -241,6 +241,23 @@ def test_a_target_takes_in_no_migration_from_a_host_it_does_not_list(grid, grid_
         grid.vmm(grid_pki.alice, 0).destroy(ref)
 
 
+def test_a_target_of_another_kind_of_vmm_refuses_in_prepare_before_the_freeze(grid, grid_pki, monkeypatch):
+    """A saved memory state restores only on the kind of VMM that saved it: a qemu node's instance offered to a
+    test-driver node (here: the target told it runs qemu) is refused in prepare, naming both, and rolled back;
+    before, the target took it and failed only at the restore ("mismatched header magic")."""
+    monkeypatch.setattr(grid.node(1).core.config, "vmm", "qemu")
+    ref = deploy(grid, grid_pki.alice, "other-vmm")
+    try:
+        with pytest.raises(MigrationFault) as exc:
+            grid.vmm(grid_pki.alice, 0).migrate(ref, grid.node_url(1))
+        assert (exc.value.phase, exc.value.cause) == ("prepare", "InvalidArgumentFault")
+        assert "runs the VMM 'qemu' and the instance was saved by 'test'" in str(exc.value)
+        assert_rolled_back(grid, grid_pki, ref)
+        assert "freeze" not in dict(grid.vmm(grid_pki.alice, 0).status(ref).phases or ())
+    finally:
+        grid.vmm(grid_pki.alice, 0).destroy(ref)
+
+
 def test_a_checksum_mismatch_rolls_back_in_transfer(grid, grid_pki, monkeypatch):
     """The source announces a wrong digest for the files (injected at the source only: both nodes run in this
     process); the files the target followed differ from it, and so does its verified GridFTP pull: refused."""
