@@ -167,10 +167,13 @@ def resolve(vm, text: str):
     return matches[0].ref
 
 
+ENDED = ("Destroyed", "Failed", "Migrated")       # no lifetime left to show (the record outlives the VM)
+
+
 def instance_rows(infos) -> list[list]:
     rows = []
     for i in infos:
-        left = i.lifetime_left
+        left = None if i.state in ENDED else i.lifetime_left
         rows.append([i.ref.key if i.ref else "", i.identifier, i.state, f"{i.vo}/{i.image_name}", i.address or "",
                      i.mac or "", f"{i.memory} MiB", "" if left is None else f"{max(0, int(left))} s"])
     return rows
