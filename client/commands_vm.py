@@ -95,6 +95,15 @@ def register(subparsers) -> None:
     p.add_argument("--proxy", help="credential file (default $X509_USER_PROXY, /tmp/x509up_u<uid>, ~/.globus)")
     p.add_argument("--json", dest="format", action="store_const", const="json", default="table", help="JSON output")
     p.set_defaults(func=cmd_node_domains)
+    p = nsub.add_parser("teardown", help="take down what a stopped bridge-mode node made of its network (root)",
+                        description="On the node's host, as root, with the node stopped: remove what the node made "
+                                    "of its bridge ([vmmanager] nic_source: the bridge it created, or only the "
+                                    "gateway address it added to the site's bridge) and the nodes' guard tables "
+                                    "of that bridge. Guests still plugged into the bridge would lose their network: "
+                                    "refused while any is, unless --force.")
+    p.add_argument("-c", "--config", required=True, help="the node's TOML configuration (as given to vmgrid serve)")
+    p.add_argument("--force", action="store_true", help="even while guests' taps are on the bridge")
+    p.set_defaults(func=cmd_node_teardown)
 
     p = subparsers.add_parser("report", help="the deployment phase report (table and figure)",
                               description="Collect your deployments' phase timings from nodes and draw the "
@@ -298,6 +307,47 @@ def cmd_control(args) -> int:
                                                f"{printable(', '.join(pending))}" if pending else ""))
     else:
         print(f"{args.instance}: {printable(_call(getattr(vm, args.verb), ref))}")
+    return 0
+
+
+def cmd_node_teardown(args) -> int:
+    from services.container.cli import hold_state
+    from services.container.config import ConfigError, load_config
+    from services.vmmanager.network import NetworkSetupError, NodeBridge
+    from services.vmmanager.vmm import tap_name
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        raise CLIError(str(exc)) from None
+    v = config.vmmanager
+    if v.nic_kind != "bridge":
+        raise CLIError(f"{args.config}: [vmmanager] nic_kind is {v.nic_kind!r}: the node makes no bridge to take down")
+    if not config.state_dir("vmmanager").is_dir():
+        raise CLIError(f"{args.config}: no node state in {config.state_dir('vmmanager')} (its [container] state_dir): "
+                       f"nothing made by this node is recorded there")
+    hold_state(config.container.state_dir, ["vmmanager"])     # refused while the node runs (its state lock)
+    tap_prefix = tap_name("00000000-0000-0000-0000-000000000000", 0)[:2]
+    try:
+        bridge = NodeBridge(v.nic_source, v.gateway, v.network, config.state_dir("vmmanager"))
+        before = bridge.check()
+        taps = [p for p in before.ports if p.startswith(tap_prefix)]
+        if taps and not args.force:
+            raise CLIError(f"guests are still on bridge {v.nic_source} ({', '.join(taps)}): they would lose their "
+                           f"network; stop them first, or give --force")
+        from services.vmmanager.guard import tables_of
+        tables = tables_of(v.nic_source)
+        after = bridge.teardown()
+    except NetworkSetupError as exc:
+        raise CLIError(str(exc)) from None
+    if before.made.get("bridge") and before.exists and not after.exists:
+        print(f"removed bridge {v.nic_source} (the node made it)")
+    elif before.made.get("address") and before.holds(bridge.address) and not after.holds(bridge.address):
+        print(f"removed {bridge.address} from bridge {v.nic_source} (the site's bridge stays)")
+    else:
+        print(f"nothing the node made is left on {v.nic_source}")
+    for name in tables:
+        print(f"removed nftables table bridge {name}")
     return 0
 
 

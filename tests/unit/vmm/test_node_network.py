@@ -121,3 +121,51 @@ def test_a_node_whose_bridge_cannot_be_set_up_refuses_to_start_with_one_line(gri
     assert proc.returncode == 1 and len(errors) == 1 and expect in errors[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert "bridge" not in ip(netns, "-d", "link", "show"), "nothing was made"
+
+
+def test_the_teardown_command_of_the_configuration_doc_takes_down_what_a_stopped_node_made(netns, tmp_path):
+    """docs/configuration.md's `vmgrid node teardown -c node.toml`, as written, in the test's namespace, after a
+    node's start made the bridge and its guard table: refused while a guest's tap is on the bridge and while the
+    node runs (its state lock), then removes the bridge and the table, saying so."""
+    import fcntl
+    import shutil
+
+    from services.vmmanager.guard import PortGuard, tables_of
+    if shutil.which("nft") is None:
+        pytest.skip("nftables (`nft`) is not installed")
+    doc = (REPO / "docs" / "configuration.md").read_text()
+    shown = re.search(r"\(in a network namespace of its own, as root\) -->\n```sh\n(vmgrid node teardown[^\n]*)\n```",
+                      doc)
+    assert shown, "docs/configuration.md shows the teardown command"
+    cfg = dict(re.findall(r'^(nic_source|gateway|network) = "([^"]+)"', doc, re.M))
+    state = tmp_path / "state"
+    (tmp_path / "node.toml").write_text(
+        f'[container]\nstate_dir = "{state}"\n[vmmanager]\nnic_kind = "bridge"\nnic_source = "{cfg["nic_source"]}"\n'
+        f'gateway = "{cfg["gateway"]}"\nnetwork = "{cfg["network"]}"\n')
+    # what the node's start makes: the bridge holding the gateway, its guard table
+    NodeBridge(cfg["nic_source"], cfg["gateway"], cfg["network"], state / "vmmanager", netns=netns).ensure()
+    guard = PortGuard(cfg["nic_source"], owner=str((state / "vmmanager").resolve()), netns=netns)
+    guard.sync([])
+    env = {"PATH": f"{REPO / '.venv' / 'bin'}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "LANG": "C.UTF-8"}
+
+    def teardown(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["ip", "netns", "exec", netns, "sh", "-c", shown.group(1) + "".join(f" {e}" for e in extra)],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+
+    ip(netns, "link", "add", "name", "vgguest00000", "type", "veth", "peer", "name", "vgpeer")
+    ip(netns, "link", "set", "vgguest00000", "master", cfg["nic_source"])
+    r = teardown()
+    assert r.returncode == 1 and "guests are still on bridge" in r.stderr and "vgguest00000" in r.stderr, r.stderr
+    ip(netns, "link", "del", "vgguest00000")
+    with open(state / "vmmanager.lock", "a+") as held:          # the node still runs
+        fcntl.flock(held, fcntl.LOCK_EX)
+        r = teardown()
+        assert r.returncode == 1 and "in use by another `vmgrid serve`" in r.stderr, r.stderr
+    assert cfg["nic_source"] in ip(netns, "link", "show")
+    r = teardown()
+    assert r.returncode == 0, r.stderr
+    assert f"removed bridge {cfg['nic_source']} (the node made it)" in r.stdout
+    assert f"removed nftables table bridge {guard.table}" in r.stdout
+    assert cfg["nic_source"] not in ip(netns, "link", "show") and tables_of(cfg["nic_source"], netns) == []
+    r = teardown()                                                # again: nothing left, said so
+    assert r.returncode == 0 and "nothing the node made is left" in r.stdout, r.stdout + r.stderr
