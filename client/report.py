@@ -69,7 +69,8 @@ def draw(deployments: list[Deployment], path: Path, title: str = "Deployment pha
     fig, (pie, bars) = plt.subplots(1, 2, figsize=(13, 5.5), gridspec_kw={"width_ratios": [1, 1.6]})
     colour = dict(zip(PHASES, COLOURS))
     shares = [(n, share) for n, _, _, share in rows if share > 0]
-    pie.pie([s for _, s in shares], labels=[f"{n}\n{s:.1f}%" for n, s in shares],
+    # a thin wedge's label would sit on its neighbour's: those shares are read from the legend instead
+    pie.pie([s for _, s in shares], labels=[f"{n}\n{s:.1f}%" if s >= 5 else "" for n, s in shares],
             colors=[colour[n] for n, _ in shares], startangle=90, counterclock=False,
             wedgeprops={"linewidth": 1, "edgecolor": "white"})
     pie.set_title(f"share of deployment time\n({len(deployments)} deployment(s))")
@@ -84,8 +85,12 @@ def draw(deployments: list[Deployment], path: Path, title: str = "Deployment pha
     bars.invert_yaxis()
     bars.set_xlabel("seconds")
     bars.set_title("each deployment, phase by phase")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=colour[n]) for n in PHASES if any(r[0] == n for r in rows)]
-    bars.legend(handles, [n for n in PHASES if any(r[0] == n for r in rows)], fontsize=8, loc="lower right")
+    share_of = {n: share for n, _, _, share in rows}
+    named = [n for n in PHASES if n in share_of]
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colour[n]) for n in named]
+    # beside the bars, not over them (it hid the last deployment's bar)
+    bars.legend(handles, [f"{n} {share_of[n]:.1f}%" for n in named], fontsize=8, loc="upper left",
+                bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
