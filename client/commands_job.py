@@ -210,12 +210,46 @@ def ended(info) -> int:
 
 
 # -- the commands ------------------------------------------------------------------------------------------
-def cmd_submit(args) -> int:
+def _lifetime(text: str | None) -> int | None:
     from client.commands_vm import parse_seconds
+
+    if text is None:
+        return None
+    if text.strip().startswith("-"):
+        raise CLIError(f"--lifetime {text}: a job's lifetime is a positive duration (seconds, or 90m, 2h, 1d)")
+    seconds = parse_seconds(text)
+    if seconds <= 0:
+        raise CLIError(f"--lifetime {text}: a job's lifetime is a positive duration (seconds, or 90m, 2h, 1d); "
+                       f"without --lifetime the job gets the service's default")
+    return seconds
+
+
+def _stage_in_name(item: str) -> str:
+    """The name a --stage-in F lands under in the job's directory."""
+    return Path(urlsplit(item).path).name if item.startswith(("gsiftp://", "ftp://")) else Path(item).name
+
+
+def _check_stdin(stdin: str | None, stage_in: list[str]) -> None:
+    """--stdin names a file of the job's directory, which holds nothing but what is staged in when the program
+    starts: refused before anything is uploaded or submitted, with the --stage-in that would bring it."""
+    if stdin is None:
+        return
+    names = {_stage_in_name(item) for item in stage_in}
+    if os.path.normpath(stdin) in names:
+        return
+    name = Path(stdin).name
+    if Path(stdin).is_file():
+        raise CLIError(f"--stdin {stdin} names a file of the job's directory, not a local one: that directory holds "
+                       f"only what --stage-in brings; send your local file with --stage-in {shlex.quote(stdin)}"
+                       + ("" if name == stdin else f" --stdin {shlex.quote(name)}"))
+    raise CLIError(f"--stdin {stdin} is not staged in: the job's directory holds only what --stage-in brings "
+                   f"(here {', '.join(sorted(names)) or 'nothing'}) when the program starts")
+
+
+def cmd_submit(args) -> int:
     from gridftp.cli import ProgressBar
     from services.jobs.store import JobSpec, StageIn, StageOut
 
-    jobs = connect(args)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         raise CLIError("name the program to run after --")
@@ -225,14 +259,18 @@ def cmd_submit(args) -> int:
         if not sep:
             raise CLIError(f"--env {item!r}: write NAME=VALUE")
         env.append((name, value))
+    lifetime = _lifetime(args.lifetime)
+    _check_stdin(args.stdin, args.stage_in)
+    for item in args.stage_in:
+        if not item.startswith(("gsiftp://", "ftp://")) and not Path(item).is_file():
+            raise CLIError(f"--stage-in {item}: no such file")
+    jobs = connect(args)
     stage_in = []
     for item in args.stage_in:
         if item.startswith(("gsiftp://", "ftp://")):
-            stage_in.append(StageIn(item, Path(urlsplit(item).path).name))
+            stage_in.append(StageIn(item, _stage_in_name(item)))
             continue
         path = Path(item)
-        if not path.is_file():
-            raise CLIError(f"--stage-in {item}: no such file")
         bar = ProgressBar(sys.stderr, f"staging {path.name}") if sys.stderr.isatty() else None
         stage_in.append(call(jobs.stage_local, path, bar))
     stage_out = []
@@ -240,7 +278,7 @@ def cmd_submit(args) -> int:
         name, sep, url = item.partition("=")
         stage_out.append(StageOut(name, url if sep else None))
     spec = JobSpec(command[0], tuple(command[1:]), tuple(env), args.dir, args.stdin, args.stdout, args.stderr,
-                   tuple(stage_in), tuple(stage_out), parse_seconds(args.lifetime) if args.lifetime else None)
+                   tuple(stage_in), tuple(stage_out), lifetime)
     key = call(jobs.submit, spec)
     print(key, flush=True)
     args.interrupt_note = _goes_on(args.endpoint, key)

@@ -113,7 +113,8 @@ class JobManager:
     def submit(self, dn: str, spec: JobSpec) -> Job:
         self.check(dn, "job.submit")
         self._validate(spec)
-        lifetime = spec.lifetime or min(self.config.default_lifetime, self.config.max_lifetime)
+        default = min(self.config.default_lifetime, self.config.max_lifetime)
+        lifetime = default if spec.lifetime is None else spec.lifetime
         if lifetime > self.config.max_lifetime:
             raise LimitExceeded(f"a lifetime of {lifetime} s exceeds this service's {self.config.max_lifetime} s",
                                 limit="max_lifetime", allowed=str(self.config.max_lifetime), requested=str(lifetime))
@@ -134,6 +135,10 @@ class JobManager:
     def _validate(self, spec: JobSpec) -> None:
         if not spec.executable or "\0" in spec.executable:
             raise InvalidArgument("the executable is empty", argument="executable")
+        if spec.lifetime is not None and spec.lifetime <= 0:
+            # 0 is no request for the default: a client that means the default names no lifetime
+            raise InvalidArgument(f"a lifetime of {spec.lifetime} s: a job lives a positive number of seconds (name "
+                                  f"none for the service's default)", argument="lifetime")
         for name, _ in spec.environment:
             if not VARIABLE.fullmatch(name):
                 raise InvalidArgument(f"{name!r} is not an environment variable name", argument="environment")
@@ -151,6 +156,13 @@ class JobManager:
                 # client fetching output X receives it as X.vmgrid-part: an output so named could not come back
                 raise InvalidArgument(f"{what} {rel!r}: names ending in {PART_SUFFIX} or {SIDECAR_SUFFIX} are the "
                                       f"transfer's own; choose another name", argument=what)
+        if spec.stdin is not None:
+            # a job's directory starts empty but for what is staged in: any other stdin could never be there
+            staged = {os.path.normpath(s.name) for s in spec.stage_in}
+            if os.path.normpath(spec.stdin) not in staged:
+                raise InvalidArgument(f"stdin {spec.stdin!r} is not staged in: the job's directory holds only the "
+                                      f"files staged in when the program starts (here "
+                                      f"{', '.join(sorted(staged)) or 'none'})", argument="stdin")
         for s in spec.stage_in:
             if not s.source.startswith(("gsiftp://", "ftp://", "staged:")):
                 raise InvalidArgument(f"stage-in source {s.source!r}: a gsiftp:// or ftp:// URL, or staged:NAME",

@@ -94,6 +94,32 @@ def test_errors_are_one_clear_line(grid, tmp_path):
         assert r.returncode == 1 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
 
 
+def test_what_cannot_work_is_refused_before_submission_with_what_would(grid, tmp_path):
+    """--lifetime 0 was the service's default (24 h), silently; --stdin naming a local file failed the job after
+    submission (`no such file in the job's directory`) with no word of --stage-in."""
+    url = grid.jobs_url
+    (tmp_path / "seqs.txt").write_text("tata\nacgt\n")
+    for args, message in (
+            (("--lifetime", "0"), "vmgrid: --lifetime 0: a job's lifetime is a positive duration"),
+            (("--lifetime=-5m",), "vmgrid: --lifetime -5m: a job's lifetime is a positive duration"),
+            (("--stdin", "seqs.txt"), "vmgrid: --stdin seqs.txt names a file of the job's directory, not a local one: "
+                                      "that directory holds only what --stage-in brings; send your local file with "
+                                      "--stage-in seqs.txt"),
+            (("--stdin", "other.txt", "--stage-in", "seqs.txt"), "vmgrid: --stdin other.txt is not staged in: the "
+                                                                 "job's directory holds only what --stage-in brings "
+                                                                 "(here seqs.txt)")):
+        r = vmgrid(grid, "job", "submit", url, *args, "--", "sort", cwd=tmp_path, check=False)
+        assert r.returncode == 1 and r.stderr.startswith(message) and r.stderr.count("\n") == 1, r.stderr
+    assert vmgrid(grid, "job", "list", url, "--all").stdout.count("job-") == 0       # nothing was submitted
+    key = vmgrid(grid, "job", "submit", url, "--stage-in", "seqs.txt", "--stdin", "seqs.txt", "--lifetime", "1h",
+                 "--wait", "--", "sort", cwd=tmp_path).stdout.strip()
+    status = json.loads(vmgrid(grid, "job", "status", url, key, "--json").stdout)
+    assert status["stdoutTail"] == "acgt\ntata\n"
+    from datetime import datetime
+    lived = datetime.fromisoformat(status["terminationTime"]) - datetime.fromisoformat(status["submitted"])
+    assert round(lived.total_seconds()) == 3600
+
+
 def test_a_job_service_killed_and_restarted_answers_every_job_with_its_real_state(grid, tmp_path):
     url = grid.jobs_url
     release = tmp_path / "release"

@@ -212,6 +212,10 @@ def test_only_the_owner_and_admins_may_do_anything_and_others_learn_nothing(jobs
     JobSpec("true", stdout="../escape"), JobSpec("true", directory="/etc"),
     JobSpec("true", stage_in=(StageIn("http://example.org/x", "x"),)),
     JobSpec("true", environment=(("BAD-NAME", "x"),)), JobSpec(""),
+    # 0 is not "the default" (a client meaning the default names no lifetime), nor is a negative one
+    JobSpec("true", lifetime=0), JobSpec("true", lifetime=-5),
+    # a job's directory holds only what is staged in when the program starts: any other stdin is never there
+    JobSpec("true", stdin="seqs.txt"), JobSpec("true", stdin="seqs.txt", stage_in=(StageIn("staged:x", "x"),)),
 ])
 def test_bad_requests_are_invalid_arguments_and_leave_nothing(jobs, spec):
     with pytest.raises(InvalidArgument):
@@ -259,6 +263,15 @@ def test_stage_in_from_the_staging_area_is_verified(jobs):
     assert ok.state == JobState.DONE and jobs.tail(ok, "stdout") == "1\n"
     assert bad.state == JobState.FAILED and "is not the expected" in bad.failure
     assert missing.state == JobState.FAILED and "no such file in your staging area" in missing.failure
+
+
+def test_a_staged_in_file_is_the_jobs_standard_input(jobs):
+    area = jobs.staging_dir / staging_area(OWNER)
+    area.mkdir()
+    (area / "seqs.txt").write_text("tata\nacgt\n")
+    job = jobs.submit(OWNER, JobSpec("sort", stdin="./in/seqs.txt", stage_in=(StageIn("staged:seqs.txt", "in/seqs.txt"),)))
+    done = wait_final(jobs, job.key)
+    assert done.state == JobState.DONE and jobs.tail(done, "stdout") == "acgt\ntata\n"
 
 
 def test_limits_on_lifetime_and_live_jobs(tmp_path):
