@@ -6,6 +6,7 @@ import errno
 import logging
 import os
 import re
+import shlex
 import shutil
 import signal
 import stat
@@ -277,22 +278,26 @@ class JobManager:
         job = self.store.get(key)
         if job is None:
             return
-        now = time.time()
         if job.cancel_requested or job.final:
+            self._stage_out(job, send=False)      # what it wrote before it was stopped, fetchable and verified
             self.store.update(key, exit_code=exit.code)
-            self._set_state(key, JobState.CANCELLED, ended=now, exit_code=exit.code)
+            self._set_state(key, JobState.CANCELLED, ended=time.time(), exit_code=exit.code)
             return
+        failure = None
         if exit.code is None or exit.error:
-            self._set_state(key, JobState.FAILED, ended=now, exit_code=exit.code,
-                            failure=exit.error or "the job's exit status is unknown")
-            return
-        if over is not None:                 # the sweep killed it: its directory outgrew the quota
-            self._set_state(key, JobState.FAILED, ended=now, exit_code=exit.code, failure=over)
-            return
-        if exit.code == -signal.SIGXFSZ:
-            self._set_state(key, JobState.FAILED, ended=now, exit_code=exit.code,
-                            failure=f"the program wrote a file past {self.config.staging_quota} bytes, the job's "
-                                    f"quota ([jobs] staging_quota), and was killed by SIGXFSZ")
+            failure = exit.error or "the job's exit status is unknown"
+            if exit.error and any(c.isspace() for c in job.spec.executable):
+                failure += (f" (no shell runs a job: {job.spec.executable!r} is taken as one program's name; give "
+                            f"the program and each argument as words of their own, "
+                            f"{shlex.join(job.spec.executable.split())}, or run a shell yourself: sh -c '...')")
+        elif over is not None:                 # the sweep killed it: its directory outgrew the quota
+            failure = over
+        elif exit.code == -signal.SIGXFSZ:
+            failure = (f"the program wrote a file past {self.config.staging_quota} bytes, the job's quota ([jobs] "
+                       f"staging_quota), and was killed by SIGXFSZ")
+        if failure is not None:
+            self._stage_out(job, send=False)
+            self._set_state(key, JobState.FAILED, ended=time.time(), exit_code=exit.code, failure=failure)
             return
         if not self._set_state(key, JobState.STAGE_OUT, expect={JobState.ACTIVE}, exit_code=exit.code):
             return
@@ -300,19 +305,23 @@ class JobManager:
         if exit.code != 0:
             why = f"killed by signal {-exit.code}" if exit.code < 0 else f"exited with status {exit.code}"
             failure = f"the program {why}" + (f"; {failure}" if failure else "")
+        elif failure:
+            failure = f"the program exited with status 0, but {failure}"
         if failure:
             self._set_state(key, JobState.FAILED, ended=time.time(), failure=failure)
         else:
             self._set_state(key, JobState.DONE, ended=time.time())
 
-    def _stage_out(self, job: Job) -> str | None:
-        """Hash the outputs (standard output and error first), send those with a destination; the failure, if any."""
+    def _stage_out(self, job: Job, send: bool = True) -> str | None:
+        """Hash the outputs (standard output and error first), send those with a destination; the failure, if any.
+        Without ``send`` (a job stopped or failed before its stage-out): hash what there is, send nothing."""
         work, spec = self.jobs_dir / job.key, job.spec
         outputs: list[OutputFile] = []
         problems: list[str] = []
         wanted = [(spec.stdout, None), (spec.stderr, None)] + [(s.name, s.destination) for s in spec.stage_out]
         seen = set()
         for i, (name, destination) in enumerate(wanted):
+            destination = destination if send else None
             if (name, destination) in seen:
                 continue
             seen.add((name, destination))
@@ -322,7 +331,7 @@ class JobManager:
                 problems.append(str(exc))
                 continue
             if not path.is_file():
-                if i >= 2:
+                if i >= 2 and send:
                     problems.append(f"output {name} was not produced")
                 continue
             try:
@@ -353,6 +362,13 @@ class JobManager:
             proc = self._procs.get(key)
         if proc is not None:
             proc.kill(self.config.kill_grace)
+            # the job's thread records what the program wrote (hashed, as any output) once it has ended: Cancel
+            # answers after that, so whoever reads Cancelled finds the outputs recorded (a stage-out under way
+            # is not waited for)
+            with self._guard:
+                thread = self._threads.get(key)
+            if job.state == JobState.ACTIVE and thread is not None and thread is not threading.current_thread():
+                thread.join(self.config.kill_grace + 30)
         self._set_state(key, JobState.CANCELLED, ended=time.time())
         return self.store.get(key).state
 

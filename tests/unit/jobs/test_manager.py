@@ -100,7 +100,17 @@ def test_a_missing_program_and_a_missing_output_fail_with_the_reason(jobs):
     b = jobs.submit(OWNER, JobSpec(PY, ("-c", "pass"), stage_out=(StageOut("result.png"),)))
     a, b = wait_final(jobs, a.key), wait_final(jobs, b.key)
     assert a.state == JobState.FAILED and "cannot start no-such-program-vmgrid" in a.failure
-    assert b.state == JobState.FAILED and b.exit_code == 0 and "output result.png was not produced" in b.failure
+    assert "no shell" not in a.failure
+    assert b.state == JobState.FAILED and b.exit_code == 0
+    assert b.failure == "the program exited with status 0, but output result.png was not produced"
+
+
+def test_a_command_line_given_as_the_programs_name_fails_with_the_hint_that_no_shell_runs_it(jobs):
+    job = wait_final(jobs, jobs.submit(OWNER, JobSpec("sort  seqs.txt")).key)
+    assert job.state == JobState.FAILED and job.failure == (
+        "cannot start sort  seqs.txt: No such file or directory (no shell runs a job: 'sort  seqs.txt' is taken as "
+        "one program's name; give the program and each argument as words of their own, sort seqs.txt, or run a "
+        "shell yourself: sh -c '...')")
 
 
 def test_the_environment_is_the_jobs_own_not_the_services(jobs, monkeypatch):
@@ -126,6 +136,28 @@ def test_cancel_kills_the_whole_process_group(jobs):
     assert done.state == JobState.CANCELLED and done.exit_code == -signal.SIGTERM
     with pytest.raises(IllegalTransition):
         jobs.cancel(OWNER, job.key)
+
+
+def test_what_a_cancelled_job_wrote_is_recorded_hashed_when_cancel_answers_and_nothing_is_sent(jobs):
+    """A Cancelled job recorded no outputs: `vmgrid job get` fetched nothing although StdoutTail showed output."""
+    work = jobs.jobs_dir
+    # 40 more files of 1 MiB: hashing and recording them takes a while after the program has ended
+    parts = [f"part{i}.bin" for i in range(40)]
+    job = jobs.submit(OWNER, JobSpec(PY, ("-c", "import time\nfor n in %r: open(n, 'wb').write(bytes(1 << 20))\n"
+                                               "open('part.txt', 'w').write('half'); print('started', flush=True); "
+                                               "time.sleep(300)" % parts,),
+                                     stage_out=(StageOut("part.txt", "gsiftp://127.0.0.1:1/results/part.txt"),
+                                                StageOut("never.txt"), *map(StageOut, parts))))
+    wait_until(lambda: jobs.tail(jobs.store.get(job.key), "stdout") == "started\n")
+    assert jobs.cancel(OWNER, job.key) == JobState.CANCELLED
+    outputs = {o.name: o for o in jobs.store.get(job.key).outputs}       # all there when Cancel has answered
+    assert set(outputs) == {"stdout", "stderr", "part.txt", *parts}
+    for name, o in outputs.items():
+        assert (o.size, o.sha256) == ((work / job.key / name).stat().st_size, hash_file(work / job.key / name))
+        assert o.destination is None                     # a cancelled job's outputs go nowhere (port 1: never sent)
+    assert outputs["stdout"].size == len("started\n")
+    done = wait_final(jobs, job.key)
+    assert done.state == JobState.CANCELLED and done.failure is None and done.exit_code == -signal.SIGTERM
 
 
 def test_what_a_job_leaves_running_ends_with_it(jobs):
@@ -454,6 +486,7 @@ def test_a_job_writing_one_file_past_the_quota_is_stopped_by_the_kernel_with_the
         assert "wrote a file past 1048576 bytes" in done.failure and "staging_quota" in done.failure
         assert (m.jobs_dir / job.key / "big").stat().st_size == 1 << 20
         assert (m.jobs_dir / job.key / "stdout").read_text() == "before\n"
+        assert {o.name: o.size for o in done.outputs} == {"stdout": 7, "stderr": 0}     # fetchable, verified
     finally:
         shut(m)
 
