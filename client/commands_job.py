@@ -59,6 +59,8 @@ def register(subparsers) -> None:
         if name == "wait":
             p.add_argument("--timeout", type=float, default=3600, help="seconds (default 3600)")
         if name == "get":
+            p.add_argument("outputs", nargs="*", metavar="OUTPUT",
+                           help="an output's name (as `vmgrid job status` lists it): fetch only these (default: all)")
             p.add_argument("-o", "--output", type=Path, default=Path("."), help="directory (default .)")
             p.add_argument("--overwrite", action="store_true",
                            help="replace files in the directory that have an output's name but other contents "
@@ -200,13 +202,20 @@ class Follow:
 
 
 def ended(info) -> int:
-    """The CLI's exit status for an ended job, with its reason on standard error when it did not succeed."""
+    """The CLI's exit status for an ended job, with its reason and the tail of its standard error (what `job
+    status` shows) on standard error when it did not succeed."""
     if info.state == "Done":
         return 0
     why = info.failure or (f"exit code {info.exit_code}" if info.exit_code is not None else "")
     print(f"vmgrid: job {printable(info.key)} {printable(info.state)}" + (f": {printable(why)}" if why else ""),
           file=sys.stderr)
+    _print_tail("stderr", info.stderr_tail, sys.stderr)
     return 1
+
+
+def _print_tail(label: str, tail: str, out) -> None:
+    if tail:
+        print(f"--- {label} (tail) ---\n{tail}", end="" if tail.endswith("\n") else "\n", file=out)
 
 
 # -- the commands ------------------------------------------------------------------------------------------
@@ -312,8 +321,7 @@ def cmd_status(args) -> int:
     for n, s, h, _ in info.outputs:
         print(f"{'output':16} {printable(n)} {printable(s)} bytes sha256 {printable(h)}")
     for label, tail in (("stdout", info.stdout_tail), ("stderr", info.stderr_tail)):
-        if tail:
-            print(f"--- {label} (tail) ---\n{tail}", end="" if tail.endswith("\n") else "\n")
+        _print_tail(label, tail, sys.stdout)
     return 0
 
 
@@ -347,10 +355,26 @@ def cmd_get(args) -> int:
     info = call(jobs.status, check_key(args.job))
     if not info.final:
         raise CLIError(f"job {info.key} is {info.state}; its outputs come when it has ended (vmgrid job wait)")
+    key, state = printable(info.key), printable(info.state)
+    why = f" ({printable(info.failure)})" if info.failure else ""
+    if not info.outputs:
+        if info.started is None and info.state != "Done":
+            raise CLIError(f"job {key} {'was ' if state == 'Cancelled' else ''}{state} before its program "
+                           f"started{why}: it has no outputs, nothing fetched")
+        raise CLIError(f"job {key} is {state}{why} and its service recorded no outputs: nothing fetched (`vmgrid job "
+                       f"status` shows the tails of its standard output and error)")
+    if args.outputs and info.state != "Done":
+        recorded = [name for name, *_ in info.outputs]
+        missing = [n for n in args.outputs if n not in recorded]
+        if missing:
+            raise CLIError(f"job {key} is {state}{why}: it has no output {printable(', '.join(missing))} (its "
+                           f"outputs: {printable(', '.join(recorded))}), nothing fetched")
     args.interrupt_note = (f"the outputs fetched so far are kept in {args.output}; the same command fetches the "
                            f"rest (a partly fetched file resumes)")
-    for path in call(jobs.fetch_outputs, info, args.output, overwrite=args.overwrite):
+    for path in call(jobs.fetch_outputs, info, args.output, overwrite=args.overwrite, names=args.outputs):
         print(path)
+    if info.state != "Done":          # fetched: what the program wrote before the job ended so
+        print(f"job {key} is {state}{why}: its outputs are what its program wrote before it ended", file=sys.stderr)
     return 0
 
 
