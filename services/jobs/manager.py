@@ -489,6 +489,7 @@ class JobManager:
                     self._resume.append((key, lambda k=key, e=exit: self._finish(k, e)))
                     report["finished"] += 1
                     continue
+                self._stage_out(job, send=False)      # what it wrote before it was lost stays fetchable
                 self._set_state(key, JobState.FAILED, ended=time.time(),
                                 failure="Lost: the job's process ended while the job service was down and left no "
                                         "exit status")

@@ -361,6 +361,7 @@ def test_a_restarted_service_reattaches_running_jobs_and_fails_the_lost_ones_wit
         assert m2.job(OWNER, finished.key).state == JobState.DONE
         l, s = m2.job(OWNER, lost.key), m2.job(OWNER, staging.key)
         assert l.state == JobState.FAILED and l.failure.startswith("Lost:")
+        assert {o.name for o in l.outputs} == {"stdout", "stderr"}     # what it wrote stays fetchable, verified
         assert s.state == JobState.FAILED and s.failure.startswith("Interrupted:")
         release.touch()
         done = wait_final(m2, waiter.key)
