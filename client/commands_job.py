@@ -50,7 +50,8 @@ def register(subparsers) -> None:
                                  ("wait", "follow a job to its end (exit status 1 unless Done)", cmd_wait),
                                  ("cancel", "cancel a job (its process group is killed)", cmd_cancel),
                                  ("destroy", "destroy a job and its directory", cmd_destroy),
-                                 ("get", "fetch a job's outputs, verified, into a directory", cmd_get)):
+                                 ("get", "fetch a job's outputs (all, or those named), verified, into a directory",
+                                  cmd_get)):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("endpoint")
         p.add_argument("job", help="the job's key (job-…)")
@@ -61,7 +62,7 @@ def register(subparsers) -> None:
         if name == "get":
             p.add_argument("outputs", nargs="*", metavar="OUTPUT",
                            help="an output's name (as `vmgrid job status` lists it): fetch only these (default: all)")
-            p.add_argument("-o", "--output", type=Path, default=Path("."), help="directory (default .)")
+            p.add_argument("-o", "--output", type=Path, default=Path("."), metavar="DIR", help="directory (default .)")
             p.add_argument("--overwrite", action="store_true",
                            help="replace files in the directory that have an output's name but other contents "
                                 "(without it such files are named and nothing is fetched)")

@@ -139,18 +139,20 @@ def test_a_failed_wait_shows_why_with_the_stderr_tail_and_a_cancelled_jobs_outpu
     assert r.returncode == 1 and r.stderr.endswith(": the program exited with status 0, but output result.png was "
                                                    "not produced\n"), r.stderr
     r = vmgrid(grid, "job", "submit", url, "--wait", "--", "sort seqs.txt", check=False)
-    assert r.returncode == 1 and "Failed: cannot start sort seqs.txt: No such file or directory (no shell runs a job: " \
-                                 "'sort seqs.txt' is taken as one program's name; give the program and each argument " \
-                                 "as words of their own, sort seqs.txt, or run a shell yourself: sh -c '...')" in r.stderr
+    assert r.returncode == 1 and (
+        "Failed: cannot start sort seqs.txt: No such file or directory (no shell runs a job: 'sort seqs.txt' is taken "
+        "as one program's name; give the program and each argument as words of their own, sort seqs.txt, or run a "
+        "shell yourself: sh -c '...')") in r.stderr
 
     key = vmgrid(grid, "job", "submit", url, "--", PY, "-c", "import sys, time; print('partial', flush=True); "
-                                                             "sys.stderr.write('warn\\n'); time.sleep(600)").stdout.strip()
+                 "sys.stderr.write('warn\\n'); time.sleep(600)").stdout.strip()
     while json.loads(vmgrid(grid, "job", "status", url, key, "--json").stdout)["stdoutTail"] != "partial\n":
         pass
     assert vmgrid(grid, "job", "cancel", url, key).stdout == "Cancelled\n"
     r = vmgrid(grid, "job", "get", url, key, "-o", "all", cwd=tmp_path)
     assert r.stdout == "all/stdout\nall/stderr\n" and "is Cancelled: its outputs are what its program wrote" in r.stderr
-    assert (tmp_path / "all" / "stdout").read_text() == "partial\n" and (tmp_path / "all" / "stderr").read_text() == "warn\n"
+    assert (tmp_path / "all" / "stdout").read_text() == "partial\n"
+    assert (tmp_path / "all" / "stderr").read_text() == "warn\n"
     r = vmgrid(grid, "job", "get", url, key, "stderr", "-o", "one", cwd=tmp_path)
     assert r.stdout == "one/stderr\n" and [p.name for p in (tmp_path / "one").iterdir()] == ["stderr"]
     r = vmgrid(grid, "job", "get", url, key, "stderr", "result.txt", "-o", "none", cwd=tmp_path, check=False)

@@ -75,7 +75,7 @@ def test_an_output_asked_for_by_name_that_the_service_did_not_record_fetches_not
 
     info = JobInfo("job-" + "a" * 32, state="Cancelled", outputs=[("stdout", 0, SHA, None), ("stderr", 0, SHA, None)],
                    directory_url="gsiftp://127.0.0.1:1/jobs/job-" + "a" * 32 + "/")
-    with pytest.raises(NoSuchOutput, match=r"has no output result.txt \(its outputs: stdout, stderr\): nothing fetched"):
+    with pytest.raises(NoSuchOutput, match=r"no output result.txt \(its outputs: stdout, stderr\): nothing fetched"):
         JobClient(service=None).fetch_outputs(info, tmp_path / "results", names=["stdout", "result.txt"])
     assert list(tmp_path.iterdir()) == []
 

@@ -301,7 +301,8 @@ def test_a_staged_in_file_is_the_jobs_standard_input(jobs):
     area = jobs.staging_dir / staging_area(OWNER)
     area.mkdir()
     (area / "seqs.txt").write_text("tata\nacgt\n")
-    job = jobs.submit(OWNER, JobSpec("sort", stdin="./in/seqs.txt", stage_in=(StageIn("staged:seqs.txt", "in/seqs.txt"),)))
+    job = jobs.submit(OWNER, JobSpec("sort", stdin="./in/seqs.txt",
+                                     stage_in=(StageIn("staged:seqs.txt", "in/seqs.txt"),)))
     done = wait_final(jobs, job.key)
     assert done.state == JobState.DONE and jobs.tail(done, "stdout") == "acgt\ntata\n"
 
