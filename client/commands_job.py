@@ -50,7 +50,8 @@ def register(subparsers) -> None:
                                  ("wait", "follow a job to its end (exit status 1 unless Done)", cmd_wait),
                                  ("cancel", "cancel a job (its process group is killed)", cmd_cancel),
                                  ("destroy", "destroy a job and its directory", cmd_destroy),
-                                 ("get", "fetch a job's outputs, verified, into a directory", cmd_get)):
+                                 ("get", "fetch a job's outputs (all, or those named), verified, into a directory",
+                                  cmd_get)):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("endpoint")
         p.add_argument("job", help="the job's key (job-…)")
@@ -59,7 +60,9 @@ def register(subparsers) -> None:
         if name == "wait":
             p.add_argument("--timeout", type=float, default=3600, help="seconds (default 3600)")
         if name == "get":
-            p.add_argument("-o", "--output", type=Path, default=Path("."), help="directory (default .)")
+            p.add_argument("outputs", nargs="*", metavar="OUTPUT",
+                           help="an output's name (as `vmgrid job status` lists it): fetch only these (default: all)")
+            p.add_argument("-o", "--output", type=Path, default=Path("."), metavar="DIR", help="directory (default .)")
             p.add_argument("--overwrite", action="store_true",
                            help="replace files in the directory that have an output's name but other contents "
                                 "(without it such files are named and nothing is fetched)")
@@ -200,22 +203,63 @@ class Follow:
 
 
 def ended(info) -> int:
-    """The CLI's exit status for an ended job, with its reason on standard error when it did not succeed."""
+    """The CLI's exit status for an ended job, with its reason and the tail of its standard error (what `job
+    status` shows) on standard error when it did not succeed."""
     if info.state == "Done":
         return 0
     why = info.failure or (f"exit code {info.exit_code}" if info.exit_code is not None else "")
     print(f"vmgrid: job {printable(info.key)} {printable(info.state)}" + (f": {printable(why)}" if why else ""),
           file=sys.stderr)
+    _print_tail("stderr", info.stderr_tail, sys.stderr)
     return 1
 
 
+def _print_tail(label: str, tail: str, out) -> None:
+    if tail:
+        print(f"--- {label} (tail) ---\n{tail}", end="" if tail.endswith("\n") else "\n", file=out)
+
+
 # -- the commands ------------------------------------------------------------------------------------------
-def cmd_submit(args) -> int:
+def _lifetime(text: str | None) -> int | None:
     from client.commands_vm import parse_seconds
+
+    if text is None:
+        return None
+    if text.strip().startswith("-"):
+        raise CLIError(f"--lifetime {text}: a job's lifetime is a positive duration (seconds, or 90m, 2h, 1d)")
+    seconds = parse_seconds(text)
+    if seconds <= 0:
+        raise CLIError(f"--lifetime {text}: a job's lifetime is a positive duration (seconds, or 90m, 2h, 1d); "
+                       f"without --lifetime the job gets the service's default")
+    return seconds
+
+
+def _stage_in_name(item: str) -> str:
+    """The name a --stage-in F lands under in the job's directory."""
+    return Path(urlsplit(item).path).name if item.startswith(("gsiftp://", "ftp://")) else Path(item).name
+
+
+def _check_stdin(stdin: str | None, stage_in: list[str]) -> None:
+    """--stdin names a file of the job's directory, which holds nothing but what is staged in when the program
+    starts: refused before anything is uploaded or submitted, with the --stage-in that would bring it."""
+    if stdin is None:
+        return
+    names = {_stage_in_name(item) for item in stage_in}
+    if os.path.normpath(stdin) in names:
+        return
+    name = Path(stdin).name
+    if Path(stdin).is_file():
+        raise CLIError(f"--stdin {stdin} names a file of the job's directory, not a local one: that directory holds "
+                       f"only what --stage-in brings; send your local file with --stage-in {shlex.quote(stdin)}"
+                       + ("" if name == stdin else f" --stdin {shlex.quote(name)}"))
+    raise CLIError(f"--stdin {stdin} is not staged in: the job's directory holds only what --stage-in brings "
+                   f"(here {', '.join(sorted(names)) or 'nothing'}) when the program starts")
+
+
+def cmd_submit(args) -> int:
     from gridftp.cli import ProgressBar
     from services.jobs.store import JobSpec, StageIn, StageOut
 
-    jobs = connect(args)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         raise CLIError("name the program to run after --")
@@ -225,14 +269,18 @@ def cmd_submit(args) -> int:
         if not sep:
             raise CLIError(f"--env {item!r}: write NAME=VALUE")
         env.append((name, value))
+    lifetime = _lifetime(args.lifetime)
+    _check_stdin(args.stdin, args.stage_in)
+    for item in args.stage_in:
+        if not item.startswith(("gsiftp://", "ftp://")) and not Path(item).is_file():
+            raise CLIError(f"--stage-in {item}: no such file")
+    jobs = connect(args)
     stage_in = []
     for item in args.stage_in:
         if item.startswith(("gsiftp://", "ftp://")):
-            stage_in.append(StageIn(item, Path(urlsplit(item).path).name))
+            stage_in.append(StageIn(item, _stage_in_name(item)))
             continue
         path = Path(item)
-        if not path.is_file():
-            raise CLIError(f"--stage-in {item}: no such file")
         bar = ProgressBar(sys.stderr, f"staging {path.name}") if sys.stderr.isatty() else None
         stage_in.append(call(jobs.stage_local, path, bar))
     stage_out = []
@@ -240,7 +288,7 @@ def cmd_submit(args) -> int:
         name, sep, url = item.partition("=")
         stage_out.append(StageOut(name, url if sep else None))
     spec = JobSpec(command[0], tuple(command[1:]), tuple(env), args.dir, args.stdin, args.stdout, args.stderr,
-                   tuple(stage_in), tuple(stage_out), parse_seconds(args.lifetime) if args.lifetime else None)
+                   tuple(stage_in), tuple(stage_out), lifetime)
     key = call(jobs.submit, spec)
     print(key, flush=True)
     args.interrupt_note = _goes_on(args.endpoint, key)
@@ -274,8 +322,7 @@ def cmd_status(args) -> int:
     for n, s, h, _ in info.outputs:
         print(f"{'output':16} {printable(n)} {printable(s)} bytes sha256 {printable(h)}")
     for label, tail in (("stdout", info.stdout_tail), ("stderr", info.stderr_tail)):
-        if tail:
-            print(f"--- {label} (tail) ---\n{tail}", end="" if tail.endswith("\n") else "\n")
+        _print_tail(label, tail, sys.stdout)
     return 0
 
 
@@ -309,10 +356,26 @@ def cmd_get(args) -> int:
     info = call(jobs.status, check_key(args.job))
     if not info.final:
         raise CLIError(f"job {info.key} is {info.state}; its outputs come when it has ended (vmgrid job wait)")
+    key, state = printable(info.key), printable(info.state)
+    why = f" ({printable(info.failure)})" if info.failure else ""
+    if not info.outputs:
+        if info.started is None and info.state != "Done":
+            raise CLIError(f"job {key} {'was ' if state == 'Cancelled' else ''}{state} before its program "
+                           f"started{why}: it has no outputs, nothing fetched")
+        raise CLIError(f"job {key} is {state}{why} and its service recorded no outputs: nothing fetched (`vmgrid job "
+                       f"status` shows the tails of its standard output and error)")
+    if args.outputs and info.state != "Done":
+        recorded = [name for name, *_ in info.outputs]
+        missing = [n for n in args.outputs if n not in recorded]
+        if missing:
+            raise CLIError(f"job {key} is {state}{why}: it has no output {printable(', '.join(missing))} (its "
+                           f"outputs: {printable(', '.join(recorded))}), nothing fetched")
     args.interrupt_note = (f"the outputs fetched so far are kept in {args.output}; the same command fetches the "
                            f"rest (a partly fetched file resumes)")
-    for path in call(jobs.fetch_outputs, info, args.output, overwrite=args.overwrite):
+    for path in call(jobs.fetch_outputs, info, args.output, overwrite=args.overwrite, names=args.outputs):
         print(path)
+    if info.state != "Done":          # fetched: what the program wrote before the job ended so
+        print(f"job {key} is {state}{why}: its outputs are what its program wrote before it ended", file=sys.stderr)
     return 0
 
 

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from lxml import etree
 
@@ -28,6 +28,10 @@ FINAL_STATES = ("Done", "Failed", "Cancelled")
 
 class OutputsInTheWay(RuntimeError):
     """Files of the scientist's stand where a job's outputs would be written: nothing was fetched."""
+
+
+class NoSuchOutput(RuntimeError):
+    """An output asked for by name that the job's service did not record: nothing was fetched."""
 
 
 def _same_contents(path: Path, size: int, sha256: str) -> bool:
@@ -168,16 +172,25 @@ class JobClient:
 
     def fetch_outputs(self, info: JobInfo, dest: Path,
                       progress: Callable[[str, int, int], None] | None = None, *,
-                      overwrite: bool = False) -> list[Path]:
-        """Download every output of a job into ``dest``, each verified against the sha256 the service recorded.
+                      overwrite: bool = False, names: Sequence[str] | None = None) -> list[Path]:
+        """Download every output of a job (or those ``names`` names: one the service did not record is
+        :class:`NoSuchOutput`) into ``dest``, each verified against the sha256 the service recorded.
 
         A file already in ``dest`` under an output's name is the scientist's: one with the output's recorded
         sha256 is kept as it is (a second ``get``, or one after an interrupted one, fetches only the rest); one
         with other contents is replaced only with ``overwrite``, else :class:`OutputsInTheWay` names them all
         and nothing is fetched."""
+        outputs = info.outputs
+        if names:
+            recorded = {o[0]: o for o in outputs}
+            missing = [n for n in dict.fromkeys(names) if n not in recorded]
+            if missing:
+                raise NoSuchOutput(f"job {info.key} has no output {', '.join(missing)} (its outputs: "
+                                   f"{', '.join(recorded) or 'none'}): nothing fetched")
+            outputs = [recorded[n] for n in dict.fromkeys(names)]
         if not info.directory_url:
             raise RuntimeError("the job service has no GridFTP face to fetch outputs from")
-        for name, *_ in info.outputs:       # the service (a guest) is untrusted: its names stay inside ``dest``
+        for name, *_ in outputs:            # the service (a guest) is untrusted: its names stay inside ``dest``
             if not isinstance(name, str) or not OUTPUT_NAME.fullmatch(name):
                 raise RuntimeError(f"the job service named an output {name!r}, not a path inside the job's "
                                    f"directory (jobs.xsd RelativePathType): nothing fetched")
@@ -188,7 +201,7 @@ class JobClient:
         if dest.exists() and not dest.is_dir():
             raise RuntimeError(f"{dest} is a file: name a directory for the outputs")
         todo, differ, blocked = [], [], []
-        for name, size, sha256, _ in info.outputs:
+        for name, size, sha256, _ in outputs:
             target = dest / name
             parent = next((p for p in reversed(target.relative_to(dest).parents)
                            if str(p) != "." and (dest / p).exists() and not (dest / p).is_dir()), None)
@@ -217,4 +230,4 @@ class JobClient:
             download(f"{info.directory_url}{name}", target, 2, credential=self.service.credential,
                      trust=self.service.trust, server_dn=self._face_dn(), sha256=sha256, size=size,
                      progress=(lambda d, t, n=name: progress(n, d, t)) if progress else None)
-        return [dest / name for name, *_ in info.outputs]
+        return [dest / name for name, *_ in outputs]

@@ -6,6 +6,7 @@ import errno
 import logging
 import os
 import re
+import shlex
 import shutil
 import signal
 import stat
@@ -113,7 +114,8 @@ class JobManager:
     def submit(self, dn: str, spec: JobSpec) -> Job:
         self.check(dn, "job.submit")
         self._validate(spec)
-        lifetime = spec.lifetime or min(self.config.default_lifetime, self.config.max_lifetime)
+        default = min(self.config.default_lifetime, self.config.max_lifetime)
+        lifetime = default if spec.lifetime is None else spec.lifetime
         if lifetime > self.config.max_lifetime:
             raise LimitExceeded(f"a lifetime of {lifetime} s exceeds this service's {self.config.max_lifetime} s",
                                 limit="max_lifetime", allowed=str(self.config.max_lifetime), requested=str(lifetime))
@@ -134,6 +136,10 @@ class JobManager:
     def _validate(self, spec: JobSpec) -> None:
         if not spec.executable or "\0" in spec.executable:
             raise InvalidArgument("the executable is empty", argument="executable")
+        if spec.lifetime is not None and spec.lifetime <= 0:
+            # 0 is no request for the default: a client that means the default names no lifetime
+            raise InvalidArgument(f"a lifetime of {spec.lifetime} s: a job lives a positive number of seconds (name "
+                                  f"none for the service's default)", argument="lifetime")
         for name, _ in spec.environment:
             if not VARIABLE.fullmatch(name):
                 raise InvalidArgument(f"{name!r} is not an environment variable name", argument="environment")
@@ -151,6 +157,13 @@ class JobManager:
                 # client fetching output X receives it as X.vmgrid-part: an output so named could not come back
                 raise InvalidArgument(f"{what} {rel!r}: names ending in {PART_SUFFIX} or {SIDECAR_SUFFIX} are the "
                                       f"transfer's own; choose another name", argument=what)
+        if spec.stdin is not None:
+            # a job's directory starts empty but for what is staged in: any other stdin could never be there
+            staged = {os.path.normpath(s.name) for s in spec.stage_in}
+            if os.path.normpath(spec.stdin) not in staged:
+                raise InvalidArgument(f"stdin {spec.stdin!r} is not staged in: the job's directory holds only the "
+                                      f"files staged in when the program starts (here "
+                                      f"{', '.join(sorted(staged)) or 'none'})", argument="stdin")
         for s in spec.stage_in:
             if not s.source.startswith(("gsiftp://", "ftp://", "staged:")):
                 raise InvalidArgument(f"stage-in source {s.source!r}: a gsiftp:// or ftp:// URL, or staged:NAME",
@@ -265,22 +278,26 @@ class JobManager:
         job = self.store.get(key)
         if job is None:
             return
-        now = time.time()
         if job.cancel_requested or job.final:
+            self._stage_out(job, send=False)      # what it wrote before it was stopped, fetchable and verified
             self.store.update(key, exit_code=exit.code)
-            self._set_state(key, JobState.CANCELLED, ended=now, exit_code=exit.code)
+            self._set_state(key, JobState.CANCELLED, ended=time.time(), exit_code=exit.code)
             return
+        failure = None
         if exit.code is None or exit.error:
-            self._set_state(key, JobState.FAILED, ended=now, exit_code=exit.code,
-                            failure=exit.error or "the job's exit status is unknown")
-            return
-        if over is not None:                 # the sweep killed it: its directory outgrew the quota
-            self._set_state(key, JobState.FAILED, ended=now, exit_code=exit.code, failure=over)
-            return
-        if exit.code == -signal.SIGXFSZ:
-            self._set_state(key, JobState.FAILED, ended=now, exit_code=exit.code,
-                            failure=f"the program wrote a file past {self.config.staging_quota} bytes, the job's "
-                                    f"quota ([jobs] staging_quota), and was killed by SIGXFSZ")
+            failure = exit.error or "the job's exit status is unknown"
+            if exit.error and any(c.isspace() for c in job.spec.executable):
+                failure += (f" (no shell runs a job: {job.spec.executable!r} is taken as one program's name; give "
+                            f"the program and each argument as words of their own, "
+                            f"{shlex.join(job.spec.executable.split())}, or run a shell yourself: sh -c '...')")
+        elif over is not None:                 # the sweep killed it: its directory outgrew the quota
+            failure = over
+        elif exit.code == -signal.SIGXFSZ:
+            failure = (f"the program wrote a file past {self.config.staging_quota} bytes, the job's quota ([jobs] "
+                       f"staging_quota), and was killed by SIGXFSZ")
+        if failure is not None:
+            self._stage_out(job, send=False)
+            self._set_state(key, JobState.FAILED, ended=time.time(), exit_code=exit.code, failure=failure)
             return
         if not self._set_state(key, JobState.STAGE_OUT, expect={JobState.ACTIVE}, exit_code=exit.code):
             return
@@ -288,19 +305,23 @@ class JobManager:
         if exit.code != 0:
             why = f"killed by signal {-exit.code}" if exit.code < 0 else f"exited with status {exit.code}"
             failure = f"the program {why}" + (f"; {failure}" if failure else "")
+        elif failure:
+            failure = f"the program exited with status 0, but {failure}"
         if failure:
             self._set_state(key, JobState.FAILED, ended=time.time(), failure=failure)
         else:
             self._set_state(key, JobState.DONE, ended=time.time())
 
-    def _stage_out(self, job: Job) -> str | None:
-        """Hash the outputs (standard output and error first), send those with a destination; the failure, if any."""
+    def _stage_out(self, job: Job, send: bool = True) -> str | None:
+        """Hash the outputs (standard output and error first), send those with a destination; the failure, if any.
+        Without ``send`` (a job stopped or failed before its stage-out): hash what there is, send nothing."""
         work, spec = self.jobs_dir / job.key, job.spec
         outputs: list[OutputFile] = []
         problems: list[str] = []
         wanted = [(spec.stdout, None), (spec.stderr, None)] + [(s.name, s.destination) for s in spec.stage_out]
         seen = set()
         for i, (name, destination) in enumerate(wanted):
+            destination = destination if send else None
             if (name, destination) in seen:
                 continue
             seen.add((name, destination))
@@ -310,7 +331,7 @@ class JobManager:
                 problems.append(str(exc))
                 continue
             if not path.is_file():
-                if i >= 2:
+                if i >= 2 and send:
                     problems.append(f"output {name} was not produced")
                 continue
             try:
@@ -341,6 +362,13 @@ class JobManager:
             proc = self._procs.get(key)
         if proc is not None:
             proc.kill(self.config.kill_grace)
+            # the job's thread records what the program wrote (hashed, as any output) once it has ended: Cancel
+            # answers after that, so whoever reads Cancelled finds the outputs recorded (a stage-out under way
+            # is not waited for)
+            with self._guard:
+                thread = self._threads.get(key)
+            if job.state == JobState.ACTIVE and thread is not None and thread is not threading.current_thread():
+                thread.join(self.config.kill_grace + 30)
         self._set_state(key, JobState.CANCELLED, ended=time.time())
         return self.store.get(key).state
 
@@ -461,6 +489,7 @@ class JobManager:
                     self._resume.append((key, lambda k=key, e=exit: self._finish(k, e)))
                     report["finished"] += 1
                     continue
+                self._stage_out(job, send=False)      # what it wrote before it was lost stays fetchable
                 self._set_state(key, JobState.FAILED, ended=time.time(),
                                 failure="Lost: the job's process ended while the job service was down and left no "
                                         "exit status")

@@ -74,7 +74,7 @@ def submit_arguments(spec: JobSpec) -> dict:
     if spec.stage_out:
         kwargs["stageOut"] = [{"name": s.name, **({"destination": s.destination} if s.destination else {})}
                               for s in spec.stage_out]
-    if spec.lifetime:
+    if spec.lifetime is not None:          # 0 too: the service refuses it, never reads it as its default
         kwargs["lifetime"] = spec.lifetime
     return kwargs
 

@@ -65,6 +65,10 @@ def test_the_commands_of_docs_jobs_md_run_as_written(grid, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert (work / "results" / "sorted.txt").read_text() == "acgt\ngattaca\ntata\n"
     assert "acgt\ngattaca\ntata\n" in r.stdout                   # cat results/sorted.txt
+    assert [p.name for p in (work / "only").iterdir()] == ["sorted.txt"]       # one output by name
+    assert "only/sorted.txt\n" in r.stdout and "cancelled/stdout\n" in r.stdout
+    assert (work / "cancelled" / "stdout").read_text() in ("", "started\n")   # what it wrote before its Cancel
+    assert "is Cancelled: its outputs are what its program wrote before it ended" in r.stderr
     assert "Done (exit code 0)" in r.stdout and "Cancelled" in r.stdout
     assert "output           sorted.txt 18 bytes sha256" in r.stdout
     assert "serving JobService" in r.stdout                      # the container's log, read by its owner
@@ -92,6 +96,83 @@ def test_errors_are_one_clear_line(grid, tmp_path):
             (("job", "submit", url, "--lifetime", "99d", "--", "true"), "vmgrid: LimitExceeded: ")):
         r = vmgrid(grid, *args, check=False)
         assert r.returncode == 1 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_what_cannot_work_is_refused_before_submission_with_what_would(grid, tmp_path):
+    """--lifetime 0 was the service's default (24 h), silently; --stdin naming a local file failed the job after
+    submission (`no such file in the job's directory`) with no word of --stage-in."""
+    url = grid.jobs_url
+    (tmp_path / "seqs.txt").write_text("tata\nacgt\n")
+    for args, message in (
+            (("--lifetime", "0"), "vmgrid: --lifetime 0: a job's lifetime is a positive duration"),
+            (("--lifetime=-5m",), "vmgrid: --lifetime -5m: a job's lifetime is a positive duration"),
+            (("--stdin", "seqs.txt"), "vmgrid: --stdin seqs.txt names a file of the job's directory, not a local one: "
+                                      "that directory holds only what --stage-in brings; send your local file with "
+                                      "--stage-in seqs.txt"),
+            (("--stdin", "other.txt", "--stage-in", "seqs.txt"), "vmgrid: --stdin other.txt is not staged in: the "
+                                                                 "job's directory holds only what --stage-in brings "
+                                                                 "(here seqs.txt)")):
+        r = vmgrid(grid, "job", "submit", url, *args, "--", "sort", cwd=tmp_path, check=False)
+        assert r.returncode == 1 and r.stderr.startswith(message) and r.stderr.count("\n") == 1, r.stderr
+    assert vmgrid(grid, "job", "list", url, "--all").stdout.count("job-") == 0       # nothing was submitted
+    key = vmgrid(grid, "job", "submit", url, "--stage-in", "seqs.txt", "--stdin", "seqs.txt", "--lifetime", "1h",
+                 "--wait", "--", "sort", cwd=tmp_path).stdout.strip()
+    status = json.loads(vmgrid(grid, "job", "status", url, key, "--json").stdout)
+    assert status["stdoutTail"] == "acgt\ntata\n"
+    from datetime import datetime
+    lived = datetime.fromisoformat(status["terminationTime"]) - datetime.fromisoformat(status["submitted"])
+    assert round(lived.total_seconds()) == 3600
+
+
+def test_a_failed_wait_shows_why_with_the_stderr_tail_and_a_cancelled_jobs_outputs_are_fetched(grid, tmp_path):
+    """`job wait` of a failed job showed no stderr tail (only `job status` did), a missing output read `Failed (exit
+    code 0)`, a program named with its arguments in one word failed with no word of the shell; `job get` of a
+    Cancelled job exited 0 having fetched nothing, and could not fetch one output alone."""
+    url = grid.jobs_url
+    key = vmgrid(grid, "job", "submit", url, "--", PY, "-c", "import sys; sys.stderr.write('bad input\\n'); "
+                                                             "sys.exit(3)").stdout.strip()
+    r = vmgrid(grid, "job", "wait", url, key, check=False)
+    assert r.returncode == 1 and r.stdout == "Failed (exit code 3)\n"
+    assert r.stderr.endswith(f"vmgrid: job {key} Failed: the program exited with status 3\n"
+                             f"--- stderr (tail) ---\nbad input\n"), r.stderr
+    r = vmgrid(grid, "job", "submit", url, "--stage-out", "result.png", "--wait", "--", "true", check=False)
+    assert r.returncode == 1 and r.stderr.endswith(": the program exited with status 0, but output result.png was "
+                                                   "not produced\n"), r.stderr
+    r = vmgrid(grid, "job", "submit", url, "--wait", "--", "sort seqs.txt", check=False)
+    assert r.returncode == 1 and (
+        "Failed: cannot start sort seqs.txt: No such file or directory (no shell runs a job: 'sort seqs.txt' is taken "
+        "as one program's name; give the program and each argument as words of their own, sort seqs.txt, or run a "
+        "shell yourself: sh -c '...')") in r.stderr
+
+    key = vmgrid(grid, "job", "submit", url, "--", PY, "-c", "import sys, time; print('partial', flush=True); "
+                 "sys.stderr.write('warn\\n'); time.sleep(600)").stdout.strip()
+    while json.loads(vmgrid(grid, "job", "status", url, key, "--json").stdout)["stdoutTail"] != "partial\n":
+        pass
+    assert vmgrid(grid, "job", "cancel", url, key).stdout == "Cancelled\n"
+    r = vmgrid(grid, "job", "get", url, key, "-o", "all", cwd=tmp_path)
+    assert r.stdout == "all/stdout\nall/stderr\n" and "is Cancelled: its outputs are what its program wrote" in r.stderr
+    assert (tmp_path / "all" / "stdout").read_text() == "partial\n"
+    assert (tmp_path / "all" / "stderr").read_text() == "warn\n"
+    r = vmgrid(grid, "job", "get", url, key, "stderr", "-o", "one", cwd=tmp_path)
+    assert r.stdout == "one/stderr\n" and [p.name for p in (tmp_path / "one").iterdir()] == ["stderr"]
+    r = vmgrid(grid, "job", "get", url, key, "stderr", "result.txt", "-o", "none", cwd=tmp_path, check=False)
+    assert r.returncode == 1 and r.stderr == (f"vmgrid: job {key} is Cancelled: it has no output result.txt (its "
+                                              f"outputs: stdout, stderr), nothing fetched\n")
+    assert not (tmp_path / "none").exists()
+
+    stall = socket.socket()                  # a GridFTP "server" that never answers: a job stuck in StageIn
+    stall.bind(("127.0.0.1", 0))
+    stall.listen(8)
+    try:
+        key = vmgrid(grid, "job", "submit", url, "--stage-in", f"gsiftp://127.0.0.1:{stall.getsockname()[1]}/x",
+                     "--", "true").stdout.strip()
+        vmgrid(grid, "job", "cancel", url, key)
+        r = vmgrid(grid, "job", "get", url, key, "-o", "early", cwd=tmp_path, check=False)
+        assert r.returncode == 1 and r.stderr == (f"vmgrid: job {key} was Cancelled before its program started: it "
+                                                  f"has no outputs, nothing fetched\n")
+        assert not (tmp_path / "early").exists()
+    finally:
+        stall.close()
 
 
 def test_a_job_service_killed_and_restarted_answers_every_job_with_its_real_state(grid, tmp_path):

@@ -309,6 +309,8 @@ def test_a_limited_proxy_starts_no_job(grid, grid_pki):
      f'</job:stdout></job:SubmitJob>', "stdout"),
     (f'<job:SubmitJob xmlns:job="{JOB}"><job:executable>true</job:executable><job:lifetime>-5</job:lifetime>'
      f'</job:SubmitJob>', "lifetime"),
+    (f'<job:SubmitJob xmlns:job="{JOB}"><job:executable>true</job:executable><job:lifetime>0</job:lifetime>'
+     f'</job:SubmitJob>', "lifetime"),            # not the service's default: another client may send 0
     (f'<job:GetLog xmlns:job="{JOB}"><job:name>../etc/passwd</job:name></job:GetLog>', "name"),
 ])
 def test_schema_invalid_requests_get_a_typed_fault(grid, grid_pki, payload, argument):

@@ -68,3 +68,28 @@ def test_an_output_served_larger_than_the_service_recorded_is_refused_before_a_b
     finally:
         server.stop()
     assert [p.name for p in dest.iterdir()] == []                # no file, no partial file left
+
+
+def test_an_output_asked_for_by_name_that_the_service_did_not_record_fetches_nothing(tmp_path):
+    from services.jobs.client import NoSuchOutput
+
+    info = JobInfo("job-" + "a" * 32, state="Cancelled", outputs=[("stdout", 0, SHA, None), ("stderr", 0, SHA, None)],
+                   directory_url="gsiftp://127.0.0.1:1/jobs/job-" + "a" * 32 + "/")
+    with pytest.raises(NoSuchOutput, match=r"no output result.txt \(its outputs: stdout, stderr\): nothing fetched"):
+        JobClient(service=None).fetch_outputs(info, tmp_path / "results", names=["stdout", "result.txt"])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_bad_name_among_outputs_not_asked_for_does_not_stop_the_one_asked_for(tmp_path):
+    """Only the outputs named are checked and fetched: here the one asked for is already there, so nothing connects."""
+    import hashlib
+
+    dest = tmp_path / "results"
+    dest.mkdir()
+    (dest / "stdout").write_text("ok\n")
+    info = JobInfo("job-" + "a" * 32, state="Done",
+                   outputs=[("stdout", 3, hashlib.sha256(b"ok\n").hexdigest(), None), ("../escaped", 5, SHA, None)],
+                   directory_url="gsiftp://127.0.0.1:1/jobs/job-" + "a" * 32 + "/")
+    assert JobClient(service=None).fetch_outputs(info, dest, names=["stdout"]) == [dest / "stdout"]
+    with pytest.raises(RuntimeError, match="not a path inside the job's directory"):
+        JobClient(service=None).fetch_outputs(info, dest)

@@ -100,7 +100,17 @@ def test_a_missing_program_and_a_missing_output_fail_with_the_reason(jobs):
     b = jobs.submit(OWNER, JobSpec(PY, ("-c", "pass"), stage_out=(StageOut("result.png"),)))
     a, b = wait_final(jobs, a.key), wait_final(jobs, b.key)
     assert a.state == JobState.FAILED and "cannot start no-such-program-vmgrid" in a.failure
-    assert b.state == JobState.FAILED and b.exit_code == 0 and "output result.png was not produced" in b.failure
+    assert "no shell" not in a.failure
+    assert b.state == JobState.FAILED and b.exit_code == 0
+    assert b.failure == "the program exited with status 0, but output result.png was not produced"
+
+
+def test_a_command_line_given_as_the_programs_name_fails_with_the_hint_that_no_shell_runs_it(jobs):
+    job = wait_final(jobs, jobs.submit(OWNER, JobSpec("sort  seqs.txt")).key)
+    assert job.state == JobState.FAILED and job.failure == (
+        "cannot start sort  seqs.txt: No such file or directory (no shell runs a job: 'sort  seqs.txt' is taken as "
+        "one program's name; give the program and each argument as words of their own, sort seqs.txt, or run a "
+        "shell yourself: sh -c '...')")
 
 
 def test_the_environment_is_the_jobs_own_not_the_services(jobs, monkeypatch):
@@ -126,6 +136,28 @@ def test_cancel_kills_the_whole_process_group(jobs):
     assert done.state == JobState.CANCELLED and done.exit_code == -signal.SIGTERM
     with pytest.raises(IllegalTransition):
         jobs.cancel(OWNER, job.key)
+
+
+def test_what_a_cancelled_job_wrote_is_recorded_hashed_when_cancel_answers_and_nothing_is_sent(jobs):
+    """A Cancelled job recorded no outputs: `vmgrid job get` fetched nothing although StdoutTail showed output."""
+    work = jobs.jobs_dir
+    # 40 more files of 1 MiB: hashing and recording them takes a while after the program has ended
+    parts = [f"part{i}.bin" for i in range(40)]
+    job = jobs.submit(OWNER, JobSpec(PY, ("-c", "import time\nfor n in %r: open(n, 'wb').write(bytes(1 << 20))\n"
+                                               "open('part.txt', 'w').write('half'); print('started', flush=True); "
+                                               "time.sleep(300)" % parts,),
+                                     stage_out=(StageOut("part.txt", "gsiftp://127.0.0.1:1/results/part.txt"),
+                                                StageOut("never.txt"), *map(StageOut, parts))))
+    wait_until(lambda: jobs.tail(jobs.store.get(job.key), "stdout") == "started\n")
+    assert jobs.cancel(OWNER, job.key) == JobState.CANCELLED
+    outputs = {o.name: o for o in jobs.store.get(job.key).outputs}       # all there when Cancel has answered
+    assert set(outputs) == {"stdout", "stderr", "part.txt", *parts}
+    for name, o in outputs.items():
+        assert (o.size, o.sha256) == ((work / job.key / name).stat().st_size, hash_file(work / job.key / name))
+        assert o.destination is None                     # a cancelled job's outputs go nowhere (port 1: never sent)
+    assert outputs["stdout"].size == len("started\n")
+    done = wait_final(jobs, job.key)
+    assert done.state == JobState.CANCELLED and done.failure is None and done.exit_code == -signal.SIGTERM
 
 
 def test_what_a_job_leaves_running_ends_with_it(jobs):
@@ -212,6 +244,10 @@ def test_only_the_owner_and_admins_may_do_anything_and_others_learn_nothing(jobs
     JobSpec("true", stdout="../escape"), JobSpec("true", directory="/etc"),
     JobSpec("true", stage_in=(StageIn("http://example.org/x", "x"),)),
     JobSpec("true", environment=(("BAD-NAME", "x"),)), JobSpec(""),
+    # 0 is not "the default" (a client meaning the default names no lifetime), nor is a negative one
+    JobSpec("true", lifetime=0), JobSpec("true", lifetime=-5),
+    # a job's directory holds only what is staged in when the program starts: any other stdin is never there
+    JobSpec("true", stdin="seqs.txt"), JobSpec("true", stdin="seqs.txt", stage_in=(StageIn("staged:x", "x"),)),
 ])
 def test_bad_requests_are_invalid_arguments_and_leave_nothing(jobs, spec):
     with pytest.raises(InvalidArgument):
@@ -259,6 +295,16 @@ def test_stage_in_from_the_staging_area_is_verified(jobs):
     assert ok.state == JobState.DONE and jobs.tail(ok, "stdout") == "1\n"
     assert bad.state == JobState.FAILED and "is not the expected" in bad.failure
     assert missing.state == JobState.FAILED and "no such file in your staging area" in missing.failure
+
+
+def test_a_staged_in_file_is_the_jobs_standard_input(jobs):
+    area = jobs.staging_dir / staging_area(OWNER)
+    area.mkdir()
+    (area / "seqs.txt").write_text("tata\nacgt\n")
+    job = jobs.submit(OWNER, JobSpec("sort", stdin="./in/seqs.txt",
+                                     stage_in=(StageIn("staged:seqs.txt", "in/seqs.txt"),)))
+    done = wait_final(jobs, job.key)
+    assert done.state == JobState.DONE and jobs.tail(done, "stdout") == "acgt\ntata\n"
 
 
 def test_limits_on_lifetime_and_live_jobs(tmp_path):
@@ -316,6 +362,7 @@ def test_a_restarted_service_reattaches_running_jobs_and_fails_the_lost_ones_wit
         assert m2.job(OWNER, finished.key).state == JobState.DONE
         l, s = m2.job(OWNER, lost.key), m2.job(OWNER, staging.key)
         assert l.state == JobState.FAILED and l.failure.startswith("Lost:")
+        assert {o.name for o in l.outputs} == {"stdout", "stderr"}     # what it wrote stays fetchable, verified
         assert s.state == JobState.FAILED and s.failure.startswith("Interrupted:")
         release.touch()
         done = wait_final(m2, waiter.key)
@@ -441,6 +488,7 @@ def test_a_job_writing_one_file_past_the_quota_is_stopped_by_the_kernel_with_the
         assert "wrote a file past 1048576 bytes" in done.failure and "staging_quota" in done.failure
         assert (m.jobs_dir / job.key / "big").stat().st_size == 1 << 20
         assert (m.jobs_dir / job.key / "stdout").read_text() == "before\n"
+        assert {o.name: o.size for o in done.outputs} == {"stdout": 7, "stderr": 0}     # fetchable, verified
     finally:
         shut(m)
 

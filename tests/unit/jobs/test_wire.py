@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 from lxml import etree
 
 from services.container.contract import Contract
@@ -37,6 +38,18 @@ def test_a_submit_request_reads_back_as_the_spec_the_client_sent():
                 el.text = str(value)
     CONTRACT.validator.assertValid(req)
     assert wire.parse_submit(req) == spec
+
+
+def test_a_lifetime_of_0_is_sent_and_refused_by_the_schema_never_dropped_into_the_default():
+    """A client that dropped lifetime 0 had the job live the service's default (24 h) instead of being told."""
+    for lifetime in (0, -5):
+        assert wire.submit_arguments(JobSpec("true", lifetime=lifetime))["lifetime"] == lifetime
+        req = etree.Element(wire.q("SubmitJob"), nsmap={"job": wire.JOB})
+        etree.SubElement(req, wire.q("executable")).text = "true"
+        etree.SubElement(req, wire.q("lifetime")).text = str(lifetime)
+        with pytest.raises(etree.DocumentInvalid):
+            CONTRACT.validator.assertValid(req)
+    assert "lifetime" not in wire.submit_arguments(JobSpec("true"))
 
 
 def test_properties_are_schema_valid_whatever_the_program_printed():
