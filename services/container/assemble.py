@@ -7,10 +7,10 @@ import os
 from pathlib import Path
 
 from security.middleware import DEFAULT_UNDERSTOOD, WSSecurityMiddleware
-from security.pki import default_cert_dir, load_host_credential
+from security.pki import PKIError, default_cert_dir, load_host_credential
 from security.tls import server_ssl_adapter
-from security.trust import TrustStore
-from services.container.config import Config
+from security.trust import ChainError, TrustStore
+from services.container.config import Config, ConfigError
 from services.container.server import Container
 from services.container.service import SoapService
 
@@ -20,14 +20,28 @@ SERVICE_NAMES = ("repository", "authz", "vmmanager", "jobs")
 
 
 def trust_store(config: Config) -> TrustStore:
-    return TrustStore(Path(config.security.cert_dir) if config.security.cert_dir else default_cert_dir())
+    given = config.security.cert_dir
+    try:
+        return TrustStore(Path(given) if given else default_cert_dir())
+    except ChainError as exc:         # no such directory
+        raise ConfigError(f"[security] cert_dir = {given!r}: {exc}" if given else
+                          f"[security] cert_dir is not set, and the default cannot be used: {exc}") from None
 
 
 def host_credential(config: Config):
+    """The host credential ([security] host_cert and host_key); one it cannot load is a ConfigError naming the key
+    and the file (a missing or unreadable certificate, a key that is not its own or is readable by others)."""
     s = config.security
     cert = s.host_cert or os.environ.get("X509_HOST_CERT") or None
     key = s.host_key or os.environ.get("X509_HOST_KEY") or None
-    return load_host_credential(cert, key)
+    try:
+        return load_host_credential(cert, key)
+    except PKIError as exc:
+        name = "host_key" if "private key" in str(exc) and s.host_key else "host_cert"
+        given = getattr(s, name)
+        if given:
+            raise ConfigError(f"[security] {name} = {given!r}: {exc}") from None
+        raise ConfigError(f"[security] {name} is not set, and the one found instead cannot be used: {exc}") from None
 
 
 def policy_point(config: Config):

@@ -8,6 +8,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from services.authz.config import AuthzConfig, EnforcementConfig
 from services.container.limits import ConnectionLimits
@@ -25,7 +26,8 @@ class ContainerConfig:
     host: str = "127.0.0.1"          # address to listen on
     port: int = 8443                 # 0 picks a free port
     tls: bool = True                 # HTTPS with the host certificate; may be off, signing never is
-    tls_client_certs: str = "none"   # mutual TLS: "optional" or "required" asks for a grid certificate or proxy
+    # mutual TLS: "optional" or "required" asks for a grid certificate or proxy
+    tls_client_certs: Literal["none", "optional", "required"] = "none"
     public_url: str = ""             # this container's public URL (WSDL, EPRs, the wsa:To it accepts);
                                      # "" = https://<host certificate's name>:<port>
     state_dir: str = "var/vmgrid"    # each service keeps its state in <state_dir>/<service>
@@ -94,6 +96,11 @@ def _convert(tp, value, where: str):
             raise ConfigError(f"{where}: expected a table")
         return {k: _convert(item, v, f"{where}.{k}") for k, v in value.items()}
     if origin in (typing.Union, types.UnionType):
+        return value
+    if origin is typing.Literal:        # a key of a few words (vmm = "test" or "qemu"): a typo is named here
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, choices))}")
         return value
     if tp is bool:
         if not isinstance(value, bool):
