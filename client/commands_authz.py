@@ -166,7 +166,7 @@ def connect(args):
     from client.commands_repo import grid_client
     from services.authz.client import AuthorizationClient
 
-    return AuthorizationClient(grid_client(args))
+    return AuthorizationClient(grid_client(args, "AuthorizationService"))
 
 
 def _call(func, *args, **kwargs):
@@ -187,8 +187,24 @@ def _call(func, *args, **kwargs):
 
 
 def _me(args, dn: str) -> str:
-    if dn not in ("me", "-"):
+    """A subject DN as given (/O=.../CN=...), or for `me` (or -) the caller's own identity. A short name (alice) is
+    refused here, with the DN it would be under the caller's own OU: the service would take it for a DN, and
+    refuse a question about another subject from anyone but an enforcement point, naming neither."""
+    if dn.startswith("/") and "=" in dn:
         return dn
+    if dn not in ("me", "-"):
+        guess = ""
+        if dn and "/" not in dn and "=" not in dn:
+            try:
+                base = _own_identity(args).rpartition("/CN=")[0]
+            except CLIError:
+                base = ""
+            guess = f" (in your OU: {base}/CN={dn})" if base else ""
+        raise CLIError(f"{dn!r} is not a DN: give a full DN, /O=.../CN=NAME{guess}, or `me` for your own")
+    return _own_identity(args)
+
+
+def _own_identity(args) -> str:
     from security.pki import PKIError, load_credential
 
     try:

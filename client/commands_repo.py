@@ -107,14 +107,22 @@ def connect(args):
     """A RepositoryClient for the command's --url as the user's credential."""
     from client.repository import RepositoryClient
 
-    return RepositoryClient(grid_client(args))
+    return RepositoryClient(grid_client(args, "VMRepositoryService"))
 
 
-def grid_client(args):
+def grid_client(args, service: str | None = None):
     """A signed SOAP client for the command's --url; the credential and trust store are read once per
-    command (`vmgrid repo import` opens two connections)."""
-    from client.soap import ClientError, GridServiceClient
+    command (`vmgrid repo import` opens two connections). ``service``: the service expected there (VMManagerService,
+    ...): a URL of its container alone (https://HOST:PORT) is completed with its path, and another service's URL is
+    refused, naming which service it is."""
+    from client.soap import ClientError, GridServiceClient, service_url
     from security.pki import PKIError, load_credential
+
+    if service is not None:
+        try:
+            args.url = service_url(args.url, service)
+        except ClientError as exc:
+            raise CLIError(str(exc)) from None
 
     loaded = getattr(args, "_credential_and_trust", None)
     try:
@@ -125,7 +133,7 @@ def grid_client(args):
     except (PKIError, OSError) as exc:
         raise CLIError(str(exc)) from None
     try:
-        return GridServiceClient(args.url, credential, trust, timeout=call_timeout())
+        return GridServiceClient(args.url, credential, trust, timeout=call_timeout(), service=service)
     except ClientError as exc:
         if "HTTP 404" in str(exc):
             raise CLIError(no_such_service(args.url)) from None

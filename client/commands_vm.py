@@ -133,7 +133,7 @@ def vmm_client(args, url: str | None = None):
 
     if url:
         args.url = url
-    return VMManagerClient(grid_client(args))
+    return VMManagerClient(grid_client(args, "VMManagerService"))
 
 
 def resolve(vm, text: str):
@@ -226,7 +226,7 @@ def cmd_deploy(args) -> int:
         raise CLIError(f"--vcpus must be 1 to 256, not {args.vcpus}")
     node_url = args.url
     args.url = args.repository
-    repo = RepositoryClient(grid_client(args))
+    repo = RepositoryClient(grid_client(args, "VMRepositoryService"))
     descriptor = _call(_on_image, repo, repo.show, args.image)
     if args.memory is not None:
         set_field(descriptor, "hardware", "memory", args.memory)
