@@ -60,6 +60,18 @@ def policy_point(config: Config):
                              {vo: {"members": v.members, "admins": v.admins} for vo, v in config.policy.vos.items()})
 
 
+def check_service_config(name: str, config: Config) -> None:
+    """What service ``name`` needs of the configuration that no key's type says (ValueError naming the key): checked
+    for every service of a container before any of them opens its state, and before the host credential is read."""
+    if name not in SERVICE_NAMES:
+        raise ValueError(f"unknown service {name!r}; one of: {', '.join(SERVICE_NAMES)}")
+    if name == "vmmanager" and not config.enforcement.authz_url:
+        raise ValueError("the VMManager authorizes every operation through the Authorization service: "
+                         "set [enforcement] authz_url")
+    if name == "jobs" and not config.jobs.owner:
+        raise ValueError("the job service needs the instance owner's DN: set [jobs] owner")
+
+
 def build_service(name: str, config: Config) -> SoapService:
     if name == "repository":
         from services.vmrepository.service import VMRepositoryService
@@ -89,9 +101,7 @@ def build_vmmanager(config: Config, vmm=None) -> SoapService:
     from services.wsrf.notification import ConsumerPolicy, DeliveryLimits, Notifier
 
     v = config.vmmanager
-    if not config.enforcement.authz_url:
-        raise ValueError("the VMManager authorizes every operation through the Authorization service: "
-                         "set [enforcement] authz_url")
+    check_service_config("vmmanager", config)
     state = config.state_dir("vmmanager")
     credential, trust = host_credential(config), trust_store(config)
     if vmm is None:
@@ -115,8 +125,7 @@ def build_jobs(config: Config) -> SoapService:
     from services.wsrf.notification import ConsumerPolicy, Notifier
 
     j = config.jobs
-    if not j.owner:
-        raise ValueError("the job service needs the instance owner's DN: set [jobs] owner")
+    check_service_config("jobs", config)
     credential, trust = host_credential(config), trust_store(config)
     policy = ConsumerPolicy(tuple(j.consumer_allow))
     service = JobService(config.state_dir("jobs"), j, credential=credential, trust=trust,

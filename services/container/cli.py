@@ -94,7 +94,8 @@ def hold_state(state_dir: str, services: list[str]) -> None:
 
 def run(args) -> int:
     from security.pki import PKIError
-    from services.container.assemble import SERVICE_NAMES, build_container, build_service, host_credential, trust_store
+    from services.container.assemble import (SERVICE_NAMES, build_container, build_service, check_service_config,
+                                             host_credential, trust_store)
     from services.container.config import ConfigError, load_config
     from services.vmmanager.vmm.errors import VMMError
 
@@ -120,9 +121,11 @@ def run(args) -> int:
         raise CLIError(f"{where}[container] log_file = {config.container.log_file!r}: {exc.strerror}") from None
     if not 0 <= config.container.port <= 65535:        # before any service opens its state
         raise CLIError(f"{where}[container] port = {config.container.port}: a port is 0 to 65535 (0 picks a free one)")
-    try:
-        host_credential(config), trust_store(config)      # refused before any service opens its state
-    except ConfigError as exc:
+    try:                                               # refused before any service opens its state
+        for name in args.services:
+            check_service_config(name, config)
+        host_credential(config), trust_store(config)
+    except ValueError as exc:
         raise CLIError(f"{where}{exc}") from None
     hold_state(config.container.state_dir, args.services)
     release_if_full(config.container.state_dir)    # a restart on a full disk still opens its databases

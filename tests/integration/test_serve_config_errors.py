@@ -68,3 +68,12 @@ def test_a_wrong_service_name_and_port_are_refused_before_anything_starts(grid_p
     r = serve(tmp_path, text, "--port", "70000")
     assert r.returncode == 2 and "argument --port: '70000' is not a port (0 to 65535; 0 picks a free one)" in r.stderr
     assert not (tmp_path / "state").exists()
+
+
+def test_what_a_service_needs_is_named_before_the_host_credential_or_any_state(grid_pki, tmp_path):
+    text = node_toml(grid_pki, tmp_path / "state", {("security", "host_cert"): '"host/nocert.pem"'})
+    text = text.replace('authz_url = "https://localhost:1/wsrf/services/AuthorizationService"\n', "")
+    r = serve(tmp_path, text)
+    assert r.returncode == 1 and r.stderr == ("vmgrid: n3.toml: the VMManager authorizes every operation through the "
+                                              "Authorization service: set [enforcement] authz_url\n")
+    assert not (tmp_path / "state").exists()
