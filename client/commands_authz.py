@@ -214,8 +214,12 @@ def _own_identity(args) -> str:
     return cred.identity
 
 
+def _n(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
 def _status_line(status) -> str:
-    line = printable(f"policy {status.version} ({status.file}): {status.rules} rules, {status.groups} groups")
+    line = printable(f"policy {status.version} ({status.file}): {_n(status.rules, 'rule')}, {_n(status.groups, 'group')}")
     if status.error is not None:
         line += "\nwarning: " + printable(f"the file changed into a policy that was refused at {status.error_at}: "
                                          f"{status.error}")
@@ -421,6 +425,7 @@ def cmd_validate(args) -> int:
     except PolicyError as exc:
         raise CLIError(f"invalid policy: {exc}") from None
     imported = sum(len(g.imported) for g in policy.groups.values())
-    print(f"{args.file}: valid, version {policy.version}: {len(policy.rules)} rules, {len(policy.groups)} groups"
+    print(f"{args.file}: valid, version {policy.version}: {_n(len(policy.rules), 'rule')}, "
+          f"{_n(len(policy.groups), 'group')}"
           + (f" ({imported} members from grid-mapfiles)" if imported else ""))
     return 0

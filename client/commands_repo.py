@@ -508,7 +508,7 @@ def cmd_import(args) -> int:
         json.dump([{"file": str(p), "imageId": i} for p, i in done], sys.stdout, indent=2)
         print()
     else:
-        print(f"imported {len(done)} descriptors from {args.directory} in {seconds:.1f} s "
+        print(f"imported {len(done)} descriptor{'' if len(done) == 1 else 's'} from {args.directory} in {seconds:.1f} s "
               f"({len(done) / max(seconds, 1e-9):.0f}/s)")
     return 0
 
@@ -535,7 +535,8 @@ def _undo(repo, done: list[tuple[Path, str]]) -> str:
             left.append(f"{path} ({image_id})")
     if left:
         return f" except {len(left)} descriptor(s) of its other batches that could not be removed: {', '.join(left)}"
-    return f" (the {len(done)} descriptors of its other batches were removed again)" if done else ""
+    return (f" (the {len(done)} descriptor{'' if len(done) == 1 else 's'} of its other batches "
+            f"{'was' if len(done) == 1 else 'were'} removed again)" if done else "")
 
 
 def cmd_query(args) -> int:

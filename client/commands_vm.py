@@ -29,13 +29,15 @@ def register(subparsers) -> None:
     p.add_argument("identifier", help="your name for the instance")
     p.add_argument("--lifetime", default="1h", help="how long it may live: seconds or e.g. 90m, 2h, 1d (default 1h)")
     p.add_argument("--paused", action="store_true", help="leave it paused once deployed")
-    p.add_argument("--memory", type=int, help="RAM in MiB instead of the descriptor's")
+    p.add_argument("--memory", help="RAM instead of the descriptor's: MiB, or with a unit as queries take it "
+                                    "(512M, 4G)")
     p.add_argument("--vcpus", type=int, help="vCPUs instead of the descriptor's")
     p.add_argument("--repository", default=os.environ.get("VMGRID_REPOSITORY", DEFAULT_REPOSITORY),
                    help="the VMRepository URL (default $VMGRID_REPOSITORY)")
     p.add_argument("--no-wait", action="store_true", help="return once registered; do not follow the deployment")
     add_format(p)
     p.set_defaults(func=cmd_deploy)
+    _durations_may_be_negative(p)
 
     p = sub.add_parser("list", help="your instances on the node")
     p.add_argument("--all", action="store_true", help="also destroyed and failed ones")
@@ -66,6 +68,7 @@ def register(subparsers) -> None:
     p.add_argument("instance")
     p.add_argument("when", help="from now: seconds or 90m, 2h, 1d; or an ISO 8601 time")
     p.set_defaults(func=cmd_lifetime)
+    _durations_may_be_negative(p)
 
     p = sub.add_parser("migrate", help="move an instance to another node (cold: save, GridFTP, restore)")
     p.add_argument("instance", help="instance key (inst-…) or your identifier")
@@ -109,11 +112,38 @@ def register(subparsers) -> None:
 
 
 # -- helpers ------------------------------------------------------------------------------------------
-def parse_seconds(text: str) -> int:
-    m = re.fullmatch(r"\s*(\d+)\s*([smhd]?)\s*", text)
+def _durations_may_be_negative(parser) -> None:
+    """`--lifetime -5m` reaches the command, which says what is wrong with it, instead of argparse's "expected one
+    argument" (argparse reads a word that starts with - as an option unless it looks like a negative number, which
+    by default means digits alone)."""
+    parser._negative_number_matcher = re.compile(r"^-\d+(\.\d+)?\s*[smhd]?$")
+
+
+def parse_seconds(text: str, *, minimum: int = 1) -> int:
+    """A duration from now: seconds, or a whole number with s, m, h or d; at least ``minimum`` seconds."""
+    m = re.fullmatch(r"\s*(-?)(\d+)\s*([smhd]?)\s*", text)
     if not m:
         raise CLIError(f"{text!r} is not a duration (seconds, or a number with s, m, h or d)")
-    return int(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+    seconds = int(m.group(2)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(3)]
+    if m.group(1) and seconds:
+        raise CLIError(f"{text.strip()!r} is in the past: give a duration from now, e.g. {text.strip()[1:]}")
+    if seconds < minimum:
+        raise CLIError(f"a lifetime of {text.strip()!r} ends at once: give at least {minimum} s (e.g. 90m, 2h, 1d)")
+    return seconds
+
+
+def parse_memory(text: str) -> int:
+    """--memory: MiB, or a size with a unit as a query takes it (512M, 4G, 4GiB; services.descriptor.number_value),
+    within the descriptor's bounds (workspace.xsd: 1 MiB to 4 TiB)."""
+    from services.descriptor import number_value
+
+    try:
+        mib = number_value("hardware.memory", text)
+    except ValueError:
+        mib = None
+    if mib is None or mib != int(mib) or not 1 <= mib <= 4194304:
+        raise CLIError(f"--memory is RAM in MiB (or with a unit: 512M, 4G), 1 to 4194304 (4 TiB), not {text}")
+    return int(mib)
 
 
 def _human(seconds: int) -> str:
@@ -220,20 +250,21 @@ def cmd_deploy(args) -> int:
     from services.descriptor import set_field
 
     # The descriptor's bounds (workspace.xsd), checked before anything is asked: 0 is not "the default"
-    if args.memory is not None and not 1 <= args.memory <= 4194304:
-        raise CLIError(f"--memory is RAM in MiB, 1 to 4194304 (4 TiB), not {args.memory}")
+    memory = parse_memory(args.memory) if args.memory is not None else None
     if args.vcpus is not None and not 1 <= args.vcpus <= 256:
         raise CLIError(f"--vcpus must be 1 to 256, not {args.vcpus}")
+    lifetime = parse_seconds(args.lifetime)
+    if lifetime > 31536000:
+        raise CLIError(f"a lifetime of {args.lifetime.strip()!r} is more than a node gives: at most 365d")
     node_url = args.url
     args.url = args.repository
     repo = RepositoryClient(grid_client(args, "VMRepositoryService"))
     descriptor = _call(_on_image, repo, repo.show, args.image)
-    if args.memory is not None:
-        set_field(descriptor, "hardware", "memory", args.memory)
+    if memory is not None:
+        set_field(descriptor, "hardware", "memory", memory)
     if args.vcpus is not None:
         set_field(descriptor, "hardware", "vcpus", args.vcpus)
     vm = vmm_client(args, node_url)
-    lifetime = parse_seconds(args.lifetime)
     info = _call(vm.deploy, descriptor, args.identifier, lifetime, paused=args.paused)
     print(f"deploying {args.image} as {args.identifier} ({printable(info.ref.key)}) on {printable(info.node)}: "
           f"address {printable(info.address)}, mac {printable(info.mac)}, lifetime {_human(lifetime)}"
@@ -372,10 +403,9 @@ def cmd_shutdown(args) -> int:
 
 
 def cmd_lifetime(args) -> int:
-    vm = vmm_client(args)
-    ref = resolve(vm, args.instance)
-    if re.fullmatch(r"\s*\d+\s*[smhd]?\s*", args.when):
-        new, now = _call(vm.set_termination_time, ref, seconds=parse_seconds(args.when))
+    seconds = when = None
+    if re.fullmatch(r"\s*-?\d+\s*[smhd]?\s*", args.when):
+        seconds = parse_seconds(args.when, minimum=0)
     else:
         try:
             when = datetime.fromisoformat(args.when.replace("Z", "+00:00"))
@@ -383,6 +413,11 @@ def cmd_lifetime(args) -> int:
             raise CLIError(f"{args.when!r} is neither a duration nor an ISO 8601 time") from None
         if when.tzinfo is None:
             when = when.replace(tzinfo=timezone.utc)
+    vm = vmm_client(args)
+    ref = resolve(vm, args.instance)
+    if seconds is not None:
+        new, now = _call(vm.set_termination_time, ref, seconds=seconds)
+    else:
         new, now = _call(vm.set_termination_time, ref, when=when)
     print(f"{args.instance}: terminates at {new:%Y-%m-%d %H:%M:%S} UTC ({int((new - now).total_seconds())} s from now)")
     return 0

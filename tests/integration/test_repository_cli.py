@@ -266,6 +266,13 @@ def test_import_in_batches_as_json(grid, tmp_path, names_in_catalogue):
     assert names_in_catalogue("batch-") == [f"batch-{i}" for i in range(5)]
 
 
+def test_an_import_of_one_descriptor_says_descriptor(grid, tmp_path, names_in_catalogue):
+    _import_dir(grid, tmp_path, ["single-0"])
+    out = vmgrid(grid, "alice", "repo", "import", "descriptors/", cwd=tmp_path).stdout
+    assert out.startswith("imported 1 descriptor from descriptors in "), out
+    assert names_in_catalogue("single-") == ["single-0"]
+
+
 def test_import_reports_every_bad_file_and_imports_nothing(grid, tmp_path, names_in_catalogue):
     d = _import_dir(grid, tmp_path, ["bad-a", "bad-b", "bad-c"])
     (d / "bad-b.xml").write_text((d / "bad-b.xml").read_text().replace("<memory>512</memory>", "<memory>lots</memory>"))

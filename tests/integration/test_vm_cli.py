@@ -133,7 +133,17 @@ def test_a_url_with_no_vmmanager_is_one_line_saying_what_to_check(grid):
     (["vm", "deploy", "bio/none", "x"], "UnknownImage"),
     (["vm", "deploy", "bio/debian12-emboss", "x", "--lifetime", "soon"], "not a duration"),
     (["vm", "status", "inst-" + "0" * 32], "ResourceUnknown"),
-    (["vm", "deploy", "bio/debian12-emboss", "x", "--memory", "0"], "--memory is RAM in MiB, 1 to 4194304"),
+    (["vm", "deploy", "bio/debian12-emboss", "x", "--memory", "0"],
+     "--memory is RAM in MiB (or with a unit: 512M, 4G), 1 to 4194304 (4 TiB), not 0"),
+    (["vm", "deploy", "bio/debian12-emboss", "x", "--memory", "lots"], "1 to 4194304 (4 TiB), not lots"),
+    (["vm", "deploy", "bio/debian12-emboss", "x", "--memory", "1.3M"], "1 to 4194304 (4 TiB), not 1.3M"),
+    (["vm", "deploy", "bio/debian12-emboss", "x", "--lifetime", "-5m"],
+     "'-5m' is in the past: give a duration from now, e.g. 5m"),
+    (["vm", "deploy", "bio/debian12-emboss", "x", "--lifetime", "0"],
+     "a lifetime of '0' ends at once: give at least 1 s (e.g. 90m, 2h, 1d)"),
+    (["vm", "deploy", "bio/debian12-emboss", "x", "--lifetime", "400d"],
+     "a lifetime of '400d' is more than a node gives: at most 365d"),
+    (["vm", "lifetime", "nobody", "-5m"], "'-5m' is in the past: give a duration from now, e.g. 5m"),
     (["vm", "deploy", "bio/debian12-emboss", "x", "--memory", "99999999"], "not 99999999"),
     (["vm", "deploy", "bio/debian12-emboss", "x", "--vcpus", "0"], "--vcpus must be 1 to 256, not 0"),
 ])
@@ -143,6 +153,22 @@ def test_errors_are_one_clear_line(grid, args, message):
     assert "Traceback" not in r.stderr
     if args[:2] == ["vm", "deploy"]:                 # nothing deployed by a refused deploy
         assert "x" not in [i["identifier"] for i in json.loads(vmgrid(grid, "vm", "list", "--json").stdout)]
+
+
+def test_memory_takes_the_size_units_queries_take(grid):
+    """`--memory 4G` as `vmgrid repo query 'ram >= 4G'` takes it (services.descriptor.number_value): 4096 MiB."""
+    for given, mib in (("1G", 1024), ("768M", 768), ("1.5GiB", 1536), ("640", 640)):
+        info = json.loads(vmgrid(grid, "vm", "deploy", "bio/debian12-emboss", f"mem-{mib}", "--memory", given,
+                                 "--no-wait", "--json").stdout)
+        assert info["memory"] == mib, (given, info)
+        vmgrid(grid, "vm", "destroy", f"mem-{mib}")
+
+
+def test_version():
+    r = subprocess.run([sys.executable, "-m", "client.cli", "--version"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stderr == ""
+    from importlib.metadata import version
+    assert r.stdout == f"vmgrid {version('vmgrid')}\n"
 
 
 def test_an_instance_that_ended_is_named_with_its_state_and_the_command_that_shows_it(grid):
