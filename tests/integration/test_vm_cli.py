@@ -144,6 +144,8 @@ def test_a_url_with_no_vmmanager_is_one_line_saying_what_to_check(grid):
     (["vm", "deploy", "bio/debian12-emboss", "x", "--lifetime", "400d"],
      "a lifetime of '400d' is more than a node gives: at most 365d"),
     (["vm", "lifetime", "nobody", "-5m"], "'-5m' is in the past: give a duration from now, e.g. 5m"),
+    (["vm", "deploy", "bio/debian12-emboss", "x", "--lifetime", "30d"],
+     "LimitExceeded: lifetime 2592000 s (30 d) exceeds the limit of 86400 s (1 d)"),
     (["vm", "deploy", "bio/debian12-emboss", "x", "--memory", "99999999"], "not 99999999"),
     (["vm", "deploy", "bio/debian12-emboss", "x", "--vcpus", "0"], "--vcpus must be 1 to 256, not 0"),
 ])
