@@ -77,7 +77,7 @@ def register(subparsers) -> None:
     p = sub.add_parser("duplicate", help="a new descriptor sharing the image bytes, with changes")
     p.add_argument("image")
     p.add_argument("name", help="the new image name")
-    p.add_argument("--memory", type=int, help="RAM in MiB")
+    p.add_argument("--memory", help="RAM: MiB, or with a unit as queries take it (512M, 4G)")
     p.add_argument("--vcpus", type=int)
     p.add_argument("--container", dest="container_command", help="the grid container command")
     p.add_argument("--description")
@@ -162,6 +162,20 @@ def no_service_hint(url: str) -> str:
 
 def no_such_service(url: str) -> str:
     return f"no service answers at {url} (HTTP 404 for its WSDL): {no_service_hint(url)}"
+
+
+def parse_memory(text: str) -> int:
+    """--memory: MiB, or a size with a unit as a query takes it (512M, 4G, 4GiB; services.descriptor.number_value),
+    within the descriptor's bounds (workspace.xsd: 1 MiB to 4 TiB)."""
+    from services.descriptor import number_value
+
+    try:
+        mib = number_value("hardware.memory", text)
+    except ValueError:
+        mib = None
+    if mib is None or mib != int(mib) or not 1 <= mib <= 4194304:
+        raise CLIError(f"--memory is RAM in MiB (or with a unit: 512M, 4G), 1 to 4194304 (4 TiB), not {text}")
+    return int(mib)
 
 
 def call_timeout() -> float | None:
@@ -256,6 +270,8 @@ def _on_image(repo, func, ref: str, *args, **kwargs):
 
 
 def cmd_register(args) -> int:
+    if not args.on_host and not 1 <= args.parallel <= 64:      # as `vmgrid transfer -p` (a GridFTP server's bound)
+        raise CLIError("-p must be between 1 and 64")
     descriptor = _read_descriptor(args.descriptor)
     repo = connect(args)
     if args.on_host:
@@ -558,8 +574,9 @@ def cmd_show(args) -> int:
 
 
 def cmd_duplicate(args) -> int:
+    memory = parse_memory(args.memory) if args.memory is not None else None
     repo = connect(args)
-    ws = _call(_on_image, repo, repo.duplicate, args.image, args.name, memory=args.memory, vcpus=args.vcpus,
+    ws = _call(_on_image, repo, repo.duplicate, args.image, args.name, memory=memory, vcpus=args.vcpus,
                container_command=args.container_command, description=args.description, version=args.version)
     emit_descriptors([ws], args.format)
     return 0

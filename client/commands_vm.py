@@ -11,7 +11,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from client.cli import CLIError
-from client.commands_repo import DEFAULT_REPOSITORY, _call, _on_image, add_format, add_grid_options
+from client.commands_repo import (DEFAULT_REPOSITORY, _call, _on_image, add_format, add_grid_options,
+                                  parse_memory)
 from client.output import table
 from services.common.errors import printable
 
@@ -130,20 +131,6 @@ def parse_seconds(text: str, *, minimum: int = 1) -> int:
     if seconds < minimum:
         raise CLIError(f"a lifetime of {text.strip()!r} ends at once: give at least {minimum} s (e.g. 90m, 2h, 1d)")
     return seconds
-
-
-def parse_memory(text: str) -> int:
-    """--memory: MiB, or a size with a unit as a query takes it (512M, 4G, 4GiB; services.descriptor.number_value),
-    within the descriptor's bounds (workspace.xsd: 1 MiB to 4 TiB)."""
-    from services.descriptor import number_value
-
-    try:
-        mib = number_value("hardware.memory", text)
-    except ValueError:
-        mib = None
-    if mib is None or mib != int(mib) or not 1 <= mib <= 4194304:
-        raise CLIError(f"--memory is RAM in MiB (or with a unit: 512M, 4G), 1 to 4194304 (4 TiB), not {text}")
-    return int(mib)
 
 
 def _human(seconds: int) -> str:
