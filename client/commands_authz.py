@@ -411,9 +411,12 @@ def cmd_init(args) -> int:
         policy = parse_policy(text, str(args.file))
     except PolicyError as exc:
         raise CLIError(f"invalid policy: {exc.reason}") from None
-    args.file.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(args.file, text)
-    print(f"{args.file}: the default policy ({len(policy.rules)} rules), policy admins: {', '.join(args.admin)}")
+    try:
+        args.file.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(args.file, text)
+    except OSError as exc:
+        raise CLIError(f"cannot write {args.file}: {exc.strerror}") from None
+    print(f"{args.file}: the default policy ({_n(len(policy.rules), 'rule')}), policy admins: {', '.join(args.admin)}")
     return 0
 
 
