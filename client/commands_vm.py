@@ -343,6 +343,9 @@ def cmd_migrate(args) -> int:
 
     vm = vmm_client(args)
     ref = resolve(vm, args.instance)
+    # the target named well before the node is asked (its container's URL completed, another service refused)
+    target = vmm_client(args, args.to)
+    args.to = target.service.url
     result: dict = {}
 
     def run() -> None:
@@ -353,11 +356,10 @@ def cmd_migrate(args) -> int:
     worker = threading.Thread(target=run, daemon=True)
     worker.start()
     if sys.stderr.isatty():
-        bar, target = ProgressBar(sys.stderr, "transfer"), None
+        bar = ProgressBar(sys.stderr, "transfer")
         while worker.is_alive():
             worker.join(0.5)
             try:
-                target = target or vmm_client(args, args.to)
                 done, total, _ = target.status(InstanceRef(args.to, ref.key)).staged
                 if total:
                     bar(done, total)
@@ -383,6 +385,8 @@ def cmd_migrate(args) -> int:
 
 
 def cmd_shutdown(args) -> int:
+    if args.timeout is not None and args.timeout < 0:
+        raise CLIError(f"--timeout is the seconds the guest gets before it is forced off, 0 or more, not {args.timeout}")
     vm = vmm_client(args)
     state = _call(vm.shutdown, resolve(vm, args.instance), "Trash" if args.trash else "Normal", args.timeout)
     print(f"{args.instance}: {printable(state)}")
@@ -418,6 +422,9 @@ def cmd_watch(args) -> int:
     from security.client import host_authorizer
     from services.faults import InstanceMoved
 
+    host, port = _listen_address(args.listen)
+    if args.timeout < 0:
+        raise CLIError(f"--timeout is seconds, 0 (until the instance ends) or more, not {args.timeout:g}")
     vm = vmm_client(args)
     ref = resolve(vm, args.instance)
     # A change counts only when the node that holds the instance signed it, as its answers must be: the consumer
@@ -444,8 +451,10 @@ def cmd_watch(args) -> int:
             return None
         return None
 
-    host, _, port = args.listen.rpartition(":")
-    consumer = NotificationConsumer(default_trust(args.cert_dir), host or "127.0.0.1", int(port or 0)).start()
+    try:
+        consumer = NotificationConsumer(default_trust(args.cert_dir), host, port).start()
+    except OSError as exc:
+        raise CLIError(f"cannot listen at {args.listen} (--listen): {exc.strerror or exc}") from None
     try:
         _call(vm.subscribe, ref, consumer.url)
         state = _call(vm.status, ref).state
@@ -482,6 +491,18 @@ def cmd_watch(args) -> int:
     return 0
 
 
+def _listen_address(text: str) -> tuple[str, int]:
+    """--listen HOST:PORT (HOST may be left out: 127.0.0.1; PORT 0: a free one)."""
+    host, _, port = text.rpartition(":")
+    try:
+        number = int(port or 0)
+    except ValueError:
+        number = -1
+    if not 0 <= number <= 65535:
+        raise CLIError(f"--listen is HOST:PORT (e.g. 127.0.0.1:0, where 0 picks a free port), not {text!r}")
+    return host or "127.0.0.1", number
+
+
 def cmd_report(args) -> int:
     from client.report import Deployment, draw, print_report
 
@@ -493,11 +514,14 @@ def cmd_report(args) -> int:
                 deployments.append(Deployment(f"{i.identifier}@{i.node}", tuple(i.phases)))
     if not deployments:
         raise CLIError("no deployments with phase timings on " + ", ".join(args.nodes))
+    try:                                # the figure first: a file that cannot be written is said before any output
+        path = draw(deployments, args.out)
+    except OSError as exc:
+        raise CLIError(f"cannot write the figure to {args.out}: {exc.strerror}") from None
     if args.json:
         json.dump([{"deployment": d.label, "phases": dict(d.phases)} for d in deployments], sys.stdout, indent=2)
         print()
     else:
         print_report(deployments, sys.stdout)
-    path = draw(deployments, args.out)
     print(f"figure written to {path}", file=sys.stderr)
     return 0

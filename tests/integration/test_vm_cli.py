@@ -157,6 +157,34 @@ def test_errors_are_one_clear_line(grid, args, message):
         assert "x" not in [i["identifier"] for i in json.loads(vmgrid(grid, "vm", "list", "--json").stdout)]
 
 
+def test_options_of_an_instance_command_that_cannot_be_used_are_one_line_and_change_nothing(grid, tmp_path):
+    vmgrid(grid, "vm", "deploy", "bio/debian12-emboss", "opts-1", "--no-wait")
+    repo = grid.env_extra["VMGRID_REPOSITORY"]
+    node = grid.env_extra["VMGRID_NODE"].split("://", 1)[1].split("/", 1)[0]        # localhost:PORT
+    for args, message in (
+            (["vm", "shutdown", "opts-1", "--timeout", "-1"],
+             "--timeout is the seconds the guest gets before it is forced off, 0 or more, not -1"),
+            (["vm", "watch", "opts-1", "--listen", "bad"],
+             "--listen is HOST:PORT (e.g. 127.0.0.1:0, where 0 picks a free port), not 'bad'"),
+            (["vm", "watch", "opts-1", "--listen", "127.0.0.1:99999"],
+             "--listen is HOST:PORT (e.g. 127.0.0.1:0, where 0 picks a free port), not '127.0.0.1:99999'"),
+            (["vm", "watch", "opts-1", "--timeout", "-3"],
+             "--timeout is seconds, 0 (until the instance ends) or more, not -3"),
+            (["vm", "migrate", "opts-1", "--to", node],
+             f"'{node}' is not a VMManagerService URL: give https://HOST:PORT/wsrf/services/VMManagerService "
+             f"(or https://HOST:PORT); did you mean https://{node}?"),
+            (["vm", "migrate", "opts-1", "--to", repo],
+             f"{repo} is the VMRepositoryService, not the VMManagerService: give the VMManagerService's URL "
+             f"(https://HOST:PORT/wsrf/services/VMManagerService)"),
+            (["report", "--out", "/proc/phases.png"], "cannot write the figure to /proc/phases.png: No such file "
+                                                       "or directory")):
+        r = vmgrid(grid, *args, check=False)
+        assert r.returncode == 1 and r.stdout == "" and r.stderr == f"vmgrid: {message}\n", (args, r.stderr)
+    status = json.loads(vmgrid(grid, "vm", "status", "opts-1", "--json").stdout)
+    assert status["state"] == "Running" and status["node"] == "node1"
+    vmgrid(grid, "vm", "destroy", "opts-1")
+
+
 def test_memory_takes_the_size_units_queries_take(grid):
     """`--memory 4G` as `vmgrid repo query 'ram >= 4G'` takes it (services.descriptor.number_value): 4096 MiB."""
     for given, mib in (("1G", 1024), ("768M", 768), ("1.5GiB", 1536), ("640", 640)):
