@@ -556,6 +556,8 @@ def _undo(repo, done: list[tuple[Path, str]]) -> str:
 
 
 def cmd_query(args) -> int:
+    if args.limit is not None and not 1 <= args.limit <= 1000 or args.offset < 0:
+        raise CLIError("--limit is 1 to 1000 descriptors (default 20), --offset 0 or more")
     repo = connect(args)
     result = _call(repo.query, args.criteria, xpath=args.xpath, order_by=args.order_by,
                    descending=args.desc, offset=args.offset, limit=args.limit)

@@ -285,6 +285,13 @@ def test_duplicate_memory_takes_units_and_a_register_of_no_streams_is_refused_be
     vmgrid(grid, "admin", "repo", "remove", "bio/units")
 
 
+@pytest.mark.parametrize("args", [["--limit", "0"], ["--limit", "1001"], ["--offset", "-1"]])
+def test_a_query_page_out_of_bounds_is_one_line_not_the_default_page(grid, args):
+    bad = vmgrid(grid, "alice", "repo", "query", "ram >= 1", *args, check=False)
+    assert bad.returncode == 1 and bad.stdout == ""
+    assert bad.stderr == "vmgrid: --limit is 1 to 1000 descriptors (default 20), --offset 0 or more\n"
+
+
 def test_an_import_of_one_descriptor_says_descriptor(grid, tmp_path, names_in_catalogue):
     _import_dir(grid, tmp_path, ["single-0"])
     out = vmgrid(grid, "alice", "repo", "import", "descriptors/", cwd=tmp_path).stdout
