@@ -47,6 +47,31 @@ def make_image(path: Path, fmt: str, size: str) -> None:
             f.truncate(8 * 1024 * 1024)
 
 
+# what a demo writes in its --workdir (the marker, and what demos wrote before there was one)
+DEMO_MARKER = ".vmgrid-demo"
+_DEMO_NAMES = {DEMO_MARKER, "images", "grid", "inputs", "results", "phases.png", "report.md", "report.json"}
+_DEMO_PATTERNS = ("tmap-*.png", "node*.log")
+
+
+def prepare_workdir(path: Path) -> Path:
+    """--workdir, emptied: an earlier demo's output is replaced, but a directory holding anything a demo does not
+    write (--workdir ~, a checkout, a file) is refused, untouched."""
+    work = path.resolve()
+    if work.exists() or work.is_symlink():
+        if not work.is_dir():
+            raise CLIError(f"--workdir {path} is not a directory: name a new directory for the demo's output")
+        strangers = [p.name for p in work.iterdir()
+                     if p.name not in _DEMO_NAMES and not any(p.match(pattern) for pattern in _DEMO_PATTERNS)]
+        if strangers and not (work / DEMO_MARKER).is_file():
+            shown = ", ".join(sorted(strangers)[:3]) + (", ..." if len(strangers) > 3 else "")
+            raise CLIError(f"--workdir {path} holds files no demo wrote ({shown}): the demo replaces its "
+                           f"directory, so name a new one (or an earlier demo's)")
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    (work / DEMO_MARKER).write_text("vmgrid demo output: `vmgrid demo` replaces this directory\n")
+    return work
+
+
 def run(args) -> int:
     if args.real:
         from client import demo_real
@@ -64,9 +89,7 @@ def run(args) -> int:
 
     if shutil.which("qemu-img") is None:
         raise CLIError("qemu-img is missing (Debian package qemu-utils; ./run.sh setup installs it)")
-    work = args.workdir.resolve()
-    if work.exists():
-        shutil.rmtree(work)
+    work = prepare_workdir(args.workdir)
     images = work / "images"
     images.mkdir(parents=True)
     started = time.monotonic()

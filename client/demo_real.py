@@ -76,10 +76,9 @@ def run(args) -> int:
     from guestd.image.recipe import load_recipe
     from guestd.image.runtime import RuntimeCopyError
 
-    work = args.workdir.resolve()
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
+    from client.demo import prepare_workdir
+
+    work = prepare_workdir(args.workdir)
     say("the EMBOSS image: built from its recipe (guestd/image/recipes/emboss.toml) or taken from the cache")
     t = time.monotonic()
     recipe = load_recipe("emboss")

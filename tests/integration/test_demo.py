@@ -40,3 +40,25 @@ def test_the_main_job_walks_the_poster_flows():
         assert f"\n{phase} " in out
     png = (work / "phases.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_a_workdir_holding_other_files_is_refused_untouched(tmp_path):
+    """The demo replaces its --workdir: a directory holding files no demo wrote (--workdir ~, a checkout) is
+    refused in one line and left as it was (it used to be removed whole), as is a file; an earlier demo's output
+    is replaced (that is the test above, with the checkout's demo-out/)."""
+    import sys
+
+    mine = tmp_path / "mine"
+    (mine / "images").mkdir(parents=True)            # a name a demo writes too: still not a demo's directory
+    (mine / "thesis.tex").write_text("years of work")
+    afile = tmp_path / "afile"
+    afile.write_text("kept")
+    for where, message in ((mine, f"--workdir {mine} holds files no demo wrote (thesis.tex): the demo replaces its "
+                                  f"directory, so name a new one (or an earlier demo's)"),
+                           (afile, f"--workdir {afile} is not a directory: name a new directory for the demo's "
+                                   f"output")):
+        r = subprocess.run([sys.executable, "-m", "client.cli", "demo", "--workdir", str(where)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1 and r.stdout == "" and r.stderr == f"vmgrid: {message}\n", r.stderr
+    assert (mine / "thesis.tex").read_text() == "years of work" and (mine / "images").is_dir()
+    assert afile.read_text() == "kept"
