@@ -136,7 +136,7 @@ def grid_client(args, service: str | None = None):
         return GridServiceClient(args.url, credential, trust, timeout=call_timeout(), service=service)
     except ClientError as exc:
         if "HTTP 404" in str(exc):
-            raise CLIError(no_such_service(args.url)) from None
+            raise CLIError(no_such_service(args.url, service)) from None
         raise CLIError(str(exc)) from None
 
 
@@ -148,10 +148,10 @@ _DEFAULT_URLS = ("https://localhost:8443/wsrf/services/VMManagerService", DEFAUL
                  "https://localhost:8443/wsrf/services/AuthorizationService")
 
 
-def no_service_hint(url: str) -> str:
-    """What to do when ``url`` names no service there: which variable or option names it, and whether the
-    default was used because neither was given."""
-    service = url.split("?")[0].rstrip("/").rpartition("/")[2]
+def no_service_hint(url: str, service: str | None = None) -> str:
+    """What to do when ``url`` names no service there: which variable or option names it (``service``, the one the
+    command expects, else the URL's last word), and whether the default was used because neither was given."""
+    service = service or url.split("?")[0].rstrip("/").rpartition("/")[2]
     env, option = _SERVICE_URL_FROM.get(service, (None, "the service's URL"))
     if env is None:
         return f"check {option}"
@@ -160,8 +160,8 @@ def no_service_hint(url: str) -> str:
     return f"check the {service}'s URL (${env}, {option})"
 
 
-def no_such_service(url: str) -> str:
-    return f"no service answers at {url} (HTTP 404 for its WSDL): {no_service_hint(url)}"
+def no_such_service(url: str, service: str | None = None) -> str:
+    return f"no service answers at {url} (HTTP 404 for its WSDL): {no_service_hint(url, service)}"
 
 
 def parse_memory(text: str) -> int:

@@ -139,14 +139,30 @@ def service_url(text: str, service: str) -> str:
     (https://HOST:PORT/wsrf/services/<service>), or the container's (https://HOST:PORT, with or without a path of
     / or /wsrf/services), completed with the service's path. Anything else that is not an http(s) URL with a host
     is a ClientError saying what to give."""
-    parts = urlsplit(text.strip())
-    if parts.scheme.lower() not in ("https", "http") or not parts.hostname:
-        guess = f"; did you mean https://{text.strip()}?" if "://" not in text and text.strip() else ""
+    text = text.strip()
+    parts = urlsplit(text)
+    if not _is_service_url(text):
+        guess = f"; did you mean https://{text}?" if "://" not in text and text and _is_service_url(f"https://{text}") \
+            else ""
         raise ClientError(f"{text!r} is not a {service} URL: give https://HOST:PORT{SERVICES_PATH}{service} "
                           f"(or https://HOST:PORT){guess}")
     if parts.path.rstrip("/") in ("", SERVICES_PATH.rstrip("/")) and not parts.query:
         return f"{parts.scheme}://{parts.netloc}{SERVICES_PATH}{service}"
-    return text.strip()
+    if parts.path.endswith("/") and not parts.query:        # …/VMManagerService/: the service is at …/VMManagerService
+        return text.rstrip("/")
+    return text
+
+
+def _is_service_url(text: str) -> bool:
+    """An http(s) URL with a host and a valid port, without spaces or control characters."""
+    if any(c.isspace() or not c.isprintable() for c in text):
+        return False
+    parts = urlsplit(text)
+    try:
+        parts.port                      # a port out of range or not a number raises
+    except ValueError:
+        return False
+    return parts.scheme.lower() in ("https", "http") and bool(parts.hostname)
 
 
 class GridServiceClient:
@@ -156,8 +172,7 @@ class GridServiceClient:
     def __init__(self, url: str, credential: Credential, trust: TrustStore, *,
                  expected_host_dn: str | None = None, timeout: float | None = None, service: str | None = None,
                  _wsdl=None):
-        parts = urlsplit(url)
-        if parts.scheme.lower() not in ("https", "http") or not parts.hostname:
+        if not _is_service_url(url):
             raise ClientError(f"{url!r} is not a grid service URL: give https://HOST:PORT{SERVICES_PATH}NAME")
         self.url = url.split("?")[0]
         self.credential = credential

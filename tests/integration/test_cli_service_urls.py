@@ -52,6 +52,7 @@ def test_a_containers_url_alone_names_its_service(grid):
     ok(vmgrid(grid, "vm", "list", "--url", grid.node))
     ok(vmgrid(grid, "vm", "list", "--url", grid.node + "/"))
     ok(vmgrid(grid, "vm", "list", env={"VMGRID_NODE": grid.node}))
+    ok(vmgrid(grid, "vm", "list", "--url", f"{grid.node}/wsrf/services/VMManagerService/"))
     assert "Permit" in ok(vmgrid(grid, "authz", "check", "me", "image.query", "vo=bio", "--url", grid.central))
     out = ok(vmgrid(grid, "vm", "deploy", "bio/debian12-emboss", "by-base", "--url", grid.node + "/",
                     "--repository", grid.central, "--no-wait"))
@@ -89,6 +90,13 @@ def test_a_url_without_a_scheme_or_that_serves_no_wsdl_says_what_to_give(grid):
     one_line(vmgrid(grid, "vm", "list", "--url", bare),
              f"'{bare}' is not a VMManagerService URL: give https://HOST:PORT/wsrf/services/VMManagerService "
              f"(or https://HOST:PORT); did you mean https://{bare}?")
+    for bad in ("https://local host:8443", "https://localhost:99999"):       # a space, a port out of range
+        one_line(vmgrid(grid, "vm", "list", "--url", bad),
+                 f"'{bad}' is not a VMManagerService URL: give https://HOST:PORT/wsrf/services/VMManagerService "
+                 f"(or https://HOST:PORT)")
+    one_line(vmgrid(grid, "vm", "list", "--url", f"{grid.node}/nothing"),
+             f"no service answers at {grid.node}/nothing (HTTP 404 for its WSDL): check the VMManagerService's URL "
+             f"($VMGRID_NODE, --url (--node for job commands))")
     one_line(vmgrid(grid, "repo", "vos", "--url", "ftp://localhost/x"),
              "'ftp://localhost/x' is not a VMRepositoryService URL: give "
              "https://HOST:PORT/wsrf/services/VMRepositoryService (or https://HOST:PORT)")
