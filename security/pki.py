@@ -736,11 +736,11 @@ class GridCA:
         if (directory / "ca.pem").exists():
             raise CAError(f"a CA already exists in {directory}")
         _check_days(days, "the CA's validity")
-        directory.mkdir(parents=True, exist_ok=True)
-        name = parse_dn(dn)
+        name = parse_dn(dn)                       # a name refused leaves no directory behind
         for attr in name:
             if any(c in "=\\" or not c.isprintable() for c in str(attr.value)):
                 raise CAError(f"CA name {dn!r}: a value may not contain '=', '\\\\' or control characters")
+        directory.mkdir(parents=True, exist_ok=True)
         key = key or new_key(KEY_BITS)
         now = _now()
         cert = (x509.CertificateBuilder()
@@ -769,11 +769,17 @@ class GridCA:
     def load(cls, directory: Path | str) -> "GridCA":
         directory = Path(directory)
         try:
-            cert = x509.load_pem_x509_certificate((directory / "ca.pem").read_bytes())
+            cert_data = (directory / "ca.pem").read_bytes()
             key_data = (directory / "ca.key").read_bytes()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             raise CAError(f"no grid CA in {directory} (run `vmgrid ca init --dir {directory}`)") from None
-        key = serialization.load_pem_private_key(key_data, password=None)
+        except OSError as exc:
+            raise CAError(f"cannot read the grid CA in {directory}: {exc.strerror}") from None
+        try:
+            cert = x509.load_pem_x509_certificate(cert_data)
+            key = serialization.load_pem_private_key(key_data, password=None)
+        except (ValueError, TypeError) as exc:
+            raise CAError(f"the grid CA in {directory} is damaged (ca.pem or ca.key: {exc})") from None
         ca = cls(directory, cert, key)
         ca._load_records()
         return ca

@@ -259,3 +259,15 @@ def test_a_certificate_named_as_the_proxy_is_called_what_it_is_not_a_key_to_chmo
     assert proc.returncode == 1 and proc.stderr == (
         f"vmgrid: proxy file {cert} holds no private key (a certificate alone is not a proxy: make one with "
         f"`vmgrid proxy-init`)\n"), proc.stderr
+
+
+def test_a_ca_named_badly_leaves_no_directory_and_a_file_named_as_the_ca_is_one_line(tmp_path):
+    env = {"HOME": str(tmp_path), "VMGRID_CA_DIR": ""}
+    for dn in ("bad", "/O=Grid/X=y"):
+        proc = vmgrid("ca", "init", "--dir", str(tmp_path / "ca"), "--dn", dn, env=env, check=False)
+        assert proc.returncode == 1 and proc.stderr.startswith("vmgrid: ") and proc.stderr.count("\n") == 1
+        assert not (tmp_path / "ca").exists()
+    (tmp_path / "afile").write_text("x")
+    proc = vmgrid("ca", "list", "--dir", str(tmp_path / "afile"), env=env, check=False)
+    assert proc.returncode == 1 and proc.stderr == (f"vmgrid: no grid CA in {tmp_path / 'afile'} (run `vmgrid ca init "
+                                                    f"--dir {tmp_path / 'afile'}`)\n")
