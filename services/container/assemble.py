@@ -70,6 +70,10 @@ def check_service_config(name: str, config: Config) -> None:
                          "set [enforcement] authz_url")
     if name == "jobs" and not config.jobs.owner:
         raise ValueError("the job service needs the instance owner's DN: set [jobs] owner")
+    section = {"repository": config.repository, "jobs": config.jobs}.get(name)
+    if section is not None and not -1 <= section.gridftp_port <= 65535:
+        raise ValueError(f"[{name}] gridftp_port = {section.gridftp_port}: a port is 0 to 65535 (0 picks a free one; "
+                         f"-1: no GridFTP face)")
 
 
 def build_service(name: str, config: Config) -> SoapService:

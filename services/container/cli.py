@@ -141,6 +141,9 @@ def run(args) -> int:
     try:
         container.start()
     except OSError as exc:
+        if container.listening:        # its own port was bound: a service's listener (a GridFTP face) failed
+            raise CLIError(f"{where}cannot start {', '.join(s.name for s in services)}: {exc.strerror or exc} "
+                           f"(its GridFTP face: [repository] or [jobs] gridftp_host, gridftp_port)") from None
         raise CLIError(f"cannot listen on {config.container.host}:{args.port or config.container.port}: "
                        f"{exc.strerror} (another container on that port? [container] port or --port)") from None
     print(f"vmgrid: serving {', '.join(s.name for s in services)} at {container.base_url}", flush=True)

@@ -77,3 +77,17 @@ def test_what_a_service_needs_is_named_before_the_host_credential_or_any_state(g
     assert r.returncode == 1 and r.stderr == ("vmgrid: n3.toml: the VMManager authorizes every operation through the "
                                               "Authorization service: set [enforcement] authz_url\n")
     assert not (tmp_path / "state").exists()
+
+
+def test_a_gridftp_face_that_cannot_listen_is_named_not_taken_for_the_containers_port(grid_pki, tmp_path):
+    r = serve(tmp_path, node_toml(grid_pki, tmp_path / "state", {("repository", "gridftp_port"): "99999"}),
+              service="repository")
+    assert r.returncode == 1 and r.stderr == ("vmgrid: n3.toml: [repository] gridftp_port = 99999: a port is 0 to 65535 "
+                                              "(0 picks a free one; -1: no GridFTP face)\n")
+    assert not (tmp_path / "state").exists()
+    r = serve(tmp_path, node_toml(grid_pki, tmp_path / "state", {("repository", "gridftp_port"): "0",
+                                                                  ("repository", "gridftp_host"): '"192.0.2.1"'}),
+              service="repository")             # TEST-NET-1: an address no interface here has
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.endswith("vmgrid: n3.toml: cannot start VMRepositoryService: Cannot assign requested address "
+                             "(its GridFTP face: [repository] or [jobs] gridftp_host, gridftp_port)\n"), r.stderr
