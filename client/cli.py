@@ -34,10 +34,39 @@ EXIT_AT_ONCE = {"transfer"}
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The whole parser, or for a command in :data:`ALONE` only its family's."""
     parser = argparse.ArgumentParser(prog="vmgrid", description="Virtual machines on grid resources.")
+    parser.add_argument("--version", action=_Version, help="show vmgrid's version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in [ALONE[command]] if command in ALONE else COMMAND_MODULES:
         importlib.import_module(name).register(sub)
     return parser
+
+
+class _Version(argparse.Action):
+    """`vmgrid --version`: the installed distribution's version (its metadata read only when asked), else the
+    checkout's pyproject.toml."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"vmgrid {version()}")
+        parser.exit()
+
+
+def version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("vmgrid")
+    except metadata.PackageNotFoundError:
+        import tomllib
+
+        pyproject = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pyproject.toml")
+        try:
+            with open(pyproject, "rb") as f:
+                return tomllib.load(f)["project"]["version"]
+        except (OSError, KeyError, tomllib.TOMLDecodeError):
+            return "(unknown version)"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -166,7 +166,7 @@ def connect(args):
     from client.commands_repo import grid_client
     from services.authz.client import AuthorizationClient
 
-    return AuthorizationClient(grid_client(args))
+    return AuthorizationClient(grid_client(args, "AuthorizationService"))
 
 
 def _call(func, *args, **kwargs):
@@ -187,8 +187,24 @@ def _call(func, *args, **kwargs):
 
 
 def _me(args, dn: str) -> str:
-    if dn not in ("me", "-"):
+    """A subject DN as given (/O=.../CN=...), or for `me` (or -) the caller's own identity. A short name (alice) is
+    refused here, with the DN it would be under the caller's own OU: the service would take it for a DN, and
+    refuse a question about another subject from anyone but an enforcement point, naming neither."""
+    if dn.startswith("/") and "=" in dn:
         return dn
+    if dn not in ("me", "-"):
+        guess = ""
+        if dn and "/" not in dn and "=" not in dn:
+            try:
+                base = _own_identity(args).rpartition("/CN=")[0]
+            except CLIError:
+                base = ""
+            guess = f" (in your OU: {base}/CN={dn})" if base else ""
+        raise CLIError(f"{dn!r} is not a DN: give a full DN, /O=.../CN=NAME{guess}, or `me` for your own")
+    return _own_identity(args)
+
+
+def _own_identity(args) -> str:
     from security.pki import PKIError, load_credential
 
     try:
@@ -198,8 +214,12 @@ def _me(args, dn: str) -> str:
     return cred.identity
 
 
+def _n(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
 def _status_line(status) -> str:
-    line = printable(f"policy {status.version} ({status.file}): {status.rules} rules, {status.groups} groups")
+    line = printable(f"policy {status.version} ({status.file}): {_n(status.rules, 'rule')}, {_n(status.groups, 'group')}")
     if status.error is not None:
         line += "\nwarning: " + printable(f"the file changed into a policy that was refused at {status.error_at}: "
                                          f"{status.error}")
@@ -391,9 +411,12 @@ def cmd_init(args) -> int:
         policy = parse_policy(text, str(args.file))
     except PolicyError as exc:
         raise CLIError(f"invalid policy: {exc.reason}") from None
-    args.file.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(args.file, text)
-    print(f"{args.file}: the default policy ({len(policy.rules)} rules), policy admins: {', '.join(args.admin)}")
+    try:
+        args.file.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(args.file, text)
+    except OSError as exc:
+        raise CLIError(f"cannot write {args.file}: {exc.strerror}") from None
+    print(f"{args.file}: the default policy ({_n(len(policy.rules), 'rule')}), policy admins: {', '.join(args.admin)}")
     return 0
 
 
@@ -405,6 +428,7 @@ def cmd_validate(args) -> int:
     except PolicyError as exc:
         raise CLIError(f"invalid policy: {exc}") from None
     imported = sum(len(g.imported) for g in policy.groups.values())
-    print(f"{args.file}: valid, version {policy.version}: {len(policy.rules)} rules, {len(policy.groups)} groups"
+    print(f"{args.file}: valid, version {policy.version}: {_n(len(policy.rules), 'rule')}, "
+          f"{_n(len(policy.groups), 'group')}"
           + (f" ({imported} members from grid-mapfiles)" if imported else ""))
     return 0

@@ -77,7 +77,7 @@ def register(subparsers) -> None:
     p = sub.add_parser("duplicate", help="a new descriptor sharing the image bytes, with changes")
     p.add_argument("image")
     p.add_argument("name", help="the new image name")
-    p.add_argument("--memory", type=int, help="RAM in MiB")
+    p.add_argument("--memory", help="RAM: MiB, or with a unit as queries take it (512M, 4G)")
     p.add_argument("--vcpus", type=int)
     p.add_argument("--container", dest="container_command", help="the grid container command")
     p.add_argument("--description")
@@ -107,14 +107,22 @@ def connect(args):
     """A RepositoryClient for the command's --url as the user's credential."""
     from client.repository import RepositoryClient
 
-    return RepositoryClient(grid_client(args))
+    return RepositoryClient(grid_client(args, "VMRepositoryService"))
 
 
-def grid_client(args):
+def grid_client(args, service: str | None = None):
     """A signed SOAP client for the command's --url; the credential and trust store are read once per
-    command (`vmgrid repo import` opens two connections)."""
-    from client.soap import ClientError, GridServiceClient
+    command (`vmgrid repo import` opens two connections). ``service``: the service expected there (VMManagerService,
+    ...): a URL of its container alone (https://HOST:PORT) is completed with its path, and another service's URL is
+    refused, naming which service it is."""
+    from client.soap import ClientError, GridServiceClient, service_url
     from security.pki import PKIError, load_credential
+
+    if service is not None:
+        try:
+            args.url = service_url(args.url, service)
+        except ClientError as exc:
+            raise CLIError(str(exc)) from None
 
     loaded = getattr(args, "_credential_and_trust", None)
     try:
@@ -125,10 +133,10 @@ def grid_client(args):
     except (PKIError, OSError) as exc:
         raise CLIError(str(exc)) from None
     try:
-        return GridServiceClient(args.url, credential, trust, timeout=call_timeout())
+        return GridServiceClient(args.url, credential, trust, timeout=call_timeout(), service=service)
     except ClientError as exc:
         if "HTTP 404" in str(exc):
-            raise CLIError(no_such_service(args.url)) from None
+            raise CLIError(no_such_service(args.url, service)) from None
         raise CLIError(str(exc)) from None
 
 
@@ -140,10 +148,10 @@ _DEFAULT_URLS = ("https://localhost:8443/wsrf/services/VMManagerService", DEFAUL
                  "https://localhost:8443/wsrf/services/AuthorizationService")
 
 
-def no_service_hint(url: str) -> str:
-    """What to do when ``url`` names no service there: which variable or option names it, and whether the
-    default was used because neither was given."""
-    service = url.split("?")[0].rstrip("/").rpartition("/")[2]
+def no_service_hint(url: str, service: str | None = None) -> str:
+    """What to do when ``url`` names no service there: which variable or option names it (``service``, the one the
+    command expects, else the URL's last word), and whether the default was used because neither was given."""
+    service = service or url.split("?")[0].rstrip("/").rpartition("/")[2]
     env, option = _SERVICE_URL_FROM.get(service, (None, "the service's URL"))
     if env is None:
         return f"check {option}"
@@ -152,8 +160,22 @@ def no_service_hint(url: str) -> str:
     return f"check the {service}'s URL (${env}, {option})"
 
 
-def no_such_service(url: str) -> str:
-    return f"no service answers at {url} (HTTP 404 for its WSDL): {no_service_hint(url)}"
+def no_such_service(url: str, service: str | None = None) -> str:
+    return f"no service answers at {url} (HTTP 404 for its WSDL): {no_service_hint(url, service)}"
+
+
+def parse_memory(text: str) -> int:
+    """--memory: MiB, or a size with a unit as a query takes it (512M, 4G, 4GiB; services.descriptor.number_value),
+    within the descriptor's bounds (workspace.xsd: 1 MiB to 4 TiB)."""
+    from services.descriptor import number_value
+
+    try:
+        mib = number_value("hardware.memory", text)
+    except ValueError:
+        mib = None
+    if mib is None or mib != int(mib) or not 1 <= mib <= 4194304:
+        raise CLIError(f"--memory is RAM in MiB (or with a unit: 512M, 4G), 1 to 4194304 (4 TiB), not {text}")
+    return int(mib)
 
 
 def call_timeout() -> float | None:
@@ -248,6 +270,8 @@ def _on_image(repo, func, ref: str, *args, **kwargs):
 
 
 def cmd_register(args) -> int:
+    if not args.on_host and not 1 <= args.parallel <= 64:      # as `vmgrid transfer -p` (a GridFTP server's bound)
+        raise CLIError("-p must be between 1 and 64")
     descriptor = _read_descriptor(args.descriptor)
     repo = connect(args)
     if args.on_host:
@@ -500,7 +524,7 @@ def cmd_import(args) -> int:
         json.dump([{"file": str(p), "imageId": i} for p, i in done], sys.stdout, indent=2)
         print()
     else:
-        print(f"imported {len(done)} descriptors from {args.directory} in {seconds:.1f} s "
+        print(f"imported {len(done)} descriptor{'' if len(done) == 1 else 's'} from {args.directory} in {seconds:.1f} s "
               f"({len(done) / max(seconds, 1e-9):.0f}/s)")
     return 0
 
@@ -527,10 +551,13 @@ def _undo(repo, done: list[tuple[Path, str]]) -> str:
             left.append(f"{path} ({image_id})")
     if left:
         return f" except {len(left)} descriptor(s) of its other batches that could not be removed: {', '.join(left)}"
-    return f" (the {len(done)} descriptors of its other batches were removed again)" if done else ""
+    return (f" (the {len(done)} descriptor{'' if len(done) == 1 else 's'} of its other batches "
+            f"{'was' if len(done) == 1 else 'were'} removed again)" if done else "")
 
 
 def cmd_query(args) -> int:
+    if args.limit is not None and not 1 <= args.limit <= 1000 or args.offset < 0:
+        raise CLIError("--limit is 1 to 1000 descriptors (default 20), --offset 0 or more")
     repo = connect(args)
     result = _call(repo.query, args.criteria, xpath=args.xpath, order_by=args.order_by,
                    descending=args.desc, offset=args.offset, limit=args.limit)
@@ -549,8 +576,9 @@ def cmd_show(args) -> int:
 
 
 def cmd_duplicate(args) -> int:
+    memory = parse_memory(args.memory) if args.memory is not None else None
     repo = connect(args)
-    ws = _call(_on_image, repo, repo.duplicate, args.image, args.name, memory=args.memory, vcpus=args.vcpus,
+    ws = _call(_on_image, repo, repo.duplicate, args.image, args.name, memory=memory, vcpus=args.vcpus,
                container_command=args.container_command, description=args.description, version=args.version)
     emit_descriptors([ws], args.format)
     return 0

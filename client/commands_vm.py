@@ -11,7 +11,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from client.cli import CLIError
-from client.commands_repo import DEFAULT_REPOSITORY, _call, _on_image, add_format, add_grid_options
+from client.commands_repo import (DEFAULT_REPOSITORY, _call, _on_image, add_format, add_grid_options,
+                                  parse_memory)
 from client.output import table
 from services.common.errors import printable
 
@@ -29,13 +30,15 @@ def register(subparsers) -> None:
     p.add_argument("identifier", help="your name for the instance")
     p.add_argument("--lifetime", default="1h", help="how long it may live: seconds or e.g. 90m, 2h, 1d (default 1h)")
     p.add_argument("--paused", action="store_true", help="leave it paused once deployed")
-    p.add_argument("--memory", type=int, help="RAM in MiB instead of the descriptor's")
+    p.add_argument("--memory", help="RAM instead of the descriptor's: MiB, or with a unit as queries take it "
+                                    "(512M, 4G)")
     p.add_argument("--vcpus", type=int, help="vCPUs instead of the descriptor's")
     p.add_argument("--repository", default=os.environ.get("VMGRID_REPOSITORY", DEFAULT_REPOSITORY),
                    help="the VMRepository URL (default $VMGRID_REPOSITORY)")
     p.add_argument("--no-wait", action="store_true", help="return once registered; do not follow the deployment")
     add_format(p)
     p.set_defaults(func=cmd_deploy)
+    _durations_may_be_negative(p)
 
     p = sub.add_parser("list", help="your instances on the node")
     p.add_argument("--all", action="store_true", help="also destroyed and failed ones")
@@ -66,6 +69,7 @@ def register(subparsers) -> None:
     p.add_argument("instance")
     p.add_argument("when", help="from now: seconds or 90m, 2h, 1d; or an ISO 8601 time")
     p.set_defaults(func=cmd_lifetime)
+    _durations_may_be_negative(p)
 
     p = sub.add_parser("migrate", help="move an instance to another node (cold: save, GridFTP, restore)")
     p.add_argument("instance", help="instance key (inst-…) or your identifier")
@@ -118,11 +122,24 @@ def register(subparsers) -> None:
 
 
 # -- helpers ------------------------------------------------------------------------------------------
-def parse_seconds(text: str) -> int:
-    m = re.fullmatch(r"\s*(\d+)\s*([smhd]?)\s*", text)
+def _durations_may_be_negative(parser) -> None:
+    """`--lifetime -5m` reaches the command, which says what is wrong with it, instead of argparse's "expected one
+    argument" (argparse reads a word that starts with - as an option unless it looks like a negative number, which
+    by default means digits alone)."""
+    parser._negative_number_matcher = re.compile(r"^-\d+(\.\d+)?\s*[smhd]?$")
+
+
+def parse_seconds(text: str, *, minimum: int = 1) -> int:
+    """A duration from now: seconds, or a whole number with s, m, h or d; at least ``minimum`` seconds."""
+    m = re.fullmatch(r"\s*(-?)(\d+)\s*([smhd]?)\s*", text)
     if not m:
         raise CLIError(f"{text!r} is not a duration (seconds, or a number with s, m, h or d)")
-    return int(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+    seconds = int(m.group(2)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(3)]
+    if m.group(1) and seconds:
+        raise CLIError(f"{text.strip()!r} is in the past: give a duration from now, e.g. {text.strip()[1:]}")
+    if seconds < minimum:
+        raise CLIError(f"a lifetime of {text.strip()!r} ends at once: give at least {minimum} s (e.g. 90m, 2h, 1d)")
+    return seconds
 
 
 def _human(seconds: int) -> str:
@@ -142,7 +159,7 @@ def vmm_client(args, url: str | None = None):
 
     if url:
         args.url = url
-    return VMManagerClient(grid_client(args))
+    return VMManagerClient(grid_client(args, "VMManagerService"))
 
 
 def resolve(vm, text: str):
@@ -232,20 +249,21 @@ def cmd_deploy(args) -> int:
     from services.descriptor import set_field
 
     # The descriptor's bounds (workspace.xsd), checked before anything is asked: 0 is not "the default"
-    if args.memory is not None and not 1 <= args.memory <= 4194304:
-        raise CLIError(f"--memory is RAM in MiB, 1 to 4194304 (4 TiB), not {args.memory}")
+    memory = parse_memory(args.memory) if args.memory is not None else None
     if args.vcpus is not None and not 1 <= args.vcpus <= 256:
         raise CLIError(f"--vcpus must be 1 to 256, not {args.vcpus}")
+    lifetime = parse_seconds(args.lifetime)
+    if lifetime > 31536000:
+        raise CLIError(f"a lifetime of {args.lifetime.strip()!r} is more than a node gives: at most 365d")
     node_url = args.url
     args.url = args.repository
-    repo = RepositoryClient(grid_client(args))
+    repo = RepositoryClient(grid_client(args, "VMRepositoryService"))
     descriptor = _call(_on_image, repo, repo.show, args.image)
-    if args.memory is not None:
-        set_field(descriptor, "hardware", "memory", args.memory)
+    if memory is not None:
+        set_field(descriptor, "hardware", "memory", memory)
     if args.vcpus is not None:
         set_field(descriptor, "hardware", "vcpus", args.vcpus)
     vm = vmm_client(args, node_url)
-    lifetime = parse_seconds(args.lifetime)
     info = _call(vm.deploy, descriptor, args.identifier, lifetime, paused=args.paused)
     print(f"deploying {args.image} as {args.identifier} ({printable(info.ref.key)}) on {printable(info.node)}: "
           f"address {printable(info.address)}, mac {printable(info.mac)}, lifetime {_human(lifetime)}"
@@ -378,6 +396,9 @@ def cmd_migrate(args) -> int:
 
     vm = vmm_client(args)
     ref = resolve(vm, args.instance)
+    # the target named well before the node is asked (its container's URL completed, another service refused)
+    target = vmm_client(args, args.to)
+    args.to = target.service.url
     result: dict = {}
 
     def run() -> None:
@@ -388,11 +409,10 @@ def cmd_migrate(args) -> int:
     worker = threading.Thread(target=run, daemon=True)
     worker.start()
     if sys.stderr.isatty():
-        bar, target = ProgressBar(sys.stderr, "transfer"), None
+        bar = ProgressBar(sys.stderr, "transfer")
         while worker.is_alive():
             worker.join(0.5)
             try:
-                target = target or vmm_client(args, args.to)
                 done, total, _ = target.status(InstanceRef(args.to, ref.key)).staged
                 if total:
                     bar(done, total)
@@ -418,6 +438,8 @@ def cmd_migrate(args) -> int:
 
 
 def cmd_shutdown(args) -> int:
+    if args.timeout is not None and args.timeout < 0:
+        raise CLIError(f"--timeout is the seconds the guest gets before it is forced off, 0 or more, not {args.timeout}")
     vm = vmm_client(args)
     state = _call(vm.shutdown, resolve(vm, args.instance), "Trash" if args.trash else "Normal", args.timeout)
     print(f"{args.instance}: {printable(state)}")
@@ -425,10 +447,9 @@ def cmd_shutdown(args) -> int:
 
 
 def cmd_lifetime(args) -> int:
-    vm = vmm_client(args)
-    ref = resolve(vm, args.instance)
-    if re.fullmatch(r"\s*\d+\s*[smhd]?\s*", args.when):
-        new, now = _call(vm.set_termination_time, ref, seconds=parse_seconds(args.when))
+    seconds = when = None
+    if re.fullmatch(r"\s*-?\d+\s*[smhd]?\s*", args.when):
+        seconds = parse_seconds(args.when, minimum=0)
     else:
         try:
             when = datetime.fromisoformat(args.when.replace("Z", "+00:00"))
@@ -436,6 +457,11 @@ def cmd_lifetime(args) -> int:
             raise CLIError(f"{args.when!r} is neither a duration nor an ISO 8601 time") from None
         if when.tzinfo is None:
             when = when.replace(tzinfo=timezone.utc)
+    vm = vmm_client(args)
+    ref = resolve(vm, args.instance)
+    if seconds is not None:
+        new, now = _call(vm.set_termination_time, ref, seconds=seconds)
+    else:
         new, now = _call(vm.set_termination_time, ref, when=when)
     print(f"{args.instance}: terminates at {new:%Y-%m-%d %H:%M:%S} UTC ({int((new - now).total_seconds())} s from now)")
     return 0
@@ -449,6 +475,9 @@ def cmd_watch(args) -> int:
     from security.client import host_authorizer
     from services.faults import InstanceMoved
 
+    host, port = _listen_address(args.listen)
+    if args.timeout < 0:
+        raise CLIError(f"--timeout is seconds, 0 (until the instance ends) or more, not {args.timeout:g}")
     vm = vmm_client(args)
     ref = resolve(vm, args.instance)
     # A change counts only when the node that holds the instance signed it, as its answers must be: the consumer
@@ -475,8 +504,10 @@ def cmd_watch(args) -> int:
             return None
         return None
 
-    host, _, port = args.listen.rpartition(":")
-    consumer = NotificationConsumer(default_trust(args.cert_dir), host or "127.0.0.1", int(port or 0)).start()
+    try:
+        consumer = NotificationConsumer(default_trust(args.cert_dir), host, port).start()
+    except OSError as exc:
+        raise CLIError(f"cannot listen at {args.listen} (--listen): {exc.strerror or exc}") from None
     try:
         _call(vm.subscribe, ref, consumer.url)
         state = _call(vm.status, ref).state
@@ -513,6 +544,18 @@ def cmd_watch(args) -> int:
     return 0
 
 
+def _listen_address(text: str) -> tuple[str, int]:
+    """--listen HOST:PORT (HOST may be left out: 127.0.0.1; PORT 0: a free one)."""
+    host, _, port = text.rpartition(":")
+    try:
+        number = int(port or 0)
+    except ValueError:
+        number = -1
+    if not 0 <= number <= 65535:
+        raise CLIError(f"--listen is HOST:PORT (e.g. 127.0.0.1:0, where 0 picks a free port), not {text!r}")
+    return host or "127.0.0.1", number
+
+
 def cmd_report(args) -> int:
     from client.report import Deployment, draw, print_report
 
@@ -524,11 +567,14 @@ def cmd_report(args) -> int:
                 deployments.append(Deployment(f"{i.identifier}@{i.node}", tuple(i.phases)))
     if not deployments:
         raise CLIError("no deployments with phase timings on " + ", ".join(args.nodes))
+    try:                                # the figure first: a file that cannot be written is said before any output
+        path = draw(deployments, args.out)
+    except OSError as exc:
+        raise CLIError(f"cannot write the figure to {args.out}: {exc.strerror}") from None
     if args.json:
         json.dump([{"deployment": d.label, "phases": dict(d.phases)} for d in deployments], sys.stdout, indent=2)
         print()
     else:
         print_report(deployments, sys.stdout)
-    path = draw(deployments, args.out)
     print(f"figure written to {path}", file=sys.stderr)
     return 0

@@ -25,34 +25,12 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("demo", help="run the main job: a local grid doing the poster's flows",
                               description=__doc__)
     p.add_argument("--workdir", type=Path, default=Path("demo-out"),
-                   help="where the grid's PKI, state, logs and outputs go (default ./demo-out): a new or empty "
-                        "directory, or an earlier demo's, which is emptied first; any other is refused")
+                   help="where the grid's PKI, state, logs and outputs go (emptied first; default ./demo-out)")
     p.add_argument("--keep-running", action="store_true", help="leave the services running at the end")
     p.add_argument("--real", action="store_true",
                    help="the poster's scene on real QEMU guests: the EMBOSS image built (or cached), deployed on "
                         "3 nodes, EMBOSS jobs through each guest's job service (root; client/demo_real.py)")
     p.set_defaults(func=run)
-
-
-MARKER = ".vmgrid-demo"          # in every directory a demo writes: the only kind it empties before a run
-
-
-def fresh_workdir(path: Path) -> Path:
-    """The demo's directory, made or emptied: a new or empty directory, or one an earlier demo wrote (its
-    marker, or an older demo's layout: ``grid/central.toml``, ``report.json``); anything else is the user's
-    and is refused, untouched (``--workdir .`` must not delete a home directory)."""
-    work = path.resolve()
-    if work.exists() and not work.is_dir():
-        raise CLIError(f"--workdir {path}: not a directory")
-    if work.exists() and any(work.iterdir()):
-        ours = any((work / name).exists() for name in (MARKER, "grid/central.toml", "report.json"))
-        if not ours:
-            raise CLIError(f"--workdir {path}: {work} holds files an earlier `vmgrid demo` did not write (no "
-                           f"{MARKER} in it); the demo empties its directory first, so give a new or empty one")
-        shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
-    (work / MARKER).write_text("written by vmgrid demo: emptied by the next run\n")
-    return work
 
 
 def say(text: str) -> None:
@@ -67,6 +45,31 @@ def make_image(path: Path, fmt: str, size: str) -> None:
         with open(path, "wb") as f:
             f.write(b"\xeb\x3c\x90vmgrid-sample-raw-image\x00" * 1024)
             f.truncate(8 * 1024 * 1024)
+
+
+# what a demo writes in its --workdir (the marker, and what demos wrote before there was one)
+DEMO_MARKER = ".vmgrid-demo"
+_DEMO_NAMES = {DEMO_MARKER, "images", "grid", "inputs", "results", "phases.png", "report.md", "report.json"}
+_DEMO_PATTERNS = ("tmap-*.png", "node*.log")
+
+
+def prepare_workdir(path: Path) -> Path:
+    """--workdir, emptied: an earlier demo's output is replaced, but a directory holding anything a demo does not
+    write (--workdir ~, a checkout, a file) is refused, untouched."""
+    work = path.resolve()
+    if work.exists() or work.is_symlink():
+        if not work.is_dir():
+            raise CLIError(f"--workdir {path} is not a directory: name a new directory for the demo's output")
+        strangers = [p.name for p in work.iterdir()
+                     if p.name not in _DEMO_NAMES and not any(p.match(pattern) for pattern in _DEMO_PATTERNS)]
+        if strangers and not (work / DEMO_MARKER).is_file():
+            shown = ", ".join(sorted(strangers)[:3]) + (", ..." if len(strangers) > 3 else "")
+            raise CLIError(f"--workdir {path} holds files no demo wrote ({shown}): the demo replaces its "
+                           f"directory, so name a new one (or an earlier demo's)")
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    (work / DEMO_MARKER).write_text("vmgrid demo output: `vmgrid demo` replaces this directory\n")
+    return work
 
 
 def run(args) -> int:
@@ -86,9 +89,9 @@ def run(args) -> int:
 
     if shutil.which("qemu-img") is None:
         raise CLIError("qemu-img is missing (Debian package qemu-utils; ./run.sh setup installs it)")
-    work = fresh_workdir(args.workdir)
+    work = prepare_workdir(args.workdir)
     images = work / "images"
-    images.mkdir()
+    images.mkdir(parents=True)
     started = time.monotonic()
 
     say("a fresh grid PKI: a CA, a host certificate for localhost, users with RFC 3820 proxies")

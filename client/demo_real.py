@@ -23,7 +23,6 @@ import uuid
 from pathlib import Path
 
 from client.cli import CLIError
-from client.demo import fresh_workdir
 from client.output import emit_descriptors, table
 
 BRIDGE, NETWORK, GATEWAY = "vgdemobr0", "10.79.0.0/24", "10.79.0.1"
@@ -77,7 +76,9 @@ def run(args) -> int:
     from guestd.image.recipe import load_recipe
     from guestd.image.runtime import RuntimeCopyError
 
-    work = fresh_workdir(args.workdir)
+    from client.demo import prepare_workdir
+
+    work = prepare_workdir(args.workdir)
     say("the EMBOSS image: built from its recipe (guestd/image/recipes/emboss.toml) or taken from the cache")
     t = time.monotonic()
     recipe = load_recipe("emboss")

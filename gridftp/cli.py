@@ -244,6 +244,10 @@ def cmd_server(args) -> int:
 
     from .server import GridFTPServer
 
+    if not 0 <= args.port <= 65535:
+        raise CLIError(f"--port is 0 to 65535 (0 picks a free one), not {args.port}")
+    if not args.max_rate >= 0 or not args.marker_interval > 0:
+        raise CLIError("--max-rate is bytes a second, 0 (unlimited) or more; --marker-interval seconds, more than 0")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     credential = None
@@ -265,8 +269,12 @@ def cmd_server(args) -> int:
                                max_rate=args.max_rate, marker_interval=args.marker_interval,
                                data_peers=args.data_peer, gridmap=args.grid_mapfile)
         server.bind()
-    except (GridFTPError, OSError, ValueError) as exc:
-        raise CLIError(f"cannot start the server: {exc}") from exc
+    except OSError as exc:
+        what = (f"{exc.filename}: {exc.strerror}" if exc.filename else      # the root, a grid-mapfile; else the address
+                f"{args.host}:{args.port}: {exc.strerror or exc}")
+        raise CLIError(f"cannot start the server: {what}") from None
+    except (GridFTPError, ValueError) as exc:
+        raise CLIError(f"cannot start the server: {exc}") from None
     print(f"{server.port}", flush=True)
     print(f"gridftp-server serving {args.root} at {server.url('/')}", file=sys.stderr, flush=True)
     signal.signal(signal.SIGTERM, lambda *a: server.stop())

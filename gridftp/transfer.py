@@ -29,7 +29,7 @@ from .datachannel import (Counter, ModeEReceiver, ModeESender, Opening, Throttle
 from .errors import (ChecksumMismatch, ChecksumUnavailable, GridFTPError, ProtocolError, ReplyError,
                      TransferError, reply_error)
 from .partial import PartialFile
-from .protocol import Reply, parse_perf_marker, parse_range_marker
+from .protocol import MAX_PARALLELISM, Reply, parse_perf_marker, parse_range_marker
 from .ranges import RangeSet
 
 TYPE_CHECKING = False   # what typing.TYPE_CHECKING is at run time, without importing typing (the command's start)
@@ -239,6 +239,12 @@ def _prepare(session: GridFTPClient) -> bool:
 
 
 # -- download -------------------------------------------------------------------------------------------
+def _check_parallel(parallel: int) -> None:
+    """1 to MAX_PARALLELISM streams (0 would open none and wait for ever; a server refuses more)."""
+    if not isinstance(parallel, int) or not 1 <= parallel <= MAX_PARALLELISM:
+        raise GridFTPError(f"parallelism must be 1 to {MAX_PARALLELISM} streams, not {parallel}")
+
+
 def download(url: str, dest_path: str | os.PathLike, parallel: int = DEFAULT_PARALLEL, *,
              credential: Credential | None = None, trust=None, server_dn: str | None = None,
              sha256: str | None = None, progress: Progress | None = None, retries: int = 2,
@@ -268,6 +274,7 @@ def download(url: str, dest_path: str | os.PathLike, parallel: int = DEFAULT_PAR
     (:class:`TooLarge`) the same way.
     ``refuse_server(dn) -> bool``: servers refused by their authenticated DN (:class:`GridFTPClient`).
     """
+    _check_parallel(parallel)
     if checksum not in ("sha256", "auto"):
         raise ValueError(f"checksum is 'sha256' or 'auto', not {checksum!r}")
     src = GridFTPURL.parse(url)
@@ -536,6 +543,7 @@ def upload(src_path: str | os.PathLike, url: str, parallel: int = DEFAULT_PARALL
     server's ``CKSM SHA256`` is compared afterwards. A re-run after an interruption sends only
     the ranges the server has not confirmed. ``max_rate`` limits bytes/s (0: unlimited).
     """
+    _check_parallel(parallel)
     src = Path(src_path)
     dst = GridFTPURL.parse(url)
     opts = _Options(credential, trust, timeout, identify, gsi, prot)
@@ -638,6 +646,7 @@ def third_party(src_url: str, dst_url: str, parallel: int = DEFAULT_PARALLEL, *,
     proves the user's DN (``DCAU A``), which is what a Globus server does. Restart markers from
     the destination are kept in ``state_dir``.
     """
+    _check_parallel(parallel)
     src = GridFTPURL.parse(src_url)
     dst = GridFTPURL.parse(dst_url)
     if src.secure != dst.secure:

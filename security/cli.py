@@ -35,7 +35,11 @@ def _load_ca(args) -> GridCA:
 
 def _passphrase(args, prompt: str) -> bytes | None:
     if getattr(args, "passphrase_file", None):
-        return Path(args.passphrase_file).read_text().rstrip("\n").encode()
+        try:
+            return Path(args.passphrase_file).read_text().rstrip("\n").encode()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise _error(f"cannot read the passphrase file {args.passphrase_file}: "
+                         f"{getattr(exc, 'strerror', None) or exc}") from None
     if getattr(args, "pwstdin", False):
         return sys.stdin.readline().rstrip("\n").encode()
     if getattr(args, "prompt", False):
@@ -50,6 +54,8 @@ def cmd_ca_init(args) -> int:
         ca = GridCA.create(_ca_dir(args), args.dn, days=args.days, publish_to=args.cert_dir)
     except (CAError, ValueError) as exc:
         raise _error(str(exc)) from None
+    except OSError as exc:
+        raise _error(_cannot_write(exc)) from None
     print(f"created grid CA {ca.dn} in {ca.directory}")
     print(f"trusted CA directory (X509_CERT_DIR): {ca.cert_dir}")
     if args.cert_dir:
@@ -67,10 +73,16 @@ def cmd_ca_host(args) -> int:
     if (out / "hostcert.pem").exists() and not args.force:
         raise _error(f"{out / 'hostcert.pem'} exists (use --force to replace it)")
     try:
+        out.mkdir(parents=True, exist_ok=True)      # a folder that cannot be made is named before anything is issued
+    except OSError as exc:
+        raise _error(_cannot_write(exc)) from None
+    try:
         cred = ca.issue_host(args.name, ou=args.ou, days=args.days, alt_names=args.alt or (), out_dir=out,
                              key=new_key(kind=args.key))
     except CAError as exc:
         raise _error(str(exc)) from None
+    except OSError as exc:
+        raise _error(_cannot_write(exc)) from None
     print(f"issued {cred.subject} (serial {cred.certificate.serial_number:x})")
     print(f"certificate: {cred.cert_path}\nprivate key: {cred.key_path}")
     return 0
@@ -87,37 +99,72 @@ def cmd_ca_user(args) -> int:
     if (out / "usercert.pem").exists() and not args.force:
         raise _error(f"{out / 'usercert.pem'} exists (use --force to replace it)")
     try:
+        out.mkdir(parents=True, exist_ok=True)      # a folder that cannot be made is named before anything is issued
+    except OSError as exc:
+        raise _error(_cannot_write(exc)) from None
+    try:
         cred = ca.issue_user(args.name, ou=args.ou, days=args.days, out_dir=out, key=new_key(kind=args.key),
                              passphrase=_passphrase(args, "Passphrase for the new key: "))
     except CAError as exc:
         raise _error(str(exc)) from None
+    except OSError as exc:
+        raise _error(_cannot_write(exc)) from None
     print(f"issued {cred.subject} (serial {cred.certificate.serial_number:x})")
     print(f"certificate: {cred.cert_path}\nprivate key: {cred.key_path}")
     return 0
 
 
+def _cannot_write(exc: OSError) -> str:
+    return f"cannot write {exc.filename}: {exc.strerror}" if exc.filename else f"cannot write: {exc.strerror or exc}"
+
+
+def _certificate_serial(target: str) -> int:
+    """The serial number of the certificate in the file ``target`` (PEM, the first certificate of a chain or of a
+    credential file, or DER), else ``target`` read as a hexadecimal serial number."""
+    from cryptography import x509
+
+    path = Path(target)
+    if path.is_file():
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise _error(f"cannot read {target}: {exc.strerror}") from None
+        for load in (x509.load_pem_x509_certificate, x509.load_der_x509_certificate):
+            try:
+                return load(data).serial_number
+            except ValueError:
+                pass
+        raise _error(f"{target} holds no certificate (PEM or DER): name a certificate file (usercert.pem, "
+                     f"hostcert.pem) or give its serial number (`vmgrid ca list` shows them)")
+    try:
+        return int(target, 16)
+    except ValueError:
+        raise _error(f"{target!r} is neither a certificate file nor a hexadecimal serial number") from None
+
+
 def cmd_ca_revoke(args) -> int:
     ca = _load_ca(args)
-    target = args.certificate
-    if Path(target).is_file():
-        from cryptography import x509
-        serial = x509.load_pem_x509_certificate(Path(target).read_bytes()).serial_number
-    else:
-        try:
-            serial = int(target, 16)
-        except ValueError:
-            raise _error(f"{target!r} is neither a certificate file nor a hexadecimal serial number") from None
+    serial = _certificate_serial(args.certificate)
+    before = next((r for r in ca.issued if r.serial == serial), None)
+    already = before.revoked_at if before is not None else None
     try:
         record = ca.revoke(serial)
     except CAError as exc:
         raise _error(str(exc)) from None
-    print(f"revoked {record.subject} (serial {serial:x}); CRL published to {ca.cert_dir}")
+    if already:
+        print(f"{record.subject} (serial {serial:x}) was already revoked at {already}; CRL republished to "
+              f"{ca.cert_dir}")
+    else:
+        print(f"revoked {record.subject} (serial {serial:x}); CRL published to {ca.cert_dir}")
     return 0
 
 
 def cmd_ca_crl(args) -> int:
     ca = _load_ca(args)
-    targets = ca.republish(args.days)
+    try:
+        targets = ca.republish(args.days)
+    except CAError as exc:
+        raise _error(str(exc)) from None
     revoked = sum(1 for r in ca.issued if r.revoked_at)
     for t in targets:
         print(f"published a CRL ({revoked} revoked) to {t}")
@@ -244,6 +291,20 @@ def cmd_proxy_info(args) -> int:
     return 0
 
 
+def _days(kind):
+    """An argparse type: a number of days, more than 0 (0 is not "the default": it is refused)."""
+    def days(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = 0
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of days more than 0"
+                                             f"{' (a whole number)' if kind is int else ''}")
+        return value
+    return days
+
+
 def register(subparsers) -> None:
     """Add `ca`, `proxy-init` and `proxy-info` to the `vmgrid` parser."""
     ca = subparsers.add_parser("ca", help="a small grid CA: certificates, revocation, CRLs")
@@ -255,14 +316,14 @@ def register(subparsers) -> None:
 
     p = with_dir(ca_sub.add_parser("init", help="create a CA and its trusted CA directory"))
     p.add_argument("--dn", default=DEFAULT_CA_DN, help=f"the CA's DN (default {DEFAULT_CA_DN!r})")
-    p.add_argument("--days", type=int, default=3650)
+    p.add_argument("--days", type=_days(int), default=3650, help="the CA certificate's validity (default 3650)")
     p.add_argument("--cert-dir", help="also publish into this X509_CERT_DIR")
     p.set_defaults(func=cmd_ca_init)
 
     p = with_dir(ca_sub.add_parser("host", help="issue a host certificate /O=Grid/OU=<ou>/CN=host/<name>"))
     p.add_argument("name")
     p.add_argument("--ou", default=DEFAULT_OU)
-    p.add_argument("--days", type=float, default=365)
+    p.add_argument("--days", type=_days(float), default=365, help="validity in days (default 365)")
     p.add_argument("--alt", action="append", help="another DNS name or IP address for TLS (repeatable)")
     p.add_argument("--out", help="directory for hostcert.pem/hostkey.pem (default <ca dir>/hosts/<name>)")
     p.add_argument("--key", choices=KEY_KINDS, default="rsa",
@@ -273,7 +334,7 @@ def register(subparsers) -> None:
     p = with_dir(ca_sub.add_parser("user", help="issue a user certificate /O=Grid/OU=<ou>/CN=<name>"))
     p.add_argument("name")
     p.add_argument("--ou", default=DEFAULT_OU)
-    p.add_argument("--days", type=float, default=365)
+    p.add_argument("--days", type=_days(float), default=365, help="validity in days (default 365)")
     p.add_argument("--out", help="directory for usercert.pem/userkey.pem (default ~/.globus)")
     p.add_argument("--key", choices=KEY_KINDS, default="rsa",
                    help="key type: rsa (2048 bits, the default) or ec (P-256)")
@@ -287,7 +348,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_ca_revoke)
 
     p = with_dir(ca_sub.add_parser("crl", help="issue and publish a fresh CRL"))
-    p.add_argument("--days", type=int, default=None, help="CRL validity (default 30)")
+    p.add_argument("--days", type=_days(int), default=None, help="CRL validity in days, 1 or more (default 30)")
     p.set_defaults(func=cmd_ca_crl)
 
     p = with_dir(ca_sub.add_parser("list", help="list the certificates this CA issued"))

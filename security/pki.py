@@ -303,6 +303,8 @@ def new_key(bits: int = KEY_BITS, kind: str = "rsa") -> PrivateKey:
         return ec.generate_private_key(ec.SECP256R1())
     if kind != "rsa":
         raise CredentialError(f"unknown key type {kind!r}: one of {', '.join(KEY_KINDS)}")
+    if not 2048 <= bits <= 16384:
+        raise CredentialError(f"an RSA key of {bits} bits: give 2048 to 16384 (weaker keys are refused)")
     return rsa.generate_private_key(public_exponent=65537, key_size=bits)
 
 
@@ -593,9 +595,16 @@ def _ski(key) -> x509.SubjectKeyIdentifier:
     return x509.SubjectKeyIdentifier.from_public_key(key)
 
 
+def _check_days(days: float, what: str) -> None:
+    """A validity period in days is more than 0 (0 would be void at once; a negative one cannot be built)."""
+    if not days > 0:
+        raise CAError(f"{what} must be more than 0 days, not {days:g}")
+
+
 def _end_entity(ca_cert: x509.Certificate, ca_key: PrivateKey, subject: x509.Name, key, *,
                 days: float, eku: list[ObjectIdentifier], sans: list[x509.GeneralName]) -> x509.Certificate:
     """An end-entity certificate for ``key`` (a private key, or only its public key)."""
+    _check_days(days, "a certificate's validity")
     public = key.public_key() if hasattr(key, "private_bytes") else key
     now = _now()
     builder = (x509.CertificateBuilder()
@@ -648,6 +657,8 @@ def make_proxy(issuer: Credential, *, hours: float = DEFAULT_PROXY_HOURS, limite
     kind of the issuer's key)."""
     if hours <= 0:
         raise CredentialError("a proxy lifetime must be positive")
+    if path_length is not None and path_length < 0:
+        raise CredentialError(f"a proxy path length is 0 or more (how many proxies it may sign), not {path_length}")
     if issuer.certificate.extensions and _is_ca(issuer.certificate):
         raise CredentialError("a CA certificate cannot issue proxies")
     key = key or new_key(bits, kind or key_kind(issuer.private_key))
@@ -724,11 +735,12 @@ class GridCA:
         directory = Path(directory)
         if (directory / "ca.pem").exists():
             raise CAError(f"a CA already exists in {directory}")
-        directory.mkdir(parents=True, exist_ok=True)
-        name = parse_dn(dn)
+        _check_days(days, "the CA's validity")
+        name = parse_dn(dn)                       # a name refused leaves no directory behind
         for attr in name:
             if any(c in "=\\" or not c.isprintable() for c in str(attr.value)):
                 raise CAError(f"CA name {dn!r}: a value may not contain '=', '\\\\' or control characters")
+        directory.mkdir(parents=True, exist_ok=True)
         key = key or new_key(KEY_BITS)
         now = _now()
         cert = (x509.CertificateBuilder()
@@ -757,11 +769,17 @@ class GridCA:
     def load(cls, directory: Path | str) -> "GridCA":
         directory = Path(directory)
         try:
-            cert = x509.load_pem_x509_certificate((directory / "ca.pem").read_bytes())
+            cert_data = (directory / "ca.pem").read_bytes()
             key_data = (directory / "ca.key").read_bytes()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             raise CAError(f"no grid CA in {directory} (run `vmgrid ca init --dir {directory}`)") from None
-        key = serialization.load_pem_private_key(key_data, password=None)
+        except OSError as exc:
+            raise CAError(f"cannot read the grid CA in {directory}: {exc.strerror}") from None
+        try:
+            cert = x509.load_pem_x509_certificate(cert_data)
+            key = serialization.load_pem_private_key(key_data, password=None)
+        except (ValueError, TypeError) as exc:
+            raise CAError(f"the grid CA in {directory} is damaged (ca.pem or ca.key: {exc})") from None
         ca = cls(directory, cert, key)
         ca._load_records()
         return ca
@@ -878,11 +896,13 @@ class GridCA:
 
     def crl(self, days: int | None = None) -> x509.CertificateRevocationList:
         """Issue a fresh CRL (valid `days`, default 30) listing every revoked certificate, and write crl.pem."""
+        days = self.crl_days if days is None else days
+        _check_days(days, "a CRL's validity")
         now = _now()
         builder = (x509.CertificateRevocationListBuilder()
                    .issuer_name(self.certificate.subject)
                    .last_update(now - CLOCK_SKEW)
-                   .next_update(now + _dt.timedelta(days=days or self.crl_days))
+                   .next_update(now + _dt.timedelta(days=days))
                    .add_extension(x509.CRLNumber(int(now.timestamp())), critical=False)
                    .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.certificate.public_key()),
                                   critical=False))

@@ -10,6 +10,7 @@ from pathlib import Path
 import requests
 import zeep
 from lxml import etree
+from zeep.exceptions import Error as ZeepError
 from zeep.plugins import Plugin, apply_egress, apply_ingress
 
 from urllib.parse import urlsplit
@@ -19,6 +20,7 @@ from security.client import GridTransport, GridWSSE
 from security.https import HTTPSError
 from security.wssec import WSU, InvalidSecurity
 from services.container.addressing import WSA, request_headers
+from services.container.contract import SERVICES_PATH
 from security.pki import Credential
 from security.trust import TrustStore
 from services.common.errors import printable
@@ -132,11 +134,46 @@ class SameOriginTransport(GridTransport):
         return answer.content
 
 
+def service_url(text: str, service: str) -> str:
+    """The URL of the grid service ``service`` (VMManagerService, ...) named by ``text``: its own URL
+    (https://HOST:PORT/wsrf/services/<service>), or the container's (https://HOST:PORT, with or without a path of
+    / or /wsrf/services), completed with the service's path. Anything else that is not an http(s) URL with a host
+    is a ClientError saying what to give."""
+    text = text.strip()
+    parts = urlsplit(text)
+    if not _is_service_url(text):
+        guess = f"; did you mean https://{text}?" if "://" not in text and text and _is_service_url(f"https://{text}") \
+            else ""
+        raise ClientError(f"{text!r} is not a {service} URL: give https://HOST:PORT{SERVICES_PATH}{service} "
+                          f"(or https://HOST:PORT){guess}")
+    if parts.path.rstrip("/") in ("", SERVICES_PATH.rstrip("/")) and not parts.query:
+        return f"{parts.scheme}://{parts.netloc}{SERVICES_PATH}{service}"
+    if parts.path.endswith("/") and not parts.query:        # …/VMManagerService/: the service is at …/VMManagerService
+        return text.rstrip("/")
+    return text
+
+
+def _is_service_url(text: str) -> bool:
+    """An http(s) URL with a host and a valid port, without spaces or control characters."""
+    if any(c.isspace() or not c.isprintable() for c in text):
+        return False
+    parts = urlsplit(text)
+    try:
+        parts.port                      # a port out of range or not a number raises
+    except ValueError:
+        return False
+    return parts.scheme.lower() in ("https", "http") and bool(parts.hostname)
+
+
 class GridServiceClient:
-    """One grid service at ``url`` (…/wsrf/services/<Name>), called as ``credential``."""
+    """One grid service at ``url`` (…/wsrf/services/<Name>), called as ``credential``. ``service``: the name of the
+    service expected there (its WSDL's wsdl:service); another service's URL is refused, naming both."""
 
     def __init__(self, url: str, credential: Credential, trust: TrustStore, *,
-                 expected_host_dn: str | None = None, timeout: float | None = None, _wsdl=None):
+                 expected_host_dn: str | None = None, timeout: float | None = None, service: str | None = None,
+                 _wsdl=None):
+        if not _is_service_url(url):
+            raise ClientError(f"{url!r} is not a grid service URL: give https://HOST:PORT{SERVICES_PATH}NAME")
         self.url = url.split("?")[0]
         self.credential = credential
         self.trust = trust
@@ -153,6 +190,13 @@ class GridServiceClient:
                                     plugins=[self._capture], settings=settings)
         except requests.exceptions.RequestException as exc:
             raise Unreachable(f"cannot fetch the WSDL of {self.url}: {_reason(exc)}") from None
+        except ZeepError as exc:        # an answer that is not a WSDL (a web page, another server)
+            raise ClientError(f"{self.url} is not a grid service: its ?wsdl answer is not a WSDL "
+                              f"({printable(exc, 200)}); give https://HOST:PORT{SERVICES_PATH}NAME") from None
+        self.served = next(iter(self.zeep.wsdl.services), "")     # the wsdl:service's name (VMManagerService, ...)
+        if service is not None and self.served != service:
+            raise ClientError(f"{self.url} is the {self.served or 'unnamed service'}, not the {service}: give the "
+                              f"{service}'s URL (https://HOST:PORT{SERVICES_PATH}{service})")
         self._binding = self._first_binding()
         self.service = self.zeep.create_service(self._binding.name.text, self.url)
 
@@ -162,11 +206,21 @@ class GridServiceClient:
                 return port.binding
         raise ClientError(f"{self.url}: the WSDL describes no service")
 
+    def _operation(self, operation: str):
+        """The binding's ``operation``; one the service does not have says which service this is (a URL of another
+        service, given where a client expected this one)."""
+        try:
+            return self._binding.get(operation)
+        except ValueError:
+            raise ClientError(f"{self.url} is the {self.served or 'unnamed service'}, which has no operation "
+                              f"{operation}: give the URL of the service that has it "
+                              f"(https://HOST:PORT{SERVICES_PATH}NAME)") from None
+
     def another(self) -> GridServiceClient:
         """A client of the same service, as the same credential, on connections of its own, with the WSDL this one
         fetched and parsed (a tenth of a second of CPU each time): `vmgrid repo import` keeps two calls under way."""
         return GridServiceClient(self.url, self.credential, self.trust, expected_host_dn=self.expected_host_dn,
-                                 timeout=self.timeout, _wsdl=self.zeep.wsdl)
+                                 timeout=self.timeout, service=self.served or None, _wsdl=self.zeep.wsdl)
 
     def close(self) -> None:
         """Close the HTTP connections this client keeps open."""
@@ -195,6 +249,7 @@ class GridServiceClient:
         arguments, it replaces the Body zeep renders from them (which must still make a valid request) before
         the message is signed. The service validates it against the schema like any request."""
         self._capture.local.text_fill = text_fill
+        self._operation(operation)              # another service's URL: named, not an AttributeError of zeep's
         try:
             if payload is not None and not args and not kwargs:
                 self._capture.local.payload = None
@@ -214,7 +269,7 @@ class GridServiceClient:
         """Send ``payload`` (the whole request element, built as lxml) as ``operation`` without zeep rendering
         anything: the envelope, the egress plugins (WS-Addressing headers), the signature and the HTTP headers
         as zeep's SOAP 1.1 binding makes them."""
-        op = self._binding.get(operation)
+        op = self._operation(operation)
         body = payload.getparent()
         if body is not None and body.tag == f"{{{SOAP_ENV}}}Body" and len(body) == 1:     # made by new_request
             envelope = body.getparent()
@@ -273,4 +328,5 @@ def default_trust(cert_dir: str | Path | None = None) -> TrustStore:
     return TrustStore(Path(cert_dir) if cert_dir else default_cert_dir())
 
 
-__all__ = ["GridServiceClient", "ClientError", "Unreachable", "SoapFaultError", "VMGridFault", "default_trust"]
+__all__ = ["GridServiceClient", "ClientError", "Unreachable", "SoapFaultError", "VMGridFault", "default_trust",
+           "service_url"]

@@ -20,6 +20,7 @@ SUITES_WITH_PYTHON311 = ("bookworm",)                                 # the vmgr
 
 # key: (type, default); a default of REQUIRED means the recipe must set it.
 REQUIRED = object()
+_KIND_WORDS = {str: "a string", int: "a whole number", bool: "true or false", list: "a list"}   # as a TOML user says it
 SCHEMA: dict[str, dict[str, tuple[type, object]]] = {
     "image": {"name": (str, REQUIRED), "version": (str, "1.0"), "vo": (str, REQUIRED), "description": (str, "")},
     "debian": {"suite": (str, "bookworm"), "packages": (list, []), "signature": (list, None)},
@@ -118,7 +119,8 @@ def parse_recipe(data: dict, path: Path) -> Recipe:
                 continue
             v = given[key]
             if kind is int and (isinstance(v, bool) or not isinstance(v, int)) or not isinstance(v, kind):
-                raise bad(f"{section}.{key}", f"must be a {kind.__name__}, got {type(v).__name__} {v!r}")
+                shown = str(v).lower() if isinstance(v, bool) else repr(v)        # TOML's true, not Python's
+                raise bad(f"{section}.{key}", f"must be {_KIND_WORDS[kind]}, not {shown}")
             values[section][key] = v
 
     img, deb, hw, ct = values["image"], values["debian"], values["hardware"], values["container"]

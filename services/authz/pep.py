@@ -52,6 +52,16 @@ REQUEST_LIMITS = (("memory", "max_memory", "MiB"), ("vcpus", "max_vcpus", "vCPUs
                   ("lifetime", "max_lifetime", "s"))
 
 
+def _amount(n: int, unit: str) -> str:
+    """``n unit``; seconds also as a person reads them when that is shorter to grasp: 2592000 s (30 d)."""
+    if unit != "s" or n < 120:
+        return f"{n} {unit}"
+    for size, name in ((86400, "d"), (3600, "h"), (60, "min")):
+        if n >= size and n % size == 0 or n >= 2 * size:
+            return f"{n} s ({n / size:.3g} {name})"
+    return f"{n} s"
+
+
 def enforce_obligations(decision: Decision, context: Mapping[str, str]) -> None:
     """Refuse a permitted request that asks for more than the decision's limits allow."""
     for key, limit, unit in REQUEST_LIMITS:
@@ -63,7 +73,7 @@ def enforce_obligations(decision: Decision, context: Mapping[str, str]) -> None:
             raise InvalidArgument(f"{key} must be a whole number, not {context[key]!r}", argument=key) from None
         allowed = int(decision.obligations[limit])
         if requested > allowed:
-            raise LimitExceeded(f"{key} {requested} {unit} exceeds the limit of {allowed} {unit} "
+            raise LimitExceeded(f"{key} {_amount(requested, unit)} exceeds the limit of {_amount(allowed, unit)} "
                                 f"(rule {decision.rule})", limit=limit, allowed=str(allowed),
                                 requested=str(requested))
 

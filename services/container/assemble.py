@@ -7,10 +7,10 @@ import os
 from pathlib import Path
 
 from security.middleware import DEFAULT_UNDERSTOOD, WSSecurityMiddleware
-from security.pki import default_cert_dir, load_host_credential
+from security.pki import PKIError, default_cert_dir, load_host_credential
 from security.tls import server_ssl_adapter
-from security.trust import TrustStore
-from services.container.config import Config
+from security.trust import ChainError, TrustStore
+from services.container.config import Config, ConfigError
 from services.container.server import Container
 from services.container.service import SoapService
 
@@ -20,14 +20,28 @@ SERVICE_NAMES = ("repository", "authz", "vmmanager", "jobs")
 
 
 def trust_store(config: Config) -> TrustStore:
-    return TrustStore(Path(config.security.cert_dir) if config.security.cert_dir else default_cert_dir())
+    given = config.security.cert_dir
+    try:
+        return TrustStore(Path(given) if given else default_cert_dir())
+    except ChainError as exc:         # no such directory
+        raise ConfigError(f"[security] cert_dir = {given!r}: {exc}" if given else
+                          f"[security] cert_dir is not set, and the default cannot be used: {exc}") from None
 
 
 def host_credential(config: Config):
+    """The host credential ([security] host_cert and host_key); one it cannot load is a ConfigError naming the key
+    and the file (a missing or unreadable certificate, a key that is not its own or is readable by others)."""
     s = config.security
     cert = s.host_cert or os.environ.get("X509_HOST_CERT") or None
     key = s.host_key or os.environ.get("X509_HOST_KEY") or None
-    return load_host_credential(cert, key)
+    try:
+        return load_host_credential(cert, key)
+    except PKIError as exc:
+        name = "host_key" if "private key" in str(exc) and s.host_key else "host_cert"
+        given = getattr(s, name)
+        if given:
+            raise ConfigError(f"[security] {name} = {given!r}: {exc}") from None
+        raise ConfigError(f"[security] {name} is not set, and the one found instead cannot be used: {exc}") from None
 
 
 def policy_point(config: Config):
@@ -44,6 +58,22 @@ def policy_point(config: Config):
 
     return site_policy_point(config.policy.admins,
                              {vo: {"members": v.members, "admins": v.admins} for vo, v in config.policy.vos.items()})
+
+
+def check_service_config(name: str, config: Config) -> None:
+    """What service ``name`` needs of the configuration that no key's type says (ValueError naming the key): checked
+    for every service of a container before any of them opens its state, and before the host credential is read."""
+    if name not in SERVICE_NAMES:
+        raise ValueError(f"unknown service {name!r}; one of: {', '.join(SERVICE_NAMES)}")
+    if name == "vmmanager" and not config.enforcement.authz_url:
+        raise ValueError("the VMManager authorizes every operation through the Authorization service: "
+                         "set [enforcement] authz_url")
+    if name == "jobs" and not config.jobs.owner:
+        raise ValueError("the job service needs the instance owner's DN: set [jobs] owner")
+    section = {"repository": config.repository, "jobs": config.jobs}.get(name)
+    if section is not None and not -1 <= section.gridftp_port <= 65535:
+        raise ValueError(f"[{name}] gridftp_port = {section.gridftp_port}: a port is 0 to 65535 (0 picks a free one; "
+                         f"-1: no GridFTP face)")
 
 
 def build_service(name: str, config: Config) -> SoapService:
@@ -75,9 +105,7 @@ def build_vmmanager(config: Config, vmm=None) -> SoapService:
     from services.wsrf.notification import ConsumerPolicy, DeliveryLimits, Notifier
 
     v = config.vmmanager
-    if not config.enforcement.authz_url:
-        raise ValueError("the VMManager authorizes every operation through the Authorization service: "
-                         "set [enforcement] authz_url")
+    check_service_config("vmmanager", config)
     state = config.state_dir("vmmanager")
     credential, trust = host_credential(config), trust_store(config)
     if vmm is None:
@@ -101,8 +129,7 @@ def build_jobs(config: Config) -> SoapService:
     from services.wsrf.notification import ConsumerPolicy, Notifier
 
     j = config.jobs
-    if not j.owner:
-        raise ValueError("the job service needs the instance owner's DN: set [jobs] owner")
+    check_service_config("jobs", config)
     credential, trust = host_credential(config), trust_store(config)
     policy = ConsumerPolicy(tuple(j.consumer_allow))
     service = JobService(config.state_dir("jobs"), j, credential=credential, trust=trust,

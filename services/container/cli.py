@@ -1,11 +1,12 @@
 """`vmgrid serve`: run a grid container hosting one or more services."""
 from __future__ import annotations
 
+import argparse
 import logging
 import signal
 import sys
 
-from services.common.errors import CLIError
+from services.common.errors import CLIError, printable
 from services.common.reserve import release_if_full
 
 
@@ -14,9 +15,20 @@ def register(subparsers) -> None:
                               description="Run a grid container (HTTPS + WS-Security) hosting the named services.")
     p.add_argument("services", nargs="+", metavar="SERVICE", help="repository, authz, vmmanager, jobs (several may share one container)")
     p.add_argument("-c", "--config", help="TOML configuration file (docs/configuration.md)")
-    p.add_argument("--port", type=int, help="override [container] port")
+    p.add_argument("--port", type=port_number, help="override [container] port")
     p.add_argument("--state-dir", help="override [container] state_dir")
     p.set_defaults(func=run)
+
+
+def port_number(text: str) -> int:
+    """--port: a TCP port, 0 to 65535 (0 picks a free one)."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (0 to 65535; 0 picks a free one)")
+    return port
 
 
 def setup_logging(level: str, path: str = "") -> None:
@@ -81,27 +93,57 @@ def hold_state(state_dir: str, services: list[str]) -> None:
 
 
 def run(args) -> int:
-    from services.container.assemble import SERVICE_NAMES, build_container, build_service
+    from security.pki import PKIError
+    from services.container.assemble import (SERVICE_NAMES, build_container, build_service, check_service_config,
+                                             host_credential, trust_store)
     from services.container.config import ConfigError, load_config
+    from services.vmmanager.vmm.errors import VMMError
 
+    unknown = [name for name in args.services if name not in SERVICE_NAMES]
+    if unknown:
+        raise CLIError(f"unknown service {unknown[0]!r}: serve one or more of {', '.join(SERVICE_NAMES)}")
     try:
         config = load_config(args.config)
     except ConfigError as exc:
         raise CLIError(str(exc)) from None
     if args.state_dir:
         config.container.state_dir = args.state_dir
-    setup_logging(config.container.log_level, config.container.log_file)
-    hold_state(config.container.state_dir, [n for n in args.services if n in SERVICE_NAMES])
+    if args.port is not None:
+        config.container.port = args.port
+    # a value the configuration file gave that cannot be used is named with the file (ValueError: the services'
+    # checks name their key, "[vmmanager] list_page must be ..."); what the system refuses (OSError) as it is
+    where = f"{config.source}: " if args.config else ""
+    try:
+        setup_logging(config.container.log_level, config.container.log_file)
+    except ValueError as exc:
+        raise CLIError(f"{where}[container] log_level = {config.container.log_level!r}: {exc}") from None
+    except OSError as exc:
+        raise CLIError(f"{where}[container] log_file = {config.container.log_file!r}: {exc.strerror}") from None
+    if not 0 <= config.container.port <= 65535:        # before any service opens its state
+        raise CLIError(f"{where}[container] port = {config.container.port}: a port is 0 to 65535 (0 picks a free one)")
+    try:                                               # refused before any service opens its state
+        for name in args.services:
+            check_service_config(name, config)
+        host_credential(config), trust_store(config)
+    except ValueError as exc:
+        raise CLIError(f"{where}{exc}") from None
+    hold_state(config.container.state_dir, args.services)
     release_if_full(config.container.state_dir)    # a restart on a full disk still opens its databases
     try:
         services = [build_service(name, config) for name in args.services]
         container = build_container(config, services, port=args.port)
-    except (ValueError, OSError) as exc:
-        raise CLIError(str(exc)) from None
+    except (ValueError, PKIError, VMMError) as exc:
+        raise CLIError(f"{where}{printable(exc, 2000)}") from None
+    except OSError as exc:
+        raise CLIError(f"cannot start: {exc.filename}: {exc.strerror}" if exc.filename else
+                       f"cannot start: {exc.strerror or exc}") from None
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         container.start()
     except OSError as exc:
+        if container.listening:        # its own port was bound: a service's listener (a GridFTP face) failed
+            raise CLIError(f"{where}cannot start {', '.join(s.name for s in services)}: {exc.strerror or exc} "
+                           f"(its GridFTP face: [repository] or [jobs] gridftp_host, gridftp_port)") from None
         raise CLIError(f"cannot listen on {config.container.host}:{args.port or config.container.port}: "
                        f"{exc.strerror} (another container on that port? [container] port or --port)") from None
     print(f"vmgrid: serving {', '.join(s.name for s in services)} at {container.base_url}", flush=True)

@@ -93,6 +93,11 @@ class Container:
         return self._sock.getsockname()[0] if self._sock else self._bind[0]
 
     @property
+    def listening(self) -> bool:
+        """Whether the container's own port is bound (start() binds it before its services start theirs)."""
+        return self._sock is not None
+
+    @property
     def port(self) -> int:
         return self._sock.getsockname()[1] if self._sock else self._bind[1]
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 
 @dataclass
@@ -9,7 +10,7 @@ class VMManagerConfig:
     """[vmmanager] in the TOML configuration (docs/configuration.md)."""
 
     node: str = ""                       # this node's name ("" = the host name)
-    vmm: str = "test"                    # test: libvirt's test driver; qemu: real guests (qemu:///embed)
+    vmm: Literal["test", "qemu"] = "test"  # test: libvirt's test driver; qemu: real guests (qemu:///embed)
     vmm_root: str = ""                   # qemu:///embed root ("" = <state_dir>/qemu)
     repository: str = ""                 # the VMRepository's URL (images are verified and staged from it)
     network: str = "10.99.0.0/24"        # the subnet the instances live on
@@ -17,7 +18,7 @@ class VMManagerConfig:
     gateway: str = "10.99.0.1"
     dns: list[str] = field(default_factory=list)
     mac_prefix: str = "52:54:00"
-    nic_kind: str = "user"               # user (QEMU user-mode network), network or bridge
+    nic_kind: Literal["user", "network", "bridge"] = "user"  # user (QEMU user-mode network), network or bridge
     nic_source: str = ""                 # the libvirt network or bridge for nic_kind network/bridge
     manage_bridge: bool = True           # nic_kind bridge: the node makes nic_source holding the gateway
     # nic_kind bridge: each guest's tap may send only as its own lease (MAC, IPv4 address, ARP), nothing else,
@@ -47,7 +48,6 @@ class VMManagerConfig:
     # Subscribe: consumer networks allowed besides the default (any http(s) address that is not this node's
     # loopback or link-local); e.g. ["127.0.0.0/8"] where clients listen on the nodes' own machine
     consumers_allow: list[str] = field(default_factory=list)
-    CHOICES = {"vmm": ("test", "qemu"), "nic_kind": ("user", "network", "bridge")}   # checked when loaded
     notify_deadline: float = 10.0        # seconds for one notification delivery, connect to answer
     migration_timeout: float = 60.0      # seconds a node waits for the other node's answer during a migration
     migration_incoming_timeout: float = 900.0   # an Incoming instance whose source never commits is dropped then

@@ -103,7 +103,7 @@ class RepositoryClient:
             kwargs["descending"] = True
         if offset:
             kwargs["offset"] = offset
-        if limit:
+        if limit is not None:           # 0 is not "the default": the service refuses it (1 to 1000)
             kwargs["limit"] = limit
         resp = self._calls.call("QueryImages", text_fill=fill, **kwargs)
         return wire.read_query(resp)

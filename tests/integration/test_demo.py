@@ -42,26 +42,23 @@ def test_the_main_job_walks_the_poster_flows():
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
-def test_the_demo_empties_only_a_directory_a_demo_wrote(tmp_path):
-    """`--workdir DIR` holding the user's own files is refused and left as it was (the demo empties its directory
-    first: `--workdir .` must not delete a home directory); an earlier demo's directory is emptied, a new one made."""
-    from client.demo import MARKER, fresh_workdir
-    mine = tmp_path / "thesis"
-    mine.mkdir()
-    (mine / "thesis.txt").write_text("three years of work")
-    r = subprocess.run([str(ROOT / ".venv/bin/vmgrid"), "demo", "--workdir", str(mine)], capture_output=True,
-                       text=True, timeout=120)
-    assert r.returncode == 1 and "holds files an earlier `vmgrid demo` did not write" in r.stderr, r.stderr
-    assert "Traceback" not in r.stderr and (mine / "thesis.txt").read_text() == "three years of work"
+def test_a_workdir_holding_other_files_is_refused_untouched(tmp_path):
+    """The demo replaces its --workdir: a directory holding files no demo wrote (--workdir ~, a checkout) is
+    refused in one line and left as it was (it used to be removed whole), as is a file; an earlier demo's output
+    is replaced (that is the test above, with the checkout's demo-out/)."""
+    import sys
 
-    new = fresh_workdir(tmp_path / "a" / "b")                      # made, with its marker
-    (new / "old-output").write_text("x")
-    again = fresh_workdir(tmp_path / "a" / "b")                    # an earlier demo's: emptied
-    assert again == new and sorted(p.name for p in again.iterdir()) == [MARKER]
-    older = tmp_path / "older"                                     # a demo's from before the marker
-    (older / "grid").mkdir(parents=True)
-    (older / "grid" / "central.toml").write_text("")
-    assert sorted(p.name for p in fresh_workdir(older).iterdir()) == [MARKER]
-    (tmp_path / "file").write_text("")
-    with pytest.raises(Exception, match="not a directory"):
-        fresh_workdir(tmp_path / "file")
+    mine = tmp_path / "mine"
+    (mine / "images").mkdir(parents=True)            # a name a demo writes too: still not a demo's directory
+    (mine / "thesis.tex").write_text("years of work")
+    afile = tmp_path / "afile"
+    afile.write_text("kept")
+    for where, message in ((mine, f"--workdir {mine} holds files no demo wrote (thesis.tex): the demo replaces its "
+                                  f"directory, so name a new one (or an earlier demo's)"),
+                           (afile, f"--workdir {afile} is not a directory: name a new directory for the demo's "
+                                   f"output")):
+        r = subprocess.run([sys.executable, "-m", "client.cli", "demo", "--workdir", str(where)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1 and r.stdout == "" and r.stderr == f"vmgrid: {message}\n", r.stderr
+    assert (mine / "thesis.tex").read_text() == "years of work" and (mine / "images").is_dir()
+    assert afile.read_text() == "kept"

@@ -232,7 +232,7 @@ def test_a_job_service_without_an_owner_does_not_start(tmp_path):
     r = subprocess.run([PY, "-m", "client.cli", "serve", "jobs", "-c", str(cfg)], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 1
-    assert r.stderr == "vmgrid: the job service needs the instance owner's DN: set [jobs] owner\n"
+    assert r.stderr == f"vmgrid: {cfg}: the job service needs the instance owner's DN: set [jobs] owner\n"
 
 
 def test_ctrl_c_while_following_a_job_says_the_job_goes_on_and_how_to_find_it_again(grid):

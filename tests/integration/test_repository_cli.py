@@ -266,6 +266,39 @@ def test_import_in_batches_as_json(grid, tmp_path, names_in_catalogue):
     assert names_in_catalogue("batch-") == [f"batch-{i}" for i in range(5)]
 
 
+def test_duplicate_memory_takes_units_and_a_register_of_no_streams_is_refused_before_anything(grid, tmp_path):
+    src = tmp_path / "units.xml"
+    src.write_text((EXAMPLES / "debian12-emboss.xml").read_text().replace("<name>debian12-emboss</name>",
+                                                                          "<name>units</name>"))
+    vmgrid(grid, "admin", "repo", "register", str(src), str(grid.ingest / "emboss.qcow2"), "--on-host")
+    dup = json.loads(vmgrid(grid, "alice", "repo", "duplicate", "bio/units", "units-8g", "--memory", "8G",
+                            "--json").stdout)["descriptors"][0]
+    assert dup["hardware"]["memory"] == 8192
+    bad = vmgrid(grid, "alice", "repo", "duplicate", "bio/units", "units-x", "--memory", "lots", check=False)
+    assert bad.returncode == 1 and bad.stderr == ("vmgrid: --memory is RAM in MiB (or with a unit: 512M, 4G), 1 to "
+                                                  "4194304 (4 TiB), not lots\n")
+    for p in ("0", "-3"):        # 0 streams used to wait for ever
+        bad = vmgrid(grid, "alice", "repo", "register", str(src), str(grid.ingest / "emboss.qcow2"), "-p", p,
+                     check=False)
+        assert bad.returncode == 1 and bad.stderr == "vmgrid: -p must be between 1 and 64\n"
+    vmgrid(grid, "alice", "repo", "remove", "bio/units-8g")
+    vmgrid(grid, "admin", "repo", "remove", "bio/units")
+
+
+@pytest.mark.parametrize("args", [["--limit", "0"], ["--limit", "1001"], ["--offset", "-1"]])
+def test_a_query_page_out_of_bounds_is_one_line_not_the_default_page(grid, args):
+    bad = vmgrid(grid, "alice", "repo", "query", "ram >= 1", *args, check=False)
+    assert bad.returncode == 1 and bad.stdout == ""
+    assert bad.stderr == "vmgrid: --limit is 1 to 1000 descriptors (default 20), --offset 0 or more\n"
+
+
+def test_an_import_of_one_descriptor_says_descriptor(grid, tmp_path, names_in_catalogue):
+    _import_dir(grid, tmp_path, ["single-0"])
+    out = vmgrid(grid, "alice", "repo", "import", "descriptors/", cwd=tmp_path).stdout
+    assert out.startswith("imported 1 descriptor from descriptors in "), out
+    assert names_in_catalogue("single-") == ["single-0"]
+
+
 def test_import_reports_every_bad_file_and_imports_nothing(grid, tmp_path, names_in_catalogue):
     d = _import_dir(grid, tmp_path, ["bad-a", "bad-b", "bad-c"])
     (d / "bad-b.xml").write_text((d / "bad-b.xml").read_text().replace("<memory>512</memory>", "<memory>lots</memory>"))

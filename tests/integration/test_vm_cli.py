@@ -133,7 +133,19 @@ def test_a_url_with_no_vmmanager_is_one_line_saying_what_to_check(grid):
     (["vm", "deploy", "bio/none", "x"], "UnknownImage"),
     (["vm", "deploy", "bio/debian12-emboss", "x", "--lifetime", "soon"], "not a duration"),
     (["vm", "status", "inst-" + "0" * 32], "ResourceUnknown"),
-    (["vm", "deploy", "bio/debian12-emboss", "x", "--memory", "0"], "--memory is RAM in MiB, 1 to 4194304"),
+    (["vm", "deploy", "bio/debian12-emboss", "x", "--memory", "0"],
+     "--memory is RAM in MiB (or with a unit: 512M, 4G), 1 to 4194304 (4 TiB), not 0"),
+    (["vm", "deploy", "bio/debian12-emboss", "x", "--memory", "lots"], "1 to 4194304 (4 TiB), not lots"),
+    (["vm", "deploy", "bio/debian12-emboss", "x", "--memory", "1.3M"], "1 to 4194304 (4 TiB), not 1.3M"),
+    (["vm", "deploy", "bio/debian12-emboss", "x", "--lifetime", "-5m"],
+     "'-5m' is in the past: give a duration from now, e.g. 5m"),
+    (["vm", "deploy", "bio/debian12-emboss", "x", "--lifetime", "0"],
+     "a lifetime of '0' ends at once: give at least 1 s (e.g. 90m, 2h, 1d)"),
+    (["vm", "deploy", "bio/debian12-emboss", "x", "--lifetime", "400d"],
+     "a lifetime of '400d' is more than a node gives: at most 365d"),
+    (["vm", "lifetime", "nobody", "-5m"], "'-5m' is in the past: give a duration from now, e.g. 5m"),
+    (["vm", "deploy", "bio/debian12-emboss", "x", "--lifetime", "30d"],
+     "LimitExceeded: lifetime 2592000 s (30 d) exceeds the limit of 86400 s (1 d)"),
     (["vm", "deploy", "bio/debian12-emboss", "x", "--memory", "99999999"], "not 99999999"),
     (["vm", "deploy", "bio/debian12-emboss", "x", "--vcpus", "0"], "--vcpus must be 1 to 256, not 0"),
 ])
@@ -143,6 +155,50 @@ def test_errors_are_one_clear_line(grid, args, message):
     assert "Traceback" not in r.stderr
     if args[:2] == ["vm", "deploy"]:                 # nothing deployed by a refused deploy
         assert "x" not in [i["identifier"] for i in json.loads(vmgrid(grid, "vm", "list", "--json").stdout)]
+
+
+def test_options_of_an_instance_command_that_cannot_be_used_are_one_line_and_change_nothing(grid, tmp_path):
+    vmgrid(grid, "vm", "deploy", "bio/debian12-emboss", "opts-1", "--no-wait")
+    repo = grid.env_extra["VMGRID_REPOSITORY"]
+    node = grid.env_extra["VMGRID_NODE"].split("://", 1)[1].split("/", 1)[0]        # localhost:PORT
+    for args, message in (
+            (["vm", "shutdown", "opts-1", "--timeout", "-1"],
+             "--timeout is the seconds the guest gets before it is forced off, 0 or more, not -1"),
+            (["vm", "watch", "opts-1", "--listen", "bad"],
+             "--listen is HOST:PORT (e.g. 127.0.0.1:0, where 0 picks a free port), not 'bad'"),
+            (["vm", "watch", "opts-1", "--listen", "127.0.0.1:99999"],
+             "--listen is HOST:PORT (e.g. 127.0.0.1:0, where 0 picks a free port), not '127.0.0.1:99999'"),
+            (["vm", "watch", "opts-1", "--timeout", "-3"],
+             "--timeout is seconds, 0 (until the instance ends) or more, not -3"),
+            (["vm", "migrate", "opts-1", "--to", node],
+             f"'{node}' is not a VMManagerService URL: give https://HOST:PORT/wsrf/services/VMManagerService "
+             f"(or https://HOST:PORT); did you mean https://{node}?"),
+            (["vm", "migrate", "opts-1", "--to", repo],
+             f"{repo} is the VMRepositoryService, not the VMManagerService: give the VMManagerService's URL "
+             f"(https://HOST:PORT/wsrf/services/VMManagerService)"),
+            (["report", "--out", "/proc/phases.png"], "cannot write the figure to /proc/phases.png: No such file "
+                                                       "or directory")):
+        r = vmgrid(grid, *args, check=False)
+        assert r.returncode == 1 and r.stdout == "" and r.stderr == f"vmgrid: {message}\n", (args, r.stderr)
+    status = json.loads(vmgrid(grid, "vm", "status", "opts-1", "--json").stdout)
+    assert status["state"] == "Running" and status["node"] == "node1"
+    vmgrid(grid, "vm", "destroy", "opts-1")
+
+
+def test_memory_takes_the_size_units_queries_take(grid):
+    """`--memory 4G` as `vmgrid repo query 'ram >= 4G'` takes it (services.descriptor.number_value): 4096 MiB."""
+    for given, mib in (("1G", 1024), ("768M", 768), ("1.5GiB", 1536), ("640", 640)):
+        info = json.loads(vmgrid(grid, "vm", "deploy", "bio/debian12-emboss", f"mem-{mib}", "--memory", given,
+                                 "--no-wait", "--json").stdout)
+        assert info["memory"] == mib, (given, info)
+        vmgrid(grid, "vm", "destroy", f"mem-{mib}")
+
+
+def test_version():
+    r = subprocess.run([sys.executable, "-m", "client.cli", "--version"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stderr == ""
+    from importlib.metadata import version
+    assert r.stdout == f"vmgrid {version('vmgrid')}\n"
 
 
 def test_an_instance_that_ended_is_named_with_its_state_and_the_command_that_shows_it(grid):

@@ -250,3 +250,21 @@ def test_a_server_that_drips_its_replies_fails_the_attempt_at_the_given_timeout(
     finally:
         stop.set()
         listener.close()
+
+
+def test_gridftp_server_options_that_cannot_be_used_are_one_line(grid_pki, tmp_path):
+    """A port out of range (was OverflowError), a negative rate or marker interval (it served), a missing root."""
+    root = tmp_path / "root"
+    root.mkdir()
+    host = ["--cert", str(grid_pki.host_cert_path), "--key", str(grid_pki.host_key_path),
+            "--cert-dir", str(grid_pki.cert_dir)]
+    for extra, message in (
+            (["--root", str(root), "--port", "99999"], "--port is 0 to 65535 (0 picks a free one), not 99999"),
+            (["--root", str(root), "--port", "0", "--max-rate", "-5"],
+             "--max-rate is bytes a second, 0 (unlimited) or more; --marker-interval seconds, more than 0"),
+            (["--root", str(root), "--port", "0", "--marker-interval", "0"],
+             "--max-rate is bytes a second, 0 (unlimited) or more; --marker-interval seconds, more than 0"),
+            (["--root", str(tmp_path / "nosuch"), "--port", "0"],
+             f"cannot start the server: {tmp_path / 'nosuch'}: No such file or directory")):
+        r = vmgrid("gridftp-server", *extra, *host, timeout=20)
+        assert r.returncode == 1 and r.stdout == "" and r.stderr == f"vmgrid: {message}\n", (extra, r.stderr)

@@ -223,3 +223,18 @@ def test_denied_paths_raise_authorization_denied(start_server, big, tmp_path):
     with pytest.raises(ReplyError) as missing:
         download(server.url("/data/none"), tmp_path / "c")
     assert not isinstance(missing.value, AuthorizationDenied)
+
+
+@pytest.mark.parametrize("parallel", [0, -1, 65])
+def test_a_parallelism_outside_1_to_64_is_refused_before_any_connection(tmp_path, parallel):
+    """0 streams opened none and waited for ever (`vmgrid repo register -p 0` hung); no server is needed to say so:
+    the URLs name a port nothing listens on."""
+    import gridftp
+
+    src = make_file(tmp_path / "src", 1024)
+    for run in (lambda: gridftp.upload(src, "gsiftp://127.0.0.1:1/x", parallel),
+                lambda: gridftp.download("gsiftp://127.0.0.1:1/x", tmp_path / "dst", parallel),
+                lambda: gridftp.third_party("gsiftp://127.0.0.1:1/x", "gsiftp://127.0.0.1:1/y", parallel)):
+        with pytest.raises(gridftp.GridFTPError, match=f"parallelism must be 1 to 64 streams, not {parallel}"):
+            run()
+    assert not (tmp_path / "dst").exists()

@@ -67,20 +67,20 @@ BAD = [
     (MINIMAL.replace('vo = "bio"', 'vo = "bio"\ncolour = "red"'), "image.colour: unknown key"),
     ('[image]\nname = "bad name"\nvo = "bio"\n', "image.name: 'bad name' must be"),
     ('[image]\nname = "x"\nvo = "b/o"\n', "image.vo"),
-    ('[image]\nname = "x"\nvo = "bio"\nversion = 2\n', "image.version: must be a str, got int"),
-    (MINIMAL + '[debian]\npackages = "emboss"\n', "debian.packages: must be a list"),
+    ('[image]\nname = "x"\nvo = "bio"\nversion = 2\n', "image.version: must be a string, not 2"),
+    (MINIMAL + '[debian]\npackages = "emboss"\n', "debian.packages: must be a list, not 'emboss'"),
     (MINIMAL + '[debian]\npackages = ["Emboss!"]\n', "debian.packages: 'Emboss!' is not a Debian package name"),
     (MINIMAL + '[debian]\nsuite = "Bookworm 12"\n', "debian.suite"),
     (MINIMAL + '[hardware]\ndisk_size = "2T"\n', "hardware.disk_size: '2T' must be a size"),
     (MINIMAL + '[hardware]\ndisk_size = "100M"\n', "hardware.disk_size: 100M is outside"),
     (MINIMAL + '[hardware]\nmemory = 32\n', "hardware.memory: 32 MiB"),
-    (MINIMAL + '[hardware]\nmemory = true\n', "hardware.memory: must be a int, got bool"),
+    (MINIMAL + '[hardware]\nmemory = true\n', "hardware.memory: must be a whole number, not true"),
     (MINIMAL + '[hardware]\nvcpus = 0\n', "hardware.vcpus"),
     (MINIMAL + '[container]\nport = 8443\n', "container.port: a port without a container command"),
     (MINIMAL + '[container]\ncommand = "a\\nb"\n', "container.command: must be one printable line"),
     (MINIMAL + '[container]\ncommand = "x"\nport = 70000\n', "container.port: 70000 is not a TCP port"),
     (MINIMAL + '[debian]\nsuite = "trixie"\n[vmgrid]\nruntime = true\n', "vmgrid.runtime: needs python3.11"),
-    (MINIMAL + '[vmgrid]\nruntime = "yes"\n', "vmgrid.runtime: must be a bool"),
+    (MINIMAL + '[vmgrid]\nruntime = "yes"\n', "vmgrid.runtime: must be true or false, not 'yes'"),
     (MINIMAL + '[files]\n"etc/x" = "r.toml"\n', "the path in the guest must be absolute"),
     (MINIMAL + '[files]\n"/etc/../x" = "r.toml"\n', "without '..'"),
     (MINIMAL + '[files]\n"/etc/x" = "missing.txt"\n', "missing.txt is not a file"),
@@ -109,7 +109,7 @@ def test_the_command_line_says_what_is_wrong_in_one_line(tmp_path, capsys):
     path = write(tmp_path, MINIMAL + '[hardware]\nmemory = "lots"\n')
     assert vmgrid(["image", "check", str(path)]) == 1
     err = capsys.readouterr().err.strip()
-    assert err == f"vmgrid: {path}: hardware.memory: must be a int, got str 'lots'"
+    assert err == f"vmgrid: {path}: hardware.memory: must be a whole number, not 'lots'"
     assert vmgrid(["image", "build", str(path)]) == 1
     assert capsys.readouterr().err.strip() == err
     assert vmgrid(["image", "check", "emboss", "--json"]) == 0

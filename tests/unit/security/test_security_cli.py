@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from cryptography.hazmat.primitives.serialization import Encoding
+
 from security.pki import load_credential, proxy_cert_info
 from security.trust import RevokedCertificate, TrustStore
 
@@ -81,6 +83,56 @@ def test_revoke_and_crl(ca_env, tmp_path):
     assert "1 revoked" in vmgrid("ca", "crl", "--days", "7", env=ca_env).stdout
     bad = vmgrid("ca", "revoke", "not-a-serial", env=ca_env, check=False)
     assert bad.returncode == 1 and "hexadecimal" in bad.stderr
+
+
+def test_revoking_a_file_that_is_no_certificate_or_twice_says_so(ca_env, tmp_path):
+    (tmp_path / "hostname").write_text("node1\n")
+    bad = vmgrid("ca", "revoke", str(tmp_path / "hostname"), env=ca_env, check=False)
+    assert bad.returncode == 1 and bad.stdout == ""
+    assert bad.stderr == (f"vmgrid: {tmp_path / 'hostname'} holds no certificate (PEM or DER): name a certificate file "
+                          f"(usercert.pem, hostcert.pem) or give its serial number (`vmgrid ca list` shows them)\n")
+    vmgrid("ca", "user", "fay", "--out", str(tmp_path / "fay"), env=ca_env)
+    cert = tmp_path / "fay" / "usercert.pem"
+    der = tmp_path / "fay.der"                              # a DER certificate is read too
+    der.write_bytes(load_credential(cert, cert.with_name("userkey.pem")).certificate.public_bytes(Encoding.DER))
+    assert vmgrid("ca", "revoke", str(der), env=ca_env).stdout.startswith("revoked /O=Grid/OU=vmgrid/CN=fay (serial ")
+    again = vmgrid("ca", "revoke", str(cert), env=ca_env).stdout
+    assert "/O=Grid/OU=vmgrid/CN=fay (serial " in again and " was already revoked at " in again, again
+    assert not again.startswith("revoked")
+
+
+@pytest.mark.parametrize("args", [["ca", "crl", "--days", "0"], ["ca", "crl", "--days", "-1"],
+                                  ["ca", "crl", "--days", "1.5"], ["ca", "user", "gus", "--days", "0"],
+                                  ["ca", "host", "gus.example.org", "--days", "-3"]])
+def test_a_validity_of_no_days_is_refused_not_taken_as_the_default(ca_env, tmp_path, args):
+    crl = tmp_path / "ca" / "crl.pem"
+    before = crl.read_bytes()
+    proc = vmgrid(*args, env=ca_env, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"argument --days: '{args[-1]}' is not a number of days more than 0" in proc.stderr, proc.stderr
+    assert crl.read_bytes() == before and "gus" not in vmgrid("ca", "list", env=ca_env).stdout
+
+
+def test_files_that_cannot_be_read_or_written_and_weak_keys_are_one_line(ca_env, tmp_path):
+    listed = vmgrid("ca", "list", env=ca_env).stdout
+    for args, message in (
+            (["ca", "user", "hal", "--out", "/proc/hal"], "cannot write /proc/hal: No such file or directory"),
+            (["ca", "host", "hal", "--out", "/proc/hal"], "cannot write /proc/hal: No such file or directory"),
+            (["ca", "user", "hal", "--out", str(tmp_path / "hal"), "--passphrase-file", str(tmp_path / "nosuch")],
+             f"cannot read the passphrase file {tmp_path / 'nosuch'}: No such file or directory"),
+            (["ca", "init", "--dir", "/proc/ca"], "cannot write /proc/ca: No such file or directory")):
+        proc = vmgrid(*args, env=ca_env, check=False)
+        assert proc.returncode == 1 and proc.stderr == f"vmgrid: {message}\n", proc.stderr
+    assert vmgrid("ca", "list", env=ca_env).stdout == listed          # nothing issued for lost files
+    vmgrid("ca", "user", "ida", "--out", str(tmp_path / "ida"), env=ca_env)
+    cert = ["-cert", str(tmp_path / "ida" / "usercert.pem"), "-key", str(tmp_path / "ida" / "userkey.pem"),
+            "-out", str(tmp_path / "p.pem")]
+    for extra, message in ((["-bits", "512"], "an RSA key of 512 bits: give 2048 to 16384 (weaker keys are refused)"),
+                           (["-path-length", "-2"],
+                            "a proxy path length is 0 or more (how many proxies it may sign), not -2")):
+        proc = vmgrid("proxy-init", *cert, *extra, env=ca_env, check=False)
+        assert proc.returncode == 1 and proc.stderr == f"vmgrid: {message}\n", proc.stderr
+    assert not (tmp_path / "p.pem").exists()
 
 
 def test_errors_are_reported_without_tracebacks(tmp_path):
@@ -207,3 +259,15 @@ def test_a_certificate_named_as_the_proxy_is_called_what_it_is_not_a_key_to_chmo
     assert proc.returncode == 1 and proc.stderr == (
         f"vmgrid: proxy file {cert} holds no private key (a certificate alone is not a proxy: make one with "
         f"`vmgrid proxy-init`)\n"), proc.stderr
+
+
+def test_a_ca_named_badly_leaves_no_directory_and_a_file_named_as_the_ca_is_one_line(tmp_path):
+    env = {"HOME": str(tmp_path), "VMGRID_CA_DIR": ""}
+    for dn in ("bad", "/O=Grid/X=y"):
+        proc = vmgrid("ca", "init", "--dir", str(tmp_path / "ca"), "--dn", dn, env=env, check=False)
+        assert proc.returncode == 1 and proc.stderr.startswith("vmgrid: ") and proc.stderr.count("\n") == 1
+        assert not (tmp_path / "ca").exists()
+    (tmp_path / "afile").write_text("x")
+    proc = vmgrid("ca", "list", "--dir", str(tmp_path / "afile"), env=env, check=False)
+    assert proc.returncode == 1 and proc.stderr == (f"vmgrid: no grid CA in {tmp_path / 'afile'} (run `vmgrid ca init "
+                                                    f"--dir {tmp_path / 'afile'}`)\n")

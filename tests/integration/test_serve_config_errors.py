@@ -1,0 +1,93 @@
+"""`vmgrid serve` with a configuration it cannot use: one line naming the configuration file and the key, exit
+status 1, and nothing started or written (the state directory is not made). A typo in a value (`vmm = "tset"`)
+and a missing host certificate used to end in a 25- or 34-line traceback (InvalidSpec, CredentialError)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.timeout(300)
+
+VMGRID = os.path.join(os.path.dirname(sys.executable), "vmgrid")      # the installed entry point
+
+
+def node_toml(grid_pki, state, changes: dict | None = None) -> str:
+    """A node's configuration as the README writes it, with ``changes`` ({(section, key): TOML value})."""
+    keys = {("container", "port"): "0", ("container", "state_dir"): f'"{state}"',
+            ("security", "cert_dir"): f'"{grid_pki.cert_dir}"',
+            ("security", "host_cert"): f'"{grid_pki.host_cert_path}"',
+            ("security", "host_key"): f'"{grid_pki.host_key_path}"',
+            ("enforcement", "authz_url"): '"https://localhost:1/wsrf/services/AuthorizationService"',
+            ("vmmanager", "node"): '"n3"', ("vmmanager", "vmm"): '"test"',
+            ("vmmanager", "repository"): '"https://localhost:1/wsrf/services/VMRepositoryService"'}
+    keys.update(changes or {})
+    sections: dict[str, list[str]] = {}
+    for (section, key), value in keys.items():
+        sections.setdefault(section, []).append(f"{key} = {value}")
+    return "".join(f"[{s}]\n" + "\n".join(lines) + "\n" for s, lines in sections.items())
+
+
+def serve(tmp_path, text: str, *extra: str, service: str = "vmmanager") -> subprocess.CompletedProcess:
+    (tmp_path / "n3.toml").write_text(text)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("X509_")}
+    return subprocess.run([VMGRID, "serve", service, "-c", "n3.toml", *extra], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    (("vmmanager", "vmm"), '"tset"', "n3.toml: vmmanager.vmm: 'tset' is not one of test, qemu"),
+    (("vmmanager", "nic_kind"), '"tap"', "n3.toml: vmmanager.nic_kind: 'tap' is not one of user, network, bridge"),
+    (("container", "tls_client_certs"), '"yes"',
+     "n3.toml: container.tls_client_certs: 'yes' is not one of none, optional, required"),
+    (("security", "host_cert"), '"host/nocert.pem"',
+     "n3.toml: [security] host_cert = 'host/nocert.pem': certificate host/nocert.pem does not exist"),
+    (("security", "host_key"), '"/etc/hostname"', "n3.toml: [security] host_key = '/etc/hostname': no private key in "
+                                                   "/etc/hostname"),
+    (("security", "cert_dir"), '"ca/nocerts"',
+     "n3.toml: [security] cert_dir = 'ca/nocerts': trusted CA directory ca/nocerts does not exist"),
+    (("container", "port"), "99999", "n3.toml: [container] port = 99999: a port is 0 to 65535 (0 picks a free one)"),
+    (("container", "log_level"), '"verbose"', "n3.toml: [container] log_level = 'verbose': Unknown level: 'VERBOSE'"),
+    (("container", "log_file"), '"nodir/node.log"',
+     "n3.toml: [container] log_file = 'nodir/node.log': No such file or directory"),
+])
+def test_a_value_that_cannot_be_used_is_one_line_naming_the_file_and_key(grid_pki, tmp_path, key, value, message):
+    r = serve(tmp_path, node_toml(grid_pki, tmp_path / "state", {key: value}))
+    assert r.returncode == 1 and r.stdout == "", r.stderr
+    assert r.stderr == f"vmgrid: {message}\n"
+    assert not (tmp_path / "state").exists()                # refused before any service opened its state
+
+
+def test_a_wrong_service_name_and_port_are_refused_before_anything_starts(grid_pki, tmp_path):
+    text = node_toml(grid_pki, tmp_path / "state")
+    r = serve(tmp_path, text, service="vmmanger")
+    assert r.returncode == 1 and r.stderr == ("vmgrid: unknown service 'vmmanger': serve one or more of repository, "
+                                              "authz, vmmanager, jobs\n")
+    r = serve(tmp_path, text, "--port", "70000")
+    assert r.returncode == 2 and "argument --port: '70000' is not a port (0 to 65535; 0 picks a free one)" in r.stderr
+    assert not (tmp_path / "state").exists()
+
+
+def test_what_a_service_needs_is_named_before_the_host_credential_or_any_state(grid_pki, tmp_path):
+    text = node_toml(grid_pki, tmp_path / "state", {("security", "host_cert"): '"host/nocert.pem"'})
+    text = text.replace('authz_url = "https://localhost:1/wsrf/services/AuthorizationService"\n', "")
+    r = serve(tmp_path, text)
+    assert r.returncode == 1 and r.stderr == ("vmgrid: n3.toml: the VMManager authorizes every operation through the "
+                                              "Authorization service: set [enforcement] authz_url\n")
+    assert not (tmp_path / "state").exists()
+
+
+def test_a_gridftp_face_that_cannot_listen_is_named_not_taken_for_the_containers_port(grid_pki, tmp_path):
+    r = serve(tmp_path, node_toml(grid_pki, tmp_path / "state", {("repository", "gridftp_port"): "99999"}),
+              service="repository")
+    assert r.returncode == 1 and r.stderr == ("vmgrid: n3.toml: [repository] gridftp_port = 99999: a port is 0 to 65535 "
+                                              "(0 picks a free one; -1: no GridFTP face)\n")
+    assert not (tmp_path / "state").exists()
+    r = serve(tmp_path, node_toml(grid_pki, tmp_path / "state", {("repository", "gridftp_port"): "0",
+                                                                  ("repository", "gridftp_host"): '"192.0.2.1"'}),
+              service="repository")             # TEST-NET-1: an address no interface here has
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.endswith("vmgrid: n3.toml: cannot start VMRepositoryService: Cannot assign requested address "
+                             "(its GridFTP face: [repository] or [jobs] gridftp_host, gridftp_port)\n"), r.stderr
