@@ -17,7 +17,6 @@ from urllib.parse import urlsplit
 from client.cli import CLIError
 from services.common.errors import printable
 
-SERVICE_PATH = "/wsrf/services/JobService"
 DEFAULT_NODE = "https://localhost:8443/wsrf/services/VMManagerService"
 START_WAIT = 120.0      # seconds a just-started job service of an instance named may take to listen
 
@@ -89,11 +88,6 @@ def register(subparsers) -> None:
 
 
 # -- helpers ---------------------------------------------------------------------------------------------
-def endpoint_url(text: str) -> str:
-    parts = urlsplit(text)
-    if parts.scheme not in ("https", "http") or not parts.hostname:
-        raise CLIError(f"{text!r} is not a job service URL (https://HOST:PORT{SERVICE_PATH})")
-    return text.rstrip("/") + SERVICE_PATH if parts.path in ("", "/") else text
 
 
 def is_url(text: str) -> bool:
@@ -119,8 +113,8 @@ def connect(args):
     from services.jobs.client import JobClient
 
     if is_url(args.endpoint):
-        args.url = endpoint_url(args.endpoint)
-        return JobClient(grid_client(args))
+        args.url = args.endpoint      # a container's URL alone is completed, another service's refused by name
+        return JobClient(grid_client(args, "JobService"))
     url, dn = instance_job_service(args)
     from client.soap import ClientError, GridServiceClient, Unreachable
     from security.pki import PKIError, load_credential
@@ -227,7 +221,7 @@ def _lifetime(text: str | None) -> int | None:
         return None
     if text.strip().startswith("-"):
         raise CLIError(f"--lifetime {text}: a job's lifetime is a positive duration (seconds, or 90m, 2h, 1d)")
-    seconds = parse_seconds(text)
+    seconds = parse_seconds(text, minimum=0)      # 0 is refused here, with what leaving it out means
     if seconds <= 0:
         raise CLIError(f"--lifetime {text}: a job's lifetime is a positive duration (seconds, or 90m, 2h, 1d); "
                        f"without --lifetime the job gets the service's default")

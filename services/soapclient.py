@@ -194,6 +194,9 @@ class GridServiceClient:
             raise ClientError(f"{self.url} is not a grid service: its ?wsdl answer is not a WSDL "
                               f"({printable(exc, 200)}); give https://HOST:PORT{SERVICES_PATH}NAME") from None
         self.served = next(iter(self.zeep.wsdl.services), "")     # the wsdl:service's name (VMManagerService, ...)
+        if not self.served:        # XML zeep could read (a schema, another document) that describes no service
+            raise ClientError(f"{self.url} is not a grid service: its ?wsdl answer describes no service; give "
+                              f"https://HOST:PORT{SERVICES_PATH}{service or 'NAME'}")
         if service is not None and self.served != service:
             raise ClientError(f"{self.url} is the {self.served or 'unnamed service'}, not the {service}: give the "
                               f"{service}'s URL (https://HOST:PORT{SERVICES_PATH}{service})")

@@ -78,10 +78,9 @@ def test_another_services_url_is_refused_naming_it(grid):
     one_line(vmgrid(grid, "authz", "check", "me", "image.query", "--url", repo),
              f"{repo} is the VMRepositoryService, not the AuthorizationService: give the AuthorizationService's URL "
              f"(https://HOST:PORT/wsrf/services/AuthorizationService)")
-    # the job commands (client/commands_job.py) name no service to expect: the operation the service lacks says it
     one_line(vmgrid(grid, "job", "list", node),
-             f"{node} is the VMManagerService, which has no operation ListJobs: give the URL of the service that has "
-             f"it (https://HOST:PORT/wsrf/services/NAME)")
+             f"{node} is the VMManagerService, not the JobService: give the JobService's URL "
+             f"(https://HOST:PORT/wsrf/services/JobService)")
     assert "nowhere" not in ok(vmgrid(grid, "vm", "list", "--all"))          # nothing was deployed
 
 
@@ -100,12 +99,12 @@ def test_a_url_without_a_scheme_or_that_serves_no_wsdl_says_what_to_give(grid):
     one_line(vmgrid(grid, "repo", "vos", "--url", "ftp://localhost/x"),
              "'ftp://localhost/x' is not a VMRepositoryService URL: give "
              "https://HOST:PORT/wsrf/services/VMRepositoryService (or https://HOST:PORT)")
-    # the container's index of services (text, not a WSDL): what a job command's URL reaches if it ends there
-    r = vmgrid(grid, "job", "list", f"{grid.jobs}/wsrf/services")
-    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
-    assert r.stderr.startswith(f"vmgrid: {grid.jobs}/wsrf/services is not a grid service: its ?wsdl answer is not a "
-                               f"WSDL ("), r.stderr
-    assert r.stderr.endswith("); give https://HOST:PORT/wsrf/services/NAME\n") and r.stderr.count("\n") == 1
+    # the job commands complete a container's URL too (the container's index of services, text, is never asked)
+    assert ok(vmgrid(grid, "job", "list", f"{grid.jobs}/wsrf/services")).startswith("KEY")
+    # a published schema: XML, but no WSDL of a service
+    schema = f"{grid.jobs}/wsrf/share/schema/jobs.xsd"
+    one_line(vmgrid(grid, "job", "list", schema), f"{schema} is not a grid service: its ?wsdl answer describes no "
+                                                  f"service; give https://HOST:PORT/wsrf/services/JobService")
 
 
 def test_authz_check_of_a_short_name_says_to_give_a_dn_or_me(grid):
@@ -116,3 +115,33 @@ def test_authz_check_of_a_short_name_says_to_give_a_dn_or_me(grid):
     one_line(vmgrid(grid, "authz", "groups", "bob"),
              f"'bob' is not a DN: give a full DN, /O=.../CN=NAME (in your OU: {ou}/CN=bob), or `me` for your own")
     assert "Permit" in ok(vmgrid(grid, "authz", "check", alice, "image.query", "vo=bio"))
+
+
+def test_a_url_whose_wsdl_answer_is_a_web_page_is_one_line(grid):
+    """A web server that is no grid container (here a plain HTTP one answering every GET with a text that is no XML)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Page(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = b"It works! (not XML)"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/wsrf/services/JobService"
+        r = vmgrid(grid, "job", "list", url)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        assert r.stderr.startswith(f"vmgrid: {url} is not a grid service: its ?wsdl answer is not a WSDL ("), r.stderr
+        assert r.stderr.endswith("); give https://HOST:PORT/wsrf/services/NAME\n") and r.stderr.count("\n") == 1
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -90,7 +90,7 @@ def test_errors_are_one_clear_line(grid, tmp_path):
             (("job", "status", url, "job-42"), "is not a job key"),
             (("job", "submit", url, "--stage-in", str(tmp_path / "none.txt"), "--", "true"), "no such file"),
             (("job", "status", url, "job-" + "a" * 32), "vmgrid: ResourceUnknown: "),
-            (("job", "status", "ftp://not-a-job-service", key), "is not a job service URL"),
+            (("job", "status", "ftp://not-a-job-service", key), "vmgrid: 'ftp://not-a-job-service' is not a JobService URL"),
             (("job", "status", "my-vm", key, "--node", "https://localhost:1/wsrf/services/VMManagerService"),
              "vmgrid: cannot fetch the WSDL of https://localhost:1/"),
             (("job", "submit", url, "--lifetime", "99d", "--", "true"), "vmgrid: LimitExceeded: ")):
