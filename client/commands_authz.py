@@ -229,12 +229,16 @@ def _status_line(status) -> str:
 # -- commands -------------------------------------------------------------------------------------
 
 def cmd_check(args) -> int:
-    from services.authz.pep import Subject, enforce_obligations
+    from services.authz.pep import REQUEST_LIMITS, Subject, enforce_obligations
     from services.faults import VMGridFault
 
     subject = Subject(_me(args, args.subject), args.limited)
     resource = _pairs(args.resource, "resource attribute")
     context = _pairs(args.context, "--context")
+    for key, _, _ in REQUEST_LIMITS:       # asked amounts: a resource attribute of that name would be left unchecked
+        if key in resource:
+            raise CLIError(f"{key}={resource[key]} is an amount the request asks for, checked against the decision's "
+                           f"limits, not a resource attribute: give it as -C {key}={resource[key]}")
     decision, groups = _call(connect(args).authorize, subject, args.action, resource, context)
     problem = None
     if decision.permit:

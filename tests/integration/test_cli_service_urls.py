@@ -117,6 +117,14 @@ def test_authz_check_of_a_short_name_says_to_give_a_dn_or_me(grid):
     assert "Permit" in ok(vmgrid(grid, "authz", "check", alice, "image.query", "vo=bio"))
 
 
+def test_authz_check_of_an_amount_given_as_a_resource_attribute_says_to_give_it_as_context(grid):
+    """`memory=4096` beside the resource attributes was taken as one, so the decision's memory limit went unchecked
+    and the check answered Permit; it is an amount the request asks for: -C memory=4096."""
+    one_line(vmgrid(grid, "authz", "check", "me", "vm.deploy", "type=image", "vo=bio", "memory=4096"),
+             "memory=4096 is an amount the request asks for, checked against the decision's limits, not a resource "
+             "attribute: give it as -C memory=4096")
+
+
 def test_a_url_whose_wsdl_answer_is_a_web_page_is_one_line(grid):
     """A web server that is no grid container (here a plain HTTP one answering every GET with a text that is no XML)."""
     import threading
