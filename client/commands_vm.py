@@ -193,13 +193,13 @@ def resolve(vm, text: str):
     return matches[0].ref
 
 
-ENDED = ("Destroyed", "Failed", "Migrated")       # no lifetime left to show (the record outlives the VM)
-
-
 def instance_rows(infos) -> list[list]:
+    from services.vmmanager.states import FINAL
+
+    ended = {s.value for s in FINAL}         # no lifetime left to show (the record outlives the VM)
     rows = []
     for i in infos:
-        left = None if i.state in ENDED else i.lifetime_left
+        left = None if i.state in ended else i.lifetime_left
         rows.append([i.ref.key if i.ref else "", i.identifier, i.state, f"{i.vo}/{i.image_name}", i.address or "",
                      i.mac or "", f"{i.memory} MiB", "" if left is None else f"{max(0, int(left))} s"])
     return rows

@@ -198,7 +198,7 @@ class GridServiceClient:
             raise ClientError(f"{self.url} is not a grid service: its ?wsdl answer describes no service; give "
                               f"https://HOST:PORT{SERVICES_PATH}{service or 'NAME'}")
         if service is not None and self.served != service:
-            raise ClientError(f"{self.url} is the {self.served or 'unnamed service'}, not the {service}: give the "
+            raise ClientError(f"{self.url} is the {self.served}, not the {service}: give the "
                               f"{service}'s URL (https://HOST:PORT{SERVICES_PATH}{service})")
         self._binding = self._first_binding()
         self.service = self.zeep.create_service(self._binding.name.text, self.url)
@@ -215,7 +215,7 @@ class GridServiceClient:
         try:
             return self._binding.get(operation)
         except ValueError:
-            raise ClientError(f"{self.url} is the {self.served or 'unnamed service'}, which has no operation "
+            raise ClientError(f"{self.url} is the {self.served}, which has no operation "
                               f"{operation}: give the URL of the service that has it "
                               f"(https://HOST:PORT{SERVICES_PATH}NAME)") from None
 
