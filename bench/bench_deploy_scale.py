@@ -201,7 +201,7 @@ def main() -> int:
         log(f"{args.clients} clients x {args.cycles} deploy+destroy cycles over {args.nodes} nodes")
         conc = many_clients(site, nodes, ws, args.clients, args.cycles)
 
-        print(f"\n== 1. CPU per deploy+destroy (warm: image cached on the node) ==")
+        print("\n== 1. CPU per deploy+destroy (warm: image cached on the node) ==")
         rows = [
             ("peer: 1 client, 1 node", ms_per(seq["cpu"]["node"], seq["n"]), ms_per(seq["cpu"]["central"], seq["n"]),
              ms_per(seq["cpu"]["node"] + seq["cpu"]["central"], seq["n"]), ms_per(seq["cpu"]["clients"], seq["n"]),
@@ -212,7 +212,7 @@ def main() -> int:
         ]
         print(table(("", "node(s)", "central", "all services", "client(s)", "n", "machine"), rows))
         print("(client(s): the test clients' own CPU, beside the services' for information; the goal counts the services)")
-        print(f"\n== 2. deploys/s (deploy+destroy cycles) ==")
+        print("\n== 2. deploys/s (deploy+destroy cycles) ==")
         rows = [
             ("peer: 1 client, 1 node", f"{seq['rate']:.1f}", fmt_s(p50(seq["walls"])),
              fmt_s(percentile(seq["walls"], 95)), seq["n"]),
