@@ -15,6 +15,12 @@ chain, on the bridge's prerouting hook, looks at every frame sent by a tap the n
   tap: every port of the bridge receives each of them, so one guest's flood would reach every neighbour and
   the host.
 
+and a second chain, on the bridge's postrouting hook, looks at every frame the bridge sends out of a bound tap
+(forwarded from a neighbour or sent by the host): a unicast frame leaves a tap only when it is addressed to the
+tap's leased MAC. A bridge floods a frame for a MAC it has not learned (or has forgotten: a quiet guest's entry
+ages out after 300 s) to every port, so without this a guest would read unicast traffic meant for a neighbour;
+broadcast and multicast frames pass. A tap bound to nothing receives no unicast frame.
+
 Frames from ports the node did not bind (the site's uplink, another node's guests: that node's own table
 looks at those) pass untouched. A tap is
 bound before its guest first runs (deploy, restore, a warm clone, a migration's arrival), so no frame of it
@@ -141,6 +147,13 @@ class PortGuard:
                 f"    ether type ip iifname . ether saddr . ip saddr @ipv4 accept\n"
                 f"    {arp} iifname . arp saddr ether . arp saddr ip @ipv4 accept\n"
                 f"    {arp} arp saddr ip 0.0.0.0 iifname . arp saddr ether @macs accept\n"
+                f"    counter drop\n"
+                f"  }}\n"
+                f"  chain deliver {{\n"
+                f"    type filter hook postrouting priority -200; policy accept;\n"
+                f"    oifname != @ports accept\n"
+                f"    ether daddr & 01:00:00:00:00:00 == 01:00:00:00:00:00 accept\n"
+                f"    oifname . ether daddr @macs accept\n"
                 f"    counter drop\n"
                 f"  }}\n"
                 f"}}\n")
