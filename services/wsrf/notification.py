@@ -32,6 +32,24 @@ log = logging.getLogger("vmgrid.wsrf.notification")
 
 
 # -- which consumers a producer may call ----------------------------------------------------------------
+NAT64 = ipaddress.ip_network("64:ff9b::/96")     # RFC 6052: a NAT64 gateway reaches the IPv4 address in the low bits
+
+
+def reached(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The IPv4 address a connection to an IPv6 form of it reaches: IPv4-mapped (``::ffff:127.0.0.1``, which
+    Linux connects as 127.0.0.1), IPv4-compatible (``::127.0.0.1``), 6to4 (``2002:7f00:1::``) and NAT64
+    (``64:ff9b::7f00:1``); any other address as it is. Python 3.11's ``is_loopback`` and friends are False for
+    all of these forms, so a check must look at the address they reach."""
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return addr.ipv4_mapped
+        if addr.sixtofour is not None:
+            return addr.sixtofour
+        if addr in NAT64 or (int(addr) >> 32 == 0 and int(addr) > 1):     # NAT64, or ::a.b.c.d (not :: or ::1)
+            return ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
+    return addr
+
+
 @dataclass(frozen=True)
 class ConsumerPolicy:
     """Which consumer addresses a Subscribe may name (issue 9.8: a subscriber must not make a node send
@@ -57,7 +75,7 @@ class ConsumerPolicy:
             return f"the consumer host {parts.hostname!r} does not resolve: {exc}"
         allowed = self._allowed_networks()
         for info in infos:
-            addr = ipaddress.ip_address(info[4][0].split("%")[0])
+            addr = reached(ipaddress.ip_address(info[4][0].split("%")[0]))
             if any(addr in net for net in allowed):
                 continue
             if addr.is_loopback or addr.is_link_local or addr.is_unspecified or addr.is_multicast:

@@ -2,6 +2,7 @@
 without HTTP."""
 from __future__ import annotations
 
+import socket
 import time
 from dataclasses import dataclass
 
@@ -146,6 +147,23 @@ def test_consumer_policy_refuses_the_nodes_own_addresses_unless_configured():
     assert ConsumerPolicy(allow=("127.0.0.0/8",)).refusal("http://127.0.0.1:9/x") is None
     with pytest.raises(InvalidArgument):
         default.check("http://localhost:9/x")
+
+
+def test_consumer_policy_sees_the_ipv4_address_an_ipv6_form_reaches():
+    """A connection to ::ffff:127.0.0.1 reaches 127.0.0.1 (Python 3.11's is_loopback says False for it): the
+    IPv4-mapped, IPv4-compatible, 6to4 and NAT64 forms of the node's own addresses are refused like the plain
+    ones, and judged by the allowed networks as the address they reach."""
+    default = ConsumerPolicy()
+    for url in ("http://[::ffff:127.0.0.1]:9/x", "http://[::ffff:169.254.169.254]/latest", "http://[::127.0.0.1]/",
+                "http://[2002:7f00:1::]/x", "http://[64:ff9b::a9fe:a9fe]/latest", "http://[::ffff:0.0.0.0]/"):
+        assert default.refusal(url), url
+    assert default.refusal("https://[::ffff:192.0.2.10]:8443/consumer") is None
+    assert ConsumerPolicy(allow=("127.0.0.0/8",)).refusal("http://[::ffff:127.0.0.1]:9/x") is None
+    with socket.socket(socket.AF_INET) as listener:        # what the refusal is about: the mapped form reaches IPv4
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        with socket.create_connection(("::ffff:127.0.0.1", listener.getsockname()[1]), timeout=30):
+            listener.accept()[0].close()
 
 
 def test_subscribe_records_and_messages(tmp_path):
