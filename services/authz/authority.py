@@ -10,11 +10,11 @@ from typing import Mapping, Sequence
 
 from services.authz.audit import AuditLog
 from services.authz.edit import add_rule, put_group, remove_group, remove_rule, render_group
-from services.authz.pep import Decision, Request, Slot, Subject, describe, enforce_obligations
+from services.authz.pep import Decision, Request, Slot, Subject, denial, enforce_obligations
 from services.authz.policy import Group, Policy, PolicyError, Rule, parse_policy
 from services.authz.slots import NotTheClaimant, SlotLedger
 from services.authz.store import PolicyFile
-from services.faults import AccessDenied, InvalidArgument, LimitExceeded
+from services.faults import InvalidArgument, LimitExceeded
 
 
 def claimant(requester: str, node: str = "") -> str:
@@ -101,8 +101,7 @@ class PolicyAuthority:
         slot's claimant is the requester's credential and its ``node`` identity (:func:`claimant`)."""
         decision, _ = self.authorize(subject, action, resource, context, requester=requester)
         if not decision.permit:
-            raise AccessDenied(f"{subject.dn} may not {action} on {describe(resource)} (rule: {decision.rule})",
-                               subject=subject.dn, action=action, resource=describe(resource), rule=decision.rule)
+            raise denial(subject, action, resource, decision.rule)
         ob = decision.obligations
         try:
             enforce_obligations(decision, context)

@@ -123,6 +123,22 @@ def describe(resource: Mapping[str, str]) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(resource.items())) or "-"
 
 
+# what a denial shows of another subject's resource: what the caller named (its kind, key, name), nothing of
+# what the service looked up about it (owner, VO, image, node), which the audit log keeps
+SHOWN_TO_STRANGERS = ("type", "id", "name")
+
+
+def denial(subject: Subject, action: str, resource: Mapping[str, str], rule: str) -> AccessDenied:
+    """The AccessDenied for a denied request. A resource owned by someone else is described by its kind and key
+    only: a stranger who learned an instance's key must not learn its owner, VO, image and node from the refusal."""
+    owner = resource.get("owner")
+    if owner is not None and owner != subject.dn:
+        resource = {k: v for k, v in resource.items() if k in SHOWN_TO_STRANGERS}
+    what = describe(resource)
+    return AccessDenied(f"{subject.dn} may not {action} on {what} (rule: {rule})", subject=subject.dn, action=action,
+                        resource=what, rule=rule)
+
+
 class Enforcer:
     """The enforcement point a service holds: ``check`` before acting, or raise AccessDenied."""
 
@@ -138,9 +154,7 @@ class Enforcer:
         context = dict(context or {})
         decision = self.pdp.decide(subject, action, dict(resource or {}), context)
         if not decision.permit:
-            raise AccessDenied(f"{subject.dn} may not {action} on {describe(resource or {})} (rule: {decision.rule})",
-                               subject=subject.dn, action=action, resource=describe(resource or {}),
-                               rule=decision.rule)
+            raise denial(subject, action, resource or {}, decision.rule)
         enforce_obligations(decision, context)
         return decision
 
@@ -158,9 +172,7 @@ class Enforcer:
         out: list[Decision | VMGridFault] = []
         for (action, resource, context), decision in zip(requests, decisions, strict=True):
             if not decision.permit:
-                out.append(AccessDenied(f"{subject.dn} may not {action} on {describe(resource)} (rule: {decision.rule})",
-                                        subject=subject.dn, action=action, resource=describe(resource),
-                                        rule=decision.rule))
+                out.append(denial(subject, action, resource, decision.rule))
                 continue
             try:
                 enforce_obligations(decision, context)

@@ -181,8 +181,17 @@ def test_a_vo_admin_extending_an_instances_lifetime_renews_the_owners_slot(autho
     _, renewed = enforcer.claim(Subject(CAROL), "i-1", instance, {"lifetime": "3000"}, action="vm.set-lifetime")
     assert (renewed.subject, renewed.group, renewed.user_count) == (ALICE, "bio", 1)
     assert renewed.expires > slot.expires
-    with pytest.raises(AccessDenied):                       # bob is neither the owner nor a VO admin
+    with pytest.raises(AccessDenied) as info:              # bob is neither the owner nor a VO admin
         enforcer.claim(Subject(BOB), "i-1", instance, {"lifetime": "3000"}, action="vm.set-lifetime")
+    # ... and learns from the refusal nothing about the instance he did not name: not its owner, VO or node
+    assert info.value.resource == "id=i-1,type=instance"
+    assert "alice" not in str(info.value) and "vo=" not in str(info.value) and "node=" not in str(info.value), info.value
+    with pytest.raises(AccessDenied) as info:              # the same check through the enforcer alone (no slot)
+        enforcer.check(Subject(BOB), "vm.inspect", instance)
+    assert info.value.resource == "id=i-1,type=instance"
+    with pytest.raises(AccessDenied) as info:              # the owner, denied, is told the whole description
+        enforcer.check(Subject(ALICE, limited=True), "vm.deploy", {**IMAGE, "owner": ALICE})
+    assert f"owner={ALICE}" in info.value.resource
     with pytest.raises(LimitExceeded):
         enforcer.claim(Subject(ALICE), "i-1", instance, {"lifetime": "7200"}, action="vm.set-lifetime")
     with pytest.raises(InvalidArgument, match="another subject"):   # a deploy reusing a live instance id
