@@ -10,7 +10,8 @@ chain, on the bridge's prerouting hook, looks at every frame sent by a tap the n
   leased MAC and address (or 0.0.0.0, an address probe);
 - anything else (IPv6, VLAN tags, other EtherTypes) is dropped: libvirt's ``clean-traffic`` filter, for
   hosts without libvirt's nwfilter driver;
-- a DHCP server's answer (UDP from port 67) is dropped: a guest may not hand out addresses, even from its own;
+- a DHCP server's answer (UDP from port 67, or to port 68, where DHCP clients listen whatever the answer's
+  source port) is dropped: a guest may not hand out addresses, even from its own;
 - broadcast and multicast frames beyond ``broadcast_rate`` a second (a burst of twice that) are dropped, per
   tap: every port of the bridge receives each of them, so one guest's flood would reach every neighbour and
   the host.
@@ -144,6 +145,7 @@ class PortGuard:
                 f"    iifname . ether saddr != @macs counter drop\n"
                 f"{flood}"
                 f"    ether type ip udp sport 67 counter drop\n"
+                f"    ether type ip udp dport 68 counter drop\n"
                 f"    ether type ip iifname . ether saddr . ip saddr @ipv4 accept\n"
                 f"    {arp} iifname . arp saddr ether . arp saddr ip @ipv4 accept\n"
                 f"    {arp} arp saddr ip 0.0.0.0 iifname . arp saddr ether @macs accept\n"

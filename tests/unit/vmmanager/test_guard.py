@@ -89,17 +89,19 @@ ARP_COUNT = textwrap.dedent("""
     except socket.timeout:
         print(n, flush=True)
 """)
-# a UDP datagram from this guest's address argv[1], port argv[2], to argv[3]:68 (a DHCP server's answer to a client)
+# a UDP datagram from this guest's address argv[1], port argv[2], to argv[3]:argv[4] (68: a DHCP server's answer to a
+# client)
 UDP_SEND = textwrap.dedent("""
     import socket, sys
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind((sys.argv[1], int(sys.argv[2])))
     for _ in range(3):
-        s.sendto(b"offer", (sys.argv[3], 68))
+        s.sendto(b"offer", (sys.argv[3], int(sys.argv[4])))
 """)
-# what reaches UDP port 68 of this namespace within argv[1] seconds
+# what reaches UDP port argv[2] of this namespace within argv[1] seconds
 UDP_RECEIVE = textwrap.dedent("""
     import socket, sys
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", 68)); s.settimeout(float(sys.argv[1]))
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", int(sys.argv[2])))
+    s.settimeout(float(sys.argv[1]))
     print("ready", flush=True)
     try:
         print(s.recvfrom(64)[0].decode(), flush=True)
@@ -424,16 +426,17 @@ def test_a_guests_broadcast_flood_is_bounded_per_second(site):
 
 
 def test_a_guest_cannot_answer_as_a_dhcp_server(site):
-    """A guest sending from its own lease, but from port 67 (a DHCP server offering addresses), is dropped; the
-    same datagram from another port reaches the neighbour."""
+    """A guest sending from its own lease, but from port 67 (a DHCP server offering addresses) or to port 68 (where
+    DHCP clients listen: busybox udhcpc takes an answer from any source port), is dropped; ordinary UDP between the
+    same addresses reaches the neighbour."""
     a = site.guest("a", A_MAC, A_IP)
     b = site.guest("b", B_MAC, B_IP)
     site.guard.sync([Binding(a, A_MAC, A_IP), Binding(b, B_MAC, B_IP)])
-    for port, expected in (("67", "nothing"), ("1067", "offer")):
-        receiver = site.in_guest("b", UDP_RECEIVE, "3" if expected == "nothing" else "60")
-        run("ip", "netns", "exec", f"{site.host}-a", sys.executable, "-c", UDP_SEND, A_IP, port, B_IP)
+    for sport, dport, expected in (("67", "68", "nothing"), ("1067", "68", "nothing"), ("1067", "1068", "offer")):
+        receiver = site.in_guest("b", UDP_RECEIVE, "3" if expected == "nothing" else "60", dport)
+        run("ip", "netns", "exec", f"{site.host}-a", sys.executable, "-c", UDP_SEND, A_IP, sport, B_IP, dport)
         out, _ = receiver.communicate(timeout=120)
-        assert out.strip() == expected, (port, out)
+        assert out.strip() == expected, (sport, dport, out)
 
 
 def test_a_broadcast_rate_that_is_not_a_whole_number_of_frames_is_refused():
