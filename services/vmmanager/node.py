@@ -666,9 +666,13 @@ class Node:
     def restore(self, caller, key: str, paused: bool = False) -> State:
         def run(inst):
             path = self.parts.home(inst.key) / "state.save"
-            vmm_call("restore", self.vmm.restore, path, paused=paused)
+            vmm_call("restore", self.vmm.restore, path, paused=paused, sync=False)
             path.unlink(missing_ok=True)
             if not paused:
+                if self.vmm.sync_after_wake(inst.key):
+                    self.store.update(inst.key, guest_status="ready (clock set after restore)")
+                elif inst.guest_status.startswith("ready (clock set after"):     # not this wake-up's news
+                    self.store.update(inst.key, guest_status="ready (clock not confirmed after restore)")
                 self._readdress_if_migrated(inst.key)
             return State.PAUSED if paused else State.RUNNING
         return self._control(caller, key, "vm.restore", "restore", run)

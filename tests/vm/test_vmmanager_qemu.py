@@ -302,6 +302,7 @@ def test_save_and_restore_continue_the_same_guest(deployed, qemu_node):
     assert after["ready"] and after["container"]["pid"] == before["container"]["pid"], "the same guest, not a reboot"
     assert after["uptime"] > before["uptime"]
     assert abs(clock_offset(channel)) < CLOCK_BOUND
+    assert client.status(ref).guest_status == "ready (clock set after restore)"     # this wake-up's, not an older one
 
 
 def test_normal_shutdown_is_honoured_by_the_guest(deployed, qemu_node):

@@ -154,14 +154,15 @@ class VMM(abc.ABC):
         """
 
     @abc.abstractmethod
-    def restore(self, path: Path, spec: InstanceSpec | None = None, paused: bool = False) -> str:
+    def restore(self, path: Path, spec: InstanceSpec | None = None, paused: bool = False, sync: bool = True) -> str:
         """Continue the instance saved in ``path``; return its instance name.
 
         Works on the node that saved it and on another node (the migration path: save on the
         source, copy the file and the disk overlay, restore on the target). ``spec`` gives the
         instance's file locations on this node (disks, CD-ROMs, kernel, ports, channel); the
         devices themselves must be those of the saved instance. After restore the instance is
-        defined here too. Unless ``paused``, guestd is asked to set the clock.
+        defined here too. Unless ``paused``, guestd is asked to set the clock (``sync`` False: the caller
+        does it, with sync_after_wake, and learns whether guestd confirmed it).
         """
 
     @abc.abstractmethod

@@ -229,7 +229,7 @@ class LibvirtDriver(VMM):
         finally:
             self._drop_channel(instance, "the instance was saved")
 
-    def restore(self, path: Path, spec: InstanceSpec | None = None, paused: bool = False) -> str:
+    def restore(self, path: Path, spec: InstanceSpec | None = None, paused: bool = False, sync: bool = True) -> str:
         path = Path(path)
         if not path.is_file():
             raise InvalidSpec(f"save file {path} does not exist")
@@ -257,7 +257,7 @@ class LibvirtDriver(VMM):
         except libvirt.libvirtError as exc:
             raise translate(exc, f"restore {instance} from {path}") from None
         self._define_macs(instance, xml, macs)
-        if not paused:
+        if sync and not paused:
             self._sync_after_wake(instance)
         return instance
 
