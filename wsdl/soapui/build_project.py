@@ -1,4 +1,4 @@
-"""Write the SoapUI project for vmgrid's three services from the WSDLs in wsdl/ (stdout):
+"""Write the SoapUI project for vmgrid's four services from the WSDLs in wsdl/ (stdout):
 
     python wsdl/soapui/build_project.py > wsdl/soapui/vmgrid-soapui-project.xml
 
@@ -21,10 +21,12 @@ WSA = "http://www.w3.org/2005/08/addressing"
 CON = "http://eviware.com/soapui/config"
 XSI = "http://www.w3.org/2001/XMLSchema-instance"
 VMM = "http://vmgrid.org/ns/vmmanager/1"
+JOB = "http://vmgrid.org/ns/jobs/1"
 WS = "http://vmgrid.org/ns/workspace/1"
 
-SERVICES = [("authz.wsdl", "AuthorizationService"), ("vmrepository.wsdl", "VMRepositoryService"),
-            ("vmmanager.wsdl", "VMManagerService")]
+# (WSDL, service, port): the ports of the README's site (the central container 8443, node1 8444, the job service 8446)
+SERVICES = [("authz.wsdl", "AuthorizationService", 8443), ("vmrepository.wsdl", "VMRepositoryService", 8443),
+            ("vmmanager.wsdl", "VMManagerService", 8444), ("jobs.wsdl", "JobService", 8446)]
 # The outgoing WS-Security vmgrid accepts, as SoapUI (WSS4J underneath) names it. keyIdentifierType 1 is WSS4J's
 # BST_DIRECT_REFERENCE; useSingleCert false sends a proxy with its chain (X509PKIPathv1).
 SETTINGS = {
@@ -36,10 +38,14 @@ SETTINGS = {
     "timeToLive": "300",
 }
 SIGNED_PARTS = [("Body", SOAP), ("Timestamp", "http://docs.oasis-open.org/wss/2004/01/oasis-200401-wss-wssecurity-utility-1.0.xsd"),
-                ("To", WSA), ("Action", WSA), ("MessageID", WSA), ("ReplyTo", WSA), ("InstanceKey", VMM)]
-# Operations addressed to an instance carry its InstanceKey header (vmmanager.wsdl's InstanceKeyHeader).
-ENDPOINT = "https://localhost:8443/wsrf/services/"
-SAMPLE_INSTANCE = "${#Project#instanceKey}"
+                ("To", WSA), ("Action", WSA), ("MessageID", WSA), ("ReplyTo", WSA), ("InstanceKey", VMM), ("JobKey", JOB)]
+# Operations addressed to an instance carry its InstanceKey header (vmmanager.wsdl's InstanceKeyHeader), those
+# addressed to a job its JobKey (jobs.wsdl's JobKeyHeader): the value is a project property.
+KEY_PROPERTIES = {f"{{{VMM}}}InstanceKey": "instanceKey", f"{{{JOB}}}JobKey": "jobKey"}
+
+
+def endpoint(service: str, port: int) -> str:
+    return f"https://localhost:{port}/wsrf/services/{service}"
 STRING_OVERRIDES = {"ActionType": "vm.deploy", "MigrationFileNameType": "state.save", "Sha256Type": "0" * 64,
                     "InstanceKeyType": "inst-" + "0" * 32}
 DESCRIPTOR = WSDL_DIR / "examples" / "debian12-emboss.xml"
@@ -167,19 +173,26 @@ def _c(tag: str, parent=None, text: str | None = None, **attrs) -> etree._Elemen
     return el
 
 
-def request_xml(samples: Samples, input_tag: str, instance: bool) -> str:
-    env = etree.Element(f"{{{SOAP}}}Envelope", nsmap={"soapenv": SOAP, "vmm": VMM})
+def request_xml(samples: Samples, input_tag: str, key_header: str | None) -> str:
+    """The request for an operation whose body is ``input_tag``, carrying the resource key header ``key_header``
+    (a QName: vmm:InstanceKey, job:JobKey) when it is addressed to one."""
+    env = etree.Element(f"{{{SOAP}}}Envelope", nsmap={"soapenv": SOAP, "vmm": VMM, "job": JOB})
     header = etree.SubElement(env, f"{{{SOAP}}}Header")
-    if instance:
-        etree.SubElement(header, f"{{{VMM}}}InstanceKey").text = SAMPLE_INSTANCE
+    if key_header:
+        etree.SubElement(header, key_header).text = f"${{#Project#{KEY_PROPERTIES[key_header]}}}"
     body = etree.SubElement(env, f"{{{SOAP}}}Body")
     body.append(samples.element(input_tag))
-    etree.cleanup_namespaces(env, keep_ns_prefixes=["vmm"])
+    job = key_header == f"{{{JOB}}}JobKey"
+    for el in body.iter() if job else ():       # a job's resource property is the job service's State
+        if el.text == "vmm:State":
+            el.text = "job:State"
+    etree.cleanup_namespaces(env, keep_ns_prefixes=["job"] if job else ["vmm"])
     return etree.tostring(env, pretty_print=True).decode()
 
 
 def operations(wsdl_file: str) -> tuple[str, str, list[tuple[str, str, str, bool]]]:
-    """(binding name, binding QName, [(operation, soapAction, input element, addressed to an instance)])."""
+    """(binding name, binding QName, [(operation, soapAction, input element, the resource key header's QName or
+    None)])."""
     root = etree.parse(str(WSDL_DIR / wsdl_file)).getroot()
     ns = {"wsdl": WSDL, "soap": SOAPB}
     tns = root.get("targetNamespace")
@@ -194,8 +207,9 @@ def operations(wsdl_file: str) -> tuple[str, str, list[tuple[str, str, str, bool
     for op in binding.findall("wsdl:operation", ns):
         name = op.get("name")
         action = op.find("soap:operation", ns).get("soapAction")
-        instance = op.find("wsdl:input/soap:header", ns) is not None
-        out.append((name, action, parts[pt_inputs[name]], instance))
+        header = op.find("wsdl:input/soap:header", ns)
+        key_header = parts[header.get("message").rpartition(":")[2]] if header is not None else None
+        out.append((name, action, parts[pt_inputs[name]], key_header))
     return binding.get("name"), f"{{{tns}}}{binding.get('name')}", out
 
 
@@ -228,18 +242,18 @@ def build() -> etree._Element:
                             name="vmgrid", resourceRoot="${projectDir}", soapui_version="5.7.0")
     project.attrib.pop("soapui_version")
     project.set("soapui-version", "5.7.0")
-    _c("description", project, "vmgrid's Authorization, VMRepository and VMManager services (docs/soapui.md)")
+    _c("description", project, "vmgrid's Authorization, VMRepository, VMManager and job services (docs/soapui.md)")
     _c("settings", project)
     suite_calls = []
-    for wsdl_file, service in SERVICES:
+    for wsdl_file, service, port in SERVICES:
         binding, binding_q, ops = operations(wsdl_file)
         iface = _c("interface", project, name=binding, type="wsdl", bindingName=binding_q, soapVersion="1_1",
-                   anonymous="optional", wsaVersion="2005/08", definition=f"{ENDPOINT}{service}?wsdl")
+                   anonymous="optional", wsaVersion="2005/08", definition=f"{endpoint(service, port)}?wsdl")
         iface.set(f"{{{XSI}}}type", "con:WsdlInterface")
         _c("settings", iface)
         endpoints = _c("endpoints", iface)
-        _c("endpoint", endpoints, f"{ENDPOINT}{service}")
-        for name, action, input_tag, instance in ops:
+        _c("endpoint", endpoints, endpoint(service, port))
+        for name, action, input_tag, key_header in ops:
             op = _c("operation", iface, isOneWay="false", action=action, name=name, bindingOperationName=name,
                     type="Request-Response", inputName="", receivesAttachments="false", sendsAttachments="false",
                     anonymous="optional")
@@ -247,18 +261,18 @@ def build() -> etree._Element:
             call = _c("call", op, name=f"{name} request", outgoingWss="vmgrid-signature", incomingWss="vmgrid-verify")
             _c("settings", call)
             _c("encoding", call, "UTF-8")
-            _c("endpoint", call, f"{ENDPOINT}{service}")
-            req = request_xml(samples, input_tag, instance)
+            _c("endpoint", call, endpoint(service, port))
+            req = request_xml(samples, input_tag, key_header)
             _c("request", call).text = etree.CDATA(req)
             _c("wsaConfig", call, mustUnderstand="NONE", version="200508", action=action, addDefaultTo="true",
                addDefaultAction="true", generateMessageId="true")
-            if name in ("ListVOs", "QueryImages", "GetGroups", "ListInstances"):
-                suite_calls.append((binding, name, service, req))
+            if name in ("ListVOs", "QueryImages", "GetGroups", "ListInstances", "ListJobs"):
+                suite_calls.append((binding, name, endpoint(service, port), req))
     suite = _c("testSuite", project, name="vmgrid contract")
     _c("settings", suite)
     case = _c("testCase", suite, name="read-only calls", failOnError="true", keepSession="false")
     _c("settings", case)
-    for binding, name, service, req in suite_calls:
+    for binding, name, url, req in suite_calls:
         step = _c("testStep", case, type="request", name=name)
         config = _c("config", step)
         config.set(f"{{{XSI}}}type", "con:RequestStep")
@@ -267,7 +281,7 @@ def build() -> etree._Element:
         r = _c("request", config, name=name, outgoingWss="vmgrid-signature", incomingWss="vmgrid-verify")
         _c("settings", r)
         _c("encoding", r, "UTF-8")
-        _c("endpoint", r, f"{ENDPOINT}{service}")
+        _c("endpoint", r, url)
         _c("request", r).text = etree.CDATA(req)
         for kind, aname in (("SOAP Response", "SOAP Response"), ("Schema Compliance", "Schema Compliance"),
                             ("SOAP Fault Assertion", "Not SOAP Fault")):
@@ -276,7 +290,8 @@ def build() -> etree._Element:
            generateMessageId="true")
     props = _c("properties", project)
     for key, value in (("keystore", "vmgrid-user.p12"), ("keyAlias", "vmgrid-user"), ("keyPassword", "changeit"),
-                       ("truststore", "vmgrid-ca.jks"), ("instanceKey", "inst-00000000000000000000000000000000")):
+                       ("truststore", "vmgrid-ca.jks"), ("instanceKey", "inst-00000000000000000000000000000000"),
+                       ("jobKey", "job-00000000000000000000000000000000")):
         p = _c("property", props)
         _c("name", p, key)
         _c("value", p, value)

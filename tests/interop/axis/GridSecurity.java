@@ -6,7 +6,7 @@
 // Outgoing: WS-Addressing wsa:To (the endpoint), wsa:Action (the operation's soapAction) and wsa:MessageID; a
 // wsu:Timestamp; an X.509 BinarySecurityToken referenced directly, the certificate chain as X509PKIPathv1
 // (useSingleCertificate=false, as SoapUI's useSingleCert=false: a proxy needs its chain); RSA-SHA256 (ECDSA-SHA256 with a P-256 key), SHA-256 digests, exclusive c14n; signed parts:
-// Body, Timestamp, the WS-Addressing headers and vmm:InstanceKey when the call carries it. These are the settings
+// Body, Timestamp, the WS-Addressing headers and vmm:InstanceKey or job:JobKey when the call carries it. These are the settings
 // of the SoapUI project (wsdl/soapui), which tests/interop/test_contract_axis.py compares with the constants below.
 //
 // Incoming: every answer, faults included, is verified on the bytes received: the signature (WSS4J checks the
@@ -58,6 +58,7 @@ public final class GridSecurity {
     public static final String WSA = "http://www.w3.org/2005/08/addressing";
     public static final String WSU = WSConstants.WSU_NS;
     public static final String VMM = "http://vmgrid.org/ns/vmmanager/1";
+    public static final String JOB = "http://vmgrid.org/ns/jobs/1";
 
     // The outgoing settings: the SoapUI project (wsdl/soapui) has the same, which
     // tests/interop/test_contract_axis.py checks with `java vmgrid.interop.GridSecurity` (main below prints them).
@@ -69,10 +70,10 @@ public final class GridSecurity {
     static final String CANONICALIZATION = WSConstants.C14N_EXCL_OMIT_COMMENTS;
     static final boolean USE_SINGLE_CERTIFICATE = false;   // the certificate chain as X509PKIPathv1 (a proxy needs it)
     static final int TIME_TO_LIVE = 300;
-    /** Signed when present: Body and Timestamp always, the WS-Addressing headers, the instance's key. */
+    /** Signed when present: Body and Timestamp always, the WS-Addressing headers, the instance's or the job's key. */
     static final String[][] PARTS = {
         {SOAP, "Body"}, {WSU, "Timestamp"}, {WSA, "To"}, {WSA, "Action"}, {WSA, "MessageID"}, {WSA, "ReplyTo"},
-        {VMM, "InstanceKey"},
+        {VMM, "InstanceKey"}, {JOB, "JobKey"},
     };
 
     public static void main(String[] args) {

@@ -1,5 +1,5 @@
 """The SoapUI project (wsdl/soapui/vmgrid-soapui-project.xml): written by its generator from the WSDLs, a
-request for every operation of the three interfaces whose Body validates against the published schemas,
+request for every operation of the four interfaces whose Body validates against the published schemas,
 and an outgoing WS-Security configuration vmgrid's verifier accepts."""
 from __future__ import annotations
 
@@ -16,8 +16,12 @@ PROJECT = WSDL_DIR / "soapui" / "vmgrid-soapui-project.xml"
 CON = "http://eviware.com/soapui/config"
 SOAP = "http://schemas.xmlsoap.org/soap/envelope/"
 VMM = "http://vmgrid.org/ns/vmmanager/1"
+JOB = "http://vmgrid.org/ns/jobs/1"
 INTERFACES = {"AuthorizationSoapBinding": "authz.wsdl", "VMRepositorySoapBinding": "vmrepository.wsdl",
-              "VMManagerSoapBinding": "vmmanager.wsdl"}
+              "VMManagerSoapBinding": "vmmanager.wsdl", "JobsSoapBinding": "jobs.wsdl"}
+# the README site's ports: the central container, node1, the job service
+PORTS = {"AuthorizationSoapBinding": 8443, "VMRepositorySoapBinding": 8443, "VMManagerSoapBinding": 8444,
+         "JobsSoapBinding": 8446}
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +70,10 @@ def test_every_operation_has_a_request_that_validates_against_the_published_sche
             assert op.get("action") == contract.operations[name].soap_action
             if iface.get("name") == "VMManagerSoapBinding" and name not in ("Deploy", "ListInstances", "ListDomains", "AcceptMigration"):
                 assert headers == [f"{{{VMM}}}InstanceKey"], name
+            if iface.get("name") == "JobsSoapBinding" and name not in ("SubmitJob", "ListJobs", "GetServiceInfo", "GetLog"):
+                assert headers == [f"{{{JOB}}}JobKey"], name
+            assert call.findtext(f"{{{CON}}}endpoint").startswith(f"https://localhost:{PORTS[iface.get('name')]}/")
+        assert iface.get("definition").startswith(f"https://localhost:{PORTS[iface.get('name')]}/")
 
 
 def _setting(project, key: str) -> str:
@@ -82,7 +90,7 @@ def test_the_outgoing_ws_security_is_what_vmgrid_accepts(project):
     parts = {(e.findtext("name"), e.findtext("namespace"))
              for e in project.iterfind(f".//{{{CON}}}outgoing//signatureParts/entry")}
     # the verifier wants every header block, the Timestamp and the Body signed
-    assert {("Body", SOAP), ("Timestamp", wssec.WSU), ("InstanceKey", VMM)} <= parts
+    assert {("Body", SOAP), ("Timestamp", wssec.WSU), ("InstanceKey", VMM), ("JobKey", JOB)} <= parts
     assert {n for n, ns in parts if ns == "http://www.w3.org/2005/08/addressing"} >= {"To", "Action", "MessageID"}
     ttl = int(project.find(f".//{{{CON}}}outgoing/{{{CON}}}entry[@type='Timestamp']//timeToLive").text)
     assert ttl <= wssec.DEFAULT_POLICY.max_age.total_seconds()
