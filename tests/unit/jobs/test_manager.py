@@ -37,7 +37,10 @@ def manager(state: Path, **overrides) -> JobManager:
 
 # a child that writes its pid as the host sees it (/proc/self: the job may be in a PID namespace of its own,
 # where os.getpid() is another number) and sleeps; with setsid first, it has left the job's process group
-SLEEPER = "import os, time; open('child.pid', 'w').write(os.readlink('/proc/self')); time.sleep(300)"
+# child.pid appears whole (written under another name, then renamed): a job that waits for it to exist and ends
+# must not leave it empty for the test to read (seen under load)
+SLEEPER = ("import os, time; open('child.tmp', 'w').write(os.readlink('/proc/self')); os.rename('child.tmp', 'child.pid');"
+           " time.sleep(300)")
 SETSID_SLEEPER = "import os; os.setsid(); " + SLEEPER
 needs_pid_namespaces = pytest.mark.skipif(os.geteuid() != 0, reason="PID namespaces need root (CAP_SYS_ADMIN); "
                                           "without them a job's setsid child is out of reach (documented)")

@@ -11,9 +11,9 @@ def test_a_replay_cache_that_cannot_open_its_database_refuses_only_what_it_canno
     (tmp_path / "replay.sqlite").mkdir()          # SQLite can neither read nor write it
     cache = SQLiteReplayCache(tmp_path, window=360, skew=0.5, retry=0)
     assert cache.degraded
-    now = time.time()
-    # created now: an earlier process may have accepted it (within the clock skew of this start)
-    assert cache.first_seen(b"old", now + 360 - 0.1) is False
+    # created at this start: an earlier process may have accepted it (within the clock skew of this start; the
+    # start's own time, not the test's now, which a loaded machine may put past the skew)
+    assert cache.first_seen(b"old", cache._started + 360 - 0.1) is False
     # created after this start plus the skew: no earlier process can have seen it; accepted once
     later = cache._started + 1 + 360
     assert cache.first_seen(b"new", later) is True
