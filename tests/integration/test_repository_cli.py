@@ -131,6 +131,21 @@ def test_errors_are_one_clear_line(grid, args, message):
     assert r.stderr.startswith("vmgrid: ") and message in r.stderr and "Traceback" not in r.stderr
 
 
+def test_a_version_that_is_not_one_is_a_one_line_bad_query(grid):
+    """`vmgrid repo query 'library emboss >= six'` listed every image; it is the service's BadQuery (bad value), one
+    line naming the value and what a version looks like: docs/query.md's transcript, run as written."""
+    import shlex
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "query.md").read_text()
+    shown = re.search(r"\(its output compared\) -->\n```\n\$ (vmgrid [^\n]*)\n(vmgrid: [^\n]*)\n```", doc)
+    assert shown, "docs/query.md shows the transcript"
+    r = vmgrid(grid, "alice", *shlex.split(shown.group(1))[1:], check=False)
+    assert r.returncode == 1 and r.stdout == "", r.stdout
+    assert r.stderr == shown.group(2) + "\n"
+    assert r.stderr == ("vmgrid: bad query: library.emboss >= six: 'six' is not a version: a version starts with a "
+                        "digit and holds letters, digits and . + : ~ _ - (6.6, 6.6.0-1, 2.6.9-42.EL, 1:6.6.0)\n")
+
+
 def test_no_credential_and_no_service_are_explained(grid, tmp_path):
     env = {"X509_CERT_DIR": str(grid.cert_dir), "HOME": str(tmp_path), "PATH": "/usr/bin:/bin",
            "X509_USER_PROXY": "", "VMGRID_REPOSITORY": grid.url}
