@@ -172,6 +172,25 @@ def test_register_uploads_from_the_users_machine_over_gridftp(grid, tmp_path):
     vmgrid(grid, "admin", "repo", "remove", ws["identity"]["imageId"])
 
 
+def test_register_name_registers_a_descriptor_under_another_name(grid, tmp_path):
+    """README's placeholder: the example descriptor over an empty disk, registered as bio/emboss-placeholder so that
+    the recipe's name (bio/debian12-emboss) stays the built image's. The file is not changed; a name the schema
+    refuses is one line before anything is sent."""
+    image = make_image(tmp_path / "placeholder.qcow2", fill=b"an empty disk" * 100)
+    descriptor = EXAMPLES / "debian12-emboss.xml"
+    before = descriptor.read_bytes()
+    bad = vmgrid(grid, "alice", "repo", "register", str(descriptor), str(image), "--name", "no spaces", check=False)
+    assert bad.returncode == 1 and bad.stderr.count("\n") == 1, bad.stderr
+    assert bad.stderr.startswith("vmgrid: --name 'no spaces': ") and "pattern" in bad.stderr
+    out = vmgrid(grid, "alice", "repo", "register", str(descriptor), str(image), "--name", "emboss-placeholder",
+                 "--json")
+    ws = json.loads(out.stdout)["descriptors"][0]
+    assert (ws["identity"]["name"], ws["identity"]["vo"]) == ("emboss-placeholder", "bio")
+    assert descriptor.read_bytes() == before
+    assert "bio/emboss-placeholder" in vmgrid(grid, "alice", "repo", "query", "library emboss >= 6.6").stdout
+    vmgrid(grid, "alice", "repo", "remove", "bio/emboss-placeholder")
+
+
 def test_register_refuses_before_the_upload_what_the_repository_would_refuse_after_it(grid, tmp_path):
     """An image for a VO the scientist is not in, or under a name already taken, is refused before a byte is sent
     (it was refused after the whole upload, which stayed in the upload area; the poster's 2 GB took 6 minutes)."""
