@@ -41,6 +41,8 @@ def register(subparsers) -> None:
                    help="IMAGE is a path on the repository host, inside an ingest directory (admins); "
                         "otherwise it is uploaded from here over GridFTP")
     p.add_argument("-p", "--parallel", type=int, default=4, help="GridFTP streams for the upload (default 4)")
+    p.add_argument("--name", help="register the image under this name instead of the descriptor's identity/name "
+                                  "(the file is not changed)")
     add_format(p)
     p.set_defaults(func=cmd_register)
 
@@ -273,6 +275,8 @@ def cmd_register(args) -> int:
     if not args.on_host and not 1 <= args.parallel <= 64:      # as `vmgrid transfer -p` (a GridFTP server's bound)
         raise CLIError("-p must be between 1 and 64")
     descriptor = _read_descriptor(args.descriptor)
+    if args.name is not None:
+        _rename(descriptor, args.name)
     repo = connect(args)
     if args.on_host:
         ws = _call(repo.register, descriptor, local_path=args.image)
@@ -280,6 +284,18 @@ def cmd_register(args) -> int:
         ws = _call(upload_and_register, repo, args, descriptor)
     emit_descriptors([ws], args.format)
     return 0
+
+
+def _rename(descriptor, name: str) -> None:
+    """The descriptor's identity/name set to ``name``, checked as the repository checks it (wsdl/workspace.xsd)."""
+    from services.descriptor import check_descriptor, set_field
+    from services.faults import VMGridFault
+
+    set_field(descriptor, "identity", "name", name)
+    try:
+        check_descriptor(descriptor)
+    except VMGridFault as exc:
+        raise CLIError(f"--name {name!r}: {exc.description}") from None
 
 
 def upload_and_register(repo, args, descriptor):

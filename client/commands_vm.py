@@ -353,8 +353,6 @@ def cmd_node_teardown(args) -> int:
         if taps and not args.force:
             raise CLIError(f"guests are still on bridge {v.nic_source} ({', '.join(taps)}): they would lose their "
                            f"network; stop them first, or give --force")
-        from services.vmmanager.guard import tables_of
-        tables = tables_of(v.nic_source)
         after = bridge.teardown()
     except NetworkSetupError as exc:
         raise CLIError(str(exc)) from None
@@ -364,7 +362,7 @@ def cmd_node_teardown(args) -> int:
         print(f"removed {bridge.address} from bridge {v.nic_source} (the site's bridge stays)")
     else:
         print(f"nothing the node made is left on {v.nic_source}")
-    for name in tables:
+    for name in after.removed_tables:
         print(f"removed nftables table bridge {name}")
     return 0
 

@@ -123,7 +123,9 @@ def run(args) -> int:
 
         as_admin, as_alice, as_bob = client(admin), client(alice), client(bob)
 
-        say("the site admin registers sample images (qcow2 made with qemu-img, realistic descriptors)")
+        say("the site admin registers sample images: realistic descriptors over empty disks made with qemu-img "
+            "(placeholders: libvirt's test driver boots nothing; the EMBOSS image built from its recipe: "
+            "vmgrid demo --real)")
         registered = []
         for name, fmt, size in SAMPLE_IMAGES:
             path = images / (name.removesuffix(".xml") + (".qcow2" if fmt == "qcow2" else ".img"))

@@ -24,9 +24,13 @@ def register(subparsers) -> None:
                     "An interrupted transfer resumes where it stopped when run again. The result is "
                     "verified against the source before it takes its name: a download from a vmgrid server "
                     "with BLAKE3 (which both ends speak; several times faster than SHA-256 without the CPU's "
-                    "SHA extensions), otherwise and from any other server with SHA-256.")
+                    "SHA extensions), otherwise and from any other server with SHA-256. A local DST that exists is "
+                    "refused unless --overwrite (globus-url-copy replaces it); a remote one is replaced, as STOR does.")
     p.add_argument("src")
     p.add_argument("dst", help="a path, a directory, or a URL (ending in / to keep the source's name)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a local DST file that exists (refused otherwise; the old file stays until the new "
+                        "one is complete and verified)")
     p.add_argument("-p", "--parallel", type=int, default=4, metavar="N", help="parallel TCP streams (default 4)")
     p.add_argument("--sha256", help="the expected sha256 of the file, when known (skips asking the source)")
     p.add_argument("--blake3", help="the expected BLAKE3 digest of a downloaded file, when known (a descriptor's "
@@ -202,6 +206,8 @@ def cmd_transfer(args) -> int:
         raise CLIError(f"{src}: no such file")
     if not _is_url(dst) and not Path(dst).parent.is_dir():      # as cp does: a mistyped path makes no folders
         raise CLIError(f"{dst}: no directory {Path(dst).parent} (create it first)")
+    if not _is_url(dst) and os.path.lexists(dst) and not args.overwrite:   # unlike globus-url-copy: data is not lost
+        raise CLIError(f"{dst} exists: nothing transferred (give --overwrite to replace it)")
     if _is_url(src) and not _is_url(dst):
         args.interrupt_note = "run the same command again: it fetches only the bytes still missing"
     show = sys.stderr.isatty() if args.progress is None else args.progress

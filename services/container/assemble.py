@@ -3,6 +3,7 @@ WS-Security in front of the services, TLS, and the services themselves."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -60,6 +61,92 @@ def policy_point(config: Config):
                              {vo: {"members": v.members, "admins": v.admins} for vo, v in config.policy.vos.items()})
 
 
+def _between(least: int, most: int) -> tuple:
+    return (lambda v: least <= v <= most), f"{least} to {most}"
+
+
+def _at_least(least: int) -> tuple:
+    return (lambda v: v >= least), f"{least} or more"
+
+
+def _more_than_zero() -> tuple:
+    return (lambda v: v > 0), "more than 0"
+
+
+# The numbers a key of [vmmanager] or [jobs] may hold beyond its type (the configuration's defaults and meaning:
+# services/vmmanager/config.py, services/jobs/config.py, docs/configuration.md): key -> (what it counts, rule).
+# A value outside is refused at start in one line, where it would have failed at the first deploy or job (a
+# staging_parallel of 0 refused every image's staging), hung a wait forever or turned a bound off unasked.
+NUMBER_RULES: dict[str, dict[str, tuple]] = {
+    "vmmanager": {
+        "guard_broadcast_rate": ("broadcast frames a second (0: no bound)", _at_least(0)),
+        "staging_parallel": ("GridFTP streams", _between(1, 64)),       # as `vmgrid transfer -p`
+        "deploy_workers": ("deployments at once", _at_least(1)),
+        "sweep_interval": ("seconds", _more_than_zero()),
+        "guest_ready_timeout": ("seconds", _more_than_zero()),
+        "warm_restore_timeout": ("seconds", _more_than_zero()),
+        "warm_spares": ("copies (0: none)", _at_least(0)),
+        "shutdown_timeout": ("seconds (0: off at once)", _at_least(0)),
+        "hold_grace": ("seconds", _at_least(0)),
+        "hold_linger": ("seconds (0: given back with the last instance)", _at_least(0)),
+        "verdict_seconds": ("seconds (0: asked at every deployment)", _at_least(0)),
+        "notify_deadline": ("seconds", _more_than_zero()),
+        "migration_timeout": ("seconds", _more_than_zero()),
+        "migration_incoming_timeout": ("seconds", _more_than_zero()),
+        "migration_prepare_timeout": ("seconds", _more_than_zero()),
+        "migration_fixup_timeout": ("seconds", _more_than_zero()),
+        "guest_cert_days": ("days", _more_than_zero()),
+        "list_page": ("instances a page", _between(1, 1000)),          # services/vmmanager/listing.py MAX_PAGE
+    },
+    "jobs": {
+        "default_lifetime": ("seconds", _at_least(1)),
+        "max_lifetime": ("seconds", _at_least(1)),
+        "max_live_jobs": ("jobs", _at_least(1)),
+        "max_output": ("bytes", _at_least(0)),
+        "tail_bytes": ("bytes", _at_least(0)),
+        "kill_grace": ("seconds (0: SIGKILL at once)", _at_least(0)),
+        "sweep_interval": ("seconds", _more_than_zero()),
+        "staging_parallel": ("GridFTP streams", _between(1, 64)),       # as `vmgrid transfer -p`
+        "staging_quota": ("bytes", _at_least(1)),
+        "max_processes": ("processes (0: no bound)", _at_least(0)),
+    },
+}
+
+
+def check_numbers(name: str, section) -> None:
+    """Each number of ``section`` ([vmmanager] or [jobs]) within its rule (NUMBER_RULES), or a ValueError naming the
+    key, its value and what it may be: ``[vmmanager] staging_parallel = 0: GridFTP streams, 1 to 64``."""
+    for key, (what, (holds, rule)) in NUMBER_RULES.get(name, {}).items():
+        value = getattr(section, key)
+        if not (math.isfinite(value) and holds(value)):
+            raise ValueError(f"[{name}] {key} = {value!r}: {what}, {rule}")
+
+
+def check_lease_range(v) -> None:
+    """[vmmanager] network and lease_range as the node's address pool reads them, each named with the form it takes
+    (a bad lease_range said "bad lease range '10.99.0.10' / network ...: Address cannot be empty", naming no key)."""
+    import ipaddress
+
+    try:
+        net = ipaddress.IPv4Network(v.network, strict=False)
+    except ValueError as exc:
+        raise ValueError(f"[vmmanager] network = {v.network!r}: {exc} (expected an IPv4 network, "
+                         f"e.g. \"10.99.0.0/24\")") from None
+    first_s, dash, last_s = v.lease_range.partition("-")
+    try:
+        first, last = ipaddress.IPv4Address(first_s.strip()), ipaddress.IPv4Address(last_s.strip())
+        why = ("not in order" if first > last else
+               f"not inside [vmmanager] network {net}" if first not in net or last not in net else
+               f"holds the network or broadcast address of {net}" if net.network_address in (first, last)
+               or net.broadcast_address in (first, last) else "")
+    except ValueError:
+        why = "not two IPv4 addresses" if dash else "not a range"
+    if why:
+        low, high = (10, 20) if net.num_addresses > 21 else (1, net.num_addresses - 2)
+        raise ValueError(f"[vmmanager] lease_range = {v.lease_range!r}: {why} (expected \"FIRST-LAST\", host "
+                         f"addresses of {net} in order, e.g. \"{net[low]}-{net[high]}\")")
+
+
 def check_service_config(name: str, config: Config) -> None:
     """What service ``name`` needs of the configuration that no key's type says (ValueError naming the key): checked
     for every service of a container before any of them opens its state, and before the host credential is read."""
@@ -74,6 +161,10 @@ def check_service_config(name: str, config: Config) -> None:
     if section is not None and not -1 <= section.gridftp_port <= 65535:
         raise ValueError(f"[{name}] gridftp_port = {section.gridftp_port}: a port is 0 to 65535 (0 picks a free one; "
                          f"-1: no GridFTP face)")
+    if name in NUMBER_RULES:
+        check_numbers(name, config.vmmanager if name == "vmmanager" else config.jobs)
+    if name == "vmmanager":
+        check_lease_range(config.vmmanager)
 
 
 def build_service(name: str, config: Config) -> SoapService:

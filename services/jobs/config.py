@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 
 @dataclass
 class JobsConfig:
+    """[jobs]. What each number may be beyond its type (a new numeric key gets its rule there too): NUMBER_RULES in
+    services/container/assemble.py, checked at start."""
+
     owner: str = ""                    # the instance owner's DN (the VMManager delivers it in the context)
     admins: list[str] = field(default_factory=list)   # the VO's admins' DNs
     gridftp_port: int = 2812           # the job directories' GridFTP face; 0 picks a free port, -1 none

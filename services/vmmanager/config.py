@@ -7,7 +7,8 @@ from typing import Literal
 
 @dataclass
 class VMManagerConfig:
-    """[vmmanager] in the TOML configuration (docs/configuration.md)."""
+    """[vmmanager] in the TOML configuration (docs/configuration.md). What each number may be beyond its type (a
+    new numeric key gets its rule there too): NUMBER_RULES in services/container/assemble.py, checked at start."""
 
     node: str = ""                       # this node's name ("" = the host name)
     vmm: Literal["test", "qemu"] = "test"  # test: libvirt's test driver; qemu: real guests (qemu:///embed)

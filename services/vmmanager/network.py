@@ -14,7 +14,7 @@ import ipaddress
 import json
 import re
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 BRIDGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$")   # IFNAMSIZ: 15 characters
@@ -35,6 +35,7 @@ class BridgeStatus:
     addresses: tuple[str, ...] = ()      # "10.99.0.1/24"
     ports: tuple[str, ...] = ()
     made: dict = field(default_factory=dict)   # what vmgrid created: {"bridge": bool, "address": bool}
+    removed_tables: tuple[str, ...] = ()  # teardown(): the nodes' guard tables of the bridge it removed (guard.py)
 
     def holds(self, address: str) -> bool:
         return address in self.addresses
@@ -137,11 +138,13 @@ class NodeBridge:
     def teardown(self) -> BridgeStatus:
         """Remove what ensure() made (the bridge it created, or the address it added to a bridge the
         site made) and the nodes' guard tables of the bridge (guard.py), and forget it; leaves alone what
-        the site made itself. Guests still on the bridge lose their network: stop them first."""
+        the site made itself. Guests still on the bridge lose their network: stop them first. Returns the status
+        after, with the names of the guard tables it removed (``removed_tables``: one listing, which the caller
+        reports)."""
         from services.vmmanager.guard import remove_tables     # guard.py builds on this module
         made = self._made()
         status = self.check()
-        remove_tables(self.name, self.netns)      # the nodes' guards of its guests' taps go with it
+        removed = remove_tables(self.name, self.netns)      # the nodes' guards of its guests' taps go with it
         if status.exists and status.is_bridge:
             if made.get("bridge"):
                 self._ip("link", "del", "dev", self.name)
@@ -149,7 +152,7 @@ class NodeBridge:
                 self._ip("addr", "del", self.address, "dev", self.name)
         if self._record is not None:
             self._record.unlink(missing_ok=True)
-        return self.check()
+        return replace(self.check(), removed_tables=tuple(removed))
 
 
 def prepare(nic_kind: str, nic_source: str, gateway: str, network: str, manage: bool,

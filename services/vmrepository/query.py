@@ -17,6 +17,10 @@ from services.descriptor import NUMBER, TIME, VERSION, number_value, resolve_fie
 from services.faults import BadQuery
 
 OPERATORS = ("=", "!=", "<", "<=", ">", ">=", "contains", "matches")
+ORDERED = ("<", "<=", ">", ">=")
+# The value of an ordered comparison of a version field: a Debian version starts with a digit (wsdl/workspace.xsd's
+# VersionType, which a descriptor's versions hold to, with a digit first; its 64 characters at most).
+VERSION_VALUE = re.compile(r"[0-9][A-Za-z0-9.+:~_\-]{0,63}")
 # Word forms of the comparison operators, for SOAP stacks and shells where < and > are awkward.
 WORD_OPERATORS = {"eq": "=", "ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">="}
 ORDERABLE = {"name": "name", "vo": "vo", "owner": "owner", "created": "created", "updated": "updated",
@@ -171,6 +175,10 @@ def prepare(c: Criterion) -> Prepared:
         if kind == NUMBER:
             key: object = number_value(path, c.value)
         elif kind == VERSION:
+            if c.op in ORDERED and not VERSION_VALUE.fullmatch(c.value):
+                # 'library emboss >= six' matched every image: letters sort below numbers (1.0rc1 < 1.0.1)
+                raise ValueError(f"{c.value!r} is not a version: a version starts with a digit and holds letters, "
+                                 f"digits and . + : ~ _ - (6.6, 6.6.0-1, 2.6.9-42.EL, 1:6.6.0)")
             key = version_key(c.value)
         elif kind == TIME:
             key = _time_value(c.value)

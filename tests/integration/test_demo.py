@@ -28,6 +28,7 @@ def test_the_main_job_walks_the_poster_flows():
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = r.stdout
     assert "distinct addresses: 5 of 5; distinct MACs: 5 of 5" in out
+    assert "over empty disks made with qemu-img (placeholders" in out      # not the EMBOSS image of `demo --real`
     assert "refused:" in out and "vm.pause" in out               # bob may not touch alice's VM
     assert "pause  -> Paused" in out and "resume -> Running" in out
     assert "emboss-3: Destroyed" in out

@@ -131,6 +131,21 @@ def test_errors_are_one_clear_line(grid, args, message):
     assert r.stderr.startswith("vmgrid: ") and message in r.stderr and "Traceback" not in r.stderr
 
 
+def test_a_version_that_is_not_one_is_a_one_line_bad_query(grid):
+    """`vmgrid repo query 'library emboss >= six'` listed every image; it is the service's BadQuery (bad value), one
+    line naming the value and what a version looks like: docs/query.md's transcript, run as written."""
+    import shlex
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "query.md").read_text()
+    shown = re.search(r"\(its output compared\) -->\n```\n\$ (vmgrid [^\n]*)\n(vmgrid: [^\n]*)\n```", doc)
+    assert shown, "docs/query.md shows the transcript"
+    r = vmgrid(grid, "alice", *shlex.split(shown.group(1))[1:], check=False)
+    assert r.returncode == 1 and r.stdout == "", r.stdout
+    assert r.stderr == shown.group(2) + "\n"
+    assert r.stderr == ("vmgrid: bad query: library.emboss >= six: 'six' is not a version: a version starts with a "
+                        "digit and holds letters, digits and . + : ~ _ - (6.6, 6.6.0-1, 2.6.9-42.EL, 1:6.6.0)\n")
+
+
 def test_no_credential_and_no_service_are_explained(grid, tmp_path):
     env = {"X509_CERT_DIR": str(grid.cert_dir), "HOME": str(tmp_path), "PATH": "/usr/bin:/bin",
            "X509_USER_PROXY": "", "VMGRID_REPOSITORY": grid.url}
@@ -155,6 +170,25 @@ def test_register_uploads_from_the_users_machine_over_gridftp(grid, tmp_path):
     uploads = grid.root / "repository" / "repository" / "uploads"
     assert [p for p in uploads.rglob("*") if p.is_file()] == []      # ingested, not left behind
     vmgrid(grid, "admin", "repo", "remove", ws["identity"]["imageId"])
+
+
+def test_register_name_registers_a_descriptor_under_another_name(grid, tmp_path):
+    """README's placeholder: the example descriptor over an empty disk, registered as bio/emboss-placeholder so that
+    the recipe's name (bio/debian12-emboss) stays the built image's. The file is not changed; a name the schema
+    refuses is one line before anything is sent."""
+    image = make_image(tmp_path / "placeholder.qcow2", fill=b"an empty disk" * 100)
+    descriptor = EXAMPLES / "debian12-emboss.xml"
+    before = descriptor.read_bytes()
+    bad = vmgrid(grid, "alice", "repo", "register", str(descriptor), str(image), "--name", "no spaces", check=False)
+    assert bad.returncode == 1 and bad.stderr.count("\n") == 1, bad.stderr
+    assert bad.stderr.startswith("vmgrid: --name 'no spaces': ") and "pattern" in bad.stderr
+    out = vmgrid(grid, "alice", "repo", "register", str(descriptor), str(image), "--name", "emboss-placeholder",
+                 "--json")
+    ws = json.loads(out.stdout)["descriptors"][0]
+    assert (ws["identity"]["name"], ws["identity"]["vo"]) == ("emboss-placeholder", "bio")
+    assert descriptor.read_bytes() == before
+    assert "bio/emboss-placeholder" in vmgrid(grid, "alice", "repo", "query", "library emboss >= 6.6").stdout
+    vmgrid(grid, "alice", "repo", "remove", "bio/emboss-placeholder")
 
 
 def test_register_refuses_before_the_upload_what_the_repository_would_refuse_after_it(grid, tmp_path):

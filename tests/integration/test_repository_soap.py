@@ -159,7 +159,7 @@ def test_an_invalid_descriptor_is_a_typed_fault_with_the_line(populated):
 
 
 @pytest.mark.parametrize("case", [
-    "unknown-image", "duplicate-name", "bad-field", "bad-number", "bad-regex", "bad-xpath", "bad-order",
+    "unknown-image", "duplicate-name", "bad-field", "bad-number", "bad-version", "bad-regex", "bad-xpath", "bad-order",
     "held", "checksum", "size", "outside-ingest", "missing-file", "format-mismatch", "given-image-id",
     "other-vo-read", "other-owner-remove", "member-local-ingest", "foreign-update", "bad-ref", "hold-too-long",
     "member-hold", "unknown-hold",
@@ -187,6 +187,7 @@ def test_each_fault_is_typed_and_leaves_the_store_unchanged(populated, case):
         "duplicate-name": (DuplicateName, lambda: admin.register(example(), local_path=good_image)),
         "bad-field": (BadQuery, lambda: alice.query(["colour = blue"])),
         "bad-number": (BadQuery, lambda: alice.query(["ram >= lots"])),
+        "bad-version": (BadQuery, lambda: alice.query(["library emboss >= six"])),
         "bad-regex": (BadQuery, lambda: alice.query(["name matches (unclosed"])),
         "bad-xpath": (BadQuery, lambda: alice.query(xpath="/ws:workspace[")),
         "bad-order": (BadQuery, lambda: alice.query(order_by="colour")),

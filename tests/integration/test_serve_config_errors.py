@@ -52,6 +52,25 @@ def serve(tmp_path, text: str, *extra: str, service: str = "vmmanager") -> subpr
     (("container", "log_level"), '"verbose"', "n3.toml: [container] log_level = 'verbose': Unknown level: 'VERBOSE'"),
     (("container", "log_file"), '"nodir/node.log"',
      "n3.toml: [container] log_file = 'nodir/node.log': No such file or directory"),
+    # numbers that cannot mean anything: each failed later (the first staging, the executor) or hung, or started
+    (("vmmanager", "staging_parallel"), "0", "n3.toml: [vmmanager] staging_parallel = 0: GridFTP streams, 1 to 64"),
+    (("vmmanager", "staging_parallel"), "65", "n3.toml: [vmmanager] staging_parallel = 65: GridFTP streams, 1 to 64"),
+    (("vmmanager", "deploy_workers"), "0", "n3.toml: [vmmanager] deploy_workers = 0: deployments at once, 1 or more"),
+    (("vmmanager", "sweep_interval"), "-1.0", "n3.toml: [vmmanager] sweep_interval = -1.0: seconds, more than 0"),
+    (("vmmanager", "guest_ready_timeout"), "nan", "n3.toml: [vmmanager] guest_ready_timeout = nan: seconds, more than 0"),
+    (("vmmanager", "hold_linger"), "-5.0",
+     "n3.toml: [vmmanager] hold_linger = -5.0: seconds (0: given back with the last instance), 0 or more"),
+    (("vmmanager", "list_page"), "0", "n3.toml: [vmmanager] list_page = 0: instances a page, 1 to 1000"),
+    # a lease range said "bad lease range '10.99.0.10' / network '10.99.0.0/24': Address cannot be empty"
+    (("vmmanager", "lease_range"), '"10.99.0.10"',
+     "n3.toml: [vmmanager] lease_range = '10.99.0.10': not a range (expected \"FIRST-LAST\", host addresses of "
+     "10.99.0.0/24 in order, e.g. \"10.99.0.10-10.99.0.20\")"),
+    (("vmmanager", "lease_range"), '"10.99.0.10-10.98.0.20"',
+     "n3.toml: [vmmanager] lease_range = '10.99.0.10-10.98.0.20': not in order (expected \"FIRST-LAST\", host "
+     "addresses of 10.99.0.0/24 in order, e.g. \"10.99.0.10-10.99.0.20\")"),
+    (("vmmanager", "lease_range"), '"10.99.0.10-10.99.1.20"',
+     "n3.toml: [vmmanager] lease_range = '10.99.0.10-10.99.1.20': not inside [vmmanager] network 10.99.0.0/24 "
+     "(expected \"FIRST-LAST\", host addresses of 10.99.0.0/24 in order, e.g. \"10.99.0.10-10.99.0.20\")"),
 ])
 def test_a_value_that_cannot_be_used_is_one_line_naming_the_file_and_key(grid_pki, tmp_path, key, value, message):
     r = serve(tmp_path, node_toml(grid_pki, tmp_path / "state", {key: value}))
@@ -91,3 +110,38 @@ def test_a_gridftp_face_that_cannot_listen_is_named_not_taken_for_the_containers
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.endswith("vmgrid: n3.toml: cannot start VMRepositoryService: Cannot assign requested address "
                              "(its GridFTP face: [repository] or [jobs] gridftp_host, gridftp_port)\n"), r.stderr
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("staging_parallel", "0", "[jobs] staging_parallel = 0: GridFTP streams, 1 to 64"),
+    ("max_live_jobs", "0", "[jobs] max_live_jobs = 0: jobs, 1 or more"),
+    ("staging_quota", "0", "[jobs] staging_quota = 0: bytes, 1 or more"),
+    ("kill_grace", "-1.0", "[jobs] kill_grace = -1.0: seconds (0: SIGKILL at once), 0 or more"),
+])
+def test_a_job_service_number_that_cannot_mean_anything_is_refused_naming_its_key(grid_pki, tmp_path, key, value,
+                                                                                  message):
+    r = serve(tmp_path, node_toml(grid_pki, tmp_path / "state", {("jobs", "owner"): f'"{grid_pki.alice.dn}"',
+                                                                  ("jobs", key): value}), service="jobs")
+    assert r.returncode == 1 and r.stdout == "", r.stderr
+    assert r.stderr == f"vmgrid: n3.toml: {message}\n"
+    assert not (tmp_path / "state").exists()
+
+
+def test_every_number_rule_refuses_what_it_says_and_takes_the_default():
+    """Each key of NUMBER_RULES: its default passes, a value just outside its rule is refused naming the key."""
+    from services.container.assemble import NUMBER_RULES, check_service_config
+    from services.container.config import Config
+
+    for name, rules in NUMBER_RULES.items():
+        for key, (_what, (_holds, rule)) in rules.items():
+            config = Config()
+            config.enforcement.authz_url = "https://localhost:1/wsrf/services/AuthorizationService"
+            config.jobs.owner = "/O=Grid/CN=alice"
+            check_service_config(name, config)                        # the defaults
+            section = config.vmmanager if name == "vmmanager" else config.jobs
+            default = getattr(section, key)
+            least = 1 if rule.startswith("1 ") else 0
+            bad = (least - 1) if isinstance(default, int) else (-0.5 if rule.startswith("0 ") else 0.0)
+            setattr(section, key, type(default)(bad))
+            with pytest.raises(ValueError, match=rf"^\[{name}\] {key} = "):
+                check_service_config(name, config)

@@ -63,7 +63,8 @@ def test_the_site_recipe_and_the_more_commands_of_the_readme_run_as_written(tmp_
     assert r.returncode == 0, out + err + logs
     assert '"/O=Grid/OU=mysite/CN=admin"' in (site / "policy.toml").read_text()
     assert "bio" in out and "/O=Grid/OU=mysite/CN=alice" in out            # vmgrid authz groups
-    assert "debian12-emboss" in out                                         # registered, found by the query
+    assert "bio/emboss-placeholder" in out                                  # registered by --name, found by the query
+    assert "bio/debian12-emboss" not in out                 # the recipe's name is the built EMBOSS image's (images.md)
     assert "blast-run" in out and "Running" in out                          # deployed by alice, listed
     assert "destroyed" in out
     assert "vmgrid: serving AuthorizationService, VMRepositoryService" in (site / "central.log").read_text()
@@ -71,9 +72,9 @@ def test_the_site_recipe_and_the_more_commands_of_the_readme_run_as_written(tmp_
     # the More commands
     assert "Your identity: /O=Grid/OU=mysite/CN=alice" in out                        # grid-proxy-init
     assert (site / "phases.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"           # vmgrid report
-    assert (site / "image.qcow2").read_bytes() == (site / "images" / "debian12.qcow2").read_bytes()  # transfer
+    assert (site / "image.qcow2").read_bytes() == (site / "images" / "placeholder.qcow2").read_bytes()  # transfer
     assert (site / "results" / "sorted.txt").read_text() == "acgt\ngattaca\ntata\n"    # job submit/wait/get
-    assert "8192" in (site / "descriptors" / "emboss-8g.xml").read_text()
+    assert "8192" in (site / "descriptors" / "placeholder-8g.xml").read_text()
     node2 = (site / "node2.log").read_text()
     assert '"operation":"Destroy","caller":"/O=Grid/OU=mysite/CN=alice"' in node2     # migrated, destroyed there
 

@@ -268,3 +268,61 @@ def test_gridftp_server_options_that_cannot_be_used_are_one_line(grid_pki, tmp_p
              f"cannot start the server: {tmp_path / 'nosuch'}: No such file or directory")):
         r = vmgrid("gridftp-server", *extra, *host, timeout=20)
         assert r.returncode == 1 and r.stdout == "" and r.stderr == f"vmgrid: {message}\n", (extra, r.stderr)
+
+
+def test_an_existing_local_destination_is_refused_unless_overwrite_and_a_failed_overwrite_keeps_it(
+        start_server, tree, tmp_path):
+    """`vmgrid transfer URL FILE` onto a FILE that exists replaced it without a word (globus-url-copy does): a
+    scientist's results were lost to a mistyped name. It is refused in one line naming the file and --overwrite,
+    before connecting; with --overwrite a transfer that fails (a wrong digest, an interrupted one) leaves the old file
+    whole and nothing under its name but it, and one that succeeds replaces it."""
+    import signal
+    import time
+
+    big = make_file(tree / "data" / "slow", 8 * MiB)
+    server = start_server(max_rate=2 * MiB)                       # about 4 s: time to interrupt it
+    out = tmp_path / "results"
+    out.mkdir()
+    kept = out / "slow"
+    kept.write_bytes(b"a week of results\n")
+    for dst in (str(kept), str(out)):                              # the file, or its directory keeping the name
+        r = vmgrid("transfer", server.url("/data/slow"), dst, "-q")
+        assert r.returncode == 1 and r.stdout == "", r.stderr
+        assert r.stderr == f"vmgrid: {kept} exists: nothing transferred (give --overwrite to replace it)\n"
+    assert kept.read_bytes() == b"a week of results\n" and sorted(p.name for p in out.iterdir()) == ["slow"]
+    wrong = vmgrid("transfer", server.url("/data/small"), str(kept), "--overwrite", "-q", "--sha256", "0" * 64)
+    assert wrong.returncode == 1 and "does not match" in wrong.stderr
+    assert kept.read_bytes() == b"a week of results\n"
+    part = out / "slow.vmgrid-part"
+    proc = subprocess.Popen([sys.executable, "-m", "client.cli", "transfer", server.url("/data/slow"), str(kept),
+                             "--overwrite", "-q"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while not part.exists() and proc.poll() is None:
+            time.sleep(0.05)
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130
+    assert kept.read_bytes() == b"a week of results\n" and part.exists()       # the new bytes wait beside it
+    again = vmgrid("transfer", server.url("/data/slow"), str(kept), "--overwrite", "-q")
+    assert again.returncode == 0, again.stderr
+    assert sha256_of(kept) == sha256_of(big) and sorted(p.name for p in out.iterdir()) == ["slow"]
+
+
+def test_an_upload_onto_an_existing_remote_file_replaces_it_only_once_verified(start_server, tree, tmp_path):
+    """A remote DST is replaced as FTP's STOR replaces it (no --overwrite asked: docs/gridftp.md says why); vmgrid's
+    server keeps the old file until the new one arrived whole and verified, so a failed upload leaves it."""
+    server = start_server(upload_area="/up", insecure_anonymous_writes=True)
+    (tree / "up").mkdir(exist_ok=True)
+    (tree / "up" / "f").write_bytes(b"old\n")
+    new = make_file(tmp_path / "new", 3 * MiB)
+    wrong = vmgrid("transfer", str(new), server.url("/up/f"), "-q", "--sha256", "0" * 64, "--state-dir",
+                   str(tmp_path / "s1"))
+    assert wrong.returncode == 1 and "Traceback" not in wrong.stderr, wrong.stderr
+    assert (tree / "up" / "f").read_bytes() == b"old\n"
+    ok = vmgrid("transfer", str(new), server.url("/up/f"), "-q", "--state-dir", str(tmp_path / "s2"))
+    assert ok.returncode == 0, ok.stderr
+    assert sha256_of(tree / "up" / "f") == sha256_of(new)

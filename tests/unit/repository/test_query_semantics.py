@@ -184,11 +184,30 @@ def test_the_command_line_form_maps_onto_criteria():
     ([[Criterion("ram", "~", "1")]], "unknown operator"),
     ([[Criterion("created", ">", "yesterday")]], "bad value"),
     ([[Criterion("vcpus", ">", "2G")]], "bad value"),
+    ([[Criterion("library.emboss", ">=", "six")]], "bad value"),      # matched every image (letters sort first)
+    ([[Criterion("kernel", "lt", "v2.6")]], "bad value"),
+    ([[Criterion("version", ">", "")]], "bad value"),
 ])
 def test_bad_queries_say_why(groups, reason):
     with pytest.raises(BadQuery) as exc:
         prepare_groups(groups)
     assert exc.value.reason == reason
+
+
+def test_an_ordered_version_comparison_needs_a_version_and_says_what_one_looks_like(population):
+    """'library emboss >= six' matched every image: 'six' is no version, and a version key's letters sort below its
+    numbers. An ordered comparison of a version field takes a value that starts with a digit, as Debian's versions
+    do; = and != still compare any value (a descriptor's version may start with a letter, wsdl/workspace.xsd)."""
+    cat, pop = population
+    with pytest.raises(BadQuery) as exc:
+        prepare_groups(parse_cli(["library emboss >= six"]))
+    assert (exc.value.reason, exc.value.criterion) == ("bad value", "library.emboss >= six")
+    assert exc.value.description == ("library.emboss >= six: 'six' is not a version: a version starts with a digit "
+                                     "and holds letters, digits and . + : ~ _ - (6.6, 6.6.0-1, 2.6.9-42.EL, 1:6.6.0)")
+    for fine in (["library emboss >= 1:6.6.0-1"], ["kernel >= 2.6.9-42.EL"], ["library emboss = six"],
+                 ["version != beta"]):
+        total, ids = indexed(cat, parse_cli(fine))
+        assert ids == bf_query(pop, parse_cli(fine)), fine
 
 
 def test_xpath_dialect_agrees_with_criteria(population):

@@ -146,7 +146,14 @@ def test_the_teardown_command_of_the_configuration_doc_takes_down_what_a_stopped
     NodeBridge(cfg["nic_source"], cfg["gateway"], cfg["network"], state / "vmmanager", netns=netns).ensure()
     guard = PortGuard(cfg["nic_source"], owner=str((state / "vmmanager").resolve()), netns=netns)
     guard.sync([])
-    env = {"PATH": f"{REPO / '.venv' / 'bin'}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "LANG": "C.UTF-8"}
+    # every nft the command runs is logged by a shim before the real one: the tables are listed once (they were
+    # listed to be reported, then again by the teardown that removed them)
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    calls = tmp_path / "nft-calls"
+    (shim / "nft").write_text(f'#!/bin/sh\necho "$*" >> {calls}\nexec {shutil.which("nft")} "$@"\n')
+    (shim / "nft").chmod(0o755)
+    env = {"PATH": f"{shim}:{REPO / '.venv' / 'bin'}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "LANG": "C.UTF-8"}
 
     def teardown(*extra: str) -> subprocess.CompletedProcess:
         return subprocess.run(["ip", "netns", "exec", netns, "sh", "-c", shown.group(1) + "".join(f" {e}" for e in extra)],
@@ -162,8 +169,10 @@ def test_the_teardown_command_of_the_configuration_doc_takes_down_what_a_stopped
         r = teardown()
         assert r.returncode == 1 and "in use by another `vmgrid serve`" in r.stderr, r.stderr
     assert cfg["nic_source"] in ip(netns, "link", "show")
+    calls.unlink(missing_ok=True)
     r = teardown()
     assert r.returncode == 0, r.stderr
+    assert calls.read_text().splitlines() == ["list tables bridge", f"delete table bridge {guard.table}"]
     assert f"removed bridge {cfg['nic_source']} (the node made it)" in r.stdout
     assert f"removed nftables table bridge {guard.table}" in r.stdout
     assert cfg["nic_source"] not in ip(netns, "link", "show") and tables_of(cfg["nic_source"], netns) == []
