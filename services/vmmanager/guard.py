@@ -37,6 +37,7 @@ import re
 import subprocess
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable
 
 from services.vmmanager.network import BRIDGE_NAME, NetworkSetupError
@@ -201,11 +202,15 @@ def tables_of(bridge: str, netns: str | None = None) -> list[str]:
     return re.findall(rf"^table bridge (vmgrid_{re.escape(prefix)}_[0-9a-f]{{8}})$", proc.stdout, re.M)
 
 
-def remove_tables(bridge: str, netns: str | None = None) -> list[str]:
-    """Take away the guard tables of every node on ``bridge`` (the bridge's teardown); returns their names."""
-    names = tables_of(bridge, netns)
-    for name in names:
-        subprocess.run(nft_command(netns, "delete", "table", "bridge", name),
-                       capture_output=True, text=True, timeout=NFT_TIMEOUT)
-    return names
-
+def remove_table(bridge: str, state_dir, netns: str | None = None) -> list[str]:
+    """Take away the guard table of the node whose state directory is ``state_dir`` on ``bridge`` (the bridge's
+    teardown by that node), as the node names it (:func:`table_name`); returns its name, or [] when there was none.
+    Other nodes' tables, on this bridge or on one whose name reads the same in nftables (``vm.br``, ``vm_br``),
+    stay."""
+    name = table_name(bridge, str(Path(state_dir).resolve()))
+    try:
+        proc = subprocess.run(nft_command(netns, "delete", "table", "bridge", name),
+                              capture_output=True, text=True, timeout=NFT_TIMEOUT)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [name] if proc.returncode == 0 else []

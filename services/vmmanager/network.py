@@ -58,6 +58,7 @@ class NodeBridge:
         self.name, self.network, self.gateway = name, net, gw
         self.address = f"{gw}/{net.prefixlen}"
         self.netns = netns
+        self.state_dir = Path(state_dir) if state_dir is not None else None
         self._record = Path(state_dir) / "network" / f"{name}.json" if state_dir is not None else None
 
     # -- iproute2 ---------------------------------------------------------------------------------
@@ -137,14 +138,15 @@ class NodeBridge:
 
     def teardown(self) -> BridgeStatus:
         """Remove what ensure() made (the bridge it created, or the address it added to a bridge the
-        site made) and the nodes' guard tables of the bridge (guard.py), and forget it; leaves alone what
-        the site made itself. Guests still on the bridge lose their network: stop them first. Returns the status
-        after, with the names of the guard tables it removed (``removed_tables``: one listing, which the caller
-        reports)."""
-        from services.vmmanager.guard import remove_tables     # guard.py builds on this module
+        site made) and this node's guard table of the bridge (guard.py: the one named for this bridge and this
+        node's state directory), and forget it; leaves alone what the site made itself and every other node's
+        guard (another node on the same bridge keeps guarding its guests). Guests still on the bridge lose their
+        network: stop them first. Returns the status after, with the name of the guard table it removed
+        (``removed_tables``, which the caller reports)."""
+        from services.vmmanager.guard import remove_table     # guard.py builds on this module
         made = self._made()
         status = self.check()
-        removed = remove_tables(self.name, self.netns)      # the nodes' guards of its guests' taps go with it
+        removed = remove_table(self.name, self.state_dir, self.netns) if self.state_dir is not None else []
         if status.exists and status.is_bridge:
             if made.get("bridge"):
                 self._ip("link", "del", "dev", self.name)

@@ -78,6 +78,8 @@ class BridgeNodes:
                 first = next(iter(self.nodes.values()))
                 out["bridge_after"] = NodeBridge(self.bridge, self.gateway, self.network,
                                                  first.state / "vmmanager").teardown().exists
+                for node in list(self.nodes.values())[1:]:      # each node's teardown takes its own guard
+                    NodeBridge(self.bridge, self.gateway, self.network, node.state / "vmmanager").teardown()
                 out["guards_after"] = tables_of(self.bridge)
         except Exception as exc:  # noqa: BLE001 - reported to the test, which fails with it
             out.setdefault("cleanup", []).append(f"bridge teardown: {exc}")

@@ -304,14 +304,30 @@ def test_two_nodes_on_one_bridge_each_keep_their_own_bindings(site):
     assert sorted(tables_of("vmgridbr0", site.host)) == sorted([site.guard.table, other.table])
 
 
-def test_the_bridges_teardown_takes_its_nodes_guards_with_it(site, tmp_path):
+def test_the_bridges_teardown_takes_its_nodes_guard_and_no_other(site, tmp_path):
+    """A node's teardown removes its own guard table (named for the bridge and its state directory), never
+    another node's: not that of a node on the same bridge, whose guests stay guarded, nor that of a bridge whose
+    name reads the same in nftables (vmgrid.br0 and vmgrid_br0). Before, every table of the bridge's name went."""
     a = site.guest("a", A_MAC, A_IP)
-    site.guard.sync([Binding(a, A_MAC, A_IP)])
-    PortGuard("vmgridbr0", owner="node-b", netns=site.host).sync([])
-    elsewhere = PortGuard("vmgridbr1", owner="node-a", netns=site.host)      # another bridge's: left alone
+    b = site.guest("b", B_MAC, B_IP)
+    own = PortGuard("vmgridbr0", owner=str(tmp_path.resolve()), netns=site.host)
+    own.sync([Binding(a, A_MAC, A_IP)])
+    neighbour = PortGuard("vmgridbr0", owner="node-b", netns=site.host)       # another node on the same bridge
+    neighbour.sync([Binding(b, B_MAC, B_IP)])
+    elsewhere = PortGuard("vmgridbr1", owner=str(tmp_path.resolve()), netns=site.host)    # another bridge's
     elsewhere.sync([])
-    NodeBridge("vmgridbr0", GATEWAY, "10.79.0.0/24", tmp_path, netns=site.host).teardown()
-    assert tables_of("vmgridbr0", site.host) == [] and tables_of("vmgridbr1", site.host) == [elsewhere.table]
+    lookalike = PortGuard("vmgrid.br0", owner="node-c", netns=site.host)      # vmgrid_br0 in nftables, too
+    lookalike.sync([])
+    status = NodeBridge("vmgridbr0", GATEWAY, "10.79.0.0/24", tmp_path, netns=site.host).teardown()
+    assert status.removed_tables == (own.table,)
+    assert tables_of("vmgridbr0", site.host) == [neighbour.table]
+    assert tables_of("vmgridbr1", site.host) == [elsewhere.table]
+    assert lookalike.table in tables_of("vmgrid.br0", site.host)
+    site.listen()                                    # the neighbour's guest is still held to its lease
+    site.set("b", B_MAC, FREE_IP)
+    assert site.connect("b", BLOCKED).startswith("refused")
+    # again: nothing of this node's is left
+    assert NodeBridge("vmgridbr0", GATEWAY, "10.79.0.0/24", tmp_path, netns=site.host).teardown().removed_tables == ()
 
 
 def test_a_host_without_nft_is_told_what_to_install(monkeypatch):
