@@ -92,6 +92,20 @@ def hold_state(state_dir: str, services: list[str]) -> None:
         _HELD.append(fd)
 
 
+def unused_authz(services: list[str], config) -> str:
+    """The warning for a container that hosts the Authorization service beside a service that enforces a policy
+    (the repository, a node) without [enforcement] authz_url: those enforce the built-in [policy] section, not the
+    Authorization service beside them, so `vmgrid authz check` and the policy admin's rules say one thing and the
+    services do another. "" when there is nothing to say."""
+    enforcing = [name for name in services if name in ("repository", "vmmanager")]
+    if "authz" not in services or not enforcing or config.enforcement.authz_url:
+        return ""
+    verb = "enforces" if len(enforcing) == 1 else "enforce"
+    return (f"[enforcement] authz_url is not set: the {' and the '.join(enforcing)} {verb} the built-in [policy] "
+            f"section, not the Authorization service this container hosts; set authz_url to its URL "
+            f"(https://HOST:{config.container.port}/wsrf/services/AuthorizationService) to enforce its policy")
+
+
 def run(args) -> int:
     from security.pki import PKIError
     from services.container.assemble import (SERVICE_NAMES, build_container, build_service, check_service_config,
@@ -146,6 +160,10 @@ def run(args) -> int:
                            f"(its GridFTP face: [repository] or [jobs] gridftp_host, gridftp_port)") from None
         raise CLIError(f"cannot listen on {config.container.host}:{args.port or config.container.port}: "
                        f"{exc.strerror} (another container on that port? [container] port or --port)") from None
+    unused = unused_authz(args.services, config)
+    if unused:
+        logging.getLogger("vmgrid.container").warning("%s", unused)
+        print(f"vmgrid: warning: {unused}", file=sys.stderr, flush=True)
     print(f"vmgrid: serving {', '.join(s.name for s in services)} at {container.base_url}", flush=True)
     container.serve_forever()
     return 0

@@ -145,3 +145,25 @@ def test_every_number_rule_refuses_what_it_says_and_takes_the_default():
             setattr(section, key, type(default)(bad))
             with pytest.raises(ValueError, match=rf"^\[{name}\] {key} = "):
                 check_service_config(name, config)
+
+
+def test_a_container_hosting_the_authorization_service_beside_a_repository_without_authz_url_says_so(grid_pki,
+                                                                                                      tmp_path):
+    """An operator who hosts `authz repository` in one container and forgets [enforcement] authz_url gets a
+    repository enforcing the built-in [policy] (default-deny for a VO the policy file grants), while `authz check`
+    answers from the policy file: the start says which one the repository enforces and how to change it."""
+    text = node_toml(grid_pki, tmp_path / "state")
+    text = text.replace('authz_url = "https://localhost:1/wsrf/services/AuthorizationService"\n', "")
+    assert "authz_url" not in text
+    (tmp_path / "c.toml").write_text(text)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("X509_")}
+    for services, warned in ((["authz", "repository"], True), (["repository"], False)):
+        proc = subprocess.Popen([VMGRID, "serve", *services, "-c", "c.toml"], cwd=tmp_path, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout.readline().startswith("vmgrid: serving"), proc.stderr.read()
+        finally:
+            proc.terminate()
+            _, err = proc.communicate(timeout=60)
+        assert ("vmgrid: warning: [enforcement] authz_url is not set: the repository enforces the built-in [policy] "
+                "section, not the Authorization service this container hosts" in err) is warned, err
