@@ -76,6 +76,9 @@ def test_the_site_recipe_and_the_more_commands_of_the_readme_run_as_written(tmp_
     assert (site / "results" / "sorted.txt").read_text() == "acgt\ngattaca\ntata\n"    # job submit/wait/get
     assert "8192" in (site / "descriptors" / "placeholder-8g.xml").read_text()
     node2 = (site / "node2.log").read_text()
+    ranges = [re.search(r'^lease_range = "([^"]+)"', (site / f"{n}.toml").read_text(), re.M).group(1)
+              for n in ("node1", "node2")]
+    assert ranges == ["10.99.0.10-10.99.0.129", "10.99.0.130-10.99.0.250"]     # one network, disjoint addresses
     assert '"operation":"Destroy","caller":"/O=Grid/OU=mysite/CN=alice"' in node2     # migrated, destroyed there
 
 
