@@ -2,6 +2,7 @@
 WS-Security in front of the services, TLS, and the services themselves."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -173,7 +174,9 @@ def build_service(name: str, config: Config) -> SoapService:
 
         service = VMRepositoryService(config.state_dir("repository"), config.repository, policy_point(config))
         if config.repository.gridftp_port >= 0:
-            service.attach_transfers(config.container.host, host_credential(config), trust_store(config))
+            credential = host_credential(config)
+            service.attach_transfers(config.container.host, credential, trust_store(config),
+                                     public_host=certificate_host(credential))
         return service
     if name == "authz":
         from services.authz.service import AuthorizationService
@@ -219,9 +222,10 @@ def build_jobs(config: Config) -> SoapService:
     from services.jobs.service import JobService
     from services.wsrf.notification import ConsumerPolicy, Notifier
 
-    j = config.jobs
     check_service_config("jobs", config)
     credential, trust = host_credential(config), trust_store(config)
+    # the gsiftp:// URLs name the host its certificate names, as the container's own URL does ("" = derived)
+    j = dataclasses.replace(config.jobs, public_host=config.jobs.public_host or certificate_host(credential) or "")
     policy = ConsumerPolicy(tuple(j.consumer_allow))
     service = JobService(config.state_dir("jobs"), j, credential=credential, trust=trust,
                          notifier=Notifier(credential, trust, policy=policy), consumer_policy=policy)

@@ -45,13 +45,15 @@ class VMRepositoryService(SoapService):
     def authz(self):
         return self.registry.authz
 
-    def attach_transfers(self, host: str, credential, trust) -> None:
-        """Serve the image store and the upload area over GridFTP (started with the container)."""
+    def attach_transfers(self, host: str, credential, trust, public_host: str | None = None) -> None:
+        """Serve the image store and the upload area over GridFTP (started with the container). The gsiftp:// URLs
+        name [repository] gridftp_public_host, else ``public_host`` (the host certificate's name: what a client's
+        host check expects), else the listening address."""
         from services.vmrepository.transfer import RepositoryTransfers
 
         c = self.config
         self.transfers = RepositoryTransfers(self.registry, c.gridftp_host or host, max(c.gridftp_port, 0),
-                                             credential, trust, c.gridftp_public_host)
+                                             credential, trust, c.gridftp_public_host or public_host or "")
         self.registry.transfers = self.transfers
 
     def start(self) -> None:
