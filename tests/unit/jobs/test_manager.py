@@ -297,6 +297,15 @@ def test_stage_in_from_the_staging_area_is_verified(jobs):
     assert missing.state == JobState.FAILED and "no such file in your staging area" in missing.failure
 
 
+def test_a_staged_in_file_of_someone_who_never_uploaded_fails_with_the_reason_not_an_internal_error(jobs):
+    """No staging area yet (the first upload makes it): the job Failed with 'internal error of the job service:
+    [Errno 2] No such file or directory: …/staging/<area>' and the job's thread logged a traceback."""
+    assert not (jobs.staging_dir / staging_area(ADMIN)).exists()
+    job = wait_final(jobs, jobs.submit(ADMIN, JobSpec("true", stage_in=(StageIn("staged:seq.fasta", "x"),))).key)
+    assert job.state == JobState.FAILED and job.failure == (
+        "stage-in failed: staged:seq.fasta: no such file in your staging area (upload it first)")
+
+
 def test_a_staged_in_file_is_the_jobs_standard_input(jobs):
     area = jobs.staging_dir / staging_area(OWNER)
     area.mkdir()
