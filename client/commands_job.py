@@ -101,11 +101,36 @@ def instance_job_service(args) -> tuple[str, str]:
     vm = vmm_client(args, args.node)
     info = call(vm.status, resolve(vm, args.endpoint))
     if not info.job_service or not info.job_service.get("url") or not info.job_service.get("dn"):
-        raise CLIError(f"instance {args.endpoint} ({info.state}) has no job service (guest: "
-                       f"{info.guest_status or 'guestd has not reported'}); a node gives one to an instance whose "
-                       f"image hosts the job service when its [vmmanager] guest_ca is set (docs/jobs.md, \"In a "
-                       f"guest\"), or name the job service's URL instead")
+        raise CLIError(no_job_service(args.endpoint, info))
     return info.job_service["url"], info.job_service["dn"]
+
+
+def no_job_service(name: str, info) -> str:
+    """Why an instance has no job service, as far as its node's answer tells (its State and GuestStatus: what
+    guestd reported, and the node's note on the job service when it tried to start one), and how to tell the
+    reasons the node cannot tell apart."""
+    guest = printable(info.guest_status or "none")
+    head = f"instance {printable(name)} ({printable(info.state)}) has no job service"
+    where = "docs/jobs.md, \"In a guest\"; or name the job service's URL instead"
+    at = guest.find("job service")
+    if at >= 0:           # the node answered the guest's certificate request, and says how that went
+        return f"{head}: the node says: {guest[at:]} ({where})"
+    if guest == "none" or guest.startswith(("no report", "not ready")):
+        if info.state != "Running":
+            return (f"{head}: it is {printable(info.state)} (guest: {guest}); a job service is set up when it runs "
+                    f"and guestd in it reports ready ({where})")
+        return (f"{head} (guest: {guest}): guestd in it has not reported ready, and the node starts a job service "
+                f"only then (`vmgrid vm status {printable(name)}` shows a jobs line once it has; a node whose VMM has "
+                f"no guest channel, libvirt's test driver, never hears from guestd) ({where})")
+    failed = guest.partition("failed steps: ")[2].split(";")[0]
+    if "grid" in [step.strip() for step in failed.split(",")]:
+        return (f"{head} (guest: {guest}): guestd's grid step, which prepares the image's job service, failed in the "
+                f"guest ({where})")
+    image = f"{info.vo}/{info.image_name}" if info.vo and info.image_name else info.image_id or "its image"
+    return (f"{head} (guest: {guest}): guestd asked the node for no job service certificate, so either the image "
+            f"does not host the job service (`vmgrid repo show {printable(image)}`: one that does has the container "
+            f"`python3 -m client.cli serve jobs …` and the vmgrid runtime, e.g. the emboss recipe's) or the node gives "
+            f"guests none (its [vmmanager] guest_ca is unset: ask the node's operator) ({where})")
 
 
 def connect(args):
