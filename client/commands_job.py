@@ -19,6 +19,7 @@ from services.common.errors import printable
 
 DEFAULT_NODE = "https://localhost:8443/wsrf/services/VMManagerService"
 START_WAIT = 120.0      # seconds a just-started job service of an instance named may take to listen
+CANCEL_WAIT = 600.0     # seconds `job cancel` and `job get` wait for a cancelled job to be Cancelled
 
 
 def register(subparsers) -> None:
@@ -47,7 +48,8 @@ def register(subparsers) -> None:
 
     for name, helptext, func in (("status", "a job's resource properties", cmd_status),
                                  ("wait", "follow a job to its end (exit status 1 unless Done)", cmd_wait),
-                                 ("cancel", "cancel a job (its process group is killed)", cmd_cancel),
+                                 ("cancel", "cancel a job (its process group is killed) and wait until it is "
+                                            "Cancelled, what it wrote recorded", cmd_cancel),
                                  ("destroy", "destroy a job and its directory", cmd_destroy),
                                  ("get", "fetch a job's outputs (all, or those named), verified, into a directory",
                                   cmd_get)):
@@ -58,6 +60,10 @@ def register(subparsers) -> None:
             p.add_argument("--json", action="store_true")
         if name == "wait":
             p.add_argument("--timeout", type=float, default=3600, help="seconds (default 3600)")
+        if name == "cancel":
+            p.add_argument("--no-wait", action="store_true",
+                           help="print the state the service answers and return (a job still being stopped ends "
+                                "Cancelled by itself)")
         if name == "get":
             p.add_argument("outputs", nargs="*", metavar="OUTPUT",
                            help="an output's name (as `vmgrid job status` lists it): fetch only these (default: all)")
@@ -317,7 +323,8 @@ def cmd_submit(args) -> int:
 
 
 def _info_dict(info) -> dict:
-    return {"key": info.key, "state": info.state, "owner": info.owner, "executable": info.executable,
+    return {"key": info.key, "state": info.state, "cancelRequested": info.cancel_requested, "owner": info.owner,
+            "executable": info.executable,
             "arguments": info.arguments, "exitCode": info.exit_code, "failure": info.failure,
             "submitted": info.submitted.isoformat() if info.submitted else None,
             "started": info.started.isoformat() if info.started else None,
@@ -334,6 +341,8 @@ def cmd_status(args) -> int:
         print(json.dumps(_info_dict(info), indent=2))
         return 0
     d = _info_dict(info)
+    if info.cancel_requested:
+        d["state"] += " (being cancelled: its program is stopped and what it wrote recorded, then it is Cancelled)"
     for k in ("key", "state", "exitCode", "failure", "executable", "submitted", "started", "ended",
               "terminationTime", "directory"):
         if d[k] is not None:
@@ -359,8 +368,31 @@ def cmd_wait(args) -> int:
     return ended(info)
 
 
+def _being_cancelled(key: str) -> str:
+    return f"job {key} is being cancelled: its program is being stopped and what it wrote recorded"
+
+
+def _follow_cancel(args, jobs, key: str, why: str):
+    """Wait (here: no request of the service waits) until a job being cancelled has ended; its JobInfo."""
+    print(f"{_being_cancelled(key)}; {why}", file=sys.stderr, flush=True)
+    args.interrupt_note = (f"job {key} goes on being cancelled at the service (`vmgrid job wait "
+                           f"{shlex.quote(args.endpoint)} {key}` follows it)")
+    return call(jobs.wait, key, CANCEL_WAIT)
+
+
 def cmd_cancel(args) -> int:
-    print(call(connect(args).cancel, check_key(args.job)))
+    from services.jobs.client import FINAL_STATES
+
+    jobs, key = connect(args), check_key(args.job)
+    state = call(jobs.cancel, key)
+    if state in FINAL_STATES:
+        print(printable(state))
+    elif args.no_wait:
+        print(printable(state))
+        print(f"{_being_cancelled(key)}; then it is Cancelled (`vmgrid job wait {shlex.quote(args.endpoint)} {key}` "
+              f"follows it)", file=sys.stderr)
+    else:
+        print(printable(_follow_cancel(args, jobs, key, "waiting until it is Cancelled").state))
     return 0
 
 
@@ -373,6 +405,8 @@ def cmd_destroy(args) -> int:
 def cmd_get(args) -> int:
     jobs = connect(args)
     info = call(jobs.status, check_key(args.job))
+    if not info.final and info.cancel_requested:       # Cancelled once what it wrote is recorded: soon
+        info = _follow_cancel(args, jobs, info.key, "its outputs are fetched once it is Cancelled")
     if not info.final:
         raise CLIError(f"job {info.key} is {info.state}; its outputs come when it has ended (vmgrid job wait)")
     key, state = printable(info.key), printable(info.state)
