@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -118,9 +119,9 @@ def no_job_service(name: str, info) -> str:
     guest = printable(info.guest_status or "none")
     head = f"instance {printable(name)} ({printable(info.state)}) has no job service"
     where = "docs/jobs.md, \"In a guest\"; or name the job service's URL instead"
-    at = guest.find("job service")
-    if at >= 0:           # the node answered the guest's certificate request, and says how that went
-        return f"{head}: the node says: {guest[at:]} ({where})"
+    note = re.search(r"(?:no )?job service", guest)
+    if note:              # the node's own note on the guest's job service (how its certificate request went)
+        return f"{head}: the node says: {guest[note.start():]} ({where})"
     if guest == "none" or guest.startswith(("no report", "not ready")):
         if info.state != "Running":
             return (f"{head}: it is {printable(info.state)} (guest: {guest}); a job service is set up when it runs "

@@ -30,6 +30,9 @@ def test_the_nodes_own_word_is_the_reason_when_it_tried():
     assert text.startswith("instance my-vm (Running) has no job service: the node says: job service not started: "
                            "guestd did not answer the certificate within 10 s (docs/jobs.md")
     assert "guest_ca" not in text and "repo show" not in text
+    # a note that says there is none (as a node may say which of the two reasons it is) is quoted whole
+    text = no_job_service("my-vm", info(guest=READY + "; no job service: the image ships no /etc/vmgrid/jobs.toml"))
+    assert "has no job service: the node says: no job service: the image ships no /etc/vmgrid/jobs.toml (" in text
 
 
 def test_a_failed_grid_step_is_named():
