@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from services.common.errors import printable
 
 DEFAULT_NODE = "https://localhost:8443/wsrf/services/VMManagerService"
 START_WAIT = 120.0      # seconds a just-started job service of an instance named may take to listen
+CANCEL_WAIT = 600.0     # seconds `job cancel` and `job get` wait for a cancelled job to be Cancelled
 
 
 def register(subparsers) -> None:
@@ -47,7 +49,8 @@ def register(subparsers) -> None:
 
     for name, helptext, func in (("status", "a job's resource properties", cmd_status),
                                  ("wait", "follow a job to its end (exit status 1 unless Done)", cmd_wait),
-                                 ("cancel", "cancel a job (its process group is killed)", cmd_cancel),
+                                 ("cancel", "cancel a job (its process group is killed) and wait until it is "
+                                            "Cancelled, what it wrote recorded", cmd_cancel),
                                  ("destroy", "destroy a job and its directory", cmd_destroy),
                                  ("get", "fetch a job's outputs (all, or those named), verified, into a directory",
                                   cmd_get)):
@@ -58,6 +61,10 @@ def register(subparsers) -> None:
             p.add_argument("--json", action="store_true")
         if name == "wait":
             p.add_argument("--timeout", type=float, default=3600, help="seconds (default 3600)")
+        if name == "cancel":
+            p.add_argument("--no-wait", action="store_true",
+                           help="print the state the service answers and return (a job still being stopped ends "
+                                "Cancelled by itself)")
         if name == "get":
             p.add_argument("outputs", nargs="*", metavar="OUTPUT",
                            help="an output's name (as `vmgrid job status` lists it): fetch only these (default: all)")
@@ -101,11 +108,36 @@ def instance_job_service(args) -> tuple[str, str]:
     vm = vmm_client(args, args.node)
     info = call(vm.status, resolve(vm, args.endpoint))
     if not info.job_service or not info.job_service.get("url") or not info.job_service.get("dn"):
-        raise CLIError(f"instance {args.endpoint} ({info.state}) has no job service (guest: "
-                       f"{info.guest_status or 'guestd has not reported'}); a node gives one to an instance whose "
-                       f"image hosts the job service when its [vmmanager] guest_ca is set (docs/jobs.md, \"In a "
-                       f"guest\"), or name the job service's URL instead")
+        raise CLIError(no_job_service(args.endpoint, info))
     return info.job_service["url"], info.job_service["dn"]
+
+
+def no_job_service(name: str, info) -> str:
+    """Why an instance has no job service, as far as its node's answer tells (its State and GuestStatus: what
+    guestd reported, and the node's note on the job service when it tried to start one), and how to tell the
+    reasons the node cannot tell apart."""
+    guest = printable(info.guest_status or "none")
+    head = f"instance {printable(name)} ({printable(info.state)}) has no job service"
+    where = "docs/jobs.md, \"In a guest\"; or name the job service's URL instead"
+    note = re.search(r"(?:no )?job service", guest)
+    if note:              # the node's own note on the guest's job service (how its certificate request went)
+        return f"{head}: the node says: {guest[note.start():]} ({where})"
+    if guest == "none" or guest.startswith(("no report", "not ready")):
+        if info.state != "Running":
+            return (f"{head}: it is {printable(info.state)} (guest: {guest}); a job service is set up when it runs "
+                    f"and guestd in it reports ready ({where})")
+        return (f"{head} (guest: {guest}): guestd in it has not reported ready, and the node starts a job service "
+                f"only then (`vmgrid vm status {printable(name)}` shows a jobs line once it has; a node whose VMM has "
+                f"no guest channel, libvirt's test driver, never hears from guestd) ({where})")
+    failed = guest.partition("failed steps: ")[2].split(";")[0]
+    if "grid" in [step.strip() for step in failed.split(",")]:
+        return (f"{head} (guest: {guest}): guestd's grid step, which prepares the image's job service, failed in the "
+                f"guest ({where})")
+    image = f"{info.vo}/{info.image_name}" if info.vo and info.image_name else info.image_id or "its image"
+    return (f"{head} (guest: {guest}): guestd asked the node for no job service certificate, so either the image "
+            f"does not host the job service (`vmgrid repo show {printable(image)}`: one that does has the container "
+            f"`python3 -m client.cli serve jobs …` and the vmgrid runtime, e.g. the emboss recipe's) or the node gives "
+            f"guests none (its [vmmanager] guest_ca is unset: ask the node's operator) ({where})")
 
 
 def connect(args):
@@ -292,7 +324,8 @@ def cmd_submit(args) -> int:
 
 
 def _info_dict(info) -> dict:
-    return {"key": info.key, "state": info.state, "owner": info.owner, "executable": info.executable,
+    return {"key": info.key, "state": info.state, "cancelRequested": info.cancel_requested, "owner": info.owner,
+            "executable": info.executable,
             "arguments": info.arguments, "exitCode": info.exit_code, "failure": info.failure,
             "submitted": info.submitted.isoformat() if info.submitted else None,
             "started": info.started.isoformat() if info.started else None,
@@ -309,6 +342,8 @@ def cmd_status(args) -> int:
         print(json.dumps(_info_dict(info), indent=2))
         return 0
     d = _info_dict(info)
+    if info.cancel_requested:
+        d["state"] += " (being cancelled: its program is stopped and what it wrote recorded, then it is Cancelled)"
     for k in ("key", "state", "exitCode", "failure", "executable", "submitted", "started", "ended",
               "terminationTime", "directory"):
         if d[k] is not None:
@@ -334,8 +369,31 @@ def cmd_wait(args) -> int:
     return ended(info)
 
 
+def _being_cancelled(key: str) -> str:
+    return f"job {key} is being cancelled: its program is being stopped and what it wrote recorded"
+
+
+def _follow_cancel(args, jobs, key: str, why: str):
+    """Wait (here: no request of the service waits) until a job being cancelled has ended; its JobInfo."""
+    print(f"{_being_cancelled(key)}; {why}", file=sys.stderr, flush=True)
+    args.interrupt_note = (f"job {key} goes on being cancelled at the service (`vmgrid job wait "
+                           f"{shlex.quote(args.endpoint)} {key}` follows it)")
+    return call(jobs.wait, key, CANCEL_WAIT)
+
+
 def cmd_cancel(args) -> int:
-    print(call(connect(args).cancel, check_key(args.job)))
+    from services.jobs.client import FINAL_STATES
+
+    jobs, key = connect(args), check_key(args.job)
+    state = call(jobs.cancel, key)
+    if state in FINAL_STATES:
+        print(printable(state))
+    elif args.no_wait:
+        print(printable(state))
+        print(f"{_being_cancelled(key)}; then it is Cancelled (`vmgrid job wait {shlex.quote(args.endpoint)} {key}` "
+              f"follows it)", file=sys.stderr)
+    else:
+        print(printable(_follow_cancel(args, jobs, key, "waiting until it is Cancelled").state))
     return 0
 
 
@@ -348,6 +406,8 @@ def cmd_destroy(args) -> int:
 def cmd_get(args) -> int:
     jobs = connect(args)
     info = call(jobs.status, check_key(args.job))
+    if not info.final and info.cancel_requested:       # Cancelled once what it wrote is recorded: soon
+        info = _follow_cancel(args, jobs, info.key, "its outputs are fetched once it is Cancelled")
     if not info.final:
         raise CLIError(f"job {info.key} is {info.state}; its outputs come when it has ended (vmgrid job wait)")
     key, state = printable(info.key), printable(info.state)

@@ -14,6 +14,7 @@ from lxml import etree
 
 from gridftp import download, upload
 from gridftp.filespace import is_internal
+from services.faults import InvalidArgument
 from services.jobs import wire
 from services.jobs.store import JobSpec, StageIn
 from services.wsrf.epr import EndpointReference
@@ -24,6 +25,9 @@ from services.wsrf.namespaces import RL
 OUTPUT_NAME = re.compile(r"[A-Za-z0-9_+\-][A-Za-z0-9._+\-]{0,127}(/[A-Za-z0-9_+\-][A-Za-z0-9._+\-]{0,127}){0,7}")
 
 FINAL_STATES = ("Done", "Failed", "Cancelled")
+# properties a job service of an older runtime (a guest image built before them) does not have: a status it
+# refuses for them is asked again without them
+NEWER_PROPERTIES = frozenset({wire.CancelRequested.qname})
 
 
 class OutputsInTheWay(RuntimeError):
@@ -67,6 +71,7 @@ class JobInfo:
     outputs: list[tuple[str, int, str, str | None]] = field(default_factory=list)
     directory_url: str | None = None
     termination: datetime | None = None
+    cancel_requested: bool = False      # a live job's Cancel is being carried out: it ends Cancelled
 
     @classmethod
     def from_properties(cls, key: str, props: etree._Element) -> "JobInfo":
@@ -75,7 +80,8 @@ class JobInfo:
                    wire.Submitted.read(props), wire.Started.read(props), wire.Ended.read(props),
                    wire.StdoutTail.read(props, ""), wire.StderrTail.read(props, ""),
                    wire.StagingProgress.read(props, {}), wire.Outputs.read(props, []),
-                   wire.DirectoryURL.read(props), TerminationTime.read(props))
+                   wire.DirectoryURL.read(props), TerminationTime.read(props),
+                   wire.CancelRequested.read(props, False))
 
     @property
     def final(self) -> bool:
@@ -137,13 +143,23 @@ class JobClient:
 
     # -- a job ----------------------------------------------------------------------------------------------
     def status(self, key: str) -> JobInfo:
-        names = [etree.QName(n) for n in wire.JOB_PROPERTIES.names if n != CurrentTime.qname]
-        return JobInfo.from_properties(key, self._on(key, "GetMultipleResourceProperties", ResourceProperty=names))
+        names = [n for n in wire.JOB_PROPERTIES.names if n != CurrentTime.qname]
+        try:
+            props = self._on(key, "GetMultipleResourceProperties", ResourceProperty=[etree.QName(n) for n in names])
+        except InvalidArgument as exc:
+            if not any(n in str(exc) for n in NEWER_PROPERTIES):
+                raise
+            # a job service from before these properties (an older guest image): the others, as it knows them
+            names = [n for n in names if n not in NEWER_PROPERTIES]
+            props = self._on(key, "GetMultipleResourceProperties", ResourceProperty=[etree.QName(n) for n in names])
+        return JobInfo.from_properties(key, props)
 
     def property(self, key: str, qname: str) -> list[etree._Element]:
         return list(self._on(key, "GetResourceProperty", etree.QName(qname)))
 
     def cancel(self, key: str) -> str:
+        """Cancel; the state the service answers: Cancelled, or the job's live state while its program is being
+        stopped and what it wrote recorded (it ends Cancelled by itself: :meth:`wait` follows it there)."""
         return self._on(key, "Cancel").findtext("job:State", namespaces=wire.NS)
 
     def destroy(self, key: str) -> None:

@@ -31,6 +31,10 @@ log = logging.getLogger("vmgrid.JobService")
 RULE = "instance-owner-or-vo-admin"
 VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 LIVE_BEFORE_RUN = {JobState.PENDING, JobState.STAGE_IN}
+# seconds a Cancel waits for its job to end before it answers: a program that ends at its SIGTERM, whose outputs
+# are quickly hashed, is answered Cancelled; one that takes longer is answered with its live state (it ends
+# Cancelled by itself). Short, so that a few Cancels do not hold a container's request threads.
+CANCEL_ANSWER_WAIT = 1.0
 
 StateListener = Callable[[Job, JobState, JobState], None]
 
@@ -57,6 +61,7 @@ class JobManager:
         self._procs: dict[str, Process] = {}
         self._threads: dict[str, threading.Thread] = {}
         self._guard = threading.Lock()
+        self._ended = threading.Condition()      # notified whenever a job reaches a final state
         self._stop = threading.Event()
         self._sweeper: Sweeper | None = None
         self._resume: list[tuple[str, Callable[[], None]]] = []
@@ -195,18 +200,25 @@ class JobManager:
             self._threads[key] = t
         t.start()
 
-    def _set_state(self, key: str, new: JobState, *, expect: set[JobState] | None = None, **values) -> bool:
-        old = self.store.set_state(key, new, expect=expect, **values)
+    def _set_state(self, key: str, new: JobState, *, expect: set[JobState] | None = None,
+                   or_cancelled: bool = False, **values) -> bool:
+        """Move a job to ``new`` (from ``expect`` only, when given; never from a final state). With
+        ``or_cancelled``, a job whose Cancel was accepted ends Cancelled instead (in the same transaction, so a
+        Cancel that comes while the job ends is never lost between the two)."""
+        old = self.store.set_state(key, new, expect=expect, or_cancelled=or_cancelled, **values)
         if old is None:
             return False
-        if old != new:
-            log.info("job %s: %s -> %s", key, old.value, new.value)
-            job = self.store.get(key)
+        job = self.store.get(key)
+        if job is not None and old != job.state:
+            log.info("job %s: %s -> %s", key, old.value, job.state.value)
             for listener in self.listeners:
                 try:
-                    listener(job, old, new)
+                    listener(job, old, job.state)
                 except Exception:
                     log.exception("state listener failed for job %s", key)
+        if job is None or job.final:
+            with self._ended:
+                self._ended.notify_all()
         return True
 
     def _run(self, key: str) -> None:
@@ -297,7 +309,8 @@ class JobManager:
                        f"staging_quota), and was killed by SIGXFSZ")
         if failure is not None:
             self._stage_out(job, send=False)
-            self._set_state(key, JobState.FAILED, ended=time.time(), exit_code=exit.code, failure=failure)
+            self._set_state(key, JobState.FAILED, ended=time.time(), exit_code=exit.code, failure=failure,
+                            or_cancelled=True)
             return
         if not self._set_state(key, JobState.STAGE_OUT, expect={JobState.ACTIVE}, exit_code=exit.code):
             return
@@ -307,10 +320,11 @@ class JobManager:
             failure = f"the program {why}" + (f"; {failure}" if failure else "")
         elif failure:
             failure = f"the program exited with status 0, but {failure}"
+        # a Cancel accepted meanwhile (during the stage-out) ends it Cancelled
         if failure:
-            self._set_state(key, JobState.FAILED, ended=time.time(), failure=failure)
+            self._set_state(key, JobState.FAILED, ended=time.time(), failure=failure, or_cancelled=True)
         else:
-            self._set_state(key, JobState.DONE, ended=time.time())
+            self._set_state(key, JobState.DONE, ended=time.time(), or_cancelled=True)
 
     def _stage_out(self, job: Job, send: bool = True) -> str | None:
         """Hash the outputs (standard output and error first), send those with a destination; the failure, if any.
@@ -321,6 +335,8 @@ class JobManager:
         wanted = [(spec.stdout, None), (spec.stderr, None)] + [(s.name, s.destination) for s in spec.stage_out]
         seen = set()
         for i, (name, destination) in enumerate(wanted):
+            if send and destination and self._cancelled(job.key):
+                send = False          # Cancel came during the stage-out: the rest is hashed and sent nowhere
             destination = destination if send else None
             if (name, destination) in seen:
                 continue
@@ -351,26 +367,44 @@ class JobManager:
         return "; ".join(problems) or None
 
     # -- control --------------------------------------------------------------------------------------------
-    def cancel(self, dn: str, key: str) -> JobState:
+    def cancel(self, dn: str, key: str, answer_wait: float = CANCEL_ANSWER_WAIT) -> JobState:
+        """Cancel a live job; the state to answer. A job whose program has not started is Cancelled at once. A
+        running one gets SIGTERM now (SIGKILL ``kill_grace`` seconds later, sent by a thread of its own) and stays
+        in its live state, its Cancel recorded (``CancelRequested``), until its thread has recorded what the
+        program wrote (hashed, as any output): only then is it Cancelled, so whoever reads Cancelled finds its
+        outputs. One in its stage-out sends no further file. Cancel waits at most ``answer_wait`` seconds for that
+        end and answers the state the job has then: no request thread waits for a program's grace or for its
+        outputs' hashing."""
         job = self.job(dn, key, "job.cancel")
-        if job.final:
+        if self.store.request_cancel(key) is None:
+            job = self.job(dn, key, "job.cancel")       # ended meanwhile (or destroyed: ResourceUnknown)
             raise IllegalTransition(f"job {key} is already {job.state.value}", state=job.state.value,
                                     operation="Cancel")
-        self.store.update(key, cancel_requested=True)
-        self._set_state(key, JobState.CANCELLED, expect=LIVE_BEFORE_RUN, ended=time.time())
+        if self._set_state(key, JobState.CANCELLED, expect=LIVE_BEFORE_RUN, ended=time.time()):
+            return JobState.CANCELLED               # no program ran: nothing to record (a stage-in stops)
         with self._guard:
-            proc = self._procs.get(key)
+            proc, thread = self._procs.get(key), self._threads.get(key)
         if proc is not None:
-            proc.kill(self.config.kill_grace)
-            # the job's thread records what the program wrote (hashed, as any output) once it has ended: Cancel
-            # answers after that, so whoever reads Cancelled finds the outputs recorded (a stage-out under way
-            # is not waited for)
-            with self._guard:
-                thread = self._threads.get(key)
-            if job.state == JobState.ACTIVE and thread is not None and thread is not threading.current_thread():
-                thread.join(self.config.kill_grace + 30)
-        self._set_state(key, JobState.CANCELLED, ended=time.time())
-        return self.store.get(key).state
+            proc.terminate(self.config.kill_grace)
+        elif thread is None:                        # no thread of the job's own to end it: one that does
+            self._spawn(key, lambda: self._end_cancelled(key))
+        self._wait_for_end(key, answer_wait)
+        job = self.store.get(key)
+        return job.state if job is not None else JobState.CANCELLED      # destroyed meanwhile (Cancelled first)
+
+    def _end_cancelled(self, key: str) -> None:
+        job = self.store.get(key)
+        if job is not None and not job.final:
+            self._stage_out(job, send=False)
+            self._set_state(key, JobState.CANCELLED, ended=time.time())
+
+    def _wait_for_end(self, key: str, timeout: float) -> None:
+        def ended() -> bool:
+            job = self.store.get(key)
+            return job is None or job.final
+
+        with self._ended:
+            self._ended.wait_for(ended, timeout)
 
     def destroy(self, dn: str, key: str) -> None:
         self.job(dn, key, "job.destroy")
@@ -385,7 +419,7 @@ class JobManager:
             with self._guard:
                 proc = self._procs.get(key)
             if proc is not None:
-                proc.kill(self.config.kill_grace)
+                proc.terminate(self.config.kill_grace)     # the SIGKILL comes later, from a thread of its own
             self._set_state(key, JobState.CANCELLED, ended=time.time(), failure=f"destroyed {why}")
         self.store.destroy(key)
         self.subscriptions.drop(key)
@@ -470,7 +504,7 @@ class JobManager:
                                          f"{self.config.staging_quota} bytes ([jobs] staging_quota): the job was "
                                          f"killed")
                 log.warning("job %s: %s", key, self._over_quota[key])
-                proc.kill(self.config.kill_grace)
+                proc.terminate(self.config.kill_grace)
 
     def reconcile(self) -> dict[str, int]:
         """At start (after a crash too): every live job is found again running (re-attached), ended (its

@@ -61,7 +61,10 @@ class Stager:
         of the job's stage-in quota); a larger file is refused and nothing of it is left."""
         dest.parent.mkdir(parents=True, exist_ok=True)
         if source.startswith("staged:"):
-            src = inside(self.staging_dir / staging_area(owner), source[len("staged:"):])
+            area = self.staging_dir / staging_area(owner)
+            if not area.is_dir():         # nothing uploaded yet: the area is made by the first upload
+                raise StagingError(f"{source}: no such file in your staging area (upload it first)")
+            src = inside(area, source[len("staged:"):])
             if not src.is_file():
                 raise StagingError(f"{source}: no such file in your staging area (upload it first)")
             if room is not None and src.stat().st_size > room:

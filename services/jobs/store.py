@@ -169,18 +169,35 @@ class JobStore:
         with self.db.write("update") as db:
             db.execute(f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in conv)} WHERE key = ?", (*conv.values(), key))
 
-    def set_state(self, key: str, new: JobState, *, expect: set[JobState] | None = None, **values) -> JobState | None:
-        """Move a job to ``new`` (only from ``expect`` when given); returns the old state, or None if refused."""
+    def set_state(self, key: str, new: JobState, *, expect: set[JobState] | None = None, or_cancelled: bool = False,
+                  **values) -> JobState | None:
+        """Move a job to ``new`` (only from ``expect`` when given); returns the old state, or None if refused.
+        ``or_cancelled``: a job whose Cancel was accepted (``request_cancel``) goes to Cancelled instead, without
+        a ``failure``."""
         with self.db.write("set_state") as db:
-            row = db.execute("SELECT state FROM jobs WHERE key = ? AND destroyed = 0", (key,)).fetchone()
+            row = db.execute("SELECT state, cancel_requested FROM jobs WHERE key = ? AND destroyed = 0",
+                             (key,)).fetchone()
             if row is None:
                 return None
             old = JobState(row[0])
             if (expect is not None and old not in expect) or old in FINAL:
                 return None
+            if or_cancelled and row[1]:
+                new = JobState.CANCELLED
+                values.pop("failure", None)
             conv = self._columns({**values, "state": new})      # one transaction: never final without its end
             db.execute(f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in conv)} WHERE key = ?", (*conv.values(), key))
         return old
+
+    def request_cancel(self, key: str) -> JobState | None:
+        """Record that a live job's Cancel was accepted (checked and marked in one transaction); its state, or
+        None when it has ended (or is gone) already."""
+        with self.db.write("request_cancel") as db:
+            row = db.execute("SELECT state FROM jobs WHERE key = ? AND destroyed = 0", (key,)).fetchone()
+            if row is None or JobState(row[0]) in FINAL:
+                return None
+            db.execute("UPDATE jobs SET cancel_requested = 1 WHERE key = ?", (key,))
+        return JobState(row[0])
 
     def destroy(self, key: str) -> None:
         with self.db.write("destroy") as db:

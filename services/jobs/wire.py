@@ -226,6 +226,19 @@ class Outputs(ResourceProperty):
                 for f in el.iterfind("job:file", NS)]
 
 
+class CancelRequested(ResourceProperty):
+    """true while a live job's accepted Cancel is carried out (its program being stopped, what it wrote being
+    recorded); absent otherwise. Newer than the rest: a job service before it answers InvalidArgument when asked."""
+    qname = q("CancelRequested")
+
+    def value(self, v: JobView):
+        return "true" if v.job.cancel_requested and not v.job.final else None
+
+    @classmethod
+    def parse(cls, el):
+        return (el.text or "").strip() in ("true", "1")
+
+
 class DirectoryURL(ResourceProperty):
     qname = q("DirectoryURL")
 
@@ -235,7 +248,8 @@ class DirectoryURL(ResourceProperty):
 
 JOB_PROPERTIES = PropertySet(
     [State(), Owner(), Executable(), Arguments(), ExitCode(), Failure(), Submitted(), Started(), Ended(),
-     StdoutTail(), StderrTail(), StagingProgress(), Outputs(), DirectoryURL(), TerminationTime(), CurrentTime()],
+     StdoutTail(), StderrTail(), StagingProgress(), Outputs(), DirectoryURL(), CancelRequested(), TerminationTime(),
+     CurrentTime()],
     what="a job")
 
 

@@ -175,6 +175,52 @@ def test_a_failed_wait_shows_why_with_the_stderr_tail_and_a_cancelled_jobs_outpu
         stall.close()
 
 
+def test_a_job_being_cancelled_is_followed_to_cancelled_by_cancel_and_get(grid, tmp_path):
+    """The service answers a Cancel at once with the job's live state while its program is being stopped (here it
+    ignores SIGTERM and the grace is 600 s). `job cancel --no-wait` prints that state and says what comes; `job
+    status` says the job is being cancelled; `job cancel` and `job get` wait, on the client's side, until it is
+    Cancelled, and get fetches what it wrote. The test ends the program itself."""
+    import os
+
+    alice = grid.user("alice")
+    sp = grid.start("slowkill", ["jobs"], {"jobs": {"owner": alice.dn, "gridftp_port": 0, "kill_grace": 600.0}})
+    url = f"{sp.base_url}/wsrf/services/JobService"
+    program = ("import os, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+               "print(os.readlink('/proc/self'), flush=True); time.sleep(900)")      # its pid as the host sees it
+    key = vmgrid(grid, "job", "submit", url, "--", PY, "-c", program).stdout.strip()
+    while not (tail := json.loads(vmgrid(grid, "job", "status", url, key, "--json").stdout)["stdoutTail"]):
+        pass
+    pid = int(tail)
+    try:
+        r = vmgrid(grid, "job", "cancel", url, key, "--no-wait")
+        assert r.stdout == "Active\n" and r.stderr == (
+            f"job {key} is being cancelled: its program is being stopped and what it wrote recorded; then it is "
+            f"Cancelled (`vmgrid job wait {url} {key}` follows it)\n")
+        assert ("state            Active (being cancelled: its program is stopped and what it wrote recorded, then "
+                "it is Cancelled)\n") in vmgrid(grid, "job", "status", url, key).stdout
+        assert json.loads(vmgrid(grid, "job", "status", url, key, "--json").stdout)["cancelRequested"] is True
+        waiting = {}
+        for name, args in (("cancel", ("job", "cancel", url, key)), ("get", ("job", "get", url, key, "-o", "out"))):
+            waiting[name] = subprocess.Popen([PY, "-m", "client.cli", *args], env=grid.env("alice"), cwd=tmp_path,
+                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        lines = {name: p.stderr.readline() for name, p in waiting.items()}      # each says it waits, and why
+        assert lines == {
+            "cancel": f"job {key} is being cancelled: its program is being stopped and what it wrote recorded; waiting "
+                      f"until it is Cancelled\n",
+            "get": f"job {key} is being cancelled: its program is being stopped and what it wrote recorded; its "
+                   f"outputs are fetched once it is Cancelled\n"}
+        assert all(p.poll() is None for p in waiting.values())
+    finally:
+        os.kill(pid, signal.SIGKILL)                 # what the grace would end, 600 s later
+    out = {name: p.communicate(timeout=120) for name, p in waiting.items()}
+    assert [p.returncode for p in waiting.values()] == [0, 0], out
+    assert out["cancel"][0] == "Cancelled\n"
+    assert out["get"][0] == "out/stdout\nout/stderr\n" and "is Cancelled: its outputs are what its program wrote" in \
+        out["get"][1]
+    assert (tmp_path / "out" / "stdout").read_text() == f"{pid}\n"
+    assert json.loads(vmgrid(grid, "job", "status", url, key, "--json").stdout)["cancelRequested"] is False
+
+
 def test_a_job_service_killed_and_restarted_answers_every_job_with_its_real_state(grid, tmp_path):
     url = grid.jobs_url
     release = tmp_path / "release"

@@ -39,11 +39,13 @@ def sha(data: bytes) -> str:
 
 
 class JobGrid:
-    def __init__(self, pki, root: Path, **jobs):
+    def __init__(self, pki, root: Path, threads: int | None = None, **jobs):
         self.pki = pki
         cfg = base_config(pki, root / "state", 0)
-        cfg.jobs = JobsConfig(owner=pki.alice.dn, admins=[pki.admin.dn], gridftp_port=0, kill_grace=2.0,
-                              consumer_allow=["127.0.0.0/8"], logs={"container": str(root / "container.log")}, **jobs)
+        if threads is not None:
+            cfg.container.threads = threads
+        cfg.jobs = JobsConfig(owner=pki.alice.dn, admins=[pki.admin.dn], gridftp_port=0, consumer_allow=["127.0.0.0/8"],
+                              logs={"container": str(root / "container.log")}, **{"kill_grace": 2.0, **jobs})
         (root / "container.log").write_text("line 1\ncontainer started\n")
         self.service = build_service("jobs", cfg)
         self.container = build_container(cfg, [self.service]).start()
@@ -257,10 +259,65 @@ def test_cancel_of_a_long_job(grid, grid_pki):
         assert not info.final
         info = alice.status(key)
     assert info.state == "Active"
-    assert alice.cancel(key) == "Cancelled"
+    assert alice.cancel(key) in ("Cancelled", "Active")   # Active: still being stopped, its outputs recorded
     info = alice.wait(key, timeout=60)
-    assert info.state == "Cancelled" and info.exit_code == -15
+    assert info.state == "Cancelled" and info.exit_code == -15 and not info.cancel_requested
+    assert [name for name, *_ in info.outputs] == ["stdout", "stderr"]
     assert "Cancel" in check.seen
+
+
+def test_cancels_under_way_hold_no_request_thread(grid_pki, tmp_path):
+    """A container of two request threads, three jobs whose programs ignore SIGTERM, a grace of 600 s. Each Cancel
+    held its request thread until its program had ended and its outputs were recorded (600 s here): two Cancels
+    took every thread and a third request waited for them. Now each Cancel answers the job's live state at once,
+    and a GetMultipleResourceProperties sent while the Cancels are under way is answered while the programs still
+    run (the jobs Active, their Cancels recorded): no request waited for a program. The test then ends the
+    programs itself; each job ends Cancelled with its outputs."""
+    import os
+    import signal
+
+    (tmp_path / "g").mkdir()
+    grid = JobGrid(grid_pki, tmp_path / "g", threads=2, kill_grace=600.0)
+    try:
+        alice = grid.client(grid_pki.alice)
+        check = Validating(alice)
+        program = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('started', flush=True);"
+                   "time.sleep(900)")
+        keys = [alice.submit(JobSpec(PY, ("-c", program))) for _ in range(3)]
+        for key in keys:
+            while alice.status(key).stdout_tail != "started\n":
+                pass
+        answers: dict[str, str] = {}
+        clients = {key: grid.client(grid_pki.alice) for key in keys}      # one connection each: all at once
+        checks = [Validating(c) for c in clients.values()]
+        cancellers = [threading.Thread(target=lambda k=k, c=c: answers.update({k: c.cancel(k)}))
+                      for k, c in clients.items()]
+        for t in cancellers:
+            t.start()
+        during = [alice.status(key) for key in keys]          # sent while the Cancels are under way
+        for t in cancellers:
+            t.join(120)
+        assert [i.state for i in during] == ["Active"] * 3    # answered while every program still ran
+        assert answers == {key: "Active" for key in keys}
+        assert all("Cancel" in c.seen for c in checks)        # each answer valid against the schema
+        after = [alice.status(key) for key in keys]           # every Cancel answered: every program still runs
+        assert [(i.state, i.cancel_requested, i.outputs) for i in after] == [("Active", True, [])] * 3
+        store = grid.service.jobs.store
+        for key in keys:
+            os.killpg(store.get(key).pid, signal.SIGKILL)     # what the grace would end, 600 s later
+        for key in keys:
+            info = alice.wait(key, timeout=60)
+            assert (info.state, info.cancel_requested) == ("Cancelled", False)
+            assert {name: size for name, size, *_ in info.outputs} == {"stdout": len("started\n"), "stderr": 0}
+        assert "GetMultipleResourceProperties" in check.seen
+    finally:
+        for job in grid.service.jobs.store.list(live_only=True):
+            if job.pid:
+                try:
+                    os.killpg(job.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        grid.close()
 
 
 def test_another_user_is_denied_every_operation_and_the_files(grid, grid_pki, tmp_path):

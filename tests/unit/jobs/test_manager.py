@@ -29,7 +29,7 @@ PY = sys.executable
 
 
 def manager(state: Path, **overrides) -> JobManager:
-    cfg = JobsConfig(owner=OWNER, admins=[ADMIN], kill_grace=2.0, **overrides)
+    cfg = JobsConfig(owner=OWNER, admins=[ADMIN], **{"kill_grace": 2.0, **overrides})
     m = JobManager(state, cfg, lambda staging: Stager(None, None, staging))
     m.start()
     return m
@@ -133,7 +133,7 @@ def test_cancel_kills_the_whole_process_group(jobs):
     pid_file = jobs.jobs_dir / job.key / "child.pid"
     child = int(wait_until(lambda: pid_file.exists() and pid_file.read_text()))
     assert jobs.store.get(job.key).state == JobState.ACTIVE
-    assert jobs.cancel(OWNER, job.key) == JobState.CANCELLED
+    jobs.cancel(OWNER, job.key)
     wait_until(lambda: proc_start_time(child) is None)        # the grandchild is gone too
     done = wait_final(jobs, job.key)
     assert done.state == JobState.CANCELLED and done.exit_code == -signal.SIGTERM
@@ -141,9 +141,13 @@ def test_cancel_kills_the_whole_process_group(jobs):
         jobs.cancel(OWNER, job.key)
 
 
-def test_what_a_cancelled_job_wrote_is_recorded_hashed_when_cancel_answers_and_nothing_is_sent(jobs):
-    """A Cancelled job recorded no outputs: `vmgrid job get` fetched nothing although StdoutTail showed output."""
+def test_what_a_cancelled_job_wrote_is_recorded_hashed_before_it_is_cancelled_and_nothing_is_sent(jobs):
+    """A Cancelled job recorded no outputs: `vmgrid job get` fetched nothing although StdoutTail showed output.
+    Whoever sees the job Cancelled (a notification, a status) finds them all recorded: a listener reads the job
+    at its move to Cancelled."""
     work = jobs.jobs_dir
+    at_cancelled = []
+    jobs.listeners.append(lambda job, old, new: new == JobState.CANCELLED and at_cancelled.append(job))
     # 40 more files of 1 MiB: hashing and recording them takes a while after the program has ended
     parts = [f"part{i}.bin" for i in range(40)]
     job = jobs.submit(OWNER, JobSpec(PY, ("-c", "import time\nfor n in %r: open(n, 'wb').write(bytes(1 << 20))\n"
@@ -152,15 +156,91 @@ def test_what_a_cancelled_job_wrote_is_recorded_hashed_when_cancel_answers_and_n
                                      stage_out=(StageOut("part.txt", "gsiftp://127.0.0.1:1/results/part.txt"),
                                                 StageOut("never.txt"), *map(StageOut, parts))))
     wait_until(lambda: jobs.tail(jobs.store.get(job.key), "stdout") == "started\n")
-    assert jobs.cancel(OWNER, job.key) == JobState.CANCELLED
-    outputs = {o.name: o for o in jobs.store.get(job.key).outputs}       # all there when Cancel has answered
+    jobs.cancel(OWNER, job.key, answer_wait=0)          # answers at once; the job's thread does the rest
+    done = wait_final(jobs, job.key)
+    assert done.state == JobState.CANCELLED and done.failure is None and done.exit_code == -signal.SIGTERM
+    assert [j.state for j in at_cancelled] == [JobState.CANCELLED]
+    outputs = {o.name: o for o in at_cancelled[0].outputs}       # all there when it became Cancelled
     assert set(outputs) == {"stdout", "stderr", "part.txt", *parts}
     for name, o in outputs.items():
         assert (o.size, o.sha256) == ((work / job.key / name).stat().st_size, hash_file(work / job.key / name))
         assert o.destination is None                     # a cancelled job's outputs go nowhere (port 1: never sent)
     assert outputs["stdout"].size == len("started\n")
+
+
+IGNORES_SIGTERM = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('started', flush=True); "
+                   "time.sleep(300)")
+
+
+def test_cancel_answers_at_once_while_a_program_that_ignores_sigterm_runs_on_and_the_job_ends_cancelled(tmp_path):
+    """Cancel held its request thread until the program had ended and its outputs were recorded: up to kill_grace
+    + 30 s each, and a few Cancels starved a container's request threads. Now it answers the live state, its
+    Cancel recorded (CancelRequested), while the program runs on (here it ignores SIGTERM, and the grace is 600 s);
+    asked again it answers the same. When the program ends the job is Cancelled with what it wrote."""
+    m = manager(tmp_path / "s", kill_grace=600.0)
+    try:
+        job = m.submit(OWNER, JobSpec(PY, ("-c", IGNORES_SIGTERM)))
+        wait_until(lambda: m.tail(m.store.get(job.key), "stdout") == "started\n")
+        assert m.cancel(OWNER, job.key) == JobState.ACTIVE
+        assert m.cancel(ADMIN, job.key) == JobState.ACTIVE                # a second Cancel: no fault, no change
+        running = m.store.get(job.key)
+        assert running.state == JobState.ACTIVE and running.cancel_requested and running.outputs == ()
+        assert proc_start_time(running.pid) is not None                  # SIGTERM sent, ignored
+        os.killpg(running.pid, signal.SIGKILL)                           # what kill_grace would do, 600 s later
+        done = wait_final(m, job.key)
+        # the SIGKILL to the group ends its supervisor too, which leaves no exit status
+        assert (done.state, done.exit_code, done.failure) == (JobState.CANCELLED, None, None)
+        assert {o.name: o.size for o in done.outputs} == {"stdout": len("started\n"), "stderr": 0}
+    finally:
+        shut(m)
+
+
+def test_the_sigkill_after_the_grace_comes_from_a_thread_of_its_own(jobs):
+    """kill_grace is 2 s here: the program that ignores SIGTERM is killed with no request waiting for it."""
+    job = jobs.submit(OWNER, JobSpec(PY, ("-c", IGNORES_SIGTERM)))
+    wait_until(lambda: jobs.tail(jobs.store.get(job.key), "stdout") == "started\n")
+    assert jobs.cancel(OWNER, job.key, answer_wait=0) == JobState.ACTIVE
     done = wait_final(jobs, job.key)
-    assert done.state == JobState.CANCELLED and done.failure is None and done.exit_code == -signal.SIGTERM
+    assert (done.state, done.exit_code, done.failure) == (JobState.CANCELLED, None, None)   # SIGKILLed with its shim
+    assert {o.name for o in done.outputs} == {"stdout", "stderr"}
+
+
+class HeldStager(Stager):
+    """A Stager whose first send waits until the test lets it go (a stage-out under way when Cancel comes); it
+    records what it was asked to send and sends nothing (the destinations are not real servers)."""
+
+    def __init__(self, staging):
+        super().__init__(None, None, staging)
+        self.sending, self.go, self.sent = threading.Event(), threading.Event(), []
+
+    def send(self, path, destination, sha256, progress):
+        self.sent.append(destination)
+        self.sending.set()
+        assert self.go.wait(60)
+
+
+def test_a_cancel_during_the_stage_out_sends_no_further_file_and_ends_it_cancelled_with_every_output(tmp_path):
+    stagers = []
+    cfg = JobsConfig(owner=OWNER, admins=[ADMIN], kill_grace=2.0)
+    m = JobManager(tmp_path / "s", cfg, lambda staging: stagers.append(HeldStager(staging)) or stagers[-1])
+    m.start()
+    try:
+        script = "for n in ('a.txt', 'b.txt', 'c.txt'): open(n, 'w').write(n)"
+        job = m.submit(OWNER, JobSpec(PY, ("-c", script), stage_out=tuple(
+            StageOut(n, f"gsiftp://results.example.org/{n}") for n in ("a.txt", "b.txt", "c.txt"))))
+        stager = stagers[0]
+        assert stager.sending.wait(60)                       # a.txt is being sent
+        assert m.store.get(job.key).state == JobState.STAGE_OUT
+        assert m.cancel(OWNER, job.key, answer_wait=0) == JobState.STAGE_OUT
+        stager.go.set()
+        done = wait_final(m, job.key)
+        assert (done.state, done.exit_code, done.failure) == (JobState.CANCELLED, 0, None)
+        assert stager.sent == ["gsiftp://results.example.org/a.txt"]     # b.txt and c.txt were not sent
+        assert {o.name: o.destination for o in done.outputs} == {
+            "stdout": None, "stderr": None, "a.txt": "gsiftp://results.example.org/a.txt", "b.txt": None,
+            "c.txt": None}
+    finally:
+        shut(m)
 
 
 def test_what_a_job_leaves_running_ends_with_it(jobs):
@@ -198,7 +278,7 @@ def test_a_process_that_leaves_the_jobs_group_ends_with_the_job_all_the_same(job
 
     cancelled = jobs.submit(OWNER, JobSpec(PY, ("-c", daemon + "import time; time.sleep(300)")))
     child = daemon_pid(cancelled.key)
-    assert jobs.cancel(OWNER, cancelled.key) == JobState.CANCELLED
+    jobs.cancel(OWNER, cancelled.key)
     wait_until(lambda: proc_start_time(child) is None)
     assert wait_final(jobs, cancelled.key).exit_code == -signal.SIGTERM
 
@@ -298,6 +378,15 @@ def test_stage_in_from_the_staging_area_is_verified(jobs):
     assert ok.state == JobState.DONE and jobs.tail(ok, "stdout") == "1\n"
     assert bad.state == JobState.FAILED and "is not the expected" in bad.failure
     assert missing.state == JobState.FAILED and "no such file in your staging area" in missing.failure
+
+
+def test_a_staged_in_file_of_someone_who_never_uploaded_fails_with_the_reason_not_an_internal_error(jobs):
+    """No staging area yet (the first upload makes it): the job Failed with 'internal error of the job service:
+    [Errno 2] No such file or directory: …/staging/<area>' and the job's thread logged a traceback."""
+    assert not (jobs.staging_dir / staging_area(ADMIN)).exists()
+    job = wait_final(jobs, jobs.submit(ADMIN, JobSpec("true", stage_in=(StageIn("staged:seq.fasta", "x"),))).key)
+    assert job.state == JobState.FAILED and job.failure == (
+        "stage-in failed: staged:seq.fasta: no such file in your staging area (upload it first)")
 
 
 def test_a_staged_in_file_is_the_jobs_standard_input(jobs):

@@ -83,3 +83,57 @@ def test_the_gridftp_face_lets_each_owner_read_their_jobs_and_write_only_their_s
     assert not face.authorize(OTHER, "write", f"/staging/{staging_area(OTHER)}/a")   # not a user of this VM
     assert not face.authorize(None, "read", "/jobs/job-1/out.txt")
     assert not face.authorize(OWNER, "list", "/")
+
+
+def live_job(cancel_requested: bool) -> Job:
+    now = time.time()
+    return Job("job-" + "cd" * 16, OWNER, JobState.ACTIVE, JobSpec("prog"), now, now + 60, now,
+               cancel_requested=cancel_requested)
+
+
+def test_a_job_being_cancelled_says_so_in_a_schema_valid_property_and_only_then():
+    for requested in (True, False):
+        resp = etree.Element(f"{{{RP}}}GetMultipleResourcePropertiesResponse", nsmap={"wsrf-rp": RP})
+        resp.extend(wire.JOB_PROPERTIES.all(wire.JobView(live_job(requested))))
+        CONTRACT.validator.assertValid(resp)
+        assert (resp.find(wire.CancelRequested.qname) is not None) == requested
+        assert wire.CancelRequested.read(resp, False) is requested and wire.State.read(resp) == "Active"
+    answer = etree.Element(wire.q("CancelResponse"), nsmap={"job": wire.JOB})
+    etree.SubElement(answer, wire.q("State")).text = "Active"          # Cancel's answer while it is carried out
+    CONTRACT.validator.assertValid(answer)
+
+
+def test_the_client_reads_a_job_service_from_before_cancel_requested():
+    """A guest image built before CancelRequested has a job service that refuses the name (InvalidArgument): the
+    client asks again without it rather than failing every `vmgrid job status`."""
+    from services.faults import InvalidArgument
+    from services.jobs.client import JobClient
+    from services.wsrf.properties import PropertySet
+
+    older = PropertySet([p for p in wire.JOB_PROPERTIES.properties if not isinstance(p, wire.CancelRequested)],
+                        what="a job")
+    asked = []
+
+    class OlderService:                     # answers as that service's PropertySet does
+        url = "https://guest.example.org:8443/wsrf/services/JobService"
+
+        def call(self, operation, *args, ResourceProperty=(), _soapheaders=None):
+            asked.append([str(n) for n in ResourceProperty])
+            resp = etree.Element(f"{{{RP}}}GetMultipleResourcePropertiesResponse", nsmap={"wsrf-rp": RP})
+            for name in ResourceProperty:
+                resp.extend(older.values(wire.JobView(live_job(False)), str(name)))
+            return resp
+
+    info = JobClient(OlderService()).status("job-" + "cd" * 16)
+    assert (info.state, info.cancel_requested, info.executable) == ("Active", False, "prog")
+    assert wire.CancelRequested.qname in asked[0] and wire.CancelRequested.qname not in asked[1]
+
+    class Refusing(OlderService):             # any other refusal is the caller's, not asked again
+        def call(self, operation, *args, **kwargs):
+            asked.append("refused")
+            raise InvalidArgument("'job-x' is not a job key (job-<32 hex digits>)", argument="JobKey")
+
+    asked.clear()
+    with pytest.raises(InvalidArgument, match="not a job key"):
+        JobClient(Refusing()).status("job-" + "cd" * 16)
+    assert asked == ["refused"]
