@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 from security.middleware import DEFAULT_UNDERSTOOD, WSSecurityMiddleware
-from security.pki import PKIError, default_cert_dir, load_host_credential
+from security.pki import PKIError, default_cert_dir, dn_string, load_host_credential
 from security.tls import server_ssl_adapter
 from security.trust import ChainError, TrustStore
 from services.container.config import Config, ConfigError
@@ -37,13 +37,37 @@ def host_credential(config: Config):
     cert = s.host_cert or os.environ.get("X509_HOST_CERT") or None
     key = s.host_key or os.environ.get("X509_HOST_KEY") or None
     try:
-        return load_host_credential(cert, key)
+        credential = load_host_credential(cert, key)
     except PKIError as exc:
         name = "host_key" if "private key" in str(exc) and s.host_key else "host_cert"
         given = getattr(s, name)
         if given:
             raise ConfigError(f"[security] {name} = {given!r}: {exc}") from None
         raise ConfigError(f"[security] {name} is not set, and the one found instead cannot be used: {exc}") from None
+    problem = not_a_host_certificate(credential)
+    if problem:
+        where = f"[security] host_cert = {s.host_cert!r}" if s.host_cert else \
+            "[security] host_cert is not set, and the one found instead"
+        raise ConfigError(f"{where}: {problem}; give the host's certificate (vmgrid ca host NAME)")
+    return credential
+
+
+def not_a_host_certificate(credential) -> str:
+    """Why ``credential`` cannot serve as a host's (a user's certificate given as host_cert: every client's TLS
+    handshake then failed with "certificate verify failed", long after a start that said nothing), or ""."""
+    from cryptography import x509
+
+    cert = credential.certificate
+    subject = dn_string(cert.subject)
+    try:
+        usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        if x509.oid.ExtendedKeyUsageOID.SERVER_AUTH not in usage:
+            return f"{subject} is not a TLS server's certificate (its extended key usage has no serverAuth)"
+    except x509.ExtensionNotFound:
+        pass
+    if certificate_host(credential) is None:
+        return f"{subject} names no host (no CN=host/NAME, no DNS name in its subjectAltName)"
+    return ""
 
 
 def policy_point(config: Config):

@@ -167,3 +167,15 @@ def test_a_container_hosting_the_authorization_service_beside_a_repository_witho
             _, err = proc.communicate(timeout=60)
         assert ("vmgrid: warning: [enforcement] authz_url is not set: the repository enforces the built-in [policy] "
                 "section, not the Authorization service this container hosts" in err) is warned, err
+
+
+def test_a_users_certificate_given_as_the_host_certificate_is_refused_at_start(grid_pki, tmp_path):
+    """A user's certificate (clientAuth only, no host name) as [security] host_cert started a container whose every
+    client then failed its TLS handshake ("certificate verify failed"): now one line at start, nothing started."""
+    r = serve(tmp_path, node_toml(grid_pki, tmp_path / "state", {
+        ("security", "host_cert"): f'"{grid_pki.alice.cert_path}"', ("security", "host_key"): f'"{grid_pki.alice.key_path}"'}))
+    assert r.returncode == 1 and r.stdout == "", r.stderr
+    assert r.stderr == (f"vmgrid: n3.toml: [security] host_cert = '{grid_pki.alice.cert_path}': {grid_pki.alice.dn} is "
+                        f"not a TLS server's certificate (its extended key usage has no serverAuth); give the host's "
+                        f"certificate (vmgrid ca host NAME)\n")
+    assert not (tmp_path / "state").exists()
