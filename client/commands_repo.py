@@ -324,6 +324,8 @@ def upload_and_register(repo, args, descriptor):
     location = repo.upload_location(descriptor)     # a descriptor the repository refuses is refused before the upload
     bar = ProgressBar(sys.stderr, "uploading") if sys.stderr.isatty() else None
     service = repo.service
+    args.interrupt_note = ("nothing is registered; run the same command again: the upload resumes from the server's "
+                           "last restart marker (it sends one every few seconds)")
     try:
         result = gridftp.upload(path, location.rstrip("/") + "/" + name, args.parallel,
                                 credential=service.credential, trust=service.trust, progress=bar)
@@ -332,8 +334,11 @@ def upload_and_register(repo, args, descriptor):
     finally:
         if bar:
             bar.finish()
-    print(f"uploaded {result.size} bytes in {result.seconds:.1f} s ({result.mbit_per_s:.0f} Mbit/s), "
+    reused = f", {result.bytes_reused} of them sent by an earlier attempt" if result.bytes_reused else ""
+    print(f"uploaded {result.size} bytes in {result.seconds:.1f} s ({result.mbit_per_s:.0f} Mbit/s){reused}, "
           f"sha256 {result.sha256}", file=sys.stderr)
+    args.interrupt_note = ("the upload is complete and in your upload area; run the same command again to register it "
+                           "(the upload is not repeated)")
     set_field(descriptor, "image", "sha256", result.sha256)
     return repo.register(descriptor, upload=name)
 

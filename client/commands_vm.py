@@ -398,6 +398,10 @@ def cmd_migrate(args) -> int:
     target = vmm_client(args, args.to)
     args.to = target.service.url
     result: dict = {}
+    name = shlex.quote(args.instance) + (f" --url {shlex.quote(vm.service.url)}"
+                                         if vm.service.url != os.environ.get("VMGRID_NODE") else "")
+    args.interrupt_note = (f"the migration of {args.instance} goes on between the nodes (`vmgrid vm status {name}` "
+                           f"follows it: the instance is Migrating, then on {args.to} or back here, Running)")
 
     def run() -> None:
         try:

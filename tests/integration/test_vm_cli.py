@@ -275,3 +275,42 @@ def test_ctrl_c_while_following_a_deployment_says_it_goes_on(grid, tmp_path):
     r = vmgrid(grid, "vm", "status", "held-run", "--url", url, "--json")
     assert json.loads(r.stdout)["identifier"] == "held-run"
     vmgrid(grid, "vm", "destroy", "held-run", "--url", url)
+
+
+def test_ctrl_c_while_waiting_for_a_migration_says_it_goes_on(grid, tmp_path):
+    """`vmgrid vm migrate` interrupted while the target holds the migration (services/common/crash.py's stall after
+    its prepare step): it said only "vmgrid: interrupted", though the migration went on and committed. It now says
+    so and how to follow it; the migration does go on."""
+    import signal
+    import time
+
+    vmgrid(grid, "vm", "deploy", "bio/debian12-emboss", "mig-held")
+    faults = tmp_path / "faults"
+    faults.mkdir()
+    (faults / "stall").write_text("migration.target-prepared")
+    node = grid.start_node("node-mstall", {}, extra_env={"VMGRID_FAULTDIR": str(faults)})
+    url = node.base_url + "/wsrf/services/VMManagerService"
+    proc = subprocess.Popen([sys.executable, "-m", "client.cli", "vm", "migrate", "mig-held", "--to", url],
+                            env={**grid.env("alice"), **grid.env_extra}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        while not (faults / "reached").exists():       # the migration is under way at the target
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        (faults / "stall").unlink(missing_ok=True)     # the target goes on
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert ("vmgrid: interrupted; the migration of mig-held goes on between the nodes (`vmgrid vm status mig-held` "
+            f"follows it: the instance is Migrating, then on {url} or back here, Running)") in err, err
+    deadline = time.monotonic() + 120
+    while True:
+        r = vmgrid(grid, "vm", "status", "mig-held", "--url", url, "--json", check=False)
+        if r.returncode == 0 and json.loads(r.stdout)["state"] == "Running":
+            break
+        assert time.monotonic() < deadline, r.stdout + r.stderr
+        time.sleep(0.2)
+    vmgrid(grid, "vm", "destroy", "mig-held", "--url", url)
