@@ -208,8 +208,13 @@ def cmd_transfer(args) -> int:
         raise CLIError(f"{dst}: no directory {Path(dst).parent} (create it first)")
     if not _is_url(dst) and os.path.lexists(dst) and not args.overwrite:   # unlike globus-url-copy: data is not lost
         raise CLIError(f"{dst} exists: nothing transferred (give --overwrite to replace it)")
+    again = ""
     if _is_url(src) and not _is_url(dst):
-        args.interrupt_note = "run the same command again: it fetches only the bytes still missing"
+        again = "run the same command again: it fetches only the bytes still missing"
+    elif _is_url(dst) and not _is_url(src):
+        again = ("run the same command again: it sends only what the server has not confirmed (its restart markers, "
+                 "every few seconds)")
+    args.interrupt_note = again or None
     show = sys.stderr.isatty() if args.progress is None else args.progress
     bar = ProgressBar(sys.stderr, name[:24]) if show else None
     common = dict(credential=_credential(args), trust=args.cert_dir, progress=bar, retries=args.retries,
@@ -227,7 +232,11 @@ def cmd_transfer(args) -> int:
     except GridFTPError as exc:
         if bar is not None:
             bar.finish()
-        raise CLIError(f"{exc}{_expired_credential(args) if 'refused the credential' in str(exc) else ''}") from exc
+        # a transfer cut short (the connection lost, a server gone or busy) resumes as after Ctrl-C: say so; not
+        # for this side's own disk (full, read-only), which the same command alone does not mend
+        hint = f"; {again}" if again and transfer._retryable(exc) and not getattr(exc, "local", False) else ""
+        raise CLIError(f"{exc}{_expired_credential(args) if 'refused the credential' in str(exc) else ''}{hint}") \
+            from exc
     except OSError as exc:
         if bar is not None:
             bar.finish()

@@ -182,6 +182,30 @@ def test_ctrl_c_in_a_download_says_how_to_resume_and_the_same_command_finishes_i
     assert "resumed from an earlier attempt" in again.stdout and sha256_of(out) == sha256_of(big)
 
 
+def test_a_transfer_cut_by_the_servers_end_says_the_same_command_resumes(start_server, tree, tmp_path):
+    """The server goes away in the middle of a download: the failure said only "control connection closed",
+    though the same command resumes it as after Ctrl-C; it now says so."""
+    import time
+
+    make_file(tree / "data" / "cut", 8 * MiB)
+    server = start_server(max_rate=2 * MiB)                       # about 4 s: time to stop the server under it
+    part = tmp_path / "cut.vmgrid-part"
+    proc = subprocess.Popen([sys.executable, "-m", "client.cli", "transfer", server.url("/data/cut"),
+                             str(tmp_path / "cut"), "-q", "--retries", "0"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while not part.exists() and proc.poll() is None:
+            time.sleep(0.05)
+        time.sleep(1.0)
+        server.stop()
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1 and err.count("\n") == 1, err
+    assert err.endswith("; run the same command again: it fetches only the bytes still missing\n"), err
+
+
 def test_an_expired_proxy_is_refused_with_what_to_do(grid_pki, tree, tmp_path):
     """AUTH TLS (vmgrid peers): the server refuses an expired proxy; the message says so and what mends it."""
     import datetime as dt
