@@ -709,17 +709,27 @@ def third_party(src_url: str, dst_url: str, parallel: int = DEFAULT_PARALLEL, *,
 
                 watcher = Worker(lambda: _await_final(target, on_marker=on_dst_marker, idle_timeout=timeout * 10),
                                  "gridftp-3pt")
+                src_refused: ReplyError | None = None
                 try:
-                    _start_transfer(source, setup, f"RETR {src.path}")
-                    src_final = _await_final(source, idle_timeout=timeout * 10)
+                    try:
+                        _start_transfer(source, setup, f"RETR {src.path}")
+                        src_final = _await_final(source, idle_timeout=timeout * 10)
+                    except ReplyError as exc:          # the source refused at once (e.g. 425: no data connection)
+                        src_refused, src_final = exc, Reply(exc.code, (exc.text,))
                     watcher.join(timeout)
                 finally:
                     if watcher.alive:
                         target.close()      # unblocks the watcher; the destination aborts the STOR
                         watcher.join()
+                dst_final: Reply | None = watcher.value if watcher.error is None else None
+                if dst_final is not None and not dst_final.ok and not (dst_final.code < 500 and not src_final.ok):
+                    # the destination refused the STOR (550: a path it does not allow, 552: no room): that is the
+                    # cause, whatever the source then said about the data connection it could not open (425)
+                    raise reply_error(f"STOR {dst.path}", dst_final.code, dst_final.text) from src_refused
+                if src_refused is not None:
+                    raise src_refused
                 if watcher.error is not None:
                     raise watcher.error
-                dst_final: Reply = watcher.value
                 transferred += moved[0] or (to_send if src_final.ok and dst_final.ok else 0)
                 if not src_final.ok:
                     raise reply_error(f"RETR {src.path}", src_final.code, src_final.text)

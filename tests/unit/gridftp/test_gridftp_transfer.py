@@ -130,6 +130,21 @@ def test_third_party_between_two_servers(start_server, tree, big, tmp_path):
     assert result.sha256 == sha256_of(big) and result.size == big.stat().st_size
 
 
+def test_a_third_party_transfer_the_destination_refuses_names_the_destinations_reason(start_server, tree, big,
+                                                                                         tmp_path):
+    """The destination refuses the STOR (550: a path outside its upload area); the source, finding no data
+    connection, then says 425. The error was the source's 425 ("Cannot open data connection"), which hid the cause
+    globus-url-copy reports: the destination's 550."""
+    source = start_server()
+    target_root = tmp_path / "target"
+    (target_root / "up").mkdir(parents=True)
+    target = start_server(root=target_root, upload_area="/up", insecure_anonymous_writes=True)
+    with pytest.raises(ReplyError) as info:
+        third_party(source.url("/data/big"), target.url("/elsewhere/copy"), parallel=2, state_dir=tmp_path / "s",
+                    retries=0, timeout=10)
+    assert info.value.command.startswith("STOR ") and info.value.code == 550, info.value
+
+
 def test_checksum_api(start_server, tree):
     server = start_server()
     data = (tree / "data" / "f3m").read_bytes()
