@@ -27,13 +27,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from security.gsi import GSIContext, GSIError, read_gridmap
+from security.gsi import GSIContext, GSIError
 
 from .checksum import ALGORITHMS as CHECKSUM_ALGORITHMS, hash_fd, hash_file
 from .control import ControlChannel, LineTooLong
 from .datachannel import (ACCEPT_TIMEOUT, Counter, ModeEReceiver, ModeESender, Throttle, Worker, accept_connections,
                           accept_one, close_all, connect_streams, open_listener, receive_stream, send_stream,
                           shutdown_listener)
+from .gridmap import GridMap
 from .errors import AuthenticationError, ChecksumMismatch, GridFTPError, PathError, ProtocolError, TransferError
 from .filespace import (PART_SUFFIX, SIDECAR_SUFFIX, FileSpace, LocalFileSpace, has_control, is_internal,
                         normalize)
@@ -191,7 +192,7 @@ class GridFTPServer:
         self.data_peers = [ipaddress.ip_network(p, strict=False) for p in data_peers]
         self.accept_timeout = accept_timeout
         self.gsi = gsi and self.tls is not None
-        self.gridmap = gridmap if gridmap is None or isinstance(gridmap, set) else read_gridmap(gridmap)
+        self.gridmap = gridmap if gridmap is None or isinstance(gridmap, set) else GridMap(gridmap)
         self.accept_limited_proxies = accept_limited_proxies
         self.checksums = _ChecksumCache()
         self._listener: socket.socket | None = None
