@@ -34,10 +34,10 @@ from .control import ControlChannel, LineTooLong
 from .datachannel import (ACCEPT_TIMEOUT, Counter, ModeEReceiver, ModeESender, Throttle, Worker, accept_connections,
                           accept_one, close_all, connect_streams, open_listener, receive_stream, send_stream,
                           shutdown_listener)
-from .gridmap import GridMap
 from .errors import AuthenticationError, ChecksumMismatch, GridFTPError, PathError, ProtocolError, TransferError
 from .filespace import (PART_SUFFIX, SIDECAR_SUFFIX, FileSpace, LocalFileSpace, has_control, is_internal,
                         normalize)
+from .gridmap import GridMap
 from .partial import PartialFile
 from .protocol import (MAX_PARALLELISM, RetrOptions, format_host_port, format_mdtm,
                        format_perf_marker, parse_eprt, parse_host_port, parse_retr_options, split_command)
@@ -875,7 +875,8 @@ class _Session:
             return self._gsi_protection()
         if self.prot != "P":
             if self.server.require_private_data:
-                raise _Reply(521, "Data connections must be protected: send PBSZ 0 and PROT P.")
+                raise _Reply(521, "Data connections must be protected: send PBSZ 0 and PROT P "
+                                   "(globus-url-copy: -dcpriv).")
             return None
         mode, subject = self.dcau
         if mode == "S":     # server to server (third party): the connecting side is the TLS client
@@ -897,7 +898,7 @@ class _Session:
         with the credential the client delegated (else the host's)."""
         mode, subject = self.dcau
         if self.prot == "C" and self.server.require_private_data:
-            raise _Reply(521, "Data connections must be protected: send PBSZ and PROT P.")
+            raise _Reply(521, "Data connections must be protected: send PBSZ and PROT P (globus-url-copy: -dcpriv).")
         if mode == "N":
             if self.prot != "C":
                 raise _Reply(503, "PROT S and P need data channel authentication (DCAU A or S).")
