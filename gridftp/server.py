@@ -65,12 +65,15 @@ DATA_VERBS = {"RETR", "ERET", "STOR", "ESTO", "LIST", "NLST", "MLSD"}
 # the commands that keep a logged-in session from being idle (``transfer_idle_timeout``): a NOOP or a SIZE does not
 WORK_VERBS = DATA_VERBS | {"CKSM"}
 _HOST_DN = re.compile(r"/CN=host/[^/=]+$")
+GUEST_OU = "/OU=vmgrid-guests/"     # vmgrid's default [vmmanager] guest_ou: guests' certificates, whose keys VM owners hold
 
 
 def is_host_dn(dn: str | None) -> bool:
     """Whether ``dn`` is a host's end-entity DN (``/O=Grid/OU=site/CN=host/node1.example.org``): a node or a
-    service, whose sessions are kept room for (:class:`GridFTPServer`'s ``host_sessions``)."""
-    return dn is not None and _HOST_DN.search(dn) is not None
+    service, whose sessions are kept room for (:class:`GridFTPServer`'s ``host_sessions``). A guest container's
+    certificate (``/O=Grid/OU=vmgrid-guests/CN=host/ADDRESS``, the default ``guest_ou``) is a user's, not a host's;
+    a site with another ``guest_ou`` passes its own ``host_identity``."""
+    return dn is not None and _HOST_DN.search(dn) is not None and GUEST_OU not in dn
 
 
 class _Reply(Exception):

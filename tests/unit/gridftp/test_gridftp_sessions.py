@@ -34,6 +34,7 @@ def test_host_identities_are_host_end_entity_dns(grid_pki):
     assert not is_host_dn(grid_pki.alice.dn) and not is_host_dn(None)
     assert not is_host_dn("/O=Grid/OU=vmgrid/CN=host/node1/CN=alice")       # a host name is no RDN of its own
     assert not is_host_dn("/O=Grid/OU=vmgrid/CN=hostile")
+    assert not is_host_dn("/O=Grid/OU=vmgrid-guests/CN=host/10.0.0.7")      # a guest's: its owner holds the key
 
 
 @pytest.mark.parametrize("gsi", [False, True], ids=["tls", "gsi"])
