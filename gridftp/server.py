@@ -15,6 +15,7 @@ import ipaddress
 import logging
 import os
 import posixpath
+import re
 import socket
 import ssl
 import stat
@@ -26,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from security.gsi import GSIContext, GSIError, read_gridmap
+from security.gsi import GSIContext, GSIError
 
 from .checksum import ALGORITHMS as CHECKSUM_ALGORITHMS, hash_fd, hash_file
 from .control import ControlChannel, LineTooLong
@@ -36,6 +37,7 @@ from .datachannel import (ACCEPT_TIMEOUT, Counter, ModeEReceiver, ModeESender, T
 from .errors import AuthenticationError, ChecksumMismatch, GridFTPError, PathError, ProtocolError, TransferError
 from .filespace import (PART_SUFFIX, SIDECAR_SUFFIX, FileSpace, LocalFileSpace, has_control, is_internal,
                         normalize)
+from .gridmap import GridMap
 from .partial import PartialFile
 from .protocol import (MAX_PARALLELISM, RetrOptions, format_host_port, format_mdtm,
                        format_perf_marker, parse_eprt, parse_host_port, parse_retr_options, split_command)
@@ -60,6 +62,18 @@ FEATURES = [
 ]
 # the commands that use the data connection set up by PASV/EPSV/SPAS or PORT/EPRT/SPOR
 DATA_VERBS = {"RETR", "ERET", "STOR", "ESTO", "LIST", "NLST", "MLSD"}
+# the commands that keep a logged-in session from being idle (``transfer_idle_timeout``): a NOOP or a SIZE does not
+WORK_VERBS = DATA_VERBS | {"CKSM"}
+_HOST_DN = re.compile(r"/CN=host/[^/=]+$")
+GUEST_OU = "/OU=vmgrid-guests/"     # vmgrid's default [vmmanager] guest_ou: guests' certificates, whose keys VM owners hold
+
+
+def is_host_dn(dn: str | None) -> bool:
+    """Whether ``dn`` is a host's end-entity DN (``/O=Grid/OU=site/CN=host/node1.example.org``): a node or a
+    service, whose sessions are kept room for (:class:`GridFTPServer`'s ``host_sessions``). A guest container's
+    certificate (``/O=Grid/OU=vmgrid-guests/CN=host/ADDRESS``, the default ``guest_ou``) is a user's, not a host's;
+    a site with another ``guest_ou`` passes its own ``host_identity``."""
+    return dn is not None and _HOST_DN.search(dn) is not None and GUEST_OU not in dn
 
 
 class _Reply(Exception):
@@ -126,6 +140,14 @@ class GridFTPServer:
     ``max_sessions // 4``) from one address may be not yet logged in, and a session not logged in within
     ``login_timeout`` seconds is closed (421, also while a line trickles in), so a host whose connections never
     authenticate cannot hold every session and keep the users out.
+    Logged-in sessions: one identity may hold at most ``max_sessions_per_identity`` (default ``max_sessions // 8``)
+    and one address at most ``max_sessions_per_address`` (default ``max_sessions // 4``; anonymous sessions count
+    here only), and users together at most ``max_sessions - host_sessions`` (default ``max_sessions // 4`` kept for
+    host identities, ``host_identity(dn)``, by default :func:`is_host_dn`: the nodes staging images and migrating,
+    which none of these per-user bounds apply to); the login past a bound gets ``421`` naming it and is closed.
+    A logged-in session with no transfer (a data command or a CKSM) for ``transfer_idle_timeout`` seconds (default
+    60; 0: only ``idle_timeout``) is closed (421), NOOPs notwithstanding: vmgrid's clients and globus-url-copy send
+    their next command within a round trip, so only a session held open waits that long.
     """
 
     def __init__(self, root_or_vfs: str | os.PathLike | FileSpace, host: str = "127.0.0.1", port: int = 0,
@@ -135,6 +157,9 @@ class GridFTPServer:
                  require_private_data: bool = True, durable: bool = True, max_sessions: int = 64,
                  max_file_size: int = 1 << 40, idle_timeout: float = 900.0, login_timeout: float = 60.0,
                  max_unauthenticated_per_host: int | None = None, max_quota_names: int = 1000,
+                 max_sessions_per_identity: int | None = None, max_sessions_per_address: int | None = None,
+                 host_sessions: int | None = None, host_identity: Callable[[str | None], bool] = is_host_dn,
+                 transfer_idle_timeout: float = 60.0,
                  identify: Callable[[ssl.SSLSocket], str] | None = None,
                  data_peers: Iterable[str] = (), accept_timeout: float = ACCEPT_TIMEOUT, gsi: bool = True,
                  gridmap: str | os.PathLike | set[str] | None = None, accept_limited_proxies: bool = True,
@@ -158,11 +183,19 @@ class GridFTPServer:
         self.max_quota_names = max_quota_names
         self.max_unauthenticated_per_host = max(1, max_sessions // 4 if max_unauthenticated_per_host is None
                                                 else max_unauthenticated_per_host)
+        self.max_sessions_per_identity = max(1, max_sessions // 8 if max_sessions_per_identity is None
+                                             else max_sessions_per_identity)
+        self.max_sessions_per_address = max(1, max_sessions // 4 if max_sessions_per_address is None
+                                            else max_sessions_per_address)
+        self.host_sessions = min(max_sessions - 1, max(0, max_sessions // 4 if host_sessions is None
+                                                       else host_sessions))
+        self.host_identity = host_identity
+        self.transfer_idle_timeout = transfer_idle_timeout
         self.banner = banner
         self.data_peers = [ipaddress.ip_network(p, strict=False) for p in data_peers]
         self.accept_timeout = accept_timeout
         self.gsi = gsi and self.tls is not None
-        self.gridmap = gridmap if gridmap is None or isinstance(gridmap, set) else read_gridmap(gridmap)
+        self.gridmap = gridmap if gridmap is None or isinstance(gridmap, set) else GridMap(gridmap)
         self.accept_limited_proxies = accept_limited_proxies
         self.checksums = _ChecksumCache()
         self._listener: socket.socket | None = None
@@ -308,6 +341,26 @@ class GridFTPServer:
                 if mine[1] == 0:
                     del self._hashers[who]
 
+    def log_in(self, session: "_Session", dn: str | None) -> str | None:
+        """Mark ``session`` logged in as ``dn`` (None: anonymous) unless that passes a bound on logged-in sessions;
+        else the 421 text that names the bound (the session is then closed)."""
+        with self._lock:
+            if not self.host_identity(dn):
+                users = [s for s in self._sessions if s.logged_in and not self.host_identity(s.dn)]
+                address = _plain_address(session.peer[0])
+                if dn is not None and sum(1 for s in users if s.dn == dn) >= self.max_sessions_per_identity:
+                    return (f"Too many sessions for {dn}: at most {self.max_sessions_per_identity} logged in at "
+                            f"once per identity; end one, or try again later.")
+                if sum(1 for s in users if _plain_address(s.peer[0]) == address) >= self.max_sessions_per_address:
+                    return (f"Too many sessions from {address}: at most {self.max_sessions_per_address} logged in "
+                            f"at once per address; end one, or try again later.")
+                if len(users) >= self.max_sessions - self.host_sessions:
+                    return (f"Too many sessions: the users' {self.max_sessions - self.host_sessions} are in use (the "
+                            f"other {self.host_sessions} are kept for hosts); try again later.")
+            session.dn = dn
+            session.logged_in = True
+        return None
+
     def _forget(self, session: "_Session") -> None:
         with self._lock:
             self._sessions.discard(session)
@@ -437,6 +490,8 @@ class _Session:
         self.queued: list[str] = []
         self._held: list[tuple[int, str | list[str]]] | None = None   # final replies kept back
         self._transfer_cancel: Callable[[], None] | None = None
+        self.idle_by: float | None = None      # logged in: closed when still waiting for a command then
+        self.turned_away: str | None = None    # the 421 a login got (a bound on sessions): every command gets it
 
     # -- loop ----------------------------------------------------------------------------------------
     def run(self) -> None:
@@ -454,9 +509,16 @@ class _Session:
                         ctl.send_reply(421, "Login timed out; closing the connection.")
                         break
                     ctl.deadline = login_by         # also a line trickled in a byte at a time
-                elif ctl.deadline is not None:
-                    ctl.deadline = None
+                elif self.idle_by is not None and time.monotonic() >= self.idle_by and not self.queued:
+                    log.info("session %s (%s): no transfer for %.0f s: closed", self.peer, self.dn,
+                             self.server.transfer_idle_timeout)
+                    ctl.send_reply(421, f"No transfer for {self.server.transfer_idle_timeout:.0f} s; closing the "
+                                        f"connection.")
+                    break
+                else:
+                    # NOOPs do not renew this deadline; a transfer does (_worked). While a command runs there is none.
                     ctl.sock.settimeout(self.server.idle_timeout)
+                    ctl.deadline = self.idle_by
                 if self.queued:
                     line = self.queued.pop(0)
                 else:
@@ -465,6 +527,14 @@ class _Session:
                     except LineTooLong:
                         ctl.send_reply(500, "Command line too long.")
                         continue
+                    except TimeoutError:
+                        if ctl.deadline is not None and time.monotonic() >= ctl.deadline:
+                            continue        # the login or no-transfer deadline: answered 421 above
+                        raise
+                    finally:
+                        if self.logged_in:
+                            ctl.deadline = None
+                            ctl.sock.settimeout(self.server.idle_timeout)
                     if line is None:
                         break
                     line = self._unprotect(line)
@@ -545,11 +615,16 @@ class _Session:
         if handler is None:
             self.reply(500, f"'{verb}': command not understood.")
             return True
+        if self.turned_away is not None:
+            self.reply(421, self.turned_away)
+            return self.control.line_waiting(1.0)   # then closed once the commands in flight are answered
         if not self.logged_in and verb not in PRE_LOGIN:
             self.reply(530, "Please log in first.")
             return True
         try:
             result = handler(arg.strip() if verb not in ("PASS",) else arg)
+            if verb in WORK_VERBS:
+                self._worked()
         except (_Reply, PathError, ProtocolError) as exc:
             if verb in DATA_VERBS:
                 # a refused transfer leaves no data setup behind: a passive listener closed, a PORT forgotten
@@ -563,6 +638,11 @@ class _Session:
         return result is not False
 
     # -- helpers --------------------------------------------------------------------------------------
+    def _worked(self) -> None:
+        """A transfer ended (or the login): the no-transfer clock (``transfer_idle_timeout``) starts again."""
+        if self.server.transfer_idle_timeout > 0:
+            self.idle_by = time.monotonic() + self.server.transfer_idle_timeout
+
     def _path(self, arg: str, *, required: bool = True) -> str:
         if not arg and required:
             raise _Reply(501, "A path is required.")
@@ -625,7 +705,12 @@ class _Session:
         if self.logged_in:
             raise _Reply(503, "Already logged in.")
         if self.dn is not None:
-            self.user, self.logged_in = arg, True
+            refusal = self.server.log_in(self, self.dn)
+            if refusal is not None:
+                log.warning("session %s (%s): login refused: %s", self.peer, self.dn, refusal)
+                return self._turn_away(refusal)
+            self.user = arg
+            self._worked()
             how = "GSSAPI" if self.gss is not None else "TLS client certificate"
             self.reply(232, f"User {self.dn} logged in, authorized by {how}.")
             return
@@ -645,9 +730,22 @@ class _Session:
             raise _Reply(503, "Already logged in.")
         if self.pending_user is None:
             raise _Reply(503, "Send USER first.")
-        self.user, self.anonymous, self.logged_in = self.pending_user, True, True
+        refusal = self.server.log_in(self, None)
+        if refusal is not None:
+            log.warning("session %s (anonymous): login refused: %s", self.peer, refusal)
+            return self._turn_away(refusal)
+        self.user, self.anonymous = self.pending_user, True
         self.pending_user = None
+        self._worked()
         self.reply(230, "Anonymous user logged in (read-only).")
+
+    def _turn_away(self, refusal: str):
+        """A login past a bound on sessions: 421 and the session ends, after answering the same 421 to the commands a
+        client sent behind its login (vmgrid's client and Globus's pipeline PASS, PBSZ, PROT, DCAU after USER: a
+        connection closed under them would hide the reason); a short grace, not ``login_timeout``."""
+        self.turned_away = refusal
+        self.reply(421, refusal)
+        return self.control.line_waiting(1.0)
 
     def cmd_ACCT(self, arg: str):
         self.reply(202, "ACCT not needed.")
@@ -780,7 +878,8 @@ class _Session:
             return self._gsi_protection()
         if self.prot != "P":
             if self.server.require_private_data:
-                raise _Reply(521, "Data connections must be protected: send PBSZ 0 and PROT P.")
+                raise _Reply(521, "Data connections must be protected: send PBSZ 0 and PROT P "
+                                   "(globus-url-copy: -dcpriv).")
             return None
         mode, subject = self.dcau
         if mode == "S":     # server to server (third party): the connecting side is the TLS client
@@ -802,7 +901,7 @@ class _Session:
         with the credential the client delegated (else the host's)."""
         mode, subject = self.dcau
         if self.prot == "C" and self.server.require_private_data:
-            raise _Reply(521, "Data connections must be protected: send PBSZ and PROT P.")
+            raise _Reply(521, "Data connections must be protected: send PBSZ and PROT P (globus-url-copy: -dcpriv).")
         if mode == "N":
             if self.prot != "C":
                 raise _Reply(503, "PROT S and P need data channel authentication (DCAU A or S).")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import threading
-from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -327,23 +326,3 @@ def _ssl_reason(exc: Exception) -> str:
             return "; ".join(parts)
     return str(exc) or type(exc).__name__
 
-
-def read_gridmap(path: Path | str) -> set[str]:
-    """The DNs a Globus grid-mapfile names (``"/O=Grid/OU=site/CN=Jane Doe" account[,account]``);
-    the accounts are not used: vmgrid authorizes by DN."""
-    dns = set()
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith('"'):
-            end = line.find('"', 1)
-            if end < 0:
-                raise ValueError(f"{path}:{number}: unterminated quoted DN")
-            dn = line[1:end]
-        else:
-            dn = line.split()[0]
-        if not dn.startswith("/"):
-            raise ValueError(f"{path}:{number}: not a DN: {dn[:60]!r}")
-        dns.add(dn)
-    return dns

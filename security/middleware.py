@@ -26,6 +26,8 @@ from typing import Callable, Iterable, Iterator
 
 from lxml import etree
 
+from services.common.errors import printable
+
 from . import safexml
 from .pki import Credential
 from .replay import MemoryReplayCache, ReplayCache, SQLiteReplayCache
@@ -42,6 +44,7 @@ DEFAULT_UNDERSTOOD = frozenset(f"{{{ns}}}{name}" for ns in (WSA, WSA_2004) for n
                                ("To", "Action", "MessageID", "ReplyTo", "FaultTo", "From", "RelatesTo"))
 
 CHUNK = 64 * 1024
+MAX_FAULT_TEXT = 1000            # characters of a WS-Security fault's reason; the rest is counted, not echoed
 RESPONSE_ENVELOPE = "vmgrid.response_envelope"
 SIGNS_RESPONSE = "vmgrid.signs_response"
 DRAIN_LIMIT = 64 * 1024 * 1024
@@ -218,7 +221,8 @@ class WSSecurityMiddleware:
         """The fault for a request refused as it was read or verified: its WS-Security fault, or a Server fault for
         an internal error (logged with its traceback)."""
         if isinstance(exc, WSSecurityError):
-            log.info("refused a request from %s: %s", environ.get("REMOTE_ADDR", "?"), exc)
+            log.info("refused a request from %s: %s", environ.get("REMOTE_ADDR", "?"),
+                     printable(exc, MAX_FAULT_TEXT))
             return self._fault(start_response, exc.qname, exc.reason)
         log.error("could not get a request from %s %s", environ.get("REMOTE_ADDR", "?"), step, exc_info=exc)
         return self._fault(start_response, etree.QName(SOAP11, "Server"),
@@ -270,7 +274,9 @@ class WSSecurityMiddleware:
     # -- response ---------------------------------------------------------------------------------
     def _fault(self, start_response: StartResponse, code: etree.QName, reason: str,
                relates_to: tuple[str, str] | None = None) -> list[bytes]:
-        env = fault_envelope(code, reason, relates_to=relates_to)
+        """A signed fault; its reason cut at MAX_FAULT_TEXT characters (with the count of the rest): a reason may
+        quote the request (a 2 MB QName came back whole in a 2 MB faultstring: attack F16)."""
+        env = fault_envelope(code, printable(reason, MAX_FAULT_TEXT), relates_to=relates_to)
         data = self._sign(env)
         start_response("500 Internal Server Error", [("Content-Type", "text/xml; charset=utf-8"),
                                                      ("Content-Length", str(len(data)))])

@@ -122,12 +122,14 @@ def test_globus_url_copy_with_a_grid_proxy_init_proxy(gsi_server, grid_pki, alic
 
 def test_data_channel_protection_can_be_required(gsi_server, grid_pki, alice_proxy, globus_argv,  # noqa: F811
                                                  tmp_path):
-    """A server that requires private data (the default) refuses PROT C and serves PROT P."""
+    """A server that requires private data (the default) refuses PROT C and serves PROT P; the refusal names the
+    flag a Globus user needs (docs trial F1: globus-url-copy without -dcpriv got a 521 naming FTP commands only)."""
     server = gsi_server(require_private_data=True)
     env = globus_env(grid_pki.alice, grid_pki.cert_dir, alice_proxy)
     url = f"gsiftp://localhost:{server.port}/data/image.qcow2"
     refused = url_copy(globus_argv, env, url, f"file://{tmp_path / 'clear'}")
     assert refused.returncode != 0 and "521" in refused.stderr + refused.stdout
+    assert "(globus-url-copy: -dcpriv)" in refused.stderr + refused.stdout
     assert url_copy(globus_argv, env, "-dcpriv", url, f"file://{tmp_path / 'private'}").returncode == 0
 
 

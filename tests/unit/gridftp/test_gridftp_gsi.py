@@ -9,7 +9,8 @@ import datetime as dt
 import pytest
 
 from gridftp import AuthenticationError, download, upload
-from security.gsi import GSIContext, GSIError, read_gridmap
+from gridftp.gridmap import read_gridmap
+from security.gsi import GSIContext, GSIError
 from security.pki import Credential, make_proxy, proxy_certificate
 
 from tests.fixtures.pki import proxies_of

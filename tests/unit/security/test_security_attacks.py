@@ -461,3 +461,16 @@ def test_a_token_of_hundreds_of_certificates_is_refused_unread(server, session, 
     assert code == "FailedAuthentication" and "more than 16 certificates" in reason
     assert server.app.calls == []
     assert post(server, signed(server, grid_pki.alice.proxy), session).status_code == 200
+
+
+def test_a_fault_does_not_echo_a_huge_qname_whole(server, session, grid_pki):
+    """A GetResourceProperty whose text is 2,000,000 characters (an unprefixed "QName") was refused with a
+    faultstring quoting all of it: a 2 MB answer to a 2 MB request (attack F16). The reason is cut, the rest counted."""
+    env = echo_envelope("x", wsa_headers(server.url))
+    echo = env.find(f"{Q_BODY}/{{{ECHO_NS}}}Echo")
+    etree.SubElement(echo, "{http://docs.oasis-open.org/wsrf/rp-2}GetResourceProperty").text = "A" * 2_000_000
+    resp = post(server, sign_envelope(env, grid_pki.alice.proxy), session)
+    code, text = fault_of(resp, grid_pki)
+    assert code == "InvalidSecurity" and text.startswith("GetResourceProperty holds the QName 'AAAA")
+    assert len(text) < 1100 and "more characters)" in text
+    assert len(resp.content) < 20_000

@@ -1,0 +1,130 @@
+"""Bounds on logged-in GridFTP sessions (attack F9): one user opened every session of the repository's face and kept
+them with NOOPs, and every node's staging failed "421 Too many sessions". Real servers, real clients (AUTH TLS and
+AUTH GSSAPI with the test grid's credentials)."""
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from gridftp.client import GridFTPClient
+from gridftp.errors import GridFTPError
+from gridftp.server import is_host_dn
+
+from tests.unit.gridftp.gridftp_helpers import RawFTP, read_stream, wait_for
+
+
+@pytest.fixture
+def secured(start_server, grid_pki):
+    def start(**kwargs):
+        return start_server(credential=grid_pki.host, trust=grid_pki.cert_dir, anonymous=False, **kwargs)
+    return start
+
+
+def session(server, credential, grid_pki, *, gsi: bool = False) -> GridFTPClient:
+    """A logged-in session of vmgrid's own client (what a node's staging opens)."""
+    return GridFTPClient(f"gsiftp://localhost:{server.port}/", credential=credential, trust=grid_pki.cert_dir,
+                         gsi=gsi).connect()
+
+
+def test_host_identities_are_host_end_entity_dns(grid_pki):
+    assert is_host_dn(grid_pki.host.identity)
+    assert is_host_dn("/O=Grid/OU=vmgrid/CN=host/node1.example.org")
+    assert not is_host_dn(grid_pki.alice.dn) and not is_host_dn(None)
+    assert not is_host_dn("/O=Grid/OU=vmgrid/CN=host/node1/CN=alice")       # a host name is no RDN of its own
+    assert not is_host_dn("/O=Grid/OU=vmgrid/CN=hostile")
+    assert not is_host_dn("/O=Grid/OU=vmgrid-guests/CN=host/10.0.0.7")      # a guest's: its owner holds the key
+
+
+@pytest.mark.parametrize("gsi", [False, True], ids=["tls", "gsi"])
+def test_one_identity_cannot_hold_every_session_and_a_host_still_gets_in(secured, grid_pki, gsi):
+    """bob holds his bound of sessions; his next login gets a 421 that names the bound, and the node's host
+    credential still logs in (its sessions are kept room for); bob's other sessions are unaffected."""
+    server = secured(max_sessions=8, max_sessions_per_identity=2, max_sessions_per_address=8, host_sessions=2)
+    held = [session(server, grid_pki.bob.proxy, grid_pki, gsi=gsi) for _ in range(2)]
+    with pytest.raises(GridFTPError) as refused:
+        session(server, grid_pki.bob.proxy, grid_pki, gsi=gsi)
+    text = str(refused.value)
+    assert "421" in text and "at most 2 logged in at once per identity" in text and grid_pki.bob.dn in text
+    node = session(server, grid_pki.host, grid_pki, gsi=gsi)
+    assert node.command("NOOP").code == 200
+    alice = session(server, grid_pki.alice.proxy, grid_pki, gsi=gsi)      # another user: her own bound
+    assert alice.command("NOOP").code == 200
+    for s in [*held, node, alice]:
+        assert s.command("NOOP").code == 200
+        s.close()
+
+
+def test_users_together_leave_the_host_sessions_free(secured, grid_pki):
+    """Every user within his own bound, the users together still stop short of max_sessions: the rest is the
+    hosts'; a host's sessions count against no user bound."""
+    server = secured(max_sessions=8, max_sessions_per_identity=2, max_sessions_per_address=8, host_sessions=4)
+    users = [session(server, who.proxy, grid_pki) for who in (grid_pki.alice, grid_pki.bob) for _ in range(2)]
+    with pytest.raises(GridFTPError, match="421 .*the users' 4 are in use .*other 4 are kept for hosts"):
+        session(server, grid_pki.admin.proxy, grid_pki)
+    nodes = [session(server, grid_pki.host, grid_pki) for _ in range(4)]     # more than one user's bound
+    for s in users + nodes:
+        s.close()
+
+
+def test_one_address_is_bounded_anonymous_sessions_too(start_server):
+    server = start_server(max_sessions=8, max_sessions_per_address=2)
+    held = []
+    for _ in range(2):
+        held.append(RawFTP("127.0.0.1", server.port))
+        held[-1].login_anonymous()
+    held.append(RawFTP("127.0.0.1", server.port))
+    s = held[2]
+    s.expect("USER anonymous", 331)
+    reply = s.cmd("PASS test@")
+    assert reply.code == 421 and "at most 2 logged in at once per address" in reply.text
+    assert s.sock.recv(100) == b""                      # and the session is closed
+    held[0].expect("QUIT", 221)                         # a session that ended frees its place
+    assert held[0].sock.recv(100) == b""
+    other = RawFTP("127.0.0.1", server.port)
+    wait_for(lambda: len(server._sessions) == 2, what="the ended session forgotten")
+    other.login_anonymous()
+    for s in held + [other]:
+        s.close()
+
+
+def test_a_logged_in_session_with_no_transfer_is_closed_noops_notwithstanding(start_server):
+    """NOOPs kept a session for ever (idle_timeout, 900 s, renewed by each); a session with no transfer for
+    transfer_idle_timeout is closed with a 421 however often it sends NOOP."""
+    server = start_server(transfer_idle_timeout=1)
+    s = RawFTP("127.0.0.1", server.port, timeout=30)
+    s.login_anonymous()
+    closed = None
+    for _ in range(600):                                   # a NOOP every 50 ms, up to 30 s: ends at the 421
+        reply = s.cmd("NOOP")
+        if reply.code != 200:
+            closed = reply
+            break
+        time.sleep(0.05)
+    assert closed is not None and closed.code == 421 and "No transfer for 1 s" in closed.text
+    assert s.sock.recv(100) == b""
+    # one waiting silently is closed as well
+    quiet = RawFTP("127.0.0.1", server.port, timeout=30)
+    quiet.login_anonymous()
+    assert quiet.reply().code == 421
+    s.close()
+    quiet.close()
+
+
+def test_a_transfer_keeps_a_session_and_restarts_the_clock(start_server):
+    """A session that transfers is not idle: a RETR longer than transfer_idle_timeout (the server throttled) ends
+    with its 226, and the session then still takes commands."""
+    server = start_server(transfer_idle_timeout=1, max_rate=1000)     # /data/small: 1000 bytes, about 1 s or more
+    s = RawFTP("127.0.0.1", server.port, timeout=30)
+    s.login_anonymous()
+    s.expect("TYPE I", 200)
+    for _ in range(2):
+        addr = s.pasv()
+        data = socket.create_connection(addr, timeout=30)
+        assert s.cmd("RETR /data/small").code == 150
+        assert len(read_stream(data)) == 1000
+        data.close()
+        assert s.reply().code == 226
+        assert s.cmd("NOOP").code == 200
+    s.close()
