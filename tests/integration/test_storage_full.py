@@ -71,11 +71,11 @@ def node(grid: LocalGrid, proc, user: str = "alice") -> VMManagerClient:
                                              grid.user(user).credential, TrustStore(grid.cert_dir)))
 
 
-def register(grid: LocalGrid, name: str, size: str = "1M"):
+def register(grid: LocalGrid, name: str, size: str = "1M", repeat: int = 200_000):
     from services.descriptor import parse_descriptor, set_field
     ws = parse_descriptor((EXAMPLES / "debian12-emboss.xml").read_bytes())
     set_field(ws, "identity", "name", name)
-    image = make_image(grid.ingest / f"{name}.qcow2", "qcow2", size, fill=name.encode() * 200_000)
+    image = make_image(grid.ingest / f"{name}.qcow2", "qcow2", size, fill=name.encode() * repeat)
     return repo(grid, "admin").register(ws, local_path=str(image))
 
 
@@ -216,13 +216,13 @@ def test_staging_an_image_into_a_full_node_cache_is_a_typed_storage_full_fault(f
     is the node's storage, not the transfer or the repository: a StorageFull naming the image cache, the failed
     deployment's slot given back, nothing of the image left in the cache."""
     grid = full
-    image = register(grid, "staged-into-full", "4M")
+    image = register(grid, "staged-into-full", "16M", repeat=750_000)
     proc = grid.start_node("node1", {"lease_range": "10.99.0.10-10.99.0.40"})
     vm = node(grid, proc)
     filler = fill(grid.root / "node1")
-    # room for the node's own records (its SQLite WAL grows past 1 MiB under load: a CI run's deploy found no room
-    # for its state), not for the image's bytes (about 3.2 MiB)
-    os.truncate(filler, max(0, filler.stat().st_size - 2 * 1024 * 1024))
+    # room for the node's own records (its SQLite WAL grows past 2 MiB under load: CI runs' deploys found no room
+    # for their state), not for the image's bytes (about 12 MiB)
+    os.truncate(filler, max(0, filler.stat().st_size - 6 * 1024 * 1024))
     try:
         with pytest.raises(StorageFull) as err:
             vm.deploy(image, "stage-full", 600, wait=True)
