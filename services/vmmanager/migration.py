@@ -765,10 +765,11 @@ def _accept_files(node: "Node", caller, offer: MigrationOffer) -> InstanceView:
             # not this source's prepared migration: refused, and a prepared one of another source stays as it is
             raise InvalidArgument(f"no migration of instance {key} from {offer.source} is prepared on this node",
                                   argument="InstanceKey")
+        # the files as the source itself lists them; an offer it did not sign leaves its prepared migration alone
+        source_dn = verify_source(node, caller, offer)
         phase = "transfer"
         try:
             _check_offer(node, caller, offer)
-            source_dn = verify_source(node, caller, offer)     # the files as the source itself lists them
             node.migrations.put(key, "target", offer.source, offer.state)   # the incoming timeout counts from now
             timings = inst.phase_list()
             timings += [p for p in offer.phases if p[0] not in {n for n, _ in timings}]

@@ -454,6 +454,12 @@ def test_a_prepared_instance_whose_files_never_come_is_dropped_and_cannot_be_com
     with pytest.raises(InvalidArgument):
         target.accept_migration(alice, elsewhere)
     assert target.store.get(ref.key).state == "Incoming"
+    # a transfer step the source did not sign (the user's own) is refused and leaves the prepared one alone too
+    with pytest.raises(AccessDenied) as exc:
+        target.accept_migration(alice, dataclasses.replace(offer, step="transfer", files=(
+            MigrationFile("root.qcow2", 1, blake3="0" * 64), MigrationFile("state.save", 1, blake3="0" * 64))))
+    assert exc.value.rule == "migration-source-proof"
+    assert target.store.get(ref.key).state == "Incoming"
     migration.sweep(target)                        # within the timeout: kept
     assert target.store.get(ref.key).state == "Incoming"
     monkeypatch.setattr(target.config, "migration_prepare_timeout", 0.0)
