@@ -919,3 +919,14 @@ def test_a_prepare_flood_is_bounded_by_the_users_instance_limit(grid_pki, tmp_pa
         assert sorted(g.node(1).store.leases()) == sorted(taken)
     finally:
         g.close()
+
+
+def test_the_source_sends_its_proof_only_to_a_target_whose_contract_has_it(grid, grid_pki):
+    """A target of an earlier version would refuse the unknown sourceProof element (a schema fault): the source
+    reads the target's WSDL and leaves it out there; a target of this version gets it."""
+    from services.vmmanager.migration_peer import SoapPeer
+    peer = SoapPeer(grid.node_url(1), grid_pki.alice.proxy, grid_pki.trust(), 30)
+    try:
+        assert peer._takes_proof(peer._client())
+    finally:
+        peer.close()
