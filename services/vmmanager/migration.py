@@ -40,11 +40,12 @@ from gridftp.face import GridFTPFace
 from gridftp.growing import Following, Growth
 from security.client import host_authorizer
 from security.delegation import DelegationError, accept as accept_delegation
-from security.pki import Credential
+from security.pki import Credential, host_of
 from services.common.crash import crashpoint
 from services.common.errors import printable
 from services.faults import (AccessDenied, IllegalTransition, InstanceMoved, InternalFault, InvalidArgument,
-                             MigrationFault, ResourceUnknown, TransferFault, VMGridFault, VMMFault, ChecksumMismatch)
+                             LimitExceeded, MigrationFault, ResourceUnknown, TransferFault, VMGridFault, VMMFault,
+                             ChecksumMismatch)
 from services.vmmanager import phases, states
 from services.vmmanager.context import build_context, new_token
 from services.vmmanager.phases import vmm_call
@@ -72,6 +73,10 @@ GUEST_TOKEN = "guest.token"      # on the target, from the offer to the fixup: t
 _GUEST_TOKEN = re.compile(r"[A-Za-z0-9_-]{16,128}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 FOLLOW_READY = 10.0              # seconds the prepare waits for the target's GridFTP sessions to be up
+PROOF_AGE = 600.0                # seconds a source's countersignature of an offer is taken after it was made
+PROOF_AHEAD = 300.0              # ... and before (the nodes' clocks apart)
+MAX_INCOMING_PER_USER = 8        # Incoming instances (prepared or transferred, not committed) of one owner here
+MAX_INCOMING_PER_NODE = 32       # ... of everyone
 
 
 @dataclass(frozen=True)
@@ -311,7 +316,7 @@ def migrate(node: "Node", caller, key: str, target: str, mode: str, proxy_pem: b
                                    source=node.address, files_url=base, files=(), phases=tuple(timings),
                                    subscriptions=_subscriptions(node, key), step="prepare", vmm=node.config.vmm)
             prepared = time.perf_counter()
-            peer.accept(offer)
+            peer.accept(sign_offer(offer, node.credential, target))
             log.info("instance %s: prepared at %s in %.3f s (before the freeze)", key, target,
                      time.perf_counter() - prepared)
             crashpoint("migration.prepared")
@@ -332,14 +337,18 @@ def migrate(node: "Node", caller, key: str, target: str, mode: str, proxy_pem: b
                 log.info("instance %s: freeze phase: save %.3f s, BLAKE3 of %d bytes %.3f s", key,
                          saved - frozen, sum(f.size for f in files), time.perf_counter() - saved)
             phase = "transfer"
-            peer.accept(dataclasses.replace(offer, files=files, phases=tuple(timings), uuid=domain_uuid,
-                                            guest_token=_guest_token(node, inst), step="transfer"))
+            peer.accept(sign_offer(dataclasses.replace(offer, files=files, phases=tuple(timings), uuid=domain_uuid,
+                                                       guest_token=_guest_token(node, inst), step="transfer"),
+                                   node.credential, target))
             crashpoint("migration.accepted")
         except BaseException as exc:
             failed_in = phase
             phase = getattr(exc, "phase", None) or phase
             # a failed prepare froze nothing: the guest runs on as it was (a state file there is not this one's)
             _rollback(node, key, prior, peer, abort=True, frozen=failed_in != "prepare")
+            # the target's prepare claimed the instance's slot (its claimant then) and gave it back when it dropped
+            # the instance: it is claimed back here, where the instance runs on
+            _claim_back(node, caller, key)
             raise _fault(exc, phase, target) from None
         # the commit: the target resumes the instance, from then on it lives there
         try:
@@ -498,6 +507,110 @@ def _settle(node: "Node", key: str) -> str:
     return "rolled-back"
 
 
+# -- the source's countersignature of an offer -------------------------------------------------------------------
+# AcceptMigration comes signed by the user (the proxy she delegated to the source), and the user could send it
+# herself: the target would then restore a memory state and disks of her making, naming a source that never took
+# part. So the source node countersigns every offer with its host credential, over what the target acts on (the
+# instance, the step, both nodes' URLs, the files and their digests), and the target takes in nothing unless that
+# signature is a host certificate's (not a proxy's) naming the source URL's host, a host in migration_sources, made
+# for this target in the last minutes; the files then come only from a GridFTP server with that same host DN.
+def _offer_bytes(offer: MigrationOffer, target: str, issued: str) -> bytes:
+    d = offer.descriptor
+    return json.dumps(["vmgrid-migration-offer/1", offer.key, offer.step, _canonical_url(offer.source),
+                       _canonical_url(target), offer.files_url,
+                       offer.owner, offer.state, offer.vmm, offer.uuid, d.image_id, d.sha256, issued,
+                       [[f.name, f.size, f.sha256, f.blake3] for f in offer.files]],
+                      separators=(",", ":")).encode()
+
+
+def _sign(key, data: bytes) -> bytes:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+    if isinstance(key, rsa.RSAPrivateKey):
+        return key.sign(data, padding.PKCS1v15(), hashes.SHA256())
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return key.sign(data, ec.ECDSA(hashes.SHA256()))
+    raise InternalFault(f"cannot sign a migration offer with a {type(key).__name__}", incident=data[:64].decode())
+
+
+def _check_signature(public_key, signature: bytes, data: bytes) -> None:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+    if isinstance(public_key, rsa.RSAPublicKey):
+        public_key.verify(signature, data, padding.PKCS1v15(), hashes.SHA256())
+    elif isinstance(public_key, ec.EllipticCurvePublicKey):
+        public_key.verify(signature, data, ec.ECDSA(hashes.SHA256()))
+    else:
+        raise ValueError(f"a {type(public_key).__name__} signs no migration offer")
+
+
+def sign_offer(offer: MigrationOffer, credential: Credential, target: str, now: float | None = None) -> MigrationOffer:
+    """The offer countersigned by the source node (``credential``: its host credential) for ``target``."""
+    import base64
+    from services.common.xsdtime import format_datetime
+    issued = format_datetime(time.time() if now is None else now)
+    signature = _sign(credential.private_key, _offer_bytes(offer, target, issued))
+    return dataclasses.replace(offer, proof=(credential.cert_pem().decode(), issued,
+                                             base64.b64encode(signature).decode()))
+
+
+def _canonical_url(url: str) -> str:
+    """A VMManager URL as both nodes sign it: scheme and host in lower case, the port said, no trailing slash."""
+    parts = urlsplit((url or "").strip())
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    return f"{parts.scheme.lower()}://{(parts.hostname or '').lower()}:{port or ''}{parts.path.rstrip('/')}"
+
+
+def verify_source(node: "Node", caller, offer: MigrationOffer) -> str:
+    """The host DN of the source node that countersigned ``offer`` for this node; AccessDenied (rule
+    ``migration-source-proof``) naming why when it did not."""
+    import base64
+
+    from cryptography import x509
+    from services.common.xsdtime import parse_datetime
+
+    def refuse(why: str) -> AccessDenied:
+        return AccessDenied(f"migration of {offer.key} refused: {why}", subject=caller.dn, action="vm.migrate",
+                            resource=offer.key or "", rule="migration-source-proof")
+    if not offer.proof:
+        raise refuse("the offer carries no sourceProof, the source node's signature: this node takes in an "
+                     "instance only when the source node itself offers it (a source of an earlier vmgrid version "
+                     "cannot migrate here; update it)")
+    try:
+        chain = x509.load_pem_x509_certificates(offer.proof[0].encode())
+        issued = parse_datetime(offer.proof[1])
+        signature = base64.b64decode(offer.proof[2], validate=True)
+    except ValueError as exc:
+        raise refuse(f"its sourceProof cannot be read ({exc})") from None
+    try:
+        signer = node.trust.validate(chain)
+    except Exception as exc:   # noqa: BLE001 - untrusted, revoked, expired: each says what
+        raise refuse(f"the sourceProof's certificate is not trusted here: {exc}") from None
+    host = host_of(signer.dn)
+    if signer.is_proxy or host is None:
+        raise refuse(f"the sourceProof is signed by {signer.subject}, not by a host certificate (CN=host/<name>)")
+    if not host_authorizer(offer.source)(signer) or _is_guest(node, signer.dn):
+        raise refuse(f"the sourceProof is signed by {signer.dn}, not by the host of the source "
+                     f"{urlsplit(offer.source).hostname}")
+    allowed = [h.lower() for h in node.config.migration_sources]
+    if "*" not in allowed and host.lower() not in allowed and (urlsplit(offer.source).hostname or "").lower() \
+            not in allowed:
+        raise refuse(f"this node takes in no migrations from {host} ([vmmanager] migration_sources)")
+    try:
+        _check_signature(signer.certificate.public_key(), signature, _offer_bytes(offer, node.address, offer.proof[1]))
+    except Exception:   # noqa: BLE001 - InvalidSignature: another offer, another target, or altered
+        raise refuse(f"the sourceProof of {signer.dn} does not match this offer to {node.address} (another "
+                     f"instance, step, target or files)") from None
+    now = time.time()
+    if not now - PROOF_AGE <= issued <= now + PROOF_AHEAD:
+        raise refuse(f"the sourceProof was made at {offer.proof[1]}, not within the last {int(PROOF_AGE)} s")
+    return signer.dn
+
+
+
 # -- the target's side ---------------------------------------------------------------------------------------------
 def _check_offer(node: "Node", caller, offer: MigrationOffer) -> None:
     if not offer.key or not re.fullmatch(r"inst-[0-9a-f]{32}", offer.key):
@@ -544,6 +657,21 @@ def _check_offer(node: "Node", caller, offer: MigrationOffer) -> None:
         raise InvalidArgument("a file is larger than the instance's disks and memory allow", argument="file")
 
 
+def _check_incoming_bounds(node: "Node", owner: str) -> None:
+    """At most MAX_INCOMING_PER_USER Incoming instances of one owner and MAX_INCOMING_PER_NODE in all: each holds a
+    lease, a directory and GridFTP sessions here until its source commits or the sweep drops it."""
+    incoming = [i for i in node.store.list(None, live_only=True) if i.state_enum == State.INCOMING]
+    mine = sum(1 for i in incoming if i.owner == owner)
+    if mine >= MAX_INCOMING_PER_USER:
+        raise LimitExceeded(f"{owner} has {mine} incoming migrations on node {node.node} already; the limit is "
+                            f"{MAX_INCOMING_PER_USER}", limit="incoming_migrations_per_user",
+                            allowed=str(MAX_INCOMING_PER_USER), requested=str(mine + 1))
+    if len(incoming) >= MAX_INCOMING_PER_NODE:
+        raise LimitExceeded(f"node {node.node} has {len(incoming)} incoming migrations already; the limit is "
+                            f"{MAX_INCOMING_PER_NODE}", limit="incoming_migrations_per_node",
+                            allowed=str(MAX_INCOMING_PER_NODE), requested=str(len(incoming) + 1))
+
+
 def accept(node: "Node", caller, offer: MigrationOffer) -> InstanceView:
     """AcceptMigration. In two steps (what this source sends): ``prepare`` while the guest still runs at the source
     (authorize the user, register Incoming, lease, stage the base image: outside the downtime), then ``transfer``
@@ -553,11 +681,13 @@ def accept(node: "Node", caller, offer: MigrationOffer) -> InstanceView:
     if offer.step == "transfer":
         return _accept_files(node, caller, offer)
     _check_offer(node, caller, offer)
+    # the source node itself offers it (its host signature), before anything is asked or held here
+    source_dn = verify_source(node, caller, offer)
     d = offer.descriptor
     timings: list[tuple[str, float]] = list(offer.phases)
     key = offer.key
     phase = "prepare"
-    registered = False
+    registered = claimed = False
     try:
         with timed(timings, "prepare"):
             now = time.time()
@@ -574,6 +704,13 @@ def accept(node: "Node", caller, offer: MigrationOffer) -> InstanceView:
                 if existing.state_enum not in states.FINAL:
                     raise InvalidArgument(f"instance {key} is already on this node ({existing.state})",
                                           argument="InstanceKey")
+            _check_incoming_bounds(node, offer.owner)
+            # the instance's slot, claimed here as a deployment's is: renewed with this node its claimant (the
+            # instance holds one at the source: counted once), or counted anew against the owner's limits; given
+            # back when the prepare fails or is dropped (the source claims it back when it rolls back)
+            node.authz.claim(caller, key, resource, amounts, action="vm.migrate")
+            claimed = True
+            if existing is not None:
                 node.migrations.forget_instance(key)    # it lived here before and moved away: it comes back
             node.repository.verify(d)
             node.store.insert(Instance(
@@ -593,10 +730,12 @@ def accept(node: "Node", caller, offer: MigrationOffer) -> InstanceView:
                 node._authorized(caller, key, "vm.migrate")
         crashpoint("migration.target-prepared")
         if offer.step != "prepare":
-            phase = _transfer_and_restore(node, key, offer, timings, stage=True)
+            phase = _transfer_and_restore(node, key, offer, timings, stage=True, source_dn=source_dn)
     except BaseException as exc:
         if registered:
             _drop_incoming(node, key)
+        elif claimed:
+            node._release_central("slot", key)
         if isinstance(exc, MigrationFault):
             raise
         if isinstance(exc, VMGridFault) and phase == "prepare" and not registered:
@@ -605,11 +744,12 @@ def accept(node: "Node", caller, offer: MigrationOffer) -> InstanceView:
                              target=node.address, cause=_cause(exc)) from None
     node.store.update(key, phases=json.dumps([[n, round(s, 6)] for n, s in timings]))
     if offer.step == "prepare":
-        _follow(node, key, offer)
-        log.info("instance %s prepared for %s, from %s; Incoming until its files come", key, caller.dn, offer.source)
+        _follow(node, key, offer, source_dn)
+        log.info("instance %s prepared for %s, offered by %s (%s); Incoming until its files come", key, caller.dn,
+                 offer.source, source_dn)
     else:
-        log.info("instance %s arrived from %s for %s; Incoming until the source commits", key, offer.source,
-                 caller.dn)
+        log.info("instance %s arrived from %s (%s) for %s; Incoming until the source commits", key, offer.source,
+                 source_dn, caller.dn)
     return node.view(node.store.get(key))
 
 
@@ -625,13 +765,15 @@ def _accept_files(node: "Node", caller, offer: MigrationOffer) -> InstanceView:
             # not this source's prepared migration: refused, and a prepared one of another source stays as it is
             raise InvalidArgument(f"no migration of instance {key} from {offer.source} is prepared on this node",
                                   argument="InstanceKey")
+        # the files as the source itself lists them; an offer it did not sign leaves its prepared migration alone
+        source_dn = verify_source(node, caller, offer)
         phase = "transfer"
         try:
             _check_offer(node, caller, offer)
             node.migrations.put(key, "target", offer.source, offer.state)   # the incoming timeout counts from now
             timings = inst.phase_list()
             timings += [p for p in offer.phases if p[0] not in {n for n, _ in timings}]
-            phase = _transfer_and_restore(node, key, offer, timings, stage=False)
+            phase = _transfer_and_restore(node, key, offer, timings, stage=False, source_dn=source_dn)
         except BaseException as exc:
             _drop_incoming(node, key)
             if isinstance(exc, MigrationFault):
@@ -639,11 +781,13 @@ def _accept_files(node: "Node", caller, offer: MigrationOffer) -> InstanceView:
             raise MigrationFault(f"{phase} at {node.node} failed: {_describe(exc)}",
                                  phase=getattr(exc, "phase", phase), target=node.address, cause=_cause(exc)) from None
         node.store.update(key, phases=json.dumps([[n, round(s, 6)] for n, s in timings]))
-    log.info("instance %s: its files arrived from %s; Incoming until the source commits", key, offer.source)
+    log.info("instance %s: its files arrived from %s (%s); Incoming until the source commits", key, offer.source,
+             source_dn)
     return node.view(node.store.get(key))
 
 
-def _transfer_and_restore(node: "Node", key: str, offer: MigrationOffer, timings: list, *, stage: bool) -> str:
+def _transfer_and_restore(node: "Node", key: str, offer: MigrationOffer, timings: list, *, stage: bool,
+                          source_dn: str) -> str:
     """Pull the files (and stage the base image beside them when ``stage``), restore paused; ``timings`` gets
     transfer and restore. A failure carries its phase (``exc.phase``)."""
     phase = "transfer"
@@ -677,7 +821,7 @@ def _transfer_and_restore(node: "Node", key: str, offer: MigrationOffer, timings
             with ThreadPoolExecutor(max_workers=len(offer.files) + 1) as pool:
                 staged_f = pool.submit(staging)
                 for done in [pool.submit(_pull, node, f"{offer.files_url}/{key}/{f.name}", home / f.name, f,
-                                         lambda n, name=f.name: progress(name, n))
+                                         lambda n, name=f.name: progress(name, n), source_dn)
                              for f in offer.files if f.name not in followed]:
                     done.result()
                 pulled = time.perf_counter() - t
@@ -717,7 +861,7 @@ def _expected_files(offer: MigrationOffer) -> dict[str, int]:
     return files
 
 
-def _follow(node: "Node", key: str, offer: MigrationOffer) -> None:
+def _follow(node: "Node", key: str, offer: MigrationOffer, source_dn: str) -> None:
     """Right after the prepare, before the source freezes: a GridFTP session per file asks for it, so the
     sessions and data connections are up when the save starts, and the saved state comes while it is written
     (the source's export holds the RETRs until then: :class:`Exports`). The transfer step verifies what came
@@ -729,7 +873,7 @@ def _follow(node: "Node", key: str, offer: MigrationOffer) -> None:
         followers[name] = Following(f"{offer.files_url}/{key}/{name}", home / name, node.config.staging_parallel,
                                     credential=node.credential, trust=node.trust, gsi=node.config.staging_gsi,
                                     timeout=node.config.migration_timeout, limit=limit,
-                                    refuse_server=lambda dn: _is_guest(node, dn))
+                                    refuse_server=_refuse_server(node, source_dn))
     with _FOLLOWING_LOCK:
         old = _FOLLOWING.pop((id(node), key), None)
         _FOLLOWING[(id(node), key)] = followers
@@ -802,14 +946,20 @@ def _is_guest(node: "Node", dn: str) -> bool:
     return any(dn_matches(p, dn) for p in patterns)
 
 
-def _pull(node: "Node", url: str, dest: Path, f: MigrationFile, progress) -> None:
+def _refuse_server(node: "Node", source_dn: str):
+    """The files' GridFTP server is refused unless it presents the host DN that signed the offer (the source node:
+    not a user's server naming the host), and never a guest's certificate."""
+    return lambda dn: dn != source_dn or _is_guest(node, dn)
+
+
+def _pull(node: "Node", url: str, dest: Path, f: MigrationFile, progress, source_dn: str) -> None:
     """One file from the source over GridFTP: parallel streams, restartable, verified against its digest (BLAKE3
     when the source gave one, else sha256) while it arrives; ``progress(bytes)`` as they do."""
     try:
         gridftp.download(url, dest, node.config.staging_parallel, credential=node.credential, trust=node.trust,
                          sha256=None if f.blake3 else f.sha256, blake3=f.blake3 or None,
                          progress=lambda n, _total: progress(n), gsi=node.config.staging_gsi, size=f.size,
-                         refuse_server=lambda dn: _is_guest(node, dn))
+                         refuse_server=_refuse_server(node, source_dn))
     except gridftp.ChecksumMismatch as exc:
         raise ChecksumMismatch(f"{f.name} from {url}: {exc}", expected=f.digest, actual="(different)") from None
     except gridftp.GridFTPError as exc:
@@ -870,6 +1020,9 @@ def _drop_incoming(node: "Node", key: str) -> None:
     _unfollow(node, key)
     node._release(key, quiet=True)
     node.migrations.forget_instance(key)
+    # the slot its prepare claimed (only while this node is its claimant: once the source claimed it back, the
+    # Authorization service keeps it)
+    node._release_central("slot", key)
     log.info("incoming instance %s dropped", key)
 
 

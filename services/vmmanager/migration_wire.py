@@ -50,12 +50,21 @@ def parse_accept(req: etree._Element) -> MigrationOffer:
                           state=_text(req, "state"), source=_text(req, "source"), files_url=_text(req, "files"),
                           files=files, phases=phases, uuid=_text(req, "uuid") or "",
                           guest_token=_text(req, "guestToken") or "",
-                          step=_text(req, "step") or "", vmm=_text(req, "vmmKind") or "",
+                          step=_text(req, "step") or "", vmm=_text(req, "vmmKind") or "", proof=_proof(req),
                           subscriptions=tuple(
                               (sub_el.findtext("vmm:consumer", namespaces=NS).strip(),
                                sub_el.findtext("vmm:subscriber", namespaces=NS).strip(),
                                parse_datetime(sub_el.findtext("vmm:expires", namespaces=NS).strip()))
                               for sub_el in req.iterfind("vmm:subscription", NS)))
+
+
+def _proof(req: etree._Element) -> tuple[str, str, str]:
+    """sourceProof: (the source's host certificate chain, PEM; when it signed; the signature, base64), or ()."""
+    el = req.find("vmm:sourceProof", NS)
+    if el is None:
+        return ()
+    return tuple((el.findtext(f"vmm:{name}", namespaces=NS) or "").strip()
+                 for name in ("certificate", "issued", "signature"))
 
 
 def accept_request(offer: MigrationOffer, to_zeep) -> dict:
@@ -79,6 +88,9 @@ def accept_request(offer: MigrationOffer, to_zeep) -> dict:
         kwargs["step"] = offer.step
     if offer.vmm:
         kwargs["vmmKind"] = offer.vmm
+    if offer.proof:
+        kwargs["sourceProof"] = {"certificate": offer.proof[0], "issued": offer.proof[1],
+                                 "signature": offer.proof[2]}
     return kwargs
 
 

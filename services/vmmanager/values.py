@@ -73,6 +73,8 @@ class MigrationOffer:
     guest_token: str = ""       # the token guestd holds now: the target's ``migrated`` request proves itself with it
     step: str = ""              # prepare (before the freeze, no files) | transfer (after it) | "": both in one call
     vmm: str = ""               # the source's VMM kind (a saved state restores only on its own kind); "": not said
+    proof: tuple[str, str, str] = ()   # the source node's countersignature: (its host certificate chain as PEM,
+    #                                    the xs:dateTime it signed at, the signature in base64); migration.sign_offer
 
 
 @dataclass(frozen=True)

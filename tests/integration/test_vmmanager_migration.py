@@ -162,11 +162,14 @@ def test_the_host_credential_alone_cannot_place_a_vm_in_a_users_name(grid, grid_
                            files=(MigrationFile("root.qcow2", 1, "0" * 64), MigrationFile("state.save", 1, "0" * 64)))
     with pytest.raises(AccessDenied):
         host.call("AcceptMigration", **migration_wire.accept_request(offer, host.to_zeep))
-    # nor is a migration a way around vm.deploy: bob (VO hep) offering himself an instance of a bio image
+    # nor is a migration a way around vm.deploy: bob (VO hep) offering himself an instance of a bio image, even
+    # with the source node's countersignature
+    from services.vmmanager.migration import sign_offer
     bob = GridServiceClient(grid.node_url(1), grid_pki.bob.proxy, grid_pki.trust())
     with pytest.raises(AccessDenied) as exc:
         bob.call("AcceptMigration", **migration_wire.accept_request(
-            dataclasses.replace(offer, owner=grid_pki.bob.dn), bob.to_zeep))
+            sign_offer(dataclasses.replace(offer, owner=grid_pki.bob.dn), grid.node(0).core.credential,
+                       grid.node_url(1)), bob.to_zeep))
     assert exc.value.action == "vm.deploy"
     assert grid.node(1).store.get("inst-" + "0" * 32) is None
     grid.vmm(grid_pki.alice, 0).destroy(ref)
@@ -425,7 +428,8 @@ def prepare_offer(grid, ref, **changes):
                            termination=inst.termination, max_lifetime=inst.max_lifetime, state="Running",
                            source=grid.node_url(0), files_url="gsiftp://localhost:1", files=(),
                            phases=(("authorize", 0.01),), step="prepare")
-    return dataclasses.replace(offer, **changes), migration
+    return migration.sign_offer(dataclasses.replace(offer, **changes), grid.node(0).core.credential,
+                                grid.node_url(1)), migration
 
 
 def test_a_prepared_instance_whose_files_never_come_is_dropped_and_cannot_be_committed(grid, grid_pki, monkeypatch):
@@ -449,6 +453,12 @@ def test_a_prepared_instance_whose_files_never_come_is_dropped_and_cannot_be_com
     elsewhere = dataclasses.replace(offer, step="transfer", source="https://elsewhere:1/wsrf/services/VMManagerService")
     with pytest.raises(InvalidArgument):
         target.accept_migration(alice, elsewhere)
+    assert target.store.get(ref.key).state == "Incoming"
+    # a transfer step the source did not sign (the user's own) is refused and leaves the prepared one alone too
+    with pytest.raises(AccessDenied) as exc:
+        target.accept_migration(alice, dataclasses.replace(offer, step="transfer", files=(
+            MigrationFile("root.qcow2", 1, blake3="0" * 64), MigrationFile("state.save", 1, blake3="0" * 64))))
+    assert exc.value.rule == "migration-source-proof"
     assert target.store.get(ref.key).state == "Incoming"
     migration.sweep(target)                        # within the timeout: kept
     assert target.store.get(ref.key).state == "Incoming"
@@ -612,6 +622,9 @@ def test_the_slot_claim_at_the_commit_runs_beside_the_resume_and_a_refused_one_r
         return out
 
     def claim(*args, **kwargs):
+        inst = target.store.get(args[1])
+        if inst is None or inst.state != "Incoming":   # the prepare's claim (not registered yet): not this one
+            return real_claim(*args, **kwargs)
         seen["resumed first"] = resumed.wait(30)
         if seen.get("refuse"):
             raise Denied("injected: the claim is refused", subject="", action="vm.migrate", resource="", rule="test")
@@ -731,3 +744,189 @@ def test_no_migration_is_taken_in_from_a_source_presenting_a_guest_certificate(g
     monkeypatch.undo()
     moved = grid.vmm(grid_pki.alice, 0).migrate(ref, grid.node_url(1))     # the node's own certificate: taken
     grid.vmm(grid_pki.alice, 1).destroy(moved.ref)
+
+
+# -- the target knows the source node took part (attack11 F2, F11) -------------------------------------------------
+def rogue_offer(grid, grid_pki, ws, **changes):
+    """An offer alice makes herself (attack11_rogue_migration.py): a fresh key, node 0 named as the source."""
+    import time
+    import uuid
+
+    from lxml import etree
+
+    from services.descriptor import Descriptor
+    from services.vmmanager.values import MigrationOffer
+    key = "inst-" + uuid.uuid4().hex
+    offer = MigrationOffer(key=key, identifier=f"rogue-{key[-8:]}", owner=grid_pki.alice.dn,
+                           descriptor=Descriptor(ws), descriptor_xml=etree.tostring(ws),
+                           termination=time.time() + 3600, max_lifetime=None, state="Running",
+                           source=grid.node_url(0), files_url="gsiftp://localhost:1", files=(), step="prepare",
+                           vmm="test")
+    return dataclasses.replace(offer, **changes)
+
+
+def test_a_user_offering_an_instance_herself_is_refused_naming_why_and_nothing_is_held(grid, grid_pki):
+    """attack11 F2: AcceptMigration is signed by the user, and the user can send it herself, naming a listed source
+    and serving files of her making. The target now takes in an instance only when the source node countersigned
+    the offer with its host certificate, for this target, these files: alice's own offer (no proof, a proof of her
+    proxy naming the host as the attack's spoof did, the source's proof of another offer or for another target)
+    is refused with an AccessDenied saying why, before any slot, lease or record. Fails without the check: the
+    offer is taken in (Incoming, a lease)."""
+    import datetime as dt
+    import time
+
+    from lxml import etree
+
+    from security.pki import Credential, new_key, proxy_certificate
+    from services.vmmanager import migration, migration_wire
+    from services.vmmanager.values import MigrationFile
+    template = deploy(grid, grid_pki.alice, "template")
+    ws = etree.fromstring(grid.node(0).store.get(template.key).descriptor)
+    alice = GridServiceClient(grid.node_url(1), grid_pki.alice.proxy, grid_pki.trust())
+    host0 = grid.node(0).core.credential
+    key = new_key()
+    spoof = Credential(proxy_certificate(grid_pki.alice.credential, key.public_key(),
+                                         lifetime=dt.timedelta(hours=1), cn="localhost"), key,
+                       grid_pki.alice.credential.certificates)
+    files = (MigrationFile("root.qcow2", 1 << 20, blake3="a" * 64), MigrationFile("state.save", 1 << 20, blake3="b" * 64))
+    offer = rogue_offer(grid, grid_pki, ws)
+    before = {k: v for k, v in holdings(grid, 1).items()}
+    cases = [
+        (offer, "carries no sourceProof"),
+        (migration.sign_offer(offer, spoof, grid.node_url(1)), "not by a host certificate"),
+        (migration.sign_offer(offer, host0, grid.node_url(0)), "does not match this offer"),        # another target
+        (dataclasses.replace(migration.sign_offer(offer, host0, grid.node_url(1)), key="inst-" + "1" * 32),
+         "does not match this offer"),                                                             # another instance
+        (dataclasses.replace(migration.sign_offer(offer, host0, grid.node_url(1)), step=""),
+         "does not match this offer"),                     # the prepare's proof, the files then sent in one step
+        (migration.sign_offer(offer, host0, grid.node_url(1), now=time.time() - 3600),
+         "not within the last"),
+    ]
+    for bad, why in cases:
+        if bad.step == "":
+            bad = dataclasses.replace(bad, files=files)
+        with pytest.raises(AccessDenied) as exc:
+            alice.call("AcceptMigration", **migration_wire.accept_request(bad, alice.to_zeep))
+        assert exc.value.rule == "migration-source-proof" and why in exc.value.description, (why, exc.value)
+        assert grid.node(1).store.get(bad.key) is None and not slots_of(grid, bad.key)
+    assert holdings(grid, 1) == before
+    grid.vmm(grid_pki.alice, 0).destroy(template)
+
+
+def test_an_offer_from_a_source_that_does_not_countersign_is_refused_with_a_clear_message(grid, grid_pki,
+                                                                                         monkeypatch):
+    """A source of an earlier version sends no sourceProof: the target refuses its prepare (AccessDenied naming the
+    missing proof and what to do), the source rolls back, the instance runs on there, its slot counted once."""
+    from services.vmmanager import migration
+    monkeypatch.setattr(migration, "sign_offer", lambda offer, credential, target, now=None: offer)
+    ref = deploy(grid, grid_pki.alice, "old-source")
+    with pytest.raises(MigrationFault) as exc:
+        grid.vmm(grid_pki.alice, 0).migrate(ref, grid.node_url(1))
+    assert (exc.value.phase, exc.value.cause) == ("prepare", "AccessDeniedFault")
+    assert "carries no sourceProof" in str(exc.value) and "earlier vmgrid version" in str(exc.value)
+    assert_rolled_back(grid, grid_pki, ref)
+    monkeypatch.undo()
+    moved = grid.vmm(grid_pki.alice, 0).migrate(ref, grid.node_url(1))
+    grid.vmm(grid_pki.alice, 1).destroy(moved.ref)
+
+
+def test_the_files_come_only_from_a_gridftp_server_with_the_sources_host_dn(grid, grid_pki, monkeypatch):
+    """The source countersigned the offer, but its files are served with another credential, a trusted host
+    certificate naming the same host name (CN=host/localhost of another OU: not the DN that signed the offer): the
+    target refuses that server whatever migration_sources says; rolled back. Fails without the check: that
+    server's files are taken. (A user's proxy as the server, as in the attack, is refused too: over AUTH TLS by its
+    purpose already, over GSI by this check.)"""
+    from gridftp.tls import TLSConfig
+    other = grid_pki.issue_host("localhost", ou="elsewhere")
+    exports = grid.node(0).core.exports
+    real_open = exports.open
+
+    def open_as_other(*args, **kwargs):
+        url = real_open(*args, **kwargs)
+        monkeypatch.setattr(exports.face.server, "tls", TLSConfig(other, grid_pki.trust()))
+        return url
+    monkeypatch.setattr(exports, "open", open_as_other)
+    monkeypatch.setattr(grid.node(1).core.config, "migration_sources", ["*"])
+    ref = deploy(grid, grid_pki.alice, "alices-files")
+    with pytest.raises(MigrationFault) as exc:
+        grid.vmm(grid_pki.alice, 0).migrate(ref, grid.node_url(1))
+    assert (exc.value.phase, exc.value.cause) == ("transfer", "TransferFault")
+    assert "OU=elsewhere" in str(exc.value) and "refused" in str(exc.value)
+    assert_rolled_back(grid, grid_pki, ref)
+    monkeypatch.undo()
+    moved = grid.vmm(grid_pki.alice, 0).migrate(ref, grid.node_url(1))
+    grid.vmm(grid_pki.alice, 1).destroy(moved.ref)
+
+
+def test_prepared_incoming_instances_are_bounded_per_user_and_give_their_slots_back(grid, grid_pki, monkeypatch):
+    """attack11 F11 with a source's proof (a source node that offers instances it does not have): each prepare
+    claims the instance's slot at the Authorization service, and one owner's Incoming instances on a node are
+    bounded; an abort gives the slot back. Fails without the claim: no slot counted."""
+    from services.faults import LimitExceeded
+    from services.vmmanager import migration, migration_wire
+    from lxml import etree
+    monkeypatch.setattr(migration, "MAX_INCOMING_PER_USER", 2)
+    template = deploy(grid, grid_pki.alice, "template")
+    ws = etree.fromstring(grid.node(0).store.get(template.key).descriptor)
+    alice = GridServiceClient(grid.node_url(1), grid_pki.alice.proxy, grid_pki.trust())
+    keys = []
+    for i in range(3):
+        offer = migration.sign_offer(rogue_offer(grid, grid_pki, ws), grid.node(0).core.credential,
+                                     grid.node_url(1))
+        if i < 2:
+            alice.call("AcceptMigration", **migration_wire.accept_request(offer, alice.to_zeep))
+            keys.append(offer.key)
+            assert [s.claimant.rpartition("#")[2] for s in slots_of(grid, offer.key)] == [grid.node(1).node]
+        else:
+            with pytest.raises(LimitExceeded) as exc:
+                alice.call("AcceptMigration", **migration_wire.accept_request(offer, alice.to_zeep))
+            assert exc.value.limit == "incoming_migrations_per_user"
+            assert grid.node(1).store.get(offer.key) is None and not slots_of(grid, offer.key)
+    from services.authz.pep import Subject
+    for key in keys:
+        assert grid.node(1).core.complete_migration(Subject(grid_pki.alice.dn), key, False)[0] == "aborted"
+        assert not slots_of(grid, key) and grid.node(1).store.get(key) is None
+    grid.vmm(grid_pki.alice, 0).destroy(template)
+
+
+def test_a_prepare_flood_is_bounded_by_the_users_instance_limit(grid_pki, tmp_path):
+    """attack11 F11: 240 prepares filled a node's lease pool past alice's instance limit. Now each prepare claims a
+    slot as a deployment does: with max_instances_per_user = 3 and one instance running, two prepares are taken
+    and the third is refused (LimitExceeded, max_instances_per_user) before any lease; the flood's other offers
+    too. (Without a source's proof none is taken at all: the test above.)"""
+    from lxml import etree
+
+    from services.faults import LimitExceeded
+    from tests.fixtures.grid import grid_policy
+    from services.vmmanager import migration, migration_wire
+    policy = grid_policy(grid_pki, limits={"max_lifetime": "2h", "max_memory": 4096, "max_vcpus": 4,
+                                           "max_instances_per_user": 3, "max_instances_per_group": 50})
+    g = start_grid(grid_pki, tmp_path / "g", policy=policy, nodes=2)
+    try:
+        g.image = g.register(name="flooded")
+        running = deploy(g, grid_pki.alice, "running")
+        ws = etree.fromstring(g.node(0).store.get(running.key).descriptor)
+        alice = GridServiceClient(g.node_url(1), grid_pki.alice.proxy, grid_pki.trust())
+        taken, refused = [], []
+        for i in range(6):
+            offer = migration.sign_offer(rogue_offer(g, grid_pki, ws), g.node(0).core.credential, g.node_url(1))
+            try:
+                alice.call("AcceptMigration", **migration_wire.accept_request(offer, alice.to_zeep))
+                taken.append(offer.key)
+            except LimitExceeded as exc:
+                refused.append(exc.limit)
+        assert len(taken) == 2 and refused == ["max_instances_per_user"] * 4
+        assert sorted(g.node(1).store.leases()) == sorted(taken)
+    finally:
+        g.close()
+
+
+def test_the_source_sends_its_proof_only_to_a_target_whose_contract_has_it(grid, grid_pki):
+    """A target of an earlier version would refuse the unknown sourceProof element (a schema fault): the source
+    reads the target's WSDL and leaves it out there; a target of this version gets it."""
+    from services.vmmanager.migration_peer import SoapPeer
+    peer = SoapPeer(grid.node_url(1), grid_pki.alice.proxy, grid_pki.trust(), 30)
+    try:
+        assert peer._takes_proof(peer._client())
+    finally:
+        peer.close()
