@@ -56,6 +56,35 @@ def _stop_on_sigterm(signum, frame):
 _HELD: list[int] = []      # the state locks' descriptors, open for the life of the process
 
 
+def private_state(state_dir: str, services: list[str]) -> None:
+    """A service's state is its own: every VO's image bytes, the catalogue, VM disks, the contexts holding guestd's
+    token, the policy and its audit log, users' staged files. Files and directories the container makes are for its
+    own user only (umask 077), and each service's state directory is closed to everyone else even where an earlier
+    version left it open (0755, its files 0644: any local account read them). The state directory above them keeps
+    only its search bit for others; the job service sets its own directories' modes (its jobs run under uids of
+    their own and must reach their directories, services/jobs)."""
+    import os
+    import stat
+
+    os.umask(0o077)
+    os.makedirs(state_dir, exist_ok=True)
+
+    def close(path: str, keep: int) -> None:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+        if mode & 0o077 & ~keep:
+            try:
+                os.chmod(path, mode & ~(0o077 & ~keep))
+            except PermissionError as exc:       # not the owner: say so, the service still starts
+                logging.getLogger("vmgrid.container").warning("cannot close %s to other users: %s", path,
+                                                              exc.strerror)
+
+    close(state_dir, 0o011)
+    for name in services:
+        service_dir = os.path.join(state_dir, name)
+        if name != "jobs" and os.path.isdir(service_dir):
+            close(service_dir, 0)
+
+
 def hold_state(state_dir: str, services: list[str]) -> None:
     """Each service's state belongs to one `vmgrid serve` at a time: a second container started on the same
     state (the same command twice, a restart before the old process ended) would reconcile a live node's
@@ -141,6 +170,7 @@ def run(args) -> int:
         host_credential(config), trust_store(config)
     except ValueError as exc:
         raise CLIError(f"{where}{exc}") from None
+    private_state(config.container.state_dir, args.services)
     hold_state(config.container.state_dir, args.services)
     release_if_full(config.container.state_dir)    # a restart on a full disk still opens its databases
     try:
