@@ -291,6 +291,65 @@ def proxy_cert_info(cert: x509.Certificate) -> tuple[ProxyCertInfo, bool] | None
     return ProxyCertInfo.from_der(ext.value.value), ext.critical
 
 
+# The proxy forms before RFC 3820 that Globus' grid-proxy-init still makes: "-draft" (GT3, a
+# ProxyCertInfo under a Globus OID) and "-old" (GT2, no extension: the subject ends in CN=proxy or
+# CN=limited proxy). Both are accepted and walked with the same rules as RFC 3820 proxies.
+OID_DRAFT_PROXY_CERT_INFO = ObjectIdentifier("1.3.6.1.4.1.3536.1.222")
+LEGACY_PROXY_NAMES = {"proxy": OID_INHERIT_ALL, "limited proxy": OID_LIMITED}
+
+
+def _draft_proxy_info(data: bytes) -> ProxyCertInfo:
+    """GT3 ProxyCertInfo: a SEQUENCE holding the ProxyPolicy SEQUENCE and an optional path length
+    (an INTEGER, or one tagged [1])."""
+    (tag, body), = list(der_items(data))
+    if tag != 0x30:
+        raise ValueError("draft ProxyCertInfo is not a SEQUENCE")
+    policy = None
+    path_length = None
+    for item_tag, item in der_items(body):
+        if item_tag == 0x30 and policy is None:
+            policy = item
+        elif item_tag == 0x02:
+            path_length = int.from_bytes(item, "big", signed=True)
+        elif item_tag == 0xA1:
+            (inner_tag, inner), = list(der_items(item))
+            if inner_tag != 0x02:
+                raise ValueError("draft ProxyCertInfo path length is not an INTEGER")
+            path_length = int.from_bytes(inner, "big", signed=True)
+    if policy is None:
+        raise ValueError("draft ProxyCertInfo has no ProxyPolicy")
+    # the ProxyPolicy is the same as RFC 3820's: let the RFC parser read it
+    info = ProxyCertInfo.from_der(_der(0x30, _der(0x30, policy)))
+    return ProxyCertInfo(info.policy_language, path_length, info.policy)
+
+
+def any_proxy_info(cert: x509.Certificate) -> tuple[ProxyCertInfo, bool, str] | None:
+    """(ProxyCertInfo, critical, form) of an RFC 3820, GT3 draft or GT2 legacy proxy; None for a
+    certificate that is none of them. Raises ValueError for an unreadable extension."""
+    found = proxy_cert_info(cert)
+    if found is not None:
+        return found[0], found[1], "rfc3820"
+    try:
+        ext = cert.extensions.get_extension_for_oid(OID_DRAFT_PROXY_CERT_INFO)
+        return _draft_proxy_info(ext.value.value), ext.critical, "draft"
+    except x509.ExtensionNotFound:
+        pass
+    rdns = list(cert.subject.rdns)
+    if len(rdns) >= 2 and len(rdns[-1]) == 1 and rdns[:-1] == list(cert.issuer.rdns):
+        attr = next(iter(rdns[-1]))
+        if attr.oid == NameOID.COMMON_NAME and attr.value in LEGACY_PROXY_NAMES and not _is_ca(cert):
+            return ProxyCertInfo(LEGACY_PROXY_NAMES[attr.value].dotted_string), True, "legacy"
+    return None
+
+
+def _proxy_form(cert: x509.Certificate) -> tuple[ProxyCertInfo, bool, str] | None:
+    """:func:`any_proxy_info` of a credential's own certificate; an unreadable extension is a CredentialError."""
+    try:
+        return any_proxy_info(cert)
+    except ValueError as exc:
+        raise CredentialError(f"unreadable proxy certificate {dn_string(cert.subject)}: {exc}") from None
+
+
 # ---------------------------------------------------------------------------------------------
 # Credentials
 
@@ -335,22 +394,28 @@ class Credential:
     @cached_property
     def end_entity(self) -> x509.Certificate:
         for cert in self.certificates:
-            if proxy_cert_info(cert) is None:
+            if _proxy_form(cert) is None:
                 return cert
         raise CredentialError(f"the chain of {self.subject} has no end-entity certificate")
 
     @property
     def identity(self) -> str:
-        """The grid identity: the end-entity DN, the same for a certificate and all its proxies."""
+        """The grid identity: the end-entity DN, the same for a certificate and all its proxies (RFC 3820, GT3
+        draft and GT2 legacy ``CN=proxy`` ones alike: the rule TrustStore applies to a presented chain)."""
         return dn_string(self.end_entity.subject)
 
     @property
     def is_proxy(self) -> bool:
-        return proxy_cert_info(self.certificate) is not None
+        return _proxy_form(self.certificate) is not None
+
+    @property
+    def proxy_form(self) -> tuple[ProxyCertInfo, bool, str] | None:
+        """What kind of proxy the leaf is (:func:`any_proxy_info`), None for an end-entity certificate."""
+        return _proxy_form(self.certificate)
 
     @property
     def limited(self) -> bool:
-        return any((info := proxy_cert_info(c)) is not None and info[0].limited for c in self.certificates)
+        return any((info := _proxy_form(c)) is not None and info[0].limited for c in self.certificates)
 
     @property
     def not_after(self) -> _dt.datetime:
