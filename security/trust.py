@@ -27,8 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509 import verification
 from cryptography.x509.oid import NameOID
 
-from .pki import (LEGACY_PROXY_NAMES, OID_DRAFT_PROXY_CERT_INFO, OID_INHERIT_ALL, OID_LIMITED,  # noqa: F401
-                  any_proxy_info, dn_string)
+from .pki import OID_INHERIT_ALL, OID_LIMITED, any_proxy_info, dn_string
 
 # What a presented chain may hold, checked before any signature in it is verified: the chain is validated before
 # the message's signature is (an unauthenticated client chooses it), and a PKIPath of hundreds of proxies cost
