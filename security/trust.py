@@ -81,10 +81,17 @@ class Caller:
     is_proxy: bool
     not_after: _dt.datetime
     issuer: str
+    proxies: int = 0            # how many proxies lead the chain
 
     @property
     def certificate(self) -> x509.Certificate:
         return self.chain[0]
+
+    @property
+    def end_entity(self) -> x509.Certificate:
+        """The end-entity certificate of the chain (the one ``dn`` names): a host's identity is judged on it only
+        (security.hostauth), never on a proxy's subject."""
+        return self.chain[self.proxies]
 
 
 def _utcnow() -> _dt.datetime:
@@ -345,7 +352,7 @@ class TrustStore:
         return Caller(dn=dn_string(end_entity.subject), subject=dn_string(leaf.subject),
                       chain=tuple([*proxies, end_entity, *path[1:-1]]), limited=limited, is_proxy=bool(proxies),
                       not_after=min(c.not_valid_after_utc for c in [*proxies, *path]),
-                      issuer=dn_string(path[-1].subject))
+                      issuer=dn_string(path[-1].subject), proxies=len(proxies))
 
     def _check_proxies(self, proxies: list[x509.Certificate], end_entity: x509.Certificate,
                        at: _dt.datetime) -> bool:
