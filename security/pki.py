@@ -70,15 +70,19 @@ _SHORT_NAMES = {
 }
 _OIDS = {v.lower(): k for k, v in _SHORT_NAMES.items()} | {"email": NameOID.EMAIL_ADDRESS}
 _DN_SPLIT = re.compile(r"(?<!\\)/(?=[A-Za-z][A-Za-z0-9.]*=)")
+_RDN_SPLIT = re.compile(r"(?<!\\)\+(?=[A-Za-z][A-Za-z0-9.]*=)")
 _AMBIGUOUS_SLASH = re.compile(r"/(?=[A-Za-z][A-Za-z0-9.]*=)")
+_AMBIGUOUS_PLUS = re.compile(r"\+(?=[A-Za-z][A-Za-z0-9.]*=)")
 _ESCAPE = re.compile(r"\\(x[0-9a-fA-F]{2}|.)")
 
 
 def _escape_value(value: str) -> str:
-    """A value in the one-line form, so that the form reads back as the same name: a backslash and a '/'
-    that would start a new `KEY=` are escaped (\\x5c, \\/), control and non-printable characters become \\xHH."""
+    """A value in the one-line form, so that the form reads back as the same name: a backslash, and a '/' or '+'
+    that would start a new `KEY=` (a new RDN, another attribute of this one), are escaped (\\x5c, \\/, \\+);
+    control and non-printable characters become \\xHH."""
     value = value.replace("\\", "\\x5c")
     value = _AMBIGUOUS_SLASH.sub(r"\\/", value)
+    value = _AMBIGUOUS_PLUS.sub(r"\\+", value)
     return "".join(c if c.isprintable() else "".join(f"\\x{b:02x}" for b in c.encode()) for c in value)
 
 
@@ -98,36 +102,54 @@ def _unescape_value(value: str) -> str:
 
 def dn_string(name: x509.Name) -> str:
     """The Globus (OpenSSL one-line) form of a name: `/O=Grid/OU=vmgrid/CN=alice`. A value that would make
-    the form ambiguous (`CN=x/CN=host/y` in one value) or carries control characters is escaped, so two
-    different names never share a string and ``parse_dn(dn_string(n)) == n``."""
+    the form ambiguous (`CN=x/CN=host/y` in one value) or carries control characters is escaped, and the
+    attributes of a multi-valued RDN are joined by '+' as OpenSSL's one-line and `-nameopt compat` forms do
+    (`/O=Grid/OU=site+CN=host/x`, never the string of `/O=Grid/OU=site/CN=host/x`), so two different names never
+    share a string and ``parse_dn(dn_string(n)) == n``."""
     parts = []
     for rdn in name.rdns:
-        for attr in rdn:
-            key = _SHORT_NAMES.get(attr.oid, attr.oid.dotted_string)
-            parts.append(f"/{key}={_escape_value(str(attr.value))}")
+        parts.append("/" + "+".join(f"{_SHORT_NAMES.get(attr.oid, attr.oid.dotted_string)}="
+                                    f"{_escape_value(str(attr.value))}" for attr in rdn))
     return "".join(parts)
+
+
+def _rdns(text: str) -> list[list[tuple[str, str]]]:
+    """`/O=Grid/OU=a+CN=b` as [[(key, value)], [(key, value), (key, value)]] with canonical short keys and unescaped
+    values; ValueError when it is not a DN in the one-line form."""
+    if not text.startswith("/"):
+        raise ValueError(f"a grid DN starts with '/': {text!r}")
+    rdns = []
+    for part in _DN_SPLIT.split(text[1:]):
+        rdn = []
+        for item in _RDN_SPLIT.split(part):
+            key, sep, value = item.partition("=")
+            oid = _OIDS.get(key.lower())
+            if not sep or not value or oid is None:
+                raise ValueError(f"cannot read {item!r} in DN {text!r}")
+            rdn.append((_SHORT_NAMES[oid], _unescape_value(value)))
+        rdns.append(rdn)
+    return rdns
 
 
 def dn_parts(text: str) -> list[tuple[str, str]]:
     """`/O=Grid/OU=vmgrid/CN=host/localhost` as [(key, value), ...] with canonical short keys and unescaped
-    values (a '/' not followed by `KEY=` belongs to the value); ValueError when it is not a grid DN."""
-    if not text.startswith("/"):
-        raise ValueError(f"a grid DN starts with '/': {text!r}")
+    values (a '/' not followed by `KEY=` belongs to the value); ValueError when it is not a grid DN, a name with
+    a multi-valued RDN (`OU=a+CN=host/x`) included: it is no grid DN part, matches no policy pattern and names
+    no host."""
     parts = []
-    for part in _DN_SPLIT.split(text[1:]):
-        key, sep, value = part.partition("=")
-        oid = _OIDS.get(key.lower())
-        if not sep or not value or oid is None:
-            raise ValueError(f"cannot read {part!r} in DN {text!r}")
-        parts.append((_SHORT_NAMES[oid], _unescape_value(value)))
+    for rdn in _rdns(text):
+        if len(rdn) != 1:
+            raise ValueError(f"a multi-valued RDN ({'+'.join(k + '=' + v for k, v in rdn)}) in DN {text!r}")
+        parts.append(rdn[0])
     return parts
 
 
 def parse_dn(text: str) -> x509.Name:
-    """Parse `/O=Grid/OU=vmgrid/CN=host/localhost` (a '/' not followed by `KEY=` belongs to the value)."""
+    """Parse `/O=Grid/OU=vmgrid/CN=host/localhost` (a '/' not followed by `KEY=` belongs to the value; a '+'
+    followed by `KEY=` joins attributes into one multi-valued RDN)."""
     oids = {v: k for k, v in _SHORT_NAMES.items()}
-    return x509.Name([x509.RelativeDistinguishedName([x509.NameAttribute(oids[key], value)])
-                      for key, value in dn_parts(text)])
+    return x509.Name([x509.RelativeDistinguishedName([x509.NameAttribute(oids[key], value) for key, value in rdn])
+                      for rdn in _rdns(text)])
 
 
 def check_name_value(value: str, what: str) -> str:
