@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import ipaddress
 import socket
 from collections.abc import Callable, Sequence
 from collections import namedtuple
@@ -22,7 +21,6 @@ TYPE_CHECKING = False   # what typing.TYPE_CHECKING is at run time, without impo
 if TYPE_CHECKING:       # the TLS and GSI modules (ssl, cryptography, pyOpenSSL) load only for gsiftp://
     import ssl
 
-    from cryptography import x509
     from security.gsi import GSIContext
 
     from .tls import Credential, DataTLS, TLSConfig
@@ -67,38 +65,19 @@ class GridFTPURL(namedtuple("GridFTPURL", "scheme host port path")):
         return f"{self.scheme}://{host}:{self.port}{self.path}"
 
 
-def _host_matches(cert: x509.Certificate, host: str) -> bool:
-    """Does the server's certificate name ``host`` (SAN DNS/IP, or a CN of ``host`` or ``host/<host>``)?"""
-    from cryptography import x509
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        ip = None
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        if ip is not None and ip in san.get_values_for_type(x509.IPAddress):
-            return True
-        for name in san.get_values_for_type(x509.DNSName):
-            if name.lower() == host.lower() or (name.startswith("*.") and host.lower().endswith(name[1:].lower())
-                                                and host.count(".") == name.count(".")):
-                return True
-    except x509.ExtensionNotFound:
-        pass
-    for attr in cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME):
-        cn = str(attr.value).lower()
-        for prefix in ("host/", "ftp/", "gridftp/"):
-            if cn.startswith(prefix):
-                cn = cn[len(prefix):]
-        if cn == host.lower():
-            return True
-    return False
+def _host_refusal(caller, host: str) -> str | None:
+    """GSI host authorization of the server (security.hostauth): its chain's end-entity certificate must be a host
+    certificate naming ``host``; a proxy's subject or CN never counts, and a proxy chain is refused."""
+    from security.hostauth import host_refusal
+    return host_refusal(caller, host)
 
 
 class GridFTPClient:
     """One control session. Use as a context manager; :meth:`connect` logs in.
 
     ``credential``/``trust``: used for ``gsiftp://`` (AUTH TLS, then PBSZ 0 / PROT P).
-    ``server_dn``: the DN the server must present; by default its certificate must name the host.
+    ``server_dn``: the DN the server must present; by default its chain's end-entity certificate must be a host
+    certificate naming the URL's host (security.hostauth: never a proxy, whatever CN the proxy added).
     ``prelude``: commands sent in the same write as the login (one round trip for all of them on a
     long path); their replies are in :attr:`prelude_replies`.
     ``gsi``: authenticate with ``AUTH GSSAPI`` (the Globus GSI mechanism, as globus-url-copy does:
@@ -211,12 +190,9 @@ class GridFTPClient:
             if self.server_dn != self.expected_server_dn:
                 raise AuthenticationError(f"server is {self.server_dn!r}, expected {self.expected_server_dn!r}")
         else:
-            from cryptography import x509
-
-            from .tls import subject_of
-            leaf = x509.load_der_x509_certificate(sock.getpeercert(binary_form=True))
-            if not _host_matches(leaf, self.url.host):
-                raise AuthenticationError(f"server certificate {subject_of(leaf)!r} does not name {self.url.host}")
+            why = _host_refusal(self.tls.authenticate(sock), self.url.host)
+            if why is not None:
+                raise AuthenticationError(why)
         self._check_refused()
 
     def _check_refused(self) -> None:
@@ -252,8 +228,10 @@ class GridFTPClient:
         except (ValueError, binascii.Error):
             raise AuthenticationError(f"{self.url.host} sent an ADAT reply that is not base64") from None
         self.server_dn = self.gss.peer.dn
-        if self.expected_server_dn is None and not _host_matches(self.gss.peer.certificate, self.url.host):
-            raise AuthenticationError(f"server certificate {self.gss.peer.subject!r} does not name {self.url.host}")
+        if self.expected_server_dn is None:
+            why = _host_refusal(self.gss.peer, self.url.host)
+            if why is not None:
+                raise AuthenticationError(why)
         self._check_refused()
         self.control.wrap, self.control.unwrap = self.gss.wrap, self.gss.unwrap
 

@@ -19,7 +19,7 @@ from cryptography import x509
 
 from security.pki import Credential, default_cert_dir, dn_string, load_credential
 from security.tls import bound_peer_chain
-from security.trust import ChainError, TrustStore
+from security.trust import Caller, ChainError, TrustStore
 
 from .errors import AuthenticationError
 
@@ -89,6 +89,14 @@ class TLSConfig:
     def dn(self) -> str | None:
         """This side's own grid identity."""
         return self.credential.identity if self.credential is not None else None
+
+    def authenticate(self, sock: ssl.SSLSocket) -> Caller:
+        """The peer of a handshaken socket as TrustStore validates its presented chain (whatever ``identify``
+        says): what a host check judges (security.hostauth)."""
+        try:
+            return self.trust.validate(peer_chain(sock))
+        except ChainError as exc:
+            raise AuthenticationError(exc.reason) from exc
 
     def identify(self, sock: ssl.SSLSocket) -> str:
         """The verified end-entity DN of the peer of a handshaken socket."""

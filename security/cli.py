@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .pki import (DEFAULT_CA_DN, DEFAULT_OU, DEFAULT_PROXY_HOURS, KEY_KINDS, CAError, CredentialError, GridCA,
                   check_name_value, default_proxy_path, dn_string, load_credential, load_user_credential,
-                  make_proxy, new_key, proxy_cert_info, save_proxy)
+                  make_proxy, new_key, save_proxy)
 
 
 def _error(message: str):
@@ -251,11 +251,15 @@ def cmd_proxy_init(args) -> int:
 
 
 def _proxy_type(cred) -> str:
-    info = proxy_cert_info(cred.certificate)
-    if info is None:
+    """What grid-proxy-info calls the credential's kind (the same proxy forms TrustStore accepts)."""
+    found = cred.proxy_form
+    if found is None:
         return "end entity credential"
-    return "RFC 3820 compliant " + ("limited" if info[0].limited else
-                                    "independent" if info[0].independent else "impersonation") + " proxy"
+    info, _critical, form = found
+    if form == "legacy":
+        return f"{'limited' if info.limited else 'full'} legacy globus proxy"
+    kind = "limited" if info.limited else "independent" if info.independent else "impersonation"
+    return f"{'RFC 3820' if form == 'rfc3820' else 'Proxy draft (pre-RFC)'} compliant {kind} proxy"
 
 
 def cmd_proxy_info(args) -> int:

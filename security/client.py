@@ -42,7 +42,8 @@ _LOOPBACK_NAMES = ("localhost",)
 @functools.lru_cache(maxsize=256)
 def host_authorizer(url: str) -> Callable[[Caller], bool]:
     """GSI host authorization: the response must be signed by a host certificate whose CN is `host/<hostname>` of
-    the URL (a loopback address also accepts `host/localhost`). One predicate per URL, kept (bounded): a client
+    the URL (a loopback address also accepts `host/localhost`): the chain's end-entity DN, never a proxy's subject,
+    and not through a proxy at all (a host signs with its own certificate; security.hostauth). One predicate per URL, kept (bounded): a client
     asks for it on every answer it verifies, and parsing the URL and the address each time was about 3% of a
     node's CPU per deploy+destroy."""
     hostname = (urlsplit(url).hostname or "").lower()
@@ -55,6 +56,10 @@ def host_authorizer(url: str) -> Callable[[Caller], bool]:
             names |= {"127.0.0.1", "::1"}
 
     def authorized(caller: Caller) -> bool:
+        # a verified Caller signing through a proxy is no host; callers that hold only a DN (a GridFTP session's
+        # identity, a notification's recorded signer) pass an object with ``dn`` alone
+        if getattr(caller, "is_proxy", False):
+            return False
         host = host_of(caller.dn)
         return host is not None and host.lower() in names
 

@@ -70,15 +70,19 @@ _SHORT_NAMES = {
 }
 _OIDS = {v.lower(): k for k, v in _SHORT_NAMES.items()} | {"email": NameOID.EMAIL_ADDRESS}
 _DN_SPLIT = re.compile(r"(?<!\\)/(?=[A-Za-z][A-Za-z0-9.]*=)")
+_RDN_SPLIT = re.compile(r"(?<!\\)\+(?=[A-Za-z][A-Za-z0-9.]*=)")
 _AMBIGUOUS_SLASH = re.compile(r"/(?=[A-Za-z][A-Za-z0-9.]*=)")
+_AMBIGUOUS_PLUS = re.compile(r"\+(?=[A-Za-z][A-Za-z0-9.]*=)")
 _ESCAPE = re.compile(r"\\(x[0-9a-fA-F]{2}|.)")
 
 
 def _escape_value(value: str) -> str:
-    """A value in the one-line form, so that the form reads back as the same name: a backslash and a '/'
-    that would start a new `KEY=` are escaped (\\x5c, \\/), control and non-printable characters become \\xHH."""
+    """A value in the one-line form, so that the form reads back as the same name: a backslash, and a '/' or '+'
+    that would start a new `KEY=` (a new RDN, another attribute of this one), are escaped (\\x5c, \\/, \\+);
+    control and non-printable characters become \\xHH."""
     value = value.replace("\\", "\\x5c")
     value = _AMBIGUOUS_SLASH.sub(r"\\/", value)
+    value = _AMBIGUOUS_PLUS.sub(r"\\+", value)
     return "".join(c if c.isprintable() else "".join(f"\\x{b:02x}" for b in c.encode()) for c in value)
 
 
@@ -98,36 +102,54 @@ def _unescape_value(value: str) -> str:
 
 def dn_string(name: x509.Name) -> str:
     """The Globus (OpenSSL one-line) form of a name: `/O=Grid/OU=vmgrid/CN=alice`. A value that would make
-    the form ambiguous (`CN=x/CN=host/y` in one value) or carries control characters is escaped, so two
-    different names never share a string and ``parse_dn(dn_string(n)) == n``."""
+    the form ambiguous (`CN=x/CN=host/y` in one value) or carries control characters is escaped, and the
+    attributes of a multi-valued RDN are joined by '+' as OpenSSL's one-line and `-nameopt compat` forms do
+    (`/O=Grid/OU=site+CN=host/x`, never the string of `/O=Grid/OU=site/CN=host/x`), so two different names never
+    share a string and ``parse_dn(dn_string(n)) == n``."""
     parts = []
     for rdn in name.rdns:
-        for attr in rdn:
-            key = _SHORT_NAMES.get(attr.oid, attr.oid.dotted_string)
-            parts.append(f"/{key}={_escape_value(str(attr.value))}")
+        parts.append("/" + "+".join(f"{_SHORT_NAMES.get(attr.oid, attr.oid.dotted_string)}="
+                                    f"{_escape_value(str(attr.value))}" for attr in rdn))
     return "".join(parts)
+
+
+def _rdns(text: str) -> list[list[tuple[str, str]]]:
+    """`/O=Grid/OU=a+CN=b` as [[(key, value)], [(key, value), (key, value)]] with canonical short keys and unescaped
+    values; ValueError when it is not a DN in the one-line form."""
+    if not text.startswith("/"):
+        raise ValueError(f"a grid DN starts with '/': {text!r}")
+    rdns = []
+    for part in _DN_SPLIT.split(text[1:]):
+        rdn = []
+        for item in _RDN_SPLIT.split(part):
+            key, sep, value = item.partition("=")
+            oid = _OIDS.get(key.lower())
+            if not sep or not value or oid is None:
+                raise ValueError(f"cannot read {item!r} in DN {text!r}")
+            rdn.append((_SHORT_NAMES[oid], _unescape_value(value)))
+        rdns.append(rdn)
+    return rdns
 
 
 def dn_parts(text: str) -> list[tuple[str, str]]:
     """`/O=Grid/OU=vmgrid/CN=host/localhost` as [(key, value), ...] with canonical short keys and unescaped
-    values (a '/' not followed by `KEY=` belongs to the value); ValueError when it is not a grid DN."""
-    if not text.startswith("/"):
-        raise ValueError(f"a grid DN starts with '/': {text!r}")
+    values (a '/' not followed by `KEY=` belongs to the value); ValueError when it is not a grid DN, a name with
+    a multi-valued RDN (`OU=a+CN=host/x`) included: it is no grid DN part, matches no policy pattern and names
+    no host."""
     parts = []
-    for part in _DN_SPLIT.split(text[1:]):
-        key, sep, value = part.partition("=")
-        oid = _OIDS.get(key.lower())
-        if not sep or not value or oid is None:
-            raise ValueError(f"cannot read {part!r} in DN {text!r}")
-        parts.append((_SHORT_NAMES[oid], _unescape_value(value)))
+    for rdn in _rdns(text):
+        if len(rdn) != 1:
+            raise ValueError(f"a multi-valued RDN ({'+'.join(k + '=' + v for k, v in rdn)}) in DN {text!r}")
+        parts.append(rdn[0])
     return parts
 
 
 def parse_dn(text: str) -> x509.Name:
-    """Parse `/O=Grid/OU=vmgrid/CN=host/localhost` (a '/' not followed by `KEY=` belongs to the value)."""
+    """Parse `/O=Grid/OU=vmgrid/CN=host/localhost` (a '/' not followed by `KEY=` belongs to the value; a '+'
+    followed by `KEY=` joins attributes into one multi-valued RDN)."""
     oids = {v: k for k, v in _SHORT_NAMES.items()}
-    return x509.Name([x509.RelativeDistinguishedName([x509.NameAttribute(oids[key], value)])
-                      for key, value in dn_parts(text)])
+    return x509.Name([x509.RelativeDistinguishedName([x509.NameAttribute(oids[key], value) for key, value in rdn])
+                      for rdn in _rdns(text)])
 
 
 def check_name_value(value: str, what: str) -> str:
@@ -291,6 +313,65 @@ def proxy_cert_info(cert: x509.Certificate) -> tuple[ProxyCertInfo, bool] | None
     return ProxyCertInfo.from_der(ext.value.value), ext.critical
 
 
+# The proxy forms before RFC 3820 that Globus' grid-proxy-init still makes: "-draft" (GT3, a
+# ProxyCertInfo under a Globus OID) and "-old" (GT2, no extension: the subject ends in CN=proxy or
+# CN=limited proxy). Both are accepted and walked with the same rules as RFC 3820 proxies.
+OID_DRAFT_PROXY_CERT_INFO = ObjectIdentifier("1.3.6.1.4.1.3536.1.222")
+LEGACY_PROXY_NAMES = {"proxy": OID_INHERIT_ALL, "limited proxy": OID_LIMITED}
+
+
+def _draft_proxy_info(data: bytes) -> ProxyCertInfo:
+    """GT3 ProxyCertInfo: a SEQUENCE holding the ProxyPolicy SEQUENCE and an optional path length
+    (an INTEGER, or one tagged [1])."""
+    (tag, body), = list(der_items(data))
+    if tag != 0x30:
+        raise ValueError("draft ProxyCertInfo is not a SEQUENCE")
+    policy = None
+    path_length = None
+    for item_tag, item in der_items(body):
+        if item_tag == 0x30 and policy is None:
+            policy = item
+        elif item_tag == 0x02:
+            path_length = int.from_bytes(item, "big", signed=True)
+        elif item_tag == 0xA1:
+            (inner_tag, inner), = list(der_items(item))
+            if inner_tag != 0x02:
+                raise ValueError("draft ProxyCertInfo path length is not an INTEGER")
+            path_length = int.from_bytes(inner, "big", signed=True)
+    if policy is None:
+        raise ValueError("draft ProxyCertInfo has no ProxyPolicy")
+    # the ProxyPolicy is the same as RFC 3820's: let the RFC parser read it
+    info = ProxyCertInfo.from_der(_der(0x30, _der(0x30, policy)))
+    return ProxyCertInfo(info.policy_language, path_length, info.policy)
+
+
+def any_proxy_info(cert: x509.Certificate) -> tuple[ProxyCertInfo, bool, str] | None:
+    """(ProxyCertInfo, critical, form) of an RFC 3820, GT3 draft or GT2 legacy proxy; None for a
+    certificate that is none of them. Raises ValueError for an unreadable extension."""
+    found = proxy_cert_info(cert)
+    if found is not None:
+        return found[0], found[1], "rfc3820"
+    try:
+        ext = cert.extensions.get_extension_for_oid(OID_DRAFT_PROXY_CERT_INFO)
+        return _draft_proxy_info(ext.value.value), ext.critical, "draft"
+    except x509.ExtensionNotFound:
+        pass
+    rdns = list(cert.subject.rdns)
+    if len(rdns) >= 2 and len(rdns[-1]) == 1 and rdns[:-1] == list(cert.issuer.rdns):
+        attr = next(iter(rdns[-1]))
+        if attr.oid == NameOID.COMMON_NAME and attr.value in LEGACY_PROXY_NAMES and not _is_ca(cert):
+            return ProxyCertInfo(LEGACY_PROXY_NAMES[attr.value].dotted_string), True, "legacy"
+    return None
+
+
+def _proxy_form(cert: x509.Certificate) -> tuple[ProxyCertInfo, bool, str] | None:
+    """:func:`any_proxy_info` of a credential's own certificate; an unreadable extension is a CredentialError."""
+    try:
+        return any_proxy_info(cert)
+    except ValueError as exc:
+        raise CredentialError(f"unreadable proxy certificate {dn_string(cert.subject)}: {exc}") from None
+
+
 # ---------------------------------------------------------------------------------------------
 # Credentials
 
@@ -335,22 +416,28 @@ class Credential:
     @cached_property
     def end_entity(self) -> x509.Certificate:
         for cert in self.certificates:
-            if proxy_cert_info(cert) is None:
+            if _proxy_form(cert) is None:
                 return cert
         raise CredentialError(f"the chain of {self.subject} has no end-entity certificate")
 
     @property
     def identity(self) -> str:
-        """The grid identity: the end-entity DN, the same for a certificate and all its proxies."""
+        """The grid identity: the end-entity DN, the same for a certificate and all its proxies (RFC 3820, GT3
+        draft and GT2 legacy ``CN=proxy`` ones alike: the rule TrustStore applies to a presented chain)."""
         return dn_string(self.end_entity.subject)
 
     @property
     def is_proxy(self) -> bool:
-        return proxy_cert_info(self.certificate) is not None
+        return _proxy_form(self.certificate) is not None
+
+    @property
+    def proxy_form(self) -> tuple[ProxyCertInfo, bool, str] | None:
+        """What kind of proxy the leaf is (:func:`any_proxy_info`), None for an end-entity certificate."""
+        return _proxy_form(self.certificate)
 
     @property
     def limited(self) -> bool:
-        return any((info := proxy_cert_info(c)) is not None and info[0].limited for c in self.certificates)
+        return any((info := _proxy_form(c)) is not None and info[0].limited for c in self.certificates)
 
     @property
     def not_after(self) -> _dt.datetime:

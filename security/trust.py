@@ -27,15 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509 import verification
 from cryptography.x509.oid import NameOID
 
-from cryptography.x509.oid import ObjectIdentifier
-
-from .pki import OID_INHERIT_ALL, OID_LIMITED, ProxyCertInfo, _der, der_items, dn_string, proxy_cert_info
-
-# The proxy forms before RFC 3820 that Globus' grid-proxy-init still makes: "-draft" (GT3, a
-# ProxyCertInfo under a Globus OID) and "-old" (GT2, no extension: the subject ends in CN=proxy or
-# CN=limited proxy). Both are accepted and walked with the same rules as RFC 3820 proxies.
-OID_DRAFT_PROXY_CERT_INFO = ObjectIdentifier("1.3.6.1.4.1.3536.1.222")
-LEGACY_PROXY_NAMES = {"proxy": OID_INHERIT_ALL, "limited proxy": OID_LIMITED}
+from .pki import OID_INHERIT_ALL, OID_LIMITED, any_proxy_info, dn_string
 
 # What a presented chain may hold, checked before any signature in it is verified: the chain is validated before
 # the message's signature is (an unauthenticated client chooses it), and a PKIPath of hundreds of proxies cost
@@ -89,10 +81,17 @@ class Caller:
     is_proxy: bool
     not_after: _dt.datetime
     issuer: str
+    proxies: int = 0            # how many proxies lead the chain
 
     @property
     def certificate(self) -> x509.Certificate:
         return self.chain[0]
+
+    @property
+    def end_entity(self) -> x509.Certificate:
+        """The end-entity certificate of the chain (the one ``dn`` names): a host's identity is judged on it only
+        (security.hostauth), never on a proxy's subject."""
+        return self.chain[self.proxies]
 
 
 def _utcnow() -> _dt.datetime:
@@ -129,50 +128,6 @@ def read_signing_policy(text: str) -> dict[str, list[re.Pattern]]:
                 regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
                 policies[current].append(re.compile(regex + r"\Z", re.DOTALL))
     return policies
-
-
-def _draft_proxy_info(data: bytes) -> ProxyCertInfo:
-    """GT3 ProxyCertInfo: a SEQUENCE holding the ProxyPolicy SEQUENCE and an optional path length
-    (an INTEGER, or one tagged [1])."""
-    (tag, body), = list(der_items(data))
-    if tag != 0x30:
-        raise ValueError("draft ProxyCertInfo is not a SEQUENCE")
-    policy = None
-    path_length = None
-    for item_tag, item in der_items(body):
-        if item_tag == 0x30 and policy is None:
-            policy = item
-        elif item_tag == 0x02:
-            path_length = int.from_bytes(item, "big", signed=True)
-        elif item_tag == 0xA1:
-            (inner_tag, inner), = list(der_items(item))
-            if inner_tag != 0x02:
-                raise ValueError("draft ProxyCertInfo path length is not an INTEGER")
-            path_length = int.from_bytes(inner, "big", signed=True)
-    if policy is None:
-        raise ValueError("draft ProxyCertInfo has no ProxyPolicy")
-    # the ProxyPolicy is the same as RFC 3820's: let the RFC parser read it
-    info = ProxyCertInfo.from_der(_der(0x30, _der(0x30, policy)))
-    return ProxyCertInfo(info.policy_language, path_length, info.policy)
-
-
-def any_proxy_info(cert: x509.Certificate) -> tuple[ProxyCertInfo, bool, str] | None:
-    """(ProxyCertInfo, critical, form) of an RFC 3820, GT3 draft or GT2 legacy proxy; None for a
-    certificate that is none of them. Raises ValueError for an unreadable extension."""
-    found = proxy_cert_info(cert)
-    if found is not None:
-        return found[0], found[1], "rfc3820"
-    try:
-        ext = cert.extensions.get_extension_for_oid(OID_DRAFT_PROXY_CERT_INFO)
-        return _draft_proxy_info(ext.value.value), ext.critical, "draft"
-    except x509.ExtensionNotFound:
-        pass
-    rdns = list(cert.subject.rdns)
-    if len(rdns) >= 2 and len(rdns[-1]) == 1 and rdns[:-1] == list(cert.issuer.rdns):
-        attr = next(iter(rdns[-1]))
-        if attr.oid == NameOID.COMMON_NAME and attr.value in LEGACY_PROXY_NAMES and not _is_ca(cert):
-            return ProxyCertInfo(LEGACY_PROXY_NAMES[attr.value].dotted_string), True, "legacy"
-    return None
 
 
 def check_bounds(chain: Sequence[x509.Certificate], max_chain: int = MAX_CHAIN) -> None:
@@ -397,7 +352,7 @@ class TrustStore:
         return Caller(dn=dn_string(end_entity.subject), subject=dn_string(leaf.subject),
                       chain=tuple([*proxies, end_entity, *path[1:-1]]), limited=limited, is_proxy=bool(proxies),
                       not_after=min(c.not_valid_after_utc for c in [*proxies, *path]),
-                      issuer=dn_string(path[-1].subject))
+                      issuer=dn_string(path[-1].subject), proxies=len(proxies))
 
     def _check_proxies(self, proxies: list[x509.Certificate], end_entity: x509.Certificate,
                        at: _dt.datetime) -> bool:

@@ -139,7 +139,7 @@ class AuthorizationService(SoapService):
 
     @operation("GetGroups")
     def get_groups(self, ctx: CallContext, req: etree._Element) -> etree._Element:
-        dn = text(req, "dn").strip()
+        dn = text(req, "dn") or ""        # as sent, never stripped: a DN with an edge blank is another subject
         p = self.policy
         if dn != ctx.dn and not (p.is_enforcement_point(ctx.dn) or p.is_admin(ctx.dn)):
             raise self._refuse(ctx, "only enforcement points ([policy] enforcement_points) and policy admins ask "

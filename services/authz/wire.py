@@ -60,7 +60,9 @@ def parse_time(value: str) -> float:
 # -- subjects, attributes, limits -----------------------------------------------------------------
 
 def subject_from_xml(e: etree._Element) -> Subject:
-    return Subject(text(e, "dn").strip(), boolean(text(e, "limited")))
+    """The subject as sent: a DN is taken character for character (``.../CN=alice `` is not alice, and a blank
+    stripped here made it her for the decision while its owner attributes stayed its own)."""
+    return Subject(text(e, "dn") or "", boolean(text(e, "limited")))
 
 
 def subject_to_zeep(subject: Subject) -> dict:

@@ -216,6 +216,7 @@ def build_service(name: str, config: Config) -> SoapService:
 def build_vmmanager(config: Config, vmm=None) -> SoapService:
     """A node: its VMM (libvirt's test driver, or QEMU through qemu:///embed), the repository it stages
     from, its notifier, all with the host credential."""
+    from services.vmmanager import guestcred
     from services.vmmanager.channels import embed_root
     from services.vmmanager.repository import RepositoryAccess
     from services.vmmanager.service import VMManagerService
@@ -232,7 +233,7 @@ def build_vmmanager(config: Config, vmm=None) -> SoapService:
         else:
             vmm = open_vmm(v.vmm)
     repository = RepositoryAccess(v.repository, credential, trust, parallel=v.staging_parallel, gsi=v.staging_gsi,
-                                  verdict_seconds=v.verdict_seconds)
+                                  verdict_seconds=v.verdict_seconds, refuse_server=lambda dn: guestcred.is_guest(v, dn))
     return VMManagerService(state, v, policy_point(config), vmm=vmm, repository=repository,
                             credential=credential, trust=trust, notifier=Notifier(credential, trust, policy=ConsumerPolicy(tuple(v.consumers_allow)),
                                               limits=DeliveryLimits(deadline=v.notify_deadline)))

@@ -7,6 +7,11 @@ key, RSA >= 2048), issues a host certificate ``/O=Grid/OU=<guest_ou>/CN=host/<le
 the site's issuing CA ([vmmanager] guest_ca, a `vmgrid ca` directory clients trust), and sends it back
 over the guest channel. Clients then check the job service's signatures like any host's: the signer
 must be host/<the address they called>, an address the VMManager leased to that instance only.
+The certificate names that address only (subjectAltName IP): never the instance's identifier or host name,
+which its owner chooses (an instance called ``localhost`` or ``central`` got a site-CA certificate for that
+DNS name, and GridFTP clients checking a host by name took the guest for it). Where a site host is expected
+(a node staging an image or pulling a migration's files) a guest's certificate is refused whatever it names
+(:func:`is_guest`).
 
 Everything here reads untrusted guest output: a bad request, or a guest that does not answer within
 CERT_TIMEOUT, leaves the job service unstarted with the reason in GuestStatus; the node never waits longer.
@@ -79,8 +84,17 @@ def _port(value: Any, what: str) -> int:
     return value
 
 
-def issue(config: VMManagerConfig, detail: dict[str, Any], address: str, hostname: str) -> tuple[str, dict]:
-    """The certificate (PEM) for the guest's request and the record of the job service it serves."""
+def is_guest(config: VMManagerConfig, dn: str) -> bool:
+    """A guest container's certificate by its DN ([vmmanager] guest_dns, and this node's own guest_ou): a host DN
+    whose key a VM's owner holds, never a site host (a repository, a migration source)."""
+    from services.authz.policy import dn_matches
+    patterns = [*config.guest_dns, f"/O=Grid/OU={config.guest_ou}/*"]
+    return any(dn_matches(p, dn) for p in patterns)
+
+
+def issue(config: VMManagerConfig, detail: dict[str, Any], address: str, hostname: str = "") -> tuple[str, dict]:
+    """The certificate (PEM) for the guest's request and the record of the job service it serves. The certificate
+    names the leased ``address`` only; ``hostname`` (the instance's, its owner's choice) is not put in it."""
     from security.pki import CAError, GridCA, check_request, dn_string
 
     port = _port(detail.get("port"), "the container port")
@@ -88,8 +102,7 @@ def issue(config: VMManagerConfig, detail: dict[str, Any], address: str, hostnam
     try:
         request = check_request(detail["csr"])
         ca = GridCA.load(config.guest_ca)
-        cert = ca.issue_host_request(request, address, ou=config.guest_ou, days=config.guest_cert_days,
-                                     alt_names=[hostname])
+        cert = ca.issue_host_request(request, address, ou=config.guest_ou, days=config.guest_cert_days)
     except CAError as exc:
         raise GuestCredentialError(str(exc)) from None
     pem = cert.public_bytes(serialization.Encoding.PEM).decode()

@@ -24,9 +24,13 @@ MAX_VERDICTS = 4096
 
 
 class RepositoryAccess:
+    """``refuse_server(dn) -> bool``: GridFTP servers never staged from whatever host they name (a guest
+    container's certificate: services.vmmanager.guestcred.is_guest)."""
+
     def __init__(self, url: str, credential, trust, *, parallel: int = 4, gsi: bool = False,
-                 verdict_seconds: float = 30.0):
+                 verdict_seconds: float = 30.0, refuse_server=None):
         self.url = url
+        self.refuse_server = refuse_server
         self.credential = credential
         self.trust = trust
         self.parallel = parallel
@@ -151,7 +155,8 @@ class RepositoryAccess:
         location = self._location(image_id)
         try:
             gridftp.download(location, dest, self.parallel, credential=self.credential, trust=self.trust,
-                             sha256=sha256, blake3=blake3, progress=progress, gsi=self.gsi)
+                             sha256=sha256, blake3=blake3, progress=progress, gsi=self.gsi,
+                             refuse_server=self.refuse_server)
         except gridftp.ChecksumMismatch as exc:
             raise ChecksumMismatch(f"staging {image_id}: {exc}", expected=blake3 or sha256,
                                    actual="(different)") from None

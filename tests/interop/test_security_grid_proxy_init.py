@@ -53,3 +53,40 @@ def test_grid_proxy_init_refuses_a_revoked_user(grid_pki, tmp_path):  # noqa: F8
                           env=globus_env(grid_pki.revoked, grid_pki.cert_dir), stdin=subprocess.DEVNULL,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
+
+
+@pytest.mark.parametrize("form", [["-old"], ["-old", "-limited"], ["-draft"], ["-rfc", "-limited"]],
+                         ids=["legacy", "legacy-limited", "draft", "rfc-limited"])
+def test_proxy_info_and_me_name_a_globus_proxys_identity_as_the_services_do(form, secured_echo_server, grid_pki,
+                                                                            tmp_path, capsys):  # noqa: F811
+    """`vmgrid proxy-info` and `vmgrid authz ... me` take the identity of a grid-proxy-init proxy (legacy CN=proxy,
+    GT3 draft, RFC 3820) by TrustStore's rule, so they agree with grid-proxy-info and with what a service sees.
+    (A legacy proxy's identity was its own subject, .../CN=alice/CN=proxy, and its type "end entity credential".)"""
+    from argparse import Namespace
+
+    from client.cli import main as vmgrid
+    from client.commands_authz import _me
+
+    out = tmp_path / "x509up_globus"
+    proc = subprocess.run(["grid-proxy-init", *form, "-hours", "1", "-out", str(out)],
+                          env=globus_env(grid_pki.alice, grid_pki.cert_dir), stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    globus = {}
+    for option in ("-identity", "-type"):
+        info = subprocess.run(["grid-proxy-info", "-file", str(out), option], env=globus_env(grid_pki.alice,
+                              grid_pki.cert_dir), capture_output=True, text=True, timeout=60)
+        assert info.returncode == 0, info.stderr
+        globus[option] = info.stdout.strip()
+    assert globus["-identity"] == grid_pki.alice.dn
+    for option in ("-identity", "-type"):
+        capsys.readouterr()
+        assert vmgrid(["proxy-info", "-file", str(out), option]) == 0
+        assert capsys.readouterr().out.strip() == globus[option]
+
+    proxy = load_credential(proxy=out)
+    assert _me(Namespace(proxy=str(out)), "me") == grid_pki.alice.dn == proxy.identity
+    assert proxy.is_proxy and proxy.limited == ("-limited" in form)
+    server = secured_echo_server()
+    result = grid_client(server.wsdl_url, proxy, grid_pki.trust()).service.Echo(text="globus proxy")
+    assert (result.caller, result.limited) == (proxy.identity, proxy.limited)

@@ -466,3 +466,64 @@ def test_failed_data_connections_look_alike(secure_server, grid_pki, mode):
     banner.join(timeout=10)
     other_service.close()
     assert answers[0][0] == 425 and answers[0] == answers[1], answers
+
+
+# -- host authorization: judged on the end-entity certificate, never a proxy (attack11 F1) ------------------------
+def _server_credential(grid_pki, kind: str) -> Credential:
+    """A credential a grid CA or a user can make that tries to pass as host ``localhost``."""
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    def eec(*cns: str) -> Credential:
+        name = x509.Name([x509.RelativeDistinguishedName([x509.NameAttribute(oid, value)]) for oid, value in
+                          [(NameOID.ORGANIZATION_NAME, "Grid"), (NameOID.ORGANIZATIONAL_UNIT_NAME, "vmgrid"),
+                           *((NameOID.COMMON_NAME, cn) for cn in cns)]])
+        key = grid_pki.keys.take()
+        # serverAuth too: AUTH TLS's purpose check then lets the chain through, as for any site server
+        cert = grid_pki.ca._sign(name, key.public_key(), 1, [ExtendedKeyUsageOID.SERVER_AUTH,
+                                                             ExtendedKeyUsageOID.CLIENT_AUTH], [])
+        return Credential(cert, key, ())
+
+    def proxy(issuer: Credential, cn: str) -> Credential:
+        key = grid_pki.keys.take()
+        return Credential(proxy_certificate(issuer, key.public_key(), lifetime=dt.timedelta(hours=1), cn=cn), key,
+                          issuer.certificates)
+
+    if kind == "a user's proxy whose last CN is localhost":
+        return proxy(eec("carol"), "localhost")
+    if kind == "a user's proxy whose last CN is host/localhost":
+        return proxy(eec("carol"), "host/localhost")
+    if kind == "a proxy of the host's own certificate":
+        return proxy(grid_pki.host, "12345")
+    if kind == "a user certificate named localhost":
+        return eec("localhost")
+    if kind == "a user certificate with a second CN host/localhost":
+        return eec("carol", "host/localhost")
+    raise AssertionError(kind)
+
+
+SPOOFS = ["a user's proxy whose last CN is localhost", "a user's proxy whose last CN is host/localhost",
+          "a proxy of the host's own certificate", "a user certificate named localhost",
+          "a user certificate with a second CN host/localhost"]
+
+
+@pytest.mark.parametrize("gsi", [True, False], ids=["AUTH GSSAPI", "AUTH TLS"])
+@pytest.mark.parametrize("kind", SPOOFS)
+def test_only_a_host_certificate_passes_as_the_host(start_server, grid_pki, tmp_path, kind, gsi):
+    """A node staging or pulling a migration's files (its host credential, no pinned DN) takes a server for the
+    URL's host only by the chain's end-entity certificate: a host certificate naming it. Before, every CN of the
+    presented leaf counted, so any user's proxy `.../CN=carol/CN=localhost` passed as localhost over GSI."""
+    server = start_server(credential=_server_credential(grid_pki, kind), trust=grid_pki.cert_dir, anonymous=False)
+    with pytest.raises(AuthenticationError, match="proxy|does not name localhost"):
+        download(url(server, "/data/small"), tmp_path / "x", credential=grid_pki.host, trust=grid_pki.cert_dir,
+                 gsi=gsi, retries=0)
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("gsi", [True, False], ids=["AUTH GSSAPI", "AUTH TLS"])
+def test_the_hosts_own_certificate_passes_by_its_cn_or_its_alt_names(start_server, grid_pki, tree, tmp_path, gsi):
+    server = start_server(credential=grid_pki.host, trust=grid_pki.cert_dir, anonymous=False)
+    for host in ("localhost", "127.0.0.1"):
+        got = download(f"gsiftp://{host}:{server.port}/data/small", tmp_path / host, credential=grid_pki.host,
+                       trust=grid_pki.cert_dir, gsi=gsi, retries=0)
+        assert got.sha256 == sha256_of(tree / "data" / "small")

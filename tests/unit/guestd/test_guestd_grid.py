@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+from ipaddress import ip_address
 import tomllib
 from pathlib import Path
 
@@ -211,3 +212,88 @@ def test_deliver_records_the_job_service_and_a_silent_guest_is_a_note_not_a_hang
     finally:
         env.state["container"].stop()
     assert guestcred.deliver(VMManagerConfig(), channel, status, "10.77.0.10", "g", home) is None
+
+
+def _guest_request():
+    """A key and certificate request as a guest makes them (the VM's owner holds the key)."""
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import NameOID
+
+    from security.pki import new_key
+    key = new_key()
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "anything")]))
+           .sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM).decode())
+    return key, {"configured": True, "csr": csr, "port": 8443, "gridftp_port": 2812}
+
+
+def _serve_as_guest(tmp_path, key, pem, ca):
+    from gridftp import GridFTPServer
+    from security.pki import Credential
+
+    cert = x509.load_pem_x509_certificate(pem.encode())
+    root = tmp_path / "served"
+    root.mkdir()
+    (root / "image").write_bytes(b"bytes of the guest owner's choosing\n")
+    return GridFTPServer(root, "127.0.0.1", 0, credential=Credential(cert, key, ()), trust=ca.cert_dir,
+                         anonymous=False).start()
+
+
+@pytest.mark.parametrize("identifier", ["localhost", "central", "node1"])
+def test_a_guest_certificate_names_its_leased_address_only(site, tmp_path, identifier):
+    """The instance's identifier is its owner's choice: the node's certificate for her guest names the leased
+    address only (attack11 F10: `vmgrid vm deploy ... localhost` gave the guest a site-CA certificate for
+    DNS:localhost, and a GridFTP client checking the host by name took the guest for localhost)."""
+    from gridftp import AuthenticationError, download
+    from security.pki import load_credential
+
+    ca, config = site
+    key, detail = _guest_request()
+    pem, record = guestcred.issue(config, detail, "10.77.0.10", identifier)
+    cert = x509.load_pem_x509_certificate(pem.encode())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert list(san) == [x509.IPAddress(ip_address("10.77.0.10"))]
+    assert record["dn"] == "/O=Grid/OU=vmgrid-guests/CN=host/10.77.0.10"
+
+    # served by the guest's owner and reached by the identifier: not that host
+    node = ca.issue_host("node9", alt_names=["localhost"], out_dir=tmp_path / "node9")
+    server = _serve_as_guest(tmp_path, key, pem, ca)
+    try:
+        with pytest.raises(AuthenticationError, match="does not name localhost"):
+            download(f"gsiftp://localhost:{server.port}/image", tmp_path / "got",
+                     credential=load_credential(node.cert_path, node.key_path), trust=ca.cert_dir, retries=0)
+    finally:
+        server.stop()
+
+
+def test_a_node_never_stages_from_a_guest_whatever_address_it_names(site, tmp_path):
+    """Where a site host is expected (a node staging an image), a guest's certificate is refused even at the
+    address it names ([vmmanager] guest_dns / guest_ou), as for migration sources; a plain client takes it as the
+    host of its own address."""
+    from gridftp import download
+    from services.faults import TransferFault
+    from services.vmmanager.repository import RepositoryAccess
+
+    ca, config = site
+    key, detail = _guest_request()
+    pem, _ = guestcred.issue(config, detail, "127.0.0.1", "guest-1")
+    node = ca.issue_host("node8", out_dir=tmp_path / "node8")
+    server = _serve_as_guest(tmp_path, key, pem, ca)
+    url = f"gsiftp://127.0.0.1:{server.port}/image"
+    try:
+        got = download(url, tmp_path / "plain", credential=node, trust=ca.cert_dir, retries=0)
+        assert got.size == (tmp_path / "served" / "image").stat().st_size
+        assert guestcred.is_guest(config, "/O=Grid/OU=vmgrid-guests/CN=host/127.0.0.1")
+        assert not guestcred.is_guest(config, node.subject)
+
+        class Staging(RepositoryAccess):      # the repository's answer to "where is the image": this server
+            def _location(self, image_id):
+                return url
+
+        staging = Staging("https://repository.invalid/", node, TrustStore(ca.cert_dir),
+                          refuse_server=lambda dn: guestcred.is_guest(config, dn))
+        with pytest.raises(TransferFault, match="a certificate refused here"):
+            staging.fetch("img", "0" * 64, 36, tmp_path / "staged", lambda *a: None)
+        assert not (tmp_path / "staged").exists()
+    finally:
+        server.stop()

@@ -33,3 +33,22 @@ def test_a_response_signed_by_a_user_whose_dn_contains_a_host_cn_is_not_the_host
     authorized = host_authorizer("https://localhost:8443/wsrf/services/VMManagerService")
     assert authorized(caller("/O=Grid/OU=vmgrid/CN=host/localhost"))
     assert not authorized(caller(dn))
+
+
+def test_soap_host_authorization_takes_a_hosts_own_certificate_never_a_proxy_of_it(grid_pki):
+    """host_authorizer judges the end-entity DN and refuses a proxy chain as a host's (security.hostauth)."""
+    import datetime as dt
+
+    from security.client import host_authorizer
+    from security.pki import Credential, proxy_certificate
+
+    trust = grid_pki.trust()
+    authorized = host_authorizer("https://localhost:8443/wsrf/services/VMManagerService")
+    assert authorized(trust.validate(grid_pki.host.certificates))
+    key = grid_pki.keys.take()
+    proxy = Credential(proxy_certificate(grid_pki.host, key.public_key(), lifetime=dt.timedelta(hours=1)), key,
+                       grid_pki.host.certificates)
+    caller = trust.validate(proxy.certificates)
+    assert caller.dn == grid_pki.host.subject and caller.is_proxy
+    assert not authorized(caller)
+    assert not authorized(trust.validate(grid_pki.alice.proxy.certificates))
