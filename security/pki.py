@@ -454,8 +454,11 @@ class Credential:
     def key_pem(self, passphrase: bytes | None = None) -> bytes:
         enc = (serialization.BestAvailableEncryption(passphrase) if passphrase
                else serialization.NoEncryption())
+        # RSA as "RSA PRIVATE KEY" (what Globus tools and every grid stack read); anything else, and every encrypted
+        # key, as PKCS#8 "PRIVATE KEY": Globus' GSI reads no "EC PRIVATE KEY" (grid-proxy-info and globus-url-copy
+        # said "Unhandled PEM sequence: EC PRIVATE KEY" for an ECDSA proxy)
         fmt = serialization.PrivateFormat.TraditionalOpenSSL
-        if passphrase:
+        if passphrase or not isinstance(self.private_key, rsa.RSAPrivateKey):
             fmt = serialization.PrivateFormat.PKCS8
         return self.private_key.private_bytes(serialization.Encoding.PEM, fmt, enc)
 

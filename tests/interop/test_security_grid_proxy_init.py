@@ -47,6 +47,20 @@ def test_grid_proxy_info_reads_vmgrid_proxies(grid_pki):  # noqa: F811
     assert "RFC 3820 compliant impersonation proxy" in proc.stdout
 
 
+def test_grid_proxy_info_reads_an_ecdsa_proxy_of_vmgrids(grid_pki, tmp_path):  # noqa: F811
+    """`vmgrid proxy-init --key-type ec` (or an EC user certificate) makes a P-256 proxy; its key written as "EC
+    PRIVATE KEY" was unreadable to Globus ("Unhandled PEM sequence: EC PRIVATE KEY"): it is PKCS#8 now."""
+    from security.pki import make_proxy, save_proxy
+
+    path = save_proxy(make_proxy(grid_pki.bob.credential, kind="ec"), tmp_path / "ec-proxy.pem")
+    assert b"-----BEGIN PRIVATE KEY-----" in path.read_bytes()
+    proc = subprocess.run(["grid-proxy-info", "-file", str(path)], env=globus_env(grid_pki.bob, grid_pki.cert_dir),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert f"identity : {grid_pki.bob.dn}" in proc.stdout
+    assert load_credential(proxy=path).identity == grid_pki.bob.dn          # and vmgrid reads it back
+
+
 def test_grid_proxy_init_refuses_a_revoked_user(grid_pki, tmp_path):  # noqa: F811
     """The Globus tool reads the CRL vmgrid published in X509_CERT_DIR."""
     proc = subprocess.run(["grid-proxy-init", "-rfc", "-verify", "-out", str(tmp_path / "p")],
