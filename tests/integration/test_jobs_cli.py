@@ -17,7 +17,7 @@ from client.localgrid import LocalGrid
 
 pytestmark = pytest.mark.timeout(300)
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "jobs.md"
-PY = sys.executable
+PY = "/usr/bin/python3"      # a program a job may run: jobs run under a uid of their own (not root's /root/...)
 
 
 def doc_block() -> str:

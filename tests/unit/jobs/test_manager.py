@@ -25,7 +25,7 @@ from services.jobs.store import JobSpec, JobState, StageIn, StageOut
 OWNER = "/O=Grid/OU=vmgrid/CN=alice"
 ADMIN = "/O=Grid/OU=vmgrid/CN=admin"
 OTHER = "/O=Grid/OU=vmgrid/CN=bob"
-PY = sys.executable
+PY = "/usr/bin/python3"      # a program a job may run: jobs run under a uid of their own (not root's /root/...)
 
 
 def manager(state: Path, **overrides) -> JobManager:
@@ -331,7 +331,9 @@ def test_an_expired_job_is_killed_and_destroyed(jobs):
 def test_a_restarted_service_reattaches_running_jobs_and_fails_the_lost_ones_with_a_reason(tmp_path):
     state = tmp_path / "s"
     m = manager(state)
-    release = tmp_path / "go"
+    gate = Path(tempfile.mkdtemp(prefix="vmgrid-jobs-gate-", dir="/tmp"))    # pytest's tmp_path is root's only
+    os.chmod(gate, 0o755)
+    release = gate / "go"
     waiter = m.submit(OWNER, JobSpec(PY, ("-c", f"import os, time\nwhile not os.path.exists({str(release)!r}): "
                                               f"time.sleep(0.05)\nprint('released')")))
     lost = m.submit(OWNER, JobSpec(PY, ("-c", "import time; time.sleep(300)")))
@@ -371,6 +373,7 @@ def test_a_restarted_service_reattaches_running_jobs_and_fails_the_lost_ones_wit
     finally:
         release.touch()
         shut(m2)
+        shutil.rmtree(gate, ignore_errors=True)
 
 
 def test_without_the_privilege_for_a_pid_namespace_the_shim_falls_back_to_the_group_and_says_so():
