@@ -214,6 +214,9 @@ class JobClient:
                 raise RuntimeError(f"the job service named an output {name!r}, a name the transfer keeps for its "
                                    f"own part files (a vmgrid job service refuses it at submission): nothing "
                                    f"fetched")
+        clash = _clashing_outputs([o[0] for o in outputs])
+        if clash:                  # a file cannot be both an output and a directory of another, nor two outputs
+            raise RuntimeError(f"the job service named {clash}: nothing fetched")
         if dest.exists() and not dest.is_dir():
             raise RuntimeError(f"{dest} is a file: name a directory for the outputs")
         todo, differ, blocked = [], [], []
@@ -247,3 +250,19 @@ class JobClient:
                      trust=self.service.trust, server_dn=self._face_dn(), sha256=sha256, size=size,
                      progress=(lambda d, t, n=name: progress(n, d, t)) if progress else None)
         return [dest / name for name, *_ in outputs]
+
+
+def _clashing_outputs(names: Sequence[str]) -> str | None:
+    """Why an output list cannot be fetched into one directory: a name twice, or one name a directory of another
+    (``a`` and ``a/b``); None if it can."""
+    seen: dict[str, str] = {}
+    for name in names:
+        norm = os.path.normpath(name)
+        if norm in seen:
+            return f"output {name} twice"
+        seen[norm] = name
+    for norm, name in seen.items():
+        for parent in Path(norm).parents:
+            if str(parent) in seen:
+                return f"outputs {seen[str(parent)]} and {name}"
+    return None

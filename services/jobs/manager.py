@@ -20,6 +20,7 @@ from gridftp.checksum import hash_file
 from gridftp.filespace import PART_SUFFIX, SIDECAR_SUFFIX, is_internal
 from services.faults import AccessDenied, IllegalTransition, InvalidArgument, LimitExceeded, ResourceUnknown
 from services.jobs.config import JobsConfig
+from services.jobs.files import chown_tree, lock, open_beneath, open_output
 from services.jobs.runner import (Exit, Process, job_environment, pid_namespaces, pids_cgroups, read_exit,
                                   read_supervisor, remove_job_cgroup)
 from services.jobs.staging import Stager, StagingError, inside
@@ -47,14 +48,28 @@ class JobManager:
     def __init__(self, state_dir: Path, config: JobsConfig, stager_factory: Callable[[Path], Stager] | None = None):
         if not config.owner:
             raise ValueError("the job service needs the instance owner's DN: set [jobs] owner")
+        if os.geteuid() != 0:
+            raise ValueError("the job service runs each submitter's jobs under a uid of its own ([jobs] job_uid_first, "
+                             "job_uid_count), out of reach of its credential, its state and other submitters' jobs: "
+                             "start it as root")
+        if config.job_uid_first < 1000 or config.job_uid_count < 1 or config.job_uid_first + config.job_uid_count > 2**32 - 2:
+            raise ValueError(f"[jobs] job_uid_first = {config.job_uid_first}, job_uid_count = {config.job_uid_count}: "
+                             f"a range of at least one uid from 1000 up, below 4294967294")
         self.config = config
         self.state_dir = Path(state_dir)
         self.jobs_dir = self.state_dir / "jobs"
         self.control_dir = self.state_dir / "control"
         self.staging_dir = self.state_dir / "staging"
-        for d in (self.jobs_dir, self.control_dir, self.staging_dir):
+        # a job reaches its own directory only: jobs/ is passed through (0711, not listed), jobs/<key>/ is 0700 of the
+        # submitter's uid; control/, staging/ and the database are the service's alone
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        for d, mode in ((self.state_dir, 0o711), (self.jobs_dir, 0o711), (self.control_dir, 0o700),
+                        (self.staging_dir, 0o700)):
             d.mkdir(parents=True, exist_ok=True)
+            os.chmod(d, mode)
         self.store = JobStore(self.state_dir / "jobs.sqlite")
+        for f in self.state_dir.glob("jobs.sqlite*"):
+            os.chmod(f, 0o600)
         self.subscriptions = Subscriptions(self.store.db, "subscriptions", "job")
         self.stager = stager_factory(self.staging_dir) if stager_factory else None
         self.listeners: list[StateListener] = []
@@ -132,7 +147,7 @@ class JobManager:
                                     requested=str(live + 1))
             now = time.time()
             job = Job("job-" + uuid.uuid4().hex, dn, JobState.PENDING, spec, now, now + lifetime)
-            (self.jobs_dir / job.key).mkdir()
+            (self.jobs_dir / job.key).mkdir(mode=0o700)
             self.store.add(job)      # the record first: a restart from here on finds the job
         log.info("job %s submitted by %s: %s", job.key, dn, spec.executable)
         self._spawn(job.key, lambda: self._run(job.key))
@@ -258,12 +273,29 @@ class JobManager:
             return
         for p in (stdout, stderr):
             p.parent.mkdir(parents=True, exist_ok=True)
-        proc = Process.start([spec.executable, *spec.arguments], cwd=cwd, env=job_environment(cwd, spec.environment),
-                             stdin=stdin, stdout=stdout, stderr=stderr, control=self.control_dir / key,
-                             max_output=self.config.max_output, pid_namespace=self.pid_namespace,
-                             pids_cgroup=self.pids_cgroup / key if self.pids_cgroup else None,
-                             max_processes=self.config.max_processes, processes_unbounded=self.processes_unbounded,
-                             max_file_size=self.config.staging_quota)
+        try:
+            uid = self.account(job.owner)
+        except LookupError as exc:
+            self._set_state(key, JobState.FAILED, failure=str(exc), ended=time.time())
+            return
+        # the job's files are opened while the directory is still the service's alone (no link can be in their
+        # place), then the directory is given to the submitter's uid and the program runs as that uid
+        fds = {"stdout": os.open(stdout, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600),
+               "stderr": os.open(stderr, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)}
+        try:
+            if stdin is not None:
+                fds["stdin"] = os.open(stdin, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            chown_tree(work, uid)
+            proc = Process.start([spec.executable, *spec.arguments], cwd=cwd,
+                                 env=job_environment(cwd, spec.environment), stdin=stdin, stdout=stdout, stderr=stderr,
+                                 control=self.control_dir / key, max_output=self.config.max_output,
+                                 pid_namespace=self.pid_namespace,
+                                 pids_cgroup=self.pids_cgroup / key if self.pids_cgroup else None,
+                                 max_processes=self.config.max_processes, processes_unbounded=self.processes_unbounded,
+                                 max_file_size=self.config.staging_quota, uid=uid, fds=fds)
+        finally:
+            for fd in fds.values():
+                os.close(fd)
         with self._guard:
             self._procs[key] = proc
         if not self._set_state(key, JobState.ACTIVE, expect=LIVE_BEFORE_RUN, started=time.time(), pid=proc.pid,
@@ -277,6 +309,10 @@ class JobManager:
             self._procs[key] = proc
         self._finish(key, proc.wait())
 
+    def account(self, dn: str) -> int:
+        """The uid (and gid) ``dn``'s jobs run under, recorded in jobs.sqlite at its first job."""
+        return self.store.account(dn, self.config.job_uid_first, self.config.job_uid_count)
+
     def _cancelled(self, key: str) -> bool:
         job = self.store.get(key)
         return job is None or job.final or job.cancel_requested
@@ -286,6 +322,7 @@ class JobManager:
         remove_job_cgroup(self.pids_cgroup, key)       # left by a supervisor that was killed, with what it held
         if self._stop.is_set():      # the service stopped: the next one finds the exit status
             return
+        lock(self.jobs_dir / key)        # out of reach of the submitter's other jobs while its outputs are hashed
         over = self._over_quota.pop(key, None)
         job = self.store.get(key)
         if job is None:
@@ -330,6 +367,7 @@ class JobManager:
         """Hash the outputs (standard output and error first), send those with a destination; the failure, if any.
         Without ``send`` (a job stopped or failed before its stage-out): hash what there is, send nothing."""
         work, spec = self.jobs_dir / job.key, job.spec
+        uid = self.account(job.owner)
         outputs: list[OutputFile] = []
         problems: list[str] = []
         wanted = [(spec.stdout, None), (spec.stderr, None)] + [(s.name, s.destination) for s in spec.stage_out]
@@ -341,28 +379,34 @@ class JobManager:
             if (name, destination) in seen:
                 continue
             seen.add((name, destination))
+            # what the job wrote, through no symbolic link, owned by its uid: never a file of the service or of
+            # another job a link or a hard link names
             try:
-                path = inside(work, name)
-            except StagingError as exc:
-                problems.append(str(exc))
-                continue
-            if not path.is_file():
+                fd = open_output(work, name, uid)
+            except FileNotFoundError:
                 if i >= 2 and send:
                     problems.append(f"output {name} was not produced")
                 continue
-            try:
-                digest = hash_file(path)
-            except OSError as exc:           # the job left something else than a file there (a FIFO)
+            except OSError as exc:           # a FIFO, a device, a link, someone else's file in its place
                 problems.append(f"output {name} cannot be read: {exc.strerror}")
                 continue
-            if destination:
-                self.store.update(job.key, progress={**job.progress, "current": name})
-                try:
-                    self.stager.send(path, destination, digest, lambda n: None)
-                except StagingError as exc:
-                    problems.append(f"stage-out failed: {exc}")
-                    continue
-            outputs.append(OutputFile(name, path.stat().st_size, digest, destination))
+            try:
+                path = Path(f"/proc/self/fd/{fd}")       # the file opened, whatever takes its name meanwhile
+                digest = hash_file(path)
+                if destination:
+                    self.store.update(job.key, progress={**job.progress, "current": name})
+                    try:
+                        self.stager.send(path, destination, digest, lambda n: None)
+                    except StagingError as exc:
+                        problems.append(f"stage-out failed: {exc}")
+                        continue
+                size = os.fstat(fd).st_size
+            except OSError as exc:
+                problems.append(f"output {name} cannot be read: {exc.strerror}")
+                continue
+            finally:
+                os.close(fd)
+            outputs.append(OutputFile(name, size, digest, destination))
             self.store.update(job.key, outputs=tuple(outputs))
         return "; ".join(problems) or None
 
@@ -459,9 +503,9 @@ class JobManager:
     # -- what the owner reads ---------------------------------------------------------------------------------
     def tail(self, job: Job, which: str) -> str:
         name = job.spec.stdout if which == "stdout" else job.spec.stderr
-        try:
-            return _tail(inside(self.jobs_dir / job.key, name), self.config.tail_bytes)[2]
-        except (StagingError, OSError):
+        try:       # through no link the job put there: never the service's files
+            return _tail_fd(open_beneath(self.jobs_dir / job.key, name), self.config.tail_bytes)[2]
+        except OSError:
             return ""
 
     def read_log(self, dn: str, name: str, max_bytes: int = 65536) -> tuple[int, bool, str]:
@@ -523,6 +567,7 @@ class JobManager:
                     self._resume.append((key, lambda k=key, e=exit: self._finish(k, e)))
                     report["finished"] += 1
                     continue
+                lock(self.jobs_dir / key)
                 self._stage_out(job, send=False)      # what it wrote before it was lost stays fetchable
                 self._set_state(key, JobState.FAILED, ended=time.time(),
                                 failure="Lost: the job's process ended while the job service was down and left no "
@@ -571,10 +616,13 @@ def _tree_size(top: Path) -> int:
 def _tail(path: Path, limit: int) -> tuple[int, bool, str]:
     """The end of a plain file; anything else a job may leave in its place (a FIFO, which would block the
     reader for ever, a device) raises OSError."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    return _tail_fd(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), limit)
+
+
+def _tail_fd(fd: int, limit: int) -> tuple[int, bool, str]:
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
-        raise OSError(errno.EINVAL, f"{path.name} is not a plain file")
+        raise OSError(errno.EINVAL, "not a plain file")
     with open(fd, "rb") as f:
         size = f.seek(0, 2)
         f.seek(max(0, size - limit))

@@ -61,19 +61,26 @@ class Process:
     def start(cls, argv: list[str], *, cwd: Path, env: dict[str, str], stdin: Path | None, stdout: Path,
               stderr: Path, control: Path, max_output: int, pid_namespace: bool = False,
               pids_cgroup: Path | None = None, max_processes: int = 0, processes_unbounded: str | None = None,
-              max_file_size: int | None = None) -> "Process":
-        control.mkdir(parents=True, exist_ok=True)
+              max_file_size: int | None = None, uid: int | None = None,
+              fds: dict[str, int] | None = None) -> "Process":
+        """Start the job's supervisor. ``uid``: the account the program runs under (None: the service's own);
+        ``fds``: the job's ``stdin``/``stdout``/``stderr`` already open (the service opened them before the job's
+        uid could write its directory), passed to the supervisor instead of their paths."""
+        control.mkdir(mode=0o700, parents=True, exist_ok=True)
         status = control / "exit.json"
+        fds = fds or {}
         spec = {"argv": argv, "cwd": str(cwd), "env": env, "stdin": str(stdin) if stdin else None,
                 "stdout": str(stdout), "stderr": str(stderr), "status": str(status), "max_output": max_output,
                 "pid_namespace": pid_namespace, "pids_cgroup": str(pids_cgroup) if pids_cgroup else None,
                 "max_processes": max_processes, "processes_unbounded": processes_unbounded,
-                "max_file_size": max_file_size}
+                "max_file_size": max_file_size, "uid": uid,
+                **{f"{name}_fd": fd for name, fd in fds.items()}}
         spec_path = control / "spec.json"
         spec_path.write_text(json.dumps(spec))
-        child = subprocess.Popen([sys.executable, "-I", str(SHIM), str(spec_path)], cwd=cwd, start_new_session=True,
+        child = subprocess.Popen([sys.executable, "-I", str(SHIM), str(spec_path)], cwd=control, start_new_session=True,
                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                 env={"PATH": BASE_PATH, "LANG": "C.UTF-8"}, close_fds=True)
+                                 env={"PATH": BASE_PATH, "LANG": "C.UTF-8"}, close_fds=True,
+                                 pass_fds=tuple(fds.values()))
         return cls(child.pid, proc_start_time(child.pid), status, child)
 
     @classmethod

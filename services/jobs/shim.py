@@ -24,10 +24,11 @@ CHUNK = 65536
 CLONE_NEWPID = 0x20000000
 
 
-def copy_bounded(src, dest_path: str, limit: int, counts: dict, name: str) -> None:
-    """Copy ``src`` into ``dest_path`` until ``limit`` bytes, then keep draining and count the rest."""
+def copy_bounded(src, dest, limit: int, counts: dict, name: str) -> None:
+    """Copy ``src`` into ``dest`` (a path, or the fd the service opened for it) until ``limit`` bytes, then keep
+    draining and count the rest."""
     kept = dropped = 0
-    with open(dest_path, "ab", buffering=0) as out:
+    with open(dest, "ab", buffering=0) as out:
         while True:
             data = src.read1(CHUNK) if hasattr(src, "read1") else src.read(CHUNK)
             if not data:
@@ -156,9 +157,10 @@ def start_init(run) -> int:
 
 
 def run_init(argv: list[str], cwd: str, env: dict, stdin, stdout: int, stderr: int, report: int,
-             cgroup: str | None = None, max_file_size: int | None = None) -> None:
+             cgroup: str | None = None, max_file_size: int | None = None, uid: int | None = None) -> None:
     """PID 1 of the job's namespace (a forked child of the shim, started by ``start_init`` with SIGTERM blocked;
-    never returns): join the job's pids cgroup, bound the size of each file it writes, start the program,
+    never returns): join the job's pids cgroup, bound the size of each file it writes, start the program (as
+    ``uid``, its group too and no other, when the service gives the job an account of its own),
     forward SIGTERM to it (a PID 1 gets no signal it has no handler for, and the program may have left the
     group), reap every orphan, and exit once the program has ended, which ends every other process of the
     namespace. How it ended goes to ``report`` as JSON."""
@@ -184,8 +186,9 @@ def run_init(argv: list[str], cwd: str, env: dict, stdin, stdout: int, stderr: i
         if max_file_size is not None:
             resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_size, max_file_size))
         try:
+            account = {} if uid is None else {"user": uid, "group": uid, "extra_groups": [], "umask": 0o077}
             program = subprocess.Popen(argv, cwd=cwd, env=env, stdin=stdin, stdout=stdout, stderr=stderr,
-                                       close_fds=True, restore_signals=True)
+                                       close_fds=True, restore_signals=True, **account)
         except OSError as exc:
             told.update({"exit": 127, "error": f"cannot start {argv[0]}: {exc.strerror or exc}"})
             os.write(report, json.dumps(told).encode())
@@ -213,7 +216,11 @@ def main(spec_path: str) -> int:
     # Cancel signals the whole group: the shim lives on to record how the program ended (a handler,
     # not SIG_IGN, so the program itself gets the default disposition back at exec).
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    stdin = open(spec["stdin"], "rb") if spec.get("stdin") else subprocess.DEVNULL
+    # the job's files: fds the service opened before the job's uid could put a link in their place, or paths
+    if spec.get("stdin_fd") is not None:
+        stdin = os.fdopen(spec["stdin_fd"], "rb")
+    else:
+        stdin = open(spec["stdin"], "rb") if spec.get("stdin") else subprocess.DEVNULL
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     report_r, report_w = os.pipe()
@@ -221,7 +228,8 @@ def main(spec_path: str) -> int:
     # can start no more threads
     threads = [threading.Thread(target=copy_bounded, args=(os.fdopen(fd, "rb", buffering=0), path, spec["max_output"],
                                                           status["dropped"], name))
-               for fd, path, name in ((out_r, spec["stdout"], "stdout"), (err_r, spec["stderr"], "stderr"))]
+               for fd, path, name in ((out_r, spec.get("stdout_fd", spec["stdout"]), "stdout"),
+                                      (err_r, spec.get("stderr_fd", spec["stderr"]), "stderr"))]
     for t in threads:
         t.start()
     why_not = enter_pid_namespace() if spec.get("pid_namespace") else "not asked"
@@ -239,8 +247,11 @@ def main(spec_path: str) -> int:
 
     def init_body():
         os.close(report_r)
+        for fd in (spec.get("stdout_fd"), spec.get("stderr_fd")):      # the copying threads' (the shim's)
+            if fd is not None:
+                os.close(fd)
         run_init(spec["argv"], spec["cwd"], spec["env"], stdin, out_w, err_w, report_w, cgroup,
-                 spec.get("max_file_size"))
+                 spec.get("max_file_size"), spec.get("uid"))
     init = start_init(init_body)          # PID 1 of the job's namespace (without one: a plain child doing the same)
     for fd in (out_w, err_w, report_w):
         os.close(fd)

@@ -106,6 +106,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     failure TEXT, pid INTEGER, pid_start TEXT, progress TEXT NOT NULL DEFAULT '{}',
     outputs TEXT NOT NULL DEFAULT '[]', cancel_requested INTEGER NOT NULL DEFAULT 0,
     destroyed INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS accounts (dn TEXT PRIMARY KEY, uid INTEGER NOT NULL UNIQUE);
 """
 COLUMNS = ("key", "owner", "state", "spec", "submitted", "termination", "started", "ended", "exit_code", "failure",
            "pid", "pid_start", "progress", "outputs", "cancel_requested")
@@ -206,3 +207,19 @@ class JobStore:
     def expired(self, now: float) -> list[str]:
         return [r[0] for r in self.db.conn().execute(
             "SELECT key FROM jobs WHERE destroyed = 0 AND termination <= ?", (now,))]
+
+    def account(self, dn: str, first: int, count: int) -> int:
+        """The uid (and gid) ``dn``'s jobs run under: the one recorded for it, else the next of ``first`` ..
+        ``first + count - 1`` not yet given to anyone (recorded first, so a restart keeps it)."""
+        with self.db.write("account") as db:
+            row = db.execute("SELECT uid FROM accounts WHERE dn = ?", (dn,)).fetchone()
+            if row is not None:
+                return int(row[0])
+            taken = db.execute("SELECT MAX(uid) FROM accounts WHERE uid >= ? AND uid < ?",
+                               (first, first + count)).fetchone()[0]
+            uid = first if taken is None else int(taken) + 1
+            if uid >= first + count:
+                raise LookupError(f"all {count} uids of [jobs] job_uid_first = {first}, job_uid_count = {count} are "
+                                  f"given to other submitters")
+            db.execute("INSERT INTO accounts (dn, uid) VALUES (?, ?)", (dn, uid))
+            return uid

@@ -234,6 +234,9 @@ JOB=$(vmgrid job submit {url} -- echo from the doc)
 vmgrid job wait {url} "$JOB"
 vmgrid job status {url} "$JOB"
 ls /var/lib/vmgrid > state.txt
+PROBE=$(vmgrid job submit {url} -- sh -c 'id -u; cat /etc/grid-security/hostkey.pem; ls /var/lib/vmgrid/jobs; cat /var/lib/vmgrid/jobs/jobs.sqlite; true')
+vmgrid job wait {url} "$PROBE"
+vmgrid job get {url} "$PROBE" -o probe > /dev/null
 """
     env = {"PATH": f"{vmgrid_on_path(tmp_path)}:/usr/sbin:/sbin:/usr/bin:/bin", "HOME": str(tmp_path),
            "LANG": "C.UTF-8"}
@@ -243,6 +246,11 @@ ls /var/lib/vmgrid > state.txt
     assert r.returncode == 0, f"{r.stdout}\n{r.stderr}\n--- serve.log\n{log[-3000:]}"
     assert "vmgrid: serving JobService" in log and "from the doc" in r.stdout and "Done" in r.stdout, r.stdout
     assert (work / "state.txt").read_text().strip(), "the service kept no state in /var/lib/vmgrid"
+    # alice's job runs as a uid of her own, not the service's root: the host's key and the service's state are out
+    # of its reach (docs/jobs.md "Running the service")
+    out, err = (work / "probe" / "stdout").read_text(), (work / "probe" / "stderr").read_text()
+    assert int(out.split()[0]) >= 900000 and "PRIVATE KEY" not in out and "jobs.sqlite" not in out, out
+    assert err.count("Permission denied") == 3, err
     assert not (tmp_path / "etc-upper").joinpath("passwd").exists()        # /etc itself untouched
 
 

@@ -4,11 +4,14 @@ answers every job with its real state or Failed with the reason."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,7 @@ from client.localgrid import LocalGrid
 pytestmark = pytest.mark.timeout(300)
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "jobs.md"
 PY = sys.executable
+JOB_PY = "/usr/bin/python3"      # a program a job may run: jobs run under a uid of their own (not root's /root/...)
 
 
 def doc_block() -> str:
@@ -77,7 +81,7 @@ def test_the_commands_of_docs_jobs_md_run_as_written(grid, tmp_path):
 
 def test_errors_are_one_clear_line(grid, tmp_path):
     url = grid.jobs_url
-    key = vmgrid(grid, "job", "submit", url, "--", PY, "-c", "import sys; sys.exit(3)").stdout.strip()
+    key = vmgrid(grid, "job", "submit", url, "--", JOB_PY, "-c", "import sys; sys.exit(3)").stdout.strip()
     r = vmgrid(grid, "job", "wait", url, key, check=False)
     assert r.returncode == 1 and f"vmgrid: job {key} Failed: the program exited with status 3" in r.stderr
     for args, message in (
@@ -129,7 +133,7 @@ def test_a_failed_wait_shows_why_with_the_stderr_tail_and_a_cancelled_jobs_outpu
     code 0)`, a program named with its arguments in one word failed with no word of the shell; `job get` of a
     Cancelled job exited 0 having fetched nothing, and could not fetch one output alone."""
     url = grid.jobs_url
-    key = vmgrid(grid, "job", "submit", url, "--", PY, "-c", "import sys; sys.stderr.write('bad input\\n'); "
+    key = vmgrid(grid, "job", "submit", url, "--", JOB_PY, "-c", "import sys; sys.stderr.write('bad input\\n'); "
                                                              "sys.exit(3)").stdout.strip()
     r = vmgrid(grid, "job", "wait", url, key, check=False)
     assert r.returncode == 1 and r.stdout == "Failed (exit code 3)\n"
@@ -144,7 +148,7 @@ def test_a_failed_wait_shows_why_with_the_stderr_tail_and_a_cancelled_jobs_outpu
         "as one program's name; give the program and each argument as words of their own, sort seqs.txt, or run a "
         "shell yourself: sh -c '...')") in r.stderr
 
-    key = vmgrid(grid, "job", "submit", url, "--", PY, "-c", "import sys, time; print('partial', flush=True); "
+    key = vmgrid(grid, "job", "submit", url, "--", JOB_PY, "-c", "import sys, time; print('partial', flush=True); "
                  "sys.stderr.write('warn\\n'); time.sleep(600)").stdout.strip()
     while json.loads(vmgrid(grid, "job", "status", url, key, "--json").stdout)["stdoutTail"] != "partial\n":
         pass
@@ -223,11 +227,13 @@ def test_a_job_being_cancelled_is_followed_to_cancelled_by_cancel_and_get(grid, 
 
 def test_a_job_service_killed_and_restarted_answers_every_job_with_its_real_state(grid, tmp_path):
     url = grid.jobs_url
-    release = tmp_path / "release"
-    waiting = vmgrid(grid, "job", "submit", url, "--", PY, "-c",
+    gate = Path(tempfile.mkdtemp(prefix="vmgrid-jobs-gate-", dir="/tmp"))     # tmp_path is root's only, not the job's
+    os.chmod(gate, 0o755)
+    release = gate / "release"
+    waiting = vmgrid(grid, "job", "submit", url, "--", JOB_PY, "-c",
                      f"import os, time\nwhile not os.path.exists({str(release)!r}): time.sleep(0.05)\nprint('ok')"
                      ).stdout.strip()
-    quick = vmgrid(grid, "job", "submit", url, "--wait", "--", PY, "-c", "print('quick')").stdout.strip()
+    quick = vmgrid(grid, "job", "submit", url, "--wait", "--", JOB_PY, "-c", "print('quick')").stdout.strip()
     stall = socket.socket()                  # a GridFTP "server" that never answers: a job stuck in StageIn
     stall.bind(("127.0.0.1", 0))
     stall.listen(8)
@@ -248,7 +254,10 @@ def test_a_job_service_killed_and_restarted_answers_every_job_with_its_real_stat
     finally:
         release.touch()
         stall.close()
-    out = vmgrid(grid, "job", "wait", url, waiting).stdout
+    try:
+        out = vmgrid(grid, "job", "wait", url, waiting).stdout
+    finally:
+        shutil.rmtree(gate, ignore_errors=True)
     assert "Done (exit code 0)" in out
     assert json.loads(vmgrid(grid, "job", "status", url, waiting, "--json").stdout)["stdoutTail"] == "ok\n"
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import queue
-import sys
 import threading
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from tests.fixtures.grid import base_config
 from tests.fixtures.repository import signed_call
 
 CONTRACT = Contract("jobs.wsdl")
-PY = sys.executable
+PY = "/usr/bin/python3"      # a program a job may run: jobs run under a uid of their own (not root's /root/...)
 pytestmark = pytest.mark.timeout(300)
 
 

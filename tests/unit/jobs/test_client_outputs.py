@@ -93,3 +93,15 @@ def test_a_bad_name_among_outputs_not_asked_for_does_not_stop_the_one_asked_for(
     assert JobClient(service=None).fetch_outputs(info, dest, names=["stdout"]) == [dest / "stdout"]
     with pytest.raises(RuntimeError, match="not a path inside the job's directory"):
         JobClient(service=None).fetch_outputs(info, dest)
+
+
+@pytest.mark.parametrize("names, why", [(["a", "a/b"], "outputs a and a/b"), (["out/x/y", "out"], "outputs out and out/x/y"),
+                                        (["a", "a"], "output a twice")])
+def test_outputs_that_cannot_all_be_files_of_one_directory_fetch_nothing(tmp_path, names, why):
+    """An untrusted job service naming outputs a and a/b (a is a file, then a directory) or one name twice is refused
+    in one line before anything is fetched (attack report F7: `a` was fetched, then a raw `[Errno 17]`)."""
+    info = JobInfo("job-" + "a" * 32, state="Done", outputs=[("stdout", 0, SHA, None)] + [(n, 4, SHA, None) for n in names],
+                   directory_url="gsiftp://127.0.0.1:1/jobs/job-" + "a" * 32 + "/")
+    with pytest.raises(RuntimeError, match=f"^the job service named {why}: nothing fetched$"):
+        JobClient(service=None).fetch_outputs(info, tmp_path / "results")      # refused before any connection
+    assert list(tmp_path.iterdir()) == []

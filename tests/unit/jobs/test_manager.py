@@ -6,7 +6,6 @@ import os
 import shutil
 import signal
 import stat
-import sys
 import tempfile
 import threading
 import time
@@ -25,7 +24,7 @@ from services.jobs.store import JobSpec, JobState, StageIn, StageOut
 OWNER = "/O=Grid/OU=vmgrid/CN=alice"
 ADMIN = "/O=Grid/OU=vmgrid/CN=admin"
 OTHER = "/O=Grid/OU=vmgrid/CN=bob"
-PY = sys.executable
+PY = "/usr/bin/python3"      # a program a job may run: jobs run under a uid of their own (not root's /root/...)
 
 
 def manager(state: Path, **overrides) -> JobManager:
@@ -305,6 +304,53 @@ def test_a_program_that_leaves_the_group_itself_still_gets_cancels_sigterm(jobs)
     assert (done.state, done.exit_code) == (JobState.CANCELLED, 7)
 
 
+def test_an_admins_job_neither_reads_nor_rewrites_the_owners_files_nor_the_services(jobs):
+    """Each submitter's jobs run under a uid of its own (not root), in a 0700 directory of that uid: an admin's
+    job finds neither the owner's staged input (her job's copy, her staging area) nor the service's database,
+    and cannot overwrite her recorded standard output (attack report F14)."""
+    area = jobs.staging_dir / staging_area(OWNER)
+    area.mkdir()
+    (area / "secret.txt").write_text("alice secret\n")
+    hers = wait_final(jobs, jobs.submit(OWNER, JobSpec("cat", ("secret.txt",),
+                                                       stage_in=(StageIn("staged:secret.txt", "secret.txt"),))).key)
+    assert hers.state == JobState.DONE and jobs.tail(hers, "stdout") == "alice secret\n"
+    before = {o.name: o for o in hers.outputs}["stdout"]
+    probe = (f"id -u; cat ../*/secret.txt ../{hers.key}/secret.txt ../../staging/*/secret.txt; ls ../../staging; "
+             f"head -c 16 ../../jobs.sqlite; echo forged > ../{hers.key}/stdout; true")
+    his = wait_final(jobs, jobs.submit(ADMIN, JobSpec("sh", ("-c", probe))).key)
+    out = jobs.tail(his, "stdout")
+    err = (jobs.jobs_dir / his.key / "stderr").read_text()
+    assert "alice secret" not in out and "SQLite" not in out, out
+    assert err.count("Permission denied") >= 4, err
+    assert (jobs.jobs_dir / hers.key / "stdout").read_text() == "alice secret\n"
+    assert hash_file(jobs.jobs_dir / hers.key / "stdout") == before.sha256
+    uids = {jobs.account(OWNER), jobs.account(ADMIN)}
+    assert len(uids) == 2 and min(uids) >= 900000 and int(out.split()[0]) == jobs.account(ADMIN)
+    assert (jobs.jobs_dir / hers.key).stat().st_mode & 0o077 == 0
+
+
+def test_a_link_the_job_puts_in_an_outputs_place_records_nothing_of_the_file_it_names(jobs, tmp_path):
+    """The service (root) hashes and shows only plain files the job's uid owns, reached through no link: a job that
+    puts a symbolic link to a file of the service's in place of its output and standard output gets it neither
+    recorded, nor shown in StdoutTail."""
+    key = tmp_path / "hostkey.pem"
+    key.write_text("-----BEGIN PRIVATE KEY-----\n")
+    key.chmod(0o600)
+    link = f"import os; os.symlink({str(key)!r}, 'out.txt'); os.unlink('stdout'); os.symlink({str(key)!r}, 'stdout')"
+    job = wait_final(jobs, jobs.submit(OWNER, JobSpec(PY, ("-c", link), stage_out=(StageOut("out.txt"),))).key)
+    assert job.state == JobState.FAILED and "output out.txt cannot be read" in job.failure, job.failure
+    assert "PRIVATE KEY" not in jobs.tail(job, "stdout")
+    assert hash_file(key) not in {o.sha256 for o in job.outputs}
+
+
+def test_the_service_refuses_to_start_as_another_user_than_root(tmp_path, monkeypatch):
+    """Only root may give each submitter's jobs a uid of their own: a job service of another user would run its
+    jobs as itself, beside its credential and state, and refuses to start, saying so."""
+    monkeypatch.setattr("services.jobs.manager.os.geteuid", lambda: 1000)
+    with pytest.raises(ValueError, match="start it as root"):
+        JobManager(tmp_path / "state", JobsConfig(owner=OWNER), None)
+
+
 def test_only_the_owner_and_admins_may_do_anything_and_others_learn_nothing(jobs):
     job = jobs.submit(OWNER, JobSpec(PY, ("-c", "pass")))
     wait_final(jobs, job.key)
@@ -423,7 +469,9 @@ def test_an_expired_job_is_killed_and_destroyed(jobs):
 def test_a_restarted_service_reattaches_running_jobs_and_fails_the_lost_ones_with_a_reason(tmp_path):
     state = tmp_path / "s"
     m = manager(state)
-    release = tmp_path / "go"
+    gate = Path(tempfile.mkdtemp(prefix="vmgrid-jobs-gate-", dir="/tmp"))    # pytest's tmp_path is root's only
+    os.chmod(gate, 0o755)
+    release = gate / "go"
     waiter = m.submit(OWNER, JobSpec(PY, ("-c", f"import os, time\nwhile not os.path.exists({str(release)!r}): "
                                               f"time.sleep(0.05)\nprint('released')")))
     lost = m.submit(OWNER, JobSpec(PY, ("-c", "import time; time.sleep(300)")))
@@ -463,6 +511,7 @@ def test_a_restarted_service_reattaches_running_jobs_and_fails_the_lost_ones_wit
     finally:
         release.touch()
         shut(m2)
+        shutil.rmtree(gate, ignore_errors=True)
 
 
 def test_without_the_privilege_for_a_pid_namespace_the_shim_falls_back_to_the_group_and_says_so():
