@@ -179,3 +179,34 @@ def test_a_users_certificate_given_as_the_host_certificate_is_refused_at_start(g
                         f"not a TLS server's certificate (its extended key usage has no serverAuth); give the host's "
                         f"certificate (vmgrid ca host NAME)\n")
     assert not (tmp_path / "state").exists()
+
+
+def test_a_services_state_is_closed_to_other_users(grid_pki, tmp_path):
+    """Every VO's images, the catalogue, VM disks and guestd's tokens were world-readable (state directories 0755,
+    files 0644: any local account read them). The state a container makes is its own user's (umask 077), each
+    service's state directory is closed to others even where an earlier version left it open, and the directory
+    above keeps only its search bit."""
+    import stat
+
+    state = tmp_path / "state"
+    (state / "repository").mkdir(parents=True)
+    old = state / "repository" / "left-by-an-earlier-version"
+    old.write_text("secret")
+    for path, mode in ((state, 0o755), (state / "repository", 0o755), (old, 0o644)):
+        path.chmod(mode)
+    (tmp_path / "c.toml").write_text(node_toml(grid_pki, state))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("X509_")}
+    proc = subprocess.Popen([VMGRID, "serve", "repository", "-c", "c.toml"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().startswith("vmgrid: serving"), proc.stderr.read()
+        modes = {p.relative_to(tmp_path).as_posix(): stat.S_IMODE(p.stat().st_mode)
+                 for p in [state, *state.rglob("*")] if not p.is_symlink()}
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=60)
+    assert modes.pop("state") == 0o711 and modes.pop("state/repository") == 0o700, modes
+    assert modes.pop("state/repository/left-by-an-earlier-version") == 0o644      # behind a closed directory
+    made = {p: m for p, m in modes.items() if m & 0o077}
+    assert made == {}, made                   # everything the container made is its own user's alone
+    assert "state/repository/catalogue.sqlite" in modes
