@@ -191,10 +191,10 @@ def test_a_job_being_cancelled_is_followed_to_cancelled_by_cancel_and_get(grid, 
     url = f"{sp.base_url}/wsrf/services/JobService"
     program = ("import os, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
                "print(os.readlink('/proc/self'), flush=True); time.sleep(900)")      # its pid as the host sees it
-    key = vmgrid(grid, "job", "submit", url, "--", PY, "-c", program).stdout.strip()
-    while not (tail := json.loads(vmgrid(grid, "job", "status", url, key, "--json").stdout)["stdoutTail"]):
-        pass
-    pid = int(tail)
+    key = vmgrid(grid, "job", "submit", url, "--", JOB_PY, "-c", program).stdout.strip()
+    while not (status := json.loads(vmgrid(grid, "job", "status", url, key, "--json").stdout))["stdoutTail"]:
+        assert status["state"] not in ("Done", "Failed", "Cancelled"), status      # it never printed: say why
+    pid = int(status["stdoutTail"])
     try:
         r = vmgrid(grid, "job", "cancel", url, key, "--no-wait")
         assert r.stdout == "Active\n" and r.stderr == (
