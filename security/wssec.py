@@ -417,10 +417,12 @@ def _fresh_texts(envelope: etree._Element, body: etree._Element, security: etree
         header = _declaring_wsu(header)  # one copy of the Header declaring wsu, instead of one per block
         blocks = [el for el in header if isinstance(el.tag, str) and el is not security]
     targets = blocks + [body if body.get(Q_ID) is not None else _declaring_wsu(body)]
-    if _qname_prefixes(targets[-1]):
+    body_prefixes = _qname_prefixes(targets[-1]) or None
+    if body_prefixes:
         targets[-1] = _reparsed(targets[-1])
     refs = []
     chosen = False                      # a wsu:Id or a QName prefix the caller chose (ours need no escaping)
+    last = len(targets) - 1
     for n, el in enumerate(targets):
         value = el.get(Q_ID)
         if value is None:
@@ -428,7 +430,7 @@ def _fresh_texts(envelope: etree._Element, body: etree._Element, security: etree
             el.set(Q_ID, value)
         else:
             chosen = True
-        prefixes = _qname_prefixes(el) or None
+        prefixes = body_prefixes if n == last else (_qname_prefixes(el) or None)
         chosen = chosen or prefixes is not None
         refs.append(("#" + value, prefixes, base64.b64encode(hashlib.sha256(c14n(el, prefixes)).digest()).decode()))
     ts_id = f"TS-{seed}"
@@ -577,18 +579,33 @@ def _is_instance(key_class: type, key_type: type) -> bool:
     return issubclass(key_class, key_type)
 
 
-@functools.lru_cache(maxsize=256)
+_certificate_keys: dict[int, tuple[x509.Certificate, object, bytes]] = {}
+
+
+def _certificate_key(certificate: x509.Certificate) -> tuple[object, bytes]:
+    """A certificate's public key and the SHA-256 of its SubjectPublicKeyInfo, computed once per certificate object
+    (the trust store hands back the same Caller, and so the same certificate object, for every message of a chain).
+    Found by the object's identity, not by hashing it (an lru_cache hashed the whole certificate twice a message);
+    an entry holds its certificate, so an id is only trusted while that very object is alive."""
+    hit = _certificate_keys.get(id(certificate))
+    if hit is not None and hit[0] is certificate:
+        return hit[1], hit[2]
+    key = certificate.public_key()
+    digest = hashlib.sha256(key.public_bytes(serialization.Encoding.DER,
+                                             serialization.PublicFormat.SubjectPublicKeyInfo)).digest()
+    if len(_certificate_keys) >= 256:
+        _certificate_keys.clear()
+    _certificate_keys[id(certificate)] = (certificate, key, digest)
+    return key, digest
+
+
 def _public_key(certificate: x509.Certificate):
-    """A certificate's public key, decoded once per certificate (the trust store hands back the same Caller, and
-    so the same certificate object, for every message of a chain)."""
-    return certificate.public_key()
+    return _certificate_key(certificate)[0]
 
 
-@functools.lru_cache(maxsize=256)
 def _key_digest(certificate: x509.Certificate) -> bytes:
     """SHA-256 of a certificate's SubjectPublicKeyInfo (once per certificate, as _public_key)."""
-    return hashlib.sha256(_public_key(certificate).public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)).digest()
+    return _certificate_key(certificate)[1]
 
 
 _FRACTION = re.compile(r"(\.\d{1,6})\d*")
