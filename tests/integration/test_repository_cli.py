@@ -12,6 +12,7 @@ import pytest
 from lxml import etree
 
 from client.localgrid import LocalGrid
+from tests.fixtures.interrupt import interrupt_when
 from tests.fixtures.repository import EXAMPLES, make_image
 
 
@@ -650,26 +651,15 @@ def test_an_interrupted_register_says_that_the_same_command_resumes_the_upload(g
     registered and that the same command resumes the upload (from the last restart marker: this upload is too short
     to get one, so what is reused is not checked here; `vmgrid transfer`'s tests check resuming), and it does."""
     import os
-    import signal
-    import time
 
     image = make_image(tmp_path / "big.qcow2", fill=os.urandom(1 << 20) * 192)     # 192 MiB that compress nowhere
     args = [sys.executable, "-m", "client.cli", "repo", "register", str(EXAMPLES / "debian12-hep.xml"), str(image),
             "--name", "interrupted-upload", "-p", "2"]
     env = {**grid.env("admin"), "VMGRID_REPOSITORY": grid.url}
     uploads = grid.root / "repository" / "repository" / "uploads"
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        while sum(p.stat().st_size for p in uploads.rglob("*") if p.is_file()) < (8 << 20):
-            assert proc.poll() is None, ("the upload ended before it could be interrupted", proc.communicate())
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 130 and "Traceback" not in err, err
+    rc, err = interrupt_when(args, lambda: sum(p.stat().st_size for p in uploads.rglob("*") if p.is_file()) >= 8 << 20,
+                             env=env)
+    assert rc == 130 and "Traceback" not in err, err
     assert err.endswith("vmgrid: interrupted; nothing is registered; run the same command again: the upload resumes "
                         "from the server's last restart marker (it sends one every few seconds)\n"), err
     again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)

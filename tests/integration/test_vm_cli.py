@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from tests.fixtures.interrupt import interrupt_when
 from tests.fixtures.repository import bio_site
 
 pytestmark = pytest.mark.timeout(300)
@@ -248,28 +249,19 @@ def test_a_job_command_on_an_instance_without_a_job_service_says_what_gives_one(
 
 def test_ctrl_c_while_following_a_deployment_says_it_goes_on(grid, tmp_path):
     """The node holds the deployment after staging (services/common/crash.py's stall) while the client follows it."""
-    import signal
-    import time
 
     faults = tmp_path / "faults"
     faults.mkdir()
     (faults / "stall").write_text("deploy.staged")
     node = grid.start_node("node-stall", {}, extra_env={"VMGRID_FAULTDIR": str(faults)})
     url = node.base_url + "/wsrf/services/VMManagerService"
-    proc = subprocess.Popen([sys.executable, "-m", "client.cli", "vm", "deploy", "bio/debian12-emboss", "held-run",
-                             "--url", url], env={**grid.env("alice"), **grid.env_extra},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        while not (faults / "reached").exists():       # the deployment is under way at the node
-            assert proc.poll() is None, proc.stderr.read()
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
+    try:                                               # interrupted once the deployment is under way at the node
+        rc, err = interrupt_when([sys.executable, "-m", "client.cli", "vm", "deploy", "bio/debian12-emboss",
+                                  "held-run", "--url", url], (faults / "reached").exists,
+                                 env={**grid.env("alice"), **grid.env_extra})
     finally:
-        if proc.poll() is None:
-            proc.kill()
         (faults / "stall").unlink(missing_ok=True)     # the node goes on
-    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert rc == 130 and "Traceback" not in err, err
     assert ("vmgrid: interrupted; the deployment of held-run goes on at the node (`vmgrid vm status held-run "
             f"--url {url}` follows it, `vmgrid vm destroy held-run --url {url}` ends it)") in err
     r = vmgrid(grid, "vm", "status", "held-run", "--url", url, "--json")
@@ -281,7 +273,6 @@ def test_ctrl_c_while_waiting_for_a_migration_says_it_goes_on(grid, tmp_path):
     """`vmgrid vm migrate` interrupted while the target holds the migration (services/common/crash.py's stall after
     its prepare step): it said only "vmgrid: interrupted", though the migration went on and committed. It now says
     so and how to follow it; the migration does go on."""
-    import signal
     import time
 
     vmgrid(grid, "vm", "deploy", "bio/debian12-emboss", "mig-held")
@@ -290,20 +281,12 @@ def test_ctrl_c_while_waiting_for_a_migration_says_it_goes_on(grid, tmp_path):
     (faults / "stall").write_text("migration.target-prepared")
     node = grid.start_node("node-mstall", {}, extra_env={"VMGRID_FAULTDIR": str(faults)})
     url = node.base_url + "/wsrf/services/VMManagerService"
-    proc = subprocess.Popen([sys.executable, "-m", "client.cli", "vm", "migrate", "mig-held", "--to", url],
-                            env={**grid.env("alice"), **grid.env_extra}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        while not (faults / "reached").exists():       # the migration is under way at the target
-            assert proc.poll() is None, proc.stderr.read()
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
+    try:                                               # interrupted once the migration is under way at the target
+        rc, err = interrupt_when([sys.executable, "-m", "client.cli", "vm", "migrate", "mig-held", "--to", url],
+                                 (faults / "reached").exists, env={**grid.env("alice"), **grid.env_extra})
     finally:
-        if proc.poll() is None:
-            proc.kill()
         (faults / "stall").unlink(missing_ok=True)     # the target goes on
-    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert rc == 130 and "Traceback" not in err, err
     assert ("vmgrid: interrupted; the migration of mig-held goes on between the nodes (`vmgrid vm status mig-held` "
             f"follows it: the instance is Migrating, then on {url} or back here, Running)") in err, err
     deadline = time.monotonic() + 120
