@@ -46,7 +46,7 @@ from services.common.errors import printable
 from services.faults import (AccessDenied, IllegalTransition, InstanceMoved, InternalFault, InvalidArgument,
                              LimitExceeded, MigrationFault, ResourceUnknown, TransferFault, VMGridFault, VMMFault,
                              ChecksumMismatch)
-from services.vmmanager import phases, states
+from services.vmmanager import guestcred, phases, states
 from services.vmmanager.context import build_context, new_token
 from services.vmmanager.phases import vmm_call
 from services.vmmanager.states import State
@@ -939,11 +939,9 @@ def _take_followed(node: "Node", key: str, offer: MigrationOffer, home: Path, pr
 
 
 def _is_guest(node: "Node", dn: str) -> bool:
-    """A guest container's certificate ([vmmanager] guest_dns and this node's own guest_ou): a host DN whose key a
-    VM's owner holds, never a migration source, whatever ``migration_sources`` says (its address is a guest's)."""
-    from services.authz.policy import dn_matches
-    patterns = [*node.config.guest_dns, f"/O=Grid/OU={node.config.guest_ou}/*"]
-    return any(dn_matches(p, dn) for p in patterns)
+    """A guest container's certificate (guestcred.is_guest): never a migration source, whatever
+    ``migration_sources`` says (its address is a guest's)."""
+    return guestcred.is_guest(node.config, dn)
 
 
 def _refuse_server(node: "Node", source_dn: str):
