@@ -620,6 +620,8 @@ class _Session:
         if not self.logged_in and verb not in PRE_LOGIN:
             self.reply(530, "Please log in first.")
             return True
+        if verb in DATA_VERBS:
+            self._completed = False     # set again by this transfer's 226 (its data connections may then be kept)
         try:
             result = handler(arg.strip() if verb not in ("PASS",) else arg)
         except (_Reply, PathError, ProtocolError) as exc:
@@ -998,6 +1000,8 @@ class _Session:
         size = self._int(arg, "buffer size")
         if not 1024 <= size <= 1 << 30:
             raise _Reply(501, "Buffer size must be between 1 KiB and 1 GiB.")
+        if size != self.sbuf:
+            self.data.clear()       # cached data connections have the old buffers
         self.sbuf = size
         self.reply(200, f"Buffer size set to {size}.")
 
