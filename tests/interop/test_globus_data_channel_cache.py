@@ -13,7 +13,6 @@ import pytest
 
 from gridftp import GridFTPServer
 
-from tests.fixtures.pki import grid_pki  # noqa: F401
 from tests.interop.test_gridftp_globus import globus_argv  # noqa: F401
 from tests.interop.test_gsi_globus import alice_proxy, globus_env, pytestmark as gsi_marks  # noqa: F401
 from tests.unit.gridftp.gridftp_helpers import MiB, make_file, sha256_of

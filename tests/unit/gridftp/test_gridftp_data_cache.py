@@ -11,7 +11,7 @@ import pytest
 import gridftp.server as server_module
 from gridftp.protocol import BLOCK_HEADER, DESC_CLOSE, DESC_EOD, DESC_EOF, find_host_ports
 
-from tests.unit.gridftp.gridftp_helpers import MiB, RawFTP, _exact, assemble, read_mode_e, wait_for
+from tests.unit.gridftp.gridftp_helpers import MiB, RawFTP, _exact, assemble, read_mode_e
 from tests.unit.gridftp.test_gridftp_conformance import accept_n, ftp, listen, port_arg, writable  # noqa: F401
 
 
@@ -187,3 +187,33 @@ def test_a_cached_upload_connection_is_not_a_download_one(writable, tree):  # no
     writable.expect("RETR /up/one", 503)
     a.settimeout(10)
     assert a.recv(1) == b""                     # and the refused transfer closed them
+
+
+@pytest.mark.parametrize("change", ["PROT C", "DCAU N"])
+def test_tls_data_connections_are_reused_until_prot_or_dcau_changes(start_server, grid_pki, tree, change):  # noqa: F811
+    """PROT P: the TLS data connection alice's client opened (and the server checked: DCAU A) carries her next
+    upload as well; a PROT or DCAU change closes it (it was set up under the old ones)."""
+    from gridftp.tls import TLSConfig
+    server = start_server(credential=grid_pki.host, trust=grid_pki.cert_dir, upload_area="/up", anonymous=False,
+                          require_private_data=False)
+    tls = TLSConfig(grid_pki.alice.proxy, grid_pki.cert_dir)
+    s = RawFTP("127.0.0.1", server.port)
+    try:
+        s.starttls(tls.client_context)
+        for line in ("PBSZ 0", "PROT P", "USER :globus-mapping:", "TYPE I", "MODE E"):
+            assert s.cmd(line).ok
+        addr = find_host_ports(s.expect("PASV", 227).text)[0]
+        assert s.cmd("STOR /up/one").code == 150
+        conn = tls.client_context.wrap_socket(socket.create_connection(addr, timeout=10))
+        payloads = [os.urandom(100_000), os.urandom(5000)]
+        _send(conn, [(0, payloads[0])], 1)
+        assert _final(s) == 226
+        assert s.cmd("STOR /up/two").code == 150        # no PASV: over the same TLS connection
+        _send(conn, [(0, payloads[1])], 1)
+        assert _final(s) == 226
+        assert [(tree / "up" / n).read_bytes() for n in ("one", "two")] == payloads
+        s.expect(change, 200)
+        assert conn.recv(1) == b""                      # closed by the server
+        s.expect("STOR /up/three", 503)
+    finally:
+        s.close()
