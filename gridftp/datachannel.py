@@ -18,6 +18,7 @@ import errno
 import fcntl
 import logging
 import os
+import select
 import socket
 import struct
 import threading
@@ -517,6 +518,7 @@ class ModeEReceiver:
         self._socks: list[socket.socket] = []
         self._threads: list[threading.Thread] = []
         self._local = threading.local()
+        self._on_done: list[Callable[[], None]] = []
 
     @property
     def done(self) -> bool:
@@ -535,11 +537,27 @@ class ModeEReceiver:
         self._threads.append(t)
         t.start()
 
+    def when_done(self, fn: Callable[[], None]) -> None:
+        """Call ``fn`` once the transfer is complete or failed (at once if it is)."""
+        with self._lock:
+            if not self._done.is_set():
+                self._on_done.append(fn)
+                return
+        fn()
+
+    def _finish(self) -> None:
+        """Mark the transfer complete or failed and tell those waiting (:meth:`when_done`)."""
+        with self._lock:
+            self._done.set()
+            waiting, self._on_done = self._on_done, []
+        for fn in waiting:
+            fn()
+
     def fail(self, exc: BaseException) -> None:
         with self._lock:
             if self.error is None and not self._done.is_set():
                 self.error = exc
-        self._done.set()
+        self._finish()
         _abort_all(self._socks)
 
     def close(self) -> list[socket.socket]:
@@ -562,16 +580,18 @@ class ModeEReceiver:
     def _eod(self) -> None:
         with self._lock:
             self.eods += 1
-            if self.eod_expected is not None and self.eods >= self.eod_expected:
-                self._done.set()
+            complete = self.eod_expected is not None and self.eods >= self.eod_expected
+        if complete:
+            self._finish()
 
     def _eof(self, expected: int) -> None:
         with self._lock:
             if self.eod_expected is not None and self.eod_expected != expected:
                 raise ProtocolError("two EOF blocks disagree on the stream count")
             self.eod_expected = expected
-            if self.eods >= expected:
-                self._done.set()
+            complete = self.eods >= expected
+        if complete:
+            self._finish()
 
     def _serve(self, sock: socket.socket, reused: bool = False) -> None:
         slot = self.counter.slot()
@@ -694,8 +714,10 @@ class _Gate:
     """
 
     def __init__(self, listener: socket.socket, protection: Protection | None,
-                 allow: Callable[[str], bool] | None, deliver: Callable[[socket.socket], bool], what: str):
+                 allow: Callable[[str], bool] | None, deliver: Callable[[socket.socket], bool], what: str,
+                 wake: socket.socket | None = None):
         self.listener = listener
+        self.wake = wake                # readable: stop waiting at once (the listener outlives this wait)
         self.protection = protection
         self.allow = allow
         self.deliver = deliver          # True: taken; False: not wanted any more (closed here)
@@ -730,7 +752,12 @@ class _Gate:
             return
         # while handshakes run, back soon: the caller sees at once one that has proved itself (accept_one's
         # loop would otherwise sit in accept for the rest of 0.2 s, added to every TLS stream-mode transfer)
-        self.listener.settimeout(0.01 if pending else 0.2)
+        wait = 0.01 if pending else 0.2
+        if self.wake is not None:
+            ready, _, _ = select.select([self.listener, self.wake], [], [], wait)
+            if self.listener not in ready:
+                return
+        self.listener.settimeout(wait)
         try:
             conn, peer = self.listener.accept()
         except socket.timeout:
@@ -824,7 +851,18 @@ def accept_connections(listener: socket.socket, receiver: ModeEReceiver, *,
             return True
 
     lock = threading.Lock()
-    gate = _Gate(listener, protection, allow, deliver, what)
+    # the receiver's end wakes the wait for connections at once: the listener may stay open for the next transfer
+    # (data channel caching), so closing it cannot be what ends the wait
+    wake, waker = socket.socketpair()
+
+    def wake_up() -> None:
+        try:
+            waker.send(b"\0")
+        except OSError:
+            pass
+
+    receiver.when_done(wake_up)
+    gate = _Gate(listener, protection, allow, deliver, what, wake)
 
     def run() -> None:
         deadline = time.monotonic() + timeout
@@ -832,7 +870,7 @@ def accept_connections(listener: socket.socket, receiver: ModeEReceiver, *,
             while not receiver.done:
                 try:
                     gate.step()
-                except OSError as exc:
+                except (OSError, ValueError) as exc:       # ValueError: select on the listener closed meanwhile
                     if not receiver.done:
                         receiver.fail(TransferError(f"data listener failed: {exc}"))
                     return
@@ -840,6 +878,7 @@ def accept_connections(listener: socket.socket, receiver: ModeEReceiver, *,
                     receiver.fail(gate.no_one_came())
         finally:
             gate.close()
+            close_all([wake, waker])
 
     t = threading.Thread(target=run, name="gridftp-accept", daemon=True)
     t.start()

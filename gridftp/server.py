@@ -1672,8 +1672,8 @@ class _Session:
         finished = self._wait(receiver.wait, markers, cancel)
         if not finished or receiver.error is not None or not receiver.kept:
             shutdown_listener(listener)
-        # else the listener stays for the next transfer over the kept connections (the sender may add some), and
-        # the acceptor ends by itself within 0.2 s of the receiver's end
+        # else the listener stays for the next transfer over the kept connections (the sender may add some); the
+        # acceptor ends at once all the same (the receiver's end wakes it)
         acceptor.join(timeout=5)
         kept = receiver.close()
         if kept:
