@@ -479,7 +479,8 @@ def send_blocks(sender, sock: socket.socket, index: int, count: int, errors: lis
             return
         if index == 0:
             sock.sendall(BLOCK_HEADER.pack(DESC_EOF, 0, count))
-        sock.sendall(BLOCK_HEADER.pack(DESC_EOD if getattr(sender, "keep_open", False) else DESC_EOD | DESC_CLOSE, 0, 0))
+        end = DESC_EOD if getattr(sender, "keep_open", False) else DESC_EOD | DESC_CLOSE    # stays open, or closes
+        sock.sendall(BLOCK_HEADER.pack(end, 0, 0))
     except (OSError, ValueError, TransferError) as exc:
         if not sender._cancel.is_set():
             errors.append(exc)

@@ -31,8 +31,8 @@ from security.gsi import GSIContext, GSIError, read_gridmap
 from .checksum import ALGORITHMS as CHECKSUM_ALGORITHMS, hash_fd, hash_file
 from .control import ControlChannel, LineTooLong
 from .datachannel import (ACCEPT_TIMEOUT, Counter, ModeEReceiver, ModeESender, Throttle, Worker, accept_connections,
-                          accept_one, close_all, close_cached, connect_streams, open_listener, receive_stream, send_stream,
-                          shutdown_listener)
+                          accept_one, close_all, close_cached, connect_streams, open_listener, receive_stream,
+                          send_stream, shutdown_listener)
 from .errors import AuthenticationError, ChecksumMismatch, GridFTPError, PathError, ProtocolError, TransferError
 from .filespace import (PART_SUFFIX, SIDECAR_SUFFIX, FileSpace, LocalFileSpace, has_control, is_internal,
                         normalize)

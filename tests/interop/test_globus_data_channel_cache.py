@@ -85,7 +85,8 @@ def test_a_directory_downloads_with_parallel_streams(setup, globus_argv, served,
     srv, scheme, options, env = setup
     expected = _make_dir(served / "dir")
     dest = tmp_path / "got"
-    _copy(globus_argv, env, *options, "-r", "-cd", "-p", "4", f"{scheme}://localhost:{srv.port}/dir/", f"file://{dest}/")
+    _copy(globus_argv, env, *options, "-r", "-cd", "-p", "4", f"{scheme}://localhost:{srv.port}/dir/",
+          f"file://{dest}/")
     assert _tree(dest) == expected
     assert _reuses(caplog) >= len(SIZES) - 1       # one data setup, its connections carried every later file
 
