@@ -6,6 +6,11 @@ take more of them; each stream thread writes a 17-byte header and then the paylo
 per connection reads the headers and ``splice``s each payload from the socket into the file at
 its offset (TLS: ``recv_into`` a reused buffer, then ``pwrite``). End of file follows GFD.20: every stream ends with EOD, one stream announces the
 number of streams in an EOF block.
+
+Data channel caching (GFD.20): a stream that ends with EOD but without the close flag stays open, and the next
+transfer of the same session may use it again without a new PORT/PASV (Globus clients do, for ``-r`` and ``-f``).
+A sender made with ``keep_open`` ends its streams so and leaves them open; a receiver made with ``keep_open`` hands
+back (:meth:`ModeEReceiver.close`) the connections that ended so; :func:`close_cached` ends cached connections.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import errno
 import fcntl
 import logging
 import os
+import select
 import socket
 import struct
 import threading
@@ -282,6 +288,21 @@ def close_all(socks: Iterable[socket.socket]) -> None:
             pass
 
 
+def close_cached(socks: Iterable[socket.socket], *, sender: bool) -> None:
+    """End connections cached from an earlier MODE E transfer. The sender of their data says so first (a block
+    with only the close flag, GFD.20), so that a receiver keeping them knows they are gone."""
+    for s in socks:
+        if sender:
+            try:
+                s.sendall(BLOCK_HEADER.pack(DESC_CLOSE, 0, 0))
+            except (OSError, ValueError):
+                pass
+        try:
+            s.close()
+        except OSError:
+            pass
+
+
 def shutdown_listener(listener: socket.socket) -> None:
     """Wake a thread blocked in accept() on ``listener`` and close it."""
     try:
@@ -368,8 +389,9 @@ class ModeESender:
 
     def __init__(self, source: int | bytes, ranges: Iterable[tuple[int, int]], *, shift: int = 0,
                  block_size: int = BLOCK_SIZE, throttle: Throttle | None = None,
-                 counter: Counter | None = None):
+                 counter: Counter | None = None, keep_open: bool = False):
         self.source = source
+        self.keep_open = keep_open      # end each stream with EOD only, and leave it open for the next transfer
         self.shift = shift
         self.throttle = throttle
         self.counter = counter or Counter()
@@ -403,7 +425,8 @@ class ModeESender:
         _abort_all(self._socks)
 
     def run(self, socks: Sequence[socket.socket]) -> int:
-        """Send everything over ``socks`` and close them; returns payload bytes sent."""
+        """Send everything over ``socks`` and close them (with ``keep_open``: only if the transfer failed);
+        returns payload bytes sent."""
         self._socks = list(socks)
         self._streams = max(1, len(socks))
         errors: list[BaseException] = []
@@ -414,7 +437,8 @@ class ModeESender:
             t.start()
         for t in threads:
             t.join()
-        close_all(socks)
+        if not self.keep_open or errors or self._cancel.is_set():
+            close_all(socks)
         if self._cancel.is_set() and not errors:
             raise TransferError("transfer aborted")
         if errors:
@@ -431,8 +455,8 @@ class ModeESender:
 def send_blocks(sender, sock: socket.socket, index: int, count: int, errors: list, *, shift: int = 0,
                 throttle: Throttle | None = None) -> None:
     """One stream of a MODE E sender: the blocks ``sender._next_block()`` hands out, read from ``sender.source`` (a
-    file descriptor, spliced on a plain socket, or bytes), then EOD (and EOF on the first stream). A failure is put
-    in ``errors`` and cancels the sender's other streams."""
+    file descriptor, spliced on a plain socket, or bytes), then EOD (and EOF on the first stream), with the close flag
+    unless the sender has ``keep_open``. A failure is put in ``errors`` and cancels the sender's other streams."""
     slot = sender.counter.slot()
     buf = None
     add = lambda n: sender.counter.add(slot, n)   # noqa: E731
@@ -455,7 +479,8 @@ def send_blocks(sender, sock: socket.socket, index: int, count: int, errors: lis
             return
         if index == 0:
             sock.sendall(BLOCK_HEADER.pack(DESC_EOF, 0, count))
-        sock.sendall(BLOCK_HEADER.pack(DESC_EOD | DESC_CLOSE, 0, 0))
+        end = DESC_EOD if getattr(sender, "keep_open", False) else DESC_EOD | DESC_CLOSE    # stays open, or closes
+        sock.sendall(BLOCK_HEADER.pack(end, 0, 0))
     except (OSError, ValueError, TransferError) as exc:
         if not sender._cancel.is_set():
             errors.append(exc)
@@ -468,15 +493,22 @@ class ModeEReceiver:
 
     Offsets in block headers get ``shift`` added (ESTO). ``limit``: no byte may land at or past
     this offset (the announced size). Complete when the EOF block's count of EODs has arrived.
+
+    ``keep_open``: the connections whose stream ended with EOD but no close flag are kept for the next transfer
+    (:meth:`close` hands them back). A connection cached from an earlier transfer (``add_connection(reused=True)``)
+    that the sender closes (the close flag, or end of stream) before a block of this transfer is dropped quietly:
+    the sender may carry a transfer over fewer connections than before.
     """
 
     def __init__(self, sink: Sink, *, shift: int = 0, limit: int | None = None,
-                 counter: Counter | None = None, buffer_size: int = RECV_BUFFER):
+                 counter: Counter | None = None, buffer_size: int = RECV_BUFFER, keep_open: bool = False):
         self.sink = sink
         self.shift = shift
         self.limit = limit
         self.counter = counter or Counter()
         self.buffer_size = buffer_size
+        self.keep_open = keep_open
+        self.kept: list[socket.socket] = []
         self.eod_expected: int | None = None
         self.eods = 0
         self.connections = 0
@@ -487,6 +519,7 @@ class ModeEReceiver:
         self._socks: list[socket.socket] = []
         self._threads: list[threading.Thread] = []
         self._local = threading.local()
+        self._on_done: list[Callable[[], None]] = []
 
     @property
     def done(self) -> bool:
@@ -496,45 +529,74 @@ class ModeEReceiver:
         """True once complete or failed (see :attr:`error`)."""
         return self._done.wait(timeout)
 
-    def add_connection(self, sock: socket.socket) -> None:
-        """Start receiving on one more data connection."""
+    def add_connection(self, sock: socket.socket, *, reused: bool = False) -> None:
+        """Start receiving on one more data connection (``reused``: cached from an earlier transfer)."""
         with self._lock:
             self.connections += 1
             self._socks.append(sock)
-        t = threading.Thread(target=self._serve, args=(sock,), name="gridftp-recv", daemon=True)
+        t = threading.Thread(target=self._serve, args=(sock, reused), name="gridftp-recv", daemon=True)
         self._threads.append(t)
         t.start()
+
+    def when_done(self, fn: Callable[[], None]) -> None:
+        """Call ``fn`` once the transfer is complete or failed (at once if it is)."""
+        with self._lock:
+            if not self._done.is_set():
+                self._on_done.append(fn)
+                return
+        fn()
+
+    def _finish(self) -> None:
+        """Mark the transfer complete or failed and tell those waiting (:meth:`when_done`)."""
+        with self._lock:
+            self._done.set()
+            waiting, self._on_done = self._on_done, []
+        for fn in waiting:
+            fn()
 
     def fail(self, exc: BaseException) -> None:
         with self._lock:
             if self.error is None and not self._done.is_set():
                 self.error = exc
-        self._done.set()
+        self._finish()
         _abort_all(self._socks)
 
-    def close(self) -> None:
-        """Close every connection and wait for the receiving threads."""
-        _abort_all(self._socks)
+    def close(self) -> list[socket.socket]:
+        """Close every connection and wait for the receiving threads; with ``keep_open``, after a complete transfer,
+        the connections that ended with EOD but no close flag are left open and returned (the next transfer's)."""
+        with self._lock:
+            kept = list(self.kept) if self.keep_open and self._done.is_set() and self.error is None else []
+        others = [s for s in self._socks if s not in kept]
+        _abort_all(others)
         for t in self._threads:
             t.join(timeout=10)
-        close_all(self._socks)
+        close_all(others)
+        return kept
+
+    def _drop(self, sock: socket.socket) -> None:
+        """A cached connection the sender closed before using it in this transfer: one connection less."""
+        with self._lock:
+            self.connections -= 1
 
     def _eod(self) -> None:
         with self._lock:
             self.eods += 1
-            if self.eod_expected is not None and self.eods >= self.eod_expected:
-                self._done.set()
+            complete = self.eod_expected is not None and self.eods >= self.eod_expected
+        if complete:
+            self._finish()
 
     def _eof(self, expected: int) -> None:
         with self._lock:
             if self.eod_expected is not None and self.eod_expected != expected:
                 raise ProtocolError("two EOF blocks disagree on the stream count")
             self.eod_expected = expected
-            if self.eods >= expected:
-                self._done.set()
+            complete = self.eods >= expected
+        if complete:
+            self._finish()
 
-    def _serve(self, sock: socket.socket) -> None:
+    def _serve(self, sock: socket.socket, reused: bool = False) -> None:
         slot = self.counter.slot()
+        fresh = reused              # nothing of this transfer has come over this cached connection yet
         header = bytearray(BLOCK_HEADER.size)
         hview = memoryview(header)
         buf = bytearray(self.buffer_size)
@@ -543,11 +605,20 @@ class ModeEReceiver:
         try:
             while not self._done.is_set():
                 got = recv_exact(sock, hview)
+                if got == 0 and fresh:
+                    self._drop(sock)
+                    return
                 if got == 0:
                     raise TransferError("data connection closed before end of data")
                 if got < len(header):
                     raise TransferError("data connection closed inside a block header")
                 desc, count, offset = BLOCK_HEADER.unpack(header)
+                if desc & DESC_CLOSE and not desc & (DESC_EOD | DESC_EOF) and not count:
+                    if not fresh:       # GFD.20 lets a sender close only a connection whose data has ended
+                        raise ProtocolError("a data connection was closed before its end of data (EOD)")
+                    self._drop(sock)
+                    return
+                fresh = False
                 if desc & DESC_EOF:
                     if count:
                         raise ProtocolError("EOF block carries data")
@@ -555,6 +626,9 @@ class ModeEReceiver:
                 elif count:
                     self._receive_block(sock, desc, count, offset, view, plain, slot)
                 if desc & DESC_EOD:
+                    if self.keep_open and not desc & DESC_CLOSE:
+                        with self._lock:
+                            self.kept.append(sock)
                     self._eod()
                     return
         except (OSError, TransferError, ProtocolError, ValueError) as exc:
@@ -641,8 +715,10 @@ class _Gate:
     """
 
     def __init__(self, listener: socket.socket, protection: Protection | None,
-                 allow: Callable[[str], bool] | None, deliver: Callable[[socket.socket], bool], what: str):
+                 allow: Callable[[str], bool] | None, deliver: Callable[[socket.socket], bool], what: str,
+                 wake: socket.socket | None = None):
         self.listener = listener
+        self.wake = wake                # readable: stop waiting at once (the listener outlives this wait)
         self.protection = protection
         self.allow = allow
         self.deliver = deliver          # True: taken; False: not wanted any more (closed here)
@@ -677,7 +753,12 @@ class _Gate:
             return
         # while handshakes run, back soon: the caller sees at once one that has proved itself (accept_one's
         # loop would otherwise sit in accept for the rest of 0.2 s, added to every TLS stream-mode transfer)
-        self.listener.settimeout(0.01 if pending else 0.2)
+        wait = 0.01 if pending else 0.2
+        if self.wake is not None:
+            ready, _, _ = select.select([self.listener, self.wake], [], [], wait)
+            if self.listener not in ready:
+                return
+        self.listener.settimeout(wait)
         try:
             conn, peer = self.listener.accept()
         except socket.timeout:
@@ -771,7 +852,18 @@ def accept_connections(listener: socket.socket, receiver: ModeEReceiver, *,
             return True
 
     lock = threading.Lock()
-    gate = _Gate(listener, protection, allow, deliver, what)
+    # the receiver's end wakes the wait for connections at once: the listener may stay open for the next transfer
+    # (data channel caching), so closing it cannot be what ends the wait
+    wake, waker = socket.socketpair()
+
+    def wake_up() -> None:
+        try:
+            waker.send(b"\0")
+        except OSError:
+            pass
+
+    receiver.when_done(wake_up)
+    gate = _Gate(listener, protection, allow, deliver, what, wake)
 
     def run() -> None:
         deadline = time.monotonic() + timeout
@@ -779,7 +871,7 @@ def accept_connections(listener: socket.socket, receiver: ModeEReceiver, *,
             while not receiver.done:
                 try:
                     gate.step()
-                except OSError as exc:
+                except (OSError, ValueError) as exc:       # ValueError: select on the listener closed meanwhile
                     if not receiver.done:
                         receiver.fail(TransferError(f"data listener failed: {exc}"))
                     return
@@ -787,6 +879,7 @@ def accept_connections(listener: socket.socket, receiver: ModeEReceiver, *,
                     receiver.fail(gate.no_one_came())
         finally:
             gate.close()
+            close_all([wake, waker])
 
     t = threading.Thread(target=run, name="gridftp-accept", daemon=True)
     t.start()

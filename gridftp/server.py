@@ -32,8 +32,8 @@ from security.gsi import GSIContext, GSIError
 from .checksum import ALGORITHMS as CHECKSUM_ALGORITHMS, hash_fd, hash_file
 from .control import ControlChannel, LineTooLong
 from .datachannel import (ACCEPT_TIMEOUT, Counter, ModeEReceiver, ModeESender, Throttle, Worker, accept_connections,
-                          accept_one, close_all, connect_streams, open_listener, receive_stream, send_stream,
-                          shutdown_listener)
+                          accept_one, close_all, close_cached, connect_streams, open_listener, receive_stream,
+                          send_stream, shutdown_listener)
 from .errors import AuthenticationError, ChecksumMismatch, GridFTPError, PathError, ProtocolError, TransferError
 from .filespace import (PART_SUFFIX, SIDECAR_SUFFIX, FileSpace, LocalFileSpace, has_control, is_internal,
                         normalize)
@@ -445,15 +445,86 @@ def _plain_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return address
 
 
+DATA_CACHE_IDLE = 120.0     # seconds cached MODE E data connections may wait for the session's next transfer
+
+
 @dataclass
 class _DataSetup:
+    """A session's data channel set-up, and the MODE E connections kept from its last transfer (GFD.20 data channel
+    caching: Globus clients send the next RETR/STOR of ``-r`` or ``-f`` without a new PORT/PASV). Cached connections
+    belong to this session only, and carry data only in the direction and under the DCAU/PROT they were set up with
+    (``purpose``); a new PORT/PASV, a MODE/PROT/DCAU change, an error, ABOR, QUIT or :data:`DATA_CACHE_IDLE` seconds
+    unused close them (:meth:`clear`)."""
+
     passive: list[socket.socket] = field(default_factory=list)      # listeners (PASV/EPSV/SPAS)
     active: list[tuple[str, int]] = field(default_factory=list)     # peers to connect (PORT/EPRT/SPOR)
+    cached: list[socket.socket] = field(default_factory=list)       # kept from the last transfer
+    purpose: tuple | None = None                                    # ("send" or "recv", security) they serve
+    claimed: list[socket.socket] = field(default_factory=list)      # taken by the transfer starting
+    _timer: threading.Timer | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def clear(self) -> None:
-        close_all(self.passive)
-        self.passive = []
-        self.active = []
+        with self._lock:
+            self._stop_timer()
+            dropped = self._drop()
+            passive, self.passive, self.active = self.passive, [], []
+        dropped()
+        close_all(passive)
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _drop(self) -> Callable[[], int]:
+        """Forget the cached and claimed connections (under the lock); returns what closes them (and counts them)."""
+        socks, self.cached, self.claimed = self.cached + self.claimed, [], []
+        sender = self.purpose is not None and self.purpose[0] == "send"
+        self.purpose = None
+
+        def close() -> int:
+            close_cached(socks, sender=sender)
+            return len(socks)
+        return close
+
+    def keep(self, socks: list[socket.socket], purpose: tuple, idle: float) -> None:
+        """Cache the connections of a transfer that ended well, for the next one of the same ``purpose``."""
+        with self._lock:
+            self._stop_timer()
+            self.cached, self.purpose = list(socks), purpose
+            timer = threading.Timer(idle, lambda: self._expire(timer))
+            timer.daemon = True
+            self._timer = timer
+        timer.start()
+
+    def _expire(self, timer: threading.Timer) -> None:
+        with self._lock:
+            if self._timer is not timer or self.claimed:
+                return
+            self._timer = None
+            dropped = self._drop()
+            passive, self.passive = self.passive, []        # kept only for its cached connections
+        if dropped():
+            log.info("closed the cached data connections of a session idle for %.0f s", timer.interval)
+        close_all(passive)
+
+    def take(self, purpose: tuple) -> None:
+        """A transfer of ``purpose`` begins: the cached connections become its :attr:`claimed` ones if they
+        serve that purpose, else they are closed."""
+        with self._lock:
+            self._stop_timer()
+            if self.cached and self.purpose == purpose:
+                self.claimed, self.cached = self.cached, []
+                return
+            dropped = self._drop()
+        dropped()
+
+    def claim(self) -> list[socket.socket]:
+        """The connections :meth:`take` claimed (the caller owns them now)."""
+        with self._lock:
+            socks, self.claimed = self.claimed, []
+            return socks
 
 
 class _Session:
@@ -476,6 +547,7 @@ class _Session:
         self.type = "A"
         self.mode = "S"
         self.data = _DataSetup()
+        self._completed = False     # the transfer in progress has been answered 226 (its data channel may be kept)
         self.rest: RangeSet | int | None = None
         self.retr_opts = RetrOptions()
         self.sbuf: int | None = None
@@ -621,6 +693,8 @@ class _Session:
         if not self.logged_in and verb not in PRE_LOGIN:
             self.reply(530, "Please log in first.")
             return True
+        if verb in DATA_VERBS:
+            self._completed = False     # set again by this transfer's 226 (its data connections may then be kept)
         try:
             result = handler(arg.strip() if verb not in ("PASS",) else arg)
             if verb in WORK_VERBS:
@@ -687,7 +761,8 @@ class _Session:
         self.rest = None
         self.allo = None
         self.scks = None
-        self.data.clear()
+        if not (self._completed and self.data.cached):     # kept: a MODE E transfer that ended well (GFD.20 caching)
+            self.data.clear()
 
     @staticmethod
     def _int(text: str, what: str) -> int:
@@ -853,6 +928,8 @@ class _Session:
             raise _Reply(536, f"PROT {level} is not supported; use C or P.")
         if level not in ("C", "P") and not (level == "S" and self.gss is not None):
             raise _Reply(504, "PROT takes C or P.")
+        if level != self.prot:
+            self.data.clear()       # cached data connections serve the old level only
         self.prot = level
         self.reply(200, f"Protection level set to {level}.")
 
@@ -864,11 +941,14 @@ class _Session:
         mode, _, subject = arg.partition(" ")
         mode = mode.upper()
         if mode in ("N", "A") and not subject:
-            self.dcau = (mode, None)
+            dcau = (mode, None)
         elif mode == "S" and subject.strip():
-            self.dcau = ("S", subject.strip())
+            dcau = ("S", subject.strip())
         else:
             raise _Reply(504, "DCAU takes N, A or S <subject>.")
+        if self.dcau != dcau:
+            self.data.clear()       # cached data connections were authenticated the old way
+        self.dcau = dcau
         self.reply(200, f"DCAU {mode}.")
 
     def _protection(self) -> DataTLS | None:
@@ -978,6 +1058,8 @@ class _Session:
             raise _Reply(501, "MODE takes S or E.")
         if m not in ("S", "E"):
             raise _Reply(504, f"MODE {m} not supported.")
+        if m != self.mode:
+            self.data.clear()       # MODE S has no cached data connections
         self.mode = m
         self.reply(200, f"Mode set to {m}.")
 
@@ -1017,6 +1099,8 @@ class _Session:
         size = self._int(arg, "buffer size")
         if not 1024 <= size <= 1 << 30:
             raise _Reply(501, "Buffer size must be between 1 KiB and 1 GiB.")
+        if size != self.sbuf:
+            self.data.clear()       # cached data connections have the old buffers
         self.sbuf = size
         self.reply(200, f"Buffer size set to {size}.")
 
@@ -1288,8 +1372,16 @@ class _Session:
         self.reply(200, "SPOR Command successful.")
 
     # -- transfers ---------------------------------------------------------------------------------------------
+    def _data_purpose(self, sending: bool) -> tuple:
+        """What cached MODE E connections must have been set up for to carry this transfer: the same direction,
+        identity, DCAU and PROT (the session's own connections only: the cache is the session's)."""
+        delegated = self.gss.delegated if self.gss is not None else None
+        return ("send" if sending else "recv", self.dn, id(delegated), self.dcau, self.prot, self.sbuf)
+
     def _need_data(self, sending: bool) -> None:
+        self._completed = False
         if self.mode == "E":
+            self.data.take(self._data_purpose(sending))
             if sending and not self.data.active:
                 raise _Reply(503, "In MODE E the sender opens the data connections: send PORT or SPOR first.")
             if not sending and not self.data.passive:
@@ -1420,10 +1512,13 @@ class _Session:
         finally:
             self._reset_transfer_state()
 
+    def _per_address(self, parallel: int) -> int:
+        return max(1, min(parallel, MAX_PARALLELISM // max(1, len(self.data.active))))
+
     def _open_active(self, per_address: int, protection) -> list[socket.socket]:
         """``per_address`` connections to each PORT/SPOR address, at most MAX_PARALLELISM in all (each costs a
         socket and a thread while it connects)."""
-        per_address = max(1, min(per_address, MAX_PARALLELISM // max(1, len(self.data.active))))
+        per_address = self._per_address(per_address)
         try:
             return connect_streams(self.data.active, per_address, protection=protection, sbuf=self.sbuf)
         except (AuthenticationError, TransferError) as exc:
@@ -1437,23 +1532,41 @@ class _Session:
 
     def _send_mode_e(self, source: int | bytes, todo, shift: int, protection) -> None:
         counter = Counter()
-        self._run_sender(ModeESender(source, todo, shift=shift, throttle=self._throttle(), counter=counter), counter,
-                         protection)
+        self._run_sender(ModeESender(source, todo, shift=shift, throttle=self._throttle(), counter=counter,
+                                     keep_open=True), counter, protection)
 
     def _run_sender(self, sender, counter: Counter, protection, what: str = "") -> None:
         """A RETR's MODE E sender run over the negotiated parallel data connections: perf markers while it runs,
-        then 226, or the abort's or the failure's reply."""
+        then 226, or the abort's or the failure's reply. The connections cached from the session's last transfer
+        carry it when there are as many as wanted (else they are closed and new ones opened); a sender that keeps
+        its connections open (``keep_open``) leaves them cached for the next transfer."""
         parallel = max(1, min(self.retr_opts.parallelism, MAX_PARALLELISM))
-        socks = self._open_active(parallel, protection)
+        socks = self.data.claim()
+        reused = len(socks)
+        if socks and len(socks) != self._per_address(parallel) * len(self.data.active):
+            close_cached(socks, sender=True)
+            socks, reused = [], 0
+        if not socks:
+            socks = self._open_active(parallel, protection)
         worker = Worker(lambda: sender.run(socks), "gridftp-retr")
         finished = self._wait(worker.join, lambda: self.reply(112, format_perf_marker(counter.total)), sender.cancel)
         worker.join()
+        if not finished or worker.error is not None:
+            close_all(socks)
         if not finished:
             self._aborted()
             return
         if worker.error is not None:
             raise _Reply(426, f"Transfer aborted: {worker.error}")
-        log.info("session %s: sent %d bytes %sover %d MODE E streams", self.peer, counter.total, what, len(socks))
+        log.info("session %s: sent %d bytes %sover %d MODE E streams%s", self.peer, counter.total, what, len(socks),
+                 f" (reused {reused} cached data connections)" if reused else "")
+        if getattr(sender, "keep_open", False):
+            self.data.keep(socks, self._data_purpose(True), DATA_CACHE_IDLE)
+        self._complete()
+
+    def _complete(self) -> None:
+        """226 for a transfer that ended well: its MODE E data connections, if kept, may carry the next one."""
+        self._completed = True
         self.reply(226, "Transfer Complete.")
 
     def _stream_mode(self, move: Callable[[socket.socket], object], protection) -> bool:
@@ -1636,8 +1749,11 @@ class _Session:
     def _receive_mode_e(self, sink, shift: int, limit: int | None, protection) -> bool:
         """Receive into ``sink``; sends markers; returns True when all data arrived (else replied)."""
         counter = Counter()
-        receiver = ModeEReceiver(sink, shift=shift, limit=limit, counter=counter)
-        listener = self.data.passive[0]
+        receiver = ModeEReceiver(sink, shift=shift, limit=limit, counter=counter, keep_open=True)
+        cached = self.data.claim()
+        for sock in cached:     # the connections kept from the session's last upload (GFD.20 caching)
+            receiver.add_connection(sock, reused=True)
+        listener = self.data.passive[0]     # still open: the sender may add connections
         acceptor = accept_connections(listener, receiver, protection=protection, allow=self._data_allow(protection),
                                       timeout=self.server.accept_timeout, what=f"session {self.peer} ({self.dn})")
         partial = sink if isinstance(sink, PartialFile) else None
@@ -1653,9 +1769,14 @@ class _Session:
             receiver.fail(TransferError("transfer aborted"))
 
         finished = self._wait(receiver.wait, markers, cancel)
-        shutdown_listener(listener)
+        if not finished or receiver.error is not None or not receiver.kept:
+            shutdown_listener(listener)
+        # else the listener stays for the next transfer over the kept connections (the sender may add some); the
+        # acceptor ends at once all the same (the receiver's end wakes it)
         acceptor.join(timeout=5)
-        receiver.close()
+        kept = receiver.close()
+        if kept:
+            self.data.keep(kept, self._data_purpose(False), DATA_CACHE_IDLE)
         if partial is not None:
             fresh = partial.checkpoint()
             if fresh:
@@ -1672,8 +1793,8 @@ class _Session:
         if receiver.corrupt_blocks:
             self.reply(451, f"{len(receiver.corrupt_blocks)} blocks flagged as corrupt; restart to resend them.")
             return False
-        log.info("session %s: received %d bytes over %d MODE E streams", self.peer, counter.total,
-                 receiver.connections)
+        log.info("session %s: received %d bytes over %d MODE E streams%s", self.peer, counter.total,
+                 receiver.connections, f" (reused {len(cached)} cached data connections)" if cached else "")
         return True
 
     def _receive_mode_s(self, sink, start: int, limit: int | None, protection) -> bool:
@@ -1710,7 +1831,7 @@ class _Session:
             self.server.files.committed(vpath, real, digest)
         except Exception:
             log.exception("post-commit hook failed for %s", vpath)
-        self.reply(226, "Transfer Complete.")
+        self._complete()
 
     def _receive_in_place(self, vpath: str, offset: int) -> None:
         try:
@@ -1749,7 +1870,7 @@ class _Session:
             else:
                 ok = self._receive_mode_s(sink, offset, limit, protection)
             if ok:
-                self.reply(226, "Transfer Complete.")
+                self._complete()
         finally:
             self._grant = None
             if grant is not None:
