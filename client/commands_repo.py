@@ -513,9 +513,15 @@ def cmd_import(args) -> int:
                     refused = refused or (batch, exc)
                     under_way.popleft()
                     continue
-                done += [(path, image_id) for (path, _), image_id in zip(batch, ids)]
-                recorded.add(future)
-                under_way.popleft()
+                # recorded as one step: an interrupt between adding its images and marking it recorded counted
+                # them twice, and the undo then removed each twice (the second removal refused: UnknownImage)
+                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+                try:
+                    done += [(path, image_id) for (path, _), image_id in zip(batch, ids)]
+                    recorded.add(future)
+                    under_way.popleft()
+                finally:
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
                 top_up()
         except KeyboardInterrupt:
             # Ctrl-C (or SIGTERM) between or during batches: no further batch is sent; the calls under way are
