@@ -177,6 +177,7 @@ def pids_cgroups(configured: str = "") -> tuple[Path | None, str | None]:
         elif not (root / "cgroup.procs").exists():
             return None, f"no pids cgroup hierarchy at {root}"
         parent.mkdir(exist_ok=True)
+        parent.chmod(0o755)          # a job (its own uid) may read its limits: not the container's umask 077
         if v2:
             (parent / "cgroup.subtree_control").write_text("+pids")
         probe = parent / f"probe-{uuid.uuid4().hex}"

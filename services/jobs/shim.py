@@ -93,6 +93,7 @@ def make_cgroup(path: str, max_pids: int) -> str | None:
     and threads; None if done, else why not."""
     try:
         os.mkdir(path)
+        os.chmod(path, 0o755)        # the job (its own uid) may read its own limits: not the container's umask 077
     except OSError as exc:
         return f"{path}: {exc.strerror or exc}"
     try:
