@@ -596,7 +596,10 @@ def test_a_fork_bomb_has_its_forks_refused_while_another_job_and_the_service_kee
         assert 0 < forks < 32                        # the bound counts the init and the program too
         cgroup = m.pids_cgroup / bomb.key
         assert int((cgroup / "pids.current").read_text()) <= 32
-        other = m.submit(OWNER, JobSpec(PY, ("-c", "import os; print(os.fork() and 'parent' or 'child')")))
+        # the parent waits for its child: a job's leftovers end with it, and a child that had not printed yet when
+        # the parent exited was ended unheard (seen under load: ['parent'])
+        other = m.submit(OWNER, JobSpec(PY, ("-c", "import os; pid = os.fork(); print(pid and 'parent' or 'child', "
+                                                  "flush=True); pid and os.waitpid(pid, 0)")))
         done = wait_final(m, other.key)
         assert done.state == JobState.DONE
         assert sorted((m.jobs_dir / other.key / "stdout").read_text().split()) == ["child", "parent"]
