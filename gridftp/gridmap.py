@@ -4,12 +4,29 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 
 log = logging.getLogger("gridftp.gridmap")
 
 _HEXDIGITS = "0123456789abcdefABCDEF"
+# Globus's DN comparison (gsi/cert_utils globus_gsi_cert_utils.c, ``globus_l_gsi_cert_utils_normalize_dn``): right
+# after a '/', the attribute names UID=, E= and Email= (any case) stand for USERID= and emailAddress=
+_GLOBUS_ALIASES = re.compile(r"(?<=/)(?:(UID=)|(E=)|(Email=))", re.IGNORECASE)
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def dn_key(dn: str) -> str:
+    """What a DN is compared by, as Globus compares a login's DN with a grid-mapfile's
+    (gsi/gss_assist gridmap.c, ``globus_i_gss_assist_gridmap_find_dn``: ``globus_i_gsi_cert_utils_dn_cmp(dn,
+    gline_tmp->dn) == 0``, which is ``strcasecmp`` of the two DNs, then of both normalised): ASCII letters in any
+    case, and ``/UID=`` the same as ``/USERID=``, ``/E=`` and ``/Email=`` the same as ``/emailAddress=``. Two DNs
+    Globus takes as one have the same key. Other letters (``ö``, ``Ö``) compare exactly, as ``strcasecmp`` on
+    UTF-8 bytes does."""
+    normal = _GLOBUS_ALIASES.sub(lambda m: "USERID=" if m.group(1) else "emailAddress=", dn)
+    return normal.translate(_ASCII_LOWER)
 
 
 def _unescape(raw: str) -> str:
@@ -87,16 +104,30 @@ def read_gridmap(path: Path | str) -> set[str]:
     return parse_gridmap(text, str(path))
 
 
+class DNSet:
+    """DNs looked up as Globus compares them (:func:`dn_key`): ``dn in DNSet(dns)``."""
+
+    def __init__(self, dns: Iterable[str]):
+        self._keys = frozenset(dn_key(dn) for dn in dns)
+
+    def __contains__(self, dn: object) -> bool:
+        return isinstance(dn, str) and dn_key(dn) in self._keys
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
 class GridMap:
     """The DNs of a grid-mapfile, read again at a lookup when the file changed (its inode, size or modification
     time: one ``stat`` per login). A new version that cannot be read (a line in error, the file gone or unreadable)
     is logged and the last good one kept, so a half-written edit neither locks everyone out nor lets anyone in.
-    The first read at start raises instead."""
+    The first read at start raises instead. A DN is looked up as Globus looks it up (:func:`dn_key`)."""
 
     def __init__(self, path: Path | str):
         self.path = Path(path)
         st = os.stat(self.path)
         self._dns = read_gridmap(self.path)
+        self._keys = DNSet(self._dns)
         self._stamp: tuple | None = self._stamp_of(st)
         self._lock = threading.Lock()
 
@@ -125,12 +156,12 @@ class GridMap:
                             self.path, exc, len(self._dns))
                 return
             added, removed = len(dns - self._dns), len(self._dns - dns)
-            self._dns = dns
+            self._dns, self._keys = dns, DNSet(dns)
             log.info("grid-mapfile %s read again: %d DNs (%d added, %d removed)", self.path, len(dns), added, removed)
 
     def __contains__(self, dn: object) -> bool:
         self.refresh()
-        return dn in self._dns
+        return dn in self._keys
 
     def __len__(self) -> int:
         return len(self._dns)

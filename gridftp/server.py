@@ -37,7 +37,7 @@ from .datachannel import (ACCEPT_TIMEOUT, Counter, ModeEReceiver, ModeESender, T
 from .errors import AuthenticationError, ChecksumMismatch, GridFTPError, PathError, ProtocolError, TransferError
 from .filespace import (PART_SUFFIX, SIDECAR_SUFFIX, FileSpace, LocalFileSpace, has_control, is_internal,
                         normalize)
-from .gridmap import GridMap
+from .gridmap import DNSet, GridMap
 from .partial import PartialFile
 from .protocol import (MAX_PARALLELISM, RetrOptions, format_host_port, format_mdtm,
                        format_perf_marker, parse_eprt, parse_host_port, parse_retr_options, split_command)
@@ -133,7 +133,8 @@ class GridFTPServer:
     ``accept_timeout``: seconds a passive data port waits for a data connection that proves itself; others
     (a failed TLS handshake or DCAU check, an address not allowed) are dropped and logged meanwhile.
     ``gsi``: with a credential, also offer ``AUTH GSSAPI`` (the Globus GSI mechanism, :mod:`security.gsi`).
-    ``gridmap``: a Globus grid-mapfile (path) or a set of DNs; only those DNs may log in (None: any
+    ``gridmap``: a Globus grid-mapfile (path) or a set of DNs; only those DNs may log in, compared as Globus
+    compares them (:func:`gridftp.gridmap.dn_key`: ASCII case ignored, ``UID``/``E``/``Email`` aliases) (None: any
     trusted DN, the path rules decide). ``accept_limited_proxies``: False refuses limited proxies.
     ``max_quota_names``: the most files and directories a quota's directory (:meth:`FileSpace.quota`) may hold
     (empty files cost no bytes but an inode each). ``max_sessions``: control connections at once. Of them, at most ``max_unauthenticated_per_host`` (default
@@ -195,7 +196,8 @@ class GridFTPServer:
         self.data_peers = [ipaddress.ip_network(p, strict=False) for p in data_peers]
         self.accept_timeout = accept_timeout
         self.gsi = gsi and self.tls is not None
-        self.gridmap = gridmap if gridmap is None or isinstance(gridmap, set) else GridMap(gridmap)
+        self.gridmap = (None if gridmap is None else DNSet(gridmap) if isinstance(gridmap, (set, frozenset))
+                        else GridMap(gridmap))
         self.accept_limited_proxies = accept_limited_proxies
         self.checksums = _ChecksumCache()
         self._listener: socket.socket | None = None

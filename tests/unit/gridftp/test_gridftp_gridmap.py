@@ -9,7 +9,7 @@ import os
 import pytest
 
 from gridftp import AuthenticationError, download
-from gridftp.gridmap import GridMap, parse_gridmap
+from gridftp.gridmap import GridMap, dn_key, parse_gridmap
 
 
 def test_globus_escapes_in_a_dn():
@@ -74,3 +74,37 @@ def test_a_map_that_cannot_be_read_at_start_is_an_error(tmp_path):
         GridMap(mapfile)
     with pytest.raises(FileNotFoundError):
         GridMap(tmp_path / "missing")
+
+
+def test_dns_compare_as_globus_compares_them():
+    """gss_assist gridmap.c finds a DN with ``globus_i_gsi_cert_utils_dn_cmp(dn, gline_tmp->dn) == 0``: strcasecmp,
+    then strcasecmp of both normalised (/UID= is /USERID=, /E= and /Email= are /emailAddress=). vmgrid compared
+    exactly, so a grid-mapfile that a Globus server accepts refused its users here."""
+    alice = "/O=Grid/OU=mysite/CN=Alice Smith"
+    assert dn_key("/o=grid/ou=MYSITE/cn=alice smith") == dn_key(alice)
+    assert dn_key("/O=Grid/OU=mysite/UID=alice") == dn_key("/O=Grid/OU=mysite/userid=alice")
+    assert dn_key("/O=Grid/E=a@example.org/CN=A") == dn_key("/O=Grid/emailAddress=a@example.org/CN=A")
+    assert dn_key("/O=Grid/Email=a@example.org/CN=A") == dn_key("/O=Grid/EMAILADDRESS=a@example.org/CN=A")
+    assert dn_key("/O=Grid/CN=Jörg") != dn_key("/O=Grid/CN=JÖRG")        # strcasecmp folds ASCII only
+    assert dn_key("/O=Grid/CN=x UID=y") != dn_key("/O=Grid/CN=x USERID=y")  # an alias only right after a '/'
+    assert dn_key(alice + " ") != dn_key(alice) and dn_key("/O=Grid/CN=bob") != dn_key(alice)
+
+
+def test_a_grid_mapfile_dn_in_another_case_admits_its_user(start_server, grid_pki, tmp_path):
+    """The grid-mapfile's line for alice written in other letter cases (as a site's tools or a hand edit may
+    write it) lets her in over GSI and AUTH TLS, as at a Globus server; bob stays out. A set of DNs alike."""
+    dn = grid_pki.alice.dn
+    swapped = "/".join(part.swapcase() for part in dn.split("/"))
+    assert swapped != dn
+    mapfile = tmp_path / "grid-mapfile"
+    mapfile.write_text(f'"{swapped}" alice\n')
+    for gridmap in (mapfile, {swapped}):
+        server = start_server(credential=grid_pki.host, trust=grid_pki.cert_dir, anonymous=False, gridmap=gridmap)
+        url = f"gsiftp://localhost:{server.port}/data/small"
+        for gsi in (True, False):
+            got = download(url, tmp_path / f"a-{gsi}", credential=grid_pki.alice.proxy, trust=grid_pki.cert_dir,
+                           gsi=gsi, retries=0)
+            assert got.size == 1000
+            (tmp_path / f"a-{gsi}").unlink()
+        with pytest.raises(AuthenticationError, match="not in this server's grid-mapfile"):
+            download(url, tmp_path / "b", credential=grid_pki.bob.proxy, trust=grid_pki.cert_dir, retries=0)
