@@ -9,7 +9,7 @@ from pathlib import Path
 
 from services.common.errors import CLIError
 
-from .errors import GridFTPError
+from .errors import ChecksumMismatch, GridFTPError
 
 SCHEMES = ("ftp://", "gsiftp://")
 
@@ -187,6 +187,17 @@ def _expired_credential(args) -> str:
     return ""
 
 
+def _mismatch_hint(args, *, upload: bool, download: bool) -> str:
+    """What to do after a failed verification: nothing of the transfer was kept to resume from (a wrong digest
+    or wrong bytes), so the command run again starts afresh; with the digest the user gave, check it."""
+    given = "--blake3" if download and args.blake3 else "--sha256" if args.sha256 else ""
+    if given:
+        without = "the file's own is then computed" if upload else "the source's is then asked"
+        return (f"; nothing of it is kept: check {given} and run the command again with the right digest "
+                f"(or without {given}: {without})")
+    return "; nothing of it is kept: the same command run again transfers the file afresh"
+
+
 def cmd_transfer(args) -> int:
     from . import transfer
 
@@ -235,6 +246,8 @@ def cmd_transfer(args) -> int:
         # a transfer cut short (the connection lost, a server gone or busy) resumes as after Ctrl-C: say so; not
         # for this side's own disk (full, read-only), which the same command alone does not mend
         hint = f"; {again}" if again and transfer._retryable(exc) and not getattr(exc, "local", False) else ""
+        if isinstance(exc, ChecksumMismatch):
+            hint = _mismatch_hint(args, upload=_is_url(dst) and not _is_url(src), download=not _is_url(dst))
         raise CLIError(f"{exc}{_expired_credential(args) if 'refused the credential' in str(exc) else ''}{hint}") \
             from exc
     except OSError as exc:

@@ -51,10 +51,15 @@ class ReplyTimeout(TransferError, ProtocolError):
 
 
 class ChecksumMismatch(GridFTPError):
-    """The received bytes do not hash to the expected digest (the caller's, or the source's when it was asked)."""
+    """The received bytes do not hash to the expected digest (the caller's, or the source's when it was asked);
+    ``actual`` is "" when a receiving server refused them without saying their digest."""
 
     def __init__(self, path: str, expected: str, actual: str, algorithm: str = "sha256"):
-        super().__init__(f"{path}: {algorithm.lower()} {actual} does not match the expected {expected}")
+        if actual:
+            super().__init__(f"{path}: {algorithm.lower()} {actual} does not match the expected {expected}")
+        else:           # a receiving server refused the file without saying what it received
+            super().__init__(f"{path}: what the server received does not match the expected {algorithm.lower()} "
+                             f"{expected}")
         self.algorithm = algorithm.lower()
         self.path = path
         self.expected = expected

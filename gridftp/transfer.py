@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -519,6 +520,20 @@ def _pipeline_tolerant(session: GridFTPClient, lines: list[str], optional: set[s
     return replies
 
 
+_RECEIVED_SHA256 = re.compile(r"received sha256 ([0-9a-f]{64})", re.IGNORECASE)
+
+
+def _checksum_refusal(exc: BaseException, path: str, expected: str) -> ChecksumMismatch | None:
+    """The :class:`ChecksumMismatch` a receiving server's refusal of a ``STOR`` for its ``SCKS`` digest means
+    (``554 Checksum mismatch: received sha256 HEX is not HEX; file discarded.``), with what it received when it
+    says so; None for any other error."""
+    if not (isinstance(exc, ReplyError) and exc.code == 554 and "checksum" in exc.text.lower()
+            and exc.command.upper().startswith("STOR")):
+        return None
+    said = _RECEIVED_SHA256.search(exc.text)
+    return ChecksumMismatch(path, expected, said.group(1).lower() if said else "")
+
+
 def _verify_remote(session: GridFTPClient, path: str, expected: str, scks_accepted: bool) -> None:
     try:
         actual = _source_sha256(session, path)
@@ -619,10 +634,16 @@ def upload(src_path: str | os.PathLike, url: str, parallel: int = DEFAULT_PARALL
                     progress(size, size)
                 return TransferResult(str(src), str(dst), size, digest, time.monotonic() - started, transferred,
                                       reused, fetched.format(), attempts, parallel)
+            except ChecksumMismatch:
+                log.remove()        # see below
+                raise
             except (TransferError, ReplyError) as exc:
-                if isinstance(exc, ReplyError) and exc.code == 554 and "checksum" in exc.text.lower():
-                    log.reset()
-                    raise ChecksumMismatch(dst.path, digest, "(refused by the server)") from exc
+                refusal = _checksum_refusal(exc, dst.path, digest)
+                if refusal is not None:
+                    # the digest (given, remembered or computed) or the server's bytes are wrong: neither is kept,
+                    # so that the command run again (with the right --sha256, or none) starts afresh
+                    log.remove()
+                    raise refusal from exc
                 if not _retryable(exc) or attempts > retries:
                     raise
                 time.sleep(retry_delay)
@@ -657,6 +678,8 @@ def third_party(src_url: str, dst_url: str, parallel: int = DEFAULT_PARALLEL, *,
     fetched = RangeSet()
     attempts = 0
     reused: int | None = None
+    log: _RestartLog | None = None
+    digest = ""
     while True:
         attempts += 1
         try:
@@ -741,7 +764,15 @@ def third_party(src_url: str, dst_url: str, parallel: int = DEFAULT_PARALLEL, *,
                 progress(size, size)
             return TransferResult(str(src), str(dst), size, digest, time.monotonic() - started, transferred,
                                   reused or 0, fetched.format(), attempts, parallel)
+        except ChecksumMismatch:
+            if log is not None:
+                log.remove()        # as an upload's: nothing wrong is resumed from
+            raise
         except (TransferError, ReplyError) as exc:
+            refusal = _checksum_refusal(exc, dst.path, digest) if log is not None else None
+            if refusal is not None:
+                log.remove()
+                raise refusal from exc
             if not _retryable(exc) or attempts > retries:
                 raise
             time.sleep(retry_delay)

@@ -350,3 +350,35 @@ def test_an_upload_onto_an_existing_remote_file_replaces_it_only_once_verified(s
     ok = vmgrid("transfer", str(new), server.url("/up/f"), "-q", "--state-dir", str(tmp_path / "s2"))
     assert ok.returncode == 0, ok.stderr
     assert sha256_of(tree / "up" / "f") == sha256_of(new)
+
+
+def test_an_upload_refused_for_its_sha256_says_what_to_do_and_the_same_command_then_works(start_server, tree,
+                                                                                          tmp_path):
+    """`vmgrid transfer FILE URL --sha256 WRONG`: the message named no digest the server received ("sha256 (refused
+    by the server)") and the wrong one stayed in the restart log, so the command run again without --sha256 failed
+    the same way. Now the message says what the server received and what to do, and both retries work."""
+    server = start_server(upload_area="/up", insecure_anonymous_writes=True)
+    new = make_file(tmp_path / "new", 3 * MiB)
+    state = ["--state-dir", str(tmp_path / "s")]
+    wrong = vmgrid("transfer", str(new), server.url("/up/f"), "-q", "--sha256", "0" * 64, *state)
+    assert wrong.returncode == 1 and wrong.stdout == "", wrong.stderr
+    assert wrong.stderr == (f"vmgrid: /up/f: sha256 {sha256_of(new)} does not match the expected {'0' * 64}; nothing "
+                            f"of it is kept: check --sha256 and run the command again with the right digest (or "
+                            f"without --sha256: the file's own is then computed)\n")
+    again = vmgrid("transfer", str(new), server.url("/up/f"), "-q", *state)
+    assert again.returncode == 0, again.stderr
+    assert sha256_of(tree / "up" / "f") == sha256_of(new)
+    assert vmgrid("transfer", str(new), server.url("/up/g"), "-q", "--sha256", "1" * 64, *state).returncode == 1
+    right = vmgrid("transfer", str(new), server.url("/up/g"), "-q", "--sha256", sha256_of(new), *state)
+    assert right.returncode == 0, right.stderr
+    assert sha256_of(tree / "up" / "g") == sha256_of(new)
+    third = vmgrid("transfer", server.url("/up/g"), server.url("/up/h"), "-q", "--sha256", "2" * 64, *state)
+    assert third.returncode == 1 and third.stderr.endswith(
+        "(or without --sha256: the source's is then asked)\n"), third.stderr
+    assert vmgrid("transfer", server.url("/up/g"), server.url("/up/h"), "-q", *state).returncode == 0
+    assert sha256_of(tree / "up" / "h") == sha256_of(new)
+    down = vmgrid("transfer", server.url("/up/g"), str(tmp_path / "d"), "-q", "--sha256", "3" * 64)
+    assert down.returncode == 1 and down.stderr.endswith(
+        "nothing of it is kept: check --sha256 and run the command again with the right digest (or without "
+        "--sha256: the source's is then asked)\n"), down.stderr
+    assert not list(tmp_path.glob("d*"))

@@ -9,7 +9,8 @@ import threading
 import pytest
 
 from gridftp import TransferError, download, third_party, upload
-from gridftp.errors import GridFTPError, ReplyError
+from gridftp.errors import ChecksumMismatch, GridFTPError, ReplyError
+from gridftp.filespace import LocalFileSpace
 from gridftp.partial import part_path, read_sidecar, sidecar_path
 from gridftp.ranges import RangeSet
 
@@ -219,3 +220,63 @@ def test_third_party_resumes_after_the_data_connections_are_cut(start_server, so
     assert result.attempts == 2
     assert (target_root / "up" / "image").read_bytes() == source.read_bytes()
     assert RangeSet.parse(result.fetched_ranges) == RangeSet([(0, SIZE)])
+
+
+# -- a failed verification: nothing wrong is resumed from -------------------------------------------------------
+def test_an_upload_refused_for_a_wrong_sha256_leaves_no_restart_log_and_runs_again_without_it(start_server, tree,
+                                                                                            source, tmp_path):
+    """The wrong --sha256 stayed in the restart log: run again without it, the upload announced the wrong digest
+    again and failed for ever. Now the refusal removes the log: without a digest the file's own is computed, with
+    the right one it is used, and the server's refusal says what it received."""
+    server = start_server(upload_area="/up", insecure_anonymous_writes=True)
+    state = tmp_path / "state"
+    with pytest.raises(ChecksumMismatch) as info:
+        upload(source, server.url("/up/image"), sha256="0" * 64, state_dir=state)
+    assert info.value.actual == sha256_of(source) and info.value.expected == "0" * 64
+    assert not list(state.glob("*")), "nothing kept to resume from"
+    result = upload(source, server.url("/up/image"), state_dir=state)
+    assert result.sha256 == sha256_of(source) and (tree / "up" / "image").read_bytes() == source.read_bytes()
+    with pytest.raises(ChecksumMismatch):
+        upload(source, server.url("/up/again"), sha256="1" * 64, state_dir=state)
+    result = upload(source, server.url("/up/again"), sha256=sha256_of(source), state_dir=state)
+    assert result.attempts == 1 and (tree / "up" / "again").read_bytes() == source.read_bytes()
+    with pytest.raises(ChecksumMismatch):                       # a third-party transfer alike
+        third_party(server.url("/data/image"), server.url("/up/third"), sha256="2" * 64, state_dir=state)
+    assert not list(state.glob("*"))
+    result = third_party(server.url("/data/image"), server.url("/up/third"), state_dir=state)
+    assert (tree / "up" / "third").read_bytes() == source.read_bytes()
+
+
+class _CorruptingOnce(LocalFileSpace):
+    """Flips a byte of the first file stored, once it took its name: a server whose disk spoilt what it verified
+    (as a server without SCKS would hold a corrupt upload), found only by the client's CKSM afterwards."""
+
+    def __init__(self, root):
+        super().__init__(root)
+        self.spoilt: list[str] = []
+
+    def committed(self, vpath, real, sha256):
+        if not self.spoilt:
+            self.spoilt.append(vpath)
+            with open(real, "r+b") as fh:
+                first = fh.read(1)
+                fh.seek(0)
+                fh.write(bytes([first[0] ^ 0xFF]))
+
+
+def test_an_upload_the_server_holds_wrong_restarts_afresh_not_from_its_markers(start_server, tree, source, tmp_path):
+    """The server confirmed every range (111 markers) but its file does not hash to the digest: the restart log kept
+    those ranges, so the next run resumed from them (REST of the whole file: nothing sent; a server that honours it,
+    as Globus's does, keeps the wrong file and the upload fails again). Now nothing is kept and the next run sends
+    the whole file in its first attempt."""
+    space = _CorruptingOnce(tree)
+    server = start_server(root=space, upload_area="/up", insecure_anonymous_writes=True)
+    state = tmp_path / "state"
+    with pytest.raises(ChecksumMismatch) as info:
+        upload(source, server.url("/up/image"), state_dir=state, retries=0)
+    assert space.spoilt == ["/up/image"] and info.value.expected == sha256_of(source)
+    assert not list(state.glob("*"))
+    result = upload(source, server.url("/up/image"), state_dir=state, retries=0)
+    assert result.attempts == 1 and result.bytes_reused == 0
+    assert RangeSet.parse(result.fetched_ranges) == RangeSet([(0, SIZE)])
+    assert (tree / "up" / "image").read_bytes() == source.read_bytes()
