@@ -82,6 +82,22 @@ def register(subparsers) -> None:
                         "(repeatable; by default only the client's own address)")
     p.add_argument("--max-rate", type=float, default=0, help="bytes per second per transfer (0: unlimited)")
     p.add_argument("--marker-interval", type=float, default=5.0, help="seconds between 111/112 markers")
+    s = p.add_argument_group("sessions", "bounds on sessions (docs/gridftp.md, \"Security\")")
+    s.add_argument("--max-sessions", type=int, default=64, metavar="N", help="control connections at once (default 64)")
+    s.add_argument("--max-sessions-per-identity", type=int, metavar="N",
+                   help="logged-in sessions of one user identity (default: --max-sessions / 8)")
+    s.add_argument("--max-sessions-per-address", type=int, metavar="N",
+                   help="logged-in user sessions from one address, anonymous ones too (default: --max-sessions / 4)")
+    s.add_argument("--host-sessions", type=int, metavar="N",
+                   help="sessions kept for host identities (CN=host/NAME); users together get --max-sessions less "
+                        "these (default: --max-sessions / 4)")
+    s.add_argument("--transfer-idle-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="a logged-in session with no transfer for this long is closed, NOOPs notwithstanding "
+                        "(default 60; 0: no such bound)")
+    s.add_argument("--guest-dn", action="append", default=None, metavar="PATTERN",
+                   help="DN pattern of guest containers' certificates (repeatable; default "
+                        "\"/O=Grid/OU=vmgrid-guests/*\", the default [vmmanager] guest_ou): they end in CN=host/ADDRESS "
+                        "but count as users, not hosts; give your site's guest_ou as \"/O=Grid/OU=<guest_ou>/*\"")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=cmd_server)
 
@@ -270,12 +286,19 @@ def cmd_server(args) -> int:
     import logging
     import signal
 
-    from .server import GridFTPServer
+    from .server import DEFAULT_GUESTS, SESSION_LIMITS, GridFTPServer, check_session_limits, is_host_dn
 
     if not 0 <= args.port <= 65535:
         raise CLIError(f"--port is 0 to 65535 (0 picks a free one), not {args.port}")
     if not args.max_rate >= 0 or not args.marker_interval > 0:
         raise CLIError("--max-rate is bytes a second, 0 (unlimited) or more; --marker-interval seconds, more than 0")
+    limits = {key: getattr(args, key) for key in SESSION_LIMITS}
+    try:
+        check_session_limits(limits, {key: "--" + key.replace("_", "-") for key in SESSION_LIMITS})
+        guests = tuple(args.guest_dn) if args.guest_dn is not None else DEFAULT_GUESTS
+        is_host_dn(None, guests)        # a pattern that is no DN: refused before anything starts
+    except ValueError as exc:
+        raise CLIError(str(exc).replace("guest DN pattern", "--guest-dn")) from None
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     credential = None
@@ -295,7 +318,7 @@ def cmd_server(args) -> int:
                                authorize=authorize, anonymous=args.anonymous, upload_area=args.upload_area,
                                insecure_anonymous_writes=args.insecure_anonymous_writes,
                                max_rate=args.max_rate, marker_interval=args.marker_interval,
-                               data_peers=args.data_peer, gridmap=args.grid_mapfile)
+                               data_peers=args.data_peer, gridmap=args.grid_mapfile, guests=guests, **limits)
         server.bind()
     except OSError as exc:
         what = (f"{exc.filename}: {exc.strerror}" if exc.filename else      # the root, a grid-mapfile; else the address

@@ -7,18 +7,26 @@ import logging
 from typing import Callable
 
 from gridftp.filespace import FileSpace
-from gridftp.server import GridFTPServer
+from gridftp.server import SESSION_LIMITS, GridFTPServer
 
 Authorize = Callable[[str | None, str, str], bool]
 
 
 class GridFTPFace:
-    """``authorize(dn, op, vpath)`` decides every access; ``upload_area`` is the path uploads go under."""
+    """``authorize(dn, op, vpath)`` decides every access; ``upload_area`` is the path uploads go under.
+    ``server_options``: the site's bounds on sessions and its guests' DN patterns, as :class:`GridFTPServer` takes
+    them (``max_sessions``, ``max_sessions_per_identity``, ``max_sessions_per_address``, ``host_sessions``,
+    ``transfer_idle_timeout``, ``guests``: a site whose guest_ou is not ``vmgrid-guests`` passes
+    ``guests=["/O=Grid/OU=<guest_ou>/*"]``, or its guests' hosts' certificates take the hosts' share of sessions)."""
 
     def __init__(self, filespace: FileSpace, host: str, port: int, credential, trust, *, authorize: Authorize,
-                 upload_area: str, public_host: str = "", what: str = "files", log: logging.Logger | None = None):
+                 upload_area: str, public_host: str = "", what: str = "files", log: logging.Logger | None = None,
+                 **server_options):
+        unknown = set(server_options) - {*SESSION_LIMITS, "guests"}
+        if unknown:
+            raise TypeError(f"GridFTPFace: unknown server options {sorted(unknown)}")
         self.server = GridFTPServer(filespace, host, port, credential=credential, trust=trust, authorize=authorize,
-                                    upload_area=upload_area)
+                                    upload_area=upload_area, **server_options)
         self.public_host = public_host or ("localhost" if host in ("127.0.0.1", "::1", "0.0.0.0") else host)
         self.what = what
         self.log = log or logging.getLogger("vmgrid.gridftp")

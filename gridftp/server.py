@@ -37,7 +37,7 @@ from .datachannel import (ACCEPT_TIMEOUT, Counter, ModeEReceiver, ModeESender, T
 from .errors import AuthenticationError, ChecksumMismatch, GridFTPError, PathError, ProtocolError, TransferError
 from .filespace import (PART_SUFFIX, SIDECAR_SUFFIX, FileSpace, LocalFileSpace, has_control, is_internal,
                         normalize)
-from .gridmap import DNSet, GridMap
+from .gridmap import DNSet, GridMap, dn_key
 from .partial import PartialFile
 from .protocol import (MAX_PARALLELISM, RetrOptions, format_host_port, format_mdtm,
                        format_perf_marker, parse_eprt, parse_host_port, parse_retr_options, split_command)
@@ -65,15 +65,68 @@ DATA_VERBS = {"RETR", "ERET", "STOR", "ESTO", "LIST", "NLST", "MLSD"}
 # the commands that keep a logged-in session from being idle (``transfer_idle_timeout``): a NOOP or a SIZE does not
 WORK_VERBS = DATA_VERBS | {"CKSM"}
 _HOST_DN = re.compile(r"/CN=host/[^/=]+$")
-GUEST_OU = "/OU=vmgrid-guests/"     # vmgrid's default [vmmanager] guest_ou: guests' certificates, whose keys VM owners hold
+# guests' certificates, whose keys VM owners hold: vmgrid's default [vmmanager] guest_ou (and guest_dns, [policy] guests)
+DEFAULT_GUESTS = ("/O=Grid/OU=vmgrid-guests/*",)
 
 
-def is_host_dn(dn: str | None) -> bool:
+def _guest_matchers(guests: Iterable[str]) -> tuple[re.Pattern, ...]:
+    """Each DN pattern (``/O=Grid/OU=site-guests/*``; a ``*`` stands for any characters, '/' included) as a
+    regular expression over :func:`~gridftp.gridmap.dn_key`, so that a DN in other letters is still a guest's; a
+    pattern that is no DN raises ValueError."""
+    out = []
+    for pattern in guests:
+        if not isinstance(pattern, str) or not pattern.startswith("/") or "=" not in pattern:
+            raise ValueError(f"guest DN pattern {pattern!r} is not a DN pattern (e.g. \"/O=Grid/OU=site-guests/*\")")
+        out.append(re.compile(".*".join(re.escape(part) for part in dn_key(pattern).split("*")), re.DOTALL))
+    return tuple(out)
+
+
+_DEFAULT_GUEST_MATCHERS = _guest_matchers(DEFAULT_GUESTS)
+
+
+def is_host_dn(dn: str | None, guests: Iterable[str] = DEFAULT_GUESTS) -> bool:
     """Whether ``dn`` is a host's end-entity DN (``/O=Grid/OU=site/CN=host/node1.example.org``): a node or a
     service, whose sessions are kept room for (:class:`GridFTPServer`'s ``host_sessions``). A guest container's
-    certificate (``/O=Grid/OU=vmgrid-guests/CN=host/ADDRESS``, the default ``guest_ou``) is a user's, not a host's;
-    a site with another ``guest_ou`` passes its own ``host_identity``."""
-    return dn is not None and _HOST_DN.search(dn) is not None and GUEST_OU not in dn
+    certificate (``/O=Grid/OU=vmgrid-guests/CN=host/ADDRESS`` under the default ``guest_ou``; ``guests``: the site's
+    DN patterns of them) is a user's, not a host's."""
+    return _is_host(dn, _DEFAULT_GUEST_MATCHERS if guests is DEFAULT_GUESTS else _guest_matchers(guests))
+
+
+def _is_host(dn: str | None, guest_matchers: tuple[re.Pattern, ...]) -> bool:
+    if dn is None or _HOST_DN.search(dn) is None:
+        return False
+    key = dn_key(dn)
+    return not any(m.fullmatch(key) for m in guest_matchers)
+
+
+# the bounds on sessions (GridFTPServer's keywords): what each may be, given max_sessions
+SESSION_LIMITS = ("max_sessions", "max_sessions_per_identity", "max_sessions_per_address", "host_sessions",
+                  "transfer_idle_timeout")
+
+
+def check_session_limits(values: dict, names: dict[str, str] | None = None) -> None:
+    """Each of :data:`SESSION_LIMITS` given in ``values`` (None or missing: its default) within what it may be, or a
+    ValueError in one line naming it as ``names`` says (a command line flag, a configuration key; default the
+    keyword): ``--host-sessions is 0 to 63 (--max-sessions less one: users need one), not 64``."""
+    def name(key: str) -> str:
+        return (names or {}).get(key, key)
+
+    def whole(key: str, low: int, high: int | None, why: str = "") -> None:
+        value = values.get(key)
+        if value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+            rule = f"{low} or more" if high is None else f"{low} to {high}"
+            raise ValueError(f"{name(key)} is {rule}{why}, not {value!r}")
+
+    whole("max_sessions", 1, None, " (control connections at once)")
+    most = values.get("max_sessions") or 64
+    whole("max_sessions_per_identity", 1, most, f" (at most {name('max_sessions')})")
+    whole("max_sessions_per_address", 1, most, f" (at most {name('max_sessions')})")
+    whole("host_sessions", 0, most - 1, f" ({name('max_sessions')} less one: users need one)")
+    idle = values.get("transfer_idle_timeout")
+    if idle is not None and (isinstance(idle, bool) or not isinstance(idle, (int, float)) or not 0 <= idle < float("inf")):
+        raise ValueError(f"{name('transfer_idle_timeout')} is seconds, 0 (no such bound) or more, not {idle!r}")
 
 
 class _Reply(Exception):
@@ -144,8 +197,12 @@ class GridFTPServer:
     Logged-in sessions: one identity may hold at most ``max_sessions_per_identity`` (default ``max_sessions // 8``)
     and one address at most ``max_sessions_per_address`` (default ``max_sessions // 4``; anonymous sessions count
     here only), and users together at most ``max_sessions - host_sessions`` (default ``max_sessions // 4`` kept for
-    host identities, ``host_identity(dn)``, by default :func:`is_host_dn`: the nodes staging images and migrating,
-    which none of these per-user bounds apply to); the login past a bound gets ``421`` naming it and is closed.
+    host identities, ``host_identity(dn)``, by default :func:`is_host_dn` with ``guests``: the nodes staging images
+    and migrating, which none of these per-user bounds apply to); the login past a bound gets ``421`` naming it and
+    is closed. ``guests``: DN patterns of guest containers' certificates (``/O=Grid/OU=<guest_ou>/*``, default
+    :data:`DEFAULT_GUESTS`, vmgrid's default ``guest_ou``): they end in ``CN=host/ADDRESS`` but a VM's owner holds
+    their keys, so they count as users. A bound out of its range, or a pattern that is no DN, raises ValueError
+    (:func:`check_session_limits`).
     A logged-in session with no transfer (a data command or a CKSM) for ``transfer_idle_timeout`` seconds (default
     60; 0: only ``idle_timeout``) is closed (421), NOOPs notwithstanding: vmgrid's clients and globus-url-copy send
     their next command within a round trip, so only a session held open waits that long.
@@ -159,12 +216,17 @@ class GridFTPServer:
                  max_file_size: int = 1 << 40, idle_timeout: float = 900.0, login_timeout: float = 60.0,
                  max_unauthenticated_per_host: int | None = None, max_quota_names: int = 1000,
                  max_sessions_per_identity: int | None = None, max_sessions_per_address: int | None = None,
-                 host_sessions: int | None = None, host_identity: Callable[[str | None], bool] = is_host_dn,
-                 transfer_idle_timeout: float = 60.0,
+                 host_sessions: int | None = None, host_identity: Callable[[str | None], bool] | None = None,
+                 transfer_idle_timeout: float = 60.0, guests: Iterable[str] = DEFAULT_GUESTS,
                  identify: Callable[[ssl.SSLSocket], str] | None = None,
                  data_peers: Iterable[str] = (), accept_timeout: float = ACCEPT_TIMEOUT, gsi: bool = True,
                  gridmap: str | os.PathLike | set[str] | None = None, accept_limited_proxies: bool = True,
                  banner: str = "vmgrid GridFTP server ready."):
+        check_session_limits(dict(max_sessions=max_sessions, max_sessions_per_identity=max_sessions_per_identity,
+                                  max_sessions_per_address=max_sessions_per_address, host_sessions=host_sessions,
+                                  transfer_idle_timeout=transfer_idle_timeout))
+        self.guests = tuple(guests)
+        matchers = _guest_matchers(self.guests)     # a pattern that is no DN: refused here, not at a login
         self.files = root_or_vfs if isinstance(root_or_vfs, FileSpace) else LocalFileSpace(root_or_vfs)
         self.host = host
         self._requested_port = port
@@ -190,7 +252,7 @@ class GridFTPServer:
                                             else max_sessions_per_address)
         self.host_sessions = min(max_sessions - 1, max(0, max_sessions // 4 if host_sessions is None
                                                        else host_sessions))
-        self.host_identity = host_identity
+        self.host_identity = host_identity or (lambda dn: _is_host(dn, matchers))
         self.transfer_idle_timeout = transfer_idle_timeout
         self.banner = banner
         self.data_peers = [ipaddress.ip_network(p, strict=False) for p in data_peers]

@@ -2,12 +2,17 @@
 from __future__ import annotations
 
 import io
+import os
+import re
+import shutil
+import signal
 import subprocess
 import sys
 
 import pytest
 
 from gridftp.cli import ProgressBar
+from gridftp.errors import GridFTPError
 
 from tests.fixtures.drip import dripping_listener
 from tests.unit.gridftp.gridftp_helpers import REPO, MiB, ServerProcess, make_file, sha256_of
@@ -277,7 +282,8 @@ def test_a_server_that_drips_its_replies_fails_the_attempt_at_the_given_timeout(
 
 
 def test_gridftp_server_options_that_cannot_be_used_are_one_line(grid_pki, tmp_path):
-    """A port out of range (was OverflowError), a negative rate or marker interval (it served), a missing root."""
+    """A port out of range (was OverflowError), a negative rate or marker interval (it served), a missing root, a
+    bound on sessions out of its range or a guest pattern that is no DN."""
     root = tmp_path / "root"
     root.mkdir()
     host = ["--cert", str(grid_pki.host_cert_path), "--key", str(grid_pki.host_key_path),
@@ -289,7 +295,20 @@ def test_gridftp_server_options_that_cannot_be_used_are_one_line(grid_pki, tmp_p
             (["--root", str(root), "--port", "0", "--marker-interval", "0"],
              "--max-rate is bytes a second, 0 (unlimited) or more; --marker-interval seconds, more than 0"),
             (["--root", str(tmp_path / "nosuch"), "--port", "0"],
-             f"cannot start the server: {tmp_path / 'nosuch'}: No such file or directory")):
+             f"cannot start the server: {tmp_path / 'nosuch'}: No such file or directory"),
+            # the bounds on sessions (they had no option; the library clamped what made no sense, unsaid)
+            (["--root", str(root), "--port", "0", "--max-sessions", "0"],
+             "--max-sessions is 1 or more (control connections at once), not 0"),
+            (["--root", str(root), "--port", "0", "--max-sessions", "8", "--max-sessions-per-identity", "9"],
+             "--max-sessions-per-identity is 1 to 8 (at most --max-sessions), not 9"),
+            (["--root", str(root), "--port", "0", "--max-sessions-per-address", "0"],
+             "--max-sessions-per-address is 1 to 64 (at most --max-sessions), not 0"),
+            (["--root", str(root), "--port", "0", "--host-sessions", "64"],
+             "--host-sessions is 0 to 63 (--max-sessions less one: users need one), not 64"),
+            (["--root", str(root), "--port", "0", "--transfer-idle-timeout", "-1"],
+             "--transfer-idle-timeout is seconds, 0 (no such bound) or more, not -1.0"),
+            (["--root", str(root), "--port", "0", "--guest-dn", "OU=site-guests"],
+             "--guest-dn 'OU=site-guests' is not a DN pattern (e.g. \"/O=Grid/OU=site-guests/*\")")):
         r = vmgrid("gridftp-server", *extra, *host, timeout=20)
         assert r.returncode == 1 and r.stdout == "" and r.stderr == f"vmgrid: {message}\n", (extra, r.stderr)
 
@@ -382,3 +401,83 @@ def test_an_upload_refused_for_its_sha256_says_what_to_do_and_the_same_command_t
         "nothing of it is kept: check --sha256 and run the command again with the right digest (or without "
         "--sha256: the source's is then asked)\n"), down.stderr
     assert not list(tmp_path.glob("d*"))
+
+
+def _doc_block(containing: str) -> str:
+    """docs/gridftp.md's sh block marked as run as written by this file that holds ``containing``."""
+    text = (REPO / "docs" / "gridftp.md").read_text()
+    blocks = re.findall(r"<!-- run as written by tests/unit/gridftp/test_gridftp_cli.py -->\n```sh\n(.*?)```", text,
+                        re.S)
+    found = [b for b in blocks if containing in b]
+    assert len(found) == 1, f"docs/gridftp.md lost its block with {containing!r}"
+    return found[0]
+
+
+def test_the_session_bounds_of_docs_gridftp_md_hold_as_written(grid_pki, tree, tmp_path):
+    """docs/gridftp.md's `vmgrid gridftp-server` with a site's bounds and its own guest OU, run as written from a
+    directory holding served/, the host credential and the CA directory: a user gets 4 sessions and a 421 naming the
+    bound at the fifth; a guest container's certificate under the site's guest OU alike (only vmgrid-guests was
+    known: it counted as a host, bound by nothing, taking the hosts' share); the host certificate gets more."""
+    from tests.fixtures.namespaces import vmgrid_command
+    from tests.unit.gridftp.test_gridftp_sessions import session
+
+    block = _doc_block("--guest-dn")
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "served").symlink_to(tree)
+    (site / "certificates").symlink_to(grid_pki.cert_dir)
+    shutil.copy(grid_pki.host_cert_path, site / "hostcert.pem")
+    shutil.copy(grid_pki.host_key_path, site / "hostkey.pem")
+    bindir = vmgrid_command(tmp_path / "bin")
+    proc = subprocess.Popen(["sh", "-c", block], cwd=site, env={**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    held = []
+    try:
+        line = proc.stdout.readline()
+        assert line.strip().isdigit(), (line, proc.poll())
+        server = type("Started", (), {"port": int(line)})
+        guest = grid_pki.issue_host("10.0.0.7", ou="site-guests")
+        for who, name in ((grid_pki.alice.proxy, grid_pki.alice.dn), (guest, guest.identity)):
+            held += [session(server, who, grid_pki) for _ in range(4)]
+            with pytest.raises(GridFTPError) as refused:
+                session(server, who, grid_pki)
+            assert "421" in str(refused.value) and f"Too many sessions for {name}: at most 4 logged in" in str(
+                refused.value)
+        held += [session(server, grid_pki.host, grid_pki) for _ in range(5)]       # a host: no per-user bound
+        for s in held:
+            assert s.command("NOOP").code == 200
+    finally:
+        for s in held:
+            s.close()
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.communicate(timeout=30)
+
+
+def test_gridftp_server_closes_a_session_with_no_transfer_after_its_option(tree):
+    """--transfer-idle-timeout 1: a logged-in session sending only NOOPs gets 421 and is closed; and
+    --max-sessions-per-address 1 bounds anonymous sessions from one address."""
+    import time
+
+    from tests.unit.gridftp.gridftp_helpers import RawFTP
+
+    server = ServerProcess(tree, "--anonymous", "--no-tls", "--transfer-idle-timeout", "1",
+                           "--max-sessions-per-address", "1")
+    try:
+        s = RawFTP("127.0.0.1", server.port, timeout=30)
+        s.login_anonymous()
+        other = RawFTP("127.0.0.1", server.port, timeout=30)
+        other.expect("USER anonymous", 331)
+        refused = other.cmd("PASS test@")
+        assert refused.code == 421 and "at most 1 logged in at once per address" in refused.text
+        other.close()
+        closed = None
+        for _ in range(600):                                   # a NOOP every 50 ms, up to 30 s: ends at the 421
+            reply = s.cmd("NOOP")
+            if reply.code != 200:
+                closed = reply
+                break
+            time.sleep(0.05)
+        assert closed is not None and closed.code == 421 and "No transfer for 1 s" in closed.text
+        s.close()
+    finally:
+        server.stop()

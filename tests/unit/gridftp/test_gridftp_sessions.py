@@ -35,6 +35,58 @@ def test_host_identities_are_host_end_entity_dns(grid_pki):
     assert not is_host_dn("/O=Grid/OU=vmgrid/CN=host/node1/CN=alice")       # a host name is no RDN of its own
     assert not is_host_dn("/O=Grid/OU=vmgrid/CN=hostile")
     assert not is_host_dn("/O=Grid/OU=vmgrid-guests/CN=host/10.0.0.7")      # a guest's: its owner holds the key
+    # a site's own guest_ou: its guests' certificates were hosts' (only vmgrid-guests was known)
+    site = ["/O=Grid/OU=site-guests/*"]
+    assert is_host_dn("/O=Grid/OU=site-guests/CN=host/10.0.0.7") and not is_host_dn(
+        "/O=Grid/OU=site-guests/CN=host/10.0.0.7", site)
+    assert not is_host_dn("/o=grid/ou=SITE-GUESTS/CN=host/10.0.0.7", site)      # in other letters too
+    assert is_host_dn("/O=Grid/OU=vmgrid/CN=host/node1.example.org", site)
+    with pytest.raises(ValueError, match="'OU=site-guests' is not a DN pattern"):
+        is_host_dn(None, ["OU=site-guests"])
+
+
+def test_a_site_guest_ou_counts_as_users_at_the_server_and_its_face(secured, grid_pki, tmp_path):
+    """GridFTPServer(guests=...) and a service's GridFTPFace: a guest container's certificate under the site's guest
+    OU holds at most its identity's bound of sessions, where it held the hosts' share unbounded."""
+    from gridftp.face import GridFTPFace
+    from gridftp.filespace import LocalFileSpace
+
+    guest = grid_pki.issue_host("10.0.0.8", ou="site-guests")
+    server = secured(max_sessions=8, max_sessions_per_identity=2, host_sessions=4, guests=["/O=Grid/OU=site-guests/*"])
+    face = GridFTPFace(LocalFileSpace(tmp_path), "127.0.0.1", 0, grid_pki.host, grid_pki.cert_dir,
+                       authorize=lambda *a: True, upload_area="/up", max_sessions=8, max_sessions_per_identity=2,
+                       host_sessions=4, guests=["/O=Grid/OU=site-guests/*"])
+    face.start()
+    held = []
+    try:
+        for srv in (server, face.server):
+            held += [session(srv, guest, grid_pki) for _ in range(2)]
+            with pytest.raises(GridFTPError, match="421 Too many sessions for /O=Grid/OU=site-guests/CN=host/10.0.0.8"):
+                session(srv, guest, grid_pki)
+            held += [session(srv, grid_pki.host, grid_pki) for _ in range(3)]
+    finally:
+        for s in held:
+            s.close()
+        face.stop()
+    with pytest.raises(TypeError, match="unknown server options"):
+        GridFTPFace(LocalFileSpace(tmp_path), "127.0.0.1", 0, grid_pki.host, grid_pki.cert_dir,
+                    authorize=lambda *a: True, upload_area="/up", max_session=8)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(max_sessions=0), "max_sessions is 1 or more"),
+    (dict(max_sessions=8, max_sessions_per_identity=9), "max_sessions_per_identity is 1 to 8"),
+    (dict(max_sessions_per_address=0), "max_sessions_per_address is 1 to 64"),
+    (dict(max_sessions=8, host_sessions=8), "host_sessions is 0 to 7"),
+    (dict(transfer_idle_timeout=-1), "transfer_idle_timeout is seconds, 0"),
+    (dict(guests=["site-guests"]), "'site-guests' is not a DN pattern"),
+])
+def test_bounds_that_cannot_mean_anything_are_refused_at_construction(tree, bad, message):
+    """They were clamped unsaid (host_sessions=64 of 64 left the users one session)."""
+    from gridftp.server import GridFTPServer
+
+    with pytest.raises(ValueError, match=message):
+        GridFTPServer(tree, anonymous=True, **bad)
 
 
 @pytest.mark.parametrize("gsi", [False, True], ids=["tls", "gsi"])
