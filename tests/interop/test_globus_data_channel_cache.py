@@ -13,7 +13,7 @@ import pytest
 
 from gridftp import GridFTPServer
 
-from tests.interop.test_gridftp_globus import globus_argv  # noqa: F401
+from tests.interop.test_gridftp_globus import copied, globus_argv, vmgrid_servers  # noqa: F401
 from tests.interop.test_gsi_globus import alice_proxy, globus_env, pytestmark as gsi_marks  # noqa: F401
 from tests.unit.gridftp.gridftp_helpers import MiB, make_file, sha256_of
 
@@ -42,27 +42,20 @@ def served(tmp_path):
 
 @pytest.fixture
 def server(grid_pki, served):  # noqa: F811
-    servers = []
+    """``start(anonymous=True)``: anonymous, /up writable (the test-only flag); ``start()``: the host credential."""
+    with vmgrid_servers(served) as start:
+        def secured_or_anonymous(**kwargs) -> GridFTPServer:
+            if kwargs.get("anonymous"):
+                kwargs.setdefault("insecure_anonymous_writes", True)
+            else:
+                kwargs.update(credential=grid_pki.host, trust=grid_pki.cert_dir)
+            return start(**kwargs)
 
-    def start(**kwargs) -> GridFTPServer:
-        if kwargs.get("anonymous"):
-            kwargs.setdefault("insecure_anonymous_writes", True)
-        else:
-            kwargs.update(credential=grid_pki.host, trust=grid_pki.cert_dir)
-        s = GridFTPServer(served, "127.0.0.1", 0, upload_area="/up", **kwargs).start()
-        servers.append(s)
-        return s
-
-    yield start
-    for s in servers:
-        s.stop()
+        yield secured_or_anonymous
 
 
 def _copy(globus_argv, env, *args: str) -> subprocess.CompletedProcess:  # noqa: F811
-    proc = subprocess.run(globus_argv(["globus-url-copy", *args]), env=env, capture_output=True, text=True,
-                          errors="replace", timeout=300)
-    assert proc.returncode == 0, proc.stderr + proc.stdout
-    return proc
+    return copied(globus_argv, env, *args, timeout=300)
 
 
 def _reuses(caplog) -> int:

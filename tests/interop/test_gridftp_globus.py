@@ -15,6 +15,8 @@ import signal
 import socket
 import subprocess
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -112,19 +114,44 @@ def globus_server(globus_argv, world):
     server.stop()
 
 
+@contextmanager
+def vmgrid_servers(root: Path, **defaults) -> Iterator:
+    """``start(**kwargs)``: vmgrid's GridFTP server over ``root`` on 127.0.0.1, ``/up`` its upload area, with
+    ``defaults`` and then ``kwargs``, started; every one started is stopped when the block ends (the interop tests'
+    servers: anonymous here, with a host credential in test_gsi_globus.py and test_globus_data_channel_cache.py)."""
+    servers = []
+
+    def start(**kwargs) -> GridFTPServer:
+        server = GridFTPServer(root, "127.0.0.1", 0, upload_area="/up", **{**defaults, **kwargs}).start()
+        servers.append(server)
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in servers:
+            server.stop()
+
+
 @pytest.fixture
 def vmgrid_server(tmp_path):
     """vmgrid's server, anonymous, with /up writable through the test-only flag."""
     root = tmp_path / "vmgrid"
     (root / "up").mkdir(parents=True)
-    server = GridFTPServer(root, "127.0.0.1", 0, anonymous=True, upload_area="/up",
-                           insecure_anonymous_writes=True).start()
-    yield server
-    server.stop()
+    with vmgrid_servers(root, anonymous=True, insecure_anonymous_writes=True) as start:
+        yield start()
 
 
-def globus_url_copy(globus_argv, *args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run(globus_argv(["globus-url-copy", *args]), capture_output=True, text=True, timeout=120)
+def url_copy(globus_argv, env: dict[str, str] | None, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    """globus-url-copy ARGS, wrapped so that the host name resolves (``globus_argv``), with ``env`` (None: this
+    process's environment); its output as text."""
+    return subprocess.run(globus_argv(["globus-url-copy", *args]), env=env, capture_output=True, text=True,
+                          errors="replace", timeout=timeout)
+
+
+def copied(globus_argv, env: dict[str, str] | None, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    """:func:`url_copy` that must succeed (its output in the assertion when it does not)."""
+    proc = url_copy(globus_argv, env, *args, timeout=timeout)
     assert proc.returncode == 0, proc.stderr + proc.stdout
     return proc
 
@@ -139,7 +166,7 @@ def test_globus_url_copy_downloads_from_vmgrid(globus_argv, vmgrid_server, tmp_p
     caplog.set_level(logging.INFO, logger="gridftp.server")
     src = make_file(Path(vmgrid_server.files.root) / "image", SIZE)
     dest = tmp_path / "got"
-    globus_url_copy(globus_argv, "-p", "4", vmgrid_server.url("/image"), f"file://{dest}")
+    copied(globus_argv, None, "-p", "4", vmgrid_server.url("/image"), f"file://{dest}")
     assert sha256_of(dest) == sha256_of(src)
     assert streams_logged(caplog, "sent") == [4]
 
@@ -147,7 +174,7 @@ def test_globus_url_copy_downloads_from_vmgrid(globus_argv, vmgrid_server, tmp_p
 def test_globus_url_copy_uploads_to_vmgrid(globus_argv, vmgrid_server, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="gridftp.server")
     src = make_file(tmp_path / "image", SIZE)
-    globus_url_copy(globus_argv, "-p", "4", f"file://{src}", vmgrid_server.url("/up/image"))
+    copied(globus_argv, None, "-p", "4", f"file://{src}", vmgrid_server.url("/up/image"))
     stored = Path(vmgrid_server.files.root) / "up" / "image"
     assert sha256_of(stored) == sha256_of(src)
     assert streams_logged(caplog, "received") == [4]
@@ -182,7 +209,7 @@ def test_globus_url_copy_announces_its_size_so_an_upload_over_the_quota_is_refus
         assert "150 Opening" not in said                               # refused before any data connection
         assert list((root / "up").iterdir()) == []
         small = make_file(tmp_path / "small", 3 * MiB)
-        globus_url_copy(globus_argv, "-p", streams, f"file://{small}", server.url("/up/small"))
+        copied(globus_argv, None, "-p", streams, f"file://{small}", server.url("/up/small"))
         assert sha256_of(root / "up" / "small") == sha256_of(small)
     finally:
         server.stop()
@@ -191,7 +218,7 @@ def test_globus_url_copy_announces_its_size_so_an_upload_over_the_quota_is_refus
 @pytest.mark.parametrize("alg", ["SHA256", "MD5"])
 def test_globus_url_copy_verifies_checksums_with_vmgrid(globus_argv, vmgrid_server, tmp_path, alg):
     src = make_file(Path(vmgrid_server.files.root) / "image", 3 * MiB + 5)
-    globus_url_copy(globus_argv, "-p", "2", "-verify-checksum", "-checksum-alg", alg,
+    copied(globus_argv, None, "-p", "2", "-verify-checksum", "-checksum-alg", alg,
                     vmgrid_server.url("/image"), f"file://{tmp_path / 'got'}")
     assert sha256_of(tmp_path / "got") == sha256_of(src)
 
@@ -264,6 +291,6 @@ def test_globus_url_copy_third_party_between_vmgrid_and_globus(globus_argv, glob
     """The other orchestrator: globus-url-copy drives vmgrid's server as the source of a third-party transfer and
     compares the two servers' CKSM answers (vmgrid's and Globus' implementations must agree)."""
     src = make_file(Path(vmgrid_server.files.root) / "image", SIZE)
-    globus_url_copy(globus_argv, "-p", "4", "-verify-checksum", "-checksum-alg", alg,
+    copied(globus_argv, None, "-p", "4", "-verify-checksum", "-checksum-alg", alg,
                     vmgrid_server.url("/image"), globus_server.url(world / "dst" / "copy"))
     assert sha256_of(world / "dst" / "copy") == sha256_of(src)

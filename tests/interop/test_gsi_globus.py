@@ -16,11 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from gridftp import AuthenticationError, GridFTPServer, download, third_party, upload
+from gridftp import AuthenticationError, download, third_party, upload
 from security.pki import Credential, load_credential, proxy_certificate, save_proxy
 
 from tests.fixtures.pki import grid_pki  # noqa: F401
-from tests.interop.test_gridftp_globus import _free_port, globus_argv, world  # noqa: F401
+from tests.interop.test_gridftp_globus import (_free_port, globus_argv, url_copy, vmgrid_servers,  # noqa: F401
+                                               world)
 from tests.unit.gridftp.gridftp_helpers import MiB, make_file, sha256_of, wait_for
 
 pytestmark = [
@@ -68,23 +69,8 @@ def served(tmp_path):
 @pytest.fixture
 def gsi_server(grid_pki, served):  # noqa: F811
     """vmgrid's server with the host credential; clear data allowed (PROT C is one of the cases)."""
-    servers = []
-
-    def start(**kwargs) -> GridFTPServer:
-        kwargs.setdefault("require_private_data", False)
-        server = GridFTPServer(served, "127.0.0.1", 0, credential=grid_pki.host, trust=grid_pki.cert_dir,
-                               upload_area="/up", **kwargs).start()
-        servers.append(server)
-        return server
-
-    yield start
-    for s in servers:
-        s.stop()
-
-
-def url_copy(globus_argv, env, *args: str) -> subprocess.CompletedProcess:  # noqa: F811
-    return subprocess.run(globus_argv(["globus-url-copy", *args]), env=env, capture_output=True, text=True,
-                          errors="replace", timeout=180)
+    with vmgrid_servers(served, credential=grid_pki.host, trust=grid_pki.cert_dir, require_private_data=False) as start:
+        yield start
 
 
 DATA_CHANNELS = {

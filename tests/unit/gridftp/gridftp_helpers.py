@@ -77,6 +77,17 @@ class RawFTP:
             pass
 
 
+def noop_until_refused(session: RawFTP, every: float = 0.05, at_most: float = 30) -> Reply:
+    """Send NOOP every ``every`` seconds until a reply is not 200 (a session closed for want of a transfer), which
+    is returned; fails after ``at_most`` seconds."""
+    for _ in range(int(at_most / every)):
+        reply = session.cmd("NOOP")
+        if reply.code != 200:
+            return reply
+        time.sleep(every)
+    raise AssertionError(f"NOOPs still answered 200 after {at_most} s")
+
+
 def read_stream(sock: socket.socket) -> bytes:
     chunks = []
     while True:

@@ -456,9 +456,7 @@ def test_the_session_bounds_of_docs_gridftp_md_hold_as_written(grid_pki, tree, t
 def test_gridftp_server_closes_a_session_with_no_transfer_after_its_option(tree):
     """--transfer-idle-timeout 1: a logged-in session sending only NOOPs gets 421 and is closed; and
     --max-sessions-per-address 1 bounds anonymous sessions from one address."""
-    import time
-
-    from tests.unit.gridftp.gridftp_helpers import RawFTP
+    from tests.unit.gridftp.gridftp_helpers import RawFTP, noop_until_refused
 
     server = ServerProcess(tree, "--anonymous", "--no-tls", "--transfer-idle-timeout", "1",
                            "--max-sessions-per-address", "1")
@@ -470,14 +468,8 @@ def test_gridftp_server_closes_a_session_with_no_transfer_after_its_option(tree)
         refused = other.cmd("PASS test@")
         assert refused.code == 421 and "at most 1 logged in at once per address" in refused.text
         other.close()
-        closed = None
-        for _ in range(600):                                   # a NOOP every 50 ms, up to 30 s: ends at the 421
-            reply = s.cmd("NOOP")
-            if reply.code != 200:
-                closed = reply
-                break
-            time.sleep(0.05)
-        assert closed is not None and closed.code == 421 and "No transfer for 1 s" in closed.text
+        closed = noop_until_refused(s)
+        assert closed.code == 421 and "No transfer for 1 s" in closed.text
         s.close()
     finally:
         server.stop()

@@ -4,7 +4,6 @@ AUTH GSSAPI with the test grid's credentials)."""
 from __future__ import annotations
 
 import socket
-import time
 
 import pytest
 
@@ -12,7 +11,7 @@ from gridftp.client import GridFTPClient
 from gridftp.errors import GridFTPError
 from gridftp.server import is_host_dn
 
-from tests.unit.gridftp.gridftp_helpers import RawFTP, read_stream, wait_for
+from tests.unit.gridftp.gridftp_helpers import RawFTP, noop_until_refused, read_stream, wait_for
 
 
 @pytest.fixture
@@ -147,14 +146,8 @@ def test_a_logged_in_session_with_no_transfer_is_closed_noops_notwithstanding(st
     server = start_server(transfer_idle_timeout=1)
     s = RawFTP("127.0.0.1", server.port, timeout=30)
     s.login_anonymous()
-    closed = None
-    for _ in range(600):                                   # a NOOP every 50 ms, up to 30 s: ends at the 421
-        reply = s.cmd("NOOP")
-        if reply.code != 200:
-            closed = reply
-            break
-        time.sleep(0.05)
-    assert closed is not None and closed.code == 421 and "No transfer for 1 s" in closed.text
+    closed = noop_until_refused(s)
+    assert closed.code == 421 and "No transfer for 1 s" in closed.text
     assert s.sock.recv(100) == b""
     # one waiting silently is closed as well
     quiet = RawFTP("127.0.0.1", server.port, timeout=30)
