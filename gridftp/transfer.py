@@ -520,15 +520,17 @@ def _pipeline_tolerant(session: GridFTPClient, lines: list[str], optional: set[s
     return replies
 
 
-_RECEIVED_SHA256 = re.compile(r"received sha256 ([0-9a-f]{64})", re.IGNORECASE)
+# what a receiving server says it received when it refuses a STOR for its SCKS digest: vmgrid's server (554 Checksum
+# mismatch: received sha256 HEX is not HEX; file discarded.) and globus-gridftp-server (550 GlobusError: v=1
+# c=INCORRECT_CHECKSUM / 550-GridFTP-Computed-Checksum: HEX / 550-GridFTP-Expected-Checksum: HEX)
+_RECEIVED_SHA256 = re.compile(r"(?:received sha256|Computed-Checksum:)\s*([0-9a-f]{64})\b", re.IGNORECASE)
 
 
 def _checksum_refusal(exc: BaseException, path: str, expected: str) -> ChecksumMismatch | None:
-    """The :class:`ChecksumMismatch` a receiving server's refusal of a ``STOR`` for its ``SCKS`` digest means
-    (``554 Checksum mismatch: received sha256 HEX is not HEX; file discarded.``), with what it received when it
-    says so; None for any other error."""
-    if not (isinstance(exc, ReplyError) and exc.code == 554 and "checksum" in exc.text.lower()
-            and exc.command.upper().startswith("STOR")):
+    """The :class:`ChecksumMismatch` a receiving server's refusal of a ``STOR`` for its ``SCKS`` digest means (see
+    above), with what it received when it says so; None for any other error."""
+    if not (isinstance(exc, ReplyError) and exc.code >= 500 and exc.command.upper().startswith("STOR")
+            and ("checksum mismatch" in exc.text.lower() or "incorrect_checksum" in exc.text.lower())):
         return None
     said = _RECEIVED_SHA256.search(exc.text)
     return ChecksumMismatch(path, expected, said.group(1).lower() if said else "")

@@ -23,6 +23,7 @@ import pytest
 
 from client.localgrid import free_port as _free_port
 from gridftp import GridFTPClient, GridFTPServer, GridFTPURL, download, third_party, upload
+from gridftp.errors import ChecksumMismatch
 from gridftp.filespace import LocalFileSpace
 from gridftp.partial import PartialFile
 from gridftp.ranges import RangeSet
@@ -239,6 +240,24 @@ def test_vmgrid_uploads_to_globus_server(globus_server, world, tmp_path):
     assert sha256_of(world / "dst" / "image") == result.sha256 == sha256_of(src)
     stats = globus_server.transfer_stats()
     assert any("TYPE=STOR" in s and "STREAMS=4" in s for s in stats), stats
+
+
+def test_an_upload_to_globus_that_fails_its_checksum_keeps_nothing_and_runs_again(globus_server, world, tmp_path):
+    """globus-gridftp-server takes the SCKS and, once the file is written (in place), refuses the STOR: `550
+    GlobusError: v=1 c=INCORRECT_CHECKSUM` with its `GridFTP-Computed-Checksum`. That refusal was a plain ReplyError:
+    the wrong digest and the ranges the server had confirmed stayed in the restart log, so the same upload run again
+    without the digest announced it again and failed for ever. Now it is a ChecksumMismatch saying what the server
+    computed, nothing is kept, and the upload run again computes the file's digest and sends the whole file."""
+    src = make_file(tmp_path / "image", SIZE)
+    url = globus_server.url(world / "dst" / "image")
+    state = tmp_path / "state"
+    with pytest.raises(ChecksumMismatch) as info:
+        upload(src, url, parallel=4, sha256="0" * 64, state_dir=state)
+    assert info.value.actual == sha256_of(src)                 # the server's CKSM of what it stored
+    assert not list(state.glob("*"))
+    result = upload(src, url, parallel=4, state_dir=state)
+    assert result.bytes_reused == 0 and RangeSet.parse(result.fetched_ranges) == RangeSet([(0, SIZE)])
+    assert sha256_of(world / "dst" / "image") == result.sha256 == sha256_of(src)
 
 
 def test_globus_server_honours_rest_ranges_from_vmgrid(globus_server, world, tmp_path):
