@@ -225,7 +225,7 @@ class GridFTPServer:
         check_session_limits(dict(max_sessions=max_sessions, max_sessions_per_identity=max_sessions_per_identity,
                                   max_sessions_per_address=max_sessions_per_address, host_sessions=host_sessions,
                                   transfer_idle_timeout=transfer_idle_timeout))
-        self.guests = tuple(guests)
+        self.guests = (guests,) if isinstance(guests, str) else tuple(guests)
         matchers = _guest_matchers(self.guests)     # a pattern that is no DN: refused here, not at a login
         self.files = root_or_vfs if isinstance(root_or_vfs, FileSpace) else LocalFileSpace(root_or_vfs)
         self.host = host
