@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections import deque
 from pathlib import Path
 
@@ -156,6 +157,53 @@ class AuditLog:
                               len(self._pending), exc)
                 os.close(self._fd)
                 self._fd = -1
+
+
+class RefusalRecorder:
+    """Refused calls to the Authorization service, audited without letting one identity grow the log at will.
+
+    Each refusal of an identity for an operation is recorded, except that within ``window`` seconds of the one
+    recorded only the first is written and the rest are counted: the count is written as one record
+    (``repeated``: how many, ``since``: the seq of the record they repeat) when that identity is refused that
+    operation again after the window, when more than ``max_keys`` pairs are being counted, or at :meth:`close`.
+    Any trusted identity can call the service, and every refusal was a record of about 280 bytes (attack G8: no
+    bound at a few hundred signed calls a second); now a pair costs at most two records a window. Nothing is lost:
+    every refusal is in a record or in a count."""
+
+    def __init__(self, audit: AuditLog, *, window: float = 60.0, max_keys: int = 10_000,
+                 clock=time.monotonic):
+        self.audit, self.window, self.max_keys, self.clock = audit, window, max_keys, clock
+        self._lock = threading.Lock()
+        self._open: dict[tuple[str, str], list] = {}     # (dn, operation) -> [opened at, seq recorded, count]
+
+    def refused(self, dn: str, operation: str, reason: str) -> None:
+        key = (dn, operation)
+        with self._lock:
+            now = self.clock()
+            held = self._open.get(key)
+            if held is not None and now - held[0] < self.window:
+                held[2] += 1
+                return
+            if held is not None:
+                self._summary(key, self._open.pop(key))
+            if len(self._open) >= self.max_keys:
+                self._close_all()
+            rec = self.audit.record("access", by=dn, operation=operation, result="refused", reason=reason)
+            self._open[key] = [now, rec["seq"], 0]
+
+    def _summary(self, key: tuple[str, str], held: list) -> None:
+        if held[2]:
+            self.audit.record("access", by=key[0], operation=key[1], result="refused", repeated=held[2],
+                              since=held[1], reason=f"refused {held[2]} more time(s) as in record {held[1]}")
+
+    def _close_all(self) -> None:
+        for key, held in list(self._open.items()):
+            self._summary(key, held)
+        self._open.clear()
+
+    def close(self) -> None:
+        with self._lock:
+            self._close_all()
 
 
 def verify_chain(path: Path) -> int:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from lxml import etree
 
-from services.authz.audit import AuditLog
+from services.authz.audit import AuditLog, RefusalRecorder
 from services.authz.authority import PolicyAuthority
 from services.authz.config import AuthzConfig
 from services.authz.policy import PolicyError
@@ -56,6 +56,7 @@ class AuthorizationService(SoapService):
         self.authority = PolicyAuthority(policy, SlotLedger(self.state_dir / "slots.sqlite"), audit,
                                          slot_grace=self.config.slot_grace)
         audit.record("start", sync=True, policy=policy.current.version, file=str(policy.path))
+        self.refusals = RefusalRecorder(audit)
         self._previous_hup = None
 
     def start(self) -> None:
@@ -66,6 +67,7 @@ class AuthorizationService(SoapService):
     def close(self) -> None:
         if self._previous_hup is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGHUP, self._previous_hup)
+        self.refusals.close()
         self.authority.close()
 
     # -- who may ask -------------------------------------------------------------------------------
@@ -74,7 +76,7 @@ class AuthorizationService(SoapService):
         return self.authority.policy.current
 
     def _refuse(self, ctx: CallContext, why: str) -> AccessDenied:
-        self.authority.audit.record("access", by=ctx.dn, operation=ctx.operation, result="refused", reason=why)
+        self.refusals.refused(ctx.dn, ctx.operation, why)
         return AccessDenied(f"{ctx.dn} may not call {ctx.operation}: {why}", subject=ctx.dn,
                             action=f"authz.{ctx.operation}", resource=self.name, rule="authz-service")
 

@@ -66,8 +66,12 @@ def private_state(state_dir: str, services: list[str]) -> None:
     import os
     import stat
 
-    os.umask(0o077)
+    # a state directory made now (and the directories above it) is made as a site would (0755), before the umask:
+    # made under umask 077 it was 0700, which close() below cannot open, and a job under its own uid could not
+    # reach its own directory by its path ($HOME, $PWD, `python3 script.py` made absolute: attack G4)
+    os.umask(0o022)
     os.makedirs(state_dir, exist_ok=True)
+    os.umask(0o077)
 
     def close(path: str, keep: int) -> None:
         mode = stat.S_IMODE(os.stat(path).st_mode)
@@ -79,10 +83,41 @@ def private_state(state_dir: str, services: list[str]) -> None:
                                                               exc.strerror)
 
     close(state_dir, 0o011)
+    if "jobs" in services:
+        _open_the_way(state_dir)
     for name in services:
         service_dir = os.path.join(state_dir, name)
         if name != "jobs" and os.path.isdir(service_dir):
             close(service_dir, 0)
+
+
+def _open_the_way(state_dir: str) -> None:
+    """The job service's jobs run under uids of their own, in directories below the state directory, and must
+    reach them by path: the state directory gets its search bit for others (only that: 0711) if it lacks it, and a
+    directory above it that others cannot search is named in a warning (vmgrid did not make it: the site chooses)."""
+    import os
+    import stat
+
+    log = logging.getLogger("vmgrid.container")
+    mode = stat.S_IMODE(os.stat(state_dir).st_mode)
+    if mode & 0o011 != 0o011:
+        try:
+            os.chmod(state_dir, mode | 0o011)
+        except PermissionError as exc:
+            log.warning("cannot give %s its search bit for the jobs' uids: %s", state_dir, exc.strerror)
+    path = os.path.dirname(os.path.abspath(state_dir))
+    while True:
+        if not os.stat(path).st_mode & stat.S_IXOTH:
+            warning = (f"{path} is not searchable by other users: the jobs (each under a uid of its own) cannot "
+                       f"reach their directories under {state_dir} by path ($HOME); chmod o+x {path} or choose "
+                       f"another [container] state_dir")
+            log.warning("%s", warning)
+            print(f"vmgrid: warning: {warning}", file=sys.stderr, flush=True)
+            break
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
 
 
 def hold_state(state_dir: str, services: list[str]) -> None:

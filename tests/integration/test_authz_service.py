@@ -465,3 +465,38 @@ def test_every_operation_answers_with_a_response_valid_against_the_contract(site
     finally:
         logging.getLogger("vmgrid.calls").removeHandler(handler)
     assert set(called) == set(Contract("authz.wsdl").operations)
+
+
+def test_one_identity_s_refused_calls_are_counted_not_written_one_by_one(site, people):
+    """Any trusted identity may call the service, and each refused call was a record of its own in the audit log
+    (about 280 bytes; attack G8: nothing bounded the log at a few hundred signed calls a second). Within a minute
+    of a recorded refusal of an identity for an operation the same refusals are counted; the count is written as
+    one record when the pair is refused again after the minute, and when the service stops. Nothing is lost."""
+    from services.authz.audit import verify_chain
+
+    now = [1000.0]
+    site.authz_service.refusals.clock = lambda: now[0]
+    bob = site.client(people["bob"].proxy)
+    before = len(site.authority.audit.read(event="access", limit=10_000))
+    for _ in range(30):
+        with pytest.raises(AccessDenied):
+            bob.groups(people["alice"].dn)
+    with pytest.raises(AccessDenied):
+        bob.authorize(Subject(people["alice"].dn), "vm.inspect", {"type": "instance"})   # another operation
+    records = site.authority.audit.read(event="access", limit=10_000)[before:]
+    assert [(r["by"], r["operation"], r.get("repeated")) for r in records] == [
+        (people["bob"].dn, "GetGroups", None), (people["bob"].dn, "Authorize", None)]
+    now[0] += 61                                          # after the minute: the count, then the new refusal
+    with pytest.raises(AccessDenied):
+        bob.groups(people["alice"].dn)
+    records = site.authority.audit.read(event="access", limit=10_000)[before:]
+    assert [(r["operation"], r.get("repeated"), r.get("since")) for r in records[2:]] == [
+        ("GetGroups", 29, records[0]["seq"]), ("GetGroups", None, None)]
+    for _ in range(4):
+        with pytest.raises(AccessDenied):
+            bob.groups(people["alice"].dn)
+    site.authz_service.close()                            # stopping writes what is still counted
+    site.authz_service.close = lambda: None
+    records = site.authority.audit.read(event="access", limit=10_000)[before:]
+    assert [(r["operation"], r.get("repeated")) for r in records[4:]] == [("GetGroups", 4)]
+    assert verify_chain(site.authority.audit.path) > 0

@@ -210,3 +210,39 @@ def test_a_services_state_is_closed_to_other_users(grid_pki, tmp_path):
     made = {p: m for p, m in modes.items() if m & 0o077}
     assert made == {}, made                   # everything the container made is its own user's alone
     assert "state/repository/catalogue.sqlite" in modes
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the job service runs its jobs under uids of their own: root only")
+def test_a_job_reaches_its_own_directory_by_path_when_serve_made_the_state_directory():
+    """`vmgrid serve` made a new state directory (and those above it) under its umask 077: 0700, never the 0711 its
+    own rule promises, so a job under its own uid could not reach its directory by path: `cat "$HOME/x"`,
+    `cd "$PWD"`, `python3 script.py` (made absolute) were refused (attack G4). A new state directory is now
+    0711 and the directories made above it 0755."""
+    import shutil
+    import stat
+    import tempfile
+    from pathlib import Path
+
+    from client.localgrid import LocalGrid
+
+    top = Path(tempfile.mkdtemp(dir="/var/tmp", prefix="vmgrid-g4-"))    # pytest's own tmp tree is 0700
+    try:
+        top.chmod(0o755)
+        state = top / "site" / "state"                                  # neither exists: serve makes both
+        with LocalGrid(top / "grid") as g:
+            alice = g.user("alice")
+            sp = g.start("jobs", ["jobs"], {"container": {"state_dir": str(state)},
+                                             "jobs": {"owner": alice.dn, "gridftp_port": 0}})
+            url = f"{sp.base_url}/wsrf/services/JobService"
+            r = subprocess.run([sys.executable, "-m", "client.cli", "job", "submit", url, "--wait", "--",
+                                "/bin/sh", "-ec", 'echo mine > x; cat "$HOME/x"; cd "$PWD"; ls "$HOME" >/dev/null'],
+                               env=g.env("alice"), capture_output=True, text=True, timeout=180)
+            key = r.stdout.split()[0]
+            status = subprocess.run([sys.executable, "-m", "client.cli", "job", "status", url, key],
+                                    env=g.env("alice"), capture_output=True, text=True, timeout=60).stdout
+            assert "state            Done\nexitCode         0\n" in status, r.stdout + r.stderr + status
+            assert status.endswith("--- stdout (tail) ---\nmine\n"), status
+        assert stat.S_IMODE((top / "site").stat().st_mode) == 0o755
+        assert stat.S_IMODE(state.stat().st_mode) == 0o711
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
