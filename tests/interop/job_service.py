@@ -23,7 +23,9 @@ JOB_STEPS = ["SubmitJob", "State", "Outputs", "CancelRequestedAfterEnd", "Submit
              "ResourceUnknownFault", "InvalidArgumentFault"]
 ECHO = ["/bin/echo", "hello from a job"]
 ECHO_SHA256 = hashlib.sha256(b"hello from a job\n").hexdigest()
-LONG = ["/bin/sleep", "300"]
+# a program that ignores SIGTERM: Cancel answers while it is being stopped (Active, CancelRequested true) and it ends
+# Cancelled at SIGKILL, kill_grace later (unless Cancel came before the shell set its trap: Cancelled at once)
+LONG = ["/bin/sh", "-c", "trap '' TERM; sleep 300"]
 UNKNOWN_KEY = "job-" + "0" * 32
 
 

@@ -2,7 +2,7 @@
  * fixed by a typemap: job, jobw, f, rp, rl), signing as grid_client.c does (BinarySecurityToken, Timestamp,
  * RSA-SHA256 or ECDSA-SHA256 over Body, Timestamp, the WS-Addressing headers and the job:JobKey header), every
  * answer's signature verified with the grid CA, its Body required signed and its signer the host. Runs the steps of
- * tests/interop/job_service.py (JOB_STEPS: /bin/echo 'hello from a job' and /bin/sleep 300 are its ECHO and LONG).
+ * tests/interop/job_service.py (JOB_STEPS; echo and sleeper below are its ECHO and LONG).
  * Prints one JSON line per step; exits 1 on a failure.
  *
  *   job_client JOB_ENDPOINT CERT.pem KEY.pem CAFILE HOST_CN UNKNOWN_JOB_KEY [PKIPATH.der]
@@ -201,7 +201,7 @@ int main(int argc, char **argv)
 {
   struct soap *soap;
   FILE *f;
-  char *echo[] = {"/bin/echo", "hello from a job"}, *sleeper[] = {"/bin/sleep", "300"}, *empty[] = {""};
+  char *echo[] = {"/bin/echo", "hello from a job"}, *sleeper[] = {"/bin/sh", "-c", "trap '' TERM; sleep 300"}, *empty[] = {""};
   char *done_key, *long_key;
   char outputs[4096];
   const char *s, *problem = NULL;
@@ -250,7 +250,7 @@ int main(int argc, char **argv)
   el = property(soap, done_key, "CancelRequested", &ok);
   report(soap, "CancelRequestedAfterEnd", ok, el ? el->text : "absent");
 
-  if (!(long_key = submit(soap, "SubmitLongJob", 2, sleeper)))
+  if (!(long_key = submit(soap, "SubmitLongJob", 3, sleeper)))
     return 1;
   until(soap, long_key, "Active");
   {
