@@ -45,6 +45,7 @@ class JobService:
 def job_service(grid_pki, tmp_path):
     cfg = base_config(grid_pki, tmp_path / "jobs-state", 0)
     cfg.jobs = JobsConfig(owner=grid_pki.alice.dn, admins=[grid_pki.admin.dn], gridftp_port=0, kill_grace=2.0,
+                          consumer_allow=["127.0.0.0/8"],   # the SoapUI project subscribes a consumer on localhost
                           logs={"container": str(tmp_path / "container.log")})
     (tmp_path / "container.log").write_text("container started\n")
     container = build_container(cfg, [build_service("jobs", cfg)]).start()

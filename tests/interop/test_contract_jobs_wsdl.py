@@ -8,14 +8,20 @@ import ssl
 import time
 import urllib.request
 
+from pathlib import Path
+
 import pytest
 from lxml import etree
 
+from client.soap import GridServiceClient
 from security import safexml
 from security.tls import grid_session
 from security.wssec import sign_envelope, verify_envelope
 from services.container.addressing import request_headers
-from tests.interop.job_service import UNKNOWN_KEY
+from services.container.contract import Contract
+from services.jobs.client import JobClient
+from services.jobs.store import JobSpec
+from tests.interop.job_service import LONG, UNKNOWN_KEY
 from tests.unit.contract import wsi
 
 JOB = "http://vmgrid.org/ns/jobs/1"
@@ -123,3 +129,45 @@ def _state(client, call, key) -> str:
     call("GetResourceProperty", "job:State", key=key)
     reply = etree.fromstring(client.last_received().str().encode())
     return reply.findtext(f".//{{{JOB}}}State")
+
+
+CON = "http://eviware.com/soapui/config"
+SOAPUI = Path(__file__).resolve().parents[2] / "wsdl" / "soapui" / "vmgrid-soapui-project.xml"
+
+
+def soapui_requests() -> list[tuple[str, str, str]]:
+    """(operation, soapAction, request envelope) of the SoapUI project's JobsSoapBinding interface, in its order."""
+    project = etree.parse(str(SOAPUI)).getroot()
+    iface = next(i for i in project.iter(f"{{{CON}}}interface") if i.get("name") == "JobsSoapBinding")
+    return [(op.get("name"), op.get("action"), op.findtext(f"{{{CON}}}call/{{{CON}}}request"))
+            for op in iface.findall(f"{{{CON}}}operation")]
+
+
+def test_the_soapui_projects_job_requests_are_answered_as_the_wsdl_says(job_service):
+    """Each request of the SoapUI project's JobService interface, as SoapUI sends it (the WS-Addressing headers of its
+    wsaConfig added, ${#Project#jobKey} the key of a live job, signed with every header), to the live service: each
+    is answered with its operation's output or a fault its operation declares, and none is refused as not matching
+    the schema."""
+    pki = job_service.pki
+    session = grid_session(pki.cert_dir)
+    contract = Contract("jobs.wsdl")
+    key = JobClient(GridServiceClient(job_service.url, pki.alice.proxy, pki.trust())).submit(
+        JobSpec(executable=LONG[0], arguments=tuple(LONG[1:])))
+    answers = {}
+    requests = soapui_requests()
+    requests.sort(key=lambda r: r[0] == "Destroy")         # the job destroyed last
+    for n, (name, action, request) in enumerate(requests):
+        env = safexml.parse(request.replace("${#Project#jobKey}", key).encode())
+        env.find(f"{{{SOAP}}}Header").extend(request_headers(job_service.url, action, f"urn:uuid:soapui-{n}"))
+        resp = session.post(job_service.url, data=sign_envelope(env, pki.alice.proxy),
+                            headers={"Content-Type": "text/xml; charset=utf-8", "SOAPAction": f'"{action}"'}, timeout=30)
+        _, root = verify_envelope(resp.content, pki.trust())
+        payload = next(c for c in root.find(f"{{{SOAP}}}Body") if isinstance(c.tag, str))
+        if payload.tag == f"{{{SOAP}}}Fault":
+            fault = etree.QName(payload.find("detail")[0]).localname
+            answers[name] = (fault, payload.findtext("faultstring"))
+            assert fault in contract.operations[name].faults, answers[name]
+        else:
+            answers[name] = (etree.QName(payload).localname, "")
+            assert payload.tag == contract.operations[name].output.text, answers[name]
+    assert [name for name, (answer, _) in answers.items() if answer == "InvalidArgumentFault"] == []
