@@ -14,11 +14,12 @@ from services.container.contract import Contract
 from services.jobs.config import JobsConfig
 from tests.fixtures.grid import base_config
 
-# What the clients do, in this order: submit a small job and read its properties once it is Done (State, Outputs,
+# What the clients do, in this order: submit a small job, find it Done with exit code 0 in ListJobs (includeEnded)
+# and read its properties (State, Outputs,
 # CancelRequested: absent), submit a long one and cancel it (CancelRequested while it is being stopped), Cancel it
 # again (IllegalTransitionFault), destroy both, then ask for a destroyed job (ResourceUnknownFault) and submit a job
 # the schema refuses (InvalidArgumentFault).
-JOB_STEPS = ["SubmitJob", "State", "Outputs", "CancelRequestedAfterEnd", "SubmitLongJob", "Cancel",
+JOB_STEPS = ["SubmitJob", "State", "ListJobs", "Outputs", "CancelRequestedAfterEnd", "SubmitLongJob", "Cancel",
              "CancelRequested", "Cancelled", "IllegalTransitionFault", "Destroy", "DestroyLong",
              "ResourceUnknownFault", "InvalidArgumentFault"]
 ECHO = ["/bin/echo", "hello from a job"]
@@ -63,6 +64,7 @@ def check_job_steps(steps: dict[str, dict], detail=lambda s: s["detail"]) -> Non
     d = {name: detail(s) for name, s in steps.items()}
     assert d["SubmitJob"].startswith("job-") and len(d["SubmitJob"]) == 36
     assert d["State"] == "Done"
+    assert d["ListJobs"] == "Done 0"
     # the job's standard output, listed with its size and sha256
     assert f"stdout {len('hello from a job') + 1} {ECHO_SHA256}" in d["Outputs"].split(";")
     assert d["CancelRequestedAfterEnd"] == "absent"

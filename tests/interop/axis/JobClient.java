@@ -29,6 +29,8 @@ import vmgrid.faults.IllegalTransitionFault;
 import vmgrid.faults.InvalidArgumentFault;
 import vmgrid.faults.ResourceUnknownFault;
 import vmgrid.jobs.Cancel;
+import vmgrid.jobs.JobType;
+import vmgrid.jobs.ListJobs;
 import vmgrid.jobs.SubmitJob;
 import vmgrid.jobs.SubmitJobResponse;
 import vmgrid.jobs.wsdl.JobServiceLocator;
@@ -45,6 +47,17 @@ public final class JobClient {
         final String[] done = new String[1];
         step("SubmitJob", () -> done[0] = submit(config.getProperty("echo").split("\\|")));
         step("State", () -> until(done[0], "Done"), true);
+        step("ListJobs", () -> {
+            ListJobs list = new ListJobs();
+            list.setIncludeEnded(Boolean.TRUE);
+            JobType[] listed = port(null).listJobs(list).getJob();
+            for (JobType job : listed == null ? new JobType[0] : listed) {
+                if (done[0].equals(jobKey(job))) {
+                    return job.getState().getValue() + " " + job.getExitCode();
+                }
+            }
+            throw new Exception(done[0] + " is not among the " + (listed == null ? 0 : listed.length) + " jobs listed");
+        });
         step("Outputs", () -> {
             StringBuilder out = new StringBuilder();
             for (MessageElement file : children(property(done[0], "Outputs")[0], "file")) {
@@ -60,23 +73,23 @@ public final class JobClient {
             until(running[0], "Active");
             return running[0];
         }, true);
-        step("Cancel", () -> key(running[0]).cancel(new Cancel()).getState().getValue());
+        step("Cancel", () -> port(running[0]).cancel(new Cancel()).getState().getValue());
         step("CancelRequested", () -> optional(property(running[0], "CancelRequested")));
         step("Cancelled", () -> until(running[0], "Cancelled"), true);
         step("IllegalTransitionFault", () -> {
             try {
-                key(running[0]).cancel(new Cancel());
+                port(running[0]).cancel(new Cancel());
             } catch (IllegalTransitionFault f) {    // typed: the fault the WSDL declares, not a plain AxisFault
                 return "IllegalTransitionFault";
             }
             throw new Exception("Cancel of a Cancelled job answered without IllegalTransitionFault");
         });
         step("Destroy", () -> {
-            key(done[0]).destroy(new Destroy());
+            port(done[0]).destroy(new Destroy());
             return "destroyed";
         });
         step("DestroyLong", () -> {
-            key(running[0]).destroy(new Destroy());
+            port(running[0]).destroy(new Destroy());
             return "destroyed";
         });
         step("ResourceUnknownFault", () -> {
@@ -106,17 +119,26 @@ public final class JobClient {
         System.arraycopy(words, 1, rest, 0, rest.length);
         job.setArgument(rest);
         job.setLifetime(new PositiveInteger("600"));
-        SubmitJobResponse answer = key(null).submitJob(job);
-        for (MessageElement e : answer.getJob().getEndpointReference().getReferenceParameters().get_any()) {
+        SubmitJobResponse answer = port(null).submitJob(job);
+        String jobKey = jobKey(answer.getJob());
+        if (jobKey == null) {
+            throw new Exception("no JobKey in the job's EndpointReference (state " + answer.getJob().getState() + ")");
+        }
+        return jobKey;
+    }
+
+    /** The JobKey reference parameter of a job's EndpointReference. */
+    private static String jobKey(JobType job) {
+        for (MessageElement e : job.getEndpointReference().getReferenceParameters().get_any()) {
             if (e.getLocalName().equals("JobKey") && GridSecurity.JOB.equals(e.getNamespaceURI())) {
                 return e.getValue();
             }
         }
-        throw new Exception("no JobKey in the job's EndpointReference (state " + answer.getJob().getState() + ")");
+        return null;
     }
 
     /** The port, its requests carrying this job's JobKey header (GridSecurity signs it), or none. */
-    private static JobsPortType key(String jobKey) throws Exception {
+    private static JobsPortType port(String jobKey) throws Exception {
         ((Stub) jobs).clearHeaders();
         if (jobKey != null) {
             SOAPHeaderElement header = new SOAPHeaderElement(GridSecurity.JOB, "JobKey");
@@ -128,7 +150,7 @@ public final class JobClient {
 
     /** GetResourceProperty job:NAME: the property's elements (none when the job has no such value). */
     private static MessageElement[] property(String jobKey, String name) throws Exception {
-        MessageElement[] any = key(jobKey).getResourceProperty(new QName(GridSecurity.JOB, name)).get_any();
+        MessageElement[] any = port(jobKey).getResourceProperty(new QName(GridSecurity.JOB, name)).get_any();
         return any == null ? new MessageElement[0] : any;
     }
 

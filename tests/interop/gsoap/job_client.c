@@ -236,6 +236,28 @@ int main(int argc, char **argv)
   s = until(soap, done_key, "Done");
   report(soap, "State", s != NULL, s ? s : "no State");
 
+  {
+    struct _job__ListJobs req;
+    struct _job__ListJobsResponse resp;
+    enum xsd__boolean yes = xsd__boolean__true_;
+    char listed[64] = "";
+    req.includeEnded = &yes;
+    sign(soap, "ListJobs", NULL);
+    if (soap_call___jobw__ListJobs(soap, url, NULL, &req, &resp) == SOAP_OK && !(problem = answer_problem(soap)))
+    {
+      for (i = 0; i < resp.__sizeJob; i++)
+      {
+        struct wsa5__ReferenceParametersType *p = resp.Job[i].wsa5__EndpointReference.ReferenceParameters;
+        if (p && p->__size > 0 && strstr(p->__any[0], done_key))
+          snprintf(listed, sizeof(listed), "%s %d", soap_job__StateType2s(soap, resp.Job[i].State),
+                   resp.Job[i].ExitCode ? *resp.Job[i].ExitCode : -999);
+      }
+      report(soap, "ListJobs", listed[0] != '\0', listed[0] ? listed : "the job is not listed");
+    }
+    else
+      report(soap, "ListJobs", 0, problem);
+  }
+
   el = property(soap, done_key, "Outputs", &ok);
   outputs[0] = '\0';
   for (file = el ? el->elts : NULL; file; file = file->next)

@@ -240,6 +240,19 @@ async function jobs() {
   };
   const echo = await step('SubmitJob', () => submit(config.echo));
   await step('State', () => until(echo, 'Done'));
+  await step('ListJobs', async () => {
+    const [result, raw] = await addressed(client, config.jobsUrl, 'ListJobs').ListJobsAsync({ includeEnded: true });
+    verifyAnswer(raw);
+    const listed = [].concat((result && result.Job) || []);
+    const doc = new DOMParser().parseFromString(raw, 'text/xml');
+    for (const job of Array.from(doc.getElementsByTagNameNS(JOB, 'Job'))) {
+      if (job.getElementsByTagNameNS(JOB, 'JobKey')[0].textContent === echo) {
+        const text = (n) => job.getElementsByTagNameNS(JOB, n)[0].textContent;
+        return `${text('State')} ${text('ExitCode')}`;
+      }
+    }
+    throw new Error(`${echo} is not among the ${listed.length} jobs listed`);
+  });
   await step('Outputs', async () => {
     const [outputs] = await property(echo, 'Outputs');
     return Array.from(outputs.getElementsByTagNameNS(JOB, 'file')).map((f) => ['name', 'size', 'sha256'].map(
