@@ -222,7 +222,8 @@ int main(int argc, char **argv)
   }
   f = fopen(argv[2], "r"); cert = PEM_read_X509(f, NULL, NULL, NULL); fclose(f);
   f = fopen(argv[3], "r"); key = PEM_read_PrivateKey(f, NULL, NULL, NULL); fclose(f);
-  soap = soap_new1(SOAP_XML_CANONICAL);
+  /* SOAP_XML_STRICT: gSOAP validates each answer against the schema as it reads it */
+  soap = soap_new1(SOAP_XML_CANONICAL | SOAP_XML_STRICT);
   soap_register_plugin(soap, soap_wsse);
   soap_register_plugin(soap, soap_wsa);
   if (soap_ssl_client_context(soap, SOAP_SSL_DEFAULT, NULL, NULL, argv[4], NULL, NULL))
