@@ -81,7 +81,11 @@ def _cached(key_files: list[Path], suffix: str, build) -> Path:
     work = out.with_name(out.name + ".build")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    build(work)
+    try:
+        build(work)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)      # nothing of a failed build is left in var/axis
+        raise
     shutil.rmtree(out, ignore_errors=True)
     work.rename(out)
     return out / "classes"
