@@ -25,6 +25,7 @@ from lxml import etree
 
 from security.pki import make_proxy
 from security.tls import grid_session
+from tests.interop.job_service import ECHO, LONG, UNKNOWN_KEY, check_job_steps
 from tests.interop.served_contract import mirror_contract
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,7 +41,11 @@ PACKAGES = {  # namespace: Java package of the generated stubs
     "http://vmgrid.org/ns/workspace/1": "vmgrid.ws", "http://vmgrid.org/ns/faults/1": "vmgrid.faults",
     "http://docs.oasis-open.org/wsrf/rl-2": "vmgrid.wsrf.rl", "http://docs.oasis-open.org/wsrf/rp-2": "vmgrid.wsrf.rp",
     "http://docs.oasis-open.org/wsn/b-2": "vmgrid.wsn", "http://www.w3.org/2005/08/addressing": "vmgrid.wsa",
+    "http://vmgrid.org/ns/jobs/1": "vmgrid.jobs", "http://vmgrid.org/ns/jobs/1/wsdl": "vmgrid.jobs.wsdl",
 }
+# the clients and the stubs they need: the grid's (VMRepository, VMManager) and the job service's
+GRID_CLIENT = ["GridClient.java", "ClientSupport.java", "GridSecurity.java"]
+JOB_CLIENT = ["JobClient.java", "ClientSupport.java", "GridSecurity.java"]
 SOAPUI = ROOT / "wsdl" / "soapui" / "vmgrid-soapui-project.xml"
 CON = "http://eviware.com/soapui/config"
 ALL_STEPS = ["ListVOs", "QueryImages", "UnknownImageFault", "InvalidArgumentFault", "GetDescriptor", "Deploy",
@@ -76,7 +81,11 @@ def _cached(key_files: list[Path], suffix: str, build) -> Path:
     work = out.with_name(out.name + ".build")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    build(work)
+    try:
+        build(work)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)      # nothing of a failed build is left in var/axis
+        raise
     shutil.rmtree(out, ignore_errors=True)
     work.rename(out)
     return out / "classes"
@@ -84,27 +93,51 @@ def _cached(key_files: list[Path], suffix: str, build) -> Path:
 
 def _javac(work: Path, sources: list[Path]) -> None:
     (work / "classes").mkdir()
-    subprocess.run(["javac", "-nowarn", "-encoding", "UTF-8", "-cp", classpath(), "-d", str(work / "classes"),
-                    *map(str, sources)], check=True, capture_output=True, timeout=900)
+    run = subprocess.run(["javac", "-nowarn", "-encoding", "UTF-8", "-cp", classpath(), "-d", str(work / "classes"),
+                          *map(str, sources)], capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout + run.stderr
 
 
-def build_client(contract_dir: Path) -> Path:
-    """WSDL2Java stubs for the mirrored contract and the client, compiled once (var/axis/<hash>/classes)."""
-    client = sorted(SOURCES.glob("*.java"))
+def build_client(contract_dir: Path, sources: list[str] = GRID_CLIENT, *, unedited: bool = False) -> Path:
+    """WSDL2Java stubs for the mirrored contract (each of its WSDLs) and the client (these sources), compiled once
+    (var/axis/<hash>/classes). Unless unedited, a generated class whose `cause` property clashes with
+    Throwable.getCause() gets it renamed cause1 (see rename_fault_cause) before javac."""
+    client = [SOURCES / name for name in sources]
 
     def build(work: Path) -> None:
         (work / "ns.properties").write_text("".join(f"{ns.replace(':', chr(92) + ':')}={pkg}\n"
                                                     for ns, pkg in PACKAGES.items()))
-        for wsdl in ("repository.wsdl", "vmmanager.wsdl"):
+        for wsdl in sorted(p.name for p in contract_dir.glob("*.wsdl")):
             # -W: the wrapper elements as beans (the operations take and return them); -w: beans for wrapped
             # arrays too (else Axis flattens criteria/group/criterion to CriterionType[][] and nests it wrongly)
             subprocess.run([*JVM, "-cp", classpath(), "org.apache.axis.wsdl.WSDL2Java", "-o", str(work / "src"),
                             *WSDL2JAVA, "-f", str(work / "ns.properties"), str(contract_dir / wsdl)],
                            check=True, capture_output=True, timeout=600)
+        if not unedited:
+            rename_fault_cause(work / "src")
         _javac(work, sorted((work / "src").rglob("*.java")) + client)
         shutil.rmtree(work / "src")
 
-    return _cached(sorted(contract_dir.iterdir()) + client, "", build)
+    return _cached(sorted(contract_dir.iterdir()) + client, "-unedited" if unedited else "", build)
+
+
+CAUSE_CLASH = "public java.lang.String getCause()"
+
+
+def rename_fault_cause(src: Path) -> list[str]:
+    """What an Axis 1.4 user of jobs.wsdl, vmrepository.wsdl or authz.wsdl alone does today: faults.xsd's
+    MigrationFault extends BaseFaultType (an AxisFault) with an element named cause, and WSDL2Java renames that
+    property (cause1) only in the faults a WSDL's operations declare, which only vmmanager.wsdl's do; elsewhere
+    MigrationFault.getCause() returns a String where Throwable's returns a Throwable and javac refuses the stubs.
+    The property is renamed as WSDL2Java renames it in a declared fault; returns the classes edited."""
+    edited = []
+    for java in src.rglob("*.java"):
+        text = java.read_text()
+        if CAUSE_CLASH in text:
+            java.write_text(text.replace("getCause()", "getCause1()").replace("setCause(", "setCause1(")
+                            .replace('setFieldName("cause")', 'setFieldName("cause1")'))
+            edited.append(java.stem)
+    return edited
 
 
 def build_security() -> Path:
@@ -124,12 +157,12 @@ def _write_credential(credential, into: Path) -> tuple[Path, Path]:
     return key, chain
 
 
-def run_client(classes: Path, tmp_path: Path, name: str, credential,
+def run_client(classes: Path, tmp_path: Path, name: str, credential, main: str = "vmgrid.interop.GridClient",
                **config) -> tuple[dict, subprocess.CompletedProcess]:
     key, chain = _write_credential(credential, tmp_path / name)
     props = tmp_path / name / "client.properties"
     props.write_text("".join(f"{k}={v}\n" for k, v in {"key": key, "chain": chain, **config}.items()))
-    run = subprocess.run([*JVM, "-cp", classpath(classes), "vmgrid.interop.GridClient", str(props)],
+    run = subprocess.run([*JVM, "-cp", classpath(classes), main, str(props)],
                          capture_output=True, text=True, timeout=600)
     steps = {s["step"]: s for s in map(json.loads, (line for line in run.stdout.splitlines() if line.startswith("{")))}
     return steps, run
@@ -183,6 +216,34 @@ def test_axis_wss4j_runs_the_contract_signed_and_verifies_every_answer(vm_grid, 
     assert all(s["ok"] and s["verified"] == 1 for s in steps.values())
     assert steps["QueryImages"]["detail"] == "1" and steps["UnknownImageFault"]["detail"] == "img-0000000000000000"
     assert run.stderr.count('Algorithm="http://www.w3.org/2001/04/xmldsig-more#ecdsa-sha256"') == 3
+
+
+def test_axis_wss4j_runs_the_job_service_signed_and_gets_its_faults_typed(job_service, tmp_path):
+    """Stubs WSDL2Java generates from the served jobs.wsdl alone: a job run and its properties (State, Outputs,
+    CancelRequested), a long job cancelled, both destroyed, and IllegalTransitionFault, ResourceUnknownFault and
+    InvalidArgumentFault each caught as its generated exception class; signed with alice's proxy and its chain
+    (X509PKIPathv1, the job:JobKey header signed with the rest), every answer verified by WSS4J."""
+    pki = job_service.pki
+    contract = mirror_contract({"jobs.wsdl": job_service.url + "?wsdl"}, grid_session(pki.cert_dir),
+                               tmp_path / "contract")
+    classes = build_client(contract, JOB_CLIENT)
+    steps, run = run_client(classes, tmp_path, "jobs", pki.alice.proxy, main="vmgrid.interop.JobClient",
+                            jobsUrl=job_service.url, ca=next(p for p in sorted(Path(pki.cert_dir).glob("*.0"))),
+                            hostCN="host/localhost", unknownKey=UNKNOWN_KEY, echo="|".join(ECHO), long="|".join(LONG))
+    assert run.returncode == 0, run.stdout + run.stderr
+    check_job_steps(steps)
+    assert all(s["verified"] >= 1 for s in steps.values())      # each answer verified by WSS4J
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="wsdl/faults.xsd: MigrationFault (a BaseFaultType, so an AxisFault) has a "
+                   "`cause` element, and stubs WSDL2Java generates from a WSDL that does not declare MigrationFault "
+                   "(jobs.wsdl, vmrepository.wsdl, authz.wsdl) do not compile: its getCause() returns a String. "
+                   "Needed (wire-compatible): MigrationFault's type spelled as a plain sequence (Timestamp, "
+                   "Description, phase, target, cause), not an extension of BaseFaultType. Drop this mark then.")
+def test_axis_stubs_of_the_served_jobs_wsdl_compile_as_generated(job_service, tmp_path):
+    contract = mirror_contract({"jobs.wsdl": job_service.url + "?wsdl"}, grid_session(job_service.pki.cert_dir),
+                               tmp_path / "contract")
+    build_client(contract, JOB_CLIENT, unedited=True)
 
 
 def test_the_soapui_project_signs_with_the_settings_of_the_wss4j_client():

@@ -23,10 +23,16 @@ from security import wssec
 from security.pki import make_proxy
 from security.tls import grid_session
 from services.container.contract import Contract
+from tests.interop.job_service import UNKNOWN_KEY, check_job_steps
 from tests.interop.served_contract import mirror_contract
 
 ROOT = Path(__file__).resolve().parents[2]
 CLIENT = Path(__file__).parent / "gsoap" / "grid_client.c"
+JOB_CLIENT = Path(__file__).parent / "gsoap" / "job_client.c"
+# the job client's prefixes, fixed (wsdl2h numbers the others ns1, ns2... in the order it meets them)
+JOB_PREFIXES = {"job": "http://vmgrid.org/ns/jobs/1", "jobw": "http://vmgrid.org/ns/jobs/1/wsdl",
+                "f": "http://vmgrid.org/ns/faults/1", "rp": "http://docs.oasis-open.org/wsrf/rp-2",
+                "rl": "http://docs.oasis-open.org/wsrf/rl-2", "wsnt": "http://docs.oasis-open.org/wsn/b-2"}
 GSOAP = Path("/usr/share/gsoap")
 PLUGINS = ["wsseapi.c", "wsaapi.c", "smdevp.c", "mecevp.c", "threads.c"]
 
@@ -35,10 +41,12 @@ pytestmark = [pytest.mark.interop,
                                  reason="Debian packages gsoap and libgsoap-dev are not installed")]
 
 
-def build_client(contract_dir: Path) -> Path:
-    """Compile the gSOAP client for the mirrored contract once; later runs reuse var/gsoap/<hash>/repo_client."""
-    digest = hashlib.sha256()
-    for path in sorted(contract_dir.iterdir()) + [CLIENT]:
+def build_client(contract_dir: Path, client: Path = CLIENT, wsdls: tuple[str, ...] = ("repository.wsdl", "vmmanager.wsdl"),
+                 prefixes: dict[str, str] | None = None) -> Path:
+    """Compile a gSOAP client for the mirrored contract once; later runs reuse var/gsoap/<hash>/grid_client.
+    prefixes: namespace prefixes to fix in wsdl2h's typemap (the client's code names them)."""
+    digest = hashlib.sha256(repr((wsdls, prefixes)).encode())
+    for path in sorted(contract_dir.iterdir()) + [client]:
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     out = ROOT / "var" / "gsoap" / digest.hexdigest()[:16]
     binary = out / "grid_client"
@@ -51,15 +59,17 @@ def build_client(contract_dir: Path) -> Path:
     def run(*cmd):
         subprocess.run(cmd, cwd=work, check=True, capture_output=True, timeout=600)
 
+    typemap = (GSOAP / "WS" / "typemap.dat").read_text() + "".join(f'{p} = "{ns}"\n' for p, ns in (prefixes or {}).items())
+    (work / "typemap.dat").write_text(typemap)
     # -d: xs:any content as DOM (as char* literals gSOAP cannot check the digest of GetResourceProperty answers)
-    run("wsdl2h", "-c", "-d", "-t", str(GSOAP / "WS" / "typemap.dat"), "-o", "grid.h", "repository.wsdl", "vmmanager.wsdl")
+    run("wsdl2h", "-c", "-d", "-t", "typemap.dat", "-o", "grid.h", *wsdls)
     header = (work / "grid.h").read_text()
     (work / "grid.h").write_text('#import "wsse.h"\n' + header)     # the wsse plugin's header blocks
     run("soapcpp2", "-c", "-C", "-L", "-x", f"-I{GSOAP / 'import'}:{GSOAP}:{GSOAP / 'plugin'}", "grid.h")
     for plugin in PLUGINS:
         shutil.copy(GSOAP / "plugin" / plugin, work)
     run("gcc", "-O1", "-w", "-DWITH_OPENSSL", "-DWITH_DOM", "-DWITH_GZIP", "-I.", f"-I{GSOAP}", f"-I{GSOAP / 'plugin'}",
-        "-o", "grid_client", str(CLIENT), "soapC.c", "soapClient.c", *PLUGINS, str(GSOAP / "custom" / "struct_timeval.c"),
+        "-o", "grid_client", str(client), "soapC.c", "soapClient.c", *PLUGINS, str(GSOAP / "custom" / "struct_timeval.c"),
         "-lgsoapssl", "-lssl", "-lcrypto", "-lz", "-lpthread")
     out.mkdir(parents=True, exist_ok=True)
     shutil.copy(work / "grid_client", binary)
@@ -123,3 +133,26 @@ def test_gsoap_runs_the_contract_signed_and_verifies_every_answer(vm_grid, tmp_p
     assert steps["Deploy"]["detail"] == "Running"
     owners = {i.identifier: i.owner for i in vm_grid.vmm(pki.alice).list(include_ended=True)}
     assert owners["gsoap-ec"] == pki.alice.dn
+
+
+def test_gsoap_runs_the_job_service_signed_and_gets_its_faults_typed(job_service, tmp_path):
+    """A gSOAP client generated from the served jobs.wsdl alone: a job run and its properties (State, Outputs from
+    the DOM, CancelRequested), a long job cancelled, both destroyed, and IllegalTransitionFault, ResourceUnknownFault
+    and InvalidArgumentFault each deserialized into its typed detail member; signed with alice's proxy and its chain
+    (the job:JobKey header signed too), every answer verified."""
+    pki = job_service.pki
+    contract = mirror_contract({"jobs.wsdl": job_service.url + "?wsdl"}, grid_session(pki.cert_dir),
+                               tmp_path / "contract")
+    binary = build_client(contract, JOB_CLIENT, ("jobs.wsdl",), JOB_PREFIXES)
+    proxy = pki.alice.proxy
+    (tmp_path / "proxy.pem").write_bytes(proxy.certificate.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "proxy-key.pem").write_bytes(proxy.private_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    (tmp_path / "pkipath.der").write_bytes(wssec.pkipath(reversed(proxy.certificates)))
+    env = {**os.environ, **{f"ACTION_{op}": action for op, action in job_service.actions.items()}}
+    run = subprocess.run([str(binary), job_service.url, str(tmp_path / "proxy.pem"), str(tmp_path / "proxy-key.pem"),
+                          str(next(p for p in sorted(Path(pki.cert_dir).glob("*.0")))), "host/localhost", UNKNOWN_KEY,
+                          str(tmp_path / "pkipath.der")], capture_output=True, text=True, timeout=300, env=env)
+    steps = {s["step"]: s for s in map(json.loads, run.stdout.splitlines())}
+    assert run.returncode == 0, run.stdout + run.stderr
+    check_job_steps(steps)

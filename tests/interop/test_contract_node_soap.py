@@ -21,6 +21,7 @@ from lxml import etree
 from security import wssec
 
 from services.container.contract import Contract
+from tests.interop.job_service import ECHO, LONG, UNKNOWN_KEY, check_job_steps
 
 ROOT = Path(__file__).resolve().parents[2]
 NODE_SOAP = "soap@1.13.0"
@@ -118,3 +119,24 @@ def test_node_soap_runs_the_contract_signed_and_verifies_every_answer(vm_grid, t
     assert len(steps) == 9 and all(s["ok"] for s in steps.values())
     owners = {i.identifier: i.owner for i in vm_grid.vmm(pki.alice).list(include_ended=True)}
     assert owners["node-soap-2"] == pki.alice.dn
+
+
+def test_node_soap_runs_the_job_service_signed_and_gets_its_faults_typed(job_service, tmp_path):
+    """The job service as a scientist uses it, from its served WSDL: a job run and its properties (State, Outputs,
+    CancelRequested), a long job cancelled, both destroyed, and IllegalTransitionFault, ResourceUnknownFault and
+    InvalidArgumentFault each in the fault's detail; every answer verified. Signed with alice's proxy and its chain
+    (the job:JobKey header signed too)."""
+    modules = node_soap()
+    pki = job_service.pki
+    proxy = pki.alice.proxy
+    (tmp_path / "proxy.pem").write_bytes(proxy.certificate.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "proxy-key.pem").write_bytes(proxy.private_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    config = {"jobsWsdl": job_service.url + "?wsdl", "jobsUrl": job_service.url,
+              "cert": str(tmp_path / "proxy.pem"), "key": str(tmp_path / "proxy-key.pem"),
+              "pkiPath": base64.b64encode(wssec.pkipath(reversed(proxy.certificates))).decode(),
+              "caFile": str(next(p for p in sorted(Path(pki.cert_dir).glob("*.0")))), "hostCN": "host/localhost",
+              "actions": job_service.actions, "echo": ECHO, "long": LONG, "unknownKey": UNKNOWN_KEY}
+    steps, run = run_node(modules, config, tmp_path / "jobs")
+    assert run.returncode == 0, run.stdout + run.stderr
+    check_job_steps(steps)

@@ -5,6 +5,8 @@
 //   node vmgrid_client.js CONFIG.json
 // CONFIG: {repoWsdl, vmmWsdl, cert, key, caFile, hostCN, deployXml, unknownImage, repoUrl, vmmUrl, actions,
 //          pkiPath (optional: base64 DER of an X509PKIPathv1, the proxy chain), steps (the steps to run, default all)}
+// or, for the job service: {jobsWsdl, jobsUrl, cert, key, caFile, hostCN, actions, pkiPath, echo, long, unknownKey}
+// (the steps of tests/interop/job_service.py's JOB_STEPS: a job run, its properties, Cancel, Destroy, typed faults)
 'use strict';
 const fs = require('fs');
 const crypto = require('crypto');
@@ -20,6 +22,7 @@ const X509V3 = 'http://docs.oasis-open.org/wss/2004/01/oasis-200401-wss-x509-tok
 const PKIPATH = 'http://docs.oasis-open.org/wss/2004/01/oasis-200401-wss-x509-token-profile-1.0#X509PKIPathv1';
 const VMM = 'http://vmgrid.org/ns/vmmanager/1';
 const RP = 'http://docs.oasis-open.org/wsrf/rp-2';
+const JOB = 'http://vmgrid.org/ns/jobs/1';
 
 const config = JSON.parse(fs.readFileSync(process.argv[2], 'utf8'));
 const key = fs.readFileSync(config.key, 'utf8');
@@ -195,4 +198,113 @@ async function main() {
   });
 }
 
-main().catch(() => { process.exitCode = 1; });
+// The job service: a job's operations carry its JobKey (the reference parameter of the EndpointReference SubmitJob
+// answers) as a SOAP header, signed like InstanceKey.
+function faultDetail(err) {
+  const fault = err && err.root && err.root.Envelope && err.root.Envelope.Body && err.root.Envelope.Body.Fault;
+  if (!fault) throw err;
+  verifyAnswer(err.body);
+  return Object.keys(fault.detail || {});
+}
+
+async function jobs() {
+  const client = await soap.createClientAsync(config.jobsWsdl);
+  const job = (op, jobKey) => addressed(client, config.jobsUrl, op,
+    [`<job:JobKey xmlns:job="${JOB}">${jobKey}</job:JobKey>`], ['job:JobKey']);
+  const submit = async (command) => {
+    const [result, raw] = await addressed(client, config.jobsUrl, 'SubmitJob').SubmitJobAsync(
+      { executable: command[0], argument: command.slice(1), lifetime: 600 });
+    verifyAnswer(raw);
+    const m = raw.match(/<job:JobKey[^>]*>([^<]+)<\/job:JobKey>/);
+    if (!m || !result.Job || !result.Job.State) throw new Error('no JobKey or State in the answer');
+    return m[1];
+  };
+  // one resource property, as the elements of the answer (QName content: a prefix of its own, as for vmm:State)
+  const property = async (jobKey, name) => {
+    const [, raw] = await job('GetResourceProperty', jobKey).GetResourcePropertyAsync({
+      _xml: `<wsrf-rp:GetResourceProperty xmlns:wsrf-rp="${RP}" xmlns:p="${JOB}">p:${name}</wsrf-rp:GetResourceProperty>`,
+    });
+    verifyAnswer(raw);
+    const doc = new DOMParser().parseFromString(raw, 'text/xml');
+    return Array.from(doc.getElementsByTagNameNS(JOB, name));
+  };
+  const state = async (jobKey) => (await property(jobKey, 'State'))[0].textContent;
+  const until = async (jobKey, wanted) => {
+    for (let i = 0; i < 600; i++) {
+      const s = await state(jobKey);
+      if (s === wanted) return s;
+      if (['Done', 'Failed', 'Cancelled'].includes(s)) return s;
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    return state(jobKey);
+  };
+  const echo = await step('SubmitJob', () => submit(config.echo));
+  await step('State', () => until(echo, 'Done'));
+  await step('ListJobs', async () => {
+    const [result, raw] = await addressed(client, config.jobsUrl, 'ListJobs').ListJobsAsync({ includeEnded: true });
+    verifyAnswer(raw);
+    const listed = [].concat((result && result.Job) || []);
+    const doc = new DOMParser().parseFromString(raw, 'text/xml');
+    for (const job of Array.from(doc.getElementsByTagNameNS(JOB, 'Job'))) {
+      if (job.getElementsByTagNameNS(JOB, 'JobKey')[0].textContent === echo) {
+        const text = (n) => job.getElementsByTagNameNS(JOB, n)[0].textContent;
+        return `${text('State')} ${text('ExitCode')}`;
+      }
+    }
+    throw new Error(`${echo} is not among the ${listed.length} jobs listed`);
+  });
+  await step('Outputs', async () => {
+    const [outputs] = await property(echo, 'Outputs');
+    return Array.from(outputs.getElementsByTagNameNS(JOB, 'file')).map((f) => ['name', 'size', 'sha256'].map(
+      (n) => f.getElementsByTagNameNS(JOB, n)[0].textContent).join(' ')).join(';');
+  });
+  await step('CancelRequestedAfterEnd', async () => {
+    const found = await property(echo, 'CancelRequested');
+    return found.length ? found[0].textContent : 'absent';
+  });
+  const long = await step('SubmitLongJob', () => submit(config.long));
+  await until(long, 'Active');
+  await step('Cancel', async () => {
+    const [result, raw] = await job('Cancel', long).CancelAsync({});
+    verifyAnswer(raw);
+    return result.State;
+  });
+  await step('CancelRequested', async () => {
+    const found = await property(long, 'CancelRequested');
+    return found.length ? found[0].textContent : 'absent';
+  });
+  await step('Cancelled', () => until(long, 'Cancelled'));
+  await step('IllegalTransitionFault', async () => {
+    try {
+      await job('Cancel', long).CancelAsync({});
+    } catch (err) {
+      return faultDetail(err).join(',');
+    }
+    throw new Error('Cancel of a Cancelled job answered without a fault');
+  });
+  for (const [name, jobKey] of [['Destroy', echo], ['DestroyLong', long]]) {
+    await step(name, async () => {
+      const [, raw] = await job('Destroy', jobKey).DestroyAsync({});
+      verifyAnswer(raw);
+      return raw.includes('DestroyResponse') ? 'destroyed' : raw;
+    });
+  }
+  await step('ResourceUnknownFault', async () => {
+    try {
+      await property(config.unknownKey, 'State');
+    } catch (err) {
+      return faultDetail(err).join(',');
+    }
+    throw new Error('a property of an unknown job answered without a fault');
+  });
+  await step('InvalidArgumentFault', async () => {
+    try {
+      await submit(['']);                  // the schema's executable is a non-empty string
+    } catch (err) {
+      return faultDetail(err).join(',');
+    }
+    throw new Error('a SubmitJob the schema refuses answered without a fault');
+  });
+}
+
+(config.jobsWsdl ? jobs() : main()).catch(() => { process.exitCode = 1; });
