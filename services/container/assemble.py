@@ -3,6 +3,7 @@ WS-Security in front of the services, TLS, and the services themselves."""
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import logging
 import math
 import os
@@ -12,6 +13,7 @@ from security.middleware import DEFAULT_UNDERSTOOD, WSSecurityMiddleware
 from security.pki import PKIError, default_cert_dir, dn_string, load_host_credential
 from security.tls import server_ssl_adapter
 from security.trust import ChainError, TrustStore
+from security.wssec import SecurityPolicy
 from services.container.config import Config, ConfigError
 from services.container.server import Container
 from services.container.service import SoapService
@@ -123,6 +125,10 @@ NUMBER_RULES: dict[str, dict[str, tuple]] = {
         "guest_cert_days": ("days", _more_than_zero()),
         "list_page": ("instances a page", _between(1, 1000)),          # services/vmmanager/listing.py MAX_PAGE
     },
+    "security": {
+        "clock_skew": ("seconds", _between(0, 3600)),
+        "message_lifetime": ("seconds", _between(1, 3600)),
+    },
     "jobs": {
         "default_lifetime": ("seconds", _at_least(1)),
         "max_lifetime": ("seconds", _at_least(1)),
@@ -139,7 +145,7 @@ NUMBER_RULES: dict[str, dict[str, tuple]] = {
 
 
 def check_numbers(name: str, section) -> None:
-    """Each number of ``section`` ([vmmanager] or [jobs]) within its rule (NUMBER_RULES), or a ValueError naming the
+    """Each number of ``section`` ([vmmanager], [jobs] or [security]) within its rule (NUMBER_RULES), or a ValueError naming the
     key, its value and what it may be: ``[vmmanager] staging_parallel = 0: GridFTP streams, 1 to 64``."""
     for key, (what, (holds, rule)) in NUMBER_RULES.get(name, {}).items():
         value = getattr(section, key)
@@ -177,6 +183,7 @@ def check_service_config(name: str, config: Config) -> None:
     for every service of a container before any of them opens its state, and before the host credential is read."""
     if name not in SERVICE_NAMES:
         raise ValueError(f"unknown service {name!r}; one of: {', '.join(SERVICE_NAMES)}")
+    check_numbers("security", config.security)
     if name == "vmmanager" and not config.enforcement.authz_url:
         raise ValueError("the VMManager authorizes every operation through the Authorization service: "
                          "set [enforcement] authz_url")
@@ -269,9 +276,13 @@ def build_container(config: Config, services: list[SoapService], *, port: int | 
         understood |= set(s.extra_understood_headers)
     security_dir = Path(c.state_dir) / "security"
 
+    s = config.security
+    policy = SecurityPolicy(clock_skew=dt.timedelta(seconds=s.clock_skew),
+                            max_age=dt.timedelta(seconds=s.message_lifetime))
+
     def middleware(app):
         return WSSecurityMiddleware(app, credential, trust, state_dir=security_dir, understood_headers=understood,
-                                    markup_held=c.limits.max_markup_held)
+                                    markup_held=c.limits.max_markup_held, policy=policy)
 
     adapter = (server_ssl_adapter(credential, cert_dir=trust.cert_dir, client_certs=c.tls_client_certs)
                if c.tls else None)

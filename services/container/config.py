@@ -43,8 +43,9 @@ class SecurityConfig:
     cert_dir: str = ""        # trusted CAs; "" = $X509_CERT_DIR or /etc/grid-security/certificates
     host_cert: str = ""       # "" = $X509_HOST_CERT or /etc/grid-security/hostcert.pem
     host_key: str = ""        # "" = $X509_HOST_KEY or /etc/grid-security/hostkey.pem
-    clock_skew: int = 300     # seconds of clock difference accepted in message timestamps
-    message_lifetime: int = 300  # how long a signed request stays valid (and is remembered for replay)
+    clock_skew: int = 60      # seconds a request's Created may lie ahead of this clock (and its Expires behind it)
+    message_lifetime: int = 300  # seconds a signed request is accepted after its Created (the freshness window:
+                                 # the replay cache remembers each request this long plus clock_skew)
 
 
 @dataclass

@@ -54,6 +54,8 @@ def serve(tmp_path, text: str, *extra: str, service: str = "vmmanager") -> subpr
      "n3.toml: [container] log_file = 'nodir/node.log': No such file or directory"),
     # numbers that cannot mean anything: each failed later (the first staging, the executor) or hung, or started
     (("vmmanager", "staging_parallel"), "0", "n3.toml: [vmmanager] staging_parallel = 0: GridFTP streams, 1 to 64"),
+    (("security", "clock_skew"), "-5", "n3.toml: [security] clock_skew = -5: seconds, 0 to 3600"),
+    (("security", "message_lifetime"), "0", "n3.toml: [security] message_lifetime = 0: seconds, 1 to 3600"),
     (("vmmanager", "staging_parallel"), "65", "n3.toml: [vmmanager] staging_parallel = 65: GridFTP streams, 1 to 64"),
     (("vmmanager", "deploy_workers"), "0", "n3.toml: [vmmanager] deploy_workers = 0: deployments at once, 1 or more"),
     (("vmmanager", "sweep_interval"), "-1.0", "n3.toml: [vmmanager] sweep_interval = -1.0: seconds, more than 0"),
@@ -133,18 +135,19 @@ def test_every_number_rule_refuses_what_it_says_and_takes_the_default():
     from services.container.config import Config
 
     for name, rules in NUMBER_RULES.items():
+        service = "repository" if name == "security" else name      # [security] is every service's
         for key, (_what, (_holds, rule)) in rules.items():
             config = Config()
             config.enforcement.authz_url = "https://localhost:1/wsrf/services/AuthorizationService"
             config.jobs.owner = "/O=Grid/CN=alice"
-            check_service_config(name, config)                        # the defaults
-            section = config.vmmanager if name == "vmmanager" else config.jobs
+            check_service_config(service, config)                     # the defaults
+            section = getattr(config, name)
             default = getattr(section, key)
             least = 1 if rule.startswith("1 ") else 0
             bad = (least - 1) if isinstance(default, int) else (-0.5 if rule.startswith("0 ") else 0.0)
             setattr(section, key, type(default)(bad))
             with pytest.raises(ValueError, match=rf"^\[{name}\] {key} = "):
-                check_service_config(name, config)
+                check_service_config(service, config)
 
 
 def test_a_container_hosting_the_authorization_service_beside_a_repository_without_authz_url_says_so(grid_pki,
@@ -246,3 +249,46 @@ def test_a_job_reaches_its_own_directory_by_path_when_serve_made_the_state_direc
         assert stat.S_IMODE(state.stat().st_mode) == 0o711
     finally:
         shutil.rmtree(top, ignore_errors=True)
+
+
+@pytest.mark.parametrize("skew, accepted", [(None, False), (600, True)], ids=["default-60s", "clock_skew-600"])
+def test_security_clock_skew_is_what_the_container_accepts(skew, accepted, monkeypatch):
+    """`[security] clock_skew` and `message_lifetime` were read and used nowhere: with clock_skew = 600 a request
+    dated 120 s ahead was still refused "beyond the allowed clock skew of 60 s" (trial T9). The container's
+    WS-Security now verifies with them. Here the client's clock runs 2 minutes ahead (its signer's clock, in this
+    test's process; the service is a process of its own with the real clock)."""
+    import datetime as real_dt
+    import tempfile
+    import types
+    from pathlib import Path
+
+    import security.wssec as wssec
+    from client.localgrid import LocalGrid
+    from services.authz.client import AuthorizationClient
+    from services.container.config import SecurityConfig
+    from security.trust import TrustStore
+    from services.soapclient import ClientError
+
+    assert SecurityConfig().clock_skew == 60 == wssec.DEFAULT_POLICY.clock_skew.total_seconds()   # as documented
+
+    class Ahead(real_dt.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return real_dt.datetime.now(tz) + real_dt.timedelta(seconds=120)
+
+    with tempfile.TemporaryDirectory() as top, LocalGrid(Path(top) / "grid") as g:
+        alice = g.user("alice")
+        policy = Path(top) / "policy.toml"
+        policy.write_text(f'[policy]\nadmins = ["{alice.dn}"]\n')
+        sp = g.start("authz", ["authz"], {"authz": {"policy": str(policy)},
+                                          **({"security": {"clock_skew": skew}} if skew else {})})
+        client = AuthorizationClient.connect(f"{sp.base_url}/wsrf/services/AuthorizationService",
+                                             alice.credential, TrustStore(g.cert_dir))
+        monkeypatch.setattr(wssec, "_dt", types.SimpleNamespace(datetime=Ahead, timedelta=real_dt.timedelta,
+                                                                timezone=real_dt.timezone))
+        if accepted:
+            assert client.groups(alice.dn) == ([], [])
+        else:
+            with pytest.raises(ClientError, match="beyond the allowed clock skew of 60 s"):
+                client.groups(alice.dn)
+
