@@ -98,10 +98,9 @@ def _javac(work: Path, sources: list[Path]) -> None:
     assert run.returncode == 0, run.stdout + run.stderr
 
 
-def build_client(contract_dir: Path, sources: list[str] = GRID_CLIENT, *, unedited: bool = False) -> Path:
-    """WSDL2Java stubs for the mirrored contract (each of its WSDLs) and the client (these sources), compiled once
-    (var/axis/<hash>/classes). Unless unedited, a generated class whose `cause` property clashes with
-    Throwable.getCause() gets it renamed cause1 (see rename_fault_cause) before javac."""
+def build_client(contract_dir: Path, sources: list[str] = GRID_CLIENT) -> Path:
+    """WSDL2Java stubs for the mirrored contract (each of its WSDLs) and the client (these sources), compiled as
+    generated, once (var/axis/<hash>/classes)."""
     client = [SOURCES / name for name in sources]
 
     def build(work: Path) -> None:
@@ -113,31 +112,10 @@ def build_client(contract_dir: Path, sources: list[str] = GRID_CLIENT, *, unedit
             subprocess.run([*JVM, "-cp", classpath(), "org.apache.axis.wsdl.WSDL2Java", "-o", str(work / "src"),
                             *WSDL2JAVA, "-f", str(work / "ns.properties"), str(contract_dir / wsdl)],
                            check=True, capture_output=True, timeout=600)
-        if not unedited:
-            rename_fault_cause(work / "src")
         _javac(work, sorted((work / "src").rglob("*.java")) + client)
         shutil.rmtree(work / "src")
 
-    return _cached(sorted(contract_dir.iterdir()) + client, "-unedited" if unedited else "", build)
-
-
-CAUSE_CLASH = "public java.lang.String getCause()"
-
-
-def rename_fault_cause(src: Path) -> list[str]:
-    """What an Axis 1.4 user of jobs.wsdl, vmrepository.wsdl or authz.wsdl alone does today: faults.xsd's
-    MigrationFault extends BaseFaultType (an AxisFault) with an element named cause, and WSDL2Java renames that
-    property (cause1) only in the faults a WSDL's operations declare, which only vmmanager.wsdl's do; elsewhere
-    MigrationFault.getCause() returns a String where Throwable's returns a Throwable and javac refuses the stubs.
-    The property is renamed as WSDL2Java renames it in a declared fault; returns the classes edited."""
-    edited = []
-    for java in src.rglob("*.java"):
-        text = java.read_text()
-        if CAUSE_CLASH in text:
-            java.write_text(text.replace("getCause()", "getCause1()").replace("setCause(", "setCause1(")
-                            .replace('setFieldName("cause")', 'setFieldName("cause1")'))
-            edited.append(java.stem)
-    return edited
+    return _cached(sorted(contract_dir.iterdir()) + client, "", build)
 
 
 def build_security() -> Path:
@@ -235,15 +213,17 @@ def test_axis_wss4j_runs_the_job_service_signed_and_gets_its_faults_typed(job_se
     assert all(s["verified"] >= 1 for s in steps.values())      # each answer verified by WSS4J
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="wsdl/faults.xsd: MigrationFault (a BaseFaultType, so an AxisFault) has a "
-                   "`cause` element, and stubs WSDL2Java generates from a WSDL that does not declare MigrationFault "
-                   "(jobs.wsdl, vmrepository.wsdl, authz.wsdl) do not compile: its getCause() returns a String. "
-                   "Needed (wire-compatible): MigrationFault's type spelled as a plain sequence (Timestamp, "
-                   "Description, phase, target, cause), not an extension of BaseFaultType. Drop this mark then.")
-def test_axis_stubs_of_the_served_jobs_wsdl_compile_as_generated(job_service, tmp_path):
-    contract = mirror_contract({"jobs.wsdl": job_service.url + "?wsdl"}, grid_session(job_service.pki.cert_dir),
-                               tmp_path / "contract")
-    build_client(contract, JOB_CLIENT, unedited=True)
+def test_axis_stubs_of_the_served_repository_and_authz_wsdls_each_alone_compile_as_generated(vm_grid, tmp_path):
+    """An Axis user generates stubs from the one WSDL she calls. faults.xsd's MigrationFault extended BaseFaultType
+    (an AxisFault) with an element named cause, which WSDL2Java renames (cause1) only in the faults a WSDL's
+    operations declare (vmmanager.wsdl's): from jobs.wsdl, vmrepository.wsdl or authz.wsdl alone its getCause()
+    returned a String where Throwable's returns a Throwable, and javac refused the stubs. MigrationFault's content
+    is now written out (the same XML). jobs.wsdl alone: the job service's test above builds on its stubs."""
+    session = grid_session(vm_grid.pki.cert_dir)
+    for name, url in (("repository.wsdl", vm_grid.repository_url), ("authz.wsdl", vm_grid.authz_url)):
+        contract = mirror_contract({name: url + "?wsdl"}, session, tmp_path / name)
+        classes = build_client(contract, [])
+        assert any(classes.rglob("MigrationFault.class")), name
 
 
 def test_the_soapui_project_signs_with_the_settings_of_the_wss4j_client():
