@@ -69,8 +69,21 @@ def subject_to_zeep(subject: Subject) -> dict:
     return {"dn": subject.dn, "limited": subject.limited}
 
 
+MAX_VALUE = 1024          # characters of an attribute's value or pattern, and of a member's DN (authz.xsd)
+
+
+def _bounded(text: str | None, what: str, least: int = 0) -> str:
+    """An attribute's value or a member's DN within authz.xsd's bounds (ValueType, DNType), which the schema's
+    AttributeType and MemberType leave to the service (they extend xs:string, for Axis 1.4): InvalidArgument."""
+    text = text or ""
+    if not least <= len(text) <= MAX_VALUE:
+        raise InvalidArgument(f"{what} is {len(text)} characters: {least} to {MAX_VALUE}", argument=what)
+    return text
+
+
 def attributes_from_xml(e: etree._Element | None, what: str) -> dict[str, str]:
-    """Resource or context attributes of a request; a name given twice is refused."""
+    """Resource or context attributes of a request; a name given twice, or a value over 1024 characters, is
+    refused."""
     out: dict[str, str] = {}
     if e is None:
         return out
@@ -78,7 +91,7 @@ def attributes_from_xml(e: etree._Element | None, what: str) -> dict[str, str]:
         name = a.get("name")
         if name in out:
             raise InvalidArgument(f"{what} attribute {name!r} is given twice", argument=f"{what}.{name}")
-        out[name] = a.text or ""
+        out[name] = _bounded(a.text, f"{what}.{name}")
     return out
 
 
@@ -129,7 +142,7 @@ def patterns_from_xml(e: etree._Element | None) -> Patterns:
     grouped: dict[str, list[str]] = {}
     if e is not None:
         for a in e.iterfind("az:attribute", NS):
-            grouped.setdefault(a.get("name"), []).append(a.text or "")
+            grouped.setdefault(a.get("name"), []).append(_bounded(a.text, f"{e.tag.rpartition('}')[2]}.{a.get('name')}"))
     return tuple((k, tuple(v)) for k, v in grouped.items())
 
 
@@ -256,8 +269,10 @@ def group_to_xml(parent: etree._Element, group: Group) -> None:
 
 
 def group_from_xml(e: etree._Element) -> Group:
-    members = tuple((m.text or "").strip() for m in e.iterfind("az:member", NS) if m.get("source", "policy") == "policy")
-    imported = tuple((m.text or "").strip() for m in e.iterfind("az:member", NS) if m.get("source") == "gridmap")
+    members = tuple(_bounded(m.text, "member", 1).strip() for m in e.iterfind("az:member", NS)
+                    if m.get("source", "policy") == "policy")
+    imported = tuple(_bounded(m.text, "member", 1).strip() for m in e.iterfind("az:member", NS)
+                     if m.get("source") == "gridmap")
     return Group(text(e, "name").strip(), members, tuple((a.text or "").strip() for a in e.iterfind("az:admin", NS)),
                  text(e, "gridmap"), (), limits_from_xml(e.find("az:limits", NS)), text(e, "description") or "",
                  None, imported)

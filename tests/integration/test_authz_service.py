@@ -500,3 +500,23 @@ def test_one_identity_s_refused_calls_are_counted_not_written_one_by_one(site, p
     records = site.authority.audit.read(event="access", limit=10_000)[before:]
     assert [(r["operation"], r.get("repeated")) for r in records[4:]] == [("GetGroups", 4)]
     assert verify_chain(site.authority.audit.path) > 0
+
+
+def test_values_and_members_over_their_bounds_are_refused_typed_and_nothing_is_audited(site, people, grid_pki):
+    """authz.xsd's AttributeType and MemberType extend xs:string (Axis 1.4 cannot compile a simple-content extension
+    of the named ValueType/DNType), so the service bounds them itself: a value over 1024 characters, a member's DN
+    empty or over 1024, is an InvalidArgument naming it, and no decision or change is made or audited."""
+    from services.authz.policy import Group
+
+    pep = site.client(grid_pki.host)
+    before = site.authority.audit.read(limit=10_000)
+    with pytest.raises(InvalidArgument, match=r"resource\.vo is 1025 characters: 0 to 1024"):
+        pep.authorize(Subject(people["alice"].dn), "vm.inspect", {"type": "instance", "vo": "b" * 1025})
+    assert pep.authorize(Subject(people["alice"].dn), "vm.inspect", {"type": "instance", "vo": "b" * 1024})[0]
+    admin = site.client(people["admin"].proxy)
+    for member in ("", "/O=Grid/CN=" + "m" * 1020):
+        with pytest.raises(InvalidArgument, match=r"member is \d+ characters: 1 to 1024"):
+            admin.add_group(Group("newgroup", (member,), ()))
+    after = site.authority.audit.read(limit=10_000)
+    assert [r for r in after[len(before):] if r["event"] != "decision"] == []
+    assert len(after) - len(before) == 1                  # the one decision within bounds
