@@ -30,6 +30,7 @@ from services.wsrf.notification import Subscription, Subscriptions, new_subscrip
 
 log = logging.getLogger("vmgrid.JobService")
 RULE = "instance-owner-or-vo-admin"
+OUTPUT_RULE = "job-submitter-or-vo-admin"     # who reads what a job wrote (StdoutTail, StderrTail)
 VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 LIVE_BEFORE_RUN = {JobState.PENDING, JobState.STAGE_IN}
 # seconds a Cancel waits for its job to end before it answers: a program that ends at its SIGTERM, whose outputs
@@ -501,7 +502,19 @@ class JobManager:
         return self.store.list(live_only=not include_ended)
 
     # -- what the owner reads ---------------------------------------------------------------------------------
-    def tail(self, job: Job, which: str) -> str:
+    def may_read_output(self, dn: str, job: Job) -> bool:
+        """What a job wrote is its submitter's, and the VO's admins' (the admin rule): the instance's owner reads
+        no admin's job output, nor one admin another's."""
+        return dn == job.owner or dn in self.config.admins
+
+    def tail(self, dn: str, job: Job, which: str) -> str:
+        """The end of the job's standard output or error (``which``) for ``dn``: AccessDenied unless ``dn`` submitted
+        the job or is an admin."""
+        self.check(dn, "job.read-output", job.key)
+        if not self.may_read_output(dn, job):
+            raise AccessDenied(f"{dn} may not read the output of job {job.key}: only the job's submitter and the "
+                               f"VO's admins may", subject=dn, action="job.read-output", resource=job.key,
+                               rule=OUTPUT_RULE)
         name = job.spec.stdout if which == "stdout" else job.spec.stderr
         try:       # through no link the job put there: never the service's files
             return _tail_fd(open_beneath(self.jobs_dir / job.key, name), self.config.tail_bytes)[2]

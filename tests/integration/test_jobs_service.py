@@ -342,6 +342,24 @@ def test_another_user_is_denied_every_operation_and_the_files(grid, grid_pki, tm
     assert alice.status(key).state == "Done"  # and nothing bob did changed it
 
 
+def test_a_jobs_output_tail_is_its_submitters_and_the_admins_only(grid, grid_pki):
+    """StdoutTail and StderrTail are what the job wrote: the instance's owner reads none of an admin's job (its files
+    on the GridFTP face are his alone too), an admin reads hers (the admin rule), anyone else nothing; the job's
+    other properties stay readable as before. Without the check alice read the admin's secret."""
+    alice, admin = grid.client(grid_pki.alice), grid.client(grid_pki.admin)
+    his = admin.submit(JobSpec(PY, ("-c", "import sys; print('admin secret'); sys.stderr.write('admin err')")))
+    hers = alice.submit(JobSpec(PY, ("-c", "print('alice out')")))
+    assert admin.wait(his, timeout=120).stdout_tail == "admin secret\n"
+    for prop in ("StdoutTail", "StderrTail"):
+        with pytest.raises(AccessDenied, match="may not read the output of job"):
+            alice.property(his, f"{{{JOB}}}{prop}")
+    with pytest.raises(AccessDenied):
+        alice.status(his)                    # asks every property, the tails with them
+    assert [el.text for el in alice.property(his, f"{{{JOB}}}State")] == ["Done"]
+    assert admin.wait(hers, timeout=120).stdout_tail == "alice out\n"      # the admin rule
+    assert alice.status(hers).stdout_tail == "alice out\n"
+
+
 def test_a_limited_proxy_starts_no_job(grid, grid_pki):
     """A limited proxy moves data and starts nothing (Globus' GRAM refuses it; vmgrid's default policy refuses it
     vm.deploy): the owner's limited proxy, handed to a data service, cannot run a command in her VM. Her full proxy

@@ -82,7 +82,7 @@ def test_a_job_runs_without_a_shell_and_ends_done_with_its_outputs_hashed(jobs):
                                           "a b", "$HOME;echo"), stage_out=(StageOut("out.txt"),)))
     done = wait_final(jobs, job.key)
     assert done.state == JobState.DONE and done.exit_code == 0
-    assert jobs.tail(done, "stdout") == "hello ['a b', '$HOME;echo']\n"     # arguments reach it verbatim
+    assert jobs.tail(OWNER, done, "stdout") == "hello ['a b', '$HOME;echo']\n"     # arguments reach it verbatim
     outputs = {o.name: o for o in done.outputs}
     assert set(outputs) == {"stdout", "stderr", "out.txt"} and outputs["stderr"].size == 0
     assert outputs["out.txt"].sha256 == hash_file(jobs.jobs_dir / job.key / "out.txt")
@@ -94,7 +94,7 @@ def test_a_non_zero_exit_is_failed_with_the_exit_code(jobs):
     done = wait_final(jobs, job.key)
     assert (done.state, done.exit_code) == (JobState.FAILED, 3)
     assert "exited with status 3" in done.failure
-    assert jobs.tail(done, "stderr") == "bad input\n"
+    assert jobs.tail(OWNER, done, "stderr") == "bad input\n"
 
 
 def test_a_missing_program_and_a_missing_output_fail_with_the_reason(jobs):
@@ -120,7 +120,7 @@ def test_the_environment_is_the_jobs_own_not_the_services(jobs, monkeypatch):
     job = jobs.submit(OWNER, JobSpec(PY, ("-c", "import os, json; print(json.dumps(sorted(os.environ)))"),
                                      environment=(("BLASTDB", "/data"),), directory="run/here"))
     done = wait_final(jobs, job.key)
-    names = eval(jobs.tail(done, "stdout"))
+    names = eval(jobs.tail(OWNER, done, "stdout"))
     assert "X509_USER_PROXY" not in names and "BLASTDB" in names
     assert (jobs.jobs_dir / job.key / "run" / "here").is_dir()
 
@@ -154,7 +154,7 @@ def test_what_a_cancelled_job_wrote_is_recorded_hashed_before_it_is_cancelled_an
                                                "time.sleep(300)" % parts,),
                                      stage_out=(StageOut("part.txt", "gsiftp://127.0.0.1:1/results/part.txt"),
                                                 StageOut("never.txt"), *map(StageOut, parts))))
-    wait_until(lambda: jobs.tail(jobs.store.get(job.key), "stdout") == "started\n")
+    wait_until(lambda: jobs.tail(OWNER, jobs.store.get(job.key), "stdout") == "started\n")
     jobs.cancel(OWNER, job.key, answer_wait=0)          # answers at once; the job's thread does the rest
     done = wait_final(jobs, job.key)
     assert done.state == JobState.CANCELLED and done.failure is None and done.exit_code == -signal.SIGTERM
@@ -179,7 +179,7 @@ def test_cancel_answers_at_once_while_a_program_that_ignores_sigterm_runs_on_and
     m = manager(tmp_path / "s", kill_grace=600.0)
     try:
         job = m.submit(OWNER, JobSpec(PY, ("-c", IGNORES_SIGTERM)))
-        wait_until(lambda: m.tail(m.store.get(job.key), "stdout") == "started\n")
+        wait_until(lambda: m.tail(OWNER, m.store.get(job.key), "stdout") == "started\n")
         assert m.cancel(OWNER, job.key) == JobState.ACTIVE
         assert m.cancel(ADMIN, job.key) == JobState.ACTIVE                # a second Cancel: no fault, no change
         running = m.store.get(job.key)
@@ -197,7 +197,7 @@ def test_cancel_answers_at_once_while_a_program_that_ignores_sigterm_runs_on_and
 def test_the_sigkill_after_the_grace_comes_from_a_thread_of_its_own(jobs):
     """kill_grace is 2 s here: the program that ignores SIGTERM is killed with no request waiting for it."""
     job = jobs.submit(OWNER, JobSpec(PY, ("-c", IGNORES_SIGTERM)))
-    wait_until(lambda: jobs.tail(jobs.store.get(job.key), "stdout") == "started\n")
+    wait_until(lambda: jobs.tail(OWNER, jobs.store.get(job.key), "stdout") == "started\n")
     assert jobs.cancel(OWNER, job.key, answer_wait=0) == JobState.ACTIVE
     done = wait_final(jobs, job.key)
     assert (done.state, done.exit_code, done.failure) == (JobState.CANCELLED, None, None)   # SIGKILLed with its shim
@@ -271,7 +271,7 @@ def test_a_process_that_leaves_the_jobs_group_ends_with_the_job_all_the_same(job
 
     ends = jobs.submit(OWNER, JobSpec(PY, ("-c", daemon + wait_file + "print('bye')")))
     done = wait_final(jobs, ends.key)
-    assert (done.state, done.exit_code, jobs.tail(done, "stdout")) == (JobState.DONE, 0, "bye\n")
+    assert (done.state, done.exit_code, jobs.tail(OWNER, done, "stdout")) == (JobState.DONE, 0, "bye\n")
     child = int((jobs.jobs_dir / ends.key / "child.pid").read_text())
     wait_until(lambda: proc_start_time(child) is None)
 
@@ -313,12 +313,12 @@ def test_an_admins_job_neither_reads_nor_rewrites_the_owners_files_nor_the_servi
     (area / "secret.txt").write_text("alice secret\n")
     hers = wait_final(jobs, jobs.submit(OWNER, JobSpec("cat", ("secret.txt",),
                                                        stage_in=(StageIn("staged:secret.txt", "secret.txt"),))).key)
-    assert hers.state == JobState.DONE and jobs.tail(hers, "stdout") == "alice secret\n"
+    assert hers.state == JobState.DONE and jobs.tail(OWNER, hers, "stdout") == "alice secret\n"
     before = {o.name: o for o in hers.outputs}["stdout"]
     probe = (f"id -u; cat ../*/secret.txt ../{hers.key}/secret.txt ../../staging/*/secret.txt; ls ../../staging; "
              f"head -c 16 ../../jobs.sqlite; echo forged > ../{hers.key}/stdout; true")
     his = wait_final(jobs, jobs.submit(ADMIN, JobSpec("sh", ("-c", probe))).key)
-    out = jobs.tail(his, "stdout")
+    out = jobs.tail(ADMIN, his, "stdout")
     err = (jobs.jobs_dir / his.key / "stderr").read_text()
     assert "alice secret" not in out and "SQLite" not in out, out
     assert err.count("Permission denied") >= 4, err
@@ -339,7 +339,7 @@ def test_a_link_the_job_puts_in_an_outputs_place_records_nothing_of_the_file_it_
     link = f"import os; os.symlink({str(key)!r}, 'out.txt'); os.unlink('stdout'); os.symlink({str(key)!r}, 'stdout')"
     job = wait_final(jobs, jobs.submit(OWNER, JobSpec(PY, ("-c", link), stage_out=(StageOut("out.txt"),))).key)
     assert job.state == JobState.FAILED and "output out.txt cannot be read" in job.failure, job.failure
-    assert "PRIVATE KEY" not in jobs.tail(job, "stdout")
+    assert "PRIVATE KEY" not in jobs.tail(OWNER, job, "stdout")
     assert hash_file(key) not in {o.sha256 for o in job.outputs}
 
 
@@ -367,6 +367,19 @@ def test_only_the_owner_and_admins_may_do_anything_and_others_learn_nothing(jobs
     assert jobs.job(ADMIN, job.key).state == JobState.DONE
     with pytest.raises(ResourceUnknown):
         jobs.job(OWNER, "job-" + "0" * 32)
+
+
+def test_a_jobs_output_tail_is_read_by_its_submitter_and_the_admins_only(jobs):
+    """tail() read any job's output for whoever asked (it took no caller): the owner read an admin's job's."""
+    his = wait_final(jobs, jobs.submit(ADMIN, JobSpec(PY, ("-c", "print('admin secret')"))).key)
+    hers = wait_final(jobs, jobs.submit(OWNER, JobSpec(PY, ("-c", "print('alice out')"))).key)
+    for dn in (OWNER, OTHER):
+        for which in ("stdout", "stderr"):
+            with pytest.raises(AccessDenied) as denied:
+                jobs.tail(dn, his, which)
+            assert "admin secret" not in str(denied.value)
+    assert jobs.tail(ADMIN, his, "stdout") == "admin secret\n"
+    assert jobs.tail(OWNER, hers, "stdout") == jobs.tail(ADMIN, hers, "stdout") == "alice out\n"
 
 
 @pytest.mark.parametrize("spec", [
@@ -402,13 +415,13 @@ def test_a_job_that_leaves_a_fifo_for_its_standard_output_blocks_nothing(jobs):
     done = wait_final(jobs, job.key)
     assert stat.S_ISFIFO((jobs.jobs_dir / job.key / "stdout").lstat().st_mode)
     answer = []
-    reader = threading.Thread(target=lambda: answer.append(jobs.tail(done, "stdout")), daemon=True)
+    reader = threading.Thread(target=lambda: answer.append(jobs.tail(OWNER, done, "stdout")), daemon=True)
     reader.start()
     reader.join(60)
     if reader.is_alive():                   # release it before failing
         os.close(os.open(jobs.jobs_dir / job.key / "stdout", os.O_WRONLY | os.O_NONBLOCK))
     assert answer == [""]
-    assert jobs.tail(done, "stderr") == ""
+    assert jobs.tail(OWNER, done, "stderr") == ""
 
 
 def test_stage_in_from_the_staging_area_is_verified(jobs):
@@ -421,7 +434,7 @@ def test_stage_in_from_the_staging_area_is_verified(jobs):
     bad = jobs.submit(OWNER, JobSpec("true", stage_in=(StageIn("staged:seq.fasta", "x", "0" * 64),)))
     missing = jobs.submit(OWNER, JobSpec("true", stage_in=(StageIn("staged:nothing", "x"),)))
     ok, bad, missing = (wait_final(jobs, j.key) for j in (ok, bad, missing))
-    assert ok.state == JobState.DONE and jobs.tail(ok, "stdout") == "1\n"
+    assert ok.state == JobState.DONE and jobs.tail(OWNER, ok, "stdout") == "1\n"
     assert bad.state == JobState.FAILED and "is not the expected" in bad.failure
     assert missing.state == JobState.FAILED and "no such file in your staging area" in missing.failure
 
@@ -442,7 +455,7 @@ def test_a_staged_in_file_is_the_jobs_standard_input(jobs):
     job = jobs.submit(OWNER, JobSpec("sort", stdin="./in/seqs.txt",
                                      stage_in=(StageIn("staged:seqs.txt", "in/seqs.txt"),)))
     done = wait_final(jobs, job.key)
-    assert done.state == JobState.DONE and jobs.tail(done, "stdout") == "acgt\ntata\n"
+    assert done.state == JobState.DONE and jobs.tail(OWNER, done, "stdout") == "acgt\ntata\n"
 
 
 def test_limits_on_lifetime_and_live_jobs(tmp_path):
@@ -506,7 +519,7 @@ def test_a_restarted_service_reattaches_running_jobs_and_fails_the_lost_ones_wit
         assert s.state == JobState.FAILED and s.failure.startswith("Interrupted:")
         release.touch()
         done = wait_final(m2, waiter.key)
-        assert done.state == JobState.DONE and done.exit_code == 0 and m2.tail(done, "stdout") == "released\n"
+        assert done.state == JobState.DONE and done.exit_code == 0 and m2.tail(OWNER, done, "stdout") == "released\n"
         assert wait_final(m2, unrecorded.key).state == JobState.DONE
     finally:
         release.touch()
