@@ -20,7 +20,7 @@ from gridftp.checksum import hash_file
 from gridftp.filespace import PART_SUFFIX, SIDECAR_SUFFIX, is_internal
 from services.faults import AccessDenied, IllegalTransition, InvalidArgument, LimitExceeded, ResourceUnknown
 from services.jobs.config import JobsConfig
-from services.jobs.files import chown_tree, lock, open_beneath, open_output
+from services.jobs.files import DIR_FLAGS, chown_tree, lock, open_beneath, open_output
 from services.jobs.runner import (Exit, Process, job_environment, pid_namespaces, pids_cgroups, read_exit,
                                   read_supervisor, remove_job_cgroup)
 from services.jobs.staging import Stager, StagingError, inside
@@ -607,22 +607,40 @@ class JobManager:
 
 def _tree_size(top: Path) -> int:
     """The disk space every file under ``top`` takes (its allocated blocks: a sparse file counts what it takes,
-    not its size), symbolic links not followed; what vanishes meanwhile counts nothing."""
+    not its size). Each directory is opened from its parent's fd without following a symbolic link, so a running job
+    that swaps one of its directories for a link (to /, to another job's) between the look and the walk sends the
+    walk nowhere outside; what vanishes meanwhile counts nothing."""
     total = 0
-    stack = [str(top)]
-    while stack:
-        try:
-            with os.scandir(stack.pop()) as entries:
-                for entry in entries:
+    try:
+        fd = os.open(top, DIR_FLAGS)
+    except OSError:
+        return 0
+    stack = [(fd, os.scandir(fd))]        # depth first: open fds grow with the depth, not the width
+    try:
+        while stack:
+            fd, entries = stack[-1]
+            entry = next(entries, None)
+            if entry is None:
+                entries.close()
+                os.close(fd)
+                stack.pop()
+                continue
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    inner = os.open(entry.name, DIR_FLAGS, dir_fd=fd)
                     try:
-                        if entry.is_dir(follow_symlinks=False):
-                            stack.append(entry.path)
-                        else:
-                            total += entry.stat(follow_symlinks=False).st_blocks * 512
+                        stack.append((inner, os.scandir(inner)))
                     except OSError:
-                        continue
-        except OSError:
-            continue
+                        os.close(inner)
+                        raise
+                else:
+                    total += entry.stat(follow_symlinks=False).st_blocks * 512
+            except OSError:
+                continue
+    finally:
+        for fd, entries in stack:
+            entries.close()
+            os.close(fd)
     return total
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import queue
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from lxml import etree
 
 from client.soap import GridServiceClient
 from gridftp import GridFTPServer, download, upload
+from gridftp.client import GridFTPClient
 from gridftp.errors import GridFTPError
 from security.wssec import verify_envelope
 from services.container.assemble import build_container, build_service
@@ -35,6 +37,16 @@ pytestmark = pytest.mark.timeout(300)
 
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def wait_until(predicate, timeout: float = 60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.002)
+    raise AssertionError("condition not reached")
 
 
 class JobGrid:
@@ -358,6 +370,95 @@ def test_a_jobs_output_tail_is_its_submitters_and_the_admins_only(grid, grid_pki
     assert [el.text for el in alice.property(his, f"{{{JOB}}}State")] == ["Done"]
     assert admin.wait(hers, timeout=120).stdout_tail == "alice out\n"      # the admin rule
     assert alice.status(hers).stdout_tail == "alice out\n"
+
+
+# a job that keeps swapping its directory d for a symbolic link to `outside` (an atomic exchange, renameat2
+# RENAME_EXCHANGE), 5 ms each way, and says which is in place (the file `state`)
+SWAPPER = """
+import ctypes, os, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+os.mkdir("d")
+open("d/out.txt", "w").write("inside\\n")
+os.symlink(sys.argv[1], "l")
+def put(state):
+    open("state.tmp", "w").write(state)
+    os.rename("state.tmp", "state")
+put("dir")
+n = 0
+while True:
+    time.sleep(0.005)
+    if libc.renameat2(-100, b"d", -100, b"l", 2) != 0:
+        raise OSError(ctypes.get_errno(), "renameat2")
+    n += 1
+    put("link" if n % 2 else "dir")
+"""
+
+
+@pytest.mark.timeout(600)
+def test_a_job_swapping_a_directory_for_a_link_makes_the_face_read_nothing_outside_its_directory(grid, grid_pki,
+                                                                                              tmp_path):
+    """The GridFTP face (root) looked a path up, then stat'ed, opened, hashed or listed it by that path again: a
+    running job that swaps a directory of its own for a symbolic link in between made it serve what the link names
+    (here a directory of root's standing for another user's job or the host key). The job swaps d for a link all
+    the time while alice reads d/out.txt, its size, its checksum and d's listing; half the rounds the face, once it
+    has looked the path up, waits until the link is in place (a hook that widens the window: without the fix those
+    rounds read the outside file). Every answer is the inside file, or a refusal."""
+    outside = tmp_path / "outside"
+    outside.mkdir(mode=0o700)
+    (outside / "out.txt").write_text("SECRET " * 100)
+    (outside / "outside-only.txt").write_text("x")
+    alice = grid.client(grid_pki.alice)
+    key = alice.submit(JobSpec(PY, ("-c", SWAPPER, str(outside))))
+    work = grid.service.jobs.jobs_dir / key
+    wait_until(lambda: (work / "state").exists() or alice.status(key).final)
+    assert alice.status(key).state == "Active"
+    files = grid.service.transfers.server.files
+    plain_real_path = files.real_path
+    widen = threading.Event()
+
+    def real_path_then_wait_for_the_link(vpath):
+        real = plain_real_path(vpath)
+        if widen.is_set() and vpath.startswith("/jobs/"):
+            wait_until(lambda: (work / "state").read_text() == "link", timeout=10)
+        return real
+
+    files.real_path = real_path_then_wait_for_the_link
+    inside, refused, outside_seen = 0, 0, []
+    url = f"{grid.service.transfers.base_url}/jobs/{key}/d/out.txt".replace("localhost", "127.0.0.1")
+    try:
+        with GridFTPClient(url, credential=grid_pki.alice.proxy, trust=grid_pki.trust(),
+                           server_dn=grid_pki.host.subject) as face:
+            for round in range(160):
+                (widen.set if round % 2 else widen.clear)()
+                for command in (f"SIZE /jobs/{key}/d/out.txt", f"CKSM SHA256 0 -1 /jobs/{key}/d/out.txt",
+                                f"STAT /jobs/{key}/d"):
+                    wait_until(lambda: (work / "state").read_text() == "dir", timeout=10)   # each starts with d
+                    reply = face.command(command)
+                    if reply.code == 550:
+                        refused += 1
+                    elif reply.text.strip() in ("7", sha(b"inside\n")) or "out.txt" in reply.text:
+                        inside += 1
+                    if "SECRET" in reply.text or "outside-only" in reply.text or reply.text.strip() in (
+                            "700", sha(b"SECRET " * 100)):
+                        outside_seen.append((command, reply.text))
+                if round % 8 in (0, 1):
+                    got = tmp_path / f"got{round}"
+                    try:
+                        download(url, got, 1, credential=grid_pki.alice.proxy, trust=grid_pki.trust(), retries=0)
+                    except GridFTPError:
+                        refused += 1
+                    else:
+                        data = got.read_bytes()
+                        if data == b"inside\n":
+                            inside += 1
+                        else:
+                            outside_seen.append(("RETR", data[:40]))
+    finally:
+        files.real_path = plain_real_path
+        alice.cancel(key)
+    assert outside_seen == []
+    assert inside > 0           # the face still serves d (refused: the rounds that found the link in d's place)
+    assert alice.wait(key, timeout=120).state == "Cancelled"
 
 
 def test_a_limited_proxy_starts_no_job(grid, grid_pki):
