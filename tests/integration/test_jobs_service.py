@@ -27,6 +27,7 @@ from services.jobs.config import JobsConfig
 from services.jobs.staging import staging_area
 from services.jobs.store import JobSpec, StageIn, StageOut
 from services.jobs.wire import JOB
+from services.wsrf.properties import PropertySet
 from tests.fixtures.grid import base_config
 from tests.fixtures.repository import signed_call
 
@@ -459,6 +460,52 @@ def test_a_job_swapping_a_directory_for_a_link_makes_the_face_read_nothing_outsi
     assert outside_seen == []
     assert inside > 0           # the face still serves d (refused: the rounds that found the link in d's place)
     assert alice.wait(key, timeout=120).state == "Cancelled"
+
+
+class OlderWire:
+    """services.jobs.wire as a job service from before CancelRequested serves it (an older guest image): its
+    property set has no CancelRequested and refuses the name, as any unknown one (counted in ``refused``)."""
+
+    def __init__(self):
+        from services.jobs import wire
+        self.wire = wire
+        self.refused = []
+        older = self
+
+        class Older(PropertySet):
+            def values(self, resource, qname):
+                if qname not in self.by_name:
+                    older.refused.append(qname)
+                return super().values(resource, qname)
+
+        self.JOB_PROPERTIES = Older([p for p in wire.JOB_PROPERTIES.properties
+                                     if not isinstance(p, wire.CancelRequested)], what="a job")
+
+    def __getattr__(self, name):
+        return getattr(self.wire, name)
+
+
+def test_a_new_client_follows_and_cancels_a_job_on_a_service_from_before_cancel_requested(grid, grid_pki,
+                                                                                         monkeypatch):
+    """The real service, its properties as an older job service has them: the client's first status is refused
+    for CancelRequested (InvalidArgumentFault naming it) and asked again without it; the client remembers it, so
+    following the job (wait polls status) and its Cancel cost no second refusal (without that, each poll was
+    asked twice and refused once); the job's other properties read as before, CancelRequested as false."""
+    older = OlderWire()
+    monkeypatch.setattr("services.jobs.service.wire", older)
+    alice = grid.client(grid_pki.alice)
+    key = alice.submit(JobSpec(PY, ("-c", "import time; print('started', flush=True); time.sleep(600)")))
+    info = wait_until(lambda: (i := alice.status(key)).stdout_tail == "started\n" and i)
+    assert (info.state, info.cancel_requested, info.executable) == ("Active", False, PY)
+    assert older.refused == [f"{{{JOB}}}CancelRequested"]
+    with pytest.raises(InvalidArgument, match="no resource property"):          # the service itself is older
+        alice.property(key, f"{{{JOB}}}CancelRequested")
+    older.refused.clear()
+    alice.cancel(key)
+    done = alice.wait(key, timeout=120)
+    assert (done.state, done.cancel_requested) == ("Cancelled", False)
+    assert {name for name, *_ in done.outputs} == {"stdout", "stderr"}
+    assert older.refused == []
 
 
 def test_a_limited_proxy_starts_no_job(grid, grid_pki):
