@@ -508,6 +508,25 @@ def test_a_new_client_follows_and_cancels_a_job_on_a_service_from_before_cancel_
     assert older.refused == []
 
 
+def test_two_running_jobs_of_one_submitter_reach_neither_each_others_files(grid, grid_pki):
+    """Her jobs shared her uid: one read and rewrote another running beside it by its key. Each running job has a
+    uid of its own now: both are refused (EACCES), the first's file is untouched, and its uid is not the second's."""
+    alice = grid.client(grid_pki.alice)
+    first = alice.submit(JobSpec(PY, ("-c", "import os, time; open('secret.txt', 'w').write('first secret');"
+                                            "print(os.getuid(), flush=True); time.sleep(600)")))
+    uid = wait_until(lambda: alice.status(first).stdout_tail.strip())
+    probe = (f"import os\nfor mode in 'r', 'w':\n    try:\n        f = open('../{first}/secret.txt', mode)\n"
+             f"        print(f.read() if mode == 'r' else 'opened')\n    except OSError as exc:\n"
+             f"        print(mode, exc.errno)\nprint(os.getuid())")
+    second = alice.wait(alice.submit(JobSpec(PY, ("-c", probe))), timeout=120)
+    assert second.state == "Done" and second.stdout_tail.split("\n")[:2] == ["r 13", "w 13"], second.stdout_tail
+    assert second.stdout_tail.split("\n")[2] != uid
+    assert (grid.service.jobs.jobs_dir / first / "secret.txt").read_text() == "first secret"
+    assert alice.status(first).state == "Active"
+    alice.cancel(first)
+    assert alice.wait(first, timeout=120).state == "Cancelled"
+
+
 def test_a_limited_proxy_starts_no_job(grid, grid_pki):
     """A limited proxy moves data and starts nothing (Globus' GRAM refuses it; vmgrid's default policy refuses it
     vm.deploy): the owner's limited proxy, handed to a data service, cannot run a command in her VM. Her full proxy

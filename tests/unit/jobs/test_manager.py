@@ -2,6 +2,7 @@
 find every job, Cancel that kills the whole process group, the owner-or-admin rule."""
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import signal
@@ -324,9 +325,80 @@ def test_an_admins_job_neither_reads_nor_rewrites_the_owners_files_nor_the_servi
     assert err.count("Permission denied") >= 4, err
     assert (jobs.jobs_dir / hers.key / "stdout").read_text() == "alice secret\n"
     assert hash_file(jobs.jobs_dir / hers.key / "stdout") == before.sha256
-    uids = {jobs.account(OWNER), jobs.account(ADMIN)}
-    assert len(uids) == 2 and min(uids) >= 900000 and int(out.split()[0]) == jobs.account(ADMIN)
+    her_uids, his_uids = jobs.store.uids_of(OWNER), jobs.store.uids_of(ADMIN)
+    assert not set(her_uids) & set(his_uids) and min(her_uids + his_uids) >= 900000
+    assert int(out.split()[0]) in his_uids
     assert (jobs.jobs_dir / hers.key).stat().st_mode & 0o077 == 0
+
+
+# a job that writes a secret and its pid as the host sees it (written whole: another name, then renamed), and waits
+KEEPER = ("import os, time; open('secret.txt', 'w').write('first secret');"
+          " open('pid.tmp', 'w').write(os.readlink('/proc/self')); os.rename('pid.tmp', 'pid'); time.sleep(300)")
+# a job that tries to read and rewrite that secret, by the first job's key, and to kill it
+PROBE = """import os, signal, sys
+key, pid = sys.argv[1], int(sys.argv[2])
+for what, act in (("read", lambda: print(open(f"../{key}/secret.txt").read())),
+                  ("write", lambda: open(f"../{key}/secret.txt", "w").write("forged")),
+                  ("kill", lambda: os.kill(pid, signal.SIGKILL))):
+    try:
+        act()
+        print(what, "done")
+    except OSError as exc:
+        print(what, exc.errno)
+print(os.getuid())
+"""
+
+
+def test_two_running_jobs_of_one_submitter_neither_read_nor_rewrite_nor_kill_each_other(jobs):
+    """All jobs of a submitter ran under her one uid: a job of hers read and rewrote another of hers running beside
+    it (by its key), and without PID namespaces could kill it. Each running job now holds a uid of its own (the same pool), so the second
+    job gets EACCES and EPERM; the uids go back when the jobs end, her next job takes one of them again, and an
+    admin's job never one of hers."""
+    first = jobs.submit(OWNER, JobSpec(PY, ("-c", KEEPER)))
+    pid_file = jobs.jobs_dir / first.key / "pid"
+    pid = int(wait_until(lambda: pid_file.exists() and pid_file.read_text()))
+    second = wait_final(jobs, jobs.submit(OWNER, JobSpec(PY, ("-c", PROBE, first.key, str(pid)))).key)
+    out = jobs.tail(OWNER, second, "stdout").split("\n")
+    # the kill: EPERM for another uid, or ESRCH from a PID namespace of its own, where the first job is not seen
+    assert out[:2] == [f"read {errno.EACCES}", f"write {errno.EACCES}"], out
+    assert out[2] in (f"kill {errno.EPERM}", f"kill {errno.ESRCH}"), out
+    assert jobs.store.get(first.key).state == JobState.ACTIVE and proc_start_time(pid) is not None
+    assert (jobs.jobs_dir / first.key / "secret.txt").read_text() == "first secret"
+    held = jobs.store.held_uids()
+    assert list(held) == [first.key] and int(out[3]) != held[first.key]          # the second's is back already
+    assert jobs.cancel(OWNER, first.key) in (JobState.CANCELLED, JobState.ACTIVE)
+    wait_final(jobs, first.key)
+    assert jobs.store.held_uids() == {}
+    hers = set(jobs.store.uids_of(OWNER))
+    assert len(hers) == 2 and int(out[3]) in hers
+    third = wait_final(jobs, jobs.submit(OWNER, JobSpec("id", ("-u",))).key)
+    his = wait_final(jobs, jobs.submit(ADMIN, JobSpec("id", ("-u",))).key)
+    assert int(jobs.tail(OWNER, third, "stdout")) in hers and set(jobs.store.uids_of(OWNER)) == hers
+    assert int(jobs.tail(ADMIN, his, "stdout")) not in hers
+
+
+def test_without_pid_namespaces_what_a_job_left_is_killed_before_its_uid_serves_another_job(tmp_path):
+    """Without PID namespaces (and without a pids cgroup, whose removal kills what is in it) a daemon (setsid) a job
+    started outlives it (documented): before the job's uid goes back to the pool every process of that uid is
+    killed, so the daemon cannot reach her next job. (A range of uids of this test's own: every process of the uid
+    is killed.)"""
+    first = 9_000_000 + (os.getpid() % 1000) * 100
+    m = manager(tmp_path / "s", job_uid_first=first, job_uid_count=100)
+    m.pid_namespace, m.pids_cgroup, m.processes_unbounded = False, None, "not in this test"
+    child = None
+    try:
+        daemon = "import subprocess, sys; subprocess.Popen([sys.executable, '-c', " + repr(SETSID_SLEEPER) + \
+                 "], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)\n" + \
+                 "import os, time\nwhile not os.path.exists('child.pid'): time.sleep(0.02)\n"
+        job = wait_final(m, m.submit(OWNER, JobSpec(PY, ("-c", daemon))).key)
+        assert job.state == JobState.DONE
+        child = int((m.jobs_dir / job.key / "child.pid").read_text())
+        wait_until(lambda: proc_start_time(child) is None)
+        assert m.store.held_uids() == {} and m.store.uids_of(OWNER) == [first]
+    finally:
+        if child is not None and proc_start_time(child) is not None:
+            os.kill(child, signal.SIGKILL)          # without the fix: it outlived its job
+        shut(m)
 
 
 def test_a_link_the_job_puts_in_an_outputs_place_records_nothing_of_the_file_it_names(jobs, tmp_path):
