@@ -31,10 +31,10 @@ PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def pin_beneath(root: Path | int, parts: list[str]) -> int:
-    """An O_PATH fd of ``root`` (a path, or a directory's fd)/``parts``, each component opened from its parent's fd without following a symbolic
-    link (the directories with O_DIRECTORY): the very file or directory found by this walk, whatever a job puts in
-    its place afterwards. OSError otherwise: ENOENT, ELOOP or ENOTDIR (a link on the way), EINVAL (``..``); a
-    symbolic link as the last component is refused too (ELOOP), never handed out."""
+    """An O_PATH fd of ``root`` (a path, or a directory's fd)/``parts``, each component opened from its parent's fd
+    without following a symbolic link (the directories with O_DIRECTORY): the very file or directory found by this
+    walk, whatever a job puts in its place afterwards. OSError otherwise: ENOENT, ELOOP or ENOTDIR (a link on the
+    way), EINVAL (``..``); a symbolic link as the last component is refused too (ELOOP), never handed out."""
     if any(p in ("", ".", "..") for p in parts):
         raise OSError(errno.EINVAL, f"{'/'.join(parts)!r} is not a path inside the job's directory")
     if isinstance(root, int):

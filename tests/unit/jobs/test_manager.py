@@ -351,9 +351,9 @@ print(os.getuid())
 
 def test_two_running_jobs_of_one_submitter_neither_read_nor_rewrite_nor_kill_each_other(jobs):
     """All jobs of a submitter ran under her one uid: a job of hers read and rewrote another of hers running beside
-    it (by its key), and without PID namespaces could kill it. Each running job now holds a uid of its own (the same pool), so the second
-    job gets EACCES and EPERM; the uids go back when the jobs end, her next job takes one of them again, and an
-    admin's job never one of hers."""
+    it (by its key), and without PID namespaces could kill it. Each running job now holds a uid of its own (the
+    same pool), so the second job gets EACCES and EPERM (or ESRCH); the uids go back when the jobs end, her next
+    job takes one of them again, and an admin's job never one of hers."""
     first = jobs.submit(OWNER, JobSpec(PY, ("-c", KEEPER)))
     pid_file = jobs.jobs_dir / first.key / "pid"
     pid = int(wait_until(lambda: pid_file.exists() and pid_file.read_text()))
