@@ -94,6 +94,7 @@ class JobClient:
     def __init__(self, service):
         self.service = service
         self._info: etree._Element | None = None
+        self._unknown: frozenset[str] = frozenset()      # NEWER_PROPERTIES this service has refused: not asked again
 
     def ref(self, key: str) -> EndpointReference:
         return EndpointReference.of(self.service.url, wire.KEY_TAG, key)
@@ -143,13 +144,17 @@ class JobClient:
 
     # -- a job ----------------------------------------------------------------------------------------------
     def status(self, key: str) -> JobInfo:
-        names = [n for n in wire.JOB_PROPERTIES.names if n != CurrentTime.qname]
+        """The job's properties. A job service from before NEWER_PROPERTIES (an older guest image) refuses them
+        (InvalidArgument naming one): they are asked again without, and never again of this service, so following a
+        job (:meth:`wait`) costs it no refusal per poll; such a job reads as the property's absence (e.g.
+        ``cancel_requested`` False)."""
+        names = [n for n in wire.JOB_PROPERTIES.names if n != CurrentTime.qname and n not in self._unknown]
         try:
             props = self._on(key, "GetMultipleResourceProperties", ResourceProperty=[etree.QName(n) for n in names])
         except InvalidArgument as exc:
-            if not any(n in str(exc) for n in NEWER_PROPERTIES):
+            if not any(n in str(exc) for n in NEWER_PROPERTIES - self._unknown):
                 raise
-            # a job service from before these properties (an older guest image): the others, as it knows them
+            self._unknown = NEWER_PROPERTIES
             names = [n for n in names if n not in NEWER_PROPERTIES]
             props = self._on(key, "GetMultipleResourceProperties", ResourceProperty=[etree.QName(n) for n in names])
         return JobInfo.from_properties(key, props)

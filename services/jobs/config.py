@@ -28,8 +28,8 @@ class JobsConfig:
     max_processes: int = 256           # processes and threads one job may have at once (a pids cgroup per job)
     pids_cgroup: str = ""              # the pids cgroup hierarchy ("" = /sys/fs/cgroup/pids (v1) or
                                        # /sys/fs/cgroup (v2), whichever has the pids controller)
-    job_uid_first: int = 900000        # jobs run under accounts of their own: each submitter's DN gets a uid (and
-    job_uid_count: int = 10000         # gid) of this range, in order of first use, recorded in jobs.sqlite
+    job_uid_first: int = 900000        # each running job holds a uid (and gid) of this range of its own, given back
+    job_uid_count: int = 10000         # when it ends, to its submitter's next jobs only; recorded in jobs.sqlite
     logs: dict[str, str] = field(default_factory=dict)   # GetLog: name -> file (e.g. container, guestd)
     consumer_allow: list[str] = field(default_factory=list)  # networks notification consumers may be on even
                                        # though loopback/link-local (e.g. "127.0.0.0/8" for a local grid)

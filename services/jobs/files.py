@@ -27,6 +27,33 @@ def open_beneath(root: Path, relative: str, flags: int = os.O_RDONLY | os.O_NONB
         os.close(fd)
 
 
+PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def pin_beneath(root: Path | int, parts: list[str]) -> int:
+    """An O_PATH fd of ``root`` (a path, or a directory's fd)/``parts``, each component opened from its parent's fd
+    without following a symbolic link (the directories with O_DIRECTORY): the very file or directory found by this
+    walk, whatever a job puts in its place afterwards. OSError otherwise: ENOENT, ELOOP or ENOTDIR (a link on the
+    way), EINVAL (``..``); a symbolic link as the last component is refused too (ELOOP), never handed out."""
+    if any(p in ("", ".", "..") for p in parts):
+        raise OSError(errno.EINVAL, f"{'/'.join(parts)!r} is not a path inside the job's directory")
+    if isinstance(root, int):
+        fd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=root)
+    else:
+        fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for i, part in enumerate(parts):
+            inner = os.open(part, PATH_FLAGS | (os.O_DIRECTORY if i < len(parts) - 1 else 0), dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        if stat.S_ISLNK(os.fstat(fd).st_mode):
+            raise OSError(errno.ELOOP, "a symbolic link")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def open_output(root: Path, relative: str, uid: int | None) -> int:
     """An fd of the plain file ``relative`` the job left under ``root`` (owned by the job's ``uid``, when it has
     one of its own: a hard link to someone else's file is not the job's output); OSError otherwise (a FIFO, a

@@ -10,6 +10,7 @@ import shlex
 import shutil
 import signal
 import stat
+import subprocess
 import threading
 import time
 import uuid
@@ -20,9 +21,9 @@ from gridftp.checksum import hash_file
 from gridftp.filespace import PART_SUFFIX, SIDECAR_SUFFIX, is_internal
 from services.faults import AccessDenied, IllegalTransition, InvalidArgument, LimitExceeded, ResourceUnknown
 from services.jobs.config import JobsConfig
-from services.jobs.files import chown_tree, lock, open_beneath, open_output
-from services.jobs.runner import (Exit, Process, job_environment, pid_namespaces, pids_cgroups, read_exit,
-                                  read_supervisor, remove_job_cgroup)
+from services.jobs.files import DIR_FLAGS, chown_tree, lock, open_beneath, open_output
+from services.jobs.runner import (Exit, Process, job_environment, pid_namespaces, pids_cgroups, proc_start_time,
+                                  read_exit, read_supervisor, remove_job_cgroup)
 from services.jobs.staging import Stager, StagingError, inside
 from services.jobs.store import Job, JobSpec, JobState, JobStore, OutputFile
 from services.wsrf.lifetime import Sweeper
@@ -30,6 +31,7 @@ from services.wsrf.notification import Subscription, Subscriptions, new_subscrip
 
 log = logging.getLogger("vmgrid.JobService")
 RULE = "instance-owner-or-vo-admin"
+OUTPUT_RULE = "job-submitter-or-vo-admin"     # who reads what a job wrote (StdoutTail, StderrTail)
 VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 LIVE_BEFORE_RUN = {JobState.PENDING, JobState.STAGE_IN}
 # seconds a Cancel waits for its job to end before it answers: a program that ends at its SIGTERM, whose outputs
@@ -49,8 +51,8 @@ class JobManager:
         if not config.owner:
             raise ValueError("the job service needs the instance owner's DN: set [jobs] owner")
         if os.geteuid() != 0:
-            raise ValueError("the job service runs each submitter's jobs under a uid of its own ([jobs] job_uid_first, "
-                             "job_uid_count), out of reach of its credential, its state and other submitters' jobs: "
+            raise ValueError("the job service runs each job under a uid of its own ([jobs] job_uid_first, "
+                             "job_uid_count), out of reach of its credential, its state and other jobs: "
                              "start it as root")
         if config.job_uid_first < 1000 or config.job_uid_count < 1 or config.job_uid_first + config.job_uid_count > 2**32 - 2:
             raise ValueError(f"[jobs] job_uid_first = {config.job_uid_first}, job_uid_count = {config.job_uid_count}: "
@@ -205,6 +207,7 @@ class JobManager:
                 log.exception("job %s: internal error", key)
                 self._set_state(key, JobState.FAILED, failure=f"internal error of the job service: {exc}",
                                 ended=time.time())
+                self.free_uid(key)          # and nothing of it runs on under its uid
             finally:
                 with self._guard:
                     self._threads.pop(key, None)
@@ -274,7 +277,7 @@ class JobManager:
         for p in (stdout, stderr):
             p.parent.mkdir(parents=True, exist_ok=True)
         try:
-            uid = self.account(job.owner)
+            uid = self.store.take_uid(key, job.owner, self.config.job_uid_first, self.config.job_uid_count)
         except LookupError as exc:
             self._set_state(key, JobState.FAILED, failure=str(exc), ended=time.time())
             return
@@ -309,9 +312,24 @@ class JobManager:
             self._procs[key] = proc
         self._finish(key, proc.wait())
 
-    def account(self, dn: str) -> int:
-        """The uid (and gid) ``dn``'s jobs run under, recorded in jobs.sqlite at its first job."""
-        return self.store.account(dn, self.config.job_uid_first, self.config.job_uid_count)
+    def free_uid(self, key: str) -> None:
+        """Job ``key`` has ended (its directory is the service's again, its outputs recorded): its uid goes back to
+        its submitter's next jobs, once nothing of the job runs under it. In a PID namespace of its own nothing
+        outlives the job's program; a supervisor still there (a job destroyed while the service stopped, before its
+        SIGKILL) is killed with its namespace. Without PID namespaces a process the job started may have left its
+        group (setsid): every process of the uid is killed (the range is the service's own: docs/jobs.md)."""
+        uid = self.store.held_uids().get(key)
+        if uid is None:
+            return
+        pid, start = self.store.supervisor(key)
+        if pid and start and proc_start_time(pid) == start:
+            try:
+                os.killpg(pid, signal.SIGKILL)          # the shim leads its session; its init ends the namespace
+            except OSError:
+                pass
+        if not self.pid_namespace:
+            kill_every_process_of(uid)
+        self.store.release_uid(key)
 
     def _cancelled(self, key: str) -> bool:
         job = self.store.get(key)
@@ -323,6 +341,13 @@ class JobManager:
         if self._stop.is_set():      # the service stopped: the next one finds the exit status
             return
         lock(self.jobs_dir / key)        # out of reach of the submitter's other jobs while its outputs are hashed
+        try:
+            self._finish_locked(key, exit)
+        finally:
+            if not self._stop.is_set():
+                self.free_uid(key)          # its outputs are recorded: the uid is free for her next job
+
+    def _finish_locked(self, key: str, exit: Exit) -> None:
         over = self._over_quota.pop(key, None)
         job = self.store.get(key)
         if job is None:
@@ -367,7 +392,7 @@ class JobManager:
         """Hash the outputs (standard output and error first), send those with a destination; the failure, if any.
         Without ``send`` (a job stopped or failed before its stage-out): hash what there is, send nothing."""
         work, spec = self.jobs_dir / job.key, job.spec
-        uid = self.account(job.owner)
+        uid = self.store.job_uid(job.key)
         outputs: list[OutputFile] = []
         problems: list[str] = []
         wanted = [(spec.stdout, None), (spec.stderr, None)] + [(s.name, s.destination) for s in spec.stage_out]
@@ -441,6 +466,7 @@ class JobManager:
         if job is not None and not job.final:
             self._stage_out(job, send=False)
             self._set_state(key, JobState.CANCELLED, ended=time.time())
+        self.free_uid(key)
 
     def _wait_for_end(self, key: str, timeout: float) -> None:
         def ended() -> bool:
@@ -501,7 +527,19 @@ class JobManager:
         return self.store.list(live_only=not include_ended)
 
     # -- what the owner reads ---------------------------------------------------------------------------------
-    def tail(self, job: Job, which: str) -> str:
+    def may_read_output(self, dn: str, job: Job) -> bool:
+        """What a job wrote is its submitter's, and the VO's admins' (the admin rule): the instance's owner reads
+        no admin's job output, nor one admin another's."""
+        return dn == job.owner or dn in self.config.admins
+
+    def tail(self, dn: str, job: Job, which: str) -> str:
+        """The end of the job's standard output or error (``which``) for ``dn``: AccessDenied unless ``dn`` submitted
+        the job or is an admin."""
+        self.check(dn, "job.read-output", job.key)
+        if not self.may_read_output(dn, job):
+            raise AccessDenied(f"{dn} may not read the output of job {job.key}: only the job's submitter and the "
+                               f"VO's admins may", subject=dn, action="job.read-output", resource=job.key,
+                               rule=OUTPUT_RULE)
         name = job.spec.stdout if which == "stdout" else job.spec.stderr
         try:       # through no link the job put there: never the service's files
             return _tail_fd(open_beneath(self.jobs_dir / job.key, name), self.config.tail_bytes)[2]
@@ -572,6 +610,7 @@ class JobManager:
                 self._set_state(key, JobState.FAILED, ended=time.time(),
                                 failure="Lost: the job's process ended while the job service was down and left no "
                                         "exit status")
+                self.free_uid(key)
                 report["failed_lost"] += 1
                 continue
             started = read_supervisor(control) if job.state in LIVE_BEFORE_RUN else None
@@ -589,27 +628,64 @@ class JobManager:
                                     + ("; the program had ended" if job.state == JobState.STAGE_OUT else
                                        "; the program was not started"))
             report["failed_interrupted"] += 1
+        # a uid held by no job that goes on (ended, destroyed, or failed above while the service was down) is freed
+        resumed = {key for key, _ in self._resume}
+        for key in self.store.held_uids():
+            if key not in resumed:
+                self.free_uid(key)
         return report
+
+
+def kill_every_process_of(uid: int) -> None:
+    """SIGKILL every process of ``uid`` (a job's: root's never), as ``uid`` itself: kill(-1) reaches every process
+    the caller may signal (its real or saved uid), all at once (the kernel holds the task list meanwhile, so none
+    forks past it), the caller (a shell) and init excepted."""
+    if uid < 1000:
+        raise ValueError(f"uid {uid} is no job's")
+    try:
+        subprocess.run(["/bin/sh", "-c", "kill -s KILL -- -1 2>/dev/null; exit 0"], user=uid, group=uid,
+                       extra_groups=[], env={"PATH": "/usr/bin:/bin"}, cwd="/", stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60, check=False)
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("could not end the processes of uid %d: %s", uid, exc)
 
 
 def _tree_size(top: Path) -> int:
     """The disk space every file under ``top`` takes (its allocated blocks: a sparse file counts what it takes,
-    not its size), symbolic links not followed; what vanishes meanwhile counts nothing."""
+    not its size). Each directory is opened from its parent's fd without following a symbolic link, so a running job
+    that swaps one of its directories for a link (to /, to another job's) between the look and the walk sends the
+    walk nowhere outside; what vanishes meanwhile counts nothing."""
     total = 0
-    stack = [str(top)]
-    while stack:
-        try:
-            with os.scandir(stack.pop()) as entries:
-                for entry in entries:
+    try:
+        fd = os.open(top, DIR_FLAGS)
+    except OSError:
+        return 0
+    stack = [(fd, os.scandir(fd))]        # depth first: open fds grow with the depth, not the width
+    try:
+        while stack:
+            fd, entries = stack[-1]
+            entry = next(entries, None)
+            if entry is None:
+                entries.close()
+                os.close(fd)
+                stack.pop()
+                continue
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    inner = os.open(entry.name, DIR_FLAGS, dir_fd=fd)
                     try:
-                        if entry.is_dir(follow_symlinks=False):
-                            stack.append(entry.path)
-                        else:
-                            total += entry.stat(follow_symlinks=False).st_blocks * 512
+                        stack.append((inner, os.scandir(inner)))
                     except OSError:
-                        continue
-        except OSError:
-            continue
+                        os.close(inner)
+                        raise
+                else:
+                    total += entry.stat(follow_symlinks=False).st_blocks * 512
+            except OSError:
+                continue
+    finally:
+        for fd, entries in stack:
+            entries.close()
+            os.close(fd)
     return total
 
 

@@ -17,8 +17,9 @@ from services.jobs.staging import JobTransfers, Stager, staging_area
 from services.jobs.store import Job, JobState
 from services.wsrf.epr import EndpointReference
 from services.wsrf.lifetime import requested_termination, set_termination_time_response
-from services.wsrf.namespaces import RL
+from services.wsrf.namespaces import RL, RP
 from services.wsrf.notification import ConsumerPolicy, Notifier, notify_envelope, parse_subscribe, subscribe_response
+from services.wsrf.properties import parse_qname
 from services.wsrf.resource import resource_key
 
 J = wire.JOB
@@ -88,9 +89,14 @@ class JobService(SoapService):
             raise InvalidArgument(f"{key[:80]!r} is not a job key (job-<32 hex digits>)", argument="JobKey")
         return self.jobs.job(ctx.dn, key, action)
 
-    def _view(self, job: Job) -> wire.JobView:
+    def _view(self, ctx: CallContext, job: Job, names: list[str]) -> wire.JobView:
+        """What the properties ``names`` (Clark QNames) render for the caller: the output tails are read only when
+        asked for, and only for the job's submitter or an admin (AccessDenied otherwise: what a job wrote is not
+        every user's of the service)."""
         url = f"{self.transfers.base_url}/jobs/{job.key}/" if self.transfers is not None else None
-        return wire.JobView(job, self.jobs.tail(job, "stdout"), self.jobs.tail(job, "stderr"), url)
+        tails = {which: self.jobs.tail(ctx.dn, job, which) if prop.qname in names else ""
+                 for which, prop in (("stdout", wire.StdoutTail), ("stderr", wire.StderrTail))}
+        return wire.JobView(job, tails["stdout"], tails["stderr"], url)
 
     def _notify(self, job: Job, old: JobState, new: JobState) -> None:
         if self.notifier is None or not self.service_url:
@@ -175,11 +181,14 @@ class JobService(SoapService):
 
     @operation("GetResourceProperty")
     def get_resource_property(self, ctx, req):
-        return wire.JOB_PROPERTIES.get(self._view(self._job(ctx, "job.read")), req)
+        job = self._job(ctx, "job.read")
+        return wire.JOB_PROPERTIES.get(self._view(ctx, job, [parse_qname(req)]), req)
 
     @operation("GetMultipleResourceProperties")
     def get_multiple_resource_properties(self, ctx, req):
-        return wire.JOB_PROPERTIES.get_multiple(self._view(self._job(ctx, "job.read")), req)
+        job = self._job(ctx, "job.read")
+        names = [parse_qname(el) for el in req.iterfind(f"{{{RP}}}ResourceProperty")]
+        return wire.JOB_PROPERTIES.get_multiple(self._view(ctx, job, names), req)
 
     @operation("Subscribe")
     def subscribe(self, ctx, req):

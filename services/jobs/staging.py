@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import shutil
+import weakref
 from pathlib import Path
 from typing import Callable
 
@@ -20,6 +22,7 @@ from gridftp.face import GridFTPFace
 from gridftp.checksum import hash_file
 from gridftp.errors import GridFTPError, PathError
 from gridftp.filespace import PART_SUFFIX, SIDECAR_SUFFIX, FileSpace, LocalFileSpace
+from services.jobs.files import pin_beneath
 
 log = logging.getLogger("vmgrid.JobService.gridftp")
 
@@ -112,16 +115,53 @@ class JobFileSpace(FileSpace):
             return self.staging_dir / parts[1], self.staging_quota
         return None
 
-    def real_path(self, vpath: str) -> Path:
+    def real_path(self, vpath: str) -> Path | "PinnedPath":
+        """A job's file is handed to the server as a :class:`PinnedPath`: the file the walk found, held open, which
+        no link the job swaps in afterwards can turn into another (the server names it by path from then on). A
+        staging area is the service's alone (no job reaches it): a plain path."""
         parts = [p for p in vpath.split("/") if p]
-        if len(parts) >= 2 and parts[0] == "jobs" and (self.jobs_dir / parts[1]).is_dir():
-            return LocalFileSpace(self.jobs_dir / parts[1]).real_path("/" + "/".join(parts[2:]))
+        if len(parts) >= 2 and parts[0] == "jobs":
+            try:
+                return PinnedPath(pin_beneath(self.jobs_dir, parts[1:]))
+            except FileNotFoundError:
+                raise PathError(f"{vpath}: no such file or directory.") from None
+            except OSError as exc:        # ELOOP, ENOTDIR: a symbolic link on the way, which is never followed
+                raise PathError(f"{vpath}: not served (a symbolic link, or not a directory, on its way: "
+                                f"{exc.strerror}).") from None
         if 2 <= len(parts) <= 3 and parts[0] == "staging" and len(parts[1]) == 24:
             area = self.staging_dir / parts[1]
             area.mkdir(parents=True, exist_ok=True)
             return LocalFileSpace(area).real_path("/" + "/".join(parts[2:]))
         raise PathError(f"{vpath}: no such path here (/jobs/<key>/<file>, /staging/<area>/<file>: no directories in a "
                         f"staging area)")
+
+
+class PinnedPath(os.PathLike):
+    """A file or directory of a job's directory as the GridFTP server uses it: held open (O_PATH) from the walk
+    that found it, through no symbolic link, and named ``/proc/self/fd/N``, which the kernel resolves to that very
+    open file, never by its names again. So a job (under its own uid, writing in its own directory) that swaps a
+    directory or a file for a symbolic link between the server's look and its open makes the service (root) read
+    nothing but the file the look found: not another user's job, not the host key. The fd is closed when the last
+    reference to this object goes (nothing can name ``/proc/self/fd/N`` meanwhile: N stays this file's)."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self._path = f"/proc/self/fd/{fd}"
+        weakref.finalize(self, os.close, fd)
+
+    def __fspath__(self) -> str:
+        return self._path
+
+    def __str__(self) -> str:
+        return self._path
+
+    def __repr__(self) -> str:
+        return f"PinnedPath({self._path})"
+
+    def __truediv__(self, name: str) -> "PinnedPath":
+        """An entry of this directory (a listing's), pinned the same way; OSError for a symbolic link or one gone
+        (the listing leaves it out)."""
+        return PinnedPath(pin_beneath(self.fd, [name]))
 
 
 class JobTransfers(GridFTPFace):

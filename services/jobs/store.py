@@ -107,7 +107,12 @@ CREATE TABLE IF NOT EXISTS jobs (
     outputs TEXT NOT NULL DEFAULT '[]', cancel_requested INTEGER NOT NULL DEFAULT 0,
     destroyed INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS accounts (dn TEXT PRIMARY KEY, uid INTEGER NOT NULL UNIQUE);
+CREATE TABLE IF NOT EXISTS uids (uid INTEGER PRIMARY KEY, dn TEXT NOT NULL, job TEXT UNIQUE);
+INSERT OR IGNORE INTO uids (uid, dn) SELECT uid, dn FROM accounts;
 """
+# accounts: an earlier version's one uid per submitter (kept: its uids stay their submitters'; a job it started still
+# runs under one). uids: every uid of [jobs] job_uid_first.. ever given, the submitter it was first given to (it never
+# passes to another) and the running job that holds it (NULL: free for that submitter's next job).
 COLUMNS = ("key", "owner", "state", "spec", "submitted", "termination", "started", "ended", "exit_code", "failure",
            "pid", "pid_start", "progress", "outputs", "cancel_requested")
 
@@ -208,18 +213,53 @@ class JobStore:
         return [r[0] for r in self.db.conn().execute(
             "SELECT key FROM jobs WHERE destroyed = 0 AND termination <= ?", (now,))]
 
-    def account(self, dn: str, first: int, count: int) -> int:
-        """The uid (and gid) ``dn``'s jobs run under: the one recorded for it, else the next of ``first`` ..
-        ``first + count - 1`` not yet given to anyone (recorded first, so a restart keeps it)."""
-        with self.db.write("account") as db:
-            row = db.execute("SELECT uid FROM accounts WHERE dn = ?", (dn,)).fetchone()
+    def take_uid(self, key: str, dn: str, first: int, count: int) -> int:
+        """A uid (and gid) of ``first`` .. ``first + count - 1`` for job ``key`` of ``dn`` alone while it runs: one
+        ``dn``'s ended jobs gave back, else one never given (recorded first, so a restart finds who holds it). A uid
+        is never given to another submitter than its first: what a job left under it outside its directory (in /tmp,
+        /dev/shm) stays that submitter's. LookupError when none is left."""
+        with self.db.write("take_uid") as db:
+            row = db.execute("SELECT uid FROM uids WHERE job = ?", (key,)).fetchone()
             if row is not None:
                 return int(row[0])
-            taken = db.execute("SELECT MAX(uid) FROM accounts WHERE uid >= ? AND uid < ?",
+            row = db.execute("SELECT MIN(uid) FROM uids WHERE dn = ? AND job IS NULL AND uid >= ? AND uid < ?",
+                             (dn, first, first + count)).fetchone()
+            if row[0] is not None:
+                db.execute("UPDATE uids SET job = ? WHERE uid = ?", (key, row[0]))
+                return int(row[0])
+            taken = db.execute("SELECT MAX(uid) FROM uids WHERE uid >= ? AND uid < ?",
                                (first, first + count)).fetchone()[0]
             uid = first if taken is None else int(taken) + 1
             if uid >= first + count:
-                raise LookupError(f"all {count} uids of [jobs] job_uid_first = {first}, job_uid_count = {count} are "
-                                  f"given to other submitters")
-            db.execute("INSERT INTO accounts (dn, uid) VALUES (?, ?)", (dn, uid))
+                running = db.execute("SELECT COUNT(*) FROM uids WHERE job IS NOT NULL").fetchone()[0]
+                raise LookupError(f"no uid left for this job: all {count} uids of [jobs] job_uid_first = {first}, "
+                                  f"job_uid_count = {count} are given ({running} to running jobs, the rest to other "
+                                  f"submitters, whose they stay); the operator may raise job_uid_count")
+            db.execute("INSERT INTO uids (uid, dn, job) VALUES (?, ?, ?)", (uid, dn, key))
             return uid
+
+    def job_uid(self, key: str) -> int | None:
+        """The uid job ``key`` runs (or ran) under while it holds it; for a job an earlier version started, its
+        submitter's one uid of then; None if neither."""
+        row = self.db.conn().execute("SELECT uid FROM uids WHERE job = ?", (key,)).fetchone()
+        if row is None:
+            row = self.db.conn().execute("SELECT a.uid FROM accounts a JOIN jobs j ON j.owner = a.dn WHERE j.key = ?",
+                                         (key,)).fetchone()
+        return None if row is None else int(row[0])
+
+    def held_uids(self) -> dict[str, int]:
+        """Job key -> the uid it holds."""
+        return {k: int(u) for u, k in self.db.conn().execute("SELECT uid, job FROM uids WHERE job IS NOT NULL")}
+
+    def supervisor(self, key: str) -> tuple[int | None, str | None]:
+        """The pid and start time of job ``key``'s supervisor as recorded (a destroyed job's too)."""
+        row = self.db.conn().execute("SELECT pid, pid_start FROM jobs WHERE key = ?", (key,)).fetchone()
+        return (None, None) if row is None else (row[0], row[1])
+
+    def release_uid(self, key: str) -> None:
+        with self.db.write("release_uid") as db:
+            db.execute("UPDATE uids SET job = NULL WHERE job = ?", (key,))
+
+    def uids_of(self, dn: str) -> list[int]:
+        """Every uid ever given to ``dn``'s jobs."""
+        return [int(r[0]) for r in self.db.conn().execute("SELECT uid FROM uids WHERE dn = ? ORDER BY uid", (dn,))]

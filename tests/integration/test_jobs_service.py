@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import queue
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from lxml import etree
 
 from client.soap import GridServiceClient
 from gridftp import GridFTPServer, download, upload
+from gridftp.client import GridFTPClient
 from gridftp.errors import GridFTPError
 from security.wssec import verify_envelope
 from services.container.assemble import build_container, build_service
@@ -25,6 +27,7 @@ from services.jobs.config import JobsConfig
 from services.jobs.staging import staging_area
 from services.jobs.store import JobSpec, StageIn, StageOut
 from services.jobs.wire import JOB
+from services.wsrf.properties import PropertySet
 from tests.fixtures.grid import base_config
 from tests.fixtures.repository import signed_call
 
@@ -35,6 +38,16 @@ pytestmark = pytest.mark.timeout(300)
 
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def wait_until(predicate, timeout: float = 60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.002)
+    raise AssertionError("condition not reached")
 
 
 class JobGrid:
@@ -340,6 +353,178 @@ def test_another_user_is_denied_every_operation_and_the_files(grid, grid_pki, tm
     admin = grid.client(grid_pki.admin)       # a VO admin may read it
     assert admin.status(key).state == "Done"
     assert alice.status(key).state == "Done"  # and nothing bob did changed it
+
+
+def test_a_jobs_output_tail_is_its_submitters_and_the_admins_only(grid, grid_pki):
+    """StdoutTail and StderrTail are what the job wrote: the instance's owner reads none of an admin's job (its files
+    on the GridFTP face are his alone too), an admin reads hers (the admin rule), anyone else nothing; the job's
+    other properties stay readable as before. Without the check alice read the admin's secret."""
+    alice, admin = grid.client(grid_pki.alice), grid.client(grid_pki.admin)
+    his = admin.submit(JobSpec(PY, ("-c", "import sys; print('admin secret'); sys.stderr.write('admin err')")))
+    hers = alice.submit(JobSpec(PY, ("-c", "print('alice out')")))
+    assert admin.wait(his, timeout=120).stdout_tail == "admin secret\n"
+    for prop in ("StdoutTail", "StderrTail"):
+        with pytest.raises(AccessDenied, match="may not read the output of job"):
+            alice.property(his, f"{{{JOB}}}{prop}")
+    with pytest.raises(AccessDenied):
+        alice.status(his)                    # asks every property, the tails with them
+    assert [el.text for el in alice.property(his, f"{{{JOB}}}State")] == ["Done"]
+    assert admin.wait(hers, timeout=120).stdout_tail == "alice out\n"      # the admin rule
+    assert alice.status(hers).stdout_tail == "alice out\n"
+
+
+# a job that keeps swapping its directory d for a symbolic link to `outside` (an atomic exchange, renameat2
+# RENAME_EXCHANGE), 5 ms each way, and says which is in place (the file `state`)
+SWAPPER = """
+import ctypes, os, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+os.mkdir("d")
+open("d/out.txt", "w").write("inside\\n")
+os.symlink(sys.argv[1], "l")
+def put(state):
+    open("state.tmp", "w").write(state)
+    os.rename("state.tmp", "state")
+put("dir")
+n = 0
+while True:
+    time.sleep(0.005)
+    if libc.renameat2(-100, b"d", -100, b"l", 2) != 0:
+        raise OSError(ctypes.get_errno(), "renameat2")
+    n += 1
+    put("link" if n % 2 else "dir")
+"""
+
+
+@pytest.mark.timeout(600)
+def test_a_job_swapping_a_directory_for_a_link_makes_the_face_read_nothing_outside_its_directory(grid, grid_pki,
+                                                                                              tmp_path):
+    """The GridFTP face (root) looked a path up, then stat'ed, opened, hashed or listed it by that path again: a
+    running job that swaps a directory of its own for a symbolic link in between made it serve what the link names
+    (here a directory of root's standing for another user's job or the host key). The job swaps d for a link all
+    the time while alice reads d/out.txt, its size, its checksum and d's listing; half the rounds the face, once it
+    has looked the path up, waits until the link is in place (a hook that widens the window: without the fix those
+    rounds read the outside file). Every answer is the inside file, or a refusal."""
+    outside = tmp_path / "outside"
+    outside.mkdir(mode=0o700)
+    (outside / "out.txt").write_text("SECRET " * 100)
+    (outside / "outside-only.txt").write_text("x")
+    alice = grid.client(grid_pki.alice)
+    key = alice.submit(JobSpec(PY, ("-c", SWAPPER, str(outside))))
+    work = grid.service.jobs.jobs_dir / key
+    wait_until(lambda: (work / "state").exists() or alice.status(key).final)
+    assert alice.status(key).state == "Active"
+    files = grid.service.transfers.server.files
+    plain_real_path = files.real_path
+    widen = threading.Event()
+
+    def real_path_then_wait_for_the_link(vpath):
+        real = plain_real_path(vpath)
+        if widen.is_set() and vpath.startswith("/jobs/"):
+            wait_until(lambda: (work / "state").read_text() == "link", timeout=10)
+        return real
+
+    files.real_path = real_path_then_wait_for_the_link
+    inside, refused, outside_seen = 0, 0, []
+    url = f"{grid.service.transfers.base_url}/jobs/{key}/d/out.txt".replace("localhost", "127.0.0.1")
+    try:
+        with GridFTPClient(url, credential=grid_pki.alice.proxy, trust=grid_pki.trust(),
+                           server_dn=grid_pki.host.subject) as face:
+            for round in range(160):
+                (widen.set if round % 2 else widen.clear)()
+                for command in (f"SIZE /jobs/{key}/d/out.txt", f"CKSM SHA256 0 -1 /jobs/{key}/d/out.txt",
+                                f"STAT /jobs/{key}/d"):
+                    wait_until(lambda: (work / "state").read_text() == "dir", timeout=10)   # each starts with d
+                    reply = face.command(command)
+                    if reply.code == 550:
+                        refused += 1
+                    elif reply.text.strip() in ("7", sha(b"inside\n")) or "out.txt" in reply.text:
+                        inside += 1
+                    if "SECRET" in reply.text or "outside-only" in reply.text or reply.text.strip() in (
+                            "700", sha(b"SECRET " * 100)):
+                        outside_seen.append((command, reply.text))
+                if round % 8 in (0, 1):
+                    got = tmp_path / f"got{round}"
+                    try:
+                        download(url, got, 1, credential=grid_pki.alice.proxy, trust=grid_pki.trust(), retries=0)
+                    except GridFTPError:
+                        refused += 1
+                    else:
+                        data = got.read_bytes()
+                        if data == b"inside\n":
+                            inside += 1
+                        else:
+                            outside_seen.append(("RETR", data[:40]))
+    finally:
+        files.real_path = plain_real_path
+        alice.cancel(key)
+    assert outside_seen == []
+    assert inside > 0           # the face still serves d (refused: the rounds that found the link in d's place)
+    assert alice.wait(key, timeout=120).state == "Cancelled"
+
+
+class OlderWire:
+    """services.jobs.wire as a job service from before CancelRequested serves it (an older guest image): its
+    property set has no CancelRequested and refuses the name, as any unknown one (counted in ``refused``)."""
+
+    def __init__(self):
+        from services.jobs import wire
+        self.wire = wire
+        self.refused = []
+        older = self
+
+        class Older(PropertySet):
+            def values(self, resource, qname):
+                if qname not in self.by_name:
+                    older.refused.append(qname)
+                return super().values(resource, qname)
+
+        self.JOB_PROPERTIES = Older([p for p in wire.JOB_PROPERTIES.properties
+                                     if not isinstance(p, wire.CancelRequested)], what="a job")
+
+    def __getattr__(self, name):
+        return getattr(self.wire, name)
+
+
+def test_a_new_client_follows_and_cancels_a_job_on_a_service_from_before_cancel_requested(grid, grid_pki,
+                                                                                         monkeypatch):
+    """The real service, its properties as an older job service has them: the client's first status is refused
+    for CancelRequested (InvalidArgumentFault naming it) and asked again without it; the client remembers it, so
+    following the job (wait polls status) and its Cancel cost no second refusal (without that, each poll was
+    asked twice and refused once); the job's other properties read as before, CancelRequested as false."""
+    older = OlderWire()
+    monkeypatch.setattr("services.jobs.service.wire", older)
+    alice = grid.client(grid_pki.alice)
+    key = alice.submit(JobSpec(PY, ("-c", "import time; print('started', flush=True); time.sleep(600)")))
+    info = wait_until(lambda: (i := alice.status(key)).stdout_tail == "started\n" and i)
+    assert (info.state, info.cancel_requested, info.executable) == ("Active", False, PY)
+    assert older.refused == [f"{{{JOB}}}CancelRequested"]
+    with pytest.raises(InvalidArgument, match="no resource property"):          # the service itself is older
+        alice.property(key, f"{{{JOB}}}CancelRequested")
+    older.refused.clear()
+    alice.cancel(key)
+    done = alice.wait(key, timeout=120)
+    assert (done.state, done.cancel_requested) == ("Cancelled", False)
+    assert {name for name, *_ in done.outputs} == {"stdout", "stderr"}
+    assert older.refused == []
+
+
+def test_two_running_jobs_of_one_submitter_reach_neither_each_others_files(grid, grid_pki):
+    """Her jobs shared her uid: one read and rewrote another running beside it by its key. Each running job has a
+    uid of its own now: both are refused (EACCES), the first's file is untouched, and its uid is not the second's."""
+    alice = grid.client(grid_pki.alice)
+    first = alice.submit(JobSpec(PY, ("-c", "import os, time; open('secret.txt', 'w').write('first secret');"
+                                            "print(os.getuid(), flush=True); time.sleep(600)")))
+    uid = wait_until(lambda: alice.status(first).stdout_tail.strip())
+    probe = (f"import os\nfor mode in 'r', 'w':\n    try:\n        f = open('../{first}/secret.txt', mode)\n"
+             f"        print(f.read() if mode == 'r' else 'opened')\n    except OSError as exc:\n"
+             f"        print(mode, exc.errno)\nprint(os.getuid())")
+    second = alice.wait(alice.submit(JobSpec(PY, ("-c", probe))), timeout=120)
+    assert second.state == "Done" and second.stdout_tail.split("\n")[:2] == ["r 13", "w 13"], second.stdout_tail
+    assert second.stdout_tail.split("\n")[2] != uid
+    assert (grid.service.jobs.jobs_dir / first / "secret.txt").read_text() == "first secret"
+    assert alice.status(first).state == "Active"
+    alice.cancel(first)
+    assert alice.wait(first, timeout=120).state == "Cancelled"
 
 
 def test_a_limited_proxy_starts_no_job(grid, grid_pki):

@@ -2,6 +2,7 @@
 find every job, Cancel that kills the whole process group, the owner-or-admin rule."""
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import signal
@@ -82,7 +83,7 @@ def test_a_job_runs_without_a_shell_and_ends_done_with_its_outputs_hashed(jobs):
                                           "a b", "$HOME;echo"), stage_out=(StageOut("out.txt"),)))
     done = wait_final(jobs, job.key)
     assert done.state == JobState.DONE and done.exit_code == 0
-    assert jobs.tail(done, "stdout") == "hello ['a b', '$HOME;echo']\n"     # arguments reach it verbatim
+    assert jobs.tail(OWNER, done, "stdout") == "hello ['a b', '$HOME;echo']\n"     # arguments reach it verbatim
     outputs = {o.name: o for o in done.outputs}
     assert set(outputs) == {"stdout", "stderr", "out.txt"} and outputs["stderr"].size == 0
     assert outputs["out.txt"].sha256 == hash_file(jobs.jobs_dir / job.key / "out.txt")
@@ -94,7 +95,7 @@ def test_a_non_zero_exit_is_failed_with_the_exit_code(jobs):
     done = wait_final(jobs, job.key)
     assert (done.state, done.exit_code) == (JobState.FAILED, 3)
     assert "exited with status 3" in done.failure
-    assert jobs.tail(done, "stderr") == "bad input\n"
+    assert jobs.tail(OWNER, done, "stderr") == "bad input\n"
 
 
 def test_a_missing_program_and_a_missing_output_fail_with_the_reason(jobs):
@@ -120,7 +121,7 @@ def test_the_environment_is_the_jobs_own_not_the_services(jobs, monkeypatch):
     job = jobs.submit(OWNER, JobSpec(PY, ("-c", "import os, json; print(json.dumps(sorted(os.environ)))"),
                                      environment=(("BLASTDB", "/data"),), directory="run/here"))
     done = wait_final(jobs, job.key)
-    names = eval(jobs.tail(done, "stdout"))
+    names = eval(jobs.tail(OWNER, done, "stdout"))
     assert "X509_USER_PROXY" not in names and "BLASTDB" in names
     assert (jobs.jobs_dir / job.key / "run" / "here").is_dir()
 
@@ -154,7 +155,7 @@ def test_what_a_cancelled_job_wrote_is_recorded_hashed_before_it_is_cancelled_an
                                                "time.sleep(300)" % parts,),
                                      stage_out=(StageOut("part.txt", "gsiftp://127.0.0.1:1/results/part.txt"),
                                                 StageOut("never.txt"), *map(StageOut, parts))))
-    wait_until(lambda: jobs.tail(jobs.store.get(job.key), "stdout") == "started\n")
+    wait_until(lambda: jobs.tail(OWNER, jobs.store.get(job.key), "stdout") == "started\n")
     jobs.cancel(OWNER, job.key, answer_wait=0)          # answers at once; the job's thread does the rest
     done = wait_final(jobs, job.key)
     assert done.state == JobState.CANCELLED and done.failure is None and done.exit_code == -signal.SIGTERM
@@ -179,7 +180,7 @@ def test_cancel_answers_at_once_while_a_program_that_ignores_sigterm_runs_on_and
     m = manager(tmp_path / "s", kill_grace=600.0)
     try:
         job = m.submit(OWNER, JobSpec(PY, ("-c", IGNORES_SIGTERM)))
-        wait_until(lambda: m.tail(m.store.get(job.key), "stdout") == "started\n")
+        wait_until(lambda: m.tail(OWNER, m.store.get(job.key), "stdout") == "started\n")
         assert m.cancel(OWNER, job.key) == JobState.ACTIVE
         assert m.cancel(ADMIN, job.key) == JobState.ACTIVE                # a second Cancel: no fault, no change
         running = m.store.get(job.key)
@@ -197,7 +198,7 @@ def test_cancel_answers_at_once_while_a_program_that_ignores_sigterm_runs_on_and
 def test_the_sigkill_after_the_grace_comes_from_a_thread_of_its_own(jobs):
     """kill_grace is 2 s here: the program that ignores SIGTERM is killed with no request waiting for it."""
     job = jobs.submit(OWNER, JobSpec(PY, ("-c", IGNORES_SIGTERM)))
-    wait_until(lambda: jobs.tail(jobs.store.get(job.key), "stdout") == "started\n")
+    wait_until(lambda: jobs.tail(OWNER, jobs.store.get(job.key), "stdout") == "started\n")
     assert jobs.cancel(OWNER, job.key, answer_wait=0) == JobState.ACTIVE
     done = wait_final(jobs, job.key)
     assert (done.state, done.exit_code, done.failure) == (JobState.CANCELLED, None, None)   # SIGKILLed with its shim
@@ -271,7 +272,7 @@ def test_a_process_that_leaves_the_jobs_group_ends_with_the_job_all_the_same(job
 
     ends = jobs.submit(OWNER, JobSpec(PY, ("-c", daemon + wait_file + "print('bye')")))
     done = wait_final(jobs, ends.key)
-    assert (done.state, done.exit_code, jobs.tail(done, "stdout")) == (JobState.DONE, 0, "bye\n")
+    assert (done.state, done.exit_code, jobs.tail(OWNER, done, "stdout")) == (JobState.DONE, 0, "bye\n")
     child = int((jobs.jobs_dir / ends.key / "child.pid").read_text())
     wait_until(lambda: proc_start_time(child) is None)
 
@@ -313,20 +314,91 @@ def test_an_admins_job_neither_reads_nor_rewrites_the_owners_files_nor_the_servi
     (area / "secret.txt").write_text("alice secret\n")
     hers = wait_final(jobs, jobs.submit(OWNER, JobSpec("cat", ("secret.txt",),
                                                        stage_in=(StageIn("staged:secret.txt", "secret.txt"),))).key)
-    assert hers.state == JobState.DONE and jobs.tail(hers, "stdout") == "alice secret\n"
+    assert hers.state == JobState.DONE and jobs.tail(OWNER, hers, "stdout") == "alice secret\n"
     before = {o.name: o for o in hers.outputs}["stdout"]
     probe = (f"id -u; cat ../*/secret.txt ../{hers.key}/secret.txt ../../staging/*/secret.txt; ls ../../staging; "
              f"head -c 16 ../../jobs.sqlite; echo forged > ../{hers.key}/stdout; true")
     his = wait_final(jobs, jobs.submit(ADMIN, JobSpec("sh", ("-c", probe))).key)
-    out = jobs.tail(his, "stdout")
+    out = jobs.tail(ADMIN, his, "stdout")
     err = (jobs.jobs_dir / his.key / "stderr").read_text()
     assert "alice secret" not in out and "SQLite" not in out, out
     assert err.count("Permission denied") >= 4, err
     assert (jobs.jobs_dir / hers.key / "stdout").read_text() == "alice secret\n"
     assert hash_file(jobs.jobs_dir / hers.key / "stdout") == before.sha256
-    uids = {jobs.account(OWNER), jobs.account(ADMIN)}
-    assert len(uids) == 2 and min(uids) >= 900000 and int(out.split()[0]) == jobs.account(ADMIN)
+    her_uids, his_uids = jobs.store.uids_of(OWNER), jobs.store.uids_of(ADMIN)
+    assert not set(her_uids) & set(his_uids) and min(her_uids + his_uids) >= 900000
+    assert int(out.split()[0]) in his_uids
     assert (jobs.jobs_dir / hers.key).stat().st_mode & 0o077 == 0
+
+
+# a job that writes a secret and its pid as the host sees it (written whole: another name, then renamed), and waits
+KEEPER = ("import os, time; open('secret.txt', 'w').write('first secret');"
+          " open('pid.tmp', 'w').write(os.readlink('/proc/self')); os.rename('pid.tmp', 'pid'); time.sleep(300)")
+# a job that tries to read and rewrite that secret, by the first job's key, and to kill it
+PROBE = """import os, signal, sys
+key, pid = sys.argv[1], int(sys.argv[2])
+for what, act in (("read", lambda: print(open(f"../{key}/secret.txt").read())),
+                  ("write", lambda: open(f"../{key}/secret.txt", "w").write("forged")),
+                  ("kill", lambda: os.kill(pid, signal.SIGKILL))):
+    try:
+        act()
+        print(what, "done")
+    except OSError as exc:
+        print(what, exc.errno)
+print(os.getuid())
+"""
+
+
+def test_two_running_jobs_of_one_submitter_neither_read_nor_rewrite_nor_kill_each_other(jobs):
+    """All jobs of a submitter ran under her one uid: a job of hers read and rewrote another of hers running beside
+    it (by its key), and without PID namespaces could kill it. Each running job now holds a uid of its own (the
+    same pool), so the second job gets EACCES and EPERM (or ESRCH); the uids go back when the jobs end, her next
+    job takes one of them again, and an admin's job never one of hers."""
+    first = jobs.submit(OWNER, JobSpec(PY, ("-c", KEEPER)))
+    pid_file = jobs.jobs_dir / first.key / "pid"
+    pid = int(wait_until(lambda: pid_file.exists() and pid_file.read_text()))
+    second = wait_final(jobs, jobs.submit(OWNER, JobSpec(PY, ("-c", PROBE, first.key, str(pid)))).key)
+    out = jobs.tail(OWNER, second, "stdout").split("\n")
+    # the kill: EPERM for another uid, or ESRCH from a PID namespace of its own, where the first job is not seen
+    assert out[:2] == [f"read {errno.EACCES}", f"write {errno.EACCES}"], out
+    assert out[2] in (f"kill {errno.EPERM}", f"kill {errno.ESRCH}"), out
+    assert jobs.store.get(first.key).state == JobState.ACTIVE and proc_start_time(pid) is not None
+    assert (jobs.jobs_dir / first.key / "secret.txt").read_text() == "first secret"
+    held = jobs.store.held_uids()
+    assert list(held) == [first.key] and int(out[3]) != held[first.key]          # the second's is back already
+    assert jobs.cancel(OWNER, first.key) in (JobState.CANCELLED, JobState.ACTIVE)
+    wait_final(jobs, first.key)
+    assert jobs.store.held_uids() == {}
+    hers = set(jobs.store.uids_of(OWNER))
+    assert len(hers) == 2 and int(out[3]) in hers
+    third = wait_final(jobs, jobs.submit(OWNER, JobSpec("id", ("-u",))).key)
+    his = wait_final(jobs, jobs.submit(ADMIN, JobSpec("id", ("-u",))).key)
+    assert int(jobs.tail(OWNER, third, "stdout")) in hers and set(jobs.store.uids_of(OWNER)) == hers
+    assert int(jobs.tail(ADMIN, his, "stdout")) not in hers
+
+
+def test_without_pid_namespaces_what_a_job_left_is_killed_before_its_uid_serves_another_job(tmp_path):
+    """Without PID namespaces (and without a pids cgroup, whose removal kills what is in it) a daemon (setsid) a job
+    started outlives it (documented): before the job's uid goes back to the pool every process of that uid is
+    killed, so the daemon cannot reach her next job. (A range of uids of this test's own: every process of the uid
+    is killed.)"""
+    first = 9_000_000 + (os.getpid() % 1000) * 100
+    m = manager(tmp_path / "s", job_uid_first=first, job_uid_count=100)
+    m.pid_namespace, m.pids_cgroup, m.processes_unbounded = False, None, "not in this test"
+    child = None
+    try:
+        daemon = "import subprocess, sys; subprocess.Popen([sys.executable, '-c', " + repr(SETSID_SLEEPER) + \
+                 "], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)\n" + \
+                 "import os, time\nwhile not os.path.exists('child.pid'): time.sleep(0.02)\n"
+        job = wait_final(m, m.submit(OWNER, JobSpec(PY, ("-c", daemon))).key)
+        assert job.state == JobState.DONE
+        child = int((m.jobs_dir / job.key / "child.pid").read_text())
+        wait_until(lambda: proc_start_time(child) is None)
+        assert m.store.held_uids() == {} and m.store.uids_of(OWNER) == [first]
+    finally:
+        if child is not None and proc_start_time(child) is not None:
+            os.kill(child, signal.SIGKILL)          # without the fix: it outlived its job
+        shut(m)
 
 
 def test_a_link_the_job_puts_in_an_outputs_place_records_nothing_of_the_file_it_names(jobs, tmp_path):
@@ -339,7 +411,7 @@ def test_a_link_the_job_puts_in_an_outputs_place_records_nothing_of_the_file_it_
     link = f"import os; os.symlink({str(key)!r}, 'out.txt'); os.unlink('stdout'); os.symlink({str(key)!r}, 'stdout')"
     job = wait_final(jobs, jobs.submit(OWNER, JobSpec(PY, ("-c", link), stage_out=(StageOut("out.txt"),))).key)
     assert job.state == JobState.FAILED and "output out.txt cannot be read" in job.failure, job.failure
-    assert "PRIVATE KEY" not in jobs.tail(job, "stdout")
+    assert "PRIVATE KEY" not in jobs.tail(OWNER, job, "stdout")
     assert hash_file(key) not in {o.sha256 for o in job.outputs}
 
 
@@ -367,6 +439,19 @@ def test_only_the_owner_and_admins_may_do_anything_and_others_learn_nothing(jobs
     assert jobs.job(ADMIN, job.key).state == JobState.DONE
     with pytest.raises(ResourceUnknown):
         jobs.job(OWNER, "job-" + "0" * 32)
+
+
+def test_a_jobs_output_tail_is_read_by_its_submitter_and_the_admins_only(jobs):
+    """tail() read any job's output for whoever asked (it took no caller): the owner read an admin's job's."""
+    his = wait_final(jobs, jobs.submit(ADMIN, JobSpec(PY, ("-c", "print('admin secret')"))).key)
+    hers = wait_final(jobs, jobs.submit(OWNER, JobSpec(PY, ("-c", "print('alice out')"))).key)
+    for dn in (OWNER, OTHER):
+        for which in ("stdout", "stderr"):
+            with pytest.raises(AccessDenied) as denied:
+                jobs.tail(dn, his, which)
+            assert "admin secret" not in str(denied.value)
+    assert jobs.tail(ADMIN, his, "stdout") == "admin secret\n"
+    assert jobs.tail(OWNER, hers, "stdout") == jobs.tail(ADMIN, hers, "stdout") == "alice out\n"
 
 
 @pytest.mark.parametrize("spec", [
@@ -402,13 +487,13 @@ def test_a_job_that_leaves_a_fifo_for_its_standard_output_blocks_nothing(jobs):
     done = wait_final(jobs, job.key)
     assert stat.S_ISFIFO((jobs.jobs_dir / job.key / "stdout").lstat().st_mode)
     answer = []
-    reader = threading.Thread(target=lambda: answer.append(jobs.tail(done, "stdout")), daemon=True)
+    reader = threading.Thread(target=lambda: answer.append(jobs.tail(OWNER, done, "stdout")), daemon=True)
     reader.start()
     reader.join(60)
     if reader.is_alive():                   # release it before failing
         os.close(os.open(jobs.jobs_dir / job.key / "stdout", os.O_WRONLY | os.O_NONBLOCK))
     assert answer == [""]
-    assert jobs.tail(done, "stderr") == ""
+    assert jobs.tail(OWNER, done, "stderr") == ""
 
 
 def test_stage_in_from_the_staging_area_is_verified(jobs):
@@ -421,7 +506,7 @@ def test_stage_in_from_the_staging_area_is_verified(jobs):
     bad = jobs.submit(OWNER, JobSpec("true", stage_in=(StageIn("staged:seq.fasta", "x", "0" * 64),)))
     missing = jobs.submit(OWNER, JobSpec("true", stage_in=(StageIn("staged:nothing", "x"),)))
     ok, bad, missing = (wait_final(jobs, j.key) for j in (ok, bad, missing))
-    assert ok.state == JobState.DONE and jobs.tail(ok, "stdout") == "1\n"
+    assert ok.state == JobState.DONE and jobs.tail(OWNER, ok, "stdout") == "1\n"
     assert bad.state == JobState.FAILED and "is not the expected" in bad.failure
     assert missing.state == JobState.FAILED and "no such file in your staging area" in missing.failure
 
@@ -442,7 +527,7 @@ def test_a_staged_in_file_is_the_jobs_standard_input(jobs):
     job = jobs.submit(OWNER, JobSpec("sort", stdin="./in/seqs.txt",
                                      stage_in=(StageIn("staged:seqs.txt", "in/seqs.txt"),)))
     done = wait_final(jobs, job.key)
-    assert done.state == JobState.DONE and jobs.tail(done, "stdout") == "acgt\ntata\n"
+    assert done.state == JobState.DONE and jobs.tail(OWNER, done, "stdout") == "acgt\ntata\n"
 
 
 def test_limits_on_lifetime_and_live_jobs(tmp_path):
@@ -506,7 +591,7 @@ def test_a_restarted_service_reattaches_running_jobs_and_fails_the_lost_ones_wit
         assert s.state == JobState.FAILED and s.failure.startswith("Interrupted:")
         release.touch()
         done = wait_final(m2, waiter.key)
-        assert done.state == JobState.DONE and done.exit_code == 0 and m2.tail(done, "stdout") == "released\n"
+        assert done.state == JobState.DONE and done.exit_code == 0 and m2.tail(OWNER, done, "stdout") == "released\n"
         assert wait_final(m2, unrecorded.key).state == JobState.DONE
     finally:
         release.touch()
