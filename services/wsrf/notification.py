@@ -289,7 +289,8 @@ class _Deadline:
         return io.BufferedReader(_DeadlineReader(self))
 
     def close(self) -> None:
-        self.sock.close()
+        """Nothing: http.client closes its connection when the answer says ``Connection: close``, before the body is
+        read; the delivery closes the socket when it is done with it."""
 
 
 class _DeadlineReader(io.RawIOBase):

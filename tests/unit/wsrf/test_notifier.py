@@ -22,6 +22,8 @@ from services.wsrf.notification import (ConsumerPolicy, DeliveryLimits, Notifier
 pytestmark = pytest.mark.timeout(120)
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+# as cheroot answers: the head, then the body in a write of its own
+CHUNKED = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n", b"5\r\nhello\r\n0\r\n\r\n")
 # what a trickling consumer sends at once, then the rest a byte at a time (each stage: where it starts to trickle)
 STAGES = {"status": (b"", b"HTTP/1.1 200 OK\r\nX-slow: " + b"a" * 100_000),
           "headers": (b"HTTP/1.1 200 OK\r\n", b"X-slow: " + b"a" * 100_000),
@@ -34,10 +36,10 @@ class Consumer:
     closes the connection (counted in ``cut``). ``tls``: an ssl server context to wrap connections in."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, stage: str | None = None, step: float = 0.2,
-                 tls: ssl.SSLContext | None = None):
+                 tls: ssl.SSLContext | None = None, answer: bytes | tuple[bytes, ...] = OK):
         self.sock = socket.create_server((host, port))
         self.port = self.sock.getsockname()[1]
-        self.stage, self.step, self.tls = stage, step, tls
+        self.stage, self.step, self.tls, self.answer = stage, step, tls, answer
         self.requests: list[bytes] = []        # each request's head
         self.bodies: list[bytes] = []
         self.accepted = 0
@@ -80,7 +82,10 @@ class Consumer:
                 self.requests.append(head)
                 self.bodies.append(body)
             if self.stage is None:
-                conn.sendall(OK)
+                for n, part in enumerate((self.answer,) if isinstance(self.answer, bytes) else self.answer):
+                    if n:
+                        time.sleep(0.2)         # the parts in reads of their own
+                    conn.sendall(part)
                 return
             first, rest = STAGES[self.stage]
             conn.sendall(first)
@@ -191,6 +196,21 @@ def test_tls_to_the_checked_address_checks_the_certificate_for_the_name(grid_pki
         notifier.close()
         good.close()
         bad.close()
+
+
+def test_an_answer_with_a_body_and_connection_close_is_a_delivery(grid_pki):
+    """A consumer (cheroot, as client.notifications') answering 200 with a chunked body and ``Connection: close``:
+    the delivery reads the body and counts as sent (http.client lets go of the connection before the body)."""
+    consumer = Consumer(answer=CHUNKED)
+    notifier = Notifier(grid_pki.host, grid_pki.trust(), policy=LOOPBACK, limits=DeliveryLimits(workers=1))
+    try:
+        url = f"http://127.0.0.1:{consumer.port}/notify"
+        notifier.send(url, message(url))
+        until(lambda: notifier.sent + notifier.failed == 1, what="the delivery")
+        assert (notifier.sent, notifier.failed) == (1, 0) and len(consumer.requests) == 1
+    finally:
+        notifier.close()
+        consumer.close()
 
 
 # -- G11: a deadline for the whole delivery; one owner's slow consumers delay only that owner -----------------
