@@ -271,6 +271,7 @@ def main() -> int:
                                  vmmanager={"vmm": "qemu", "vmm_root": str(root / f"q{n}"), "kernel": str(image.kernel),
                                             "initrd": str(image.initrd), "cmdline": image.cmdline,
                                             "guest_ready_timeout": 900.0, "migration_sources": ["localhost"],
+                                            "consumers_allow": ["127.0.0.0/8"],
                                             "lease_range": ["10.99.0.10-10.99.0.90", "10.99.0.100-10.99.0.180"][n]})
                  for n in (0, 1)]
         base = register(site, parse_descriptor(GUEST_DESCRIPTOR.format(

@@ -105,7 +105,7 @@ class JobService(SoapService):
         for s in self.jobs.subscriptions.of(job.key, 0.0 if job.final else now):
             message = wire.state_change(job.key, old.value, new.value, job.exit_code, now)
             self.notifier.send(s.consumer, notify_envelope(s.consumer, self._epr(job.key), "job:StateChange",
-                                                           message, {"job": J}))
+                                                           message, {"job": J}), owner=s.subscriber)
         if job.final:
             self.jobs.subscriptions.drop(job.key)
 

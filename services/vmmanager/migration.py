@@ -43,6 +43,7 @@ from security.delegation import DelegationError, accept as accept_delegation
 from security.pki import Credential, host_of
 from services.common.crash import crashpoint
 from services.common.errors import printable
+from services.soapclient import ClientError
 from services.faults import (AccessDenied, IllegalTransition, InstanceMoved, InternalFault, InvalidArgument,
                              LimitExceeded, MigrationFault, ResourceUnknown, TransferFault, VMGridFault, VMMFault,
                              ChecksumMismatch)
@@ -248,6 +249,10 @@ def _check_target(node: "Node", target: str) -> str:
                               f"VMManagerService)", argument="target")
     if target.rstrip("/") == node.address.rstrip("/"):
         raise InvalidArgument("the target is this node; migrate to another node", argument="target")
+    try:        # the address rule of Subscribe's consumers: not the node's own loopback or link-local ones
+        node.consumers.resolve(target, what="migration target")
+    except PermissionError as exc:
+        raise InvalidArgument(f"the target {target!r} is not one this node may call: {exc}", argument="target") from None
     return target
 
 
@@ -398,6 +403,13 @@ def _subscriptions(node: "Node", key: str) -> tuple[tuple[str, str, float], ...]
 
 
 def _fault(exc: BaseException, phase: str, target: str) -> MigrationFault:
+    if isinstance(exc, ClientError):
+        # no typed answer from a VMManager there: what the target answered instead (an HTTP status, a page that is
+        # no WSDL) stays in this node's log, the caller is not told (it would make Migrate a scan of what the node
+        # reaches)
+        log.warning("migration to %s failed in phase %s: %s", target, phase, _describe(exc))
+        return MigrationFault(f"migration to {target} failed in phase {phase} and was rolled back: the target was "
+                              f"not reachable as a VMManager", phase=phase, target=target, cause="Unreachable")
     if isinstance(exc, MigrationFault):
         return MigrationFault(f"migration to {target} failed in phase {exc.phase or phase} and was rolled back: "
                               f"{exc.description}", phase=exc.phase or phase, target=target, cause=exc.cause)

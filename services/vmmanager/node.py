@@ -39,7 +39,7 @@ from services.vmmanager.warm import WarmSnapshots
 from services.vmmanager.vmm import VMM, InstanceState, LifecycleEvent, LifecycleEventKind, VMMError, tap_name
 from services.vmmanager.vmm.errors import GuestWaitCancelled, InstanceNotFound
 from services.wsrf.lifetime import Sweeper
-from services.wsrf.notification import ConsumerPolicy, Notifier, new_subscription_key
+from services.wsrf.notification import ConsumerPolicy, Notifier, check_subscription_caps, new_subscription_key
 
 log = logging.getLogger("vmgrid.VMManagerService")
 
@@ -246,8 +246,9 @@ class Node:
             return
         inst = self.store.get(key)
         for _, consumer in subscribers:
+            # queued as the owner's: slow consumers of one owner's instances delay only that owner's notifications
             self.notifier.send(consumer, self.state_change(consumer, self.address, key, inst.identifier,
-                                                           old.value, new.value, now))
+                                                           old.value, new.value, now), owner=inst.owner)
         if new in FINAL:
             self.store.drop_subscriptions(key)
 
@@ -747,7 +748,15 @@ class Node:
         self.consumers.check(consumer)
         expires = inst.termination if initial_termination is None else min(inst.termination, initial_termination)
         sub_key = new_subscription_key()
-        self.store.subscribe(sub_key, inst.key, consumer, caller.dn, expires)
+        now = time.time()
+        with self.store.transaction():       # counted and recorded in one transaction: the caps hold
+            db = self.store.db.conn()
+            check_subscription_caps(
+                db.execute("SELECT COUNT(*) FROM subscriptions WHERE instance_key = ? AND expires > ?",
+                           (inst.key, now)).fetchone()[0],
+                db.execute("SELECT COUNT(*) FROM subscriptions WHERE subscriber = ? AND expires > ?",
+                           (caller.dn, now)).fetchone()[0])
+            self.store.subscribe(sub_key, inst.key, consumer, caller.dn, expires)
         return Subscribed(sub_key, expires)
 
     # -- migration (services.vmmanager.migration) ------------------------------------------------------------

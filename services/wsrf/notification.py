@@ -6,24 +6,26 @@ holds up a resource, nor the other consumers for longer than that deadline).
 """
 from __future__ import annotations
 
+import http.client
+import io
 import ipaddress
 import logging
-import queue
 import socket
+import ssl
 import threading
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-import requests
 from lxml import etree
 
-from security.tls import grid_session
+from security.tls import client_ssl_context
 from security.wssec import sign_envelope
 from services.common.xsdtime import format_datetime, parse_datetime
 from services.container.soap import envelope
-from services.faults import InvalidArgument
+from services.faults import InvalidArgument, LimitExceeded
 from services.sqlite import Database
 from services.wsrf.epr import EndpointReference
 from services.wsrf.namespaces import NOTIFY_ACTION, TOPIC_SIMPLE, WSA, WSNT
@@ -50,6 +52,22 @@ def reached(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IP
     return addr
 
 
+class Refused(PermissionError):
+    """An address a :class:`ConsumerPolicy` does not let this node call."""
+
+
+@dataclass(frozen=True)
+class Destination:
+    """An http(s) URL resolved once: the host name (the Host header, TLS SNI and the certificate's name) and
+    the socket addresses that were checked (the only ones connected to)."""
+    scheme: str
+    host: str
+    port: int
+    netloc: str                        # host[:port] as the URL gives it: the Host header
+    path: str                          # path and query
+    addresses: tuple[tuple[int, tuple], ...]   # (family, sockaddr) as getaddrinfo gave them
+
+
 @dataclass(frozen=True)
 class ConsumerPolicy:
     """Which consumer addresses a Subscribe may name (issue 9.8: a subscriber must not make a node send
@@ -63,24 +81,40 @@ class ConsumerPolicy:
     def _allowed_networks(self):
         return [ipaddress.ip_network(a, strict=False) for a in self.allow]
 
-    def refusal(self, url: str) -> str | None:
-        """Why ``url`` may not be a consumer, or None when it may."""
+    def resolve(self, url: str, what: str = "consumer") -> "Destination":
+        """``url`` resolved once, with the addresses this policy allows (every address the name has must be
+        allowed): a connection goes to one of these, never to what the name resolves to later (DNS rebinding).
+        :class:`Refused` saying why when ``url`` may not be called."""
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            return "the consumer reference needs an http(s) address"
+            raise Refused(f"the {what} reference needs an http(s) address")
         try:
             port = parts.port or (443 if parts.scheme == "https" else 80)
             infos = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
         except (OSError, ValueError, UnicodeError) as exc:
-            return f"the consumer host {parts.hostname!r} does not resolve: {exc}"
+            raise Refused(f"the {what} host {parts.hostname!r} does not resolve: {exc}") from None
         allowed = self._allowed_networks()
-        for info in infos:
-            addr = reached(ipaddress.ip_address(info[4][0].split("%")[0]))
-            if any(addr in net for net in allowed):
-                continue
-            if addr.is_loopback or addr.is_link_local or addr.is_unspecified or addr.is_multicast:
-                return (f"consumer address {addr} is this node's own (loopback or link-local); the site allows "
-                        f"such consumers only when they are listed in its configuration")
+        addresses = []
+        for family, _, _, _, sockaddr in infos:
+            addr = reached(ipaddress.ip_address(sockaddr[0].split("%")[0]))
+            if not any(addr in net for net in allowed) and (addr.is_loopback or addr.is_link_local or
+                                                            addr.is_unspecified or addr.is_multicast):
+                raise Refused(f"{what} address {addr} is this node's own (loopback or link-local); the site allows "
+                              f"such {what}s only when they are listed in its configuration")
+            if (family, sockaddr) not in addresses:
+                addresses.append((family, sockaddr))
+        if not addresses:
+            raise Refused(f"the {what} host {parts.hostname!r} does not resolve")
+        netloc = parts.netloc.rpartition("@")[2]
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        return Destination(parts.scheme, parts.hostname, port, netloc, path, tuple(addresses))
+
+    def refusal(self, url: str) -> str | None:
+        """Why ``url`` may not be a consumer, or None when it may."""
+        try:
+            self.resolve(url)
+        except Refused as exc:
+            return str(exc)
         return None
 
     def check(self, url: str) -> None:
@@ -127,6 +161,23 @@ def new_subscription_key() -> str:
 
 
 # -- subscription records ---------------------------------------------------------------------------------
+MAX_PER_RESOURCE = 16       # live subscriptions to one resource (an instance, a job)
+MAX_PER_SUBSCRIBER = 256    # live subscriptions of one subscriber (DN) on one service
+
+
+def check_subscription_caps(on_resource: int, of_subscriber: int) -> None:
+    """LimitExceeded when one more subscription would pass a cap, given the live ones counted now: to the
+    resource, and of the subscriber on this service (each one makes a delivery for every state change)."""
+    if on_resource >= MAX_PER_RESOURCE:
+        raise LimitExceeded(f"the resource has {on_resource} subscriptions; the limit is {MAX_PER_RESOURCE}",
+                            limit="subscriptions-per-resource", allowed=str(MAX_PER_RESOURCE),
+                            requested=str(on_resource + 1))
+    if of_subscriber >= MAX_PER_SUBSCRIBER:
+        raise LimitExceeded(f"you have {of_subscriber} subscriptions on this service; the limit is "
+                            f"{MAX_PER_SUBSCRIBER}", limit="subscriptions-per-subscriber",
+                            allowed=str(MAX_PER_SUBSCRIBER), requested=str(of_subscriber + 1))
+
+
 @dataclass(frozen=True)
 class Subscription:
     key: str
@@ -149,8 +200,15 @@ class Subscriptions:
                       f"consumer TEXT NOT NULL, subscriber TEXT NOT NULL, expires REAL NOT NULL)")
             c.execute(f"CREATE INDEX IF NOT EXISTS {table}_resource ON {table} ({resource_column})")
 
-    def add(self, s: Subscription) -> None:
+    def add(self, s: Subscription, now: float | None = None) -> None:
+        """Record ``s``; LimitExceeded beyond the caps (:func:`check_subscription_caps`), counted with the insert."""
+        now = time.time() if now is None else now
         with self.db.write("subscribe") as c:
+            check_subscription_caps(
+                c.execute(f"SELECT COUNT(*) FROM {self.table} WHERE {self.col} = ? AND expires > ?",
+                          (s.resource, now)).fetchone()[0],
+                c.execute(f"SELECT COUNT(*) FROM {self.table} WHERE subscriber = ? AND expires > ?",
+                          (s.subscriber, now)).fetchone()[0])
             c.execute(f"INSERT INTO {self.table} (key, {self.col}, consumer, subscriber, expires) VALUES (?, ?, ?, ?, ?)",
                       (s.key, s.resource, s.consumer, s.subscriber, s.expires))
 
@@ -187,15 +245,84 @@ def notify_envelope(consumer: str, producer: EndpointReference, topic: str, mess
 @dataclass
 class DeliveryLimits:
     connect_timeout: float = 5.0   # seconds to connect to a consumer
-    deadline: float = 10.0         # seconds for a whole delivery (connect, send, answer)
-    max_queue: int = 10_000        # notifications waiting; beyond it the oldest are dropped (and counted)
+    deadline: float = 10.0         # seconds for a whole delivery (connect, TLS, send, status line, headers, body)
+    max_queue: int = 10_000        # notifications waiting; beyond it a new one is dropped (and counted)
     workers: int = 4               # deliveries at once
+    per_owner: int = 1             # deliveries at once for one owner (the subscriber): the others' go first
+    owner_queue: int = 1_000       # notifications waiting for one owner; beyond it the owner's new ones are dropped
+    max_answer: int = 1 << 20      # bytes of a consumer's answer read at most
+
+
+class _Deadline:
+    """A connected socket whose every send and receive waits at most until ``deadline`` (time.monotonic())
+    in all: http.client reads the status line, the headers and the body through it, so a consumer that
+    trickles any of them a byte at a time is cut off at the deadline, not per read."""
+
+    def __init__(self, sock: socket.socket, deadline: float, what: str):
+        self.sock, self.deadline, self.what = sock, deadline, what
+
+    def _left(self) -> float:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(self.what)
+        self.sock.settimeout(left)
+        return left
+
+    def sendall(self, data) -> None:
+        view = memoryview(data)
+        while view:
+            self._left()
+            try:
+                sent = self.sock.send(view[:65536])
+            except socket.timeout:
+                raise TimeoutError(self.what) from None
+            view = view[sent:]
+
+    def recv_into(self, buffer) -> int:
+        self._left()
+        try:
+            return self.sock.recv_into(buffer)
+        except socket.timeout:
+            raise TimeoutError(self.what) from None
+
+    def makefile(self, mode: str = "rb", *args, **kwargs):
+        return io.BufferedReader(_DeadlineReader(self))
+
+    def close(self) -> None:
+        """Nothing: http.client closes its connection when the answer says ``Connection: close``, before the body is
+        read; the delivery closes the socket when it is done with it."""
+
+
+class _DeadlineReader(io.RawIOBase):
+    def __init__(self, conn: _Deadline):
+        self.conn = conn
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        return self.conn.recv_into(buffer)
+
+
+class _Connection(http.client.HTTPConnection):
+    """An HTTP connection over a socket already connected (and checked): http.client writes the request and
+    reads the answer, nothing of it opens another connection."""
+
+    def __init__(self, sock: _Deadline, host: str, port: int):
+        super().__init__(host, port)
+        self.sock = sock
+
+    def connect(self) -> None:          # never: the socket is given
+        raise ConnectionError("the connection to the consumer is closed")
 
 
 class Notifier:
     """Queues Notify envelopes and delivers them signed with the host credential, each within
-    ``limits.deadline`` seconds, to consumers ``policy`` allows (checked again at delivery: a name may
-    resolve elsewhere by then)."""
+    ``limits.deadline`` seconds in all, to consumers ``policy`` allows. The consumer's name is resolved and
+    checked at each delivery and the connection goes to the address checked (a name that resolves elsewhere
+    later is never followed); TLS checks the consumer's certificate for that name. Notifications wait in one
+    queue per owner (the subscriber) and an owner has at most ``limits.per_owner`` deliveries under way: one
+    user's slow or dead consumers delay only their own notifications."""
 
     def __init__(self, credential, trust, *, policy: ConsumerPolicy | None = None,
                  limits: DeliveryLimits | None = None, timeout: float | None = None):
@@ -205,69 +332,139 @@ class Notifier:
         self.limits = limits or DeliveryLimits()
         if timeout is not None:
             self.limits.deadline = timeout
-        self.queue: queue.Queue = queue.Queue(self.limits.max_queue)
         self.sent = 0
         self.failed = 0
         self.dropped = 0
-        self._count = threading.Lock()
+        self._tls: ssl.SSLContext | None = None
+        self._cond = threading.Condition()
+        self._waiting: dict[str, deque] = {}      # owner -> its notifications not yet under way
+        self._busy: dict[str, int] = {}           # owner -> its deliveries under way
+        self._ready: deque[str] = deque()         # owners with a notification that may start now, in turn
+        self._queued = 0
+        self._closed = False
         self._threads = [threading.Thread(target=self._run, name=f"vmgrid-notifier-{n}", daemon=True)
                          for n in range(self.limits.workers)]
         for t in self._threads:
             t.start()
 
-    def send(self, consumer: str, env: etree._Element) -> None:
-        try:
-            self.queue.put_nowait((consumer, env))
-        except queue.Full:
-            with self._count:
+    def send(self, consumer: str, env: etree._Element, owner: str | None = None) -> None:
+        """Queue ``env`` for ``consumer`` on behalf of ``owner`` (the subscriber's DN; by default the consumer's
+        host): dropped, counted and logged when the queue or the owner's share of it is full."""
+        owner = owner or (urlsplit(consumer).hostname or "")
+        with self._cond:
+            waiting = self._waiting.setdefault(owner, deque())
+            if self._closed or self._queued >= self.limits.max_queue or len(waiting) >= self.limits.owner_queue:
+                if not waiting and not self._busy.get(owner):
+                    del self._waiting[owner]
                 self.dropped += 1
-            log.warning("notification queue full: a notification to %s is dropped", consumer)
+                log.warning("notification queue %s: a notification to %s is dropped",
+                            "closed" if self._closed else "full", consumer)
+                return
+            waiting.append((consumer, env))
+            self._queued += 1
+            self._schedule(owner)
+
+    def _schedule(self, owner: str) -> None:
+        """(under the lock) Put ``owner`` in turn when it has work and a delivery to spare."""
+        if self._waiting.get(owner) and self._busy.get(owner, 0) < self.limits.per_owner and owner not in self._ready:
+            self._ready.append(owner)
+            self._cond.notify()
+
+    def _next(self) -> tuple[str, str, etree._Element] | None:
+        with self._cond:
+            while not self._ready:
+                if self._closed:
+                    return None
+                self._cond.wait()
+            owner = self._ready.popleft()
+            consumer, env = self._waiting[owner].popleft()
+            self._queued -= 1
+            self._busy[owner] = self._busy.get(owner, 0) + 1
+            self._schedule(owner)                 # another of its deliveries may start, after the others' turn
+            return owner, consumer, env
+
+    def _done(self, owner: str) -> None:
+        with self._cond:
+            self._busy[owner] -= 1
+            if not self._busy[owner]:
+                del self._busy[owner]
+            if self._waiting.get(owner):
+                self._schedule(owner)
+            elif owner in self._waiting and owner not in self._busy:
+                del self._waiting[owner]
+
+    @property
+    def pending(self) -> int:
+        """Notifications waiting (not yet under way)."""
+        with self._cond:
+            return self._queued
 
     def _run(self) -> None:
-        https = grid_session(self.trust.cert_dir)
-        plain = requests.Session()
-        plain.trust_env = False
-        try:
-            while True:
-                consumer, env = self.queue.get()
-                if consumer is None:
-                    return
-                try:
-                    self._deliver(https if consumer.startswith("https:") else plain, consumer, env)
-                    with self._count:
-                        self.sent += 1
-                except Exception as exc:  # noqa: BLE001 - a consumer that is gone must not stop the others
-                    with self._count:
-                        self.failed += 1
-                    log.warning("notification to %s failed: %s", consumer, exc)
-        finally:
-            https.close()
-            plain.close()
+        while True:
+            item = self._next()
+            if item is None:
+                return
+            owner, consumer, env = item
+            try:
+                self._deliver(consumer, env)
+                with self._cond:
+                    self.sent += 1
+            except Exception as exc:  # noqa: BLE001 - a consumer that is gone must not stop the others
+                with self._cond:
+                    self.failed += 1
+                log.warning("notification to %s failed: %s", consumer, exc)
+            finally:
+                self._done(owner)
 
-    def _deliver(self, session: requests.Session, consumer: str, env: etree._Element) -> None:
-        reason = self.policy.refusal(consumer)
-        if reason:
-            raise PermissionError(reason)
-        started = time.monotonic()
-        deadline = self.limits.deadline
+    def _context(self) -> ssl.SSLContext:
+        if self._tls is None:
+            self._tls = client_ssl_context(self.trust.cert_dir)
+        return self._tls
+
+    def _deliver(self, consumer: str, env: etree._Element) -> None:
+        dest = self.policy.resolve(consumer)
+        deadline = time.monotonic() + self.limits.deadline
+        late = f"the consumer did not answer within {self.limits.deadline:.0f} s"
         data = sign_envelope(env, self.credential)
-        resp = session.post(consumer, data=data, stream=True, allow_redirects=False,
-                            timeout=(self.limits.connect_timeout, deadline),
-                            headers={"Content-Type": "text/xml; charset=utf-8", "SOAPAction": f'"{NOTIFY_ACTION}"'})
+        sock = self._connect(dest, deadline, late)
         try:
-            read = 0
-            for chunk in resp.iter_content(8192):
-                read += len(chunk)
-                if time.monotonic() - started > deadline or read > 1 << 20:
-                    raise TimeoutError(f"the consumer did not answer within {deadline:.0f} s")
-            if resp.status_code >= 300:
-                raise RuntimeError(f"HTTP {resp.status_code}")
+            if dest.scheme == "https":
+                sock.settimeout(max(0.001, deadline - time.monotonic()))
+                try:        # SNI and the certificate's check for the name; the handshake as a whole within the time
+                    sock = self._context().wrap_socket(sock, server_hostname=dest.host)
+                except socket.timeout:
+                    raise TimeoutError(late) from None
+            conn = _Connection(_Deadline(sock, deadline, late), dest.host, dest.port)
+            conn.request("POST", dest.path, body=data,
+                         headers={"Host": dest.netloc, "Content-Type": "text/xml; charset=utf-8",
+                                  "SOAPAction": f'"{NOTIFY_ACTION}"', "Connection": "close"})
+            resp = conn.getresponse()
+            resp.read(self.limits.max_answer)
+            if resp.status >= 300:
+                raise RuntimeError(f"HTTP {resp.status}")
         finally:
-            resp.close()
+            sock.close()
+
+    def _connect(self, dest: Destination, deadline: float, late: str) -> socket.socket:
+        """A TCP connection to one of the addresses ``dest`` was checked with, in their order."""
+        error: Exception = TimeoutError(late)
+        for family, sockaddr in dest.addresses:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(late)
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.settimeout(min(self.limits.connect_timeout, left))
+            try:
+                sock.connect(sockaddr)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                return sock
+            except OSError as exc:
+                sock.close()
+                error = exc
+        raise error
 
     def close(self) -> None:
-        for _ in self._threads:
-            try:
-                self.queue.put((None, None), timeout=1)
-            except queue.Full:
-                break
+        """Take no more notifications; the workers deliver the waiting ones (each within the deadline), then end."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()

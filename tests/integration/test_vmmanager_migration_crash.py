@@ -43,7 +43,7 @@ def start_node(grid: LocalGrid, name: str, crashpoint: str | None = None, *, sta
         "enforcement": grid.enforcement(),
         "vmmanager": {"node": name, "repository": f"{grid.services_url}/VMRepositoryService",
                       "lease_range": NODES[name], "sweep_interval": 0.3, "migration_timeout": 10.0,
-                      "migration_sources": ["localhost"]}},
+                      "migration_sources": ["localhost"], "consumers_allow": ["127.0.0.0/8"]}},
         extra_env=env or None, port=grid.ports[name])
 
 

@@ -240,7 +240,7 @@ def main() -> int:
         nodes = scene.start(NODES, lambda n, name, leases: {
             "node": name, "vmm": "qemu", "vmm_root": str(scene.root(n)), "lease_range": leases,
             "guest_ready_timeout": args.boot_timeout, "sweep_interval": 0.5, "guest_ca": str(pki.ca.directory),
-            "job_admins": [pki.admin.dn], "migration_sources": ["localhost"], "migration_timeout": 300.0,
+            "job_admins": [pki.admin.dn], "migration_sources": ["localhost"], "consumers_allow": ["127.0.0.0/8"], "migration_timeout": 300.0,
             "migration_fixup_timeout": 180.0})
         first, second = nodes["mf1"], nodes["mf2"]
         vm = VMManagerClient(GridServiceClient(first.url, pki.alice.proxy, pki.trust()))

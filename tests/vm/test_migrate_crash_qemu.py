@@ -47,6 +47,7 @@ class Site:
                 "enforcement": {"authz_url": grid.authz_url, "permit_ttl": 0.0},
                 "vmmanager": {**node_settings(guest_image, root=self.root(name), lease_range=leases, name=name),
                               "repository": grid.repository_url, "migration_sources": ["localhost"],
+                              "consumers_allow": ["127.0.0.0/8"],
                               "migration_timeout": 20.0},
             })
             self.nodes[name] = node

@@ -1,0 +1,180 @@
+"""A VMManager node's notifications and migration targets against hostile addresses (attack12 G11, G12): a user's
+consumers that trickle their status line hold none of the workers another user's notifications need; Subscribe is
+capped per instance and per subscriber; Migrate calls no address Subscribe would refuse, and its fault does not tell
+what a target that is no VMManager answered."""
+from __future__ import annotations
+
+import socket
+import threading
+
+import pytest
+
+from client.notifications import NotificationConsumer
+from services.faults import InvalidArgument, LimitExceeded, MigrationFault
+from services.wsrf import notification
+from services.wsrf.notification import ConsumerPolicy
+from tests.fixtures.drip import dripping_listener
+from tests.fixtures.grid import start_grid
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def grid(grid_pki, tmp_path_factory):
+    g = start_grid(grid_pki, tmp_path_factory.mktemp("notify-limits") / "grid", nodes=1)
+    g.bio = g.register(name="notified")
+    g.hep = g.register(name="notified-hep", vo="hep")
+    try:
+        yield g
+    finally:
+        g.close()
+
+
+def test_another_users_notification_arrives_while_four_trickling_consumers_are_subscribed(grid, grid_pki,
+                                                                                        monkeypatch):
+    """alice subscribes her instance to four consumers that send their status line a byte every 0.3 s (as many as
+    the node has notifier workers) and pauses it; bob pauses his own instance, subscribed to an honest consumer: his
+    notification arrives while alice's are still held (the node's deadline is raised here so that only the
+    per-owner turn, not the deadline, can let bob through). Before: alice's four held all four workers as long as
+    their status lines lasted and bob's notification waited (attack12 G11: none in 90 s)."""
+    node = grid.node(0).core
+    monkeypatch.setattr(node.notifier.limits, "deadline", 240.0)
+    alice, bob = grid.vmm(grid_pki.alice), grid.vmm(grid_pki.bob)
+    mine = alice.deploy(grid.bio, "slow-consumers", 600, wait=True).ref
+    his = bob.deploy(grid.hep, "honest-consumer", 600, wait=True).ref
+    accepted: list[socket.socket] = []
+    tarpits = [dripping_listener(b"HTTP/1.1 2", b"0", accepted) for _ in range(4)]
+    failed = node.notifier.failed
+    try:
+        for listener, _ in tarpits:
+            alice.subscribe(mine, f"http://127.0.0.1:{listener.getsockname()[1]}/notify")
+        with NotificationConsumer(grid_pki.trust()) as consumer:
+            bob.subscribe(his, consumer.url)
+            alice.pause(mine)
+            bob.pause(his)
+            change = consumer.wait(lambda c: c.new == "Paused", timeout=60)
+            assert (change.key, change.old) == (his.key, "Running")
+        # alice's deliveries are still under way or waiting: none ended, one tarpit connection taken
+        assert node.notifier.failed == failed and len(accepted) == 1
+    finally:
+        for listener, stop in tarpits:
+            stop.set()
+            listener.close()
+        for conn in accepted:
+            conn.close()
+        alice.destroy(mine)
+        bob.destroy(his)
+
+
+def test_subscribe_is_capped_per_instance_and_per_subscriber(grid, grid_pki, monkeypatch):
+    """An instance takes MAX_PER_RESOURCE live subscriptions, a subscriber holds MAX_PER_SUBSCRIBER on the node:
+    one more is a LimitExceededFault naming the limit, and nothing is recorded (a caps of 3 and 4 here)."""
+    monkeypatch.setattr(notification, "MAX_PER_RESOURCE", 3)
+    monkeypatch.setattr(notification, "MAX_PER_SUBSCRIBER", 4)
+    vm = grid.vmm(grid_pki.alice)
+    first = vm.deploy(grid.bio, "capped-1", 600, wait=True).ref
+    second = vm.deploy(grid.bio, "capped-2", 600, wait=True).ref
+    store = grid.node(0).core.store
+    try:
+        for n in range(3):
+            vm.subscribe(first, f"http://127.0.0.1:9/c{n}")
+        with pytest.raises(LimitExceeded) as exc:
+            vm.subscribe(first, "http://127.0.0.1:9/c3")
+        assert exc.value.limit == "subscriptions-per-resource" and "the limit is 3" in exc.value.description
+        vm.subscribe(second, "http://127.0.0.1:9/d0")
+        with pytest.raises(LimitExceeded) as exc:
+            vm.subscribe(second, "http://127.0.0.1:9/d1")
+        assert exc.value.limit == "subscriptions-per-subscriber"
+        assert (len(store.subscriptions(first.key, 0)), len(store.subscriptions(second.key, 0))) == (3, 1)
+    finally:
+        vm.destroy(first)
+        vm.destroy(second)
+
+
+# -- G12: migration targets ----------------------------------------------------------------------------------------
+class Recorder:
+    """A real HTTP listener on 127.0.0.1 answering every request with ``answer``; ``seen`` lists request lines."""
+
+    def __init__(self, answer: bytes):
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.answer, self.seen = answer, []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                try:
+                    conn.settimeout(5)
+                    head = b""
+                    while b"\r\n\r\n" not in head:
+                        chunk = conn.recv(65536)
+                        if not chunk:
+                            break
+                        head += chunk
+                    self.seen.append(head.split(b"\r\n", 1)[0].decode())
+                    conn.sendall(self.answer)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_migrate_calls_no_address_subscribe_would_refuse(grid, grid_pki, monkeypatch):
+    """On a node whose consumer policy is the default (no loopback allowed), a Migrate sent straight to the node
+    naming a target on its loopback or the link-local metadata address is an InvalidArgument before any connection
+    (the listener sees nothing) and the instance runs on. Before: the node fetched <target>?wsdl from both."""
+    monkeypatch.setattr(grid.node(0).core, "consumers", ConsumerPolicy())
+    listener = Recorder(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+    vm = grid.vmm(grid_pki.alice)
+    ref = vm.deploy(grid.bio, "stays-home", 600, wait=True).ref
+    try:
+        for target in (f"http://127.0.0.1:{listener.port}/internal/VMManagerService",
+                       f"https://localhost:{listener.port}/wsrf/services/VMManagerService",
+                       "http://169.254.169.254/latest/VMManagerService"):
+            with pytest.raises(InvalidArgument) as exc:
+                vm.migrate(ref, target)
+            assert "not one this node may call" in exc.value.description, target
+        assert listener.seen == []
+        assert vm.status(ref).state == "Running"
+    finally:
+        listener.close()
+        vm.destroy(ref)
+
+
+def test_a_target_that_is_no_vmmanager_is_not_described_to_the_caller(grid, grid_pki, caplog):
+    """The test grid allows its loopback (consumers_allow = 127.0.0.0/8): a Migrate to a listener there that
+    answers 403, or a page that is no WSDL, or to a closed port, fails in prepare saying only that the target was
+    not reachable as a VMManager: the same words for all three (no status, no parse error: no scan oracle); the
+    node's log keeps what it answered. Before: 'cannot fetch …: HTTP 403' / '… is not a WSDL (Invalid XML …)'."""
+    forbidden = Recorder(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+    page = Recorder(b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 13\r\nConnection: close\r\n\r\n"
+                    b"<html>hi</h1>")
+    closed = socket.create_server(("127.0.0.1", 0))
+    closed_port = closed.getsockname()[1]
+    closed.close()
+    vm = grid.vmm(grid_pki.alice)
+    ref = vm.deploy(grid.bio, "probe", 600, wait=True).ref
+    said = []
+    try:
+        for port in (forbidden.port, page.port, closed_port):
+            target = f"http://127.0.0.1:{port}/internal/VMManagerService"
+            with pytest.raises(MigrationFault) as exc:
+                vm.migrate(ref, target)
+            assert exc.value.phase == "prepare"
+            said.append((exc.value.description.replace(str(port), "PORT"), exc.value.cause))
+            assert vm.status(ref).state == "Running"
+        assert forbidden.seen and page.seen          # the node did ask them (the loopback is allowed here)
+        assert len(set(said)) == 1, said
+        assert "not reachable as a VMManager" in said[0][0]
+        assert not any(word in said[0][0] for word in ("403", "WSDL", "XML", "refused")), said[0][0]
+        assert "403" in caplog.text                  # the node's log has the detail
+    finally:
+        forbidden.close()
+        page.close()
+        vm.destroy(ref)
