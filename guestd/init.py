@@ -10,10 +10,12 @@ import os
 import sys
 import time
 
-# cgroup2: the job service bounds each job's processes with a pids cgroup (docs/jobs.md, [jobs] max_processes)
+# cgroup2: the job service bounds each job's processes with a pids cgroup (docs/jobs.md, [jobs] max_processes);
+# /dev/shm: POSIX shared memory and semaphores (Python's multiprocessing Lock and Pool, OpenMP runtimes), a tmpfs
+# (1777) as every Linux distribution mounts it
 MOUNTS = (("proc", "/proc", "proc"), ("sysfs", "/sys", "sysfs"), ("cgroup2", "/sys/fs/cgroup", "cgroup2"),
           ("devtmpfs", "/dev", "devtmpfs"), ("tmpfs", "/run", "tmpfs"), ("tmpfs", "/tmp", "tmpfs"),
-          ("devpts", "/dev/pts", "devpts"))
+          ("devpts", "/dev/pts", "devpts"), ("tmpfs", "/dev/shm", "tmpfs"))
 
 
 def mount_basics() -> None:

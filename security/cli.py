@@ -69,7 +69,8 @@ def cmd_ca_host(args) -> int:
         GridCA._host_names(args.name, args.ou, args.alt or ())    # a bad name is named before any file
     except CAError as exc:
         raise _error(str(exc)) from None
-    out = Path(args.out) if args.out else ca.directory / "hosts" / args.name
+    out = (Path(args.out) if args.out else
+           ca.directory / "hosts" / (args.name if args.service == "host" else f"{args.service}-{args.name}"))
     if (out / "hostcert.pem").exists() and not args.force:
         raise _error(f"{out / 'hostcert.pem'} exists (use --force to replace it)")
     try:
@@ -78,7 +79,7 @@ def cmd_ca_host(args) -> int:
         raise _error(_cannot_write(exc)) from None
     try:
         cred = ca.issue_host(args.name, ou=args.ou, days=args.days, alt_names=args.alt or (), out_dir=out,
-                             key=new_key(kind=args.key))
+                             key=new_key(kind=args.key), service=args.service)
     except CAError as exc:
         raise _error(str(exc)) from None
     except OSError as exc:
@@ -327,6 +328,9 @@ def register(subparsers) -> None:
     p = with_dir(ca_sub.add_parser("host", help="issue a host certificate /O=Grid/OU=<ou>/CN=host/<name>"))
     p.add_argument("name")
     p.add_argument("--ou", default=DEFAULT_OU)
+    p.add_argument("--service", default="host",
+                   help="a service certificate /O=Grid/OU=<ou>/CN=<service>/<name> (Globus' grid-cert-request "
+                        "-service): TLS for the host, but not the host's identity to the site's policy (default: host)")
     p.add_argument("--days", type=_days(float), default=365, help="validity in days (default 365)")
     p.add_argument("--alt", action="append", help="another DNS name or IP address for TLS (repeatable)")
     p.add_argument("--out", help="directory for hostcert.pem/hostkey.pem (default <ca dir>/hosts/<name>)")

@@ -7,6 +7,7 @@ Stable API:
     wsse = GridWSSE(credential, trust, expected_host_dn=None)          # zeep `wsse=` object (apply + verify)
     transport = GridTransport(wsse, session=grid_session(cert_dir))    # TLS against the CA dir, tells wsse the URL
     host_authorizer(url) -> predicate on trust.Caller                  # CN=host/<hostname> of the URL
+    answer_authorizer(url) -> predicate on trust.Caller                # that, or CN=<service>/<hostname>
 
 zeep applies WS-Addressing and plugins before `wsse.apply`, so the signature covers every header; on the way back it
 calls `wsse.verify` before plugins. Failures raise wssec.WSSecurityError subclasses (typed, with a WSS fault code).
@@ -27,7 +28,7 @@ import zeep
 from lxml import etree
 
 from . import safexml
-from .pki import Credential, host_of
+from .pki import Credential, host_of, service_host_of
 from .replay import MemoryReplayCache, ReplayCache
 from .https import HTTPSError, HTTPSPool
 from .middleware import addressing_headers
@@ -39,13 +40,8 @@ from .wssec import (DEFAULT_POLICY, SOAP11, WSSE, FailedAuthentication, InvalidS
 _LOOPBACK_NAMES = ("localhost",)
 
 
-@functools.lru_cache(maxsize=256)
-def host_authorizer(url: str) -> Callable[[Caller], bool]:
-    """GSI host authorization: the response must be signed by a host certificate whose CN is `host/<hostname>` of
-    the URL (a loopback address also accepts `host/localhost`): the chain's end-entity DN, never a proxy's subject,
-    and not through a proxy at all (a host signs with its own certificate; security.hostauth). One predicate per URL, kept (bounded): a client
-    asks for it on every answer it verifies, and parsing the URL and the address each time was about 3% of a
-    node's CPU per deploy+destroy."""
+def _url_host_names(url: str) -> frozenset[str]:
+    """The names a host certificate of ``url``'s host may give (a loopback address also localhost)."""
     hostname = (urlsplit(url).hostname or "").lower()
     names = {hostname}
     try:
@@ -54,6 +50,39 @@ def host_authorizer(url: str) -> Callable[[Caller], bool]:
     except ValueError:
         if hostname in _LOOPBACK_NAMES:
             names |= {"127.0.0.1", "::1"}
+    return frozenset(names)
+
+
+@functools.lru_cache(maxsize=256)
+def answer_authorizer(url: str) -> Callable[[Caller], bool]:
+    """Who may sign the answer of a service called at ``url``: that host (:func:`host_authorizer`), or a service
+    certificate of that host, `CN=<service>/<hostname>` (`vmgrid ca host NAME --service jobs`: a service that should
+    not hold the host's rights, the job service, serves with one). Only for "is this answer from the host I
+    called": where a host's rights are judged (a migration's source proof, a node's staging), host_authorizer."""
+    host = host_authorizer(url)
+    names = _url_host_names(url)
+
+    def authorized(caller: Caller) -> bool:
+        if host(caller):
+            return True
+        if getattr(caller, "is_proxy", False):
+            return False
+        name = service_host_of(caller.dn)
+        return name is not None and name.lower() in names
+
+    authorized.__doc__ = f"signed by host/{min(names)} or a service of it"
+    return authorized
+
+
+@functools.lru_cache(maxsize=256)
+def host_authorizer(url: str) -> Callable[[Caller], bool]:
+    """GSI host authorization: the response must be signed by a host certificate whose CN is `host/<hostname>` of
+    the URL (a loopback address also accepts `host/localhost`): the chain's end-entity DN, never a proxy's subject,
+    and not through a proxy at all (a host signs with its own certificate; security.hostauth). One predicate per URL, kept (bounded): a client
+    asks for it on every answer it verifies, and parsing the URL and the address each time was about 3% of a
+    node's CPU per deploy+destroy."""
+    hostname = (urlsplit(url).hostname or "").lower()
+    names = _url_host_names(url)
 
     def authorized(caller: Caller) -> bool:
         # a verified Caller signing through a proxy is no host; callers that hold only a DN (a GridFTP session's
@@ -105,7 +134,7 @@ class GridWSSE:
         if address is None:
             raise FailedAuthentication("cannot authorize the responding host: no expected host DN and no URL "
                                        "(use GridTransport or pass expected_host_dn)")
-        return host_authorizer(address)
+        return answer_authorizer(address)
 
     def verify(self, envelope: etree._Element) -> etree._Element:
         root = envelope.getroot() if isinstance(envelope, etree._ElementTree) else envelope

@@ -192,9 +192,28 @@ def host_of(dn: str) -> str | None:
     return cns[0][5:]
 
 
-def host_dn(hostname: str, ou: str = DEFAULT_OU) -> str:
-    """The DN of a grid host certificate: `/O=Grid/OU=<ou>/CN=host/<hostname>`."""
-    return f"/O=Grid/OU={ou}/CN=host/{hostname}"
+SERVICE_NAME = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
+
+
+def service_host_of(dn: str) -> str | None:
+    """The host named by a service DN (`/O=Grid/OU=site/CN=jobs/node1` -> `node1`: :meth:`GridCA.issue_host` with a
+    service other than host): exactly one CN, `<service>/<name>`. None for any other DN, host DNs included."""
+    try:
+        cns = [value for key, value in dn_parts(dn) if key == "CN"]
+    except ValueError:
+        return None
+    if len(cns) != 1:
+        return None
+    service, slash, name = cns[0].partition("/")
+    if not slash or not name or service == "host" or not SERVICE_NAME.match(service):
+        return None
+    return name
+
+
+def host_dn(hostname: str, ou: str = DEFAULT_OU, service: str = "host") -> str:
+    """The DN of a grid host certificate: `/O=Grid/OU=<ou>/CN=host/<hostname>`; of a service certificate
+    (Globus' `grid-cert-request -service NAME`), `/O=Grid/OU=<ou>/CN=<service>/<hostname>`."""
+    return f"/O=Grid/OU={ou}/CN={service}/{hostname}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -925,10 +944,17 @@ class GridCA:
         return cert
 
     def issue_host(self, hostname: str, *, ou: str = DEFAULT_OU, days: float = 365, key: PrivateKey | None = None,
-                   alt_names: Sequence[str] = (), out_dir: Path | str | None = None) -> Credential:
+                   alt_names: Sequence[str] = (), out_dir: Path | str | None = None,
+                   service: str = "host") -> Credential:
         """A host certificate `/O=Grid/OU=<ou>/CN=host/<hostname>` with subjectAltName DNS (and IP) names for TLS.
-        `localhost` also gets 127.0.0.1 and ::1. With `out_dir`, writes hostcert.pem and hostkey.pem (0600)."""
+        `localhost` also gets 127.0.0.1 and ::1. With `out_dir`, writes hostcert.pem and hostkey.pem (0600).
+        With ``service``, a service certificate `CN=<service>/<hostname>` (the same names): it serves TLS for the
+        host, but a site policy's `CN=host/*` patterns (nodes, enforcement points) do not take it for the host."""
+        if not SERVICE_NAME.match(service):
+            raise CAError(f"service name {service!r}: a lower-case letter, then up to 31 letters, digits or '-'")
         subject, sans = self._host_names(hostname, ou, alt_names)
+        if service != "host":
+            subject = parse_dn(host_dn(hostname, ou, service))
         cred = self._issue(subject, key, days, [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
                            sans)
         if out_dir is not None:

@@ -120,8 +120,12 @@ def deliver(config: VMManagerConfig, channel, status: dict[str, Any], address: s
     from services.vmmanager.vmm.errors import GuestWaitCancelled, VMMError
 
     detail = requested(status)
-    if detail is None or not config.guest_ca:
+    if detail is None:
         return None
+    if not config.guest_ca:       # asked, and this node cannot answer: say so (the guest's container stays down)
+        log.warning("job service of the guest at %s not started: this node has no [vmmanager] guest_ca", address)
+        return ("job service not started: this node has no [vmmanager] guest_ca to issue the guest container's "
+                "certificate (docs/jobs.md)")
     try:
         pem, record = issue(config, detail, address, hostname)
         answer = channel.request("certificate", timeout=CERT_TIMEOUT, certificate=pem)

@@ -145,6 +145,12 @@ def jobs_part(out: dict, work: Path, pki, node, vm: VMManagerClient, ref, info) 
     s["cgroup"] = alice("job", "submit", NAME, "--wait", "--", "sh", "-c",
                         "cat /proc/self/cgroup; cat /sys/fs/cgroup$(cut -d: -f3 /proc/self/cgroup)/pids.max")
     s["cgroup_status"] = alice("job", "status", NAME, (s["cgroup"]["out"].splitlines() or ["-"])[0], "--json")
+    # a job reaches its own directory by path ($HOME: the state directory was 0700) and uses POSIX shared memory
+    # (multiprocessing's Lock and Pool: the guest had no /dev/shm)
+    s["reach"] = alice("job", "submit", NAME, "--wait", "--", "sh", "-ec",
+                       'echo mine > x; cat "$HOME/x"; cd "$PWD"; '
+                       'python3 -c "import multiprocessing as m; m.Lock(); print(m.Pool(2).map(abs, [-3, 4]))"')
+    s["reach_status"] = alice("job", "status", NAME, (s["reach"]["out"].splitlines() or ["-"])[0], "--json")
     # Cancel of a long job
     s["long"] = alice("job", "submit", NAME, "--", "sleep", "600")
     s["cancel"] = alice("job", "cancel", NAME, s["long"]["out"])

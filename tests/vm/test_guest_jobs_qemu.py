@@ -71,6 +71,15 @@ def test_a_job_s_processes_are_bounded_by_a_pids_cgroup_in_the_guest(seen):
     assert lines[0].startswith("0::/vmgrid-jobs/") and lines[1] == "256", st
 
 
+def test_a_job_reaches_its_directory_by_path_and_has_posix_shared_memory(seen):
+    """In a guest a job could not open its own directory by its path ($HOME, $PWD: `vmgrid serve` made
+    /var/lib/vmgrid 0700) and had no /dev/shm (multiprocessing's Lock and Pool failed): BLAST+'s makeblastdb and
+    any multiprocessing program failed in every guest job (trial T12, T13)."""
+    st = status(seen["steps"]["reach_status"])
+    assert st["state"] == "Done", (st.get("failure"), st.get("stdoutTail"), st.get("stderrTail"), st)
+    assert st["stdoutTail"] == "mine\n[3, 4]\n", st
+
+
 def test_cancel_ends_a_long_job(seen):
     s = seen["steps"]
     assert s["cancel"]["rc"] == 0, s["cancel"]["err"]

@@ -211,7 +211,15 @@ def test_deliver_records_the_job_service_and_a_silent_guest_is_a_note_not_a_hang
         assert JobService.parse(el)["url"] == record["url"] and JobService.parse(el)["dn"] == record["dn"]
     finally:
         env.state["container"].stop()
-    assert guestcred.deliver(VMManagerConfig(), channel, status, "10.77.0.10", "g", home) is None
+    # a node without guest_ca (one the guest migrated to, trial T14) says why the container stays down; it said
+    # nothing, and `vmgrid job list` then blamed the image
+    channel.sent.clear()
+    assert guestcred.deliver(VMManagerConfig(), channel, status, "10.77.0.10", "g", home) == (
+        "job service not started: this node has no [vmmanager] guest_ca to issue the guest container's certificate "
+        "(docs/jobs.md)")
+    assert channel.sent == []
+    assert guestcred.deliver(VMManagerConfig(), channel, {"ready": True, "steps": {}}, "10.77.0.10", "g",
+                             home) is None          # a guest that asks nothing: nothing to say
 
 
 def _guest_request():

@@ -65,6 +65,34 @@ def test_host_authorizer_follows_the_url(grid_pki):
     assert not host_authorizer("https://localhost/x")(alice)
 
 
+def test_a_service_certificate_signs_its_hosts_answers_but_is_no_host(grid_pki, tmp_path):
+    """`vmgrid ca host localhost --service jobs`: CN=jobs/localhost, TLS for localhost (its subjectAltName). The job
+    service serves with one so that it holds no host's rights (a site policy's CN=host/* patterns: nodes,
+    enforcement points, migration sources): a client takes its answers from that host, and nothing takes it for the
+    host (trial T1: the README's "own credential" of the job service had the site's host DN)."""
+    from security.client import answer_authorizer
+    from security.hostauth import names_host
+    from security.pki import CAError, host_of, service_host_of
+
+    trust = grid_pki.trust()
+    cred = grid_pki.ca.issue_host("localhost", service="jobs", key=grid_pki.keys.take(), out_dir=tmp_path)
+    assert cred.subject == "/O=Grid/OU=vmgrid/CN=jobs/localhost"
+    jobs = trust.validate(cred.certificates)
+    assert answer_authorizer("https://localhost:8446/x")(jobs) and answer_authorizer("https://127.0.0.1:8446/x")(jobs)
+    assert not answer_authorizer("https://node2.example.org/x")(jobs)
+    assert names_host(cred.certificate, "localhost")                          # GridFTP's GSI host check (SAN)
+    assert not host_authorizer("https://localhost:8446/x")(jobs)             # no host: no source proof, no staging
+    assert host_of(cred.subject) is None and service_host_of(cred.subject) == "localhost"
+    host = trust.validate(grid_pki.host.certificates)
+    assert answer_authorizer("https://localhost/x")(host) and service_host_of(grid_pki.host.subject) is None
+    alice = trust.validate(grid_pki.alice.credential.certificates)
+    assert not answer_authorizer("https://localhost/x")(alice)
+    for bad in ("host", "Jobs", "jobs/x", ""):
+        if bad != "host":
+            with pytest.raises(CAError, match="service name"):
+                grid_pki.ca.issue_host("localhost", service=bad)
+
+
 def test_client_refuses_an_unsigned_response(grid_pki):
     """A plain (unsecured) echo server answers unsigned: the client must not accept it."""
     from tests.fixtures.pki import EchoApp, serve_wsgi
