@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import re
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Callable, ContextManager, Iterator, Protocol
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import gridftp
 from gridftp.checksum import hash_file
@@ -294,9 +295,72 @@ def _check_target(node: MigratingNode, target: str) -> str:
     if parts.scheme not in ("https", "http") or not parts.hostname or not parts.path.endswith("/VMManagerService"):
         raise InvalidArgument(f"the target {target!r} is not a VMManager URL (https://host:port/wsrf/services/"
                               f"VMManagerService)", argument="target")
-    if target.rstrip("/") == node.address.rstrip("/"):
+    if _canonical_url(target) in {_canonical_url(u) for u in _own_urls(node, target)}:
         raise InvalidArgument("the target is this node; migrate to another node", argument="target")
     return target
+
+
+def _own_urls(node: MigratingNode, asked: str | None = None) -> list[str]:
+    """This node's VMManager URL (its address) and the same URL under each other name that reaches this very
+    node: a name its host certificate gives it (the subject's host/NAME, a subjectAltName DNS name or IP address)
+    that resolves to an address its address's host resolves to, the scheme, port and path the same
+    (``https://127.0.0.1:8444/...`` for ``https://localhost:8444/...``). A source signs its offer for the URL it
+    was given and the target takes the offer under any of these (:func:`verify_source`): the proof still names
+    this node, only spelt another way. ``asked``: only the spellings that could be that URL are looked for (no
+    name is resolved for a URL of another scheme, port or path, or with the address's own host)."""
+    own = urlsplit(node.address)
+    if asked is not None:
+        other = urlsplit(asked)
+        same_place = (other.scheme.lower(), _port_of(other), other.path.rstrip("/")) == \
+            (own.scheme.lower(), _port_of(own), own.path.rstrip("/"))
+        if not same_place or (other.hostname or "").lower() == (own.hostname or "").lower():
+            return [node.address]
+    cert = node.credential.certificate if node.credential is not None else None
+    if cert is None or not own.hostname:
+        return [node.address]
+    port = _port_of(own)
+    reached = _addresses(own.hostname, port)
+    urls = [node.address]
+    for name in _certificate_names(cert)[:MAX_SPELLINGS]:
+        if name.lower() == own.hostname.lower() or not reached & _addresses(name, port):
+            continue
+        host = f"[{name}]" if ":" in name else name
+        urls.append(urlunsplit((own.scheme, f"{host}:{own.port}" if own.port else host, own.path, "", "")))
+    return urls
+
+
+MAX_SPELLINGS = 16      # names of a host certificate looked at as other spellings of the node's URL
+
+
+def _port_of(parts) -> int | None:
+    try:
+        return parts.port or {"https": 443, "http": 80}.get(parts.scheme.lower())
+    except ValueError:
+        return None
+
+
+def _addresses(host: str, port: int | None) -> set[str]:
+    """The addresses ``host`` resolves to (none when it does not)."""
+    try:
+        return {info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
+    except (OSError, UnicodeError, ValueError):
+        return set()
+
+
+def _certificate_names(cert) -> list[str]:
+    """The host names a host certificate gives its host: the subject's host/NAME, then its subjectAltName DNS names
+    (not wildcards) and IP addresses."""
+    from cryptography import x509
+    from security.pki import dn_string
+    names = [host_of(dn_string(cert.subject)) or ""]
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        san = None
+    if san is not None:
+        names += [n for n in san.get_values_for_type(x509.DNSName) if "*" not in n]
+        names += [str(a) for a in san.get_values_for_type(x509.IPAddress)]
+    return [n for n in dict.fromkeys(names) if n]
 
 
 def _peer(node: MigratingNode, url: str, credential: Credential) -> Peer:
@@ -612,6 +676,14 @@ def _canonical_url(url: str) -> str:
     return f"{parts.scheme.lower()}://{(parts.hostname or '').lower()}:{port or ''}{parts.path.rstrip('/')}"
 
 
+def _signed_for(signer, signature: bytes, offer: MigrationOffer, target: str) -> bool:
+    try:
+        _check_signature(signer.certificate.public_key(), signature, _offer_bytes(offer, target, offer.proof[1]))
+    except Exception:   # noqa: BLE001 - InvalidSignature: another offer, another target, or altered
+        return False
+    return True
+
+
 def verify_source(node: MigratingNode, caller, offer: MigrationOffer) -> str:
     """The host DN of the source node that countersigned ``offer`` for this node; AccessDenied (rule
     ``migration-source-proof``) naming why when it did not."""
@@ -647,11 +719,11 @@ def verify_source(node: MigratingNode, caller, offer: MigrationOffer) -> str:
     if "*" not in allowed and host.lower() not in allowed and (urlsplit(offer.source).hostname or "").lower() \
             not in allowed:
         raise refuse(f"this node takes in no migrations from {host} ([vmmanager] migration_sources)")
-    try:
-        _check_signature(signer.certificate.public_key(), signature, _offer_bytes(offer, node.address, offer.proof[1]))
-    except Exception:   # noqa: BLE001 - InvalidSignature: another offer, another target, or altered
+    # made for this node under its own address or another name of it (the URL the source was given)
+    if not any(_signed_for(signer, signature, offer, url) for url in _own_urls(node)):
         raise refuse(f"the sourceProof of {signer.dn} does not match this offer to {node.address} (another "
-                     f"instance, step, target or files)") from None
+                     f"instance, step, target or files; a source that migrates here names this node "
+                     f"{node.address}, or another name its host certificate gives it)")
     now = time.time()
     if not now - PROOF_AGE <= issued <= now + PROOF_AHEAD:
         raise refuse(f"the sourceProof was made at {offer.proof[1]}, not within the last {int(PROOF_AGE)} s")

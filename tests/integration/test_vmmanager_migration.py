@@ -187,6 +187,25 @@ def test_bad_targets_are_refused_before_anything_moves(grid, grid_pki):
     src.destroy(ref)
 
 
+def test_a_target_named_another_way_that_reaches_it_takes_the_migration(grid, grid_pki):
+    """The target's URL spelt with another name its host certificate gives it and that reaches it
+    (https://127.0.0.1:PORT for the node that knows itself as https://localhost:PORT): the source countersigns its
+    offer for the URL it was given, and the target takes that as its own. It was refused ("the sourceProof ... does
+    not match this offer to https://localhost:PORT"). The source's own URL so spelt is still this node, refused
+    before anything moves; a proof for a name that is not the target's is still refused
+    (test_a_user_offering_an_instance_herself_is_refused_naming_why_and_nothing_is_held)."""
+    ref = deploy(grid, grid_pki.alice, "respelt")
+    spelt = grid.node_url(1).replace("//localhost:", "//127.0.0.1:")
+    with pytest.raises(InvalidArgument) as exc:
+        grid.vmm(grid_pki.alice, 0).migrate(ref, grid.node_url(0).replace("//localhost:", "//127.0.0.1:"))
+    assert "the target is this node" in str(exc.value)
+    moved = grid.vmm(grid_pki.alice, 0).migrate(ref, spelt)
+    assert (moved.ref.address, moved.state) == (grid.node_url(1), "Running")
+    assert grid.vmm(grid_pki.alice, 1).status(moved.ref).state == "Running"
+    assert ref.key not in holdings(grid, 0)["live"]
+    grid.vmm(grid_pki.alice, 1).destroy(moved.ref)
+
+
 def test_an_unreachable_target_rolls_back_in_prepare(grid, grid_pki):
     src = grid.vmm(grid_pki.alice, 0)
     ref = deploy(grid, grid_pki.alice, "unreachable")
@@ -796,6 +815,8 @@ def test_a_user_offering_an_instance_herself_is_refused_naming_why_and_nothing_i
         (offer, "carries no sourceProof"),
         (migration.sign_offer(offer, spoof, grid.node_url(1)), "not by a host certificate"),
         (migration.sign_offer(offer, host0, grid.node_url(0)), "does not match this offer"),        # another target
+        (migration.sign_offer(offer, host0, grid.node_url(1).replace("//localhost:", "//127.0.0.2:")),
+         "does not match this offer"),              # a name the target's certificate does not give it (nor reaches it)
         (dataclasses.replace(migration.sign_offer(offer, host0, grid.node_url(1)), key="inst-" + "1" * 32),
          "does not match this offer"),                                                             # another instance
         (dataclasses.replace(migration.sign_offer(offer, host0, grid.node_url(1)), step=""),
