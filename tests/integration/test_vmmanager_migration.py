@@ -520,7 +520,7 @@ def test_subscribers_hear_the_move_from_the_source_and_then_from_the_target(grid
     src = grid.vmm(grid_pki.alice, 0)
     ref = deploy(grid, grid_pki.alice, "watched")
     with NotificationConsumer(grid_pki.trust()) as consumer:
-        src.subscribe(ref, consumer.url)
+        consumer.subscribe(src, ref)
         moved = src.migrate(ref, grid.node_url(1))
         assert consumer.wait(lambda c: c.new == "Migrating").old == "Running"
         def port(url: str) -> int | None:
