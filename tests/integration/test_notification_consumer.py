@@ -14,6 +14,8 @@ import requests
 
 from client.localgrid import free_port
 from client.notifications import NotificationConsumer
+from client.soap import GridServiceClient
+from client.vmmanager import VMManagerClient
 from security.pki import Credential, make_proxy
 from security.wssec import sign_envelope
 from services.vmmanager.wire import state_change_envelope
@@ -111,3 +113,60 @@ def test_vmgrid_vm_watch_refuses_a_change_another_host_signs(vm_grid, grid_pki):
     assert "OU=elsewhere" not in out, out
     assert [line.split(": ", 1)[1].split(" (")[0] for line in out.rstrip().splitlines()] == [
         "Running -> Paused", "Paused -> Destroyed"], out
+
+
+@pytest.fixture
+def two_hosts(grid_pki, tmp_path):
+    """Two nodes with host credentials of their own: node1 host/localhost, node2 host/127.0.0.1 (its URL
+    https://127.0.0.1:PORT), as two machines of a site have."""
+    import dataclasses
+
+    from services.vmmanager.vmm import LibvirtTestDriver
+    from tests.fixtures.grid import start_grid
+
+    grid = start_grid(grid_pki, tmp_path / "grid")
+    try:
+        second = grid_pki.ca.issue_host("127.0.0.1", key=grid_pki.keys.take(), out_dir=tmp_path / "host2")
+        grid.pki = dataclasses.replace(grid_pki, host=second)
+        grid.add_node("node2", "10.99.0.100-10.99.0.189", vmm=LibvirtTestDriver.private_node())
+        grid.pki = grid_pki
+        grid.image = grid.register(name="two-hosts")
+        yield grid, second
+    finally:
+        grid.close()
+
+
+def test_vmgrid_vm_watch_hears_the_new_node_after_a_migration_and_no_longer_the_old(two_hosts, grid_pki):
+    """The watch hands the producer on with the instance: after the old node's "-> Migrated" and its answer naming
+    the new node, the new node's host credential is the one heard (its changes before that were refused: the line
+    "now on URL, Running" says the state it answers), and the old node's credential no longer is."""
+    grid, second = two_hosts
+    target = grid.nodes[1][0].url("VMManagerService")            # the node's own URL: https://127.0.0.1:PORT
+    ref = grid.vmm(grid_pki.alice).deploy(grid.image, "mover", 600, wait=True).ref
+    port = free_port()
+    consumer_url = f"http://127.0.0.1:{port}/notify"
+    env = {**os.environ, **grid_pki.alice.env(grid_pki.cert_dir), "VMGRID_NODE": grid.node_url(0)}
+    watch = subprocess.Popen([sys.executable, "-m", "client.cli", "vm", "watch", "mover", "--timeout", "120",
+                              "--listen", f"127.0.0.1:{port}"], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        first = watch.stdout.readline()
+        assert "listening at" in first, first + watch.stderr.read()
+        moved = grid.vmm(grid_pki.alice).migrate(ref, target)
+        assert moved.ref.address == target
+        while "now on" not in (line := watch.stdout.readline()):
+            assert line, watch.stderr.read()
+        assert line.rstrip().endswith(f"now on {target}, Running"), line
+        # the old node's credential speaking for the instance now: refused
+        response = requests.post(consumer_url, data=forged(consumer_url, grid.node_url(0), ref.key, grid_pki.host))
+        assert response.status_code == 500 and f"({second.subject})" in response.text, response.text
+        there = VMManagerClient(GridServiceClient(target, grid_pki.alice.proxy, grid_pki.trust()))
+        there.destroy(moved.ref)
+        out, err = watch.communicate(timeout=150)
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+            watch.wait()
+    assert watch.returncode == 0, err
+    assert out.rstrip().splitlines()[-1].split(": ", 1)[1] == f"Running -> Destroyed (signed by {second.subject})", out
+    assert f"notification refused: a Notify signed by {grid_pki.host_dn}" in err, err
