@@ -473,7 +473,7 @@ def cmd_watch(args) -> int:
     from client.notifications import NotificationConsumer, node_dn
     from client.soap import default_trust
     from client.vmmanager import InstanceRef
-    from services.faults import InstanceMoved
+    from services.faults import InstanceMoved, VMGridFault
 
     host, port = _listen_address(args.listen)
     if args.timeout < 0:
@@ -505,7 +505,7 @@ def cmd_watch(args) -> int:
     except OSError as exc:
         raise CLIError(f"cannot listen at {args.listen} (--listen): {exc.strerror or exc}") from None
     try:
-        producer = _call(node_dn, vm, ref)
+        producer = _call(node_dn, vm)
         consumer.expect(producer)
         _call(vm.subscribe, ref, consumer.url)
         state = _call(vm.status, ref).state
@@ -528,18 +528,24 @@ def cmd_watch(args) -> int:
                     break
                 vm, ref = vmm_client(args, address), InstanceRef(address, ref.key)
                 try:
-                    there = node_dn(vm, ref)
+                    there = node_dn(vm)
                 except Exception as exc:    # noqa: BLE001 - the new node cannot be asked: the watch ends here
                     print(f"{time.strftime('%H:%M:%S')} {args.instance}: now on {printable(address)}, which does "
                           f"not answer ({printable(exc)})", flush=True)
                     break
                 consumer.expect(there)          # that node's changes from now on, not the old node's
-                if there != producer:
-                    consumer.forget(producer)
+                if there == producer:           # one credential: its changes were heard all along
+                    print(f"{time.strftime('%H:%M:%S')} {args.instance}: now on {printable(address)}", flush=True)
+                    continue
+                consumer.forget(producer)
                 producer = there
-                # its changes before it was known were refused (unless both nodes share a credential: then they
-                # are shown as they came): its answer says the state there now
-                state = _call(vm.status, ref).state
+                # its changes before it was known were refused: its answer says the state there now
+                try:
+                    state = vm.status(ref).state
+                except VMGridFault as exc:      # the instance ended there already
+                    print(f"{time.strftime('%H:%M:%S')} {args.instance}: now on {printable(address)}: "
+                          f"{printable(exc.description)}", flush=True)
+                    break
                 print(f"{time.strftime('%H:%M:%S')} {args.instance}: now on {printable(address)}, "
                       f"{printable(state)}", flush=True)
     except KeyboardInterrupt:

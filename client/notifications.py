@@ -12,7 +12,7 @@ from typing import Iterable
 from cheroot import wsgi
 
 from security.client import host_authorizer
-from security.pki import dn_string, host_of
+from security.pki import host_of
 from security.replay import MemoryReplayCache
 from security.trust import TrustStore
 from security.wssec import WSSecurityError, verify_envelope
@@ -42,10 +42,15 @@ class Refused(Exception):
     """A Notify this consumer does not take; the message says why (one line)."""
 
 
-def node_dn(vm, ref) -> str:
-    """The DN of the host credential the node holding ``ref`` signs its answers with (``vm``: a
-    client.vmmanager.VMManagerClient; the answer was verified as signed by the host of the node's URL)."""
-    return dn_string(vm.node_certificate(ref).subject)
+def node_dn(vm) -> str:
+    """The DN of the host credential the node ``vm`` calls (a client.vmmanager.VMManagerClient) signs its answers
+    with: its answer to a ListInstances of one, verified as signed by the host of the node's URL, by that host's
+    own certificate (never a proxy)."""
+    vm.list_page(max_results=1)
+    signer = vm.service.zeep.wsse.last_signer
+    if signer is None or signer.is_proxy:
+        raise RuntimeError(f"the answer of {vm.service.url} carried no verified host signer")
+    return signer.dn
 
 
 class NotificationConsumer:
@@ -88,7 +93,7 @@ class NotificationConsumer:
         """Subscribe this consumer to the changes of instance ``ref`` at its node (``vm``: a
         client.vmmanager.VMManagerClient) and take the ones that node signs; the subscription's key. The node's DN
         is the one that signed its answer before the Subscribe (so that a change right after it is not refused)."""
-        self.expect(node_dn(vm, ref))
+        self.expect(node_dn(vm))
         return vm.subscribe(ref, self.url)
 
     @property
