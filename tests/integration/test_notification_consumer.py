@@ -5,20 +5,18 @@ line saying why, and the real node's changes still come; `vmgrid vm watch` likew
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 
 import pytest
 import requests
 
-from client.localgrid import free_port
 from client.notifications import NotificationConsumer
 from client.soap import GridServiceClient
 from client.vmmanager import VMManagerClient
 from security.pki import Credential, make_proxy
 from security.wssec import sign_envelope
 from services.vmmanager.wire import state_change_envelope
+from tests.fixtures.watch import vm_watch
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -89,25 +87,14 @@ def test_vmgrid_vm_watch_refuses_a_change_another_host_signs(vm_grid, grid_pki):
     the Notify was refused and shows only the node's own changes."""
     vm = vm_grid.vmm(grid_pki.alice)
     ref = vm.deploy(vm_grid.register(), "cli-watched", 600, wait=True).ref
-    port = free_port()
-    consumer_url = f"http://127.0.0.1:{port}/notify"
     env = {**os.environ, **grid_pki.alice.env(grid_pki.cert_dir), "VMGRID_NODE": vm_grid.node_url()}
-    watch = subprocess.Popen([sys.executable, "-m", "client.cli", "vm", "watch", "cli-watched", "--timeout", "120",
-                              "--listen", f"127.0.0.1:{port}"], env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
-    try:
-        first = watch.stdout.readline()
-        assert "listening at" in first, first + watch.stderr.read()
+    with vm_watch("cli-watched", env) as watch:
         other = grid_pki.issue_host("localhost", ou="elsewhere")
-        response = requests.post(consumer_url, data=forged(consumer_url, vm_grid.node_url(), ref.key, other))
+        response = requests.post(watch.consumer, data=forged(watch.consumer, vm_grid.node_url(), ref.key, other))
         assert response.status_code == 500
         vm.pause(ref)
         vm.destroy(ref)
-        out, err = watch.communicate(timeout=150)
-    finally:
-        if watch.poll() is None:
-            watch.kill()
-            watch.wait()
+        out, err = watch.finish()
     assert watch.returncode == 0, err
     assert "notification refused: a Notify signed by /O=Grid/OU=elsewhere/CN=host/localhost" in err, err
     assert "OU=elsewhere" not in out, out
@@ -143,30 +130,20 @@ def test_vmgrid_vm_watch_hears_the_new_node_after_a_migration_and_no_longer_the_
     grid, second = two_hosts
     target = grid.nodes[1][0].url("VMManagerService")            # the node's own URL: https://127.0.0.1:PORT
     ref = grid.vmm(grid_pki.alice).deploy(grid.image, "mover", 600, wait=True).ref
-    port = free_port()
-    consumer_url = f"http://127.0.0.1:{port}/notify"
     env = {**os.environ, **grid_pki.alice.env(grid_pki.cert_dir), "VMGRID_NODE": grid.node_url(0)}
-    watch = subprocess.Popen([sys.executable, "-m", "client.cli", "vm", "watch", "mover", "--timeout", "120",
-                              "--listen", f"127.0.0.1:{port}"], env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
-    try:
-        first = watch.stdout.readline()
-        assert "listening at" in first, first + watch.stderr.read()
+    with vm_watch("mover", env) as watch:
         moved = grid.vmm(grid_pki.alice).migrate(ref, target)
         assert moved.ref.address == target
-        while "now on" not in (line := watch.stdout.readline()):
-            assert line, watch.stderr.read()
+        while "now on" not in (line := watch.line()):
+            assert line, watch.finish()
         assert line.rstrip().endswith(f"now on {target}, Running"), line
         # the old node's credential speaking for the instance now: refused
-        response = requests.post(consumer_url, data=forged(consumer_url, grid.node_url(0), ref.key, grid_pki.host))
+        response = requests.post(watch.consumer, data=forged(watch.consumer, grid.node_url(0), ref.key,
+                                                             grid_pki.host))
         assert response.status_code == 500 and f"({second.subject})" in response.text, response.text
         there = VMManagerClient(GridServiceClient(target, grid_pki.alice.proxy, grid_pki.trust()))
         there.destroy(moved.ref)
-        out, err = watch.communicate(timeout=150)
-    finally:
-        if watch.poll() is None:
-            watch.kill()
-            watch.wait()
+        out, err = watch.finish()
     assert watch.returncode == 0, err
     assert out.rstrip().splitlines()[-1].split(": ", 1)[1] == f"Running -> Destroyed (signed by {second.subject})", out
     assert f"notification refused: a Notify signed by {grid_pki.host_dn}" in err, err
