@@ -295,38 +295,38 @@ def _check_target(node: MigratingNode, target: str) -> str:
     if parts.scheme not in ("https", "http") or not parts.hostname or not parts.path.endswith("/VMManagerService"):
         raise InvalidArgument(f"the target {target!r} is not a VMManager URL (https://host:port/wsrf/services/"
                               f"VMManagerService)", argument="target")
-    if _canonical_url(target) in {_canonical_url(u) for u in _own_urls(node, target)}:
+    if any(_canonical_url(target) == _canonical_url(u) for u in _own_urls(node, target)):
         raise InvalidArgument("the target is this node; migrate to another node", argument="target")
     return target
 
 
-def _own_urls(node: MigratingNode, asked: str | None = None) -> list[str]:
+def _own_urls(node: MigratingNode, asked: str | None = None) -> Iterator[str]:
     """This node's VMManager URL (its address) and the same URL under each other name that reaches this very
     node: a name its host certificate gives it (the subject's host/NAME, a subjectAltName DNS name or IP address)
     that resolves to an address its address's host resolves to, the scheme, port and path the same
     (``https://127.0.0.1:8444/...`` for ``https://localhost:8444/...``). A source signs its offer for the URL it
     was given and the target takes the offer under any of these (:func:`verify_source`): the proof still names
     this node, only spelt another way. ``asked``: only the spellings that could be that URL are looked for (no
-    name is resolved for a URL of another scheme, port or path, or with the address's own host)."""
+    name is resolved for a URL of another scheme, port or path, or with the address's own host). The address
+    comes first, the other names are resolved only when they are asked for (a generator)."""
+    yield node.address
     own = urlsplit(node.address)
     if asked is not None:
         other = urlsplit(asked)
         same_place = (other.scheme.lower(), _port_of(other), other.path.rstrip("/")) == \
             (own.scheme.lower(), _port_of(own), own.path.rstrip("/"))
         if not same_place or (other.hostname or "").lower() == (own.hostname or "").lower():
-            return [node.address]
+            return
     cert = node.credential.certificate if node.credential is not None else None
     if cert is None or not own.hostname:
-        return [node.address]
+        return
     port = _port_of(own)
     reached = _addresses(own.hostname, port)
-    urls = [node.address]
     for name in _certificate_names(cert)[:MAX_SPELLINGS]:
         if name.lower() == own.hostname.lower() or not reached & _addresses(name, port):
             continue
         host = f"[{name}]" if ":" in name else name
-        urls.append(urlunsplit((own.scheme, f"{host}:{own.port}" if own.port else host, own.path, "", "")))
-    return urls
+        yield urlunsplit((own.scheme, f"{host}:{own.port}" if own.port else host, own.path, "", ""))
 
 
 MAX_SPELLINGS = 16      # names of a host certificate looked at as other spellings of the node's URL
