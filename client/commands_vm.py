@@ -470,12 +470,10 @@ def cmd_lifetime(args) -> int:
 
 
 def cmd_watch(args) -> int:
-    from types import SimpleNamespace
-
-    from client.notifications import NotificationConsumer
+    from client.notifications import NotificationConsumer, node_dn
     from client.soap import default_trust
-    from security.client import host_authorizer
-    from services.faults import InstanceMoved
+    from client.vmmanager import InstanceRef
+    from services.faults import InstanceMoved, VMGridFault
 
     host, port = _listen_address(args.listen)
     if args.timeout < 0:
@@ -483,15 +481,11 @@ def cmd_watch(args) -> int:
     vm = vmm_client(args)
     ref = resolve(vm, args.instance)
     # A change counts only when the node that holds the instance signed it, as its answers must be: the consumer
-    # takes any grid host speaking for its own address, and another node or a guest's container (host certificates
-    # too) could otherwise send this instance's key with a state of its choosing. A migration hands the watch on:
-    # the node's own "-> Migrated", then its answer naming the node the instance lives on now (InstanceMoved), make
-    # that node the one whose changes count (the subscription moved with the instance).
-    signed_by_node = [host_authorizer(vm.service.url)]     # the holding node's host; replaced when it moves
-    waiting: list = []        # this key's changes signed by another host, kept until a move makes that host ours
-
-    def from_node(change) -> bool:
-        return signed_by_node[0](SimpleNamespace(dn=change.signer))
+    # takes the Notify messages of the producers it subscribed to only (the DN of the host credential the node
+    # answers with), and another node or a guest's container (host certificates too) could otherwise send this
+    # instance's key with a state of its choosing. A migration hands the watch on: the node's own "-> Migrated",
+    # then its answer naming the node the instance lives on now (InstanceMoved), make that node the producer heard
+    # (the subscription moved with the instance) and its answer the state from then on.
 
     def show(change) -> None:
         print(f"{printable(change.time)} {args.instance}: {printable(change.old)} -> {printable(change.new)} "
@@ -511,6 +505,8 @@ def cmd_watch(args) -> int:
     except OSError as exc:
         raise CLIError(f"cannot listen at {args.listen} (--listen): {exc.strerror or exc}") from None
     try:
+        producer = _call(node_dn, vm)
+        consumer.expect(producer)
         _call(vm.subscribe, ref, consumer.url)
         state = _call(vm.status, ref).state
         print(f"{time.strftime('%H:%M:%S')} {args.instance}: {printable(state)} (listening at {consumer.url})",
@@ -524,21 +520,34 @@ def cmd_watch(args) -> int:
                 change = consumer.wait(lambda c: c.key == ref.key, timeout=min(left, 3600.0))
             except TimeoutError:
                 continue
-            if not from_node(change):
-                waiting[:] = (waiting + [change])[-64:]
-                continue
             show(change)
             state = change.new
             if state == "Migrated":
                 address = moved_to()
                 if address is None:
                     break
-                signed_by_node[0] = host_authorizer(address)
-                print(f"{time.strftime('%H:%M:%S')} {args.instance}: now on {printable(address)}", flush=True)
-                for early in [c for c in waiting if from_node(c)]:     # the new node's first words came first
-                    show(early)
-                    state = early.new
-                waiting.clear()
+                vm, ref = vmm_client(args, address), InstanceRef(address, ref.key)
+                try:
+                    there = node_dn(vm)
+                except Exception as exc:    # noqa: BLE001 - the new node cannot be asked: the watch ends here
+                    print(f"{time.strftime('%H:%M:%S')} {args.instance}: now on {printable(address)}, which does "
+                          f"not answer ({printable(exc)})", flush=True)
+                    break
+                consumer.expect(there)          # that node's changes from now on, not the old node's
+                if there == producer:           # one credential: its changes were heard all along
+                    print(f"{time.strftime('%H:%M:%S')} {args.instance}: now on {printable(address)}", flush=True)
+                    continue
+                consumer.forget(producer)
+                producer = there
+                # its changes before it was known were refused: its answer says the state there now
+                try:
+                    state = vm.status(ref).state
+                except VMGridFault as exc:      # the instance ended there already
+                    print(f"{time.strftime('%H:%M:%S')} {args.instance}: now on {printable(address)}: "
+                          f"{printable(exc.description)}", flush=True)
+                    break
+                print(f"{time.strftime('%H:%M:%S')} {args.instance}: now on {printable(address)}, "
+                      f"{printable(state)}", flush=True)
     except KeyboardInterrupt:
         pass
     finally:

@@ -1,10 +1,13 @@
 """A WS-BaseNotification consumer for the client side: a small HTTPS-less endpoint on the client's
-machine that accepts Notify messages only when they are signed by a trusted grid host."""
+machine that accepts Notify messages only when they are signed by the producers it subscribed to: the host
+credential of the node that answered the Subscribe (its DN, by its own host certificate, never a proxy)."""
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from dataclasses import dataclass
+from typing import Iterable
 
 from cheroot import wsgi
 
@@ -15,6 +18,8 @@ from security.trust import TrustStore
 from security.wssec import WSSecurityError, verify_envelope
 from services.container.addressing import AddressingFault, check_request
 from services.wsrf.namespaces import NOTIFY_ACTION
+
+log = logging.getLogger("vmgrid.client.notifications")
 
 WSNT = "http://docs.oasis-open.org/wsn/b-2"
 VMM = "http://vmgrid.org/ns/vmmanager/1"
@@ -33,17 +38,63 @@ class StateChange:
     signer: str        # the verified host DN that signed the Notify
 
 
-class NotificationConsumer:
-    """Listens on ``host:port`` (0 = any free port) for Notify; ``changes`` is a queue of StateChange."""
+class Refused(Exception):
+    """A Notify this consumer does not take; the message says why (one line)."""
 
-    def __init__(self, trust: TrustStore, host: str = "127.0.0.1", port: int = 0):
+
+def node_dn(vm) -> str:
+    """The DN of the host credential the node ``vm`` calls (a client.vmmanager.VMManagerClient) signs its answers
+    with: its answer to a ListInstances of one, verified as signed by the host of the node's URL, by that host's
+    own certificate (never a proxy)."""
+    vm.list_page(max_results=1)
+    signer = vm.service.zeep.wsse.last_signer
+    if signer is None or signer.is_proxy:
+        raise RuntimeError(f"the answer of {vm.service.url} carried no verified host signer")
+    return signer.dn
+
+
+class NotificationConsumer:
+    """Listens on ``host:port`` (0 = any free port) for Notify; ``changes`` is a queue of StateChange.
+
+    Only the producers it subscribed to are heard: a Notify counts when the host credential of one of
+    ``producers`` (DNs; :meth:`subscribe` adds the node's, :meth:`expect` any) signed it with its own certificate.
+    Any other signer (another node of the site, a guest's container, whose certificates are grid host
+    certificates too, a proxy of the producer's credential) is refused: answered with an error, logged, counted in
+    ``refused``; the consumer goes on."""
+
+    def __init__(self, trust: TrustStore, host: str = "127.0.0.1", port: int = 0, *, producers: Iterable[str] = ()):
         self.trust = trust
         self.changes: queue.Queue[StateChange] = queue.Queue()
         self.refused = 0
         self.replay = MemoryReplayCache()     # a Notify captured on the way (plain HTTP) is not taken twice
+        self._producers: set[str] = set(producers)
+        self._lock = threading.Lock()
         self.server = wsgi.Server((host, port), self._app, numthreads=4, server_name="vmgrid-consumer")
         self.server.max_request_body_size = MAX_NOTIFY
         self._thread: threading.Thread | None = None
+
+    @property
+    def producers(self) -> frozenset[str]:
+        """The DNs whose Notify messages this consumer takes."""
+        with self._lock:
+            return frozenset(self._producers)
+
+    def expect(self, dn: str) -> None:
+        """Take the Notify messages the host credential ``dn`` signs from now on."""
+        with self._lock:
+            self._producers.add(dn)
+
+    def forget(self, dn: str) -> None:
+        """Take no more Notify messages of ``dn`` (a node an instance left)."""
+        with self._lock:
+            self._producers.discard(dn)
+
+    def subscribe(self, vm, ref) -> str:
+        """Subscribe this consumer to the changes of instance ``ref`` at its node (``vm``: a
+        client.vmmanager.VMManagerClient) and take the ones that node signs; the subscription's key. The node's DN
+        is the one that signed its answer before the Subscribe (so that a change right after it is not refused)."""
+        self.expect(node_dn(vm))
+        return vm.subscribe(ref, self.url)
 
     @property
     def url(self) -> str:
@@ -69,7 +120,29 @@ class NotificationConsumer:
         if environ.get("REQUEST_METHOD") != "POST":
             start_response("405 Method Not Allowed", [("Content-Type", "text/plain")])
             return [b"POST Notify\n"]
-        length = int(environ.get("CONTENT_LENGTH") or 0)
+        try:
+            changes = self._take(environ)
+        except Refused as exc:
+            self.refused += 1
+            log.warning("notification refused: %s", exc)
+            start_response("500 Internal Server Error", [("Content-Type", "text/plain")])
+            return [f"refused: {exc}\n".encode()]
+        except Exception as exc:   # noqa: BLE001 - whatever a sender makes of a message, the consumer goes on
+            self.refused += 1
+            log.warning("notification refused: it could not be read (%s: %s)", type(exc).__name__, exc)
+            start_response("500 Internal Server Error", [("Content-Type", "text/plain")])
+            return [b"refused: the message could not be read\n"]
+        for change in changes:
+            self.changes.put(change)
+        start_response("200 OK", [("Content-Type", "text/xml")])
+        return [b""]
+
+    def _take(self, environ) -> list[StateChange]:
+        """The changes a Notify carries, once it is verified as a producer's; Refused otherwise."""
+        try:
+            length = max(0, int(environ.get("CONTENT_LENGTH") or 0))
+        except ValueError:
+            raise Refused("the request has no valid Content-Length") from None
         body = environ["wsgi.input"].read(min(length, MAX_NOTIFY))
         try:
             caller, root = verify_envelope(body, self.trust, replay=self.replay,
@@ -80,9 +153,16 @@ class NotificationConsumer:
             check_request(list(header) if header is not None else [], [self.url], NOTIFY_ACTION,
                           environ.get("HTTP_SOAPACTION"))
         except (WSSecurityError, AddressingFault) as exc:
-            self.refused += 1
-            start_response("500 Internal Server Error", [("Content-Type", "text/plain")])
-            return [f"refused: {exc}\n".encode()]
+            raise Refused(str(exc)) from None
+        # a producer this consumer subscribed to, by its own host certificate: another host (another node, a
+        # guest's container) cannot speak for the instances of the node it subscribed to, nor can a proxy of the
+        # producer's credential (its DN is the host's, its key anyone's the host delegated to)
+        producers = self.producers
+        if caller.is_proxy or caller.dn not in producers:
+            signer = f"a proxy {caller.subject}" if caller.is_proxy else caller.dn
+            expected = ", ".join(sorted(producers)) or "none: it subscribed to no producer"
+            raise Refused(f"a Notify signed by {signer}; this consumer takes those of the producers it subscribed "
+                          f"to only ({expected})")
         changes = []
         for holder in root.iterfind(f"{{{SOAP}}}Body/{{{WSNT}}}Notify/{{{WSNT}}}NotificationMessage"):
             change = holder.find(f"{{{WSNT}}}Message/{{{VMM}}}StateChangeNotification")
@@ -93,15 +173,10 @@ class NotificationConsumer:
             # the producer (the node whose instance changed) must be the host that signed: any other host (another
             # node, or a guest container, whose certificates are host DNs too) cannot speak for its instances
             if not host_authorizer(producer)(caller):
-                self.refused += 1
-                start_response("500 Internal Server Error", [("Content-Type", "text/plain")])
-                return [f"refused: a change of {producer or 'no producer'} signed by {caller.dn}\n".encode()]
+                raise Refused(f"a change of {producer or 'no producer'} signed by {caller.dn}")
             changes.append(StateChange(text("InstanceKey"), text("Identifier"), text("oldState"), text("newState"),
                                        text("time"), producer, caller.dn))
-        for change in changes:
-            self.changes.put(change)
-        start_response("200 OK", [("Content-Type", "text/xml")])
-        return [b""]
+        return changes
 
     def wait(self, predicate, timeout: float = 10.0) -> StateChange:
         """The first received change for which ``predicate`` holds (others are dropped), or TimeoutError."""

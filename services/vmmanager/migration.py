@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import re
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -31,8 +32,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Iterator, Protocol
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING, Callable, ContextManager, Iterator, Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 import gridftp
 from gridftp.checksum import hash_file
@@ -54,6 +55,16 @@ from services.vmmanager.states import State
 from services.vmmanager.store import Instance
 from services.vmmanager.values import InstanceView, MigrationFile, MigrationOffer
 from services.vmmanager.vmm import Disk, VMMError
+
+if TYPE_CHECKING:        # the types the node core's parts have (imported for the annotations only)
+    from security.trust import TrustStore
+    from services.authz.pep import Enforcer
+    from services.vmmanager.config import VMManagerConfig
+    from services.vmmanager.imagecache import ImageCache
+    from services.vmmanager.phases import NodeParts
+    from services.vmmanager.store import LeaseRange, NodeStore
+    from services.vmmanager.vmm import VMM
+    from services.wsrf.notification import ConsumerPolicy
 
 log = logging.getLogger("vmgrid.vmmanager.migration")
 
@@ -222,6 +233,44 @@ class Peer(Protocol):
     def close(self) -> None: ...
 
 
+class MigratingNode(Protocol):
+    """What migration needs of the node core (:class:`services.vmmanager.node.Node`, which calls this module: the
+    node sits a layer above, so this module names the node's parts it works with here, never imports it)."""
+
+    node: str                      # the node's name
+    address: str                   # its public VMManager URL
+    config: VMManagerConfig
+    store: NodeStore
+    parts: NodeParts
+    cache: ImageCache
+    repository: object             # services.vmmanager.repository.RepositoryAccess (or a test's fake)
+    vmm: VMM
+    authz: Enforcer
+    consumers: ConsumerPolicy
+    credential: Credential | None  # the host credential (None: this node cannot migrate)
+    trust: TrustStore | None
+    peer_factory: Callable[[str, Credential, TrustStore, float], Peer] | None
+    migrations: Records
+    exports: Exports | None
+
+    @property
+    def pool(self) -> LeaseRange: ...
+
+    def view(self, inst: Instance) -> InstanceView: ...
+
+    def _authorized(self, caller, key: str, action: str, *, inst: Instance | None = None, **context) -> Instance: ...
+
+    def _locked(self, key: str) -> ContextManager[None]: ...
+
+    def _resource(self, inst: Instance) -> dict[str, str]: ...
+
+    def _set_state(self, key: str, new: State, *, expect: set[State] | None = None, **values) -> bool: ...
+
+    def _release(self, key: str, quiet: bool = False, final: State | None = None, **values) -> None: ...
+
+    def _release_central(self, kind: str, key: str, arg: str = "") -> bool: ...
+
+
 class Unsettled(Exception):
     """The target could not be asked; the instance stays Migrating until it can."""
 
@@ -242,12 +291,12 @@ def _describe(exc: BaseException) -> str:
     return getattr(exc, "description", None) or str(exc) or type(exc).__name__
 
 
-def _check_target(node: "Node", target: str) -> str:
+def _check_target(node: MigratingNode, target: str) -> str:
     parts = urlsplit(target)
     if parts.scheme not in ("https", "http") or not parts.hostname or not parts.path.endswith("/VMManagerService"):
         raise InvalidArgument(f"the target {target!r} is not a VMManager URL (https://host:port/wsrf/services/"
                               f"VMManagerService)", argument="target")
-    if target.rstrip("/") == node.address.rstrip("/"):
+    if any(_canonical_url(target) == _canonical_url(u) for u in _own_urls(node, target)):
         raise InvalidArgument("the target is this node; migrate to another node", argument="target")
     try:        # the address rule of Subscribe's consumers: not the node's own loopback or link-local ones
         node.consumers.resolve(target, what="migration target")
@@ -256,7 +305,70 @@ def _check_target(node: "Node", target: str) -> str:
     return target
 
 
-def _peer(node: "Node", url: str, credential: Credential) -> Peer:
+def _own_urls(node: MigratingNode, asked: str | None = None) -> Iterator[str]:
+    """This node's VMManager URL (its address) and the same URL under each other name that reaches this very
+    node: a name its host certificate gives it (the subject's host/NAME, a subjectAltName DNS name or IP address)
+    that resolves to an address its address's host resolves to, the scheme, port and path the same
+    (``https://127.0.0.1:8444/...`` for ``https://localhost:8444/...``). A source signs its offer for the URL it
+    was given and the target takes the offer under any of these (:func:`verify_source`): the proof still names
+    this node, only spelt another way. ``asked``: only the spellings that could be that URL are looked for (no
+    name is resolved for a URL of another scheme, port or path, or with the address's own host). The address
+    comes first, the other names are resolved only when they are asked for (a generator)."""
+    yield node.address
+    own = urlsplit(node.address)
+    if asked is not None:
+        other = urlsplit(asked)
+        same_place = (other.scheme.lower(), _port_of(other), other.path.rstrip("/")) == \
+            (own.scheme.lower(), _port_of(own), own.path.rstrip("/"))
+        if not same_place or (other.hostname or "").lower() == (own.hostname or "").lower():
+            return
+    cert = node.credential.certificate if node.credential is not None else None
+    if cert is None or not own.hostname:
+        return
+    port = _port_of(own)
+    reached = _addresses(own.hostname, port)
+    for name in _certificate_names(cert)[:MAX_SPELLINGS]:
+        if name.lower() == own.hostname.lower() or not reached & _addresses(name, port):
+            continue
+        host = f"[{name}]" if ":" in name else name
+        yield urlunsplit((own.scheme, f"{host}:{own.port}" if own.port else host, own.path, "", ""))
+
+
+MAX_SPELLINGS = 16      # names of a host certificate looked at as other spellings of the node's URL
+
+
+def _port_of(parts) -> int | None:
+    try:
+        return parts.port or {"https": 443, "http": 80}.get(parts.scheme.lower())
+    except ValueError:
+        return None
+
+
+def _addresses(host: str, port: int | None) -> set[str]:
+    """The addresses ``host`` resolves to (none when it does not)."""
+    try:
+        return {info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
+    except (OSError, UnicodeError, ValueError):
+        return set()
+
+
+def _certificate_names(cert) -> list[str]:
+    """The host names a host certificate gives its host: the subject's host/NAME, then its subjectAltName DNS names
+    (not wildcards) and IP addresses."""
+    from cryptography import x509
+    from security.pki import dn_string
+    names = [host_of(dn_string(cert.subject)) or ""]
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        san = None
+    if san is not None:
+        names += [n for n in san.get_values_for_type(x509.DNSName) if "*" not in n]
+        names += [str(a) for a in san.get_values_for_type(x509.IPAddress)]
+    return [n for n in dict.fromkeys(names) if n]
+
+
+def _peer(node: MigratingNode, url: str, credential: Credential) -> Peer:
     if node.peer_factory is None:
         raise InternalFault("this node cannot call other nodes (no peer factory)", incident=url)
     return node.peer_factory(url, credential, node.trust, node.config.migration_timeout)
@@ -276,7 +388,7 @@ def _file_list(home: Path, names: list[str]) -> tuple[MigrationFile, ...]:
     return tuple(MigrationFile(n, (home / n).stat().st_size, blake3=h) for n, h in zip(names, digests))
 
 
-def migrate(node: "Node", caller, key: str, target: str, mode: str, proxy_pem: bytes) -> tuple[object, list]:
+def migrate(node: MigratingNode, caller, key: str, target: str, mode: str, proxy_pem: bytes) -> tuple[object, list]:
     """Migrate: (the instance as the target shows it: its new EPR, the phases of this node after the target
     answered). MigrationFault on failure (rolled back)."""
     started = time.perf_counter()
@@ -381,7 +493,7 @@ _ACTIVE_LOCK = threading.Lock()
 
 
 @contextmanager
-def _in_progress(node: "Node", key: str) -> Iterator[None]:
+def _in_progress(node: MigratingNode, key: str) -> Iterator[None]:
     with _ACTIVE_LOCK:
         _ACTIVE.add((id(node), key))
     try:
@@ -391,12 +503,12 @@ def _in_progress(node: "Node", key: str) -> Iterator[None]:
             _ACTIVE.discard((id(node), key))
 
 
-def _running_here(node: "Node", key: str) -> bool:
+def _running_here(node: MigratingNode, key: str) -> bool:
     with _ACTIVE_LOCK:
         return (id(node), key) in _ACTIVE
 
 
-def _subscriptions(node: "Node", key: str) -> tuple[tuple[str, str, float], ...]:
+def _subscriptions(node: MigratingNode, key: str) -> tuple[tuple[str, str, float], ...]:
     rows = node.store.db.conn().execute("SELECT consumer, subscriber, expires FROM subscriptions "
                                         "WHERE instance_key = ? AND expires > ?", (key, time.time()))
     return tuple((r[0], r[1], r[2]) for r in rows)
@@ -417,7 +529,7 @@ def _fault(exc: BaseException, phase: str, target: str) -> MigrationFault:
                           phase=phase, target=target, cause=_cause(exc))
 
 
-def _rollback(node: "Node", key: str, prior: State, peer: Peer | None, *, abort: bool, frozen: bool = True) -> None:
+def _rollback(node: MigratingNode, key: str, prior: State, peer: Peer | None, *, abort: bool, frozen: bool = True) -> None:
     """The instance as it was on this node; nothing of it at the target. ``frozen`` False: the instance was never
     saved for this migration (it failed in prepare), so it is not restored from a state file."""
     node.exports.close(key)
@@ -445,7 +557,7 @@ def _rollback(node: "Node", key: str, prior: State, peer: Peer | None, *, abort:
     log.info("migration of %s rolled back: %s again on this node", key, prior.value)
 
 
-def _finish(node: "Node", key: str, target: str) -> float:
+def _finish(node: MigratingNode, key: str, target: str) -> float:
     """After the commit: release everything here (not the slot: it moved with the instance); returns the time."""
     t = time.perf_counter()
     node.exports.close(key)
@@ -457,7 +569,7 @@ def _finish(node: "Node", key: str, target: str) -> float:
     return time.perf_counter() - t
 
 
-def _settle_with(node: "Node", key: str, peer: Peer):
+def _settle_with(node: MigratingNode, key: str, peer: Peer):
     """Ask the target how the migration ended (an abort that answers committed if it was): the
     CompleteMigrationResponse when committed, None when aborted or unknown there; Unsettled if it cannot be
     reached."""
@@ -472,7 +584,7 @@ def _settle_with(node: "Node", key: str, peer: Peer):
     return resp if outcome == "committed" else None
 
 
-def settle(node: "Node", key: str) -> str:
+def settle(node: MigratingNode, key: str) -> str:
     """A Migrating instance whose migration was interrupted (a restart, an unanswered commit): 'committed'
     (released here), 'rolled-back' (as it was here), or 'unsettled' (the target cannot be asked yet)."""
     if _running_here(node, key):
@@ -481,7 +593,7 @@ def settle(node: "Node", key: str) -> str:
         return _settle(node, key)
 
 
-def _settle(node: "Node", key: str) -> str:
+def _settle(node: MigratingNode, key: str) -> str:
     rec = node.migrations.get(key)
     inst = node.store.get(key)
     if inst is None or inst.state_enum != State.MIGRATING:
@@ -576,7 +688,15 @@ def _canonical_url(url: str) -> str:
     return f"{parts.scheme.lower()}://{(parts.hostname or '').lower()}:{port or ''}{parts.path.rstrip('/')}"
 
 
-def verify_source(node: "Node", caller, offer: MigrationOffer) -> str:
+def _signed_for(signer, signature: bytes, offer: MigrationOffer, target: str) -> bool:
+    try:
+        _check_signature(signer.certificate.public_key(), signature, _offer_bytes(offer, target, offer.proof[1]))
+    except Exception:   # noqa: BLE001 - InvalidSignature: another offer, another target, or altered
+        return False
+    return True
+
+
+def verify_source(node: MigratingNode, caller, offer: MigrationOffer) -> str:
     """The host DN of the source node that countersigned ``offer`` for this node; AccessDenied (rule
     ``migration-source-proof``) naming why when it did not."""
     import base64
@@ -611,11 +731,11 @@ def verify_source(node: "Node", caller, offer: MigrationOffer) -> str:
     if "*" not in allowed and host.lower() not in allowed and (urlsplit(offer.source).hostname or "").lower() \
             not in allowed:
         raise refuse(f"this node takes in no migrations from {host} ([vmmanager] migration_sources)")
-    try:
-        _check_signature(signer.certificate.public_key(), signature, _offer_bytes(offer, node.address, offer.proof[1]))
-    except Exception:   # noqa: BLE001 - InvalidSignature: another offer, another target, or altered
+    # made for this node under its own address or another name of it (the URL the source was given)
+    if not any(_signed_for(signer, signature, offer, url) for url in _own_urls(node)):
         raise refuse(f"the sourceProof of {signer.dn} does not match this offer to {node.address} (another "
-                     f"instance, step, target or files)") from None
+                     f"instance, step, target or files; a source that migrates here names this node "
+                     f"{node.address}, or another name its host certificate gives it)")
     now = time.time()
     if not now - PROOF_AGE <= issued <= now + PROOF_AHEAD:
         raise refuse(f"the sourceProof was made at {offer.proof[1]}, not within the last {int(PROOF_AGE)} s")
@@ -624,7 +744,7 @@ def verify_source(node: "Node", caller, offer: MigrationOffer) -> str:
 
 
 # -- the target's side ---------------------------------------------------------------------------------------------
-def _check_offer(node: "Node", caller, offer: MigrationOffer) -> None:
+def _check_offer(node: MigratingNode, caller, offer: MigrationOffer) -> None:
     if not offer.key or not re.fullmatch(r"inst-[0-9a-f]{32}", offer.key):
         raise InvalidArgument("InstanceKey is not an instance key", argument="InstanceKey")
     if offer.step not in ("", "prepare", "transfer"):
@@ -669,7 +789,7 @@ def _check_offer(node: "Node", caller, offer: MigrationOffer) -> None:
         raise InvalidArgument("a file is larger than the instance's disks and memory allow", argument="file")
 
 
-def _check_incoming_bounds(node: "Node", owner: str) -> None:
+def _check_incoming_bounds(node: MigratingNode, owner: str) -> None:
     """At most MAX_INCOMING_PER_USER Incoming instances of one owner and MAX_INCOMING_PER_NODE in all: each holds a
     lease, a directory and GridFTP sessions here until its source commits or the sweep drops it."""
     incoming = [i for i in node.store.list(None, live_only=True) if i.state_enum == State.INCOMING]
@@ -684,7 +804,7 @@ def _check_incoming_bounds(node: "Node", owner: str) -> None:
                             allowed=str(MAX_INCOMING_PER_NODE), requested=str(len(incoming) + 1))
 
 
-def accept(node: "Node", caller, offer: MigrationOffer) -> InstanceView:
+def accept(node: MigratingNode, caller, offer: MigrationOffer) -> InstanceView:
     """AcceptMigration. In two steps (what this source sends): ``prepare`` while the guest still runs at the source
     (authorize the user, register Incoming, lease, stage the base image: outside the downtime), then ``transfer``
     once the source froze it (pull the files, restore paused). Without a step (a source of an earlier version) both
@@ -765,7 +885,7 @@ def accept(node: "Node", caller, offer: MigrationOffer) -> InstanceView:
     return node.view(node.store.get(key))
 
 
-def _accept_files(node: "Node", caller, offer: MigrationOffer) -> InstanceView:
+def _accept_files(node: MigratingNode, caller, offer: MigrationOffer) -> InstanceView:
     """The transfer step of a prepared migration: the same source, the same instance, now frozen there."""
     key = offer.key
     inst = node._authorized(caller, key, "vm.migrate")
@@ -798,7 +918,7 @@ def _accept_files(node: "Node", caller, offer: MigrationOffer) -> InstanceView:
     return node.view(node.store.get(key))
 
 
-def _transfer_and_restore(node: "Node", key: str, offer: MigrationOffer, timings: list, *, stage: bool,
+def _transfer_and_restore(node: MigratingNode, key: str, offer: MigrationOffer, timings: list, *, stage: bool,
                           source_dn: str) -> str:
     """Pull the files (and stage the base image beside them when ``stage``), restore paused; ``timings`` gets
     transfer and restore. A failure carries its phase (``exc.phase``)."""
@@ -873,7 +993,7 @@ def _expected_files(offer: MigrationOffer) -> dict[str, int]:
     return files
 
 
-def _follow(node: "Node", key: str, offer: MigrationOffer, source_dn: str) -> None:
+def _follow(node: MigratingNode, key: str, offer: MigrationOffer, source_dn: str) -> None:
     """Right after the prepare, before the source freezes: a GridFTP session per file asks for it, so the
     sessions and data connections are up when the save starts, and the saved state comes while it is written
     (the source's export holds the RETRs until then: :class:`Exports`). The transfer step verifies what came
@@ -899,7 +1019,7 @@ def _follow(node: "Node", key: str, offer: MigrationOffer, source_dn: str) -> No
         f.wait_ready(max(0.0, deadline - time.monotonic()))
 
 
-def _unfollow(node: "Node", key: str) -> dict[str, Following]:
+def _unfollow(node: MigratingNode, key: str) -> dict[str, Following]:
     """Stop following the files of ``key`` (the migration is dropped here); waits for the followers."""
     with _FOLLOWING_LOCK:
         followers = _FOLLOWING.pop((id(node), key), None) or {}
@@ -908,7 +1028,7 @@ def _unfollow(node: "Node", key: str) -> dict[str, Following]:
     return followers
 
 
-def _take_followed(node: "Node", key: str, offer: MigrationOffer, home: Path, progress) -> set[str]:
+def _take_followed(node: MigratingNode, key: str, offer: MigrationOffer, home: Path, progress) -> set[str]:
     """The transfer step's files that came through the followers and match the source's sizes and digests;
     the rest (a follower failed, a file differs: removed) is pulled again by the caller."""
     with _FOLLOWING_LOCK:
@@ -950,19 +1070,19 @@ def _take_followed(node: "Node", key: str, offer: MigrationOffer, home: Path, pr
     return {name for name, good in ok.items() if good}
 
 
-def _is_guest(node: "Node", dn: str) -> bool:
+def _is_guest(node: MigratingNode, dn: str) -> bool:
     """A guest container's certificate (guestcred.is_guest): never a migration source, whatever
     ``migration_sources`` says (its address is a guest's)."""
     return guestcred.is_guest(node.config, dn)
 
 
-def _refuse_server(node: "Node", source_dn: str):
+def _refuse_server(node: MigratingNode, source_dn: str):
     """The files' GridFTP server is refused unless it presents the host DN that signed the offer (the source node:
     not a user's server naming the host), and never a guest's certificate."""
     return lambda dn: dn != source_dn or _is_guest(node, dn)
 
 
-def _pull(node: "Node", url: str, dest: Path, f: MigrationFile, progress, source_dn: str) -> None:
+def _pull(node: MigratingNode, url: str, dest: Path, f: MigrationFile, progress, source_dn: str) -> None:
     """One file from the source over GridFTP: parallel streams, restartable, verified against its digest (BLAKE3
     when the source gave one, else sha256) while it arrives; ``progress(bytes)`` as they do."""
     try:
@@ -979,7 +1099,7 @@ def _pull(node: "Node", url: str, dest: Path, f: MigrationFile, progress, source
                                actual="(size differs)")
 
 
-def _restore_here(node: "Node", key: str, domain_uuid: str) -> None:
+def _restore_here(node: MigratingNode, key: str, domain_uuid: str) -> None:
     """The pulled overlay on this node's cached base image, a context with this node's lease, the domain
     restored paused from the saved state with this node's file locations."""
     from services.vmmanager import qemuimg
@@ -1012,7 +1132,7 @@ def _restore_here(node: "Node", key: str, domain_uuid: str) -> None:
         node.vmm.guest_channel(key).accept_previous((home / GUEST_TOKEN).read_text().strip())
 
 
-def _adopt_subscriptions(node: "Node", key: str, offer: MigrationOffer) -> None:
+def _adopt_subscriptions(node: MigratingNode, key: str, offer: MigrationOffer) -> None:
     """The source's subscribers of the instance, notified from here from the commit on; a consumer this node's
     policy refuses is left out (logged), it does not stop the migration."""
     from services.wsrf.notification import new_subscription_key
@@ -1025,7 +1145,7 @@ def _adopt_subscriptions(node: "Node", key: str, offer: MigrationOffer) -> None:
         node.store.subscribe(new_subscription_key(), key, consumer, subscriber, min(expires, offer.termination))
 
 
-def _drop_incoming(node: "Node", key: str) -> None:
+def _drop_incoming(node: MigratingNode, key: str) -> None:
     """Everything an Incoming instance holds here goes: domain, files, lease, image hold, record."""
     _unfollow(node, key)
     node._release(key, quiet=True)
@@ -1036,7 +1156,7 @@ def _drop_incoming(node: "Node", key: str) -> None:
     log.info("incoming instance %s dropped", key)
 
 
-def complete(node: "Node", caller, key: str, commit: bool) -> tuple[str, InstanceView | None]:
+def complete(node: MigratingNode, caller, key: str, commit: bool) -> tuple[str, InstanceView | None]:
     """CompleteMigration: ('committed', view) or ('aborted', None)."""
     inst = node._authorized(caller, key, "vm.migrate")
     with node._locked(key):
@@ -1091,7 +1211,7 @@ def complete(node: "Node", caller, key: str, commit: bool) -> tuple[str, Instanc
         return "committed", node.view(node.store.get(key))
 
 
-def _claim_slot(node: "Node", caller, inst: Instance) -> None:
+def _claim_slot(node: MigratingNode, caller, inst: Instance) -> None:
     """The instance's slot renewed with this node as its claimant (counted once: the Authorization service keys it
     by the instance)."""
     d = phases.descriptor_of(inst)
@@ -1100,7 +1220,7 @@ def _claim_slot(node: "Node", caller, inst: Instance) -> None:
                       "lifetime": str(max(1, int(inst.termination - time.time())))}, action="vm.migrate")
 
 
-def _claim_back(node: "Node", caller, key: str) -> None:
+def _claim_back(node: MigratingNode, caller, key: str) -> None:
     """After a commit the target did not carry through (its resume failed after its slot claim went through), the
     source claims the slot back, so that the target's reconciliation never frees the slot of an instance that runs
     here."""
@@ -1113,7 +1233,7 @@ def _claim_back(node: "Node", caller, key: str) -> None:
         log.warning("migration of %s rolled back: claiming its slot back failed: %s", key, _describe(exc))
 
 
-def _pause_again(node: "Node", key: str) -> None:
+def _pause_again(node: MigratingNode, key: str) -> None:
     """The slot did not move: the guest resumed here stops again (the source takes it back from its state)."""
     try:
         node.vmm.pause(key)
@@ -1121,7 +1241,7 @@ def _pause_again(node: "Node", key: str) -> None:
         log.error("instance %s: pausing it again after a refused slot claim failed: %s", key, exc)
 
 
-def _fixup(node: "Node", inst: Instance, running: bool) -> str:
+def _fixup(node: MigratingNode, inst: Instance, running: bool) -> str:
     """guestd takes this node's lease as soon as the guest runs here: the ``migrated`` request (guestd/migrated.py)
     with the token guestd holds (the source sent it), the new context (address, MAC, gateway, DNS, a new token)
     and this host's clock; bounded by migration_fixup_timeout. Then the grid container's certificate for the new
@@ -1167,7 +1287,7 @@ def _fixup(node: "Node", inst: Instance, running: bool) -> str:
     return note if cert is None else f"{note}; {cert}"
 
 
-def _guest_token(node: "Node", inst: Instance) -> str:
+def _guest_token(node: MigratingNode, inst: Instance) -> str:
     """The token guestd in the instance holds: the one an earlier migration left pending here (the guest has not
     run on this node since), else this node's."""
     try:
@@ -1176,7 +1296,7 @@ def _guest_token(node: "Node", inst: Instance) -> str:
         return inst.token or ""
 
 
-def readdress_pending(node: "Node", key: str) -> str | None:
+def readdress_pending(node: MigratingNode, key: str) -> str | None:
     """An instance that arrived paused or saved runs here for the first time (Resume, Restore): the fixup it
     did not get then (a GuestStatus note), or None when it has nothing pending."""
     inst = node.store.get(key)
@@ -1186,7 +1306,7 @@ def readdress_pending(node: "Node", key: str) -> str | None:
 
 
 # -- restart and sweep ----------------------------------------------------------------------------------------------
-def reconcile(node: "Node") -> dict[str, int]:
+def reconcile(node: MigratingNode) -> dict[str, int]:
     """At start, before the node's own reconciliation: Incoming instances are dropped (never committed); Migrating
     ones are settled with their target."""
     report = {"incoming_dropped": 0, "migrations_committed": 0, "migrations_rolled_back": 0,
@@ -1212,7 +1332,7 @@ def reconcile(node: "Node") -> dict[str, int]:
     return report
 
 
-def sweep(node: "Node") -> None:
+def sweep(node: MigratingNode) -> None:
     """Settle unsettled migrations (the target answers again); drop Incoming instances whose source never
     committed within the migration timeout."""
     for rec in node.migrations.of_role("source"):
@@ -1233,7 +1353,7 @@ def sweep(node: "Node") -> None:
                         _drop_incoming(node, rec.key)
 
 
-def moved(node: "Node", key: str) -> InstanceMoved:
+def moved(node: MigratingNode, key: str) -> InstanceMoved:
     rec = node.migrations.get(key)
     where = rec.peer if rec else ""
     return InstanceMoved(f"instance {key} was migrated to {where or 'another node'}", resource=key, address=where)

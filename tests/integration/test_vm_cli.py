@@ -7,8 +7,9 @@ import sys
 
 import pytest
 
-from tests.fixtures.interrupt import interrupt_when
+from tests.fixtures.faults import interrupt_client_at
 from tests.fixtures.repository import bio_site
+from tests.fixtures.watch import vm_watch
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -65,19 +66,10 @@ def test_a_bare_number_lifetime_under_a_minute_is_said_to_be_seconds(grid):
 def _watched(grid, name: str, meanwhile) -> str:
     """`vmgrid vm watch NAME` until it ends: once it listens, ``meanwhile(consumer URL, process)`` runs, then the
     instance's lifetime is cut to 2 s (the node's sweeper ends it); what the watch printed."""
-    watch = subprocess.Popen([sys.executable, "-m", "client.cli", "vm", "watch", name, "--timeout", "120"],
-                             env={**grid.env("alice"), **grid.env_extra}, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
-    try:
-        first = watch.stdout.readline()
-        assert "listening at" in first, first + watch.stderr.read()
-        meanwhile(first.rsplit("listening at ", 1)[1].rstrip(")\n"), watch)
+    with vm_watch(name, {**grid.env("alice"), **grid.env_extra}) as watch:
+        meanwhile(watch.consumer, watch.proc)
         vmgrid(grid, "vm", "lifetime", name, "2s")
-        out, _ = watch.communicate(timeout=150)
-    finally:
-        if watch.poll() is None:
-            watch.kill()
-            watch.wait()
+        out, _ = watch.finish()
     return out
 
 
@@ -91,10 +83,11 @@ def test_watch_follows_signed_state_changes(grid):
 
 
 def test_watch_takes_no_change_another_host_signs(grid):
-    """A guest's container or another node holds a grid host certificate too, and the consumer takes any host
-    speaking for its own address. A Notify for the watched instance's key, signed by host/10.99.0.250 as the
-    producer at its own address and sent to the watcher's consumer, ends nothing and is not shown; the node's own
-    change to Destroyed then is."""
+    """A guest's container or another node holds a grid host certificate too. A Notify for the watched instance's
+    key, signed by host/10.99.0.250 as the producer at its own address and sent to the watcher's consumer, is
+    refused by the consumer (it subscribed to the node's credential only), ends nothing and is not shown; the node's
+    own change to Destroyed then is."""
+    import urllib.error
     import urllib.request
 
     from client.localgrid import OU
@@ -111,9 +104,10 @@ def test_watch_takes_no_change_another_host_signs(grid):
         request = urllib.request.Request(consumer, data=sign_envelope(forged, other), headers={
             "Content-Type": "text/xml; charset=utf-8",
             "SOAPAction": '"http://docs.oasis-open.org/wsn/bw-2/NotificationConsumer/Notify"'})
-        with urllib.request.urlopen(request, timeout=30) as answer:
-            assert answer.status == 200          # taken by the consumer (a host speaking for its own address) ...
-        assert watch.poll() is None              # ... but not by the watch: it still runs
+        with pytest.raises(urllib.error.HTTPError) as refused:     # refused by the consumer: not the node's ...
+            urllib.request.urlopen(request, timeout=30)
+        assert refused.value.code == 500 and b"signed by /O=Grid/OU=vmgrid/CN=host/10.99.0.250" in refused.value.read()
+        assert watch.poll() is None              # ... and the watch still runs
 
     out = _watched(grid, "spoofed", forge)
     assert "10.99.0.250" not in out and "1970" not in out
@@ -247,20 +241,25 @@ def test_a_job_command_on_an_instance_without_a_job_service_says_what_gives_one(
         vmgrid(grid, "vm", "destroy", "nojobs")
 
 
-def test_ctrl_c_while_following_a_deployment_says_it_goes_on(grid, tmp_path):
+@pytest.fixture
+def stalling_node(grid, tmp_path):
+    """stalling_node(name) -> (its VMManager URL, its fault directory): a node of the grid's own, whose fault
+    directory (services/common/crash.py) the test sets, e.g. with tests.fixtures.faults.interrupt_client_at."""
+    def start(name: str):
+        faults = tmp_path / "faults"
+        faults.mkdir()
+        node = grid.start_node(name, {}, extra_env={"VMGRID_FAULTDIR": str(faults)})
+        return node.base_url + "/wsrf/services/VMManagerService", faults
+    return start
+
+
+def test_ctrl_c_while_following_a_deployment_says_it_goes_on(grid, stalling_node):
     """The node holds the deployment after staging (services/common/crash.py's stall) while the client follows it."""
 
-    faults = tmp_path / "faults"
-    faults.mkdir()
-    (faults / "stall").write_text("deploy.staged")
-    node = grid.start_node("node-stall", {}, extra_env={"VMGRID_FAULTDIR": str(faults)})
-    url = node.base_url + "/wsrf/services/VMManagerService"
-    try:                                               # interrupted once the deployment is under way at the node
-        rc, err = interrupt_when([sys.executable, "-m", "client.cli", "vm", "deploy", "bio/debian12-emboss",
-                                  "held-run", "--url", url], (faults / "reached").exists,
-                                 env={**grid.env("alice"), **grid.env_extra})
-    finally:
-        (faults / "stall").unlink(missing_ok=True)     # the node goes on
+    url, faults = stalling_node("node-stall")
+    # interrupted once the deployment is under way at the node, which goes on
+    rc, err = interrupt_client_at(faults, "deploy.staged", ["vm", "deploy", "bio/debian12-emboss", "held-run", "--url",
+                                                            url], {**grid.env("alice"), **grid.env_extra})
     assert rc == 130 and "Traceback" not in err, err
     assert ("vmgrid: interrupted; the deployment of held-run goes on at the node (`vmgrid vm status held-run "
             f"--url {url}` follows it, `vmgrid vm destroy held-run --url {url}` ends it)") in err
@@ -269,23 +268,17 @@ def test_ctrl_c_while_following_a_deployment_says_it_goes_on(grid, tmp_path):
     vmgrid(grid, "vm", "destroy", "held-run", "--url", url)
 
 
-def test_ctrl_c_while_waiting_for_a_migration_says_it_goes_on(grid, tmp_path):
+def test_ctrl_c_while_waiting_for_a_migration_says_it_goes_on(grid, stalling_node):
     """`vmgrid vm migrate` interrupted while the target holds the migration (services/common/crash.py's stall after
     its prepare step): it said only "vmgrid: interrupted", though the migration went on and committed. It now says
     so and how to follow it; the migration does go on."""
     import time
 
     vmgrid(grid, "vm", "deploy", "bio/debian12-emboss", "mig-held")
-    faults = tmp_path / "faults"
-    faults.mkdir()
-    (faults / "stall").write_text("migration.target-prepared")
-    node = grid.start_node("node-mstall", {}, extra_env={"VMGRID_FAULTDIR": str(faults)})
-    url = node.base_url + "/wsrf/services/VMManagerService"
-    try:                                               # interrupted once the migration is under way at the target
-        rc, err = interrupt_when([sys.executable, "-m", "client.cli", "vm", "migrate", "mig-held", "--to", url],
-                                 (faults / "reached").exists, env={**grid.env("alice"), **grid.env_extra})
-    finally:
-        (faults / "stall").unlink(missing_ok=True)     # the target goes on
+    url, faults = stalling_node("node-mstall")
+    # interrupted once the migration is under way at the target, which goes on
+    rc, err = interrupt_client_at(faults, "migration.target-prepared", ["vm", "migrate", "mig-held", "--to", url],
+                                  {**grid.env("alice"), **grid.env_extra})
     assert rc == 130 and "Traceback" not in err, err
     assert ("vmgrid: interrupted; the migration of mig-held goes on between the nodes (`vmgrid vm status mig-held` "
             f"follows it: the instance is Migrating, then on {url} or back here, Running)") in err, err

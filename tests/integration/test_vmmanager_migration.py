@@ -187,6 +187,25 @@ def test_bad_targets_are_refused_before_anything_moves(grid, grid_pki):
     src.destroy(ref)
 
 
+def test_a_target_named_another_way_that_reaches_it_takes_the_migration(grid, grid_pki):
+    """The target's URL spelt with another name its host certificate gives it and that reaches it
+    (https://127.0.0.1:PORT for the node that knows itself as https://localhost:PORT): the source countersigns its
+    offer for the URL it was given, and the target takes that as its own. It was refused ("the sourceProof ... does
+    not match this offer to https://localhost:PORT"). The source's own URL so spelt is still this node, refused
+    before anything moves; a proof for a name that is not the target's is still refused
+    (test_a_user_offering_an_instance_herself_is_refused_naming_why_and_nothing_is_held)."""
+    ref = deploy(grid, grid_pki.alice, "respelt")
+    spelt = grid.node_url(1).replace("//localhost:", "//127.0.0.1:")
+    with pytest.raises(InvalidArgument) as exc:
+        grid.vmm(grid_pki.alice, 0).migrate(ref, grid.node_url(0).replace("//localhost:", "//127.0.0.1:"))
+    assert "the target is this node" in str(exc.value)
+    moved = grid.vmm(grid_pki.alice, 0).migrate(ref, spelt)
+    assert (moved.ref.address, moved.state) == (grid.node_url(1), "Running")
+    assert grid.vmm(grid_pki.alice, 1).status(moved.ref).state == "Running"
+    assert ref.key not in holdings(grid, 0)["live"]
+    grid.vmm(grid_pki.alice, 1).destroy(moved.ref)
+
+
 def test_an_unreachable_target_rolls_back_in_prepare(grid, grid_pki):
     src = grid.vmm(grid_pki.alice, 0)
     ref = deploy(grid, grid_pki.alice, "unreachable")
@@ -501,7 +520,7 @@ def test_subscribers_hear_the_move_from_the_source_and_then_from_the_target(grid
     src = grid.vmm(grid_pki.alice, 0)
     ref = deploy(grid, grid_pki.alice, "watched")
     with NotificationConsumer(grid_pki.trust()) as consumer:
-        src.subscribe(ref, consumer.url)
+        consumer.subscribe(src, ref)
         moved = src.migrate(ref, grid.node_url(1))
         assert consumer.wait(lambda c: c.new == "Migrating").old == "Running"
         def port(url: str) -> int | None:
@@ -519,22 +538,14 @@ def test_vmgrid_vm_watch_follows_the_instance_to_its_new_node(grid, grid_pki):
     """`vmgrid vm watch` hears the move from the source, asks it where the instance went, and from then on takes the
     changes the new node signs: it ends on the Destroyed that node sends."""
     import os
-    import subprocess
-    import sys
+
+    from tests.fixtures.watch import vm_watch
     ref = deploy(grid, grid_pki.alice, "cli-watched")
     env = {**os.environ, **grid_pki.alice.env(grid_pki.cert_dir), "VMGRID_NODE": grid.node_url(0)}
-    watch = subprocess.Popen([sys.executable, "-m", "client.cli", "vm", "watch", "cli-watched", "--timeout", "120"],
-                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        first = watch.stdout.readline()
-        assert "listening at" in first, first + watch.stderr.read()
+    with vm_watch("cli-watched", env) as watch:
         moved = grid.vmm(grid_pki.alice, 0).migrate(ref, grid.node_url(1))
         grid.vmm(grid_pki.alice, 1).destroy(moved.ref)
-        out, err = watch.communicate(timeout=150)
-    finally:
-        if watch.poll() is None:
-            watch.kill()
-            watch.wait()
+        out, err = watch.finish()
     assert watch.returncode == 0, err
     assert "-> Migrating" in out and "-> Migrated" in out and f"now on {grid.node_url(1)}" in out, out
     assert out.rstrip().splitlines()[-1].split(": ", 1)[1].startswith("Running -> Destroyed"), out
@@ -705,7 +716,37 @@ def test_an_abort_learnt_only_when_the_migration_is_settled_later_claims_the_slo
     grid.vmm(grid_pki.alice, 0).destroy(ref)
 
 
-def test_no_migration_is_taken_in_from_a_source_presenting_a_guest_certificate(grid, grid_pki, monkeypatch):
+@pytest.fixture
+def files_served_as(grid, grid_pki, monkeypatch):
+    """files_served_as(credential, name) -> the MigrationFault: an instance ``name`` deployed on node 0 migrates to
+    node 1 (which takes migrations from any host) while node 0's GridFTP face serves its files with ``credential``:
+    the migration fails in transfer (TransferFault) and is rolled back; then, served with the node's own
+    credential again, it moves (and is destroyed there)."""
+    from gridftp.tls import TLSConfig
+
+    def migrate(credential, name: str) -> MigrationFault:
+        exports = grid.node(0).core.exports
+        real_open = exports.open
+
+        def open_as(*args, **kwargs):
+            url = real_open(*args, **kwargs)
+            monkeypatch.setattr(exports.face.server, "tls", TLSConfig(credential, grid_pki.trust()))
+            return url
+        monkeypatch.setattr(exports, "open", open_as)
+        monkeypatch.setattr(grid.node(1).core.config, "migration_sources", ["*"])
+        ref = deploy(grid, grid_pki.alice, name)
+        with pytest.raises(MigrationFault) as exc:
+            grid.vmm(grid_pki.alice, 0).migrate(ref, grid.node_url(1))
+        assert (exc.value.phase, exc.value.cause) == ("transfer", "TransferFault")
+        assert_rolled_back(grid, grid_pki, ref)
+        monkeypatch.undo()
+        moved = grid.vmm(grid_pki.alice, 0).migrate(ref, grid.node_url(1))     # the node's own certificate: taken
+        grid.vmm(grid_pki.alice, 1).destroy(moved.ref)
+        return exc.value
+    return migrate
+
+
+def test_no_migration_is_taken_in_from_a_source_presenting_a_guest_certificate(grid, grid_pki, files_served_as):
     """A node issues each guest's grid container a host DN (/O=Grid/OU=vmgrid-guests/CN=host/<address>) whose key
     the VM's owner holds as root: with migration_sources = ["*"] a guest could pose as a source node and have the
     target restore a memory state of its making. Here the source's GridFTP face presents such a certificate (the
@@ -714,7 +755,6 @@ def test_no_migration_is_taken_in_from_a_source_presenting_a_guest_certificate(g
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
 
-    from gridftp.tls import TLSConfig
     from security.pki import Credential, new_key
     from services.vmmanager.guestcred import issue
     from services.vmmanager.service import VMManagerConfig
@@ -727,24 +767,8 @@ def test_no_migration_is_taken_in_from_a_source_presenting_a_guest_certificate(g
     # a guest whose address this host name is (a guest's certificate names its address only, never its identifier)
     assert record["dn"] == "/O=Grid/OU=vmgrid-guests/CN=host/localhost"
     guest = Credential(x509.load_pem_x509_certificate(pem.encode()), key, ())
-    exports = grid.node(0).core.exports
-    real_open = exports.open
-
-    def open_as_guest(*args, **kwargs):
-        url = real_open(*args, **kwargs)
-        monkeypatch.setattr(exports.face.server, "tls", TLSConfig(guest, grid_pki.trust()))
-        return url
-    monkeypatch.setattr(exports, "open", open_as_guest)
-    monkeypatch.setattr(grid.node(1).core.config, "migration_sources", ["*"])
-    ref = deploy(grid, grid_pki.alice, "guest-source")
-    with pytest.raises(MigrationFault) as exc:
-        grid.vmm(grid_pki.alice, 0).migrate(ref, grid.node_url(1))
-    assert (exc.value.phase, exc.value.cause) == ("transfer", "TransferFault")
-    assert "vmgrid-guests" in str(exc.value) and "refused" in str(exc.value)
-    assert_rolled_back(grid, grid_pki, ref)
-    monkeypatch.undo()
-    moved = grid.vmm(grid_pki.alice, 0).migrate(ref, grid.node_url(1))     # the node's own certificate: taken
-    grid.vmm(grid_pki.alice, 1).destroy(moved.ref)
+    refused = files_served_as(guest, "guest-source")
+    assert "vmgrid-guests" in str(refused) and "refused" in str(refused)
 
 
 # -- the target knows the source node took part (attack11 F2, F11) -------------------------------------------------
@@ -796,6 +820,8 @@ def test_a_user_offering_an_instance_herself_is_refused_naming_why_and_nothing_i
         (offer, "carries no sourceProof"),
         (migration.sign_offer(offer, spoof, grid.node_url(1)), "not by a host certificate"),
         (migration.sign_offer(offer, host0, grid.node_url(0)), "does not match this offer"),        # another target
+        (migration.sign_offer(offer, host0, grid.node_url(1).replace("//localhost:", "//127.0.0.2:")),
+         "does not match this offer"),              # a name the target's certificate does not give it (nor reaches it)
         (dataclasses.replace(migration.sign_offer(offer, host0, grid.node_url(1)), key="inst-" + "1" * 32),
          "does not match this offer"),                                                             # another instance
         (dataclasses.replace(migration.sign_offer(offer, host0, grid.node_url(1)), step=""),
@@ -831,32 +857,14 @@ def test_an_offer_from_a_source_that_does_not_countersign_is_refused_with_a_clea
     grid.vmm(grid_pki.alice, 1).destroy(moved.ref)
 
 
-def test_the_files_come_only_from_a_gridftp_server_with_the_sources_host_dn(grid, grid_pki, monkeypatch):
+def test_the_files_come_only_from_a_gridftp_server_with_the_sources_host_dn(grid, grid_pki, files_served_as):
     """The source countersigned the offer, but its files are served with another credential, a trusted host
     certificate naming the same host name (CN=host/localhost of another OU: not the DN that signed the offer): the
     target refuses that server whatever migration_sources says; rolled back. Fails without the check: that
     server's files are taken. (A user's proxy as the server, as in the attack, is refused too: over AUTH TLS by its
     purpose already, over GSI by this check.)"""
-    from gridftp.tls import TLSConfig
-    other = grid_pki.issue_host("localhost", ou="elsewhere")
-    exports = grid.node(0).core.exports
-    real_open = exports.open
-
-    def open_as_other(*args, **kwargs):
-        url = real_open(*args, **kwargs)
-        monkeypatch.setattr(exports.face.server, "tls", TLSConfig(other, grid_pki.trust()))
-        return url
-    monkeypatch.setattr(exports, "open", open_as_other)
-    monkeypatch.setattr(grid.node(1).core.config, "migration_sources", ["*"])
-    ref = deploy(grid, grid_pki.alice, "alices-files")
-    with pytest.raises(MigrationFault) as exc:
-        grid.vmm(grid_pki.alice, 0).migrate(ref, grid.node_url(1))
-    assert (exc.value.phase, exc.value.cause) == ("transfer", "TransferFault")
-    assert "OU=elsewhere" in str(exc.value) and "refused" in str(exc.value)
-    assert_rolled_back(grid, grid_pki, ref)
-    monkeypatch.undo()
-    moved = grid.vmm(grid_pki.alice, 0).migrate(ref, grid.node_url(1))
-    grid.vmm(grid_pki.alice, 1).destroy(moved.ref)
+    refused = files_served_as(grid_pki.issue_host("localhost", ou="elsewhere"), "alices-files")
+    assert "OU=elsewhere" in str(refused) and "refused" in str(refused)
 
 
 def test_prepared_incoming_instances_are_bounded_per_user_and_give_their_slots_back(grid, grid_pki, monkeypatch):

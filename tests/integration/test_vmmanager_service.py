@@ -371,7 +371,7 @@ def test_subscribers_receive_signed_state_changes(vm_grid, grid_pki):
     vm = vm_grid.vmm(grid_pki.alice)
     ref = vm.deploy(vm_grid.register(), "watched", 600, wait=True).ref
     with NotificationConsumer(grid_pki.trust()) as consumer:
-        vm.subscribe(ref, consumer.url)
+        consumer.subscribe(vm, ref)
         vm.pause(ref)
         change = consumer.wait(lambda c: c.new == "Paused")
         assert (change.key, change.old, change.identifier) == (ref.key, "Running", "watched")
@@ -537,7 +537,7 @@ def test_a_notify_replayed_to_its_consumer_is_refused(grid_pki):
     from security.wssec import sign_envelope
     from services.vmmanager.wire import state_change_envelope
 
-    with NotificationConsumer(grid_pki.trust()) as consumer:
+    with NotificationConsumer(grid_pki.trust(), producers=[grid_pki.host_dn]) as consumer:
         env = state_change_envelope(consumer.url, "https://localhost/", "inst-" + "0" * 32, "x", "Running",
                                     "Paused", time.time())
         data = sign_envelope(env, grid_pki.host)
@@ -591,7 +591,7 @@ def test_a_notify_about_another_hosts_instance_is_refused(grid_pki):
     from services.vmmanager.wire import state_change_envelope
 
     other = grid_pki.issue_host("node2.example.org")
-    with NotificationConsumer(grid_pki.trust()) as consumer:
+    with NotificationConsumer(grid_pki.trust(), producers=[grid_pki.host_dn, other.subject]) as consumer:
         env = state_change_envelope(consumer.url, "https://localhost:8443/wsrf/services/VMManagerService",
                                     "inst-" + "0" * 32, "x", "Running", "Destroyed", time.time())
         response = requests.post(consumer.url, data=sign_envelope(env, other))
