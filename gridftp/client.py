@@ -95,6 +95,27 @@ def _older_proxy_refusal(credential: Credential, gsi: bool, prot: str) -> str | 
     return None
 
 
+# the TLS alerts a server sends for a refused client certificate that say the cause
+_REFUSAL_ALERTS = {"TLSV1_ALERT_UNKNOWN_CA": "the server does not trust its CA",
+                   "SSLV3_ALERT_CERTIFICATE_EXPIRED": "a certificate of it has expired",
+                   "SSLV3_ALERT_CERTIFICATE_REVOKED": "a certificate of it is revoked"}
+
+
+def _refused_in_handshake(host: str, exc: ssl.SSLError) -> str:
+    """A credential the server refused in the TLS 1.3 handshake: the client learns it only at its first read, as the
+    server's alert or as a bare EOF, so the cause is named when the alert says it, else the likely causes (the
+    server's log has its reason)."""
+    import ssl
+
+    reason = getattr(exc, "reason", None)
+    said = _REFUSAL_ALERTS.get(reason or "")
+    if said is None:
+        alert = "" if isinstance(exc, ssl.SSLEOFError) else f" ({reason or exc})"
+        said = f"the server may not trust its CA, or it is an expired, revoked or legacy proxy{alert}"
+    return (f"{host} refused the credential during the TLS handshake: {said} (`vmgrid proxy-info` shows what you "
+            f"present)")
+
+
 class GridFTPClient:
     """One control session. Use as a context manager; :meth:`connect` logs in.
 
@@ -183,7 +204,7 @@ class GridFTPClient:
                 except TransferError as exc:
                     import ssl
                     if isinstance(exc.__cause__, ssl.SSLError):   # TLS 1.3: a refused certificate shows here
-                        raise AuthenticationError(f"{self.url.host} refused the credential: {exc.__cause__}") from exc
+                        raise AuthenticationError(_refused_in_handshake(self.url.host, exc.__cause__)) from exc
                     raise
                 for reply, cmd in zip(replies, ["PBSZ 0", "PROT P", "USER"]):
                     if reply.code in (530, 535):
