@@ -7,6 +7,7 @@ answers must be signed by exactly the certificate subject the node issued to tha
 job service's URL (https://HOST:PORT/wsrf/services/JobService; https://HOST:PORT is completed)."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -21,6 +22,17 @@ from services.common.errors import printable
 DEFAULT_NODE = "https://localhost:8443/wsrf/services/VMManagerService"
 START_WAIT = 120.0      # seconds a just-started job service of an instance named may take to listen
 CANCEL_WAIT = 600.0     # seconds `job cancel` and `job get` wait for a cancelled job to be Cancelled
+ONE_PROGRAM = "-- PROGRAM [ARG ...]"
+
+
+class _OneProgram(argparse.HelpFormatter):
+    """Writes `job submit`'s program as one program and its arguments: argparse repeats a "+" argument's
+    metavar (`-- PROGRAM ARGS [-- PROGRAM ARGS ...]`), which reads as if several programs could follow."""
+
+    def _format_args(self, action, default_metavar):
+        if action.metavar == ONE_PROGRAM:
+            return ONE_PROGRAM
+        return super()._format_args(action, default_metavar)
 
 
 def register(subparsers) -> None:
@@ -44,7 +56,9 @@ def register(subparsers) -> None:
     p.add_argument("--stderr", default="stderr", help="file name for standard error (default stderr)")
     p.add_argument("--lifetime", help="how long the job resource lives: seconds or 90m, 2h, 1d")
     p.add_argument("--wait", action="store_true", help="follow the job to its end (exit status 1 unless Done)")
-    p.add_argument("command", nargs="+", metavar="-- PROGRAM ARGS")
+    p.add_argument("command", nargs="+", metavar=ONE_PROGRAM,
+                   help="the one program to run and its arguments")
+    p.formatter_class = _OneProgram
     p.set_defaults(func=cmd_submit)
 
     for name, helptext, func in (("status", "a job's resource properties", cmd_status),

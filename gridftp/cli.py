@@ -80,7 +80,9 @@ def register(subparsers) -> None:
     p.add_argument("--data-peer", action="append", default=[], metavar="ADDR[/PREFIX]",
                    help="a trusted server this one may open data connections to in third-party transfers "
                         "(repeatable; by default only the client's own address)")
-    p.add_argument("--max-rate", type=float, default=0, help="bytes per second per transfer (0: unlimited)")
+    p.add_argument("--max-rate", type=float, default=0,
+                   help="bytes per second per transfer, what the server sends (RETR) and what it receives (STOR) "
+                        "alike (0: unlimited)")
     p.add_argument("--marker-interval", type=float, default=5.0, help="seconds between 111/112 markers")
     s = p.add_argument_group("sessions", "bounds on sessions (docs/gridftp.md, \"Security\")")
     s.add_argument("--max-sessions", type=int, default=64, metavar="N", help="control connections at once (default 64)")

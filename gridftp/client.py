@@ -72,6 +72,50 @@ def _host_refusal(caller, host: str) -> str | None:
     return host_refusal(caller, host)
 
 
+def _older_proxy_refusal(credential: Credential, gsi: bool, prot: str) -> str | None:
+    """Why ``credential`` cannot authenticate a TLS channel, said before connecting: a chain holding a GT2 legacy
+    (grid-proxy-init -old) or GT3 draft (-draft) proxy is refused by OpenSSL's check, which AUTH TLS (both ends)
+    and PROT S/P data channels use (only GSI's own contexts, with PROT C, take it). The server's refusal would come
+    as a bare EOF, or as data connections dropped and a 426 that running the command again cannot mend."""
+    from security.pki import any_proxy_info
+
+    if gsi and prot == "C":
+        return None
+    for cert in credential.certificates:
+        try:
+            found = any_proxy_info(cert)
+        except ValueError:
+            return None             # an unreadable extension: the handshake's own check says what is wrong
+        if found is not None and found[2] in ("legacy", "draft"):
+            made = "grid-proxy-init -old" if found[2] == "legacy" else "grid-proxy-init -draft"
+            where = "AUTH TLS" if not gsi else f"PROT {prot} data channels"
+            return (f"{credential.subject} is a {found[2]} proxy ({made}), and GridFTP over TLS ({where}) takes "
+                    f"RFC 3820 proxies only: make one with `vmgrid proxy-init` or `grid-proxy-init -rfc`; nothing "
+                    f"was transferred")
+    return None
+
+
+# the TLS alerts a server sends for a refused client certificate that say the cause
+_REFUSAL_ALERTS = {"TLSV1_ALERT_UNKNOWN_CA": "the server does not trust its CA",
+                   "SSLV3_ALERT_CERTIFICATE_EXPIRED": "a certificate of it has expired",
+                   "SSLV3_ALERT_CERTIFICATE_REVOKED": "a certificate of it is revoked"}
+
+
+def _refused_in_handshake(host: str, exc: ssl.SSLError) -> str:
+    """A credential the server refused in the TLS 1.3 handshake: the client learns it only at its first read, as the
+    server's alert or as a bare EOF, so the cause is named when the alert says it, else the likely causes (the
+    server's log has its reason)."""
+    import ssl
+
+    reason = getattr(exc, "reason", None)
+    said = _REFUSAL_ALERTS.get(reason or "")
+    if said is None:
+        alert = "" if isinstance(exc, ssl.SSLEOFError) else f" ({reason or exc})"
+        said = f"the server may not trust its CA, or it is an expired, revoked or legacy proxy{alert}"
+    return (f"{host} refused the credential during the TLS handshake: {said} (`vmgrid proxy-info` shows what you "
+            f"present)")
+
+
 class GridFTPClient:
     """One control session. Use as a context manager; :meth:`connect` logs in.
 
@@ -115,6 +159,9 @@ class GridFTPClient:
                     credential = load_user_credential()
                 except CredentialError as exc:
                     raise AuthenticationError(str(exc)) from exc
+            why = _older_proxy_refusal(credential, self.gsi, self.prot)
+            if why is not None:
+                raise AuthenticationError(why)
             self.tls = TLSConfig(credential, trust, identify=identify)
         self.server_dn: str | None = None
         self.control: ControlChannel | None = None
@@ -157,7 +204,7 @@ class GridFTPClient:
                 except TransferError as exc:
                     import ssl
                     if isinstance(exc.__cause__, ssl.SSLError):   # TLS 1.3: a refused certificate shows here
-                        raise AuthenticationError(f"{self.url.host} refused the credential: {exc.__cause__}") from exc
+                        raise AuthenticationError(_refused_in_handshake(self.url.host, exc.__cause__)) from exc
                     raise
                 for reply, cmd in zip(replies, ["PBSZ 0", "PROT P", "USER"]):
                     if reply.code in (530, 535):

@@ -115,7 +115,11 @@ class Worker:
 
 
 class Throttle:
-    """A token bucket shared by the streams of one transfer (bytes per second; 0 = unlimited)."""
+    """A token bucket shared by the streams of one transfer (bytes per second; 0 = unlimited): a sender takes
+    before it sends, a receiver after it has read (then the TCP window slows the sender down).
+
+    ``taken`` bytes went through it, ``waits`` of its takes had to wait (``waited`` seconds in all, as planned):
+    its own accounting, which says that a transfer was held to the rate without timing it."""
 
     CHUNK = 256 << 10           # bytes sent between two waits when throttled
 
@@ -124,6 +128,9 @@ class Throttle:
         self._lock = threading.Lock()
         self._next = time.monotonic()
         self._cancel = threading.Event()
+        self.taken = 0
+        self.waits = 0
+        self.waited = 0.0
 
     def take(self, n: int) -> None:
         """Wait until ``n`` more bytes may go (returns at once after :meth:`cancel`)."""
@@ -134,6 +141,10 @@ class Throttle:
             start = max(now, self._next)
             self._next = start + n / self.rate
             delay = start - now
+            self.taken += n
+            if delay > 0:
+                self.waits += 1
+                self.waited += delay
         if delay > 0:
             self._cancel.wait(delay)
 
@@ -501,8 +512,10 @@ class ModeEReceiver:
     """
 
     def __init__(self, sink: Sink, *, shift: int = 0, limit: int | None = None,
-                 counter: Counter | None = None, buffer_size: int = RECV_BUFFER, keep_open: bool = False):
+                 counter: Counter | None = None, buffer_size: int = RECV_BUFFER, keep_open: bool = False,
+                 throttle: Throttle | None = None):
         self.sink = sink
+        self.throttle = throttle        # shared by the streams; every block's bytes are taken as they are read
         self.shift = shift
         self.limit = limit
         self.counter = counter or Counter()
@@ -558,6 +571,8 @@ class ModeEReceiver:
         with self._lock:
             if self.error is None and not self._done.is_set():
                 self.error = exc
+        if self.throttle is not None:
+            self.throttle.cancel()
         self._finish()
         _abort_all(self._socks)
 
@@ -660,6 +675,7 @@ class ModeEReceiver:
         if self.limit is not None and start + count > self.limit:
             raise ProtocolError(f"block {start}+{count} beyond the announced size {self.limit}")
         discard = bool(desc & (DESC_ERRORS | DESC_RESTART))
+        throttle = self.throttle
         if desc & DESC_ERRORS:
             self.corrupt_blocks.append((start, start + count))
         pos = start
@@ -668,14 +684,17 @@ class ModeEReceiver:
         fd = getattr(self.sink, "fd", None)
         if plain and not discard and fd is not None and hasattr(self.sink, "record"):
             splicer = self._splicer()
+            step = end - pos if throttle is None else Throttle.CHUNK
             noted = pos             # what landed up to here has been recorded
             try:
                 while pos < end:
-                    n = splicer.move(sock, fd, pos, end - pos)
+                    n = splicer.move(sock, fd, pos, min(end - pos, step))
                     if n == 0:
                         raise TransferError("data connection closed inside a block")
                     pos += n
                     self.counter.add(slot, n)
+                    if throttle is not None:
+                        throttle.take(n)
                     if pos - noted >= RECORD_STEP:
                         self.sink.record(noted, pos)
                         noted = pos
@@ -684,7 +703,7 @@ class ModeEReceiver:
                     self.sink.record(noted, pos)
             return
         while pos < end:
-            want = min(size, end - pos)
+            want = min(size if throttle is None else min(size, Throttle.CHUNK), end - pos)
             if plain:
                 n = sock.recv_into(view, want, socket.MSG_WAITALL)
             else:
@@ -695,6 +714,8 @@ class ModeEReceiver:
                 self.sink.write(pos, view[:n])
             pos += n
             self.counter.add(slot, n)
+            if throttle is not None:
+                throttle.take(n)
 
 
 # -- the passive side: accepting data connections ------------------------------------------------
@@ -959,11 +980,11 @@ def send_stream(sock: socket.socket, source: int | bytes, start: int, end: int, 
 
 
 def receive_stream(sock: socket.socket, sink: Sink, start: int, *, limit: int | None = None,
-                   counter: Counter | None = None) -> int:
-    """MODE S: receive until the sender closes; bytes land from ``start`` on."""
+                   counter: Counter | None = None, throttle: Throttle | None = None) -> int:
+    """MODE S: receive until the sender closes; bytes land from ``start`` on (each read taken from ``throttle``)."""
     counter = counter or Counter()
     slot = counter.slot()
-    buf = bytearray(RECV_BUFFER)
+    buf = bytearray(RECV_BUFFER if throttle is None else min(RECV_BUFFER, Throttle.CHUNK))
     view = memoryview(buf)
     pos = start
     try:
@@ -976,6 +997,8 @@ def receive_stream(sock: socket.socket, sink: Sink, start: int, *, limit: int | 
             sink.write(pos, view[:n])
             pos += n
             counter.add(slot, n)
+            if throttle is not None:
+                throttle.take(n)
     except OSError as exc:
         raise TransferError(f"data connection failed while receiving: {exc}") from exc
     finally:

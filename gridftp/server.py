@@ -176,7 +176,7 @@ class GridFTPServer:
     ``upload_area``: the virtual directory writes are confined to (None: read-only server).
     ``insecure_anonymous_writes``: TEST ONLY; lets anonymous sessions write inside the upload
     area (the interop tests upload with ``globus-url-copy ftp://``). Never enable it in service.
-    ``max_rate``: bytes/s per transfer (0 = unlimited). ``marker_interval``: seconds between
+    ``max_rate``: bytes/s per transfer, sent or received (0 = unlimited). ``marker_interval``: seconds between
     ``111``/``112`` markers. ``require_private_data``: TLS sessions must use ``PROT P``.
     ``max_file_size``: no received byte may land beyond it (ALLO above it gets 552).
     ``data_peers``: addresses or networks (``"192.0.2.7"``, ``"10.1.0.0/16"``) this server may open
@@ -1813,7 +1813,8 @@ class _Session:
     def _receive_mode_e(self, sink, shift: int, limit: int | None, protection) -> bool:
         """Receive into ``sink``; sends markers; returns True when all data arrived (else replied)."""
         counter = Counter()
-        receiver = ModeEReceiver(sink, shift=shift, limit=limit, counter=counter, keep_open=True)
+        receiver = ModeEReceiver(sink, shift=shift, limit=limit, counter=counter, keep_open=True,
+                                 throttle=self._throttle())
         cached = self.data.claim()
         for sock in cached:     # the connections kept from the session's last upload (GFD.20 caching)
             receiver.add_connection(sock, reused=True)
@@ -1862,7 +1863,8 @@ class _Session:
         return True
 
     def _receive_mode_s(self, sink, start: int, limit: int | None, protection) -> bool:
-        done = self._stream_mode(lambda sock: receive_stream(sock, sink, start, limit=limit), protection)
+        done = self._stream_mode(lambda sock: receive_stream(sock, sink, start, limit=limit, throttle=self._throttle()),
+                                 protection)
         if isinstance(sink, PartialFile):
             sink.checkpoint()
         return done

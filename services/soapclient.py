@@ -124,7 +124,7 @@ class SameOriginTransport(GridTransport):
             answer = self._pool(f"{parts.scheme}://{parts.netloc}/").get(path, timeout=self.load_timeout)
         except HTTPSError as exc:
             what = f"the WSDL of {str(url).split('?')[0]}" if parts.query.lower() == "wsdl" else url
-            raise Unreachable(f"cannot fetch {what}: {_reason(exc)}") from None
+            raise Unreachable(f"cannot fetch {what}: {_reason(exc, str(url))}") from None
         if 300 <= answer.status_code < 400:
             raise ClientError(f"refusing to load {url}: the server redirects it elsewhere "
                               f"({printable(answer.headers.get('Location') or '', 200)}); "
@@ -189,7 +189,7 @@ class GridServiceClient:
             self.zeep = zeep.Client(_wsdl or self.url + "?wsdl", wsse=wsse, transport=transport,
                                     plugins=[self._capture], settings=settings)
         except requests.exceptions.RequestException as exc:
-            raise Unreachable(f"cannot fetch the WSDL of {self.url}: {_reason(exc)}") from None
+            raise Unreachable(f"cannot fetch the WSDL of {self.url}: {_reason(exc, self.url)}") from None
         except ZeepError as exc:        # an answer that is not a WSDL (a web page, another server)
             raise ClientError(f"{self.url} is not a grid service: its ?wsdl answer is not a WSDL "
                               f"({printable(exc, 200)}); give https://HOST:PORT{SERVICES_PATH}NAME") from None
@@ -265,7 +265,7 @@ class GridServiceClient:
                 with self.zeep.settings(raw_response=True):
                     response = getattr(self.service, operation)(*args, **kwargs)
         except requests.exceptions.RequestException as exc:
-            raise Unreachable(f"cannot reach {self.url}: {_reason(exc)}") from None
+            raise Unreachable(f"cannot reach {self.url}: {_reason(exc, self.url)}") from None
         return self._reply(operation, response)
 
     def _post(self, operation: str, payload: etree._Element):
@@ -317,8 +317,17 @@ class GridServiceClient:
         return self._capture.header(tag)
 
 
-def _reason(exc: Exception) -> str:
+def _reason(exc: Exception, url: str) -> str:
     text = str(exc)
+    parts = urlsplit(str(url))
+    where = parts.netloc or url
+    if "WRONG_VERSION_NUMBER" in text and parts.scheme == "https":
+        # the first bytes back were not TLS: a GridFTP server's 220 greeting, or an HTTP server's plain answer
+        return (f"{where} does not answer TLS/HTTPS: is it a SOAP container's port? (GridFTP is gsiftp://; a "
+                f"container without TLS is http://)")
+    if "Remote end closed connection without response" in text and parts.scheme == "http":
+        # a TLS server reads the plain request as a bad handshake and closes without a word
+        return f"{where} closed the connection without an answer: it may serve https://, not http://"
     for marker in ("Connection refused", "certificate verify failed", "timed out", "Name or service not known"):
         if marker in text:
             return marker

@@ -24,3 +24,14 @@ def test_a_mistyped_option_names_its_command(args, prog):
     bad = args[-2] if args[-1].isdigit() or args[-1] == "2h" else args[-1]
     assert f"{prog}: error: unrecognized arguments: {bad}" in r.stderr
     assert f"(`{prog} --help` lists the options)" in r.stderr
+
+
+def test_job_submits_usage_names_one_program_and_its_arguments():
+    """`job submit` runs one program: its usage must not suggest several (`-- PROGRAM ARGS [-- PROGRAM ARGS ...]`)
+    (trial12 T5)."""
+    r = subprocess.run([sys.executable, "-m", "client.cli", "job", "submit", "--help"], capture_output=True,
+                       text=True, cwd=REPO, timeout=120)
+    assert r.returncode == 0, r.stderr
+    usage = " ".join(r.stdout.split("\n\n")[0].split())
+    assert usage.endswith(" endpoint -- PROGRAM [ARG ...]"), usage
+    assert "[-- PROGRAM" not in r.stdout

@@ -236,6 +236,37 @@ def test_an_expired_proxy_is_refused_with_what_to_do(grid_pki, tree, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_a_credential_of_a_ca_the_server_does_not_trust_is_refused_with_its_likely_causes(grid_pki, tree, tmp_path):
+    """AUTH TLS in TLS 1.3: the client learns of the refusal only as an EOF; the message says the server refused the
+    credential in the handshake and why that mostly is, not "EOF occurred in violation of protocol" (trial12 T15)."""
+    server = ServerProcess(tree, "--cert", str(grid_pki.host_cert_path), "--key", str(grid_pki.host_key_path),
+                           "--cert-dir", str(grid_pki.cert_dir))
+    try:
+        got = vmgrid("transfer", f"gsiftp://localhost:{server.port}/data/small", str(tmp_path / "x"), "--proxy",
+                     str(grid_pki.stranger.proxy_path), "--cert-dir", str(grid_pki.cert_dir), "-q")
+    finally:
+        server.stop()
+    assert got.returncode == 1 and got.stderr.count("\n") == 1, got.stderr
+    # the server's alert (unknown CA) names the cause; when the client reads only an EOF, the likely causes
+    said = got.stderr.removeprefix("vmgrid: localhost refused the credential during the TLS handshake: ")
+    assert said in ("the server does not trust its CA (`vmgrid proxy-info` shows what you present)\n",
+                    "the server may not trust its CA, or it is an expired, revoked or legacy proxy (`vmgrid "
+                    "proxy-info` shows what you present)\n"), got.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_refusal_read_as_a_bare_eof_names_the_likely_causes():
+    """What the trial met (trial12 T15): TLS 1.3, the server's refusal read as an EOF."""
+    import ssl
+
+    from gridftp.client import _refused_in_handshake
+
+    eof = ssl.SSLEOFError(8, "EOF occurred in violation of protocol (_ssl.c:2427)")
+    assert _refused_in_handshake("localhost", eof) == (
+        "localhost refused the credential during the TLS handshake: the server may not trust its CA, or it is an "
+        "expired, revoked or legacy proxy (`vmgrid proxy-info` shows what you present)")
+
+
 def test_a_full_local_disk_is_named_not_blamed_on_the_server(start_server, tree, tmp_path):
     """A download into a 1 MiB tmpfs: the message is this side's full disk (it was the server's 426 abort, which
     the full disk had caused); what arrived stays for a resume."""
