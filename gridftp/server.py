@@ -204,8 +204,8 @@ class GridFTPServer:
     their keys, so they count as users; ``refuse_guests``: a DN matching ``guests`` may not log in at all (``530``,
     the session then closed): a server where guests have no rights (the repository's, a node's migration export).
     A bound out of its range, or a pattern that is no DN, raises ValueError (:func:`check_session_limits`).
-    Sessions are counted per address as :func:`_address_group` groups them: an IPv4 address, but all of loopback
-    (127.0.0.0/8: any local account may bind any of it) as one, and an IPv6 peer by its /64 (one host, one LAN).
+    Logged-in sessions are counted per address as :func:`_address_group` groups them: an IPv4 address, but all of
+    loopback (127.0.0.0/8: any local account may bind any of it) as one, and an IPv6 peer by its /64 (one host).
     A logged-in session with no transfer (a data command or a CKSM) for ``transfer_idle_timeout`` seconds (default
     60; 0: only ``idle_timeout``) is closed (421), NOOPs notwithstanding: vmgrid's clients and globus-url-copy send
     their next command within a round trip, so only a session held open waits that long.
@@ -320,9 +320,8 @@ class GridFTPServer:
                 log.warning("accept failed: %s", exc)     # e.g. out of file descriptors: keep serving
                 time.sleep(0.1)
                 continue
-            group = _address_group(peer[0])
             with self._lock:
-                waiting = sum(1 for s in self._sessions if not s.logged_in and _address_group(s.peer[0]) == group)
+                waiting = sum(1 for s in self._sessions if not s.logged_in and s.peer[0] == peer[0])
                 busy = len(self._sessions) >= self.max_sessions or waiting >= self.max_unauthenticated_per_host
             if busy:
                 try:
