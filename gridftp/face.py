@@ -17,12 +17,13 @@ class GridFTPFace:
     ``server_options``: the site's bounds on sessions and its guests' DN patterns, as :class:`GridFTPServer` takes
     them (``max_sessions``, ``max_sessions_per_identity``, ``max_sessions_per_address``, ``host_sessions``,
     ``transfer_idle_timeout``, ``guests``: a site whose guest_ou is not ``vmgrid-guests`` passes
-    ``guests=["/O=Grid/OU=<guest_ou>/*"]``, or its guests' hosts' certificates take the hosts' share of sessions)."""
+    ``guests=["/O=Grid/OU=<guest_ou>/*"]``, or its guests' hosts' certificates take the hosts' share of sessions;
+    ``refuse_guests``: a face where guests have no rights refuses their logins)."""
 
     def __init__(self, filespace: FileSpace, host: str, port: int, credential, trust, *, authorize: Authorize,
                  upload_area: str, public_host: str = "", what: str = "files", log: logging.Logger | None = None,
                  **server_options):
-        unknown = set(server_options) - {*SESSION_LIMITS, "guests"}
+        unknown = set(server_options) - {*SESSION_LIMITS, "guests", "refuse_guests"}
         if unknown:
             raise TypeError(f"GridFTPFace: unknown server options {sorted(unknown)}")
         self.server = GridFTPServer(filespace, host, port, credential=credential, trust=trust, authorize=authorize,

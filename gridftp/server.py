@@ -201,8 +201,11 @@ class GridFTPServer:
     and migrating, which none of these per-user bounds apply to); the login past a bound gets ``421`` naming it and
     is closed. ``guests``: DN patterns of guest containers' certificates (``/O=Grid/OU=<guest_ou>/*``, default
     :data:`DEFAULT_GUESTS`, vmgrid's default ``guest_ou``): they end in ``CN=host/ADDRESS`` but a VM's owner holds
-    their keys, so they count as users. A bound out of its range, or a pattern that is no DN, raises ValueError
-    (:func:`check_session_limits`).
+    their keys, so they count as users; ``refuse_guests``: a DN matching ``guests`` may not log in at all (``530``,
+    the session then closed): a server where guests have no rights (the repository's, a node's migration export).
+    A bound out of its range, or a pattern that is no DN, raises ValueError (:func:`check_session_limits`).
+    Logged-in sessions are counted per address as :func:`_address_group` groups them: an IPv4 address, but all of
+    loopback (127.0.0.0/8: any local account may bind any of it) as one, and an IPv6 peer by its /64 (one host).
     A logged-in session with no transfer (a data command or a CKSM) for ``transfer_idle_timeout`` seconds (default
     60; 0: only ``idle_timeout``) is closed (421), NOOPs notwithstanding: vmgrid's clients and globus-url-copy send
     their next command within a round trip, so only a session held open waits that long.
@@ -218,6 +221,7 @@ class GridFTPServer:
                  max_sessions_per_identity: int | None = None, max_sessions_per_address: int | None = None,
                  host_sessions: int | None = None, host_identity: Callable[[str | None], bool] | None = None,
                  transfer_idle_timeout: float = 60.0, guests: Iterable[str] = DEFAULT_GUESTS,
+                 refuse_guests: bool = False,
                  identify: Callable[[ssl.SSLSocket], str] | None = None,
                  data_peers: Iterable[str] = (), accept_timeout: float = ACCEPT_TIMEOUT, gsi: bool = True,
                  gridmap: str | os.PathLike | set[str] | None = None, accept_limited_proxies: bool = True,
@@ -253,6 +257,8 @@ class GridFTPServer:
         self.host_sessions = min(max_sessions - 1, max(0, max_sessions // 4 if host_sessions is None
                                                        else host_sessions))
         self.host_identity = host_identity or (lambda dn: _is_host(dn, matchers))
+        self._guest_matchers = matchers
+        self.refuse_guests = refuse_guests
         self.transfer_idle_timeout = transfer_idle_timeout
         self.banner = banner
         self.data_peers = [ipaddress.ip_network(p, strict=False) for p in data_peers]
@@ -411,12 +417,12 @@ class GridFTPServer:
         with self._lock:
             if not self.host_identity(dn):
                 users = [s for s in self._sessions if s.logged_in and not self.host_identity(s.dn)]
-                address = _plain_address(session.peer[0])
+                address = _address_group(session.peer[0])
                 if dn is not None and sum(1 for s in users if s.dn == dn) >= self.max_sessions_per_identity:
                     return (f"Too many sessions for {dn}: at most {self.max_sessions_per_identity} logged in at "
                             f"once per identity; end one, or try again later.")
-                if sum(1 for s in users if _plain_address(s.peer[0]) == address) >= self.max_sessions_per_address:
-                    return (f"Too many sessions from {address}: at most {self.max_sessions_per_address} logged in "
+                if sum(1 for s in users if _address_group(s.peer[0]) == address) >= self.max_sessions_per_address:
+                    return (f"Too many sessions from {_address_label(address)}: at most {self.max_sessions_per_address} logged in "
                             f"at once per address; end one, or try again later.")
                 if len(users) >= self.max_sessions - self.host_sessions:
                     return (f"Too many sessions: the users' {self.max_sessions - self.host_sessions} are in use (the "
@@ -455,6 +461,13 @@ class GridFTPServer:
         if target == _plain_address(control_peer):
             return True
         return any(target.version == net.version and target in net for net in self.data_peers)
+
+    def is_guest(self, dn: str | None) -> bool:
+        """Whether ``dn`` matches one of ``guests`` (a guest container's certificate, or a proxy of one)."""
+        if dn is None:
+            return False
+        key = dn_key(dn)
+        return any(m.fullmatch(key) for m in self._guest_matchers)
 
     def accepts(self, dn: str) -> str | None:
         """None if ``dn`` may log in here, else why not."""
@@ -507,6 +520,24 @@ def _plain_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped
     return address
+
+
+def _address_group(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """What a peer's sessions are counted under as one address (the bounds per address): its IPv4 address, all of
+    loopback (127.0.0.0/8, and ::1) for a local peer, since one local account may bind any loopback address, and an
+    IPv6 address's /64 (a host is given a /64 and may take any address of it)."""
+    address = _plain_address(text)
+    if address.is_loopback:
+        return ipaddress.ip_network("127.0.0.0/8")
+    if address.version == 6:
+        return ipaddress.ip_network(f"{address}/64", strict=False)
+    return ipaddress.ip_network(address)
+
+
+def _address_label(group: ipaddress.IPv4Network | ipaddress.IPv6Network) -> str:
+    if group.network_address.is_loopback:
+        return "loopback (127.0.0.0/8, ::1)"
+    return str(group.network_address) if group.num_addresses == 1 else str(group)
 
 
 DATA_CACHE_IDLE = 120.0     # seconds cached MODE E data connections may wait for the session's next transfer
@@ -627,7 +658,9 @@ class _Session:
         self._held: list[tuple[int, str | list[str]]] | None = None   # final replies kept back
         self._transfer_cancel: Callable[[], None] | None = None
         self.idle_by: float | None = None      # logged in: closed when still waiting for a command then
-        self.turned_away: str | None = None    # the 421 a login got (a bound on sessions): every command gets it
+        # the refusal a login got (421: a bound on sessions; 530: a guest where guests may not log in): every
+        # command then gets it, and the session ends
+        self.turned_away: tuple[int, str] | None = None
 
     # -- loop ----------------------------------------------------------------------------------------
     def run(self) -> None:
@@ -752,7 +785,7 @@ class _Session:
             self.reply(500, f"'{verb}': command not understood.")
             return True
         if self.turned_away is not None:
-            self.reply(421, self.turned_away)
+            self.reply(*self.turned_away)
             return self.control.line_waiting(1.0)   # then closed once the commands in flight are answered
         if not self.logged_in and verb not in PRE_LOGIN:
             self.reply(530, "Please log in first.")
@@ -844,6 +877,10 @@ class _Session:
         if self.logged_in:
             raise _Reply(503, "Already logged in.")
         if self.dn is not None:
+            if self.server.refuse_guests and self.server.is_guest(self.dn):
+                log.warning("session %s (%s): login refused: a guest's certificate", self.peer, self.dn)
+                return self._turn_away(f"{self.dn} is a guest container's certificate: guests have no rights on this "
+                                       f"server.", 530)
             refusal = self.server.log_in(self, self.dn)
             if refusal is not None:
                 log.warning("session %s (%s): login refused: %s", self.peer, self.dn, refusal)
@@ -878,12 +915,12 @@ class _Session:
         self._worked()
         self.reply(230, "Anonymous user logged in (read-only).")
 
-    def _turn_away(self, refusal: str):
-        """A login past a bound on sessions: 421 and the session ends, after answering the same 421 to the commands a
-        client sent behind its login (vmgrid's client and Globus's pipeline PASS, PBSZ, PROT, DCAU after USER: a
+    def _turn_away(self, refusal: str, code: int = 421):
+        """A login past a bound on sessions (421), or a guest's where guests may not log in (530): the session ends,
+        after answering the same reply to the commands a client sent behind its login (vmgrid's client and Globus's pipeline PASS, PBSZ, PROT, DCAU after USER: a
         connection closed under them would hide the reason); a short grace, not ``login_timeout``."""
-        self.turned_away = refusal
-        self.reply(421, refusal)
+        self.turned_away = (code, refusal)
+        self.reply(code, refusal)
         return self.control.line_waiting(1.0)
 
     def cmd_ACCT(self, arg: str):

@@ -32,22 +32,25 @@ def _read_dn(text: str, path: str, lineno: int) -> tuple[str, str]:
             dn, _, more = dn.partition("\t")
             rest = more + " " + rest
         return dn, rest
-    out: list[str] = []
+    out = bytearray()              # \xHH is a byte, as Globus reads it: \xC3\xB6 is the UTF-8 of ö
     i = 1
     while i < len(text):
         c = text[i]
         if c == "\\" and i + 1 < len(text):
             nxt = text[i + 1]
             if nxt == "x" and _HEX.fullmatch(text[i + 2:i + 4]):
-                out.append(chr(int(text[i + 2:i + 4], 16)))
+                out.append(int(text[i + 2:i + 4], 16))
                 i += 4
                 continue
-            out.append(nxt)
+            out += nxt.encode("utf-8")
             i += 2
             continue
         if c == '"':
-            return "".join(out), text[i + 1:]
-        out.append(c)
+            try:
+                return out.decode("utf-8"), text[i + 1:]
+            except UnicodeDecodeError:
+                raise GridmapError(path, lineno, "the DN's \\xHH escapes are not UTF-8") from None
+        out += c.encode("utf-8")
         i += 1
     raise GridmapError(path, lineno, "the DN's closing quote is missing")
 

@@ -11,6 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
 
+from gridftp.gridmap import dn_key
 from security.pki import dn_parts
 from services.authz.actions import ACTION_PATTERN, KNOWN_ACTIONS, matching
 from services.authz.faults import InvalidPolicy
@@ -190,6 +191,8 @@ class Policy:
     # DN patterns of guest containers' certificates (a node issues them host DNs, [vmmanager] guest_ou): denied
     # everything, never enforcement points, whatever the rules and enforcement_points say
     guests: tuple[str, ...] = DEFAULT_GUESTS
+    # groups by the dn_key of the DNs their grid-mapfiles name: matched as Globus matches a grid-mapfile's DN
+    _imported: Mapping[str, frozenset[str]] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def known_actions(self) -> tuple[str, ...]:
@@ -197,7 +200,12 @@ class Policy:
 
     def groups_of(self, dn: str) -> list[str]:
         """The groups ``dn`` belongs to (as member, admin or from a grid-mapfile), sorted."""
-        return sorted(self._members.get(dn, ()))
+        return sorted(self._groups_of(dn))
+
+    def _groups_of(self, dn: str) -> frozenset[str]:
+        # a DN written in the policy is matched exactly; one a grid-mapfile names as Globus matches it (dn_key:
+        # ASCII case ignored, /UID= as /USERID=, /E= and /Email= as /emailAddress=), as a Globus server would map it
+        return self._members.get(dn, frozenset()) | self._imported.get(dn_key(dn), frozenset())
 
     def admin_groups_of(self, dn: str) -> list[str]:
         return sorted(self._admins.get(dn, ()))
@@ -223,7 +231,7 @@ class Policy:
         return tuple(sorted(resource)), tuple(sorted(context))
 
     def view(self, subject: Subject) -> SubjectView:
-        return SubjectView(subject.dn, subject.limited, self._members.get(subject.dn, frozenset()),
+        return SubjectView(subject.dn, subject.limited, self._groups_of(subject.dn),
                            self._admins.get(subject.dn, frozenset()), self.is_admin(subject.dn))
 
     # -- decisions --------------------------------------------------------------------------------
@@ -590,14 +598,18 @@ def parse_policy(text: str, source: str = "policy.toml", *, base_dir: Path | Non
 
     members: dict[str, set[str]] = {}
     admins_of: dict[str, set[str]] = {}
+    imported_of: dict[str, set[str]] = {}
     for g in groups.values():
-        for dn in g.everyone:
+        for dn in (*g.members, *g.admins):
             members.setdefault(dn, set()).add(g.name)
+        for dn in g.imported:
+            imported_of.setdefault(dn_key(dn), set()).add(g.name)
         for dn in g.admins:
             admins_of.setdefault(dn, set()).add(g.name)
     return Policy(source, digest.hexdigest()[:12], admins, eps, extra, defaults, groups, tuple(rules), description,
                   tuple(files), {k: frozenset(v) for k, v in members.items()},
-                  {k: frozenset(v) for k, v in admins_of.items()}, guests)
+                  {k: frozenset(v) for k, v in admins_of.items()}, guests,
+                  {k: frozenset(v) for k, v in imported_of.items()})
 
 
 def load_policy(path: str | Path) -> Policy:

@@ -178,6 +178,33 @@ def check_lease_range(v) -> None:
                          f"addresses of {net} in order, e.g. \"{net[low]}-{net[high]}\")")
 
 
+# the services that serve GridFTP: the repository's face, a node's migration export, a job service's face
+GRIDFTP_SERVICES = ("repository", "vmmanager", "jobs")
+
+
+def check_gridftp(config: Config) -> None:
+    """[gridftp]'s bounds on sessions (as `vmgrid gridftp-server`'s options) and [vmmanager] guest_dns, which the
+    services' GridFTP servers take (ValueError naming the key: ``[gridftp] host_sessions is 0 to 63 ([gridftp]
+    max_sessions less one: users need one), not 64``)."""
+    from gridftp.server import SESSION_LIMITS, check_session_limits
+
+    check_session_limits({key: getattr(config.gridftp, key) for key in SESSION_LIMITS},
+                         {key: f"[gridftp] {key}" for key in SESSION_LIMITS})
+    for pattern in config.vmmanager.guest_dns:
+        if not isinstance(pattern, str) or not pattern.startswith("/") or "=" not in pattern:
+            raise ValueError(f"[vmmanager] guest_dns: {pattern!r} is not a DN pattern (e.g. \"/O=Grid/OU=site-guests/*\")")
+
+
+def gridftp_options(config: Config) -> dict:
+    """The keywords of the services' GridFTP servers (GridFTPFace's): [gridftp]'s bounds on sessions, and the
+    guests' DN patterns ([vmmanager] guest_dns and guest_ou, as guestcred.is_guest judges a guest: users there,
+    not hosts; the repository's face and a migration export refuse them)."""
+    from gridftp.server import SESSION_LIMITS
+
+    limits = {key: getattr(config.gridftp, key) for key in SESSION_LIMITS}
+    return {**{k: v for k, v in limits.items() if v is not None}, "guests": config.vmmanager.guest_patterns()}
+
+
 def check_service_config(name: str, config: Config) -> None:
     """What service ``name`` needs of the configuration that no key's type says (ValueError naming the key): checked
     for every service of a container before any of them opens its state, and before the host credential is read."""
@@ -197,6 +224,8 @@ def check_service_config(name: str, config: Config) -> None:
         check_numbers(name, config.vmmanager if name == "vmmanager" else config.jobs)
     if name == "vmmanager":
         check_lease_range(config.vmmanager)
+    if name in GRIDFTP_SERVICES:
+        check_gridftp(config)
 
 
 def build_service(name: str, config: Config) -> SoapService:
@@ -207,7 +236,7 @@ def build_service(name: str, config: Config) -> SoapService:
         if config.repository.gridftp_port >= 0:
             credential = host_credential(config)
             service.attach_transfers(config.container.host, credential, trust_store(config),
-                                     public_host=certificate_host(credential))
+                                     public_host=certificate_host(credential), **gridftp_options(config))
         return service
     if name == "authz":
         from services.authz.service import AuthorizationService
@@ -242,7 +271,8 @@ def build_vmmanager(config: Config, vmm=None) -> SoapService:
     repository = RepositoryAccess(v.repository, credential, trust, parallel=v.staging_parallel, gsi=v.staging_gsi,
                                   verdict_seconds=v.verdict_seconds, refuse_server=lambda dn: guestcred.is_guest(v, dn))
     return VMManagerService(state, v, policy_point(config), vmm=vmm, repository=repository,
-                            credential=credential, trust=trust, notifier=Notifier(credential, trust, policy=ConsumerPolicy(tuple(v.consumers_allow)),
+                            credential=credential, trust=trust, gridftp_options=gridftp_options(config),
+                            notifier=Notifier(credential, trust, policy=ConsumerPolicy(tuple(v.consumers_allow)),
                                               limits=DeliveryLimits(deadline=v.notify_deadline)))
 
 
@@ -262,7 +292,7 @@ def build_jobs(config: Config) -> SoapService:
     service = JobService(config.state_dir("jobs"), j, credential=credential, trust=trust,
                          notifier=Notifier(credential, trust, policy=policy), consumer_policy=policy)
     if j.gridftp_port >= 0:
-        service.attach_transfers(config.container.host, credential, trust)
+        service.attach_transfers(config.container.host, credential, trust, **gridftp_options(config))
     return service
 
 

@@ -63,6 +63,19 @@ class PolicyConfig:
 
 
 @dataclass
+class GridFTPConfig:
+    """[gridftp]: the bounds on sessions of the services' GridFTP servers (the repository's face, a node's migration
+    export, a job service's face), as `vmgrid gridftp-server`'s options of the same names (docs/gridftp.md,
+    "Security"); checked at start (gridftp.server.check_session_limits). A key not given: its default there."""
+
+    max_sessions: int = 64                        # control connections at once
+    max_sessions_per_identity: int | None = None  # logged in at once per DN (not given: max_sessions // 8)
+    max_sessions_per_address: int | None = None   # ... per address (an IPv6 /64, all of loopback: one; max_sessions // 4)
+    host_sessions: int | None = None              # kept for host DNs (nodes, services; max_sessions // 4)
+    transfer_idle_timeout: float = 60.0           # seconds a logged-in session may go without a transfer (0: no bound)
+
+
+@dataclass
 class Config:
     container: ContainerConfig = field(default_factory=ContainerConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
@@ -72,6 +85,7 @@ class Config:
     enforcement: EnforcementConfig = field(default_factory=EnforcementConfig)  # where services ask for decisions
     vmmanager: VMManagerConfig = field(default_factory=VMManagerConfig)      # vmgrid serve vmmanager
     jobs: JobsConfig = field(default_factory=JobsConfig)                     # vmgrid serve jobs (docs/jobs.md)
+    gridftp: GridFTPConfig = field(default_factory=GridFTPConfig)            # the services' GridFTP servers
     source: str = "(defaults)"
 
     def state_dir(self, service: str) -> Path:

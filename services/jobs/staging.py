@@ -170,11 +170,12 @@ class JobTransfers(GridFTPFace):
 
     def __init__(self, jobs_dir: Path, staging_dir: Path, host: str, port: int, credential, trust, *,
                  job_owner: Callable[[str], str | None], may_use: Callable[[str], bool], public_host: str = "",
-                 staging_quota: int | None = None):
+                 staging_quota: int | None = None, **server_options):
         self.job_owner = job_owner
         self.may_use = may_use
         super().__init__(JobFileSpace(jobs_dir, staging_dir, staging_quota), host, port, credential, trust, authorize=self.authorize,
-                         upload_area="/staging", public_host=public_host, what="job directories", log=log)
+                         upload_area="/staging", public_host=public_host, what="job directories", log=log,
+                         **server_options)
 
     def authorize(self, dn: str | None, op: str, vpath: str) -> bool:
         if dn is None or not self.may_use(dn):

@@ -68,3 +68,9 @@ class VMManagerConfig:
     guest_cert_days: float = 30
     job_admins: list[str] = field(default_factory=list)   # DNs that may use every guest's job service
     list_page: int = 10                  # ListInstances: instances per page when the caller asks no maxResults
+
+    def guest_patterns(self) -> list[str]:
+        """The DN patterns of guest containers' certificates: ``guest_dns`` and this node's own ``guest_ou``
+        (guestcred.is_guest; the services' GridFTP servers count them as users, and where guests have no rights,
+        refuse them)."""
+        return [*self.guest_dns, f"/O=Grid/OU={self.guest_ou}/*"]

@@ -88,8 +88,7 @@ def is_guest(config: VMManagerConfig, dn: str) -> bool:
     """A guest container's certificate by its DN ([vmmanager] guest_dns, and this node's own guest_ou): a host DN
     whose key a VM's owner holds, never a site host (a repository, a migration source)."""
     from services.authz.policy import dn_matches
-    patterns = [*config.guest_dns, f"/O=Grid/OU={config.guest_ou}/*"]
-    return any(dn_matches(p, dn) for p in patterns)
+    return any(dn_matches(p, dn) for p in config.guest_patterns())
 
 
 def issue(config: VMManagerConfig, detail: dict[str, Any], address: str, hostname: str = "") -> tuple[str, dict]:

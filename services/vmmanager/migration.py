@@ -154,8 +154,10 @@ class Exports:
     head, which libvirt rewrites at the end, last), the disks once the save is done (:meth:`complete`). A save
     that fails, or a migration rolled back, aborts what the target follows (:meth:`close`)."""
 
-    def __init__(self, instances_dir: Path, credential: Credential, trust, address: str):
+    def __init__(self, instances_dir: Path, credential: Credential, trust, address: str,
+                 server_options: dict | None = None):
         self.instances_dir = instances_dir
+        self.server_options = server_options or {}     # GridFTPFace's: bounds on sessions, the guests' DN patterns
         self.credential = credential
         self.trust = trust
         self.address = address
@@ -169,7 +171,7 @@ class Exports:
         bind = "127.0.0.1" if host in ("localhost", "127.0.0.1") else "0.0.0.0"
         face = GridFTPFace(_ExportSpace(self.instances_dir, self), bind, 0, self.credential, self.trust,
                            authorize=self.authorize, upload_area="/nowhere", public_host=host,
-                           what="migrating instances", log=log)
+                           what="migrating instances", log=log, **{**self.server_options, "refuse_guests": True})
         face.start()
         return face
 

@@ -55,7 +55,7 @@ class Node:
 
     def __init__(self, state_dir: Path, config: VMManagerConfig, pdp: PolicyDecisionPoint, *, vmm: VMM,
                  repository, notifier: Notifier | None = None, address: str = "", state_change=None,
-                 credential=None, trust=None, peer_factory=None):
+                 credential=None, trust=None, peer_factory=None, gridftp_options: dict | None = None):
         self.config = config
         self.node = config.node or socket.gethostname()
         self.authz = Enforcer(pdp, identity=self.node)   # slots keyed by this node and its credential
@@ -121,7 +121,10 @@ class Node:
         self.cursors = Cursors()             # ListInstances' page cursors (services/vmmanager/listing.py)
         if not 1 <= config.list_page <= MAX_PAGE:
             raise ValueError(f"[vmmanager] list_page must be 1 to {MAX_PAGE}, not {config.list_page}")
-        self.exports = migration.Exports(self.instances_dir, credential, trust, address) if credential else None
+        # its migration export: [gridftp]'s bounds on sessions ([vmmanager] guest_dns/guest_ou: refused there)
+        self.exports = (migration.Exports(self.instances_dir, credential, trust, address,
+                                          {"guests": config.guest_patterns(), **(gridftp_options or {})})
+                        if credential else None)
         self.reconcile_report = self.reconcile()
         log.info("node %s reconciled: %s", self.node, self.reconcile_report)
 

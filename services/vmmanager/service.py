@@ -29,11 +29,12 @@ class VMManagerService(SoapService):
     extra_understood_headers = frozenset({wire.KEY_HEADER})
 
     def __init__(self, state_dir: Path, config: VMManagerConfig, pdp: PolicyDecisionPoint, *, vmm: VMM,
-                 repository, notifier: Notifier | None = None, credential=None, trust=None):
+                 repository, notifier: Notifier | None = None, credential=None, trust=None,
+                 gridftp_options: dict | None = None):
         super().__init__(state_dir)
         self.core = Node(self.state_dir, config, pdp, vmm=vmm, repository=repository, notifier=notifier,
                          state_change=wire.state_change_envelope, credential=credential, trust=trust,
-                         peer_factory=SoapPeer)
+                         peer_factory=SoapPeer, gridftp_options=gridftp_options)
         self.fragments = wire.InstanceFragments()   # listed instances' elements, kept while they do not change
 
     # the core's parts, for tests and tools that look inside a node

@@ -45,15 +45,18 @@ class VMRepositoryService(SoapService):
     def authz(self):
         return self.registry.authz
 
-    def attach_transfers(self, host: str, credential, trust, public_host: str | None = None) -> None:
+    def attach_transfers(self, host: str, credential, trust, public_host: str | None = None,
+                         **server_options) -> None:
         """Serve the image store and the upload area over GridFTP (started with the container). The gsiftp:// URLs
         name [repository] gridftp_public_host, else ``public_host`` (the host certificate's name: what a client's
-        host check expects), else the listening address."""
+        host check expects), else the listening address. ``server_options``: its GridFTP server's ([gridftp]'s
+        bounds on sessions, the guests' DN patterns)."""
         from services.vmrepository.transfer import RepositoryTransfers
 
         c = self.config
         self.transfers = RepositoryTransfers(self.registry, c.gridftp_host or host, max(c.gridftp_port, 0),
-                                             credential, trust, c.gridftp_public_host or public_host or "")
+                                             credential, trust, c.gridftp_public_host or public_host or "",
+                                             **server_options)
         self.registry.transfers = self.transfers
 
     def start(self) -> None:

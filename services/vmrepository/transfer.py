@@ -62,12 +62,15 @@ class RepositoryFileSpace(FileSpace):
 class RepositoryTransfers(GridFTPFace):
     """Runs the GridFTP server of a repository service (same host credential and trusted CAs)."""
 
-    def __init__(self, registry: Registry, host: str, port: int, credential, trust, public_host: str = ""):
+    def __init__(self, registry: Registry, host: str, port: int, credential, trust, public_host: str = "",
+                 **server_options):
+        """``server_options``: GridFTPFace's ([gridftp]'s bounds on sessions, the guests' DN patterns). A guest
+        container's certificate may not log in: the policy denies guests every image and every registration."""
         self.registry = registry
         super().__init__(RepositoryFileSpace(registry.catalogue, registry.upload_dir,
                                              registry.config.upload_quota_bytes), host, port, credential, trust,
                          authorize=self.authorize, upload_area="/uploads", public_host=public_host,
-                         what="image store", log=log)
+                         what="image store", log=log, **{**server_options, "refuse_guests": True})
 
     def authorize(self, dn: str | None, op: str, vpath: str) -> bool:
         if dn is None:

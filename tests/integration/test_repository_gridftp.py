@@ -190,3 +190,48 @@ def test_unregistered_uploads_are_swept_after_upload_max_age(stored, tmp_path):
     server.service.transfers.release(busy)
     assert registry.sweep_uploads(time.time() + max_age + 1) == [busy]
     assert list(mine.iterdir()) == []
+
+
+def test_a_guest_certificate_is_refused_at_login_and_the_users_are_not_crowded_out(stored, tmp_path):
+    """Attack G10: each guest certificate of a VM owner (issued as a node issues them) was a GridFTP identity of its
+    own at the repository, where the policy gives guests nothing: seven took 47 of the 48 user sessions and bob got
+    421. A guest's login now gets one 530 line; alice still downloads."""
+    server, ws = stored
+    url = server.client(server.pki.alice).location(ws.image_id)
+    guests = [server.pki.issue_guest(f"10.99.0.{20 + i}") for i in range(3)]
+    for guest in guests:
+        with pytest.raises(gridftp.GridFTPError) as refused:
+            gridftp.download(url, tmp_path / "guest", 1, credential=guest, trust=server.pki.trust())
+        assert (f"530 /O=Grid/OU=vmgrid-guests/CN=host/{guest.identity.rsplit('/', 1)[1]} is a guest container's "
+                "certificate: guests have no rights on this server.") in str(refused.value)
+    assert not (tmp_path / "guest").exists()
+    result = gridftp.download(url, tmp_path / "img", 1, credential=server.pki.alice.proxy, trust=server.pki.trust())
+    assert result.sha256 == ws.sha256
+
+
+def test_the_gridftp_section_and_the_sites_guest_ou_reach_the_repositorys_face(grid_pki, tmp_path):
+    """vmgrid serve's repository (build_service): [gridftp]'s bounds and [vmmanager] guest_ou/guest_dns are its
+    face's (it was built with the defaults: a site's own guest_ou counted as hosts there)."""
+    from services.container.assemble import build_service
+    from services.container.config import GridFTPConfig
+    from tests.fixtures.repository import repository_config
+
+    (tmp_path / "ingest").mkdir()
+    cfg = repository_config(grid_pki, tmp_path / "state", tmp_path / "ingest")
+    cfg.gridftp = GridFTPConfig(max_sessions=8, max_sessions_per_identity=1, host_sessions=2)
+    cfg.vmmanager.guest_ou = "site-guests"
+    service = build_service("repository", cfg)
+    face = service.transfers
+    face.start()
+    try:
+        url = f"{face.base_url}/uploads/"
+        alice = gridftp.GridFTPClient(url, credential=grid_pki.alice.proxy, trust=grid_pki.cert_dir).connect()
+        with pytest.raises(gridftp.GridFTPError, match=f"421 Too many sessions for {grid_pki.alice.dn}: at most 1"):
+            gridftp.GridFTPClient(url, credential=grid_pki.alice.proxy, trust=grid_pki.cert_dir).connect()
+        for guest in (grid_pki.issue_guest("10.99.0.30", guest_ou="site-guests"), grid_pki.issue_guest("10.99.0.31")):
+            with pytest.raises(gridftp.GridFTPError, match="530 .* is a guest container's certificate"):
+                gridftp.GridFTPClient(url, credential=guest, trust=grid_pki.cert_dir).connect()
+        alice.close()
+    finally:
+        face.stop()
+        service.close()

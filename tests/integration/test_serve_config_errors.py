@@ -73,6 +73,17 @@ def serve(tmp_path, text: str, *extra: str, service: str = "vmmanager") -> subpr
     (("vmmanager", "lease_range"), '"10.99.0.10-10.99.1.20"',
      "n3.toml: [vmmanager] lease_range = '10.99.0.10-10.99.1.20': not inside [vmmanager] network 10.99.0.0/24 "
      "(expected \"FIRST-LAST\", host addresses of 10.99.0.0/24 in order, e.g. \"10.99.0.10-10.99.0.20\")"),
+    # the services' GridFTP servers' bounds ([gridftp]) and guests' DN patterns: their servers started with the defaults
+    (("gridftp", "host_sessions"), "64",
+     "n3.toml: [gridftp] host_sessions is 0 to 63 ([gridftp] max_sessions less one: users need one), not 64"),
+    (("gridftp", "max_sessions_per_identity"), "0",
+     "n3.toml: [gridftp] max_sessions_per_identity is 1 to 64 (at most [gridftp] max_sessions), not 0"),
+    (("gridftp", "max_sessions_per_address"), '"16"',
+     "n3.toml: [gridftp] max_sessions_per_address is 1 to 64 (at most [gridftp] max_sessions), not '16'"),
+    (("gridftp", "transfer_idle_timeout"), "-1",
+     "n3.toml: [gridftp] transfer_idle_timeout is seconds, 0 (no such bound) or more, not -1.0"),
+    (("vmmanager", "guest_dns"), '["OU=site-guests"]',
+     "n3.toml: [vmmanager] guest_dns: 'OU=site-guests' is not a DN pattern (e.g. \"/O=Grid/OU=site-guests/*\")"),
 ])
 def test_a_value_that_cannot_be_used_is_one_line_naming_the_file_and_key(grid_pki, tmp_path, key, value, message):
     r = serve(tmp_path, node_toml(grid_pki, tmp_path / "state", {key: value}))
@@ -112,6 +123,18 @@ def test_a_gridftp_face_that_cannot_listen_is_named_not_taken_for_the_containers
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.endswith("vmgrid: n3.toml: cannot start VMRepositoryService: Cannot assign requested address "
                              "(its GridFTP face: [repository] or [jobs] gridftp_host, gridftp_port)\n"), r.stderr
+
+
+@pytest.mark.parametrize("service", ["repository", "jobs"])
+def test_each_service_with_a_gridftp_server_checks_the_gridftp_section_at_start(grid_pki, tmp_path, service):
+    """The repository's face and a job service's face take [gridftp] as a node's migration export does."""
+    r = serve(tmp_path, node_toml(grid_pki, tmp_path / "state", {("jobs", "owner"): f'"{grid_pki.alice.dn}"',
+                                                                  ("gridftp", "max_sessions"): "8",
+                                                                  ("gridftp", "host_sessions"): "8"}),
+              service=service)
+    assert r.returncode == 1 and r.stderr == ("vmgrid: n3.toml: [gridftp] host_sessions is 0 to 7 ([gridftp] "
+                                              "max_sessions less one: users need one), not 8\n"), r.stderr
+    assert not (tmp_path / "state").exists()
 
 
 @pytest.mark.parametrize("key, value, message", [

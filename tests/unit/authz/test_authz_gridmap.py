@@ -59,3 +59,28 @@ def test_a_broken_gridmap_refuses_the_policy_with_the_gridmap_line(tmp_path: Pat
     with pytest.raises(PolicyError) as info:
         load_policy(path)
     assert info.value.file.endswith("bio.gridmap") and info.value.line == 2 and info.value.rule == "bio"
+
+
+def test_a_gridmap_group_matches_a_dn_as_globus_matches_the_gridmap(tmp_path: Path, grid_pki):
+    """Globus maps a login's DN to a grid-mapfile's with strcasecmp, /UID= as /USERID=, /E= and /Email= as
+    /emailAddress= (gridftp.gridmap.dn_key); the policy compared them exactly, so a grid-mapfile a Globus server
+    accepts left its users out of the group. A \\xHH escape is a byte of UTF-8, as Globus reads it. DNs written in
+    the policy itself still compare exactly."""
+    (tmp_path / "bio.gridmap").write_text(
+        '"/o=grid/ou=VMGRID/cn=ALICE" bio001\n'
+        '"/O=Grid/OU=vmgrid/CN=Carol/E=carol@example.org" bio002\n'
+        '"/O=Grid/OU=vmgrid/UID=dave/CN=Dave" bio003\n'
+        '"/O=Grid/OU=vmgrid/CN=J\\xC3\\xB6rg" bio004\n')
+    path = tmp_path / "policy.toml"
+    path.write_text(policy_text(groups={"bio": {"gridmap": "bio.gridmap"},
+                                        "hep": {"members": ["/O=Grid/OU=vmgrid/CN=Erin"]}}))
+    policy = load_policy(path)
+    image = {"type": "image", "vo": "bio", "owner": "/O=x/CN=y"}
+    for dn in (grid_pki.alice.dn, "/O=Grid/OU=vmgrid/CN=Carol/emailAddress=carol@example.org",
+               "/O=Grid/OU=vmgrid/USERID=dave/CN=Dave", "/O=Grid/OU=vmgrid/CN=Jörg"):
+        assert policy.groups_of(dn) == ["bio"], dn
+        assert policy.decide(Subject(dn), "image.read", image, {}).permit, dn
+    assert grid_pki.alice.dn == "/O=Grid/OU=vmgrid/CN=alice"
+    assert policy.groups_of("/O=Grid/OU=vmgrid/CN=Jörgen") == [] and policy.groups_of("/O=Grid/OU=vmgrid/CN=J") == []
+    assert policy.groups_of("/O=Grid/OU=vmgrid/CN=erin") == [] and policy.groups_of("/O=Grid/OU=vmgrid/CN=Erin") == ["hep"]
+    assert not policy.decide(Subject("/O=Grid/OU=vmgrid/CN=alicia"), "image.read", image, {}).permit

@@ -41,8 +41,9 @@ def sha256_of(path: Path) -> str:
 class RawFTP:
     """A bare control connection for conformance tests: send lines, read replies, move raw data."""
 
-    def __init__(self, host: str, port: int, timeout: float = 10):
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+    def __init__(self, host: str, port: int, timeout: float = 10, source: str | None = None):
+        self.sock = socket.create_connection((host, port), timeout=timeout,
+                                             source_address=(source, 0) if source else None)
         self.ctl = ControlChannel(self.sock)
         self.greeting = self.ctl.read_reply()
 

@@ -173,3 +173,79 @@ def test_a_transfer_keeps_a_session_and_restarts_the_clock(start_server):
         assert s.reply().code == 226
         assert s.cmd("NOOP").code == 200
     s.close()
+
+
+@pytest.mark.parametrize("gsi", [False, True], ids=["tls", "gsi"])
+def test_a_server_where_guests_have_no_rights_refuses_their_login(secured, grid_pki, gsi):
+    """Attack G10: each of a VM owner's guest certificates (issued as a node issues them) is an identity of its own,
+    so seven of them took 47 of the repository's 48 user sessions. A server with refuse_guests turns a guest's
+    login away with one 530 line (its guest_ou in other letters too); users and hosts log in as before. Without
+    refuse_guests a guest still logs in, and counts as a user."""
+    guest = grid_pki.issue_guest("10.99.0.17")
+    site_guest = grid_pki.issue_guest("10.99.0.18", guest_ou="Site-Guests")
+    server = secured(refuse_guests=True, guests=["/O=Grid/OU=vmgrid-guests/*", "/O=Grid/OU=site-guests/*"])
+    for who, dn in ((guest, "/O=Grid/OU=vmgrid-guests/CN=host/10.99.0.17"),
+                    (site_guest, "/O=Grid/OU=Site-Guests/CN=host/10.99.0.18")):
+        with pytest.raises(GridFTPError) as refused:
+            session(server, who, grid_pki, gsi=gsi)
+        assert str(refused.value).count("530") >= 1 and f"{dn} is a guest container's certificate: guests have " \
+            "no rights on this server." in str(refused.value)
+    wait_for(lambda: not server._sessions, what="the refused sessions closed")
+    held = [session(server, grid_pki.alice.proxy, grid_pki, gsi=gsi), session(server, grid_pki.host, grid_pki, gsi=gsi)]
+    open_to_guests = secured(max_sessions=8, max_sessions_per_identity=1, host_sessions=2)
+    held.append(session(open_to_guests, guest, grid_pki, gsi=gsi))
+    with pytest.raises(GridFTPError, match="421 Too many sessions for /O=Grid/OU=vmgrid-guests/CN=host/10.99.0.17"):
+        session(open_to_guests, guest, grid_pki, gsi=gsi)
+    for s in held:
+        assert s.command("NOOP").code == 200
+        s.close()
+
+
+def test_a_refused_guest_gets_the_530_for_what_it_pipelined_and_is_closed(secured, grid_pki, tmp_path):
+    """The 530 answers the commands a client sent behind its USER (as a 421 of a bound does), then the session ends:
+    a refused guest holds no pre-login session for login_timeout."""
+    import ssl
+
+    from gridftp.tls import TLSConfig
+
+    guest = grid_pki.issue_guest("10.99.0.19")
+    server = secured(refuse_guests=True)
+    raw = RawFTP("127.0.0.1", server.port)
+    context = TLSConfig(guest, grid_pki.trust()).client_context
+    context.check_hostname = False
+    raw.starttls(context)
+    raw.ctl.send_line("USER :globus-mapping:")
+    raw.ctl.send_line("PASS dummy")
+    first, second = raw.ctl.read_reply(), raw.ctl.read_reply()
+    assert first.code == second.code == 530 and "guests have no rights on this server" in first.text
+    try:
+        rest = raw.sock.recv(100)
+    except (ssl.SSLError, OSError):
+        rest = b""
+    assert rest == b""                                  # and the session is closed
+    wait_for(lambda: not server._sessions, what="the refused session forgotten")
+    raw.close()
+
+
+def test_sessions_are_counted_per_loopback_and_per_ipv6_64(start_server):
+    """One local account may bind any of 127.0.0.0/8 (attack G10's 127.0.0.2-4), and one IPv6 host any address of
+    its /64: each is one address for max_sessions_per_address. A login past it from another loopback address is
+    refused naming the loopback; other IPv4 addresses stay apart."""
+    from gridftp.server import _address_group
+
+    assert _address_group("127.0.0.2") == _address_group("127.9.8.7") == _address_group("::1") \
+        == _address_group("::ffff:127.0.0.1")
+    assert _address_group("2001:db8:1:2::1") == _address_group("2001:db8:1:2:ffff:ffff:ffff:ffff")
+    assert _address_group("2001:db8:1:2::1") != _address_group("2001:db8:1:3::1")
+    assert _address_group("192.0.2.1") == _address_group("::ffff:192.0.2.1") != _address_group("192.0.2.2")
+    server = start_server(max_sessions=8, max_sessions_per_address=2)
+    held = []
+    for source in ("127.0.0.2", "127.0.0.3"):
+        held.append(RawFTP("127.0.0.1", server.port, source=source))
+        held[-1].login_anonymous()
+    third = RawFTP("127.0.0.1", server.port, source="127.0.0.4")
+    third.expect("USER anonymous", 331)
+    reply = third.cmd("PASS test@")
+    assert reply.code == 421 and "Too many sessions from loopback (127.0.0.0/8, ::1): at most 2" in reply.text
+    for s in held + [third]:
+        s.close()
