@@ -46,9 +46,11 @@ def register(subparsers) -> None:
     p.add_argument("endpoint", help="an instance (inst-… or your identifier) on --node, or the job service URL")
     p.add_argument("--stage-in", action="append", default=[], metavar="F",
                    help="a local file (uploaded to the service's GridFTP face) or a gsiftp:// URL the service "
-                        "fetches; it lands in the job's directory under its own name")
+                        "fetches as you (with a proxy of yours this command delegates to it); it lands in the job's "
+                        "directory under its own name")
     p.add_argument("--stage-out", action="append", default=[], metavar="F",
-                   help="a file the job makes (NAME, or NAME=gsiftp://… to have the service send it there too)")
+                   help="a file the job makes (NAME, or NAME=gsiftp://… to have the service send it there too, as "
+                        "you)")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="an environment variable")
     p.add_argument("--dir", help="the working directory inside the job's directory")
     p.add_argument("--stdin", help="a file of the job's directory as standard input")

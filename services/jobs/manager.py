@@ -19,12 +19,13 @@ from typing import Callable
 
 from gridftp.checksum import hash_file
 from gridftp.filespace import PART_SUFFIX, SIDECAR_SUFFIX, is_internal
+from security.delegation import DelegationError
 from services.faults import AccessDenied, IllegalTransition, InvalidArgument, LimitExceeded, ResourceUnknown
 from services.jobs.config import JobsConfig
 from services.jobs.files import DIR_FLAGS, chown_tree, lock, open_beneath, open_output
 from services.jobs.runner import (Exit, Process, job_environment, pid_namespaces, pids_cgroups, proc_start_time,
                                   read_exit, read_supervisor, remove_job_cgroup)
-from services.jobs.staging import Stager, StagingError, inside
+from services.jobs.staging import Stager, StagingError, as_submitter, inside
 from services.jobs.store import Job, JobSpec, JobState, JobStore, OutputFile
 from services.wsrf.lifetime import Sweeper
 from services.wsrf.notification import Subscription, Subscriptions, new_subscription_key
@@ -38,6 +39,8 @@ LIVE_BEFORE_RUN = {JobState.PENDING, JobState.STAGE_IN}
 # are quickly hashed, is answered Cancelled; one that takes longer is answered with its live state (it ends
 # Cancelled by itself). Short, so that a few Cancels do not hold a container's request threads.
 CANCEL_ANSWER_WAIT = 1.0
+# the proxy a job's submitter delegated at submit (control/<key>/): its gsiftp:// files are moved with it
+DELEGATED_PROXY = "delegated-proxy.pem"
 
 StateListener = Callable[[Job, JobState, JobState], None]
 
@@ -133,9 +136,12 @@ class JobManager:
         self.store.close()
 
     # -- submission ---------------------------------------------------------------------------------------
-    def submit(self, dn: str, spec: JobSpec) -> Job:
+    def submit(self, dn: str, spec: JobSpec, proxy_pem: bytes | None = None) -> Job:
+        """``proxy_pem``: the proxy ``dn`` delegated to this service (SubmitJob's delegatedProxy), needed for gsiftp://
+        stage-ins and stage-outs, which are moved as the submitter."""
         self.check(dn, "job.submit")
         self._validate(spec)
+        proxy_pem = self._delegation(dn, spec, proxy_pem)
         default = min(self.config.default_lifetime, self.config.max_lifetime)
         lifetime = default if spec.lifetime is None else spec.lifetime
         if lifetime > self.config.max_lifetime:
@@ -150,6 +156,9 @@ class JobManager:
             now = time.time()
             job = Job("job-" + uuid.uuid4().hex, dn, JobState.PENDING, spec, now, now + lifetime)
             (self.jobs_dir / job.key).mkdir(mode=0o700)
+            if proxy_pem is not None:
+                (self.control_dir / job.key).mkdir(mode=0o700)
+                (self.control_dir / job.key / DELEGATED_PROXY).write_bytes(proxy_pem)
             self.store.add(job)      # the record first: a restart from here on finds the job
         log.info("job %s submitted by %s: %s", job.key, dn, spec.executable)
         self._spawn(job.key, lambda: self._run(job.key))
@@ -195,6 +204,41 @@ class JobManager:
                                       argument="stageIn")
         if any(s.destination for s in spec.stage_out) and self.stager is None:
             raise InvalidArgument("this job service has no GridFTP credential to send files", argument="stageOut")
+
+    def _delegation(self, dn: str, spec: JobSpec, proxy_pem: bytes | None) -> bytes | None:
+        """The proxy ``dn`` delegated for the job's gsiftp:// files, checked (None: the job moves none). Those are
+        moved as the submitter, never with this service's own credential: a host credential is a node to the site's
+        policy (it may read every VO's images), and a job's URL is the submitter's choice (a confused deputy)."""
+        reads = [s.source for s in spec.stage_in if as_submitter(s.source)]
+        writes = [s.destination for s in spec.stage_out if as_submitter(s.destination)]
+        if not reads and not writes:
+            return None
+        if not proxy_pem:
+            raise InvalidArgument(f"{(reads + writes)[0]}: this job service moves a job's gsiftp:// files as its "
+                                  f"submitter, with a proxy the client delegates at submit (delegatedProxy), and this "
+                                  f"submit carries none: update your vmgrid client (its `vmgrid job submit` delegates "
+                                  f"one)", argument="delegatedProxy")
+        try:
+            credential = self.stager.delegated(proxy_pem, dn)
+        except DelegationError as exc:
+            raise InvalidArgument(f"delegatedProxy: {exc.reason}", argument="delegatedProxy") from None
+        if credential.limited and writes:
+            raise AccessDenied(f"the delegated proxy is limited: a limited proxy cannot send stage-outs ({writes[0]})",
+                               subject=dn, action="job.submit", resource="the job service", rule="limited-proxy")
+        return proxy_pem
+
+    def _submitter_credential(self, job: Job):
+        """The proxy the job's submitter delegated at submit, checked again now (expired or revoked meanwhile:
+        StagingError saying so): what the job's gsiftp:// files are moved with."""
+        try:
+            pem = (self.control_dir / job.key / DELEGATED_PROXY).read_bytes()
+        except FileNotFoundError:
+            raise StagingError(f"no proxy of {job.owner} was delegated for this job's gsiftp:// files") from None
+        try:
+            return self.stager.delegated(pem, job.owner)
+        except DelegationError as exc:
+            raise StagingError(f"the proxy {job.owner} delegated at submit cannot be used ({exc.reason}): a job's "
+                               f"gsiftp:// files are moved as its submitter") from None
 
     # -- running ------------------------------------------------------------------------------------------
     def _spawn(self, key: str, target: Callable[[], None]) -> None:
@@ -248,6 +292,7 @@ class JobManager:
             if not self._set_state(key, JobState.STAGE_IN, expect={JobState.PENDING}):
                 return
             done_bytes = 0
+            submitter = None        # the submitter's delegated credential, at the first gsiftp:// source
             for i, s in enumerate(spec.stage_in):
                 if self._cancelled(key):
                     return
@@ -255,9 +300,12 @@ class JobManager:
                                                  "bytesDone": done_bytes, "current": s.name})
                 try:
                     dest = inside(work, s.name)
+                    if as_submitter(s.source) and submitter is None:
+                        submitter = self._submitter_credential(job)
                     self.stager.fetch(s.source, dest, job.owner, s.sha256, lambda n, base=done_bytes: self.store.update(
                         key, progress={"filesDone": i, "filesTotal": len(spec.stage_in), "bytesDone": base + n,
-                                       "current": s.name}), room=self.config.staging_quota - done_bytes)
+                                       "current": s.name}), room=self.config.staging_quota - done_bytes,
+                                      credential=submitter)
                 except StagingError as exc:
                     self._set_state(key, JobState.FAILED, failure=f"stage-in failed: {exc}", ended=time.time())
                     return
@@ -395,6 +443,7 @@ class JobManager:
         uid = self.store.job_uid(job.key)
         outputs: list[OutputFile] = []
         problems: list[str] = []
+        submitter = None        # the submitter's delegated credential, at the first gsiftp:// destination
         wanted = [(spec.stdout, None), (spec.stderr, None)] + [(s.name, s.destination) for s in spec.stage_out]
         seen = set()
         for i, (name, destination) in enumerate(wanted):
@@ -421,10 +470,12 @@ class JobManager:
                 if destination:
                     self.store.update(job.key, progress={**job.progress, "current": name})
                     try:
-                        self.stager.send(path, destination, digest, lambda n: None)
+                        if as_submitter(destination) and submitter is None:
+                            submitter = self._submitter_credential(job)
+                        self.stager.send(path, destination, digest, lambda n: None, credential=submitter)
                     except StagingError as exc:
                         problems.append(f"stage-out failed: {exc}")
-                        continue
+                        destination = None        # not sent: it stays in the job's directory (`vmgrid job get`)
                 size = os.fstat(fd).st_size
             except OSError as exc:
                 problems.append(f"output {name} cannot be read: {exc.strerror}")

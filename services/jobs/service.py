@@ -119,7 +119,8 @@ class JobService(SoapService):
             raise AccessDenied(f"{ctx.dn} signed with a limited proxy, which cannot start a job (make a full proxy: "
                                f"vmgrid proxy-init without -limited)", subject=ctx.dn, action="job.submit",
                                resource="the job service", rule="limited-proxy-no-submit")
-        job = self.jobs.submit(ctx.dn, wire.parse_submit(req))
+        proxy = (req.findtext("job:delegatedProxy", namespaces=wire.NS) or "").strip()
+        job = self.jobs.submit(ctx.dn, wire.parse_submit(req), proxy.encode() if proxy else None)
         resp = _el("SubmitJobResponse")
         resp.append(wire.job_element(job, self._epr(job.key)))
         return resp

@@ -1,7 +1,8 @@
 """Files in and out of a job's directory over GridFTP, and the job service's own GridFTP face.
 
-Stage-in sources are gsiftp:// or ftp:// URLs (fetched with the service's credential, verified by
-sha256: the one the client gave, else the source's own CKSM) or ``staged:NAME``, a file the job's
+Stage-in sources are gsiftp:// or ftp:// URLs (gsiftp:// fetched as the job's submitter, with the proxy they
+delegated to this service at submit, never with the service's own credential; verified by sha256: the one the client
+gave, else the source's own CKSM) or ``staged:NAME``, a file the job's
 owner put into their staging area on this service's face. Outputs are hashed once they are final
 and sent to their destination URLs verified the same way; the owner can also read them (and only
 they) from the face at /jobs/<key>/<name>.
@@ -22,6 +23,8 @@ from gridftp.face import GridFTPFace
 from gridftp.checksum import hash_file
 from gridftp.errors import GridFTPError, PathError
 from gridftp.filespace import PART_SUFFIX, SIDECAR_SUFFIX, FileSpace, LocalFileSpace
+from security.delegation import DelegationError
+from security.delegation import accept as accept_delegation
 from services.jobs.files import pin_beneath
 
 log = logging.getLogger("vmgrid.JobService.gridftp")
@@ -44,13 +47,22 @@ def inside(root: Path, relative: str) -> Path:
         raise StagingError(f"{relative}: {exc}") from None
 
 
+def as_submitter(url: str | None) -> bool:
+    """Whether moving ``url`` needs the submitter's delegated proxy: a gsiftp:// URL (ftp:// is anonymous,
+    staged:NAME the service's own face)."""
+    return bool(url) and url.split(":", 1)[0].lower() == "gsiftp"
+
+
 def over_quota(source: str, room: int) -> StagingError:
     return StagingError(f"{source}: larger than the {room} bytes left of this job's stage-in quota "
                         f"([jobs] staging_quota)")
 
 
 class Stager:
-    """Moves one job's files; ``credential``/``trust`` are the service's (the guest container's) own."""
+    """Moves one job's files. ``credential``/``trust`` are the service's (the guest container's) own: the key that
+    delegated proxies are issued for (:meth:`delegated`), never the identity a gsiftp:// file is moved with (a host
+    credential is a node to the site's policy: a confused deputy). That is the submitter's delegated proxy, given to
+    :meth:`fetch` and :meth:`send`."""
 
     def __init__(self, credential, trust, staging_dir: Path, parallel: int = 2):
         self.credential = credential
@@ -58,8 +70,15 @@ class Stager:
         self.staging_dir = staging_dir
         self.parallel = parallel
 
+    def delegated(self, proxy_pem: bytes, dn: str):
+        """The credential ``dn`` delegated to this service (their proxy with this service's key): DelegationError
+        unless it validates, is issued for this service's key and is ``dn``'s."""
+        if self.credential is None:
+            raise DelegationError("this job service has no credential to accept a delegated proxy with")
+        return accept_delegation(proxy_pem, self.credential, self.trust, expected_dn=dn)
+
     def fetch(self, source: str, dest: Path, owner: str, sha256: str | None,
-              progress: Callable[[int], None], room: int | None = None) -> str:
+              progress: Callable[[int], None], room: int | None = None, *, credential=None) -> str:
         """Put ``source`` at ``dest``; returns its verified sha256. ``room``: the most bytes it may take (the rest
         of the job's stage-in quota); a larger file is refused and nothing of it is left."""
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -76,8 +95,10 @@ class Stager:
             actual = hash_file(dest)
             progress(dest.stat().st_size)
         else:
+            if as_submitter(source) and credential is None:
+                raise StagingError(f"{source}: no delegated proxy of {owner} to fetch it with")
             try:
-                result = download(source, dest, self.parallel, credential=self.credential, trust=self.trust,
+                result = download(source, dest, self.parallel, credential=credential, trust=self.trust,
                                   sha256=sha256, progress=lambda done, total: progress(done), max_size=room)
             except TooLarge:
                 raise over_quota(source, room) from None
@@ -91,9 +112,13 @@ class Stager:
             raise StagingError(f"{source}: sha256 {actual} is not the expected {sha256}")
         return actual
 
-    def send(self, src: Path, destination: str, sha256: str, progress: Callable[[int], None]) -> None:
+    def send(self, src: Path, destination: str, sha256: str, progress: Callable[[int], None], *,
+             credential=None) -> None:
+        """Send ``src`` to ``destination``; a gsiftp:// one with ``credential``, the submitter's delegated proxy."""
+        if as_submitter(destination) and credential is None:
+            raise StagingError(f"{destination}: no delegated proxy of the submitter's to send it with")
         try:
-            upload(src, destination, self.parallel, credential=self.credential, trust=self.trust, sha256=sha256,
+            upload(src, destination, self.parallel, credential=credential, trust=self.trust, sha256=sha256,
                    progress=lambda done, total: progress(done), state_dir=self.staging_dir.parent / "restart")
         except (GridFTPError, OSError) as exc:
             raise StagingError(f"{destination}: {exc}") from None

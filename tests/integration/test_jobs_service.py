@@ -62,12 +62,14 @@ class JobGrid:
         self.service = build_service("jobs", cfg)
         self.container = build_container(cfg, [self.service]).start()
         self.url = self.container.url("JobService")
-        # the scientist's own GridFTP server: the job service (the host DN) reads inputs and writes outputs there
+        # the scientist's own GridFTP server, hers alone: the job service reads her inputs and writes her outputs
+        # there as her (the proxy she delegated at submit), never as itself (the host DN); who came is in `seen`
         self.files = root / "scientist"
         (self.files / "results").mkdir(parents=True)
-        host_dn = pki.host.subject
+        self.seen: list[tuple[str, str]] = []
         self.gridftp = GridFTPServer(self.files, "127.0.0.1", 0, credential=pki.host, trust=pki.trust(),
-                                     authorize=lambda dn, op, path: dn == host_dn, upload_area="/results")
+                                     authorize=lambda dn, op, path: self.seen.append((dn, op)) or dn == pki.alice.dn,
+                                     upload_area="/results")
         self.gridftp.start()
         self.gridftp_url = f"gsiftp://localhost:{self.gridftp.port}"
         self.clients = []
@@ -166,6 +168,7 @@ def test_a_job_with_stage_in_and_out_every_operation_validates_and_outputs_come_
     assert info.progress["filesDone"] == info.progress["filesTotal"] == 2
     expected = b"8 14\n"
     assert (grid.files / "results" / "result.txt").read_bytes() == expected      # sent to the scientist's server
+    assert {dn for dn, _ in grid.seen} == {grid_pki.alice.dn} and "write" in {op for _, op in grid.seen}  # as her
     outputs = {name: (size, digest) for name, size, digest, _ in info.outputs}
     assert outputs["result.txt"] == (len(expected), sha(expected))
     fetched = alice.fetch_outputs(info, tmp_path / "out")                         # and over the face, verified

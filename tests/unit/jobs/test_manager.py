@@ -19,7 +19,7 @@ from services.faults import AccessDenied, IllegalTransition, InvalidArgument, Li
 from services.jobs.config import JobsConfig
 from services.jobs.manager import JobManager
 from services.jobs.runner import proc_start_time
-from services.jobs.staging import Stager, staging_area
+from services.jobs.staging import Stager, StagingError, staging_area
 from services.jobs.store import JobSpec, JobState, StageIn, StageOut
 
 OWNER = "/O=Grid/OU=vmgrid/CN=alice"
@@ -28,9 +28,10 @@ OTHER = "/O=Grid/OU=vmgrid/CN=bob"
 PY = "/usr/bin/python3"      # a program a job may run: jobs run under a uid of their own (not root's /root/...)
 
 
-def manager(state: Path, **overrides) -> JobManager:
+def manager(state: Path, pki=None, **overrides) -> JobManager:
+    """``pki``: the service's credential is its host's (it takes delegated proxies: ``delegated``)."""
     cfg = JobsConfig(owner=OWNER, admins=[ADMIN], **{"kill_grace": 2.0, **overrides})
-    m = JobManager(state, cfg, lambda staging: Stager(None, None, staging))
+    m = JobManager(state, cfg, lambda staging: Stager(pki and pki.host, pki and pki.trust(), staging))
     m.start()
     return m
 
@@ -71,9 +72,15 @@ def shut(m: JobManager) -> None:
     m.close()
 
 
+def delegated(pki, user=None, **kwargs) -> bytes:
+    """A proxy of ``user`` (alice, the owner) delegated to the service (its host key), as `vmgrid job submit` makes it."""
+    from security.delegation import delegate
+    return delegate((user or pki.alice).proxy, pki.host.certificate, **kwargs)
+
+
 @pytest.fixture
-def jobs(tmp_path):
-    m = manager(tmp_path / "state")
+def jobs(tmp_path, grid_pki):
+    m = manager(tmp_path / "state", grid_pki)
     yield m
     shut(m)
 
@@ -141,7 +148,7 @@ def test_cancel_kills_the_whole_process_group(jobs):
         jobs.cancel(OWNER, job.key)
 
 
-def test_what_a_cancelled_job_wrote_is_recorded_hashed_before_it_is_cancelled_and_nothing_is_sent(jobs):
+def test_what_a_cancelled_job_wrote_is_recorded_hashed_before_it_is_cancelled_and_nothing_is_sent(jobs, grid_pki):
     """A Cancelled job recorded no outputs: `vmgrid job get` fetched nothing although StdoutTail showed output.
     Whoever sees the job Cancelled (a notification, a status) finds them all recorded: a listener reads the job
     at its move to Cancelled."""
@@ -154,7 +161,7 @@ def test_what_a_cancelled_job_wrote_is_recorded_hashed_before_it_is_cancelled_an
                                                "open('part.txt', 'w').write('half'); print('started', flush=True); "
                                                "time.sleep(300)" % parts,),
                                      stage_out=(StageOut("part.txt", "gsiftp://127.0.0.1:1/results/part.txt"),
-                                                StageOut("never.txt"), *map(StageOut, parts))))
+                                                StageOut("never.txt"), *map(StageOut, parts))), delegated(grid_pki))
     wait_until(lambda: jobs.tail(OWNER, jobs.store.get(job.key), "stdout") == "started\n")
     jobs.cancel(OWNER, job.key, answer_wait=0)          # answers at once; the job's thread does the rest
     done = wait_final(jobs, job.key)
@@ -209,25 +216,27 @@ class HeldStager(Stager):
     """A Stager whose first send waits until the test lets it go (a stage-out under way when Cancel comes); it
     records what it was asked to send and sends nothing (the destinations are not real servers)."""
 
-    def __init__(self, staging):
-        super().__init__(None, None, staging)
+    def __init__(self, staging, pki):
+        super().__init__(pki.host, pki.trust(), staging)
         self.sending, self.go, self.sent = threading.Event(), threading.Event(), []
 
-    def send(self, path, destination, sha256, progress):
+    def send(self, path, destination, sha256, progress, *, credential=None):
+        assert credential.identity == OWNER          # as the submitter (her delegated proxy), never as the service
         self.sent.append(destination)
         self.sending.set()
         assert self.go.wait(60)
 
 
-def test_a_cancel_during_the_stage_out_sends_no_further_file_and_ends_it_cancelled_with_every_output(tmp_path):
+def test_a_cancel_during_the_stage_out_sends_no_further_file_and_ends_it_cancelled_with_every_output(tmp_path,
+                                                                                                        grid_pki):
     stagers = []
     cfg = JobsConfig(owner=OWNER, admins=[ADMIN], kill_grace=2.0)
-    m = JobManager(tmp_path / "s", cfg, lambda staging: stagers.append(HeldStager(staging)) or stagers[-1])
+    m = JobManager(tmp_path / "s", cfg, lambda staging: stagers.append(HeldStager(staging, grid_pki)) or stagers[-1])
     m.start()
     try:
         script = "for n in ('a.txt', 'b.txt', 'c.txt'): open(n, 'w').write(n)"
         job = m.submit(OWNER, JobSpec(PY, ("-c", script), stage_out=tuple(
-            StageOut(n, f"gsiftp://results.example.org/{n}") for n in ("a.txt", "b.txt", "c.txt"))))
+            StageOut(n, f"gsiftp://results.example.org/{n}") for n in ("a.txt", "b.txt", "c.txt"))), delegated(grid_pki))
         stager = stagers[0]
         assert stager.sending.wait(60)                       # a.txt is being sent
         assert m.store.get(job.key).state == JobState.STAGE_OUT
@@ -780,3 +789,43 @@ def test_a_sigterm_between_the_inits_fork_and_its_handler_reaches_the_program():
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == {"exit": -signal.SIGTERM}
+
+
+def test_gsiftp_staging_needs_the_submitters_own_delegated_proxy_and_is_moved_with_it(jobs, grid_pki):
+    """attack12 G7: a job's gsiftp:// files were moved with the service's host credential, a node to the site's
+    policy (alice's job fetched bob's image). They are moved as the submitter: a submit without her delegated proxy
+    (an older client), with someone else's, or with one for another key is refused, typed, and nothing is recorded;
+    a limited one sends no stage-out. The proxy kept is hers, for this service's key."""
+    spec = JobSpec(PY, ("-c", "pass"), stage_in=(StageIn("gsiftp://127.0.0.1:1/images/x", "x"),))
+    out = JobSpec(PY, ("-c", "pass"), stage_out=(StageOut("x", "gsiftp://127.0.0.1:1/results/x"),))
+    with pytest.raises(InvalidArgument, match="update your vmgrid client") as exc:
+        jobs.submit(OWNER, spec)
+    assert exc.value.argument == "delegatedProxy"
+    with pytest.raises(InvalidArgument, match="update your vmgrid client"):
+        jobs.submit(OWNER, out)
+    with pytest.raises(InvalidArgument, match=f"of {grid_pki.bob.dn}, not of the caller {OWNER}"):
+        jobs.submit(OWNER, spec, delegated(grid_pki, grid_pki.bob))
+    from security.delegation import delegate
+    other = grid_pki.issue_host("elsewhere.example.org")
+    with pytest.raises(InvalidArgument, match="not issued for this node's key"):
+        jobs.submit(OWNER, spec, delegate(grid_pki.alice.proxy, other.certificate))
+    from security.pki import make_proxy
+    limited = make_proxy(grid_pki.alice.credential, limited=True, key=grid_pki.keys.take())
+    with pytest.raises(AccessDenied, match="limited proxy cannot send stage-outs"):
+        jobs.submit(OWNER, out, delegate(limited, grid_pki.host.certificate))
+    assert jobs.store.list() == [] and list(jobs.jobs_dir.iterdir()) == []
+    # ftp:// (anonymous) and staged: files need none; a limited proxy may fetch
+    assert jobs.submit(OWNER, JobSpec(PY, ("-c", "pass"))).state == JobState.PENDING
+    job = jobs.submit(OWNER, spec, delegate(limited, grid_pki.host.certificate))
+    done = wait_final(jobs, job.key)        # port 1: nothing listens; it was tried as alice
+    assert done.state == JobState.FAILED and "stage-in failed: gsiftp://127.0.0.1:1/images/x" in done.failure
+    kept = jobs.stager.delegated((jobs.control_dir / job.key / "delegated-proxy.pem").read_bytes(), OWNER)
+    assert kept.identity == OWNER and kept.private_key is grid_pki.host.private_key
+
+
+def test_a_stager_never_moves_a_gsiftp_file_with_its_own_credential(tmp_path, grid_pki):
+    stager = Stager(grid_pki.host, grid_pki.trust(), tmp_path / "staging")
+    with pytest.raises(StagingError, match="no delegated proxy"):
+        stager.fetch("gsiftp://127.0.0.1:1/x", tmp_path / "x", OWNER, None, lambda n: None)
+    with pytest.raises(StagingError, match="no delegated proxy"):
+        stager.send(tmp_path / "x", "gsiftp://127.0.0.1:1/x", "0" * 64, lambda n: None)

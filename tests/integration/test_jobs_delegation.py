@@ -1,0 +1,119 @@
+"""A job's gsiftp:// files move as its submitter (attack12 G7): the job service, in a real container, fetches
+stage-ins from a real VMRepository's GridFTP face and sends stage-outs to a real GridFTP server with the proxy the
+submitter delegated at submit, never with its own host credential, which the site's policy makes a node (every VO's
+images). An older client's submit without a proxy is refused, typed; a proxy expired before the stage-out ends the
+job Failed with the reason, its outputs still fetchable from the service's own face."""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+
+import pytest
+from cryptography import x509
+from lxml import etree
+
+from security.delegation import delegate
+from services.descriptor import Descriptor, parse_descriptor, set_field
+from services.faults import InvalidArgument
+from services.jobs import wire
+from services.jobs.store import JobSpec, StageIn, StageOut
+from services.jobs.wire import JOB
+from tests.fixtures.repository import EXAMPLES, signed_call
+from tests.integration.test_jobs_service import PY, JobGrid
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture
+def grid(grid_pki, tmp_path):
+    (tmp_path / "jobs").mkdir()
+    g = JobGrid(grid_pki, tmp_path / "jobs")
+    yield g
+    g.close()
+
+
+def register(server, vo: str, fill: bytes) -> Descriptor:
+    """An image of ``vo`` registered by the site's admin (the debian12-emboss example with distinct bytes)."""
+    ws = parse_descriptor((EXAMPLES / "debian12-emboss.xml").read_bytes())
+    set_field(ws, "identity", "name", f"{vo}-image")
+    set_field(ws, "identity", "vo", vo)
+    path = server.image(f"{vo}.qcow2", fill=fill)
+    return Descriptor(server.client(server.pki.admin).register(ws, local_path=str(path)))
+
+
+def test_a_jobs_stage_in_fetches_as_its_submitter_not_as_the_job_services_host(grid, repo_server, grid_pki, tmp_path):
+    """alice (bio) asked her job service to stage in bob's hep image by its repository URL: the service fetched it
+    with its host credential (a node to the policy) and she got the bytes she is refused directly. Fails without
+    the fix: the job was Done, the image in its directory. Her own VO's image still stages, verified."""
+    import gridftp
+
+    hep, bio = register(repo_server, "hep", b"bob's hep image" * 999), register(repo_server, "bio", b"bio" * 999)
+    admin = repo_server.client(grid_pki.admin)
+    hep_url, bio_url = admin.location(hep.image_id), admin.location(bio.image_id)
+    with pytest.raises(gridftp.GridFTPError):          # she may not read it herself
+        gridftp.download(hep_url, tmp_path / "direct", 1, credential=grid_pki.alice.proxy, trust=grid_pki.trust(),
+                         retries=0)
+    alice = grid.client(grid_pki.alice)
+    key = alice.submit(JobSpec(PY, ("-c", "print('ran')"), stage_in=(StageIn(hep_url, "hep.qcow2"),)))
+    info = alice.wait(key, timeout=120)
+    assert info.state == "Failed" and info.failure.startswith(f"stage-in failed: {hep_url}")
+    assert "550" in info.failure and "permission denied" in info.failure
+    assert not (grid.service.jobs.jobs_dir / key / "hep.qcow2").exists() and info.stdout_tail == ""
+    assert [o[0] for o in info.outputs if o[0] == "hep.qcow2"] == []
+    key = alice.submit(JobSpec("/usr/bin/sha256sum", ("bio.qcow2",), stage_in=(StageIn(bio_url, "bio.qcow2"),)))
+    info = alice.wait(key, timeout=120)
+    assert (info.state, info.failure) == ("Done", None)
+    assert info.stdout_tail.split()[0] == bio.sha256
+
+
+def test_an_older_clients_gsiftp_staging_is_refused_typed_and_nothing_is_submitted(grid, grid_pki):
+    """A SubmitJob without delegatedProxy (a client from before it) that stages gsiftp:// files: InvalidArgument
+    saying to update the client; its other jobs (no gsiftp:// file) still run as before."""
+    for staging in (f'<job:stageIn><job:source>{grid.gridftp_url}/ref.fasta</job:source><job:name>ref.fasta'
+                    f'</job:name></job:stageIn>',
+                    f'<job:stageOut><job:name>r.txt</job:name><job:destination>{grid.gridftp_url}/results/r.txt'
+                    f'</job:destination></job:stageOut>'):
+        payload = etree.fromstring(f'<job:SubmitJob xmlns:job="{JOB}"><job:executable>true</job:executable>'
+                                   f'{staging}</job:SubmitJob>')
+        status, fault = signed_call(grid.url, payload, grid_pki.alice.proxy, grid_pki.trust())
+        assert status == 500
+        detail = fault.find("detail/{http://vmgrid.org/ns/faults/1}InvalidArgumentFault")
+        assert "update your vmgrid client" in detail.findtext("{http://vmgrid.org/ns/faults/1}Description")
+    assert grid.service.jobs.store.list() == []
+    payload = etree.fromstring(f'<job:SubmitJob xmlns:job="{JOB}"><job:executable>true</job:executable>'
+                               f'</job:SubmitJob>')
+    assert signed_call(grid.url, payload, grid_pki.alice.proxy, grid_pki.trust())[0] == 200
+
+
+def test_a_proxy_of_someone_else_or_for_another_key_is_refused(grid, grid_pki):
+    alice = grid.client(grid_pki.alice)
+    spec = wire.submit_arguments(JobSpec("true", stage_in=(StageIn(f"{grid.gridftp_url}/ref.fasta", "ref.fasta"),)))
+    other = grid_pki.issue_host("elsewhere.example.org")
+    for proxy, reason in ((delegate(grid_pki.bob.proxy, grid_pki.host.certificate), "not of the caller"),
+                          (delegate(grid_pki.alice.proxy, other.certificate), "not issued for this node's key")):
+        with pytest.raises(InvalidArgument, match=reason):
+            alice.service.call("SubmitJob", **spec, delegatedProxy=proxy.decode())
+    assert grid.service.jobs.store.list() == []
+
+
+def test_a_proxy_expired_before_the_stage_out_fails_the_job_with_the_reason_and_its_outputs_stay(grid, grid_pki,
+                                                                                                 tmp_path):
+    """The delegated proxy lives no longer than asked (a job's lifetime, 12 h at most): a stage-out after it ends
+    is not sent (as nobody: never as the service), the job ends Failed saying why, and the output is recorded and
+    fetched from the service's own face."""
+    alice = grid.client(grid_pki.alice)
+    proxy = delegate(grid_pki.alice.proxy, alice.service_certificate(), lifetime=_dt.timedelta(seconds=3))
+    expires = x509.load_pem_x509_certificate(proxy).not_valid_after_utc.timestamp()
+    # the program ends only once the proxy has expired (it waits for that moment; no assertion on time)
+    script = f"import time\nwhile time.time() < {expires + 1}: time.sleep(0.2)\nopen('r.txt', 'w').write('late')"
+    spec = JobSpec(PY, ("-c", script), stage_out=(StageOut("r.txt", f"{grid.gridftp_url}/results/r.txt"),))
+    resp = alice.service.call("SubmitJob", **wire.submit_arguments(spec), delegatedProxy=proxy.decode())
+    key = resp.find("job:Job/wsa:EndpointReference", wire.NS).findtext(
+        "wsa:ReferenceParameters/job:JobKey", namespaces=wire.NS)
+    info = alice.wait(key, timeout=120)
+    assert info.state == "Failed" and "stage-out failed" in info.failure and "expired" in info.failure
+    assert not (grid.files / "results" / "r.txt").exists() and grid.seen == []     # nobody came: not the host
+    assert {o[0]: o[3] for o in info.outputs}["r.txt"] is None                      # recorded, not sent
+    alice.fetch_outputs(info, tmp_path / "out")
+    assert (tmp_path / "out" / "r.txt").read_text() == "late"
+    assert hashlib.sha256(b"late").hexdigest() == {o[0]: o[2] for o in info.outputs}["r.txt"]
