@@ -49,7 +49,7 @@ def test_another_users_notification_arrives_while_four_trickling_consumers_are_s
         for listener, _ in tarpits:
             alice.subscribe(mine, f"http://127.0.0.1:{listener.getsockname()[1]}/notify")
         with NotificationConsumer(grid_pki.trust()) as consumer:
-            bob.subscribe(his, consumer.url)
+            consumer.subscribe(bob, his)               # takes the node's own Notify only (client/notifications.py)
             alice.pause(mine)
             bob.pause(his)
             change = consumer.wait(lambda c: c.new == "Paused", timeout=60)
