@@ -24,6 +24,7 @@ from services.jobs.files import chown_tree, lock, open_beneath, open_output
 from services.jobs.runner import (Exit, Process, job_environment, pid_namespaces, pids_cgroups, read_exit,
                                   read_supervisor, remove_job_cgroup)
 from services.jobs.staging import Stager, StagingError, inside
+from services.jobs import uids
 from services.jobs.store import Job, JobSpec, JobState, JobStore, OutputFile
 from services.wsrf.lifetime import Sweeper
 from services.wsrf.notification import Subscription, Subscriptions, new_subscription_key
@@ -55,6 +56,7 @@ class JobManager:
         if config.job_uid_first < 1000 or config.job_uid_count < 1 or config.job_uid_first + config.job_uid_count > 2**32 - 2:
             raise ValueError(f"[jobs] job_uid_first = {config.job_uid_first}, job_uid_count = {config.job_uid_count}: "
                              f"a range of at least one uid from 1000 up, below 4294967294")
+        uids.claim(Path(state_dir), config.job_uid_first, config.job_uid_count)     # no account's, no other service's
         self.config = config
         self.state_dir = Path(state_dir)
         self.jobs_dir = self.state_dir / "jobs"
