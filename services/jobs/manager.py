@@ -97,6 +97,7 @@ class JobManager:
                             "service needs a pids cgroup hierarchy it may write, e.g. root as in a guest): a fork "
                             "bomb in a job can exhaust the node", config.max_processes, self.processes_unbounded)
         self._over_quota: dict[str, str] = {}
+        self._ended_bytes: dict[str, int] = {}       # an ended job's directory's bytes (it no longer changes)
         self.reconcile_report = self.reconcile()
 
     # -- who may use it -----------------------------------------------------------------------------
@@ -141,6 +142,7 @@ class JobManager:
         if lifetime > self.config.max_lifetime:
             raise LimitExceeded(f"a lifetime of {lifetime} s exceeds this service's {self.config.max_lifetime} s",
                                 limit="max_lifetime", allowed=str(self.config.max_lifetime), requested=str(lifetime))
+        self._check_submitter_quota(dn)
         with self._guard:
             live = self.store.count_live()
             if live >= self.config.max_live_jobs:
@@ -294,7 +296,8 @@ class JobManager:
                                  pid_namespace=self.pid_namespace,
                                  pids_cgroup=self.pids_cgroup / key if self.pids_cgroup else None,
                                  max_processes=self.config.max_processes, processes_unbounded=self.processes_unbounded,
-                                 max_file_size=self.config.staging_quota, uid=uid, fds=fds)
+                                 max_file_size=self.config.staging_quota, uid=uid, fds=fds,
+                                 tmp_size=self.config.tmp_size, keep=self.state_dir)
         finally:
             for fd in fds.values():
                 os.close(fd)
@@ -536,21 +539,59 @@ class JobManager:
         return expired
 
     def check_quotas(self) -> None:
-        """Kill each running job whose directory holds more than the job's quota (``[jobs] staging_quota``): it
-        ends Failed with the reason. (Each file the program writes is bounded by the kernel, RLIMIT_FSIZE; the
-        whole directory is checked here every sweep.)"""
+        """Kill each running job whose directory holds more than the job's quota (``[jobs] staging_quota``), or
+        whose submitter's job directories together (ended jobs' included) hold more than ``[jobs]
+        submitter_quota``: it ends Failed with the reason. (Each file the program writes is bounded by the kernel,
+        RLIMIT_FSIZE; the directories are checked here every sweep.)"""
         with self._guard:
             running = list(self._procs.items())
+        totals: dict[str, int] = {}
         for key, proc in running:
             if key in self._over_quota:
                 continue
             used = _tree_size(self.jobs_dir / key)
+            job = self.store.get(key)
             if used > self.config.staging_quota:
                 self._over_quota[key] = (f"the job's directory grew to {used} bytes, past its quota of "
                                          f"{self.config.staging_quota} bytes ([jobs] staging_quota): the job was "
                                          f"killed")
+            elif job is not None:
+                if job.owner not in totals:
+                    totals[job.owner] = self.submitter_bytes(job.owner)
+                if totals[job.owner] > self.config.submitter_quota:
+                    self._over_quota[key] = (f"the submitter's job directories grew to {totals[job.owner]} bytes, "
+                                             f"past the submitter's quota of {self.config.submitter_quota} bytes ([jobs] "
+                                             f"submitter_quota): the job was killed")
+            if key in self._over_quota:
                 log.warning("job %s: %s", key, self._over_quota[key])
                 proc.terminate(self.config.kill_grace)
+
+    def submitter_bytes(self, dn: str) -> int:
+        """What all of ``dn``'s job directories hold (``_tree_size``), ended jobs' included until destroyed."""
+        total, ended, jobs = 0, {}, self.store.list()
+        for job in jobs:
+            if job.owner != dn:
+                continue
+            size = self._ended_bytes.get(job.key) if job.final else None
+            if size is None:
+                size = _tree_size(self.jobs_dir / job.key)
+                if job.final:
+                    ended[job.key] = size
+            total += size
+        self._ended_bytes.update(ended)
+        kept = {job.key for job in jobs}
+        for key in [k for k in list(self._ended_bytes) if k not in kept]:       # destroyed: forgotten
+            self._ended_bytes.pop(key, None)
+        return total
+
+    def _check_submitter_quota(self, dn: str) -> None:
+        used = self.submitter_bytes(dn)
+        if used >= self.config.submitter_quota:
+            raise LimitExceeded(f"your job directories hold {used} bytes, ended jobs' included, and this service "
+                                f"keeps at most {self.config.submitter_quota} bytes of one submitter's ([jobs] "
+                                f"submitter_quota): destroy jobs you have fetched (vmgrid job destroy) to submit more",
+                                limit="submitter_quota", allowed=str(self.config.submitter_quota),
+                                requested=str(used))
 
     def reconcile(self) -> dict[str, int]:
         """At start (after a crash too): every live job is found again running (re-attached), ended (its

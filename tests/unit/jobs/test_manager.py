@@ -469,15 +469,17 @@ def test_an_expired_job_is_killed_and_destroyed(jobs):
 def test_a_restarted_service_reattaches_running_jobs_and_fails_the_lost_ones_with_a_reason(tmp_path):
     state = tmp_path / "s"
     m = manager(state)
-    gate = Path(tempfile.mkdtemp(prefix="vmgrid-jobs-gate-", dir="/tmp"))    # pytest's tmp_path is root's only
-    os.chmod(gate, 0o755)
-    release = gate / "go"
-    waiter = m.submit(OWNER, JobSpec(PY, ("-c", f"import os, time\nwhile not os.path.exists({str(release)!r}): "
-                                              f"time.sleep(0.05)\nprint('released')")))
+    # each waiting job waits for "go" in its own directory (its /tmp is its own: no gate the test could open there)
+    waiter = m.submit(OWNER, JobSpec(PY, ("-c", "import os, time\nwhile not os.path.exists('go'): "
+                                              "time.sleep(0.05)\nprint('released')")))
     lost = m.submit(OWNER, JobSpec(PY, ("-c", "import time; time.sleep(300)")))
     finished = m.submit(OWNER, JobSpec(PY, ("-c", "print('early')")))
-    unrecorded = m.submit(OWNER, JobSpec(PY, ("-c", f"import os, time\nwhile not os.path.exists({str(release)!r}): "
-                                                  f"time.sleep(0.05)")))
+    unrecorded = m.submit(OWNER, JobSpec(PY, ("-c", "import os, time\nwhile not os.path.exists('go'): "
+                                                  "time.sleep(0.05)")))
+
+    def release():
+        for job in (waiter, unrecorded):
+            (m.jobs_dir / job.key / "go").touch()
     wait_until(lambda: all(m.store.get(j.key).state == JobState.ACTIVE for j in (waiter, lost, unrecorded)))
     wait_final(m, finished.key)
     staging = m.submit(OWNER, JobSpec("true", stage_in=(StageIn("staged:absent", "x"),)))   # never runs a program
@@ -504,14 +506,13 @@ def test_a_restarted_service_reattaches_running_jobs_and_fails_the_lost_ones_wit
         assert l.state == JobState.FAILED and l.failure.startswith("Lost:")
         assert {o.name for o in l.outputs} == {"stdout", "stderr"}     # what it wrote stays fetchable, verified
         assert s.state == JobState.FAILED and s.failure.startswith("Interrupted:")
-        release.touch()
+        release()
         done = wait_final(m2, waiter.key)
         assert done.state == JobState.DONE and done.exit_code == 0 and m2.tail(done, "stdout") == "released\n"
         assert wait_final(m2, unrecorded.key).state == JobState.DONE
     finally:
-        release.touch()
+        release()
         shut(m2)
-        shutil.rmtree(gate, ignore_errors=True)
 
 
 def test_without_the_privilege_for_a_pid_namespace_the_shim_falls_back_to_the_group_and_says_so():
