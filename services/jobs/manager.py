@@ -375,6 +375,7 @@ class JobManager:
         uid = self.account(job.owner)
         outputs: list[OutputFile] = []
         problems: list[str] = []
+        counted = 0           # the outputs' bytes so far (``_counted``): no more than the job's quota is hashed
         wanted = [(spec.stdout, None), (spec.stderr, None)] + [(s.name, s.destination) for s in spec.stage_out]
         seen = set()
         for i, (name, destination) in enumerate(wanted):
@@ -396,6 +397,11 @@ class JobManager:
                 problems.append(f"output {name} cannot be read: {exc.strerror}")
                 continue
             try:
+                counted += _counted(os.fstat(fd))
+                if counted > self.config.staging_quota:
+                    problems.append(f"output {name} was not hashed: the outputs come to {counted} bytes, past the "
+                                    f"job's quota of {self.config.staging_quota} bytes ([jobs] staging_quota)")
+                    continue
                 path = Path(f"/proc/self/fd/{fd}")       # the file opened, whatever takes its name meanwhile
                 digest = hash_file(path)
                 if destination:
@@ -560,8 +566,8 @@ class JobManager:
                     totals[job.owner] = self.submitter_bytes(job.owner)
                 if totals[job.owner] > self.config.submitter_quota:
                     self._over_quota[key] = (f"the submitter's job directories grew to {totals[job.owner]} bytes, "
-                                             f"past the submitter's quota of {self.config.submitter_quota} bytes ([jobs] "
-                                             f"submitter_quota): the job was killed")
+                                             f"past the submitter's quota of {self.config.submitter_quota} bytes "
+                                             f"([jobs] submitter_quota): the job was killed")
             if key in self._over_quota:
                 log.warning("job %s: %s", key, self._over_quota[key])
                 proc.terminate(self.config.kill_grace)
@@ -636,8 +642,8 @@ class JobManager:
 
 
 def _tree_size(top: Path) -> int:
-    """The disk space every file under ``top`` takes (its allocated blocks: a sparse file counts what it takes,
-    not its size), symbolic links not followed; what vanishes meanwhile counts nothing."""
+    """The bytes every file under ``top`` counts, each ``_counted``; symbolic links not followed; what vanishes
+    meanwhile counts nothing."""
     total = 0
     stack = [str(top)]
     while stack:
@@ -648,12 +654,18 @@ def _tree_size(top: Path) -> int:
                         if entry.is_dir(follow_symlinks=False):
                             stack.append(entry.path)
                         else:
-                            total += entry.stat(follow_symlinks=False).st_blocks * 512
+                            total += _counted(entry.stat(follow_symlinks=False))
                     except OSError:
                         continue
         except OSError:
             continue
     return total
+
+
+def _counted(st: os.stat_result) -> int:
+    """What a file counts against a quota: the larger of its size and its allocated blocks. A sparse file costs
+    no disk but is hashed and served at its size; blocks reserved past the size (fallocate) are disk taken."""
+    return max(st.st_size, st.st_blocks * 512)
 
 
 def _tail(path: Path, limit: int) -> tuple[int, bool, str]:

@@ -1,6 +1,6 @@
 """What a job service's jobs may take of the host beyond their directories, with real jobs: a private /tmp, /var/tmp and
-/dev/shm of bounded size that go with the job, and a bound on all of one submitter's job directories (attack12
-G3)."""
+/dev/shm of bounded size that go with the job, a bound on all of one submitter's job directories, and outputs
+counted at their apparent size before they are hashed (attack12 G3, G6)."""
 from __future__ import annotations
 
 import os
@@ -76,3 +76,21 @@ def test_a_submitters_job_directories_are_bounded_ended_jobs_included(tmp_path):
     finally:
         shut(m)
 
+
+def test_sparse_outputs_count_at_their_size_and_are_not_hashed_past_the_jobs_quota(tmp_path):
+    """Two sparse outputs of (almost) the quota each cost no disk, but would be hashed (and served) at their
+    size: they count at their size, the second is not hashed, and the job says why."""
+    quota = 1048576
+    m = manager(tmp_path / "state", staging_quota=quota, sweep_interval=60.0)
+    try:
+        script = f"for n in ('s1', 's2'):\n    with open(n, 'wb') as f:\n        f.truncate({quota - 1})\n"
+        job = m.submit(OWNER, JobSpec(executable=PY, arguments=("-c", script),
+                                      stage_out=(StageOut("s1"), StageOut("s2"))))
+        done = wait_final(m, job.key)
+        assert done.state == JobState.FAILED, [(o.name, o.size) for o in done.outputs]
+        assert "s2 was not produced" not in done.failure, (m.jobs_dir / job.key / "stderr").read_text()
+        assert [o.name for o in done.outputs] == ["stdout", "stderr", "s1"]
+        assert (f"output s2 was not hashed: the outputs come to {2 * (quota - 1)} bytes, past the job's quota of "
+                f"{quota} bytes ([jobs] staging_quota)") in done.failure
+    finally:
+        shut(m)
