@@ -57,7 +57,11 @@ def claim(state_dir: Path, first: int, count: int, registry: Path | None = None)
                          f"{f' and {len(taken) - 1} more' if len(taken) > 1 else ''}: give this job service a range "
                          f"of uids no account or group has")
     own = os.path.realpath(state_dir)
-    registry.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for d in reversed(registry.parents[:len(registry.parents) - 1]):
+        if not d.exists():               # made passable (0755), not the container's umask 077: /var/lib/vmgrid
+            d.mkdir(exist_ok=True)       # may be a state directory its jobs reach their directories through
+            os.chmod(d, 0o755)
+    registry.mkdir(mode=0o700, exist_ok=True)
     lock = os.open(registry / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)

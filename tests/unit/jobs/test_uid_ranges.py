@@ -93,3 +93,18 @@ def test_vmgrid_serve_jobs_of_a_second_user_on_the_host_is_refused_the_first_one
         g.start("bobs2", ["jobs"], {"jobs": {"owner": bob.dn, "gridftp_port": -1, "job_uid_first": 910000}})
         g.stop("alices")
         g.start("carols", ["jobs"], {"jobs": {"owner": bob.dn, "gridftp_port": -1}})
+
+
+def test_the_registry_leaves_the_directories_it_makes_passable(tmp_path):
+    """/var/lib/vmgrid may be a container's state directory, which its jobs pass through to reach their own: the
+    registry makes the directories above it 0755 under the container's umask 077, itself 0700 (root's)."""
+    from services.jobs import uids
+
+    registry = tmp_path / "lib" / "vmgrid" / "job-uids"
+    umask = os.umask(0o077)
+    try:
+        uids.claim(tmp_path / "state" / "jobs", 3000000, 10, registry)
+    finally:
+        os.umask(umask)
+    assert [oct(p.stat().st_mode & 0o777) for p in (registry.parent.parent, registry.parent, registry)] == \
+        ["0o755", "0o755", "0o700"]
