@@ -518,7 +518,7 @@ def test_a_restarted_service_reattaches_running_jobs_and_fails_the_lost_ones_wit
 def test_without_the_privilege_for_a_pid_namespace_the_shim_falls_back_to_the_group_and_says_so():
     """The shim asked for a PID namespace but run as an unprivileged user (nobody), who may not make one: the
     program still runs and ends Done, what it left in its group still ends with it, and the exit status says
-    the job ran in its process group only."""
+    the job ran in its process group only, with the host's /tmp and /dev/shm (no mount namespace either)."""
     if os.geteuid() != 0:
         pytest.skip("needs root to run the shim as another user")
     work = Path(tempfile.mkdtemp(prefix="vmgrid-shim-nobody-", dir="/tmp"))     # pytest's tmp_path is root's only
@@ -544,7 +544,7 @@ def _run_the_shim_as_nobody(work: Path) -> None:
                "while not __import__('os').path.exists('child.pid'): pass")
     spec = {"argv": [py, "-c", program], "cwd": str(work), "env": {"PATH": "/usr/bin:/bin"}, "stdin": None,
             "stdout": str(work / "out"), "stderr": str(work / "err"), "status": str(work / "exit.json"),
-            "max_output": 1000, "pid_namespace": True}
+            "max_output": 1000, "pid_namespace": True, "tmp_size": 1048576, "keep": str(work)}
     (work / "spec.json").write_text(json.dumps(spec))
     done = subprocess.run([py, "-I", str(shim), str(work / "spec.json")], cwd=work, start_new_session=True,
                           user=65534, group=65534, timeout=120)
@@ -552,6 +552,7 @@ def _run_the_shim_as_nobody(work: Path) -> None:
     status = json.loads((work / "exit.json").read_text())
     assert status["exit"] == 0, (work / "err").read_text()
     assert status["isolation"].startswith("process group only: ")
+    assert status["tmp"] == "shared with the host: Operation not permitted"       # no mount namespace either
     child = int((work / "child.pid").read_text())
     wait_until(lambda: proc_start_time(child) is None)              # the group kill still ended the child
 
