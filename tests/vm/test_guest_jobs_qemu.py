@@ -71,6 +71,18 @@ def test_a_job_s_processes_are_bounded_by_a_pids_cgroup_in_the_guest(seen):
     assert lines[0].startswith("0::/vmgrid-jobs/") and lines[1] == "256", st
 
 
+def test_a_jobs_tmp_and_dev_shm_are_its_own_in_the_guest_and_go_with_it(seen):
+    """The guest's job service (root) gives each job a /tmp (= /var/tmp) and a /dev/shm of its own, tmpfs of [jobs]
+    tmp_size (256 MiB by default) in a mount namespace of the job's: what one job writes there, the next job of
+    the same submitter (her uid) does not find."""
+    st = status(seen["steps"]["tmpns_status"])
+    assert st["state"] == "Done", (st.get("failure"), st.get("stdoutTail"), st.get("stderrTail"), st)
+    mounts = [line.split()[1] for line in st["stdoutTail"].splitlines() if "size=262144k" in line]
+    assert mounts == ["/tmp", "/var/tmp", "/dev/shm"], st["stdoutTail"]
+    after = status(seen["steps"]["tmpns_next_status"])
+    assert after["state"] == "Done" and after["stdoutTail"] == "next\n", after
+
+
 def test_cancel_ends_a_long_job(seen):
     s = seen["steps"]
     assert s["cancel"]["rc"] == 0, s["cancel"]["err"]
