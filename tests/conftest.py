@@ -10,6 +10,20 @@ pytest_plugins = ["tests.fixtures.pki", "tests.fixtures.repository", "tests.fixt
 # tests/unit/jobs/conftest.py (standalone: its regression test copies it); running it twice changes nothing.
 runpy.run_path(str(Path(__file__).parent / "unit" / "jobs" / "conftest.py"))
 
+# Each test process (each xdist worker) has a registry of job services' uid ranges of its own (services/jobs/uids.py),
+# inherited by the `vmgrid serve` it starts: the host's /var/lib/vmgrid/job-uids would make the job services of
+# test runs side by side (other workers, other checkouts) refuse each other's default range.
+def _uid_registry():
+    import atexit
+    import os
+    import shutil
+    import tempfile
+
+    os.environ["VMGRID_JOB_UID_REGISTRY"] = path = tempfile.mkdtemp(prefix="vmgrid-job-uids-")
+    atexit.register(shutil.rmtree, path, True)
+
+
+_uid_registry()
 
 # The QEMU tier's guest images are built in the background while the other tiers run (tests/vm/prebuild.py):
 # the debootstrap and the apt layers take minutes, mostly waiting on downloads and dpkg, and the tests in

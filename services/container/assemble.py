@@ -139,6 +139,8 @@ NUMBER_RULES: dict[str, dict[str, tuple]] = {
         "sweep_interval": ("seconds", _more_than_zero()),
         "staging_parallel": ("GridFTP streams", _between(1, 64)),       # as `vmgrid transfer -p`
         "staging_quota": ("bytes", _at_least(1)),
+        "submitter_quota": ("bytes", _at_least(1)),
+        "tmp_size": ("bytes", _at_least(1)),
         "max_processes": ("processes (0: no bound)", _at_least(0)),
     },
 }

@@ -25,6 +25,10 @@ class JobsConfig:
     staging_parallel: int = 2          # GridFTP streams per staged file
     staging_quota: int = 4294967296    # bytes each user's staging area holds (GridFTP 552 beyond), and the most
                                        # one job's stage-in may fetch into its directory
+    submitter_quota: int = 17179869184  # bytes all of one submitter's job directories hold, ended jobs' included:
+                                       # SubmitJob is refused beyond (LimitExceeded), a running job killed
+    tmp_size: int = 268435456          # bytes of a job's private /tmp (/var/tmp the same) and, apart, of its
+                                       # /dev/shm: tmpfs in memory, in a mount namespace of the job's, gone with it
     max_processes: int = 256           # processes and threads one job may have at once (a pids cgroup per job)
     pids_cgroup: str = ""              # the pids cgroup hierarchy ("" = /sys/fs/cgroup/pids (v1) or
                                        # /sys/fs/cgroup (v2), whichever has the pids controller)

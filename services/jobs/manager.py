@@ -26,6 +26,7 @@ from services.jobs.files import DIR_FLAGS, chown_tree, lock, open_beneath, open_
 from services.jobs.runner import (Exit, Process, job_environment, pid_namespaces, pids_cgroups, proc_start_time,
                                   read_exit, read_supervisor, remove_job_cgroup)
 from services.jobs.staging import Stager, StagingError, as_submitter, inside
+from services.jobs import uids
 from services.jobs.store import Job, JobSpec, JobState, JobStore, OutputFile
 from services.wsrf.lifetime import Sweeper
 from services.wsrf.notification import Subscription, Subscriptions, new_subscription_key
@@ -60,6 +61,7 @@ class JobManager:
         if config.job_uid_first < 1000 or config.job_uid_count < 1 or config.job_uid_first + config.job_uid_count > 2**32 - 2:
             raise ValueError(f"[jobs] job_uid_first = {config.job_uid_first}, job_uid_count = {config.job_uid_count}: "
                              f"a range of at least one uid from 1000 up, below 4294967294")
+        uids.claim(Path(state_dir), config.job_uid_first, config.job_uid_count)     # no account's, no other service's
         self.config = config
         self.state_dir = Path(state_dir)
         self.jobs_dir = self.state_dir / "jobs"
@@ -100,6 +102,7 @@ class JobManager:
                             "service needs a pids cgroup hierarchy it may write, e.g. root as in a guest): a fork "
                             "bomb in a job can exhaust the node", config.max_processes, self.processes_unbounded)
         self._over_quota: dict[str, str] = {}
+        self._ended_bytes: dict[str, int] = {}       # an ended job's directory's bytes (it no longer changes)
         self.reconcile_report = self.reconcile()
 
     # -- who may use it -----------------------------------------------------------------------------
@@ -147,6 +150,7 @@ class JobManager:
         if lifetime > self.config.max_lifetime:
             raise LimitExceeded(f"a lifetime of {lifetime} s exceeds this service's {self.config.max_lifetime} s",
                                 limit="max_lifetime", allowed=str(self.config.max_lifetime), requested=str(lifetime))
+        self._check_submitter_quota(dn)
         with self._guard:
             live = self.store.count_live()
             if live >= self.config.max_live_jobs:
@@ -343,7 +347,8 @@ class JobManager:
                                  pid_namespace=self.pid_namespace,
                                  pids_cgroup=self.pids_cgroup / key if self.pids_cgroup else None,
                                  max_processes=self.config.max_processes, processes_unbounded=self.processes_unbounded,
-                                 max_file_size=self.config.staging_quota, uid=uid, fds=fds)
+                                 max_file_size=self.config.staging_quota, uid=uid, fds=fds,
+                                 tmp_size=self.config.tmp_size, keep=self.state_dir)
         finally:
             for fd in fds.values():
                 os.close(fd)
@@ -444,6 +449,7 @@ class JobManager:
         outputs: list[OutputFile] = []
         problems: list[str] = []
         submitter = None        # the submitter's delegated credential, at the first gsiftp:// destination
+        counted = 0           # the outputs' bytes so far (``_counted``): no more than the job's quota is hashed
         wanted = [(spec.stdout, None), (spec.stderr, None)] + [(s.name, s.destination) for s in spec.stage_out]
         seen = set()
         for i, (name, destination) in enumerate(wanted):
@@ -465,6 +471,11 @@ class JobManager:
                 problems.append(f"output {name} cannot be read: {exc.strerror}")
                 continue
             try:
+                counted += _counted(os.fstat(fd))
+                if counted > self.config.staging_quota:
+                    problems.append(f"output {name} was not hashed: the outputs come to {counted} bytes, past the "
+                                    f"job's quota of {self.config.staging_quota} bytes ([jobs] staging_quota)")
+                    continue
                 path = Path(f"/proc/self/fd/{fd}")       # the file opened, whatever takes its name meanwhile
                 digest = hash_file(path)
                 if destination:
@@ -623,21 +634,59 @@ class JobManager:
         return expired
 
     def check_quotas(self) -> None:
-        """Kill each running job whose directory holds more than the job's quota (``[jobs] staging_quota``): it
-        ends Failed with the reason. (Each file the program writes is bounded by the kernel, RLIMIT_FSIZE; the
-        whole directory is checked here every sweep.)"""
+        """Kill each running job whose directory holds more than the job's quota (``[jobs] staging_quota``), or
+        whose submitter's job directories together (ended jobs' included) hold more than ``[jobs]
+        submitter_quota``: it ends Failed with the reason. (Each file the program writes is bounded by the kernel,
+        RLIMIT_FSIZE; the directories are checked here every sweep.)"""
         with self._guard:
             running = list(self._procs.items())
+        totals: dict[str, int] = {}
         for key, proc in running:
             if key in self._over_quota:
                 continue
             used = _tree_size(self.jobs_dir / key)
+            job = self.store.get(key)
             if used > self.config.staging_quota:
                 self._over_quota[key] = (f"the job's directory grew to {used} bytes, past its quota of "
                                          f"{self.config.staging_quota} bytes ([jobs] staging_quota): the job was "
                                          f"killed")
+            elif job is not None:
+                if job.owner not in totals:
+                    totals[job.owner] = self.submitter_bytes(job.owner)
+                if totals[job.owner] > self.config.submitter_quota:
+                    self._over_quota[key] = (f"the submitter's job directories grew to {totals[job.owner]} bytes, "
+                                             f"past the submitter's quota of {self.config.submitter_quota} bytes "
+                                             f"([jobs] submitter_quota): the job was killed")
+            if key in self._over_quota:
                 log.warning("job %s: %s", key, self._over_quota[key])
                 proc.terminate(self.config.kill_grace)
+
+    def submitter_bytes(self, dn: str) -> int:
+        """What all of ``dn``'s job directories hold (``_tree_size``), ended jobs' included until destroyed."""
+        total, ended, jobs = 0, {}, self.store.list()
+        for job in jobs:
+            if job.owner != dn:
+                continue
+            size = self._ended_bytes.get(job.key) if job.final else None
+            if size is None:
+                size = _tree_size(self.jobs_dir / job.key)
+                if job.final:
+                    ended[job.key] = size
+            total += size
+        self._ended_bytes.update(ended)
+        kept = {job.key for job in jobs}
+        for key in [k for k in list(self._ended_bytes) if k not in kept]:       # destroyed: forgotten
+            self._ended_bytes.pop(key, None)
+        return total
+
+    def _check_submitter_quota(self, dn: str) -> None:
+        used = self.submitter_bytes(dn)
+        if used >= self.config.submitter_quota:
+            raise LimitExceeded(f"your job directories hold {used} bytes, ended jobs' included, and this service "
+                                f"keeps at most {self.config.submitter_quota} bytes of one submitter's ([jobs] "
+                                f"submitter_quota): destroy jobs you have fetched (vmgrid job destroy) to submit more",
+                                limit="submitter_quota", allowed=str(self.config.submitter_quota),
+                                requested=str(used))
 
     def reconcile(self) -> dict[str, int]:
         """At start (after a crash too): every live job is found again running (re-attached), ended (its
@@ -702,8 +751,8 @@ def kill_every_process_of(uid: int) -> None:
 
 
 def _tree_size(top: Path) -> int:
-    """The disk space every file under ``top`` takes (its allocated blocks: a sparse file counts what it takes,
-    not its size). Each directory is opened from its parent's fd without following a symbolic link, so a running job
+    """The bytes every file under ``top`` counts, each ``_counted`` (its size or its allocated blocks, the larger:
+    a sparse file is hashed at its size). Each directory is opened from its parent's fd without following a symbolic link, so a running job
     that swaps one of its directories for a link (to /, to another job's) between the look and the walk sends the
     walk nowhere outside; what vanishes meanwhile counts nothing."""
     total = 0
@@ -730,7 +779,7 @@ def _tree_size(top: Path) -> int:
                         os.close(inner)
                         raise
                 else:
-                    total += entry.stat(follow_symlinks=False).st_blocks * 512
+                    total += _counted(entry.stat(follow_symlinks=False))
             except OSError:
                 continue
     finally:
@@ -738,6 +787,12 @@ def _tree_size(top: Path) -> int:
             entries.close()
             os.close(fd)
     return total
+
+
+def _counted(st: os.stat_result) -> int:
+    """What a file counts against a quota: the larger of its size and its allocated blocks. A sparse file costs
+    no disk but is hashed and served at its size; blocks reserved past the size (fallocate) are disk taken."""
+    return max(st.st_size, st.st_blocks * 512)
 
 
 def _tail(path: Path, limit: int) -> tuple[int, bool, str]:

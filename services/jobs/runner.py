@@ -62,10 +62,12 @@ class Process:
               stderr: Path, control: Path, max_output: int, pid_namespace: bool = False,
               pids_cgroup: Path | None = None, max_processes: int = 0, processes_unbounded: str | None = None,
               max_file_size: int | None = None, uid: int | None = None,
-              fds: dict[str, int] | None = None) -> "Process":
+              fds: dict[str, int] | None = None, tmp_size: int = 0, keep: Path | None = None) -> "Process":
         """Start the job's supervisor. ``uid``: the account the program runs under (None: the service's own);
         ``fds``: the job's ``stdin``/``stdout``/``stderr`` already open (the service opened them before the job's
-        uid could write its directory), passed to the supervisor instead of their paths."""
+        uid could write its directory), passed to the supervisor instead of their paths; ``tmp_size``: bytes of the
+        job's private /tmp (and /var/tmp) and of its /dev/shm (0: the host's); ``keep``: the directory (the service's
+        state, the job's inside) kept at its path there, where it lies beneath them (default: ``cwd``)."""
         control.mkdir(mode=0o700, parents=True, exist_ok=True)
         status = control / "exit.json"
         fds = fds or {}
@@ -73,7 +75,8 @@ class Process:
                 "stdout": str(stdout), "stderr": str(stderr), "status": str(status), "max_output": max_output,
                 "pid_namespace": pid_namespace, "pids_cgroup": str(pids_cgroup) if pids_cgroup else None,
                 "max_processes": max_processes, "processes_unbounded": processes_unbounded,
-                "max_file_size": max_file_size, "uid": uid,
+                "max_file_size": max_file_size, "uid": uid, "tmp_size": tmp_size,
+                "keep": str(keep if keep is not None else cwd),
                 **{f"{name}_fd": fd for name, fd in fds.items()}}
         spec_path = control / "spec.json"
         spec_path.write_text(json.dumps(spec))

@@ -22,6 +22,9 @@ import time
 
 CHUNK = 65536
 CLONE_NEWPID = 0x20000000
+CLONE_NEWNS = 0x00020000
+MS_NOSUID, MS_NODEV, MS_BIND, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x1000, 0x4000, 0x40000
+PRIVATE_DIRS = ("/tmp", "/var/tmp", "/dev/shm")      # where any account may write: the job's own, in its namespace
 
 
 def copy_bounded(src, dest, limit: int, counts: dict, name: str) -> None:
@@ -85,6 +88,52 @@ def enter_pid_namespace() -> str | None:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.unshare(CLONE_NEWPID) != 0:
         return os.strerror(ctypes.get_errno())
+    return None
+
+
+def private_tmp(size: int, keep: str) -> str | None:
+    """Give the job (this process and what it starts) a /tmp and /var/tmp of its own (one tmpfs of ``size`` bytes)
+    and a /dev/shm of its own (another): a mount namespace of its own, made before the uid is dropped, whose
+    tmpfs go with its last process, so nothing the job writes there outlives it or takes more of the host's memory
+    than ``size`` each. ``keep`` (the service's state directory, the job's inside) stays at its path, its
+    directories above with their owners and modes, where it lies beneath one of them (a state directory under /tmp).
+    None if done, else why not (no privilege: the host's are shared)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def mount(source, target: str, fstype, flags: int, data) -> None:
+        if libc.mount(source, target.encode(), fstype, flags, data) != 0:
+            raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()), target)
+
+    if libc.unshare(CLONE_NEWNS) != 0:
+        return os.strerror(ctypes.get_errno())
+    try:
+        mount(None, "/", None, MS_REC | MS_PRIVATE, None)        # nothing mounted here reaches the host's namespace
+        keep = os.path.realpath(keep)
+        under = next((d for d in PRIVATE_DIRS if keep.startswith(d + "/")), None)
+        path = []                 # the directories from there down to ``keep``: (path, stat), as the host has them
+        if under is not None:
+            d = under
+            for part in os.path.relpath(keep, under).split("/"):
+                d = os.path.join(d, part)
+                path.append((d, os.stat(d)))
+            held = os.open(keep, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        tmpfs = f"size={size},mode=1777".encode()
+        for target in PRIVATE_DIRS:
+            if not os.path.isdir(target) or os.path.islink(target):
+                continue
+            if target == "/var/tmp" and os.path.isdir("/tmp") and not os.path.islink("/tmp"):
+                mount(b"/tmp", target, None, MS_BIND, None)     # the same tmpfs as /tmp: one bound for both
+            else:
+                mount(b"tmpfs", target, b"tmpfs", MS_NOSUID | MS_NODEV, tmpfs)
+        if under is not None:
+            for d, st in path:
+                os.makedirs(d, exist_ok=True)
+                os.chown(d, st.st_uid, st.st_gid)
+                os.chmod(d, st.st_mode & 0o7777)
+            mount(f"/proc/self/fd/{held}".encode(), keep, None, MS_BIND | MS_REC, None)
+            os.close(held)
+    except OSError as exc:
+        return f"{exc.filename}: {exc.strerror}"
     return None
 
 
@@ -158,13 +207,15 @@ def start_init(run) -> int:
 
 
 def run_init(argv: list[str], cwd: str, env: dict, stdin, stdout: int, stderr: int, report: int,
-             cgroup: str | None = None, max_file_size: int | None = None, uid: int | None = None) -> None:
+             cgroup: str | None = None, max_file_size: int | None = None, uid: int | None = None,
+             tmp: tuple[int, str] | None = None) -> None:
     """PID 1 of the job's namespace (a forked child of the shim, started by ``start_init`` with SIGTERM blocked;
     never returns): join the job's pids cgroup, bound the size of each file it writes, start the program (as
     ``uid``, its group too and no other, when the service gives the job an account of its own),
     forward SIGTERM to it (a PID 1 gets no signal it has no handler for, and the program may have left the
     group), reap every orphan, and exit once the program has ended, which ends every other process of the
-    namespace. How it ended goes to ``report`` as JSON."""
+    namespace. With ``tmp`` (a size and the directory to keep): a private /tmp, /var/tmp and /dev/shm
+    (``private_tmp``). How it ended goes to ``report`` as JSON."""
     program = None
     pending = []
     told: dict = {}
@@ -184,6 +235,10 @@ def run_init(argv: list[str], cwd: str, env: dict, stdin, stdout: int, stderr: i
             why_not = join_cgroup(cgroup)
             if why_not is not None:
                 told["processes"] = f"unbounded: {why_not}"
+        if tmp is not None:
+            why_not = private_tmp(*tmp)
+            if why_not is not None:
+                told["tmp"] = f"shared with the host: {why_not}"
         if max_file_size is not None:
             resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_size, max_file_size))
         try:
@@ -252,7 +307,8 @@ def main(spec_path: str) -> int:
             if fd is not None:
                 os.close(fd)
         run_init(spec["argv"], spec["cwd"], spec["env"], stdin, out_w, err_w, report_w, cgroup,
-                 spec.get("max_file_size"), spec.get("uid"))
+                 spec.get("max_file_size"), spec.get("uid"),
+                 (spec["tmp_size"], spec["keep"]) if spec.get("tmp_size") else None)
     init = start_init(init_body)          # PID 1 of the job's namespace (without one: a plain child doing the same)
     for fd in (out_w, err_w, report_w):
         os.close(fd)

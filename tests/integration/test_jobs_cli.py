@@ -4,14 +4,11 @@ answers every job with its real state or Failed with the reason."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -187,7 +184,8 @@ def test_a_job_being_cancelled_is_followed_to_cancelled_by_cancel_and_get(grid, 
     import os
 
     alice = grid.user("alice")
-    sp = grid.start("slowkill", ["jobs"], {"jobs": {"owner": alice.dn, "gridftp_port": 0, "kill_grace": 600.0}})
+    sp = grid.start("slowkill", ["jobs"], {"jobs": {"owner": alice.dn, "gridftp_port": 0, "kill_grace": 600.0,
+                                                 "job_uid_first": 910000}})     # beside the grid's: a range of its own
     url = f"{sp.base_url}/wsrf/services/JobService"
     program = ("import os, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
                "print(os.readlink('/proc/self'), flush=True); time.sleep(900)")      # its pid as the host sees it
@@ -227,12 +225,11 @@ def test_a_job_being_cancelled_is_followed_to_cancelled_by_cancel_and_get(grid, 
 
 def test_a_job_service_killed_and_restarted_answers_every_job_with_its_real_state(grid, tmp_path):
     url = grid.jobs_url
-    gate = Path(tempfile.mkdtemp(prefix="vmgrid-jobs-gate-", dir="/tmp"))     # tmp_path is root's only, not the job's
-    os.chmod(gate, 0o755)
-    release = gate / "release"
+    # the job waits for "release" in its own directory (its /tmp is its own: no gate the test could open there)
     waiting = vmgrid(grid, "job", "submit", url, "--", JOB_PY, "-c",
-                     f"import os, time\nwhile not os.path.exists({str(release)!r}): time.sleep(0.05)\nprint('ok')"
+                     "import os, time\nwhile not os.path.exists('release'): time.sleep(0.05)\nprint('ok')"
                      ).stdout.strip()
+    release = grid.root / "jobs" / "jobs" / "jobs" / waiting / "release"
     quick = vmgrid(grid, "job", "submit", url, "--wait", "--", JOB_PY, "-c", "print('quick')").stdout.strip()
     stall = socket.socket()                  # a GridFTP "server" that never answers: a job stuck in StageIn
     stall.bind(("127.0.0.1", 0))
@@ -254,10 +251,7 @@ def test_a_job_service_killed_and_restarted_answers_every_job_with_its_real_stat
     finally:
         release.touch()
         stall.close()
-    try:
-        out = vmgrid(grid, "job", "wait", url, waiting).stdout
-    finally:
-        shutil.rmtree(gate, ignore_errors=True)
+    out = vmgrid(grid, "job", "wait", url, waiting).stdout
     assert "Done (exit code 0)" in out
     assert json.loads(vmgrid(grid, "job", "status", url, waiting, "--json").stdout)["stdoutTail"] == "ok\n"
 

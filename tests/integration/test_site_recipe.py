@@ -9,6 +9,7 @@ namespace of its own (`unshare --net`, only its loopback up): nothing else on th
 with it, and it reaches nothing but itself."""
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -55,7 +56,9 @@ def test_the_site_recipe_and_the_more_commands_of_the_readme_run_as_written(tmp_
     home = tmp_path / "home"
     home.mkdir()
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "HOME": str(home),
-           "LANG": "C.UTF-8"}             # nothing of the test's own grid: no X509_* variables
+           "LANG": "C.UTF-8",             # nothing of the test's own grid: no X509_* variables
+           # the test process's registry of job services' uid ranges (tests/conftest.py), not the host's
+           "VMGRID_JOB_UID_REGISTRY": os.environ["VMGRID_JOB_UID_REGISTRY"]}
     r = run_recipe_in_net_namespace(work, recipe_and_more_commands(), env, timeout=600)
     out, err = r.stdout, r.stderr
     site = work / "site"

@@ -151,6 +151,15 @@ def jobs_part(out: dict, work: Path, pki, node, vm: VMManagerClient, ref, info) 
                        'echo mine > x; cat "$HOME/x"; cd "$PWD"; '
                        'python3 -c "import multiprocessing as m; m.Lock(); print(m.Pool(2).map(abs, [-3, 4]))"')
     s["reach_status"] = alice("job", "status", NAME, (s["reach"]["out"].splitlines() or ["-"])[0], "--json")
+    # the job's own /tmp and /dev/shm (tmpfs of [jobs] tmp_size in a mount namespace of its own), gone with it
+    s["tmpns"] = alice("job", "submit", NAME, "--wait", "--", "sh", "-c",
+                       "echo x > /tmp/vmgrid-left; echo x > /dev/shm/vmgrid-left; "
+                       "grep -E '^tmpfs /(tmp|var/tmp|dev/shm) ' /proc/self/mounts")
+    s["tmpns_status"] = alice("job", "status", NAME, (s["tmpns"]["out"].splitlines() or ["-"])[0], "--json")
+    s["tmpns_next"] = alice("job", "submit", NAME, "--wait", "--", "sh", "-c",
+                            "ls /tmp/vmgrid-left /dev/shm/vmgrid-left 2>/dev/null; echo next")
+    s["tmpns_next_status"] = alice("job", "status", NAME, (s["tmpns_next"]["out"].splitlines() or ["-"])[0],
+                                   "--json")
     # Cancel of a long job
     s["long"] = alice("job", "submit", NAME, "--", "sleep", "600")
     s["cancel"] = alice("job", "cancel", NAME, s["long"]["out"])

@@ -80,6 +80,18 @@ def test_a_job_reaches_its_directory_by_path_and_has_posix_shared_memory(seen):
     assert st["stdoutTail"] == "mine\n[3, 4]\n", st
 
 
+def test_a_jobs_tmp_and_dev_shm_are_its_own_in_the_guest_and_go_with_it(seen):
+    """The guest's job service (root) gives each job a /tmp (= /var/tmp) and a /dev/shm of its own, tmpfs of [jobs]
+    tmp_size (256 MiB by default) in a mount namespace of the job's: what one job writes there, the next job of
+    the same submitter (her uid) does not find."""
+    st = status(seen["steps"]["tmpns_status"])
+    assert st["state"] == "Done", (st.get("failure"), st.get("stdoutTail"), st.get("stderrTail"), st)
+    mounts = [line.split()[1] for line in st["stdoutTail"].splitlines() if "size=262144k" in line]
+    assert mounts == ["/tmp", "/var/tmp", "/dev/shm"], st["stdoutTail"]     # guestd's init mounts /dev/shm
+    after = status(seen["steps"]["tmpns_next_status"])
+    assert after["state"] == "Done" and after["stdoutTail"] == "next\n", after
+
+
 def test_cancel_ends_a_long_job(seen):
     s = seen["steps"]
     assert s["cancel"]["rc"] == 0, s["cancel"]["err"]

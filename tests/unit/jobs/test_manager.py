@@ -563,15 +563,17 @@ def test_an_expired_job_is_killed_and_destroyed(jobs):
 def test_a_restarted_service_reattaches_running_jobs_and_fails_the_lost_ones_with_a_reason(tmp_path):
     state = tmp_path / "s"
     m = manager(state)
-    gate = Path(tempfile.mkdtemp(prefix="vmgrid-jobs-gate-", dir="/tmp"))    # pytest's tmp_path is root's only
-    os.chmod(gate, 0o755)
-    release = gate / "go"
-    waiter = m.submit(OWNER, JobSpec(PY, ("-c", f"import os, time\nwhile not os.path.exists({str(release)!r}): "
-                                              f"time.sleep(0.05)\nprint('released')")))
+    # each waiting job waits for "go" in its own directory (its /tmp is its own: no gate the test could open there)
+    waiter = m.submit(OWNER, JobSpec(PY, ("-c", "import os, time\nwhile not os.path.exists('go'): "
+                                              "time.sleep(0.05)\nprint('released')")))
     lost = m.submit(OWNER, JobSpec(PY, ("-c", "import time; time.sleep(300)")))
     finished = m.submit(OWNER, JobSpec(PY, ("-c", "print('early')")))
-    unrecorded = m.submit(OWNER, JobSpec(PY, ("-c", f"import os, time\nwhile not os.path.exists({str(release)!r}): "
-                                                  f"time.sleep(0.05)")))
+    unrecorded = m.submit(OWNER, JobSpec(PY, ("-c", "import os, time\nwhile not os.path.exists('go'): "
+                                                  "time.sleep(0.05)")))
+
+    def release():
+        for job in (waiter, unrecorded):
+            (m.jobs_dir / job.key / "go").touch()
     wait_until(lambda: all(m.store.get(j.key).state == JobState.ACTIVE for j in (waiter, lost, unrecorded)))
     wait_final(m, finished.key)
     staging = m.submit(OWNER, JobSpec("true", stage_in=(StageIn("staged:absent", "x"),)))   # never runs a program
@@ -598,20 +600,19 @@ def test_a_restarted_service_reattaches_running_jobs_and_fails_the_lost_ones_wit
         assert l.state == JobState.FAILED and l.failure.startswith("Lost:")
         assert {o.name for o in l.outputs} == {"stdout", "stderr"}     # what it wrote stays fetchable, verified
         assert s.state == JobState.FAILED and s.failure.startswith("Interrupted:")
-        release.touch()
+        release()
         done = wait_final(m2, waiter.key)
         assert done.state == JobState.DONE and done.exit_code == 0 and m2.tail(OWNER, done, "stdout") == "released\n"
         assert wait_final(m2, unrecorded.key).state == JobState.DONE
     finally:
-        release.touch()
+        release()
         shut(m2)
-        shutil.rmtree(gate, ignore_errors=True)
 
 
 def test_without_the_privilege_for_a_pid_namespace_the_shim_falls_back_to_the_group_and_says_so():
     """The shim asked for a PID namespace but run as an unprivileged user (nobody), who may not make one: the
     program still runs and ends Done, what it left in its group still ends with it, and the exit status says
-    the job ran in its process group only."""
+    the job ran in its process group only, with the host's /tmp and /dev/shm (no mount namespace either)."""
     if os.geteuid() != 0:
         pytest.skip("needs root to run the shim as another user")
     work = Path(tempfile.mkdtemp(prefix="vmgrid-shim-nobody-", dir="/tmp"))     # pytest's tmp_path is root's only
@@ -637,7 +638,7 @@ def _run_the_shim_as_nobody(work: Path) -> None:
                "while not __import__('os').path.exists('child.pid'): pass")
     spec = {"argv": [py, "-c", program], "cwd": str(work), "env": {"PATH": "/usr/bin:/bin"}, "stdin": None,
             "stdout": str(work / "out"), "stderr": str(work / "err"), "status": str(work / "exit.json"),
-            "max_output": 1000, "pid_namespace": True}
+            "max_output": 1000, "pid_namespace": True, "tmp_size": 1048576, "keep": str(work)}
     (work / "spec.json").write_text(json.dumps(spec))
     done = subprocess.run([py, "-I", str(shim), str(work / "spec.json")], cwd=work, start_new_session=True,
                           user=65534, group=65534, timeout=120)
@@ -645,6 +646,7 @@ def _run_the_shim_as_nobody(work: Path) -> None:
     status = json.loads((work / "exit.json").read_text())
     assert status["exit"] == 0, (work / "err").read_text()
     assert status["isolation"].startswith("process group only: ")
+    assert status["tmp"] == "shared with the host: Operation not permitted"       # no mount namespace either
     child = int((work / "child.pid").read_text())
     wait_until(lambda: proc_start_time(child) is None)              # the group kill still ended the child
 

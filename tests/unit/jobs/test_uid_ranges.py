@@ -1,0 +1,110 @@
+"""A uid range is one job service's alone (attack12 G2): no other running job service's on the host, no account's.
+Real jobs: a second service given the first's range is refused at start; with a range of its own, its submitter's
+job cannot reach the first service's job through /proc/PID/cwd."""
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+import pytest
+
+from services.jobs.store import JobSpec, JobState
+from tests.unit.jobs.test_manager import OWNER, PY, manager, shut, wait_final, wait_until
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the job service runs as root")
+
+
+def _hold_state(state: Path):
+    """What `vmgrid serve` does for the job service of ``state`` (services/container/cli.py hold_state): its lock."""
+    fd = os.open(state.parent / "jobs.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+READ_THE_OTHERS = ("import os\n"
+                   "for pid in os.listdir('/proc'):\n"
+                   "    try:\n"
+                   "        if 'secret' in os.listdir(f'/proc/{pid}/cwd'):\n"
+                   "            print('read', open(f'/proc/{pid}/cwd/secret').read())\n"
+                   "    except OSError:\n"
+                   "        pass\n")
+
+
+def test_two_job_services_on_one_host_never_share_a_uid_range(tmp_path):
+    """alice's service runs a job (her secret in its directory); a second job service on the host with the same
+    range is refused at start, in one line naming the overlap and the keys; with a range of its own its
+    submitter's job gets another uid and cannot reach her job's directory through /proc/PID/cwd. Once alice's
+    service is gone (its state lock free), its range may be taken over."""
+    a_state, b_state = tmp_path / "a" / "jobs", tmp_path / "b" / "jobs"
+    a_state.parent.mkdir()
+    b_state.parent.mkdir()
+    first = 3000000 + (os.getpid() % 1000) * 1000       # no account's; other test processes' registries differ
+    held = _hold_state(a_state)
+    a = manager(a_state, job_uid_first=first, job_uid_count=10)
+    try:
+        job = a.submit(OWNER, JobSpec(executable=PY, arguments=(
+            "-c", "import time; open('secret', 'w').write('alice 42'); open('ready', 'w'); time.sleep(60)")))
+        wait_until(lambda: (a.jobs_dir / job.key / "ready").exists())
+        with pytest.raises(ValueError) as refused:
+            manager(b_state, job_uid_first=first + 5, job_uid_count=10)
+        message = str(refused.value)
+        assert "\n" not in message
+        assert message.startswith("[jobs] job_uid_first, job_uid_count: the range ")
+        assert f"overlaps {first}-{first + 9}, the range of the running job service of {a_state}" in message
+        b = manager(b_state, job_uid_first=first + 10, job_uid_count=10)
+        try:
+            assert b.account(OWNER) == first + 10 != a.account(OWNER)
+            spy = b.submit(OWNER, JobSpec(executable=PY, arguments=("-c", READ_THE_OTHERS)))
+            done = wait_final(b, spy.key)
+            assert done.state == JobState.DONE, done.failure
+            assert "alice 42" not in (b.jobs_dir / spy.key / "stdout").read_text()
+        finally:
+            shut(b)
+    finally:
+        shut(a)
+        os.close(held)
+    taken = manager(b_state, job_uid_first=first, job_uid_count=10)     # alice's service is gone: taken over
+    shut(taken)
+
+
+def test_a_uid_range_holding_an_account_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"^\[jobs\] job_uid_first, job_uid_count: the range 65000-65999 holds the "
+                                         r"account nobody \(uid 65534\)"):
+        manager(tmp_path / "state", job_uid_first=65000, job_uid_count=1000)
+
+
+def test_vmgrid_serve_jobs_of_a_second_user_on_the_host_is_refused_the_first_ones_default_range(tmp_path):
+    """Two `vmgrid serve jobs` of one host, as the README's recipe would run one per user: the second with the
+    default range stops at start with the one line; with a range of its own it serves; once the first has stopped,
+    its range is taken over."""
+    from client.localgrid import LocalGrid
+
+    with LocalGrid(tmp_path / "grid") as g:
+        alice, bob = g.user("alice"), g.user("bob")
+        g.start("alices", ["jobs"], {"jobs": {"owner": alice.dn, "gridftp_port": -1}})
+        with pytest.raises(RuntimeError) as refused:
+            g.start("bobs", ["jobs"], {"jobs": {"owner": bob.dn, "gridftp_port": -1}})
+        lines = [line for line in str(refused.value).splitlines() if line.startswith("vmgrid:")]
+        assert lines == [f"vmgrid: {g.root / 'bobs.toml'}: [jobs] job_uid_first, job_uid_count: the range "
+                         f"900000-909999 overlaps 900000-909999, the range of the running job service of "
+                         f"{g.root / 'alices' / 'jobs'} (registered in {os.environ['VMGRID_JOB_UID_REGISTRY']}): "
+                         f"give each job service on a host a range of its own"], str(refused.value)
+        g.start("bobs2", ["jobs"], {"jobs": {"owner": bob.dn, "gridftp_port": -1, "job_uid_first": 910000}})
+        g.stop("alices")
+        g.start("carols", ["jobs"], {"jobs": {"owner": bob.dn, "gridftp_port": -1}})
+
+
+def test_the_registry_leaves_the_directories_it_makes_passable(tmp_path):
+    """/var/lib/vmgrid may be a container's state directory, which its jobs pass through to reach their own: the
+    registry makes the directories above it 0755 under the container's umask 077, itself 0700 (root's)."""
+    from services.jobs import uids
+
+    registry = tmp_path / "lib" / "vmgrid" / "job-uids"
+    umask = os.umask(0o077)
+    try:
+        uids.claim(tmp_path / "state" / "jobs", 3000000, 10, registry)
+    finally:
+        os.umask(umask)
+    assert [oct(p.stat().st_mode & 0o777) for p in (registry.parent.parent, registry.parent, registry)] == \
+        ["0o755", "0o755", "0o700"]
