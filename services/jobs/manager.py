@@ -778,7 +778,7 @@ def _tree_size(top: Path) -> int:
                     except OSError:
                         os.close(inner)
                         raise
-                else:
+                elif not entry.is_symlink():          # a link is not followed, and counts nothing
                     total += _counted(entry.stat(follow_symlinks=False))
             except OSError:
                 continue
