@@ -51,11 +51,16 @@ NAME = "jobs-guest"
 # the killer job: SIGKILL to the guest's job service (the container guestd supervises), as root in the guest
 KILL = ("import os\nfor p in os.listdir('/proc'):\n if p.isdigit():\n  try:\n   c=open('/proc/%s/cmdline'%p,'rb').read()\n"
         "  except OSError:\n   continue\n  if b'serve\\x00jobs' in c: os.kill(int(p),9)\n")
-# the long job of the migration: its shell's PID (kept by exec) in /tmp, then it sleeps; the probe: that process's
-# start time (clock ticks since boot, /proc/PID/stat field 22), the kernel's boot id, and the guest's clock
-LONG = "echo $$ > /tmp/vgmf.pid.part && mv /tmp/vgmf.pid.part /tmp/vgmf.pid && exec sleep 3000"
-PROBE = ("while [ ! -s /tmp/vgmf.pid ]; do sleep 0.2; done; p=$(cat /tmp/vgmf.pid); "
-         "echo $p $(cut -d' ' -f22 /proc/$p/stat) $(cat /proc/sys/kernel/random/boot_id) $(date +%s.%N)")
+# the long job of the migration: its shell's PID as the guest numbers it (the parent of `cut`, read from the guest's
+# /proc: a job's own PID namespace numbers it 2), kept by exec, on its standard output, then it sleeps; the probe, a
+# job of its own (its /tmp is its own: the PID comes as an argument): that process's start time (clock ticks since
+# boot, /proc/PID/stat field 22), the kernel's boot id, and the guest's clock
+LONG = "cut -d' ' -f4 /proc/self/stat; exec sleep 3000"
+
+
+def probe_of(pid: int) -> str:
+    return (f"p={int(pid)}; "
+            "echo $p $(cut -d' ' -f22 /proc/$p/stat) $(cat /proc/sys/kernel/random/boot_id) $(date +%s.%N)")
 
 
 class Cli:
@@ -72,10 +77,11 @@ class Cli:
                 "seconds": round(time.monotonic() - t, 2)}
 
 
-def probe(cli: Cli, work: Path, tag: str) -> dict:
-    """Run PROBE as a job through the job service; its stdout parsed, bracketed by the host's clock."""
+def probe(cli: Cli, work: Path, tag: str, pid: int) -> dict:
+    """Run the probe of process ``pid`` as a job through the job service; its stdout parsed, bracketed by the host's
+    clock."""
     before = time.time()
-    run = cli("job", "submit", NAME, "--wait", "--", "sh", "-c", PROBE, timeout=600)
+    run = cli("job", "submit", NAME, "--wait", "--", "sh", "-c", probe_of(pid), timeout=600)
     after = time.time()
     got = {"run": run, "host_before": before, "host_after": after}
     job = (run["out"].splitlines() or [""])[0]
@@ -202,7 +208,15 @@ def migration_part(out: dict, work: Path, pki, first, second, ref, info) -> Inst
     alice = Cli(work, pki, pki.alice, first.url)
     s["service_up"] = wait_service(alice, 300)
     s["long"] = alice("job", "submit", NAME, "--", "sh", "-c", LONG)
-    out["probe_before"] = probe(alice, work, "before")
+    pid, deadline = None, time.monotonic() + 300
+    while pid is None and time.monotonic() < deadline:     # the long job's PID, on its standard output
+        st = alice("job", "status", NAME, s["long"]["out"], "--json")
+        tail = json.loads(st["out"]).get("stdoutTail") or "" if st["rc"] == 0 else ""
+        pid = int(tail.split()[0]) if tail.strip() else None
+        if pid is None:
+            time.sleep(POLL)
+    s["long_pid"] = pid
+    out["probe_before"] = probe(alice, work, "before", pid or 0)
     # the migration, as the user types it (docs/vmmanager.md)
     t = time.monotonic()
     s["migrate"] = alice("vm", "migrate", NAME, "--to", second.url, timeout=900)
@@ -216,7 +230,7 @@ def migration_part(out: dict, work: Path, pki, first, second, ref, info) -> Inst
     at2 = Cli(work, pki, pki.alice, second.url)
     s["vm_status"] = at2("vm", "status", NAME)
     s["service_up_after"] = wait_service(at2, 300)
-    out["probe_after"] = probe(at2, work, "after")
+    out["probe_after"] = probe(at2, work, "after", pid or 0)
     s["long_status"] = at2("job", "status", NAME, s["long"]["out"], "--json")
     out["reach"] = {"new": reachable(moved.address, 8443), "old": reachable(info.address, 8443)}
     s["cancel"] = at2("job", "cancel", NAME, s["long"]["out"])
