@@ -54,45 +54,42 @@ def _url_host_names(url: str) -> frozenset[str]:
 
 
 @functools.lru_cache(maxsize=256)
+def host_authorizer(url: str) -> Callable[[Caller], bool]:
+    """GSI host authorization: the response must be signed by a host certificate whose CN is `host/<hostname>` of
+    the URL (a loopback address also accepts `host/localhost`): the chain's end-entity DN, never a proxy's subject,
+    and not through a proxy at all (a host signs with its own certificate; security.hostauth). One predicate per
+    URL, kept (bounded): a client asks for it on every answer it verifies, and parsing the URL and the address each time was about 3% of a
+    node's CPU per deploy+destroy."""
+    hostname = (urlsplit(url).hostname or "").lower()
+    return _signed_by_names(_url_host_names(url), (host_of,), f"signed by host/{hostname}")
+
+
+@functools.lru_cache(maxsize=256)
 def answer_authorizer(url: str) -> Callable[[Caller], bool]:
     """Who may sign the answer of a service called at ``url``: that host (:func:`host_authorizer`), or a service
     certificate of that host, `CN=<service>/<hostname>` (`vmgrid ca host NAME --service jobs`: a service that should
     not hold the host's rights, the job service, serves with one). Only for "is this answer from the host I
     called": where a host's rights are judged (a migration's source proof, a node's staging), host_authorizer."""
-    host = host_authorizer(url)
     names = _url_host_names(url)
+    return _signed_by_names(names, (host_of, service_host_of), f"signed by host/{min(names)} or a service of it")
+
+
+def _signed_by_names(names, readers, what: str) -> Callable[[Caller], bool]:
+    """A predicate: the caller's DN, read by one of ``readers`` (host_of, service_host_of), names one of ``names``.
+    A verified Caller signing through a proxy is never taken (a host or a service signs with its own certificate);
+    callers that hold only a DN (a GridFTP session's identity, a notification's recorded signer) pass an object with
+    ``dn`` alone."""
 
     def authorized(caller: Caller) -> bool:
-        if host(caller):
-            return True
         if getattr(caller, "is_proxy", False):
             return False
-        name = service_host_of(caller.dn)
-        return name is not None and name.lower() in names
+        for read in readers:
+            name = read(caller.dn)
+            if name is not None and name.lower() in names:
+                return True
+        return False
 
-    authorized.__doc__ = f"signed by host/{min(names)} or a service of it"
-    return authorized
-
-
-@functools.lru_cache(maxsize=256)
-def host_authorizer(url: str) -> Callable[[Caller], bool]:
-    """GSI host authorization: the response must be signed by a host certificate whose CN is `host/<hostname>` of
-    the URL (a loopback address also accepts `host/localhost`): the chain's end-entity DN, never a proxy's subject,
-    and not through a proxy at all (a host signs with its own certificate; security.hostauth). One predicate per URL, kept (bounded): a client
-    asks for it on every answer it verifies, and parsing the URL and the address each time was about 3% of a
-    node's CPU per deploy+destroy."""
-    hostname = (urlsplit(url).hostname or "").lower()
-    names = _url_host_names(url)
-
-    def authorized(caller: Caller) -> bool:
-        # a verified Caller signing through a proxy is no host; callers that hold only a DN (a GridFTP session's
-        # identity, a notification's recorded signer) pass an object with ``dn`` alone
-        if getattr(caller, "is_proxy", False):
-            return False
-        host = host_of(caller.dn)
-        return host is not None and host.lower() in names
-
-    authorized.__doc__ = f"signed by host/{hostname}"
+    authorized.__doc__ = what
     return authorized
 
 

@@ -141,8 +141,10 @@ def ahead_from_xml(req: etree._Element) -> list[Request]:
 def patterns_from_xml(e: etree._Element | None) -> Patterns:
     grouped: dict[str, list[str]] = {}
     if e is not None:
+        where = e.tag.rpartition("}")[2]
         for a in e.iterfind("az:attribute", NS):
-            grouped.setdefault(a.get("name"), []).append(_bounded(a.text, f"{e.tag.rpartition('}')[2]}.{a.get('name')}"))
+            name = a.get("name")
+            grouped.setdefault(name, []).append(_bounded(a.text, f"{where}.{name}"))
     return tuple((k, tuple(v)) for k, v in grouped.items())
 
 

@@ -64,31 +64,21 @@ def private_state(state_dir: str, services: list[str]) -> None:
     only its search bit for others; the job service sets its own directories' modes (its jobs run under uids of
     their own and must reach their directories, services/jobs)."""
     import os
-    import stat
 
     # a state directory made now (and the directories above it) is made as a site would (0755), before the umask:
-    # made under umask 077 it was 0700, which close() below cannot open, and a job under its own uid could not
+    # made under umask 077 it was 0700, which the closing below does not open, and a job under its own uid could not
     # reach its own directory by its path ($HOME, $PWD, `python3 script.py` made absolute: attack G4)
     os.umask(0o022)
     os.makedirs(state_dir, exist_ok=True)
     os.umask(0o077)
 
-    def close(path: str, keep: int) -> None:
-        mode = stat.S_IMODE(os.stat(path).st_mode)
-        if mode & 0o077 & ~keep:
-            try:
-                os.chmod(path, mode & ~(0o077 & ~keep))
-            except PermissionError as exc:       # not the owner: say so, the service still starts
-                logging.getLogger("vmgrid.container").warning("cannot close %s to other users: %s", path,
-                                                              exc.strerror)
-
-    close(state_dir, 0o011)
+    _change_mode(state_dir, off=0o077 & ~0o011, why="close {} to other users")
     if "jobs" in services:
         _open_the_way(state_dir)
     for name in services:
         service_dir = os.path.join(state_dir, name)
         if name != "jobs" and os.path.isdir(service_dir):
-            close(service_dir, 0)
+            _change_mode(service_dir, off=0o077, why="close {} to other users")
 
 
 def _open_the_way(state_dir: str) -> None:
@@ -99,12 +89,7 @@ def _open_the_way(state_dir: str) -> None:
     import stat
 
     log = logging.getLogger("vmgrid.container")
-    mode = stat.S_IMODE(os.stat(state_dir).st_mode)
-    if mode & 0o011 != 0o011:
-        try:
-            os.chmod(state_dir, mode | 0o011)
-        except PermissionError as exc:
-            log.warning("cannot give %s its search bit for the jobs' uids: %s", state_dir, exc.strerror)
+    _change_mode(state_dir, on=0o011, why="give {} its search bit for the jobs' uids")
     path = os.path.dirname(os.path.abspath(state_dir))
     while True:
         if not os.stat(path).st_mode & stat.S_IXOTH:
@@ -118,6 +103,21 @@ def _open_the_way(state_dir: str) -> None:
         if parent == path:
             break
         path = parent
+
+
+def _change_mode(path: str, *, off: int = 0, on: int = 0, why: str) -> None:
+    """Take the mode bits ``off`` from ``path`` and give it ``on``; a path the container does not own keeps its mode
+    and a warning says so (``why`` names the change, ``{}`` standing for the path): the service still starts."""
+    import os
+    import stat
+
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+    wanted = (mode & ~off) | on
+    if wanted != mode:
+        try:
+            os.chmod(path, wanted)
+        except PermissionError as exc:
+            logging.getLogger("vmgrid.container").warning("cannot %s: %s", why.format(path), exc.strerror)
 
 
 def hold_state(state_dir: str, services: list[str]) -> None:
