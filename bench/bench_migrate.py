@@ -208,7 +208,7 @@ def wan_grid(root: Path, pki, image, virtual: int, memories: list[int], args) ->
                            "initrd": str(image.initrd), "cmdline": image.cmdline, "guest_ready_timeout": 900.0,
                            "migration_sources": [wan.srv_name],
                            "lease_range": ["10.99.0.10-10.99.0.90", "10.99.0.100-10.99.0.180"][n]}))
-        descriptor = parse_descriptor(GUEST_DESCRIPTOR.format(memory=256, size=virtual, kernel=image.kernel_version,
+        descriptor = parse_descriptor(GUEST_DESCRIPTOR.format(memory=256, vcpus=1, size=virtual, kernel=image.kernel_version,
                                                               cmdline=image.cmdline).encode())
         spec = {"cert_dir": str(pki.cert_dir), "admin_proxy": str(pki.admin.proxy_path),
                 "alice_proxy": str(pki.alice.proxy_path), "repo_url": site.repo_url,
@@ -275,7 +275,7 @@ def main() -> int:
                                             "lease_range": ["10.99.0.10-10.99.0.90", "10.99.0.100-10.99.0.180"][n]})
                  for n in (0, 1)]
         base = register(site, parse_descriptor(GUEST_DESCRIPTOR.format(
-            memory=256, size=virtual, kernel=image.kernel_version, cmdline=image.cmdline).encode()), path)
+            memory=256, vcpus=1, size=virtual, kernel=image.kernel_version, cmdline=image.cmdline).encode()), path)
         memories = [int(m) for m in args.memory.split(",")]
         wan = None
         if args.wan:

@@ -83,10 +83,10 @@ def main() -> int:
         print(f"{name:58} {seconds:9.1f}")
     ready = max(inst["ready_seconds"] for inst in report["instances"].values())
     print(f"\nposter anchors: EMBOSS installed by hand {POSTER_INSTALL:.0f} s; a 2 GB image deployed {POSTER_DEPLOY:.0f} s")
-    print(f"deploy to a ready EMBOSS guest (slowest of 3, this run) / poster's install: {ready / POSTER_INSTALL:.3f}")
-    print(f"deploy to a ready EMBOSS guest (slowest of 3) / poster's 2 GB deployment: {ready / POSTER_DEPLOY:.3f}")
+    print(f"deploy to a ready EMBOSS guest (slowest of 3, this run) / poster's install: {ready / POSTER_INSTALL:.3f}x")
+    print(f"deploy to a ready EMBOSS guest (slowest of 3) / poster's 2 GB deployment: {ready / POSTER_DEPLOY:.3f}x")
     if apt is not None:
-        print(f"deploy to a ready EMBOSS guest / apt-get install emboss by hand (this run): {ready / apt:.2f}")
+        print(f"deploy to a ready EMBOSS guest / apt-get install emboss by hand (this run): {ready / apt:.2f}x")
     return rc
 
 

@@ -13,7 +13,7 @@ import time
 from collections import deque
 from pathlib import Path
 
-from services.common.xsdtime import now_datetime
+from services.common.xsdtime import format_datetime, now_datetime
 from services.faults import is_storage_full
 
 log = logging.getLogger("vmgrid.audit")
@@ -163,38 +163,73 @@ class RefusalRecorder:
     """Refused calls to the Authorization service, audited without letting one identity grow the log at will.
 
     Each refusal of an identity for an operation is recorded, except that within ``window`` seconds of the one
-    recorded only the first is written and the rest are counted: the count is written as one record
-    (``repeated``: how many, ``since``: the seq of the record they repeat) when that identity is refused that
-    operation again after the window, when more than ``max_keys`` pairs are being counted, or at :meth:`close`.
-    Any trusted identity can call the service, and every refusal was a record of about 280 bytes (attack G8: no
-    bound at a few hundred signed calls a second); now a pair costs at most two records a window. Nothing is lost:
-    every refusal is in a record or in a count."""
+    recorded only the first is written and the rest are counted. The count is written as one record
+    (``repeated``: how many, ``since``: the seq of the record they repeat, ``last``: when the last of them came,
+    ``reasons``: how many for each reason, the first ``max_reasons`` distinct reasons by name and the rest together)
+    when the window ends (a timer, every ``tick`` seconds), when more than ``max_keys`` pairs are being counted, or
+    at :meth:`close`. Any trusted identity can call the service, and every refusal was a record of about 280 bytes
+    (attack G8: no bound at a few hundred signed calls a second); now a pair costs at most two records a window.
+    Every refusal is in a record or in a count, and a crash loses at most the counts of one window (attack H5: the
+    count waited for the same refusal to come again, so a burst that then stopped was one record until the service
+    stopped cleanly, and nothing after a SIGKILL)."""
 
-    def __init__(self, audit: AuditLog, *, window: float = 60.0, max_keys: int = 10_000,
-                 clock=time.monotonic):
+    def __init__(self, audit: AuditLog, *, window: float = 60.0, max_keys: int = 10_000, max_reasons: int = 8,
+                 tick: float = 5.0, clock=time.monotonic):
         self.audit, self.window, self.max_keys, self.clock = audit, window, max_keys, clock
+        self.max_reasons, self.tick = max_reasons, tick
         self._lock = threading.Lock()
-        self._open: dict[tuple[str, str], list] = {}     # (dn, operation) -> [opened at, seq recorded, count]
+        # (dn, operation) -> _Counted
+        self._open: dict[tuple[str, str], _Counted] = {}
+        self._stop = threading.Event()
+        self._timer: threading.Thread | None = None
 
     def refused(self, dn: str, operation: str, reason: str) -> None:
         key = (dn, operation)
         with self._lock:
             now = self.clock()
             held = self._open.get(key)
-            if held is not None and now - held[0] < self.window:
-                held[2] += 1
+            if held is not None and now - held.opened < self.window:
+                held.count(reason, self.max_reasons)
                 return
             if held is not None:
                 self._summary(key, self._open.pop(key))
             if len(self._open) >= self.max_keys:
                 self._close_all()
             rec = self.audit.record("access", by=dn, operation=operation, result="refused", reason=reason)
-            self._open[key] = [now, rec["seq"], 0]
+            self._open[key] = _Counted(now, rec["seq"], reason)
+            if self._timer is None and not self._stop.is_set():
+                self._timer = threading.Thread(target=self._run, name="audit-refusals", daemon=True)
+                self._timer.start()
 
-    def _summary(self, key: tuple[str, str], held: list) -> None:
-        if held[2]:
-            self.audit.record("access", by=key[0], operation=key[1], result="refused", repeated=held[2],
-                              since=held[1], reason=f"refused {held[2]} more time(s) as in record {held[1]}")
+    def flush_due(self) -> int:
+        """Write the count of each pair whose window has ended (the timer calls this); returns how many pairs."""
+        with self._lock:
+            now = self.clock()
+            due = [key for key, held in self._open.items() if now - held.opened >= self.window]
+            for key in due:
+                self._summary(key, self._open.pop(key))
+            return len(due)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.tick):
+            try:
+                self.flush_due()
+            except Exception:                      # a full disk: the audit log keeps them pending, and says so
+                log.exception("could not write the counted refusals")
+
+    def _summary(self, key: tuple[str, str], held: "_Counted") -> None:
+        if not held.repeated:
+            return
+        if set(held.reasons) == {held.first_reason} and not held.others:
+            reason = f"refused {held.repeated} more time(s) as in record {held.seq}"
+        else:
+            parts = [f"{n} x {why}" for why, n in held.reasons.items()]
+            if held.others:
+                parts.append(f"{held.others} x for other reasons")
+            reason = f"refused {held.repeated} more time(s) since record {held.seq}: " + "; ".join(parts)
+        self.audit.record("access", by=key[0], operation=key[1], result="refused", repeated=held.repeated,
+                          since=held.seq, last=format_datetime(held.last), reasons=dict(held.reasons),
+                          others=held.others or None, reason=reason)
 
     def _close_all(self) -> None:
         for key, held in list(self._open.items()):
@@ -202,8 +237,30 @@ class RefusalRecorder:
         self._open.clear()
 
     def close(self) -> None:
+        self._stop.set()
+        if self._timer is not None and self._timer is not threading.current_thread():
+            self._timer.join(timeout=10)
         with self._lock:
             self._close_all()
+
+
+class _Counted:
+    """The refusals of one (identity, operation) counted after the one recorded (``seq``)."""
+
+    __slots__ = ("opened", "seq", "first_reason", "repeated", "reasons", "others", "last")
+
+    def __init__(self, opened: float, seq: int, reason: str):
+        self.opened, self.seq, self.first_reason = opened, seq, reason
+        self.repeated, self.others, self.last = 0, 0, None
+        self.reasons: dict[str, int] = {}
+
+    def count(self, reason: str, max_reasons: int) -> None:
+        self.repeated += 1
+        self.last = time.time()
+        if reason in self.reasons or len(self.reasons) < max_reasons:
+            self.reasons[reason] = self.reasons.get(reason, 0) + 1
+        else:
+            self.others += 1
 
 
 def verify_chain(path: Path) -> int:

@@ -502,6 +502,29 @@ def test_one_identity_s_refused_calls_are_counted_not_written_one_by_one(site, p
     assert verify_chain(site.authority.audit.path) > 0
 
 
+def test_counted_refusals_are_written_when_the_minute_ends_though_nobody_calls_again(site, people):
+    """Attack H5: the count of a burst that then stopped stayed in memory until the service stopped cleanly (and
+    was lost to a SIGKILL). The service's recorder writes it when the minute ends, by its timer."""
+    import time
+
+    now = [5000.0]
+    site.authz_service.refusals.clock = lambda: now[0]
+    bob = site.client(people["bob"].proxy)
+    before = len(site.authority.audit.read(event="access", limit=10_000))
+    for _ in range(7):
+        with pytest.raises(AccessDenied):
+            bob.list_slots()
+    now[0] += 61
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        records = site.authority.audit.read(event="access", limit=10_000)[before:]
+        if len(records) >= 2:
+            break
+        time.sleep(0.2)
+    assert [(r["operation"], r.get("repeated"), r.get("since")) for r in records] == [
+        ("ListSlots", None, None), ("ListSlots", 6, records[0]["seq"])]
+
+
 def test_values_and_members_over_their_bounds_are_refused_typed_and_nothing_is_audited(site, people, grid_pki):
     """authz.xsd's AttributeType and MemberType extend xs:string (Axis 1.4 cannot compile a simple-content extension
     of the named ValueType/DNType), so the service bounds them itself: a value over 1024 characters, a member's DN

@@ -72,3 +72,35 @@ def test_read_filters_and_limits(tmp_path: Path):
     assert {r["subject"] for r in log.read(subject="/O=Grid/CN=u1", limit=100)} == {"/O=Grid/CN=u1"}
     assert len(log.read(subject="/O=Grid/CN=host/h", limit=100)) == 30
     log.close()
+
+
+def test_counted_refusals_are_written_when_their_window_ends_with_each_reason(tmp_path: Path):
+    """Attack H5: the count of an identity's refusals waited for that identity to be refused the same call again
+    after the window (or a clean stop), so a burst that then stopped was one record, and after a SIGKILL nothing
+    more. The recorder's timer now writes each count when its window ends, with how many for each reason (the
+    first few distinct reasons by name, the rest together)."""
+    import time
+
+    from services.authz.audit import RefusalRecorder
+
+    log = AuditLog(tmp_path / "audit.log")
+    now = [100.0]
+    refusals = RefusalRecorder(log, window=60, tick=0.05, max_reasons=2, clock=lambda: now[0])
+    try:
+        for why in ["not an enforcement point"] * 5 + ["a limited proxy"] * 2 + ["about bob", "about carol"]:
+            refusals.refused("/O=Grid/CN=mallory", "Authorize", why)
+        first = log.read(event="access")
+        assert [r.get("repeated") for r in first] == [None]             # counted, not written one by one
+        now[0] += 61                                                      # the window ends: nobody calls again
+        deadline = time.monotonic() + 60
+        while len(log.read(event="access")) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        count = log.read(event="access")[1]
+        assert (count["repeated"], count["since"]) == (8, first[0]["seq"])
+        assert count["reasons"] == {"not an enforcement point": 4, "a limited proxy": 2}
+        assert count["others"] == 2 and "2 x for other reasons" in count["reason"]
+    finally:
+        refusals.close()
+    assert len(log.read(event="access")) == 2                             # nothing counted twice at close
+    log.close()
+    assert verify_chain(tmp_path / "audit.log") == 2
