@@ -733,6 +733,34 @@ def test_a_job_writing_one_file_past_the_quota_is_stopped_by_the_kernel_with_the
         shut(m)
 
 
+@pytest.mark.parametrize("program", [
+    ("/bin/sh", ("-c", "head -c 3000000 /dev/zero > big")),                  # the shell exits 128+SIGXFSZ
+    (PY, ("-c", "open('big', 'wb').write(bytes(3000000))")),                # Python: "File too large", status 1
+], ids=["shell", "python"])
+def test_a_program_whose_child_hit_the_per_file_bound_is_told_so(tmp_path, program):
+    """Trial U2: only a top program killed by SIGXFSZ was told of the quota; a shell running the writer ended
+    "with status 153", a Python program "with status 1", neither naming the bound."""
+    m = manager(tmp_path / "s", staging_quota=1 << 20)
+    try:
+        job = m.submit(OWNER, JobSpec(program[0], program[1]))
+        done = wait_final(m, job.key)
+        assert done.state == JobState.FAILED
+        assert "exited with status" in done.failure
+        assert "reached the job's per-file bound of 1048576 bytes, [jobs] staging_quota" in done.failure
+    finally:
+        shut(m)
+
+
+def test_a_program_failing_otherwise_is_not_told_of_the_file_bound(tmp_path):
+    m = manager(tmp_path / "s", staging_quota=1 << 20)
+    try:
+        job = m.submit(OWNER, JobSpec("/bin/sh", ("-c", "echo nothing wrong with files >&2; exit 3")))
+        done = wait_final(m, job.key)
+        assert done.failure == "the program exited with status 3"
+    finally:
+        shut(m)
+
+
 # writes 256 KiB files (each under the per-file bound) up to 64 MiB, 16 times the quota: only the check of the
 # whole directory stops it before
 FILLER = """
