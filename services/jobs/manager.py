@@ -157,6 +157,11 @@ class JobManager:
                 raise LimitExceeded(f"{live} jobs are live here; the service runs at most {self.config.max_live_jobs}",
                                     limit="max_live_jobs", allowed=str(self.config.max_live_jobs),
                                     requested=str(live + 1))
+            # a uid for it when its program starts (the start-time check stays: a backstop)
+            first, count = self.config.job_uid_first, self.config.job_uid_count
+            why = self.store.uid_shortfall(dn, first, count)
+            if why is not None:
+                raise LimitExceeded(why, limit="job_uid_count", allowed=str(count), requested=str(count + 1))
             now = time.time()
             job = Job("job-" + uuid.uuid4().hex, dn, JobState.PENDING, spec, now, now + lifetime)
             (self.jobs_dir / job.key).mkdir(mode=0o700)
