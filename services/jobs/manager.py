@@ -33,7 +33,9 @@ from services.wsrf.notification import Subscription, Subscriptions, new_subscrip
 
 log = logging.getLogger("vmgrid.JobService")
 RULE = "instance-owner-or-vo-admin"
-OUTPUT_RULE = "job-submitter-or-vo-admin"     # who reads what a job wrote (StdoutTail, StderrTail)
+# who reads what a job wrote (StdoutTail, StderrTail) and who cancels, destroys, sets the lifetime of or refreshes the
+# proxy of a job: its submitter and the VO's admins (the instance's owner only of her own jobs)
+JOB_RULE = OUTPUT_RULE = "job-submitter-or-vo-admin"
 VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 LIVE_BEFORE_RUN = {JobState.PENDING, JobState.STAGE_IN}
 # seconds a Cancel waits for its job to end before it answers: a program that ends at its SIGTERM, whose outputs
@@ -122,6 +124,19 @@ class JobManager:
         if job is None:
             raise ResourceUnknown(f"no job {key} here (never submitted, or destroyed)", resource=key)
         return job
+
+    def own_job(self, dn: str, key: str, action: str, doing: str) -> Job:
+        """The job ``key`` for ``dn`` to act on (``doing``: "cancel", ...): AccessDenied unless ``dn`` submitted it or
+        is one of the VO's admins (the rule the output tails follow): the instance's owner acts on her own jobs only,
+        never on an admin's; an admin on anyone's."""
+        job = self.job(dn, key, action)
+        if not self.is_submitter_or_admin(dn, job):
+            raise AccessDenied(f"{dn} may not {doing} job {key}: only the job's submitter and the VO's admins may",
+                               subject=dn, action=action, resource=key, rule=JOB_RULE)
+        return job
+
+    def is_submitter_or_admin(self, dn: str, job: Job) -> bool:
+        return dn == job.owner or dn in self.config.admins
 
     # -- the service's life -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -511,7 +526,7 @@ class JobManager:
         outputs. One in its stage-out sends no further file. Cancel waits at most ``answer_wait`` seconds for that
         end and answers the state the job has then: no request thread waits for a program's grace or for its
         outputs' hashing."""
-        job = self.job(dn, key, "job.cancel")
+        job = self.own_job(dn, key, "job.cancel", "cancel")
         if self.store.request_cancel(key) is None:
             job = self.job(dn, key, "job.cancel")       # ended meanwhile (or destroyed: ResourceUnknown)
             raise IllegalTransition(f"job {key} is already {job.state.value}", state=job.state.value,
@@ -544,7 +559,7 @@ class JobManager:
             self._ended.wait_for(ended, timeout)
 
     def destroy(self, dn: str, key: str) -> None:
-        self.job(dn, key, "job.destroy")
+        self.own_job(dn, key, "job.destroy", "destroy")
         self._destroy(key, f"by {dn}")
 
     def _destroy(self, key: str, why: str) -> None:
@@ -566,7 +581,7 @@ class JobManager:
         log.info("job %s destroyed %s", key, why)
 
     def set_termination(self, dn: str, key: str, when: float) -> float:
-        job = self.job(dn, key, "job.set-lifetime")
+        job = self.own_job(dn, key, "job.set-lifetime", "set the lifetime of")
         now = time.time()
         if when <= now:
             raise InvalidArgument("the requested termination time is in the past; use Destroy to end it now",
@@ -597,7 +612,7 @@ class JobManager:
     def may_read_output(self, dn: str, job: Job) -> bool:
         """What a job wrote is its submitter's, and the VO's admins' (the admin rule): the instance's owner reads
         no admin's job output, nor one admin another's."""
-        return dn == job.owner or dn in self.config.admins
+        return self.is_submitter_or_admin(dn, job)
 
     def tail(self, dn: str, job: Job, which: str) -> str:
         """The end of the job's standard output or error (``which``) for ``dn``: AccessDenied unless ``dn`` submitted

@@ -1,13 +1,16 @@
 """Who may do what with a job, in a real container on loopback (HTTPS, WS-Security both ways): a submitter beyond the
-uid pool is refused at SubmitJob (LimitExceededFault), not accepted and then Failed."""
+uid pool is refused at SubmitJob (LimitExceededFault), not accepted and then Failed; Cancel, Destroy and
+SetTerminationTime of a job are its submitter's and the VO's admins' (the rule the output tails follow), not the
+instance owner's on an admin's job."""
 from __future__ import annotations
 
 import socket
 
 import pytest
 
-from services.faults import LimitExceeded
+from services.faults import AccessDenied, LimitExceeded
 from services.jobs.store import JobSpec, StageIn
+from services.jobs.wire import JOB
 from tests.integration.test_jobs_service import PY, JobGrid
 
 pytestmark = pytest.mark.timeout(300)
@@ -74,5 +77,48 @@ def test_a_job_waiting_to_start_keeps_its_uid_promised(grid_pki, tmp_path):
                 admin.submit(JobSpec("true"))
         finally:
             silent.close()
+    finally:
+        grid.close()
+
+
+@pytest.mark.parametrize("operation", ["cancel", "destroy", "set_lifetime"])
+def test_a_jobs_cancel_destroy_and_lifetime_are_its_submitters_and_the_admins(grid_pki, tmp_path, operation):
+    """The instance's owner may not cancel, destroy or set the lifetime of an admin's job (AccessDeniedFault, rule
+    job-submitter-or-vo-admin), as she reads none of its output; the admin who submitted it may, and so may another
+    admin on the owner's job and on the admin's. Without the rule alice cancelled, destroyed or cut short the
+    admin's job."""
+    grid = JobGrid(grid_pki, tmp_path)
+    try:
+        alice, admin = grid.client(grid_pki.alice), grid.client(grid_pki.admin)
+        act = {"cancel": lambda jobs, key: jobs.cancel(key), "destroy": lambda jobs, key: jobs.destroy(key),
+               "set_lifetime": lambda jobs, key: jobs.set_lifetime(key, 3600)}[operation]
+        his = admin.submit(LONG)
+        started(admin, his)
+        before = grid.service.jobs.store.get(his)
+        with pytest.raises(AccessDenied) as refused:
+            act(alice, his)
+        assert refused.value.rule == "job-submitter-or-vo-admin" and "only the job's submitter and the VO's admins" \
+            in str(refused.value)
+        after = grid.service.jobs.store.get(his)
+        assert (after.state.value, after.termination, after.cancel_requested) == \
+            (before.state.value, before.termination, False)                    # nothing changed
+        assert [el.text for el in alice.property(his, f"{{{JOB}}}State")] == ["Active"]   # she still sees it
+        act(admin, his)                                      # the submitter may
+        hers = alice.submit(LONG)
+        started(alice, hers)
+        act(alice, hers)                                     # and the owner on her own job
+        hers2 = alice.submit(LONG)
+        started(alice, hers2)
+        act(admin, hers2)                                    # an admin on the owner's job
+        if operation == "destroy":
+            assert grid.service.jobs.store.get(his) is None and grid.service.jobs.store.get(hers2) is None
+        elif operation == "cancel":
+            assert alice.wait(hers2, timeout=60).state == "Cancelled"
+            assert admin.wait(his, timeout=60).state == "Cancelled"
+        else:
+            assert grid.service.jobs.store.get(his).termination != before.termination
+        for key in (his, hers, hers2):
+            if grid.service.jobs.store.get(key) is not None:
+                admin.destroy(key)
     finally:
         grid.close()
