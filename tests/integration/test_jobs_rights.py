@@ -1,13 +1,14 @@
 """Who may do what with a job, in a real container on loopback (HTTPS, WS-Security both ways): a submitter beyond the
 uid pool is refused at SubmitJob (LimitExceededFault), not accepted and then Failed; Cancel, Destroy and
 SetTerminationTime of a job are its submitter's and the VO's admins' (the rule the output tails follow), not the
-instance owner's on an admin's job."""
+instance owner's on an admin's job; the service's GridFTP face turns a guest container's certificate away at login."""
 from __future__ import annotations
 
 import socket
 
 import pytest
 
+from gridftp.errors import GridFTPError
 from services.faults import AccessDenied, LimitExceeded
 from services.jobs.store import JobSpec, StageIn
 from services.jobs.wire import JOB
@@ -120,5 +121,29 @@ def test_a_jobs_cancel_destroy_and_lifetime_are_its_submitters_and_the_admins(gr
         for key in (his, hers, hers2):
             if grid.service.jobs.store.get(key) is not None:
                 admin.destroy(key)
+    finally:
+        grid.close()
+
+
+def test_the_job_services_gridftp_face_refuses_a_guests_login(grid_pki, tmp_path):
+    """A guest container's certificate (as a node issues it) has no rights on the job service's face (no submitter
+    is a guest: the owner and the admins are people), yet it logged in and took a user's session: now it is turned
+    away at login with 530. The owner still logs in and fetches her job's output."""
+    from gridftp import download
+
+    grid = JobGrid(grid_pki, tmp_path)
+    try:
+        alice = grid.client(grid_pki.alice)
+        key = alice.submit(JobSpec(PY, ("-c", "print('hers')")))
+        info = alice.wait(key, timeout=120)
+        guest = grid_pki.issue_guest("10.99.0.17")
+        with pytest.raises(GridFTPError, match="530 /O=Grid/OU=vmgrid-guests/CN=host/10.99.0.17 is a guest "
+                                               "container's certificate: guests have no rights on this server."):
+            download(f"{info.directory_url}stdout", tmp_path / "taken", 1, credential=guest, trust=grid_pki.trust(),
+                     retries=0)
+        assert not (tmp_path / "taken").exists()
+        download(f"{info.directory_url}stdout", tmp_path / "stdout", 1, credential=grid_pki.alice.proxy,
+                 trust=grid_pki.trust())
+        assert (tmp_path / "stdout").read_text() == "hers\n"
     finally:
         grid.close()
