@@ -202,6 +202,28 @@ class JobClient:
         stopped and what it wrote recorded (it ends Cancelled by itself: :meth:`wait` follows it there)."""
         return self._on(key, "Cancel").findtext("job:State", namespaces=wire.NS)
 
+    def refresh_proxy(self, key: str, lifetime: int | None = None) -> datetime:
+        """Delegate a new proxy of this client's credential to the service for job ``key``'s gsiftp:// files (GRAM's
+        globus-job-refresh-credentials), replacing the one it keeps; when the new one expires. It lives ``lifetime``
+        seconds, else until the job's termination time; at most the 12 h a service takes, never past the credential
+        it is made from."""
+        from datetime import timedelta, timezone
+
+        from security.delegation import MAX_LIFETIME, delegate
+
+        try:
+            self.service.zeep.get_element(f"{{{wire.JOB}}}RefreshJobProxy")
+        except (LookupError, AttributeError, ValueError):
+            raise RuntimeError(f"{self.service.url} is a job service of an older vmgrid, without RefreshJobProxy: "
+                               f"its jobs keep the proxy delegated at submit (at most 12 h)") from None
+        if lifetime is None:
+            termination = TerminationTime.parse(self.property(key, TerminationTime.qname)[0])
+            lifetime = max(60, int((termination - datetime.now(timezone.utc)).total_seconds()))
+        proxy = delegate(self.service.credential, self.service_certificate(),
+                         lifetime=min(timedelta(seconds=lifetime), MAX_LIFETIME))
+        resp = self._on(key, "RefreshJobProxy", delegatedProxy=proxy.decode())
+        return TerminationTime.parse(resp.find("job:proxyExpires", wire.NS))
+
     def destroy(self, key: str) -> None:
         self._on(key, "Destroy")
 

@@ -229,7 +229,8 @@ class JobManager:
         if any(s.destination for s in spec.stage_out) and self.stager is None:
             raise InvalidArgument("this job service has no GridFTP credential to send files", argument="stageOut")
 
-    def _delegation(self, dn: str, spec: JobSpec, proxy_pem: bytes | None) -> bytes | None:
+    def _delegation(self, dn: str, spec: JobSpec, proxy_pem: bytes | None,
+                    action: str = "job.submit") -> bytes | None:
         """The proxy ``dn`` delegated for the job's gsiftp:// files, checked (None: the job moves none). Those are
         moved as the submitter, never with this service's own credential: a host credential is a node to the site's
         policy (it may read every VO's images), and a job's URL is the submitter's choice (a confused deputy)."""
@@ -248,8 +249,38 @@ class JobManager:
             raise InvalidArgument(f"delegatedProxy: {exc.reason}", argument="delegatedProxy") from None
         if credential.limited and writes:
             raise AccessDenied(f"the delegated proxy is limited: a limited proxy cannot send stage-outs ({writes[0]})",
-                               subject=dn, action="job.submit", resource="the job service", rule="limited-proxy")
+                               subject=dn, action=action, resource="the job service", rule="limited-proxy")
         return proxy_pem
+
+    def refresh_proxy(self, dn: str, key: str, proxy_pem: bytes) -> float:
+        """Replace the proxy job ``key``'s gsiftp:// files are moved with (GRAM's globus-job-refresh-credentials): a
+        delegated proxy lives at most 12 h, a job up to ``max_lifetime``. Only the job's submitter may (its files move
+        as her: an admin's proxy would move them as him), of a live job with gsiftp:// files, and the proxy is checked
+        exactly as at submit (:meth:`_delegation`: hers, for this service's key, valid; a limited one sends no
+        stage-out). Returns when the new proxy expires; the next file staged uses it."""
+        job = self.job(dn, key, "job.refresh-proxy")
+        if dn != job.owner:
+            raise AccessDenied(f"{dn} may not refresh the proxy of job {key}: only the job's submitter may (its "
+                               f"gsiftp:// files move as her)", subject=dn, action="job.refresh-proxy", resource=key,
+                               rule="job-submitter")
+        if job.final:
+            raise IllegalTransition(f"job {key} is already {job.state.value}: it moves no more files",
+                                    state=job.state.value, operation="RefreshJobProxy")
+        if not proxy_pem:
+            raise InvalidArgument("delegatedProxy is empty: delegate a proxy of yours for this service's key (`vmgrid "
+                                  "job refresh-proxy` does)", argument="delegatedProxy")
+        if self._delegation(dn, job.spec, proxy_pem, action="job.refresh-proxy") is None:
+            raise InvalidArgument(f"job {key} moves no gsiftp:// file: it keeps no proxy to refresh",
+                                  argument="delegatedProxy")
+        control = self.control_dir / key
+        control.mkdir(mode=0o700, exist_ok=True)
+        tmp = control / (DELEGATED_PROXY + ".new")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with open(fd, "wb") as f:
+            f.write(proxy_pem)
+        os.replace(tmp, control / DELEGATED_PROXY)         # a stage reading it meanwhile reads the old or the new
+        log.info("job %s: its submitter refreshed its proxy", key)
+        return self.stager.delegated(proxy_pem, dn).certificate.not_valid_after_utc.timestamp()
 
     def _submitter_credential(self, job: Job):
         """The proxy the job's submitter delegated at submit, checked again now (expired or revoked meanwhile:
