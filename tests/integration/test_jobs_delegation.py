@@ -66,6 +66,40 @@ def test_a_jobs_stage_in_fetches_as_its_submitter_not_as_the_job_services_host(g
     assert info.stdout_tail.split()[0] == bio.sha256
 
 
+def kept_proxy(grid, key: str):
+    """The proxy the job service keeps for job ``key`` (with its key: as it moves the job's files)."""
+    from security.pki import Credential
+
+    certs = x509.load_pem_x509_certificates((grid.service.jobs.control_dir / key / "delegated-proxy.pem").read_bytes())
+    return Credential(certs[0], None, tuple(certs[1:]))
+
+
+def test_a_job_that_only_stages_in_is_lent_a_limited_proxy(grid, repo_server, grid_pki, tmp_path):
+    """A job whose gsiftp:// files are stage-ins only is delegated a limited proxy (it moves data, it starts nothing:
+    whoever holds the service's key, a guest's root, can neither run a job nor deploy a VM with it), and the
+    repository's GridFTP face serves its image to it as to her; a job with a gsiftp:// stage-out is lent a full one
+    (a job service takes no other for it). A refresh keeps it so. Without `limited=` every job was lent a full proxy."""
+    bio = register(repo_server, "bio", b"bio" * 999)
+    bio_url = repo_server.client(grid_pki.admin).location(bio.image_id)
+    alice = grid.client(grid_pki.alice)
+    reads = alice.submit(JobSpec("/usr/bin/sha256sum", ("bio.qcow2",), stage_in=(StageIn(bio_url, "bio.qcow2"),)))
+    assert kept_proxy(grid, reads).limited and kept_proxy(grid, reads).identity == grid_pki.alice.dn
+    info = alice.wait(reads, timeout=120)
+    assert (info.state, info.failure) == ("Done", None) and info.stdout_tail.split()[0] == bio.sha256
+    sleep = ("-c", "import time; time.sleep(600)")
+    both = alice.submit(JobSpec(PY, sleep, stage_in=(StageIn(bio_url, "bio.qcow2"),),
+                                stage_out=(StageOut("r.txt", f"{grid.gridftp_url}/results/r.txt"),)))
+    assert not kept_proxy(grid, both).limited
+    alice.refresh_proxy(both)
+    assert not kept_proxy(grid, both).limited
+    (grid.files / "ref.fasta").write_text(">ref\nacgt\n")
+    waits = alice.submit(JobSpec(PY, sleep, stage_in=(StageIn(f"{grid.gridftp_url}/ref.fasta", "ref.fasta"),)))
+    alice.refresh_proxy(waits)
+    assert kept_proxy(grid, waits).limited
+    for key in (both, waits):
+        alice.cancel(key)
+
+
 def test_an_older_clients_gsiftp_staging_is_refused_typed_and_nothing_is_submitted(grid, grid_pki):
     """A SubmitJob without delegatedProxy (a client from before it) that stages gsiftp:// files: InvalidArgument
     saying to update the client; its other jobs (no gsiftp:// file) still run as before."""
