@@ -19,7 +19,7 @@ from services.jobs import wire
 from services.jobs.store import JobSpec, StageIn, StageOut
 from services.jobs.wire import JOB
 from tests.fixtures.repository import EXAMPLES, signed_call
-from tests.integration.test_jobs_service import PY, JobGrid
+from tests.integration.test_jobs_service import PY, JobGrid, Validating
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -171,7 +171,9 @@ def test_a_refreshed_proxy_sends_the_stage_out_the_one_of_submit_could_not(grid,
               f"open('r.txt', 'w').write('late but sent')")
     spec = JobSpec(PY, ("-c", script), stage_out=(StageOut("r.txt", f"{grid.gridftp_url}/results/r.txt"),))
     key = _submit(alice, spec, proxy)
+    check = Validating(alice)                           # its answer valid against the published schema
     until = alice.refresh_proxy(key)
+    assert "RefreshJobProxy" in check.seen
     assert until.timestamp() > expires + 3600           # until the job's end (its default lifetime: 12 h at most)
     kept = (grid.service.jobs.control_dir / key / "delegated-proxy.pem").read_bytes()
     assert x509.load_pem_x509_certificate(kept).not_valid_after_utc == until
