@@ -90,6 +90,16 @@ def register(subparsers) -> None:
                                 "(without it such files are named and nothing is fetched)")
         p.set_defaults(func=func)
 
+    p = sub.add_parser("refresh-proxy", help="delegate a new proxy for a job's gsiftp:// files (a proxy lives 12 h "
+                                             "at most), as globus-job-refresh-credentials",
+                       description="Delegate a new proxy of your credential to the job service for the job's "
+                                   "gsiftp:// stage-ins and stage-outs, replacing the one delegated at submit.")
+    p.add_argument("endpoint")
+    p.add_argument("job", help="the job's key (job-…)")
+    p.add_argument("--lifetime", help="how long the new proxy lives: seconds or 90m, 2h (default: until the job's "
+                                      "termination time; at most 12 h, never past your own proxy)")
+    p.set_defaults(func=cmd_refresh_proxy)
+
     p = sub.add_parser("list", help="the jobs of the service")
     p.add_argument("endpoint")
     p.add_argument("--all", action="store_true", help="also ended ones")
@@ -416,6 +426,21 @@ def cmd_cancel(args) -> int:
 def cmd_destroy(args) -> int:
     call(connect(args).destroy, check_key(args.job))
     print(f"{args.job} destroyed")
+    return 0
+
+
+def cmd_refresh_proxy(args) -> int:
+    from client.commands_vm import parse_seconds
+
+    key = check_key(args.job)
+    lifetime = None if args.lifetime is None else parse_seconds(args.lifetime, minimum=60)
+    if lifetime is not None and lifetime > 12 * 3600:
+        raise CLIError(f"--lifetime {args.lifetime}: a job service takes a proxy of at most 12 h (refresh it again "
+                       f"later)")
+    jobs = connect(args)
+    expires = call(jobs.refresh_proxy, key, lifetime)
+    print(f"{key}: its gsiftp:// files now move with a proxy of yours valid until "
+          f"{expires.strftime('%Y-%m-%dT%H:%M:%SZ')}")
     return 0
 
 

@@ -32,9 +32,12 @@ class DelegationError(Exception):
 
 
 def delegate(issuer: Credential, service_certificate: x509.Certificate, *,
-             lifetime: _dt.timedelta = DEFAULT_LIFETIME) -> bytes:
-    """A proxy of ``issuer`` for the public key of ``service_certificate``, with ``issuer``'s chain, as PEM."""
-    language = OID_LIMITED if issuer.limited else OID_INHERIT_ALL
+             lifetime: _dt.timedelta = DEFAULT_LIFETIME, limited: bool = False) -> bytes:
+    """A proxy of ``issuer`` for the public key of ``service_certificate``, with ``issuer``'s chain, as PEM.
+    ``limited``: a limited proxy (RFC 3820 policy id-ppl-limited, Globus' `grid-proxy-init -limited`), which moves
+    data and starts nothing (no job, no deployment, no migration) whoever holds the service's key; a proxy of a
+    limited issuer is limited anyway."""
+    language = OID_LIMITED if issuer.limited or limited else OID_INHERIT_ALL
     cert = proxy_certificate(issuer, service_certificate.public_key(), lifetime=lifetime, policy_language=language)
     return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (cert, *issuer.certificates))
 

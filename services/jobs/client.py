@@ -14,7 +14,7 @@ from lxml import etree
 
 from gridftp import download, upload
 from gridftp.filespace import is_internal
-from services.faults import InvalidArgument
+from services.faults import AccessDenied, InvalidArgument
 from services.jobs import wire
 from services.jobs.store import JobSpec, StageIn
 from services.wsrf.epr import EndpointReference
@@ -94,6 +94,11 @@ def _moves_gsiftp(spec: JobSpec) -> bool:
     return any(u.split(":", 1)[0].lower() == "gsiftp" for u in urls)
 
 
+def _sends_gsiftp(spec: JobSpec) -> bool:
+    """Whether the job has a gsiftp:// stage-out (a job service takes no limited proxy for it)."""
+    return any((s.destination or "").split(":", 1)[0].lower() == "gsiftp" for s in spec.stage_out)
+
+
 class JobClient:
     """``service``: a client.soap.GridServiceClient for …/wsrf/services/JobService (signed as the user)."""
 
@@ -155,7 +160,9 @@ class JobClient:
         stage-in or stage-out carries a proxy of this client's credential delegated to the service (issued for the key
         of the certificate it signs with, as `vm migrate` delegates to a node): the service moves those files as the
         user, never as itself. The proxy lives as long as the job asks to (else the most a service takes, 12 h), never
-        past the credential it is made from."""
+        past the credential it is made from. It is limited (it moves data, it starts nothing: whoever holds the
+        service's key, such as a guest's root, cannot run a job or deploy a VM with it) unless the job sends a
+        gsiftp:// stage-out, for which a job service takes a full proxy only."""
         kwargs = wire.submit_arguments(spec)
         if _moves_gsiftp(spec) and self._takes_delegation():
             from datetime import timedelta
@@ -164,7 +171,7 @@ class JobClient:
 
             lifetime = MAX_LIFETIME if spec.lifetime is None else min(timedelta(seconds=spec.lifetime), MAX_LIFETIME)
             kwargs["delegatedProxy"] = delegate(self.service.credential, self.service_certificate(),
-                                                lifetime=lifetime).decode()
+                                                lifetime=lifetime, limited=not _sends_gsiftp(spec)).decode()
         resp = self.service.call("SubmitJob", **kwargs)
         epr = EndpointReference.from_element(resp.find("job:Job/wsa:EndpointReference", wire.NS))
         return epr.parameter(wire.KEY_TAG)
@@ -201,6 +208,35 @@ class JobClient:
         """Cancel; the state the service answers: Cancelled, or the job's live state while its program is being
         stopped and what it wrote recorded (it ends Cancelled by itself: :meth:`wait` follows it there)."""
         return self._on(key, "Cancel").findtext("job:State", namespaces=wire.NS)
+
+    def refresh_proxy(self, key: str, lifetime: int | None = None) -> datetime:
+        """Delegate a new proxy of this client's credential to the service for job ``key``'s gsiftp:// files (GRAM's
+        globus-job-refresh-credentials), replacing the one it keeps; when the new one expires. It lives ``lifetime``
+        seconds, else until the job's termination time; at most the 12 h a service takes, never past the credential
+        it is made from. Limited, as :meth:`submit` delegates it, unless the job sends a gsiftp:// stage-out (the
+        service refuses a limited one then: a full one is delegated instead)."""
+        from datetime import timedelta, timezone
+
+        from security.delegation import MAX_LIFETIME, delegate
+
+        try:
+            self.service.zeep.get_element(f"{{{wire.JOB}}}RefreshJobProxy")
+        except (LookupError, AttributeError, ValueError):
+            raise RuntimeError(f"{self.service.url} is a job service of an older vmgrid, without RefreshJobProxy: "
+                               f"its jobs keep the proxy delegated at submit (at most 12 h)") from None
+        if lifetime is None:
+            termination = TerminationTime.parse(self.property(key, TerminationTime.qname)[0])
+            lifetime = max(60, int((termination - datetime.now(timezone.utc)).total_seconds()))
+        service, lifetime = self.service_certificate(), min(timedelta(seconds=lifetime), MAX_LIFETIME)
+        try:        # limited first, as at submit: a job that only stages in needs no more
+            resp = self._on(key, "RefreshJobProxy", delegatedProxy=delegate(
+                self.service.credential, service, lifetime=lifetime, limited=True).decode())
+        except AccessDenied as exc:
+            if exc.rule != "limited-proxy" or self.service.credential.limited:
+                raise
+            resp = self._on(key, "RefreshJobProxy", delegatedProxy=delegate(    # it sends a gsiftp:// stage-out
+                self.service.credential, service, lifetime=lifetime).decode())
+        return TerminationTime.parse(resp.find("job:proxyExpires", wire.NS))
 
     def destroy(self, key: str) -> None:
         self._on(key, "Destroy")

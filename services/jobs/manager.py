@@ -33,7 +33,9 @@ from services.wsrf.notification import Subscription, Subscriptions, new_subscrip
 
 log = logging.getLogger("vmgrid.JobService")
 RULE = "instance-owner-or-vo-admin"
-OUTPUT_RULE = "job-submitter-or-vo-admin"     # who reads what a job wrote (StdoutTail, StderrTail)
+# who reads what a job wrote (StdoutTail, StderrTail) and who cancels, destroys, sets the lifetime of or refreshes the
+# proxy of a job: its submitter and the VO's admins (the instance's owner only of her own jobs)
+JOB_RULE = OUTPUT_RULE = "job-submitter-or-vo-admin"
 VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 LIVE_BEFORE_RUN = {JobState.PENDING, JobState.STAGE_IN}
 # seconds a Cancel waits for its job to end before it answers: a program that ends at its SIGTERM, whose outputs
@@ -123,6 +125,19 @@ class JobManager:
             raise ResourceUnknown(f"no job {key} here (never submitted, or destroyed)", resource=key)
         return job
 
+    def own_job(self, dn: str, key: str, action: str, doing: str) -> Job:
+        """The job ``key`` for ``dn`` to act on (``doing``: "cancel", ...): AccessDenied unless ``dn`` submitted it or
+        is one of the VO's admins (the rule the output tails follow): the instance's owner acts on her own jobs only,
+        never on an admin's; an admin on anyone's."""
+        job = self.job(dn, key, action)
+        if not self.is_submitter_or_admin(dn, job):
+            raise AccessDenied(f"{dn} may not {doing} job {key}: only the job's submitter and the VO's admins may",
+                               subject=dn, action=action, resource=key, rule=JOB_RULE)
+        return job
+
+    def is_submitter_or_admin(self, dn: str, job: Job) -> bool:
+        return dn == job.owner or dn in self.config.admins
+
     # -- the service's life -----------------------------------------------------------------------------
     def start(self) -> None:
         """Start the sweeper and the watchers of the jobs found running at start-up."""
@@ -157,6 +172,11 @@ class JobManager:
                 raise LimitExceeded(f"{live} jobs are live here; the service runs at most {self.config.max_live_jobs}",
                                     limit="max_live_jobs", allowed=str(self.config.max_live_jobs),
                                     requested=str(live + 1))
+            # a uid for it when its program starts (the start-time check stays: a backstop)
+            first, count = self.config.job_uid_first, self.config.job_uid_count
+            why = self.store.uid_shortfall(dn, first, count)
+            if why is not None:
+                raise LimitExceeded(why, limit="job_uid_count", allowed=str(count), requested=str(count + 1))
             now = time.time()
             job = Job("job-" + uuid.uuid4().hex, dn, JobState.PENDING, spec, now, now + lifetime)
             (self.jobs_dir / job.key).mkdir(mode=0o700)
@@ -209,7 +229,8 @@ class JobManager:
         if any(s.destination for s in spec.stage_out) and self.stager is None:
             raise InvalidArgument("this job service has no GridFTP credential to send files", argument="stageOut")
 
-    def _delegation(self, dn: str, spec: JobSpec, proxy_pem: bytes | None) -> bytes | None:
+    def _delegation(self, dn: str, spec: JobSpec, proxy_pem: bytes | None,
+                    action: str = "job.submit") -> bytes | None:
         """The proxy ``dn`` delegated for the job's gsiftp:// files, checked (None: the job moves none). Those are
         moved as the submitter, never with this service's own credential: a host credential is a node to the site's
         policy (it may read every VO's images), and a job's URL is the submitter's choice (a confused deputy)."""
@@ -228,8 +249,38 @@ class JobManager:
             raise InvalidArgument(f"delegatedProxy: {exc.reason}", argument="delegatedProxy") from None
         if credential.limited and writes:
             raise AccessDenied(f"the delegated proxy is limited: a limited proxy cannot send stage-outs ({writes[0]})",
-                               subject=dn, action="job.submit", resource="the job service", rule="limited-proxy")
+                               subject=dn, action=action, resource="the job service", rule="limited-proxy")
         return proxy_pem
+
+    def refresh_proxy(self, dn: str, key: str, proxy_pem: bytes) -> float:
+        """Replace the proxy job ``key``'s gsiftp:// files are moved with (GRAM's globus-job-refresh-credentials): a
+        delegated proxy lives at most 12 h, a job up to ``max_lifetime``. Only the job's submitter may (its files move
+        as her: an admin's proxy would move them as him), of a live job with gsiftp:// files, and the proxy is checked
+        exactly as at submit (:meth:`_delegation`: hers, for this service's key, valid; a limited one sends no
+        stage-out). Returns when the new proxy expires; the next file staged uses it."""
+        job = self.job(dn, key, "job.refresh-proxy")
+        if dn != job.owner:
+            raise AccessDenied(f"{dn} may not refresh the proxy of job {key}: only the job's submitter may (its "
+                               f"gsiftp:// files move as her)", subject=dn, action="job.refresh-proxy", resource=key,
+                               rule="job-submitter")
+        if job.final:
+            raise IllegalTransition(f"job {key} is already {job.state.value}: it moves no more files",
+                                    state=job.state.value, operation="RefreshJobProxy")
+        if not proxy_pem:
+            raise InvalidArgument("delegatedProxy is empty: delegate a proxy of yours for this service's key (`vmgrid "
+                                  "job refresh-proxy` does)", argument="delegatedProxy")
+        if self._delegation(dn, job.spec, proxy_pem, action="job.refresh-proxy") is None:
+            raise InvalidArgument(f"job {key} moves no gsiftp:// file: it keeps no proxy to refresh",
+                                  argument="delegatedProxy")
+        control = self.control_dir / key
+        control.mkdir(mode=0o700, exist_ok=True)
+        tmp = control / (DELEGATED_PROXY + ".new")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with open(fd, "wb") as f:
+            f.write(proxy_pem)
+        os.replace(tmp, control / DELEGATED_PROXY)         # a stage reading it meanwhile reads the old or the new
+        log.info("job %s: its submitter refreshed its proxy", key)
+        return self.stager.delegated(proxy_pem, dn).certificate.not_valid_after_utc.timestamp()
 
     def _submitter_credential(self, job: Job):
         """The proxy the job's submitter delegated at submit, checked again now (expired or revoked meanwhile:
@@ -522,7 +573,7 @@ class JobManager:
         outputs. One in its stage-out sends no further file. Cancel waits at most ``answer_wait`` seconds for that
         end and answers the state the job has then: no request thread waits for a program's grace or for its
         outputs' hashing."""
-        job = self.job(dn, key, "job.cancel")
+        job = self.own_job(dn, key, "job.cancel", "cancel")
         if self.store.request_cancel(key) is None:
             job = self.job(dn, key, "job.cancel")       # ended meanwhile (or destroyed: ResourceUnknown)
             raise IllegalTransition(f"job {key} is already {job.state.value}", state=job.state.value,
@@ -555,7 +606,7 @@ class JobManager:
             self._ended.wait_for(ended, timeout)
 
     def destroy(self, dn: str, key: str) -> None:
-        self.job(dn, key, "job.destroy")
+        self.own_job(dn, key, "job.destroy", "destroy")
         self._destroy(key, f"by {dn}")
 
     def _destroy(self, key: str, why: str) -> None:
@@ -577,7 +628,7 @@ class JobManager:
         log.info("job %s destroyed %s", key, why)
 
     def set_termination(self, dn: str, key: str, when: float) -> float:
-        job = self.job(dn, key, "job.set-lifetime")
+        job = self.own_job(dn, key, "job.set-lifetime", "set the lifetime of")
         now = time.time()
         if when <= now:
             raise InvalidArgument("the requested termination time is in the past; use Destroy to end it now",
@@ -608,7 +659,7 @@ class JobManager:
     def may_read_output(self, dn: str, job: Job) -> bool:
         """What a job wrote is its submitter's, and the VO's admins' (the admin rule): the instance's owner reads
         no admin's job output, nor one admin another's."""
-        return dn == job.owner or dn in self.config.admins
+        return self.is_submitter_or_admin(dn, job)
 
     def tail(self, dn: str, job: Job, which: str) -> str:
         """The end of the job's standard output or error (``which``) for ``dn``: AccessDenied unless ``dn`` submitted

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from lxml import etree
 
+from services.common.xsdtime import format_datetime
 from services.container.service import CallContext, SoapService, operation
 from services.faults import AccessDenied, InvalidArgument
 from services.jobs import wire
@@ -163,6 +164,15 @@ class JobService(SoapService):
         state = self.jobs.cancel(ctx.dn, job.key)
         resp = _el("CancelResponse")
         etree.SubElement(resp, wire.q("State")).text = state.value
+        return resp
+
+    @operation("RefreshJobProxy")
+    def refresh_job_proxy(self, ctx, req):
+        job = self._job(ctx, "job.refresh-proxy")
+        proxy = (req.findtext("job:delegatedProxy", namespaces=wire.NS) or "").strip()
+        expires = self.jobs.refresh_proxy(ctx.dn, job.key, proxy.encode())
+        resp = _el("RefreshJobProxyResponse")
+        etree.SubElement(resp, wire.q("proxyExpires")).text = format_datetime(expires)
         return resp
 
     @operation("Destroy")

@@ -191,7 +191,11 @@ class PinnedPath(os.PathLike):
 
 class JobTransfers(GridFTPFace):
     """The job service's GridFTP face. ``job_owner(key)`` is the DN that submitted a job (None: no such
-    job); ``may_use(dn)`` says whether a DN may use the service at all (the instance's owner, admins)."""
+    job); ``may_use(dn)`` says whether a DN may use the service at all (the instance's owner, admins). A guest
+    container's certificate (``guests``) is refused at login, as the repository's and a node's export refuse it: no
+    submitter is a guest (the owner is the person a node deployed the instance for, which the site's policy refuses
+    a guest; the admins are people), and a job's gsiftp:// files move with its submitter's proxy, never with a
+    service's own (guest) key, so no guest has anything to log in to here; logged in, it only took a user's session."""
 
     def __init__(self, jobs_dir: Path, staging_dir: Path, host: str, port: int, credential, trust, *,
                  job_owner: Callable[[str], str | None], may_use: Callable[[str], bool], public_host: str = "",
@@ -200,7 +204,7 @@ class JobTransfers(GridFTPFace):
         self.may_use = may_use
         super().__init__(JobFileSpace(jobs_dir, staging_dir, staging_quota), host, port, credential, trust, authorize=self.authorize,
                          upload_area="/staging", public_host=public_host, what="job directories", log=log,
-                         **server_options)
+                         **{**server_options, "refuse_guests": True})
 
     def authorize(self, dn: str | None, op: str, vpath: str) -> bool:
         if dn is None or not self.may_use(dn):

@@ -238,6 +238,35 @@ class JobStore:
             db.execute("INSERT INTO uids (uid, dn, job) VALUES (?, ?, ?)", (uid, dn, key))
             return uid
 
+    def uid_shortfall(self, dn: str, first: int, count: int) -> str | None:
+        """Why no uid of ``first`` .. ``first + count - 1`` could be given to one more job of ``dn`` (None: one can),
+        counting the uids promised to live jobs that have not started yet (each will take one as :meth:`take_uid`
+        gives it: its submitter's free ones first, else one never given). SubmitJob asks this, so that a submitter
+        beyond the pool is refused at once rather than accepted and then Failed at the program's start."""
+        with self.db.write("uid_shortfall") as db:          # one snapshot of the jobs and the uids
+            given = db.execute("SELECT COUNT(*) FROM uids WHERE uid >= ? AND uid < ?",
+                               (first, first + count)).fetchone()[0]
+            free = dict(db.execute("SELECT dn, COUNT(*) FROM uids WHERE job IS NULL AND uid >= ? AND uid < ? "
+                                   "GROUP BY dn", (first, first + count)).fetchall())
+            waiting = dict(db.execute(
+                "SELECT owner, COUNT(*) FROM jobs WHERE destroyed = 0 AND state IN (?, ?) AND key NOT IN "
+                "(SELECT job FROM uids WHERE job IS NOT NULL) GROUP BY owner",
+                (JobState.PENDING.value, JobState.STAGE_IN.value)).fetchall())
+            running = db.execute("SELECT COUNT(*) FROM uids WHERE job IS NOT NULL AND uid >= ? AND uid < ?",
+                                 (first, first + count)).fetchone()[0]
+            yours = db.execute("SELECT COUNT(*) FROM uids WHERE dn = ? AND uid >= ? AND uid < ?",
+                               (dn, first, first + count)).fetchone()[0]
+        never = count - given
+        promised = sum(max(0, n - free.get(owner, 0)) for owner, n in waiting.items() if owner != dn)
+        mine = max(0, waiting.get(dn, 0) + 1 - free.get(dn, 0))
+        if mine == 0 or mine <= never - promised:
+            return None
+        later = "submit again once one of your jobs has ended (its uid comes back to you), or " if yours else ""
+        return (f"no uid left for your job: the {count} uids of [jobs] job_uid_first = {first}, job_uid_count = "
+                f"{count} are all given or promised ({running} held by running jobs, {sum(waiting.values())} promised "
+                f"to jobs not started yet, the others kept for the submitters they were first given to; {yours} "
+                f"given to you): {later}ask the operator to raise job_uid_count")
+
     def job_uid(self, key: str) -> int | None:
         """The uid job ``key`` runs (or ran) under while it holds it; for a job an earlier version started, its
         submitter's one uid of then; None if neither."""

@@ -76,6 +76,40 @@ def test_the_commands_of_docs_jobs_md_run_as_written(grid, tmp_path):
     assert "destroyed" in r.stdout
 
 
+def test_the_refresh_proxy_commands_of_docs_jobs_md_run_as_written(grid, tmp_path):
+    """docs/jobs.md's `vmgrid job refresh-proxy` block as written: a job with a gsiftp:// stage-out (to $OUT, never
+    reached: the job is cancelled before its stage-out) gets a new proxy twice, the second for 6 h; each replaces the
+    one the service keeps. The proxy's end is printed."""
+    import datetime as dt
+
+    from cryptography import x509
+
+    text = DOCS.read_text()
+    m = re.search(r"<!-- run as written by tests/integration/test_jobs_cli.py \(with \$OUT[^>]*-->\n```sh\n(.*?)```",
+                  text, re.S)
+    assert m, "docs/jobs.md lost its refresh-proxy block"
+    work = tmp_path / "work"
+    work.mkdir()
+    repo = Path(__file__).resolve().parents[2]
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "vmgrid").write_text(f"#!/bin/sh\nexec env PYTHONPATH={repo} {PY} -m client.cli \"$@\"\n")
+    (bindir / "vmgrid").chmod(0o755)
+    env = {**grid.env("alice"), "JOBS": grid.jobs_url, "OUT": "gsiftp://localhost:9/results",
+           "PATH": f"{bindir}:/usr/local/bin:/usr/bin:/bin"}
+    r = subprocess.run(["bash", "-e", "-c", m.group(1) + 'echo "$ALIGN"\n'], cwd=work, env=env, capture_output=True,
+                       text=True, timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr
+    key = r.stdout.split()[-1]
+    lines = [line for line in r.stdout.splitlines() if "now move with a proxy of yours valid until" in line]
+    assert len(lines) == 2 and all(line.startswith(f"{key}: its gsiftp:// files") for line in lines), r.stdout
+    until = [dt.datetime.strptime(line.rsplit(" ", 1)[1], "%Y-%m-%dT%H:%M:%SZ") for line in lines]
+    assert until[1] < until[0]                              # --lifetime 6h: sooner than the job's end (12 h at most)
+    kept = next((grid.root).rglob(f"control/{key}/delegated-proxy.pem")).read_bytes()
+    assert x509.load_pem_x509_certificate(kept).not_valid_after_utc.replace(tzinfo=None, microsecond=0) == until[1]
+    vmgrid(grid, "job", "cancel", grid.jobs_url, key)
+
+
 def test_errors_are_one_clear_line(grid, tmp_path):
     url = grid.jobs_url
     key = vmgrid(grid, "job", "submit", url, "--", JOB_PY, "-c", "import sys; sys.exit(3)").stdout.strip()

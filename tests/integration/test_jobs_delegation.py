@@ -19,7 +19,7 @@ from services.jobs import wire
 from services.jobs.store import JobSpec, StageIn, StageOut
 from services.jobs.wire import JOB
 from tests.fixtures.repository import EXAMPLES, signed_call
-from tests.integration.test_jobs_service import PY, JobGrid
+from tests.integration.test_jobs_service import PY, JobGrid, Validating
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -64,6 +64,40 @@ def test_a_jobs_stage_in_fetches_as_its_submitter_not_as_the_job_services_host(g
     info = alice.wait(key, timeout=120)
     assert (info.state, info.failure) == ("Done", None)
     assert info.stdout_tail.split()[0] == bio.sha256
+
+
+def kept_proxy(grid, key: str):
+    """The proxy the job service keeps for job ``key`` (with its key: as it moves the job's files)."""
+    from security.pki import Credential
+
+    certs = x509.load_pem_x509_certificates((grid.service.jobs.control_dir / key / "delegated-proxy.pem").read_bytes())
+    return Credential(certs[0], None, tuple(certs[1:]))
+
+
+def test_a_job_that_only_stages_in_is_lent_a_limited_proxy(grid, repo_server, grid_pki, tmp_path):
+    """A job whose gsiftp:// files are stage-ins only is delegated a limited proxy (it moves data, it starts nothing:
+    whoever holds the service's key, a guest's root, can neither run a job nor deploy a VM with it), and the
+    repository's GridFTP face serves its image to it as to her; a job with a gsiftp:// stage-out is lent a full one
+    (a job service takes no other for it). A refresh keeps it so. Without `limited=` every job was lent a full proxy."""
+    bio = register(repo_server, "bio", b"bio" * 999)
+    bio_url = repo_server.client(grid_pki.admin).location(bio.image_id)
+    alice = grid.client(grid_pki.alice)
+    reads = alice.submit(JobSpec("/usr/bin/sha256sum", ("bio.qcow2",), stage_in=(StageIn(bio_url, "bio.qcow2"),)))
+    assert kept_proxy(grid, reads).limited and kept_proxy(grid, reads).identity == grid_pki.alice.dn
+    info = alice.wait(reads, timeout=120)
+    assert (info.state, info.failure) == ("Done", None) and info.stdout_tail.split()[0] == bio.sha256
+    sleep = ("-c", "import time; time.sleep(600)")
+    both = alice.submit(JobSpec(PY, sleep, stage_in=(StageIn(bio_url, "bio.qcow2"),),
+                                stage_out=(StageOut("r.txt", f"{grid.gridftp_url}/results/r.txt"),)))
+    assert not kept_proxy(grid, both).limited
+    alice.refresh_proxy(both)
+    assert not kept_proxy(grid, both).limited
+    (grid.files / "ref.fasta").write_text(">ref\nacgt\n")
+    waits = alice.submit(JobSpec(PY, sleep, stage_in=(StageIn(f"{grid.gridftp_url}/ref.fasta", "ref.fasta"),)))
+    alice.refresh_proxy(waits)
+    assert kept_proxy(grid, waits).limited
+    for key in (both, waits):
+        alice.cancel(key)
 
 
 def test_an_older_clients_gsiftp_staging_is_refused_typed_and_nothing_is_submitted(grid, grid_pki):
@@ -117,3 +151,75 @@ def test_a_proxy_expired_before_the_stage_out_fails_the_job_with_the_reason_and_
     alice.fetch_outputs(info, tmp_path / "out")
     assert (tmp_path / "out" / "r.txt").read_text() == "late"
     assert hashlib.sha256(b"late").hexdigest() == {o[0]: o[2] for o in info.outputs}["r.txt"]
+
+
+def _submit(jobs, spec, proxy: bytes) -> str:
+    resp = jobs.service.call("SubmitJob", **wire.submit_arguments(spec), delegatedProxy=proxy.decode())
+    return resp.find("job:Job/wsa:EndpointReference", wire.NS).findtext("wsa:ReferenceParameters/job:JobKey",
+                                                                      namespaces=wire.NS)
+
+
+def test_a_refreshed_proxy_sends_the_stage_out_the_one_of_submit_could_not(grid, grid_pki, tmp_path):
+    """GRAM's globus-job-refresh-credentials: a job outliving the proxy delegated at submit (12 h at most) is given a
+    new one (RefreshJobProxy, `vmgrid job refresh-proxy`), checked as at submit, and its stage-out is sent with it, as
+    its submitter. Without the operation the job ended Failed (`stage-out failed: … expired`), as in the test above."""
+    alice = grid.client(grid_pki.alice)
+    proxy = delegate(grid_pki.alice.proxy, alice.service_certificate(), lifetime=_dt.timedelta(seconds=3))
+    expires = x509.load_pem_x509_certificate(proxy).not_valid_after_utc.timestamp()
+    # the program ends once the first proxy has expired and the test has refreshed it (the file `go`)
+    script = (f"import os, time\nwhile time.time() < {expires + 1} or not os.path.exists('go'): time.sleep(0.2)\n"
+              f"open('r.txt', 'w').write('late but sent')")
+    spec = JobSpec(PY, ("-c", script), stage_out=(StageOut("r.txt", f"{grid.gridftp_url}/results/r.txt"),))
+    key = _submit(alice, spec, proxy)
+    check = Validating(alice)                           # its answer valid against the published schema
+    until = alice.refresh_proxy(key)
+    assert "RefreshJobProxy" in check.seen
+    assert until.timestamp() > expires + 3600           # until the job's end (its default lifetime: 12 h at most)
+    kept = (grid.service.jobs.control_dir / key / "delegated-proxy.pem").read_bytes()
+    assert x509.load_pem_x509_certificate(kept).not_valid_after_utc == until
+    (grid.service.jobs.jobs_dir / key / "go").write_text("")
+    info = alice.wait(key, timeout=120)
+    assert (info.state, info.failure) == ("Done", None)
+    assert (grid.files / "results" / "r.txt").read_text() == "late but sent"
+    assert {dn for dn, _ in grid.seen} == {grid_pki.alice.dn}              # sent as her, with the new proxy
+    assert {o[0]: o[3] for o in info.outputs}["r.txt"] == f"{grid.gridftp_url}/results/r.txt"
+
+
+def test_a_proxy_refresh_is_the_submitters_of_a_live_job_and_checked_as_at_submit(grid, grid_pki):
+    """Someone else's job is refused (an admin's proxy would move alice's files as him: rule job-submitter; bob may not
+    use the service at all); a proxy of another DN, or for another key, is InvalidArgument as at submit; a limited
+    one for a job with a gsiftp:// stage-out is AccessDenied; a job that moves no gsiftp:// file has none to refresh,
+    and an ended job is IllegalTransition. Nothing refused replaced the kept proxy."""
+    from security.pki import make_proxy
+    from services.faults import AccessDenied, IllegalTransition
+
+    alice, admin, bob = grid.client(grid_pki.alice), grid.client(grid_pki.admin), grid.client(grid_pki.bob)
+    service = alice.service_certificate()
+    spec = JobSpec(PY, ("-c", "import time; time.sleep(600)"),
+                   stage_out=(StageOut("r.txt", f"{grid.gridftp_url}/results/r.txt"),))
+    key = _submit(alice, spec, delegate(grid_pki.alice.proxy, service))
+    kept = grid.service.jobs.control_dir / key / "delegated-proxy.pem"
+    first = kept.read_bytes()
+    with pytest.raises(AccessDenied, match="only the job's submitter may") as refused:
+        admin.refresh_proxy(key)
+    assert refused.value.rule == "job-submitter"
+    with pytest.raises(AccessDenied, match="only the instance's owner and the VO's admins"):
+        bob._on(key, "RefreshJobProxy", delegatedProxy=delegate(grid_pki.bob.proxy, service).decode())
+    other = grid_pki.issue_host("elsewhere.example.org")
+    for proxy, reason in ((delegate(grid_pki.bob.proxy, service), "not of the caller"),
+                          (delegate(grid_pki.alice.proxy, other.certificate), "not issued for this node's key"),
+                          (b"", "delegatedProxy is empty")):
+        with pytest.raises(InvalidArgument, match=reason):
+            alice._on(key, "RefreshJobProxy", delegatedProxy=proxy.decode())
+    limited = make_proxy(grid_pki.alice.credential, limited=True, key=grid_pki.keys.take())
+    with pytest.raises(AccessDenied, match="limited"):
+        alice._on(key, "RefreshJobProxy", delegatedProxy=delegate(limited, service).decode())
+    assert kept.read_bytes() == first
+    plain = alice.submit(JobSpec(PY, ("-c", "import time; time.sleep(600)")))
+    with pytest.raises(InvalidArgument, match="moves no gsiftp:// file"):
+        alice.refresh_proxy(plain)
+    alice.cancel(key)
+    assert alice.wait(key, timeout=60).state == "Cancelled"
+    with pytest.raises(IllegalTransition, match="already Cancelled"):
+        alice.refresh_proxy(key)
+    alice.cancel(plain)

@@ -25,6 +25,14 @@ def test_a_proxy_of_a_limited_proxy_stays_limited(grid_pki):
     assert cred.limited
 
 
+def test_a_full_credential_may_delegate_a_limited_proxy(grid_pki):
+    """delegate(limited=True): Globus' limited proxy (it moves data, starts nothing), from a full credential; the
+    service accepts it and knows it limited."""
+    cred = accept(delegate(grid_pki.alice.credential, grid_pki.host.certificate, limited=True), grid_pki.host,
+                  grid_pki.trust(), expected_dn=grid_pki.alice.dn)
+    assert cred.limited and cred.identity == grid_pki.alice.dn
+
+
 @pytest.mark.parametrize("case", ["other-key", "other-identity", "too-long", "garbage", "empty", "not-proxy"])
 def test_an_unusable_delegation_is_refused(grid_pki, case):
     pem = delegate(grid_pki.alice.credential, grid_pki.host.certificate)
