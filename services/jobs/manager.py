@@ -279,6 +279,14 @@ class JobManager:
         with open(fd, "wb") as f:
             f.write(proxy_pem)
         os.replace(tmp, control / DELEGATED_PROXY)         # a stage reading it meanwhile reads the old or the new
+        now = self.store.get(key)
+        if now is None:                     # destroyed meanwhile: no credential is left behind
+            shutil.rmtree(control, ignore_errors=True)
+            raise ResourceUnknown(f"job {key} was destroyed meanwhile", resource=key)
+        if now.final:                       # ended meanwhile: the proxy is not kept past it
+            self._forget_proxy(key)
+            raise IllegalTransition(f"job {key} ended meanwhile: it moves no more files", state=now.state.value,
+                                    operation="RefreshJobProxy")
         log.info("job %s: its submitter refreshed its proxy", key)
         return self.stager.delegated(proxy_pem, dn).certificate.not_valid_after_utc.timestamp()
 
@@ -333,10 +341,19 @@ class JobManager:
                     listener(job, old, job.state)
                 except Exception:
                     log.exception("state listener failed for job %s", key)
+        if job is not None and job.final:
+            self._forget_proxy(key)
         if job is None or job.final:
             with self._ended:
                 self._ended.notify_all()
         return True
+
+    def _forget_proxy(self, key: str) -> None:
+        """An ended job moves no more files: the proxy its submitter delegated is not kept past it (trial13)."""
+        try:
+            (self.control_dir / key / DELEGATED_PROXY).unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("job %s: could not remove its delegated proxy: %s", key, exc.strerror)
 
     def _run(self, key: str) -> None:
         job = self.store.get(key)

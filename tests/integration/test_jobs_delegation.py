@@ -183,6 +183,8 @@ def test_a_refreshed_proxy_sends_the_stage_out_the_one_of_submit_could_not(grid,
     assert (grid.files / "results" / "r.txt").read_text() == "late but sent"
     assert {dn for dn, _ in grid.seen} == {grid_pki.alice.dn}              # sent as her, with the new proxy
     assert {o[0]: o[3] for o in info.outputs}["r.txt"] == f"{grid.gridftp_url}/results/r.txt"
+    # an ended job moves no more files: her proxy is not kept past it (trial13: kept until the job's destroy)
+    assert not (grid.service.jobs.control_dir / key / "delegated-proxy.pem").exists()
 
 
 def test_a_proxy_refresh_is_the_submitters_of_a_live_job_and_checked_as_at_submit(grid, grid_pki):
