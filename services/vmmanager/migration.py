@@ -161,6 +161,7 @@ class Exports:
         self.credential = credential
         self.trust = trust
         self.address = address
+        self.port = 0                 # [vmmanager] migration_port (0: any free port), set at start (check_port)
         self.face: GridFTPFace | None = None
         self._allowed: dict[str, object] = {}      # vpath -> authorizer of the target's host DN
         self.growths: dict[str, Growth] = {}       # vpath -> where the file being written stands
@@ -169,7 +170,7 @@ class Exports:
     def _start(self) -> GridFTPFace:
         host = urlsplit(self.address).hostname or "localhost"
         bind = "127.0.0.1" if host in ("localhost", "127.0.0.1") else "0.0.0.0"
-        face = GridFTPFace(_ExportSpace(self.instances_dir, self), bind, 0, self.credential, self.trust,
+        face = GridFTPFace(_ExportSpace(self.instances_dir, self), bind, self.port, self.credential, self.trust,
                            authorize=self.authorize, upload_area="/nowhere", public_host=host,
                            what="migrating instances", log=log, **{**self.server_options, "refuse_guests": True})
         face.start()
@@ -1319,9 +1320,20 @@ def readdress_pending(node: MigratingNode, key: str) -> str | None:
 
 
 # -- restart and sweep ----------------------------------------------------------------------------------------------
+def check_port(node: MigratingNode) -> None:
+    """[vmmanager] migration_port checked and given to the node's export (at start: a ValueError naming the key)."""
+    port = node.config.migration_port
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ValueError(f"[vmmanager] migration_port = {port!r}: a port is 0 to 65535 (0 picks a free one; the "
+                         f"other nodes pull migrating instances' files from it)")
+    if node.exports is not None:
+        node.exports.port = port
+
+
 def reconcile(node: MigratingNode) -> dict[str, int]:
-    """At start, before the node's own reconciliation: Incoming instances are dropped (never committed); Migrating
-    ones are settled with their target."""
+    """At start, before the node's own reconciliation: [vmmanager] migration_port checked (:func:`check_port`),
+    Incoming instances are dropped (never committed); Migrating ones are settled with their target."""
+    check_port(node)
     report = {"incoming_dropped": 0, "migrations_committed": 0, "migrations_rolled_back": 0,
               "migrations_unsettled": 0}
     for rec in node.migrations.of_role("target") + node.migrations.of_role("prepared"):
