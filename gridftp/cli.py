@@ -100,6 +100,14 @@ def register(subparsers) -> None:
                    help="DN pattern of guest containers' certificates (repeatable; default "
                         "\"/O=Grid/OU=vmgrid-guests/*\", the default [vmmanager] guest_ou): they end in CN=host/ADDRESS "
                         "but count as users, not hosts; give your site's guest_ou as \"/O=Grid/OU=<guest_ou>/*\"")
+    s.add_argument("--refuse-guests", action="store_true",
+                   help="a login whose DN matches a --guest-dn pattern is refused outright (530, then closed), as the "
+                        "repository's face and a node's migration export refuse guest containers; by default guests "
+                        "log in as users")
+    p.add_argument("--data-ports", metavar="LOW,HIGH",
+                   help="accept data connections (PASV/EPSV/SPAS) only on ports LOW to HIGH, for a site firewall "
+                        "(default: $GLOBUS_TCP_PORT_RANGE, as Globus reads it, else any free port); the control "
+                        "port is --port")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=cmd_server)
 
@@ -294,6 +302,15 @@ def cmd_server(args) -> int:
         raise CLIError(f"--port is 0 to 65535 (0 picks a free one), not {args.port}")
     if not args.max_rate >= 0 or not args.marker_interval > 0:
         raise CLIError("--max-rate is bytes a second, 0 (unlimited) or more; --marker-interval seconds, more than 0")
+    from .datachannel import PORT_RANGE_ENV, data_port_range, parse_port_range
+    try:
+        if args.data_ports is not None:
+            if parse_port_range(args.data_ports, "--data-ports") is None:
+                raise ValueError("--data-ports: expected LOW,HIGH, two ports 1 to 65535 in order (e.g. 50000,51000)")
+            os.environ[PORT_RANGE_ENV] = args.data_ports    # this process's listeners (datachannel.open_listener)
+        data_port_range()
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
     limits = {key: getattr(args, key) for key in SESSION_LIMITS}
     try:
         check_session_limits(limits, {key: "--" + key.replace("_", "-") for key in SESSION_LIMITS})
@@ -320,7 +337,8 @@ def cmd_server(args) -> int:
                                authorize=authorize, anonymous=args.anonymous, upload_area=args.upload_area,
                                insecure_anonymous_writes=args.insecure_anonymous_writes,
                                max_rate=args.max_rate, marker_interval=args.marker_interval,
-                               data_peers=args.data_peer, gridmap=args.grid_mapfile, guests=guests, **limits)
+                               data_peers=args.data_peer, gridmap=args.grid_mapfile, guests=guests,
+                               refuse_guests=args.refuse_guests, **limits)
         server.bind()
     except OSError as exc:
         what = (f"{exc.filename}: {exc.strerror}" if exc.filename else      # the root, a grid-mapfile; else the address

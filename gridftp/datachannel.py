@@ -18,6 +18,7 @@ import errno
 import fcntl
 import logging
 import os
+import random
 import select
 import socket
 import struct
@@ -198,14 +199,60 @@ def set_buffers(sock: socket.socket, sbuf: int | None) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, sbuf)
 
 
+# The ports data connections are accepted on (a server's PASV/EPSV/SPAS, a client's PORT/EPRT/SPOR, which a node
+# pulling a migration's files sends): Globus's own variable, "LOW,HIGH" (or "LOW-HIGH"), read at each listen; unset or
+# empty: any ephemeral port. A site firewall opens that range (docs/gridftp.md, "Firewalls").
+PORT_RANGE_ENV = "GLOBUS_TCP_PORT_RANGE"
+
+
+def parse_port_range(text: str, what: str = PORT_RANGE_ENV) -> tuple[int, int] | None:
+    """``"LOW,HIGH"`` or ``"LOW-HIGH"`` (1 to 65535, LOW <= HIGH) as a pair; ``""`` is None (any port); anything else
+    a ValueError naming ``what`` and the form."""
+    text = text.strip()
+    if not text:
+        return None
+    low, sep, high = text.replace("-", ",", 1).partition(",")
+    try:
+        pair = (int(low), int(high)) if sep else None
+    except ValueError:
+        pair = None
+    if pair is None or not 1 <= pair[0] <= pair[1] <= 65535:
+        raise ValueError(f"{what}={text!r}: expected LOW,HIGH, two ports 1 to 65535 in order (e.g. 50000,51000)")
+    return pair
+
+
+def data_port_range() -> tuple[int, int] | None:
+    """The range of :data:`PORT_RANGE_ENV` (None: any port); ValueError when it is not one."""
+    return parse_port_range(os.environ.get(PORT_RANGE_ENV, ""))
+
+
 def open_listener(host: str, sbuf: int | None = None, backlog: int = 64) -> socket.socket:
-    """A listening socket on an ephemeral port of ``host`` (the control connection's local address)."""
+    """A listening socket on ``host`` (the control connection's local address): on a port of the data port range
+    (:data:`PORT_RANGE_ENV`, the first free one from a random place in it; OSError EADDRINUSE when none is), or on an
+    ephemeral port when no range is set."""
+    try:
+        ports = data_port_range()
+    except ValueError as exc:
+        raise OSError(errno.EINVAL, str(exc)) from None
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    set_buffers(sock, sbuf)   # before listen, so accepted sockets inherit the window scale
-    sock.bind((host, 0))
-    sock.listen(backlog)
-    return sock
+    if ports is None:
+        candidates: Iterable[int] = (0,)
+    else:
+        low, high = ports
+        start = random.randrange(low, high + 1)
+        candidates = (*range(start, high + 1), *range(low, start))
+    for port in candidates:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            set_buffers(sock, sbuf)   # before listen, so accepted sockets inherit the window scale
+            sock.bind((host, port))
+            sock.listen(backlog)
+            return sock
+        except OSError as exc:
+            sock.close()
+            if exc.errno != errno.EADDRINUSE or ports is None:
+                raise
+    raise OSError(errno.EADDRINUSE, f"no free data port in {PORT_RANGE_ENV} {ports[0]},{ports[1]}")
 
 
 class Opening:

@@ -191,7 +191,8 @@ class GridFTPServer:
     trusted DN, the path rules decide). ``accept_limited_proxies``: False refuses limited proxies.
     ``max_quota_names``: the most files and directories a quota's directory (:meth:`FileSpace.quota`) may hold
     (empty files cost no bytes but an inode each). ``max_sessions``: control connections at once. Of them, at most ``max_unauthenticated_per_host`` (default
-    ``max_sessions // 4``) from one address may be not yet logged in, and a session not logged in within
+    ``max_sessions // 4``) from one address (grouped as :func:`_address_group` groups them: all of loopback
+    one, an IPv6 /64 one) may be not yet logged in, and a session not logged in within
     ``login_timeout`` seconds is closed (421, also while a line trickles in), so a host whose connections never
     authenticate cannot hold every session and keep the users out.
     Logged-in sessions: one identity may hold at most ``max_sessions_per_identity`` (default ``max_sessions // 8``)
@@ -320,8 +321,9 @@ class GridFTPServer:
                 log.warning("accept failed: %s", exc)     # e.g. out of file descriptors: keep serving
                 time.sleep(0.1)
                 continue
+            group = _address_group(peer[0])     # all of loopback one, an IPv6 /64 one: as logged-in sessions count
             with self._lock:
-                waiting = sum(1 for s in self._sessions if not s.logged_in and s.peer[0] == peer[0])
+                waiting = sum(1 for s in self._sessions if not s.logged_in and _address_group(s.peer[0]) == group)
                 busy = len(self._sessions) >= self.max_sessions or waiting >= self.max_unauthenticated_per_host
             if busy:
                 try:

@@ -6,6 +6,7 @@ header merging, adapter and pool look-ups, hooks): about a quarter of a node's C
 Stable API:
 
     pool = HTTPSPool(url, client_ssl_context(cert_dir), timeout=120, max_answer=limits.max_bytes)
+    pool = HTTPSPool(url, context, connect_to=checked)      # connect to these addresses only (never resolved again)
     answer = pool.post(body_bytes, {"Content-Type": ..., "SOAPAction": ...})   # .status_code .headers .content
     pool.close()
 
@@ -16,6 +17,11 @@ watchdog thread per process shuts the connection's socket down). A kept-alive co
 request went out (its idle limit met the request: no byte of an answer came back) is retried once on a new
 connection with the same bytes: never re-signed, so if the server did act on the first copy its replay cache
 refuses the second.
+
+``connect_to``: the socket addresses (``(family, sockaddr)`` as ``socket.getaddrinfo`` gives them) a caller checked
+the URL's host name against (a policy on the addresses a node may call: services.wsrf.notification.ConsumerPolicy).
+Connections go to these, in order, and the name is never resolved again (a name that answers another address later,
+DNS rebinding, is not followed); the Host header, TLS SNI and the certificate's check still use the URL's name.
 """
 from __future__ import annotations
 
@@ -139,6 +145,27 @@ def _watchdog_after_fork() -> None:
 os.register_at_fork(after_in_child=_watchdog_after_fork)
 
 
+def _pinned(addresses: tuple[tuple[int, tuple], ...]):
+    """A ``create_connection`` for http.client that connects to ``addresses`` (in order, the first that answers)
+    instead of resolving the host it is given."""
+    def create_connection(address, timeout=socket._GLOBAL_DEFAULT_TIMEOUT, source_address=None):
+        error: OSError = OSError(f"no address to connect to for {address[0]}")
+        for family, sockaddr in addresses:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                if timeout is not socket._GLOBAL_DEFAULT_TIMEOUT:
+                    sock.settimeout(timeout)
+                if source_address:
+                    sock.bind(source_address)
+                sock.connect(sockaddr)
+                return sock
+            except OSError as exc:
+                sock.close()
+                error = exc
+        raise error
+    return create_connection
+
+
 class _WatchedHTTP(http.client.HTTPConnection):
     """An HTTP connection that hands its socket to the watchdog as soon as it is connected."""
     deadline_entry: list | None = None
@@ -182,7 +209,8 @@ class HTTPSPool:
     """Kept-alive HTTPS connections to the origin of ``url`` (its path is where every POST goes), shared by threads:
     each call takes an idle connection (or opens one) and gives it back after reading the whole answer."""
 
-    def __init__(self, url: str, context: ssl.SSLContext, *, timeout: float = 60.0, max_answer: int = 8 << 20):
+    def __init__(self, url: str, context: ssl.SSLContext, *, timeout: float = 60.0, max_answer: int = 8 << 20,
+                 connect_to: tuple[tuple[int, tuple], ...] | None = None):
         parts = urlsplit(url)
         if parts.scheme not in ("https", "http"):
             raise ValueError(f"{url}: not an http(s) URL")
@@ -197,6 +225,9 @@ class HTTPSPool:
         self.context = context if parts.scheme == "https" else None
         self.timeout = timeout
         self.max_answer = max_answer
+        if connect_to is not None and not connect_to:
+            raise ValueError(f"{url}: no address to connect to")
+        self.connect_to = tuple(connect_to) if connect_to is not None else None
         self._idle: list[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
 
@@ -244,8 +275,12 @@ class HTTPSPool:
 
     def _connection_new(self) -> http.client.HTTPConnection:
         if self.context is not None:
-            return _WatchedHTTPS(self.host, self.port, timeout=self.timeout, context=self.context)
-        return _WatchedHTTP(self.host, self.port, timeout=self.timeout)
+            conn = _WatchedHTTPS(self.host, self.port, timeout=self.timeout, context=self.context)
+        else:
+            conn = _WatchedHTTP(self.host, self.port, timeout=self.timeout)
+        if self.connect_to is not None:        # the checked addresses; the host name stays the Host header and SNI
+            conn._create_connection = _pinned(self.connect_to)
+        return conn
 
     def _exchange(self, conn: http.client.HTTPConnection, method: str, path: str, body: bytes | None,
                   headers: dict[str, str], timeout: float | None) -> Answer:

@@ -3,6 +3,7 @@ user's proxy and every response verified (security.client), faults turned back i
 errors of services.faults, and the verified response payload handed back as XML."""
 from __future__ import annotations
 
+import ssl
 import threading
 import uuid
 from pathlib import Path
@@ -17,7 +18,8 @@ from urllib.parse import urlsplit
 
 from security import safexml
 from security.client import GridTransport, GridWSSE
-from security.https import HTTPSError
+from security.https import HTTPSError, HTTPSPool
+from security.tls import client_ssl_context
 from security.wssec import WSU, InvalidSecurity
 from services.container.addressing import WSA, request_headers
 from services.container.contract import SERVICES_PATH
@@ -101,15 +103,40 @@ class SameOriginTransport(GridTransport):
     """Loads the WSDL and the schemas it imports only from the service's own origin (scheme, host,
     port), over the connections signed calls use (TLS checked against the trusted CAs): each answer read
     only up to the hardened parser's byte limit and within the timeout as a whole (a server that drips or never
-    ends its answer is cut off), and a redirect refused, never followed (it would leave the origin)."""
+    ends its answer is cut off), and a redirect refused, never followed (it would leave the origin).
 
-    def __init__(self, url: str, wsse: GridWSSE, *, timeout: float | None = None):
+    ``connect_to``: the addresses the caller checked the origin's host name against (security.https.HTTPSPool's
+    ``connect_to``): every connection, the WSDL's and the calls', goes to one of them and the name is not resolved
+    again; TLS still checks the certificate for the name."""
+
+    def __init__(self, url: str, wsse: GridWSSE, *, timeout: float | None = None,
+                 connect_to: tuple[tuple[int, tuple], ...] | None = None):
         if timeout is None:
             super().__init__(wsse)
         else:
             super().__init__(wsse, timeout=timeout, operation_timeout=timeout)
         parts = urlsplit(url)
         self.origin = (parts.scheme, parts.hostname, parts.port)
+        self.connect_to = connect_to
+
+    def _pool(self, address: str) -> HTTPSPool:
+        if self.connect_to is None:
+            return super()._pool(address)
+        parts = urlsplit(address)
+        if (parts.scheme, parts.hostname, parts.port) != self.origin:      # the addresses are the origin's only
+            raise HTTPSError(f"refusing to call {address}: not the service's origin")
+        pool = self._pools.get(address)
+        if pool is None:
+            with self._pools_lock:
+                pool = self._pools.get(address)
+                if pool is None:
+                    if self._ssl is None and parts.scheme == "https":
+                        self._ssl = client_ssl_context(self._cert_dir, self.wsse.credential)
+                    pool = HTTPSPool(address, self._ssl or ssl.create_default_context(),
+                                     timeout=self.operation_timeout or self.load_timeout or 120,
+                                     max_answer=self.limits.max_bytes, connect_to=self.connect_to)
+                    self._pools[address] = pool
+        return pool
 
     def load(self, url):
         parts = urlsplit(str(url))
@@ -167,11 +194,12 @@ def _is_service_url(text: str) -> bool:
 
 class GridServiceClient:
     """One grid service at ``url`` (…/wsrf/services/<Name>), called as ``credential``. ``service``: the name of the
-    service expected there (its WSDL's wsdl:service); another service's URL is refused, naming both."""
+    service expected there (its WSDL's wsdl:service); another service's URL is refused, naming both. ``connect_to``:
+    the addresses the caller checked the URL's host against (the only ones connected to: SameOriginTransport)."""
 
     def __init__(self, url: str, credential: Credential, trust: TrustStore, *,
                  expected_host_dn: str | None = None, timeout: float | None = None, service: str | None = None,
-                 _wsdl=None):
+                 connect_to: tuple[tuple[int, tuple], ...] | None = None, _wsdl=None):
         if not _is_service_url(url):
             raise ClientError(f"{url!r} is not a grid service URL: give https://HOST:PORT{SERVICES_PATH}NAME")
         self.url = url.split("?")[0]
@@ -179,10 +207,11 @@ class GridServiceClient:
         self.trust = trust
         self.expected_host_dn = expected_host_dn
         self.timeout = timeout          # seconds for one call, and for the WSDL and each schema (default 120)
+        self.connect_to = connect_to
         self._capture = _Capture(self.url)
         # vmgrid's services answer with a signed wsa:RelatesTo: an answer to another request is refused
         wsse = GridWSSE(credential, trust, expected_host_dn=expected_host_dn, require_relates_to=True)
-        transport = SameOriginTransport(self.url, wsse, timeout=timeout)
+        transport = SameOriginTransport(self.url, wsse, timeout=timeout, connect_to=connect_to)
         settings = zeep.Settings(strict=True, xml_huge_tree=False, forbid_dtd=True, forbid_entities=True,
                                  forbid_external=False)  # imports are fetched, from the service's origin only
         try:
@@ -223,7 +252,8 @@ class GridServiceClient:
         """A client of the same service, as the same credential, on connections of its own, with the WSDL this one
         fetched and parsed (a tenth of a second of CPU each time): `vmgrid repo import` keeps two calls under way."""
         return GridServiceClient(self.url, self.credential, self.trust, expected_host_dn=self.expected_host_dn,
-                                 timeout=self.timeout, service=self.served or None, _wsdl=self.zeep.wsdl)
+                                 timeout=self.timeout, service=self.served or None, connect_to=self.connect_to,
+                                 _wsdl=self.zeep.wsdl)
 
     def close(self) -> None:
         """Close the HTTP connections this client keeps open."""

@@ -51,6 +51,9 @@ class VMManagerConfig:
     consumers_allow: list[str] = field(default_factory=list)
     notify_deadline: float = 10.0        # seconds for one notification delivery, connect to answer
     migration_timeout: float = 60.0      # seconds a node waits for the other node's answer during a migration
+    # the port of the node's migration GridFTP face (the other nodes pull a migrating instance's files from it;
+    # a site firewall opens it between its nodes): 0 = any free port (checked at start, docs/vmmanager.md)
+    migration_port: int = 0
     migration_incoming_timeout: float = 900.0   # an Incoming instance whose source never commits is dropped then
     migration_prepare_timeout: float = 120.0    # a prepared Incoming instance whose files never come is dropped then
     migration_fixup_timeout: float = 30.0       # seconds guestd has to take the new address after a migration

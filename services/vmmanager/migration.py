@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import re
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -46,8 +45,8 @@ from services.common.crash import crashpoint
 from services.common.errors import printable
 from services.soapclient import ClientError
 from services.faults import (AccessDenied, IllegalTransition, InstanceMoved, InternalFault, InvalidArgument,
-                             LimitExceeded, MigrationFault, ResourceUnknown, TransferFault, VMGridFault, VMMFault,
-                             ChecksumMismatch)
+                             LimitExceeded, MigrationFault, ResourceUnknown, ServiceUnavailable, TransferFault,
+                             VMGridFault, VMMFault, ChecksumMismatch)
 from services.vmmanager import guestcred, phases, states
 from services.vmmanager.context import build_context, new_token
 from services.vmmanager.phases import vmm_call
@@ -55,6 +54,7 @@ from services.vmmanager.states import State
 from services.vmmanager.store import Instance
 from services.vmmanager.values import InstanceView, MigrationFile, MigrationOffer
 from services.vmmanager.vmm import Disk, VMMError
+from services.wsrf.notification import Destination, Unresolved, lookup
 
 if TYPE_CHECKING:        # the types the node core's parts have (imported for the annotations only)
     from security.trust import TrustStore
@@ -161,6 +161,7 @@ class Exports:
         self.credential = credential
         self.trust = trust
         self.address = address
+        self.port = 0                 # [vmmanager] migration_port (0: any free port), set at start (check_port)
         self.face: GridFTPFace | None = None
         self._allowed: dict[str, object] = {}      # vpath -> authorizer of the target's host DN
         self.growths: dict[str, Growth] = {}       # vpath -> where the file being written stands
@@ -169,7 +170,7 @@ class Exports:
     def _start(self) -> GridFTPFace:
         host = urlsplit(self.address).hostname or "localhost"
         bind = "127.0.0.1" if host in ("localhost", "127.0.0.1") else "0.0.0.0"
-        face = GridFTPFace(_ExportSpace(self.instances_dir, self), bind, 0, self.credential, self.trust,
+        face = GridFTPFace(_ExportSpace(self.instances_dir, self), bind, self.port, self.credential, self.trust,
                            authorize=self.authorize, upload_area="/nowhere", public_host=host,
                            what="migrating instances", log=log, **{**self.server_options, "refuse_guests": True})
         face.start()
@@ -251,7 +252,7 @@ class MigratingNode(Protocol):
     consumers: ConsumerPolicy
     credential: Credential | None  # the host credential (None: this node cannot migrate)
     trust: TrustStore | None
-    peer_factory: Callable[[str, Credential, TrustStore, float], Peer] | None
+    peer_factory: Callable[..., Peer] | None   # (url, credential, trust, timeout, *, connect_to) -> Peer
     migrations: Records
     exports: Exports | None
 
@@ -293,7 +294,9 @@ def _describe(exc: BaseException) -> str:
     return getattr(exc, "description", None) or str(exc) or type(exc).__name__
 
 
-def _check_target(node: MigratingNode, target: str) -> str:
+def _check_target(node: MigratingNode, target: str) -> Destination:
+    """``target`` checked: a VMManager URL, not this node, its name resolved (within the policy's deadline) to
+    addresses this node may call; the migration connects to those addresses only (``Destination.addresses``)."""
     parts = urlsplit(target)
     if parts.scheme not in ("https", "http") or not parts.hostname or not parts.path.endswith("/VMManagerService"):
         raise InvalidArgument(f"the target {target!r} is not a VMManager URL (https://host:port/wsrf/services/"
@@ -301,10 +304,11 @@ def _check_target(node: MigratingNode, target: str) -> str:
     if any(_canonical_url(target) == _canonical_url(u) for u in _own_urls(node, target)):
         raise InvalidArgument("the target is this node; migrate to another node", argument="target")
     try:        # the address rule of Subscribe's consumers: not the node's own loopback or link-local ones
-        node.consumers.resolve(target, what="migration target")
+        return node.consumers.resolve(target, what="migration target")
+    except Unresolved as exc:
+        raise ServiceUnavailable(f"the target {target!r} cannot be called now: {exc}", service="DNS") from None
     except PermissionError as exc:
         raise InvalidArgument(f"the target {target!r} is not one this node may call: {exc}", argument="target") from None
-    return target
 
 
 def _own_urls(node: MigratingNode, asked: str | None = None) -> Iterator[str]:
@@ -347,9 +351,9 @@ def _port_of(parts) -> int | None:
 
 
 def _addresses(host: str, port: int | None) -> set[str]:
-    """The addresses ``host`` resolves to (none when it does not)."""
+    """The addresses ``host`` resolves to (none when it does not, or not within the resolver's deadline)."""
     try:
-        return {info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
+        return {info[4][0] for info in lookup(host, port, what="host")}
     except (OSError, UnicodeError, ValueError):
         return set()
 
@@ -370,10 +374,13 @@ def _certificate_names(cert) -> list[str]:
     return [n for n in dict.fromkeys(names) if n]
 
 
-def _peer(node: MigratingNode, url: str, credential: Credential) -> Peer:
+def _peer(node: MigratingNode, dest: Destination, credential: Credential) -> Peer:
+    """The target at ``dest`` (its URL checked by the node's address policy): connected to at the addresses checked,
+    never at what its name resolves to later (DNS rebinding)."""
     if node.peer_factory is None:
-        raise InternalFault("this node cannot call other nodes (no peer factory)", incident=url)
-    return node.peer_factory(url, credential, node.trust, node.config.migration_timeout)
+        raise InternalFault("this node cannot call other nodes (no peer factory)", incident=dest.url)
+    return node.peer_factory(dest.url, credential, node.trust, node.config.migration_timeout,
+                             connect_to=dest.addresses)
 
 
 def _disk_files(home: Path) -> list[str]:
@@ -399,7 +406,7 @@ def migrate(node: MigratingNode, caller, key: str, target: str, mode: str, proxy
     if mode != "Cold":
         raise InvalidArgument(f"migration mode {mode!r} is not supported; this node migrates Cold (save, move, "
                               f"restore)", argument="mode")
-    _check_target(node, target)
+    dest = _check_target(node, target)
     if node.credential is None:
         raise InternalFault("this node has no host credential to migrate with", incident=key)
     if getattr(caller, "limited", False):
@@ -418,7 +425,7 @@ def migrate(node: MigratingNode, caller, key: str, target: str, mode: str, proxy
         inst = node.store.get(key)
         states.check(inst.state_enum, "migrate")
         prior = inst.state_enum
-        peer = _peer(node, target, credential)
+        peer = _peer(node, dest, credential)
         records.put(key, "source", target, prior.value, proxy_pem)
         node._set_state(key, State.MIGRATING, expect={prior})
         phase = "prepare"
@@ -609,7 +616,12 @@ def _settle(node: MigratingNode, key: str) -> str:
     except DelegationError:   # expired: the target's Incoming instance has been dropped by then
         _rollback(node, key, prior, None, abort=False)
         return "rolled-back"
-    peer = _peer(node, rec.peer, credential)
+    try:        # the target's name is checked again (it may resolve elsewhere now): a refused one is not asked
+        dest = node.consumers.resolve(rec.peer, what="migration target")
+    except PermissionError as exc:
+        log.warning("instance %s: the migration target %s cannot be asked now: %s", key, rec.peer, exc)
+        return "unsettled"
+    peer = _peer(node, dest, credential)
     try:
         try:
             resp = _settle_with(node, key, peer)
@@ -1308,9 +1320,20 @@ def readdress_pending(node: MigratingNode, key: str) -> str | None:
 
 
 # -- restart and sweep ----------------------------------------------------------------------------------------------
+def check_port(node: MigratingNode) -> None:
+    """[vmmanager] migration_port checked and given to the node's export (at start: a ValueError naming the key)."""
+    port = node.config.migration_port
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ValueError(f"[vmmanager] migration_port = {port!r}: a port is 0 to 65535 (0 picks a free one; the "
+                         f"other nodes pull migrating instances' files from it)")
+    if node.exports is not None:
+        node.exports.port = port
+
+
 def reconcile(node: MigratingNode) -> dict[str, int]:
-    """At start, before the node's own reconciliation: Incoming instances are dropped (never committed); Migrating
-    ones are settled with their target."""
+    """At start, before the node's own reconciliation: [vmmanager] migration_port checked (:func:`check_port`),
+    Incoming instances are dropped (never committed); Migrating ones are settled with their target."""
+    check_port(node)
     report = {"incoming_dropped": 0, "migrations_committed": 0, "migrations_rolled_back": 0,
               "migrations_unsettled": 0}
     for rec in node.migrations.of_role("target") + node.migrations.of_role("prepared"):

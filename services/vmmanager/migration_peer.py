@@ -10,16 +10,21 @@ from services.vmmanager.wire import NS, instance_epr
 
 
 class SoapPeer:
-    def __init__(self, url: str, credential: Credential, trust, timeout: float):
+    """The node at ``url``; ``connect_to``: the addresses the node's address policy checked its name against (every
+    connection goes to one of them, the name is never resolved again; TLS checks the certificate for the name)."""
+
+    def __init__(self, url: str, credential: Credential, trust, timeout: float, *,
+                 connect_to: tuple[tuple[int, tuple], ...] | None = None):
         self.url = url
         self.credential = credential
         self.trust = trust
         self.timeout = timeout
+        self.connect_to = connect_to
         self._service: GridServiceClient | None = None
 
     def _client(self) -> GridServiceClient:
         if self._service is None:
-            client = GridServiceClient(self.url, self.credential, self.trust)
+            client = GridServiceClient(self.url, self.credential, self.trust, connect_to=self.connect_to)
             client.zeep.transport.operation_timeout = self.timeout
             self._service = client
         return self._service

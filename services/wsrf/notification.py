@@ -56,6 +56,48 @@ class Refused(PermissionError):
     """An address a :class:`ConsumerPolicy` does not let this node call."""
 
 
+class Unresolved(Refused):
+    """A host name the resolver did not answer for within the deadline (a slow or dead name server): not called,
+    and nothing said about the name itself (a later try may resolve it)."""
+
+
+RESOLVE_TIMEOUT = 5.0       # seconds a lookup of a consumer's or a migration target's name may take
+RESOLVERS = 8               # lookups under way at once in a process (a stalled name server holds at most these)
+_resolvers = threading.BoundedSemaphore(RESOLVERS)
+
+
+def lookup(host: str, port: int | None, timeout: float = RESOLVE_TIMEOUT, what: str = "host") -> list[tuple]:
+    """``socket.getaddrinfo(host, port, type=SOCK_STREAM)`` within ``timeout`` seconds: the lookup runs in a thread
+    of its own (getaddrinfo cannot be interrupted) and the caller waits for it at most that long, then gets
+    :class:`Unresolved` (the thread ends when the resolver answers; at most :data:`RESOLVERS` of them at once,
+    beyond which a lookup is :class:`Unresolved` at once). Errors of the lookup itself (an unknown name) as
+    getaddrinfo raises them."""
+    if not _resolvers.acquire(blocking=False):
+        log.warning("lookup of %s %r refused: %d lookups are still waiting for the name server", what, host, RESOLVERS)
+        raise Unresolved(f"the {what} {host!r} cannot be looked up now: the name server has not answered "
+                         f"{RESOLVERS} lookups of this node yet")
+    done = threading.Event()
+    result: list = []
+
+    def run() -> None:
+        try:
+            result.append(("ok", socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            result.append(("error", exc))
+        finally:
+            _resolvers.release()
+            done.set()
+    threading.Thread(target=run, name="vmgrid-resolve", daemon=True).start()
+    if not done.wait(timeout):
+        log.warning("lookup of %s %r: no answer from the name server within %g s", what, host, timeout)
+        raise Unresolved(f"the {what} {host!r} did not resolve within {timeout:g} s (the name server did not "
+                         f"answer); try again later")
+    kind, value = result[0]
+    if kind == "error":
+        raise value
+    return value
+
+
 @dataclass(frozen=True)
 class Destination:
     """An http(s) URL resolved once: the host name (the Host header, TLS SNI and the certificate's name) and
@@ -66,6 +108,7 @@ class Destination:
     netloc: str                        # host[:port] as the URL gives it: the Host header
     path: str                          # path and query
     addresses: tuple[tuple[int, tuple], ...]   # (family, sockaddr) as getaddrinfo gave them
+    url: str = ""                      # the URL as it was given
 
 
 @dataclass(frozen=True)
@@ -77,6 +120,7 @@ class ConsumerPolicy:
     ``127.0.0.0/8`` for a grid whose clients run on the nodes' machine (the local grid, tests)."""
 
     allow: tuple[str, ...] = ()
+    resolve_timeout: float = RESOLVE_TIMEOUT     # seconds the name's lookup may take (Unresolved beyond)
 
     def _allowed_networks(self):
         return [ipaddress.ip_network(a, strict=False) for a in self.allow]
@@ -84,13 +128,16 @@ class ConsumerPolicy:
     def resolve(self, url: str, what: str = "consumer") -> "Destination":
         """``url`` resolved once, with the addresses this policy allows (every address the name has must be
         allowed): a connection goes to one of these, never to what the name resolves to later (DNS rebinding).
-        :class:`Refused` saying why when ``url`` may not be called."""
+        :class:`Refused` saying why when ``url`` may not be called (:class:`Unresolved` when the name server did
+        not answer within ``resolve_timeout``)."""
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise Refused(f"the {what} reference needs an http(s) address")
         try:
             port = parts.port or (443 if parts.scheme == "https" else 80)
-            infos = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
+            infos = lookup(parts.hostname, port, self.resolve_timeout, what=f"{what} host")
+        except Refused:
+            raise
         except (OSError, ValueError, UnicodeError) as exc:
             raise Refused(f"the {what} host {parts.hostname!r} does not resolve: {exc}") from None
         allowed = self._allowed_networks()
@@ -107,7 +154,7 @@ class ConsumerPolicy:
             raise Refused(f"the {what} host {parts.hostname!r} does not resolve")
         netloc = parts.netloc.rpartition("@")[2]
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        return Destination(parts.scheme, parts.hostname, port, netloc, path, tuple(addresses))
+        return Destination(parts.scheme, parts.hostname, port, netloc, path, tuple(addresses), url)
 
     def refusal(self, url: str) -> str | None:
         """Why ``url`` may not be a consumer, or None when it may."""
@@ -118,7 +165,9 @@ class ConsumerPolicy:
         return None
 
     def check(self, url: str) -> None:
-        """InvalidArgument (argument ConsumerReference) when ``url`` may not be a consumer."""
+        """InvalidArgument (argument ConsumerReference) when ``url`` may not be a consumer, or when its name did
+        not resolve within ``resolve_timeout`` (the description says so: a later Subscribe may succeed; every
+        Subscribe declares InvalidArgumentFault)."""
         reason = self.refusal(url)
         if reason:
             raise InvalidArgument(reason, argument="ConsumerReference")

@@ -93,12 +93,13 @@ def test_subscribe_is_capped_per_instance_and_per_subscriber(grid, grid_pki, mon
 
 # -- G12: migration targets ----------------------------------------------------------------------------------------
 class Recorder:
-    """A real HTTP listener on 127.0.0.1 answering every request with ``answer``; ``seen`` lists request lines."""
+    """A real HTTP listener on ``host`` (127.0.0.1) and ``port`` (0: any) answering every request with ``answer``;
+    ``seen`` lists request lines, ``heads`` the whole request heads."""
 
-    def __init__(self, answer: bytes):
-        self.sock = socket.create_server(("127.0.0.1", 0))
+    def __init__(self, answer: bytes, host: str = "127.0.0.1", port: int = 0):
+        self.sock = socket.create_server((host, port))
         self.port = self.sock.getsockname()[1]
-        self.answer, self.seen = answer, []
+        self.answer, self.seen, self.heads = answer, [], []
         threading.Thread(target=self._serve, daemon=True).start()
 
     def _serve(self) -> None:
@@ -117,6 +118,7 @@ class Recorder:
                             break
                         head += chunk
                     self.seen.append(head.split(b"\r\n", 1)[0].decode())
+                    self.heads.append(head)
                     conn.sendall(self.answer)
                 except OSError:
                     pass
@@ -177,4 +179,90 @@ def test_a_target_that_is_no_vmmanager_is_not_described_to_the_caller(grid, grid
     finally:
         forbidden.close()
         page.close()
+        vm.destroy(ref)
+
+
+FORBIDDEN = b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+
+def test_migrate_connects_to_the_address_its_check_resolved(grid, grid_pki, monkeypatch):
+    """A node that may call 127.0.0.2 only; the target's name answers 127.0.0.2 at the check and the node's own
+    127.0.0.1 at every later lookup (a rebinding name server, TTL 0: a monkeypatched socket.getaddrinfo, the
+    listeners and the node real). The Migrate's calls go to 127.0.0.2 with the name as Host (that listener's 403
+    fails the prepare); the listener on 127.0.0.1, same port, sees nothing; the instance runs on. Before (attack12
+    G12): the check resolved once and the SOAP client resolved the name again: ?wsdl went to 127.0.0.1."""
+    monkeypatch.setattr(grid.node(0).core, "consumers", ConsumerPolicy(allow=("127.0.0.2/32",)))
+    honest = Recorder(FORBIDDEN, "127.0.0.2")
+    forbidden = Recorder(FORBIDDEN, "127.0.0.1", honest.port)
+    answers = rebinding(monkeypatch, "rebind.test", "127.0.0.2", "127.0.0.1")
+    vm = grid.vmm(grid_pki.alice)
+    ref = vm.deploy(grid.bio, "rebound", 600, wait=True).ref
+    try:
+        with pytest.raises(MigrationFault) as exc:
+            vm.migrate(ref, f"http://rebind.test:{honest.port}/wsrf/services/VMManagerService")
+        assert exc.value.phase == "prepare"
+        assert answers and answers[0] == "127.0.0.2"
+        assert honest.seen and all(f"Host: rebind.test:{honest.port}".encode() in h for h in honest.heads)
+        assert forbidden.seen == []
+        assert vm.status(ref).state == "Running"
+    finally:
+        honest.close()
+        forbidden.close()
+        vm.destroy(ref)
+
+
+def rebinding(monkeypatch, name: str, first: str, then: str) -> list[str]:
+    """``name`` resolves to ``first`` at its first lookup and to ``then`` at every later one (other names as
+    before); the answers given, in order (as tests/unit/wsrf/test_notifier.py's)."""
+    real = socket.getaddrinfo
+    answers: list[str] = []
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        if host != name:
+            return real(host, port, *args, **kwargs)
+        answers.append(first if not answers else then)
+        return real(answers[-1], port, *args, **kwargs)
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return answers
+
+
+def stalling(monkeypatch, name: str) -> threading.Event:
+    """A name server that never answers for ``name`` (its lookups wait until the returned event is set, then fail);
+    other names resolve as before."""
+    real = socket.getaddrinfo
+    release = threading.Event()
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        if host != name:
+            return real(host, port, *args, **kwargs)
+        release.wait(120)
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return release
+
+
+def test_a_name_server_that_does_not_answer_is_a_typed_fault_at_the_deadline(grid, grid_pki, monkeypatch, caplog):
+    """The target's and a consumer's name server never answers (a stalled resolver hook; the node real, its
+    lookup deadline 0.5 s here): Migrate answers ServiceUnavailableFault (service DNS) saying the name did not
+    resolve in time, Subscribe an InvalidArgumentFault saying so, the node's log names the lookup, nothing is
+    recorded and the instance runs on. Before: getaddrinfo in the request's thread held the call as long as the
+    name server liked (the client's own timeout ended it)."""
+    from services.faults import ServiceUnavailable
+    node = grid.node(0).core
+    monkeypatch.setattr(node, "consumers", ConsumerPolicy(allow=("127.0.0.0/8",), resolve_timeout=0.5))
+    release = stalling(monkeypatch, "stalled.test")
+    vm = grid.vmm(grid_pki.alice)
+    ref = vm.deploy(grid.bio, "undecided", 600, wait=True).ref
+    try:
+        with pytest.raises(ServiceUnavailable) as exc:
+            vm.migrate(ref, "https://stalled.test:8443/wsrf/services/VMManagerService")
+        assert exc.value.service == "DNS" and "did not resolve within 0.5 s" in exc.value.description
+        with pytest.raises(InvalidArgument) as exc:
+            vm.subscribe(ref, "http://stalled.test:9/notify")
+        assert "did not resolve within 0.5 s" in exc.value.description
+        assert "lookup of migration target host 'stalled.test': no answer from the name server" in caplog.text
+        assert node.store.subscriptions(ref.key, 0) == []
+        assert vm.status(ref).state == "Running"
+    finally:
+        release.set()
         vm.destroy(ref)

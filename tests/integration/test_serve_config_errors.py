@@ -315,3 +315,12 @@ def test_security_clock_skew_is_what_the_container_accepts(skew, accepted, monke
             with pytest.raises(ClientError, match="beyond the allowed clock skew of 60 s"):
                 client.groups(alice.dn)
 
+
+
+def test_a_migration_port_that_is_no_port_is_refused_at_start(grid_pki, tmp_path):
+    """[vmmanager] migration_port (the node's migration GridFTP face, docs/vmmanager.md) out of 0-65535 is one line
+    naming the file and the key at start. Before: no such key (the face took any free port)."""
+    r = serve(tmp_path, node_toml(grid_pki, tmp_path / "state", {("vmmanager", "migration_port"): "70000"}))
+    assert r.returncode == 1 and r.stdout == "", r.stderr
+    assert r.stderr == ("vmgrid: n3.toml: [vmmanager] migration_port = 70000: a port is 0 to 65535 (0 picks a free "
+                        "one; the other nodes pull migrating instances' files from it)\n")

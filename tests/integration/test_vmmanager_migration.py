@@ -939,3 +939,28 @@ def test_the_source_sends_its_proof_only_to_a_target_whose_contract_has_it(grid,
         assert peer._takes_proof(peer._client())
     finally:
         peer.close()
+
+
+def test_a_migration_uses_the_configured_migration_port_and_data_port_range(grid_pki, tmp_path, monkeypatch):
+    """[vmmanager] migration_port: the source's migration GridFTP face listens on that port (the files URL the target
+    pulls from names it), and the migration goes through with GLOBUS_TCP_PORT_RANGE set (the target's data listeners
+    then take ports of that range: tests/unit/gridftp/test_gridftp_data_ports.py); the instance arrives. Before: the face listened on a random port, no key named it (a site firewall could not
+    allow it)."""
+    from client.localgrid import free_port
+    from tests.unit.gridftp.test_gridftp_cli import _free_range
+
+    port = free_port()
+    low, high = _free_range()
+    monkeypatch.setenv("GLOBUS_TCP_PORT_RANGE", f"{low},{high}")
+    g = start_grid(grid_pki, tmp_path / "grid", nodes=2, migration_port=port)
+    try:
+        g.image = g.register(name="through-the-firewall")
+        src = g.vmm(grid_pki.alice, 0)
+        ref = deploy(g, grid_pki.alice, "firewalled")
+        moved = src.migrate(ref, g.node_url(1))
+        assert moved.state == "Running" and moved.ref.address == g.node_url(1)
+        assert g.node(0).core.exports.face.server.port == port
+        assert g.node(0).core.exports.face.base_url.endswith(f":{port}")
+        g.vmm(grid_pki.alice, 1).destroy(moved.ref)
+    finally:
+        g.close()

@@ -504,3 +504,70 @@ def test_gridftp_server_closes_a_session_with_no_transfer_after_its_option(tree)
         s.close()
     finally:
         server.stop()
+
+
+def test_gridftp_server_refuse_guests_turns_guest_logins_away(grid_pki, tree):
+    """`vmgrid gridftp-server --refuse-guests`: a guest container's certificate (/O=Grid/OU=vmgrid-guests/CN=host/…,
+    the default --guest-dn) is refused at login (530) where, without the flag, it logs in as a user; a host's
+    credential logs in either way. Before: no such option (the server's refuse_guests was not reachable)."""
+    from gridftp.client import GridFTPClient
+
+    assert "--refuse-guests" in vmgrid("gridftp-server", "--help").stdout
+    guest = grid_pki.issue_guest("10.0.0.9")
+    common = ("--cert", str(grid_pki.host_cert_path), "--key", str(grid_pki.host_key_path),
+              "--cert-dir", str(grid_pki.cert_dir))
+    for flags, refused in (((), False), (("--refuse-guests",), True)):
+        server = ServerProcess(tree, *common, *flags)
+        try:
+            url = f"gsiftp://localhost:{server.port}/"
+            GridFTPClient(url, credential=grid_pki.host, trust=grid_pki.cert_dir).connect().close()
+            client = GridFTPClient(url, credential=guest, trust=grid_pki.cert_dir)
+            if refused:
+                with pytest.raises(GridFTPError, match="530"):
+                    client.connect()
+            else:
+                client.connect().close()
+        finally:
+            server.stop()
+
+
+def _free_range(width: int = 16) -> tuple[int, int]:
+    """``width`` consecutive ports nothing listens on now (above the kernel's ephemeral range's usual start)."""
+    import random
+    import socket
+    for _ in range(50):
+        low = random.randrange(20000, 30000)
+        try:
+            socks = [socket.create_server(("127.0.0.1", p)) for p in range(low, low + width)]
+        except OSError:
+            continue
+        for s in socks:
+            s.close()
+        return low, low + width - 1
+    raise RuntimeError("no free port range")
+
+
+def test_gridftp_server_data_ports_bound_its_passive_ports(tree, tmp_path):
+    """`vmgrid gridftp-server --data-ports LOW,HIGH`: every PASV/EPSV port the server opens is in the range (a site
+    firewall opens just those), and a download over them works; a range that is none is a one-line error. Before:
+    no such option, and the passive ports were any ephemeral port."""
+    from tests.unit.gridftp.gridftp_helpers import RawFTP
+
+    low, high = _free_range()
+    server = ServerProcess(tree, "--anonymous", "--no-tls", "--data-ports", f"{low},{high}")
+    try:
+        raw = RawFTP("127.0.0.1", server.port)
+        raw.login_anonymous()
+        ports = [raw.pasv()[1] for _ in range(5)]
+        raw.close()
+        assert all(low <= p <= high for p in ports), (ports, low, high)
+        got = vmgrid("transfer", f"ftp://127.0.0.1:{server.port}/data/f3m", str(tmp_path / "f"), "-q")
+        assert got.returncode == 0, got.stderr
+    finally:
+        server.stop()
+    for bad in ("51000,50000", "x", "0,10", ""):
+        refused = vmgrid("gridftp-server", "--root", str(tree), "--port", "0", "--anonymous", "--no-tls",
+                         "--data-ports", bad)
+        assert refused.returncode == 1 and refused.stderr.startswith("vmgrid: --data-ports") \
+            and "LOW,HIGH" in refused.stderr, refused.stderr
+

@@ -249,3 +249,20 @@ def test_sessions_are_counted_per_loopback_and_per_ipv6_64(start_server):
     assert reply.code == 421 and "Too many sessions from loopback (127.0.0.0/8, ::1): at most 2" in reply.text
     for s in held + [third]:
         s.close()
+
+
+def test_sessions_not_yet_logged_in_are_counted_per_loopback_too(start_server):
+    """The bound on sessions not yet logged in groups addresses as the logged-in bounds do: two waiting sessions from
+    127.0.0.2 and 127.0.0.3 fill max_unauthenticated_per_host = 2 of all of loopback, and a third from 127.0.0.4 is
+    greeted 421. Before: the pre-login bound counted each loopback address apart (one local account binding
+    127.0.0.2, .3, .4 … held max_unauthenticated_per_host sessions from each)."""
+    server = start_server(max_sessions=16, max_unauthenticated_per_host=2)
+    waiting = [RawFTP("127.0.0.1", server.port, source=source) for source in ("127.0.0.2", "127.0.0.3")]
+    try:
+        assert [w.greeting.code for w in waiting] == [220, 220]
+        third = RawFTP("127.0.0.1", server.port, source="127.0.0.4")
+        assert third.greeting.code == 421 and "Too many sessions" in third.greeting.text
+        third.close()
+    finally:
+        for w in waiting:
+            w.close()

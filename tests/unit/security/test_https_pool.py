@@ -14,7 +14,7 @@ from lxml import etree
 
 from security import safexml
 from security.client import GridTransport, GridWSSE
-from security.https import HTTPSPool
+from security.https import HTTPSError, HTTPSPool
 from security.tls import client_ssl_context
 from tests.fixtures.drip import dripping_listener
 from tests.fixtures.pki import serve_wsgi
@@ -218,3 +218,42 @@ def test_the_watchdog_never_cuts_a_connection_that_took_over_a_closed_sockets_de
         _WATCHDOG.disarm(entry)
         a.close()
         b.close()
+
+
+class Hosts(Counting):
+    """Counting, and the Host header of each request."""
+
+    def __init__(self):
+        super().__init__()
+        self.hosts: list[str] = []
+
+    def __call__(self, environ, start_response):
+        self.hosts.append(environ.get("HTTP_HOST", ""))
+        return super().__call__(environ, start_response)
+
+
+def test_a_pool_given_addresses_connects_there_and_checks_the_certificate_for_the_name(grid_pki):
+    """``connect_to`` (attack12 G12): the pool of https://pinned.test:PORT (a name no resolver knows) connects to the
+    address it is given, sends the name as Host and SNI, and checks the server's certificate for the name: a
+    server with pinned.test's certificate answers, one with localhost's is refused. Before: the pool resolved the
+    name itself (no such option; 'Name or service not known')."""
+    named = grid_pki.issue_host("pinned.test")
+    app = Hosts()
+    with serve_wsgi(app, named) as srv:
+        port = srv.bind_addr[1]
+        checked = tuple((f, sa) for f, _, _, _, sa in socket.getaddrinfo("127.0.0.1", port, type=socket.SOCK_STREAM))
+        pool = HTTPSPool(f"https://pinned.test:{port}/svc", client_ssl_context(grid_pki.cert_dir), timeout=10,
+                         connect_to=checked)
+        try:
+            assert pool.post(b"<x/>", {"Content-Type": "text/xml"}).content == ANSWER
+            assert pool.get("/svc?wsdl").status_code == 200
+        finally:
+            pool.close()
+        assert app.hosts == [f"pinned.test:{port}"] * 2
+    with serve_wsgi(Hosts(), grid_pki.host) as srv:      # localhost's certificate at that address: refused
+        port = srv.bind_addr[1]
+        pool = HTTPSPool(f"https://pinned.test:{port}/svc", client_ssl_context(grid_pki.cert_dir), timeout=10,
+                         connect_to=((socket.AF_INET, ("127.0.0.1", port)),))
+        with pytest.raises(HTTPSError, match="certificate verify failed"):
+            pool.post(b"<x/>", {"Content-Type": "text/xml"})
+        pool.close()

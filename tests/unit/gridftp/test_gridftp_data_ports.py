@@ -1,0 +1,56 @@
+"""GLOBUS_TCP_PORT_RANGE: the ports data connections are accepted on, by a server's PASV/EPSV/SPAS and by a client's
+PORT/EPRT/SPOR listeners alike (gridftp.datachannel.open_listener), so a site firewall can open just that range.
+Real sockets and a real server and client on loopback."""
+from __future__ import annotations
+
+import errno
+import socket
+
+import pytest
+
+from gridftp.datachannel import open_listener, parse_port_range
+from gridftp.transfer import download
+
+from tests.unit.gridftp.test_gridftp_cli import _free_range
+
+
+def test_listeners_take_ports_of_the_range_and_say_when_none_is_left(monkeypatch):
+    low, high = _free_range(4)
+    monkeypatch.setenv("GLOBUS_TCP_PORT_RANGE", f"{low},{high}")
+    held = [open_listener("127.0.0.1") for _ in range(4)]
+    try:
+        assert sorted(s.getsockname()[1] for s in held) == list(range(low, high + 1))
+        with pytest.raises(OSError) as exc:
+            open_listener("127.0.0.1")
+        assert exc.value.errno == errno.EADDRINUSE and f"GLOBUS_TCP_PORT_RANGE {low},{high}" in str(exc.value)
+    finally:
+        for s in held:
+            s.close()
+    monkeypatch.setenv("GLOBUS_TCP_PORT_RANGE", "nonsense")
+    with pytest.raises(OSError, match="expected LOW,HIGH"):
+        open_listener("127.0.0.1")
+    monkeypatch.delenv("GLOBUS_TCP_PORT_RANGE")
+    with open_listener("127.0.0.1") as any_port:
+        assert any_port.getsockname()[1] > 0
+    assert parse_port_range("50000-50010") == parse_port_range("50000,50010") == (50000, 50010)
+    assert parse_port_range(" ") is None
+
+
+def test_a_mode_e_download_listens_on_the_range(start_server, tree, tmp_path, monkeypatch):
+    """A MODE E download (the client listens, PORT; as a node pulling a migration's files): with the range set, the
+    client's data listener is in it (the server's session saw PORT for such a port) and the file arrives whole.
+    Before: the range was not read anywhere, every listener took an ephemeral port."""
+    low, high = _free_range()
+    monkeypatch.setenv("GLOBUS_TCP_PORT_RANGE", f"{low},{high}")
+    server = start_server()
+    seen: list[int] = []
+    real = socket.socket.connect
+
+    def connect(sock, address):        # the server's data connections to the client's PORT address
+        if isinstance(address, tuple) and address[0] == "127.0.0.1" and address[1] != server.port:
+            seen.append(address[1])
+        return real(sock, address)
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    download(f"ftp://127.0.0.1:{server.port}/data/f3m", tmp_path / "f", parallel=2)
+    assert (tmp_path / "f").read_bytes() == (tree / "data" / "f3m").read_bytes()
+    assert seen and all(low <= p <= high for p in seen), (seen, low, high)
