@@ -124,6 +124,7 @@ NUMBER_RULES: dict[str, dict[str, tuple]] = {
         "migration_fixup_timeout": ("seconds", _more_than_zero()),
         "guest_cert_days": ("days", _more_than_zero()),
         "list_page": ("instances a page", _between(1, 1000)),          # services/vmmanager/listing.py MAX_PAGE
+        "migration_port": ("a port (0 picks a free one)", _between(0, 65535)),
     },
     "security": {
         "clock_skew": ("seconds", _between(0, 3600)),
