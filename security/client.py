@@ -204,6 +204,7 @@ class GridTransport(zeep.Transport):
         self._ssl: ssl.SSLContext | None = None
         self._pools: dict[str, HTTPSPool] = {}
         self._pools_lock = threading.Lock()
+        self.connect_to: tuple[tuple[int, tuple], ...] | None = None      # HTTPSPool's: a subclass pins its addresses
 
     def _pool(self, address: str) -> HTTPSPool:
         pool = self._pools.get(address)
@@ -216,7 +217,7 @@ class GridTransport(zeep.Transport):
                                                        self.wsse.credential if self.wsse is not None else None)
                     pool = HTTPSPool(address, self._ssl or ssl.create_default_context(),
                                      timeout=self.operation_timeout or self.load_timeout or 120,
-                                     max_answer=self.limits.max_bytes)
+                                     max_answer=self.limits.max_bytes, connect_to=self.connect_to)
                     if len(self._pools) >= 64:       # a client of many URLs: the oldest origin's connections go
                         self._pools.pop(next(iter(self._pools))).close()
                     self._pools[address] = pool

@@ -3,7 +3,6 @@ user's proxy and every response verified (security.client), faults turned back i
 errors of services.faults, and the verified response payload handed back as XML."""
 from __future__ import annotations
 
-import ssl
 import threading
 import uuid
 from pathlib import Path
@@ -19,7 +18,6 @@ from urllib.parse import urlsplit
 from security import safexml
 from security.client import GridTransport, GridWSSE
 from security.https import HTTPSError, HTTPSPool
-from security.tls import client_ssl_context
 from security.wssec import WSU, InvalidSecurity
 from services.container.addressing import WSA, request_headers
 from services.container.contract import SERVICES_PATH
@@ -120,23 +118,10 @@ class SameOriginTransport(GridTransport):
         self.connect_to = connect_to
 
     def _pool(self, address: str) -> HTTPSPool:
-        if self.connect_to is None:
-            return super()._pool(address)
         parts = urlsplit(address)
-        if (parts.scheme, parts.hostname, parts.port) != self.origin:      # the addresses are the origin's only
-            raise HTTPSError(f"refusing to call {address}: not the service's origin")
-        pool = self._pools.get(address)
-        if pool is None:
-            with self._pools_lock:
-                pool = self._pools.get(address)
-                if pool is None:
-                    if self._ssl is None and parts.scheme == "https":
-                        self._ssl = client_ssl_context(self._cert_dir, self.wsse.credential)
-                    pool = HTTPSPool(address, self._ssl or ssl.create_default_context(),
-                                     timeout=self.operation_timeout or self.load_timeout or 120,
-                                     max_answer=self.limits.max_bytes, connect_to=self.connect_to)
-                    self._pools[address] = pool
-        return pool
+        if self.connect_to is not None and (parts.scheme, parts.hostname, parts.port) != self.origin:
+            raise HTTPSError(f"refusing to call {address}: not the service's origin")   # the addresses are its only
+        return super()._pool(address)
 
     def load(self, url):
         parts = urlsplit(str(url))
