@@ -298,6 +298,23 @@ def _check_stdin(stdin: str | None, stage_in: list[str]) -> None:
                    f"(here {', '.join(sorted(names)) or 'nothing'}) when the program starts")
 
 
+def _refuse_older_proxy(credential, stage_in: list[str], stage_out: list[str]) -> None:
+    """A job's files move over GridFTP with TLS (AUTH TLS, PROT P): a local --stage-in is uploaded with the caller's
+    credential, a gsiftp:// one (and a stage-out sent to one) is moved by the service with a proxy delegated from it.
+    A chain holding a legacy (grid-proxy-init -old) or draft (-draft) proxy cannot authenticate there: refused before
+    anything is uploaded or submitted, in `vmgrid transfer`'s words (its own check), rather than a job that fails at
+    its staging."""
+    from gridftp.client import _older_proxy_refusal
+
+    moved = [f"--stage-in {item}" for item in stage_in if not item.lower().startswith("ftp://")]
+    moved += [f"--stage-out {item}" for item in stage_out if item.partition("=")[2].lower().startswith("gsiftp://")]
+    if not moved:
+        return
+    why = _older_proxy_refusal(credential, gsi=False, prot="P")
+    if why is not None:
+        raise CLIError(f"{moved[0]}: {why}; no job was submitted")
+
+
 def cmd_submit(args) -> int:
     from gridftp.cli import ProgressBar
     from services.jobs.store import JobSpec, StageIn, StageOut
@@ -317,6 +334,7 @@ def cmd_submit(args) -> int:
         if not item.startswith(("gsiftp://", "ftp://")) and not Path(item).is_file():
             raise CLIError(f"--stage-in {item}: no such file")
     jobs = connect(args)
+    _refuse_older_proxy(jobs.service.credential, args.stage_in, args.stage_out)
     stage_in = []
     for item in args.stage_in:
         if item.startswith(("gsiftp://", "ftp://")):
