@@ -82,7 +82,9 @@ def register(subparsers) -> None:
                            help="print the state the service answers and return (a job still being stopped ends "
                                 "Cancelled by itself)")
         if name == "get":
-            p.add_argument("outputs", nargs="*", metavar="OUTPUT",
+            # default given: argparse then counts OUTPUT as optional (without it a missing job key was "the
+            # following arguments are required: job, OUTPUT")
+            p.add_argument("outputs", nargs="*", metavar="OUTPUT", default=[],
                            help="an output's name (as `vmgrid job status` lists it): fetch only these (default: all)")
             p.add_argument("-o", "--output", type=Path, default=Path("."), metavar="DIR", help="directory (default .)")
             p.add_argument("--overwrite", action="store_true",
@@ -105,7 +107,8 @@ def register(subparsers) -> None:
     for action in sub.choices.values():
         action.add_argument("--node", default=os.environ.get("VMGRID_NODE", DEFAULT_NODE),
                             help="the VMManager of the instance named (default $VMGRID_NODE or "
-                                 f"{DEFAULT_NODE})")
+                                 f"{DEFAULT_NODE}; --url, as the vm commands spell it, is the same)")
+        action.add_argument("--url", dest="node", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         action.add_argument("--cert-dir", help="trusted CA directory (default $X509_CERT_DIR)")
         action.add_argument("--proxy", help="credential file (default $X509_USER_PROXY, /tmp/x509up_u<uid>)")
 
@@ -221,6 +224,8 @@ def call(func, *a, **kw):
 def check_key(text: str) -> str:
     from services.jobs.wire import KEY_PATTERN
 
+    if not text.strip():
+        raise CLIError("the job key is empty: give the job's key (job-<32 hex digits>, as submit printed it)")
     if not KEY_PATTERN.fullmatch(text):
         raise CLIError(f"{text!r} is not a job key (job-<32 hex digits>, as submit printed it)")
     return text
