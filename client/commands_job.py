@@ -82,7 +82,9 @@ def register(subparsers) -> None:
                            help="print the state the service answers and return (a job still being stopped ends "
                                 "Cancelled by itself)")
         if name == "get":
-            p.add_argument("outputs", nargs="*", metavar="OUTPUT",
+            # default given: argparse then counts OUTPUT as optional (without it a missing job key was "the
+            # following arguments are required: job, OUTPUT")
+            p.add_argument("outputs", nargs="*", metavar="OUTPUT", default=[],
                            help="an output's name (as `vmgrid job status` lists it): fetch only these (default: all)")
             p.add_argument("-o", "--output", type=Path, default=Path("."), metavar="DIR", help="directory (default .)")
             p.add_argument("--overwrite", action="store_true",
@@ -115,7 +117,8 @@ def register(subparsers) -> None:
     for action in sub.choices.values():
         action.add_argument("--node", default=os.environ.get("VMGRID_NODE", DEFAULT_NODE),
                             help="the VMManager of the instance named (default $VMGRID_NODE or "
-                                 f"{DEFAULT_NODE})")
+                                 f"{DEFAULT_NODE}; --url, as the vm commands spell it, is the same)")
+        action.add_argument("--url", dest="node", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         action.add_argument("--cert-dir", help="trusted CA directory (default $X509_CERT_DIR)")
         action.add_argument("--proxy", help="credential file (default $X509_USER_PROXY, /tmp/x509up_u<uid>)")
 
@@ -231,6 +234,8 @@ def call(func, *a, **kw):
 def check_key(text: str) -> str:
     from services.jobs.wire import KEY_PATTERN
 
+    if not text.strip():
+        raise CLIError("the job key is empty: give the job's key (job-<32 hex digits>, as submit printed it)")
     if not KEY_PATTERN.fullmatch(text):
         raise CLIError(f"{text!r} is not a job key (job-<32 hex digits>, as submit printed it)")
     return text
@@ -308,6 +313,23 @@ def _check_stdin(stdin: str | None, stage_in: list[str]) -> None:
                    f"(here {', '.join(sorted(names)) or 'nothing'}) when the program starts")
 
 
+def _refuse_older_proxy(credential, stage_in: list[str], stage_out: list[str]) -> None:
+    """A job's files move over GridFTP with TLS (AUTH TLS, PROT P): a local --stage-in is uploaded with the caller's
+    credential, a gsiftp:// one (and a stage-out sent to one) is moved by the service with a proxy delegated from it.
+    A chain holding a legacy (grid-proxy-init -old) or draft (-draft) proxy cannot authenticate there: refused before
+    anything is uploaded or submitted, in `vmgrid transfer`'s words (its own check), rather than a job that fails at
+    its staging."""
+    from gridftp.client import _older_proxy_refusal
+
+    moved = [f"--stage-in {item}" for item in stage_in if not item.lower().startswith("ftp://")]
+    moved += [f"--stage-out {item}" for item in stage_out if item.partition("=")[2].lower().startswith("gsiftp://")]
+    if not moved:
+        return
+    why = _older_proxy_refusal(credential, gsi=False, prot="P")
+    if why is not None:
+        raise CLIError(f"{moved[0]}: {why}; no job was submitted")
+
+
 def cmd_submit(args) -> int:
     from gridftp.cli import ProgressBar
     from services.jobs.store import JobSpec, StageIn, StageOut
@@ -327,6 +349,7 @@ def cmd_submit(args) -> int:
         if not item.startswith(("gsiftp://", "ftp://")) and not Path(item).is_file():
             raise CLIError(f"--stage-in {item}: no such file")
     jobs = connect(args)
+    _refuse_older_proxy(jobs.service.credential, args.stage_in, args.stage_out)
     stage_in = []
     for item in args.stage_in:
         if item.startswith(("gsiftp://", "ftp://")):

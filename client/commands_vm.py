@@ -1,6 +1,7 @@
 """`vmgrid vm …` and `vmgrid report`: deploy and control VMs on a node, and the phase report."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -85,6 +86,7 @@ def register(subparsers) -> None:
 
     for action in sub.choices.values():
         add_grid_options(action, "VMGRID_NODE", DEFAULT_NODE, "VMManager")
+        _node_spelling(action)
 
     node = subparsers.add_parser("node", help="site administration of a VMManager node",
                                  description="Site administration of a VMManager node (site admins only).")
@@ -122,6 +124,13 @@ def register(subparsers) -> None:
 
 
 # -- helpers ------------------------------------------------------------------------------------------
+def _node_spelling(parser) -> None:
+    """`--node URL`, as the job commands spell the VMManager's URL, is the same as --url here (--help shows --url)."""
+    url = parser._option_string_actions["--url"]
+    url.help += "; --node, as the job commands spell it, is the same"
+    parser.add_argument("--node", dest="url", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
 def _durations_may_be_negative(parser) -> None:
     """`--lifetime -5m` reaches the command, which says what is wrong with it, instead of argparse's "expected one
     argument" (argparse reads a word that starts with - as an option unless it looks like a negative number, which
@@ -219,6 +228,11 @@ def info_json(i) -> dict:
             "failure": i.failure, "jobService": i.job_service}
 
 
+# the states in which the guest runs or is on its way to (what guestd reports is shown then: `not ready` while it
+# boots); in the others (Paused, Saved, Shutoff, migrating, ended) nothing in it answers
+GUEST_RUNS = ("Registered", "Staging", "Starting", "Running", "ShuttingDown")
+
+
 def show_info(i, fmt: str, out=None) -> None:
     out = sys.stdout if out is None else out      # bound at call time (tests swap sys.stdout)
     if fmt == "json":
@@ -228,9 +242,13 @@ def show_info(i, fmt: str, out=None) -> None:
     rows = [("instance", f"{i.identifier} ({i.ref.key})"), ("state", i.state), ("node", i.node),
             ("owner", i.owner), ("image", f"{i.vo}/{i.image_name} {i.image_id}"),
             ("hardware", f"{i.memory} MiB RAM, {i.vcpus} vCPU"), ("address", f"{i.address or '-'}  mac {i.mac or '-'}"),
-            ("termination", f"{i.termination:%Y-%m-%d %H:%M:%S} UTC" if i.termination else "-"),
-            ("guest", i.guest_status)]
-    if i.job_service:
+            ("termination", f"{i.termination:%Y-%m-%d %H:%M:%S} UTC" if i.termination else "-")]
+    # what guestd reported (`ready …`, `not ready: …`) and the job service in the guest hold while the guest runs: a
+    # Paused or Saved instance's "guest ready" and jobs line would name a guest and a service that do not answer
+    # now. The node's own words on it (`shut down`, `destroyed; releases …`, `no report: …`) stay.
+    if i.state in GUEST_RUNS or not i.guest_status.startswith(("ready", "not ready")):
+        rows.append(("guest", i.guest_status))
+    if i.job_service and i.state == "Running":
         rows.append(("jobs", f"{i.job_service.get('url')}  ({i.job_service.get('dn')})"))
     if i.failure:
         rows.append(("failure", i.failure))
@@ -305,6 +323,9 @@ def cmd_list(args) -> int:
     if args.format == "json":
         json.dump([info_json(i) for i in infos], sys.stdout, indent=2)
         print()
+    elif not infos:           # a header alone reads as a listing that failed half-way
+        print(f"no instances of yours on {vm.service.url}" if args.all else
+              f"no live instances of yours on {vm.service.url} (--all also lists destroyed and failed ones)")
     else:
         table(INSTANCE_HEADERS, instance_rows(infos))
     return 0
@@ -473,6 +494,7 @@ def cmd_watch(args) -> int:
     from client.notifications import NotificationConsumer, node_dn
     from client.soap import default_trust
     from client.vmmanager import InstanceRef
+    from services.common.xsdtime import now_datetime      # the node's time of a change is one too: one format
     from services.faults import InstanceMoved, VMGridFault
 
     host, port = _listen_address(args.listen)
@@ -509,7 +531,7 @@ def cmd_watch(args) -> int:
         consumer.expect(producer)
         _call(vm.subscribe, ref, consumer.url)
         state = _call(vm.status, ref).state
-        print(f"{time.strftime('%H:%M:%S')} {args.instance}: {printable(state)} (listening at {consumer.url})",
+        print(f"{now_datetime()} {args.instance}: {printable(state)} (listening at {consumer.url})",
               flush=True)
         deadline = time.monotonic() + args.timeout if args.timeout else None
         while state not in FINAL:
@@ -530,12 +552,12 @@ def cmd_watch(args) -> int:
                 try:
                     there = node_dn(vm)
                 except Exception as exc:    # noqa: BLE001 - the new node cannot be asked: the watch ends here
-                    print(f"{time.strftime('%H:%M:%S')} {args.instance}: now on {printable(address)}, which does "
+                    print(f"{now_datetime()} {args.instance}: now on {printable(address)}, which does "
                           f"not answer ({printable(exc)})", flush=True)
                     break
                 consumer.expect(there)          # that node's changes from now on, not the old node's
                 if there == producer:           # one credential: its changes were heard all along
-                    print(f"{time.strftime('%H:%M:%S')} {args.instance}: now on {printable(address)}", flush=True)
+                    print(f"{now_datetime()} {args.instance}: now on {printable(address)}", flush=True)
                     continue
                 consumer.forget(producer)
                 producer = there
@@ -543,10 +565,10 @@ def cmd_watch(args) -> int:
                 try:
                     state = vm.status(ref).state
                 except VMGridFault as exc:      # the instance ended there already
-                    print(f"{time.strftime('%H:%M:%S')} {args.instance}: now on {printable(address)}: "
+                    print(f"{now_datetime()} {args.instance}: now on {printable(address)}: "
                           f"{printable(exc.description)}", flush=True)
                     break
-                print(f"{time.strftime('%H:%M:%S')} {args.instance}: now on {printable(address)}, "
+                print(f"{now_datetime()} {args.instance}: now on {printable(address)}, "
                       f"{printable(state)}", flush=True)
     except KeyboardInterrupt:
         pass

@@ -384,3 +384,45 @@ def test_job_log_help_on_a_service_that_shows_no_logs_says_so_and_where_they_are
         assert r.stdout == "this job service shows no logs (its configuration's [jobs.logs] names none)\n", r.stdout
         r = vmgrid(g, "job", "log", url, "container", check=False)
         assert r.returncode == 1 and r.stderr == "vmgrid: ResourceUnknown: no log 'container'; this service shows: none\n"
+
+
+def test_job_get_without_a_job_key_says_the_key_is_what_is_missing(grid, tmp_path):
+    """trial13 U7: `vmgrid job get "$JOBS" $J -o results/` with $J empty (a failed submit) said "the following
+    arguments are required: job, OUTPUT", though OUTPUT is optional (fetch only these); an empty key given quoted
+    ("$J") is named as empty, not quoted back as ''."""
+    r = vmgrid(grid, "job", "get", grid.jobs_url, "-o", str(tmp_path / "results"), check=False)
+    assert r.returncode == 2 and r.stderr.endswith(
+        "vmgrid job get: error: the following arguments are required: job\n"), r.stderr
+    assert "OUTPUT\n" not in r.stderr.splitlines()[-1]
+    r = vmgrid(grid, "job", "get", grid.jobs_url, "", "-o", str(tmp_path / "results"), check=False)
+    assert r.returncode == 1 and r.stderr == ("vmgrid: the job key is empty: give the job's key (job-<32 hex digits>, "
+                                              "as submit printed it)\n"), r.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_the_job_commands_take_the_vm_commands_url_option_for_the_node(grid):
+    """trial13 U6: the job commands name the instance's VMManager with --node, the vm commands with --url; each
+    group takes the other's spelling too (here a node that does not listen: the option reached the command)."""
+    key = "job-" + "a" * 32
+    for option in ("--node", "--url"):
+        r = vmgrid(grid, "job", "status", "my-vm", key, option, "https://localhost:1/wsrf/services/VMManagerService",
+                   check=False)
+        assert r.returncode == 1 and r.stderr.startswith("vmgrid: cannot fetch the WSDL of https://localhost:1/") \
+            and r.stderr.count("\n") == 1, (option, r.stderr)
+    shown = vmgrid(grid, "job", "status", "--help").stdout
+    assert "--node NODE" in shown and "--url" not in shown.replace("--url, as the vm commands spell it", "")
+
+
+def test_a_file_of_the_jobs_directory_that_is_no_output_comes_with_transfer_from_its_directory_url(grid, tmp_path):
+    """docs/jobs.md (trial13 U5): `job get` fetches standard output and error and the --stage-out files; another file
+    the job made (tmap's plot when not staged out) is no output, and comes with `vmgrid transfer` from the job's
+    directory URL (`job status` shows it)."""
+    url = grid.jobs_url
+    key = vmgrid(grid, "job", "submit", url, "--wait", "--stage-out", "a.txt", "--", "sh", "-c",
+                 "echo a > a.txt; echo plot > a.1.png").stdout.strip()
+    r = vmgrid(grid, "job", "get", url, key, "a.1.png", "-o", str(tmp_path / "got"), check=False)
+    assert r.returncode == 1 and "a.1.png" in r.stderr and "nothing fetched" in r.stderr, r.stderr
+    directory = json.loads(vmgrid(grid, "job", "status", url, key, "--json").stdout)["directory"]
+    assert directory.startswith("gsiftp://") and directory.endswith(f"/{key}/")
+    vmgrid(grid, "transfer", f"{directory}a.1.png", str(tmp_path / "a.1.png"), "-q")
+    assert (tmp_path / "a.1.png").read_text() == "plot\n"

@@ -82,6 +82,29 @@ def test_watch_follows_signed_state_changes(grid):
     assert "-> Destroyed" in out and "signed by /O=Grid/OU=vmgrid/CN=host/localhost" in out
 
 
+def test_watch_takes_the_job_commands_node_option_and_writes_every_time_alike(grid):
+    """trial13 U6 and Minor: `vm watch NAME --node URL` (the job commands' spelling) was a usage error; it follows
+    the instance on the node named, with VMGRID_NODE unset. Its own lines (the first, "now on ...") wrote the local
+    HH:MM:SS and the node's changes an ISO time with microseconds: all write the one format now."""
+    import re
+
+    node = grid.env_extra["VMGRID_NODE"]
+    vmgrid(grid, "vm", "deploy", "bio/debian12-emboss", "by-node", "--lifetime", "10m")
+    env = {k: v for k, v in {**grid.env("alice"), **grid.env_extra}.items() if k != "VMGRID_NODE"}
+    with vm_watch("by-node", env, "--node", node) as watch:
+        vmgrid(grid, "vm", "lifetime", "by-node", "2s")
+        out, _ = watch.finish()
+    stamp = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z by-node: "
+    assert re.match(stamp + r"Running \(listening at https?://", watch.first), watch.first
+    assert "-> Destroyed" in out and all(re.match(stamp, line) for line in out.splitlines()), out
+    # the vm commands take it too: a node that does not listen is the one asked
+    r = vmgrid(grid, "vm", "status", "by-node", "--node", "https://localhost:1/wsrf/services/VMManagerService",
+               check=False)
+    assert r.returncode == 1 and "https://localhost:1/" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    shown = vmgrid(grid, "vm", "watch", "--help").stdout
+    assert "--url URL" in shown and "--node URL" not in shown and "--node NODE" not in shown
+
+
 def test_watch_takes_no_change_another_host_signs(grid):
     """A guest's container or another node holds a grid host certificate too. A Notify for the watched instance's
     key, signed by host/10.99.0.250 as the producer at its own address and sent to the watcher's consumer, is

@@ -1,7 +1,7 @@
 """docs/vmmanager-qemu.md's "A site's node whose guests run jobs", run as written: README's site recipe (its
 fenced block, unchanged) up to its last line, the doc's node example saved as q1.toml, the doc's block (a QEMU
 node in bridge mode with a guest CA: the EMBOSS image built or reused, registered, deployed, tmap submitted by
-instance name through the guest's job service, the result fetched, destroyed), then the recipe's last line; by
+instance name through the guest's job service, the result and its plot fetched, destroyed), then the recipe's last line; by
 bash -e in a network namespace of its own (`unshare --net`: the recipe's fixed ports and the node's bridge
 vmgridbr1 stay off this machine). One guest; the EMBOSS image is the one tests/vm/test_demo_real_qemu.py
 boots (built before the namespace, which has no Debian mirror: the block's `image build` finds it cached)."""
@@ -70,6 +70,7 @@ def test_the_site_node_whose_guests_run_jobs_runs_as_written(qemu_prerequisites,
                      r"CN=host/10\.123\.0\.1\d\)", out), out[-4000:]             # vm status: the guest's job service
     tmap = (site_dir / "tmap-results" / "bR.tmap").read_text()
     assert "Program: tmap" in tmap and re.search(r"^\s*\d+\s+\d+\s", tmap, re.M), tmap   # its segments
+    assert (site_dir / "tmap-results" / "bR.1.png").read_bytes()[:4] == b"\x89PNG"     # its plot, a stage-out
     assert "seq1: destroyed" in out
     q1 = (site_dir / "q1.log").read_text()
     assert '"operation":"Destroy"' in q1 and "Traceback" not in q1
