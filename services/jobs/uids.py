@@ -3,9 +3,12 @@ service's alone. Two job services on one host (a host job service has one owner,
 gave their first submitters the same uid let one's jobs read and write the other's through /proc/PID/cwd.
 
 The registry is a directory (REGISTRY), one entry per job service state directory holding its range, read and
-written under an flock of the directory's ``.lock``. An entry whose service is gone (the `vmgrid serve` state lock,
-``<state_dir>/../jobs.lock`` of services/container/cli.py's hold_state, is held by nobody) may be taken over;
-a live one's range may not be overlapped. Nor may the range hold a uid or gid of an account the system knows."""
+written under an flock of the directory's ``.lock``. An entry belongs to its state directory: another service's range may not overlap it while that service runs (the
+`vmgrid serve` state lock, ``<state_dir>/../jobs.lock`` of services/container/cli.py's hold_state, is held), nor
+while its state directory is there (a stopped service comes back to its jobs: their shims outlive it and run on
+under uids of its range), nor while any process runs under a uid of it (/proc/*/status). It is given up when its
+service starts with another range (its entry is replaced) or its state directory is gone and nothing runs under
+the range (attack13 H1). Nor may the range hold a uid or gid of an account the system knows."""
 from __future__ import annotations
 
 import fcntl
@@ -44,10 +47,44 @@ def _alive(state_dir: str) -> bool:
         os.close(fd)
 
 
+def processes_in(first: int, count: int) -> list[tuple[int, int]]:
+    """(pid, uid) of the processes whose real, effective, saved or filesystem uid lies in ``first`` ..
+    ``first + count - 1`` (the Uid: line of /proc/PID/status): a job's, running on while its service is away."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/status", "rb") as f:
+                for line in f:
+                    if line.startswith(b"Uid:"):
+                        held = [u for u in map(int, line.split()[1:]) if first <= u < first + count]
+                        if held:
+                            found.append((int(name), held[0]))
+                        break
+        except (OSError, ValueError):          # gone meanwhile
+            continue
+    return found
+
+
+def _held(state_dir: str, first: int, count: int) -> str | None:
+    """Why the entry of ``state_dir``'s job service (``first``, ``count``) still holds its range, or None."""
+    if _alive(state_dir):
+        return "the running job service of"
+    if os.path.lexists(state_dir):
+        return "the stopped job service (its state directory is there: its jobs may run on) of"
+    running = processes_in(first, count)
+    if running:
+        pid, uid = running[0]
+        return (f"the job service, gone with its state directory, whose jobs run on (process {pid} of uid {uid}"
+                f"{f' and {len(running) - 1} more' if len(running) > 1 else ''}) of")
+    return None
+
+
 def claim(state_dir: Path, first: int, count: int, registry: Path | None = None) -> None:
     """Record ``first`` .. ``first + count - 1`` as the range of the job service of ``state_dir``, or raise a
-    ValueError (one line naming the overlap and the keys to change) when an account or group of the system, or a
-    running job service's entry, holds a uid of it."""
+    ValueError (one line naming the overlap and the keys to change) when an account or group of the system, or
+    another job service's entry that still holds its range (``_held``), has a uid of it."""
     if registry is None:      # tests give each of their processes a registry of its own (tests/conftest.py)
         registry = Path(os.environ.get("VMGRID_JOB_UID_REGISTRY", REGISTRY))
     last = first + count - 1
@@ -73,11 +110,12 @@ def claim(state_dir: Path, first: int, count: int, registry: Path | None = None)
                 continue
             if o_dir == own or o_first + o_count <= first or last < o_first:
                 continue
-            if _alive(o_dir):
+            why = _held(o_dir, o_first, o_count)
+            if why is not None:
                 raise ValueError(f"{KEYS}: the range {first}-{last} overlaps {o_first}-{o_first + o_count - 1}, the "
-                                 f"range of the running job service of {o_dir} (registered in {registry}): give each "
-                                 f"job service on a host a range of its own")
-            entry.unlink(missing_ok=True)        # its service is gone: the range is taken over
+                                 f"range of {why} {o_dir} (registered in {registry}): give each job service on a "
+                                 f"host a range of its own")
+            entry.unlink(missing_ok=True)        # its service and its state directory are gone, nothing runs: free
         name = hashlib.sha256(own.encode()).hexdigest()[:32] + ".json"
         tmp = registry / (name + ".tmp")
         tmp.write_text(json.dumps({"state_dir": own, "first": first, "count": count, "pid": os.getpid()}))
