@@ -432,6 +432,7 @@ class JobManager:
         failure = self._stage_out(job)
         if exit.code != 0:
             why = f"killed by signal {-exit.code}" if exit.code < 0 else f"exited with status {exit.code}"
+            why += self._file_bound_hint(job, exit.code)
             failure = f"the program {why}" + (f"; {failure}" if failure else "")
         elif failure:
             failure = f"the program exited with status 0, but {failure}"
@@ -440,6 +441,21 @@ class JobManager:
             self._set_state(key, JobState.FAILED, ended=time.time(), failure=failure, or_cancelled=True)
         else:
             self._set_state(key, JobState.DONE, ended=time.time(), or_cancelled=True)
+
+    def _file_bound_hint(self, job: Job, code: int) -> str:
+        """Why a program that ended badly may have: a file of it reached the per-file bound (RLIMIT_FSIZE, [jobs]
+        staging_quota). The kernel's SIGXFSZ killed the top program only when it wrote the file itself; a shell
+        running the writer exits with 128+SIGXFSZ, and Python (which ignores SIGXFSZ) raises "File too large" and
+        exits 1: the status alone named no quota (trial U2)."""
+        hint = (f" (a file it wrote reached the job's per-file bound of {self.config.staging_quota} bytes, [jobs] "
+                f"staging_quota)")
+        if code == 128 + signal.SIGXFSZ:
+            return hint
+        try:       # through no link the job put there (as tail())
+            _, _, text = _tail_fd(open_beneath(self.jobs_dir / job.key, job.spec.stderr), 4096)
+        except OSError:
+            return ""
+        return hint if ("File too large" in text or "File size limit exceeded" in text) else ""
 
     def _stage_out(self, job: Job, send: bool = True) -> str | None:
         """Hash the outputs (standard output and error first), send those with a destination; the failure, if any.

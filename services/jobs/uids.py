@@ -3,12 +3,13 @@ service's alone. Two job services on one host (a host job service has one owner,
 gave their first submitters the same uid let one's jobs read and write the other's through /proc/PID/cwd.
 
 The registry is a directory (REGISTRY), one entry per job service state directory holding its range, read and
-written under an flock of the directory's ``.lock``. An entry belongs to its state directory: another service's range may not overlap it while that service runs (the
-`vmgrid serve` state lock, ``<state_dir>/../jobs.lock`` of services/container/cli.py's hold_state, is held), nor
-while its state directory is there (a stopped service comes back to its jobs: their shims outlive it and run on
-under uids of its range), nor while any process runs under a uid of it (/proc/*/status). It is given up when its
-service starts with another range (its entry is replaced) or its state directory is gone and nothing runs under
-the range (attack13 H1). Nor may the range hold a uid or gid of an account the system knows."""
+written under an flock of the directory's ``.lock``. An entry holds its range while its service runs (the `vmgrid serve` state lock,
+``<state_dir>/../jobs.lock`` of services/container/cli.py's hold_state, is held) and, once it has stopped, while
+any of its jobs runs on (a job's supervisor outlives its service, which re-attaches it at its next start): a process
+under a uid of the range (the Uid: line of /proc/*/status) that a supervisor of that state directory started
+(attack13 H1). Then another service's range may not overlap it; after, it is taken over. (Not every process of the
+range: tests give each of their processes a registry of its own, and other registries' jobs run under the same
+uids of the host.) Nor may the range hold a uid or gid of an account the system knows."""
 from __future__ import annotations
 
 import fcntl
@@ -47,36 +48,75 @@ def _alive(state_dir: str) -> bool:
         os.close(fd)
 
 
-def processes_in(first: int, count: int) -> list[tuple[int, int]]:
+def _status(pid: str) -> tuple[list[int], int] | None:
+    """The uids (real, effective, saved, filesystem) and the parent of process ``pid``, or None (gone)."""
+    uids, ppid = None, None
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Uid:"):
+                    uids = [int(u) for u in line.split()[1:]]
+                elif line.startswith(b"PPid:"):
+                    ppid = int(line.split()[1])
+                if uids is not None and ppid is not None:
+                    return uids, ppid
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _names(pid: int, state_dir: str) -> bool:
+    """Whether process ``pid`` is a job supervisor of ``state_dir`` (services/jobs/runner.py starts it as
+    ``python -I shim.py <state_dir>/control/<key>/spec.json``, in that control directory)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if (state_dir + "/").encode() in f.read():
+                return True
+        return os.readlink(f"/proc/{pid}/cwd").startswith(state_dir + "/")
+    except OSError:
+        return False
+
+
+def processes_in(first: int, count: int, state_dir: str | None = None) -> list[tuple[int, int]]:
     """(pid, uid) of the processes whose real, effective, saved or filesystem uid lies in ``first`` ..
-    ``first + count - 1`` (the Uid: line of /proc/PID/status): a job's, running on while its service is away."""
-    found = []
+    ``first + count - 1`` (the Uid: line of /proc/PID/status): jobs, running on while their service is away. With
+    ``state_dir``, only the jobs of that state directory's service: those a supervisor of it started (an ancestor
+    names it). (Without PID namespaces a job's process that left its session and its parent is a child of init:
+    it is not told apart, and its service kills it when the job's uid is freed: docs/jobs.md.)"""
+    table = {}
     for name in os.listdir("/proc"):
-        if not name.isdigit():
+        if name.isdigit():
+            found = _status(name)
+            if found is not None:
+                table[int(name)] = found
+    result, supervisor = [], {}
+    for pid, (ids, _) in table.items():
+        held = [u for u in ids if first <= u < first + count]
+        if not held:
             continue
-        try:
-            with open(f"/proc/{name}/status", "rb") as f:
-                for line in f:
-                    if line.startswith(b"Uid:"):
-                        held = [u for u in map(int, line.split()[1:]) if first <= u < first + count]
-                        if held:
-                            found.append((int(name), held[0]))
-                        break
-        except (OSError, ValueError):          # gone meanwhile
-            continue
-    return found
+        if state_dir is not None:
+            ancestor, steps, ours = pid, 0, False
+            while ancestor > 1 and ancestor in table and steps < 64:
+                if ancestor not in supervisor:
+                    supervisor[ancestor] = _names(ancestor, state_dir)
+                if supervisor[ancestor]:
+                    ours = True
+                    break
+                ancestor, steps = table[ancestor][1], steps + 1
+            if not ours:
+                continue
+        result.append((pid, held[0]))
+    return result
 
 
 def _held(state_dir: str, first: int, count: int) -> str | None:
     """Why the entry of ``state_dir``'s job service (``first``, ``count``) still holds its range, or None."""
     if _alive(state_dir):
         return "the running job service of"
-    if os.path.lexists(state_dir):
-        return "the stopped job service (its state directory is there: its jobs may run on) of"
-    running = processes_in(first, count)
+    running = processes_in(first, count, state_dir)
     if running:
         pid, uid = running[0]
-        return (f"the job service, gone with its state directory, whose jobs run on (process {pid} of uid {uid}"
+        return (f"the stopped job service whose jobs run on (process {pid} of uid {uid}"
                 f"{f' and {len(running) - 1} more' if len(running) > 1 else ''}) of")
     return None
 
