@@ -27,6 +27,8 @@ class JobsConfig:
                                        # one job's stage-in may fetch into its directory
     submitter_quota: int = 17179869184  # bytes all of one submitter's job directories hold, ended jobs' included:
                                        # SubmitJob is refused beyond (LimitExceeded), a running job killed
+    max_files: int = 100000            # files, directories and links one job's directory may hold (each counts
+                                       # at least a block): a running job past it is killed with the reason
     tmp_size: int = 268435456          # bytes of a job's private /tmp (/var/tmp the same) and, apart, of its
                                        # /dev/shm: tmpfs in memory, in a mount namespace of the job's, gone with it
     max_processes: int = 256           # processes and threads one job may have at once (a pids cgroup per job)

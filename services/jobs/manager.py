@@ -7,7 +7,6 @@ import logging
 import os
 import re
 import shlex
-import shutil
 import signal
 import stat
 import subprocess
@@ -20,13 +19,14 @@ from typing import Callable
 from gridftp.checksum import hash_file
 from gridftp.filespace import PART_SUFFIX, SIDECAR_SUFFIX, is_internal
 from security.delegation import DelegationError
-from services.faults import AccessDenied, IllegalTransition, InvalidArgument, LimitExceeded, ResourceUnknown
+from services.faults import (AccessDenied, IllegalTransition, InvalidArgument, LimitExceeded, ResourceUnknown,
+                            ServiceUnavailable)
 from services.jobs.config import JobsConfig
-from services.jobs.files import DIR_FLAGS, chown_tree, lock, open_beneath, open_output
+from services.jobs.files import chown_tree, lock, open_beneath, open_output
 from services.jobs.runner import (Exit, Process, job_environment, pid_namespaces, pids_cgroups, proc_start_time,
                                   read_exit, read_supervisor, remove_job_cgroup)
 from services.jobs.staging import Stager, StagingError, as_submitter, inside
-from services.jobs import uids
+from services.jobs import tree, uids
 from services.jobs.store import Job, JobSpec, JobState, JobStore, OutputFile
 from services.wsrf.lifetime import Sweeper
 from services.wsrf.notification import Subscription, Subscriptions, new_subscription_key
@@ -104,7 +104,8 @@ class JobManager:
                             "service needs a pids cgroup hierarchy it may write, e.g. root as in a guest): a fork "
                             "bomb in a job can exhaust the node", config.max_processes, self.processes_unbounded)
         self._over_quota: dict[str, str] = {}
-        self._ended_bytes: dict[str, int] = {}       # an ended job's directory's bytes (it no longer changes)
+        self.counts = tree.Counts(config.max_files, config.sweep_interval)   # each job directory's last count
+        self.trash = tree.Trash(self.state_dir / "trash")     # destroyed jobs' directories, until removed
         self.reconcile_report = self.reconcile()
 
     # -- who may use it -----------------------------------------------------------------------------
@@ -637,11 +638,22 @@ class JobManager:
             if proc is not None:
                 proc.terminate(self.config.kill_grace)     # the SIGKILL comes later, from a thread of its own
             self._set_state(key, JobState.CANCELLED, ended=time.time(), failure=f"destroyed {why}")
+        # its directories are moved aside, still counted for its submitter, and removed after the answer
+        # (services/jobs/tree.py): the record goes only once nothing of it is left in jobs/ or control/
+        try:
+            moved = self.trash.put(self.jobs_dir / key, job.owner)
+            self.trash.put(self.control_dir / key, job.owner, ".control")
+        except OSError as exc:
+            log.warning("job %s: its directories could not be moved aside to be removed: %s", key, exc)
+            raise ServiceUnavailable(f"job {key} could not be destroyed: its directory could not be moved aside "
+                                     f"({exc.strerror or exc}); the job is kept: try again later",
+                                     service="JobService") from None
+        if moved is not None:
+            self.counts.moved(key, moved)
         self.store.destroy(key)
         self.subscriptions.drop(key)
         remove_job_cgroup(self.pids_cgroup, key)
-        shutil.rmtree(self.jobs_dir / key, ignore_errors=True)
-        shutil.rmtree(self.control_dir / key, ignore_errors=True)
+        self.trash.empty()
         log.info("job %s destroyed %s", key, why)
 
     def set_termination(self, dn: str, key: str, when: float) -> float:
@@ -709,28 +721,46 @@ class JobManager:
     # -- lifetimes and restarts -------------------------------------------------------------------------------
     def sweep(self, now: float | None = None) -> list[str]:
         self.check_quotas()
+        self._remove_orphans()
         expired = self.store.expired(time.time() if now is None else now)
         for key in expired:
             try:
                 self._destroy(key, "when its termination time passed")
             except Exception:
                 log.exception("could not destroy expired job %s", key)
+        self.trash.empty()             # what a removal left (a job still writing), or a restart found
         return expired
+
+    def _remove_orphans(self) -> None:
+        """Directories in jobs/ and control/ of no job (left by a Destroy of an earlier version, or a crash
+        between a Destroy's record and its move) go to the trash, found so by two sweeps in a row."""
+        with self._guard:                  # a submit makes a job's directory and its record under it
+            found = {d / name for d in (self.jobs_dir, self.control_dir) for name in os.listdir(d)
+                     if self.store.get(name) is None}
+        for path in self.trash.orphans(found):
+            try:
+                self.trash.put(path, "", ".orphan" if path.parent == self.jobs_dir else ".control")
+            except OSError as exc:
+                log.warning("could not move the orphaned %s aside: %s", path, exc)
 
     def check_quotas(self) -> None:
         """Kill each running job whose directory holds more than the job's quota (``[jobs] staging_quota``), or
         whose submitter's job directories together (ended jobs' included) hold more than ``[jobs]
         submitter_quota``: it ends Failed with the reason. (Each file the program writes is bounded by the kernel,
-        RLIMIT_FSIZE; the directories are checked here every sweep.)"""
+        RLIMIT_FSIZE; the directories are counted by the sweeps, each at most every sweep: tree.Counts.)"""
         with self._guard:
             running = list(self._procs.items())
+        fresh = self.counts.refresh({key: self.jobs_dir / key for key, _ in running if key not in self._over_quota})
         totals: dict[str, int] = {}
         for key, proc in running:
-            if key in self._over_quota:
+            if key in self._over_quota or key not in fresh:
                 continue
-            used = _tree_size(self.jobs_dir / key)
+            count = fresh[key]
+            used = count.bytes
             job = self.store.get(key)
-            if used > self.config.staging_quota:
+            if count.problem is not None:        # uncountable is over quota, never "vanished" (attack13 H2, H4)
+                self._over_quota[key] = f"the job's directory {count.problem}: the job was killed"
+            elif used > self.config.staging_quota:
                 self._over_quota[key] = (f"the job's directory grew to {used} bytes, past its quota of "
                                          f"{self.config.staging_quota} bytes ([jobs] staging_quota): the job was "
                                          f"killed")
@@ -746,21 +776,17 @@ class JobManager:
                 proc.terminate(self.config.kill_grace)
 
     def submitter_bytes(self, dn: str) -> int:
-        """What all of ``dn``'s job directories hold (``_tree_size``), ended jobs' included until destroyed."""
-        total, ended, jobs = 0, {}, self.store.list()
+        """What all of ``dn``'s job directories hold, ended jobs' included until destroyed, and destroyed jobs'
+        until removed (the trash): each directory's last count (services/jobs/tree.py; a running job's is counted
+        by the sweeps, an ended job's once after its end); one that could not be counted counts a job's quota."""
+        total, jobs, trash = 0, self.store.list(), self.trash.of(dn)
         for job in jobs:
-            if job.owner != dn:
-                continue
-            size = self._ended_bytes.get(job.key) if job.final else None
-            if size is None:
-                size = _tree_size(self.jobs_dir / job.key)
-                if job.final:
-                    ended[job.key] = size
-            total += size
-        self._ended_bytes.update(ended)
-        kept = {job.key for job in jobs}
-        for key in [k for k in list(self._ended_bytes) if k not in kept]:       # destroyed: forgotten
-            self._ended_bytes.pop(key, None)
+            if job.owner == dn:
+                total += self.counts.get(job.key, self.jobs_dir / job.key, job.final).at_least(
+                    self.config.staging_quota)
+        for path in trash:
+            total += self.counts.get(path.name, path, True).at_least(self.config.staging_quota)
+        self.counts.keep({job.key for job in jobs} | set(os.listdir(self.trash.path)))   # the rest: removed
         return total
 
     def _check_submitter_quota(self, dn: str) -> None:
@@ -832,45 +858,6 @@ def kill_every_process_of(uid: int) -> None:
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60, check=False)
     except (OSError, subprocess.SubprocessError) as exc:
         log.warning("could not end the processes of uid %d: %s", uid, exc)
-
-
-def _tree_size(top: Path) -> int:
-    """The bytes every file under ``top`` counts, each ``_counted`` (its size or its allocated blocks, the larger:
-    a sparse file is hashed at its size). Each directory is opened from its parent's fd without following a symbolic link, so a running job
-    that swaps one of its directories for a link (to /, to another job's) between the look and the walk sends the
-    walk nowhere outside; what vanishes meanwhile counts nothing."""
-    total = 0
-    try:
-        fd = os.open(top, DIR_FLAGS)
-    except OSError:
-        return 0
-    stack = [(fd, os.scandir(fd))]        # depth first: open fds grow with the depth, not the width
-    try:
-        while stack:
-            fd, entries = stack[-1]
-            entry = next(entries, None)
-            if entry is None:
-                entries.close()
-                os.close(fd)
-                stack.pop()
-                continue
-            try:
-                if entry.is_dir(follow_symlinks=False):
-                    inner = os.open(entry.name, DIR_FLAGS, dir_fd=fd)
-                    try:
-                        stack.append((inner, os.scandir(inner)))
-                    except OSError:
-                        os.close(inner)
-                        raise
-                elif not entry.is_symlink():          # a link is not followed, and counts nothing
-                    total += _counted(entry.stat(follow_symlinks=False))
-            except OSError:
-                continue
-    finally:
-        for fd, entries in stack:
-            entries.close()
-            os.close(fd)
-    return total
 
 
 def _counted(st: os.stat_result) -> int:

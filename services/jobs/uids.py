@@ -3,9 +3,13 @@ service's alone. Two job services on one host (a host job service has one owner,
 gave their first submitters the same uid let one's jobs read and write the other's through /proc/PID/cwd.
 
 The registry is a directory (REGISTRY), one entry per job service state directory holding its range, read and
-written under an flock of the directory's ``.lock``. An entry whose service is gone (the `vmgrid serve` state lock,
-``<state_dir>/../jobs.lock`` of services/container/cli.py's hold_state, is held by nobody) may be taken over;
-a live one's range may not be overlapped. Nor may the range hold a uid or gid of an account the system knows."""
+written under an flock of the directory's ``.lock``. An entry holds its range while its service runs (the `vmgrid serve` state lock,
+``<state_dir>/../jobs.lock`` of services/container/cli.py's hold_state, is held) and, once it has stopped, while
+any of its jobs runs on (a job's supervisor outlives its service, which re-attaches it at its next start): a process
+under a uid of the range (the Uid: line of /proc/*/status) that a supervisor of that state directory started
+(attack13 H1). Then another service's range may not overlap it; after, it is taken over. (Not every process of the
+range: tests give each of their processes a registry of its own, and other registries' jobs run under the same
+uids of the host.) Nor may the range hold a uid or gid of an account the system knows."""
 from __future__ import annotations
 
 import fcntl
@@ -44,10 +48,83 @@ def _alive(state_dir: str) -> bool:
         os.close(fd)
 
 
+def _status(pid: str) -> tuple[list[int], int] | None:
+    """The uids (real, effective, saved, filesystem) and the parent of process ``pid``, or None (gone)."""
+    uids, ppid = None, None
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Uid:"):
+                    uids = [int(u) for u in line.split()[1:]]
+                elif line.startswith(b"PPid:"):
+                    ppid = int(line.split()[1])
+                if uids is not None and ppid is not None:
+                    return uids, ppid
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _names(pid: int, state_dir: str) -> bool:
+    """Whether process ``pid`` is a job supervisor of ``state_dir`` (services/jobs/runner.py starts it as
+    ``python -I shim.py <state_dir>/control/<key>/spec.json``, in that control directory)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if (state_dir + "/").encode() in f.read():
+                return True
+        return os.readlink(f"/proc/{pid}/cwd").startswith(state_dir + "/")
+    except OSError:
+        return False
+
+
+def processes_in(first: int, count: int, state_dir: str | None = None) -> list[tuple[int, int]]:
+    """(pid, uid) of the processes whose real, effective, saved or filesystem uid lies in ``first`` ..
+    ``first + count - 1`` (the Uid: line of /proc/PID/status): jobs, running on while their service is away. With
+    ``state_dir``, only the jobs of that state directory's service: those a supervisor of it started (an ancestor
+    names it). (Without PID namespaces a job's process that left its session and its parent is a child of init:
+    it is not told apart, and its service kills it when the job's uid is freed: docs/jobs.md.)"""
+    table = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            found = _status(name)
+            if found is not None:
+                table[int(name)] = found
+    result, supervisor = [], {}
+    for pid, (ids, _) in table.items():
+        held = [u for u in ids if first <= u < first + count]
+        if not held:
+            continue
+        if state_dir is not None:
+            ancestor, steps, ours = pid, 0, False
+            while ancestor > 1 and ancestor in table and steps < 64:
+                if ancestor not in supervisor:
+                    supervisor[ancestor] = _names(ancestor, state_dir)
+                if supervisor[ancestor]:
+                    ours = True
+                    break
+                ancestor, steps = table[ancestor][1], steps + 1
+            if not ours:
+                continue
+        result.append((pid, held[0]))
+    return result
+
+
+def _held(state_dir: str, first: int, count: int) -> str | None:
+    """Why the entry of ``state_dir``'s job service (``first``, ``count``) still holds its range, or None."""
+    if _alive(state_dir):
+        return "the running job service of"
+    running = processes_in(first, count, state_dir)
+    if running:
+        pid, uid = running[0]
+        return (f"the stopped job service whose jobs run on (process {pid} of uid {uid}"
+                f"{f' and {len(running) - 1} more' if len(running) > 1 else ''}) of")
+    return None
+
+
 def claim(state_dir: Path, first: int, count: int, registry: Path | None = None) -> None:
     """Record ``first`` .. ``first + count - 1`` as the range of the job service of ``state_dir``, or raise a
-    ValueError (one line naming the overlap and the keys to change) when an account or group of the system, or a
-    running job service's entry, holds a uid of it."""
+    ValueError (one line naming the overlap and the keys to change) when an account or group of the system, or
+    another job service's entry that still holds its range (``_held``), has a uid of it."""
     if registry is None:      # tests give each of their processes a registry of its own (tests/conftest.py)
         registry = Path(os.environ.get("VMGRID_JOB_UID_REGISTRY", REGISTRY))
     last = first + count - 1
@@ -73,11 +150,12 @@ def claim(state_dir: Path, first: int, count: int, registry: Path | None = None)
                 continue
             if o_dir == own or o_first + o_count <= first or last < o_first:
                 continue
-            if _alive(o_dir):
+            why = _held(o_dir, o_first, o_count)
+            if why is not None:
                 raise ValueError(f"{KEYS}: the range {first}-{last} overlaps {o_first}-{o_first + o_count - 1}, the "
-                                 f"range of the running job service of {o_dir} (registered in {registry}): give each "
-                                 f"job service on a host a range of its own")
-            entry.unlink(missing_ok=True)        # its service is gone: the range is taken over
+                                 f"range of {why} {o_dir} (registered in {registry}): give each job service on a "
+                                 f"host a range of its own")
+            entry.unlink(missing_ok=True)        # its service and its state directory are gone, nothing runs: free
         name = hashlib.sha256(own.encode()).hexdigest()[:32] + ".json"
         tmp = registry / (name + ".tmp")
         tmp.write_text(json.dumps({"state_dir": own, "first": first, "count": count, "pid": os.getpid()}))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from gridftp.errors import PathError
-from services.jobs.manager import _tree_size
+from services.jobs.tree import BLOCK, count_tree
 from services.jobs.staging import JobFileSpace, PinnedPath
 
 KEY = "job-" + "ab" * 16
@@ -65,6 +65,9 @@ def test_the_quota_walk_counts_the_jobs_files_only_and_follows_no_link(tmp_path)
     work = tmp_path / "work"
     (work / "a" / "b").mkdir(parents=True)
     (work / "a" / "b" / "f").write_bytes(b"x" * 65536)
-    os.symlink("/usr", work / "usr")                 # a link to a large tree: counted as nothing
-    assert _tree_size(work) == (work / "a" / "b" / "f").stat().st_blocks * 512
-    assert _tree_size(tmp_path / "gone") == 0
+    os.symlink("/usr", work / "usr")                 # a link to a large tree: counted as one entry, one block
+    count = count_tree(work, 100)
+    assert count.bytes == (work / "a" / "b" / "f").stat().st_blocks * 512 + 3 * BLOCK    # a, b and the link
+    assert (count.entries, count.problem) == (4, None)
+    gone = count_tree(tmp_path / "gone", 100)
+    assert (gone.bytes, gone.entries, gone.problem) == (0, 0, None)

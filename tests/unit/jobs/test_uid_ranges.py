@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import fcntl
 import os
+import signal
 from pathlib import Path
 
 import pytest
 
+from services.jobs import uids
+from services.jobs.runner import proc_start_time
 from services.jobs.store import JobSpec, JobState
 from tests.unit.jobs.test_manager import OWNER, PY, manager, shut, wait_final, wait_until
 
@@ -70,6 +73,49 @@ def test_two_job_services_on_one_host_never_share_a_uid_range(tmp_path):
     shut(taken)
 
 
+def test_a_stopped_job_services_range_stays_its_own_while_its_jobs_run_on(tmp_path):
+    """attack13 H1: a job's supervisor outlives its service. alice's service stops while her job runs under the
+    range's first uid: a second service given that range is refused (naming a process of her job), whatever the
+    order they start in; alice's service, started again, re-attaches her job; refused still once her state directory
+    is moved away, as long as her job runs; once nothing of hers runs, the range is taken over."""
+    a_state, b_state = tmp_path / "a" / "jobs", tmp_path / "b" / "jobs"
+    a_state.parent.mkdir()
+    b_state.parent.mkdir()
+    first = 3000000 + (os.getpid() % 1000) * 1000
+    held = _hold_state(a_state)
+    a = manager(a_state, job_uid_first=first, job_uid_count=10)
+    job = a.submit(OWNER, JobSpec(executable=PY, arguments=("-c", "import time; open('ready', 'w'); time.sleep(300)")))
+    wait_until(lambda: (a.jobs_dir / job.key / "ready").exists())
+    pid = a.store.get(job.key).pid
+    assert a.store.job_uid(job.key) == first
+    a.close()                                     # alice's service stops; her job runs on
+    os.close(held)
+    try:
+        with pytest.raises(ValueError) as refused:
+            manager(b_state, job_uid_first=first, job_uid_count=10)
+        message = str(refused.value)
+        assert "\n" not in message
+        assert (f"overlaps {first}-{first + 9}, the range of the stopped job service whose jobs run on (process "
+                in message)
+        assert f" of uid {first}) of {a_state} (registered in " in message
+        assert first in {u for _, u in uids.processes_in(first, 10, os.path.realpath(a_state))}
+        held = _hold_state(a_state)               # alice's service comes back to her job
+        a = manager(a_state, job_uid_first=first, job_uid_count=10)
+        assert a.reconcile_report["reattached"] == 1 and a.store.get(job.key).state == JobState.ACTIVE
+        a.close()
+        os.close(held)
+        a_state.parent.rename(tmp_path / "a-moved")     # her state directory moved away, her job still running
+        with pytest.raises(ValueError) as refused:
+            manager(b_state, job_uid_first=first, job_uid_count=10)
+        assert "the range of the stopped job service whose jobs run on (process " in str(refused.value)
+    finally:
+        os.killpg(pid, signal.SIGKILL)           # the supervisor, and the job's PID namespace with it
+        wait_until(lambda: proc_start_time(pid) is None)
+    wait_until(lambda: not uids.processes_in(first, 10))
+    taken = manager(b_state, job_uid_first=first, job_uid_count=10)     # nothing of alice's runs: taken over
+    shut(taken)
+
+
 def test_a_uid_range_holding_an_account_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"^\[jobs\] job_uid_first, job_uid_count: the range 65000-65999 holds the "
                                          r"account nobody \(uid 65534\)"):
@@ -101,8 +147,6 @@ def test_vmgrid_serve_jobs_of_a_second_user_on_the_host_is_refused_the_first_one
 def test_the_registry_leaves_the_directories_it_makes_passable(tmp_path):
     """/var/lib/vmgrid may be a container's state directory, which its jobs pass through to reach their own: the
     registry makes the directories above it 0755 under the container's umask 077, itself 0700 (root's)."""
-    from services.jobs import uids
-
     registry = tmp_path / "lib" / "vmgrid" / "job-uids"
     umask = os.umask(0o077)
     try:
