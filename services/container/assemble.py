@@ -143,6 +143,7 @@ NUMBER_RULES: dict[str, dict[str, tuple]] = {
         "submitter_quota": ("bytes", _at_least(1)),
         "tmp_size": ("bytes", _at_least(1)),
         "max_processes": ("processes (0: no bound)", _at_least(0)),
+        "max_files": ("files and directories a job's directory holds", _at_least(1)),
     },
 }
 

@@ -142,6 +142,7 @@ def test_each_service_with_a_gridftp_server_checks_the_gridftp_section_at_start(
     ("max_live_jobs", "0", "[jobs] max_live_jobs = 0: jobs, 1 or more"),
     ("staging_quota", "0", "[jobs] staging_quota = 0: bytes, 1 or more"),
     ("kill_grace", "-1.0", "[jobs] kill_grace = -1.0: seconds (0: SIGKILL at once), 0 or more"),
+    ("max_files", "0", "[jobs] max_files = 0: files and directories a job's directory holds, 1 or more"),
 ])
 def test_a_job_service_number_that_cannot_mean_anything_is_refused_naming_its_key(grid_pki, tmp_path, key, value,
                                                                                   message):
