@@ -59,6 +59,11 @@ class FileSpace:
     def committed(self, vpath: str, real: Path, sha256: str) -> None:
         """Called after a received file took its final name, verified with ``sha256``."""
 
+    # what a 552 (the quota has no room) tells the user to do: with room taken by files of hers, and for a file
+    # larger than the whole quota
+    quota_advice = "delete or register uploads first"
+    quota_too_small = "ask the server's operator for a larger quota"
+
     def quota(self, vpath: str) -> tuple[Path, int] | None:
         """The directory whose files count against one quota with ``vpath`` (a file being written) and
         that quota in bytes, or None when writes to ``vpath`` have no quota (the default). The server adds

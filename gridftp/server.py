@@ -387,11 +387,12 @@ class GridFTPServer:
                 except OSError:
                     pass
             room = quota - used
+            advice = dict(advice=self.files.quota_advice, too_small=self.files.quota_too_small)
             if (wanted is None and room <= 0) or (wanted is not None and wanted > room):
-                raise QuotaExceeded(quota, used, wanted)
+                raise QuotaExceeded(quota, used, wanted, **advice)
             names = {e.name.removesuffix(SIDECAR_SUFFIX).removesuffix(PART_SUFFIX) for e in entries} | receiving
             if name not in names and len(names) >= self.max_quota_names:
-                raise QuotaExceeded(quota, used, wanted, names=self.max_quota_names)
+                raise QuotaExceeded(quota, used, wanted, names=self.max_quota_names, **advice)
             granted = min(room if wanted is None else wanted, limit)
             key = (area, name, object())       # ESTOs of one file from several sessions: one grant each
             self._granted[key] = granted
@@ -485,17 +486,23 @@ class GridFTPServer:
 
 
 class QuotaExceeded(Exception):
-    """A store the quota of its directory has no room for (552): bytes, or names (``names``: the most it holds)."""
+    """A store the quota of its directory has no room for (552): bytes, or names (``names``: the most it holds).
+    ``advice`` and ``too_small`` (the file space's :attr:`FileSpace.quota_advice` and ``quota_too_small``) say what
+    to do: make room, or, for a file larger than the whole quota, which no deletion makes room for, ask for more."""
 
-    def __init__(self, quota: int, used: int, wanted: int | None, *, names: int | None = None):
+    def __init__(self, quota: int, used: int, wanted: int | None, *, names: int | None = None,
+                 advice: str = FileSpace.quota_advice, too_small: str = FileSpace.quota_too_small):
         self.quota, self.used, self.wanted = quota, used, wanted
         need = f"{wanted} bytes" if wanted is not None else "more bytes"
         if names is not None:
             super().__init__(f"Upload quota exceeded: this directory holds at most {names} files and directories; "
-                             f"delete or register uploads first.")
-            return
-        super().__init__(f"Upload quota exceeded: this needs {need}, and {used} of your {quota} bytes are in use; "
-                         f"delete or register uploads first.")
+                             f"{advice}.")
+        elif wanted is not None and wanted > quota:
+            super().__init__(f"Upload quota exceeded: this needs {need}, more than all {quota} bytes of your quota; "
+                             f"{too_small}.")
+        else:
+            super().__init__(f"Upload quota exceeded: this needs {need}, and {used} of your {quota} bytes are in "
+                             f"use; {advice}.")
 
 
 @dataclass
@@ -513,7 +520,9 @@ class Grant:
             self.server._granted.pop(self.key, None)
 
     def exceeded(self) -> QuotaExceeded:
-        return QuotaExceeded(self.quota, self.used + self.granted, None)
+        files = self.server.files
+        return QuotaExceeded(self.quota, self.used + self.granted, None, advice=files.quota_advice,
+                             too_small=files.quota_too_small)
 
 
 def _plain_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:

@@ -282,7 +282,10 @@ class JobManager:
         os.replace(tmp, control / DELEGATED_PROXY)         # a stage reading it meanwhile reads the old or the new
         now = self.store.get(key)
         if now is None:                     # destroyed meanwhile: no credential is left behind
-            shutil.rmtree(control, ignore_errors=True)
+            try:
+                tree.remove_tree(control)
+            except OSError as exc:
+                log.warning("job %s: could not remove %s: %s", key, control, exc.strerror or exc)
             raise ResourceUnknown(f"job {key} was destroyed meanwhile", resource=key)
         if now.final:                       # ended meanwhile: the proxy is not kept past it
             self._forget_proxy(key)
@@ -290,6 +293,14 @@ class JobManager:
                                     operation="RefreshJobProxy")
         log.info("job %s: its submitter refreshed its proxy", key)
         return self.stager.delegated(proxy_pem, dn).certificate.not_valid_after_utc.timestamp()
+
+    def _staged_for_none_else(self, job: Job, source: str) -> bool:
+        """Whether ``source``, a staged: file of ``job``'s submitter, is named by none of her other live jobs (so
+        this job may take it out of her staging area once copied)."""
+        if not source.startswith("staged:"):
+            return False
+        return not any(other.key != job.key and other.owner == job.owner and not other.final
+                       and any(s.source == source for s in other.spec.stage_in) for other in self.store.list())
 
     def _submitter_credential(self, job: Job):
         """The proxy the job's submitter delegated at submit, checked again now (expired or revoked meanwhile:
@@ -378,7 +389,7 @@ class JobManager:
                     self.stager.fetch(s.source, dest, job.owner, s.sha256, lambda n, base=done_bytes: self.store.update(
                         key, progress={"filesDone": i, "filesTotal": len(spec.stage_in), "bytesDone": base + n,
                                        "current": s.name}), room=self.config.staging_quota - done_bytes,
-                                      credential=submitter)
+                                      credential=submitter, release=self._staged_for_none_else(job, s.source))
                 except StagingError as exc:
                     self._set_state(key, JobState.FAILED, failure=f"stage-in failed: {exc}", ended=time.time())
                     return

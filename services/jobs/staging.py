@@ -78,10 +78,15 @@ class Stager:
         return accept_delegation(proxy_pem, self.credential, self.trust, expected_dn=dn)
 
     def fetch(self, source: str, dest: Path, owner: str, sha256: str | None,
-              progress: Callable[[int], None], room: int | None = None, *, credential=None) -> str:
+              progress: Callable[[int], None], room: int | None = None, *, credential=None,
+              release: bool = False) -> str:
         """Put ``source`` at ``dest``; returns its verified sha256. ``room``: the most bytes it may take (the rest
-        of the job's stage-in quota); a larger file is refused and nothing of it is left."""
+        of the job's stage-in quota); a larger file is refused and nothing of it is left. ``release`` (a staged:
+        file no other live job of the owner names): the staging area's file is removed once copied and verified,
+        unless it was uploaded again meanwhile (another inode: a later submit's), so that the area, bounded by
+        ``staging_quota``, does not fill with every file ever staged (trial13)."""
         dest.parent.mkdir(parents=True, exist_ok=True)
+        copied = None
         if source.startswith("staged:"):
             area = self.staging_dir / staging_area(owner)
             if not area.is_dir():         # nothing uploaded yet: the area is made by the first upload
@@ -89,7 +94,8 @@ class Stager:
             src = inside(area, source[len("staged:"):])
             if not src.is_file():
                 raise StagingError(f"{source}: no such file in your staging area (upload it first)")
-            if room is not None and src.stat().st_size > room:
+            copied = src.stat()
+            if room is not None and copied.st_size > room:
                 raise over_quota(source, room)
             shutil.copyfile(src, dest)
             actual = hash_file(dest)
@@ -110,6 +116,13 @@ class Stager:
         if sha256 and actual != sha256:
             dest.unlink(missing_ok=True)
             raise StagingError(f"{source}: sha256 {actual} is not the expected {sha256}")
+        if release and copied is not None:
+            try:
+                now = src.stat()
+                if (now.st_dev, now.st_ino, now.st_mtime_ns) == (copied.st_dev, copied.st_ino, copied.st_mtime_ns):
+                    src.unlink()
+            except FileNotFoundError:
+                pass
         return actual
 
     def send(self, src: Path, destination: str, sha256: str, progress: Callable[[int], None], *,
@@ -127,6 +140,12 @@ class Stager:
 class JobFileSpace(FileSpace):
     """/jobs/<key>/... are the jobs' directories (read-only), /staging/<area>/<name> the owners' staging areas
     (flat: every byte of an area counts against its quota, ``staging_quota`` bytes; None: no quota)."""
+
+    # a 552 here: the staging area holds a job's files to be (trial13 U3: "delete or register uploads first" was the
+    # repository's advice, and nothing is registered at a job service)
+    quota_advice = "submit the job once the files staged for your other jobs here are taken in (at their start)"
+    quota_too_small = ("a job's files are bounded by this job service's [jobs] staging_quota: ask its operator, or "
+                       "give the job the file as a gsiftp:// URL, fetched when it starts")
 
     def __init__(self, jobs_dir: Path, staging_dir: Path, staging_quota: int | None = None):
         self.jobs_dir = jobs_dir
