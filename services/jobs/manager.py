@@ -329,7 +329,8 @@ class JobManager:
         for p in (stdout, stderr):
             p.parent.mkdir(parents=True, exist_ok=True)
         try:
-            uid = self.store.take_uid(key, job.owner, self.config.job_uid_first, self.config.job_uid_count)
+            uid = self.store.take_uid(key, job.owner, self.config.job_uid_first, self.config.job_uid_count,
+                                      held_elsewhere=uids.account_holding)      # an account the system knows: skipped
         except LookupError as exc:
             self._set_state(key, JobState.FAILED, failure=str(exc), ended=time.time())
             return
