@@ -137,21 +137,52 @@ def private_tmp(size: int, keep: str) -> str | None:
     return None
 
 
-def make_cgroup(path: str, max_pids: int) -> str | None:
-    """Make the job's pids cgroup (its parent made by the service's probe) holding at most ``max_pids`` processes
-    and threads; None if done, else why not."""
-    try:
-        os.mkdir(path)
-        os.chmod(path, 0o755)        # the job (its own uid) may read its own limits: not the container's umask 077
-    except OSError as exc:
-        return f"{path}: {exc.strerror or exc}"
-    try:
-        with open(os.path.join(path, "pids.max"), "w") as f:
-            f.write(str(max_pids))
-    except OSError as exc:
-        os.rmdir(path)
-        return f"{path}/pids.max: {exc.strerror or exc}"
+def make_cgroup(path: str, limits: list, made: bool = False) -> str | None:
+    """Make the job's cgroup ``path`` (its parent made by the service's probe), unless ``made`` (cgroup v2: the one
+    cgroup of the job, made for another controller already), and write its ``limits`` (file name, value: e.g.
+    pids.max, memory.max) in order; None if done, else why not (a cgroup this call made is removed again)."""
+    if not made:
+        try:
+            os.mkdir(path)
+            os.chmod(path, 0o755)    # the job (its own uid) may read its own limits: not the container's umask 077
+        except OSError as exc:
+            return f"{path}: {exc.strerror or exc}"
+    for name, value in limits:
+        try:
+            with open(os.path.join(path, name), "w") as f:
+                f.write(str(value))
+        except OSError as exc:
+            if not made:
+                os.rmdir(path)
+            return f"{path}/{name}: {exc.strerror or exc}"
     return None
+
+
+def oom_kills(path: str) -> int:
+    """How many processes the kernel killed in the memory cgroup ``path`` for want of memory (its limit): the
+    ``oom_kill`` count of cgroup v2's memory.events, or of v1's memory.oom_control (Linux 4.13 on); 0 if unknown."""
+    for name in ("memory.events", "memory.oom_control"):
+        try:
+            with open(os.path.join(path, name)) as f:
+                for line in f:
+                    if line.startswith("oom_kill "):
+                        return int(line.split()[1])
+        except (OSError, ValueError):
+            continue
+    return 0
+
+
+def memory_failure(limit: int, exit_code: int, kills: int) -> str | None:
+    """Why the job failed when the kernel killed ``kills`` of its processes past its memory ``limit`` and the
+    program's exit is ``exit_code``; None when the program exited 0 all the same (the job is not failed)."""
+    if not kills or exit_code == 0:
+        return None
+    over = f"the job used more than its memory limit of {limit} bytes ([jobs] memory_limit)"
+    if exit_code == -signal.SIGKILL:
+        return f"the program was killed by the kernel, out of memory: {over}"
+    how = f"killed by signal {-exit_code}" if exit_code < 0 else f"exited with status {exit_code}"
+    return (f"the program {how} after the kernel killed {'a process' if kills == 1 else f'{kills} processes'} of "
+            f"the job, out of memory: {over}")
 
 
 def join_cgroup(path: str) -> str | None:
@@ -207,15 +238,15 @@ def start_init(run) -> int:
 
 
 def run_init(argv: list[str], cwd: str, env: dict, stdin, stdout: int, stderr: int, report: int,
-             cgroup: str | None = None, max_file_size: int | None = None, uid: int | None = None,
+             cgroups: list | None = None, max_file_size: int | None = None, uid: int | None = None,
              tmp: tuple[int, str] | None = None) -> None:
     """PID 1 of the job's namespace (a forked child of the shim, started by ``start_init`` with SIGTERM blocked;
-    never returns): join the job's pids cgroup, bound the size of each file it writes, start the program (as
-    ``uid``, its group too and no other, when the service gives the job an account of its own),
-    forward SIGTERM to it (a PID 1 gets no signal it has no handler for, and the program may have left the
-    group), reap every orphan, and exit once the program has ended, which ends every other process of the
-    namespace. With ``tmp`` (a size and the directory to keep): a private /tmp, /var/tmp and /dev/shm
-    (``private_tmp``). How it ended goes to ``report`` as JSON."""
+    never returns): join the job's cgroups (``cgroups``: what each bounds, "processes" or "memory", and its path),
+    bound the size of each file it writes, start the program (as ``uid``, its group too and no other, when the
+    service gives the job an account of its own), forward SIGTERM to it (a PID 1 gets no signal it has no handler
+    for, and the program may have left the group), reap every orphan, and exit once the program has ended, which
+    ends every other process of the namespace. With ``tmp`` (a size and the directory to keep): a private /tmp,
+    /var/tmp and /dev/shm (``private_tmp``). How it ended goes to ``report`` as JSON."""
     program = None
     pending = []
     told: dict = {}
@@ -231,10 +262,12 @@ def run_init(argv: list[str], cwd: str, env: dict, stdin, stdout: int, stderr: i
     signal.signal(signal.SIGTERM, forward)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})    # one that came meanwhile is delivered now
     try:
-        if cgroup is not None:
-            why_not = join_cgroup(cgroup)
+        joined: dict = {}
+        for what, path in cgroups or ():
+            why_not = joined[path] if path in joined else join_cgroup(path)
+            joined[path] = why_not
             if why_not is not None:
-                told["processes"] = f"unbounded: {why_not}"
+                told[what] = f"unbounded: {why_not}"
         if tmp is not None:
             why_not = private_tmp(*tmp)
             if why_not is not None:
@@ -249,6 +282,11 @@ def run_init(argv: list[str], cwd: str, env: dict, stdin, stdout: int, stderr: i
             told.update({"exit": 127, "error": f"cannot start {argv[0]}: {exc.strerror or exc}"})
             os.write(report, json.dumps(told).encode())
             return
+        try:       # the kernel's choice when the job runs out of memory: the program, never its init
+            with open("/proc/self/oom_score_adj", "w") as f:      # (set after the fork: the program has 0)
+                f.write("-1000")
+        except OSError:
+            pass
         for signum in pending:
             os.kill(program.pid, signum)
         while True:                          # reap orphans too, until the program itself has ended
@@ -291,22 +329,30 @@ def main(spec_path: str) -> int:
     why_not = enter_pid_namespace() if spec.get("pid_namespace") else "not asked"
     if why_not is not None and spec.get("pid_namespace"):
         status["isolation"] = f"process group only: {why_not}"
-    cgroup = None
+    cgroups = []                    # (what it bounds, path): one per controller, one path for both on cgroup v2
+    wanted = []
     if spec.get("pids_cgroup"):                  # the service found a pids cgroup hierarchy: one cgroup per job
-        why_not = make_cgroup(spec["pids_cgroup"], spec["max_processes"])
-        if why_not is None:
-            cgroup = spec["pids_cgroup"]
-        else:
-            status["processes"] = f"unbounded: {why_not}"
+        wanted.append(("processes", spec["pids_cgroup"], [("pids.max", spec["max_processes"])]))
     elif spec.get("processes_unbounded"):      # the service's probe found none: say so with the job's status
         status["processes"] = f"unbounded: {spec['processes_unbounded']}"
+    if spec.get("memory_cgroup"):                # a memory cgroup per job: past its limit the kernel kills in it
+        wanted.append(("memory", spec["memory_cgroup"], spec["memory_limits"]))
+    elif spec.get("memory_unbounded"):
+        status["memory"] = f"unbounded: {spec['memory_unbounded']}"
+    for what, path, limits in wanted:
+        why_not = make_cgroup(path, limits, made=any(path == p for _, p in cgroups))
+        if why_not is None:
+            cgroups.append((what, path))
+        else:
+            status[what] = f"unbounded: {why_not}"
+    memory = next((p for what, p in cgroups if what == "memory"), None)
 
     def init_body():
         os.close(report_r)
         for fd in (spec.get("stdout_fd"), spec.get("stderr_fd")):      # the copying threads' (the shim's)
             if fd is not None:
                 os.close(fd)
-        run_init(spec["argv"], spec["cwd"], spec["env"], stdin, out_w, err_w, report_w, cgroup,
+        run_init(spec["argv"], spec["cwd"], spec["env"], stdin, out_w, err_w, report_w, cgroups,
                  spec.get("max_file_size"), spec.get("uid"),
                  (spec["tmp_size"], spec["keep"]) if spec.get("tmp_size") else None)
     init = start_init(init_body)          # PID 1 of the job's namespace (without one: a plain child doing the same)
@@ -316,8 +362,9 @@ def main(spec_path: str) -> int:
         stdin.close()
     _, wait_status = os.waitpid(init, 0)     # a namespace ends with its init: nothing of the job is left in it
     end_the_rest_of_the_group()     # before the joins: a process left behind in the group may hold the output pipes
-    if cgroup is not None:
-        remove_cgroup(cgroup)
+    kills = oom_kills(memory) if memory is not None else 0        # before the cgroup goes
+    for path in dict.fromkeys(p for _, p in cgroups):
+        remove_cgroup(path)
     for t in threads:
         t.join()
     with os.fdopen(report_r, "rb") as f:
@@ -326,6 +373,11 @@ def main(spec_path: str) -> int:
         status.update(json.loads(told))      # the program's exit code, negative: the signal that ended it
     else:                                    # the init was killed (SIGKILL to the group): so was the program
         status["exit"] = os.waitstatus_to_exitcode(wait_status)
+    if kills:
+        status["memory"] = f"{kills} process{'es' if kills > 1 else ''} killed past {spec['memory_limit']} bytes"
+        failure = memory_failure(spec["memory_limit"], status["exit"], kills)
+        if failure is not None and not status.get("error"):
+            status["error"] = failure
     write_status(spec["status"], status)
     return 0
 

@@ -1,17 +1,98 @@
-"""What a job shares with the host and other jobs, with real jobs of a real job service: a uid an account of the
-system holds is given to no job (jobiso13)."""
+"""What a job shares with the host and other jobs, with real jobs of a real job service: its memory is bounded
+(a memory cgroup per job: past [jobs] memory_limit the kernel kills in the job, which fails "out of memory"), and
+a uid an account of the system holds is given to no job (jobiso13)."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
 
 import pytest
 
+from services.jobs import runner
+from services.jobs.runner import MemoryBound, memory_limit_bytes
 from services.jobs.store import JobSpec, JobState
-from tests.unit.jobs.test_manager import OWNER, manager, shut, wait_final
+from tests.unit.jobs.test_manager import OWNER, PY, manager, shut, wait_final
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the job service runs as root")
+
+MiB = 1 << 20
+# allocates (and touches) 32 MiB at a time, saying how far it got, up to ``n`` MiB
+EAT = ("import sys\nheld = []\nfor i in range(1, int(sys.argv[1]) // 32 + 1):\n"
+       "    held.append(b'x' * (32 << 20))\n    print(i * 32, flush=True)\nprint('survived')\n")
+
+
+def _memory_hierarchy() -> bool:
+    return (os.path.exists(f"{runner.MEMORY_V1}/cgroup.procs")
+            or "memory" in open(f"{runner.CGROUP_V2}/cgroup.controllers").read().split()
+            if os.path.exists(f"{runner.CGROUP_V2}/cgroup.controllers") else
+            os.path.exists(f"{runner.MEMORY_V1}/cgroup.procs"))
+
+
+needs_memory_cgroup = pytest.mark.skipif(not _memory_hierarchy(), reason="no memory cgroup hierarchy here")
+
+
+@needs_memory_cgroup
+def test_a_job_past_its_memory_limit_is_killed_and_fails_out_of_memory(tmp_path):
+    """[jobs] memory_limit = 96 MiB: a job that allocates 512 MiB is killed by the kernel once past it and fails
+    saying so (not a bare signal); one that stays within it is Done; each job's memory cgroup goes with it."""
+    m = manager(tmp_path / "state", memory_limit=96 * MiB)
+    try:
+        assert m.memory.why_not is None and m.memory.limit == 96 * MiB, m.memory
+        eater = m.submit(OWNER, JobSpec(executable=PY, arguments=("-c", EAT, "512")))
+        done = wait_final(m, eater.key)
+        out = (m.jobs_dir / eater.key / "stdout").read_text()
+        assert done.state == JobState.FAILED, (done.failure, out)
+        assert done.failure == ("the program was killed by the kernel, out of memory: the job used more than its "
+                                f"memory limit of {96 * MiB} bytes ([jobs] memory_limit)"), out
+        assert done.exit_code == -9 and "survived" not in out and int(out.split()[-1]) <= 96, out
+        status = json.loads((m.control_dir / eater.key / "exit.json").read_text())
+        assert status["memory"].startswith("1 process killed past ")
+        assert not m.memory.cgroup(eater.key).exists()
+        small = wait_final(m, m.submit(OWNER, JobSpec(executable=PY, arguments=("-c", EAT, "32"))).key)
+        assert small.state == JobState.DONE, small.failure
+        assert (m.jobs_dir / small.key / "stdout").read_text().split()[-1] == "survived"
+    finally:
+        shut(m)
+
+
+def test_without_a_memory_cgroup_hierarchy_the_service_warns_at_start_and_each_job_says_so(tmp_path, monkeypatch,
+                                                                                           caplog):
+    monkeypatch.setattr(runner, "MEMORY_V1", str(tmp_path / "no-v1"))
+    monkeypatch.setattr(runner, "CGROUP_V2", str(tmp_path / "no-v2"))
+    with caplog.at_level(logging.WARNING, logger="vmgrid.JobService"):
+        m = manager(tmp_path / "state", memory_limit=64 * MiB)
+    try:
+        assert m.memory.parent is None and "no memory cgroup hierarchy" in m.memory.why_not
+        assert any(r.getMessage().startswith(f"jobs' memory is unbounded, not at most [jobs] memory_limit = "
+                                             f"{64 * MiB} ({64 * MiB} bytes) each (no memory cgroup hierarchy")
+                   for r in caplog.records), [r.getMessage() for r in caplog.records]
+        job = wait_final(m, m.submit(OWNER, JobSpec(executable="true")).key)
+        assert job.state == JobState.DONE
+        status = json.loads((m.control_dir / job.key / "exit.json").read_text())
+        assert status["memory"].startswith("unbounded: no memory cgroup hierarchy")
+    finally:
+        shut(m)
+
+
+def test_memory_limit_is_bytes_or_a_share_of_the_machines_memory_and_anything_else_is_refused(tmp_path):
+    assert memory_limit_bytes(0) == 0 and memory_limit_bytes(123 * 4096) == 123 * 4096
+    assert memory_limit_bytes("75%", total=4 << 30) == 3 << 30
+    assert memory_limit_bytes("100%", total=10 * 4096 + 100) == 10 * 4096
+    for bad in (-1, "0%", "101%", "2G", 0.5, True):
+        with pytest.raises(ValueError, match=r"^\[jobs\] memory_limit = .*: bytes \(0: no bound\), or a share of the "
+                                             r"machine's memory such as \"80%\""):
+            memory_limit_bytes(bad)
+    with pytest.raises(ValueError, match=r"^\[jobs\] memory_limit = '2G': "):
+        manager(tmp_path / "state", memory_limit="2G")
+    assert not (tmp_path / "state").exists()            # refused before anything was made
+    m = manager(tmp_path / "zero", memory_limit=0)
+    try:
+        assert m.memory == MemoryBound(0) and m.memory.for_job("job-x") == {}
+    finally:
+        shut(m)
+
 
 def test_a_uid_an_account_holds_is_given_to_no_job(tmp_path, caplog):
     """The range was checked against the accounts the name services enumerate at start; an account made since (or

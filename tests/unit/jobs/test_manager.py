@@ -18,7 +18,7 @@ from gridftp.checksum import hash_file
 from services.faults import AccessDenied, IllegalTransition, InvalidArgument, LimitExceeded, ResourceUnknown
 from services.jobs.config import JobsConfig
 from services.jobs.manager import JobManager
-from services.jobs.runner import proc_start_time
+from services.jobs.runner import MemoryBound, proc_start_time
 from services.jobs.staging import Stager, StagingError, staging_area
 from services.jobs.store import JobSpec, JobState, StageIn, StageOut
 
@@ -394,6 +394,7 @@ def test_without_pid_namespaces_what_a_job_left_is_killed_before_its_uid_serves_
     first = 9_000_000 + (os.getpid() % 1000) * 100
     m = manager(tmp_path / "s", job_uid_first=first, job_uid_count=100)
     m.pid_namespace, m.pids_cgroup, m.processes_unbounded = False, None, "not in this test"
+    m.memory = MemoryBound(m.memory.limit, why_not="not in this test")     # whose removal would kill it too
     child = None
     try:
         daemon = "import subprocess, sys; subprocess.Popen([sys.executable, '-c', " + repr(SETSID_SLEEPER) + \
