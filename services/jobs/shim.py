@@ -15,6 +15,7 @@ import json
 import os
 import resource
 import signal
+import stat as _stat
 import subprocess
 import sys
 import threading
@@ -23,8 +24,11 @@ import time
 CHUNK = 65536
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNS = 0x00020000
-MS_NOSUID, MS_NODEV, MS_BIND, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x1000, 0x4000, 0x40000
+MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x8, 0x1000, 0x4000, 0x40000
 PRIVATE_DIRS = ("/tmp", "/var/tmp", "/dev/shm")      # where any account may write: the job's own, in its namespace
+# other directories any account may write on some systems (FHS, Debian): where one is a real directory (not a link)
+# writable by all, the job has its own too (a tmpfs each), so no job leaves anything there for another
+SHARED_DIRS = ("/run/lock", "/var/lock", "/var/crash")
 
 
 def copy_bounded(src, dest, limit: int, counts: dict, name: str) -> None:
@@ -91,13 +95,19 @@ def enter_pid_namespace() -> str | None:
     return None
 
 
-def private_tmp(size: int, keep: str) -> str | None:
-    """Give the job (this process and what it starts) a /tmp and /var/tmp of its own (one tmpfs of ``size`` bytes)
-    and a /dev/shm of its own (another): a mount namespace of its own, made before the uid is dropped, whose
-    tmpfs go with its last process, so nothing the job writes there outlives it or takes more of the host's memory
-    than ``size`` each. ``keep`` (the service's state directory, the job's inside) stays at its path, its
-    directories above with their owners and modes, where it lies beneath one of them (a state directory under /tmp).
-    None if done, else why not (no privilege: the host's are shared)."""
+def private_mounts(tmp: tuple[int, str] | None, proc: bool) -> dict:
+    """Give the job (this process and what it starts) a mount namespace of its own, made before the uid is dropped:
+
+    - with ``tmp`` (a size in bytes, and the directory to keep): a /tmp and /var/tmp of its own (one tmpfs of that
+      size), a /dev/shm of its own (another), and one of each of SHARED_DIRS that is a directory any account may
+      write (/run/lock: another each), whose tmpfs go with its last process, so nothing the job writes there
+      outlives it, reaches another job or takes more of the host's memory than the size each. The directory to
+      keep (the service's state directory, the job's inside) stays at its path, its directories above with their
+      owners and modes, where it lies beneath one of them (a state directory under /tmp);
+    - with ``proc`` (this process is PID 1 of the job's PID namespace): a /proc of that namespace, so the job sees
+      its own processes only (``ps``, /proc/PID), /proc/self its own.
+
+    What could not be done, by what it is about ("tmp", "proc"): why not (no privilege: the host's are shared)."""
     libc = ctypes.CDLL(None, use_errno=True)
 
     def mount(source, target: str, fstype, flags: int, data) -> None:
@@ -105,36 +115,60 @@ def private_tmp(size: int, keep: str) -> str | None:
             raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()), target)
 
     if libc.unshare(CLONE_NEWNS) != 0:
-        return os.strerror(ctypes.get_errno())
+        why_not = os.strerror(ctypes.get_errno())
+        return {**({"tmp": why_not} if tmp else {}), **({"proc": why_not} if proc else {})}
     try:
         mount(None, "/", None, MS_REC | MS_PRIVATE, None)        # nothing mounted here reaches the host's namespace
-        keep = os.path.realpath(keep)
-        under = next((d for d in PRIVATE_DIRS if keep.startswith(d + "/")), None)
-        path = []                 # the directories from there down to ``keep``: (path, stat), as the host has them
-        if under is not None:
-            d = under
-            for part in os.path.relpath(keep, under).split("/"):
-                d = os.path.join(d, part)
-                path.append((d, os.stat(d)))
-            held = os.open(keep, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        tmpfs = f"size={size},mode=1777".encode()
-        for target in PRIVATE_DIRS:
-            if not os.path.isdir(target) or os.path.islink(target):
-                continue
-            if target == "/var/tmp" and os.path.isdir("/tmp") and not os.path.islink("/tmp"):
-                mount(b"/tmp", target, None, MS_BIND, None)     # the same tmpfs as /tmp: one bound for both
-            else:
-                mount(b"tmpfs", target, b"tmpfs", MS_NOSUID | MS_NODEV, tmpfs)
-        if under is not None:
-            for d, st in path:
-                os.makedirs(d, exist_ok=True)
-                os.chown(d, st.st_uid, st.st_gid)
-                os.chmod(d, st.st_mode & 0o7777)
-            mount(f"/proc/self/fd/{held}".encode(), keep, None, MS_BIND | MS_REC, None)
-            os.close(held)
     except OSError as exc:
-        return f"{exc.filename}: {exc.strerror}"
-    return None
+        why_not = f"{exc.filename}: {exc.strerror}"
+        return {**({"tmp": why_not} if tmp else {}), **({"proc": why_not} if proc else {})}
+    told = {}
+    if tmp is not None:
+        try:
+            _private_dirs(mount, *tmp)
+        except OSError as exc:
+            told["tmp"] = f"{exc.filename}: {exc.strerror}"
+    if proc:
+        try:
+            mount(b"proc", "/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
+        except OSError as exc:
+            told["proc"] = f"{exc.filename}: {exc.strerror}"
+    return told
+
+
+def _private_dirs(mount, size: int, keep: str) -> None:
+    """private_mounts' tmpfs (``mount``: its mount(2)): PRIVATE_DIRS, SHARED_DIRS where any account may write them,
+    and ``keep`` at its path where it lies beneath one of them."""
+    keep = os.path.realpath(keep)
+    targets = [d for d in PRIVATE_DIRS if os.path.isdir(d) and not os.path.islink(d)]
+    for d in SHARED_DIRS:
+        try:
+            st = os.lstat(d)
+        except OSError:
+            continue
+        if _stat.S_ISDIR(st.st_mode) and st.st_mode & 0o002:
+            targets.append(d)
+    under = next((d for d in targets if keep.startswith(d + "/")), None)
+    path = []                 # the directories from there down to ``keep``: (path, stat), as the host has them
+    if under is not None:
+        d = under
+        for part in os.path.relpath(keep, under).split("/"):
+            d = os.path.join(d, part)
+            path.append((d, os.stat(d)))
+        held = os.open(keep, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    tmpfs = f"size={size},mode=1777".encode()
+    for target in targets:
+        if target == "/var/tmp" and "/tmp" in targets:
+            mount(b"/tmp", target, None, MS_BIND, None)     # the same tmpfs as /tmp: one bound for both
+        else:
+            mount(b"tmpfs", target, b"tmpfs", MS_NOSUID | MS_NODEV, tmpfs)
+    if under is not None:
+        for d, st in path:
+            os.makedirs(d, exist_ok=True)
+            os.chown(d, st.st_uid, st.st_gid)
+            os.chmod(d, st.st_mode & 0o7777)
+        mount(f"/proc/self/fd/{held}".encode(), keep, None, MS_BIND | MS_REC, None)
+        os.close(held)
 
 
 def make_cgroup(path: str, limits: list, made: bool = False) -> str | None:
@@ -245,8 +279,9 @@ def run_init(argv: list[str], cwd: str, env: dict, stdin, stdout: int, stderr: i
     bound the size of each file it writes, start the program (as ``uid``, its group too and no other, when the
     service gives the job an account of its own), forward SIGTERM to it (a PID 1 gets no signal it has no handler
     for, and the program may have left the group), reap every orphan, and exit once the program has ended, which
-    ends every other process of the namespace. With ``tmp`` (a size and the directory to keep): a private /tmp,
-    /var/tmp and /dev/shm (``private_tmp``). How it ended goes to ``report`` as JSON."""
+    ends every other process of the namespace. A mount namespace of the job's (``private_mounts``): a /proc of its
+    PID namespace (when this is its PID 1) and, with ``tmp`` (a size and the directory to keep), a private /tmp,
+    /var/tmp, /dev/shm and /run/lock. How it ended goes to ``report`` as JSON."""
     program = None
     pending = []
     told: dict = {}
@@ -268,10 +303,13 @@ def run_init(argv: list[str], cwd: str, env: dict, stdin, stdout: int, stderr: i
             joined[path] = why_not
             if why_not is not None:
                 told[what] = f"unbounded: {why_not}"
-        if tmp is not None:
-            why_not = private_tmp(*tmp)
-            if why_not is not None:
-                told["tmp"] = f"shared with the host: {why_not}"
+        in_namespace = os.getpid() == 1          # PID 1 of the job's own PID namespace: its /proc is the job's
+        if tmp is not None or in_namespace:
+            why_not = private_mounts(tmp, in_namespace)
+            if "tmp" in why_not:
+                told["tmp"] = f"shared with the host: {why_not['tmp']}"
+            if "proc" in why_not:
+                told["proc"] = f"the host's: {why_not['proc']}"
         if max_file_size is not None:
             resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_size, max_file_size))
         try:

@@ -1,12 +1,14 @@
 """What a job shares with the host and other jobs, with real jobs of a real job service: its memory is bounded
-(a memory cgroup per job: past [jobs] memory_limit the kernel kills in the job, which fails "out of memory"), and
-a uid an account of the system holds is given to no job (jobiso13)."""
+(a memory cgroup per job: past [jobs] memory_limit the kernel kills in the job, which fails "out of memory"), its
+/proc shows its own processes only, /run/lock is its own, and a uid an account of the system holds is given to no
+job (jobiso13)."""
 from __future__ import annotations
 
 import json
 import logging
 import os
 import subprocess
+import uuid
 
 import pytest
 
@@ -92,6 +94,55 @@ def test_memory_limit_is_bytes_or_a_share_of_the_machines_memory_and_anything_el
         assert m.memory == MemoryBound(0) and m.memory.for_job("job-x") == {}
     finally:
         shut(m)
+
+
+LIST_PROC = ("import os\n"
+             "pids = sorted(int(p) for p in os.listdir('/proc') if p.isdigit())\n"
+             "print(' '.join(map(str, pids)))\n"
+             "print(os.readlink('/proc/self'), os.getpid())\n"
+             "print(open('/proc/self/status').read().count('Pid:'))\n")
+
+
+def test_a_job_sees_only_its_own_processes_in_proc(tmp_path):
+    """The job lists /proc: its init (1) and itself, none of the host's (not this test's own PID, nor the
+    service's); /proc/self is the job's own process."""
+    m = manager(tmp_path / "state")
+    try:
+        assert m.pid_namespace
+        job = wait_final(m, m.submit(OWNER, JobSpec(executable=PY, arguments=("-c", LIST_PROC))).key)
+        out = (m.jobs_dir / job.key / "stdout").read_text().splitlines()
+        assert job.state == JobState.DONE, (job.failure, out)
+        pids = [int(p) for p in out[0].split()]
+        assert os.getpid() not in pids and pids == [1, 2], out
+        self_link, own = out[1].split()
+        assert self_link == own == "2", out
+    finally:
+        shut(m)
+
+
+def test_run_lock_is_the_jobs_own(tmp_path):
+    """/run/lock (and /var/lock, a link to it here) is writable by every account: a job's lock file there stayed
+    for the next job of any submitter to read or take. Each job has its own now: the host's is untouched, during
+    the job and after, and the next job does not see the first's."""
+    if not os.path.isdir("/run/lock") or os.path.islink("/run/lock") or not os.stat("/run/lock").st_mode & 0o002:
+        pytest.skip("no world-writable /run/lock here")
+    name = f"vmgrid-test-{uuid.uuid4().hex}"
+    m = manager(tmp_path / "state")
+    try:
+        write = (f"import os\nopen('/run/lock/{name}', 'w').write('mine')\n"
+                 f"print(sorted(os.listdir('/run/lock')), os.path.exists('/var/lock/{name}'))\n")
+        first = wait_final(m, m.submit(OWNER, JobSpec(executable=PY, arguments=("-c", write))).key)
+        out = (m.jobs_dir / first.key / "stdout").read_text()
+        assert first.state == JobState.DONE, (first.failure, out, (m.jobs_dir / first.key / "stderr").read_text())
+        assert out == f"['{name}'] True\n"
+        assert not os.path.exists(f"/run/lock/{name}")
+        read = f"import os; print(os.path.exists('/run/lock/{name}'))"
+        second = wait_final(m, m.submit(OWNER, JobSpec(executable=PY, arguments=("-c", read))).key)
+        assert (m.jobs_dir / second.key / "stdout").read_text() == "False\n"
+    finally:
+        shut(m)
+        if os.path.exists(f"/run/lock/{name}"):
+            os.unlink(f"/run/lock/{name}")          # without the fix: the job left it in the host's
 
 
 def test_a_uid_an_account_holds_is_given_to_no_job(tmp_path, caplog):
