@@ -24,6 +24,7 @@ import time
 CHUNK = 65536
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNS = 0x00020000
+CLONE_NEWIPC = 0x08000000
 MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x8, 0x1000, 0x4000, 0x40000
 PRIVATE_DIRS = ("/tmp", "/var/tmp", "/dev/shm")      # where any account may write: the job's own, in its namespace
 # other directories any account may write on some systems (FHS, Debian): where one is a real directory (not a link)
@@ -91,6 +92,16 @@ def enter_pid_namespace() -> str | None:
     """Make this process's next child PID 1 of a new PID namespace; None if done, else why not (no privilege)."""
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.unshare(CLONE_NEWPID) != 0:
+        return os.strerror(ctypes.get_errno())
+    return None
+
+
+def private_ipc() -> str | None:
+    """Give the job an IPC namespace of its own: the System V shared memory segments, semaphores and message queues
+    and the POSIX message queues it makes are seen by no other job nor the host, and go with its last process (a
+    segment left behind would outlive it, in memory, for any account its mode lets in). None, or why not."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(CLONE_NEWIPC) != 0:
         return os.strerror(ctypes.get_errno())
     return None
 
@@ -279,9 +290,10 @@ def run_init(argv: list[str], cwd: str, env: dict, stdin, stdout: int, stderr: i
     bound the size of each file it writes, start the program (as ``uid``, its group too and no other, when the
     service gives the job an account of its own), forward SIGTERM to it (a PID 1 gets no signal it has no handler
     for, and the program may have left the group), reap every orphan, and exit once the program has ended, which
-    ends every other process of the namespace. A mount namespace of the job's (``private_mounts``): a /proc of its
-    PID namespace (when this is its PID 1) and, with ``tmp`` (a size and the directory to keep), a private /tmp,
-    /var/tmp, /dev/shm and /run/lock. How it ended goes to ``report`` as JSON."""
+    ends every other process of the namespace. An IPC namespace of the job's (``private_ipc``) and a mount
+    namespace (``private_mounts``): a /proc of its PID namespace (when this is its PID 1) and, with ``tmp`` (a size
+    and the directory to keep), a private /tmp, /var/tmp, /dev/shm and /run/lock. How it ended goes to ``report``
+    as JSON."""
     program = None
     pending = []
     told: dict = {}
@@ -304,6 +316,9 @@ def run_init(argv: list[str], cwd: str, env: dict, stdin, stdout: int, stderr: i
             if why_not is not None:
                 told[what] = f"unbounded: {why_not}"
         in_namespace = os.getpid() == 1          # PID 1 of the job's own PID namespace: its /proc is the job's
+        why_not = private_ipc()
+        if why_not is not None:
+            told["ipc"] = f"the host's: {why_not}"
         if tmp is not None or in_namespace:
             why_not = private_mounts(tmp, in_namespace)
             if "tmp" in why_not:

@@ -1,7 +1,7 @@
 """What a job shares with the host and other jobs, with real jobs of a real job service: its memory is bounded
 (a memory cgroup per job: past [jobs] memory_limit the kernel kills in the job, which fails "out of memory"), its
-/proc shows its own processes only, /run/lock is its own, and a uid an account of the system holds is given to no
-job (jobiso13)."""
+/proc shows its own processes only, /run/lock and its System V IPC are its own, and a uid an account of the system
+holds is given to no job (jobiso13)."""
 from __future__ import annotations
 
 import json
@@ -143,6 +143,38 @@ def test_run_lock_is_the_jobs_own(tmp_path):
         shut(m)
         if os.path.exists(f"/run/lock/{name}"):
             os.unlink(f"/run/lock/{name}")          # without the fix: the job left it in the host's
+
+
+# makes a System V shared memory segment (key 0x766d6731 + argv[1], mode 0666) and leaves it; or, with "find", says
+# whether it finds the segment
+SYSV_SHM = ("import ctypes, errno, sys\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+            "key = 0x766d6731 + int(sys.argv[1])\n"
+            "if sys.argv[2:] == ['find']:\n"
+            "    print('found' if libc.shmget(key, 0, 0) >= 0 else errno.errorcode[ctypes.get_errno()])\n"
+            "else:\n"
+            "    print('made' if libc.shmget(key, 1 << 20, 0o1000 | 0o666) >= 0 else ctypes.get_errno())\n")
+
+
+def test_a_jobs_system_v_ipc_is_its_own_and_goes_with_it(tmp_path):
+    """A job's System V shared memory segment (mode 0666) stayed after the job, in memory, for any job (or account)
+    to attach and read or write. Each job has an IPC namespace of its own now: the host does not see the segment,
+    the next job does not find it, and it goes with the job."""
+    slot = os.getpid() % 100000
+    key = 0x766d6731 + slot
+    m = manager(tmp_path / "state")
+    try:
+        made = wait_final(m, m.submit(OWNER, JobSpec(executable=PY, arguments=("-c", SYSV_SHM, str(slot)))).key)
+        assert (m.jobs_dir / made.key / "stdout").read_text() == "made\n", made.failure
+        host = subprocess.run(["ipcs", "-m"], capture_output=True, text=True, check=True).stdout
+        assert f"{key:#010x}" not in host, host
+        found = wait_final(m, m.submit(OWNER, JobSpec(executable=PY, arguments=("-c", SYSV_SHM, str(slot),
+                                                                                   "find"))).key)
+        assert (m.jobs_dir / found.key / "stdout").read_text() == "ENOENT\n"
+        status = json.loads((m.control_dir / made.key / "exit.json").read_text())
+        assert "ipc" not in status, status
+    finally:
+        shut(m)
+        subprocess.run(["ipcrm", "-M", str(key)], capture_output=True)     # without the fix: the job left it
 
 
 def test_a_uid_an_account_holds_is_given_to_no_job(tmp_path, caplog):
