@@ -34,6 +34,9 @@ class JobsConfig:
     max_processes: int = 256           # processes and threads one job may have at once (a pids cgroup per job)
     pids_cgroup: str = ""              # the pids cgroup hierarchy ("" = /sys/fs/cgroup/pids (v1) or
                                        # /sys/fs/cgroup (v2), whichever has the pids controller)
+    memory_limit: int | str = "75%"    # memory one job may have (a memory cgroup per job; past it the kernel kills
+                                       # in the job, which fails "out of memory"): bytes, 0 = no bound, or "P%" of
+                                       # the machine's memory (MemTotal at start): the rest stays for the system
     job_uid_first: int = 900000        # each running job holds a uid (and gid) of this range of its own, given back
     job_uid_count: int = 10000         # when it ends, to its submitter's next jobs only; recorded in jobs.sqlite
     logs: dict[str, str] = field(default_factory=dict)   # GetLog: name -> file (e.g. container, guestd)

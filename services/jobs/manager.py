@@ -23,8 +23,8 @@ from services.faults import (AccessDenied, IllegalTransition, InvalidArgument, L
                             ServiceUnavailable)
 from services.jobs.config import JobsConfig
 from services.jobs.files import chown_tree, lock, open_beneath, open_output
-from services.jobs.runner import (Exit, Process, job_environment, pid_namespaces, pids_cgroups, proc_start_time,
-                                  read_exit, read_supervisor, remove_job_cgroup)
+from services.jobs.runner import (Exit, Process, job_environment, memory_cgroups, memory_limit_bytes, pid_namespaces,
+                                  pids_cgroups, proc_start_time, read_exit, read_supervisor, remove_job_cgroup)
 from services.jobs.staging import Stager, StagingError, as_submitter, inside
 from services.jobs import tree, uids
 from services.jobs.store import Job, JobSpec, JobState, JobStore, OutputFile
@@ -63,6 +63,7 @@ class JobManager:
         if config.job_uid_first < 1000 or config.job_uid_count < 1 or config.job_uid_first + config.job_uid_count > 2**32 - 2:
             raise ValueError(f"[jobs] job_uid_first = {config.job_uid_first}, job_uid_count = {config.job_uid_count}: "
                              f"a range of at least one uid from 1000 up, below 4294967294")
+        memory_limit_bytes(config.memory_limit)          # one that means nothing is refused before anything is done
         uids.claim(Path(state_dir), config.job_uid_first, config.job_uid_count)     # no account's, no other service's
         self.config = config
         self.state_dir = Path(state_dir)
@@ -103,6 +104,11 @@ class JobManager:
                 log.warning("jobs' processes are unbounded, not at most [jobs] max_processes = %d each (%s: the job "
                             "service needs a pids cgroup hierarchy it may write, e.g. root as in a guest): a fork "
                             "bomb in a job can exhaust the node", config.max_processes, self.processes_unbounded)
+        self.memory = memory_cgroups(config.memory_limit)      # services/jobs/runner.py: the memory cgroup per job
+        if self.memory.why_not is not None:
+            log.warning("jobs' memory is unbounded, not at most [jobs] memory_limit = %r (%d bytes) each (%s: the job "
+                        "service needs a memory cgroup hierarchy it may write, e.g. root as in a guest): a job can take "
+                        "all of the node's memory", config.memory_limit, self.memory.limit, self.memory.why_not)
         self._over_quota: dict[str, str] = {}
         self.counts = tree.Counts(config.max_files, config.sweep_interval)   # each job directory's last count
         self.trash = tree.Trash(self.state_dir / "trash")     # destroyed jobs' directories, until removed
@@ -409,7 +415,8 @@ class JobManager:
         for p in (stdout, stderr):
             p.parent.mkdir(parents=True, exist_ok=True)
         try:
-            uid = self.store.take_uid(key, job.owner, self.config.job_uid_first, self.config.job_uid_count)
+            uid = self.store.take_uid(key, job.owner, self.config.job_uid_first, self.config.job_uid_count,
+                                      held_elsewhere=uids.account_holding)      # an account the system knows: skipped
         except LookupError as exc:
             self._set_state(key, JobState.FAILED, failure=str(exc), ended=time.time())
             return
@@ -428,7 +435,7 @@ class JobManager:
                                  pids_cgroup=self.pids_cgroup / key if self.pids_cgroup else None,
                                  max_processes=self.config.max_processes, processes_unbounded=self.processes_unbounded,
                                  max_file_size=self.config.staging_quota, uid=uid, fds=fds,
-                                 tmp_size=self.config.tmp_size, keep=self.state_dir)
+                                 tmp_size=self.config.tmp_size, keep=self.state_dir, memory=self.memory.for_job(key))
         finally:
             for fd in fds.values():
                 os.close(fd)
@@ -471,6 +478,7 @@ class JobManager:
     def _finish(self, key: str, exit: Exit) -> None:
         """The program ended: record how, stage the outputs out, and end the job Done or Failed."""
         remove_job_cgroup(self.pids_cgroup, key)       # left by a supervisor that was killed, with what it held
+        self.memory.remove(key)
         if self._stop.is_set():      # the service stopped: the next one finds the exit status
             return
         lock(self.jobs_dir / key)        # out of reach of the submitter's other jobs while its outputs are hashed
@@ -664,6 +672,7 @@ class JobManager:
         self.store.destroy(key)
         self.subscriptions.drop(key)
         remove_job_cgroup(self.pids_cgroup, key)
+        self.memory.remove(key)
         self.trash.empty()
         log.info("job %s destroyed %s", key, why)
 

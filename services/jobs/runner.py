@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -62,12 +63,14 @@ class Process:
               stderr: Path, control: Path, max_output: int, pid_namespace: bool = False,
               pids_cgroup: Path | None = None, max_processes: int = 0, processes_unbounded: str | None = None,
               max_file_size: int | None = None, uid: int | None = None,
-              fds: dict[str, int] | None = None, tmp_size: int = 0, keep: Path | None = None) -> "Process":
+              fds: dict[str, int] | None = None, tmp_size: int = 0, keep: Path | None = None,
+              memory: dict | None = None) -> "Process":
         """Start the job's supervisor. ``uid``: the account the program runs under (None: the service's own);
         ``fds``: the job's ``stdin``/``stdout``/``stderr`` already open (the service opened them before the job's
         uid could write its directory), passed to the supervisor instead of their paths; ``tmp_size``: bytes of the
         job's private /tmp (and /var/tmp) and of its /dev/shm (0: the host's); ``keep``: the directory (the service's
-        state, the job's inside) kept at its path there, where it lies beneath them (default: ``cwd``)."""
+        state, the job's inside) kept at its path there, where it lies beneath them (default: ``cwd``); ``memory``: the
+        job's memory bound (``MemoryBound.for_job``)."""
         control.mkdir(mode=0o700, parents=True, exist_ok=True)
         status = control / "exit.json"
         fds = fds or {}
@@ -76,7 +79,7 @@ class Process:
                 "pid_namespace": pid_namespace, "pids_cgroup": str(pids_cgroup) if pids_cgroup else None,
                 "max_processes": max_processes, "processes_unbounded": processes_unbounded,
                 "max_file_size": max_file_size, "uid": uid, "tmp_size": tmp_size,
-                "keep": str(keep if keep is not None else cwd),
+                "keep": str(keep if keep is not None else cwd), **(memory or {}),
                 **{f"{name}_fd": fd for name, fd in fds.items()}}
         spec_path = control / "spec.json"
         spec_path.write_text(json.dumps(spec))
@@ -192,6 +195,119 @@ def pids_cgroups(configured: str = "") -> tuple[Path | None, str | None]:
     except OSError as exc:
         return None, f"{exc.filename or root}: {exc.strerror or exc}"
     return parent, None
+
+
+@dataclass(frozen=True)
+class MemoryBound:
+    """How much memory each job may have ([jobs] memory_limit) and where its memory cgroup is made."""
+
+    limit: int                         # bytes per job; 0: no bound
+    parent: Path | None = None         # where each job's memory cgroup is made (None: nowhere)
+    files: tuple[str, ...] = ()        # the files given the limit, in order (v1: memory, then memory + swap)
+    extra: tuple[tuple[str, str], ...] = ()      # other files written (v2: memory.swap.max = 0)
+    why_not: str | None = None         # why the jobs' memory is unbounded although a bound is asked
+    prefix: str = ""                   # of a job's cgroup's name before its key (v1: "vmgrid-", beside the service's)
+
+    def cgroup(self, key: str) -> Path | None:
+        return None if self.parent is None else self.parent / (self.prefix + key)
+
+    def for_job(self, key: str) -> dict:
+        """The shim's spec of job ``key``'s memory bound."""
+        if self.parent is None:
+            return {"memory_unbounded": self.why_not} if self.why_not else {}
+        return {"memory_cgroup": str(self.cgroup(key)), "memory_limit": self.limit,
+                "memory_limits": [(f, self.limit) for f in self.files] + list(self.extra)}
+
+    def remove(self, key: str) -> None:
+        """Remove job ``key``'s memory cgroup if its supervisor left it (it was killed), killing what is in it."""
+        if self.parent is not None:
+            remove_cgroup(str(self.cgroup(key)), tries=20)
+
+
+MEMORY_SETTING = "bytes (0: no bound), or a share of the machine's memory such as \"80%\""
+
+
+def memory_limit_bytes(setting: int | str, total: int | None = None) -> int:
+    """[jobs] memory_limit in bytes: an integer is bytes (0: no bound); "P%" is P percent of the machine's memory
+    (``total``, default MemTotal of /proc/meminfo), rounded down to 4 KiB pages. A ValueError (one line, naming the
+    key) for anything else."""
+    if isinstance(setting, int) and not isinstance(setting, bool):
+        if setting < 0:
+            raise ValueError(f"[jobs] memory_limit = {setting}: {MEMORY_SETTING}")
+        return setting
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*%\s*", setting) if isinstance(setting, str) else None
+    if match is None or not 0 < float(match.group(1)) <= 100:
+        raise ValueError(f"[jobs] memory_limit = {setting!r}: {MEMORY_SETTING}, more than 0% and at most 100%")
+    if total is None:
+        total = machine_memory()
+    return max(4096, int(total * float(match.group(1)) / 100) // 4096 * 4096)
+
+
+def machine_memory() -> int:
+    """The machine's memory in bytes (MemTotal)."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    raise ValueError("/proc/meminfo has no MemTotal")
+
+
+MEMORY_V1 = "/sys/fs/cgroup/memory"
+CGROUP_V2 = "/sys/fs/cgroup"
+
+
+def own_cgroup_v1(controller: str) -> str:
+    """This process's cgroup of the v1 hierarchy of ``controller`` ("/" if none is named), from /proc/self/cgroup."""
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            _, controllers, path = line.rstrip("\n").split(":", 2)
+            if controller in controllers.split(","):
+                return path or "/"
+    return "/"
+
+
+def memory_cgroups(setting: int | str) -> MemoryBound:
+    """Where this service may make a memory cgroup per job bounding it to [jobs] memory_limit (``setting``), probed
+    by making (and removing) one as a job's will be. cgroup v1 (the memory hierarchy at MEMORY_V1): each job's is
+    made in the service's own memory cgroup (a bound the service is under covers its jobs too), ``vmgrid-<key>``, and bounds memory,
+    then memory + swap (memory.memsw, where the kernel accounts swap) to the limit; cgroup v2 (CGROUP_V2 with the
+    memory controller): each job's is ``vmgrid-jobs/<key>``, the job's pids cgroup too, memory.max the limit and
+    memory.swap.max 0. ``why_not`` says why neither could be used. A ValueError for a setting that means nothing."""
+    limit = memory_limit_bytes(setting)
+    if limit == 0:
+        return MemoryBound(0)
+    v1, v2 = Path(MEMORY_V1), Path(CGROUP_V2)
+    try:
+        if (v1 / "cgroup.procs").exists():
+            parent = v1 / own_cgroup_v1("memory").lstrip("/")
+            files: tuple[str, ...] = ("memory.limit_in_bytes",)
+            if (parent / "memory.memsw.limit_in_bytes").exists():
+                files += ("memory.memsw.limit_in_bytes",)
+            extra: tuple[tuple[str, str], ...] = ()
+        elif (v2 / "cgroup.controllers").exists():
+            if "memory" not in (v2 / "cgroup.controllers").read_text().split():
+                return MemoryBound(limit, why_not=f"{v2} (cgroup v2) has no memory controller")
+            (v2 / "cgroup.subtree_control").write_text("+memory")
+            parent = v2 / CGROUP_PARENT
+            parent.mkdir(exist_ok=True)
+            parent.chmod(0o755)          # a job (its own uid) may read its limits: not the container's umask 077
+            (parent / "cgroup.subtree_control").write_text("+memory")
+            files = ("memory.max",)
+            extra = (("memory.swap.max", "0"),) if (parent / "memory.swap.max").exists() else ()
+        else:
+            return MemoryBound(limit, why_not=f"no memory cgroup hierarchy ({v1}, or {v2} of cgroup v2)")
+        probe = parent / f"vmgrid-probe-{uuid.uuid4().hex}"
+        probe.mkdir()
+        try:
+            for name in files:
+                (probe / name).write_text(str(limit))
+            for name, value in extra:
+                (probe / name).write_text(value)
+        finally:
+            probe.rmdir()
+    except OSError as exc:
+        return MemoryBound(limit, why_not=f"{exc.filename or v1}: {exc.strerror or exc}")
+    return MemoryBound(limit, parent, files, extra, prefix="" if parent.name == CGROUP_PARENT else "vmgrid-")
 
 
 def remove_job_cgroup(parent: Path | None, key: str) -> None:

@@ -15,6 +15,7 @@ import json
 import os
 import resource
 import signal
+import stat as _stat
 import subprocess
 import sys
 import threading
@@ -23,8 +24,12 @@ import time
 CHUNK = 65536
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNS = 0x00020000
-MS_NOSUID, MS_NODEV, MS_BIND, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x1000, 0x4000, 0x40000
+CLONE_NEWIPC = 0x08000000
+MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x8, 0x1000, 0x4000, 0x40000
 PRIVATE_DIRS = ("/tmp", "/var/tmp", "/dev/shm")      # where any account may write: the job's own, in its namespace
+# other directories any account may write on some systems (FHS, Debian): where one is a real directory (not a link)
+# writable by all, the job has its own too (a tmpfs each), so no job leaves anything there for another
+SHARED_DIRS = ("/run/lock", "/var/lock", "/var/crash")
 
 
 def copy_bounded(src, dest, limit: int, counts: dict, name: str) -> None:
@@ -91,13 +96,29 @@ def enter_pid_namespace() -> str | None:
     return None
 
 
-def private_tmp(size: int, keep: str) -> str | None:
-    """Give the job (this process and what it starts) a /tmp and /var/tmp of its own (one tmpfs of ``size`` bytes)
-    and a /dev/shm of its own (another): a mount namespace of its own, made before the uid is dropped, whose
-    tmpfs go with its last process, so nothing the job writes there outlives it or takes more of the host's memory
-    than ``size`` each. ``keep`` (the service's state directory, the job's inside) stays at its path, its
-    directories above with their owners and modes, where it lies beneath one of them (a state directory under /tmp).
-    None if done, else why not (no privilege: the host's are shared)."""
+def private_ipc() -> str | None:
+    """Give the job an IPC namespace of its own: the System V shared memory segments, semaphores and message queues
+    and the POSIX message queues it makes are seen by no other job nor the host, and go with its last process (a
+    segment left behind would outlive it, in memory, for any account its mode lets in). None, or why not."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(CLONE_NEWIPC) != 0:
+        return os.strerror(ctypes.get_errno())
+    return None
+
+
+def private_mounts(tmp: tuple[int, str] | None, proc: bool) -> dict:
+    """Give the job (this process and what it starts) a mount namespace of its own, made before the uid is dropped:
+
+    - with ``tmp`` (a size in bytes, and the directory to keep): a /tmp and /var/tmp of its own (one tmpfs of that
+      size), a /dev/shm of its own (another), and one of each of SHARED_DIRS that is a directory any account may
+      write (/run/lock: another each), whose tmpfs go with its last process, so nothing the job writes there
+      outlives it, reaches another job or takes more of the host's memory than the size each. The directory to
+      keep (the service's state directory, the job's inside) stays at its path, its directories above with their
+      owners and modes, where it lies beneath one of them (a state directory under /tmp);
+    - with ``proc`` (this process is PID 1 of the job's PID namespace): a /proc of that namespace, so the job sees
+      its own processes only (``ps``, /proc/PID), /proc/self its own.
+
+    What could not be done, by what it is about ("tmp", "proc"): why not (no privilege: the host's are shared)."""
     libc = ctypes.CDLL(None, use_errno=True)
 
     def mount(source, target: str, fstype, flags: int, data) -> None:
@@ -105,53 +126,108 @@ def private_tmp(size: int, keep: str) -> str | None:
             raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()), target)
 
     if libc.unshare(CLONE_NEWNS) != 0:
-        return os.strerror(ctypes.get_errno())
+        why_not = os.strerror(ctypes.get_errno())
+        return {**({"tmp": why_not} if tmp else {}), **({"proc": why_not} if proc else {})}
     try:
         mount(None, "/", None, MS_REC | MS_PRIVATE, None)        # nothing mounted here reaches the host's namespace
-        keep = os.path.realpath(keep)
-        under = next((d for d in PRIVATE_DIRS if keep.startswith(d + "/")), None)
-        path = []                 # the directories from there down to ``keep``: (path, stat), as the host has them
-        if under is not None:
-            d = under
-            for part in os.path.relpath(keep, under).split("/"):
-                d = os.path.join(d, part)
-                path.append((d, os.stat(d)))
-            held = os.open(keep, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        tmpfs = f"size={size},mode=1777".encode()
-        for target in PRIVATE_DIRS:
-            if not os.path.isdir(target) or os.path.islink(target):
-                continue
-            if target == "/var/tmp" and os.path.isdir("/tmp") and not os.path.islink("/tmp"):
-                mount(b"/tmp", target, None, MS_BIND, None)     # the same tmpfs as /tmp: one bound for both
-            else:
-                mount(b"tmpfs", target, b"tmpfs", MS_NOSUID | MS_NODEV, tmpfs)
-        if under is not None:
-            for d, st in path:
-                os.makedirs(d, exist_ok=True)
-                os.chown(d, st.st_uid, st.st_gid)
-                os.chmod(d, st.st_mode & 0o7777)
-            mount(f"/proc/self/fd/{held}".encode(), keep, None, MS_BIND | MS_REC, None)
-            os.close(held)
     except OSError as exc:
-        return f"{exc.filename}: {exc.strerror}"
+        why_not = f"{exc.filename}: {exc.strerror}"
+        return {**({"tmp": why_not} if tmp else {}), **({"proc": why_not} if proc else {})}
+    told = {}
+    if tmp is not None:
+        try:
+            _private_dirs(mount, *tmp)
+        except OSError as exc:
+            told["tmp"] = f"{exc.filename}: {exc.strerror}"
+    if proc:
+        try:
+            mount(b"proc", "/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
+        except OSError as exc:
+            told["proc"] = f"{exc.filename}: {exc.strerror}"
+    return told
+
+
+def _private_dirs(mount, size: int, keep: str) -> None:
+    """private_mounts' tmpfs (``mount``: its mount(2)): PRIVATE_DIRS, SHARED_DIRS where any account may write them,
+    and ``keep`` at its path where it lies beneath one of them."""
+    keep = os.path.realpath(keep)
+    targets = [d for d in PRIVATE_DIRS if os.path.isdir(d) and not os.path.islink(d)]
+    for d in SHARED_DIRS:
+        try:
+            st = os.lstat(d)
+        except OSError:
+            continue
+        if _stat.S_ISDIR(st.st_mode) and st.st_mode & 0o002:
+            targets.append(d)
+    under = next((d for d in targets if keep.startswith(d + "/")), None)
+    path = []                 # the directories from there down to ``keep``: (path, stat), as the host has them
+    if under is not None:
+        d = under
+        for part in os.path.relpath(keep, under).split("/"):
+            d = os.path.join(d, part)
+            path.append((d, os.stat(d)))
+        held = os.open(keep, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    tmpfs = f"size={size},mode=1777".encode()
+    for target in targets:
+        if target == "/var/tmp" and "/tmp" in targets:
+            mount(b"/tmp", target, None, MS_BIND, None)     # the same tmpfs as /tmp: one bound for both
+        else:
+            mount(b"tmpfs", target, b"tmpfs", MS_NOSUID | MS_NODEV, tmpfs)
+    if under is not None:
+        for d, st in path:
+            os.makedirs(d, exist_ok=True)
+            os.chown(d, st.st_uid, st.st_gid)
+            os.chmod(d, st.st_mode & 0o7777)
+        mount(f"/proc/self/fd/{held}".encode(), keep, None, MS_BIND | MS_REC, None)
+        os.close(held)
+
+
+def make_cgroup(path: str, limits: list, made: bool = False) -> str | None:
+    """Make the job's cgroup ``path`` (its parent made by the service's probe), unless ``made`` (cgroup v2: the one
+    cgroup of the job, made for another controller already), and write its ``limits`` (file name, value: e.g.
+    pids.max, memory.max) in order; None if done, else why not (a cgroup this call made is removed again)."""
+    if not made:
+        try:
+            os.mkdir(path)
+            os.chmod(path, 0o755)    # the job (its own uid) may read its own limits: not the container's umask 077
+        except OSError as exc:
+            return f"{path}: {exc.strerror or exc}"
+    for name, value in limits:
+        try:
+            with open(os.path.join(path, name), "w") as f:
+                f.write(str(value))
+        except OSError as exc:
+            if not made:
+                os.rmdir(path)
+            return f"{path}/{name}: {exc.strerror or exc}"
     return None
 
 
-def make_cgroup(path: str, max_pids: int) -> str | None:
-    """Make the job's pids cgroup (its parent made by the service's probe) holding at most ``max_pids`` processes
-    and threads; None if done, else why not."""
-    try:
-        os.mkdir(path)
-        os.chmod(path, 0o755)        # the job (its own uid) may read its own limits: not the container's umask 077
-    except OSError as exc:
-        return f"{path}: {exc.strerror or exc}"
-    try:
-        with open(os.path.join(path, "pids.max"), "w") as f:
-            f.write(str(max_pids))
-    except OSError as exc:
-        os.rmdir(path)
-        return f"{path}/pids.max: {exc.strerror or exc}"
-    return None
+def oom_kills(path: str) -> int:
+    """How many processes the kernel killed in the memory cgroup ``path`` for want of memory (its limit): the
+    ``oom_kill`` count of cgroup v2's memory.events, or of v1's memory.oom_control (Linux 4.13 on); 0 if unknown."""
+    for name in ("memory.events", "memory.oom_control"):
+        try:
+            with open(os.path.join(path, name)) as f:
+                for line in f:
+                    if line.startswith("oom_kill "):
+                        return int(line.split()[1])
+        except (OSError, ValueError):
+            continue
+    return 0
+
+
+def memory_failure(limit: int, exit_code: int, kills: int) -> str | None:
+    """Why the job failed when the kernel killed ``kills`` of its processes past its memory ``limit`` and the
+    program's exit is ``exit_code``; None when the program exited 0 all the same (the job is not failed)."""
+    if not kills or exit_code == 0:
+        return None
+    over = f"the job used more than its memory limit of {limit} bytes ([jobs] memory_limit)"
+    if exit_code == -signal.SIGKILL:
+        return f"the program was killed by the kernel, out of memory: {over}"
+    how = f"killed by signal {-exit_code}" if exit_code < 0 else f"exited with status {exit_code}"
+    return (f"the program {how} after the kernel killed {'a process' if kills == 1 else f'{kills} processes'} of "
+            f"the job, out of memory: {over}")
 
 
 def join_cgroup(path: str) -> str | None:
@@ -207,15 +283,17 @@ def start_init(run) -> int:
 
 
 def run_init(argv: list[str], cwd: str, env: dict, stdin, stdout: int, stderr: int, report: int,
-             cgroup: str | None = None, max_file_size: int | None = None, uid: int | None = None,
+             cgroups: list | None = None, max_file_size: int | None = None, uid: int | None = None,
              tmp: tuple[int, str] | None = None) -> None:
     """PID 1 of the job's namespace (a forked child of the shim, started by ``start_init`` with SIGTERM blocked;
-    never returns): join the job's pids cgroup, bound the size of each file it writes, start the program (as
-    ``uid``, its group too and no other, when the service gives the job an account of its own),
-    forward SIGTERM to it (a PID 1 gets no signal it has no handler for, and the program may have left the
-    group), reap every orphan, and exit once the program has ended, which ends every other process of the
-    namespace. With ``tmp`` (a size and the directory to keep): a private /tmp, /var/tmp and /dev/shm
-    (``private_tmp``). How it ended goes to ``report`` as JSON."""
+    never returns): join the job's cgroups (``cgroups``: what each bounds, "processes" or "memory", and its path),
+    bound the size of each file it writes, start the program (as ``uid``, its group too and no other, when the
+    service gives the job an account of its own), forward SIGTERM to it (a PID 1 gets no signal it has no handler
+    for, and the program may have left the group), reap every orphan, and exit once the program has ended, which
+    ends every other process of the namespace. An IPC namespace of the job's (``private_ipc``) and a mount
+    namespace (``private_mounts``): a /proc of its PID namespace (when this is its PID 1) and, with ``tmp`` (a size
+    and the directory to keep), a private /tmp, /var/tmp, /dev/shm and /run/lock. How it ended goes to ``report``
+    as JSON."""
     program = None
     pending = []
     told: dict = {}
@@ -231,14 +309,22 @@ def run_init(argv: list[str], cwd: str, env: dict, stdin, stdout: int, stderr: i
     signal.signal(signal.SIGTERM, forward)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})    # one that came meanwhile is delivered now
     try:
-        if cgroup is not None:
-            why_not = join_cgroup(cgroup)
+        joined: dict = {}
+        for what, path in cgroups or ():
+            why_not = joined[path] if path in joined else join_cgroup(path)
+            joined[path] = why_not
             if why_not is not None:
-                told["processes"] = f"unbounded: {why_not}"
-        if tmp is not None:
-            why_not = private_tmp(*tmp)
-            if why_not is not None:
-                told["tmp"] = f"shared with the host: {why_not}"
+                told[what] = f"unbounded: {why_not}"
+        in_namespace = os.getpid() == 1          # PID 1 of the job's own PID namespace: its /proc is the job's
+        why_not = private_ipc()
+        if why_not is not None:
+            told["ipc"] = f"the host's: {why_not}"
+        if tmp is not None or in_namespace:
+            why_not = private_mounts(tmp, in_namespace)
+            if "tmp" in why_not:
+                told["tmp"] = f"shared with the host: {why_not['tmp']}"
+            if "proc" in why_not:
+                told["proc"] = f"the host's: {why_not['proc']}"
         if max_file_size is not None:
             resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_size, max_file_size))
         try:
@@ -249,6 +335,11 @@ def run_init(argv: list[str], cwd: str, env: dict, stdin, stdout: int, stderr: i
             told.update({"exit": 127, "error": f"cannot start {argv[0]}: {exc.strerror or exc}"})
             os.write(report, json.dumps(told).encode())
             return
+        try:       # the kernel's choice when the job runs out of memory: the program, never its init
+            with open("/proc/self/oom_score_adj", "w") as f:      # (set after the fork: the program has 0)
+                f.write("-1000")
+        except OSError:
+            pass
         for signum in pending:
             os.kill(program.pid, signum)
         while True:                          # reap orphans too, until the program itself has ended
@@ -291,22 +382,30 @@ def main(spec_path: str) -> int:
     why_not = enter_pid_namespace() if spec.get("pid_namespace") else "not asked"
     if why_not is not None and spec.get("pid_namespace"):
         status["isolation"] = f"process group only: {why_not}"
-    cgroup = None
+    cgroups = []                    # (what it bounds, path): one per controller, one path for both on cgroup v2
+    wanted = []
     if spec.get("pids_cgroup"):                  # the service found a pids cgroup hierarchy: one cgroup per job
-        why_not = make_cgroup(spec["pids_cgroup"], spec["max_processes"])
-        if why_not is None:
-            cgroup = spec["pids_cgroup"]
-        else:
-            status["processes"] = f"unbounded: {why_not}"
+        wanted.append(("processes", spec["pids_cgroup"], [("pids.max", spec["max_processes"])]))
     elif spec.get("processes_unbounded"):      # the service's probe found none: say so with the job's status
         status["processes"] = f"unbounded: {spec['processes_unbounded']}"
+    if spec.get("memory_cgroup"):                # a memory cgroup per job: past its limit the kernel kills in it
+        wanted.append(("memory", spec["memory_cgroup"], spec["memory_limits"]))
+    elif spec.get("memory_unbounded"):
+        status["memory"] = f"unbounded: {spec['memory_unbounded']}"
+    for what, path, limits in wanted:
+        why_not = make_cgroup(path, limits, made=any(path == p for _, p in cgroups))
+        if why_not is None:
+            cgroups.append((what, path))
+        else:
+            status[what] = f"unbounded: {why_not}"
+    memory = next((p for what, p in cgroups if what == "memory"), None)
 
     def init_body():
         os.close(report_r)
         for fd in (spec.get("stdout_fd"), spec.get("stderr_fd")):      # the copying threads' (the shim's)
             if fd is not None:
                 os.close(fd)
-        run_init(spec["argv"], spec["cwd"], spec["env"], stdin, out_w, err_w, report_w, cgroup,
+        run_init(spec["argv"], spec["cwd"], spec["env"], stdin, out_w, err_w, report_w, cgroups,
                  spec.get("max_file_size"), spec.get("uid"),
                  (spec["tmp_size"], spec["keep"]) if spec.get("tmp_size") else None)
     init = start_init(init_body)          # PID 1 of the job's namespace (without one: a plain child doing the same)
@@ -316,8 +415,9 @@ def main(spec_path: str) -> int:
         stdin.close()
     _, wait_status = os.waitpid(init, 0)     # a namespace ends with its init: nothing of the job is left in it
     end_the_rest_of_the_group()     # before the joins: a process left behind in the group may hold the output pipes
-    if cgroup is not None:
-        remove_cgroup(cgroup)
+    kills = oom_kills(memory) if memory is not None else 0        # before the cgroup goes
+    for path in dict.fromkeys(p for _, p in cgroups):
+        remove_cgroup(path)
     for t in threads:
         t.join()
     with os.fdopen(report_r, "rb") as f:
@@ -326,6 +426,11 @@ def main(spec_path: str) -> int:
         status.update(json.loads(told))      # the program's exit code, negative: the signal that ended it
     else:                                    # the init was killed (SIGKILL to the group): so was the program
         status["exit"] = os.waitstatus_to_exitcode(wait_status)
+    if kills:
+        status["memory"] = f"{kills} process{'es' if kills > 1 else ''} killed past {spec['memory_limit']} bytes"
+        failure = memory_failure(spec["memory_limit"], status["exit"], kills)
+        if failure is not None and not status.get("error"):
+            status["error"] = failure
     write_status(spec["status"], status)
     return 0
 

@@ -3,11 +3,14 @@ finds every job (the notification subscriptions share the database: services.wsr
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
 from services.sqlite import Database
+
+ACCOUNT_HELD = "held by "      # the submitter of a uid an account or group of the system holds: no DN begins so
 
 
 class JobState(str, Enum):
@@ -213,30 +216,43 @@ class JobStore:
         return [r[0] for r in self.db.conn().execute(
             "SELECT key FROM jobs WHERE destroyed = 0 AND termination <= ?", (now,))]
 
-    def take_uid(self, key: str, dn: str, first: int, count: int) -> int:
+    def take_uid(self, key: str, dn: str, first: int, count: int,
+                 held_elsewhere: Callable[[int], str | None] | None = None) -> int:
         """A uid (and gid) of ``first`` .. ``first + count - 1`` for job ``key`` of ``dn`` alone while it runs: one
         ``dn``'s ended jobs gave back, else one never given (recorded first, so a restart finds who holds it). A uid
         is never given to another submitter than its first: what a job left under it outside its directory (in /tmp,
-        /dev/shm) stays that submitter's. LookupError when none is left."""
+        /dev/shm) stays that submitter's. ``held_elsewhere(uid)``: who else holds it (an account, a group), or None;
+        a uid so held is given to no job, then or later (recorded as ACCOUNT_HELD plus who). LookupError when none
+        is left."""
         with self.db.write("take_uid") as db:
             row = db.execute("SELECT uid FROM uids WHERE job = ?", (key,)).fetchone()
             if row is not None:
                 return int(row[0])
-            row = db.execute("SELECT MIN(uid) FROM uids WHERE dn = ? AND job IS NULL AND uid >= ? AND uid < ?",
-                             (dn, first, first + count)).fetchone()
-            if row[0] is not None:
-                db.execute("UPDATE uids SET job = ? WHERE uid = ?", (key, row[0]))
-                return int(row[0])
-            taken = db.execute("SELECT MAX(uid) FROM uids WHERE uid >= ? AND uid < ?",
-                               (first, first + count)).fetchone()[0]
-            uid = first if taken is None else int(taken) + 1
-            if uid >= first + count:
-                running = db.execute("SELECT COUNT(*) FROM uids WHERE job IS NOT NULL").fetchone()[0]
-                raise LookupError(f"no uid left for this job: all {count} uids of [jobs] job_uid_first = {first}, "
-                                  f"job_uid_count = {count} are given ({running} to running jobs, the rest to other "
-                                  f"submitters, whose they stay); the operator may raise job_uid_count")
-            db.execute("INSERT INTO uids (uid, dn, job) VALUES (?, ?, ?)", (uid, dn, key))
-            return uid
+            while True:
+                row = db.execute("SELECT MIN(uid) FROM uids WHERE dn = ? AND job IS NULL AND uid >= ? AND uid < ?",
+                                 (dn, first, first + count)).fetchone()
+                if row[0] is None:
+                    break
+                holder = held_elsewhere(int(row[0])) if held_elsewhere else None
+                if holder is None:
+                    db.execute("UPDATE uids SET job = ? WHERE uid = ?", (key, row[0]))
+                    return int(row[0])
+                db.execute("UPDATE uids SET dn = ? WHERE uid = ?", (ACCOUNT_HELD + holder, row[0]))
+            while True:
+                taken = db.execute("SELECT MAX(uid) FROM uids WHERE uid >= ? AND uid < ?",
+                                   (first, first + count)).fetchone()[0]
+                uid = first if taken is None else int(taken) + 1
+                if uid >= first + count:
+                    running = db.execute("SELECT COUNT(*) FROM uids WHERE job IS NOT NULL").fetchone()[0]
+                    raise LookupError(f"no uid left for this job: all {count} uids of [jobs] job_uid_first = {first}, "
+                                      f"job_uid_count = {count} are given ({running} to running jobs, the rest to other "
+                                      f"submitters, whose they stay, or held by accounts); the operator may raise "
+                                      f"job_uid_count")
+                holder = held_elsewhere(uid) if held_elsewhere else None
+                if holder is None:
+                    db.execute("INSERT INTO uids (uid, dn, job) VALUES (?, ?, ?)", (uid, dn, key))
+                    return uid
+                db.execute("INSERT INTO uids (uid, dn, job) VALUES (?, ?, NULL)", (uid, ACCOUNT_HELD + holder))
 
     def uid_shortfall(self, dn: str, first: int, count: int) -> str | None:
         """Why no uid of ``first`` .. ``first + count - 1`` could be given to one more job of ``dn`` (None: one can),

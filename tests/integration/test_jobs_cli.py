@@ -221,12 +221,15 @@ def test_a_job_being_cancelled_is_followed_to_cancelled_by_cancel_and_get(grid, 
     sp = grid.start("slowkill", ["jobs"], {"jobs": {"owner": alice.dn, "gridftp_port": 0, "kill_grace": 600.0,
                                                  "job_uid_first": 910000}})     # beside the grid's: a range of its own
     url = f"{sp.base_url}/wsrf/services/JobService"
+    from tests.unit.jobs.test_manager import WHO_AM_I, host_pid
     program = ("import os, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-               "print(os.readlink('/proc/self'), flush=True); time.sleep(900)")      # its pid as the host sees it
+               f"print({WHO_AM_I}, flush=True); time.sleep(900)")      # who it is, for the host to find it
     key = vmgrid(grid, "job", "submit", url, "--", JOB_PY, "-c", program).stdout.strip()
     while not (status := json.loads(vmgrid(grid, "job", "status", url, key, "--json").stdout))["stdoutTail"]:
         assert status["state"] not in ("Done", "Failed", "Cancelled"), status      # it never printed: say why
-    pid = int(status["stdoutTail"])
+    who = status["stdoutTail"].strip()
+    pid = host_pid(who)
+    assert pid is not None, who
     try:
         r = vmgrid(grid, "job", "cancel", url, key, "--no-wait")
         assert r.stdout == "Active\n" and r.stderr == (
@@ -253,7 +256,7 @@ def test_a_job_being_cancelled_is_followed_to_cancelled_by_cancel_and_get(grid, 
     assert out["cancel"][0] == "Cancelled\n"
     assert out["get"][0] == "out/stdout\nout/stderr\n" and "is Cancelled: its outputs are what its program wrote" in \
         out["get"][1]
-    assert (tmp_path / "out" / "stdout").read_text() == f"{pid}\n"
+    assert (tmp_path / "out" / "stdout").read_text() == f"{who}\n"
     assert json.loads(vmgrid(grid, "job", "status", url, key, "--json").stdout)["cancelRequested"] is False
 
 

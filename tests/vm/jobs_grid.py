@@ -51,16 +51,16 @@ NAME = "jobs-guest"
 # the killer job: SIGKILL to the guest's job service (the container guestd supervises), as root in the guest
 KILL = ("import os\nfor p in os.listdir('/proc'):\n if p.isdigit():\n  try:\n   c=open('/proc/%s/cmdline'%p,'rb').read()\n"
         "  except OSError:\n   continue\n  if b'serve\\x00jobs' in c: os.kill(int(p),9)\n")
-# the long job of the migration: its shell's PID as the guest numbers it (the parent of `cut`, read from the guest's
-# /proc: a job's own PID namespace numbers it 2), kept by exec, on its standard output, then it sleeps; the probe, a
-# job of its own (its /tmp is its own: the PID comes as an argument): that process's start time (clock ticks since
-# boot, /proc/PID/stat field 22), the kernel's boot id, and the guest's clock
-LONG = "cut -d' ' -f4 /proc/self/stat; exec sleep 3000"
-
-
-def probe_of(pid: int) -> str:
-    return (f"p={int(pid)}; "
-            "echo $p $(cut -d' ' -f22 /proc/$p/stat) $(cat /proc/sys/kernel/random/boot_id) $(date +%s.%N)")
+# a job that allocates (and touches) 16 MiB at a time up to all of the guest's memory
+EAT_ALL = ("t = int(open('/proc/meminfo').read().split()[1]) * 1024\nheld = []\n"
+           "while len(held) * (16 << 20) < t:\n    held.append(b'x' * (16 << 20))\nprint('survived')\n")
+# the long job of the migration: every second, its shell's PID and start time (clock ticks since boot, /proc/PID/stat
+# field 22) and the kernel's boot id, on its standard output (StdoutTail), read from its own /proc (a job's /proc
+# is its PID namespace's: no other job sees its processes); the probe, a job of its own: the kernel's boot id and
+# the guest's clock
+LONG = ("while :; do echo $$ $(cut -d' ' -f22 /proc/$$/stat) $(cat /proc/sys/kernel/random/boot_id); "
+        "sleep 1; done")
+PROBE = "echo $(cat /proc/sys/kernel/random/boot_id) $(date +%s.%N)"
 
 
 class Cli:
@@ -77,11 +77,11 @@ class Cli:
                 "seconds": round(time.monotonic() - t, 2)}
 
 
-def probe(cli: Cli, work: Path, tag: str, pid: int) -> dict:
-    """Run the probe of process ``pid`` as a job through the job service; its stdout parsed, bracketed by the host's
-    clock."""
+def probe(cli: Cli, work: Path, tag: str, long_job: str) -> dict:
+    """Run the probe as a job through the job service, its stdout parsed and bracketed by the host's clock; then the
+    long job's latest line (its PID, its start time and the boot id, written by itself while it runs)."""
     before = time.time()
-    run = cli("job", "submit", NAME, "--wait", "--", "sh", "-c", probe_of(pid), timeout=600)
+    run = cli("job", "submit", NAME, "--wait", "--", "sh", "-c", PROBE, timeout=600)
     after = time.time()
     got = {"run": run, "host_before": before, "host_after": after}
     job = (run["out"].splitlines() or [""])[0]
@@ -89,8 +89,15 @@ def probe(cli: Cli, work: Path, tag: str, pid: int) -> dict:
     got["get"] = fetched
     stdout = work / f"probe-{tag}" / "stdout"
     if stdout.is_file():
-        pid, start, boot, clock = stdout.read_text().split()
-        got.update(pid=int(pid), start=int(start), boot_id=boot, guest_time=float(clock))
+        boot, clock = stdout.read_text().split()
+        got.update(boot_id=boot, guest_time=float(clock))
+    st = cli("job", "status", NAME, long_job, "--json")
+    tail = (json.loads(st["out"]).get("stdoutTail") or "") if st["rc"] == 0 else ""
+    whole = [line.split() for line in tail.split("\n")[:-1] if len(line.split()) == 3]    # the last line written whole
+    got["long"] = {"rc": st["rc"], "err": st["err"], "last": whole[-1] if whole else tail[-200:]}
+    if whole:
+        pid, start, long_boot = whole[-1]
+        got.update(pid=int(pid), start=int(start), long_boot_id=long_boot)
     return got
 
 
@@ -151,6 +158,15 @@ def jobs_part(out: dict, work: Path, pki, node, vm: VMManagerClient, ref, info) 
     s["cgroup"] = alice("job", "submit", NAME, "--wait", "--", "sh", "-c",
                         "cat /proc/self/cgroup; cat /sys/fs/cgroup$(cut -d: -f3 /proc/self/cgroup)/pids.max")
     s["cgroup_status"] = alice("job", "status", NAME, (s["cgroup"]["out"].splitlines() or ["-"])[0], "--json")
+    # the job's memory cgroup (cgroup v2: its pids cgroup, memory.max the default [jobs] memory_limit, 75% of the
+    # guest's memory) and its own /proc (its PID namespace's processes only)
+    s["memory"] = alice("job", "submit", NAME, "--wait", "--", "sh", "-c",
+                        "cat /sys/fs/cgroup$(cut -d: -f3 /proc/self/cgroup)/memory.max; grep MemTotal /proc/meminfo; "
+                        "echo $(ls /proc | grep '^[0-9]')")
+    s["memory_status"] = alice("job", "status", NAME, (s["memory"]["out"].splitlines() or ["-"])[0], "--json")
+    # a job that takes all of the guest's memory: the kernel kills it past its limit, the service lives on
+    s["oom"] = alice("job", "submit", NAME, "--wait", "--", "python3", "-c", EAT_ALL)
+    s["oom_status"] = alice("job", "status", NAME, (s["oom"]["out"].splitlines() or ["-"])[0], "--json")
     # a job reaches its own directory by path ($HOME: the state directory was 0700) and uses POSIX shared memory
     # (multiprocessing's Lock and Pool: the guest had no /dev/shm)
     s["reach"] = alice("job", "submit", NAME, "--wait", "--", "sh", "-ec",
@@ -216,7 +232,7 @@ def migration_part(out: dict, work: Path, pki, first, second, ref, info) -> Inst
         if pid is None:
             time.sleep(POLL)
     s["long_pid"] = pid
-    out["probe_before"] = probe(alice, work, "before", pid or 0)
+    out["probe_before"] = probe(alice, work, "before", s["long"]["out"])
     # the migration, as the user types it (docs/vmmanager.md)
     t = time.monotonic()
     s["migrate"] = alice("vm", "migrate", NAME, "--to", second.url, timeout=900)
@@ -230,7 +246,7 @@ def migration_part(out: dict, work: Path, pki, first, second, ref, info) -> Inst
     at2 = Cli(work, pki, pki.alice, second.url)
     s["vm_status"] = at2("vm", "status", NAME)
     s["service_up_after"] = wait_service(at2, 300)
-    out["probe_after"] = probe(at2, work, "after", pid or 0)
+    out["probe_after"] = probe(at2, work, "after", s["long"]["out"])
     s["long_status"] = at2("job", "status", NAME, s["long"]["out"], "--json")
     out["reach"] = {"new": reachable(moved.address, 8443), "old": reachable(info.address, 8443)}
     s["cancel"] = at2("job", "cancel", NAME, s["long"]["out"])

@@ -71,6 +71,30 @@ def test_a_job_s_processes_are_bounded_by_a_pids_cgroup_in_the_guest(seen):
     assert lines[0].startswith("0::/vmgrid-jobs/") and lines[1] == "256", st
 
 
+def test_a_job_s_memory_is_bounded_and_it_sees_only_its_own_processes_in_the_guest(seen):
+    """The guest's job service puts each job in a memory cgroup (cgroup v2: its pids cgroup) with memory.max the
+    default [jobs] memory_limit, 75% of the guest's memory; the job's /proc is its PID namespace's: its init, its
+    shell and what the shell started, none of the guest's."""
+    st = status(seen["steps"]["memory_status"])
+    assert st["state"] == "Done", (st.get("failure"), st.get("stdoutTail"), st.get("stderrTail"), st)
+    limit, meminfo, pids = st["stdoutTail"].splitlines()
+    total = int(meminfo.split()[1]) * 1024
+    assert int(limit) == int(total * 75.0 / 100) // 4096 * 4096, st["stdoutTail"]
+    assert "1" in pids.split() and max(map(int, pids.split())) < 20, pids
+
+
+def test_a_job_past_its_memory_limit_is_failed_out_of_memory_in_the_guest(seen):
+    """A job that takes all of the guest's memory is killed by the kernel at its limit and fails saying so; the job
+    service lives on (the steps after it ran)."""
+    s = seen["steps"]
+    assert s["oom"]["rc"] == 1, s["oom"]
+    st = status(s["oom_status"])
+    assert st["state"] == "Failed" and st["exitCode"] == -9, st
+    assert st["failure"].startswith("the program was killed by the kernel, out of memory: the job used more than its "
+                                    "memory limit of "), st["failure"]
+    assert "survived" not in st["stdoutTail"]
+
+
 def test_a_job_reaches_its_directory_by_path_and_has_posix_shared_memory(seen):
     """In a guest a job could not open its own directory by its path ($HOME, $PWD: `vmgrid serve` made
     /var/lib/vmgrid 0700) and had no /dev/shm (multiprocessing's Lock and Pool failed): BLAST+'s makeblastdb and

@@ -18,7 +18,7 @@ from gridftp.checksum import hash_file
 from services.faults import AccessDenied, IllegalTransition, InvalidArgument, LimitExceeded, ResourceUnknown
 from services.jobs.config import JobsConfig
 from services.jobs.manager import JobManager
-from services.jobs.runner import proc_start_time
+from services.jobs.runner import MemoryBound, proc_start_time
 from services.jobs.staging import Stager, StagingError, staging_area
 from services.jobs.store import JobSpec, JobState, StageIn, StageOut
 
@@ -36,15 +36,35 @@ def manager(state: Path, pki=None, **overrides) -> JobManager:
     return m
 
 
-# a child that writes its pid as the host sees it (/proc/self: the job may be in a PID namespace of its own,
-# where os.getpid() is another number) and sleeps; with setsid first, it has left the job's process group
+# what a job's process writes of itself so that the test finds it on the host (``host_pid``): its PID namespace, its
+# PID there and its start time (a job's /proc is its PID namespace's: it cannot know the host's number for it)
+WHO_AM_I = ("(lambda s: f\"{os.readlink('/proc/self/ns/pid')} {os.getpid()} {s[s.rfind(')') + 2:].split()[19]}\")"
+            "(open('/proc/self/stat').read())")
+# a child that writes who it is (WHO_AM_I) and sleeps; with setsid first, it has left the job's process group
 # child.pid appears whole (written under another name, then renamed): a job that waits for it to exist and ends
 # must not leave it empty for the test to read (seen under load)
-SLEEPER = ("import os, time; open('child.tmp', 'w').write(os.readlink('/proc/self')); os.rename('child.tmp', 'child.pid');"
+SLEEPER = (f"import os, time; open('child.tmp', 'w').write({WHO_AM_I}); os.rename('child.tmp', 'child.pid');"
            " time.sleep(300)")
 SETSID_SLEEPER = "import os; os.setsid(); " + SLEEPER
 needs_pid_namespaces = pytest.mark.skipif(os.geteuid() != 0, reason="PID namespaces need root (CAP_SYS_ADMIN); "
                                           "without them a job's setsid child is out of reach (documented)")
+
+
+def host_pid(written: str) -> int | None:
+    """The host's PID of the job's process that wrote ``written`` (WHO_AM_I), None once it is gone."""
+    ns, pid, start = written.split()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.readlink(f"/proc/{entry}/ns/pid") != ns or proc_start_time(int(entry)) != start:
+                continue
+            with open(f"/proc/{entry}/status") as f:
+                if any(line.startswith("NSpid:") and line.split()[-1] == pid for line in f):
+                    return int(entry)
+        except OSError:
+            continue
+    return None
 
 
 def wait_until(predicate, timeout: float = 60.0):
@@ -138,8 +158,8 @@ def test_cancel_kills_the_whole_process_group(jobs):
               "time.sleep(300)")
     job = jobs.submit(OWNER, JobSpec(PY, ("-c", script)))
     pid_file = jobs.jobs_dir / job.key / "child.pid"
-    child = int(wait_until(lambda: pid_file.exists() and pid_file.read_text()))
-    assert jobs.store.get(job.key).state == JobState.ACTIVE
+    child = host_pid(wait_until(lambda: pid_file.exists() and pid_file.read_text()))
+    assert child is not None and jobs.store.get(job.key).state == JobState.ACTIVE
     jobs.cancel(OWNER, job.key)
     wait_until(lambda: proc_start_time(child) is None)        # the grandchild is gone too
     done = wait_final(jobs, job.key)
@@ -256,14 +276,14 @@ def test_what_a_job_leaves_running_ends_with_it(jobs):
     """A program that started a child in the background and exited: the child outlived the job (Done), its
     Destroy and its lifetime; one that kept the output pipes kept the job Active until its lifetime ended."""
     start = ("import subprocess, sys; p = subprocess.Popen([sys.executable, '-c', " + repr(SLEEPER) + "]"
-             "{})\nwhile not __import__('os').path.exists('child.pid'): pass")
+             "PIPES)\nwhile not __import__('os').path.exists('child.pid'): pass")
     for keeps_pipes in (False, True):
-        job = jobs.submit(OWNER, JobSpec(PY, ("-c", start.format(
-            "" if keeps_pipes else ", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL"))))
+        job = jobs.submit(OWNER, JobSpec(PY, ("-c", start.replace(
+            "PIPES", "" if keeps_pipes else ", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL"))))
         done = wait_final(jobs, job.key)
         assert done.state == JobState.DONE
-        child = int((jobs.jobs_dir / job.key / "child.pid").read_text())
-        wait_until(lambda: proc_start_time(child) is None)        # the child is gone with the job
+        child = (jobs.jobs_dir / job.key / "child.pid").read_text()
+        wait_until(lambda: host_pid(child) is None)        # the child is gone with the job
 
 
 @needs_pid_namespaces
@@ -277,13 +297,13 @@ def test_a_process_that_leaves_the_jobs_group_ends_with_the_job_all_the_same(job
 
     def daemon_pid(key):
         pid_file = jobs.jobs_dir / key / "child.pid"
-        return int(wait_until(lambda: pid_file.exists() and pid_file.read_text()))
+        return host_pid(wait_until(lambda: pid_file.exists() and pid_file.read_text()))
 
     ends = jobs.submit(OWNER, JobSpec(PY, ("-c", daemon + wait_file + "print('bye')")))
     done = wait_final(jobs, ends.key)
     assert (done.state, done.exit_code, jobs.tail(OWNER, done, "stdout")) == (JobState.DONE, 0, "bye\n")
-    child = int((jobs.jobs_dir / ends.key / "child.pid").read_text())
-    wait_until(lambda: proc_start_time(child) is None)
+    child = (jobs.jobs_dir / ends.key / "child.pid").read_text()
+    wait_until(lambda: host_pid(child) is None)
 
     cancelled = jobs.submit(OWNER, JobSpec(PY, ("-c", daemon + "import time; time.sleep(300)")))
     child = daemon_pid(cancelled.key)
@@ -342,7 +362,7 @@ def test_an_admins_job_neither_reads_nor_rewrites_the_owners_files_nor_the_servi
 
 # a job that writes a secret and its pid as the host sees it (written whole: another name, then renamed), and waits
 KEEPER = ("import os, time; open('secret.txt', 'w').write('first secret');"
-          " open('pid.tmp', 'w').write(os.readlink('/proc/self')); os.rename('pid.tmp', 'pid'); time.sleep(300)")
+          f" open('pid.tmp', 'w').write({WHO_AM_I}); os.rename('pid.tmp', 'pid'); time.sleep(300)")
 # a job that tries to read and rewrite that secret, by the first job's key, and to kill it
 PROBE = """import os, signal, sys
 key, pid = sys.argv[1], int(sys.argv[2])
@@ -365,7 +385,7 @@ def test_two_running_jobs_of_one_submitter_neither_read_nor_rewrite_nor_kill_eac
     job takes one of them again, and an admin's job never one of hers."""
     first = jobs.submit(OWNER, JobSpec(PY, ("-c", KEEPER)))
     pid_file = jobs.jobs_dir / first.key / "pid"
-    pid = int(wait_until(lambda: pid_file.exists() and pid_file.read_text()))
+    pid = host_pid(wait_until(lambda: pid_file.exists() and pid_file.read_text()))
     second = wait_final(jobs, jobs.submit(OWNER, JobSpec(PY, ("-c", PROBE, first.key, str(pid)))).key)
     out = jobs.tail(OWNER, second, "stdout").split("\n")
     # the kill: EPERM for another uid, or ESRCH from a PID namespace of its own, where the first job is not seen
@@ -394,6 +414,7 @@ def test_without_pid_namespaces_what_a_job_left_is_killed_before_its_uid_serves_
     first = 9_000_000 + (os.getpid() % 1000) * 100
     m = manager(tmp_path / "s", job_uid_first=first, job_uid_count=100)
     m.pid_namespace, m.pids_cgroup, m.processes_unbounded = False, None, "not in this test"
+    m.memory = MemoryBound(m.memory.limit, why_not="not in this test")     # whose removal would kill it too
     child = None
     try:
         daemon = "import subprocess, sys; subprocess.Popen([sys.executable, '-c', " + repr(SETSID_SLEEPER) + \
@@ -401,12 +422,12 @@ def test_without_pid_namespaces_what_a_job_left_is_killed_before_its_uid_serves_
                  "import os, time\nwhile not os.path.exists('child.pid'): time.sleep(0.02)\n"
         job = wait_final(m, m.submit(OWNER, JobSpec(PY, ("-c", daemon))).key)
         assert job.state == JobState.DONE
-        child = int((m.jobs_dir / job.key / "child.pid").read_text())
-        wait_until(lambda: proc_start_time(child) is None)
+        child = (m.jobs_dir / job.key / "child.pid").read_text()
+        wait_until(lambda: host_pid(child) is None)
         assert m.store.held_uids() == {} and m.store.uids_of(OWNER) == [first]
     finally:
-        if child is not None and proc_start_time(child) is not None:
-            os.kill(child, signal.SIGKILL)          # without the fix: it outlived its job
+        if child is not None and host_pid(child) is not None:
+            os.kill(host_pid(child), signal.SIGKILL)          # without the fix: it outlived its job
         shut(m)
 
 
@@ -647,8 +668,8 @@ def _run_the_shim_as_nobody(work: Path) -> None:
     assert status["exit"] == 0, (work / "err").read_text()
     assert status["isolation"].startswith("process group only: ")
     assert status["tmp"] == "shared with the host: Operation not permitted"       # no mount namespace either
-    child = int((work / "child.pid").read_text())
-    wait_until(lambda: proc_start_time(child) is None)              # the group kill still ended the child
+    child = (work / "child.pid").read_text()
+    wait_until(lambda: host_pid(child) is None)              # the group kill still ended the child
 
 
 needs_pids_cgroup = pytest.mark.skipif(os.geteuid() != 0 or not Path("/sys/fs/cgroup").is_dir(),
