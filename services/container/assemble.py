@@ -228,6 +228,10 @@ def check_service_config(name: str, config: Config) -> None:
         check_numbers(name, config.vmmanager if name == "vmmanager" else config.jobs)
     if name == "vmmanager":
         check_lease_range(config.vmmanager)
+    if name == "jobs":
+        from services.jobs.runner import memory_limit_bytes
+
+        memory_limit_bytes(config.jobs.memory_limit)      # "2G", -1: one line naming the key, before any state
     if name in GRIDFTP_SERVICES:
         check_gridftp(config)
 

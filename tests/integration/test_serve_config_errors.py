@@ -22,7 +22,9 @@ def node_toml(grid_pki, state, changes: dict | None = None) -> str:
             ("security", "host_key"): f'"{grid_pki.host_key_path}"',
             ("enforcement", "authz_url"): '"https://localhost:1/wsrf/services/AuthorizationService"',
             ("vmmanager", "node"): '"n3"', ("vmmanager", "vmm"): '"test"',
-            ("vmmanager", "repository"): '"https://localhost:1/wsrf/services/VMRepositoryService"'}
+            ("vmmanager", "repository"): '"https://localhost:1/wsrf/services/VMRepositoryService"',
+            # the GridFTP faces on free ports, not the site's 2811 and 2812 (taken by whatever else runs here)
+            ("repository", "gridftp_port"): "0", ("jobs", "gridftp_port"): "0"}
     keys.update(changes or {})
     sections: dict[str, list[str]] = {}
     for (section, key), value in keys.items():
@@ -143,6 +145,8 @@ def test_each_service_with_a_gridftp_server_checks_the_gridftp_section_at_start(
     ("staging_quota", "0", "[jobs] staging_quota = 0: bytes, 1 or more"),
     ("kill_grace", "-1.0", "[jobs] kill_grace = -1.0: seconds (0: SIGKILL at once), 0 or more"),
     ("max_files", "0", "[jobs] max_files = 0: files and directories a job's directory holds, 1 or more"),
+    ("memory_limit", '"2G"', "[jobs] memory_limit = '2G': bytes (0: no bound), or a share of the machine's memory "
+                             "such as \"80%\", more than 0% and at most 100%"),
 ])
 def test_a_job_service_number_that_cannot_mean_anything_is_refused_naming_its_key(grid_pki, tmp_path, key, value,
                                                                                   message):
