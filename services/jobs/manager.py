@@ -300,12 +300,14 @@ class JobManager:
         log.info("job %s: its submitter refreshed its proxy", key)
         return self.stager.delegated(proxy_pem, dn).certificate.not_valid_after_utc.timestamp()
 
-    def _staged_for_none_else(self, job: Job, source: str) -> bool:
-        """Whether ``source``, a staged: file of ``job``'s submitter, is named by none of her other live jobs (so
-        this job may take it out of her staging area once copied)."""
-        if not source.startswith("staged:"):
+    def _staged_for_none_else(self, job: Job, i: int) -> bool:
+        """Whether the source of ``job``'s ``i``-th stage-in, a staged: file of its submitter's, is named by no later
+        stage-in of the job and by none of her other jobs still to stage in (so the job may take it out of her staging
+        area once copied)."""
+        source = job.spec.stage_in[i].source
+        if not source.startswith("staged:") or any(s.source == source for s in job.spec.stage_in[i + 1:]):
             return False
-        return not any(other.key != job.key and other.owner == job.owner and not other.final
+        return not any(other.key != job.key and other.owner == job.owner and other.state in LIVE_BEFORE_RUN
                        and any(s.source == source for s in other.spec.stage_in) for other in self.store.list())
 
     def _submitter_credential(self, job: Job):
@@ -395,7 +397,7 @@ class JobManager:
                     self.stager.fetch(s.source, dest, job.owner, s.sha256, lambda n, base=done_bytes: self.store.update(
                         key, progress={"filesDone": i, "filesTotal": len(spec.stage_in), "bytesDone": base + n,
                                        "current": s.name}), room=self.config.staging_quota - done_bytes,
-                                      credential=submitter, release=self._staged_for_none_else(job, s.source))
+                                      credential=submitter, release=self._staged_for_none_else(job, i))
                 except StagingError as exc:
                     self._set_state(key, JobState.FAILED, failure=f"stage-in failed: {exc}", ended=time.time())
                     return

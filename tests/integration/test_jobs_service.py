@@ -254,6 +254,50 @@ def test_a_staging_area_and_a_jobs_stage_in_hold_at_most_the_staging_quota(grid_
         info = alice.wait(key, timeout=120)
         assert info.state == "Failed" and "staged:first.dat: larger than the 0 bytes left" in info.failure
         assert not (grid.service.jobs.jobs_dir / key / "c").exists()
+        # a file larger than the whole quota: no deletion makes room, and the advice is the job service's (trial13
+        # U3: "delete or register uploads first", the repository's)
+        huge = tmp_path / "huge.dat"
+        huge.write_bytes(b"h" * 1500)
+        with pytest.raises(GridFTPError) as exc:
+            alice.stage_local(huge)
+        assert "this needs 1500 bytes, more than all 1000 bytes of your quota" in str(exc.value)
+        assert "[jobs] staging_quota: ask its operator" in str(exc.value) and "register" not in str(exc.value)
+    finally:
+        grid.close()
+
+
+def test_a_staged_file_leaves_the_staging_area_when_its_last_job_has_copied_it(grid_pki, tmp_path):
+    """The staging area (bounded by staging_quota) kept every file ever staged, so a scientist who staged a few
+    GiB of inputs over her jobs could stage nothing more. A staged file no other job still to stage in names now
+    leaves the area once its job has it; one another such job names stays for that job."""
+    (tmp_path / "g").mkdir()
+    grid = JobGrid(grid_pki, tmp_path / "g")
+    try:
+        alice = grid.client(grid_pki.alice)
+        area = grid.service.jobs.staging_dir / staging_area(grid_pki.alice.dn)
+        data = tmp_path / "db.fa"
+        data.write_bytes(b">s\nACGT\n")
+        staged = alice.stage_local(data)
+        stager, calls, release = grid.service.jobs.stager, [], threading.Event()
+        real_fetch = stager.fetch
+
+        def fetch(source, dest, *args, **kwargs):           # the first job's stage-in waits, before the copy
+            calls.append(dest)
+            if len(calls) == 1:
+                assert release.wait(120)
+            return real_fetch(source, dest, *args, **kwargs)
+
+        stager.fetch = fetch
+        reader = JobSpec(PY, ("-c", "print(open('db.fa').read().split()[1])"), stage_in=(staged,))
+        first = alice.submit(reader)
+        while not calls:
+            time.sleep(0.05)
+        second = alice.submit(reader)
+        assert alice.wait(second, timeout=120).stdout_tail == "ACGT\n"
+        assert (area / "db.fa").exists()                   # the first job, still to stage in, names it
+        release.set()
+        assert alice.wait(first, timeout=120).stdout_tail == "ACGT\n"
+        assert not (area / "db.fa").exists()               # its last job has it: the area's room is back
     finally:
         grid.close()
 
