@@ -15,6 +15,7 @@ from services.wsrf import notification
 from services.wsrf.notification import ConsumerPolicy
 from tests.fixtures.drip import dripping_listener
 from tests.fixtures.grid import start_grid
+from tests.fixtures.resolver import rebinding
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -209,21 +210,6 @@ def test_migrate_connects_to_the_address_its_check_resolved(grid, grid_pki, monk
         honest.close()
         forbidden.close()
         vm.destroy(ref)
-
-
-def rebinding(monkeypatch, name: str, first: str, then: str) -> list[str]:
-    """``name`` resolves to ``first`` at its first lookup and to ``then`` at every later one (other names as
-    before); the answers given, in order (as tests/unit/wsrf/test_notifier.py's)."""
-    real = socket.getaddrinfo
-    answers: list[str] = []
-
-    def getaddrinfo(host, port, *args, **kwargs):
-        if host != name:
-            return real(host, port, *args, **kwargs)
-        answers.append(first if not answers else then)
-        return real(answers[-1], port, *args, **kwargs)
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    return answers
 
 
 def stalling(monkeypatch, name: str) -> threading.Event:

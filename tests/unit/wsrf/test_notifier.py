@@ -18,6 +18,7 @@ from services.wsrf import notification
 from services.wsrf.epr import EndpointReference
 from services.wsrf.notification import (ConsumerPolicy, DeliveryLimits, Notifier, Subscription, Subscriptions,
                                         notify_envelope)
+from tests.fixtures.resolver import rebinding
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -128,23 +129,7 @@ def message(consumer: str) -> etree._Element:
 LOOPBACK = ConsumerPolicy(allow=("127.0.0.0/8",))      # a test grid's policy: consumers on this machine
 
 
-# -- G9: the connection goes to the address that was checked --------------------------------------------------
-def rebinding(monkeypatch, name: str, first: str, then: str) -> list[str]:
-    """Make ``name`` resolve like a rebinding DNS (TTL 0): ``first`` at the first lookup, ``then`` at every later
-    one. The resolver is a monkeypatched socket.getaddrinfo (the listeners and connections are real); other names
-    resolve as before. Returns the answers given, in order."""
-    real = socket.getaddrinfo
-    answers: list[str] = []
-
-    def getaddrinfo(host, port, *args, **kwargs):
-        if host != name:
-            return real(host, port, *args, **kwargs)
-        answers.append(first if not answers else then)
-        return real(answers[-1], port, *args, **kwargs)
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    return answers
-
-
+# -- G9: the connection goes to the address that was checked (tests/fixtures/resolver.py: a rebinding DNS) --------
 def test_a_name_that_resolves_elsewhere_after_the_check_is_not_followed(grid_pki, monkeypatch):
     """The policy allows 127.0.0.2 only; the consumer's name answers 127.0.0.2 at the check and 127.0.0.1 (the
     node's own loopback) afterwards. The Notify goes to 127.0.0.2 (with the name as its Host); the listener on
