@@ -73,4 +73,7 @@ def test_a_listing_with_no_instances_says_so(grid, grid_pki, capsys):
     assert out == f"no live instances of yours on {grid.node_url()} (--all also lists destroyed and failed ones)\n"
     assert vmgrid(grid, grid_pki.bob, capsys, "vm", "list", "--all") == f"no instances of yours on {grid.node_url()}\n"
     assert json.loads(vmgrid(grid, grid_pki.bob, capsys, "vm", "list", "--json")) == []
+    # alice's, destroyed (its own: pytest-xdist may run this test on a worker where the one above did not run)
+    grid.vmm(grid_pki.alice).deploy(grid.image, "shown-2", 600, wait=True)
+    vmgrid(grid, grid_pki.alice, capsys, "vm", "destroy", "shown-2")
     assert vmgrid(grid, grid_pki.alice, capsys, "vm", "list", "--all").startswith("KEY")      # hers: the table

@@ -150,7 +150,7 @@ def test_the_soapui_projects_job_requests_are_answered_as_the_wsdl_says(job_serv
         JobSpec(executable=LONG[0], arguments=tuple(LONG[1:])))
     answers = {}
     requests = soapui_requests()
-    requests.sort(key=lambda r: r[0] == "Destroy")         # the job destroyed last
+    requests.sort(key=lambda r: {"Cancel": 1, "Destroy": 2}.get(r[0], 0))     # the job cancelled, then destroyed, last
     for n, (name, action, request) in enumerate(requests):
         env = safexml.parse(request.replace("${#Project#jobKey}", key).encode())
         env.find(f"{{{SOAP}}}Header").extend(request_headers(job_service.url, action, f"urn:uuid:soapui-{n}"))
@@ -165,4 +165,8 @@ def test_the_soapui_projects_job_requests_are_answered_as_the_wsdl_says(job_serv
         else:
             answers[name] = (etree.QName(payload).localname, "")
             assert payload.tag == contract.operations[name].output.text, answers[name]
+    # RefreshJobProxy needs a job with gsiftp:// files and a proxy delegated for the service's own key, which no
+    # request template holds: refused as an argument (the refresh itself: tests/integration/test_jobs_delegation.py)
+    refresh = answers.pop("RefreshJobProxy")
+    assert refresh[0] == "InvalidArgumentFault" and "proxy" in refresh[1], refresh
     assert [name for name, (answer, _) in answers.items() if answer == "InvalidArgumentFault"] == []
