@@ -62,6 +62,7 @@ def test_a_documented_bench_command_names_a_script_and_options_that_exist(where,
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)          # as the command's own: the whole GridFTP bench (WAN included) takes longer than 300 s
 @pytest.mark.parametrize("where,command", COMMANDS, ids=[c for _, c in COMMANDS])
 def test_a_documented_bench_command_runs_as_written(where, command):
     if "[" in command or PLACEHOLDER.search(command):
