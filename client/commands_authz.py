@@ -63,8 +63,8 @@ def register(subparsers) -> None:
                                    "enforcement points may ask about other subjects.")
     p.add_argument("subject", help="a DN, or 'me' for your own")
     p.add_argument("action", help="image.register, image.query, vm.deploy, vm.migrate, ... (docs/authz.md)")
-    p.add_argument("resource", nargs="*", metavar="NAME=VALUE", help="resource attributes: type, vo, owner, name, "
-                   "id, node")
+    p.add_argument("resource", nargs="*", default=[], metavar="NAME=VALUE",
+                   help="resource attributes: type, vo, owner, name, id, node")
     p.add_argument("--context", "-C", action="append", metavar="NAME=VALUE",
                    help="request context: memory (MiB), vcpus, lifetime (s), node, source, ... (repeatable)")
     p.add_argument("--limited", action="store_true", help="as if the subject came through a limited proxy")
