@@ -357,7 +357,7 @@ def cmd_submit(args) -> int:
             continue
         path = Path(item)
         bar = ProgressBar(sys.stderr, f"staging {path.name}") if sys.stderr.isatty() else None
-        stage_in.append(call(jobs.stage_local, path, bar))
+        stage_in.append(call(jobs.stage_local, path, bar, once=True))     # its own: gone from the area once taken
     stage_out = []
     for item in args.stage_out:
         name, sep, url = item.partition("=")

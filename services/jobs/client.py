@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -16,6 +17,7 @@ from gridftp import download, upload
 from gridftp.filespace import is_internal
 from services.faults import AccessDenied, InvalidArgument
 from services.jobs import wire
+from services.jobs.staging import MAX_STAGED, ONCE
 from services.jobs.store import JobSpec, StageIn
 from services.wsrf.epr import EndpointReference
 from services.wsrf.lifetime import CurrentTime, TerminationTime
@@ -132,12 +134,19 @@ class JobClient:
         certificate must then name the URL's host)."""
         return getattr(self.service, "expected_host_dn", None)
 
-    def stage_local(self, path: Path, progress: Callable[[int, int], None] | None = None) -> StageIn:
-        """Upload a local file to the caller's staging area (verified); the StageIn that brings it into a job."""
+    def stage_local(self, path: Path, progress: Callable[[int, int], None] | None = None, *,
+                    once: bool = False) -> StageIn:
+        """Upload a local file to the caller's staging area (verified); the StageIn that brings it into a job.
+        ``once``: for one job only (`vmgrid job submit --stage-in`): it goes to the area under a name of its own,
+        ``once.<random>.<name>``, which the service removes from the area when the job has copied it (a file put
+        there otherwise stays, for any number of jobs, until overwritten or deleted)."""
         area = self.info().findtext("job:stagingDirectory", namespaces=wire.NS)
-        result = upload(path, f"{self.gridftp_url()}{area}{path.name}", 2, credential=self.service.credential,
+        name = path.name
+        if once and len(name) <= MAX_STAGED - len(ONCE) - 17:
+            name = f"{ONCE}{secrets.token_hex(8)}.{name}"
+        result = upload(path, f"{self.gridftp_url()}{area}{name}", 2, credential=self.service.credential,
                         trust=self.service.trust, progress=progress, server_dn=self._face_dn())
-        return StageIn(f"staged:{path.name}", path.name, result.sha256)
+        return StageIn(f"staged:{name}", path.name, result.sha256)
 
     def service_certificate(self):
         """The certificate the job service signs its answers with (its own), read from a signed answer."""

@@ -25,7 +25,7 @@ from services.jobs.config import JobsConfig
 from services.jobs.files import chown_tree, lock, open_beneath, open_output
 from services.jobs.runner import (Exit, Process, job_environment, memory_cgroups, memory_limit_bytes, pid_namespaces,
                                   pids_cgroups, proc_start_time, read_exit, read_supervisor, remove_job_cgroup)
-from services.jobs.staging import Stager, StagingError, as_submitter, inside
+from services.jobs.staging import ONCE, Stager, StagingError, as_submitter, inside
 from services.jobs import tree, uids
 from services.jobs.store import Job, JobSpec, JobState, JobStore, OutputFile
 from services.wsrf.lifetime import Sweeper
@@ -301,14 +301,14 @@ class JobManager:
         return self.stager.delegated(proxy_pem, dn).certificate.not_valid_after_utc.timestamp()
 
     def _staged_for_none_else(self, job: Job, i: int) -> bool:
-        """Whether the source of ``job``'s ``i``-th stage-in, a staged: file of its submitter's, is named by no later
-        stage-in of the job and by none of her other jobs still to stage in (so the job may take it out of her staging
-        area once copied)."""
+        """Whether the source of ``job``'s ``i``-th stage-in is a staged: file uploaded for this job alone
+        (``staged:once.…``, as `vmgrid job submit --stage-in` uploads) that no later stage-in of the job names: the
+        job takes it out of the staging area once copied. A file put there otherwise may serve any number of jobs
+        (jobs.xsd: "put files there, then stage them in as staged:NAME") and stays."""
         source = job.spec.stage_in[i].source
-        if not source.startswith("staged:") or any(s.source == source for s in job.spec.stage_in[i + 1:]):
+        if not source.startswith("staged:" + ONCE):
             return False
-        return not any(other.key != job.key and other.owner == job.owner and other.state in LIVE_BEFORE_RUN
-                       and any(s.source == source for s in other.spec.stage_in) for other in self.store.list())
+        return not any(s.source == source for s in job.spec.stage_in[i + 1:])
 
     def _submitter_credential(self, job: Job):
         """The proxy the job's submitter delegated at submit, checked again now (expired or revoked meanwhile:

@@ -34,6 +34,12 @@ class StagingError(Exception):
     """A file could not be staged; the message says which and why."""
 
 
+# a file `vmgrid job submit --stage-in` uploads for its one job: staged as ONCE + 16 hex digits + "." + its name, it
+# leaves the staging area when that job has copied it (jobs.xsd: a staged name is at most MAX_STAGED characters)
+ONCE = "once."
+MAX_STAGED = 128
+
+
 def staging_area(dn: str) -> str:
     """A user's staging directory name on the face: a stable name derived from the DN."""
     return hashlib.sha256(dn.encode()).hexdigest()[:24]
@@ -82,9 +88,9 @@ class Stager:
               release: bool = False) -> str:
         """Put ``source`` at ``dest``; returns its verified sha256. ``room``: the most bytes it may take (the rest
         of the job's stage-in quota); a larger file is refused and nothing of it is left. ``release`` (a staged:
-        file no other live job of the owner names): the staging area's file is removed once copied and verified,
-        unless it was uploaded again meanwhile (another inode: a later submit's), so that the area, bounded by
-        ``staging_quota``, does not fill with every file ever staged (trial13)."""
+        file uploaded for this job alone, :data:`ONCE`): the staging area's file is removed once copied and
+        verified, unless it was uploaded again meanwhile (another inode), so that the area, bounded by
+        ``staging_quota``, does not fill with every file `vmgrid job submit --stage-in` ever staged (trial13)."""
         dest.parent.mkdir(parents=True, exist_ok=True)
         copied = None
         if source.startswith("staged:"):

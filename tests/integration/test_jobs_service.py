@@ -277,10 +277,11 @@ def test_a_staging_area_and_a_jobs_stage_in_hold_at_most_the_staging_quota(grid_
         grid.close()
 
 
-def test_a_staged_file_leaves_the_staging_area_when_its_last_job_has_copied_it(grid_pki, tmp_path):
-    """The staging area (bounded by staging_quota) kept every file ever staged, so a scientist who staged a few
-    GiB of inputs over her jobs could stage nothing more. A staged file no other job still to stage in names now
-    leaves the area once its job has it; one another such job names stays for that job."""
+def test_a_file_staged_for_one_job_leaves_the_staging_area_when_the_job_has_it(grid_pki, tmp_path):
+    """The staging area (bounded by staging_quota) kept every file `vmgrid job submit --stage-in` ever uploaded, so
+    a scientist who had staged a few GiB of inputs over her jobs could stage nothing more, and vmgrid has no command
+    to delete them. A file uploaded for one job (stage_local(once=True), as job submit does) leaves the area once
+    the job has copied it; a file put there otherwise serves any number of jobs and stays (jobs.xsd)."""
     (tmp_path / "g").mkdir()
     grid = JobGrid(grid_pki, tmp_path / "g")
     try:
@@ -288,27 +289,17 @@ def test_a_staged_file_leaves_the_staging_area_when_its_last_job_has_copied_it(g
         area = grid.service.jobs.staging_dir / staging_area(grid_pki.alice.dn)
         data = tmp_path / "db.fa"
         data.write_bytes(b">s\nACGT\n")
-        staged = alice.stage_local(data)
-        stager, calls, release = grid.service.jobs.stager, [], threading.Event()
-        real_fetch = stager.fetch
-
-        def fetch(source, dest, *args, **kwargs):           # the first job's stage-in waits, before the copy
-            calls.append(dest)
-            if len(calls) == 1:
-                assert release.wait(120)
-            return real_fetch(source, dest, *args, **kwargs)
-
-        stager.fetch = fetch
-        reader = JobSpec(PY, ("-c", "print(open('db.fa').read().split()[1])"), stage_in=(staged,))
-        first = alice.submit(reader)
-        while not calls:
-            time.sleep(0.05)
-        second = alice.submit(reader)
-        assert alice.wait(second, timeout=120).stdout_tail == "ACGT\n"
-        assert (area / "db.fa").exists()                   # the first job, still to stage in, names it
-        release.set()
-        assert alice.wait(first, timeout=120).stdout_tail == "ACGT\n"
-        assert not (area / "db.fa").exists()               # its last job has it: the area's room is back
+        once = alice.stage_local(data, once=True)
+        assert once.source.startswith("staged:once.") and once.source.endswith(".db.fa") and once.name == "db.fa"
+        kept = alice.stage_local(data)
+        assert sorted(p.name for p in area.iterdir()) == sorted([once.source[7:], "db.fa"])
+        reader = ("-c", "print(open('db.fa').read().split()[1])")
+        job = alice.submit(JobSpec(PY, reader, stage_in=(once,)))
+        assert alice.wait(job, timeout=120).stdout_tail == "ACGT\n"
+        for _ in range(2):                                  # the other serves one job after another
+            job = alice.submit(JobSpec(PY, reader, stage_in=(kept,)))
+            assert alice.wait(job, timeout=120).stdout_tail == "ACGT\n"
+        assert [p.name for p in area.iterdir()] == ["db.fa"]
     finally:
         grid.close()
 
