@@ -300,7 +300,7 @@ class JobManager:
         log.info("job %s: its submitter refreshed its proxy", key)
         return self.stager.delegated(proxy_pem, dn).certificate.not_valid_after_utc.timestamp()
 
-    def _staged_for_none_else(self, job: Job, i: int) -> bool:
+    def _staged_for_this_job_alone(self, job: Job, i: int) -> bool:
         """Whether the source of ``job``'s ``i``-th stage-in is a staged: file uploaded for this job alone
         (``staged:once.…``, as `vmgrid job submit --stage-in` uploads) that no later stage-in of the job names: the
         job takes it out of the staging area once copied. A file put there otherwise may serve any number of jobs
@@ -397,7 +397,7 @@ class JobManager:
                     self.stager.fetch(s.source, dest, job.owner, s.sha256, lambda n, base=done_bytes: self.store.update(
                         key, progress={"filesDone": i, "filesTotal": len(spec.stage_in), "bytesDone": base + n,
                                        "current": s.name}), room=self.config.staging_quota - done_bytes,
-                                      credential=submitter, release=self._staged_for_none_else(job, i))
+                                      credential=submitter, release=self._staged_for_this_job_alone(job, i))
                 except StagingError as exc:
                     self._set_state(key, JobState.FAILED, failure=f"stage-in failed: {exc}", ended=time.time())
                     return
