@@ -25,6 +25,14 @@ def _uid_registry():
 
 _uid_registry()
 
+
+# Job processes an earlier, killed test run left behind are killed first (tests/fixtures/leftovers.py says why).
+def pytest_sessionstart(session):
+    from tests.fixtures.leftovers import kill_leftover_job_processes
+
+    kill_leftover_job_processes()
+
+
 # The QEMU tier's guest images are built in the background while the other tiers run (tests/vm/prebuild.py):
 # the debootstrap and the apt layers take minutes, mostly waiting on downloads and dpkg, and the tests in
 # tests/vm come last. VMGRID_TEST_PREBUILD=0 turns it off.
