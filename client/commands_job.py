@@ -99,7 +99,7 @@ def register(subparsers) -> None:
     p.add_argument("endpoint")
     p.add_argument("job", help="the job's key (job-…)")
     p.add_argument("--lifetime", help="how long the new proxy lives: seconds or 90m, 2h (default: until the job's "
-                                      "termination time; at most 12 h, never past your own proxy)")
+                                      "termination time, and never past it; at most 12 h, never past your own proxy)")
     p.set_defaults(func=cmd_refresh_proxy)
 
     p = sub.add_parser("list", help="the jobs of the service")

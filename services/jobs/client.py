@@ -221,8 +221,8 @@ class JobClient:
     def refresh_proxy(self, key: str, lifetime: int | None = None) -> datetime:
         """Delegate a new proxy of this client's credential to the service for job ``key``'s gsiftp:// files (GRAM's
         globus-job-refresh-credentials), replacing the one it keeps; when the new one expires. It lives ``lifetime``
-        seconds, else until the job's termination time; at most the 12 h a service takes, never past the credential
-        it is made from. Limited, as :meth:`submit` delegates it, unless the job sends a gsiftp:// stage-out (the
+        seconds (never past the job's termination time: a longer one is cut there), else until the job's termination
+        time; at most the 12 h a service takes, never past the credential it is made from. Limited, as :meth:`submit` delegates it, unless the job sends a gsiftp:// stage-out (the
         service refuses a limited one then: a full one is delegated instead)."""
         from datetime import timedelta, timezone
 
@@ -233,9 +233,9 @@ class JobClient:
         except (LookupError, AttributeError, ValueError):
             raise RuntimeError(f"{self.service.url} is a job service of an older vmgrid, without RefreshJobProxy: "
                                f"its jobs keep the proxy delegated at submit (at most 12 h)") from None
-        if lifetime is None:
-            termination = TerminationTime.parse(self.property(key, TerminationTime.qname)[0])
-            lifetime = max(60, int((termination - datetime.now(timezone.utc)).total_seconds()))
+        termination = TerminationTime.parse(self.property(key, TerminationTime.qname)[0])
+        until_end = max(60, int((termination - datetime.now(timezone.utc)).total_seconds()))
+        lifetime = until_end if lifetime is None else min(lifetime, until_end)     # never past the job's end
         service, lifetime = self.service_certificate(), min(timedelta(seconds=lifetime), MAX_LIFETIME)
         try:        # limited first, as at submit: a job that only stages in needs no more
             resp = self._on(key, "RefreshJobProxy", delegatedProxy=delegate(

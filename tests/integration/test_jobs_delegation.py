@@ -187,6 +187,28 @@ def test_a_refreshed_proxy_sends_the_stage_out_the_one_of_submit_could_not(grid,
     assert not (grid.service.jobs.control_dir / key / "delegated-proxy.pem").exists()
 
 
+def test_a_refreshed_proxy_asked_to_outlive_the_job_ends_with_it(grid, grid_pki):
+    """trial14 U2: `vmgrid job refresh-proxy --lifetime 6h` on a job ending in 1 h lent the VM a full proxy of hers
+    valid 6 h, though docs/jobs.md says `--lifetime` asks for less than the job's termination time. The proxy is cut
+    at the job's end; a shorter lifetime is kept."""
+    alice = grid.client(grid_pki.alice)
+    spec = JobSpec(PY, ("-c", "import time; time.sleep(600)"),
+                   stage_out=(StageOut("r.txt", f"{grid.gridftp_url}/results/r.txt"),))
+    key = _submit(alice, spec, delegate(grid_pki.alice.proxy, alice.service_certificate()))
+    try:
+        end = alice.set_lifetime(key, 3600)
+        until = alice.refresh_proxy(key, 6 * 3600)
+        assert until <= end
+        assert until > end - _dt.timedelta(minutes=5)
+        kept = (grid.service.jobs.control_dir / key / "delegated-proxy.pem").read_bytes()
+        assert x509.load_pem_x509_certificate(kept).not_valid_after_utc == until
+        shorter = alice.refresh_proxy(key, 600)
+        assert shorter < end - _dt.timedelta(minutes=40)
+    finally:
+        alice.cancel(key)
+        alice.wait(key, timeout=60)
+
+
 def test_a_proxy_refresh_is_the_submitters_of_a_live_job_and_checked_as_at_submit(grid, grid_pki):
     """Someone else's job is refused (an admin's proxy would move alice's files as him: rule job-submitter; bob may not
     use the service at all); a proxy of another DN, or for another key, is InvalidArgument as at submit; a limited
