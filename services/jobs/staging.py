@@ -150,8 +150,10 @@ class JobFileSpace(FileSpace):
     # a 552 here: the staging area holds a job's files to be (trial13 U3: "delete or register uploads first" was the
     # repository's advice, and nothing is registered at a job service)
     quota_advice = "submit the job once the files staged for your other jobs here are taken in (at their start)"
-    quota_too_small = ("a job's files are bounded by this job service's [jobs] staging_quota: ask its operator, or "
-                       "give the job the file as a gsiftp:// URL, fetched when it starts")
+    # (trial14 U3: "or give the job the file as a gsiftp:// URL" sent the scientist into the same refusal: a job's
+    # gsiftp:// stage-ins are bounded by the same quota)
+    quota_too_small = ("a job's files, its gsiftp:// stage-ins too, are bounded by this job service's [jobs] "
+                       "staging_quota: ask its operator")
 
     def __init__(self, jobs_dir: Path, staging_dir: Path, staging_quota: int | None = None):
         self.jobs_dir = jobs_dir
