@@ -28,6 +28,17 @@ def mount_basics() -> None:
             print(f"guestd-init: mount {target}: {os.strerror(ctypes.get_errno())}", file=sys.stderr)
 
 
+def protect_from_oom_killer(score: int = -900) -> None:
+    """guestd and what it starts (the grid container: the job service) are the guest's last choice when it runs out
+    of memory (trial14 U1: two jobs' tmpfs files, which count in no process's size, made the kernel kill the job
+    service). Each job's program is set back to 0 by the job service's shim, so a job is always chosen first."""
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write(str(score))
+    except OSError as exc:
+        print(f"guestd-init: oom_score_adj: {exc.strerror or exc}", file=sys.stderr)
+
+
 def main() -> int:
     if os.getpid() != 1:
         from .daemon import main as daemon_main
@@ -37,6 +48,7 @@ def main() -> int:
     while True:
         pid = os.fork()
         if pid == 0:
+            protect_from_oom_killer()
             from .daemon import main as daemon_main
             os._exit(daemon_main(sys.argv[1:]))
         while True:                        # reap every child; restart guestd if it is the one

@@ -327,6 +327,11 @@ def run_init(argv: list[str], cwd: str, env: dict, stdin, stdout: int, stderr: i
                 told["proc"] = f"the host's: {why_not['proc']}"
         if max_file_size is not None:
             resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_size, max_file_size))
+        try:     # the program is the kernel's first choice, whatever the service's own score (trial14 U1: in a
+            with open("/proc/self/oom_score_adj", "w") as f:    # guest guestd protects itself and the job service,
+                f.write("0")           # and its children inherit that); written as root, the job cannot lower it
+        except OSError:
+            pass
         try:
             account = {} if uid is None else {"user": uid, "group": uid, "extra_groups": [], "umask": 0o077}
             program = subprocess.Popen(argv, cwd=cwd, env=env, stdin=stdin, stdout=stdout, stderr=stderr,
