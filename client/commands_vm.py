@@ -526,14 +526,30 @@ def cmd_watch(args) -> int:
         consumer = NotificationConsumer(default_trust(args.cert_dir), host, port).start()
     except OSError as exc:
         raise CLIError(f"cannot listen at {args.listen} (--listen): {exc.strerror or exc}") from None
+    deadline = time.monotonic() + args.timeout if args.timeout else None
     try:
         producer = _call(node_dn, vm)
         consumer.expect(producer)
-        _call(vm.subscribe, ref, consumer.url)
+        # a migration under way: the node takes no subscription until it ends (the subscribers it carries to the
+        # target are read when it begins): wait for its end, then watch the instance where it is (trial14 M3)
+        while migrating := _call(_unless_migrating, vm, ref, consumer.url):
+            print(f"{now_datetime()} {args.instance}: {printable(migrating)}: a migration has begun; waiting for "
+                  f"its end to watch it (asking its state every {MIGRATION_POLL:g} s)", flush=True)
+            address = _migration_end(vm, ref, deadline)
+            if address is False:                # --timeout ran out first
+                return 0
+            if address is None:                 # rolled back: here, as before
+                print(f"{now_datetime()} {args.instance}: the migration ended; it stays on "
+                      f"{printable(vm.service.url)}", flush=True)
+                continue
+            vm, ref = vmm_client(args, address), InstanceRef(address, ref.key)
+            print(f"{now_datetime()} {args.instance}: the migration ended; now on {printable(address)}", flush=True)
+            consumer.forget(producer)
+            producer = _call(node_dn, vm)
+            consumer.expect(producer)
         state = _call(vm.status, ref).state
         print(f"{now_datetime()} {args.instance}: {printable(state)} (listening at {consumer.url})",
               flush=True)
-        deadline = time.monotonic() + args.timeout if args.timeout else None
         while state not in FINAL:
             left = deadline - time.monotonic() if deadline else 3600.0
             if left <= 0:
@@ -575,6 +591,54 @@ def cmd_watch(args) -> int:
     finally:
         consumer.stop()
     return 0
+
+
+MIGRATION_STATES = ("Migrating", "Incoming")
+MIGRATION_POLL = 1.0          # seconds between two questions of a migrating instance's state (vm watch)
+
+
+def _migration_end(vm, ref, deadline: float | None):
+    """Ask the instance's state until its migration ends: None when it is still on this node (rolled back), the
+    address of the node it now lives on (the node's InstanceMoved), False when ``deadline`` came first."""
+    from services.faults import InstanceMoved
+
+    def state_or_moved() -> tuple[str, str | None]:
+        try:
+            return vm.status(ref).state, None
+        except InstanceMoved as exc:
+            if not exc.address:
+                raise CLIError(f"{ref.key} moved to another node, which {vm.service.url} does not name") from None
+            return "Migrated", exc.address
+
+    while deadline is None or time.monotonic() < deadline:
+        time.sleep(MIGRATION_POLL)
+        state, address = _call(state_or_moved)
+        if address:
+            return address
+        if state not in MIGRATION_STATES:
+            return None
+    return False
+
+
+def _unless_migrating(vm, ref, consumer_url: str) -> str | None:
+    """Subscribe ``consumer_url`` to the instance's changes; when the node refuses because the instance is migrating
+    (its state then Migrating at the source, Incoming at the target: the node's answer is a fault its contract does
+    not name for Subscribe, so the state is asked), that state instead. Its other refusals are raised."""
+    from services.faults import InstanceMoved, VMGridFault
+
+    try:
+        vm.subscribe(ref, consumer_url)
+    except VMGridFault:
+        try:
+            state = vm.status(ref).state
+        except InstanceMoved:           # it ended in between: _migration_end reads where it went
+            return "Migrating"
+        except VMGridFault:
+            state = None
+        if state in MIGRATION_STATES:
+            return state
+        raise
+    return None
 
 
 def _listen_address(text: str) -> tuple[str, int]:
