@@ -311,8 +311,44 @@ def cmd_deploy(args) -> int:
             last[0] = i.state
 
     final = _call(vm.wait_for, info.ref, ("Running", "Paused"), 3600, update)
+    _await_job_service(args, final)
     show_info(final, args.format)
     return 0 if final.state in ("Running", "Paused") else 1
+
+
+def _await_job_service(args, info) -> None:
+    """A Running instance's job service, as `vmgrid job` reaches it: the node reports it once guestd started the
+    grid container (`job service URL (started)`), which then takes some seconds to listen, and the first `vmgrid
+    job submit` right after the deploy waited for it (trial14 M6). The deploy waits instead (the same line, the same
+    bound, the same test: its WSDL fetched over TLS from the host its certificate names), so that its Running means
+    jobs can be submitted; a service that does not answer from here within the bound is said and the deploy ends
+    as it is (its instance runs)."""
+    from client.commands_job import until_listening
+    from client.commands_repo import call_timeout, trust_store
+    from client.soap import ClientError, GridServiceClient, Unreachable
+    from security.pki import PKIError, load_credential
+
+    service = info.job_service or {}
+    if info.state != "Running" or not service.get("url") or not service.get("dn"):
+        return
+
+    def attempt() -> None:
+        try:
+            credential = load_credential(proxy=args.proxy) if args.proxy else load_credential()
+            GridServiceClient(service["url"], credential, trust_store(args), expected_host_dn=service["dn"],
+                              timeout=call_timeout()).close()
+        except Unreachable as exc:
+            if "refused" in str(exc):
+                raise                                  # not listening yet: asked again
+            raise CLIError(str(exc)) from None
+        except (PKIError, OSError, ClientError) as exc:
+            raise CLIError(str(exc)) from None
+
+    try:
+        until_listening(attempt, f"the job service of {args.identifier}", Unreachable)
+    except CLIError as exc:
+        print(f"vmgrid: {args.identifier} runs, and its job service does not answer from here yet: {exc}",
+              file=sys.stderr)
 
 
 def cmd_list(args) -> int:
