@@ -179,10 +179,8 @@ def resolve(vm, text: str):
         return InstanceRef(vm.service.url, text)
     matches = [i for i in _call(vm.list) if i.identifier == text]
     if not matches:
-        ended = sorted((i for i in _call(vm.list, True) if i.identifier == text and i.ref is not None),
-                       key=lambda i: (i.created is not None, i.created))
-        if ended:          # destroyed, failed (a lifetime that ran out, a node restarted...): say so and where to look
-            last = ended[-1]
+        last = last_ended(vm, text)
+        if last is not None:   # destroyed, failed (a lifetime that ran out, a node restarted...): say so and where
             where = ("`vmgrid vm list --all` lists it" if last.state == "Destroyed" else   # a destroyed one is unknown
                      f"`vmgrid vm status {last.ref.key}` shows it")                       # to the other calls
             if last.state == "Migrated":                  # the node knows where it went: say it, not a second step
@@ -200,6 +198,30 @@ def resolve(vm, text: str):
                            f"{last.state}{f' ({last.failure})' if last.failure else ''} ({last.ref.key}); {where}")
         raise CLIError(f"you have no live instance named {text!r} on {vm.service.url}")
     return matches[0].ref
+
+
+def last_ended(vm, identifier: str):
+    """The caller's last instance named ``identifier`` that ended (Destroyed, Failed, Migrated), or None."""
+    ended = sorted((i for i in _call(vm.list, True) if i.identifier == identifier and i.ref is not None),
+                   key=lambda i: (i.created is not None, i.created))
+    return ended[-1] if ended else None
+
+
+def nothing_to_destroy(name: str, info) -> str | None:
+    """What `vm destroy` says of an instance that ended already (trial14 M8: a Failed one was "no live instance
+    ...", which left open whether it still held something): a Failed or Destroyed instance holds nothing on the
+    node any more, only its record (kept, as every ended instance's, for `vm status` and `vm list --all`; the node
+    takes no Destroy for it). None for any other state."""
+    key = printable(info.ref.key)
+    if info.state == "Destroyed":
+        return f"{name}: nothing to destroy: it was destroyed already ({key}); `vmgrid vm list --all` lists it"
+    if info.state != "Failed":
+        return None
+    why = f" ({printable(info.failure)})" if info.failure else ""
+    return (f"{name}: nothing to destroy: it is Failed{why} ({key}), and a Failed instance holds nothing any more: "
+            f"the node gave back its VM, disk files, address lease, image hold and instance slot when it failed (a "
+            f"release the central services could not take then is retried by the node). Its record stays, as every "
+            f"ended instance's: `vmgrid vm status {key}` shows it")
 
 
 def instance_rows(infos) -> list[list]:
@@ -375,13 +397,47 @@ def cmd_status(args) -> int:
 
 def cmd_control(args) -> int:
     vm = vmm_client(args)
-    ref = resolve(vm, args.instance)
     if args.verb == "destroy":
-        pending = _call(vm.destroy, ref)
-        print(f"{args.instance}: destroyed" + (f"; cleanup at the central services pending (will be retried): "
-                                               f"{printable(', '.join(pending))}" if pending else ""))
+        return _destroy(vm, args.instance)
+    ref = resolve(vm, args.instance)
+    print(f"{args.instance}: {printable(_call(getattr(vm, args.verb), ref))}")
+    return 0
+
+
+def _destroy(vm, name: str) -> int:
+    """`vm destroy NAME|KEY`; an instance that ended already (Failed, Destroyed) is said to need nothing."""
+    from client.vmmanager import InstanceRef
+    from services.faults import VMGridFault
+
+    if name.startswith("inst-"):
+        ref = InstanceRef(vm.service.url, name)
     else:
-        print(f"{args.instance}: {printable(_call(getattr(vm, args.verb), ref))}")
+        live = [i for i in _call(vm.list) if i.identifier == name]
+        if not live:
+            last = last_ended(vm, name)
+            said = nothing_to_destroy(name, last) if last is not None else None
+            if said:
+                print(said)
+                return 0
+            resolve(vm, name)               # raises: no such instance, or where a migrated one lives on
+        ref = live[0].ref
+
+    def destroy():
+        try:
+            return vm.destroy(ref), None
+        except VMGridFault:                 # ended meanwhile (or named by its key): what it is now, if it ended
+            try:
+                info = vm.status(ref)
+            except VMGridFault:
+                info = None
+            said = nothing_to_destroy(name, info) if info is not None else None
+            if said is None:
+                raise
+            return [], said
+
+    pending, said = _call(destroy)
+    print(said or f"{name}: destroyed" + (f"; cleanup at the central services pending (will be retried): "
+                                          f"{printable(', '.join(pending))}" if pending else ""))
     return 0
 
 
