@@ -419,8 +419,9 @@ def _destroy(vm, name: str) -> int:
             if said:
                 print(said)
                 return 0
-            resolve(vm, name)               # raises: no such instance, or where a migrated one lives on
-        ref = live[0].ref
+            ref = resolve(vm, name)         # raises: no such instance, or where a migrated one lives on
+        else:
+            ref = live[0].ref
 
     def destroy():
         try:
