@@ -381,11 +381,40 @@ def cmd_audit(args) -> int:
         on = r.get("resource") or r.get("instance") or r.get("target") or ""
         if isinstance(on, dict):
             on = ",".join(f"{k}={v}" for k, v in on.items())
-        outcome = r.get("decision") or r.get("result") or ""
         rows.append((r.get("time", ""), r.get("event", ""), r.get("by", ""), r.get("subject", ""), what, on,
-                     outcome, r.get("rule", "")))
-    table(["time", "event", "by", "subject", "what", "on", "outcome", "rule"], rows)
+                     _audit_outcome(r), r.get("rule", ""), _audit_reason(r, what)))
+    table(["time", "event", "by", "subject", "what", "on", "outcome", "rule", "reason"], rows)
     return 0
+
+
+def _audit_outcome(r: dict) -> str:
+    """A record's outcome; a count of refusals (``repeated``) as ``refused x4 (as #134, last 18:58:59)``:
+    4 more refusals like record 134 (``since #134`` when some were for another reason), the last of them at
+    18:58:59 (the day too when it is not the record's own)."""
+    outcome = str(r.get("decision") or r.get("result") or "")
+    if not r.get("repeated"):
+        return outcome
+    same = " as in record " in str(r.get("reason", ""))      # all for the reason of the record they repeat
+    last = str(r.get("last") or "")
+    if last[:10] == str(r.get("time", ""))[:10]:
+        last = last[11:19]
+    else:
+        last = last[:19].replace("T", " ")
+    return f"{outcome} x{r['repeated']} ({'as' if same else 'since'} #{r.get('since', '?')}" + \
+        (f", last {last})" if last else ")")
+
+
+def _audit_reason(r: dict, what: str) -> str:
+    """Why: a refused caller's reason (a count's: how many for each reason), a refused change's or claim's
+    error; "" when the WHAT column already shows it (a reload's cause)."""
+    if r.get("repeated"):
+        reasons, others = r.get("reasons") or {}, r.get("others") or 0
+        if len(reasons) == 1 and not others:
+            return str(next(iter(reasons)))
+        parts = [f"{n} x {why}" for why, n in reasons.items()]
+        return "; ".join(parts + ([f"{others} x for other reasons"] if others else []))
+    reason = r.get("error") or r.get("reason") or ""
+    return "" if reason == what else str(reason)
 
 
 def cmd_slots(args) -> int:

@@ -179,10 +179,8 @@ def resolve(vm, text: str):
         return InstanceRef(vm.service.url, text)
     matches = [i for i in _call(vm.list) if i.identifier == text]
     if not matches:
-        ended = sorted((i for i in _call(vm.list, True) if i.identifier == text and i.ref is not None),
-                       key=lambda i: (i.created is not None, i.created))
-        if ended:          # destroyed, failed (a lifetime that ran out, a node restarted...): say so and where to look
-            last = ended[-1]
+        last = last_ended(vm, text)
+        if last is not None:   # destroyed, failed (a lifetime that ran out, a node restarted...): say so and where
             where = ("`vmgrid vm list --all` lists it" if last.state == "Destroyed" else   # a destroyed one is unknown
                      f"`vmgrid vm status {last.ref.key}` shows it")                       # to the other calls
             if last.state == "Migrated":                  # the node knows where it went: say it, not a second step
@@ -200,6 +198,30 @@ def resolve(vm, text: str):
                            f"{last.state}{f' ({last.failure})' if last.failure else ''} ({last.ref.key}); {where}")
         raise CLIError(f"you have no live instance named {text!r} on {vm.service.url}")
     return matches[0].ref
+
+
+def last_ended(vm, identifier: str):
+    """The caller's last instance named ``identifier`` that ended (Destroyed, Failed, Migrated), or None."""
+    ended = sorted((i for i in _call(vm.list, True) if i.identifier == identifier and i.ref is not None),
+                   key=lambda i: (i.created is not None, i.created))
+    return ended[-1] if ended else None
+
+
+def nothing_to_destroy(name: str, info) -> str | None:
+    """What `vm destroy` says of an instance that ended already (trial14 M8: a Failed one was "no live instance
+    ...", which left open whether it still held something): a Failed or Destroyed instance holds nothing on the
+    node any more, only its record (kept, as every ended instance's, for `vm status` and `vm list --all`; the node
+    takes no Destroy for it). None for any other state."""
+    key = printable(info.ref.key)
+    if info.state == "Destroyed":
+        return f"{name}: nothing to destroy: it was destroyed already ({key}); `vmgrid vm list --all` lists it"
+    if info.state != "Failed":
+        return None
+    why = f" ({printable(info.failure)})" if info.failure else ""
+    return (f"{name}: nothing to destroy: it is Failed{why} ({key}), and a Failed instance holds nothing any more: "
+            f"the node gave back its VM, disk files, address lease, image hold and instance slot when it failed (a "
+            f"release the central services could not take then is retried by the node). Its record stays, as every "
+            f"ended instance's: `vmgrid vm status {key}` shows it")
 
 
 def instance_rows(infos) -> list[list]:
@@ -311,8 +333,44 @@ def cmd_deploy(args) -> int:
             last[0] = i.state
 
     final = _call(vm.wait_for, info.ref, ("Running", "Paused"), 3600, update)
+    _await_job_service(args, final)
     show_info(final, args.format)
     return 0 if final.state in ("Running", "Paused") else 1
+
+
+def _await_job_service(args, info) -> None:
+    """A Running instance's job service, as `vmgrid job` reaches it: the node reports it once guestd started the
+    grid container (`job service URL (started)`), which then takes some seconds to listen, and the first `vmgrid
+    job submit` right after the deploy waited for it (trial14 M6). The deploy waits instead (the same line, the same
+    bound, the same test: its WSDL fetched over TLS from the host its certificate names), so that its Running means
+    jobs can be submitted; a service that does not answer from here within the bound is said and the deploy ends
+    as it is (its instance runs)."""
+    from client.commands_job import until_listening
+    from client.commands_repo import call_timeout, trust_store
+    from client.soap import ClientError, GridServiceClient, Unreachable
+    from security.pki import PKIError, load_credential
+
+    service = info.job_service or {}
+    if info.state != "Running" or not service.get("url") or not service.get("dn"):
+        return
+
+    def attempt() -> None:
+        try:
+            credential = load_credential(proxy=args.proxy) if args.proxy else load_credential()
+            GridServiceClient(service["url"], credential, trust_store(args), expected_host_dn=service["dn"],
+                              timeout=call_timeout()).close()
+        except Unreachable as exc:
+            if "refused" in str(exc):
+                raise                                  # not listening yet: asked again
+            raise CLIError(str(exc)) from None
+        except (PKIError, OSError, ClientError) as exc:
+            raise CLIError(str(exc)) from None
+
+    try:
+        until_listening(attempt, f"the job service of {args.identifier}", Unreachable)
+    except CLIError as exc:
+        print(f"vmgrid: {args.identifier} runs, and its job service does not answer from here yet: {exc}",
+              file=sys.stderr)
 
 
 def cmd_list(args) -> int:
@@ -339,13 +397,48 @@ def cmd_status(args) -> int:
 
 def cmd_control(args) -> int:
     vm = vmm_client(args)
-    ref = resolve(vm, args.instance)
     if args.verb == "destroy":
-        pending = _call(vm.destroy, ref)
-        print(f"{args.instance}: destroyed" + (f"; cleanup at the central services pending (will be retried): "
-                                               f"{printable(', '.join(pending))}" if pending else ""))
+        return _destroy(vm, args.instance)
+    ref = resolve(vm, args.instance)
+    print(f"{args.instance}: {printable(_call(getattr(vm, args.verb), ref))}")
+    return 0
+
+
+def _destroy(vm, name: str) -> int:
+    """`vm destroy NAME|KEY`; an instance that ended already (Failed, Destroyed) is said to need nothing."""
+    from client.vmmanager import InstanceRef
+    from services.faults import VMGridFault
+
+    if name.startswith("inst-"):
+        ref = InstanceRef(vm.service.url, name)
     else:
-        print(f"{args.instance}: {printable(_call(getattr(vm, args.verb), ref))}")
+        live = [i for i in _call(vm.list) if i.identifier == name]
+        if not live:
+            last = last_ended(vm, name)
+            said = nothing_to_destroy(name, last) if last is not None else None
+            if said:
+                print(said)
+                return 0
+            ref = resolve(vm, name)         # raises: no such instance, or where a migrated one lives on
+        else:
+            ref = live[0].ref
+
+    def destroy():
+        try:
+            return vm.destroy(ref), None
+        except VMGridFault:                 # ended meanwhile (or named by its key): what it is now, if it ended
+            try:
+                info = vm.status(ref)
+            except VMGridFault:
+                info = None
+            said = nothing_to_destroy(name, info) if info is not None else None
+            if said is None:
+                raise
+            return [], said
+
+    pending, said = _call(destroy)
+    print(said or f"{name}: destroyed" + (f"; cleanup at the central services pending (will be retried): "
+                                          f"{printable(', '.join(pending))}" if pending else ""))
     return 0
 
 
@@ -526,14 +619,30 @@ def cmd_watch(args) -> int:
         consumer = NotificationConsumer(default_trust(args.cert_dir), host, port).start()
     except OSError as exc:
         raise CLIError(f"cannot listen at {args.listen} (--listen): {exc.strerror or exc}") from None
+    deadline = time.monotonic() + args.timeout if args.timeout else None
     try:
         producer = _call(node_dn, vm)
         consumer.expect(producer)
-        _call(vm.subscribe, ref, consumer.url)
+        # a migration under way: the node takes no subscription until it ends (the subscribers it carries to the
+        # target are read when it begins): wait for its end, then watch the instance where it is (trial14 M3)
+        while migrating := _call(_unless_migrating, vm, ref, consumer.url):
+            print(f"{now_datetime()} {args.instance}: {printable(migrating)}: a migration has begun; waiting for "
+                  f"its end to watch it (asking its state every {MIGRATION_POLL:g} s)", flush=True)
+            address = _migration_end(vm, ref, deadline)
+            if address is False:                # --timeout ran out first
+                return 0
+            if address is None:                 # rolled back: here, as before
+                print(f"{now_datetime()} {args.instance}: the migration ended; it stays on "
+                      f"{printable(vm.service.url)}", flush=True)
+                continue
+            vm, ref = vmm_client(args, address), InstanceRef(address, ref.key)
+            print(f"{now_datetime()} {args.instance}: the migration ended; now on {printable(address)}", flush=True)
+            consumer.forget(producer)
+            producer = _call(node_dn, vm)
+            consumer.expect(producer)
         state = _call(vm.status, ref).state
         print(f"{now_datetime()} {args.instance}: {printable(state)} (listening at {consumer.url})",
               flush=True)
-        deadline = time.monotonic() + args.timeout if args.timeout else None
         while state not in FINAL:
             left = deadline - time.monotonic() if deadline else 3600.0
             if left <= 0:
@@ -575,6 +684,54 @@ def cmd_watch(args) -> int:
     finally:
         consumer.stop()
     return 0
+
+
+MIGRATION_STATES = ("Migrating", "Incoming")
+MIGRATION_POLL = 1.0          # seconds between two questions of a migrating instance's state (vm watch)
+
+
+def _migration_end(vm, ref, deadline: float | None):
+    """Ask the instance's state until its migration ends: None when it is still on this node (rolled back), the
+    address of the node it now lives on (the node's InstanceMoved), False when ``deadline`` came first."""
+    from services.faults import InstanceMoved
+
+    def state_or_moved() -> tuple[str, str | None]:
+        try:
+            return vm.status(ref).state, None
+        except InstanceMoved as exc:
+            if not exc.address:
+                raise CLIError(f"{ref.key} moved to another node, which {vm.service.url} does not name") from None
+            return "Migrated", exc.address
+
+    while deadline is None or time.monotonic() < deadline:
+        time.sleep(MIGRATION_POLL)
+        state, address = _call(state_or_moved)
+        if address:
+            return address
+        if state not in MIGRATION_STATES:
+            return None
+    return False
+
+
+def _unless_migrating(vm, ref, consumer_url: str) -> str | None:
+    """Subscribe ``consumer_url`` to the instance's changes; when the node refuses because the instance is migrating
+    (its state then Migrating at the source, Incoming at the target: the node's answer is a fault its contract does
+    not name for Subscribe, so the state is asked), that state instead. Its other refusals are raised."""
+    from services.faults import InstanceMoved, VMGridFault
+
+    try:
+        vm.subscribe(ref, consumer_url)
+    except VMGridFault:
+        try:
+            state = vm.status(ref).state
+        except InstanceMoved:           # it ended in between: _migration_end reads where it went
+            return "Migrating"
+        except VMGridFault:
+            state = None
+        if state in MIGRATION_STATES:
+            return state
+        raise
+    return None
 
 
 def _listen_address(text: str) -> tuple[str, int]:

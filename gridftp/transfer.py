@@ -508,9 +508,12 @@ def _store_setup(size: int, sha256: str, held: RangeSet) -> list[str]:
 
 
 def _check_tolerant(lines: list[str], replies: list[Reply], optional: set[str]) -> None:
-    """Raise for the first refused command, except those in ``optional`` (a server may lack SCKS)."""
+    """Raise for the first refused command, except those in ``optional`` (a server may lack SCKS). An ``ALLO``
+    refused with 552 is the server's answer that the file will not fit (a vmgrid server's bound on files): raised
+    too, not tolerated as a server without ALLO (its STOR then ran into the bound, 426, retried as transient)."""
     for line, reply in zip(lines, replies):
-        if not reply.ok and line.split(" ", 1)[0] not in optional:
+        verb = line.split(" ", 1)[0]
+        if not reply.ok and (verb not in optional or (verb == "ALLO" and reply.code == 552)):
             raise reply_error(line, reply.code, reply.text)
 
 
@@ -534,6 +537,17 @@ def _checksum_refusal(exc: BaseException, path: str, expected: str) -> ChecksumM
         return None
     said = _RECEIVED_SHA256.search(exc.text)
     return ChecksumMismatch(path, expected, said.group(1).lower() if said else "")
+
+
+def _refused_for_good(exc: BaseException, *commands: str) -> bool:
+    """Whether ``exc`` is a permanent refusal (5xx) of the transfer itself (one of ``commands``: its STOR or ALLO, a
+    third-party's RETR): the server will not take this file there as asked (550 a path it does not allow, 552 no
+    room in a quota or a bound on files, 553 a name), running it again as it is cannot mend, and a vmgrid server keeps
+    nothing of it. Its restart log then goes, so nothing is left in the state directory for ever (trial14 M1: a
+    552-refused upload left its marker in ~/.cache/vmgrid/gridftp). A transient refusal (4xx), a cut connection or a
+    login refused keeps it: the same command run again resumes from what the server confirmed."""
+    return (isinstance(exc, ReplyError) and exc.code >= 500 and not exc.transient
+            and exc.command.split(" ", 1)[0].upper() in commands)
 
 
 def _verify_remote(session: GridFTPClient, path: str, expected: str, scks_accepted: bool) -> None:
@@ -646,6 +660,9 @@ def upload(src_path: str | os.PathLike, url: str, parallel: int = DEFAULT_PARALL
                     # so that the command run again (with the right --sha256, or none) starts afresh
                     log.remove()
                     raise refusal from exc
+                if _refused_for_good(exc, "STOR", "ALLO"):
+                    log.remove()
+                    raise
                 if not _retryable(exc) or attempts > retries:
                     raise
                 time.sleep(retry_delay)
@@ -775,6 +792,9 @@ def third_party(src_url: str, dst_url: str, parallel: int = DEFAULT_PARALLEL, *,
             if refusal is not None:
                 log.remove()
                 raise refusal from exc
+            if log is not None and _refused_for_good(exc, "STOR", "ALLO", "RETR"):
+                log.remove()
+                raise
             if not _retryable(exc) or attempts > retries:
                 raise
             time.sleep(retry_delay)

@@ -1,0 +1,62 @@
+"""`vmgrid vm deploy` of an instance whose grid container serves jobs answers Running once that job service
+answers, so the first `vmgrid job submit` right after it does not wait for it (trial14 M6: deploy said
+"job service ... (started)", and the first submit still printed "vmgrid: waiting for the job service of NAME...":
+guestd's "started" is the container's process, which listens some seconds later).
+
+A node on libvirt's test driver (tests/fixtures/grid.py, no guest channel: the node is made to report the job
+service a guest's container would, at a port nothing listens on yet); the deploy as a child process; the job
+service (a real one, jobs run) started only once the deploy said it waits for it; then `vmgrid job submit NAME`."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from client.localgrid import free_port
+from services.container.assemble import build_container, build_service
+from services.jobs.config import JobsConfig
+from tests.fixtures.grid import base_config
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def test_deploy_answers_once_the_job_service_answers_and_the_first_submit_does_not_wait(vm_grid, grid_pki,
+                                                                                         tmp_path, monkeypatch):
+    vm_grid.register(name="served")
+    port = free_port()
+    record = {"url": f"https://localhost:{port}/wsrf/services/JobService", "dn": grid_pki.host_dn}
+    monkeypatch.setattr("services.vmmanager.guestcred.job_service", lambda home: dict(record) if home else None)
+    env = {**os.environ, **grid_pki.alice.env(grid_pki.cert_dir), "VMGRID_NODE": vm_grid.node_url(0),
+           "VMGRID_REPOSITORY": vm_grid.repository_url}
+    deploy = subprocess.Popen([sys.executable, "-m", "client.cli", "vm", "deploy", "bio/served", "js1",
+                               "--lifetime", "10m"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    container = None
+    try:
+        said = []
+        for line in deploy.stderr:              # until the deploy says it waits for the job service (or ends)
+            said.append(line)
+            if "waiting for the job service of js1" in line:
+                break
+        assert said and "waiting for the job service of js1" in said[-1], "".join(said)
+        assert deploy.poll() is None
+        cfg = base_config(grid_pki, tmp_path / "jobs", port)
+        cfg.jobs = JobsConfig(owner=grid_pki.alice.dn, admins=[grid_pki.admin.dn], gridftp_port=0, kill_grace=2.0,
+                              logs={"container": str(tmp_path / "container.log")})
+        (tmp_path / "container.log").write_text("container started\n")
+        container = build_container(cfg, [build_service("jobs", cfg)]).start()
+        out, err = deploy.communicate(timeout=120)
+        assert deploy.returncode == 0, err
+        assert "state  Running" in out, out
+        submit = subprocess.run([sys.executable, "-m", "client.cli", "job", "submit", "js1", "--wait", "--",
+                                 "/bin/true"], env=env, capture_output=True, text=True, timeout=120)
+        assert submit.returncode == 0, submit.stderr
+        assert "waiting for" not in submit.stderr, submit.stderr
+    finally:
+        if deploy.poll() is None:
+            deploy.kill()
+            deploy.wait()
+        if container is not None:
+            container.stop()

@@ -1,0 +1,115 @@
+"""`vmgrid vm watch NAME` started while the instance is Migrating (trial14 M3: "IllegalTransition: cannot subscribe
+an instance that is Migrating"): the node takes no subscription until the migration ends (the subscribers it carries
+to the target are read when it begins), so the command says it waits, asks the instance's state until the migration
+ends, and then watches it where it is: on the target once it moved, on the source once it was rolled back.
+Two nodes on libvirt's test driver (tests/fixtures/grid.py), the real command as a child process; the migration is
+held in its freeze (the source's save waits) while the watch starts."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from services.vmmanager.vmm import VMMError
+from tests.fixtures.grid import start_grid
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def grid(grid_pki, tmp_path_factory):
+    g = start_grid(grid_pki, tmp_path_factory.mktemp("watch-migrating") / "grid", nodes=2)
+    g.image = g.register(name="watched")
+    try:
+        yield g
+    finally:
+        g.close()
+
+
+def watch_while_migrating(grid, grid_pki, monkeypatch, name: str, *, fail_freeze: bool = False):
+    """Deploy ``name`` on node 0, migrate it to node 1 with the source's save held until `vmgrid vm watch NAME`
+    (against node 0) said what it does; then let the migration go on (or fail its freeze): the watch's process,
+    the migration's outcome (the moved instance's info or the fault) and the watch's first line."""
+    source = grid.node(0)
+    frozen, go = threading.Event(), threading.Event()
+    real_save = source.vmm.save
+
+    def save(key, path, *args, **kwargs):
+        frozen.set()
+        assert go.wait(120)
+        if fail_freeze:
+            raise VMMError("injected: the save fails")
+        return real_save(key, path, *args, **kwargs)
+    monkeypatch.setattr(source.vmm, "save", save)
+    ref = grid.vmm(grid_pki.alice, 0).deploy(grid.image, name, 600, wait=True).ref
+    outcome: dict = {}
+
+    def migrate():
+        try:
+            outcome["moved"] = grid.vmm(grid_pki.alice, 0).migrate(ref, grid.node_url(1))
+        except Exception as exc:            # noqa: BLE001 - the test reads it
+            outcome["fault"] = exc
+    mover = threading.Thread(target=migrate, daemon=True)
+    mover.start()
+    assert frozen.wait(60)
+    assert source.store.get(ref.key).state == "Migrating"
+    env = {**os.environ, **grid_pki.alice.env(grid_pki.cert_dir), "VMGRID_NODE": grid.node_url(0)}
+    proc = subprocess.Popen([sys.executable, "-m", "client.cli", "vm", "watch", name, "--timeout", "120"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = proc.stdout.readline()
+        go.set()
+        mover.join(120)
+        monkeypatch.undo()
+        return proc, outcome, ref, first
+    except BaseException:
+        go.set()
+        proc.kill()
+        proc.wait()
+        raise
+
+
+def test_a_watch_started_while_the_instance_migrates_waits_and_follows_it_to_its_new_node(grid, grid_pki,
+                                                                                          monkeypatch):
+    proc, outcome, ref, first = watch_while_migrating(grid, grid_pki, monkeypatch, "watched-moving")
+    try:
+        assert "moved" in outcome, outcome
+        assert "Migrating: a migration has begun; waiting for its end to watch it" in first, \
+            first + proc.stderr.read() if proc.poll() is not None else first
+        ended = proc.stdout.readline()
+        assert f"the migration ended; now on {grid.node_url(1)}" in ended, ended
+        listening = proc.stdout.readline()
+        assert ": Running (listening at " in listening, listening
+        grid.vmm(grid_pki.alice, 1).destroy(outcome["moved"].ref)      # the target's change ends the watch
+        out, err = proc.communicate(timeout=150)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "IllegalTransition" not in err, err
+    assert out.rstrip().splitlines()[-1].split(": ", 1)[1].startswith("Running -> Destroyed"), out
+
+
+def test_a_watch_started_while_the_instance_migrates_stays_on_the_source_when_it_is_rolled_back(grid, grid_pki,
+                                                                                               monkeypatch):
+    proc, outcome, ref, first = watch_while_migrating(grid, grid_pki, monkeypatch, "watched-staying",
+                                                      fail_freeze=True)
+    try:
+        assert "fault" in outcome and getattr(outcome["fault"], "phase", None) == "freeze", outcome
+        assert "Migrating: a migration has begun; waiting for its end to watch it" in first, first
+        ended = proc.stdout.readline()
+        assert f"the migration ended; it stays on {grid.node_url(0)}" in ended, ended
+        listening = proc.stdout.readline()
+        assert ": Running (listening at " in listening, listening
+        grid.vmm(grid_pki.alice, 0).destroy(ref)
+        out, err = proc.communicate(timeout=150)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert out.rstrip().splitlines()[-1].split(": ", 1)[1].startswith("Running -> Destroyed"), out
