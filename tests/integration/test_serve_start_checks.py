@@ -59,3 +59,40 @@ def test_a_free_migration_port_is_listened_on_from_the_start(grid_pki, tmp_path)
             assert conn.makefile("rb").readline().startswith(b"220 ")
     finally:
         _stop(proc)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    # a typo: every deployment was then Failed "InternalFault: deployment failed unexpectedly: [Errno 2] No such
+    # file or directory: 'nope/certificates'"
+    (("vmmanager", "guest_ca"), '"nope"',
+     "n3.toml: [vmmanager] guest_ca = 'nope': no `vmgrid ca` directory there (its ca.pem, ca.key and certificates/): "
+     "the CA that issues guest containers their certificates, which clients trust"),
+    # the trusted directory given for the CA's own directory (it has the CA's certificate, not its key)
+    (("vmmanager", "guest_ca"), '"{cert_dir}"',
+     "n3.toml: [vmmanager] guest_ca = '{cert_dir}': no `vmgrid ca` directory there (its ca.pem, ca.key and "
+     "certificates/): the CA that issues guest containers their certificates, which clients trust"),
+    (("vmmanager", "guest_cert_dir"), '"nocerts"',
+     "n3.toml: [vmmanager] guest_cert_dir = 'nocerts': no such directory (the trusted CA files given to guests; \"\" "
+     "= guest_ca's certificates/)"),
+    (("vmmanager", "guest_cert_dir"), '"empty"',
+     "n3.toml: [vmmanager] guest_cert_dir = 'empty': no trusted CA certificate (<hash>.0) in it to give to guests"),
+])
+def test_a_guest_ca_that_deployments_cannot_use_is_refused_at_start(grid_pki, tmp_path, key, value, message):
+    """[vmmanager] guest_ca (with guest_cert_dir) as every deployment reads it: one line naming the key, before any
+    state. Before: the node started and each deployment failed with an InternalFault."""
+    (tmp_path / "empty").mkdir()
+    changes = {("vmmanager", "guest_ca"): f'"{grid_pki.ca.directory}"', ("container", "log_file"): '"n3.log"',
+               key: value.format(cert_dir=grid_pki.cert_dir)}
+    r = serve(tmp_path, node_toml(grid_pki, tmp_path / "state", changes))
+    assert r.returncode == 1 and r.stdout == "", r.stderr
+    assert r.stderr == f"vmgrid: {message.format(cert_dir=grid_pki.cert_dir)}\n"
+    assert not (tmp_path / "state").exists()
+
+
+def test_a_vmgrid_ca_directory_as_guest_ca_starts(grid_pki, tmp_path):
+    """The check refuses only what a deployment cannot use: the site's `vmgrid ca` directory, with or without a
+    guest_cert_dir of trusted CA files, starts."""
+    for extra in ({}, {("vmmanager", "guest_cert_dir"): f'"{grid_pki.cert_dir}"'}):
+        changes = {("vmmanager", "guest_ca"): f'"{grid_pki.ca.directory}"', ("container", "log_file"): '"n3.log"',
+                   **extra}
+        _stop(_started(tmp_path, node_toml(grid_pki, tmp_path / "state", changes)))
