@@ -947,16 +947,13 @@ def test_a_migration_uses_the_configured_migration_port_and_data_port_range(grid
     then take ports of that range: tests/unit/gridftp/test_gridftp_data_ports.py); the instance arrives. Before: the face listened on a random port, no key named it (a site firewall could not
     allow it)."""
     from client.localgrid import free_port
-    from services.vmmanager.vmm import LibvirtTestDriver
     from tests.unit.gridftp.test_gridftp_cli import _free_range
 
     port = free_port()
     low, high = _free_range()
     monkeypatch.setenv("GLOBUS_TCP_PORT_RANGE", f"{low},{high}")
-    # the source's port only: each node holds its own from its start (two nodes of one host: two ports)
-    g = start_grid(grid_pki, tmp_path / "grid", nodes=1, migration_port=port)
+    g = start_grid(grid_pki, tmp_path / "grid", nodes=2, migration_port=port)
     try:
-        g.add_node("node2", "10.99.0.100-10.99.0.189", vmm=LibvirtTestDriver.private_node())
         g.image = g.register(name="through-the-firewall")
         src = g.vmm(grid_pki.alice, 0)
         ref = deploy(g, grid_pki.alice, "firewalled")
