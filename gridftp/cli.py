@@ -272,6 +272,8 @@ def cmd_transfer(args) -> int:
         # a transfer cut short (the connection lost, a server gone or busy) resumes as after Ctrl-C: say so; not
         # for this side's own disk (full, read-only), which the same command alone does not mend
         hint = f"; {again}" if again and transfer._retryable(exc) and not getattr(exc, "local", False) else ""
+        if "no free data port" in str(exc):     # the server's data ports all taken: its operator's, not a resume's
+            hint = ""
         if isinstance(exc, ChecksumMismatch):
             hint = _mismatch_hint(args, upload=_is_url(dst) and not _is_url(src), download=not _is_url(dst))
         raise CLIError(f"{exc}{_expired_credential(args) if 'refused the credential' in str(exc) else ''}{hint}") \
@@ -279,7 +281,7 @@ def cmd_transfer(args) -> int:
     except OSError as exc:
         if bar is not None:
             bar.finish()
-        raise CLIError(f"{exc.filename or ''}: {exc.strerror}") from exc
+        raise CLIError(f"{exc.filename}: {exc.strerror}" if exc.filename else f"{exc.strerror or exc}") from exc
     if bar is not None:
         bar.finish()
     reused = f", {_human(result.bytes_reused)} resumed from an earlier attempt" if result.bytes_reused else ""
@@ -308,6 +310,8 @@ def cmd_server(args) -> int:
             if parse_port_range(args.data_ports, "--data-ports") is None:
                 raise ValueError("--data-ports: expected LOW,HIGH, two ports 1 to 65535 in order (e.g. 50000,51000)")
             os.environ[PORT_RANGE_ENV] = args.data_ports    # this process's listeners (datachannel.open_listener)
+            from .datachannel import name_port_range
+            name_port_range(args.data_ports, "--data-ports")    # a full range's 425 names the option
         data_port_range()
     except ValueError as exc:
         raise CLIError(str(exc)) from None

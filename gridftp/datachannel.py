@@ -226,6 +226,19 @@ def data_port_range() -> tuple[int, int] | None:
     return parse_port_range(os.environ.get(PORT_RANGE_ENV, ""))
 
 
+_NAMED_RANGES: dict[str, str] = {}     # a range this process was given -> what gave it (name_port_range)
+
+
+def name_port_range(text: str, origin: str) -> None:
+    """What this process's listeners call the range ``text`` (its :data:`PORT_RANGE_ENV` now) in their messages:
+    ``origin``, what set it (``--data-ports``, a configuration key), where the operator widens it."""
+    _NAMED_RANGES[text.strip()] = origin
+
+
+class NoFreeDataPort(OSError):
+    """Every port of the data port range is in use (EADDRINUSE): the message names the range and where it came from."""
+
+
 def open_listener(host: str, sbuf: int | None = None, backlog: int = 64) -> socket.socket:
     """A listening socket on ``host`` (the control connection's local address): on a port of the data port range
     (:data:`PORT_RANGE_ENV`, the first free one from a random place in it; OSError EADDRINUSE when none is), or on an
@@ -252,7 +265,8 @@ def open_listener(host: str, sbuf: int | None = None, backlog: int = 64) -> sock
             sock.close()
             if exc.errno != errno.EADDRINUSE or ports is None:
                 raise
-    raise OSError(errno.EADDRINUSE, f"no free data port in {PORT_RANGE_ENV} {ports[0]},{ports[1]}")
+    origin = _NAMED_RANGES.get(os.environ.get(PORT_RANGE_ENV, "").strip(), PORT_RANGE_ENV)
+    raise NoFreeDataPort(errno.EADDRINUSE, f"no free data port in {origin} {ports[0]},{ports[1]}")
 
 
 class Opening:

@@ -34,6 +34,7 @@ from .control import ControlChannel, LineTooLong
 from .datachannel import (ACCEPT_TIMEOUT, Counter, ModeEReceiver, ModeESender, Throttle, Worker, accept_connections,
                           accept_one, close_all, close_cached, connect_streams, open_listener, receive_stream,
                           send_stream, shutdown_listener)
+from .datachannel import NoFreeDataPort
 from .errors import AuthenticationError, ChecksumMismatch, GridFTPError, PathError, ProtocolError, TransferError
 from .filespace import (PART_SUFFIX, SIDECAR_SUFFIX, FileSpace, LocalFileSpace, has_control, is_internal,
                         normalize)
@@ -65,6 +66,18 @@ DATA_VERBS = {"RETR", "ERET", "STOR", "ESTO", "LIST", "NLST", "MLSD"}
 # the commands that keep a logged-in session from being idle (``transfer_idle_timeout``): a NOOP or a SIZE does not
 WORK_VERBS = DATA_VERBS | {"CKSM"}
 _HOST_DN = re.compile(r"/CN=host/[^/=]+$")
+_RANGE_FULL = {"logged": -1e9, "since": 0}     # the last warning of a full data port range, passive opens refused since
+
+
+def _warn_range_full(what: str) -> None:
+    """A PASV/EPSV refused for a full data port range, in the server's log (its operator can widen the range) at most
+    once a minute: a client may fill the range at will."""
+    now = time.monotonic()
+    _RANGE_FULL["since"] += 1
+    if now - _RANGE_FULL["logged"] >= 60:
+        log.warning("%s: %d passive data connection(s) refused (425) since the last such warning; widen the range if "
+                    "this recurs", what, _RANGE_FULL["since"])
+        _RANGE_FULL.update(logged=now, since=0)
 # guests' certificates, whose keys VM owners hold: vmgrid's default [vmmanager] guest_ou (and guest_dns, [policy] guests)
 DEFAULT_GUESTS = ("/O=Grid/OU=vmgrid-guests/*",)
 
@@ -1420,6 +1433,10 @@ class _Session:
         self.data.clear()
         try:
             return open_listener(self.local_host, self.sbuf)
+        except NoFreeDataPort as exc:       # the operator's to widen: in the log, and said so to the client
+            _warn_range_full(exc.strerror)
+            raise _Reply(425, f"Cannot open a passive data port: {exc.strerror}, all in use: the server's operator "
+                              f"can widen the range.") from None
         except OSError as exc:
             raise _Reply(425, f"Cannot open a passive data port: {exc.strerror}.") from None
 

@@ -227,7 +227,10 @@ def check_service_config(name: str, config: Config) -> None:
     if name in NUMBER_RULES:
         check_numbers(name, config.vmmanager if name == "vmmanager" else config.jobs)
     if name == "vmmanager":
+        from services.vmmanager.guestcred import check_guest_ca
+
         check_lease_range(config.vmmanager)
+        check_guest_ca(config.vmmanager)         # guest_ca, guest_cert_dir: as every deployment reads them
     if name == "jobs":
         from services.jobs.runner import memory_limit_bytes
 

@@ -219,6 +219,8 @@ def run(args) -> int:
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         container.start()
+    except ValueError as exc:          # a service's own port its configuration names ([vmmanager] migration_port)
+        raise CLIError(f"{where}{exc}") from None
     except OSError as exc:
         if container.listening:        # its own port was bound: a service's listener (a GridFTP face) failed
             raise CLIError(f"{where}cannot start {', '.join(s.name for s in services)}: {exc.strerror or exc} "

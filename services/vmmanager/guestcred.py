@@ -61,6 +61,36 @@ def trust_files(config: VMManagerConfig) -> dict[str, str]:
     return files
 
 
+def check_guest_ca(config: VMManagerConfig) -> None:
+    """[vmmanager] guest_ca and guest_cert_dir as every deployment reads them, checked at the node's start (a
+    ValueError naming the key): a guest_ca that is no `vmgrid ca` directory, or trusted CA files that cannot be
+    given to a guest, made each deployment InternalFault "No such file or directory: 'nope/certificates'"."""
+    from security.pki import CAError, GridCA
+
+    if config.guest_cert_dir and not Path(config.guest_cert_dir).is_dir():
+        raise ValueError(f"[vmmanager] guest_cert_dir = {config.guest_cert_dir!r}: no such directory (the trusted CA "
+                         f"files given to guests; \"\" = guest_ca's certificates/)")
+    if not config.guest_ca:
+        return
+    where = f"[vmmanager] guest_ca = {config.guest_ca!r}"
+    if not (Path(config.guest_ca) / "ca.pem").is_file():
+        raise ValueError(f"{where}: no `vmgrid ca` directory there (its ca.pem, ca.key and certificates/): the CA "
+                         f"that issues guest containers their certificates, which clients trust")
+    try:
+        GridCA.load(config.guest_ca)
+    except CAError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    key = f"[vmmanager] guest_cert_dir = {config.guest_cert_dir!r}" if config.guest_cert_dir else where
+    try:
+        files = trust_files(config)
+    except OSError as exc:
+        raise ValueError(f"{key}: {exc.strerror}: {exc.filename}") from None
+    except ValueError as exc:
+        raise ValueError(f"{key}: {exc}") from None
+    if not any(name.endswith(".0") for name in files):
+        raise ValueError(f"{key}: no trusted CA certificate (<hash>.0) in it to give to guests")
+
+
 def grid_context(config: VMManagerConfig, owner: str) -> dict[str, Any] | None:
     """The context's ``grid`` object for an instance of ``owner`` (None when the node has no guest CA)."""
     if not config.guest_ca:

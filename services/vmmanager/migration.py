@@ -20,6 +20,7 @@ tests.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -176,12 +177,29 @@ class Exports:
         face.start()
         return face
 
+    def listen(self) -> None:
+        """The face opened at the node's start when [vmmanager] migration_port is set: the port the site's firewall
+        opens is listened on from then on, and a port this node cannot take stops the start (a ValueError naming
+        the key) instead of failing the first migration out."""
+        with self._lock:
+            if self.face is None:
+                try:
+                    self.face = self._start()
+                except OSError as exc:
+                    held = " (another process listens on it: give a free port, or 0 for any)" \
+                        if exc.errno == errno.EADDRINUSE else ""
+                    raise ValueError(f"[vmmanager] migration_port = {self.port}: the migration face cannot listen "
+                                     f"on it: {exc.strerror or exc}{held}") from None
+
     def open(self, key: str, names: list[str], target: str) -> str:
         """Export ``names`` of instance ``key`` to the node at ``target``, as files still to be written (the state
         file served as it grows, the disks once complete); the base URL of the files."""
         with self._lock:
             if self.face is None:
-                self.face = self._start()
+                try:
+                    self.face = self._start()
+                except OSError as exc:       # the site's to mend: named, and in the node's log
+                    raise _face_fault(self.port, exc) from None
             allowed = host_authorizer(target)
             for name in names:
                 vpath = f"/{key}/{name}"
@@ -219,6 +237,14 @@ class Exports:
             face, self.face = self.face, None
         if face is not None:
             face.stop()
+
+
+def _face_fault(port: int, exc: OSError) -> MigrationFault:
+    """The fault of a migration out whose source could not open its migration face, logged as a warning."""
+    where = f"[vmmanager] migration_port {port} of the source" if port else "a free port of the source"
+    why = "is in use" if exc.errno == errno.EADDRINUSE else f"cannot be listened on ({exc.strerror or exc})"
+    log.warning("migration face: %s %s: migrations out fail until the node's operator mends it", where, why)
+    return MigrationFault(f"{where} {why}: tell the site's operator", cause="MigrationPort")
 
 
 class Peer(Protocol):

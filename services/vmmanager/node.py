@@ -148,6 +148,8 @@ class Node:
 
     # -- the node's own life ------------------------------------------------------------------------
     def start(self) -> None:
+        if self.exports is not None and self.config.migration_port:
+            self.exports.listen()      # [vmmanager] migration_port held from the start (in use: a ValueError)
         self._stopped_handlers = [threading.Thread(target=self._handle_stopped, daemon=True,
                                                    name=f"vmgrid-guest-stopped-{i}") for i in range(STOPPED_HANDLERS)]
         for handler in self._stopped_handlers:
