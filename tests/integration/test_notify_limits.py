@@ -15,7 +15,7 @@ from services.wsrf import notification
 from services.wsrf.notification import ConsumerPolicy
 from tests.fixtures.drip import dripping_listener
 from tests.fixtures.grid import start_grid
-from tests.fixtures.resolver import rebinding
+from tests.fixtures.resolver import rebinding, stalling
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -210,21 +210,6 @@ def test_migrate_connects_to_the_address_its_check_resolved(grid, grid_pki, monk
         honest.close()
         forbidden.close()
         vm.destroy(ref)
-
-
-def stalling(monkeypatch, name: str) -> threading.Event:
-    """A name server that never answers for ``name`` (its lookups wait until the returned event is set, then fail);
-    other names resolve as before."""
-    real = socket.getaddrinfo
-    release = threading.Event()
-
-    def getaddrinfo(host, port, *args, **kwargs):
-        if host != name:
-            return real(host, port, *args, **kwargs)
-        release.wait(120)
-        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    return release
 
 
 def test_a_name_server_that_does_not_answer_is_a_typed_fault_at_the_deadline(grid, grid_pki, monkeypatch, caplog):
