@@ -294,24 +294,25 @@ def _describe(exc: BaseException) -> str:
     return getattr(exc, "description", None) or str(exc) or type(exc).__name__
 
 
-def _check_target(node: MigratingNode, target: str) -> Destination:
+def _check_target(node: MigratingNode, target: str, caller_dn: str | None = None) -> Destination:
     """``target`` checked: a VMManager URL, not this node, its name resolved (within the policy's deadline) to
-    addresses this node may call; the migration connects to those addresses only (``Destination.addresses``)."""
+    addresses this node may call; the migration connects to those addresses only (``Destination.addresses``).
+    ``caller_dn``: whom the lookups are for (the user's own bound on lookups under way: wsrf.notification.lookup)."""
     parts = urlsplit(target)
     if parts.scheme not in ("https", "http") or not parts.hostname or not parts.path.endswith("/VMManagerService"):
         raise InvalidArgument(f"the target {target!r} is not a VMManager URL (https://host:port/wsrf/services/"
                               f"VMManagerService)", argument="target")
-    if any(_canonical_url(target) == _canonical_url(u) for u in _own_urls(node, target)):
+    if any(_canonical_url(target) == _canonical_url(u) for u in _own_urls(node, target, caller_dn)):
         raise InvalidArgument("the target is this node; migrate to another node", argument="target")
     try:        # the address rule of Subscribe's consumers: not the node's own loopback or link-local ones
-        return node.consumers.resolve(target, what="migration target")
+        return node.consumers.resolve(target, what="migration target", caller=caller_dn)
     except Unresolved as exc:
         raise ServiceUnavailable(f"the target {target!r} cannot be called now: {exc}", service="DNS") from None
     except PermissionError as exc:
         raise InvalidArgument(f"the target {target!r} is not one this node may call: {exc}", argument="target") from None
 
 
-def _own_urls(node: MigratingNode, asked: str | None = None) -> Iterator[str]:
+def _own_urls(node: MigratingNode, asked: str | None = None, caller_dn: str | None = None) -> Iterator[str]:
     """This node's VMManager URL (its address) and the same URL under each other name that reaches this very
     node: a name its host certificate gives it (the subject's host/NAME, a subjectAltName DNS name or IP address)
     that resolves to an address its address's host resolves to, the scheme, port and path the same
@@ -319,7 +320,8 @@ def _own_urls(node: MigratingNode, asked: str | None = None) -> Iterator[str]:
     was given and the target takes the offer under any of these (:func:`verify_source`): the proof still names
     this node, only spelt another way. ``asked``: only the spellings that could be that URL are looked for (no
     name is resolved for a URL of another scheme, port or path, or with the address's own host). The address
-    comes first, the other names are resolved only when they are asked for (a generator)."""
+    comes first, the other names are resolved only when they are asked for (a generator), each lookup counted
+    as ``caller_dn``'s (whose request asked for it)."""
     yield node.address
     own = urlsplit(node.address)
     if asked is not None:
@@ -332,9 +334,9 @@ def _own_urls(node: MigratingNode, asked: str | None = None) -> Iterator[str]:
     if cert is None or not own.hostname:
         return
     port = _port_of(own)
-    reached = _addresses(own.hostname, port)
+    reached = _addresses(own.hostname, port, caller_dn)
     for name in _certificate_names(cert)[:MAX_SPELLINGS]:
-        if name.lower() == own.hostname.lower() or not reached & _addresses(name, port):
+        if name.lower() == own.hostname.lower() or not reached & _addresses(name, port, caller_dn):
             continue
         host = f"[{name}]" if ":" in name else name
         yield urlunsplit((own.scheme, f"{host}:{own.port}" if own.port else host, own.path, "", ""))
@@ -350,10 +352,10 @@ def _port_of(parts) -> int | None:
         return None
 
 
-def _addresses(host: str, port: int | None) -> set[str]:
+def _addresses(host: str, port: int | None, caller_dn: str | None = None) -> set[str]:
     """The addresses ``host`` resolves to (none when it does not, or not within the resolver's deadline)."""
     try:
-        return {info[4][0] for info in lookup(host, port, what="host")}
+        return {info[4][0] for info in lookup(host, port, what="host", caller=caller_dn)}
     except (OSError, UnicodeError, ValueError):
         return set()
 
@@ -406,7 +408,7 @@ def migrate(node: MigratingNode, caller, key: str, target: str, mode: str, proxy
     if mode != "Cold":
         raise InvalidArgument(f"migration mode {mode!r} is not supported; this node migrates Cold (save, move, "
                               f"restore)", argument="mode")
-    dest = _check_target(node, target)
+    dest = _check_target(node, target, caller.dn)
     if node.credential is None:
         raise InternalFault("this node has no host credential to migrate with", incident=key)
     if getattr(caller, "limited", False):
@@ -617,7 +619,7 @@ def _settle(node: MigratingNode, key: str) -> str:
         _rollback(node, key, prior, None, abort=False)
         return "rolled-back"
     try:        # the target's name is checked again (it may resolve elsewhere now): a refused one is not asked
-        dest = node.consumers.resolve(rec.peer, what="migration target")
+        dest = node.consumers.resolve(rec.peer, what="migration target", caller=inst.owner)
     except PermissionError as exc:
         log.warning("instance %s: the migration target %s cannot be asked now: %s", key, rec.peer, exc)
         return "unsettled"
@@ -746,7 +748,7 @@ def verify_source(node: MigratingNode, caller, offer: MigrationOffer) -> str:
             not in allowed:
         raise refuse(f"this node takes in no migrations from {host} ([vmmanager] migration_sources)")
     # made for this node under its own address or another name of it (the URL the source was given)
-    if not any(_signed_for(signer, signature, offer, url) for url in _own_urls(node)):
+    if not any(_signed_for(signer, signature, offer, url) for url in _own_urls(node, caller_dn=caller.dn)):
         raise refuse(f"the sourceProof of {signer.dn} does not match this offer to {node.address} (another "
                      f"instance, step, target or files; a source that migrates here names this node "
                      f"{node.address}, or another name its host certificate gives it)")
@@ -830,7 +832,7 @@ def accept(node: MigratingNode, caller, offer: MigrationOffer) -> InstanceView:
     # the source node itself offers it (its host signature), before anything is asked or held here; its files'
     # host looked up once: every pull of the migration connects to that address
     source_dn = verify_source(node, caller, offer)
-    source = _resolve_source(node, offer, source_dn)
+    source = _resolve_source(node, offer, source_dn, caller.dn)
     d = offer.descriptor
     timings: list[tuple[str, float]] = list(offer.phases)
     key = offer.key
@@ -922,7 +924,7 @@ def _accept_files(node: MigratingNode, caller, offer: MigrationOffer) -> Instanc
             node.migrations.put(key, "target", offer.source, offer.state)   # the incoming timeout counts from now
             timings = inst.phase_list()
             timings += [p for p in offer.phases if p[0] not in {n for n, _ in timings}]
-            source = _pinned_source(node, key, offer, source_dn)
+            source = _pinned_source(node, key, offer, source_dn, caller.dn)
             phase = _transfer_and_restore(node, key, offer, timings, stage=False, source=source)
         except BaseException as exc:
             _drop_incoming(node, key)
@@ -1116,7 +1118,7 @@ class SourceFiles:
 _SOURCES: dict[tuple[int, str], SourceFiles] = {}      # (node, key) -> a prepared migration's pinned source
 
 
-def _resolve_source(node: MigratingNode, offer: MigrationOffer, source_dn: str) -> SourceFiles:
+def _resolve_source(node: MigratingNode, offer: MigrationOffer, source_dn: str, caller_dn: str) -> SourceFiles:
     """The files' host (the source's: :func:`_check_offer`) looked up once, within the policy's deadline: the
     first address it gives is the one every pull of this migration connects to. ServiceUnavailable (DNS) when the
     name server does not answer in time, InvalidArgument (files) when the name does not resolve."""
@@ -1126,7 +1128,7 @@ def _resolve_source(node: MigratingNode, offer: MigrationOffer, source_dn: str) 
     host = parts.hostname or ""
     try:
         port = parts.port or DEFAULT_GRIDFTP_PORT
-        infos = lookup(host, port, node.consumers.resolve_timeout, what="migration source host")
+        infos = lookup(host, port, node.consumers.resolve_timeout, what="migration source host", caller=caller_dn)
     except Unresolved as exc:
         raise ServiceUnavailable(f"the migration source {offer.source} cannot be reached now: {exc}",
                                  service="DNS") from None
@@ -1143,14 +1145,15 @@ def _pin_source(node: MigratingNode, key: str, source: SourceFiles) -> None:
         _SOURCES[(id(node), key)] = source
 
 
-def _pinned_source(node: MigratingNode, key: str, offer: MigrationOffer, source_dn: str) -> SourceFiles:
+def _pinned_source(node: MigratingNode, key: str, offer: MigrationOffer, source_dn: str,
+                   caller_dn: str) -> SourceFiles:
     """The transfer step's source: the one pinned at the prepare (same files URL and signer), else (this node
     restarted since, or a source without steps) the files' host looked up now."""
     with _FOLLOWING_LOCK:
         pinned = _SOURCES.get((id(node), key))
     if pinned is not None and pinned.url == offer.files_url.rstrip("/") and pinned.dn == source_dn:
         return pinned
-    return _resolve_source(node, offer, source_dn)
+    return _resolve_source(node, offer, source_dn, caller_dn)
 
 
 def _unpin_source(node: MigratingNode, key: str) -> None:
@@ -1251,7 +1254,7 @@ def _adopt_subscriptions(node: MigratingNode, key: str, offer: MigrationOffer) -
     from services.wsrf.notification import new_subscription_key
     for consumer, subscriber, expires in offer.subscriptions[:64]:
         try:
-            node.consumers.check(consumer)
+            node.consumers.check(consumer, caller=subscriber)
         except VMGridFault as exc:
             log.warning("instance %s: subscriber %s not carried over: %s", key, consumer, exc.description)
             continue
