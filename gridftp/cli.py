@@ -304,11 +304,11 @@ def cmd_server(args) -> int:
         raise CLIError(f"--port is 0 to 65535 (0 picks a free one), not {args.port}")
     if not args.max_rate >= 0 or not args.marker_interval > 0:
         raise CLIError("--max-rate is bytes a second, 0 (unlimited) or more; --marker-interval seconds, more than 0")
-    from .datachannel import PORT_RANGE_ENV, data_port_range, parse_port_range
+    from .datachannel import PORT_RANGE_ENV, PORT_RANGE_FORM, data_port_range, parse_port_range
     try:
         if args.data_ports is not None:
             if parse_port_range(args.data_ports, "--data-ports") is None:
-                raise ValueError("--data-ports: expected LOW,HIGH, two ports 1 to 65535 in order (e.g. 50000,51000)")
+                raise ValueError(f"--data-ports: {PORT_RANGE_FORM}")
             os.environ[PORT_RANGE_ENV] = args.data_ports    # this process's listeners (datachannel.open_listener)
             from .datachannel import name_port_range
             name_port_range(args.data_ports, "--data-ports")    # a full range's 425 names the option

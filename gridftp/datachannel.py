@@ -203,6 +203,7 @@ def set_buffers(sock: socket.socket, sbuf: int | None) -> None:
 # pulling a migration's files sends): Globus's own variable, "LOW,HIGH" (or "LOW-HIGH"), read at each listen; unset or
 # empty: any ephemeral port. A site firewall opens that range (docs/gridftp.md, "Firewalls").
 PORT_RANGE_ENV = "GLOBUS_TCP_PORT_RANGE"
+PORT_RANGE_FORM = "expected LOW,HIGH, two ports 1 to 65535 in order (e.g. 50000,51000)"   # what a bad range is told
 
 
 def parse_port_range(text: str, what: str = PORT_RANGE_ENV) -> tuple[int, int] | None:
@@ -217,7 +218,7 @@ def parse_port_range(text: str, what: str = PORT_RANGE_ENV) -> tuple[int, int] |
     except ValueError:
         pair = None
     if pair is None or not 1 <= pair[0] <= pair[1] <= 65535:
-        raise ValueError(f"{what}={text!r}: expected LOW,HIGH, two ports 1 to 65535 in order (e.g. 50000,51000)")
+        raise ValueError(f"{what}={text!r}: {PORT_RANGE_FORM}")
     return pair
 
 

@@ -186,11 +186,13 @@ class Following:
     file holds the RETR until there is something to send). Starts at once in a thread; :meth:`result` waits
     for the end (the file's size) or raises the failure (``dest`` is then removed); :meth:`cancel` stops it.
     ``received`` counts the bytes so far. Unverified: the caller checks the digest. ``limit``: no byte may land at or
-    past this offset (the source is untrusted: a follower never holds more than the caller expects the file to be)."""
+    past this offset (the source is untrusted: a follower never holds more than the caller expects the file to be).
+    ``server_dn``, ``identify``: as :func:`gridftp.transfer.download` takes them (a URL naming the address a caller
+    checked, the server's certificate checked for the name by ``identify``)."""
 
     def __init__(self, url: str, dest: str | os.PathLike, parallel: int = 1, *, credential=None, trust=None,
                  gsi: bool = False, timeout: float = 60.0, prot: str = "P", limit: int | None = None,
-                 refuse_server=None):
+                 refuse_server=None, server_dn: str | None = None, identify=None):
         from .client import GridFTPURL
         self.url = GridFTPURL.parse(url)
         self.dest = Path(dest)
@@ -199,6 +201,7 @@ class Following:
         self.limit = limit
         self.counter = Counter()
         self._opts = (credential, trust, gsi, prot, refuse_server)
+        self._server = (server_dn, identify)
         self._cancelled = threading.Event()
         self._session = None
         self._receiver: ModeEReceiver | None = None
@@ -261,10 +264,11 @@ class Following:
     def _follow(self) -> int:
         from .transfer import PREPARE, _Options, _activity, _await_final, _prepare, _start_transfer
         credential, trust, gsi, prot, refuse_server = self._opts
-        opts = _Options(credential, trust, self.timeout, None, gsi, prot, refuse_server)
+        server_dn, identify = self._server
+        opts = _Options(credential, trust, self.timeout, identify, gsi, prot, refuse_server)
         fd = None
         try:
-            with opts.client(self.url, None, PREPARE) as session:
+            with opts.client(self.url, server_dn, PREPARE) as session:
                 with self._lock:
                     self._session = session
                 if self._cancelled.is_set():

@@ -194,9 +194,44 @@ def check_gridftp(config: Config) -> None:
 
     check_session_limits({key: getattr(config.gridftp, key) for key in SESSION_LIMITS},
                          {key: f"[gridftp] {key}" for key in SESSION_LIMITS})
+    check_data_ports(config)
     for pattern in config.vmmanager.guest_dns:
         if not isinstance(pattern, str) or not pattern.startswith("/") or "=" not in pattern:
             raise ValueError(f"[vmmanager] guest_dns: {pattern!r} is not a DN pattern (e.g. \"/O=Grid/OU=site-guests/*\")")
+
+
+def check_data_ports(config: Config) -> None:
+    """[gridftp] data_ports as `vmgrid gridftp-server --data-ports` takes it ("LOW,HIGH" or "LOW-HIGH", 1 to 65535
+    in order; "" = not given), else the environment's GLOBUS_TCP_PORT_RANGE, which the listeners would read: a
+    ValueError naming the one that is no range (``[gridftp] data_ports = '51000,50000': expected LOW,HIGH, ...``),
+    so that `vmgrid serve` refuses it at start rather than at each transfer."""
+    from gridftp.datachannel import PORT_RANGE_ENV, PORT_RANGE_FORM, data_port_range, parse_port_range
+
+    given = config.gridftp.data_ports
+    if given.strip():
+        try:
+            parse_port_range(given)
+        except ValueError:
+            raise ValueError(f"[gridftp] data_ports = {given!r}: {PORT_RANGE_FORM}") from None
+        return
+    try:
+        data_port_range()
+    except ValueError:
+        raise ValueError(f"{PORT_RANGE_ENV}={os.environ.get(PORT_RANGE_ENV, '')!r} in the environment: "
+                         f"{PORT_RANGE_FORM} (or set [gridftp] data_ports, which takes its place)") from None
+
+
+def apply_data_ports(config: Config, services: list[str]) -> None:
+    """`vmgrid serve`, after :func:`check_data_ports`: [gridftp] data_ports, when given, becomes this process's
+    GLOBUS_TCP_PORT_RANGE, which every GridFTP data listener reads (gridftp.datachannel.open_listener: the
+    services' servers' PASV/EPSV/SPAS, a node's PORT when it pulls a migration's files or stages an image), as
+    `vmgrid gridftp-server --data-ports` does; the key wins over the variable. Not given: the environment's
+    variable as it is. Only a process serving a GridFTP service (:data:`GRIDFTP_SERVICES`) is changed."""
+    from gridftp.datachannel import PORT_RANGE_ENV
+
+    given = config.gridftp.data_ports.strip()
+    if given and any(name in GRIDFTP_SERVICES for name in services):
+        os.environ[PORT_RANGE_ENV] = given
 
 
 def gridftp_options(config: Config) -> dict:

@@ -172,8 +172,8 @@ def unused_authz(services: list[str], config) -> str:
 
 def run(args) -> int:
     from security.pki import PKIError
-    from services.container.assemble import (SERVICE_NAMES, build_container, build_service, check_service_config,
-                                             host_credential, trust_store)
+    from services.container.assemble import (SERVICE_NAMES, apply_data_ports, build_container, build_service,
+                                             check_service_config, host_credential, trust_store)
     from services.container.config import ConfigError, load_config
     from services.vmmanager.vmm.errors import VMMError
 
@@ -205,6 +205,7 @@ def run(args) -> int:
         host_credential(config), trust_store(config)
     except ValueError as exc:
         raise CLIError(f"{where}{exc}") from None
+    apply_data_ports(config, args.services)        # [gridftp] data_ports: this process's GridFTP data listeners
     private_state(config.container.state_dir, args.services)
     hold_state(config.container.state_dir, args.services)
     release_if_full(config.container.state_dir)    # a restart on a full disk still opens its databases

@@ -66,13 +66,18 @@ class PolicyConfig:
 class GridFTPConfig:
     """[gridftp]: the bounds on sessions of the services' GridFTP servers (the repository's face, a node's migration
     export, a job service's face), as `vmgrid gridftp-server`'s options of the same names (docs/gridftp.md,
-    "Security"); checked at start (gridftp.server.check_session_limits). A key not given: its default there."""
+    "Security"); checked at start (gridftp.server.check_session_limits). A key not given: its default there.
+    ``data_ports``: the ports every GridFTP data listener of the `vmgrid serve` process takes (its servers'
+    PASV/EPSV/SPAS, its own downloads' PORT: a node pulling a migration's files or staging an image), as
+    `vmgrid gridftp-server --data-ports`; given, it takes the place of GLOBUS_TCP_PORT_RANGE in the process's
+    environment; "" leaves that variable as the environment gives it (unset: any free port)."""
 
     max_sessions: int = 64                        # control connections at once
     max_sessions_per_identity: int | None = None  # logged in at once per DN (not given: max_sessions // 8)
     max_sessions_per_address: int | None = None   # ... per address (an IPv6 /64, all of loopback: one; max_sessions // 4)
     host_sessions: int | None = None              # kept for host DNs (nodes, services; max_sessions // 4)
     transfer_idle_timeout: float = 60.0           # seconds a logged-in session may go without a transfer (0: no bound)
+    data_ports: str = ""                          # "LOW,HIGH": the data ports ("" = $GLOBUS_TCP_PORT_RANGE, else any)
 
 
 @dataclass

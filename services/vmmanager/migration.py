@@ -320,24 +320,25 @@ def _describe(exc: BaseException) -> str:
     return getattr(exc, "description", None) or str(exc) or type(exc).__name__
 
 
-def _check_target(node: MigratingNode, target: str) -> Destination:
+def _check_target(node: MigratingNode, target: str, caller_dn: str | None = None) -> Destination:
     """``target`` checked: a VMManager URL, not this node, its name resolved (within the policy's deadline) to
-    addresses this node may call; the migration connects to those addresses only (``Destination.addresses``)."""
+    addresses this node may call; the migration connects to those addresses only (``Destination.addresses``).
+    ``caller_dn``: whom the lookups are for (the user's own bound on lookups under way: wsrf.notification.lookup)."""
     parts = urlsplit(target)
     if parts.scheme not in ("https", "http") or not parts.hostname or not parts.path.endswith("/VMManagerService"):
         raise InvalidArgument(f"the target {target!r} is not a VMManager URL (https://host:port/wsrf/services/"
                               f"VMManagerService)", argument="target")
-    if any(_canonical_url(target) == _canonical_url(u) for u in _own_urls(node, target)):
+    if any(_canonical_url(target) == _canonical_url(u) for u in _own_urls(node, target, caller_dn)):
         raise InvalidArgument("the target is this node; migrate to another node", argument="target")
     try:        # the address rule of Subscribe's consumers: not the node's own loopback or link-local ones
-        return node.consumers.resolve(target, what="migration target")
+        return node.consumers.resolve(target, what="migration target", caller=caller_dn)
     except Unresolved as exc:
         raise ServiceUnavailable(f"the target {target!r} cannot be called now: {exc}", service="DNS") from None
     except PermissionError as exc:
         raise InvalidArgument(f"the target {target!r} is not one this node may call: {exc}", argument="target") from None
 
 
-def _own_urls(node: MigratingNode, asked: str | None = None) -> Iterator[str]:
+def _own_urls(node: MigratingNode, asked: str | None = None, caller_dn: str | None = None) -> Iterator[str]:
     """This node's VMManager URL (its address) and the same URL under each other name that reaches this very
     node: a name its host certificate gives it (the subject's host/NAME, a subjectAltName DNS name or IP address)
     that resolves to an address its address's host resolves to, the scheme, port and path the same
@@ -345,7 +346,8 @@ def _own_urls(node: MigratingNode, asked: str | None = None) -> Iterator[str]:
     was given and the target takes the offer under any of these (:func:`verify_source`): the proof still names
     this node, only spelt another way. ``asked``: only the spellings that could be that URL are looked for (no
     name is resolved for a URL of another scheme, port or path, or with the address's own host). The address
-    comes first, the other names are resolved only when they are asked for (a generator)."""
+    comes first, the other names are resolved only when they are asked for (a generator), each lookup counted
+    as ``caller_dn``'s (whose request asked for it)."""
     yield node.address
     own = urlsplit(node.address)
     if asked is not None:
@@ -358,9 +360,9 @@ def _own_urls(node: MigratingNode, asked: str | None = None) -> Iterator[str]:
     if cert is None or not own.hostname:
         return
     port = _port_of(own)
-    reached = _addresses(own.hostname, port)
+    reached = _addresses(own.hostname, port, caller_dn)
     for name in _certificate_names(cert)[:MAX_SPELLINGS]:
-        if name.lower() == own.hostname.lower() or not reached & _addresses(name, port):
+        if name.lower() == own.hostname.lower() or not reached & _addresses(name, port, caller_dn):
             continue
         host = f"[{name}]" if ":" in name else name
         yield urlunsplit((own.scheme, f"{host}:{own.port}" if own.port else host, own.path, "", ""))
@@ -376,10 +378,10 @@ def _port_of(parts) -> int | None:
         return None
 
 
-def _addresses(host: str, port: int | None) -> set[str]:
+def _addresses(host: str, port: int | None, caller_dn: str | None = None) -> set[str]:
     """The addresses ``host`` resolves to (none when it does not, or not within the resolver's deadline)."""
     try:
-        return {info[4][0] for info in lookup(host, port, what="host")}
+        return {info[4][0] for info in lookup(host, port, what="host", caller=caller_dn)}
     except (OSError, UnicodeError, ValueError):
         return set()
 
@@ -432,7 +434,7 @@ def migrate(node: MigratingNode, caller, key: str, target: str, mode: str, proxy
     if mode != "Cold":
         raise InvalidArgument(f"migration mode {mode!r} is not supported; this node migrates Cold (save, move, "
                               f"restore)", argument="mode")
-    dest = _check_target(node, target)
+    dest = _check_target(node, target, caller.dn)
     if node.credential is None:
         raise InternalFault("this node has no host credential to migrate with", incident=key)
     if getattr(caller, "limited", False):
@@ -643,7 +645,7 @@ def _settle(node: MigratingNode, key: str) -> str:
         _rollback(node, key, prior, None, abort=False)
         return "rolled-back"
     try:        # the target's name is checked again (it may resolve elsewhere now): a refused one is not asked
-        dest = node.consumers.resolve(rec.peer, what="migration target")
+        dest = node.consumers.resolve(rec.peer, what="migration target", caller=inst.owner)
     except PermissionError as exc:
         log.warning("instance %s: the migration target %s cannot be asked now: %s", key, rec.peer, exc)
         return "unsettled"
@@ -772,7 +774,7 @@ def verify_source(node: MigratingNode, caller, offer: MigrationOffer) -> str:
             not in allowed:
         raise refuse(f"this node takes in no migrations from {host} ([vmmanager] migration_sources)")
     # made for this node under its own address or another name of it (the URL the source was given)
-    if not any(_signed_for(signer, signature, offer, url) for url in _own_urls(node)):
+    if not any(_signed_for(signer, signature, offer, url) for url in _own_urls(node, caller_dn=caller.dn)):
         raise refuse(f"the sourceProof of {signer.dn} does not match this offer to {node.address} (another "
                      f"instance, step, target or files; a source that migrates here names this node "
                      f"{node.address}, or another name its host certificate gives it)")
@@ -853,8 +855,10 @@ def accept(node: MigratingNode, caller, offer: MigrationOffer) -> InstanceView:
     if offer.step == "transfer":
         return _accept_files(node, caller, offer)
     _check_offer(node, caller, offer)
-    # the source node itself offers it (its host signature), before anything is asked or held here
+    # the source node itself offers it (its host signature), before anything is asked or held here; its files'
+    # host looked up once: every pull of the migration connects to that address
     source_dn = verify_source(node, caller, offer)
+    source = _resolve_source(node, offer, source_dn, caller.dn)
     d = offer.descriptor
     timings: list[tuple[str, float]] = list(offer.phases)
     key = offer.key
@@ -902,7 +906,7 @@ def accept(node: MigratingNode, caller, offer: MigrationOffer) -> InstanceView:
                 node._authorized(caller, key, "vm.migrate")
         crashpoint("migration.target-prepared")
         if offer.step != "prepare":
-            phase = _transfer_and_restore(node, key, offer, timings, stage=True, source_dn=source_dn)
+            phase = _transfer_and_restore(node, key, offer, timings, stage=True, source=source)
     except BaseException as exc:
         if registered:
             _drop_incoming(node, key)
@@ -916,7 +920,8 @@ def accept(node: MigratingNode, caller, offer: MigrationOffer) -> InstanceView:
                              target=node.address, cause=_cause(exc)) from None
     node.store.update(key, phases=json.dumps([[n, round(s, 6)] for n, s in timings]))
     if offer.step == "prepare":
-        _follow(node, key, offer, source_dn)
+        _pin_source(node, key, source)
+        _follow(node, key, offer, source)
         log.info("instance %s prepared for %s, offered by %s (%s); Incoming until its files come", key, caller.dn,
                  offer.source, source_dn)
     else:
@@ -945,7 +950,8 @@ def _accept_files(node: MigratingNode, caller, offer: MigrationOffer) -> Instanc
             node.migrations.put(key, "target", offer.source, offer.state)   # the incoming timeout counts from now
             timings = inst.phase_list()
             timings += [p for p in offer.phases if p[0] not in {n for n, _ in timings}]
-            phase = _transfer_and_restore(node, key, offer, timings, stage=False, source_dn=source_dn)
+            source = _pinned_source(node, key, offer, source_dn, caller.dn)
+            phase = _transfer_and_restore(node, key, offer, timings, stage=False, source=source)
         except BaseException as exc:
             _drop_incoming(node, key)
             if isinstance(exc, MigrationFault):
@@ -953,13 +959,14 @@ def _accept_files(node: MigratingNode, caller, offer: MigrationOffer) -> Instanc
             raise MigrationFault(f"{phase} at {node.node} failed: {_describe(exc)}",
                                  phase=getattr(exc, "phase", phase), target=node.address, cause=_cause(exc)) from None
         node.store.update(key, phases=json.dumps([[n, round(s, 6)] for n, s in timings]))
+        _unpin_source(node, key)               # nothing more is pulled
     log.info("instance %s: its files arrived from %s (%s); Incoming until the source commits", key, offer.source,
              source_dn)
     return node.view(node.store.get(key))
 
 
 def _transfer_and_restore(node: MigratingNode, key: str, offer: MigrationOffer, timings: list, *, stage: bool,
-                          source_dn: str) -> str:
+                          source: SourceFiles) -> str:
     """Pull the files (and stage the base image beside them when ``stage``), restore paused; ``timings`` gets
     transfer and restore. A failure carries its phase (``exc.phase``)."""
     phase = "transfer"
@@ -992,8 +999,8 @@ def _transfer_and_restore(node: MigratingNode, key: str, offer: MigrationOffer, 
             followed = _take_followed(node, key, offer, home, progress) if not stage else set()
             with ThreadPoolExecutor(max_workers=len(offer.files) + 1) as pool:
                 staged_f = pool.submit(staging)
-                for done in [pool.submit(_pull, node, f"{offer.files_url}/{key}/{f.name}", home / f.name, f,
-                                         lambda n, name=f.name: progress(name, n), source_dn)
+                for done in [pool.submit(_pull, node, source, key, home / f.name, f,
+                                         lambda n, name=f.name: progress(name, n))
                              for f in offer.files if f.name not in followed]:
                     done.result()
                 pulled = time.perf_counter() - t
@@ -1033,7 +1040,7 @@ def _expected_files(offer: MigrationOffer) -> dict[str, int]:
     return files
 
 
-def _follow(node: MigratingNode, key: str, offer: MigrationOffer, source_dn: str) -> None:
+def _follow(node: MigratingNode, key: str, offer: MigrationOffer, source: SourceFiles) -> None:
     """Right after the prepare, before the source freezes: a GridFTP session per file asks for it, so the
     sessions and data connections are up when the save starts, and the saved state comes while it is written
     (the source's export holds the RETRs until then: :class:`Exports`). The transfer step verifies what came
@@ -1042,10 +1049,11 @@ def _follow(node: MigratingNode, key: str, offer: MigrationOffer, source_dn: str
     home.mkdir(parents=True, exist_ok=True)
     followers = {}
     for name, limit in _expected_files(offer).items():
-        followers[name] = Following(f"{offer.files_url}/{key}/{name}", home / name, node.config.staging_parallel,
+        followers[name] = Following(source.pinned(key, name), home / name, node.config.staging_parallel,
                                     credential=node.credential, trust=node.trust, gsi=node.config.staging_gsi,
                                     timeout=node.config.migration_timeout, limit=limit,
-                                    refuse_server=_refuse_server(node, source_dn))
+                                    refuse_server=_refuse_server(node, source.dn), server_dn=source.dn,
+                                    identify=_source_identity(node, source))
     with _FOLLOWING_LOCK:
         old = _FOLLOWING.pop((id(node), key), None)
         _FOLLOWING[(id(node), key)] = followers
@@ -1110,6 +1118,97 @@ def _take_followed(node: MigratingNode, key: str, offer: MigrationOffer, home: P
     return {name for name, good in ok.items() if good}
 
 
+@dataclass(frozen=True)
+class SourceFiles:
+    """Where the target pulls a migration's files from: the source's files URL as its offer names it (the name: what
+    its host certificate is checked for), the address that name resolved to once, when the offer was checked (every
+    GridFTP control connection of the migration goes there: a name that answers another address later, DNS
+    rebinding, is not followed; as HTTPS's ``connect_to``, security/https.py), and the host DN that signed the
+    offer (the only server DN taken)."""
+    url: str            # gsiftp://NAME:PORT as the offer gives it
+    host: str           # NAME
+    port: int
+    address: str        # the address NAME resolved to when the offer was checked
+    dn: str             # the source node's host DN (verify_source)
+
+    def file(self, key: str, name: str) -> str:
+        """The URL of one file as the offer names it (for messages)."""
+        return f"{self.url}/{key}/{name}"
+
+    def pinned(self, key: str, name: str) -> str:
+        """The URL of one file at the checked address (what is connected to)."""
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"gsiftp://{host}:{self.port}/{key}/{name}"
+
+
+_SOURCES: dict[tuple[int, str], SourceFiles] = {}      # (node, key) -> a prepared migration's pinned source
+
+
+def _resolve_source(node: MigratingNode, offer: MigrationOffer, source_dn: str, caller_dn: str) -> SourceFiles:
+    """The files' host (the source's: :func:`_check_offer`) looked up once, within the policy's deadline: the
+    first address it gives is the one every pull of this migration connects to. ServiceUnavailable (DNS) when the
+    name server does not answer in time, InvalidArgument (files) when the name does not resolve."""
+    from gridftp.protocol import DEFAULT_GRIDFTP_PORT
+
+    parts = urlsplit(offer.files_url)
+    host = parts.hostname or ""
+    try:
+        port = parts.port or DEFAULT_GRIDFTP_PORT
+        infos = lookup(host, port, node.consumers.resolve_timeout, what="migration source host", caller=caller_dn)
+    except Unresolved as exc:
+        raise ServiceUnavailable(f"the migration source {offer.source} cannot be reached now: {exc}",
+                                 service="DNS") from None
+    except (OSError, UnicodeError, ValueError) as exc:
+        raise InvalidArgument(f"the migration source's host {host!r} does not resolve: {exc}",
+                              argument="files") from None
+    if not infos:
+        raise InvalidArgument(f"the migration source's host {host!r} does not resolve", argument="files")
+    return SourceFiles(offer.files_url.rstrip("/"), host, port, infos[0][4][0], source_dn)
+
+
+def _pin_source(node: MigratingNode, key: str, source: SourceFiles) -> None:
+    with _FOLLOWING_LOCK:
+        _SOURCES[(id(node), key)] = source
+
+
+def _pinned_source(node: MigratingNode, key: str, offer: MigrationOffer, source_dn: str,
+                   caller_dn: str) -> SourceFiles:
+    """The transfer step's source: the one pinned at the prepare (same files URL and signer), else (this node
+    restarted since, or a source without steps) the files' host looked up now."""
+    with _FOLLOWING_LOCK:
+        pinned = _SOURCES.get((id(node), key))
+    if pinned is not None and pinned.url == offer.files_url.rstrip("/") and pinned.dn == source_dn:
+        return pinned
+    return _resolve_source(node, offer, source_dn, caller_dn)
+
+
+def _unpin_source(node: MigratingNode, key: str) -> None:
+    with _FOLLOWING_LOCK:
+        _SOURCES.pop((id(node), key), None)
+
+
+def _source_identity(node: MigratingNode, source: SourceFiles):
+    """``identify`` for a pull from the checked address (gridftp.tls.TLSConfig): the server's chain trusted here,
+    its end-entity certificate a host certificate naming the source's host (the name, not the address connected to;
+    never a proxy), as the client's own check of a URL's host does, and its DN the one that signed the offer, not a
+    guest's (:func:`_refuse_server`); its DN."""
+    from gridftp.errors import AuthenticationError
+    from gridftp.tls import peer_chain
+    from security.hostauth import host_refusal
+
+    refuse = _refuse_server(node, source.dn)
+
+    def identify(sock) -> str:
+        caller = node.trust.validate(peer_chain(sock))
+        why = host_refusal(caller, source.host)
+        if why is not None:
+            raise AuthenticationError(why)
+        if refuse(caller.dn):
+            raise AuthenticationError(f"{source.host} presented {caller.dn!r}, a certificate refused here")
+        return caller.dn
+    return identify
+
+
 def _is_guest(node: MigratingNode, dn: str) -> bool:
     """A guest container's certificate (guestcred.is_guest): never a migration source, whatever
     ``migration_sources`` says (its address is a guest's)."""
@@ -1122,14 +1221,17 @@ def _refuse_server(node: MigratingNode, source_dn: str):
     return lambda dn: dn != source_dn or _is_guest(node, dn)
 
 
-def _pull(node: MigratingNode, url: str, dest: Path, f: MigrationFile, progress, source_dn: str) -> None:
+def _pull(node: MigratingNode, source: SourceFiles, key: str, dest: Path, f: MigrationFile, progress) -> None:
     """One file from the source over GridFTP: parallel streams, restartable, verified against its digest (BLAKE3
-    when the source gave one, else sha256) while it arrives; ``progress(bytes)`` as they do."""
+    when the source gave one, else sha256) while it arrives; ``progress(bytes)`` as they do. Connected to the
+    source's checked address, its certificate checked for the source's name (:class:`SourceFiles`)."""
+    url = source.file(key, f.name)
     try:
-        gridftp.download(url, dest, node.config.staging_parallel, credential=node.credential, trust=node.trust,
-                         sha256=None if f.blake3 else f.sha256, blake3=f.blake3 or None,
+        gridftp.download(source.pinned(key, f.name), dest, node.config.staging_parallel, credential=node.credential,
+                         trust=node.trust, sha256=None if f.blake3 else f.sha256, blake3=f.blake3 or None,
                          progress=lambda n, _total: progress(n), gsi=node.config.staging_gsi, size=f.size,
-                         refuse_server=_refuse_server(node, source_dn))
+                         refuse_server=_refuse_server(node, source.dn), server_dn=source.dn,
+                         identify=_source_identity(node, source))
     except gridftp.ChecksumMismatch as exc:
         raise ChecksumMismatch(f"{f.name} from {url}: {exc}", expected=f.digest, actual="(different)") from None
     except gridftp.GridFTPError as exc:
@@ -1178,7 +1280,7 @@ def _adopt_subscriptions(node: MigratingNode, key: str, offer: MigrationOffer) -
     from services.wsrf.notification import new_subscription_key
     for consumer, subscriber, expires in offer.subscriptions[:64]:
         try:
-            node.consumers.check(consumer)
+            node.consumers.check(consumer, caller=subscriber)
         except VMGridFault as exc:
             log.warning("instance %s: subscriber %s not carried over: %s", key, consumer, exc.description)
             continue
@@ -1188,6 +1290,7 @@ def _adopt_subscriptions(node: MigratingNode, key: str, offer: MigrationOffer) -
 def _drop_incoming(node: MigratingNode, key: str) -> None:
     """Everything an Incoming instance holds here goes: domain, files, lease, image hold, record."""
     _unfollow(node, key)
+    _unpin_source(node, key)
     node._release(key, quiet=True)
     node.migrations.forget_instance(key)
     # the slot its prepare claimed (only while this node is its claimant: once the source claimed it back, the

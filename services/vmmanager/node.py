@@ -750,7 +750,7 @@ class Node:
     def subscribe(self, caller, key: str, consumer: str, initial_termination: float | None) -> Subscribed:
         inst = self._authorized(caller, key, "vm.inspect")
         states.check(inst.state_enum, "subscribe")
-        self.consumers.check(consumer)
+        self.consumers.check(consumer, caller=caller.dn)     # the subscriber's own bound on lookups
         expires = inst.termination if initial_termination is None else min(inst.termination, initial_termination)
         sub_key = new_subscription_key()
         now = time.time()

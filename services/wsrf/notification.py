@@ -63,16 +63,50 @@ class Unresolved(Refused):
 
 RESOLVE_TIMEOUT = 5.0       # seconds a lookup of a consumer's or a migration target's name may take
 RESOLVERS = 8               # lookups under way at once in a process (a stalled name server holds at most these)
+RESOLVERS_PER_CALLER = 2    # ... of them for one caller (a DN): one user's stalling names hold at most these
 _resolvers = threading.BoundedSemaphore(RESOLVERS)
+_callers: dict[str, int] = {}          # caller -> its lookups under way (the threads not yet answered)
+_callers_lock = threading.Lock()
 
 
-def lookup(host: str, port: int | None, timeout: float = RESOLVE_TIMEOUT, what: str = "host") -> list[tuple]:
+def _take_caller(caller: str | None) -> bool:
+    """One more lookup under way for ``caller``; False when it has :data:`RESOLVERS_PER_CALLER` already."""
+    if caller is None:
+        return True
+    with _callers_lock:
+        held = _callers.get(caller, 0)
+        if held >= RESOLVERS_PER_CALLER:
+            return False
+        _callers[caller] = held + 1
+    return True
+
+
+def _give_caller(caller: str | None) -> None:
+    if caller is None:
+        return
+    with _callers_lock:
+        held = _callers.pop(caller, 1) - 1
+        if held > 0:
+            _callers[caller] = held
+
+
+def lookup(host: str, port: int | None, timeout: float = RESOLVE_TIMEOUT, what: str = "host",
+           caller: str | None = None) -> list[tuple]:
     """``socket.getaddrinfo(host, port, type=SOCK_STREAM)`` within ``timeout`` seconds: the lookup runs in a thread
     of its own (getaddrinfo cannot be interrupted) and the caller waits for it at most that long, then gets
-    :class:`Unresolved` (the thread ends when the resolver answers; at most :data:`RESOLVERS` of them at once,
-    beyond which a lookup is :class:`Unresolved` at once). Errors of the lookup itself (an unknown name) as
-    getaddrinfo raises them."""
+    :class:`Unresolved` (the thread ends when the resolver answers). At most :data:`RESOLVERS` such threads at once
+    in the process and at most :data:`RESOLVERS_PER_CALLER` of them for one ``caller`` (whom the lookup is for: a
+    DN, the user whose request or subscription names the host; None: the process's own, bounded by the total
+    only); beyond either a lookup is :class:`Unresolved` at once, so one user's names that stall the name server
+    hold a few of the process's lookups, never all of them: another user's lookups still run. Errors of the lookup
+    itself (an unknown name) as getaddrinfo raises them."""
+    if not _take_caller(caller):
+        log.warning("lookup of %s %r for %s refused: %d of its lookups are still waiting for the name server", what,
+                    host, caller, RESOLVERS_PER_CALLER)
+        raise Unresolved(f"the {what} {host!r} cannot be looked up now: the name server has not answered "
+                         f"{RESOLVERS_PER_CALLER} lookups of names you gave this node yet")
     if not _resolvers.acquire(blocking=False):
+        _give_caller(caller)
         log.warning("lookup of %s %r refused: %d lookups are still waiting for the name server", what, host, RESOLVERS)
         raise Unresolved(f"the {what} {host!r} cannot be looked up now: the name server has not answered "
                          f"{RESOLVERS} lookups of this node yet")
@@ -86,8 +120,14 @@ def lookup(host: str, port: int | None, timeout: float = RESOLVE_TIMEOUT, what: 
             result.append(("error", exc))
         finally:
             _resolvers.release()
+            _give_caller(caller)
             done.set()
-    threading.Thread(target=run, name="vmgrid-resolve", daemon=True).start()
+    try:
+        threading.Thread(target=run, name="vmgrid-resolve", daemon=True).start()
+    except BaseException:
+        _resolvers.release()
+        _give_caller(caller)
+        raise
     if not done.wait(timeout):
         log.warning("lookup of %s %r: no answer from the name server within %g s", what, host, timeout)
         raise Unresolved(f"the {what} {host!r} did not resolve within {timeout:g} s (the name server did not "
@@ -125,17 +165,17 @@ class ConsumerPolicy:
     def _allowed_networks(self):
         return [ipaddress.ip_network(a, strict=False) for a in self.allow]
 
-    def resolve(self, url: str, what: str = "consumer") -> "Destination":
+    def resolve(self, url: str, what: str = "consumer", caller: str | None = None) -> "Destination":
         """``url`` resolved once, with the addresses this policy allows (every address the name has must be
         allowed): a connection goes to one of these, never to what the name resolves to later (DNS rebinding).
         :class:`Refused` saying why when ``url`` may not be called (:class:`Unresolved` when the name server did
-        not answer within ``resolve_timeout``)."""
+        not answer within ``resolve_timeout``, or when ``caller``'s lookups, :func:`lookup`, are all waiting)."""
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise Refused(f"the {what} reference needs an http(s) address")
         try:
             port = parts.port or (443 if parts.scheme == "https" else 80)
-            infos = lookup(parts.hostname, port, self.resolve_timeout, what=f"{what} host")
+            infos = lookup(parts.hostname, port, self.resolve_timeout, what=f"{what} host", caller=caller)
         except Refused:
             raise
         except (OSError, ValueError, UnicodeError) as exc:
@@ -156,19 +196,19 @@ class ConsumerPolicy:
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         return Destination(parts.scheme, parts.hostname, port, netloc, path, tuple(addresses), url)
 
-    def refusal(self, url: str) -> str | None:
-        """Why ``url`` may not be a consumer, or None when it may."""
+    def refusal(self, url: str, caller: str | None = None) -> str | None:
+        """Why ``url`` may not be a consumer, or None when it may (``caller``: whom it is looked up for)."""
         try:
-            self.resolve(url)
+            self.resolve(url, caller=caller)
         except Refused as exc:
             return str(exc)
         return None
 
-    def check(self, url: str) -> None:
+    def check(self, url: str, caller: str | None = None) -> None:
         """InvalidArgument (argument ConsumerReference) when ``url`` may not be a consumer, or when its name did
         not resolve within ``resolve_timeout`` (the description says so: a later Subscribe may succeed; every
-        Subscribe declares InvalidArgumentFault)."""
-        reason = self.refusal(url)
+        Subscribe declares InvalidArgumentFault). ``caller``: the subscriber's DN (its own bound on lookups)."""
+        reason = self.refusal(url, caller)
         if reason:
             raise InvalidArgument(reason, argument="ConsumerReference")
 
@@ -455,7 +495,7 @@ class Notifier:
                 return
             owner, consumer, env = item
             try:
-                self._deliver(consumer, env)
+                self._deliver(consumer, env, owner)
                 with self._cond:
                     self.sent += 1
             except Exception as exc:  # noqa: BLE001 - a consumer that is gone must not stop the others
@@ -470,8 +510,8 @@ class Notifier:
             self._tls = client_ssl_context(self.trust.cert_dir)
         return self._tls
 
-    def _deliver(self, consumer: str, env: etree._Element) -> None:
-        dest = self.policy.resolve(consumer)
+    def _deliver(self, consumer: str, env: etree._Element, owner: str | None = None) -> None:
+        dest = self.policy.resolve(consumer, caller=owner)
         deadline = time.monotonic() + self.limits.deadline
         late = f"the consumer did not answer within {self.limits.deadline:.0f} s"
         data = sign_envelope(env, self.credential)

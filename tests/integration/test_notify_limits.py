@@ -15,7 +15,7 @@ from services.wsrf import notification
 from services.wsrf.notification import ConsumerPolicy
 from tests.fixtures.drip import dripping_listener
 from tests.fixtures.grid import start_grid
-from tests.fixtures.resolver import rebinding
+from tests.fixtures.resolver import rebinding, stalling
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -212,21 +212,6 @@ def test_migrate_connects_to_the_address_its_check_resolved(grid, grid_pki, monk
         vm.destroy(ref)
 
 
-def stalling(monkeypatch, name: str) -> threading.Event:
-    """A name server that never answers for ``name`` (its lookups wait until the returned event is set, then fail);
-    other names resolve as before."""
-    real = socket.getaddrinfo
-    release = threading.Event()
-
-    def getaddrinfo(host, port, *args, **kwargs):
-        if host != name:
-            return real(host, port, *args, **kwargs)
-        release.wait(120)
-        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    return release
-
-
 def test_a_name_server_that_does_not_answer_is_a_typed_fault_at_the_deadline(grid, grid_pki, monkeypatch, caplog):
     """The target's and a consumer's name server never answers (a stalled resolver hook; the node real, its
     lookup deadline 0.5 s here): Migrate answers ServiceUnavailableFault (service DNS) saying the name did not
@@ -252,3 +237,40 @@ def test_a_name_server_that_does_not_answer_is_a_typed_fault_at_the_deadline(gri
     finally:
         release.set()
         vm.destroy(ref)
+
+
+def test_one_users_stalling_names_do_not_refuse_another_users_lookups(grid, grid_pki, monkeypatch):
+    """bob subscribes his instance to consumers whose names the name server never answers (a stalled resolver hook;
+    the node real, its lookup deadline 0.5 s here), eight of them, as many lookups as the node runs at once; each
+    lookup's thread waits on. His first two wait out the deadline, the others are refused at once (his own bound,
+    RESOLVERS_PER_CALLER). alice then subscribes her instance to a consumer named `localhost`, and alice migrates hers
+    to a name of her own that stalls too: her lookups run (the Subscribe is recorded; the Migrate waits out the
+    deadline, ServiceUnavailableFault). Before: the node's eight lookups were shared by every caller, bob's stalled
+    ones held them all, and alice's Subscribe was refused "cannot be looked up now" for as long as his stalled."""
+    from services.faults import ServiceUnavailable
+    node = grid.node(0).core
+    monkeypatch.setattr(node, "consumers", ConsumerPolicy(allow=("127.0.0.0/8",), resolve_timeout=0.5))
+    names = [f"stalled-{n}.test" for n in range(notification.RESOLVERS)]
+    release = stalling(monkeypatch, *names, "alice-stalled.test")
+    alice, bob = grid.vmm(grid_pki.alice), grid.vmm(grid_pki.bob)
+    mine = alice.deploy(grid.bio, "looked-up", 600, wait=True).ref
+    his = bob.deploy(grid.hep, "stalling-names", 600, wait=True).ref
+    try:
+        said = []
+        for name in names:
+            with pytest.raises(InvalidArgument) as exc:
+                bob.subscribe(his, f"http://{name}:9/notify")
+            said.append(exc.value.description)
+        alice.subscribe(mine, "http://localhost:9/notify")
+        assert [s[1] for s in node.store.subscriptions(mine.key, 0)] == ["http://localhost:9/notify"]
+        with pytest.raises(ServiceUnavailable) as exc:
+            alice.migrate(mine, "https://alice-stalled.test:8443/wsrf/services/VMManagerService")
+        assert "did not resolve within 0.5 s" in exc.value.description
+        assert all("did not resolve within 0.5 s" in d for d in said[:notification.RESOLVERS_PER_CALLER]), said
+        assert all(f"has not answered {notification.RESOLVERS_PER_CALLER} lookups of names you gave this node" in d
+                   for d in said[notification.RESOLVERS_PER_CALLER:]), said
+        assert node.store.subscriptions(his.key, 0) == []
+    finally:
+        release.set()
+        alice.destroy(mine)
+        bob.destroy(his)

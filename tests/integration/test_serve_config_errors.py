@@ -84,6 +84,13 @@ def serve(tmp_path, text: str, *extra: str, service: str = "vmmanager") -> subpr
      "n3.toml: [gridftp] max_sessions_per_address is 1 to 64 (at most [gridftp] max_sessions), not '16'"),
     (("gridftp", "transfer_idle_timeout"), "-1",
      "n3.toml: [gridftp] transfer_idle_timeout is seconds, 0 (no such bound) or more, not -1.0"),
+    # the data ports, as `vmgrid gridftp-server --data-ports` takes them (the key was unknown before)
+    (("gridftp", "data_ports"), '"51000,50000"',
+     "n3.toml: [gridftp] data_ports = '51000,50000': expected LOW,HIGH, two ports 1 to 65535 in order (e.g. "
+     "50000,51000)"),
+    (("gridftp", "data_ports"), '"0-10"',
+     "n3.toml: [gridftp] data_ports = '0-10': expected LOW,HIGH, two ports 1 to 65535 in order (e.g. 50000,51000)"),
+    (("gridftp", "data_ports"), "50000", "n3.toml: gridftp.data_ports: expected a string, got 50000"),
     (("vmmanager", "guest_dns"), '["OU=site-guests"]',
      "n3.toml: [vmmanager] guest_dns: 'OU=site-guests' is not a DN pattern (e.g. \"/O=Grid/OU=site-guests/*\")"),
 ])

@@ -867,6 +867,18 @@ def test_the_files_come_only_from_a_gridftp_server_with_the_sources_host_dn(grid
     assert "OU=elsewhere" in str(refused) and "refused" in str(refused)
 
 
+def test_the_pinned_pull_takes_no_proxy_of_the_sources_own_host_credential(grid, grid_pki, files_served_as):
+    """The target pulls from the address the source's name resolved to at the offer's check (a URL naming that
+    address), and the server there is still checked for the name as a URL's host is: a host certificate naming it,
+    never a proxy, though a proxy of the source node's own host credential carries the DN that signed the offer (a
+    GSI transfer delegates such proxies to servers). Refused, rolled back. A pull pinned by the address and the DN
+    alone (GridFTPClient's server_dn) took it."""
+    from security.pki import make_proxy
+
+    refused = files_served_as(make_proxy(grid.node(0).core.credential, hours=1), "proxied-source")
+    assert "presented a proxy" in str(refused), str(refused)
+
+
 def test_prepared_incoming_instances_are_bounded_per_user_and_give_their_slots_back(grid, grid_pki, monkeypatch):
     """attack11 F11 with a source's proof (a source node that offers instances it does not have): each prepare
     claims the instance's slot at the Authorization service, and one owner's Incoming instances on a node are

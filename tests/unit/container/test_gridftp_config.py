@@ -19,7 +19,8 @@ def test_the_documented_gridftp_section_is_the_configs_and_loads(tmp_path):
             assert re.search(rf"^# {f.name} ", section, re.M), f.name
         else:
             line = re.search(rf"^{f.name} = (\S+)", section, re.M)
-            assert line and float(line.group(1)) == f.default, f"[gridftp] {f.name} in docs/configuration.md"
+            value = line and (line.group(1).strip('"') if isinstance(f.default, str) else float(line.group(1)))
+            assert line and value == f.default, f"[gridftp] {f.name} in docs/configuration.md"
     (tmp_path / "c.toml").write_text(section)
     assert load_config(tmp_path / "c.toml").gridftp == GridFTPConfig()
 

@@ -292,3 +292,40 @@ def test_subscriptions_are_capped_per_resource_and_per_subscriber(tmp_path, monk
     subs.add(Subscription("sub-c0", "job-4", "http://c/1", "bob", now + 60), now=now)          # another subscriber
     assert [s.key for s in subs.of("job-4", now)] == ["sub-c0"]
     assert len(subs.of("job-1", now)) == 3
+
+
+# -- lookups: bounded per caller as well as in all (a stalled name server; tests/fixtures/resolver.py) --------------
+def test_a_callers_stalled_lookups_hold_only_its_own_share_of_the_processs_lookups(monkeypatch):
+    """bob's names stall the name server: two of his lookups wait out their deadline, his third is refused at once
+    (RESOLVERS_PER_CALLER), and alice's lookup of a name that answers runs meanwhile; the node's own (no caller)
+    too. The total stays: callers with stalled lookups fill RESOLVERS between them, then a fresh caller is refused
+    naming the node's bound. Each thread answered, every slot is back. Before: the RESOLVERS lookups were shared, bob
+    alone held them all, and alice's was refused while his stalled."""
+    from services.wsrf.notification import Unresolved, lookup
+    from tests.fixtures.resolver import stalling
+
+    per, total = notification.RESOLVERS_PER_CALLER, notification.RESOLVERS
+    names = [f"stalled-{n}.test" for n in range(total + 1)]
+    release = stalling(monkeypatch, *names)
+    try:
+        said = []
+        for name in names[:total]:              # bob: as many stalling names as the process has lookups
+            with pytest.raises(Unresolved) as exc:
+                lookup(name, 80, 0.05, caller="/O=Grid/CN=bob")
+            said.append(str(exc.value))
+        assert {info[4][0] for info in lookup("localhost", 80, 5, caller="/O=Grid/CN=alice")} & {"127.0.0.1", "::1"}
+        assert lookup("localhost", 80, 5)
+        assert all("did not resolve within" in m for m in said[:per]), said
+        assert all(f"has not answered {per} lookups of names you gave this node" in m for m in said[per:]), said
+        for n in range(total // per - 1):          # others' stalled lookups fill the total with bob's
+            for name in names[:per]:
+                with pytest.raises(Unresolved, match="did not resolve within"):
+                    lookup(name, 80, 0.05, caller=f"/O=Grid/CN=user{n}")
+        with pytest.raises(Unresolved, match=f"has not answered {total} lookups of this node"):
+            lookup("localhost", 80, 5, caller="/O=Grid/CN=alice")
+    finally:
+        release.set()
+    deadline = time.monotonic() + 30
+    while (notification._callers or notification._resolvers._value != total) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert notification._callers == {} and notification._resolvers._value == total
