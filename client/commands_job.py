@@ -319,13 +319,13 @@ def _refuse_older_proxy(credential, stage_in: list[str], stage_out: list[str]) -
     A chain holding a legacy (grid-proxy-init -old) or draft (-draft) proxy cannot authenticate there: refused before
     anything is uploaded or submitted, in `vmgrid transfer`'s words (its own check), rather than a job that fails at
     its staging."""
-    from gridftp.client import _older_proxy_refusal
+    from gridftp.client import older_proxy_refusal
 
     moved = [f"--stage-in {item}" for item in stage_in if not item.lower().startswith("ftp://")]
     moved += [f"--stage-out {item}" for item in stage_out if item.partition("=")[2].lower().startswith("gsiftp://")]
     if not moved:
         return
-    why = _older_proxy_refusal(credential, gsi=False, prot="P")
+    why = older_proxy_refusal(credential, gsi=False, prot="P")
     if why is not None:
         raise CLIError(f"{moved[0]}: {why}; no job was submitted")
 
