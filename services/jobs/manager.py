@@ -712,6 +712,15 @@ class JobManager:
         no admin's job output, nor one admin another's."""
         return self.is_submitter_or_admin(dn, job)
 
+    def may_fetch(self, dn: str, key: str) -> bool:
+        """Whether ``dn`` may read job ``key``'s files on the service's GridFTP face (/jobs/<key>/, read and list
+        only): who reads its output tails (:meth:`may_read_output`, the rule Cancel and Destroy follow too), of a job
+        that is here; a user of the service only."""
+        if not self.may_use(dn):
+            return False
+        job = self.store.get(key)
+        return job is not None and self.may_read_output(dn, job)
+
     def tail(self, dn: str, job: Job, which: str) -> str:
         """The end of the job's standard output or error (``which``) for ``dn``: AccessDenied unless ``dn`` submitted
         the job or is an admin."""
