@@ -96,11 +96,6 @@ def _moves_gsiftp(spec: JobSpec) -> bool:
     return any(u.split(":", 1)[0].lower() == "gsiftp" for u in urls)
 
 
-def _sends_gsiftp(spec: JobSpec) -> bool:
-    """Whether the job has a gsiftp:// stage-out (a job service takes no limited proxy for it)."""
-    return any((s.destination or "").split(":", 1)[0].lower() == "gsiftp" for s in spec.stage_out)
-
-
 class JobClient:
     """``service``: a client.soap.GridServiceClient for …/wsrf/services/JobService (signed as the user)."""
 
@@ -170,18 +165,28 @@ class JobClient:
         of the certificate it signs with, as `vm migrate` delegates to a node): the service moves those files as the
         user, never as itself. The proxy lives as long as the job asks to (else the most a service takes, 12 h), never
         past the credential it is made from. It is limited (it moves data, it starts nothing: whoever holds the
-        service's key, such as a guest's root, cannot run a job or deploy a VM with it) unless the job sends a
-        gsiftp:// stage-out, for which a job service takes a full proxy only."""
+        service's key, such as a guest's root, cannot run a job or deploy a VM with it): a GridFTP server takes a
+        limited proxy for stage-outs as for stage-ins. A job service of an older vmgrid took a full one only for a
+        gsiftp:// stage-out (AccessDenied, rule limited-proxy): it is sent a full one then, as it was before."""
         kwargs = wire.submit_arguments(spec)
-        if _moves_gsiftp(spec) and self._takes_delegation():
+        if not (_moves_gsiftp(spec) and self._takes_delegation()):
+            resp = self.service.call("SubmitJob", **kwargs)
+        else:
             from datetime import timedelta
 
             from security.delegation import MAX_LIFETIME, delegate
 
             lifetime = MAX_LIFETIME if spec.lifetime is None else min(timedelta(seconds=spec.lifetime), MAX_LIFETIME)
-            kwargs["delegatedProxy"] = delegate(self.service.credential, self.service_certificate(),
-                                                lifetime=lifetime, limited=not _sends_gsiftp(spec)).decode()
-        resp = self.service.call("SubmitJob", **kwargs)
+            service = self.service_certificate()
+            kwargs["delegatedProxy"] = delegate(self.service.credential, service, lifetime=lifetime,
+                                                limited=True).decode()
+            try:
+                resp = self.service.call("SubmitJob", **kwargs)
+            except AccessDenied as exc:
+                if exc.rule != "limited-proxy" or self.service.credential.limited:
+                    raise
+                kwargs["delegatedProxy"] = delegate(self.service.credential, service, lifetime=lifetime).decode()
+                resp = self.service.call("SubmitJob", **kwargs)
         epr = EndpointReference.from_element(resp.find("job:Job/wsa:EndpointReference", wire.NS))
         return epr.parameter(wire.KEY_TAG)
 
@@ -222,8 +227,9 @@ class JobClient:
         """Delegate a new proxy of this client's credential to the service for job ``key``'s gsiftp:// files (GRAM's
         globus-job-refresh-credentials), replacing the one it keeps; when the new one expires. It lives ``lifetime``
         seconds (never past the job's termination time: a longer one is cut there), else until the job's termination
-        time; at most the 12 h a service takes, never past the credential it is made from. Limited, as :meth:`submit` delegates it, unless the job sends a gsiftp:// stage-out (the
-        service refuses a limited one then: a full one is delegated instead)."""
+        time; at most the 12 h a service takes, never past the credential it is made from. Limited, as :meth:`submit`
+        delegates it (a job service of an older vmgrid refuses a limited one for a job that sends a gsiftp://
+        stage-out: a full one is delegated then)."""
         from datetime import timedelta, timezone
 
         from security.delegation import MAX_LIFETIME, delegate
@@ -237,13 +243,13 @@ class JobClient:
         until_end = max(60, int((termination - datetime.now(timezone.utc)).total_seconds()))
         lifetime = until_end if lifetime is None else min(lifetime, until_end)     # never past the job's end
         service, lifetime = self.service_certificate(), min(timedelta(seconds=lifetime), MAX_LIFETIME)
-        try:        # limited first, as at submit: a job that only stages in needs no more
+        try:        # limited, as at submit: it moves data, which is all a job's proxy is for
             resp = self._on(key, "RefreshJobProxy", delegatedProxy=delegate(
                 self.service.credential, service, lifetime=lifetime, limited=True).decode())
         except AccessDenied as exc:
             if exc.rule != "limited-proxy" or self.service.credential.limited:
                 raise
-            resp = self._on(key, "RefreshJobProxy", delegatedProxy=delegate(    # it sends a gsiftp:// stage-out
+            resp = self._on(key, "RefreshJobProxy", delegatedProxy=delegate(    # an older service, a stage-out
                 self.service.credential, service, lifetime=lifetime).decode())
         return TerminationTime.parse(resp.find("job:proxyExpires", wire.NS))
 
