@@ -350,6 +350,9 @@ def cmd_submit(args) -> int:
             raise CLIError(f"--stage-in {item}: no such file")
     jobs = connect(args)
     _refuse_older_proxy(jobs.service.credential, args.stage_in, args.stage_out)
+    why = call(jobs.older_service_refusal, list(args.stage_in) + [i.partition("=")[2] for i in args.stage_out])
+    if why is not None:         # before anything is uploaded
+        raise CLIError(why)
     stage_in = []
     for item in args.stage_in:
         if item.startswith(("gsiftp://", "ftp://")):
