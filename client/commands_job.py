@@ -319,13 +319,13 @@ def _refuse_older_proxy(credential, stage_in: list[str], stage_out: list[str]) -
     A chain holding a legacy (grid-proxy-init -old) or draft (-draft) proxy cannot authenticate there: refused before
     anything is uploaded or submitted, in `vmgrid transfer`'s words (its own check), rather than a job that fails at
     its staging."""
-    from gridftp.client import _older_proxy_refusal
+    from gridftp.client import older_proxy_refusal
 
     moved = [f"--stage-in {item}" for item in stage_in if not item.lower().startswith("ftp://")]
     moved += [f"--stage-out {item}" for item in stage_out if item.partition("=")[2].lower().startswith("gsiftp://")]
     if not moved:
         return
-    why = _older_proxy_refusal(credential, gsi=False, prot="P")
+    why = older_proxy_refusal(credential, gsi=False, prot="P")
     if why is not None:
         raise CLIError(f"{moved[0]}: {why}; no job was submitted")
 
@@ -350,6 +350,9 @@ def cmd_submit(args) -> int:
             raise CLIError(f"--stage-in {item}: no such file")
     jobs = connect(args)
     _refuse_older_proxy(jobs.service.credential, args.stage_in, args.stage_out)
+    why = call(jobs.older_service_refusal, list(args.stage_in) + [i.partition("=")[2] for i in args.stage_out])
+    if why is not None:         # before anything is uploaded
+        raise CLIError(why)
     stage_in = []
     for item in args.stage_in:
         if item.startswith(("gsiftp://", "ftp://")):

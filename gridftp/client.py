@@ -72,7 +72,7 @@ def _host_refusal(caller, host: str) -> str | None:
     return host_refusal(caller, host)
 
 
-def _older_proxy_refusal(credential: Credential, gsi: bool, prot: str) -> str | None:
+def older_proxy_refusal(credential: Credential, gsi: bool, prot: str) -> str | None:
     """Why ``credential`` cannot authenticate a TLS channel, said before connecting: a chain holding a GT2 legacy
     (grid-proxy-init -old) or GT3 draft (-draft) proxy is refused by OpenSSL's check, which AUTH TLS (both ends)
     and PROT S/P data channels use (only GSI's own contexts, with PROT C, take it). The server's refusal would come
@@ -159,7 +159,7 @@ class GridFTPClient:
                     credential = load_user_credential()
                 except CredentialError as exc:
                     raise AuthenticationError(str(exc)) from exc
-            why = _older_proxy_refusal(credential, self.gsi, self.prot)
+            why = older_proxy_refusal(credential, self.gsi, self.prot)
             if why is not None:
                 raise AuthenticationError(why)
             self.tls = TLSConfig(credential, trust, identify=identify)

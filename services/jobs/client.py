@@ -90,15 +90,18 @@ class JobInfo:
         return self.state in FINAL_STATES
 
 
+def _gsiftp(urls: Sequence[str]) -> list[str]:
+    """The gsiftp:// URLs of ``urls`` (what a job service moves with a proxy delegated to it)."""
+    return [u for u in urls if u.split(":", 1)[0].lower() == "gsiftp"]
+
+
 def _moves_gsiftp(spec: JobSpec) -> bool:
     """Whether the job has a gsiftp:// stage-in or stage-out (which the service moves with a delegated proxy)."""
-    urls = [s.source for s in spec.stage_in] + [s.destination or "" for s in spec.stage_out]
-    return any(u.split(":", 1)[0].lower() == "gsiftp" for u in urls)
+    return bool(_gsiftp([s.source for s in spec.stage_in] + [s.destination or "" for s in spec.stage_out]))
 
 
-def _sends_gsiftp(spec: JobSpec) -> bool:
-    """Whether the job has a gsiftp:// stage-out (a job service takes no limited proxy for it)."""
-    return any((s.destination or "").split(":", 1)[0].lower() == "gsiftp" for s in spec.stage_out)
+class OlderJobService(RuntimeError):
+    """The job service is of an older vmgrid that cannot do what was asked as asked; the message says what to do."""
 
 
 class JobClient:
@@ -164,24 +167,55 @@ class JobClient:
         except (LookupError, AttributeError, ValueError):
             return False
 
+    def older_service_refusal(self, urls: Sequence[str]) -> str | None:
+        """Why this service cannot move ``urls`` (a job's stage-in sources and stage-out destinations) as the caller,
+        or None. A job service of an older vmgrid, whose SubmitJob has no delegatedProxy (its WSDL), takes no proxy:
+        it would move a gsiftp:// file with its own credential, not as the submitter (a guest's certificate, which
+        GridFTP servers turn away at login; a host's, which the site's policy makes a node: attack12 G7), so the job
+        would fail at its staging, or move her files as another. Asked before anything is uploaded or submitted."""
+        moved = _gsiftp(urls)
+        if not moved or self._takes_delegation():
+            return None
+        return (f"{moved[0]}: the job service at {self.service.url} is of an older vmgrid, whose SubmitJob takes no "
+                f"delegated proxy: it would move the job's gsiftp:// files with its own credential, not as you, so "
+                f"nothing was staged or submitted; give the job local files instead (--stage-in FILE goes through "
+                f"the service's own GridFTP face, and `vmgrid job get` fetches its outputs), or ask whoever runs "
+                f"it (for a VM's, its owner: a newer image) for a newer vmgrid")
+
     def submit(self, spec: JobSpec) -> str:
         """Submit; returns the job's key (its EPR is the service's address and the key). A job with a gsiftp://
         stage-in or stage-out carries a proxy of this client's credential delegated to the service (issued for the key
         of the certificate it signs with, as `vm migrate` delegates to a node): the service moves those files as the
         user, never as itself. The proxy lives as long as the job asks to (else the most a service takes, 12 h), never
         past the credential it is made from. It is limited (it moves data, it starts nothing: whoever holds the
-        service's key, such as a guest's root, cannot run a job or deploy a VM with it) unless the job sends a
-        gsiftp:// stage-out, for which a job service takes a full proxy only."""
+        service's key, such as a guest's root, cannot run a job or deploy a VM with it): a GridFTP server takes a
+        limited proxy for stage-outs as for stage-ins. A job service of an older vmgrid took a full one only for a
+        gsiftp:// stage-out (AccessDenied, rule limited-proxy): it is sent a full one then, as it was before. One
+        older still takes no proxy at all: a job with a gsiftp:// file is not submitted to it
+        (:class:`OlderJobService`, :meth:`older_service_refusal` says why)."""
+        why = self.older_service_refusal([s.source for s in spec.stage_in] +
+                                         [s.destination or "" for s in spec.stage_out])
+        if why is not None:
+            raise OlderJobService(why)
         kwargs = wire.submit_arguments(spec)
-        if _moves_gsiftp(spec) and self._takes_delegation():
+        if not _moves_gsiftp(spec):
+            resp = self.service.call("SubmitJob", **kwargs)
+        else:
             from datetime import timedelta
 
             from security.delegation import MAX_LIFETIME, delegate
 
             lifetime = MAX_LIFETIME if spec.lifetime is None else min(timedelta(seconds=spec.lifetime), MAX_LIFETIME)
-            kwargs["delegatedProxy"] = delegate(self.service.credential, self.service_certificate(),
-                                                lifetime=lifetime, limited=not _sends_gsiftp(spec)).decode()
-        resp = self.service.call("SubmitJob", **kwargs)
+            service = self.service_certificate()
+            kwargs["delegatedProxy"] = delegate(self.service.credential, service, lifetime=lifetime,
+                                                limited=True).decode()
+            try:
+                resp = self.service.call("SubmitJob", **kwargs)
+            except AccessDenied as exc:
+                if exc.rule != "limited-proxy" or self.service.credential.limited:
+                    raise
+                kwargs["delegatedProxy"] = delegate(self.service.credential, service, lifetime=lifetime).decode()
+                resp = self.service.call("SubmitJob", **kwargs)
         epr = EndpointReference.from_element(resp.find("job:Job/wsa:EndpointReference", wire.NS))
         return epr.parameter(wire.KEY_TAG)
 
@@ -222,8 +256,9 @@ class JobClient:
         """Delegate a new proxy of this client's credential to the service for job ``key``'s gsiftp:// files (GRAM's
         globus-job-refresh-credentials), replacing the one it keeps; when the new one expires. It lives ``lifetime``
         seconds (never past the job's termination time: a longer one is cut there), else until the job's termination
-        time; at most the 12 h a service takes, never past the credential it is made from. Limited, as :meth:`submit` delegates it, unless the job sends a gsiftp:// stage-out (the
-        service refuses a limited one then: a full one is delegated instead)."""
+        time; at most the 12 h a service takes, never past the credential it is made from. Limited, as :meth:`submit`
+        delegates it (a job service of an older vmgrid refuses a limited one for a job that sends a gsiftp://
+        stage-out: a full one is delegated then)."""
         from datetime import timedelta, timezone
 
         from security.delegation import MAX_LIFETIME, delegate
@@ -237,13 +272,13 @@ class JobClient:
         until_end = max(60, int((termination - datetime.now(timezone.utc)).total_seconds()))
         lifetime = until_end if lifetime is None else min(lifetime, until_end)     # never past the job's end
         service, lifetime = self.service_certificate(), min(timedelta(seconds=lifetime), MAX_LIFETIME)
-        try:        # limited first, as at submit: a job that only stages in needs no more
+        try:        # limited, as at submit: it moves data, which is all a job's proxy is for
             resp = self._on(key, "RefreshJobProxy", delegatedProxy=delegate(
                 self.service.credential, service, lifetime=lifetime, limited=True).decode())
         except AccessDenied as exc:
             if exc.rule != "limited-proxy" or self.service.credential.limited:
                 raise
-            resp = self._on(key, "RefreshJobProxy", delegatedProxy=delegate(    # it sends a gsiftp:// stage-out
+            resp = self._on(key, "RefreshJobProxy", delegatedProxy=delegate(    # an older service, a stage-out
                 self.service.credential, service, lifetime=lifetime).decode())
         return TerminationTime.parse(resp.find("job:proxyExpires", wire.NS))
 

@@ -236,11 +236,14 @@ class JobManager:
         if any(s.destination for s in spec.stage_out) and self.stager is None:
             raise InvalidArgument("this job service has no GridFTP credential to send files", argument="stageOut")
 
-    def _delegation(self, dn: str, spec: JobSpec, proxy_pem: bytes | None,
-                    action: str = "job.submit") -> bytes | None:
+    def _delegation(self, dn: str, spec: JobSpec, proxy_pem: bytes | None) -> bytes | None:
         """The proxy ``dn`` delegated for the job's gsiftp:// files, checked (None: the job moves none). Those are
         moved as the submitter, never with this service's own credential: a host credential is a node to the site's
-        policy (it may read every VO's images), and a job's URL is the submitter's choice (a confused deputy)."""
+        policy (it may read every VO's images), and a job's URL is the submitter's choice (a confused deputy).
+        A limited proxy is taken for stage-ins and stage-outs alike (`vmgrid job submit` delegates one): a GridFTP
+        server writes for a limited proxy as it reads for one (Globus' globus-gridftp-server and vmgrid's alike:
+        tests/interop/test_jobs_limited_stage_out.py); what a limited proxy cannot do is start a job or deploy a VM,
+        which nothing a job service does with it needs. A full one (an older client's) is still taken."""
         reads = [s.source for s in spec.stage_in if as_submitter(s.source)]
         writes = [s.destination for s in spec.stage_out if as_submitter(s.destination)]
         if not reads and not writes:
@@ -251,20 +254,17 @@ class JobManager:
                                   f"submit carries none: update your vmgrid client (its `vmgrid job submit` delegates "
                                   f"one)", argument="delegatedProxy")
         try:
-            credential = self.stager.delegated(proxy_pem, dn)
+            self.stager.delegated(proxy_pem, dn)
         except DelegationError as exc:
             raise InvalidArgument(f"delegatedProxy: {exc.reason}", argument="delegatedProxy") from None
-        if credential.limited and writes:
-            raise AccessDenied(f"the delegated proxy is limited: a limited proxy cannot send stage-outs ({writes[0]})",
-                               subject=dn, action=action, resource="the job service", rule="limited-proxy")
         return proxy_pem
 
     def refresh_proxy(self, dn: str, key: str, proxy_pem: bytes) -> float:
         """Replace the proxy job ``key``'s gsiftp:// files are moved with (GRAM's globus-job-refresh-credentials): a
         delegated proxy lives at most 12 h, a job up to ``max_lifetime``. Only the job's submitter may (its files move
         as her: an admin's proxy would move them as him), of a live job with gsiftp:// files, and the proxy is checked
-        exactly as at submit (:meth:`_delegation`: hers, for this service's key, valid; a limited one sends no
-        stage-out). Returns when the new proxy expires; the next file staged uses it."""
+        exactly as at submit (:meth:`_delegation`: hers, for this service's key, valid; limited or not). Returns
+        when the new proxy expires; the next file staged uses it."""
         job = self.job(dn, key, "job.refresh-proxy")
         if dn != job.owner:
             raise AccessDenied(f"{dn} may not refresh the proxy of job {key}: only the job's submitter may (its "
@@ -276,7 +276,7 @@ class JobManager:
         if not proxy_pem:
             raise InvalidArgument("delegatedProxy is empty: delegate a proxy of yours for this service's key (`vmgrid "
                                   "job refresh-proxy` does)", argument="delegatedProxy")
-        if self._delegation(dn, job.spec, proxy_pem, action="job.refresh-proxy") is None:
+        if self._delegation(dn, job.spec, proxy_pem) is None:
             raise InvalidArgument(f"job {key} moves no gsiftp:// file: it keeps no proxy to refresh",
                                   argument="delegatedProxy")
         control = self.control_dir / key
@@ -711,6 +711,15 @@ class JobManager:
         """What a job wrote is its submitter's, and the VO's admins' (the admin rule): the instance's owner reads
         no admin's job output, nor one admin another's."""
         return self.is_submitter_or_admin(dn, job)
+
+    def may_fetch(self, dn: str, key: str) -> bool:
+        """Whether ``dn`` may read job ``key``'s files on the service's GridFTP face (/jobs/<key>/, read and list
+        only): who reads its output tails (:meth:`may_read_output`, the rule Cancel and Destroy follow too), of a job
+        that is here; a user of the service only."""
+        if not self.may_use(dn):
+            return False
+        job = self.store.get(key)
+        return job is not None and self.may_read_output(dn, job)
 
     def tail(self, dn: str, job: Job, which: str) -> str:
         """The end of the job's standard output or error (``which``) for ``dn``: AccessDenied unless ``dn`` submitted

@@ -51,16 +51,13 @@ class JobService(SoapService):
         self.log.info("job service for %s reconciled: %s", config.owner, self.jobs.reconcile_report)
 
     def attach_transfers(self, host: str, credential, trust, **server_options) -> None:
-        """Give the service its GridFTP face ([jobs] gridftp_port): the jobs' directories for their owners;
+        """Give the service its GridFTP face ([jobs] gridftp_port): each job's directory for its submitter and the
+        VO's admins to read (JobManager.may_fetch), each user's staging area for that user;
         ``server_options``: GridFTPFace's ([gridftp]'s bounds on sessions, the guests' DN patterns)."""
         self.transfers = JobTransfers(self.jobs.jobs_dir, self.jobs.staging_dir, self.config.gridftp_host or host,
                                       self.config.gridftp_port, credential, trust, public_host=self.config.public_host,
-                                      job_owner=self._job_owner, may_use=self.jobs.may_use,
+                                      may_read=self.jobs.may_fetch, may_use=self.jobs.may_use,
                                       staging_quota=self.config.staging_quota, **server_options)
-
-    def _job_owner(self, key: str) -> str | None:
-        job = self.jobs.store.get(key)
-        return job.owner if job else None
 
     def start(self) -> None:
         if self.transfers is not None:

@@ -4,8 +4,8 @@ Stage-in sources are gsiftp:// or ftp:// URLs (gsiftp:// fetched as the job's su
 delegated to this service at submit, never with the service's own credential; verified by sha256: the one the client
 gave, else the source's own CKSM) or ``staged:NAME``, a file the job's
 owner put into their staging area on this service's face. Outputs are hashed once they are final
-and sent to their destination URLs verified the same way; the owner can also read them (and only
-they) from the face at /jobs/<key>/<name>.
+and sent to their destination URLs verified the same way; the job's submitter and the VO's admins (only they) can
+also read them from the face at /jobs/<key>/<name>.
 """
 from __future__ import annotations
 
@@ -217,17 +217,19 @@ class PinnedPath(os.PathLike):
 
 
 class JobTransfers(GridFTPFace):
-    """The job service's GridFTP face. ``job_owner(key)`` is the DN that submitted a job (None: no such
-    job); ``may_use(dn)`` says whether a DN may use the service at all (the instance's owner, admins). A guest
+    """The job service's GridFTP face. ``may_read(dn, key)`` says whether ``dn`` may read (fetch, list) job
+    ``key``'s files: its submitter and the VO's admins (the job service's rule job-submitter-or-vo-admin, as for its
+    output tails, Cancel and Destroy; False for no such job); nobody writes there. ``may_use(dn)`` says whether a DN
+    may use the service at all (the instance's owner, admins). A guest
     container's certificate (``guests``) is refused at login, as the repository's and a node's export refuse it: no
     submitter is a guest (the owner is the person a node deployed the instance for, which the site's policy refuses
     a guest; the admins are people), and a job's gsiftp:// files move with its submitter's proxy, never with a
     service's own (guest) key, so no guest has anything to log in to here; logged in, it only took a user's session."""
 
     def __init__(self, jobs_dir: Path, staging_dir: Path, host: str, port: int, credential, trust, *,
-                 job_owner: Callable[[str], str | None], may_use: Callable[[str], bool], public_host: str = "",
+                 may_read: Callable[[str, str], bool], may_use: Callable[[str], bool], public_host: str = "",
                  staging_quota: int | None = None, **server_options):
-        self.job_owner = job_owner
+        self.may_read = may_read
         self.may_use = may_use
         super().__init__(JobFileSpace(jobs_dir, staging_dir, staging_quota), host, port, credential, trust, authorize=self.authorize,
                          upload_area="/staging", public_host=public_host, what="job directories", log=log,
@@ -240,5 +242,5 @@ class JobTransfers(GridFTPFace):
         if parts[:1] == ["staging"]:
             return len(parts) >= 2 and parts[1] == staging_area(dn)
         if parts[:1] == ["jobs"] and len(parts) >= 2:
-            return op in ("read", "list") and self.job_owner(parts[1]) == dn
+            return op in ("read", "list") and self.may_read(dn, parts[1])
         return False

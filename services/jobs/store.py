@@ -223,36 +223,66 @@ class JobStore:
         is never given to another submitter than its first: what a job left under it outside its directory (in /tmp,
         /dev/shm) stays that submitter's. ``held_elsewhere(uid)``: who else holds it (an account, a group), or None;
         a uid so held is given to no job, then or later (recorded as ACCOUNT_HELD plus who). LookupError when none
-        is left."""
-        with self.db.write("take_uid") as db:
-            row = db.execute("SELECT uid FROM uids WHERE job = ?", (key,)).fetchone()
-            if row is not None:
-                return int(row[0])
-            while True:
-                row = db.execute("SELECT MIN(uid) FROM uids WHERE dn = ? AND job IS NULL AND uid >= ? AND uid < ?",
-                                 (dn, first, first + count)).fetchone()
-                if row[0] is None:
-                    break
-                holder = held_elsewhere(int(row[0])) if held_elsewhere else None
-                if holder is None:
-                    db.execute("UPDATE uids SET job = ? WHERE uid = ?", (key, row[0]))
+        is left.
+
+        ``held_elsewhere`` asks the system's name services (LDAP, SSSD: as slow as their server), so it is asked
+        outside any transaction: a candidate is chosen in one, looked up with the write lock free (other submits,
+        listings, state changes go on meanwhile), then claimed in another only if it is still as it was chosen
+        (still free, still never given); taken meanwhile by another job, the next candidate is chosen. The claim
+        is one UPDATE ... WHERE job IS NULL or one INSERT of a primary key: never two jobs on one uid."""
+        known: dict[int, str | None] = {}        # this call's answers: a candidate seen again is not asked again
+        while True:
+            with self.db.write("take_uid") as db:
+                row = db.execute("SELECT uid FROM uids WHERE job = ?", (key,)).fetchone()
+                if row is not None:
                     return int(row[0])
-                db.execute("UPDATE uids SET dn = ? WHERE uid = ?", (ACCOUNT_HELD + holder, row[0]))
-            while True:
-                taken = db.execute("SELECT MAX(uid) FROM uids WHERE uid >= ? AND uid < ?",
-                                   (first, first + count)).fetchone()[0]
-                uid = first if taken is None else int(taken) + 1
-                if uid >= first + count:
-                    running = db.execute("SELECT COUNT(*) FROM uids WHERE job IS NOT NULL").fetchone()[0]
-                    raise LookupError(f"no uid left for this job: all {count} uids of [jobs] job_uid_first = {first}, "
-                                      f"job_uid_count = {count} are given ({running} to running jobs, the rest to other "
-                                      f"submitters, whose they stay, or held by accounts); the operator may raise "
-                                      f"job_uid_count")
-                holder = held_elsewhere(uid) if held_elsewhere else None
-                if holder is None:
-                    db.execute("INSERT INTO uids (uid, dn, job) VALUES (?, ?, ?)", (uid, dn, key))
+                uid, given = self._candidate(db, dn, first, count)
+                if held_elsewhere is None:
+                    self._claim(db, uid, given, key, dn)     # in this transaction: it is still as chosen
                     return uid
-                db.execute("INSERT INTO uids (uid, dn, job) VALUES (?, ?, NULL)", (uid, ACCOUNT_HELD + holder))
+            if uid not in known:
+                known[uid] = held_elsewhere(uid)              # no lock held while the name services answer
+            holder = known[uid]
+            with self.db.write("take_uid") as db:
+                if holder is not None:
+                    # given to no job, then or later (unless it was taken meanwhile: then it is that job's)
+                    if given:
+                        db.execute("UPDATE uids SET dn = ? WHERE uid = ? AND dn = ? AND job IS NULL",
+                                   (ACCOUNT_HELD + holder, uid, dn))
+                    else:
+                        db.execute("INSERT OR IGNORE INTO uids (uid, dn, job) VALUES (?, ?, NULL)",
+                                   (uid, ACCOUNT_HELD + holder))
+                    continue
+                if self._claim(db, uid, given, key, dn):
+                    return uid
+            # taken by another job while it was looked up: the next candidate
+
+    @staticmethod
+    def _candidate(db, dn: str, first: int, count: int) -> tuple[int, bool]:
+        """The uid to try next for a job of ``dn`` and whether it was given before (to ``dn``, free again): ``dn``'s
+        lowest free one, else the lowest never given above those given; LookupError when none is left."""
+        row = db.execute("SELECT MIN(uid) FROM uids WHERE dn = ? AND job IS NULL AND uid >= ? AND uid < ?",
+                         (dn, first, first + count)).fetchone()
+        if row[0] is not None:
+            return int(row[0]), True
+        taken = db.execute("SELECT MAX(uid) FROM uids WHERE uid >= ? AND uid < ?", (first, first + count)).fetchone()[0]
+        uid = first if taken is None else int(taken) + 1
+        if uid >= first + count:
+            running = db.execute("SELECT COUNT(*) FROM uids WHERE job IS NOT NULL").fetchone()[0]
+            raise LookupError(f"no uid left for this job: all {count} uids of [jobs] job_uid_first = {first}, "
+                              f"job_uid_count = {count} are given ({running} to running jobs, the rest to other "
+                              f"submitters, whose they stay, or held by accounts); the operator may raise "
+                              f"job_uid_count")
+        return uid, False
+
+    @staticmethod
+    def _claim(db, uid: int, given: bool, key: str, dn: str) -> bool:
+        """Give ``uid`` to job ``key`` if it is still as :meth:`_candidate` chose it (``dn``'s and free, or never
+        given); whether it was."""
+        if given:
+            return db.execute("UPDATE uids SET job = ? WHERE uid = ? AND dn = ? AND job IS NULL",
+                              (key, uid, dn)).rowcount == 1
+        return db.execute("INSERT OR IGNORE INTO uids (uid, dn, job) VALUES (?, ?, ?)", (uid, dn, key)).rowcount == 1
 
     def uid_shortfall(self, dn: str, first: int, count: int) -> str | None:
         """Why no uid of ``first`` .. ``first + count - 1`` could be given to one more job of ``dn`` (None: one can),

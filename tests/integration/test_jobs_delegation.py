@@ -74,11 +74,13 @@ def kept_proxy(grid, key: str):
     return Credential(certs[0], None, tuple(certs[1:]))
 
 
-def test_a_job_that_only_stages_in_is_lent_a_limited_proxy(grid, repo_server, grid_pki, tmp_path):
-    """A job whose gsiftp:// files are stage-ins only is delegated a limited proxy (it moves data, it starts nothing:
-    whoever holds the service's key, a guest's root, can neither run a job nor deploy a VM with it), and the
-    repository's GridFTP face serves its image to it as to her; a job with a gsiftp:// stage-out is lent a full one
-    (a job service takes no other for it). A refresh keeps it so. Without `limited=` every job was lent a full proxy."""
+def test_every_job_is_lent_a_limited_proxy_which_stages_in_and_out(grid, repo_server, grid_pki, tmp_path):
+    """A job's gsiftp:// files are moved with a limited proxy (it moves data, it starts nothing: whoever holds the
+    service's key, a guest's root, can neither run a job nor deploy a VM with it), stage-outs too: a GridFTP server
+    writes for a limited proxy as it reads for one. A job that stages both ways is lent a limited one; the repository's
+    face serves its image to it, and its output arrives at alice's own GridFTP server, verified, written as alice. A
+    refresh keeps it limited. Fails without the fix: a job with a gsiftp:// stage-out was lent a full proxy (the
+    service took no limited one for a stage-out: AccessDenied, rule limited-proxy)."""
     bio = register(repo_server, "bio", b"bio" * 999)
     bio_url = repo_server.client(grid_pki.admin).location(bio.image_id)
     alice = grid.client(grid_pki.alice)
@@ -86,18 +88,53 @@ def test_a_job_that_only_stages_in_is_lent_a_limited_proxy(grid, repo_server, gr
     assert kept_proxy(grid, reads).limited and kept_proxy(grid, reads).identity == grid_pki.alice.dn
     info = alice.wait(reads, timeout=120)
     assert (info.state, info.failure) == ("Done", None) and info.stdout_tail.split()[0] == bio.sha256
-    sleep = ("-c", "import time; time.sleep(600)")
-    both = alice.submit(JobSpec(PY, sleep, stage_in=(StageIn(bio_url, "bio.qcow2"),),
+    # both ways; the program ends once the test has seen the kept proxy and refreshed it (the file `go`)
+    script = ("import hashlib, os, time\nwhile not os.path.exists('go'): time.sleep(0.1)\n"
+              "open('r.txt', 'w').write(hashlib.sha256(open('bio.qcow2', 'rb').read()).hexdigest())")
+    both = alice.submit(JobSpec(PY, ("-c", script), stage_in=(StageIn(bio_url, "bio.qcow2"),),
                                 stage_out=(StageOut("r.txt", f"{grid.gridftp_url}/results/r.txt"),)))
-    assert not kept_proxy(grid, both).limited
+    assert kept_proxy(grid, both).limited and kept_proxy(grid, both).identity == grid_pki.alice.dn
     alice.refresh_proxy(both)
-    assert not kept_proxy(grid, both).limited
+    assert kept_proxy(grid, both).limited
+    (grid.service.jobs.jobs_dir / both / "go").write_text("")
+    info = alice.wait(both, timeout=120)
+    assert (info.state, info.failure) == ("Done", None)
+    assert (grid.files / "results" / "r.txt").read_text() == bio.sha256            # sent with the limited proxy
+    assert {o[0]: o[3] for o in info.outputs}["r.txt"] == f"{grid.gridftp_url}/results/r.txt"
+    assert {dn for dn, op in grid.seen if op == "write"} == {grid_pki.alice.dn}    # written as her
     (grid.files / "ref.fasta").write_text(">ref\nacgt\n")
-    waits = alice.submit(JobSpec(PY, sleep, stage_in=(StageIn(f"{grid.gridftp_url}/ref.fasta", "ref.fasta"),)))
+    waits = alice.submit(JobSpec(PY, ("-c", "import time; time.sleep(600)"),
+                                 stage_in=(StageIn(f"{grid.gridftp_url}/ref.fasta", "ref.fasta"),)))
     alice.refresh_proxy(waits)
     assert kept_proxy(grid, waits).limited
-    for key in (both, waits):
-        alice.cancel(key)
+    alice.cancel(waits)
+
+
+def test_an_older_job_service_that_takes_no_limited_proxy_for_a_stage_out_is_sent_a_full_one(grid, grid_pki,
+                                                                                              monkeypatch):
+    """A job service of an older vmgrid refused a limited proxy for a job with a gsiftp:// stage-out (AccessDenied,
+    rule limited-proxy, nothing recorded): `vmgrid job submit` and `refresh-proxy` delegate a full one to it then, as
+    they did before, and the job is submitted. (The older rule is put back into this real service for the test.)"""
+    from services.faults import AccessDenied
+
+    jobs = grid.service.jobs
+    newer = jobs._delegation
+
+    def older(dn, spec, proxy_pem):
+        kept = newer(dn, spec, proxy_pem)
+        if kept is not None and jobs.stager.delegated(kept, dn).limited and any(s.destination for s in spec.stage_out):
+            raise AccessDenied("the delegated proxy is limited: a limited proxy cannot send stage-outs", subject=dn,
+                               action="job.submit", resource="the job service", rule="limited-proxy")
+        return kept
+
+    monkeypatch.setattr(jobs, "_delegation", older)
+    alice = grid.client(grid_pki.alice)
+    key = alice.submit(JobSpec(PY, ("-c", "import time; time.sleep(600)"),
+                               stage_out=(StageOut("r.txt", f"{grid.gridftp_url}/results/r.txt"),)))
+    assert not kept_proxy(grid, key).limited and [j.key for j in jobs.store.list()] == [key]
+    alice.refresh_proxy(key)
+    assert not kept_proxy(grid, key).limited
+    alice.cancel(key)
 
 
 def test_an_older_clients_gsiftp_staging_is_refused_typed_and_nothing_is_submitted(grid, grid_pki):
@@ -212,7 +249,7 @@ def test_a_refreshed_proxy_asked_to_outlive_the_job_ends_with_it(grid, grid_pki)
 def test_a_proxy_refresh_is_the_submitters_of_a_live_job_and_checked_as_at_submit(grid, grid_pki):
     """Someone else's job is refused (an admin's proxy would move alice's files as him: rule job-submitter; bob may not
     use the service at all); a proxy of another DN, or for another key, is InvalidArgument as at submit; a limited
-    one for a job with a gsiftp:// stage-out is AccessDenied; a job that moves no gsiftp:// file has none to refresh,
+    one is taken, for a job with a gsiftp:// stage-out too; a job that moves no gsiftp:// file has none to refresh,
     and an ended job is IllegalTransition. Nothing refused replaced the kept proxy."""
     from security.pki import make_proxy
     from services.faults import AccessDenied, IllegalTransition
@@ -235,10 +272,10 @@ def test_a_proxy_refresh_is_the_submitters_of_a_live_job_and_checked_as_at_submi
                           (b"", "delegatedProxy is empty")):
         with pytest.raises(InvalidArgument, match=reason):
             alice._on(key, "RefreshJobProxy", delegatedProxy=proxy.decode())
-    limited = make_proxy(grid_pki.alice.credential, limited=True, key=grid_pki.keys.take())
-    with pytest.raises(AccessDenied, match="limited"):
-        alice._on(key, "RefreshJobProxy", delegatedProxy=delegate(limited, service).decode())
     assert kept.read_bytes() == first
+    limited = make_proxy(grid_pki.alice.credential, limited=True, key=grid_pki.keys.take())
+    alice._on(key, "RefreshJobProxy", delegatedProxy=delegate(limited, service).decode())
+    assert kept_proxy(grid, key).limited
     plain = alice.submit(JobSpec(PY, ("-c", "import time; time.sleep(600)")))
     with pytest.raises(InvalidArgument, match="moves no gsiftp:// file"):
         alice.refresh_proxy(plain)

@@ -10,7 +10,7 @@ import pytest
 
 from gridftp.errors import GridFTPError
 from services.faults import AccessDenied, LimitExceeded
-from services.jobs.store import JobSpec, StageIn
+from services.jobs.store import JobSpec, StageIn, StageOut
 from services.jobs.wire import JOB
 from tests.integration.test_jobs_service import PY, JobGrid
 
@@ -145,5 +145,42 @@ def test_the_job_services_gridftp_face_refuses_a_guests_login(grid_pki, tmp_path
         download(f"{info.directory_url}stdout", tmp_path / "stdout", 1, credential=grid_pki.alice.proxy,
                  trust=grid_pki.trust())
         assert (tmp_path / "stdout").read_text() == "hers\n"
+    finally:
+        grid.close()
+
+
+def test_the_vo_admins_fetch_a_jobs_files_over_the_face_read_only_and_nobody_else(grid_pki, tmp_path):
+    """A VO admin read a job's output tails (StdoutTail) but was refused its files on the job service's GridFTP face
+    (550: the face let the job's submitter alone read /jobs/<key>/). Now the face follows the rule of the tails,
+    Cancel and Destroy (job-submitter-or-vo-admin): the admin fetches alice's job's outputs, verified against the
+    sha256 the service recorded, but writes nothing into the job's directory; bob (no user of the service) reads
+    nothing, nor does the instance's owner read an admin's job. Fails without the fix: the admin's fetch was 550."""
+    from gridftp import download, upload
+
+    grid = JobGrid(grid_pki, tmp_path)
+    try:
+        alice, admin = grid.client(grid_pki.alice), grid.client(grid_pki.admin)
+        hers = alice.submit(JobSpec(PY, ("-c", "open('result.txt', 'w').write('hers\\n'); print('out')"),
+                                    stage_out=(StageOut("result.txt"),)))
+        info = admin.wait(hers, timeout=120)
+        assert (info.state, info.stdout_tail) == ("Done", "out\n")
+        fetched = admin.fetch_outputs(info, tmp_path / "admin")
+        assert {p.name: p.read_text() for p in fetched} == {"stdout": "out\n", "stderr": "", "result.txt": "hers\n"}
+        planted = tmp_path / "planted"
+        planted.write_text("not hers\n")
+        with pytest.raises(GridFTPError, match="550"):
+            upload(planted, f"{info.directory_url}planted", 1, credential=grid_pki.admin.proxy,
+                   trust=grid_pki.trust(), retries=0)
+        assert not (grid.service.jobs.jobs_dir / hers / "planted").exists()
+        with pytest.raises(GridFTPError):
+            download(f"{info.directory_url}result.txt", tmp_path / "bob", 1, credential=grid_pki.bob.proxy,
+                     trust=grid_pki.trust(), retries=0)
+        assert not (tmp_path / "bob").exists()
+        his = admin.submit(JobSpec(PY, ("-c", "print('his')")))
+        his_info = admin.wait(his, timeout=120)
+        with pytest.raises(GridFTPError, match="550"):
+            download(f"{his_info.directory_url}stdout", tmp_path / "hers", 1, credential=grid_pki.alice.proxy,
+                     trust=grid_pki.trust(), retries=0)
+        assert [p.read_text() for p in admin.fetch_outputs(his_info, tmp_path / "his", names=["stdout"])] == ["his\n"]
     finally:
         grid.close()

@@ -69,14 +69,17 @@ def test_properties_are_schema_valid_whatever_the_program_printed():
     CONTRACT.validator.assertValid(listing)
 
 
-def test_the_gridftp_face_lets_each_owner_read_their_jobs_and_write_only_their_staging_area(tmp_path):
+def test_the_gridftp_face_lets_a_jobs_submitter_and_the_admins_read_it_and_each_write_only_their_staging_area():
     owners = {"job-1": OWNER, "job-2": ADMIN}
     face = JobTransfers.__new__(JobTransfers)
-    face.job_owner, face.may_use = owners.get, lambda dn: dn in (OWNER, ADMIN)
+    face.may_read = lambda dn, key: key in owners and dn in (owners[key], ADMIN)     # JobManager.may_fetch's rule
+    face.may_use = lambda dn: dn in (OWNER, ADMIN)
     mine, theirs = staging_area(OWNER), staging_area(ADMIN)
     assert face.authorize(OWNER, "read", "/jobs/job-1/out.txt") and face.authorize(OWNER, "list", "/jobs/job-1")
+    assert face.authorize(ADMIN, "read", "/jobs/job-1/out.txt") and face.authorize(ADMIN, "list", "/jobs/job-1")
     assert not face.authorize(OWNER, "write", "/jobs/job-1/out.txt")      # outputs are not rewritten
-    assert not face.authorize(OWNER, "read", "/jobs/job-2/out.txt")       # the job's owner only
+    assert not face.authorize(ADMIN, "write", "/jobs/job-1/out.txt")      # by an admin neither
+    assert not face.authorize(OWNER, "read", "/jobs/job-2/out.txt")       # the job's submitter and the admins only
     assert not face.authorize(OWNER, "read", "/jobs/job-9/x")
     assert face.authorize(OWNER, "write", f"/staging/{mine}/a.fasta")
     assert not face.authorize(OWNER, "read", f"/staging/{theirs}/a.fasta")
