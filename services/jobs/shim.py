@@ -217,12 +217,59 @@ def oom_kills(path: str) -> int:
     return 0
 
 
-def memory_failure(limit: int, exit_code: int, kills: int) -> str | None:
-    """Why the job failed when the kernel killed ``kills`` of its processes past its memory ``limit`` and the
-    program's exit is ``exit_code``; None when the program exited 0 all the same (the job is not failed)."""
+LIMIT_SLACK = 1 << 20      # a cgroup v1 peak within this of a limit reached it (charges come in batches)
+
+
+def limit_events(path: str | None) -> int:
+    """How often the memory cgroup ``path`` reached its own limit, on cgroup v2: the ``max`` count of its
+    memory.events (a limit reached at an ancestor is not counted there); 0 on cgroup v1 or if unknown."""
+    try:
+        with open(os.path.join(path, "memory.events")) as f:
+            for line in f:
+                if line.startswith("max "):
+                    return int(line.split()[1])
+    except (OSError, ValueError, TypeError):
+        pass
+    return 0
+
+
+def limit_reached(path: str | None, limit: int, events_before: int = 0) -> bool:
+    """Whether the memory cgroup ``path`` reached its own ``limit``: on cgroup v2 its memory.events ``max`` count
+    grew past ``events_before``; on cgroup v1 its peak (memory.max_usage_in_bytes, or memory + swap's) came within
+    LIMIT_SLACK of it (v1's memory.failcnt counts nothing on recent kernels)."""
+    if path is None or not limit:
+        return False
+    if os.path.exists(os.path.join(path, "memory.events")):
+        return limit_events(path) > events_before
+    for name in ("memory.max_usage_in_bytes", "memory.memsw.max_usage_in_bytes"):
+        try:
+            with open(os.path.join(path, name)) as f:
+                if int(f.read().split()[0]) + LIMIT_SLACK >= limit:
+                    return True
+        except (OSError, ValueError, IndexError):
+            continue
+    return False
+
+
+def memory_cause(limit: int, total: int, own_hit: bool, total_hit: bool) -> str:
+    """Which bound the kernel enforced when it killed in a job: "total" ([jobs] memory_total, all the service's jobs
+    together) when that one was reached during the job and the job's own limit was not, else "limit"."""
+    if total and (total_hit or not limit) and not (limit and own_hit):
+        return "total"
+    return "limit"
+
+
+def memory_failure(limit: int, exit_code: int, kills: int, total: int = 0, cause: str = "limit") -> str | None:
+    """Why the job failed when the kernel killed ``kills`` of its processes past its memory ``limit`` (``cause``
+    "limit") or past the ``total`` of all the service's jobs (``cause`` "total") and the program's exit is
+    ``exit_code``; None when the program exited 0 all the same (the job is not failed)."""
     if not kills or exit_code == 0:
         return None
-    over = f"the job used more than its memory limit of {limit} bytes ([jobs] memory_limit)"
+    if cause == "total":
+        over = (f"this job service's jobs together used more than their memory total of {total} bytes ([jobs] "
+                f"memory_total)")
+    else:
+        over = f"the job used more than its memory limit of {limit} bytes ([jobs] memory_limit)"
     if exit_code == -signal.SIGKILL:
         return f"the program was killed by the kernel, out of memory: {over}"
     how = f"killed by signal {-exit_code}" if exit_code < 0 else f"exited with status {exit_code}"
@@ -399,6 +446,7 @@ def main(spec_path: str) -> int:
         else:
             status[what] = f"unbounded: {why_not}"
     memory = next((p for what, p in cgroups if what == "memory"), None)
+    total_before = limit_events(spec.get("memory_parent")) if memory is not None else 0
 
     def init_body():
         os.close(report_r)
@@ -416,6 +464,10 @@ def main(spec_path: str) -> int:
     _, wait_status = os.waitpid(init, 0)     # a namespace ends with its init: nothing of the job is left in it
     end_the_rest_of_the_group()     # before the joins: a process left behind in the group may hold the output pipes
     kills = oom_kills(memory) if memory is not None else 0        # before the cgroup goes
+    if kills:
+        limit, total = spec.get("memory_limit", 0), spec.get("memory_total", 0)
+        cause = memory_cause(limit, total, limit_reached(memory, limit),
+                             limit_reached(spec.get("memory_parent"), total, total_before))
     for path in dict.fromkeys(p for _, p in cgroups):
         remove_cgroup(path)
     for t in threads:
@@ -427,8 +479,9 @@ def main(spec_path: str) -> int:
     else:                                    # the init was killed (SIGKILL to the group): so was the program
         status["exit"] = os.waitstatus_to_exitcode(wait_status)
     if kills:
-        status["memory"] = f"{kills} process{'es' if kills > 1 else ''} killed past {spec['memory_limit']} bytes"
-        failure = memory_failure(spec["memory_limit"], status["exit"], kills)
+        past = (f"the jobs' total of {spec['memory_total']}" if cause == "total" else str(spec["memory_limit"]))
+        status["memory"] = f"{kills} process{'es' if kills > 1 else ''} killed past {past} bytes"
+        failure = memory_failure(spec["memory_limit"], status["exit"], kills, spec.get("memory_total", 0), cause)
         if failure is not None and not status.get("error"):
             status["error"] = failure
     write_status(spec["status"], status)
