@@ -23,7 +23,7 @@ from services.faults import (AccessDenied, IllegalTransition, InvalidArgument, L
                             ServiceUnavailable)
 from services.jobs.config import JobsConfig
 from services.jobs.files import chown_tree, lock, open_beneath, open_output
-from services.jobs.runner import (Exit, Process, job_environment, memory_cgroups, memory_limit_bytes,
+from services.jobs.runner import (Exit, Process, job_environment, memory_cgroups, memory_limit_bytes, network_mode,
                                   pid_namespaces, pids_cgroups, proc_start_time, read_exit, read_supervisor,
                                   remove_job_cgroup, remove_left_cgroups, remove_service_cgroups)
 from services.jobs.staging import ONCE, Stager, StagingError, as_submitter, inside
@@ -66,6 +66,7 @@ class JobManager:
                              f"a range of at least one uid from 1000 up, below 4294967294")
         memory_limit_bytes(config.memory_limit)          # one that means nothing is refused before anything is done
         memory_limit_bytes(config.memory_total, key="memory_total")
+        network_mode(config.network)
         uids.claim(Path(state_dir), config.job_uid_first, config.job_uid_count)     # no account's, no other service's
         self.config = config
         self.state_dir = Path(state_dir)
@@ -441,7 +442,8 @@ class JobManager:
                                  pids_cgroup=self.pids_cgroup / key if self.pids_cgroup else None,
                                  max_processes=self.config.max_processes, processes_unbounded=self.processes_unbounded,
                                  max_file_size=self.config.staging_quota, uid=uid, fds=fds,
-                                 tmp_size=self.config.tmp_size, keep=self.state_dir, memory=self.memory.for_job(key))
+                                 tmp_size=self.config.tmp_size, keep=self.state_dir, memory=self.memory.for_job(key),
+                                 network=self.config.network)
         finally:
             for fd in fds.values():
                 os.close(fd)

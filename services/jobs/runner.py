@@ -67,13 +67,14 @@ class Process:
               pids_cgroup: Path | None = None, max_processes: int = 0, processes_unbounded: str | None = None,
               max_file_size: int | None = None, uid: int | None = None,
               fds: dict[str, int] | None = None, tmp_size: int = 0, keep: Path | None = None,
-              memory: dict | None = None) -> "Process":
+              memory: dict | None = None, network: str = "host") -> "Process":
         """Start the job's supervisor. ``uid``: the account the program runs under (None: the service's own);
         ``fds``: the job's ``stdin``/``stdout``/``stderr`` already open (the service opened them before the job's
         uid could write its directory), passed to the supervisor instead of their paths; ``tmp_size``: bytes of the
         job's private /tmp (and /var/tmp) and of its /dev/shm (0: the host's); ``keep``: the directory (the service's
         state, the job's inside) kept at its path there, where it lies beneath them (default: ``cwd``); ``memory``: the
-        job's memory bound (``MemoryBound.for_job``)."""
+        job's memory bound (``MemoryBound.for_job``); ``network``: [jobs] network ("none": a network namespace of
+        the job's own with only loopback)."""
         control.mkdir(mode=0o700, parents=True, exist_ok=True)
         status = control / "exit.json"
         fds = fds or {}
@@ -82,7 +83,7 @@ class Process:
                 "pid_namespace": pid_namespace, "pids_cgroup": str(pids_cgroup) if pids_cgroup else None,
                 "max_processes": max_processes, "processes_unbounded": processes_unbounded,
                 "max_file_size": max_file_size, "uid": uid, "tmp_size": tmp_size,
-                "keep": str(keep if keep is not None else cwd), **(memory or {}),
+                "keep": str(keep if keep is not None else cwd), **(memory or {}), "network": network,
                 **{f"{name}_fd": fd for name, fd in fds.items()}}
         spec_path = control / "spec.json"
         spec_path.write_text(json.dumps(spec))
@@ -388,6 +389,17 @@ def remove_job_cgroup(parent: Path | None, key: str) -> None:
     """Remove a job's pids cgroup the supervisor left (it was killed), killing what is still in it."""
     if parent is not None:
         remove_cgroup(str(parent / key), tries=20)
+
+
+NETWORKS = {"host": "the host's network, as any local account has it",
+            "none": "a network namespace of the job's own with only loopback"}
+
+
+def network_mode(setting: str) -> str:
+    """[jobs] network checked: "host" or "none"; a ValueError (one line naming the key) for anything else."""
+    if setting not in NETWORKS:
+        raise ValueError(f"[jobs] network = {setting!r}: " + " or ".join(f'"{k}" ({v})' for k, v in NETWORKS.items()))
+    return setting
 
 
 def _killpg(pgid: int, sig: int) -> None:

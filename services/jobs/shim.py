@@ -106,6 +106,31 @@ def private_ipc() -> str | None:
     return None
 
 
+CLONE_NEWNET = 0x40000000
+SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
+
+
+def private_network() -> str | None:
+    """Give the job a network namespace of its own ([jobs] network = "none") with only its loopback, brought up:
+    it reaches no other job's listener on localhost nor its abstract Unix sockets (they are the namespace's), and
+    nothing beyond the machine; its own localhost works. None, or why not."""
+    import fcntl
+    import socket
+    import struct
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(CLONE_NEWNET) != 0:
+        return os.strerror(ctypes.get_errno())
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            name = b"lo".ljust(16, b"\0")
+            flags = struct.unpack("16sH", fcntl.ioctl(s.fileno(), SIOCGIFFLAGS, name + b"\0" * 24)[:18])[1]
+            fcntl.ioctl(s.fileno(), SIOCSIFFLAGS, struct.pack("16sH", name, flags | IFF_UP) + b"\0" * 22)
+    except OSError as exc:
+        return f"loopback: {exc.strerror or exc}"
+    return None
+
+
 def private_mounts(tmp: tuple[int, str] | None, proc: bool) -> dict:
     """Give the job (this process and what it starts) a mount namespace of its own, made before the uid is dropped:
 
@@ -331,7 +356,7 @@ def start_init(run) -> int:
 
 def run_init(argv: list[str], cwd: str, env: dict, stdin, stdout: int, stderr: int, report: int,
              cgroups: list | None = None, max_file_size: int | None = None, uid: int | None = None,
-             tmp: tuple[int, str] | None = None) -> None:
+             tmp: tuple[int, str] | None = None, network: str = "host") -> None:
     """PID 1 of the job's namespace (a forked child of the shim, started by ``start_init`` with SIGTERM blocked;
     never returns): join the job's cgroups (``cgroups``: what each bounds, "processes" or "memory", and its path),
     bound the size of each file it writes, start the program (as ``uid``, its group too and no other, when the
@@ -339,8 +364,9 @@ def run_init(argv: list[str], cwd: str, env: dict, stdin, stdout: int, stderr: i
     for, and the program may have left the group), reap every orphan, and exit once the program has ended, which
     ends every other process of the namespace. An IPC namespace of the job's (``private_ipc``) and a mount
     namespace (``private_mounts``): a /proc of its PID namespace (when this is its PID 1) and, with ``tmp`` (a size
-    and the directory to keep), a private /tmp, /var/tmp, /dev/shm and /run/lock. How it ended goes to ``report``
-    as JSON."""
+    and the directory to keep), a private /tmp, /var/tmp, /dev/shm and /run/lock. With ``network`` "none" a network
+    namespace of the job's with only loopback (``private_network``): the program does not start without it. How it
+    ended goes to ``report`` as JSON."""
     program = None
     pending = []
     told: dict = {}
@@ -363,6 +389,13 @@ def run_init(argv: list[str], cwd: str, env: dict, stdin, stdout: int, stderr: i
             if why_not is not None:
                 told[what] = f"unbounded: {why_not}"
         in_namespace = os.getpid() == 1          # PID 1 of the job's own PID namespace: its /proc is the job's
+        if network == "none":
+            why_not = private_network()
+            if why_not is not None:          # asked for by the operator: no job runs on the host's network instead
+                told.update({"exit": 127, "error": f"the job cannot have a network of its own ([jobs] network = "
+                                                   f"\"none\"): {why_not}"})
+                os.write(report, json.dumps(told).encode())
+                return
         why_not = private_ipc()
         if why_not is not None:
             told["ipc"] = f"the host's: {why_not}"
@@ -455,7 +488,7 @@ def main(spec_path: str) -> int:
                 os.close(fd)
         run_init(spec["argv"], spec["cwd"], spec["env"], stdin, out_w, err_w, report_w, cgroups,
                  spec.get("max_file_size"), spec.get("uid"),
-                 (spec["tmp_size"], spec["keep"]) if spec.get("tmp_size") else None)
+                 (spec["tmp_size"], spec["keep"]) if spec.get("tmp_size") else None, spec.get("network", "host"))
     init = start_init(init_body)          # PID 1 of the job's namespace (without one: a plain child doing the same)
     for fd in (out_w, err_w, report_w):
         os.close(fd)

@@ -1,7 +1,7 @@
 """What bounds a job service's jobs together, with real jobs of a real job service (jobiso14): [jobs] memory_total
 bounds the memory of all of them (one memory cgroup of the service's holding the jobs'; the job the kernel kills
-there fails naming the key), and the jobs' pids cgroups sit inside the service's own (a bound on the service
-covers its jobs)."""
+there fails naming the key), the jobs' pids cgroups sit inside the service's own (a bound on the service covers
+its jobs), and [jobs] network = "none" gives each job a network of its own with only loopback."""
 from __future__ import annotations
 
 import json
@@ -109,3 +109,53 @@ def test_on_cgroup_v1_the_jobs_pids_cgroups_are_inside_the_services_own(tmp_path
         assert not list(p for p in service.iterdir() if p.is_dir())       # the job's and the service's are gone
     finally:
         remove_cgroup(str(service))
+
+
+# serves an abstract Unix socket and a TCP port on 127.0.0.1, writes the port to "port", answers each connection
+LISTEN = ("import os, socket, threading\n"
+          "u = socket.socket(socket.AF_UNIX); u.bind('\\0' + os.environ['NAME']); u.listen(4)\n"
+          "t = socket.socket(); t.bind(('127.0.0.1', 0)); t.listen(4)\n"
+          "def serve(s):\n    while True:\n        c, _ = s.accept(); c.sendall(b'hello'); c.close()\n"
+          "for s in (u, t):\n    threading.Thread(target=serve, args=(s,), daemon=True).start()\n"
+          "open('port.tmp', 'w').write(str(t.getsockname()[1])); os.rename('port.tmp', 'port')\n"
+          "import time\nwhile not os.path.exists('go'):\n    time.sleep(0.05)\n")
+# tries the other job's abstract socket and port, then a listener of its own on its loopback
+CONNECT = ("import os, socket, sys\n"
+           "def ask(family, address):\n    s = socket.socket(family)\n    try:\n        s.connect(address)\n"
+           "        return s.recv(5).decode()\n    except OSError as exc:\n        return exc.strerror\n"
+           "print('unix', ask(socket.AF_UNIX, '\\0' + os.environ['NAME']))\n"
+           "print('tcp', ask(socket.AF_INET, ('127.0.0.1', int(sys.argv[1]))))\n"
+           "own = socket.socket(); own.bind(('127.0.0.1', 0)); own.listen(1)\n"
+           "socket.create_connection(own.getsockname(), timeout=10); print('own connected')\n")
+
+
+@pytest.mark.parametrize("network", ["host", "none"])
+def test_a_job_in_a_network_of_its_own_reaches_no_other_jobs_abstract_socket_nor_localhost_port(tmp_path, network):
+    """A job listens on an abstract Unix socket and a port of 127.0.0.1 (no permission guards either: any local
+    account reaches them). [jobs] network = "host" (the default): another job (another uid) connects to both.
+    "none": each job has a network namespace of its own with only loopback: the other job reaches neither, and its
+    own loopback works."""
+    m = manager(tmp_path / "state") if network == "host" else manager(tmp_path / "state", network=network)
+    name = f"vmgrid-test-{uuid.uuid4().hex}"
+    try:
+        server = m.submit(OWNER, JobSpec(executable=PY, arguments=("-c", LISTEN), environment=(("NAME", name),)))
+        port_file = m.jobs_dir / server.key / "port"
+        wait_until(lambda: port_file.exists() or m.store.get(server.key).final)
+        client = wait_final(m, m.submit(OWNER, JobSpec(executable=PY, arguments=("-c", CONNECT, port_file.read_text()),
+                                                       environment=(("NAME", name),))).key)
+        out = (m.jobs_dir / client.key / "stdout").read_text()
+        assert client.state == JobState.DONE, (client.failure, out, (m.jobs_dir / client.key / "stderr").read_text())
+        if network == "host":
+            assert out == "unix hello\ntcp hello\nown connected\n", out
+        else:
+            assert out == "unix Connection refused\ntcp Connection refused\nown connected\n", out
+        (m.jobs_dir / server.key / "go").write_text("")
+        assert wait_final(m, server.key).state == JobState.DONE
+    finally:
+        shut(m)
+
+
+def test_a_network_setting_that_means_nothing_is_refused_at_start(tmp_path):
+    with pytest.raises(ValueError, match=r'^\[jobs\] network = \'private\': "host" \(.*\) or "none" \('):
+        manager(tmp_path / "state", network="private")
+    assert not (tmp_path / "state").exists()
