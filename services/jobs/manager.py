@@ -161,7 +161,7 @@ class JobManager:
         self._stop.set()
         if self._sweeper is not None:
             self._sweeper.stop()
-        if not self._threads:          # no job runs nor starts: the service's cgroups go (running jobs keep them)
+        if not self.store.list(live_only=True):    # none runs nor starts: the service's cgroups go (when empty)
             remove_service_cgroups([self.pids_cgroup, self.memory.parent])
         self.store.close()
 
