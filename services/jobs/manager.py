@@ -757,7 +757,8 @@ class JobManager:
             except Exception:
                 log.exception("could not destroy expired job %s", key)
         self.trash.empty()             # what a removal left (a job still writing), or a restart found
-        remove_left_cgroups([self.pids_cgroup, self.memory.parent], {j.key for j in self.store.list(live_only=True)})
+        remove_left_cgroups([self.pids_cgroup, self.memory.parent],
+                            lambda: {j.key for j in self.store.list(live_only=True)})
         return expired
 
     def _remove_orphans(self) -> None:
@@ -874,7 +875,8 @@ class JobManager:
                 self.free_uid(key)
         # the cgroups of jobs that ended, failed above or were destroyed while the service was away (a supervisor
         # killed with it left them): the jobs found running, or to be finished, keep theirs
-        remove_left_cgroups([self.pids_cgroup, self.memory.parent], {j.key for j in self.store.list(live_only=True)})
+        remove_left_cgroups([self.pids_cgroup, self.memory.parent],
+                            lambda: {j.key for j in self.store.list(live_only=True)})
         return report
 
 

@@ -17,6 +17,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from services.jobs.shim import remove_cgroup
 
@@ -357,22 +358,22 @@ def memory_cgroups(setting: int | str, total_setting: int | str, state_dir: Path
     return MemoryBound(limit, total, parent, files, extra)
 
 
-def remove_left_cgroups(parents: list[Path | None], live: set[str]) -> list[str]:
-    """Remove the cgroups in the service's ``parents`` (its pids and memory cgroups) of no job of ``live`` (the
-    keys of the jobs not yet ended): those a supervisor killed with the service (SIGKILL) could not remove, and
-    those of jobs that ended or were destroyed while it was away, killing what is left in them (nothing of an ended
-    job runs on). A job's cgroup is made after its record, and removed before it ends: one being made is a live
-    job's. The names removed."""
-    removed = []
+def remove_left_cgroups(parents: list[Path | None], live: Callable[[], set[str]]) -> list[str]:
+    """Remove the cgroups in the service's ``parents`` (its pids and memory cgroups) of no job ``live()`` names (the
+    keys of the jobs not yet ended, asked after the cgroups are listed): those a supervisor killed with the service
+    (SIGKILL) could not remove, and those of jobs that ended or were destroyed while it was away, killing what is
+    left in them (nothing of an ended job runs on). A job's cgroup is made after its record, and removed before it
+    ends: one listed while it is being made is a live job's. The names removed."""
+    listed = []
     for parent in dict.fromkeys(p for p in parents if p is not None):
         try:
-            names = [e.name for e in os.scandir(parent) if e.is_dir(follow_symlinks=False)]
+            listed += [parent / e.name for e in os.scandir(parent) if e.is_dir(follow_symlinks=False)]
         except OSError:
             continue
-        for name in names:
-            if name not in live and remove_cgroup(str(parent / name), tries=5):
-                removed.append(name)
-    return removed
+    if not listed:
+        return []
+    keep = live()
+    return [path.name for path in listed if path.name not in keep and remove_cgroup(str(path), tries=5)]
 
 
 def remove_service_cgroups(parents: list[Path | None]) -> None:

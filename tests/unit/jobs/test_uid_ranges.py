@@ -117,7 +117,7 @@ def test_a_stopped_job_services_range_stays_its_own_while_its_jobs_run_on(tmp_pa
         os.killpg(pid, signal.SIGKILL)           # the supervisor, and the job's PID namespace with it
         wait_until(lambda: proc_start_time(pid) is None)
     wait_until(lambda: not uids.processes_in(first, 10))
-    runner.remove_left_cgroups(cgroups, set())
+    runner.remove_left_cgroups(cgroups, set)
     runner.remove_service_cgroups(cgroups)
     taken = manager(b_state, job_uid_first=first, job_uid_count=10)     # nothing of alice's runs: taken over
     shut(taken)
