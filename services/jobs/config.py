@@ -36,7 +36,13 @@ class JobsConfig:
                                        # /sys/fs/cgroup (v2), whichever has the pids controller)
     memory_limit: int | str = "75%"    # memory one job may have (a memory cgroup per job; past it the kernel kills
                                        # in the job, which fails "out of memory"): bytes, 0 = no bound, or "P%" of
-                                       # the machine's memory (MemTotal at start): the rest stays for the system
+                                       # the machine's memory (MemTotal at start)
+    memory_total: int | str = "75%"    # memory all the service's jobs may have together (one memory cgroup of the
+                                       # service's holding the jobs'; past it the kernel kills in the largest job,
+                                       # which fails naming this key): bytes, 0 = no bound, or "P%": the rest stays
+                                       # for the system however many jobs run
+    network: str = "host"              # "host": jobs share the host's network; "none": each job has a network
+                                       # namespace of its own with only loopback (docs/jobs.md)
     job_uid_first: int = 900000        # each running job holds a uid (and gid) of this range of its own, given back
     job_uid_count: int = 10000         # when it ends, to its submitter's next jobs only; recorded in jobs.sqlite
     logs: dict[str, str] = field(default_factory=dict)   # GetLog: name -> file (e.g. container, guestd)

@@ -23,8 +23,9 @@ from services.faults import (AccessDenied, IllegalTransition, InvalidArgument, L
                             ServiceUnavailable)
 from services.jobs.config import JobsConfig
 from services.jobs.files import chown_tree, lock, open_beneath, open_output
-from services.jobs.runner import (Exit, Process, job_environment, memory_cgroups, memory_limit_bytes, pid_namespaces,
-                                  pids_cgroups, proc_start_time, read_exit, read_supervisor, remove_job_cgroup)
+from services.jobs.runner import (Exit, Process, job_environment, memory_cgroups, memory_limit_bytes, network_mode,
+                                  pid_namespaces, pids_cgroups, proc_start_time, read_exit, read_supervisor,
+                                  remove_job_cgroup, remove_left_cgroups, remove_service_cgroups)
 from services.jobs.staging import ONCE, Stager, StagingError, as_submitter, inside
 from services.jobs import tree, uids
 from services.jobs.store import Job, JobSpec, JobState, JobStore, OutputFile
@@ -64,6 +65,8 @@ class JobManager:
             raise ValueError(f"[jobs] job_uid_first = {config.job_uid_first}, job_uid_count = {config.job_uid_count}: "
                              f"a range of at least one uid from 1000 up, below 4294967294")
         memory_limit_bytes(config.memory_limit)          # one that means nothing is refused before anything is done
+        memory_limit_bytes(config.memory_total, key="memory_total")
+        network_mode(config.network)
         uids.claim(Path(state_dir), config.job_uid_first, config.job_uid_count)     # no account's, no other service's
         self.config = config
         self.state_dir = Path(state_dir)
@@ -99,12 +102,12 @@ class JobManager:
         self.pids_cgroup: Path | None = None
         self.processes_unbounded: str | None = None
         if config.max_processes > 0:
-            self.pids_cgroup, self.processes_unbounded = pids_cgroups(config.pids_cgroup)
+            self.pids_cgroup, self.processes_unbounded = pids_cgroups(config.pids_cgroup, self.state_dir)
             if self.processes_unbounded is not None:
                 log.warning("jobs' processes are unbounded, not at most [jobs] max_processes = %d each (%s: the job "
                             "service needs a pids cgroup hierarchy it may write, e.g. root as in a guest): a fork "
                             "bomb in a job can exhaust the node", config.max_processes, self.processes_unbounded)
-        self.memory = memory_cgroups(config.memory_limit)      # services/jobs/runner.py: the memory cgroup per job
+        self.memory = memory_cgroups(config.memory_limit, config.memory_total, self.state_dir)   # runner.py
         if self.memory.why_not is not None:
             log.warning("jobs' memory is unbounded, not at most [jobs] memory_limit = %r (%d bytes) each (%s: the job "
                         "service needs a memory cgroup hierarchy it may write, e.g. root as in a guest): a job can take "
@@ -158,6 +161,8 @@ class JobManager:
         self._stop.set()
         if self._sweeper is not None:
             self._sweeper.stop()
+        if not self.store.list(live_only=True):    # none runs nor starts: the service's cgroups go (when empty)
+            remove_service_cgroups([self.pids_cgroup, self.memory.parent])
         self.store.close()
 
     # -- submission ---------------------------------------------------------------------------------------
@@ -437,7 +442,8 @@ class JobManager:
                                  pids_cgroup=self.pids_cgroup / key if self.pids_cgroup else None,
                                  max_processes=self.config.max_processes, processes_unbounded=self.processes_unbounded,
                                  max_file_size=self.config.staging_quota, uid=uid, fds=fds,
-                                 tmp_size=self.config.tmp_size, keep=self.state_dir, memory=self.memory.for_job(key))
+                                 tmp_size=self.config.tmp_size, keep=self.state_dir, memory=self.memory.for_job(key),
+                                 network=self.config.network)
         finally:
             for fd in fds.values():
                 os.close(fd)
@@ -760,6 +766,8 @@ class JobManager:
             except Exception:
                 log.exception("could not destroy expired job %s", key)
         self.trash.empty()             # what a removal left (a job still writing), or a restart found
+        remove_left_cgroups([self.pids_cgroup, self.memory.parent],
+                            lambda: {j.key for j in self.store.list(live_only=True)})
         return expired
 
     def _remove_orphans(self) -> None:
@@ -874,6 +882,10 @@ class JobManager:
         for key in self.store.held_uids():
             if key not in resumed:
                 self.free_uid(key)
+        # the cgroups of jobs that ended, failed above or were destroyed while the service was away (a supervisor
+        # killed with it left them): the jobs found running, or to be finished, keep theirs
+        remove_left_cgroups([self.pids_cgroup, self.memory.parent],
+                            lambda: {j.key for j in self.store.list(live_only=True)})
         return report
 
 

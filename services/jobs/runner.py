@@ -3,7 +3,10 @@ led by the shim that supervises it), a PID namespace per job where the service m
 starts outlives it), a clean environment, bounded output capture (shim.py)."""
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
+import logging
 import os
 import re
 import signal
@@ -14,6 +17,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from services.jobs.shim import remove_cgroup
 
@@ -64,13 +68,14 @@ class Process:
               pids_cgroup: Path | None = None, max_processes: int = 0, processes_unbounded: str | None = None,
               max_file_size: int | None = None, uid: int | None = None,
               fds: dict[str, int] | None = None, tmp_size: int = 0, keep: Path | None = None,
-              memory: dict | None = None) -> "Process":
+              memory: dict | None = None, network: str = "host") -> "Process":
         """Start the job's supervisor. ``uid``: the account the program runs under (None: the service's own);
         ``fds``: the job's ``stdin``/``stdout``/``stderr`` already open (the service opened them before the job's
         uid could write its directory), passed to the supervisor instead of their paths; ``tmp_size``: bytes of the
         job's private /tmp (and /var/tmp) and of its /dev/shm (0: the host's); ``keep``: the directory (the service's
         state, the job's inside) kept at its path there, where it lies beneath them (default: ``cwd``); ``memory``: the
-        job's memory bound (``MemoryBound.for_job``)."""
+        job's memory bound (``MemoryBound.for_job``); ``network``: [jobs] network ("none": a network namespace of
+        the job's own with only loopback)."""
         control.mkdir(mode=0o700, parents=True, exist_ok=True)
         status = control / "exit.json"
         fds = fds or {}
@@ -79,7 +84,7 @@ class Process:
                 "pid_namespace": pid_namespace, "pids_cgroup": str(pids_cgroup) if pids_cgroup else None,
                 "max_processes": max_processes, "processes_unbounded": processes_unbounded,
                 "max_file_size": max_file_size, "uid": uid, "tmp_size": tmp_size,
-                "keep": str(keep if keep is not None else cwd), **(memory or {}),
+                "keep": str(keep if keep is not None else cwd), **(memory or {}), "network": network,
                 **{f"{name}_fd": fd for name, fd in fds.items()}}
         spec_path = control / "spec.json"
         spec_path.write_text(json.dumps(spec))
@@ -160,28 +165,42 @@ def pid_namespaces() -> str | None:
     return (result.stderr.strip().splitlines() or [f"the probe exited with status {result.returncode}"])[-1]
 
 
-CGROUP_PARENT = "vmgrid-jobs"
+CGROUP_PREFIX = "vmgrid-jobs-"
+log = logging.getLogger("vmgrid.JobService")
 
 
-def pids_cgroups(configured: str = "") -> tuple[Path | None, str | None]:
+def service_cgroup_name(state_dir: Path | str) -> str:
+    """The name of the cgroup that holds the cgroups of the jobs of the job service of ``state_dir``, in each
+    hierarchy: ``vmgrid-jobs-`` and the first 16 hex digits of the SHA-256 of the state directory's real path (those
+    that begin its uid registry entry's name, services/jobs/uids.py). The same at every start of that service, and
+    no other service's: what is in it is that service's jobs, and nothing else's."""
+    return CGROUP_PREFIX + hashlib.sha256(os.path.realpath(state_dir).encode()).hexdigest()[:16]
+
+
+def pids_cgroups(configured: str, state_dir: Path | str) -> tuple[Path | None, str | None]:
     """Where this service may make a pids cgroup per job: (the parent of the jobs' cgroups, None), or (None, why
     not). The hierarchy is ``configured``, else cgroup v1's /sys/fs/cgroup/pids, else cgroup v2's /sys/fs/cgroup
-    if it has the pids controller. Probed by making (and removing) one cgroup with a bound, as a job's will be."""
+    if it has the pids controller. The parent is ``service_cgroup_name(state_dir)``: on cgroup v1 in the service's
+    own pids cgroup (a bound the operator put on the service covers its jobs too), on cgroup v2 at the hierarchy's
+    root (v2 enables no controller below a cgroup that holds processes, as the service's own does). Probed by
+    making (and removing) one cgroup with a bound, as a job's will be."""
     if configured:
         root = Path(configured)
     elif Path("/sys/fs/cgroup/pids/cgroup.procs").exists():
         root = Path("/sys/fs/cgroup/pids")
     else:
         root = Path("/sys/fs/cgroup")
-    parent = root / CGROUP_PARENT
     try:
         v2 = (root / "cgroup.controllers").exists()
         if v2:
             if "pids" not in (root / "cgroup.controllers").read_text().split():
                 return None, f"{root} (cgroup v2) has no pids controller"
             (root / "cgroup.subtree_control").write_text("+pids")
+            parent = root / service_cgroup_name(state_dir)
         elif not (root / "cgroup.procs").exists():
             return None, f"no pids cgroup hierarchy at {root}"
+        else:
+            parent = root / own_cgroup_v1("pids").lstrip("/") / service_cgroup_name(state_dir)
         parent.mkdir(exist_ok=True)
         parent.chmod(0o755)          # a job (its own uid) may read its limits: not the container's umask 077
         if v2:
@@ -199,24 +218,27 @@ def pids_cgroups(configured: str = "") -> tuple[Path | None, str | None]:
 
 @dataclass(frozen=True)
 class MemoryBound:
-    """How much memory each job may have ([jobs] memory_limit) and where its memory cgroup is made."""
+    """How much memory each job may have ([jobs] memory_limit), all the service's jobs together ([jobs]
+    memory_total), and where the jobs' memory cgroups are made: in ``parent``, the service's, whose limit is the
+    total."""
 
-    limit: int                         # bytes per job; 0: no bound
-    parent: Path | None = None         # where each job's memory cgroup is made (None: nowhere)
-    files: tuple[str, ...] = ()        # the files given the limit, in order (v1: memory, then memory + swap)
+    limit: int                         # bytes per job; 0: no bound of each job's own
+    total: int = 0                     # bytes of all the service's jobs together; 0: no bound
+    parent: Path | None = None         # the service's memory cgroup, where each job's is made (None: nowhere)
+    files: tuple[str, ...] = ()        # the files given a limit, in order (v1: memory, then memory + swap)
     extra: tuple[tuple[str, str], ...] = ()      # other files written (v2: memory.swap.max = 0)
     why_not: str | None = None         # why the jobs' memory is unbounded although a bound is asked
-    prefix: str = ""                   # of a job's cgroup's name before its key (v1: "vmgrid-", beside the service's)
 
     def cgroup(self, key: str) -> Path | None:
-        return None if self.parent is None else self.parent / (self.prefix + key)
+        return None if self.parent is None else self.parent / key
 
     def for_job(self, key: str) -> dict:
         """The shim's spec of job ``key``'s memory bound."""
         if self.parent is None:
             return {"memory_unbounded": self.why_not} if self.why_not else {}
-        return {"memory_cgroup": str(self.cgroup(key)), "memory_limit": self.limit,
-                "memory_limits": [(f, self.limit) for f in self.files] + list(self.extra)}
+        own = [(f, self.limit) for f in self.files] + list(self.extra) if self.limit else []
+        return {"memory_cgroup": str(self.cgroup(key)), "memory_limit": self.limit, "memory_limits": own,
+                "memory_total": self.total, "memory_parent": str(self.parent)}
 
     def remove(self, key: str) -> None:
         """Remove job ``key``'s memory cgroup if its supervisor left it (it was killed), killing what is in it."""
@@ -227,17 +249,17 @@ class MemoryBound:
 MEMORY_SETTING = "bytes (0: no bound), or a share of the machine's memory such as \"80%\""
 
 
-def memory_limit_bytes(setting: int | str, total: int | None = None) -> int:
-    """[jobs] memory_limit in bytes: an integer is bytes (0: no bound); "P%" is P percent of the machine's memory
-    (``total``, default MemTotal of /proc/meminfo), rounded down to 4 KiB pages. A ValueError (one line, naming the
-    key) for anything else."""
+def memory_limit_bytes(setting: int | str, total: int | None = None, key: str = "memory_limit") -> int:
+    """[jobs] memory_limit (or ``key``: memory_total) in bytes: an integer is bytes (0: no bound); "P%" is P percent
+    of the machine's memory (``total``, default MemTotal of /proc/meminfo), rounded down to 4 KiB pages. A ValueError
+    (one line, naming the key) for anything else."""
     if isinstance(setting, int) and not isinstance(setting, bool):
         if setting < 0:
-            raise ValueError(f"[jobs] memory_limit = {setting}: {MEMORY_SETTING}")
+            raise ValueError(f"[jobs] {key} = {setting}: {MEMORY_SETTING}")
         return setting
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*%\s*", setting) if isinstance(setting, str) else None
     if match is None or not 0 < float(match.group(1)) <= 100:
-        raise ValueError(f"[jobs] memory_limit = {setting!r}: {MEMORY_SETTING}, more than 0% and at most 100%")
+        raise ValueError(f"[jobs] {key} = {setting!r}: {MEMORY_SETTING}, more than 0% and at most 100%")
     if total is None:
         total = machine_memory()
     return max(4096, int(total * float(match.group(1)) / 100) // 4096 * 4096)
@@ -266,54 +288,119 @@ def own_cgroup_v1(controller: str) -> str:
     return "/"
 
 
-def memory_cgroups(setting: int | str) -> MemoryBound:
-    """Where this service may make a memory cgroup per job bounding it to [jobs] memory_limit (``setting``), probed
-    by making (and removing) one as a job's will be. cgroup v1 (the memory hierarchy at MEMORY_V1): each job's is
-    made in the service's own memory cgroup (a bound the service is under covers its jobs too), ``vmgrid-<key>``, and bounds memory,
-    then memory + swap (memory.memsw, where the kernel accounts swap) to the limit; cgroup v2 (CGROUP_V2 with the
-    memory controller): each job's is ``vmgrid-jobs/<key>``, the job's pids cgroup too, memory.max the limit and
+def write_limits(path: Path, values: list[tuple[str, object]]) -> None:
+    """Write ``values`` (file, value) into the cgroup ``path``, in order, or in the reverse order when that fails
+    (cgroup v1 keeps memory.limit_in_bytes at most memory.memsw.limit_in_bytes: lowering both goes memory first,
+    raising them memory + swap first). OSError if neither order does."""
+    try:
+        for name, value in values:
+            (path / name).write_text(str(value))
+    except OSError:
+        for name, value in reversed(values):
+            (path / name).write_text(str(value))
+
+
+def memory_cgroups(setting: int | str, total_setting: int | str, state_dir: Path | str) -> MemoryBound:
+    """Where this service may make a memory cgroup per job bounding it to [jobs] memory_limit (``setting``), inside
+    one of the service's own bounding all its jobs together to [jobs] memory_total (``total_setting``):
+    ``service_cgroup_name(state_dir)``, made (or found again, its total set anew) at start and probed by making (and
+    removing) a job's in it. cgroup v1 (the memory hierarchy at MEMORY_V1): the service's is made in the service's
+    own memory cgroup (a bound the operator put on the service covers its jobs too), and memory, then memory + swap
+    (memory.memsw, where the kernel accounts swap), are bounded; cgroup v2 (CGROUP_V2 with the memory controller):
+    it is made at the hierarchy's root, each job's is the job's pids cgroup too, memory.max the limit and
     memory.swap.max 0. ``why_not`` says why neither could be used. A ValueError for a setting that means nothing."""
     limit = memory_limit_bytes(setting)
-    if limit == 0:
+    total = memory_limit_bytes(total_setting, key="memory_total")
+    if limit == 0 and total == 0:
         return MemoryBound(0)
     v1, v2 = Path(MEMORY_V1), Path(CGROUP_V2)
+    name = service_cgroup_name(state_dir)
     try:
         if (v1 / "cgroup.procs").exists():
-            parent = v1 / own_cgroup_v1("memory").lstrip("/")
+            parent = v1 / own_cgroup_v1("memory").lstrip("/") / name
+            parent.mkdir(exist_ok=True)
             files: tuple[str, ...] = ("memory.limit_in_bytes",)
             if (parent / "memory.memsw.limit_in_bytes").exists():
                 files += ("memory.memsw.limit_in_bytes",)
             extra: tuple[tuple[str, str], ...] = ()
+            unbounded = "-1"
         elif (v2 / "cgroup.controllers").exists():
             if "memory" not in (v2 / "cgroup.controllers").read_text().split():
-                return MemoryBound(limit, why_not=f"{v2} (cgroup v2) has no memory controller")
+                return MemoryBound(limit, total, why_not=f"{v2} (cgroup v2) has no memory controller")
             (v2 / "cgroup.subtree_control").write_text("+memory")
-            parent = v2 / CGROUP_PARENT
+            parent = v2 / name
             parent.mkdir(exist_ok=True)
-            parent.chmod(0o755)          # a job (its own uid) may read its limits: not the container's umask 077
             (parent / "cgroup.subtree_control").write_text("+memory")
             files = ("memory.max",)
             extra = (("memory.swap.max", "0"),) if (parent / "memory.swap.max").exists() else ()
+            unbounded = "max"
         else:
-            return MemoryBound(limit, why_not=f"no memory cgroup hierarchy ({v1}, or {v2} of cgroup v2)")
-        probe = parent / f"vmgrid-probe-{uuid.uuid4().hex}"
+            return MemoryBound(limit, total, why_not=f"no memory cgroup hierarchy ({v1}, or {v2} of cgroup v2)")
+        parent.chmod(0o755)          # a job (its own uid) may read its limits: not the container's umask 077
+        try:                         # the total (found again after a restart: what this start's configuration says)
+            write_limits(parent, [(f, total or unbounded) for f in files]
+                         + [(f, v if total else "max") for f, v in extra])
+        except OSError as exc:
+            if exc.errno != errno.EBUSY:
+                raise
+            log.warning("[jobs] memory_total = %r: %s could not be lowered to %d bytes while the jobs that run on "
+                        "use more (%s): it stays as it was until they end", total_setting, parent, total,
+                        exc.strerror)
+        probe = parent / f"probe-{uuid.uuid4().hex}"
         probe.mkdir()
         try:
-            for name in files:
-                (probe / name).write_text(str(limit))
-            for name, value in extra:
-                (probe / name).write_text(value)
+            if limit:
+                write_limits(probe, [(f, limit) for f in files] + list(extra))
         finally:
             probe.rmdir()
     except OSError as exc:
-        return MemoryBound(limit, why_not=f"{exc.filename or v1}: {exc.strerror or exc}")
-    return MemoryBound(limit, parent, files, extra, prefix="" if parent.name == CGROUP_PARENT else "vmgrid-")
+        return MemoryBound(limit, total, why_not=f"{exc.filename or v1}: {exc.strerror or exc}")
+    return MemoryBound(limit, total, parent, files, extra)
+
+
+def remove_left_cgroups(parents: list[Path | None], live: Callable[[], set[str]]) -> list[str]:
+    """Remove the cgroups in the service's ``parents`` (its pids and memory cgroups) of no job ``live()`` names (the
+    keys of the jobs not yet ended, asked after the cgroups are listed): those a supervisor killed with the service
+    (SIGKILL) could not remove, and those of jobs that ended or were destroyed while it was away, killing what is
+    left in them (nothing of an ended job runs on). A job's cgroup is made after its record, and removed before it
+    ends: one listed while it is being made is a live job's. The names removed."""
+    listed = []
+    for parent in dict.fromkeys(p for p in parents if p is not None):
+        try:
+            listed += [parent / e.name for e in os.scandir(parent) if e.is_dir(follow_symlinks=False)]
+        except OSError:
+            continue
+    if not listed:
+        return []
+    keep = live()
+    return [path.name for path in listed if path.name not in keep and remove_cgroup(str(path), tries=5)]
+
+
+def remove_service_cgroups(parents: list[Path | None]) -> None:
+    """Remove the service's own cgroups (``parents``) if no job's cgroup is left in them (a job that runs on keeps
+    them, found again at the next start); kills nothing."""
+    for parent in dict.fromkeys(p for p in parents if p is not None):
+        try:
+            parent.rmdir()
+        except OSError:
+            pass
 
 
 def remove_job_cgroup(parent: Path | None, key: str) -> None:
     """Remove a job's pids cgroup the supervisor left (it was killed), killing what is still in it."""
     if parent is not None:
         remove_cgroup(str(parent / key), tries=20)
+
+
+NETWORKS = {"host": "the host's network, as any local account has it",
+            "none": "a network namespace of the job's own with only loopback"}
+
+
+def network_mode(setting: str) -> str:
+    """[jobs] network checked: "host" or "none"; a ValueError (one line naming the key) for anything else."""
+    if setting not in NETWORKS:
+        raise ValueError(f"[jobs] network = {setting!r}: " + " or ".join(f'"{k}" ({v})' for k, v in NETWORKS.items()))
+    return setting
 
 
 def _killpg(pgid: int, sig: int) -> None:

@@ -106,6 +106,31 @@ def private_ipc() -> str | None:
     return None
 
 
+CLONE_NEWNET = 0x40000000
+SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
+
+
+def private_network() -> str | None:
+    """Give the job a network namespace of its own ([jobs] network = "none") with only its loopback, brought up:
+    it reaches no other job's listener on localhost nor its abstract Unix sockets (they are the namespace's), and
+    nothing beyond the machine; its own localhost works. None, or why not."""
+    import fcntl
+    import socket
+    import struct
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(CLONE_NEWNET) != 0:
+        return os.strerror(ctypes.get_errno())
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            name = b"lo".ljust(16, b"\0")
+            flags = struct.unpack("16sH", fcntl.ioctl(s.fileno(), SIOCGIFFLAGS, name + b"\0" * 24)[:18])[1]
+            fcntl.ioctl(s.fileno(), SIOCSIFFLAGS, struct.pack("16sH", name, flags | IFF_UP) + b"\0" * 22)
+    except OSError as exc:
+        return f"loopback: {exc.strerror or exc}"
+    return None
+
+
 def private_mounts(tmp: tuple[int, str] | None, proc: bool) -> dict:
     """Give the job (this process and what it starts) a mount namespace of its own, made before the uid is dropped:
 
@@ -217,12 +242,59 @@ def oom_kills(path: str) -> int:
     return 0
 
 
-def memory_failure(limit: int, exit_code: int, kills: int) -> str | None:
-    """Why the job failed when the kernel killed ``kills`` of its processes past its memory ``limit`` and the
-    program's exit is ``exit_code``; None when the program exited 0 all the same (the job is not failed)."""
+LIMIT_SLACK = 1 << 20      # a cgroup v1 peak within this of a limit reached it (charges come in batches)
+
+
+def limit_events(path: str | None) -> int:
+    """How often the memory cgroup ``path`` reached its own limit, on cgroup v2: the ``max`` count of its
+    memory.events (a limit reached at an ancestor is not counted there); 0 on cgroup v1 or if unknown."""
+    try:
+        with open(os.path.join(path, "memory.events")) as f:
+            for line in f:
+                if line.startswith("max "):
+                    return int(line.split()[1])
+    except (OSError, ValueError, TypeError):
+        pass
+    return 0
+
+
+def limit_reached(path: str | None, limit: int, events_before: int = 0) -> bool:
+    """Whether the memory cgroup ``path`` reached its own ``limit``: on cgroup v2 its memory.events ``max`` count
+    grew past ``events_before``; on cgroup v1 its peak (memory.max_usage_in_bytes, or memory + swap's) came within
+    LIMIT_SLACK of it (v1's memory.failcnt counts nothing on recent kernels)."""
+    if path is None or not limit:
+        return False
+    if os.path.exists(os.path.join(path, "memory.events")):
+        return limit_events(path) > events_before
+    for name in ("memory.max_usage_in_bytes", "memory.memsw.max_usage_in_bytes"):
+        try:
+            with open(os.path.join(path, name)) as f:
+                if int(f.read().split()[0]) + LIMIT_SLACK >= limit:
+                    return True
+        except (OSError, ValueError, IndexError):
+            continue
+    return False
+
+
+def memory_cause(limit: int, total: int, own_hit: bool, total_hit: bool) -> str:
+    """Which bound the kernel enforced when it killed in a job: "total" ([jobs] memory_total, all the service's jobs
+    together) when that one was reached during the job and the job's own limit was not, else "limit"."""
+    if total and (total_hit or not limit) and not (limit and own_hit):
+        return "total"
+    return "limit"
+
+
+def memory_failure(limit: int, exit_code: int, kills: int, total: int = 0, cause: str = "limit") -> str | None:
+    """Why the job failed when the kernel killed ``kills`` of its processes past its memory ``limit`` (``cause``
+    "limit") or past the ``total`` of all the service's jobs (``cause`` "total") and the program's exit is
+    ``exit_code``; None when the program exited 0 all the same (the job is not failed)."""
     if not kills or exit_code == 0:
         return None
-    over = f"the job used more than its memory limit of {limit} bytes ([jobs] memory_limit)"
+    if cause == "total":
+        over = (f"this job service's jobs together used more than their memory total of {total} bytes ([jobs] "
+                f"memory_total)")
+    else:
+        over = f"the job used more than its memory limit of {limit} bytes ([jobs] memory_limit)"
     if exit_code == -signal.SIGKILL:
         return f"the program was killed by the kernel, out of memory: {over}"
     how = f"killed by signal {-exit_code}" if exit_code < 0 else f"exited with status {exit_code}"
@@ -284,7 +356,7 @@ def start_init(run) -> int:
 
 def run_init(argv: list[str], cwd: str, env: dict, stdin, stdout: int, stderr: int, report: int,
              cgroups: list | None = None, max_file_size: int | None = None, uid: int | None = None,
-             tmp: tuple[int, str] | None = None) -> None:
+             tmp: tuple[int, str] | None = None, network: str = "host") -> None:
     """PID 1 of the job's namespace (a forked child of the shim, started by ``start_init`` with SIGTERM blocked;
     never returns): join the job's cgroups (``cgroups``: what each bounds, "processes" or "memory", and its path),
     bound the size of each file it writes, start the program (as ``uid``, its group too and no other, when the
@@ -292,8 +364,9 @@ def run_init(argv: list[str], cwd: str, env: dict, stdin, stdout: int, stderr: i
     for, and the program may have left the group), reap every orphan, and exit once the program has ended, which
     ends every other process of the namespace. An IPC namespace of the job's (``private_ipc``) and a mount
     namespace (``private_mounts``): a /proc of its PID namespace (when this is its PID 1) and, with ``tmp`` (a size
-    and the directory to keep), a private /tmp, /var/tmp, /dev/shm and /run/lock. How it ended goes to ``report``
-    as JSON."""
+    and the directory to keep), a private /tmp, /var/tmp, /dev/shm and /run/lock. With ``network`` "none" a network
+    namespace of the job's with only loopback (``private_network``): the program does not start without it. How it
+    ended goes to ``report`` as JSON."""
     program = None
     pending = []
     told: dict = {}
@@ -316,6 +389,13 @@ def run_init(argv: list[str], cwd: str, env: dict, stdin, stdout: int, stderr: i
             if why_not is not None:
                 told[what] = f"unbounded: {why_not}"
         in_namespace = os.getpid() == 1          # PID 1 of the job's own PID namespace: its /proc is the job's
+        if network == "none":
+            why_not = private_network()
+            if why_not is not None:          # asked for by the operator: no job runs on the host's network instead
+                told.update({"exit": 127, "error": f"the job cannot have a network of its own ([jobs] network = "
+                                                   f"\"none\"): {why_not}"})
+                os.write(report, json.dumps(told).encode())
+                return
         why_not = private_ipc()
         if why_not is not None:
             told["ipc"] = f"the host's: {why_not}"
@@ -404,6 +484,7 @@ def main(spec_path: str) -> int:
         else:
             status[what] = f"unbounded: {why_not}"
     memory = next((p for what, p in cgroups if what == "memory"), None)
+    total_before = limit_events(spec.get("memory_parent")) if memory is not None else 0
 
     def init_body():
         os.close(report_r)
@@ -412,7 +493,7 @@ def main(spec_path: str) -> int:
                 os.close(fd)
         run_init(spec["argv"], spec["cwd"], spec["env"], stdin, out_w, err_w, report_w, cgroups,
                  spec.get("max_file_size"), spec.get("uid"),
-                 (spec["tmp_size"], spec["keep"]) if spec.get("tmp_size") else None)
+                 (spec["tmp_size"], spec["keep"]) if spec.get("tmp_size") else None, spec.get("network", "host"))
     init = start_init(init_body)          # PID 1 of the job's namespace (without one: a plain child doing the same)
     for fd in (out_w, err_w, report_w):
         os.close(fd)
@@ -421,6 +502,10 @@ def main(spec_path: str) -> int:
     _, wait_status = os.waitpid(init, 0)     # a namespace ends with its init: nothing of the job is left in it
     end_the_rest_of_the_group()     # before the joins: a process left behind in the group may hold the output pipes
     kills = oom_kills(memory) if memory is not None else 0        # before the cgroup goes
+    if kills:
+        limit, total = spec.get("memory_limit", 0), spec.get("memory_total", 0)
+        cause = memory_cause(limit, total, limit_reached(memory, limit),
+                             limit_reached(spec.get("memory_parent"), total, total_before))
     for path in dict.fromkeys(p for _, p in cgroups):
         remove_cgroup(path)
     for t in threads:
@@ -432,8 +517,9 @@ def main(spec_path: str) -> int:
     else:                                    # the init was killed (SIGKILL to the group): so was the program
         status["exit"] = os.waitstatus_to_exitcode(wait_status)
     if kills:
-        status["memory"] = f"{kills} process{'es' if kills > 1 else ''} killed past {spec['memory_limit']} bytes"
-        failure = memory_failure(spec["memory_limit"], status["exit"], kills)
+        past = (f"the jobs' total of {spec['memory_total']}" if cause == "total" else str(spec["memory_limit"]))
+        status["memory"] = f"{kills} process{'es' if kills > 1 else ''} killed past {past} bytes"
+        failure = memory_failure(spec["memory_limit"], status["exit"], kills, spec.get("memory_total", 0), cause)
         if failure is not None and not status.get("error"):
             status["error"] = failure
     write_status(spec["status"], status)

@@ -6,8 +6,8 @@ The registry is a directory (REGISTRY), one entry per job service state director
 written under an flock of the directory's ``.lock``. An entry holds its range while its service runs (the `vmgrid serve` state lock,
 ``<state_dir>/../jobs.lock`` of services/container/cli.py's hold_state, is held) and, once it has stopped, while
 any of its jobs runs on (a job's supervisor outlives its service, which re-attaches it at its next start): a process
-under a uid of the range (the Uid: line of /proc/*/status) that a supervisor of that state directory started
-(attack13 H1). Then another service's range may not overlap it; after, it is taken over. (Not every process of the
+under a uid of the range (the Uid: line of /proc/*/status) in a job's cgroup of that service (/proc/PID/cgroup), or
+that a supervisor of that state directory started (attack13 H1). Then another service's range may not overlap it; after, it is taken over. (Not every process of the
 range: tests give each of their processes a registry of its own, and other registries' jobs run under the same
 uids of the host.) Nor may the range hold a uid or gid of an account the system knows."""
 from __future__ import annotations
@@ -20,6 +20,8 @@ import logging
 import os
 import pwd
 from pathlib import Path
+
+from services.jobs.runner import service_cgroup_name
 
 REGISTRY = "/var/lib/vmgrid/job-uids"
 KEYS = "[jobs] job_uid_first, job_uid_count"
@@ -96,12 +98,24 @@ def _names(pid: int, state_dir: str) -> bool:
         return False
 
 
+def _in_cgroup_of(pid: int, cgroup: str) -> bool:
+    """Whether process ``pid`` is in a job's cgroup of the service whose cgroups are named ``cgroup``
+    (``service_cgroup_name``): a line of /proc/PID/cgroup (any hierarchy, v1 or v2) names ``…/<cgroup>/<key>``. A
+    job cannot leave it: its uid may not write the cgroup files (root's)."""
+    try:
+        with open(f"/proc/{pid}/cgroup", "rb") as f:
+            return any(f"/{cgroup}/".encode() in line for line in f)
+    except OSError:
+        return False
+
+
 def processes_in(first: int, count: int, state_dir: str | None = None) -> list[tuple[int, int]]:
     """(pid, uid) of the processes whose real, effective, saved or filesystem uid lies in ``first`` ..
     ``first + count - 1`` (the Uid: line of /proc/PID/status): jobs, running on while their service is away. With
-    ``state_dir``, only the jobs of that state directory's service: those a supervisor of it started (an ancestor
-    names it). (Without PID namespaces a job's process that left its session and its parent is a child of init:
-    it is not told apart, and its service kills it when the job's uid is freed: docs/jobs.md.)"""
+    ``state_dir``, only the jobs of that state directory's service: those in a job's cgroup of it (/proc/PID/cgroup:
+    even a process that left its session and lost its parent, which is a child of init without PID namespaces),
+    else those a supervisor of it started (an ancestor names it: a service whose jobs have no cgroups)."""
+    cgroup = service_cgroup_name(state_dir) if state_dir is not None else None
     table = {}
     for name in os.listdir("/proc"):
         if name.isdigit():
@@ -113,7 +127,7 @@ def processes_in(first: int, count: int, state_dir: str | None = None) -> list[t
         held = [u for u in ids if first <= u < first + count]
         if not held:
             continue
-        if state_dir is not None:
+        if state_dir is not None and not _in_cgroup_of(pid, cgroup):
             ancestor, steps, ours = pid, 0, False
             while ancestor > 1 and ancestor in table and steps < 64:
                 if ancestor not in supervisor:

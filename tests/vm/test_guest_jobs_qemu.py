@@ -64,11 +64,11 @@ def test_a_job_runs_in_a_pid_namespace_of_its_own_in_the_guest(seen):
 
 def test_a_job_s_processes_are_bounded_by_a_pids_cgroup_in_the_guest(seen):
     """guestd's init mounts cgroup v2, so the guest's job service puts each job in a pids cgroup of its own
-    under vmgrid-jobs/ with [jobs] max_processes (256 by default) as its pids.max."""
+    under the service's vmgrid-jobs-<…>/ with [jobs] max_processes (256 by default) as its pids.max."""
     st = status(seen["steps"]["cgroup_status"])
     assert st["state"] == "Done", (st.get("failure"), st.get("stdoutTail"), st.get("stderrTail"), st)
     lines = st["stdoutTail"].splitlines()
-    assert lines[0].startswith("0::/vmgrid-jobs/") and lines[1] == "256", st
+    assert lines[0].startswith("0::/vmgrid-jobs-") and lines[0].count("/") == 2 and lines[1] == "256", st
 
 
 def test_a_job_s_memory_is_bounded_and_it_sees_only_its_own_processes_in_the_guest(seen):

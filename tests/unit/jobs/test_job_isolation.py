@@ -88,8 +88,10 @@ def test_memory_limit_is_bytes_or_a_share_of_the_machines_memory_and_anything_el
             memory_limit_bytes(bad)
     with pytest.raises(ValueError, match=r"^\[jobs\] memory_limit = '2G': "):
         manager(tmp_path / "state", memory_limit="2G")
+    with pytest.raises(ValueError, match=r"^\[jobs\] memory_total = 'half': "):
+        manager(tmp_path / "state", memory_total="half")
     assert not (tmp_path / "state").exists()            # refused before anything was made
-    m = manager(tmp_path / "zero", memory_limit=0)
+    m = manager(tmp_path / "zero", memory_limit=0, memory_total=0)
     try:
         assert m.memory == MemoryBound(0) and m.memory.for_job("job-x") == {}
     finally:

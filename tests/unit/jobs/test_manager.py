@@ -18,7 +18,7 @@ from gridftp.checksum import hash_file
 from services.faults import AccessDenied, IllegalTransition, InvalidArgument, LimitExceeded, ResourceUnknown
 from services.jobs.config import JobsConfig
 from services.jobs.manager import JobManager
-from services.jobs.runner import MemoryBound, proc_start_time
+from services.jobs.runner import MemoryBound, proc_start_time, remove_service_cgroups
 from services.jobs.staging import Stager, StagingError, staging_area
 from services.jobs.store import JobSpec, JobState, StageIn, StageOut
 
@@ -413,6 +413,7 @@ def test_without_pid_namespaces_what_a_job_left_is_killed_before_its_uid_serves_
     is killed.)"""
     first = 9_000_000 + (os.getpid() % 1000) * 100
     m = manager(tmp_path / "s", job_uid_first=first, job_uid_count=100)
+    cgroups = [m.pids_cgroup, m.memory.parent]            # the service's own, removed at the end
     m.pid_namespace, m.pids_cgroup, m.processes_unbounded = False, None, "not in this test"
     m.memory = MemoryBound(m.memory.limit, why_not="not in this test")     # whose removal would kill it too
     child = None
@@ -429,6 +430,7 @@ def test_without_pid_namespaces_what_a_job_left_is_killed_before_its_uid_serves_
         if child is not None and host_pid(child) is not None:
             os.kill(host_pid(child), signal.SIGKILL)          # without the fix: it outlived its job
         shut(m)
+        remove_service_cgroups(cgroups)
 
 
 def test_a_link_the_job_puts_in_an_outputs_place_records_nothing_of_the_file_it_names(jobs, tmp_path):

@@ -4,13 +4,16 @@ job cannot reach the first service's job through /proc/PID/cwd."""
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from services.jobs import uids
+from services.jobs import runner, uids
 from services.jobs.runner import proc_start_time
 from services.jobs.store import JobSpec, JobState
 from tests.unit.jobs.test_manager import OWNER, PY, manager, shut, wait_final, wait_until
@@ -25,6 +28,7 @@ def _hold_state(state: Path):
     return fd
 
 
+SERVICE = Path(__file__).with_name("job_service_process.py")      # the service's core in a process of its own
 READ_THE_OTHERS = ("import os\n"
                    "for pid in os.listdir('/proc'):\n"
                    "    try:\n"
@@ -88,6 +92,7 @@ def test_a_stopped_job_services_range_stays_its_own_while_its_jobs_run_on(tmp_pa
     wait_until(lambda: (a.jobs_dir / job.key / "ready").exists())
     pid = a.store.get(job.key).pid
     assert a.store.job_uid(job.key) == first
+    cgroups = [a.pids_cgroup, a.memory.parent]    # left by the SIGKILL below, with her state directory moved away
     a.close()                                     # alice's service stops; her job runs on
     os.close(held)
     try:
@@ -112,8 +117,65 @@ def test_a_stopped_job_services_range_stays_its_own_while_its_jobs_run_on(tmp_pa
         os.killpg(pid, signal.SIGKILL)           # the supervisor, and the job's PID namespace with it
         wait_until(lambda: proc_start_time(pid) is None)
     wait_until(lambda: not uids.processes_in(first, 10))
+    runner.remove_left_cgroups(cgroups, set)
+    runner.remove_service_cgroups(cgroups)
     taken = manager(b_state, job_uid_first=first, job_uid_count=10)     # nothing of alice's runs: taken over
     shut(taken)
+
+
+# a daemon: leaves the job's session (setsid) and its parent (a second fork whose parent exits), writes its pid
+# (the host's: no PID namespace here) and leaves the job's directory for /; the program waits for it, then sleeps
+DAEMON = ("import os, time\n"
+          "if os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
+          "        open('daemon.tmp', 'w').write(str(os.getpid())); os.rename('daemon.tmp', 'daemon.pid')\n"
+          "        os.chdir('/'); time.sleep(300)\n    os._exit(0)\n"
+          "while not os.path.exists('daemon.pid'):\n    time.sleep(0.02)\n"
+          "time.sleep(300)\n")
+
+
+def test_a_job_process_that_left_its_session_and_lost_its_parent_still_holds_its_stopped_services_range(tmp_path):
+    """H1 follow-up: without PID namespaces a job's daemon (setsid, a second fork, cd /) is a child of init, its
+    command line and working directory name no state directory. alice's service is killed (SIGKILL), then her job's
+    supervisor with its group; the daemon runs on under the job's uid: it is still told apart as her stopped
+    service's job by its cgroup (/proc/PID/cgroup names the service's job cgroup), so the range stays hers (another
+    service is refused it; before, nothing of hers was found and the range was taken over). alice's service, started
+    again, fails the job Lost and removes its cgroups, and the daemon in them with them."""
+    a_state, b_state = tmp_path / "a" / "jobs", tmp_path / "b" / "jobs"
+    first = 3000000 + (os.getpid() % 1000) * 1000 + 100
+    service = subprocess.Popen([sys.executable, str(SERVICE), str(a_state), json.dumps(
+        {"job_uid_first": first, "job_uid_count": 10}), json.dumps(["-c", DAEMON]), "--hold", "daemon.pid",
+        "--no-pid-namespace"], stdout=subprocess.PIPE, text=True)
+    daemon = None
+    try:
+        started = json.loads(service.stdout.readline())
+        daemon = int((a_state / "jobs" / started["key"] / "daemon.pid").read_text())
+        service.kill()                            # alice's service is killed (SIGKILL); her job runs on
+        service.wait()
+        os.killpg(started["shim"], signal.SIGKILL)    # then its supervisor with its group: the daemon left it
+        wait_until(lambda: proc_start_time(started["shim"]) is None)
+        assert proc_start_time(daemon) is not None
+        with open(f"/proc/{daemon}/status") as f:
+            assert any(line.startswith("PPid:") and int(line.split()[1]) != started["shim"] for line in f)
+        assert os.readlink(f"/proc/{daemon}/cwd") == "/"
+        assert (daemon, first) in uids.processes_in(first, 10, os.path.realpath(a_state))
+        with pytest.raises(ValueError) as refused:
+            manager(b_state, job_uid_first=first, job_uid_count=10)
+        assert f"the range of the stopped job service whose jobs run on (process {daemon} of uid {first}" in \
+            str(refused.value)
+        again = manager(a_state, job_uid_first=first, job_uid_count=10)
+        try:
+            assert again.store.get(started["key"]).state == JobState.FAILED
+            assert again.store.get(started["key"]).failure.startswith("Lost: ")
+            wait_until(lambda: proc_start_time(daemon) is None)
+            assert not (again.pids_cgroup and (again.pids_cgroup / started["key"]).exists())
+            assert not (again.memory.parent and (again.memory.parent / started["key"]).exists())
+        finally:
+            shut(again)
+    finally:
+        if service.poll() is None:
+            service.kill()
+        if daemon is not None and proc_start_time(daemon) is not None:
+            os.kill(daemon, signal.SIGKILL)
 
 
 def test_a_uid_range_holding_an_account_is_refused(tmp_path):
