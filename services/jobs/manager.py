@@ -517,13 +517,6 @@ class JobManager:
         elif exit.code == -signal.SIGXFSZ:
             failure = (f"the program wrote a file past {self.config.staging_quota} bytes, the job's quota ([jobs] "
                        f"staging_quota), and was killed by SIGXFSZ")
-        else:                                  # its final count (locked: no job writes on): a sweep may have come late
-            count = self.counts.get(key, self.jobs_dir / key, final=True)
-            if count.problem is not None:
-                failure = f"the job's directory {count.problem}"
-            elif count.bytes > self.config.staging_quota:
-                failure = (f"the job's directory holds {count.bytes} bytes, past its quota of "
-                           f"{self.config.staging_quota} bytes ([jobs] staging_quota)")
         if failure is not None:
             self._stage_out(job, send=False)
             self._set_state(key, JobState.FAILED, ended=time.time(), exit_code=exit.code, failure=failure,
@@ -538,6 +531,13 @@ class JobManager:
             failure = f"the program {why}" + (f"; {failure}" if failure else "")
         elif failure:
             failure = f"the program exited with status 0, but {failure}"
+        else:             # its final count (locked: no job writes on): the sweep that would have killed it came late
+            count = self.counts.get(key, self.jobs_dir / key, final=True)
+            if count.problem is not None:
+                failure = f"the job's directory {count.problem}"
+            elif count.bytes > self.config.staging_quota:
+                failure = (f"the job's directory holds {count.bytes} bytes, past its quota of "
+                           f"{self.config.staging_quota} bytes ([jobs] staging_quota)")
         # a Cancel accepted meanwhile (during the stage-out) ends it Cancelled
         if failure:
             self._set_state(key, JobState.FAILED, ended=time.time(), failure=failure, or_cancelled=True)
