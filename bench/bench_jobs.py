@@ -4,8 +4,11 @@ program with subprocess in this process (the peer, measured in the same run); an
 input and its outputs fetched back verified over the service's GridFTP face.
 
     python bench/bench_jobs.py [--n 20] [--mib 16]
+    python bench/bench_jobs.py --wide 20000
 
-Prints mean times and the ratios against the peer.
+Prints mean times and the ratios against the peer. With --wide N, instead: removing a destroyed job's directory of
+N empty directories (services/jobs/tree.py remove_tree, as the trash thread does) against `rm -rf` of the same
+(attack14 H3: the remover listed the directory again after each sub-directory).
 """
 from __future__ import annotations
 
@@ -43,7 +46,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=20)
     parser.add_argument("--mib", type=int, default=16)
+    parser.add_argument("--wide", type=int, default=0, help="time removing N empty directories instead")
     args = parser.parse_args()
+    if args.wide:
+        return wide(args.wide)
     root = Path(tempfile.mkdtemp(prefix="bench-jobs-"))
     pki = build_grid_pki(root / "pki")
     cfg = Config()
@@ -88,6 +94,37 @@ def main() -> int:
     print(f"{'peer: cp of %d MiB here' % args.mib:58} {local_copy * 1000:8.1f}ms {1.0:8.1f}")
     print(f"{'job: %d MiB staged in, cp, outputs fetched verified' % args.mib:58} {staged_s * 1000:8.1f}ms "
           f"{staged_s / local_copy:8.1f}")
+    return 0
+
+
+def wide(n: int) -> int:
+    from services.jobs.tree import remove_tree
+
+    root = Path(tempfile.mkdtemp(prefix="bench-jobs-wide-"))
+    try:
+        took = {}
+        for how in ("rm -rf", "remove_tree"):
+            top = root / "job"
+            top.mkdir()
+            fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                for i in range(n):
+                    os.mkdir(f"d{i}", dir_fd=fd)
+            finally:
+                os.close(fd)
+            t = time.perf_counter()
+            if how == "rm -rf":
+                subprocess.run(["rm", "-rf", str(top)], check=True)
+            else:
+                remove_tree(top)
+            took[how] = time.perf_counter() - t
+            assert not top.exists()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    print(f"{'what':58} {'time':>10} {'x peer':>8}")
+    print(f"{'peer: rm -rf of %d empty directories' % n:58} {took['rm -rf']:9.2f}s {1.0:8.1f}")
+    print(f"{'remove_tree of the same (the trash thread)':58} {took['remove_tree']:9.2f}s "
+          f"{took['remove_tree'] / took['rm -rf']:8.1f}")
     return 0
 
 

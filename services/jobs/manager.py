@@ -10,6 +10,7 @@ import shlex
 import signal
 import stat
 import subprocess
+import tempfile
 import threading
 import time
 import uuid
@@ -286,11 +287,15 @@ class JobManager:
                                   argument="delegatedProxy")
         control = self.control_dir / key
         control.mkdir(mode=0o700, exist_ok=True)
-        tmp = control / (DELEGATED_PROXY + ".new")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        with open(fd, "wb") as f:
-            f.write(proxy_pem)
-        os.replace(tmp, control / DELEGATED_PROXY)         # a stage reading it meanwhile reads the old or the new
+        # a name of this refresh's own (0600, O_EXCL): two refreshes at once never write into one file (attack14)
+        fd, tmp = tempfile.mkstemp(prefix=DELEGATED_PROXY + ".", suffix=".new", dir=control)
+        try:
+            with open(fd, "wb") as f:
+                f.write(proxy_pem)
+            os.replace(tmp, control / DELEGATED_PROXY)     # a stage reading it meanwhile reads the old or the new
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
         now = self.store.get(key)
         if now is None:                     # destroyed meanwhile: no credential is left behind
             try:
@@ -532,6 +537,13 @@ class JobManager:
             failure = f"the program {why}" + (f"; {failure}" if failure else "")
         elif failure:
             failure = f"the program exited with status 0, but {failure}"
+        else:             # its final count (locked: no job writes on): the sweep that would have killed it came late
+            count = self.counts.get(key, self.jobs_dir / key, final=True)
+            if count.problem is not None:
+                failure = f"the job's directory {count.problem}"
+            elif count.bytes > self.config.staging_quota:
+                failure = (f"the job's directory holds {count.bytes} bytes, past its quota of "
+                           f"{self.config.staging_quota} bytes ([jobs] staging_quota)")
         # a Cancel accepted meanwhile (during the stage-out) ends it Cancelled
         if failure:
             self._set_state(key, JobState.FAILED, ended=time.time(), failure=failure, or_cancelled=True)
@@ -789,7 +801,12 @@ class JobManager:
         RLIMIT_FSIZE; the directories are counted by the sweeps, each at most every sweep: tree.Counts.)"""
         with self._guard:
             running = list(self._procs.items())
-        fresh = self.counts.refresh({key: self.jobs_dir / key for key, _ in running if key not in self._over_quota})
+        # ended jobs' directories and trash entries too, at a low rate: a job of the same submitter may still write
+        # into a file there it opened before (attack14 H1)
+        ended = {job.key: self.jobs_dir / job.key for job in self.store.list() if job.final}
+        ended.update((name, self.trash.path / name) for name in os.listdir(self.trash.path))
+        fresh = self.counts.refresh({key: self.jobs_dir / key for key, _ in running if key not in self._over_quota},
+                                    ended)
         totals: dict[str, int] = {}
         for key, proc in running:
             if key in self._over_quota or key not in fresh:

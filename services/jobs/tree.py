@@ -26,13 +26,14 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-from services.jobs.files import DIR_FLAGS
+from services.jobs.files import DIR_FLAGS, MAX_DEPTH, seal_walk
 
 log = logging.getLogger("vmgrid.JobService")
 BLOCK = 4096          # what any entry counts at least: its inode and the block it takes
-MAX_DEPTH = 256       # directory levels a job's directory may have under it
 WALK_SHARE = 0.1      # the share of one core the sweeps spend counting job directories, at most (about)
+ENDED_EVERY = 30      # an ended job's directory (a trash entry) is counted again every this many sweep intervals
 ROUND = 0.25          # seconds of counting after which a sweep leaves the other directories to the next ones
 
 
@@ -113,40 +114,71 @@ def count_tree(top: Path, max_files: int, max_depth: int = MAX_DEPTH) -> Count:
             os.close(fd)
 
 
+@dataclass(frozen=True)
+class _Last:
+    count: Count
+    final: bool          # taken after the job's end (an ended job's, a trash entry's)
+    when: float          # when it was taken (the clock's)
+    cost: float          # how long it took (seconds of the clock)
+
+
+def periods(demands: dict[str, tuple[float, float]], share: float = WALK_SHARE) -> dict[str, float]:
+    """Seconds between two counts of each directory, by name, from ``demands`` (name -> (what its last count cost,
+    the least period it is counted at)): together they take about ``share`` of one core at most, shared out fairly
+    (max-min): a directory whose counts at its least period take less than an even share gets its least period, and
+    what it leaves goes to the others; an expensive one gets the rest, shared evenly (its cost / its share)."""
+    out: dict[str, float] = {}
+    left, n = share, len(demands)
+    for i, (rate, name, cost, least) in enumerate(sorted((c / p, name, c, p) for name, (c, p) in demands.items())):
+        fair = left / (n - i)
+        if rate <= fair:
+            out[name] = least
+            left -= rate
+        else:
+            out[name] = max(least, cost / fair)
+            left -= fair
+    return out
+
+
 class Counts:
     """The last count of each job directory (and trash entry), by name, and when to count them again."""
 
-    def __init__(self, max_files: int, interval: float):
-        self.max_files, self.interval = max_files, interval
-        self._last: dict[str, tuple[Count, bool, float]] = {}     # name -> (count, of an ended job's, when)
-        self._rest_until = 0.0
+    def __init__(self, max_files: int, interval: float, clock: Callable[[], float] | None = None):
+        self.max_files, self.interval, self.clock = max_files, interval, clock or time.monotonic
+        self._last: dict[str, _Last] = {}
         self._lock = threading.Lock()
 
     def get(self, name: str, top: Path, final: bool = False) -> Count:
         """The last count of ``top`` (counted now if never, or, for an ended job's, not since it ended)."""
         with self._lock:
             last = self._last.get(name)
-        if last is not None and (last[1] or not final):
-            return last[0]
+        if last is not None and (last.final or not final):
+            return last.count
         return self._count(name, top, final)
 
-    def refresh(self, tops: dict[str, Path]) -> dict[str, Count]:
-        """Count the running jobs' directories ``tops`` that are due, least recently counted first, within this
-        sweep's share of time; the fresh counts by name (the others wait for a later sweep)."""
-        now = time.monotonic()
-        if now < self._rest_until:
-            return {}
+    def refresh(self, tops: dict[str, Path], ended: dict[str, Path] | None = None) -> dict[str, Count]:
+        """Count the directories that are due, within this sweep's share of time: the running jobs' ``tops`` every
+        sweep interval, the ``ended`` ones (ended jobs', trash entries) every ``ENDED_EVERY``, either less often when
+        its counts are expensive (``periods``); the running ones first, the cheap before the expensive, each least
+        recently counted first. The fresh counts of ``tops`` by name (the others wait for a later sweep)."""
+        ended = {n: p for n, p in (ended or {}).items() if n not in tops}
+        now = self.clock()
         with self._lock:
-            due = sorted((self._last[n][2] if n in self._last else 0.0, n) for n in tops)
-        fresh, started = {}, time.monotonic()
-        for when, name in due:
-            if when and now - when < self.interval:
-                continue
-            fresh[name] = self._count(name, tops[name], False)
-            if time.monotonic() - started >= ROUND:
+            last = {n: self._last.get(n) for n in (*tops, *ended)}
+        least = {n: self.interval if n in tops else self.interval * ENDED_EVERY for n in last}
+        rests = periods({n: (prev.cost if prev else 0.0, least[n]) for n, prev in last.items()})
+        # an expensive count (one counted less often) after the cheap ones: the round it ends leaves none of them
+        due = sorted((n not in tops, rests[n] > least[n], prev.when if prev else float("-inf"), n)
+                     for n, prev in last.items()
+                     if prev is None or now - prev.when >= rests[n] or (n in ended and not prev.final))
+        fresh, started = {}, self.clock()
+        for *_, name in due:
+            if name in tops:
+                fresh[name] = self._count(name, tops[name], False)
+            else:
+                self._count(name, ended[name], True)
+            if self.clock() - started >= ROUND:
                 break
-        took = time.monotonic() - started
-        self._rest_until = time.monotonic() + took * (1 - WALK_SHARE) / WALK_SHARE
         return fresh
 
     def moved(self, name: str, new: str) -> None:
@@ -161,19 +193,21 @@ class Counts:
                 del self._last[name]
 
     def _count(self, name: str, top: Path, final: bool) -> Count:
+        started = self.clock()
         count = count_tree(top, self.max_files)
+        now = self.clock()
         with self._lock:
-            self._last[name] = (count, final, time.monotonic())
+            self._last[name] = _Last(count, final, now, now - started)
         return count
 
 
 def remove_tree(top: Path) -> None:
-    """Remove ``top`` and everything under it, bottom up, without recursion and holding one directory fd at a
-    time (plus a listing's), whatever the depth: up through ``..``, checked to be the directory come down from (a
-    running job that moves a directory elsewhere stops the removal: OSError, retried later). Missing: nothing to
-    do. OSError when something stays (ENOTEMPTY: a job still writing there)."""
+    """Remove ``top`` and everything under it, bottom up, without recursion, whatever its depth and width: each
+    directory made root's 0700 before it is listed (no job's uid changes it after, through an fd it holds either),
+    listed once, entered from its parent's fd without following a link, removed from its parent's fd once its
+    entry there is still the directory emptied (``files.seal_walk``). Missing: nothing to do. OSError when
+    something stays (ESTALE: a directory moved meanwhile; retried later)."""
     parent = os.open(top.parent, DIR_FLAGS)
-    fd = -1
     try:
         try:
             st = os.stat(top.name, dir_fd=parent, follow_symlinks=False)
@@ -183,60 +217,17 @@ def remove_tree(top: Path) -> None:
             os.unlink(top.name, dir_fd=parent)
             return
         fd = os.open(top.name, DIR_FLAGS, dir_fd=parent)
-        ids = [(os.fstat(fd).st_dev, os.fstat(fd).st_ino)]
-        names: list[str] = []
-        while True:
-            inner = None
-            with os.scandir(fd) as it:
-                for entry in it:
-                    if entry.is_dir(follow_symlinks=False):
-                        try:
-                            inner = os.open(entry.name, DIR_FLAGS, dir_fd=fd)
-                        except OSError as exc:
-                            if exc.errno in (errno.ENOTDIR, errno.ELOOP):      # swapped: removed as a file
-                                _unlink(entry.name, fd)
-                            elif exc.errno != errno.ENOENT:
-                                raise
-                            continue
-                        names.append(entry.name)
-                        break
-                    _unlink(entry.name, fd)
-            if inner is not None:
-                os.close(fd)
-                fd = inner
-                ist = os.fstat(fd)
-                ids.append((ist.st_dev, ist.st_ino))
-                continue
-            if not names:
-                break
-            up = os.open("..", DIR_FLAGS, dir_fd=fd)
-            ust = os.fstat(up)
+        try:
+            ids = (os.fstat(fd).st_dev, os.fstat(fd).st_ino)
+            seal_walk(fd, remove=True)
+        finally:
             os.close(fd)
-            fd = up
-            if (ust.st_dev, ust.st_ino) != ids[-2]:
-                raise OSError(errno.ESTALE, f"a directory under {top} was moved while it was removed")
-            ids.pop()
-            try:
-                os.rmdir(names.pop(), dir_fd=fd)
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                if exc.errno != errno.ENOTEMPTY:        # written meanwhile: listed again and emptied
-                    raise
-        os.close(fd)
-        fd = -1
+        st = os.stat(top.name, dir_fd=parent, follow_symlinks=False)
+        if (st.st_dev, st.st_ino) != ids:
+            raise OSError(errno.ESTALE, f"{top} was replaced while it was removed")
         os.rmdir(top.name, dir_fd=parent)
     finally:
-        if fd >= 0:
-            os.close(fd)
         os.close(parent)
-
-
-def _unlink(name: str, dir_fd: int) -> None:
-    try:
-        os.unlink(name, dir_fd=dir_fd)
-    except FileNotFoundError:
-        pass
 
 
 def owner_tag(dn: str) -> str:

@@ -100,8 +100,9 @@ def test_destroy_of_a_job_thousands_of_levels_deep_removes_it_all_and_forgets_th
     m = manager(tmp_path / "state", sweep_interval=30)        # no sweep kills it for its depth first
     try:
         job = m.submit(OWNER, _deep(3000, 2, 1000, 0))
-        done = wait_final(m, job.key)
-        assert done.state == JobState.DONE, done.failure
+        done = wait_final(m, job.key)         # its final count finds it too deep (attack14: it ended Done)
+        assert (done.state, done.failure) == (JobState.FAILED, f"the job's directory has directories nested deeper "
+                                                               f"than {tree.MAX_DEPTH} levels")
         assert (m.jobs_dir / job.key / "ready").exists()
         m.destroy(OWNER, job.key)
         assert m.store.get(job.key) is None
