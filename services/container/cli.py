@@ -205,13 +205,8 @@ def run(args) -> int:
         host_credential(config), trust_store(config)
     except ValueError as exc:
         raise CLIError(f"{where}{exc}") from None
-    try:
-        private_state(config.container.state_dir, args.services)
-        hold_state(config.container.state_dir, args.services)
-    except OSError as exc:             # a state_dir below a file, one not ours to make: one line, not a traceback
-        raise CLIError(f"{where}[container] state_dir = {config.container.state_dir!r}: {exc.strerror or exc}"
-                       f"{f' ({exc.filename})' if exc.filename and exc.filename != config.container.state_dir else ''}"
-                       ) from None
+    private_state(config.container.state_dir, args.services)
+    hold_state(config.container.state_dir, args.services)
     release_if_full(config.container.state_dir)    # a restart on a full disk still opens its databases
     try:
         services = [build_service(name, config) for name in args.services]
