@@ -169,14 +169,18 @@ def test_every_number_rule_refuses_what_it_says_and_takes_the_default():
     from services.container.assemble import NUMBER_RULES, check_service_config
     from services.container.config import Config
 
+    from services.container.assemble import config_section
+
     for name, rules in NUMBER_RULES.items():
-        service = "repository" if name == "security" else name      # [security] is every service's
+        # [security] and [container] are every service's, [enforcement] the enforcing services'
+        service = {"security": "repository", "container": "repository", "container.limits": "authz",
+                   "enforcement": "vmmanager"}.get(name, name)
         for key, (_what, (_holds, rule)) in rules.items():
             config = Config()
             config.enforcement.authz_url = "https://localhost:1/wsrf/services/AuthorizationService"
             config.jobs.owner = "/O=Grid/CN=alice"
             check_service_config(service, config)                     # the defaults
-            section = getattr(config, name)
+            section = config_section(config, name)
             default = getattr(section, key)
             least = 1 if rule.startswith("1 ") else 0
             bad = (least - 1) if isinstance(default, int) else (-0.5 if rule.startswith("0 ") else 0.0)
@@ -336,3 +340,87 @@ def test_a_migration_port_that_is_no_port_is_refused_at_start(grid_pki, tmp_path
     assert r.returncode == 1 and r.stdout == "", r.stderr
     assert r.stderr == "vmgrid: n3.toml: [vmmanager] migration_port = 70000: a port (0 picks a free one), 0 to 65535\n"
     assert not (tmp_path / "state").exists()             # refused before any state is made
+
+
+# trial14b V1-V8: values `vmgrid serve` took at start that then broke later (a container answering nothing, a query
+# showing none, every deploy failing, every call ServiceUnavailable): one line naming the key at start, nothing made
+@pytest.mark.parametrize("service, key, value, message", [
+    ("repository", ("container", "threads"), "0", "[container] threads = 0: request threads, 1 or more"),
+    ("vmmanager", ("container", "threads"), "-3", "[container] threads = -3: request threads, 1 or more"),
+    # "slots must be at least 1", naming no key, after the repository had opened its catalogue
+    ("repository", ("container.limits", "handshake_threads"), "0",
+     "[container.limits] handshake_threads = 0: threads, 1 or more"),
+    ("repository", ("container.limits", "handshake_timeout"), "0",
+     "[container.limits] handshake_timeout = 0.0: seconds, more than 0"),
+    ("authz", ("container.limits", "max_connections"), "0", "[container.limits] max_connections = 0: connections, 1 or more"),
+    ("repository", ("container.limits", "body_min_rate"), "0",
+     "[container.limits] body_min_rate = 0: bytes a second, 1 or more"),
+    ("repository", ("container", "public_url"), '"ftp://x"',
+     "[container] public_url = 'ftp://x': this container's public URL, an https:// URL (e.g. "
+     "\"https://HOST:8443/wsrf/services/...\")"),
+    ("repository", ("repository", "default_limit"), "0", "[repository] default_limit = 0: descriptors a page, 1 to 1000"),
+    ("repository", ("repository", "upload_quota_bytes"), "-1", "[repository] upload_quota_bytes = -1: bytes, 1 or more"),
+    ("repository", ("repository", "max_image_bytes"), "0", "[repository] max_image_bytes = 0: bytes, 1 or more"),
+    ("repository", ("repository", "upload_max_age"), "-5", "[repository] upload_max_age = -5: seconds (0: kept), 0 or more"),
+    ("repository", ("repository", "max_hold_seconds"), "0", "[repository] max_hold_seconds = 0: seconds, 1 or more"),
+    ("repository", ("enforcement", "permit_ttl"), "-1",
+     "[enforcement] permit_ttl = -1.0: seconds (0: not cached), 0 or more"),
+    ("vmmanager", ("enforcement", "timeout"), "0", "[enforcement] timeout = 0.0: seconds, more than 0"),
+    ("repository", ("enforcement", "authz_url"), '"not a url"',
+     "[enforcement] authz_url = 'not a url': the Authorization service's URL, an https:// URL (e.g. "
+     "\"https://HOST:8443/wsrf/services/...\")"),
+    ("authz", ("authz", "slot_grace"), "-10", "[authz] slot_grace = -10: seconds, 0 or more"),
+    ("authz", ("authz", "reload_interval"), "-1",
+     "[authz] reload_interval = -1.0: seconds (0: only on SIGHUP, ReloadPolicy or an admin change), 0 or more"),
+    ("vmmanager", ("vmmanager", "mac_prefix"), '"zz:00:00"',
+     "[vmmanager] mac_prefix = 'zz:00:00': three hex octets, the first a unicast one (its lowest bit 0), "
+     "e.g. \"52:54:00\""),
+    ("vmmanager", ("vmmanager", "mac_prefix"), '"53:54:00"',
+     "[vmmanager] mac_prefix = '53:54:00': three hex octets, the first a unicast one (its lowest bit 0), "
+     "e.g. \"52:54:00\""),
+    ("vmmanager", ("vmmanager", "gateway"), '"10.99.0.100"',
+     "[vmmanager] gateway = '10.99.0.100': inside [vmmanager] lease_range 10.99.0.10-10.99.0.250 (a guest would be "
+     "leased it) (expected a host address of 10.99.0.0/24 outside lease_range, e.g. \"10.99.0.1\")"),
+    ("vmmanager", ("vmmanager", "gateway"), '"10.98.0.1"',
+     "[vmmanager] gateway = '10.98.0.1': not inside [vmmanager] network 10.99.0.0/24 (expected a host address of "
+     "10.99.0.0/24 outside lease_range, e.g. \"10.99.0.1\")"),
+    ("vmmanager", ("vmmanager", "dns"), '["not-an-ip"]',
+     "[vmmanager] dns: 'not-an-ip' is not an IP address (e.g. dns = [\"10.99.0.1\"])"),
+    ("vmmanager", ("vmmanager", "repository"), '"localhost:29443"',
+     "[vmmanager] repository = 'localhost:29443': the VMRepository service's URL, an https:// URL (e.g. "
+     "\"https://HOST:8443/wsrf/services/...\")"),
+    ("authz", ("authz", "audit_log"), '"nodir/sub/audit.log"', None),
+])
+def test_a_value_that_breaks_a_started_service_later_is_refused_at_start(grid_pki, tmp_path, service, key, value,
+                                                                         message):
+    r = serve(tmp_path, node_toml(grid_pki, tmp_path / "state", {key: value}), service=service)
+    if message is None:      # the audit log's directory: named, and not made (a typo'd path is an error)
+        message = (f"[authz] audit_log = 'nodir/sub/audit.log': no directory {tmp_path}/nodir/sub (give a file in an "
+                   f"existing directory, or \"\" for <state_dir>/authz/audit.log)")
+        assert not (tmp_path / "nodir").exists()
+    assert r.returncode == 1 and r.stdout == "", r.stderr
+    assert r.stderr == f"vmgrid: n3.toml: {message}\n"
+    assert not (tmp_path / "state").exists()                # refused before any service opened its state
+
+
+def test_an_audit_log_in_a_missing_directory_is_not_made_by_a_start_refused_for_its_policy(grid_pki, tmp_path):
+    """trial14b V8: a start refused for its policy (a missing grid-mapfile) had made the audit log's directories."""
+    (tmp_path / "policy.toml").write_text('[policy]\nadmins = []\n[groups.hep]\ngridmap = "missing.grid-mapfile"\n')
+    r = serve(tmp_path, node_toml(grid_pki, tmp_path / "state", {("authz", "policy"): '"policy.toml"',
+                                                                  ("authz", "audit_log"): '"logs/a/audit.log"'}),
+              service="authz")
+    assert r.returncode == 1 and "[authz] audit_log = 'logs/a/audit.log': no directory" in r.stderr, r.stderr
+    assert not (tmp_path / "logs").exists()
+
+
+@pytest.mark.parametrize("state_dir, message", [
+    ("afile", "[container] state_dir = 'afile': not a directory"),
+    ("afile/state", "[container] state_dir = 'afile/state': Not a directory"),
+])
+def test_a_state_dir_that_is_a_file_is_one_line(grid_pki, tmp_path, state_dir, message):
+    """trial14b V12: a state_dir naming an existing file ended in a traceback (FileExistsError, cli.py private_state)."""
+    (tmp_path / "afile").write_text("x")
+    r = serve(tmp_path, node_toml(grid_pki, state_dir), service="repository")
+    assert r.returncode == 1 and r.stdout == "", r.stderr
+    assert r.stderr == f"vmgrid: n3.toml: {message}\n"
+    assert (tmp_path / "afile").read_text() == "x"

@@ -289,3 +289,54 @@ def test_the_guest_patterns_follow_the_policy_file():
                             "off.toml").is_guest(GUEST)
     with pytest.raises(PolicyError, match="guest pattern"):
         parse_policy(policy_text().replace('guests = ["/O=Grid/OU=vmgrid-guests/*"]', 'guests = ["vms"]'), "bad.toml")
+
+
+# the rule the default policy shipped after `nodes-stage-images` until trial14b V9: a copy of `vo-members-upload`
+MEMBERS_UPLOAD = '''[[rule]]
+id = "members-upload"
+description = "a member of any VO may upload image files into its own upload area"
+effect = "permit"
+subjects = ["group:*"]
+actions = ["image.upload"]
+
+'''
+
+
+def test_no_rule_of_the_default_policy_is_a_copy_of_an_earlier_one():
+    """A rule matching exactly what an earlier rule matches never decides anything (first match wins): the default
+    policy carried `members-upload`, `vo-members-upload` again, which `vmgrid authz rules` listed and docs/authz.md
+    did not (trial14b V9)."""
+    import dataclasses
+
+    seen: dict[tuple, str] = {}
+    for rule in load_policy(DEFAULT_POLICY).rules:
+        what = repr([v for k, v in dataclasses.asdict(rule).items() if k not in ("id", "description", "line")])
+        assert what not in seen, f"rule {rule.id} is rule {seen[what]} again: it never decides anything"
+        seen[what] = rule.id
+
+
+def test_the_default_policy_decides_as_it_did_with_members_upload():
+    """Without `members-upload` the default policy decides every request as before (the same permit or deny, by the
+    same rule), over every action, each kind of resource and each kind of subject."""
+    from services.authz.actions import KNOWN_ACTIONS as ACTIONS
+
+    groups = {"bio": {"members": [ALICE], "admins": [CAROL]}, "hep": {"members": [BOB]}}
+    now = parse_policy(policy_text(admins=[ADMIN], groups=groups), "now.toml")
+    text = policy_text(admins=[ADMIN], groups=groups)
+    assert MEMBERS_UPLOAD not in text
+    before_text = text.replace('[[rule]]\nid = "list-own-instances"', MEMBERS_UPLOAD + '[[rule]]\nid = "list-own-instances"')
+    assert before_text != text
+    before = parse_policy(before_text, "before.toml")
+    resources = [image("bio", ALICE), image("hep", BOB), instance("bio", ALICE), instance("bio", BOB),
+                 {"type": "catalogue"}, {"type": "node", "node": "node1", "owner": ALICE}, {"owner": ALICE}]
+    subjects = [Subject(d) for d in (ALICE, BOB, CAROL, ADMIN, "/O=Grid/CN=nobody", "/O=Grid/OU=x/CN=host/node1")]
+    subjects.append(Subject(ALICE, limited=True))
+    n = 0
+    for subject in subjects:
+        for action in ACTIONS:
+            for resource in resources:
+                for context in ({}, {"source": "local"}):
+                    a, b = now.decide(subject, action, resource, context), before.decide(subject, action, resource, context)
+                    assert (a.permit, a.rule, a.obligations) == (b.permit, b.rule, b.obligations), (subject, action, resource)
+                    n += 1
+    assert n > 500
