@@ -170,21 +170,27 @@ def no_job_service(name: str, info) -> str:
 
 
 def connect(args):
-    from client.commands_repo import call_timeout, grid_client, trust_store
+    from client.commands_repo import grid_client
     from services.jobs.client import JobClient
 
     if is_url(args.endpoint):
         args.url = args.endpoint      # a container's URL alone is completed, another service's refused by name
         return JobClient(grid_client(args, "JobService"))
     url, dn = instance_job_service(args)
+    return JobClient(reach_job_service(args, url, dn, f"the job service of {args.endpoint}"))
+
+
+def reach_job_service(args, url: str, dn: str, what: str):
+    """A signed client of the job service at ``url`` whose host certificate is ``dn``, once it listens (a Running
+    instance's service may take seconds after guestd started it: :func:`until_listening`); a CLIError else."""
+    from client.commands_repo import call_timeout, trust_store
     from client.soap import ClientError, GridServiceClient, Unreachable
     from security.pki import PKIError, load_credential
 
     def attempt():
         try:
             credential = load_credential(proxy=args.proxy) if args.proxy else load_credential()
-            return JobClient(GridServiceClient(url, credential, trust_store(args), expected_host_dn=dn,
-                                               timeout=call_timeout()))
+            return GridServiceClient(url, credential, trust_store(args), expected_host_dn=dn, timeout=call_timeout())
         except Unreachable as exc:
             if "refused" in str(exc):
                 raise                                  # not listening yet: asked again
@@ -192,7 +198,7 @@ def connect(args):
         except (PKIError, OSError, ClientError) as exc:
             raise CLIError(str(exc)) from None
 
-    return until_listening(attempt, f"the job service of {args.endpoint}", Unreachable)
+    return until_listening(attempt, what, Unreachable)
 
 
 def until_listening(attempt, what: str, refused: type[Exception], *, wait: float = START_WAIT,

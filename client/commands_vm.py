@@ -345,29 +345,13 @@ def _await_job_service(args, info) -> None:
     bound, the same test: its WSDL fetched over TLS from the host its certificate names), so that its Running means
     jobs can be submitted; a service that does not answer from here within the bound is said and the deploy ends
     as it is (its instance runs)."""
-    from client.commands_job import until_listening
-    from client.commands_repo import call_timeout, trust_store
-    from client.soap import ClientError, GridServiceClient, Unreachable
-    from security.pki import PKIError, load_credential
+    from client.commands_job import reach_job_service
 
     service = info.job_service or {}
     if info.state != "Running" or not service.get("url") or not service.get("dn"):
         return
-
-    def attempt() -> None:
-        try:
-            credential = load_credential(proxy=args.proxy) if args.proxy else load_credential()
-            GridServiceClient(service["url"], credential, trust_store(args), expected_host_dn=service["dn"],
-                              timeout=call_timeout()).close()
-        except Unreachable as exc:
-            if "refused" in str(exc):
-                raise                                  # not listening yet: asked again
-            raise CLIError(str(exc)) from None
-        except (PKIError, OSError, ClientError) as exc:
-            raise CLIError(str(exc)) from None
-
     try:
-        until_listening(attempt, f"the job service of {args.identifier}", Unreachable)
+        reach_job_service(args, service["url"], service["dn"], f"the job service of {args.identifier}").close()
     except CLIError as exc:
         print(f"vmgrid: {args.identifier} runs, and its job service does not answer from here yet: {exc}",
               file=sys.stderr)

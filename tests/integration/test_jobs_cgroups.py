@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 import uuid
 from pathlib import Path
 
@@ -17,22 +16,13 @@ from client.localgrid import LocalGrid
 from services.jobs import runner
 from services.jobs.runner import proc_start_time
 from tests.integration.test_jobs_cli import JOB_PY, start_jobs, vmgrid
+from tests.integration.test_jobs_service import wait_until
 
 pytestmark = [pytest.mark.timeout(300),
               pytest.mark.skipif(os.geteuid() != 0, reason="the job service runs as root"),
               pytest.mark.skipif(not Path("/sys/fs/cgroup/pids/cgroup.procs").exists()
                                  or not Path(f"{runner.MEMORY_V1}/cgroup.procs").exists(),
                                  reason="cgroup v1 pids and memory hierarchies (this machine's)")]
-
-
-def wait_until(predicate, timeout: float = 60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("condition not reached")
 
 
 def job_cgroups(shim: int) -> list[Path]:
