@@ -618,6 +618,9 @@ def load_credential(cert: Path | str | None = None, key: Path | str | None = Non
     of :func:`load_user_credential`. A certificate file may carry its chain; a key file must be 0600 or stricter."""
     if proxy is not None:
         path = Path(proxy)
+        if not path.exists():      # an expired one removed, a typo: say how to make one (as with none at all)
+            raise CredentialError(f"proxy file {path} does not exist: make one with `vmgrid proxy-init` (or "
+                                  f"grid-proxy-init), or name another")
         data = _read(path, "proxy file")
         certs, keys = _split_pem(data, path)
         if not keys:        # before the mode: a certificate named as the proxy is this, not "chmod 600 it"
