@@ -203,7 +203,7 @@ class JobService(SoapService):
     def subscribe(self, ctx, req):
         job = self._job(ctx, "job.subscribe")
         request = parse_subscribe(req)
-        self.consumer_policy.check(request.consumer)
+        self.consumer_policy.check(request.consumer, caller=ctx.dn)     # her own bound on lookups
         s = self.jobs.subscribe(ctx.dn, job.key, request.consumer, request.initial_termination)
         return subscribe_response(EndpointReference.of(self.service_url, wire.q("SubscriptionKey"), s.key),
                                   s.expires, nsmap={"job": J})

@@ -651,3 +651,33 @@ def test_an_upload_refused_at_stor_fails_at_once_with_the_servers_message(grid, 
         assert getattr(exc.value, "code", None) == 550 and "no directories in a staging area" in str(exc.value)
     alice = grid.client(grid_pki.alice)
     assert alice.stage_local(small).name == "small.dat"          # the service goes on
+
+
+def test_a_subscribers_stalling_consumer_names_are_bounded_as_hers(grid_pki, tmp_path, monkeypatch):
+    """A job service's Subscribe looks the consumer's name up as the node's does, on the subscriber's own share of the
+    lookups (services/wsrf/notification.py RESOLVERS_PER_CALLER): alice's names that the name server never answers
+    wait out the deadline two at a time, the next is refused at once naming her lookups; before, the job service
+    charged them to the process's total only, where her stalled names kept everyone's lookups waiting."""
+    from services.faults import InvalidArgument
+    from services.wsrf import notification
+    from services.wsrf.notification import ConsumerPolicy
+    from tests.fixtures.resolver import stalling
+
+    grid = JobGrid(grid_pki, tmp_path)
+    names = [f"stalled-{n}.test" for n in range(notification.RESOLVERS_PER_CALLER + 1)]
+    release = stalling(monkeypatch, *names)
+    try:
+        grid.service.consumer_policy = ConsumerPolicy(allow=("127.0.0.0/8",), resolve_timeout=0.5)
+        alice = grid.client(grid_pki.alice)
+        key = alice.submit(JobSpec(PY, ("-c", "import time; time.sleep(600)")))
+        said = []
+        for name in names:
+            with pytest.raises(InvalidArgument) as exc:
+                alice.subscribe(key, f"http://{name}:9/notify")
+            said.append(exc.value.description)
+        assert all("did not resolve within 0.5 s" in d for d in said[:-1]), said
+        assert (f"has not answered {notification.RESOLVERS_PER_CALLER} lookups of names you gave this node"
+                in said[-1]), said
+    finally:
+        release.set()
+        grid.close()
