@@ -89,7 +89,7 @@ def test_the_site_bridge_commands_of_the_configuration_doc_satisfy_manage_bridge
     block = re.search(r"```sh\n# a bridge the site makes itself.*?\n```", doc, re.S)
     assert block, "docs/configuration.md shows the site's bridge commands"
     commands = block.group(0).split("\n", 1)[1].rsplit("```", 1)[0]
-    cfg = dict(re.findall(r'^(nic_source|gateway|network) = "([^"]+)"', doc, re.M))
+    cfg = dict(re.findall(r'^(nic_source|gateway|network) = "([^"]+)"', doc.split("## [jobs]")[0], re.M))   # [vmmanager]
     # the node's check runs in the namespace too: point iproute2 at it through the bridge object
     bridge = NodeBridge(cfg["nic_source"], cfg["gateway"], cfg["network"], tmp_path, netns=netns)
     assert not bridge.check().exists
@@ -137,7 +137,7 @@ def test_the_teardown_command_of_the_configuration_doc_takes_down_what_a_stopped
     shown = re.search(r"\(in a network namespace of its own, as root\) -->\n```sh\n(vmgrid node teardown[^\n]*)\n```",
                       doc)
     assert shown, "docs/configuration.md shows the teardown command"
-    cfg = dict(re.findall(r'^(nic_source|gateway|network) = "([^"]+)"', doc, re.M))
+    cfg = dict(re.findall(r'^(nic_source|gateway|network) = "([^"]+)"', doc.split("## [jobs]")[0], re.M))   # [vmmanager]
     state = tmp_path / "state"
     (tmp_path / "node.toml").write_text(
         f'[container]\nstate_dir = "{state}"\n[vmmanager]\nnic_kind = "bridge"\nnic_source = "{cfg["nic_source"]}"\n'
