@@ -267,9 +267,11 @@ def check_service_config(name: str, config: Config) -> None:
         check_lease_range(config.vmmanager)
         check_guest_ca(config.vmmanager)         # guest_ca, guest_cert_dir: as every deployment reads them
     if name == "jobs":
-        from services.jobs.runner import memory_limit_bytes
+        from services.jobs.runner import memory_limit_bytes, network_mode
 
         memory_limit_bytes(config.jobs.memory_limit)      # "2G", -1: one line naming the key, before any state
+        memory_limit_bytes(config.jobs.memory_total, key="memory_total")
+        network_mode(config.jobs.network)
     if name in GRIDFTP_SERVICES:
         check_gridftp(config)
 

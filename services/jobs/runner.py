@@ -247,6 +247,7 @@ class MemoryBound:
 
 
 MEMORY_SETTING = "bytes (0: no bound), or a share of the machine's memory such as \"80%\""
+MEMORY_FLOOR = 16 << 20         # the least memory bound in bytes a site may give: a shell and Python start in it
 
 
 def memory_limit_bytes(setting: int | str, total: int | None = None, key: str = "memory_limit") -> int:
@@ -256,6 +257,9 @@ def memory_limit_bytes(setting: int | str, total: int | None = None, key: str = 
     if isinstance(setting, int) and not isinstance(setting, bool):
         if setting < 0:
             raise ValueError(f"[jobs] {key} = {setting}: {MEMORY_SETTING}")
+        if 0 < setting < MEMORY_FLOOR:      # trial14 U9: 1000 (meant as MiB?) started, then killed every job
+            raise ValueError(f"[jobs] {key} = {setting}: bytes, at least {MEMORY_FLOOR} (16 MiB: no job starts in "
+                             f"less), or 0 for no bound, or a share of the machine's memory such as \"80%\"")
         return setting
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*%\s*", setting) if isinstance(setting, str) else None
     if match is None or not 0 < float(match.group(1)) <= 100:

@@ -154,6 +154,12 @@ def test_each_service_with_a_gridftp_server_checks_the_gridftp_section_at_start(
     ("max_files", "0", "[jobs] max_files = 0: files and directories a job's directory holds, 1 or more"),
     ("memory_limit", '"2G"', "[jobs] memory_limit = '2G': bytes (0: no bound), or a share of the machine's memory "
                              "such as \"80%\", more than 0% and at most 100%"),
+    ("memory_limit", "1000", "[jobs] memory_limit = 1000: bytes, at least 16777216 (16 MiB: no job starts in less), "
+                             "or 0 for no bound, or a share of the machine's memory such as \"80%\""),
+    ("memory_total", '"half"', "[jobs] memory_total = 'half': bytes (0: no bound), or a share of the machine's "
+                               "memory such as \"80%\", more than 0% and at most 100%"),
+    ("network", '"private"', "[jobs] network = 'private': \"host\" (the host's network, as any local account has it) "
+                             "or \"none\" (a network namespace of the job's own with only loopback)"),
 ])
 def test_a_job_service_number_that_cannot_mean_anything_is_refused_naming_its_key(grid_pki, tmp_path, key, value,
                                                                                   message):

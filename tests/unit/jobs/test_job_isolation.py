@@ -79,13 +79,17 @@ def test_without_a_memory_cgroup_hierarchy_the_service_warns_at_start_and_each_j
 
 
 def test_memory_limit_is_bytes_or_a_share_of_the_machines_memory_and_anything_else_is_refused(tmp_path):
-    assert memory_limit_bytes(0) == 0 and memory_limit_bytes(123 * 4096) == 123 * 4096
+    assert memory_limit_bytes(0) == 0 and memory_limit_bytes(5000 * 4096) == 5000 * 4096
     assert memory_limit_bytes("75%", total=4 << 30) == 3 << 30
     assert memory_limit_bytes("100%", total=10 * 4096 + 100) == 10 * 4096
     for bad in (-1, "0%", "101%", "2G", 0.5, True):
         with pytest.raises(ValueError, match=r"^\[jobs\] memory_limit = .*: bytes \(0: no bound\), or a share of the "
                                              r"machine's memory such as \"80%\""):
             memory_limit_bytes(bad)
+    for few in (1000, (16 << 20) - 1):            # trial14 U9: a unit mistake started, then killed every job
+        with pytest.raises(ValueError, match=rf"^\[jobs\] memory_total = {few}: bytes, at least 16777216 \(16 MiB"):
+            memory_limit_bytes(few, key="memory_total")
+    assert memory_limit_bytes(16 << 20) == 16 << 20
     with pytest.raises(ValueError, match=r"^\[jobs\] memory_limit = '2G': "):
         manager(tmp_path / "state", memory_limit="2G")
     with pytest.raises(ValueError, match=r"^\[jobs\] memory_total = 'half': "):
