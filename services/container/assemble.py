@@ -227,11 +227,12 @@ def apply_data_ports(config: Config, services: list[str]) -> None:
     services' servers' PASV/EPSV/SPAS, a node's PORT when it pulls a migration's files or stages an image), as
     `vmgrid gridftp-server --data-ports` does; the key wins over the variable. Not given: the environment's
     variable as it is. Only a process serving a GridFTP service (:data:`GRIDFTP_SERVICES`) is changed."""
-    from gridftp.datachannel import PORT_RANGE_ENV
+    from gridftp.datachannel import PORT_RANGE_ENV, name_port_range
 
     given = config.gridftp.data_ports.strip()
     if given and any(name in GRIDFTP_SERVICES for name in services):
         os.environ[PORT_RANGE_ENV] = given
+        name_port_range(given, "[gridftp] data_ports")     # a full range's 425 and warning name the key
 
 
 def gridftp_options(config: Config) -> dict:

@@ -74,3 +74,23 @@ def test_a_bad_range_in_the_clients_environment_is_one_line_without_a_stray_pref
     assert got.returncode == 1
     assert got.stderr == f"vmgrid: GLOBUS_TCP_PORT_RANGE='abc': {FORM}\n"
     assert not (tmp_path / "x").exists()
+
+
+def test_a_full_range_given_by_the_configuration_names_its_key(held_port, monkeypatch):
+    """`vmgrid serve` with [gridftp] data_ports (services/container/assemble.py apply_data_ports): a full range is
+    named by the key the operator widens, not by the environment variable the key was put in."""
+    from gridftp import datachannel
+    from services.container.assemble import apply_data_ports
+    from services.container.config import Config
+
+    config = Config()
+    config.gridftp.data_ports = f"{held_port},{held_port}"
+    monkeypatch.delenv("GLOBUS_TCP_PORT_RANGE", raising=False)
+    monkeypatch.setattr(datachannel, "_NAMED_RANGES", {})
+    apply_data_ports(config, ["repository"])
+    try:
+        with pytest.raises(datachannel.NoFreeDataPort) as exc:
+            datachannel.open_listener("127.0.0.1")
+        assert f"no free data port in [gridftp] data_ports {held_port},{held_port}" in str(exc.value)
+    finally:
+        os.environ.pop("GLOBUS_TCP_PORT_RANGE", None)
