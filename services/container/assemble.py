@@ -145,6 +145,43 @@ NUMBER_RULES: dict[str, dict[str, tuple]] = {
         "max_processes": ("processes (0: no bound)", _at_least(0)),
         "max_files": ("files and directories a job's directory holds", _at_least(1)),
     },
+    # every container's: a 0 started a container that said "serving" and answered nothing, or dropped every
+    # connection silently (trial14b V1, V6)
+    "container": {
+        "threads": ("request threads", _at_least(1)),
+    },
+    "container.limits": {
+        "handshake_timeout": ("seconds", _more_than_zero()),
+        "handshake_threads": ("threads", _at_least(1)),
+        "header_timeout": ("seconds", _more_than_zero()),
+        "body_min_rate": ("bytes a second", _at_least(1)),
+        "body_grace": ("seconds", _at_least(0)),
+        "idle_timeout": ("seconds", _more_than_zero()),
+        "send_min_rate": ("bytes a second", _at_least(1)),
+        "max_connections": ("connections", _at_least(1)),
+        "max_connections_per_address": ("connections", _at_least(1)),
+        "max_header_bytes": ("bytes", _at_least(1)),
+        "max_body_bytes": ("bytes", _at_least(1)),
+        "max_body_bytes_held": ("bytes", _at_least(1)),
+        "max_markup_held": ("markup items", _at_least(1)),
+    },
+    "repository": {
+        "max_image_bytes": ("bytes", _at_least(1)),
+        "upload_quota_bytes": ("bytes", _at_least(1)),
+        "upload_max_age": ("seconds (0: kept)", _at_least(0)),
+        "default_limit": ("descriptors a page", _between(1, 1000)),     # as a query's limit (vmgrid repo query --limit)
+        "max_hold_seconds": ("seconds", _at_least(1)),
+        "reserve_bytes": ("bytes (0: none)", _at_least(0)),
+    },
+    # the repository's and a node's (their calls to the Authorization service)
+    "enforcement": {
+        "permit_ttl": ("seconds (0: not cached)", _at_least(0)),
+        "timeout": ("seconds", _more_than_zero()),
+    },
+    "authz": {
+        "reload_interval": ("seconds (0: only on SIGHUP, ReloadPolicy or an admin change)", _at_least(0)),
+        "slot_grace": ("seconds", _at_least(0)),
+    },
 }
 
 
@@ -261,7 +298,7 @@ def check_service_config(name: str, config: Config) -> None:
         raise ValueError(f"[{name}] gridftp_port = {section.gridftp_port}: a port is 0 to 65535 (0 picks a free one; "
                          f"-1: no GridFTP face)")
     if name in NUMBER_RULES:
-        check_numbers(name, config.vmmanager if name == "vmmanager" else config.jobs)
+        check_numbers(name, getattr(config, name))
     if name == "vmmanager":
         from services.vmmanager.guestcred import check_guest_ca
 
@@ -275,6 +312,96 @@ def check_service_config(name: str, config: Config) -> None:
         network_mode(config.jobs.network)
     if name in GRIDFTP_SERVICES:
         check_gridftp(config)
+    check_sections(name, config)
+
+
+def config_section(config: Config, name: str):
+    """The section of ``config`` a NUMBER_RULES name stands for ("container.limits": config.container.limits)."""
+    section = config
+    for part in name.split("."):
+        section = getattr(section, part)
+    return section
+
+
+def check_url(key: str, value: str, what: str) -> None:
+    """``value`` an http(s) URL with a host (ValueError naming ``key``, e.g. ``[enforcement] authz_url``): a URL
+    without its scheme or with a space in its host started a service whose every call to it then failed."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(value)
+        parts.port                     # a port that is no number: ValueError
+        ok = parts.scheme in ("https", "http") and bool(parts.hostname) and not any(c.isspace() for c in value)
+    except ValueError:                 # a port that is no number
+        ok = False
+    if not ok:
+        raise ValueError(f"{key} = {value!r}: {what}, an https:// URL (e.g. \"https://HOST:8443/wsrf/services/...\")")
+
+
+def check_mac_prefix(prefix: str) -> None:
+    """[vmmanager] mac_prefix: three hex octets, the first unicast (each MAC is the prefix and an address's last three
+    octets: a bad prefix failed every deployment, "network.mac ... is not a MAC address" or "a multicast address")."""
+    import re
+
+    if not re.fullmatch(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){2}", prefix) or int(prefix[:2], 16) & 1:
+        raise ValueError(f"[vmmanager] mac_prefix = {prefix!r}: three hex octets, the first a unicast one (its lowest bit "
+                         f"0), e.g. \"52:54:00\"")
+
+
+def check_node_network(v) -> None:
+    """[vmmanager] gateway, dns and repository beside network and lease_range (checked by check_lease_range first):
+    the gateway a host address of network outside lease_range (inside it a guest was leased the gateway's
+    address), each dns entry an IP address, the repository an https:// URL."""
+    import ipaddress
+
+    net = ipaddress.IPv4Network(v.network, strict=False)
+    try:
+        gateway = ipaddress.IPv4Address(v.gateway)
+        first, last = (ipaddress.IPv4Address(a.strip()) for a in v.lease_range.split("-"))
+        why = (f"not inside [vmmanager] network {net}" if gateway not in net else
+               f"the network or broadcast address of {net}" if gateway in (net.network_address, net.broadcast_address)
+               else f"inside [vmmanager] lease_range {v.lease_range} (a guest would be leased it)"
+               if first <= gateway <= last else "")
+    except ValueError:
+        why = "not an IPv4 address"
+    if why:
+        raise ValueError(f"[vmmanager] gateway = {v.gateway!r}: {why} (expected a host address of {net} outside "
+                         f"lease_range, e.g. \"{net[1]}\")")
+    for entry in v.dns:
+        try:
+            ipaddress.ip_address(entry)
+        except ValueError:
+            raise ValueError(f"[vmmanager] dns: {entry!r} is not an IP address (e.g. dns = [\"{net[1]}\"])") from None
+    check_mac_prefix(v.mac_prefix)
+    if v.repository:
+        check_url("[vmmanager] repository", v.repository, "the VMRepository service's URL")
+
+
+def check_sections(name: str, config: Config) -> None:
+    """The keys of [container], [container.limits], [enforcement], [authz] and the rest of [vmmanager] that service
+    ``name`` reads (ValueError naming the key), at start before any state: each of these started a container that
+    failed later (trial14b V1-V8, V12)."""
+    c = config.container
+    check_numbers("container", c)
+    check_numbers("container.limits", c.limits)
+    if os.path.exists(c.state_dir) and not os.path.isdir(c.state_dir):
+        raise ValueError(f"[container] state_dir = {c.state_dir!r}: not a directory")
+    if c.public_url:
+        check_url("[container] public_url", c.public_url, "this container's public URL")
+    if name in ("repository", "vmmanager"):            # the services that enforce a policy
+        check_numbers("enforcement", config.enforcement)
+        if config.enforcement.authz_url:
+            check_url("[enforcement] authz_url", config.enforcement.authz_url, "the Authorization service's URL")
+    if name == "vmmanager":
+        check_node_network(config.vmmanager)
+    if name == "authz" and config.authz.audit_log:
+        # an explicit audit log's directory must exist: a typo'd path is named, and nothing is made for it (its
+        # directories were made even by a start then refused for another reason, trial14b V8)
+        parent = os.path.dirname(os.path.abspath(config.authz.audit_log))
+        if not os.path.isdir(parent) or os.path.isdir(config.authz.audit_log):
+            why = "it is a directory" if os.path.isdir(config.authz.audit_log) else f"no directory {parent}"
+            raise ValueError(f"[authz] audit_log = {config.authz.audit_log!r}: {why} (give a file in an existing "
+                             f"directory, or \"\" for <state_dir>/authz/audit.log)")
 
 
 def build_service(name: str, config: Config) -> SoapService:

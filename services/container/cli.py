@@ -206,8 +206,13 @@ def run(args) -> int:
     except ValueError as exc:
         raise CLIError(f"{where}{exc}") from None
     apply_data_ports(config, args.services)        # [gridftp] data_ports: this process's GridFTP data listeners
-    private_state(config.container.state_dir, args.services)
-    hold_state(config.container.state_dir, args.services)
+    try:
+        private_state(config.container.state_dir, args.services)
+        hold_state(config.container.state_dir, args.services)
+    except OSError as exc:             # a state_dir below a file, one not ours to make: one line, not a traceback
+        raise CLIError(f"{where}[container] state_dir = {config.container.state_dir!r}: {exc.strerror or exc}"
+                       f"{f' ({exc.filename})' if exc.filename and exc.filename != config.container.state_dir else ''}"
+                       ) from None
     release_if_full(config.container.state_dir)    # a restart on a full disk still opens its databases
     try:
         services = [build_service(name, config) for name in args.services]
