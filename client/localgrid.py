@@ -102,6 +102,9 @@ class ServiceProcess:
         return f"https://localhost:{self.port}"
 
 
+PORT_TRIES = 3         # ports a service process is started on before its start fails (another took each)
+
+
 @dataclass
 class LocalGrid:
     """A grid in ``root``: ``ca/`` (the CA and its certificates/ dir), ``host/``, ``users/<name>/``,
@@ -147,18 +150,27 @@ class LocalGrid:
               timeout: float = 30, port: int | None = None) -> ServiceProcess:
         """Start `vmgrid serve SERVICES` with ``config`` (merged over the grid's defaults), on ``port``
         (a free one by default; give it when the configuration must name the service's own URL)."""
-        port = port or free_port()
+        given = port
         state = self.root / name
         state.mkdir(parents=True, exist_ok=True)
-        base = {
-            "container": {"host": "127.0.0.1", "port": port, "state_dir": str(state), "tls": True},
-            "security": {"cert_dir": str(self.cert_dir), "host_cert": str(self.host_dir / "hostcert.pem"),
-                         "host_key": str(self.host_dir / "hostkey.pem")},
-        }
-        merged = _merge(base, config)
-        cfg = self.root / f"{name}.toml"
-        write_toml(cfg, merged)
-        return self._spawn(name, services, cfg, port, extra_env, timeout)
+        for attempt in range(PORT_TRIES):
+            port = given or free_port()
+            base = {
+                "container": {"host": "127.0.0.1", "port": port, "state_dir": str(state), "tls": True},
+                "security": {"cert_dir": str(self.cert_dir), "host_cert": str(self.host_dir / "hostcert.pem"),
+                             "host_key": str(self.host_dir / "hostkey.pem")},
+            }
+            merged = _merge(base, config)
+            cfg = self.root / f"{name}.toml"
+            write_toml(cfg, merged)
+            try:
+                return self._spawn(name, services, cfg, port, extra_env, timeout)
+            except RuntimeError as exc:
+                # a free port found is free only until someone else binds it (another grid, a test run beside
+                # this one): one this grid picked and lost is picked again; a port the caller named is not
+                if given or attempt == PORT_TRIES - 1 or f"cannot listen on 127.0.0.1:{port}: " not in str(exc):
+                    raise
+        raise AssertionError("unreachable")
 
     def restart(self, sp: ServiceProcess, *, extra_env: dict | None = None, timeout: float = 30) -> ServiceProcess:
         """Start a stopped (or killed) service process again, on its configuration and port."""
