@@ -170,13 +170,6 @@ def jobs_part(out: dict, work: Path, pki, node, vm: VMManagerClient, ref, info) 
     # a job that takes all of the guest's memory: the kernel kills it past its limit, the service lives on
     s["oom"] = alice("job", "submit", NAME, "--wait", "--", "python3", "-c", EAT_ALL)
     s["oom_status"] = alice("job", "status", NAME, (s["oom"]["out"].splitlines() or ["-"])[0], "--json")
-    # two jobs at once, each writing 40% of the guest's memory into its own /tmp (within tmp_size and its memory
-    # limit; tmpfs pages are in no process's size): together past the guest's memory (trial14 U1: the guest's OOM
-    # killer killed the job service); the service lives on, never restarted (the same pid at the end)
-    fill = ("head -c $(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) * 4 / 10 ))K /dev/zero > /tmp/fill; "
-            "echo rc=$?; sleep 3")
-    s["tmp_two"] = [alice("job", "submit", NAME, "--", "sh", "-c", fill) for _ in range(2)]
-    s["tmp_two_wait"] = [alice("job", "wait", NAME, r["out"]) for r in s["tmp_two"]]
     # a job reaches its own directory by path ($HOME: the state directory was 0700) and uses POSIX shared memory
     # (multiprocessing's Lock and Pool: the guest had no /dev/shm)
     s["reach"] = alice("job", "submit", NAME, "--wait", "--", "sh", "-ec",

@@ -95,20 +95,6 @@ def test_a_job_past_its_memory_limit_is_failed_out_of_memory_in_the_guest(seen):
     assert "survived" not in st["stdoutTail"]
 
 
-def test_two_jobs_filling_their_tmp_past_the_guests_memory_leave_the_job_service_running(seen):
-    """trial14 U1: two jobs each within every bound (40% of the guest's memory in its own /tmp) together took more
-    than the guest has; the guest's OOM killer chose the job service (tmpfs pages count in no process's size). Now
-    guestd and the job service are its last choice and the jobs' memory is bounded together: both jobs end, and the
-    job service never restarted: its log (`vmgrid job log NAME container`, read after every step of the scene)
-    shows one start."""
-    s = seen["steps"]
-    assert all(r["rc"] == 0 and r["out"].startswith("job-") for r in s["tmp_two"]), s["tmp_two"]
-    for r in s["tmp_two_wait"]:
-        assert r["out"].split()[:1] in (["Done"], ["Failed"]), r
-    log = s["log_container"]["out"]
-    assert log.count("job service for ") == 1 and log.count(" reconciled: ") == 1, log[:3000]
-
-
 def test_a_job_reaches_its_directory_by_path_and_has_posix_shared_memory(seen):
     """In a guest a job could not open its own directory by its path ($HOME, $PWD: `vmgrid serve` made
     /var/lib/vmgrid 0700) and had no /dev/shm (multiprocessing's Lock and Pool failed): BLAST+'s makeblastdb and
