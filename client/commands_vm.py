@@ -374,9 +374,28 @@ def cmd_list(args) -> int:
 
 
 def cmd_status(args) -> int:
+    from services.faults import ResourceUnknown
+
     vm = vmm_client(args)
-    show_info(_call(vm.status, resolve(vm, args.instance)), args.format)
+    ref = resolve(vm, args.instance)
+
+    def status():
+        try:
+            return vm.status(ref)
+        except ResourceUnknown:         # a destroyed instance named by its key: the node answers for it no more,
+            ended = ended_record(vm, ref.key)   # but keeps its record (trial15 X9): show that
+            if ended is None:
+                raise
+            return ended
+
+    show_info(_call(status), args.format)
     return 0
+
+
+def ended_record(vm, key: str):
+    """The caller's ended instance ``key`` as `vm list --all` has it (a destroyed one's record: the node's other
+    calls answer ResourceUnknown for it), or None."""
+    return next((i for i in vm.list(True) if i.ref is not None and i.ref.key == key and i.state in FINAL), None)
 
 
 def cmd_control(args) -> int:
@@ -414,7 +433,7 @@ def _destroy(vm, name: str) -> int:
             try:
                 info = vm.status(ref)
             except VMGridFault:
-                info = None
+                info = ended_record(vm, ref.key)    # destroyed: only `vm list --all` has it (trial15 X9)
             said = nothing_to_destroy(name, info) if info is not None else None
             if said is None:
                 raise

@@ -67,6 +67,14 @@ def test_destroying_a_destroyed_instance_again_says_it_was(grid):
     again = vmgrid(grid, "vm", "destroy", "twice")
     assert again.stdout == f"twice: nothing to destroy: it was destroyed already ({key}); `vmgrid vm list --all` " \
                            f"lists it\n", again.stdout
+    # by its key as by its name (trial15 X9: the node answers ResourceUnknown for a destroyed key; its record stays)
+    by_key = vmgrid(grid, "vm", "destroy", key)
+    assert by_key.stdout == f"{key}: nothing to destroy: it was destroyed already ({key}); `vmgrid vm list --all` " \
+                            f"lists it\n", by_key.stdout
+    status = json.loads(vmgrid(grid, "vm", "status", key, "--json").stdout)
+    assert status["key"] == key and status["state"] == "Destroyed" and status["identifier"] == "twice", status
+    shown = vmgrid(grid, "vm", "status", key).stdout
+    assert "state  Destroyed" in shown and f"twice ({key})" in shown, shown
 
 
 def test_destroying_an_instance_never_deployed_is_still_an_error(grid):
