@@ -414,15 +414,23 @@ class Subscriptions:
                       f"consumer TEXT NOT NULL, subscriber TEXT NOT NULL, expires REAL NOT NULL)")
             c.execute(f"CREATE INDEX IF NOT EXISTS {table}_resource ON {table} ({resource_column})")
 
+    def _check_caps(self, c, resource: str, subscriber: str, now: float) -> None:
+        check_subscription_caps(
+            c.execute(f"SELECT COUNT(*) FROM {self.table} WHERE {self.col} = ? AND expires > ?",
+                      (resource, now)).fetchone()[0],
+            c.execute(f"SELECT COUNT(*) FROM {self.table} WHERE subscriber = ? AND expires > ?",
+                      (subscriber, now)).fetchone()[0])
+
+    def check_caps(self, resource: str, subscriber: str, now: float | None = None) -> None:
+        """LimitExceeded when one more subscription of ``subscriber`` to ``resource`` would pass a cap now: a
+        Subscribe asks before it looks the consumer's name up (:meth:`add` counts again with its insert)."""
+        self._check_caps(self.db.conn(), resource, subscriber, time.time() if now is None else now)
+
     def add(self, s: Subscription, now: float | None = None) -> None:
         """Record ``s``; LimitExceeded beyond the caps (:func:`check_subscription_caps`), counted with the insert."""
         now = time.time() if now is None else now
         with self.db.write("subscribe") as c:
-            check_subscription_caps(
-                c.execute(f"SELECT COUNT(*) FROM {self.table} WHERE {self.col} = ? AND expires > ?",
-                          (s.resource, now)).fetchone()[0],
-                c.execute(f"SELECT COUNT(*) FROM {self.table} WHERE subscriber = ? AND expires > ?",
-                          (s.subscriber, now)).fetchone()[0])
+            self._check_caps(c, s.resource, s.subscriber, now)
             c.execute(f"INSERT INTO {self.table} (key, {self.col}, consumer, subscriber, expires) VALUES (?, ?, ?, ?, ?)",
                       (s.key, s.resource, s.consumer, s.subscriber, s.expires))
 

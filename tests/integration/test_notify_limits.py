@@ -331,6 +331,37 @@ def test_a_consumer_given_as_an_address_is_subscribed_while_the_nodes_lookups_al
         bob.destroy(his)
 
 
+def test_subscribe_checks_its_caps_before_looking_the_consumer_up(grid, grid_pki, monkeypatch, lookups):
+    """alice's instance has its subscriptions (a cap of 2 here), and a subscriber hers (a cap of 3): a Subscribe
+    naming a consumer whose name stalls is LimitExceededFault at once, and the name server is never asked for it.
+    Before: the consumer was looked up first, so each such Subscribe took one of her lookups and waited out its
+    deadline (InvalidArgumentFault "did not resolve"), whatever the caps said."""
+    node = grid.node(0).core
+    monkeypatch.setattr(node, "consumers", ConsumerPolicy(allow=("127.0.0.0/8",), resolve_timeout=0.5))
+    monkeypatch.setattr(notification, "MAX_PER_RESOURCE", 2)
+    monkeypatch.setattr(notification, "MAX_PER_SUBSCRIBER", 3)
+    release = stalling(monkeypatch, "capped.stalled.test")
+    asked = counting(monkeypatch)
+    vm = grid.vmm(grid_pki.alice)
+    first = vm.deploy(grid.bio, "capped-lookup-1", 600, wait=True).ref
+    second = vm.deploy(grid.bio, "capped-lookup-2", 600, wait=True).ref
+    try:
+        vm.subscribe(first, "http://127.0.0.1:9/one")
+        vm.subscribe(first, "http://127.0.0.1:9/two")
+        with pytest.raises(LimitExceeded) as exc:
+            vm.subscribe(first, "http://capped.stalled.test:9/notify")
+        assert exc.value.limit == "subscriptions-per-resource"
+        vm.subscribe(second, "http://127.0.0.1:9/three")
+        with pytest.raises(LimitExceeded) as exc:
+            vm.subscribe(second, "http://capped.stalled.test:9/notify")
+        assert exc.value.limit == "subscriptions-per-subscriber"
+        assert "capped.stalled.test" not in asked and lookups.held == 0
+    finally:
+        release.set()
+        vm.destroy(first)
+        vm.destroy(second)
+
+
 def test_a_consumer_name_that_timed_out_is_refused_at_once_for_a_while(grid, grid_pki, monkeypatch, lookups):
     """bob subscribes to a consumer whose name stalls: the Subscribe waits out the node's deadline (0.5 s here,
     InvalidArgumentFault "did not resolve within 0.5 s"); his next Subscribes naming it are refused at once saying
