@@ -153,6 +153,7 @@ class Lookups:
                 return None
             if entry[0] <= now:
                 del names[host.lower()]
+                self._remembered -= 1
                 self._forget_empty(caller)
                 return None
             return entry[0] - now, entry[1]

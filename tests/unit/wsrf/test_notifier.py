@@ -455,6 +455,12 @@ def test_stalled_names_are_bounded_per_caller_and_none_pushes_out_anothers():
     lookups.remember("carol", "c0.test", 1.0, later)
     assert lookups.remembered("carol", "c0.test", later)
     assert lookups.remembered("bob", "b0.test", later) is None and "mallory" not in lookups.stalled
+    lookups = notification.Lookups(stalled_per_caller=3, stalled_total=2)     # an entry asked for past its time
+    lookups.remember("bob", "b0.test", 1.0, now)
+    lookups.remember("bob", "b1.test", 1.0, now)
+    assert lookups.remembered("bob", "b0.test", later) is None            # forgotten: room for carol's at once
+    lookups.remember("carol", "c0.test", 1.0, now)
+    assert lookups.remembered("carol", "c0.test", now)
 
 
 def test_refused_and_timed_out_lookups_are_logged_at_most_once_a_minute_with_a_count(monkeypatch, lookups, caplog):
