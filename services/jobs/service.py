@@ -203,6 +203,7 @@ class JobService(SoapService):
     def subscribe(self, ctx, req):
         job = self._job(ctx, "job.subscribe")
         request = parse_subscribe(req)
+        self.jobs.subscriptions.check_caps(job.key, ctx.dn)     # the caps before the lookup: a refused one costs none
         self.consumer_policy.check(request.consumer, caller=ctx.dn)     # her own bound on lookups
         s = self.jobs.subscribe(ctx.dn, job.key, request.consumer, request.initial_termination)
         return subscribe_response(EndpointReference.of(self.service_url, wire.q("SubscriptionKey"), s.key),

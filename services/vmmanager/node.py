@@ -750,17 +750,21 @@ class Node:
     def subscribe(self, caller, key: str, consumer: str, initial_termination: float | None) -> Subscribed:
         inst = self._authorized(caller, key, "vm.inspect")
         states.check(inst.state_enum, "subscribe")
-        self.consumers.check(consumer, caller=caller.dn)     # the subscriber's own bound on lookups
-        expires = inst.termination if initial_termination is None else min(inst.termination, initial_termination)
-        sub_key = new_subscription_key()
-        now = time.time()
-        with self.store.transaction():       # counted and recorded in one transaction: the caps hold
+
+        def check_caps(now: float) -> None:
             db = self.store.db.conn()
             check_subscription_caps(
                 db.execute("SELECT COUNT(*) FROM subscriptions WHERE instance_key = ? AND expires > ?",
                            (inst.key, now)).fetchone()[0],
                 db.execute("SELECT COUNT(*) FROM subscriptions WHERE subscriber = ? AND expires > ?",
                            (caller.dn, now)).fetchone()[0])
+        check_caps(time.time())         # the caps before the lookup: a Subscribe they refuse looks nothing up
+        self.consumers.check(consumer, caller=caller.dn)     # the subscriber's own bound on lookups
+        expires = inst.termination if initial_termination is None else min(inst.termination, initial_termination)
+        sub_key = new_subscription_key()
+        now = time.time()
+        with self.store.transaction():       # counted again and recorded in one transaction: the caps hold
+            check_caps(now)
             self.store.subscribe(sub_key, inst.key, consumer, caller.dn, expires)
         return Subscribed(sub_key, expires)
 

@@ -10,12 +10,13 @@ import http.client
 import io
 import ipaddress
 import logging
+import math
 import socket
 import ssl
 import threading
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -63,79 +64,204 @@ class Unresolved(Refused):
 
 RESOLVE_TIMEOUT = 5.0       # seconds a lookup of a consumer's or a migration target's name may take
 RESOLVERS = 8               # lookups under way at once in a process (a stalled name server holds at most these)
-RESOLVERS_PER_CALLER = 2    # ... of them for one caller (a DN): one user's stalling names hold at most these
-_resolvers = threading.BoundedSemaphore(RESOLVERS)
-_callers: dict[str, int] = {}          # caller -> its lookups under way (the threads not yet answered)
-_callers_lock = threading.Lock()
+RESOLVERS_PER_CALLER = 2    # ... of them for one caller (a DN) while fewer than half of RESOLVERS are under way;
+                            # beyond that one each, so a caller with none under way finds one free (Lookups.take)
+STALLED_TTL = 10.0          # seconds a name whose lookup timed out is refused at once, for the caller who gave it
+STALLED_PER_CALLER = 16     # such names remembered for one caller (its own oldest forgotten first)
+STALLED_TOTAL = 1024        # ... for all callers (beyond, a new one is not remembered: nobody else's is forgotten)
+WARN_EVERY = 60.0           # seconds between two warnings of refused or timed-out lookups (each with a count)
 
 
-def _take_caller(caller: str | None) -> bool:
-    """One more lookup under way for ``caller``; False when it has :data:`RESOLVERS_PER_CALLER` already."""
-    if caller is None:
+class _Throttled:
+    """A warning any user can cause at will, logged at most once per ``every`` seconds with the count of such events
+    since the last one logged (the GridFTP server's full data port range is warned of so: gridftp/server.py)."""
+
+    def __init__(self, every: float = WARN_EVERY):
+        self.every = every
+        self._lock = threading.Lock()
+        self._logged: float | None = None     # time.monotonic() of the last warning logged
+        self._since = 0                       # events since then (the one logged included)
+
+    def warn(self, msg: str, *args) -> bool:
+        """Count one event; log ``msg % args`` with the count when the last warning is ``every`` seconds old."""
+        now = time.monotonic()
+        with self._lock:
+            self._since += 1
+            if self._logged is not None and now - self._logged < self.every:
+                return False
+            count, self._since, self._logged = self._since, 0, now
+        log.warning(msg + " (%d such since the last warning of them; at most one a minute)", *args, count)
         return True
-    with _callers_lock:
-        held = _callers.get(caller, 0)
-        if held >= RESOLVERS_PER_CALLER:
-            return False
-        _callers[caller] = held + 1
+
+
+class Lookups:
+    """A process's name lookups under way and the names that stalled lately (:func:`lookup` uses the process's
+    one, ``_LOOKUPS``). ``slots`` lookups at once in all; a caller (a DN) may have ``per_caller`` of them under
+    way while fewer than half of ``slots`` are, one beyond that: a caller with none under way finds a slot as long
+    as fewer than ``slots`` callers stall, and the callers with stalled names keep about one slot each, not
+    ``per_caller``. A name whose lookup for a caller timed out is refused at once for that caller during
+    ``stalled_ttl`` seconds (remembered per caller, at most ``stalled_per_caller`` each, oldest forgotten first,
+    and ``stalled_total`` in all, beyond which nothing new is remembered: no caller's names push out another's)."""
+
+    def __init__(self, slots: int = RESOLVERS, per_caller: int = RESOLVERS_PER_CALLER,
+                 stalled_ttl: float = STALLED_TTL, stalled_per_caller: int = STALLED_PER_CALLER,
+                 stalled_total: int = STALLED_TOTAL, warn_every: float = WARN_EVERY):
+        self.slots, self.per_caller = slots, per_caller
+        self.stalled_ttl, self.stalled_per_caller, self.stalled_total = stalled_ttl, stalled_per_caller, stalled_total
+        self._lock = threading.Lock()
+        self.held = 0                                            # lookups under way (threads not yet answered)
+        self.callers: dict[str | None, int] = {}                 # caller -> its lookups under way
+        self.stalled: dict[str | None, OrderedDict[str, tuple[float, float]]] = {}  # caller -> name -> (until, timeout)
+        self._remembered = 0                                     # entries in ``stalled``
+        self.refusals = _Throttled(warn_every)
+        self.timeouts = _Throttled(warn_every)
+
+    # -- slots ------------------------------------------------------------------------------------------------
+    def take(self, caller: str | None) -> str | None:
+        """One more lookup under way for ``caller`` (None: the process's own, bounded by the total only); else why
+        not, the end of a sentence "the name server has not answered ..."."""
+        with self._lock:
+            if self.held >= self.slots:
+                return f"{self.slots} lookups of this node yet"
+            mine = self.callers.get(caller, 0)
+            if caller is not None and mine:
+                share = self.per_caller if self.held < self.slots // 2 else 1
+                if mine >= share:
+                    why = f"{mine} lookup{'s' if mine != 1 else ''} of names you gave this node yet"
+                    if share < self.per_caller:
+                        why += (f" (with half of the node's {self.slots} lookups under way, each user has "
+                                f"{share} at a time)")
+                    return why
+            self.held += 1
+            self.callers[caller] = mine + 1
+            return None
+
+    def give(self, caller: str | None) -> None:
+        with self._lock:
+            self.held -= 1
+            mine = self.callers.pop(caller, 1) - 1
+            if mine > 0:
+                self.callers[caller] = mine
+
+    # -- names that stalled -------------------------------------------------------------------------------------
+    def remembered(self, caller: str | None, host: str, now: float) -> tuple[float, float] | None:
+        """(seconds left, the lookup's timeout) when ``host``'s lookup for ``caller`` timed out within ``stalled_ttl``."""
+        with self._lock:
+            names = self.stalled.get(caller)
+            entry = names.get(host.lower()) if names else None
+            if entry is None:
+                return None
+            if entry[0] <= now:
+                del names[host.lower()]
+                self._remembered -= 1
+                self._forget_empty(caller)
+                return None
+            return entry[0] - now, entry[1]
+
+    def remember(self, caller: str | None, host: str, timeout: float, now: float) -> None:
+        """``host``'s lookup for ``caller`` timed out (``timeout`` seconds): refuse it at once for ``stalled_ttl``."""
+        if self.stalled_ttl <= 0:
+            return
+        with self._lock:
+            names = self.stalled.get(caller)
+            if names is None or host.lower() not in names:
+                if self._remembered >= self.stalled_total:
+                    self._expire(now)
+                if self._remembered >= self.stalled_total and not (names and len(names) >= self.stalled_per_caller):
+                    return          # full: the name is looked up again next time (still bounded by the slots)
+            names = self.stalled.setdefault(caller, OrderedDict())
+            if names.pop(host.lower(), None) is None:
+                self._remembered += 1
+            names[host.lower()] = (now + self.stalled_ttl, timeout)
+            while len(names) > self.stalled_per_caller:         # the caller's own oldest
+                names.popitem(last=False)
+                self._remembered -= 1
+
+    def _expire(self, now: float) -> None:
+        """(under the lock) Forget every entry past its time."""
+        for caller in list(self.stalled):
+            names = self.stalled[caller]
+            for host in [h for h, (until, _) in names.items() if until <= now]:
+                del names[host]
+                self._remembered -= 1
+            self._forget_empty(caller)
+
+    def _forget_empty(self, caller: str | None) -> None:
+        if caller in self.stalled and not self.stalled[caller]:
+            del self.stalled[caller]
+
+    # -- a lookup -----------------------------------------------------------------------------------------------
+    def lookup(self, host: str, port: int | None, timeout: float = RESOLVE_TIMEOUT, what: str = "host",
+               caller: str | None = None) -> list[tuple]:
+        """See :func:`lookup`."""
+        if _is_address(host):           # an IP address: getaddrinfo only parses it, no name server is asked
+            return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
+        stalled = self.remembered(caller, host, time.monotonic())
+        if stalled is not None:
+            left, waited = stalled
+            self.refusals.warn("lookup of %s %r for %s refused: it did not resolve within %g s a moment ago", what,
+                               host, caller, waited)
+            raise Unresolved(f"the {what} {host!r} did not resolve within {waited:g} s a moment ago (the name server "
+                             f"did not answer); it is not looked up again for {math.ceil(left)} s: try again later")
+        why = self.take(caller)
+        if why is not None:
+            self.refusals.warn("lookup of %s %r for %s refused: the name server has not answered %s", what, host,
+                               caller, why)
+            raise Unresolved(f"the {what} {host!r} cannot be looked up now: the name server has not answered {why}")
+        done = threading.Event()
+        result: list = []
+
+        def run() -> None:
+            try:
+                result.append(("ok", socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                result.append(("error", exc))
+            finally:
+                self.give(caller)
+                done.set()
+        try:
+            threading.Thread(target=run, name="vmgrid-resolve", daemon=True).start()
+        except BaseException:
+            self.give(caller)
+            raise
+        if not done.wait(timeout):
+            self.remember(caller, host, timeout, time.monotonic())
+            self.timeouts.warn("lookup of %s %r: no answer from the name server within %g s (for %s)", what, host,
+                               timeout, caller)
+            raise Unresolved(f"the {what} {host!r} did not resolve within {timeout:g} s (the name server did not "
+                             f"answer); try again later")
+        kind, value = result[0]
+        if kind == "error":
+            raise value
+        return value
+
+
+def _is_address(host: str) -> bool:
+    """Whether ``host`` is an IPv4 or IPv6 address as written in a URL's host (``127.0.0.1``, ``::1``, ``fe80::1%eth0``)."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
     return True
 
 
-def _give_caller(caller: str | None) -> None:
-    if caller is None:
-        return
-    with _callers_lock:
-        held = _callers.pop(caller, 1) - 1
-        if held > 0:
-            _callers[caller] = held
+_LOOKUPS = Lookups()
 
 
 def lookup(host: str, port: int | None, timeout: float = RESOLVE_TIMEOUT, what: str = "host",
            caller: str | None = None) -> list[tuple]:
     """``socket.getaddrinfo(host, port, type=SOCK_STREAM)`` within ``timeout`` seconds: the lookup runs in a thread
     of its own (getaddrinfo cannot be interrupted) and the caller waits for it at most that long, then gets
-    :class:`Unresolved` (the thread ends when the resolver answers). At most :data:`RESOLVERS` such threads at once
-    in the process and at most :data:`RESOLVERS_PER_CALLER` of them for one ``caller`` (whom the lookup is for: a
-    DN, the user whose request or subscription names the host; None: the process's own, bounded by the total
-    only); beyond either a lookup is :class:`Unresolved` at once, so one user's names that stall the name server
-    hold a few of the process's lookups, never all of them: another user's lookups still run. Errors of the lookup
-    itself (an unknown name) as getaddrinfo raises them."""
-    if not _take_caller(caller):
-        log.warning("lookup of %s %r for %s refused: %d of its lookups are still waiting for the name server", what,
-                    host, caller, RESOLVERS_PER_CALLER)
-        raise Unresolved(f"the {what} {host!r} cannot be looked up now: the name server has not answered "
-                         f"{RESOLVERS_PER_CALLER} lookups of names you gave this node yet")
-    if not _resolvers.acquire(blocking=False):
-        _give_caller(caller)
-        log.warning("lookup of %s %r refused: %d lookups are still waiting for the name server", what, host, RESOLVERS)
-        raise Unresolved(f"the {what} {host!r} cannot be looked up now: the name server has not answered "
-                         f"{RESOLVERS} lookups of this node yet")
-    done = threading.Event()
-    result: list = []
-
-    def run() -> None:
-        try:
-            result.append(("ok", socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)))
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller
-            result.append(("error", exc))
-        finally:
-            _resolvers.release()
-            _give_caller(caller)
-            done.set()
-    try:
-        threading.Thread(target=run, name="vmgrid-resolve", daemon=True).start()
-    except BaseException:
-        _resolvers.release()
-        _give_caller(caller)
-        raise
-    if not done.wait(timeout):
-        log.warning("lookup of %s %r: no answer from the name server within %g s", what, host, timeout)
-        raise Unresolved(f"the {what} {host!r} did not resolve within {timeout:g} s (the name server did not "
-                         f"answer); try again later")
-    kind, value = result[0]
-    if kind == "error":
-        raise value
-    return value
+    :class:`Unresolved` (the thread ends when the resolver answers). An IP address is no lookup: it is parsed at once,
+    whatever is under way. Bounded by the process's :class:`Lookups`: at most :data:`RESOLVERS` such threads at once,
+    at most :data:`RESOLVERS_PER_CALLER` of them for one ``caller`` (whom the lookup is for: a DN, the user whose
+    request or subscription names the host; None: the process's own, bounded by the total only) and one each while
+    half of them are under way; beyond, a lookup is :class:`Unresolved` at once, so one user's names that stall the
+    name server hold a few of the process's lookups, never all of them: another user's lookups still run. A name
+    whose lookup for ``caller`` timed out is :class:`Unresolved` at once for :data:`STALLED_TTL` seconds. Refusals
+    and timeouts are logged at most once a minute, with their count. Errors of the lookup itself (an unknown name)
+    as getaddrinfo raises them."""
+    return _LOOKUPS.lookup(host, port, timeout, what, caller)
 
 
 @dataclass(frozen=True)
@@ -289,15 +415,23 @@ class Subscriptions:
                       f"consumer TEXT NOT NULL, subscriber TEXT NOT NULL, expires REAL NOT NULL)")
             c.execute(f"CREATE INDEX IF NOT EXISTS {table}_resource ON {table} ({resource_column})")
 
+    def _check_caps(self, c, resource: str, subscriber: str, now: float) -> None:
+        check_subscription_caps(
+            c.execute(f"SELECT COUNT(*) FROM {self.table} WHERE {self.col} = ? AND expires > ?",
+                      (resource, now)).fetchone()[0],
+            c.execute(f"SELECT COUNT(*) FROM {self.table} WHERE subscriber = ? AND expires > ?",
+                      (subscriber, now)).fetchone()[0])
+
+    def check_caps(self, resource: str, subscriber: str, now: float | None = None) -> None:
+        """LimitExceeded when one more subscription of ``subscriber`` to ``resource`` would pass a cap now: a
+        Subscribe asks before it looks the consumer's name up (:meth:`add` counts again with its insert)."""
+        self._check_caps(self.db.conn(), resource, subscriber, time.time() if now is None else now)
+
     def add(self, s: Subscription, now: float | None = None) -> None:
         """Record ``s``; LimitExceeded beyond the caps (:func:`check_subscription_caps`), counted with the insert."""
         now = time.time() if now is None else now
         with self.db.write("subscribe") as c:
-            check_subscription_caps(
-                c.execute(f"SELECT COUNT(*) FROM {self.table} WHERE {self.col} = ? AND expires > ?",
-                          (s.resource, now)).fetchone()[0],
-                c.execute(f"SELECT COUNT(*) FROM {self.table} WHERE subscriber = ? AND expires > ?",
-                          (s.subscriber, now)).fetchone()[0])
+            self._check_caps(c, s.resource, s.subscriber, now)
             c.execute(f"INSERT INTO {self.table} (key, {self.col}, consumer, subscriber, expires) VALUES (?, ?, ?, ?, ?)",
                       (s.key, s.resource, s.consumer, s.subscriber, s.expires))
 

@@ -20,6 +20,15 @@ from tests.fixtures.resolver import rebinding, stalling
 pytestmark = pytest.mark.timeout(300)
 
 
+@pytest.fixture
+def lookups(monkeypatch):
+    """The process's name lookups afresh for one test (the nodes run in this process: what other tests left under way,
+    remembered or warned of is not this test's)."""
+    fresh = notification.Lookups()
+    monkeypatch.setattr(notification, "_LOOKUPS", fresh)
+    return fresh
+
+
 @pytest.fixture(scope="module")
 def grid(grid_pki, tmp_path_factory):
     g = start_grid(grid_pki, tmp_path_factory.mktemp("notify-limits") / "grid", nodes=1)
@@ -212,12 +221,14 @@ def test_migrate_connects_to_the_address_its_check_resolved(grid, grid_pki, monk
         vm.destroy(ref)
 
 
-def test_a_name_server_that_does_not_answer_is_a_typed_fault_at_the_deadline(grid, grid_pki, monkeypatch, caplog):
+def test_a_name_server_that_does_not_answer_is_a_typed_fault_at_the_deadline(grid, grid_pki, monkeypatch, caplog,
+                                                                           lookups):
     """The target's and a consumer's name server never answers (a stalled resolver hook; the node real, its
     lookup deadline 0.5 s here): Migrate answers ServiceUnavailableFault (service DNS) saying the name did not
     resolve in time, Subscribe an InvalidArgumentFault saying so, the node's log names the lookup, nothing is
     recorded and the instance runs on. Before: getaddrinfo in the request's thread held the call as long as the
-    name server liked (the client's own timeout ended it)."""
+    name server liked (the client's own timeout ended it). (The Subscribe names the host the Migrate stalled on:
+    it is refused at once, the name remembered for alice, saying it did not resolve within 0.5 s a moment ago.)"""
     from services.faults import ServiceUnavailable
     node = grid.node(0).core
     monkeypatch.setattr(node, "consumers", ConsumerPolicy(allow=("127.0.0.0/8",), resolve_timeout=0.5))
@@ -239,7 +250,7 @@ def test_a_name_server_that_does_not_answer_is_a_typed_fault_at_the_deadline(gri
         vm.destroy(ref)
 
 
-def test_one_users_stalling_names_do_not_refuse_another_users_lookups(grid, grid_pki, monkeypatch):
+def test_one_users_stalling_names_do_not_refuse_another_users_lookups(grid, grid_pki, monkeypatch, lookups):
     """bob subscribes his instance to consumers whose names the name server never answers (a stalled resolver hook;
     the node real, its lookup deadline 0.5 s here), eight of them, as many lookups as the node runs at once; each
     lookup's thread waits on. His first two wait out the deadline, the others are refused at once (his own bound,
@@ -273,4 +284,169 @@ def test_one_users_stalling_names_do_not_refuse_another_users_lookups(grid, grid
     finally:
         release.set()
         alice.destroy(mine)
+        bob.destroy(his)
+
+
+# -- attack14 H2 remainder: addresses, the caps first, stalled names remembered, a fair share, a quiet log -----------
+def stall_others(lookups, name: str, callers: int, each: int = 1) -> None:
+    """``callers`` other users of this process (DNs of their own) each start ``each`` lookups of ``name``, which
+    stalls: what their Subscribes would hold while the name server does not answer (their threads wait on)."""
+    from services.wsrf.notification import Unresolved
+    for n in range(callers):
+        for k in range(each):
+            with pytest.raises(Unresolved):
+                notification.lookup(f"{k}.{name}", 80, 0.05, caller=f"/O=Grid/OU=vmgrid/CN=staller{n}")
+
+
+def counting(monkeypatch) -> list[str]:
+    """The hosts socket.getaddrinfo is asked for from now on (on top of the stalling resolver the test set)."""
+    asked: list[str] = []
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host, *args, **kwargs):
+        asked.append(host)
+        return real(host, *args, **kwargs)
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return asked
+
+
+def test_a_consumer_given_as_an_address_is_subscribed_while_the_nodes_lookups_all_stall(grid, grid_pki, monkeypatch,
+                                                                                       lookups):
+    """Eight other users' lookups of names that stall hold every lookup of the node's process; bob subscribes his
+    instance to a consumer given as an IP address (as attack14 did): it is recorded, no lookup taken. Before: an
+    address went through a lookup slot like a name and bob was refused "the name server has not answered 8 lookups
+    of this node" for as long as the others' names stalled (attack14 H2: 0 of 33 accepted)."""
+    node = grid.node(0).core
+    monkeypatch.setattr(node, "consumers", ConsumerPolicy(allow=("127.0.0.0/8",), resolve_timeout=0.5))
+    release = stalling(monkeypatch, *(f"{k}.others.test" for k in range(2)))
+    bob = grid.vmm(grid_pki.bob)
+    his = bob.deploy(grid.hep, "by-address", 600, wait=True).ref
+    try:
+        stall_others(lookups, "others.test", notification.RESOLVERS)
+        assert lookups.held == notification.RESOLVERS
+        bob.subscribe(his, "https://127.0.0.1:27999/bob-consumer")
+        assert [s[1] for s in node.store.subscriptions(his.key, 0)] == ["https://127.0.0.1:27999/bob-consumer"]
+    finally:
+        release.set()
+        bob.destroy(his)
+
+
+def test_subscribe_checks_its_caps_before_looking_the_consumer_up(grid, grid_pki, monkeypatch, lookups):
+    """alice's instance has its subscriptions (a cap of 2 here), and a subscriber hers (a cap of 3): a Subscribe
+    naming a consumer whose name stalls is LimitExceededFault at once, and the name server is never asked for it.
+    Before: the consumer was looked up first, so each such Subscribe took one of her lookups and waited out its
+    deadline (InvalidArgumentFault "did not resolve"), whatever the caps said."""
+    node = grid.node(0).core
+    monkeypatch.setattr(node, "consumers", ConsumerPolicy(allow=("127.0.0.0/8",), resolve_timeout=0.5))
+    monkeypatch.setattr(notification, "MAX_PER_RESOURCE", 2)
+    monkeypatch.setattr(notification, "MAX_PER_SUBSCRIBER", 3)
+    release = stalling(monkeypatch, "capped.stalled.test")
+    asked = counting(monkeypatch)
+    vm = grid.vmm(grid_pki.alice)
+    first = vm.deploy(grid.bio, "capped-lookup-1", 600, wait=True).ref
+    second = vm.deploy(grid.bio, "capped-lookup-2", 600, wait=True).ref
+    try:
+        vm.subscribe(first, "http://127.0.0.1:9/one")
+        vm.subscribe(first, "http://127.0.0.1:9/two")
+        with pytest.raises(LimitExceeded) as exc:
+            vm.subscribe(first, "http://capped.stalled.test:9/notify")
+        assert exc.value.limit == "subscriptions-per-resource"
+        vm.subscribe(second, "http://127.0.0.1:9/three")
+        with pytest.raises(LimitExceeded) as exc:
+            vm.subscribe(second, "http://capped.stalled.test:9/notify")
+        assert exc.value.limit == "subscriptions-per-subscriber"
+        assert "capped.stalled.test" not in asked and lookups.held == 0
+    finally:
+        release.set()
+        vm.destroy(first)
+        vm.destroy(second)
+
+
+def test_a_consumer_name_that_timed_out_is_refused_at_once_for_a_while(grid, grid_pki, monkeypatch, lookups):
+    """bob subscribes to a consumer whose name stalls: the Subscribe waits out the node's deadline (0.5 s here,
+    InvalidArgumentFault "did not resolve within 0.5 s"); his next Subscribes naming it are refused at once saying
+    so ("a moment ago", and for how long it is not looked up), and the name server is asked once in all; alice's
+    Subscribe naming the same host looks it up for her (bob's stalled name is not hers to be refused for). Before:
+    each Subscribe took another lookup and waited out the deadline again."""
+    node = grid.node(0).core
+    monkeypatch.setattr(node, "consumers", ConsumerPolicy(allow=("127.0.0.0/8",), resolve_timeout=0.5))
+    release = stalling(monkeypatch, "remembered.stalled.test")
+    asked = counting(monkeypatch)
+    alice, bob = grid.vmm(grid_pki.alice), grid.vmm(grid_pki.bob)
+    mine = alice.deploy(grid.bio, "remembered-hers", 600, wait=True).ref
+    his = bob.deploy(grid.hep, "remembered-his", 600, wait=True).ref
+    try:
+        said = []
+        for _ in range(4):
+            with pytest.raises(InvalidArgument) as exc:
+                bob.subscribe(his, "http://remembered.stalled.test:9/notify")
+            said.append(exc.value.description)
+        assert "did not resolve within 0.5 s (the name server did not answer)" in said[0], said
+        assert all("did not resolve within 0.5 s a moment ago (the name server did not answer); it is not looked up "
+                   "again for" in d for d in said[1:]), said
+        assert asked.count("remembered.stalled.test") == 1
+        with pytest.raises(InvalidArgument, match="did not resolve within 0.5 s"):
+            alice.subscribe(mine, "http://remembered.stalled.test:9/notify")
+        assert asked.count("remembered.stalled.test") == 2
+        assert node.store.subscriptions(his.key, 0) == [] and node.store.subscriptions(mine.key, 0) == []
+    finally:
+        release.set()
+        alice.destroy(mine)
+        bob.destroy(his)
+
+
+def test_four_users_stalling_at_once_leave_lookups_for_another(grid, grid_pki, monkeypatch, lookups):
+    """bob subscribes his instance to two consumers whose names stall, and three other users of the node's process
+    each start two such lookups too, one user after another: past half of the node's lookups a user's second is
+    refused (each keeps one), so alice's Subscribe naming `localhost` still gets a lookup and is recorded. Before:
+    each of the four held RESOLVERS_PER_CALLER (2), the four held all 8 and alice was refused "the name server has
+    not answered 8 lookups of this node"."""
+    node = grid.node(0).core
+    monkeypatch.setattr(node, "consumers", ConsumerPolicy(allow=("127.0.0.0/8",), resolve_timeout=0.5))
+    release = stalling(monkeypatch, "0.bob.test", "1.bob.test", "0.others.test", "1.others.test")
+    alice, bob = grid.vmm(grid_pki.alice), grid.vmm(grid_pki.bob)
+    mine = alice.deploy(grid.bio, "fair-hers", 600, wait=True).ref
+    his = bob.deploy(grid.hep, "fair-his", 600, wait=True).ref
+    try:
+        for name in ("0.bob.test", "1.bob.test"):
+            with pytest.raises(InvalidArgument, match="did not resolve within 0.5 s"):
+                bob.subscribe(his, f"http://{name}:9/notify")
+        from services.wsrf.notification import Unresolved
+        for n in range(3):
+            with pytest.raises(Unresolved):
+                notification.lookup("0.others.test", 80, 0.05, caller=f"/O=Grid/OU=vmgrid/CN=staller{n}")
+            with pytest.raises(Unresolved):
+                notification.lookup("1.others.test", 80, 0.05, caller=f"/O=Grid/OU=vmgrid/CN=staller{n}")
+        assert lookups.held < notification.RESOLVERS
+        alice.subscribe(mine, "http://localhost:9/notify")
+        assert [s[1] for s in node.store.subscriptions(mine.key, 0)] == ["http://localhost:9/notify"]
+    finally:
+        release.set()
+        alice.destroy(mine)
+        bob.destroy(his)
+
+
+def test_refused_lookups_make_one_warning_a_minute_in_the_nodes_log(grid, grid_pki, monkeypatch, lookups, caplog):
+    """bob's two consumer names stall (each Subscribe waits out the 0.5 s deadline) and he sends 30 more Subscribes
+    naming others: each is refused at once (his share), and the node's log has one warning of a timeout and one of
+    a refusal, each with its count. Before: a WARNING line per refused Subscribe (attack14 H2: 2,286 in 25 s)."""
+    node = grid.node(0).core
+    monkeypatch.setattr(node, "consumers", ConsumerPolicy(allow=("127.0.0.0/8",), resolve_timeout=0.5))
+    names = [f"{n}.flood.test" for n in range(32)]
+    release = stalling(monkeypatch, *names)
+    bob = grid.vmm(grid_pki.bob)
+    his = bob.deploy(grid.hep, "flooding", 600, wait=True).ref
+    try:
+        with caplog.at_level("WARNING", logger="vmgrid.wsrf.notification"):
+            said = []
+            for name in names:
+                with pytest.raises(InvalidArgument) as exc:
+                    bob.subscribe(his, f"http://{name}:9/notify")
+                said.append(exc.value.description)
+            lines = [r.getMessage() for r in caplog.records if r.name == "vmgrid.wsrf.notification"]
+        assert all("cannot be looked up now" in d for d in said[2:]), said
+        assert len(lines) == 2, lines
+        assert "no answer from the name server" in lines[0] and "refused" in lines[1], lines
+    finally:
+        release.set()
         bob.destroy(his)
