@@ -1,0 +1,91 @@
+"""Every served WSDL operation declares every typed fault its implementation raises, found by a static walk of the
+source from the operation's handler (tests/unit/contract/fault_walk.py): a fault the WSDL does not name breaks a
+typed client (zeep, gSOAP, Axis read only the declared details), and the container answers it as InternalFault in
+tests (services/container/app.py). The faults every operation may answer (CONTAINER_FAULTS, a descriptor's
+InvalidDescriptorFault) are test_contract_wsdl's."""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+from services.container.contract import WSDL_DIR, Contract
+from tests.unit.contract.fault_walk import Project
+
+LIMIT = ("services.faults", "LimitExceeded")
+
+# Where the walk counts more than can happen, and why: (wsdl, operation, fault) -> the reason. Each entry is checked
+# to be still needed (the walk still finds the fault, the WSDL does not declare it).
+OVERCOUNTED = {
+    ("vmrepository.wsdl", "RegisterImage", "UnknownImageFault"):
+        "Catalogue._add raises it for a descriptor added without bytes (DuplicateImage's); RegisterImage always "
+        "hands it the ingested bytes",
+    ("vmrepository.wsdl", "HoldImage", "LimitExceededFault"):
+        "HoldImage's context is seconds, which no obligation limits (pep.REQUEST_LIMITS: memory, vcpus, "
+        "lifetime); the hold is cut to max_lifetime instead",
+}
+
+
+@pytest.fixture(scope="module")
+def project() -> Project:
+    p = Project()
+    # the obligations (LimitExceeded) apply to the amounts a request asks for: a check without them cannot exceed
+    p.conditional = {
+        ("services.authz.pep", "Enforcer.check"): ("context", 3, {LIMIT}),
+        ("services.vmmanager.node", "Node._authorized"): ("**", 0, {LIMIT}),
+        ("services.vmmanager.migration", "_authorized"): ("**", 0, {LIMIT}),
+        ("services.vmrepository.registry", "Registry._authorized"): ("context", 4, {LIMIT}),
+    }
+    p.value_faults = {("services.authz.pep", "Enforcer.check_many"): ("services.authz.pep", "Enforcer.check")}
+    return p
+
+
+def _element(key) -> str:
+    return getattr(importlib.import_module(key[0]), key[1]).element
+
+
+def _found(project: Project, wsdl: str) -> dict[str, dict[str, tuple]]:
+    return {name: {_element(k): path for k, path in project.raises(func, module, cls).items()}
+            for name, (func, module, cls) in project.operations()[wsdl].items()}
+
+
+WSDL_FILES = sorted(p.name for p in WSDL_DIR.glob("*.wsdl"))
+
+
+def test_every_wsdl_is_served_by_a_service_whose_handlers_are_walked(project):
+    operations = project.operations()
+    assert sorted(operations) == WSDL_FILES
+    for wsdl, handlers in operations.items():
+        assert set(handlers) == set(Contract(wsdl).operations), wsdl
+
+
+@pytest.mark.parametrize("wsdl", WSDL_FILES)
+def test_every_operation_declares_every_fault_its_implementation_raises(project, wsdl):
+    contract = Contract(wsdl)
+    gaps = []
+    for name, found in sorted(_found(project, wsdl).items()):
+        for fault, path in sorted(found.items()):
+            if fault not in contract.operations[name].faults and (wsdl, name, fault) not in OVERCOUNTED:
+                gaps.append(f"{name} raises {fault}, undeclared:\n    " + "\n    ".join(path))
+    assert not gaps, f"{wsdl}:\n" + "\n".join(gaps)
+
+
+def test_each_overcounted_fault_is_still_found_and_undeclared(project):
+    for (wsdl, name, fault), why in OVERCOUNTED.items():
+        assert fault in _found(project, wsdl)[name], (wsdl, name, fault, "no longer found: drop the entry")
+        assert fault not in Contract(wsdl).operations[name].faults, (wsdl, name, fault, "declared now")
+
+
+def test_the_walk_follows_calls_into_the_core_and_respects_handlers(project):
+    vmm = _found(project, "vmmanager.wsdl")
+    # Pause: the state check two calls down (node.pause -> _control -> states.check)
+    assert "IllegalTransitionFault" in vmm["Pause"]
+    assert any("services.vmmanager.states:check" in step for step in vmm["Pause"]["IllegalTransitionFault"])
+    # no amount asked: the authorization's obligations cannot refuse it
+    assert "LimitExceededFault" not in vmm["Pause"]
+    assert "LimitExceededFault" in vmm["Deploy"]
+    # the remote policy point's _call turns the Authorization service's InternalFault into ServiceUnavailable
+    authz = _found(project, "authz.wsdl")
+    assert "InvalidPolicyFault" in authz["AddRule"]      # raise exc.fault(), exc of an `except PolicyError as exc`
+    # a fault handed back as a value and raised (ImportImages' batch of decisions)
+    assert "LimitExceededFault" in _found(project, "vmrepository.wsdl")["ImportImages"]
