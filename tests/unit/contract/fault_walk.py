@@ -42,6 +42,7 @@ class ClassInfo:
 
 class Project:
     def __init__(self, root: Path = ROOT, packages=PACKAGES):
+        self.root = root
         self.modules: dict[str, Module] = {}
         for package in packages:
             for path in sorted((root / package).rglob("*.py")):
@@ -67,6 +68,8 @@ class Project:
         # a ``raise name`` of a value the walk cannot type, in a function that calls one, raises those
         self.value_faults: dict[tuple[str, str], tuple[str, str]] = {}
         self._func_raises: dict[int, dict] = {}
+        self._previous: dict[int, dict] = {}
+        self._settled: dict | None = None
         self._in_progress: set[int] = set()
         self.unresolved: set[str] = set()
 
@@ -95,7 +98,7 @@ class Project:
                     mod.imports.setdefault(a.asname or a.name, (node.module, a.name))
 
     def _is_package(self, name: str) -> bool:
-        return (ROOT / name.replace(".", "/") / "__init__.py").exists()
+        return (self.root / name.replace(".", "/") / "__init__.py").exists()
 
     def resolve(self, module: str, name: str, depth: int = 0):
         """What ``name`` means in ``module``: ("class", key), ("func", node, module), ("module", name) or None."""
@@ -232,14 +235,29 @@ class Project:
         ident = id(func)
         if ident in self._func_raises:
             return self._func_raises[ident]
-        if ident in self._in_progress:          # recursion: counted where the cycle began
-            return {}
+        if ident in self._in_progress:          # recursion: the last pass's answer (operation_faults iterates)
+            return self._previous.get(ident, {})
         self._in_progress.add(ident)
         walker = _FunctionWalk(self, func, module, cls)
         result = walker.block(func.body)
         self._in_progress.discard(ident)
         self._func_raises[ident] = result
         return result
+
+    def operation_faults(self) -> dict[str, dict[str, dict]]:
+        """{wsdl file: {operation: {fault class key: path}}}: the walk from every handler, repeated until no cycle of
+        calls (a function reached again while it is being walked) changes an answer."""
+        if self._settled is not None:
+            return self._settled
+        self.passes = 0
+        while True:
+            self.passes += 1
+            out = {wsdl: {name: self.raises(func, module, cls) for name, (func, module, cls) in handlers.items()}
+                   for wsdl, handlers in self.operations().items()}
+            if all(set(self._previous.get(k, {})) == set(v) for k, v in self._func_raises.items()):
+                self._settled = out
+                return out
+            self._previous, self._func_raises = self._func_raises, {}
 
     def operations(self) -> dict[str, dict[str, tuple]]:
         """{wsdl file: {operation: (handler, module, class key)}} for every service class that names a WSDL."""

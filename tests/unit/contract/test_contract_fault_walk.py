@@ -28,6 +28,10 @@ OVERCOUNTED = {
 
 @pytest.fixture(scope="module")
 def project() -> Project:
+    return walked()
+
+
+def walked() -> Project:
     p = Project()
     # the obligations (LimitExceeded) apply to the amounts a request asks for: a check without them cannot exceed
     p.conditional = {
@@ -45,8 +49,8 @@ def _element(key) -> str:
 
 
 def _found(project: Project, wsdl: str) -> dict[str, dict[str, tuple]]:
-    return {name: {_element(k): path for k, path in project.raises(func, module, cls).items()}
-            for name, (func, module, cls) in project.operations()[wsdl].items()}
+    return {name: {_element(k): path for k, path in found.items()}
+            for name, found in project.operation_faults()[wsdl].items()}
 
 
 WSDL_FILES = sorted(p.name for p in WSDL_DIR.glob("*.wsdl"))
@@ -89,3 +93,59 @@ def test_the_walk_follows_calls_into_the_core_and_respects_handlers(project):
     assert "InvalidPolicyFault" in authz["AddRule"]      # raise exc.fault(), exc of an `except PolicyError as exc`
     # a fault handed back as a value and raised (ImportImages' batch of decisions)
     assert "LimitExceededFault" in _found(project, "vmrepository.wsdl")["ImportImages"]
+
+
+def test_the_walk_on_a_small_service(tmp_path):
+    """What the walk follows and what it does not count, on a service written for it."""
+    pkg = tmp_path / "services"
+    (pkg / "demo").mkdir(parents=True)
+    for init in (pkg / "__init__.py", pkg / "demo" / "__init__.py"):
+        init.write_text("")
+    (pkg / "faults.py").write_text(
+        "class VMGridFault(Exception):\n    element = ''\n"
+        "class Busy(VMGridFault):\n    element = 'BusyFault'\n"
+        "class Gone(VMGridFault):\n    element = 'GoneFault'\n"
+        "class Wrong(VMGridFault):\n    element = 'WrongFault'\n"
+        "class Over(VMGridFault):\n    element = 'OverFault'\n")
+    (pkg / "demo" / "core.py").write_text(
+        "from services.faults import Busy, Gone, Over, VMGridFault, Wrong\n"
+        "def gone() -> Gone:\n    return Gone('x')\n"
+        "def limit(amount=None):\n    if amount:\n        raise Over('x')\n"
+        "class Store:\n    def get(self):\n        raise gone()\n"
+        "class Base:\n    def act(self):\n        pass\n"
+        "class Busy_(Base):\n    def act(self):\n        raise Busy('x')\n"
+        "class Core:\n"
+        "    def __init__(self, engine: Base):\n        self.store = Store()\n        self.engine = engine\n"
+        "    def read(self):\n        return self.store.get()\n"
+        "    def quiet(self):\n"
+        "        try:\n            self.store.get()\n        except VMGridFault:\n            return None\n"
+        "    def reworded(self):\n"
+        "        try:\n            self.store.get()\n        except Gone as exc:\n            raise Wrong(str(exc))\n"
+        "    def passed_on(self):\n"
+        "        try:\n            self.read()\n        except Gone:\n            raise\n"
+        "    def run(self):\n        self.engine.act()\n"
+        "    def ask(self, amount=None):\n        limit(amount)\n")
+    (pkg / "demo" / "service.py").write_text(
+        "from services.demo.core import Core\n"
+        "def operation(name):\n    return lambda f: f\n"
+        "class DemoService:\n    wsdl = 'demo.wsdl'\n"
+        "    def __init__(self, engine):\n        self.core = Core(engine)\n"
+        "    @operation('Read')\n    def read(self, ctx, req):\n        return self.core.read()\n"
+        "    @operation('Quiet')\n    def quiet(self, ctx, req):\n        return self.core.quiet()\n"
+        "    @operation('Reworded')\n    def reworded(self, ctx, req):\n        return self.core.reworded()\n"
+        "    @operation('PassedOn')\n    def passed_on(self, ctx, req):\n        return self.core.passed_on()\n"
+        "    @operation('Run')\n    def run(self, ctx, req):\n        return self.core.run()\n"
+        "    @operation('Plain')\n    def plain(self, ctx, req):\n        return self.core.ask()\n"
+        "    @operation('Amount')\n    def amount(self, ctx, req):\n        return self.core.ask(5)\n")
+    p = Project(tmp_path, ("services",))
+    p.conditional = {("services.demo.core", "Core.ask"): ("amount", 0, {("services.faults", "Over")})}
+    found = {name: sorted(k[1] for k in faults) for name, faults in p.operation_faults()["demo.wsdl"].items()}
+    assert found == {
+        "Read": ["Gone"],                   # two calls down, raised through a function answering the fault
+        "Quiet": [],                        # caught and not raised again
+        "Reworded": ["Wrong"],              # caught, another raised instead
+        "PassedOn": ["Gone"],               # caught and raised again (a bare raise)
+        "Run": ["Busy"],                    # a subclass's override of the annotated attribute's method
+        "Plain": [],                        # no amount asked: the conditional fault is not passed on
+        "Amount": ["Over"],
+    }
