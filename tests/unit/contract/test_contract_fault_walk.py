@@ -8,11 +8,13 @@ from __future__ import annotations
 import importlib
 
 import pytest
+from lxml import etree
 
 from services.container.contract import WSDL_DIR, Contract
 from tests.unit.contract.fault_walk import Project
 
 LIMIT = ("services.faults", "LimitExceeded")
+WSDL = "http://schemas.xmlsoap.org/wsdl/"
 
 # Where the walk counts more than can happen, and why: (wsdl, operation, fault) -> the reason. Each entry is checked
 # to be still needed (the walk still finds the fault, the WSDL does not declare it).
@@ -60,7 +62,13 @@ def test_every_wsdl_is_served_by_a_service_whose_handlers_are_walked(project):
     operations = project.operations()
     assert sorted(operations) == WSDL_FILES
     for wsdl, handlers in operations.items():
-        assert set(handlers) == set(Contract(wsdl).operations), wsdl
+        contract = Contract(wsdl)
+        assert set(handlers) == set(contract.operations), wsdl
+        # the copy the container serves at ?wsdl declares the same faults as the file checked here
+        served = etree.fromstring(contract.served_wsdl("https://node.example.org:8444", "X"))
+        for op in served.iterfind(f"{{{WSDL}}}portType/{{{WSDL}}}operation"):
+            faults = tuple(f.get("name") for f in op.iterfind(f"{{{WSDL}}}fault"))
+            assert faults == contract.operations[op.get("name")].faults, (wsdl, op.get("name"))
 
 
 @pytest.mark.parametrize("wsdl", WSDL_FILES)
