@@ -718,21 +718,17 @@ def _migration_end(vm, ref, deadline: float | None):
 
 def _unless_migrating(vm, ref, consumer_url: str) -> str | None:
     """Subscribe ``consumer_url`` to the instance's changes; when the node refuses because the instance is migrating
-    (its state then Migrating at the source, Incoming at the target: the node's answer is a fault its contract does
-    not name for Subscribe, so the state is asked), that state instead. Its other refusals are raised."""
-    from services.faults import InstanceMoved, VMGridFault
+    (IllegalTransitionFault, its state Migrating at the source, Incoming at the target), that state instead. Its
+    other refusals are raised."""
+    from services.faults import IllegalTransition, InstanceMoved
 
     try:
         vm.subscribe(ref, consumer_url)
-    except VMGridFault:
-        try:
-            state = vm.status(ref).state
-        except InstanceMoved:           # it ended in between: _migration_end reads where it went
-            return "Migrating"
-        except VMGridFault:
-            state = None
-        if state in MIGRATION_STATES:
-            return state
+    except InstanceMoved:               # it ended in between: _migration_end reads where it went
+        return "Migrating"
+    except IllegalTransition as exc:
+        if exc.state in MIGRATION_STATES:
+            return exc.state
         raise
     return None
 

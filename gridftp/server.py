@@ -1201,7 +1201,7 @@ class _Session:
         first = arg.split()[0] if arg.split() else ""
         size = self._int(first, "ALLO size")
         if size > self.server.max_file_size:
-            raise _Reply(552, f"Files may not exceed {self.server.max_file_size} bytes here.")
+            raise _Reply(552, _too_large(self.server.max_file_size))
         self.allo = size
         self.reply(200, "ALLO command successful.")
 
@@ -1737,18 +1737,22 @@ class _Session:
             self.reply(432, f"Data channel authentication failed: {error}")
         elif not holder:
             self.reply(425, f"Cannot open data connection: {error}")
-        elif not self._quota_overrun(error):
+        elif not self._size_overrun(error):
             self.reply(426, f"Transfer aborted: {error}")
         return False
 
-    def _quota_overrun(self, error: BaseException) -> bool:
-        """A store that ran past the room its quota granted it (no ALLO said its size): 552 naming the quota
-        and what is in use, and True (the caller discards what was received)."""
-        grant = getattr(self, "_grant", None)
-        if grant is None or not isinstance(error, ProtocolError) or self.allo is not None:
+    def _size_overrun(self, error: BaseException) -> bool:
+        """A store no ALLO announced that ran past the bound it was given: 552 naming that bound, the room its
+        quota granted it (the quota and what is in use) or the server's max_file_size, and True (the caller
+        discards what a STOR received). With an ALLO the bound is the size the client announced (426 as before)."""
+        if self.allo is not None or not _past_bound(error):
             return False
+        grant = getattr(self, "_grant", None)
         self._overrun = True
-        self.reply(552, str(grant.exceeded()))
+        if grant is not None and grant.granted < self.server.max_file_size:
+            self.reply(552, str(grant.exceeded()))
+        else:
+            self.reply(552, _too_large(self.server.max_file_size, "this file is larger, and nothing of it was kept"))
         return True
 
     def _send_mode_s(self, source: int | bytes, todo, protection) -> None:
@@ -1915,7 +1919,7 @@ class _Session:
             self._aborted()
             return False
         if receiver.error is not None:
-            if self._quota_overrun(receiver.error):
+            if self._size_overrun(receiver.error):
                 return False
             code = 432 if isinstance(receiver.error, AuthenticationError) else 426
             self.reply(code, f"Transfer aborted: {receiver.error}")
@@ -1981,7 +1985,7 @@ class _Session:
                 if grant is not None:
                     grant.release()
                     raise _Reply(552, f"{grant.exceeded()}")
-                raise _Reply(552, f"Files may not exceed {self.server.max_file_size} bytes here.")
+                raise _Reply(552, _too_large(self.server.max_file_size))
             try:
                 fd = os.open(real, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
             except OSError as exc:
@@ -2008,6 +2012,18 @@ class _Session:
                 grant.release()
             os.close(fd)
             self._reset_transfer_state()
+
+
+def _too_large(limit: int, then: str = "") -> str:
+    """The 552 of a file over the server's bound on files (``max_file_size``), which no quota or deletion changes."""
+    return f"Files may not exceed {limit} bytes here (the server's max_file_size){'; ' + then if then else ''}."
+
+
+def _past_bound(error: BaseException) -> bool:
+    """Is ``error`` the data channel's refusal of bytes past the bound it was given (ModeEReceiver's "block ... beyond
+    the announced size", receive_stream's "more data than the announced size")? Other protocol errors (a stream
+    closed before its end, a bad EOF block) are not."""
+    return isinstance(error, ProtocolError) and "announced size" in str(error)
 
 
 class _FdSink:

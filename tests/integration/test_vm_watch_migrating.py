@@ -113,3 +113,46 @@ def test_a_watch_started_while_the_instance_migrates_stays_on_the_source_when_it
             proc.wait()
     assert proc.returncode == 0, err
     assert out.rstrip().splitlines()[-1].split(": ", 1)[1].startswith("Running -> Destroyed"), out
+
+
+def test_a_migrating_instance_answers_subscribe_destroy_and_set_termination_time_with_a_declared_fault(
+        grid, grid_pki, monkeypatch):
+    """The node refuses them while the instance is Migrating, with IllegalTransitionFault (its state in the detail),
+    which the WSDL declares for the three: a typed client gets it as such (the tests' container would answer an
+    undeclared fault as InternalFault), and `vm watch` reads the state from it without asking again."""
+    from services.faults import IllegalTransition
+
+    source = grid.node(0)
+    frozen, go = threading.Event(), threading.Event()
+    real_save = source.vmm.save
+
+    def save(key, path, *args, **kwargs):
+        frozen.set()
+        assert go.wait(120)
+        return real_save(key, path, *args, **kwargs)
+    monkeypatch.setattr(source.vmm, "save", save)
+    vm = grid.vmm(grid_pki.alice, 0)
+    ref = vm.deploy(grid.image, "held-in-freeze", 600, wait=True).ref
+    outcome: dict = {}
+
+    def migrate():
+        try:
+            outcome["moved"] = grid.vmm(grid_pki.alice, 0).migrate(ref, grid.node_url(1))
+        except Exception as exc:            # noqa: BLE001 - the test reads it
+            outcome["fault"] = exc
+    mover = threading.Thread(target=migrate, daemon=True)
+    mover.start()
+    try:
+        assert frozen.wait(60)
+        for operation, call in (("subscribe", lambda: vm.subscribe(ref, "https://consumer.example.org:9443/c")),
+                                ("destroy", lambda: vm.destroy(ref)),
+                                ("set-lifetime", lambda: vm.set_termination_time(ref, seconds=3600))):
+            with pytest.raises(IllegalTransition) as refused:
+                call()
+            assert (refused.value.state, refused.value.operation) == ("Migrating", operation)
+    finally:
+        go.set()
+        mover.join(120)
+        monkeypatch.undo()
+    assert "moved" in outcome, outcome
+    grid.vmm(grid_pki.alice, 1).destroy(outcome["moved"].ref)

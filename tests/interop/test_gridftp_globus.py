@@ -216,6 +216,51 @@ def test_globus_url_copy_announces_its_size_so_an_upload_over_the_quota_is_refus
         server.stop()
 
 
+@pytest.mark.parametrize("streams", [[], ["-p", "4"]], ids=["mode-S", "mode-E-4"])
+def test_globus_url_copy_of_a_pipe_past_the_servers_bound_is_refused_naming_that_bound(globus_argv, tmp_path,
+                                                                                       streams):
+    """globus-url-copy reading a pipe cannot announce a size (no ALLO): its STOR running past the server's
+    max_file_size was answered 426 "beyond the announced size 1048576", a size nobody announced, and left a part
+    file. It is 552 naming max_file_size, and nothing stays; under a quota with less room than that, 552 naming the
+    quota (what the user can change: delete files, or ask for more); a pipe within both is stored."""
+    root = tmp_path / "vmgrid"
+    (root / "up").mkdir(parents=True)
+
+    def pipe(server: GridFTPServer, size: int, name: str) -> subprocess.CompletedProcess:
+        # a shell pipe, as a user's: the writer stops when globus-url-copy gives up
+        return subprocess.run(globus_argv(["sh", "-c", f"head -c {size} /dev/zero | globus-url-copy -dbg "
+                                           f"{' '.join(streams)} file:///dev/stdin {server.url(f'/up/{name}')}"]),
+                              capture_output=True, timeout=120)
+
+    with vmgrid_servers(root, anonymous=True, insecure_anonymous_writes=True) as start:
+        bounded = start(max_file_size=MiB)
+        proc = pipe(bounded, 3 * MiB, "big")
+        said = (proc.stderr + proc.stdout).decode(errors="replace")
+        assert proc.returncode != 0
+        assert not re.search(r"(?m)^ALLO ", said) and re.search(r"(?m)^STOR ", said), said    # no size announced
+        assert "552 Files may not exceed 1048576 bytes here (the server's max_file_size)" in said, said
+        assert "announced size" not in said and "426" not in said, said
+        assert list((root / "up").iterdir()) == []
+        fits = pipe(bounded, MiB, "fits")
+        assert fits.returncode == 0, fits.stderr
+        assert (root / "up" / "fits").stat().st_size == MiB
+        (root / "up" / "fits").unlink()
+
+    quota_root = tmp_path / "quota"
+    (quota_root / "up").mkdir(parents=True)
+    server = GridFTPServer(_QuotaSpace(quota_root), "127.0.0.1", 0, anonymous=True, upload_area="/up",
+                           insecure_anonymous_writes=True, max_file_size=64 * MiB).start()
+    try:
+        proc = pipe(server, 8 * MiB, "big")
+        said = (proc.stderr + proc.stdout).decode(errors="replace")
+        assert proc.returncode != 0
+        assert "552 Upload quota exceeded: this needs more bytes" in said and f"of your {5 * MiB} bytes" in said, said
+        assert "max_file_size" not in said and "announced size" not in said, said
+        assert list((quota_root / "up").iterdir()) == []
+    finally:
+        server.stop()
+
+
 @pytest.mark.parametrize("alg", ["SHA256", "MD5"])
 def test_globus_url_copy_verifies_checksums_with_vmgrid(globus_argv, vmgrid_server, tmp_path, alg):
     src = make_file(Path(vmgrid_server.files.root) / "image", 3 * MiB + 5)

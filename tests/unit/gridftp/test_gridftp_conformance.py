@@ -752,8 +752,22 @@ def test_size_limits_without_and_with_allo(start_server, tree):
     final = s.reply()
     while final.preliminary:
         final = s.reply()
-    assert final.code == 426 and "beyond" in final.text
+    # no ALLO announced a size: the bound is the server's, which the 552 names (it said "426 ... beyond the announced
+    # size 1048576", a size nobody announced)
+    assert final.code == 552 and f"Files may not exceed {MiB} bytes here (the server's max_file_size)" in final.text
+    assert "announced" not in final.text
     assert not (tree / "up" / "huge").exists()
+    assert list((tree / "up").iterdir()) == []           # nor its partial file
+    # with ALLO, the bound is the size announced: more than that is the client's error (426, naming it)
+    s.expect("ALLO 10", 200)
+    addr = s.pasv()
+    assert s.cmd("STOR /up/small").code == 150
+    conn = socket.create_connection(addr)
+    conn.sendall(BLOCK_HEADER.pack(0, 20, 0) + b"y" * 20)
+    final = s.reply()
+    while final.preliminary:
+        final = s.reply()
+    assert final.code == 426 and "beyond the announced size 10" in final.text
 
 
 class _QuotaSpace:
