@@ -88,6 +88,9 @@ def policy_point(config: Config):
                              {vo: {"members": v.members, "admins": v.admins} for vo, v in config.policy.vos.items()})
 
 
+JOB_DIR_FLOOR = 4 * 4096      # [jobs] staging_quota, submitter_quota: a job's directory, its stdout, stderr, a file
+
+
 def _between(least: int, most: int) -> tuple:
     return (lambda v: least <= v <= most), f"{least} to {most}"
 
@@ -139,9 +142,11 @@ NUMBER_RULES: dict[str, dict[str, tuple]] = {
         "kill_grace": ("seconds (0: SIGKILL at once)", _at_least(0)),
         "sweep_interval": ("seconds", _more_than_zero()),
         "staging_parallel": ("GridFTP streams", _between(1, 64)),       # as `vmgrid transfer -p`
-        "staging_quota": ("bytes", _at_least(1)),
-        "submitter_quota": ("bytes", _at_least(1)),
-        "tmp_size": ("bytes", _at_least(1)),
+        # every entry of a job's directory counts at least 4096 bytes, and it holds at least the job's standard
+        # output and error: under four entries' worth no job could end Done (trial15 X6: 1 started, failed all)
+        "staging_quota": ("bytes (each entry of a job's directory counts at least 4096)", _at_least(JOB_DIR_FLOOR)),
+        "submitter_quota": ("bytes (each entry of a job's directory counts at least 4096)", _at_least(JOB_DIR_FLOOR)),
+        "tmp_size": ("bytes", _at_least(1 << 20)),          # 1 MiB: a page or two made every /tmp write fail
         "max_processes": ("processes (0: no bound)", _at_least(0)),
         "max_files": ("files and directories a job's directory holds", _at_least(1)),
     },
@@ -160,7 +165,9 @@ NUMBER_RULES: dict[str, dict[str, tuple]] = {
         "send_min_rate": ("bytes a second", _at_least(1)),
         "max_connections": ("connections", _at_least(1)),
         "max_connections_per_address": ("connections", _at_least(1)),
-        "max_header_bytes": ("bytes", _at_least(1)),
+        # a SOAP call's request line and headers take some hundreds of bytes: under 4096 every request was 431,
+        # with nothing in the log (trial15 X10)
+        "max_header_bytes": ("bytes", _at_least(4096)),
         "max_body_bytes": ("bytes", _at_least(1)),
         "max_body_bytes_held": ("bytes", _at_least(1)),
         "max_markup_held": ("markup items", _at_least(1)),
@@ -213,10 +220,17 @@ def check_lease_range(v) -> None:
                or net.broadcast_address in (first, last) else "")
     except ValueError:
         why = "not two IPv4 addresses" if dash else "not a range"
+    if net.num_addresses < 4:       # a /31 or /32: no host address for the gateway beside one for a guest
+        raise ValueError(f"[vmmanager] network = {v.network!r}: too small for a gateway and a lease range (a /30 "
+                         f"holds one guest; e.g. \"10.99.0.0/24\")")
     if why:
-        low, high = (10, 20) if net.num_addresses > 21 else (1, net.num_addresses - 2)
-        raise ValueError(f"[vmmanager] lease_range = {v.lease_range!r}: {why} (expected \"FIRST-LAST\", host "
-                         f"addresses of {net} in order, e.g. \"{net[low]}-{net[high]}\")")
+        # an example outside the gateway (net[1], the default gateway's place): "10.99.0.1-10.99.0.0" was
+        # proposed for a /31, one holding the gateway for a /30 (trial15 X11)
+        low, high = (10, 20) if net.num_addresses > 21 else (2, net.num_addresses - 2)
+        if v.lease_range == type(v)().lease_range:     # not set: the operator changed network alone
+            why = f"the default, {why}: set lease_range with network"
+        raise ValueError(f"[vmmanager] lease_range = {v.lease_range!r}: {why} (expected \"FIRST-LAST\", "
+                         f"host addresses of {net} in order, e.g. \"{net[low]}-{net[high]}\")")
 
 
 # the services that serve GridFTP: the repository's face, a node's migration export, a job service's face
@@ -293,6 +307,8 @@ def check_service_config(name: str, config: Config) -> None:
                          "set [enforcement] authz_url")
     if name == "jobs" and not config.jobs.owner:
         raise ValueError("the job service needs the instance owner's DN: set [jobs] owner")
+    if name == "jobs":
+        check_jobs_people(config.jobs)
     section = {"repository": config.repository, "jobs": config.jobs}.get(name)
     if section is not None and not -1 <= section.gridftp_port <= 65535:
         raise ValueError(f"[{name}] gridftp_port = {section.gridftp_port}: a port is 0 to 65535 (0 picks a free one; "
@@ -310,9 +326,40 @@ def check_service_config(name: str, config: Config) -> None:
         memory_limit_bytes(config.jobs.memory_limit)      # "2G", -1: one line naming the key, before any state
         memory_limit_bytes(config.jobs.memory_total, key="memory_total")
         network_mode(config.jobs.network)
+        check_jobs_lifetimes_and_consumers(config.jobs)
     if name in GRIDFTP_SERVICES:
         check_gridftp(config)
     check_sections(name, config)
+
+
+def check_jobs_people(j) -> None:
+    """[jobs] owner and each of admins a DN in the one-line form (trial15 X5: "not a dn" or a bare "alice" started a
+    service that refused everyone, the owner included, with nothing in its log)."""
+    from security.pki import dn_parts
+
+    for key, dn in [("owner", j.owner)] + [("admins", a) for a in j.admins]:
+        try:
+            dn_parts(dn)
+        except (ValueError, TypeError, AttributeError) as exc:
+            what = "the instance owner's DN" if key == "owner" else "each a VO admin's DN"
+            raise ValueError(f"[jobs] {key}: {dn!r} is not a DN ({exc}); {what} in /O=.../CN=... form, as "
+                             f"`vmgrid proxy-info` shows it (e.g. \"/O=Grid/OU=mysite/CN=alice\")") from None
+
+
+def check_jobs_lifetimes_and_consumers(j) -> None:
+    """[jobs] default_lifetime within max_lifetime (a larger one gave every job max_lifetime silently), and each
+    consumer_allow entry a network (a bad one started, then failed every Subscribe) (trial15 X6)."""
+    import ipaddress
+
+    if j.default_lifetime > j.max_lifetime:
+        raise ValueError(f"[jobs] default_lifetime = {j.default_lifetime}: more than [jobs] max_lifetime = "
+                         f"{j.max_lifetime} (the longest lifetime a job may have): lower it, or raise max_lifetime")
+    for entry in j.consumer_allow:
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except (ValueError, TypeError):
+            raise ValueError(f"[jobs] consumer_allow: {entry!r} is not a network (e.g. \"127.0.0.0/8\" or "
+                             f"\"10.0.0.0/8\")") from None
 
 
 def config_section(config: Config, name: str):

@@ -231,17 +231,17 @@ def test_a_staging_area_and_a_jobs_stage_in_hold_at_most_the_staging_quota(grid_
     of the file left). Without it a client could fill the guest's disk, and the service's SQLite with it."""
     assert JobsConfig().staging_quota == 4 * 1024 ** 3          # the default (docs/configuration.md)
     (tmp_path / "g").mkdir()
-    grid = JobGrid(grid_pki, tmp_path / "g", staging_quota=1000)
+    grid = JobGrid(grid_pki, tmp_path / "g", staging_quota=20000)   # at least 16384 (JOB_DIR_FLOOR)
     try:
         alice = grid.client(grid_pki.alice)
         first, second, small = tmp_path / "first.dat", tmp_path / "second.dat", tmp_path / "small.dat"
-        first.write_bytes(b"f" * 600)
-        second.write_bytes(b"s" * 600)
-        small.write_bytes(b"m" * 400)
+        first.write_bytes(b"f" * 12000)
+        second.write_bytes(b"s" * 12000)
+        small.write_bytes(b"m" * 8000)
         alice.stage_local(first)
         with pytest.raises(GridFTPError) as exc:
             alice.stage_local(second)                  # what `vmgrid job submit --stage-in` shows (CLIError)
-        assert getattr(exc.value, "code", None) == 552 and "600 of your 1000 bytes" in str(exc.value)
+        assert getattr(exc.value, "code", None) == 552 and "12000 of your 20000 bytes" in str(exc.value)
         area = grid.service.jobs.staging_dir / staging_area(grid_pki.alice.dn)
         assert sorted(p.name for p in area.iterdir()) == ["first.dat"]
         alice.stage_local(small)                       # the refused upload took none of the room
@@ -252,7 +252,7 @@ def test_a_staging_area_and_a_jobs_stage_in_hold_at_most_the_staging_quota(grid_
                    trust=grid_pki.trust(), retries=0, timeout=5, state_dir=tmp_path / "st")
         assert not (area / "sub").exists()
         # a job's stage-in from a gsiftp:// source: at most the quota into its directory
-        (grid.files / "big.dat").write_bytes(b"b" * 1500)
+        (grid.files / "big.dat").write_bytes(b"b" * 30000)
         key = alice.submit(JobSpec(PY, ("-c", "pass"), stage_in=(StageIn(f"{grid.gridftp_url}/big.dat", "in/big.dat"),)))
         info = alice.wait(key, timeout=120)
         assert info.state == "Failed" and "stage-in quota" in info.failure and "staging_quota" in info.failure
@@ -268,10 +268,10 @@ def test_a_staging_area_and_a_jobs_stage_in_hold_at_most_the_staging_quota(grid_
         # a file larger than the whole quota: no deletion makes room, and the advice is the job service's (trial13
         # U3: "delete or register uploads first", the repository's)
         huge = tmp_path / "huge.dat"
-        huge.write_bytes(b"h" * 1500)
+        huge.write_bytes(b"h" * 30000)
         with pytest.raises(GridFTPError) as exc:
             alice.stage_local(huge)
-        assert "this needs 1500 bytes, more than all 1000 bytes of your quota" in str(exc.value)
+        assert "this needs 30000 bytes, more than all 20000 bytes of your quota" in str(exc.value)
         assert "[jobs] staging_quota: ask its operator" in str(exc.value) and "register" not in str(exc.value)
         assert "gsiftp:// URL" not in str(exc.value)     # trial14 U3: a gsiftp:// stage-in meets the same bound
     finally:

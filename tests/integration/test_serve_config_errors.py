@@ -75,6 +75,18 @@ def serve(tmp_path, text: str, *extra: str, service: str = "vmmanager") -> subpr
     (("vmmanager", "lease_range"), '"10.99.0.10-10.99.1.20"',
      "n3.toml: [vmmanager] lease_range = '10.99.0.10-10.99.1.20': not inside [vmmanager] network 10.99.0.0/24 "
      "(expected \"FIRST-LAST\", host addresses of 10.99.0.0/24 in order, e.g. \"10.99.0.10-10.99.0.20\")"),
+    # a network too small, and one the default lease_range is not in: the example outside the gateway, the key
+    # the operator did not set said to be the default (trial15 X11: "e.g. 10.99.0.1-10.99.0.0" for a /31)
+    (("vmmanager", "network"), '"10.99.0.0/31"',
+     "n3.toml: [vmmanager] network = '10.99.0.0/31': too small for a gateway and a lease range (a /30 holds one "
+     "guest; e.g. \"10.99.0.0/24\")"),
+    (("vmmanager", "network"), '"10.99.0.0/30"',
+     "n3.toml: [vmmanager] lease_range = '10.99.0.10-10.99.0.250': the default, not inside [vmmanager] network "
+     "10.99.0.0/30: set lease_range with network (expected \"FIRST-LAST\", host addresses of 10.99.0.0/30 in "
+     "order, e.g. \"10.99.0.2-10.99.0.2\")"),
+    # a header bound no SOAP request fits: every call was HTTP 431, nothing logged (trial15 X10)
+    (("container.limits", "max_header_bytes"), "10",
+     "n3.toml: [container.limits] max_header_bytes = 10: bytes, 4096 or more"),
     # the services' GridFTP servers' bounds ([gridftp]) and guests' DN patterns: their servers started with the defaults
     (("gridftp", "host_sessions"), "64",
      "n3.toml: [gridftp] host_sessions is 0 to 63 ([gridftp] max_sessions less one: users need one), not 64"),
@@ -149,7 +161,26 @@ def test_each_service_with_a_gridftp_server_checks_the_gridftp_section_at_start(
 @pytest.mark.parametrize("key, value, message", [
     ("staging_parallel", "0", "[jobs] staging_parallel = 0: GridFTP streams, 1 to 64"),
     ("max_live_jobs", "0", "[jobs] max_live_jobs = 0: jobs, 1 or more"),
-    ("staging_quota", "0", "[jobs] staging_quota = 0: bytes, 1 or more"),
+    ("staging_quota", "0", "[jobs] staging_quota = 0: bytes (each entry of a job's directory counts at least 4096), "
+                           "16384 or more"),
+    # quotas and a /tmp no job fits in, an owner or admin no certificate has, a default past the longest lifetime,
+    # a consumer network that is none: each started a service that failed every job or refused everyone (trial15
+    # X5, X6)
+    ("staging_quota", "1", "[jobs] staging_quota = 1: bytes (each entry of a job's directory counts at least 4096), "
+                           "16384 or more"),
+    ("submitter_quota", "1000", "[jobs] submitter_quota = 1000: bytes (each entry of a job's directory counts at "
+                                "least 4096), 16384 or more"),
+    ("tmp_size", "1", "[jobs] tmp_size = 1: bytes, 1048576 or more"),
+    ("owner", '"not a dn"', "[jobs] owner: 'not a dn' is not a DN (a grid DN starts with '/': 'not a dn'); the "
+                            "instance owner's DN in /O=.../CN=... form, as `vmgrid proxy-info` shows it (e.g. "
+                            "\"/O=Grid/OU=mysite/CN=alice\")"),
+    ("admins", '["alice"]', "[jobs] admins: 'alice' is not a DN (a grid DN starts with '/': 'alice'); each a VO "
+                            "admin's DN in /O=.../CN=... form, as `vmgrid proxy-info` shows it (e.g. "
+                            "\"/O=Grid/OU=mysite/CN=alice\")"),
+    ("default_lifetime", "999999", "[jobs] default_lifetime = 999999: more than [jobs] max_lifetime = 604800 (the "
+                                   "longest lifetime a job may have): lower it, or raise max_lifetime"),
+    ("consumer_allow", '["bad"]', "[jobs] consumer_allow: 'bad' is not a network (e.g. \"127.0.0.0/8\" or "
+                                  "\"10.0.0.0/8\")"),
     ("kill_grace", "-1.0", "[jobs] kill_grace = -1.0: seconds (0: SIGKILL at once), 0 or more"),
     ("max_files", "0", "[jobs] max_files = 0: files and directories a job's directory holds, 1 or more"),
     ("memory_limit", '"2G"', "[jobs] memory_limit = '2G': bytes (0: no bound), or a share of the machine's memory "
