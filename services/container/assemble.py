@@ -429,6 +429,22 @@ def check_sections(name: str, config: Config) -> None:
                              f"directory, or \"\" for <state_dir>/authz/audit.log)")
 
 
+def check_migration_port(config: Config) -> None:
+    """[vmmanager] migration_port, when set, checked free before any state is opened (a port another process holds
+    is refused in the one line the node's start gives, services/vmmanager/migration.py check_port_free). The face
+    listens where the node's URL names: that URL is made when the container binds its own port, but its host is
+    known from the configuration already: [container] public_url's, else the host certificate's name, else
+    [container] host (as Container.public_base_url makes it)."""
+    from urllib.parse import urlsplit
+
+    from services.vmmanager.migration import check_port_free
+
+    c = config.container
+    if config.vmmanager.migration_port:
+        host = urlsplit(c.public_url).hostname if c.public_url else certificate_host(host_credential(config)) or c.host
+        check_port_free(host or "localhost", config.vmmanager.migration_port)
+
+
 def build_service(name: str, config: Config) -> SoapService:
     if name == "repository":
         from services.vmrepository.service import VMRepositoryService

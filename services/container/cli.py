@@ -175,7 +175,8 @@ def unused_authz(services: list[str], config) -> str:
 def run(args) -> int:
     from security.pki import PKIError
     from services.container.assemble import (SERVICE_NAMES, apply_data_ports, build_container, build_service,
-                                             check_service_config, check_state_dir, host_credential, trust_store)
+                                             check_migration_port, check_service_config, check_state_dir,
+                                             host_credential, trust_store)
     from services.container.config import ConfigError, load_config
     from services.vmmanager.vmm.errors import VMMError
 
@@ -215,6 +216,8 @@ def run(args) -> int:
         for name in args.services:
             check_service_config(name, config)
         host_credential(config), trust_store(config)
+        if "vmmanager" in args.services:
+            check_migration_port(config)           # a port another process holds (the face opens at the start)
     except ValueError as exc:
         raise CLIError(f"{where}{exc}") from None
     apply_data_ports(config, args.services)        # [gridftp] data_ports: this process's GridFTP data listeners

@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import re
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -214,9 +215,8 @@ class Exports:
 
     def _start(self) -> GridFTPFace:
         host = urlsplit(self.address).hostname or "localhost"
-        bind = "127.0.0.1" if host in ("localhost", "127.0.0.1") else "0.0.0.0"
-        face = GridFTPFace(_ExportSpace(self.instances_dir, self), bind, self.port, self.credential, self.trust,
-                           authorize=self.authorize, upload_area="/nowhere", public_host=host,
+        face = GridFTPFace(_ExportSpace(self.instances_dir, self), face_address(host), self.port, self.credential,
+                           self.trust, authorize=self.authorize, upload_area="/nowhere", public_host=host,
                            what="migrating instances", log=log, **{**self.server_options, "refuse_guests": True})
         face.start()
         return face
@@ -230,10 +230,7 @@ class Exports:
                 try:
                     self.face = self._start()
                 except OSError as exc:
-                    held = " (another process listens on it: give a free port, or 0 for any)" \
-                        if exc.errno == errno.EADDRINUSE else ""
-                    raise ValueError(f"[vmmanager] migration_port = {self.port}: the migration face cannot listen "
-                                     f"on it: {exc.strerror or exc}{held}") from None
+                    raise _cannot_listen(self.port, exc) from None
 
     def open(self, key: str, names: list[str], target: str) -> str:
         """Export ``names`` of instance ``key`` to the node at ``target``, as files still to be written (the state
@@ -281,6 +278,34 @@ class Exports:
             face, self.face = self.face, None
         if face is not None:
             face.stop()
+
+
+def face_address(host: str) -> str:
+    """The address the migration face listens on for a node whose URL names ``host``: loopback for a node known as
+    localhost (a local grid), else every address."""
+    return "127.0.0.1" if host in ("localhost", "127.0.0.1") else "0.0.0.0"
+
+
+def check_port_free(host: str, port: int) -> None:
+    """`vmgrid serve`, before any state is opened: a set [vmmanager] migration_port that the face of a node whose URL
+    names ``host`` cannot listen on is refused (the ValueError :meth:`Exports.listen` gives). Bound as the face binds
+    it (SO_REUSEADDR) and let go at once: the face itself is opened at the node's start, which still refuses a port
+    another process took in between."""
+    if not port:
+        return
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((face_address(host), port))
+            probe.listen(1)
+    except OSError as exc:
+        raise _cannot_listen(port, exc) from None
+
+
+def _cannot_listen(port: int, exc: OSError) -> ValueError:
+    held = " (another process listens on it: give a free port, or 0 for any)" if exc.errno == errno.EADDRINUSE else ""
+    return ValueError(f"[vmmanager] migration_port = {port}: the migration face cannot listen on it: "
+                      f"{exc.strerror or exc}{held}")
 
 
 def _face_fault(port: int, exc: OSError) -> MigrationFault:

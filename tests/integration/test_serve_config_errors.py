@@ -466,3 +466,19 @@ def test_a_state_dir_given_by_the_flag_is_named_as_the_flag(grid_pki, tmp_path, 
     assert r.stderr == f"vmgrid: {message}\n"
     assert (tmp_path / "afile").read_text() == "x"
     assert not (tmp_path / "state").exists()                # the file's state_dir is not used either
+
+
+def test_a_migration_port_another_process_holds_is_refused_before_any_state(grid_pki, tmp_path):
+    """[vmmanager] migration_port held by another process: refused in the one line naming the key, before any state
+    is made (the face listens where the node's URL names, and that host is known from the configuration: here the
+    host certificate's name, localhost). Before: the refusal came from the node's start, after it had made its state
+    directory and database and reconciled them."""
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as holder:
+        port = holder.getsockname()[1]
+        r = serve(tmp_path, node_toml(grid_pki, tmp_path / "state", {("vmmanager", "migration_port"): str(port)}))
+    assert r.returncode == 1 and r.stdout == "", r.stderr
+    assert not (tmp_path / "state").exists(), r.stderr
+    assert r.stderr == (f"vmgrid: n3.toml: [vmmanager] migration_port = {port}: the migration face cannot listen on "
+                        f"it: Address already in use (another process listens on it: give a free port, or 0 for any)\n")
