@@ -385,6 +385,32 @@ def check_url(key: str, value: str, what: str) -> None:
         raise ValueError(f"{key} = {value!r}: {what}, an https:// URL (e.g. \"https://HOST:8443/wsrf/services/...\")")
 
 
+def check_public_url(value: str) -> None:
+    """[container] public_url: an http(s) URL with a host (:func:`check_url`), and nothing after its host and port but
+    an optional "/" (ValueError naming the key). The container serves its services at /wsrf/services/NAME and its
+    schemas at /wsrf/share/schema/ of its listener, and puts ``public_url`` before those paths in the WSDL's
+    soap:address, in EPRs and in the wsa:To it accepts: a path (``https://HOST:8443/grid``) made every EPR name one
+    the container does not serve (404), a query or fragment broke every URL made from it, and a user name is no part
+    of a service's address."""
+    from urllib.parse import urlsplit
+
+    check_url("[container] public_url", value, "this container's public URL")
+    parts = urlsplit(value)
+    extra = [what for what, there in (("a user name", "@" in parts.netloc), ("a path", parts.path not in ("", "/")),
+                                      ("a query", "?" in value), ("a fragment", "#" in value)) if there]
+    if extra:
+        raise ValueError(f"[container] public_url = {value!r}: it has {' and '.join(extra)}; this container's "
+                         f"public URL is scheme, host and port only (e.g. \"https://HOST:8443\"): its services are "
+                         f"served below it at /wsrf/services/NAME")
+
+
+def check_state_dir(path: str, given_as: str) -> None:
+    """A state directory that names a file is refused (ValueError starting with ``given_as``: ``[container] state_dir =
+    'x'``, or ``--state-dir 'x'`` where the command line gave it)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{given_as}: not a directory")
+
+
 def check_mac_prefix(prefix: str) -> None:
     """[vmmanager] mac_prefix: three hex octets, the first unicast (each MAC is the prefix and an address's last three
     octets: a bad prefix failed every deployment, "network.mac ... is not a MAC address" or "a multicast address")."""
@@ -431,10 +457,9 @@ def check_sections(name: str, config: Config) -> None:
     c = config.container
     check_numbers("container", c)
     check_numbers("container.limits", c.limits)
-    if os.path.exists(c.state_dir) and not os.path.isdir(c.state_dir):
-        raise ValueError(f"[container] state_dir = {c.state_dir!r}: not a directory")
+    check_state_dir(c.state_dir, f"[container] state_dir = {c.state_dir!r}")
     if c.public_url:
-        check_url("[container] public_url", c.public_url, "this container's public URL")
+        check_public_url(c.public_url)
     if name in ("repository", "vmmanager"):            # the services that enforce a policy
         check_numbers("enforcement", config.enforcement)
         if config.enforcement.authz_url:
@@ -449,6 +474,22 @@ def check_sections(name: str, config: Config) -> None:
             why = "it is a directory" if os.path.isdir(config.authz.audit_log) else f"no directory {parent}"
             raise ValueError(f"[authz] audit_log = {config.authz.audit_log!r}: {why} (give a file in an existing "
                              f"directory, or \"\" for <state_dir>/authz/audit.log)")
+
+
+def check_migration_port(config: Config) -> None:
+    """[vmmanager] migration_port, when set, checked free before any state is opened (a port another process holds
+    is refused in the one line the node's start gives, services/vmmanager/migration.py check_port_free). The face
+    listens where the node's URL names: that URL is made when the container binds its own port, but its host is
+    known from the configuration already: [container] public_url's, else the host certificate's name, else
+    [container] host (as Container.public_base_url makes it)."""
+    from urllib.parse import urlsplit
+
+    from services.vmmanager.migration import check_port_free
+
+    c = config.container
+    if config.vmmanager.migration_port:
+        host = urlsplit(c.public_url).hostname if c.public_url else certificate_host(host_credential(config)) or c.host
+        check_port_free(host or "localhost", config.vmmanager.migration_port)
 
 
 def build_service(name: str, config: Config) -> SoapService:

@@ -56,13 +56,14 @@ def _stop_on_sigterm(signum, frame):
 _HELD: list[int] = []      # the state locks' descriptors, open for the life of the process
 
 
-def private_state(state_dir: str, services: list[str]) -> None:
+def private_state(state_dir: str, services: list[str], key: str = "[container] state_dir") -> None:
     """A service's state is its own: every VO's image bytes, the catalogue, VM disks, the contexts holding guestd's
     token, the policy and its audit log, users' staged files. Files and directories the container makes are for its
     own user only (umask 077), and each service's state directory is closed to everyone else even where an earlier
     version left it open (0755, its files 0644: any local account read them). The state directory above them keeps
     only its search bit for others; the job service sets its own directories' modes (its jobs run under uids of
-    their own and must reach their directories, services/jobs)."""
+    their own and must reach their directories, services/jobs). ``key``: what gave ``state_dir`` (the key, or
+    ``--state-dir``), for the warnings."""
     import os
 
     # a state directory made now (and the directories above it) is made as a site would (0755), before the umask:
@@ -74,14 +75,14 @@ def private_state(state_dir: str, services: list[str]) -> None:
 
     _change_mode(state_dir, off=0o077 & ~0o011, why="close {} to other users")
     if "jobs" in services:
-        _open_the_way(state_dir)
+        _open_the_way(state_dir, key)
     for name in services:
         service_dir = os.path.join(state_dir, name)
         if name != "jobs" and os.path.isdir(service_dir):
             _change_mode(service_dir, off=0o077, why="close {} to other users")
 
 
-def _open_the_way(state_dir: str) -> None:
+def _open_the_way(state_dir: str, key: str) -> None:
     """The job service's jobs run under uids of their own, in directories below the state directory, and must
     reach them by path: the state directory gets its search bit for others (only that: 0711) if it lacks it, and a
     directory above it that others cannot search is named in a warning (vmgrid did not make it: the site chooses)."""
@@ -95,7 +96,7 @@ def _open_the_way(state_dir: str) -> None:
         if not os.stat(path).st_mode & stat.S_IXOTH:
             warning = (f"{path} is not searchable by other users: the jobs (each under a uid of its own) cannot "
                        f"reach their directories under {state_dir} by path ($HOME); chmod o+x {path} or choose "
-                       f"another [container] state_dir")
+                       f"another {key}")
             log.warning("%s", warning)
             print(f"vmgrid: warning: {warning}", file=sys.stderr, flush=True)
             break
@@ -120,12 +121,13 @@ def _change_mode(path: str, *, off: int = 0, on: int = 0, why: str) -> None:
             logging.getLogger("vmgrid.container").warning("cannot %s: %s", why.format(path), exc.strerror)
 
 
-def hold_state(state_dir: str, services: list[str]) -> None:
+def hold_state(state_dir: str, services: list[str], key: str = "[container] state_dir") -> None:
     """Each service's state belongs to one `vmgrid serve` at a time: a second container started on the same
     state (the same command twice, a restart before the old process ended) would reconcile a live node's
     records as if it had crashed (its Running instances made Failed) and share the databases. A lock per
     service (`<state_dir>/<service>.lock`, flock, released by the kernel when the process ends, even by
-    SIGKILL; close-on-exec, so the job shims and QEMU processes that outlive the container do not hold it)."""
+    SIGKILL; close-on-exec, so the job shims and QEMU processes that outlive the container do not hold it).
+    ``key``: what gave ``state_dir`` (the key, or ``--state-dir``), for the refusal."""
     import errno
     import fcntl
     import os
@@ -147,7 +149,7 @@ def hold_state(state_dir: str, services: list[str]) -> None:
             os.close(fd)
             raise CLIError(f"the {name} state in {state_dir} is in use by another `vmgrid serve`"
                            f"{f' (pid {holder})' if holder.isdigit() else ''}: stop it first, or give this "
-                           f"container a state_dir of its own") from None
+                           f"container a {key} of its own") from None
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -173,7 +175,8 @@ def unused_authz(services: list[str], config) -> str:
 def run(args) -> int:
     from security.pki import PKIError
     from services.container.assemble import (SERVICE_NAMES, apply_data_ports, build_container, build_service,
-                                             check_service_config, host_credential, trust_store)
+                                             check_migration_port, check_service_config, check_state_dir,
+                                             host_credential, trust_store)
     from services.container.config import ConfigError, load_config
     from services.vmmanager.vmm.errors import VMMError
 
@@ -184,13 +187,19 @@ def run(args) -> int:
         config = load_config(args.config)
     except ConfigError as exc:
         raise CLIError(str(exc)) from None
-    if args.state_dir:
-        config.container.state_dir = args.state_dir
     if args.port is not None:
         config.container.port = args.port
     # a value the configuration file gave that cannot be used is named with the file (ValueError: the services'
     # checks name their key, "[vmmanager] list_page must be ..."); what the system refuses (OSError) as it is
     where = f"{config.source}: " if args.config else ""
+    # the state directory is named as it was given: --state-dir (no file gave it), else the key
+    if args.state_dir:
+        config.container.state_dir = args.state_dir
+        state_key, state_where = "--state-dir", ""
+        state_given = f"--state-dir {args.state_dir!r}"
+    else:
+        state_key, state_where = "[container] state_dir", where
+        state_given = f"[container] state_dir = {config.container.state_dir!r}"
     try:
         setup_logging(config.container.log_level, config.container.log_file)
     except ValueError as exc:
@@ -200,17 +209,23 @@ def run(args) -> int:
     if not 0 <= config.container.port <= 65535:        # before any service opens its state
         raise CLIError(f"{where}[container] port = {config.container.port}: a port is 0 to 65535 (0 picks a free one)")
     try:                                               # refused before any service opens its state
+        check_state_dir(config.container.state_dir, state_given)
+    except ValueError as exc:
+        raise CLIError(f"{state_where}{exc}") from None
+    try:
         for name in args.services:
             check_service_config(name, config)
         host_credential(config), trust_store(config)
+        if "vmmanager" in args.services:
+            check_migration_port(config)           # a port another process holds (the face opens at the start)
     except ValueError as exc:
         raise CLIError(f"{where}{exc}") from None
     apply_data_ports(config, args.services)        # [gridftp] data_ports: this process's GridFTP data listeners
     try:
-        private_state(config.container.state_dir, args.services)
-        hold_state(config.container.state_dir, args.services)
+        private_state(config.container.state_dir, args.services, state_key)
+        hold_state(config.container.state_dir, args.services, state_key)
     except OSError as exc:             # a state_dir below a file, one not ours to make: one line, not a traceback
-        raise CLIError(f"{where}[container] state_dir = {config.container.state_dir!r}: {exc.strerror or exc}"
+        raise CLIError(f"{state_where}{state_given}: {exc.strerror or exc}"
                        f"{f' ({exc.filename})' if exc.filename and exc.filename != config.container.state_dir else ''}"
                        ) from None
     release_if_full(config.container.state_dir)    # a restart on a full disk still opens its databases

@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import re
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -103,11 +104,53 @@ class Record:
 
 
 class Records:
-    """The node's migration records, in the node's database (a table of their own)."""
+    """The node's migration records, in the node's database (a table of their own), and what a prepared migration
+    holds in memory beside its record while it lives: the source pinned at the prepare (:class:`SourceFiles`) and
+    the followers of its files (:func:`_follow`). Both are the node's (one ``Records`` a node) and go with the
+    record: whatever ends a migration here (commit, abort, a failure, the sweep, a restart) removes its record, and
+    that removes them."""
 
     def __init__(self, store):
         self.store = store
         store.db.conn().executescript(SCHEMA)
+        self._lock = threading.Lock()
+        self._sources: dict[str, SourceFiles] = {}              # key -> a prepared migration's pinned source
+        self._following: dict[str, dict[str, Following]] = {}   # key -> file name -> its follower
+
+    def pin(self, key: str, source: SourceFiles) -> None:
+        with self._lock:
+            self._sources[key] = source
+
+    def pinned(self, key: str) -> SourceFiles | None:
+        with self._lock:
+            return self._sources.get(key)
+
+    def unpin(self, key: str) -> None:
+        with self._lock:
+            self._sources.pop(key, None)
+
+    def follow(self, key: str, followers: dict[str, Following]) -> dict[str, Following]:
+        """``followers`` are now those of ``key``'s files; the ones they replace (the caller cancels them)."""
+        with self._lock:
+            old = self._following.pop(key, None) or {}
+            self._following[key] = followers
+        return old
+
+    def take_followers(self, key: str) -> dict[str, Following]:
+        """The followers of ``key``'s files, no longer held here (the caller takes or cancels them)."""
+        with self._lock:
+            return self._following.pop(key, None) or {}
+
+    def held(self, key: str) -> bool:
+        """Whether anything of ``key``'s migration is held in memory here (a pinned source, followers)."""
+        with self._lock:
+            return key in self._sources or key in self._following
+
+    def _let_go(self, key: str) -> None:
+        """The record of ``key`` is gone: so is what its migration held in memory (followers cancelled)."""
+        self.unpin(key)
+        for f in self.take_followers(key).values():
+            f.cancel()
 
     def put(self, key: str, role: str, peer: str, prior: str, proxy: bytes | None = None) -> None:
         with self.store.write() as db:
@@ -126,6 +169,7 @@ class Records:
     def drop(self, key: str) -> None:
         with self.store.write() as db:
             db.execute("DELETE FROM migrations WHERE key = ?", (key,))
+        self._let_go(key)
 
     def forget_instance(self, key: str) -> None:
         """Remove the instance's row entirely (the target's half of an aborted migration leaves nothing)."""
@@ -133,6 +177,7 @@ class Records:
             db.execute("DELETE FROM instances WHERE key = ?", (key,))
             db.execute("DELETE FROM subscriptions WHERE instance_key = ?", (key,))
             db.execute("DELETE FROM migrations WHERE key = ?", (key,))
+        self._let_go(key)
 
 
 class _ExportSpace(gridftp.LocalFileSpace):
@@ -170,9 +215,8 @@ class Exports:
 
     def _start(self) -> GridFTPFace:
         host = urlsplit(self.address).hostname or "localhost"
-        bind = "127.0.0.1" if host in ("localhost", "127.0.0.1") else "0.0.0.0"
-        face = GridFTPFace(_ExportSpace(self.instances_dir, self), bind, self.port, self.credential, self.trust,
-                           authorize=self.authorize, upload_area="/nowhere", public_host=host,
+        face = GridFTPFace(_ExportSpace(self.instances_dir, self), face_address(host), self.port, self.credential,
+                           self.trust, authorize=self.authorize, upload_area="/nowhere", public_host=host,
                            what="migrating instances", log=log, **{**self.server_options, "refuse_guests": True})
         face.start()
         return face
@@ -186,10 +230,7 @@ class Exports:
                 try:
                     self.face = self._start()
                 except OSError as exc:
-                    held = " (another process listens on it: give a free port, or 0 for any)" \
-                        if exc.errno == errno.EADDRINUSE else ""
-                    raise ValueError(f"[vmmanager] migration_port = {self.port}: the migration face cannot listen "
-                                     f"on it: {exc.strerror or exc}{held}") from None
+                    raise _cannot_listen(self.port, exc) from None
 
     def open(self, key: str, names: list[str], target: str) -> str:
         """Export ``names`` of instance ``key`` to the node at ``target``, as files still to be written (the state
@@ -237,6 +278,34 @@ class Exports:
             face, self.face = self.face, None
         if face is not None:
             face.stop()
+
+
+def face_address(host: str) -> str:
+    """The address the migration face listens on for a node whose URL names ``host``: loopback for a node known as
+    localhost (a local grid), else every address."""
+    return "127.0.0.1" if host in ("localhost", "127.0.0.1") else "0.0.0.0"
+
+
+def check_port_free(host: str, port: int) -> None:
+    """`vmgrid serve`, before any state is opened: a set [vmmanager] migration_port that the face of a node whose URL
+    names ``host`` cannot listen on is refused (the ValueError :meth:`Exports.listen` gives). Bound as the face binds
+    it (SO_REUSEADDR) and let go at once: the face itself is opened at the node's start, which still refuses a port
+    another process took in between."""
+    if not port:
+        return
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((face_address(host), port))
+            probe.listen(1)
+    except OSError as exc:
+        raise _cannot_listen(port, exc) from None
+
+
+def _cannot_listen(port: int, exc: OSError) -> ValueError:
+    held = " (another process listens on it: give a free port, or 0 for any)" if exc.errno == errno.EADDRINUSE else ""
+    return ValueError(f"[vmmanager] migration_port = {port}: the migration face cannot listen on it: "
+                      f"{exc.strerror or exc}{held}")
 
 
 def _face_fault(port: int, exc: OSError) -> MigrationFault:
@@ -905,7 +974,12 @@ def accept(node: MigratingNode, caller, offer: MigrationOffer) -> InstanceView:
                 phases.stage(node.parts, key)
                 node._authorized(caller, key, "vm.migrate")
         crashpoint("migration.target-prepared")
-        if offer.step != "prepare":
+        if offer.step == "prepare":
+            # the transfer step pulls from the address checked now (held with the record: it goes with it), and
+            # the files are followed from now on; a failure here drops the prepared instance as any other does
+            node.migrations.pin(key, source)
+            _follow(node, key, offer, source)
+        else:
             phase = _transfer_and_restore(node, key, offer, timings, stage=True, source=source)
     except BaseException as exc:
         if registered:
@@ -920,8 +994,6 @@ def accept(node: MigratingNode, caller, offer: MigrationOffer) -> InstanceView:
                              target=node.address, cause=_cause(exc)) from None
     node.store.update(key, phases=json.dumps([[n, round(s, 6)] for n, s in timings]))
     if offer.step == "prepare":
-        _pin_source(node, key, source)
-        _follow(node, key, offer, source)
         log.info("instance %s prepared for %s, offered by %s (%s); Incoming until its files come", key, caller.dn,
                  offer.source, source_dn)
     else:
@@ -959,7 +1031,7 @@ def _accept_files(node: MigratingNode, caller, offer: MigrationOffer) -> Instanc
             raise MigrationFault(f"{phase} at {node.node} failed: {_describe(exc)}",
                                  phase=getattr(exc, "phase", phase), target=node.address, cause=_cause(exc)) from None
         node.store.update(key, phases=json.dumps([[n, round(s, 6)] for n, s in timings]))
-        _unpin_source(node, key)               # nothing more is pulled
+        node.migrations.unpin(key)             # nothing more is pulled
     log.info("instance %s: its files arrived from %s (%s); Incoming until the source commits", key, offer.source,
              source_dn)
     return node.view(node.store.get(key))
@@ -1024,9 +1096,7 @@ def _transfer_and_restore(node: MigratingNode, key: str, offer: MigrationOffer, 
     return phase
 
 
-# -- the files followed from the prepare on -------------------------------------------------------------------------
-_FOLLOWING: dict[tuple[int, str], dict[str, Following]] = {}     # (node, key) -> file name -> its follower
-_FOLLOWING_LOCK = threading.Lock()
+# -- the files followed from the prepare on (held by the node's Records, with the migration's record) -----------------
 
 
 def _expected_files(offer: MigrationOffer) -> dict[str, int]:
@@ -1054,10 +1124,7 @@ def _follow(node: MigratingNode, key: str, offer: MigrationOffer, source: Source
                                     timeout=node.config.migration_timeout, limit=limit,
                                     refuse_server=_refuse_server(node, source.dn), server_dn=source.dn,
                                     identify=_source_identity(node, source))
-    with _FOLLOWING_LOCK:
-        old = _FOLLOWING.pop((id(node), key), None)
-        _FOLLOWING[(id(node), key)] = followers
-    for f in (old or {}).values():
+    for f in node.migrations.follow(key, followers).values():
         f.cancel()
     # the prepare is answered once the sessions are authenticated and the data connections open (a few round
     # trips): the source freezes only then, so none of it is downtime. Bounded: a follower that cannot get there
@@ -1069,8 +1136,7 @@ def _follow(node: MigratingNode, key: str, offer: MigrationOffer, source: Source
 
 def _unfollow(node: MigratingNode, key: str) -> dict[str, Following]:
     """Stop following the files of ``key`` (the migration is dropped here); waits for the followers."""
-    with _FOLLOWING_LOCK:
-        followers = _FOLLOWING.pop((id(node), key), None) or {}
+    followers = node.migrations.take_followers(key)
     for f in followers.values():
         f.cancel()
     return followers
@@ -1079,8 +1145,7 @@ def _unfollow(node: MigratingNode, key: str) -> dict[str, Following]:
 def _take_followed(node: MigratingNode, key: str, offer: MigrationOffer, home: Path, progress) -> set[str]:
     """The transfer step's files that came through the followers and match the source's sizes and digests;
     the rest (a follower failed, a file differs: removed) is pulled again by the caller."""
-    with _FOLLOWING_LOCK:
-        followers = _FOLLOWING.pop((id(node), key), None) or {}
+    followers = node.migrations.take_followers(key)
     wanted = {f.name: f for f in offer.files}
     for name in [n for n in followers if n not in wanted]:
         followers.pop(name).cancel()
@@ -1141,9 +1206,6 @@ class SourceFiles:
         return f"gsiftp://{host}:{self.port}/{key}/{name}"
 
 
-_SOURCES: dict[tuple[int, str], SourceFiles] = {}      # (node, key) -> a prepared migration's pinned source
-
-
 def _resolve_source(node: MigratingNode, offer: MigrationOffer, source_dn: str, caller_dn: str) -> SourceFiles:
     """The files' host (the source's: :func:`_check_offer`) looked up once, within the policy's deadline: the
     first address it gives is the one every pull of this migration connects to. ServiceUnavailable (DNS) when the
@@ -1166,25 +1228,14 @@ def _resolve_source(node: MigratingNode, offer: MigrationOffer, source_dn: str, 
     return SourceFiles(offer.files_url.rstrip("/"), host, port, infos[0][4][0], source_dn)
 
 
-def _pin_source(node: MigratingNode, key: str, source: SourceFiles) -> None:
-    with _FOLLOWING_LOCK:
-        _SOURCES[(id(node), key)] = source
-
-
 def _pinned_source(node: MigratingNode, key: str, offer: MigrationOffer, source_dn: str,
                    caller_dn: str) -> SourceFiles:
     """The transfer step's source: the one pinned at the prepare (same files URL and signer), else (this node
     restarted since, or a source without steps) the files' host looked up now."""
-    with _FOLLOWING_LOCK:
-        pinned = _SOURCES.get((id(node), key))
+    pinned = node.migrations.pinned(key)
     if pinned is not None and pinned.url == offer.files_url.rstrip("/") and pinned.dn == source_dn:
         return pinned
     return _resolve_source(node, offer, source_dn, caller_dn)
-
-
-def _unpin_source(node: MigratingNode, key: str) -> None:
-    with _FOLLOWING_LOCK:
-        _SOURCES.pop((id(node), key), None)
 
 
 def _source_identity(node: MigratingNode, source: SourceFiles):
@@ -1288,9 +1339,9 @@ def _adopt_subscriptions(node: MigratingNode, key: str, offer: MigrationOffer) -
 
 
 def _drop_incoming(node: MigratingNode, key: str) -> None:
-    """Everything an Incoming instance holds here goes: domain, files, lease, image hold, record."""
-    _unfollow(node, key)
-    _unpin_source(node, key)
+    """Everything an Incoming instance holds here goes: domain, files, lease, image hold, record (and with it the
+    pinned source)."""
+    _unfollow(node, key)                   # before its files go
     node._release(key, quiet=True)
     node.migrations.forget_instance(key)
     # the slot its prepare claimed (only while this node is its claimant: once the source claimed it back, the
@@ -1488,12 +1539,23 @@ def reconcile(node: MigratingNode) -> dict[str, int]:
 
 def sweep(node: MigratingNode) -> None:
     """Settle unsettled migrations (the target answers again); drop Incoming instances whose source never
-    committed within the migration timeout."""
+    committed within the migration timeout, and the records (with what they hold: the pinned source, followers)
+    of incoming migrations whose instance ended otherwise (its termination time passed while it was Incoming)."""
     for rec in node.migrations.of_role("source"):
         try:
             settle(node, rec.key)
         except Exception:   # noqa: BLE001
             log.exception("could not settle the migration of %s", rec.key)
+    for rec in node.migrations.of_role("target") + node.migrations.of_role("prepared"):
+        inst = node.store.get(rec.key)
+        if inst is None or inst.state_enum != State.INCOMING:
+            with node._locked(rec.key):
+                inst, again = node.store.get(rec.key), node.migrations.get(rec.key)
+                if again is not None and again.role == rec.role and (inst is None
+                                                                     or inst.state_enum != State.INCOMING):
+                    log.info("incoming migration of %s: its instance ended (%s); its record dropped", rec.key,
+                             inst.state if inst else "gone")
+                    node.migrations.drop(rec.key)
     now = time.time()
     for role, timeout, what in (("target", node.config.migration_incoming_timeout, "no commit"),
                                 ("prepared", node.config.migration_prepare_timeout, "no files")):

@@ -395,6 +395,19 @@ def test_a_migration_port_that_is_no_port_is_refused_at_start(grid_pki, tmp_path
     ("repository", ("container", "public_url"), '"ftp://x"',
      "[container] public_url = 'ftp://x': this container's public URL, an https:// URL (e.g. "
      "\"https://HOST:8443/wsrf/services/...\")"),
+    # a path, query, fragment or user name: the WSDL's soap:address and every EPR named a URL the container does not
+    # serve (404 for https://HOST:PORT/grid/wsrf/services/...: it serves /wsrf/services/ only)
+    ("repository", ("container", "public_url"), '"https://localhost:8443/grid"',
+     "[container] public_url = 'https://localhost:8443/grid': it has a path; this container's public URL is scheme, "
+     "host and port only (e.g. \"https://HOST:8443\"): its services are served below it at /wsrf/services/NAME"),
+    ("vmmanager", ("container", "public_url"), '"https://localhost:8443/?site=a#top"',
+     "[container] public_url = 'https://localhost:8443/?site=a#top': it has a query and a fragment; this container's "
+     "public URL is scheme, host and port only (e.g. \"https://HOST:8443\"): its services are served below it at "
+     "/wsrf/services/NAME"),
+    ("jobs", ("container", "public_url"), '"https://op@localhost:8443/wsrf/services"',
+     "[container] public_url = 'https://op@localhost:8443/wsrf/services': it has a user name and a path; this "
+     "container's public URL is scheme, host and port only (e.g. \"https://HOST:8443\"): its services are served "
+     "below it at /wsrf/services/NAME"),
     ("repository", ("repository", "default_limit"), "0", "[repository] default_limit = 0: descriptors a page, 1 to 1000"),
     ("repository", ("repository", "upload_quota_bytes"), "-1", "[repository] upload_quota_bytes = -1: bytes, 1 or more"),
     ("repository", ("repository", "max_image_bytes"), "0", "[repository] max_image_bytes = 0: bytes, 1 or more"),
@@ -430,7 +443,8 @@ def test_a_migration_port_that_is_no_port_is_refused_at_start(grid_pki, tmp_path
 ])
 def test_a_value_that_breaks_a_started_service_later_is_refused_at_start(grid_pki, tmp_path, service, key, value,
                                                                          message):
-    r = serve(tmp_path, node_toml(grid_pki, tmp_path / "state", {key: value}), service=service)
+    changes = {key: value, **({("jobs", "owner"): f'"{grid_pki.alice.dn}"'} if service == "jobs" else {})}
+    r = serve(tmp_path, node_toml(grid_pki, tmp_path / "state", changes), service=service)
     if message is None:      # the audit log's directory: named, and not made (a typo'd path is an error)
         message = (f"[authz] audit_log = 'nodir/sub/audit.log': no directory {tmp_path}/nodir/sub (give a file in an "
                    f"existing directory, or \"\" for <state_dir>/authz/audit.log)")
@@ -461,3 +475,41 @@ def test_a_state_dir_that_is_a_file_is_one_line(grid_pki, tmp_path, state_dir, m
     assert r.returncode == 1 and r.stdout == "", r.stderr
     assert r.stderr == f"vmgrid: n3.toml: {message}\n"
     assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_a_public_url_of_scheme_host_and_port_is_taken_with_or_without_its_slash():
+    from services.container.assemble import check_public_url
+    for url in ("https://localhost:8443", "https://localhost:8443/", "http://10.77.0.10:8443", "https://[::1]:8443"):
+        check_public_url(url)
+
+
+@pytest.mark.parametrize("state_dir, message", [
+    ("afile", "--state-dir 'afile': not a directory"),
+    ("afile/state", "--state-dir 'afile/state': Not a directory"),
+])
+def test_a_state_dir_given_by_the_flag_is_named_as_the_flag(grid_pki, tmp_path, state_dir, message):
+    """`--state-dir` overrides [container] state_dir: a value it gave that cannot be used is named as the flag, not as
+    the configuration file's key (the file said nothing of it). Before: `n3.toml: [container] state_dir = 'afile': not
+    a directory`."""
+    (tmp_path / "afile").write_text("x")
+    r = serve(tmp_path, node_toml(grid_pki, tmp_path / "state"), "--state-dir", state_dir, service="repository")
+    assert r.returncode == 1 and r.stdout == "", r.stderr
+    assert r.stderr == f"vmgrid: {message}\n"
+    assert (tmp_path / "afile").read_text() == "x"
+    assert not (tmp_path / "state").exists()                # the file's state_dir is not used either
+
+
+def test_a_migration_port_another_process_holds_is_refused_before_any_state(grid_pki, tmp_path):
+    """[vmmanager] migration_port held by another process: refused in the one line naming the key, before any state
+    is made (the face listens where the node's URL names, and that host is known from the configuration: here the
+    host certificate's name, localhost). Before: the refusal came from the node's start, after it had made its state
+    directory and database and reconciled them."""
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as holder:
+        port = holder.getsockname()[1]
+        r = serve(tmp_path, node_toml(grid_pki, tmp_path / "state", {("vmmanager", "migration_port"): str(port)}))
+    assert r.returncode == 1 and r.stdout == "", r.stderr
+    assert not (tmp_path / "state").exists(), r.stderr
+    assert r.stderr == (f"vmgrid: n3.toml: [vmmanager] migration_port = {port}: the migration face cannot listen on "
+                        f"it: Address already in use (another process listens on it: give a free port, or 0 for any)\n")

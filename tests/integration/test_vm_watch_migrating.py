@@ -72,18 +72,20 @@ def watch_while_migrating(grid, grid_pki, monkeypatch, name: str, *, fail_freeze
         raise
 
 
-def test_a_watch_started_while_the_instance_migrates_waits_and_follows_it_to_its_new_node(grid, grid_pki,
-                                                                                          monkeypatch):
-    proc, outcome, ref, first = watch_while_migrating(grid, grid_pki, monkeypatch, "watched-moving")
+def watched_to_its_end(proc, first: str, outcome: dict, *, as_expected: bool, ended: str, destroy) -> None:
+    """The rest of the watch ``proc`` (killed if anything here fails): the migration's ``outcome`` is the one the test
+    expects (``as_expected``), the watch's first line said it waits, the next that the migration ended (``ended``),
+    the next that it listens where the instance is; ``destroy()`` ends the instance there, and the watch ends 0, no
+    IllegalTransition said, its last line the instance's Running -> Destroyed."""
     try:
-        assert "moved" in outcome, outcome
+        assert as_expected, outcome
         assert "Migrating: a migration has begun; waiting for its end to watch it" in first, \
             first + proc.stderr.read() if proc.poll() is not None else first
-        ended = proc.stdout.readline()
-        assert f"the migration ended; now on {grid.node_url(1)}" in ended, ended
+        line = proc.stdout.readline()
+        assert ended in line, line
         listening = proc.stdout.readline()
         assert ": Running (listening at " in listening, listening
-        grid.vmm(grid_pki.alice, 1).destroy(outcome["moved"].ref)      # the target's change ends the watch
+        destroy()                       # the instance's change ends the watch
         out, err = proc.communicate(timeout=150)
     finally:
         if proc.poll() is None:
@@ -94,25 +96,22 @@ def test_a_watch_started_while_the_instance_migrates_waits_and_follows_it_to_its
     assert out.rstrip().splitlines()[-1].split(": ", 1)[1].startswith("Running -> Destroyed"), out
 
 
+def test_a_watch_started_while_the_instance_migrates_waits_and_follows_it_to_its_new_node(grid, grid_pki,
+                                                                                          monkeypatch):
+    proc, outcome, ref, first = watch_while_migrating(grid, grid_pki, monkeypatch, "watched-moving")
+    watched_to_its_end(proc, first, outcome, as_expected="moved" in outcome,
+                       ended=f"the migration ended; now on {grid.node_url(1)}",
+                       destroy=lambda: grid.vmm(grid_pki.alice, 1).destroy(outcome["moved"].ref))
+
+
 def test_a_watch_started_while_the_instance_migrates_stays_on_the_source_when_it_is_rolled_back(grid, grid_pki,
                                                                                                monkeypatch):
     proc, outcome, ref, first = watch_while_migrating(grid, grid_pki, monkeypatch, "watched-staying",
                                                       fail_freeze=True)
-    try:
-        assert "fault" in outcome and getattr(outcome["fault"], "phase", None) == "freeze", outcome
-        assert "Migrating: a migration has begun; waiting for its end to watch it" in first, first
-        ended = proc.stdout.readline()
-        assert f"the migration ended; it stays on {grid.node_url(0)}" in ended, ended
-        listening = proc.stdout.readline()
-        assert ": Running (listening at " in listening, listening
-        grid.vmm(grid_pki.alice, 0).destroy(ref)
-        out, err = proc.communicate(timeout=150)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, err
-    assert out.rstrip().splitlines()[-1].split(": ", 1)[1].startswith("Running -> Destroyed"), out
+    watched_to_its_end(proc, first, outcome,
+                       as_expected="fault" in outcome and getattr(outcome["fault"], "phase", None) == "freeze",
+                       ended=f"the migration ended; it stays on {grid.node_url(0)}",
+                       destroy=lambda: grid.vmm(grid_pki.alice, 0).destroy(ref))
 
 
 def test_a_migrating_instance_answers_subscribe_destroy_and_set_termination_time_with_a_declared_fault(

@@ -490,6 +490,62 @@ def test_a_prepared_instance_whose_files_never_come_is_dropped_and_cannot_be_com
     grid.vmm(grid_pki.alice, 0).destroy(ref)
 
 
+def left_of(grid, key: str) -> dict:
+    """What node 1 (the target) still holds of ``key``'s incoming migration: its instance record, migration record,
+    lease, directory, and what the migration held in memory (the pinned source, the files' followers)."""
+    core = grid.node(1).core
+    inst = core.store.get(key)
+    return {"instance": inst.state if inst else None, "record": core.migrations.get(key),
+            "lease": key in core.store.leases(), "dir": (core.instances_dir / key).exists(),
+            "pinned": core.migrations.held(key)}
+
+
+NOTHING = {"instance": None, "record": None, "lease": False, "dir": False, "pinned": False}
+
+
+def test_a_prepare_that_fails_after_its_source_was_pinned_leaves_nothing_behind(grid, grid_pki, monkeypatch):
+    """The last step of a prepare pins the source's checked address and starts following the files; when that fails
+    (injected: the followers cannot be started) the prepare fails naming its phase and the target holds nothing of
+    it, the pinned source included. Before: the failure escaped the prepare's rollback: the instance stayed
+    Incoming with its lease and the source stayed pinned in a module-wide table keyed by the node object's id."""
+    from services.authz.pep import Subject
+    from services.vmmanager import migration
+
+    def cannot_follow(*args, **kwargs):
+        raise OSError("injected: no follower can be started")
+    ref = deploy(grid, grid_pki.alice, "follow-fails")
+    offer, _ = prepare_offer(grid, ref)
+    monkeypatch.setattr(migration, "Following", cannot_follow)
+    with pytest.raises(MigrationFault) as exc:
+        grid.node(1).core.accept_migration(Subject(grid_pki.alice.dn), offer)
+    assert exc.value.phase == "prepare" and "injected" in exc.value.description
+    assert left_of(grid, ref.key) == NOTHING
+    assert grid.vmm(grid_pki.alice, 0).status(ref).state == "Running"
+    grid.vmm(grid_pki.alice, 0).destroy(ref)
+
+
+def test_a_prepared_instance_whose_lifetime_ends_leaves_no_record_and_no_pinned_source(grid, grid_pki):
+    """A prepared instance's termination time passes before its files come: the node's sweep destroys it, and the
+    next sweep drops its migration record and with it the pinned source and the followers. Before: the record stayed
+    `prepared` until the node restarted (the sweep looked only at Incoming instances) and the pinned source until the
+    node's process ended."""
+    import time
+
+    from services.authz.pep import Subject
+    ref = deploy(grid, grid_pki.alice, "outlived")
+    offer, _ = prepare_offer(grid, ref)
+    target = grid.node(1).core
+    target.accept_migration(Subject(grid_pki.alice.dn), offer)
+    assert left_of(grid, ref.key)["pinned"] and target.migrations.get(ref.key).role == "prepared"
+    target.store.update(ref.key, termination=time.time() - 1)
+    target.sweep()
+    assert target.store.get(ref.key).state == "Destroyed"
+    target.sweep()
+    assert {**left_of(grid, ref.key), "instance": None} == NOTHING
+    assert grid.vmm(grid_pki.alice, 0).status(ref).state == "Running"
+    grid.vmm(grid_pki.alice, 0).destroy(ref)
+
+
 def test_vmgrid_vm_migrate_from_the_command_line(grid, grid_pki):
     """`vmgrid vm migrate NAME --to NODE_URL` as the README shows it: the phase table, then the old node says where."""
     import os

@@ -15,6 +15,10 @@ import ast
 import sys
 import threading
 
+import pytest
+
+from services.jobs import tree
+
 AST_PARSE_RACES = (3, 11) <= sys.version_info[:3] < (3, 11, 8)
 
 if AST_PARSE_RACES and not getattr(ast.parse, "vmgrid_one_at_a_time", False):
@@ -27,3 +31,20 @@ if AST_PARSE_RACES and not getattr(ast.parse, "vmgrid_one_at_a_time", False):
 
     _parse_alone.vmgrid_one_at_a_time = True
     ast.parse = _parse_alone
+
+
+@pytest.fixture
+def held_removal(monkeypatch) -> threading.Event:
+    """The trash's remover (services/jobs/tree.py remove_tree) waits until the test sets the event this returns (at
+    most 60 s), then removes as it does: a destroyed job's directory stays in the trash meanwhile. Set again at
+    teardown, so no remover is left waiting."""
+    release = threading.Event()
+    remove = tree.remove_tree
+
+    def held(top):
+        release.wait(60)
+        remove(top)
+
+    monkeypatch.setattr(tree, "remove_tree", held)
+    yield release
+    release.set()

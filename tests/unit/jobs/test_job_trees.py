@@ -8,7 +8,6 @@ import os
 import resource
 import subprocess
 import sys
-import threading
 
 import pytest
 
@@ -114,17 +113,10 @@ def test_destroy_of_a_job_thousands_of_levels_deep_removes_it_all_and_forgets_th
         shut(m)
 
 
-def test_a_destroyed_jobs_directory_counts_for_its_submitter_until_it_is_removed(tmp_path, monkeypatch):
+def test_a_destroyed_jobs_directory_counts_for_its_submitter_until_it_is_removed(tmp_path, held_removal):
     """attack13 H4: Destroy answers before the directory is removed (it is moved aside), and what it still holds
     counts against [jobs] submitter_quota until it is gone: a submit meanwhile is refused, one after is taken."""
-    release = threading.Event()
-    remove = tree.remove_tree
-
-    def held(top):
-        release.wait(60)
-        remove(top)
-
-    monkeypatch.setattr(tree, "remove_tree", held)
+    release = held_removal
     m = manager(tmp_path / "state", submitter_quota=200000, sweep_interval=30)
     try:
         job = m.submit(OWNER, JobSpec(executable=PY, arguments=("-c", "open('out', 'wb').write(b'x' * 210000)")))

@@ -6,7 +6,6 @@ expensive directory takes 5 s of it."""
 from __future__ import annotations
 
 import os
-import threading
 
 import pytest
 
@@ -93,18 +92,11 @@ def test_another_jobs_quota_is_enforced_at_the_next_sweep_while_one_jobs_count_i
         shut(m)
 
 
-def test_an_ended_jobs_directory_and_a_trash_entry_are_counted_again_now_and_then(tmp_path, clock, monkeypatch):
+def test_an_ended_jobs_directory_and_a_trash_entry_are_counted_again_now_and_then(tmp_path, clock, held_removal):
     """attack14 H1: what comes into an ended job's directory after its end (a job of the same submitter writing into
     a file it opened before) counts for her within ENDED_EVERY sweeps, and so does what comes into its directory
     in the trash before it is removed (an ended job's was counted once, a trash entry's too)."""
-    release = threading.Event()
-    remove = tree.remove_tree
-
-    def held(top):
-        release.wait(60)
-        remove(top)
-
-    monkeypatch.setattr(tree, "remove_tree", held)
+    release = held_removal
     m = manager(tmp_path / "state", sweep_interval=3600)
     try:
         m.counts = tree.Counts(m.config.max_files, 1.0)
