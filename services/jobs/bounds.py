@@ -51,8 +51,9 @@ def bound_events(status: dict, spec: dict) -> list[BoundEvent]:
     if isinstance(killed, dict) and _int(killed.get("processes")):
         n, setting, limit = killed["processes"], str(killed.get("setting") or ""), _int(killed.get("bytes"))
         past = f"the jobs' total of {limit}" if setting == "memory_total" else str(limit)
-        events.append(BoundEvent("memory", f"{n} process{'es' if n > 1 else ''} killed past {past} bytes "
-                                           f"([jobs] {setting})", setting or None, limit, processes_killed=n))
+        key = f" ([jobs] {setting})" if setting else ""
+        events.append(BoundEvent("memory", f"{n} process{'es' if n > 1 else ''} killed past {past} bytes{key}",
+                                 setting or None, limit, processes_killed=n))
     elif isinstance(memory, str) and _KILLED.match(memory):     # a supervisor from before memory_killed
         events.append(BoundEvent("memory", memory, processes_killed=int(_KILLED.match(memory).group(1))))
     for resource, setting, prefix in _UNBOUNDED:

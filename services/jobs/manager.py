@@ -22,8 +22,8 @@ from gridftp.filespace import PART_SUFFIX, SIDECAR_SUFFIX, is_internal
 from security.delegation import DelegationError
 from services.faults import (AccessDenied, IllegalTransition, InvalidArgument, LimitExceeded, ResourceUnknown,
                             ServiceUnavailable)
-from services.jobs.config import JobsConfig
 from services.jobs.bounds import BoundEvent, read_bound_events
+from services.jobs.config import JobsConfig
 from services.jobs.files import chown_tree, lock, open_beneath, open_output
 from services.jobs.runner import (Exit, Process, job_environment, memory_cgroups, memory_limit_bytes, network_mode,
                                   pid_namespaces, pids_cgroups, proc_start_time, read_exit, read_supervisor,
