@@ -265,10 +265,21 @@ class Follow:
             self.last = line
 
 
-def ended(info) -> int:
+def bounds_acted(info) -> str:
+    """What the service's bounds did to an ended job (a process the memory bound killed, output dropped), as
+    `; memory: 1 process killed past N bytes ([jobs] memory_limit)` (each), or "" (nothing, or nothing known)."""
+    return "".join(f"; {printable(e.resource)}: {printable(e.description)}"
+                   for e in info.resource_bounds or () if e.acted)
+
+
+def ended(info, bounds_told: bool = False) -> int:
     """The CLI's exit status for an ended job, with its reason and the tail of its standard error (what `job
-    status` shows) on standard error when it did not succeed."""
+    status` shows) on standard error when it did not succeed; a Done job that a bound acted on (its program exited 0
+    after the kernel killed one of its processes) says so there too, unless ``bounds_told`` (`job wait`'s line)."""
     if info.state == "Done":
+        acted = bounds_acted(info)
+        if acted and not bounds_told:
+            print(f"vmgrid: job {printable(info.key)} Done, but {acted[2:]}", file=sys.stderr)
         return 0
     why = info.failure or (f"exit code {info.exit_code}" if info.exit_code is not None else "")
     print(f"vmgrid: job {printable(info.key)} {printable(info.state)}" + (f": {printable(why)}" if why else ""),
@@ -391,7 +402,11 @@ def _info_dict(info) -> dict:
             "terminationTime": info.termination.isoformat() if info.termination else None,
             "staging": info.progress, "directory": info.directory_url,
             "outputs": [{"name": n, "size": s, "sha256": h, "destination": d} for n, s, h, d in info.outputs],
-            "stdoutTail": info.stdout_tail, "stderrTail": info.stderr_tail}
+            "stdoutTail": info.stdout_tail, "stderrTail": info.stderr_tail,
+            "resourceBounds": None if info.resource_bounds is None else [
+                {"resource": e.resource, "setting": e.setting, "bound": e.bound, "processesKilled": e.processes_killed,
+                 "bytesDropped": e.bytes_dropped, "unbounded": e.unbounded, "description": e.description}
+                for e in info.resource_bounds]}
 
 
 def cmd_status(args) -> int:
@@ -406,6 +421,8 @@ def cmd_status(args) -> int:
               "terminationTime", "directory"):
         if d[k] is not None:
             print(f"{k:16} {printable(d[k])}")
+    for e in info.resource_bounds or ():          # what the bounds did: a Done job's killed process too
+        print(f"{printable(e.resource):16} {printable(e.description)}")
     for n, s, h, _ in info.outputs:
         print(f"{'output':16} {printable(n)} {printable(s)} bytes sha256 {printable(h)}")
     for label, tail in (("stdout", info.stdout_tail), ("stderr", info.stderr_tail)):
@@ -423,8 +440,9 @@ def _goes_on(endpoint: str, key: str) -> str:
 def cmd_wait(args) -> int:
     args.interrupt_note = _goes_on(args.endpoint, args.job)
     info = call(connect(args).wait, check_key(args.job), args.timeout, on_update=Follow())
-    print(printable(info.state) if info.exit_code is None else f"{printable(info.state)} (exit code {info.exit_code})")
-    return ended(info)
+    line = printable(info.state) if info.exit_code is None else f"{printable(info.state)} (exit code {info.exit_code})"
+    print(line + bounds_acted(info))
+    return ended(info, bounds_told=True)
 
 
 def _being_cancelled(key: str) -> str:

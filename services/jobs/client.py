@@ -17,6 +17,7 @@ from gridftp import download, upload
 from gridftp.filespace import is_internal
 from services.faults import AccessDenied, InvalidArgument
 from services.jobs import wire
+from services.jobs.bounds import BoundEvent
 from services.jobs.staging import MAX_STAGED, ONCE
 from services.jobs.store import JobSpec, StageIn
 from services.wsrf.epr import EndpointReference
@@ -28,8 +29,8 @@ OUTPUT_NAME = re.compile(r"[A-Za-z0-9_+\-][A-Za-z0-9._+\-]{0,127}(/[A-Za-z0-9_+\
 
 FINAL_STATES = ("Done", "Failed", "Cancelled")
 # properties a job service of an older runtime (a guest image built before them) does not have: a status it
-# refuses for them is asked again without them
-NEWER_PROPERTIES = frozenset({wire.CancelRequested.qname})
+# refuses for one is asked again without the one it named
+NEWER_PROPERTIES = frozenset({wire.CancelRequested.qname, wire.ResourceBounds.qname})
 
 
 class OutputsInTheWay(RuntimeError):
@@ -74,6 +75,9 @@ class JobInfo:
     directory_url: str | None = None
     termination: datetime | None = None
     cancel_requested: bool = False      # a live job's Cancel is being carried out: it ends Cancelled
+    # what the service's bounds did to the job once its program ended (none: nothing); None: nothing known (not
+    # ended yet, no exit status, or a service older than the ResourceBounds property)
+    resource_bounds: list[BoundEvent] | None = None
 
     @classmethod
     def from_properties(cls, key: str, props: etree._Element) -> "JobInfo":
@@ -83,7 +87,7 @@ class JobInfo:
                    wire.StdoutTail.read(props, ""), wire.StderrTail.read(props, ""),
                    wire.StagingProgress.read(props, {}), wire.Outputs.read(props, []),
                    wire.DirectoryURL.read(props), TerminationTime.read(props),
-                   wire.CancelRequested.read(props, False))
+                   wire.CancelRequested.read(props, False), wire.ResourceBounds.read(props))
 
     @property
     def final(self) -> bool:
@@ -229,20 +233,23 @@ class JobClient:
 
     # -- a job ----------------------------------------------------------------------------------------------
     def status(self, key: str) -> JobInfo:
-        """The job's properties. A job service from before NEWER_PROPERTIES (an older guest image) refuses them
-        (InvalidArgument naming one): they are asked again without, and never again of this service, so following a
-        job (:meth:`wait`) costs it no refusal per poll; such a job reads as the property's absence (e.g.
-        ``cancel_requested`` False)."""
-        names = [n for n in wire.JOB_PROPERTIES.names if n != CurrentTime.qname and n not in self._unknown]
-        try:
-            props = self._on(key, "GetMultipleResourceProperties", ResourceProperty=[etree.QName(n) for n in names])
-        except InvalidArgument as exc:
-            if not any(n in str(exc) for n in NEWER_PROPERTIES - self._unknown):
-                raise
-            self._unknown = NEWER_PROPERTIES
-            names = [n for n in names if n not in NEWER_PROPERTIES]
-            props = self._on(key, "GetMultipleResourceProperties", ResourceProperty=[etree.QName(n) for n in names])
-        return JobInfo.from_properties(key, props)
+        """The job's properties. A job service from before one of NEWER_PROPERTIES (an older guest image) refuses it
+        (InvalidArgument naming it): the status is asked again without it, and it is never asked again of this
+        service, so following a job (:meth:`wait`) costs it no refusal per poll; such a job reads as the property's
+        absence (``cancel_requested`` False, ``resource_bounds`` None). The others it knows are still asked (one
+        from between the two has CancelRequested and not ResourceBounds)."""
+        while True:
+            names = [n for n in wire.JOB_PROPERTIES.names if n != CurrentTime.qname and n not in self._unknown]
+            try:
+                props = self._on(key, "GetMultipleResourceProperties",
+                                 ResourceProperty=[etree.QName(n) for n in names])
+            except InvalidArgument as exc:
+                refused = {n for n in NEWER_PROPERTIES - self._unknown if n in str(exc)}
+                if not refused:
+                    raise
+                self._unknown |= refused
+                continue
+            return JobInfo.from_properties(key, props)
 
     def property(self, key: str, qname: str) -> list[etree._Element]:
         return list(self._on(key, "GetResourceProperty", etree.QName(qname)))

@@ -22,6 +22,7 @@ from gridftp.filespace import PART_SUFFIX, SIDECAR_SUFFIX, is_internal
 from security.delegation import DelegationError
 from services.faults import (AccessDenied, IllegalTransition, InvalidArgument, LimitExceeded, ResourceUnknown,
                             ServiceUnavailable)
+from services.jobs.bounds import BoundEvent, read_bound_events
 from services.jobs.config import JobsConfig
 from services.jobs.files import chown_tree, lock, open_beneath, open_output
 from services.jobs.runner import (Exit, Process, job_environment, memory_cgroups, memory_limit_bytes, network_mode,
@@ -752,6 +753,13 @@ class JobManager:
             return _tail_fd(open_beneath(self.jobs_dir / job.key, name), self.config.tail_bytes)[2]
         except OSError:
             return ""
+
+    def resource_bounds(self, job: Job) -> tuple[BoundEvent, ...] | None:
+        """What the service's bounds did to ``job`` (processes the memory bound killed, output dropped past
+        max_output, a bound it ran without), as its supervisor recorded it when the program ended: the job's
+        ResourceBounds property. None while nothing is known (its program has not ended, or left no exit status)."""
+        events = read_bound_events(self.control_dir / job.key)
+        return None if events is None else tuple(events)
 
     def read_log(self, dn: str, name: str, max_bytes: int = 65536) -> tuple[int, bool, str]:
         """The tail of a configured log: (its size, whether the text is only its end, the text)."""

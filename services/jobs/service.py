@@ -91,11 +91,12 @@ class JobService(SoapService):
     def _view(self, ctx: CallContext, job: Job, names: list[str]) -> wire.JobView:
         """What the properties ``names`` (Clark QNames) render for the caller: the output tails are read only when
         asked for, and only for the job's submitter or an admin (AccessDenied otherwise: what a job wrote is not
-        every user's of the service)."""
+        every user's of the service); what the bounds did to the job (ResourceBounds) only when asked for."""
         url = f"{self.transfers.base_url}/jobs/{job.key}/" if self.transfers is not None else None
         tails = {which: self.jobs.tail(ctx.dn, job, which) if prop.qname in names else ""
                  for which, prop in (("stdout", wire.StdoutTail), ("stderr", wire.StderrTail))}
-        return wire.JobView(job, tails["stdout"], tails["stderr"], url)
+        bounds = self.jobs.resource_bounds(job) if wire.ResourceBounds.qname in names else None
+        return wire.JobView(job, tails["stdout"], tails["stderr"], url, bounds)
 
     def _notify(self, job: Job, old: JobState, new: JobState) -> None:
         if self.notifier is None or not self.service_url:

@@ -519,6 +519,9 @@ def main(spec_path: str) -> int:
     if kills:
         past = (f"the jobs' total of {spec['memory_total']}" if cause == "total" else str(spec["memory_limit"]))
         status["memory"] = f"{kills} process{'es' if kills > 1 else ''} killed past {past} bytes"
+        # the same as data, for the service's ResourceBounds property (services/jobs/bounds.py)
+        status["memory_killed"] = {"processes": kills, "setting": f"memory_{cause}",
+                                   "bytes": spec["memory_total"] if cause == "total" else spec["memory_limit"]}
         failure = memory_failure(spec["memory_limit"], status["exit"], kills, spec.get("memory_total", 0), cause)
         if failure is not None and not status.get("error"):
             status["error"] = failure

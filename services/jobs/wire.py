@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from lxml import etree
 
 from services.common.xsdtime import format_datetime, to_datetime
+from services.jobs.bounds import BoundEvent
 from services.jobs.store import Job, JobSpec, StageIn, StageOut
 from services.wsrf.epr import EndpointReference
 from services.wsrf.lifetime import CurrentTime, TerminationTime
@@ -88,6 +89,7 @@ class JobView:
     stdout_tail: str = ""
     stderr_tail: str = ""
     directory_url: str | None = None
+    bounds: tuple[BoundEvent, ...] | None = None      # what the bounds did (ResourceBounds); None: nothing known
 
     @property
     def termination(self) -> float:
@@ -239,6 +241,42 @@ class CancelRequested(ResourceProperty):
         return (el.text or "").strip() in ("true", "1")
 
 
+class ResourceBounds(ResourceProperty):
+    """What the service's bounds on the job's resources did to it (services/jobs/bounds.py), once its program has
+    ended: one event each (none: nothing happened); absent while nothing is known (the program has not ended, or
+    left no exit status). Newer than the rest: a job service before it answers InvalidArgument when asked."""
+    qname = q("ResourceBounds")
+    FIELDS = (("setting", "setting"), ("bound", "bound"), ("processesKilled", "processes_killed"),
+              ("bytesDropped", "bytes_dropped"), ("unbounded", "unbounded"))
+
+    def elements(self, v: JobView):
+        if v.bounds is None:
+            return []
+        el = element(self.qname)
+        for e in v.bounds:
+            event = sub(el, q("event"))
+            sub(event, q("resource"), e.resource)
+            for local, attr in self.FIELDS:
+                if getattr(e, attr) is not None:
+                    sub(event, q(local), xml_text(str(getattr(e, attr))))
+            sub(event, q("description"), xml_text(e.description))
+        return [el]
+
+    @classmethod
+    def parse(cls, el):
+        def number(text):
+            return int(text) if text is not None and text.strip().isdigit() else None
+
+        events = []
+        for e in el.iterfind("job:event", NS):
+            values = {attr: e.findtext(f"job:{local}", namespaces=NS) for local, attr in cls.FIELDS}
+            for attr in ("bound", "processes_killed", "bytes_dropped"):
+                values[attr] = number(values[attr])
+            events.append(BoundEvent(e.findtext("job:resource", default="", namespaces=NS),
+                                     e.findtext("job:description", default="", namespaces=NS), **values))
+        return events
+
+
 class DirectoryURL(ResourceProperty):
     qname = q("DirectoryURL")
 
@@ -248,8 +286,8 @@ class DirectoryURL(ResourceProperty):
 
 JOB_PROPERTIES = PropertySet(
     [State(), Owner(), Executable(), Arguments(), ExitCode(), Failure(), Submitted(), Started(), Ended(),
-     StdoutTail(), StderrTail(), StagingProgress(), Outputs(), DirectoryURL(), CancelRequested(), TerminationTime(),
-     CurrentTime()],
+     StdoutTail(), StderrTail(), StagingProgress(), Outputs(), DirectoryURL(), CancelRequested(), ResourceBounds(),
+     TerminationTime(), CurrentTime()],
     what="a job")
 
 

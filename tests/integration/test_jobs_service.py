@@ -514,10 +514,11 @@ def test_a_job_swapping_a_directory_for_a_link_makes_the_face_read_nothing_outsi
 
 
 class OlderWire:
-    """services.jobs.wire as a job service from before CancelRequested serves it (an older guest image): its
-    property set has no CancelRequested and refuses the name, as any unknown one (counted in ``refused``)."""
+    """services.jobs.wire as a job service from before CancelRequested (and so ResourceBounds) serves it (an older
+    guest image), or from before the properties named in ``lacks`` (wire's class names): its property set has none of
+    them and refuses their names, as any unknown one (counted in ``refused``)."""
 
-    def __init__(self):
+    def __init__(self, lacks: tuple[str, ...] = ("CancelRequested", "ResourceBounds")):
         from services.jobs import wire
         self.wire = wire
         self.refused = []
@@ -530,7 +531,7 @@ class OlderWire:
                 return super().values(resource, qname)
 
         self.JOB_PROPERTIES = Older([p for p in wire.JOB_PROPERTIES.properties
-                                     if not isinstance(p, wire.CancelRequested)], what="a job")
+                                     if type(p).__name__ not in lacks], what="a job")
 
     def __getattr__(self, name):
         return getattr(self.wire, name)
@@ -539,7 +540,8 @@ class OlderWire:
 def test_a_new_client_follows_and_cancels_a_job_on_a_service_from_before_cancel_requested(grid, grid_pki,
                                                                                          monkeypatch):
     """The real service, its properties as an older job service has them: the client's first status is refused
-    for CancelRequested (InvalidArgumentFault naming it) and asked again without it; the client remembers it, so
+    for CancelRequested (InvalidArgumentFault naming it) and asked again without it (then for ResourceBounds, newer
+    still, and again without that); the client remembers them, so
     following the job (wait polls status) and its Cancel cost no second refusal (without that, each poll was
     asked twice and refused once); the job's other properties read as before, CancelRequested as false."""
     older = OlderWire()
@@ -548,13 +550,13 @@ def test_a_new_client_follows_and_cancels_a_job_on_a_service_from_before_cancel_
     key = alice.submit(JobSpec(PY, ("-c", "import time; print('started', flush=True); time.sleep(600)")))
     info = wait_until(lambda: (i := alice.status(key)).stdout_tail == "started\n" and i)
     assert (info.state, info.cancel_requested, info.executable) == ("Active", False, PY)
-    assert older.refused == [f"{{{JOB}}}CancelRequested"]
+    assert older.refused == [f"{{{JOB}}}CancelRequested", f"{{{JOB}}}ResourceBounds"]
     with pytest.raises(InvalidArgument, match="no resource property"):          # the service itself is older
         alice.property(key, f"{{{JOB}}}CancelRequested")
     older.refused.clear()
     alice.cancel(key)
     done = alice.wait(key, timeout=120)
-    assert (done.state, done.cancel_requested) == ("Cancelled", False)
+    assert (done.state, done.cancel_requested, done.resource_bounds) == ("Cancelled", False, None)
     assert {name for name, *_ in done.outputs} == {"stdout", "stderr"}
     assert older.refused == []
 

@@ -15,11 +15,12 @@ from services.jobs.config import JobsConfig
 from tests.fixtures.grid import base_config
 
 # What the clients do, in this order: submit a small job, find it Done with exit code 0 in ListJobs (includeEnded)
-# and read its properties (State, Outputs,
-# CancelRequested: absent), submit a long one and cancel it (CancelRequested while it is being stopped), Cancel it
+# and read its properties (State, Outputs, CancelRequested: absent; ResourceBounds: present with no event, the bounds
+# did nothing to it), submit a long one and cancel it (CancelRequested while it is being stopped), Cancel it
 # again (IllegalTransitionFault), destroy both, then ask for a destroyed job (ResourceUnknownFault) and submit a job
 # the schema refuses (InvalidArgumentFault).
-JOB_STEPS = ["SubmitJob", "State", "ListJobs", "Outputs", "CancelRequestedAfterEnd", "SubmitLongJob", "Cancel",
+JOB_STEPS = ["SubmitJob", "State", "ListJobs", "Outputs", "CancelRequestedAfterEnd", "ResourceBounds", "SubmitLongJob",
+             "Cancel",
              "CancelRequested", "Cancelled", "IllegalTransitionFault", "Destroy", "DestroyLong",
              "ResourceUnknownFault", "InvalidArgumentFault"]
 ECHO = ["/bin/echo", "hello from a job"]
@@ -68,6 +69,7 @@ def check_job_steps(steps: dict[str, dict], detail=lambda s: s["detail"]) -> Non
     # the job's standard output, listed with its size and sha256
     assert f"stdout {len('hello from a job') + 1} {ECHO_SHA256}" in d["Outputs"].split(";")
     assert d["CancelRequestedAfterEnd"] == "absent"
+    assert d["ResourceBounds"] == "0 events"                # known (the program ended): no bound acted on it
     assert d["Cancel"] in ("Cancelled", "Active")            # Active: being stopped, its outputs recorded
     assert d["CancelRequested"] in ("true", "absent")        # absent: Cancelled already
     assert d["Cancelled"] == "Cancelled"

@@ -198,9 +198,9 @@ def test_axis_wss4j_runs_the_contract_signed_and_verifies_every_answer(vm_grid, 
 
 def test_axis_wss4j_runs_the_job_service_signed_and_gets_its_faults_typed(job_service, tmp_path):
     """Stubs WSDL2Java generates from the served jobs.wsdl alone: a job run and its properties (State, Outputs,
-    CancelRequested), a long job cancelled, both destroyed, and IllegalTransitionFault, ResourceUnknownFault and
-    InvalidArgumentFault each caught as its generated exception class; signed with alice's proxy and its chain
-    (X509PKIPathv1, the job:JobKey header signed with the rest), every answer verified by WSS4J."""
+    CancelRequested, ResourceBounds), a long job cancelled, both destroyed, and IllegalTransitionFault,
+    ResourceUnknownFault and InvalidArgumentFault each caught as its generated exception class; signed with alice's
+    proxy and its chain (X509PKIPathv1, the job:JobKey header signed with the rest), every answer verified by WSS4J."""
     pki = job_service.pki
     contract = mirror_contract({"jobs.wsdl": job_service.url + "?wsdl"}, grid_session(pki.cert_dir),
                                tmp_path / "contract")

@@ -137,9 +137,9 @@ def test_gsoap_runs_the_contract_signed_and_verifies_every_answer(vm_grid, tmp_p
 
 def test_gsoap_runs_the_job_service_signed_and_gets_its_faults_typed(job_service, tmp_path):
     """A gSOAP client generated from the served jobs.wsdl alone: a job run and its properties (State, Outputs from
-    the DOM, CancelRequested), a long job cancelled, both destroyed, and IllegalTransitionFault, ResourceUnknownFault
-    and InvalidArgumentFault each deserialized into its typed detail member; signed with alice's proxy and its chain
-    (the job:JobKey header signed too), every answer verified."""
+    the DOM, CancelRequested, ResourceBounds), a long job cancelled, both destroyed, and IllegalTransitionFault,
+    ResourceUnknownFault and InvalidArgumentFault each deserialized into its typed detail member; signed with alice's
+    proxy and its chain (the job:JobKey header signed too), every answer verified."""
     pki = job_service.pki
     contract = mirror_contract({"jobs.wsdl": job_service.url + "?wsdl"}, grid_session(pki.cert_dir),
                                tmp_path / "contract")

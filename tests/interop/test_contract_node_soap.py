@@ -123,9 +123,9 @@ def test_node_soap_runs_the_contract_signed_and_verifies_every_answer(vm_grid, t
 
 def test_node_soap_runs_the_job_service_signed_and_gets_its_faults_typed(job_service, tmp_path):
     """The job service as a scientist uses it, from its served WSDL: a job run and its properties (State, Outputs,
-    CancelRequested), a long job cancelled, both destroyed, and IllegalTransitionFault, ResourceUnknownFault and
-    InvalidArgumentFault each in the fault's detail; every answer verified. Signed with alice's proxy and its chain
-    (the job:JobKey header signed too)."""
+    CancelRequested, ResourceBounds), a long job cancelled, both destroyed, and IllegalTransitionFault,
+    ResourceUnknownFault and InvalidArgumentFault each in the fault's detail; every answer verified. Signed with alice's
+    proxy and its chain (the job:JobKey header signed too)."""
     modules = node_soap()
     pki = job_service.pki
     proxy = pki.alice.proxy

@@ -93,6 +93,10 @@ def test_a_job_past_its_memory_limit_is_failed_out_of_memory_in_the_guest(seen):
     assert st["failure"].startswith("the program was killed by the kernel, out of memory: the job used more than its "
                                     "memory limit of "), st["failure"]
     assert "survived" not in st["stdoutTail"]
+    # its ResourceBounds (cgroup v2 here): what the memory bound did, the bound and the key that set it
+    [memory] = [e for e in st["resourceBounds"] if e["resource"] == "memory"]
+    assert memory["setting"] == "memory_limit" and memory["processesKilled"] >= 1, st["resourceBounds"]
+    assert str(memory["bound"]) in st["failure"], (memory, st["failure"])
 
 
 def test_a_job_reaches_its_directory_by_path_and_has_posix_shared_memory(seen):

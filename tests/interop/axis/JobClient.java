@@ -67,6 +67,13 @@ public final class JobClient {
             return out.toString();
         });
         step("CancelRequestedAfterEnd", () -> optional(property(done[0], "CancelRequested")));
+        step("ResourceBounds", () -> {
+            MessageElement[] bounds = property(done[0], "ResourceBounds");
+            if (bounds.length == 0) {
+                return "absent";
+            }
+            return (bounds[0].getChildren() == null ? 0 : children(bounds[0], "event").size()) + " events";
+        });
         final String[] running = new String[1];
         step("SubmitLongJob", () -> {
             running[0] = submit(config.getProperty("long").split("\\|"));

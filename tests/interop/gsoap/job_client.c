@@ -272,6 +272,13 @@ int main(int argc, char **argv)
   report(soap, "Outputs", ok && el, outputs);
   el = property(soap, done_key, "CancelRequested", &ok);
   report(soap, "CancelRequestedAfterEnd", ok, el ? el->text : "absent");
+  el = property(soap, done_key, "ResourceBounds", &ok);
+  i = 0;
+  for (file = el ? el->elts : NULL; file; file = file->next)
+    if (file->name && !strcmp(local(file->name), "event"))
+      i++;
+  snprintf(outputs, sizeof(outputs), "%d events", i);
+  report(soap, "ResourceBounds", ok, el ? outputs : "absent");
 
   if (!(long_key = submit(soap, "SubmitLongJob", 3, sleeper)))
     return 1;

@@ -262,6 +262,10 @@ async function jobs() {
     const found = await property(echo, 'CancelRequested');
     return found.length ? found[0].textContent : 'absent';
   });
+  await step('ResourceBounds', async () => {
+    const found = await property(echo, 'ResourceBounds');
+    return found.length ? `${found[0].getElementsByTagNameNS(JOB, 'event').length} events` : 'absent';
+  });
   const long = await step('SubmitLongJob', () => submit(config.long));
   await until(long, 'Active');
   await step('Cancel', async () => {
