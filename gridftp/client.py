@@ -26,6 +26,11 @@ if TYPE_CHECKING:       # the TLS and GSI modules (ssl, cryptography, pyOpenSSL)
     from .tls import Credential, DataTLS, TLSConfig
 
 CONTROL_TIMEOUT = 60.0
+# gsi=GSI_FALLBACK: AUTH TLS, then AUTH GSSAPI if the server refuses AUTH TLS with 504 (what a gsiftp:// URL of
+# anyone's server needs: a job service's stage-ins and stage-outs, services/jobs/staging.py)
+GSI_FALLBACK = "fallback"
+# after a 504 to AUTH TLS without GSI: what the server most likely is (trial15 X12)
+GSI_HINT = " (a GSI-only server, e.g. globus-gridftp-server: add --gsi)"
 
 
 class GridFTPURL(namedtuple("GridFTPURL", "scheme host port path")):
@@ -126,7 +131,9 @@ class GridFTPClient:
     long path); their replies are in :attr:`prelude_replies`.
     ``gsi``: authenticate with ``AUTH GSSAPI`` (the Globus GSI mechanism, as globus-url-copy does:
     a proxy is delegated to the server, every command is wrapped) instead of AUTH TLS; needed for a
-    Globus server. ``data_protection_level``: with GSI, ``P`` (default), ``S`` or ``C``, always with
+    Globus server. ``gsi=GSI_FALLBACK``: AUTH TLS, and AUTH GSSAPI on the same connection when the server
+    refuses AUTH TLS with 504 (a GSI-only server, e.g. globus-gridftp-server): no weaker than either, as both
+    authenticate the server by the same check (``server_dn``, else its host certificate, and ``refuse_server``). ``data_protection_level``: with GSI, ``P`` (default), ``S`` or ``C``, always with
     ``DCAU A``. ``refuse_server(dn) -> bool``: a server whose authenticated DN it returns True for is
     refused (:class:`AuthenticationError`) before any command: e.g. a VMManager refuses guests' certificates.
     """
@@ -143,7 +150,8 @@ class GridFTPClient:
         self.expected_server_dn = server_dn
         self.refuse_server = refuse_server
         self.tls: TLSConfig | None = None
-        self.gsi = gsi and self.url.secure
+        self.gsi = gsi is True and self.url.secure
+        self.gsi_fallback = gsi == GSI_FALLBACK and self.url.secure
         self.gss: GSIContext | None = None
         self.prot = data_protection_level.upper()
         if self.prot not in ("C", "S", "P"):
@@ -185,6 +193,8 @@ class GridFTPClient:
                 greeting = self.read_reply()
             if greeting.code != 220:
                 raise reply_error("(greeting)", greeting.code, greeting.text)
+            if not self.gsi and self.tls is not None and not self._auth_tls():
+                self.gsi = True         # refused with 504, and GSI_FALLBACK: a GSI-only server
             if self.gsi:
                 self._auth_gssapi()
                 login = ["USER :globus-mapping:", "PASS dummy", "PBSZ 1048576", f"PROT {self.prot}", "DCAU A"]
@@ -198,7 +208,6 @@ class GridFTPClient:
                 self.expect_ok(replies[2:5], login[2:])
                 self.prelude_replies = replies[5:]
             elif self.tls is not None:
-                self._auth_tls()
                 try:
                     replies = self.pipeline(["PBSZ 0", "PROT P", "USER :globus-mapping:", *self.prelude])
                 except TransferError as exc:
@@ -224,10 +233,15 @@ class GridFTPClient:
             raise
         return self
 
-    def _auth_tls(self) -> None:
+    def _auth_tls(self) -> bool:
+        """AUTH TLS and the server's check; False (nothing done) when the server refused it with 504 and
+        ``gsi=GSI_FALLBACK`` lets AUTH GSSAPI follow."""
         reply = self.command("AUTH TLS")
+        if reply.code == 504 and self.gsi_fallback:
+            return False
         if reply.code != 234:
-            raise AuthenticationError(f"server refused AUTH TLS: {reply.code} {reply.text}")
+            hint = GSI_HINT if reply.code == 504 else ""
+            raise AuthenticationError(f"server refused AUTH TLS: {reply.code} {reply.text}{hint}")
         try:
             sock = self.control.start_tls(self.tls.client_context, server_side=False)
         except OSError as exc:          # ssl.SSLError is an OSError
@@ -241,6 +255,7 @@ class GridFTPClient:
             if why is not None:
                 raise AuthenticationError(why)
         self._check_refused()
+        return True
 
     def _check_refused(self) -> None:
         if self.refuse_server is not None and self.refuse_server(self.server_dn or ""):

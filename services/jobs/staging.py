@@ -1,8 +1,9 @@
 """Files in and out of a job's directory over GridFTP, and the job service's own GridFTP face.
 
 Stage-in sources are gsiftp:// or ftp:// URLs (gsiftp:// fetched as the job's submitter, with the proxy they
-delegated to this service at submit, never with the service's own credential; verified by sha256: the one the client
-gave, else the source's own CKSM) or ``staged:NAME``, a file the job's
+delegated to this service at submit, never with the service's own credential, over AUTH TLS or, at a GSI-only
+server such as globus-gridftp-server (AUTH TLS refused with 504), AUTH GSSAPI, as globus-url-copy would; verified by
+sha256: the one the client gave, else the source's own CKSM) or ``staged:NAME``, a file the job's
 owner put into their staging area on this service's face. Outputs are hashed once they are final
 and sent to their destination URLs verified the same way; the job's submitter and the VO's admins (only they) can
 also read them from the face at /jobs/<key>/<name>.
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from gridftp import download, upload
+from gridftp.client import GSI_FALLBACK
 from gridftp.transfer import TooLarge
 from gridftp.face import GridFTPFace
 from gridftp.checksum import hash_file
@@ -111,7 +113,8 @@ class Stager:
                 raise StagingError(f"{source}: no delegated proxy of {owner} to fetch it with")
             try:
                 result = download(source, dest, self.parallel, credential=credential, trust=self.trust,
-                                  sha256=sha256, progress=lambda done, total: progress(done), max_size=room)
+                                  gsi=GSI_FALLBACK, sha256=sha256, progress=lambda done, total: progress(done),
+                                  max_size=room)
             except TooLarge:
                 raise over_quota(source, room) from None
             except (GridFTPError, OSError) as exc:
@@ -137,7 +140,8 @@ class Stager:
         if as_submitter(destination) and credential is None:
             raise StagingError(f"{destination}: no delegated proxy of the submitter's to send it with")
         try:
-            upload(src, destination, self.parallel, credential=credential, trust=self.trust, sha256=sha256,
+            upload(src, destination, self.parallel, credential=credential, trust=self.trust, gsi=GSI_FALLBACK,
+                   sha256=sha256,
                    progress=lambda done, total: progress(done), state_dir=self.staging_dir.parent / "restart")
         except (GridFTPError, OSError) as exc:
             raise StagingError(f"{destination}: {exc}") from None
