@@ -460,6 +460,12 @@ def check_sections(name: str, config: Config) -> None:
     check_state_dir(c.state_dir, f"[container] state_dir = {c.state_dir!r}")
     if c.public_url:
         check_public_url(c.public_url)
+        if c.tls and c.public_url.lower().startswith("http://"):
+            # an http:// address of a container that serves https: every client was sent to it and refused
+            # (wsa:DestinationUnreachable, or the connection closed) (trial15 X3); https:// in front of a plain
+            # container (a proxy ending TLS) stays possible
+            raise ValueError(f"[container] public_url = {c.public_url!r}: an http:// URL, but this container "
+                             f"serves https ([container] tls = true): give https://, or set tls = false")
     if name in ("repository", "vmmanager"):            # the services that enforce a policy
         check_numbers("enforcement", config.enforcement)
         if config.enforcement.authz_url:

@@ -84,6 +84,10 @@ def serve(tmp_path, text: str, *extra: str, service: str = "vmmanager") -> subpr
      "n3.toml: [vmmanager] lease_range = '10.99.0.10-10.99.0.250': the default, not inside [vmmanager] network "
      "10.99.0.0/30: set lease_range with network (expected \"FIRST-LAST\", host addresses of 10.99.0.0/30 in "
      "order, e.g. \"10.99.0.2-10.99.0.2\")"),
+    # an http:// public URL of a container serving https: every call was refused (trial15 X3)
+    (("container", "public_url"), '"http://localhost:8443"',
+     "n3.toml: [container] public_url = 'http://localhost:8443': an http:// URL, but this container serves https "
+     "([container] tls = true): give https://, or set tls = false"),
     # a header bound no SOAP request fits: every call was HTTP 431, nothing logged (trial15 X10)
     (("container.limits", "max_header_bytes"), "10",
      "n3.toml: [container.limits] max_header_bytes = 10: bytes, 4096 or more"),
