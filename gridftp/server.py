@@ -71,8 +71,10 @@ _RANGE_FULL = {"logged": -1e9, "since": 0}     # the last warning of a full data
 # sends its RETR/STOR within a round trip of the 227/229 (vmgrid's and globus-url-copy alike), so only a session
 # holding ports of the data port range waits longer (attack15 H4); the data command's own wait is accept_timeout
 PASSIVE_WAIT = 10.0
-# the passive data ports one identity may hold at once across its sessions with no data connection reached yet
+# the passive data ports one identity may hold at once across its sessions with no data connection reached yet; a
+# PASV past them waits up to PASSIVE_GRACE seconds for one of them to be reached before it is refused
 PASSIVE_PER_IDENTITY = 2
+PASSIVE_GRACE = 2.0
 
 
 def _warn_range_full(what: str) -> None:
@@ -231,9 +233,9 @@ class GridFTPServer:
     their next command within a round trip, so only a session held open waits that long.
     Passive data ports (PASV/EPSV/SPAS), each a port of the data port range (``GLOBUS_TCP_PORT_RANGE``, ``[gridftp]
     data_ports``): one identity (not a host's) may hold at most ``passive_per_identity`` (default 2) across its
-    sessions that no data connection has reached yet (a further one is refused 425 naming the bound), and one that
-    no data command takes up within ``passive_wait`` seconds (default 10; 0: never) is closed, so that one user
-    cannot hold a narrow range and turn the others' uploads away (attack15 H4).
+    sessions that no data connection has reached yet (a further one, after :data:`PASSIVE_GRACE`, is refused 425
+    naming the bound), and one that no data command takes up within ``passive_wait`` seconds (default 10; 0: never)
+    is closed, so that one user cannot hold a narrow range and turn the others' uploads away (attack15 H4).
     """
 
     def __init__(self, root_or_vfs: str | os.PathLike | FileSpace, host: str = "127.0.0.1", port: int = 0,
@@ -464,18 +466,24 @@ class GridFTPServer:
     def passive_room(self, session: "_Session") -> str | None:
         """Reserve a passive data port for ``session`` (its :attr:`_DataSetup.unreached`) unless its identity holds
         ``passive_per_identity`` already that no data connection has reached, across its sessions; else the 425 text
-        naming the bound. Host identities (nodes, services) and anonymous sessions (bounded per address) are not
-        counted."""
-        with self._lock:
-            dn = session.dn
-            if dn is not None and not self.host_identity(dn):
-                held = sum(1 for s in self._sessions if s is not session and s.dn == dn and s.data.unreached)
-                if held >= self.passive_per_identity:
-                    return (f"Cannot open a passive data port: {dn} holds {held} already that no data connection has "
-                            f"reached, at most {self.passive_per_identity} per identity across its sessions: use "
-                            f"them (send the data command) or end those sessions first.")
-            session.data.unreached = True
-        return None
+        naming the bound. At the bound it waits up to :data:`PASSIVE_GRACE` seconds for one of them to be reached
+        first: a client's concurrent transfers (globus-url-copy -cc) each hold theirs for a round trip only. Host
+        identities (nodes, services) and anonymous sessions (bounded per address) are not counted."""
+        deadline = time.monotonic() + PASSIVE_GRACE
+        while True:
+            with self._lock:
+                dn = session.dn
+                held = 0
+                if dn is not None and not self.host_identity(dn):
+                    held = sum(1 for s in self._sessions if s is not session and s.dn == dn and s.data.unreached)
+                if held < self.passive_per_identity:
+                    session.data.unreached = True
+                    return None
+            if time.monotonic() >= deadline or self._stopping.is_set():
+                return (f"Cannot open a passive data port: {dn} holds {held} already that no data connection has "
+                        f"reached, at most {self.passive_per_identity} per identity across its sessions: use them "
+                        f"(send the data command) or end those sessions first.")
+            time.sleep(0.05)
 
     def _forget(self, session: "_Session") -> None:
         with self._lock:
