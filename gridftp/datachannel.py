@@ -206,16 +206,22 @@ PORT_RANGE_ENV = "GLOBUS_TCP_PORT_RANGE"
 PORT_RANGE_FORM = "expected LOW,HIGH, two ports 1 to 65535 in order (e.g. 50000,51000)"   # what a bad range is told
 
 
+_BLANK = " \t\r\n"       # what may stand around the range and its ports (ASCII: no other blank)
+
+
 def parse_port_range(text: str, what: str = PORT_RANGE_ENV) -> tuple[int, int] | None:
     """``"LOW,HIGH"`` or ``"LOW-HIGH"`` (1 to 65535, LOW <= HIGH) as a pair; ``""`` is None (any port); anything else
-    a ValueError naming ``what`` and the form."""
-    text = text.strip()
+    a ValueError naming ``what`` and the form. A port is ASCII digits only: not what Python's ``int`` takes besides
+    (``"5_0"``, ``"+5"``, other scripts' digits), which the Globus tools reading the same variable would not."""
+    text = text.strip(_BLANK)
     if not text:
         return None
     low, sep, high = text.replace("-", ",", 1).partition(",")
+    low, high = low.strip(_BLANK), high.strip(_BLANK)
+    digits = bool(sep) and all(part.isascii() and part.isdigit() for part in (low, high))
     try:
-        pair = (int(low), int(high)) if sep else None
-    except ValueError:
+        pair = (int(low), int(high)) if digits else None
+    except ValueError:      # thousands of digits
         pair = None
     if pair is None or not 1 <= pair[0] <= pair[1] <= 65535:
         raise ValueError(f"{what}={text!r}: {PORT_RANGE_FORM}")

@@ -67,6 +67,14 @@ DATA_VERBS = {"RETR", "ERET", "STOR", "ESTO", "LIST", "NLST", "MLSD"}
 WORK_VERBS = DATA_VERBS | {"CKSM"}
 _HOST_DN = re.compile(r"/CN=host/[^/=]+$")
 _RANGE_FULL = {"logged": -1e9, "since": 0}     # the last warning of a full data port range, passive opens refused since
+# a passive data port (PASV/EPSV/SPAS) no data command has taken up within this many seconds is closed: a client
+# sends its RETR/STOR within a round trip of the 227/229 (vmgrid's and globus-url-copy alike), so only a session
+# holding ports of the data port range waits longer (attack15 H4); the data command's own wait is accept_timeout
+PASSIVE_WAIT = 10.0
+# the passive data ports one identity may hold at once across its sessions with no data connection reached yet; a
+# PASV past them waits up to PASSIVE_GRACE seconds for one of them to be reached before it is refused
+PASSIVE_PER_IDENTITY = 2
+PASSIVE_GRACE = 2.0
 
 
 def _warn_range_full(what: str) -> None:
@@ -223,6 +231,11 @@ class GridFTPServer:
     A logged-in session with no transfer (a data command or a CKSM) for ``transfer_idle_timeout`` seconds (default
     60; 0: only ``idle_timeout``) is closed (421), NOOPs notwithstanding: vmgrid's clients and globus-url-copy send
     their next command within a round trip, so only a session held open waits that long.
+    Passive data ports (PASV/EPSV/SPAS), each a port of the data port range (``GLOBUS_TCP_PORT_RANGE``, ``[gridftp]
+    data_ports``): one identity (not a host's) may hold at most ``passive_per_identity`` (default 2) across its
+    sessions that no data connection has reached yet (a further one, after :data:`PASSIVE_GRACE`, is refused 425
+    naming the bound), and one that no data command takes up within ``passive_wait`` seconds (default 10; 0: never)
+    is closed, so that one user cannot hold a narrow range and turn the others' uploads away (attack15 H4).
     """
 
     def __init__(self, root_or_vfs: str | os.PathLike | FileSpace, host: str = "127.0.0.1", port: int = 0,
@@ -239,6 +252,7 @@ class GridFTPServer:
                  identify: Callable[[ssl.SSLSocket], str] | None = None,
                  data_peers: Iterable[str] = (), accept_timeout: float = ACCEPT_TIMEOUT, gsi: bool = True,
                  gridmap: str | os.PathLike | set[str] | None = None, accept_limited_proxies: bool = True,
+                 passive_per_identity: int = PASSIVE_PER_IDENTITY, passive_wait: float = PASSIVE_WAIT,
                  banner: str = "vmgrid GridFTP server ready."):
         check_session_limits(dict(max_sessions=max_sessions, max_sessions_per_identity=max_sessions_per_identity,
                                   max_sessions_per_address=max_sessions_per_address, host_sessions=host_sessions,
@@ -281,6 +295,8 @@ class GridFTPServer:
         self.gridmap = (None if gridmap is None else DNSet(gridmap) if isinstance(gridmap, (set, frozenset))
                         else GridMap(gridmap))
         self.accept_limited_proxies = accept_limited_proxies
+        self.passive_per_identity = max(1, passive_per_identity)
+        self.passive_wait = passive_wait
         self.checksums = _ChecksumCache()
         self._listener: socket.socket | None = None
         self._thread: threading.Thread | None = None
@@ -447,6 +463,28 @@ class GridFTPServer:
             session.logged_in = True
         return None
 
+    def passive_room(self, session: "_Session") -> str | None:
+        """Reserve a passive data port for ``session`` (its :attr:`_DataSetup.unreached`) unless its identity holds
+        ``passive_per_identity`` already that no data connection has reached, across its sessions; else the 425 text
+        naming the bound. At the bound it waits up to :data:`PASSIVE_GRACE` seconds for one of them to be reached
+        first: a client's concurrent transfers (globus-url-copy -cc) each hold theirs for a round trip only. Host
+        identities (nodes, services) and anonymous sessions (bounded per address) are not counted."""
+        deadline = time.monotonic() + PASSIVE_GRACE
+        while True:
+            with self._lock:
+                dn = session.dn
+                held = 0
+                if dn is not None and not self.host_identity(dn):
+                    held = sum(1 for s in self._sessions if s is not session and s.dn == dn and s.data.unreached)
+                if held < self.passive_per_identity:
+                    session.data.unreached = True
+                    return None
+            if time.monotonic() >= deadline or self._stopping.is_set():
+                return (f"Cannot open a passive data port: {dn} holds {held} already that no data connection has "
+                        f"reached, at most {self.passive_per_identity} per identity across its sessions: use them "
+                        f"(send the data command) or end those sessions first.")
+            time.sleep(0.05)
+
     def _forget(self, session: "_Session") -> None:
         with self._lock:
             self._sessions.discard(session)
@@ -580,7 +618,13 @@ class _DataSetup:
     cached: list[socket.socket] = field(default_factory=list)       # kept from the last transfer
     purpose: tuple | None = None                                    # ("send" or "recv", security) they serve
     claimed: list[socket.socket] = field(default_factory=list)      # taken by the transfer starting
+    # a passive listener no data connection has reached yet (reserved before it is opened: counted per identity by
+    # GridFTPServer.passive_room); ``engaged``: a data command waits on it (its accept_timeout bounds the wait)
+    unreached: bool = False
+    engaged: bool = False
+    closed_why: str | None = None       # why PASSIVE_WAIT closed the passive listener: told to the next data command
     _timer: threading.Timer | None = None
+    _passive_timer: threading.Timer | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def clear(self) -> None:
@@ -588,8 +632,49 @@ class _DataSetup:
             self._stop_timer()
             dropped = self._drop()
             passive, self.passive, self.active = self.passive, [], []
+            self._stop_passive()
         dropped()
         close_all(passive)
+
+    def _stop_passive(self) -> None:
+        """(Under the lock.) No passive listener waits for its first connection any more."""
+        self.unreached = self.engaged = False
+        if self._passive_timer is not None:
+            self._passive_timer.cancel()
+            self._passive_timer = None
+
+    def listen(self, listener: socket.socket, wait: float) -> None:
+        """``listener`` is the session's passive data port (PASV/EPSV/SPAS), reserved by :attr:`unreached`: closed
+        when no data command has taken it up within ``wait`` seconds (0: never)."""
+        with self._lock:
+            self.passive, self.closed_why = [listener], None
+            if wait > 0:
+                timer = threading.Timer(wait, lambda: self._unused(listener, wait))
+                timer.daemon = True
+                self._passive_timer = timer
+                timer.start()
+
+    def _unused(self, listener: socket.socket, wait: float) -> None:
+        with self._lock:
+            if self.passive != [listener] or not self.unreached or self.engaged:
+                return
+            self.passive = []
+            self._stop_passive()
+            self.closed_why = (f"the passive data port was closed: no data command took it up within {wait:g} s of "
+                               f"the PASV or EPSV")
+        log.info("closed a passive data port no data command took up within %.0f s", wait)
+        shutdown_listener(listener)
+
+    def engage(self) -> None:
+        """A data command takes up the passive listener: :attr:`PASSIVE_WAIT` closes it no more."""
+        with self._lock:
+            if self.passive:
+                self.engaged = True
+
+    def reached(self) -> None:
+        """The passive listener's first data connection arrived: it holds a port of the range for a transfer now."""
+        with self._lock:
+            self._stop_passive()
 
     def _stop_timer(self) -> None:
         if self._timer is not None:
@@ -1430,21 +1515,32 @@ class _Session:
 
     # -- data connection set-up (RFC 959, RFC 2428, GFD.20) -------------------------------------------------
     def _listen(self) -> socket.socket:
+        """A passive data port for this session (the one it had closed first), within the identity's bound on
+        ports no data connection has reached (:meth:`GridFTPServer.passive_room`); closed if no data command takes
+        it up within ``passive_wait`` seconds."""
         self.data.clear()
+        why = self.server.passive_room(self)
+        if why is not None:
+            log.info("session %s (%s): passive data port refused: %d per identity held", self.peer, self.dn,
+                     self.server.passive_per_identity)
+            raise _Reply(425, why)
         try:
-            return open_listener(self.local_host, self.sbuf)
+            listener = open_listener(self.local_host, self.sbuf)
         except NoFreeDataPort as exc:       # the operator's to widen: in the log, and said so to the client
+            self.data.clear()
             _warn_range_full(exc.strerror)
             raise _Reply(425, f"Cannot open a passive data port: {exc.strerror}, all in use: the server's operator "
                               f"can widen the range.") from None
         except OSError as exc:
+            self.data.clear()
             raise _Reply(425, f"Cannot open a passive data port: {exc.strerror}.") from None
+        self.data.listen(listener, self.server.passive_wait)
+        return listener
 
     def cmd_PASV(self, arg: str):
         if ":" in self.local_host and not self.local_host.startswith("::ffff:"):
             raise _Reply(425, "Use EPSV on IPv6.")
         listener = self._listen()
-        self.data.passive = [listener]
         self.reply(227, f"Entering Passive Mode ({format_host_port(self.local_host, listener.getsockname()[1])})")
 
     def cmd_EPSV(self, arg: str):
@@ -1452,14 +1548,12 @@ class _Session:
             self.reply(200, "EPSV ALL ok.")
             return
         listener = self._listen()
-        self.data.passive = [listener]
         self.reply(229, f"Entering Extended Passive Mode (|||{listener.getsockname()[1]}|)")
 
     def cmd_SPAS(self, arg: str):
         if self.mode != "E":
             raise _Reply(503, "SPAS needs MODE E.")
         listener = self._listen()
-        self.data.passive = [listener]
         self.reply(229, ["Entering Striped Passive Mode",
                          format_host_port(self.local_host, listener.getsockname()[1]), "End"])
 
@@ -1509,14 +1603,18 @@ class _Session:
 
     def _need_data(self, sending: bool) -> None:
         self._completed = False
+        self.data.engage()      # from here on the transfer's accept_timeout bounds the passive listener's wait
+        closed = self.data.closed_why       # PASSIVE_WAIT closed it: said so rather than "send PASV" alone
         if self.mode == "E":
             self.data.take(self._data_purpose(sending))
             if sending and not self.data.active:
                 raise _Reply(503, "In MODE E the sender opens the data connections: send PORT or SPOR first.")
             if not sending and not self.data.passive:
-                raise _Reply(503, "In MODE E the receiver listens: send PASV or SPAS first.")
+                raise _Reply(503, f"In MODE E the receiver listens: {closed + '; ' if closed else ''}send PASV or "
+                                  f"SPAS first.")
         elif not self.data.active and not self.data.passive:
-            raise _Reply(425, "Send PORT or PASV first.")
+            raise _Reply(425, f"{closed[0].upper()}{closed[1:]}; send PORT or PASV again." if closed else
+                         "Send PORT or PASV first.")
 
     def _wait(self, done: Callable[[float], bool], on_tick: Callable[[], None], cancel: Callable[[], None]) -> bool:
         """Wait for a transfer while answering markers and ABOR; False if aborted."""
@@ -1709,6 +1807,7 @@ class _Session:
             else:
                 sock = accept_one(self.data.passive[0], protection=protection, allow=self._data_allow(protection),
                                   timeout=self.server.accept_timeout, what=f"session {self.peer} ({self.dn})")
+                self.data.reached()
             holder.append(sock)
             move(sock)
 
@@ -1889,7 +1988,8 @@ class _Session:
             receiver.add_connection(sock, reused=True)
         listener = self.data.passive[0]     # still open: the sender may add connections
         acceptor = accept_connections(listener, receiver, protection=protection, allow=self._data_allow(protection),
-                                      timeout=self.server.accept_timeout, what=f"session {self.peer} ({self.dn})")
+                                      timeout=self.server.accept_timeout, on_first=self.data.reached,
+                                      what=f"session {self.peer} ({self.dn})")
         partial = sink if isinstance(sink, PartialFile) else None
 
         def markers() -> None:

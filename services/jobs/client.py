@@ -186,6 +186,24 @@ class JobClient:
                 f"the service's own GridFTP face, and `vmgrid job get` fetches its outputs), or ask whoever runs "
                 f"it (for a VM's, its owner: a newer image) for a newer vmgrid")
 
+    def limited_proxy_refusal(self, key: str | None = None) -> str:
+        """What the user reads when the service refused the limited proxy lent for a job's gsiftp:// files
+        (AccessDenied, rule limited-proxy) at submit, or at a refresh of job ``key``. A job service of an older vmgrid
+        did so for a gsiftp:// stage-out and took a full proxy; so may one whose runner (a VM's owner, root in her
+        guest, with its key) wants one of the user's: a full proxy is every grid action as the user until it expires
+        (a VO admin's: the VO's images, the policy), so it is never lent on the service's word (attack15 H1)."""
+        head = (f"the job service at {self.service.url} refused the limited proxy vmgrid lends a job for its gsiftp:// "
+                f"files (AccessDenied, rule limited-proxy: an older vmgrid asks a full one for a gsiftp:// stage-out), "
+                f"and vmgrid lends a job service no full proxy (whoever runs it could act as you with one)")
+        if key is None:
+            return (f"{head}, so no job was submitted; give the job local files instead (--stage-in FILE goes "
+                    f"through the service's own GridFTP face; --stage-out NAME keeps an output in the job's directory: "
+                    f"`vmgrid job get` fetches it, `vmgrid transfer` sends it on), or ask whoever runs the service "
+                    f"(for a VM's, its owner: a newer image) for a newer vmgrid")
+        return (f"{head}, so job {key} keeps the proxy it has; an output it cannot send stays in its directory "
+                f"(`vmgrid job get` fetches it), or ask whoever runs the service (for a VM's, its owner: a newer "
+                f"image) for a newer vmgrid")
+
     def submit(self, spec: JobSpec) -> str:
         """Submit; returns the job's key (its EPR is the service's address and the key). A job with a gsiftp://
         stage-in or stage-out carries a proxy of this client's credential delegated to the service (issued for the key
@@ -193,10 +211,11 @@ class JobClient:
         user, never as itself. The proxy lives as long as the job asks to (else the most a service takes, 12 h), never
         past the credential it is made from. It is limited (it moves data, it starts nothing: whoever holds the
         service's key, such as a guest's root, cannot run a job or deploy a VM with it): a GridFTP server takes a
-        limited proxy for stage-outs as for stage-ins. A job service of an older vmgrid took a full one only for a
-        gsiftp:// stage-out (AccessDenied, rule limited-proxy): it is sent a full one then, as it was before. One
-        older still takes no proxy at all: a job with a gsiftp:// file is not submitted to it
-        (:class:`OlderJobService`, :meth:`older_service_refusal` says why)."""
+        limited proxy for stage-outs as for stage-ins. A full one is never lent, whatever the service answers: one
+        that refuses the limited one (AccessDenied, rule limited-proxy: an older vmgrid's, for a gsiftp:// stage-out,
+        or one whose runner wants a full proxy of the user) gets no job (:class:`OlderJobService`,
+        :meth:`limited_proxy_refusal` says why and what to do; attack15 H1). One older still takes no proxy at all: a
+        job with a gsiftp:// file is not submitted to it (:meth:`older_service_refusal` says why)."""
         why = self.older_service_refusal([s.source for s in spec.stage_in] +
                                          [s.destination or "" for s in spec.stage_out])
         if why is not None:
@@ -216,10 +235,9 @@ class JobClient:
             try:
                 resp = self.service.call("SubmitJob", **kwargs)
             except AccessDenied as exc:
-                if exc.rule != "limited-proxy" or self.service.credential.limited:
+                if exc.rule != "limited-proxy":
                     raise
-                kwargs["delegatedProxy"] = delegate(self.service.credential, service, lifetime=lifetime).decode()
-                resp = self.service.call("SubmitJob", **kwargs)
+                raise OlderJobService(self.limited_proxy_refusal()) from None     # never a full one on its word
         epr = EndpointReference.from_element(resp.find("job:Job/wsa:EndpointReference", wire.NS))
         return epr.parameter(wire.KEY_TAG)
 
@@ -264,8 +282,8 @@ class JobClient:
         globus-job-refresh-credentials), replacing the one it keeps; when the new one expires. It lives ``lifetime``
         seconds (never past the job's termination time: a longer one is cut there), else until the job's termination
         time; at most the 12 h a service takes, never past the credential it is made from. Limited, as :meth:`submit`
-        delegates it (a job service of an older vmgrid refuses a limited one for a job that sends a gsiftp://
-        stage-out: a full one is delegated then)."""
+        delegates it; a service refusing it (AccessDenied, rule limited-proxy) is lent no full one
+        (:class:`OlderJobService`, :meth:`limited_proxy_refusal`)."""
         from datetime import timedelta, timezone
 
         from security.delegation import MAX_LIFETIME, delegate
@@ -283,10 +301,9 @@ class JobClient:
             resp = self._on(key, "RefreshJobProxy", delegatedProxy=delegate(
                 self.service.credential, service, lifetime=lifetime, limited=True).decode())
         except AccessDenied as exc:
-            if exc.rule != "limited-proxy" or self.service.credential.limited:
+            if exc.rule != "limited-proxy":
                 raise
-            resp = self._on(key, "RefreshJobProxy", delegatedProxy=delegate(    # an older service, a stage-out
-                self.service.credential, service, lifetime=lifetime).decode())
+            raise OlderJobService(self.limited_proxy_refusal(key)) from None     # never a full one on its word
         return TerminationTime.parse(resp.find("job:proxyExpires", wire.NS))
 
     def destroy(self, key: str) -> None:

@@ -110,31 +110,96 @@ def test_every_job_is_lent_a_limited_proxy_which_stages_in_and_out(grid, repo_se
     alice.cancel(waits)
 
 
-def test_an_older_job_service_that_takes_no_limited_proxy_for_a_stage_out_is_sent_a_full_one(grid, grid_pki,
-                                                                                              monkeypatch):
-    """A job service of an older vmgrid refused a limited proxy for a job with a gsiftp:// stage-out (AccessDenied,
-    rule limited-proxy, nothing recorded): `vmgrid job submit` and `refresh-proxy` delegate a full one to it then, as
-    they did before, and the job is submitted. (The older rule is put back into this real service for the test.)"""
+def refuse_limited_proxies(grid, monkeypatch) -> list[bool]:
+    """attack15 H1: the job service made to answer every limited proxy AccessDenied, rule limited-proxy (as a service
+    of an older vmgrid did for a gsiftp:// stage-out, and as its runner may make it: a VM's owner is root in her guest,
+    with its key) and to keep a full one, in this real service as attack15_evil_jobsvc.py did. Returns the list of
+    every proxy its SubmitJob and RefreshJobProxy are given: whether each was limited."""
     from services.faults import AccessDenied
 
     jobs = grid.service.jobs
-    newer = jobs._delegation
+    stock, given = jobs._delegation, []
 
-    def older(dn, spec, proxy_pem):
-        kept = newer(dn, spec, proxy_pem)
-        if kept is not None and jobs.stager.delegated(kept, dn).limited and any(s.destination for s in spec.stage_out):
-            raise AccessDenied("the delegated proxy is limited: a limited proxy cannot send stage-outs", subject=dn,
-                               action="job.submit", resource="the job service", rule="limited-proxy")
-        return kept
+    def refusing(dn, spec, proxy_pem):
+        if proxy_pem:
+            limited = jobs.stager.delegated(proxy_pem, dn).limited
+            given.append(limited)
+            if limited:
+                raise AccessDenied("the delegated proxy is limited: a limited proxy cannot send stage-outs",
+                                   subject=dn, action="job.submit", resource="the job service", rule="limited-proxy")
+        return stock(dn, spec, proxy_pem)
 
-    monkeypatch.setattr(jobs, "_delegation", older)
-    alice = grid.client(grid_pki.alice)
-    key = alice.submit(JobSpec(PY, ("-c", "import time; time.sleep(600)"),
+    monkeypatch.setattr(jobs, "_delegation", refusing)
+    return given
+
+
+def refused(url: str, key: str | None = None) -> str:
+    """What `vmgrid job submit` (``key`` None) and `vmgrid job refresh-proxy` say to such a service."""
+    head = (f"vmgrid: the job service at {url} refused the limited proxy vmgrid lends a job for its gsiftp:// files "
+            f"(AccessDenied, rule limited-proxy: an older vmgrid asks a full one for a gsiftp:// stage-out), and vmgrid "
+            f"lends a job service no full proxy (whoever runs it could act as you with one)")
+    if key is None:
+        return (f"{head}, so no job was submitted; give the job local files instead (--stage-in FILE goes through the "
+                f"service's own GridFTP face; --stage-out NAME keeps an output in the job's directory: `vmgrid job "
+                f"get` fetches it, `vmgrid transfer` sends it on), or ask whoever runs the service (for a VM's, its "
+                f"owner: a newer image) for a newer vmgrid\n")
+    return (f"{head}, so job {key} keeps the proxy it has; an output it cannot send stays in its directory (`vmgrid "
+            f"job get` fetches it), or ask whoever runs the service (for a VM's, its owner: a newer image) for a "
+            f"newer vmgrid\n")
+
+
+@pytest.mark.parametrize("files", ["gsiftp-in", "gsiftp-out"])
+def test_a_job_service_refusing_the_limited_proxy_is_lent_no_full_one_and_gets_no_job(grid, grid_pki, monkeypatch,
+                                                                                      capsys, files):
+    """attack15 H1: on AccessDenied rule limited-proxy, `vmgrid job submit` delegated a full proxy and submitted again,
+    silently (rc 0): a job service run by a VM's owner thereby kept a VO admin's full proxy (every grid action as the
+    admin for 12 h). The service's word is no reason to lend one: it gets no second SubmitJob, no full proxy, no job;
+    the admin reads why and what to do in one line, exit 1; the library raises the same. Fails without the fix:
+    a second SubmitJob carried a full proxy, which the service kept."""
+    from client.cli import main
+    from services.jobs.client import OlderJobService
+
+    given = refuse_limited_proxies(grid, monkeypatch)
+    url = f"{grid.gridftp_url}/in.txt" if files == "gsiftp-in" else f"{grid.gridftp_url}/results/r.txt"
+    option = ["--stage-in", url] if files == "gsiftp-in" else ["--stage-out", f"r.txt={url}"]
+    rc = main(["job", "submit", grid.url, "--proxy", str(grid_pki.admin.proxy_path), "--cert-dir",
+               str(grid_pki.cert_dir), *option, "--", "/bin/sh", "-c", "cat in.txt > r.txt"])
+    out, err = capsys.readouterr()
+    assert (rc, out, err) == (1, "", refused(grid.url))
+    assert given == [True]                                  # one SubmitJob, with a limited proxy: no full one after
+    assert grid.service.jobs.store.list() == [] and not list(grid.service.jobs.control_dir.iterdir())
+    admin = grid.client(grid_pki.admin)
+    spec = (JobSpec(PY, ("-c", "pass"), stage_in=(StageIn(url, "in.txt"),)) if files == "gsiftp-in" else
+            JobSpec(PY, ("-c", "pass"), stage_out=(StageOut("r.txt", url),)))
+    with pytest.raises(OlderJobService) as exc:
+        admin.submit(spec)
+    assert f"vmgrid: {exc.value}\n" == refused(grid.url)
+    assert given == [True, True] and grid.service.jobs.store.list() == []
+
+
+def test_a_job_service_refusing_the_refreshed_limited_proxy_is_lent_no_full_one(grid, grid_pki, monkeypatch,
+                                                                                capsys):
+    """attack15 H1, `vmgrid job refresh-proxy`: it delegated a full proxy when the service refused the limited one
+    (rule limited-proxy). Now the job keeps the proxy it has, the service is given no full one, and the user reads
+    why in one line, exit 1. Fails without the fix: the refresh's second RefreshJobProxy lent a full proxy, kept."""
+    from client.cli import main
+    from services.jobs.client import OlderJobService
+
+    admin = grid.client(grid_pki.admin)
+    key = admin.submit(JobSpec(PY, ("-c", "import time; time.sleep(600)"),
                                stage_out=(StageOut("r.txt", f"{grid.gridftp_url}/results/r.txt"),)))
-    assert not kept_proxy(grid, key).limited and [j.key for j in jobs.store.list()] == [key]
-    alice.refresh_proxy(key)
-    assert not kept_proxy(grid, key).limited
-    alice.cancel(key)
+    kept = (grid.service.jobs.control_dir / key / "delegated-proxy.pem").read_bytes()
+    assert kept_proxy(grid, key).limited
+    given = refuse_limited_proxies(grid, monkeypatch)       # from here on
+    rc = main(["job", "refresh-proxy", grid.url, key, "--proxy", str(grid_pki.admin.proxy_path), "--cert-dir",
+               str(grid_pki.cert_dir)])
+    out, err = capsys.readouterr()
+    assert (rc, out, err) == (1, "", refused(grid.url, key))
+    with pytest.raises(OlderJobService, match="so job .* keeps the proxy it has"):
+        admin.refresh_proxy(key)
+    assert given == [True, True]                            # limited ones only, each refused: no full one after
+    assert (grid.service.jobs.control_dir / key / "delegated-proxy.pem").read_bytes() == kept
+    admin.cancel(key)
 
 
 def test_an_older_clients_gsiftp_staging_is_refused_typed_and_nothing_is_submitted(grid, grid_pki):

@@ -106,6 +106,8 @@ def serve(tmp_path, text: str, *extra: str, service: str = "vmmanager") -> subpr
      "50000,51000)"),
     (("gridftp", "data_ports"), '"0-10"',
      "n3.toml: [gridftp] data_ports = '0-10': expected LOW,HIGH, two ports 1 to 65535 in order (e.g. 50000,51000)"),
+    (("gridftp", "data_ports"), '"5_0,60"',       # Python's int() took it: 50 (attack15)
+     "n3.toml: [gridftp] data_ports = '5_0,60': expected LOW,HIGH, two ports 1 to 65535 in order (e.g. 50000,51000)"),
     (("gridftp", "data_ports"), "50000", "n3.toml: gridftp.data_ports: expected a string, got 50000"),
     (("vmmanager", "guest_dns"), '["OU=site-guests"]',
      "n3.toml: [vmmanager] guest_dns: 'OU=site-guests' is not a DN pattern (e.g. \"/O=Grid/OU=site-guests/*\")"),

@@ -36,6 +36,24 @@ def test_listeners_take_ports_of_the_range_and_say_when_none_is_left(monkeypatch
     assert parse_port_range(" ") is None
 
 
+@pytest.mark.parametrize("text", ["5_0,60", "+5,6", "5,+6", "\u0665,\u0666", "5,\u00b2", "\uff15,6", " 5 -\u30006"])
+def test_a_port_is_ascii_digits_only(text, monkeypatch):
+    """What Python's int() takes besides ASCII digits (an underscore, a sign, other scripts' digits, blanks of other
+    scripts) is no port: the Globus tools reading the same GLOBUS_TCP_PORT_RANGE would not take the range either
+    (attack15: "5_0,60" was ports 50 to 60, "\u0665,\u0666" 5 to 6). Refused in the form's words, as the variable,
+    `--data-ports` and `[gridftp] data_ports` name it; ASCII blanks around the ports are still taken."""
+    with pytest.raises(ValueError) as exc:
+        parse_port_range(text)
+    assert str(exc.value) == (f"GLOBUS_TCP_PORT_RANGE={text.strip()!r}: expected LOW,HIGH, two ports 1 to 65535 in "
+                              f"order (e.g. 50000,51000)")
+    with pytest.raises(ValueError, match=r"^--data-ports="):
+        parse_port_range(text, "--data-ports")
+    monkeypatch.setenv("GLOBUS_TCP_PORT_RANGE", text)
+    with pytest.raises(OSError, match="expected LOW,HIGH"):       # a listener refuses it too
+        open_listener("127.0.0.1")
+    assert parse_port_range(" 50000 , 50010 ") == parse_port_range("50000 - 50010") == (50000, 50010)
+
+
 def test_a_mode_e_download_listens_on_the_range(start_server, tree, tmp_path, monkeypatch):
     """A MODE E download (the client listens, PORT; as a node pulling a migration's files): with the range set, the
     client's data listener is in it (the server's session saw PORT for such a port) and the file arrives whole.
