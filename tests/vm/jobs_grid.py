@@ -171,15 +171,16 @@ def jobs_part(out: dict, work: Path, pki, node, vm: VMManagerClient, ref, info) 
     s["oom"] = alice("job", "submit", NAME, "--wait", "--", "python3", "-c", EAT_ALL)
     s["oom_status"] = alice("job", "status", NAME, (s["oom"]["out"].splitlines() or ["-"])[0], "--json")
     # two jobs at once, each writing 35% of the guest's memory into its own /tmp (within tmp_size and its memory
-    # limit; tmpfs pages are in no process's size, and no reclaim frees them: no swap) and holding it a while, so
-    # that they overlap: together past the jobs' memory_total ("auto": all of this guest's memory but 192 MiB). The
-    # kernel kills in one of them at that total (Failed naming [jobs] memory_total) before the guest runs short:
-    # with a total of 75% it never got there, and evicting the code pages of the job service over and over made it
-    # unreachable for 28 s (trial14 U1; mem15 measured 22 s for one ListJobs at 40% each, no OOM kill). The service
-    # answers throughout and is never restarted (one start in its log at the end).
+    # limit; tmpfs pages are in no process's size, and no reclaim frees them: no swap) and holding it a minute, so
+    # that they overlap however slow the second submit is (15-17 s a CLI call at a load of 17): together past the
+    # jobs' memory_total ("auto": all of this guest's memory but 192 MiB). The kernel kills in one of them at that
+    # total (Failed naming [jobs] memory_total) before the guest runs short: with a total of 75% it never got there,
+    # and evicting the code pages of the job service over and over made it unreachable for 28 s (trial14 U1; mem15
+    # measured 22 s for one ListJobs at 40% each, no OOM kill). The service answers throughout and is never
+    # restarted (one start in its log at the end).
     # (a job in which the kernel killed a process ends non-zero, whichever it was: its writer, its shell or sleep)
     fill = ("head -c $(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) * 35 / 100 ))K /dev/zero > /tmp/fill; "
-            "rc=$?; echo rc=$rc; [ $rc = 0 ] || exit $rc; sleep 15")
+            "rc=$?; echo rc=$rc; [ $rc = 0 ] || exit $rc; sleep 60")
     s["tmp_two"] = [alice("job", "submit", NAME, "--", "sh", "-c", fill) for _ in range(2)]
     s["tmp_two_wait"] = [alice("job", "wait", NAME, r["out"]) for r in s["tmp_two"]]
     s["tmp_two_status"] = [alice("job", "status", NAME, r["out"], "--json") for r in s["tmp_two"]]

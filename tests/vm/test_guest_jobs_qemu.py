@@ -99,13 +99,14 @@ def test_a_job_past_its_memory_limit_is_failed_out_of_memory_in_the_guest(seen):
 
 
 def test_two_jobs_filling_their_tmp_are_bounded_together_and_the_job_service_stays(seen):
-    """trial14 U1: two jobs each within every bound (35% of the guest's memory in its own /tmp, held 15 s) together
-    took more than the guest could give: with the jobs' memory_total at 75% of a 384 MiB guest, the guest ran short
-    before the jobs' cgroup reached its bound, and the kernel evicted the job service's code pages over and over (it
-    was unreachable for 28 s; tmpfs pages count in no process's size, and without swap nothing frees them). With
-    the default total "auto" (all of this guest's memory but 192 MiB) the kernel kills in one of the two jobs at the
-    total, which fails naming [jobs] memory_total; the other ends; the job service answered every wait and never
-    restarted: its log (`vmgrid job log NAME container`, read after every step of the scene) shows one start."""
+    """trial14 U1: two jobs each within every bound (35% of the guest's memory in its own /tmp, held a minute)
+    together took more than the guest could give: with the jobs' memory_total at 75% of a 384 MiB guest, the guest
+    ran short before the jobs' cgroup reached its bound, and the kernel evicted the job service's code pages over and
+    over (it was unreachable for 28 s; tmpfs pages count in no process's size, and without swap nothing frees them).
+    With the default total "auto" (all of this guest's memory but 192 MiB) the kernel kills in one of the two jobs
+    at the total, which fails naming [jobs] memory_total; the other ends; the job service answered every wait and
+    never restarted: its log (`vmgrid job log NAME container`, read after every step of the scene) shows one
+    start."""
     s = seen["steps"]
     assert all(r["rc"] == 0 and r["out"].startswith("job-") for r in s["tmp_two"]), s["tmp_two"]
     for r in s["tmp_two_wait"]:
