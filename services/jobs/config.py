@@ -34,13 +34,15 @@ class JobsConfig:
     max_processes: int = 256           # processes and threads one job may have at once (a pids cgroup per job)
     pids_cgroup: str = ""              # the pids cgroup hierarchy ("" = /sys/fs/cgroup/pids (v1) or
                                        # /sys/fs/cgroup (v2), whichever has the pids controller)
-    memory_limit: int | str = "75%"    # memory one job may have (a memory cgroup per job; past it the kernel kills
-                                       # in the job, which fails "out of memory"): bytes, 0 = no bound, or "P%" of
-                                       # the machine's memory (MemTotal at start)
-    memory_total: int | str = "75%"    # memory all the service's jobs may have together (one memory cgroup of the
+    memory_limit: int | str = "auto"   # memory one job may have (a memory cgroup per job; past it the kernel kills
+                                       # in the job, which fails "out of memory"): bytes, 0 = no bound, "P%" of the
+                                       # machine's memory (MemTotal at start), or "auto": memory_total's "auto"
+                                       # less 16 MiB (services/jobs/runner.py memory_auto)
+    memory_total: int | str = "auto"   # memory all the service's jobs may have together (one memory cgroup of the
                                        # service's holding the jobs'; past it the kernel kills in the largest job,
-                                       # which fails naming this key): bytes, 0 = no bound, or "P%": the rest stays
-                                       # for the system however many jobs run
+                                       # which fails naming this key): bytes, 0 = no bound, "P%", or "auto": the
+                                       # smaller of 75% and all of it but 192 MiB, at least 25%; the rest stays for
+                                       # the system (its code's pages included) however many jobs run
     network: str = "host"              # "host": jobs share the host's network; "none": each job has a network
                                        # namespace of its own with only loopback (docs/jobs.md)
     job_uid_first: int = 900000        # each running job holds a uid (and gid) of this range of its own, given back

@@ -248,12 +248,36 @@ class MemoryBound:
 
 MEMORY_SETTING = "bytes (0: no bound), or a share of the machine's memory such as \"80%\""
 MEMORY_FLOOR = 16 << 20         # the least memory bound in bytes a site may give: a shell and Python start in it
+MEMORY_AUTO = "auto"            # the default of memory_limit and memory_total (memory_auto)
+AUTO_SHARE = 75                 # "auto": at most this share (percent) of the machine's memory,
+AUTO_RESERVE = 192 << 20        # and at most all of it but this, kept for the kernel, guestd and the job service
+AUTO_FLOOR_SHARE = 25           # (their code's pages included: mem15), but at least this share
+AUTO_JOB_MARGIN = 16 << 20      # memory_limit's "auto" is memory_total's less this
+
+
+def memory_auto(total: int, job: bool = False) -> int:
+    """[jobs] memory_total "auto" (its default) for a machine of ``total`` bytes: the smaller of AUTO_SHARE (75%) of
+    it and all of it but AUTO_RESERVE (192 MiB), at least AUTO_FLOOR_SHARE (25%), rounded down to 4 KiB pages; with
+    ``job``, memory_limit's "auto": that less AUTO_JOB_MARGIN (16 MiB), at least MEMORY_FLOOR, so that a job alone
+    that takes all it can is stopped at its own limit and told so (the service's cgroup, where the total is, also
+    holds a little kernel memory of jobs that ended: with both equal it is always the total that is reached).
+
+    A share alone left a small guest too little: in a 384 MiB guest (MemTotal 344 MiB) 75% kept 86 MiB, less than
+    the kernel, guestd and the job service hold at rest (about 98 MiB), so jobs filling their tmpfs (which no reclaim
+    frees: no swap) made the kernel evict the service's code pages over and over before the jobs' cgroup reached its
+    bound, and the service took 22 s to answer (trial14 U1, measured by mem15). The reserve matters below 768 MiB, the
+    floor below 256 MiB."""
+    share = total * AUTO_SHARE // 100
+    floor = total * AUTO_FLOOR_SHARE // 100
+    whole = max(floor, min(share, total - AUTO_RESERVE)) // 4096 * 4096
+    return max(MEMORY_FLOOR, whole - AUTO_JOB_MARGIN) if job else max(4096, whole)
 
 
 def memory_limit_bytes(setting: int | str, total: int | None = None, key: str = "memory_limit") -> int:
     """[jobs] memory_limit (or ``key``: memory_total) in bytes: an integer is bytes (0: no bound); "P%" is P percent
-    of the machine's memory (``total``, default MemTotal of /proc/meminfo), rounded down to 4 KiB pages. A ValueError
-    (one line, naming the key) for anything else."""
+    of the machine's memory (``total``, default MemTotal of /proc/meminfo), rounded down to 4 KiB pages; "auto" (the
+    default) is ``memory_auto`` of it (memory_limit's 16 MiB less than memory_total's). A ValueError (one line,
+    naming the key) for anything else."""
     if isinstance(setting, int) and not isinstance(setting, bool):
         if setting < 0:
             raise ValueError(f"[jobs] {key} = {setting}: {MEMORY_SETTING}")
@@ -261,6 +285,8 @@ def memory_limit_bytes(setting: int | str, total: int | None = None, key: str = 
             raise ValueError(f"[jobs] {key} = {setting}: bytes, at least {MEMORY_FLOOR} (16 MiB: no job starts in "
                              f"less), or 0 for no bound, or a share of the machine's memory such as \"80%\"")
         return setting
+    if setting == MEMORY_AUTO:
+        return memory_auto(machine_memory() if total is None else total, job=key == "memory_limit")
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*%\s*", setting) if isinstance(setting, str) else None
     if match is None or not 0 < float(match.group(1)) <= 100:
         raise ValueError(f"[jobs] {key} = {setting!r}: {MEMORY_SETTING}, more than 0% and at most 100%")

@@ -13,6 +13,7 @@ import uuid
 import pytest
 
 from services.jobs import runner
+from services.jobs.config import JobsConfig
 from services.jobs.runner import MemoryBound, memory_limit_bytes
 from services.jobs.store import JobSpec, JobState
 from tests.unit.jobs.test_manager import OWNER, PY, manager, shut, wait_final
@@ -100,6 +101,27 @@ def test_memory_limit_is_bytes_or_a_share_of_the_machines_memory_and_anything_el
         assert m.memory == MemoryBound(0) and m.memory.for_job("job-x") == {}
     finally:
         shut(m)
+
+
+def test_the_default_memory_bounds_keep_192_mib_for_the_system_in_a_small_machine():
+    """trial14 U1 (mem15): [jobs] memory_total defaults to "auto", the smaller of 75% of the machine's memory and all
+    of it but 192 MiB, at least 25%: in the 384 MiB QEMU guest (MemTotal 344 MiB) 75% kept 86 MiB for the kernel,
+    guestd and the job service, less than they hold at rest, and jobs filling their tmpfs made the service
+    unreachable; "auto" keeps 192 MiB there. A large machine keeps a quarter, a tiny one three quarters.
+    memory_limit's "auto" (its default) is 16 MiB less: a job alone is stopped at its own limit."""
+    assert JobsConfig().memory_limit == JobsConfig().memory_total == "auto"
+    guest = 352252 * 1024                                        # the 384 MiB guest's MemTotal
+    assert memory_limit_bytes("auto", total=guest, key="memory_total") == guest - (192 << 20)
+    assert memory_limit_bytes("auto", total=guest) == guest - (192 << 20) - (16 << 20)
+    assert memory_limit_bytes("auto", total=4 << 30, key="memory_total") == 3 << 30    # 75% from 768 MiB on
+    assert memory_limit_bytes("auto", total=768 << 20, key="memory_total") == 576 << 20
+    assert memory_limit_bytes("auto", total=200 << 20, key="memory_total") == 50 << 20  # at least 25% below 256 MiB
+    assert memory_limit_bytes("auto", total=(200 << 20) + 100, key="memory_total") == 50 << 20   # whole pages
+    assert memory_limit_bytes("auto", total=4 << 30) == (3 << 30) - (16 << 20)
+    assert memory_limit_bytes("auto", total=64 << 20) == 16 << 20                  # never below the floor
+    assert memory_limit_bytes("auto") == memory_limit_bytes("auto", total=runner.machine_memory())
+    with pytest.raises(ValueError, match=r"^\[jobs\] memory_total = 'Auto': bytes \(0: no bound\)"):
+        memory_limit_bytes("Auto", key="memory_total")
 
 
 LIST_PROC = ("import os\n"
