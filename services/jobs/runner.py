@@ -276,8 +276,8 @@ def memory_auto(total: int, job: bool = False) -> int:
 def memory_limit_bytes(setting: int | str, total: int | None = None, key: str = "memory_limit") -> int:
     """[jobs] memory_limit (or ``key``: memory_total) in bytes: an integer is bytes (0: no bound); "P%" is P percent
     of the machine's memory (``total``, default MemTotal of /proc/meminfo), rounded down to 4 KiB pages; "auto" (the
-    default) is ``memory_auto`` of it (memory_limit's 16 MiB less than memory_total's). A ValueError (one line,
-    naming the key) for anything else."""
+    default) is ``memory_auto`` of it (memory_limit's 16 MiB less than memory_total's). Bytes given, or a share's,
+    below MEMORY_FLOOR (16 MiB) are refused. A ValueError (one line, naming the key) for anything else."""
     if isinstance(setting, int) and not isinstance(setting, bool):
         if setting < 0:
             raise ValueError(f"[jobs] {key} = {setting}: {MEMORY_SETTING}")
@@ -292,7 +292,11 @@ def memory_limit_bytes(setting: int | str, total: int | None = None, key: str = 
         raise ValueError(f"[jobs] {key} = {setting!r}: {MEMORY_SETTING}, more than 0% and at most 100%")
     if total is None:
         total = machine_memory()
-    return max(4096, int(total * float(match.group(1)) / 100) // 4096 * 4096)
+    share = int(total * float(match.group(1)) / 100) // 4096 * 4096
+    if share < MEMORY_FLOOR:        # H3/X1: "0.001%" passed the floor bytes have, then every job was killed
+        raise ValueError(f"[jobs] {key} = {setting!r} is {share} bytes of this machine's {total}: at least "
+                         f"{MEMORY_FLOOR} (16 MiB: no job starts in less); give a larger share, or bytes")
+    return share
 
 
 def machine_memory() -> int:

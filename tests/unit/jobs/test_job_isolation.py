@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import uuid
 
@@ -82,7 +83,12 @@ def test_without_a_memory_cgroup_hierarchy_the_service_warns_at_start_and_each_j
 def test_memory_limit_is_bytes_or_a_share_of_the_machines_memory_and_anything_else_is_refused(tmp_path):
     assert memory_limit_bytes(0) == 0 and memory_limit_bytes(5000 * 4096) == 5000 * 4096
     assert memory_limit_bytes("75%", total=4 << 30) == 3 << 30
-    assert memory_limit_bytes("100%", total=10 * 4096 + 100) == 10 * 4096
+    assert memory_limit_bytes("100%", total=(16 << 20) + 100) == 16 << 20
+    for key, share in (("memory_limit", "0.001%"), ("memory_total", "0.0000001%"), ("memory_limit", "3%")):
+        # H3/X1: the floor holds for the bytes a share comes to too ("3%" of a 384 MiB guest is 11.5 MiB)
+        with pytest.raises(ValueError, match=rf"^\[jobs\] {key} = '{re.escape(share)}' is \d+ bytes of this "
+                                             rf"machine's 402653184: at least 16777216 \(16 MiB"):
+            memory_limit_bytes(share, total=384 << 20, key=key)
     for bad in (-1, "0%", "101%", "2G", 0.5, True):
         with pytest.raises(ValueError, match=r"^\[jobs\] memory_limit = .*: bytes \(0: no bound\), or a share of the "
                                              r"machine's memory such as \"80%\""):
