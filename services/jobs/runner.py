@@ -334,6 +334,15 @@ def write_limits(path: Path, values: list[tuple[str, object]]) -> None:
             (path / name).write_text(str(value))
 
 
+def memory_summary(setting: int | str, limit: int, total_setting: int | str, total: int) -> str:
+    """One line of what [jobs] memory_limit (``setting``, ``limit`` bytes) and memory_total came to, and whence."""
+    def bound(value: int, what: str) -> str:
+        return f"at most {value} bytes ({value / (1 << 20):.1f} MiB) {what}" if value else f"no bound {what}"
+    return (f"jobs' memory: {bound(limit, 'each')} ([jobs] memory_limit = {setting!r}), "
+            f"{bound(total, 'together')} (memory_total = {total_setting!r}) of this machine's "
+            f"{machine_memory()} bytes")
+
+
 def memory_cgroups(setting: int | str, total_setting: int | str, state_dir: Path | str) -> MemoryBound:
     """Where this service may make a memory cgroup per job bounding it to [jobs] memory_limit (``setting``), inside
     one of the service's own bounding all its jobs together to [jobs] memory_total (``total_setting``):
@@ -345,6 +354,7 @@ def memory_cgroups(setting: int | str, total_setting: int | str, state_dir: Path
     memory.swap.max 0. ``why_not`` says why neither could be used. A ValueError for a setting that means nothing."""
     limit = memory_limit_bytes(setting)
     total = memory_limit_bytes(total_setting, key="memory_total")
+    log.info("%s", memory_summary(setting, limit, total_setting, total))     # trial15 X7: what "75%" is here
     if limit == 0 and total == 0:
         return MemoryBound(0)
     v1, v2 = Path(MEMORY_V1), Path(CGROUP_V2)

@@ -247,3 +247,25 @@ def test_a_uid_an_account_holds_is_given_to_no_job(tmp_path, caplog):
         for name in (user, user + "b"):
             subprocess.run(["userdel", name], capture_output=True)
         subprocess.run(["groupdel", group], capture_output=True)
+
+
+def test_the_start_logs_what_the_memory_bounds_came_to_in_bytes_and_whence(tmp_path, caplog):
+    """trial15 X7: an operator (and a scientist told "more than its memory limit of N bytes") can see what a share
+    or "auto" is on this machine before a job dies."""
+    machine = runner.machine_memory()
+    caplog.set_level(logging.INFO, logger="vmgrid.JobService")
+    m = manager(tmp_path / "state", memory_limit="50%", memory_total="auto")
+    try:
+        half = machine // 2 // 4096 * 4096
+        total = runner.memory_auto(machine)
+        assert (f"jobs' memory: at most {half} bytes ({half / (1 << 20):.1f} MiB) each ([jobs] memory_limit = '50%'), "
+                f"at most {total} bytes ({total / (1 << 20):.1f} MiB) together (memory_total = 'auto') of this "
+                f"machine's {machine} bytes") in caplog.messages
+    finally:
+        shut(m)
+    m = manager(tmp_path / "zero", memory_limit=0, memory_total=64 << 20)
+    try:
+        assert (f"jobs' memory: no bound each ([jobs] memory_limit = 0), at most {64 << 20} bytes (64.0 MiB) together "
+                f"(memory_total = {64 << 20}) of this machine's {machine} bytes") in caplog.messages
+    finally:
+        shut(m)
