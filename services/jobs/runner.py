@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -425,12 +426,18 @@ class MemoryWatch:
     memory.high, whose throttling gives the service time, and memory.events), and the jobs hold that much (file
     cache, which reclaim frees, left out), it kills every process of the job whose cgroup holds the most (its tmpfs
     goes with its mount namespace) and fails it naming memory_total (TOTAL_KILL). By cgroup usage only: nothing a
-    job's processes set (oom_score_adj) changes the choice. A job alone is left to its own limit; the kernel's OOM
-    kill at the total stays as the backstop (and is all there is while the service is gone: nothing waits on it)."""
+    job's processes set (oom_score_adj) changes the choice. A job alone is left to its own limit (the threshold is
+    above it); the kernel's OOM
+    kill at the total stays as the backstop (and is all there is while the service is gone: nothing waits on it;
+    v2's memory.high is set back to "max" when the service stops)."""
 
     def __init__(self, bound: MemoryBound, control_dir: Path):
         self.parent, self.total, self.control_dir = bound.parent, bound.total, Path(control_dir)
-        self.threshold = self.total - min(WATCH_MARGIN[1], max(WATCH_MARGIN[0], self.total // 16))
+        self.limit = bound.limit if 0 < bound.limit < bound.total else 0      # a job's own, below the total
+        margin = min(WATCH_MARGIN[1], max(WATCH_MARGIN[0], self.total // 16))
+        if self.limit:      # above a job's own limit ("auto": the total less 16 MiB), so a job alone meets its own
+            margin = min(margin, max(1 << 20, (self.total - self.limit) // 2))
+        self.threshold = self.total - margin
         self.v1 = (self.parent / "memory.usage_in_bytes").exists()
         self._stop_r, self._stop_w = os.pipe()
         self._fds: list[int] = []
@@ -471,8 +478,6 @@ class MemoryWatch:
             os.close(fd)
 
     def _run(self) -> None:
-        import select
-
         poller = select.poll()
         poller.register(self._stop_r, select.POLLIN)
         poller.register(self.event, select.POLLIN if self.v1 else select.POLLPRI)
@@ -487,8 +492,9 @@ class MemoryWatch:
                         os.eventfd_read(self.event)
                     except BlockingIOError:
                         pass
-                else:
-                    os.pread(self.event, 4096, 0)
+                else:                  # read, so that poll waits for the next change
+                    os.lseek(self.event, 0, os.SEEK_SET)
+                    os.read(self.event, 4096)
             try:
                 above = self.check()
             except Exception:          # a job's cgroup gone while read, ...: look again at the next event
@@ -506,7 +512,7 @@ class MemoryWatch:
                     held.append((cgroup_held(Path(entry.path)), entry.name))
                 except (OSError, ValueError):
                     continue
-        if sum(1 for h, _ in held if h) < 2 or sum(h for h, _ in held) < self.threshold:
+        if (self.limit and sum(1 for h, _ in held if h) < 2) or sum(h for h, _ in held) < self.threshold:
             return True                # a job alone meets its own limit; file cache is freed by reclaim
         most, key = max(held)
         self.kill(key, most, sum(h for h, _ in held))
