@@ -467,6 +467,8 @@ class MemoryWatch:
         return watch
 
     def stop(self) -> None:
+        if self._stop_w < 0:
+            return
         os.write(self._stop_w, b"x")
         self._thread.join(timeout=5)
         if not self.v1:
@@ -476,6 +478,7 @@ class MemoryWatch:
                 pass
         for fd in self._fds + [self._stop_r, self._stop_w]:
             os.close(fd)
+        self._fds, self._stop_r, self._stop_w = [], -1, -1      # stopped: a second stop does nothing
 
     def _run(self) -> None:
         poller = select.poll()

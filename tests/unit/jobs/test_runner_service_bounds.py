@@ -174,19 +174,29 @@ FILL_TMP = ("import os, sys, time\nwith open('/tmp/fill', 'wb') as f:\n    for _
             "while not os.path.exists('go'):\n    time.sleep(0.05)\nprint('released')\n")
 
 
+# ``n`` MiB held by 8 processes (each less than the admin's 60 MiB), then as FILL_TMP; each lowers its own
+# oom_score_adj as far as it may (refused below what root set: 0)
+FILL_MANY = ("import os, sys, time\nn = int(sys.argv[1]) // 8\nfor _ in range(7):\n    if os.fork() == 0:\n"
+             "        break\ntry:\n    open('/proc/self/oom_score_adj', 'w').write('-1000')\nexcept OSError:\n"
+             "    pass\nheld = b'x' * (n << 20)\ntime.sleep(1)\nprint('filled', flush=True)\n"
+             "while not os.path.exists('go'):\n    time.sleep(0.05)\nprint('released')\n")
+
+
 @needs_memory_cgroup
-def test_at_the_total_the_job_holding_the_most_goes_not_the_largest_process(tmp_path):
+@pytest.mark.parametrize("fill", [FILL_TMP, FILL_MANY], ids=["tmpfs", "many-processes"])
+def test_at_the_total_the_job_holding_the_most_goes_not_the_largest_process(tmp_path, fill):
     """attack15 H2: memory_total = 256 MiB, no limit of each job's own. The admin's job holds 60 MiB resident; the
     owner's writes 240 MiB into its /tmp (tmpfs: in its cgroup, in no process's RSS, 9 MiB of it). The kernel alone
     killed the admin's (the largest process), blamed for the total, and the filler was Done; the service kills the
-    job that holds the most of the total, the filler, naming memory_total, and the admin's lives on."""
+    job that holds the most of the total, the filler, naming memory_total, and the admin's lives on. The same with
+    the filler's memory in 8 processes of 30 MiB, each trying to lower its oom_score_adj."""
     m = manager(tmp_path / "state", memory_limit=0, memory_total=256 * MiB, tmp_size=512 * MiB)
     try:
         assert m.memory.parent is not None and m.memory.total == 256 * MiB, m.memory
         holder = m.submit(ADMIN, JobSpec(executable=PY, arguments=("-c", HOLD, "60")))
         out = m.jobs_dir / holder.key / "stdout"
         wait_until(lambda: (out.exists() and "holding" in out.read_text()) or m.store.get(holder.key).final)
-        filler = m.submit(OWNER, JobSpec(executable=PY, arguments=("-c", FILL_TMP, "240")))
+        filler = m.submit(OWNER, JobSpec(executable=PY, arguments=("-c", fill, "240")))
         fout = m.jobs_dir / filler.key / "stdout"
         wait_until(lambda: (fout.exists() and "filled" in fout.read_text()) or m.store.get(filler.key).final)
         (m.jobs_dir / filler.key / "go").write_text("")
