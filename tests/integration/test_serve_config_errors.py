@@ -207,6 +207,21 @@ def test_a_job_service_number_that_cannot_mean_anything_is_refused_naming_its_ke
     assert not (tmp_path / "state").exists()
 
 
+@pytest.mark.parametrize("key, share", [("memory_limit", "0.01%"), ("memory_total", "0.001%")])
+def test_a_memory_share_below_the_floor_is_refused_naming_the_bytes_it_came_to(grid_pki, tmp_path, key, share):
+    """H3/X1: a share of the machine's memory below 16 MiB started, then every job was killed out of memory."""
+    from services.jobs.runner import machine_memory
+
+    r = serve(tmp_path, node_toml(grid_pki, tmp_path / "state", {("jobs", "owner"): f'"{grid_pki.alice.dn}"',
+                                                                  ("jobs", key): f'"{share}"'}), service="jobs")
+    machine = machine_memory()
+    came = int(machine * float(share[:-1]) / 100) // 4096 * 4096
+    assert r.returncode == 1 and r.stdout == "", r.stderr
+    assert r.stderr == (f"vmgrid: n3.toml: [jobs] {key} = '{share}' is {came} bytes of this machine's {machine}: "
+                        f"at least 16777216 (16 MiB: no job starts in less); give a larger share, or bytes\n")
+    assert not (tmp_path / "state").exists()
+
+
 def test_every_number_rule_refuses_what_it_says_and_takes_the_default():
     """Each key of NUMBER_RULES: its default passes, a value just outside its rule is refused naming the key."""
     from services.container.assemble import NUMBER_RULES, check_service_config

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import uuid
 
@@ -82,7 +83,12 @@ def test_without_a_memory_cgroup_hierarchy_the_service_warns_at_start_and_each_j
 def test_memory_limit_is_bytes_or_a_share_of_the_machines_memory_and_anything_else_is_refused(tmp_path):
     assert memory_limit_bytes(0) == 0 and memory_limit_bytes(5000 * 4096) == 5000 * 4096
     assert memory_limit_bytes("75%", total=4 << 30) == 3 << 30
-    assert memory_limit_bytes("100%", total=10 * 4096 + 100) == 10 * 4096
+    assert memory_limit_bytes("100%", total=(16 << 20) + 100) == 16 << 20
+    for key, share in (("memory_limit", "0.001%"), ("memory_total", "0.0000001%"), ("memory_limit", "3%")):
+        # H3/X1: the floor holds for the bytes a share comes to too ("3%" of a 384 MiB guest is 11.5 MiB)
+        with pytest.raises(ValueError, match=rf"^\[jobs\] {key} = '{re.escape(share)}' is \d+ bytes of this "
+                                             rf"machine's 402653184: at least 16777216 \(16 MiB"):
+            memory_limit_bytes(share, total=384 << 20, key=key)
     for bad in (-1, "0%", "101%", "2G", 0.5, True):
         with pytest.raises(ValueError, match=r"^\[jobs\] memory_limit = .*: bytes \(0: no bound\), or a share of the "
                                              r"machine's memory such as \"80%\""):
@@ -241,3 +247,25 @@ def test_a_uid_an_account_holds_is_given_to_no_job(tmp_path, caplog):
         for name in (user, user + "b"):
             subprocess.run(["userdel", name], capture_output=True)
         subprocess.run(["groupdel", group], capture_output=True)
+
+
+def test_the_start_logs_what_the_memory_bounds_came_to_in_bytes_and_whence(tmp_path, caplog):
+    """trial15 X7: an operator (and a scientist told "more than its memory limit of N bytes") can see what a share
+    or "auto" is on this machine before a job dies."""
+    machine = runner.machine_memory()
+    caplog.set_level(logging.INFO, logger="vmgrid.JobService")
+    m = manager(tmp_path / "state", memory_limit="50%", memory_total="auto")
+    try:
+        half = machine // 2 // 4096 * 4096
+        total = runner.memory_auto(machine)
+        assert (f"jobs' memory: at most {half} bytes ({half / (1 << 20):.1f} MiB) each ([jobs] memory_limit = '50%'), "
+                f"at most {total} bytes ({total / (1 << 20):.1f} MiB) together (memory_total = 'auto') of this "
+                f"machine's {machine} bytes") in caplog.messages
+    finally:
+        shut(m)
+    m = manager(tmp_path / "zero", memory_limit=0, memory_total=64 << 20)
+    try:
+        assert (f"jobs' memory: no bound each ([jobs] memory_limit = 0), at most {64 << 20} bytes (64.0 MiB) together "
+                f"(memory_total = {64 << 20}) of this machine's {machine} bytes") in caplog.messages
+    finally:
+        shut(m)
