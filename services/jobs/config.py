@@ -39,12 +39,10 @@ class JobsConfig:
                                        # machine's memory (MemTotal at start), or "auto": memory_total's "auto"
                                        # less 16 MiB (services/jobs/runner.py memory_auto)
     memory_total: int | str = "auto"   # memory all the service's jobs may have together (one memory cgroup of the
-                                       # service's holding the jobs'; near it the service kills the largest job, the
-                                       # one whose cgroup holds the most, /tmp included (runner.py MemoryWatch), past
-                                       # it the kernel the largest process; the job fails naming this key): bytes,
-                                       # 0 = no bound, "P%", or "auto": the smaller of 75% and all of it but
-                                       # 192 MiB, at least 25%; the rest stays for the system (its code's pages
-                                       # included) however many jobs run
+                                       # service's holding the jobs'; past it the kernel kills in the largest job,
+                                       # which fails naming this key): bytes, 0 = no bound, "P%", or "auto": the
+                                       # smaller of 75% and all of it but 192 MiB, at least 25%; the rest stays for
+                                       # the system (its code's pages included) however many jobs run
     network: str = "host"              # "host": jobs share the host's network; "none": each job has a network
                                        # namespace of its own with only loopback (docs/jobs.md)
     job_uid_first: int = 900000        # each running job holds a uid (and gid) of this range of its own, given back

@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import re
-import select
 import signal
 import subprocess
 import sys
@@ -403,149 +402,6 @@ def memory_cgroups(setting: int | str, total_setting: int | str, state_dir: Path
     return MemoryBound(limit, total, parent, files, extra)
 
 
-WATCH_MARGIN = (8 << 20, 64 << 20)    # memory_total less this (a 16th of it, within these) is where the service
-                                      # picks which job goes, before the kernel picks a process at the total
-TOTAL_KILL = "memory_total_kill"      # in a job's control directory: why the service killed it (read_exit)
-
-
-def cgroup_held(path: Path) -> int:
-    """The bytes the memory cgroup ``path`` holds that reclaim cannot give back: its usage (its processes' memory,
-    its tmpfs files, kernel memory) less its file cache (tmpfs pages are not on the file lists)."""
-    v1 = (path / "memory.usage_in_bytes").exists()
-    usage = int((path / ("memory.usage_in_bytes" if v1 else "memory.current")).read_text())
-    stat = dict(line.split()[:2] for line in (path / "memory.stat").read_text().splitlines() if " " in line)
-    prefix = "total_" if v1 else ""
-    return max(0, usage - int(stat.get(prefix + "active_file", 0)) - int(stat.get(prefix + "inactive_file", 0)))
-
-
-class MemoryWatch:
-    """attack15 H2: past [jobs] memory_total the kernel kills the process with the largest RSS among all the
-    service's jobs, so a job whose memory is in its /tmp (tmpfs: in no process's RSS) or spread over many small
-    processes made another job die, blamed for the total. The service picks instead: when the jobs' memory cgroup
-    reaches ``threshold`` (the total less WATCH_MARGIN; cgroup v1: an eventfd on memory.usage_in_bytes; v2:
-    memory.high, whose throttling gives the service time, and memory.events), and the jobs hold that much (file
-    cache, which reclaim frees, left out), it kills every process of the job whose cgroup holds the most (its tmpfs
-    goes with its mount namespace) and fails it naming memory_total (TOTAL_KILL). By cgroup usage only: nothing a
-    job's processes set (oom_score_adj) changes the choice. A job alone is left to its own limit (the threshold is
-    above it); the kernel's OOM
-    kill at the total stays as the backstop (and is all there is while the service is gone: nothing waits on it;
-    v2's memory.high is set back to "max" when the service stops)."""
-
-    def __init__(self, bound: MemoryBound, control_dir: Path):
-        self.parent, self.total, self.control_dir = bound.parent, bound.total, Path(control_dir)
-        self.limit = bound.limit if 0 < bound.limit < bound.total else 0      # a job's own, below the total
-        margin = min(WATCH_MARGIN[1], max(WATCH_MARGIN[0], self.total // 16))
-        if self.limit:      # above a job's own limit ("auto": the total less 16 MiB), so a job alone meets its own
-            margin = min(margin, max(1 << 20, (self.total - self.limit) // 2))
-        self.threshold = self.total - margin
-        self.v1 = (self.parent / "memory.usage_in_bytes").exists()
-        self._stop_r, self._stop_w = os.pipe()
-        self._fds: list[int] = []
-        if self.v1:
-            self.event = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-            usage = os.open(self.parent / "memory.usage_in_bytes", os.O_RDONLY | os.O_CLOEXEC)
-            self._fds += [self.event, usage]
-            (self.parent / "cgroup.event_control").write_text(f"{self.event} {usage} {self.threshold}")
-        else:
-            (self.parent / "memory.high").write_text(str(self.threshold))
-            self.event = os.open(self.parent / "memory.events", os.O_RDONLY | os.O_CLOEXEC)
-            self._fds.append(self.event)
-        self._thread = threading.Thread(target=self._run, name="vmgrid-memory-total", daemon=True)
-
-    @classmethod
-    def start_for(cls, bound: MemoryBound, control_dir: Path) -> "MemoryWatch | None":
-        """A watch of the jobs' total ``bound`` (None without one, or if the cgroup cannot be watched: logged)."""
-        if bound.parent is None or not bound.total:
-            return None
-        try:
-            watch = cls(bound, control_dir)
-        except OSError as exc:
-            log.warning("[jobs] memory_total: %s cannot be watched (%s): past the total the kernel kills the largest "
-                        "process of all the jobs, whichever job holds the memory", bound.parent, exc.strerror or exc)
-            return None
-        watch._thread.start()
-        return watch
-
-    def stop(self) -> None:
-        if self._stop_w < 0:
-            return
-        os.write(self._stop_w, b"x")
-        self._thread.join(timeout=5)
-        if not self.v1:
-            try:
-                (self.parent / "memory.high").write_text("max")
-            except OSError:
-                pass
-        for fd in self._fds + [self._stop_r, self._stop_w]:
-            os.close(fd)
-        self._fds, self._stop_r, self._stop_w = [], -1, -1      # stopped: a second stop does nothing
-
-    def _run(self) -> None:
-        poller = select.poll()
-        poller.register(self._stop_r, select.POLLIN)
-        poller.register(self.event, select.POLLIN if self.v1 else select.POLLPRI)
-        above = False
-        while True:
-            ready = dict(poller.poll(100 if above else None))     # near the total: look again every 0.1 s
-            if self._stop_r in ready:
-                return
-            if self.event in ready:
-                if self.v1:
-                    try:
-                        os.eventfd_read(self.event)
-                    except BlockingIOError:
-                        pass
-                else:                  # read, so that poll waits for the next change
-                    os.lseek(self.event, 0, os.SEEK_SET)
-                    os.read(self.event, 4096)
-            try:
-                above = self.check()
-            except Exception:          # a job's cgroup gone while read, ...: look again at the next event
-                log.exception("[jobs] memory_total: watching %s", self.parent)
-
-    def check(self) -> bool:
-        """Kill the job holding the most if the jobs hold the threshold; whether the cgroup is still near it."""
-        usage = int((self.parent / ("memory.usage_in_bytes" if self.v1 else "memory.current")).read_text())
-        if usage < self.threshold:
-            return False
-        held = []
-        for entry in os.scandir(self.parent):
-            if entry.is_dir(follow_symlinks=False) and not entry.name.startswith("probe-"):
-                try:
-                    held.append((cgroup_held(Path(entry.path)), entry.name))
-                except (OSError, ValueError):
-                    continue
-        if (self.limit and sum(1 for h, _ in held if h) < 2) or sum(h for h, _ in held) < self.threshold:
-            return True                # a job alone meets its own limit; file cache is freed by reclaim
-        most, key = max(held)
-        self.kill(key, most, sum(h for h, _ in held))
-        return True
-
-    def kill(self, key: str, most: int, together: int) -> None:
-        why = (f"the program was killed by the job service, out of memory: this job service's jobs together reached "
-               f"their memory total of {self.total} bytes ([jobs] memory_total), and this job held the most of it "
-               f"({most} bytes, its /tmp included)")
-        control = self.control_dir / key
-        if control.is_dir():
-            (control / TOTAL_KILL).write_text(why)
-        log.warning("job %s killed: the jobs held %d bytes, at [jobs] memory_total = %d bytes less %d, and it the "
-                    "most (%d bytes)", key, together, self.total, self.total - self.threshold, most)
-        procs = self.parent / key / "cgroup.procs"
-        for _ in range(100):           # every process of the job, its namespace's init first (in order of pid)
-            try:
-                pids = [int(p) for p in procs.read_text().split()]
-            except OSError:
-                return
-            if not pids:
-                return
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.01)
-
-
 def remove_left_cgroups(parents: list[Path | None], live: Callable[[], set[str]]) -> list[str]:
     """Remove the cgroups in the service's ``parents`` (its pids and memory cgroups) of no job ``live()`` names (the
     keys of the jobs not yet ended, asked after the cgroups are listed): those a supervisor killed with the service
@@ -615,10 +471,4 @@ def read_exit(status_path: Path) -> Exit:
                           "supervisor)")
     except (OSError, ValueError) as exc:
         return Exit(None, f"the job's exit status cannot be read: {exc}")
-    error = data.get("error")
-    if data.get("exit") != 0:
-        try:           # the service killed the job at the jobs' memory total (MemoryWatch): that is why it ended
-            error = (status_path.parent / TOTAL_KILL).read_text()
-        except OSError:
-            pass
-    return Exit(data.get("exit"), error, data.get("dropped") or {})
+    return Exit(data.get("exit"), data.get("error"), data.get("dropped") or {})
