@@ -391,7 +391,11 @@ def _info_dict(info) -> dict:
             "terminationTime": info.termination.isoformat() if info.termination else None,
             "staging": info.progress, "directory": info.directory_url,
             "outputs": [{"name": n, "size": s, "sha256": h, "destination": d} for n, s, h, d in info.outputs],
-            "stdoutTail": info.stdout_tail, "stderrTail": info.stderr_tail}
+            "stdoutTail": info.stdout_tail, "stderrTail": info.stderr_tail,
+            "outputTailsWithheld": info.tails_withheld}
+
+
+TAILS_WITHHELD = "(output tails: the submitter's and the admins' only)"
 
 
 def cmd_status(args) -> int:
@@ -402,12 +406,14 @@ def cmd_status(args) -> int:
     d = _info_dict(info)
     if info.cancel_requested:
         d["state"] += " (being cancelled: its program is stopped and what it wrote recorded, then it is Cancelled)"
-    for k in ("key", "state", "exitCode", "failure", "executable", "submitted", "started", "ended",
+    for k in ("key", "state", "exitCode", "failure", "owner", "executable", "submitted", "started", "ended",
               "terminationTime", "directory"):
-        if d[k] is not None:
+        if d[k] not in (None, ""):
             print(f"{k:16} {printable(d[k])}")
     for n, s, h, _ in info.outputs:
         print(f"{'output':16} {printable(n)} {printable(s)} bytes sha256 {printable(h)}")
+    if info.tails_withheld:
+        print(TAILS_WITHHELD)
     for label, tail in (("stdout", info.stdout_tail), ("stderr", info.stderr_tail)):
         _print_tail(label, tail, sys.stdout)
     return 0
@@ -424,6 +430,8 @@ def cmd_wait(args) -> int:
     args.interrupt_note = _goes_on(args.endpoint, args.job)
     info = call(connect(args).wait, check_key(args.job), args.timeout, on_update=Follow())
     print(printable(info.state) if info.exit_code is None else f"{printable(info.state)} (exit code {info.exit_code})")
+    if info.tails_withheld:
+        print(TAILS_WITHHELD, file=sys.stderr)
     return ended(info)
 
 

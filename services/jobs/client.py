@@ -30,6 +30,9 @@ FINAL_STATES = ("Done", "Failed", "Cancelled")
 # properties a job service of an older runtime (a guest image built before them) does not have: a status it
 # refuses for them is asked again without them
 NEWER_PROPERTIES = frozenset({wire.CancelRequested.qname})
+# what a job wrote: its submitter's and the VO's admins' only (the service's AccessDenied, action job.read-output, for
+# anyone else, the instance's owner on an admin's job included): the rest of its properties are asked without them
+TAILS = frozenset({wire.StdoutTail.qname, wire.StderrTail.qname})
 
 
 class OutputsInTheWay(RuntimeError):
@@ -74,6 +77,7 @@ class JobInfo:
     directory_url: str | None = None
     termination: datetime | None = None
     cancel_requested: bool = False      # a live job's Cancel is being carried out: it ends Cancelled
+    tails_withheld: bool = False        # the service refused the caller the output tails (not her job): not asked
 
     @classmethod
     def from_properties(cls, key: str, props: etree._Element) -> "JobInfo":
@@ -111,6 +115,7 @@ class JobClient:
         self.service = service
         self._info: etree._Element | None = None
         self._unknown: frozenset[str] = frozenset()      # NEWER_PROPERTIES this service has refused: not asked again
+        self._no_tails: set[str] = set()     # jobs whose output tails the service refused the caller: not asked again
 
     def ref(self, key: str) -> EndpointReference:
         return EndpointReference.of(self.service.url, wire.KEY_TAG, key)
@@ -233,16 +238,32 @@ class JobClient:
         (InvalidArgument naming one): they are asked again without, and never again of this service, so following a
         job (:meth:`wait`) costs it no refusal per poll; such a job reads as the property's absence (e.g.
         ``cancel_requested`` False)."""
-        names = [n for n in wire.JOB_PROPERTIES.names if n != CurrentTime.qname and n not in self._unknown]
+        names = [n for n in wire.JOB_PROPERTIES.names if n != CurrentTime.qname and n not in self._unknown
+                 and not (key in self._no_tails and n in TAILS)]
         try:
-            props = self._on(key, "GetMultipleResourceProperties", ResourceProperty=[etree.QName(n) for n in names])
+            props = self._ask(key, names)
+        except AccessDenied as exc:
+            # the output tails are not hers (an admin's job, read by the instance's owner): the rest is, so it is
+            # asked again without them, and so for every later poll of this job (:meth:`wait`)
+            if exc.action != "job.read-output" or key in self._no_tails:
+                raise
+            self._no_tails.add(key)
+            props = self._ask(key, [n for n in names if n not in TAILS])
+        info = JobInfo.from_properties(key, props)
+        info.tails_withheld = key in self._no_tails
+        return info
+
+    def _ask(self, key: str, names: list[str]) -> etree._Element:
+        """GetMultipleResourceProperties of ``names``; those of NEWER_PROPERTIES an older service refuses (see
+        :meth:`status`) asked again without."""
+        try:
+            return self._on(key, "GetMultipleResourceProperties", ResourceProperty=[etree.QName(n) for n in names])
         except InvalidArgument as exc:
             if not any(n in str(exc) for n in NEWER_PROPERTIES - self._unknown):
                 raise
             self._unknown = NEWER_PROPERTIES
             names = [n for n in names if n not in NEWER_PROPERTIES]
-            props = self._on(key, "GetMultipleResourceProperties", ResourceProperty=[etree.QName(n) for n in names])
-        return JobInfo.from_properties(key, props)
+            return self._on(key, "GetMultipleResourceProperties", ResourceProperty=[etree.QName(n) for n in names])
 
     def property(self, key: str, qname: str) -> list[etree._Element]:
         return list(self._on(key, "GetResourceProperty", etree.QName(qname)))
