@@ -152,8 +152,18 @@ class JobClient:
         name = path.name
         if once and len(name) <= MAX_STAGED - len(ONCE) - 17:
             name = f"{ONCE}{secrets.token_hex(8)}.{name}"
-        result = upload(path, f"{self.gridftp_url()}{area}{name}", 2, credential=self.service.credential,
-                        trust=self.service.trust, progress=progress, server_dn=self._face_dn())
+        url = f"{self.gridftp_url()}{area}{name}"
+        if not once:
+            result = upload(path, url, 2, credential=self.service.credential, trust=self.service.trust,
+                            progress=progress, server_dn=self._face_dn())
+            return StageIn(f"staged:{name}", path.name, result.sha256)
+        # a once-name is never asked for again, so no later command resumes its upload: its restart markers are
+        # kept for this upload's own retries only, never in ~/.cache/vmgrid/gridftp (trial15 N1)
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="vmgrid-stage-in-") as state:
+            result = upload(path, url, 2, credential=self.service.credential, trust=self.service.trust,
+                            progress=progress, server_dn=self._face_dn(), state_dir=state)
         return StageIn(f"staged:{name}", path.name, result.sha256)
 
     def service_certificate(self):

@@ -1,15 +1,16 @@
-"""`vmgrid job …` against a real `vmgrid serve jobs` process (trial15 X2): the instance's owner follows an admin's job
-without its output tails."""
+"""`vmgrid job …` against a real `vmgrid serve jobs` process (trial15 X2, N1): the instance's owner follows an admin's
+job without its output tails; a `--stage-in F` upload that failed leaves no restart marker behind."""
 from __future__ import annotations
 
 import json
 import re
+import socket
+import subprocess
 
 import pytest
 
 from client.localgrid import LocalGrid
-
-from tests.integration.test_jobs_cli import start_jobs, vmgrid
+from tests.integration.test_jobs_cli import PY, start_jobs, vmgrid
 
 pytestmark = pytest.mark.timeout(300)
 WITHHELD = "(output tails: the submitter's and the admins' only)"
@@ -48,3 +49,25 @@ def test_the_instance_owner_follows_an_admins_job_without_its_output_tails(grid)
     r = vmgrid(grid, "job", "status", url, key, user="admin")
     assert "--- stdout (tail) ---\ns3cret\n" in r.stdout and WITHHELD not in r.stdout
 
+
+def test_a_failed_stage_in_upload_leaves_no_restart_marker(tmp_path):
+    """The job service's GridFTP face has one data port, held: `job submit --stage-in F`'s upload is refused 425
+    (transient) until it gives up. Its file's once-name is never asked for again, so no restart marker of it stays in
+    ~/.cache/vmgrid/gridftp (before: one stayed for good, trial15 N1)."""
+    held = socket.socket()
+    held.bind(("0.0.0.0", 0))
+    held.listen(1)
+    port = held.getsockname()[1]
+    with LocalGrid(tmp_path / "grid") as g, held:
+        alice, admin = g.user("alice"), g.user("admin")
+        sp = g.start("jobs", ["jobs"], {"jobs": {"owner": alice.dn, "admins": [admin.dn], "gridftp_port": 0},
+                                        "gridftp": {"data_ports": f"{port},{port}"}})
+        url = f"{sp.base_url}/wsrf/services/JobService"
+        (tmp_path / "seqs.txt").write_text("acgt\n" * 1000)
+        cache = tmp_path / "cache"
+        env = {**g.env("alice"), "XDG_CACHE_HOME": str(cache)}
+        r = subprocess.run([PY, "-m", "client.cli", "job", "submit", url, "--stage-in", str(tmp_path / "seqs.txt"),
+                            "--", "true"], env=env, capture_output=True, text=True, timeout=180)
+        assert r.returncode == 1 and "425" in r.stderr and r.stdout == "", r.stdout + r.stderr
+        markers = cache / "vmgrid" / "gridftp"
+        assert not markers.exists() or list(markers.iterdir()) == []
