@@ -166,6 +166,14 @@ class JobClient:
                             progress=progress, server_dn=self._face_dn(), state_dir=state)
         return StageIn(f"staged:{name}", path.name, result.sha256)
 
+    def staging_url(self) -> str:
+        """The caller's staging area on the service's GridFTP face (gsiftp://HOST:PORT/staging/<area>/): a file put
+        there (`vmgrid transfer`, globus-url-copy) is staged into any job of hers as ``staged:NAME``."""
+        area = self.info().findtext("job:stagingDirectory", namespaces=wire.NS)
+        if not area:
+            raise RuntimeError(f"{self.service.url} names no staging directory of yours")
+        return f"{self.gridftp_url().rstrip('/')}{area}"
+
     def service_certificate(self):
         """The certificate the job service signs its answers with (its own), read from a signed answer."""
         self._info = self.service.call("GetServiceInfo")
@@ -316,8 +324,15 @@ class JobClient:
     def destroy(self, key: str) -> None:
         self._on(key, "Destroy")
 
-    def set_lifetime(self, key: str, seconds: int) -> datetime:
-        resp = self._on(key, "SetTerminationTime", RequestedLifetimeDuration=f"PT{int(seconds)}S")
+    def set_lifetime(self, key: str, seconds: int | None = None, *, when: datetime | None = None) -> datetime:
+        """Move job ``key``'s termination time to ``seconds`` from now, or to ``when``; the new one."""
+        if when is not None:
+            from datetime import timezone
+
+            kwargs = {"RequestedTerminationTime": when.astimezone(timezone.utc)}
+        else:
+            kwargs = {"RequestedLifetimeDuration": f"PT{int(seconds)}S"}
+        resp = self._on(key, "SetTerminationTime", **kwargs)
         return TerminationTime.parse(resp.find(f"{{{RL}}}NewTerminationTime"))
 
     def subscribe(self, key: str, consumer_url: str) -> etree._Element:
