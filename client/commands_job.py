@@ -112,6 +112,7 @@ def register(subparsers) -> None:
     p.add_argument("job", help="the job's key (job-…)")
     p.add_argument("when", help="from now: seconds or 90m, 2h, 1d; or an ISO 8601 time")
     p.set_defaults(func=cmd_lifetime)
+    p._negative_number_matcher = re.compile(r"^-\d+(\.\d+)?\s*[smhd]?$")   # -5m reaches the command (vm lifetime's)
 
     p = sub.add_parser("info", help="the service: its owner, GridFTP face, your staging area (a gsiftp:// URL), logs",
                        description="What the job service says of itself and of you: the instance's owner, its "

@@ -109,6 +109,10 @@ def test_job_lifetime_beyond_the_services_max_lifetime_is_refused_with_the_lates
     assert f"vmgrid: 8d: job {key} would live longer than this service keeps a job: its max_lifetime is 604800 s " \
            f"from a job's submission (submitted " in r.stderr and "termination time is unchanged" in r.stderr
     assert json.loads(vmgrid(grid, "job", "status", url, key, "--json").stdout)["terminationTime"] == before
+    for when, message in (("-5m", "'-5m' is in the past: give a duration from now, e.g. 5m"),
+                          ("soon", "'soon' is neither a duration")):
+        r = vmgrid(grid, "job", "lifetime", url, key, when, check=False)
+        assert r.returncode == 1 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
     when = (datetime.now(timezone.utc) + timedelta(hours=30)).replace(microsecond=0)
     r = vmgrid(grid, "job", "lifetime", url, key, when.strftime("%Y-%m-%dT%H:%M:%SZ"))
     assert r.stdout.startswith(f"{key}: terminates at {when:%Y-%m-%d %H:%M:%S} UTC (")
