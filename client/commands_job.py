@@ -45,9 +45,10 @@ def register(subparsers) -> None:
                        description="Submit PROGRAM ARGS (never run through a shell). Prints the job's key.")
     p.add_argument("endpoint", help="an instance (inst-… or your identifier) on --node, or the job service URL")
     p.add_argument("--stage-in", action="append", default=[], metavar="F",
-                   help="a local file (uploaded to the service's GridFTP face) or a gsiftp:// URL the service "
+                   help="a local file (uploaded to the service's GridFTP face), staged:NAME (a file you put in "
+                        "your staging area there: `vmgrid job info` shows its URL) or a gsiftp:// URL the service "
                         "fetches as you (with a proxy of yours this command delegates to it); it lands in the job's "
-                        "directory under its own name")
+                        "directory under its own name (./staged:NAME is a local file so named)")
     p.add_argument("--stage-out", action="append", default=[], metavar="F",
                    help="a file the job makes (NAME, or NAME=gsiftp://… to have the service send it there too, as "
                         "you)")
@@ -101,6 +102,27 @@ def register(subparsers) -> None:
     p.add_argument("--lifetime", help="how long the new proxy lives: seconds or 90m, 2h (default: until the job's "
                                       "termination time, and never past it; at most 12 h, never past your own proxy)")
     p.set_defaults(func=cmd_refresh_proxy)
+
+    p = sub.add_parser("lifetime", help="move a job's termination time (when it passes, the job and its outputs are "
+                                        "destroyed)",
+                       description="Move a job's termination time, as `vmgrid vm lifetime` an instance's: when it "
+                                   "passes, a running job is killed and the job, its directory and its outputs are "
+                                   "destroyed. At most the service's max_lifetime from the job's submission.")
+    p.add_argument("endpoint")
+    p.add_argument("job", help="the job's key (job-…)")
+    p.add_argument("when", help="from now: seconds or 90m, 2h, 1d; or an ISO 8601 time")
+    p.set_defaults(func=cmd_lifetime)
+    p._negative_number_matcher = re.compile(r"^-\d+(\.\d+)?\s*[smhd]?$")   # -5m reaches the command (vm lifetime's)
+
+    p = sub.add_parser("info", help="the service: its owner, GridFTP face, your staging area (a gsiftp:// URL), logs",
+                       description="What the job service says of itself and of you: the instance's owner, its "
+                                   "GridFTP face, and your staging area as a gsiftp:// URL: a file put there "
+                                   "(`vmgrid transfer FILE URLNAME`, globus-url-copy) is staged into any job of "
+                                   "yours with --stage-in staged:NAME.")
+    p.add_argument("endpoint")
+    p.add_argument("--staging-url", action="store_true", help="print only your staging area's URL")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("list", help="the jobs of the service")
     p.add_argument("endpoint")
@@ -308,8 +330,13 @@ def _lifetime(text: str | None) -> int | None:
     return seconds
 
 
+STAGED = "staged:"      # --stage-in staged:NAME: a file of the caller's staging area on the service's face
+
+
 def _stage_in_name(item: str) -> str:
     """The name a --stage-in F lands under in the job's directory."""
+    if item.startswith(STAGED):
+        return item[len(STAGED):]
     return Path(urlsplit(item).path).name if item.startswith(("gsiftp://", "ftp://")) else Path(item).name
 
 
@@ -338,13 +365,22 @@ def _refuse_older_proxy(credential, stage_in: list[str], stage_out: list[str]) -
     its staging."""
     from gridftp.client import older_proxy_refusal
 
-    moved = [f"--stage-in {item}" for item in stage_in if not item.lower().startswith("ftp://")]
+    moved = [f"--stage-in {item}" for item in stage_in if not item.lower().startswith(("ftp://", STAGED))]
     moved += [f"--stage-out {item}" for item in stage_out if item.partition("=")[2].lower().startswith("gsiftp://")]
     if not moved:
         return
     why = older_proxy_refusal(credential, gsi=False, prot="P")
     if why is not None:
         raise CLIError(f"{moved[0]}: {why}; no job was submitted")
+
+
+def _check_staged(item: str) -> None:
+    """A staging area is flat: staged:NAME names a file in it (what the service takes, jobs.xsd), refused here
+    before anything is uploaded or submitted."""
+    name = item[len(STAGED):]
+    if not name or "/" in name or name in (".", ".."):
+        raise CLIError(f"--stage-in {item}: staged:NAME names a file of your staging area, which is flat (no "
+                       f"directories): `vmgrid job info ENDPOINT` shows its URL")
 
 
 def cmd_submit(args) -> int:
@@ -363,7 +399,9 @@ def cmd_submit(args) -> int:
     lifetime = _lifetime(args.lifetime)
     _check_stdin(args.stdin, args.stage_in)
     for item in args.stage_in:
-        if not item.startswith(("gsiftp://", "ftp://")) and not Path(item).is_file():
+        if item.startswith(STAGED):
+            _check_staged(item)
+        elif not item.startswith(("gsiftp://", "ftp://")) and not Path(item).is_file():
             raise CLIError(f"--stage-in {item}: no such file")
     jobs = connect(args)
     _refuse_older_proxy(jobs.service.credential, args.stage_in, args.stage_out)
@@ -372,7 +410,7 @@ def cmd_submit(args) -> int:
         raise CLIError(why)
     stage_in = []
     for item in args.stage_in:
-        if item.startswith(("gsiftp://", "ftp://")):
+        if item.startswith(("gsiftp://", "ftp://", STAGED)):      # the service fetches it (staged: from the area)
             stage_in.append(StageIn(item, _stage_in_name(item)))
             continue
         path = Path(item)
@@ -406,7 +444,11 @@ def _info_dict(info) -> dict:
             "resourceBounds": None if info.resource_bounds is None else [
                 {"resource": e.resource, "setting": e.setting, "bound": e.bound, "processesKilled": e.processes_killed,
                  "bytesDropped": e.bytes_dropped, "unbounded": e.unbounded, "description": e.description}
-                for e in info.resource_bounds]}
+                for e in info.resource_bounds],
+            "outputTailsWithheld": info.tails_withheld}
+
+
+TAILS_WITHHELD = "(output tails: the submitter's and the admins' only)"
 
 
 def cmd_status(args) -> int:
@@ -417,14 +459,16 @@ def cmd_status(args) -> int:
     d = _info_dict(info)
     if info.cancel_requested:
         d["state"] += " (being cancelled: its program is stopped and what it wrote recorded, then it is Cancelled)"
-    for k in ("key", "state", "exitCode", "failure", "executable", "submitted", "started", "ended",
+    for k in ("key", "state", "exitCode", "failure", "owner", "executable", "submitted", "started", "ended",
               "terminationTime", "directory"):
-        if d[k] is not None:
+        if d[k] not in (None, ""):
             print(f"{k:16} {printable(d[k])}")
     for e in info.resource_bounds or ():          # what the bounds did: a Done job's killed process too
         print(f"{printable(e.resource):16} {printable(e.description)}")
     for n, s, h, _ in info.outputs:
         print(f"{'output':16} {printable(n)} {printable(s)} bytes sha256 {printable(h)}")
+    if info.tails_withheld:
+        print(TAILS_WITHHELD)
     for label, tail in (("stdout", info.stdout_tail), ("stderr", info.stderr_tail)):
         _print_tail(label, tail, sys.stdout)
     return 0
@@ -442,6 +486,8 @@ def cmd_wait(args) -> int:
     info = call(connect(args).wait, check_key(args.job), args.timeout, on_update=Follow())
     line = printable(info.state) if info.exit_code is None else f"{printable(info.state)} (exit code {info.exit_code})"
     print(line + bounds_acted(info))
+    if info.tails_withheld:
+        print(TAILS_WITHHELD, file=sys.stderr)
     return ended(info, bounds_told=True)
 
 
@@ -521,6 +567,73 @@ def cmd_get(args) -> int:
         print(path)
     if info.state != "Done":          # fetched: what the program wrote before the job ended so
         print(f"job {key} is {state}{why}: its outputs are what its program wrote before it ended", file=sys.stderr)
+    return 0
+
+
+def cmd_lifetime(args) -> int:
+    from datetime import datetime, timezone
+
+    from client.commands_vm import parse_seconds
+    from services.faults import LimitExceeded
+
+    key, seconds, when = check_key(args.job), None, None
+    if re.fullmatch(r"\s*-?\d+\s*[smhd]?\s*", args.when):
+        seconds = parse_seconds(args.when, minimum=1)
+    else:
+        try:
+            when = datetime.fromisoformat(args.when.strip().replace("Z", "+00:00"))
+        except ValueError:
+            raise CLIError(f"{args.when!r} is neither a duration (seconds or 90m, 2h, 1d) nor an ISO 8601 time") \
+                from None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+    jobs = connect(args)
+
+    def move():
+        try:
+            return jobs.set_lifetime(key, seconds, when=when), None
+        except LimitExceeded as exc:
+            if exc.limit != "max_lifetime":
+                raise
+            return None, exc
+
+    new, over = call(move)
+    if over is not None:        # the service's bound, said with the latest end it allows this job
+        submitted = call(jobs.status, key).submitted
+        latest = (f" (submitted {submitted:%Y-%m-%d %H:%M:%S} UTC: at the latest until "
+                  f"{datetime.fromtimestamp(submitted.timestamp() + int(over.allowed), timezone.utc):%Y-%m-%d %H:%M:%S}"
+                  f" UTC)" if submitted and str(over.allowed or "").isdigit() else "")
+        raise CLIError(f"{args.when.strip()}: job {key} would live longer than this service keeps a job: its "
+                       f"max_lifetime is {printable(over.allowed)} s from a job's submission{latest}; its termination "
+                       f"time is unchanged (fetch its outputs before then: vmgrid job get)")
+    now = datetime.now(timezone.utc)
+    print(f"{key}: terminates at {new:%Y-%m-%d %H:%M:%S} UTC ({int((new - now).total_seconds())} s from now); then "
+          f"it and its outputs are destroyed")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from services.jobs.wire import NS
+
+    jobs = connect(args)
+    root = call(jobs.info)
+    url = call(jobs.staging_url)
+    if args.staging_url:
+        print(url)
+        return 0
+    d = {"instanceOwner": root.findtext("job:instanceOwner", namespaces=NS), "gridftp": root.findtext(
+        "job:gridftp", namespaces=NS), "stagingDirectory": root.findtext("job:stagingDirectory", namespaces=NS),
+         "stagingURL": url, "logs": [el.text for el in root.iterfind("job:log", NS)]}
+    if args.json:
+        print(json.dumps(d, indent=2))
+        return 0
+    for k in ("instanceOwner", "gridftp", "stagingDirectory", "stagingURL"):
+        if d[k] not in (None, ""):
+            print(f"{k:16} {printable(d[k])}")
+    if d["logs"]:
+        print(f"{'logs':16} {printable(' '.join(d['logs']))}")
+    print(f"(a file put in {printable(url)} is staged into a job of yours with --stage-in staged:NAME; it stays "
+          f"until overwritten or deleted)")
     return 0
 
 

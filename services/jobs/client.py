@@ -31,6 +31,9 @@ FINAL_STATES = ("Done", "Failed", "Cancelled")
 # properties a job service of an older runtime (a guest image built before them) does not have: a status it
 # refuses for one is asked again without the one it named
 NEWER_PROPERTIES = frozenset({wire.CancelRequested.qname, wire.ResourceBounds.qname})
+# what a job wrote: its submitter's and the VO's admins' only (the service's AccessDenied, action job.read-output, for
+# anyone else, the instance's owner on an admin's job included): the rest of its properties are asked without them
+TAILS = frozenset({wire.StdoutTail.qname, wire.StderrTail.qname})
 
 
 class OutputsInTheWay(RuntimeError):
@@ -78,6 +81,7 @@ class JobInfo:
     # what the service's bounds did to the job once its program ended (none: nothing); None: nothing known (not
     # ended yet, no exit status, or a service older than the ResourceBounds property)
     resource_bounds: list[BoundEvent] | None = None
+    tails_withheld: bool = False        # the service refused the caller the output tails (not her job): not asked
 
     @classmethod
     def from_properties(cls, key: str, props: etree._Element) -> "JobInfo":
@@ -115,6 +119,7 @@ class JobClient:
         self.service = service
         self._info: etree._Element | None = None
         self._unknown: frozenset[str] = frozenset()      # NEWER_PROPERTIES this service has refused: not asked again
+        self._no_tails: set[str] = set()     # jobs whose output tails the service refused the caller: not asked again
 
     def ref(self, key: str) -> EndpointReference:
         return EndpointReference.of(self.service.url, wire.KEY_TAG, key)
@@ -151,9 +156,27 @@ class JobClient:
         name = path.name
         if once and len(name) <= MAX_STAGED - len(ONCE) - 17:
             name = f"{ONCE}{secrets.token_hex(8)}.{name}"
-        result = upload(path, f"{self.gridftp_url()}{area}{name}", 2, credential=self.service.credential,
-                        trust=self.service.trust, progress=progress, server_dn=self._face_dn())
+        url = f"{self.gridftp_url()}{area}{name}"
+        if not once:
+            result = upload(path, url, 2, credential=self.service.credential, trust=self.service.trust,
+                            progress=progress, server_dn=self._face_dn())
+            return StageIn(f"staged:{name}", path.name, result.sha256)
+        # a once-name is never asked for again, so no later command resumes its upload: its restart markers are
+        # kept for this upload's own retries only, never in ~/.cache/vmgrid/gridftp (trial15 N1)
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="vmgrid-stage-in-") as state:
+            result = upload(path, url, 2, credential=self.service.credential, trust=self.service.trust,
+                            progress=progress, server_dn=self._face_dn(), state_dir=state)
         return StageIn(f"staged:{name}", path.name, result.sha256)
+
+    def staging_url(self) -> str:
+        """The caller's staging area on the service's GridFTP face (gsiftp://HOST:PORT/staging/<area>/): a file put
+        there (`vmgrid transfer`, globus-url-copy) is staged into any job of hers as ``staged:NAME``."""
+        area = self.info().findtext("job:stagingDirectory", namespaces=wire.NS)
+        if not area:
+            raise RuntimeError(f"{self.service.url} names no staging directory of yours")
+        return f"{self.gridftp_url().rstrip('/')}{area}"
 
     def service_certificate(self):
         """The certificate the job service signs its answers with (its own), read from a signed answer."""
@@ -255,19 +278,36 @@ class JobClient:
         (InvalidArgument naming it): the status is asked again without it, and it is never asked again of this
         service, so following a job (:meth:`wait`) costs it no refusal per poll; such a job reads as the property's
         absence (``cancel_requested`` False, ``resource_bounds`` None). The others it knows are still asked (one
-        from between the two has CancelRequested and not ResourceBounds)."""
+        from between the two has CancelRequested and not ResourceBounds). The output tails of a job that is not the
+        caller's (an admin's job, read by the instance's owner) are refused (AccessDenied, job.read-output): the rest
+        is asked again without them, and so at every later poll of the job (``tails_withheld``)."""
+        names = [n for n in wire.JOB_PROPERTIES.names if n != CurrentTime.qname
+                 and not (key in self._no_tails and n in TAILS)]
+        try:
+            props = self._ask(key, names)
+        except AccessDenied as exc:
+            if exc.action != "job.read-output" or key in self._no_tails:
+                raise
+            self._no_tails.add(key)
+            props = self._ask(key, [n for n in names if n not in TAILS])
+        info = JobInfo.from_properties(key, props)
+        info.tails_withheld = key in self._no_tails
+        return info
+
+    def _ask(self, key: str, names: list[str]) -> etree._Element:
+        """GetMultipleResourceProperties of ``names``, less those this service is known not to have; one of
+        NEWER_PROPERTIES it refuses (InvalidArgument naming it) is dropped and never asked of it again (see
+        :meth:`status`)."""
         while True:
-            names = [n for n in wire.JOB_PROPERTIES.names if n != CurrentTime.qname and n not in self._unknown]
+            asked = [n for n in names if n not in self._unknown]
             try:
-                props = self._on(key, "GetMultipleResourceProperties",
-                                 ResourceProperty=[etree.QName(n) for n in names])
+                return self._on(key, "GetMultipleResourceProperties",
+                                ResourceProperty=[etree.QName(n) for n in asked])
             except InvalidArgument as exc:
                 refused = {n for n in NEWER_PROPERTIES - self._unknown if n in str(exc)}
                 if not refused:
                     raise
                 self._unknown |= refused
-                continue
-            return JobInfo.from_properties(key, props)
 
     def property(self, key: str, qname: str) -> list[etree._Element]:
         return list(self._on(key, "GetResourceProperty", etree.QName(qname)))
@@ -309,8 +349,15 @@ class JobClient:
     def destroy(self, key: str) -> None:
         self._on(key, "Destroy")
 
-    def set_lifetime(self, key: str, seconds: int) -> datetime:
-        resp = self._on(key, "SetTerminationTime", RequestedLifetimeDuration=f"PT{int(seconds)}S")
+    def set_lifetime(self, key: str, seconds: int | None = None, *, when: datetime | None = None) -> datetime:
+        """Move job ``key``'s termination time to ``seconds`` from now, or to ``when``; the new one."""
+        if when is not None:
+            from datetime import timezone
+
+            kwargs = {"RequestedTerminationTime": when.astimezone(timezone.utc)}
+        else:
+            kwargs = {"RequestedLifetimeDuration": f"PT{int(seconds)}S"}
+        resp = self._on(key, "SetTerminationTime", **kwargs)
         return TerminationTime.parse(resp.find(f"{{{RL}}}NewTerminationTime"))
 
     def subscribe(self, key: str, consumer_url: str) -> etree._Element:
