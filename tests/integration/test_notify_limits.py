@@ -15,7 +15,7 @@ from services.wsrf import notification
 from services.wsrf.notification import ConsumerPolicy
 from tests.fixtures.drip import dripping_listener
 from tests.fixtures.grid import start_grid
-from tests.fixtures.resolver import rebinding, stalling
+from tests.fixtures.resolver import counting, rebinding, stalling
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -297,17 +297,6 @@ def stall_others(lookups, name: str, callers: int, each: int = 1) -> None:
             with pytest.raises(Unresolved):
                 notification.lookup(f"{k}.{name}", 80, 0.05, caller=f"/O=Grid/OU=vmgrid/CN=staller{n}")
 
-
-def counting(monkeypatch) -> list[str]:
-    """The hosts socket.getaddrinfo is asked for from now on (on top of the stalling resolver the test set)."""
-    asked: list[str] = []
-    real = socket.getaddrinfo
-
-    def getaddrinfo(host, *args, **kwargs):
-        asked.append(host)
-        return real(host, *args, **kwargs)
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    return asked
 
 
 def test_a_consumer_given_as_an_address_is_subscribed_while_the_nodes_lookups_all_stall(grid, grid_pki, monkeypatch,

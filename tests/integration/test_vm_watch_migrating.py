@@ -29,10 +29,10 @@ def grid(grid_pki, tmp_path_factory):
         g.close()
 
 
-def watch_while_migrating(grid, grid_pki, monkeypatch, name: str, *, fail_freeze: bool = False):
-    """Deploy ``name`` on node 0, migrate it to node 1 with the source's save held until `vmgrid vm watch NAME`
-    (against node 0) said what it does; then let the migration go on (or fail its freeze): the watch's process,
-    the migration's outcome (the moved instance's info or the fault) and the watch's first line."""
+def freeze_held(grid, grid_pki, monkeypatch, name: str, *, fail_freeze: bool = False):
+    """Deploy ``name`` on node 0 and migrate it to node 1 in a thread (``mover``), the source's save held until ``go``
+    is set (then it goes on, or fails the freeze); returned once the freeze began: (ref, outcome, mover, go), the
+    outcome the moved instance's info or the fault once ``mover`` ended."""
     source = grid.node(0)
     frozen, go = threading.Event(), threading.Event()
     real_save = source.vmm.save
@@ -54,8 +54,18 @@ def watch_while_migrating(grid, grid_pki, monkeypatch, name: str, *, fail_freeze
             outcome["fault"] = exc
     mover = threading.Thread(target=migrate, daemon=True)
     mover.start()
-    assert frozen.wait(60)
-    assert source.store.get(ref.key).state == "Migrating"
+    if not frozen.wait(60):
+        go.set()
+        raise AssertionError("the migration's freeze did not begin within 60 s")
+    return ref, outcome, mover, go
+
+
+def watch_while_migrating(grid, grid_pki, monkeypatch, name: str, *, fail_freeze: bool = False):
+    """:func:`freeze_held`, the freeze held until `vmgrid vm watch NAME` (against node 0) said what it does; then the
+    migration goes on (or fails its freeze): the watch's process, the migration's outcome (the moved instance's info
+    or the fault) and the watch's first line."""
+    ref, outcome, mover, go = freeze_held(grid, grid_pki, monkeypatch, name, fail_freeze=fail_freeze)
+    assert grid.node(0).store.get(ref.key).state == "Migrating"
     env = {**os.environ, **grid_pki.alice.env(grid_pki.cert_dir), "VMGRID_NODE": grid.node_url(0)}
     proc = subprocess.Popen([sys.executable, "-m", "client.cli", "vm", "watch", name, "--timeout", "120"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -121,28 +131,9 @@ def test_a_migrating_instance_answers_subscribe_destroy_and_set_termination_time
     undeclared fault as InternalFault), and `vm watch` reads the state from it without asking again."""
     from services.faults import IllegalTransition
 
-    source = grid.node(0)
-    frozen, go = threading.Event(), threading.Event()
-    real_save = source.vmm.save
-
-    def save(key, path, *args, **kwargs):
-        frozen.set()
-        assert go.wait(120)
-        return real_save(key, path, *args, **kwargs)
-    monkeypatch.setattr(source.vmm, "save", save)
     vm = grid.vmm(grid_pki.alice, 0)
-    ref = vm.deploy(grid.image, "held-in-freeze", 600, wait=True).ref
-    outcome: dict = {}
-
-    def migrate():
-        try:
-            outcome["moved"] = grid.vmm(grid_pki.alice, 0).migrate(ref, grid.node_url(1))
-        except Exception as exc:            # noqa: BLE001 - the test reads it
-            outcome["fault"] = exc
-    mover = threading.Thread(target=migrate, daemon=True)
-    mover.start()
+    ref, outcome, mover, go = freeze_held(grid, grid_pki, monkeypatch, "held-in-freeze")
     try:
-        assert frozen.wait(60)
         for operation, call in (("subscribe", lambda: vm.subscribe(ref, "https://consumer.example.org:9443/c")),
                                 ("destroy", lambda: vm.destroy(ref)),
                                 ("set-lifetime", lambda: vm.set_termination_time(ref, seconds=3600))):

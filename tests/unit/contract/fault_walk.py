@@ -173,20 +173,14 @@ class Project:
                 for t in targets:
                     if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self":
                         types = self._type_of_annotation(module, ann)
-                        if isinstance(value, ast.Call):
-                            r = self._resolve_expr_static(module, value.func)
-                            if r and r[0] == "class":
-                                types.add(r[1])
-                        elif isinstance(value, ast.Name) and value.id in params:
-                            types |= params[value.id]
-                        elif isinstance(value, ast.BoolOp):         # x or Default()
-                            for v in value.values:
-                                if isinstance(v, ast.Call):
-                                    r = self._resolve_expr_static(module, v.func)
-                                    if r and r[0] == "class":
-                                        types.add(r[1])
-                                elif isinstance(v, ast.Name) and v.id in params:
-                                    types |= params[v.id]
+                        # x or Default(): each alternative as a value of its own
+                        for v in value.values if isinstance(value, ast.BoolOp) else [value]:
+                            if isinstance(v, ast.Call):
+                                r = self._resolve_expr_static(module, v.func)
+                                if r and r[0] == "class":
+                                    types.add(r[1])
+                            elif isinstance(v, ast.Name) and v.id in params:
+                                types |= params[v.id]
                         if types:
                             info.attrs.setdefault(t.attr, set()).update(types)
 

@@ -18,7 +18,7 @@ from services.wsrf import notification
 from services.wsrf.epr import EndpointReference
 from services.wsrf.notification import (ConsumerPolicy, DeliveryLimits, Notifier, Subscription, Subscriptions,
                                         notify_envelope)
-from tests.fixtures.resolver import rebinding
+from tests.fixtures.resolver import counting, rebinding
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -393,17 +393,6 @@ def test_an_ip_address_is_no_lookup_and_takes_no_slot(monkeypatch, lookups, addr
         release.set()
     settled(lookups)
 
-
-def counting(monkeypatch) -> list[str]:
-    """The hosts socket.getaddrinfo is asked for from now on (on top of whatever resolver the test set)."""
-    asked: list[str] = []
-    real = socket.getaddrinfo
-
-    def getaddrinfo(host, *args, **kwargs):
-        asked.append(host)
-        return real(host, *args, **kwargs)
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    return asked
 
 
 def test_a_name_that_timed_out_is_refused_at_once_for_its_caller_only(monkeypatch, lookups):
