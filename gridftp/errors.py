@@ -10,6 +10,11 @@ class ProtocolError(GridFTPError):
     """The peer broke the protocol: a malformed reply, block header or marker."""
 
 
+class SizeLimitExceeded(ProtocolError):
+    """A sender sent bytes past the bound its receiver was given (the size an ALLO announced, a quota's room, the
+    server's max_file_size)."""
+
+
 class ReplyError(GridFTPError):
     """The server answered a command with a transient (4xx) or permanent (5xx) negative reply."""
 

@@ -35,7 +35,8 @@ from .datachannel import (ACCEPT_TIMEOUT, Counter, ModeEReceiver, ModeESender, T
                           accept_one, close_all, close_cached, connect_streams, open_listener, receive_stream,
                           send_stream, shutdown_listener)
 from .datachannel import NoFreeDataPort
-from .errors import AuthenticationError, ChecksumMismatch, GridFTPError, PathError, ProtocolError, TransferError
+from .errors import (AuthenticationError, ChecksumMismatch, GridFTPError, PathError, ProtocolError, SizeLimitExceeded,
+                     TransferError)
 from .filespace import (PART_SUFFIX, SIDECAR_SUFFIX, FileSpace, LocalFileSpace, has_control, is_internal,
                         normalize)
 from .gridmap import DNSet, GridMap, dn_key
@@ -1982,7 +1983,7 @@ class _Session:
         """Receive into ``sink``; sends markers; returns True when all data arrived (else replied)."""
         counter = Counter()
         receiver = ModeEReceiver(sink, shift=shift, limit=limit, counter=counter, keep_open=True,
-                                 throttle=self._throttle())
+                                 throttle=self._throttle(), drain=self.allo is None)
         cached = self.data.claim()
         for sock in cached:     # the connections kept from the session's last upload (GFD.20 caching)
             receiver.add_connection(sock, reused=True)
@@ -2032,8 +2033,8 @@ class _Session:
         return True
 
     def _receive_mode_s(self, sink, start: int, limit: int | None, protection) -> bool:
-        done = self._stream_mode(lambda sock: receive_stream(sock, sink, start, limit=limit, throttle=self._throttle()),
-                                 protection)
+        done = self._stream_mode(lambda sock: receive_stream(sock, sink, start, limit=limit, throttle=self._throttle(),
+                                                             drain=self.allo is None), protection)
         if isinstance(sink, PartialFile):
             sink.checkpoint()
         return done
@@ -2123,7 +2124,7 @@ def _past_bound(error: BaseException) -> bool:
     """Is ``error`` the data channel's refusal of bytes past the bound it was given (ModeEReceiver's "block ... beyond
     the announced size", receive_stream's "more data than the announced size")? Other protocol errors (a stream
     closed before its end, a bad EOF block) are not."""
-    return isinstance(error, ProtocolError) and "announced size" in str(error)
+    return isinstance(error, SizeLimitExceeded)
 
 
 class _FdSink:
