@@ -270,6 +270,10 @@ def open_listener(host: str, sbuf: int | None = None, backlog: int = 64) -> sock
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             set_buffers(sock, sbuf)   # before listen, so accepted sockets inherit the window scale
+            # a port whose last data connection this side closed first (a listing, a MODE S download) is in
+            # TIME_WAIT for a minute: without this no PASV could take it, and one user's listings emptied a narrow
+            # range for everyone (attack16 G3); Linux still refuses a second listener on a port that has one
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((host, port))
             sock.listen(backlog)
             return sock
