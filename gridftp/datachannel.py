@@ -1019,6 +1019,11 @@ def accept_connections(listener: socket.socket, receiver: ModeEReceiver, *,
         finally:
             gate.close()
             close_all([wake, waker])
+            if receiver.error is not None:
+                # the connections the sender opened that are still in the listener's queue are reset now: its
+                # threads sending into them (the server of a download this side gave up, its disk full) would
+                # wait until their timeouts, and this side on the server's reply (a 120 s hang in a CI run)
+                shutdown_listener(listener)
 
     t = threading.Thread(target=run, name="gridftp-accept", daemon=True)
     t.start()
