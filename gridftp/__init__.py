@@ -12,7 +12,8 @@ from __future__ import annotations
 import importlib
 
 from .errors import (AuthenticationError, AuthorizationDenied, ChecksumMismatch, ChecksumUnavailable,
-                     GridFTPError, PathError, ProtocolError, ReplyError, ReplyTimeout, TransferError)
+                     GridFTPError, PathError, ProtocolError, ReplyError, ReplyTimeout, SizeLimitExceeded,
+                     TransferError)
 
 # The submodule gridftp.checksum loads now, so that the package's name `checksum` is then free for the
 # function transfer.checksum (served by __getattr__ below) and no later import of the submodule rebinds it.
@@ -47,5 +48,5 @@ __all__ = [
     "GridFTPServer", "FileSpace", "LocalFileSpace", "GridFTPClient", "GridFTPURL", "Credential", "TLSConfig",
     "download", "upload", "third_party", "checksum", "TransferResult",
     "GridFTPError", "ProtocolError", "ReplyError", "AuthenticationError", "AuthorizationDenied",
-    "TransferError", "ReplyTimeout", "ChecksumMismatch", "ChecksumUnavailable", "PathError",
+    "TransferError", "ReplyTimeout", "ChecksumMismatch", "ChecksumUnavailable", "PathError", "SizeLimitExceeded",
 ]

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 
 from .control import is_tls
-from .errors import AuthenticationError, ProtocolError, TransferError
+from .errors import AuthenticationError, ProtocolError, SizeLimitExceeded, TransferError
 from .protocol import (BLOCK_HEADER, DESC_CLOSE, DESC_EOD, DESC_EOF, DESC_ERRORS, DESC_RESTART, MAX_PARALLELISM)
 from .ranges import split_blocks
 
@@ -741,7 +741,7 @@ class ModeEReceiver:
                        view: memoryview, plain: bool, slot: int) -> None:
         start = offset + self.shift
         if self.limit is not None and start + count > self.limit:
-            raise ProtocolError(f"block {start}+{count} beyond the announced size {self.limit}")
+            raise SizeLimitExceeded(f"block {start}+{count} beyond the announced size {self.limit}")
         discard = bool(desc & (DESC_ERRORS | DESC_RESTART))
         throttle = self.throttle
         if desc & DESC_ERRORS:
@@ -1061,7 +1061,7 @@ def receive_stream(sock: socket.socket, sink: Sink, start: int, *, limit: int | 
             if n == 0:
                 break
             if limit is not None and pos + n > limit:
-                raise ProtocolError(f"more data than the announced size {limit}")
+                raise SizeLimitExceeded(f"more data than the announced size {limit}")
             sink.write(pos, view[:n])
             pos += n
             counter.add(slot, n)

@@ -10,6 +10,13 @@ class ProtocolError(GridFTPError):
     """The peer broke the protocol: a malformed reply, block header or marker."""
 
 
+class SizeLimitExceeded(ProtocolError):
+    """Data past the bound a receiver was given: the size a client announced (ALLO, or the file's size a download
+    expects), else the room the receiving server granted the store (its quota, its max_file_size). Raised by the
+    data channel's receivers (gridftp.datachannel) and matched by type, not by its words, where the server answers
+    a store's overrun (552 naming the bound)."""
+
+
 class ReplyError(GridFTPError):
     """The server answered a command with a transient (4xx) or permanent (5xx) negative reply."""
 

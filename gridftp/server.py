@@ -35,7 +35,8 @@ from .datachannel import (ACCEPT_TIMEOUT, Counter, ModeEReceiver, ModeESender, T
                           accept_one, close_all, close_cached, connect_streams, open_listener, receive_stream,
                           send_stream, shutdown_listener)
 from .datachannel import NoFreeDataPort
-from .errors import AuthenticationError, ChecksumMismatch, GridFTPError, PathError, ProtocolError, TransferError
+from .errors import (AuthenticationError, ChecksumMismatch, GridFTPError, PathError, ProtocolError, SizeLimitExceeded,
+                     TransferError)
 from .filespace import (PART_SUFFIX, SIDECAR_SUFFIX, FileSpace, LocalFileSpace, has_control, is_internal,
                         normalize)
 from .gridmap import DNSet, GridMap, dn_key
@@ -2120,10 +2121,10 @@ def _too_large(limit: int, then: str = "") -> str:
 
 
 def _past_bound(error: BaseException) -> bool:
-    """Is ``error`` the data channel's refusal of bytes past the bound it was given (ModeEReceiver's "block ... beyond
-    the announced size", receive_stream's "more data than the announced size")? Other protocol errors (a stream
-    closed before its end, a bad EOF block) are not."""
-    return isinstance(error, ProtocolError) and "announced size" in str(error)
+    """Is ``error`` the data channel's refusal of bytes past the bound it was given (:class:`SizeLimitExceeded`, from
+    ModeEReceiver and receive_stream)? Other protocol errors (a stream closed before its end, a bad EOF block) are
+    not, whatever their words."""
+    return isinstance(error, SizeLimitExceeded)
 
 
 class _FdSink:
