@@ -104,6 +104,13 @@ def register(subparsers) -> None:
                    help="a login whose DN matches a --guest-dn pattern is refused outright (530, then closed), as the "
                         "repository's face and a node's migration export refuse guest containers; by default guests "
                         "log in as users")
+    s.add_argument("--passive-per-identity", type=int, default=2, metavar="N",
+                   help="passive data ports (PASV/EPSV/SPAS) no data connection has reached yet that one user identity "
+                        "may hold across its sessions; a further one gets 425 naming the bound (default 2; hosts not "
+                        "counted)")
+    s.add_argument("--passive-wait", type=float, default=10.0, metavar="SECONDS",
+                   help="a passive data port no data command takes up within this long is closed (default 10; 0: "
+                        "never)")
     p.add_argument("--data-ports", metavar="LOW,HIGH",
                    help="accept data connections (PASV/EPSV/SPAS) only on ports LOW to HIGH, for a site firewall "
                         "(default: $GLOBUS_TCP_PORT_RANGE, as Globus reads it, else any free port); the control "
