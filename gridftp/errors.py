@@ -37,6 +37,19 @@ class AuthenticationError(GridFTPError):
     """The control or a data channel could not be authenticated (TLS handshake, certificate, login)."""
 
 
+class GSIOnlyServer(AuthenticationError):
+    """The server refused AUTH TLS with 504 (unknown mechanism): most likely a GSI-only server (globus-gridftp-server),
+    which AUTH GSSAPI reaches (``gsi=True``, or ``gsi=GSI_FALLBACK``, which tries it on the same connection). Raised
+    only where no fallback was asked; the caller that knows what its user sets for GSI says so (`vmgrid transfer`
+    falls back by itself; a node names [vmmanager] staging_gsi)."""
+
+    def __init__(self, code: int, text: str):
+        super().__init__(f"server refused AUTH TLS: {code} {text} (a GSI-only server, e.g. globus-gridftp-server: "
+                         f"it takes AUTH GSSAPI)")
+        self.code = code
+        self.text = text
+
+
 class AuthorizationDenied(ReplyError):
     """The server refused the path for this identity (550 ... permission denied); a ReplyError too."""
 
