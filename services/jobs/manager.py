@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from gridftp.checksum import hash_file
 from gridftp.filespace import PART_SUFFIX, SIDECAR_SUFFIX, is_internal
@@ -50,6 +50,8 @@ DELEGATED_PROXY = "delegated-proxy.pem"
 # ended jobs' directories a sweep asks the store for, at most, to count again (those due the longest first); it counts
 # them for at most tree.WALK_SHARE of its interval and rests after (attack15: the sweeps read every ended job's record)
 RECOUNT_BATCH = 64
+# entries of jobs/ and control/ one sweep's orphan search looks at: a pass over them all is spread over sweeps
+ORPHAN_BATCH = 1000
 
 StateListener = Callable[[Job, JobState, JobState], None]
 
@@ -125,6 +127,8 @@ class JobManager:
         # the keys of the jobs not destroyed (what the orphan search compares jobs/ and control/ with: no record is
         # read per directory); a submit adds one under _guard, a Destroy takes it out
         self._known = {r[0] for r in self.store.db.conn().execute("SELECT key FROM jobs WHERE destroyed = 0")}
+        self._orphan_walk: Iterator[Path] | None = None      # the orphan search's pass under way
+        self._orphan_pass: set[Path] = set()                 # what it found without a record so far
         self.reconcile_report = self.reconcile()
 
     # -- who may use it -----------------------------------------------------------------------------
@@ -809,15 +813,33 @@ class JobManager:
 
     def _remove_orphans(self) -> None:
         """Directories in jobs/ and control/ of no job (left by a Destroy of an earlier version, or a crash
-        between a Destroy's record and its move) go to the trash, found so by two sweeps in a row."""
-        with self._guard:                  # a submit makes a job's directory and its record under it
-            found = {d / name for d in (self.jobs_dir, self.control_dir) for name in os.listdir(d)
-                     if name not in self._known}
+        between a Destroy's record and its move) go to the trash, found so by two passes in a row of the search. A
+        sweep looks at ORPHAN_BATCH entries of a pass (a pass over many kept jobs takes several sweeps: a sweep's cost
+        does not grow with them), each against the keys of the jobs kept (no record is read)."""
+        with self._guard:                  # a submit makes a job's directory and its key under it
+            if self._orphan_walk is None:
+                self._orphan_walk = self._entries()
+            for _ in range(ORPHAN_BATCH):
+                path = next(self._orphan_walk, None)
+                if path is None:
+                    break
+                if path.name not in self._known:
+                    self._orphan_pass.add(path)
+            else:
+                return                     # the pass goes on at the next sweep
+            self._orphan_walk, found, self._orphan_pass = None, self._orphan_pass, set()
         for path in self.trash.orphans(found):
             try:
                 self.trash.put(path, "", ".orphan" if path.parent == self.jobs_dir else ".control")
             except OSError as exc:
                 log.warning("could not move the orphaned %s aside: %s", path, exc)
+
+    def _entries(self) -> Iterator[Path]:
+        """The entries of jobs/ and control/, read as they are asked for (one pass of the orphan search)."""
+        for d in (self.jobs_dir, self.control_dir):
+            with os.scandir(d) as entries:
+                for entry in entries:
+                    yield d / entry.name
 
     def check_quotas(self) -> None:
         """Kill each running job whose directory holds more than the job's quota (``[jobs] staging_quota``), or
