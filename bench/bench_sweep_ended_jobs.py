@@ -5,7 +5,7 @@ where the store keeps when an ended directory is due to be counted again (jobsta
 (the steady state: the first sweeps after an upgrade count the ended jobs of before again, a batch at a time). Prints
 the seconds of each sweep and of the submitter's total a submit asks for. The job uid registry is a throw-away one.
 
-    sudo .venv/bin/python bench/bench_sweep_ended_jobs.py [--ended 100000] [--sweeps 5]
+    .venv/bin/python bench/bench_sweep_ended_jobs.py [--ended 100000] [--sweeps 5]      (as root)
 
 Run it from another checkout with PYTHONPATH=that checkout to compare (before/after)."""
 from __future__ import annotations
