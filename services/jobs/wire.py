@@ -264,8 +264,9 @@ class ResourceBounds(ResourceProperty):
 
     @classmethod
     def parse(cls, el):
-        def number(text):
-            return int(text) if text is not None and text.strip().isdigit() else None
+        def number(text):       # a service's words: ASCII digits of a 64-bit count, else unknown (never a traceback)
+            text = (text or "").strip()
+            return int(text) if text.isascii() and text.isdigit() and len(text) <= 20 else None
 
         events = []
         for e in el.iterfind("job:event", NS):
