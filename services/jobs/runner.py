@@ -249,7 +249,7 @@ class MemoryBound:
             remove_cgroup(str(self.cgroup(key)), tries=20)
 
 
-MEMORY_SETTING = "bytes (0: no bound), or a share of the machine's memory such as \"80%\""
+MEMORY_SETTING = "bytes (0: no bound), a share of the machine's memory such as \"80%\", or \"auto\" (the default)"
 MEMORY_FLOOR = 16 << 20         # the least memory bound in bytes a site may give: a shell and Python start in it
 MEMORY_AUTO = "auto"            # the default of memory_limit and memory_total (memory_auto)
 AUTO_SHARE = 75                 # "auto": at most this share (percent) of the machine's memory,
@@ -286,19 +286,21 @@ def memory_limit_bytes(setting: int | str, total: int | None = None, key: str = 
             raise ValueError(f"[jobs] {key} = {setting}: {MEMORY_SETTING}")
         if 0 < setting < MEMORY_FLOOR:      # trial14 U9: 1000 (meant as MiB?) started, then killed every job
             raise ValueError(f"[jobs] {key} = {setting}: bytes, at least {MEMORY_FLOOR} (16 MiB: no job starts in "
-                             f"less), or 0 for no bound, or a share of the machine's memory such as \"80%\"")
+                             f"less), or 0 for no bound, or a share of the machine's memory such as \"80%\", or "
+                             f"\"auto\" (the default)")
         return setting
     if setting == MEMORY_AUTO:
         return memory_auto(machine_memory() if total is None else total, job=key == "memory_limit")
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*%\s*", setting) if isinstance(setting, str) else None
     if match is None or not 0 < float(match.group(1)) <= 100:
-        raise ValueError(f"[jobs] {key} = {setting!r}: {MEMORY_SETTING}, more than 0% and at most 100%")
+        raise ValueError(f"[jobs] {key} = {setting!r}: {MEMORY_SETTING}; a share more than 0% and at most 100%")
     if total is None:
         total = machine_memory()
     share = int(total * float(match.group(1)) / 100) // 4096 * 4096
     if share < MEMORY_FLOOR:        # H3/X1: "0.001%" passed the floor bytes have, then every job was killed
         raise ValueError(f"[jobs] {key} = {setting!r} is {share} bytes of this machine's {total}: at least "
-                         f"{MEMORY_FLOOR} (16 MiB: no job starts in less); give a larger share, or bytes")
+                         f"{MEMORY_FLOOR} (16 MiB: no job starts in less); give a larger share, bytes, or "
+                         f"\"auto\" (the default)")
     return share
 
 
