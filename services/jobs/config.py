@@ -39,8 +39,9 @@ class JobsConfig:
                                        # machine's memory (MemTotal at start), or "auto": memory_total's "auto"
                                        # less 16 MiB (services/jobs/runner.py memory_auto)
     memory_total: int | str = "auto"   # memory all the service's jobs may have together (one memory cgroup of the
-                                       # service's holding the jobs'; past it the kernel kills the largest process,
-                                       # which fails naming this key): bytes, 0 = no bound, "P%", or "auto": the
+                                       # service's holding the jobs'; there the service kills the job holding the
+                                       # most, its /tmp included, which fails naming this key: runner.py
+                                       # MemoryWatch): bytes, 0 = no bound, "P%", or "auto": the
                                        # smaller of 75% and all of it but 192 MiB, at least 25%; the rest stays for
                                        # the system (its code's pages included) however many jobs run
     network: str = "host"              # "host": jobs share the host's network; "none": each job has a network

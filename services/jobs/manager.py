@@ -25,8 +25,8 @@ from services.faults import (AccessDenied, IllegalTransition, InvalidArgument, L
 from services.jobs.bounds import BoundEvent, read_bound_events
 from services.jobs.config import JobsConfig
 from services.jobs.files import chown_tree, lock, open_beneath, open_output
-from services.jobs.runner import (Exit, Process, job_environment, memory_cgroups, memory_limit_bytes, network_mode,
-                                  pid_namespaces, pids_cgroups, proc_start_time, read_exit, read_supervisor,
+from services.jobs.runner import (Exit, MemoryWatch, Process, job_environment, memory_cgroups, memory_limit_bytes,
+                                  network_mode, pid_namespaces, pids_cgroups, proc_start_time, read_exit, read_supervisor,
                                   remove_job_cgroup, remove_left_cgroups, remove_service_cgroups)
 from services.jobs.staging import ONCE, Stager, StagingError, as_submitter, inside
 from services.jobs import tree, uids
@@ -119,6 +119,7 @@ class JobManager:
             log.warning("jobs' memory is unbounded, not at most [jobs] memory_limit = %r (%d bytes) each (%s: the job "
                         "service needs a memory cgroup hierarchy it may write, e.g. root as in a guest): a job can take "
                         "all of the node's memory", config.memory_limit, self.memory.limit, self.memory.why_not)
+        self.memory_watch: MemoryWatch | None = None     # started with the service (start)
         self._over_quota: dict[str, str] = {}
         self.counts = tree.Counts(config.max_files, config.sweep_interval)   # live jobs' and trash entries' last counts
         self.trash = tree.Trash(self.state_dir / "trash")     # destroyed jobs' directories, until removed
@@ -164,7 +165,10 @@ class JobManager:
 
     # -- the service's life -----------------------------------------------------------------------------
     def start(self) -> None:
-        """Start the sweeper and the watchers of the jobs found running at start-up."""
+        """Start the watch of the jobs' memory total, the sweeper and the watchers of the jobs found running at
+        start-up."""
+        if self.memory_watch is None:      # attack15 H2: at the total the job holding the most goes (runner.py)
+            self.memory_watch = MemoryWatch.start_for(self.memory, self.control_dir)
         for key, run in self._resume:
             self._spawn(key, run)
         self._resume.clear()
@@ -175,6 +179,8 @@ class JobManager:
         self._stop.set()
         if self._sweeper is not None:
             self._sweeper.stop()
+        if self.memory_watch is not None:      # the kernel chooses at the total until the next start
+            self.memory_watch.stop()
         if not self.store.live_keys():    # none runs nor starts: the service's cgroups go (when empty)
             remove_service_cgroups([self.pids_cgroup, self.memory.parent])
         self.store.close()

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -228,6 +229,8 @@ class MemoryBound:
     files: tuple[str, ...] = ()        # the files given a limit, in order (v1: memory, then memory + swap)
     extra: tuple[tuple[str, str], ...] = ()      # other files written (v2: memory.swap.max = 0)
     why_not: str | None = None         # why the jobs' memory is unbounded although a bound is asked
+    always: tuple[tuple[str, str], ...] = ()     # written to every job's cgroup, whatever its limit (v1:
+                                       # memory.oom_control 0: a job's cgroup inherits the service's 1, MemoryWatch)
 
     def cgroup(self, key: str) -> Path | None:
         return None if self.parent is None else self.parent / key
@@ -236,7 +239,7 @@ class MemoryBound:
         """The shim's spec of job ``key``'s memory bound."""
         if self.parent is None:
             return {"memory_unbounded": self.why_not} if self.why_not else {}
-        own = [(f, self.limit) for f in self.files] + list(self.extra) if self.limit else []
+        own = ([(f, self.limit) for f in self.files] + list(self.extra) if self.limit else []) + list(self.always)
         return {"memory_cgroup": str(self.cgroup(key)), "memory_limit": self.limit, "memory_limits": own,
                 "memory_total": self.total, "memory_parent": str(self.parent)}
 
@@ -246,7 +249,7 @@ class MemoryBound:
             remove_cgroup(str(self.cgroup(key)), tries=20)
 
 
-MEMORY_SETTING = "bytes (0: no bound), or a share of the machine's memory such as \"80%\""
+MEMORY_SETTING = "bytes (0: no bound), a share of the machine's memory such as \"80%\", or \"auto\" (the default)"
 MEMORY_FLOOR = 16 << 20         # the least memory bound in bytes a site may give: a shell and Python start in it
 MEMORY_AUTO = "auto"            # the default of memory_limit and memory_total (memory_auto)
 AUTO_SHARE = 75                 # "auto": at most this share (percent) of the machine's memory,
@@ -283,19 +286,21 @@ def memory_limit_bytes(setting: int | str, total: int | None = None, key: str = 
             raise ValueError(f"[jobs] {key} = {setting}: {MEMORY_SETTING}")
         if 0 < setting < MEMORY_FLOOR:      # trial14 U9: 1000 (meant as MiB?) started, then killed every job
             raise ValueError(f"[jobs] {key} = {setting}: bytes, at least {MEMORY_FLOOR} (16 MiB: no job starts in "
-                             f"less), or 0 for no bound, or a share of the machine's memory such as \"80%\"")
+                             f"less), or 0 for no bound, or a share of the machine's memory such as \"80%\", or "
+                             f"\"auto\" (the default)")
         return setting
     if setting == MEMORY_AUTO:
         return memory_auto(machine_memory() if total is None else total, job=key == "memory_limit")
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*%\s*", setting) if isinstance(setting, str) else None
     if match is None or not 0 < float(match.group(1)) <= 100:
-        raise ValueError(f"[jobs] {key} = {setting!r}: {MEMORY_SETTING}, more than 0% and at most 100%")
+        raise ValueError(f"[jobs] {key} = {setting!r}: {MEMORY_SETTING}; a share more than 0% and at most 100%")
     if total is None:
         total = machine_memory()
     share = int(total * float(match.group(1)) / 100) // 4096 * 4096
     if share < MEMORY_FLOOR:        # H3/X1: "0.001%" passed the floor bytes have, then every job was killed
         raise ValueError(f"[jobs] {key} = {setting!r} is {share} bytes of this machine's {total}: at least "
-                         f"{MEMORY_FLOOR} (16 MiB: no job starts in less); give a larger share, or bytes")
+                         f"{MEMORY_FLOOR} (16 MiB: no job starts in less); give a larger share, bytes, or "
+                         f"\"auto\" (the default)")
     return share
 
 
@@ -367,6 +372,7 @@ def memory_cgroups(setting: int | str, total_setting: int | str, state_dir: Path
             if (parent / "memory.memsw.limit_in_bytes").exists():
                 files += ("memory.memsw.limit_in_bytes",)
             extra: tuple[tuple[str, str], ...] = ()
+            always: tuple[tuple[str, str], ...] = (("memory.oom_control", "0"),)     # the kernel kills at its own
             unbounded = "-1"
         elif (v2 / "cgroup.controllers").exists():
             if "memory" not in (v2 / "cgroup.controllers").read_text().split():
@@ -377,6 +383,7 @@ def memory_cgroups(setting: int | str, total_setting: int | str, state_dir: Path
             (parent / "cgroup.subtree_control").write_text("+memory")
             files = ("memory.max",)
             extra = (("memory.swap.max", "0"),) if (parent / "memory.swap.max").exists() else ()
+            always = ()
             unbounded = "max"
         else:
             return MemoryBound(limit, total, why_not=f"no memory cgroup hierarchy ({v1}, or {v2} of cgroup v2)")
@@ -390,16 +397,288 @@ def memory_cgroups(setting: int | str, total_setting: int | str, state_dir: Path
             log.warning("[jobs] memory_total = %r: %s could not be lowered to %d bytes while the jobs that run on "
                         "use more (%s): it stays as it was until they end", total_setting, parent, total,
                         exc.strerror)
+        write_limits(parent, list(always))     # a watch gone with its guard (both killed) left the choice disabled
         probe = parent / f"probe-{uuid.uuid4().hex}"
         probe.mkdir()
         try:
-            if limit:
-                write_limits(probe, [(f, limit) for f in files] + list(extra))
+            write_limits(probe, ([(f, limit) for f in files] + list(extra) if limit else []) + list(always))
         finally:
             probe.rmdir()
     except OSError as exc:
         return MemoryBound(limit, total, why_not=f"{exc.filename or v1}: {exc.strerror or exc}")
-    return MemoryBound(limit, total, parent, files, extra)
+    return MemoryBound(limit, total, parent, files, extra, always=always)
+
+
+WATCH_MARGIN = (8 << 20, 64 << 20)    # cgroup v2: memory_total less this (a 16th of it, within these) is where the
+                                      # service picks which job goes (memory.high), before the kernel at the total
+TOTAL_KILL = "memory_total_kill"      # in a job's control directory: the service killed it at the total (shim.py)
+KILL_WAIT = 10.0                      # seconds a job killed at the total is given to end before it may be chosen again
+AT_TOTAL = 1 << 20                    # cgroup v1: usage within this of the total is at it (a waiting fault needs a
+                                      # few pages at most; a job killed there gives back far more)
+
+
+def cgroup_held(path: Path) -> int:
+    """The bytes the memory cgroup ``path`` holds that reclaim cannot give back: its usage (its processes' memory,
+    its tmpfs files, kernel memory) less its file cache (tmpfs pages are on the anon lists, not the file lists)."""
+    v1 = (path / "memory.usage_in_bytes").exists()
+    usage = int((path / ("memory.usage_in_bytes" if v1 else "memory.current")).read_text())
+    stat = dict(line.split()[:2] for line in (path / "memory.stat").read_text().splitlines() if " " in line)
+    prefix = "total_" if v1 else ""
+    return max(0, usage - int(stat.get(prefix + "active_file", 0)) - int(stat.get(prefix + "inactive_file", 0)))
+
+
+def cgroup_has_processes(path: Path) -> bool:
+    try:
+        return bool((path / "cgroup.procs").read_text().split())
+    except OSError:
+        return False
+
+
+class MemoryWatch:
+    """attack15 H2: at [jobs] memory_total the kernel kills the process with the largest RSS among all the service's
+    jobs, so a job whose memory is in its /tmp (tmpfs: in no process's RSS) or spread over many small processes made
+    another job die, blamed for the total. The service chooses instead: the job whose memory cgroup holds the most
+    (``cgroup_held``: its processes' memory and its tmpfs files, file cache left out) is killed, every process of it
+    (its tmpfs, /tmp and /dev/shm, go with its mount namespace: their pages are freed, not only its processes'), and
+    fails naming memory_total (TOTAL_KILL, read by its supervisor). Nothing a job's processes set (oom_score_adj)
+    changes the choice.
+
+    cgroup v1: ``memory.oom_control`` ``oom_kill_disable`` 1 on the service's cgroup, so that at the total the kernel
+    kills nobody: a job's process that faults a page there waits (killable) and the kernel notifies the eventfd
+    registered on memory.oom_control; the watch kills the job holding the most, its memory is uncharged, and the
+    waiting processes go on. (What the kernel allocates inside a call, such as a write to tmpfs, is refused with
+    ENOMEM there instead of waiting.) Each job's own cgroup has 0 (``MemoryBound.always``): past a job's own limit
+    the kernel kills in it as before. cgroup v2 has no such switch: ``memory.high`` at the total less WATCH_MARGIN
+    throttles the jobs' allocations there (the more, the further past it) and its ``memory.events`` wakes the watch,
+    which kills there; the kernel at the total is the backstop, and a job alone is left to its own limit (the
+    threshold is above it).
+
+    Nothing stays disabled (v1) or throttled (v2) without the watch: a guard process (``shim.py --guard``, a session
+    of its own) holds the read end of a pipe whose write end only the service holds, and writes the kernel's choice
+    back (oom_kill_disable 0, memory.high "max") when it reads its end: the service killed, even with SIGKILL. The
+    watch's thread does the same when it fails (any exception) or stops, and when the guard ends (killed) it does so
+    and starts another before arming again. A service that starts sets 0 first (``memory_cgroups``)."""
+
+    def __init__(self, bound: MemoryBound, control_dir: Path):
+        self.parent, self.total, self.control_dir = bound.parent, bound.total, Path(control_dir)
+        self.limit = bound.limit if 0 < bound.limit < bound.total else 0      # a job's own, below the total
+        self.v1 = (self.parent / "memory.oom_control").exists()
+        if self.v1:
+            self.threshold = self.total
+            self.arm, self.disarm = [("memory.oom_control", "1")], [("memory.oom_control", "0")]
+        else:
+            margin = min(WATCH_MARGIN[1], max(WATCH_MARGIN[0], self.total // 16))
+            if self.limit:  # above a job's own limit ("auto": the total less 16 MiB), so a job alone meets its own
+                margin = min(margin, max(1 << 20, (self.total - self.limit) // 2))
+            self.threshold = self.total - margin
+            self.arm, self.disarm = [("memory.high", str(self.threshold))], [("memory.high", "max")]
+        self._killed: dict[str, float] = {}      # job key -> when the watch killed it
+        self._fds: list[int] = []
+        self.guard: subprocess.Popen | None = None
+        self._guard_fd = -1
+        self._stop_r, self._stop_w = os.pipe()
+        try:
+            if self.v1:
+                self.event = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+                self._fds.append(self.event)
+                control = os.open(self.parent / "memory.oom_control", os.O_RDONLY | os.O_CLOEXEC)
+                self._fds.append(control)
+                (self.parent / "cgroup.event_control").write_text(f"{self.event} {control}")
+            else:
+                self.event = os.open(self.parent / "memory.events", os.O_RDONLY | os.O_CLOEXEC)
+                self._fds.append(self.event)
+            self._start_guard()
+            write_limits(self.parent, self.arm)
+        except BaseException:
+            self._release()
+            raise
+        self._thread = threading.Thread(target=self._run, name="vmgrid-memory-total", daemon=True)
+
+    @classmethod
+    def start_for(cls, bound: MemoryBound, control_dir: Path) -> "MemoryWatch | None":
+        """A watch of the jobs' total ``bound`` (None without one, or if the cgroup cannot be watched: logged)."""
+        if bound.parent is None or not bound.total:
+            return None
+        try:
+            watch = cls(bound, control_dir)
+        except OSError as exc:
+            log.warning("[jobs] memory_total: %s cannot be watched (%s): at the total the kernel kills the largest "
+                        "process of all the jobs, whichever job holds the memory", bound.parent, exc.strerror or exc)
+            return None
+        watch._thread.start()
+        return watch
+
+    def _start_guard(self) -> None:
+        """Start the guard and wait for its word that it reads its pipe (so arming never precedes it)."""
+        argv = [sys.executable, "-I", str(SHIM), "--guard", str(self.parent)]
+        for name, value in self.disarm:
+            argv += [name, value]
+        guard = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                 start_new_session=True, close_fds=True, env={"PATH": BASE_PATH, "LANG": "C.UTF-8"})
+        said = guard.stdout.readline()
+        guard.stdout.close()
+        if said != b"guarding\n":
+            guard.stdin.close()
+            guard.wait()
+            raise OSError(errno.ECHILD, f"its guard ended at start (status {guard.returncode})")
+        if self._guard_fd >= 0:
+            os.close(self._guard_fd)
+        self.guard, self._guard_fd = guard, os.pidfd_open(guard.pid)
+
+    def _end_guard(self) -> None:
+        if self.guard is not None:
+            self.guard.stdin.close()        # it writes the kernel's choice back (again) and exits
+            try:
+                self.guard.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.guard.kill()
+                self.guard.wait()
+            self.guard = None
+
+    def _set_kernel_choice(self) -> None:
+        try:
+            write_limits(self.parent, self.disarm)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                log.error("[jobs] memory_total: %s: %s", self.parent, exc.strerror or exc)
+
+    def _release(self) -> None:
+        self._set_kernel_choice()
+        self._end_guard()
+        for fd in self._fds + [self._stop_r, self._stop_w, self._guard_fd]:
+            if fd >= 0:
+                os.close(fd)
+        self._fds, self._stop_r, self._stop_w, self._guard_fd = [], -1, -1, -1
+
+    def stop(self) -> None:
+        """Stop watching: the kernel chooses at the total again (until the next start's watch)."""
+        if self._stop_w < 0:
+            return
+        os.write(self._stop_w, b"x")
+        self._thread.join(timeout=10)
+        self._release()
+
+    def _run(self) -> None:
+        try:
+            self._watch()
+        except Exception:              # whatever it was: never leave the jobs waiting for a choice nobody makes
+            log.exception("[jobs] memory_total: the watch of %s failed: at the total the kernel chooses again (the "
+                          "largest process)", self.parent)
+        finally:
+            self._set_kernel_choice()
+
+    def _watch(self) -> None:
+        poller = select.poll()
+        poller.register(self._stop_r, select.POLLIN)
+        poller.register(self.event, select.POLLIN if self.v1 else select.POLLPRI)
+        poller.register(self._guard_fd, select.POLLIN)
+        busy = False
+        while True:
+            ready = dict(poller.poll(100 if busy else None))     # at the total: look again every 0.1 s
+            if self._stop_r in ready:
+                return
+            if self._guard_fd in ready:          # the guard ended (killed): the kernel chooses until another guards
+                self._set_kernel_choice()
+                log.warning("[jobs] memory_total: the guard of %s ended (status %s): starting another",
+                            self.parent, self.guard.wait())
+                poller.unregister(self._guard_fd)
+                self.guard.stdin.close()
+                self._start_guard()
+                poller.register(self._guard_fd, select.POLLIN)
+                write_limits(self.parent, self.arm)
+            if self.event in ready:
+                if self.v1:
+                    try:
+                        os.eventfd_read(self.event)
+                    except BlockingIOError:
+                        pass
+                else:                  # read, so that poll waits for the next change
+                    os.lseek(self.event, 0, os.SEEK_SET)
+                    os.read(self.event, 4096)
+            busy = self.check()
+
+    def at_total(self) -> bool:
+        """v1: whether a process of the jobs waits at the total (memory.oom_control ``under_oom``) and the jobs
+        still hold it (usage within AT_TOTAL of the limit, memory or memory + swap): a job's memory given back
+        wakes the waiting processes, which unmark ``under_oom`` only once they have run again, so that alone would
+        have a second job killed for the first's."""
+        control = dict(line.split()[:2] for line in (self.parent / "memory.oom_control").read_text().splitlines()
+                       if " " in line)
+        if control.get("under_oom", "0") == "0":
+            return False
+        for usage, limit in (("memory.usage_in_bytes", "memory.limit_in_bytes"),
+                             ("memory.memsw.usage_in_bytes", "memory.memsw.limit_in_bytes")):
+            try:
+                if int((self.parent / usage).read_text()) + AT_TOTAL >= int((self.parent / limit).read_text()):
+                    return True
+            except FileNotFoundError:       # no memsw (swap not accounted)
+                continue
+        return False
+
+    def check(self) -> bool:
+        """Kill the job holding the most if the jobs are at the total (v1: a process waits there; v2: they hold the
+        threshold); whether to look again soon (still there)."""
+        if self.v1:
+            if not self.at_total():
+                return False
+        elif int((self.parent / "memory.current").read_text()) < self.threshold:
+            return False
+        now = time.monotonic()
+        held = []
+        for entry in os.scandir(self.parent):
+            if not entry.is_dir(follow_symlinks=False) or entry.name.startswith("probe-"):
+                continue
+            path = Path(entry.path)
+            if not cgroup_has_processes(path):
+                continue               # ended (its cgroup about to go): nothing to kill there
+            if now - self._killed.get(entry.name, -KILL_WAIT) < KILL_WAIT:
+                continue               # killed a moment ago, ending: its memory is being given back
+            try:
+                held.append((cgroup_held(path), entry.name))
+            except (OSError, ValueError):      # gone meanwhile
+                continue
+        if not self.v1 and ((self.limit and sum(1 for h, _ in held if h) < 2) or sum(h for h, _ in held) <
+                            self.threshold):
+            return True                # v2: a job alone meets its own limit; file cache is freed by reclaim
+        if not held:
+            return True
+        most, key = max(held)
+        self.kill(key, most, sum(h for h, _ in held))
+        self._killed = {k: t for k, t in self._killed.items() if now - t < KILL_WAIT}
+        self._killed[key] = now
+        return True
+
+    def kill(self, key: str, most: int, together: int) -> None:
+        """Kill every process of job ``key`` (its init first: with it its PID namespace), having told its
+        supervisor why (TOTAL_KILL in its control directory, written first: the supervisor reads it once the init
+        has ended)."""
+        procs = self.parent / key / "cgroup.procs"
+        try:
+            pids = [int(p) for p in procs.read_text().split()]
+        except OSError:
+            return
+        why = (f"the program was killed by the job service, out of memory: this job service's jobs together reached "
+               f"their memory total of {self.total} bytes ([jobs] memory_total), and this job held the most of it "
+               f"({most} bytes, its /tmp included)")
+        control = self.control_dir / key
+        if control.is_dir():
+            (control / TOTAL_KILL).write_text(json.dumps({"error": why, "processes": len(pids) or 1,
+                                                          "bytes": self.total}))
+        log.warning("job %s killed: the jobs held %d bytes at [jobs] memory_total = %d bytes, and it the most (%d "
+                    "bytes)", key, together, self.total, most)
+        for _ in range(100):           # every process of the job, its namespace's init first (in order of pid)
+            if not pids:
+                return
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.01)
+            try:
+                pids = [int(p) for p in procs.read_text().split()]
+            except OSError:
+                return
 
 
 def remove_left_cgroups(parents: list[Path | None], live: Callable[[], set[str]]) -> list[str]:

@@ -532,7 +532,13 @@ def main(spec_path: str) -> int:
         status.update(json.loads(told))      # the program's exit code, negative: the signal that ended it
     else:                                    # the init was killed (SIGKILL to the group): so was the program
         status["exit"] = os.waitstatus_to_exitcode(wait_status)
-    if kills:
+    chosen = total_kill(os.path.dirname(spec["status"])) if memory is not None and status["exit"] != 0 else None
+    if chosen is not None:        # the service killed the job at the jobs' total: it held the most of it
+        kills, total = chosen["processes"], spec.get("memory_total", 0)
+        status["memory"] = f"{kills} process{'es' if kills > 1 else ''} killed past the jobs' total of {total} bytes"
+        status["memory_killed"] = {"processes": kills, "setting": "memory_total", "bytes": total}
+        status["error"] = chosen["error"]
+    elif kills:
         past = (f"the jobs' total of {spec['memory_total']}" if cause == "total" else str(spec["memory_limit"]))
         status["memory"] = f"{kills} process{'es' if kills > 1 else ''} killed past {past} bytes"
         # the same as data, for the service's ResourceBounds property (services/jobs/bounds.py)
@@ -544,6 +550,46 @@ def main(spec_path: str) -> int:
     if refused:      # as data, for the ResourceBounds property (services/jobs/bounds.py)
         status["processes_refused"] = {"forks": refused, "bound": spec.get("max_processes")}
     write_status(spec["status"], status)
+    return 0
+
+
+TOTAL_KILL = "memory_total_kill"    # services/jobs/runner.py MemoryWatch: why the service killed the job
+
+
+def total_kill(control: str) -> dict | None:
+    """What the job service's MemoryWatch wrote in the job's ``control`` directory before killing it at the jobs'
+    memory total (it held the most): {"error": why, "processes": how many}; None if it did not."""
+    try:
+        with open(os.path.join(control, TOTAL_KILL)) as f:
+            chosen = json.load(f)
+        if isinstance(chosen.get("error"), str) and int(chosen.get("processes", 1)) > 0:
+            return {"error": chosen["error"], "processes": int(chosen.get("processes", 1))}
+    except (OSError, ValueError, TypeError, AttributeError):
+        pass
+    return None
+
+
+def guard(cgroup: str, values: list[str]) -> int:
+    """``shim.py --guard CGROUP FILE VALUE ...``: started by the job service's MemoryWatch with a pipe as its
+    standard input, whose write end only the service holds. It says "guarding", reads until the end of the pipe
+    (the service stopped the watch, or died: even SIGKILL closes it) and then writes each VALUE into FILE of
+    CGROUP (oom_kill_disable 0, memory.high "max": the kernel's own choice at the jobs' total), so that no job
+    waits at the total for a choice nobody is left to make. SIGTERM and SIGINT do the same before it exits."""
+    def leave(signum, frame):
+        raise SystemExit(0)
+    signal.signal(signal.SIGTERM, leave)
+    signal.signal(signal.SIGINT, leave)
+    try:
+        os.write(1, b"guarding\n")
+        while os.read(0, 4096):
+            pass
+    finally:
+        for name, value in zip(values[::2], values[1::2]):
+            try:
+                with open(os.path.join(cgroup, name), "w") as f:
+                    f.write(value)
+            except OSError:
+                pass
     return 0
 
 
@@ -561,4 +607,6 @@ def probe() -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1] == "--guard":
+        sys.exit(guard(sys.argv[2], sys.argv[3:]))
     sys.exit(probe() if sys.argv[1] == "--probe" else main(sys.argv[1]))

@@ -189,12 +189,14 @@ def test_each_service_with_a_gridftp_server_checks_the_gridftp_section_at_start(
                                   "\"10.0.0.0/8\")"),
     ("kill_grace", "-1.0", "[jobs] kill_grace = -1.0: seconds (0: SIGKILL at once), 0 or more"),
     ("max_files", "0", "[jobs] max_files = 0: files and directories a job's directory holds, 1 or more"),
-    ("memory_limit", '"2G"', "[jobs] memory_limit = '2G': bytes (0: no bound), or a share of the machine's memory "
-                             "such as \"80%\", more than 0% and at most 100%"),
+    ("memory_limit", '"2G"', "[jobs] memory_limit = '2G': bytes (0: no bound), a share of the machine's memory "
+                             "such as \"80%\", or \"auto\" (the default); a share more than 0% and at most 100%"),
     ("memory_limit", "1000", "[jobs] memory_limit = 1000: bytes, at least 16777216 (16 MiB: no job starts in less), "
-                             "or 0 for no bound, or a share of the machine's memory such as \"80%\""),
-    ("memory_total", '"half"', "[jobs] memory_total = 'half': bytes (0: no bound), or a share of the machine's "
-                               "memory such as \"80%\", more than 0% and at most 100%"),
+                             "or 0 for no bound, or a share of the machine's memory such as \"80%\", or \"auto\" "
+                             "(the default)"),
+    ("memory_total", '"half"', "[jobs] memory_total = 'half': bytes (0: no bound), a share of the machine's "
+                               "memory such as \"80%\", or \"auto\" (the default); a share more than 0% and at "
+                               "most 100%"),
     ("network", '"private"', "[jobs] network = 'private': \"host\" (the host's network, as any local account has it) "
                              "or \"none\" (a network namespace of the job's own with only loopback)"),
 ])
@@ -218,7 +220,8 @@ def test_a_memory_share_below_the_floor_is_refused_naming_the_bytes_it_came_to(g
     came = int(machine * float(share[:-1]) / 100) // 4096 * 4096
     assert r.returncode == 1 and r.stdout == "", r.stderr
     assert r.stderr == (f"vmgrid: n3.toml: [jobs] {key} = '{share}' is {came} bytes of this machine's {machine}: "
-                        f"at least 16777216 (16 MiB: no job starts in less); give a larger share, or bytes\n")
+                        f"at least 16777216 (16 MiB: no job starts in less); give a larger share, bytes, or \"auto\" "
+                        f"(the default)\n")
     assert not (tmp_path / "state").exists()
 
 

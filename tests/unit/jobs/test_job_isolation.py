@@ -87,14 +87,16 @@ def test_memory_limit_is_bytes_or_a_share_of_the_machines_memory_and_anything_el
     for key, share in (("memory_limit", "0.001%"), ("memory_total", "0.0000001%"), ("memory_limit", "3%")):
         # H3/X1: the floor holds for the bytes a share comes to too ("3%" of a 384 MiB guest is 11.5 MiB)
         with pytest.raises(ValueError, match=rf"^\[jobs\] {key} = '{re.escape(share)}' is \d+ bytes of this "
-                                             rf"machine's 402653184: at least 16777216 \(16 MiB"):
+                                             rf"machine's 402653184: at least 16777216 \(16 MiB.*, or \"auto\" "
+                                             r"\(the default\)$"):
             memory_limit_bytes(share, total=384 << 20, key=key)
     for bad in (-1, "0%", "101%", "2G", 0.5, True):
-        with pytest.raises(ValueError, match=r"^\[jobs\] memory_limit = .*: bytes \(0: no bound\), or a share of the "
-                                             r"machine's memory such as \"80%\""):
+        with pytest.raises(ValueError, match=r"^\[jobs\] memory_limit = .*: bytes \(0: no bound\), a share of the "
+                                             r"machine's memory such as \"80%\", or \"auto\" \(the default\)"):
             memory_limit_bytes(bad)
     for few in (1000, (16 << 20) - 1):            # trial14 U9: a unit mistake started, then killed every job
-        with pytest.raises(ValueError, match=rf"^\[jobs\] memory_total = {few}: bytes, at least 16777216 \(16 MiB"):
+        with pytest.raises(ValueError, match=rf"^\[jobs\] memory_total = {few}: bytes, at least 16777216 \(16 MiB.*, "
+                                             r"or \"auto\" \(the default\)$"):
             memory_limit_bytes(few, key="memory_total")
     assert memory_limit_bytes(16 << 20) == 16 << 20
     with pytest.raises(ValueError, match=r"^\[jobs\] memory_limit = '2G': "):

@@ -35,13 +35,25 @@ def rendered(m, job) -> etree._Element | None:
 def test_a_done_job_whose_child_the_memory_bound_killed_says_so_naming_the_bound(tmp_path, setting):
     """Before: Done, exit code 0, and nothing the job's reader could see said that a process was killed (only
     root's control/<key>/exit.json). Now its ResourceBounds holds one memory event: 1 process killed, the bound in
-    bytes, the key that set it."""
+    bytes, the key that set it. At memory_total the service's watch (attack15 H2) kills the whole job holding the
+    most, not the process: where it is armed (cgroup v1: the kernel kills nobody there) the job is Failed, and its
+    ResourceBounds says how many of its processes went, past the jobs' total."""
     bounds = {"memory_limit": 96 * MiB, "memory_total": 0} if setting == "memory_limit" else \
         {"memory_limit": 0, "memory_total": 96 * MiB}
     m = manager(tmp_path / "state", **bounds)
     try:
         job = wait_final(m, m.submit(OWNER, JobSpec(CHILD_KILLED[0], CHILD_KILLED[1:])).key)
         out = (m.jobs_dir / job.key / "stdout").read_text()
+        if setting == "memory_total" and m.memory_watch is not None and m.memory_watch.v1:
+            assert (job.state, job.exit_code) == (JobState.FAILED, -9) and job.failure.startswith(
+                "the program was killed by the job service, out of memory: this job service's jobs together reached "
+                f"their memory total of {96 * MiB} bytes ([jobs] memory_total), and this job held the most"), job
+            (event,) = m.resource_bounds(job)
+            n = event.processes_killed
+            assert n >= 2 and event == BoundEvent("memory", f"{n} processes killed past the jobs' total of "
+                                                  f"{96 * MiB} bytes ([jobs] memory_total)", setting, 96 * MiB,
+                                                  processes_killed=n), event
+            return
         assert (job.state, job.exit_code, job.failure) == (JobState.DONE, 0, None), out
         assert out == "child rc=137\n"
         past = f"the jobs' total of {96 * MiB}" if setting == "memory_total" else str(96 * MiB)
