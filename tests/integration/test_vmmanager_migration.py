@@ -568,7 +568,13 @@ def test_vmgrid_vm_migrate_from_the_command_line(grid, grid_pki):
                                           f"job commands, or VMGRID_NODE)"), again.stderr     # where, not a 2nd step
     r = vmgrid("vm", "status", "cli-mover", "--url", grid.node_url(1))
     assert r.returncode == 0 and "Running" in r.stdout
-    grid.vmm(grid_pki.alice, 1).destroy(grid.vmm(grid_pki.alice, 1).list()[0].ref)
+    assert "destroyed" in vmgrid("vm", "destroy", "cli-mover", "--url", grid.node_url(1)).stdout
+    # trial16 T5: destroyed at the target, the source no longer says it lives on there: it asks that node
+    gone = vmgrid("vm", "destroy", "cli-mover")
+    assert gone.returncode == 1 and gone.stderr.count("\n") == 1, gone.stderr
+    assert gone.stderr.rstrip().endswith(f"the last one so named is Migrated ({key}); it went to {grid.node_url(1)}, "
+                                         f"where it is Destroyed now (`vmgrid vm list --all --url "
+                                         f"{grid.node_url(1)}` lists it)"), gone.stderr
 
 
 def test_subscribers_hear_the_move_from_the_source_and_then_from_the_target(grid, grid_pki):
