@@ -145,8 +145,8 @@ class JobManager:
 
     def own_job(self, dn: str, key: str, action: str, doing: str) -> Job:
         """The job ``key`` for ``dn`` to act on (``doing``: "cancel", ...): AccessDenied unless ``dn`` submitted it or
-        is one of the service's admins (the rule the output tails follow): the instance's owner acts on her own jobs only,
-        never on an admin's; an admin on anyone's."""
+        is one of the service's admins (the rule the output tails follow): the instance's owner acts on her own jobs
+        only, never on an admin's; an admin on anyone's."""
         job = self.job(dn, key, action)
         if not self.is_submitter_or_admin(dn, job):
             raise AccessDenied(f"{dn} may not {doing} job {key}: only the job's submitter and this job service's "

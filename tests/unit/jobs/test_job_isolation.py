@@ -283,8 +283,9 @@ def test_in_a_small_guest_memory_limit_auto_is_the_16_mib_floor_as_docs_jobs_md_
     caplog.set_level(logging.INFO, logger="vmgrid.JobService")
     m = manager(tmp_path / "state")
     try:
-        assert ("jobs' memory: at most 16777216 bytes (16.0 MiB) each ([jobs] memory_limit = 'auto'), at most 32075776 "
-                "bytes (30.6 MiB) together (memory_total = 'auto') of this machine's 128303104 bytes") in caplog.messages
+        assert ("jobs' memory: at most 16777216 bytes (16.0 MiB) each ([jobs] memory_limit = 'auto'), at most "
+                "32075776 bytes (30.6 MiB) together (memory_total = 'auto') of this machine's 128303104 bytes") \
+            in caplog.messages
     finally:
         shut(m)
     doc = " ".join((Path(__file__).resolve().parents[3] / "docs" / "jobs.md").read_text().split())
