@@ -113,7 +113,9 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("report", help="the deployment phase report (table and figure)",
                               description="Collect your deployments' phase timings from nodes and draw the "
-                                          "poster's figure: the share of each deployment phase.")
+                                          "poster's figure: the share of each deployment phase. Each deployment and "
+                                          "each migration counts once, on the node that timed it (a migration on "
+                                          "its target), also for an instance that has moved on or came back.")
     p.add_argument("--nodes", nargs="+", default=[os.environ.get("VMGRID_NODE", DEFAULT_NODE)],
                    help="VMManager URLs (default $VMGRID_NODE)")
     p.add_argument("--out", type=Path, help="the PNG to write (default phases.png; with --json none unless named)")
@@ -279,7 +281,9 @@ def info_json(i) -> dict:
             "memory": i.memory, "vcpus": i.vcpus, "address": i.address, "mac": i.mac,
             "created": i.created.isoformat() if i.created else None,
             "termination": i.termination.isoformat() if i.termination else None,
-            "phases": [{"name": n, "seconds": s} for n, s in i.phases], "guest": i.guest_status,
+            "phases": [{"name": n, "seconds": s} for n, s in i.phases],
+            "earlierPhases": [[{"name": n, "seconds": s} for n, s in group] for group in i.earlier_phases],
+            "guest": i.guest_status,
             "failure": i.failure, "jobService": i.job_service}
 
 
@@ -785,8 +789,12 @@ def cmd_report(args) -> int:
     for url in args.nodes:
         vm = vmm_client(args, url)
         for i in _call(vm.list, True):
-            if i.phases:
-                deployments.append(Deployment(f"{i.identifier}@{i.node}", tuple(i.phases)))
+            # each operation the node timed for it: the earlier ones kept when it came back by migration (its
+            # deployment's, an earlier migration's: trial16 T3), then the latest
+            timed = [group for group in (*i.earlier_phases, i.phases) if group]
+            for n, group in enumerate(timed, 1):
+                label = f"{i.identifier}@{i.node}" + (f"#{n}" if len(timed) > 1 else "")
+                deployments.append(Deployment(label, tuple(group)))
     if not deployments:
         raise CLIError("no deployments with phase timings on " + ", ".join(args.nodes))
     out = args.out if args.out is not None or args.json else Path("phases.png")   # --json alone writes no file

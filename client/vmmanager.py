@@ -88,6 +88,9 @@ class InstanceInfo:
     guest_status: str = ""
     failure: str | None = None
     job_service: dict | None = None     # the grid container's job service: url, dn (docs/jobs.md)
+    # the phases of its earlier operations on this node, oldest first (EarlierPhaseTimings: its deployment's, an
+    # earlier migration's, when it came back by migration); ``phases`` are its latest operation's
+    earlier_phases: list[list[tuple[str, float]]] = field(default_factory=list)
 
     @classmethod
     def from_properties(cls, ref: InstanceRef | None, props: etree._Element) -> "InstanceInfo":
@@ -132,6 +135,9 @@ class InstanceInfo:
         el = children.get(_clark("vmm:JobService"))
         if el is not None:
             info.job_service = wire.JobService.parse(el)
+        el = children.get(_clark("vmm:EarlierPhaseTimings"))
+        if el is not None:
+            info.earlier_phases = wire.EarlierPhaseTimings.parse(el)
         return info
 
     @classmethod

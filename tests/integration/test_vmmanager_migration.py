@@ -577,6 +577,40 @@ def test_vmgrid_vm_migrate_from_the_command_line(grid, grid_pki):
                                          f"{grid.node_url(1)}` lists it)"), gone.stderr
 
 
+def test_the_report_keeps_a_deployment_and_each_migration_of_an_instance_that_came_back(grid, grid_pki, tmp_path):
+    """trial16 T3: an instance deployed on node1, migrated to node2, back to node1 and to node2 again. Coming back to
+    a node replaced its Migrated record there, and with it that record's phases: `vmgrid report` showed 2 migrations
+    and no deployment of it. Now each node keeps the earlier operations' phases (EarlierPhaseTimings): the report has
+    its deployment once and each of its 3 migrations once."""
+    import os
+    import subprocess
+    import sys
+
+    from services.vmmanager.states import MIGRATION_PHASES
+    ref = deploy(grid, grid_pki.alice, "roundtrip")
+    deployed = grid.vmm(grid_pki.alice, 0).status(ref).phases
+    for to in (1, 0, 1):
+        ref = grid.vmm(grid_pki.alice, 1 - to).migrate(ref, grid.node_url(to)).ref
+    try:
+        back = grid.vmm(grid_pki.alice, 0).list(True)
+        gone = next(i for i in back if i.ref.key == ref.key)          # on node1: Migrated, after it came back once
+        assert gone.state == "Migrated" and gone.earlier_phases == [deployed], gone
+        env = {**os.environ, **grid_pki.alice.env(grid_pki.cert_dir)}
+        r = subprocess.run([sys.executable, "-m", "client.cli", "report", "--json", "--nodes", grid.node_url(0),
+                            grid.node_url(1)], env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        mine = [d for d in json.loads(r.stdout) if d["deployment"].startswith("roundtrip@")]
+        deployments = [d for d in mine if "freeze" not in d["phases"]]
+        migrations = [d for d in mine if "freeze" in d["phases"]]
+        assert [d["deployment"] for d in deployments] == ["roundtrip@node1#1"], mine
+        assert deployments[0]["phases"] == dict(deployed)
+        assert len(migrations) == 3 and all(set(d["phases"]) <= set(MIGRATION_PHASES) for d in migrations), mine
+        assert sorted(d["deployment"] for d in migrations) == ["roundtrip@node1#2", "roundtrip@node2#1",
+                                                               "roundtrip@node2#2"], mine
+    finally:
+        grid.vmm(grid_pki.alice, 1).destroy(ref)
+
+
 def test_subscribers_hear_the_move_from_the_source_and_then_from_the_target(grid, grid_pki):
     from client.notifications import NotificationConsumer
     src = grid.vmm(grid_pki.alice, 0)
