@@ -799,7 +799,11 @@ def cmd_report(args) -> int:
         raise CLIError("no deployments with phase timings on " + ", ".join(args.nodes))
     out = args.out if args.out is not None or args.json else Path("phases.png")   # --json alone writes no file
     path = None
-    if out is not None:
+    drawn = out is not None and any(not d.migration for d in deployments)
+    if out is not None and not drawn:   # the figure is the deployments': nodes that timed migrations only have none
+        print(f"no figure written to {out}: the nodes timed migrations only (the figure shows deployments)",
+              file=sys.stderr)
+    if drawn:
         try:                            # the figure first: a file that cannot be written is said before any output
             path = draw(deployments, out)
         except OSError as exc:
