@@ -96,3 +96,26 @@ def test_a_job_command_naming_a_paused_saved_or_shutoff_instance_says_so_at_once
                                        f"is named by its key (inst-…) or by its job service's URL"), other.stderr
     finally:
         vmm.destroy(ref)
+
+
+def test_a_new_client_reads_an_instance_of_a_node_that_has_no_earlier_phase_timings(vm_grid, grid_pki, monkeypatch):
+    """EarlierPhaseTimings (trial16 T3) is newer than the nodes that run: such a node answers InvalidArgument for it,
+    and `vmgrid vm status` failed on it (seen: a QEMU run whose nodes had started before the change). The client asks
+    again without it, once per node; `vmgrid vm status` shows the instance."""
+    from services.wsrf.properties import PropertySet
+    from services.vmmanager import wire
+
+    older = PropertySet([p for p in wire.INSTANCE_PROPERTIES.properties if p.qname != wire.q("EarlierPhaseTimings")],
+                        what="an instance")
+    monkeypatch.setattr(wire, "INSTANCE_PROPERTIES", older)
+    descriptor = vm_grid.register(name="older")
+    vmm = vm_grid.vmm(grid_pki.alice)
+    ref = vmm.deploy(descriptor, "old1", 600, wait=True).ref
+    try:
+        env = {**os.environ, **grid_pki.alice.env(grid_pki.cert_dir), "VMGRID_NODE": vm_grid.node_url(0)}
+        r = subprocess.run([sys.executable, "-m", "client.cli", "vm", "status", "old1"], env=env,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and "Running" in r.stdout, r.stderr
+        assert vmm.status(ref).earlier_phases == [] and vmm._unknown == {"EarlierPhaseTimings"}
+    finally:
+        vmm.destroy(ref)
