@@ -154,13 +154,57 @@ def is_url(text: str) -> bool:
 
 def instance_job_service(args) -> tuple[str, str]:
     """The job service URL and certificate subject of the instance ``args.endpoint`` on ``args.node``."""
-    from client.commands_vm import resolve, vmm_client
+    from client.commands_vm import vmm_client
 
     vm = vmm_client(args, args.node)
-    info = call(vm.status, resolve(vm, args.endpoint))
+    info = call(vm.status, _resolve_for_job(vm, args.endpoint))
     if not info.job_service or not info.job_service.get("url") or not info.job_service.get("dn"):
         raise CLIError(no_job_service(args.endpoint, info))
+    frozen = not_answering(args.endpoint, info.state, args.node)
+    if frozen:
+        raise CLIError(frozen)
     return info.job_service["url"], info.job_service["dn"]
+
+
+# the states in which an instance's job service cannot answer, and what brings it back (trial16 T1: the client had
+# the State from the node, went to the guest's address all the same, and said "timed out" after 60 s for a Paused
+# one, "No route to host" for a Saved or Shutoff one)
+NOT_RUNNING = {
+    "Paused": "its job service answers when it runs again (vmgrid vm resume {name})",
+    "Saved": "its job service answers when it runs again (vmgrid vm restore {name})",
+    "Shutoff": "its job service answers when it runs again (vmgrid vm start {name})",
+    "ShuttingDown": "its guest is shutting down, and its job service with it (vmgrid vm start {name} once it is "
+                    "Shutoff)",
+    "Migrating": "it is being moved to another node; its job service answers there once it runs (vmgrid vm status "
+                 "{name} names the node then)",
+    "Incoming": "it is arriving from another node; its job service answers once it runs here",
+}
+
+
+def not_answering(name: str, state: str, node: str) -> str | None:
+    """Why the job service of an instance in ``state`` cannot answer now, in one line naming the command that makes
+    it answer again; None when it may (Running: its service may still be starting, :func:`until_listening`)."""
+    why = NOT_RUNNING.get(state)
+    if why is None:
+        return None
+    named = shlex.quote(name) + ("" if node == os.environ.get("VMGRID_NODE", DEFAULT_NODE)
+                                 else f" --url {shlex.quote(node)}")
+    return f"instance {printable(name)} is {printable(state)}: {why.format(name=printable(named))}"
+
+
+def _resolve_for_job(vm, name: str):
+    """``name`` resolved at the node as the vm commands do; a name the caller has no live instance of also says how a
+    job admin names another's instance (trial16 T10: by its key, or by its job service's URL)."""
+    from client.commands_vm import resolve
+
+    try:
+        return resolve(vm, name)
+    except CLIError as exc:
+        if not re.fullmatch(r"you have no live instance named .* on \S+", str(exc)):
+            raise                  # another error, or the caller's own instance that ended (the line says how)
+        raise CLIError(f"{exc}; another user's instance (yours to use as one of its job service's admins) is named "
+                       f"by its key (inst-…) or by its job service's URL (the jobs line of its owner's `vmgrid vm "
+                       f"status`)") from None
 
 
 def no_job_service(name: str, info) -> str:
@@ -543,6 +587,8 @@ def cmd_refresh_proxy(args) -> int:
 def cmd_get(args) -> int:
     jobs = connect(args)
     info = call(jobs.status, check_key(args.job))
+    if info.tails_withheld:
+        raise CLIError(_files_withheld(args, info))
     if not info.final and info.cancel_requested:       # Cancelled once what it wrote is recorded: soon
         info = _follow_cancel(args, jobs, info.key, "its outputs are fetched once it is Cancelled")
     if not info.final:
@@ -568,6 +614,15 @@ def cmd_get(args) -> int:
     if info.state != "Done":          # fetched: what the program wrote before the job ended so
         print(f"job {key} is {state}{why}: its outputs are what its program wrote before it ended", file=sys.stderr)
     return 0
+
+
+def _files_withheld(args, info) -> str:
+    """What `job get` says of a job whose output the service withholds from the caller (its output tails were refused:
+    an admin's job, fetched by the instance's owner), instead of the face's `550 …: no such file, or permission
+    denied` (trial16 T4): the rule, and what she does see."""
+    return (f"job {printable(info.key)} is {printable(info.owner or 'another user')}'s: its files are its submitter's "
+            f"and the job service's admins' only, nothing fetched (you see its state and outputs: vmgrid job status "
+            f"{shlex.quote(args.endpoint)} {printable(info.key)})")
 
 
 def cmd_lifetime(args) -> int:

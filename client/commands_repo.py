@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import signal
 import stat
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 
 from client.cli import CLIError
 from client.output import emit_descriptors, show_descriptor, table
+from services.common.errors import printable
 
 DEFAULT_REPOSITORY = "https://localhost:8443/wsrf/services/VMRepositoryService"
 
@@ -120,6 +122,7 @@ def grid_client(args, service: str | None = None):
     from client.soap import ClientError, GridServiceClient, service_url
     from security.pki import PKIError, load_credential
 
+    given = args.url
     if service is not None:
         try:
             args.url = service_url(args.url, service)
@@ -138,8 +141,51 @@ def grid_client(args, service: str | None = None):
         return GridServiceClient(args.url, credential, trust, timeout=call_timeout(), service=service)
     except ClientError as exc:
         if "HTTP 404" in str(exc):
+            if service is not None and given != args.url:     # a container's URL alone: say what that one serves
+                served = container_services(args.url, trust)
+                if served is not None:
+                    raise CLIError(another_container(given, args.url, service, served)) from None
             raise CLIError(no_such_service(args.url, service)) from None
         raise CLIError(str(exc)) from None
+
+
+def container_services(url: str, trust) -> list[str] | None:
+    """The services the container of ``url`` hosts, as its index at / names them (what a GET there
+    answers: one `NAME<TAB>WSDL URL` line each), or None when it cannot say."""
+    from urllib.parse import urlsplit
+
+    from security.https import HTTPSPool
+    from security.tls import client_ssl_context
+
+    parts = urlsplit(url)
+    try:
+        pool = HTTPSPool(f"{parts.scheme}://{parts.netloc}/", client_ssl_context(trust.cert_dir), timeout=30.0,
+                         max_answer=64 << 10)
+        answer = pool.get("/")
+    except Exception:                      # noqa: BLE001 - the plain 404 line then
+        return None
+    if answer.status_code != 200:
+        return None
+    names = [line.split("\t", 1)[0] for line in answer.content.decode("utf-8", "replace").splitlines()]
+    return [printable(n, 80) for n in names if re.fullmatch(r"[A-Za-z][A-Za-z0-9]{0,63}", n)]
+
+
+# the command that takes each service's URL (what another container's URL alone is pointed to)
+_COMMANDS_OF = {"VMManagerService": "vmgrid vm … --url, vmgrid job … --node",
+                "VMRepositoryService": "vmgrid repo … --url", "AuthorizationService": "vmgrid authz … --url", "JobService": "vmgrid job … JOBS_URL"}
+
+
+def another_container(given: str, url: str, service: str, served: list[str]) -> str:
+    """trial16 T9: a container's URL alone, completed with ``service``'s path, is another container's: it serves
+    ``served``, not ``service``. Say which, and where each belongs."""
+    if not served:
+        return f"{given} serves no {service} (its container hosts no service): {no_service_hint(url, service)}"
+    which = ", ".join(f"the {n} ({_COMMANDS_OF[n]})" if n in _COMMANDS_OF else f"the {n}" for n in served)
+    hint = ""
+    if service == "JobService" and "VMManagerService" in served:
+        hint = "; to reach an instance's job service through its node, name the instance: vmgrid job … NAME --node " \
+               f"{given}"
+    return f"{given} is the container of {which}, not of a {service}: {no_service_hint(url, service)}{hint}"
 
 
 # the environment variable naming each service's URL (README), and the option that names it

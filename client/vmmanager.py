@@ -88,6 +88,9 @@ class InstanceInfo:
     guest_status: str = ""
     failure: str | None = None
     job_service: dict | None = None     # the grid container's job service: url, dn (docs/jobs.md)
+    # the phases of its earlier operations on this node, oldest first (EarlierPhaseTimings: its deployment's, an
+    # earlier migration's, when it came back by migration); ``phases`` are its latest operation's
+    earlier_phases: list[list[tuple[str, float]]] = field(default_factory=list)
 
     @classmethod
     def from_properties(cls, ref: InstanceRef | None, props: etree._Element) -> "InstanceInfo":
@@ -132,6 +135,9 @@ class InstanceInfo:
         el = children.get(_clark("vmm:JobService"))
         if el is not None:
             info.job_service = wire.JobService.parse(el)
+        el = children.get(_clark("vmm:EarlierPhaseTimings"))
+        if el is not None:
+            info.earlier_phases = wire.EarlierPhaseTimings.parse(el)
         return info
 
     @classmethod
@@ -167,9 +173,15 @@ class _ListingReadWithLxml(Plugin):
         return bare, http_headers
 
 
+# the instance properties a node of an earlier version does not have: `status` asks again without one it refuses
+# (InvalidArgument naming it), and no more of that node (a new client against an older node)
+NEWER_PROPERTIES = ("EarlierPhaseTimings",)
+
+
 class VMManagerClient:
     def __init__(self, service: GridServiceClient):
         self.service = service
+        self._unknown: set[str] = set()       # NEWER_PROPERTIES this node refused
         plugins = getattr(getattr(service, "zeep", None), "plugins", None)   # after the client's own, which
         if plugins is not None and not any(isinstance(p, _ListingReadWithLxml) for p in plugins):   # keeps the envelope
             plugins.append(_ListingReadWithLxml())
@@ -283,8 +295,20 @@ class VMManagerClient:
         return list(self._on(ref, "GetResourceProperty", qname))
 
     def status(self, ref: InstanceRef) -> InstanceInfo:
-        """Every resource property of the instance, read at once."""
-        return InstanceInfo.from_properties(ref, self.properties(ref, *ALL_PROPERTIES))
+        """Every resource property of the instance, read at once. A node of an earlier version refuses one of
+        NEWER_PROPERTIES (InvalidArgument naming it): asked again without it, and never again of this node; the
+        instance then reads as the property's absence."""
+        from services.faults import InvalidArgument
+
+        while True:
+            names = [n for n in ALL_PROPERTIES if n not in self._unknown]
+            try:
+                return InstanceInfo.from_properties(ref, self.properties(ref, *names))
+            except InvalidArgument as exc:
+                refused = {n for n in NEWER_PROPERTIES if n not in self._unknown and n in str(exc)}
+                if not refused:
+                    raise
+                self._unknown |= refused
 
     def node_certificate(self, ref: InstanceRef):
         """The certificate the node signs its answers with (its host certificate), read from a signed answer."""

@@ -36,8 +36,11 @@ from services.wsrf.notification import Subscription, Subscriptions, new_subscrip
 
 log = logging.getLogger("vmgrid.JobService")
 RULE = "instance-owner-or-vo-admin"
+# who this service's admins are, as its refusals name them: its [jobs] admins, which guestd writes in a guest from the
+# deploying node's [vmmanager] job_admins (e.g. the VO's admins); no VO group of the Authorization service counts here
+ADMINS = "[jobs] admins; in a guest, the [vmmanager] job_admins of the node that deployed it"
 # who reads what a job wrote (StdoutTail, StderrTail) and who cancels, destroys, sets the lifetime of or refreshes the
-# proxy of a job: its submitter and the VO's admins (the instance's owner only of her own jobs)
+# proxy of a job: its submitter and the service's admins (the instance's owner only of her own jobs)
 JOB_RULE = OUTPUT_RULE = "job-submitter-or-vo-admin"
 VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 LIVE_BEFORE_RUN = {JobState.PENDING, JobState.STAGE_IN}
@@ -137,10 +140,13 @@ class JobManager:
         return dn == self.config.owner or dn in self.config.admins
 
     def check(self, dn: str, action: str, resource: str = "the job service") -> None:
-        """Refuse anyone but the instance's owner and the VO's admins, before anything is looked up."""
+        """Refuse anyone but the instance's owner and the service's admins, before anything is looked up. The refusal
+        names where the admins come from (trial16 T2: "the VO's admins" told a VO admin of the Authorization service,
+        who is no admin here, nothing to act on): the service knows no VO, only its [jobs] admins, which in a guest
+        are the deploying node's [vmmanager] job_admins."""
         if not self.may_use(dn):
-            raise AccessDenied(f"{dn} may not {action} on {resource}: only the instance's owner and the VO's "
-                               f"admins may use its job service", subject=dn, action=action, resource=resource,
+            raise AccessDenied(f"{dn} may not {action} on {resource}: only the instance's owner and this job service's "
+                               f"admins may use it ({ADMINS})", subject=dn, action=action, resource=resource,
                                rule=RULE)
 
     def job(self, dn: str, key: str, action: str = "job.read") -> Job:
@@ -152,11 +158,12 @@ class JobManager:
 
     def own_job(self, dn: str, key: str, action: str, doing: str) -> Job:
         """The job ``key`` for ``dn`` to act on (``doing``: "cancel", ...): AccessDenied unless ``dn`` submitted it or
-        is one of the VO's admins (the rule the output tails follow): the instance's owner acts on her own jobs only,
-        never on an admin's; an admin on anyone's."""
+        is one of the service's admins (the rule the output tails follow): the instance's owner acts on her own jobs
+        only, never on an admin's; an admin on anyone's."""
         job = self.job(dn, key, action)
         if not self.is_submitter_or_admin(dn, job):
-            raise AccessDenied(f"{dn} may not {doing} job {key}: only the job's submitter and the VO's admins may",
+            raise AccessDenied(f"{dn} may not {doing} job {key}: only the job's submitter and this job service's "
+                               f"admins may ({ADMINS})",
                                subject=dn, action=action, resource=key, rule=JOB_RULE)
         return job
 
@@ -755,7 +762,7 @@ class JobManager:
 
     # -- what the owner reads ---------------------------------------------------------------------------------
     def may_read_output(self, dn: str, job: Job) -> bool:
-        """What a job wrote is its submitter's, and the VO's admins' (the admin rule): the instance's owner reads
+        """What a job wrote is its submitter's, and the service's admins' (the admin rule): the instance's owner reads
         no admin's job output, nor one admin another's."""
         return self.is_submitter_or_admin(dn, job)
 
@@ -773,9 +780,9 @@ class JobManager:
         the job or is an admin."""
         self.check(dn, "job.read-output", job.key)
         if not self.may_read_output(dn, job):
-            raise AccessDenied(f"{dn} may not read the output of job {job.key}: only the job's submitter and the "
-                               f"VO's admins may", subject=dn, action="job.read-output", resource=job.key,
-                               rule=OUTPUT_RULE)
+            raise AccessDenied(f"{dn} may not read the output of job {job.key}: only the job's submitter and this "
+                               f"job service's admins may ({ADMINS})", subject=dn, action="job.read-output",
+                               resource=job.key, rule=OUTPUT_RULE)
         name = job.spec.stdout if which == "stdout" else job.spec.stderr
         try:       # through no link the job put there: never the service's files
             return _tail_fd(open_beneath(self.jobs_dir / job.key, name), self.config.tail_bytes)[2]

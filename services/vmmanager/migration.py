@@ -963,7 +963,7 @@ def accept(node: MigratingNode, caller, offer: MigrationOffer) -> InstanceView:
                 image_name=d.name, sha256=d.sha256, size=d.size, format=d.image_format, memory=d.memory,
                 vcpus=d.vcpus, descriptor=offer.descriptor_xml, state=State.INCOMING.value,
                 initial_state=offer.state, address=None, mac=None, created=now, termination=offer.termination,
-                max_lifetime=offer.max_lifetime, token=new_token()))
+                max_lifetime=offer.max_lifetime, token=new_token(), earlier_phases=_earlier_phases(existing)))
             registered = True
             node.migrations.put(key, "prepared" if offer.step == "prepare" else "target", offer.source, offer.state)
             phases.lease(node.parts, key)
@@ -1000,6 +1000,18 @@ def accept(node: MigratingNode, caller, offer: MigrationOffer) -> InstanceView:
         log.info("instance %s arrived from %s (%s) for %s; Incoming until the source commits", key, offer.source,
                  source_dn, caller.dn)
     return node.view(node.store.get(key))
+
+
+def _earlier_phases(existing: Instance | None) -> str:
+    """The earlier operations' phases an instance coming back to this node keeps: those its Migrated record here kept,
+    then its own (the deployment's, or the migration that brought it here before), so that `vmgrid report` still has
+    them (trial16 T3: a deployment's phases vanished when its instance came back)."""
+    if existing is None:
+        return "[]"
+    earlier = json.loads(existing.earlier_phases)
+    if existing.phase_list():
+        earlier.append([list(p) for p in existing.phase_list()])
+    return json.dumps(earlier)
 
 
 def _accept_files(node: MigratingNode, caller, offer: MigrationOffer) -> InstanceView:

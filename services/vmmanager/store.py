@@ -45,7 +45,8 @@ CREATE TABLE IF NOT EXISTS instances (
     token          TEXT NOT NULL,
     hold_id        TEXT,
     ended          REAL,
-    hold_holder    TEXT
+    hold_holder    TEXT,
+    earlier_phases TEXT NOT NULL DEFAULT '[]'
 );
 CREATE UNIQUE INDEX IF NOT EXISTS instances_live_identifier ON instances (owner, identifier)
     WHERE state NOT IN ('Destroyed', 'Failed', 'Migrated');
@@ -124,6 +125,10 @@ class Instance:
     hold_id: str | None = None
     ended: float | None = None
     hold_holder: str | None = None   # recorded before the hold is asked for: the repository finds it by holder
+    # the phases of this instance's earlier operations on this node, oldest first (a list of [name, seconds] lists):
+    # an instance that comes back by migration replaces its Migrated record here, whose phases (its deployment's,
+    # an earlier migration's) are kept so (the EarlierPhaseTimings property; trial16 T3)
+    earlier_phases: str = "[]"
 
     @property
     def state_enum(self) -> State:
@@ -131,6 +136,9 @@ class Instance:
 
     def phase_list(self) -> list[tuple[str, float]]:
         return [(n, s) for n, s in json.loads(self.phases)]
+
+    def earlier_phase_lists(self) -> list[list[tuple[str, float]]]:
+        return [[(n, s) for n, s in group] for group in json.loads(self.earlier_phases)]
 
 
 COLUMNS = [f.name for f in fields(Instance)]
@@ -189,6 +197,8 @@ class NodeStore:
         columns = {r[1] for r in self._db().execute("PRAGMA table_info(instances)")}
         if "hold_holder" not in columns:    # a node state written before holds were found by holder
             self._db().execute("ALTER TABLE instances ADD COLUMN hold_holder TEXT")
+        if "earlier_phases" not in columns:  # a node state written before an instance's earlier phases were kept
+            self._db().execute("ALTER TABLE instances ADD COLUMN earlier_phases TEXT NOT NULL DEFAULT '[]'")
         # instances share the node's hold on an image: who still records it is asked at every release
         self._db().execute("CREATE INDEX IF NOT EXISTS instances_hold_holder ON instances (hold_holder)")
 

@@ -84,6 +84,23 @@ def test_another_services_url_is_refused_naming_it(grid):
     assert "nowhere" not in ok(vmgrid(grid, "vm", "list", "--all"))          # nothing was deployed
 
 
+def test_another_containers_url_alone_says_what_that_container_serves(grid):
+    """trial16 T9: the central container's URL alone given as a node's, a node's container as a job service's: the
+    completed URL has no WSDL there, and the line was `no service answers at …/VMManagerService (HTTP 404 …)`. The
+    container's index of services (GET /) is asked then, and the line names what it serves."""
+    one_line(vmgrid(grid, "vm", "list", "--url", grid.central),
+             f"{grid.central} is the container of the AuthorizationService (vmgrid authz … --url), the "
+             f"VMRepositoryService (vmgrid repo … --url), not of a VMManagerService: check the VMManagerService's URL "
+             f"($VMGRID_NODE, --url (--node for job commands))")
+    one_line(vmgrid(grid, "job", "list", grid.node),
+             f"{grid.node} is the container of the VMManagerService (vmgrid vm … --url, vmgrid job … --node), not of a "
+             f"JobService: check the service's URL; to reach an instance's job service through its node, name the "
+             f"instance: vmgrid job … NAME --node {grid.node}")
+    one_line(vmgrid(grid, "repo", "vos", "--url", grid.jobs + "/"),
+             f"{grid.jobs}/ is the container of the JobService (vmgrid job … JOBS_URL), not of a VMRepositoryService: "
+             f"check the VMRepositoryService's URL ($VMGRID_REPOSITORY, --url)")
+
+
 def test_a_url_without_a_scheme_or_that_serves_no_wsdl_says_what_to_give(grid):
     bare = grid.node.split("://", 1)[1]                  # localhost:PORT
     one_line(vmgrid(grid, "vm", "list", "--url", bare),

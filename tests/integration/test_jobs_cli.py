@@ -121,6 +121,11 @@ def test_errors_are_one_clear_line(grid, tmp_path):
             (("job", "submit", url, "--", "true"), "vmgrid: AccessDenied: ")):
         r = vmgrid(grid, *args, user="bob", check=False)
         assert r.returncode == 1 and r.stderr.startswith(message) and r.stderr.count("\n") == 1, r.stderr
+        # trial16 T2: the refusal names where this service's admins come from, not "the VO's admins" (a VO admin
+        # of the Authorization service who is not one of them was told only VO admins may)
+        assert r.stderr.endswith(": only the instance's owner and this job service's admins may use it ([jobs] "
+                                 "admins; in a guest, the [vmmanager] job_admins of the node that deployed it)\n"), \
+            r.stderr
     for args, message in (
             (("job", "status", url, "job-42"), "is not a job key"),
             (("job", "submit", url, "--stage-in", str(tmp_path / "none.txt"), "--", "true"), "no such file"),

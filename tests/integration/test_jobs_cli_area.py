@@ -58,6 +58,24 @@ def test_the_instance_owner_follows_an_admins_job_without_its_output_tails(grid)
     assert r.returncode == 1 and r.stderr.startswith("vmgrid: AccessDenied: ") and r.stderr.count("\n") == 1
 
 
+def test_the_instance_owner_getting_an_admins_job_is_told_whose_files_they_are(grid, tmp_path):
+    """trial16 T4: `job get` of an admin's job by the instance's owner printed the face's raw refusal (`'SIZE
+    /jobs/job-…/stdout' refused: 550 …: no such file, or permission denied.`); the client had the job's owner from
+    its status. Now one line naming whose it is and what she sees; nothing is fetched, nothing is made."""
+    url = grid.jobs_url
+    key = vmgrid(grid, "job", "submit", url, "--wait", "--", "/bin/sh", "-c", "echo s3cret",
+                 user="admin").stdout.strip()
+    r = vmgrid(grid, "job", "get", url, key, "-o", str(tmp_path / "got"), check=False)
+    assert r.returncode == 1 and r.stdout == "" and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr == (f"vmgrid: job {key} is {grid.user('admin').dn}'s: its files are its submitter's and the job "
+                        f"service's admins' only, nothing fetched (you see its state and outputs: vmgrid job status "
+                        f"{url} {key})\n"), r.stderr
+    assert not (tmp_path / "got").exists()
+    # the submitter fetches them as before
+    vmgrid(grid, "job", "get", url, key, "-o", str(tmp_path / "his"), user="admin")
+    assert (tmp_path / "his" / "stdout").read_text() == "s3cret\n"
+
+
 def test_the_staging_area_commands_of_docs_jobs_md_run_as_written(grid, tmp_path):
     """docs/jobs.md's block: `job info` shows the caller's staging area as a gsiftp:// URL, `vmgrid transfer` puts
     ref.fa there, a job stages it in as staged:ref.fa (before: "--stage-in staged:ref.fa: no such file"), and

@@ -329,7 +329,8 @@ def test_a_proxy_refresh_is_the_submitters_of_a_live_job_and_checked_as_at_submi
     with pytest.raises(AccessDenied, match="only the job's submitter may") as refused:
         admin.refresh_proxy(key)
     assert refused.value.rule == "job-submitter"
-    with pytest.raises(AccessDenied, match="only the instance's owner and the VO's admins"):
+    with pytest.raises(AccessDenied, match=r"only the instance's owner and this job service's admins may use it "
+                                           r"\(\[jobs\] admins; in a guest, the \[vmmanager\] job_admins"):
         bob._on(key, "RefreshJobProxy", delegatedProxy=delegate(grid_pki.bob.proxy, service).decode())
     other = grid_pki.issue_host("elsewhere.example.org")
     for proxy, reason in ((delegate(grid_pki.bob.proxy, service), "not of the caller"),

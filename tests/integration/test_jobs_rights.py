@@ -98,8 +98,9 @@ def test_a_jobs_cancel_destroy_and_lifetime_are_its_submitters_and_the_admins(gr
         before = grid.service.jobs.store.get(his)
         with pytest.raises(AccessDenied) as refused:
             act(alice, his)
-        assert refused.value.rule == "job-submitter-or-vo-admin" and "only the job's submitter and the VO's admins" \
-            in str(refused.value)
+        assert refused.value.rule == "job-submitter-or-vo-admin" and (
+            "only the job's submitter and this job service's admins may ([jobs] admins; in a guest, the [vmmanager] "
+            "job_admins of the node that deployed it)") in str(refused.value)
         after = grid.service.jobs.store.get(his)
         assert (after.state.value, after.termination, after.cancel_requested) == \
             (before.state.value, before.termination, False)                    # nothing changed

@@ -53,6 +53,11 @@ def test_deploy_control_and_report_from_the_command_line(grid, tmp_path):
     report = vmgrid(grid, "report", "--out", str(tmp_path / "fig.png")).stdout
     assert "stage" in report and "share" in report
     assert (tmp_path / "fig.png").read_bytes()[:4] == b"\x89PNG"
+    # --json is for scripts: the phases on stdout, no figure written where it runs (trial16 T12)
+    (tmp_path / "scripted").mkdir()
+    r = vmgrid(grid, "report", "--json", cwd=tmp_path / "scripted")
+    assert "cli-1@node1" in [d["deployment"] for d in json.loads(r.stdout)] and r.stderr == "", r.stderr
+    assert list((tmp_path / "scripted").iterdir()) == []
 
 
 def test_a_bare_number_lifetime_under_a_minute_is_said_to_be_seconds(grid):

@@ -568,7 +568,61 @@ def test_vmgrid_vm_migrate_from_the_command_line(grid, grid_pki):
                                           f"job commands, or VMGRID_NODE)"), again.stderr     # where, not a 2nd step
     r = vmgrid("vm", "status", "cli-mover", "--url", grid.node_url(1))
     assert r.returncode == 0 and "Running" in r.stdout
-    grid.vmm(grid_pki.alice, 1).destroy(grid.vmm(grid_pki.alice, 1).list()[0].ref)
+    assert "destroyed" in vmgrid("vm", "destroy", "cli-mover", "--url", grid.node_url(1)).stdout
+    # trial16 T5: destroyed at the target, the source no longer says it lives on there: it asks that node
+    gone = vmgrid("vm", "destroy", "cli-mover")
+    assert gone.returncode == 1 and gone.stderr.count("\n") == 1, gone.stderr
+    assert gone.stderr.rstrip().endswith(f"the last one so named is Migrated ({key}); it went to {grid.node_url(1)}, "
+                                         f"where it is Destroyed now (`vmgrid vm list --all --url "
+                                         f"{grid.node_url(1)}` lists it)"), gone.stderr
+
+
+def test_the_report_keeps_a_deployment_and_each_migration_of_an_instance_that_came_back(grid, grid_pki, tmp_path):
+    """trial16 T3: an instance deployed on node1, migrated to node2, back to node1 and to node2 again. Coming back to
+    a node replaced its Migrated record there, and with it that record's phases: `vmgrid report` showed 2 migrations
+    and no deployment of it. Now each node keeps the earlier operations' phases (EarlierPhaseTimings): the report has
+    its deployment once and each of its 3 migrations once."""
+    import os
+    import subprocess
+    import sys
+
+    from services.vmmanager.states import MIGRATION_PHASES
+    from services.vmmanager.vmm import LibvirtTestDriver
+    ref = deploy(grid, grid_pki.alice, "roundtrip")
+    deployed = grid.vmm(grid_pki.alice, 0).status(ref).phases
+    for to in (1, 0, 1):
+        ref = grid.vmm(grid_pki.alice, 1 - to).migrate(ref, grid.node_url(to)).ref
+    try:
+        back = grid.vmm(grid_pki.alice, 0).list(True)
+        gone = next(i for i in back if i.ref.key == ref.key)          # on node1: Migrated, after it came back once
+        assert gone.state == "Migrated" and gone.earlier_phases == [deployed], gone
+        env = {**os.environ, **grid_pki.alice.env(grid_pki.cert_dir)}
+        r = subprocess.run([sys.executable, "-m", "client.cli", "report", "--json", "--nodes", grid.node_url(0),
+                            grid.node_url(1)], env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        mine = [d for d in json.loads(r.stdout) if d["deployment"].startswith("roundtrip@")]
+        deployments = [d for d in mine if "freeze" not in d["phases"]]
+        migrations = [d for d in mine if "freeze" in d["phases"]]
+        assert [d["deployment"] for d in deployments] == ["roundtrip@node1#1"], mine
+        assert deployments[0]["phases"] == dict(deployed)
+        assert len(migrations) == 3 and all(set(d["phases"]) <= set(MIGRATION_PHASES) for d in migrations), mine
+        assert sorted(d["deployment"] for d in migrations) == ["roundtrip@node1#2", "roundtrip@node2#1",
+                                                               "roundtrip@node2#2"], mine
+        # a node that timed migrations only (a third one, where it arrives): the tables, and no figure, said so
+        # (before: a traceback from matplotlib, "All wedge sizes are zero")
+        grid.add_node("node3", "10.99.0.190-10.99.0.199", vmm=LibvirtTestDriver.private_node())
+        ref = grid.vmm(grid_pki.alice, 1).migrate(ref, grid.node_url(2)).ref
+        r = subprocess.run([sys.executable, "-m", "client.cli", "report", "--nodes", grid.node_url(2)], env=env,
+                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert r.returncode == 0 and "0 deployment(s)" in r.stdout and "1 migration(s)" in r.stdout, r.stderr
+        assert r.stderr == "no figure written to phases.png: the nodes timed migrations only (the figure shows " \
+                           "deployments)\n", r.stderr
+        assert not (tmp_path / "phases.png").exists()
+    finally:
+        grid.vmm(grid_pki.alice, 2 if len(grid.nodes) > 2 else 1).destroy(ref)
+        if len(grid.nodes) > 2:
+            grid.stop_node(2)
+            grid.nodes.pop()
 
 
 def test_subscribers_hear_the_move_from_the_source_and_then_from_the_target(grid, grid_pki):

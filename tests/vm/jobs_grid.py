@@ -267,6 +267,18 @@ def migration_part(out: dict, work: Path, pki, first, second, ref, info) -> Inst
     s["long_status"] = at2("job", "status", NAME, s["long"]["out"], "--json")
     out["reach"] = {"new": reachable(moved.address, 8443), "old": reachable(info.address, 8443)}
     s["cancel"] = at2("job", "cancel", NAME, s["long"]["out"])
+    # a Shutdown and Start on the target boots with the target's lease: the migrated domain's persistent definition
+    # was redefined with the leased MAC after the restore (README "Known limits"; trial16 T7 saw it by hand)
+    s["shutdown_target"] = at2("vm", "shutdown", NAME, timeout=600)
+    s["start_target"] = at2("vm", "start", NAME, timeout=900)
+    s["service_up_started"] = wait_service(at2, 300)
+    s["nic_started"] = at2("job", "submit", NAME, "--wait", "--", "sh", "-c",
+                           "cat /sys/class/net/eth0/address; ip -4 -o addr show eth0 || "
+                           "cat /proc/net/fib_trie", timeout=600)
+    s["nic_started_status"] = at2("job", "status", NAME, (s["nic_started"]["out"].splitlines() or ["-"])[0], "--json")
+    started = vm2.status(ref)
+    out["started_on_target"] = {"state": started.state, "address": started.address, "mac": started.mac,
+                                "guest_status": started.guest_status}
     # and back, paused: a guest that arrives paused takes its new node's address when it first runs there (Resume)
     s["pause"] = at2("vm", "pause", NAME)
     s["migrate_back"] = at2("vm", "migrate", NAME, "--to", first.url, timeout=900)

@@ -271,3 +271,26 @@ def test_the_start_logs_what_the_memory_bounds_came_to_in_bytes_and_whence(tmp_p
                 f"(memory_total = {64 << 20}) of this machine's {machine} bytes") in caplog.messages
     finally:
         shut(m)
+
+
+def test_in_a_small_guest_memory_limit_auto_is_the_16_mib_floor_as_docs_jobs_md_says(tmp_path, caplog, monkeypatch):
+    """trial16 T8: in a 160 MiB guest (MemTotal 128303104 bytes, the guest's own) the service started with both
+    bounds "auto" logged each job at most 16 MiB and the jobs 30.6 MiB together: memory_limit's "auto" is the total
+    less 16 MiB only down to the 16 MiB floor. docs/jobs.md said "16 MiB less" and nothing of the floor; it gives this
+    guest's figures now, and they are what the service logs for that MemTotal."""
+    from pathlib import Path
+
+    guest = 128303104
+    monkeypatch.setattr(runner, "machine_memory", lambda: guest)
+    caplog.set_level(logging.INFO, logger="vmgrid.JobService")
+    m = manager(tmp_path / "state")
+    try:
+        assert ("jobs' memory: at most 16777216 bytes (16.0 MiB) each ([jobs] memory_limit = 'auto'), at most "
+                "32075776 bytes (30.6 MiB) together (memory_total = 'auto') of this machine's 128303104 bytes") \
+            in caplog.messages
+    finally:
+        shut(m)
+    doc = " ".join((Path(__file__).resolve().parents[3] / "docs" / "jobs.md").read_text().split())
+    assert ("memory_limit's `\"auto\"` is 16 MiB less, but never below 16 MiB (a 160 MiB guest, MemTotal "
+            f"{guest >> 20} MiB, gives its jobs a total of {32075776 / (1 << 20):.1f} MiB and each job 16 MiB, not "
+            f"{(32075776 - (16 << 20)) / (1 << 20):.1f})") in doc
