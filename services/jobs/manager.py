@@ -47,6 +47,9 @@ LIVE_BEFORE_RUN = {JobState.PENDING, JobState.STAGE_IN}
 CANCEL_ANSWER_WAIT = 1.0
 # the proxy a job's submitter delegated at submit (control/<key>/): its gsiftp:// files are moved with it
 DELEGATED_PROXY = "delegated-proxy.pem"
+# beside it once a RefreshJobProxy replaced it: when (seconds since the epoch), for the words of a stage that cannot
+# use it ("delegated by refresh-proxy at ...", not "at submit": trial15 X4)
+REFRESHED = "delegated-proxy.refreshed"
 
 StateListener = Callable[[Job, JobState, JobState], None]
 
@@ -297,6 +300,10 @@ class JobManager:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        try:                # words only (which delegation a failed stage names): a failure here costs no refresh
+            (control / REFRESHED).write_text(f"{time.time():.0f}\n")
+        except OSError as exc:
+            log.warning("job %s: could not note when its proxy was refreshed: %s", key, exc.strerror)
         now = self.store.get(key)
         if now is None:                     # destroyed meanwhile: no credential is left behind
             try:
@@ -322,8 +329,9 @@ class JobManager:
         return not any(s.source == source for s in job.spec.stage_in[i + 1:])
 
     def _submitter_credential(self, job: Job):
-        """The proxy the job's submitter delegated at submit, checked again now (expired or revoked meanwhile:
-        StagingError saying so): what the job's gsiftp:// files are moved with."""
+        """The proxy the job's submitter delegated at submit or last by a refresh, checked again now (expired or
+        revoked meanwhile: StagingError naming which delegation, and when the proxy ended or ends): what the job's
+        gsiftp:// files are moved with."""
         try:
             pem = (self.control_dir / job.key / DELEGATED_PROXY).read_bytes()
         except FileNotFoundError:
@@ -331,8 +339,27 @@ class JobManager:
         try:
             return self.stager.delegated(pem, job.owner)
         except DelegationError as exc:
-            raise StagingError(f"the proxy {job.owner} delegated at submit cannot be used ({exc.reason}): a job's "
-                               f"gsiftp:// files are moved as its submitter") from None
+            raise StagingError(f"the proxy {job.owner} delegated {self._which_delegation(job.key, pem)} cannot be "
+                               f"used ({exc.reason}): a job's gsiftp:// files are moved as its submitter") from None
+
+    def _which_delegation(self, key: str, pem: bytes) -> str:
+        """Which delegation gave job ``key`` its proxy ``pem`` and until when it was valid, in words: "at submit
+        (valid until T)" or "by `vmgrid job refresh-proxy` at T1 (valid until T2)" (trial15 X4: an expired refreshed
+        proxy was called the submit's)."""
+        def utc(seconds: float) -> str:
+            return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+        try:
+            from cryptography import x509
+
+            until = f" (valid until {utc(x509.load_pem_x509_certificate(pem).not_valid_after_utc.timestamp())})"
+        except ValueError:
+            until = ""
+        try:
+            refreshed = float((self.control_dir / key / REFRESHED).read_text())
+        except (OSError, ValueError):
+            return f"at submit{until}"
+        return f"by `vmgrid job refresh-proxy` at {utc(refreshed)}{until}"
 
     # -- running ------------------------------------------------------------------------------------------
     def _spawn(self, key: str, target: Callable[[], None]) -> None:
@@ -383,6 +410,7 @@ class JobManager:
         """An ended job moves no more files: the proxy its submitter delegated is not kept past it (trial13)."""
         try:
             (self.control_dir / key / DELEGATED_PROXY).unlink(missing_ok=True)
+            (self.control_dir / key / REFRESHED).unlink(missing_ok=True)
         except OSError as exc:
             log.warning("job %s: could not remove its delegated proxy: %s", key, exc.strerror)
 
