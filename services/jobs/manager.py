@@ -23,7 +23,7 @@ from security.delegation import DelegationError
 from services.faults import (AccessDenied, IllegalTransition, InvalidArgument, LimitExceeded, ResourceUnknown,
                             ServiceUnavailable)
 from services.jobs.bounds import BoundEvent, read_bound_events
-from services.jobs.config import JobsConfig
+from services.jobs.config import JobsConfig, check_uid_range
 from services.jobs.files import chown_tree, lock, open_beneath, open_output
 from services.jobs.runner import (Exit, Process, job_environment, memory_cgroups, memory_limit_bytes, network_mode,
                                   pid_namespaces, pids_cgroups, proc_start_time, read_exit, read_supervisor,
@@ -62,13 +62,7 @@ class JobManager:
     def __init__(self, state_dir: Path, config: JobsConfig, stager_factory: Callable[[Path], Stager] | None = None):
         if not config.owner:
             raise ValueError("the job service needs the instance owner's DN: set [jobs] owner")
-        if os.geteuid() != 0:
-            raise ValueError("the job service runs each job under a uid of its own ([jobs] job_uid_first, "
-                             "job_uid_count), out of reach of its credential, its state and other jobs: "
-                             "start it as root")
-        if config.job_uid_first < 1000 or config.job_uid_count < 1 or config.job_uid_first + config.job_uid_count > 2**32 - 2:
-            raise ValueError(f"[jobs] job_uid_first = {config.job_uid_first}, job_uid_count = {config.job_uid_count}: "
-                             f"a range of at least one uid from 1000 up, below 4294967294")
+        check_uid_range(config)          # as `vmgrid serve` asked before any state (the registry: claim, below)
         memory_limit_bytes(config.memory_limit)          # one that means nothing is refused before anything is done
         memory_limit_bytes(config.memory_total, key="memory_total")
         network_mode(config.network)
