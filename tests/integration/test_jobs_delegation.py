@@ -477,6 +477,14 @@ def test_a_service_claiming_a_far_end_is_lent_no_longer_a_proxy_than_the_job_was
     assert out == f"{key}: its gsiftp:// files now move with a proxy of yours valid until {_utc(until)}\n"
     assert err.startswith(f"vmgrid: job {key}: its service says it ends at {_utc(far)}, later than the end you asked "
                           f"for it (") and err.count("\n") == 1
+    # `vmgrid job lifetime` moves the end she asked: a refresh lends up to the new one, still not the service's word
+    rc, out, err = _cli(grid, grid_pki, capsys, "job", "lifetime", grid.url, key, "3h")
+    moved = time.time() + 3 * 3600
+    assert rc == 0, err
+    grid.service.jobs.store.update(key, termination=far)
+    rc, out, err = _cli(grid, grid_pki, capsys, "job", "refresh-proxy", grid.url, key)
+    until = kept_proxy(grid, key).not_after.timestamp()
+    assert rc == 0 and asked + 60 < until <= moved + 60, (until, err)
     # the same job refreshed where nothing of it is kept: a --lifetime is asked for, the kept proxy unchanged
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "elsewhere"))
     kept = (grid.service.jobs.control_dir / key / "delegated-proxy.pem").read_bytes()
