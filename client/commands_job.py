@@ -96,7 +96,8 @@ def register(subparsers) -> None:
     p = sub.add_parser("refresh-proxy", help="delegate a new proxy for a job's gsiftp:// files (a proxy lives 12 h "
                                              "at most), as globus-job-refresh-credentials",
                        description="Delegate a new proxy of your credential to the job service for the job's "
-                                   "gsiftp:// stage-ins and stage-outs, replacing the one it keeps (the submit's or an earlier refresh's).")
+                                   "gsiftp:// stage-ins and stage-outs, replacing the one it keeps (the submit's "
+                                   "or an earlier refresh's).")
     p.add_argument("endpoint")
     p.add_argument("job", help="the job's key (job-…)")
     p.add_argument("--lifetime", help="how long the new proxy lives: seconds or 90m, 2h (default: until the end you "

@@ -153,9 +153,10 @@ def asked_end(service_url: str, key: str):
 
 
 def remember_end(service_url: str, key: str, end: float | None) -> None:
-    """Keep ``end`` (None: the service's default) as the end the user asked for job ``key``; records of jobs whose
-    end has passed by a day (or kept 30 days without one) are dropped meanwhile. A failure to write costs nothing but
-    the record (a refresh then asks for --lifetime)."""
+    """Keep ``end`` (None: the service's default) as the end the user asked for job ``key``. A record's modification
+    time is when it may go (a day past the end; 31 days after it was written without one): records past it are
+    dropped meanwhile, by their times alone. A failure to write costs nothing but the record (a refresh then asks
+    for --lifetime)."""
     import json
 
     folder, now = asked_ends_dir(), time.time()
@@ -163,14 +164,15 @@ def remember_end(service_url: str, key: str, end: float | None) -> None:
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         for old in folder.glob("*.json"):
             try:
-                kept = json.loads(old.read_text()).get("end")
-                if (now - old.stat().st_mtime > 30 * 86400) if kept is None else float(kept) < now - 86400:
+                if old.stat().st_mtime < now:
                     old.unlink()
-            except (OSError, ValueError, TypeError, AttributeError):
+            except OSError:
                 continue
         path = _asked_end_path(service_url, key)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"service": service_url, "job": key, "end": end}))
+        goes = (end if end is not None else now + 30 * 86400) + 86400
+        os.utime(tmp, (goes, goes))
         os.replace(tmp, path)
     except OSError:
         pass
@@ -453,14 +455,17 @@ class JobClient:
                                f"says the job ends at {_utc(termination)}, which vmgrid does not take on its word)")
         if lifetime is None and asked is not None and asked < now.timestamp() + 60:
             passed = _utc(datetime.fromtimestamp(asked, timezone.utc))
-            raise RuntimeError(f"job {key}: the end you asked for it here ({passed}) has passed, yet its service says it ends at {_utc(termination)} "
-                               f"(moved from elsewhere?): name how long the new proxy lives with --lifetime")
+            raise RuntimeError(f"job {key}: the end you asked for it here ({passed}) has passed, yet its service says "
+                               f"it ends at {_utc(termination)} (moved from elsewhere?): name how long the new proxy "
+                               f"lives with --lifetime")
         # the bounds, each with why: the service's word only among them, never alone the one that lengthens it
         bounds = [(termination, "the job's termination time"),
                   (now + MAX_LIFETIME, "a job service takes no proxy longer than 12 h"),
                   (self.service.credential.not_after.astimezone(timezone.utc), "your own proxy ends then")]
-        if lifetime is None and asked is not None:
-            bounds.append((datetime.fromtimestamp(asked, timezone.utc), "the end you asked for the job"))
+        mine = datetime.fromtimestamp(asked, timezone.utc) if lifetime is None and asked not in (None, NO_RECORD) \
+            else None
+        if mine is not None:
+            bounds.append((mine, "the end you asked for the job"))
         bound, why = min(bounds, key=lambda b: b[0])
         wanted = now + (timedelta(seconds=lifetime) if lifetime is not None else MAX_LIFETIME)
         until = max(min(wanted, bound), now + timedelta(seconds=60))
@@ -476,8 +481,7 @@ class JobClient:
         if lifetime is not None and wanted > bound + timedelta(seconds=60):
             self.notices.append(f"job {key}: --lifetime {_span(lifetime)} asked a proxy until {_utc(wanted)}; it "
                                 f"lives until {_utc(expires)}: {why} ({_utc(bound)})")
-        elif lifetime is None and asked is not None and termination > bound + timedelta(seconds=60) and \
-                why == "the end you asked for the job":
+        elif mine is not None and bound == mine and termination > mine + timedelta(seconds=60):
             self.notices.append(f"job {key}: its service says it ends at {_utc(termination)}, later than the end you "
                                 f"asked for it ({_utc(bound)}): the proxy lives until {_utc(expires)} (`vmgrid job "
                                 f"lifetime` moves the job's end; --lifetime asks for a proxy's)")
