@@ -96,11 +96,14 @@ def register(subparsers) -> None:
     p = sub.add_parser("refresh-proxy", help="delegate a new proxy for a job's gsiftp:// files (a proxy lives 12 h "
                                              "at most), as globus-job-refresh-credentials",
                        description="Delegate a new proxy of your credential to the job service for the job's "
-                                   "gsiftp:// stage-ins and stage-outs, replacing the one delegated at submit.")
+                                   "gsiftp:// stage-ins and stage-outs, replacing the one it keeps (the submit's "
+                                   "or an earlier refresh's).")
     p.add_argument("endpoint")
     p.add_argument("job", help="the job's key (job-…)")
-    p.add_argument("--lifetime", help="how long the new proxy lives: seconds or 90m, 2h (default: until the job's "
-                                      "termination time, and never past it; at most 12 h, never past your own proxy)")
+    p.add_argument("--lifetime", help="how long the new proxy lives: seconds or 90m, 2h (default: until the end you "
+                                      "asked for the job with submit --lifetime or `job lifetime` here, else its "
+                                      "termination time; never past that, at most 12 h, never past your own proxy; "
+                                      "a job submitted elsewhere needs it)")
     p.set_defaults(func=cmd_refresh_proxy)
 
     p = sub.add_parser("lifetime", help="move a job's termination time (when it passes, the job and its outputs are "
@@ -468,10 +471,18 @@ def cmd_submit(args) -> int:
                    tuple(stage_in), tuple(stage_out), lifetime)
     key = call(jobs.submit, spec)
     print(key, flush=True)
+    _tell(jobs)
     args.interrupt_note = _goes_on(args.endpoint, key)
     if args.wait:
         return ended(call(jobs.wait, key, on_update=Follow()))
     return 0
+
+
+def _tell(jobs) -> None:
+    """The client's notices (a proxy lent shorter than asked, and why), one line each on standard error."""
+    for line in jobs.notices:
+        print(f"vmgrid: {printable(line)}", file=sys.stderr, flush=True)
+    jobs.notices.clear()
 
 
 def _info_dict(info) -> dict:
@@ -579,6 +590,7 @@ def cmd_refresh_proxy(args) -> int:
                        f"later)")
     jobs = connect(args)
     expires = call(jobs.refresh_proxy, key, lifetime)
+    _tell(jobs)
     print(f"{key}: its gsiftp:// files now move with a proxy of yours valid until "
           f"{expires.strftime('%Y-%m-%dT%H:%M:%SZ')}")
     return 0

@@ -17,6 +17,10 @@ from client.commands_repo import (DEFAULT_REPOSITORY, _call, _on_image, add_form
 from client.output import table
 from services.common.errors import printable
 
+# the least RAM a node defines a guest with (services/vmmanager/vmm/spec.py InstanceSpec.validate: 16 MiB; a test
+# keeps the two together): `vm deploy --memory` below it is refused before anything is sent
+MIN_GUEST_MEMORY_MIB = 16
+
 DEFAULT_NODE = "https://localhost:8443/wsrf/services/VMManagerService"
 FINAL = ("Destroyed", "Failed")
 
@@ -32,7 +36,8 @@ def register(subparsers) -> None:
     p.add_argument("--lifetime", default="1h", help="how long it may live: seconds or e.g. 90m, 2h, 1d (default 1h)")
     p.add_argument("--paused", action="store_true", help="leave it paused once deployed")
     p.add_argument("--memory", help="RAM instead of the descriptor's: MiB, or with a unit as queries take it "
-                                    "(512M, 4G)")
+                                    f"(512M, 4G); at least {MIN_GUEST_MEMORY_MIB} MiB, the least a node defines a "
+                                    f"guest with")
     p.add_argument("--vcpus", type=int, help="vCPUs instead of the descriptor's")
     p.add_argument("--repository", default=os.environ.get("VMGRID_REPOSITORY", DEFAULT_REPOSITORY),
                    help="the VMRepository URL (default $VMGRID_REPOSITORY)")
@@ -334,6 +339,11 @@ def cmd_deploy(args) -> int:
 
     # The descriptor's bounds (workspace.xsd), checked before anything is asked: 0 is not "the default"
     memory = parse_memory(args.memory) if args.memory is not None else None
+    if memory is not None and memory < MIN_GUEST_MEMORY_MIB:
+        # the node would authorize, register, lease and stage it, then fail it at its definition (VMMFault)
+        raise CLIError(f"--memory {args.memory.strip()}: {memory} MiB is less than a node gives a guest: at least "
+                       f"{MIN_GUEST_MEMORY_MIB} MiB (a Linux guest boots with some hundreds: the descriptor's "
+                       f"memory, or e.g. 512M); nothing was deployed")
     if args.vcpus is not None and not 1 <= args.vcpus <= 256:
         raise CLIError(f"--vcpus must be 1 to 256, not {args.vcpus}")
     lifetime = parse_seconds(args.lifetime)

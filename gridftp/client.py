@@ -402,6 +402,21 @@ class GridFTPClient:
             return f"EPRT {format_eprt(host, port)}"
         return f"PORT {format_host_port(host, port)}"
 
+    def data_listener(self) -> socket.socket:
+        """A listener for this session's incoming data connections (PORT/EPRT/SPOR: a MODE E download), on a port of
+        the data port range (GLOBUS_TCP_PORT_RANGE, or the configuration key that took its place) when one is set.
+        A range whose every port is in use is :class:`~gridftp.datachannel.NoFreeDataPort` naming it and what to do:
+        this side's range, so this side's to widen or unset (trial15 N6: the message named the range alone)."""
+        from .datachannel import PORT_RANGE_ENV, NoFreeDataPort, open_listener
+
+        try:
+            return open_listener(self.local_host)
+        except NoFreeDataPort as exc:
+            named = exc.strerror.removeprefix("no free data port in ").rsplit(" ", 1)[0]
+            todo = (f"widen or unset {PORT_RANGE_ENV} (the ports this client listens on for data connections)"
+                    if named == PORT_RANGE_ENV else f"widen {named} (this process's data ports)")
+            raise NoFreeDataPort(exc.errno, f"{exc.strerror}, all in use: {todo}") from None
+
     def passive_command(self) -> str:
         return "EPSV" if ":" in self.local_host and not self.local_host.startswith("::ffff:") else "PASV"
 

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .datachannel import (BLOCK_SIZE, Counter, ModeEReceiver, Worker, _abort_all, accept_connections, close_all,
-                          open_listener, send_blocks, shutdown_listener)
+                          send_blocks, shutdown_listener)
 from .errors import ProtocolError, TransferError
 
 HEAD = 64 * 1024          # bytes held back until the file is complete (libvirt's save header is 92 bytes)
@@ -278,7 +278,7 @@ class Following:
                 self.dest.parent.mkdir(parents=True, exist_ok=True)
                 fd = os.open(self.dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o600)
                 sink = _Sink(fd)
-                listener = open_listener(session.local_host)
+                listener = session.data_listener()
                 receiver = ModeEReceiver(sink, counter=self.counter, limit=self.limit)
                 with self._lock:
                     self._receiver = receiver

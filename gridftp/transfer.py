@@ -27,7 +27,7 @@ from pathlib import Path
 from .checksum import hash_fd, hash_file, new_hash
 from .client import GridFTPClient, GridFTPURL
 from .datachannel import (Counter, ModeEReceiver, ModeESender, Opening, Throttle, Worker, accept_connections,
-                          connect_streams, open_listener, receive_stream, shutdown_listener)
+                          connect_streams, receive_stream, shutdown_listener)
 from .errors import (ChecksumMismatch, ChecksumUnavailable, GridFTPError, ProtocolError, ReplyError,
                      TransferError, reply_error)
 from .partial import PartialFile
@@ -370,7 +370,7 @@ def download(url: str, dest_path: str | os.PathLike, parallel: int = DEFAULT_PAR
 def _retrieve_mode_e(session: GridFTPClient, path: str, partial: PartialFile, size: int, parallel: int,
                      counter: Counter, progress: Progress | None, timeout: float) -> None:
     held = partial.snapshot()
-    listener = open_listener(session.local_host)
+    listener = session.data_listener()
     receiver = ModeEReceiver(partial, limit=size, counter=counter)
     protection = session.data_protection()
     base = held.total()

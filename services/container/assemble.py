@@ -309,6 +309,9 @@ def check_service_config(name: str, config: Config) -> None:
         raise ValueError("the job service needs the instance owner's DN: set [jobs] owner")
     if name == "jobs":
         check_jobs_people(config.jobs)
+        from services.jobs.config import check_uid_range
+
+        check_uid_range(config.jobs, config.state_dir("jobs"))    # refused before any state is made (trial15 N2)
     section = {"repository": config.repository, "jobs": config.jobs}.get(name)
     if section is not None and not -1 <= section.gridftp_port <= 65535:
         raise ValueError(f"[{name}] gridftp_port = {section.gridftp_port}: a port is 0 to 65535 (0 picks a free one; "

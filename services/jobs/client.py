@@ -108,6 +108,83 @@ def _moves_gsiftp(spec: JobSpec) -> bool:
     return bool(_gsiftp([s.source for s in spec.stage_in] + [s.destination or "" for s in spec.stage_out]))
 
 
+def _utc(when: datetime) -> str:
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _span(seconds: int) -> str:
+    """``seconds`` as the CLI spells a duration: 2d, 6h, 90m, 45s."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+# -- the ends the user asked for her jobs, kept where the client runs -----------------------------------------
+# A job's TerminationTime is its service's word, and the service is one its users do not control (a VM's, run by
+# its owner as root in her guest): the length of a proxy lent to it must not be its word (attack15). What the client
+# itself knows is the end the user asked (`job submit --lifetime`, `job lifetime`), kept here per service and job.
+def asked_ends_dir() -> Path:
+    """Where the ends the user asked for her jobs are kept: ~/.cache/vmgrid/jobs ($XDG_CACHE_HOME's)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+    return Path(base) / "vmgrid" / "jobs"
+
+
+def _asked_end_path(service_url: str, key: str) -> Path:
+    import hashlib
+
+    return asked_ends_dir() / (hashlib.sha256(f"{service_url}\n{key}".encode()).hexdigest()[:40] + ".json")
+
+
+NO_RECORD = object()      # asked_end's answer for a job this client keeps no end of (submitted elsewhere)
+
+
+def asked_end(service_url: str, key: str):
+    """The end (seconds since the epoch) the user asked here for job ``key`` of ``service_url``; None if she asked
+    none (the service's default, taken at submit); NO_RECORD if this client keeps nothing of the job."""
+    import json
+
+    try:
+        record = json.loads(_asked_end_path(service_url, key).read_text())
+        end = record["end"]
+        return None if end is None else float(end)
+    except (OSError, ValueError, KeyError, TypeError):
+        return NO_RECORD
+
+
+def remember_end(service_url: str, key: str, end: float | None) -> None:
+    """Keep ``end`` (None: the service's default) as the end the user asked for job ``key``. A record's modification
+    time is when it may go (a day past the end; 31 days after it was written without one): records past it are
+    dropped meanwhile, by their times alone. A failure to write costs nothing but the record (a refresh then asks
+    for --lifetime)."""
+    import json
+
+    folder, now = asked_ends_dir(), time.time()
+    try:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for old in folder.glob("*.json"):
+            try:
+                if old.stat().st_mtime < now:
+                    old.unlink()
+            except OSError:
+                continue
+        path = _asked_end_path(service_url, key)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"service": service_url, "job": key, "end": end}))
+        goes = (end if end is not None else now + 30 * 86400) + 86400
+        os.utime(tmp, (goes, goes))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def forget_end(service_url: str, key: str) -> None:
+    try:
+        _asked_end_path(service_url, key).unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
 class OlderJobService(RuntimeError):
     """The job service is of an older vmgrid that cannot do what was asked as asked; the message says what to do."""
 
@@ -120,6 +197,8 @@ class JobClient:
         self._info: etree._Element | None = None
         self._unknown: frozenset[str] = frozenset()      # NEWER_PROPERTIES this service has refused: not asked again
         self._no_tails: set[str] = set()     # jobs whose output tails the service refused the caller: not asked again
+        # one line each for the user (the CLI prints them on standard error): a proxy lent shorter than asked
+        self.notices: list[str] = []
 
     def ref(self, key: str) -> EndpointReference:
         return EndpointReference.of(self.service.url, wire.KEY_TAG, key)
@@ -232,7 +311,9 @@ class JobClient:
         stage-in or stage-out carries a proxy of this client's credential delegated to the service (issued for the key
         of the certificate it signs with, as `vm migrate` delegates to a node): the service moves those files as the
         user, never as itself. The proxy lives as long as the job asks to (else the most a service takes, 12 h), never
-        past the credential it is made from. It is limited (it moves data, it starts nothing: whoever holds the
+        past the credential it is made from; one cut shorter than that is said in :attr:`notices`. The end the job asks
+        (or none) is kept where the client runs (:func:`remember_end`): what :meth:`refresh_proxy` lends at most.
+        It is limited (it moves data, it starts nothing: whoever holds the
         service's key, such as a guest's root, cannot run a job or deploy a VM with it): a GridFTP server takes a
         limited proxy for stage-outs as for stage-ins. A full one is never lent, whatever the service answers: one
         that refuses the limited one (AccessDenied, rule limited-proxy: an older vmgrid's, for a gsiftp:// stage-out,
@@ -244,6 +325,7 @@ class JobClient:
         if why is not None:
             raise OlderJobService(why)
         kwargs = wire.submit_arguments(spec)
+        asked_at = time.time()
         if not _moves_gsiftp(spec):
             resp = self.service.call("SubmitJob", **kwargs)
         else:
@@ -262,7 +344,34 @@ class JobClient:
                     raise
                 raise OlderJobService(self.limited_proxy_refusal()) from None     # never a full one on its word
         epr = EndpointReference.from_element(resp.find("job:Job/wsa:EndpointReference", wire.NS))
-        return epr.parameter(wire.KEY_TAG)
+        key = epr.parameter(wire.KEY_TAG)
+        # what a refresh of it lends at most, whatever its service says of its end later
+        remember_end(self.service.url, key, None if spec.lifetime is None else asked_at + spec.lifetime)
+        if "delegatedProxy" in kwargs:
+            self._tell_submit_cut(key, spec.lifetime, kwargs["delegatedProxy"], asked_at)
+        return key
+
+    def _tell_submit_cut(self, key: str, asked: int | None, pem: str, asked_at: float) -> None:
+        """A notice (:attr:`notices`) when the proxy lent at submit ends before the job's --lifetime asked it to,
+        or, asked none, before the 12 h a service takes: what was asked, what it was cut to, why (trial15 X4)."""
+        from datetime import timezone
+
+        from cryptography import x509
+
+        from security.delegation import MAX_LIFETIME
+
+        until = x509.load_pem_x509_certificate(pem.encode()).not_valid_after_utc
+        cap = MAX_LIFETIME.total_seconds()
+        wanted = cap if asked is None else asked
+        if until.timestamp() >= asked_at + wanted - 60:
+            return
+        if until.timestamp() < asked_at + min(wanted, cap) - 60:
+            why = f"your own proxy ends then ({_utc(self.service.credential.not_after.astimezone(timezone.utc))})"
+        else:
+            why = "a job service takes no proxy longer than 12 h"
+        what = "the job's" if asked is None else f"--lifetime {_span(asked)}, the job's"
+        self.notices.append(f"job {key}: the proxy lent for its gsiftp:// files lives until {_utc(until)}, not "
+                            f"{what} whole life: {why}; `vmgrid job refresh-proxy` lends a new one before then")
 
     def list(self, include_ended: bool = False, resource_bounds: bool = False) -> list[etree._Element]:
         """The job:Job elements ListJobs answers; with ``resource_bounds`` each ended job's job:ResourceBounds too,
@@ -334,10 +443,14 @@ class JobClient:
     def refresh_proxy(self, key: str, lifetime: int | None = None) -> datetime:
         """Delegate a new proxy of this client's credential to the service for job ``key``'s gsiftp:// files (GRAM's
         globus-job-refresh-credentials), replacing the one it keeps; when the new one expires. It lives ``lifetime``
-        seconds (never past the job's termination time: a longer one is cut there), else until the job's termination
-        time; at most the 12 h a service takes, never past the credential it is made from. Limited, as :meth:`submit`
-        delegates it; a service refusing it (AccessDenied, rule limited-proxy) is lent no full one
-        (:class:`OlderJobService`, :meth:`limited_proxy_refusal`)."""
+        seconds, else until the end the user asked for the job here (`job submit --lifetime`, `job lifetime`: kept in
+        :func:`asked_ends_dir`; asked none, the service's default: its termination time): never past the job's
+        termination time the service reports, at most the 12 h a service takes, never past the credential it is made
+        from. The service's word only ever shortens it: a service that claims a far end gets no longer a proxy
+        (attack15). A job this client keeps no end of (submitted elsewhere) is refreshed only with ``lifetime``.
+        A proxy cut shorter than asked is said in :attr:`notices` (trial15 X4). Limited, as :meth:`submit` delegates
+        it; a service refusing it (AccessDenied, rule limited-proxy) is lent no full one (:class:`OlderJobService`,
+        :meth:`limited_proxy_refusal`)."""
         from datetime import timedelta, timezone
 
         from security.delegation import MAX_LIFETIME, delegate
@@ -348,20 +461,49 @@ class JobClient:
             raise RuntimeError(f"{self.service.url} is a job service of an older vmgrid, without RefreshJobProxy: "
                                f"its jobs keep the proxy delegated at submit (at most 12 h)") from None
         termination = TerminationTime.parse(self.property(key, TerminationTime.qname)[0])
-        until_end = max(60, int((termination - datetime.now(timezone.utc)).total_seconds()))
-        lifetime = until_end if lifetime is None else min(lifetime, until_end)     # never past the job's end
-        service, lifetime = self.service_certificate(), min(timedelta(seconds=lifetime), MAX_LIFETIME)
+        now = datetime.now(timezone.utc)
+        asked = asked_end(self.service.url, key)
+        if lifetime is None and asked is NO_RECORD:
+            raise RuntimeError(f"job {key} was not submitted from here (no end you asked for it in "
+                               f"{asked_ends_dir()}): name how long the new proxy lives with --lifetime (its service "
+                               f"says the job ends at {_utc(termination)}, which vmgrid does not take on its word)")
+        if lifetime is None and asked is not None and asked < now.timestamp() + 60:
+            passed = _utc(datetime.fromtimestamp(asked, timezone.utc))
+            raise RuntimeError(f"job {key}: the end you asked for it here ({passed}) has passed, yet its service says "
+                               f"it ends at {_utc(termination)} (moved from elsewhere?): name how long the new proxy "
+                               f"lives with --lifetime")
+        # the bounds, each with why: the service's word only among them, never alone the one that lengthens it
+        bounds = [(termination, "the job's termination time"),
+                  (now + MAX_LIFETIME, "a job service takes no proxy longer than 12 h"),
+                  (self.service.credential.not_after.astimezone(timezone.utc), "your own proxy ends then")]
+        mine = datetime.fromtimestamp(asked, timezone.utc) if lifetime is None and asked not in (None, NO_RECORD) \
+            else None
+        if mine is not None:
+            bounds.append((mine, "the end you asked for the job"))
+        bound, why = min(bounds, key=lambda b: b[0])
+        wanted = now + (timedelta(seconds=lifetime) if lifetime is not None else MAX_LIFETIME)
+        until = max(min(wanted, bound), now + timedelta(seconds=60))
+        service = self.service_certificate()
         try:        # limited, as at submit: it moves data, which is all a job's proxy is for
             resp = self._on(key, "RefreshJobProxy", delegatedProxy=delegate(
-                self.service.credential, service, lifetime=lifetime, limited=True).decode())
+                self.service.credential, service, lifetime=until - datetime.now(timezone.utc), limited=True).decode())
         except AccessDenied as exc:
             if exc.rule != "limited-proxy":
                 raise
             raise OlderJobService(self.limited_proxy_refusal(key)) from None     # never a full one on its word
-        return TerminationTime.parse(resp.find("job:proxyExpires", wire.NS))
+        expires = TerminationTime.parse(resp.find("job:proxyExpires", wire.NS))
+        if lifetime is not None and wanted > bound + timedelta(seconds=60):
+            self.notices.append(f"job {key}: --lifetime {_span(lifetime)} asked a proxy until {_utc(wanted)}; it "
+                                f"lives until {_utc(expires)}: {why} ({_utc(bound)})")
+        elif mine is not None and bound == mine and termination > mine + timedelta(seconds=60):
+            self.notices.append(f"job {key}: its service says it ends at {_utc(termination)}, later than the end you "
+                                f"asked for it ({_utc(bound)}): the proxy lives until {_utc(expires)} (`vmgrid job "
+                                f"lifetime` moves the job's end; --lifetime asks for a proxy's)")
+        return expires
 
     def destroy(self, key: str) -> None:
         self._on(key, "Destroy")
+        forget_end(self.service.url, key)
 
     def set_lifetime(self, key: str, seconds: int | None = None, *, when: datetime | None = None) -> datetime:
         """Move job ``key``'s termination time to ``seconds`` from now, or to ``when``; the new one."""
@@ -369,10 +511,14 @@ class JobClient:
             from datetime import timezone
 
             kwargs = {"RequestedTerminationTime": when.astimezone(timezone.utc)}
+            asked = when.timestamp()
         else:
             kwargs = {"RequestedLifetimeDuration": f"PT{int(seconds)}S"}
+            asked = time.time() + int(seconds)
         resp = self._on(key, "SetTerminationTime", **kwargs)
-        return TerminationTime.parse(resp.find(f"{{{RL}}}NewTerminationTime"))
+        new = TerminationTime.parse(resp.find(f"{{{RL}}}NewTerminationTime"))
+        remember_end(self.service.url, key, min(asked, new.timestamp()))     # what a refresh lends at most
+        return new
 
     def subscribe(self, key: str, consumer_url: str) -> etree._Element:
         return self._on(key, "Subscribe", ConsumerReference={"Address": consumer_url})

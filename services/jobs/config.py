@@ -2,7 +2,9 @@
 its GridFTP face and the logs it shows."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 @dataclass
@@ -51,3 +53,25 @@ class JobsConfig:
     logs: dict[str, str] = field(default_factory=dict)   # GetLog: name -> file (e.g. container, guestd)
     consumer_allow: list[str] = field(default_factory=list)  # networks notification consumers may be on even
                                        # though loopback/link-local (e.g. "127.0.0.0/8" for a local grid)
+
+
+def check_uid_range(j: JobsConfig, state_dir: Path | None = None) -> None:
+    """[jobs] job_uid_first, job_uid_count (and that the service runs as root, which giving jobs uids needs): a
+    ValueError in one line naming the keys, asked by `vmgrid serve` before any service opens its state, so that a
+    refused start makes no state directory (trial15 N2: job_uid_count = 0 was refused once the state and jobs.lock
+    were made) and again when the job service starts. With ``state_dir``, also no uid of the range an account's or
+    group's, nor another running job service's (services/jobs/uids.py refusal: read only)."""
+    if os.geteuid() != 0:
+        raise ValueError("the job service runs each job under a uid of its own ([jobs] job_uid_first, "
+                         "job_uid_count), out of reach of its credential, its state and other jobs: "
+                         "start it as root")
+    first, count = j.job_uid_first, j.job_uid_count
+    if first < 1000 or count < 1 or first + count > 2**32 - 2:
+        raise ValueError(f"[jobs] job_uid_first = {first}, job_uid_count = {count}: a range of at least one uid from "
+                         f"1000 up, below 4294967294")
+    if state_dir is not None:
+        from services.jobs import uids
+
+        why = uids.refusal(Path(state_dir), first, count)
+        if why is not None:
+            raise ValueError(why)

@@ -23,7 +23,7 @@ from security.delegation import DelegationError
 from services.faults import (AccessDenied, IllegalTransition, InvalidArgument, LimitExceeded, ResourceUnknown,
                             ServiceUnavailable)
 from services.jobs.bounds import BoundEvent, read_bound_events
-from services.jobs.config import JobsConfig
+from services.jobs.config import JobsConfig, check_uid_range
 from services.jobs.files import chown_tree, lock, open_beneath, open_output
 from services.jobs.runner import (Exit, MemoryWatch, Process, job_environment, memory_cgroups, memory_limit_bytes,
                                   network_mode, pid_namespaces, pids_cgroups, proc_start_time, read_exit, read_supervisor,
@@ -50,6 +50,9 @@ LIVE_BEFORE_RUN = {JobState.PENDING, JobState.STAGE_IN}
 CANCEL_ANSWER_WAIT = 1.0
 # the proxy a job's submitter delegated at submit (control/<key>/): its gsiftp:// files are moved with it
 DELEGATED_PROXY = "delegated-proxy.pem"
+# beside it once a RefreshJobProxy replaced it: when (seconds since the epoch), for the words of a stage that cannot
+# use it ("delegated by refresh-proxy at ...", not "at submit": trial15 X4)
+REFRESHED = "delegated-proxy.refreshed"
 # ended jobs' directories a sweep asks the store for, at most, to count again (those due the longest first); it counts
 # them for at most tree.WALK_SHARE of its interval and rests after (attack15: the sweeps read every ended job's record)
 RECOUNT_BATCH = 64
@@ -67,13 +70,7 @@ class JobManager:
     def __init__(self, state_dir: Path, config: JobsConfig, stager_factory: Callable[[Path], Stager] | None = None):
         if not config.owner:
             raise ValueError("the job service needs the instance owner's DN: set [jobs] owner")
-        if os.geteuid() != 0:
-            raise ValueError("the job service runs each job under a uid of its own ([jobs] job_uid_first, "
-                             "job_uid_count), out of reach of its credential, its state and other jobs: "
-                             "start it as root")
-        if config.job_uid_first < 1000 or config.job_uid_count < 1 or config.job_uid_first + config.job_uid_count > 2**32 - 2:
-            raise ValueError(f"[jobs] job_uid_first = {config.job_uid_first}, job_uid_count = {config.job_uid_count}: "
-                             f"a range of at least one uid from 1000 up, below 4294967294")
+        check_uid_range(config)          # as `vmgrid serve` asked before any state (the registry: claim, below)
         memory_limit_bytes(config.memory_limit)          # one that means nothing is refused before anything is done
         memory_limit_bytes(config.memory_total, key="memory_total")
         network_mode(config.network)
@@ -323,6 +320,10 @@ class JobManager:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        try:                # words only (which delegation a failed stage names): a failure here costs no refresh
+            (control / REFRESHED).write_text(f"{time.time():.0f}\n")
+        except OSError as exc:
+            log.warning("job %s: could not note when its proxy was refreshed: %s", key, exc.strerror)
         now = self.store.get(key)
         if now is None:                     # destroyed meanwhile: no credential is left behind
             try:
@@ -348,8 +349,9 @@ class JobManager:
         return not any(s.source == source for s in job.spec.stage_in[i + 1:])
 
     def _submitter_credential(self, job: Job):
-        """The proxy the job's submitter delegated at submit, checked again now (expired or revoked meanwhile:
-        StagingError saying so): what the job's gsiftp:// files are moved with."""
+        """The proxy the job's submitter delegated at submit or last by a refresh, checked again now (expired or
+        revoked meanwhile: StagingError naming which delegation, and when the proxy ended or ends): what the job's
+        gsiftp:// files are moved with."""
         try:
             pem = (self.control_dir / job.key / DELEGATED_PROXY).read_bytes()
         except FileNotFoundError:
@@ -357,8 +359,27 @@ class JobManager:
         try:
             return self.stager.delegated(pem, job.owner)
         except DelegationError as exc:
-            raise StagingError(f"the proxy {job.owner} delegated at submit cannot be used ({exc.reason}): a job's "
-                               f"gsiftp:// files are moved as its submitter") from None
+            raise StagingError(f"the proxy {job.owner} delegated {self._which_delegation(job.key, pem)} cannot be "
+                               f"used ({exc.reason}): a job's gsiftp:// files are moved as its submitter") from None
+
+    def _which_delegation(self, key: str, pem: bytes) -> str:
+        """Which delegation gave job ``key`` its proxy ``pem`` and until when it was valid, in words: "at submit
+        (valid until T)" or "by `vmgrid job refresh-proxy` at T1 (valid until T2)" (trial15 X4: an expired refreshed
+        proxy was called the submit's)."""
+        def utc(seconds: float) -> str:
+            return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+        try:
+            from cryptography import x509
+
+            until = f" (valid until {utc(x509.load_pem_x509_certificate(pem).not_valid_after_utc.timestamp())})"
+        except ValueError:
+            until = ""
+        try:
+            refreshed = float((self.control_dir / key / REFRESHED).read_text())
+        except (OSError, ValueError):
+            return f"at submit{until}"
+        return f"by `vmgrid job refresh-proxy` at {utc(refreshed)}{until}"
 
     # -- running ------------------------------------------------------------------------------------------
     def _spawn(self, key: str, target: Callable[[], None]) -> None:
@@ -414,6 +435,7 @@ class JobManager:
         """An ended job moves no more files: the proxy its submitter delegated is not kept past it (trial13)."""
         try:
             (self.control_dir / key / DELEGATED_PROXY).unlink(missing_ok=True)
+            (self.control_dir / key / REFRESHED).unlink(missing_ok=True)
         except OSError as exc:
             log.warning("job %s: could not remove its delegated proxy: %s", key, exc.strerror)
 

@@ -154,18 +154,66 @@ def _held(state_dir: str, first: int, count: int) -> str | None:
     return None
 
 
+def _registry(registry: Path | None) -> Path:
+    # tests give each of their processes a registry of its own (tests/conftest.py)
+    return registry if registry is not None else Path(os.environ.get("VMGRID_JOB_UID_REGISTRY", REGISTRY))
+
+
+def _overlapping(registry: Path, own: str, first: int, last: int):
+    """The registry's entries of other state directories whose range overlaps ``first`` .. ``last``: (entry file,
+    its state directory, first, count) each."""
+    for entry in sorted(registry.glob("*.json")):
+        try:
+            other = json.loads(entry.read_text())
+            o_dir, o_first, o_count = str(other["state_dir"]), int(other["first"]), int(other["count"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if o_dir == own or o_first + o_count <= first or last < o_first:
+            continue
+        yield entry, o_dir, o_first, o_count
+
+
+def _accounts_refusal(first: int, count: int) -> str | None:
+    taken = accounts_in(first, count)
+    if not taken:
+        return None
+    return (f"{KEYS}: the range {first}-{first + count - 1} holds the {taken[0]}"
+            f"{f' and {len(taken) - 1} more' if len(taken) > 1 else ''}: give this job service a range of uids no "
+            f"account or group has")
+
+
+def _overlap_refusal(registry: Path, first: int, last: int, o_dir: str, o_first: int, o_count: int,
+                     why: str) -> str:
+    return (f"{KEYS}: the range {first}-{last} overlaps {o_first}-{o_first + o_count - 1}, the range of {why} {o_dir} "
+            f"(registered in {registry}): give each job service on a host a range of its own")
+
+
+def refusal(state_dir: Path, first: int, count: int, registry: Path | None = None) -> str | None:
+    """Why :func:`claim` would refuse ``first`` .. ``first + count - 1`` for the job service of ``state_dir`` now (an
+    account or group of the system, or another job service's entry that still holds its range, has a uid of it), or
+    None. Reads only: nothing is made or written (no registry, no state directory), so `vmgrid serve` asks it before
+    any service opens its state (trial15 N2); :func:`claim` asks again under the registry's lock."""
+    why = _accounts_refusal(first, count)
+    if why is not None:
+        return why
+    registry, last = _registry(registry), first + count - 1
+    if not registry.is_dir():
+        return None
+    for _entry, o_dir, o_first, o_count in _overlapping(registry, os.path.realpath(state_dir), first, last):
+        held = _held(o_dir, o_first, o_count)
+        if held is not None:
+            return _overlap_refusal(registry, first, last, o_dir, o_first, o_count, held)
+    return None
+
+
 def claim(state_dir: Path, first: int, count: int, registry: Path | None = None) -> None:
     """Record ``first`` .. ``first + count - 1`` as the range of the job service of ``state_dir``, or raise a
     ValueError (one line naming the overlap and the keys to change) when an account or group of the system, or
     another job service's entry that still holds its range (``_held``), has a uid of it."""
-    if registry is None:      # tests give each of their processes a registry of its own (tests/conftest.py)
-        registry = Path(os.environ.get("VMGRID_JOB_UID_REGISTRY", REGISTRY))
-    last = first + count - 1
-    taken = accounts_in(first, count)
-    if taken:
-        raise ValueError(f"{KEYS}: the range {first}-{last} holds the {taken[0]}"
-                         f"{f' and {len(taken) - 1} more' if len(taken) > 1 else ''}: give this job service a range "
-                         f"of uids no account or group has")
+    registry, last = _registry(registry), first + count - 1
+    why = _accounts_refusal(first, count)
+    if why is not None:
+        raise ValueError(why)
     own = os.path.realpath(state_dir)
     for d in reversed(registry.parents[:len(registry.parents) - 1]):
         if not d.exists():               # made passable (0755), not the container's umask 077: /var/lib/vmgrid
@@ -175,19 +223,10 @@ def claim(state_dir: Path, first: int, count: int, registry: Path | None = None)
     lock = os.open(registry / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        for entry in sorted(registry.glob("*.json")):
-            try:
-                other = json.loads(entry.read_text())
-                o_dir, o_first, o_count = str(other["state_dir"]), int(other["first"]), int(other["count"])
-            except (OSError, ValueError, KeyError, TypeError):
-                continue
-            if o_dir == own or o_first + o_count <= first or last < o_first:
-                continue
+        for entry, o_dir, o_first, o_count in _overlapping(registry, own, first, last):
             why = _held(o_dir, o_first, o_count)
             if why is not None:
-                raise ValueError(f"{KEYS}: the range {first}-{last} overlaps {o_first}-{o_first + o_count - 1}, the "
-                                 f"range of {why} {o_dir} (registered in {registry}): give each job service on a "
-                                 f"host a range of its own")
+                raise ValueError(_overlap_refusal(registry, first, last, o_dir, o_first, o_count, why))
             entry.unlink(missing_ok=True)        # its service and its state directory are gone, nothing runs: free
         name = hashlib.sha256(own.encode()).hexdigest()[:32] + ".json"
         tmp = registry / (name + ".tmp")

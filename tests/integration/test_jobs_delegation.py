@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import re
 
 import pytest
 from cryptography import x509
@@ -25,8 +26,10 @@ pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture
-def grid(grid_pki, tmp_path):
+def grid(grid_pki, tmp_path, monkeypatch):
     (tmp_path / "jobs").mkdir()
+    # the ends the client keeps of the jobs it submitted (services/jobs/client.py remember_end): the test's own
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     g = JobGrid(grid_pki, tmp_path / "jobs")
     yield g
     g.close()
@@ -248,6 +251,8 @@ def test_a_proxy_expired_before_the_stage_out_fails_the_job_with_the_reason_and_
         "wsa:ReferenceParameters/job:JobKey", namespaces=wire.NS)
     info = alice.wait(key, timeout=120)
     assert info.state == "Failed" and "stage-out failed" in info.failure and "expired" in info.failure
+    until = _dt.datetime.fromtimestamp(expires, _dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert f"the proxy {grid_pki.alice.dn} delegated at submit (valid until {until}) cannot be used" in info.failure
     assert not (grid.files / "results" / "r.txt").exists() and grid.seen == []     # nobody came: not the host
     assert {o[0]: o[3] for o in info.outputs}["r.txt"] is None                      # recorded, not sent
     alice.fetch_outputs(info, tmp_path / "out")
@@ -256,9 +261,15 @@ def test_a_proxy_expired_before_the_stage_out_fails_the_job_with_the_reason_and_
 
 
 def _submit(jobs, spec, proxy: bytes) -> str:
+    """SubmitJob with ``proxy`` as the delegated one; the end asked kept as `vmgrid job submit` keeps it (what a
+    refresh lends at most)."""
+    from services.jobs.client import remember_end
+
     resp = jobs.service.call("SubmitJob", **wire.submit_arguments(spec), delegatedProxy=proxy.decode())
-    return resp.find("job:Job/wsa:EndpointReference", wire.NS).findtext("wsa:ReferenceParameters/job:JobKey",
-                                                                      namespaces=wire.NS)
+    key = resp.find("job:Job/wsa:EndpointReference", wire.NS).findtext("wsa:ReferenceParameters/job:JobKey",
+                                                                     namespaces=wire.NS)
+    remember_end(jobs.service.url, key, None)
+    return key
 
 
 def test_a_refreshed_proxy_sends_the_stage_out_the_one_of_submit_could_not(grid, grid_pki, tmp_path):
@@ -350,3 +361,140 @@ def test_a_proxy_refresh_is_the_submitters_of_a_live_job_and_checked_as_at_submi
     with pytest.raises(IllegalTransition, match="already Cancelled"):
         alice.refresh_proxy(key)
     alice.cancel(plain)
+
+
+# -- which proxy a failed stage names, and a proxy lent shorter than asked (trial15 X4); the refresh's length is
+# the client's to choose, not the service's word (attack15) ----------------------------------------------------------
+def _utc(when) -> str:
+    if isinstance(when, (int, float)):
+        when = _dt.datetime.fromtimestamp(when, _dt.timezone.utc)
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _cli(grid, grid_pki, capsys, *args, proxy=None) -> tuple[int, str, str]:
+    """`vmgrid ARGS --proxy … --cert-dir …` in this process, as alice (or with ``proxy``): rc, stdout, stderr."""
+    from client.cli import main
+
+    command, program = (args[:args.index("--")], args[args.index("--"):]) if "--" in args else (args, ())
+    rc = main([*command, "--proxy", str(proxy or grid_pki.alice.proxy_path), "--cert-dir", str(grid_pki.cert_dir),
+               *program])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_a_stage_out_after_a_refreshed_proxy_expired_names_the_refresh_and_its_end(grid, grid_pki, monkeypatch,
+                                                                                     tmp_path):
+    """trial15 X4: after `vmgrid job refresh-proxy`, a stage-out whose proxy had expired said "the proxy … delegated at
+    submit cannot be used": the expired one was the refresh's. It names the refresh, when it was made and when the
+    proxy ended. Fails without the fix: "delegated at submit", no time."""
+    alice = grid.client(grid_pki.alice)
+    # the program waits for `go`, which holds the time to wait for: the refreshed proxy's end, plus a second
+    script = ("import os, time\nwhile not os.path.exists('go'): time.sleep(0.2)\nt = float(open('go').read())\n"
+              "while time.time() < t: time.sleep(0.2)\nopen('r.txt', 'w').write('late')")
+    spec = JobSpec(PY, ("-c", script), stage_out=(StageOut("r.txt", f"{grid.gridftp_url}/results/r.txt"),))
+    key = alice.submit(spec)
+    short = delegate(grid_pki.alice.proxy, alice.service_certificate(), lifetime=_dt.timedelta(seconds=3),
+                     limited=True)
+    alice._on(key, "RefreshJobProxy", delegatedProxy=short.decode())       # the refresh's, 3 s
+    refreshed = _dt.datetime.now(_dt.timezone.utc)
+    expires = x509.load_pem_x509_certificate(short).not_valid_after_utc
+    (grid.service.jobs.jobs_dir / key / "go").write_text(str(expires.timestamp() + 1))
+    info = alice.wait(key, timeout=120)
+    assert info.state == "Failed" and "stage-out failed" in info.failure, info.failure
+    said = re.search(r"the proxy (.*) delegated by `vmgrid job refresh-proxy` at (\S+) \(valid until (\S+)\) cannot be "
+                     r"used \(", info.failure)
+    assert said, info.failure
+    assert said.group(1) == grid_pki.alice.dn and said.group(3) == _utc(expires)
+    at = _dt.datetime.strptime(said.group(2), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=_dt.timezone.utc)
+    assert abs((at - refreshed).total_seconds()) < 120          # the refresh's time, not the submit's record
+    assert {o[0]: o[3] for o in info.outputs}["r.txt"] is None                      # recorded, not sent
+
+
+def test_a_proxy_lent_shorter_than_asked_is_said_with_what_was_asked_and_why(grid, grid_pki, capsys, monkeypatch,
+                                                                            tmp_path):
+    """trial15 X4: `--lifetime` cut silently. `vmgrid job submit --lifetime 2d` lends a proxy of 12 h at most (never past
+    the user's own), `vmgrid job refresh-proxy --lifetime 6h` on a job ending in 1 h one until its end: each says so
+    in one line on standard error (what was asked, what it was cut to, why); one not cut says nothing. Fails without
+    the fix: nothing on standard error."""
+    from security.pki import make_proxy, save_proxy
+
+    out_url = f"{grid.gridftp_url}/results/r.txt"
+    submit = ["job", "submit", grid.url, "--stage-out", f"r.txt={out_url}"]
+    sleep = ["--", PY, "-c", "import time; time.sleep(600)"]
+    rc, hour, err = _cli(grid, grid_pki, capsys, *submit, "--lifetime", "1h", *sleep)
+    assert (rc, err) == (0, "")                                      # 1 h: not cut, nothing said
+    hour = hour.strip()
+    shorter = tmp_path / "short-proxy.pem"                      # a proxy of hers of 6 h: it cut the one lent
+    save_proxy(make_proxy(grid_pki.alice.credential, hours=6, key=grid_pki.keys.take()), shorter)
+    rc, days, err = _cli(grid, grid_pki, capsys, *submit, "--lifetime", "2d", *sleep, proxy=shorter)
+    days = days.strip()
+    own = _utc(x509.load_pem_x509_certificate(shorter.read_bytes()).not_valid_after_utc)
+    until = _utc(kept_proxy(grid, days).not_after)
+    assert (rc, err) == (0, f"vmgrid: job {days}: the proxy lent for its gsiftp:// files lives until {until}, not "
+                            f"--lifetime 2d, the job's whole life: your own proxy ends then ({own}); `vmgrid job "
+                            f"refresh-proxy` lends a new one before then\n")
+    longer = tmp_path / "long-proxy.pem"                        # a proxy of hers of 24 h: the service's 12 h cut it
+    save_proxy(make_proxy(grid_pki.alice.credential, hours=24, key=grid_pki.keys.take()), longer)
+    rc, third, err = _cli(grid, grid_pki, capsys, *submit, "--lifetime", "2d", *sleep, proxy=longer)
+    third = third.strip()
+    assert rc == 0 and err == (f"vmgrid: job {third}: the proxy lent for its gsiftp:// files lives until "
+                               f"{_utc(kept_proxy(grid, third).not_after)}, not --lifetime 2d, the job's whole life: a "
+                               f"job service takes no proxy longer than 12 h; `vmgrid job refresh-proxy` lends a new "
+                               f"one before then\n")
+    end = grid.service.jobs.store.get(hour).termination
+    rc, out, err = _cli(grid, grid_pki, capsys, "job", "refresh-proxy", grid.url, hour, "--lifetime", "6h")
+    until = kept_proxy(grid, hour).not_after
+    assert rc == 0 and until.timestamp() <= end
+    said = re.fullmatch(rf"vmgrid: job {hour}: --lifetime 6h asked a proxy until (\S+); it lives until {_utc(until)}: "
+                        rf"the job's termination time \({_utc(end)}\)\n", err)
+    assert said, err
+    rc, out, err = _cli(grid, grid_pki, capsys, "job", "refresh-proxy", grid.url, hour, "--lifetime", "10m")
+    assert (rc, err) == (0, "")                                      # within the job's end: nothing to say
+    for key in (hour, days, third):
+        grid.client(grid_pki.alice).cancel(key)
+
+
+def test_a_service_claiming_a_far_end_is_lent_no_longer_a_proxy_than_the_job_was_asked(grid, grid_pki, capsys,
+                                                                                      monkeypatch, tmp_path):
+    """attack15 (observation): `vmgrid job refresh-proxy` cut the new proxy at the TerminationTime the service reports:
+    a service claiming a far end (its runner, root in the VM, edits its jobs.sqlite) was lent a proxy for the full
+    12 h. The client keeps the end the user asked (`job submit --lifetime 1h`) and lends no longer than that; a job
+    it keeps no end of (submitted elsewhere) is refreshed only for a --lifetime named, in one line otherwise. Fails
+    without the fix: the proxy kept lives to the user's own proxy's end (about 12 h)."""
+    import time
+
+    asked = time.time() + 3600
+    rc, key, err = _cli(grid, grid_pki, capsys, "job", "submit", grid.url, "--lifetime", "1h", "--stage-out",
+                        f"r.txt={grid.gridftp_url}/results/r.txt", "--", PY, "-c", "import time; time.sleep(600)")
+    key = key.strip()
+    assert rc == 0, err
+    far = time.time() + 30 * 86400
+    grid.service.jobs.store.update(key, termination=far)            # the service now says: 30 days
+    alice = grid.client(grid_pki.alice)
+    assert alice.status(key).termination.timestamp() == pytest.approx(far, abs=1)
+    rc, out, err = _cli(grid, grid_pki, capsys, "job", "refresh-proxy", grid.url, key)
+    until = kept_proxy(grid, key).not_after
+    assert rc == 0 and until.timestamp() <= asked + 60, (until, err)
+    assert out == f"{key}: its gsiftp:// files now move with a proxy of yours valid until {_utc(until)}\n"
+    assert err.startswith(f"vmgrid: job {key}: its service says it ends at {_utc(far)}, later than the end you asked "
+                          f"for it (") and err.count("\n") == 1
+    # `vmgrid job lifetime` moves the end she asked: a refresh lends up to the new one, still not the service's word
+    rc, out, err = _cli(grid, grid_pki, capsys, "job", "lifetime", grid.url, key, "3h")
+    moved = time.time() + 3 * 3600
+    assert rc == 0, err
+    grid.service.jobs.store.update(key, termination=far)
+    rc, out, err = _cli(grid, grid_pki, capsys, "job", "refresh-proxy", grid.url, key)
+    until = kept_proxy(grid, key).not_after.timestamp()
+    assert rc == 0 and asked + 60 < until <= moved + 60, (until, err)
+    # the same job refreshed where nothing of it is kept: a --lifetime is asked for, the kept proxy unchanged
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "elsewhere"))
+    kept = (grid.service.jobs.control_dir / key / "delegated-proxy.pem").read_bytes()
+    rc, out, err = _cli(grid, grid_pki, capsys, "job", "refresh-proxy", grid.url, key)
+    assert (rc, out) == (1, "") and err == (
+        f"vmgrid: job {key} was not submitted from here (no end you asked for it in {tmp_path}/elsewhere/vmgrid/jobs): "
+        f"name how long the new proxy lives with --lifetime (its service says the job ends at {_utc(far)}, which "
+        f"vmgrid does not take on its word)\n")
+    assert (grid.service.jobs.control_dir / key / "delegated-proxy.pem").read_bytes() == kept
+    rc, out, err = _cli(grid, grid_pki, capsys, "job", "refresh-proxy", grid.url, key, "--lifetime", "30m")
+    assert (rc, err) == (0, "") and kept_proxy(grid, key).not_after.timestamp() <= time.time() + 1800
+    alice.cancel(key)

@@ -175,6 +175,10 @@ def test_a_url_with_no_vmmanager_is_one_line_saying_what_to_check(grid):
     (["vm", "deploy", "bio/debian12-emboss", "x", "--lifetime", "30d"],
      "LimitExceeded: lifetime 2592000 s (30 d) exceeds the limit of 86400 s (1 d)"),
     (["vm", "deploy", "bio/debian12-emboss", "x", "--memory", "99999999"], "not 99999999"),
+    # below what a node defines a guest with: it was authorized, registered, leased and staged, then Failed
+    # (VMMFault: define: … memory_mib must be an integer between 16 and 1048576)
+    (["vm", "deploy", "bio/debian12-emboss", "x", "--memory", "8"],
+     "--memory 8: 8 MiB is less than a node gives a guest: at least 16 MiB"),
     (["vm", "deploy", "bio/debian12-emboss", "x", "--vcpus", "0"], "--vcpus must be 1 to 256, not 0"),
 ])
 def test_errors_are_one_clear_line(grid, args, message):
@@ -211,6 +215,26 @@ def test_options_of_an_instance_command_that_cannot_be_used_are_one_line_and_cha
     status = json.loads(vmgrid(grid, "vm", "status", "opts-1", "--json").stdout)
     assert status["state"] == "Running" and status["node"] == "node1"
     vmgrid(grid, "vm", "destroy", "opts-1")
+
+
+def test_a_memory_below_what_a_node_defines_a_guest_with_is_refused_before_anything_is_sent(grid):
+    """`vmgrid vm deploy --memory 8`: the node authorized the deployment, leased an address, staged the image, built
+    the context and only then failed the instance (VMMFault at its definition, rc 0 with --no-wait). Refused by the
+    client in one line naming the least a node takes, before the repository or the node is asked (here both
+    unreachable: their refusal would be another line), and the least is taken."""
+    nowhere = ["--repository", "https://localhost:1/wsrf/services/VMRepositoryService",
+               "--url", "https://localhost:1/wsrf/services/VMManagerService"]
+    for given in ("8", "15M", "12MiB"):
+        r = vmgrid(grid, "vm", "deploy", "bio/debian12-emboss", "tiny", "--memory", given, "--no-wait", *nowhere,
+                   check=False)
+        mib = {"8": 8, "15M": 15, "12MiB": 12}[given]
+        assert (r.returncode, r.stdout) == (1, "") and r.stderr == (
+            f"vmgrid: --memory {given}: {mib} MiB is less than a node gives a guest: at least 16 MiB (a Linux guest "
+            f"boots with some hundreds: the descriptor's memory, or e.g. 512M); nothing was deployed\n"), r.stderr
+    info = json.loads(vmgrid(grid, "vm", "deploy", "bio/debian12-emboss", "least", "--memory", "16", "--no-wait",
+                             "--json").stdout)
+    assert info["memory"] == 16
+    vmgrid(grid, "vm", "destroy", "least")
 
 
 def test_memory_takes_the_size_units_queries_take(grid):

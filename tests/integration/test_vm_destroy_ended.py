@@ -35,12 +35,32 @@ def vmgrid(grid, *args, check=True):
     return r
 
 
+def _deployed_failing(grid, identifier: str) -> str:
+    """An instance of 8 MiB of RAM, deployed through the client library (`vmgrid vm deploy --memory 8` is refused
+    before anything is sent): the VMM refuses to define it, after the node registered, leased and staged it: Failed.
+    Its key, once Failed."""
+    import time
+
+    from client.soap import GridServiceClient
+    from client.vmmanager import VMManagerClient
+    from security.trust import TrustStore
+    from services.descriptor import set_field
+
+    descriptor = grid.admin_repo.show("bio/debian12-emboss")
+    set_field(descriptor, "hardware", "memory", 8)
+    vm = VMManagerClient(GridServiceClient(grid.env_extra["VMGRID_NODE"], grid.user("alice").credential,
+                                           TrustStore(grid.cert_dir)))
+    info = vm.deploy(descriptor, identifier, 3600)
+    deadline = time.monotonic() + 120
+    while info.state != "Failed" and time.monotonic() < deadline:
+        time.sleep(0.2)
+        info = vm.status(info.ref)
+    return info.ref.key
+
+
 def test_destroying_a_failed_instance_says_it_holds_nothing_and_its_record_stays(grid):
-    # 8 MiB of RAM: the VMM refuses to define it, after the node registered, leased and staged: Failed
-    failed = vmgrid(grid, "vm", "deploy", "bio/debian12-emboss", "m5", "--memory", "8", "--json", check=False)
-    assert failed.returncode == 1, failed.stderr
-    info = json.loads(failed.stdout)
-    key = info["key"]
+    key = _deployed_failing(grid, "m5")
+    info = json.loads(vmgrid(grid, "vm", "status", key, "--json").stdout)
     assert info["state"] == "Failed" and "VMMFault" in info["failure"], info
 
     for named in ("m5", key):

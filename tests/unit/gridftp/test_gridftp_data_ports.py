@@ -102,3 +102,20 @@ def test_a_mode_e_download_listens_on_the_range(start_server, tree, tmp_path, mo
     download(f"ftp://127.0.0.1:{server.port}/data/f3m", tmp_path / "f", parallel=2)
     assert (tmp_path / "f").read_bytes() == (tree / "data" / "f3m").read_bytes()
     assert seen and all(low <= p <= high for p in seen), (seen, low, high)
+
+
+def test_a_full_range_on_the_clients_side_says_to_widen_or_unset_it(start_server, tmp_path, monkeypatch):
+    """trial15 N6: `GLOBUS_TCP_PORT_RANGE=P,P vmgrid transfer URL f -p 2` with P in use said only `no free data port in
+    GLOBUS_TCP_PORT_RANGE P,P` (a server's 425 says whose range it is and what to do). The range is this side's: the
+    real command says to widen or unset the variable, in one line, exit 1, nothing left where the file would be."""
+    from tests.unit.gridftp.test_gridftp_cli import vmgrid
+
+    server = start_server()
+    low, _ = _free_range(1)
+    monkeypatch.setenv("GLOBUS_TCP_PORT_RANGE", f"{low},{low}")
+    with socket.create_server(("127.0.0.1", low)):                     # the range's one port, in use
+        r = vmgrid("transfer", server.url("/data/f3m"), str(tmp_path / "f"), "-p", "2")
+    assert (r.returncode, r.stdout) == (1, "")
+    assert r.stderr == (f"vmgrid: no free data port in GLOBUS_TCP_PORT_RANGE {low},{low}, all in use: widen or unset "
+                        f"GLOBUS_TCP_PORT_RANGE (the ports this client listens on for data connections)\n")
+    assert not (tmp_path / "f").exists()
