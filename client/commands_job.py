@@ -637,6 +637,12 @@ def _files_withheld(args, info) -> str:
             f"{shlex.quote(args.endpoint)} {printable(info.key)})")
 
 
+def _count(text) -> int | None:
+    """A service's number of seconds: ASCII digits (at most 20), else None (shown as the service said it)."""
+    text = str(text if text is not None else "").strip()
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 20 else None
+
+
 def cmd_lifetime(args) -> int:
     from datetime import datetime, timezone
 
@@ -667,9 +673,12 @@ def cmd_lifetime(args) -> int:
     new, over = call(move)
     if over is not None:        # the service's bound, said with the latest end it allows this job
         submitted = call(jobs.status, key).submitted
+        from client.commands_vm import MAX_DURATION
+        if _count(over.allowed) is None or _count(over.allowed) > MAX_DURATION:
+            submitted = None    # a service's odd bound (², 5,000 digits: attack16 G5) is shown, not computed with
         latest = (f" (submitted {submitted:%Y-%m-%d %H:%M:%S} UTC: at the latest until "
                   f"{datetime.fromtimestamp(submitted.timestamp() + int(over.allowed), timezone.utc):%Y-%m-%d %H:%M:%S}"
-                  f" UTC)" if submitted and str(over.allowed or "").isdigit() else "")
+                  f" UTC)" if submitted and _count(over.allowed) is not None else "")
         raise CLIError(f"{args.when.strip()}: job {key} would live longer than this service keeps a job: its "
                        f"max_lifetime is {printable(over.allowed)} s from a job's submission{latest}; its termination "
                        f"time is unchanged (fetch its outputs before then: vmgrid job get)")
