@@ -65,10 +65,22 @@ def test_the_fallback_keeps_the_servers_name_check(gsi_only, grid_pki, tmp_path)
 
 
 def test_without_gsi_the_504_says_what_the_server_likely_is(gsi_only, grid_pki, tmp_path):
-    server, asked = gsi_only()
+    server, asked = gsi_only(banner="localhost GridFTP Server 13.20 (gcc64, 1617040200-1) [Grid Community Toolkit 6.2] "
+                                    "ready.")
     with pytest.raises(AuthenticationError) as info:
         download(f"gsiftp://localhost:{server.port}/data/small", tmp_path / "x", credential=grid_pki.alice.proxy,
                  trust=grid_pki.cert_dir, retries=0)
     assert str(info.value) == ("server refused AUTH TLS: 504 Unknown authentication type. (a GSI-only server, e.g. "
-                               "globus-gridftp-server: add --gsi)")
+                               "globus-gridftp-server: add --gsi, which delegates a limited proxy of your credential "
+                               "to it)")
     assert asked == ["TLS"]
+
+
+def test_a_vmgrid_server_refusing_auth_tls_gets_no_gsi_hint(gsi_only, grid_pki, tmp_path):
+    """attack16 G2: a vmgrid face (a job service's, run by its VM's owner) always speaks AUTH TLS; its 504 must not
+    steer the user into delegating to it."""
+    server, asked = gsi_only()
+    with pytest.raises(AuthenticationError) as info:
+        download(f"gsiftp://localhost:{server.port}/data/small", tmp_path / "x", credential=grid_pki.alice.proxy,
+                 trust=grid_pki.cert_dir, retries=0)
+    assert str(info.value) == "server refused AUTH TLS: 504 Unknown authentication type."
