@@ -46,8 +46,15 @@ def register(subparsers) -> None:
     p.add_argument("--proxy", help="credential file (default $X509_USER_PROXY, /tmp/x509up_u<uid>, ~/.globus)")
     p.add_argument("--state-dir", help="where restart markers of uploads are kept (default ~/.cache/vmgrid/gridftp)")
     p.add_argument("--gsi", action="store_true",
-                   help="authenticate gsiftp:// with AUTH GSSAPI (Globus GSI, delegating a proxy) instead of "
-                        "AUTH TLS: needed for a globus-gridftp-server")
+                   help="authenticate gsiftp:// with AUTH GSSAPI (Globus GSI) instead of AUTH TLS: needed for a "
+                        "globus-gridftp-server. The server gets a limited proxy of your credential (as "
+                        "globus-url-copy delegates): what its data channels need to prove your identity; it can "
+                        "read and write your files there and elsewhere, but not start jobs or change policies as you")
+    p.add_argument("--full-delegation", action="store_true",
+                   help="with --gsi: delegate a full (impersonation) proxy instead of the limited one: the server "
+                        "can then do ANYTHING you can, at any service, for the proxy's 12 hours (start jobs, change "
+                        "a VO's policy). Only for a server you trust that must act as you elsewhere and refuses "
+                        "limited proxies")
     p.add_argument("--prot", choices=["C", "S", "P"], default="P",
                    help="with --gsi: data channel protection, clear (C), integrity (S) or private (P, default); "
                         "the data connections are authenticated (DCAU A) in every case")
@@ -227,6 +234,8 @@ def _mismatch_hint(args, *, upload: bool, download: bool) -> str:
 def cmd_transfer(args) -> int:
     from . import transfer
 
+    DELEGATE_FULL = "full"      # security.gsi.DELEGATE_FULL (not imported: the command starts without cryptography)
+
     src, dst = args.src, args.dst
     if not _is_url(src) and not _is_url(dst):
         raise CLIError("one of SRC and DST must be an ftp:// or gsiftp:// URL")
@@ -239,6 +248,8 @@ def cmd_transfer(args) -> int:
         dst = str(Path(dst) / name)
     if not 0 < args.timeout <= 86400 or args.retries < 0:
         raise CLIError("--timeout is seconds, more than 0 and at most a day; --retries 0 or more")
+    if args.full_delegation and not args.gsi:
+        raise CLIError("--full-delegation goes with --gsi (AUTH TLS delegates nothing)")
     if not _is_url(src) and not Path(src).is_file():
         raise CLIError(f"{src}: no such file")
     if not _is_url(dst) and not Path(dst).parent.is_dir():      # as cp does: a mistyped path makes no folders
@@ -255,7 +266,8 @@ def cmd_transfer(args) -> int:
     show = sys.stderr.isatty() if args.progress is None else args.progress
     bar = ProgressBar(sys.stderr, name[:24]) if show else None
     common = dict(credential=_credential(args), trust=args.cert_dir, progress=bar, retries=args.retries,
-                  gsi=args.gsi, prot=args.prot, timeout=args.timeout)
+                  gsi=args.gsi, prot=args.prot, timeout=args.timeout,
+                  delegate=DELEGATE_FULL if args.full_delegation else True)
     try:
         if _is_url(src) and _is_url(dst):
             result = transfer.third_party(src, dst, args.parallel, sha256=args.sha256,

@@ -155,3 +155,33 @@ def tree_file(tmp_path):
     if not f.exists():
         f.write_bytes(b"x" * 5000)
     return f
+
+
+# -- vmgrid transfer --gsi (attack16 G2) ----------------------------------------------------------------------------
+def test_vmgrid_transfer_gsi_delegates_a_limited_proxy_unless_full_delegation(start_server, acceptors, grid_pki, tree,
+                                                                               tmp_path):
+    """The server sees a limited proxy from `vmgrid transfer --gsi` (alice's own proxy is a full one), a full one
+    only with --full-delegation; the session that asks the checksum gets none; --full-delegation alone is refused."""
+    from tests.unit.gridftp.test_gridftp_cli import vmgrid
+
+    assert not grid_pki.alice.proxy.limited
+    server = start_server(credential=grid_pki.host, trust=grid_pki.cert_dir, upload_area="/up", anonymous=False)
+    url = f"gsiftp://localhost:{server.port}"
+    common = ["--proxy", str(grid_pki.alice.proxy_path), "--cert-dir", str(grid_pki.cert_dir), "-q", "--retries", "0"]
+    got = vmgrid("transfer", "--gsi", f"{url}/data/f3m", str(tmp_path / "f"), *common)
+    assert got.returncode == 0, got.stderr
+    assert sha256_of(tmp_path / "f") == sha256_of(tree / "data" / "f3m")
+    delegated = [c.delegated for c in acceptors if c.delegated is not None]
+    assert len(acceptors) == 2 and len(delegated) == 1      # the data session; the CKSM session got nothing
+    assert delegated[0].identity == grid_pki.alice.dn and delegated[0].limited
+
+    acceptors.clear()
+    sent = vmgrid("transfer", "--gsi", "--full-delegation", str(tmp_path / "f"), f"{url}/up/f", *common)
+    assert sent.returncode == 0, sent.stderr
+    delegated = [c.delegated for c in acceptors if c.delegated is not None]
+    assert delegated and all(d.identity == grid_pki.alice.dn and not d.limited for d in delegated)
+
+    alone = vmgrid("transfer", "--full-delegation", f"{url}/data/small", str(tmp_path / "s"), *common)
+    assert (alone.returncode, alone.stderr) == (1, "vmgrid: --full-delegation goes with --gsi (AUTH TLS delegates "
+                                                   "nothing)\n")
+    assert not (tmp_path / "s").exists()
