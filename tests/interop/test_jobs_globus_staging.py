@@ -61,7 +61,8 @@ def test_vmgrid_transfer_without_gsi_names_a_gsi_only_server(globus_gsi, world, 
                           text=True, timeout=120)
     assert proc.returncode != 0
     assert "server refused AUTH TLS: 504" in proc.stderr
-    assert "(a GSI-only server, e.g. globus-gridftp-server: add --gsi)" in proc.stderr
+    assert ("(a GSI-only server, e.g. globus-gridftp-server: add --gsi, which delegates a limited proxy of your "
+            "credential to it)") in proc.stderr
     proc = subprocess.run([*run, "--gsi", globus_gsi.url(source), str(tmp_path / "x")], env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
