@@ -41,7 +41,7 @@ def _limits(values: list[str] | None):
 
     raw = {}
     for k, v in _pairs(values, "--limit").items():
-        raw[k] = int(v) if v.strip().isdigit() else v
+        raw[k] = int(v) if v.strip().isascii() and v.strip().isdigit() and len(v.strip()) <= 40 else v
     try:
         return Limits.parse(raw, "--limit", "command line", None, None)
     except PolicyError as exc:

@@ -641,18 +641,27 @@ def cmd_list(args) -> int:
     from client.output import table
     from services.jobs.wire import JOB, NS
 
+    from services.jobs.wire import ResourceBounds
+
     rows = []
-    for el in call(connect(args).list, args.all):
+    for el in call(connect(args).list, args.all, resource_bounds=True):
+        found = el.find(ResourceBounds.qname)
+        bounds = None if found is None else ResourceBounds.parse(found)     # None: nothing known (or an older service)
         rows.append({"key": el.findtext(f"wsa:EndpointReference/wsa:ReferenceParameters/{{{JOB}}}JobKey",
                                         namespaces=NS) or "",
                      "state": el.findtext("job:State", namespaces=NS), "executable": el.findtext(
                          "job:Executable", namespaces=NS), "exitCode": el.findtext("job:ExitCode", namespaces=NS),
-                     "submitted": el.findtext("job:Submitted", namespaces=NS)})
+                     "submitted": el.findtext("job:Submitted", namespaces=NS),
+                     "boundsMet": None if bounds is None else [e.resource for e in bounds if e.acted],
+                     "resourceBounds": None if bounds is None else [e.description for e in bounds]})
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
-        table(["KEY", "STATE", "EXIT", "PROGRAM", "SUBMITTED"],
-              [[r["key"], r["state"], r["exitCode"] or "", r["executable"], r["submitted"]] for r in rows])
+        # BOUNDS: the resources whose bound acted on the job (a process killed, forks refused, output dropped), e.g.
+        # "memory" or "processes,stdout": `vmgrid job status` says what each did
+        table(["KEY", "STATE", "EXIT", "BOUNDS", "PROGRAM", "SUBMITTED"],
+              [[r["key"], r["state"], r["exitCode"] or "", ",".join(r["boundsMet"] or ()), r["executable"],
+                r["submitted"]] for r in rows])
     return 0
 
 

@@ -138,14 +138,21 @@ def _durations_may_be_negative(parser) -> None:
     parser._negative_number_matcher = re.compile(r"^-\d+(\.\d+)?\s*[smhd]?$")
 
 
+MAX_DURATION = 100 * 365 * 86400     # what a lifetime on the command line may ask (past it the SOAP stacks' dates overflow)
+
+
 def parse_seconds(text: str, *, minimum: int = 1) -> int:
     """A duration from now: seconds, or a whole number with s, m, h or d; at least ``minimum`` seconds."""
-    m = re.fullmatch(r"\s*(-?)(\d+)\s*([smhd]?)\s*", text)
+    m = re.fullmatch(r"\s*(-?)(\d+)\s*([smhd]?)\s*", text, re.ASCII)
     if not m:
         raise CLIError(f"{text!r} is not a duration (seconds, or a number with s, m, h or d)")
-    seconds = int(m.group(2)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(3)]
-    if m.group(1) and seconds:
+    digits = m.group(2).lstrip("0") or "0"
+    if m.group(1) and digits != "0":
         raise CLIError(f"{text.strip()!r} is in the past: give a duration from now, e.g. {text.strip()[1:]}")
+    seconds = int(digits) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(3)] if len(digits) <= 12 else None
+    if seconds is None or seconds > MAX_DURATION:
+        raise CLIError(f"a lifetime of {text.strip()!r} is longer than any service grants: give at most "
+                       f"{MAX_DURATION // 86400}d (a service's own max_lifetime is the bound it keeps)")
     if seconds < minimum:
         raise CLIError(f"a lifetime of {text.strip()!r} ends at once: give at least {minimum} s (e.g. 90m, 2h, 1d)")
     return seconds

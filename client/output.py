@@ -70,7 +70,7 @@ def element_to_dict(el: etree._Element, *, typed: bool = True):
     if not children:
         text = el.text.strip() if el.text and el.text.strip() else (None if len(el) == 0 else "")
         if typed and text and etree.QName(el).localname in integer_elements() and text.lstrip("-").isdigit() \
-                and text.isascii():
+                and text.isascii() and len(text) <= 40:
             return int(text)
         return text
     out: dict = {}

@@ -12,7 +12,8 @@ from __future__ import annotations
 import importlib
 
 from .errors import (AuthenticationError, AuthorizationDenied, ChecksumMismatch, ChecksumUnavailable,
-                     GridFTPError, PathError, ProtocolError, ReplyError, ReplyTimeout, TransferError)
+                     GridFTPError, GSIOnlyServer, PathError, ProtocolError, ReplyError, ReplyTimeout,
+                     SizeLimitExceeded, TransferError)
 
 # The submodule gridftp.checksum loads now, so that the package's name `checksum` is then free for the
 # function transfer.checksum (served by __getattr__ below) and no later import of the submodule rebinds it.
@@ -46,6 +47,6 @@ def __dir__() -> list[str]:
 __all__ = [
     "GridFTPServer", "FileSpace", "LocalFileSpace", "GridFTPClient", "GridFTPURL", "Credential", "TLSConfig",
     "download", "upload", "third_party", "checksum", "TransferResult",
-    "GridFTPError", "ProtocolError", "ReplyError", "AuthenticationError", "AuthorizationDenied",
-    "TransferError", "ReplyTimeout", "ChecksumMismatch", "ChecksumUnavailable", "PathError",
+    "GridFTPError", "ProtocolError", "ReplyError", "AuthenticationError", "AuthorizationDenied", "GSIOnlyServer",
+    "TransferError", "ReplyTimeout", "ChecksumMismatch", "ChecksumUnavailable", "PathError", "SizeLimitExceeded",
 ]

@@ -19,7 +19,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "transfer", help="copy a file with GridFTP (parallel, restartable, verified)",
         description="Copy SRC to DST. Each is a local path or an ftp:// (anonymous) or gsiftp:// "
-                    "(grid credential, AUTH TLS or with --gsi AUTH GSSAPI) URL; two URLs make a third-party "
+                    "(grid credential: AUTH TLS, or AUTH GSSAPI where the server refuses AUTH TLS, as a "
+                    "globus-gridftp-server does) URL; two URLs make a third-party "
                     "transfer between the servers. "
                     "An interrupted transfer resumes where it stopped when run again. The result is "
                     "verified against the source before it takes its name: a download from a vmgrid server "
@@ -46,17 +47,19 @@ def register(subparsers) -> None:
     p.add_argument("--proxy", help="credential file (default $X509_USER_PROXY, /tmp/x509up_u<uid>, ~/.globus)")
     p.add_argument("--state-dir", help="where restart markers of uploads are kept (default ~/.cache/vmgrid/gridftp)")
     p.add_argument("--gsi", action="store_true",
-                   help="authenticate gsiftp:// with AUTH GSSAPI (Globus GSI) instead of AUTH TLS: needed for a "
-                        "globus-gridftp-server. The server gets a limited proxy of your credential (as "
-                        "globus-url-copy delegates): what its data channels need to prove your identity; it can "
-                        "read and write your files there and elsewhere, but not start jobs or change policies as you")
+                   help="authenticate gsiftp:// with AUTH GSSAPI (Globus GSI) without trying AUTH TLS first (by "
+                        "default a server that refuses AUTH TLS, as a globus-gridftp-server does, is asked for AUTH "
+                        "GSSAPI on the same connection, and checked the same way). Under GSI the server gets a limited "
+                        "proxy of your credential (as globus-url-copy delegates): what its data channels need to prove "
+                        "your identity; it can read and write your files there and elsewhere, not start jobs or change "
+                        "policies as you")
     p.add_argument("--full-delegation", action="store_true",
-                   help="with --gsi: delegate a full (impersonation) proxy instead of the limited one: the server "
+                   help="under GSI: delegate a full (impersonation) proxy instead of the limited one: the server "
                         "can then do ANYTHING you can, at any service, for the proxy's 12 hours (start jobs, change "
                         "a VO's policy). Only for a server you trust that must act as you elsewhere and refuses "
                         "limited proxies")
     p.add_argument("--prot", choices=["C", "S", "P"], default="P",
-                   help="with --gsi: data channel protection, clear (C), integrity (S) or private (P, default); "
+                   help="under GSI: data channel protection, clear (C), integrity (S) or private (P, default); "
                         "the data connections are authenticated (DCAU A) in every case")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--progress", dest="progress", action="store_true", default=None,
@@ -111,6 +114,13 @@ def register(subparsers) -> None:
                    help="a login whose DN matches a --guest-dn pattern is refused outright (530, then closed), as the "
                         "repository's face and a node's migration export refuse guest containers; by default guests "
                         "log in as users")
+    s.add_argument("--passive-per-identity", type=int, default=2, metavar="N",
+                   help="passive data ports (PASV/EPSV/SPAS) no data connection has reached yet that one user identity "
+                        "may hold across its sessions; a further one gets 425 naming the bound (default 2; hosts not "
+                        "counted)")
+    s.add_argument("--passive-wait", type=float, default=10.0, metavar="SECONDS",
+                   help="a passive data port no data command takes up within this long is closed (default 10; 0: "
+                        "never)")
     p.add_argument("--data-ports", metavar="LOW,HIGH",
                    help="accept data connections (PASV/EPSV/SPAS) only on ports LOW to HIGH, for a site firewall "
                         "(default: $GLOBUS_TCP_PORT_RANGE, as Globus reads it, else any free port); the control "
@@ -248,8 +258,6 @@ def cmd_transfer(args) -> int:
         dst = str(Path(dst) / name)
     if not 0 < args.timeout <= 86400 or args.retries < 0:
         raise CLIError("--timeout is seconds, more than 0 and at most a day; --retries 0 or more")
-    if args.full_delegation and not args.gsi:
-        raise CLIError("--full-delegation goes with --gsi (AUTH TLS delegates nothing)")
     if not _is_url(src) and not Path(src).is_file():
         raise CLIError(f"{src}: no such file")
     if not _is_url(dst) and not Path(dst).parent.is_dir():      # as cp does: a mistyped path makes no folders
@@ -265,8 +273,11 @@ def cmd_transfer(args) -> int:
     args.interrupt_note = again or None
     show = sys.stderr.isatty() if args.progress is None else args.progress
     bar = ProgressBar(sys.stderr, name[:24]) if show else None
+    from .client import GSI_FALLBACK
+    # AUTH TLS, and AUTH GSSAPI on the same connection where a GSI-only server refuses it (the server checked the
+    # same way under either, before any proxy is delegated to it); --gsi: AUTH GSSAPI at once
     common = dict(credential=_credential(args), trust=args.cert_dir, progress=bar, retries=args.retries,
-                  gsi=args.gsi, prot=args.prot, timeout=args.timeout,
+                  gsi=True if args.gsi else GSI_FALLBACK, prot=args.prot, timeout=args.timeout,
                   delegate=DELEGATE_FULL if args.full_delegation else True)
     try:
         if _is_url(src) and _is_url(dst):

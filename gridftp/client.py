@@ -13,7 +13,7 @@ from collections import namedtuple
 from urllib.parse import unquote, urlsplit
 
 from .control import ControlChannel
-from .errors import AuthenticationError, GridFTPError, ProtocolError, TransferError, reply_error
+from .errors import AuthenticationError, GridFTPError, GSIOnlyServer, ProtocolError, TransferError, reply_error
 from .protocol import (DEFAULT_FTP_PORT, DEFAULT_GRIDFTP_PORT, Reply, find_host_ports, format_eprt,
                        format_host_port, parse_epsv_reply)
 
@@ -27,14 +27,8 @@ if TYPE_CHECKING:       # the TLS and GSI modules (ssl, cryptography, pyOpenSSL)
 
 CONTROL_TIMEOUT = 60.0
 # gsi=GSI_FALLBACK: AUTH TLS, then AUTH GSSAPI if the server refuses AUTH TLS with 504 (what a gsiftp:// URL of
-# anyone's server needs: a job service's stage-ins and stage-outs, services/jobs/staging.py)
+# anyone's server needs: a job service's stage-ins and stage-outs, services/jobs/staging.py; `vmgrid transfer`)
 GSI_FALLBACK = "fallback"
-# after a 504 to AUTH TLS without GSI: what the server most likely is (trial15 X12), and what --gsi gives it; never
-# said to a server whose greeting is vmgrid's (a vmgrid face always speaks AUTH TLS: its 504 is no GSI-only server's,
-# and a job service's face is its VM owner's to run, attack16 G2)
-GSI_HINT = (" (a GSI-only server, e.g. globus-gridftp-server: add --gsi, which delegates a limited proxy of your "
-            "credential to it)")
-VMGRID_GREETING = "vmgrid GridFTP server"
 
 
 class GridFTPURL(namedtuple("GridFTPURL", "scheme host port path")):
@@ -139,9 +133,11 @@ class GridFTPClient:
     channels (``DCAU A``) need to prove the user's DN; ``security.gsi.DELEGATE_FULL`` an inherit-all proxy (the
     server may then do anything as the user: asked for by name only); False none (a session that opens no data
     channel, e.g. CKSM). The server is checked (``server_dn``, else its host certificate, and ``refuse_server``)
-    inside the GSI exchange, before the delegation flag: a server that is not the one meant gets nothing. ``gsi=GSI_FALLBACK``: AUTH TLS, and AUTH GSSAPI on the same connection when the server
-    refuses AUTH TLS with 504 (a GSI-only server, e.g. globus-gridftp-server): no weaker than either, as both
-    authenticate the server by the same check (``server_dn``, else its host certificate, and ``refuse_server``). ``data_protection_level``: with GSI, ``P`` (default), ``S`` or ``C``, always with
+    inside the GSI exchange, before the delegation flag: a server that is not the one meant gets nothing.
+    ``gsi=GSI_FALLBACK``: AUTH TLS, and AUTH GSSAPI on the same connection when the server refuses AUTH TLS with 504 (a GSI-only server, e.g. globus-gridftp-server): no weaker than either, as both
+    authenticate the server by the same check (``server_dn``, else its host certificate, and ``refuse_server``),
+    under GSI as soon as the handshake has authenticated it, before the delegation; without it such a 504 is a
+    :class:`GSIOnlyServer`. ``data_protection_level``: with GSI, ``P`` (default), ``S`` or ``C``, always with
     ``DCAU A``. ``refuse_server(dn) -> bool``: a server whose authenticated DN it returns True for is
     refused (:class:`AuthenticationError`) before any command: e.g. a VMManager refuses guests' certificates.
     """
@@ -149,7 +145,7 @@ class GridFTPClient:
     def __init__(self, url: GridFTPURL | str, *, credential: Credential | None = None, trust=None,
                  server_dn: str | None = None, timeout: float = CONTROL_TIMEOUT,
                  identify: Callable[[ssl.SSLSocket], str] | None = None, prelude: Sequence[str] = (),
-                 gsi: bool = False, data_protection_level: str = "P", delegate: bool | str = True,
+                 gsi: bool | str = False, data_protection_level: str = "P", delegate: bool | str = True,
                  refuse_server: Callable[[str], bool] | None = None):
         self.url = GridFTPURL.parse(url) if isinstance(url, str) else url
         self.prelude = list(prelude)
@@ -180,7 +176,6 @@ class GridFTPClient:
                 raise AuthenticationError(why)
             self.tls = TLSConfig(credential, trust, identify=identify)
         self.server_dn: str | None = None
-        self.greeting = ""
         self.control: ControlChannel | None = None
         self.features: dict[str, str] = {}
         self.local_host = ""
@@ -202,7 +197,6 @@ class GridFTPClient:
                 greeting = self.read_reply()
             if greeting.code != 220:
                 raise reply_error("(greeting)", greeting.code, greeting.text)
-            self.greeting = greeting.text
             if not self.gsi and self.tls is not None and not self._auth_tls():
                 self.gsi = True         # refused with 504, and GSI_FALLBACK: a GSI-only server
             if self.gsi:
@@ -249,9 +243,10 @@ class GridFTPClient:
         reply = self.command("AUTH TLS")
         if reply.code == 504 and self.gsi_fallback:
             return False
+        if reply.code == 504:
+            raise GSIOnlyServer(reply.code, reply.text)
         if reply.code != 234:
-            hint = GSI_HINT if reply.code == 504 and VMGRID_GREETING not in self.greeting else ""
-            raise AuthenticationError(f"server refused AUTH TLS: {reply.code} {reply.text}{hint}")
+            raise AuthenticationError(f"server refused AUTH TLS: {reply.code} {reply.text}")
         try:
             sock = self.control.start_tls(self.tls.client_context, server_side=False)
         except OSError as exc:          # ssl.SSLError is an OSError
@@ -298,17 +293,17 @@ class GridFTPClient:
         self.gss = GSIContext(self.tls.credential, self.tls.trust, initiate=True, delegate=self.delegate,
                               authorize=authorize)
         try:
-            token = self.gss.step(None)
+            token = self._gss_step(None)
             while True:
                 reply = self.command("ADAT " + base64.b64encode(token).decode("ascii"))
                 data = reply.text.strip()
                 answer = base64.b64decode(data[5:], validate=True) if data.startswith("ADAT=") else b""
                 if reply.code == 335:
-                    token = self.gss.step(answer)
+                    token = self._gss_step(answer)
                     continue
                 if reply.code == 235:
                     if answer or not self.gss.complete:
-                        token = self.gss.step(answer)
+                        token = self._gss_step(answer)
                         if token or not self.gss.complete:
                             raise AuthenticationError("the server ended the GSI exchange early")
                     break
@@ -319,8 +314,20 @@ class GridFTPClient:
             raise AuthenticationError(f"GSI authentication with {self.url.host} failed: {exc.reason}") from None
         except (ValueError, binascii.Error):
             raise AuthenticationError(f"{self.url.host} sent an ADAT reply that is not base64") from None
-        self.server_dn = self.gss.peer.dn
+        if self.server_dn is None:          # never: the context completes only past the handshake
+            raise AuthenticationError(f"the GSI exchange with {self.url.host} ended without authenticating it")
         self.control.wrap, self.control.unwrap = self.gss.wrap, self.gss.unwrap
+
+    def _gss_step(self, answer: bytes | None) -> bytes:
+        """The context's next token. The server it is for passed the same check as under AUTH TLS (``server_dn``,
+        else a host certificate naming the URL's host; ``refuse_server``) inside the context, as soon as the handshake
+        authenticated it and before the delegation flag was even made (``GSIContext(authorize=)``), so that no server
+        the check refuses is delegated a proxy (a 504 forged on the way to make the client fall back from AUTH TLS
+        gains nothing); its DN is the session's ``server_dn`` from then on."""
+        token = self.gss.step(answer)
+        if self.server_dn is None and self.gss.peer is not None:
+            self.server_dn = self.gss.peer.dn
+        return token
 
     def close(self) -> None:
         if self.control is not None:

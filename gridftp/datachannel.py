@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 
 from .control import is_tls
-from .errors import AuthenticationError, ProtocolError, TransferError
+from .errors import AuthenticationError, ProtocolError, SizeLimitExceeded, TransferError
 from .protocol import (BLOCK_HEADER, DESC_CLOSE, DESC_EOD, DESC_EOF, DESC_ERRORS, DESC_RESTART, MAX_PARALLELISM)
 from .ranges import split_blocks
 
@@ -36,6 +36,11 @@ LOCAL_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.E
 
 BLOCK_SIZE = 4 << 20            # payload bytes per MODE E block sent
 RECV_BUFFER = 1 << 20           # reused receive buffer per connection
+# A store refused past its bound is read to its end (and dropped) before the refusal is said, at most this many more
+# bytes and seconds: a client answered while it still sends may miss the answer (globus-url-copy sending a pipe waited
+# for ever when the reply came between two of its writes; cut, a sender's next write fails and it reads the reply).
+DRAIN_BYTES = 64 << 20
+DRAIN_SECONDS = 30.0
 DATA_TIMEOUT = 60.0             # seconds a data connection may stay silent
 ACCEPT_TIMEOUT = 60.0           # seconds to wait for the first data connection
 
@@ -265,6 +270,10 @@ def open_listener(host: str, sbuf: int | None = None, backlog: int = 64) -> sock
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             set_buffers(sock, sbuf)   # before listen, so accepted sockets inherit the window scale
+            # a port whose last data connection this side closed first (a listing, a MODE S download) is in
+            # TIME_WAIT for a minute: without this no PASV could take it, and one user's listings emptied a narrow
+            # range for everyone (attack16 G3); Linux still refuses a second listener on a port that has one
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((host, port))
             sock.listen(backlog)
             return sock
@@ -573,6 +582,10 @@ class ModeEReceiver:
     Offsets in block headers get ``shift`` added (ESTO). ``limit``: no byte may land at or past
     this offset (the announced size). Complete when the EOF block's count of EODs has arrived.
 
+    ``drain``: a block past ``limit`` makes :class:`SizeLimitExceeded` the transfer's error, but the transfer is read to
+    its end (every block after it dropped, within :data:`DRAIN_BYTES` and :data:`DRAIN_SECONDS`) before it is done, so
+    that the sender has finished sending when it is told.
+
     ``keep_open``: the connections whose stream ended with EOD but no close flag are kept for the next transfer
     (:meth:`close` hands them back). A connection cached from an earlier transfer (``add_connection(reused=True)``)
     that the sender closes (the close flag, or end of stream) before a block of this transfer is dropped quietly:
@@ -581,9 +594,12 @@ class ModeEReceiver:
 
     def __init__(self, sink: Sink, *, shift: int = 0, limit: int | None = None,
                  counter: Counter | None = None, buffer_size: int = RECV_BUFFER, keep_open: bool = False,
-                 throttle: Throttle | None = None):
+                 throttle: Throttle | None = None, drain: bool = False):
         self.sink = sink
         self.throttle = throttle        # shared by the streams; every block's bytes are taken as they are read
+        self.drain = drain
+        self._drain_left = DRAIN_BYTES
+        self._drain_until: float | None = None
         self.shift = shift
         self.limit = limit
         self.counter = counter or Counter()
@@ -740,9 +756,23 @@ class ModeEReceiver:
     def _receive_block(self, sock: socket.socket, desc: int, count: int, offset: int,
                        view: memoryview, plain: bool, slot: int) -> None:
         start = offset + self.shift
-        if self.limit is not None and start + count > self.limit:
-            raise ProtocolError(f"block {start}+{count} beyond the announced size {self.limit}")
         discard = bool(desc & (DESC_ERRORS | DESC_RESTART))
+        if self.limit is not None and start + count > self.limit:
+            over = SizeLimitExceeded(f"block {start}+{count} beyond the announced size {self.limit}")
+            if not self.drain:
+                raise over
+            with self._lock:
+                if self.error is None:
+                    self.error = over
+                    self._drain_until = time.monotonic() + DRAIN_SECONDS
+        if self.drain and self._drain_until is not None:      # past the bound: read to the end, keep nothing
+            with self._lock:
+                self._drain_left -= count
+                spent = self._drain_left < 0 or time.monotonic() > self._drain_until
+            if spent:
+                raise self.error if isinstance(self.error, SizeLimitExceeded) else SizeLimitExceeded(
+                    f"block {start}+{count} beyond the announced size {self.limit}")
+            discard = True
         throttle = self.throttle
         if desc & DESC_ERRORS:
             self.corrupt_blocks.append((start, start + count))
@@ -784,6 +814,26 @@ class ModeEReceiver:
             self.counter.add(slot, n)
             if throttle is not None:
                 throttle.take(n)
+
+
+def _drain_stream(sock: socket.socket, view: memoryview, throttle: Throttle | None) -> None:
+    """Read and drop what a MODE S sender still sends after its bound, until it closes or the drain's bounds end."""
+    deadline = time.monotonic() + DRAIN_SECONDS
+    left = DRAIN_BYTES
+    try:
+        while left > 0:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            sock.settimeout(remaining)
+            n = sock.recv_into(view, min(len(view), left))
+            if n == 0:
+                return
+            left -= n
+            if throttle is not None:
+                throttle.take(n)
+    except (OSError, ValueError):      # cut, timed out, or closed by an abort: the refusal is said all the same
+        return
 
 
 # -- the passive side: accepting data connections ------------------------------------------------
@@ -969,6 +1019,11 @@ def accept_connections(listener: socket.socket, receiver: ModeEReceiver, *,
         finally:
             gate.close()
             close_all([wake, waker])
+            if receiver.error is not None:
+                # the connections the sender opened that are still in the listener's queue are reset now: its
+                # threads sending into them (the server of a download this side gave up, its disk full) would
+                # wait until their timeouts, and this side on the server's reply (a 120 s hang in a CI run)
+                shutdown_listener(listener)
 
     t = threading.Thread(target=run, name="gridftp-accept", daemon=True)
     t.start()
@@ -1048,8 +1103,10 @@ def send_stream(sock: socket.socket, source: int | bytes, start: int, end: int, 
 
 
 def receive_stream(sock: socket.socket, sink: Sink, start: int, *, limit: int | None = None,
-                   counter: Counter | None = None, throttle: Throttle | None = None) -> int:
-    """MODE S: receive until the sender closes; bytes land from ``start`` on (each read taken from ``throttle``)."""
+                   counter: Counter | None = None, throttle: Throttle | None = None, drain: bool = False) -> int:
+    """MODE S: receive until the sender closes; bytes land from ``start`` on (each read taken from ``throttle``).
+    Bytes past ``limit`` raise :class:`SizeLimitExceeded`; with ``drain``, once the rest the sender sends has been
+    read and dropped (within :data:`DRAIN_BYTES` and :data:`DRAIN_SECONDS`)."""
     counter = counter or Counter()
     slot = counter.slot()
     buf = bytearray(RECV_BUFFER if throttle is None else min(RECV_BUFFER, Throttle.CHUNK))
@@ -1061,7 +1118,10 @@ def receive_stream(sock: socket.socket, sink: Sink, start: int, *, limit: int | 
             if n == 0:
                 break
             if limit is not None and pos + n > limit:
-                raise ProtocolError(f"more data than the announced size {limit}")
+                over = SizeLimitExceeded(f"more data than the announced size {limit}")
+                if drain:
+                    _drain_stream(sock, view, throttle)
+                raise over
             sink.write(pos, view[:n])
             pos += n
             counter.add(slot, n)

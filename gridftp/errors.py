@@ -10,6 +10,13 @@ class ProtocolError(GridFTPError):
     """The peer broke the protocol: a malformed reply, block header or marker."""
 
 
+class SizeLimitExceeded(ProtocolError):
+    """Data past the bound a receiver was given: the size a client announced (ALLO, or the file's size a download
+    expects), else the room the receiving server granted the store (its quota, its max_file_size). Raised by the
+    data channel's receivers (gridftp.datachannel) and matched by type, not by its words, where the server answers
+    a store's overrun (552 naming the bound)."""
+
+
 class ReplyError(GridFTPError):
     """The server answered a command with a transient (4xx) or permanent (5xx) negative reply."""
 
@@ -28,6 +35,19 @@ class ReplyError(GridFTPError):
 
 class AuthenticationError(GridFTPError):
     """The control or a data channel could not be authenticated (TLS handshake, certificate, login)."""
+
+
+class GSIOnlyServer(AuthenticationError):
+    """The server refused AUTH TLS with 504 (unknown mechanism): most likely a GSI-only server (globus-gridftp-server),
+    which AUTH GSSAPI reaches (``gsi=True``, or ``gsi=GSI_FALLBACK``, which tries it on the same connection). Raised
+    only where no fallback was asked; the caller that knows what its user sets for GSI says so (`vmgrid transfer`
+    falls back by itself; a node names [vmmanager] staging_gsi)."""
+
+    def __init__(self, code: int, text: str):
+        super().__init__(f"server refused AUTH TLS: {code} {text} (a GSI-only server, e.g. globus-gridftp-server: "
+                         f"it takes AUTH GSSAPI)")
+        self.code = code
+        self.text = text
 
 
 class AuthorizationDenied(ReplyError):

@@ -16,7 +16,7 @@ class GridFTPFace:
     """``authorize(dn, op, vpath)`` decides every access; ``upload_area`` is the path uploads go under.
     ``server_options``: the site's bounds on sessions and its guests' DN patterns, as :class:`GridFTPServer` takes
     them (``max_sessions``, ``max_sessions_per_identity``, ``max_sessions_per_address``, ``host_sessions``,
-    ``transfer_idle_timeout``, ``guests``: a site whose guest_ou is not ``vmgrid-guests`` passes
+    ``transfer_idle_timeout``, ``passive_per_identity``, ``passive_wait``, ``guests``: a site whose guest_ou is not ``vmgrid-guests`` passes
     ``guests=["/O=Grid/OU=<guest_ou>/*"]``, or its guests' hosts' certificates take the hosts' share of sessions;
     ``refuse_guests``: a face where guests have no rights refuses their logins)."""
 

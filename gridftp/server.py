@@ -35,7 +35,8 @@ from .datachannel import (ACCEPT_TIMEOUT, Counter, ModeEReceiver, ModeESender, T
                           accept_one, close_all, close_cached, connect_streams, open_listener, receive_stream,
                           send_stream, shutdown_listener)
 from .datachannel import NoFreeDataPort
-from .errors import AuthenticationError, ChecksumMismatch, GridFTPError, PathError, ProtocolError, TransferError
+from .errors import (AuthenticationError, ChecksumMismatch, GridFTPError, PathError, ProtocolError, SizeLimitExceeded,
+                     TransferError)
 from .filespace import (PART_SUFFIX, SIDECAR_SUFFIX, FileSpace, LocalFileSpace, has_control, is_internal,
                         normalize)
 from .gridmap import DNSet, GridMap, dn_key
@@ -122,7 +123,7 @@ def _is_host(dn: str | None, guest_matchers: tuple[re.Pattern, ...]) -> bool:
 
 # the bounds on sessions (GridFTPServer's keywords): what each may be, given max_sessions
 SESSION_LIMITS = ("max_sessions", "max_sessions_per_identity", "max_sessions_per_address", "host_sessions",
-                  "transfer_idle_timeout")
+                  "transfer_idle_timeout", "passive_per_identity", "passive_wait")
 
 
 def check_session_limits(values: dict, names: dict[str, str] | None = None) -> None:
@@ -145,9 +146,17 @@ def check_session_limits(values: dict, names: dict[str, str] | None = None) -> N
     whole("max_sessions_per_identity", 1, most, f" (at most {name('max_sessions')})")
     whole("max_sessions_per_address", 1, most, f" (at most {name('max_sessions')})")
     whole("host_sessions", 0, most - 1, f" ({name('max_sessions')} less one: users need one)")
-    idle = values.get("transfer_idle_timeout")
-    if idle is not None and (isinstance(idle, bool) or not isinstance(idle, (int, float)) or not 0 <= idle < float("inf")):
-        raise ValueError(f"{name('transfer_idle_timeout')} is seconds, 0 (no such bound) or more, not {idle!r}")
+    whole("passive_per_identity", 1, None, " (passive data ports one identity may hold that no data connection has "
+                                           "reached)")
+
+    def seconds(key: str, zero: str) -> None:
+        value = values.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not 0 <= value < float("inf")):
+            raise ValueError(f"{name(key)} is seconds, 0 ({zero}) or more, not {value!r}")
+
+    seconds("transfer_idle_timeout", "no such bound")
+    seconds("passive_wait", "an untaken passive data port is never closed")
 
 
 class _Reply(Exception):
@@ -259,7 +268,8 @@ class GridFTPServer:
                  banner: str = "vmgrid GridFTP server ready."):
         check_session_limits(dict(max_sessions=max_sessions, max_sessions_per_identity=max_sessions_per_identity,
                                   max_sessions_per_address=max_sessions_per_address, host_sessions=host_sessions,
-                                  transfer_idle_timeout=transfer_idle_timeout))
+                                  transfer_idle_timeout=transfer_idle_timeout,
+                                  passive_per_identity=passive_per_identity, passive_wait=passive_wait))
         self.guests = (guests,) if isinstance(guests, str) else tuple(guests)
         matchers = _guest_matchers(self.guests)     # a pattern that is no DN: refused here, not at a login
         self.files = root_or_vfs if isinstance(root_or_vfs, FileSpace) else LocalFileSpace(root_or_vfs)
@@ -298,7 +308,7 @@ class GridFTPServer:
         self.gridmap = (None if gridmap is None else DNSet(gridmap) if isinstance(gridmap, (set, frozenset))
                         else GridMap(gridmap))
         self.accept_limited_proxies = accept_limited_proxies
-        self.passive_per_identity = max(1, passive_per_identity)
+        self.passive_per_identity = passive_per_identity
         self.passive_wait = passive_wait
         self.checksums = _ChecksumCache()
         self._listener: socket.socket | None = None
@@ -2033,7 +2043,7 @@ class _Session:
         """Receive into ``sink``; sends markers; returns True when all data arrived (else replied)."""
         counter = Counter()
         receiver = ModeEReceiver(sink, shift=shift, limit=limit, counter=counter, keep_open=True,
-                                 throttle=self._throttle())
+                                 throttle=self._throttle(), drain=self.allo is None)
         cached = self.data.claim()
         for sock in cached:     # the connections kept from the session's last upload (GFD.20 caching)
             receiver.add_connection(sock, reused=True)
@@ -2086,8 +2096,8 @@ class _Session:
         return True
 
     def _receive_mode_s(self, sink, start: int, limit: int | None, protection) -> bool:
-        done = self._stream_mode(lambda sock: receive_stream(sock, sink, start, limit=limit, throttle=self._throttle()),
-                                 protection)
+        done = self._stream_mode(lambda sock: receive_stream(sock, sink, start, limit=limit, throttle=self._throttle(),
+                                                             drain=self.allo is None), protection)
         if isinstance(sink, PartialFile):
             sink.checkpoint()
         return done
@@ -2174,10 +2184,10 @@ def _too_large(limit: int, then: str = "") -> str:
 
 
 def _past_bound(error: BaseException) -> bool:
-    """Is ``error`` the data channel's refusal of bytes past the bound it was given (ModeEReceiver's "block ... beyond
-    the announced size", receive_stream's "more data than the announced size")? Other protocol errors (a stream
-    closed before its end, a bad EOF block) are not."""
-    return isinstance(error, ProtocolError) and "announced size" in str(error)
+    """Is ``error`` the data channel's refusal of bytes past the bound it was given (:class:`SizeLimitExceeded`, from
+    ModeEReceiver and receive_stream)? Other protocol errors (a stream closed before its end, a bad EOF block) are
+    not, whatever their words."""
+    return isinstance(error, SizeLimitExceeded)
 
 
 class _FdSink:

@@ -13,6 +13,7 @@ back as ``REST`` when the transfer is run again.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -77,7 +78,7 @@ class _Options:
     """What every control connection of one call is opened with."""
 
     def __init__(self, credential: Credential | None, trust: object, timeout: float, identify: object,
-                 gsi: bool = False, prot: str = "P", refuse_server=None, delegate: bool | str = True):
+                 gsi: bool | str = False, prot: str = "P", refuse_server=None, delegate: bool | str = True):
         self.credential = credential
         self.delegate = delegate
         self.refuse_server = refuse_server
@@ -87,13 +88,14 @@ class _Options:
         self.gsi = gsi
         self.prot = prot
 
-    def client(self, url: GridFTPURL, server_dn: str | None = None, prelude: list[str] = (), *,
-               delegate: bool | str | None = None) -> GridFTPClient:
-        """``delegate`` (GSI): what this session delegates, the call's own by default; False for a session that
-        opens no data channel (a CKSM), which needs none."""
+    def client(self, url: GridFTPURL, server_dn: str | None = None, prelude: list[str] = (),
+               gsi: bool | str | None = None, *, delegate: bool | str | None = None) -> GridFTPClient:
+        """A session of ``url`` (``gsi``: this one's mechanism in place of the call's; ``delegate``: what it
+        delegates under GSI, the call's own by default, False for a session that opens no data channel, a CKSM)."""
         return GridFTPClient(url, credential=self.credential, trust=self.trust, server_dn=server_dn,
-                             timeout=self.timeout, identify=self.identify, prelude=prelude, gsi=self.gsi,
-                             data_protection_level=self.prot, refuse_server=self.refuse_server,
+                             timeout=self.timeout, identify=self.identify, prelude=prelude,
+                             gsi=self.gsi if gsi is None else gsi, data_protection_level=self.prot,
+                             refuse_server=self.refuse_server,
                              delegate=self.delegate if delegate is None else delegate)
 
 
@@ -255,7 +257,7 @@ def download(url: str, dest_path: str | os.PathLike, parallel: int = DEFAULT_PAR
              credential: Credential | None = None, trust=None, server_dn: str | None = None,
              sha256: str | None = None, progress: Progress | None = None, retries: int = 2,
              retry_delay: float = 1.0, timeout: float = 60.0, durable: bool = False,
-             identify=None, gsi: bool = False, prot: str = "P", blake3: str | None = None,
+             identify=None, gsi: bool | str = False, prot: str = "P", blake3: str | None = None,
              checksum: str = "sha256", size: int | None = None, refuse_server=None,
              max_size: int | None = None, delegate: bool | str = True) -> TransferResult:
     """Fetch ``url`` into ``dest_path`` over ``parallel`` MODE E streams; verified, restartable.
@@ -573,7 +575,7 @@ def upload(src_path: str | os.PathLike, url: str, parallel: int = DEFAULT_PARALL
            credential: Credential | None = None, trust=None, server_dn: str | None = None,
            sha256: str | None = None, progress: Progress | None = None, retries: int = 2,
            retry_delay: float = 1.0, timeout: float = 60.0, state_dir: str | os.PathLike | None = None,
-           max_rate: float = 0, identify=None, gsi: bool = False, prot: str = "P",
+           max_rate: float = 0, identify=None, gsi: bool | str = False, prot: str = "P",
            delegate: bool | str = True) -> TransferResult:
     """Send a local file to ``url`` over ``parallel`` MODE E streams; verified, restartable.
 
@@ -680,11 +682,25 @@ def upload(src_path: str | os.PathLike, url: str, parallel: int = DEFAULT_PARALL
 
 
 # -- third party ------------------------------------------------------------------------------------------------
+def _third_party_sessions(opts: _Options, stack: contextlib.ExitStack, src: GridFTPURL, src_dn: str | None,
+                          dst: GridFTPURL, dst_dn: str | None) -> tuple[GridFTPClient, GridFTPClient]:
+    """The source's and the destination's sessions, both under AUTH TLS or both under AUTH GSSAPI: with
+    ``gsi=GSI_FALLBACK``, once one server took GSI (it refused AUTH TLS with 504), the other is logged in with GSI
+    too (every vmgrid server offers both), since DCAU A needs a delegated proxy on each side."""
+    source = stack.enter_context(opts.client(src, src_dn, PREPARE + [f"SIZE {src.path}", f"MDTM {src.path}"]))
+    target = stack.enter_context(opts.client(dst, dst_dn, PREPARE, gsi=True if source.gsi else None))
+    if target.gsi and not source.gsi:
+        source.quit()
+        source = stack.enter_context(opts.client(src, src_dn, PREPARE + [f"SIZE {src.path}", f"MDTM {src.path}"],
+                                                 gsi=True))
+    return source, target
+
+
 def third_party(src_url: str, dst_url: str, parallel: int = DEFAULT_PARALLEL, *,
                 credential: Credential | None = None, trust=None, src_dn: str | None = None,
                 dst_dn: str | None = None, sha256: str | None = None, progress: Progress | None = None,
                 retries: int = 2, retry_delay: float = 1.0, timeout: float = 60.0,
-                state_dir: str | os.PathLike | None = None, identify=None, gsi: bool = False,
+                state_dir: str | os.PathLike | None = None, identify=None, gsi: bool | str = False,
                 prot: str = "P", delegate: bool | str = True) -> TransferResult:
     """Have the source server send ``src_url`` straight to the destination server.
 
@@ -692,9 +708,11 @@ def third_party(src_url: str, dst_url: str, parallel: int = DEFAULT_PARALLEL, *,
     the source connects ``parallel`` streams to it (``PORT``, ``OPTS RETR Parallelism``).
     With ``gsiftp://`` on both sides each server must prove the other's host DN on the data
     connections (``DCAU S``); with ``gsi=True`` each holds a proxy delegated by this client and
-    proves the user's DN (``DCAU A``), which is what a Globus server does. Restart markers from
-    the destination are kept in ``state_dir``. ``delegate``: what each server gets under GSI, a limited proxy
-    by default (enough for DCAU A).
+    proves the user's DN (``DCAU A``), which is what a Globus server does. With ``gsi=GSI_FALLBACK`` a server
+    that refuses AUTH TLS with 504 is reached with AUTH GSSAPI, and then so is the other (a server under AUTH TLS
+    holds no proxy of the user, so it could not prove her DN): both hold a delegated proxy, as with ``gsi=True``.
+    ``delegate``: what each server gets under GSI, a limited proxy by default (enough for DCAU A).
+    Restart markers from the destination are kept in ``state_dir``.
     """
     _check_parallel(parallel)
     src = GridFTPURL.parse(src_url)
@@ -712,8 +730,8 @@ def third_party(src_url: str, dst_url: str, parallel: int = DEFAULT_PARALLEL, *,
     while True:
         attempts += 1
         try:
-            with opts.client(src, src_dn, PREPARE + [f"SIZE {src.path}", f"MDTM {src.path}"]) as source, \
-                    opts.client(dst, dst_dn, PREPARE) as target:
+            with contextlib.ExitStack() as sessions:
+                source, target = _third_party_sessions(opts, sessions, src, src_dn, dst, dst_dn)
                 if not _prepare(source) or not _prepare(target):
                     raise GridFTPError("third-party transfers need MODE E on both servers")
                 replies = source.prelude_replies[2:]
@@ -731,7 +749,7 @@ def third_party(src_url: str, dst_url: str, parallel: int = DEFAULT_PARALLEL, *,
                 held = log.ranges.copy()
                 todo = held.missing(0, size)
                 fetched.update(todo)
-                if src.secure and not gsi:
+                if src.secure and not source.gsi:       # both under AUTH TLS (_third_party_sessions)
                     source.ok(f"DCAU S {target.server_dn}")
                     target.ok(f"DCAU S {source.server_dn}")
                 # with GSI both servers hold a proxy we delegated: DCAU A (set at login) makes each prove
@@ -812,7 +830,7 @@ def third_party(src_url: str, dst_url: str, parallel: int = DEFAULT_PARALLEL, *,
 
 def checksum(url: str, algorithm: str = "SHA256", *, offset: int = 0, length: int = -1,
              credential: Credential | None = None, trust=None, server_dn: str | None = None,
-             timeout: float = 60.0, gsi: bool = False) -> str:
+             timeout: float = 60.0, gsi: bool | str = False) -> str:
     """The server's checksum (``CKSM``) of a file or a byte range of it, lowercase hex."""
     target = GridFTPURL.parse(url)
     with GridFTPClient(target, credential=credential, trust=trust, server_dn=server_dn, timeout=timeout,

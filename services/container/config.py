@@ -66,7 +66,8 @@ class PolicyConfig:
 class GridFTPConfig:
     """[gridftp]: the bounds on sessions of the services' GridFTP servers (the repository's face, a node's migration
     export, a job service's face), as `vmgrid gridftp-server`'s options of the same names (docs/gridftp.md,
-    "Security"); checked at start (gridftp.server.check_session_limits). A key not given: its default there.
+    "Security"; the passive data ports' bounds: "Firewalls"); checked at start (gridftp.server.check_session_limits).
+    A key not given: its default there.
     ``data_ports``: the ports every GridFTP data listener of the `vmgrid serve` process takes (its servers'
     PASV/EPSV/SPAS, its own downloads' PORT: a node pulling a migration's files or staging an image), as
     `vmgrid gridftp-server --data-ports`; given, it takes the place of GLOBUS_TCP_PORT_RANGE in the process's
@@ -77,6 +78,10 @@ class GridFTPConfig:
     max_sessions_per_address: int | None = None   # ... per address (an IPv6 /64, all of loopback: one; max_sessions // 4)
     host_sessions: int | None = None              # kept for host DNs (nodes, services; max_sessions // 4)
     transfer_idle_timeout: float = 60.0           # seconds a logged-in session may go without a transfer (0: no bound)
+    # passive data ports (PASV/EPSV/SPAS) no data connection has reached yet: at most this many per identity across
+    # its sessions (hosts not counted), and one no data command takes up within passive_wait seconds is closed (0: never)
+    passive_per_identity: int = 2
+    passive_wait: float = 10.0
     data_ports: str = ""                          # "LOW,HIGH": the data ports ("" = $GLOBUS_TCP_PORT_RANGE, else any)
 
 

@@ -1,6 +1,6 @@
 """What the service's bounds on a job's resources did to it, read from what its supervisor recorded when the program
 ended (control/<key>/exit.json and the spec it ran by, services/jobs/shim.py): processes the kernel killed past the
-memory bound, output dropped past max_output, and a bound the service could not apply there (and why). The job's
+memory bound, forks refused at max_processes, output dropped past max_output, and a bound the service could not apply there (and why). The job's
 ResourceBounds property (services/jobs/wire.py) publishes them: a job whose program exited 0 after the kernel killed
 one of its processes is Done, and only this says so."""
 from __future__ import annotations
@@ -15,8 +15,9 @@ from pathlib import Path
 class BoundEvent:
     """One bound and what it did to the job: ``resource`` (memory, processes, tmp, stdout, stderr) and a one-line
     ``description``; ``setting`` the [jobs] key that set the bound and ``bound`` its value (bytes; processes and
-    threads for processes); ``processes_killed`` or ``bytes_dropped`` what it did; ``unbounded`` why it could not be
-    applied (the job ran without it)."""
+    threads for processes); ``processes_killed``, ``bytes_dropped`` or ``forks_refused`` (forks and thread creations
+    the kernel refused at the bound) what it did; ``unbounded`` why it could not be applied (the job ran without
+    it)."""
 
     resource: str
     description: str
@@ -25,11 +26,13 @@ class BoundEvent:
     processes_killed: int | None = None
     bytes_dropped: int | None = None
     unbounded: str | None = None
+    forks_refused: int | None = None
 
     @property
     def acted(self) -> bool:
-        """Whether the bound did something to the job (killed a process, dropped output), rather than being absent."""
-        return bool(self.processes_killed or self.bytes_dropped)
+        """Whether the bound did something to the job (killed a process, dropped output, refused a fork), rather
+        than being absent."""
+        return bool(self.processes_killed or self.bytes_dropped or self.forks_refused)
 
 
 _KILLED = re.compile(r"(\d+) process(?:es)? killed past ")
@@ -57,6 +60,12 @@ def bound_events(status: dict, spec: dict) -> list[BoundEvent]:
     elif isinstance(memory, str) and _KILLED.match(memory):     # a supervisor from before memory_killed
         events.append(BoundEvent("memory", memory, processes_killed=int(_KILLED.match(memory).group(1))))
     for resource, setting, prefix in _UNBOUNDED:
+        refused = status.get("processes_refused")
+        if resource == "processes" and isinstance(refused, dict) and _int(refused.get("forks")):
+            n, limit = refused["forks"], _int(refused.get("bound"))
+            at = f"at {limit} processes and threads" if limit is not None else "at the bound"
+            events.append(BoundEvent("processes", f"{n} fork{'s' if n > 1 else ''} refused {at} ([jobs] "
+                                     f"max_processes)", "max_processes", limit, forks_refused=n))
         said = status.get(resource)
         if isinstance(said, str) and said.startswith(prefix):
             limit = _int(spec.get(setting)) if setting else None

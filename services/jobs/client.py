@@ -264,9 +264,23 @@ class JobClient:
         epr = EndpointReference.from_element(resp.find("job:Job/wsa:EndpointReference", wire.NS))
         return epr.parameter(wire.KEY_TAG)
 
-    def list(self, include_ended: bool = False) -> list[etree._Element]:
-        resp = self.service.call("ListJobs", includeEnded=True) if include_ended else self.service.call("ListJobs")
+    def list(self, include_ended: bool = False, resource_bounds: bool = False) -> list[etree._Element]:
+        """The job:Job elements ListJobs answers; with ``resource_bounds`` each ended job's job:ResourceBounds too,
+        where the service's ListJobs takes includeResourceBounds (its WSDL says: an older one's does not, and is
+        asked without it: its jobs carry none)."""
+        kwargs = {"includeEnded": True} if include_ended else {}
+        if resource_bounds and self._list_takes_bounds():
+            kwargs["includeResourceBounds"] = True
+        resp = self.service.call("ListJobs", **kwargs)
         return list(resp.iterfind("job:Job", wire.NS))
+
+    def _list_takes_bounds(self) -> bool:
+        """Whether the service's ListJobs has includeResourceBounds (jobstat16; an older runtime's has not)."""
+        try:
+            request = self.service.zeep.get_element(f"{{{wire.JOB}}}ListJobs")
+            return any(name == "includeResourceBounds" for name, _ in request.type.elements)
+        except (LookupError, AttributeError, ValueError):
+            return False
 
     def log(self, name: str, max_bytes: int | None = None) -> str:
         resp = self.service.call("GetLog", name=name, **({"maxBytes": max_bytes} if max_bytes else {}))

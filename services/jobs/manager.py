@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from gridftp.checksum import hash_file
 from gridftp.filespace import PART_SUFFIX, SIDECAR_SUFFIX, is_internal
@@ -30,7 +30,7 @@ from services.jobs.runner import (Exit, Process, job_environment, memory_cgroups
                                   remove_job_cgroup, remove_left_cgroups, remove_service_cgroups)
 from services.jobs.staging import ONCE, Stager, StagingError, as_submitter, inside
 from services.jobs import tree, uids
-from services.jobs.store import Job, JobSpec, JobState, JobStore, OutputFile
+from services.jobs.store import FINAL, Job, JobSpec, JobState, JobStore, OutputFile
 from services.wsrf.lifetime import Sweeper
 from services.wsrf.notification import Subscription, Subscriptions, new_subscription_key
 
@@ -47,6 +47,11 @@ LIVE_BEFORE_RUN = {JobState.PENDING, JobState.STAGE_IN}
 CANCEL_ANSWER_WAIT = 1.0
 # the proxy a job's submitter delegated at submit (control/<key>/): its gsiftp:// files are moved with it
 DELEGATED_PROXY = "delegated-proxy.pem"
+# ended jobs' directories a sweep asks the store for, at most, to count again (those due the longest first); it counts
+# them for at most tree.WALK_SHARE of its interval and rests after (attack15: the sweeps read every ended job's record)
+RECOUNT_BATCH = 64
+# entries of jobs/ and control/ one sweep's orphan search looks at: a pass over them all is spread over sweeps
+ORPHAN_BATCH = 1000
 
 StateListener = Callable[[Job, JobState, JobState], None]
 
@@ -115,8 +120,15 @@ class JobManager:
                         "service needs a memory cgroup hierarchy it may write, e.g. root as in a guest): a job can take "
                         "all of the node's memory", config.memory_limit, self.memory.limit, self.memory.why_not)
         self._over_quota: dict[str, str] = {}
-        self.counts = tree.Counts(config.max_files, config.sweep_interval)   # each job directory's last count
+        self.counts = tree.Counts(config.max_files, config.sweep_interval)   # live jobs' and trash entries' last counts
         self.trash = tree.Trash(self.state_dir / "trash")     # destroyed jobs' directories, until removed
+        self._trash_held: dict[str, int] = {}    # a trash entry's bytes: the job's at its Destroy, then as counted
+        self._recount_rest = 0.0                 # (monotonic) no ended directory is counted again before
+        # the keys of the jobs not destroyed (what the orphan search compares jobs/ and control/ with: no record is
+        # read per directory); a submit adds one under _guard, a Destroy takes it out
+        self._known = {r[0] for r in self.store.db.conn().execute("SELECT key FROM jobs WHERE destroyed = 0")}
+        self._orphan_walk: Iterator[Path] | None = None      # the orphan search's pass under way
+        self._orphan_pass: set[Path] = set()                 # what it found without a record so far
         self.reconcile_report = self.reconcile()
 
     # -- who may use it -----------------------------------------------------------------------------
@@ -163,7 +175,7 @@ class JobManager:
         self._stop.set()
         if self._sweeper is not None:
             self._sweeper.stop()
-        if not self.store.list(live_only=True):    # none runs nor starts: the service's cgroups go (when empty)
+        if not self.store.live_keys():    # none runs nor starts: the service's cgroups go (when empty)
             remove_service_cgroups([self.pids_cgroup, self.memory.parent])
         self.store.close()
 
@@ -198,6 +210,7 @@ class JobManager:
                 (self.control_dir / job.key).mkdir(mode=0o700)
                 (self.control_dir / job.key / DELEGATED_PROXY).write_bytes(proxy_pem)
             self.store.add(job)      # the record first: a restart from here on finds the job
+            self._known.add(job.key)
         log.info("job %s submitted by %s: %s", job.key, dn, spec.executable)
         self._spawn(job.key, lambda: self._run(job.key))
         return job
@@ -360,8 +373,13 @@ class JobManager:
                    or_cancelled: bool = False, **values) -> bool:
         """Move a job to ``new`` (from ``expect`` only, when given; never from a final state). With
         ``or_cancelled``, a job whose Cancel was accepted ends Cancelled instead (in the same transaction, so a
-        Cancel that comes while the job ends is never lost between the two)."""
-        old = self.store.set_state(key, new, expect=expect, or_cancelled=or_cancelled, **values)
+        Cancel that comes while the job ends is never lost between the two). A job that ends holds its directory,
+        counted once after its end, against its submitter's quota (and again now and then: :meth:`_recount_ended`)."""
+        held = None
+        if new in FINAL or or_cancelled:
+            held = self.counts.get(key, self.jobs_dir / key, final=True).at_least(self.config.staging_quota)
+        old = self.store.set_state(key, new, expect=expect, or_cancelled=or_cancelled, held=held,
+                                   recount_at=self._next_recount(), **values)
         if old is None:
             return False
         job = self.store.get(key)
@@ -690,7 +708,11 @@ class JobManager:
                                      service="JobService") from None
         if moved is not None:
             self.counts.moved(key, moved)
-        self.store.destroy(key)
+        held = self.store.destroy(key)
+        with self._guard:
+            self._known.discard(key)
+        if moved is not None:
+            self._trash_held[moved] = held      # what it counts for its submitter until the sweeps count it
         self.subscriptions.drop(key)
         remove_job_cgroup(self.pids_cgroup, key)
         self.memory.remove(key)
@@ -786,21 +808,38 @@ class JobManager:
             except Exception:
                 log.exception("could not destroy expired job %s", key)
         self.trash.empty()             # what a removal left (a job still writing), or a restart found
-        remove_left_cgroups([self.pids_cgroup, self.memory.parent],
-                            lambda: {j.key for j in self.store.list(live_only=True)})
+        remove_left_cgroups([self.pids_cgroup, self.memory.parent], lambda: set(self.store.live_keys()))
         return expired
 
     def _remove_orphans(self) -> None:
         """Directories in jobs/ and control/ of no job (left by a Destroy of an earlier version, or a crash
-        between a Destroy's record and its move) go to the trash, found so by two sweeps in a row."""
-        with self._guard:                  # a submit makes a job's directory and its record under it
-            found = {d / name for d in (self.jobs_dir, self.control_dir) for name in os.listdir(d)
-                     if self.store.get(name) is None}
+        between a Destroy's record and its move) go to the trash, found so by two passes in a row of the search. A
+        sweep looks at ORPHAN_BATCH entries of a pass (a pass over many kept jobs takes several sweeps: a sweep's cost
+        does not grow with them), each against the keys of the jobs kept (no record is read)."""
+        with self._guard:                  # a submit makes a job's directory and its key under it
+            if self._orphan_walk is None:
+                self._orphan_walk = self._entries()
+            for _ in range(ORPHAN_BATCH):
+                path = next(self._orphan_walk, None)
+                if path is None:
+                    break
+                if path.name not in self._known:
+                    self._orphan_pass.add(path)
+            else:
+                return                     # the pass goes on at the next sweep
+            self._orphan_walk, found, self._orphan_pass = None, self._orphan_pass, set()
         for path in self.trash.orphans(found):
             try:
                 self.trash.put(path, "", ".orphan" if path.parent == self.jobs_dir else ".control")
             except OSError as exc:
                 log.warning("could not move the orphaned %s aside: %s", path, exc)
+
+    def _entries(self) -> Iterator[Path]:
+        """The entries of jobs/ and control/, read as they are asked for (one pass of the orphan search)."""
+        for d in (self.jobs_dir, self.control_dir):
+            with os.scandir(d) as entries:
+                for entry in entries:
+                    yield d / entry.name
 
     def check_quotas(self) -> None:
         """Kill each running job whose directory holds more than the job's quota (``[jobs] staging_quota``), or
@@ -809,12 +848,16 @@ class JobManager:
         RLIMIT_FSIZE; the directories are counted by the sweeps, each at most every sweep: tree.Counts.)"""
         with self._guard:
             running = list(self._procs.items())
-        # ended jobs' directories and trash entries too, at a low rate: a job of the same submitter may still write
-        # into a file there it opened before (attack14 H1)
-        ended = {job.key: self.jobs_dir / job.key for job in self.store.list() if job.final}
-        ended.update((name, self.trash.path / name) for name in os.listdir(self.trash.path))
-        fresh = self.counts.refresh({key: self.jobs_dir / key for key, _ in running if key not in self._over_quota},
-                                    ended)
+        fresh = self.counts.refresh({key: self.jobs_dir / key for key, _ in running if key not in self._over_quota})
+        # trash entries and ended jobs' directories too: a job of the same submitter may still write into a file there
+        # it opened before (attack14 H1). Trash entries in a round of their own (they go as the trash is emptied);
+        # ended jobs' as the store says they are due (:meth:`_recount_ended`): no sweep reads every ended job
+        trash = {name: self.trash.path / name for name in os.listdir(self.trash.path)}
+        for name, count in self.counts.refresh(trash).items():
+            self._trash_held[name] = count.at_least(self.config.staging_quota)
+        self._trash_held = {name: held for name, held in self._trash_held.items() if name in trash}
+        self.counts.keep(set(self.store.live_keys()) | set(trash))     # the ended ones' are the store's (held)
+        self._recount_ended()
         totals: dict[str, int] = {}
         for key, proc in running:
             if key in self._over_quota or key not in fresh:
@@ -842,16 +885,38 @@ class JobManager:
     def submitter_bytes(self, dn: str) -> int:
         """What all of ``dn``'s job directories hold, ended jobs' included until destroyed, and destroyed jobs'
         until removed (the trash): each directory's last count (services/jobs/tree.py; a running job's is counted
-        by the sweeps, an ended job's once after its end); one that could not be counted counts a job's quota."""
-        total, jobs, trash = 0, self.store.list(), self.trash.of(dn)
-        for job in jobs:
-            if job.owner == dn:
-                total += self.counts.get(job.key, self.jobs_dir / job.key, job.final).at_least(
-                    self.config.staging_quota)
-        for path in trash:
-            total += self.counts.get(path.name, path, True).at_least(self.config.staging_quota)
-        self.counts.keep({job.key for job in jobs} | set(os.listdir(self.trash.path)))   # the rest: removed
+        by the sweeps, an ended job's at its end and again by the sweeps: :meth:`_recount_ended`); one that could
+        not be counted counts a job's quota. Her ended jobs' are one running total in the store (held_by): none of
+        their records is read."""
+        quota = self.config.staging_quota
+        total = self.store.ended_held(dn)
+        for key in self.store.live_keys(dn):
+            total += self.counts.get(key, self.jobs_dir / key).at_least(quota)
+        for path in self.trash.of(dn):
+            held = self._trash_held.get(path.name)
+            total += held if held is not None else self.counts.get(path.name, path, True).at_least(quota)
         return total
+
+    def _recount_ended(self) -> None:
+        """Count again the directories of ended jobs the store says are due (at most RECOUNT_BATCH, the longest due
+        first), each every tree.ENDED_EVERY sweep intervals at most, for at most tree.WALK_SHARE of the interval, and
+        rest nine times what the round took (the share of a core tree.py's counting keeps): what was not reached
+        stays due, first at the next round. A sweep reads the due ones' keys only, however many jobs have ended."""
+        if time.monotonic() < self._recount_rest:
+            return
+        started, budget = time.monotonic(), tree.WALK_SHARE * self.counts.interval
+        for key in self.store.due_recounts(time.time(), RECOUNT_BATCH):
+            count = tree.count_tree(self.jobs_dir / key, self.config.max_files)
+            self.store.set_held(key, count.at_least(self.config.staging_quota), self._next_recount())
+            if time.monotonic() - started >= budget:
+                break
+        spent = time.monotonic() - started
+        self._recount_rest = time.monotonic() + spent * (1 - tree.WALK_SHARE) / tree.WALK_SHARE
+
+    def _next_recount(self) -> float:
+        """When an ended job's directory counted now is due to be counted again: tree.ENDED_EVERY of the counts'
+        intervals (the sweep interval) from now, by the wall clock (the store keeps it across restarts)."""
+        return time.time() + tree.ENDED_EVERY * self.counts.interval
 
     def _check_submitter_quota(self, dn: str) -> None:
         used = self.submitter_bytes(dn)
@@ -909,8 +974,7 @@ class JobManager:
                 self.free_uid(key)
         # the cgroups of jobs that ended, failed above or were destroyed while the service was away (a supervisor
         # killed with it left them): the jobs found running, or to be finished, keep theirs
-        remove_left_cgroups([self.pids_cgroup, self.memory.parent],
-                            lambda: {j.key for j in self.store.list(live_only=True)})
+        remove_left_cgroups([self.pids_cgroup, self.memory.parent], lambda: set(self.store.live_keys()))
         return report
 
 

@@ -102,8 +102,11 @@ class JobService(SoapService):
         if self.notifier is None or not self.service_url:
             return
         now = time.time()
+        bounds = None
         for s in self.jobs.subscriptions.of(job.key, 0.0 if job.final else now):
-            message = wire.state_change(job.key, old.value, new.value, job.exit_code, now)
+            if job.final and bounds is None:          # what the bounds did, with the job's end (read once)
+                bounds = self.jobs.resource_bounds(job)
+            message = wire.state_change(job.key, old.value, new.value, job.exit_code, now, bounds)
             self.notifier.send(s.consumer, notify_envelope(s.consumer, self._epr(job.key), "job:StateChange",
                                                            message, {"job": J}), owner=s.subscriber)
         if job.final:
@@ -126,10 +129,14 @@ class JobService(SoapService):
 
     @operation("ListJobs")
     def list_jobs(self, ctx, req):
-        ended = (req.findtext("job:includeEnded", namespaces=wire.NS) or "false").strip() in ("true", "1")
+        def flag(name: str) -> bool:
+            return (req.findtext(f"job:{name}", namespaces=wire.NS) or "false").strip() in ("true", "1")
+
+        bounds = flag("includeResourceBounds")      # asked for only: an older client is answered as before
         resp = _el("ListJobsResponse")
-        for job in self.jobs.list(ctx.dn, include_ended=ended):
-            resp.append(wire.job_element(job, self._epr(job.key)))
+        for job in self.jobs.list(ctx.dn, include_ended=flag("includeEnded")):
+            events = self.jobs.resource_bounds(job) if bounds and job.final else None
+            resp.append(wire.job_element(job, self._epr(job.key), events))
         return resp
 
     @operation("GetServiceInfo")

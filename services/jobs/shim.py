@@ -242,6 +242,20 @@ def oom_kills(path: str) -> int:
     return 0
 
 
+def forks_refused(path: str) -> int:
+    """How many forks (and thread creations) the kernel refused in the pids cgroup ``path`` at its pids.max: the
+    ``max`` count of its pids.events (cgroup v1 and v2); 0 if unknown. Read before the cgroup is removed, for the
+    job's ResourceBounds (services/jobs/bounds.py)."""
+    try:
+        with open(os.path.join(path, "pids.events")) as f:
+            for line in f:
+                if line.startswith("max "):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 LIMIT_SLACK = 1 << 20      # a cgroup v1 peak within this of a limit reached it (charges come in batches)
 
 
@@ -502,6 +516,8 @@ def main(spec_path: str) -> int:
     _, wait_status = os.waitpid(init, 0)     # a namespace ends with its init: nothing of the job is left in it
     end_the_rest_of_the_group()     # before the joins: a process left behind in the group may hold the output pipes
     kills = oom_kills(memory) if memory is not None else 0        # before the cgroup goes
+    pids = next((p for what, p in cgroups if what == "processes"), None)
+    refused = forks_refused(pids) if pids is not None else 0      # (jobstat16: forks refused at max_processes)
     if kills:
         limit, total = spec.get("memory_limit", 0), spec.get("memory_total", 0)
         cause = memory_cause(limit, total, limit_reached(memory, limit),
@@ -525,6 +541,8 @@ def main(spec_path: str) -> int:
         failure = memory_failure(spec["memory_limit"], status["exit"], kills, spec.get("memory_total", 0), cause)
         if failure is not None and not status.get("error"):
             status["error"] = failure
+    if refused:      # as data, for the ResourceBounds property (services/jobs/bounds.py)
+        status["processes_refused"] = {"forks": refused, "bound": spec.get("max_processes")}
     write_status(spec["status"], status)
     return 0
 

@@ -112,6 +112,21 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE TABLE IF NOT EXISTS accounts (dn TEXT PRIMARY KEY, uid INTEGER NOT NULL UNIQUE);
 CREATE TABLE IF NOT EXISTS uids (uid INTEGER PRIMARY KEY, dn TEXT NOT NULL, job TEXT UNIQUE);
 INSERT OR IGNORE INTO uids (uid, dn) SELECT uid, dn FROM accounts;
+CREATE TABLE IF NOT EXISTS held_by (dn TEXT PRIMARY KEY, bytes INTEGER NOT NULL);
+"""
+# held_by: the running total of jobs.held over each submitter's ended jobs not destroyed (what they count against her
+# [jobs] submitter_quota), kept in step by every write of held: a sweep reads one row, never her ended jobs.
+# jobs.held: an ended job's directory as last counted (bytes against the quota; NULL: a live job, or one ended before
+# this column, until its first recount); jobs.recount_at: when an ended job's directory is next due to be counted
+# again (seconds since the epoch; 0: at the next sweep). The indexes are partial: what a sweep asks for (the live jobs,
+# the recounts due, the lifetimes past) is read through them, whatever the number of ended jobs (attack15).
+MIGRATIONS = (("held", "ALTER TABLE jobs ADD COLUMN held INTEGER"),
+              ("recount_at", "ALTER TABLE jobs ADD COLUMN recount_at REAL"))
+FINAL_SQL = "('Done', 'Failed', 'Cancelled')"        # FINAL, as SQL (the partial index names it so)
+INDEXES = f"""
+CREATE INDEX IF NOT EXISTS jobs_live ON jobs(owner) WHERE destroyed = 0 AND state NOT IN {FINAL_SQL};
+CREATE INDEX IF NOT EXISTS jobs_recount ON jobs(recount_at) WHERE destroyed = 0 AND recount_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS jobs_termination ON jobs(termination) WHERE destroyed = 0;
 """
 # accounts: an earlier version's one uid per submitter (kept: its uids stay their submitters'; a job it started still
 # runs under one). uids: every uid of [jobs] job_uid_first.. ever given, the submitter it was first given to (it never
@@ -132,6 +147,15 @@ class JobStore:
     def __init__(self, path: Path):
         self.db = Database(path)
         self.db.conn().executescript(SCHEMA)
+        with self.db.write("migrate") as db:
+            have = {r[1] for r in db.execute("PRAGMA table_info(jobs)")}
+            for column, sql in MIGRATIONS:
+                if column not in have:
+                    db.execute(sql)
+            # ended jobs of a version before held: each counted again at the sweeps (the oldest first)
+            db.execute(f"UPDATE jobs SET recount_at = 0 WHERE destroyed = 0 AND recount_at IS NULL AND state IN "
+                       f"{FINAL_SQL}")
+        self.db.conn().executescript(INDEXES)
 
     def close(self) -> None:
         self.db.close()
@@ -147,14 +171,52 @@ class JobStore:
         return _row(row) if row else None
 
     def list(self, *, live_only: bool = False) -> list[Job]:
-        rows = self.db.conn().execute(f"SELECT {', '.join(COLUMNS)} FROM jobs WHERE destroyed = 0 ORDER BY submitted")
-        jobs = [_row(r) for r in rows]
-        return [j for j in jobs if not j.final] if live_only else jobs
+        live = f" INDEXED BY jobs_live WHERE destroyed = 0 AND state NOT IN {FINAL_SQL}" if live_only else \
+            " WHERE destroyed = 0"                          # live only: through jobs_live, no ended job's row read
+        rows = self.db.conn().execute(f"SELECT {', '.join(COLUMNS)} FROM jobs{live} ORDER BY submitted")
+        return [_row(r) for r in rows]
 
     def count_live(self) -> int:
-        finals = tuple(s.value for s in FINAL)
-        return self.db.conn().execute("SELECT COUNT(*) FROM jobs WHERE destroyed = 0 AND state NOT IN (?,?,?)",
-                                      finals).fetchone()[0]
+        return self.db.conn().execute(f"SELECT COUNT(*) FROM jobs INDEXED BY jobs_live WHERE destroyed = 0 AND state "
+                                      f"NOT IN {FINAL_SQL}").fetchone()[0]
+
+    def live_keys(self, owner: str | None = None) -> list[str]:
+        """The keys of the jobs not ended (of ``owner`` only, when given), read through jobs_live: the rows of ended
+        jobs are not read."""
+        mine = " AND owner = ?" if owner is not None else ""
+        return [r[0] for r in self.db.conn().execute(
+            f"SELECT key FROM jobs INDEXED BY jobs_live WHERE destroyed = 0 AND state NOT IN {FINAL_SQL}{mine}",
+            () if owner is None else (owner,))]
+
+    def due_recounts(self, now: float, limit: int) -> list[str]:
+        """The keys of at most ``limit`` ended jobs whose directory is due to be counted again at ``now``, the longest
+        due first (through jobs_recount: what is not due is not read)."""
+        return [r[0] for r in self.db.conn().execute(
+            "SELECT key FROM jobs WHERE destroyed = 0 AND recount_at IS NOT NULL AND recount_at <= ? "
+            "ORDER BY recount_at LIMIT ?", (now, limit))]
+
+    def set_held(self, key: str, held: int, recount_at: float) -> None:
+        """An ended job's directory counted ``held`` bytes (against its submitter's quota), next counted again at
+        ``recount_at``; its submitter's total (held_by) follows in the same transaction. Nothing for a job that is
+        not ended (or was destroyed meanwhile)."""
+        with self.db.write("set_held") as db:
+            row = db.execute(f"SELECT owner, held FROM jobs WHERE key = ? AND destroyed = 0 AND state IN {FINAL_SQL}",
+                             (key,)).fetchone()
+            if row is None:
+                return
+            db.execute("UPDATE jobs SET held = ?, recount_at = ? WHERE key = ?", (held, recount_at, key))
+            self._add_held(db, row[0], held - (row[1] or 0))
+
+    @staticmethod
+    def _add_held(db, dn: str, delta: int) -> None:
+        if delta:
+            db.execute("INSERT INTO held_by (dn, bytes) VALUES (?, ?) ON CONFLICT (dn) DO UPDATE SET bytes = bytes + "
+                       "excluded.bytes", (dn, delta))
+
+    def ended_held(self, dn: str) -> int:
+        """What ``dn``'s ended jobs not destroyed hold, as last counted (one row: the running total)."""
+        row = self.db.conn().execute("SELECT bytes FROM held_by WHERE dn = ?", (dn,)).fetchone()
+        return 0 if row is None else int(row[0])
 
     @staticmethod
     def _columns(values: dict) -> dict:
@@ -179,12 +241,14 @@ class JobStore:
             db.execute(f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in conv)} WHERE key = ?", (*conv.values(), key))
 
     def set_state(self, key: str, new: JobState, *, expect: set[JobState] | None = None, or_cancelled: bool = False,
-                  **values) -> JobState | None:
+                  held: int | None = None, recount_at: float = 0.0, **values) -> JobState | None:
         """Move a job to ``new`` (only from ``expect`` when given); returns the old state, or None if refused.
         ``or_cancelled``: a job whose Cancel was accepted (``request_cancel``) goes to Cancelled instead, without
-        a ``failure``."""
+        a ``failure``. A job that ends (a final ``new``) holds ``held`` bytes against its submitter's quota (its
+        directory's count at its end; added to her total in the same transaction) and is due to be counted again at
+        ``recount_at``."""
         with self.db.write("set_state") as db:
-            row = db.execute("SELECT state, cancel_requested FROM jobs WHERE key = ? AND destroyed = 0",
+            row = db.execute("SELECT state, cancel_requested, owner FROM jobs WHERE key = ? AND destroyed = 0",
                              (key,)).fetchone()
             if row is None:
                 return None
@@ -194,6 +258,9 @@ class JobStore:
             if or_cancelled and row[1]:
                 new = JobState.CANCELLED
                 values.pop("failure", None)
+            if new in FINAL:
+                values.update(held=held or 0, recount_at=recount_at)
+                self._add_held(db, row[2], held or 0)
             conv = self._columns({**values, "state": new})      # one transaction: never final without its end
             db.execute(f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in conv)} WHERE key = ?", (*conv.values(), key))
         return old
@@ -208,9 +275,15 @@ class JobStore:
             db.execute("UPDATE jobs SET cancel_requested = 1 WHERE key = ?", (key,))
         return JobState(row[0])
 
-    def destroy(self, key: str) -> None:
+    def destroy(self, key: str) -> int:
+        """Mark the job destroyed; what its directory held against its submitter's quota (taken from her total: its
+        directory counts on from the trash, services/jobs/tree.py)."""
         with self.db.write("destroy") as db:
-            db.execute("UPDATE jobs SET destroyed = 1 WHERE key = ?", (key,))
+            row = db.execute("SELECT owner, held FROM jobs WHERE key = ? AND destroyed = 0", (key,)).fetchone()
+            db.execute("UPDATE jobs SET destroyed = 1, held = NULL, recount_at = NULL WHERE key = ?", (key,))
+            if row is not None and row[1]:
+                self._add_held(db, row[0], -row[1])
+        return int(row[1] or 0) if row is not None else 0
 
     def expired(self, now: float) -> list[str]:
         return [r[0] for r in self.db.conn().execute(

@@ -247,7 +247,7 @@ class ResourceBounds(ResourceProperty):
     left no exit status). Newer than the rest: a job service before it answers InvalidArgument when asked."""
     qname = q("ResourceBounds")
     FIELDS = (("setting", "setting"), ("bound", "bound"), ("processesKilled", "processes_killed"),
-              ("bytesDropped", "bytes_dropped"), ("unbounded", "unbounded"))
+              ("bytesDropped", "bytes_dropped"), ("forksRefused", "forks_refused"), ("unbounded", "unbounded"))
 
     def elements(self, v: JobView):
         if v.bounds is None:
@@ -264,13 +264,14 @@ class ResourceBounds(ResourceProperty):
 
     @classmethod
     def parse(cls, el):
-        def number(text):
-            return int(text) if text is not None and text.strip().isdigit() else None
+        def number(text):       # a service's words: ASCII digits of a 64-bit count, else unknown (never a traceback)
+            text = (text or "").strip()
+            return int(text) if text.isascii() and text.isdigit() and len(text) <= 20 else None
 
         events = []
         for e in el.iterfind("job:event", NS):
             values = {attr: e.findtext(f"job:{local}", namespaces=NS) for local, attr in cls.FIELDS}
-            for attr in ("bound", "processes_killed", "bytes_dropped"):
+            for attr in ("bound", "processes_killed", "bytes_dropped", "forks_refused"):
                 values[attr] = number(values[attr])
             events.append(BoundEvent(e.findtext("job:resource", default="", namespaces=NS),
                                      e.findtext("job:description", default="", namespaces=NS), **values))
@@ -291,18 +292,22 @@ JOB_PROPERTIES = PropertySet(
     what="a job")
 
 
-def job_element(job: Job, epr: EndpointReference) -> etree._Element:
-    """job:Job (JobType): the job's EPR and its summary."""
+def job_element(job: Job, epr: EndpointReference, bounds: tuple[BoundEvent, ...] | None = None) -> etree._Element:
+    """job:Job (JobType): the job's EPR and its summary; with ``bounds`` (ListJobs' includeResourceBounds, a job
+    whose program ended) its ResourceBounds last."""
     el = etree.Element(q("Job"), nsmap={"job": JOB, "wsa": WSA, "wsrf-rl": RL})
     el.append(epr.to_element())
-    v = JobView(job)
-    for prop in (State(), Owner(), Executable(), Submitted(), ExitCode(), Failure(), TerminationTime()):
+    v = JobView(job, bounds=bounds)
+    for prop in (State(), Owner(), Executable(), Submitted(), ExitCode(), Failure(), TerminationTime(),
+                 ResourceBounds()):
         el.extend(prop.elements(v))
     return el
 
 
-def state_change(key: str, old: str, new: str, exit_code: int | None, when: float | None = None) -> etree._Element:
-    """job:StateChangeNotification, the message of a Notify."""
+def state_change(key: str, old: str, new: str, exit_code: int | None, when: float | None = None,
+                 bounds: tuple[BoundEvent, ...] | None = None) -> etree._Element:
+    """job:StateChangeNotification, the message of a Notify; with ``bounds`` (the change to a final state of a job
+    whose program ended) its ResourceBounds last."""
     el = etree.Element(q("StateChangeNotification"), nsmap={"job": JOB})
     sub(el, KEY_TAG, key)
     sub(el, q("oldState"), old)
@@ -310,4 +315,5 @@ def state_change(key: str, old: str, new: str, exit_code: int | None, when: floa
     sub(el, q("time"), format_datetime(time.time() if when is None else when))
     if exit_code is not None:
         sub(el, q("ExitCode"), exit_code)
+    el.extend(ResourceBounds().elements(JobView(None, bounds=bounds)))     # none when ``bounds`` is None
     return el

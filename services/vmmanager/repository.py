@@ -160,6 +160,10 @@ class RepositoryAccess:
         except gridftp.ChecksumMismatch as exc:
             raise ChecksumMismatch(f"staging {image_id}: {exc}", expected=blake3 or sha256,
                                    actual="(different)") from None
+        except gridftp.GSIOnlyServer as exc:    # staging_gsi = false: what the node's operator sets, not a flag
+            raise TransferFault(f"staging {image_id} from {location} failed: {exc}; this node stages with AUTH TLS: "
+                                f"its operator sets staging_gsi = true in the node's [vmmanager] configuration to "
+                                f"stage with AUTH GSSAPI (Globus GSI)", source=location) from None
         except gridftp.GridFTPError as exc:
             if getattr(exc, "local", False):     # this node's own write failed (its disk full), not the transfer
                 raise StorageFull(f"the node's image cache is full: staging {image_id} stopped: {exc}",

@@ -162,6 +162,11 @@ def test_a_url_with_no_vmmanager_is_one_line_saying_what_to_check(grid):
     (["vm", "deploy", "bio/debian12-emboss", "x", "--lifetime", "400d"],
      "a lifetime of '400d' is more than a node gives: at most 365d"),
     (["vm", "lifetime", "nobody", "-5m"], "'-5m' is in the past: give a duration from now, e.g. 5m"),
+    # attack16 G5: past what a date can hold, an OverflowError traceback (zeep, isodate)
+    (["vm", "lifetime", "nobody", "99999999999999999999999"],
+     "a lifetime of '99999999999999999999999' is longer than any service grants: give at most 36500d"),
+    (["vm", "deploy", "bio/debian12-emboss", "x", "--lifetime", "99999999999999"], "at most 36500d"),
+    (["vm", "lifetime", "nobody", "\u0665m"], "is not a duration"),
     (["vm", "deploy", "bio/debian12-emboss", "x", "--lifetime", "30d"],
      "LimitExceeded: lifetime 2592000 s (30 d) exceeds the limit of 86400 s (1 d)"),
     (["vm", "deploy", "bio/debian12-emboss", "x", "--memory", "99999999"], "not 99999999"),

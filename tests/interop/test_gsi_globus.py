@@ -304,3 +304,60 @@ def test_third_party_between_vmgrid_and_globus(gsi_server, globus_gsi, world, gr
                              retries=0, state_dir=tmp_path / "st")
         assert result.sha256 == sha256_of(image)
     assert sha256_of(arrived) == sha256_of(image)
+
+
+# -- `vmgrid transfer` without --gsi at a GSI-only Globus server (gsi15's leftover) ----------------------------
+def _vmgrid_transfer(grid_pki, *args: str) -> subprocess.CompletedProcess:  # noqa: F811
+    """`vmgrid transfer ARGS -q` as alice (her proxy from the environment), without --gsi."""
+    import sys
+
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("X509_", "GLOBUS_"))},
+           **grid_pki.alice.env(grid_pki.cert_dir)}
+    return subprocess.run([sys.executable, "-m", "client.cli", "transfer", *args, "-q"], env=env,
+                          capture_output=True, text=True, timeout=180)
+
+
+def test_vmgrid_transfer_falls_back_to_gsi_at_a_gsi_only_globus_server(globus_gsi, world, grid_pki,  # noqa: F811
+                                                                         tmp_path):
+    """globus-gridftp-server answers AUTH TLS with 504: `vmgrid transfer` without --gsi asks AUTH GSSAPI on the same
+    connection and downloads, uploads and verifies as with --gsi (before: "server refused AUTH TLS: 504 ... add
+    --gsi", exit 1). The server's log names alice: it authenticated her (by GSI, the one mechanism it has)."""
+    source = world / "src" / "in.fa"
+    make_file(source, 3 * MiB + 17)
+    os.chmod(source, 0o644)
+    got = _vmgrid_transfer(grid_pki, "-p", "2", globus_gsi.url(source), str(tmp_path / "got"))
+    assert got.returncode == 0, got.stderr
+    assert sha256_of(tmp_path / "got") == sha256_of(source)
+    assert f"sha256 {sha256_of(source)} verified" in got.stdout
+    sent = _vmgrid_transfer(grid_pki, "-p", "2", "--state-dir", str(tmp_path / "st"), str(tmp_path / "got"),
+                            globus_gsi.url(world / "dst" / "back.fa"))
+    assert sent.returncode == 0, sent.stderr
+    assert sha256_of(world / "dst" / "back.fa") == sha256_of(source)
+    assert f"DN {grid_pki.alice.dn} successfully authorized" in globus_gsi.log.read_text(errors="replace")
+
+
+@pytest.mark.parametrize("direction", ["vmgrid to globus", "globus to vmgrid"])
+def test_vmgrid_transfer_third_party_with_a_gsi_only_globus_server(gsi_server, globus_gsi, world, grid_pki,  # noqa: F811
+                                                                   served, tmp_path, direction, caplog):
+    """Third party between vmgrid's server (AUTH TLS and GSI) and a GSI-only Globus server, without --gsi: the Globus
+    side is reached by GSI after its 504, and vmgrid's side then by GSI too (DCAU A: each proves alice's DN with the
+    proxy delegated to it), whichever of them is asked first."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="gridftp.server")
+    decisions: list[str] = []
+    vmgrid = gsi_server(authorize=lambda dn, op, path: decisions.append(dn) or True)
+    image = served / "data" / "image.qcow2"
+    if direction == "vmgrid to globus":
+        src, dst, arrived = (f"gsiftp://localhost:{vmgrid.port}/data/image.qcow2",
+                             globus_gsi.url(world / "dst" / "image.qcow2"), world / "dst" / "image.qcow2")
+    else:
+        shutil.copy(image, world / "src" / "image.qcow2")
+        os.chmod(world / "src" / "image.qcow2", 0o644)
+        src, dst, arrived = (globus_gsi.url(world / "src" / "image.qcow2"),
+                             f"gsiftp://localhost:{vmgrid.port}/up/image.qcow2", served / "up" / "image.qcow2")
+    proc = _vmgrid_transfer(grid_pki, "-p", "2", "--state-dir", str(tmp_path / "st"), src, dst)
+    assert proc.returncode == 0, proc.stderr
+    assert sha256_of(arrived) == sha256_of(image)
+    assert set(decisions) == {grid_pki.alice.dn}
+    assert any("authenticated by GSI" in r.getMessage() for r in caplog.records)       # vmgrid's side too

@@ -1,15 +1,13 @@
 """A job's gsiftp:// files at a GSI-only Globus server (trial15 X12): the host job service, in a real container,
 fetches a job's stage-in from and sends its stage-out to a real globus-gridftp-server (host certificate,
 grid-mapfile, AUTH GSSAPI only: it answers AUTH TLS with 504) as the submitter, with the limited proxy she delegated
-at submit; the job's URLs are those she would give globus-url-copy. And `vmgrid transfer` without --gsi against that
-server names the cause."""
+at submit; the job's URLs are those she would give globus-url-copy. (`vmgrid transfer` at such a server without
+--gsi: test_gsi_globus.py.)"""
 from __future__ import annotations
 
 import hashlib
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 
@@ -49,21 +47,3 @@ def test_a_job_stages_in_and_out_at_a_gsi_only_globus_gridftp_server(grid, globu
     assert outputs["o.txt"] == hashlib.sha256(expected).hexdigest()
     assert info.progress["filesDone"] == info.progress["filesTotal"] == 1          # the stage-in
 
-
-def test_vmgrid_transfer_without_gsi_names_a_gsi_only_server(globus_gsi, world, grid_pki, tmp_path):  # noqa: F811
-    source = world / "src" / "in.fa"
-    source.write_bytes(b">seq1\nACGT\n")
-    os.chmod(source, 0o644)
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("X509_", "GLOBUS_"))},
-           **grid_pki.alice.env(grid_pki.cert_dir)}
-    run = [sys.executable, "-m", "client.cli", "transfer"]
-    proc = subprocess.run([*run, globus_gsi.url(source), str(tmp_path / "x")], env=env, capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode != 0
-    assert "server refused AUTH TLS: 504" in proc.stderr
-    assert ("(a GSI-only server, e.g. globus-gridftp-server: add --gsi, which delegates a limited proxy of your "
-            "credential to it)") in proc.stderr
-    proc = subprocess.run([*run, "--gsi", globus_gsi.url(source), str(tmp_path / "x")], env=env,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert (tmp_path / "x").read_bytes() == source.read_bytes()

@@ -27,9 +27,9 @@ def test_the_documented_gridftp_section_is_the_configs_and_loads(tmp_path):
 
 def test_the_options_carry_the_keys_given_and_the_sites_guests():
     cfg = Config()
-    assert gridftp_options(cfg) == {"max_sessions": 64, "transfer_idle_timeout": 60.0,
-                                    "guests": ["/O=Grid/OU=vmgrid-guests/*", "/O=Grid/OU=vmgrid-guests/*"]}
+    assert gridftp_options(cfg) == {"max_sessions": 64, "transfer_idle_timeout": 60.0, "passive_per_identity": 2,
+                                    "passive_wait": 10.0, "guests": ["/O=Grid/OU=vmgrid-guests/*", "/O=Grid/OU=vmgrid-guests/*"]}
     cfg.gridftp = GridFTPConfig(max_sessions=32, max_sessions_per_address=4)
     cfg.vmmanager.guest_ou, cfg.vmmanager.guest_dns = "site-guests", []
     assert gridftp_options(cfg) == {"max_sessions": 32, "max_sessions_per_address": 4, "transfer_idle_timeout": 60.0,
-                                    "guests": ["/O=Grid/OU=site-guests/*"]}
+                                    "passive_per_identity": 2, "passive_wait": 10.0, "guests": ["/O=Grid/OU=site-guests/*"]}

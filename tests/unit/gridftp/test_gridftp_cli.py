@@ -338,6 +338,12 @@ def test_gridftp_server_options_that_cannot_be_used_are_one_line(grid_pki, tmp_p
              "--host-sessions is 0 to 63 (--max-sessions less one: users need one), not 64"),
             (["--root", str(root), "--port", "0", "--transfer-idle-timeout", "-1"],
              "--transfer-idle-timeout is seconds, 0 (no such bound) or more, not -1.0"),
+            # the passive data ports' bounds (a keyword of the library only; 0 was taken as 1, unsaid)
+            (["--root", str(root), "--port", "0", "--passive-per-identity", "0"],
+             "--passive-per-identity is 1 or more (passive data ports one identity may hold that no data connection "
+             "has reached), not 0"),
+            (["--root", str(root), "--port", "0", "--passive-wait", "-1"],
+             "--passive-wait is seconds, 0 (an untaken passive data port is never closed) or more, not -1.0"),
             (["--root", str(root), "--port", "0", "--guest-dn", "OU=site-guests"],
              "--guest-dn 'OU=site-guests' is not a DN pattern (e.g. \"/O=Grid/OU=site-guests/*\")")):
         r = vmgrid("gridftp-server", *extra, *host, timeout=20)

@@ -748,7 +748,8 @@ def test_size_limits_without_and_with_allo(start_server, tree):
     addr = s.pasv()
     assert s.cmd("STOR /up/huge").code == 150
     conn = socket.create_connection(addr)
-    conn.sendall(BLOCK_HEADER.pack(0, 10, 1 << 40) + b"x" * 10)     # a block far past the limit
+    conn.sendall(BLOCK_HEADER.pack(DESC_EOF, 0, 1)
+                 + BLOCK_HEADER.pack(DESC_EOD, 10, 1 << 40) + b"x" * 10)     # a block far past the limit
     final = s.reply()
     while final.preliminary:
         final = s.reply()
@@ -768,6 +769,50 @@ def test_size_limits_without_and_with_allo(start_server, tree):
     while final.preliminary:
         final = s.reply()
     assert final.code == 426 and "beyond the announced size 10" in final.text
+
+
+def _send_all(conn: socket.socket, chunks) -> BaseException | None:
+    """Send every chunk, then end the stream: None, or the error that stopped the sender (a reset)."""
+    try:
+        for chunk in chunks:
+            conn.sendall(chunk)
+        conn.shutdown(socket.SHUT_WR)
+    except OSError as exc:
+        return exc
+    return None
+
+
+@pytest.mark.parametrize("mode", ["S", "E"])
+def test_a_store_past_its_bound_is_read_to_its_end_before_the_refusal(start_server, tree, monkeypatch, mode):
+    """A STOR without ALLO running past max_file_size: the server cut the data connection at the bound (a reset
+    under the sender's next write) and answered 552 at once; globus-url-copy sending a pipe, answered between two
+    of its writes, waited for ever (the interop test's hang). Now what the sender still sends is read and dropped,
+    the sender finishes without a reset, and the 552 comes after its end; nothing is kept. The drain is bounded:
+    past DRAIN_BYTES the connection is cut (the sender's write fails) and the 552 is said all the same."""
+    from gridftp import datachannel
+    server = start_server(upload_area="/up", insecure_anonymous_writes=True, max_file_size=MiB)
+    s = RawFTP("127.0.0.1", server.port)
+    s.login_anonymous()
+    s.expect(f"MODE {mode}", 200)
+    piece = b"x" * MiB
+
+    def chunks(n):
+        if mode == "S":
+            return [piece] * n
+        return [BLOCK_HEADER.pack(DESC_EOF, 0, 1)] + [
+            BLOCK_HEADER.pack(DESC_EOD if i == n - 1 else 0, MiB, i * MiB) + piece for i in range(n)]
+
+    for sent, drain_bytes, reset in ((32, datachannel.DRAIN_BYTES, False), (96, 4 * MiB, True)):
+        monkeypatch.setattr(datachannel, "DRAIN_BYTES", drain_bytes)
+        addr = s.pasv()
+        assert s.cmd("STOR /up/big").code == 150
+        conn = socket.create_connection(addr)
+        stopped = _send_all(conn, chunks(sent))     # 32 MiB: far more than the sockets' buffers hold
+        final = _final(s)
+        conn.close()
+        assert (stopped is not None) == reset, stopped
+        assert final.code == 552 and f"Files may not exceed {MiB} bytes here" in final.text, final.text
+        assert list((tree / "up").iterdir()) == []
 
 
 class _QuotaSpace:
@@ -824,7 +869,7 @@ def test_an_upload_area_quota_refuses_what_does_not_fit_and_keeps_nothing_of_it(
     addr = s.pasv()
     assert s.cmd("STOR /up/big").code == 150
     conn = socket.create_connection(addr)
-    conn.sendall(BLOCK_HEADER.pack(0, 65_000, 0) + b"x" * 65_000)
+    conn.sendall(BLOCK_HEADER.pack(DESC_EOF, 0, 1) + BLOCK_HEADER.pack(DESC_EOD, 65_000, 0) + b"x" * 65_000)
     final = _final(s)
     assert final.code == 552 and "quota" in final.text
     conn.close()

@@ -54,6 +54,36 @@ def test_a_port_is_ascii_digits_only(text, monkeypatch):
     assert parse_port_range(" 50000 , 50010 ") == parse_port_range("50000 - 50010") == (50000, 50010)
 
 
+def test_a_port_the_server_closed_first_is_taken_again_at_once(start_server, tree, monkeypatch):
+    """A listing (MODE S: the server sends, then closes first) leaves the server's side of its data connection in
+    TIME_WAIT for a minute; the listener was bound without SO_REUSEADDR, so no PASV could take that port meanwhile:
+    four listings of one user emptied a four-port [gridftp] data_ports for everyone, renewed at will (attack16 G3).
+    With a one-port range: a listing, then the next PASV takes the same port (425 "no free data port" before); a
+    second listener on a port that has one is still refused."""
+    from tests.unit.gridftp.gridftp_helpers import RawFTP, read_stream
+    low, _ = _free_range(1)
+    monkeypatch.setenv("GLOBUS_TCP_PORT_RANGE", f"{low},{low}")
+    server = start_server()
+    s = RawFTP("127.0.0.1", server.port)
+    s.login_anonymous()
+    for _ in range(3):
+        addr = s.pasv()
+        assert addr[1] == low
+        assert s.cmd("NLST /data").code == 150
+        conn = socket.create_connection(addr)
+        assert read_stream(conn)            # the server closes first: its side of the port is in TIME_WAIT
+        conn.close()
+        final = s.reply()
+        while final.preliminary:
+            final = s.reply()
+        assert final.code == 226, final
+    assert s.pasv()[1] == low             # the server's listener holds the port again: nobody else may listen there
+    with pytest.raises(OSError) as exc:
+        open_listener("127.0.0.1")
+    assert exc.value.errno == errno.EADDRINUSE
+    s.close()
+
+
 def test_a_mode_e_download_listens_on_the_range(start_server, tree, tmp_path, monkeypatch):
     """A MODE E download (the client listens, PORT; as a node pulling a migration's files): with the range set, the
     client's data listener is in it (the server's session saw PORT for such a port) and the file arrives whole.

@@ -161,7 +161,7 @@ def tree_file(tmp_path):
 def test_vmgrid_transfer_gsi_delegates_a_limited_proxy_unless_full_delegation(start_server, acceptors, grid_pki, tree,
                                                                                tmp_path):
     """The server sees a limited proxy from `vmgrid transfer --gsi` (alice's own proxy is a full one), a full one
-    only with --full-delegation; the session that asks the checksum gets none; --full-delegation alone is refused."""
+    only with --full-delegation; the session that asks the checksum gets none."""
     from tests.unit.gridftp.test_gridftp_cli import vmgrid
 
     assert not grid_pki.alice.proxy.limited
@@ -181,7 +181,3 @@ def test_vmgrid_transfer_gsi_delegates_a_limited_proxy_unless_full_delegation(st
     delegated = [c.delegated for c in acceptors if c.delegated is not None]
     assert delegated and all(d.identity == grid_pki.alice.dn and not d.limited for d in delegated)
 
-    alone = vmgrid("transfer", "--full-delegation", f"{url}/data/small", str(tmp_path / "s"), *common)
-    assert (alone.returncode, alone.stderr) == (1, "vmgrid: --full-delegation goes with --gsi (AUTH TLS delegates "
-                                                   "nothing)\n")
-    assert not (tmp_path / "s").exists()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from gridftp import AuthenticationError, download, upload
+from gridftp import AuthenticationError, GSIOnlyServer, download, upload
 from gridftp.client import GSI_FALLBACK, GridFTPClient
 
 from tests.unit.gridftp.gridftp_helpers import sha256_of
@@ -51,36 +51,60 @@ def test_the_fallback_moves_files_with_gsi_where_auth_tls_is_refused(gsi_only, g
         assert session.gsi and session.gss is not None and session.server_dn == grid_pki.host_dn
 
 
-def test_the_fallback_keeps_the_servers_name_check(gsi_only, grid_pki, tmp_path):
+@pytest.fixture
+def delegations(monkeypatch):
+    """The proxies this process's GSI initiators signed for a server (security.gsi.GSIContext._sign_request)."""
+    from security.gsi import GSIContext
+
+    signed: list[str] = []
+    original = GSIContext._sign_request
+
+    def sign(self):
+        token = original(self)
+        if self.state == "done":
+            signed.append(self.peer.dn)
+        return token
+
+    monkeypatch.setattr(GSIContext, "_sign_request", sign)
+    return signed
+
+
+def test_the_fallback_keeps_the_servers_name_check(gsi_only, grid_pki, tmp_path, delegations):
     """A GSI-only server whose certificate is not a host certificate for the URL's host is refused after the
-    fallback as AUTH TLS refuses it (nothing is sent to it), and so is one that is not the expected DN."""
+    fallback as AUTH TLS refuses it (nothing is sent to it), and so is one that is not the expected DN; and it is
+    refused before the delegation: it holds no proxy of the user's (a 504 forged on the way, answered by any holder of
+    a certificate of the grid's CAs, gained one: the host check came after the whole GSI exchange, delegation
+    included)."""
     server, _ = gsi_only(credential=grid_pki.issue_host("elsewhere.example.org"))
     with pytest.raises(AuthenticationError, match="elsewhere.example.org"):
         GridFTPClient(f"gsiftp://localhost:{server.port}/", credential=grid_pki.alice.proxy, trust=grid_pki.cert_dir,
                       gsi=GSI_FALLBACK).connect()
+    with pytest.raises(AuthenticationError, match="elsewhere.example.org"):     # the same with GSI asked outright
+        GridFTPClient(f"gsiftp://localhost:{server.port}/", credential=grid_pki.alice.proxy, trust=grid_pki.cert_dir,
+                      gsi=True).connect()
+    refusing, _ = gsi_only()
+    with pytest.raises(AuthenticationError, match="presented"):
+        GridFTPClient(f"gsiftp://localhost:{refusing.port}/", credential=grid_pki.alice.proxy, trust=grid_pki.cert_dir,
+                      gsi=GSI_FALLBACK, refuse_server=lambda dn: True).connect()
+    assert delegations == []
     server, _ = gsi_only()
     with pytest.raises(AuthenticationError, match="expected"):
         GridFTPClient(f"gsiftp://localhost:{server.port}/", credential=grid_pki.alice.proxy, trust=grid_pki.cert_dir,
                       gsi=GSI_FALLBACK, server_dn="/O=Grid/CN=host/other").connect()
+    with GridFTPClient(f"gsiftp://localhost:{server.port}/", credential=grid_pki.alice.proxy, trust=grid_pki.cert_dir,
+                       gsi=GSI_FALLBACK) as session:        # the right server: checked, then delegated to
+        assert session.server_dn == grid_pki.host_dn
+    assert delegations == [grid_pki.host_dn]
 
 
 def test_without_gsi_the_504_says_what_the_server_likely_is(gsi_only, grid_pki, tmp_path):
-    server, asked = gsi_only(banner="localhost GridFTP Server 13.20 (gcc64, 1617040200-1) [Grid Community Toolkit 6.2] "
-                                    "ready.")
-    with pytest.raises(AuthenticationError) as info:
-        download(f"gsiftp://localhost:{server.port}/data/small", tmp_path / "x", credential=grid_pki.alice.proxy,
-                 trust=grid_pki.cert_dir, retries=0)
-    assert str(info.value) == ("server refused AUTH TLS: 504 Unknown authentication type. (a GSI-only server, e.g. "
-                               "globus-gridftp-server: add --gsi, which delegates a limited proxy of your credential "
-                               "to it)")
-    assert asked == ["TLS"]
-
-
-def test_a_vmgrid_server_refusing_auth_tls_gets_no_gsi_hint(gsi_only, grid_pki, tmp_path):
-    """attack16 G2: a vmgrid face (a job service's, run by its VM's owner) always speaks AUTH TLS; its 504 must not
-    steer the user into delegating to it."""
+    """A library caller without the fallback gets a GSIOnlyServer (an AuthenticationError) naming the likely server;
+    what to set is its caller's to say (a node: [vmmanager] staging_gsi; `vmgrid transfer` falls back)."""
     server, asked = gsi_only()
-    with pytest.raises(AuthenticationError) as info:
+    with pytest.raises(GSIOnlyServer) as info:
         download(f"gsiftp://localhost:{server.port}/data/small", tmp_path / "x", credential=grid_pki.alice.proxy,
                  trust=grid_pki.cert_dir, retries=0)
-    assert str(info.value) == "server refused AUTH TLS: 504 Unknown authentication type."
+    assert isinstance(info.value, AuthenticationError) and info.value.code == 504
+    assert str(info.value) == ("server refused AUTH TLS: 504 Unknown authentication type. (a GSI-only server, e.g. "
+                               "globus-gridftp-server: it takes AUTH GSSAPI)")
+    assert asked == ["TLS"]

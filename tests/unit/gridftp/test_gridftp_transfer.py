@@ -253,3 +253,36 @@ def test_a_parallelism_outside_1_to_64_is_refused_before_any_connection(tmp_path
         with pytest.raises(gridftp.GridFTPError, match=f"parallelism must be 1 to 64 streams, not {parallel}"):
             run()
     assert not (tmp_path / "dst").exists()
+
+
+def test_a_failed_receivers_queued_connections_are_reset_not_left_to_the_senders_timeout():
+    """A download this side gives up (its disk full): the server's data connections still in the client's listener
+    queue, never accepted, stayed open; the server's threads sending into them waited, and the client waited on the
+    server's reply (`vmgrid transfer` into a full disk hung past its 60 s in a loaded run). Now the receiver's failure
+    closes its listener: a connection queued there is reset, and its sender's write fails at once."""
+    import socket
+    import threading
+
+    from gridftp.errors import TransferError
+
+    listener = datachannel.open_listener("127.0.0.1")
+    receiver = datachannel.ModeEReceiver(bytearray())
+    sender = socket.create_connection(listener.getsockname())     # in the listener's queue, never accepted
+    receiver.fail(TransferError("cannot store the data here: No space left on device"))
+    acceptor = datachannel.accept_connections(listener, receiver, timeout=5)
+    acceptor.join(timeout=30)
+    assert not acceptor.is_alive()
+    sender.settimeout(10)       # a bound for the test only: before, the write below waited that long, then timed out
+    failed: list[BaseException] = []
+
+    def send() -> None:
+        try:
+            for _ in range(64):
+                sender.sendall(b"x" * MiB)
+        except OSError as exc:
+            failed.append(exc)
+    t = threading.Thread(target=send)
+    t.start()
+    t.join(timeout=60)
+    sender.close()
+    assert failed and isinstance(failed[0], (ConnectionResetError, BrokenPipeError)), failed

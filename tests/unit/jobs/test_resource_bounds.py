@@ -95,3 +95,16 @@ def test_bounds_the_service_ran_without_and_an_older_supervisors_memory_line_are
     assert not any(e.acted for e in bound_events({"processes": "unbounded: x"}, {}))
     assert bound_events(json.loads('{"exit": 0, "dropped": {"stderr": 7}}'), {})[0].description == \
         "7 bytes dropped past the bound ([jobs] max_output)"
+
+
+@pytest.mark.parametrize("bound", ["\u00b2", "9" * 5000, "\u0665", "-5", " 12 "])
+def test_a_services_odd_numbers_are_unknown_not_a_traceback(bound):
+    """The property is a job service's words, and a service may be hostile (a VM owner's): `²` (a digit to
+    str.isdigit, not to int) or 5,000 digits made ResourceBounds.parse raise ValueError, and `vmgrid job status` and
+    `job wait` end in a traceback (attack16 G5). A number that is not a count of ASCII digits is unknown (None)."""
+    el = etree.fromstring(f'<job:ResourceBounds xmlns:job="{wire.JOB}"><job:event><job:resource>memory</job:resource>'
+                          f'<job:bound>{bound}</job:bound><job:processesKilled>{bound}</job:processesKilled>'
+                          f'<job:description>d</job:description></job:event></job:ResourceBounds>')
+    (event,) = wire.ResourceBounds.parse(el)
+    expected = 12 if bound.strip() == "12" else None
+    assert (event.bound, event.processes_killed, event.description) == (expected, expected, "d")

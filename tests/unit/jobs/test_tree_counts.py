@@ -6,9 +6,11 @@ expensive directory takes 5 s of it."""
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
+from services.jobs import manager as manager_module
 from services.jobs import tree
 from services.jobs.store import JobSpec, JobState
 from tests.unit.jobs.test_manager import OWNER, PY, manager, shut, wait_final, wait_until
@@ -21,13 +23,20 @@ class Clock:
     def monotonic(self) -> float:
         return self.now
 
+    def time(self) -> float:              # the job service's wall clock (when an ended directory is due again)
+        return 1.7e9 + self.now
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
 
 @pytest.fixture
 def clock(monkeypatch):
-    """tree's clock (Counts made after this use it), and count_tree taking 5 s of it for a directory 'expensive'
+    """tree's clock (Counts made after this use it) and the job service's, and count_tree taking 5 s of it for a directory 'expensive'
     names (a file of that name at its top)."""
     c = Clock()
     monkeypatch.setattr(tree, "time", c)
+    monkeypatch.setattr(manager_module, "time", c)
     real = tree.count_tree
 
     def count_tree(top, max_files, *args):

@@ -62,11 +62,11 @@ def test_serve_gives_a_node_the_gridftp_section_and_its_guest_ou(grid_pki, tmp_p
     cfg.enforcement.authz_url = "https://localhost:1/wsrf/services/AuthorizationService"
     cfg.vmmanager = VMManagerConfig(node="n1", repository="https://localhost:1/wsrf/services/VMRepositoryService",
                                     guest_ou="site-guests", guest_dns=["/O=Grid/OU=other-guests/*"])
-    cfg.gridftp = GridFTPConfig(max_sessions=16, transfer_idle_timeout=30)
+    cfg.gridftp = GridFTPConfig(max_sessions=16, transfer_idle_timeout=30, passive_per_identity=3, passive_wait=5)
     service = build_vmmanager(cfg, vmm=LibvirtTestDriver())
     try:
         assert service.core.exports.server_options == {
             "guests": ["/O=Grid/OU=other-guests/*", "/O=Grid/OU=site-guests/*"], "max_sessions": 16,
-            "transfer_idle_timeout": 30}
+            "transfer_idle_timeout": 30, "passive_per_identity": 3, "passive_wait": 5}
     finally:
         service.close()
