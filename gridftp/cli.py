@@ -47,9 +47,17 @@ def register(subparsers) -> None:
     p.add_argument("--proxy", help="credential file (default $X509_USER_PROXY, /tmp/x509up_u<uid>, ~/.globus)")
     p.add_argument("--state-dir", help="where restart markers of uploads are kept (default ~/.cache/vmgrid/gridftp)")
     p.add_argument("--gsi", action="store_true",
-                   help="authenticate gsiftp:// with AUTH GSSAPI (Globus GSI, delegating a proxy) without trying "
-                        "AUTH TLS first (by default a server that refuses AUTH TLS, as a globus-gridftp-server does, "
-                        "is asked for AUTH GSSAPI on the same connection, and checked the same way)")
+                   help="authenticate gsiftp:// with AUTH GSSAPI (Globus GSI) without trying AUTH TLS first (by "
+                        "default a server that refuses AUTH TLS, as a globus-gridftp-server does, is asked for AUTH "
+                        "GSSAPI on the same connection, and checked the same way). Under GSI the server gets a limited "
+                        "proxy of your credential (as globus-url-copy delegates): what its data channels need to prove "
+                        "your identity; it can read and write your files there and elsewhere, not start jobs or change "
+                        "policies as you")
+    p.add_argument("--full-delegation", action="store_true",
+                   help="under GSI: delegate a full (impersonation) proxy instead of the limited one: the server "
+                        "can then do ANYTHING you can, at any service, for the proxy's 12 hours (start jobs, change "
+                        "a VO's policy). Only for a server you trust that must act as you elsewhere and refuses "
+                        "limited proxies")
     p.add_argument("--prot", choices=["C", "S", "P"], default="P",
                    help="under GSI: data channel protection, clear (C), integrity (S) or private (P, default); "
                         "the data connections are authenticated (DCAU A) in every case")
@@ -236,6 +244,8 @@ def _mismatch_hint(args, *, upload: bool, download: bool) -> str:
 def cmd_transfer(args) -> int:
     from . import transfer
 
+    DELEGATE_FULL = "full"      # security.gsi.DELEGATE_FULL (not imported: the command starts without cryptography)
+
     src, dst = args.src, args.dst
     if not _is_url(src) and not _is_url(dst):
         raise CLIError("one of SRC and DST must be an ftp:// or gsiftp:// URL")
@@ -267,7 +277,8 @@ def cmd_transfer(args) -> int:
     # AUTH TLS, and AUTH GSSAPI on the same connection where a GSI-only server refuses it (the server checked the
     # same way under either, before any proxy is delegated to it); --gsi: AUTH GSSAPI at once
     common = dict(credential=_credential(args), trust=args.cert_dir, progress=bar, retries=args.retries,
-                  gsi=True if args.gsi else GSI_FALLBACK, prot=args.prot, timeout=args.timeout)
+                  gsi=True if args.gsi else GSI_FALLBACK, prot=args.prot, timeout=args.timeout,
+                  delegate=DELEGATE_FULL if args.full_delegation else True)
     try:
         if _is_url(src) and _is_url(dst):
             result = transfer.third_party(src, dst, args.parallel, sha256=args.sha256,

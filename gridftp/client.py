@@ -128,9 +128,13 @@ class GridFTPClient:
     ``prelude``: commands sent in the same write as the login (one round trip for all of them on a
     long path); their replies are in :attr:`prelude_replies`.
     ``gsi``: authenticate with ``AUTH GSSAPI`` (the Globus GSI mechanism, as globus-url-copy does:
-    a proxy is delegated to the server, every command is wrapped) instead of AUTH TLS; needed for a
-    Globus server. ``gsi=GSI_FALLBACK``: AUTH TLS, and AUTH GSSAPI on the same connection when the server
-    refuses AUTH TLS with 504 (a GSI-only server, e.g. globus-gridftp-server): no weaker than either, as both
+    a limited proxy is delegated to the server, every command is wrapped) instead of AUTH TLS; needed for a
+    Globus server. ``delegate`` (with GSI): True (default) a limited proxy, which is what the server's data
+    channels (``DCAU A``) need to prove the user's DN; ``security.gsi.DELEGATE_FULL`` an inherit-all proxy (the
+    server may then do anything as the user: asked for by name only); False none (a session that opens no data
+    channel, e.g. CKSM). The server is checked (``server_dn``, else its host certificate, and ``refuse_server``)
+    inside the GSI exchange, before the delegation flag: a server that is not the one meant gets nothing.
+    ``gsi=GSI_FALLBACK``: AUTH TLS, and AUTH GSSAPI on the same connection when the server refuses AUTH TLS with 504 (a GSI-only server, e.g. globus-gridftp-server): no weaker than either, as both
     authenticate the server by the same check (``server_dn``, else its host certificate, and ``refuse_server``),
     under GSI as soon as the handshake has authenticated it, before the delegation; without it such a 504 is a
     :class:`GSIOnlyServer`. ``data_protection_level``: with GSI, ``P`` (default), ``S`` or ``C``, always with
@@ -141,7 +145,7 @@ class GridFTPClient:
     def __init__(self, url: GridFTPURL | str, *, credential: Credential | None = None, trust=None,
                  server_dn: str | None = None, timeout: float = CONTROL_TIMEOUT,
                  identify: Callable[[ssl.SSLSocket], str] | None = None, prelude: Sequence[str] = (),
-                 gsi: bool | str = False, data_protection_level: str = "P", delegate: bool = True,
+                 gsi: bool | str = False, data_protection_level: str = "P", delegate: bool | str = True,
                  refuse_server: Callable[[str], bool] | None = None):
         self.url = GridFTPURL.parse(url) if isinstance(url, str) else url
         self.prelude = list(prelude)
@@ -249,27 +253,45 @@ class GridFTPClient:
             raise AuthenticationError(f"TLS handshake with {self.url.host} failed: {exc}") from exc
         self.server_dn = self.tls.identify(sock)
         if self.expected_server_dn is not None:
-            if self.server_dn != self.expected_server_dn:
-                raise AuthenticationError(f"server is {self.server_dn!r}, expected {self.expected_server_dn!r}")
+            why = self._server_refusal(self.server_dn, None)
         else:
-            why = _host_refusal(self.tls.authenticate(sock), self.url.host)
-            if why is not None:
-                raise AuthenticationError(why)
-        self._check_refused()
+            why = self._server_refusal(self.server_dn, self.tls.authenticate(sock))
+        if why is not None:
+            raise AuthenticationError(why)
         return True
 
-    def _check_refused(self) -> None:
-        if self.refuse_server is not None and self.refuse_server(self.server_dn or ""):
-            raise AuthenticationError(f"{self.url.host} presented {self.server_dn!r}, a certificate refused here")
+    def _server_refusal(self, dn: str, caller) -> str | None:
+        """Why the authenticated server is not the one meant, or None: ``server_dn`` when given, else a host
+        certificate naming the URL's host (``caller``: its security.trust.Caller), and ``refuse_server``. The same
+        check for AUTH TLS (after the handshake) and AUTH GSSAPI (inside the context, before any delegation)."""
+        if self.expected_server_dn is not None:
+            if dn != self.expected_server_dn:
+                return f"server is {dn!r}, expected {self.expected_server_dn!r}"
+        else:
+            why = _host_refusal(caller, self.url.host)
+            if why is not None:
+                return why if self.url.host in why else f"{why} (expected a host certificate naming {self.url.host})"
+        if self.refuse_server is not None and self.refuse_server(dn or ""):
+            return f"{self.url.host} presented {dn!r}, a certificate refused here"
+        return None
 
     def _auth_gssapi(self) -> None:
-        """RFC 2228 with the GSI mechanism: the context's tokens in ADAT commands, a proxy delegated."""
+        """RFC 2228 with the GSI mechanism: the context's tokens in ADAT commands, a proxy delegated once the
+        server is known to be the one meant (attack16 G1: never before)."""
         from security.gsi import GSIContext, GSIError
         reply = self.command("AUTH GSSAPI")
         if reply.code != 334:
             raise AuthenticationError(f"server refused AUTH GSSAPI: {reply.code} {reply.text}")
+        refused: list[str] = []
+
+        def authorize(caller) -> str | None:
+            why = self._server_refusal(caller.dn, caller)
+            if why is not None:
+                refused.append(why)
+            return why
+
         self.gss = GSIContext(self.tls.credential, self.tls.trust, initiate=True, delegate=self.delegate,
-                              expect=self.expected_server_dn)
+                              authorize=authorize)
         try:
             token = self._gss_step(None)
             while True:
@@ -287,6 +309,8 @@ class GridFTPClient:
                     break
                 raise AuthenticationError(f"{self.url.host} refused the credential: {reply.code} {reply.text}")
         except GSIError as exc:
+            if refused:             # the server is not the one meant: refused before the delegation flag
+                raise AuthenticationError(f"{refused[0]} (GSI: nothing was delegated to it)") from None
             raise AuthenticationError(f"GSI authentication with {self.url.host} failed: {exc.reason}") from None
         except (ValueError, binascii.Error):
             raise AuthenticationError(f"{self.url.host} sent an ADAT reply that is not base64") from None
@@ -295,18 +319,14 @@ class GridFTPClient:
         self.control.wrap, self.control.unwrap = self.gss.wrap, self.gss.unwrap
 
     def _gss_step(self, answer: bytes | None) -> bytes:
-        """The context's next token, sent only once the server it is for has passed the same check as under AUTH TLS
-        (``server_dn``, else a host certificate naming the URL's host; ``refuse_server``): checked in the step that
-        completes the handshake, before the delegation flag goes out, so that no server the check refuses is
-        delegated a proxy (a 504 forged on the way to make the client fall back from AUTH TLS gains nothing)."""
+        """The context's next token. The server it is for passed the same check as under AUTH TLS (``server_dn``,
+        else a host certificate naming the URL's host; ``refuse_server``) inside the context, as soon as the handshake
+        authenticated it and before the delegation flag was even made (``GSIContext(authorize=)``), so that no server
+        the check refuses is delegated a proxy (a 504 forged on the way to make the client fall back from AUTH TLS
+        gains nothing); its DN is the session's ``server_dn`` from then on."""
         token = self.gss.step(answer)
         if self.server_dn is None and self.gss.peer is not None:
-            if self.expected_server_dn is None:         # else the context itself insisted on that DN
-                why = _host_refusal(self.gss.peer, self.url.host)
-                if why is not None:
-                    raise AuthenticationError(why)
             self.server_dn = self.gss.peer.dn
-            self._check_refused()
         return token
 
     def close(self) -> None:

@@ -244,7 +244,10 @@ class GridFTPServer:
     data_ports``): one identity (not a host's) may hold at most ``passive_per_identity`` (default 2) across its
     sessions that no data connection has reached yet (a further one, after :data:`PASSIVE_GRACE`, is refused 425
     naming the bound), and one that no data command takes up within ``passive_wait`` seconds (default 10; 0: never)
-    is closed, so that one user cannot hold a narrow range and turn the others' uploads away (attack15 H4).
+    is closed, so that one user cannot hold a narrow range and turn the others' uploads away (attack15 H4). A
+    passive port kept after a MODE E upload for the next one over the cached connections counts the same until a
+    data command takes it up, and closes with them after ``passive_wait`` seconds (:data:`PASSIVE_GRACE` past the
+    bound) rather than :data:`DATA_CACHE_IDLE` (attack16 G4).
     """
 
     def __init__(self, root_or_vfs: str | os.PathLike | FileSpace, host: str = "127.0.0.1", port: int = 0,
@@ -473,13 +476,14 @@ class GridFTPServer:
             session.logged_in = True
         return None
 
-    def passive_room(self, session: "_Session") -> str | None:
+    def passive_room(self, session: "_Session", grace: float = PASSIVE_GRACE) -> str | None:
         """Reserve a passive data port for ``session`` (its :attr:`_DataSetup.unreached`) unless its identity holds
-        ``passive_per_identity`` already that no data connection has reached, across its sessions; else the 425 text
-        naming the bound. At the bound it waits up to :data:`PASSIVE_GRACE` seconds for one of them to be reached
-        first: a client's concurrent transfers (globus-url-copy -cc) each hold theirs for a round trip only. Host
-        identities (nodes, services) and anonymous sessions (bounded per address) are not counted."""
-        deadline = time.monotonic() + PASSIVE_GRACE
+        ``passive_per_identity`` already that no data connection has reached, across its sessions (a listener kept
+        after an upload and not yet taken up by a data command counts too: attack16 G4); else the 425 text naming
+        the bound. At the bound it waits up to ``grace`` (:data:`PASSIVE_GRACE`) seconds for one of them to be
+        reached first: a client's concurrent transfers (globus-url-copy -cc) each hold theirs for a round trip only.
+        Host identities (nodes, services) and anonymous sessions (bounded per address) are not counted."""
+        deadline = time.monotonic() + grace
         while True:
             with self._lock:
                 dn = session.dn
@@ -632,6 +636,10 @@ class _DataSetup:
     # GridFTPServer.passive_room); ``engaged``: a data command waits on it (its accept_timeout bounds the wait)
     unreached: bool = False
     engaged: bool = False
+    # the passive listener kept after an upload for the next one over the cached connections, no data command has
+    # taken it up since (counted as ``unreached`` when the identity's bound had room; closed with the cached
+    # connections when no data command comes in time: attack16 G4)
+    idle_kept: bool = False
     closed_why: str | None = None       # why PASSIVE_WAIT closed the passive listener: told to the next data command
     _timer: threading.Timer | None = None
     _passive_timer: threading.Timer | None = None
@@ -648,7 +656,7 @@ class _DataSetup:
 
     def _stop_passive(self) -> None:
         """(Under the lock.) No passive listener waits for its first connection any more."""
-        self.unreached = self.engaged = False
+        self.unreached = self.engaged = self.idle_kept = False
         if self._passive_timer is not None:
             self._passive_timer.cancel()
             self._passive_timer = None
@@ -676,10 +684,41 @@ class _DataSetup:
         shutdown_listener(listener)
 
     def engage(self) -> None:
-        """A data command takes up the passive listener: :attr:`PASSIVE_WAIT` closes it no more."""
+        """A data command takes up the passive listener: :attr:`PASSIVE_WAIT` closes it no more; a kept one is held
+        by the transfer now (as a reached one: while the transfer runs)."""
         with self._lock:
             if self.passive:
                 self.engaged = True
+                if self.idle_kept:
+                    self.idle_kept = self.unreached = False
+
+    def keep_listener(self, listener: socket.socket, counted: bool, wait: float) -> None:
+        """After an upload that kept its connections: ``listener`` stays for the next upload over them (the sender
+        may add connections) until ``wait`` seconds pass without a data command, then it closes with the cached
+        connections (they carry no upload without it). ``counted``: it holds one of the identity's passive ports
+        (:meth:`GridFTPServer.passive_room`) meanwhile."""
+        with self._lock:
+            self._stop_passive()
+            self.passive, self.closed_why = [listener], None
+            self.unreached, self.idle_kept = counted, True
+            timer = threading.Timer(wait, lambda: self._kept_unused(listener, wait))
+            timer.daemon = True
+            self._passive_timer = timer
+            timer.start()
+
+    def _kept_unused(self, listener: socket.socket, wait: float) -> None:
+        with self._lock:
+            if self.passive != [listener] or not self.idle_kept or self.engaged:
+                return
+            self.passive = []
+            self._stop_passive()
+            self._stop_timer()
+            dropped = self._drop()
+            self.closed_why = (f"the passive data port kept after the last upload was closed: no data command took it "
+                               f"up within {wait:g} s")
+        log.info("closed a passive data port kept after an upload that no data command took up within %.0f s", wait)
+        dropped()
+        shutdown_listener(listener)
 
     def reached(self) -> None:
         """The passive listener's first data connection arrived: it holds a port of the range for a transfer now."""
@@ -1547,6 +1586,18 @@ class _Session:
         self.data.listen(listener, self.server.passive_wait)
         return listener
 
+    def _keep_listener(self, listener: socket.socket) -> None:
+        """The passive listener of an upload that kept its connections stays for the next upload (GFD.20 caching), as
+        one of the identity's passive ports (:meth:`GridFTPServer.passive_room`) while no data command takes it up,
+        and for ``passive_wait`` seconds at most; past the identity's bound for :data:`PASSIVE_GRACE` seconds only (a
+        client's next STOR comes within a round trip). Else a session's tiny upload a minute held a port of the range
+        for :data:`DATA_CACHE_IDLE` seconds, renewed, outside the bound (attack16 G4)."""
+        counted = self.server.passive_room(self, grace=0) is None     # counts the identity's other sessions
+        wait = self.server.passive_wait if counted else PASSIVE_GRACE
+        if wait <= 0:
+            wait = DATA_CACHE_IDLE
+        self.data.keep_listener(listener, counted, wait)
+
     def cmd_PASV(self, arg: str):
         if ":" in self.local_host and not self.local_host.startswith("::ffff:"):
             raise _Reply(425, "Use EPSV on IPv6.")
@@ -2013,7 +2064,8 @@ class _Session:
             receiver.fail(TransferError("transfer aborted"))
 
         finished = self._wait(receiver.wait, markers, cancel)
-        if not finished or receiver.error is not None or not receiver.kept:
+        keep = finished and receiver.error is None and receiver.kept
+        if not keep:
             shutdown_listener(listener)
         # else the listener stays for the next transfer over the kept connections (the sender may add some); the
         # acceptor ends at once all the same (the receiver's end wakes it)
@@ -2021,6 +2073,8 @@ class _Session:
         kept = receiver.close()
         if kept:
             self.data.keep(kept, self._data_purpose(False), DATA_CACHE_IDLE)
+            if keep:
+                self._keep_listener(listener)
         if partial is not None:
             fresh = partial.checkpoint()
             if fresh:

@@ -78,8 +78,9 @@ class _Options:
     """What every control connection of one call is opened with."""
 
     def __init__(self, credential: Credential | None, trust: object, timeout: float, identify: object,
-                 gsi: bool | str = False, prot: str = "P", refuse_server=None):
+                 gsi: bool | str = False, prot: str = "P", refuse_server=None, delegate: bool | str = True):
         self.credential = credential
+        self.delegate = delegate
         self.refuse_server = refuse_server
         self.trust = trust
         self.timeout = timeout
@@ -88,12 +89,14 @@ class _Options:
         self.prot = prot
 
     def client(self, url: GridFTPURL, server_dn: str | None = None, prelude: list[str] = (),
-               gsi: bool | str | None = None) -> GridFTPClient:
-        """A session of ``url`` (``gsi``: this one's mechanism in place of the call's)."""
+               gsi: bool | str | None = None, *, delegate: bool | str | None = None) -> GridFTPClient:
+        """A session of ``url`` (``gsi``: this one's mechanism in place of the call's; ``delegate``: what it
+        delegates under GSI, the call's own by default, False for a session that opens no data channel, a CKSM)."""
         return GridFTPClient(url, credential=self.credential, trust=self.trust, server_dn=server_dn,
                              timeout=self.timeout, identify=self.identify, prelude=prelude,
                              gsi=self.gsi if gsi is None else gsi, data_protection_level=self.prot,
-                             refuse_server=self.refuse_server)
+                             refuse_server=self.refuse_server,
+                             delegate=self.delegate if delegate is None else delegate)
 
 
 class _Ticker:
@@ -128,7 +131,7 @@ def _remote_sha256(opts: _Options, url: GridFTPURL, server_dn: str | None, algor
     digest)."""
 
     def ask() -> str:
-        with opts.client(url, server_dn) as session:
+        with opts.client(url, server_dn, delegate=False) as session:     # a CKSM needs no delegated proxy
             return _source_sha256(session, url.path, algorithm)
 
     return Worker(ask, "gridftp-cksm")
@@ -256,7 +259,7 @@ def download(url: str, dest_path: str | os.PathLike, parallel: int = DEFAULT_PAR
              retry_delay: float = 1.0, timeout: float = 60.0, durable: bool = False,
              identify=None, gsi: bool | str = False, prot: str = "P", blake3: str | None = None,
              checksum: str = "sha256", size: int | None = None, refuse_server=None,
-             max_size: int | None = None) -> TransferResult:
+             max_size: int | None = None, delegate: bool | str = True) -> TransferResult:
     """Fetch ``url`` into ``dest_path`` over ``parallel`` MODE E streams; verified, restartable.
 
     The file is received as ``dest_path.vmgrid-part`` with its ranges in
@@ -278,13 +281,15 @@ def download(url: str, dest_path: str | os.PathLike, parallel: int = DEFAULT_PAR
     ``max_size``: the most bytes the caller has room for (a job's stage-in quota): a larger source is refused
     (:class:`TooLarge`) the same way.
     ``refuse_server(dn) -> bool``: servers refused by their authenticated DN (:class:`GridFTPClient`).
+    ``delegate`` (``gsi``): what the data session delegates to the server, a limited proxy by default
+    (:class:`GridFTPClient`); the checksum session delegates nothing.
     """
     _check_parallel(parallel)
     if checksum not in ("sha256", "auto"):
         raise ValueError(f"checksum is 'sha256' or 'auto', not {checksum!r}")
     src = GridFTPURL.parse(url)
     dest = Path(dest_path)
-    opts = _Options(credential, trust, timeout, identify, gsi, prot, refuse_server)
+    opts = _Options(credential, trust, timeout, identify, gsi, prot, refuse_server, delegate=delegate)
     started = time.monotonic()
     transferred = 0
     reused: int | None = None
@@ -570,18 +575,20 @@ def upload(src_path: str | os.PathLike, url: str, parallel: int = DEFAULT_PARALL
            credential: Credential | None = None, trust=None, server_dn: str | None = None,
            sha256: str | None = None, progress: Progress | None = None, retries: int = 2,
            retry_delay: float = 1.0, timeout: float = 60.0, state_dir: str | os.PathLike | None = None,
-           max_rate: float = 0, identify=None, gsi: bool | str = False, prot: str = "P") -> TransferResult:
+           max_rate: float = 0, identify=None, gsi: bool | str = False, prot: str = "P",
+           delegate: bool | str = True) -> TransferResult:
     """Send a local file to ``url`` over ``parallel`` MODE E streams; verified, restartable.
 
     The local sha256 (given, remembered for this unchanged file, or computed) is announced with
     ``SCKS`` before ``STOR``, so a vmgrid server verifies before the file takes its name; the
     server's ``CKSM SHA256`` is compared afterwards. A re-run after an interruption sends only
-    the ranges the server has not confirmed. ``max_rate`` limits bytes/s (0: unlimited).
+    the ranges the server has not confirmed. ``max_rate`` limits bytes/s (0: unlimited). ``delegate``: as
+    :func:`download`'s.
     """
     _check_parallel(parallel)
     src = Path(src_path)
     dst = GridFTPURL.parse(url)
-    opts = _Options(credential, trust, timeout, identify, gsi, prot)
+    opts = _Options(credential, trust, timeout, identify, gsi, prot, delegate=delegate)
     st = src.stat()
     size = st.st_size
     log = _RestartLog(Path(state_dir) if state_dir else default_state_dir(),
@@ -694,7 +701,7 @@ def third_party(src_url: str, dst_url: str, parallel: int = DEFAULT_PARALLEL, *,
                 dst_dn: str | None = None, sha256: str | None = None, progress: Progress | None = None,
                 retries: int = 2, retry_delay: float = 1.0, timeout: float = 60.0,
                 state_dir: str | os.PathLike | None = None, identify=None, gsi: bool | str = False,
-                prot: str = "P") -> TransferResult:
+                prot: str = "P", delegate: bool | str = True) -> TransferResult:
     """Have the source server send ``src_url`` straight to the destination server.
 
     This process only drives both control connections: the destination listens (``PASV``),
@@ -704,6 +711,7 @@ def third_party(src_url: str, dst_url: str, parallel: int = DEFAULT_PARALLEL, *,
     proves the user's DN (``DCAU A``), which is what a Globus server does. With ``gsi=GSI_FALLBACK`` a server
     that refuses AUTH TLS with 504 is reached with AUTH GSSAPI, and then so is the other (a server under AUTH TLS
     holds no proxy of the user, so it could not prove her DN): both hold a delegated proxy, as with ``gsi=True``.
+    ``delegate``: what each server gets under GSI, a limited proxy by default (enough for DCAU A).
     Restart markers from the destination are kept in ``state_dir``.
     """
     _check_parallel(parallel)
@@ -711,7 +719,7 @@ def third_party(src_url: str, dst_url: str, parallel: int = DEFAULT_PARALLEL, *,
     dst = GridFTPURL.parse(dst_url)
     if src.secure != dst.secure:
         raise GridFTPError("third-party transfers need both URLs ftp:// or both gsiftp://")
-    opts = _Options(credential, trust, timeout, identify, gsi, prot)
+    opts = _Options(credential, trust, timeout, identify, gsi, prot, delegate=delegate)
     started = time.monotonic()
     transferred = 0
     fetched = RangeSet()
@@ -826,7 +834,7 @@ def checksum(url: str, algorithm: str = "SHA256", *, offset: int = 0, length: in
     """The server's checksum (``CKSM``) of a file or a byte range of it, lowercase hex."""
     target = GridFTPURL.parse(url)
     with GridFTPClient(target, credential=credential, trust=trust, server_dn=server_dn, timeout=timeout,
-                       gsi=gsi) as s:
+                       gsi=gsi, delegate=False) as s:       # a control session alone: nothing to delegate
         return s.checksum(target.path, algorithm, offset, length)
 
 

@@ -10,7 +10,8 @@ the TLS handshake proves the peer holds the leaf's key.
 
 Stable API:
 
-    ctx = GSIContext(credential, trust, initiate=True, delegate=True, expect="/O=Grid/.../CN=host/x")
+    ctx = GSIContext(credential, trust, initiate=True, delegate=True, expect="/O=Grid/.../CN=host/x",
+                     authorize=lambda peer: None)   # or the reason the peer is not the server meant
     token = ctx.step(None)                  # first token of the initiator; then step(peer_token) until ctx.complete
     ctx.peer (a security.trust.Caller), ctx.delegated (a Credential the initiator delegated, acceptor side)
     ctx.wrap(data) -> token ; ctx.unwrap(token) -> data
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import threading
+from collections.abc import Callable
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -26,11 +28,16 @@ from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 
 from .pki import OID_INHERIT_ALL, OID_LIMITED, Credential, new_key, proxy_certificate
-from .trust import MAX_CHAIN, ChainError, TrustStore
+from .trust import MAX_CHAIN, Caller, ChainError, TrustStore
 
 # the delegated proxy: as long as the initiator's own credential allows, at most this long
 DELEGATED_LIFETIME = _dt.timedelta(hours=12)
 MAX_TOKEN = 1 << 20          # no handshake or delegation token is anywhere near this
+# what an initiator delegates (``delegate=``): a limited proxy (Globus' globus_ftp_control asks for one,
+# GSS_C_GLOBUS_LIMITED_DELEG_PROXY_FLAG: enough for a GridFTP server to act for the user on its own files and data
+# channels, never to start a job or change a policy as the user), or, asked for by name, a full (inherit-all) one
+DELEGATE_LIMITED = "limited"
+DELEGATE_FULL = "full"
 
 
 class GSIError(Exception):
@@ -75,19 +82,29 @@ class GSIContext:
     """One GSSAPI security context of the GSI mechanism, initiator or acceptor.
 
     ``expect``: the end-entity DN the peer must have (mutual authentication; None: any trusted
-    peer). ``delegate`` (initiator): send a proxy of ``credential`` to the acceptor inside the
-    context. ``accept_limited``: refuse a peer whose chain holds a limited proxy when False.
+    peer). ``authorize(peer) -> str | None``: a further rule on the authenticated peer (a
+    security.trust.Caller), e.g. a host certificate naming the URL's host; a reason it returns
+    fails the context. Both are checked as soon as the peer's chain is validated, before the
+    initiator sends its delegation flag: a peer that is not the one meant never gets a proxy.
+    ``delegate`` (initiator): send a proxy of ``credential`` to the acceptor inside the context:
+    False, True or DELEGATE_LIMITED (a limited proxy), DELEGATE_FULL (an inherit-all proxy, a
+    limited one when ``credential`` is itself limited). ``accept_limited``: refuse a peer whose
+    chain holds a limited proxy when False.
     """
 
     def __init__(self, credential: Credential | None, trust: TrustStore, *, initiate: bool,
-                 delegate: bool = False, expect: str | None = None, accept_limited: bool = True,
-                 tls_context: SSL.Context | None = None):
+                 delegate: bool | str = False, expect: str | None = None, accept_limited: bool = True,
+                 tls_context: SSL.Context | None = None,
+                 authorize: Callable[[Caller], str | None] | None = None):
         if initiate and credential is None:
             raise GSIError("an initiator needs a credential (GSI authenticates both sides)")
+        if delegate not in (False, True, DELEGATE_LIMITED, DELEGATE_FULL):
+            raise ValueError(f"delegate is False, True, {DELEGATE_LIMITED!r} or {DELEGATE_FULL!r}, not {delegate!r}")
         self.credential = credential
         self.trust = trust
         self.initiate = initiate
-        self.delegate = delegate
+        self.delegate = (DELEGATE_LIMITED if delegate is True else delegate) if initiate else False
+        self.authorize = authorize
         self.expect = expect
         self.accept_limited = accept_limited
         self.conn = SSL.Connection(tls_context or ssl_context(credential, server_side=not initiate), None)
@@ -248,7 +265,8 @@ class GSIContext:
         lifetime = min(DELEGATED_LIFETIME, issuer.not_after - _dt.datetime.now(_dt.timezone.utc))
         if lifetime <= _dt.timedelta(0):
             raise GSIError("the credential to delegate has expired")
-        language = OID_LIMITED if issuer.limited else OID_INHERIT_ALL
+        full = self.delegate == DELEGATE_FULL and not issuer.limited
+        language = OID_INHERIT_ALL if full else OID_LIMITED
         cert = proxy_certificate(issuer, request.public_key(), lifetime=lifetime, policy_language=language)
         self.conn.write(cert.public_bytes(serialization.Encoding.DER))
         self.state = "done"
@@ -269,6 +287,10 @@ class GSIContext:
             raise GSIError(f"{caller.dn} presented a limited proxy, which is refused here")
         if self.expect is not None and caller.dn != self.expect:
             raise GSIError(f"the peer is {caller.dn}, expected {self.expect}")
+        if self.authorize is not None:
+            why = self.authorize(caller)
+            if why is not None:
+                raise GSIError(why)
         self.peer = caller
 
     # -- protection ---------------------------------------------------------------------------------

@@ -92,3 +92,116 @@ def test_a_passive_port_no_data_command_takes_up_is_closed_and_the_next_one_says
     finally:
         for s in [alice, *others]:
             s.close()
+
+
+
+class Holder:
+    """One session of attack16 G4's holder: PASV, then a 100-byte MODE E upload whose data connection it keeps open
+    (GFD.20 caching), so that the passive listener stays for the next upload over it."""
+
+    def __init__(self, server, credential, grid_pki):
+        from gridftp.transfer import PREPARE
+
+        self.session = session(server, credential, grid_pki)
+        for line in PREPARE:
+            assert self.session.command(line).ok
+        self.socks = []
+        self.port = None
+
+    def pasv(self):
+        reply = self.session.command("PASV")
+        if reply.code == 227:
+            self.addresses = self.session.passive_addresses(reply)
+            self.port = self.addresses[0][1]
+        return reply
+
+    def begin(self, name: str) -> None:
+        """STOR, and the data connection made (the passive port is reached) or the cached one taken."""
+        from gridftp.datachannel import Opening, connect_streams
+
+        self.session.send(f"STOR /up/{name}")
+        if not self.socks:
+            self.socks = connect_streams(self.addresses, 1, protection=self.session.data_protection(), timeout=20,
+                                         opening=Opening())
+
+    def finish(self):
+        from gridftp.datachannel import ModeESender
+        from gridftp.transfer import _await_final
+
+        ModeESender(b"x" * 100, [(0, 100)], keep_open=True).run(self.socks)
+        return _await_final(self.session, idle_timeout=30)
+
+    def store(self, name: str):
+        self.begin(name)
+        return self.finish()
+
+    def close(self):
+        for s in self.socks:
+            s.close()
+        self.session.close()
+
+
+def test_a_listener_kept_after_an_upload_counts_toward_the_bound(narrow, grid_pki, tree):
+    """attack16 G4: in alice's sessions a 100-byte MODE E upload each, its data connection kept: two kept listeners
+    count toward her bound of 2 (her next PASV is refused naming it), one kept past the bound is closed within
+    PASSIVE_GRACE (the next STOR is told why), and a counted one serves a prompt next upload over the cached
+    connection. Without the fix the kept listeners counted for nothing: every PASV got its port (the range was
+    hers, for DATA_CACHE_IDLE renewed by each tiny upload)."""
+    server = narrow(passive_wait=120)
+    h0, h1, h2, h3 = holders = [Holder(server, grid_pki.alice.proxy, grid_pki) for _ in range(4)]
+    try:
+        assert h0.pasv().code == 227
+        h0.begin("hold0.txt")                       # reached: a running upload holds its port, uncounted
+        assert h1.pasv().code == 227 and h2.pasv().code == 227
+        assert h0.finish().code == 226             # kept past the bound (h1's and h2's are unreached)
+        wait_for(lambda: refused_connection(h0.port), interval=0.2, what="the kept listener past the bound closed")
+        late = h0.session.command("STOR /up/late.txt")
+        assert (late.code, late.text) == (503, "In MODE E the receiver listens: the passive data port kept after the "
+                                               "last upload was closed: no data command took it up within 2 s; send "
+                                               "PASV or SPAS first.")
+        assert h1.store("hold1.txt").code == 226 and h2.store("hold2.txt").code == 226   # kept, counted
+        over = h3.pasv()
+        assert (over.code, over.text) == (425, f"Cannot open a passive data port: {grid_pki.alice.dn} holds 2 already "
+                                               f"that no data connection has reached, at most 2 per identity across "
+                                               f"its sessions: use them (send the data command) or end those sessions "
+                                               f"first.")
+        assert h1.store("again.txt").code == 226        # the cache serves a prompt next upload
+        assert (tree / "up" / "again.txt").read_bytes() == b"x" * 100
+        assert not refused_connection(h2.port)
+    finally:
+        for h in holders:
+            h.close()
+
+
+def ended_by_peer(sock) -> bool:
+    """Whether the peer ended ``sock`` (its end of stream, or a TLS EOF or reset, within 10 s)."""
+    sock.settimeout(10)
+    try:
+        while sock.recv(1 << 16):
+            pass
+    except TimeoutError:
+        return False
+    except OSError:         # ssl.SSLEOFError, a reset
+        pass
+    return True
+
+
+def test_a_kept_listener_no_data_command_takes_up_is_closed(narrow, grid_pki, tree):
+    """The kept listeners close after passive_wait seconds without a data command (not DATA_CACHE_IDLE, 120 s,
+    renewed by each tiny upload: attack16 G4 held all four ports for 200 s), with their cached connections."""
+    server = narrow(passive_wait=0.5)
+    holders = [Holder(server, grid_pki.alice.proxy, grid_pki) for _ in range(2)]
+    try:
+        for i, h in enumerate(holders):
+            assert h.pasv().code == 227, i
+            assert h.store(f"hold{i}.txt").code == 226
+        for h in holders:
+            wait_for(lambda: refused_connection(h.port), interval=0.2, what="a kept listener closed")
+            assert ended_by_peer(h.socks[0])                # the server ended the cached connection too
+        late = holders[0].session.command("STOR /up/late.txt")
+        assert (late.code, late.text) == (503, "In MODE E the receiver listens: the passive data port kept after the "
+                                               "last upload was closed: no data command took it up within 0.5 s; "
+                                               "send PASV or SPAS first.")
+    finally:
+        for h in holders:
+            h.close()
