@@ -9,7 +9,7 @@ from pathlib import Path
 
 from services.common.errors import CLIError
 
-from .errors import ChecksumMismatch, GridFTPError
+from .errors import ChecksumMismatch, GridFTPError, GSIOnlyServer
 
 SCHEMES = ("ftp://", "gsiftp://")
 
@@ -273,11 +273,11 @@ def cmd_transfer(args) -> int:
     args.interrupt_note = again or None
     show = sys.stderr.isatty() if args.progress is None else args.progress
     bar = ProgressBar(sys.stderr, name[:24]) if show else None
-    from .client import GSI_FALLBACK
-    # AUTH TLS, and AUTH GSSAPI on the same connection where a GSI-only server refuses it (the server checked the
-    # same way under either, before any proxy is delegated to it); --gsi: AUTH GSSAPI at once
+    # AUTH TLS (nothing of the user's is lent to the server), or with --gsi AUTH GSSAPI, which lends the server a
+    # limited proxy: the user's choice, never taken on a server's 504 (a VM owner's job service face answering 504
+    # got a proxy of whoever followed `vmgrid job info`'s advice: attack16 G2)
     common = dict(credential=_credential(args), trust=args.cert_dir, progress=bar, retries=args.retries,
-                  gsi=True if args.gsi else GSI_FALLBACK, prot=args.prot, timeout=args.timeout,
+                  gsi=bool(args.gsi), prot=args.prot, timeout=args.timeout,
                   delegate=DELEGATE_FULL if args.full_delegation else True)
     try:
         if _is_url(src) and _is_url(dst):
@@ -299,6 +299,8 @@ def cmd_transfer(args) -> int:
             hint = ""
         if isinstance(exc, ChecksumMismatch):
             hint = _mismatch_hint(args, upload=_is_url(dst) and not _is_url(src), download=not _is_url(dst))
+        if isinstance(exc, GSIOnlyServer):
+            hint = GSI_HINT
         raise CLIError(f"{exc}{_expired_credential(args) if 'refused the credential' in str(exc) else ''}{hint}") \
             from exc
     except OSError as exc:
@@ -314,6 +316,12 @@ def cmd_transfer(args) -> int:
           f"{result.parallelism} streams, {result.attempts} attempt(s){reused}{repaired}")
     print(f"{result.verified_with} verified")
     return 0
+
+
+# what a server refusing AUTH TLS (504) gets said: --gsi lends it a proxy of the user's, which only she may decide
+GSI_HINT = ("; nothing was lent to it or transferred. To log in with GSI add --gsi: that lends the server a limited "
+            "proxy of yours (it may then act as you at other GridFTP servers until the proxy ends), so only for a "
+            "server you trust (a site's storage, not a VM's job service)")
 
 
 # -- vmgrid gridftp-server --------------------------------------------------------------------------------

@@ -306,9 +306,9 @@ def test_third_party_between_vmgrid_and_globus(gsi_server, globus_gsi, world, gr
     assert sha256_of(arrived) == sha256_of(image)
 
 
-# -- `vmgrid transfer` without --gsi at a GSI-only Globus server (gsi15's leftover) ----------------------------
+# -- `vmgrid transfer` at a GSI-only Globus server: GSI with --gsi only -----------------------------------------
 def _vmgrid_transfer(grid_pki, *args: str) -> subprocess.CompletedProcess:  # noqa: F811
-    """`vmgrid transfer ARGS -q` as alice (her proxy from the environment), without --gsi."""
+    """`vmgrid transfer ARGS -q` as alice (her proxy from the environment)."""
     import sys
 
     env = {**{k: v for k, v in os.environ.items() if not k.startswith(("X509_", "GLOBUS_"))},
@@ -317,19 +317,26 @@ def _vmgrid_transfer(grid_pki, *args: str) -> subprocess.CompletedProcess:  # no
                           capture_output=True, text=True, timeout=180)
 
 
-def test_vmgrid_transfer_falls_back_to_gsi_at_a_gsi_only_globus_server(globus_gsi, world, grid_pki,  # noqa: F811
-                                                                         tmp_path):
-    """globus-gridftp-server answers AUTH TLS with 504: `vmgrid transfer` without --gsi asks AUTH GSSAPI on the same
-    connection and downloads, uploads and verifies as with --gsi (before: "server refused AUTH TLS: 504 ... add
-    --gsi", exit 1). The server's log names alice: it authenticated her (by GSI, the one mechanism it has)."""
+def test_vmgrid_transfer_at_a_gsi_only_globus_server_lends_a_proxy_only_with_gsi(globus_gsi, world,  # noqa: F811
+                                                                                 grid_pki, tmp_path):  # noqa: F811
+    """globus-gridftp-server answers AUTH TLS with 504. Without --gsi, `vmgrid transfer` lends nothing: one line
+    saying what --gsi would lend, rc 1, nothing transferred (it fell back by itself for a while, which gave a VM
+    owner's job service face answering 504 a proxy of whoever fetched from it: attack16 G2); the server authorized
+    no DN. With --gsi it downloads, uploads and verifies, the server authorizing alice."""
     source = world / "src" / "in.fa"
     make_file(source, 3 * MiB + 17)
     os.chmod(source, 0o644)
-    got = _vmgrid_transfer(grid_pki, "-p", "2", globus_gsi.url(source), str(tmp_path / "got"))
+    refused = _vmgrid_transfer(grid_pki, "-p", "2", globus_gsi.url(source), str(tmp_path / "got"))
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "server refused AUTH TLS: 504" in refused.stderr, refused.stderr
+    assert "add --gsi: that lends the server a limited proxy" in refused.stderr, refused.stderr
+    assert not (tmp_path / "got").exists()
+    assert "successfully authorized" not in globus_gsi.log.read_text(errors="replace")
+    got = _vmgrid_transfer(grid_pki, "--gsi", "-p", "2", globus_gsi.url(source), str(tmp_path / "got"))
     assert got.returncode == 0, got.stderr
     assert sha256_of(tmp_path / "got") == sha256_of(source)
     assert f"sha256 {sha256_of(source)} verified" in got.stdout
-    sent = _vmgrid_transfer(grid_pki, "-p", "2", "--state-dir", str(tmp_path / "st"), str(tmp_path / "got"),
+    sent = _vmgrid_transfer(grid_pki, "--gsi", "-p", "2", "--state-dir", str(tmp_path / "st"), str(tmp_path / "got"),
                             globus_gsi.url(world / "dst" / "back.fa"))
     assert sent.returncode == 0, sent.stderr
     assert sha256_of(world / "dst" / "back.fa") == sha256_of(source)
@@ -339,8 +346,8 @@ def test_vmgrid_transfer_falls_back_to_gsi_at_a_gsi_only_globus_server(globus_gs
 @pytest.mark.parametrize("direction", ["vmgrid to globus", "globus to vmgrid"])
 def test_vmgrid_transfer_third_party_with_a_gsi_only_globus_server(gsi_server, globus_gsi, world, grid_pki,  # noqa: F811
                                                                    served, tmp_path, direction, caplog):
-    """Third party between vmgrid's server (AUTH TLS and GSI) and a GSI-only Globus server, without --gsi: the Globus
-    side is reached by GSI after its 504, and vmgrid's side then by GSI too (DCAU A: each proves alice's DN with the
+    """Third party between vmgrid's server (AUTH TLS and GSI) and a GSI-only Globus server, with --gsi: the Globus
+    side is reached by GSI, and vmgrid's side too (DCAU A: each proves alice's DN with the
     proxy delegated to it), whichever of them is asked first."""
     import logging
 
@@ -356,7 +363,7 @@ def test_vmgrid_transfer_third_party_with_a_gsi_only_globus_server(gsi_server, g
         os.chmod(world / "src" / "image.qcow2", 0o644)
         src, dst, arrived = (globus_gsi.url(world / "src" / "image.qcow2"),
                              f"gsiftp://localhost:{vmgrid.port}/up/image.qcow2", served / "up" / "image.qcow2")
-    proc = _vmgrid_transfer(grid_pki, "-p", "2", "--state-dir", str(tmp_path / "st"), src, dst)
+    proc = _vmgrid_transfer(grid_pki, "--gsi", "-p", "2", "--state-dir", str(tmp_path / "st"), src, dst)
     assert proc.returncode == 0, proc.stderr
     assert sha256_of(arrived) == sha256_of(image)
     assert set(decisions) == {grid_pki.alice.dn}
