@@ -110,11 +110,16 @@ class PhaseTimings(ResourceProperty[InstanceView]):
 
     def elements(self, v):
         el = element(self.qname, None, "vmm")
-        for name, seconds in v.inst.phase_list():
-            p = sub(el, q("phase"))
+        self.add_phases(el, v.inst.phase_list())
+        return [el]
+
+    @staticmethod
+    def add_phases(parent, phases) -> None:
+        """A vmm:phase (name, seconds) under ``parent`` for each of ``phases``."""
+        for name, seconds in phases:
+            p = sub(parent, q("phase"))
             sub(p, q("name"), name)
             sub(p, q("seconds"), repr(float(seconds)))
-        return [el]
 
     @classmethod
     def parse(cls, el):
@@ -134,11 +139,7 @@ class EarlierPhaseTimings(ResourceProperty[InstanceView]):
             return []
         el = element(self.qname, None, "vmm")
         for group in groups:
-            timings = sub(el, PhaseTimings.qname)
-            for name, seconds in group:
-                p = sub(timings, q("phase"))
-                sub(p, q("name"), name)
-                sub(p, q("seconds"), repr(float(seconds)))
+            PhaseTimings.add_phases(sub(el, PhaseTimings.qname), group)
         return [el]
 
     @classmethod

@@ -22,6 +22,7 @@ from services.jobs import wire
 from services.jobs.bounds import BoundEvent
 from services.jobs.store import JobSpec
 from tests.integration.test_jobs_service import CONTRACT, PY, JobGrid, Validating
+from tests.integration.test_jobs_service import Consumer as StateConsumer
 
 pytestmark = [pytest.mark.timeout(300),
               pytest.mark.skipif(os.geteuid() != 0 or not Path("/sys/fs/cgroup").is_dir(),
@@ -65,8 +66,9 @@ def grid(grid_pki, tmp_path):
     g.close()
 
 
-class Consumer:
-    """A notification consumer keeping each signed StateChangeNotification element it receives."""
+class Consumer(StateConsumer):
+    """A notification consumer keeping each signed StateChangeNotification element it receives (its server, start
+    and stop as test_jobs_service's)."""
 
     def __init__(self, trust):
         self.trust, self.got, self.cond = trust, [], threading.Condition()
@@ -85,18 +87,6 @@ class Consumer:
         with self.cond:
             assert self.cond.wait_for(lambda: any(e.findtext(wire.q("newState")) == state for e in self.got), 120)
             return next(e for e in self.got if e.findtext(wire.q("newState")) == state)
-
-    def __enter__(self):
-        self.server.prepare()
-        threading.Thread(target=self.server.serve, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.stop()
-
-    @property
-    def url(self):
-        return f"http://127.0.0.1:{self.server.bind_addr[1]}/notify"
 
 
 def cli(grid, command: str, *args: str) -> int:

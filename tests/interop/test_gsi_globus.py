@@ -280,6 +280,18 @@ def test_the_older_globus_proxy_forms(gsi_server, grid_pki, globus_argv, served,
 
 
 # -- third-party transfers between vmgrid's and Globus' servers, with delegation --------------------------
+def _third_party_ends(direction: str, vmgrid, globus_gsi, world: Path, served: Path):
+    """(source URL, destination URL, the file that arrives) of a third-party copy of served/data/image.qcow2
+    between vmgrid's server and the Globus one, in ``direction``."""
+    if direction == "vmgrid to globus":
+        return (f"gsiftp://localhost:{vmgrid.port}/data/image.qcow2", globus_gsi.url(world / "dst" / "image.qcow2"),
+                world / "dst" / "image.qcow2")
+    shutil.copy(served / "data" / "image.qcow2", world / "src" / "image.qcow2")
+    os.chmod(world / "src" / "image.qcow2", 0o644)
+    return (globus_gsi.url(world / "src" / "image.qcow2"), f"gsiftp://localhost:{vmgrid.port}/up/image.qcow2",
+            served / "up" / "image.qcow2")
+
+
 @pytest.mark.parametrize("driver", ["globus-url-copy", "vmgrid"])
 @pytest.mark.parametrize("direction", ["vmgrid to globus", "globus to vmgrid"])
 def test_third_party_between_vmgrid_and_globus(gsi_server, globus_gsi, world, grid_pki, alice_proxy,  # noqa: F811
@@ -288,14 +300,7 @@ def test_third_party_between_vmgrid_and_globus(gsi_server, globus_gsi, world, gr
     connection to each other with it (DCAU A: both prove alice's DN) and move the file directly."""
     vmgrid = gsi_server()
     image = served / "data" / "image.qcow2"
-    if direction == "vmgrid to globus":
-        src, dst, arrived = (f"gsiftp://localhost:{vmgrid.port}/data/image.qcow2",
-                             globus_gsi.url(world / "dst" / "image.qcow2"), world / "dst" / "image.qcow2")
-    else:
-        shutil.copy(image, world / "src" / "image.qcow2")
-        os.chmod(world / "src" / "image.qcow2", 0o644)
-        src, dst, arrived = (globus_gsi.url(world / "src" / "image.qcow2"),
-                             f"gsiftp://localhost:{vmgrid.port}/up/image.qcow2", served / "up" / "image.qcow2")
+    src, dst, arrived = _third_party_ends(direction, vmgrid, globus_gsi, world, served)
     if driver == "globus-url-copy":
         proc = url_copy(globus_argv, globus_env(grid_pki.alice, grid_pki.cert_dir, alice_proxy), "-p", "2", src, dst)
         assert proc.returncode == 0, proc.stderr + proc.stdout
@@ -355,14 +360,7 @@ def test_vmgrid_transfer_third_party_with_a_gsi_only_globus_server(gsi_server, g
     decisions: list[str] = []
     vmgrid = gsi_server(authorize=lambda dn, op, path: decisions.append(dn) or True)
     image = served / "data" / "image.qcow2"
-    if direction == "vmgrid to globus":
-        src, dst, arrived = (f"gsiftp://localhost:{vmgrid.port}/data/image.qcow2",
-                             globus_gsi.url(world / "dst" / "image.qcow2"), world / "dst" / "image.qcow2")
-    else:
-        shutil.copy(image, world / "src" / "image.qcow2")
-        os.chmod(world / "src" / "image.qcow2", 0o644)
-        src, dst, arrived = (globus_gsi.url(world / "src" / "image.qcow2"),
-                             f"gsiftp://localhost:{vmgrid.port}/up/image.qcow2", served / "up" / "image.qcow2")
+    src, dst, arrived = _third_party_ends(direction, vmgrid, globus_gsi, world, served)
     proc = _vmgrid_transfer(grid_pki, "--gsi", "-p", "2", "--state-dir", str(tmp_path / "st"), src, dst)
     assert proc.returncode == 0, proc.stderr
     assert sha256_of(arrived) == sha256_of(image)
