@@ -267,9 +267,14 @@ class JobClient:
 
     def _takes_delegation(self) -> bool:
         """Whether the service's SubmitJob has delegatedProxy (one of an older runtime does not: it is sent none)."""
+        return self._request_has("SubmitJob", "delegatedProxy")
+
+    def _request_has(self, operation: str, field: str) -> bool:
+        """Whether the service's WSDL gives ``operation``'s request the element ``field`` (an older runtime's may
+        not: what it lacks is not sent)."""
         try:
-            submit = self.service.zeep.get_element(f"{{{wire.JOB}}}SubmitJob")
-            return any(name == "delegatedProxy" for name, _ in submit.type.elements)
+            request = self.service.zeep.get_element(f"{{{wire.JOB}}}{operation}")
+            return any(name == field for name, _ in request.type.elements)
         except (LookupError, AttributeError, ValueError):
             return False
 
@@ -378,18 +383,10 @@ class JobClient:
         where the service's ListJobs takes includeResourceBounds (its WSDL says: an older one's does not, and is
         asked without it: its jobs carry none)."""
         kwargs = {"includeEnded": True} if include_ended else {}
-        if resource_bounds and self._list_takes_bounds():
+        if resource_bounds and self._request_has("ListJobs", "includeResourceBounds"):    # jobstat16
             kwargs["includeResourceBounds"] = True
         resp = self.service.call("ListJobs", **kwargs)
         return list(resp.iterfind("job:Job", wire.NS))
-
-    def _list_takes_bounds(self) -> bool:
-        """Whether the service's ListJobs has includeResourceBounds (jobstat16; an older runtime's has not)."""
-        try:
-            request = self.service.zeep.get_element(f"{{{wire.JOB}}}ListJobs")
-            return any(name == "includeResourceBounds" for name, _ in request.type.elements)
-        except (LookupError, AttributeError, ValueError):
-            return False
 
     def log(self, name: str, max_bytes: int | None = None) -> str:
         resp = self.service.call("GetLog", name=name, **({"maxBytes": max_bytes} if max_bytes else {}))

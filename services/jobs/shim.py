@@ -231,28 +231,26 @@ def make_cgroup(path: str, limits: list, made: bool = False) -> str | None:
 def oom_kills(path: str) -> int:
     """How many processes the kernel killed in the memory cgroup ``path`` for want of memory (its limit): the
     ``oom_kill`` count of cgroup v2's memory.events, or of v1's memory.oom_control (Linux 4.13 on); 0 if unknown."""
-    for name in ("memory.events", "memory.oom_control"):
-        try:
-            with open(os.path.join(path, name)) as f:
-                for line in f:
-                    if line.startswith("oom_kill "):
-                        return int(line.split()[1])
-        except (OSError, ValueError):
-            continue
-    return 0
+    return _counter(path, ("memory.events", "memory.oom_control"), "oom_kill")
 
 
 def forks_refused(path: str) -> int:
     """How many forks (and thread creations) the kernel refused in the pids cgroup ``path`` at its pids.max: the
     ``max`` count of its pids.events (cgroup v1 and v2); 0 if unknown. Read before the cgroup is removed, for the
     job's ResourceBounds (services/jobs/bounds.py)."""
-    try:
-        with open(os.path.join(path, "pids.events")) as f:
-            for line in f:
-                if line.startswith("max "):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
+    return _counter(path, ("pids.events",), "max")
+
+
+def _counter(path: str, files: tuple[str, ...], key: str) -> int:
+    """The count on the line ``key N`` of the first of the cgroup ``path``'s ``files`` that has one; 0 if none."""
+    for name in files:
+        try:
+            with open(os.path.join(path, name)) as f:
+                for line in f:
+                    if line.startswith(key + " "):
+                        return int(line.split()[1])
+        except (OSError, ValueError):
+            continue
     return 0
 
 
